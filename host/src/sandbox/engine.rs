@@ -1,0 +1,83 @@
+//! The one wasmtime `Engine` of a process, its pooling allocator, and the
+//! epoch ticker thread that drives CPU-time limits.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use wasmtime::{Config, Engine, InstanceAllocationStrategy, OptLevel, PoolingAllocationConfig};
+
+use super::SandboxConfig;
+
+/// Core instances one component may create (pool slot sizing).
+const CORE_INSTANCES_PER_COMPONENT: u32 = 16;
+/// Memories one component may define.
+const MEMORIES_PER_COMPONENT: u32 = 4;
+/// Tables one component may define.
+const TABLES_PER_COMPONENT: u32 = 16;
+/// Elements one table may hold; policies may not ask for more.
+pub const MAX_TABLE_ELEMENTS: usize = 100_000;
+
+/// Builds the engine: pooling allocator sized for `config.max_concurrent_jobs`
+/// jobs, epoch interruption for CPU limits, a bounded wasm stack, SIMD on.
+///
+/// # Errors
+/// If wasmtime rejects the configuration (for example when the host cannot
+/// reserve the pool's virtual memory).
+pub fn build(config: &SandboxConfig) -> wasmtime::Result<Engine> {
+    let jobs = config.max_concurrent_jobs.max(1);
+    let mut pool = PoolingAllocationConfig::new();
+    pool.total_component_instances(jobs)
+        .total_core_instances(jobs * CORE_INSTANCES_PER_COMPONENT)
+        .max_core_instances_per_component(CORE_INSTANCES_PER_COMPONENT)
+        .total_memories(jobs * MEMORIES_PER_COMPONENT)
+        .max_memories_per_component(MEMORIES_PER_COMPONENT)
+        .max_memories_per_module(1)
+        .total_tables(jobs * TABLES_PER_COMPONENT)
+        .max_tables_per_component(TABLES_PER_COMPONENT)
+        .max_tables_per_module(2)
+        .table_elements(MAX_TABLE_ELEMENTS)
+        .total_stacks(jobs)
+        .max_memory_size(config.max_memory.as_usize());
+
+    let mut c = Config::new();
+    c.wasm_component_model(true)
+        .wasm_simd(true)
+        .epoch_interruption(true)
+        .max_wasm_stack(config.max_wasm_stack)
+        .async_stack_size(config.max_wasm_stack + 1024 * 1024)
+        .cranelift_opt_level(OptLevel::Speed)
+        .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+    Engine::new(&c)
+}
+
+/// Increments the engine's epoch every `tick` on a dedicated thread until
+/// dropped. One per engine.
+#[derive(Debug)]
+pub struct EpochTicker {
+    stop: Arc<AtomicBool>,
+}
+
+impl EpochTicker {
+    /// Starts the ticker thread.
+    pub fn start(engine: Engine, tick: Duration) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&stop);
+        std::thread::Builder::new()
+            .name("bulkhead-epoch".into())
+            .spawn(move || {
+                while !flag.load(Ordering::Relaxed) {
+                    std::thread::sleep(tick);
+                    engine.increment_epoch();
+                }
+            })
+            .expect("spawning the epoch thread");
+        Self { stop }
+    }
+}
+
+impl Drop for EpochTicker {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}

@@ -1,0 +1,525 @@
+//! The sandbox: turns a [`Policy`] and a component into a compartment and
+//! runs jobs in it.
+//!
+//! One [`Sandbox`] per process owns the one wasmtime `Engine` (pooling
+//! allocator, epoch ticker) and the linker. [`Sandbox::load`] verifies a
+//! module against its policy's pin and pre-instantiates it once;
+//! [`Sandbox::run`] gives each job a fresh `Store`, a fresh job directory and
+//! its limits, and always returns a [`JobReport`] for anything the guest
+//! does. The interface is deliberately narrow (policy + bytes in, report out)
+//! so execution can move into a worker process without redesign.
+//!
+//! Nothing outside this module names wasmtime types.
+
+mod cache;
+mod engine;
+mod job;
+mod limits;
+pub mod outputs;
+mod pipe;
+mod quota;
+mod report;
+mod wasi;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use wasmtime::component::Component;
+use wasmtime::{Engine, Store, UpdateDeadline};
+use wasmtime_wasi::I32Exit;
+use wasmtime_wasi::p2::bindings::CommandPre;
+
+pub use job::{JobDir, JobInput, JobSpec, MAX_INPUTS, validate_input_name};
+pub use limits::LimitKind;
+pub use outputs::{OutputFile, SkippedOutput};
+pub use report::{Captured, Failure, FailureKind, JobReport, Measurements, Outcome};
+pub use wasi::{MAX_HANDLES, MAX_RANDOM_PER_CALL, import_verdict};
+
+use crate::policy::{ByteSize, Policy, Sha256Hex};
+
+/// Host-wide sandbox settings. Policies may ask for less, never more.
+///
+/// | field | default | guards against |
+/// |---|---|---|
+/// | `work_dir` | (required) | — where job directories are created |
+/// | `cache_dir` | `None` (no cache) | recompiling every module on restart |
+/// | `max_concurrent_jobs` | 16 | sizing of the pooling allocator's slots |
+/// | `max_memory` | 1 GiB | a policy granting more memory than the host has |
+/// | `max_wasm_stack` | 1 MiB | unbounded recursion (traps as the `stack` limit) |
+/// | `max_module_size` | 64 MiB | oversized uploads and compile bombs by size |
+/// | `epoch_tick` | 10 ms | resolution of `cpu_time` |
+#[derive(Clone, Debug)]
+pub struct SandboxConfig {
+    /// Parent of all job directories.
+    pub work_dir: PathBuf,
+    /// Precompiled-module cache, if any.
+    pub cache_dir: Option<PathBuf>,
+    /// Jobs that may run at once; the pool is sized for this many.
+    pub max_concurrent_jobs: u32,
+    /// Largest `limits.memory` any policy may grant.
+    pub max_memory: ByteSize,
+    /// Wasm stack per job, in bytes.
+    pub max_wasm_stack: usize,
+    /// Largest module accepted, in bytes.
+    pub max_module_size: usize,
+    /// Epoch tick; CPU time is counted in these.
+    pub epoch_tick: Duration,
+}
+
+impl SandboxConfig {
+    /// Defaults as documented on the type, with jobs under `work_dir`.
+    pub fn new(work_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            work_dir: work_dir.into(),
+            cache_dir: None,
+            max_concurrent_jobs: 16,
+            max_memory: ByteSize::gib(1),
+            max_wasm_stack: 1024 * 1024,
+            max_module_size: 64 * 1024 * 1024,
+            epoch_tick: Duration::from_millis(10),
+        }
+    }
+}
+
+/// Why a module could not be loaded. Exit status 2 in the CLI.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// Larger than `max_module_size`.
+    #[error("module `{module}` is {size} bytes, larger than the {max} bytes this host accepts")]
+    TooLarge {
+        module: String,
+        size: usize,
+        max: usize,
+    },
+    /// The digest does not match the policy's pin.
+    #[error(
+        "module `{module}` has sha256 {actual} but its policy pins {expected}; refusing to compile it"
+    )]
+    DigestMismatch {
+        module: String,
+        expected: String,
+        actual: String,
+    },
+    /// Not a WebAssembly binary, or a kind this host does not run.
+    #[error("module `{module}` is not accepted: {reason}")]
+    Unsupported { module: String, reason: String },
+    /// The policy asks for more than the host allows.
+    #[error("policy `{module}` sets `limits.{key}` to {value}, above this host's maximum of {max}")]
+    PolicyExceedsHost {
+        module: String,
+        key: &'static str,
+        value: String,
+        max: String,
+    },
+    /// wasmtime could not compile it.
+    #[error("module `{module}` does not compile: {message}")]
+    Compile { module: String, message: String },
+    /// It needs an import this sandbox does not provide.
+    #[error("module `{module}` cannot be linked: {message}")]
+    Link { module: String, message: String },
+}
+
+/// Why a job could not be started. Nothing ran; the report does not exist.
+#[derive(Debug, thiserror::Error)]
+pub enum JobError {
+    /// Bad inputs (name, count, size).
+    #[error("{0}")]
+    Input(String),
+    /// A parameter the policy does not accept, or a bad value.
+    #[error("{0}")]
+    Param(String),
+    /// The job directory could not be prepared.
+    #[error("cannot prepare job directory: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// A module verified against its policy and pre-instantiated.
+pub struct LoadedModule {
+    policy: Policy,
+    sha256: Sha256Hex,
+    pre: CommandPre<wasi::JobState>,
+    component: Component,
+    from_cache: bool,
+}
+
+impl std::fmt::Debug for LoadedModule {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LoadedModule")
+            .field("module", &self.policy.module.name)
+            .field("sha256", &self.sha256)
+            .finish_non_exhaustive()
+    }
+}
+
+impl LoadedModule {
+    /// The policy it runs under.
+    pub fn policy(&self) -> &Policy {
+        &self.policy
+    }
+
+    /// Its verified digest.
+    pub fn sha256(&self) -> &Sha256Hex {
+        &self.sha256
+    }
+
+    /// Whether the compiled code came from the on-disk cache.
+    pub fn from_cache(&self) -> bool {
+        self.from_cache
+    }
+
+    /// The component's imports, as `interface name` strings.
+    pub fn imports(&self, sandbox: &Sandbox) -> Vec<String> {
+        let ty = self.component.component_type();
+        ty.imports(&sandbox.engine).map(|(name, _)| name.to_owned()).collect()
+    }
+}
+
+/// The process's sandbox: engine, linker, cache, ticker.
+pub struct Sandbox {
+    engine: Engine,
+    linker: wasmtime::component::Linker<wasi::JobState>,
+    cache: Option<cache::ModuleCache>,
+    config: SandboxConfig,
+    _ticker: engine::EpochTicker,
+}
+
+impl std::fmt::Debug for Sandbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sandbox").field("config", &self.config).finish_non_exhaustive()
+    }
+}
+
+/// Why the sandbox could not start.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot start the sandbox: {0}")]
+pub struct SandboxError(String);
+
+impl Sandbox {
+    /// Builds the engine, linker and epoch ticker.
+    ///
+    /// # Errors
+    /// If wasmtime rejects the configuration.
+    pub fn new(config: SandboxConfig) -> Result<Self, SandboxError> {
+        let engine = engine::build(&config).map_err(|e| SandboxError(format!("{e:#}")))?;
+        let linker = wasi::linker(&engine).map_err(|e| SandboxError(format!("{e:#}")))?;
+        let cache = config
+            .cache_dir
+            .as_deref()
+            .map(|dir| cache::ModuleCache::new(dir, &engine));
+        let ticker = engine::EpochTicker::start(engine.clone(), config.epoch_tick);
+        Ok(Self {
+            engine,
+            linker,
+            cache,
+            config,
+            _ticker: ticker,
+        })
+    }
+
+    /// The settings it was built with.
+    pub fn config(&self) -> &SandboxConfig {
+        &self.config
+    }
+
+    /// Verifies `wasm` against `policy` (size, digest pin, kind, limits
+    /// within the host's), compiles it or loads it from the cache, and
+    /// pre-instantiates it against the sandbox's linker. The digest is
+    /// checked before anything parses the bytes.
+    ///
+    /// # Errors
+    /// [`LoadError`] naming the module and what is wrong.
+    pub fn load(&self, policy: Policy, wasm: &[u8]) -> Result<Arc<LoadedModule>, LoadError> {
+        let module = policy.module.name.to_string();
+        if wasm.len() > self.config.max_module_size {
+            return Err(LoadError::TooLarge {
+                module,
+                size: wasm.len(),
+                max: self.config.max_module_size,
+            });
+        }
+        let actual = Sha256Hex::digest(wasm);
+        if actual != policy.module.sha256 {
+            return Err(LoadError::DigestMismatch {
+                module,
+                expected: policy.module.sha256.to_string(),
+                actual: actual.to_string(),
+            });
+        }
+        if let Some(reason) = unsupported_kind(wasm) {
+            return Err(LoadError::Unsupported { module, reason });
+        }
+        self.check_host_limits(&policy)?;
+        let compiled = match &self.cache {
+            Some(cache) => cache.load(&self.engine, wasm, &actual),
+            None => Component::new(&self.engine, wasm).map(|c| (c, false)),
+        };
+        let (component, from_cache) = compiled.map_err(|e| LoadError::Compile {
+            module: module.clone(),
+            message: first_line(&e),
+        })?;
+        let pre = self
+            .linker
+            .instantiate_pre(&component)
+            .and_then(CommandPre::new)
+            .map_err(|e| LoadError::Link {
+                module,
+                message: first_line(&e),
+            })?;
+        Ok(Arc::new(LoadedModule {
+            policy,
+            sha256: actual,
+            pre,
+            component,
+            from_cache,
+        }))
+    }
+
+    fn check_host_limits(&self, policy: &Policy) -> Result<(), LoadError> {
+        let l = &policy.limits;
+        let exceeds = |key, value: String, max: String| LoadError::PolicyExceedsHost {
+            module: policy.module.name.to_string(),
+            key,
+            value,
+            max,
+        };
+        if l.memory > self.config.max_memory {
+            return Err(exceeds("memory", l.memory.to_string(), self.config.max_memory.to_string()));
+        }
+        if l.table_elements as usize > engine::MAX_TABLE_ELEMENTS {
+            return Err(exceeds(
+                "table_elements",
+                l.table_elements.to_string(),
+                engine::MAX_TABLE_ELEMENTS.to_string(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Runs one job of `module` in the directory `dir` (see
+    /// [`JobDir::create`]). Inputs are written into `dir` first; outputs stay
+    /// in it for the caller to copy before dropping `dir`.
+    ///
+    /// Every way the guest can end — exit, trap, limit, deadline — yields a
+    /// report; a limit never panics the host or touches another job.
+    ///
+    /// # Errors
+    /// [`JobError`] when the job is refused before the guest starts.
+    pub async fn run(
+        &self,
+        module: &LoadedModule,
+        job: &JobSpec,
+        dir: &JobDir,
+    ) -> Result<JobReport, JobError> {
+        let policy = &module.policy;
+        check_inputs(policy, job)?;
+        let args = wasi::guest_args(policy, job).map_err(JobError::Param)?;
+        dir.write_inputs(&job.inputs)?;
+
+        let tick = self.config.epoch_tick;
+        let cpu_budget_ticks =
+            policy.limits.cpu_time.get().as_nanos().div_ceil(tick.as_nanos().max(1)) as u64;
+        let (state, captures) = wasi::job_state(policy, job, dir, &args, cpu_budget_ticks)?;
+        let latch = state.latch.clone();
+
+        let started = Instant::now();
+        let mut store = Store::new(&self.engine, state);
+        store.limiter(|s| s.limiter());
+        store.set_epoch_deadline(1);
+        store.epoch_deadline_callback(|mut ctx| {
+            let s = ctx.data_mut();
+            s.cpu_ticks += 1;
+            if s.cpu_ticks > s.cpu_budget_ticks {
+                s.latch.fire(LimitKind::CpuTime);
+                wasmtime::bail!("cpu_time limit exceeded");
+            }
+            // Yield every tick so a busy guest never starves other jobs on
+            // the same executor thread, and the wall-clock timer can fire.
+            Ok(UpdateDeadline::Yield(1))
+        });
+
+        let run = async {
+            let command = module
+                .pre
+                .instantiate_async(&mut store)
+                .await
+                .map_err(|e| (Stage::Instantiate, e))?;
+            command
+                .wasi_cli_run()
+                .call_run(&mut store)
+                .await
+                .map_err(|e| (Stage::Run, e))
+        };
+        let result = tokio::time::timeout(policy.limits.wall_time.get(), run).await;
+        let wall = started.elapsed();
+
+        let (exit_code, error) = match result {
+            Err(_elapsed) => {
+                latch.fire(LimitKind::WallTime);
+                (None, None)
+            }
+            Ok(Ok(Ok(()))) => (Some(0), None),
+            Ok(Ok(Err(()))) => (Some(1), None),
+            Ok(Err((stage, e))) => match e.downcast_ref::<I32Exit>() {
+                Some(exit) => (Some(exit.0), None),
+                None => {
+                    if let Some(wasmtime::Trap::StackOverflow) = e.downcast_ref::<wasmtime::Trap>() {
+                        latch.fire(LimitKind::Stack);
+                    }
+                    (None, Some((stage, e)))
+                }
+            },
+        };
+        if let Some((stage, e)) = &error {
+            tracing::debug!(job = %job.id, ?stage, error = ?e, "guest failed");
+        }
+        let limit = latch.fired();
+        let failure = if let Some(limit) = limit {
+            Some(Failure {
+                kind: FailureKind::Limit,
+                message: limit_message(policy, limit, &self.config),
+            })
+        } else if let Some((stage, e)) = &error {
+            Some(Failure {
+                kind: match stage {
+                    Stage::Instantiate => FailureKind::Instantiate,
+                    Stage::Run => FailureKind::Trap,
+                },
+                message: trap_message(e),
+            })
+        } else {
+            match exit_code {
+                Some(0) => None,
+                Some(code) => Some(Failure {
+                    kind: FailureKind::Exit,
+                    message: format!("guest exited with code {code}"),
+                }),
+                None => Some(Failure {
+                    kind: FailureKind::Trap,
+                    message: "guest ended without an exit code".into(),
+                }),
+            }
+        };
+
+        let state = store.data();
+        let measurements = Measurements {
+            wall_time_ms: wall.as_secs_f64() * 1000.0,
+            cpu_time_ms: (state.cpu_ticks.min(state.cpu_budget_ticks) as f64)
+                * tick.as_secs_f64()
+                * 1000.0,
+            peak_memory_bytes: state.limiter.peak_memory() as u64,
+            output_bytes: state.quota.bytes_charged(),
+            output_entries: state.quota.entries_charged(),
+        };
+        drop(store);
+
+        let out_dir = dir.output_dir();
+        let collected = tokio::task::spawn_blocking(move || outputs::collect(&out_dir, None))
+            .await
+            .map_err(|e| JobError::Io(std::io::Error::other(e)))??;
+
+        Ok(JobReport {
+            job_id: job.id.clone(),
+            module: policy.module.name.to_string(),
+            module_sha256: module.sha256.to_string(),
+            policy_sha256: policy.source_sha256.as_ref().map(ToString::to_string),
+            zone: policy.module.zone.to_string(),
+            outcome: if failure.is_none() {
+                Outcome::Succeeded
+            } else {
+                Outcome::Failed
+            },
+            exit_code,
+            limit,
+            failure,
+            outputs: collected.files,
+            skipped_outputs: collected.skipped,
+            stdout: captured(&captures.stdout, limit == Some(LimitKind::Stdout)),
+            stderr: captured(&captures.stderr, limit == Some(LimitKind::Stderr)),
+            measurements,
+        })
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Stage {
+    Instantiate,
+    Run,
+}
+
+fn check_inputs(policy: &Policy, job: &JobSpec) -> Result<(), JobError> {
+    if job.inputs.len() > MAX_INPUTS {
+        return Err(JobError::Input(format!(
+            "{} inputs given, at most {MAX_INPUTS} allowed",
+            job.inputs.len()
+        )));
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    let mut total = job.stdin.len() as u64;
+    for input in &job.inputs {
+        validate_input_name(&input.name).map_err(JobError::Input)?;
+        if !seen.insert(input.name.as_str()) {
+            return Err(JobError::Input(format!("input `{}` given twice", input.name)));
+        }
+        total += input.data.len() as u64;
+    }
+    if total > policy.limits.input.as_u64() {
+        return Err(JobError::Input(format!(
+            "inputs total {total} bytes, above module `{}`'s input limit of {}",
+            policy.module.name, policy.limits.input
+        )));
+    }
+    Ok(())
+}
+
+fn limit_message(policy: &Policy, limit: LimitKind, config: &SandboxConfig) -> String {
+    let l = &policy.limits;
+    let value = match limit {
+        LimitKind::Memory => l.memory.to_string(),
+        LimitKind::Tables => format!("{} elements", l.table_elements),
+        LimitKind::CpuTime => l.cpu_time.to_string(),
+        LimitKind::WallTime => l.wall_time.to_string(),
+        LimitKind::Stack => ByteSize::bytes(config.max_wasm_stack as u64).to_string(),
+        LimitKind::Stdout => l.stdout.to_string(),
+        LimitKind::Stderr => l.stderr.to_string(),
+        LimitKind::Output => l.output.to_string(),
+        LimitKind::OutputFiles => format!("{} entries", l.output_files),
+        LimitKind::Instances => "the per-job instance limit".to_owned(),
+    };
+    format!("{limit} limit of {value} exceeded")
+}
+
+fn trap_message(e: &wasmtime::Error) -> String {
+    match e.downcast_ref::<wasmtime::Trap>() {
+        Some(trap) => format!("wasm trap: {trap}"),
+        None => first_line(e),
+    }
+}
+
+fn first_line(e: &wasmtime::Error) -> String {
+    let text = format!("{e:#}");
+    text.lines().next().unwrap_or("").to_owned()
+}
+
+fn captured(pipe: &pipe::CappedPipe, truncated: bool) -> Captured {
+    let bytes = pipe.contents();
+    Captured {
+        text: String::from_utf8_lossy(&bytes).into_owned(),
+        bytes: bytes.len() as u64,
+        truncated,
+    }
+}
+
+/// Why `wasm` cannot be run, judged from its header alone.
+fn unsupported_kind(wasm: &[u8]) -> Option<String> {
+    if Engine::detect_precompiled(wasm).is_some() {
+        return Some("it is a precompiled artifact; only `.wasm` components are accepted".into());
+    }
+    match wasm.get(..8) {
+        Some([0, b'a', b's', b'm', 0x0d, 0, 0x01, 0]) => None,
+        Some([0, b'a', b's', b'm', 1, 0, 0, 0]) => Some(
+            "it is a core module (wasip1); build for wasm32-wasip2 to get a component".into(),
+        ),
+        _ => Some("it is not a WebAssembly binary".into()),
+    }
+}

@@ -1,0 +1,150 @@
+//! Bounded in-memory capture of a guest's stdout or stderr.
+//!
+//! wasmtime-wasi's `MemoryOutputPipe` traps on overflow without saying which
+//! stream overflowed; this pipe keeps what fit, records the overflow in the
+//! job's [`LimitLatch`] and then traps, so the report can name the limit.
+
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::AsyncWrite;
+use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
+use wasmtime_wasi_io::poll::Pollable;
+use wasmtime_wasi_io::streams::{OutputStream, StreamError};
+
+use super::limits::{LimitKind, LimitLatch};
+
+/// A capped capture buffer. Clones share the buffer.
+#[derive(Clone, Debug)]
+pub struct CappedPipe {
+    capacity: usize,
+    kind: LimitKind,
+    latch: LimitLatch,
+    buffer: Arc<Mutex<BytesMut>>,
+}
+
+impl CappedPipe {
+    /// A pipe keeping at most `capacity` bytes; overflowing fires `kind`.
+    pub fn new(capacity: usize, kind: LimitKind, latch: LimitLatch) -> Self {
+        Self {
+            capacity,
+            kind,
+            latch,
+            buffer: Arc::new(Mutex::new(BytesMut::new())),
+        }
+    }
+
+    /// Everything captured so far.
+    pub fn contents(&self) -> Bytes {
+        self.lock().clone().freeze()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BytesMut> {
+        // A poisoned lock only means another writer panicked mid-append; the
+        // bytes are still a valid prefix of the output.
+        self.buffer.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Appends what fits; returns whether everything fit.
+    fn append(&self, bytes: &[u8]) -> bool {
+        let mut buf = self.lock();
+        let room = self.capacity.saturating_sub(buf.len());
+        let take = bytes.len().min(room);
+        buf.extend_from_slice(&bytes[..take]);
+        if take < bytes.len() {
+            self.latch.fire(self.kind);
+            false
+        } else {
+            true
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl OutputStream for CappedPipe {
+    fn write(&mut self, bytes: Bytes) -> Result<(), StreamError> {
+        if self.append(&bytes) {
+            Ok(())
+        } else {
+            Err(StreamError::Trap(wasmtime::format_err!(
+                "{} limit of {} bytes exceeded",
+                self.kind,
+                self.capacity
+            )))
+        }
+    }
+
+    fn flush(&mut self) -> Result<(), StreamError> {
+        Ok(())
+    }
+
+    fn check_write(&mut self) -> Result<usize, StreamError> {
+        // Permit a bounded chunk even when full so the overflowing write is
+        // attempted, recorded and trapped rather than the guest spinning on
+        // a zero permit until the CPU limit fires.
+        Ok(64 * 1024)
+    }
+}
+
+#[async_trait::async_trait]
+impl Pollable for CappedPipe {
+    async fn ready(&mut self) {}
+}
+
+impl AsyncWrite for CappedPipe {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        if self.append(buf) {
+            Poll::Ready(Ok(buf.len()))
+        } else {
+            Poll::Ready(Err(std::io::Error::other(format!("{} limit exceeded", self.kind))))
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl IsTerminal for CappedPipe {
+    fn is_terminal(&self) -> bool {
+        false
+    }
+}
+
+impl StdoutStream for CappedPipe {
+    fn p2_stream(&self) -> Box<dyn OutputStream> {
+        Box::new(self.clone())
+    }
+
+    fn async_stream(&self) -> Box<dyn AsyncWrite + Send + Sync> {
+        Box::new(self.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keeps_what_fits_and_names_the_limit() {
+        let latch = LimitLatch::default();
+        let mut pipe = CappedPipe::new(4, LimitKind::Stderr, latch.clone());
+        pipe.write(Bytes::from_static(b"ab")).unwrap();
+        assert!(matches!(
+            pipe.write(Bytes::from_static(b"cdef")),
+            Err(StreamError::Trap(_))
+        ));
+        assert_eq!(&pipe.contents()[..], b"abcd");
+        assert_eq!(latch.fired(), Some(LimitKind::Stderr));
+    }
+}

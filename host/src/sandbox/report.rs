@@ -1,0 +1,109 @@
+//! The structured result of one job: what the CLI prints and the service
+//! stores. Plain data; serializes to the JSON documented in the README.
+
+use serde::{Deserialize, Serialize};
+
+use super::limits::LimitKind;
+use super::outputs::{OutputFile, SkippedOutput};
+
+/// Whether the job did its work.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    /// The guest exited 0 and no limit fired.
+    Succeeded,
+    /// A trap, a non-zero exit, or a limit.
+    Failed,
+}
+
+/// What ended a failed job.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FailureKind {
+    /// A limit fired; `limit` names it.
+    Limit,
+    /// The guest trapped (for example `unreachable`, a panic under
+    /// `panic = "abort"`, an out-of-bounds access).
+    Trap,
+    /// The guest exited with a non-zero code.
+    Exit,
+    /// The module could not be instantiated (an import the policy does not
+    /// grant, or a start function that failed).
+    Instantiate,
+}
+
+/// Why a job failed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Failure {
+    /// The class of failure.
+    pub kind: FailureKind,
+    /// One line for people. For traps it is wasmtime's trap description, which
+    /// the service logs but redacts from clients.
+    pub message: String,
+}
+
+/// A bounded capture of stdout or stderr.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Captured {
+    /// The captured bytes as UTF-8 (invalid sequences replaced).
+    pub text: String,
+    /// Bytes captured (at most the policy's limit).
+    pub bytes: u64,
+    /// Whether the guest wrote more than the limit.
+    pub truncated: bool,
+}
+
+/// What the job used.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Measurements {
+    /// Whole job, from store creation to the guest's exit, in milliseconds.
+    pub wall_time_ms: f64,
+    /// Guest execution time in milliseconds, at the epoch tick's resolution.
+    pub cpu_time_ms: f64,
+    /// Most linear memory held at once, in bytes.
+    pub peak_memory_bytes: u64,
+    /// Bytes charged to the `/out` quota.
+    pub output_bytes: u64,
+    /// Entries charged to the `/out` quota.
+    pub output_entries: u64,
+}
+
+/// The structured report of one job.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct JobReport {
+    /// Job identifier.
+    pub job_id: String,
+    /// Module name from the policy.
+    pub module: String,
+    /// SHA-256 of the module that ran.
+    pub module_sha256: String,
+    /// SHA-256 of the policy file.
+    pub policy_sha256: Option<String>,
+    /// Trust zone it ran in.
+    pub zone: String,
+    /// Succeeded or failed.
+    pub outcome: Outcome,
+    /// The guest's exit code, when it exited (0 for a normal return).
+    pub exit_code: Option<i32>,
+    /// The limit that fired first, if any.
+    pub limit: Option<LimitKind>,
+    /// Why the job failed, if it did.
+    pub failure: Option<Failure>,
+    /// Regular files collected from `/out`.
+    pub outputs: Vec<OutputFile>,
+    /// Entries of `/out` not collected (links, FIFOs, …).
+    pub skipped_outputs: Vec<SkippedOutput>,
+    /// Captured stdout.
+    pub stdout: Captured,
+    /// Captured stderr.
+    pub stderr: Captured,
+    /// Resource use.
+    pub measurements: Measurements,
+}
+
+impl JobReport {
+    /// Whether the job succeeded.
+    pub fn succeeded(&self) -> bool {
+        self.outcome == Outcome::Succeeded
+    }
+}

@@ -1,0 +1,216 @@
+//! The guest's view of the world: the only place that builds a `WasiCtx` and
+//! the only place that decides which interfaces are linked.
+//!
+//! Deny by default. A guest gets literal arguments and environment from its
+//! policy and job (never the host's), `/in` read-only and `/out` under quota
+//! (nothing else preopened), bounded stdout/stderr, stdin from the job, clocks
+//! and bounded randomness. Socket interfaces are linked so that ordinary std
+//! programs instantiate, but every socket operation and name lookup is
+//! refused.
+
+use std::sync::Arc;
+
+use wasmtime::component::{Linker, ResourceTable};
+use wasmtime::{Engine, ResourceLimiter};
+use wasmtime_wasi::filesystem::WasiFilesystemCtxView;
+use wasmtime_wasi::p2::pipe::MemoryInputPipe;
+use wasmtime_wasi::{FsPerms, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
+
+use super::job::{JobDir, JobSpec};
+use super::limits::{JobLimiter, LimitKind, LimitLatch};
+use super::pipe::CappedPipe;
+use super::quota::{OutputQuota, QuotaFs, QuotaFsData};
+use crate::policy::Policy;
+
+/// Largest `get-random-bytes` request served in one call. wasmtime-wasi's
+/// default is 64 MiB, a host allocation a guest can ask for in a loop.
+pub const MAX_RANDOM_PER_CALL: u64 = 1024 * 1024;
+
+/// Most resource handles (streams, descriptors, pollables) one guest may
+/// hold at once; a guest that leaks handles in a loop hits this instead of
+/// growing host memory.
+pub const MAX_HANDLES: usize = 4096;
+
+/// Per-job store data.
+pub struct JobState {
+    wasi: WasiCtx,
+    table: ResourceTable,
+    pub(crate) limiter: JobLimiter,
+    pub(crate) quota: Arc<OutputQuota>,
+    pub(crate) latch: LimitLatch,
+    pub(crate) cpu_ticks: u64,
+    pub(crate) cpu_budget_ticks: u64,
+}
+
+impl std::fmt::Debug for JobState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JobState")
+            .field("latch", &self.latch)
+            .field("cpu_ticks", &self.cpu_ticks)
+            .finish_non_exhaustive()
+    }
+}
+
+impl WasiView for JobState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+impl JobState {
+    /// The resource limiter, for `Store::limiter`.
+    pub(crate) fn limiter(&mut self) -> &mut dyn ResourceLimiter {
+        &mut self.limiter
+    }
+}
+
+/// The captured stdout and stderr of a job.
+#[derive(Debug)]
+pub struct Captures {
+    /// stdout.
+    pub stdout: CappedPipe,
+    /// stderr.
+    pub stderr: CappedPipe,
+}
+
+/// Builds the store data for one job: the WASI context, the limiter and the
+/// quota, all from `policy` and `job`. `args` must already be validated
+/// (see [`guest_args`]).
+///
+/// # Errors
+/// If a preopen cannot be opened.
+pub fn job_state(
+    policy: &Policy,
+    job: &JobSpec,
+    dir: &JobDir,
+    args: &[String],
+    cpu_budget_ticks: u64,
+) -> std::io::Result<(JobState, Captures)> {
+    let latch = LimitLatch::default();
+    let limits = &policy.limits;
+    let stdout = CappedPipe::new(limits.stdout.as_usize(), LimitKind::Stdout, latch.clone());
+    let stderr = CappedPipe::new(limits.stderr.as_usize(), LimitKind::Stderr, latch.clone());
+
+    let mut b = WasiCtxBuilder::new();
+    b.args(args)
+        .envs(&policy.run.env.iter().collect::<Vec<_>>())
+        .stdin(MemoryInputPipe::new(job.stdin.clone()))
+        .stdout(stdout.clone())
+        .stderr(stderr.clone())
+        .max_random_size(MAX_RANDOM_PER_CALL)
+        // No network: no TCP, no UDP, no name lookup, and the address check
+        // refuses every address should anything else try.
+        .allow_tcp(false)
+        .allow_udp(false)
+        .allow_ip_name_lookup(false)
+        .socket_addr_check(|_, _| Box::pin(async { false }))
+        .preopened_dir(dir.input_dir(), "/in", FsPerms::ReadOnly)
+        .map_err(to_io)?
+        .preopened_dir(dir.output_dir(), "/out", FsPerms::ReadWrite)
+        .map_err(to_io)?;
+
+    let mut table = ResourceTable::new();
+    table.set_max_capacity(MAX_HANDLES);
+    let quota = OutputQuota::new(
+        limits.output.as_u64(),
+        u64::from(limits.output_files),
+        latch.clone(),
+    );
+    let state = JobState {
+        wasi: b.build(),
+        table,
+        limiter: JobLimiter::new(
+            limits.memory.as_usize(),
+            limits.table_elements as usize,
+            latch.clone(),
+        ),
+        quota,
+        latch,
+        cpu_ticks: 0,
+        cpu_budget_ticks,
+    };
+    Ok((state, Captures { stdout, stderr }))
+}
+
+fn to_io(e: wasmtime::Error) -> std::io::Error {
+    std::io::Error::other(e.to_string())
+}
+
+/// The guest's argv: the module name, the policy's fixed arguments, then each
+/// job parameter as `--name=value` in name order.
+///
+/// # Errors
+/// A message naming a parameter the policy does not accept, or a bad value.
+pub fn guest_args(policy: &Policy, job: &JobSpec) -> Result<Vec<String>, String> {
+    let mut args = vec![policy.module.name.to_string()];
+    args.extend(policy.run.args.iter().cloned());
+    for (name, value) in &job.params {
+        if !policy.run.params.iter().any(|p| p.as_str() == name) {
+            return Err(format!(
+                "unknown parameter `{}` for module `{}`{}",
+                name.escape_debug(),
+                policy.module.name,
+                match policy.run.params.as_slice() {
+                    [] => " (it accepts none)".to_owned(),
+                    ps => format!(
+                        " (it accepts {})",
+                        ps.iter().map(|p| p.as_str()).collect::<Vec<_>>().join(", ")
+                    ),
+                }
+            ));
+        }
+        if value.len() > super::job::MAX_PARAM_VALUE || value.chars().any(char::is_control) {
+            return Err(format!(
+                "invalid value for parameter `{name}`: at most {} bytes, no control characters",
+                super::job::MAX_PARAM_VALUE
+            ));
+        }
+        args.push(format!("--{name}={value}"));
+    }
+    Ok(args)
+}
+
+/// The linker every job uses: wasmtime-wasi's WASIp2 command world, with
+/// `wasi:filesystem/types` replaced by the quota-enforcing [`QuotaFs`].
+///
+/// # Errors
+/// Only if wasmtime refuses a definition, which is a bug.
+pub fn linker(engine: &Engine) -> wasmtime::Result<Linker<JobState>> {
+    let mut linker = Linker::new(engine);
+    wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
+    // Shadow wasmtime-wasi's filesystem types with the quota wrapper. Nothing
+    // else is replaced; shadowing is switched off again straight after.
+    linker.allow_shadowing(true);
+    wasmtime_wasi::p2::bindings::filesystem::types::add_to_linker::<JobState, QuotaFsData>(
+        &mut linker,
+        |s| QuotaFs {
+            inner: WasiFilesystemCtxView {
+                ctx: s.wasi.filesystem(),
+                table: &mut s.table,
+            },
+            quota: &s.quota,
+        },
+    )?;
+    linker.allow_shadowing(false);
+    Ok(linker)
+}
+
+/// Interface families and what this sandbox does with each, for
+/// `bulkhead check`.
+pub fn import_verdict(name: &str) -> (&'static str, &'static str) {
+    let iface = name.split('@').next().unwrap_or(name);
+    let package = iface.split('/').next().unwrap_or(iface);
+    match package {
+        "wasi:cli" | "wasi:io" | "wasi:clocks" | "wasi:random" => ("granted", "always provided"),
+        "wasi:filesystem" => ("granted", "only /in (read-only) and /out (quota)"),
+        "wasi:sockets" => ("inert", "linked, every socket and lookup refused"),
+        "wasi:http" => (
+            "denied",
+            "outbound calls require [network] services, which this host does not declare",
+        ),
+        _ => ("denied", "not provided: instantiation fails"),
+    }
+}
