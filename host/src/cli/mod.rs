@@ -14,7 +14,9 @@ use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
 
 use crate::policy::{ByteSize, Policy};
-use crate::sandbox::{JobDir, JobInput, JobReport, JobSpec, Sandbox, SandboxConfig, import_verdict};
+use crate::sandbox::{
+    JobDir, JobInput, JobReport, JobSpec, Sandbox, SandboxConfig, import_verdict,
+};
 
 /// Run risky processing code as sandboxed WebAssembly jobs.
 #[derive(Debug, Parser)]
@@ -85,7 +87,8 @@ struct HostArgs {
 impl HostArgs {
     fn sandbox(&self) -> anyhow::Result<Sandbox> {
         let base = std::env::temp_dir().join("bulkhead");
-        let mut config = SandboxConfig::new(self.work_dir.clone().unwrap_or_else(|| base.join("jobs")));
+        let mut config =
+            SandboxConfig::new(self.work_dir.clone().unwrap_or_else(|| base.join("jobs")));
         config.cache_dir = if self.no_cache {
             None
         } else {
@@ -108,7 +111,10 @@ pub fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
@@ -145,8 +151,12 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
 
     let sandbox = args.host.sandbox()?;
     let module = sandbox.load(policy, &wasm)?;
-    let dir = JobDir::create(&sandbox.config().work_dir, &job.id)
-        .with_context(|| format!("cannot create a job directory under {}", sandbox.config().work_dir.display()))?;
+    let dir = JobDir::create(&sandbox.config().work_dir, &job.id).with_context(|| {
+        format!(
+            "cannot create a job directory under {}",
+            sandbox.config().work_dir.display()
+        )
+    })?;
     let report = sandbox.run(&module, &job, &dir).await?;
     if let Some(out) = &args.out {
         crate::sandbox::outputs::collect(&dir.output_dir(), Some(out))
@@ -170,7 +180,10 @@ fn check(args: CheckArgs) -> anyhow::Result<ExitCode> {
     let policy = Policy::load(&args.policy)?;
     let l = &policy.limits;
     println!("policy {}: valid", args.policy.display());
-    println!("  module   {} (zone {})", policy.module.name, policy.module.zone);
+    println!(
+        "  module   {} (zone {})",
+        policy.module.name, policy.module.zone
+    );
     println!("  sha256   {}", policy.module.sha256);
     let scopes: Vec<_> = policy.access.scopes.iter().map(|s| s.as_str()).collect();
     println!("  scopes   {}", or_none(&scopes.join(", ")));
@@ -181,7 +194,14 @@ fn check(args: CheckArgs) -> anyhow::Result<ExitCode> {
         l.memory, l.cpu_time, l.wall_time, l.output, l.output_files, l.stdout, l.stderr, l.input
     );
     let services: Vec<_> = policy.network.services.iter().map(|s| s.as_str()).collect();
-    println!("  network  {}", if services.is_empty() { "none: no way out".to_owned() } else { services.join(", ") });
+    println!(
+        "  network  {}",
+        if services.is_empty() {
+            "none: no way out".to_owned()
+        } else {
+            services.join(", ")
+        }
+    );
 
     let Some(module_path) = args.module else {
         return Ok(ExitCode::SUCCESS);
@@ -189,7 +209,10 @@ fn check(args: CheckArgs) -> anyhow::Result<ExitCode> {
     let wasm = read_module(&module_path)?;
     let sandbox = args.host.sandbox()?;
     let loaded = sandbox.load(policy, &wasm)?;
-    println!("module {}: digest matches, compiles, links", module_path.display());
+    println!(
+        "module {}: digest matches, compiles, links",
+        module_path.display()
+    );
     println!("  imports:");
     for name in loaded.imports(&sandbox) {
         let (verdict, why) = import_verdict(&name);
@@ -216,7 +239,9 @@ fn parse_inputs(specs: &[String], limit: ByteSize) -> anyhow::Result<Vec<JobInpu
                 let name = path
                     .file_name()
                     .and_then(|n| n.to_str())
-                    .with_context(|| format!("input `{spec}` has no usable file name; use NAME=PATH"))?
+                    .with_context(|| {
+                        format!("input `{spec}` has no usable file name; use NAME=PATH")
+                    })?
                     .to_owned();
                 (name, path)
             }
@@ -231,13 +256,17 @@ fn parse_inputs(specs: &[String], limit: ByteSize) -> anyhow::Result<Vec<JobInpu
 }
 
 fn read_bounded(path: &Path, limit: ByteSize) -> anyhow::Result<Vec<u8>> {
-    let file = std::fs::File::open(path).with_context(|| format!("cannot read input {}", path.display()))?;
+    let file = std::fs::File::open(path)
+        .with_context(|| format!("cannot read input {}", path.display()))?;
     let mut data = Vec::new();
     file.take(limit.as_u64() + 1)
         .read_to_end(&mut data)
         .with_context(|| format!("cannot read input {}", path.display()))?;
     if data.len() as u64 > limit.as_u64() {
-        bail!("input {} is larger than the module's input limit of {limit}", path.display());
+        bail!(
+            "input {} is larger than the module's input limit of {limit}",
+            path.display()
+        );
     }
     Ok(data)
 }
@@ -280,7 +309,11 @@ fn check_out_dir(out: &Path) -> anyhow::Result<()> {
 
 fn print_summary(report: &JobReport, out: Option<&Path>) {
     let m = &report.measurements;
-    let status = if report.succeeded() { "succeeded" } else { "FAILED" };
+    let status = if report.succeeded() {
+        "succeeded"
+    } else {
+        "FAILED"
+    };
     println!(
         "{} {status}  exit {}  wall {:.1} ms  cpu {:.0} ms  peak memory {}",
         report.module,
@@ -295,7 +328,11 @@ fn print_summary(report: &JobReport, out: Option<&Path>) {
     if report.outputs.is_empty() {
         println!("  outputs: none");
     } else {
-        println!("  outputs{}:", out.map(|o| format!(" (copied to {})", o.display())).unwrap_or_default());
+        println!(
+            "  outputs{}:",
+            out.map(|o| format!(" (copied to {})", o.display()))
+                .unwrap_or_default()
+        );
         for o in &report.outputs {
             println!("    {}  {} bytes  sha256 {}", o.name, o.size, o.sha256);
         }
@@ -307,7 +344,11 @@ fn print_summary(report: &JobReport, out: Option<&Path>) {
         if c.bytes > 0 {
             let shown: String = c.text.chars().take(2000).collect();
             let shown = shown.replace(|ch: char| ch.is_control() && ch != '\n', "?");
-            println!("  {name} ({} bytes{}):", c.bytes, if c.truncated { ", truncated" } else { "" });
+            println!(
+                "  {name} ({} bytes{}):",
+                c.bytes,
+                if c.truncated { ", truncated" } else { "" }
+            );
             for line in shown.lines().take(20) {
                 println!("    | {line}");
             }

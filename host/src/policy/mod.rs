@@ -248,7 +248,11 @@ impl Policy {
                 ),
             ));
         }
-        for (key, size) in [("memory", l.memory), ("stdout", l.stdout), ("stderr", l.stderr)] {
+        for (key, size) in [
+            ("memory", l.memory),
+            ("stdout", l.stdout),
+            ("stderr", l.stderr),
+        ] {
             if size.as_u64() == 0 {
                 return Err(("limits", key, format!("`{key}` must be greater than zero")));
             }
@@ -272,7 +276,11 @@ impl Policy {
         }
         let mut seen = std::collections::BTreeSet::new();
         if let Some(dup) = self.run.params.iter().find(|p| !seen.insert(*p)) {
-            return Err(("run", "params", format!("parameter `{dup}` is listed twice")));
+            return Err((
+                "run",
+                "params",
+                format!("parameter `{dup}` is listed twice"),
+            ));
         }
         if let Some(service) = self.network.services.first() {
             // Outbound calls are resolved against the host's declared
@@ -313,12 +321,11 @@ fn locate_key(source: &str, table: &str, key: &str) -> (usize, usize) {
             }
             continue;
         }
-        if current == table {
-            if let Some(rest) = line.strip_prefix(key) {
-                if rest.trim_start().starts_with('=') {
-                    return (i + 1, raw.len() - line.len() + 1);
-                }
-            }
+        if current == table
+            && let Some(rest) = line.strip_prefix(key)
+            && rest.trim_start().starts_with('=')
+        {
+            return (i + 1, raw.len() - line.len() + 1);
         }
     }
     header.unwrap_or((1, 1))
@@ -331,9 +338,7 @@ mod tests {
     const DIGEST: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 
     fn parse(body: &str) -> Result<Policy, PolicyError> {
-        let text = format!(
-            "version = 1\n[module]\nname = \"demo\"\nsha256 = \"{DIGEST}\"\n{body}"
-        );
+        let text = format!("version = 1\n[module]\nname = \"demo\"\nsha256 = \"{DIGEST}\"\n{body}");
         Policy::parse(&text, Path::new("demo.toml"))
     }
 
@@ -363,13 +368,20 @@ mod tests {
 
     #[test]
     fn unknown_key_names_file_line_and_column() {
-        let err = parse("[limits]\nmemroy = \"64 MiB\"\n").unwrap_err().to_string();
-        assert!(err.starts_with("demo.toml:6:1: unknown field `memroy`"), "{err}");
+        let err = parse("[limits]\nmemroy = \"64 MiB\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("demo.toml:6:1: unknown field `memroy`"),
+            "{err}"
+        );
     }
 
     #[test]
     fn bad_size_names_the_value_and_position() {
-        let err = parse("[limits]\nmemory = \"64 parsecs\"\n").unwrap_err().to_string();
+        let err = parse("[limits]\nmemory = \"64 parsecs\"\n")
+            .unwrap_err()
+            .to_string();
         assert!(err.starts_with("demo.toml:6:10:"), "{err}");
         assert!(err.contains("`64 parsecs`"), "{err}");
     }
@@ -379,7 +391,10 @@ mod tests {
         let err = parse("[limits]\ncpu_time = \"20 s\"\nwall_time = \"5 s\"\n")
             .unwrap_err()
             .to_string();
-        assert!(err.starts_with("demo.toml:6:1: cpu_time `20 s` is longer"), "{err}");
+        assert!(
+            err.starts_with("demo.toml:6:1: cpu_time `20 s` is longer"),
+            "{err}"
+        );
     }
 
     #[test]

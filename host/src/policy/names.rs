@@ -148,7 +148,10 @@ mod tests {
     #[test]
     fn names_name_the_bad_value() {
         let err = ModuleName::new("Thumb Nail").unwrap_err();
-        assert_eq!(err, "invalid module name `Thumb Nail`: must start with a lowercase letter");
+        assert_eq!(
+            err,
+            "invalid module name `Thumb Nail`: must start with a lowercase letter"
+        );
         let err = ModuleName::new("thumb/../nail").unwrap_err();
         assert!(err.contains("character `/`"), "{err}");
         assert!(ModuleName::new("thumbnail-2").is_ok());

@@ -63,7 +63,9 @@ impl FromStr for ByteSize {
             .parse::<bytesize::ByteSize>()
             .map(|b| Self(b.as_u64()))
             .map_err(|_| {
-                format!("invalid byte size `{s}`: expected a number and a unit such as B, KiB, MiB, GiB")
+                format!(
+                    "invalid byte size `{s}`: expected a number and a unit such as B, KiB, MiB, GiB"
+                )
             })
     }
 }
@@ -86,7 +88,7 @@ impl fmt::Display for ByteSize {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         const UNITS: [(&str, u64); 3] = [("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)];
         for (name, size) in UNITS {
-            if self.0 >= size && self.0 % size == 0 {
+            if self.0 >= size && self.0.is_multiple_of(size) {
                 return write!(f, "{} {name}", self.0 / size);
             }
         }
@@ -151,9 +153,9 @@ impl From<HumanDuration> for String {
 impl fmt::Display for HumanDuration {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let ms = self.0.as_millis();
-        if ms % 60_000 == 0 {
+        if ms.is_multiple_of(60_000) {
             write!(f, "{} min", ms / 60_000)
-        } else if ms % 1000 == 0 {
+        } else if ms.is_multiple_of(1000) {
             write!(f, "{} s", ms / 1000)
         } else {
             write!(f, "{ms} ms")
@@ -183,9 +185,18 @@ mod tests {
 
     #[test]
     fn durations_parse_with_or_without_space() {
-        assert_eq!("2 s".parse::<HumanDuration>().unwrap(), HumanDuration::secs(2));
-        assert_eq!("500ms".parse::<HumanDuration>().unwrap(), HumanDuration::millis(500));
-        assert_eq!("1 min".parse::<HumanDuration>().unwrap(), HumanDuration::secs(60));
+        assert_eq!(
+            "2 s".parse::<HumanDuration>().unwrap(),
+            HumanDuration::secs(2)
+        );
+        assert_eq!(
+            "500ms".parse::<HumanDuration>().unwrap(),
+            HumanDuration::millis(500)
+        );
+        assert_eq!(
+            "1 min".parse::<HumanDuration>().unwrap(),
+            HumanDuration::secs(60)
+        );
     }
 
     #[test]

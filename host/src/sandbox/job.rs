@@ -151,7 +151,10 @@ mod tests {
     fn job_dir_is_fresh_and_removed_on_drop() {
         let tmp = tempfile::tempdir().unwrap();
         let dir = JobDir::create(tmp.path(), "j1").unwrap();
-        assert!(JobDir::create(tmp.path(), "j1").is_err(), "ids are never reused");
+        assert!(
+            JobDir::create(tmp.path(), "j1").is_err(),
+            "ids are never reused"
+        );
         let path = dir.path().to_owned();
         assert!(dir.input_dir().is_dir() && dir.output_dir().is_dir());
         drop(dir);

@@ -144,10 +144,7 @@ impl ResourceLimiter for JobLimiter {
         desired: usize,
         _maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
-        let total = self
-            .memory
-            .saturating_sub(current)
-            .saturating_add(desired);
+        let total = self.memory.saturating_sub(current).saturating_add(desired);
         if total > self.max_memory {
             self.latch.fire(LimitKind::Memory);
             wasmtime::bail!(

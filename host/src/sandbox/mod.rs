@@ -171,7 +171,9 @@ impl LoadedModule {
     /// The component's imports, as `interface name` strings.
     pub fn imports(&self, sandbox: &Sandbox) -> Vec<String> {
         let ty = self.component.component_type();
-        ty.imports(&sandbox.engine).map(|(name, _)| name.to_owned()).collect()
+        ty.imports(&sandbox.engine)
+            .map(|(name, _)| name.to_owned())
+            .collect()
     }
 }
 
@@ -186,7 +188,9 @@ pub struct Sandbox {
 
 impl std::fmt::Debug for Sandbox {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Sandbox").field("config", &self.config).finish_non_exhaustive()
+        f.debug_struct("Sandbox")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
     }
 }
 
@@ -284,7 +288,11 @@ impl Sandbox {
             max,
         };
         if l.memory > self.config.max_memory {
-            return Err(exceeds("memory", l.memory.to_string(), self.config.max_memory.to_string()));
+            return Err(exceeds(
+                "memory",
+                l.memory.to_string(),
+                self.config.max_memory.to_string(),
+            ));
         }
         if l.table_elements as usize > engine::MAX_TABLE_ELEMENTS {
             return Err(exceeds(
@@ -317,8 +325,12 @@ impl Sandbox {
         dir.write_inputs(&job.inputs)?;
 
         let tick = self.config.epoch_tick;
-        let cpu_budget_ticks =
-            policy.limits.cpu_time.get().as_nanos().div_ceil(tick.as_nanos().max(1)) as u64;
+        let cpu_budget_ticks = policy
+            .limits
+            .cpu_time
+            .get()
+            .as_nanos()
+            .div_ceil(tick.as_nanos().max(1)) as u64;
         let (state, captures) = wasi::job_state(policy, job, dir, &args, cpu_budget_ticks)?;
         let latch = state.latch.clone();
 
@@ -363,7 +375,8 @@ impl Sandbox {
             Ok(Err((stage, e))) => match e.downcast_ref::<I32Exit>() {
                 Some(exit) => (Some(exit.0), None),
                 None => {
-                    if let Some(wasmtime::Trap::StackOverflow) = e.downcast_ref::<wasmtime::Trap>() {
+                    if let Some(wasmtime::Trap::StackOverflow) = e.downcast_ref::<wasmtime::Trap>()
+                    {
                         latch.fire(LimitKind::Stack);
                     }
                     (None, Some((stage, e)))
@@ -459,7 +472,10 @@ fn check_inputs(policy: &Policy, job: &JobSpec) -> Result<(), JobError> {
     for input in &job.inputs {
         validate_input_name(&input.name).map_err(JobError::Input)?;
         if !seen.insert(input.name.as_str()) {
-            return Err(JobError::Input(format!("input `{}` given twice", input.name)));
+            return Err(JobError::Input(format!(
+                "input `{}` given twice",
+                input.name
+            )));
         }
         total += input.data.len() as u64;
     }
@@ -491,7 +507,7 @@ fn limit_message(policy: &Policy, limit: LimitKind, config: &SandboxConfig) -> S
 
 fn trap_message(e: &wasmtime::Error) -> String {
     match e.downcast_ref::<wasmtime::Trap>() {
-        Some(trap) => format!("wasm trap: {trap}"),
+        Some(trap) => trap.to_string(),
         None => first_line(e),
     }
 }
@@ -517,9 +533,9 @@ fn unsupported_kind(wasm: &[u8]) -> Option<String> {
     }
     match wasm.get(..8) {
         Some([0, b'a', b's', b'm', 0x0d, 0, 0x01, 0]) => None,
-        Some([0, b'a', b's', b'm', 1, 0, 0, 0]) => Some(
-            "it is a core module (wasip1); build for wasm32-wasip2 to get a component".into(),
-        ),
+        Some([0, b'a', b's', b'm', 1, 0, 0, 0]) => {
+            Some("it is a core module (wasip1); build for wasm32-wasip2 to get a component".into())
+        }
         _ => Some("it is not a WebAssembly binary".into()),
     }
 }

@@ -75,7 +75,8 @@ fn walk(
         let entry = entry?;
         let raw_name = entry.file_name();
         let Some(name) = raw_name.to_str() else {
-            out.skipped.push(skipped(prefix, &raw_name.to_string_lossy(), "not-utf8"));
+            out.skipped
+                .push(skipped(prefix, &raw_name.to_string_lossy(), "not-utf8"));
             continue;
         };
         let rel = if prefix.is_empty() {
@@ -145,7 +146,11 @@ fn kind_of(ty: &cap_std::fs::FileType) -> &'static str {
 /// is a regular file. Returns size and digest, or `None` if it is not
 /// regular. Copy failures are reported as `ErrorKind::Other` so the caller
 /// fails instead of skipping.
-fn read_regular(dir: &Dir, name: &str, copy_to: Option<&Path>) -> io::Result<Option<(u64, String)>> {
+fn read_regular(
+    dir: &Dir,
+    name: &str,
+    copy_to: Option<&Path>,
+) -> io::Result<Option<(u64, String)>> {
     let mut options = OpenOptions::new();
     options
         .read(true)
@@ -164,7 +169,9 @@ fn read_regular(dir: &Dir, name: &str, copy_to: Option<&Path>) -> io::Result<Opt
                     .write(true)
                     .create_new(true)
                     .open(path)
-                    .map_err(|e| io::Error::other(format!("cannot write {}: {e}", path.display())))?,
+                    .map_err(|e| {
+                        io::Error::other(format!("cannot write {}: {e}", path.display()))
+                    })?,
             )
         }
         None => None,

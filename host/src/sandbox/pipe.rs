@@ -102,7 +102,10 @@ impl AsyncWrite for CappedPipe {
         if self.append(buf) {
             Poll::Ready(Ok(buf.len()))
         } else {
-            Poll::Ready(Err(std::io::Error::other(format!("{} limit exceeded", self.kind))))
+            Poll::Ready(Err(std::io::Error::other(format!(
+                "{} limit exceeded",
+                self.kind
+            ))))
         }
     }
 

@@ -194,15 +194,25 @@ impl HostDescriptor for QuotaFs<'_> {
         self.inner.sync_data(fd).await
     }
 
-    async fn get_flags(&mut self, fd: Resource<types::Descriptor>) -> FsResult<types::DescriptorFlags> {
+    async fn get_flags(
+        &mut self,
+        fd: Resource<types::Descriptor>,
+    ) -> FsResult<types::DescriptorFlags> {
         self.inner.get_flags(fd).await
     }
 
-    async fn get_type(&mut self, fd: Resource<types::Descriptor>) -> FsResult<types::DescriptorType> {
+    async fn get_type(
+        &mut self,
+        fd: Resource<types::Descriptor>,
+    ) -> FsResult<types::DescriptorType> {
         self.inner.get_type(fd).await
     }
 
-    async fn set_size(&mut self, fd: Resource<types::Descriptor>, size: types::Filesize) -> FsResult<()> {
+    async fn set_size(
+        &mut self,
+        fd: Resource<types::Descriptor>,
+        size: types::Filesize,
+    ) -> FsResult<()> {
         if let Some(current) = self.file_size(&fd) {
             self.quota.charge_bytes(size.saturating_sub(current))?;
         }
@@ -251,7 +261,11 @@ impl HostDescriptor for QuotaFs<'_> {
         self.inner.sync(fd).await
     }
 
-    async fn create_directory_at(&mut self, fd: Resource<types::Descriptor>, path: String) -> FsResult<()> {
+    async fn create_directory_at(
+        &mut self,
+        fd: Resource<types::Descriptor>,
+        path: String,
+    ) -> FsResult<()> {
         self.quota.charge_entry()?;
         self.inner.create_directory_at(fd, path).await
     }
@@ -277,7 +291,9 @@ impl HostDescriptor for QuotaFs<'_> {
         atim: types::NewTimestamp,
         mtim: types::NewTimestamp,
     ) -> FsResult<()> {
-        self.inner.set_times_at(fd, path_flags, path, atim, mtim).await
+        self.inner
+            .set_times_at(fd, path_flags, path, atim, mtim)
+            .await
     }
 
     async fn link_at(
@@ -302,18 +318,28 @@ impl HostDescriptor for QuotaFs<'_> {
         if oflags.contains(types::OpenFlags::CREATE) && !self.exists_at(&fd, &path).await {
             self.quota.charge_entry()?;
         }
-        self.inner.open_at(fd, path_flags, path, oflags, flags).await
+        self.inner
+            .open_at(fd, path_flags, path, oflags, flags)
+            .await
     }
 
     fn drop(&mut self, fd: Resource<types::Descriptor>) -> wasmtime::Result<()> {
         HostDescriptor::drop(&mut self.inner, fd)
     }
 
-    async fn readlink_at(&mut self, fd: Resource<types::Descriptor>, path: String) -> FsResult<String> {
+    async fn readlink_at(
+        &mut self,
+        fd: Resource<types::Descriptor>,
+        path: String,
+    ) -> FsResult<String> {
         self.inner.readlink_at(fd, path).await
     }
 
-    async fn remove_directory_at(&mut self, fd: Resource<types::Descriptor>, path: String) -> FsResult<()> {
+    async fn remove_directory_at(
+        &mut self,
+        fd: Resource<types::Descriptor>,
+        path: String,
+    ) -> FsResult<()> {
         self.inner.remove_directory_at(fd, path).await
     }
 
@@ -337,7 +363,11 @@ impl HostDescriptor for QuotaFs<'_> {
         self.inner.symlink_at(fd, src_path, dest_path).await
     }
 
-    async fn unlink_file_at(&mut self, fd: Resource<types::Descriptor>, path: String) -> FsResult<()> {
+    async fn unlink_file_at(
+        &mut self,
+        fd: Resource<types::Descriptor>,
+        path: String,
+    ) -> FsResult<()> {
         self.inner.unlink_file_at(fd, path).await
     }
 
@@ -359,7 +389,10 @@ impl HostDescriptor for QuotaFs<'_> {
         self.wrap_stream(stream, offset, size)
     }
 
-    fn append_via_stream(&mut self, fd: Resource<types::Descriptor>) -> FsResult<Resource<DynOutputStream>> {
+    fn append_via_stream(
+        &mut self,
+        fd: Resource<types::Descriptor>,
+    ) -> FsResult<Resource<DynOutputStream>> {
         let size = self.file_size(&fd).unwrap_or(0);
         let stream = self.inner.append_via_stream(fd)?;
         self.wrap_stream(stream, size, size)
@@ -373,7 +406,10 @@ impl HostDescriptor for QuotaFs<'_> {
         self.inner.is_same_object(a, b).await
     }
 
-    async fn metadata_hash(&mut self, fd: Resource<types::Descriptor>) -> FsResult<types::MetadataHashValue> {
+    async fn metadata_hash(
+        &mut self,
+        fd: Resource<types::Descriptor>,
+    ) -> FsResult<types::MetadataHashValue> {
         self.inner.metadata_hash(fd).await
     }
 
@@ -417,8 +453,8 @@ struct QuotaStream {
 impl OutputStream for QuotaStream {
     fn write(&mut self, bytes: Bytes) -> Result<(), StreamError> {
         let len = bytes.len() as u64;
-        let charge = growth(self.known_size, self.position, len)
-            .and_then(|g| self.quota.charge_bytes(g));
+        let charge =
+            growth(self.known_size, self.position, len).and_then(|g| self.quota.charge_bytes(g));
         if charge.is_err() {
             // ENOSPC reaches the guest as `insufficient-space`, the closest
             // stream-level error to a quota.

@@ -1,0 +1,195 @@
+//! Sandbox benchmarks; figures and how to read them are in BENCHMARKS.md.
+//!
+//! - `job_overhead`: a hello-world component per job, three ways side by side:
+//!   a bare wasmtime loop (pooling allocator + `InstancePre`, a default WASI
+//!   context, nothing else), Bulkhead's full job (policy-built WASI context,
+//!   every limit, fresh job directory, `/out` quota, output collection), and —
+//!   when a `wasmtime` CLI is on `PATH` — spawning `wasmtime run` per job as a
+//!   naive runner would.
+//! - `thumbnail`: the same Rust thumbnail code natively and in the sandbox, on
+//!   a 2048×1536 PNG.
+//!
+//! Run: `cargo bench -p bulkhead-tests --bench sandbox`.
+
+use std::io::Cursor;
+use std::path::Path;
+
+use bulkhead::policy::{Policy, Sha256Hex};
+use bulkhead::sandbox::{JobDir, JobInput, JobSpec, Sandbox, SandboxConfig};
+use criterion::{Criterion, criterion_group, criterion_main};
+use wasmtime::component::{Component, Linker, ResourceTable};
+use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store};
+use wasmtime_wasi::p2::bindings::CommandPre;
+use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
+use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
+
+struct Bare {
+    ctx: WasiCtx,
+    table: ResourceTable,
+}
+
+impl WasiView for Bare {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.ctx,
+            table: &mut self.table,
+        }
+    }
+}
+
+fn policy_for(path: &str, name: &str, body: &str) -> Policy {
+    let digest = Sha256Hex::digest(&std::fs::read(path).unwrap());
+    let text = format!("version = 1\n[module]\nname = \"{name}\"\nsha256 = \"{digest}\"\n{body}\n");
+    Policy::parse(&text, Path::new("bench.toml")).unwrap()
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+fn sandbox(tmp: &Path) -> Sandbox {
+    let mut config = SandboxConfig::new(tmp.join("jobs"));
+    config.cache_dir = Some(tmp.join("cache"));
+    Sandbox::new(config).unwrap()
+}
+
+fn job_overhead(c: &mut Criterion) {
+    let rt = runtime();
+    let wasm = std::fs::read(bulkhead_tests::HELLO).unwrap();
+    let mut group = c.benchmark_group("job_overhead");
+
+    // The bare loop: what wasmtime itself costs per instantiate + run.
+    let mut config = Config::new();
+    config.allocation_strategy(InstanceAllocationStrategy::Pooling(
+        PoolingAllocationConfig::new(),
+    ));
+    let engine = Engine::new(&config).unwrap();
+    let mut linker = Linker::<Bare>::new(&engine);
+    wasmtime_wasi::p2::add_to_linker_async(&mut linker).unwrap();
+    let component = Component::new(&engine, &wasm).unwrap();
+    let pre = CommandPre::new(linker.instantiate_pre(&component).unwrap()).unwrap();
+    group.bench_function("bare_wasmtime", |b| {
+        b.iter(|| {
+            rt.block_on(async {
+                let ctx = WasiCtxBuilder::new()
+                    .stdout(MemoryOutputPipe::new(4096))
+                    .build();
+                let mut store = Store::new(
+                    &engine,
+                    Bare {
+                        ctx,
+                        table: ResourceTable::new(),
+                    },
+                );
+                let cmd = pre.instantiate_async(&mut store).await.unwrap();
+                cmd.wasi_cli_run()
+                    .call_run(&mut store)
+                    .await
+                    .unwrap()
+                    .unwrap();
+            })
+        })
+    });
+
+    // Bulkhead's full per-job path.
+    let tmp = tempfile::tempdir().unwrap();
+    let sandbox = sandbox(tmp.path());
+    let module = sandbox
+        .load(policy_for(bulkhead_tests::HELLO, "hello", ""), &wasm)
+        .unwrap();
+    group.bench_function("bulkhead_job", |b| {
+        b.iter(|| {
+            rt.block_on(async {
+                let job = JobSpec::new();
+                let dir = JobDir::create(&sandbox.config().work_dir, &job.id).unwrap();
+                let report = sandbox.run(&module, &job, &dir).await.unwrap();
+                assert!(report.succeeded());
+            })
+        })
+    });
+
+    // A naive runner: one `wasmtime run` process per job.
+    if std::process::Command::new("wasmtime")
+        .arg("--version")
+        .output()
+        .is_ok()
+    {
+        group.sample_size(20);
+        group.bench_function("wasmtime_cli_per_job", |b| {
+            b.iter(|| {
+                let out = std::process::Command::new("wasmtime")
+                    .arg("run")
+                    .arg(bulkhead_tests::HELLO)
+                    .output()
+                    .unwrap();
+                assert!(out.status.success());
+            })
+        });
+    } else {
+        eprintln!("job_overhead/wasmtime_cli_per_job: skipped, no `wasmtime` on PATH");
+    }
+    group.finish();
+}
+
+fn big_png() -> Vec<u8> {
+    // A photo-like 2048x1536 image: gradients plus pseudo-random noise, so
+    // the PNG codec does real work.
+    let mut seed = 0x2545_f491_u32;
+    let img = image::RgbImage::from_fn(2048, 1536, |x, y| {
+        seed ^= seed << 13;
+        seed ^= seed >> 17;
+        seed ^= seed << 5;
+        let n = (seed & 0x1f) as u8;
+        image::Rgb([(x / 8) as u8 ^ n, (y / 6) as u8 ^ n, ((x + y) / 14) as u8])
+    });
+    let mut bytes = Vec::new();
+    img.write_to(&mut Cursor::new(&mut bytes), image::ImageFormat::Png)
+        .unwrap();
+    bytes
+}
+
+fn thumbnail(c: &mut Criterion) {
+    let rt = runtime();
+    let png = big_png();
+    let mut group = c.benchmark_group("thumbnail_2048x1536");
+    group.sample_size(20);
+    group.bench_function("native", |b| {
+        b.iter(|| bulkhead_guest_thumbnail::make_thumbnail(&png, 256, 256).unwrap())
+    });
+
+    let tmp = tempfile::tempdir().unwrap();
+    let sandbox = sandbox(tmp.path());
+    let wasm = std::fs::read(bulkhead_tests::THUMBNAIL).unwrap();
+    let policy = policy_for(
+        bulkhead_tests::THUMBNAIL,
+        "thumbnail",
+        "[limits]\nmemory = \"256 MiB\"\ncpu_time = \"10 s\"\nwall_time = \"30 s\"\n[run]\nparams = [\"width\", \"height\"]",
+    );
+    let module = sandbox.load(policy, &wasm).unwrap();
+    let png = bytes::Bytes::from(png);
+    group.bench_function("sandboxed", |b| {
+        b.iter(|| {
+            rt.block_on(async {
+                let mut job = JobSpec::new();
+                job.inputs = vec![JobInput {
+                    name: "big.png".into(),
+                    data: png.clone(),
+                }];
+                job.params = [("width", "256"), ("height", "256")]
+                    .into_iter()
+                    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                    .collect();
+                let dir = JobDir::create(&sandbox.config().work_dir, &job.id).unwrap();
+                let report = sandbox.run(&module, &job, &dir).await.unwrap();
+                assert!(report.succeeded(), "{report:?}");
+            })
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, job_overhead, thumbnail);
+criterion_main!(benches);

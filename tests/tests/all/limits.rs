@@ -1,0 +1,142 @@
+//! Each exhaustion attack ends its job with the right limit named, as a clean
+//! failure; the host's disk stays within the quota; and a well-behaved job
+//! running at the same time still succeeds.
+
+use bulkhead::sandbox::{FailureKind, LimitKind, Outcome};
+
+use crate::common::{disk_usage, hostile, load, run, spec};
+
+/// Small limits so every attack hits its wall quickly.
+const TIGHT: &str = r#"memory = "32 MiB"
+cpu_time = "300 ms"
+wall_time = "2 s"
+output = "1 MiB"
+output_files = 8
+stdout = "64 KiB"
+stderr = "16 KiB""#;
+const OUTPUT_QUOTA: u64 = 1024 * 1024;
+const ENTRY_QUOTA: u64 = 8;
+
+/// Runs `mode` under [`TIGHT`] limits while a `hello` job runs beside it, and
+/// checks the limit, the failure, the disk, and the neighbour.
+async fn assert_limit(mode: &str, expected: LimitKind) {
+    let attacker = hostile(mode, TIGHT);
+    let neighbour = load(bulkhead_tests::HELLO, "hello", "");
+    let attack_job = spec(&[], &[]);
+    let hello_job = spec(&[], &[]);
+    let ((report, dir), (hello, _hello_dir)) =
+        tokio::join!(run(&attacker, &attack_job), run(&neighbour, &hello_job));
+
+    assert_eq!(report.outcome, Outcome::Failed, "{mode}: {report:#?}");
+    assert_eq!(report.limit, Some(expected), "{mode}: {report:#?}");
+    let failure = report.failure.as_ref().unwrap();
+    assert_eq!(failure.kind, FailureKind::Limit);
+    assert!(
+        failure.message.starts_with(expected.as_str()),
+        "{}",
+        failure.message
+    );
+
+    let (bytes, entries) = disk_usage(&dir.output_dir());
+    assert!(
+        bytes <= OUTPUT_QUOTA,
+        "{mode}: /out holds {bytes} bytes on the host"
+    );
+    assert!(
+        entries <= ENTRY_QUOTA,
+        "{mode}: /out holds {entries} entries on the host"
+    );
+    assert!(report.measurements.output_bytes <= OUTPUT_QUOTA);
+
+    assert!(hello.succeeded(), "neighbour of {mode} failed: {hello:#?}");
+    assert_eq!(hello.stdout.text, "hello from bulkhead\n");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn memory_bomb_hits_the_memory_limit() {
+    assert_limit("memory-bomb", LimitKind::Memory).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn busy_loop_hits_the_cpu_limit() {
+    assert_limit("loop", LimitKind::CpuTime).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sleeping_forever_hits_the_wall_clock_limit() {
+    assert_limit("sleep", LimitKind::WallTime).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn stdout_flood_hits_the_stdout_limit() {
+    assert_limit("stdout-flood", LimitKind::Stdout).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn stderr_flood_hits_the_stderr_limit() {
+    assert_limit("stderr-flood", LimitKind::Stderr).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn one_big_write_hits_the_output_quota() {
+    assert_limit("disk-big", LimitKind::Output).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn appending_hits_the_output_quota() {
+    assert_limit("disk-append", LimitKind::Output).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn growing_a_file_without_writing_hits_the_output_quota() {
+    assert_limit("disk-setsize", LimitKind::Output).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn writing_past_the_end_hits_the_output_quota() {
+    assert_limit("disk-seek-write", LimitKind::Output).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn many_small_files_hit_the_file_count_quota() {
+    assert_limit("disk-many", LimitKind::OutputFiles).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn deep_directory_trees_hit_the_file_count_quota() {
+    assert_limit("deep-dirs", LimitKind::OutputFiles).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn unbounded_recursion_hits_the_stack_limit() {
+    assert_limit("recursion-native", LimitKind::Stack).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn shadow_stack_overflow_is_a_clean_trap() {
+    // Recursion through Rust's shadow stack in linear memory runs off the
+    // bottom of memory: a trap inside the guest, reported as such.
+    let module = hostile("recursion", TIGHT);
+    let (report, _dir) = run(&module, &spec(&[], &[])).await;
+    assert_eq!(report.outcome, Outcome::Failed);
+    let failure = report.failure.unwrap();
+    assert!(
+        failure.kind == FailureKind::Trap || report.limit == Some(LimitKind::Stack),
+        "{failure:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn many_attacks_at_once_leave_a_normal_job_unharmed() {
+    let modes = ["memory-bomb", "loop", "stdout-flood", "disk-big", "sleep"];
+    let attackers: Vec<_> = modes.iter().map(|m| hostile(m, TIGHT)).collect();
+    let jobs: Vec<_> = modes.iter().map(|_| spec(&[], &[])).collect();
+    let neighbour = load(bulkhead_tests::HELLO, "hello", "");
+    let hello_job = spec(&[], &[]);
+    let attacks = futures::future::join_all(attackers.iter().zip(&jobs).map(|(m, j)| run(m, j)));
+    let (reports, (hello, _d)) = tokio::join!(attacks, run(&neighbour, &hello_job));
+    for (mode, (report, _dir)) in modes.iter().zip(&reports) {
+        assert!(report.limit.is_some(), "{mode}: {report:#?}");
+    }
+    assert!(hello.succeeded(), "{hello:#?}");
+}

@@ -1,0 +1,29 @@
+//! Integration tests of the sandbox core, against real guests built from
+//! `guests/` by this package's build script.
+
+// Shared harness: one sandbox per process, policies pinned to built guests.
+mod common;
+// Containment: host files, inputs, network and environment stay out of reach.
+mod containment;
+// Each limit ends a hostile job with that limit named, and the host stays within it.
+mod limits;
+// Outputs are collected without following links.
+mod outputs;
+// The real processors do their job.
+mod processors;
+// Every kind of bad policy gets its own clear error (golden files).
+mod policy_errors;
+// One smoke test per guest, named after it (checked by `foreach_guest!`).
+mod guests;
+// The example policies in `policies/` pin the modules built from source.
+mod examples;
+
+/// Adding a guest to `guests/` without a test named after it in
+/// [`guests`] fails to compile.
+macro_rules! assert_test_exists {
+    ($name:ident) => {
+        #[allow(unused_imports)]
+        use self::guests::$name as _;
+    };
+}
+bulkhead_tests::foreach_guest!(assert_test_exists);

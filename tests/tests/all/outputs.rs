@@ -1,0 +1,63 @@
+//! Links a guest leaves in `/out` are listed as skipped and never followed,
+//! neither when outputs are hashed nor when they are copied out.
+
+use crate::common::{hostile, run, spec};
+
+#[tokio::test(flavor = "multi_thread")]
+async fn links_left_in_out_are_not_followed_when_collecting() {
+    let module = hostile("leave-links", "");
+    let (report, dir) = run(&module, &spec(&[], &[])).await;
+    assert!(report.succeeded(), "{report:#?}");
+    let names: Vec<_> = report.outputs.iter().map(|o| o.name.as_str()).collect();
+    assert_eq!(names, ["ok.txt"]);
+    assert!(
+        report
+            .skipped_outputs
+            .iter()
+            .any(|s| s.name == "escape" && s.reason == "symlink"),
+        "{:?}",
+        report.skipped_outputs
+    );
+    // The link really is on the host's disk, pointing out of the job.
+    let link = std::fs::read_link(dir.output_dir().join("escape")).unwrap();
+    assert!(link.to_str().unwrap().contains(".."));
+
+    // Copying outputs out copies only the regular file.
+    let dest = tempfile::tempdir().unwrap();
+    let copied =
+        bulkhead::sandbox::outputs::collect(&dir.output_dir(), Some(&dest.path().join("o")))
+            .unwrap();
+    assert_eq!(copied.files.len(), 1);
+    let mut present: Vec<_> = std::fs::read_dir(dest.path().join("o"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    present.sort();
+    assert_eq!(present, ["ok.txt"]);
+}
+
+#[test]
+fn fifos_and_host_made_links_in_out_are_skipped_without_blocking() {
+    // A guest cannot make a FIFO through WASI, but a runtime bug or a second
+    // process could; collection must neither block on it nor read it.
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    std::fs::create_dir(&out).unwrap();
+    std::fs::write(tmp.path().join("secret"), b"host secret").unwrap();
+    std::os::unix::fs::symlink(tmp.path().join("secret"), out.join("link")).unwrap();
+    let fifo =
+        std::ffi::CString::new(out.join("fifo").into_os_string().into_encoded_bytes()).unwrap();
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
+    std::fs::write(out.join("real.txt"), b"real").unwrap();
+    let got = bulkhead::sandbox::outputs::collect(&out, None).unwrap();
+    assert_eq!(got.files.len(), 1);
+    assert_eq!(got.files[0].name, "real.txt");
+    let mut reasons: Vec<_> = got
+        .skipped
+        .iter()
+        .map(|s| (s.name.as_str(), s.reason.as_str()))
+        .collect();
+    reasons.sort();
+    assert_eq!(reasons, [("fifo", "fifo"), ("link", "symlink")]);
+}
