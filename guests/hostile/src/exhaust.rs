@@ -245,3 +245,21 @@ fn recurse_native(depth: u64) -> u64 {
     let below = recurse_native(black_box(depth.wrapping_add(1)));
     black_box(below).wrapping_mul(31).wrapping_add(depth)
 }
+
+/// `disk-link-create`: create a dangling symlink, then create its target by
+/// opening the link with `create`, over and over. A quota that checks whether
+/// the *link* exists (rather than what the open resolves to) would charge
+/// only the links and let twice the allowed entries onto the host's disk.
+pub fn disk_link_create() -> ExitCode {
+    for n in 0u64.. {
+        if let Err(e) = crate::fs::symlink_path(&format!("t{n}"), &format!("/out/l{n}")) {
+            println!("disk-link-create: symlink failed after {n}: {e}");
+            return ExitCode::from(1);
+        }
+        if let Err(e) = fs::write(format!("/out/l{n}"), b"x") {
+            println!("disk-link-create: create through link failed after {n}: {e}");
+            return ExitCode::from(1);
+        }
+    }
+    unreachable!("u64 counter exhausted")
+}

@@ -23,7 +23,7 @@ unsafe extern "C" {
 }
 
 /// Creates the symbolic link `link` with contents `target`.
-fn symlink_path(target: &str, link: &str) -> io::Result<()> {
+pub(crate) fn symlink_path(target: &str, link: &str) -> io::Result<()> {
     let target = CString::new(target)?;
     let link = CString::new(link)?;
     // SAFETY: both are valid NUL-terminated strings for the whole call.

@@ -183,6 +183,9 @@ pub struct Sandbox {
     linker: wasmtime::component::Linker<wasi::JobState>,
     cache: Option<cache::ModuleCache>,
     config: SandboxConfig,
+    /// One permit per pool slot: a job waits for a slot instead of failing
+    /// to instantiate when `max_concurrent_jobs` jobs are already running.
+    slots: tokio::sync::Semaphore,
     _ticker: engine::EpochTicker,
 }
 
@@ -216,6 +219,7 @@ impl Sandbox {
             engine,
             linker,
             cache,
+            slots: tokio::sync::Semaphore::new(config.max_concurrent_jobs.max(1) as usize),
             config,
             _ticker: ticker,
         })
@@ -334,6 +338,13 @@ impl Sandbox {
         let (state, captures) = wasi::job_state(policy, job, dir, &args, cpu_budget_ticks)?;
         let latch = state.latch.clone();
 
+        // Waiting for a slot is not the job's time: the wall clock starts
+        // once it has one. The semaphore is never closed.
+        let _slot = self
+            .slots
+            .acquire()
+            .await
+            .expect("semaphore is never closed");
         let started = Instant::now();
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| s.limiter());

@@ -14,7 +14,8 @@
 //!   in a [`QuotaStream`] that charges each chunk the same way (this also
 //!   covers `write-zeroes` and `splice`, which go through the stream's
 //!   `write`);
-//! - `open-at` with `create` on a path that does not exist, `create-directory-at`
+//! - `open-at` with `create` on a path that does not resolve to an entry
+//!   (a dangling symlink counts as missing), `create-directory-at`
 //!   and `symlink-at`: one entry each;
 //! - `link-at`: refused outright; hard links could alias files across
 //!   preopens and nothing a processor does needs them.
@@ -134,18 +135,19 @@ impl QuotaFs<'_> {
         }
     }
 
-    /// Whether `path` names an existing entry under `fd` (without following
-    /// a final symlink, as creation would not either).
-    async fn exists_at(&mut self, fd: &Resource<types::Descriptor>, path: &str) -> bool {
+    /// Whether `path` resolves to an existing entry under `fd`, resolving a
+    /// final symlink exactly as the open will (`path_flags`): a dangling link
+    /// opened with `create` creates its target, which must be charged.
+    async fn exists_at(
+        &mut self,
+        fd: &Resource<types::Descriptor>,
+        path_flags: types::PathFlags,
+        path: &str,
+    ) -> bool {
         let borrowed = Resource::new_borrow(fd.rep());
-        HostDescriptor::stat_at(
-            &mut self.inner,
-            borrowed,
-            types::PathFlags::empty(),
-            path.to_owned(),
-        )
-        .await
-        .is_ok()
+        HostDescriptor::stat_at(&mut self.inner, borrowed, path_flags, path.to_owned())
+            .await
+            .is_ok()
     }
 
     /// Replaces the stream at `stream` with a [`QuotaStream`] around it.
@@ -315,7 +317,9 @@ impl HostDescriptor for QuotaFs<'_> {
         oflags: types::OpenFlags,
         flags: types::DescriptorFlags,
     ) -> FsResult<Resource<types::Descriptor>> {
-        if oflags.contains(types::OpenFlags::CREATE) && !self.exists_at(&fd, &path).await {
+        if oflags.contains(types::OpenFlags::CREATE)
+            && !self.exists_at(&fd, path_flags, &path).await
+        {
             self.quota.charge_entry()?;
         }
         self.inner

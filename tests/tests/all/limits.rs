@@ -103,6 +103,11 @@ async fn many_small_files_hit_the_file_count_quota() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn creating_files_through_dangling_links_hits_the_file_count_quota() {
+    assert_limit("disk-link-create", LimitKind::OutputFiles).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn deep_directory_trees_hit_the_file_count_quota() {
     assert_limit("deep-dirs", LimitKind::OutputFiles).await;
 }
@@ -124,6 +129,17 @@ async fn shadow_stack_overflow_is_a_clean_trap() {
         failure.kind == FailureKind::Trap || report.limit == Some(LimitKind::Stack),
         "{failure:?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn more_jobs_than_pool_slots_wait_instead_of_failing() {
+    // The test sandbox has 32 slots; 40 jobs at once must all succeed.
+    let module = load(bulkhead_tests::HELLO, "hello", "");
+    let jobs: Vec<_> = (0..40).map(|_| spec(&[], &[])).collect();
+    let reports = futures::future::join_all(jobs.iter().map(|j| run(&module, j))).await;
+    for (report, _dir) in &reports {
+        assert!(report.succeeded(), "{report:#?}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
