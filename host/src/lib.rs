@@ -5,8 +5,18 @@
 //!   nothing about wasmtime.
 //! - [`sandbox`]: engine, limits, the guest's WASI view, running a job; the
 //!   only module that names wasmtime types.
+//! - [`auth`]: reference tokens and caller identity.
+//! - [`store`]: tokens, jobs and audit behind the `JobStore` trait (SQLite).
+//! - [`service`]: accepting, scheduling, running and recovering jobs.
+//! - [`api`]: the axum HTTP API (public and admin); never names wasmtime types.
+//! - [`config`]: the service's TOML config.
 //! - [`cli`]: the `bulkhead` command line.
 
+pub mod api;
+pub mod auth;
 pub mod cli;
+pub mod config;
 pub mod policy;
 pub mod sandbox;
+pub mod service;
+pub mod store;

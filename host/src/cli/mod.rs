@@ -32,6 +32,74 @@ enum Command {
     Run(RunArgs),
     /// Validate a policy; with a module, list its imports and what the policy grants.
     Check(CheckArgs),
+    /// Run the HTTP service.
+    Serve(ServeArgs),
+    /// Manage client tokens directly on the service's store.
+    #[command(subcommand)]
+    Token(TokenCommand),
+}
+
+#[derive(Debug, Args)]
+struct ServeArgs {
+    /// Config file (TOML); without it, the built-in defaults.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+struct StoreArgs {
+    /// The service's config file, to find its data directory.
+    #[arg(long, value_name = "FILE", conflicts_with = "data_dir")]
+    config: Option<PathBuf>,
+    /// The service's data directory [default: the config's, or ./data].
+    #[arg(long, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+}
+
+impl StoreArgs {
+    async fn open(&self) -> anyhow::Result<crate::store::SqliteStore> {
+        let dir = match (&self.data_dir, &self.config) {
+            (Some(d), _) => d.clone(),
+            (None, Some(c)) => crate::config::ServeConfig::load(c)?.storage.data_dir,
+            (None, None) => crate::config::ServeConfig::default().storage.data_dir,
+        };
+        std::fs::create_dir_all(&dir)
+            .with_context(|| format!("cannot create {}", dir.display()))?;
+        Ok(crate::store::SqliteStore::open(&dir.join("bulkhead.sqlite")).await?)
+    }
+}
+
+#[derive(Debug, Subcommand)]
+enum TokenCommand {
+    /// Issue a token; prints the secret once.
+    Issue {
+        /// Tenant the token's jobs belong to.
+        #[arg(long)]
+        tenant: String,
+        /// Who holds it.
+        #[arg(long)]
+        subject: String,
+        /// A scope (repeatable), e.g. `thumbnail:run`.
+        #[arg(long = "scope", required = true)]
+        scopes: Vec<String>,
+        /// Lifetime, e.g. `30 d`; none = no expiry.
+        #[arg(long)]
+        ttl: Option<String>,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// List tokens (never their secrets).
+    List {
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// Revoke a token by id; takes effect on its next request.
+    Revoke {
+        /// The token's id (`tok_…`).
+        id: String,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -125,6 +193,8 @@ pub fn main() -> ExitCode {
         match cli.command {
             Command::Run(args) => run(args).await,
             Command::Check(args) => check(args),
+            Command::Serve(args) => serve(args).await,
+            Command::Token(cmd) => token(cmd).await,
         }
     });
     match result {
@@ -354,4 +424,123 @@ fn print_summary(report: &JobReport, out: Option<&Path>) {
             }
         }
     }
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
+    let config = match &args.config {
+        Some(path) => crate::config::ServeConfig::load(path)?,
+        None => crate::config::ServeConfig::default(),
+    };
+    let public_addr = config.server.listen;
+    let admin_addr = config.server.admin_listen;
+    let data_dir = config.storage.data_dir.clone();
+    let service = crate::service::Service::start(config, None).await?;
+    let state = crate::api::AppState {
+        service: std::sync::Arc::clone(&service),
+    };
+    let public = tokio::net::TcpListener::bind(public_addr)
+        .await
+        .with_context(|| format!("cannot listen on {public_addr}"))?;
+    let admin = tokio::net::TcpListener::bind(admin_addr)
+        .await
+        .with_context(|| format!("cannot listen on {admin_addr}"))?;
+    // Print the bound addresses: a config may ask for port 0.
+    let public_addr = public.local_addr()?;
+    let admin_addr = admin.local_addr()?;
+    println!(
+        "bulkhead serving http://{public_addr} (admin http://{admin_addr}, data {})",
+        data_dir.display()
+    );
+    println!(
+        "get a token:  ./target/debug/bulkhead token issue --tenant demo --subject me --scope thumbnail:run"
+    );
+    println!(
+        "submit a job: curl -H \"Authorization: Bearer $TOKEN\" -H 'Content-Type: image/png' \\\n    --data-binary @examples/sunset.png 'http://{public_addr}/v1/modules/thumbnail/jobs?wait=10s&param.width=160'"
+    );
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let wait_stop = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|stop| *stop).await;
+    };
+    let public_server = axum::serve(public, crate::api::app(state.clone()))
+        .with_graceful_shutdown(wait_stop(stop_rx.clone()));
+    let admin_server =
+        axum::serve(admin, crate::api::admin_app(state)).with_graceful_shutdown(wait_stop(stop_rx));
+    let servers = tokio::spawn(async move { tokio::join!(public_server, admin_server) });
+
+    shutdown_signal().await;
+    eprintln!("shutting down: draining running jobs");
+    service.shutdown().await;
+    let _ = stop_tx.send(true);
+    let (a, b) = servers.await?;
+    a?;
+    b?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => {
+            let _ = ctrl_c.await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term.recv() => {}
+    }
+}
+
+async fn token(cmd: TokenCommand) -> anyhow::Result<ExitCode> {
+    use crate::store::JobStore;
+    match cmd {
+        TokenCommand::Issue {
+            tenant,
+            subject,
+            scopes,
+            ttl,
+            store,
+        } => {
+            let store = store.open().await?;
+            let request = crate::api::IssueRequest {
+                tenant,
+                subject,
+                scopes,
+                ttl,
+            };
+            let (secret, record) = crate::api::new_token(&request).map_err(anyhow::Error::msg)?;
+            store.insert_token(&record).await?;
+            eprintln!(
+                "issued {} for tenant {} ({})",
+                record.id,
+                record.tenant,
+                record.scopes.join(", ")
+            );
+            println!("{secret}");
+        }
+        TokenCommand::List { store } => {
+            let store = store.open().await?;
+            for t in store.list_tokens().await? {
+                println!(
+                    "{}  tenant={}  subject={}  scopes={}  expires={}  {}",
+                    t.id,
+                    t.tenant,
+                    t.subject,
+                    t.scopes.join(","),
+                    t.expires_at.map_or("never".to_owned(), |e| e.to_string()),
+                    if t.revoked { "REVOKED" } else { "active" }
+                );
+            }
+        }
+        TokenCommand::Revoke { id, store } => {
+            let store = store.open().await?;
+            if !store.revoke_token(&id).await? {
+                bail!("no token `{id}`");
+            }
+            eprintln!("revoked {id}");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use wasmtime::ResourceLimiter;
 
 /// A limit that can end a job.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum LimitKind {
     /// Total linear memory (`limits.memory`).

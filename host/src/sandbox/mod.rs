@@ -465,6 +465,19 @@ impl Sandbox {
     }
 }
 
+/// Checks a job against its module's policy without running it: input
+/// names, count and total size, and parameters. The service calls this at
+/// submission so a bad job is refused before it is accepted.
+///
+/// # Errors
+/// [`JobError::Input`] (too large: the message says so) or
+/// [`JobError::Param`].
+pub fn validate(policy: &Policy, job: &JobSpec) -> Result<(), JobError> {
+    check_inputs(policy, job)?;
+    wasi::guest_args(policy, job).map_err(JobError::Param)?;
+    Ok(())
+}
+
 #[derive(Clone, Copy, Debug)]
 enum Stage {
     Instantiate,

@@ -21,7 +21,7 @@ use sha2::{Digest, Sha256};
 pub const MAX_DEPTH: usize = 16;
 
 /// One collected output: a regular file under `/out`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct OutputFile {
     /// Path relative to `/out`, `/`-separated.
     pub name: String,
@@ -32,7 +32,7 @@ pub struct OutputFile {
 }
 
 /// An entry of `/out` that was not collected, and why.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct SkippedOutput {
     /// Path relative to `/out` (lossy if the name is not UTF-8).
     pub name: String,

@@ -7,7 +7,7 @@ use super::limits::LimitKind;
 use super::outputs::{OutputFile, SkippedOutput};
 
 /// Whether the job did its work.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Outcome {
     /// The guest exited 0 and no limit fired.
@@ -17,7 +17,7 @@ pub enum Outcome {
 }
 
 /// What ended a failed job.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum FailureKind {
     /// A limit fired; `limit` names it.
@@ -33,7 +33,7 @@ pub enum FailureKind {
 }
 
 /// Why a job failed.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Failure {
     /// The class of failure.
     pub kind: FailureKind,
@@ -43,7 +43,7 @@ pub struct Failure {
 }
 
 /// A bounded capture of stdout or stderr.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Captured {
     /// The captured bytes as UTF-8 (invalid sequences replaced).
     pub text: String,
@@ -54,7 +54,7 @@ pub struct Captured {
 }
 
 /// What the job used.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Measurements {
     /// Whole job, from store creation to the guest's exit, in milliseconds.
     pub wall_time_ms: f64,
@@ -69,7 +69,7 @@ pub struct Measurements {
 }
 
 /// The structured report of one job.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct JobReport {
     /// Job identifier.
     pub job_id: String,
@@ -102,6 +102,30 @@ pub struct JobReport {
 }
 
 impl JobReport {
+    /// A failed report for a job that never reached the guest (its module
+    /// is no longer served, or its stored inputs are unreadable).
+    pub fn not_run(job_id: &str, module: &str, message: impl Into<String>) -> Self {
+        Self {
+            job_id: job_id.to_owned(),
+            module: module.to_owned(),
+            module_sha256: String::new(),
+            policy_sha256: None,
+            zone: String::new(),
+            outcome: Outcome::Failed,
+            exit_code: None,
+            limit: None,
+            failure: Some(Failure {
+                kind: FailureKind::Instantiate,
+                message: message.into(),
+            }),
+            outputs: Vec::new(),
+            skipped_outputs: Vec::new(),
+            stdout: Captured::default(),
+            stderr: Captured::default(),
+            measurements: Measurements::default(),
+        }
+    }
+
     /// Whether the job succeeded.
     pub fn succeeded(&self) -> bool {
         self.outcome == Outcome::Succeeded

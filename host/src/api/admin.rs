@@ -1,0 +1,186 @@
+//! The admin API, served on its own listener (loopback by default): token
+//! management, the audit log, Prometheus metrics.
+//!
+//! It accepts only the admin token from `<data>/admin.token`. A user token —
+//! any token in the tokens table — is never the admin token, so it gets 401
+//! here whatever its scopes.
+
+use axum::extract::{FromRequestParts, Path, Query, State};
+use axum::http::StatusCode;
+use axum::http::request::Parts;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+
+use super::{ApiError, AppState, bearer};
+use crate::auth::{self, TokenRecord};
+use crate::policy::HumanDuration;
+use crate::store::{AuditEntry, now_ms};
+
+/// The admin router.
+pub fn admin_app(state: AppState) -> Router {
+    Router::new()
+        .route("/admin/v1/tokens", post(issue).get(list))
+        .route("/admin/v1/tokens/{id}/revoke", post(revoke))
+        .route("/admin/v1/audit", get(audit))
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .with_state(state)
+}
+
+/// The caller holds the admin token.
+struct Admin;
+
+impl FromRequestParts<AppState> for Admin {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        match bearer(parts)? {
+            Some(token) if state.service.is_admin(&auth::hash(token)) => Ok(Admin),
+            _ => Err(ApiError::Unauthorized),
+        }
+    }
+}
+
+/// A token to issue.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IssueRequest {
+    /// Tenant.
+    pub tenant: String,
+    /// Subject.
+    pub subject: String,
+    /// Scopes.
+    pub scopes: Vec<String>,
+    /// Lifetime such as `30 d`; none = no expiry.
+    pub ttl: Option<String>,
+}
+
+/// An issued token: the secret is shown only here, once.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Issued {
+    /// The secret to give the client.
+    pub token: String,
+    /// Its record.
+    pub record: TokenRecord,
+}
+
+/// Validates a request and builds the token and its record. Shared with the
+/// CLI, which writes to the store directly.
+///
+/// # Errors
+/// A message naming the bad tenant, subject, scope or ttl.
+pub fn new_token(req: &IssueRequest) -> Result<(String, TokenRecord), String> {
+    auth::validate_principal("tenant", &req.tenant)?;
+    auth::validate_principal("subject", &req.subject)?;
+    if req.scopes.is_empty() {
+        return Err("at least one scope is required".into());
+    }
+    for s in &req.scopes {
+        crate::policy::Scope::new(s.clone())?;
+    }
+    let now = now_ms() / 1000;
+    let expires_at = match &req.ttl {
+        Some(ttl) => {
+            let d: HumanDuration = ttl.parse()?;
+            Some(now + d.get().as_secs() as i64)
+        }
+        None => None,
+    };
+    let minted = auth::mint();
+    let record = TokenRecord {
+        id: minted.id,
+        hash: minted.hash,
+        tenant: req.tenant.clone(),
+        subject: req.subject.clone(),
+        scopes: req.scopes.clone(),
+        created_at: now,
+        expires_at,
+        revoked: false,
+    };
+    Ok((minted.secret, record))
+}
+
+async fn issue(
+    State(state): State<AppState>,
+    _: Admin,
+    Json(req): Json<IssueRequest>,
+) -> Result<(StatusCode, Json<Issued>), ApiError> {
+    let (token, record) = new_token(&req).map_err(ApiError::Unprocessable)?;
+    let store = state.service.store();
+    store
+        .insert_token(&record)
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    state
+        .service
+        .audit(AuditEntry {
+            at: now_ms(),
+            action: "token.issued".into(),
+            tenant: Some(record.tenant.clone()),
+            subject: Some(record.subject.clone()),
+            detail: format!("{} scopes {:?}", record.id, record.scopes),
+            ..AuditEntry::default()
+        })
+        .await;
+    Ok((StatusCode::CREATED, Json(Issued { token, record })))
+}
+
+async fn list(State(state): State<AppState>, _: Admin) -> Result<Json<Vec<TokenRecord>>, ApiError> {
+    let tokens = state
+        .service
+        .store()
+        .list_tokens()
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    Ok(Json(tokens))
+}
+
+async fn revoke(
+    State(state): State<AppState>,
+    _: Admin,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    let found = state
+        .service
+        .store()
+        .revoke_token(&id)
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    if !found {
+        return Err(ApiError::NotFound(format!("no token `{id}`")));
+    }
+    state
+        .service
+        .audit(AuditEntry {
+            at: now_ms(),
+            action: "token.revoked".into(),
+            detail: id,
+            ..AuditEntry::default()
+        })
+        .await;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Deserialize)]
+struct AuditQuery {
+    limit: Option<u32>,
+}
+
+async fn audit(
+    State(state): State<AppState>,
+    _: Admin,
+    Query(q): Query<AuditQuery>,
+) -> Result<Json<Vec<AuditEntry>>, ApiError> {
+    let entries = state
+        .service
+        .store()
+        .audit(q.limit.unwrap_or(100).min(10_000))
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    Ok(Json(entries))
+}
+
+async fn metrics(State(state): State<AppState>, _: Admin) -> String {
+    state.service.render_metrics()
+}

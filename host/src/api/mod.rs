@@ -1,0 +1,320 @@
+//! The HTTP API (axum): the public `/v1` routes, the admin routes, error
+//! mapping, and caller authentication.
+//!
+//! Two routers, served on two listeners: [`app`] (public) and [`admin_app`]
+//! (admin, loopback by default). Both are buildable without a socket, so most
+//! tests drive them with `tower::ServiceExt::oneshot`.
+//!
+//! Every error leaves as one JSON shape, `{"error": {"code", "message"}}`,
+//! with its status decided by [`ApiError::status_code`]. Internal details
+//! (SQL errors, I/O errors, trap text) are logged and never sent. `api` never
+//! names wasmtime types.
+
+mod admin;
+mod jobs;
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::extract::{FromRequestParts, Request};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Router, extract::State};
+use serde::Serialize;
+use utoipa::OpenApi;
+
+use crate::auth::{self, Identity};
+use crate::service::{Service, ServiceError};
+use crate::store::{AuditEntry, now_ms};
+
+pub use admin::{IssueRequest, Issued, admin_app, new_token};
+
+/// Shared state of every handler.
+#[derive(Clone, Debug)]
+pub struct AppState {
+    /// The service.
+    pub service: Arc<Service>,
+}
+
+/// The one error type of the API. Each variant's doc says its status.
+#[derive(Debug)]
+pub enum ApiError {
+    /// 400: malformed request, bad input name, internal header present.
+    BadRequest(String),
+    /// 401: no token, malformed token, unknown, expired or revoked token.
+    Unauthorized,
+    /// 403: authenticated, but without a scope the module requires.
+    Forbidden(String),
+    /// 404: does not exist, or belongs to someone else.
+    NotFound(String),
+    /// 409: the job is in the wrong state.
+    Conflict(String),
+    /// 413: body or inputs too large.
+    TooLarge(String),
+    /// 415: a body type the endpoint does not take.
+    UnsupportedMediaType(String),
+    /// 422: well-formed but unacceptable (unknown parameters).
+    Unprocessable(String),
+    /// 429: tenant or service at capacity; `Retry-After` in seconds.
+    TooManyRequests { message: String, retry_after: u64 },
+    /// 503: draining.
+    Unavailable,
+    /// 500: logged in full, sent as a generic message.
+    Internal(String),
+}
+
+#[derive(Serialize, utoipa::ToSchema)]
+pub(crate) struct ErrorBody {
+    error: ErrorDetail,
+}
+
+#[derive(Serialize, utoipa::ToSchema)]
+pub(crate) struct ErrorDetail {
+    /// Stable machine-readable code.
+    code: &'static str,
+    /// Human-readable explanation.
+    message: String,
+}
+
+impl ApiError {
+    /// The HTTP status of this error.
+    pub fn status_code(&self) -> StatusCode {
+        match self {
+            ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
+            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
+            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::Conflict(_) => StatusCode::CONFLICT,
+            ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ApiError::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    fn code(&self) -> &'static str {
+        match self {
+            ApiError::BadRequest(_) => "bad_request",
+            ApiError::Unauthorized => "unauthorized",
+            ApiError::Forbidden(_) => "forbidden",
+            ApiError::NotFound(_) => "not_found",
+            ApiError::Conflict(_) => "conflict",
+            ApiError::TooLarge(_) => "too_large",
+            ApiError::UnsupportedMediaType(_) => "unsupported_media_type",
+            ApiError::Unprocessable(_) => "unprocessable",
+            ApiError::TooManyRequests { .. } => "too_many_requests",
+            ApiError::Unavailable => "unavailable",
+            ApiError::Internal(_) => "internal",
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.status_code();
+        let code = self.code();
+        let mut headers = HeaderMap::new();
+        let message = match self {
+            ApiError::Unauthorized => {
+                headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+                "a valid bearer token is required".to_owned()
+            }
+            ApiError::TooManyRequests {
+                message,
+                retry_after,
+            } => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from(retry_after));
+                message
+            }
+            ApiError::Unavailable => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from(5u64));
+                "the service is shutting down".to_owned()
+            }
+            ApiError::Internal(detail) => {
+                tracing::error!(error = %detail, "internal error");
+                "internal error".to_owned()
+            }
+            ApiError::BadRequest(m)
+            | ApiError::Forbidden(m)
+            | ApiError::NotFound(m)
+            | ApiError::Conflict(m)
+            | ApiError::TooLarge(m)
+            | ApiError::UnsupportedMediaType(m)
+            | ApiError::Unprocessable(m) => m,
+        };
+        (
+            status,
+            headers,
+            Json(ErrorBody {
+                error: ErrorDetail { code, message },
+            }),
+        )
+            .into_response()
+    }
+}
+
+impl From<ServiceError> for ApiError {
+    fn from(e: ServiceError) -> Self {
+        let m = e.to_string();
+        match e {
+            ServiceError::UnknownModule(_) | ServiceError::NoJob(_) | ServiceError::NoOutput(_) => {
+                ApiError::NotFound(m)
+            }
+            ServiceError::ScopeMissing { .. } => ApiError::Forbidden(m),
+            ServiceError::BadInput(_) => ApiError::BadRequest(m),
+            ServiceError::BadParams(_) => ApiError::Unprocessable(m),
+            ServiceError::TooLarge(_) => ApiError::TooLarge(m),
+            ServiceError::Busy { retry_after, .. } => ApiError::TooManyRequests {
+                message: m,
+                retry_after,
+            },
+            ServiceError::Draining => ApiError::Unavailable,
+            ServiceError::Conflict(_) => ApiError::Conflict(m),
+            ServiceError::Store(_) | ServiceError::Io(_) => ApiError::Internal(m),
+        }
+    }
+}
+
+/// The bearer token of a request, if it is well formed. Rejects requests
+/// carrying internal identity headers: identity comes only from the token.
+fn bearer(parts: &Parts) -> Result<Option<&str>, ApiError> {
+    if let Some(name) = parts
+        .headers
+        .keys()
+        .find(|k| k.as_str().starts_with("x-bulkhead-"))
+    {
+        return Err(ApiError::BadRequest(format!(
+            "header `{name}` is internal to Bulkhead and not accepted from clients"
+        )));
+    }
+    let Some(value) = parts.headers.get(header::AUTHORIZATION) else {
+        return Ok(None);
+    };
+    let token = value
+        .to_str()
+        .ok()
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+        .filter(|t| auth::well_formed(t));
+    Ok(token)
+}
+
+/// An authenticated caller of the public API.
+#[derive(Clone, Debug)]
+pub struct Caller(pub Identity);
+
+impl FromRequestParts<AppState> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let Some(token) = bearer(parts)? else {
+            return Err(ApiError::Unauthorized);
+        };
+        let hash = auth::hash(token);
+        let record = state
+            .service
+            .store()
+            .token_by_hash(&hash)
+            .await
+            .map_err(|e| ApiError::Internal(e.to_string()))?;
+        let now = now_ms() / 1000;
+        match record.as_ref().and_then(|r| r.identity_at(now)) {
+            Some(identity) => Ok(Caller(identity)),
+            None => {
+                state
+                    .service
+                    .audit(AuditEntry {
+                        at: now_ms(),
+                        action: "auth.denied".into(),
+                        tenant: record.as_ref().map(|r| r.tenant.clone()),
+                        subject: record.as_ref().map(|r| r.subject.clone()),
+                        detail: match &record {
+                            Some(r) if r.revoked => format!("revoked token {}", r.id),
+                            Some(r) => format!("expired token {}", r.id),
+                            None => "unknown token".into(),
+                        },
+                        ..AuditEntry::default()
+                    })
+                    .await;
+                Err(ApiError::Unauthorized)
+            }
+        }
+    }
+}
+
+/// The public API router.
+pub fn app(state: AppState) -> Router {
+    let max_body = state.service.config().server.max_body.as_usize();
+    Router::new()
+        .merge(jobs::router(max_body))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/openapi.json", get(openapi))
+        .fallback(not_found)
+        .with_state(state)
+}
+
+async fn not_found(req: Request) -> ApiError {
+    ApiError::NotFound(format!(
+        "no route for {} {}",
+        req.method(),
+        req.uri().path()
+    ))
+}
+
+/// Liveness: the process answers.
+#[utoipa::path(get, path = "/healthz", responses((status = 200, description = "alive")))]
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+/// Readiness: not draining.
+#[utoipa::path(get, path = "/readyz", responses((status = 200, description = "ready"), (status = 503, description = "draining")))]
+async fn readyz(State(state): State<AppState>) -> Result<&'static str, ApiError> {
+    if state.service.is_draining() {
+        Err(ApiError::Unavailable)
+    } else {
+        Ok("ready\n")
+    }
+}
+
+async fn openapi() -> Json<utoipa::openapi::OpenApi> {
+    Json(ApiDoc::openapi())
+}
+
+/// The OpenAPI document of the public API.
+#[derive(Debug, OpenApi)]
+#[openapi(
+    info(title = "Bulkhead", description = "Run risky processing code as sandboxed WebAssembly jobs."),
+    paths(
+        jobs::list_modules,
+        jobs::submit,
+        jobs::list_jobs,
+        jobs::get_job,
+        jobs::cancel_job,
+        jobs::delete_job,
+        jobs::get_output,
+        healthz,
+        readyz
+    ),
+    components(schemas(ErrorBody, ErrorDetail)),
+    modifiers(&BearerAuth)
+)]
+pub struct ApiDoc;
+
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+    }
+}

@@ -1,0 +1,827 @@
+//! The job service: accepts jobs durably, schedules them fairly, runs them in
+//! the sandbox, keeps their reports and outputs, and recovers after a crash.
+//!
+//! A job is accepted only once its inputs are on disk (fsynced) and its row is
+//! committed as `queued`; from then on it is either finished or re-run, never
+//! lost: a crash leaves it `queued` or `running`, and startup puts every
+//! `running` job back in the queue. Every lookup is by `(tenant, id)`, so one
+//! tenant's jobs do not exist for another.
+//!
+//! This module knows nothing about HTTP; `api` maps its errors to statuses.
+
+pub mod scheduler;
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::{Notify, oneshot};
+
+use crate::auth::Identity;
+use crate::config::ServeConfig;
+use crate::policy::Policy;
+use crate::sandbox::{
+    JobDir, JobError, JobInput, JobReport, JobSpec, LoadedModule, Sandbox, SandboxConfig,
+};
+use crate::store::{
+    AuditEntry, CancelOutcome, DeleteOutcome, JobRecord, JobState, JobStore, StoreError, now_ms,
+};
+use scheduler::{QueueLimits, QueuedJob, Rejection, Scheduler};
+
+/// What a caller submits.
+#[derive(Debug, Default)]
+pub struct Submission {
+    /// Input files.
+    pub inputs: Vec<JobInput>,
+    /// Parameters.
+    pub params: BTreeMap<String, String>,
+    /// Standard input.
+    pub stdin: Option<Bytes>,
+}
+
+/// Why the service refused a request. `api` maps each to one status.
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    /// No such module, or the caller may not see it (404).
+    #[error("no module `{0}`")]
+    UnknownModule(String),
+    /// The caller lacks every scope the module's policy accepts (403).
+    #[error("module `{module}` requires one of the scopes {scopes:?}")]
+    ScopeMissing { module: String, scopes: Vec<String> },
+    /// Bad inputs (400).
+    #[error("{0}")]
+    BadInput(String),
+    /// Parameters the policy does not accept (422).
+    #[error("{0}")]
+    BadParams(String),
+    /// Inputs above the module's input limit (413).
+    #[error("{0}")]
+    TooLarge(String),
+    /// The tenant's share or the whole queue is full (429).
+    #[error("{}", if *tenant { "too many queued jobs for this tenant" } else { "the service is at capacity" })]
+    Busy { tenant: bool, retry_after: u64 },
+    /// The service is shutting down (503).
+    #[error("the service is shutting down")]
+    Draining,
+    /// No such job for this tenant (404).
+    #[error("no job `{0}`")]
+    NoJob(String),
+    /// No such output of this job (404).
+    #[error("no output `{0}`")]
+    NoOutput(String),
+    /// The job is in the wrong state for the request (409).
+    #[error("{0}")]
+    Conflict(String),
+    /// The store failed (500, details logged only).
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The disk failed (500, details logged only).
+    #[error("i/o: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Why the service could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// A module or its policy is unusable.
+    #[error("module `{module}`: {message}")]
+    Module { module: String, message: String },
+    /// The data directory or store is unusable.
+    #[error("{0}")]
+    Storage(String),
+    /// The store failed while recovering jobs.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// The running service.
+pub struct Service {
+    sandbox: Sandbox,
+    store: Arc<dyn JobStore>,
+    modules: BTreeMap<String, Arc<LoadedModule>>,
+    scheduler: Scheduler,
+    config: ServeConfig,
+    jobs_dir: PathBuf,
+    waiters: Mutex<HashMap<String, Vec<oneshot::Sender<()>>>>,
+    cancels: Mutex<HashMap<String, Arc<Notify>>>,
+    draining: AtomicBool,
+    admin_token_hash: String,
+    metrics: metrics_exporter_prometheus::PrometheusHandle,
+}
+
+impl std::fmt::Debug for Service {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Service")
+            .field("modules", &self.modules.keys().collect::<Vec<_>>())
+            .finish_non_exhaustive()
+    }
+}
+
+/// One Prometheus recorder per process, shared by every service in it.
+fn metrics_handle() -> metrics_exporter_prometheus::PrometheusHandle {
+    static HANDLE: std::sync::OnceLock<metrics_exporter_prometheus::PrometheusHandle> =
+        std::sync::OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let builder = metrics_exporter_prometheus::PrometheusBuilder::new();
+            match builder.install_recorder() {
+                Ok(handle) => handle,
+                Err(_) => metrics_exporter_prometheus::PrometheusBuilder::new()
+                    .build_recorder()
+                    .handle(),
+            }
+        })
+        .clone()
+}
+
+fn private_dir(path: &Path) -> std::io::Result<()> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(path)
+}
+
+impl Service {
+    /// Opens the store, loads every module under the config's policies
+    /// directory, re-queues jobs a crash left behind, and starts the workers
+    /// and the retention sweeper.
+    ///
+    /// # Errors
+    /// [`StartError`] naming the module or storage problem.
+    pub async fn start(
+        config: ServeConfig,
+        store: Option<Arc<dyn JobStore>>,
+    ) -> Result<Arc<Self>, StartError> {
+        let data = &config.storage.data_dir;
+        let storage = |e: &dyn std::fmt::Display| {
+            StartError::Storage(format!("data directory {}: {e}", data.display()))
+        };
+        private_dir(data).map_err(|e| storage(&e))?;
+        let store: Arc<dyn JobStore> = match store {
+            Some(s) => s,
+            None => Arc::new(
+                crate::store::SqliteStore::open(&data.join("bulkhead.sqlite"))
+                    .await
+                    .map_err(|e| storage(&e))?,
+            ),
+        };
+        // Job directories of a previous process are leftovers of jobs that
+        // will be re-run from their stored inputs.
+        let work = data.join("work");
+        if work.exists() {
+            std::fs::remove_dir_all(&work).map_err(|e| storage(&e))?;
+        }
+        let jobs_dir = data.join("jobs");
+        private_dir(&jobs_dir).map_err(|e| storage(&e))?;
+
+        let mut sandbox_config = SandboxConfig::new(work);
+        sandbox_config.cache_dir = Some(data.join("cache"));
+        sandbox_config.max_concurrent_jobs = config.queue.workers;
+        let sandbox = Sandbox::new(sandbox_config).map_err(|e| storage(&e))?;
+        let modules = load_modules(&sandbox, &config)?;
+        let admin_token_hash = admin_token(data).map_err(|e| storage(&e))?;
+
+        let q = &config.queue;
+        let scheduler = Scheduler::new(QueueLimits {
+            max_queued: q.max_queued,
+            max_queued_per_tenant: q.max_queued_per_tenant,
+            max_running_per_tenant: q.max_running_per_tenant,
+            max_running_per_module: q.max_running_per_module,
+        });
+        let requeued = store.requeue_running().await?;
+        let pending = store.queued_jobs().await?;
+        tracing::info!(requeued, pending = pending.len(), "recovered jobs");
+        for job in pending {
+            let _ = scheduler.push(
+                QueuedJob {
+                    id: job.id,
+                    tenant: job.tenant,
+                    module: job.module,
+                },
+                false,
+            );
+        }
+
+        let service = Arc::new(Self {
+            sandbox,
+            store,
+            modules,
+            scheduler,
+            jobs_dir,
+            waiters: Mutex::default(),
+            cancels: Mutex::default(),
+            draining: AtomicBool::new(false),
+            admin_token_hash,
+            metrics: metrics_handle(),
+            config,
+        });
+        for _ in 0..service.config.queue.workers {
+            tokio::spawn(Arc::clone(&service).worker());
+        }
+        tokio::spawn(Arc::clone(&service).sweeper());
+        service.update_gauges();
+        Ok(service)
+    }
+
+    /// The config it runs with.
+    pub fn config(&self) -> &ServeConfig {
+        &self.config
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Arc<dyn JobStore> {
+        &self.store
+    }
+
+    /// Modules the caller may submit to.
+    pub fn modules_for<'a>(&'a self, who: &'a Identity) -> impl Iterator<Item = &'a Policy> + 'a {
+        self.modules
+            .values()
+            .map(|m| m.policy())
+            .filter(move |p| who.has_any(&scope_strings(p)))
+    }
+
+    /// Whether `hash` is the admin token's hash.
+    pub fn is_admin(&self, hash: &str) -> bool {
+        // Both are hex SHA-256 digests of equal length; compare without an
+        // early exit.
+        hash.len() == self.admin_token_hash.len()
+            && hash
+                .bytes()
+                .zip(self.admin_token_hash.bytes())
+                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                == 0
+    }
+
+    /// Whether the service is draining (not ready).
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::SeqCst)
+    }
+
+    /// Prometheus text exposition.
+    pub fn render_metrics(&self) -> String {
+        self.update_gauges();
+        self.metrics.render()
+    }
+
+    fn update_gauges(&self) {
+        let (queued, running) = self.scheduler.depth();
+        metrics::gauge!("bulkhead_jobs_queued").set(queued as f64);
+        metrics::gauge!("bulkhead_jobs_running").set(running as f64);
+    }
+
+    /// Records an audit entry; failures are logged, never surfaced.
+    pub async fn audit(&self, entry: AuditEntry) {
+        if let Err(e) = self.store.append_audit(&entry).await {
+            tracing::error!(error = %e, action = %entry.action, "cannot write audit entry");
+        }
+    }
+
+    /// Accepts a job: checks module, scope, inputs, parameters and capacity,
+    /// stores the inputs and the job durably, then queues it. With `wait`,
+    /// also returns a receiver that fires when the job finishes.
+    ///
+    /// # Errors
+    /// [`ServiceError`] saying why the job was refused; nothing is stored.
+    pub async fn submit(
+        &self,
+        who: &Identity,
+        module_name: &str,
+        sub: Submission,
+        wait: bool,
+    ) -> Result<(JobRecord, Option<oneshot::Receiver<()>>), ServiceError> {
+        if self.is_draining() {
+            return Err(ServiceError::Draining);
+        }
+        let Some(module) = self.modules.get(module_name) else {
+            return Err(ServiceError::UnknownModule(module_name.to_owned()));
+        };
+        let policy = module.policy();
+        let scopes = scope_strings(policy);
+        if !who.has_any(&scopes) {
+            self.audit(denial(
+                who,
+                "scope.denied",
+                Some(module),
+                "submit without a required scope",
+            ))
+            .await;
+            return Err(ServiceError::ScopeMissing {
+                module: module_name.to_owned(),
+                scopes,
+            });
+        }
+        let spec = JobSpec {
+            id: uuid::Uuid::new_v4().to_string(),
+            inputs: sub.inputs,
+            params: sub.params,
+            stdin: sub.stdin.clone().unwrap_or_default(),
+        };
+        crate::sandbox::validate(policy, &spec).map_err(|e| match e {
+            JobError::Param(m) => ServiceError::BadParams(m),
+            JobError::Input(m) if m.contains("input limit") => ServiceError::TooLarge(m),
+            other => ServiceError::BadInput(other.to_string()),
+        })?;
+        if let Err(why) = self.scheduler.check(&who.tenant) {
+            return Err(self.busy(who, module, why).await);
+        }
+
+        self.store_inputs(&spec, sub.stdin.is_some())?;
+        let record = JobRecord {
+            id: spec.id.clone(),
+            tenant: who.tenant.clone(),
+            subject: who.subject.clone(),
+            token_id: who.token_id.clone(),
+            module: module_name.to_owned(),
+            module_sha256: module.sha256().to_string(),
+            policy_sha256: policy.source_sha256.as_ref().map(ToString::to_string),
+            params: spec.params.clone(),
+            inputs: spec.inputs.iter().map(|i| i.name.clone()).collect(),
+            has_stdin: sub.stdin.is_some(),
+            state: JobState::Queued,
+            created_at: now_ms(),
+            started_at: None,
+            finished_at: None,
+            attempts: 0,
+            report: None,
+        };
+        if let Err(e) = self.store.insert_job(&record).await {
+            self.remove_job_files(&record.id);
+            return Err(e.into());
+        }
+        let receiver = wait.then(|| self.subscribe(&record.id));
+        let queued = QueuedJob {
+            id: record.id.clone(),
+            tenant: record.tenant.clone(),
+            module: record.module.clone(),
+        };
+        if let Err(why) = self.scheduler.push(queued, true) {
+            // Lost a race for the last queue slot: take the job back.
+            let _ = self
+                .store
+                .cancel_job(&record.tenant, &record.id, now_ms())
+                .await;
+            let _ = self.store.delete_job(&record.tenant, &record.id).await;
+            self.remove_job_files(&record.id);
+            return Err(self.busy(who, module, why).await);
+        }
+        metrics::counter!("bulkhead_jobs_accepted_total", "module" => module_name.to_owned())
+            .increment(1);
+        self.update_gauges();
+        Ok((record, receiver))
+    }
+
+    async fn busy(&self, who: &Identity, module: &LoadedModule, why: Rejection) -> ServiceError {
+        let tenant = why == Rejection::TenantFull;
+        metrics::counter!("bulkhead_jobs_rejected_total", "reason" => if tenant { "tenant_full" } else { "service_full" })
+            .increment(1);
+        self.audit(denial(
+            who,
+            "quota.denied",
+            Some(module),
+            if tenant {
+                "tenant queue full"
+            } else {
+                "service queue full"
+            },
+        ))
+        .await;
+        ServiceError::Busy {
+            tenant,
+            retry_after: 1,
+        }
+    }
+
+    fn job_dir(&self, id: &str) -> PathBuf {
+        self.jobs_dir.join(id)
+    }
+
+    /// Writes inputs (and stdin) under `jobs/<id>/inputs`, fsynced, so the
+    /// job can be re-run after a crash. A job without inputs writes nothing.
+    fn store_inputs(&self, spec: &JobSpec, has_stdin: bool) -> Result<(), ServiceError> {
+        if spec.inputs.is_empty() && !has_stdin {
+            return Ok(());
+        }
+        let dir = self.job_dir(&spec.id).join("inputs");
+        private_dir(&dir)?;
+        let write = |name: &str, data: &[u8]| -> std::io::Result<()> {
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(dir.join(name))?;
+            f.write_all(data)?;
+            f.sync_all()
+        };
+        let result = spec
+            .inputs
+            .iter()
+            .try_for_each(|i| write(&format!("in-{}", i.name), &i.data))
+            .and_then(|()| {
+                if has_stdin {
+                    write("stdin", &spec.stdin)
+                } else {
+                    Ok(())
+                }
+            })
+            .and_then(|()| std::fs::File::open(&dir)?.sync_all());
+        if let Err(e) = result {
+            self.remove_job_files(&spec.id);
+            return Err(e.into());
+        }
+        Ok(())
+    }
+
+    fn remove_job_files(&self, id: &str) {
+        let dir = self.job_dir(id);
+        if dir.exists()
+            && let Err(e) = std::fs::remove_dir_all(&dir)
+        {
+            tracing::warn!(job = id, error = %e, "cannot remove job files");
+        }
+    }
+
+    fn subscribe(&self, id: &str) -> oneshot::Receiver<()> {
+        let (tx, rx) = oneshot::channel();
+        self.waiters
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(id.to_owned())
+            .or_default()
+            .push(tx);
+        rx
+    }
+
+    fn wake(&self, id: &str) {
+        let senders = self
+            .waiters
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(id);
+        for tx in senders.into_iter().flatten() {
+            let _ = tx.send(());
+        }
+    }
+
+    /// The caller's job.
+    ///
+    /// # Errors
+    /// [`ServiceError::NoJob`] if it does not exist for this tenant.
+    pub async fn job(&self, who: &Identity, id: &str) -> Result<JobRecord, ServiceError> {
+        self.store
+            .get_job(&who.tenant, id)
+            .await?
+            .ok_or_else(|| ServiceError::NoJob(id.to_owned()))
+    }
+
+    /// The caller's most recent jobs.
+    ///
+    /// # Errors
+    /// Store failures.
+    pub async fn jobs(&self, who: &Identity, limit: u32) -> Result<Vec<JobRecord>, ServiceError> {
+        Ok(self.store.list_jobs(&who.tenant, limit).await?)
+    }
+
+    /// Opens output `name` of the caller's job for download: only names the
+    /// report lists, only regular files, never through a symlink.
+    ///
+    /// # Errors
+    /// [`ServiceError::NoJob`] / [`ServiceError::NoOutput`].
+    pub async fn output(
+        &self,
+        who: &Identity,
+        id: &str,
+        name: &str,
+    ) -> Result<(std::fs::File, u64), ServiceError> {
+        let job = self.job(who, id).await?;
+        let listed = job
+            .report
+            .as_ref()
+            .is_some_and(|r| r.outputs.iter().any(|o| o.name == name));
+        if !listed {
+            return Err(ServiceError::NoOutput(name.to_owned()));
+        }
+        let path = self.job_dir(id).join("outputs").join(name);
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+            .open(&path)
+            .map_err(|_| ServiceError::NoOutput(name.to_owned()))?;
+        let meta = file.metadata()?;
+        if !meta.is_file() {
+            return Err(ServiceError::NoOutput(name.to_owned()));
+        }
+        Ok((file, meta.len()))
+    }
+
+    /// Cancels the caller's queued or running job.
+    ///
+    /// # Errors
+    /// 404 if unknown, 409 if already finished.
+    pub async fn cancel(&self, who: &Identity, id: &str) -> Result<JobState, ServiceError> {
+        match self.store.cancel_job(&who.tenant, id, now_ms()).await? {
+            CancelOutcome::NotFound => Err(ServiceError::NoJob(id.to_owned())),
+            CancelOutcome::AlreadyFinished(state) => Err(ServiceError::Conflict(format!(
+                "job `{id}` already {}",
+                state.as_str()
+            ))),
+            CancelOutcome::Cancelled(before) => {
+                if before == JobState::Queued {
+                    self.scheduler.remove(id);
+                    self.remove_job_files(id);
+                    self.wake(id);
+                } else if let Some(cancel) = self
+                    .cancels
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .get(id)
+                {
+                    cancel.notify_one();
+                }
+                self.audit(AuditEntry {
+                    at: now_ms(),
+                    action: "job.cancelled".into(),
+                    tenant: Some(who.tenant.clone()),
+                    subject: Some(who.subject.clone()),
+                    job_id: Some(id.to_owned()),
+                    detail: format!("cancelled while {}", before.as_str()),
+                    ..AuditEntry::default()
+                })
+                .await;
+                self.update_gauges();
+                Ok(JobState::Cancelled)
+            }
+        }
+    }
+
+    /// Deletes the caller's finished job and its files.
+    ///
+    /// # Errors
+    /// 404 if unknown, 409 if not finished.
+    pub async fn delete(&self, who: &Identity, id: &str) -> Result<(), ServiceError> {
+        match self.store.delete_job(&who.tenant, id).await? {
+            DeleteOutcome::NotFound => Err(ServiceError::NoJob(id.to_owned())),
+            DeleteOutcome::NotFinished(state) => Err(ServiceError::Conflict(format!(
+                "job `{id}` is {}; cancel it before deleting it",
+                state.as_str()
+            ))),
+            DeleteOutcome::Deleted => {
+                self.remove_job_files(id);
+                Ok(())
+            }
+        }
+    }
+
+    /// Stops accepting jobs, lets running jobs finish for up to the grace
+    /// period, then returns. Jobs still running are left `running` in the
+    /// store and re-run at the next start; queued jobs stay queued.
+    pub async fn shutdown(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+        self.scheduler.close();
+        let deadline = tokio::time::Instant::now() + self.config.server.shutdown_grace.get();
+        while self.scheduler.depth().1 > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn worker(self: Arc<Self>) {
+        while let Some(job) = self.scheduler.next().await {
+            if let Err(e) = self.run_one(&job).await {
+                tracing::error!(job = %job.id, error = %e, "job failed in the host");
+            }
+            self.scheduler.done(&job);
+            self.wake(&job.id);
+            self.update_gauges();
+        }
+    }
+
+    async fn run_one(&self, queued: &QueuedJob) -> Result<(), ServiceError> {
+        if !self.store.mark_running(&queued.id, now_ms()).await? {
+            return Ok(()); // cancelled while queued
+        }
+        let Some(record) = self.store.get_job(&queued.tenant, &queued.id).await? else {
+            return Ok(());
+        };
+        let report = match self.modules.get(&record.module) {
+            Some(module) => self.execute(module, &record).await?,
+            None => Some(JobReport::not_run(
+                &record.id,
+                &record.module,
+                "module is no longer served",
+            )),
+        };
+        let Some(report) = report else {
+            return Ok(()); // cancelled while running
+        };
+        let stored = self.store.finish_job(&record.id, &report, now_ms()).await?;
+        if !stored {
+            return Ok(());
+        }
+        // Inputs are only needed to re-run; the report and outputs remain.
+        let _ = std::fs::remove_dir_all(self.job_dir(&record.id).join("inputs"));
+        let outcome = if report.succeeded() {
+            "succeeded"
+        } else {
+            "failed"
+        };
+        metrics::counter!("bulkhead_jobs_total", "module" => record.module.clone(), "outcome" => outcome).increment(1);
+        if let Some(limit) = report.limit {
+            metrics::counter!("bulkhead_limits_fired_total", "module" => record.module.clone(), "limit" => limit.as_str())
+                .increment(1);
+        }
+        metrics::histogram!("bulkhead_job_wall_seconds", "module" => record.module.clone())
+            .record(report.measurements.wall_time_ms / 1000.0);
+        self.audit(AuditEntry {
+            at: now_ms(),
+            action: "job.finished".into(),
+            tenant: Some(record.tenant.clone()),
+            subject: Some(record.subject.clone()),
+            job_id: Some(record.id.clone()),
+            module: Some(record.module.clone()),
+            module_sha256: Some(record.module_sha256.clone()),
+            policy_sha256: record.policy_sha256.clone(),
+            outcome: Some(outcome.into()),
+            limit: report.limit.map(|l| l.as_str().to_owned()),
+            detail: report
+                .failure
+                .as_ref()
+                .map(|f| f.message.clone())
+                .unwrap_or_default(),
+        })
+        .await;
+        Ok(())
+    }
+
+    /// Runs the job in the sandbox and copies its outputs into the job's
+    /// directory. `None` if it was cancelled meanwhile.
+    async fn execute(
+        &self,
+        module: &LoadedModule,
+        record: &JobRecord,
+    ) -> Result<Option<JobReport>, ServiceError> {
+        let inputs_dir = self.job_dir(&record.id).join("inputs");
+        let mut spec = JobSpec {
+            id: record.id.clone(),
+            params: record.params.clone(),
+            ..JobSpec::default()
+        };
+        for name in &record.inputs {
+            match std::fs::read(inputs_dir.join(format!("in-{name}"))) {
+                Ok(data) => spec.inputs.push(JobInput {
+                    name: name.clone(),
+                    data: data.into(),
+                }),
+                Err(e) => {
+                    tracing::error!(job = %record.id, input = %name, error = %e, "stored input unreadable");
+                    return Ok(Some(JobReport::not_run(
+                        &record.id,
+                        &record.module,
+                        "stored input unreadable",
+                    )));
+                }
+            }
+        }
+        if record.has_stdin {
+            spec.stdin = std::fs::read(inputs_dir.join("stdin"))?.into();
+        }
+
+        let dir = JobDir::create(self.sandbox.config().work_dir.as_path(), &record.id)?;
+        let cancel = Arc::new(Notify::new());
+        self.cancels
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(record.id.clone(), Arc::clone(&cancel));
+        let result = tokio::select! {
+            r = self.sandbox.run(module, &spec, &dir) => Some(r),
+            () = cancel.notified() => None,
+        };
+        self.cancels
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&record.id);
+        let report = match result {
+            None => return Ok(None),
+            Some(Ok(report)) => report,
+            Some(Err(e)) => JobReport::not_run(&record.id, &record.module, e.to_string()),
+        };
+        let outputs = self.job_dir(&record.id).join("outputs");
+        if outputs.exists() {
+            std::fs::remove_dir_all(&outputs)?; // a crashed earlier attempt's copy
+        }
+        if !report.outputs.is_empty() {
+            crate::sandbox::outputs::collect(&dir.output_dir(), Some(&outputs))?;
+        }
+        Ok(Some(report))
+    }
+
+    /// Deletes finished jobs past retention, every minute.
+    async fn sweeper(self: Arc<Self>) {
+        let retention = self.config.storage.retention.get();
+        let mut tick = tokio::time::interval(Duration::from_secs(60));
+        loop {
+            tick.tick().await;
+            if self.is_draining() {
+                return;
+            }
+            let before = now_ms() - retention.as_millis() as i64;
+            match self.store.expire_jobs(before).await {
+                Ok(ids) => ids.iter().for_each(|id| self.remove_job_files(id)),
+                Err(e) => tracing::error!(error = %e, "retention sweep failed"),
+            }
+        }
+    }
+}
+
+fn scope_strings(policy: &Policy) -> Vec<String> {
+    policy
+        .access
+        .scopes
+        .iter()
+        .map(ToString::to_string)
+        .collect()
+}
+
+/// An audit entry for a refused request.
+pub fn denial(
+    who: &Identity,
+    action: &str,
+    module: Option<&LoadedModule>,
+    detail: &str,
+) -> AuditEntry {
+    AuditEntry {
+        at: now_ms(),
+        action: action.to_owned(),
+        tenant: Some(who.tenant.clone()),
+        subject: Some(who.subject.clone()),
+        module: module.map(|m| m.policy().module.name.to_string()),
+        module_sha256: module.map(|m| m.sha256().to_string()),
+        policy_sha256: module
+            .and_then(|m| m.policy().source_sha256.as_ref().map(ToString::to_string)),
+        detail: detail.to_owned(),
+        ..AuditEntry::default()
+    }
+}
+
+fn load_modules(
+    sandbox: &Sandbox,
+    config: &ServeConfig,
+) -> Result<BTreeMap<String, Arc<LoadedModule>>, StartError> {
+    let dir = &config.modules.policies_dir;
+    let entries = std::fs::read_dir(dir)
+        .map_err(|e| StartError::Storage(format!("policies directory {}: {e}", dir.display())))?;
+    let mut paths: Vec<_> = entries
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "toml"))
+        .collect();
+    paths.sort();
+    let mut modules = BTreeMap::new();
+    for path in paths {
+        let policy = Policy::load(&path).map_err(|e| StartError::Module {
+            module: path.display().to_string(),
+            message: e.to_string(),
+        })?;
+        let name = policy.module.name.to_string();
+        let wasm_path = config.modules.modules_dir.join(format!("{name}.wasm"));
+        let wasm = std::fs::read(&wasm_path).map_err(|e| StartError::Module {
+            module: name.clone(),
+            message: format!("cannot read {}: {e}", wasm_path.display()),
+        })?;
+        let loaded = sandbox
+            .load(policy, &wasm)
+            .map_err(|e| StartError::Module {
+                module: name.clone(),
+                message: e.to_string(),
+            })?;
+        tracing::info!(module = %name, cached = loaded.from_cache(), "module loaded");
+        modules.insert(name, loaded);
+    }
+    Ok(modules)
+}
+
+/// The admin token's hash: read from `<data>/admin.token`, created (mode
+/// 0600) on first start. The secret itself stays in that file for the
+/// operator; it is never a user token and never in the tokens table.
+fn admin_token(data: &Path) -> std::io::Result<String> {
+    let path = data.join("admin.token");
+    match std::fs::read_to_string(&path) {
+        Ok(secret) => Ok(crate::auth::hash(secret.trim())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let token = crate::auth::mint();
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&path)?;
+            writeln!(f, "{}", token.secret)?;
+            f.sync_all()?;
+            Ok(token.hash)
+        }
+        Err(e) => Err(e),
+    }
+}
