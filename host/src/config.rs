@@ -13,6 +13,7 @@
 //! [storage]
 //! data_dir = "data"                # SQLite file, job inputs and outputs, admin token
 //! retention = "24 h"               # finished jobs and outputs are kept this long
+//! # cache_dir = "data/cache"       # precompiled modules (default: <data_dir>/cache)
 //!
 //! [modules]
 //! policies_dir = "policies"        # one <name>.toml per module
@@ -84,6 +85,8 @@ pub struct Storage {
     pub data_dir: PathBuf,
     /// How long finished jobs are kept.
     pub retention: HumanDuration,
+    /// Precompiled-module cache [default: `<data_dir>/cache`].
+    pub cache_dir: Option<PathBuf>,
 }
 
 impl Default for Storage {
@@ -91,6 +94,7 @@ impl Default for Storage {
         Self {
             data_dir: PathBuf::from("data"),
             retention: HumanDuration::secs(24 * 3600),
+            cache_dir: None,
         }
     }
 }

@@ -151,12 +151,15 @@ fn redact(mut report: JobReport) -> JobReport {
     report
 }
 
-/// Query of a submission: `wait`, `input` (name of a raw body), and
+/// A submission's query: `wait`, `input` (name of a raw body), and
 /// `param.<name>=<value>` for each parameter.
-fn parse_query(
-    pairs: Vec<(String, String)>,
-    max_wait: Duration,
-) -> Result<(Option<Duration>, String, BTreeMap<String, String>), ApiError> {
+struct SubmitQuery {
+    wait: Option<Duration>,
+    input: String,
+    params: BTreeMap<String, String>,
+}
+
+fn parse_query(pairs: Vec<(String, String)>, max_wait: Duration) -> Result<SubmitQuery, ApiError> {
     let mut wait = None;
     let mut input = "input".to_owned();
     let mut params = BTreeMap::new();
@@ -178,7 +181,11 @@ fn parse_query(
             )));
         }
     }
-    Ok((wait, input, params))
+    Ok(SubmitQuery {
+        wait,
+        input,
+        params,
+    })
 }
 
 /// Submit a job. The body is either one raw input (any content type but
@@ -208,7 +215,11 @@ pub(super) async fn submit(
     req: Request,
 ) -> Result<Response, ApiError> {
     let max_wait = state.service.config().server.max_wait.get();
-    let (wait, raw_name, mut params) = parse_query(query, max_wait)?;
+    let SubmitQuery {
+        wait,
+        input: raw_name,
+        mut params,
+    } = parse_query(query, max_wait)?;
     let content_type = req
         .headers()
         .get(header::CONTENT_TYPE)
@@ -416,10 +427,10 @@ mod tests {
             ("param.width".to_owned(), "64".to_owned()),
             ("input".to_owned(), "a.png".to_owned()),
         ];
-        let (wait, input, params) = parse_query(q, Duration::from_secs(2)).unwrap();
-        assert_eq!(wait, Some(Duration::from_secs(2)), "capped at max_wait");
-        assert_eq!(input, "a.png");
-        assert_eq!(params["width"], "64");
+        let q = parse_query(q, Duration::from_secs(2)).unwrap();
+        assert_eq!(q.wait, Some(Duration::from_secs(2)), "capped at max_wait");
+        assert_eq!(q.input, "a.png");
+        assert_eq!(q.params["width"], "64");
         assert!(parse_query(vec![("x".into(), "1".into())], Duration::from_secs(1)).is_err());
     }
 }

@@ -180,7 +180,13 @@ impl Service {
         private_dir(&jobs_dir).map_err(|e| storage(&e))?;
 
         let mut sandbox_config = SandboxConfig::new(work);
-        sandbox_config.cache_dir = Some(data.join("cache"));
+        sandbox_config.cache_dir = Some(
+            config
+                .storage
+                .cache_dir
+                .clone()
+                .unwrap_or_else(|| data.join("cache")),
+        );
         sandbox_config.max_concurrent_jobs = config.queue.workers;
         let sandbox = Sandbox::new(sandbox_config).map_err(|e| storage(&e))?;
         let modules = load_modules(&sandbox, &config)?;

@@ -15,6 +15,10 @@ mod processors;
 mod policy_errors;
 // One smoke test per guest, named after it (checked by `foreach_guest!`).
 mod guests;
+// The HTTP service end to end over loopback.
+mod service;
+// Crash durability: kill -9 the real binary mid-work, restart, nothing lost.
+mod durability;
 // The example policies in `policies/` pin the modules built from source.
 mod examples;
 

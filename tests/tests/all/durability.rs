@@ -1,0 +1,152 @@
+//! Crash durability with the real binary: accept jobs, `kill -9` the service
+//! while they are queued and running, restart it on the same data directory,
+//! and every accepted job completes; none is lost or stuck `running`.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+
+use bulkhead::api::{IssueRequest, new_token};
+use bulkhead::store::{JobStore, SqliteStore};
+use reqwest::StatusCode;
+use serde_json::Value;
+
+use crate::service::png;
+
+/// Starts `bulkhead serve` and returns it with its public base URL, read
+/// from the first line it prints.
+fn spawn(config: &Path) -> (Child, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_bulkhead-under-test"))
+        .arg("serve")
+        .arg("--config")
+        .arg(config)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let mut reader = BufReader::new(stdout);
+    let mut line = String::new();
+    reader.read_line(&mut line).unwrap();
+    // Keep draining: a closed pipe would fail the service's next print.
+    std::thread::spawn(move || std::io::copy(&mut reader, &mut std::io::sink()));
+    let base = line
+        .split_whitespace()
+        .find(|w| w.starts_with("http://"))
+        .unwrap_or_else(|| panic!("no address in {line:?}"))
+        .to_owned();
+    (child, base)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn accepted_jobs_survive_kill_dash_nine() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let policies = dir.path().join("policies");
+    std::fs::create_dir_all(&policies).unwrap();
+    let policy = crate::common::policy_text(
+        bulkhead_tests::THUMBNAIL,
+        "thumbnail",
+        "[access]\nscopes = [\"thumbnail:run\"]\n[limits]\nmemory = \"256 MiB\"\ncpu_time = \"10 s\"\nwall_time = \"30 s\"\n[run]\nparams = [\"width\"]",
+    );
+    std::fs::write(policies.join("thumbnail.toml"), policy).unwrap();
+    let config = dir.path().join("bulkhead.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n[storage]\ndata_dir = \"{}\"\ncache_dir = \"{}\"\n[modules]\npolicies_dir = \"{}\"\nmodules_dir = \"{}\"\n[queue]\nworkers = 1\n",
+            data.display(),
+            Path::new(env!("CARGO_TARGET_TMPDIR")).join("service-cache").display(),
+            policies.display(),
+            bulkhead_tests::GUESTS_DIR,
+        ),
+    )
+    .unwrap();
+
+    let (mut first, base) = spawn(&config);
+    let (secret, record) = new_token(&IssueRequest {
+        tenant: "acme".into(),
+        subject: "ci".into(),
+        scopes: vec!["thumbnail:run".into()],
+        ttl: None,
+    })
+    .unwrap();
+    SqliteStore::open(&data.join("bulkhead.sqlite"))
+        .await
+        .unwrap()
+        .insert_token(&record)
+        .await
+        .unwrap();
+
+    // A big image keeps the single worker busy while the rest queue up.
+    let http = reqwest::Client::new();
+    let image = png(2048, 1536);
+    let mut ids = Vec::new();
+    for _ in 0..8 {
+        let resp = http
+            .post(format!("{base}/v1/modules/thumbnail/jobs?param.width=32"))
+            .bearer_auth(&secret)
+            .header("content-type", "image/png")
+            .body(image.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::ACCEPTED);
+        let job: Value = resp.json().await.unwrap();
+        ids.push(job["id"].as_str().unwrap().to_owned());
+    }
+    // The kill must land while work is pending, or it proves nothing.
+    let mut unfinished = 0;
+    for id in &ids {
+        let job: Value = http
+            .get(format!("{base}/v1/jobs/{id}"))
+            .bearer_auth(&secret)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if job["state"] == "queued" || job["state"] == "running" {
+            unfinished += 1;
+        }
+    }
+    assert!(unfinished > 0, "every job finished before the kill");
+    // SIGKILL: no shutdown path runs.
+    first.kill().unwrap();
+    first.wait().unwrap();
+
+    let (mut second, base) = spawn(&config);
+    for id in &ids {
+        let mut last = Value::Null;
+        for _ in 0..600 {
+            last = http
+                .get(format!("{base}/v1/jobs/{id}"))
+                .bearer_auth(&secret)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            if last["state"] != "queued" && last["state"] != "running" {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        assert_eq!(
+            last["state"], "succeeded",
+            "job {id} after restart: {last:#}"
+        );
+        let url = last["outputs"][0]["url"].as_str().unwrap();
+        let out = http
+            .get(format!("{base}{url}"))
+            .bearer_auth(&secret)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(out.status(), StatusCode::OK);
+    }
+    second.kill().unwrap();
+    second.wait().unwrap();
+}

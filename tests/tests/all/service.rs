@@ -1,0 +1,635 @@
+//! The job service end to end, over real HTTP on loopback: submit → wait →
+//! download, async submit → poll → download, every error status, tenant
+//! isolation, revocation, the admin boundary, backpressure, and the audit
+//! log.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bulkhead::api::{AppState, IssueRequest, admin_app, app, new_token};
+use bulkhead::config::ServeConfig;
+use bulkhead::service::Service;
+use reqwest::StatusCode;
+use serde_json::Value;
+
+use crate::common::policy_text;
+
+/// A running service on loopback, with its own data directory.
+pub struct Server {
+    pub base: String,
+    pub admin: String,
+    pub admin_token: String,
+    pub service: Arc<Service>,
+    pub http: reqwest::Client,
+    _data: tempfile::TempDir,
+}
+
+/// Policies the test service serves: the thumbnailer, hello, and a hostile
+/// guest that sleeps until its 1 s wall-clock limit.
+fn write_policies(dir: &std::path::Path) {
+    std::fs::create_dir_all(dir).unwrap();
+    let thumb = policy_text(
+        bulkhead_tests::THUMBNAIL,
+        "thumbnail",
+        "[access]\nscopes = [\"thumbnail:run\"]\n[limits]\nmemory = \"256 MiB\"\ncpu_time = \"5 s\"\nwall_time = \"20 s\"\n[run]\nparams = [\"width\", \"height\"]",
+    );
+    let hello = policy_text(
+        bulkhead_tests::HELLO,
+        "hello",
+        "[access]\nscopes = [\"hello:run\"]",
+    );
+    let sleeper = policy_text(
+        bulkhead_tests::HOSTILE,
+        "hostile",
+        "[access]\nscopes = [\"hostile:run\"]\n[limits]\ncpu_time = \"1 s\"\nwall_time = \"1 s\"\n[run]\nargs = [\"sleep\"]",
+    );
+    std::fs::write(dir.join("thumbnail.toml"), thumb).unwrap();
+    std::fs::write(dir.join("hello.toml"), hello).unwrap();
+    std::fs::write(dir.join("hostile.toml"), sleeper).unwrap();
+}
+
+/// Starts a service with `tweak` applied to its config.
+pub async fn start(tweak: impl FnOnce(&mut ServeConfig)) -> Server {
+    let data = tempfile::tempdir().unwrap();
+    let mut config = ServeConfig::default();
+    config.storage.data_dir = data.path().join("data");
+    config.storage.cache_dir =
+        Some(PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("service-cache"));
+    config.modules.policies_dir = data.path().join("policies");
+    config.modules.modules_dir = PathBuf::from(bulkhead_tests::GUESTS_DIR);
+    config.queue.workers = 4;
+    write_policies(&config.modules.policies_dir);
+    tweak(&mut config);
+    let service = Service::start(config, None).await.unwrap();
+    let admin_token = std::fs::read_to_string(data.path().join("data/admin.token")).unwrap();
+    let public = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", public.local_addr().unwrap());
+    let admin_base = format!("http://{}", admin.local_addr().unwrap());
+    let state = AppState {
+        service: Arc::clone(&service),
+    };
+    tokio::spawn(axum::serve(public, app(state.clone())).into_future());
+    tokio::spawn(axum::serve(admin, admin_app(state)).into_future());
+    Server {
+        base,
+        admin: admin_base,
+        admin_token: admin_token.trim().to_owned(),
+        service,
+        http: reqwest::Client::new(),
+        _data: data,
+    }
+}
+
+impl Server {
+    /// Issues a token straight into the store.
+    pub async fn token(&self, tenant: &str, scopes: &[&str]) -> String {
+        let (secret, record) = new_token(&IssueRequest {
+            tenant: tenant.into(),
+            subject: format!("{tenant}-ci"),
+            scopes: scopes.iter().map(|s| (*s).to_owned()).collect(),
+            ttl: None,
+        })
+        .unwrap();
+        self.service.store().insert_token(&record).await.unwrap();
+        secret
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    /// Polls a job until it reaches a final state (bounded: 30 s).
+    pub async fn finished(&self, token: &str, id: &str) -> Value {
+        for _ in 0..600 {
+            let job: Value = self
+                .http
+                .get(self.url(&format!("/v1/jobs/{id}")))
+                .bearer_auth(token)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            if matches!(
+                job["state"].as_str(),
+                Some("succeeded" | "failed" | "cancelled")
+            ) {
+                return job;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("job {id} did not finish");
+    }
+}
+
+pub fn png(width: u32, height: u32) -> Vec<u8> {
+    let img = image::RgbImage::from_fn(width, height, |x, y| {
+        image::Rgb([x as u8, y as u8, (x ^ y) as u8])
+    });
+    let mut bytes = Vec::new();
+    img.write_to(
+        &mut std::io::Cursor::new(&mut bytes),
+        image::ImageFormat::Png,
+    )
+    .unwrap();
+    bytes
+}
+
+async fn error_code(resp: reqwest::Response) -> (StatusCode, String) {
+    let status = resp.status();
+    let body: Value = resp.json().await.unwrap();
+    (
+        status,
+        body["error"]["code"].as_str().unwrap_or("").to_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn submit_wait_and_download_a_thumbnail() {
+    let s = start(|_| {}).await;
+    let token = s.token("acme", &["thumbnail:run"]).await;
+    let resp = s
+        .http
+        .post(s.url("/v1/modules/thumbnail/jobs?wait=20s&param.width=64&param.height=64"))
+        .bearer_auth(&token)
+        .header("content-type", "image/png")
+        .body(png(320, 200))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let job: Value = resp.json().await.unwrap();
+    assert_eq!(job["state"], "succeeded", "{job:#}");
+    let url = job["outputs"][0]["url"].as_str().unwrap();
+    let download = s
+        .http
+        .get(s.url(url))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(download.status(), StatusCode::OK);
+    assert_eq!(download.headers()["content-type"], "image/png");
+    assert_eq!(download.headers()["x-content-type-options"], "nosniff");
+    let thumb = image::load_from_memory(&download.bytes().await.unwrap()).unwrap();
+    assert_eq!((thumb.width(), thumb.height()), (64, 40));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn async_multipart_submit_then_poll_then_download() {
+    let s = start(|_| {}).await;
+    let token = s.token("acme", &["thumbnail:run"]).await;
+    let form = reqwest::multipart::Form::new()
+        .part(
+            "file",
+            reqwest::multipart::Part::bytes(png(100, 300)).file_name("tall.png"),
+        )
+        .text("param.height", "30");
+    let resp = s
+        .http
+        .post(s.url("/v1/modules/thumbnail/jobs"))
+        .bearer_auth(&token)
+        .multipart(form)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::ACCEPTED);
+    let location = resp.headers()["location"].to_str().unwrap().to_owned();
+    let accepted: Value = resp.json().await.unwrap();
+    let id = accepted["id"].as_str().unwrap();
+    assert_eq!(location, format!("/v1/jobs/{id}"));
+    let job = s.finished(&token, id).await;
+    assert_eq!(job["state"], "succeeded", "{job:#}");
+    let png_bytes = s
+        .http
+        .get(s.url(job["outputs"][0]["url"].as_str().unwrap()))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    let thumb = image::load_from_memory(&png_bytes).unwrap();
+    assert_eq!((thumb.width(), thumb.height()), (10, 30));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn each_refusal_has_its_status_and_one_error_shape() {
+    let s = start(|c| c.server.max_body = bulkhead::policy::ByteSize::mib(1)).await;
+    let thumb = s.token("acme", &["thumbnail:run"]).await;
+    let hello_only = s.token("acme", &["hello:run"]).await;
+    let submit = |token: Option<&str>, path: &str| {
+        let mut req = s
+            .http
+            .post(s.url(path))
+            .header("content-type", "image/png")
+            .body(png(8, 8));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        req
+    };
+
+    let cases: Vec<(reqwest::RequestBuilder, StatusCode, &str)> = vec![
+        (
+            submit(None, "/v1/modules/thumbnail/jobs"),
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+        ),
+        (
+            submit(Some("bkh_not-a-real-token"), "/v1/modules/thumbnail/jobs"),
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+        ),
+        (
+            submit(
+                Some("eyJhbGciOiJub25lIn0.eyJzdWIiOiJhZG1pbiJ9."),
+                "/v1/modules/thumbnail/jobs",
+            ),
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+        ),
+        (
+            submit(
+                Some("bkh_AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"),
+                "/v1/modules/thumbnail/jobs",
+            ),
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+        ),
+        (
+            submit(Some(&thumb), "/v1/modules/thumbnail/jobs").header("x-bulkhead-tenant", "other"),
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+        ),
+        (
+            submit(Some(&hello_only), "/v1/modules/thumbnail/jobs"),
+            StatusCode::FORBIDDEN,
+            "forbidden",
+        ),
+        (
+            submit(Some(&thumb), "/v1/modules/nope/jobs"),
+            StatusCode::NOT_FOUND,
+            "not_found",
+        ),
+        (
+            s.http
+                .get(s.url("/v1/jobs/00000000-0000-0000-0000-000000000000"))
+                .bearer_auth(&thumb),
+            StatusCode::NOT_FOUND,
+            "not_found",
+        ),
+        (
+            submit(Some(&thumb), "/v1/modules/thumbnail/jobs").body(vec![0u8; 2 * 1024 * 1024]),
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+        ),
+        (
+            s.http
+                .post(s.url("/v1/modules/thumbnail/jobs"))
+                .bearer_auth(&thumb)
+                .header("content-type", "application/json")
+                .body("{}"),
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+        ),
+        (
+            submit(Some(&thumb), "/v1/modules/thumbnail/jobs?param.evil=1"),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "unprocessable",
+        ),
+        (
+            submit(
+                Some(&thumb),
+                "/v1/modules/thumbnail/jobs?input=../../etc/passwd",
+            ),
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+        ),
+    ];
+    for (i, (req, status, code)) in cases.into_iter().enumerate() {
+        let (got_status, got_code) = error_code(req.send().await.unwrap()).await;
+        assert_eq!((got_status, got_code.as_str()), (status, code), "case {i}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn another_tenant_cannot_see_touch_or_download_a_job() {
+    let s = start(|_| {}).await;
+    let a = s.token("tenant-a", &["thumbnail:run"]).await;
+    let b = s.token("tenant-b", &["thumbnail:run"]).await;
+    let job: Value = s
+        .http
+        .post(s.url("/v1/modules/thumbnail/jobs?wait=20s"))
+        .bearer_auth(&a)
+        .header("content-type", "image/png")
+        .body(png(50, 50))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = job["id"].as_str().unwrap();
+    let output = job["outputs"][0]["url"].as_str().unwrap();
+    let attempts = [
+        s.http.get(s.url(&format!("/v1/jobs/{id}"))).bearer_auth(&b),
+        s.http
+            .post(s.url(&format!("/v1/jobs/{id}/cancel")))
+            .bearer_auth(&b),
+        s.http
+            .delete(s.url(&format!("/v1/jobs/{id}")))
+            .bearer_auth(&b),
+        s.http.get(s.url(output)).bearer_auth(&b),
+    ];
+    for req in attempts {
+        assert_eq!(req.send().await.unwrap().status(), StatusCode::NOT_FOUND);
+    }
+    let listed: Value = s
+        .http
+        .get(s.url("/v1/jobs"))
+        .bearer_auth(&b)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(listed.as_array().unwrap().len(), 0);
+    // The owner still has it, untouched.
+    let own = s
+        .http
+        .get(s.url(output))
+        .bearer_auth(&a)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(own.status(), StatusCode::OK);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_revoked_token_fails_on_its_next_request_and_user_tokens_never_reach_admin() {
+    let s = start(|_| {}).await;
+    let user = s.token("acme", &["hello:run"]).await;
+    let modules = s
+        .http
+        .get(s.url("/v1/modules"))
+        .bearer_auth(&user)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(modules.status(), StatusCode::OK);
+
+    // A user token, whatever its scopes, is not the admin token.
+    let admin_with_user = s
+        .http
+        .get(format!("{}/admin/v1/tokens", s.admin))
+        .bearer_auth(&user)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(admin_with_user.status(), StatusCode::UNAUTHORIZED);
+    let metrics_with_user = s
+        .http
+        .get(format!("{}/metrics", s.admin))
+        .bearer_auth(&user)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(metrics_with_user.status(), StatusCode::UNAUTHORIZED);
+
+    let tokens: Value = s
+        .http
+        .get(format!("{}/admin/v1/tokens", s.admin))
+        .bearer_auth(&s.admin_token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = tokens[0]["id"].as_str().unwrap();
+    assert!(
+        tokens[0].get("hash").is_none(),
+        "token hashes are never listed"
+    );
+    let revoked = s
+        .http
+        .post(format!("{}/admin/v1/tokens/{id}/revoke", s.admin))
+        .bearer_auth(&s.admin_token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(revoked.status(), StatusCode::NO_CONTENT);
+    let after = s
+        .http
+        .get(s.url("/v1/modules"))
+        .bearer_auth(&user)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(after.status(), StatusCode::UNAUTHORIZED);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_flooding_tenant_gets_429_while_another_tenant_is_served() {
+    let s = start(|c| {
+        c.queue.workers = 2;
+        c.queue.max_running_per_tenant = 1;
+        c.queue.max_queued_per_tenant = 3;
+    })
+    .await;
+    let flooder = s.token("flooder", &["hostile:run"]).await;
+    let polite = s.token("polite", &["hello:run"]).await;
+    let mut accepted = 0;
+    let mut refused = 0;
+    for _ in 0..12 {
+        let resp = s
+            .http
+            .post(s.url("/v1/modules/hostile/jobs"))
+            .bearer_auth(&flooder)
+            .send()
+            .await
+            .unwrap();
+        match resp.status() {
+            StatusCode::ACCEPTED => accepted += 1,
+            StatusCode::TOO_MANY_REQUESTS => {
+                assert!(resp.headers().contains_key("retry-after"));
+                refused += 1;
+            }
+            other => panic!("unexpected {other}"),
+        }
+    }
+    // One may already be running, three queued: the rest are refused.
+    assert!(accepted <= 4, "accepted {accepted}");
+    assert!(refused >= 8, "refused {refused}");
+    assert!(
+        s.service
+            .render_metrics()
+            .contains("bulkhead_jobs_rejected_total")
+    );
+
+    let resp = s
+        .http
+        .post(s.url("/v1/modules/hello/jobs?wait=20s"))
+        .bearer_auth(&polite)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let job: Value = resp.json().await.unwrap();
+    assert_eq!(job["state"], "succeeded");
+    assert_eq!(job["report"]["stdout"]["text"], "hello from bulkhead\n");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cancel_then_delete_and_the_audit_log_records_it() {
+    let s = start(|c| c.queue.workers = 1).await;
+    let token = s.token("acme", &["hostile:run"]).await;
+    let job: Value = s
+        .http
+        .post(s.url("/v1/modules/hostile/jobs"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = job["id"].as_str().unwrap();
+    let busy = s
+        .http
+        .delete(s.url(&format!("/v1/jobs/{id}")))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    let (status, _) = error_code(busy).await;
+    assert_eq!(
+        status,
+        StatusCode::CONFLICT,
+        "an unfinished job cannot be deleted"
+    );
+    let cancelled: Value = s
+        .http
+        .post(s.url(&format!("/v1/jobs/{id}/cancel")))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(cancelled["state"], "cancelled");
+    let again = s
+        .http
+        .post(s.url(&format!("/v1/jobs/{id}/cancel")))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(again.status(), StatusCode::CONFLICT);
+    let deleted = s
+        .http
+        .delete(s.url(&format!("/v1/jobs/{id}")))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(deleted.status(), StatusCode::NO_CONTENT);
+    let gone = s
+        .http
+        .get(s.url(&format!("/v1/jobs/{id}")))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(gone.status(), StatusCode::NOT_FOUND);
+
+    // A scope denial is audited with the module it was for.
+    let denied = s
+        .http
+        .post(s.url("/v1/modules/thumbnail/jobs"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(denied.status(), StatusCode::FORBIDDEN);
+    let audit: Value = s
+        .http
+        .get(format!("{}/admin/v1/audit", s.admin))
+        .bearer_auth(&s.admin_token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let entries = audit.as_array().unwrap();
+    assert!(
+        entries
+            .iter()
+            .any(|e| e["action"] == "job.cancelled" && e["job_id"] == id)
+    );
+    assert!(entries.iter().any(|e| e["action"] == "scope.denied"
+        && e["module"] == "thumbnail"
+        && e["tenant"] == "acme"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn limits_fired_are_reported_and_counted_in_metrics() {
+    let s = start(|_| {}).await;
+    let token = s.token("acme", &["hostile:run"]).await;
+    let job: Value = s
+        .http
+        .post(s.url("/v1/modules/hostile/jobs?wait=20s"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(job["state"], "failed");
+    assert_eq!(job["report"]["limit"], "wall_time");
+    let metrics = s
+        .http
+        .get(format!("{}/metrics", s.admin))
+        .bearer_auth(&s.admin_token)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(metrics.contains("bulkhead_limits_fired_total"), "{metrics}");
+    assert!(metrics.contains("bulkhead_jobs_total"), "{metrics}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_openapi_document_describes_the_api() {
+    let s = start(|_| {}).await;
+    let doc: Value = s
+        .http
+        .get(s.url("/openapi.json"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    for path in [
+        "/v1/modules",
+        "/v1/modules/{module}/jobs",
+        "/v1/jobs/{id}",
+        "/v1/jobs/{id}/outputs/{name}",
+    ] {
+        assert!(doc["paths"].get(path).is_some(), "{path} missing");
+    }
+    let ready = s.http.get(s.url("/readyz")).send().await.unwrap();
+    assert_eq!(ready.status(), StatusCode::OK);
+}
