@@ -14,6 +14,7 @@
 //! data_dir = "data"                # SQLite file, job inputs and outputs, admin token
 //! retention = "24 h"               # finished jobs and outputs are kept this long
 //! # cache_dir = "data/cache"       # precompiled modules (default: <data_dir>/cache)
+//! # work_dir = "/dev/shm/bulkhead" # running jobs' directories (default: on /dev/shm)
 //!
 //! [modules]
 //! policies_dir = "policies"        # one <name>.toml per module
@@ -87,6 +88,9 @@ pub struct Storage {
     pub retention: HumanDuration,
     /// Precompiled-module cache [default: `<data_dir>/cache`].
     pub cache_dir: Option<PathBuf>,
+    /// Job directories while jobs run; emptied at start. [default: a
+    /// directory on `/dev/shm` named after the data directory].
+    pub work_dir: Option<PathBuf>,
 }
 
 impl Default for Storage {
@@ -95,6 +99,7 @@ impl Default for Storage {
             data_dir: PathBuf::from("data"),
             retention: HumanDuration::secs(24 * 3600),
             cache_dir: None,
+            work_dir: None,
         }
     }
 }

@@ -51,7 +51,9 @@ fn runtime() -> tokio::runtime::Runtime {
 }
 
 fn sandbox(tmp: &Path) -> Sandbox {
-    let mut config = SandboxConfig::new(tmp.join("jobs"));
+    // Job directories where the service puts them by default (tmpfs when
+    // the machine has one); the module cache in a scratch directory.
+    let mut config = SandboxConfig::new(bulkhead::sandbox::default_work_dir("bench"));
     config.cache_dir = Some(tmp.join("cache"));
     Sandbox::new(config).unwrap()
 }
@@ -160,9 +162,62 @@ fn thumbnail(c: &mut Criterion) {
         b.iter(|| bulkhead_guest_thumbnail::make_thumbnail(&png, 256, 256).unwrap())
     });
 
+    // The same guest under a bare wasmtime loop (default pooling engine, a
+    // fixed preopened /in and /out, no limits): separates wasmtime's own
+    // cost from the sandbox's.
+    let wasm = std::fs::read(bulkhead_tests::THUMBNAIL).unwrap();
+    let bare_dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(bare_dir.path().join("in")).unwrap();
+    std::fs::create_dir_all(bare_dir.path().join("out")).unwrap();
+    std::fs::write(bare_dir.path().join("in/big.png"), &png).unwrap();
+    let mut config = Config::new();
+    config.allocation_strategy(InstanceAllocationStrategy::Pooling(
+        PoolingAllocationConfig::new(),
+    ));
+    let engine = Engine::new(&config).unwrap();
+    let mut linker = Linker::<Bare>::new(&engine);
+    wasmtime_wasi::p2::add_to_linker_async(&mut linker).unwrap();
+    let component = Component::new(&engine, &wasm).unwrap();
+    let pre = CommandPre::new(linker.instantiate_pre(&component).unwrap()).unwrap();
+    group.bench_function("bare_wasmtime", |b| {
+        b.iter(|| {
+            rt.block_on(async {
+                let mut builder = WasiCtxBuilder::new();
+                builder
+                    .allow_blocking_current_thread(true)
+                    .args(&["thumbnail", "--width=256", "--height=256"])
+                    .preopened_dir(
+                        bare_dir.path().join("in"),
+                        "/in",
+                        wasmtime_wasi::FsPerms::ReadOnly,
+                    )
+                    .unwrap()
+                    .preopened_dir(
+                        bare_dir.path().join("out"),
+                        "/out",
+                        wasmtime_wasi::FsPerms::ReadWrite,
+                    )
+                    .unwrap();
+                let ctx = builder.build();
+                let mut store = Store::new(
+                    &engine,
+                    Bare {
+                        ctx,
+                        table: ResourceTable::new(),
+                    },
+                );
+                let cmd = pre.instantiate_async(&mut store).await.unwrap();
+                cmd.wasi_cli_run()
+                    .call_run(&mut store)
+                    .await
+                    .unwrap()
+                    .unwrap();
+            })
+        })
+    });
+
     let tmp = tempfile::tempdir().unwrap();
     let sandbox = sandbox(tmp.path());
-    let wasm = std::fs::read(bulkhead_tests::THUMBNAIL).unwrap();
     let policy = policy_for(
         bulkhead_tests::THUMBNAIL,
         "thumbnail",

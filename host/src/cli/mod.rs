@@ -141,7 +141,7 @@ struct CheckArgs {
 
 #[derive(Debug, Args)]
 struct HostArgs {
-    /// Where job directories are created [default: <temp dir>/bulkhead/jobs].
+    /// Where job directories are created [default: /dev/shm/bulkhead-<uid>-cli, else the temp dir].
     #[arg(long, value_name = "DIR")]
     work_dir: Option<PathBuf>,
     /// Precompiled-module cache [default: <temp dir>/bulkhead/cache].

@@ -95,6 +95,11 @@ pub fn job_state(
     let stderr = CappedPipe::new(limits.stderr.as_usize(), LimitKind::Stderr, latch.clone());
 
     let mut b = WasiCtxBuilder::new();
+    // File operations run on the calling thread instead of a blocking-pool
+    // hop per call: job directories live on tmpfs by default, where each
+    // call is a memory copy, and every call is bounded (reads of at most
+    // 64 KiB). This must be set before the preopens are added.
+    b.allow_blocking_current_thread(true);
     b.args(args)
         .envs(&policy.run.env.iter().collect::<Vec<_>>())
         .stdin(MemoryInputPipe::new(job.stdin.clone()))

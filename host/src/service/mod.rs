@@ -171,8 +171,17 @@ impl Service {
             ),
         };
         // Job directories of a previous process are leftovers of jobs that
-        // will be re-run from their stored inputs.
-        let work = data.join("work");
+        // will be re-run from their stored inputs. The default work dir is
+        // named after the data directory so two services never share one.
+        let work = match &config.storage.work_dir {
+            Some(dir) => dir.clone(),
+            None => {
+                let canonical = std::fs::canonicalize(data).map_err(|e| storage(&e))?;
+                let digest =
+                    crate::policy::Sha256Hex::digest(canonical.as_os_str().as_encoded_bytes());
+                crate::sandbox::default_work_dir(&digest.as_str()[..12])
+            }
+        };
         if work.exists() {
             std::fs::remove_dir_all(&work).map_err(|e| storage(&e))?;
         }
