@@ -172,9 +172,11 @@ fn rustflags(guests: &Path, target_dir: &Path) -> String {
     flags.join("\x1f")
 }
 
-/// The binary names of the guest workspace members, in member order: each
-/// member's `[[bin]] name`s, or its package name if it declares none. Plain
-/// line parsing is enough for these hand-written manifests.
+/// The module names of the guest workspace members, in member order: each
+/// member's `[[bin]] name`s, its `[lib] name` if the lib is a `cdylib`
+/// (components exporting something other than `wasi:cli/run`, such as
+/// `wasi:http/incoming-handler`), or its package name if it declares
+/// neither. Plain line parsing is enough for these hand-written manifests.
 fn guest_binaries(guests: &Path) -> Vec<String> {
     let manifest = read(&guests.join("Cargo.toml"));
     let members = quoted_list(&manifest, "members")
@@ -185,6 +187,8 @@ fn guest_binaries(guests: &Path) -> Vec<String> {
         let mut section = String::new();
         let mut package_name = None;
         let mut member_bins = Vec::new();
+        let mut lib_name = None;
+        let mut cdylib = false;
         for line in manifest.lines().map(str::trim) {
             if line.starts_with('[') {
                 section = line.to_owned();
@@ -192,9 +196,20 @@ fn guest_binaries(guests: &Path) -> Vec<String> {
                 match section.as_str() {
                     "[package]" => package_name = Some(name),
                     "[[bin]]" => member_bins.push(name),
+                    "[lib]" => lib_name = Some(name),
                     _ => {}
                 }
+            } else if section == "[lib]"
+                && line.starts_with("crate-type")
+                && line.contains("\"cdylib\"")
+            {
+                cdylib = true;
             }
+        }
+        if cdylib {
+            member_bins.push(
+                lib_name.unwrap_or_else(|| panic!("cdylib guest {member} needs a [lib] name")),
+            );
         }
         if member_bins.is_empty() {
             member_bins.push(

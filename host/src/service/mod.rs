@@ -736,17 +736,28 @@ impl Service {
 
     /// Deletes finished jobs past retention, every minute.
     async fn sweeper(self: Arc<Self>) {
-        let retention = self.config.storage.retention.get();
         let mut tick = tokio::time::interval(Duration::from_secs(60));
         loop {
             tick.tick().await;
             if self.is_draining() {
                 return;
             }
-            let before = now_ms() - retention.as_millis() as i64;
-            match self.store.expire_jobs(before).await {
-                Ok(ids) => ids.iter().for_each(|id| self.remove_job_files(id)),
-                Err(e) => tracing::error!(error = %e, "retention sweep failed"),
+            self.sweep().await;
+        }
+    }
+
+    /// Deletes the rows and files of jobs that finished longer than the
+    /// retention period ago. Returns how many.
+    pub async fn sweep(&self) -> usize {
+        let before = now_ms() - self.config.storage.retention.get().as_millis() as i64;
+        match self.store.expire_jobs(before).await {
+            Ok(ids) => {
+                ids.iter().for_each(|id| self.remove_job_files(id));
+                ids.len()
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "retention sweep failed");
+                0
             }
         }
     }

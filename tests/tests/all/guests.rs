@@ -35,3 +35,20 @@ pub(crate) async fn hostile() {
     let (report, _dir) = run(&module, &spec(&[], &[])).await;
     assert_eq!(report.exit_code, Some(1), "{report:#?}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+pub(crate) async fn hello_http() {
+    // A wasi:http proxy component exports no `wasi:cli/run`: the sandbox
+    // refuses it when loading, before any job, with a clear reason.
+    let wasm = crate::common::wasm(bulkhead_tests::HELLO_HTTP);
+    let text = crate::common::policy_text(bulkhead_tests::HELLO_HTTP, "hello-http", "");
+    let policy = bulkhead::policy::Policy::parse(&text, std::path::Path::new("p.toml")).unwrap();
+    let err = crate::common::SANDBOX
+        .load(policy, &wasm)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.starts_with("module `hello-http` cannot be linked:"),
+        "{err}"
+    );
+}

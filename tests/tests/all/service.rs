@@ -633,3 +633,54 @@ async fn the_openapi_document_describes_the_api() {
     let ready = s.http.get(s.url("/readyz")).send().await.unwrap();
     assert_eq!(ready.status(), StatusCode::OK);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn finished_jobs_expire_after_retention_with_their_files() {
+    let s = start(|c| c.storage.retention = "1 ms".parse().unwrap()).await;
+    let token = s.token("acme", &["thumbnail:run"]).await;
+    let job: Value = s
+        .http
+        .post(s.url("/v1/modules/thumbnail/jobs?wait=20s"))
+        .bearer_auth(&token)
+        .header("content-type", "image/png")
+        .body(png(40, 40))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(job["state"], "succeeded");
+    let id = job["id"].as_str().unwrap();
+    let files = s.service.config().storage.data_dir.join("jobs").join(id);
+    assert!(files.join("outputs/thumbnail.png").is_file());
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    assert_eq!(s.service.sweep().await, 1);
+    assert!(!files.exists(), "outputs outlived retention");
+    let gone = s
+        .http
+        .get(s.url(&format!("/v1/jobs/{id}")))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(gone.status(), StatusCode::NOT_FOUND);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_draining_service_refuses_new_jobs_with_503_and_is_not_ready() {
+    let s = start(|c| c.server.shutdown_grace = "2 s".parse().unwrap()).await;
+    let token = s.token("acme", &["hello:run"]).await;
+    s.service.shutdown().await;
+    let resp = s
+        .http
+        .post(s.url("/v1/modules/hello/jobs"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert!(resp.headers().contains_key("retry-after"));
+    let ready = s.http.get(s.url("/readyz")).send().await.unwrap();
+    assert_eq!(ready.status(), StatusCode::SERVICE_UNAVAILABLE);
+}
