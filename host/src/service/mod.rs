@@ -616,11 +616,8 @@ impl Service {
     }
 
     async fn run_one(&self, queued: &QueuedJob) -> Result<(), ServiceError> {
-        if !self.store.mark_running(&queued.id, now_ms()).await? {
+        let Some(record) = self.store.claim(&queued.id, now_ms()).await? else {
             return Ok(()); // cancelled while queued
-        }
-        let Some(record) = self.store.get_job(&queued.tenant, &queued.id).await? else {
-            return Ok(());
         };
         let report = match self.modules.get(&record.module) {
             Some(module) => self.execute(module, &record).await?,
@@ -633,25 +630,12 @@ impl Service {
         let Some(report) = report else {
             return Ok(()); // cancelled while running
         };
-        let stored = self.store.finish_job(&record.id, &report, now_ms()).await?;
-        if !stored {
-            return Ok(());
-        }
-        // Inputs are only needed to re-run; the report and outputs remain.
-        let _ = std::fs::remove_dir_all(self.job_dir(&record.id).join("inputs"));
         let outcome = if report.succeeded() {
             "succeeded"
         } else {
             "failed"
         };
-        metrics::counter!("bulkhead_jobs_total", "module" => record.module.clone(), "outcome" => outcome).increment(1);
-        if let Some(limit) = report.limit {
-            metrics::counter!("bulkhead_limits_fired_total", "module" => record.module.clone(), "limit" => limit.as_str())
-                .increment(1);
-        }
-        metrics::histogram!("bulkhead_job_wall_seconds", "module" => record.module.clone())
-            .record(report.measurements.wall_time_ms / 1000.0);
-        self.audit(AuditEntry {
+        let audit = AuditEntry {
             at: now_ms(),
             action: "job.finished".into(),
             tenant: Some(record.tenant.clone()),
@@ -667,8 +651,25 @@ impl Service {
                 .as_ref()
                 .map(|f| f.message.clone())
                 .unwrap_or_default(),
-        })
-        .await;
+        };
+        if !self
+            .store
+            .finish_job(&record.id, &report, now_ms(), &audit)
+            .await?
+        {
+            return Ok(()); // cancelled while running; its result is dropped
+        }
+        if !record.inputs.is_empty() || record.has_stdin {
+            // Inputs are only needed to re-run; the report and outputs remain.
+            let _ = std::fs::remove_dir_all(self.job_dir(&record.id).join("inputs"));
+        }
+        metrics::counter!("bulkhead_jobs_total", "module" => record.module.clone(), "outcome" => outcome).increment(1);
+        if let Some(limit) = report.limit {
+            metrics::counter!("bulkhead_limits_fired_total", "module" => record.module.clone(), "limit" => limit.as_str())
+                .increment(1);
+        }
+        metrics::histogram!("bulkhead_job_wall_seconds", "module" => record.module.clone())
+            .record(report.measurements.wall_time_ms / 1000.0);
         Ok(())
     }
 

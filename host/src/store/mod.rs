@@ -184,11 +184,19 @@ pub trait JobStore: Send + Sync + std::fmt::Debug {
     async fn get_job(&self, tenant: &str, id: &str) -> Result<Option<JobRecord>, StoreError>;
     /// The tenant's most recent jobs.
     async fn list_jobs(&self, tenant: &str, limit: u32) -> Result<Vec<JobRecord>, StoreError>;
-    /// `queued → running`; false if the job is no longer queued.
-    async fn mark_running(&self, id: &str, now: i64) -> Result<bool, StoreError>;
-    /// `running → succeeded | failed` with the report; false if it is no
+    /// `queued → running`, returning the job; `None` if it is no longer
+    /// queued (cancelled, or claimed by another worker).
+    async fn claim(&self, id: &str, now: i64) -> Result<Option<JobRecord>, StoreError>;
+    /// `running → succeeded | failed` with the report, and `audit` appended
+    /// in the same transaction; false (and no audit entry) if it is no
     /// longer running (cancelled meanwhile).
-    async fn finish_job(&self, id: &str, report: &JobReport, now: i64) -> Result<bool, StoreError>;
+    async fn finish_job(
+        &self,
+        id: &str,
+        report: &JobReport,
+        now: i64,
+        audit: &AuditEntry,
+    ) -> Result<bool, StoreError>;
     /// Cancels a queued or running job of the tenant.
     async fn cancel_job(
         &self,

@@ -66,9 +66,15 @@ CREATE TABLE IF NOT EXISTS audit (
 "#;
 
 /// The SQLite job store.
+///
+/// Writes go through a pool of exactly one connection, so concurrent
+/// writers queue in the pool instead of colliding on SQLite's write lock
+/// (whose busy handler sleeps); reads use their own pool, which WAL lets run
+/// beside the writer.
 #[derive(Clone, Debug)]
 pub struct SqliteStore {
-    pool: SqlitePool,
+    writer: SqlitePool,
+    reader: SqlitePool,
 }
 
 impl SqliteStore {
@@ -84,12 +90,16 @@ impl SqliteStore {
             .synchronous(SqliteSynchronous::Normal)
             .busy_timeout(Duration::from_secs(10))
             .foreign_keys(true);
-        let pool = SqlitePoolOptions::new()
-            .max_connections(4)
-            .connect_with(options)
+        let writer = SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect_with(options.clone())
             .await?;
-        sqlx::raw_sql(SCHEMA).execute(&pool).await?;
-        Ok(Self { pool })
+        sqlx::raw_sql(SCHEMA).execute(&writer).await?;
+        let reader = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(options.read_only(true))
+            .await?;
+        Ok(Self { writer, reader })
     }
 }
 
@@ -138,6 +148,28 @@ fn job_row(row: &SqliteRow) -> Result<JobRecord, StoreError> {
     })
 }
 
+async fn insert_audit(conn: &mut sqlx::SqliteConnection, e: &AuditEntry) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO audit (at, action, tenant, subject, job_id, module, module_sha256,
+                            policy_sha256, outcome, limit_fired, detail)
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+    )
+    .bind(e.at)
+    .bind(&e.action)
+    .bind(&e.tenant)
+    .bind(&e.subject)
+    .bind(&e.job_id)
+    .bind(&e.module)
+    .bind(&e.module_sha256)
+    .bind(&e.policy_sha256)
+    .bind(&e.outcome)
+    .bind(&e.limit)
+    .bind(&e.detail)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
 #[async_trait]
 impl JobStore for SqliteStore {
     async fn insert_token(&self, t: &TokenRecord) -> Result<(), StoreError> {
@@ -153,7 +185,7 @@ impl JobStore for SqliteStore {
         .bind(t.created_at)
         .bind(t.expires_at)
         .bind(i64::from(t.revoked))
-        .execute(&self.pool)
+        .execute(&self.writer)
         .await?;
         Ok(())
     }
@@ -161,14 +193,14 @@ impl JobStore for SqliteStore {
     async fn token_by_hash(&self, hash: &str) -> Result<Option<TokenRecord>, StoreError> {
         let row = sqlx::query("SELECT * FROM tokens WHERE hash = ?")
             .bind(hash)
-            .fetch_optional(&self.pool)
+            .fetch_optional(&self.reader)
             .await?;
         row.as_ref().map(token_row).transpose()
     }
 
     async fn list_tokens(&self) -> Result<Vec<TokenRecord>, StoreError> {
         let rows = sqlx::query("SELECT * FROM tokens ORDER BY created_at, id")
-            .fetch_all(&self.pool)
+            .fetch_all(&self.reader)
             .await?;
         rows.iter().map(token_row).collect()
     }
@@ -176,7 +208,7 @@ impl JobStore for SqliteStore {
     async fn revoke_token(&self, id: &str) -> Result<bool, StoreError> {
         let done = sqlx::query("UPDATE tokens SET revoked = 1 WHERE id = ?")
             .bind(id)
-            .execute(&self.pool)
+            .execute(&self.writer)
             .await?;
         Ok(done.rows_affected() == 1)
     }
@@ -199,7 +231,7 @@ impl JobStore for SqliteStore {
         .bind(i64::from(j.has_stdin))
         .bind(j.state.as_str())
         .bind(j.created_at)
-        .execute(&self.pool)
+        .execute(&self.writer)
         .await?;
         Ok(())
     }
@@ -208,7 +240,7 @@ impl JobStore for SqliteStore {
         let row = sqlx::query("SELECT * FROM jobs WHERE id = ? AND tenant = ?")
             .bind(id)
             .bind(tenant)
-            .fetch_optional(&self.pool)
+            .fetch_optional(&self.reader)
             .await?;
         row.as_ref().map(job_row).transpose()
     }
@@ -218,21 +250,21 @@ impl JobStore for SqliteStore {
             sqlx::query("SELECT * FROM jobs WHERE tenant = ? ORDER BY created_at DESC LIMIT ?")
                 .bind(tenant)
                 .bind(i64::from(limit))
-                .fetch_all(&self.pool)
+                .fetch_all(&self.reader)
                 .await?;
         rows.iter().map(job_row).collect()
     }
 
-    async fn mark_running(&self, id: &str, now: i64) -> Result<bool, StoreError> {
-        let done = sqlx::query(
+    async fn claim(&self, id: &str, now: i64) -> Result<Option<JobRecord>, StoreError> {
+        let row = sqlx::query(
             "UPDATE jobs SET state = 'running', started_at = ?, attempts = attempts + 1
-             WHERE id = ? AND state = 'queued'",
+             WHERE id = ? AND state = 'queued' RETURNING *",
         )
         .bind(now)
         .bind(id)
-        .execute(&self.pool)
+        .fetch_optional(&self.writer)
         .await?;
-        Ok(done.rows_affected() == 1)
+        row.as_ref().map(job_row).transpose()
     }
 
     async fn finish_job(
@@ -240,12 +272,14 @@ impl JobStore for SqliteStore {
         id: &str,
         report: &crate::sandbox::JobReport,
         now: i64,
+        audit: &AuditEntry,
     ) -> Result<bool, StoreError> {
         let state = if report.succeeded() {
             JobState::Succeeded
         } else {
             JobState::Failed
         };
+        let mut tx = self.writer.begin().await?;
         let done = sqlx::query(
             "UPDATE jobs SET state = ?, finished_at = ?, report = ? WHERE id = ? AND state = 'running'",
         )
@@ -253,9 +287,14 @@ impl JobStore for SqliteStore {
         .bind(now)
         .bind(json(report))
         .bind(id)
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await?;
-        Ok(done.rows_affected() == 1)
+        if done.rows_affected() != 1 {
+            return Ok(false);
+        }
+        insert_audit(&mut tx, audit).await?;
+        tx.commit().await?;
+        Ok(true)
     }
 
     async fn cancel_job(
@@ -264,7 +303,7 @@ impl JobStore for SqliteStore {
         id: &str,
         now: i64,
     ) -> Result<CancelOutcome, StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.writer.begin().await?;
         let state: Option<String> =
             sqlx::query_scalar("SELECT state FROM jobs WHERE id = ? AND tenant = ?")
                 .bind(id)
@@ -288,7 +327,7 @@ impl JobStore for SqliteStore {
     }
 
     async fn delete_job(&self, tenant: &str, id: &str) -> Result<DeleteOutcome, StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.writer.begin().await?;
         let state: Option<String> =
             sqlx::query_scalar("SELECT state FROM jobs WHERE id = ? AND tenant = ?")
                 .bind(id)
@@ -312,14 +351,14 @@ impl JobStore for SqliteStore {
 
     async fn requeue_running(&self) -> Result<u64, StoreError> {
         let done = sqlx::query("UPDATE jobs SET state = 'queued' WHERE state = 'running'")
-            .execute(&self.pool)
+            .execute(&self.writer)
             .await?;
         Ok(done.rows_affected())
     }
 
     async fn queued_jobs(&self) -> Result<Vec<JobRecord>, StoreError> {
         let rows = sqlx::query("SELECT * FROM jobs WHERE state = 'queued' ORDER BY created_at, id")
-            .fetch_all(&self.pool)
+            .fetch_all(&self.reader)
             .await?;
         rows.iter().map(job_row).collect()
     }
@@ -330,37 +369,20 @@ impl JobStore for SqliteStore {
              RETURNING id",
         )
         .bind(before)
-        .fetch_all(&self.pool)
+        .fetch_all(&self.writer)
         .await?;
         Ok(ids)
     }
 
     async fn append_audit(&self, e: &AuditEntry) -> Result<(), StoreError> {
-        sqlx::query(
-            "INSERT INTO audit (at, action, tenant, subject, job_id, module, module_sha256,
-                                policy_sha256, outcome, limit_fired, detail)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        )
-        .bind(e.at)
-        .bind(&e.action)
-        .bind(&e.tenant)
-        .bind(&e.subject)
-        .bind(&e.job_id)
-        .bind(&e.module)
-        .bind(&e.module_sha256)
-        .bind(&e.policy_sha256)
-        .bind(&e.outcome)
-        .bind(&e.limit)
-        .bind(&e.detail)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
+        let mut conn = self.writer.acquire().await?;
+        insert_audit(&mut conn, e).await
     }
 
     async fn audit(&self, limit: u32) -> Result<Vec<AuditEntry>, StoreError> {
         let rows = sqlx::query("SELECT * FROM audit ORDER BY seq DESC LIMIT ?")
             .bind(i64::from(limit))
-            .fetch_all(&self.pool)
+            .fetch_all(&self.reader)
             .await?;
         rows.iter()
             .map(|r| {
@@ -422,9 +444,9 @@ mod tests {
             store.delete_job("acme", "j1").await.unwrap(),
             DeleteOutcome::NotFinished(JobState::Queued)
         );
-        assert!(store.mark_running("j1", 1).await.unwrap());
+        assert_eq!(store.claim("j1", 1).await.unwrap().unwrap().attempts, 1);
         assert!(
-            !store.mark_running("j1", 1).await.unwrap(),
+            store.claim("j1", 1).await.unwrap().is_none(),
             "only from queued"
         );
         assert_eq!(store.requeue_running().await.unwrap(), 1);
@@ -438,7 +460,7 @@ mod tests {
             CancelOutcome::Cancelled(JobState::Queued)
         );
         assert!(
-            !store.mark_running("j1", 3).await.unwrap(),
+            store.claim("j1", 3).await.unwrap().is_none(),
             "a cancelled job never runs"
         );
         assert_eq!(
