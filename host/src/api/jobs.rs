@@ -280,9 +280,14 @@ pub(super) async fn submit(
     let location = format!("/v1/jobs/{}", record.id);
     let mut finished = None;
     if let (Some(wait), Some(rx)) = (wait, receiver)
-        && tokio::time::timeout(wait, rx).await.is_ok()
+        && let Ok(ended) = tokio::time::timeout(wait, rx).await
     {
-        finished = Some(state.service.job(&who, &record.id).await?);
+        // The worker hands over the finished record; a cancellation (or a
+        // dropped sender) means reading the job's current state.
+        finished = match ended.ok().flatten() {
+            Some(job) => Some(job),
+            None => Some(state.service.job(&who, &record.id).await?),
+        };
     }
     let (status, job) = match finished {
         Some(job) if job.state.is_final() => (StatusCode::OK, job),

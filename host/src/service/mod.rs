@@ -107,7 +107,7 @@ pub struct Service {
     scheduler: Scheduler,
     config: ServeConfig,
     jobs_dir: PathBuf,
-    waiters: Mutex<HashMap<String, Vec<oneshot::Sender<()>>>>,
+    waiters: Mutex<HashMap<String, Vec<oneshot::Sender<Option<JobRecord>>>>>,
     cancels: Mutex<HashMap<String, Arc<Notify>>>,
     draining: AtomicBool,
     admin_token_hash: String,
@@ -309,7 +309,7 @@ impl Service {
         module_name: &str,
         sub: Submission,
         wait: bool,
-    ) -> Result<(JobRecord, Option<oneshot::Receiver<()>>), ServiceError> {
+    ) -> Result<(JobRecord, Option<oneshot::Receiver<Option<JobRecord>>>), ServiceError> {
         if self.is_draining() {
             return Err(ServiceError::Draining);
         }
@@ -461,7 +461,9 @@ impl Service {
         }
     }
 
-    fn subscribe(&self, id: &str) -> oneshot::Receiver<()> {
+    /// A receiver that fires when the job ends: with the finished record
+    /// when a worker finished it, `None` when it was cancelled.
+    fn subscribe(&self, id: &str) -> oneshot::Receiver<Option<JobRecord>> {
         let (tx, rx) = oneshot::channel();
         self.waiters
             .lock()
@@ -472,14 +474,14 @@ impl Service {
         rx
     }
 
-    fn wake(&self, id: &str) {
+    fn wake(&self, id: &str, finished: Option<&JobRecord>) {
         let senders = self
             .waiters
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(id);
         for tx in senders.into_iter().flatten() {
-            let _ = tx.send(());
+            let _ = tx.send(finished.cloned());
         }
     }
 
@@ -549,7 +551,7 @@ impl Service {
                 if before == JobState::Queued {
                     self.scheduler.remove(id);
                     self.remove_job_files(id);
-                    self.wake(id);
+                    self.wake(id, None);
                 } else if let Some(cancel) = self
                     .cancels
                     .lock()
@@ -606,18 +608,24 @@ impl Service {
 
     async fn worker(self: Arc<Self>) {
         while let Some(job) = self.scheduler.next().await {
-            if let Err(e) = self.run_one(&job).await {
-                tracing::error!(job = %job.id, error = %e, "job failed in the host");
-            }
+            let finished = match self.run_one(&job).await {
+                Ok(finished) => finished,
+                Err(e) => {
+                    tracing::error!(job = %job.id, error = %e, "job failed in the host");
+                    None
+                }
+            };
             self.scheduler.done(&job);
-            self.wake(&job.id);
+            self.wake(&job.id, finished.as_ref());
             self.update_gauges();
         }
     }
 
-    async fn run_one(&self, queued: &QueuedJob) -> Result<(), ServiceError> {
-        let Some(record) = self.store.claim(&queued.id, now_ms()).await? else {
-            return Ok(()); // cancelled while queued
+    /// Claims, runs and finishes one job; returns its finished record, or
+    /// `None` if it was cancelled.
+    async fn run_one(&self, queued: &QueuedJob) -> Result<Option<JobRecord>, ServiceError> {
+        let Some(mut record) = self.store.claim(&queued.id, now_ms()).await? else {
+            return Ok(None); // cancelled while queued
         };
         let report = match self.modules.get(&record.module) {
             Some(module) => self.execute(module, &record).await?,
@@ -628,36 +636,20 @@ impl Service {
             )),
         };
         let Some(report) = report else {
-            return Ok(()); // cancelled while running
+            return Ok(None); // cancelled while running
         };
         let outcome = if report.succeeded() {
             "succeeded"
         } else {
             "failed"
         };
-        let audit = AuditEntry {
-            at: now_ms(),
-            action: "job.finished".into(),
-            tenant: Some(record.tenant.clone()),
-            subject: Some(record.subject.clone()),
-            job_id: Some(record.id.clone()),
-            module: Some(record.module.clone()),
-            module_sha256: Some(record.module_sha256.clone()),
-            policy_sha256: record.policy_sha256.clone(),
-            outcome: Some(outcome.into()),
-            limit: report.limit.map(|l| l.as_str().to_owned()),
-            detail: report
-                .failure
-                .as_ref()
-                .map(|f| f.message.clone())
-                .unwrap_or_default(),
-        };
+        let finished_at = now_ms();
         if !self
             .store
-            .finish_job(&record.id, &report, now_ms(), &audit)
+            .finish_job(&record.id, &report, finished_at)
             .await?
         {
-            return Ok(()); // cancelled while running; its result is dropped
+            return Ok(None); // cancelled while running; its result is dropped
         }
         if !record.inputs.is_empty() || record.has_stdin {
             // Inputs are only needed to re-run; the report and outputs remain.
@@ -670,7 +662,14 @@ impl Service {
         }
         metrics::histogram!("bulkhead_job_wall_seconds", "module" => record.module.clone())
             .record(report.measurements.wall_time_ms / 1000.0);
-        Ok(())
+        record.state = if report.succeeded() {
+            JobState::Succeeded
+        } else {
+            JobState::Failed
+        };
+        record.finished_at = Some(finished_at);
+        record.report = Some(report);
+        Ok(Some(record))
     }
 
     /// Runs the job in the sandbox and copies its outputs into the job's

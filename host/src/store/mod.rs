@@ -187,16 +187,10 @@ pub trait JobStore: Send + Sync + std::fmt::Debug {
     /// `queued → running`, returning the job; `None` if it is no longer
     /// queued (cancelled, or claimed by another worker).
     async fn claim(&self, id: &str, now: i64) -> Result<Option<JobRecord>, StoreError>;
-    /// `running → succeeded | failed` with the report, and `audit` appended
-    /// in the same transaction; false (and no audit entry) if it is no
-    /// longer running (cancelled meanwhile).
-    async fn finish_job(
-        &self,
-        id: &str,
-        report: &JobReport,
-        now: i64,
-        audit: &AuditEntry,
-    ) -> Result<bool, StoreError>;
+    /// `running → succeeded | failed` with the report, appending the
+    /// `job.finished` audit entry atomically with it; false (and no audit
+    /// entry) if it is no longer running (cancelled meanwhile).
+    async fn finish_job(&self, id: &str, report: &JobReport, now: i64) -> Result<bool, StoreError>;
     /// Cancels a queued or running job of the tenant.
     async fn cancel_job(
         &self,

@@ -49,6 +49,8 @@ CREATE TABLE IF NOT EXISTS jobs (
 );
 CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, created_at);
 CREATE INDEX IF NOT EXISTS jobs_by_tenant ON jobs (tenant, created_at);
+-- The job.finished audit entry is written by a trigger on the statement
+-- that finishes the job: one round trip, and the two can never disagree.
 CREATE TABLE IF NOT EXISTS audit (
     seq           INTEGER PRIMARY KEY AUTOINCREMENT,
     at            INTEGER NOT NULL,
@@ -63,6 +65,17 @@ CREATE TABLE IF NOT EXISTS audit (
     limit_fired   TEXT,
     detail        TEXT NOT NULL
 );
+CREATE TRIGGER IF NOT EXISTS audit_job_finished
+AFTER UPDATE OF state ON jobs
+WHEN OLD.state = 'running' AND NEW.state IN ('succeeded', 'failed')
+BEGIN
+    INSERT INTO audit (at, action, tenant, subject, job_id, module, module_sha256,
+                       policy_sha256, outcome, limit_fired, detail)
+    VALUES (NEW.finished_at, 'job.finished', NEW.tenant, NEW.subject, NEW.id, NEW.module,
+            NEW.module_sha256, NEW.policy_sha256, NEW.state,
+            json_extract(NEW.report, '$.limit'),
+            COALESCE(json_extract(NEW.report, '$.failure.message'), ''));
+END;
 "#;
 
 /// The SQLite job store.
@@ -272,14 +285,12 @@ impl JobStore for SqliteStore {
         id: &str,
         report: &crate::sandbox::JobReport,
         now: i64,
-        audit: &AuditEntry,
     ) -> Result<bool, StoreError> {
         let state = if report.succeeded() {
             JobState::Succeeded
         } else {
             JobState::Failed
         };
-        let mut tx = self.writer.begin().await?;
         let done = sqlx::query(
             "UPDATE jobs SET state = ?, finished_at = ?, report = ? WHERE id = ? AND state = 'running'",
         )
@@ -287,14 +298,9 @@ impl JobStore for SqliteStore {
         .bind(now)
         .bind(json(report))
         .bind(id)
-        .execute(&mut *tx)
+        .execute(&self.writer)
         .await?;
-        if done.rows_affected() != 1 {
-            return Ok(false);
-        }
-        insert_audit(&mut tx, audit).await?;
-        tx.commit().await?;
-        Ok(true)
+        Ok(done.rows_affected() == 1)
     }
 
     async fn cancel_job(
@@ -471,6 +477,40 @@ mod tests {
             store.delete_job("acme", "j1").await.unwrap(),
             DeleteOutcome::Deleted
         );
+    }
+
+    #[tokio::test]
+    async fn finishing_a_job_writes_its_audit_entry() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("db.sqlite"))
+            .await
+            .unwrap();
+        store.insert_job(&job("j1", "acme")).await.unwrap();
+        store.claim("j1", 1).await.unwrap();
+        let mut report = crate::sandbox::JobReport::not_run("j1", "hello", "boom");
+        report.limit = Some(crate::sandbox::LimitKind::Memory);
+        assert!(store.finish_job("j1", &report, 7).await.unwrap());
+        let audit = store.audit(10).await.unwrap();
+        assert_eq!(audit.len(), 1);
+        let e = &audit[0];
+        assert_eq!(
+            (
+                e.action.as_str(),
+                e.tenant.as_deref(),
+                e.job_id.as_deref(),
+                e.outcome.as_deref()
+            ),
+            ("job.finished", Some("acme"), Some("j1"), Some("failed"))
+        );
+        assert_eq!(
+            (e.limit.as_deref(), e.detail.as_str(), e.at),
+            (Some("memory"), "boom", 7)
+        );
+        assert!(
+            !store.finish_job("j1", &report, 8).await.unwrap(),
+            "only once"
+        );
+        assert_eq!(store.audit(10).await.unwrap().len(), 1);
     }
 
     #[tokio::test]
