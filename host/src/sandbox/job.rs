@@ -67,59 +67,127 @@ pub fn validate_input_name(name: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// A job's directory on the host. Removed, with everything the guest left
-/// in it, on drop.
+/// A job's directories on the host: `<work>/<id>.out`, preopened writable
+/// as `/out`, and — only when the job has inputs — `<work>/<id>.in`,
+/// preopened read-only as `/in`. A job without inputs sees
+/// `<work>/.empty-in` as `/in`: one directory shared by such jobs, created
+/// empty with mode 0500 and preopened read-only, so no job can put anything
+/// in it for another to find. Removed, with everything the guest left, on
+/// drop.
 #[derive(Debug)]
 pub struct JobDir {
-    root: PathBuf,
+    out: PathBuf,
+    own_input: PathBuf,
+    shared_input: PathBuf,
+    has_inputs: std::sync::atomic::AtomicBool,
 }
 
+/// Name of the shared empty input directory inside a work directory.
+const EMPTY_INPUT: &str = ".empty-in";
+
 impl JobDir {
-    /// Creates `<parent>/<id>/{in,out}` with mode 0700. Fails if the job
-    /// directory already exists: a job never inherits another's leftovers.
+    /// Creates `<parent>/<id>.out` (mode 0700), and the shared empty input
+    /// directory if missing. Fails if the job's directory already exists: a
+    /// job never inherits another's leftovers.
     ///
     /// # Errors
-    /// Any I/O error creating the directories.
+    /// Any I/O error creating the directories, or a shared input directory
+    /// that is not empty.
     pub fn create(parent: &Path, id: &str) -> io::Result<Self> {
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(parent)?;
-        let root = parent.join(id);
+        let shared_input = parent.join(EMPTY_INPUT);
+        // The common case is one `mkdir` per job: the parent and the shared
+        // input directory exist after the first job.
+        let out = parent.join(format!("{id}.out"));
         let mut builder = std::fs::DirBuilder::new();
         builder.mode(0o700);
-        builder.create(&root)?;
-        let dir = Self { root };
-        builder.create(dir.input_dir())?;
-        builder.create(dir.output_dir())?;
+        match builder.create(&out) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                std::fs::DirBuilder::new()
+                    .recursive(true)
+                    .mode(0o700)
+                    .create(parent)?;
+                builder.create(&out)?;
+            }
+            Err(e) => return Err(e),
+        }
+        let dir = Self {
+            own_input: parent.join(format!("{id}.in")),
+            out,
+            shared_input,
+            has_inputs: std::sync::atomic::AtomicBool::new(false),
+        };
+        dir.ensure_shared_input()?;
         Ok(dir)
+    }
+
+    /// Makes sure the shared input directory exists, is a directory, is
+    /// empty and is read-only. Checked once per directory per process: the
+    /// host never writes into it and guests only ever see it read-only.
+    fn ensure_shared_input(&self) -> io::Result<()> {
+        use std::os::unix::fs::PermissionsExt;
+        static VERIFIED: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
+        let mut verified = VERIFIED.lock().unwrap_or_else(|e| e.into_inner());
+        if verified.contains(&self.shared_input) {
+            return Ok(());
+        }
+        let result = match std::fs::DirBuilder::new()
+            .mode(0o500)
+            .create(&self.shared_input)
+        {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                let meta = std::fs::symlink_metadata(&self.shared_input)?;
+                let empty = std::fs::read_dir(&self.shared_input)?.next().is_none();
+                if meta.is_dir() && empty && meta.permissions().mode() & 0o222 == 0 {
+                    Ok(())
+                } else {
+                    Err(io::Error::other(format!(
+                        "{} must be an empty read-only directory",
+                        self.shared_input.display()
+                    )))
+                }
+            }
+            Err(e) => Err(e),
+        };
+        if result.is_ok() {
+            verified.push(self.shared_input.clone());
+        }
+        result
     }
 
     /// The directory preopened as `/in`.
     pub fn input_dir(&self) -> PathBuf {
-        self.root.join("in")
+        if self.has_inputs.load(std::sync::atomic::Ordering::SeqCst) {
+            self.own_input.clone()
+        } else {
+            self.shared_input.clone()
+        }
     }
 
     /// The directory preopened as `/out`.
     pub fn output_dir(&self) -> PathBuf {
-        self.root.join("out")
+        self.out.clone()
     }
 
-    /// The job directory itself.
-    pub fn path(&self) -> &Path {
-        &self.root
-    }
-
-    /// Writes the inputs into `in/` (read-only files, `create_new`).
+    /// Writes the inputs into the job's own input directory (read-only
+    /// files, `create_new`). Without inputs, nothing is created.
     pub(crate) fn write_inputs(&self, inputs: &[JobInput]) -> io::Result<()> {
         use std::io::Write;
-        let dir = self.input_dir();
+        if inputs.is_empty() {
+            return Ok(());
+        }
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&self.own_input)?;
+        self.has_inputs
+            .store(true, std::sync::atomic::Ordering::SeqCst);
         for input in inputs {
             let mut f = std::fs::OpenOptions::new()
                 .write(true)
                 .create_new(true)
                 .mode(0o400)
-                .open(dir.join(&input.name))?;
+                .open(self.own_input.join(&input.name))?;
             f.write_all(&input.data)?;
         }
         Ok(())
@@ -128,18 +196,22 @@ impl JobDir {
 
 impl Drop for JobDir {
     fn drop(&mut self) {
-        // Fast path for the common empty case: three `rmdir`s instead of a
-        // directory walk. Anything left inside makes one of them fail, and
-        // `remove_dir_all` (which does not follow symlinks the guest left
-        // behind) takes over.
-        let empty = std::fs::remove_dir(self.input_dir()).is_ok()
-            && std::fs::remove_dir(self.output_dir()).is_ok()
-            && std::fs::remove_dir(&self.root).is_ok();
-        if empty {
-            return;
+        // Fast path: an empty `/out` goes with one `rmdir`. Anything left
+        // inside makes it fail, and `remove_dir_all` (which does not follow
+        // symlinks the guest left behind) takes over.
+        let mut dirs = vec![&self.out];
+        if self.has_inputs.load(std::sync::atomic::Ordering::SeqCst) {
+            dirs.push(&self.own_input);
         }
-        if let Err(e) = std::fs::remove_dir_all(&self.root) {
-            tracing::warn!(dir = %self.root.display(), error = %e, "cannot remove job directory");
+        for dir in dirs {
+            if std::fs::remove_dir(dir).is_ok() {
+                continue;
+            }
+            if let Err(e) = std::fs::remove_dir_all(dir)
+                && e.kind() != io::ErrorKind::NotFound
+            {
+                tracing::warn!(dir = %dir.display(), error = %e, "cannot remove job directory");
+            }
         }
     }
 }
@@ -162,12 +234,17 @@ mod tests {
         let outside = tmp.path().join("outside.txt");
         std::fs::write(&outside, b"keep me").unwrap();
         let dir = JobDir::create(&tmp.path().join("jobs"), "j2").unwrap();
+        dir.write_inputs(&[JobInput {
+            name: "in.txt".into(),
+            data: bytes::Bytes::from_static(b"y"),
+        }])
+        .unwrap();
         std::fs::write(dir.output_dir().join("a"), b"x").unwrap();
         std::os::unix::fs::symlink(&outside, dir.output_dir().join("link")).unwrap();
-        std::fs::write(dir.input_dir().join("in"), b"y").unwrap();
-        let path = dir.path().to_owned();
+        let (input, output) = (dir.input_dir(), dir.output_dir());
+        assert!(input.ends_with("j2.in"));
         drop(dir);
-        assert!(!path.exists());
+        assert!(!input.exists() && !output.exists());
         assert_eq!(std::fs::read(&outside).unwrap(), b"keep me");
     }
 
@@ -179,9 +256,34 @@ mod tests {
             JobDir::create(tmp.path(), "j1").is_err(),
             "ids are never reused"
         );
-        let path = dir.path().to_owned();
-        assert!(dir.input_dir().is_dir() && dir.output_dir().is_dir());
+        let out = dir.output_dir();
+        assert!(dir.input_dir().is_dir() && out.is_dir());
         drop(dir);
-        assert!(!path.exists());
+        assert!(!out.exists());
+    }
+
+    #[test]
+    fn jobs_without_inputs_share_an_empty_read_only_input_dir() {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let a = JobDir::create(tmp.path(), "a").unwrap();
+        let b = JobDir::create(tmp.path(), "b").unwrap();
+        assert_eq!(a.input_dir(), b.input_dir());
+        let meta = std::fs::metadata(a.input_dir()).unwrap();
+        assert_eq!(meta.permissions().mode() & 0o777, 0o500);
+        assert!(std::fs::read_dir(a.input_dir()).unwrap().next().is_none());
+        drop((a, b));
+        assert!(tmp.path().join(EMPTY_INPUT).is_dir(), "shared, so it stays");
+    }
+
+    #[test]
+    fn a_shared_input_dir_that_is_not_empty_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let shared = tmp.path().join(EMPTY_INPUT);
+        std::fs::create_dir(&shared).unwrap();
+        std::fs::write(shared.join("leftover"), b"x").unwrap();
+        std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o500)).unwrap();
+        assert!(JobDir::create(tmp.path(), "c").is_err());
     }
 }
