@@ -116,7 +116,11 @@ impl Scheduler {
         }
         s.queued += 1;
         drop(s);
-        self.changed.notify_waiters();
+        // One more runnable job needs one worker: waking all of them would
+        // cost a thread switch each for nothing. A worker checks the queue
+        // before it waits, and a stored permit covers a push that lands
+        // while no worker is waiting.
+        self.changed.notify_one();
         Ok(())
     }
 
@@ -215,7 +219,8 @@ impl Scheduler {
             }
         }
         drop(s);
-        self.changed.notify_waiters();
+        // A freed slot can make at most one held-back job runnable.
+        self.changed.notify_one();
     }
 
     /// Stops handing out jobs; waiting workers get `None`.

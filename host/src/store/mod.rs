@@ -138,7 +138,7 @@ pub struct AuditEntry {
 pub enum StoreError {
     /// The database failed.
     #[error("job store: {0}")]
-    Db(#[from] sqlx::Error),
+    Db(#[from] rusqlite::Error),
     /// A stored value could not be decoded.
     #[error("job store: corrupt row: {0}")]
     Corrupt(String),
