@@ -1,8 +1,9 @@
 //! Sandbox benchmarks; figures and how to read them are in BENCHMARKS.md.
 //!
-//! - `job_overhead`: a hello-world component per job, three ways side by side:
-//!   a bare wasmtime loop (pooling allocator + `InstancePre`, a default WASI
-//!   context, nothing else), Bulkhead's full job (policy-built WASI context,
+//! - `job_overhead`: a hello-world component per job, side by side: a bare
+//!   wasmtime loop (pooling allocator + `InstancePre`, a default WASI
+//!   context, nothing else), the same with Bulkhead's pool reset tuning,
+//!   Bulkhead's full job (policy-built WASI context,
 //!   every limit, fresh job directory, `/out` quota, output collection), and —
 //!   when a `wasmtime` CLI is on `PATH` — spawning `wasmtime run` per job as a
 //!   naive runner would.
@@ -87,6 +88,44 @@ fn job_overhead(c: &mut Criterion) {
                     },
                 );
                 let cmd = pre.instantiate_async(&mut store).await.unwrap();
+                cmd.wasi_cli_run()
+                    .call_run(&mut store)
+                    .await
+                    .unwrap()
+                    .unwrap();
+            })
+        })
+    });
+
+    // The same bare loop with the pool reset tuning Bulkhead's engine uses
+    // (memory reset in place with PAGEMAP_SCAN instead of madvise), so the
+    // ratio to it isolates the sandbox's own per-job work.
+    let mut pool = PoolingAllocationConfig::new();
+    pool.linear_memory_keep_resident(16 * 1024 * 1024)
+        .table_keep_resident(64 * 1024)
+        .pagemap_scan(wasmtime::Enabled::Auto)
+        .decommit_batch_size(8);
+    let mut config = Config::new();
+    config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+    let tuned_engine = Engine::new(&config).unwrap();
+    let mut linker = Linker::<Bare>::new(&tuned_engine);
+    wasmtime_wasi::p2::add_to_linker_async(&mut linker).unwrap();
+    let component = Component::new(&tuned_engine, &wasm).unwrap();
+    let tuned_pre = CommandPre::new(linker.instantiate_pre(&component).unwrap()).unwrap();
+    group.bench_function("bare_wasmtime_tuned_pool", |b| {
+        b.iter(|| {
+            rt.block_on(async {
+                let ctx = WasiCtxBuilder::new()
+                    .stdout(MemoryOutputPipe::new(4096))
+                    .build();
+                let mut store = Store::new(
+                    &tuned_engine,
+                    Bare {
+                        ctx,
+                        table: ResourceTable::new(),
+                    },
+                );
+                let cmd = tuned_pre.instantiate_async(&mut store).await.unwrap();
                 cmd.wasi_cli_run()
                     .call_run(&mut store)
                     .await
