@@ -44,6 +44,35 @@ fn policy_for(path: &str, name: &str, body: &str) -> Policy {
     Policy::parse(&text, Path::new("bench.toml")).unwrap()
 }
 
+/// A bare engine with `pool`, and `wasm` pre-instantiated against wasmtime's
+/// own WASI linker.
+fn bare(pool: PoolingAllocationConfig, wasm: &[u8]) -> (Engine, CommandPre<Bare>) {
+    let mut config = Config::new();
+    config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+    let engine = Engine::new(&config).unwrap();
+    let mut linker = Linker::<Bare>::new(&engine);
+    wasmtime_wasi::p2::add_to_linker_async(&mut linker).unwrap();
+    let component = Component::new(&engine, wasm).unwrap();
+    let pre = CommandPre::new(linker.instantiate_pre(&component).unwrap()).unwrap();
+    (engine, pre)
+}
+
+/// One hello job under a bare engine: a default WASI context with stdout
+/// captured, instantiate, run.
+async fn run_bare_hello(engine: &Engine, pre: &CommandPre<Bare>) {
+    let ctx = WasiCtxBuilder::new()
+        .stdout(MemoryOutputPipe::new(4096))
+        .build();
+    let table = ResourceTable::new();
+    let mut store = Store::new(engine, Bare { ctx, table });
+    let cmd = pre.instantiate_async(&mut store).await.unwrap();
+    cmd.wasi_cli_run()
+        .call_run(&mut store)
+        .await
+        .unwrap()
+        .unwrap();
+}
+
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -65,36 +94,9 @@ fn job_overhead(c: &mut Criterion) {
     let mut group = c.benchmark_group("job_overhead");
 
     // The bare loop: what wasmtime itself costs per instantiate + run.
-    let mut config = Config::new();
-    config.allocation_strategy(InstanceAllocationStrategy::Pooling(
-        PoolingAllocationConfig::new(),
-    ));
-    let engine = Engine::new(&config).unwrap();
-    let mut linker = Linker::<Bare>::new(&engine);
-    wasmtime_wasi::p2::add_to_linker_async(&mut linker).unwrap();
-    let component = Component::new(&engine, &wasm).unwrap();
-    let pre = CommandPre::new(linker.instantiate_pre(&component).unwrap()).unwrap();
+    let (engine, pre) = bare(PoolingAllocationConfig::new(), &wasm);
     group.bench_function("bare_wasmtime", |b| {
-        b.iter(|| {
-            rt.block_on(async {
-                let ctx = WasiCtxBuilder::new()
-                    .stdout(MemoryOutputPipe::new(4096))
-                    .build();
-                let mut store = Store::new(
-                    &engine,
-                    Bare {
-                        ctx,
-                        table: ResourceTable::new(),
-                    },
-                );
-                let cmd = pre.instantiate_async(&mut store).await.unwrap();
-                cmd.wasi_cli_run()
-                    .call_run(&mut store)
-                    .await
-                    .unwrap()
-                    .unwrap();
-            })
-        })
+        b.iter(|| rt.block_on(run_bare_hello(&engine, &pre)))
     });
 
     // The same bare loop with the pool reset tuning Bulkhead's engine uses
@@ -105,34 +107,9 @@ fn job_overhead(c: &mut Criterion) {
         .table_keep_resident(64 * 1024)
         .pagemap_scan(wasmtime::Enabled::Auto)
         .decommit_batch_size(8);
-    let mut config = Config::new();
-    config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
-    let tuned_engine = Engine::new(&config).unwrap();
-    let mut linker = Linker::<Bare>::new(&tuned_engine);
-    wasmtime_wasi::p2::add_to_linker_async(&mut linker).unwrap();
-    let component = Component::new(&tuned_engine, &wasm).unwrap();
-    let tuned_pre = CommandPre::new(linker.instantiate_pre(&component).unwrap()).unwrap();
+    let (tuned_engine, tuned_pre) = bare(pool, &wasm);
     group.bench_function("bare_wasmtime_tuned_pool", |b| {
-        b.iter(|| {
-            rt.block_on(async {
-                let ctx = WasiCtxBuilder::new()
-                    .stdout(MemoryOutputPipe::new(4096))
-                    .build();
-                let mut store = Store::new(
-                    &tuned_engine,
-                    Bare {
-                        ctx,
-                        table: ResourceTable::new(),
-                    },
-                );
-                let cmd = tuned_pre.instantiate_async(&mut store).await.unwrap();
-                cmd.wasi_cli_run()
-                    .call_run(&mut store)
-                    .await
-                    .unwrap()
-                    .unwrap();
-            })
-        })
+        b.iter(|| rt.block_on(run_bare_hello(&tuned_engine, &tuned_pre)))
     });
 
     // Bulkhead's full per-job path.
@@ -209,15 +186,7 @@ fn thumbnail(c: &mut Criterion) {
     std::fs::create_dir_all(bare_dir.path().join("in")).unwrap();
     std::fs::create_dir_all(bare_dir.path().join("out")).unwrap();
     std::fs::write(bare_dir.path().join("in/big.png"), &png).unwrap();
-    let mut config = Config::new();
-    config.allocation_strategy(InstanceAllocationStrategy::Pooling(
-        PoolingAllocationConfig::new(),
-    ));
-    let engine = Engine::new(&config).unwrap();
-    let mut linker = Linker::<Bare>::new(&engine);
-    wasmtime_wasi::p2::add_to_linker_async(&mut linker).unwrap();
-    let component = Component::new(&engine, &wasm).unwrap();
-    let pre = CommandPre::new(linker.instantiate_pre(&component).unwrap()).unwrap();
+    let (engine, pre) = bare(PoolingAllocationConfig::new(), &wasm);
     group.bench_function("bare_wasmtime", |b| {
         b.iter(|| {
             rt.block_on(async {

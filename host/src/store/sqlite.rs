@@ -216,8 +216,17 @@ fn token_row(row: &Row<'_>) -> rusqlite::Result<TokenRecord> {
     })
 }
 
-fn state_of(text: &str) -> Result<JobState, StoreError> {
-    JobState::parse(text).ok_or_else(|| StoreError::Corrupt(format!("state `{text}`")))
+/// The state of the tenant's job `id`, if it exists.
+fn state_in(conn: &Connection, tenant: &str, id: &str) -> Result<Option<JobState>, StoreError> {
+    let state: Option<String> = conn
+        .prepare_cached("SELECT state FROM jobs WHERE id = ?1 AND tenant = ?2")?
+        .query_row([id, tenant], |r| r.get(0))
+        .optional()?;
+    state
+        .map(|text| {
+            JobState::parse(&text).ok_or_else(|| StoreError::Corrupt(format!("state `{text}`")))
+        })
+        .transpose()
 }
 
 fn job_row(row: &Row<'_>) -> rusqlite::Result<JobRecord> {
@@ -407,14 +416,9 @@ impl JobStore for SqliteStore {
     ) -> Result<CancelOutcome, StoreError> {
         self.write(|c| {
             let tx = c.transaction()?;
-            let state: Option<String> = tx
-                .prepare_cached("SELECT state FROM jobs WHERE id = ?1 AND tenant = ?2")?
-                .query_row([id, tenant], |r| r.get(0))
-                .optional()?;
-            let Some(state) = state else {
+            let Some(state) = state_in(&tx, tenant, id)? else {
                 return Ok(CancelOutcome::NotFound);
             };
-            let state = state_of(&state)?;
             if state.is_final() {
                 return Ok(CancelOutcome::AlreadyFinished(state));
             }
@@ -430,14 +434,9 @@ impl JobStore for SqliteStore {
     async fn delete_job(&self, tenant: &str, id: &str) -> Result<DeleteOutcome, StoreError> {
         self.write(|c| {
             let tx = c.transaction()?;
-            let state: Option<String> = tx
-                .prepare_cached("SELECT state FROM jobs WHERE id = ?1 AND tenant = ?2")?
-                .query_row([id, tenant], |r| r.get(0))
-                .optional()?;
-            let Some(state) = state else {
+            let Some(state) = state_in(&tx, tenant, id)? else {
                 return Ok(DeleteOutcome::NotFound);
             };
-            let state = state_of(&state)?;
             if !state.is_final() {
                 return Ok(DeleteOutcome::NotFinished(state));
             }

@@ -11,7 +11,7 @@ use bulkhead::store::{JobStore, SqliteStore};
 use reqwest::StatusCode;
 use serde_json::Value;
 
-use crate::service::png;
+use crate::service::{json, png, poll_finished};
 
 /// Starts `bulkhead serve` and returns it with its public base URL, read
 /// from the first line it prints.
@@ -98,15 +98,11 @@ async fn accepted_jobs_survive_kill_dash_nine() {
     // The kill must land while work is pending, or it proves nothing.
     let mut unfinished = 0;
     for id in &ids {
-        let job: Value = http
-            .get(format!("{base}/v1/jobs/{id}"))
-            .bearer_auth(&secret)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let job: Value = json(
+            http.get(format!("{base}/v1/jobs/{id}"))
+                .bearer_auth(&secret),
+        )
+        .await;
         if job["state"] == "queued" || job["state"] == "running" {
             unfinished += 1;
         }
@@ -118,22 +114,7 @@ async fn accepted_jobs_survive_kill_dash_nine() {
 
     let (mut second, base) = spawn(&config);
     for id in &ids {
-        let mut last = Value::Null;
-        for _ in 0..600 {
-            last = http
-                .get(format!("{base}/v1/jobs/{id}"))
-                .bearer_auth(&secret)
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
-            if last["state"] != "queued" && last["state"] != "running" {
-                break;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        }
+        let last = poll_finished(&http, &base, &secret, id).await;
         assert_eq!(
             last["state"], "succeeded",
             "job {id} after restart: {last:#}"

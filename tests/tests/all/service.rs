@@ -103,16 +103,12 @@ impl Server {
     /// Polls a job until it reaches a final state (bounded: 30 s).
     pub async fn finished(&self, token: &str, id: &str) -> Value {
         for _ in 0..600 {
-            let job: Value = self
-                .http
-                .get(self.url(&format!("/v1/jobs/{id}")))
-                .bearer_auth(token)
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
+            let job: Value = json(
+                self.http
+                    .get(self.url(&format!("/v1/jobs/{id}")))
+                    .bearer_auth(token),
+            )
+            .await;
             if matches!(
                 job["state"].as_str(),
                 Some("succeeded" | "failed" | "cancelled")
@@ -123,6 +119,27 @@ impl Server {
         }
         panic!("job {id} did not finish");
     }
+}
+
+/// Sends `req` and decodes its JSON body.
+pub async fn json(req: reqwest::RequestBuilder) -> Value {
+    req.send().await.unwrap().json().await.unwrap()
+}
+
+/// Polls job `id` at `base` until it reaches a final state (bounded: 30 s).
+pub async fn poll_finished(http: &reqwest::Client, base: &str, token: &str, id: &str) -> Value {
+    let mut job = Value::Null;
+    for _ in 0..600 {
+        job = json(http.get(format!("{base}/v1/jobs/{id}")).bearer_auth(token)).await;
+        if matches!(
+            job["state"].as_str(),
+            Some("succeeded" | "failed" | "cancelled")
+        ) {
+            return job;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("job {id} did not finish: {job:#}");
 }
 
 pub fn png(width: u32, height: u32) -> Vec<u8> {
@@ -325,18 +342,14 @@ async fn another_tenant_cannot_see_touch_or_download_a_job() {
     let s = start(|_| {}).await;
     let a = s.token("tenant-a", &["thumbnail:run"]).await;
     let b = s.token("tenant-b", &["thumbnail:run"]).await;
-    let job: Value = s
-        .http
-        .post(s.url("/v1/modules/thumbnail/jobs?wait=20s"))
-        .bearer_auth(&a)
-        .header("content-type", "image/png")
-        .body(png(50, 50))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let job: Value = json(
+        s.http
+            .post(s.url("/v1/modules/thumbnail/jobs?wait=20s"))
+            .bearer_auth(&a)
+            .header("content-type", "image/png")
+            .body(png(50, 50)),
+    )
+    .await;
     let id = job["id"].as_str().unwrap();
     let output = job["outputs"][0]["url"].as_str().unwrap();
     let attempts = [
@@ -352,16 +365,7 @@ async fn another_tenant_cannot_see_touch_or_download_a_job() {
     for req in attempts {
         assert_eq!(req.send().await.unwrap().status(), StatusCode::NOT_FOUND);
     }
-    let listed: Value = s
-        .http
-        .get(s.url("/v1/jobs"))
-        .bearer_auth(&b)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let listed: Value = json(s.http.get(s.url("/v1/jobs")).bearer_auth(&b)).await;
     assert_eq!(listed.as_array().unwrap().len(), 0);
     // The owner still has it, untouched.
     let own = s
@@ -405,16 +409,12 @@ async fn a_revoked_token_fails_on_its_next_request_and_user_tokens_never_reach_a
         .unwrap();
     assert_eq!(metrics_with_user.status(), StatusCode::UNAUTHORIZED);
 
-    let tokens: Value = s
-        .http
-        .get(format!("{}/admin/v1/tokens", s.admin))
-        .bearer_auth(&s.admin_token)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let tokens: Value = json(
+        s.http
+            .get(format!("{}/admin/v1/tokens", s.admin))
+            .bearer_auth(&s.admin_token),
+    )
+    .await;
     let id = tokens[0]["id"].as_str().unwrap();
     assert!(
         tokens[0].get("hash").is_none(),
@@ -493,16 +493,12 @@ async fn a_flooding_tenant_gets_429_while_another_tenant_is_served() {
 async fn cancel_then_delete_and_the_audit_log_records_it() {
     let s = start(|c| c.queue.workers = 1).await;
     let token = s.token("acme", &["hostile:run"]).await;
-    let job: Value = s
-        .http
-        .post(s.url("/v1/modules/hostile/jobs"))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let job: Value = json(
+        s.http
+            .post(s.url("/v1/modules/hostile/jobs"))
+            .bearer_auth(&token),
+    )
+    .await;
     let id = job["id"].as_str().unwrap();
     let busy = s
         .http
@@ -517,16 +513,12 @@ async fn cancel_then_delete_and_the_audit_log_records_it() {
         StatusCode::CONFLICT,
         "an unfinished job cannot be deleted"
     );
-    let cancelled: Value = s
-        .http
-        .post(s.url(&format!("/v1/jobs/{id}/cancel")))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let cancelled: Value = json(
+        s.http
+            .post(s.url(&format!("/v1/jobs/{id}/cancel")))
+            .bearer_auth(&token),
+    )
+    .await;
     assert_eq!(cancelled["state"], "cancelled");
     let again = s
         .http
@@ -562,16 +554,12 @@ async fn cancel_then_delete_and_the_audit_log_records_it() {
         .await
         .unwrap();
     assert_eq!(denied.status(), StatusCode::FORBIDDEN);
-    let audit: Value = s
-        .http
-        .get(format!("{}/admin/v1/audit", s.admin))
-        .bearer_auth(&s.admin_token)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let audit: Value = json(
+        s.http
+            .get(format!("{}/admin/v1/audit", s.admin))
+            .bearer_auth(&s.admin_token),
+    )
+    .await;
     let entries = audit.as_array().unwrap();
     assert!(
         entries
@@ -587,16 +575,12 @@ async fn cancel_then_delete_and_the_audit_log_records_it() {
 async fn limits_fired_are_reported_and_counted_in_metrics() {
     let s = start(|_| {}).await;
     let token = s.token("acme", &["hostile:run"]).await;
-    let job: Value = s
-        .http
-        .post(s.url("/v1/modules/hostile/jobs?wait=20s"))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let job: Value = json(
+        s.http
+            .post(s.url("/v1/modules/hostile/jobs?wait=20s"))
+            .bearer_auth(&token),
+    )
+    .await;
     assert_eq!(job["state"], "failed");
     assert_eq!(job["report"]["limit"], "wall_time");
     let metrics = s
@@ -616,15 +600,7 @@ async fn limits_fired_are_reported_and_counted_in_metrics() {
 #[tokio::test(flavor = "multi_thread")]
 async fn the_openapi_document_describes_the_api() {
     let s = start(|_| {}).await;
-    let doc: Value = s
-        .http
-        .get(s.url("/openapi.json"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let doc: Value = json(s.http.get(s.url("/openapi.json"))).await;
     for path in [
         "/v1/modules",
         "/v1/modules/{module}/jobs",
@@ -641,18 +617,14 @@ async fn the_openapi_document_describes_the_api() {
 async fn finished_jobs_expire_after_retention_with_their_files() {
     let s = start(|c| c.storage.retention = "1 ms".parse().unwrap()).await;
     let token = s.token("acme", &["thumbnail:run"]).await;
-    let job: Value = s
-        .http
-        .post(s.url("/v1/modules/thumbnail/jobs?wait=20s"))
-        .bearer_auth(&token)
-        .header("content-type", "image/png")
-        .body(png(40, 40))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let job: Value = json(
+        s.http
+            .post(s.url("/v1/modules/thumbnail/jobs?wait=20s"))
+            .bearer_auth(&token)
+            .header("content-type", "image/png")
+            .body(png(40, 40)),
+    )
+    .await;
     assert_eq!(job["state"], "succeeded");
     let id = job["id"].as_str().unwrap();
     let files = s.service.config().storage.data_dir.join("jobs").join(id);
