@@ -55,7 +55,11 @@ CREATE TABLE IF NOT EXISTS jobs (
     attempts      INTEGER NOT NULL DEFAULT 0,
     report        TEXT
 );
-CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, created_at);
+-- Only unfinished jobs are ever looked up by state (recovery at start), so
+-- the index holds just those: claiming a job (queued -> running) leaves it
+-- untouched, and a finished job leaves it once.
+DROP INDEX IF EXISTS jobs_by_state;
+CREATE INDEX IF NOT EXISTS jobs_pending ON jobs (created_at) WHERE state IN ('queued', 'running');
 CREATE INDEX IF NOT EXISTS jobs_by_tenant ON jobs (tenant, created_at);
 CREATE TABLE IF NOT EXISTS audit (
     seq           INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -450,7 +454,8 @@ impl JobStore for SqliteStore {
     async fn requeue_running(&self) -> Result<u64, StoreError> {
         self.write(|c| {
             Ok(c.execute(
-                "UPDATE jobs SET state = 'queued' WHERE state = 'running'",
+                // The IN term lets SQLite use the partial index.
+                "UPDATE jobs SET state = 'queued' WHERE state IN ('queued', 'running') AND state = 'running'",
                 [],
             )? as u64)
         })
@@ -459,7 +464,7 @@ impl JobStore for SqliteStore {
     async fn queued_jobs(&self) -> Result<Vec<JobRecord>, StoreError> {
         self.read(|c| {
             let mut stmt = c.prepare_cached(
-                "SELECT * FROM jobs WHERE state = 'queued' ORDER BY created_at, id",
+                "SELECT * FROM jobs WHERE state IN ('queued', 'running') AND state = 'queued' ORDER BY created_at, id",
             )?;
             let rows = stmt.query_map([], job_row)?.collect::<Result<_, _>>()?;
             Ok(rows)
