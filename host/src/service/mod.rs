@@ -248,6 +248,11 @@ impl Service {
         &self.config
     }
 
+    /// Where running jobs' directories are.
+    pub fn work_dir(&self) -> &Path {
+        &self.sandbox.config().work_dir
+    }
+
     /// The store.
     pub fn store(&self) -> &Arc<dyn JobStore> {
         &self.store
@@ -603,6 +608,17 @@ impl Service {
         let deadline = tokio::time::Instant::now() + self.config.server.shutdown_grace.get();
         while self.scheduler.depth().1 > 0 && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // With nothing running, the job directories (tmpfs by default) are
+        // leftovers; a start would empty them anyway, so give the memory
+        // back now.
+        if self.scheduler.depth().1 == 0 {
+            let work = &self.sandbox.config().work_dir;
+            if let Err(e) = std::fs::remove_dir_all(work)
+                && e.kind() != std::io::ErrorKind::NotFound
+            {
+                tracing::warn!(dir = %work.display(), error = %e, "cannot remove the work directory");
+            }
         }
     }
 

@@ -646,7 +646,20 @@ async fn finished_jobs_expire_after_retention_with_their_files() {
 async fn a_draining_service_refuses_new_jobs_with_503_and_is_not_ready() {
     let s = start(|c| c.server.shutdown_grace = "2 s".parse().unwrap()).await;
     let token = s.token("acme", &["hello:run"]).await;
+    let done = json(
+        s.http
+            .post(s.url("/v1/modules/hello/jobs?wait=20s"))
+            .bearer_auth(&token),
+    )
+    .await;
+    assert_eq!(done["state"], "succeeded");
+    let work = s.service.work_dir().to_owned();
+    assert!(work.is_dir());
     s.service.shutdown().await;
+    assert!(
+        !work.exists(),
+        "an idle shutdown gives the job directories back"
+    );
     let resp = s
         .http
         .post(s.url("/v1/modules/hello/jobs"))
