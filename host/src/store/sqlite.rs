@@ -705,6 +705,46 @@ mod tests {
         assert_eq!(store.audit(10).await.unwrap().len(), 1);
     }
 
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_writes_commit_together_and_one_failure_spares_the_rest() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = std::sync::Arc::new(
+            SqliteStore::open(&dir.path().join("db.sqlite"))
+                .await
+                .unwrap(),
+        );
+        store.insert_job(&job("dup", "acme")).await.unwrap();
+        let mut tasks = Vec::new();
+        for i in 0..40 {
+            let store = std::sync::Arc::clone(&store);
+            // Every tenth write collides with the existing primary key.
+            let id = if i % 10 == 0 {
+                "dup".to_owned()
+            } else {
+                format!("j{i}")
+            };
+            tasks.push(tokio::spawn(async move {
+                (id.clone(), store.insert_job(&job(&id, "acme")).await)
+            }));
+        }
+        let mut failed = 0;
+        for t in tasks {
+            let (id, result) = t.await.unwrap();
+            match result {
+                Ok(()) => assert!(
+                    store.get_job("acme", &id).await.unwrap().is_some(),
+                    "{id} reported but missing"
+                ),
+                Err(_) => {
+                    assert_eq!(id, "dup");
+                    failed += 1;
+                }
+            }
+        }
+        assert_eq!(failed, 4);
+        assert_eq!(store.list_jobs("acme", 100).await.unwrap().len(), 37);
+    }
+
     #[tokio::test]
     async fn the_database_survives_reopening() {
         let dir = tempfile::tempdir().unwrap();
