@@ -10,7 +10,6 @@
 
 use std::hash::{Hash, Hasher};
 use std::io::Write;
-use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 
 use wasmtime::Engine;
@@ -75,10 +74,7 @@ impl ModuleCache {
     }
 
     fn store(&self, path: &Path, artifact: &[u8]) -> std::io::Result<()> {
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&self.dir)?;
+        super::job::create_private_dir_all(&self.dir)?;
         // Write to a temporary file and rename, so a crash never leaves a
         // truncated artifact under the final name.
         let mut tmp = tempfile::NamedTempFile::new_in(&self.dir)?;

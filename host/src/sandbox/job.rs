@@ -11,6 +11,19 @@ use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
 
+/// Creates `path` and any missing parents with mode 0700: directories only
+/// this host's user may enter (job directories, the module cache, the
+/// service's data).
+///
+/// # Errors
+/// Any I/O error creating them.
+pub fn create_private_dir_all(path: &Path) -> io::Result<()> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(path)
+}
+
 /// Most input files one job may have.
 pub const MAX_INPUTS: usize = 64;
 /// Longest parameter value, in bytes.
@@ -103,10 +116,7 @@ impl JobDir {
         match builder.create(&out) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                std::fs::DirBuilder::new()
-                    .recursive(true)
-                    .mode(0o700)
-                    .create(parent)?;
+                create_private_dir_all(parent)?;
                 builder.create(&out)?;
             }
             Err(e) => return Err(e),

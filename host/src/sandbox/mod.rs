@@ -30,7 +30,7 @@ use wasmtime::{Engine, Store, UpdateDeadline};
 use wasmtime_wasi::I32Exit;
 use wasmtime_wasi::p2::bindings::CommandPre;
 
-pub use job::{JobDir, JobInput, JobSpec, MAX_INPUTS, validate_input_name};
+pub use job::{JobDir, JobInput, JobSpec, MAX_INPUTS, create_private_dir_all, validate_input_name};
 pub use limits::LimitKind;
 pub use outputs::{OutputFile, SkippedOutput};
 pub use report::{Captured, Failure, FailureKind, JobReport, Measurements, Outcome};

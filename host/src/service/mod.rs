@@ -13,7 +13,7 @@ pub mod scheduler;
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -139,13 +139,6 @@ fn metrics_handle() -> metrics_exporter_prometheus::PrometheusHandle {
         .clone()
 }
 
-fn private_dir(path: &Path) -> std::io::Result<()> {
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(path)
-}
-
 impl Service {
     /// Opens the store, loads every module under the config's policies
     /// directory, re-queues jobs a crash left behind, and starts the workers
@@ -161,7 +154,7 @@ impl Service {
         let storage = |e: &dyn std::fmt::Display| {
             StartError::Storage(format!("data directory {}: {e}", data.display()))
         };
-        private_dir(data).map_err(|e| storage(&e))?;
+        crate::sandbox::create_private_dir_all(data).map_err(|e| storage(&e))?;
         let store: Arc<dyn JobStore> = match store {
             Some(s) => s,
             None => Arc::new(
@@ -186,7 +179,7 @@ impl Service {
             std::fs::remove_dir_all(&work).map_err(|e| storage(&e))?;
         }
         let jobs_dir = data.join("jobs");
-        private_dir(&jobs_dir).map_err(|e| storage(&e))?;
+        crate::sandbox::create_private_dir_all(&jobs_dir).map_err(|e| storage(&e))?;
 
         let mut sandbox_config = SandboxConfig::new(work);
         sandbox_config.cache_dir = Some(
@@ -428,7 +421,7 @@ impl Service {
             return Ok(());
         }
         let dir = self.job_dir(&spec.id).join("inputs");
-        private_dir(&dir)?;
+        crate::sandbox::create_private_dir_all(&dir)?;
         let write = |name: &str, data: &[u8]| -> std::io::Result<()> {
             let mut f = std::fs::OpenOptions::new()
                 .write(true)

@@ -269,12 +269,15 @@ fn json<T: serde::Serialize>(v: &T) -> String {
     serde_json::to_string(v).expect("plain data serializes")
 }
 
+/// A stored value that does not decode, as rusqlite's conversion error.
+fn undecodable(e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> rusqlite::Error {
+    rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, e.into())
+}
+
 /// A JSON text column decoded into `T`.
 fn json_col<T: serde::de::DeserializeOwned>(row: &Row<'_>, col: &str) -> rusqlite::Result<T> {
     let text: String = row.get(col)?;
-    serde_json::from_str(&text).map_err(|e| {
-        rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e))
-    })
+    serde_json::from_str(&text).map_err(undecodable)
 }
 
 fn token_row(row: &Row<'_>) -> rusqlite::Result<TokenRecord> {
@@ -309,9 +312,7 @@ fn job_row(row: &Row<'_>) -> rusqlite::Result<JobRecord> {
     let report = report
         .map(|r| serde_json::from_str(&r))
         .transpose()
-        .map_err(|e| {
-            rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e))
-        })?;
+        .map_err(undecodable)?;
     Ok(JobRecord {
         id: row.get("id")?,
         tenant: row.get("tenant")?,
@@ -323,13 +324,7 @@ fn job_row(row: &Row<'_>) -> rusqlite::Result<JobRecord> {
         params: json_col(row, "params")?,
         inputs: json_col(row, "inputs")?,
         has_stdin: row.get::<_, i64>("has_stdin")? != 0,
-        state: JobState::parse(&state).ok_or_else(|| {
-            rusqlite::Error::FromSqlConversionFailure(
-                0,
-                rusqlite::types::Type::Text,
-                format!("state `{state}`").into(),
-            )
-        })?,
+        state: JobState::parse(&state).ok_or_else(|| undecodable(format!("state `{state}`")))?,
         created_at: row.get("created_at")?,
         started_at: row.get("started_at")?,
         finished_at: row.get("finished_at")?,
