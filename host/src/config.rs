@@ -26,6 +26,23 @@
 //! max_queued_per_tenant = 200      # queued jobs per tenant (429 beyond)
 //! max_running_per_tenant = 4
 //! max_running_per_module = 8
+//!
+//! [tokens]                         # call tokens minted for internal services
+//! issuer = "bulkhead"              # `iss`
+//! lifetime = "30 s"                # at most 300 s, and never past the job's deadline
+//! key_grace = "10 min"             # a rotated-out key stays in the JWKS this long
+//! # signing_key = "/etc/bulkhead/ed25519.pem"  # PKCS#8 PEM, mode 0600 (default: generated under <data_dir>/keys)
+//!
+//! [[services]]                     # internal services guests may call, by name
+//! name = "palette"                 # guests call http://palette/…
+//! url = "http://127.0.0.1:9101"    # where the host sends those calls
+//! # audience = "palette"           # `aud` of its tokens (default: the name)
+//! # paths = ["/v1/"]               # allowed path prefixes (default: all)
+//! # methods = ["GET", "HEAD", "POST"]
+//! # max_request = "1 MiB"          # request body, per call
+//! # max_response = "4 MiB"         # response body, per call
+//! # max_calls = 16                 # per job
+//! # timeout = "5 s"                # per call, until the response headers
 //! ```
 
 use std::net::SocketAddr;
@@ -34,6 +51,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use crate::policy::{ByteSize, HumanDuration};
+use crate::relay::{ServiceDecl, TokenConfig};
 
 /// The whole config.
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -47,6 +65,10 @@ pub struct ServeConfig {
     pub modules: Modules,
     /// Queue capacity and concurrency.
     pub queue: Queue,
+    /// Call tokens and their signing keys.
+    pub tokens: TokenConfig,
+    /// Internal services guests may call (`[[services]]`).
+    pub services: Vec<ServiceDecl>,
 }
 
 /// `[server]`.

@@ -5,6 +5,8 @@
 //!   nothing about wasmtime.
 //! - [`sandbox`]: engine, limits, the guest's WASI view, running a job; the
 //!   only module that names wasmtime types.
+//! - [`relay`]: the outbound gate: guest `wasi:http` requests to declared
+//!   internal services, with host-minted call tokens and their keys.
 //! - [`auth`]: reference tokens and caller identity.
 //! - [`store`]: tokens, jobs and audit behind the `JobStore` trait (SQLite).
 //! - [`service`]: accepting, scheduling, running and recovering jobs.
@@ -17,6 +19,7 @@ pub mod auth;
 pub mod cli;
 pub mod config;
 pub mod policy;
+pub mod relay;
 pub mod sandbox;
 pub mod service;
 pub mod store;

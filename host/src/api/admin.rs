@@ -23,6 +23,8 @@ pub fn admin_app(state: AppState) -> Router {
         .route("/admin/v1/tokens", post(issue).get(list))
         .route("/admin/v1/tokens/{id}/revoke", post(revoke))
         .route("/admin/v1/audit", get(audit))
+        .route("/admin/v1/keys", get(keys))
+        .route("/admin/v1/keys/rotate", post(rotate_key))
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .with_state(state)
@@ -179,6 +181,40 @@ async fn audit(
         .await
         .map_err(|e| ApiError::Internal(e.to_string()))?;
     Ok(Json(entries))
+}
+
+async fn keys(
+    State(state): State<AppState>,
+    _: Admin,
+) -> Result<Json<Vec<crate::relay::keys::KeyInfo>>, ApiError> {
+    let keys = state
+        .service
+        .keys()
+        .ok_or_else(|| ApiError::NotFound("this host signs no call tokens".into()))?;
+    Ok(Json(keys.list()))
+}
+
+async fn rotate_key(
+    State(state): State<AppState>,
+    _: Admin,
+) -> Result<Json<crate::relay::keys::KeyInfo>, ApiError> {
+    let keys = state
+        .service
+        .keys()
+        .ok_or_else(|| ApiError::NotFound("this host signs no call tokens".into()))?;
+    let info = keys
+        .rotate()
+        .map_err(|e| ApiError::Conflict(e.to_string()))?;
+    state
+        .service
+        .audit(AuditEntry {
+            at: now_ms(),
+            action: "key.rotated".into(),
+            detail: format!("new call-token signing key {}", info.kid),
+            ..AuditEntry::default()
+        })
+        .await;
+    Ok(Json(info))
 }
 
 async fn metrics(State(state): State<AppState>, _: Admin) -> String {

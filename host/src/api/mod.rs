@@ -254,6 +254,7 @@ pub fn app(state: AppState) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/openapi.json", get(openapi))
+        .route("/.well-known/jwks.json", get(jwks))
         .fallback(not_found)
         .with_state(state)
 }
@@ -280,6 +281,21 @@ async fn readyz(State(state): State<AppState>) -> Result<&'static str, ApiError>
     } else {
         Ok("ready\n")
     }
+}
+
+/// The public keys that verify call tokens (RFC 7517). Internal services
+/// pin this set; during a rotation it holds the new key and the retired one.
+async fn jwks(
+    State(state): State<AppState>,
+) -> Result<impl axum::response::IntoResponse, ApiError> {
+    let keys = state
+        .service
+        .keys()
+        .ok_or_else(|| ApiError::NotFound("this host signs no call tokens".into()))?;
+    Ok((
+        [(axum::http::header::CACHE_CONTROL, "public, max-age=60")],
+        Json(keys.jwks()),
+    ))
 }
 
 async fn openapi() -> Json<utoipa::openapi::OpenApi> {

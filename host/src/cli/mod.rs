@@ -141,6 +141,10 @@ struct CheckArgs {
 
 #[derive(Debug, Args)]
 struct HostArgs {
+    /// The service's config file, for the internal services it declares
+    /// (a policy may name only those).
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
     /// Where job directories are created [default: /dev/shm/bulkhead-<uid>-cli, else the temp dir].
     #[arg(long, value_name = "DIR")]
     work_dir: Option<PathBuf>,
@@ -153,6 +157,19 @@ struct HostArgs {
 }
 
 impl HostArgs {
+    /// The policy at `path`, checked against the declared services.
+    fn policy(&self, path: &Path) -> anyhow::Result<Policy> {
+        let declared = match &self.config {
+            Some(c) => crate::config::ServeConfig::load(c)?
+                .services
+                .into_iter()
+                .map(|s| s.name)
+                .collect(),
+            None => Vec::new(),
+        };
+        Ok(Policy::load_with(path, &declared)?)
+    }
+
     fn sandbox(&self) -> anyhow::Result<Sandbox> {
         let base = std::env::temp_dir().join("bulkhead");
         let mut config =
@@ -207,7 +224,7 @@ pub fn main() -> ExitCode {
 }
 
 async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
-    let policy = Policy::load(&args.policy)?;
+    let policy = args.host.policy(&args.policy)?;
     let wasm = read_module(&args.module)?;
     let mut job = JobSpec::new();
     job.inputs = parse_inputs(&args.inputs, policy.limits.input)?;
@@ -247,7 +264,7 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
 }
 
 fn check(args: CheckArgs) -> anyhow::Result<ExitCode> {
-    let policy = Policy::load(&args.policy)?;
+    let policy = args.host.policy(&args.policy)?;
     let l = &policy.limits;
     println!("policy {}: valid", args.policy.display());
     println!(
@@ -278,6 +295,7 @@ fn check(args: CheckArgs) -> anyhow::Result<ExitCode> {
     };
     let wasm = read_module(&module_path)?;
     let sandbox = args.host.sandbox()?;
+    let gated = !policy.network.services.is_empty();
     let loaded = sandbox.load(policy, &wasm)?;
     println!(
         "module {}: digest matches, compiles, links",
@@ -285,7 +303,7 @@ fn check(args: CheckArgs) -> anyhow::Result<ExitCode> {
     );
     println!("  imports:");
     for name in loaded.imports(&sandbox) {
-        let (verdict, why) = import_verdict(&name);
+        let (verdict, why) = import_verdict(&name, gated);
         println!("    {verdict:<8} {name}  ({why})");
     }
     Ok(ExitCode::SUCCESS)

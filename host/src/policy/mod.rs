@@ -186,18 +186,40 @@ impl Policy {
     /// [`PolicyError`] naming the file, and for content errors the line,
     /// column and bad value.
     pub fn load(path: &Path) -> Result<Self, PolicyError> {
+        Self::load_with(path, &[])
+    }
+
+    /// As [`Policy::load`], on a host that declares the internal services
+    /// `declared`: `[network] services` may name only those.
+    ///
+    /// # Errors
+    /// As for [`Policy::load`].
+    pub fn load_with(path: &Path, declared: &[ServiceName]) -> Result<Self, PolicyError> {
         let source = std::fs::read_to_string(path).map_err(|source| PolicyError::Read {
             path: path.to_owned(),
             source,
         })?;
-        Self::parse(&source, path)
+        Self::parse_with(&source, path, declared)
     }
 
-    /// Parses and validates policy text; `path` is only used in errors.
+    /// Parses and validates policy text; `path` is only used in errors. The
+    /// host declares no internal services (see [`Policy::parse_with`]).
     ///
     /// # Errors
     /// As for [`Policy::load`].
     pub fn parse(source: &str, path: &Path) -> Result<Self, PolicyError> {
+        Self::parse_with(source, path, &[])
+    }
+
+    /// Parses and validates policy text for a host declaring `declared`.
+    ///
+    /// # Errors
+    /// As for [`Policy::load`].
+    pub fn parse_with(
+        source: &str,
+        path: &Path,
+        declared: &[ServiceName],
+    ) -> Result<Self, PolicyError> {
         let mut policy: Policy = toml::from_str(source).map_err(|e| {
             let (line, column) = e
                 .span()
@@ -210,7 +232,7 @@ impl Policy {
                 message: e.message().trim_end().to_owned(),
             }
         })?;
-        policy.validate().map_err(|(table, key, message)| {
+        policy.validate(declared).map_err(|(table, key, message)| {
             let (line, column) = locate_key(source, table, key);
             PolicyError::Invalid {
                 path: path.to_owned(),
@@ -226,7 +248,10 @@ impl Policy {
     /// Rules that involve more than one value, or values whose type alone
     /// cannot carry the rule. Returns the table, key and message of the first
     /// broken rule.
-    fn validate(&self) -> Result<(), (&'static str, &'static str, String)> {
+    fn validate(
+        &self,
+        declared: &[ServiceName],
+    ) -> Result<(), (&'static str, &'static str, String)> {
         if self.version != POLICY_VERSION {
             return Err((
                 "",
@@ -282,14 +307,34 @@ impl Policy {
                 format!("parameter `{dup}` is listed twice"),
             ));
         }
-        if let Some(service) = self.network.services.first() {
+        let mut seen = std::collections::BTreeSet::new();
+        if let Some(dup) = self.network.services.iter().find(|s| !seen.insert(*s)) {
+            return Err((
+                "network",
+                "services",
+                format!("service `{dup}` is listed twice"),
+            ));
+        }
+        if let Some(service) = self.network.services.iter().find(|s| !declared.contains(s)) {
             // Outbound calls are resolved against the host's declared
-            // services; until a host declares any, every name is unknown.
+            // services only.
+            let known = if declared.is_empty() {
+                "this host declares no internal services".to_owned()
+            } else {
+                format!(
+                    "this host declares {}",
+                    declared
+                        .iter()
+                        .map(|d| format!("`{d}`"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
+            };
             return Err((
                 "network",
                 "services",
                 format!(
-                    "unknown service `{service}` in policy `{}`: this host declares no internal services",
+                    "unknown service `{service}` in policy `{}`: {known}",
                     self.module.name
                 ),
             ));

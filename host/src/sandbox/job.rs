@@ -49,6 +49,9 @@ pub struct JobSpec {
     pub params: BTreeMap<String, String>,
     /// Bytes readable on stdin.
     pub stdin: Bytes,
+    /// Who submitted it: the identity relayed to internal services, or why
+    /// there is none (its calls are then refused).
+    pub caller: Option<Result<crate::relay::Caller, String>>,
 }
 
 impl JobSpec {

@@ -198,6 +198,10 @@ impl LoadedModule {
 pub struct Sandbox {
     engine: Engine,
     linker: wasmtime::component::Linker<wasi::JobState>,
+    /// `linker` plus `wasi:http`, for modules whose policy names services.
+    http_linker: wasmtime::component::Linker<wasi::JobState>,
+    /// Where outbound calls go; `None` when the host declares no services.
+    relay: Option<Arc<crate::relay::Relay>>,
     cache: Option<cache::ModuleCache>,
     config: SandboxConfig,
     /// One permit per pool slot: a job waits for a slot instead of failing
@@ -227,6 +231,7 @@ impl Sandbox {
     pub fn new(config: SandboxConfig) -> Result<Self, SandboxError> {
         let engine = engine::build(&config).map_err(|e| SandboxError(format!("{e:#}")))?;
         let linker = wasi::linker(&engine).map_err(|e| SandboxError(format!("{e:#}")))?;
+        let http_linker = wasi::http_linker(&engine).map_err(|e| SandboxError(format!("{e:#}")))?;
         let cache = config
             .cache_dir
             .as_deref()
@@ -235,6 +240,8 @@ impl Sandbox {
         Ok(Self {
             engine,
             linker,
+            http_linker,
+            relay: None,
             cache,
             slots: tokio::sync::Semaphore::new(config.max_concurrent_jobs.max(1) as usize),
             config,
@@ -245,6 +252,20 @@ impl Sandbox {
     /// The settings it was built with.
     pub fn config(&self) -> &SandboxConfig {
         &self.config
+    }
+
+    /// Routes the outbound calls of modules whose policy names services
+    /// through `relay`. Without a relay such modules load but every call
+    /// they make is refused.
+    #[must_use]
+    pub fn with_relay(mut self, relay: Arc<crate::relay::Relay>) -> Self {
+        self.relay = Some(relay);
+        self
+    }
+
+    /// The relay, if the host declares services.
+    pub fn relay(&self) -> Option<&Arc<crate::relay::Relay>> {
+        self.relay.as_ref()
     }
 
     /// Verifies `wasm` against `policy` (size, digest pin, kind, limits
@@ -283,8 +304,14 @@ impl Sandbox {
             module: module.clone(),
             message: first_line(&e),
         })?;
-        let pre = self
-            .linker
+        // `wasi:http` is linked only for modules allowed a way out; for the
+        // rest an import of it fails here, before any job runs.
+        let linker = if policy.network.services.is_empty() {
+            &self.linker
+        } else {
+            &self.http_linker
+        };
+        let pre = linker
             .instantiate_pre(&component)
             .and_then(CommandPre::new)
             .map_err(|e| LoadError::Link {
@@ -352,7 +379,15 @@ impl Sandbox {
             .get()
             .as_nanos()
             .div_ceil(tick.as_nanos().max(1)) as u64;
-        let (state, captures) = wasi::job_state(policy, job, dir, &args, cpu_budget_ticks)?;
+        let (state, captures) = wasi::job_state(
+            policy,
+            job,
+            dir,
+            &args,
+            cpu_budget_ticks,
+            self.relay.as_ref(),
+        )?;
+        let grant = state.gate.grant.clone();
         let latch = state.latch.clone();
 
         // Waiting for a slot is not the job's time: the wall clock starts
@@ -363,6 +398,9 @@ impl Sandbox {
             .await
             .expect("semaphore is never closed");
         let started = Instant::now();
+        if let Some(grant) = &grant {
+            grant.start(started + policy.limits.wall_time.get());
+        }
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| s.limiter());
         store.set_epoch_deadline(1);
@@ -484,6 +522,7 @@ impl Sandbox {
             stdout: captured(&captures.stdout, limit == Some(LimitKind::Stdout)),
             stderr: captured(&captures.stderr, limit == Some(LimitKind::Stderr)),
             measurements,
+            calls: grant.map(|g| g.report()),
         })
     }
 }

@@ -99,6 +99,9 @@ pub struct JobReport {
     pub stderr: Captured,
     /// Resource use.
     pub measurements: Measurements,
+    /// Outbound calls to internal services, when the policy names any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub calls: Option<crate::relay::CallsReport>,
 }
 
 impl JobReport {
@@ -123,6 +126,7 @@ impl JobReport {
             stdout: Captured::default(),
             stderr: Captured::default(),
             measurements: Measurements::default(),
+            calls: None,
         }
     }
 

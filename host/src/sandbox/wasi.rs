@@ -16,11 +16,15 @@ use wasmtime_wasi::filesystem::WasiFilesystemCtxView;
 use wasmtime_wasi::p2::pipe::MemoryInputPipe;
 use wasmtime_wasi::{FsPerms, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
+use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
+
 use super::job::{JobDir, JobSpec};
 use super::limits::{JobLimiter, LimitKind, LimitLatch};
 use super::pipe::CappedPipe;
 use super::quota::{OutputQuota, QuotaFs, QuotaFsData};
 use crate::policy::Policy;
+use crate::relay::send::Gate;
+use crate::relay::{CallGrant, Relay};
 
 /// Largest `get-random-bytes` request served in one call. wasmtime-wasi's
 /// default is 64 MiB, a host allocation a guest can ask for in a loop.
@@ -40,6 +44,8 @@ pub struct JobState {
     pub(crate) latch: LimitLatch,
     pub(crate) cpu_ticks: u64,
     pub(crate) cpu_budget_ticks: u64,
+    http: WasiHttpCtx,
+    pub(crate) gate: Gate,
 }
 
 impl std::fmt::Debug for JobState {
@@ -56,6 +62,16 @@ impl WasiView for JobState {
         WasiCtxView {
             ctx: &mut self.wasi,
             table: &mut self.table,
+        }
+    }
+}
+
+impl WasiHttpView for JobState {
+    fn http(&mut self) -> WasiHttpCtxView<'_> {
+        WasiHttpCtxView {
+            ctx: &mut self.http,
+            table: &mut self.table,
+            hooks: &mut self.gate,
         }
     }
 }
@@ -88,6 +104,7 @@ pub fn job_state(
     dir: &JobDir,
     args: &[String],
     cpu_budget_ticks: u64,
+    relay: Option<&Arc<Relay>>,
 ) -> std::io::Result<(JobState, Captures)> {
     let latch = LimitLatch::default();
     let limits = &policy.limits;
@@ -136,8 +153,33 @@ pub fn job_state(
         latch,
         cpu_ticks: 0,
         cpu_budget_ticks,
+        http: WasiHttpCtx::new(),
+        gate: Gate {
+            grant: grant(policy, job, relay),
+        },
     };
     Ok((state, Captures { stdout, stderr }))
+}
+
+/// The job's right to call services: `None` unless its policy names some
+/// and the host declares a relay. Without a caller (`bulkhead run`) the
+/// grant exists but refuses every call, so the refusals are reported.
+fn grant(policy: &Policy, job: &JobSpec, relay: Option<&Arc<Relay>>) -> Option<Arc<CallGrant>> {
+    if policy.network.services.is_empty() {
+        return None;
+    }
+    let relay = relay?;
+    let caller = job
+        .caller
+        .clone()
+        .unwrap_or_else(|| Err("the job was not submitted by an authenticated caller".into()));
+    Some(Arc::new(CallGrant::new(
+        Arc::clone(relay),
+        policy.network.services.clone(),
+        caller,
+        &job.id,
+        policy.module.name.as_str(),
+    )))
 }
 
 fn to_io(e: wasmtime::Error) -> std::io::Error {
@@ -178,8 +220,22 @@ pub fn guest_args(policy: &Policy, job: &JobSpec) -> Result<Vec<String>, String>
     Ok(args)
 }
 
+/// The linker for modules whose policy names services: [`linker`] plus
+/// `wasi:http` (types and outgoing handler), whose requests go only through
+/// the relay's gate ([`Gate`]).
+///
+/// # Errors
+/// Only if wasmtime refuses a definition, which is a bug.
+pub fn http_linker(engine: &Engine) -> wasmtime::Result<Linker<JobState>> {
+    let mut linker = linker(engine)?;
+    wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)?;
+    Ok(linker)
+}
+
 /// The linker every job uses: wasmtime-wasi's WASIp2 command world, with
 /// `wasi:filesystem/types` replaced by the quota-enforcing [`QuotaFs`].
+/// `wasi:http` is not in it: a module importing it fails to instantiate
+/// unless its policy names services ([`http_linker`]).
 ///
 /// # Errors
 /// Only if wasmtime refuses a definition, which is a bug.
@@ -204,17 +260,22 @@ pub fn linker(engine: &Engine) -> wasmtime::Result<Linker<JobState>> {
 }
 
 /// Interface families and what this sandbox does with each, for
-/// `bulkhead check`.
-pub fn import_verdict(name: &str) -> (&'static str, &'static str) {
+/// `bulkhead check`. `gated`: the policy names services, so `wasi:http` is
+/// linked behind the gate.
+pub fn import_verdict(name: &str, gated: bool) -> (&'static str, &'static str) {
     let iface = name.split('@').next().unwrap_or(name);
     let package = iface.split('/').next().unwrap_or(iface);
     match package {
         "wasi:cli" | "wasi:io" | "wasi:clocks" | "wasi:random" => ("granted", "always provided"),
         "wasi:filesystem" => ("granted", "only /in (read-only) and /out (quota)"),
         "wasi:sockets" => ("inert", "linked, every socket and lookup refused"),
+        "wasi:http" if gated => (
+            "gated",
+            "only to the services in [network] services, through the host's gate",
+        ),
         "wasi:http" => (
             "denied",
-            "outbound calls require [network] services, which this host does not declare",
+            "the policy names no [network] services: instantiation fails",
         ),
         _ => ("denied", "not provided: instantiation fails"),
     }

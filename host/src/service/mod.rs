@@ -190,7 +190,17 @@ impl Service {
                 .unwrap_or_else(|| data.join("cache")),
         );
         sandbox_config.max_concurrent_jobs = config.queue.workers;
-        let sandbox = Sandbox::new(sandbox_config).map_err(|e| storage(&e))?;
+        let keys = match &config.tokens.signing_key {
+            Some(path) => crate::relay::KeyRing::supplied(path),
+            None => crate::relay::KeyRing::open(&data.join("keys"), config.tokens.key_grace.get()),
+        }
+        .map_err(|e| StartError::Storage(e.to_string()))?;
+        let relay =
+            crate::relay::Relay::new(config.services.clone(), Arc::new(keys), &config.tokens)
+                .map_err(StartError::Storage)?;
+        let sandbox = Sandbox::new(sandbox_config)
+            .map_err(|e| storage(&e))?
+            .with_relay(Arc::new(relay));
         let modules = load_modules(&sandbox, &config)?;
         let admin_token_hash = admin_token(data).map_err(|e| storage(&e))?;
 
@@ -334,6 +344,7 @@ impl Service {
             inputs: sub.inputs,
             params: sub.params,
             stdin: sub.stdin.clone().unwrap_or_default(),
+            caller: None,
         };
         crate::sandbox::validate(policy, &spec).map_err(|e| match e {
             JobError::Param(m) => ServiceError::BadParams(m),
@@ -671,6 +682,9 @@ impl Service {
         }
         metrics::histogram!("bulkhead_job_wall_seconds", "module" => record.module.clone())
             .record(report.measurements.wall_time_ms / 1000.0);
+        if let Some(calls) = &report.calls {
+            self.audit_calls(&record, calls).await;
+        }
         record.state = if report.succeeded() {
             JobState::Succeeded
         } else {
@@ -679,6 +693,65 @@ impl Service {
         record.finished_at = Some(finished_at);
         record.report = Some(report);
         Ok(Some(record))
+    }
+
+    /// One `egress.denied` audit entry per refused outbound request (each
+    /// listed record; a last entry counts any beyond the report's list),
+    /// and the call metrics.
+    async fn audit_calls(&self, record: &JobRecord, calls: &crate::relay::CallsReport) {
+        let entry = |detail: String| AuditEntry {
+            at: now_ms(),
+            action: "egress.denied".into(),
+            tenant: Some(record.tenant.clone()),
+            subject: Some(record.subject.clone()),
+            job_id: Some(record.id.clone()),
+            module: Some(record.module.clone()),
+            module_sha256: Some(record.module_sha256.clone()),
+            policy_sha256: record.policy_sha256.clone(),
+            detail,
+            ..AuditEntry::default()
+        };
+        metrics::counter!("bulkhead_service_calls_total", "module" => record.module.clone())
+            .increment(u64::from(calls.made));
+        for r in &calls.records {
+            let Some(reason) = &r.refused else { continue };
+            let class = r.class.clone().unwrap_or_default();
+            metrics::counter!("bulkhead_service_calls_refused_total", "module" => record.module.clone(), "class" => class)
+                .increment(1);
+            self.audit(entry(format!("{} {}: {reason}", r.method, r.target)))
+                .await;
+        }
+        if calls.records_dropped > 0 {
+            self.audit(entry(format!(
+                "{} more outbound requests not listed in the job report (see `calls.refused` = {})",
+                calls.records_dropped, calls.refused
+            )))
+            .await;
+        }
+    }
+
+    /// The signing keys of call tokens.
+    pub fn keys(&self) -> Option<&Arc<crate::relay::KeyRing>> {
+        self.sandbox.relay().map(|r| r.keys())
+    }
+
+    /// The identity a job's outbound calls carry: its submitting token's,
+    /// read again now, so a token revoked or expired since submission
+    /// relays nothing.
+    async fn caller_of(
+        &self,
+        record: &JobRecord,
+    ) -> Result<Result<crate::relay::Caller, String>, ServiceError> {
+        let token = self.store.token_by_id(&record.token_id).await?;
+        let now = now_ms() / 1000;
+        Ok(match token.and_then(|t| t.identity_at(now)) {
+            Some(who) if who.tenant == record.tenant => Ok(crate::relay::Caller {
+                tenant: who.tenant,
+                subject: who.subject,
+                scopes: who.scopes,
+            }),
+            _ => Err("the submitting token has been revoked or has expired".into()),
+        })
     }
 
     /// Runs the job in the sandbox and copies its outputs into the job's
@@ -712,6 +785,9 @@ impl Service {
         }
         if record.has_stdin {
             spec.stdin = std::fs::read(inputs_dir.join("stdin"))?.into();
+        }
+        if !module.policy().network.services.is_empty() {
+            spec.caller = Some(self.caller_of(record).await?);
         }
 
         let dir = JobDir::create(self.sandbox.config().work_dir.as_path(), &record.id)?;
@@ -817,7 +893,8 @@ fn load_modules(
     paths.sort();
     let mut modules = BTreeMap::new();
     for path in paths {
-        let policy = Policy::load(&path).map_err(|e| StartError::Module {
+        let declared = sandbox.relay().map(|r| r.names()).unwrap_or_default();
+        let policy = Policy::load_with(&path, &declared).map_err(|e| StartError::Module {
             module: path.display().to_string(),
             message: e.to_string(),
         })?;

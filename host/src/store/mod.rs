@@ -173,6 +173,8 @@ pub trait JobStore: Send + Sync + std::fmt::Debug {
     async fn insert_token(&self, token: &TokenRecord) -> Result<(), StoreError>;
     /// Finds a token by the hash of its secret.
     async fn token_by_hash(&self, hash: &str) -> Result<Option<TokenRecord>, StoreError>;
+    /// Finds a token by its public id.
+    async fn token_by_id(&self, id: &str) -> Result<Option<TokenRecord>, StoreError>;
     /// Lists tokens (all tenants).
     async fn list_tokens(&self) -> Result<Vec<TokenRecord>, StoreError>;
     /// Revokes a token by id; false if unknown.

@@ -381,6 +381,14 @@ impl JobStore for SqliteStore {
         })
     }
 
+    async fn token_by_id(&self, id: &str) -> Result<Option<TokenRecord>, StoreError> {
+        self.read(|c| {
+            Ok(c.prepare_cached("SELECT * FROM tokens WHERE id = ?1")?
+                .query_row([id], token_row)
+                .optional()?)
+        })
+    }
+
     async fn list_tokens(&self) -> Result<Vec<TokenRecord>, StoreError> {
         self.read(|c| {
             let mut stmt = c.prepare_cached("SELECT * FROM tokens ORDER BY created_at, id")?;

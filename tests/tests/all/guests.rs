@@ -52,3 +52,64 @@ pub(crate) async fn hello_http() {
         "{err}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+pub(crate) async fn lateral() {
+    // It imports wasi:http; under a policy that names no services, the
+    // interface is not linked and the module is refused before any job.
+    let wasm = crate::common::wasm(bulkhead_tests::LATERAL);
+    let text = crate::common::policy_text(bulkhead_tests::LATERAL, "lateral", "");
+    let policy = bulkhead::policy::Policy::parse(&text, std::path::Path::new("p.toml")).unwrap();
+    let err = crate::common::SANDBOX
+        .load(policy, &wasm)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.starts_with("module `lateral` cannot be linked:") && err.contains("wasi:http"),
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+pub(crate) async fn framed() {
+    // Granted `palette`, but run without a submitting caller (as
+    // `bulkhead run` does): the host has no identity to relay, so it
+    // refuses the call, and the guest fails cleanly.
+    use bulkhead::relay::{KeyRing, Relay, ServiceDecl, TokenConfig};
+    let tmp = tempfile::tempdir().unwrap();
+    let decl = ServiceDecl::example("palette", "http://127.0.0.1:9");
+    let relay = Relay::new(
+        vec![decl.clone()],
+        std::sync::Arc::new(KeyRing::ephemeral()),
+        &TokenConfig::default(),
+    )
+    .unwrap();
+    let sandbox = bulkhead::sandbox::Sandbox::new(bulkhead::sandbox::SandboxConfig::new(
+        tmp.path().join("work"),
+    ))
+    .unwrap()
+    .with_relay(std::sync::Arc::new(relay));
+    let text = crate::common::policy_text(
+        bulkhead_tests::FRAMED,
+        "framed",
+        "[limits]\nmemory = \"256 MiB\"\n[network]\nservices = [\"palette\"]",
+    );
+    let policy =
+        bulkhead::policy::Policy::parse_with(&text, std::path::Path::new("p.toml"), &[decl.name])
+            .unwrap();
+    let module = sandbox
+        .load(policy, &crate::common::wasm(bulkhead_tests::FRAMED))
+        .unwrap();
+    let png = crate::service::png(64, 64);
+    let job = spec(&[("in.png", &png)], &[]);
+    let dir = bulkhead::sandbox::JobDir::create(&sandbox.config().work_dir, &job.id).unwrap();
+    let report = sandbox.run(&module, &job, &dir).await.unwrap();
+    assert_eq!(report.exit_code, Some(1), "{report:#?}");
+    let calls = report.calls.clone().expect("a calls section");
+    assert_eq!((calls.made, calls.refused), (0, 1), "{calls:#?}");
+    assert_eq!(calls.records[0].class.as_deref(), Some("identity"));
+    assert!(
+        report.stderr.text.contains("HttpRequestDenied"),
+        "{report:#?}"
+    );
+}

@@ -17,6 +17,8 @@ mod policy_errors;
 mod guests;
 // The HTTP service end to end over loopback.
 mod service;
+// Outbound calls: the lateral-movement scenario with real internal services.
+mod relay;
 // Crash durability: kill -9 the real binary mid-work, restart, nothing lost.
 mod durability;
 // The example policies in `policies/` pin the modules built from source.

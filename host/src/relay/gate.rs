@@ -1,0 +1,434 @@
+//! The outbound decision, as a pure function of the request and the grant:
+//! which declared service a guest request addresses, or why it is refused.
+//!
+//! A guest addresses a service by its declared name, nothing else:
+//! `http://<name>/<path>`. The name is matched exactly (lowercase, no port,
+//! no user info, no trailing dot); the host alone knows where the service
+//! lives. Everything that is not such a name is refused, and the refusal
+//! says which trick it looked like, for the audit log.
+
+use std::net::{Ipv4Addr, Ipv6Addr};
+
+use http::{HeaderMap, Method};
+
+use super::ServiceDecl;
+use crate::policy::ServiceName;
+
+/// Why a request was refused. The `Display` text goes into the job report
+/// and the audit log; it names the target as the guest wrote it.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    /// The scheme is not `http` (the host chooses the transport).
+    #[error(
+        "scheme `{0}` refused: address internal services as http://<name>/ (the host chooses the transport)"
+    )]
+    Scheme(String),
+    /// No authority at all.
+    #[error("no service named: the request has no authority")]
+    NoAuthority,
+    /// The authority is an IP address in some notation.
+    #[error("raw IP address `{0}` refused: address a declared service by name")]
+    RawIp(String),
+    /// `user@host` forms.
+    #[error("authority `{0}` carries user info: refused")]
+    UserInfo(String),
+    /// `name:port` forms.
+    #[error("authority `{0}` names a port: refused (the host decides where a service lives)")]
+    Port(String),
+    /// Not a well-formed service name (case, dots, other characters).
+    #[error("authority `{0}` is not a service name: refused")]
+    Malformed(String),
+    /// A well-formed name the host does not declare.
+    #[error("no internal service named `{0}`: refused")]
+    Undeclared(String),
+    /// A declared service this module's policy does not list.
+    #[error("service `{0}` is not granted to this module: refused")]
+    NotGranted(String),
+    /// A `Host` header that disagrees with the authority.
+    #[error("`host` header `{header}` does not match the authority `{authority}`: refused")]
+    HostMismatch {
+        /// The header's value.
+        header: String,
+        /// The request's authority.
+        authority: String,
+    },
+    /// A method the service does not allow.
+    #[error("method {method} is not allowed for service `{service}`")]
+    Method {
+        /// The method.
+        method: String,
+        /// The service.
+        service: String,
+    },
+    /// A path outside the service's prefixes, or one that tries to escape
+    /// them (dot segments, encoded separators, empty segments).
+    #[error("path `{path}` is not allowed for service `{service}`: {why}")]
+    Path {
+        /// The path as sent.
+        path: String,
+        /// The service.
+        service: String,
+        /// What is wrong with it.
+        why: &'static str,
+    },
+    /// A redirect to anything but an allowed path of the same service.
+    #[error("service `{service}` redirected to `{location}`: refused")]
+    Redirect {
+        /// The service that answered.
+        service: String,
+        /// Its `Location`.
+        location: String,
+    },
+    /// A per-job bound.
+    #[error("{0}")]
+    Limit(String),
+    /// The job has no caller identity to relay (or it was revoked).
+    #[error("no caller identity to relay: {0}")]
+    Identity(String),
+}
+
+impl Refusal {
+    /// A short machine-readable class, for metrics and reports.
+    pub fn class(&self) -> &'static str {
+        match self {
+            Self::Scheme(_) => "scheme",
+            Self::NoAuthority | Self::Malformed(_) | Self::UserInfo(_) | Self::Port(_) => {
+                "authority"
+            }
+            Self::RawIp(_) => "raw_ip",
+            Self::Undeclared(_) => "undeclared",
+            Self::NotGranted(_) => "not_granted",
+            Self::HostMismatch { .. } => "host_mismatch",
+            Self::Method { .. } => "method",
+            Self::Path { .. } => "path",
+            Self::Redirect { .. } => "redirect",
+            Self::Limit(_) => "limit",
+            Self::Identity(_) => "identity",
+        }
+    }
+}
+
+/// The services a job may call: the host's declarations, narrowed to the
+/// names its policy lists.
+pub trait Directory {
+    /// The declaration of `name`, if the host declares it.
+    fn declared(&self, name: &str) -> Option<&ServiceDecl>;
+    /// Whether the job's policy lists `name`.
+    fn granted(&self, name: &ServiceName) -> bool;
+}
+
+/// Decides which service `authority` names, for `scheme`.
+///
+/// # Errors
+/// The [`Refusal`] describing the first thing wrong.
+pub fn resolve<'d, D: Directory>(
+    dir: &'d D,
+    scheme: Option<&str>,
+    authority: Option<&str>,
+    headers: &HeaderMap,
+) -> Result<&'d ServiceDecl, Refusal> {
+    match scheme {
+        Some("http") => {}
+        Some(other) => return Err(Refusal::Scheme(other.to_owned())),
+        None => return Err(Refusal::Scheme(String::new())),
+    }
+    let authority = match authority {
+        None | Some("") => return Err(Refusal::NoAuthority),
+        Some(a) => a,
+    };
+    if authority.contains('@') {
+        return Err(Refusal::UserInfo(authority.to_owned()));
+    }
+    if looks_like_ip(authority) {
+        return Err(Refusal::RawIp(authority.to_owned()));
+    }
+    if authority.contains(':') {
+        return Err(Refusal::Port(authority.to_owned()));
+    }
+    let name = ServiceName::new(authority.to_owned())
+        .map_err(|_| Refusal::Malformed(authority.to_owned()))?;
+    for host in headers.get_all(http::header::HOST) {
+        if host.as_bytes() != authority.as_bytes() {
+            return Err(Refusal::HostMismatch {
+                header: String::from_utf8_lossy(host.as_bytes()).into_owned(),
+                authority: authority.to_owned(),
+            });
+        }
+    }
+    let Some(decl) = dir.declared(name.as_str()) else {
+        return Err(Refusal::Undeclared(name.to_string()));
+    };
+    if !dir.granted(&name) {
+        return Err(Refusal::NotGranted(name.to_string()));
+    }
+    Ok(decl)
+}
+
+/// Checks the method and path of a request to `decl`.
+///
+/// # Errors
+/// [`Refusal::Method`] or [`Refusal::Path`].
+pub fn check_route(
+    decl: &ServiceDecl,
+    method: &Method,
+    path_and_query: &str,
+) -> Result<(), Refusal> {
+    if !decl.methods.iter().any(|m| m == method) {
+        return Err(Refusal::Method {
+            method: method.to_string(),
+            service: decl.name.to_string(),
+        });
+    }
+    let path = path_and_query
+        .split_once('?')
+        .map_or(path_and_query, |(p, _)| p);
+    let bad = |why| Refusal::Path {
+        path: path_and_query.to_owned(),
+        service: decl.name.to_string(),
+        why,
+    };
+    if !path.starts_with('/') {
+        return Err(bad("it must start with `/`"));
+    }
+    if path.contains('\\') {
+        return Err(bad("backslashes are refused"));
+    }
+    let lower = path.to_ascii_lowercase();
+    if ["%2e", "%2f", "%5c", "%00", "%25"]
+        .iter()
+        .any(|enc| lower.contains(enc))
+    {
+        return Err(bad(
+            "encoded dots, separators, NUL or percent signs are refused",
+        ));
+    }
+    let segments: Vec<&str> = path[1..].split('/').collect();
+    let last = segments.len() - 1;
+    if segments
+        .iter()
+        .enumerate()
+        .any(|(i, seg)| *seg == "." || *seg == ".." || (seg.is_empty() && i != last))
+    {
+        return Err(bad("dot segments and empty segments are refused"));
+    }
+    if !decl.paths.iter().any(|prefix| under_prefix(path, prefix)) {
+        return Err(bad("outside the service's allowed prefixes"));
+    }
+    Ok(())
+}
+
+/// Whether `path` is `prefix` or below it, on segment boundaries. A
+/// prefix ending in `/` admits only what is below it.
+fn under_prefix(path: &str, prefix: &str) -> bool {
+    if prefix.ends_with('/') {
+        return path.starts_with(prefix);
+    }
+    path == prefix
+        || path
+            .strip_prefix(prefix)
+            .is_some_and(|rest| rest.starts_with('/'))
+}
+
+/// Whether an authority is an IP address in any notation a resolver or
+/// `inet_aton` would accept: bracketed IPv6 (with zone or port), dotted
+/// quads, and the one- to four-part decimal, octal and hex forms
+/// (`2130706433`, `0x7f.1`, `0177.0.0.1`).
+pub fn looks_like_ip(authority: &str) -> bool {
+    if authority.starts_with('[') {
+        return true;
+    }
+    // Strip one `:port` for the IPv4 forms; more than one colon is an
+    // unbracketed IPv6 literal.
+    if authority.matches(':').count() > 1 {
+        let host = authority.split('%').next().unwrap_or(authority);
+        return host.parse::<Ipv6Addr>().is_ok() || host.contains("::");
+    }
+    let host = authority.split(':').next().unwrap_or(authority);
+    let host = host.strip_suffix('.').unwrap_or(host);
+    if host.parse::<Ipv4Addr>().is_ok() {
+        return true;
+    }
+    let parts: Vec<&str> = host.split('.').collect();
+    (1..=4).contains(&parts.len()) && parts.iter().all(|p| numeric_part(p))
+}
+
+fn numeric_part(p: &str) -> bool {
+    if p.is_empty() {
+        return false;
+    }
+    if let Some(hex) = p.strip_prefix("0x").or_else(|| p.strip_prefix("0X")) {
+        return hex.chars().all(|c| c.is_ascii_hexdigit());
+    }
+    p.chars().all(|c| c.is_ascii_digit())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::relay::ServiceDecl;
+
+    struct Dir(Vec<ServiceDecl>, Vec<ServiceName>);
+
+    impl Directory for Dir {
+        fn declared(&self, name: &str) -> Option<&ServiceDecl> {
+            self.0.iter().find(|d| d.name.as_str() == name)
+        }
+        fn granted(&self, name: &ServiceName) -> bool {
+            self.1.contains(name)
+        }
+    }
+
+    fn decl(name: &str, paths: &[&str]) -> ServiceDecl {
+        let mut d = ServiceDecl::example(name, "http://127.0.0.1:1");
+        d.paths = paths.iter().map(|p| (*p).to_owned()).collect();
+        d
+    }
+
+    fn dir() -> Dir {
+        Dir(
+            vec![decl("palette", &["/v1"]), decl("payments", &["/"])],
+            vec![ServiceName::new("palette").unwrap()],
+        )
+    }
+
+    fn resolve_str(authority: &str) -> Result<String, Refusal> {
+        let d = dir();
+        resolve(&d, Some("http"), Some(authority), &HeaderMap::new()).map(|d| d.name.to_string())
+    }
+
+    #[test]
+    fn the_granted_name_resolves() {
+        assert_eq!(resolve_str("palette").unwrap(), "palette");
+    }
+
+    #[test]
+    fn a_declared_but_ungranted_service_is_refused() {
+        assert_eq!(
+            resolve_str("payments"),
+            Err(Refusal::NotGranted("payments".into()))
+        );
+        assert_eq!(
+            resolve_str("ledger"),
+            Err(Refusal::Undeclared("ledger".into()))
+        );
+    }
+
+    #[test]
+    fn every_ip_notation_is_refused_as_an_ip() {
+        for a in [
+            "127.0.0.1",
+            "127.0.0.1:9101",
+            "2130706433",
+            "0x7f000001",
+            "0x7f.0.0.1",
+            "0177.0.0.1",
+            "127.1",
+            "127.0.0.1.",
+            "[::1]",
+            "[::1]:80",
+            "[::ffff:127.0.0.1]",
+            "[::ffff:7f00:1]",
+            "[fe80::1%25eth0]",
+            "::1",
+            "169.254.169.254",
+            "[fd00:ec2::254]",
+            "0",
+        ] {
+            assert!(
+                matches!(resolve_str(a), Err(Refusal::RawIp(_))),
+                "{a}: {:?}",
+                resolve_str(a)
+            );
+        }
+    }
+
+    #[test]
+    fn authority_tricks_are_refused() {
+        for (a, class) in [
+            ("palette@payments", "authority"),
+            ("payments@palette", "authority"),
+            ("palette:80", "authority"),
+            ("palette:", "authority"),
+            ("PALETTE", "authority"),
+            ("Palette", "authority"),
+            ("palette.", "authority"),
+            ("palette.payments", "authority"),
+            ("palette.internal", "authority"),
+            ("palette%00", "authority"),
+            ("localhost", "undeclared"),
+            ("metadata", "undeclared"),
+        ] {
+            let r = resolve_str(a).expect_err(a);
+            assert_eq!(r.class(), class, "{a}: {r}");
+        }
+    }
+
+    #[test]
+    fn https_and_missing_authority_are_refused() {
+        let d = dir();
+        let h = HeaderMap::new();
+        assert!(matches!(
+            resolve(&d, Some("https"), Some("palette"), &h),
+            Err(Refusal::Scheme(_))
+        ));
+        assert_eq!(
+            resolve(&d, Some("http"), None, &h).unwrap_err(),
+            Refusal::NoAuthority
+        );
+    }
+
+    #[test]
+    fn a_host_header_must_match_the_authority() {
+        let d = dir();
+        let mut h = HeaderMap::new();
+        h.insert(http::header::HOST, "payments".parse().unwrap());
+        assert!(matches!(
+            resolve(&d, Some("http"), Some("palette"), &h),
+            Err(Refusal::HostMismatch { .. })
+        ));
+        h.insert(http::header::HOST, "palette".parse().unwrap());
+        assert!(resolve(&d, Some("http"), Some("palette"), &h).is_ok());
+    }
+
+    #[test]
+    fn paths_stay_under_the_prefixes() {
+        let d = decl("palette", &["/v1", "/static/"]);
+        for ok in [
+            "/v1",
+            "/v1/",
+            "/v1/palette",
+            "/v1/palette?x=1",
+            "/static/a.css",
+        ] {
+            check_route(&d, &Method::GET, ok).unwrap_or_else(|e| panic!("{ok}: {e}"));
+        }
+        for bad in [
+            "/",
+            "/v10",
+            "/v2/palette",
+            "/v1/../admin",
+            "/v1/./x",
+            "/v1/%2e%2e/admin",
+            "/v1/%2E%2E/admin",
+            "/v1%2fadmin",
+            "/v1/..%5cadmin",
+            "/v1\\..\\admin",
+            "//payments/v1",
+            "/v1//x",
+            "/static",
+            "/v1/%252e%252e/admin",
+        ] {
+            assert!(
+                matches!(
+                    check_route(&d, &Method::GET, bad),
+                    Err(Refusal::Path { .. })
+                ),
+                "{bad}"
+            );
+        }
+        assert!(matches!(
+            check_route(&d, &Method::DELETE, "/v1/x"),
+            Err(Refusal::Method { .. })
+        ));
+    }
+}

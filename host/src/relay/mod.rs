@@ -1,0 +1,354 @@
+//! The one way out of a compartment: `wasi:http` requests to internal
+//! services the host declares and the module's policy names, sent by the
+//! host with a token it mints for that one call.
+//!
+//! - [`gate`]: which declared service a request addresses, or why not
+//!   (pure; every trick a guest may try is a [`gate::Refusal`]).
+//! - [`keys`]: the Ed25519 signing keys, their rotation and the JWKS.
+//! - [`send`]: the `wasi:http` hooks that run the gate, strip the guest's
+//!   credentials, mint the token and send the request over the host's own
+//!   HTTP client, with per-job bounds on calls, bytes and time.
+//!
+//! wasmtime-wasi-http is built without its default outbound sender (the
+//! `default-send-request` feature, banned in `deny.toml`), so a request can
+//! leave only through [`send`].
+
+pub mod gate;
+pub mod keys;
+pub mod send;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::Method;
+use serde::{Deserialize, Serialize};
+
+use crate::policy::{ByteSize, HumanDuration, ServiceName};
+
+pub use gate::Refusal;
+pub use keys::{KeyError, KeyRing};
+pub use send::{CallGrant, CallRecord, Caller, CallsReport};
+
+/// One internal service as the operator declares it in the host config
+/// (`[[services]]`).
+///
+/// | key | default | meaning |
+/// |---|---|---|
+/// | `name` | (required) | what guests write as the authority: `http://<name>/…` |
+/// | `url` | (required) | where the host sends the calls (`http://host:port[/base]`) |
+/// | `audience` | the name | `aud` of the tokens minted for it |
+/// | `paths` | `["/"]` | allowed path prefixes (segment-wise) |
+/// | `methods` | `["GET", "HEAD", "POST"]` | allowed methods |
+/// | `max_request` | `1 MiB` | request body bound, per call |
+/// | `max_response` | `4 MiB` | response body bound, per call |
+/// | `max_calls` | `16` | calls per job |
+/// | `timeout` | `5 s` | per call, until the response headers (never past the job's deadline) |
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(
+    deny_unknown_fields,
+    try_from = "RawServiceDecl",
+    into = "RawServiceDecl"
+)]
+pub struct ServiceDecl {
+    /// The name guests address.
+    pub name: ServiceName,
+    /// Base URL: scheme `http`, authority, optional base path (no trailing
+    /// `/`).
+    pub url: BaseUrl,
+    /// `aud` of minted tokens.
+    pub audience: String,
+    /// Allowed path prefixes.
+    pub paths: Vec<String>,
+    /// Allowed methods.
+    pub methods: Vec<Method>,
+    /// Request body bound, per call.
+    pub max_request: ByteSize,
+    /// Response body bound, per call.
+    pub max_response: ByteSize,
+    /// Calls per job.
+    pub max_calls: u32,
+    /// Per-call time bound until the response headers.
+    pub timeout: HumanDuration,
+}
+
+/// Where a service lives: an `http` authority and an optional base path.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BaseUrl {
+    /// `host:port` (as given).
+    pub authority: http::uri::Authority,
+    /// Base path without a trailing `/` (may be empty).
+    pub base_path: String,
+}
+
+impl BaseUrl {
+    /// Parses `http://authority[/base]`.
+    ///
+    /// # Errors
+    /// A message naming what is wrong.
+    pub fn parse(url: &str) -> Result<Self, String> {
+        let uri: http::Uri = url
+            .parse()
+            .map_err(|e| format!("invalid url `{url}`: {e}"))?;
+        match uri.scheme_str() {
+            Some("http") => {}
+            Some(s) => {
+                return Err(format!(
+                    "url `{url}`: scheme `{s}` is not supported (only http; put TLS in front of the host's loopback or private network)"
+                ));
+            }
+            None => return Err(format!("url `{url}` needs a scheme (http://…)")),
+        }
+        let authority = uri
+            .authority()
+            .cloned()
+            .ok_or_else(|| format!("url `{url}` has no host"))?;
+        if authority.as_str().contains('@') {
+            return Err(format!("url `{url}` must not carry user info"));
+        }
+        if uri.query().is_some() {
+            return Err(format!("url `{url}` must not have a query"));
+        }
+        Ok(Self {
+            authority,
+            base_path: uri.path().trim_end_matches('/').to_owned(),
+        })
+    }
+}
+
+impl std::fmt::Display for BaseUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "http://{}{}", self.authority, self.base_path)
+    }
+}
+
+#[derive(Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+struct RawServiceDecl {
+    name: ServiceName,
+    url: String,
+    #[serde(default)]
+    audience: Option<String>,
+    #[serde(default)]
+    paths: Option<Vec<String>>,
+    #[serde(default)]
+    methods: Option<Vec<String>>,
+    #[serde(default)]
+    max_request: Option<ByteSize>,
+    #[serde(default)]
+    max_response: Option<ByteSize>,
+    #[serde(default)]
+    max_calls: Option<u32>,
+    #[serde(default)]
+    timeout: Option<HumanDuration>,
+}
+
+impl TryFrom<RawServiceDecl> for ServiceDecl {
+    type Error = String;
+
+    fn try_from(raw: RawServiceDecl) -> Result<Self, String> {
+        let name = raw.name;
+        let url = BaseUrl::parse(&raw.url).map_err(|e| format!("service `{name}`: {e}"))?;
+        let paths = raw.paths.unwrap_or_else(|| vec!["/".to_owned()]);
+        if paths.is_empty() {
+            return Err(format!("service `{name}`: `paths` must not be empty"));
+        }
+        for p in &paths {
+            let bad = !p.starts_with('/')
+                || p.contains(['?', '#', '%', '\\'])
+                || p.split('/').any(|s| s == "." || s == "..");
+            if bad {
+                return Err(format!(
+                    "service `{name}`: path prefix `{}` must start with `/` and contain no `.`/`..` segments, `?`, `#`, `%` or `\\`",
+                    p.escape_debug()
+                ));
+            }
+        }
+        let methods = raw
+            .methods
+            .unwrap_or_else(|| vec!["GET".into(), "HEAD".into(), "POST".into()])
+            .into_iter()
+            .map(|m| {
+                let upper = m.to_ascii_uppercase();
+                match upper.as_str() {
+                    "GET" | "HEAD" | "POST" | "PUT" | "PATCH" | "DELETE" | "OPTIONS" => {
+                        Ok(Method::from_bytes(upper.as_bytes()).expect("a standard method"))
+                    }
+                    _ => Err(format!(
+                        "service `{name}`: method `{}` is not supported (GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS)",
+                        m.escape_debug()
+                    )),
+                }
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let audience = raw.audience.unwrap_or_else(|| name.to_string());
+        if audience.is_empty() || audience.len() > 256 || audience.chars().any(char::is_control) {
+            return Err(format!(
+                "service `{name}`: audience must be 1 to 256 characters, no control characters"
+            ));
+        }
+        let max_calls = raw.max_calls.unwrap_or(16);
+        if max_calls == 0 {
+            return Err(format!(
+                "service `{name}`: max_calls must be at least 1 (leave the service out of a policy to forbid calls)"
+            ));
+        }
+        let timeout = raw.timeout.unwrap_or(HumanDuration::secs(5));
+        Ok(Self {
+            name,
+            url,
+            audience,
+            paths,
+            methods,
+            max_request: raw.max_request.unwrap_or(ByteSize::mib(1)),
+            max_response: raw.max_response.unwrap_or(ByteSize::mib(4)),
+            max_calls,
+            timeout,
+        })
+    }
+}
+
+impl From<ServiceDecl> for RawServiceDecl {
+    fn from(d: ServiceDecl) -> Self {
+        Self {
+            name: d.name,
+            url: d.url.to_string(),
+            audience: Some(d.audience),
+            paths: Some(d.paths),
+            methods: Some(d.methods.iter().map(ToString::to_string).collect()),
+            max_request: Some(d.max_request),
+            max_response: Some(d.max_response),
+            max_calls: Some(d.max_calls),
+            timeout: Some(d.timeout),
+        }
+    }
+}
+
+impl ServiceDecl {
+    /// A declaration with the defaults, for tests and examples.
+    ///
+    /// # Panics
+    /// If `name` or `url` is invalid.
+    pub fn example(name: &str, url: &str) -> Self {
+        RawServiceDecl {
+            name: ServiceName::new(name.to_owned()).expect("valid service name"),
+            url: url.to_owned(),
+            audience: None,
+            paths: None,
+            methods: None,
+            max_request: None,
+            max_response: None,
+            max_calls: None,
+            timeout: None,
+        }
+        .try_into()
+        .expect("valid declaration")
+    }
+}
+
+/// Token settings (`[tokens]` in the host config).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TokenConfig {
+    /// `iss` of minted tokens.
+    pub issuer: String,
+    /// Lifetime of a minted token (further bounded by the job's deadline).
+    pub lifetime: HumanDuration,
+    /// How long a retired signing key stays in the JWKS after a rotation.
+    pub key_grace: HumanDuration,
+    /// An operator-supplied Ed25519 key (PKCS#8 PEM). Without it the host
+    /// generates one under `<data_dir>/keys` on first start.
+    pub signing_key: Option<std::path::PathBuf>,
+}
+
+/// Longest token lifetime the config accepts.
+pub const MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(300);
+
+impl Default for TokenConfig {
+    fn default() -> Self {
+        Self {
+            issuer: "bulkhead".to_owned(),
+            lifetime: HumanDuration::secs(30),
+            key_grace: HumanDuration::secs(600),
+            signing_key: None,
+        }
+    }
+}
+
+/// The host side of outbound calls: the declared services, the key ring
+/// and the HTTP client. One per process, shared by every job.
+pub struct Relay {
+    services: BTreeMap<String, ServiceDecl>,
+    keys: Arc<KeyRing>,
+    issuer: String,
+    lifetime: Duration,
+    client: send::Client,
+}
+
+impl std::fmt::Debug for Relay {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Relay")
+            .field("services", &self.services.keys().collect::<Vec<_>>())
+            .field("issuer", &self.issuer)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Relay {
+    /// A relay for `services`, minting with `keys`.
+    ///
+    /// # Errors
+    /// A message when two services share a name, or the lifetime is out of
+    /// bounds.
+    pub fn new(
+        services: Vec<ServiceDecl>,
+        keys: Arc<KeyRing>,
+        tokens: &TokenConfig,
+    ) -> Result<Self, String> {
+        let lifetime = tokens.lifetime.get();
+        if lifetime.is_zero() || lifetime > MAX_TOKEN_LIFETIME {
+            return Err(format!(
+                "tokens.lifetime `{}` must be between 1 s and {} s: minted tokens live seconds",
+                tokens.lifetime,
+                MAX_TOKEN_LIFETIME.as_secs()
+            ));
+        }
+        if tokens.issuer.is_empty() || tokens.issuer.chars().any(char::is_control) {
+            return Err("tokens.issuer must be non-empty, without control characters".into());
+        }
+        let mut map = BTreeMap::new();
+        for s in services {
+            let name = s.name.to_string();
+            if map.insert(name.clone(), s).is_some() {
+                return Err(format!("service `{name}` is declared twice"));
+            }
+        }
+        Ok(Self {
+            services: map,
+            keys,
+            issuer: tokens.issuer.clone(),
+            lifetime,
+            client: send::client(),
+        })
+    }
+
+    /// The declared service names.
+    pub fn names(&self) -> Vec<ServiceName> {
+        self.services.values().map(|s| s.name.clone()).collect()
+    }
+
+    /// The declaration of `name`.
+    pub fn service(&self, name: &str) -> Option<&ServiceDecl> {
+        self.services.get(name)
+    }
+
+    /// The key ring.
+    pub fn keys(&self) -> &Arc<KeyRing> {
+        &self.keys
+    }
+
+    /// `iss` of minted tokens.
+    pub fn issuer(&self) -> &str {
+        &self.issuer
+    }
+}

@@ -1,0 +1,771 @@
+//! Sending a guest's `wasi:http` request: the [`Gate`] hooks wasmtime-wasi-http
+//! calls, and the per-job [`CallGrant`] that admits, rewrites, signs, sends
+//! and meters each call.
+//!
+//! Order for one call: resolve the authority to a declared, granted service
+//! ([`gate::resolve`]), check method and path ([`gate::check_route`]), take
+//! one of the job's calls for that service, check the declared body size,
+//! strip every credential-bearing header the guest set, mint a token for
+//! this call, send it to the service's real address with a deadline, refuse
+//! a redirect that leaves the service's allowed paths, and hand the guest a
+//! response whose body is bounded and which never contains the token.
+//! Every refusal is recorded in the job's [`CallsReport`]; the service turns
+//! those into audit entries.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::task::{Context, Poll, ready};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http::header::{AUTHORIZATION, HOST, HeaderName, HeaderValue, LOCATION};
+use http::request::Parts;
+use http::uri::Scheme;
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::BodyExt;
+use http_body_util::combinators::UnsyncBoxBody;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use serde::{Deserialize, Serialize};
+use wasmtime_wasi_http::{Error as HttpError, RequestOptions, WasiHttpHooks};
+
+use super::gate::{self, Directory, Refusal};
+use super::{Relay, ServiceDecl};
+use crate::policy::ServiceName;
+
+/// Body type of guest requests.
+type GuestBody = UnsyncBoxBody<Bytes, HttpError>;
+
+/// The host's HTTP client for service calls (HTTP/1.1, pooled).
+pub type Client = hyper_util::client::legacy::Client<HttpConnector, Metered>;
+
+/// Most call records kept in one report; later ones are only counted.
+pub const MAX_RECORDS: usize = 64;
+
+/// Builds the shared client. Connections are pooled per service address.
+pub fn client() -> Client {
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    connector.enforce_http(true);
+    connector.set_connect_timeout(Some(Duration::from_secs(5)));
+    hyper_util::client::legacy::Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(30))
+        .pool_max_idle_per_host(32)
+        .build(connector)
+}
+
+/// Who submitted the job: the identity minted tokens carry.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Caller {
+    /// Tenant.
+    pub tenant: String,
+    /// Subject within the tenant.
+    pub subject: String,
+    /// Scopes of the submitting token.
+    pub scopes: Vec<String>,
+}
+
+/// What the job's outbound calls did, in its report.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct CallsReport {
+    /// Calls sent to a service.
+    pub made: u32,
+    /// Requests refused by the gate (or whose answer was withheld).
+    pub refused: u32,
+    /// Request body bytes sent.
+    pub bytes_sent: u64,
+    /// Response body bytes received.
+    pub bytes_received: u64,
+    /// Each call, in order, up to [`MAX_RECORDS`].
+    pub records: Vec<CallRecord>,
+    /// Calls beyond [`MAX_RECORDS`], counted but not listed.
+    pub records_dropped: u32,
+}
+
+/// One outbound request and what became of it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct CallRecord {
+    /// Method.
+    pub method: String,
+    /// The URL as the guest wrote it (bounded).
+    pub target: String,
+    /// The declared service it resolved to, if it did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<String>,
+    /// The service's status code, if it answered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<u16>,
+    /// Why the gate refused it (or withheld the answer).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refused: Option<String>,
+    /// Refusal class (`raw_ip`, `not_granted`, `redirect`, …).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub class: Option<String>,
+    /// Why the call failed after it was admitted (timeout, connection).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Credential-bearing headers the guest set, removed before sending.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub stripped_headers: Vec<String>,
+}
+
+/// One job's right to call services: the grant narrows the relay's
+/// declarations to the policy's names and carries the caller's identity.
+pub struct CallGrant {
+    relay: Arc<Relay>,
+    granted: Vec<ServiceName>,
+    caller: Result<Caller, String>,
+    job: String,
+    module: String,
+    deadline: OnceLock<Instant>,
+    sent: AtomicU64,
+    received: AtomicU64,
+    state: Mutex<GrantState>,
+}
+
+#[derive(Default)]
+struct GrantState {
+    calls_per_service: std::collections::BTreeMap<String, u32>,
+    report: CallsReport,
+}
+
+impl std::fmt::Debug for CallGrant {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CallGrant")
+            .field("granted", &self.granted)
+            .field("job", &self.job)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Directory for CallGrant {
+    fn declared(&self, name: &str) -> Option<&ServiceDecl> {
+        self.relay.service(name)
+    }
+    fn granted(&self, name: &ServiceName) -> bool {
+        self.granted.contains(name)
+    }
+}
+
+impl CallGrant {
+    /// A grant for one job. `caller` is the submitting identity, or why
+    /// there is none (every call is then refused).
+    pub fn new(
+        relay: Arc<Relay>,
+        granted: Vec<ServiceName>,
+        caller: Result<Caller, String>,
+        job: &str,
+        module: &str,
+    ) -> Self {
+        Self {
+            relay,
+            granted,
+            caller,
+            job: job.to_owned(),
+            module: module.to_owned(),
+            deadline: OnceLock::new(),
+            sent: AtomicU64::new(0),
+            received: AtomicU64::new(0),
+            state: Mutex::new(GrantState::default()),
+        }
+    }
+
+    /// Starts the job's clock: no call outlives `deadline`, and no token
+    /// is valid past it.
+    pub fn start(&self, deadline: Instant) {
+        let _ = self.deadline.set(deadline);
+    }
+
+    /// The report of every call so far.
+    pub fn report(&self) -> CallsReport {
+        let mut r = self.lock().report.clone();
+        r.bytes_sent = self.sent.load(Ordering::Relaxed);
+        r.bytes_received = self.received.load(Ordering::Relaxed);
+        r
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, GrantState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn record(&self, rec: CallRecord) {
+        let mut s = self.lock();
+        if rec.refused.is_some() {
+            s.report.refused += 1;
+        }
+        if s.report.records.len() < MAX_RECORDS {
+            s.report.records.push(rec);
+        } else {
+            s.report.records_dropped += 1;
+        }
+    }
+
+    fn refuse(&self, parts: &Parts, service: Option<&str>, refusal: &Refusal) -> HttpError {
+        tracing::warn!(
+            job = %self.job,
+            module = %self.module,
+            target = %target_of(parts),
+            reason = %refusal,
+            "outbound request refused"
+        );
+        self.record(CallRecord {
+            method: parts.method.to_string(),
+            target: target_of(parts),
+            service: service.map(str::to_owned),
+            refused: Some(refusal.to_string()),
+            class: Some(refusal.class().to_owned()),
+            ..CallRecord::default()
+        });
+        HttpError::HttpRequestDenied
+    }
+
+    /// Admits, signs, sends and meters one guest request.
+    async fn send(
+        self: Arc<Self>,
+        request: http::Request<GuestBody>,
+    ) -> Result<http::Response<GuestBody>, HttpError> {
+        let (parts, body) = request.into_parts();
+        let decl = match gate::resolve(
+            &*self,
+            parts.uri.scheme_str(),
+            parts.uri.authority().map(http::uri::Authority::as_str),
+            &parts.headers,
+        ) {
+            Ok(decl) => decl.clone(),
+            Err(refusal) => return Err(self.refuse(&parts, None, &refusal)),
+        };
+        let service = decl.name.to_string();
+        let path = parts
+            .uri
+            .path_and_query()
+            .map_or("/", http::uri::PathAndQuery::as_str)
+            .to_owned();
+        if let Err(refusal) = gate::check_route(&decl, &parts.method, &path) {
+            return Err(self.refuse(&parts, Some(&service), &refusal));
+        }
+        let caller = match &self.caller {
+            Ok(c) => c.clone(),
+            Err(why) => {
+                return Err(self.refuse(&parts, Some(&service), &Refusal::Identity(why.clone())));
+            }
+        };
+        let remaining = self.deadline.get().map_or(Duration::ZERO, |d| {
+            d.saturating_duration_since(Instant::now())
+        });
+        if remaining.is_zero() {
+            let r = Refusal::Limit("the job's deadline has passed".into());
+            return Err(self.refuse(&parts, Some(&service), &r));
+        }
+        {
+            let mut s = self.lock();
+            let n = s.calls_per_service.entry(service.clone()).or_default();
+            if *n >= decl.max_calls {
+                drop(s);
+                let r = Refusal::Limit(format!(
+                    "call limit reached: at most {} calls to `{service}` per job",
+                    decl.max_calls
+                ));
+                return Err(self.refuse(&parts, Some(&service), &r));
+            }
+            *n += 1;
+            s.report.made += 1;
+        }
+        if let Some(len) = declared_length(&parts.headers)
+            && len > decl.max_request.as_u64()
+        {
+            let r = Refusal::Limit(format!(
+                "request body of {len} bytes exceeds `{service}`'s max_request of {}",
+                decl.max_request
+            ));
+            return Err(self.refuse(&parts, Some(&service), &r));
+        }
+
+        let token = self.mint(&decl, &caller, remaining).map_err(|e| {
+            tracing::error!(job = %self.job, error = %e, "cannot mint a call token");
+            HttpError::InternalError(Some("the host could not sign this call".into()))
+        })?;
+
+        let mut record = CallRecord {
+            method: parts.method.to_string(),
+            target: target_of(&parts),
+            service: Some(service.clone()),
+            ..CallRecord::default()
+        };
+        let mut out = http::Request::builder().method(parts.method.clone()).uri(
+            http::Uri::builder()
+                .scheme(Scheme::HTTP)
+                .authority(decl.url.authority.clone())
+                .path_and_query(format!("{}{path}", decl.url.base_path))
+                .build()
+                .map_err(|_| HttpError::HttpRequestUriInvalid)?,
+        );
+        for (name, value) in &parts.headers {
+            if is_credential_header(name) || name == HOST {
+                if !record.stripped_headers.iter().any(|h| h == name.as_str()) && name != HOST {
+                    record.stripped_headers.push(name.as_str().to_owned());
+                }
+                continue;
+            }
+            out = out.header(name, value);
+        }
+        let bearer = HeaderValue::try_from(format!("Bearer {token}"))
+            .map_err(|_| HttpError::InternalError(None))?;
+        out = out
+            .header(HOST, decl.url.authority.as_str())
+            .header(AUTHORIZATION, bearer);
+        let body = Metered {
+            inner: body,
+            limit: decl.max_request.as_u64(),
+            seen: 0,
+            total: Arc::clone(&self) as Arc<dyn Meter>,
+        };
+        let out = out
+            .body(body)
+            .map_err(|e| HttpError::InternalError(Some(e.to_string())))?;
+
+        let wait = decl.timeout.get().min(remaining);
+        let response = match tokio::time::timeout(wait, self.relay.client.request(out)).await {
+            Err(_) => {
+                record.error = Some(format!("no response within {} ms", wait.as_millis()));
+                self.record(record);
+                return Err(HttpError::ConnectionTimeout);
+            }
+            Ok(Err(e)) => {
+                let connect = e.is_connect();
+                record.error = Some(if connect {
+                    "the service is unreachable".into()
+                } else {
+                    "the call failed".into()
+                });
+                tracing::warn!(job = %self.job, service = %service, error = %e, "service call failed");
+                self.record(record);
+                return Err(if connect {
+                    HttpError::ConnectionRefused
+                } else {
+                    HttpError::HttpProtocolError
+                });
+            }
+            Ok(Ok(r)) => r,
+        };
+        let (mut head, incoming) = response.into_parts();
+        record.status = Some(head.status.as_u16());
+
+        if head.status.is_redirection()
+            && let Some(location) = head.headers.get(LOCATION)
+        {
+            let location = String::from_utf8_lossy(location.as_bytes()).into_owned();
+            match redirect_target(&decl, &path, &location) {
+                Some(rewritten) => {
+                    let v = HeaderValue::try_from(rewritten)
+                        .map_err(|_| HttpError::InternalError(None))?;
+                    head.headers.insert(LOCATION, v);
+                }
+                None => {
+                    let r = Refusal::Redirect {
+                        service: service.clone(),
+                        location: bounded(&location),
+                    };
+                    record.refused = Some(r.to_string());
+                    record.class = Some(r.class().to_owned());
+                    tracing::warn!(job = %self.job, module = %self.module, reason = %r, "outbound redirect refused");
+                    self.record(record);
+                    return Err(HttpError::HttpRequestDenied);
+                }
+            }
+        }
+        // The guest must never see the token: drop any header that echoes
+        // it, and fail a body that does (below).
+        let echoed: Vec<HeaderName> = head
+            .headers
+            .iter()
+            .filter(|(_, v)| contains(v.as_bytes(), token.as_bytes()))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for name in echoed {
+            head.headers.remove(&name);
+        }
+        self.record(record);
+        let body = Guarded {
+            inner: incoming,
+            limit: decl.max_response.as_u64(),
+            seen: 0,
+            needle: token.into_bytes(),
+            tail: Vec::new(),
+            meter: Arc::clone(&self) as Arc<dyn Meter>,
+        };
+        Ok(http::Response::from_parts(head, body.boxed_unsync()))
+    }
+
+    fn mint(
+        &self,
+        decl: &ServiceDecl,
+        caller: &Caller,
+        remaining: Duration,
+    ) -> Result<String, super::KeyError> {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs();
+        // Never valid past the job's deadline (rounded up to a second).
+        let lifetime = self
+            .relay
+            .lifetime
+            .min(remaining + Duration::from_millis(999))
+            .as_secs()
+            .max(1);
+        let claims = bulkhead_verify::CallClaims {
+            iss: self.relay.issuer.clone(),
+            aud: decl.audience.clone(),
+            sub: caller.subject.clone(),
+            tenant: caller.tenant.clone(),
+            scopes: caller.scopes.clone(),
+            job: self.job.clone(),
+            module: self.module.clone(),
+            iat: now,
+            nbf: now,
+            exp: now + lifetime,
+            jti: uuid::Uuid::new_v4().to_string(),
+        };
+        self.relay.keys.mint(&claims)
+    }
+}
+
+/// Counts body bytes into a job's totals.
+trait Meter: Send + Sync {
+    fn sent(&self, n: u64);
+    fn received(&self, n: u64);
+}
+
+impl Meter for CallGrant {
+    fn sent(&self, n: u64) {
+        self.sent.fetch_add(n, Ordering::Relaxed);
+    }
+    fn received(&self, n: u64) {
+        self.received.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
+/// A guest request body, counted and bounded.
+pub struct Metered {
+    inner: GuestBody,
+    limit: u64,
+    seen: u64,
+    total: Arc<dyn Meter>,
+}
+
+impl std::fmt::Debug for Metered {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metered")
+            .field("limit", &self.limit)
+            .field("seen", &self.seen)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Body for Metered {
+    type Data = Bytes;
+    type Error = HttpError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, HttpError>>> {
+        let this = &mut *self;
+        let frame = ready!(Pin::new(&mut this.inner).poll_frame(cx));
+        if let Some(Ok(f)) = &frame
+            && let Some(data) = f.data_ref()
+        {
+            let n = data.len() as u64;
+            this.seen += n;
+            if this.seen > this.limit {
+                return Poll::Ready(Some(Err(HttpError::HttpRequestBodySize(Some(this.seen)))));
+            }
+            this.total.sent(n);
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// A service's response body on its way to the guest: bounded, counted,
+/// and failed if it ever contains the call's token.
+struct Guarded {
+    inner: hyper::body::Incoming,
+    limit: u64,
+    seen: u64,
+    needle: Vec<u8>,
+    /// The last `needle.len() - 1` bytes already passed on, so a token split
+    /// across frames is still found.
+    tail: Vec<u8>,
+    meter: Arc<dyn Meter>,
+}
+
+impl Body for Guarded {
+    type Data = Bytes;
+    type Error = HttpError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, HttpError>>> {
+        let this = &mut *self;
+        let frame = match ready!(Pin::new(&mut this.inner).poll_frame(cx)) {
+            None => return Poll::Ready(None),
+            Some(Err(e)) => return Poll::Ready(Some(Err(HttpError::from(e)))),
+            Some(Ok(f)) => f,
+        };
+        if let Some(data) = frame.data_ref() {
+            let n = data.len() as u64;
+            this.seen += n;
+            if this.seen > this.limit {
+                return Poll::Ready(Some(Err(HttpError::HttpResponseBodySize(Some(this.seen)))));
+            }
+            this.meter.received(n);
+            let mut window = std::mem::take(&mut this.tail);
+            window.extend_from_slice(data);
+            if contains(&window, &this.needle) {
+                tracing::error!("a service echoed its call token in a response body; withheld");
+                return Poll::Ready(Some(Err(HttpError::InternalError(Some(
+                    "response withheld: it contained the call's credential".into(),
+                )))));
+            }
+            let keep = this.needle.len().saturating_sub(1).min(window.len());
+            this.tail = window.split_off(window.len() - keep);
+        }
+        Poll::Ready(Some(Ok(frame)))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    !needle.is_empty() && haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+/// Headers a guest may not pass on: credentials, and identity or routing
+/// claims the service might trust.
+pub fn is_credential_header(name: &HeaderName) -> bool {
+    let n = name.as_str();
+    matches!(
+        n,
+        "authorization"
+            | "proxy-authorization"
+            | "cookie"
+            | "cookie2"
+            | "forwarded"
+            | "x-forwarded-for"
+            | "x-forwarded-host"
+            | "x-forwarded-proto"
+            | "x-real-ip"
+            | "x-original-url"
+            | "x-rewrite-url"
+    ) || n.starts_with("x-bulkhead-")
+        || [
+            "token",
+            "auth",
+            "secret",
+            "session",
+            "credential",
+            "api-key",
+            "apikey",
+            "signature",
+            "jwt",
+            "password",
+        ]
+        .iter()
+        .any(|w| n.contains(w))
+}
+
+fn declared_length(headers: &http::HeaderMap) -> Option<u64> {
+    headers
+        .get(http::header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()
+}
+
+fn bounded(s: &str) -> String {
+    const MAX: usize = 512;
+    if s.len() <= MAX {
+        return s.escape_debug().to_string();
+    }
+    let mut end = MAX;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", s[..end].escape_debug())
+}
+
+fn target_of(parts: &Parts) -> String {
+    bounded(&parts.uri.to_string())
+}
+
+/// Where a redirect from `decl` (answering `request_path`) may send the
+/// guest, as the guest should see it (`http://<name>/…`); `None` when it
+/// leaves the service or its allowed paths.
+fn redirect_target(decl: &ServiceDecl, request_path: &str, location: &str) -> Option<String> {
+    let path = if let Some(rest) = location.strip_prefix("http://") {
+        let (authority, path) = rest.split_at(rest.find(['/', '?']).unwrap_or(rest.len()));
+        if authority == decl.name.as_str() {
+            path.to_owned()
+        } else if authority == decl.url.authority.as_str() {
+            path.strip_prefix(decl.url.base_path.as_str())?.to_owned()
+        } else {
+            return None;
+        }
+    } else if location.starts_with("//")
+        || location.contains("://")
+        || location.contains(':') && !location.starts_with('/')
+    {
+        return None;
+    } else if location.starts_with('/') {
+        location
+            .strip_prefix(decl.url.base_path.as_str())?
+            .to_owned()
+    } else {
+        let base = request_path
+            .split('?')
+            .next()
+            .and_then(|p| p.rfind('/').map(|i| &p[..=i]))
+            .unwrap_or("/");
+        format!("{base}{location}")
+    };
+    let path = if path.is_empty() {
+        "/".to_owned()
+    } else {
+        path
+    };
+    gate::check_route(decl, &http::Method::GET, &path).ok()?;
+    Some(format!("http://{}{path}", decl.name))
+}
+
+/// The `wasi:http` hooks of one job.
+#[derive(Debug, Default)]
+pub struct Gate {
+    /// `None`: the job may call nothing.
+    pub(crate) grant: Option<Arc<CallGrant>>,
+}
+
+type SendFuture = Box<
+    dyn Future<
+            Output = Result<
+                (
+                    http::Response<GuestBody>,
+                    Box<dyn Future<Output = Result<(), HttpError>> + Send>,
+                ),
+                HttpError,
+            >,
+        > + Send,
+>;
+
+impl WasiHttpHooks for Gate {
+    fn is_supported_scheme(&mut self, _scheme: &Scheme) -> bool {
+        // The gate decides, so the refusal is recorded.
+        true
+    }
+
+    fn set_host_header(&mut self) -> bool {
+        // The host sets `Host` to the service's real authority itself.
+        false
+    }
+
+    fn default_scheme(&mut self) -> Option<Scheme> {
+        Some(Scheme::HTTP)
+    }
+
+    fn send_request(
+        &mut self,
+        request: http::Request<GuestBody>,
+        _options: Option<RequestOptions>,
+        _fut: Box<dyn Future<Output = Result<(), HttpError>> + Send>,
+    ) -> SendFuture {
+        let grant = self.grant.clone();
+        Box::new(async move {
+            let Some(grant) = grant else {
+                return Err(HttpError::HttpRequestDenied);
+            };
+            let response = grant.send(request).await?;
+            let done: Box<dyn Future<Output = Result<(), HttpError>> + Send> =
+                Box::new(async { Ok(()) });
+            Ok((response, done))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn credential_headers_are_recognised() {
+        for h in [
+            "authorization",
+            "cookie",
+            "x-api-key",
+            "x-auth-token",
+            "x-bulkhead-tenant",
+            "x-amz-security-token",
+            "x-forwarded-for",
+            "private-token",
+            "x-session-id",
+        ] {
+            assert!(is_credential_header(&HeaderName::from_static(h)), "{h}");
+        }
+        for h in ["accept", "content-type", "user-agent", "x-request-id"] {
+            assert!(!is_credential_header(&HeaderName::from_static(h)), "{h}");
+        }
+    }
+
+    #[test]
+    fn redirects_stay_inside_the_service() {
+        let mut d = ServiceDecl::example("palette", "http://127.0.0.1:9101");
+        d.paths = vec!["/v1".into()];
+        let ok = |loc: &str| redirect_target(&d, "/v1/a/b", loc);
+        assert_eq!(ok("/v1/x").as_deref(), Some("http://palette/v1/x"));
+        assert_eq!(ok("c").as_deref(), Some("http://palette/v1/a/c"));
+        assert_eq!(
+            ok("http://palette/v1/y").as_deref(),
+            Some("http://palette/v1/y")
+        );
+        assert_eq!(
+            ok("http://127.0.0.1:9101/v1/z").as_deref(),
+            Some("http://palette/v1/z")
+        );
+        for bad in [
+            "http://payments/v1/x",
+            "http://127.0.0.1:9102/v1/x",
+            "//payments/v1/x",
+            "https://palette/v1/x",
+            "/admin",
+            "/v1/../admin",
+            "../../admin",
+            "javascript:alert(1)",
+            "http://palette@payments/v1",
+        ] {
+            assert_eq!(ok(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_split_token_is_still_found() {
+        assert!(contains(b"xxTOKENyy", b"TOKEN"));
+        assert!(!contains(b"TOKE", b"TOKEN"));
+        assert!(!contains(b"", b""));
+    }
+}

@@ -1,0 +1,579 @@
+//! The lateral-movement scenario end to end, over real HTTP on loopback:
+//! the Bulkhead service, an internal service the module may call
+//! (`palette`) and one it may not (`payments`), both verifying tokens with
+//! `bulkhead-verify` against the host's published keys; guests that use
+//! the way out properly and guests that try everything else.
+//!
+//! Verdicts come from the host side and the services: what `palette` and
+//! `payments` actually received, the job report, and the audit log.
+
+use axum::response::Redirect;
+use axum::routing::get;
+use bulkhead::relay::ServiceDecl;
+use bulkhead_services::{CallLog, ServiceState, palette_router, payments_router};
+use bulkhead_verify::{Verifier, VerifierConfig};
+use serde_json::Value;
+
+use crate::common::policy_text;
+use crate::service::{Server, json, png, start};
+
+/// The scenario: the service and the two internal services.
+struct Scenario {
+    server: Server,
+    palette: CallLog,
+    payments: CallLog,
+    payments_port: u16,
+    payments_url: String,
+    palette_keys: std::sync::Arc<Verifier>,
+}
+
+/// Starts palette and payments on loopback, declares them to a Bulkhead
+/// service, and serves `framed` and `lateral` (both granted `palette`
+/// only). `max_calls` bounds palette calls per job.
+async fn scenario(max_calls: u32) -> Scenario {
+    let palette_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let payments_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let palette_url = format!("http://{}", palette_listener.local_addr().unwrap());
+    let payments_port = payments_listener.local_addr().unwrap().port();
+    let payments_url = format!("http://127.0.0.1:{payments_port}");
+
+    let (pal, pay) = (palette_url.clone(), payments_url.clone());
+    let server = start(move |config| {
+        let mut palette = ServiceDecl::example("palette", &pal);
+        palette.paths = vec!["/v1/".into()];
+        palette.methods = vec![http::Method::GET, http::Method::POST];
+        palette.max_calls = max_calls;
+        config.services = vec![palette, ServiceDecl::example("payments", &pay)];
+        let dir = &config.modules.policies_dir;
+        std::fs::write(
+            dir.join("framed.toml"),
+            policy_text(
+                bulkhead_tests::FRAMED,
+                "framed",
+                "[access]\nscopes = [\"framed:run\"]\n[limits]\nmemory = \"256 MiB\"\ncpu_time = \"5 s\"\nwall_time = \"20 s\"\n[run]\nparams = [\"width\", \"height\"]\n[network]\nservices = [\"palette\"]",
+            ),
+        )
+        .unwrap();
+        std::fs::write(
+            dir.join("lateral.toml"),
+            policy_text(
+                bulkhead_tests::LATERAL,
+                "lateral",
+                "[access]\nscopes = [\"lateral:run\"]\n[limits]\nwall_time = \"20 s\"\ncpu_time = \"5 s\"\n[run]\nparams = [\"mode\", \"port\", \"count\"]\n[network]\nservices = [\"palette\"]",
+            ),
+        )
+        .unwrap();
+    })
+    .await;
+
+    // The services pin the keys the host publishes, fetched over HTTP as a
+    // real deployment would.
+    let jwks = bulkhead_services::fetch_jwks(&server.url("/.well-known/jwks.json"))
+        .await
+        .unwrap();
+    let verifier = |aud: &str| {
+        std::sync::Arc::new(Verifier::new(VerifierConfig::new("bulkhead", aud), &jwks).unwrap())
+    };
+    let palette_keys = verifier("palette");
+    let palette = ServiceState::new(std::sync::Arc::clone(&palette_keys));
+    let payments = ServiceState::new(verifier("payments"));
+    let (palette_log, payments_log) = (palette.log().clone(), payments.log().clone());
+    // An open redirect in the allowed service, pointing at payments' real
+    // address: the classic way to bounce a request past an allowlist.
+    let bounce_to = format!("{payments_url}/v1/balance");
+    let palette_app = palette_router(palette).route(
+        "/v1/bounce",
+        get(move || async move { Redirect::temporary(&bounce_to) }),
+    );
+    tokio::spawn(axum::serve(palette_listener, palette_app).into_future());
+    tokio::spawn(axum::serve(payments_listener, payments_router(payments)).into_future());
+
+    Scenario {
+        server,
+        palette: palette_log,
+        payments: payments_log,
+        payments_port,
+        payments_url,
+        palette_keys,
+    }
+}
+
+impl Scenario {
+    /// Submits a job and waits for its result; returns the job.
+    async fn run(&self, token: &str, module: &str, query: &str, body: Vec<u8>) -> Value {
+        let resp = self
+            .server
+            .http
+            .post(
+                self.server
+                    .url(&format!("/v1/modules/{module}/jobs?wait=30s{query}")),
+            )
+            .bearer_auth(token)
+            .header("content-type", "image/png")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200, "{:?}", resp.text().await);
+        resp.json().await.unwrap()
+    }
+
+    async fn lateral(&self, token: &str, mode: &str) -> Value {
+        let q = format!(
+            "&param.mode={mode}&param.port={}&param.count=8",
+            self.payments_port
+        );
+        self.run(token, "lateral", &q, Vec::new()).await
+    }
+
+    /// The newest audit entries, as JSON.
+    async fn audit(&self) -> Vec<Value> {
+        json(
+            self.server
+                .http
+                .get(format!("{}/admin/v1/audit?limit=1000", self.server.admin))
+                .bearer_auth(&self.server.admin_token),
+        )
+        .await
+        .as_array()
+        .unwrap()
+        .clone()
+    }
+}
+
+fn report(job: &Value) -> &Value {
+    &job["report"]
+}
+
+fn calls(job: &Value) -> &Value {
+    &job["report"]["calls"]
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_allowed_service_sees_the_submitting_user_and_nothing_else_is_reached() {
+    let s = scenario(16).await;
+    let token = s.server.token("acme", &["framed:run"]).await;
+    let job = s
+        .run(
+            &token,
+            "framed",
+            "&param.width=64&param.height=48",
+            png(320, 240),
+        )
+        .await;
+    assert_eq!(job["state"], "succeeded", "{job:#}");
+    let id = job["id"].as_str().unwrap();
+    assert_eq!(calls(&job)["made"], 1, "{job:#}");
+    assert_eq!(calls(&job)["refused"], 0, "{job:#}");
+
+    // palette received exactly one verified call carrying the submitter.
+    let seen = s.palette.verified();
+    assert_eq!(seen.len(), 1, "{:#?}", s.palette.snapshot());
+    let c = &seen[0];
+    assert_eq!((c.tenant.as_str(), c.sub.as_str()), ("acme", "acme-ci"));
+    assert_eq!(c.aud, "palette");
+    assert_eq!(c.iss, "bulkhead");
+    assert_eq!(c.job, id);
+    assert_eq!(c.module, "framed");
+    assert_eq!(c.scopes, vec!["framed:run".to_owned()]);
+    assert!(
+        c.exp > c.iat && c.exp - c.iat <= 30,
+        "lifetime of seconds: {c:?}"
+    );
+    assert!(s.payments.is_empty(), "{:#?}", s.payments.snapshot());
+
+    // The output is framed in acme's colour, from the service's answer.
+    let bytes = s
+        .server
+        .http
+        .get(
+            s.server
+                .url(&format!("/v1/jobs/{id}/outputs/thumbnail.png")),
+        )
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    let img = image::load_from_memory(&bytes).unwrap().to_rgba8();
+    assert_eq!(img.dimensions(), (64, 48));
+    let want = bulkhead_services::frame_colour("acme");
+    let px = img.get_pixel(0, 0);
+    assert_eq!(format!("#{:02x}{:02x}{:02x}", px[0], px[1], px[2]), want);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_other_way_out_is_refused_and_audited() {
+    let s = scenario(16).await;
+    let token = s.server.token("acme", &["lateral:run"]).await;
+    let job = s.lateral(&token, "all").await;
+    let id = job["id"].as_str().unwrap().to_owned();
+    let stdout = report(&job)["stdout"]["text"].as_str().unwrap();
+    let attempts: Vec<&str> = stdout
+        .lines()
+        .filter(|l| l.starts_with("ATTEMPT"))
+        .collect();
+    assert!(attempts.len() >= 30, "{stdout}");
+    // No attempt got an answer from anyone.
+    for line in &attempts {
+        assert!(line.contains(": error "), "an attempt got through: {line}");
+    }
+
+    // Host side: payments received nothing at all; palette only the bounce
+    // (which the gate then refused to follow).
+    assert!(s.payments.is_empty(), "{:#?}", s.payments.snapshot());
+    assert!(
+        s.palette.snapshot().iter().all(|r| r.path == "/v1/bounce"),
+        "{:#?}",
+        s.palette.snapshot()
+    );
+
+    // The report lists every refusal with its class…
+    let records = calls(&job)["records"].as_array().unwrap();
+    let refused: Vec<&Value> = records
+        .iter()
+        .filter(|r| r["refused"].is_string())
+        .collect();
+    assert_eq!(calls(&job)["refused"], refused.len(), "{job:#}");
+    let classes: std::collections::BTreeSet<&str> = refused
+        .iter()
+        .map(|r| r["class"].as_str().unwrap())
+        .collect();
+    for class in [
+        "not_granted",
+        "raw_ip",
+        "authority",
+        "redirect",
+        "path",
+        "method",
+        "scheme",
+    ] {
+        assert!(
+            classes.contains(class),
+            "no `{class}` refusal in {classes:?}"
+        );
+    }
+    // (The `host` header attempt is refused before the gate: the guest
+    // cannot even set it.)
+    assert!(
+        stdout.contains("ATTEMPT host-header GET http://palette/v1/palette: error header refused"),
+        "{stdout}"
+    );
+    let raw_ips = refused.iter().filter(|r| r["class"] == "raw_ip").count();
+    assert!(raw_ips >= 11, "{refused:#?}");
+
+    // …and the audit log has one entry per refusal, naming the job, module
+    // and target.
+    let audit = s.audit().await;
+    let denied: Vec<&Value> = audit
+        .iter()
+        .filter(|e| e["action"] == "egress.denied" && e["job_id"] == id.as_str())
+        .collect();
+    assert_eq!(denied.len(), refused.len(), "{audit:#?}");
+    for e in &denied {
+        assert_eq!(e["module"], "lateral");
+        assert_eq!(e["tenant"], "acme");
+        assert!(e["module_sha256"].is_string() && e["policy_sha256"].is_string());
+    }
+    let details: Vec<&str> = denied
+        .iter()
+        .map(|e| e["detail"].as_str().unwrap())
+        .collect();
+    for needle in [
+        "http://payments/v1/balance",
+        "2130706433",
+        "[::ffff:127.0.0.1]",
+        "palette@payments",
+        &format!("{}/v1/balance", s.payments_url),
+    ] {
+        assert!(
+            details.iter().any(|d| d.contains(needle)),
+            "no audit entry mentions {needle}: {details:#?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn credentials_the_guest_sets_are_stripped_and_its_identity_claims_ignored() {
+    let s = scenario(16).await;
+    let token = s.server.token("acme", &["lateral:run"]).await;
+    let job = s.lateral(&token, "smuggle").await;
+    let stdout = report(&job)["stdout"]["text"].as_str().unwrap();
+    assert!(stdout.contains(": status 200"), "{stdout}");
+    assert!(stdout.contains("\"tenant\":\"acme\""), "{stdout}");
+
+    let received = s.palette.snapshot();
+    assert_eq!(received.len(), 1, "{received:#?}");
+    let r = &received[0];
+    let claims = r.verdict.claims().expect("the host's token verified");
+    assert_eq!(
+        (claims.tenant.as_str(), claims.sub.as_str()),
+        ("acme", "acme-ci")
+    );
+    for (name, value) in &r.headers {
+        assert!(
+            !matches!(
+                name.as_str(),
+                "cookie" | "x-api-key" | "x-forwarded-for" | "forwarded"
+            ) && !name.starts_with("x-bulkhead-"),
+            "{name}: {value} reached the service"
+        );
+    }
+    let stripped = calls(&job)["records"][0]["stripped_headers"]
+        .as_array()
+        .unwrap();
+    for h in [
+        "authorization",
+        "x-bulkhead-tenant",
+        "cookie",
+        "x-api-key",
+        "forwarded",
+    ] {
+        assert!(
+            stripped.iter().any(|v| v == h),
+            "{h} not reported stripped: {stripped:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_guest_never_sees_a_token_and_a_stolen_one_opens_nothing_else() {
+    let s = scenario(16).await;
+    let token = s.server.token("acme", &["lateral:run"]).await;
+    let job = s.lateral(&token, "hunt").await;
+    assert_eq!(job["state"], "succeeded", "{job:#}");
+    let id = job["id"].as_str().unwrap();
+    let minted: Vec<String> = s
+        .palette
+        .snapshot()
+        .into_iter()
+        .filter_map(|r| r.token)
+        .collect();
+    assert_eq!(minted.len(), 2, "two calls, two tokens");
+    assert_ne!(minted[0], minted[1], "one token per call");
+
+    // Nowhere the guest could write: stdout, stderr, its output file.
+    let dump = s
+        .server
+        .http
+        .get(s.server.url(&format!("/v1/jobs/{id}/outputs/dump.txt")))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(dump.contains("== http://palette/v1/palette"), "{dump}");
+    let seen = [
+        report(&job)["stdout"]["text"].as_str().unwrap(),
+        report(&job)["stderr"]["text"].as_str().unwrap(),
+        dump.as_str(),
+    ];
+    for t in &minted {
+        let signature = t.rsplit('.').next().unwrap();
+        for text in seen {
+            assert!(!text.contains(t.as_str()) && !text.contains(signature));
+        }
+    }
+    assert!(
+        !dump.contains("eyJ"),
+        "something JWT-shaped reached the guest:\n{dump}"
+    );
+
+    // A token minted for palette, replayed at payments: refused on audience.
+    let resp = s
+        .server
+        .http
+        .get(format!("{}/v1/balance", s.payments_url))
+        .bearer_auth(&minted[0])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 401);
+    let body = resp.text().await.unwrap();
+    assert!(!body.contains(&minted[0]), "the service echoed the token");
+    let rejected = s.payments.snapshot();
+    assert_eq!(rejected.len(), 1);
+    assert_eq!(
+        rejected[0].verdict.code(),
+        "audience",
+        "{:?}",
+        rejected[0].verdict
+    );
+
+    // And as a client credential at Bulkhead's own API: not a reference
+    // token, so 401.
+    let resp = s
+        .server
+        .http
+        .get(s.server.url("/v1/jobs"))
+        .bearer_auth(&minted[0])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 401);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn calls_and_bodies_are_bounded_per_job() {
+    let s = scenario(4).await;
+    let token = s.server.token("acme", &["lateral:run"]).await;
+    let job = s.lateral(&token, "flood").await;
+    let c = calls(&job);
+    assert_eq!(c["made"], 4, "{job:#}");
+    assert_eq!(c["refused"], 4, "{job:#}");
+    assert_eq!(s.palette.len(), 4, "the service saw only the allowed calls");
+    assert!(
+        c["records"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|r| r["class"] == "limit")
+            .count()
+            == 4
+    );
+
+    let job = s.lateral(&token, "big-body").await;
+    let c = calls(&job);
+    let sent = c["bytes_sent"].as_u64().unwrap();
+    assert!(
+        sent <= 1024 * 1024,
+        "sent {sent} bytes past the 1 MiB bound: {job:#}"
+    );
+    let stdout = report(&job)["stdout"]["text"].as_str().unwrap();
+    assert!(
+        stdout.contains("ATTEMPT big-body") && stdout.contains(": error "),
+        "{stdout}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn keys_are_published_and_rotation_keeps_recent_tokens_valid() {
+    let s = scenario(16).await;
+    let jwks: Value = json(s.server.http.get(s.server.url("/.well-known/jwks.json"))).await;
+    let keys = jwks["keys"].as_array().unwrap();
+    assert_eq!(keys.len(), 1);
+    assert_eq!(keys[0]["kty"], "OKP");
+    assert_eq!(keys[0]["crv"], "Ed25519");
+    assert!(keys[0].get("d").is_none(), "no private part is published");
+    let old_kid = keys[0]["kid"].as_str().unwrap().to_owned();
+
+    // A user token cannot rotate; the admin can.
+    let user = s.server.token("acme", &["lateral:run"]).await;
+    let url = format!("{}/admin/v1/keys/rotate", s.server.admin);
+    let resp = s
+        .server
+        .http
+        .post(&url)
+        .bearer_auth(&user)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 401);
+
+    // A call token minted before the rotation…
+    let job = s.lateral(&user, "allowed").await;
+    assert!(
+        report(&job)["stdout"]["text"]
+            .as_str()
+            .unwrap()
+            .contains("status 200")
+    );
+    let before = s.palette.snapshot()[0].token.clone().unwrap();
+
+    let resp = s
+        .server
+        .http
+        .post(&url)
+        .bearer_auth(&s.server.admin_token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let new_kid = resp.json::<Value>().await.unwrap()["kid"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_ne!(new_kid, old_kid);
+
+    // …still verifies against the new set, which holds both keys.
+    let jwks = bulkhead_services::fetch_jwks(&s.server.url("/.well-known/jwks.json"))
+        .await
+        .unwrap();
+    let kids: Vec<_> = jwks
+        .keys
+        .iter()
+        .filter_map(|k| k.common.key_id.clone())
+        .collect();
+    assert_eq!(kids.len(), 2);
+    assert!(kids.contains(&old_kid) && kids.contains(&new_kid));
+    let v = Verifier::new(VerifierConfig::new("bulkhead", "palette"), &jwks).unwrap();
+    v.verify(&before).unwrap();
+
+    // New calls are signed with the new key, which palette does not know
+    // until it refreshes its pinned set: refused, never fetched from the
+    // token itself.
+    let job = s.lateral(&user, "allowed").await;
+    assert!(
+        report(&job)["stdout"]["text"]
+            .as_str()
+            .unwrap()
+            .contains("status 401")
+    );
+    assert_eq!(
+        s.palette.snapshot().last().unwrap().verdict.code(),
+        "unknown_key"
+    );
+    s.palette_keys.update_keys(&jwks).unwrap();
+    let job = s.lateral(&user, "allowed").await;
+    assert!(
+        report(&job)["stdout"]["text"]
+            .as_str()
+            .unwrap()
+            .contains("status 200")
+    );
+    let after = s.palette.snapshot().last().unwrap().token.clone().unwrap();
+    let header = jsonwebtoken::decode_header(&after).unwrap();
+    assert_eq!(header.kid.as_deref(), Some(new_kid.as_str()));
+    assert!(
+        s.server
+            .service
+            .store()
+            .audit(50)
+            .await
+            .unwrap()
+            .iter()
+            .any(|e| e.action == "key.rotated")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_policy_naming_an_undeclared_service_stops_the_start() {
+    let data = tempfile::tempdir().unwrap();
+    let mut config = bulkhead::config::ServeConfig::default();
+    config.storage.data_dir = data.path().join("data");
+    config.modules.policies_dir = data.path().join("policies");
+    config.modules.modules_dir = std::path::PathBuf::from(bulkhead_tests::GUESTS_DIR);
+    config.services = vec![ServiceDecl::example("palette", "http://127.0.0.1:9")];
+    std::fs::create_dir_all(&config.modules.policies_dir).unwrap();
+    std::fs::write(
+        config.modules.policies_dir.join("lateral.toml"),
+        policy_text(
+            bulkhead_tests::LATERAL,
+            "lateral",
+            "[network]\nservices = [\"payments\"]",
+        ),
+    )
+    .unwrap();
+    let err = bulkhead::service::Service::start(config, None)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("unknown service `payments`") && err.contains("this host declares `palette`"),
+        "{err}"
+    );
+}
