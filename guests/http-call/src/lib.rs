@@ -91,7 +91,7 @@ pub fn request(
     let fields = Fields::new();
     for (name, value) in headers {
         fields
-            .append(&(*name).to_owned(), &value.as_bytes().to_vec())
+            .append(name, value.as_bytes())
             .map_err(|e| CallError::Header(format!("{name}: {e:?}")))?;
     }
     let req = OutgoingRequest::new(fields);
