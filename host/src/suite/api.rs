@@ -759,12 +759,19 @@ async fn huge_body(t: &Target) -> Outcome {
             .body(vec![0u8; 3 * 1024 * 1024]),
     )
     .await;
-    Ok((
-        vec![expect(
-            "3 MiB body over a 1 MiB limit",
-            (code, &body),
-            &[413],
-        )],
-        format!("refused: {code}"),
-    ))
+    let mut checks = vec![expect(
+        "3 MiB body over a 1 MiB limit",
+        (code, &body),
+        &[413],
+    )];
+    let after = submit(t, &t.token).await;
+    checks.push(Check::new(
+        "still serving",
+        after.is_ok(),
+        match &after {
+            Ok(id) => format!("a normal job ({id}) ran right after"),
+            Err(e) => format!("the service did not serve a normal job after: {e}"),
+        },
+    ));
+    Ok((checks, format!("refused: {code}")))
 }

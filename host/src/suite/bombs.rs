@@ -436,12 +436,12 @@ pub async fn run_local(
     bomb: &Bomb,
     started: Instant,
 ) -> AttackResult {
-    let bytes = build(*bomb, h.sandbox.config().max_module_size);
+    let bytes = build(*bomb, h.fresh.sandbox.config().max_module_size);
     let name = super::local::module_name(&attack.id);
     let text = h.base.policy_text(&name, &bytes, None, &h.weak_limits);
     let sampler = Sampler::start();
     let load_started = Instant::now();
-    let loaded = super::local::load(&h.sandbox, &text, &bytes);
+    let loaded = super::local::load(&h.fresh.sandbox, &text, &bytes);
     let load_time = load_started.elapsed();
     let peaks = sampler.stop();
     let rss_growth = peaks.rss_peak.saturating_sub(peaks.rss_before);
@@ -484,7 +484,7 @@ pub async fn run_local(
         Ok(m) => m,
     };
     // Loaded: it must then be stopped at instantiation or run.
-    let mut result = super::local::run_loaded(h, attack, &module, started).await;
+    let mut result = super::local::run_loaded(h, &h.fresh, attack, &module, started).await;
     let expect_limit = matches!(bomb, Bomb::StartLoop | Bomb::HugeMemory | Bomb::HugeTable);
     if let Some(report) = result.1.as_ref() {
         if expect_limit {
@@ -542,7 +542,7 @@ fn describe(report: &JobReport) -> String {
 
 async fn neighbour_check(h: &Harness) -> Check {
     let job = crate::sandbox::JobSpec::new();
-    let dir = match crate::sandbox::JobDir::create(&h.sandbox.config().work_dir, &job.id) {
+    let dir = match crate::sandbox::JobDir::create(&h.fresh.sandbox.config().work_dir, &job.id) {
         Ok(d) => d,
         Err(e) => {
             return Check::new(
@@ -552,7 +552,7 @@ async fn neighbour_check(h: &Harness) -> Check {
             );
         }
     };
-    match h.sandbox.run(&h.neighbour, &job, &dir).await {
+    match h.fresh.sandbox.run(&h.fresh.neighbour, &job, &dir).await {
         Ok(r) if r.succeeded() => {
             Check::new("neighbour", true, "a hello job right after succeeded")
         }

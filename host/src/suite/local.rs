@@ -160,15 +160,33 @@ impl Base {
     }
 }
 
+/// A sandbox and the well-behaved module run beside each attack in it.
+pub(super) struct Lane {
+    pub sandbox: Sandbox,
+    pub neighbour: Arc<LoadedModule>,
+}
+
+impl Lane {
+    fn new(config: SandboxConfig, base: &Base) -> Result<Self, SuiteError> {
+        let sandbox = Sandbox::new(config).map_err(|e| SuiteError::Setup(e.to_string()))?;
+        let hello = super::catalog::hello_wasm();
+        let text = base.policy_text("suite-neighbour", hello, None, &[]);
+        let neighbour = load(&sandbox, &text, hello).map_err(SuiteError::Setup)?;
+        Ok(Self { sandbox, neighbour })
+    }
+}
+
 /// Everything an attack runs against, set up once.
 pub(super) struct Harness {
-    pub sandbox: Sandbox,
+    /// Guests, with the module cache (the hostile guest compiles once).
+    pub main: Lane,
+    /// Generated modules, without a cache, so compiling them is measured.
+    pub fresh: Lane,
     pub base: Base,
     pub weak_limits: Vec<(String, toml::Value)>,
     pub bounds: Bounds,
     pub canary: Canary,
     pub bait: Bait,
-    pub neighbour: Arc<LoadedModule>,
     pub host_secrets: Vec<(String, Vec<u8>)>,
     pub scratch: PathBuf,
     _temp: Option<tempfile::TempDir>,
@@ -210,23 +228,25 @@ impl Harness {
             let guest = dir.to_string_lossy().into_owned();
             config.unsafe_extra_preopen = Some((dir, guest));
         }
-        let sandbox = Sandbox::new(config).map_err(|e| SuiteError::Setup(e.to_string()))?;
-
+        let mut fresh = config.clone();
+        fresh.cache_dir = None;
+        fresh.work_dir = scratch.join("fresh-jobs");
+        fresh.max_concurrent_jobs = 2;
+        let main = Lane::new(config, &base)?;
+        let fresh = Lane::new(fresh, &base)?;
         let hello = super::catalog::hello_wasm();
-        let text = base.policy_text("suite-neighbour", hello, None, &[]);
-        let neighbour = load(&sandbox, &text, hello).map_err(SuiteError::Setup)?;
         // The bounds are those of the policy the attacks were meant to
         // run under, without the weakening.
         let bounds_text = base.policy_text("suite-bounds", hello, None, &[]);
         let bounds = Bounds::of(&parse(&bounds_text).map_err(SuiteError::Setup)?);
         Ok(Self {
-            sandbox,
+            main,
+            fresh,
             base,
             weak_limits: weakening.limits,
             bounds,
             canary,
             bait,
-            neighbour,
             host_secrets: evidence::host_secrets(),
             scratch,
             _temp: temp,
@@ -238,7 +258,7 @@ impl Harness {
         let text = self
             .base
             .policy_text(name, &run.wasm, Some(run), &self.weak_limits);
-        load(&self.sandbox, &text, &run.wasm)
+        load(&self.main.sandbox, &text, &run.wasm)
     }
 
     fn value(&self, p: &Param, secret: &str) -> String {
@@ -282,10 +302,11 @@ impl Harness {
         if !given.contains(secret) {
             all.push(("the attack's secret".into(), secret.as_bytes().to_vec()));
         }
+        all.retain(|(_, s)| !given.contains(&*String::from_utf8_lossy(s)));
+        // The tester's forbidden strings count wherever they appear.
         for f in forbidden {
             all.push((format!("forbidden string `{f}`"), f.as_bytes().to_vec()));
         }
-        all.retain(|(_, s)| !given.contains(&*String::from_utf8_lossy(s)));
         all
     }
 }
@@ -361,11 +382,12 @@ struct Observed {
     inputs_before: std::collections::BTreeMap<String, String>,
 }
 
-async fn observe(h: &Harness, module: &LoadedModule, job: &JobSpec) -> Result<Observed, String> {
-    let dir = JobDir::create(&h.sandbox.config().work_dir, &job.id).map_err(|e| e.to_string())?;
+async fn observe(lane: &Lane, module: &LoadedModule, job: &JobSpec) -> Result<Observed, String> {
+    let dir =
+        JobDir::create(&lane.sandbox.config().work_dir, &job.id).map_err(|e| e.to_string())?;
     let hello = JobSpec::new();
     let hello_dir =
-        JobDir::create(&h.sandbox.config().work_dir, &hello.id).map_err(|e| e.to_string())?;
+        JobDir::create(&lane.sandbox.config().work_dir, &hello.id).map_err(|e| e.to_string())?;
     let inputs_before: std::collections::BTreeMap<String, String> = job
         .inputs
         .iter()
@@ -378,8 +400,8 @@ async fn observe(h: &Harness, module: &LoadedModule, job: &JobSpec) -> Result<Ob
         .collect();
     let sampler = Sampler::start();
     let (report, neighbour) = tokio::join!(
-        h.sandbox.run(module, job, &dir),
-        h.sandbox.run(&h.neighbour, &hello, &hello_dir)
+        lane.sandbox.run(module, job, &dir),
+        lane.sandbox.run(&lane.neighbour, &hello, &hello_dir)
     );
     let peaks = sampler.stop();
     let report = report.map_err(|e| format!("the job was refused: {e}"))?;
@@ -426,7 +448,7 @@ async fn guest_attack(
         .iter()
         .map(|p| (p.clone(), fingerprint(p)))
         .collect();
-    let obs = match observe(h, &module, &job).await {
+    let obs = match observe(&h.main, &module, &job).await {
         Ok(o) => o,
         Err(e) => return fail(e),
     };
@@ -451,13 +473,14 @@ async fn guest_attack(
 /// (no outcome expectation: the caller judges that from the report).
 pub(super) async fn run_loaded(
     h: &Harness,
+    lane: &Lane,
     attack: &Attack,
     module: &LoadedModule,
     started: Instant,
 ) -> (AttackResult, Option<JobReport>) {
     let job = JobSpec::new();
     let secrets = h.secrets(&job, &[], "");
-    match observe(h, module, &job).await {
+    match observe(lane, module, &job).await {
         Ok(obs) => {
             let checks = host_checks(h, &obs, &secrets, &[]);
             let stopped = stopped_by(&obs.report);
@@ -814,7 +837,7 @@ async fn sequence_attack(
         job
     };
     let wjob = job_for(writer);
-    let wobs = match observe(h, &module, &wjob).await {
+    let wobs = match observe(&h.main, &module, &wjob).await {
         Ok(o) => o,
         Err(e) => return fail(e),
     };
@@ -845,7 +868,7 @@ async fn sequence_attack(
     ));
     drop(wobs);
     // The shared empty `/in` must still be empty for the next job.
-    let shared = h.sandbox.config().work_dir.join(".empty-in");
+    let shared = h.main.sandbox.config().work_dir.join(".empty-in");
     let leftover: Vec<_> = std::fs::read_dir(&shared)
         .map(|d| {
             d.flatten()
@@ -871,7 +894,7 @@ async fn sequence_attack(
     let mut last_stop = String::new();
     for i in 0..readers {
         let rjob = job_for(reader);
-        let robs = match observe(h, &module, &rjob).await {
+        let robs = match observe(&h.main, &module, &rjob).await {
             Ok(o) => o,
             Err(e) => return fail(e),
         };
@@ -957,6 +980,8 @@ pub fn module_name(id: &str) -> String {
     name.trim_end_matches('-').to_owned()
 }
 
+/// Milliseconds since `started`, to 0.1 ms (what the reports show, and a
+/// value that survives a JSON round trip unchanged).
 pub(super) fn ms(started: Instant) -> f64 {
-    started.elapsed().as_secs_f64() * 1000.0
+    (started.elapsed().as_secs_f64() * 10_000.0).round() / 10.0
 }

@@ -370,14 +370,27 @@ pub async fn run(
     progress: &mut dyn FnMut(Progress<'_>),
 ) -> Result<SuiteReport, SuiteError> {
     let attacks = select(options)?;
+    run_attacks(options, &attacks, progress).await
+}
+
+/// Runs `attacks` (for instance a hand-picked part of [`select`]'s) as
+/// [`run`] does.
+///
+/// # Errors
+/// As [`run`].
+pub async fn run_attacks(
+    options: &SuiteOptions,
+    attacks: &[Attack],
+    progress: &mut dyn FnMut(Progress<'_>),
+) -> Result<SuiteReport, SuiteError> {
     let started_at = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
     let (target, results) = match &options.server {
-        Some(url) => (url.clone(), remote::run(options, &attacks, progress).await?),
+        Some(url) => (url.clone(), remote::run(options, attacks, progress).await?),
         None => (
             "local sandbox".to_owned(),
-            local::run(options, &attacks, progress).await?,
+            local::run(options, attacks, progress).await?,
         ),
     };
     Ok(SuiteReport {
