@@ -985,3 +985,25 @@ pub fn module_name(id: &str) -> String {
 pub(super) fn ms(started: Instant) -> f64 {
     (started.elapsed().as_secs_f64() * 10_000.0).round() / 10.0
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn module_names_are_valid_policy_names() {
+        assert_eq!(module_name("fs.dotdot"), "escape-fs-dotdot");
+        assert_eq!(module_name("custom.My_Attack"), "escape-custom-my-attack");
+        let long = module_name(&"x".repeat(200));
+        assert!(long.len() <= 63);
+    }
+
+    #[test]
+    fn standard_limits_make_a_valid_policy() {
+        let base = Base::from_options(&SuiteOptions::default()).unwrap();
+        let text = base.policy_text("escape-x", b"\0asm", None, &[]);
+        let policy = parse(&text).unwrap();
+        assert_eq!(policy.limits.memory, ByteSize::mib(32));
+        assert_eq!(policy.access.scopes[0].as_str(), super::super::SUITE_SCOPE);
+    }
+}

@@ -187,3 +187,17 @@ pub fn render(report: &SuiteReport) -> String {
     out.push_str("</main></body></html>\n");
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn guest_text_is_escaped_and_control_characters_shown() {
+        let hostile = "</td><script>alert('x')</script>\u{1b}[2J\r\"&";
+        let out = escape(hostile);
+        assert!(!out.contains('<') && !out.contains('>') && !out.contains('\u{1b}'));
+        assert!(!out.contains('\r') && !out.contains('"') && !out.contains('\''));
+        assert!(out.contains("&lt;script&gt;") && out.contains("\\u{1b}") && out.contains("&amp;"));
+    }
+}
