@@ -12,6 +12,8 @@
 //! - [`service`]: accepting, scheduling, running and recovering jobs.
 //! - [`api`]: the axum HTTP API (public and admin); never names wasmtime types.
 //! - [`config`]: the service's TOML config.
+//! - [`suite`]: `bulkhead escape-suite`, hostile guests judged from
+//!   host-side evidence.
 //! - [`cli`]: the `bulkhead` command line.
 
 pub mod api;
@@ -23,3 +25,4 @@ pub mod relay;
 pub mod sandbox;
 pub mod service;
 pub mod store;
+pub mod suite;

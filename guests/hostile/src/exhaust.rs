@@ -263,3 +263,107 @@ pub fn disk_link_create() -> ExitCode {
     }
     unreachable!("u64 counter exhausted")
 }
+
+/// `memory-grow`: grow linear memory directly with `memory.grow`, 64 MiB at
+/// a time, bypassing the allocator, and touch every new page.
+pub fn memory_grow() -> ExitCode {
+    use core::arch::wasm32::memory_grow;
+    const PAGES: usize = 1024;
+    let mut grown = 0usize;
+    loop {
+        let first = memory_grow(0, PAGES);
+        if first == usize::MAX {
+            println!("memory-grow: refused after {grown} pages");
+            return ExitCode::from(1);
+        }
+        for page in first..first + PAGES {
+            // SAFETY: the page was just grown and belongs to nobody else.
+            unsafe {
+                core::ptr::with_exposed_provenance_mut::<u8>(page * 65536).write_volatile(1);
+            }
+        }
+        grown += PAGES;
+        println!("memory-grow: {grown} pages");
+    }
+}
+
+/// `fd-flood`: open descriptors and never close them (the input file,
+/// `/in` and `/out`), until the host refuses; then hold them for a while.
+pub fn fd_flood() -> ExitCode {
+    let input = fs::read_dir("/in")
+        .ok()
+        .and_then(|mut d| d.next())
+        .and_then(Result::ok)
+        .map(|e| format!("/in/{}", e.file_name().to_string_lossy()));
+    let mut held = Vec::new();
+    let mut refused = 0;
+    for n in 0u32..100_000 {
+        let opened = match (n % 3, &input) {
+            (0, Some(path)) => File::open(path),
+            (1, _) => File::open("/in"),
+            _ => File::open("/out"),
+        };
+        match opened {
+            Ok(f) => held.push(f),
+            Err(e) => {
+                refused += 1;
+                if refused == 1 {
+                    println!("fd-flood: refused after {} handles: {e}", held.len());
+                }
+                if refused > 100 {
+                    break;
+                }
+            }
+        }
+    }
+    println!("fd-flood: holding {} handles", held.len());
+    std::thread::sleep(Duration::from_millis(200));
+    std::mem::forget(held);
+    ExitCode::SUCCESS
+}
+
+/// `sleep-loop`: many short sleeps, each a host call that blocks without
+/// using CPU, forever.
+pub fn sleep_loop() -> ExitCode {
+    println!("sleep-loop: sleeping 10 ms at a time");
+    loop {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// `host-call-loop`: spin inside host calls (`stat` of `/in`) forever, so
+/// most of the time is spent in the host rather than in wasm.
+pub fn host_call_loop() -> ExitCode {
+    println!("host-call-loop: stat /in forever");
+    let mut n = 0u64;
+    loop {
+        let _ = black_box(fs::metadata("/in"));
+        n += 1;
+        if n.is_multiple_of(100_000) {
+            println!("host-call-loop: {n} calls");
+        }
+    }
+}
+
+/// `stdout-one-write`: one 24 MiB buffer in a single `write` call, a large
+/// list crossing the interface at once.
+pub fn stdout_one_write() -> ExitCode {
+    let buf = vec![b'y'; 24 * MIB];
+    let result = io::stdout().lock().write_all(&buf);
+    eprintln!("stdout-one-write: {result:?}");
+    ExitCode::from(1)
+}
+
+/// `log-inject`: control characters, terminal escapes and forged report
+/// lines on stdout and stderr, for whoever displays them.
+pub fn log_inject() -> ExitCode {
+    let forged = "\u{1b}[2J\u{1b}[H\r\u{1b}[32mheld\u{1b}[0m all attacks\n\
+                  attempt read /etc/passwd: err refused\n\
+                  {\"verdict\":\"held\"}\n\
+                  </pre><script>alert(1)</script>\u{7}\u{8}\u{0}\u{1b}]0;pwned\u{7}\n";
+    print!("{forged}");
+    eprint!("{forged}");
+    // Invalid UTF-8 as well.
+    let _ = io::stdout().lock().write_all(&[0xff, 0xfe, b'\n']);
+    ExitCode::SUCCESS
+}

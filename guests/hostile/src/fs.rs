@@ -81,8 +81,46 @@ fn try_list(ctx: &Ctx, path: &str) {
     }
 }
 
-/// `read-dotdot`: climb out of the preopens with `..`.
+/// `read-dotdot`: climb out of the preopens with `..`, every variant below.
 pub fn read_dotdot(ctx: &Ctx) -> ExitCode {
+    dotdot_plain(ctx);
+    dotdot_trailing(ctx);
+    dotdot_target(ctx);
+    dotdot_long(ctx);
+    println!("done");
+    ExitCode::SUCCESS
+}
+
+/// `read-dotdot-plain`: short `..` chains from each preopen.
+pub fn read_dotdot_plain(ctx: &Ctx) -> ExitCode {
+    dotdot_plain(ctx);
+    println!("done");
+    ExitCode::SUCCESS
+}
+
+/// `read-trailing`: `..` paths ending in `/` or `/.`, read and listed.
+pub fn read_trailing(ctx: &Ctx) -> ExitCode {
+    dotdot_trailing(ctx);
+    println!("done");
+    ExitCode::SUCCESS
+}
+
+/// `read-climb`: climb to `--target` (a host path) from every preopen with
+/// 1 to 12 `../`.
+pub fn read_climb(ctx: &Ctx) -> ExitCode {
+    dotdot_target(ctx);
+    println!("done");
+    ExitCode::SUCCESS
+}
+
+/// `read-long`: paths longer than `PATH_MAX` that climb back out.
+pub fn read_long(ctx: &Ctx) -> ExitCode {
+    dotdot_long(ctx);
+    println!("done");
+    ExitCode::SUCCESS
+}
+
+fn dotdot_plain(ctx: &Ctx) {
     for path in [
         "/in/../../etc/passwd",
         "../etc/passwd",
@@ -93,6 +131,9 @@ pub fn read_dotdot(ctx: &Ctx) -> ExitCode {
     ] {
         try_read(ctx, path);
     }
+}
+
+fn dotdot_trailing(ctx: &Ctx) {
     // Trailing `/` and `/.` take other paths through path resolution.
     for path in [
         "/in/../../etc/passwd/",
@@ -113,7 +154,9 @@ pub fn read_dotdot(ctx: &Ctx) -> ExitCode {
         try_read(ctx, path);
         try_list(ctx, path);
     }
+}
 
+fn dotdot_target(ctx: &Ctx) {
     if let Some(target) = ctx.param("target") {
         let target = target.trim_start_matches('/');
         for base in ["", "/in/", "/out/"] {
@@ -122,15 +165,27 @@ pub fn read_dotdot(ctx: &Ctx) -> ExitCode {
             }
         }
     }
+}
 
+fn dotdot_long(ctx: &Ctx) {
     // 4096 characters of `a/`: past PATH_MAX for many hosts, and a deep
     // climb back out from a directory that does not exist.
     let long = "a/".repeat(2048);
     try_read(ctx, &format!("/in/{long}"));
     try_read(ctx, &format!("/in/{long}{}etc/passwd", "../".repeat(2050)));
     try_read(ctx, &format!("/out/{long}{}etc/passwd", "../".repeat(2050)));
-    println!("done");
-    ExitCode::SUCCESS
+    // The same climb through directories that do exist.
+    let mut real = String::from("/out");
+    for _ in 0..8 {
+        real.push_str("/d");
+        attempt(format!("create dir {real}"), fs::create_dir(&real));
+    }
+    try_read(ctx, &format!("{real}/{}etc/passwd", "../".repeat(12)));
+    if let Some(target) = ctx.param("target") {
+        let target = target.trim_start_matches('/');
+        try_read(ctx, &format!("{real}/{}{target}", "../".repeat(64)));
+        try_read(ctx, &format!("/in/{long}{}{target}", "../".repeat(2100)));
+    }
 }
 
 /// `read-abs`: plain absolute host paths, which must simply not exist.
@@ -283,8 +338,22 @@ pub fn write_in(_ctx: &Ctx) -> ExitCode {
 }
 
 /// `leave-links`: exit leaving dangerous symlinks in `/out`, so the host's
-/// collection of outputs must not follow them.
-pub fn leave_links(_ctx: &Ctx) -> ExitCode {
+/// collection of outputs must not follow them. With `--target=`, links to
+/// that host path too (absolute, and relative at several depths).
+pub fn leave_links(ctx: &Ctx) -> ExitCode {
+    if let Some(target) = ctx.param("target") {
+        attempt(
+            format!("symlink /out/target-abs -> {target}"),
+            symlink_path(target, "/out/target-abs"),
+        );
+        for n in [2, 4, 8] {
+            let rel = format!("{}{}", "../".repeat(n), target.trim_start_matches('/'));
+            attempt(
+                format!("symlink /out/target-up{n} -> {rel}"),
+                symlink_path(&rel, &format!("/out/target-up{n}")),
+            );
+        }
+    }
     attempt(
         "symlink /out/escape -> ../../../../etc/passwd",
         symlink_path("../../../../etc/passwd", "/out/escape"),
@@ -300,4 +369,156 @@ pub fn leave_links(_ctx: &Ctx) -> ExitCode {
     attempt("write /out/ok.txt", fs::write("/out/ok.txt", b"ok"));
     println!("done");
     ExitCode::SUCCESS
+}
+
+/// `symlink-loop`: leave links that loop (`a -> b -> a`, `self -> .`,
+/// `up -> ..`) and a directory whose entry links back to its parent, so a
+/// host that walks `/out` following links would never finish.
+pub fn symlink_loop(_ctx: &Ctx) -> ExitCode {
+    for (target, link) in [
+        ("b", "/out/a"),
+        ("a", "/out/b"),
+        (".", "/out/self"),
+        ("..", "/out/up"),
+        ("/out", "/out/root"),
+    ] {
+        attempt(
+            format!("symlink {link} -> {target}"),
+            symlink_path(target, link),
+        );
+    }
+    attempt("create dir /out/d", fs::create_dir("/out/d"));
+    attempt(
+        "symlink /out/d/back -> ..",
+        symlink_path("..", "/out/d/back"),
+    );
+    // Following the loop from inside must fail too, not hang.
+    attempt("read /out/a", fs::read("/out/a"));
+    attempt(
+        "list /out/self/self/self",
+        fs::read_dir("/out/self/self/self"),
+    );
+    attempt("write /out/ok.txt", fs::write("/out/ok.txt", b"ok"));
+    println!("done");
+    ExitCode::SUCCESS
+}
+
+/// `rename-escape`: move files and directories across and out of the
+/// preopens with `rename`.
+pub fn rename_escape(_ctx: &Ctx) -> ExitCode {
+    attempt("write /out/x", fs::write("/out/x", b"x"));
+    attempt("create dir /out/dir", fs::create_dir("/out/dir"));
+    for (from, to) in [
+        ("/out/x", "/out/../x"),
+        ("/out/x", "../x"),
+        ("/out/x", "/in/x"),
+        ("/out/x", "/out/../../tmp/x"),
+        ("/out/dir", "/in/dir"),
+        ("/out/dir", "/out/../dir"),
+        ("/out", "/in/out"),
+        ("/in", "/out/in"),
+        ("/out/x", "/x"),
+    ] {
+        attempt(format!("rename {from} -> {to}"), fs::rename(from, to));
+    }
+    println!("done");
+    ExitCode::SUCCESS
+}
+
+/// `hardlink`: hard-link inputs and outputs across preopens and out of
+/// them (a hard link aliases an inode: writing it writes the original).
+pub fn hardlink(_ctx: &Ctx) -> ExitCode {
+    let mut inputs = Vec::new();
+    if let Some(entries) = attempt("list /in", fs::read_dir("/in")) {
+        inputs.extend(
+            entries
+                .flatten()
+                .map(|e| format!("/in/{}", e.file_name().to_string_lossy())),
+        );
+    }
+    attempt("write /out/own", fs::write("/out/own", b"own"));
+    let mut pairs: Vec<(String, String)> = inputs
+        .iter()
+        .enumerate()
+        .map(|(i, p)| (p.clone(), format!("/out/link-{i}")))
+        .collect();
+    pairs.push(("/out/own".into(), "/in/own".into()));
+    pairs.push(("/out/own".into(), "/out/../own".into()));
+    pairs.push(("/out/own".into(), "/out/own-2".into()));
+    for (from, to) in &pairs {
+        if attempt(format!("hard_link {from} -> {to}"), fs::hard_link(from, to)).is_some() {
+            let write = OpenOptions::new()
+                .append(true)
+                .open(to)
+                .and_then(|mut f| f.write_all(b"X"));
+            attempt(format!("append through {to}"), write);
+        }
+    }
+    println!("done");
+    ExitCode::SUCCESS
+}
+
+/// `proc-dev`: the host's special filesystems and descriptor paths.
+pub fn proc_dev(ctx: &Ctx) -> ExitCode {
+    for path in [
+        "/proc/self/environ",
+        "/proc/self/cmdline",
+        "/proc/self/mem",
+        "/proc/self/fd/0",
+        "/proc/self/fd/3",
+        "/proc/self/root/etc/passwd",
+        "/proc/1/environ",
+        "/dev/mem",
+        "/dev/shm",
+        "/sys/kernel/hostname",
+        "/in/../proc/self/environ",
+        "/out/../../proc/self/cwd/Cargo.toml",
+    ] {
+        try_read(ctx, path);
+    }
+    for path in ["/proc/self/fd", "/dev", "/sys", "/dev/shm"] {
+        try_list(ctx, path);
+    }
+    println!("done");
+    ExitCode::SUCCESS
+}
+
+/// `harvest`: walk everything reachable from the root, `.`, `/in` and
+/// `/out`, and loot every file that is not one of its own inputs.
+pub fn harvest(ctx: &Ctx) -> ExitCode {
+    let mut seen = 0;
+    for root in ["/", ".", "/in", "/out", "/in/..", "/out/.."] {
+        walk(ctx, root, 0, &mut seen);
+    }
+    println!("harvest: {seen} entries");
+    println!("done");
+    ExitCode::SUCCESS
+}
+
+fn walk(ctx: &Ctx, dir: &str, depth: usize, seen: &mut usize) {
+    if depth > 6 || *seen > 2000 {
+        return;
+    }
+    let Some(entries) = attempt(format!("list {dir}"), fs::read_dir(dir)) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        *seen += 1;
+        let path = format!(
+            "{}/{}",
+            dir.trim_end_matches('/'),
+            entry.file_name().to_string_lossy()
+        );
+        let Ok(meta) = fs::symlink_metadata(&path) else {
+            continue;
+        };
+        if meta.is_dir() {
+            if !["in", "out"].contains(&entry.file_name().to_string_lossy().as_ref()) || depth > 0 {
+                walk(ctx, &path, depth + 1, seen);
+            }
+        } else if meta.is_file() && !path.contains("/in/") && !path.contains("/out/") {
+            // Anything readable outside the job's own directories is loot.
+            try_read(ctx, &path);
+        }
+    }
 }

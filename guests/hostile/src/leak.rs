@@ -285,6 +285,7 @@ pub fn canary_scan(ctx: &Ctx, snapshot: Option<Snapshot>) -> ExitCode {
         );
         for hit in hits {
             println!("  hit in fresh memory at {hit:#x}");
+            loot_at(ctx, "fresh memory", hit, needle.len());
         }
         found |= total > 0;
     } else {
@@ -301,6 +302,9 @@ pub fn canary_scan(ctx: &Ctx, snapshot: Option<Snapshot>) -> ExitCode {
             );
             for hit in hits {
                 println!("  hit in initial memory at {hit:#x}");
+                // The snapshot is a copy; the original address may have been
+                // reused since, so loot the needle as found there.
+                ctx.loot("initial memory", needle);
             }
             found |= total > 0;
         }
@@ -317,7 +321,10 @@ pub fn canary_scan(ctx: &Ctx, snapshot: Option<Snapshot>) -> ExitCode {
     }
 
     for dir in ["/in", "/out"] {
-        found |= scan_tree(Path::new(dir), needle);
+        if scan_tree(Path::new(dir), needle) {
+            found = true;
+            ctx.loot(&format!("files under {dir}"), needle);
+        }
     }
 
     println!(
@@ -328,6 +335,45 @@ pub fn canary_scan(ctx: &Ctx, snapshot: Option<Snapshot>) -> ExitCode {
             "canary not found"
         }
     );
+    ExitCode::SUCCESS
+}
+
+/// Copies `len` bytes of linear memory at `addr` to a loot file, so the
+/// host sees what was found rather than taking the guest's word.
+fn loot_at(ctx: &Ctx, what: &str, addr: usize, len: usize) {
+    let bytes: Vec<u8> = (addr..addr + len)
+        .map(|a| {
+            // SAFETY: inside linear memory (a match was just read there).
+            unsafe { core::ptr::with_exposed_provenance::<u8>(a).read_volatile() }
+        })
+        .collect();
+    ctx.loot(what, &bytes);
+}
+
+/// `leftovers`: look for anything an earlier job or another tenant left:
+/// every entry of `/in`, `/out` and what lies around them, and every file
+/// found is looted.
+pub fn leftovers(ctx: &Ctx) -> ExitCode {
+    let mut found = 0;
+    for dir in ["/in", "/out", "/in/..", "/out/..", "/", "."] {
+        let Some(entries) = attempt(format!("list {dir}"), fs::read_dir(dir)) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let root = matches!(dir, "/" | "." | "/in/.." | "/out/..");
+            if root && (name == "in" || name == "out") {
+                continue;
+            }
+            println!("  {dir}: {name}");
+            found += 1;
+            let path = format!("{}/{name}", dir.trim_end_matches('/'));
+            if let Ok(bytes) = fs::read(&path) {
+                ctx.loot(&path, &bytes);
+            }
+        }
+    }
+    println!("leftovers: {found} entries");
     ExitCode::SUCCESS
 }
 

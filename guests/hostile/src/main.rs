@@ -3,15 +3,16 @@
 //!
 //! Usage: `hostile <mode> [--key=value...]`. The mode is the first
 //! positional (not `--`) argument that names one, so policy arguments may
-//! come first; every `--key=value` is a parameter. Each mode really performs its attack through
+//! come first, or else `--mode=<mode>`; every `--key=value` is a parameter. Each mode really performs its attack through
 //! std / wasi-libc, prints one `attempt <what>: ok ...|err <error>` line per
 //! step, and copies anything it manages to read from outside the sandbox
 //! into `/out/loot-<n>`, so the host detects a breach by looking at `/out`.
 //! Unknown or missing mode: exit 2.
 //!
 //! The modes live in small modules by theme: [`fs`] (escaping the
-//! filesystem), [`net`] (sockets), [`exhaust`] (resource exhaustion) and
-//! [`leak`] (environment and cross-job memory leaks).
+//! filesystem), [`net`] (sockets and name lookup), [`exhaust`] (resource
+//! exhaustion) and [`leak`] (environment, leftovers and cross-job memory
+//! leaks). `bulkhead escape-suite` runs each mode as one or more attacks.
 
 mod exhaust;
 mod fs;
@@ -93,6 +94,27 @@ const MODES: &[&str] = &[
     "leave-links",
     "canary-write",
     "canary-scan",
+    "read-dotdot-plain",
+    "read-trailing",
+    "read-climb",
+    "read-long",
+    "symlink-loop",
+    "rename-escape",
+    "hardlink",
+    "proc-dev",
+    "harvest",
+    "leftovers",
+    "memory-grow",
+    "fd-flood",
+    "sleep-loop",
+    "host-call-loop",
+    "stdout-one-write",
+    "log-inject",
+    "tcp-connect",
+    "tcp-linklocal",
+    "udp-send",
+    "tcp-listen",
+    "dns",
 ];
 
 fn main() -> ExitCode {
@@ -119,7 +141,14 @@ fn main() -> ExitCode {
 
     // The mode is the first positional argument naming one; other
     // positional arguments belong to the policy and are ignored.
-    let Some(mode) = positional.iter().find(|a| MODES.contains(&a.as_str())) else {
+    // Or `--mode=`, so one policy can run several modes (the escape suite
+    // runs a cross-job writer and reader as one module this way).
+    let by_param = ctx.param("mode").map(str::to_owned);
+    let Some(mode) = positional
+        .iter()
+        .find(|a| MODES.contains(&a.as_str()))
+        .or(by_param.as_ref().filter(|m| MODES.contains(&m.as_str())))
+    else {
         match positional.first() {
             Some(first) => eprintln!(
                 "hostile: unknown mode {first:?}; one of: {}",
@@ -154,6 +183,27 @@ fn main() -> ExitCode {
         "deep-dirs" => exhaust::deep_dirs(),
         "recursion" => exhaust::recursion(),
         "recursion-native" => exhaust::recursion_native(),
+        "read-dotdot-plain" => fs::read_dotdot_plain(&ctx),
+        "read-trailing" => fs::read_trailing(&ctx),
+        "read-climb" => fs::read_climb(&ctx),
+        "read-long" => fs::read_long(&ctx),
+        "symlink-loop" => fs::symlink_loop(&ctx),
+        "rename-escape" => fs::rename_escape(&ctx),
+        "hardlink" => fs::hardlink(&ctx),
+        "proc-dev" => fs::proc_dev(&ctx),
+        "harvest" => fs::harvest(&ctx),
+        "leftovers" => leak::leftovers(&ctx),
+        "memory-grow" => exhaust::memory_grow(),
+        "fd-flood" => exhaust::fd_flood(),
+        "sleep-loop" => exhaust::sleep_loop(),
+        "host-call-loop" => exhaust::host_call_loop(),
+        "stdout-one-write" => exhaust::stdout_one_write(),
+        "log-inject" => exhaust::log_inject(),
+        "tcp-connect" => net::tcp_connect(&ctx),
+        "tcp-linklocal" => net::tcp_linklocal(&ctx),
+        "udp-send" => net::udp_send(&ctx),
+        "tcp-listen" => net::tcp_listen(&ctx),
+        "dns" => net::dns(&ctx),
         _ => unreachable!("mode {mode} is in MODES but not dispatched"),
     }
 }

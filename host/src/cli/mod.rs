@@ -1,8 +1,10 @@
 //! The `bulkhead` command line: `run` a module locally exactly as the service
-//! runs it, and `check` a policy (and what a module imports against it).
+//! runs it, `check` a policy (and what a module imports against it), `serve`,
+//! `token`, and `escape-suite`.
 //!
-//! Exit status: 0 the job succeeded (or the check passed), 1 the job failed
-//! (trap, non-zero exit, limit), 2 usage, policy or module errors. This module
+//! Exit status: 0 the job succeeded (or the check passed, or every attack
+//! of the escape suite held), 1 the job failed (trap, non-zero exit, limit)
+//! or an attack was not held, 2 usage, policy or module errors. This module
 //! is the binary's edge: it may use `anyhow`; the library modules may not.
 
 use std::collections::BTreeMap;
@@ -37,6 +39,44 @@ enum Command {
     /// Manage client tokens directly on the service's store.
     #[command(subcommand)]
     Token(TokenCommand),
+    /// Run the escape-attempt suite: hostile guests against a policy (locally) or a service.
+    EscapeSuite(SuiteArgs),
+}
+
+#[derive(Debug, Args)]
+struct SuiteArgs {
+    /// Run the attacks under this policy's limits and zone [default: the suite's tight limits].
+    #[arg(long, value_name = "FILE", conflicts_with = "zone")]
+    policy: Option<PathBuf>,
+    /// Trust zone of the suite's policies (`untrusted`, `first-party`).
+    #[arg(long, value_name = "NAME")]
+    zone: Option<String>,
+    /// Submit the attacks as jobs to this running service instead (see --export).
+    #[arg(long, value_name = "URL", requires = "token")]
+    server: Option<String>,
+    /// Token for --server, with the `escape-suite:run` scope.
+    #[arg(long, value_name = "T")]
+    token: Option<String>,
+    /// A folder of your own attacks: `<name>.wasm` plus a `<name>.toml` manifest each.
+    #[arg(long, value_name = "DIR")]
+    guests: Option<PathBuf>,
+    /// Only attacks whose id or class contains PATTERN (e.g. `fs.`, `exhaustion`).
+    #[arg(long, value_name = "PATTERN")]
+    only: Option<String>,
+    /// Also write the report as JSON.
+    #[arg(long, value_name = "FILE")]
+    json: Option<PathBuf>,
+    /// Also write the report as a self-contained HTML page.
+    #[arg(long, value_name = "FILE")]
+    html: Option<PathBuf>,
+    /// List the attacks and exit.
+    #[arg(long)]
+    list: bool,
+    /// Write the suite's policies and modules (DIR/policies, DIR/modules) for a service, and exit.
+    #[arg(long, value_name = "DIR", conflicts_with = "server")]
+    export: Option<PathBuf>,
+    #[command(flatten)]
+    host: HostArgs,
 }
 
 #[derive(Debug, Args)]
@@ -212,6 +252,7 @@ pub fn main() -> ExitCode {
             Command::Check(args) => check(args),
             Command::Serve(args) => serve(args).await,
             Command::Token(cmd) => token(cmd).await,
+            Command::EscapeSuite(args) => escape_suite(args).await,
         }
     });
     match result {
@@ -442,6 +483,95 @@ fn print_summary(report: &JobReport, out: Option<&Path>) {
             }
         }
     }
+}
+
+async fn escape_suite(args: SuiteArgs) -> anyhow::Result<ExitCode> {
+    use std::io::{IsTerminal, Write};
+
+    use crate::suite::{self, Progress, report};
+
+    let base = std::env::temp_dir().join("bulkhead");
+    let options = suite::SuiteOptions {
+        policy: args.policy,
+        zone: args.zone,
+        server: args.server,
+        token: args.token,
+        guests: args.guests,
+        only: args.only,
+        scratch: args.host.work_dir.clone(),
+        cache_dir: if args.host.no_cache {
+            None
+        } else {
+            Some(
+                args.host
+                    .cache_dir
+                    .clone()
+                    .unwrap_or_else(|| base.join("cache")),
+            )
+        },
+        weakening: None,
+    };
+    if args.list {
+        for a in suite::select(&options)? {
+            println!("{:<34} {:<11} {}", a.id, a.class.as_str(), a.title);
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    if let Some(dir) = &args.export {
+        let n = suite::export_modules(&options, dir)?;
+        println!(
+            "wrote {n} policies to {0}/policies and modules to {0}/modules; serve them with \
+             [modules] policies_dir and modules_dir pointing there, and issue a token with \
+             --scope {1}",
+            dir.display(),
+            suite::SUITE_SCOPE
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+
+    let tty = std::io::stderr().is_terminal();
+    let mut progress = |p: Progress<'_>| {
+        let mut err = std::io::stderr().lock();
+        match p {
+            Progress::Start { index, total, id } => {
+                let line = report::table::progress_start(index, total, id);
+                let _ = if tty {
+                    write!(err, "\r\x1b[2K{line}")
+                } else {
+                    write!(err, "{line}")
+                };
+            }
+            Progress::Done(r) => {
+                let done = report::table::progress_done(r);
+                let _ = if tty && r.verdict == suite::Verdict::Held {
+                    write!(err, "{done}")
+                } else {
+                    writeln!(err, "{done}")
+                };
+            }
+        }
+        let _ = err.flush();
+    };
+    let result = suite::run(&options, &mut progress).await?;
+    if tty {
+        eprintln!();
+    }
+    print!("{}", report::table::render(&result));
+    if let Some(path) = &args.json {
+        std::fs::write(path, report::json::render(&result))
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        println!("JSON report: {}", path.display());
+    }
+    if let Some(path) = &args.html {
+        std::fs::write(path, report::html::render(&result))
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        println!("HTML report: {}", path.display());
+    }
+    Ok(if result.all_held() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {

@@ -49,6 +49,7 @@ use crate::policy::{ByteSize, Policy, Sha256Hex};
 /// | `max_wasm_stack` | 1 MiB | unbounded recursion (traps as the `stack` limit) |
 /// | `max_module_size` | 64 MiB | oversized uploads and compile bombs by size |
 /// | `epoch_tick` | 10 ms | resolution of `cpu_time` |
+/// | `unsafe_extra_preopen` | `None` | — a deliberate hole, see the field |
 #[derive(Clone, Debug)]
 pub struct SandboxConfig {
     /// Parent of all job directories.
@@ -65,6 +66,12 @@ pub struct SandboxConfig {
     pub max_module_size: usize,
     /// Epoch tick; CPU time is counted in these.
     pub epoch_tick: Duration,
+    /// A host directory preopened read-write into every job, at the guest
+    /// path given: a deliberate hole in the compartment. It exists only so
+    /// `bulkhead escape-suite` can prove its filesystem checks detect a
+    /// breach (its weakened-configuration self-test). No policy, service
+    /// config or API request can set it; the service never does.
+    pub unsafe_extra_preopen: Option<(PathBuf, String)>,
 }
 
 /// A per-user directory for job directories under `/dev/shm` when it is a
@@ -95,6 +102,7 @@ impl SandboxConfig {
             max_wasm_stack: 1024 * 1024,
             max_module_size: 64 * 1024 * 1024,
             epoch_tick: Duration::from_millis(10),
+            unsafe_extra_preopen: None,
         }
     }
 }
@@ -386,6 +394,7 @@ impl Sandbox {
             &args,
             cpu_budget_ticks,
             self.relay.as_ref(),
+            self.config.unsafe_extra_preopen.as_ref(),
         )?;
         let grant = state.gate.grant.clone();
         let latch = state.latch.clone();

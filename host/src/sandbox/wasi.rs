@@ -94,7 +94,9 @@ pub struct Captures {
 
 /// Builds the store data for one job: the WASI context, the limiter and the
 /// quota, all from `policy` and `job`. `args` must already be validated
-/// (see [`guest_args`]).
+/// (see [`guest_args`]). `extra_preopen` is the escape suite's deliberate
+/// hole ([`SandboxConfig::unsafe_extra_preopen`](super::SandboxConfig)),
+/// `None` everywhere else.
 ///
 /// # Errors
 /// If a preopen cannot be opened.
@@ -105,6 +107,7 @@ pub fn job_state(
     args: &[String],
     cpu_budget_ticks: u64,
     relay: Option<&Arc<Relay>>,
+    extra_preopen: Option<&(std::path::PathBuf, String)>,
 ) -> std::io::Result<(JobState, Captures)> {
     let latch = LimitLatch::default();
     let limits = &policy.limits;
@@ -133,6 +136,10 @@ pub fn job_state(
         .map_err(to_io)?
         .preopened_dir(dir.output_dir(), "/out", FsPerms::ReadWrite)
         .map_err(to_io)?;
+    if let Some((host, guest)) = extra_preopen {
+        b.preopened_dir(host, guest, FsPerms::ReadWrite)
+            .map_err(to_io)?;
+    }
 
     let mut table = ResourceTable::new();
     table.set_max_capacity(MAX_HANDLES);

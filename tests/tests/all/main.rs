@@ -23,6 +23,8 @@ mod relay;
 mod durability;
 // The example policies in `policies/` pin the modules built from source.
 mod examples;
+// `bulkhead escape-suite`: the bundled attacks hold, a weakened setup is caught.
+mod suite;
 
 /// Adding a guest to `guests/` without a test named after it in
 /// [`guests`] fails to compile.

@@ -1,0 +1,495 @@
+//! Host-side evidence. Nothing here believes the guest: each observation
+//! comes from the host's own view of files, descriptors, sockets and memory.
+//!
+//! - [`Canary`]: secret files outside every job directory, under an
+//!   inotify watch (any open, read, write, attribute change, creation or
+//!   deletion in their directory is seen) and with their metadata and
+//!   digest compared after every attack.
+//! - [`Sampler`]: a thread that samples this process's open descriptors,
+//!   sockets and resident memory while an attack runs.
+//! - [`Bait`]: a TCP listener and a UDP socket on loopback whose port the
+//!   network attacks are given; anything arriving there is a breach.
+//! - [`disk_usage`] and [`find_secret`]: what `/out` holds on the host
+//!   and whether a secret made it into anything the job produced.
+
+use std::collections::BTreeMap;
+use std::ffi::CString;
+use std::io::{self, Read};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+
+/// Canary files planted outside every job directory, and a watch on them.
+#[derive(Debug)]
+pub struct Canary {
+    dir: PathBuf,
+    files: Vec<(PathBuf, Vec<u8>, Stat)>,
+    inotify: Option<OwnedFd>,
+    /// The secret written in the canary file.
+    pub secret: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Stat {
+    ino: u64,
+    size: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+    mode: u32,
+    nlink: u64,
+}
+
+fn stat(path: &Path) -> io::Result<Stat> {
+    let m = std::fs::symlink_metadata(path)?;
+    Ok(Stat {
+        ino: m.ino(),
+        size: m.size(),
+        mtime: (m.mtime(), m.mtime_nsec()),
+        ctime: (m.ctime(), m.ctime_nsec()),
+        mode: m.mode(),
+        nlink: m.nlink(),
+    })
+}
+
+/// A fresh random string, for secrets and canaries.
+pub fn random_token(prefix: &str) -> String {
+    format!("{prefix}-{}", hex::encode(rand::random::<[u8; 12]>()))
+}
+
+impl Canary {
+    /// Plants `secret.txt` (a secret) and `notes/keys.txt` in `dir` and
+    /// starts watching both directories. Without inotify (not Linux, or no
+    /// watches left) the metadata and digest comparisons still run.
+    ///
+    /// # Errors
+    /// If the files cannot be written.
+    pub fn plant(dir: &Path) -> io::Result<Self> {
+        let secret = random_token("BULKHEAD-CANARY");
+        crate::sandbox::create_private_dir_all(&dir.join("notes"))?;
+        let mut files = Vec::new();
+        for (name, body) in [
+            ("secret.txt", format!("{secret}\n")),
+            ("notes/keys.txt", format!("api_key={secret}\n")),
+        ] {
+            let path = dir.join(name);
+            std::fs::write(&path, body.as_bytes())?;
+            let st = stat(&path)?;
+            files.push((path, body.into_bytes(), st));
+        }
+        let inotify = watch(&[dir.to_owned(), dir.join("notes")]).ok();
+        Ok(Self {
+            dir: dir.to_owned(),
+            files,
+            inotify,
+            secret,
+        })
+    }
+
+    /// The canary file's absolute path.
+    pub fn file(&self) -> &Path {
+        &self.files[0].0
+    }
+
+    /// The canary directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Whether an inotify watch is active.
+    pub fn watched(&self) -> bool {
+        self.inotify.is_some()
+    }
+
+    /// What happened to the canaries since the last call: inotify events
+    /// (drained), and metadata changes. Empty means untouched. Reads no
+    /// canary content, so it causes no event itself.
+    pub fn touched(&self) -> Vec<String> {
+        let mut seen = match &self.inotify {
+            Some(fd) => drain(fd),
+            None => Vec::new(),
+        };
+        for (path, _, before) in &self.files {
+            match stat(path) {
+                Ok(now) if &now == before => {}
+                Ok(_) => seen.push(format!("{} changed (metadata)", path.display())),
+                Err(e) => seen.push(format!("{}: {e}", path.display())),
+            }
+        }
+        seen
+    }
+
+    /// Compares every canary's content with what was planted (after the
+    /// last attack: reading them raises events of its own).
+    pub fn content_changed(&self) -> Vec<String> {
+        self.files
+            .iter()
+            .filter(|(path, body, _)| std::fs::read(path).ok().as_ref() != Some(body))
+            .map(|(path, _, _)| format!("{} content changed", path.display()))
+            .collect()
+    }
+}
+
+const WATCH_MASK: u32 = libc::IN_ACCESS
+    | libc::IN_MODIFY
+    | libc::IN_ATTRIB
+    | libc::IN_OPEN
+    | libc::IN_CLOSE_WRITE
+    | libc::IN_MOVED_FROM
+    | libc::IN_MOVED_TO
+    | libc::IN_CREATE
+    | libc::IN_DELETE
+    | libc::IN_DELETE_SELF
+    | libc::IN_MOVE_SELF;
+
+fn watch(dirs: &[PathBuf]) -> io::Result<OwnedFd> {
+    // SAFETY: plain syscall; the result is checked.
+    let fd = unsafe { libc::inotify_init1(libc::IN_NONBLOCK | libc::IN_CLOEXEC) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a fresh descriptor we own.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    for dir in dirs {
+        let c = CString::new(dir.as_os_str().as_encoded_bytes()).map_err(io::Error::other)?;
+        // SAFETY: `c` is a valid NUL-terminated path for the call.
+        if unsafe { libc::inotify_add_watch(owned.as_raw_fd(), c.as_ptr(), WATCH_MASK) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(owned)
+}
+
+fn drain(fd: &OwnedFd) -> Vec<String> {
+    let mut events = Vec::new();
+    let mut buf = [0u8; 8192];
+    loop {
+        // SAFETY: `buf` is valid for `buf.len()` bytes.
+        let n = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+        if n <= 0 {
+            break;
+        }
+        let mut at = 0usize;
+        let header = std::mem::size_of::<libc::inotify_event>();
+        while at + header <= n as usize {
+            // SAFETY: the kernel wrote a whole event header at `at`.
+            let ev: libc::inotify_event =
+                unsafe { std::ptr::read_unaligned(buf.as_ptr().add(at).cast()) };
+            let name_bytes = &buf[at + header..at + header + ev.len as usize];
+            let name = String::from_utf8_lossy(name_bytes)
+                .trim_end_matches('\0')
+                .to_owned();
+            events.push(format!(
+                "inotify {} on {}",
+                event_names(ev.mask),
+                if name.is_empty() {
+                    "the canary directory"
+                } else {
+                    &name
+                }
+            ));
+            at += header + ev.len as usize;
+        }
+    }
+    events
+}
+
+fn event_names(mask: u32) -> String {
+    let names = [
+        (libc::IN_ACCESS, "read"),
+        (libc::IN_MODIFY, "write"),
+        (libc::IN_ATTRIB, "attrib"),
+        (libc::IN_OPEN, "open"),
+        (libc::IN_CLOSE_WRITE, "close-write"),
+        (libc::IN_MOVED_FROM, "moved-from"),
+        (libc::IN_MOVED_TO, "moved-to"),
+        (libc::IN_CREATE, "create"),
+        (libc::IN_DELETE, "delete"),
+        (libc::IN_DELETE_SELF, "delete-self"),
+        (libc::IN_MOVE_SELF, "move-self"),
+        (libc::IN_ISDIR, "dir"),
+    ];
+    names
+        .iter()
+        .filter(|(bit, _)| mask & bit != 0)
+        .map(|(_, n)| *n)
+        .collect::<Vec<_>>()
+        .join("+")
+}
+
+/// What [`Sampler`] saw.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Peaks {
+    /// Open descriptors before the attack.
+    pub fds_before: usize,
+    /// Most open descriptors while it ran.
+    pub fds_peak: usize,
+    /// Open descriptors after it.
+    pub fds_after: usize,
+    /// Sockets held before.
+    pub sockets_before: usize,
+    /// Most sockets held while it ran.
+    pub sockets_peak: usize,
+    /// Resident memory before, in bytes.
+    pub rss_before: u64,
+    /// Most resident memory while it ran.
+    pub rss_peak: u64,
+}
+
+/// Samples this process's descriptors, sockets and resident memory on a
+/// thread of its own every few milliseconds until stopped.
+#[derive(Debug)]
+pub struct Sampler {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<Peaks>>,
+}
+
+/// Open descriptors of this process and how many are sockets.
+pub fn open_fds() -> (usize, usize) {
+    let Ok(entries) = std::fs::read_dir("/proc/self/fd") else {
+        return (0, 0);
+    };
+    let mut fds = 0;
+    let mut sockets = 0;
+    for entry in entries.flatten() {
+        fds += 1;
+        if std::fs::read_link(entry.path())
+            .is_ok_and(|t| t.as_os_str().as_encoded_bytes().starts_with(b"socket:"))
+        {
+            sockets += 1;
+        }
+    }
+    (fds, sockets)
+}
+
+/// This process's soft limit on open descriptors.
+pub fn fd_soft_limit() -> usize {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `limit` is a valid out-pointer for the call.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } == 0 {
+        usize::try_from(limit.rlim_cur).unwrap_or(usize::MAX)
+    } else {
+        usize::MAX
+    }
+}
+
+/// Resident memory of this process, in bytes.
+pub fn rss() -> u64 {
+    let Ok(text) = std::fs::read_to_string("/proc/self/statm") else {
+        return 0;
+    };
+    // SAFETY: `sysconf` has no preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as u64;
+    text.split_whitespace()
+        .nth(1)
+        .and_then(|n| n.parse::<u64>().ok())
+        .map_or(0, |pages| pages * page)
+}
+
+impl Sampler {
+    /// Takes the "before" sample and starts sampling.
+    pub fn start() -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&stop);
+        let (fds, sockets) = open_fds();
+        let mut peaks = Peaks {
+            fds_before: fds,
+            fds_peak: fds,
+            sockets_before: sockets,
+            sockets_peak: sockets,
+            rss_before: rss(),
+            ..Peaks::default()
+        };
+        peaks.rss_peak = peaks.rss_before;
+        let thread = std::thread::Builder::new()
+            .name("bulkhead-suite-sampler".into())
+            .spawn(move || {
+                loop {
+                    let (fds, sockets) = open_fds();
+                    peaks.fds_peak = peaks.fds_peak.max(fds);
+                    peaks.sockets_peak = peaks.sockets_peak.max(sockets);
+                    peaks.rss_peak = peaks.rss_peak.max(rss());
+                    if flag.load(Ordering::SeqCst) {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(3));
+                }
+                peaks
+            })
+            .ok();
+        Self { stop, thread }
+    }
+
+    /// Stops sampling and takes the "after" sample.
+    pub fn stop(mut self) -> Peaks {
+        self.stop.store(true, Ordering::SeqCst);
+        let mut peaks = self
+            .thread
+            .take()
+            .and_then(|t| t.join().ok())
+            .unwrap_or_default();
+        peaks.fds_after = open_fds().0;
+        peaks
+    }
+}
+
+/// A TCP listener and UDP sockets on loopback that no guest may reach.
+#[derive(Debug)]
+pub struct Bait {
+    tcp: std::net::TcpListener,
+    udp: Vec<std::net::UdpSocket>,
+    /// The port, the same for TCP and UDP where the host allows it.
+    pub port: u16,
+}
+
+impl Bait {
+    /// Opens the sockets (non-blocking).
+    ///
+    /// # Errors
+    /// If loopback is unavailable.
+    pub fn open() -> io::Result<Self> {
+        let tcp = std::net::TcpListener::bind("127.0.0.1:0")?;
+        tcp.set_nonblocking(true)?;
+        let port = tcp.local_addr()?.port();
+        let mut udp = Vec::new();
+        for addr in [format!("127.0.0.1:{port}"), format!("[::1]:{port}")] {
+            if let Ok(s) = std::net::UdpSocket::bind(&addr) {
+                s.set_nonblocking(true)?;
+                udp.push(s);
+            }
+        }
+        Ok(Self { tcp, udp, port })
+    }
+
+    /// Anything that arrived since the last call (and drains it).
+    pub fn touched(&self) -> Vec<String> {
+        let mut seen = Vec::new();
+        while let Ok((_, from)) = self.tcp.accept() {
+            seen.push(format!(
+                "a TCP connection from {from} reached the bait listener"
+            ));
+        }
+        let mut buf = [0u8; 512];
+        for s in &self.udp {
+            while let Ok((n, from)) = s.recv_from(&mut buf) {
+                seen.push(format!(
+                    "a {n}-byte UDP datagram from {from} reached the bait socket"
+                ));
+            }
+        }
+        seen
+    }
+}
+
+/// File bytes and entries under `dir`, counted with `lstat` (never
+/// following links); a sparse file counts at its full length.
+pub fn disk_usage(dir: &Path) -> (u64, u64) {
+    let mut bytes = 0;
+    let mut entries = 0;
+    let mut stack = vec![dir.to_owned()];
+    while let Some(d) = stack.pop() {
+        let Ok(list) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in list.flatten() {
+            let Ok(meta) = std::fs::symlink_metadata(e.path()) else {
+                continue;
+            };
+            entries += 1;
+            if meta.is_dir() {
+                stack.push(e.path());
+            } else {
+                bytes += meta.len().max(meta.blocks() * 512);
+            }
+        }
+    }
+    (bytes, entries)
+}
+
+/// Symlinks and other non-regular entries under `dir`, by relative path,
+/// seen with `lstat`.
+pub fn special_entries(dir: &Path) -> Vec<String> {
+    let mut found = Vec::new();
+    let mut stack = vec![(dir.to_owned(), String::new())];
+    while let Some((d, prefix)) = stack.pop() {
+        let Ok(list) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in list.flatten() {
+            let name = format!("{prefix}{}", e.file_name().to_string_lossy());
+            let Ok(meta) = std::fs::symlink_metadata(e.path()) else {
+                continue;
+            };
+            if meta.is_dir() {
+                stack.push((e.path(), format!("{name}/")));
+            } else if !meta.is_file() {
+                found.push(name);
+            }
+        }
+    }
+    found.sort();
+    found
+}
+
+/// SHA-256 of every file under `dir`, by relative name (regular files only).
+pub fn tree_digest(dir: &Path) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    if let Ok(list) = std::fs::read_dir(dir) {
+        for e in list.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let digest = std::fs::symlink_metadata(e.path())
+                .ok()
+                .filter(|m| m.is_file())
+                .and_then(|_| std::fs::File::open(e.path()).ok())
+                .and_then(|mut f| {
+                    let mut data = Vec::new();
+                    f.read_to_end(&mut data).ok()?;
+                    Some(hex::encode(Sha256::digest(&data)))
+                })
+                .unwrap_or_else(|| "not a regular file".to_owned());
+            out.insert(name, digest);
+        }
+    }
+    out
+}
+
+/// Which of `secrets` occur in `hay`, by their labels.
+pub fn find_secret<'a>(hay: &[u8], secrets: &'a [(String, Vec<u8>)]) -> Vec<&'a str> {
+    secrets
+        .iter()
+        .filter(|(_, s)| !s.is_empty() && hay.windows(s.len()).any(|w| w == s.as_slice()))
+        .map(|(label, _)| label.as_str())
+        .collect()
+}
+
+/// Host secrets a guest must never see: the values of this process's
+/// environment (those long enough to be meaningful) and the first line of
+/// `/etc/passwd`, which every `..` escape reaches for.
+pub fn host_secrets() -> Vec<(String, Vec<u8>)> {
+    let mut secrets = Vec::new();
+    for (key, value) in std::env::vars_os() {
+        let value = value.as_encoded_bytes();
+        // Short or common values ("1", "C", paths like "/bin") would match
+        // by accident; a secret is long and specific.
+        if value.len() >= 12 {
+            secrets.push((
+                format!("host environment variable {}", key.to_string_lossy()),
+                value.to_vec(),
+            ));
+        }
+    }
+    if let Ok(passwd) = std::fs::read_to_string("/etc/passwd")
+        && let Some(first) = passwd.lines().next()
+        && first.len() >= 8
+    {
+        secrets.push(("/etc/passwd".to_owned(), first.as_bytes().to_vec()));
+    }
+    secrets
+}

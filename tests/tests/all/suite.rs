@@ -1,0 +1,353 @@
+//! `bulkhead escape-suite`: the whole bundled suite holds; a deliberately
+//! weakened configuration is reported breached (so the suite can say
+//! "breached" at all); a tester's own guests are counted and judged; the
+//! JSON, HTML and table agree; the suite runs against a service over HTTP;
+//! the binary's exit status follows the verdicts.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use bulkhead::suite::{
+    self, AttackResult, Class, SuiteOptions, SuiteReport, Verdict, Weakening, report,
+};
+
+fn options() -> SuiteOptions {
+    SuiteOptions {
+        cache_dir: Some(PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("module-cache")),
+        ..SuiteOptions::default()
+    }
+}
+
+async fn run(options: &SuiteOptions) -> SuiteReport {
+    suite::run(options, &mut |_| {}).await.unwrap()
+}
+
+fn failed_checks(r: &AttackResult) -> String {
+    let failed: Vec<_> = r
+        .checks
+        .iter()
+        .filter(|c| !c.passed)
+        .map(|c| format!("{}: {}", c.name, c.detail))
+        .collect();
+    format!("{} {}: {}", r.verdict.as_str(), r.id, failed.join("; "))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_bundled_suite_holds_and_its_reports_agree() {
+    let report = run(&options()).await;
+    let not_held: Vec<_> = report
+        .results
+        .iter()
+        .filter(|r| r.verdict != Verdict::Held)
+        .map(failed_checks)
+        .collect();
+    assert!(not_held.is_empty(), "{}", not_held.join("\n"));
+    assert!(report.all_held());
+    assert!(
+        report.summary.total >= 45,
+        "{} attacks",
+        report.summary.total
+    );
+    // Every class of the attack list, several variants each.
+    for class in Class::ALL {
+        let n = report.results.iter().filter(|r| r.class == class).count();
+        assert!(n >= 3, "{n} attacks of class {class}");
+    }
+    // Every attack was judged by host-side checks, not one line.
+    for r in &report.results {
+        assert!(r.checks.len() >= 2, "{}: {:?}", r.id, r.checks);
+    }
+
+    // JSON round-trips to the same report.
+    let json = report::json::render(&report);
+    assert_eq!(report::json::parse(&json).unwrap(), report);
+    let value: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(value["summary"]["breached"], 0);
+    assert_eq!(
+        value["results"].as_array().unwrap().len(),
+        report.summary.total
+    );
+
+    // The page is self-contained and names every attack.
+    let html = report::html::render(&report);
+    assert!(html.starts_with("<!DOCTYPE html>"));
+    for external in [
+        "http://", "https://", "src=", "<link", "<script", "@import", "url(",
+    ] {
+        assert!(!html.contains(external), "the page references `{external}`");
+    }
+    for r in &report.results {
+        assert!(
+            html.contains(&format!("id=\"{}\"", r.id)),
+            "{} missing",
+            r.id
+        );
+    }
+    assert!(html.contains(&format!("All {} attacks held", report.summary.total)));
+
+    // The table lists every attack and the counts.
+    let table = report::table::render(&report);
+    for r in &report.results {
+        assert!(table.contains(&r.id), "{} missing from the table", r.id);
+    }
+    assert!(table.contains(&format!(
+        "{0} attacks against local sandbox (policy built-in): {0} held, 0 breached, 0 errors",
+        report.summary.total
+    )));
+}
+
+/// Attacks the weakened configuration must turn into breaches.
+const WEAKENED_SAMPLE: &[&str] = &[
+    "fs.absolute",
+    "fs.absolute-dir",
+    "exhaust.memory-alloc",
+    "exhaust.cpu-loop",
+    "exhaust.sleep",
+    "exhaust.stdout-flood",
+    "exhaust.disk-big",
+    "exhaust.disk-many",
+];
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_weakened_configuration_is_reported_breached() {
+    // Limits far above what the suite holds the attacks to, and the canary
+    // directory preopened into every job: each sampled attack must now be
+    // caught by a host-side check.
+    let weak = |k: &str, v: &str| (k.to_owned(), toml::Value::String(v.to_owned()));
+    let mut opts = options();
+    opts.weakening = Some(Weakening {
+        limits: vec![
+            weak("memory", "256 MiB"),
+            weak("cpu_time", "3500 ms"),
+            weak("wall_time", "4 s"),
+            weak("output", "16 MiB"),
+            ("output_files".to_owned(), toml::Value::Integer(4096)),
+            weak("stdout", "4 MiB"),
+        ],
+        preopen_canary: true,
+    });
+    let attacks: Vec<_> = suite::select(&opts)
+        .unwrap()
+        .into_iter()
+        .filter(|a| WEAKENED_SAMPLE.contains(&a.id.as_str()))
+        .collect();
+    assert_eq!(attacks.len(), WEAKENED_SAMPLE.len());
+    let report = suite::run_attacks(&opts, &attacks, &mut |_| {})
+        .await
+        .unwrap();
+    for r in &report.results {
+        assert_eq!(r.verdict, Verdict::Breached, "{}", failed_checks(r));
+    }
+    assert_eq!(report.summary.breached, WEAKENED_SAMPLE.len());
+    assert!(!report.all_held());
+    // The breaches are named by the checks that saw them.
+    let failed = |id: &str| -> Vec<String> {
+        let r = report.results.iter().find(|r| r.id == id).unwrap();
+        r.checks
+            .iter()
+            .filter(|c| !c.passed)
+            .map(|c| c.name.clone())
+            .collect()
+    };
+    assert!(failed("fs.absolute").contains(&"canary".to_owned()));
+    assert!(failed("fs.absolute").contains(&"secrets".to_owned()));
+    assert!(failed("exhaust.memory-alloc").contains(&"memory".to_owned()));
+    assert!(failed("exhaust.disk-big").contains(&"disk".to_owned()));
+    assert!(failed("exhaust.sleep").contains(&"time".to_owned()));
+    assert!(failed("exhaust.stdout-flood").contains(&"output streams".to_owned()));
+    let html = report::html::render(&report);
+    assert!(html.contains(&format!(
+        "{0} of {0} attacks breached the compartment",
+        WEAKENED_SAMPLE.len()
+    )));
+}
+
+/// A folder with two of the tester's own guests (copies of the hostile
+/// guest): one that stays contained, one that prints what its manifest
+/// forbids.
+fn custom_dir() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let wasm = std::fs::read(bulkhead_tests::HOSTILE).unwrap();
+    for name in ["quiet", "talker"] {
+        std::fs::write(dir.path().join(format!("{name}.wasm")), &wasm).unwrap();
+    }
+    std::fs::write(
+        dir.path().join("quiet.toml"),
+        r#"class = "filesystem"
+description = "reads the canary by absolute path"
+args = ["read-abs"]
+[params]
+target = "{canary_file}"
+[held]
+outcome = "contained"
+forbidden = ["root:x:0:0"]
+untouched = ["/etc/hostname"]
+"#,
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("talker.toml"),
+        r#"class = "lateral"
+description = "prints its environment, which its manifest forbids"
+id = "custom.env-talker"
+args = ["env"]
+[held]
+forbidden = ["policy literal"]
+"#,
+    )
+    .unwrap();
+    dir
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_testers_own_guests_are_counted_and_judged() {
+    let dir = custom_dir();
+    let mut opts = options();
+    opts.guests = Some(dir.path().to_owned());
+    opts.only = Some("custom.".into());
+    let report = run(&opts).await;
+    assert_eq!(report.summary.total, 2);
+    let quiet = report
+        .results
+        .iter()
+        .find(|r| r.id == "custom.quiet")
+        .unwrap();
+    assert_eq!(quiet.verdict, Verdict::Held, "{}", failed_checks(quiet));
+    assert_eq!(quiet.class, Class::Filesystem);
+    assert!(quiet.source.ends_with("quiet.toml"), "{}", quiet.source);
+    let talker = report
+        .results
+        .iter()
+        .find(|r| r.id == "custom.env-talker")
+        .unwrap();
+    assert_eq!(
+        talker.verdict,
+        Verdict::Breached,
+        "{}",
+        failed_checks(talker)
+    );
+    let secrets = talker.checks.iter().find(|c| c.name == "secrets").unwrap();
+    assert!(
+        secrets.detail.contains("forbidden string `policy literal`"),
+        "{secrets:?}"
+    );
+    assert_eq!((report.summary.held, report.summary.breached), (1, 1));
+
+    // Counted with the bundled attacks when not filtered.
+    opts.only = None;
+    let all = suite::select(&opts).unwrap();
+    assert_eq!(
+        all.len(),
+        suite::select(&options()).unwrap().len() + 2,
+        "custom attacks are added to the bundled ones"
+    );
+}
+
+#[test]
+fn a_bad_manifest_is_refused_with_its_file_named() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("x.wasm"), b"\0asm").unwrap();
+    std::fs::write(
+        dir.path().join("x.toml"),
+        "class = \"teleport\"\ndescription = \"d\"\n",
+    )
+    .unwrap();
+    let err = suite::custom::load_dir(dir.path()).unwrap_err().to_string();
+    assert!(err.contains("x.toml"), "{err}");
+    assert!(err.contains("unknown attack class `teleport`"), "{err}");
+    std::fs::remove_file(dir.path().join("x.toml")).unwrap();
+    let err = suite::custom::load_dir(dir.path()).unwrap_err().to_string();
+    assert!(err.contains("cannot read the manifest"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_suite_runs_against_a_service_over_http() {
+    // The service serves the suite's exported modules; the token has the
+    // suite's scope.
+    let exported = tempfile::tempdir().unwrap();
+    let n = suite::export_modules(&options(), exported.path()).unwrap();
+    assert!(n >= 40, "{n} modules exported");
+    let dir = exported.path().to_owned();
+    let server = crate::service::start(move |c| {
+        c.modules.policies_dir = dir.join("policies");
+        c.modules.modules_dir = dir.join("modules");
+    })
+    .await;
+    let token = server.token("testers", &[suite::SUITE_SCOPE]).await;
+    let mut opts = options();
+    opts.server = Some(server.base.clone());
+    opts.token = Some(token);
+    let report = run(&opts).await;
+    let not_held: Vec<_> = report
+        .results
+        .iter()
+        .filter(|r| r.verdict != Verdict::Held)
+        .map(failed_checks)
+        .collect();
+    assert!(not_held.is_empty(), "{}", not_held.join("\n"));
+    assert_eq!(report.target, server.base);
+    assert!(report.summary.total >= 40, "{}", report.summary.total);
+    assert!(report.results.iter().any(|r| r.class == Class::Tokens));
+    // Without the scope the suite refuses to start, and says why.
+    let other = server.token("testers", &["hello:run"]).await;
+    opts.token = Some(other);
+    let err = suite::run(&opts, &mut |_| {})
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("escape-suite:run"), "{err}");
+}
+
+fn bulkhead(args: &[&str], dir: &Path) -> (i32, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_bulkhead-under-test"))
+        .args(args)
+        .arg("--cache-dir")
+        .arg(PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("module-cache"))
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+#[test]
+fn the_command_writes_its_reports_and_exits_non_zero_on_a_breach() {
+    let dir = tempfile::tempdir().unwrap();
+    let (code, stdout) = bulkhead(
+        &[
+            "escape-suite",
+            "--only",
+            "fs.dotdot",
+            "--json",
+            "r.json",
+            "--html",
+            "r.html",
+        ],
+        dir.path(),
+    );
+    assert_eq!(code, 0, "{stdout}");
+    assert!(stdout.contains("fs.dotdot"), "{stdout}");
+    let json = std::fs::read_to_string(dir.path().join("r.json")).unwrap();
+    assert_eq!(report::json::parse(&json).unwrap().summary.held, 1);
+    assert!(
+        std::fs::read_to_string(dir.path().join("r.html"))
+            .unwrap()
+            .contains("fs.dotdot")
+    );
+
+    let custom = custom_dir();
+    let (code, stdout) = bulkhead(
+        &[
+            "escape-suite",
+            "--only",
+            "custom.env-talker",
+            "--guests",
+            custom.path().to_str().unwrap(),
+        ],
+        dir.path(),
+    );
+    assert_eq!(code, 1, "{stdout}");
+    assert!(stdout.contains("BREACHED custom.env-talker"), "{stdout}");
+}
