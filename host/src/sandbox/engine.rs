@@ -94,3 +94,39 @@ impl Drop for EpochTicker {
         self.stop.store(true, Ordering::Relaxed);
     }
 }
+
+/// Descriptors kept back for the process itself: listeners, connections,
+/// the store, the cache, the precompiled modules.
+const RESERVED_DESCRIPTORS: u64 = 512;
+
+/// Most descriptors any one job may hold, whatever the process limit.
+pub const MAX_OPEN_PER_JOB: u64 = 256;
+
+/// Raises the process's soft descriptor limit to its hard limit, then
+/// divides what is left after [`RESERVED_DESCRIPTORS`] among `slots` jobs
+/// (at least 8 each, at most [`MAX_OPEN_PER_JOB`]).
+pub fn max_open_per_job(slots: u32) -> u64 {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `lim` is a valid, writable `rlimit`.
+    let soft = if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0 {
+        if lim.rlim_cur < lim.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: lim.rlim_max,
+                rlim_max: lim.rlim_max,
+            };
+            // SAFETY: `raised` is a valid `rlimit`; raising the soft limit
+            // up to the hard one needs no privilege.
+            if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+                lim.rlim_cur = lim.rlim_max;
+            }
+        }
+        lim.rlim_cur
+    } else {
+        1024
+    };
+    let share = soft.saturating_sub(RESERVED_DESCRIPTORS) / u64::from(slots.max(1));
+    share.clamp(8, MAX_OPEN_PER_JOB)
+}

@@ -30,6 +30,7 @@ use wasmtime::{Engine, Store, UpdateDeadline};
 use wasmtime_wasi::I32Exit;
 use wasmtime_wasi::p2::bindings::CommandPre;
 
+pub use engine::MAX_OPEN_PER_JOB;
 pub use job::{JobDir, JobInput, JobSpec, MAX_INPUTS, create_private_dir_all, validate_input_name};
 pub use limits::LimitKind;
 pub use outputs::{OutputFile, SkippedOutput};
@@ -210,6 +211,10 @@ pub struct Sandbox {
     http_linker: wasmtime::component::Linker<wasi::JobState>,
     /// Where outbound calls go; `None` when the host declares no services.
     relay: Option<Arc<crate::relay::Relay>>,
+    /// Host file descriptors one job may hold open: the process's share
+    /// divided among the pool's slots, so jobs together can never exhaust
+    /// the descriptors the listeners and the store need.
+    max_open_per_job: u64,
     cache: Option<cache::ModuleCache>,
     config: SandboxConfig,
     /// One permit per pool slot: a job waits for a slot instead of failing
@@ -250,6 +255,7 @@ impl Sandbox {
             linker,
             http_linker,
             relay: None,
+            max_open_per_job: engine::max_open_per_job(config.max_concurrent_jobs),
             cache,
             slots: tokio::sync::Semaphore::new(config.max_concurrent_jobs.max(1) as usize),
             config,
@@ -393,8 +399,11 @@ impl Sandbox {
             dir,
             &args,
             cpu_budget_ticks,
-            self.relay.as_ref(),
-            self.config.unsafe_extra_preopen.as_ref(),
+            &wasi::HostSide {
+                relay: self.relay.as_ref(),
+                extra_preopen: self.config.unsafe_extra_preopen.as_ref(),
+                max_open: self.max_open_per_job,
+            },
         )?;
         let grant = state.gate.grant.clone();
         let latch = state.latch.clone();

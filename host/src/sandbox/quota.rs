@@ -48,19 +48,45 @@ pub struct OutputQuota {
     max_entries: u64,
     bytes: AtomicU64,
     entries: AtomicU64,
+    /// Host file descriptors the guest holds open (files, directories,
+    /// directory listings), and the most it may.
+    open: AtomicU64,
+    max_open: u64,
     latch: LimitLatch,
 }
 
 impl OutputQuota {
     /// A budget of `max_bytes` bytes and `max_entries` created entries.
-    pub fn new(max_bytes: u64, max_entries: u64, latch: LimitLatch) -> Arc<Self> {
+    /// `max_open` bounds the host descriptors the job may hold at once.
+    pub fn new(max_bytes: u64, max_entries: u64, max_open: u64, latch: LimitLatch) -> Arc<Self> {
         Arc::new(Self {
             max_bytes,
             max_entries,
             bytes: AtomicU64::new(0),
             entries: AtomicU64::new(0),
+            open: AtomicU64::new(0),
+            max_open,
             latch,
         })
+    }
+
+    /// Takes one host descriptor. A guest at its bound gets an error for
+    /// this open (no limit fires: closing something lets it go on).
+    fn take_descriptor(&self) -> Result<(), ErrorCode> {
+        if Self::charge(&self.open, self.max_open, 1) {
+            Ok(())
+        } else {
+            Err(ErrorCode::InsufficientMemory)
+        }
+    }
+
+    /// Gives one back (the preopens were never taken: saturate at 0).
+    fn release_descriptor(&self) {
+        let _ = self
+            .open
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                Some(n.saturating_sub(1))
+            });
     }
 
     /// Bytes charged so far.
@@ -256,7 +282,12 @@ impl HostDescriptor for QuotaFs<'_> {
         &mut self,
         fd: Resource<types::Descriptor>,
     ) -> FsResult<Resource<types::DirectoryEntryStream>> {
-        self.inner.read_directory(fd).await
+        self.quota.take_descriptor()?;
+        let stream = self.inner.read_directory(fd).await;
+        if stream.is_err() {
+            self.quota.release_descriptor();
+        }
+        stream
     }
 
     async fn sync(&mut self, fd: Resource<types::Descriptor>) -> FsResult<()> {
@@ -322,12 +353,19 @@ impl HostDescriptor for QuotaFs<'_> {
         {
             self.quota.charge_entry()?;
         }
-        self.inner
+        self.quota.take_descriptor()?;
+        let opened = self
+            .inner
             .open_at(fd, path_flags, path, oflags, flags)
-            .await
+            .await;
+        if opened.is_err() {
+            self.quota.release_descriptor();
+        }
+        opened
     }
 
     fn drop(&mut self, fd: Resource<types::Descriptor>) -> wasmtime::Result<()> {
+        self.quota.release_descriptor();
         HostDescriptor::drop(&mut self.inner, fd)
     }
 
@@ -436,6 +474,7 @@ impl HostDirectoryEntryStream for QuotaFs<'_> {
     }
 
     fn drop(&mut self, stream: Resource<types::DirectoryEntryStream>) -> wasmtime::Result<()> {
+        self.quota.release_descriptor();
         HostDirectoryEntryStream::drop(&mut self.inner, stream)
     }
 }
@@ -504,9 +543,33 @@ mod tests {
     }
 
     #[test]
+    fn descriptors_are_bounded_and_given_back() {
+        let latch = LimitLatch::default();
+        let q = OutputQuota::new(10, 1, 2, latch.clone());
+        q.take_descriptor().unwrap();
+        q.take_descriptor().unwrap();
+        assert_eq!(q.take_descriptor(), Err(ErrorCode::InsufficientMemory));
+        q.release_descriptor();
+        q.take_descriptor().unwrap();
+        // Dropping the preopens (never taken) does not go below zero or
+        // hand out extra descriptors.
+        for _ in 0..5 {
+            q.release_descriptor();
+        }
+        q.take_descriptor().unwrap();
+        q.take_descriptor().unwrap();
+        assert!(q.take_descriptor().is_err());
+        assert_eq!(
+            latch.fired(),
+            None,
+            "no limit fires: the guest may close and go on"
+        );
+    }
+
+    #[test]
     fn charges_stop_at_the_budget_and_name_the_limit() {
         let latch = LimitLatch::default();
-        let q = OutputQuota::new(10, 1, latch.clone());
+        let q = OutputQuota::new(10, 1, 8, latch.clone());
         assert!(q.charge_bytes(10).is_ok());
         assert_eq!(q.charge_bytes(1), Err(ErrorCode::Quota));
         assert_eq!(latch.fired(), Some(LimitKind::Output));

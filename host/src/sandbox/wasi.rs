@@ -83,6 +83,19 @@ impl JobState {
     }
 }
 
+/// What the host, rather than the policy, contributes to a job's state.
+#[derive(Clone, Copy, Debug)]
+pub struct HostSide<'a> {
+    /// Where outbound calls go, if the host declares services.
+    pub relay: Option<&'a Arc<Relay>>,
+    /// The escape suite's deliberate hole
+    /// ([`SandboxConfig::unsafe_extra_preopen`](super::SandboxConfig)),
+    /// `None` everywhere else.
+    pub extra_preopen: Option<&'a (std::path::PathBuf, String)>,
+    /// Host file descriptors the job may hold open at once.
+    pub max_open: u64,
+}
+
 /// The captured stdout and stderr of a job.
 #[derive(Debug)]
 pub struct Captures {
@@ -93,10 +106,8 @@ pub struct Captures {
 }
 
 /// Builds the store data for one job: the WASI context, the limiter and the
-/// quota, all from `policy` and `job`. `args` must already be validated
-/// (see [`guest_args`]). `extra_preopen` is the escape suite's deliberate
-/// hole ([`SandboxConfig::unsafe_extra_preopen`](super::SandboxConfig)),
-/// `None` everywhere else.
+/// quota, all from `policy` and `job`, with what the host adds (`host`).
+/// `args` must already be validated (see [`guest_args`]).
 ///
 /// # Errors
 /// If a preopen cannot be opened.
@@ -106,9 +117,13 @@ pub fn job_state(
     dir: &JobDir,
     args: &[String],
     cpu_budget_ticks: u64,
-    relay: Option<&Arc<Relay>>,
-    extra_preopen: Option<&(std::path::PathBuf, String)>,
+    host: &HostSide<'_>,
 ) -> std::io::Result<(JobState, Captures)> {
+    let HostSide {
+        relay,
+        extra_preopen,
+        max_open,
+    } = *host;
     let latch = LimitLatch::default();
     let limits = &policy.limits;
     let stdout = CappedPipe::new(limits.stdout.as_usize(), LimitKind::Stdout, latch.clone());
@@ -146,6 +161,7 @@ pub fn job_state(
     let quota = OutputQuota::new(
         limits.output.as_u64(),
         u64::from(limits.output_files),
+        max_open,
         latch.clone(),
     );
     let state = JobState {

@@ -156,3 +156,25 @@ async fn many_attacks_at_once_leave_a_normal_job_unharmed() {
     }
     assert!(hello.succeeded(), "{hello:#?}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_descriptor_flood_is_held_to_the_jobs_share() {
+    // Each descriptor the guest holds is a host descriptor: it gets at most
+    // its share, then errors, and the job still ends normally.
+    let module = hostile("fd-flood", "");
+    let (report, _dir) = run(&module, &spec(&[("a.txt", b"x")], &[])).await;
+    assert!(report.succeeded(), "{report:#?}");
+    let held: u64 = report
+        .stdout
+        .text
+        .lines()
+        .find_map(|l| l.strip_prefix("fd-flood: holding "))
+        .and_then(|l| l.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{report:#?}"));
+    assert!(
+        (8..=bulkhead::sandbox::MAX_OPEN_PER_JOB).contains(&held),
+        "held {held} descriptors"
+    );
+    assert!(report.stdout.text.contains("refused after"), "{report:#?}");
+}
