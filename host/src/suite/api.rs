@@ -43,6 +43,8 @@ pub enum ApiAttack {
     Flood,
     /// A body over the service's limit.
     HugeBody,
+    /// A call token the service minted, presented to its own API.
+    CallTokenAtApi,
 }
 
 impl ApiAttack {
@@ -118,6 +120,11 @@ pub fn catalog() -> Vec<Attack> {
             "send a body over the service's limit",
             ApiAttack::HugeBody,
         ),
+        api(
+            "tokens.call-token-at-api",
+            "present a call token the host minted as a bearer to its own public API",
+            ApiAttack::CallTokenAtApi,
+        ),
     ]
 }
 
@@ -144,6 +151,8 @@ pub struct LocalIds {
     no_scope: String,
     revoked: String,
     expired: String,
+    /// A call token the service's key ring signed for the main tenant.
+    call_token: String,
 }
 
 impl Target {
@@ -288,6 +297,28 @@ impl LocalService {
                 .with_graceful_shutdown(wait(rx))
                 .into_future(),
         );
+        // A call token as the host mints them for a job of the main tenant:
+        // an Ed25519 JWS the service's key ring signs, never a client
+        // credential.
+        let keys = service
+            .keys()
+            .ok_or("the service has no key ring for call tokens")?;
+        let t = crate::store::now_ms() as u64 / 1000;
+        let call_token = keys
+            .mint(&bulkhead_verify::CallClaims {
+                iss: service.config().tokens.issuer.clone(),
+                aud: MODULE.to_owned(),
+                sub: "suite-a-suite".to_owned(),
+                tenant: "suite-a".to_owned(),
+                scopes: vec![SCOPE.to_owned()],
+                job: uuid::Uuid::new_v4().to_string(),
+                module: MODULE.to_owned(),
+                iat: t,
+                nbf: t,
+                exp: t + 30,
+                jti: uuid::Uuid::new_v4().to_string(),
+            })
+            .map_err(|e| e.to_string())?;
         let mut s = secrets.into_iter();
         let mut next = || s.next().expect("five tokens issued");
         let target = Target {
@@ -301,6 +332,7 @@ impl LocalService {
                 no_scope: next(),
                 revoked: next(),
                 expired: next(),
+                call_token,
             }),
             http: client(),
         };
@@ -425,6 +457,9 @@ pub async fn run(t: &Target, attack: &Attack, a: &ApiAttack, started: Instant) -
         ApiAttack::PathTricks => path_tricks(t).await,
         ApiAttack::Flood => flood(t).await,
         ApiAttack::HugeBody => huge_body(t).await,
+        ApiAttack::CallTokenAtApi => {
+            with_local(t, |ids| ids.call_token.clone(), "call", since).await
+        }
     };
     match result {
         Ok((checks, stopped)) => AttackResult::judge(attack, checks, stopped, None, ms(started)),

@@ -4,13 +4,16 @@
 //! and what the host expects to see when the compartment holds.
 //!
 //! Adding an attack is adding an entry here; the runners and the checks
-//! in [`super::evidence`] do the rest.
+//! in [`super::evidence`] (and [`super::egress`], [`super::forge`]) do the
+//! rest.
 
 use std::sync::Arc;
 
 use super::Class;
 use super::api::ApiAttack;
 use super::bombs::Bomb;
+use super::egress::{self, HttpHeld};
+use super::forge::Forgery;
 use crate::sandbox::LimitKind;
 
 /// The `hostile` guest, built from `guests/hostile` with this binary.
@@ -18,6 +21,15 @@ pub fn hostile_wasm() -> Arc<Vec<u8>> {
     static BYTES: std::sync::OnceLock<Arc<Vec<u8>>> = std::sync::OnceLock::new();
     BYTES
         .get_or_init(|| Arc::new(embedded::HOSTILE.to_vec()))
+        .clone()
+}
+
+/// The `lateral` guest, built from `guests/lateral` with this binary: it
+/// tries every way past the outbound gate.
+pub fn lateral_wasm() -> Arc<Vec<u8>> {
+    static BYTES: std::sync::OnceLock<Arc<Vec<u8>>> = std::sync::OnceLock::new();
+    BYTES
+        .get_or_init(|| Arc::new(embedded::LATERAL.to_vec()))
         .clone()
 }
 
@@ -50,10 +62,24 @@ impl Attack {
     /// generated modules need loading on the host, sequences need the same
     /// pool slot, which a remote service does not promise).
     pub fn runs_remotely(&self) -> bool {
+        self.local_only().is_none()
+    }
+
+    /// Why it runs only locally, or `None` if it also runs against a
+    /// service.
+    pub fn local_only(&self) -> Option<&'static str> {
         match &self.kind {
-            AttackKind::Guest(_) => true,
-            AttackKind::Api(a) => a.remote_ok(),
-            AttackKind::Sequence { .. } | AttackKind::Bomb(_) => false,
+            AttackKind::Guest(_) => None,
+            AttackKind::Api(a) if a.remote_ok() => None,
+            AttackKind::Api(_) => Some("needs identities only a service the suite starts has"),
+            AttackKind::Forge(f) if f.remote_ok() => None,
+            AttackKind::Forge(_) => Some("needs tokens signed with the host's key"),
+            AttackKind::Http(_) => Some(
+                "needs the suite's bait services declared on the host ([[services]]), which it \
+                 can only set up for a local run",
+            ),
+            AttackKind::Sequence { .. } => Some("needs the same pool slot for several jobs"),
+            AttackKind::Bomb(_) => Some("needs the host to load a generated module"),
         }
     }
 }
@@ -77,6 +103,21 @@ pub enum AttackKind {
     Bomb(Bomb),
     /// Requests to the service's API.
     Api(ApiAttack),
+    /// A job of the `lateral` guest through the outbound gate, judged from
+    /// what the suite's bait services received.
+    Http(HttpAttack),
+    /// A forged or replayed call token, judged by a verifier pinned to the
+    /// host's keys.
+    Forge(Forgery),
+}
+
+/// A lateral-movement attack over HTTP.
+#[derive(Clone, Debug)]
+pub struct HttpAttack {
+    /// The job (the `lateral` guest, its mode as a parameter).
+    pub run: GuestRun,
+    /// What must be true of the baits and the calls report.
+    pub held: HttpHeld,
 }
 
 /// A value passed to a guest, filled in by the runner.
@@ -92,6 +133,9 @@ pub enum Param {
     BaitPort,
     /// A fresh secret for this attack (cross-job and exfiltration canaries).
     Secret,
+    /// Real port of the forbidden bait service on loopback (what an
+    /// attacker would scan for and try to reach by address).
+    ServicePort,
 }
 
 /// One job of a guest.
@@ -113,6 +157,8 @@ pub struct GuestRun {
     pub forbidden: Vec<String>,
     /// Host files that must stay unread and unchanged, besides the canary.
     pub untouched: Vec<std::path::PathBuf>,
+    /// `[network] services` of its policy.
+    pub services: Vec<String>,
 }
 
 /// How the job must end for the attack to count as held.
@@ -143,7 +189,113 @@ fn hostile(mode: &str) -> GuestRun {
         expect: Expect::Contained,
         forbidden: Vec::new(),
         untouched: Vec::new(),
+        services: Vec::new(),
     }
+}
+
+/// A job of the `lateral` guest in `mode`, granted the allowed bait only.
+pub(super) fn lateral(mode: &str) -> GuestRun {
+    GuestRun {
+        wasm: lateral_wasm(),
+        args: Vec::new(),
+        params: vec![
+            ("mode".to_owned(), Param::Lit(mode.to_owned())),
+            ("port".to_owned(), Param::ServicePort),
+            ("count".to_owned(), Param::Lit(egress::FLOOD.to_string())),
+        ],
+        inputs: Vec::new(),
+        limits: Vec::new(),
+        expect: Expect::Any,
+        forbidden: Vec::new(),
+        untouched: Vec::new(),
+        services: vec![egress::ALLOWED.to_owned()],
+    }
+}
+
+fn http(id: &str, title: &str, mode: &str, held: HttpHeld) -> Attack {
+    attack(
+        id,
+        Class::Lateral,
+        title,
+        AttackKind::Http(HttpAttack {
+            run: lateral(mode),
+            held,
+        }),
+    )
+}
+
+/// The lateral attacks over HTTP, through the outbound gate.
+fn http_attacks() -> Vec<Attack> {
+    use HttpHeld::{BigBody, Common, Flood, Hunt, Refused, Smuggle};
+    vec![
+        http(
+            "lateral.http-ungranted",
+            "call the declared but ungranted `payments` service by name",
+            "payments",
+            Refused(vec![("not_granted", 2)]),
+        ),
+        http(
+            "lateral.http-raw-ip",
+            "reach the forbidden service's real port by IP: decimal, hex, octal, short, IPv6, \
+             v4-mapped; the metadata addresses",
+            "ips",
+            Refused(vec![("raw_ip", 11)]),
+        ),
+        http(
+            "lateral.http-authority",
+            "authority tricks: user info, ports, case, trailing dot, dotted names, undeclared names",
+            "authority",
+            Refused(vec![("authority", 8), ("undeclared", 1)]),
+        ),
+        http(
+            "lateral.http-host-header",
+            "address the allowed service with a `Host: payments` header",
+            "host-header",
+            Common,
+        ),
+        http(
+            "lateral.http-redirect",
+            "follow the allowed service's open redirect to the forbidden one's real address",
+            "redirect",
+            Refused(vec![("redirect", 1)]),
+        ),
+        http(
+            "lateral.http-paths",
+            "escape the allowed paths (`..`, encoded dots and slashes, `//`) and methods",
+            "paths",
+            Refused(vec![("path", 6), ("method", 1)]),
+        ),
+        http(
+            "lateral.http-https",
+            "ask for https, so the host would pick another transport",
+            "https",
+            Refused(vec![("scheme", 1)]),
+        ),
+        http(
+            "lateral.http-smuggle",
+            "set Authorization, Cookie, X-Bulkhead-* and forwarding headers of its own",
+            "smuggle",
+            Smuggle,
+        ),
+        http(
+            "lateral.http-hunt",
+            "look for the call token in responses, headers, environment, arguments and files",
+            "hunt",
+            Hunt,
+        ),
+        http(
+            "lateral.http-flood",
+            "call the allowed service more often than its declaration allows",
+            "flood",
+            Flood,
+        ),
+        http(
+            "lateral.http-big-body",
+            "send a request body over the service's max_request",
+            "big-body",
+            BigBody,
+        ),
+    ]
 }
 
 impl GuestRun {
@@ -478,7 +630,14 @@ pub fn bundled() -> Vec<Attack> {
             },
         ),
     ];
+    // The HTTP attacks run with the other lateral ones.
+    let at = all
+        .iter()
+        .position(|a| a.class == CrossJob)
+        .unwrap_or(all.len());
+    all.splice(at..at, http_attacks());
     all.extend(super::bombs::catalog());
     all.extend(super::api::catalog());
+    all.extend(super::forge::catalog());
     all
 }

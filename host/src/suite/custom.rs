@@ -176,6 +176,7 @@ fn load_one(wasm_path: &Path) -> Result<Attack, SuiteError> {
         expect,
         forbidden: held.forbidden,
         untouched: held.untouched,
+        services: Vec::new(),
     };
     Ok(Attack {
         id: m.id.unwrap_or_else(|| format!("custom.{stem}")),

@@ -7,7 +7,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
+use super::catalog::HttpAttack;
 use super::catalog::{Attack, AttackKind, Expect, GuestRun, Param};
+use super::egress::{self, Egress};
 use super::evidence::{self, Bait, Canary, Peaks, Sampler};
 use super::{AttackResult, Check, Progress, SuiteError, SuiteOptions};
 use crate::policy::{ByteSize, Policy, Sha256Hex};
@@ -42,6 +44,9 @@ pub struct Weakening {
     /// Preopen the canary directory read-write into every job, at its host
     /// path (the sandbox's `unsafe_extra_preopen`).
     pub preopen_canary: bool,
+    /// Services granted, besides their own, to the policies of attacks
+    /// that call services (e.g. the forbidden bait, `payments`).
+    pub grant_services: Vec<String>,
 }
 
 /// What the checks hold each attack to: the limits a policy promises.
@@ -155,6 +160,14 @@ impl Base {
             env.insert("BULKHEAD_SUITE".into(), "policy literal".into());
             r.insert("env".into(), env.into());
             doc.insert("run".into(), r.into());
+            if !run.services.is_empty() {
+                let mut network = toml::Table::new();
+                network.insert(
+                    "services".into(),
+                    toml::Value::Array(run.services.iter().map(|s| s.as_str().into()).collect()),
+                );
+                doc.insert("network".into(), network.into());
+            }
         }
         toml::to_string(&doc).expect("a policy table serializes")
     }
@@ -167,8 +180,15 @@ pub(super) struct Lane {
 }
 
 impl Lane {
-    fn new(config: SandboxConfig, base: &Base) -> Result<Self, SuiteError> {
-        let sandbox = Sandbox::new(config).map_err(|e| SuiteError::Setup(e.to_string()))?;
+    fn new(
+        config: SandboxConfig,
+        base: &Base,
+        relay: Option<Arc<crate::relay::Relay>>,
+    ) -> Result<Self, SuiteError> {
+        let mut sandbox = Sandbox::new(config).map_err(|e| SuiteError::Setup(e.to_string()))?;
+        if let Some(relay) = relay {
+            sandbox = sandbox.with_relay(relay);
+        }
         let hello = super::catalog::hello_wasm();
         let text = base.policy_text("suite-neighbour", hello, None, &[]);
         let neighbour = load(&sandbox, &text, hello).map_err(SuiteError::Setup)?;
@@ -187,6 +207,9 @@ pub(super) struct Harness {
     pub bounds: Bounds,
     pub canary: Canary,
     pub bait: Bait,
+    /// The bait services and the relay the lateral HTTP attacks go through.
+    pub egress: Egress,
+    pub weak_services: Vec<String>,
     pub host_secrets: Vec<(String, Vec<u8>)>,
     pub scratch: PathBuf,
     _temp: Option<tempfile::TempDir>,
@@ -201,7 +224,7 @@ impl std::fmt::Debug for Harness {
 }
 
 impl Harness {
-    fn new(options: &SuiteOptions) -> Result<Self, SuiteError> {
+    async fn new(options: &SuiteOptions) -> Result<Self, SuiteError> {
         let (temp, scratch) = match &options.scratch {
             Some(dir) => {
                 crate::sandbox::create_private_dir_all(dir)?;
@@ -217,6 +240,9 @@ impl Harness {
         };
         let canary = Canary::plant(&scratch.join("canary"))?;
         let bait = Bait::open()?;
+        let egress = Egress::start(&scratch.join("keys"))
+            .await
+            .map_err(|e| SuiteError::Setup(format!("cannot start the bait services: {e}")))?;
         let base = Base::from_options(options)?;
         let weakening = options.weakening.clone().unwrap_or_default();
 
@@ -232,8 +258,8 @@ impl Harness {
         fresh.cache_dir = None;
         fresh.work_dir = scratch.join("fresh-jobs");
         fresh.max_concurrent_jobs = 2;
-        let main = Lane::new(config, &base)?;
-        let fresh = Lane::new(fresh, &base)?;
+        let main = Lane::new(config, &base, Some(Arc::clone(&egress.relay)))?;
+        let fresh = Lane::new(fresh, &base, None)?;
         let hello = super::catalog::hello_wasm();
         // The bounds are those of the policy the attacks were meant to
         // run under, without the weakening.
@@ -247,6 +273,8 @@ impl Harness {
             bounds,
             canary,
             bait,
+            egress,
+            weak_services: weakening.grant_services,
             host_secrets: evidence::host_secrets(),
             scratch,
             _temp: temp,
@@ -255,10 +283,27 @@ impl Harness {
 
     /// Loads `run` under the base policy (plus any weakening) as `name`.
     pub fn load(&self, name: &str, run: &GuestRun) -> Result<Arc<LoadedModule>, String> {
+        let mut run = run.clone();
+        if !run.services.is_empty() {
+            for s in &self.weak_services {
+                if !run.services.contains(s) {
+                    run.services.push(s.clone());
+                }
+            }
+        }
         let text = self
             .base
-            .policy_text(name, &run.wasm, Some(run), &self.weak_limits);
-        load(&self.main.sandbox, &text, &run.wasm)
+            .policy_text(name, &run.wasm, Some(&run), &self.weak_limits);
+        let policy = Policy::parse_with(
+            &text,
+            Path::new("escape-suite.toml"),
+            &self.egress.declared(),
+        )
+        .map_err(|e| e.to_string())?;
+        self.main
+            .sandbox
+            .load(policy, &run.wasm)
+            .map_err(|e| e.to_string())
     }
 
     fn value(&self, p: &Param, secret: &str) -> String {
@@ -268,6 +313,7 @@ impl Harness {
             Param::CanaryDir => self.canary.dir().to_string_lossy().into_owned(),
             Param::BaitPort => self.bait.port.to_string(),
             Param::Secret => secret.to_owned(),
+            Param::ServicePort => self.egress.forbidden_port.to_string(),
         }
     }
 
@@ -286,6 +332,7 @@ impl Harness {
             .iter()
             .map(|(k, v)| (k.clone(), self.value(v, secret)))
             .collect();
+        job.caller = Some(Ok(egress::caller()));
         job
     }
 
@@ -330,7 +377,7 @@ pub async fn run(
     attacks: &[Attack],
     progress: &mut dyn FnMut(Progress<'_>),
 ) -> Result<Vec<AttackResult>, SuiteError> {
-    let h = Harness::new(options)?;
+    let h = Harness::new(options).await?;
     let mut api = None;
     let mut results = Vec::new();
     for (index, attack) in attacks.iter().enumerate() {
@@ -348,6 +395,11 @@ pub async fn run(
                 readers,
             } => sequence_attack(&h, attack, writer, reader, *readers, started).await,
             AttackKind::Bomb(bomb) => super::bombs::run_local(&h, attack, bomb, started).await,
+            AttackKind::Http(http) => http_attack(&h, attack, http, started).await,
+            AttackKind::Forge(f) => {
+                let target = forge_target(&h, *f).await;
+                super::forge::run(&target, attack, *f, started)
+            }
             AttackKind::Api(a) => {
                 if api.is_none() {
                     api = Some(super::api::LocalService::start(&h.scratch).await);
@@ -467,6 +519,124 @@ async fn guest_attack(
     let stopped = stopped_by(&obs.report);
     drop(obs);
     AttackResult::judge(attack, checks, stopped, error, ms(started))
+}
+
+/// A lateral HTTP attack: one job of the `lateral` guest through the
+/// suite's relay, judged from what the bait services received, the calls
+/// report and the usual host-side checks. The `network` check is replaced:
+/// the relay opening sockets to the allowed bait is the point.
+async fn http_attack(
+    h: &Harness,
+    attack: &Attack,
+    http: &HttpAttack,
+    started: Instant,
+) -> AttackResult {
+    let secret = evidence::random_token("BULKHEAD-SECRET");
+    let fail =
+        |e: String| AttackResult::judge(attack, Vec::new(), String::new(), Some(e), ms(started));
+    let name = module_name(&attack.id);
+    let module = match h.load(&name, &http.run) {
+        Ok(m) => m,
+        Err(e) => return fail(format!("cannot load the attack's module: {e}")),
+    };
+    let job = h.spec(&http.run, &secret);
+    let secrets = h.secrets(&job, &http.run.forbidden, &secret);
+    let (allowed_from, forbidden_from) = (h.egress.allowed.len(), h.egress.forbidden.len());
+    let obs = match observe(&h.main, &module, &job).await {
+        Ok(o) => o,
+        Err(e) => return fail(e),
+    };
+    h.egress.allowed.settle().await;
+    h.egress.forbidden.settle().await;
+    let calls = obs.report.calls.as_ref();
+    let mut checks = Vec::new();
+    let error = egress::untried(
+        &http.held,
+        calls,
+        h.egress.allowed.since(allowed_from).len(),
+    );
+    checks.push(Check::new("outcome", true, describe_end(&obs.report)));
+    let produced = produced(&obs.report, &obs.dir.output_dir());
+    checks.extend(egress::checks(
+        &h.egress,
+        &http.held,
+        allowed_from,
+        forbidden_from,
+        calls,
+        &produced,
+        &job.id,
+        &name,
+    ));
+    let mut host = host_checks(h, &obs, &secrets, &[]);
+    for c in &mut host {
+        if c.name == "network" {
+            let touched = h.bait.touched();
+            *c = Check::new(
+                "network",
+                touched.is_empty(),
+                if touched.is_empty() {
+                    format!(
+                        "nothing reached the bait socket on port {}; the only connections were \
+                         the relay's to the allowed service",
+                        h.bait.port
+                    )
+                } else {
+                    touched.join("; ")
+                },
+            );
+        }
+    }
+    checks.extend(host);
+    let stopped = match calls {
+        Some(c) if c.refused > 0 => format!(
+            "gate refused {} of {} requests",
+            c.refused,
+            c.records.len() + c.records_dropped as usize
+        ),
+        Some(c) => format!("gate: {} calls within the declaration", c.made),
+        None => stopped_by(&obs.report),
+    };
+    drop(obs);
+    AttackResult::judge(attack, checks, stopped, error, ms(started))
+}
+
+/// What the forgeries are judged against locally: the relay's published
+/// keys, its signing key, and (for a replay) a token it really minted.
+async fn forge_target(h: &Harness, f: super::forge::Forgery) -> super::forge::ForgeTarget {
+    use ed25519_dalek::pkcs8::DecodePrivateKey as _;
+    let minted = if f.needs_minted() {
+        Some(minted_token(h).await)
+    } else {
+        None
+    };
+    super::forge::ForgeTarget {
+        jwks: h.egress.jwks(),
+        jwks_source: "the suite relay's key ring".to_owned(),
+        issuer: h.egress.relay.issuer().to_owned(),
+        host_key: ed25519_dalek::SigningKey::from_pkcs8_pem(&h.egress.host_key_pem).ok(),
+        minted,
+    }
+}
+
+/// A token the host minted for the allowed bait: the newest in its log,
+/// or one from a well-behaved `allowed` job run for the purpose.
+pub(super) async fn minted_token(h: &Harness) -> Result<String, String> {
+    if let Some(t) = h.egress.last_minted() {
+        return Ok(t);
+    }
+    let run = super::catalog::lateral("allowed");
+    let module = h.load("escape-suite-minter", &run)?;
+    let job = h.spec(&run, "");
+    let dir =
+        JobDir::create(&h.main.sandbox.config().work_dir, &job.id).map_err(|e| e.to_string())?;
+    h.main
+        .sandbox
+        .run(&module, &job, &dir)
+        .await
+        .map_err(|e| e.to_string())?;
+    h.egress
+        .last_minted()
+        .ok_or_else(|| "the allowed job made no call".to_owned())
 }
 
 /// Runs one job of an already loaded module with every host-side check

@@ -8,6 +8,10 @@
 //! - [`evidence`]: host-side observations (canary files under an inotify
 //!   watch, descriptor, socket and memory sampling, bait sockets, disk
 //!   usage) and the checks that turn them into a verdict.
+//! - `egress`: lateral movement over HTTP, judged from what bait services
+//!   declared to the suite's own relay received.
+//! - `forge`: forged and replayed call tokens, judged by a verifier pinned
+//!   to the host's published keys.
 //! - `local`, `remote`, `api`, `bombs`: the runners.
 //! - [`report`]: the table, JSON and the self-contained HTML page.
 //!
@@ -21,7 +25,9 @@ mod api;
 mod bombs;
 pub mod catalog;
 pub mod custom;
+mod egress;
 pub mod evidence;
+mod forge;
 mod local;
 mod remote;
 pub mod report;
@@ -46,7 +52,8 @@ pub enum Class {
     Filesystem,
     /// Exhaust the host: memory, CPU, disk, output, compile time.
     Exhaustion,
-    /// Move laterally: sockets, names, secrets, ungranted imports.
+    /// Move laterally: sockets, names, secrets, ungranted imports, HTTP
+    /// past the outbound gate.
     Lateral,
     /// Break the token layer and object-level access (against the API).
     Tokens,
@@ -80,7 +87,9 @@ impl Class {
         match self {
             Class::Filesystem => "reach host files, change inputs, trip output collection",
             Class::Exhaustion => "exhaust host memory, CPU, disk, output, compile time",
-            Class::Lateral => "open sockets, resolve names, harvest secrets, import more",
+            Class::Lateral => {
+                "open sockets, resolve names, harvest secrets, import more, call ungranted services"
+            }
             Class::Tokens => "forge, replay or misuse tokens; reach other tenants' jobs",
             Class::CrossJob => "find a trace of an earlier job in a later one",
         }
@@ -222,6 +231,21 @@ pub struct SuiteReport {
     pub summary: Summary,
     /// One entry per attack, in run order.
     pub results: Vec<AttackResult>,
+    /// Attacks selected but not applicable to this target (against a
+    /// service: those that need the host itself), with the reason.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub not_run: Vec<NotRun>,
+}
+
+/// An attack left out because it cannot run against this target.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NotRun {
+    /// Its id.
+    pub id: String,
+    /// Its class.
+    pub class: Class,
+    /// Why it cannot run here.
+    pub reason: String,
 }
 
 /// Verdict counts, overall and per class.
@@ -339,6 +363,12 @@ pub enum SuiteError {
 /// # Errors
 /// [`SuiteError::Setup`] for a bad custom manifest, or when nothing matches.
 pub fn select(options: &SuiteOptions) -> Result<Vec<Attack>, SuiteError> {
+    Ok(select_split(options)?.0)
+}
+
+/// As [`select`], also returning the attacks left out because they run
+/// only locally (when `options.server` is set).
+fn select_split(options: &SuiteOptions) -> Result<(Vec<Attack>, Vec<NotRun>), SuiteError> {
     let mut attacks = catalog::bundled();
     if let Some(dir) = &options.guests {
         attacks.extend(custom::load_dir(dir)?);
@@ -347,8 +377,19 @@ pub fn select(options: &SuiteOptions) -> Result<Vec<Attack>, SuiteError> {
         attacks
             .retain(|a| a.id.contains(only.as_str()) || a.class.as_str().contains(only.as_str()));
     }
+    let mut not_run = Vec::new();
     if options.server.is_some() {
-        attacks.retain(|a| a.runs_remotely());
+        attacks.retain(|a| match a.local_only() {
+            None => true,
+            Some(reason) => {
+                not_run.push(NotRun {
+                    id: a.id.clone(),
+                    class: a.class,
+                    reason: format!("runs only locally: {reason}"),
+                });
+                false
+            }
+        });
     }
     if attacks.is_empty() {
         return Err(SuiteError::Setup(format!(
@@ -356,7 +397,7 @@ pub fn select(options: &SuiteOptions) -> Result<Vec<Attack>, SuiteError> {
             options.only.as_deref().unwrap_or("")
         )));
     }
-    Ok(attacks)
+    Ok((attacks, not_run))
 }
 
 /// Runs the selected attacks and judges each. `progress` is called before
@@ -369,8 +410,10 @@ pub async fn run(
     options: &SuiteOptions,
     progress: &mut dyn FnMut(Progress<'_>),
 ) -> Result<SuiteReport, SuiteError> {
-    let attacks = select(options)?;
-    run_attacks(options, &attacks, progress).await
+    let (attacks, not_run) = select_split(options)?;
+    let mut report = run_attacks(options, &attacks, progress).await?;
+    report.not_run = not_run;
+    Ok(report)
 }
 
 /// Runs `attacks` (for instance a hand-picked part of [`select`]'s) as
@@ -403,6 +446,7 @@ pub async fn run_attacks(
         started_at,
         summary: Summary::of(&results),
         results,
+        not_run: Vec::new(),
     })
 }
 

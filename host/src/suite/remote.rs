@@ -96,6 +96,7 @@ pub async fn run(
         )));
     }
     let mut results = Vec::new();
+    let mut jwks = None;
     for (index, attack) in attacks.iter().enumerate() {
         progress(Progress::Start {
             index,
@@ -108,6 +109,30 @@ pub async fn run(
                 guest(&http, &target, &bounds_policy, attack, run, started).await
             }
             AttackKind::Api(a) => api::run(&target, attack, a, started).await,
+            AttackKind::Forge(f) => {
+                if jwks.is_none() {
+                    jwks = Some(fetch_jwks(&http, &target.base).await);
+                }
+                match jwks.as_ref().expect("just set") {
+                    Ok(set) => {
+                        let t = super::forge::ForgeTarget {
+                            jwks: set.clone(),
+                            jwks_source: format!("{}/.well-known/jwks.json", target.base),
+                            issuer: crate::relay::TokenConfig::default().issuer,
+                            host_key: None,
+                            minted: None,
+                        };
+                        super::forge::run(&t, attack, *f, started)
+                    }
+                    Err(e) => AttackResult::judge(
+                        attack,
+                        Vec::new(),
+                        String::new(),
+                        Some(e.clone()),
+                        ms(started),
+                    ),
+                }
+            }
             _ => AttackResult::judge(
                 attack,
                 Vec::new(),
@@ -120,6 +145,22 @@ pub async fn run(
         results.push(result);
     }
     Ok(results)
+}
+
+/// The service's published call-token keys.
+async fn fetch_jwks(http: &reqwest::Client, base: &str) -> Result<bulkhead_verify::JwkSet, String> {
+    let url = format!("{base}/.well-known/jwks.json");
+    let r = http
+        .get(&url)
+        .send()
+        .await
+        .map_err(|e| format!("cannot fetch {url}: {e}"))?;
+    if !r.status().is_success() {
+        return Err(format!("{url} answered {}", r.status()));
+    }
+    r.json()
+        .await
+        .map_err(|e| format!("{url} is not a JWK set: {e}"))
 }
 
 async fn submit(
@@ -146,6 +187,8 @@ async fn submit(
                     .trim_end_matches('/')
                     .to_owned(),
                 Param::Secret => secret.to_owned(),
+                // The suite's bait services exist only in a local run.
+                Param::ServicePort => "0".into(),
             };
             url.push_str(&format!("&param.{k}={}", urlencode(&v)));
         }

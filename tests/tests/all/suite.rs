@@ -44,14 +44,47 @@ async fn the_bundled_suite_holds_and_its_reports_agree() {
     assert!(not_held.is_empty(), "{}", not_held.join("\n"));
     assert!(report.all_held());
     assert!(
-        report.summary.total >= 45,
+        report.summary.total >= 93,
         "{} attacks",
         report.summary.total
     );
+    assert_eq!(report.summary.breached, 0);
     // Every class of the attack list, several variants each.
     for class in Class::ALL {
         let n = report.results.iter().filter(|r| r.class == class).count();
         assert!(n >= 3, "{n} attacks of class {class}");
+    }
+    // The outbound gate and the call-token layer are attacked too: lateral
+    // movement over HTTP judged from what the bait services received,
+    // forged tokens judged by a verifier pinned to the host's keys.
+    let count = |prefix: &str| {
+        report
+            .results
+            .iter()
+            .filter(|r| r.id.starts_with(prefix))
+            .count()
+    };
+    assert!(count("lateral.http-") >= 11, "{}", count("lateral.http-"));
+    assert!(count("tokens.forge-") >= 10, "{}", count("tokens.forge-"));
+    for id in ["tokens.replay-audience", "tokens.call-token-at-api"] {
+        assert!(report.results.iter().any(|r| r.id == id), "{id} missing");
+    }
+    let ungranted = report
+        .results
+        .iter()
+        .find(|r| r.id == "lateral.http-ungranted")
+        .unwrap();
+    for name in [
+        "forbidden service",
+        "allowed service",
+        "refusals",
+        "neighbour",
+    ] {
+        assert!(
+            ungranted.checks.iter().any(|c| c.name == name && c.passed),
+            "{name}: {:?}",
+            ungranted.checks
+        );
     }
     // Every attack was judged by host-side checks, not one line.
     for r in &report.results {
@@ -74,7 +107,13 @@ async fn the_bundled_suite_holds_and_its_reports_agree() {
     for external in [
         "http://", "https://", "src=", "<link", "<script", "@import", "url(",
     ] {
-        assert!(!html.contains(external), "the page references `{external}`");
+        assert!(
+            !html.contains(external),
+            "the page references `{external}`: {}",
+            html.find(external)
+                .map(|i| &html[i.saturating_sub(200)..(i + 60).min(html.len())])
+                .unwrap_or_default()
+        );
     }
     for r in &report.results {
         assert!(
@@ -106,13 +145,15 @@ const WEAKENED_SAMPLE: &[&str] = &[
     "exhaust.stdout-flood",
     "exhaust.disk-big",
     "exhaust.disk-many",
+    "lateral.http-ungranted",
 ];
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_weakened_configuration_is_reported_breached() {
-    // Limits far above what the suite holds the attacks to, and the canary
-    // directory preopened into every job: each sampled attack must now be
-    // caught by a host-side check.
+    // Limits far above what the suite holds the attacks to, the canary
+    // directory preopened into every job, and the forbidden bait service
+    // granted to the attacks that call services: each sampled attack must
+    // now be caught by a host-side check.
     let weak = |k: &str, v: &str| (k.to_owned(), toml::Value::String(v.to_owned()));
     let mut opts = options();
     opts.weakening = Some(Weakening {
@@ -125,6 +166,7 @@ async fn a_weakened_configuration_is_reported_breached() {
             weak("stdout", "4 MiB"),
         ],
         preopen_canary: true,
+        grant_services: vec!["payments".to_owned()],
     });
     let attacks: Vec<_> = suite::select(&opts)
         .unwrap()
@@ -155,6 +197,8 @@ async fn a_weakened_configuration_is_reported_breached() {
     assert!(failed("exhaust.disk-big").contains(&"disk".to_owned()));
     assert!(failed("exhaust.sleep").contains(&"time".to_owned()));
     assert!(failed("exhaust.stdout-flood").contains(&"output streams".to_owned()));
+    // `payments`, granted by the weakened policy, received the calls.
+    assert!(failed("lateral.http-ungranted").contains(&"forbidden service".to_owned()));
     let html = report::html::render(&report);
     assert!(html.contains(&format!(
         "{0} of {0} attacks breached the compartment",
@@ -288,6 +332,38 @@ async fn the_suite_runs_against_a_service_over_http() {
     assert_eq!(report.target, server.base);
     assert!(report.summary.total >= 40, "{}", report.summary.total);
     assert!(report.results.iter().any(|r| r.class == Class::Tokens));
+    // Forged tokens are judged against the keys the service publishes…
+    let forged = report
+        .results
+        .iter()
+        .find(|r| r.id == "tokens.forge-alg-none")
+        .unwrap();
+    assert!(
+        forged
+            .checks
+            .iter()
+            .any(|c| c.detail.contains("/.well-known/jwks.json")),
+        "{:?}",
+        forged.checks
+    );
+    // …and what needs the host itself is reported as not applicable,
+    // with the reason, rather than silently dropped.
+    let http = report
+        .not_run
+        .iter()
+        .find(|n| n.id == "lateral.http-ungranted")
+        .unwrap();
+    assert!(http.reason.contains("[[services]]"), "{}", http.reason);
+    assert!(
+        report
+            .not_run
+            .iter()
+            .any(|n| n.id == "tokens.forge-expired")
+    );
+    assert!(
+        report::table::render(&report).contains("not applicable against"),
+        "the table lists what did not run"
+    );
     // Without the scope the suite refuses to start, and says why.
     let other = server.token("testers", &["hello:run"]).await;
     opts.token = Some(other);

@@ -72,6 +72,17 @@ pub fn render(report: &SuiteReport) -> String {
             let _ = writeln!(out, "  {}: {}", c.name, cut(&c.detail, 300));
         }
     }
+    if !report.not_run.is_empty() {
+        let _ = writeln!(
+            out,
+            "\nnot applicable against {} ({} attacks):",
+            report.target,
+            report.not_run.len()
+        );
+        for n in &report.not_run {
+            let _ = writeln!(out, "  {}: {}", n.id, printable(&n.reason));
+        }
+    }
     let s = &report.summary;
     let _ = writeln!(
         out,

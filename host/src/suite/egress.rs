@@ -1,0 +1,600 @@
+//! Lateral movement over HTTP: the `lateral` guest tries every way past
+//! the outbound gate, and the host judges from what two loopback "bait"
+//! services it stands up for the run actually received.
+//!
+//! - the allowed bait is declared as `palette` (paths `/v1/`, GET and
+//!   POST, [`MAX_CALLS`] calls and [`MAX_REQUEST`] bytes per call) and
+//!   granted to every attack's policy; it answers 200, except
+//!   `/v1/bounce`, an open redirect to the forbidden bait's real address;
+//! - the forbidden bait is declared as `payments` and granted to nobody:
+//!   anything it receives is a breach.
+//!
+//! Both record every request (method, path, headers, bearer token, body
+//! bytes). The verdict of an attack adds up: the forbidden bait received
+//! nothing; the allowed bait received only calls inside its declaration,
+//! within its bounds, each with no credential of the guest's and one token
+//! the host minted, which verifies against the host's keys and carries the
+//! suite's caller; the job report lists each refusal with the expected
+//! class; and the usual host-side checks (canaries, neighbour, memory...).
+//! What the guest prints is never part of it.
+//!
+//! This module owns the baits, the relay they are declared to and the
+//! HTTP-specific checks; it does not touch `relay` internals, only its
+//! public interface.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::response::{IntoResponse, Response};
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use bulkhead_verify::{JwkSet, Verifier, VerifierConfig};
+use http::{Method, StatusCode};
+use http_body_util::BodyExt as _;
+
+use super::Check;
+use crate::policy::{ByteSize, ServiceName};
+use crate::relay::{Caller, CallsReport, KeyRing, Relay, ServiceDecl, TokenConfig};
+
+/// The service name the allowed bait is declared under.
+pub const ALLOWED: &str = "palette";
+/// The service name the forbidden bait is declared under.
+pub const FORBIDDEN: &str = "payments";
+/// Calls per job the allowed bait is declared with.
+pub const MAX_CALLS: u32 = 4;
+/// Request body bound of the allowed bait, in bytes.
+pub const MAX_REQUEST: u64 = 256 * 1024;
+/// Calls the flood attack makes (more than [`MAX_CALLS`]).
+pub const FLOOD: u32 = 12;
+/// The identity the suite's jobs are submitted as.
+pub const CALLER_TENANT: &str = "escape-suite";
+/// The subject the suite's jobs are submitted as.
+pub const CALLER_SUBJECT: &str = "escape-suite-tester";
+/// The allowed bait's only path prefix.
+const ALLOWED_PREFIX: &str = "/v1/";
+
+/// Header values the `lateral` guest's `smuggle` mode sets; none may reach
+/// a service.
+pub const SMUGGLED: &[&str] = &[
+    "eyJhbGciOiJub25lIn0.eyJzdWIiOiJhZG1pbiJ9.",
+    "other-tenant",
+    "session=stolen",
+    "guessed",
+    "10.0.0.1",
+];
+
+/// The caller identity of the suite's jobs.
+pub fn caller() -> Caller {
+    Caller {
+        tenant: CALLER_TENANT.to_owned(),
+        subject: CALLER_SUBJECT.to_owned(),
+        scopes: vec![super::SUITE_SCOPE.to_owned()],
+    }
+}
+
+/// One request a bait received.
+#[derive(Clone, Debug)]
+pub struct Seen {
+    /// Method.
+    pub method: String,
+    /// Path and query.
+    pub path: String,
+    /// Every header, lowercase name and lossy value.
+    pub headers: Vec<(String, String)>,
+    /// Body bytes received (so far, for a body still streaming).
+    pub body_bytes: u64,
+}
+
+impl Seen {
+    /// The bearer tokens of its `authorization` headers.
+    pub fn bearers(&self) -> Vec<&str> {
+        self.headers
+            .iter()
+            .filter(|(k, _)| k == "authorization")
+            .filter_map(|(_, v)| v.strip_prefix("Bearer "))
+            .collect()
+    }
+}
+
+/// Everything one bait received, shared with its handler.
+#[derive(Clone, Debug, Default)]
+pub struct BaitLog {
+    seen: Arc<Mutex<Vec<Seen>>>,
+    in_flight: Arc<AtomicUsize>,
+}
+
+impl BaitLog {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Seen>> {
+        self.seen.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// How many requests it received.
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// The requests received from the `from`-th on.
+    pub fn since(&self, from: usize) -> Vec<Seen> {
+        self.lock()
+            .get(from..)
+            .map(<[Seen]>::to_vec)
+            .unwrap_or_default()
+    }
+
+    /// Waits (up to two seconds) until no request is still being read, so
+    /// body counts are final. Not a timing assertion: the checks run
+    /// either way.
+    pub async fn settle(&self) {
+        for _ in 0..200 {
+            if self.in_flight.load(Ordering::SeqCst) == 0 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+#[derive(Clone)]
+struct BaitState {
+    log: BaitLog,
+    /// Where `/v1/bounce` redirects, for the allowed bait.
+    bounce: Option<String>,
+}
+
+async fn record(State(state): State<BaitState>, req: Request) -> Response {
+    let (parts, body) = req.into_parts();
+    let index = {
+        let mut seen = state.log.lock();
+        seen.push(Seen {
+            method: parts.method.to_string(),
+            path: parts
+                .uri
+                .path_and_query()
+                .map_or_else(|| parts.uri.path().to_owned(), |p| p.as_str().to_owned()),
+            headers: parts
+                .headers
+                .iter()
+                .map(|(k, v)| {
+                    (
+                        k.as_str().to_owned(),
+                        String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                    )
+                })
+                .collect(),
+            body_bytes: 0,
+        });
+        seen.len() - 1
+    };
+    state.log.in_flight.fetch_add(1, Ordering::SeqCst);
+    let mut body: Body = body;
+    while let Some(Ok(frame)) = body.frame().await {
+        if let Some(data) = frame.data_ref() {
+            state.log.lock()[index].body_bytes += data.len() as u64;
+        }
+    }
+    state.log.in_flight.fetch_sub(1, Ordering::SeqCst);
+    match &state.bounce {
+        Some(to) if parts.uri.path() == "/v1/bounce" => (
+            StatusCode::TEMPORARY_REDIRECT,
+            [(http::header::LOCATION, to.clone())],
+        )
+            .into_response(),
+        _ => (
+            [(http::header::CONTENT_TYPE, "application/json")],
+            "{\"bait\":\"ok\"}",
+        )
+            .into_response(),
+    }
+}
+
+async fn serve(bounce: Option<String>) -> std::io::Result<(BaitLog, u16)> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let port = listener.local_addr()?.port();
+    let log = BaitLog::default();
+    let app = axum::Router::new().fallback(record).with_state(BaitState {
+        log: log.clone(),
+        bounce,
+    });
+    tokio::spawn(axum::serve(listener, app).into_future());
+    Ok((log, port))
+}
+
+/// The two baits, the relay they are declared to, and the host's key.
+pub struct Egress {
+    /// The allowed bait (`palette`).
+    pub allowed: BaitLog,
+    /// The forbidden bait (`payments`).
+    pub forbidden: BaitLog,
+    /// The forbidden bait's real port, which the guest is told.
+    pub forbidden_port: u16,
+    /// The relay every local guest job goes through.
+    pub relay: Arc<Relay>,
+    /// The host's signing key (PKCS#8 PEM), read back from the key ring
+    /// the suite created, for crafting host-signed tokens.
+    pub host_key_pem: String,
+}
+
+impl std::fmt::Debug for Egress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Egress")
+            .field("forbidden_port", &self.forbidden_port)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Egress {
+    /// Starts the baits on loopback and declares them to a relay whose
+    /// key ring lives under `keys_dir`.
+    ///
+    /// # Errors
+    /// A message if a bait cannot listen or the relay cannot be built.
+    pub async fn start(keys_dir: &Path) -> Result<Self, String> {
+        let (forbidden, forbidden_port) = serve(None).await.map_err(|e| e.to_string())?;
+        let forbidden_url = format!("http://127.0.0.1:{forbidden_port}");
+        let (allowed, allowed_port) = serve(Some(format!("{forbidden_url}/v1/balance")))
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut palette =
+            ServiceDecl::example(ALLOWED, &format!("http://127.0.0.1:{allowed_port}"));
+        palette.paths = vec![ALLOWED_PREFIX.to_owned()];
+        palette.methods = vec![Method::GET, Method::POST];
+        palette.max_calls = MAX_CALLS;
+        palette.max_request = ByteSize::bytes(MAX_REQUEST);
+        let payments = ServiceDecl::example(FORBIDDEN, &forbidden_url);
+        let keys = KeyRing::open(keys_dir, Duration::ZERO).map_err(|e| e.to_string())?;
+        let pem_path = keys_dir.join(format!("{}.pem", keys.active_kid()));
+        let host_key_pem = std::fs::read_to_string(&pem_path)
+            .map_err(|e| format!("{}: {e}", pem_path.display()))?;
+        let relay = Relay::new(
+            vec![palette, payments],
+            Arc::new(keys),
+            &TokenConfig::default(),
+        )?;
+        Ok(Self {
+            allowed,
+            forbidden,
+            forbidden_port,
+            relay: Arc::new(relay),
+            host_key_pem,
+        })
+    }
+
+    /// The declared service names.
+    pub fn declared(&self) -> Vec<ServiceName> {
+        self.relay.names()
+    }
+
+    /// The host's published keys.
+    pub fn jwks(&self) -> JwkSet {
+        self.relay.keys().jwks()
+    }
+
+    /// The newest token the host minted for the allowed bait, if any.
+    pub fn last_minted(&self) -> Option<String> {
+        self.allowed
+            .since(0)
+            .iter()
+            .rev()
+            .find_map(|s| s.bearers().first().map(|t| (*t).to_owned()))
+    }
+}
+
+/// What a lateral HTTP attack must leave behind to count as held, beyond
+/// the checks every one gets.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum HttpHeld {
+    /// Refusals in the job report: at least `n` of each class.
+    Refused(Vec<(&'static str, usize)>),
+    /// The guest's own credentials and identity claims: the allowed bait
+    /// saw at least one call, and none of them.
+    Smuggle,
+    /// No token the host minted appears in anything the job produced.
+    Hunt,
+    /// The bait saw at most [`MAX_CALLS`]; the rest are `limit` refusals.
+    Flood,
+    /// The bait saw at most [`MAX_REQUEST`] body bytes.
+    BigBody,
+    /// Nothing beyond the common checks (the request never reaches the
+    /// gate).
+    Common,
+}
+
+/// The payload of a compact JWS, without verifying anything.
+pub fn unverified_claims(token: &str) -> Option<serde_json::Value> {
+    let payload = token.split('.').nth(1)?;
+    serde_json::from_slice(&URL_SAFE_NO_PAD.decode(payload).ok()?).ok()
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Whether `token` is one the host minted for the allowed bait, for this
+/// job, carrying the suite's caller: verified against the host's keys as
+/// of its own `iat` (tokens live about as long as the job, so the check
+/// must not depend on how quickly the suite looks).
+fn host_minted(verifier: &Verifier, token: &str, job: &str, module: &str) -> Result<(), String> {
+    let iat = unverified_claims(token)
+        .and_then(|c| c["iat"].as_u64())
+        .unwrap_or_else(now);
+    let claims = verifier
+        .verify_at(token, iat)
+        .map_err(|e| format!("a bearer token that does not verify ({})", e.code()))?;
+    if claims.tenant != CALLER_TENANT || claims.sub != CALLER_SUBJECT {
+        return Err(format!(
+            "a token for {}/{} instead of the suite's caller",
+            claims.tenant, claims.sub
+        ));
+    }
+    if claims.job != job || claims.module != module {
+        return Err(format!(
+            "a token for job {} of {} instead of this one",
+            claims.job, claims.module
+        ));
+    }
+    Ok(())
+}
+
+/// The checks of one lateral HTTP attack, from what the baits received
+/// since the job started (`allowed_from`, `forbidden_from`), the job's
+/// calls report and everything it produced.
+#[allow(clippy::too_many_arguments)]
+pub fn checks(
+    egress: &Egress,
+    held: &HttpHeld,
+    allowed_from: usize,
+    forbidden_from: usize,
+    calls: Option<&CallsReport>,
+    produced: &[u8],
+    job: &str,
+    module: &str,
+) -> Vec<Check> {
+    let mut checks = Vec::new();
+    let forbidden = egress.forbidden.since(forbidden_from);
+    checks.push(Check::new(
+        "forbidden service",
+        forbidden.is_empty(),
+        if forbidden.is_empty() {
+            format!(
+                "the `{FORBIDDEN}` bait (port {}) received nothing",
+                egress.forbidden_port
+            )
+        } else {
+            format!(
+                "the `{FORBIDDEN}` bait received {} requests: {}",
+                forbidden.len(),
+                forbidden
+                    .iter()
+                    .take(4)
+                    .map(|s| format!("{} {}", s.method, s.path))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        },
+    ));
+
+    let seen = egress.allowed.since(allowed_from);
+    let verifier = Verifier::new(
+        VerifierConfig::new(egress.relay.issuer(), ALLOWED),
+        &egress.jwks(),
+    );
+    let mut wrong = Vec::new();
+    for s in &seen {
+        let method_ok = s.method == "GET" || s.method == "POST";
+        let path = s.path.split('?').next().unwrap_or_default();
+        if !method_ok || !path.starts_with(ALLOWED_PREFIX) || path.contains("..") {
+            wrong.push(format!("{} {} outside the declaration", s.method, s.path));
+        }
+        for (name, value) in &s.headers {
+            let Ok(h) = http::HeaderName::from_bytes(name.as_bytes()) else {
+                continue;
+            };
+            if name != "authorization" && crate::relay::send::is_credential_header(&h) {
+                wrong.push(format!("the guest's `{name}` header reached it"));
+            }
+            if SMUGGLED.iter().any(|v| value.contains(v)) {
+                wrong.push(format!("a smuggled value reached it in `{name}`"));
+            }
+        }
+        match (s.bearers().as_slice(), &verifier) {
+            ([token], Ok(v)) => {
+                if let Err(e) = host_minted(v, token, job, module) {
+                    wrong.push(format!("{} {}: {e}", s.method, s.path));
+                }
+            }
+            (tokens, _) => wrong.push(format!(
+                "{} {}: {} bearer tokens instead of the host's one",
+                s.method,
+                s.path,
+                tokens.len()
+            )),
+        }
+    }
+    let calls_ok = seen.len() <= MAX_CALLS as usize;
+    if !calls_ok {
+        wrong.push(format!(
+            "{} calls, over its max_calls of {MAX_CALLS}",
+            seen.len()
+        ));
+    }
+    let body_max = seen.iter().map(|s| s.body_bytes).max().unwrap_or(0);
+    if body_max > MAX_REQUEST {
+        wrong.push(format!(
+            "a request body of {body_max} bytes, over its max_request of {MAX_REQUEST}"
+        ));
+    }
+    wrong.dedup();
+    checks.push(Check::new(
+        "allowed service",
+        wrong.is_empty(),
+        if wrong.is_empty() {
+            format!(
+                "the `{ALLOWED}` bait received {} calls (at most {MAX_CALLS}), each inside its \
+                 declaration, without the guest's credentials, with one host-minted token for \
+                 the suite's caller; largest body {body_max} B",
+                seen.len()
+            )
+        } else {
+            wrong.join("; ")
+        },
+    ));
+
+    let Some(calls) = calls else {
+        checks.push(Check::new(
+            "calls report",
+            false,
+            "the job report has no `calls` section: its policy's services were not granted",
+        ));
+        return checks;
+    };
+    let refused: Vec<_> = calls
+        .records
+        .iter()
+        .filter(|r| r.refused.is_some())
+        .collect();
+    let count = |class: &str| {
+        refused
+            .iter()
+            .filter(|r| r.class.as_deref() == Some(class))
+            .count()
+    };
+    let mut classes: Vec<String> = Vec::new();
+    for r in &refused {
+        let c = r.class.clone().unwrap_or_default();
+        if !classes.contains(&c) {
+            classes.push(c);
+        }
+    }
+    let summary = format!(
+        "{} made, {} refused ({})",
+        calls.made,
+        calls.refused,
+        if classes.is_empty() {
+            "none".to_owned()
+        } else {
+            classes.join(", ")
+        }
+    );
+    match held {
+        HttpHeld::Refused(want) => {
+            let missing: Vec<String> = want
+                .iter()
+                .filter(|(class, n)| count(class) < *n)
+                .map(|(class, n)| format!("{n} `{class}` refusals expected, {}", count(class)))
+                .collect();
+            checks.push(Check::new(
+                "refusals",
+                missing.is_empty(),
+                if missing.is_empty() {
+                    summary
+                } else {
+                    format!("{}: {summary}", missing.join("; "))
+                },
+            ));
+        }
+        HttpHeld::Flood => {
+            let over = FLOOD.saturating_sub(MAX_CALLS) as usize;
+            let ok = count("limit") >= over && calls.made <= MAX_CALLS;
+            checks.push(Check::new(
+                "refusals",
+                ok,
+                format!("{summary}; {over} `limit` refusals expected"),
+            ));
+        }
+        HttpHeld::BigBody => {
+            checks.push(Check::new(
+                "request bytes",
+                calls.bytes_sent <= MAX_REQUEST,
+                format!(
+                    "{} request body bytes sent (bound {MAX_REQUEST}); {summary}",
+                    calls.bytes_sent
+                ),
+            ));
+        }
+        HttpHeld::Smuggle => {
+            let stripped: Vec<&str> = calls
+                .records
+                .iter()
+                .flat_map(|r| r.stripped_headers.iter().map(String::as_str))
+                .collect();
+            checks.push(Check::new(
+                "stripped",
+                true,
+                format!(
+                    "{} calls reached the bait; the host stripped {}",
+                    seen.len(),
+                    if stripped.is_empty() {
+                        "nothing".to_owned()
+                    } else {
+                        stripped.join(", ")
+                    }
+                ),
+            ));
+        }
+        HttpHeld::Hunt => {
+            let minted: Vec<&str> = seen.iter().flat_map(Seen::bearers).collect();
+            let mut found = Vec::new();
+            for t in &minted {
+                let signature = t.rsplit('.').next().unwrap_or(t);
+                if contains(produced, t.as_bytes()) || contains(produced, signature.as_bytes()) {
+                    found.push(format!(
+                        "token …{}",
+                        &signature[signature.len().saturating_sub(8)..]
+                    ));
+                }
+            }
+            checks.push(Check::new(
+                "tokens",
+                found.is_empty(),
+                if minted.is_empty() {
+                    "the host minted no token during the job: nothing to hunt".to_owned()
+                } else if found.is_empty() {
+                    format!(
+                        "none of the {} tokens the host minted, nor their signatures, is in \
+                         stdout, stderr or the outputs",
+                        minted.len()
+                    )
+                } else {
+                    format!("the guest got hold of {}", found.join(", "))
+                },
+            ));
+        }
+        HttpHeld::Common => {
+            checks.push(Check::new("refusals", true, summary));
+        }
+    }
+    checks
+}
+
+/// Why the attack cannot be judged: the guest never reached the gate the
+/// way the attack needs (host-side evidence: the calls report and what the
+/// allowed bait received).
+pub fn untried(
+    held: &HttpHeld,
+    calls: Option<&CallsReport>,
+    allowed_seen: usize,
+) -> Option<String> {
+    let calls = calls?;
+    // A call still in flight when the job ended is counted in `made` but
+    // has no record yet.
+    let attempts = (calls.records.len() + calls.records_dropped as usize)
+        .max((calls.made + calls.refused) as usize);
+    match held {
+        HttpHeld::Common => None,
+        HttpHeld::Smuggle | HttpHeld::Hunt if allowed_seen == 0 => {
+            Some("no call reached the allowed bait: nothing to judge".into())
+        }
+        _ if attempts == 0 => Some("the guest made no outbound request".into()),
+        _ => None,
+    }
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    !needle.is_empty() && haystack.windows(needle.len()).any(|w| w == needle)
+}
