@@ -641,3 +641,23 @@ pub fn bundled() -> Vec<Attack> {
     all.extend(super::forge::catalog());
     all
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn attack_ids_are_unique_and_http_attacks_are_granted_the_allowed_service_only() {
+        let all = bundled();
+        let mut ids: Vec<&str> = all.iter().map(|a| a.id.as_str()).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        assert_eq!(ids.len(), all.len());
+        for a in &all {
+            if let AttackKind::Http(h) = &a.kind {
+                assert_eq!(h.run.services, vec![egress::ALLOWED.to_owned()], "{}", a.id);
+                assert!(a.local_only().is_some(), "{}", a.id);
+            }
+        }
+    }
+}

@@ -598,3 +598,37 @@ pub fn untried(
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     !needle.is_empty() && haystack.windows(needle.len()).any(|w| w == needle)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::relay::CallRecord;
+
+    #[test]
+    fn an_attack_without_a_request_cannot_be_judged() {
+        let none = CallsReport::default();
+        assert!(untried(&HttpHeld::Flood, Some(&none), 0).is_some());
+        assert!(untried(&HttpHeld::Common, Some(&none), 0).is_none());
+        // A call still in flight counts, though it has no record yet.
+        let in_flight = CallsReport {
+            made: 1,
+            ..CallsReport::default()
+        };
+        assert!(untried(&HttpHeld::BigBody, Some(&in_flight), 1).is_none());
+        let refused = CallsReport {
+            refused: 1,
+            records: vec![CallRecord::default()],
+            ..CallsReport::default()
+        };
+        assert!(untried(&HttpHeld::Refused(vec![]), Some(&refused), 0).is_none());
+        assert!(untried(&HttpHeld::Hunt, Some(&refused), 0).is_some());
+    }
+
+    #[test]
+    fn claims_are_read_without_trusting_them() {
+        let payload = URL_SAFE_NO_PAD.encode(br#"{"iat":7}"#);
+        let token = format!("e30.{payload}.sig");
+        assert_eq!(unverified_claims(&token).unwrap()["iat"], 7);
+        assert!(unverified_claims("not-a-token").is_none());
+    }
+}

@@ -592,3 +592,41 @@ fn judge(t: &ForgeTarget, f: Forgery) -> Result<(Vec<Check>, String), String> {
     }
     Ok((checks, format!("rejected: {}", codes.join(", "))))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn forgeries_that_need_the_host_key_run_only_locally() {
+        for a in catalog() {
+            let AttackKind::Forge(f) = a.kind else {
+                unreachable!()
+            };
+            let needs_key = matches!(
+                f,
+                Forgery::Expired
+                    | Forgery::NotYetValid
+                    | Forgery::WrongIssuer
+                    | Forgery::ReplayAudience
+                    | Forgery::MissingClaims
+            );
+            assert_eq!(f.remote_ok(), !needs_key, "{}", a.id);
+        }
+    }
+
+    #[test]
+    fn without_the_host_key_a_claim_forgery_is_an_error_not_a_pass() {
+        let keys = crate::relay::KeyRing::ephemeral();
+        let t = ForgeTarget {
+            jwks: keys.jwks(),
+            jwks_source: "test".into(),
+            issuer: "bulkhead".into(),
+            host_key: None,
+            minted: None,
+        };
+        assert!(judge(&t, Forgery::Expired).is_err());
+        let (checks, _) = judge(&t, Forgery::AlgNone).unwrap();
+        assert!(checks.iter().all(|c| c.passed), "{checks:?}");
+    }
+}
