@@ -24,7 +24,6 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use bulkhead_verify::{CallClaims, JwkSet, call_header, ed25519_jwk};
 use ed25519_dalek::SigningKey;
 use ed25519_dalek::pkcs8::{DecodePrivateKey as _, EncodePrivateKey as _};
-use jsonwebtoken::EncodingKey;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
@@ -63,7 +62,9 @@ pub struct KeyInfo {
 struct Active {
     kid: String,
     public: [u8; 32],
-    encoding: EncodingKey,
+    key: SigningKey,
+    /// `base64url(header) + "."`, the same for every token this key signs.
+    header_prefix: String,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -123,13 +124,14 @@ pub fn thumbprint(public: &[u8; 32]) -> String {
 
 fn active_from(key: &SigningKey) -> Result<Active, KeyError> {
     let public = key.verifying_key().to_bytes();
-    let der = key
-        .to_pkcs8_der()
-        .map_err(|e| KeyError::Invalid(format!("cannot encode the key: {e}")))?;
+    let kid = thumbprint(&public);
+    let header = serde_json::to_vec(&call_header(&kid))
+        .map_err(|e| KeyError::Invalid(format!("cannot encode the header: {e}")))?;
     Ok(Active {
-        kid: thumbprint(&public),
+        header_prefix: format!("{}.", URL_SAFE_NO_PAD.encode(header)),
+        kid,
         public,
-        encoding: EncodingKey::from_ed_der(der.as_bytes()),
+        key: key.clone(),
     })
 }
 
@@ -278,18 +280,24 @@ impl KeyRing {
         self.ring.read().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Signs `claims` with the active key.
+    /// Signs `claims` with the active key: a JWS compact token with the
+    /// header of [`call_header`] (what `jsonwebtoken::encode` produces),
+    /// signed with the key held expanded in memory. `jsonwebtoken` would
+    /// re-parse the PKCS#8 key and re-derive its public half on every
+    /// call, doubling the cost of each outbound call's token.
     ///
     /// # Errors
-    /// [`KeyError::Sign`] if the signer fails.
+    /// [`KeyError::Sign`] if the claims do not serialize.
     pub fn mint(&self, claims: &CallClaims) -> Result<String, KeyError> {
+        use ed25519_dalek::Signer as _;
+        let payload = serde_json::to_vec(claims).map_err(|e| KeyError::Sign(e.to_string()))?;
         let ring = self.read();
-        jsonwebtoken::encode(
-            &call_header(&ring.active.kid),
-            claims,
-            &ring.active.encoding,
-        )
-        .map_err(|e| KeyError::Sign(e.to_string()))
+        let mut token = ring.active.header_prefix.clone();
+        URL_SAFE_NO_PAD.encode_string(payload, &mut token);
+        let signature = ring.active.key.sign(token.as_bytes());
+        token.push('.');
+        URL_SAFE_NO_PAD.encode_string(signature.to_bytes(), &mut token);
+        Ok(token)
     }
 
     /// The id of the active key.
@@ -440,6 +448,29 @@ mod tests {
         let token = ring.mint(&claims()).unwrap();
         let got = verifier(&ring.jwks()).verify(&token).unwrap();
         assert_eq!(got.sub, "alice");
+    }
+
+    #[test]
+    fn minting_matches_jsonwebtoken_byte_for_byte() {
+        let key = generate();
+        let active = active_from(&key).unwrap();
+        let ring = KeyRing {
+            dir: None,
+            grace: Duration::ZERO,
+            ring: RwLock::new(Ring {
+                active,
+                retired: Vec::new(),
+            }),
+        };
+        let der = key.to_pkcs8_der().unwrap();
+        let reference = jsonwebtoken::encode(
+            &call_header(&ring.active_kid()),
+            &claims(),
+            &jsonwebtoken::EncodingKey::from_ed_der(der.as_bytes()),
+        )
+        .unwrap();
+        // Ed25519 signatures are deterministic: the same bytes or a bug.
+        assert_eq!(ring.mint(&claims()).unwrap(), reference);
     }
 
     #[test]

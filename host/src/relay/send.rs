@@ -662,6 +662,13 @@ pub struct Gate {
     pub(crate) grant: Option<Arc<CallGrant>>,
 }
 
+impl Gate {
+    /// The hooks of a job holding `grant` (`None`: it may call nothing).
+    pub fn new(grant: Option<Arc<CallGrant>>) -> Self {
+        Self { grant }
+    }
+}
+
 type SendFuture = Box<
     dyn Future<
             Output = Result<
