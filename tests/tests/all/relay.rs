@@ -31,6 +31,11 @@ struct Scenario {
 /// service, and serves `framed` and `lateral` (both granted `palette`
 /// only). `max_calls` bounds palette calls per job.
 async fn scenario(max_calls: u32) -> Scenario {
+    scenario_with(max_calls, 4).await
+}
+
+/// [`scenario`] with `workers` jobs running at once.
+async fn scenario_with(max_calls: u32, workers: u32) -> Scenario {
     let palette_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let payments_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let palette_url = format!("http://{}", palette_listener.local_addr().unwrap());
@@ -39,6 +44,7 @@ async fn scenario(max_calls: u32) -> Scenario {
 
     let (pal, pay) = (palette_url.clone(), payments_url.clone());
     let server = start(move |config| {
+        config.queue.workers = workers;
         let mut palette = ServiceDecl::example("palette", &pal);
         palette.paths = vec!["/v1/".into()];
         palette.methods = vec![http::Method::GET, http::Method::POST];
@@ -576,4 +582,72 @@ async fn a_policy_naming_an_undeclared_service_stops_the_start() {
         err.contains("unknown service `payments`") && err.contains("this host declares `palette`"),
         "{err}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_token_revoked_while_its_job_waits_relays_nothing() {
+    // One worker, busy with another tenant's 1 s sleeper: the lateral job
+    // is provably still queued when its submitter's token is revoked.
+    let s = scenario_with(16, 1).await;
+    let other = s.server.token("globex", &["hostile:run"]).await;
+    let sleeper = s
+        .server
+        .http
+        .post(s.server.url("/v1/modules/hostile/jobs"))
+        .bearer_auth(&other)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(sleeper.status(), 202);
+    let token = s.server.token("acme", &["lateral:run"]).await;
+    let resp = s
+        .server
+        .http
+        .post(s.server.url("/v1/modules/lateral/jobs?param.mode=allowed"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 202);
+    let id = resp.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let queued: Value = json(
+        s.server
+            .http
+            .get(s.server.url(&format!("/v1/jobs/{id}")))
+            .bearer_auth(&token),
+    )
+    .await;
+    assert_eq!(queued["state"], "queued", "{queued:#}");
+    let record = s.server.service.store().list_tokens().await.unwrap();
+    let tok_id = &record.iter().find(|t| t.tenant == "acme").unwrap().id;
+    assert!(s.server.service.store().revoke_token(tok_id).await.unwrap());
+
+    // The job still runs (it was accepted), but its call carries no one.
+    let mut job = Value::Null;
+    for _ in 0..600 {
+        // The client's token is revoked: read the job as the service does.
+        let who = bulkhead::auth::Identity {
+            tenant: "acme".into(),
+            subject: "acme-ci".into(),
+            scopes: vec![],
+            token_id: tok_id.clone(),
+        };
+        let record = s.server.service.job(&who, &id).await.unwrap();
+        if let Some(report) = record.report {
+            job = serde_json::json!({ "report": report });
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let c = calls(&job);
+    assert_eq!(
+        (c["made"].as_u64(), c["refused"].as_u64()),
+        (Some(0), Some(1)),
+        "{job:#}"
+    );
+    assert_eq!(c["records"][0]["class"], "identity");
+    assert!(s.palette.is_empty(), "{:#?}", s.palette.snapshot());
 }
