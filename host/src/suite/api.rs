@@ -197,6 +197,9 @@ impl std::fmt::Debug for LocalService {
 
 /// The module the local service serves: the `hello` guest.
 const MODULE: &str = "suite-hello";
+/// A module whose jobs sleep until their 3 s wall-clock limit: a flood of
+/// them outlasts the burst that submits it, whatever the machine's speed.
+const SLEEPER: &str = "suite-sleep";
 const SCOPE: &str = "suite-hello:run";
 
 impl LocalService {
@@ -219,6 +222,15 @@ impl LocalService {
             crate::policy::Sha256Hex::digest(hello)
         );
         std::fs::write(policies.join(format!("{MODULE}.toml")), policy)
+            .map_err(|e| e.to_string())?;
+        let hostile = super::catalog::hostile_wasm();
+        std::fs::write(modules.join(format!("{SLEEPER}.wasm")), hostile.as_slice())
+            .map_err(|e| e.to_string())?;
+        let sleeper = format!(
+            "version = 1\n[module]\nname = \"{SLEEPER}\"\nsha256 = \"{}\"\n[access]\nscopes = [\"{SCOPE}\"]\n[limits]\ncpu_time = \"1 s\"\nwall_time = \"3 s\"\n[run]\nargs = [\"sleep\"]\n",
+            crate::policy::Sha256Hex::digest(hostile.as_slice())
+        );
+        std::fs::write(policies.join(format!("{SLEEPER}.toml")), sleeper)
             .map_err(|e| e.to_string())?;
         let mut config = ServeConfig::default();
         config.storage.data_dir = root.join("data");
@@ -425,9 +437,13 @@ async fn audited(t: &Target, action: &str, since: i64) -> Option<Check> {
 
 /// Submits a hello job as `token` and waits for it; returns its id.
 async fn submit(t: &Target, token: &str) -> Result<String, String> {
+    submit_via(&t.http, t, token).await
+}
+
+/// [`submit`] over `http`.
+async fn submit_via(http: &reqwest::Client, t: &Target, token: &str) -> Result<String, String> {
     let module = t.module.as_deref().ok_or("no module to run")?;
-    let r = t
-        .http
+    let r = http
         .post(t.url(&format!("/v1/modules/{module}/jobs?wait=10s")))
         .bearer_auth(token)
         .header("content-type", "application/octet-stream")
@@ -740,27 +756,48 @@ async fn path_tricks(t: &Target) -> Outcome {
 
 async fn flood(t: &Target) -> Outcome {
     let ids = t.local.as_ref().ok_or("needs the local service")?;
-    // All at once, so submissions outpace the workers.
+    // Jobs that sleep for seconds: the tenant's one running slot and four
+    // queue places fill at once, and everything beyond must be refused.
     let mut set = tokio::task::JoinSet::new();
     for _ in 0..48 {
         let req = t
             .http
-            .post(t.url(&format!("/v1/modules/{MODULE}/jobs")))
-            .bearer_auth(&t.token)
-            .header("content-type", "application/octet-stream")
-            .body("x");
+            .post(t.url(&format!("/v1/modules/{SLEEPER}/jobs")))
+            .bearer_auth(&t.token);
         set.spawn(async move {
             match req.send().await {
-                Ok(r) => (r.status().as_u16(), r.headers().contains_key("retry-after")),
-                Err(_) => (0, false),
+                Ok(r) => {
+                    let code = r.status().as_u16();
+                    let retry = r.headers().contains_key("retry-after");
+                    let id = r
+                        .json::<Value>()
+                        .await
+                        .ok()
+                        .and_then(|v| v["id"].as_str().map(str::to_owned));
+                    (code, retry, id)
+                }
+                Err(_) => (0, false, None),
             }
         });
     }
     let mut codes = Vec::new();
     let mut retry_after = false;
-    while let Some(Ok((code, retry))) = set.join_next().await {
+    let mut accepted = Vec::new();
+    while let Some(Ok((code, retry, id))) = set.join_next().await {
         codes.push(code);
         retry_after |= retry;
+        if code == 202 {
+            accepted.extend(id);
+        }
+    }
+    // Leave nothing sleeping for the attacks that follow.
+    for id in &accepted {
+        let _ = t
+            .http
+            .post(t.url(&format!("/v1/jobs/{id}/cancel")))
+            .bearer_auth(&t.token)
+            .send()
+            .await;
     }
     let refused = codes.iter().filter(|c| **c == 429).count();
     let mut checks = vec![Check::new(
@@ -799,7 +836,9 @@ async fn huge_body(t: &Target) -> Outcome {
         (code, &body),
         &[413],
     )];
-    let after = submit(t, &t.token).await;
+    // A new connection: the server may close the one the oversized body
+    // arrived on, which says nothing about whether it still serves.
+    let after = submit_via(&client(), t, &t.token).await;
     checks.push(Check::new(
         "still serving",
         after.is_ok(),
