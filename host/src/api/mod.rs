@@ -212,6 +212,29 @@ impl FromRequestParts<AppState> for Caller {
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
         let Some(token) = bearer(parts)? else {
+            if let Some(value) = parts.headers.get(header::AUTHORIZATION) {
+                // A credential that is not a reference token at all. A JWT
+                // here is most likely a call token taken from an internal
+                // service: worth an audit entry of its own.
+                let jwt = value
+                    .to_str()
+                    .ok()
+                    .and_then(|v| v.strip_prefix("Bearer "))
+                    .is_some_and(|t| t.trim().starts_with("eyJ") && t.matches('.').count() == 2);
+                state
+                    .service
+                    .audit(AuditEntry {
+                        at: now_ms(),
+                        action: "auth.denied".into(),
+                        detail: if jwt {
+                            "a JWT where a reference token is expected".into()
+                        } else {
+                            "malformed credential".into()
+                        },
+                        ..AuditEntry::default()
+                    })
+                    .await;
+            }
             return Err(ApiError::Unauthorized);
         };
         let hash = auth::hash(token);

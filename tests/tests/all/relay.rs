@@ -421,6 +421,11 @@ async fn the_guest_never_sees_a_token_and_a_stolen_one_opens_nothing_else() {
         .await
         .unwrap();
     assert_eq!(resp.status(), 401);
+    assert!(
+        s.audit().await.iter().any(|e| e["action"] == "auth.denied"
+            && e["detail"] == "a JWT where a reference token is expected"),
+        "the stolen call token at the API is audited"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
