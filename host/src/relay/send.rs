@@ -111,6 +111,18 @@ pub struct CallRecord {
     pub stripped_headers: Vec<String>,
 }
 
+/// Called with each refused request as it is refused (the service writes
+/// an audit entry), for the first [`MAX_RECORDS`] of a job: a guest looping
+/// over refused requests must not flood the audit log or the host's log.
+#[derive(Clone)]
+pub struct RefusalSink(pub Arc<dyn Fn(&CallRecord) + Send + Sync>);
+
+impl std::fmt::Debug for RefusalSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RefusalSink")
+    }
+}
+
 /// One job's right to call services: the grant narrows the relay's
 /// declarations to the policy's names and carries the caller's identity.
 pub struct CallGrant {
@@ -123,6 +135,7 @@ pub struct CallGrant {
     sent: AtomicU64,
     received: AtomicU64,
     state: Mutex<GrantState>,
+    sink: Option<RefusalSink>,
 }
 
 #[derive(Default)]
@@ -169,7 +182,15 @@ impl CallGrant {
             sent: AtomicU64::new(0),
             received: AtomicU64::new(0),
             state: Mutex::new(GrantState::default()),
+            sink: None,
         }
+    }
+
+    /// Reports each refusal to `sink` as it happens.
+    #[must_use]
+    pub fn with_sink(mut self, sink: Option<RefusalSink>) -> Self {
+        self.sink = sink;
+        self
     }
 
     /// Starts the job's clock: no call outlives `deadline`, and no token
@@ -190,26 +211,34 @@ impl CallGrant {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Adds `rec` to the report; a refusal among the listed records is
+    /// logged and handed to the sink.
     fn record(&self, rec: CallRecord) {
         let mut s = self.lock();
         if rec.refused.is_some() {
             s.report.refused += 1;
         }
-        if s.report.records.len() < MAX_RECORDS {
-            s.report.records.push(rec);
-        } else {
+        if s.report.records.len() >= MAX_RECORDS {
             s.report.records_dropped += 1;
+            return;
+        }
+        s.report.records.push(rec.clone());
+        drop(s);
+        if let Some(reason) = &rec.refused {
+            tracing::warn!(
+                job = %self.job,
+                module = %self.module,
+                target = %rec.target,
+                reason = %reason,
+                "outbound request refused"
+            );
+            if let Some(sink) = &self.sink {
+                (sink.0)(&rec);
+            }
         }
     }
 
     fn refuse(&self, parts: &Parts, service: Option<&str>, refusal: &Refusal) -> HttpError {
-        tracing::warn!(
-            job = %self.job,
-            module = %self.module,
-            target = %target_of(parts),
-            reason = %refusal,
-            "outbound request refused"
-        );
         self.record(CallRecord {
             method: parts.method.to_string(),
             target: target_of(parts),
@@ -258,6 +287,16 @@ impl CallGrant {
             let r = Refusal::Limit("the job's deadline has passed".into());
             return Err(self.refuse(&parts, Some(&service), &r));
         }
+        if let Some(len) = declared_length(&parts.headers)
+            && len > decl.max_request.as_u64()
+        {
+            let r = Refusal::Limit(format!(
+                "request body of {len} bytes exceeds `{service}`'s max_request of {}",
+                decl.max_request
+            ));
+            return Err(self.refuse(&parts, Some(&service), &r));
+        }
+
         {
             let mut s = self.lock();
             let n = s.calls_per_service.entry(service.clone()).or_default();
@@ -272,16 +311,6 @@ impl CallGrant {
             *n += 1;
             s.report.made += 1;
         }
-        if let Some(len) = declared_length(&parts.headers)
-            && len > decl.max_request.as_u64()
-        {
-            let r = Refusal::Limit(format!(
-                "request body of {len} bytes exceeds `{service}`'s max_request of {}",
-                decl.max_request
-            ));
-            return Err(self.refuse(&parts, Some(&service), &r));
-        }
-
         let token = self.mint(&decl, &caller, remaining).map_err(|e| {
             tracing::error!(job = %self.job, error = %e, "cannot mint a call token");
             HttpError::InternalError(Some("the host could not sign this call".into()))
@@ -369,7 +398,6 @@ impl CallGrant {
                     };
                     record.refused = Some(r.to_string());
                     record.class = Some(r.class().to_owned());
-                    tracing::warn!(job = %self.job, module = %self.module, reason = %r, "outbound redirect refused");
                     self.record(record);
                     return Err(HttpError::HttpRequestDenied);
                 }

@@ -52,6 +52,9 @@ pub struct JobSpec {
     /// Who submitted it: the identity relayed to internal services, or why
     /// there is none (its calls are then refused).
     pub caller: Option<Result<crate::relay::Caller, String>>,
+    /// Told of each refused outbound request as it happens (the service
+    /// audits them even if the job is then cancelled).
+    pub on_refusal: Option<crate::relay::RefusalSink>,
 }
 
 impl JobSpec {

@@ -196,13 +196,16 @@ fn grant(policy: &Policy, job: &JobSpec, relay: Option<&Arc<Relay>>) -> Option<A
         .caller
         .clone()
         .unwrap_or_else(|| Err("the job was not submitted by an authenticated caller".into()));
-    Some(Arc::new(CallGrant::new(
-        Arc::clone(relay),
-        policy.network.services.clone(),
-        caller,
-        &job.id,
-        policy.module.name.as_str(),
-    )))
+    Some(Arc::new(
+        CallGrant::new(
+            Arc::clone(relay),
+            policy.network.services.clone(),
+            caller,
+            &job.id,
+            policy.module.name.as_str(),
+        )
+        .with_sink(job.on_refusal.clone()),
+    ))
 }
 
 fn to_io(e: wasmtime::Error) -> std::io::Error {

@@ -345,6 +345,7 @@ impl Service {
             params: sub.params,
             stdin: sub.stdin.clone().unwrap_or_default(),
             caller: None,
+            on_refusal: None,
         };
         crate::sandbox::validate(policy, &spec).map_err(|e| match e {
             JobError::Param(m) => ServiceError::BadParams(m),
@@ -695,37 +696,60 @@ impl Service {
         Ok(Some(record))
     }
 
-    /// One `egress.denied` audit entry per refused outbound request (each
-    /// listed record; a last entry counts any beyond the report's list),
-    /// and the call metrics.
+    /// Writes one `egress.denied` audit entry per refused outbound request
+    /// of `record`'s job as it is refused; the writes are collected in
+    /// `pending` for the job to await.
+    fn refusal_sink(
+        &self,
+        record: &JobRecord,
+        pending: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+    ) -> crate::relay::RefusalSink {
+        let store = Arc::clone(&self.store);
+        let template = egress_denied(record, String::new());
+        crate::relay::RefusalSink(Arc::new(move |r: &crate::relay::CallRecord| {
+            let mut entry = template.clone();
+            entry.at = now_ms();
+            entry.detail = format!(
+                "{} {}: {}",
+                r.method,
+                r.target,
+                r.refused.as_deref().unwrap_or_default()
+            );
+            let store = Arc::clone(&store);
+            let write = tokio::spawn(async move {
+                if let Err(e) = store.append_audit(&entry).await {
+                    tracing::error!(error = %e, "cannot write audit entry");
+                }
+            });
+            pending
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(write);
+        }))
+    }
+
+    /// The call metrics of a finished job, and one audit entry counting the
+    /// refusals beyond the report's list (those listed were audited as they
+    /// happened, see [`Service::refusal_sink`]).
     async fn audit_calls(&self, record: &JobRecord, calls: &crate::relay::CallsReport) {
-        let entry = |detail: String| AuditEntry {
-            at: now_ms(),
-            action: "egress.denied".into(),
-            tenant: Some(record.tenant.clone()),
-            subject: Some(record.subject.clone()),
-            job_id: Some(record.id.clone()),
-            module: Some(record.module.clone()),
-            module_sha256: Some(record.module_sha256.clone()),
-            policy_sha256: record.policy_sha256.clone(),
-            detail,
-            ..AuditEntry::default()
-        };
         metrics::counter!("bulkhead_service_calls_total", "module" => record.module.clone())
             .increment(u64::from(calls.made));
         for r in &calls.records {
-            let Some(reason) = &r.refused else { continue };
+            if r.refused.is_none() {
+                continue;
+            }
             let class = r.class.clone().unwrap_or_default();
             metrics::counter!("bulkhead_service_calls_refused_total", "module" => record.module.clone(), "class" => class)
                 .increment(1);
-            self.audit(entry(format!("{} {}: {reason}", r.method, r.target)))
-                .await;
         }
         if calls.records_dropped > 0 {
-            self.audit(entry(format!(
-                "{} more outbound requests not listed in the job report (see `calls.refused` = {})",
-                calls.records_dropped, calls.refused
-            )))
+            self.audit(egress_denied(
+                record,
+                format!(
+                    "{} more outbound requests not listed in the job report (see `calls.refused` = {})",
+                    calls.records_dropped, calls.refused
+                ),
+            ))
             .await;
         }
     }
@@ -786,8 +810,10 @@ impl Service {
         if record.has_stdin {
             spec.stdin = std::fs::read(inputs_dir.join("stdin"))?.into();
         }
+        let audits = Arc::new(Mutex::new(Vec::new()));
         if !module.policy().network.services.is_empty() {
             spec.caller = Some(self.caller_of(record).await?);
+            spec.on_refusal = Some(self.refusal_sink(record, Arc::clone(&audits)));
         }
 
         let dir = JobDir::create(self.sandbox.config().work_dir.as_path(), &record.id)?;
@@ -800,6 +826,13 @@ impl Service {
             r = self.sandbox.run(module, &spec, &dir) => Some(r),
             () = cancel.notified() => None,
         };
+        // Refusals were audited as they happened; let those writes land
+        // before the job is reported finished (or cancelled).
+        let pending: Vec<_> =
+            std::mem::take(&mut *audits.lock().unwrap_or_else(|e| e.into_inner()));
+        for write in pending {
+            let _ = write.await;
+        }
         self.cancels
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -855,6 +888,22 @@ fn scope_strings(policy: &Policy) -> Vec<String> {
         .iter()
         .map(ToString::to_string)
         .collect()
+}
+
+/// An `egress.denied` audit entry for `record`'s job.
+fn egress_denied(record: &JobRecord, detail: String) -> AuditEntry {
+    AuditEntry {
+        at: now_ms(),
+        action: "egress.denied".into(),
+        tenant: Some(record.tenant.clone()),
+        subject: Some(record.subject.clone()),
+        job_id: Some(record.id.clone()),
+        module: Some(record.module.clone()),
+        module_sha256: Some(record.module_sha256.clone()),
+        policy_sha256: record.policy_sha256.clone(),
+        detail,
+        ..AuditEntry::default()
+    }
 }
 
 /// An audit entry for a refused request.
