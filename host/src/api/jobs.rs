@@ -273,10 +273,7 @@ pub(super) async fn submit(
     }
     sub.params = params;
 
-    let (record, receiver) = state
-        .service
-        .submit(&who, &module, sub, wait.is_some())
-        .await?;
+    let (record, receiver) = state.service.submit(&who, &module, sub, wait).await?;
     let location = format!("/v1/jobs/{}", record.id);
     let mut finished = None;
     if let (Some(wait), Some(rx)) = (wait, receiver)

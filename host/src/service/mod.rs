@@ -316,7 +316,7 @@ impl Service {
         who: &Identity,
         module_name: &str,
         sub: Submission,
-        wait: bool,
+        wait: Option<std::time::Duration>,
     ) -> Result<(JobRecord, Option<oneshot::Receiver<Option<JobRecord>>>), ServiceError> {
         if self.is_draining() {
             return Err(ServiceError::Draining);
@@ -355,6 +355,29 @@ impl Service {
         if let Err(why) = self.scheduler.check(&who.tenant) {
             return Err(self.busy(who, module, why).await);
         }
+        if let Some(wait) = wait
+            && policy.limits.wall_time.get() < wait
+        {
+            let now = QueuedJob {
+                id: spec.id.clone(),
+                tenant: who.tenant.clone(),
+                module: module_name.to_owned(),
+            };
+            if self
+                .scheduler
+                .try_start_now(&now, self.config.queue.workers as usize)
+            {
+                self.update_gauges();
+                let has_stdin = sub.stdin.is_some();
+                let result = self.run_now(who, module, spec, has_stdin).await;
+                self.scheduler.done(&now);
+                self.update_gauges();
+                let record = result?;
+                let (tx, rx) = oneshot::channel();
+                let _ = tx.send(Some(record.clone()));
+                return Ok((record, Some(rx)));
+            }
+        }
 
         self.store_inputs(&spec, sub.stdin.is_some())?;
         let record = JobRecord {
@@ -379,7 +402,7 @@ impl Service {
             self.remove_job_files(&record.id);
             return Err(e.into());
         }
-        let receiver = wait.then(|| self.subscribe(&record.id));
+        let receiver = wait.is_some().then(|| self.subscribe(&record.id));
         let queued = QueuedJob {
             id: record.id.clone(),
             tenant: record.tenant.clone(),
@@ -645,7 +668,7 @@ impl Service {
     /// Claims, runs and finishes one job; returns its finished record, or
     /// `None` if it was cancelled.
     async fn run_one(&self, queued: &QueuedJob) -> Result<Option<JobRecord>, ServiceError> {
-        let Some(mut record) = self.store.claim(&queued.id, now_ms()).await? else {
+        let Some(record) = self.store.claim(&queued.id, now_ms()).await? else {
             return Ok(None); // cancelled while queued
         };
         let report = match self.modules.get(&record.module) {
@@ -659,11 +682,6 @@ impl Service {
         let Some(report) = report else {
             return Ok(None); // cancelled while running
         };
-        let outcome = if report.succeeded() {
-            "succeeded"
-        } else {
-            "failed"
-        };
         let finished_at = now_ms();
         if !self
             .store
@@ -676,6 +694,22 @@ impl Service {
             // Inputs are only needed to re-run; the report and outputs remain.
             let _ = std::fs::remove_dir_all(self.job_dir(&record.id).join("inputs"));
         }
+        Ok(Some(self.finished(record, report, finished_at).await))
+    }
+
+    /// Metrics and call audit of a job the store has just recorded as
+    /// finished; returns its final record.
+    async fn finished(
+        &self,
+        mut record: JobRecord,
+        report: JobReport,
+        finished_at: i64,
+    ) -> JobRecord {
+        let outcome = if report.succeeded() {
+            "succeeded"
+        } else {
+            "failed"
+        };
         metrics::counter!("bulkhead_jobs_total", "module" => record.module.clone(), "outcome" => outcome).increment(1);
         if let Some(limit) = report.limit {
             metrics::counter!("bulkhead_limits_fired_total", "module" => record.module.clone(), "limit" => limit.as_str())
@@ -693,7 +727,78 @@ impl Service {
         };
         record.finished_at = Some(finished_at);
         record.report = Some(report);
-        Ok(Some(record))
+        record
+    }
+
+    /// The synchronous fast path: runs a job in the caller's task and
+    /// stores it once, finished. Only for a job the caller waits for and
+    /// whose wall-time limit ends before the wait does, started by
+    /// [`Scheduler::try_start_now`] (nothing queued, a slot free): such a
+    /// job is never acknowledged before it has finished and been stored,
+    /// so it needs no durable queued state, and it skips the queue's store
+    /// writes and thread hand-offs.
+    async fn run_now(
+        &self,
+        who: &Identity,
+        module: &LoadedModule,
+        mut spec: JobSpec,
+        has_stdin: bool,
+    ) -> Result<JobRecord, ServiceError> {
+        let policy = module.policy();
+        let now = now_ms();
+        let record = JobRecord {
+            id: spec.id.clone(),
+            tenant: who.tenant.clone(),
+            subject: who.subject.clone(),
+            token_id: who.token_id.clone(),
+            module: policy.module.name.to_string(),
+            module_sha256: module.sha256().to_string(),
+            policy_sha256: policy.source_sha256.as_ref().map(ToString::to_string),
+            params: spec.params.clone(),
+            inputs: spec.inputs.iter().map(|i| i.name.clone()).collect(),
+            has_stdin,
+            state: JobState::Running,
+            created_at: now,
+            started_at: Some(now),
+            finished_at: None,
+            attempts: 1,
+            report: None,
+        };
+        let audits = Arc::new(Mutex::new(Vec::new()));
+        if !policy.network.services.is_empty() {
+            // The caller authenticated on this very request.
+            spec.caller = Some(Ok(crate::relay::Caller {
+                tenant: who.tenant.clone(),
+                subject: who.subject.clone(),
+                scopes: who.scopes.clone(),
+            }));
+            spec.on_refusal = Some(self.refusal_sink(&record, Arc::clone(&audits)));
+        }
+        let dir = JobDir::create(self.sandbox.config().work_dir.as_path(), &record.id)?;
+        let result = self.sandbox.run(module, &spec, &dir).await;
+        let pending: Vec<_> =
+            std::mem::take(&mut *audits.lock().unwrap_or_else(|e| e.into_inner()));
+        for write in pending {
+            let _ = write.await;
+        }
+        let report = match result {
+            Ok(report) => report,
+            Err(e) => JobReport::not_run(&record.id, &record.module, e.to_string()),
+        };
+        self.keep_outputs(&record.id, &report, &dir)?;
+        drop(dir);
+        let finished_at = now_ms();
+        if let Err(e) = self
+            .store
+            .insert_finished_job(&record, &report, finished_at)
+            .await
+        {
+            self.remove_job_files(&record.id);
+            return Err(e.into());
+        }
+        metrics::counter!("bulkhead_jobs_accepted_total", "module" => record.module.clone())
+            .increment(1);
+        Ok(self.finished(record, report, finished_at).await)
     }
 
     /// Writes one `egress.denied` audit entry per refused outbound request
@@ -842,14 +947,21 @@ impl Service {
             Some(Ok(report)) => report,
             Some(Err(e)) => JobReport::not_run(&record.id, &record.module, e.to_string()),
         };
-        let outputs = self.job_dir(&record.id).join("outputs");
+        self.keep_outputs(&record.id, &report, &dir)?;
+        Ok(Some(report))
+    }
+
+    /// Copies a finished job's outputs from its sandbox directory to its
+    /// durable one.
+    fn keep_outputs(&self, id: &str, report: &JobReport, dir: &JobDir) -> std::io::Result<()> {
+        let outputs = self.job_dir(id).join("outputs");
         if outputs.exists() {
             std::fs::remove_dir_all(&outputs)?; // a crashed earlier attempt's copy
         }
         if !report.outputs.is_empty() {
             crate::sandbox::outputs::collect(&dir.output_dir(), Some(&outputs))?;
         }
-        Ok(Some(report))
+        Ok(())
     }
 
     /// Deletes finished jobs past retention, every minute.

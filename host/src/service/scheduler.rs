@@ -201,6 +201,28 @@ impl Scheduler {
         None
     }
 
+    /// Starts `job` at once, outside the queue, if that jumps no one: nothing
+    /// is queued, fewer than `slots` jobs run, and the tenant's and module's
+    /// running caps allow it. Returns whether it started; if so, the caller
+    /// runs it and then calls [`Scheduler::done`].
+    pub fn try_start_now(&self, job: &QueuedJob, slots: usize) -> bool {
+        let mut s = self.lock();
+        let tenant_running = s.running_tenant.get(&job.tenant).copied().unwrap_or(0);
+        let module_running = s.running_module.get(&job.module).copied().unwrap_or(0);
+        if s.closed
+            || s.queued > 0
+            || s.running >= slots
+            || tenant_running >= self.limits.max_running_per_tenant
+            || module_running >= self.limits.max_running_per_module
+        {
+            return false;
+        }
+        s.running += 1;
+        *s.running_tenant.entry(job.tenant.clone()).or_default() += 1;
+        *s.running_module.entry(job.module.clone()).or_default() += 1;
+        true
+    }
+
     /// Marks a job taken by [`Scheduler::next`] as no longer running.
     pub fn done(&self, job: &QueuedJob) {
         let mut s = self.lock();

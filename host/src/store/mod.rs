@@ -193,6 +193,15 @@ pub trait JobStore: Send + Sync + std::fmt::Debug {
     /// `job.finished` audit entry atomically with it; false (and no audit
     /// entry) if it is no longer running (cancelled meanwhile).
     async fn finish_job(&self, id: &str, report: &JobReport, now: i64) -> Result<bool, StoreError>;
+    /// Stores a job that ran without being queued (a synchronous request's
+    /// fast path) already finished with `report`, with its `job.finished`
+    /// audit entry, atomically.
+    async fn insert_finished_job(
+        &self,
+        job: &JobRecord,
+        report: &JobReport,
+        now: i64,
+    ) -> Result<(), StoreError>;
     /// Cancels a queued or running job of the tenant.
     async fn cancel_job(
         &self,

@@ -525,6 +525,49 @@ impl JobStore for SqliteStore {
         .await
     }
 
+    async fn insert_finished_job(
+        &self,
+        j: &JobRecord,
+        report: &crate::sandbox::JobReport,
+        now: i64,
+    ) -> Result<(), StoreError> {
+        let state = if report.succeeded() {
+            JobState::Succeeded
+        } else {
+            JobState::Failed
+        };
+        let row = (
+            j.id.clone(),
+            j.tenant.clone(),
+            j.subject.clone(),
+            j.token_id.clone(),
+            j.module.clone(),
+            j.module_sha256.clone(),
+            j.policy_sha256.clone(),
+            json(&j.params),
+            json(&j.inputs),
+            i64::from(j.has_stdin),
+            j.created_at,
+        );
+        let report = json(report);
+        self.write(move |c| {
+            // Inserted `running`, then finished: the finishing update is
+            // what writes the audit row (the trigger), as for queued jobs.
+            c.prepare_cached(
+                "INSERT INTO jobs (id, tenant, subject, token_id, module, module_sha256, policy_sha256,
+                                   params, inputs, has_stdin, state, created_at, started_at, attempts)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, 'running', ?11, ?11, 1)",
+            )?
+            .execute(params![row.0, row.1, row.2, row.3, row.4, row.5, row.6, row.7, row.8, row.9, row.10])?;
+            c.prepare_cached(
+                "UPDATE jobs SET state = ?1, finished_at = ?2, report = ?3 WHERE id = ?4 AND state = 'running'",
+            )?
+            .execute(params![state.as_str(), now, report, row.0])?;
+            Ok(())
+        })
+        .await
+    }
+
     async fn cancel_job(
         &self,
         tenant: &str,
