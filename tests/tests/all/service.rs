@@ -672,3 +672,57 @@ async fn a_draining_service_refuses_new_jobs_with_503_and_is_not_ready() {
     let ready = s.http.get(s.url("/readyz")).send().await.unwrap();
     assert_eq!(ready.status(), StatusCode::SERVICE_UNAVAILABLE);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_sync_job_on_the_fast_path_is_stored_finished_and_audited() {
+    // hello's wall-time limit (10 s) ends before the 20 s wait and the
+    // service is idle: the job runs in the request's task and is written
+    // once, finished.
+    let s = start(|_| {}).await;
+    let token = s.token("acme", &["hello:run"]).await;
+    let resp = s
+        .http
+        .post(s.url("/v1/modules/hello/jobs?wait=20s"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let job: Value = resp.json().await.unwrap();
+    let id = job["id"].as_str().unwrap();
+    assert_eq!(job["state"], "succeeded", "{job:#}");
+    assert_eq!(job["attempts"], 1, "{job:#}");
+
+    // Durable: the store has it, finished, for a later GET and the list.
+    let stored = s
+        .service
+        .store()
+        .get_job("acme", id)
+        .await
+        .unwrap()
+        .expect("stored");
+    assert_eq!(stored.state.as_str(), "succeeded");
+    assert!(stored.report.is_some() && stored.finished_at.is_some());
+    let list: Value = json(s.http.get(s.url("/v1/jobs")).bearer_auth(&token)).await;
+    assert!(list.to_string().contains(id), "{list:#}");
+    // Audited once, like a queued job.
+    let audit = s.service.store().audit(50).await.unwrap();
+    let finished: Vec<_> = audit
+        .iter()
+        .filter(|e| e.action == "job.finished" && e.job_id.as_deref() == Some(id))
+        .collect();
+    assert_eq!(finished.len(), 1, "{audit:#?}");
+    assert_eq!(finished[0].outcome.as_deref(), Some("succeeded"));
+    assert_eq!(finished[0].tenant.as_deref(), Some("acme"));
+
+    // A wait shorter than the job's wall-time limit takes the queued path
+    // and still answers 200.
+    let resp = s
+        .http
+        .post(s.url("/v1/modules/hello/jobs?wait=5s"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+}
