@@ -237,16 +237,39 @@ impl SqliteStore {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .push(op);
-        {
-            let conn = self.writer.lock().unwrap_or_else(|e| e.into_inner());
-            let batch =
-                std::mem::take(&mut *self.pending.lock().unwrap_or_else(|e| e.into_inner()));
-            if !batch.is_empty() {
+        self.drain();
+        rx.await
+            .unwrap_or_else(|_| Err(StoreError::Corrupt("write dropped before it ran".into())))
+    }
+
+    /// Runs queued writes until none is left, unless another thread holds
+    /// the writer: then that thread runs them, and this one returns at once
+    /// instead of blocking (its caller awaits its result asynchronously).
+    /// A holder looks at the queue again after letting go of the writer, so
+    /// a write queued while it was finishing is never left behind.
+    fn drain(&self) {
+        let pending = || {
+            !self
+                .pending
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .is_empty()
+        };
+        while pending() {
+            let conn = match self.writer.try_lock() {
+                Ok(conn) => conn,
+                Err(std::sync::TryLockError::Poisoned(e)) => e.into_inner(),
+                Err(std::sync::TryLockError::WouldBlock) => return,
+            };
+            loop {
+                let batch =
+                    std::mem::take(&mut *self.pending.lock().unwrap_or_else(|e| e.into_inner()));
+                if batch.is_empty() {
+                    break;
+                }
                 run_batch(&conn, batch);
             }
         }
-        rx.await
-            .unwrap_or_else(|_| Err(StoreError::Corrupt("write dropped before it ran".into())))
     }
 
     /// Runs `f` on a pooled read-only connection.
