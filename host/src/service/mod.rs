@@ -764,7 +764,7 @@ impl Service {
             attempts: 1,
             report: None,
         };
-        let audits = Arc::new(Mutex::new(Vec::new()));
+        let audits = AuditWrites::default();
         if !policy.network.services.is_empty() {
             // The caller authenticated on this very request.
             spec.caller = Some(Ok(crate::relay::Caller {
@@ -772,15 +772,11 @@ impl Service {
                 subject: who.subject.clone(),
                 scopes: who.scopes.clone(),
             }));
-            spec.on_refusal = Some(self.refusal_sink(&record, Arc::clone(&audits)));
+            spec.on_refusal = Some(self.refusal_sink(&record, &audits));
         }
         let dir = JobDir::create(self.sandbox.config().work_dir.as_path(), &record.id)?;
         let result = self.sandbox.run(module, &spec, &dir).await;
-        let pending: Vec<_> =
-            std::mem::take(&mut *audits.lock().unwrap_or_else(|e| e.into_inner()));
-        for write in pending {
-            let _ = write.await;
-        }
+        audits.settle().await;
         let report = match result {
             Ok(report) => report,
             Err(e) => JobReport::not_run(&record.id, &record.module, e.to_string()),
@@ -804,11 +800,8 @@ impl Service {
     /// Writes one `egress.denied` audit entry per refused outbound request
     /// of `record`'s job as it is refused; the writes are collected in
     /// `pending` for the job to await.
-    fn refusal_sink(
-        &self,
-        record: &JobRecord,
-        pending: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>>,
-    ) -> crate::relay::RefusalSink {
+    fn refusal_sink(&self, record: &JobRecord, pending: &AuditWrites) -> crate::relay::RefusalSink {
+        let pending = pending.clone();
         let store = Arc::clone(&self.store);
         let template = egress_denied(record, String::new());
         crate::relay::RefusalSink(Arc::new(move |r: &crate::relay::CallRecord| {
@@ -827,6 +820,7 @@ impl Service {
                 }
             });
             pending
+                .0
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .push(write);
@@ -915,10 +909,10 @@ impl Service {
         if record.has_stdin {
             spec.stdin = std::fs::read(inputs_dir.join("stdin"))?.into();
         }
-        let audits = Arc::new(Mutex::new(Vec::new()));
+        let audits = AuditWrites::default();
         if !module.policy().network.services.is_empty() {
             spec.caller = Some(self.caller_of(record).await?);
-            spec.on_refusal = Some(self.refusal_sink(record, Arc::clone(&audits)));
+            spec.on_refusal = Some(self.refusal_sink(record, &audits));
         }
 
         let dir = JobDir::create(self.sandbox.config().work_dir.as_path(), &record.id)?;
@@ -931,13 +925,7 @@ impl Service {
             r = self.sandbox.run(module, &spec, &dir) => Some(r),
             () = cancel.notified() => None,
         };
-        // Refusals were audited as they happened; let those writes land
-        // before the job is reported finished (or cancelled).
-        let pending: Vec<_> =
-            std::mem::take(&mut *audits.lock().unwrap_or_else(|e| e.into_inner()));
-        for write in pending {
-            let _ = write.await;
-        }
+        audits.settle().await;
         self.cancels
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -1000,6 +988,22 @@ fn scope_strings(policy: &Policy) -> Vec<String> {
         .iter()
         .map(ToString::to_string)
         .collect()
+}
+
+/// The audit writes a job's refused calls started (see
+/// [`Service::refusal_sink`]).
+#[derive(Clone, Debug, Default)]
+struct AuditWrites(Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>>);
+
+impl AuditWrites {
+    /// Waits for every write started so far, so a job's refusals are in the
+    /// audit log before it is reported finished (or cancelled).
+    async fn settle(&self) {
+        let pending = std::mem::take(&mut *self.0.lock().unwrap_or_else(|e| e.into_inner()));
+        for write in pending {
+            let _ = write.await;
+        }
+    }
 }
 
 /// An `egress.denied` audit entry for `record`'s job.

@@ -402,6 +402,96 @@ fn audit_row(r: &Row<'_>) -> rusqlite::Result<AuditEntry> {
     })
 }
 
+/// A new job's columns, owned so the write can run on the writer's thread.
+struct JobRow {
+    id: String,
+    tenant: String,
+    subject: String,
+    token_id: String,
+    module: String,
+    module_sha256: String,
+    policy_sha256: Option<String>,
+    params: String,
+    inputs: String,
+    has_stdin: bool,
+    created_at: i64,
+}
+
+impl JobRow {
+    fn of(j: &JobRecord) -> Self {
+        Self {
+            id: j.id.clone(),
+            tenant: j.tenant.clone(),
+            subject: j.subject.clone(),
+            token_id: j.token_id.clone(),
+            module: j.module.clone(),
+            module_sha256: j.module_sha256.clone(),
+            policy_sha256: j.policy_sha256.clone(),
+            params: json(&j.params),
+            inputs: json(&j.inputs),
+            has_stdin: j.has_stdin,
+            created_at: j.created_at,
+        }
+    }
+
+    fn insert(
+        &self,
+        c: &Connection,
+        state: JobState,
+        started_at: Option<i64>,
+        attempts: u32,
+    ) -> rusqlite::Result<()> {
+        c.prepare_cached(
+            "INSERT INTO jobs (id, tenant, subject, token_id, module, module_sha256, policy_sha256,
+                               params, inputs, has_stdin, state, created_at, started_at, attempts)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
+        )?
+        .execute(params![
+            self.id,
+            self.tenant,
+            self.subject,
+            self.token_id,
+            self.module,
+            self.module_sha256,
+            self.policy_sha256,
+            self.params,
+            self.inputs,
+            i64::from(self.has_stdin),
+            state.as_str(),
+            self.created_at,
+            started_at,
+            attempts,
+        ])?;
+        Ok(())
+    }
+}
+
+/// `succeeded` or `failed`, by the report.
+fn final_state(report: &crate::sandbox::JobReport) -> JobState {
+    if report.succeeded() {
+        JobState::Succeeded
+    } else {
+        JobState::Failed
+    }
+}
+
+/// `running → state` with the report; false if the job is no longer
+/// running. The `audit_job_finished` trigger writes the audit row.
+fn finish(
+    c: &Connection,
+    id: &str,
+    state: JobState,
+    now: i64,
+    report: &str,
+) -> rusqlite::Result<bool> {
+    let changed = c
+        .prepare_cached(
+            "UPDATE jobs SET state = ?1, finished_at = ?2, report = ?3 WHERE id = ?4 AND state = 'running'",
+        )?
+        .execute(params![state.as_str(), now, report, id])?;
+    Ok(changed == 1)
+}
+
 #[async_trait]
 impl JobStore for SqliteStore {
     async fn insert_token(&self, t: &TokenRecord) -> Result<(), StoreError> {
@@ -463,30 +553,10 @@ impl JobStore for SqliteStore {
     }
 
     async fn insert_job(&self, j: &JobRecord) -> Result<(), StoreError> {
-        let row = (
-            j.id.clone(),
-            j.tenant.clone(),
-            j.subject.clone(),
-            j.token_id.clone(),
-            j.module.clone(),
-            j.module_sha256.clone(),
-            j.policy_sha256.clone(),
-            json(&j.params),
-            json(&j.inputs),
-            i64::from(j.has_stdin),
-            j.state.as_str(),
-            j.created_at,
-        );
-        self.write(move |c| {
-            c.prepare_cached(
-                "INSERT INTO jobs (id, tenant, subject, token_id, module, module_sha256, policy_sha256,
-                                   params, inputs, has_stdin, state, created_at, attempts)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, 0)",
-            )?
-            .execute(params![row.0, row.1, row.2, row.3, row.4, row.5, row.6, row.7, row.8, row.9, row.10, row.11])?;
-            Ok(())
-        })
-        .await
+        let row = JobRow::of(j);
+        let state = j.state;
+        self.write(move |c| Ok(row.insert(c, state, None, 0)?))
+            .await
     }
 
     async fn get_job(&self, tenant: &str, id: &str) -> Result<Option<JobRecord>, StoreError> {
@@ -530,22 +600,10 @@ impl JobStore for SqliteStore {
         report: &crate::sandbox::JobReport,
         now: i64,
     ) -> Result<bool, StoreError> {
-        let state = if report.succeeded() {
-            JobState::Succeeded
-        } else {
-            JobState::Failed
-        };
-        let report = json(report);
+        let (state, report) = (final_state(report), json(report));
         let id = id.to_owned();
-        self.write(move |c| {
-            let changed = c
-                .prepare_cached(
-                    "UPDATE jobs SET state = ?1, finished_at = ?2, report = ?3 WHERE id = ?4 AND state = 'running'",
-                )?
-                .execute(params![state.as_str(), now, report, id])?;
-            Ok(changed == 1)
-        })
-        .await
+        self.write(move |c| Ok(finish(c, &id, state, now, &report)?))
+            .await
     }
 
     async fn insert_finished_job(
@@ -554,38 +612,13 @@ impl JobStore for SqliteStore {
         report: &crate::sandbox::JobReport,
         now: i64,
     ) -> Result<(), StoreError> {
-        let state = if report.succeeded() {
-            JobState::Succeeded
-        } else {
-            JobState::Failed
-        };
-        let row = (
-            j.id.clone(),
-            j.tenant.clone(),
-            j.subject.clone(),
-            j.token_id.clone(),
-            j.module.clone(),
-            j.module_sha256.clone(),
-            j.policy_sha256.clone(),
-            json(&j.params),
-            json(&j.inputs),
-            i64::from(j.has_stdin),
-            j.created_at,
-        );
-        let report = json(report);
+        let row = JobRow::of(j);
+        let (state, report) = (final_state(report), json(report));
         self.write(move |c| {
             // Inserted `running`, then finished: the finishing update is
             // what writes the audit row (the trigger), as for queued jobs.
-            c.prepare_cached(
-                "INSERT INTO jobs (id, tenant, subject, token_id, module, module_sha256, policy_sha256,
-                                   params, inputs, has_stdin, state, created_at, started_at, attempts)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, 'running', ?11, ?11, 1)",
-            )?
-            .execute(params![row.0, row.1, row.2, row.3, row.4, row.5, row.6, row.7, row.8, row.9, row.10])?;
-            c.prepare_cached(
-                "UPDATE jobs SET state = ?1, finished_at = ?2, report = ?3 WHERE id = ?4 AND state = 'running'",
-            )?
-            .execute(params![state.as_str(), now, report, row.0])?;
+            row.insert(c, JobState::Running, Some(row.created_at), 1)?;
+            finish(c, &row.id, state, now, &report)?;
             Ok(())
         })
         .await

@@ -40,13 +40,7 @@ pub(crate) async fn hostile() {
 pub(crate) async fn hello_http() {
     // A wasi:http proxy component exports no `wasi:cli/run`: the sandbox
     // refuses it when loading, before any job, with a clear reason.
-    let wasm = crate::common::wasm(bulkhead_tests::HELLO_HTTP);
-    let text = crate::common::policy_text(bulkhead_tests::HELLO_HTTP, "hello-http", "");
-    let policy = bulkhead::policy::Policy::parse(&text, std::path::Path::new("p.toml")).unwrap();
-    let err = crate::common::SANDBOX
-        .load(policy, &wasm)
-        .unwrap_err()
-        .to_string();
+    let err = load_error(bulkhead_tests::HELLO_HTTP, "hello-http");
     assert!(
         err.starts_with("module `hello-http` cannot be linked:"),
         "{err}"
@@ -57,13 +51,7 @@ pub(crate) async fn hello_http() {
 pub(crate) async fn lateral() {
     // It imports wasi:http; under a policy that names no services, the
     // interface is not linked and the module is refused before any job.
-    let wasm = crate::common::wasm(bulkhead_tests::LATERAL);
-    let text = crate::common::policy_text(bulkhead_tests::LATERAL, "lateral", "");
-    let policy = bulkhead::policy::Policy::parse(&text, std::path::Path::new("p.toml")).unwrap();
-    let err = crate::common::SANDBOX
-        .load(policy, &wasm)
-        .unwrap_err()
-        .to_string();
+    let err = load_error(bulkhead_tests::LATERAL, "lateral");
     assert!(
         err.starts_with("module `lateral` cannot be linked:") && err.contains("wasi:http"),
         "{err}"
@@ -112,4 +100,15 @@ pub(crate) async fn framed() {
         report.stderr.text.contains("HttpRequestDenied"),
         "{report:#?}"
     );
+}
+
+/// Why the shared sandbox refuses to load the guest at `path` under an
+/// empty policy.
+fn load_error(path: &str, name: &str) -> String {
+    let text = crate::common::policy_text(path, name, "");
+    let policy = bulkhead::policy::Policy::parse(&text, std::path::Path::new("p.toml")).unwrap();
+    crate::common::SANDBOX
+        .load(policy, &crate::common::wasm(path))
+        .unwrap_err()
+        .to_string()
 }
