@@ -273,11 +273,12 @@ pub(super) async fn submit(
     }
     sub.params = params;
 
+    let deadline = wait.map(|w| tokio::time::Instant::now() + w);
     let (record, receiver) = state.service.submit(&who, &module, sub, wait).await?;
     let location = format!("/v1/jobs/{}", record.id);
     let mut finished = None;
-    if let (Some(wait), Some(rx)) = (wait, receiver)
-        && let Ok(ended) = tokio::time::timeout(wait, rx).await
+    if let (Some(deadline), Some(rx)) = (deadline, receiver)
+        && let Ok(ended) = tokio::time::timeout_at(deadline, rx).await
     {
         // The worker hands over the finished record; a cancellation (or a
         // dropped sender) means reading the job's current state.

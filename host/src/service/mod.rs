@@ -104,7 +104,8 @@ pub struct Service {
     sandbox: Sandbox,
     store: Arc<dyn JobStore>,
     modules: BTreeMap<String, Arc<LoadedModule>>,
-    scheduler: Scheduler,
+    scheduler: Arc<Scheduler>,
+    inline_inputs: Arc<std::sync::atomic::AtomicUsize>,
     config: ServeConfig,
     jobs_dir: PathBuf,
     waiters: Mutex<HashMap<String, Vec<oneshot::Sender<Option<JobRecord>>>>>,
@@ -206,6 +207,7 @@ impl Service {
 
         let q = &config.queue;
         let scheduler = Scheduler::new(QueueLimits {
+            slots: q.workers as usize,
             max_queued: q.max_queued,
             max_queued_per_tenant: q.max_queued_per_tenant,
             max_running_per_tenant: q.max_running_per_tenant,
@@ -230,6 +232,7 @@ impl Service {
             store,
             modules,
             scheduler,
+            inline_inputs: Arc::default(),
             jobs_dir,
             waiters: Mutex::default(),
             cancels: Mutex::default(),
@@ -356,27 +359,39 @@ impl Service {
             return Err(self.busy(who, module, why).await);
         }
         if let Some(wait) = wait
-            && policy.limits.wall_time.get() < wait
+            && let Some(slack) = wait.checked_sub(policy.limits.wall_time.get())
+            && !slack.is_zero()
+            && let Some(held) = InlineInputs::hold(&self.inline_inputs, &spec)
         {
-            let now = QueuedJob {
+            let job = QueuedJob {
                 id: spec.id.clone(),
                 tenant: who.tenant.clone(),
                 module: module_name.to_owned(),
             };
-            if self
-                .scheduler
-                .try_start_now(&now, self.config.queue.workers as usize)
-            {
+            let mut ticket = match self.scheduler.wait_turn(job) {
+                Ok(ticket) => ticket,
+                Err(why) => return Err(self.busy(who, module, why).await),
+            };
+            self.update_gauges();
+            let slot = match tokio::time::timeout(slack, ticket.turn()).await {
+                Ok(Some(slot)) => Some(slot),
+                Ok(None) => return Err(ServiceError::Draining),
+                Err(_) => ticket.leave(),
+            };
+            if let Some(slot) = slot {
                 self.update_gauges();
                 let has_stdin = sub.stdin.is_some();
                 let result = self.run_now(who, module, spec, has_stdin).await;
-                self.scheduler.done(&now);
+                drop((slot, held));
                 self.update_gauges();
                 let record = result?;
                 let (tx, rx) = oneshot::channel();
                 let _ = tx.send(Some(record.clone()));
                 return Ok((record, Some(rx)));
             }
+            // Its turn did not come in time to finish within the wait: it
+            // is stored and queued like any job, and the caller gets 202
+            // unless it ends within what is left of the wait.
         }
 
         self.store_inputs(&spec, sub.stdin.is_some())?;
@@ -651,16 +666,18 @@ impl Service {
     }
 
     async fn worker(self: Arc<Self>) {
-        while let Some(job) = self.scheduler.next().await {
-            let finished = match self.run_one(&job).await {
+        while let Some(slot) = self.scheduler.next().await {
+            let job = slot.job();
+            let finished = match self.run_one(job).await {
                 Ok(finished) => finished,
                 Err(e) => {
                     tracing::error!(job = %job.id, error = %e, "job failed in the host");
                     None
                 }
             };
-            self.scheduler.done(&job);
-            self.wake(&job.id, finished.as_ref());
+            let id = job.id.clone();
+            drop(slot);
+            self.wake(&id, finished.as_ref());
             self.update_gauges();
         }
     }
@@ -732,11 +749,11 @@ impl Service {
 
     /// The synchronous fast path: runs a job in the caller's task and
     /// stores it once, finished. Only for a job the caller waits for and
-    /// whose wall-time limit ends before the wait does, started by
-    /// [`Scheduler::try_start_now`] (nothing queued, a slot free): such a
-    /// job is never acknowledged before it has finished and been stored,
-    /// so it needs no durable queued state, and it skips the queue's store
-    /// writes and thread hand-offs.
+    /// whose wall-time limit ends before the wait does, once the scheduler
+    /// has given it a slot in its fair turn ([`Scheduler::wait_turn`]):
+    /// such a job is never acknowledged before it has finished and been
+    /// stored, so it needs no durable queued state, and it skips the
+    /// queue's store writes and thread hand-offs.
     async fn run_now(
         &self,
         who: &Identity,
@@ -988,6 +1005,42 @@ fn scope_strings(policy: &Policy) -> Vec<String> {
         .iter()
         .map(ToString::to_string)
         .collect()
+}
+
+/// Input bytes inline jobs may hold in memory at once, waiting for their
+/// turn or running; beyond it a waited-for job is stored and queued like any
+/// other, its inputs on disk.
+const INLINE_INPUT_BUDGET: usize = 64 << 20;
+
+/// One inline job's share of [`INLINE_INPUT_BUDGET`], given back on drop.
+#[derive(Debug)]
+struct InlineInputs {
+    total: Arc<std::sync::atomic::AtomicUsize>,
+    bytes: usize,
+}
+
+impl InlineInputs {
+    /// Reserves the bytes of `spec`'s inputs and stdin; `None` if they do
+    /// not fit in what is left of the budget.
+    fn hold(total: &Arc<std::sync::atomic::AtomicUsize>, spec: &JobSpec) -> Option<Self> {
+        let bytes = spec.inputs.iter().map(|i| i.data.len()).sum::<usize>() + spec.stdin.len();
+        total
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |held| {
+                held.checked_add(bytes)
+                    .filter(|&n| n <= INLINE_INPUT_BUDGET)
+            })
+            .ok()?;
+        Some(Self {
+            total: Arc::clone(total),
+            bytes,
+        })
+    }
+}
+
+impl Drop for InlineInputs {
+    fn drop(&mut self) {
+        self.total.fetch_sub(self.bytes, Ordering::AcqRel);
+    }
 }
 
 /// The audit writes a job's refused calls started (see

@@ -1,18 +1,28 @@
-//! The in-memory run queue: bounded, fair across tenants, with per-tenant and
-//! per-module concurrency caps.
+//! The in-memory run queue: bounded, fair across tenants, with a fixed number
+//! of running slots and per-tenant and per-module concurrency caps.
 //!
-//! The queue is a cache of the store's `queued` jobs: everything in it is
-//! already durable, so losing it in a crash loses nothing (startup reloads
-//! it). Fairness is round-robin over tenants with queued work: a tenant that
+//! It holds two kinds of waiting job, in one fair order:
+//! - **durable** jobs, already committed to the store as `queued`, which a
+//!   worker claims and runs. Losing them from memory in a crash loses
+//!   nothing: startup reloads them.
+//! - **inline** jobs: a caller waiting on its request for a short job that
+//!   has not been acknowledged and so is not stored yet. When its turn comes
+//!   its request's task is handed a [`Slot`] and runs the job itself; a
+//!   crash meanwhile leaves the client without an answer, never with a lost
+//!   accepted job.
+//!
+//! Fairness is round-robin over tenants with waiting work: a tenant that
 //! floods the queue waits its turn like everyone else, and is refused (429)
-//! once its own share is full, long before memory is at stake.
+//! once its own share is full, long before memory is at stake. A running job
+//! holds a [`Slot`]; dropping it (however the job ends, including a request
+//! whose client went away) frees the slot and hands it on.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
-use tokio::sync::Notify;
+use tokio::sync::{Notify, oneshot};
 
-/// A job waiting for a worker.
+/// A job waiting for a slot.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct QueuedJob {
     /// Job id.
@@ -26,9 +36,11 @@ pub struct QueuedJob {
 /// Capacity settings.
 #[derive(Clone, Copy, Debug)]
 pub struct QueueLimits {
-    /// Queued jobs in total.
+    /// Jobs running at once, durable and inline together.
+    pub slots: usize,
+    /// Waiting jobs in total.
     pub max_queued: usize,
-    /// Queued jobs per tenant.
+    /// Waiting jobs per tenant.
     pub max_queued_per_tenant: usize,
     /// Running jobs per tenant.
     pub max_running_per_tenant: usize,
@@ -45,15 +57,34 @@ pub enum Rejection {
     ServiceFull,
 }
 
+/// A waiting job; an inline one carries the way to its waiting request.
+#[derive(Debug)]
+struct Entry {
+    job: QueuedJob,
+    inline: Option<oneshot::Sender<Slot>>,
+}
+
 #[derive(Debug, Default)]
 struct State {
-    queues: HashMap<String, VecDeque<QueuedJob>>,
+    queues: HashMap<String, VecDeque<Entry>>,
     ring: VecDeque<String>,
     running_tenant: HashMap<String, usize>,
     running_module: HashMap<String, usize>,
     queued: usize,
     running: usize,
     closed: bool,
+}
+
+/// What the fair order offers next.
+enum Pick {
+    /// An inline job, now running.
+    Inline(oneshot::Sender<Slot>, QueuedJob),
+    /// A durable job, now running (only when asked to take one).
+    Durable(QueuedJob),
+    /// A durable job is next and runnable, left waiting for a worker.
+    DurableNext,
+    /// Nothing runnable.
+    Nothing,
 }
 
 /// The run queue.
@@ -64,14 +95,77 @@ pub struct Scheduler {
     limits: QueueLimits,
 }
 
+/// A running job's hold on its slot and on its tenant's and module's running
+/// counts; dropping it releases them and hands the slot on.
+#[derive(Debug)]
+pub struct Slot {
+    scheduler: Arc<Scheduler>,
+    job: QueuedJob,
+}
+
+impl Slot {
+    /// The job it runs.
+    pub fn job(&self) -> &QueuedJob {
+        &self.job
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.scheduler.release(&self.job);
+    }
+}
+
+/// How [`Scheduler::start_or_wait`] admitted an inline job.
+#[derive(Debug)]
+pub enum Admission {
+    /// It runs now.
+    Now(Slot),
+    /// It waits its turn; the receiver yields its slot, or fails if the
+    /// queue closed or the job was removed.
+    Waiting(oneshot::Receiver<Slot>),
+}
+
+/// An inline job's place in the queue, held by its waiting request. Dropping
+/// it (the request ended) takes the job out of the queue, or, if its turn
+/// came meanwhile, frees the slot it was given.
+#[derive(Debug)]
+pub struct Ticket {
+    scheduler: Arc<Scheduler>,
+    id: String,
+    turn: oneshot::Receiver<Slot>,
+}
+
+impl Ticket {
+    /// Waits for the job's turn: its slot, or `None` if the queue closed.
+    pub async fn turn(&mut self) -> Option<Slot> {
+        (&mut self.turn).await.ok()
+    }
+
+    /// Leaves the queue (the caller stops waiting). If the job's turn came
+    /// just now, returns its slot.
+    pub fn leave(mut self) -> Option<Slot> {
+        if self.scheduler.remove(&self.id) {
+            return None;
+        }
+        self.turn.try_recv().ok()
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        self.scheduler.remove(&self.id);
+    }
+}
+
 impl Scheduler {
     /// An empty queue with `limits`.
-    pub fn new(limits: QueueLimits) -> Self {
-        Self {
+    pub fn new(limits: QueueLimits) -> Arc<Self> {
+        Arc::new(Self {
             state: Mutex::new(State::default()),
             changed: Notify::new(),
             limits,
-        }
+        })
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -97,39 +191,74 @@ impl Scheduler {
         Ok(())
     }
 
-    /// Enqueues `job`. With `enforce`, refuses it when its tenant's share or
-    /// the queue is full; without (reloading durable jobs at startup), always
-    /// takes it.
-    ///
-    /// # Errors
-    /// The reason it was refused.
-    pub fn push(&self, job: QueuedJob, enforce: bool) -> Result<(), Rejection> {
-        let mut s = self.lock();
-        if enforce {
-            Self::admissible(&s, &self.limits, &job.tenant)?;
-        }
-        let tenant = job.tenant.clone();
+    fn enqueue(s: &mut State, entry: Entry) {
+        let tenant = entry.job.tenant.clone();
         let queue = s.queues.entry(tenant.clone()).or_default();
-        queue.push_back(job);
+        queue.push_back(entry);
         if queue.len() == 1 {
             s.ring.push_back(tenant);
         }
         s.queued += 1;
+    }
+
+    /// Enqueues a durable `job` for a worker. With `enforce`, refuses it
+    /// when its tenant's share or the queue is full; without (reloading
+    /// durable jobs at startup), always takes it.
+    ///
+    /// # Errors
+    /// The reason it was refused.
+    pub fn push(self: &Arc<Self>, job: QueuedJob, enforce: bool) -> Result<(), Rejection> {
+        let mut s = self.lock();
+        if enforce {
+            Self::admissible(&s, &self.limits, &job.tenant)?;
+        }
+        Self::enqueue(&mut s, Entry { job, inline: None });
+        let (handoffs, _) = self.dispatch(&mut s, false);
         drop(s);
-        // One more runnable job needs one worker: waking all of them would
-        // cost a thread switch each for nothing. A worker checks the queue
-        // before it waits, and a stored permit covers a push that lands
-        // while no worker is waiting.
-        self.changed.notify_one();
+        Self::hand_over(handoffs);
         Ok(())
     }
 
-    /// Takes a queued job out (it was cancelled); false if not queued.
+    /// Queues an inline `job` in the fair order; its [`Ticket`] yields a
+    /// slot when its turn comes (at once when nothing is ahead of it and a
+    /// slot is free).
+    ///
+    /// # Errors
+    /// The reason it was refused.
+    pub fn wait_turn(self: &Arc<Self>, job: QueuedJob) -> Result<Ticket, Rejection> {
+        let (tx, rx) = oneshot::channel();
+        let id = job.id.clone();
+        let mut s = self.lock();
+        Self::admissible(&s, &self.limits, &job.tenant)?;
+        let mut handoffs = Vec::new();
+        if !s.closed {
+            // Once closed, `tx` is dropped here and the ticket's turn never
+            // comes.
+            Self::enqueue(
+                &mut s,
+                Entry {
+                    job,
+                    inline: Some(tx),
+                },
+            );
+            handoffs = self.dispatch(&mut s, false).0;
+        }
+        drop(s);
+        Self::hand_over(handoffs);
+        Ok(Ticket {
+            scheduler: Arc::clone(self),
+            id,
+            turn: rx,
+        })
+    }
+
+    /// Takes a waiting job out (cancelled, or its caller stopped waiting);
+    /// false if it is not waiting.
     pub fn remove(&self, id: &str) -> bool {
         let mut s = self.lock();
         let mut found = None;
         for (tenant, q) in &mut s.queues {
-            if let Some(pos) = q.iter().position(|j| j.id == id) {
+            if let Some(pos) = q.iter().position(|e| e.job.id == id) {
                 q.remove(pos);
                 found = Some((tenant.clone(), q.is_empty()));
                 break;
@@ -146,10 +275,9 @@ impl Scheduler {
         true
     }
 
-    /// Waits for the next job a worker may start: round-robin over tenants,
-    /// skipping a tenant at its running cap or whose next job's module is at
-    /// its cap. `None` once the queue is closed.
-    pub async fn next(&self) -> Option<QueuedJob> {
+    /// Waits for the next durable job a worker may start. `None` once the
+    /// queue is closed.
+    pub async fn next(self: &Arc<Self>) -> Option<Slot> {
         loop {
             let changed = self.changed.notified();
             tokio::pin!(changed);
@@ -163,30 +291,93 @@ impl Scheduler {
         }
     }
 
-    /// `Some(None)`: closed. `Some(Some(job))`: a job. `None`: nothing
-    /// runnable now.
-    fn try_next(&self) -> Option<Option<QueuedJob>> {
+    /// `Some(None)`: closed. `Some(Some(slot))`: a durable job. `None`:
+    /// nothing for a worker now. Inline jobs met on the way are handed to
+    /// their requests.
+    fn try_next(self: &Arc<Self>) -> Option<Option<Slot>> {
         let mut s = self.lock();
         if s.closed {
             return Some(None);
         }
+        let (handoffs, mine) = self.dispatch(&mut s, true);
+        drop(s);
+        Self::hand_over(handoffs);
+        mine.map(Some)
+    }
+
+    /// Starts jobs in fair order while slots are free: inline ones for
+    /// their requests (returned, to be handed over once the lock is gone),
+    /// and, with `take_durable`, one durable job for the calling worker. At
+    /// a durable job it cannot take it wakes a worker and stops, so that job
+    /// keeps its turn.
+    fn dispatch(
+        self: &Arc<Self>,
+        s: &mut State,
+        mut take_durable: bool,
+    ) -> (Vec<(oneshot::Sender<Slot>, Slot)>, Option<Slot>) {
+        let mut handoffs = Vec::new();
+        let mut mine = None;
+        loop {
+            let slot = |job| Slot {
+                scheduler: Arc::clone(self),
+                job,
+            };
+            match self.pick(s, take_durable) {
+                Pick::Inline(tx, job) => handoffs.push((tx, slot(job))),
+                Pick::Durable(job) => {
+                    mine = Some(slot(job));
+                    take_durable = false;
+                }
+                Pick::DurableNext => {
+                    self.changed.notify_one();
+                    break;
+                }
+                Pick::Nothing => break,
+            }
+        }
+        (handoffs, mine)
+    }
+
+    /// Hands inline jobs their slots. A request that stopped waiting in
+    /// the meantime drops its slot, which frees it again.
+    fn hand_over(handoffs: Vec<(oneshot::Sender<Slot>, Slot)>) {
+        for (tx, slot) in handoffs {
+            let _ = tx.send(slot);
+        }
+    }
+
+    /// The next job in fair order that may start now: round-robin over
+    /// tenants, skipping a tenant at its running cap or whose next job's
+    /// module is at its cap; nothing while every slot is taken.
+    fn pick(&self, s: &mut State, take_durable: bool) -> Pick {
+        if s.closed || s.running >= self.limits.slots {
+            return Pick::Nothing;
+        }
         for _ in 0..s.ring.len() {
-            let tenant = s.ring.pop_front()?;
+            let Some(tenant) = s.ring.pop_front() else {
+                break;
+            };
+            let Some(front) = s.queues.get(&tenant).and_then(VecDeque::front) else {
+                continue;
+            };
             let tenant_running = s.running_tenant.get(&tenant).copied().unwrap_or(0);
-            let module_ok = s
-                .queues
-                .get(&tenant)
-                .and_then(VecDeque::front)
-                .is_some_and(|j| {
-                    s.running_module.get(&j.module).copied().unwrap_or(0)
-                        < self.limits.max_running_per_module
-                });
-            if tenant_running >= self.limits.max_running_per_tenant || !module_ok {
+            let module_running = s.running_module.get(&front.job.module).copied();
+            if tenant_running >= self.limits.max_running_per_tenant
+                || module_running.unwrap_or(0) >= self.limits.max_running_per_module
+            {
                 s.ring.push_back(tenant);
                 continue;
             }
-            let queue = s.queues.get_mut(&tenant)?;
-            let job = queue.pop_front()?;
+            if front.inline.is_none() && !take_durable {
+                s.ring.push_front(tenant);
+                return Pick::DurableNext;
+            }
+            let Some(queue) = s.queues.get_mut(&tenant) else {
+                continue;
+            };
+            let Some(entry) = queue.pop_front() else {
+                continue;
+            };
             if queue.is_empty() {
                 s.queues.remove(&tenant);
             } else {
@@ -195,36 +386,20 @@ impl Scheduler {
             s.queued -= 1;
             s.running += 1;
             *s.running_tenant.entry(tenant).or_default() += 1;
-            *s.running_module.entry(job.module.clone()).or_default() += 1;
-            return Some(Some(job));
+            *s.running_module
+                .entry(entry.job.module.clone())
+                .or_default() += 1;
+            return match entry.inline {
+                Some(tx) => Pick::Inline(tx, entry.job),
+                None => Pick::Durable(entry.job),
+            };
         }
-        None
+        Pick::Nothing
     }
 
-    /// Starts `job` at once, outside the queue, if that jumps no one: nothing
-    /// is queued, fewer than `slots` jobs run, and the tenant's and module's
-    /// running caps allow it. Returns whether it started; if so, the caller
-    /// runs it and then calls [`Scheduler::done`].
-    pub fn try_start_now(&self, job: &QueuedJob, slots: usize) -> bool {
-        let mut s = self.lock();
-        let tenant_running = s.running_tenant.get(&job.tenant).copied().unwrap_or(0);
-        let module_running = s.running_module.get(&job.module).copied().unwrap_or(0);
-        if s.closed
-            || s.queued > 0
-            || s.running >= slots
-            || tenant_running >= self.limits.max_running_per_tenant
-            || module_running >= self.limits.max_running_per_module
-        {
-            return false;
-        }
-        s.running += 1;
-        *s.running_tenant.entry(job.tenant.clone()).or_default() += 1;
-        *s.running_module.entry(job.module.clone()).or_default() += 1;
-        true
-    }
-
-    /// Marks a job taken by [`Scheduler::next`] as no longer running.
-    pub fn done(&self, job: &QueuedJob) {
+    /// A slot's job ended: frees its slot and counts, and starts whatever
+    /// may run now.
+    fn release(self: &Arc<Self>, job: &QueuedJob) {
         let mut s = self.lock();
         s.running = s.running.saturating_sub(1);
         let State {
@@ -240,18 +415,31 @@ impl Scheduler {
                 }
             }
         }
+        let (handoffs, _) = self.dispatch(&mut s, false);
         drop(s);
-        // A freed slot can make at most one held-back job runnable.
-        self.changed.notify_one();
+        Self::hand_over(handoffs);
     }
 
-    /// Stops handing out jobs; waiting workers get `None`.
+    /// Stops handing out jobs: waiting workers get `None`, and waiting
+    /// inline jobs are dropped, so their requests learn it at once.
     pub fn close(&self) {
-        self.lock().closed = true;
+        let mut s = self.lock();
+        s.closed = true;
+        let mut dropped = 0;
+        for q in s.queues.values_mut() {
+            let before = q.len();
+            q.retain(|e| e.inline.is_none());
+            dropped += before - q.len();
+        }
+        s.queues.retain(|_, q| !q.is_empty());
+        let State { queues, ring, .. } = &mut *s;
+        ring.retain(|t| queues.contains_key(t));
+        s.queued -= dropped;
+        drop(s);
         self.changed.notify_waiters();
     }
 
-    /// Jobs queued and running.
+    /// Jobs waiting and running.
     pub fn depth(&self) -> (usize, usize) {
         let s = self.lock();
         (s.queued, s.running)
@@ -272,11 +460,21 @@ mod tests {
 
     fn limits() -> QueueLimits {
         QueueLimits {
+            slots: 10,
             max_queued: 100,
             max_queued_per_tenant: 3,
             max_running_per_tenant: 10,
             max_running_per_module: 10,
         }
+    }
+
+    fn with_slots(slots: usize) -> Arc<Scheduler> {
+        Scheduler::new(QueueLimits { slots, ..limits() })
+    }
+
+    /// The slot a ticket has been handed, if any, without waiting.
+    fn handed(ticket: &mut Ticket) -> Option<Slot> {
+        ticket.turn.try_recv().ok()
     }
 
     #[tokio::test]
@@ -286,10 +484,11 @@ mod tests {
             s.push(job(&format!("a{i}"), "a", "m"), true).unwrap();
         }
         s.push(job("b0", "b", "m"), true).unwrap();
-        let order: Vec<_> = [s.next().await, s.next().await, s.next().await]
-            .into_iter()
-            .map(|j| j.unwrap().id)
-            .collect();
+        let mut running = Vec::new();
+        for _ in 0..3 {
+            running.push(s.next().await.unwrap());
+        }
+        let order: Vec<_> = running.iter().map(|slot| slot.job().id.as_str()).collect();
         assert_eq!(order, ["a0", "b0", "a1"]);
     }
 
@@ -302,6 +501,11 @@ mod tests {
         assert_eq!(
             s.push(job("a3", "a", "m"), true),
             Err(Rejection::TenantFull)
+        );
+        assert_eq!(
+            s.wait_turn(job("a3", "a", "m")).err(),
+            Some(Rejection::TenantFull),
+            "inline jobs count against the same share"
         );
         assert!(s.push(job("b0", "b", "m"), true).is_ok());
         assert!(
@@ -319,8 +523,8 @@ mod tests {
         s.push(job("a1", "a", "m"), true).unwrap();
         let first = s.next().await.unwrap();
         assert!(s.try_next().is_none(), "tenant at its cap");
-        s.done(&first);
-        assert_eq!(s.next().await.unwrap().id, "a1");
+        drop(first);
+        assert_eq!(s.next().await.unwrap().job().id, "a1");
     }
 
     #[tokio::test]
@@ -332,5 +536,83 @@ mod tests {
         assert_eq!(s.depth(), (0, 0));
         s.close();
         assert!(s.next().await.is_none());
+    }
+
+    #[tokio::test]
+    async fn an_inline_job_starts_at_once_when_a_slot_is_free() {
+        let s = with_slots(1);
+        let mut ticket = s.wait_turn(job("a0", "a", "m")).unwrap();
+        let slot = ticket.turn().await.expect("its turn");
+        assert_eq!(slot.job().id, "a0");
+        assert_eq!(s.depth(), (0, 1));
+        drop(slot);
+        assert_eq!(s.depth(), (0, 0));
+    }
+
+    #[tokio::test]
+    async fn inline_and_durable_jobs_share_the_slots_and_the_fair_order() {
+        let s = with_slots(1);
+        s.push(job("a0", "a", "m"), true).unwrap();
+        s.push(job("a1", "a", "m"), true).unwrap();
+        let mut b0 = s.wait_turn(job("b0", "b", "m")).unwrap();
+        let a0 = s.next().await.unwrap();
+        assert_eq!(a0.job().id, "a0");
+        assert!(handed(&mut b0).is_none(), "the only slot is taken");
+        assert!(s.try_next().is_none(), "no second slot for a worker");
+        drop(a0);
+        let b0_slot = handed(&mut b0).expect("b's turn comes before a's second job");
+        assert!(s.try_next().is_none(), "b0 holds the slot");
+        drop(b0_slot);
+        assert_eq!(s.next().await.unwrap().job().id, "a1");
+    }
+
+    #[tokio::test]
+    async fn a_request_that_stops_waiting_gives_up_its_place_or_its_slot() {
+        let s = with_slots(1);
+        let running = s.wait_turn(job("a0", "a", "m")).unwrap();
+        let waiting = s.wait_turn(job("b0", "b", "m")).unwrap();
+        let mut next = s.wait_turn(job("c0", "c", "m")).unwrap();
+        assert_eq!(s.depth(), (2, 1));
+        drop(waiting);
+        assert_eq!(s.depth(), (1, 1), "b0 left the queue");
+        // a0 was handed its slot but its request is gone: the slot passes on.
+        drop(running);
+        assert_eq!(handed(&mut next).expect("c0's turn").job().id, "c0");
+        assert_eq!(s.depth(), (0, 0));
+    }
+
+    #[tokio::test]
+    async fn leaving_after_the_turn_came_keeps_the_slot() {
+        let s = with_slots(1);
+        let first = s.next_inline_for_test("a0");
+        let ticket = s.wait_turn(job("b0", "b", "m")).unwrap();
+        drop(first);
+        let slot = ticket.leave().expect("handed over before it left");
+        assert_eq!(slot.job().id, "b0");
+        assert_eq!(s.depth(), (0, 1));
+        let ticket = s.wait_turn(job("c0", "c", "m")).unwrap();
+        assert!(ticket.leave().is_none());
+        assert_eq!(s.depth(), (0, 1), "c0 left without a slot");
+    }
+
+    #[tokio::test]
+    async fn closing_turns_inline_waiters_away() {
+        let s = with_slots(1);
+        let _running = s.wait_turn(job("a0", "a", "m")).unwrap();
+        let mut waiting = s.wait_turn(job("b0", "b", "m")).unwrap();
+        s.push(job("c0", "c", "m"), true).unwrap();
+        s.close();
+        assert!(waiting.turn().await.is_none());
+        assert_eq!(s.depth().0, 1, "the durable job stays for the next start");
+        let mut late = s.wait_turn(job("d0", "d", "m")).unwrap();
+        assert!(late.turn().await.is_none());
+    }
+
+    impl Scheduler {
+        /// Takes the only slot for an inline job.
+        fn next_inline_for_test(self: &Arc<Self>, id: &str) -> Slot {
+            let mut t = self.wait_turn(job(id, "z", "m")).unwrap();
+            handed(&mut t).expect("a free slot")
+        }
     }
 }

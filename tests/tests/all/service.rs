@@ -726,3 +726,62 @@ async fn a_sync_job_on_the_fast_path_is_stored_finished_and_audited() {
         .unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_waited_for_job_takes_its_turn_and_a_request_that_goes_away_frees_its_slot() {
+    // One slot. A queued sleeper takes it; a waited-for job behind it waits
+    // its turn in memory and still answers 200 once it has run.
+    let s = start(|c| c.queue.workers = 1).await;
+    let token = s.token("acme", &["hello:run", "hostile:run"]).await;
+    let sleeper = json(
+        s.http
+            .post(s.url("/v1/modules/hostile/jobs"))
+            .bearer_auth(&token),
+    )
+    .await;
+    let sleeper_id = sleeper["id"].as_str().unwrap().to_owned();
+    let sync_hello = || {
+        s.http
+            .post(s.url("/v1/modules/hello/jobs?wait=20s"))
+            .bearer_auth(&token)
+            .send()
+    };
+    let resp = sync_hello().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let hello: Value = resp.json().await.unwrap();
+    assert_eq!(hello["state"], "succeeded", "{hello:#}");
+    let sleeper = s
+        .service
+        .store()
+        .get_job("acme", &sleeper_id)
+        .await
+        .unwrap()
+        .unwrap();
+    let stored_hello = s
+        .service
+        .store()
+        .get_job("acme", hello["id"].as_str().unwrap())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        stored_hello.started_at >= sleeper.finished_at,
+        "the waited-for job ran after the queued one it was behind: {sleeper:?} {stored_hello:?}"
+    );
+
+    // A waited-for sleeper runs at once in the free slot; its client gives
+    // up while it runs. The slot must come back: with it lost, the next
+    // job could never start and would answer 202 after its wait.
+    let gave_up = s
+        .http
+        .post(s.url("/v1/modules/hostile/jobs?wait=20s"))
+        .bearer_auth(&token)
+        .timeout(Duration::from_millis(300))
+        .send()
+        .await;
+    assert!(gave_up.unwrap_err().is_timeout());
+    let resp = sync_hello().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let hello: Value = resp.json().await.unwrap();
+    assert_eq!(hello["state"], "succeeded", "{hello:#}");
+}
