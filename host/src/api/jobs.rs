@@ -214,6 +214,15 @@ pub(super) async fn submit(
     Query(query): Query<Vec<(String, String)>>,
     req: Request,
 ) -> Result<Response, ApiError> {
+    let max_body = state.service.config().server.max_body.as_usize();
+    if let Some(declared) = declared_length(&req)
+        && declared > max_body as u64
+    {
+        discard_body(req).await;
+        return Err(ApiError::TooLarge(format!(
+            "request body of {declared} bytes is over the limit of {max_body} bytes"
+        )));
+    }
     let max_wait = state.service.config().server.max_wait.get();
     let SubmitQuery {
         wait,
@@ -297,6 +306,51 @@ pub(super) async fn submit(
         response.headers_mut().insert(header::LOCATION, v);
     }
     Ok(response)
+}
+
+/// How much of a refused body is read and thrown away, at most, and for how
+/// long, before the 413 is sent (see [`discard_body`]).
+const DISCARD_MAX: u64 = 64 << 20;
+const DISCARD_TIME: Duration = Duration::from_secs(10);
+
+fn declared_length(req: &Request) -> Option<u64> {
+    req.headers()
+        .get(header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()
+}
+
+/// Reads and throws away a refused request's body, so that its client,
+/// still sending, reads the 413 instead of a connection reset: closing a
+/// socket with unread data makes the kernel reset it, and the reset can
+/// overtake the answer. Bounded by [`DISCARD_MAX`] bytes and
+/// [`DISCARD_TIME`]; past either, the client may still see a reset. A
+/// client that sent `Expect: 100-continue` has sent nothing yet and will
+/// not, so nothing is read.
+async fn discard_body(req: Request) {
+    use http_body_util::BodyExt;
+    let expects_continue = req
+        .headers()
+        .get(header::EXPECT)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+    if expects_continue {
+        return;
+    }
+    let mut body = req.into_body();
+    let _ = tokio::time::timeout(DISCARD_TIME, async {
+        let mut read = 0u64;
+        while read <= DISCARD_MAX {
+            match body.frame().await {
+                Some(Ok(frame)) => {
+                    read += frame.data_ref().map_or(0, |d| d.len() as u64);
+                }
+                _ => return,
+            }
+        }
+    })
+    .await;
 }
 
 fn multipart_error(e: axum::extract::multipart::MultipartError) -> ApiError {

@@ -785,3 +785,29 @@ async fn a_waited_for_job_takes_its_turn_and_a_request_that_goes_away_frees_its_
     let hello: Value = resp.json().await.unwrap();
     assert_eq!(hello["state"], "succeeded", "{hello:#}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_body_far_over_the_limit_gets_its_413_answer_not_a_reset() {
+    let s = start(|c| c.server.max_body = "1 MiB".parse().unwrap()).await;
+    let token = s.token("acme", &["thumbnail:run"]).await;
+    for (what, body) in [
+        ("32 times the limit", vec![7u8; 32 << 20]),
+        ("just over it", vec![7u8; (1 << 20) + 1]),
+    ] {
+        let resp = s
+            .http
+            .post(s.url("/v1/modules/thumbnail/jobs"))
+            .bearer_auth(&token)
+            .header("content-type", "image/png")
+            .body(body)
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("{what}: no answer: {e:?}"));
+        assert_eq!(resp.status(), StatusCode::PAYLOAD_TOO_LARGE, "{what}");
+        let body: Value = resp.json().await.unwrap();
+        assert_eq!(body["error"]["code"], "too_large", "{what}: {body:#}");
+    }
+    // Nothing was accepted.
+    let list: Value = json(s.http.get(s.url("/v1/jobs")).bearer_auth(&token)).await;
+    assert_eq!(list.as_array().map(Vec::len), Some(0), "{list:#}");
+}
