@@ -31,7 +31,7 @@ use crate::sandbox::{
 use crate::store::{
     AuditEntry, CancelOutcome, DeleteOutcome, JobRecord, JobState, JobStore, StoreError, now_ms,
 };
-use scheduler::{QueueLimits, QueuedJob, Rejection, Scheduler};
+use scheduler::{QueueLimits, QueuedJob, Rejection, Scheduler, Slot};
 
 /// What a caller submits.
 #[derive(Debug, Default)]
@@ -381,8 +381,8 @@ impl Service {
             if let Some(slot) = slot {
                 self.update_gauges();
                 let has_stdin = sub.stdin.is_some();
-                let result = self.run_now(who, module, spec, has_stdin).await;
-                drop((slot, held));
+                let result = self.run_now(who, module, spec, has_stdin, slot).await;
+                drop(held);
                 self.update_gauges();
                 let record = result?;
                 let (tx, rx) = oneshot::channel();
@@ -760,6 +760,7 @@ impl Service {
         module: &LoadedModule,
         mut spec: JobSpec,
         has_stdin: bool,
+        slot: Slot,
     ) -> Result<JobRecord, ServiceError> {
         let policy = module.policy();
         let now = now_ms();
@@ -800,6 +801,9 @@ impl Service {
         };
         self.keep_outputs(&record.id, &report, &dir)?;
         drop(dir);
+        // The sandbox is done with it: the next job need not wait for the
+        // store.
+        drop(slot);
         let finished_at = now_ms();
         if let Err(e) = self
             .store

@@ -115,10 +115,28 @@ impl std::fmt::Debug for SqliteStore {
 }
 
 fn configure(conn: &Connection) -> rusqlite::Result<()> {
-    conn.busy_timeout(Duration::from_secs(10))?;
+    conn.busy_handler(Some(busy_wait))?;
     conn.pragma_update(None, "foreign_keys", true)?;
     conn.pragma_update(None, "journal_size_limit", WAL_SIZE_LIMIT)?;
     Ok(())
+}
+
+/// Waits out a lock another connection holds (`attempt` counts from 0):
+/// every 100 µs for the first 10 ms, then every millisecond, giving up after
+/// about 10 s. SQLite's own busy timeout sleeps in steps growing to 100 ms
+/// (1, 2, 5, 10, 15, 20, 25, 25, 25, 50, 50, 100 ms…), so a writer meeting a
+/// log restart that holds the lock for one millisecond could sleep for
+/// twenty, and requests queued behind it with it.
+fn busy_wait(attempt: i32) -> bool {
+    const FINE: i32 = 100;
+    const GIVE_UP: i32 = FINE + 10_000;
+    let pause = match attempt {
+        a if a < FINE => Duration::from_micros(100),
+        a if a < GIVE_UP => Duration::from_millis(1),
+        _ => return false,
+    };
+    std::thread::sleep(pause);
+    true
 }
 
 /// How often the checkpoint thread runs: often enough that each restart
@@ -737,6 +755,33 @@ impl JobStore for SqliteStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_writer_waits_out_another_connections_lock_and_gives_up_eventually() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("busy.sqlite");
+        let holder = Connection::open(&path).unwrap();
+        configure(&holder).unwrap();
+        holder
+            .query_row("PRAGMA journal_mode = WAL", [], |_| Ok(()))
+            .unwrap();
+        holder.execute_batch("CREATE TABLE t (v INTEGER)").unwrap();
+        let writer = Connection::open(&path).unwrap();
+        configure(&writer).unwrap();
+        // Another connection holds the write lock, as a log restart does,
+        // and lets go a little later: the write waits instead of failing
+        // with SQLITE_BUSY.
+        holder.execute_batch("BEGIN IMMEDIATE").unwrap();
+        let release = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(50));
+            holder.execute_batch("COMMIT").unwrap();
+        });
+        writer.execute("INSERT INTO t VALUES (1)", []).unwrap();
+        release.join().unwrap();
+        // The wait is bounded.
+        assert!(busy_wait(0));
+        assert!(!busy_wait(20_000));
+    }
 
     #[test]
     fn a_long_log_is_restarted_while_readers_come_and_go() {
