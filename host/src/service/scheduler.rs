@@ -134,17 +134,22 @@ pub struct Ticket {
     scheduler: Arc<Scheduler>,
     id: String,
     turn: oneshot::Receiver<Slot>,
+    /// Out of the queue: its slot was received, or the queue closed.
+    settled: bool,
 }
 
 impl Ticket {
     /// Waits for the job's turn: its slot, or `None` if the queue closed.
     pub async fn turn(&mut self) -> Option<Slot> {
-        (&mut self.turn).await.ok()
+        let slot = (&mut self.turn).await.ok();
+        self.settled = true;
+        slot
     }
 
     /// Leaves the queue (the caller stops waiting). If the job's turn came
     /// just now, returns its slot.
     pub fn leave(mut self) -> Option<Slot> {
+        self.settled = true;
         if self.scheduler.remove(&self.id) {
             return None;
         }
@@ -154,7 +159,10 @@ impl Ticket {
 
 impl Drop for Ticket {
     fn drop(&mut self) {
-        self.scheduler.remove(&self.id);
+        // A settled ticket is no longer queued: skip the queue scan.
+        if !self.settled {
+            self.scheduler.remove(&self.id);
+        }
     }
 }
 
@@ -249,6 +257,7 @@ impl Scheduler {
             scheduler: Arc::clone(self),
             id,
             turn: rx,
+            settled: false,
         })
     }
 
