@@ -13,9 +13,75 @@ use serde_json::Value;
 
 use crate::service::{json, png, poll_finished};
 
+/// Writes a service config under `dir` serving `policies` (file name,
+/// text), with `queue` as its `[queue]` table's body; returns the config's
+/// path and the data directory.
+pub fn write_config(
+    dir: &Path,
+    policies: &[(&str, String)],
+    queue: &str,
+) -> (std::path::PathBuf, std::path::PathBuf) {
+    let data = dir.join("data");
+    let policies_dir = dir.join("policies");
+    std::fs::create_dir_all(&policies_dir).unwrap();
+    for (name, text) in policies {
+        std::fs::write(policies_dir.join(name), text).unwrap();
+    }
+    let config = dir.join("bulkhead.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n[storage]\ndata_dir = \"{}\"\ncache_dir = \"{}\"\n[modules]\npolicies_dir = \"{}\"\nmodules_dir = \"{}\"\n[queue]\n{queue}\n",
+            data.display(),
+            Path::new(env!("CARGO_TARGET_TMPDIR")).join("service-cache").display(),
+            policies_dir.display(),
+            bulkhead_tests::GUESTS_DIR,
+        ),
+    )
+    .unwrap();
+    (config, data)
+}
+
+/// Stores a new token for `tenant` with `scopes` directly in the service's
+/// store; returns its secret.
+pub async fn token(data: &Path, tenant: &str, scopes: &[&str]) -> String {
+    let (secret, record) = new_token(&IssueRequest {
+        tenant: tenant.into(),
+        subject: "ci".into(),
+        scopes: scopes.iter().map(|s| (*s).to_owned()).collect(),
+        ttl: None,
+    })
+    .unwrap();
+    SqliteStore::open(&data.join("bulkhead.sqlite"))
+        .await
+        .unwrap()
+        .insert_token(&record)
+        .await
+        .unwrap();
+    secret
+}
+
+/// A running `bulkhead serve`; dropping it kills it with SIGKILL (no
+/// shutdown path runs), so a failing test leaves no service behind.
+pub struct Served(Child);
+
+impl Served {
+    /// Its process id.
+    pub fn pid(&self) -> u32 {
+        self.0.id()
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// Starts `bulkhead serve` and returns it with its public base URL, read
 /// from the first line it prints.
-fn spawn(config: &Path) -> (Child, String) {
+pub fn spawn(config: &Path) -> (Served, String) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_bulkhead-under-test"))
         .arg("serve")
         .arg("--config")
@@ -35,48 +101,21 @@ fn spawn(config: &Path) -> (Child, String) {
         .find(|w| w.starts_with("http://"))
         .unwrap_or_else(|| panic!("no address in {line:?}"))
         .to_owned();
-    (child, base)
+    (Served(child), base)
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn accepted_jobs_survive_kill_dash_nine() {
     let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
-    let policies = dir.path().join("policies");
-    std::fs::create_dir_all(&policies).unwrap();
     let policy = crate::common::policy_text(
         bulkhead_tests::THUMBNAIL,
         "thumbnail",
         "[access]\nscopes = [\"thumbnail:run\"]\n[limits]\nmemory = \"256 MiB\"\ncpu_time = \"10 s\"\nwall_time = \"30 s\"\n[run]\nparams = [\"width\"]",
     );
-    std::fs::write(policies.join("thumbnail.toml"), policy).unwrap();
-    let config = dir.path().join("bulkhead.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n[storage]\ndata_dir = \"{}\"\ncache_dir = \"{}\"\n[modules]\npolicies_dir = \"{}\"\nmodules_dir = \"{}\"\n[queue]\nworkers = 1\n",
-            data.display(),
-            Path::new(env!("CARGO_TARGET_TMPDIR")).join("service-cache").display(),
-            policies.display(),
-            bulkhead_tests::GUESTS_DIR,
-        ),
-    )
-    .unwrap();
+    let (config, data) = write_config(dir.path(), &[("thumbnail.toml", policy)], "workers = 1");
 
-    let (mut first, base) = spawn(&config);
-    let (secret, record) = new_token(&IssueRequest {
-        tenant: "acme".into(),
-        subject: "ci".into(),
-        scopes: vec!["thumbnail:run".into()],
-        ttl: None,
-    })
-    .unwrap();
-    SqliteStore::open(&data.join("bulkhead.sqlite"))
-        .await
-        .unwrap()
-        .insert_token(&record)
-        .await
-        .unwrap();
+    let (first, base) = spawn(&config);
+    let secret = token(&data, "acme", &["thumbnail:run"]).await;
 
     // A big image keeps the single worker busy while the rest queue up.
     let http = reqwest::Client::new();
@@ -109,10 +148,9 @@ async fn accepted_jobs_survive_kill_dash_nine() {
     }
     assert!(unfinished > 0, "every job finished before the kill");
     // SIGKILL: no shutdown path runs.
-    first.kill().unwrap();
-    first.wait().unwrap();
+    drop(first);
 
-    let (mut second, base) = spawn(&config);
+    let (second, base) = spawn(&config);
     for id in &ids {
         let last = poll_finished(&http, &base, &secret, id).await;
         assert_eq!(
@@ -128,6 +166,5 @@ async fn accepted_jobs_survive_kill_dash_nine() {
             .unwrap();
         assert_eq!(out.status(), StatusCode::OK);
     }
-    second.kill().unwrap();
-    second.wait().unwrap();
+    drop(second);
 }

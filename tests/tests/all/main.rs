@@ -21,6 +21,8 @@ mod service;
 mod relay;
 // Crash durability: kill -9 the real binary mid-work, restart, nothing lost.
 mod durability;
+// Backpressure: a flood gets 429s, others are served, memory stays bounded.
+mod flood;
 // The example policies in `policies/` pin the modules built from source.
 mod examples;
 // `bulkhead escape-suite`: the bundled attacks hold, a weakened setup is caught.
