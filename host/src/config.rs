@@ -42,7 +42,7 @@
 //! # max_request = "1 MiB"          # request body, per call
 //! # max_response = "4 MiB"         # response body, per call
 //! # max_calls = 16                 # per job
-//! # timeout = "5 s"                # per call, until the response headers
+//! # timeout = "5 s"                # per call: for the headers, then per body frame
 //! ```
 
 use std::net::SocketAddr;

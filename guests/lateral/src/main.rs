@@ -11,7 +11,8 @@
 //!
 //! Modes: `allowed`, `smuggle`, `payments`, `ips`, `authority`,
 //! `host-header`, `redirect`, `paths`, `https`, `flood`, `big-body`,
-//! `hunt` (dump every response, header, variable, argument and file it can
+//! `stall` (responses that never come, bodies that stop half-way, bodies
+//! too big to take: the calls must fail, not hang the job), `hunt` (dump every response, header, variable, argument and file it can
 //! reach, looking for a token), `all` (every refusal mode in one job).
 
 use std::io::Write as _;
@@ -41,6 +42,7 @@ fn main() {
         "https" => https(),
         "flood" => flood(count),
         "big-body" => big_body(),
+        "stall" => stall(),
         "hunt" => hunt(),
         "all" => {
             payments();
@@ -191,6 +193,18 @@ fn paths() {
         attempt("path", "GET", &format!("http://palette{path}"), &[], None);
     }
     attempt("method", "DELETE", "http://palette/v1/palette", &[], None);
+}
+
+fn stall() {
+    for path in ["/v1/stall-head", "/v1/stall-body", "/v1/huge"] {
+        let url = format!("http://palette{path}");
+        let result = match http_call::get(&url) {
+            Ok(r) => format!("status {} with {} bytes", r.status, r.body.len()),
+            Err(e) => format!("error {e}"),
+        };
+        println!("ATTEMPT stall GET {url}: {result}");
+    }
+    println!("stall: every call returned");
 }
 
 fn https() {

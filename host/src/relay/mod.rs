@@ -43,7 +43,7 @@ pub use send::{CallGrant, CallRecord, Caller, CallsReport, RefusalSink};
 /// | `max_request` | `1 MiB` | request body bound, per call |
 /// | `max_response` | `4 MiB` | response body bound, per call |
 /// | `max_calls` | `16` | calls per job |
-/// | `timeout` | `5 s` | per call, until the response headers (never past the job's deadline) |
+/// | `timeout` | `5 s` | per call: the longest wait for the response headers (never past the job's deadline), and again for each frame of the response body |
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(
     deny_unknown_fields,
@@ -68,7 +68,8 @@ pub struct ServiceDecl {
     pub max_response: ByteSize,
     /// Calls per job.
     pub max_calls: u32,
-    /// Per-call time bound until the response headers.
+    /// Per-call time bound: the longest wait for the response headers, and
+    /// again for each frame of the response body.
     pub timeout: HumanDuration,
 }
 

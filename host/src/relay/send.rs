@@ -415,8 +415,11 @@ impl CallGrant {
             head.headers.remove(&name);
         }
         self.record(record);
+        let idle = decl.timeout.get();
         let body = Guarded {
             inner: incoming,
+            idle,
+            stall: Box::pin(tokio::time::sleep(idle)),
             limit: decl.max_response.as_u64(),
             seen: 0,
             needle: token.into_bytes(),
@@ -528,6 +531,10 @@ impl Body for Metered {
 /// and failed if it ever contains the call's token.
 struct Guarded {
     inner: hyper::body::Incoming,
+    /// The longest wait for the next frame: the call's timeout again.
+    idle: Duration,
+    /// When the wait for the next frame ends.
+    stall: Pin<Box<tokio::time::Sleep>>,
     limit: u64,
     seen: u64,
     needle: Vec<u8>,
@@ -546,7 +553,19 @@ impl Body for Guarded {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, HttpError>>> {
         let this = &mut *self;
-        let frame = match ready!(Pin::new(&mut this.inner).poll_frame(cx)) {
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        if polled.is_pending() {
+            // A service that sends its headers and then stalls holds the
+            // guest's call (and the job's slot) no longer than a response
+            // that never comes would.
+            ready!(this.stall.as_mut().poll(cx));
+            tracing::warn!("a service's response body stalled; the call is failed");
+            return Poll::Ready(Some(Err(HttpError::ConnectionReadTimeout)));
+        }
+        this.stall
+            .as_mut()
+            .reset(tokio::time::Instant::now() + this.idle);
+        let frame = match ready!(polled) {
             None => return Poll::Ready(None),
             Some(Err(e)) => return Poll::Ready(Some(Err(HttpError::from(e)))),
             Some(Ok(f)) => f,

@@ -49,6 +49,8 @@ async fn scenario_with(max_calls: u32, workers: u32) -> Scenario {
         palette.paths = vec!["/v1/".into()];
         palette.methods = vec![http::Method::GET, http::Method::POST];
         palette.max_calls = max_calls;
+        palette.timeout = "2 s".parse().unwrap();
+        palette.max_response = "64 KiB".parse().unwrap();
         config.services = vec![palette, ServiceDecl::example("payments", &pay)];
         let dir = &config.modules.policies_dir;
         std::fs::write(
@@ -87,10 +89,34 @@ async fn scenario_with(max_calls: u32, workers: u32) -> Scenario {
     // An open redirect in the allowed service, pointing at payments' real
     // address: the classic way to bounce a request past an allowlist.
     let bounce_to = format!("{payments_url}/v1/balance");
-    let palette_app = palette_router(palette).route(
-        "/v1/bounce",
-        get(move || async move { Redirect::temporary(&bounce_to) }),
-    );
+    // And answers that would hold a caller forever or flood it: one that
+    // never comes, a body that stops half-way, a body far over the
+    // declared 64 KiB.
+    let palette_app = palette_router(palette)
+        .route(
+            "/v1/bounce",
+            get(move || async move { Redirect::temporary(&bounce_to) }),
+        )
+        .route(
+            "/v1/stall-head",
+            get(|| async {
+                tokio::time::sleep(std::time::Duration::from_secs(3600)).await;
+                "late"
+            }),
+        )
+        .route(
+            "/v1/stall-body",
+            get(|| async {
+                let first = futures::stream::iter([Ok::<_, std::io::Error>(
+                    bytes::Bytes::from_static(b"the first half"),
+                )]);
+                axum::body::Body::from_stream(futures::StreamExt::chain(
+                    first,
+                    futures::stream::pending(),
+                ))
+            }),
+        )
+        .route("/v1/huge", get(|| async { vec![b'x'; 1 << 20] }));
     tokio::spawn(axum::serve(palette_listener, palette_app).into_future());
     tokio::spawn(axum::serve(payments_listener, payments_router(payments)).into_future());
 
@@ -425,6 +451,33 @@ async fn the_guest_never_sees_a_token_and_a_stolen_one_opens_nothing_else() {
         s.audit().await.iter().any(|e| e["action"] == "auth.denied"
             && e["detail"] == "a JWT where a reference token is expected"),
         "the stolen call token at the API is audited"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stalled_or_oversized_response_fails_the_call_not_the_job() {
+    let s = scenario(8).await;
+    let token = s.server.token("acme", &["lateral:run"]).await;
+    let job = s.lateral(&token, "stall").await;
+    // Every call came back to the guest, which ran to its end: a call left
+    // hanging would have held the job until its 20 s wall-time limit.
+    let r = report(&job);
+    assert_eq!(job["state"], "succeeded", "{job:#}");
+    assert!(r["limit"].is_null(), "{job:#}");
+    let stdout = r["stdout"]["text"].as_str().unwrap();
+    assert!(stdout.contains("stall: every call returned"), "{stdout}");
+    for path in ["/v1/stall-head", "/v1/stall-body", "/v1/huge"] {
+        let line = stdout
+            .lines()
+            .find(|l| l.contains(path))
+            .unwrap_or_else(|| panic!("no attempt at {path}: {stdout}"));
+        assert!(line.contains(": error "), "{line}");
+    }
+    // The oversized body was cut at the declared bound on the host side.
+    let received = calls(&job)["bytes_received"].as_u64().unwrap();
+    assert!(
+        received <= 64 * 1024,
+        "{received} bytes passed on past the 64 KiB bound: {job:#}"
     );
 }
 
