@@ -747,7 +747,7 @@ impl Service {
         record
     }
 
-    /// The synchronous fast path: runs a job in the caller's task and
+    /// The inline path: runs a waited-for job in the caller's task and
     /// stores it once, finished. Only for a job the caller waits for and
     /// whose wall-time limit ends before the wait does, once the scheduler
     /// has given it a slot in its fair turn ([`Scheduler::wait_turn`]):
