@@ -215,7 +215,7 @@ pub(super) async fn submit(
     req: Request,
 ) -> Result<Response, ApiError> {
     let max_body = state.service.config().server.max_body.as_usize();
-    if let Some(declared) = declared_length(&req)
+    if let Some(declared) = crate::relay::declared_length(req.headers())
         && declared > max_body as u64
     {
         discard_body(req).await;
@@ -312,15 +312,6 @@ pub(super) async fn submit(
 /// long, before the 413 is sent (see [`discard_body`]).
 const DISCARD_MAX: u64 = 64 << 20;
 const DISCARD_TIME: Duration = Duration::from_secs(10);
-
-fn declared_length(req: &Request) -> Option<u64> {
-    req.headers()
-        .get(header::CONTENT_LENGTH)?
-        .to_str()
-        .ok()?
-        .parse()
-        .ok()
-}
 
 /// Reads and throws away a refused request's body, so that its client,
 /// still sending, reads the 413 instead of a connection reset: closing a

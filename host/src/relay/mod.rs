@@ -28,6 +28,7 @@ use crate::policy::{ByteSize, HumanDuration, ServiceName};
 
 pub use gate::Refusal;
 pub use keys::{KeyError, KeyRing};
+pub(crate) use send::declared_length;
 pub use send::{CallGrant, CallRecord, Caller, CallsReport, RefusalSink};
 
 /// One internal service as the operator declares it in the host config

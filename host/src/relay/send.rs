@@ -638,7 +638,8 @@ pub fn is_credential_header(name: &HeaderName) -> bool {
         .any(|w| n.contains(w))
 }
 
-fn declared_length(headers: &http::HeaderMap) -> Option<u64> {
+/// A message's declared `Content-Length`, if it has a valid one.
+pub(crate) fn declared_length(headers: &http::HeaderMap) -> Option<u64> {
     headers
         .get(http::header::CONTENT_LENGTH)?
         .to_str()

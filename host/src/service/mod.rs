@@ -372,18 +372,17 @@ impl Service {
                 Ok(ticket) => ticket,
                 Err(why) => return Err(self.busy(who, module, why).await),
             };
-            self.update_gauges();
             let slot = match tokio::time::timeout(slack, ticket.turn()).await {
                 Ok(Some(slot)) => Some(slot),
                 Ok(None) => return Err(ServiceError::Draining),
                 Err(_) => ticket.leave(),
             };
             if let Some(slot) = slot {
-                self.update_gauges();
+                // The queue gauges are refreshed when metrics are read
+                // (`render_metrics`), not on this path.
                 let has_stdin = sub.stdin.is_some();
                 let result = self.run_now(who, module, spec, has_stdin, slot).await;
                 drop(held);
-                self.update_gauges();
                 let record = result?;
                 let (tx, rx) = oneshot::channel();
                 let _ = tx.send(Some(record.clone()));
@@ -799,7 +798,7 @@ impl Service {
             Ok(report) => report,
             Err(e) => JobReport::not_run(&record.id, &record.module, e.to_string()),
         };
-        self.keep_outputs(&record.id, &report, &dir)?;
+        self.keep_outputs(&record, &report, &dir)?;
         drop(dir);
         // The sandbox is done with it: the next job need not wait for the
         // store.
@@ -956,16 +955,23 @@ impl Service {
             Some(Ok(report)) => report,
             Some(Err(e)) => JobReport::not_run(&record.id, &record.module, e.to_string()),
         };
-        self.keep_outputs(&record.id, &report, &dir)?;
+        self.keep_outputs(record, &report, &dir)?;
         Ok(Some(report))
     }
 
     /// Copies a finished job's outputs from its sandbox directory to its
     /// durable one.
-    fn keep_outputs(&self, id: &str, report: &JobReport, dir: &JobDir) -> std::io::Result<()> {
-        let outputs = self.job_dir(id).join("outputs");
-        if outputs.exists() {
-            std::fs::remove_dir_all(&outputs)?; // a crashed earlier attempt's copy
+    fn keep_outputs(
+        &self,
+        record: &JobRecord,
+        report: &JobReport,
+        dir: &JobDir,
+    ) -> std::io::Result<()> {
+        let outputs = self.job_dir(&record.id).join("outputs");
+        // Only a re-run can find an earlier attempt's copy (one a crash
+        // interrupted); a first attempt skips the lookup.
+        if record.attempts > 1 && outputs.exists() {
+            std::fs::remove_dir_all(&outputs)?;
         }
         if !report.outputs.is_empty() {
             crate::sandbox::outputs::collect(&dir.output_dir(), Some(&outputs))?;
