@@ -1,5 +1,6 @@
 //! Filesystem escapes: `read-dotdot`, `read-abs`, `symlink-escape`,
-//! `write-in` and `leave-links`.
+//! `write-in` and `leave-links`; and traps for output collection:
+//! `out-deep` (paths past `PATH_MAX`) and `out-names` (hostile names).
 //!
 //! The sandbox exposes exactly `/in` (read-only) and `/out` (writable);
 //! anything else these modes manage to read is copied to `/out/loot-<n>`.
@@ -521,4 +522,133 @@ fn walk(ctx: &Ctx, dir: &str, depth: usize, seen: &mut usize) {
             try_read(ctx, &path);
         }
     }
+}
+
+/// A 255-byte name (the longest most filesystems allow) ending in `n`.
+fn long_name(n: usize) -> String {
+    format!("{n:_>255}")
+}
+
+/// `out-deep`: leave a tree in `/out` whose paths are too long for the host
+/// to name by path, so a host copying outputs by path fails. Built
+/// bottom-up with renames, so no path the guest uses is long. `--shape=`:
+/// - `deep-long` (default): 15 directories of 255-byte names, a file of a
+///   255-byte name at the bottom: 4095 bytes below `/out`;
+/// - `files-each-level`: 7 such directories with a file at each level;
+/// - `long-top`: one file of a 255-byte name at the top, and a 3-level
+///   chain with a file at the bottom.
+pub fn out_deep(ctx: &Ctx) -> ExitCode {
+    let shape = ctx.param("shape").unwrap_or("deep-long");
+    let (levels, file_each_level) = match shape {
+        "deep-long" => (15, false),
+        "files-each-level" => (7, true),
+        "long-top" => {
+            attempt(
+                "write /out/<255-byte name>",
+                fs::write(format!("/out/{}", long_name(0)), b"top"),
+            );
+            (3, false)
+        }
+        other => {
+            println!("out-deep: unknown shape {other:?}");
+            return ExitCode::from(2);
+        }
+    };
+    if attempt("mkdir /out/t0", fs::create_dir("/out/t0")).is_none() {
+        return ExitCode::from(1);
+    }
+    attempt(
+        "write the bottom file",
+        fs::write(format!("/out/t0/{}", long_name(999)), b"bottom"),
+    );
+    for i in 1..levels {
+        attempt(
+            format!("mkdir /out/t{i}"),
+            fs::create_dir(format!("/out/t{i}")),
+        );
+        if file_each_level {
+            attempt(
+                format!("write a file at level {i}"),
+                fs::write(format!("/out/t{i}/{}", long_name(500 + i)), b"level"),
+            );
+        }
+        attempt(
+            format!("rename /out/t{} into /out/t{i}", i - 1),
+            fs::rename(
+                format!("/out/t{}", i - 1),
+                format!("/out/t{i}/{}", long_name(i)),
+            ),
+        );
+    }
+    attempt(
+        "rename the chain's top to a 255-byte name",
+        fs::rename(
+            format!("/out/t{}", levels - 1),
+            format!("/out/{}", long_name(levels)),
+        ),
+    );
+    println!("done");
+    ExitCode::SUCCESS
+}
+
+/// Output names with control characters: CR, LF, ESC, TAB, DEL, U+0085.
+pub const CONTROL_NAMES: &[&str] = &[
+    "cr\rname.txt",
+    "lf\nname.txt",
+    "esc\u{1b}[31mred.txt",
+    "tab\tname.txt",
+    "del\u{7f}name.txt",
+    "nel\u{85}name.txt",
+];
+
+/// Output names with bidirectional and invisible controls (U+202E,
+/// U+2066, U+200E, U+200F, U+FEFF), a quote and a backslash, and the
+/// printable but special `%`, `;` and `'`.
+pub const FORMAT_NAMES: &[&str] = &[
+    "rlo\u{202e}txt.exe",
+    "lri\u{2066}name.txt",
+    "lrm\u{200e}name.txt",
+    "rlm\u{200f}name.txt",
+    "bom\u{feff}name.txt",
+    "quote\"name.txt",
+    "back\\slash.txt",
+    "percent%2e%2e.txt",
+    "semi;colon.txt",
+    "apos'name.txt",
+];
+
+/// `out-names`: leave files with hostile names in `/out`, plus `ok.txt`.
+/// `--set=controls` (default): [`CONTROL_NAMES`], and a directory named
+/// `dir<LF>name` with a file inside; `--set=format`: [`FORMAT_NAMES`].
+/// `--linger=<ms>`: sleep that long before exiting.
+pub fn out_names(ctx: &Ctx) -> ExitCode {
+    let names = match ctx.param("set").unwrap_or("controls") {
+        "controls" => CONTROL_NAMES,
+        "format" => FORMAT_NAMES,
+        other => {
+            println!("out-names: unknown set {other:?}");
+            return ExitCode::from(2);
+        }
+    };
+    for name in names {
+        attempt(
+            format!("write /out/{}", name.escape_debug()),
+            fs::write(format!("/out/{name}"), b"x"),
+        );
+    }
+    if names == CONTROL_NAMES
+        && attempt("mkdir /out/dir\\nname", fs::create_dir("/out/dir\nname")).is_some()
+    {
+        attempt(
+            "write /out/dir\\nname/inner.txt",
+            fs::write("/out/dir\nname/inner.txt", b"inner"),
+        );
+    }
+    attempt("write /out/ok.txt", fs::write("/out/ok.txt", b"ok"));
+    // `--linger=<ms>`: stay a while, so a test can act while the job runs.
+    if let Some(ms) = ctx.param("linger").and_then(|v| v.parse().ok()) {
+        std::thread::sleep(std::time::Duration::from_millis(ms));
+    }
+    println!("done");
+    ExitCode::SUCCESS
 }

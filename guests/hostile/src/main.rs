@@ -115,6 +115,8 @@ const MODES: &[&str] = &[
     "udp-send",
     "tcp-listen",
     "dns",
+    "out-deep",
+    "out-names",
 ];
 
 fn main() -> ExitCode {
@@ -204,6 +206,8 @@ fn main() -> ExitCode {
         "udp-send" => net::udp_send(&ctx),
         "tcp-listen" => net::tcp_listen(&ctx),
         "dns" => net::dns(&ctx),
+        "out-deep" => fs::out_deep(&ctx),
+        "out-names" => fs::out_names(&ctx),
         _ => unreachable!("mode {mode} is in MODES but not dispatched"),
     }
 }

@@ -145,7 +145,7 @@ fn redact(mut report: JobReport) -> JobReport {
         match f.kind {
             FailureKind::Trap => f.message = "the guest trapped".into(),
             FailureKind::Instantiate => f.message = "the module could not be started".into(),
-            FailureKind::Limit | FailureKind::Exit => {}
+            FailureKind::Limit | FailureKind::Exit | FailureKind::Output => {}
         }
     }
     report

@@ -185,10 +185,14 @@ struct HostArgs {
     /// (a policy may name only those).
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
-    /// Where job directories are created [default: /dev/shm/bulkhead-<uid>-cli, else the temp dir].
+    /// Where job directories are created; must be private: it and every directory above it owned by
+    /// root or you and not writable by others [default: $XDG_RUNTIME_DIR/bulkhead-cli, else
+    /// ~/.cache/bulkhead/jobs].
     #[arg(long, value_name = "DIR")]
     work_dir: Option<PathBuf>,
-    /// Precompiled-module cache [default: <temp dir>/bulkhead/cache].
+    /// Precompiled-module cache, checked private like --work-dir; each artifact is authenticated
+    /// with a key kept in it (cache.key) before it is loaded [default: $XDG_CACHE_HOME/bulkhead/modules,
+    /// else ~/.cache/bulkhead/modules].
     #[arg(long, value_name = "DIR")]
     cache_dir: Option<PathBuf>,
     /// Compile every time; neither read nor write the cache.
@@ -210,14 +214,32 @@ impl HostArgs {
         Ok(Policy::load_with(path, &declared)?)
     }
 
+    /// The sandbox, with this user's private defaults: jobs under
+    /// `$XDG_RUNTIME_DIR/bulkhead-cli`, else `<cache root>/jobs`; the module
+    /// cache in `<cache root>/modules`, where the cache root is
+    /// `$XDG_CACHE_HOME/bulkhead` or `~/.cache/bulkhead`. Every directory
+    /// is checked to be private before use (see `sandbox::ensure_private_dir`).
     fn sandbox(&self) -> anyhow::Result<Sandbox> {
-        let base = std::env::temp_dir().join("bulkhead");
-        let mut config =
-            SandboxConfig::new(self.work_dir.clone().unwrap_or_else(|| base.join("jobs")));
-        config.cache_dir = if self.no_cache {
-            None
-        } else {
-            Some(self.cache_dir.clone().unwrap_or_else(|| base.join("cache")))
+        let root = crate::sandbox::default_cache_root();
+        let runtime = std::env::var_os("XDG_RUNTIME_DIR")
+            .map(PathBuf::from)
+            .is_some_and(|p| p.is_absolute() && p.is_dir());
+        let work_dir = match (&self.work_dir, &root) {
+            (Some(dir), _) => dir.clone(),
+            (None, Some(root)) if !runtime => root.join("jobs"),
+            (None, _) => crate::sandbox::default_work_dir("cli"),
+        };
+        let mut config = SandboxConfig::new(work_dir);
+        config.cache_dir = match (&self.cache_dir, &root) {
+            _ if self.no_cache => None,
+            (Some(dir), _) => Some(dir.clone()),
+            (None, Some(root)) => Some(root.join("modules")),
+            (None, None) => {
+                tracing::warn!(
+                    "neither XDG_CACHE_HOME nor HOME is set: compiling without a module cache"
+                );
+                None
+            }
         };
         Ok(Sandbox::new(config)?)
     }
@@ -285,10 +307,17 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             sandbox.config().work_dir.display()
         )
     })?;
-    let report = sandbox.run(&module, &job, &dir).await?;
-    if let Some(out) = &args.out {
-        crate::sandbox::outputs::collect(&dir.output_dir(), Some(out))
-            .with_context(|| format!("cannot copy outputs to {}", out.display()))?;
+    let mut report = sandbox.run(&module, &job, &dir).await?;
+    if let Some(out) = &args.out
+        && let Err(e) = crate::sandbox::outputs::collect(&dir.output_dir(), Some(out))
+    {
+        // The job ran and has a report: a copy that fails fails the job
+        // (exit 1, with the report), it is not a usage error.
+        report.outcome = crate::sandbox::Outcome::Failed;
+        report.failure.get_or_insert(crate::sandbox::Failure {
+            kind: crate::sandbox::FailureKind::Output,
+            message: format!("cannot copy outputs to {}: {e}", out.display()),
+        });
     }
     drop(dir);
 
@@ -490,7 +519,6 @@ async fn escape_suite(args: SuiteArgs) -> anyhow::Result<ExitCode> {
 
     use crate::suite::{self, Progress, report};
 
-    let base = std::env::temp_dir().join("bulkhead");
     let options = suite::SuiteOptions {
         policy: args.policy,
         zone: args.zone,
@@ -499,15 +527,13 @@ async fn escape_suite(args: SuiteArgs) -> anyhow::Result<ExitCode> {
         guests: args.guests,
         only: args.only,
         scratch: args.host.work_dir.clone(),
+        // The same private cache as `run`; none if there is no home.
         cache_dir: if args.host.no_cache {
             None
         } else {
-            Some(
-                args.host
-                    .cache_dir
-                    .clone()
-                    .unwrap_or_else(|| base.join("cache")),
-            )
+            args.host.cache_dir.clone().or_else(|| {
+                crate::sandbox::default_cache_root().map(|root| root.join("modules"))
+            })
         },
         weakening: None,
     };

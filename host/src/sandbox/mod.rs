@@ -30,6 +30,7 @@ use wasmtime::{Engine, Store, UpdateDeadline};
 use wasmtime_wasi::I32Exit;
 use wasmtime_wasi::p2::bindings::CommandPre;
 
+pub use cache::{PrivateDirError, ensure_private_dir};
 pub use engine::MAX_OPEN_PER_JOB;
 pub use job::{JobDir, JobInput, JobSpec, MAX_INPUTS, create_private_dir_all, validate_input_name};
 pub use limits::LimitKind;
@@ -43,8 +44,8 @@ use crate::policy::{ByteSize, Policy, Sha256Hex};
 ///
 /// | field | default | guards against |
 /// |---|---|---|
-/// | `work_dir` | (required; [`default_work_dir`] suggests one) | — where job directories are created |
-/// | `cache_dir` | `None` (no cache) | recompiling every module on restart |
+/// | `work_dir` | (required; [`default_work_dir`] suggests one) | — where job directories are created; must be private ([`ensure_private_dir`]) |
+/// | `cache_dir` | `None` (no cache) | recompiling every module on restart; must be private, artifacts are authenticated (see `cache`) |
 /// | `max_concurrent_jobs` | 16 | sizing of the pooling allocator's slots |
 /// | `max_memory` | 1 GiB | a policy granting more memory than the host has |
 /// | `max_wasm_stack` | 1 MiB | unbounded recursion (traps as the `stack` limit) |
@@ -75,12 +76,22 @@ pub struct SandboxConfig {
     pub unsafe_extra_preopen: Option<(PathBuf, String)>,
 }
 
-/// A per-user directory for job directories under `/dev/shm` when it is a
-/// tmpfs-backed directory, else under the system temp dir. Job directories
-/// are ephemeral (the service keeps outputs elsewhere), and creating and
-/// removing three directories per job costs about ten times more on a
-/// journaling filesystem than on tmpfs. `name` distinguishes instances.
+/// A per-user directory for job directories: `$XDG_RUNTIME_DIR/bulkhead-<name>`
+/// when the session has a runtime directory (per-user, mode 0700, on
+/// tmpfs), else `/dev/shm/bulkhead-<uid>-<name>` when `/dev/shm` is a
+/// directory, else under the system temp dir. Job directories are ephemeral
+/// (the service keeps outputs elsewhere), and creating and removing three
+/// directories per job costs about ten times more on a journaling
+/// filesystem than on tmpfs. `name` distinguishes instances. Under a shared
+/// directory the name is predictable, so [`Sandbox::new`] refuses it if
+/// another user made it first ([`ensure_private_dir`]).
 pub fn default_work_dir(name: &str) -> PathBuf {
+    if let Some(runtime) = std::env::var_os("XDG_RUNTIME_DIR").map(PathBuf::from)
+        && runtime.is_absolute()
+        && runtime.is_dir()
+    {
+        return runtime.join(format!("bulkhead-{name}"));
+    }
     // SAFETY: `getuid` has no preconditions and cannot fail.
     let uid = unsafe { libc::getuid() };
     let shm = std::path::Path::new("/dev/shm");
@@ -90,6 +101,15 @@ pub fn default_work_dir(name: &str) -> PathBuf {
         std::env::temp_dir()
     };
     base.join(format!("bulkhead-{uid}-{name}"))
+}
+
+/// This user's private cache root: `$XDG_CACHE_HOME/bulkhead`, else
+/// `$HOME/.cache/bulkhead`; `None` when neither is set (absolute).
+pub fn default_cache_root() -> Option<PathBuf> {
+    let absolute = |v: Option<std::ffi::OsString>| v.map(PathBuf::from).filter(|p| p.is_absolute());
+    absolute(std::env::var_os("XDG_CACHE_HOME"))
+        .or_else(|| absolute(std::env::var_os("HOME")).map(|h| h.join(".cache")))
+        .map(|base| base.join("bulkhead"))
 }
 
 impl SandboxConfig {
@@ -245,10 +265,16 @@ impl Sandbox {
         let engine = engine::build(&config).map_err(|e| SandboxError(format!("{e:#}")))?;
         let linker = wasi::linker(&engine).map_err(|e| SandboxError(format!("{e:#}")))?;
         let http_linker = wasi::http_linker(&engine).map_err(|e| SandboxError(format!("{e:#}")))?;
+        // Job directories and cached native code are only ever used from
+        // directories no other user can write (see `cache`).
+        cache::ensure_private_dir(&config.work_dir)
+            .map_err(|e| SandboxError(format!("work directory: {e}")))?;
         let cache = config
             .cache_dir
             .as_deref()
-            .map(|dir| cache::ModuleCache::new(dir, &engine));
+            .map(|dir| cache::ModuleCache::new(dir, &engine))
+            .transpose()
+            .map_err(|e| SandboxError(format!("module cache: {e}")))?;
         let ticker = engine::EpochTicker::start(engine.clone(), config.epoch_tick);
         Ok(Self {
             engine,
@@ -421,6 +447,16 @@ impl Sandbox {
         }
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| s.limiter());
+        // Every call from the guest into the host, for the report: the
+        // host's own evidence of what the guest tried.
+        let host_calls = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let counter = Arc::clone(&host_calls);
+        store.call_hook(move |_, hook| {
+            if matches!(hook, wasmtime::CallHook::CallingHost) {
+                counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            Ok(())
+        });
         store.set_epoch_deadline(1);
         store.epoch_deadline_callback(|mut ctx| {
             let s = ctx.data_mut();
@@ -507,18 +543,37 @@ impl Sandbox {
             peak_memory_bytes: state.limiter.peak_memory() as u64,
             output_bytes: state.quota.bytes_charged(),
             output_entries: state.quota.entries_charged(),
+            // Each epoch tick enters the host once (the deadline callback);
+            // those are the host's doing, not the guest's.
+            host_calls: host_calls
+                .load(std::sync::atomic::Ordering::Relaxed)
+                .saturating_sub(state.cpu_ticks),
         };
         drop(store);
 
         // Every entry in `/out` was charged to the quota, so no charge means
         // nothing to collect: skip the directory walk.
-        let collected = if measurements.output_entries == 0 {
-            outputs::Collected::default()
+        let (collected, failure) = if measurements.output_entries == 0 {
+            (outputs::Collected::default(), failure)
         } else {
             let out_dir = dir.output_dir();
-            tokio::task::spawn_blocking(move || outputs::collect(&out_dir, None))
+            let walked = tokio::task::spawn_blocking(move || outputs::collect(&out_dir, None))
                 .await
-                .map_err(|e| JobError::Io(std::io::Error::other(e)))??
+                .map_err(|e| format!("output collection stopped: {e}"))
+                .and_then(|r| r.map_err(|e| e.to_string()));
+            // Nothing the guest leaves in `/out` is a host error: a failed
+            // collection fails the job, with why (the first failure stays).
+            match walked {
+                Ok(c) => (c, failure),
+                Err(message) => {
+                    tracing::warn!(job = %job.id, error = %message, "cannot collect outputs");
+                    let failure = failure.or(Some(Failure {
+                        kind: FailureKind::Output,
+                        message,
+                    }));
+                    (outputs::Collected::default(), failure)
+                }
+            }
         };
 
         Ok(JobReport {

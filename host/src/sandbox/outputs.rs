@@ -4,9 +4,26 @@
 //! follows a symlink (directories are opened with `O_NOFOLLOW`, files with
 //! `O_NOFOLLOW | O_NONBLOCK`) and reads only regular files, checked with
 //! `fstat` on the opened handle rather than a name lookup that could change in
-//! between. Everything else — symlinks, FIFOs, sockets, devices, names that
-//! are not UTF-8, trees deeper than [`MAX_DEPTH`] — is listed as skipped, with
-//! why, and never opened for reading.
+//! between. Everything is done relative to directory handles, both the walk
+//! of `/out` and the copy into the destination (`openat`-style, one name at a
+//! time), so a tree whose paths exceed the host's `PATH_MAX` is walked like
+//! any other; no host path built from guest names is ever handed to the
+//! kernel.
+//!
+//! Names are checked as they are found ([`check_name`]): an entry is listed
+//! as skipped, with why, and never opened when its name is not UTF-8, holds a
+//! control or bidirectional-formatting character, a `"` or `\`, or when its
+//! path under `/out` is longer than [`MAX_PATH_BYTES`] or deeper than
+//! [`MAX_DEPTH`]. Symlinks, FIFOs, sockets and devices are skipped likewise.
+//! A name that passes is safe to show in a terminal or a log line and to put
+//! in a URL or `Content-Disposition` once encoded; `'`, `%`, `;`, spaces and
+//! other printable characters are kept as they are.
+//!
+//! Nothing under `/out` makes [`collect`] fail: a bad entry is skipped, not an
+//! error. It fails only when `/out` itself cannot be read, when the walk
+//! meets more than [`MAX_ENTRIES`] entries, or when the destination cannot be
+//! written; the sandbox turns any such failure into a failed job
+//! ([`FailureKind::Output`](super::FailureKind::Output)), never a host error.
 
 use std::io::{self, Read, Write};
 use std::path::Path;
@@ -19,6 +36,15 @@ use sha2::{Digest, Sha256};
 
 /// How deep collection descends into `/out`.
 pub const MAX_DEPTH: usize = 16;
+
+/// Longest path of an output under `/out`, in bytes. Far below `PATH_MAX`
+/// (4096) even once prefixed with a data directory, so every collected
+/// output can be named by path again (downloads, `--out`).
+pub const MAX_PATH_BYTES: usize = 1024;
+
+/// Most entries one walk of `/out` visits before it gives up (the output
+/// quota bounds a job's entries far below this).
+pub const MAX_ENTRIES: usize = 65_536;
 
 /// One collected output: a regular file under `/out`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -34,10 +60,13 @@ pub struct OutputFile {
 /// An entry of `/out` that was not collected, and why.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct SkippedOutput {
-    /// Path relative to `/out` (lossy if the name is not UTF-8).
+    /// Path relative to `/out`, with every character [`check_name`] refuses
+    /// escaped (`\u{202e}`, `\u{1b}`, and `\xff` for a byte that is not
+    /// UTF-8), so it is safe to print.
     pub name: String,
-    /// Why: `symlink`, `fifo`, `socket`, `device`, `not-utf8`, `too-deep`,
-    /// `unreadable`.
+    /// Why: `symlink`, `fifo`, `socket`, `device`, `not-utf8`,
+    /// `control-char`, `format-char`, `reserved-char`, `path-too-long`,
+    /// `too-deep`, `unreadable`.
     pub reason: String,
 }
 
@@ -50,80 +79,223 @@ pub struct Collected {
     pub skipped: Vec<SkippedOutput>,
 }
 
-/// Hashes every regular file under `out_dir` and, when `copy_to` is given,
-/// copies each into the same relative path there.
-///
-/// # Errors
-/// Only if `out_dir` itself cannot be opened or `copy_to` cannot be written;
-/// a bad entry inside `out_dir` is skipped, not an error.
-pub fn collect(out_dir: &Path, copy_to: Option<&Path>) -> io::Result<Collected> {
-    let root = Dir::open_ambient_dir(out_dir, ambient_authority())?;
-    let mut collected = Collected::default();
-    walk(&root, "", 0, copy_to, &mut collected)?;
-    collected.files.sort_by(|a, b| a.name.cmp(&b.name));
-    Ok(collected)
+/// Why outputs could not be collected. Messages name no host path, so they
+/// can go to clients as they are.
+#[derive(Debug, thiserror::Error)]
+pub enum CollectError {
+    /// `/out` itself could not be opened or listed.
+    #[error("cannot read the output directory: {0}")]
+    Root(io::Error),
+    /// The walk met more entries than [`MAX_ENTRIES`].
+    #[error("the output directory holds more than {MAX_ENTRIES} entries")]
+    TooManyEntries,
+    /// The copy destination could not be created or written.
+    #[error("cannot copy output `{name}`: {source}")]
+    Copy {
+        /// The output, relative to `/out`.
+        name: String,
+        /// What failed.
+        source: io::Error,
+    },
 }
 
-fn walk(
-    dir: &Dir,
-    prefix: &str,
-    depth: usize,
-    copy_to: Option<&Path>,
-    out: &mut Collected,
-) -> io::Result<()> {
-    for entry in dir.entries()? {
-        let entry = entry?;
-        let raw_name = entry.file_name();
-        let Some(name) = raw_name.to_str() else {
-            out.skipped
-                .push(skipped(prefix, &raw_name.to_string_lossy(), "not-utf8"));
-            continue;
-        };
-        let rel = if prefix.is_empty() {
-            name.to_owned()
-        } else {
-            format!("{prefix}/{name}")
-        };
-        // `file_type` comes from the directory entry or `lstat`; it never
-        // follows a link.
-        let ty = entry.file_type()?;
-        if ty.is_dir() {
-            if depth + 1 >= MAX_DEPTH {
-                out.skipped.push(skipped(prefix, name, "too-deep"));
-                continue;
-            }
-            match dir.open_dir_nofollow(name) {
-                Ok(sub) => walk(&sub, &rel, depth + 1, copy_to, out)?,
-                Err(_) => out.skipped.push(skipped(prefix, name, "unreadable")),
-            }
-        } else if ty.is_file() {
-            match read_regular(dir, name, copy_to.map(|d| d.join(&rel)).as_deref()) {
-                Ok(Some((size, sha256))) => out.files.push(OutputFile {
-                    name: rel,
-                    size,
-                    sha256,
-                }),
-                Ok(None) => out.skipped.push(skipped(prefix, name, "not-regular")),
-                Err(e) if e.kind() == io::ErrorKind::Other => return Err(e),
-                Err(_) => out.skipped.push(skipped(prefix, name, "unreadable")),
-            }
-        } else {
-            out.skipped.push(skipped(prefix, name, kind_of(&ty)));
+impl From<CollectError> for io::Error {
+    fn from(e: CollectError) -> Self {
+        io::Error::other(e)
+    }
+}
+
+/// Why `name` (one path component) is refused as an output name, if it is:
+/// `control-char` (C0, DEL, C1 including U+0085, U+2028, U+2029),
+/// `format-char` (bidirectional controls U+061C, U+200E, U+200F,
+/// U+202A..U+202E, U+2066..U+2069, and invisible ones: U+200B..U+200D,
+/// U+2060..U+2064, U+FEFF, U+FFF9..U+FFFB), `reserved-char` (`"`, `\`).
+pub fn check_name(name: &str) -> Result<(), &'static str> {
+    for c in name.chars() {
+        let u = u32::from(c);
+        if u < 0x20 || (0x7f..=0x9f).contains(&u) || matches!(u, 0x2028 | 0x2029) {
+            return Err("control-char");
+        }
+        if matches!(
+            u,
+            0x061c
+                | 0x200b..=0x200f
+                | 0x202a..=0x202e
+                | 0x2060..=0x2064
+                | 0x2066..=0x2069
+                | 0xfeff
+                | 0xfff9..=0xfffb
+        ) {
+            return Err("format-char");
+        }
+        if matches!(c, '"' | '\\') {
+            return Err("reserved-char");
         }
     }
     Ok(())
 }
 
-fn skipped(prefix: &str, name: &str, reason: &str) -> SkippedOutput {
-    let name = if prefix.is_empty() {
-        name.to_owned()
-    } else {
-        format!("{prefix}/{name}")
-    };
-    SkippedOutput {
-        name,
-        reason: reason.to_owned(),
+/// A name made safe to print: every character [`check_name`] refuses is
+/// escaped (`\u{202e}`), and every byte that is not UTF-8 (`\xff`).
+fn printable(raw: &std::ffi::OsStr) -> String {
+    let bytes = raw.as_encoded_bytes();
+    let mut out = String::new();
+    for chunk in bytes.utf8_chunks() {
+        for c in chunk.valid().chars() {
+            if check_name(c.encode_utf8(&mut [0; 4])).is_ok() {
+                out.push(c);
+            } else {
+                out.extend(c.escape_unicode());
+            }
+        }
+        for b in chunk.invalid() {
+            out.push_str(&format!("\\x{b:02x}"));
+        }
     }
+    out
+}
+
+/// Hashes every regular file under `out_dir` and, when `copy_to` is given,
+/// copies each into the same relative path there (created mode 0700, files
+/// 0600, all by handle).
+///
+/// # Errors
+/// [`CollectError`]: only if `out_dir` itself cannot be read, the walk meets
+/// more than [`MAX_ENTRIES`] entries, or `copy_to` cannot be written; a bad
+/// entry inside `out_dir` is skipped, not an error.
+pub fn collect(out_dir: &Path, copy_to: Option<&Path>) -> Result<Collected, CollectError> {
+    let root = Dir::open_ambient_dir(out_dir, ambient_authority()).map_err(CollectError::Root)?;
+    let dest = match copy_to {
+        Some(path) => {
+            let copy = |source| CollectError::Copy {
+                name: String::new(),
+                source,
+            };
+            super::job::create_private_dir_all(path).map_err(copy)?;
+            Some(Dir::open_ambient_dir(path, ambient_authority()).map_err(copy)?)
+        }
+        None => None,
+    };
+    let mut collected = Collected::default();
+    let mut walk = Walk {
+        out: &mut collected,
+        visited: 0,
+    };
+    let entries = root.entries().map_err(CollectError::Root)?;
+    walk.dir(&root, entries, "", 0, dest.as_ref())?;
+    collected.files.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(collected)
+}
+
+struct Walk<'a> {
+    out: &'a mut Collected,
+    visited: usize,
+}
+
+impl Walk<'_> {
+    fn skip(&mut self, prefix: &str, raw: &std::ffi::OsStr, reason: &str) {
+        let name = printable(raw);
+        self.out.skipped.push(SkippedOutput {
+            name: if prefix.is_empty() {
+                name
+            } else {
+                format!("{}/{name}", printable(prefix.as_ref()))
+            },
+            reason: reason.to_owned(),
+        });
+    }
+
+    fn dir(
+        &mut self,
+        dir: &Dir,
+        entries: cap_std::fs::ReadDir,
+        prefix: &str,
+        depth: usize,
+        dest: Option<&Dir>,
+    ) -> Result<(), CollectError> {
+        for entry in entries {
+            self.visited += 1;
+            if self.visited > MAX_ENTRIES {
+                return Err(CollectError::TooManyEntries);
+            }
+            let Ok(entry) = entry else {
+                self.skip(prefix, "?".as_ref(), "unreadable");
+                continue;
+            };
+            let raw_name = entry.file_name();
+            let Some(name) = raw_name.to_str() else {
+                self.skip(prefix, &raw_name, "not-utf8");
+                continue;
+            };
+            if let Err(reason) = check_name(name) {
+                self.skip(prefix, &raw_name, reason);
+                continue;
+            }
+            let rel = if prefix.is_empty() {
+                name.to_owned()
+            } else {
+                format!("{prefix}/{name}")
+            };
+            if rel.len() > MAX_PATH_BYTES {
+                self.skip(prefix, &raw_name, "path-too-long");
+                continue;
+            }
+            // `file_type` comes from the directory entry or `lstat`; it never
+            // follows a link.
+            let Ok(ty) = entry.file_type() else {
+                self.skip(prefix, &raw_name, "unreadable");
+                continue;
+            };
+            if ty.is_dir() {
+                if depth + 1 >= MAX_DEPTH {
+                    self.skip(prefix, &raw_name, "too-deep");
+                    continue;
+                }
+                let Some((sub, sub_entries)) = dir
+                    .open_dir_nofollow(name)
+                    .and_then(|d| d.entries().map(|e| (d, e)))
+                    .ok()
+                else {
+                    self.skip(prefix, &raw_name, "unreadable");
+                    continue;
+                };
+                let sub_dest = match dest {
+                    Some(d) => Some(make_dir(d, name).map_err(|source| CollectError::Copy {
+                        name: rel.clone(),
+                        source,
+                    })?),
+                    None => None,
+                };
+                self.dir(&sub, sub_entries, &rel, depth + 1, sub_dest.as_ref())?;
+            } else if ty.is_file() {
+                match read_regular(dir, name, dest) {
+                    Ok(Some((size, sha256))) => self.out.files.push(OutputFile {
+                        name: rel,
+                        size,
+                        sha256,
+                    }),
+                    Ok(None) => self.skip(prefix, &raw_name, "not-regular"),
+                    Err(Failed::Copy(source)) => {
+                        return Err(CollectError::Copy { name: rel, source });
+                    }
+                    Err(Failed::Source) => self.skip(prefix, &raw_name, "unreadable"),
+                }
+            } else {
+                self.skip(prefix, &raw_name, kind_of(&ty));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Creates `name` (mode 0700) under `parent` and opens it, never following
+/// a link.
+fn make_dir(parent: &Dir, name: &str) -> io::Result<Dir> {
+    use cap_std::fs::DirBuilderExt;
+    let mut builder = cap_std::fs::DirBuilder::new();
+    builder.mode(0o700);
+    parent.create_dir_with(name, &builder)?;
+    parent.open_dir_nofollow(name)
 }
 
 fn kind_of(ty: &cap_std::fs::FileType) -> &'static str {
@@ -141,38 +313,42 @@ fn kind_of(ty: &cap_std::fs::FileType) -> &'static str {
     }
 }
 
+/// Which side of a copy failed.
+enum Failed {
+    /// Reading the guest's file: the entry is skipped.
+    Source,
+    /// Writing the destination: collection fails.
+    Copy(io::Error),
+}
+
 /// Opens `name` without following links and without blocking (a FIFO swapped
 /// in would otherwise block the open), then confirms on the handle that it
 /// is a regular file. Returns size and digest, or `None` if it is not
-/// regular. Copy failures are reported as `ErrorKind::Other` so the caller
-/// fails instead of skipping.
+/// regular. With `dest`, creates `name` there (`O_EXCL`, mode 0600, never
+/// following a link) and copies the bytes.
 fn read_regular(
     dir: &Dir,
     name: &str,
-    copy_to: Option<&Path>,
-) -> io::Result<Option<(u64, String)>> {
+    dest: Option<&Dir>,
+) -> Result<Option<(u64, String)>, Failed> {
     let mut options = OpenOptions::new();
     options
         .read(true)
         .follow(FollowSymlinks::No)
         .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY);
-    let mut file = dir.open_with(name, &options)?;
-    if !file.metadata()?.is_file() {
+    let mut file = dir.open_with(name, &options).map_err(|_| Failed::Source)?;
+    if !file.metadata().map_err(|_| Failed::Source)?.is_file() {
         return Ok(None);
     }
-    let mut sink = match copy_to {
-        Some(path) => {
-            let parent = path.parent().unwrap_or(Path::new("."));
-            std::fs::create_dir_all(parent).map_err(io::Error::other)?;
-            Some(
-                std::fs::OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .open(path)
-                    .map_err(|e| {
-                        io::Error::other(format!("cannot write {}: {e}", path.display()))
-                    })?,
-            )
+    let mut sink = match dest {
+        Some(dest) => {
+            let mut options = OpenOptions::new();
+            options
+                .write(true)
+                .create_new(true)
+                .follow(FollowSymlinks::No)
+                .mode(0o600);
+            Some(dest.open_with(name, &options).map_err(Failed::Copy)?)
         }
         None => None,
     };
@@ -180,14 +356,23 @@ fn read_regular(
     let mut size = 0u64;
     let mut buf = vec![0u8; 64 * 1024];
     loop {
-        let n = file.read(&mut buf)?;
+        let n = match file.read(&mut buf) {
+            Ok(n) => n,
+            Err(_) => {
+                // A skipped entry leaves no partial copy behind.
+                if let Some(dest) = dest {
+                    let _ = dest.remove_file(name);
+                }
+                return Err(Failed::Source);
+            }
+        };
         if n == 0 {
             break;
         }
         hasher.update(&buf[..n]);
         size += n as u64;
         if let Some(sink) = sink.as_mut() {
-            sink.write_all(&buf[..n]).map_err(io::Error::other)?;
+            sink.write_all(&buf[..n]).map_err(Failed::Copy)?;
         }
     }
     Ok(Some((size, hex::encode(hasher.finalize()))))

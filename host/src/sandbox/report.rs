@@ -30,6 +30,10 @@ pub enum FailureKind {
     /// The module could not be instantiated (an import the policy does not
     /// grant, or a start function that failed).
     Instantiate,
+    /// The job's outputs could not be collected (see
+    /// [`outputs::collect`](super::outputs::collect)); nothing the guest
+    /// leaves in `/out` makes the host fail instead.
+    Output,
 }
 
 /// Why a job failed.
@@ -66,6 +70,12 @@ pub struct Measurements {
     pub output_bytes: u64,
     /// Entries charged to the `/out` quota.
     pub output_entries: u64,
+    /// Calls the guest made into the host (WASI functions and runtime
+    /// calls such as `memory.grow`), counted by the host; epoch ticks are
+    /// not counted. Evidence of what a guest tried: a job that only prints
+    /// a line makes a few dozen.
+    #[serde(default)]
+    pub host_calls: u64,
 }
 
 /// The structured report of one job.

@@ -80,6 +80,7 @@ impl Attack {
             ),
             AttackKind::Sequence { .. } => Some("needs the same pool slot for several jobs"),
             AttackKind::Bomb(_) => Some("needs the host to load a generated module"),
+            AttackKind::Dirs(_) => Some("needs the host's own cache and work directories"),
         }
     }
 }
@@ -109,6 +110,9 @@ pub enum AttackKind {
     /// A forged or replayed call token, judged by a verifier pinned to the
     /// host's keys.
     Forge(Forgery),
+    /// A planted module-cache artifact, or a cache or work directory others
+    /// can write or own (see [`super::artifacts`]).
+    Dirs(super::artifacts::DirAttack),
 }
 
 /// A lateral-movement attack over HTTP.
@@ -426,6 +430,36 @@ pub fn bundled() -> Vec<Attack> {
             "read /proc/self, /dev and /sys, directly and via `..`",
             hostile("proc-dev"),
         ),
+        guest(
+            "fs.out-deep-long",
+            Filesystem,
+            "leave 15 directories of 255-byte names in /out: a 4095-byte path, past PATH_MAX on the host",
+            hostile("out-deep").param("shape", Param::Lit("deep-long".into())),
+        ),
+        guest(
+            "fs.out-deep-files",
+            Filesystem,
+            "leave a file at every level of a tree of 255-byte names in /out",
+            hostile("out-deep").param("shape", Param::Lit("files-each-level".into())),
+        ),
+        guest(
+            "fs.out-long-top",
+            Filesystem,
+            "leave 255-byte names at the top of /out and in a short chain",
+            hostile("out-deep").param("shape", Param::Lit("long-top".into())),
+        ),
+        guest(
+            "fs.out-names-control",
+            Filesystem,
+            "name outputs with CR, LF, ESC, TAB, DEL and U+0085, a directory too",
+            hostile("out-names").param("set", Param::Lit("controls".into())),
+        ),
+        guest(
+            "fs.out-names-format",
+            Filesystem,
+            "name outputs with U+202E and other bidi or invisible controls, quotes, `\\`, `%`, `;`",
+            hostile("out-names").param("set", Param::Lit("format".into())),
+        ),
         // Exhaust the host.
         guest(
             "exhaust.memory-alloc",
@@ -639,6 +673,7 @@ pub fn bundled() -> Vec<Attack> {
     all.extend(super::bombs::catalog());
     all.extend(super::api::catalog());
     all.extend(super::forge::catalog());
+    all.extend(super::artifacts::attacks());
     all
 }
 

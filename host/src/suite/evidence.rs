@@ -388,28 +388,49 @@ impl Bait {
     }
 }
 
-/// File bytes and entries under `dir`, counted with `lstat` (never
-/// following links); a sparse file counts at its full length.
-pub fn disk_usage(dir: &Path) -> (u64, u64) {
-    let mut bytes = 0;
-    let mut entries = 0;
-    let mut stack = vec![dir.to_owned()];
-    while let Some(d) = stack.pop() {
-        let Ok(list) = std::fs::read_dir(&d) else {
-            continue;
+/// Calls `visit(relative name, metadata)` for every entry under `dir`,
+/// walking by directory handle (`openat`, never following a link), so a
+/// tree whose paths are longer than `PATH_MAX` is seen whole.
+fn walk_by_handle(dir: &Path, visit: &mut dyn FnMut(&str, &cap_std::fs::Metadata)) {
+    use cap_fs_ext::DirExt;
+    fn walk(
+        dir: &cap_std::fs::Dir,
+        prefix: &str,
+        visit: &mut dyn FnMut(&str, &cap_std::fs::Metadata),
+    ) {
+        let Ok(list) = dir.entries() else {
+            return;
         };
         for e in list.flatten() {
-            let Ok(meta) = std::fs::symlink_metadata(e.path()) else {
+            let name = format!("{prefix}{}", e.file_name().to_string_lossy());
+            let Ok(meta) = e.metadata() else {
                 continue;
             };
-            entries += 1;
-            if meta.is_dir() {
-                stack.push(e.path());
-            } else {
-                bytes += meta.len().max(meta.blocks() * 512);
+            visit(&name, &meta);
+            if meta.is_dir()
+                && let Ok(sub) = dir.open_dir_nofollow(e.file_name())
+            {
+                walk(&sub, &format!("{name}/"), visit);
             }
         }
     }
+    if let Ok(root) = cap_std::fs::Dir::open_ambient_dir(dir, cap_std::ambient_authority()) {
+        walk(&root, "", visit);
+    }
+}
+
+/// File bytes and entries under `dir`, counted with `lstat` (never
+/// following links); a sparse file counts at its full length.
+pub fn disk_usage(dir: &Path) -> (u64, u64) {
+    use cap_std::fs::MetadataExt as _;
+    let mut bytes = 0;
+    let mut entries = 0;
+    walk_by_handle(dir, &mut |_, meta| {
+        entries += 1;
+        if !meta.is_dir() {
+            bytes += meta.len().max(meta.blocks() * 512);
+        }
+    });
     (bytes, entries)
 }
 
@@ -417,23 +438,11 @@ pub fn disk_usage(dir: &Path) -> (u64, u64) {
 /// seen with `lstat`.
 pub fn special_entries(dir: &Path) -> Vec<String> {
     let mut found = Vec::new();
-    let mut stack = vec![(dir.to_owned(), String::new())];
-    while let Some((d, prefix)) = stack.pop() {
-        let Ok(list) = std::fs::read_dir(&d) else {
-            continue;
-        };
-        for e in list.flatten() {
-            let name = format!("{prefix}{}", e.file_name().to_string_lossy());
-            let Ok(meta) = std::fs::symlink_metadata(e.path()) else {
-                continue;
-            };
-            if meta.is_dir() {
-                stack.push((e.path(), format!("{name}/")));
-            } else if !meta.is_file() {
-                found.push(name);
-            }
+    walk_by_handle(dir, &mut |name, meta| {
+        if !meta.is_dir() && !meta.is_file() {
+            found.push(name.to_owned());
         }
-    }
+    });
     found.sort();
     found
 }

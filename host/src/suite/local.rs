@@ -396,6 +396,7 @@ pub async fn run(
             } => sequence_attack(&h, attack, writer, reader, *readers, started).await,
             AttackKind::Bomb(bomb) => super::bombs::run_local(&h, attack, bomb, started).await,
             AttackKind::Http(http) => http_attack(&h, attack, http, started).await,
+            AttackKind::Dirs(d) => super::artifacts::run_local(&h, attack, *d, started).await,
             AttackKind::Forge(f) => {
                 let target = forge_target(&h, *f).await;
                 super::forge::run(&target, attack, *f, started)
@@ -476,7 +477,7 @@ fn stopped_by(report: &JobReport) -> String {
             format!("refused at instantiation: {}", f.message)
         }
         (None, Some(f)) => f.message.clone(),
-        (None, None) => "every attempt refused".to_owned(),
+        (None, None) => "the job exited 0".to_owned(),
     }
 }
 
@@ -517,8 +518,14 @@ async fn guest_attack(
         error = Some("the guest did not start".into());
     }
     let stopped = stopped_by(&obs.report);
+    let (attempted, evidence) = super::attempt_evidence(&obs.report, Some(&obs.neighbour));
     drop(obs);
     AttackResult::judge(attack, checks, stopped, error, ms(started))
+        .with_evidence(evidence.clone())
+        .unless_attempted(
+            attempted,
+            format!("no attempt observed by the host: {evidence}"),
+        )
 }
 
 /// A lateral HTTP attack: one job of the `lateral` guest through the
@@ -757,6 +764,56 @@ fn produced(report: &JobReport, out_dir: &Path) -> Vec<u8> {
     all
 }
 
+/// See the `outputs` check in [`host_checks`].
+fn outputs_check(h: &Harness, r: &JobReport, out_dir: &Path) -> Check {
+    use crate::sandbox::outputs;
+    let bad_names: Vec<String> = r
+        .outputs
+        .iter()
+        .filter(|o| {
+            o.name.len() > outputs::MAX_PATH_BYTES
+                || o.name.split('/').any(|c| outputs::check_name(c).is_err())
+        })
+        .map(|o| o.name.escape_debug().to_string())
+        .collect();
+    let copy_to = h.scratch.join(format!("copy-{}", r.job_id));
+    let copied = outputs::collect(out_dir, Some(&copy_to));
+    let _ = std::fs::remove_dir_all(&copy_to);
+    let failed_with_reason = r
+        .failure
+        .as_ref()
+        .is_some_and(|f| f.kind == FailureKind::Output);
+    let mut reasons: Vec<&str> = r
+        .skipped_outputs
+        .iter()
+        .map(|s| s.reason.as_str())
+        .collect();
+    reasons.sort_unstable();
+    reasons.dedup();
+    let copy_ok = copied.is_ok() || failed_with_reason;
+    Check::new(
+        "outputs",
+        bad_names.is_empty() && copy_ok,
+        match (&copied, bad_names.is_empty()) {
+            (Ok(c), true) => format!(
+                "{} outputs with clean names copied out by handle; {} skipped ({})",
+                c.files.len(),
+                r.skipped_outputs.len(),
+                if reasons.is_empty() {
+                    "none".to_owned()
+                } else {
+                    reasons.join(", ")
+                }
+            ),
+            (Err(e), true) if failed_with_reason => {
+                format!("the job failed with the reason `output`; a copy fails too: {e}")
+            }
+            (Err(e), true) => format!("the outputs the report lists cannot be copied out: {e}"),
+            (_, false) => format!("collected names that are unsafe or too long: {bad_names:?}"),
+        },
+    )
+}
+
 /// The host-side checks every local guest job gets.
 fn host_checks(
     h: &Harness,
@@ -871,6 +928,12 @@ fn host_checks(
             format!("collected or unaccounted for: {followed:?}")
         },
     ));
+
+    // Outputs: every collected name is one a person and a URL can carry,
+    // and the outputs copy out (by handle, as `run --out` and the service
+    // copy them), or the job failed saying collection failed. A host error
+    // instead would have ended the attack before the checks.
+    checks.push(outputs_check(h, r, &out_dir));
 
     // Disk.
     let (bytes, entries) = evidence::disk_usage(&out_dir);

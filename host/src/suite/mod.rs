@@ -12,6 +12,9 @@
 //!   declared to the suite's own relay received.
 //! - `forge`: forged and replayed call tokens, judged by a verifier pinned
 //!   to the host's published keys.
+//! - `artifacts`: a planted module-cache artifact, cache and work
+//!   directories others can write or own, judged from what the host
+//!   loaded, ran and refused.
 //! - `local`, `remote`, `api`, `bombs`: the runners.
 //! - [`report`]: the table, JSON and the self-contained HTML page.
 //!
@@ -22,6 +25,7 @@
 //! which no policy, config file or API request can set.
 
 mod api;
+mod artifacts;
 mod bombs;
 pub mod catalog;
 pub mod custom;
@@ -127,15 +131,20 @@ pub enum Verdict {
     Breached,
     /// The attack could not be run or judged (not a pass).
     Error,
+    /// Every check passed, but the host saw no evidence that the attack
+    /// tried anything (no limit fired, no more host calls than a job that
+    /// only prints a line): nothing was shown to hold (not a pass).
+    Inconclusive,
 }
 
 impl Verdict {
-    /// `held`, `breached` or `error`.
+    /// `held`, `breached`, `error` or `inconclusive`.
     pub fn as_str(self) -> &'static str {
         match self {
             Verdict::Held => "held",
             Verdict::Breached => "breached",
             Verdict::Error => "error",
+            Verdict::Inconclusive => "inconclusive",
         }
     }
 }
@@ -180,6 +189,10 @@ pub struct AttackResult {
     pub stopped_by: String,
     /// Every host-side check, passed or not.
     pub checks: Vec<Check>,
+    /// What the host observed the attack do, in one line (for guest jobs:
+    /// the host calls it made, against a job that only prints a line).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub evidence: String,
     /// Wall time of the attack, in milliseconds.
     pub time_ms: f64,
 }
@@ -211,8 +224,62 @@ impl AttackResult {
             verdict,
             stopped_by,
             checks,
+            evidence: String::new(),
             time_ms,
         }
+    }
+
+    /// Records what the host observed the attack do.
+    #[must_use]
+    pub fn with_evidence(mut self, evidence: impl Into<String>) -> Self {
+        self.evidence = evidence.into();
+        self
+    }
+
+    /// Downgrades a `held` verdict to `inconclusive`: the host saw no
+    /// attempt, so nothing was shown to hold. `why` is recorded as a
+    /// failed `attempts` check. Other verdicts are kept.
+    #[must_use]
+    pub fn unless_attempted(mut self, attempted: bool, why: impl Into<String>) -> Self {
+        if !attempted && self.verdict == Verdict::Held {
+            self.verdict = Verdict::Inconclusive;
+            self.checks.push(Check::new("attempts", false, why));
+        }
+        self
+    }
+}
+
+/// Whether a guest job showed the host an attempt, and the evidence line
+/// saying what the host saw. A limit that fired is an attempt; otherwise
+/// the job must have made more host calls than `baseline`, a job of the
+/// suite's `hello` guest (which only prints a line) run beside it. Without
+/// a usable baseline (a service that does not count host calls) the job
+/// counts as attempted and the evidence says so.
+pub(crate) fn attempt_evidence(
+    report: &crate::sandbox::JobReport,
+    baseline: Option<&crate::sandbox::JobReport>,
+) -> (bool, String) {
+    let calls = report.measurements.host_calls;
+    let outputs = format!(
+        "{} outputs, {} skipped",
+        report.outputs.len(),
+        report.skipped_outputs.len()
+    );
+    if let Some(limit) = report.limit {
+        return (
+            true,
+            format!("limit {limit} fired; {calls} host calls; {outputs}"),
+        );
+    }
+    match baseline.map(|b| b.measurements.host_calls) {
+        Some(base) if base > 0 => (
+            calls > base,
+            format!("{calls} host calls (a job that only prints a line: {base}); {outputs}"),
+        ),
+        _ => (
+            true,
+            format!("{calls} host calls (no baseline to compare with); {outputs}"),
+        ),
     }
 }
 
@@ -259,6 +326,9 @@ pub struct Summary {
     pub breached: usize,
     /// Could not be run or judged.
     pub error: usize,
+    /// No attempt observed: nothing shown to hold.
+    #[serde(default)]
+    pub inconclusive: usize,
     /// The same counts per class, in [`Class::ALL`] order (classes with no
     /// attack left out).
     pub by_class: Vec<ClassSummary>,
@@ -277,6 +347,9 @@ pub struct ClassSummary {
     pub breached: usize,
     /// Errors.
     pub error: usize,
+    /// Inconclusive.
+    #[serde(default)]
+    pub inconclusive: usize,
 }
 
 impl Summary {
@@ -290,6 +363,7 @@ impl Summary {
                     Verdict::Held => s.held += 1,
                     Verdict::Breached => s.breached += 1,
                     Verdict::Error => s.error += 1,
+                    Verdict::Inconclusive => s.inconclusive += 1,
                 }
             }
             s
@@ -308,6 +382,7 @@ impl Summary {
             held: all.held,
             breached: all.breached,
             error: all.error,
+            inconclusive: all.inconclusive,
             by_class,
         }
     }

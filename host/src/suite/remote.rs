@@ -312,7 +312,13 @@ async fn guest(
     let stopped = match (&report.limit, &report.failure) {
         (Some(l), _) => format!("limit {l}"),
         (None, Some(f)) => f.message.clone(),
-        (None, None) => "every attempt refused".into(),
+        (None, None) => "the job exited 0".into(),
     };
+    let (attempted, evidence) = super::attempt_evidence(&report, neighbour.as_ref().ok());
     AttackResult::judge(attack, checks, stopped, None, ms(started))
+        .with_evidence(evidence.clone())
+        .unless_attempted(
+            attempted,
+            format!("no attempt observed by the host: {evidence}"),
+        )
 }

@@ -27,6 +27,9 @@ mod flood;
 mod examples;
 // `bulkhead escape-suite`: the bundled attacks hold, a weakened setup is caught.
 mod suite;
+// Planted cache artifacts are not run, shared cache and work dirs are refused,
+// hostile output trees and names are skipped with why, never a host error.
+mod artifacts;
 
 /// Adding a guest to `guests/` without a test named after it in
 /// [`guests`] fails to compile.

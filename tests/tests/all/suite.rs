@@ -427,3 +427,52 @@ fn the_command_writes_its_reports_and_exits_non_zero_on_a_breach() {
     assert_eq!(code, 1, "{stdout}");
     assert!(stdout.contains("BREACHED custom.env-talker"), "{stdout}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_attack_that_tries_nothing_is_inconclusive_not_held() {
+    // A tester registers the `hello` guest as a filesystem attack: it prints
+    // a line and exits 0. The host saw no attempt, so it must not say held.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(bulkhead_tests::HELLO, dir.path().join("idle.wasm")).unwrap();
+    std::fs::write(
+        dir.path().join("idle.toml"),
+        "class = \"filesystem\"\ndescription = \"says hello and tries nothing\"\n",
+    )
+    .unwrap();
+    let mut opts = options();
+    opts.guests = Some(dir.path().to_owned());
+    opts.only = Some("custom.idle".into());
+    let report = run(&opts).await;
+    let r = &report.results[0];
+    assert_eq!(r.verdict, Verdict::Inconclusive, "{}", failed_checks(r));
+    assert_ne!(r.stopped_by, "every attempt refused");
+    assert!(r.evidence.contains("host calls"), "{}", r.evidence);
+    let attempts = r.checks.iter().find(|c| c.name == "attempts").unwrap();
+    assert!(!attempts.passed && attempts.detail.contains("no attempt"));
+    assert!(!report.all_held());
+    assert_eq!(
+        (report.summary.held, report.summary.inconclusive),
+        (0, 1),
+        "{:?}",
+        report.summary
+    );
+    // Every rendering says so, with the evidence.
+    let table = report::table::render(&report);
+    assert!(table.contains("INCONCLUSIVE custom.idle"), "{table}");
+    assert!(table.contains("evidence:"), "{table}");
+    let json = report::json::render(&report);
+    let parsed = report::json::parse(&json).unwrap();
+    assert_eq!(parsed.results[0].verdict, Verdict::Inconclusive);
+    assert_eq!(parsed.results[0].evidence, r.evidence);
+    let html = report::html::render(&report);
+    assert!(html.contains("pill inconclusive") && html.contains("<b>evidence:</b>"));
+
+    // A guest that really tries is judged on the same evidence: held.
+    let real = custom_dir();
+    opts.guests = Some(real.path().to_owned());
+    opts.only = Some("custom.quiet".into());
+    let report = run(&opts).await;
+    let r = &report.results[0];
+    assert_eq!(r.verdict, Verdict::Held, "{}", failed_checks(r));
+    assert!(r.evidence.contains("host calls"), "{}", r.evidence);
+}

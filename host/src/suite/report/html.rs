@@ -44,7 +44,7 @@ th,td{text-align:left;padding:8px 10px;border-bottom:1px solid #eceff3;vertical-
 th{background:#eef1f5;font-size:13px}
 td.id{font-family:ui-monospace,Menlo,Consolas,monospace;white-space:nowrap}
 .pill{display:inline-block;border-radius:10px;padding:1px 9px;font-size:12px;font-weight:700;color:#fff}
-.pill.held{background:#2e9e5b}.pill.breached{background:#d93025}.pill.error{background:#e5a100}
+.pill.held{background:#2e9e5b}.pill.breached{background:#d93025}.pill.error{background:#e5a100}.pill.inconclusive{background:#7a7a7a}
 details summary{cursor:pointer;color:#37589b}
 ul.checks{margin:6px 0 0;padding-left:18px}
 ul.checks li{margin:2px 0}
@@ -81,12 +81,12 @@ pub fn render(report: &SuiteReport) -> String {
                 s.breached, s.total
             ),
         )
-    } else if s.error > 0 {
+    } else if s.error + s.inconclusive > 0 {
         (
             "err",
             format!(
-                "No breach, but {} of {} attacks could not be judged",
-                s.error, s.total
+                "No breach, but {} of {} attacks could not be judged and {} showed no attempt",
+                s.error, s.total, s.inconclusive
             ),
         )
     } else {
@@ -110,7 +110,7 @@ pub fn render(report: &SuiteReport) -> String {
             out,
             "<div class=\"card\"><h3>{}</h3><p class=\"desc\">{}</p>\
              <div class=\"bar\"><span class=\"h\" style=\"width:{:.1}%\"></span><span class=\"b\" style=\"width:{:.1}%\"></span><span class=\"e\" style=\"width:{:.1}%\"></span></div>\
-             <div>{} attacks: <b class=\"ok\">{} held</b>, <b class=\"bad\">{} breached</b>, <b class=\"err\">{} errors</b></div></div>",
+             <div>{} attacks: <b class=\"ok\">{} held</b>, <b class=\"bad\">{} breached</b>, <b class=\"err\">{} errors</b>, {} inconclusive</div></div>",
             escape(&c.class),
             escape(desc),
             pct(c.held),
@@ -119,7 +119,8 @@ pub fn render(report: &SuiteReport) -> String {
             c.total,
             c.held,
             c.breached,
-            c.error
+            c.error,
+            c.inconclusive
         );
     }
     out.push_str("</section>\n");
@@ -132,7 +133,7 @@ pub fn render(report: &SuiteReport) -> String {
         let failed = r.checks.iter().filter(|c| !c.passed).count();
         let _ = write!(
             out,
-            "<tr id=\"{}\"><td class=\"id\">{}</td><td>{}</td><td><span class=\"pill {v}\">{v}</span></td><td>{}<br><b>stopped by:</b> {}{}\
+            "<tr id=\"{}\"><td class=\"id\">{}</td><td>{}</td><td><span class=\"pill {v}\">{v}</span></td><td>{}<br><b>stopped by:</b> {}{}{}\
              <details{}><summary>{} host-side checks{}</summary><ul class=\"checks\">",
             escape(&r.id),
             escape(&r.id),
@@ -143,6 +144,11 @@ pub fn render(report: &SuiteReport) -> String {
             } else {
                 &r.stopped_by
             }),
+            if r.evidence.is_empty() {
+                String::new()
+            } else {
+                format!("<br><b>evidence:</b> {}", escape(&r.evidence))
+            },
             if r.source == "bundled" {
                 String::new()
             } else {

@@ -40,23 +40,25 @@ pub fn render(report: &SuiteReport) -> String {
     let class_w = 10;
     let _ = writeln!(
         out,
-        "{:<id_w$}  {:<class_w$}  {:<8}  {:<48}  {:>9}",
-        "attack", "class", "verdict", "stopped by", "time"
+        "{:<id_w$}  {:<class_w$}  {:<8}  {:<48}  {:<40}  {:>9}",
+        "attack", "class", "verdict", "stopped by", "evidence", "time"
     );
-    let _ = writeln!(out, "{}", "-".repeat(id_w + class_w + 8 + 48 + 9 + 8));
+    let _ = writeln!(out, "{}", "-".repeat(id_w + class_w + 8 + 48 + 40 + 9 + 10));
     for r in &report.results {
         let verdict = match r.verdict {
             Verdict::Held => "held",
             Verdict::Breached => "BREACHED",
             Verdict::Error => "ERROR",
+            Verdict::Inconclusive => "INCONCL.",
         };
         let _ = writeln!(
             out,
-            "{:<id_w$}  {:<class_w$}  {:<8}  {:<48}  {:>6.0} ms",
+            "{:<id_w$}  {:<class_w$}  {:<8}  {:<48}  {:<40}  {:>6.0} ms",
             r.id,
             r.class.as_str(),
             verdict,
             cut(&r.stopped_by, 48),
+            cut(&r.evidence, 40),
             r.time_ms
         );
     }
@@ -68,6 +70,9 @@ pub fn render(report: &SuiteReport) -> String {
             r.id,
             printable(&r.title)
         );
+        if !r.evidence.is_empty() {
+            let _ = writeln!(out, "  evidence: {}", cut(&r.evidence, 300));
+        }
         for c in r.checks.iter().filter(|c| !c.passed) {
             let _ = writeln!(out, "  {}: {}", c.name, cut(&c.detail, 300));
         }
@@ -86,14 +91,14 @@ pub fn render(report: &SuiteReport) -> String {
     let s = &report.summary;
     let _ = writeln!(
         out,
-        "\n{} attacks against {} (policy {}): {} held, {} breached, {} errors",
-        s.total, report.target, report.policy, s.held, s.breached, s.error
+        "\n{} attacks against {} (policy {}): {} held, {} breached, {} errors, {} inconclusive",
+        s.total, report.target, report.policy, s.held, s.breached, s.error, s.inconclusive
     );
     for c in &s.by_class {
         let _ = writeln!(
             out,
-            "  {:<class_w$}  {:>3} attacks  {:>3} held  {:>3} breached  {:>3} errors",
-            c.class, c.total, c.held, c.breached, c.error
+            "  {:<class_w$}  {:>3} attacks  {:>3} held  {:>3} breached  {:>3} errors  {:>3} inconclusive",
+            c.class, c.total, c.held, c.breached, c.error, c.inconclusive
         );
     }
     out

@@ -1,0 +1,370 @@
+//! Attacks on what the host keeps on disk for itself: the precompiled-module
+//! cache (native code the host maps and runs) and the work directory. Another
+//! local user plants an artifact under the pinned module's name, or prepares
+//! the directories before the host first uses them. These run locally only:
+//! they need the host's own directories.
+//!
+//! Held means, judged on the host: a planted artifact is never loaded (the
+//! module is compiled from its pinned `.wasm`, the job behaves exactly as a
+//! job of the pinned module does, and the planted file is replaced); a
+//! directory others can write, or that another user owns, is refused before
+//! the host writes anything into it, with an error naming it.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use super::catalog::{Attack, AttackKind};
+use super::local::{Harness, ms};
+use super::{AttackResult, Check};
+use crate::policy::Sha256Hex;
+use crate::sandbox::{JobDir, JobSpec, Sandbox, SandboxConfig};
+
+/// One attack on the host's directories.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DirAttack {
+    /// Another module's cached artifact (a valid one, tag and all) copied
+    /// under the pinned module's name.
+    PlantedCopy,
+    /// Garbage with a made-up tag under the pinned module's name.
+    PlantedGarbage,
+    /// A symlink under the pinned module's name, to another module's
+    /// artifact.
+    PlantedLink,
+    /// A cache directory anyone may write to (mode 0777).
+    WritableCache,
+    /// A cache directory inside a directory anyone may write to (0777, not
+    /// sticky).
+    WritableCacheParent,
+    /// A cache directory reached through a symlink to a directory anyone
+    /// may write to.
+    LinkedCache,
+    /// A cache directory owned by another user (needs root to set up).
+    ForeignCache,
+    /// A work directory anyone may write to.
+    WritableWork,
+    /// A work directory owned by another user (needs root to set up).
+    ForeignWork,
+}
+
+impl DirAttack {
+    /// Every variant, with its id and what it tries.
+    pub const ALL: [(DirAttack, &'static str, &'static str); 9] = [
+        (
+            DirAttack::PlantedCopy,
+            "fs.cache-planted-copy",
+            "plant another module's cached artifact under the pinned module's name, then restart",
+        ),
+        (
+            DirAttack::PlantedGarbage,
+            "fs.cache-planted-garbage",
+            "plant garbage with a made-up tag under the pinned module's cache name",
+        ),
+        (
+            DirAttack::PlantedLink,
+            "fs.cache-planted-link",
+            "plant a symlink to another module's artifact under the pinned module's cache name",
+        ),
+        (
+            DirAttack::WritableCache,
+            "fs.cache-dir-writable",
+            "hand the host a world-writable module cache directory",
+        ),
+        (
+            DirAttack::WritableCacheParent,
+            "fs.cache-parent-writable",
+            "hand the host a cache directory inside a world-writable, non-sticky directory",
+        ),
+        (
+            DirAttack::LinkedCache,
+            "fs.cache-dir-linked",
+            "hand the host a cache path that is a symlink to a world-writable directory",
+        ),
+        (
+            DirAttack::ForeignCache,
+            "fs.cache-dir-foreign",
+            "hand the host a module cache directory another user owns",
+        ),
+        (
+            DirAttack::WritableWork,
+            "fs.work-dir-writable",
+            "hand the host a world-writable work directory for its jobs",
+        ),
+        (
+            DirAttack::ForeignWork,
+            "fs.work-dir-foreign",
+            "hand the host a work directory another user owns",
+        ),
+    ];
+}
+
+/// The bundled attacks of this module.
+pub fn attacks() -> Vec<Attack> {
+    DirAttack::ALL
+        .iter()
+        .map(|(a, id, title)| Attack {
+            id: (*id).to_owned(),
+            class: super::Class::Filesystem,
+            title: (*title).to_owned(),
+            source: "bundled".to_owned(),
+            kind: AttackKind::Dirs(*a),
+        })
+        .collect()
+}
+
+fn chmod(path: &Path, mode: u32) -> std::io::Result<()> {
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+}
+
+/// Runs one attack.
+pub async fn run_local(
+    h: &Harness,
+    attack: &Attack,
+    kind: DirAttack,
+    started: Instant,
+) -> AttackResult {
+    let area = h
+        .scratch
+        .join(format!("dirs-{}", uuid::Uuid::new_v4().simple()));
+    let result = match kind {
+        DirAttack::PlantedCopy | DirAttack::PlantedGarbage | DirAttack::PlantedLink => {
+            planted(h, &area, kind).await
+        }
+        _ => refused(h, &area, kind),
+    };
+    let _ = std::fs::remove_dir_all(&area);
+    match result {
+        Ok((checks, stopped, attempted)) => {
+            AttackResult::judge(attack, checks, stopped, None, ms(started)).unless_attempted(
+                attempted,
+                "cannot set up a directory another user owns without running as root",
+            )
+        }
+        Err(e) => AttackResult::judge(attack, Vec::new(), String::new(), Some(e), ms(started)),
+    }
+}
+
+type Outcome = Result<(Vec<Check>, String, bool), String>;
+
+fn sandbox(work: &Path, cache: Option<&Path>) -> Result<Sandbox, String> {
+    let mut config = SandboxConfig::new(work);
+    config.cache_dir = cache.map(Path::to_owned);
+    config.max_concurrent_jobs = 1;
+    Sandbox::new(config).map_err(|e| e.to_string())
+}
+
+/// The first file named `name` under `dir`.
+fn find(dir: &Path, name: &str) -> Option<PathBuf> {
+    for entry in std::fs::read_dir(dir).ok()?.flatten() {
+        let path = entry.path();
+        if entry.file_name() == name {
+            return Some(path);
+        }
+        if entry.file_type().ok()?.is_dir()
+            && let Some(found) = find(&path, name)
+        {
+            return Some(found);
+        }
+    }
+    None
+}
+
+async fn planted(h: &Harness, area: &Path, kind: DirAttack) -> Outcome {
+    let cache = area.join("cache");
+    let work = area.join("jobs");
+    let hostile = super::catalog::hostile_wasm();
+    let hello = super::catalog::hello_wasm();
+    let hostile_name = format!("{}.cwasm", Sha256Hex::digest(&hostile));
+    let hello_name = format!("{}.cwasm", Sha256Hex::digest(hello));
+
+    // The attacker's module, compiled into the cache by the host itself:
+    // a genuine artifact of this engine, under its own name.
+    {
+        let first = sandbox(&work, Some(&cache))?;
+        let text = h.base.policy_text("suite-cache-other", &hostile, None, &[]);
+        super::local::load(&first, &text, &hostile)?;
+    }
+    let other = find(&cache, &hostile_name)
+        .ok_or_else(|| format!("the cache holds no {hostile_name} after compiling it"))?;
+    let target = other.with_file_name(&hello_name);
+    match kind {
+        DirAttack::PlantedCopy => std::fs::copy(&other, &target).map(drop),
+        DirAttack::PlantedGarbage => {
+            let mut bytes = b"\x7fELF not really an artifact".to_vec();
+            bytes.extend([0xa5; 32]);
+            std::fs::write(&target, bytes)
+        }
+        _ => std::os::unix::fs::symlink(&other, &target),
+    }
+    .map_err(|e| format!("cannot plant {}: {e}", target.display()))?;
+    let planted = std::fs::read(&target).unwrap_or_default();
+
+    // A restart: a new sandbox on the same cache loads the pinned module.
+    let second = sandbox(&work, Some(&cache))?;
+    let text = h.base.policy_text("suite-cache-pinned", hello, None, &[]);
+    let module = super::local::load(&second, &text, hello)?;
+    let job = JobSpec::new();
+    let dir = JobDir::create(&work, &job.id).map_err(|e| e.to_string())?;
+    let report = second
+        .run(&module, &job, &dir)
+        .await
+        .map_err(|e| format!("the job was refused: {e}"))?;
+    drop(dir);
+    // The same module, compiled by the suite's own sandbox: what the pinned
+    // module really does.
+    let reference_job = JobSpec::new();
+    let reference_dir = JobDir::create(&h.main.sandbox.config().work_dir, &reference_job.id)
+        .map_err(|e| e.to_string())?;
+    let reference = h
+        .main
+        .sandbox
+        .run(&h.main.neighbour, &reference_job, &reference_dir)
+        .await
+        .map_err(|e| format!("the reference job was refused: {e}"))?;
+    drop(reference_dir);
+
+    let mut checks = Vec::new();
+    checks.push(Check::new(
+        "cache",
+        !module.from_cache(),
+        if module.from_cache() {
+            "the host loaded the planted file as the pinned module's code".to_owned()
+        } else {
+            "the planted file was not loaded: the module was compiled from its pinned .wasm"
+                .to_owned()
+        },
+    ));
+    let same = report.succeeded() == reference.succeeded()
+        && report.exit_code == reference.exit_code
+        && report.stdout == reference.stdout
+        && report.outputs == reference.outputs
+        && report.skipped_outputs == reference.skipped_outputs;
+    checks.push(Check::new(
+        "behaviour",
+        same,
+        if same {
+            format!(
+                "the job behaved as the pinned module does (exit {:?}, {} bytes of stdout, {} outputs)",
+                report.exit_code,
+                report.stdout.bytes,
+                report.outputs.len()
+            )
+        } else {
+            format!(
+                "the job did not behave as the pinned module: exit {:?} vs {:?}, stdout {:?} vs {:?}",
+                report.exit_code, reference.exit_code, report.stdout.text, reference.stdout.text
+            )
+        },
+    ));
+    let meta = std::fs::symlink_metadata(&target);
+    let replaced = meta.as_ref().is_ok_and(|m| m.is_file())
+        && std::fs::read(&target).is_ok_and(|now| now != planted);
+    checks.push(Check::new(
+        "replaced",
+        replaced,
+        if replaced {
+            "the planted entry was overwritten with the host's own artifact".to_owned()
+        } else {
+            format!(
+                "the planted entry is still there ({})",
+                if meta.is_ok_and(|m| m.file_type().is_symlink()) {
+                    "a symlink"
+                } else {
+                    "unchanged"
+                }
+            )
+        },
+    ));
+    let stopped = if module.from_cache() {
+        "loaded from the cache".to_owned()
+    } else {
+        "artifact failed authentication; recompiled".to_owned()
+    };
+    Ok((checks, stopped, true))
+}
+
+fn refused(h: &Harness, area: &Path, kind: DirAttack) -> Outcome {
+    std::fs::create_dir_all(area).map_err(|e| e.to_string())?;
+    let root = is_root();
+    let bad = match kind {
+        DirAttack::WritableCacheParent => area.join("open").join("cache"),
+        DirAttack::LinkedCache => area.join("link"),
+        _ => area.join("dir"),
+    };
+    let setup = |e: std::io::Error| format!("cannot set up {}: {e}", bad.display());
+    match kind {
+        DirAttack::WritableCache | DirAttack::WritableWork => {
+            std::fs::create_dir(&bad).map_err(setup)?;
+            chmod(&bad, 0o777).map_err(setup)?;
+        }
+        DirAttack::WritableCacheParent => {
+            std::fs::create_dir_all(&bad).map_err(setup)?;
+            chmod(&bad, 0o700).map_err(setup)?;
+            chmod(&area.join("open"), 0o777).map_err(setup)?;
+        }
+        DirAttack::LinkedCache => {
+            let open = area.join("open");
+            std::fs::create_dir(&open).map_err(setup)?;
+            chmod(&open, 0o777).map_err(setup)?;
+            std::os::unix::fs::symlink(&open, &bad).map_err(setup)?;
+        }
+        DirAttack::ForeignCache | DirAttack::ForeignWork => {
+            if !root {
+                return Ok((Vec::new(), "not run: needs root".to_owned(), false));
+            }
+            std::fs::create_dir(&bad).map_err(setup)?;
+            chmod(&bad, 0o700).map_err(setup)?;
+            std::os::unix::fs::chown(&bad, Some(65534), Some(65534)).map_err(setup)?;
+        }
+        _ => unreachable!("planted attacks are run by `planted`"),
+    }
+    let is_work = matches!(kind, DirAttack::WritableWork | DirAttack::ForeignWork);
+    let work_ok = h.scratch.join("jobs");
+    let result = if is_work {
+        sandbox(&bad, None)
+    } else {
+        sandbox(&work_ok, Some(&bad))
+    };
+    let mut checks = Vec::new();
+    let shown = bad.display().to_string();
+    let (passed, detail, stopped) = match &result {
+        Ok(_) => (
+            false,
+            format!("the host accepted {shown}"),
+            "accepted".to_owned(),
+        ),
+        Err(e) if e.contains(&area.display().to_string()) => {
+            (true, format!("refused: {e}"), "refused at start".to_owned())
+        }
+        Err(e) => (
+            false,
+            format!("refused, but without naming the directory: {e}"),
+            "refused at start".to_owned(),
+        ),
+    };
+    drop(result);
+    checks.push(Check::new("refused", passed, detail));
+    // Nothing of the host's was written into the attacker's directory.
+    let written: Vec<String> = std::fs::read_dir(&bad)
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    checks.push(Check::new(
+        "untouched",
+        written.is_empty(),
+        if written.is_empty() {
+            format!("the host wrote nothing into {shown}")
+        } else {
+            format!("the host wrote {written:?} into {shown}")
+        },
+    ));
+    Ok((checks, stopped, true))
+}
+
+fn is_root() -> bool {
+    // SAFETY: `geteuid` has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
