@@ -115,6 +115,15 @@ const MODES: &[&str] = &[
     "udp-send",
     "tcp-listen",
     "dns",
+    "fd-streams",
+    "fd-preopens",
+    "fd-dirs",
+    "fd-every-way",
+    "cpu-huge-poll",
+    "cpu-huge-path",
+    "disk-rewrite",
+    "disk-rewrite-at",
+    "disk-truncate-regrow",
 ];
 
 fn main() -> ExitCode {
@@ -204,6 +213,15 @@ fn main() -> ExitCode {
         "udp-send" => net::udp_send(&ctx),
         "tcp-listen" => net::tcp_listen(&ctx),
         "dns" => net::dns(&ctx),
+        "fd-streams" => exhaust::fd_streams(&ctx),
+        "fd-preopens" => exhaust::fd_preopens(&ctx),
+        "fd-dirs" => exhaust::fd_dirs(&ctx),
+        "fd-every-way" => exhaust::fd_every_way(&ctx),
+        "cpu-huge-poll" => exhaust::cpu_huge_poll(&ctx),
+        "cpu-huge-path" => exhaust::cpu_huge_path(&ctx),
+        "disk-rewrite" => exhaust::disk_rewrite(&ctx),
+        "disk-rewrite-at" => exhaust::disk_rewrite_at(&ctx),
+        "disk-truncate-regrow" => exhaust::disk_truncate_regrow(&ctx),
         _ => unreachable!("mode {mode} is in MODES but not dispatched"),
     }
 }

@@ -29,6 +29,7 @@ mod egress;
 pub mod evidence;
 mod forge;
 mod local;
+mod meters;
 mod remote;
 pub mod report;
 

@@ -27,6 +27,8 @@ mod flood;
 mod examples;
 // `bulkhead escape-suite`: the bundled attacks hold, a weakened setup is caught.
 mod suite;
+// Meters on the real resource: host descriptors, host CPU, bytes written.
+mod meters;
 
 /// Adding a guest to `guests/` without a test named after it in
 /// [`guests`] fails to compile.
