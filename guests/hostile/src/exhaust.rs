@@ -9,7 +9,7 @@ use std::io::{self, Seek, SeekFrom, Write};
 use std::process::ExitCode;
 use std::time::Duration;
 
-use crate::attempt;
+use crate::{Ctx, attempt};
 
 const KIB: usize = 1024;
 const MIB: usize = 1024 * KIB;
@@ -366,4 +366,301 @@ pub fn log_inject() -> ExitCode {
     // Invalid UTF-8 as well.
     let _ = io::stdout().lock().write_all(&[0xff, 0xfe, b'\n']);
     ExitCode::SUCCESS
+}
+
+// ---------------------------------------------------------------------------
+// Meters on the real resource: host descriptors, host CPU, bytes written.
+// These talk to WASI directly (the `wasip2` bindings) where std would hide
+// the object the attack needs, such as a stream kept after its descriptor.
+
+use wasip2::filesystem::preopens::get_directories;
+use wasip2::filesystem::types::{Descriptor, DescriptorFlags, OpenFlags, PathFlags};
+
+/// The preopened directory the guest sees as `name`.
+fn preopen(name: &str) -> Option<Descriptor> {
+    get_directories()
+        .into_iter()
+        .find(|(_, n)| n == name)
+        .map(|(d, _)| d)
+}
+
+/// Anything that may hold a host descriptor, kept alive until the end.
+type Held = Box<dyn std::any::Any>;
+
+/// Obtains host descriptors with `next` until refused, reports how many it
+/// got, holds them for `--hold-ms=` (default 500) so the host can count
+/// them, then keeps asking (a job that persists at its bound must be
+/// stopped with the `descriptors` limit). Exit 0 if never refused.
+fn hold_descriptors(
+    ctx: &Ctx,
+    name: &str,
+    mut next: impl FnMut(u32) -> Result<Vec<Held>, String>,
+) -> ExitCode {
+    let hold_ms: u64 = ctx
+        .param("hold-ms")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(500);
+    let mut held: Vec<Held> = Vec::new();
+    let mut refused = 0u32;
+    for n in 0u32..20_000 {
+        match next(n) {
+            Ok(objects) => held.extend(objects),
+            Err(e) => {
+                refused += 1;
+                if refused == 1 {
+                    println!("attempt {name}: err {e} after {n} rounds");
+                    println!("{name}: holding {} objects", held.len());
+                    std::thread::sleep(Duration::from_millis(hold_ms));
+                }
+                if refused > 1_000 {
+                    break;
+                }
+            }
+        }
+    }
+    println!("{name}: {refused} refusals, {} objects held", held.len());
+    if refused == 0 {
+        println!("attempt {name}: ok, never refused");
+        std::thread::sleep(Duration::from_millis(hold_ms));
+    }
+    std::mem::forget(held);
+    if refused == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    }
+}
+
+fn open_file(dir: &Descriptor, path: &str, write: bool) -> Result<Descriptor, String> {
+    let (oflags, flags) = if write {
+        (
+            OpenFlags::CREATE,
+            DescriptorFlags::READ | DescriptorFlags::WRITE,
+        )
+    } else {
+        (OpenFlags::empty(), DescriptorFlags::READ)
+    };
+    dir.open_at(PathFlags::empty(), path, oflags, flags)
+        .map_err(|e| format!("open {path}: {e:?}"))
+}
+
+/// `fd-streams`: open a file, take a stream on it, drop the descriptor and
+/// keep the stream (which keeps the host file open), alternating reads of
+/// `/in/<input>` and writes to `/out/s<n>`.
+pub fn fd_streams(ctx: &Ctx) -> ExitCode {
+    let (Some(input), Some(out)) = (preopen("/in"), preopen("/out")) else {
+        println!("fd-streams: no preopens");
+        return ExitCode::from(2);
+    };
+    let name = first_input(&input);
+    hold_descriptors(ctx, "fd-streams", |n| {
+        let stream: Held = if n % 2 == 0 && name.is_some() {
+            let file = open_file(&input, name.as_deref().unwrap_or(""), false)?;
+            Box::new(file.read_via_stream(0).map_err(|e| format!("{e:?}"))?)
+        } else {
+            let file = open_file(&out, &format!("s{}", n % 4), true)?;
+            Box::new(file.write_via_stream(0).map_err(|e| format!("{e:?}"))?)
+        };
+        // The descriptor is dropped here; only the stream holds the file.
+        Ok(vec![stream])
+    })
+}
+
+/// The name of some file in `dir`.
+fn first_input(dir: &Descriptor) -> Option<String> {
+    let entries = dir.read_directory().ok()?;
+    while let Ok(Some(entry)) = entries.read_directory_entry() {
+        if entry.name != "." && entry.name != ".." {
+            return Some(entry.name);
+        }
+    }
+    None
+}
+
+/// `fd-preopens`: open files and, after each, fetch the preopens again and
+/// drop them: handles a counter never saw must not give its count back.
+pub fn fd_preopens(ctx: &Ctx) -> ExitCode {
+    let Some(input) = preopen("/in") else {
+        return ExitCode::from(2);
+    };
+    hold_descriptors(ctx, "fd-preopens", |_| {
+        let dir = input
+            .open_at(
+                PathFlags::empty(),
+                ".",
+                OpenFlags::DIRECTORY,
+                DescriptorFlags::READ,
+            )
+            .map_err(|e| format!("open /in: {e:?}"))?;
+        for _ in 0..4 {
+            drop(get_directories());
+        }
+        Ok(vec![Box::new(dir) as Held])
+    })
+}
+
+/// `fd-dirs`: open `/in` and `/out` as directories and list each, keeping
+/// the descriptors and the listing streams.
+pub fn fd_dirs(ctx: &Ctx) -> ExitCode {
+    let (Some(input), Some(out)) = (preopen("/in"), preopen("/out")) else {
+        return ExitCode::from(2);
+    };
+    hold_descriptors(ctx, "fd-dirs", |n| {
+        let parent = if n % 2 == 0 { &input } else { &out };
+        let dir = parent
+            .open_at(
+                PathFlags::empty(),
+                ".",
+                OpenFlags::DIRECTORY,
+                DescriptorFlags::READ,
+            )
+            .map_err(|e| format!("open dir: {e:?}"))?;
+        let listing = dir.read_directory().map_err(|e| format!("list: {e:?}"))?;
+        Ok(vec![Box::new(dir) as Held, Box::new(listing) as Held])
+    })
+}
+
+/// `fd-every-way`: all of the above in turn, plus descriptors dropped and
+/// opened again, in one job.
+pub fn fd_every_way(ctx: &Ctx) -> ExitCode {
+    let (Some(input), Some(out)) = (preopen("/in"), preopen("/out")) else {
+        return ExitCode::from(2);
+    };
+    let name = first_input(&input);
+    hold_descriptors(ctx, "fd-every-way", |n| {
+        // Churn: open and drop at once, which must give back exactly what
+        // it took.
+        drop(open_file(&out, "churn", true));
+        drop(get_directories());
+        let held: Held = match n % 4 {
+            0 => Box::new(
+                open_file(&out, &format!("e{}", n % 8), true)?
+                    .append_via_stream()
+                    .map_err(|e| format!("{e:?}"))?,
+            ),
+            1 if name.is_some() => Box::new(
+                open_file(&input, name.as_deref().unwrap_or(""), false)?
+                    .read_via_stream(0)
+                    .map_err(|e| format!("{e:?}"))?,
+            ),
+            2 => Box::new(
+                out.open_at(
+                    PathFlags::empty(),
+                    ".",
+                    OpenFlags::DIRECTORY,
+                    DescriptorFlags::READ,
+                )
+                .map_err(|e| format!("{e:?}"))?,
+            ),
+            _ => Box::new(open_file(&out, &format!("e{}", n % 8), true)?),
+        };
+        Ok(vec![held])
+    })
+}
+
+/// `cpu-huge-poll`: hand the host a poll list of `--entries=` (default
+/// 1,000,000) copies of one ready pollable, over and over. Each call costs
+/// the guest a few milliseconds and the host far more (lifting every
+/// handle, grouping them, lowering the answer).
+pub fn cpu_huge_poll(ctx: &Ctx) -> ExitCode {
+    let entries: usize = ctx
+        .param("entries")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1_000_000);
+    let ready = wasip2::clocks::monotonic_clock::subscribe_duration(0);
+    let list: Vec<&wasip2::io::poll::Pollable> = vec![&ready; entries];
+    println!("attempt cpu-huge-poll: polling {entries} entries per call");
+    for n in 0u64.. {
+        let got = black_box(wasip2::io::poll::poll(&list));
+        if n.is_multiple_of(16) {
+            println!("cpu-huge-poll: call {n}, {} ready", got.len());
+        }
+    }
+    unreachable!("u64 counter exhausted")
+}
+
+/// `cpu-huge-path`: `stat` a `--mib=` (default 16) MiB path, over and over:
+/// the host copies and checks the whole string before refusing it.
+pub fn cpu_huge_path(ctx: &Ctx) -> ExitCode {
+    let mib: usize = ctx.param("mib").and_then(|v| v.parse().ok()).unwrap_or(16);
+    let Some(input) = preopen("/in") else {
+        return ExitCode::from(2);
+    };
+    let path = "a".repeat(mib * MIB);
+    println!("attempt cpu-huge-path: stat of a {mib} MiB path per call");
+    for n in 0u64.. {
+        let got = input.stat_at(PathFlags::empty(), black_box(&path));
+        if n.is_multiple_of(64) {
+            println!("cpu-huge-path: call {n}: {:?}", got.err());
+        }
+    }
+    unreachable!("u64 counter exhausted")
+}
+
+/// Rewrites `/out/<name>` in place, 256 KiB at offset 0 then `sync`, for
+/// `--passes=` passes (default: until an error).
+fn rewrite(ctx: &Ctx, name: &str, mut pass: impl FnMut(&[u8]) -> Result<(), String>) -> ExitCode {
+    let passes: u64 = ctx
+        .param("passes")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(u64::MAX);
+    let chunk = vec![0xC3u8; 256 * KIB];
+    for n in 0..passes {
+        if let Err(e) = pass(&chunk) {
+            println!("attempt {name}: err {e} after {n} passes");
+            return ExitCode::from(1);
+        }
+    }
+    println!("attempt {name}: ok, {passes} passes");
+    ExitCode::SUCCESS
+}
+
+/// `disk-rewrite`: seek to 0, write, fsync, forever, through std (a
+/// stream at the offset): the file never grows.
+pub fn disk_rewrite(ctx: &Ctx) -> ExitCode {
+    let Some(mut file) = attempt("create /out/rewrite", File::create("/out/rewrite")) else {
+        return ExitCode::from(1);
+    };
+    rewrite(ctx, "disk-rewrite", |chunk| {
+        file.seek(SeekFrom::Start(0)).map_err(|e| e.to_string())?;
+        file.write_all(chunk).map_err(|e| e.to_string())?;
+        file.sync_all().map_err(|e| e.to_string())
+    })
+}
+
+/// `disk-rewrite-at`: the same with positioned writes (`write` at offset
+/// 0 on the descriptor) and `sync`.
+pub fn disk_rewrite_at(ctx: &Ctx) -> ExitCode {
+    let Some(out) = preopen("/out") else {
+        return ExitCode::from(2);
+    };
+    let file = match open_file(&out, "rewrite-at", true) {
+        Ok(f) => f,
+        Err(e) => {
+            println!("attempt disk-rewrite-at: err {e}");
+            return ExitCode::from(1);
+        }
+    };
+    rewrite(ctx, "disk-rewrite-at", |chunk| {
+        let mut done = 0;
+        while done < chunk.len() {
+            done += file
+                .write(&chunk[done..], done as u64)
+                .map_err(|e| format!("{e:?}"))? as usize;
+        }
+        file.sync().map_err(|e| format!("{e:?}"))
+    })
+}
+
+/// `disk-truncate-regrow`: truncate to 0, write again, fsync, forever.
+pub fn disk_truncate_regrow(ctx: &Ctx) -> ExitCode {
+    let Some(mut file) = attempt("create /out/regrow", File::create("/out/regrow")) else {
+        return ExitCode::from(1);
+    };
+    rewrite(ctx, "disk-truncate-regrow", |chunk| {
+        file.set_len(0).map_err(|e| e.to_string())?;
+        file.seek(SeekFrom::Start(0)).map_err(|e| e.to_string())?;
+        file.write_all(chunk).map_err(|e| e.to_string())?;
+        file.sync_all().map_err(|e| e.to_string())
+    })
 }

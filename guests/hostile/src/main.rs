@@ -117,6 +117,15 @@ const MODES: &[&str] = &[
     "dns",
     "out-deep",
     "out-names",
+    "fd-streams",
+    "fd-preopens",
+    "fd-dirs",
+    "fd-every-way",
+    "cpu-huge-poll",
+    "cpu-huge-path",
+    "disk-rewrite",
+    "disk-rewrite-at",
+    "disk-truncate-regrow",
 ];
 
 fn main() -> ExitCode {
@@ -208,6 +217,15 @@ fn main() -> ExitCode {
         "dns" => net::dns(&ctx),
         "out-deep" => fs::out_deep(&ctx),
         "out-names" => fs::out_names(&ctx),
+        "fd-streams" => exhaust::fd_streams(&ctx),
+        "fd-preopens" => exhaust::fd_preopens(&ctx),
+        "fd-dirs" => exhaust::fd_dirs(&ctx),
+        "fd-every-way" => exhaust::fd_every_way(&ctx),
+        "cpu-huge-poll" => exhaust::cpu_huge_poll(&ctx),
+        "cpu-huge-path" => exhaust::cpu_huge_path(&ctx),
+        "disk-rewrite" => exhaust::disk_rewrite(&ctx),
+        "disk-rewrite-at" => exhaust::disk_rewrite_at(&ctx),
+        "disk-truncate-regrow" => exhaust::disk_truncate_regrow(&ctx),
         _ => unreachable!("mode {mode} is in MODES but not dispatched"),
     }
 }

@@ -95,38 +95,126 @@ impl Drop for EpochTicker {
     }
 }
 
-/// Descriptors kept back for the process itself: listeners, connections,
-/// the store, the cache, the precompiled modules.
-const RESERVED_DESCRIPTORS: u64 = 512;
+/// Descriptors kept back for the process itself, which no job can take:
+/// listeners and their connections, the store, the module cache, the
+/// precompiled modules, downloads, and outbound calls.
+pub const RESERVED_DESCRIPTORS: u64 = 512;
+
+/// Host descriptors a running job holds besides what its guest opens: its
+/// preopens (`/in`, `/out`, and the escape suite's extra one), the one a
+/// host call opens and closes within the call (path resolution with
+/// `openat2`, a directory listing, syncing a directory), and output
+/// collection after the guest ends.
+pub const JOB_OVERHEAD_DESCRIPTORS: u64 = 8;
 
 /// Most descriptors any one job may hold, whatever the process limit.
 pub const MAX_OPEN_PER_JOB: u64 = 256;
 
-/// Raises the process's soft descriptor limit to its hard limit, then
-/// divides what is left after [`RESERVED_DESCRIPTORS`] among `slots` jobs
-/// (at least 8 each, at most [`MAX_OPEN_PER_JOB`]).
-pub fn max_open_per_job(slots: u32) -> u64 {
+/// Fewest descriptors a job may be given: below this, ordinary programs
+/// fail, so the host refuses to start instead.
+pub const MIN_OPEN_PER_JOB: u64 = 16;
+
+/// The process's descriptor limit cannot give every slot its minimum.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "the process may open {limit} descriptors: after {RESERVED_DESCRIPTORS} kept for the \
+     service, {slots} concurrent jobs cannot have {MIN_OPEN_PER_JOB} each (plus \
+     {JOB_OVERHEAD_DESCRIPTORS} of their own); raise `ulimit -n` or run fewer jobs at once"
+)]
+pub struct DescriptorBudgetError {
+    /// The process's descriptor limit.
+    pub limit: u64,
+    /// Jobs that may run at once.
+    pub slots: u32,
+}
+
+/// Host descriptors one job's guest may hold, given the process limit
+/// `limit` and `slots` jobs at once: what is left after
+/// [`RESERVED_DESCRIPTORS`], divided among the slots, less each job's
+/// [`JOB_OVERHEAD_DESCRIPTORS`], at most [`MAX_OPEN_PER_JOB`]. So
+/// `slots * (per_job + JOB_OVERHEAD_DESCRIPTORS) + RESERVED_DESCRIPTORS <= limit`:
+/// all jobs together, each at its bound, leave the reserve untouched.
+///
+/// # Errors
+/// When that leaves a job fewer than [`MIN_OPEN_PER_JOB`].
+pub fn descriptor_budget(limit: u64, slots: u32) -> Result<u64, DescriptorBudgetError> {
+    let per_slot = limit.saturating_sub(RESERVED_DESCRIPTORS) / u64::from(slots.max(1));
+    let per_job = per_slot
+        .saturating_sub(JOB_OVERHEAD_DESCRIPTORS)
+        .min(MAX_OPEN_PER_JOB);
+    if per_job < MIN_OPEN_PER_JOB {
+        return Err(DescriptorBudgetError { limit, slots });
+    }
+    Ok(per_job)
+}
+
+/// Raises the process's soft descriptor limit to its hard limit and returns
+/// it.
+pub fn raise_descriptor_limit() -> u64 {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
     };
     // SAFETY: `lim` is a valid, writable `rlimit`.
-    let soft = if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0 {
-        if lim.rlim_cur < lim.rlim_max {
-            let raised = libc::rlimit {
-                rlim_cur: lim.rlim_max,
-                rlim_max: lim.rlim_max,
-            };
-            // SAFETY: `raised` is a valid `rlimit`; raising the soft limit
-            // up to the hard one needs no privilege.
-            if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
-                lim.rlim_cur = lim.rlim_max;
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return 1024;
+    }
+    if lim.rlim_cur < lim.rlim_max {
+        let raised = libc::rlimit {
+            rlim_cur: lim.rlim_max,
+            rlim_max: lim.rlim_max,
+        };
+        // SAFETY: `raised` is a valid `rlimit`; raising the soft limit up to
+        // the hard one needs no privilege.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            lim.rlim_cur = lim.rlim_max;
+        }
+    }
+    lim.rlim_cur
+}
+
+/// Raises the process's soft descriptor limit to its hard limit, then
+/// gives each of `slots` jobs its share ([`descriptor_budget`]).
+///
+/// # Errors
+/// When the limit cannot give every slot its minimum.
+pub fn max_open_per_job(slots: u32) -> Result<u64, DescriptorBudgetError> {
+    descriptor_budget(raise_descriptor_limit(), slots)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jobs_at_their_bound_leave_the_reserve_to_the_service() {
+        for limit in [600, 1024, 4096, 20_000, 1 << 20] {
+            for slots in [1, 2, 4, 16, 32, 64, 256] {
+                if let Ok(per_job) = descriptor_budget(limit, slots) {
+                    let all_jobs = u64::from(slots) * (per_job + JOB_OVERHEAD_DESCRIPTORS);
+                    assert!(
+                        all_jobs + RESERVED_DESCRIPTORS <= limit,
+                        "limit {limit}, {slots} slots: {per_job} each leaves no reserve"
+                    );
+                    assert!((MIN_OPEN_PER_JOB..=MAX_OPEN_PER_JOB).contains(&per_job));
+                }
             }
         }
-        lim.rlim_cur
-    } else {
-        1024
-    };
-    let share = soft.saturating_sub(RESERVED_DESCRIPTORS) / u64::from(slots.max(1));
-    share.clamp(8, MAX_OPEN_PER_JOB)
+        assert_eq!(descriptor_budget(20_000, 16), Ok(MAX_OPEN_PER_JOB));
+        assert_eq!(descriptor_budget(1024, 16), Ok(24));
+    }
+
+    #[test]
+    fn a_limit_too_small_for_the_slots_is_refused() {
+        let err = descriptor_budget(1024, 64).unwrap_err();
+        assert_eq!(
+            err,
+            DescriptorBudgetError {
+                limit: 1024,
+                slots: 64
+            }
+        );
+        assert!(err.to_string().contains("64 concurrent jobs"), "{err}");
+        assert!(descriptor_budget(RESERVED_DESCRIPTORS, 1).is_err());
+    }
 }

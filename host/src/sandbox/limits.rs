@@ -35,10 +35,23 @@ pub enum LimitKind {
     OutputFiles,
     /// Instances, memories or tables beyond what one job may create.
     Instances,
+    /// Host file descriptors the job holds at once (the host's per-job
+    /// share, `engine::max_open_per_job`): fires when the guest keeps
+    /// asking for more after being refused.
+    Descriptors,
+    /// Bytes written to `/out` in total, overwrites included
+    /// ([`WRITTEN_PER_OUTPUT`] times `limits.output`).
+    Written,
 }
 
+/// How many times `limits.output` a job may write in total, counting every
+/// byte it writes, overwrites and rewrites included. Growth is bounded by
+/// `output`; this bounds the disk traffic of rewriting the same bytes in
+/// place, which on a disk-backed work directory is real I/O.
+pub const WRITTEN_PER_OUTPUT: u64 = 4;
+
 impl LimitKind {
-    const ALL: [LimitKind; 10] = [
+    const ALL: [LimitKind; 12] = [
         LimitKind::Memory,
         LimitKind::Tables,
         LimitKind::CpuTime,
@@ -49,6 +62,8 @@ impl LimitKind {
         LimitKind::Output,
         LimitKind::OutputFiles,
         LimitKind::Instances,
+        LimitKind::Descriptors,
+        LimitKind::Written,
     ];
 
     /// The policy key (or engine setting) this limit comes from.
@@ -64,6 +79,8 @@ impl LimitKind {
             LimitKind::Output => "output",
             LimitKind::OutputFiles => "output_files",
             LimitKind::Instances => "instances",
+            LimitKind::Descriptors => "descriptors",
+            LimitKind::Written => "written",
         }
     }
 }

@@ -12,6 +12,7 @@
 //! Nothing outside this module names wasmtime types.
 
 mod cache;
+mod cpu;
 mod engine;
 mod job;
 mod limits;
@@ -31,10 +32,14 @@ use wasmtime_wasi::I32Exit;
 use wasmtime_wasi::p2::bindings::CommandPre;
 
 pub use cache::{PrivateDirError, ensure_private_dir};
-pub use engine::MAX_OPEN_PER_JOB;
+pub use engine::{
+    DescriptorBudgetError, JOB_OVERHEAD_DESCRIPTORS, MAX_OPEN_PER_JOB, MIN_OPEN_PER_JOB,
+    RESERVED_DESCRIPTORS, descriptor_budget,
+};
 pub use job::{JobDir, JobInput, JobSpec, MAX_INPUTS, create_private_dir_all, validate_input_name};
-pub use limits::LimitKind;
+pub use limits::{LimitKind, WRITTEN_PER_OUTPUT};
 pub use outputs::{OutputFile, SkippedOutput};
+pub use quota::DESCRIPTOR_REFUSALS;
 pub use report::{Captured, Failure, FailureKind, JobReport, Measurements, Outcome};
 pub use wasi::{MAX_HANDLES, MAX_RANDOM_PER_CALL, import_verdict};
 
@@ -50,7 +55,7 @@ use crate::policy::{ByteSize, Policy, Sha256Hex};
 /// | `max_memory` | 1 GiB | a policy granting more memory than the host has |
 /// | `max_wasm_stack` | 1 MiB | unbounded recursion (traps as the `stack` limit) |
 /// | `max_module_size` | 64 MiB | oversized uploads and compile bombs by size |
-/// | `epoch_tick` | 10 ms | resolution of `cpu_time` |
+/// | `epoch_tick` | 10 ms | how often a guest running wasm is checked against `cpu_time` |
 /// | `unsafe_extra_preopen` | `None` | — a deliberate hole, see the field |
 #[derive(Clone, Debug)]
 pub struct SandboxConfig {
@@ -66,7 +71,8 @@ pub struct SandboxConfig {
     pub max_wasm_stack: usize,
     /// Largest module accepted, in bytes.
     pub max_module_size: usize,
-    /// Epoch tick; CPU time is counted in these.
+    /// Epoch tick: how often a guest running wasm checks its CPU time
+    /// (which is measured on the thread's CPU clock, not in ticks).
     pub epoch_tick: Duration,
     /// A host directory preopened read-write into every job, at the guest
     /// path given: a deliberate hole in the compartment. It exists only so
@@ -232,8 +238,9 @@ pub struct Sandbox {
     /// Where outbound calls go; `None` when the host declares no services.
     relay: Option<Arc<crate::relay::Relay>>,
     /// Host file descriptors one job may hold open: the process's share
-    /// divided among the pool's slots, so jobs together can never exhaust
-    /// the descriptors the listeners and the store need.
+    /// divided among the pool's slots ([`descriptor_budget`]), so jobs
+    /// together can never exhaust the descriptors the listeners and the
+    /// store need.
     max_open_per_job: u64,
     cache: Option<cache::ModuleCache>,
     config: SandboxConfig,
@@ -257,11 +264,16 @@ impl std::fmt::Debug for Sandbox {
 pub struct SandboxError(String);
 
 impl Sandbox {
-    /// Builds the engine, linker and epoch ticker.
+    /// Builds the engine, linker and epoch ticker, and raises the process's
+    /// descriptor limit to give each pool slot its share.
     ///
     /// # Errors
-    /// If wasmtime rejects the configuration.
+    /// If wasmtime rejects the configuration, or the process's descriptor
+    /// limit cannot give `max_concurrent_jobs` jobs their minimum while
+    /// keeping the service's reserve ([`descriptor_budget`]).
     pub fn new(config: SandboxConfig) -> Result<Self, SandboxError> {
+        let max_open_per_job = engine::max_open_per_job(config.max_concurrent_jobs)
+            .map_err(|e| SandboxError(e.to_string()))?;
         let engine = engine::build(&config).map_err(|e| SandboxError(format!("{e:#}")))?;
         let linker = wasi::linker(&engine).map_err(|e| SandboxError(format!("{e:#}")))?;
         let http_linker = wasi::http_linker(&engine).map_err(|e| SandboxError(format!("{e:#}")))?;
@@ -281,7 +293,7 @@ impl Sandbox {
             linker,
             http_linker,
             relay: None,
-            max_open_per_job: engine::max_open_per_job(config.max_concurrent_jobs),
+            max_open_per_job,
             cache,
             slots: tokio::sync::Semaphore::new(config.max_concurrent_jobs.max(1) as usize),
             config,
@@ -292,6 +304,11 @@ impl Sandbox {
     /// The settings it was built with.
     pub fn config(&self) -> &SandboxConfig {
         &self.config
+    }
+
+    /// Host descriptors one job's guest may hold at once.
+    pub fn max_open_per_job(&self) -> u64 {
+        self.max_open_per_job
     }
 
     /// Routes the outbound calls of modules whose policy names services
@@ -412,19 +429,14 @@ impl Sandbox {
         let args = wasi::guest_args(policy, job).map_err(JobError::Param)?;
         dir.write_inputs(&job.inputs)?;
 
-        let tick = self.config.epoch_tick;
-        let cpu_budget_ticks = policy
-            .limits
-            .cpu_time
-            .get()
-            .as_nanos()
-            .div_ceil(tick.as_nanos().max(1)) as u64;
+        let cpu_budget_ns =
+            u64::try_from(policy.limits.cpu_time.get().as_nanos()).unwrap_or(u64::MAX);
         let (state, captures) = wasi::job_state(
             policy,
             job,
             dir,
             &args,
-            cpu_budget_ticks,
+            cpu_budget_ns,
             &wasi::HostSide {
                 relay: self.relay.as_ref(),
                 extra_preopen: self.config.unsafe_extra_preopen.as_ref(),
@@ -433,6 +445,7 @@ impl Sandbox {
         )?;
         let grant = state.gate.grant.clone();
         let latch = state.latch.clone();
+        let cpu = Arc::clone(&state.cpu);
 
         // Waiting for a slot is not the job's time: the wall clock starts
         // once it has one. The semaphore is never closed.
@@ -458,11 +471,10 @@ impl Sandbox {
             Ok(())
         });
         store.set_epoch_deadline(1);
-        store.epoch_deadline_callback(|mut ctx| {
-            let s = ctx.data_mut();
-            s.cpu_ticks += 1;
-            if s.cpu_ticks > s.cpu_budget_ticks {
-                s.latch.fire(LimitKind::CpuTime);
+        store.epoch_deadline_callback(|ctx| {
+            // The job's real CPU time, host calls included (`cpu::Metered`
+            // below charges every poll of the job's future).
+            if ctx.data().cpu.over_budget() {
                 wasmtime::bail!("cpu_time limit exceeded");
             }
             // Yield every tick so a busy guest never starves other jobs on
@@ -470,19 +482,21 @@ impl Sandbox {
             Ok(UpdateDeadline::Yield(1))
         });
 
-        let run = async {
-            let command = module
-                .pre
-                .instantiate_async(&mut store)
-                .await
-                .map_err(|e| (Stage::Instantiate, e))?;
-            command
-                .wasi_cli_run()
-                .call_run(&mut store)
-                .await
-                .map_err(|e| (Stage::Run, e))
+        let result = {
+            let run = std::pin::pin!(async {
+                let command = module
+                    .pre
+                    .instantiate_async(&mut store)
+                    .await
+                    .map_err(|e| (Stage::Instantiate, e))?;
+                command
+                    .wasi_cli_run()
+                    .call_run(&mut store)
+                    .await
+                    .map_err(|e| (Stage::Run, e))
+            });
+            tokio::time::timeout(policy.limits.wall_time.get(), cpu::Metered::new(run, &cpu)).await
         };
-        let result = tokio::time::timeout(policy.limits.wall_time.get(), run).await;
         let wall = started.elapsed();
 
         let (exit_code, error) = match result {
@@ -490,9 +504,11 @@ impl Sandbox {
                 latch.fire(LimitKind::WallTime);
                 (None, None)
             }
-            Ok(Ok(Ok(()))) => (Some(0), None),
-            Ok(Ok(Err(()))) => (Some(1), None),
-            Ok(Err((stage, e))) => match e.downcast_ref::<I32Exit>() {
+            // Over its CPU budget (the meter fired the limit).
+            Ok(None) => (None, None),
+            Ok(Some(Ok(Ok(())))) => (Some(0), None),
+            Ok(Some(Ok(Err(())))) => (Some(1), None),
+            Ok(Some(Err((stage, e)))) => match e.downcast_ref::<I32Exit>() {
                 Some(exit) => (Some(exit.0), None),
                 None => {
                     if let Some(wasmtime::Trap::StackOverflow) = e.downcast_ref::<wasmtime::Trap>()
@@ -510,7 +526,7 @@ impl Sandbox {
         let failure = if let Some(limit) = limit {
             Some(Failure {
                 kind: FailureKind::Limit,
-                message: limit_message(policy, limit, &self.config),
+                message: limit_message(policy, limit, &self.config, self.max_open_per_job),
             })
         } else if let Some((stage, e)) = &error {
             Some(Failure {
@@ -535,11 +551,15 @@ impl Sandbox {
         };
 
         let state = store.data();
+        tracing::debug!(
+            job = %job.id,
+            written = state.quota.bytes_written(),
+            descriptors = state.quota.open_descriptors(),
+            "job meters at its end"
+        );
         let measurements = Measurements {
             wall_time_ms: wall.as_secs_f64() * 1000.0,
-            cpu_time_ms: (state.cpu_ticks.min(state.cpu_budget_ticks) as f64)
-                * tick.as_secs_f64()
-                * 1000.0,
+            cpu_time_ms: cpu.spent() as f64 / 1e6,
             peak_memory_bytes: state.limiter.peak_memory() as u64,
             output_bytes: state.quota.bytes_charged(),
             output_entries: state.quota.entries_charged(),
@@ -647,7 +667,12 @@ fn check_inputs(policy: &Policy, job: &JobSpec) -> Result<(), JobError> {
     Ok(())
 }
 
-fn limit_message(policy: &Policy, limit: LimitKind, config: &SandboxConfig) -> String {
+fn limit_message(
+    policy: &Policy,
+    limit: LimitKind,
+    config: &SandboxConfig,
+    max_open: u64,
+) -> String {
     let l = &policy.limits;
     let value = match limit {
         LimitKind::Memory => l.memory.to_string(),
@@ -660,6 +685,11 @@ fn limit_message(policy: &Policy, limit: LimitKind, config: &SandboxConfig) -> S
         LimitKind::Output => l.output.to_string(),
         LimitKind::OutputFiles => format!("{} entries", l.output_files),
         LimitKind::Instances => "the per-job instance limit".to_owned(),
+        LimitKind::Descriptors => format!("{max_open} host descriptors"),
+        LimitKind::Written => {
+            ByteSize::bytes(l.output.as_u64().saturating_mul(limits::WRITTEN_PER_OUTPUT))
+                .to_string()
+        }
     };
     format!("{limit} limit of {value} exceeded")
 }

@@ -22,14 +22,35 @@
 //!
 //! Charges are never refunded (deleting a file does not return its bytes), so
 //! the charged total is an upper bound on what `/out` can hold at any moment:
-//! the quota is on bytes *written*, as the policy documents. Only this module
-//! knows about the quota; the rest of the sandbox reads [`OutputQuota`].
+//! the quota is on bytes *written*, as the policy documents.
+//!
+//! Every byte written, overwrites included, is also charged to a second
+//! meter bounded by [`WRITTEN_PER_OUTPUT`] times the byte budget: growth
+//! alone does not bound the disk traffic of rewriting the same bytes in
+//! place (with `sync` after each pass), which is real I/O when the work
+//! directory is on disk. Exceeding it fires the `written` limit.
+//!
+//! Host descriptors are bounded here too, on the objects that own them.
+//! Every host descriptor a guest can obtain is opened by `open-at` (a file
+//! or a directory, shared through an `Arc` by the descriptor, any stream
+//! read from or written to it, and any background task of those streams);
+//! `get-directories` hands out clones of the preopens, which own no new
+//! descriptor, and `read-directory` reads a listing eagerly and closes its
+//! descriptor before returning. So [`OutputQuota`] keeps a weak reference to
+//! each file `open-at` returns and counts those still alive: a descriptor is
+//! released when the last holder drops it and the host really closes it,
+//! whatever resource held it and in whatever order they were dropped. At
+//! the bound an open is refused with `insufficient-memory` (WASI has no
+//! `EMFILE`); a guest that keeps asking after [`DESCRIPTOR_REFUSALS`]
+//! refusals is stopped with the `descriptors` limit. Only this module knows
+//! about these meters; the rest of the sandbox reads [`OutputQuota`].
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 
 use bytes::Bytes;
 use wasmtime::component::{HasData, Resource};
+use wasmtime_wasi::OpenMode;
 use wasmtime_wasi::filesystem::WasiFilesystemCtxView;
 use wasmtime_wasi::p2::bindings::filesystem::types::{
     self, ErrorCode, HostDescriptor, HostDirectoryEntryStream,
@@ -38,7 +59,12 @@ use wasmtime_wasi::p2::{FsError, FsResult};
 use wasmtime_wasi_io::poll::Pollable;
 use wasmtime_wasi_io::streams::{DynInputStream, DynOutputStream, OutputStream, StreamError};
 
-use super::limits::{LimitKind, LimitLatch};
+use super::limits::{LimitKind, LimitLatch, WRITTEN_PER_OUTPUT};
+
+/// Refused opens after which a guest still asking for descriptors is
+/// stopped with the `descriptors` limit: a guest that handles the error and
+/// closes something goes on, one that loops on it does not.
+pub const DESCRIPTOR_REFUSALS: u64 = 64;
 
 /// The `/out` budget of one job, shared by the filesystem wrapper and the
 /// streams it hands out.
@@ -48,15 +74,21 @@ pub struct OutputQuota {
     max_entries: u64,
     bytes: AtomicU64,
     entries: AtomicU64,
-    /// Host file descriptors the guest holds open (files, directories,
-    /// directory listings), and the most it may.
-    open: AtomicU64,
+    /// Every byte written, overwrites included, and the most allowed.
+    written: AtomicU64,
+    max_written: u64,
+    /// The host files the guest opened, as weak references: one still
+    /// alive is a host descriptor still open, whoever holds it.
+    open: Mutex<Vec<Weak<std::fs::File>>>,
     max_open: u64,
+    /// Opens refused at the bound so far.
+    refused_opens: AtomicU64,
     latch: LimitLatch,
 }
 
 impl OutputQuota {
-    /// A budget of `max_bytes` bytes and `max_entries` created entries.
+    /// A budget of `max_bytes` bytes and `max_entries` created entries
+    /// (and [`WRITTEN_PER_OUTPUT`] times `max_bytes` written in all).
     /// `max_open` bounds the host descriptors the job may hold at once.
     pub fn new(max_bytes: u64, max_entries: u64, max_open: u64, latch: LimitLatch) -> Arc<Self> {
         Arc::new(Self {
@@ -64,29 +96,72 @@ impl OutputQuota {
             max_entries,
             bytes: AtomicU64::new(0),
             entries: AtomicU64::new(0),
-            open: AtomicU64::new(0),
+            written: AtomicU64::new(0),
+            max_written: max_bytes.saturating_mul(WRITTEN_PER_OUTPUT),
+            open: Mutex::new(Vec::new()),
             max_open,
+            refused_opens: AtomicU64::new(0),
             latch,
         })
     }
 
-    /// Takes one host descriptor. A guest at its bound gets an error for
-    /// this open (no limit fires: closing something lets it go on).
-    fn take_descriptor(&self) -> Result<(), ErrorCode> {
-        if Self::charge(&self.open, self.max_open, 1) {
+    fn held(&self) -> std::sync::MutexGuard<'_, Vec<Weak<std::fs::File>>> {
+        // The list stays consistent whatever panicked while holding it.
+        self.open.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Host descriptors the guest's opens still hold (forgetting those
+    /// whose last holder is gone).
+    pub fn open_descriptors(&self) -> u64 {
+        let mut held = self.held();
+        held.retain(|f| f.strong_count() > 0);
+        held.len() as u64
+    }
+
+    /// Admits one more open if the guest holds fewer than its bound. At
+    /// the bound the open gets `insufficient-memory`; after
+    /// [`DESCRIPTOR_REFUSALS`] refusals the `descriptors` limit fires and
+    /// the job is stopped (a trap).
+    fn admit_open(&self) -> FsResult<()> {
+        if self.open_descriptors() < self.max_open {
+            return Ok(());
+        }
+        let refused = self.refused_opens.fetch_add(1, Ordering::SeqCst) + 1;
+        if refused >= DESCRIPTOR_REFUSALS {
+            self.latch.fire(LimitKind::Descriptors);
+            return Err(FsError::trap(wasmtime::format_err!(
+                "descriptors limit: {refused} opens refused at the bound of {} host descriptors",
+                self.max_open
+            )));
+        }
+        Err(ErrorCode::InsufficientMemory.into())
+    }
+
+    /// Counts `file` as held until its last holder drops it.
+    fn hold(&self, file: &Arc<std::fs::File>) {
+        self.held().push(Arc::downgrade(file));
+    }
+
+    /// Bytes written so far, overwrites included.
+    pub fn bytes_written(&self) -> u64 {
+        self.written.load(Ordering::SeqCst)
+    }
+
+    /// Charges `len` bytes written; on refusal fires the `written` limit.
+    fn charge_written(&self, len: u64) -> Result<(), ErrorCode> {
+        if len == 0 || Self::charge(&self.written, self.max_written, len) {
             Ok(())
         } else {
-            Err(ErrorCode::InsufficientMemory)
+            self.latch.fire(LimitKind::Written);
+            Err(ErrorCode::Quota)
         }
     }
 
-    /// Gives one back (the preopens were never taken: saturate at 0).
-    fn release_descriptor(&self) {
-        let _ = self
-            .open
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
-                Some(n.saturating_sub(1))
-            });
+    /// Charges a write of `len` bytes at `offset` into a file of `size`
+    /// bytes: its growth to `output`, all of it to `written`.
+    fn charge_write(&self, size: u64, offset: u64, len: u64) -> Result<(), ErrorCode> {
+        self.charge_bytes(growth(size, offset, len)?)?;
+        self.charge_written(len)
     }
 
     /// Bytes charged so far.
@@ -151,13 +226,29 @@ pub struct QuotaFs<'a> {
 }
 
 impl QuotaFs<'_> {
-    /// The current apparent size of `fd` if it is a regular file (one
-    /// `fstat`, cheap enough to do before every write).
+    /// The current apparent size of `fd` if it is a regular file opened
+    /// for writing (one `fstat`, cheap enough to do before every write).
+    /// Writes through any other descriptor fail in wasmtime-wasi without
+    /// touching the disk, so they are not charged.
     fn file_size(&self, fd: &Resource<types::Descriptor>) -> Option<u64> {
         let borrowed: Resource<types::Descriptor> = Resource::new_borrow(fd.rep());
         match self.inner.table.get(&borrowed) {
-            Ok(types::Descriptor::File(f)) => f.file.metadata().ok().map(|m| m.len()),
+            Ok(types::Descriptor::File(f))
+                if f.open_mode.contains(OpenMode::WRITE) && !f.perms.write_not_permitted() =>
+            {
+                f.file.metadata().ok().map(|m| m.len())
+            }
             _ => None,
+        }
+    }
+
+    /// Counts the host file behind the descriptor `open-at` just returned.
+    fn hold(&mut self, fd: &Resource<types::Descriptor>) {
+        let borrowed: Resource<types::Descriptor> = Resource::new_borrow(fd.rep());
+        match self.inner.table.get(&borrowed) {
+            Ok(types::Descriptor::File(f)) => self.quota.hold(&f.file),
+            Ok(types::Descriptor::Dir(d)) => self.quota.hold(&d.dir),
+            Err(_) => {}
         }
     }
 
@@ -242,7 +333,9 @@ impl HostDescriptor for QuotaFs<'_> {
         size: types::Filesize,
     ) -> FsResult<()> {
         if let Some(current) = self.file_size(&fd) {
-            self.quota.charge_bytes(size.saturating_sub(current))?;
+            let grown = size.saturating_sub(current);
+            self.quota.charge_bytes(grown)?;
+            self.quota.charge_written(grown)?;
         }
         self.inner.set_size(fd, size).await
     }
@@ -272,8 +365,7 @@ impl HostDescriptor for QuotaFs<'_> {
         offset: types::Filesize,
     ) -> FsResult<types::Filesize> {
         if let Some(current) = self.file_size(&fd) {
-            self.quota
-                .charge_bytes(growth(current, offset, buf.len() as u64)?)?;
+            self.quota.charge_write(current, offset, buf.len() as u64)?;
         }
         self.inner.write(fd, buf, offset).await
     }
@@ -282,12 +374,10 @@ impl HostDescriptor for QuotaFs<'_> {
         &mut self,
         fd: Resource<types::Descriptor>,
     ) -> FsResult<Resource<types::DirectoryEntryStream>> {
-        self.quota.take_descriptor()?;
-        let stream = self.inner.read_directory(fd).await;
-        if stream.is_err() {
-            self.quota.release_descriptor();
-        }
-        stream
+        // The listing is read in full here and its descriptor closed before
+        // this returns: the stream holds memory (bounded by the entries
+        // `/in` and `/out` may have), not a host descriptor.
+        self.inner.read_directory(fd).await
     }
 
     async fn sync(&mut self, fd: Resource<types::Descriptor>) -> FsResult<()> {
@@ -353,19 +443,18 @@ impl HostDescriptor for QuotaFs<'_> {
         {
             self.quota.charge_entry()?;
         }
-        self.quota.take_descriptor()?;
+        self.quota.admit_open()?;
         let opened = self
             .inner
             .open_at(fd, path_flags, path, oflags, flags)
-            .await;
-        if opened.is_err() {
-            self.quota.release_descriptor();
-        }
-        opened
+            .await?;
+        self.hold(&opened);
+        Ok(opened)
     }
 
     fn drop(&mut self, fd: Resource<types::Descriptor>) -> wasmtime::Result<()> {
-        self.quota.release_descriptor();
+        // Nothing to give back by hand: the host descriptor is released
+        // when its last holder (this descriptor or a stream on it) drops it.
         HostDescriptor::drop(&mut self.inner, fd)
     }
 
@@ -474,7 +563,6 @@ impl HostDirectoryEntryStream for QuotaFs<'_> {
     }
 
     fn drop(&mut self, stream: Resource<types::DirectoryEntryStream>) -> wasmtime::Result<()> {
-        self.quota.release_descriptor();
         HostDirectoryEntryStream::drop(&mut self.inner, stream)
     }
 }
@@ -496,8 +584,7 @@ struct QuotaStream {
 impl OutputStream for QuotaStream {
     fn write(&mut self, bytes: Bytes) -> Result<(), StreamError> {
         let len = bytes.len() as u64;
-        let charge =
-            growth(self.known_size, self.position, len).and_then(|g| self.quota.charge_bytes(g));
+        let charge = self.quota.charge_write(self.known_size, self.position, len);
         if charge.is_err() {
             // ENOSPC reaches the guest as `insufficient-space`, the closest
             // stream-level error to a quota.
@@ -542,28 +629,62 @@ mod tests {
         assert!(growth(0, u64::MAX, 2).is_err());
     }
 
+    /// A real host file, open on a fresh descriptor.
+    fn host_file() -> Arc<std::fs::File> {
+        Arc::new(tempfile::tempfile().unwrap())
+    }
+
     #[test]
-    fn descriptors_are_bounded_and_given_back() {
+    fn descriptors_are_counted_until_the_last_holder_closes_them() {
         let latch = LimitLatch::default();
         let q = OutputQuota::new(10, 1, 2, latch.clone());
-        q.take_descriptor().unwrap();
-        q.take_descriptor().unwrap();
-        assert_eq!(q.take_descriptor(), Err(ErrorCode::InsufficientMemory));
-        q.release_descriptor();
-        q.take_descriptor().unwrap();
-        // Dropping the preopens (never taken) does not go below zero or
-        // hand out extra descriptors.
-        for _ in 0..5 {
-            q.release_descriptor();
+        let a = host_file();
+        q.admit_open().unwrap();
+        q.hold(&a);
+        // A second holder of the same file (a stream on it) outlives the
+        // first: the descriptor is still open and still counted.
+        let stream_clone = Arc::clone(&a);
+        drop(a);
+        let b = host_file();
+        q.admit_open().unwrap();
+        q.hold(&b);
+        assert_eq!(q.open_descriptors(), 2);
+        assert!(q.admit_open().is_err(), "at the bound");
+        drop(stream_clone);
+        assert_eq!(q.open_descriptors(), 1, "released by the last holder");
+        q.admit_open().unwrap();
+        assert_eq!(latch.fired(), None, "a refusal alone fires no limit");
+    }
+
+    #[test]
+    fn persistent_refusals_fire_the_descriptors_limit() {
+        let latch = LimitLatch::default();
+        let q = OutputQuota::new(10, 1, 1, latch.clone());
+        let held = host_file();
+        q.hold(&held);
+        for _ in 1..DESCRIPTOR_REFUSALS {
+            let err = q.admit_open().unwrap_err();
+            assert_eq!(err.downcast_ref(), Some(&ErrorCode::InsufficientMemory));
         }
-        q.take_descriptor().unwrap();
-        q.take_descriptor().unwrap();
-        assert!(q.take_descriptor().is_err());
-        assert_eq!(
-            latch.fired(),
-            None,
-            "no limit fires: the guest may close and go on"
-        );
+        assert_eq!(latch.fired(), None);
+        let err = q.admit_open().unwrap_err();
+        assert_eq!(err.downcast_ref(), None, "a trap, not an error code");
+        assert_eq!(latch.fired(), Some(LimitKind::Descriptors));
+    }
+
+    #[test]
+    fn every_byte_written_is_charged_and_bounded() {
+        let latch = LimitLatch::default();
+        let q = OutputQuota::new(100, 1, 1, latch.clone());
+        // Rewriting the same 100 bytes in place: no growth after the first
+        // pass, but every pass is written.
+        for _ in 0..WRITTEN_PER_OUTPUT {
+            q.charge_write(100, 0, 100).unwrap();
+        }
+        assert_eq!(q.bytes_written(), 100 * WRITTEN_PER_OUTPUT);
+        assert_eq!(q.charge_write(100, 0, 1), Err(ErrorCode::Quota));
+        assert_eq!(latch.fired(), Some(LimitKind::Written));
+        assert_eq!(q.bytes_charged(), 0, "overwrites never grew the file");
     }
 
     #[test]

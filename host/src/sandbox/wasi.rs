@@ -10,14 +10,18 @@
 
 use std::sync::Arc;
 
-use wasmtime::component::{Linker, ResourceTable};
+use wasmtime::StoreContextMut;
+use wasmtime::component::{Linker, Resource, ResourceTable, WasmList};
 use wasmtime::{Engine, ResourceLimiter};
 use wasmtime_wasi::filesystem::WasiFilesystemCtxView;
 use wasmtime_wasi::p2::pipe::MemoryInputPipe;
 use wasmtime_wasi::{FsPerms, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
 use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
+use wasmtime_wasi_io::bindings::wasi::io::poll;
+use wasmtime_wasi_io::poll::DynPollable;
 
+use super::cpu::CpuMeter;
 use super::job::{JobDir, JobSpec};
 use super::limits::{JobLimiter, LimitKind, LimitLatch};
 use super::pipe::CappedPipe;
@@ -42,8 +46,8 @@ pub struct JobState {
     pub(crate) limiter: JobLimiter,
     pub(crate) quota: Arc<OutputQuota>,
     pub(crate) latch: LimitLatch,
-    pub(crate) cpu_ticks: u64,
-    pub(crate) cpu_budget_ticks: u64,
+    /// The job's real CPU time, host calls included.
+    pub(crate) cpu: Arc<CpuMeter>,
     http: WasiHttpCtx,
     pub(crate) gate: Gate,
 }
@@ -52,7 +56,7 @@ impl std::fmt::Debug for JobState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("JobState")
             .field("latch", &self.latch)
-            .field("cpu_ticks", &self.cpu_ticks)
+            .field("cpu", &self.cpu)
             .finish_non_exhaustive()
     }
 }
@@ -116,7 +120,7 @@ pub fn job_state(
     job: &JobSpec,
     dir: &JobDir,
     args: &[String],
-    cpu_budget_ticks: u64,
+    cpu_budget_ns: u64,
     host: &HostSide<'_>,
 ) -> std::io::Result<(JobState, Captures)> {
     let HostSide {
@@ -173,9 +177,8 @@ pub fn job_state(
             latch.clone(),
         ),
         quota,
+        cpu: Arc::new(CpuMeter::new(cpu_budget_ns, latch.clone())),
         latch,
-        cpu_ticks: 0,
-        cpu_budget_ticks,
         http: WasiHttpCtx::new(),
         gate: Gate {
             grant: grant(policy, job, relay),
@@ -259,7 +262,10 @@ pub fn http_linker(engine: &Engine) -> wasmtime::Result<Linker<JobState>> {
 }
 
 /// The linker every job uses: wasmtime-wasi's WASIp2 command world, with
-/// `wasi:filesystem/types` replaced by the quota-enforcing [`QuotaFs`].
+/// `wasi:filesystem/types` replaced by the quota-enforcing [`QuotaFs`] and
+/// `wasi:io/poll.poll` by one that refuses (traps on) a list longer than
+/// [`MAX_HANDLES`] before lifting it: each entry costs host memory and CPU,
+/// and a longer list can only repeat handles.
 /// `wasi:http` is not in it: a module importing it fails to instantiate
 /// unless its policy names services ([`http_linker`]).
 ///
@@ -281,9 +287,33 @@ pub fn linker(engine: &Engine) -> wasmtime::Result<Linker<JobState>> {
             quota: &s.quota,
         },
     )?;
+    // And `poll`, so that a list longer than any guest can hold distinct
+    // handles is refused before it is lifted into host memory.
+    linker.instance(POLL_INTERFACE)?.func_wrap_async(
+        "poll",
+        |mut store: StoreContextMut<'_, JobState>,
+         (list,): (WasmList<Resource<DynPollable>>,)| {
+            Box::new(async move {
+                if list.len() > MAX_HANDLES {
+                    wasmtime::bail!(
+                        "poll of {} pollables, more than the {MAX_HANDLES} handles a guest may hold",
+                        list.len()
+                    );
+                }
+                let pollables = list
+                    .iter(&mut store)?
+                    .collect::<wasmtime::Result<Vec<_>>>()?;
+                let ready = poll::Host::poll(&mut store.data_mut().table, pollables).await?;
+                Ok((ready,))
+            })
+        },
+    )?;
     linker.allow_shadowing(false);
     Ok(linker)
 }
+
+/// The `wasi:io/poll` interface as wasmtime-wasi links it.
+const POLL_INTERFACE: &str = "wasi:io/poll@0.2.12";
 
 /// Interface families and what this sandbox does with each, for
 /// `bulkhead check`. `gated`: the policy names services, so `wasi:http` is

@@ -321,6 +321,16 @@ impl GuestRun {
     fn limit(self, kinds: &[LimitKind]) -> Self {
         self.expect(Expect::Limit(kinds.to_vec()))
     }
+
+    /// A longer `wall_time` than the suite's, so that only the limit under
+    /// test can stop the job (the checks still hold it to the suite's).
+    fn wall(mut self, wall_time: &str) -> Self {
+        self.limits.push((
+            "wall_time".to_owned(),
+            toml::Value::String(wall_time.to_owned()),
+        ));
+        self
+    }
 }
 
 fn attack(id: &str, class: Class, title: &str, kind: AttackKind) -> Attack {
@@ -573,7 +583,73 @@ pub fn bundled() -> Vec<Attack> {
             "exhaust.fd-flood",
             Exhaustion,
             "open descriptors and never close them",
-            hostile("fd-flood").input().expect(Expect::Any),
+            hostile("fd-flood").input().limit(&[L::Descriptors]),
+        ),
+        guest(
+            "exhaust.fd-streams",
+            Exhaustion,
+            "keep a stream on each file and drop its descriptor, so the count goes back",
+            hostile("fd-streams")
+                .input()
+                .wall("10 s")
+                .limit(&[L::Descriptors]),
+        ),
+        guest(
+            "exhaust.fd-preopens",
+            Exhaustion,
+            "fetch the preopens again and drop them after each open, to give back a count",
+            hostile("fd-preopens")
+                .input()
+                .wall("10 s")
+                .limit(&[L::Descriptors]),
+        ),
+        guest(
+            "exhaust.fd-dirs",
+            Exhaustion,
+            "hold directory descriptors and their listings",
+            hostile("fd-dirs")
+                .input()
+                .wall("10 s")
+                .limit(&[L::Descriptors]),
+        ),
+        guest(
+            "exhaust.fd-every-way",
+            Exhaustion,
+            "streams, directories, appends, re-fetched preopens and churn, all in one job",
+            hostile("fd-every-way")
+                .input()
+                .wall("10 s")
+                .limit(&[L::Descriptors]),
+        ),
+        guest(
+            "exhaust.cpu-huge-poll",
+            Exhaustion,
+            "make the host lift a million-entry poll list into host memory, call after call",
+            hostile("cpu-huge-poll").wall("10 s").expect(Expect::Failed),
+        ),
+        guest(
+            "exhaust.cpu-huge-path",
+            Exhaustion,
+            "make the host copy and check a 16 MiB path in every `stat` call",
+            hostile("cpu-huge-path").wall("10 s").limit(&[L::CpuTime]),
+        ),
+        guest(
+            "exhaust.disk-rewrite",
+            Exhaustion,
+            "rewrite the same bytes in place with fsync, forever (no growth)",
+            hostile("disk-rewrite").limit(&[L::Written]),
+        ),
+        guest(
+            "exhaust.disk-rewrite-at",
+            Exhaustion,
+            "positioned rewrites at offset 0 with fsync, forever",
+            hostile("disk-rewrite-at").limit(&[L::Written]),
+        ),
+        guest(
+            "exhaust.disk-truncate-regrow",
+            Exhaustion,
+            "truncate to zero and write again with fsync, forever",
+            hostile("disk-truncate-regrow").limit(&[L::Output, L::Written]),
         ),
         guest(
             "exhaust.log-inject",

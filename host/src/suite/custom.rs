@@ -63,7 +63,7 @@ struct Held {
     untouched: Vec<PathBuf>,
 }
 
-const LIMITS: [LimitKind; 10] = [
+const LIMITS: [LimitKind; 12] = [
     LimitKind::Memory,
     LimitKind::Tables,
     LimitKind::CpuTime,
@@ -74,6 +74,8 @@ const LIMITS: [LimitKind; 10] = [
     LimitKind::Output,
     LimitKind::OutputFiles,
     LimitKind::Instances,
+    LimitKind::Descriptors,
+    LimitKind::Written,
 ];
 
 fn limit_kind(name: &str, manifest: &Path) -> Result<LimitKind, SuiteError> {

@@ -14,7 +14,7 @@ use super::evidence::{self, Bait, Canary, Peaks, Sampler};
 use super::{AttackResult, Check, Progress, SuiteError, SuiteOptions};
 use crate::policy::{ByteSize, Policy, Sha256Hex};
 use crate::sandbox::{
-    FailureKind, JobDir, JobInput, JobReport, JobSpec, LoadedModule, MAX_HANDLES, Outcome, Sandbox,
+    FailureKind, JobDir, JobInput, JobReport, JobSpec, LoadedModule, Outcome, Sandbox,
     SandboxConfig,
 };
 
@@ -53,6 +53,7 @@ pub struct Weakening {
 #[derive(Clone, Debug)]
 pub struct Bounds {
     memory: u64,
+    cpu_ms: f64,
     wall_ms: f64,
     output: u64,
     output_files: u64,
@@ -65,6 +66,7 @@ impl Bounds {
         let l = &policy.limits;
         Self {
             memory: l.memory.as_u64(),
+            cpu_ms: l.cpu_time.get().as_secs_f64() * 1000.0,
             wall_ms: l.wall_time.get().as_secs_f64() * 1000.0,
             output: l.output.as_u64(),
             output_files: u64::from(l.output_files),
@@ -432,6 +434,8 @@ struct Observed {
     dir: JobDir,
     neighbour: JobReport,
     peaks: Peaks,
+    /// Host meters around the job (and its neighbour).
+    meters: super::meters::Spent,
     inputs_before: std::collections::BTreeMap<String, String>,
 }
 
@@ -452,10 +456,12 @@ async fn observe(lane: &Lane, module: &LoadedModule, job: &JobSpec) -> Result<Ob
         })
         .collect();
     let sampler = Sampler::start();
+    let meters = super::meters::Meters::start();
     let (report, neighbour) = tokio::join!(
         lane.sandbox.run(module, job, &dir),
         lane.sandbox.run(&lane.neighbour, &hello, &hello_dir)
     );
+    let meters = meters.stop();
     let peaks = sampler.stop();
     let report = report.map_err(|e| format!("the job was refused: {e}"))?;
     let neighbour = neighbour.map_err(|e| format!("the neighbour job was refused: {e}"))?;
@@ -464,6 +470,7 @@ async fn observe(lane: &Lane, module: &LoadedModule, job: &JobSpec) -> Result<Ob
         dir,
         neighbour,
         peaks,
+        meters,
         inputs_before,
     })
 }
@@ -1000,20 +1007,27 @@ fn host_checks(
     ));
 
     // Descriptors and sockets.
-    // A job may hold up to `MAX_HANDLES` handles, many of them host
-    // descriptors; the process must still have room for other jobs and
-    // its listeners below its own descriptor limit.
+    // A job may hold up to `max_open_per_job` host descriptors, whatever
+    // object holds them; the process must still have room for other jobs
+    // and its listeners below its own descriptor limit.
     let soft_limit = evidence::fd_soft_limit();
-    let fd_peak_bound = (p.fds_before + MAX_HANDLES + 64).min(soft_limit.saturating_sub(64));
+    let fd_peak_bound =
+        super::meters::fd_peak_bound(h.main.sandbox.max_open_per_job(), p.fds_before)
+            .min(soft_limit.saturating_sub(64));
     checks.push(Check::new(
         "descriptors",
         p.fds_peak <= fd_peak_bound && p.fds_after <= p.fds_before + 8,
         format!(
             "open descriptors {} before, {} at most, {} after (peak bound {fd_peak_bound}: the \
-             handle limit, and 64 below this process's soft RLIMIT_NOFILE of {soft_limit})",
-            p.fds_before, p.fds_peak, p.fds_after
+             job's share of {} host descriptors and both jobs' own, and 64 below this \
+             process's soft RLIMIT_NOFILE of {soft_limit})",
+            p.fds_before,
+            p.fds_peak,
+            p.fds_after,
+            h.main.sandbox.max_open_per_job()
         ),
     ));
+    checks.extend(super::meters::checks(&obs.meters, b.cpu_ms, b.output));
     let mut net = h.bait.touched();
     if p.sockets_peak > p.sockets_before {
         net.push(format!(

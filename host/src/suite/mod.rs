@@ -33,6 +33,7 @@ mod egress;
 pub mod evidence;
 mod forge;
 mod local;
+mod meters;
 mod remote;
 pub mod report;
 

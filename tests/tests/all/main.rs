@@ -30,6 +30,8 @@ mod suite;
 // Planted cache artifacts are not run, shared cache and work dirs are refused,
 // hostile output trees and names are skipped with why, never a host error.
 mod artifacts;
+// Meters on the real resource: host descriptors, host CPU, bytes written.
+mod meters;
 
 /// Adding a guest to `guests/` without a test named after it in
 /// [`guests`] fails to compile.

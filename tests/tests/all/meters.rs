@@ -1,0 +1,401 @@
+//! Meters bound the real resource, judged host-side: the host descriptors a
+//! job holds (read from `/proc/self/fd`, whatever object holds them), the
+//! host CPU a job costs (the running thread's CPU clock, host calls
+//! included), the bytes it writes (overwrites included), and, through the
+//! real service, a neighbour tenant served while a guest tries to exhaust
+//! the process's descriptors.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use bulkhead::sandbox::{
+    FailureKind, JOB_OVERHEAD_DESCRIPTORS, JobDir, JobReport, LimitKind, LoadedModule, Outcome,
+    descriptor_budget,
+};
+
+use crate::common::{SANDBOX, load, policy_text, spec};
+
+/// The hostile guest in `mode` with `limits`, accepting the parameters the
+/// meter attacks take.
+fn attacker(mode: &str, limits: &str) -> Arc<LoadedModule> {
+    load(
+        bulkhead_tests::HOSTILE,
+        "hostile",
+        &format!(
+            "[limits]\n{limits}\n[run]\nargs = [\"{mode}\"]\nparams = [\"hold-ms\", \"entries\", \"mib\", \"passes\"]\n"
+        ),
+    )
+}
+
+/// Host descriptors of this process open on anything whose path starts
+/// with `prefix` (`/proc/self/fd` links resolve to the file's path; a job's
+/// directories are `<work>/<id>.in` and `<work>/<id>.out`).
+fn fds_under(prefix: &str) -> usize {
+    let Ok(entries) = std::fs::read_dir("/proc/self/fd") else {
+        return 0;
+    };
+    entries
+        .filter_map(Result::ok)
+        .filter_map(|e| std::fs::read_link(e.path()).ok())
+        .filter(|target| target.to_string_lossy().starts_with(prefix))
+        .count()
+}
+
+/// Samples [`fds_under`] every few milliseconds until dropped; yields the
+/// peak.
+struct FdSampler {
+    stop: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<usize>,
+}
+
+impl FdSampler {
+    fn start(prefix: String) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&stop);
+        let thread = std::thread::spawn(move || {
+            let mut peak = 0;
+            while !flag.load(Ordering::Relaxed) {
+                peak = peak.max(fds_under(&prefix));
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            peak.max(fds_under(&prefix))
+        });
+        Self { stop, thread }
+    }
+
+    fn peak(self) -> usize {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.join().unwrap()
+    }
+}
+
+/// Runs `mode` with an input, counting the host descriptors open on the
+/// job's directories while it runs.
+async fn run_counting_fds(mode: &str) -> (JobReport, usize) {
+    let module = attacker(mode, "wall_time = \"20 s\"\ncpu_time = \"10 s\"");
+    let job = spec(&[("input.txt", b"the job's input")], &[("hold-ms", "300")]);
+    let dir = JobDir::create(&SANDBOX.config().work_dir, &job.id).unwrap();
+    let prefix = SANDBOX.config().work_dir.join(&job.id);
+    let sampler = FdSampler::start(prefix.to_string_lossy().into_owned());
+    let report = SANDBOX.run(&module, &job, &dir).await.unwrap();
+    (report, sampler.peak())
+}
+
+/// Runs `mode` and checks the host descriptors it held against the job's
+/// bound and that it ended with the `descriptors` limit; `saw_peak`: the
+/// mode holds what it got long enough for the sampler to see it.
+pub async fn assert_descriptors_bounded(mode: &str, saw_peak: bool) {
+    let (report, peak) = run_counting_fds(mode).await;
+    let bound = SANDBOX.max_open_per_job() + JOB_OVERHEAD_DESCRIPTORS;
+    assert!(
+        peak as u64 <= bound,
+        "{mode}: the job held {peak} host descriptors, bound {bound}: {}",
+        report.stdout.text
+    );
+    // The guest really got up to its bound (the sampler saw it) before
+    // being refused, and persisting past the refusals ended the job.
+    assert!(
+        !saw_peak || peak as u64 >= SANDBOX.max_open_per_job() / 2,
+        "{mode}: only {peak} descriptors seen: {report:#?}"
+    );
+    assert_eq!(report.outcome, Outcome::Failed, "{mode}: {report:#?}");
+    assert_eq!(
+        report.limit,
+        Some(LimitKind::Descriptors),
+        "{mode}: {report:#?}"
+    );
+    let failure = report.failure.unwrap();
+    assert_eq!(failure.kind, FailureKind::Limit);
+    assert!(failure.message.starts_with("descriptors"), "{failure:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn streams_kept_after_their_descriptor_count_as_host_descriptors() {
+    assert_descriptors_bounded("fd-streams", true).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn dropping_fetched_preopens_gives_back_no_descriptors() {
+    assert_descriptors_bounded("fd-preopens", true).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn directories_and_their_listings_are_bounded() {
+    assert_descriptors_bounded("fd-dirs", true).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_way_of_holding_descriptors_at_once_is_bounded() {
+    assert_descriptors_bounded("fd-every-way", true).await;
+}
+
+/// Runs `module` with `params` on a thread of its own (a current-thread
+/// runtime) and returns the report and the CPU time that thread used:
+/// everything the host did for the job, in wasm and in host calls.
+fn run_on_own_thread(
+    module: Arc<LoadedModule>,
+    params: &'static [(&'static str, &'static str)],
+) -> (JobReport, Duration) {
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let job = spec(&[("input.txt", b"x")], params);
+        let dir = JobDir::create(&SANDBOX.config().work_dir, &job.id).unwrap();
+        let before = thread_cpu();
+        let report = rt.block_on(SANDBOX.run(&module, &job, &dir)).unwrap();
+        (report, thread_cpu() - before)
+    })
+    .join()
+    .unwrap()
+}
+
+fn thread_cpu() -> Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec.
+    assert_eq!(
+        unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) },
+        0
+    );
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
+/// The CPU budget of the host-CPU tests, and how far past it the host may
+/// go: one host call's worth (the meter stops the job as the call returns)
+/// plus instantiation.
+const CPU_BUDGET: Duration = Duration::from_millis(300);
+const CPU_SLACK: Duration = Duration::from_millis(400);
+const CPU_LIMITS: &str = "memory = \"512 MiB\"\ncpu_time = \"300 ms\"\nwall_time = \"60 s\"";
+
+#[tokio::test(flavor = "multi_thread")]
+async fn host_cpu_spent_on_huge_paths_is_charged_to_the_job() {
+    // Each `stat` is handed a 96 MiB path: the host copies and checks it
+    // (tens of milliseconds, several epoch ticks) before refusing it.
+    let module = attacker("cpu-huge-path", CPU_LIMITS);
+    let (report, used) =
+        tokio::task::spawn_blocking(move || run_on_own_thread(module, &[("mib", "96")]))
+            .await
+            .unwrap();
+    assert_eq!(report.limit, Some(LimitKind::CpuTime), "{report:#?}");
+    assert!(
+        used <= CPU_BUDGET + CPU_SLACK,
+        "the host spent {used:?} of CPU on a job allowed {CPU_BUDGET:?}: {}",
+        report.stdout.text
+    );
+    assert!(
+        report.measurements.cpu_time_ms >= CPU_BUDGET.as_secs_f64() * 1000.0,
+        "{report:#?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_poll_list_longer_than_any_guest_can_hold_is_refused_before_lifting() {
+    let module = attacker("cpu-huge-poll", CPU_LIMITS);
+    let (report, used) =
+        tokio::task::spawn_blocking(move || run_on_own_thread(module, &[("entries", "4000000")]))
+            .await
+            .unwrap();
+    assert_eq!(report.outcome, Outcome::Failed, "{report:#?}");
+    let failure = report.failure.as_ref().unwrap();
+    assert_eq!(failure.kind, FailureKind::Trap, "{report:#?}");
+    assert_eq!(
+        report.limit, None,
+        "refused at once, not metered: {report:#?}"
+    );
+    // Refused before any work: far less than one call of lifting would be.
+    assert!(used < CPU_BUDGET, "the host spent {used:?}");
+}
+
+#[test]
+fn the_service_keeps_a_descriptor_reserve_no_job_can_take() {
+    // The budget the service's sandbox uses at the process limit the
+    // neighbour test runs it with.
+    let per_job = descriptor_budget(SERVICE_NOFILE, SERVICE_WORKERS).unwrap();
+    let all_jobs = u64::from(SERVICE_WORKERS) * (per_job + JOB_OVERHEAD_DESCRIPTORS);
+    assert!(all_jobs + bulkhead::sandbox::RESERVED_DESCRIPTORS <= SERVICE_NOFILE);
+    // And a configuration that cannot keep the reserve is refused at start.
+    assert!(descriptor_budget(SERVICE_NOFILE, 64).is_err());
+}
+
+/// The process limit and worker count of the service in the neighbour test.
+const SERVICE_NOFILE: u64 = 1024;
+const SERVICE_WORKERS: u32 = 4;
+
+/// A running service, killed when dropped (also when a test fails).
+struct Limited(std::process::Child);
+
+impl Limited {
+    fn pid(&self) -> u32 {
+        self.0.id()
+    }
+}
+
+impl Drop for Limited {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts `bulkhead serve` under `RLIMIT_NOFILE` = [`SERVICE_NOFILE`].
+fn spawn_limited(config: &Path) -> (Limited, String) {
+    use std::io::BufRead;
+    use std::os::unix::process::CommandExt;
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_bulkhead-under-test"));
+    cmd.arg("serve")
+        .arg("--config")
+        .arg(config)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::inherit());
+    // SAFETY: only `setrlimit`, async-signal-safe, between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            let lim = libc::rlimit {
+                rlim_cur: SERVICE_NOFILE,
+                rlim_max: SERVICE_NOFILE,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let served = Limited(child);
+    let mut reader = std::io::BufReader::new(stdout);
+    let mut line = String::new();
+    reader.read_line(&mut line).unwrap();
+    std::thread::spawn(move || std::io::copy(&mut reader, &mut std::io::sink()));
+    let base = line
+        .split_whitespace()
+        .find(|w| w.starts_with("http://"))
+        .unwrap_or_else(|| panic!("no address in {line:?}"))
+        .to_owned();
+    (served, base)
+}
+
+/// A `hello` job of the neighbour tenant, waited for: it must be answered
+/// and succeed.
+async fn neighbour_served(http: &reqwest::Client, base: &str, token: &str) {
+    let resp = http
+        .post(format!("{base}/v1/modules/hello/jobs?wait=30s"))
+        .bearer_auth(token)
+        .send()
+        .await
+        .expect("the neighbour's request got an answer");
+    assert_eq!(resp.status(), reqwest::StatusCode::OK);
+    let job: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(job["state"], "succeeded", "{job:#}");
+}
+
+fn process_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_guest_exhausting_descriptors_leaves_the_service_and_a_neighbour_served() {
+    use crate::durability::{token, write_config};
+    use reqwest::StatusCode;
+    use serde_json::Value;
+
+    let dir = tempfile::tempdir().unwrap();
+    let hostile = policy_text(
+        bulkhead_tests::HOSTILE,
+        "hostile",
+        "[access]\nscopes = [\"hostile:run\"]\n[limits]\ncpu_time = \"10 s\"\nwall_time = \"20 s\"\n[run]\nargs = [\"fd-every-way\", \"--hold-ms=2000\"]",
+    );
+    let hello = policy_text(
+        bulkhead_tests::HELLO,
+        "hello",
+        "[access]\nscopes = [\"hello:run\"]",
+    );
+    let (config, data) = write_config(
+        dir.path(),
+        &[("hostile.toml", hostile), ("hello.toml", hello)],
+        &format!("workers = {SERVICE_WORKERS}\nmax_running_per_tenant = 3"),
+    );
+    let (served, base) = spawn_limited(&config);
+    let pid = served.pid();
+    let mallory = token(&data, "mallory", &["hostile:run"]).await;
+    let polite = token(&data, "polite", &["hello:run"]).await;
+    let http = reqwest::Client::new();
+    neighbour_served(&http, &base, &polite).await;
+    let baseline = process_fds(pid);
+
+    // Three attackers at once (the tenant's running cap), more queued.
+    let mut ids = Vec::new();
+    for _ in 0..6 {
+        let resp = http
+            .post(format!("{base}/v1/modules/hostile/jobs"))
+            .bearer_auth(&mallory)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::ACCEPTED);
+        let job: Value = resp.json().await.unwrap();
+        ids.push(job["id"].as_str().unwrap().to_owned());
+    }
+
+    // While they hold what they can, the neighbour and health checks are
+    // answered; the service's descriptors are counted from /proc.
+    let mut peak = baseline;
+    let mut finished = Vec::new();
+    for round in 0..400 {
+        peak = peak.max(process_fds(pid));
+        if round % 10 == 0 {
+            neighbour_served(&http, &base, &polite).await;
+            let health = http.get(format!("{base}/healthz")).send().await.unwrap();
+            assert_eq!(health.status(), StatusCode::OK);
+        }
+        finished.clear();
+        for id in &ids {
+            let job: Value = http
+                .get(format!("{base}/v1/jobs/{id}"))
+                .bearer_auth(&mallory)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            if matches!(job["state"].as_str(), Some("succeeded" | "failed")) {
+                finished.push(job);
+            }
+        }
+        if finished.len() == ids.len() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_eq!(finished.len(), ids.len(), "the attacks did not all finish");
+    for job in &finished {
+        assert_eq!(job["state"], "failed", "{job:#}");
+        assert_eq!(job["report"]["limit"], "descriptors", "{job:#}");
+    }
+    let per_job = descriptor_budget(SERVICE_NOFILE, SERVICE_WORKERS).unwrap();
+    // Three jobs at their bound, plus a few connections of this test's
+    // client.
+    let bound = baseline as u64 + 3 * (per_job + JOB_OVERHEAD_DESCRIPTORS) + 32;
+    assert!(
+        (peak as u64) <= bound,
+        "the service held {peak} descriptors ({baseline} before; bound {bound})"
+    );
+    assert!(
+        (peak as u64) >= baseline as u64 + per_job,
+        "the attack never held descriptors: peak {peak}, baseline {baseline}"
+    );
+    eprintln!(
+        "descriptors: {baseline} before, peak {peak} (bound {bound}, limit {SERVICE_NOFILE})"
+    );
+    neighbour_served(&http, &base, &polite).await;
+    drop(served);
+}
