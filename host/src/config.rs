@@ -8,7 +8,26 @@
 //! admin_listen = "127.0.0.1:8081"  # admin API and metrics; keep it on loopback
 //! max_body = "64 MiB"              # request bodies (413 beyond)
 //! max_wait = "60 s"                # longest `?wait=` a caller may ask for
-//! shutdown_grace = "30 s"          # running jobs get this long on shutdown
+//! shutdown_grace = "30 s"          # running jobs get this long on shutdown; open
+//!                                  # connections then get 2 s more, and are closed
+//! # The edge (see `serve`): bounds that hold whatever a client sends, with or
+//! # without a token. They apply to both listeners unless named `admin_`.
+//! header_read_timeout = "10 s"     # from waiting for a request (after accept, or
+//!                                  # after the previous response) to its last header
+//! idle_timeout = "10 s"            # a kept-alive connection with no request
+//! body_read_timeout = "15 s"       # between two frames of a request body
+//! max_header_size = "16 KiB"       # request line and headers (431 beyond); at least 8 KiB
+//! max_connections = 1024           # open public connections
+//! max_connections_per_client = 64  # open public connections per client address (IPv6: per /64)
+//! health_reserve = 16              # beyond max_connections: connections that may only
+//!                                  # ask /healthz or /readyz
+//! admin_max_connections = 64       # the admin listener's own budget
+//!
+//! [audit]
+//! retention = "30 d"               # audit rows older than this are deleted
+//! denials_per_client = 5           # unauthenticated denials written per client address per minute
+//! denials_per_minute = 60          # and from all addresses together; beyond, counted in
+//!                                  # one `auth.denied.summary` row per address and minute
 //!
 //! [storage]
 //! data_dir = "data"                # SQLite file, job inputs and outputs, admin token
@@ -69,6 +88,8 @@ pub struct ServeConfig {
     pub tokens: TokenConfig,
     /// Internal services guests may call (`[[services]]`).
     pub services: Vec<ServiceDecl>,
+    /// Audit retention and the bound on what anonymous callers make it write.
+    pub audit: Audit,
 }
 
 /// `[server]`.
@@ -86,6 +107,34 @@ pub struct Server {
     pub max_wait: HumanDuration,
     /// Grace period for running jobs on shutdown.
     pub shutdown_grace: HumanDuration,
+    /// Longest wait for a request's header block, counted from when the
+    /// connection starts waiting for a request. Guards against slowloris
+    /// clients trickling headers to hold a connection and its buffer.
+    pub header_read_timeout: HumanDuration,
+    /// Longest a kept-alive connection may sit without a request. Guards
+    /// against idle sockets piling up to exhaust descriptors.
+    pub idle_timeout: HumanDuration,
+    /// Longest wait between two frames of a request body. Guards against a
+    /// request that declares a body and never sends it.
+    pub body_read_timeout: HumanDuration,
+    /// Largest request line plus headers (hyper's read buffer bound: it is
+    /// also the most a connection buffers before a request is parsed).
+    /// Guards against memory held by unfinished headers. At least 8 KiB.
+    pub max_header_size: ByteSize,
+    /// Open connections on the public listener; beyond, a connection is
+    /// answered 503 and closed at once (or served from `health_reserve`).
+    pub max_connections: usize,
+    /// Open public connections per client address (an IPv6 client: per
+    /// /64). Behind a proxy every client shares its address: raise this.
+    pub max_connections_per_client: usize,
+    /// Connections accepted beyond `max_connections` that may only ask
+    /// `/healthz` or `/readyz` (one request each, short timeouts), so probes
+    /// still answer while the listener is full.
+    pub health_reserve: usize,
+    /// Open connections on the admin listener, counted apart from the
+    /// public ones so a flood of the public listener never locks out the
+    /// admin API.
+    pub admin_max_connections: usize,
 }
 
 impl Default for Server {
@@ -96,6 +145,39 @@ impl Default for Server {
             max_body: ByteSize::mib(64),
             max_wait: HumanDuration::secs(60),
             shutdown_grace: HumanDuration::secs(30),
+            header_read_timeout: HumanDuration::secs(10),
+            idle_timeout: HumanDuration::secs(10),
+            body_read_timeout: HumanDuration::secs(15),
+            max_header_size: ByteSize::kib(16),
+            max_connections: 1024,
+            max_connections_per_client: 64,
+            health_reserve: 16,
+            admin_max_connections: 64,
+        }
+    }
+}
+
+/// `[audit]`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Audit {
+    /// Audit rows older than this are deleted by the retention sweeper.
+    pub retention: HumanDuration,
+    /// Unauthenticated denials (`auth.denied` for a failing `Authorization`
+    /// header) written row by row per client address per minute; the rest
+    /// of that minute is counted in one `auth.denied.summary` row. Guards
+    /// against an anonymous caller filling the disk through the audit log.
+    pub denials_per_client: u32,
+    /// The same, from all client addresses together.
+    pub denials_per_minute: u32,
+}
+
+impl Default for Audit {
+    fn default() -> Self {
+        Self {
+            retention: HumanDuration::secs(30 * 24 * 3600),
+            denials_per_client: 5,
+            denials_per_minute: 60,
         }
     }
 }
@@ -210,6 +292,23 @@ impl ServeConfig {
                 message: format!("{}{}", at.unwrap_or_default(), e.message().trim_end()),
             }
         })?;
+        if config.server.max_header_size.as_u64() < 8192 {
+            return Err(ConfigError::Invalid {
+                path: path.to_owned(),
+                message: format!(
+                    "server.max_header_size must be at least 8 KiB (got {})",
+                    config.server.max_header_size
+                ),
+            });
+        }
+        if config.server.max_connections == 0 || config.server.admin_max_connections == 0 {
+            return Err(ConfigError::Invalid {
+                path: path.to_owned(),
+                message:
+                    "server.max_connections and server.admin_max_connections must be at least 1"
+                        .into(),
+            });
+        }
         if config.queue.workers == 0 {
             return Err(ConfigError::Invalid {
                 path: path.to_owned(),
@@ -217,5 +316,51 @@ impl ServeConfig {
             });
         }
         Ok(config)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_edge_and_audit_defaults_are_the_documented_ones() {
+        let c = ServeConfig::default();
+        let s = &c.server;
+        assert_eq!(s.header_read_timeout, HumanDuration::secs(10));
+        assert_eq!(s.idle_timeout, HumanDuration::secs(10));
+        assert_eq!(s.body_read_timeout, HumanDuration::secs(15));
+        assert_eq!(s.max_header_size, ByteSize::kib(16));
+        assert_eq!(
+            (
+                s.max_connections,
+                s.max_connections_per_client,
+                s.health_reserve
+            ),
+            (1024, 64, 16)
+        );
+        assert_eq!(s.admin_max_connections, 64);
+        assert_eq!(c.audit.retention, HumanDuration::secs(30 * 24 * 3600));
+        assert_eq!(
+            (c.audit.denials_per_client, c.audit.denials_per_minute),
+            (5, 60)
+        );
+    }
+
+    #[test]
+    fn edge_keys_parse_and_a_header_cap_under_8_kib_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(
+            &path,
+            "[server]\nidle_timeout = \"3 s\"\nmax_header_size = \"32 KiB\"\n[audit]\nretention = \"7 d\"\n",
+        )
+        .unwrap();
+        let c = ServeConfig::load(&path).unwrap();
+        assert_eq!(c.server.idle_timeout, HumanDuration::secs(3));
+        assert_eq!(c.audit.retention, HumanDuration::secs(7 * 24 * 3600));
+        std::fs::write(&path, "[server]\nmax_header_size = \"4 KiB\"\n").unwrap();
+        let e = ServeConfig::load(&path).unwrap_err().to_string();
+        assert!(e.contains("max_header_size"), "{e}");
     }
 }

@@ -11,6 +11,8 @@
 //! - [`store`]: tokens, jobs and audit behind the `JobStore` trait (SQLite).
 //! - [`service`]: accepting, scheduling, running and recovering jobs.
 //! - [`api`]: the axum HTTP API (public and admin); never names wasmtime types.
+//! - [`serve`]: the edge: listeners, connection timeouts and budgets,
+//!   bounded shutdown, the bound on audit entries anonymous callers cause.
 //! - [`config`]: the service's TOML config.
 //! - [`suite`]: `bulkhead escape-suite`, hostile guests judged from
 //!   host-side evidence.
@@ -23,6 +25,7 @@ pub mod config;
 pub mod policy;
 pub mod relay;
 pub mod sandbox;
+pub mod serve;
 pub mod service;
 pub mod store;
 pub mod suite;

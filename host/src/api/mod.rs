@@ -221,9 +221,10 @@ impl FromRequestParts<AppState> for Caller {
                     .ok()
                     .and_then(|v| v.strip_prefix("Bearer "))
                     .is_some_and(|t| t.trim().starts_with("eyJ") && t.matches('.').count() == 2);
-                state
-                    .service
-                    .audit(AuditEntry {
+                crate::serve::denials::record(
+                    &state.service,
+                    parts,
+                    AuditEntry {
                         at: now_ms(),
                         action: "auth.denied".into(),
                         detail: if jwt {
@@ -232,8 +233,9 @@ impl FromRequestParts<AppState> for Caller {
                             "malformed credential".into()
                         },
                         ..AuditEntry::default()
-                    })
-                    .await;
+                    },
+                )
+                .await;
             }
             return Err(ApiError::Unauthorized);
         };
@@ -248,9 +250,10 @@ impl FromRequestParts<AppState> for Caller {
         match record.as_ref().and_then(|r| r.identity_at(now)) {
             Some(identity) => Ok(Caller(identity)),
             None => {
-                state
-                    .service
-                    .audit(AuditEntry {
+                crate::serve::denials::record(
+                    &state.service,
+                    parts,
+                    AuditEntry {
                         at: now_ms(),
                         action: "auth.denied".into(),
                         tenant: record.as_ref().map(|r| r.tenant.clone()),
@@ -261,8 +264,9 @@ impl FromRequestParts<AppState> for Caller {
                             None => "unknown token".into(),
                         },
                         ..AuditEntry::default()
-                    })
-                    .await;
+                    },
+                )
+                .await;
                 Err(ApiError::Unauthorized)
             }
         }

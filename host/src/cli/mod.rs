@@ -277,6 +277,10 @@ pub fn main() -> ExitCode {
             Command::EscapeSuite(args) => escape_suite(args).await,
         }
     });
+    // Dropping the runtime would wait for every blocking task; a job's
+    // output copy or a stuck one must not hold the exit past the bound
+    // `serve` promises.
+    runtime.shutdown_timeout(std::time::Duration::from_millis(500));
     match result {
         Ok(code) => code,
         Err(e) => {
@@ -632,23 +636,16 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         "submit a job: curl -H \"Authorization: Bearer $TOKEN\" -H 'Content-Type: image/png' \\\n    --data-binary @examples/sunset.png 'http://{public_addr}/v1/modules/thumbnail/jobs?wait=10s&param.width=160'"
     );
 
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let wait_stop = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
-        let _ = rx.wait_for(|stop| *stop).await;
+    // On SIGTERM or Ctrl-C: readiness turns 503 and running jobs get
+    // `shutdown_grace`; then the listeners close and open connections get
+    // `serve::CLOSE_MARGIN` before they are dropped. Nothing else is waited
+    // for: the runtime is shut down without waiting (see `main`).
+    let draining = async {
+        shutdown_signal().await;
+        eprintln!("shutting down: draining running jobs");
+        service.shutdown().await;
     };
-    let public_server = axum::serve(public, crate::api::app(state.clone()))
-        .with_graceful_shutdown(wait_stop(stop_rx.clone()));
-    let admin_server =
-        axum::serve(admin, crate::api::admin_app(state)).with_graceful_shutdown(wait_stop(stop_rx));
-    let servers = tokio::spawn(async move { tokio::join!(public_server, admin_server) });
-
-    shutdown_signal().await;
-    eprintln!("shutting down: draining running jobs");
-    service.shutdown().await;
-    let _ = stop_tx.send(true);
-    let (a, b) = servers.await?;
-    a?;
-    b?;
+    crate::serve::serve(state, public, admin, draining).await?;
     Ok(ExitCode::SUCCESS)
 }
 

@@ -992,8 +992,13 @@ impl Service {
     }
 
     /// Deletes the rows and files of jobs that finished longer than the
-    /// retention period ago. Returns how many.
+    /// retention period ago, and audit entries older than the audit
+    /// retention. Returns how many jobs.
     pub async fn sweep(&self) -> usize {
+        let audit_before = now_ms() - self.config.audit.retention.get().as_millis() as i64;
+        if let Err(e) = self.store.expire_audit(audit_before).await {
+            tracing::error!(error = %e, "audit retention sweep failed");
+        }
         let before = now_ms() - self.config.storage.retention.get().as_millis() as i64;
         match self.store.expire_jobs(before).await {
             Ok(ids) => {

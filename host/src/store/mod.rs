@@ -131,6 +131,9 @@ pub struct AuditEntry {
     pub limit: Option<String>,
     /// Free text: the denied action, the reason.
     pub detail: String,
+    /// The client's address, for requests that came over the network.
+    #[serde(default)]
+    pub client: Option<String>,
 }
 
 /// A store failure. Logged in full; clients see a generic 500.
@@ -223,6 +226,9 @@ pub trait JobStore: Send + Sync + std::fmt::Debug {
     async fn append_audit(&self, entry: &AuditEntry) -> Result<(), StoreError>;
     /// The newest `limit` audit entries, newest first.
     async fn audit(&self, limit: u32) -> Result<Vec<AuditEntry>, StoreError>;
+    /// Deletes audit entries written before `before` (Unix milliseconds);
+    /// returns how many.
+    async fn expire_audit(&self, before: i64) -> Result<u64, StoreError>;
 }
 
 /// Unix milliseconds now.

@@ -91,6 +91,20 @@ BEGIN
 END;
 "#;
 
+/// Adds the `client` column (the caller's address) to an `audit` table
+/// created before it existed, and the index the retention sweep deletes by.
+fn add_audit_client_column(conn: &Connection) -> rusqlite::Result<()> {
+    let has: bool = conn.query_row(
+        "SELECT COUNT(*) > 0 FROM pragma_table_info('audit') WHERE name = 'client'",
+        [],
+        |r| r.get(0),
+    )?;
+    if !has {
+        conn.execute_batch("ALTER TABLE audit ADD COLUMN client TEXT")?;
+    }
+    conn.execute_batch("CREATE INDEX IF NOT EXISTS audit_by_time ON audit (at)")
+}
+
 /// A queued write: runs on the writer connection inside the batch's
 /// transaction and returns what to do once the batch has committed (or
 /// failed to, with the reason).
@@ -187,6 +201,7 @@ impl SqliteStore {
         writer.pragma_update(None, "synchronous", "NORMAL")?;
         writer.pragma_update(None, "wal_autocheckpoint", 0)?;
         writer.execute_batch(SCHEMA)?;
+        add_audit_client_column(&writer)?;
 
         let (stop, stopped) = mpsc::channel::<()>();
         let checkpoint_conn = Connection::open(path)?;
@@ -417,6 +432,7 @@ fn audit_row(r: &Row<'_>) -> rusqlite::Result<AuditEntry> {
         outcome: r.get("outcome")?,
         limit: r.get("limit_fired")?,
         detail: r.get("detail")?,
+        client: r.get("client")?,
     })
 }
 
@@ -720,8 +736,8 @@ impl JobStore for SqliteStore {
         self.write(move |c| {
             c.prepare_cached(
                 "INSERT INTO audit (at, action, tenant, subject, job_id, module, module_sha256,
-                                    policy_sha256, outcome, limit_fired, detail)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+                                    policy_sha256, outcome, limit_fired, detail, client)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
             )?
             .execute(params![
                 e.at,
@@ -734,7 +750,8 @@ impl JobStore for SqliteStore {
                 e.policy_sha256,
                 e.outcome,
                 e.limit,
-                e.detail
+                e.detail,
+                e.client
             ])?;
             Ok(())
         })
@@ -749,6 +766,28 @@ impl JobStore for SqliteStore {
                 .collect::<Result<_, _>>()?;
             Ok(rows)
         })
+    }
+
+    async fn expire_audit(&self, before: i64) -> Result<u64, StoreError> {
+        // In batches, so other writers are never held up behind a large
+        // first sweep.
+        const BATCH: usize = 5000;
+        let mut total = 0;
+        loop {
+            let n = self
+                .write(move |c| {
+                    Ok(c.prepare_cached(
+                        "DELETE FROM audit WHERE seq IN
+                             (SELECT seq FROM audit WHERE at < ?1 ORDER BY at LIMIT ?2)",
+                    )?
+                    .execute(params![before, BATCH as i64])?)
+                })
+                .await?;
+            total += n as u64;
+            if n < BATCH {
+                return Ok(total);
+            }
+        }
     }
 }
 
@@ -981,5 +1020,42 @@ mod tests {
         }
         let store = SqliteStore::open(&path).await.unwrap();
         assert!(store.get_job("acme", "j1").await.unwrap().is_some());
+    }
+
+    #[tokio::test]
+    async fn an_audit_table_without_the_client_column_gains_it_and_old_rows_expire() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db.sqlite");
+        {
+            // The audit table as it was before the column existed.
+            let old = Connection::open(&path).unwrap();
+            old.execute_batch(
+                "CREATE TABLE audit (seq INTEGER PRIMARY KEY AUTOINCREMENT, at INTEGER NOT NULL,
+                 action TEXT NOT NULL, tenant TEXT, subject TEXT, job_id TEXT, module TEXT,
+                 module_sha256 TEXT, policy_sha256 TEXT, outcome TEXT, limit_fired TEXT,
+                 detail TEXT NOT NULL);
+                 INSERT INTO audit (at, action, detail) VALUES (5, 'auth.denied', 'old');",
+            )
+            .unwrap();
+        }
+        let store = SqliteStore::open(&path).await.unwrap();
+        for at in [10, 20] {
+            store
+                .append_audit(&AuditEntry {
+                    at,
+                    action: "auth.denied".into(),
+                    client: Some("127.0.0.9".into()),
+                    ..AuditEntry::default()
+                })
+                .await
+                .unwrap();
+        }
+        let rows = store.audit(10).await.unwrap();
+        assert_eq!(rows.len(), 3);
+        assert_eq!(rows[0].client.as_deref(), Some("127.0.0.9"));
+        assert_eq!(rows[2].client, None);
+        assert_eq!(store.expire_audit(20).await.unwrap(), 2);
+        let rows = store.audit(10).await.unwrap();
+        assert_eq!(rows.iter().map(|r| r.at).collect::<Vec<_>>(), [20]);
     }
 }

@@ -23,6 +23,8 @@ mod relay;
 mod durability;
 // Backpressure: a flood gets 429s, others are served, memory stays bounded.
 mod flood;
+// The edge: connection timeouts and caps, bounded audit, bounded shutdown.
+mod edge;
 // The example policies in `policies/` pin the modules built from source.
 mod examples;
 // `bulkhead escape-suite`: the bundled attacks hold, a weakened setup is caught.

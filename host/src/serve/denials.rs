@@ -1,0 +1,188 @@
+//! The bound on what unauthenticated callers make the service write: audit
+//! entries for failed authentication (`auth.denied`) are rate-limited per
+//! client address, and what is held back is counted, not lost.
+//!
+//! In each window (a minute), a client address gets its first
+//! `denials_per_client` entries written row by row, and all addresses
+//! together at most `denials_per_minute`; the rest are counted. When the
+//! window ends, each address that was held back gets one
+//! `auth.denied.summary` row with its count (the [`MAX_SUMMARIES`] largest;
+//! the others share one more row). So a window writes at most
+//! `denials_per_minute + MAX_SUMMARIES + 1` rows, whatever the flood, and
+//! the limiter's memory is bounded by [`MAX_TRACKED`] addresses.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::{Mutex, PoisonError};
+
+use axum::http::request::Parts;
+
+use super::budget::client_key;
+use crate::config::Audit;
+use crate::service::Service;
+use crate::store::{AuditEntry, now_ms};
+
+/// Addresses a window keeps a count for; denials from any further address
+/// in that window are counted together and never written one by one.
+pub const MAX_TRACKED: usize = 4096;
+
+/// Addresses that get a summary row of their own per window.
+pub const MAX_SUMMARIES: usize = 16;
+
+#[derive(Debug, Default)]
+struct Count {
+    written: u32,
+    held_back: u64,
+}
+
+#[derive(Debug, Default)]
+struct Window {
+    written: u32,
+    clients: HashMap<IpAddr, Count>,
+    untracked: u64,
+}
+
+/// The per-address limiter of unauthenticated denial entries.
+#[derive(Debug)]
+pub struct Denials {
+    per_client: u32,
+    per_window: u32,
+    window: Mutex<Window>,
+}
+
+impl Denials {
+    /// A limiter with the config's allowances.
+    pub fn new(config: &Audit) -> Self {
+        Self {
+            per_client: config.denials_per_client,
+            per_window: config.denials_per_minute,
+            window: Mutex::default(),
+        }
+    }
+
+    /// Whether a denial from `ip` is written now; if not, it is counted.
+    pub fn admit(&self, ip: IpAddr) -> bool {
+        let key = client_key(ip);
+        let mut w = self.window.lock().unwrap_or_else(PoisonError::into_inner);
+        if w.clients.len() >= MAX_TRACKED && !w.clients.contains_key(&key) {
+            w.untracked += 1;
+            return false;
+        }
+        let room = w.written < self.per_window;
+        let c = w.clients.entry(key).or_default();
+        if room && c.written < self.per_client {
+            c.written += 1;
+            w.written += 1;
+            true
+        } else {
+            c.held_back += 1;
+            false
+        }
+    }
+
+    /// Ends the window: the summary rows for what was held back in it.
+    pub fn roll(&self) -> Vec<AuditEntry> {
+        let w = std::mem::take(&mut *self.window.lock().unwrap_or_else(PoisonError::into_inner));
+        let mut held: Vec<(IpAddr, u64)> = w
+            .clients
+            .into_iter()
+            .filter(|(_, c)| c.held_back > 0)
+            .map(|(ip, c)| (ip, c.held_back))
+            .collect();
+        held.sort_unstable_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+        let rest = held.split_off(held.len().min(MAX_SUMMARIES));
+        let at = now_ms();
+        let mut rows: Vec<AuditEntry> = held
+            .into_iter()
+            .map(|(ip, n)| AuditEntry {
+                at,
+                action: "auth.denied.summary".into(),
+                client: Some(ip.to_string()),
+                detail: format!("{n} more unauthenticated denials from this address"),
+                ..AuditEntry::default()
+            })
+            .collect();
+        let others = rest.iter().map(|r| r.1).sum::<u64>() + w.untracked;
+        if others > 0 {
+            rows.push(AuditEntry {
+                at,
+                action: "auth.denied.summary".into(),
+                detail: format!(
+                    "{others} more unauthenticated denials from {} other addresses",
+                    if w.untracked > 0 {
+                        format!("{} or more", rest.len() + 1)
+                    } else {
+                        rest.len().to_string()
+                    }
+                ),
+                ..AuditEntry::default()
+            });
+        }
+        rows
+    }
+}
+
+/// Records an unauthenticated denial of the request whose head is `parts`:
+/// with its client address, and through that client's limiter when the
+/// request came through [`super::serve`] (a router driven another way, as in
+/// unit tests, writes every entry).
+pub async fn record(service: &Service, parts: &Parts, mut entry: AuditEntry) {
+    match parts.extensions.get::<super::Client>() {
+        Some(client) => {
+            entry.client = Some(client.addr.ip().to_string());
+            if client.denials.admit(client.addr.ip()) {
+                service.audit(entry).await;
+            }
+        }
+        None => service.audit(entry).await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limiter(per_client: u32, per_minute: u32) -> Denials {
+        Denials::new(&Audit {
+            denials_per_client: per_client,
+            denials_per_minute: per_minute,
+            ..Audit::default()
+        })
+    }
+
+    #[test]
+    fn each_address_gets_its_allowance_then_one_summary_with_its_count() {
+        let d = limiter(3, 100);
+        let a: IpAddr = "127.0.0.2".parse().unwrap();
+        let b: IpAddr = "127.0.0.3".parse().unwrap();
+        let written = (0..10).filter(|_| d.admit(a)).count();
+        assert_eq!(written, 3);
+        assert!(d.admit(b));
+        let rows = d.roll();
+        assert_eq!(rows.len(), 1);
+        assert_eq!(rows[0].client.as_deref(), Some("127.0.0.2"));
+        assert!(rows[0].detail.starts_with("7 more"), "{}", rows[0].detail);
+        // A new window starts afresh.
+        assert!(d.admit(a));
+        assert!(d.roll().is_empty());
+    }
+
+    #[test]
+    fn many_addresses_share_the_window_and_get_bounded_summaries() {
+        let d = limiter(5, 20);
+        let mut written = 0;
+        for i in 0..10_000u32 {
+            let ip = IpAddr::from(std::net::Ipv6Addr::new(
+                0x2001, 0xdb8, 0, i as u16, 0, 0, 0, 1,
+            ));
+            written += usize::from(d.admit(ip));
+            written += usize::from(d.admit(ip));
+        }
+        assert_eq!(written, 20);
+        let rows = d.roll();
+        assert_eq!(rows.len(), MAX_SUMMARIES + 1);
+        let last = rows.last().unwrap();
+        assert!(last.client.is_none());
+        assert!(last.detail.contains("or more"), "{}", last.detail);
+    }
+}

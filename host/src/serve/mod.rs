@@ -1,0 +1,369 @@
+//! The edge: the one function that serves the public and admin routers on
+//! their listeners, [`serve`], and the bounds it holds whatever a client
+//! sends, with or without a token.
+//!
+//! Per connection (hyper's HTTP/1 server, driven by our own accept loop,
+//! since `axum::serve` does not expose hyper's builder):
+//! - **header read timeout** (hyper's timer): from when the connection
+//!   starts waiting for a request to the request's last header;
+//! - **idle timeout** ([`idle::IdleIo`]): a connection between requests that
+//!   receives nothing is closed;
+//! - **body read timeout** (`tower_http::timeout::RequestBodyTimeout`):
+//!   between two frames of a request body;
+//! - **header size** (hyper's `max_buf_size`): the most a connection buffers
+//!   before its request is parsed, 431 beyond.
+//!
+//! Per listener, a [`budget::Budget`] checked at accept time, before any byte
+//! is read: open connections in total and per client address. A connection
+//! beyond it is answered 503 and closed at once, so it holds nothing and the
+//! kernel's backlog keeps draining. **The reserve**: (1) no single address
+//! can take more than its share of the public listener; (2) beyond the
+//! public total, `health_reserve` more connections are served, but only for
+//! `/healthz` and `/readyz`, one request each with short timeouts, so
+//! probes answer while the listener is full; (3) the admin listener has a
+//! budget of its own, so the admin API and its `/healthz` answer whatever
+//! the public listener carries; (4) both budgets are clamped to the
+//! descriptors the process has left after its jobs' share, so `accept` does
+//! not run out of descriptors under a flood.
+//!
+//! Memory: a connection buffers at most `max_header_size` before its request
+//! is parsed; after a flood, when the open connections fall to a quarter of
+//! their peak, the allocator is asked to give freed memory back.
+//!
+//! Shutdown: when `shutdown` resolves, both listeners close and every
+//! connection is asked to finish (idle ones close at once); after
+//! [`CLOSE_MARGIN`] the remaining ones are dropped, whatever they are doing.
+//!
+//! Unauthenticated denials are audited through [`denials`], which bounds
+//! what an anonymous caller can make the service write.
+//!
+//! This module knows the HTTP server, never the job store's or the
+//! sandbox's types.
+
+pub mod budget;
+pub mod denials;
+mod idle;
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::extract::ConnectInfo;
+use http::{Request, Response, StatusCode, header};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tower::ServiceExt;
+use tower_http::timeout::RequestBodyTimeoutLayer;
+
+use crate::api::AppState;
+use budget::{Admission, Budget, Limits, Permit};
+use denials::Denials;
+use idle::{Idle, IdleIo, MarkIdle};
+
+/// How long open connections get to finish once shutdown begins, before
+/// they are dropped: the margin `bulkhead serve` adds to `shutdown_grace`.
+pub const CLOSE_MARGIN: Duration = Duration::from_secs(2);
+
+/// Header and idle timeouts of a connection served from the health reserve.
+const RESERVE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Descriptors kept for the process itself beyond its connections: the
+/// store's connections, the module cache, logs, the listeners.
+const OWN_DESCRIPTORS: u64 = 128;
+
+/// The client of a request, put in its extensions by [`serve`].
+#[derive(Clone, Debug)]
+pub struct Client {
+    /// The peer's address.
+    pub addr: SocketAddr,
+    denials: Arc<Denials>,
+}
+
+/// How one listener serves its connections.
+#[derive(Clone, Debug)]
+struct Edge {
+    router: Router,
+    budget: Arc<Budget>,
+    denials: Arc<Denials>,
+    header_read_timeout: Duration,
+    idle_timeout: Duration,
+    body_read_timeout: Duration,
+    max_header_size: usize,
+}
+
+/// Serves the public API on `public` and the admin API on `admin` until
+/// `shutdown` resolves, then closes both listeners and every connection
+/// within [`CLOSE_MARGIN`]. Bounds come from the service's `[server]`
+/// config (see the module documentation).
+///
+/// # Errors
+/// If a listener's address cannot be read.
+pub async fn serve(
+    state: AppState,
+    public: TcpListener,
+    admin: TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> std::io::Result<()> {
+    let config = state.service.config();
+    let server = &config.server;
+    let denials = Arc::new(Denials::new(&config.audit));
+    let (public_limits, admin_limits) = budgets(server, config.queue.workers);
+    let edge = |router: Router, limits: Limits| Edge {
+        router,
+        budget: Budget::new(limits),
+        denials: Arc::clone(&denials),
+        header_read_timeout: server.header_read_timeout.get(),
+        idle_timeout: server.idle_timeout.get(),
+        body_read_timeout: server.body_read_timeout.get(),
+        max_header_size: server.max_header_size.as_usize(),
+    };
+    let public_edge = edge(crate::api::app(state.clone()), public_limits);
+    let admin_edge = edge(crate::api::admin_app(state.clone()), admin_limits);
+    public.local_addr()?;
+    admin.local_addr()?;
+
+    let (stop_tx, stop) = watch::channel(false);
+    let (force_tx, force) = watch::channel(false);
+    let mut listeners = tokio::task::JoinSet::new();
+    listeners.spawn(listen(public, public_edge, stop.clone(), force.clone()));
+    listeners.spawn(listen(admin, admin_edge, stop.clone(), force));
+    let flusher = tokio::spawn(flush_denials(state.clone(), Arc::clone(&denials), stop));
+
+    shutdown.await;
+    let _ = stop_tx.send(true);
+    let all_closed = async { while listeners.join_next().await.is_some() {} };
+    if tokio::time::timeout(CLOSE_MARGIN, all_closed)
+        .await
+        .is_err()
+    {
+        tracing::info!("closing connections still open after the shutdown margin");
+        let _ = force_tx.send(true);
+        // Each connection's task drops it as soon as it sees the flag.
+        let _ = tokio::time::timeout(Duration::from_secs(1), async {
+            while listeners.join_next().await.is_some() {}
+        })
+        .await;
+        listeners.abort_all();
+    }
+    let _ = flusher.await;
+    Ok(())
+}
+
+/// The two listeners' budgets from the config, clamped so that connections
+/// and the jobs' descriptors together stay under the process's limit.
+fn budgets(server: &crate::config::Server, workers: u32) -> (Limits, Limits) {
+    let mut public = Limits {
+        total: server.max_connections,
+        per_client: server.max_connections_per_client.max(1),
+        reserve: server.health_reserve,
+    };
+    let mut admin = Limits {
+        total: server.admin_max_connections,
+        per_client: server.admin_max_connections,
+        reserve: 0,
+    };
+    let wanted = (public.total + public.reserve + admin.total) as u64;
+    let room = descriptor_limit()
+        .saturating_sub(u64::from(workers) * crate::sandbox::MAX_OPEN_PER_JOB)
+        .saturating_sub(OWN_DESCRIPTORS);
+    if wanted > room {
+        let scale = |n: usize| ((n as u64 * room / wanted) as usize).max(1);
+        public.total = scale(public.total);
+        public.reserve = scale(public.reserve);
+        admin.total = scale(admin.total);
+        admin.per_client = admin.total;
+        tracing::warn!(
+            wanted,
+            room,
+            public = public.total,
+            admin = admin.total,
+            "connection budgets lowered to fit the descriptor limit"
+        );
+    }
+    public.per_client = public.per_client.min(public.total);
+    (public, admin)
+}
+
+/// The process's soft limit on open descriptors.
+fn descriptor_limit() -> u64 {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `lim` is a valid, writable `rlimit`.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0 {
+        lim.rlim_cur
+    } else {
+        1024
+    }
+}
+
+/// Accepts connections until `stop`, then waits for them to finish (each
+/// is dropped when `force` is raised).
+async fn listen(
+    listener: TcpListener,
+    edge: Edge,
+    mut stop: watch::Receiver<bool>,
+    force: watch::Receiver<bool>,
+) {
+    let graceful = GracefulShutdown::new();
+    let mut warned: Option<Instant> = None;
+    loop {
+        let accepted = tokio::select! {
+            _ = raised(&mut stop) => break,
+            accepted = listener.accept() => accepted,
+        };
+        let (tcp, peer) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                if !is_connection_error(&e) {
+                    // Out of descriptors or memory: pause instead of
+                    // spinning, and say so at most every ten seconds.
+                    if warned.is_none_or(|w| w.elapsed() > Duration::from_secs(10)) {
+                        tracing::warn!(error = %e, "accept failed");
+                        warned = Some(Instant::now());
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                continue;
+            }
+        };
+        match edge.budget.admit(peer.ip()) {
+            Admission::Full(permit) => {
+                connection(&edge, &graceful, &force, tcp, peer, permit, false)
+            }
+            Admission::HealthOnly(permit) => {
+                connection(&edge, &graceful, &force, tcp, peer, permit, true);
+            }
+            Admission::Refused => refuse(&tcp),
+        }
+    }
+    drop(listener);
+    graceful.shutdown().await;
+}
+
+/// Resolves once the flag behind `rx` is raised (or its sender is gone).
+async fn raised(rx: &mut watch::Receiver<bool>) {
+    let _ = rx.wait_for(|raised| *raised).await;
+}
+
+fn is_connection_error(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::{ConnectionAborted, ConnectionRefused, ConnectionReset};
+    matches!(
+        e.kind(),
+        ConnectionRefused | ConnectionAborted | ConnectionReset
+    )
+}
+
+/// What a connection beyond its budget is sent before it is closed.
+const REFUSAL: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nretry-after: 1\r\nconnection: close\r\ncontent-length: 80\r\n\r\n{\"error\":{\"code\":\"unavailable\",\"message\":\"too many connections, retry later\"}}";
+
+/// Answers a connection beyond its budget without reading from it, and
+/// closes it (on drop).
+fn refuse(tcp: &TcpStream) {
+    // A fresh socket's send buffer is empty: this never blocks, and if it
+    // cannot write at once the connection is closed all the same.
+    let _ = tcp.try_write(REFUSAL);
+}
+
+/// Serves one admitted connection on its own task.
+fn connection(
+    edge: &Edge,
+    graceful: &GracefulShutdown,
+    force: &watch::Receiver<bool>,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    permit: Permit,
+    health_only: bool,
+) {
+    let _ = tcp.set_nodelay(true);
+    let (header_timeout, idle_timeout) = if health_only {
+        (RESERVE_TIMEOUT, RESERVE_TIMEOUT)
+    } else {
+        (edge.header_read_timeout, edge.idle_timeout)
+    };
+    let idle = Idle::new();
+    let io = TokioIo::new(IdleIo::new(tcp, Arc::clone(&idle), idle_timeout));
+    let client = Client {
+        addr: peer,
+        denials: Arc::clone(&edge.denials),
+    };
+    let router = tower::ServiceBuilder::new()
+        .layer(RequestBodyTimeoutLayer::new(edge.body_read_timeout))
+        .service(edge.router.clone());
+    let service = tower::service_fn(move |mut req: Request<Incoming>| {
+        let (idle, client, router) = (Arc::clone(&idle), client.clone(), router.clone());
+        async move {
+            idle.busy();
+            if health_only && !matches!(req.uri().path(), "/healthz" | "/readyz") {
+                return Ok::<_, Infallible>(refusal().map(|b| MarkIdle::new(b, idle)));
+            }
+            req.extensions_mut().insert(ConnectInfo(client.addr));
+            req.extensions_mut().insert(client);
+            let response = router.oneshot(req).await?;
+            Ok(response.map(|b| MarkIdle::new(b, idle)))
+        }
+    });
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_timeout)
+        .max_buf_size(edge.max_header_size)
+        .keep_alive(!health_only);
+    let conn = graceful.watch(builder.serve_connection(io, TowerToHyperService::new(service)));
+    let mut force = force.clone();
+    tokio::spawn(async move {
+        let _permit = permit;
+        tokio::select! {
+            done = conn => {
+                if let Err(e) = done {
+                    // Timeouts and resets of hostile clients are routine:
+                    // nothing a flood could turn into log volume.
+                    tracing::debug!(client = %peer, error = %e, "connection ended");
+                }
+            }
+            _ = raised(&mut force) => {}
+        }
+    });
+}
+
+/// The answer to a non-health request on a reserve connection.
+fn refusal() -> Response<axum::body::Body> {
+    let mut response = Response::new(axum::body::Body::from(
+        &br#"{"error":{"code":"unavailable","message":"too many connections, retry later"}}"#[..],
+    ));
+    *response.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/json"),
+    );
+    headers.insert(header::RETRY_AFTER, header::HeaderValue::from(1u64));
+    response
+}
+
+/// Writes the summary rows of held-back denials once a minute, and once
+/// more at shutdown.
+async fn flush_denials(state: AppState, denials: Arc<Denials>, mut stop: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(60));
+    tick.tick().await;
+    loop {
+        let stopping = tokio::select! {
+            _ = tick.tick() => false,
+            _ = raised(&mut stop) => true,
+        };
+        for row in denials.roll() {
+            state.service.audit(row).await;
+        }
+        if stopping {
+            return;
+        }
+    }
+}
