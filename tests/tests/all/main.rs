@@ -27,6 +27,8 @@ mod flood;
 mod examples;
 // `bulkhead escape-suite`: the bundled attacks hold, a weakened setup is caught.
 mod suite;
+// Host failures on a job's path: idempotent retries, bounded attempts, a full disk.
+mod lifecycle;
 
 /// Adding a guest to `guests/` without a test named after it in
 /// [`guests`] fails to compile.
