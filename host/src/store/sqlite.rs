@@ -121,10 +121,13 @@ fn add_idempotency_columns(conn: &Connection) -> rusqlite::Result<()> {
 
 /// A queued write: runs on the writer connection inside the batch's
 /// transaction (or not at all, given `None`, when the transaction could not
-/// begin) and returns what to do once the batch has committed (or failed to,
-/// with the reason).
-type WriteOp =
-    Box<dyn FnOnce(Option<&Connection>) -> Box<dyn FnOnce(Option<BatchFailure>) + Send> + Send>;
+/// begin or has ended) and returns what to do once the batch has committed
+/// (or failed to, with the reason), and, if its failure made SQLite roll
+/// the whole transaction back, why.
+type WriteOp = Box<dyn FnOnce(Option<&Connection>) -> (Option<BatchFailure>, Completion) + Send>;
+
+/// What a write does once its batch has committed or failed.
+type Completion = Box<dyn FnOnce(Option<BatchFailure>) + Send>;
 
 /// Why a batch's transaction could not begin or commit, for each write in it.
 #[derive(Clone, Debug)]
@@ -137,6 +140,15 @@ impl BatchFailure {
     fn of(e: &rusqlite::Error) -> Self {
         Self {
             full: e.sqlite_error_code() == Some(rusqlite::ErrorCode::DiskFull),
+            message: e.to_string(),
+        }
+    }
+}
+
+impl From<&StoreError> for BatchFailure {
+    fn from(e: &StoreError) -> Self {
+        Self {
+            full: e.is_full(),
             message: e.to_string(),
         }
     }
@@ -285,34 +297,52 @@ impl SqliteStore {
     ) -> Result<T, StoreError> {
         let (tx, rx) = tokio::sync::oneshot::channel::<Result<T, StoreError>>();
         let op: WriteOp = Box::new(move |conn: Option<&Connection>| {
+            let mut ended = None;
             let result = match conn.map(|c| (c, c.execute_batch("SAVEPOINT write_op"))) {
                 // The batch failed to begin: its failure is reported below.
                 None => Ok(None),
                 Some((_, Err(e))) => Err(StoreError::from(e)),
                 Some((conn, Ok(()))) => {
                     let r = f(conn);
-                    let end = if r.is_ok() {
-                        "RELEASE write_op"
+                    if conn.is_autocommit() {
+                        // SQLite rolled the whole transaction back (a full
+                        // disk, an I/O error): there is nothing to release,
+                        // and the batch's other writes are gone too.
+                        let failure = match &r {
+                            Err(e) => BatchFailure::from(e),
+                            Ok(_) => BatchFailure {
+                                full: false,
+                                message: "the transaction ended early".into(),
+                            },
+                        };
+                        ended = Some(failure);
+                        r.map(Some)
                     } else {
-                        "ROLLBACK TO write_op; RELEASE write_op"
-                    };
-                    match conn.execute_batch(end) {
-                        Ok(()) => r.map(Some),
-                        Err(e) => Err(StoreError::from(e)),
+                        let end = if r.is_ok() {
+                            "RELEASE write_op"
+                        } else {
+                            "ROLLBACK TO write_op; RELEASE write_op"
+                        };
+                        match conn.execute_batch(end) {
+                            Ok(()) => r.map(Some),
+                            Err(e) => Err(StoreError::from(e)),
+                        }
                     }
                 }
             };
-            Box::new(move |failure: Option<BatchFailure>| {
-                let _ = tx.send(match (failure, result) {
-                    (Some(f), _) => Err(f.into()),
-                    (None, Ok(Some(value))) => Ok(value),
-                    (None, Ok(None)) => Err(StoreError::Write {
+            let done: Completion = Box::new(move |failure: Option<BatchFailure>| {
+                // A write's own error says more than its batch's.
+                let _ = tx.send(match (result, failure) {
+                    (Err(e), _) => Err(e),
+                    (Ok(_), Some(f)) => Err(f.into()),
+                    (Ok(Some(value)), None) => Ok(value),
+                    (Ok(None), None) => Err(StoreError::Write {
                         full: false,
                         message: "the write never ran".into(),
                     }),
-                    (None, Err(e)) => Err(e),
                 });
-            })
+            });
+            (ended, done)
         });
         self.pending
             .lock()
@@ -392,16 +422,30 @@ fn run_batch(conn: &Connection, batch: Vec<WriteOp>) {
         tracing::error!(error = %e, writes = batch.len(), "cannot begin a write transaction");
         let failure = BatchFailure::of(&e);
         for op in batch {
-            op(None)(Some(failure.clone()));
+            op(None).1(Some(failure.clone()));
         }
         return;
     }
-    let completions: Vec<_> = batch.into_iter().map(|op| op(Some(conn))).collect();
-    let failure = conn.execute_batch("COMMIT").err().map(|e| {
-        tracing::error!(error = %e, writes = completions.len(), "cannot commit a write transaction");
-        let _ = conn.execute_batch("ROLLBACK");
-        BatchFailure::of(&e)
-    });
+    let mut completions = Vec::with_capacity(batch.len());
+    let mut ended = None;
+    for op in batch {
+        // Once SQLite has rolled the transaction back, the rest would run
+        // outside any transaction: they are failed without running.
+        let (end, done) = op(ended.is_none().then_some(conn));
+        ended = ended.or(end);
+        completions.push(done);
+    }
+    let failure = match ended {
+        Some(failure) => {
+            tracing::error!(error = %failure.message, writes = completions.len(), "a write transaction was rolled back");
+            Some(failure)
+        }
+        None => conn.execute_batch("COMMIT").err().map(|e| {
+            tracing::error!(error = %e, writes = completions.len(), "cannot commit a write transaction");
+            let _ = conn.execute_batch("ROLLBACK");
+            BatchFailure::of(&e)
+        }),
+    };
     for done in completions {
         done(failure.clone());
     }
@@ -1171,7 +1215,7 @@ mod tests {
         for t in tasks {
             let (id, result) = t.await.unwrap();
             match result {
-                Ok(()) => assert!(
+                Ok(_) => assert!(
                     store.get_job("acme", &id).await.unwrap().is_some(),
                     "{id} reported but missing"
                 ),
