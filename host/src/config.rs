@@ -45,6 +45,8 @@
 //! max_queued_per_tenant = 200      # queued jobs per tenant (429 beyond)
 //! max_running_per_tenant = 4
 //! max_running_per_module = 8
+//! max_attempts = 3                 # starts of a job that never finished (crash, host error) before it is failed
+//! idempotency_retention = "24 h"   # an `Idempotency-Key` names its first job this long
 //!
 //! [tokens]                         # call tokens minted for internal services
 //! issuer = "bulkhead"              # `iss`
@@ -241,6 +243,13 @@ pub struct Queue {
     pub max_running_per_tenant: usize,
     /// Running jobs per module.
     pub max_running_per_module: usize,
+    /// Times a job may be started without finishing (the process crashed,
+    /// or the host failed on its path) before it is finished `failed`
+    /// instead of re-run: a job that kills or trips the host every time is
+    /// not a poison job re-run for ever.
+    pub max_attempts: u32,
+    /// How long an `Idempotency-Key` keeps naming the job it created.
+    pub idempotency_retention: HumanDuration,
 }
 
 impl Default for Queue {
@@ -251,6 +260,8 @@ impl Default for Queue {
             max_queued_per_tenant: 200,
             max_running_per_tenant: 4,
             max_running_per_module: 8,
+            max_attempts: 3,
+            idempotency_retention: HumanDuration::secs(24 * 3600),
         }
     }
 }
@@ -313,6 +324,12 @@ impl ServeConfig {
             return Err(ConfigError::Invalid {
                 path: path.to_owned(),
                 message: "queue.workers must be at least 1".into(),
+            });
+        }
+        if config.queue.max_attempts == 0 {
+            return Err(ConfigError::Invalid {
+                path: path.to_owned(),
+                message: "queue.max_attempts must be at least 1".into(),
             });
         }
         Ok(config)

@@ -198,12 +198,14 @@ fn parse_query(pairs: Vec<(String, String)>, max_wait: Duration) -> Result<Submi
 #[utoipa::path(post, path = "/v1/modules/{module}/jobs", security(("bearer" = [])),
     params(("module" = String, Path, description = "module name"),
            ("wait" = Option<String>, Query, description = "wait for the result, e.g. `10s`"),
-           ("input" = Option<String>, Query, description = "input name of a raw body")),
+           ("input" = Option<String>, Query, description = "input name of a raw body"),
+           ("Idempotency-Key" = Option<String>, Header, description = "1 to 255 visible ASCII characters; a retry with the same key returns the first job (409 if the request differs)")),
     responses(
         (status = 200, body = JobView, description = "finished within the wait"),
         (status = 202, body = JobView, description = "accepted"),
         (status = 400, body = super::ErrorBody), (status = 401, body = super::ErrorBody),
         (status = 403, body = super::ErrorBody), (status = 404, body = super::ErrorBody),
+        (status = 409, body = super::ErrorBody),
         (status = 413, body = super::ErrorBody), (status = 415, body = super::ErrorBody),
         (status = 422, body = super::ErrorBody), (status = 429, body = super::ErrorBody),
         (status = 503, body = super::ErrorBody)))]
@@ -235,7 +237,13 @@ pub(super) async fn submit(
         .and_then(|v| v.to_str().ok())
         .unwrap_or("")
         .to_ascii_lowercase();
-    let mut sub = Submission::default();
+    let mut sub = Submission {
+        idempotency_key: req
+            .headers()
+            .get("idempotency-key")
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned()),
+        ..Submission::default()
+    };
     if content_type.starts_with("multipart/form-data") {
         let mut multipart = Multipart::from_request(req, &state)
             .await
@@ -299,6 +307,8 @@ pub(super) async fn submit(
     let (status, job) = match finished {
         Some(job) if job.state.is_final() => (StatusCode::OK, job),
         Some(job) => (StatusCode::ACCEPTED, job),
+        // A retry (same `Idempotency-Key`) of a job that has finished.
+        None if record.state.is_final() => (StatusCode::OK, record),
         None => (StatusCode::ACCEPTED, record),
     };
     let mut response = (status, Json(JobView::from(job))).into_response();

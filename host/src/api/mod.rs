@@ -61,6 +61,9 @@ pub enum ApiError {
     TooManyRequests { message: String, retry_after: u64 },
     /// 503: draining.
     Unavailable,
+    /// 503 with `Retry-After`: the storage is full (`storage_full`) or
+    /// failing (`storage_unavailable`); nothing was stored.
+    Storage { full: bool },
     /// 500: logged in full, sent as a generic message.
     Internal(String),
 }
@@ -91,7 +94,7 @@ impl ApiError {
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
-            ApiError::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Unavailable | ApiError::Storage { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -108,6 +111,8 @@ impl ApiError {
             ApiError::Unprocessable(_) => "unprocessable",
             ApiError::TooManyRequests { .. } => "too_many_requests",
             ApiError::Unavailable => "unavailable",
+            ApiError::Storage { full: true } => "storage_full",
+            ApiError::Storage { full: false } => "storage_unavailable",
             ApiError::Internal(_) => "internal",
         }
     }
@@ -134,6 +139,14 @@ impl IntoResponse for ApiError {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from(5u64));
                 "the service is shutting down".to_owned()
             }
+            ApiError::Storage { full } => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from(STORAGE_RETRY_AFTER));
+                if full {
+                    "the service's storage is full; retry later".to_owned()
+                } else {
+                    "the service's storage is failing; retry later".to_owned()
+                }
+            }
             ApiError::Internal(detail) => {
                 tracing::error!(error = %detail, "internal error");
                 "internal error".to_owned()
@@ -157,9 +170,16 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// Seconds a client is asked to wait after a storage failure.
+const STORAGE_RETRY_AFTER: u64 = 10;
+
 impl From<ServiceError> for ApiError {
     fn from(e: ServiceError) -> Self {
         let m = e.to_string();
+        if e.is_storage() {
+            tracing::error!(error = %m, "storage failure");
+            return ApiError::Storage { full: e.is_full() };
+        }
         match e {
             ServiceError::UnknownModule(_) | ServiceError::NoJob(_) | ServiceError::NoOutput(_) => {
                 ApiError::NotFound(m)
@@ -300,11 +320,13 @@ async fn healthz() -> &'static str {
     "ok\n"
 }
 
-/// Readiness: not draining.
-#[utoipa::path(get, path = "/readyz", responses((status = 200, description = "ready"), (status = 503, description = "draining")))]
+/// Readiness: not draining, and the storage can be written.
+#[utoipa::path(get, path = "/readyz", responses((status = 200, description = "ready"), (status = 503, description = "draining, or the storage is full or failing")))]
 async fn readyz(State(state): State<AppState>) -> Result<&'static str, ApiError> {
     if state.service.is_draining() {
         Err(ApiError::Unavailable)
+    } else if !state.service.storage_ok() {
+        Err(ApiError::Storage { full: false })
     } else {
         Ok("ready\n")
     }

@@ -2,16 +2,23 @@
 //! the sandbox, keeps their reports and outputs, and recovers after a crash.
 //!
 //! A job is accepted only once its inputs are on disk (fsynced) and its row is
-//! committed as `queued`; from then on it is either finished or re-run, never
-//! lost: a crash leaves it `queued` or `running`, and startup puts every
-//! `running` job back in the queue. Every lookup is by `(tenant, id)`, so one
-//! tenant's jobs do not exist for another.
+//! committed as `queued`; from then on it is finished, or re-run up to
+//! `queue.max_attempts` starts and then finished `failed`, never lost: a crash
+//! leaves it `queued` or `running`, and startup puts every `running` job back
+//! in the queue. A failure of the host on a job's path (the store, the disk)
+//! never drops the job from the queue: a storage failure gives the job back
+//! to the queue without spending an attempt and marks the service not ready
+//! until the storage writes again; any other host failure spends an attempt.
+//! The keeper task re-reads the store's unfinished jobs after every such
+//! failure and every half minute, so nothing waits for a restart. Every
+//! lookup is by `(tenant, id)`, so one tenant's jobs do not exist for
+//! another.
 //!
 //! This module knows nothing about HTTP; `api` maps its errors to statuses.
 
 pub mod scheduler;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
@@ -29,7 +36,8 @@ use crate::sandbox::{
     JobDir, JobError, JobInput, JobReport, JobSpec, LoadedModule, Sandbox, SandboxConfig,
 };
 use crate::store::{
-    AuditEntry, CancelOutcome, DeleteOutcome, JobRecord, JobState, JobStore, StoreError, now_ms,
+    AuditEntry, CancelOutcome, Claim, DeleteOutcome, Idempotency, Inserted, JobRecord, JobState,
+    JobStore, StoreError, now_ms,
 };
 use scheduler::{QueueLimits, QueuedJob, Rejection, Scheduler, Slot};
 
@@ -42,6 +50,60 @@ pub struct Submission {
     pub params: BTreeMap<String, String>,
     /// Standard input.
     pub stdin: Option<Bytes>,
+    /// The client's `Idempotency-Key`: a retry with the same key (same
+    /// tenant, within `queue.idempotency_retention`) returns the first job.
+    pub idempotency_key: Option<String>,
+}
+
+/// Keys are 1 to this many bytes of visible ASCII.
+pub const MAX_IDEMPOTENCY_KEY: usize = 255;
+
+/// Checks an `Idempotency-Key`'s syntax: 1 to [`MAX_IDEMPOTENCY_KEY`] bytes,
+/// each visible ASCII (`!` to `~`).
+///
+/// # Errors
+/// [`ServiceError::BadInput`] saying what is wrong with it.
+pub fn check_idempotency_key(key: &str) -> Result<(), ServiceError> {
+    if key.is_empty() || key.len() > MAX_IDEMPOTENCY_KEY {
+        return Err(ServiceError::BadInput(format!(
+            "idempotency key of {} bytes: it must be 1 to {MAX_IDEMPOTENCY_KEY} bytes",
+            key.len()
+        )));
+    }
+    if let Some(c) = key.chars().find(|c| !c.is_ascii_graphic()) {
+        return Err(ServiceError::BadInput(format!(
+            "idempotency key holds {c:?}: only visible ASCII is accepted"
+        )));
+    }
+    Ok(())
+}
+
+/// SHA-256 over everything a submission asks for: the module, parameters,
+/// inputs and stdin, each length-prefixed so no two requests share an
+/// encoding.
+fn request_sha256(module: &str, sub: &Submission) -> String {
+    use sha2::{Digest, Sha256};
+    let mut hash = Sha256::new();
+    let mut field = |bytes: &[u8]| {
+        hash.update((bytes.len() as u64).to_le_bytes());
+        hash.update(bytes);
+    };
+    field(module.as_bytes());
+    for (name, value) in &sub.params {
+        field(b"param");
+        field(name.as_bytes());
+        field(value.as_bytes());
+    }
+    for input in &sub.inputs {
+        field(b"input");
+        field(input.name.as_bytes());
+        field(&input.data);
+    }
+    if let Some(stdin) = &sub.stdin {
+        field(b"stdin");
+        field(stdin);
+    }
+    hex::encode(hash.finalize())
 }
 
 /// Why the service refused a request. `api` maps each to one status.
@@ -77,12 +139,59 @@ pub enum ServiceError {
     /// The job is in the wrong state for the request (409).
     #[error("{0}")]
     Conflict(String),
-    /// The store failed (500, details logged only).
+    /// The store failed (500, details logged only; 503 when
+    /// [`ServiceError::is_storage`]).
     #[error(transparent)]
     Store(#[from] StoreError),
-    /// The disk failed (500, details logged only).
+    /// The disk failed (500, details logged only; 503 when
+    /// [`ServiceError::is_storage`]).
     #[error("i/o: {0}")]
     Io(#[from] std::io::Error),
+}
+
+impl ServiceError {
+    /// Whether the storage under the service is full or failing (the store,
+    /// or the disk under the data or work directory): a condition of the
+    /// host that passes, answered 503 with `Retry-After`.
+    pub fn is_storage(&self) -> bool {
+        match self {
+            ServiceError::Store(e) => e.is_storage(),
+            ServiceError::Io(e) => matches!(
+                os_error(e),
+                Some(libc::ENOSPC | libc::EDQUOT | libc::EIO | libc::EROFS)
+            ),
+            _ => false,
+        }
+    }
+
+    /// Whether it failed because a disk is full (`ENOSPC`, `EDQUOT`,
+    /// `SQLITE_FULL`).
+    pub fn is_full(&self) -> bool {
+        match self {
+            ServiceError::Store(e) => e.is_full(),
+            ServiceError::Io(e) => matches!(os_error(e), Some(libc::ENOSPC | libc::EDQUOT)),
+            _ => false,
+        }
+    }
+}
+
+/// The operating system's error number behind `e`, looking through errors
+/// that wrap another `io::Error` (output collection reports copy failures
+/// as `ErrorKind::Other` around the original).
+fn os_error(e: &std::io::Error) -> Option<i32> {
+    let mut e = e;
+    loop {
+        if let Some(code) = e.raw_os_error() {
+            return Some(code);
+        }
+        if matches!(
+            e.kind(),
+            std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
+        ) {
+            return Some(libc::ENOSPC);
+        }
+        e = e.get_ref()?.downcast_ref::<std::io::Error>()?;
+    }
 }
 
 /// Why the service could not start.
@@ -111,6 +220,15 @@ pub struct Service {
     waiters: Mutex<HashMap<String, Vec<oneshot::Sender<Option<JobRecord>>>>>,
     cancels: Mutex<HashMap<String, Arc<Notify>>>,
     draining: AtomicBool,
+    /// False from a storage failure until the keeper finds the store and
+    /// the data directory writable again (readiness).
+    storage_ok: AtomicBool,
+    /// A failure on some job's path: the keeper re-reads the store's
+    /// unfinished jobs at its next tick.
+    recover_wanted: AtomicBool,
+    /// Jobs a worker of this process holds, from before its claim until
+    /// after its finish: a `running` job not in here was left by a failure.
+    held: Mutex<HashSet<String>>,
     admin_token_hash: String,
     metrics: metrics_exporter_prometheus::PrometheusHandle,
 }
@@ -237,14 +355,24 @@ impl Service {
             waiters: Mutex::default(),
             cancels: Mutex::default(),
             draining: AtomicBool::new(false),
+            storage_ok: AtomicBool::new(true),
+            recover_wanted: AtomicBool::new(false),
+            held: Mutex::default(),
             admin_token_hash,
             metrics: metrics_handle(),
             config,
         });
+        // Nothing runs yet: any job directory without a row is a leftover
+        // (a submission or an inline job that failed half-way in a crash).
+        let orphans = service.remove_orphans(Duration::ZERO).await;
+        if orphans > 0 {
+            tracing::info!(orphans, "removed job directories no job points to");
+        }
         for _ in 0..service.config.queue.workers {
             tokio::spawn(Arc::clone(&service).worker());
         }
         tokio::spawn(Arc::clone(&service).sweeper());
+        tokio::spawn(Arc::clone(&service).keeper());
         service.update_gauges();
         Ok(service)
     }
@@ -289,6 +417,30 @@ impl Service {
         self.draining.load(Ordering::SeqCst)
     }
 
+    /// Whether the store and the data directory can be written: false from
+    /// a storage failure (or the data directory's free space falling under
+    /// [`MIN_FREE`]) until the keeper's probe writes succeed again.
+    pub fn storage_ok(&self) -> bool {
+        self.storage_ok.load(Ordering::SeqCst)
+    }
+
+    /// Notes `e` if it is a storage failure (not ready until the storage
+    /// writes again) and asks the keeper to look for jobs it left behind;
+    /// returns it.
+    fn noted(&self, e: ServiceError) -> ServiceError {
+        if e.is_storage() {
+            self.storage_failed(&e);
+        }
+        e
+    }
+
+    fn storage_failed(&self, e: &dyn std::fmt::Display) {
+        self.recover_wanted.store(true, Ordering::SeqCst);
+        if self.storage_ok.swap(false, Ordering::SeqCst) {
+            tracing::error!(error = %e, "storage failed: not ready until it can be written again");
+        }
+    }
+
     /// Prometheus text exposition.
     pub fn render_metrics(&self) -> String {
         self.update_gauges();
@@ -305,6 +457,7 @@ impl Service {
     pub async fn audit(&self, entry: AuditEntry) {
         if let Err(e) = self.store.append_audit(&entry).await {
             tracing::error!(error = %e, action = %entry.action, "cannot write audit entry");
+            self.noted(e.into());
         }
     }
 
@@ -318,7 +471,7 @@ impl Service {
         &self,
         who: &Identity,
         module_name: &str,
-        sub: Submission,
+        mut sub: Submission,
         wait: Option<std::time::Duration>,
     ) -> Result<(JobRecord, Option<oneshot::Receiver<Option<JobRecord>>>), ServiceError> {
         if self.is_draining() {
@@ -342,6 +495,18 @@ impl Service {
                 scopes,
             });
         }
+        let key = match sub.idempotency_key.take() {
+            Some(key) => {
+                check_idempotency_key(&key)?;
+                let retention = self.config.queue.idempotency_retention.get();
+                Some(Idempotency {
+                    request_sha256: request_sha256(module_name, &sub),
+                    key,
+                    since: now_ms().saturating_sub(retention.as_millis() as i64),
+                })
+            }
+            None => None,
+        };
         let spec = JobSpec {
             id: uuid::Uuid::new_v4().to_string(),
             inputs: sub.inputs,
@@ -355,6 +520,15 @@ impl Service {
             JobError::Input(m) if m.contains("input limit") => ServiceError::TooLarge(m),
             other => ServiceError::BadInput(other.to_string()),
         })?;
+        if let Some(key) = &key
+            && let Some((job, hash)) = self
+                .store
+                .job_by_key(&who.tenant, &key.key, key.since)
+                .await
+                .map_err(|e| self.noted(e.into()))?
+        {
+            return self.replay(job, &hash, key, wait.is_some());
+        }
         if let Err(why) = self.scheduler.check(&who.tenant) {
             return Err(self.busy(who, module, why).await);
         }
@@ -381,19 +555,19 @@ impl Service {
                 // The queue gauges are refreshed when metrics are read
                 // (`render_metrics`), not on this path.
                 let has_stdin = sub.stdin.is_some();
-                let result = self.run_now(who, module, spec, has_stdin, slot).await;
+                let result = self
+                    .run_now(who, module, spec, has_stdin, slot, key.as_ref())
+                    .await;
                 drop(held);
-                let record = result?;
-                let (tx, rx) = oneshot::channel();
-                let _ = tx.send(Some(record.clone()));
-                return Ok((record, Some(rx)));
+                return result;
             }
             // Its turn did not come in time to finish within the wait: it
             // is stored and queued like any job, and the caller gets 202
             // unless it ends within what is left of the wait.
         }
 
-        self.store_inputs(&spec, sub.stdin.is_some())?;
+        self.store_inputs(&spec, sub.stdin.is_some())
+            .map_err(|e| self.noted(e))?;
         let record = JobRecord {
             id: spec.id.clone(),
             tenant: who.tenant.clone(),
@@ -412,9 +586,17 @@ impl Service {
             attempts: 0,
             report: None,
         };
-        if let Err(e) = self.store.insert_job(&record).await {
-            self.remove_job_files(&record.id);
-            return Err(e.into());
+        match (self.store.insert_job(&record, key.as_ref()).await, &key) {
+            (Ok(Inserted::Existing(job, hash)), Some(key)) => {
+                // A retry with the same key raced this one and won.
+                self.remove_job_files(&record.id);
+                return self.replay(*job, &hash, key, wait.is_some());
+            }
+            (Ok(_), _) => {}
+            (Err(e), _) => {
+                self.remove_job_files(&record.id);
+                return Err(self.noted(e.into()));
+            }
         }
         let receiver = wait.is_some().then(|| self.subscribe(&record.id));
         let queued = QueuedJob {
@@ -436,6 +618,26 @@ impl Service {
             .increment(1);
         self.update_gauges();
         Ok((record, receiver))
+    }
+
+    /// The answer to a submission whose idempotency key already names
+    /// `job`: that job (and, with `wait`, a receiver for its end), or a
+    /// conflict if the key came with another request.
+    fn replay(
+        &self,
+        job: JobRecord,
+        hash: &str,
+        key: &Idempotency,
+        wait: bool,
+    ) -> Result<(JobRecord, Option<oneshot::Receiver<Option<JobRecord>>>), ServiceError> {
+        if hash != key.request_sha256 {
+            return Err(ServiceError::Conflict(format!(
+                "idempotency key `{}` was already used for a different request (job `{}`)",
+                key.key, job.id
+            )));
+        }
+        let receiver = (wait && !job.state.is_final()).then(|| self.subscribe(&job.id));
+        Ok((job, receiver))
     }
 
     async fn busy(&self, who: &Identity, module: &LoadedModule, why: Rejection) -> ServiceError {
@@ -666,51 +868,181 @@ impl Service {
 
     async fn worker(self: Arc<Self>) {
         while let Some(slot) = self.scheduler.next().await {
-            let job = slot.job();
-            let finished = match self.run_one(job).await {
-                Ok(finished) => finished,
-                Err(e) => {
-                    tracing::error!(job = %job.id, error = %e, "job failed in the host");
-                    None
-                }
-            };
-            let id = job.id.clone();
+            let job = slot.job().clone();
+            self.hold(&job.id, true);
+            let ran = self.run_one(&job).await;
+            self.hold(&job.id, false);
             drop(slot);
-            self.wake(&id, finished.as_ref());
+            match ran {
+                Ran::Ended(finished) => self.wake(&job.id, finished.as_ref()),
+                // Its next attempt may start at once; after a storage
+                // failure the keeper re-queues it once the storage writes.
+                Ran::Requeued { storage: false } => {
+                    let _ = self.scheduler.push(job, false);
+                }
+                Ran::Requeued { storage: true } => {
+                    self.recover_wanted.store(true, Ordering::SeqCst);
+                }
+            }
             self.update_gauges();
         }
     }
 
+    /// Marks a job as held by a worker of this process, or no longer.
+    fn hold(&self, id: &str, held: bool) {
+        let mut set = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        if held {
+            set.insert(id.to_owned());
+        } else {
+            set.remove(id);
+        }
+    }
+
+    fn is_held(&self, id: &str) -> bool {
+        self.held
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(id)
+    }
+
     /// Claims, runs and finishes one job; returns its finished record, or
-    /// `None` if it was cancelled.
-    async fn run_one(&self, queued: &QueuedJob) -> Result<Option<JobRecord>, ServiceError> {
-        let Some(record) = self.store.claim(&queued.id, now_ms()).await? else {
-            return Ok(None); // cancelled while queued
+    /// `None` if it did not finish here: cancelled, or given back to the
+    /// queue after a failure of the host (see [`Service::host_failed`]).
+    /// A store failure never drops the job: it stays `queued` (the claim
+    /// failed) or is given back, and the keeper re-queues it.
+    async fn run_one(&self, queued: &QueuedJob) -> Ran {
+        let max_attempts = self.config.queue.max_attempts;
+        let record = match self.store.claim(&queued.id, now_ms(), max_attempts).await {
+            Ok(Claim::Run(record)) => *record,
+            Ok(Claim::Gone) => return Ran::Ended(None), // cancelled while queued
+            Ok(Claim::GaveUp(record)) => {
+                tracing::error!(job = %record.id, attempts = record.attempts, "job failed: started too many times without finishing");
+                self.remove_inputs(&record);
+                let (finished_at, report) = (record.finished_at, record.report.clone());
+                let Some(report) = report else {
+                    return Ran::Ended(None);
+                };
+                return Ran::Ended(Some(
+                    self.finished(*record, report, finished_at.unwrap_or_else(now_ms))
+                        .await,
+                ));
+            }
+            Err(e) => {
+                // Still `queued` in the store: the claim rolled back.
+                tracing::error!(job = %queued.id, error = %e, "cannot claim job; it stays queued");
+                self.noted(e.into());
+                return Ran::Requeued { storage: true };
+            }
         };
-        let report = match self.modules.get(&record.module) {
-            Some(module) => self.execute(module, &record).await?,
-            None => Some(JobReport::not_run(
+        let result = match self.modules.get(&record.module) {
+            Some(module) => self.execute(module, &record).await,
+            None => Ok(Some(JobReport::not_run(
                 &record.id,
                 &record.module,
                 "module is no longer served",
-            )),
+            ))),
         };
-        let Some(report) = report else {
-            return Ok(None); // cancelled while running
-        };
-        let finished_at = now_ms();
-        if !self
-            .store
-            .finish_job(&record.id, &report, finished_at)
-            .await?
-        {
-            return Ok(None); // cancelled while running; its result is dropped
+        match result {
+            Ok(Some(report)) => Ran::Ended(self.finish(record, report).await),
+            Ok(None) => Ran::Ended(None), // cancelled while running
+            Err(e) => self.host_failed(record, e).await,
         }
+    }
+
+    /// The host failed on `record`'s path (its result could not be kept,
+    /// its directory not made, its stored inputs not read…). A storage
+    /// failure gives the job back to the queue without spending its attempt:
+    /// it runs again once the storage writes. Any other failure spends it:
+    /// the job is re-queued, or, at its last attempt, finished `failed` with
+    /// the reason. Whatever is left of its outputs is removed.
+    async fn host_failed(&self, record: JobRecord, e: ServiceError) -> Ran {
+        self.remove_outputs(&record.id);
+        let max_attempts = self.config.queue.max_attempts;
+        // Some failures lose their error number on the way up (a message
+        // only): a data directory out of space says what it was.
+        let storage = e.is_storage() || self.free_space().is_ok_and(|free| free < MIN_FREE);
+        if storage || record.attempts < max_attempts {
+            if storage {
+                tracing::error!(job = %record.id, error = %e, "storage failed on the job's path; it goes back to the queue");
+                self.noted(e);
+            } else {
+                tracing::error!(job = %record.id, attempt = record.attempts, error = %e, "the host failed on the job's path; it goes back to the queue");
+            }
+            return match self.store.requeue(&record.id, !storage).await {
+                Ok(_) => Ran::Requeued { storage },
+                Err(e) => {
+                    // Left `running` and not held: the keeper re-queues it.
+                    tracing::error!(job = %record.id, error = %e, "cannot re-queue the job");
+                    self.noted(e.into());
+                    Ran::Requeued { storage: true }
+                }
+            };
+        }
+        tracing::error!(job = %record.id, attempts = record.attempts, error = %e, "job failed: the host could not finish it");
+        let report = JobReport::not_run(
+            &record.id,
+            &record.module,
+            format!(
+                "the host could not finish the job in {} attempts (last: {e})",
+                record.attempts
+            ),
+        );
+        Ran::Ended(self.finish(record, report).await)
+    }
+
+    /// Records `record`'s job finished with `report`. A store failure is
+    /// retried, with backoff, until the store writes again or the service
+    /// drains (the job is then left `running`, and re-run at the next
+    /// start); the result is never dropped while the process lives.
+    async fn finish(&self, record: JobRecord, report: JobReport) -> Option<JobRecord> {
+        let mut pause = Duration::from_millis(100);
+        loop {
+            let finished_at = now_ms();
+            match self
+                .store
+                .finish_job(&record.id, &report, finished_at)
+                .await
+            {
+                Ok(true) => {
+                    self.remove_inputs(&record);
+                    return Some(self.finished(record, report, finished_at).await);
+                }
+                // Cancelled while running; its result is dropped.
+                Ok(false) => return None,
+                Err(e) => {
+                    tracing::error!(job = %record.id, error = %e, retry_in = ?pause, "cannot record the finished job");
+                    self.noted(e.into());
+                    if self.is_draining() {
+                        return None;
+                    }
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(FINISH_RETRY_MAX);
+                }
+            }
+        }
+    }
+
+    /// Removes a finished job's stored inputs: they are only needed to
+    /// re-run it; the report and outputs remain.
+    fn remove_inputs(&self, record: &JobRecord) {
         if !record.inputs.is_empty() || record.has_stdin {
-            // Inputs are only needed to re-run; the report and outputs remain.
             let _ = std::fs::remove_dir_all(self.job_dir(&record.id).join("inputs"));
         }
-        Ok(Some(self.finished(record, report, finished_at).await))
+    }
+
+    /// Removes what an unfinished attempt copied of a job's outputs.
+    fn remove_outputs(&self, id: &str) {
+        let outputs = self.job_dir(id).join("outputs");
+        let removed = match outputs.symlink_metadata() {
+            Ok(meta) if meta.is_dir() => std::fs::remove_dir_all(&outputs),
+            Ok(_) => std::fs::remove_file(&outputs),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = removed
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            tracing::warn!(job = id, error = %e, "cannot remove a failed attempt's outputs");
+        }
     }
 
     /// Metrics and call audit of a job the store has just recorded as
@@ -760,7 +1092,8 @@ impl Service {
         mut spec: JobSpec,
         has_stdin: bool,
         slot: Slot,
-    ) -> Result<JobRecord, ServiceError> {
+        key: Option<&Idempotency>,
+    ) -> Result<(JobRecord, Option<oneshot::Receiver<Option<JobRecord>>>), ServiceError> {
         let policy = module.policy();
         let now = now_ms();
         let record = JobRecord {
@@ -791,30 +1124,74 @@ impl Service {
             }));
             spec.on_refusal = Some(self.refusal_sink(&record, &audits));
         }
-        let dir = JobDir::create(self.sandbox.config().work_dir.as_path(), &record.id)?;
-        let result = self.sandbox.run(module, &spec, &dir).await;
-        audits.settle().await;
-        let report = match result {
-            Ok(report) => report,
-            Err(e) => JobReport::not_run(&record.id, &record.module, e.to_string()),
+        // A failure of the host on the way is a failed job with a reason
+        // (never a 500), unless it is the storage's: then nothing can be
+        // stored, and the caller is told to retry (503). Either way nothing
+        // is left under the data directory without a row.
+        let ran = match JobDir::create(self.sandbox.config().work_dir.as_path(), &record.id) {
+            Ok(dir) => {
+                let result = self.sandbox.run(module, &spec, &dir).await;
+                audits.settle().await;
+                let report = match result {
+                    Ok(report) => report,
+                    Err(e) => JobReport::not_run(&record.id, &record.module, e.to_string()),
+                };
+                let kept = self.keep_outputs(&record, &report, &dir);
+                drop(dir);
+                kept.map(|()| report)
+            }
+            Err(e) => Err(e),
         };
-        self.keep_outputs(&record, &report, &dir)?;
-        drop(dir);
         // The sandbox is done with it: the next job need not wait for the
         // store.
         drop(slot);
+        let report = match ran {
+            Ok(report) => report,
+            Err(e) => {
+                self.remove_job_files(&record.id);
+                let e = ServiceError::from(e);
+                if e.is_storage() {
+                    return Err(self.noted(e));
+                }
+                if self.free_space().is_ok_and(|free| free < MIN_FREE) {
+                    // The error number was lost on the way; the disk says
+                    // what it was.
+                    let full = std::io::Error::from_raw_os_error(libc::ENOSPC);
+                    return Err(self.noted(full.into()));
+                }
+                tracing::error!(job = %record.id, error = %e, "job failed: the host could not finish it");
+                JobReport::not_run(
+                    &record.id,
+                    &record.module,
+                    format!("the host could not finish the job: {e}"),
+                )
+            }
+        };
         let finished_at = now_ms();
-        if let Err(e) = self
-            .store
-            .insert_finished_job(&record, &report, finished_at)
-            .await
-        {
-            self.remove_job_files(&record.id);
-            return Err(e.into());
+        match (
+            self.store
+                .insert_finished_job(&record, &report, finished_at, key)
+                .await,
+            key,
+        ) {
+            (Ok(Inserted::Existing(job, hash)), Some(key)) => {
+                // A retry with the same key ran beside this one and was
+                // stored first: this run is dropped.
+                self.remove_job_files(&record.id);
+                return self.replay(*job, &hash, key, true);
+            }
+            (Ok(_), _) => {}
+            (Err(e), _) => {
+                self.remove_job_files(&record.id);
+                return Err(self.noted(e.into()));
+            }
         }
         metrics::counter!("bulkhead_jobs_accepted_total", "module" => record.module.clone())
             .increment(1);
-        Ok(self.finished(record, report, finished_at).await)
+        let record = self.finished(record, report, finished_at).await;
+        let (tx, rx) = oneshot::channel();
+        let _ = tx.send(Some(record.clone()));
+        Ok((record, Some(rx)))
     }
 
     /// Writes one `egress.denied` audit entry per refused outbound request
@@ -992,24 +1369,200 @@ impl Service {
     }
 
     /// Deletes the rows and files of jobs that finished longer than the
-    /// retention period ago, and audit entries older than the audit
-    /// retention. Returns how many jobs.
+    /// retention period ago, job directories no row points to that are
+    /// older than [`ORPHAN_AGE`], and audit entries older than the audit
+    /// retention. Returns how many jobs expired.
     pub async fn sweep(&self) -> usize {
         let audit_before = now_ms() - self.config.audit.retention.get().as_millis() as i64;
         if let Err(e) = self.store.expire_audit(audit_before).await {
             tracing::error!(error = %e, "audit retention sweep failed");
         }
         let before = now_ms() - self.config.storage.retention.get().as_millis() as i64;
-        match self.store.expire_jobs(before).await {
+        let expired = match self.store.expire_jobs(before).await {
             Ok(ids) => {
                 ids.iter().for_each(|id| self.remove_job_files(id));
                 ids.len()
             }
             Err(e) => {
                 tracing::error!(error = %e, "retention sweep failed");
+                self.noted(e.into());
                 0
             }
+        };
+        let orphans = self.remove_orphans(ORPHAN_AGE).await;
+        if orphans > 0 {
+            tracing::warn!(orphans, "removed job directories no job points to");
         }
+        expired
+    }
+
+    /// Removes entries of the jobs directory that no job row points to and
+    /// that have not changed for `min_age` (a submission writes its inputs
+    /// before its row; an inline job its outputs). Returns how many.
+    pub async fn remove_orphans(&self, min_age: Duration) -> usize {
+        let Ok(entries) = std::fs::read_dir(&self.jobs_dir) else {
+            return 0;
+        };
+        let mut removed = 0;
+        for entry in entries.filter_map(Result::ok) {
+            let Ok(meta) = entry.path().symlink_metadata() else {
+                continue;
+            };
+            let age = meta
+                .modified()
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .unwrap_or_default();
+            if age < min_age {
+                continue;
+            }
+            let id = entry.file_name().to_string_lossy().into_owned();
+            match self.store.job_exists(&id).await {
+                Ok(true) => continue,
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::error!(error = %e, "orphan sweep failed");
+                    return removed;
+                }
+            }
+            let gone = if meta.is_dir() {
+                std::fs::remove_dir_all(entry.path())
+            } else {
+                std::fs::remove_file(entry.path())
+            };
+            match gone {
+                Ok(()) => removed += 1,
+                Err(e) => {
+                    tracing::warn!(entry = %entry.path().display(), error = %e, "cannot remove an orphan job directory")
+                }
+            }
+        }
+        removed
+    }
+
+    /// Watches the storage and recovers jobs, every second: while the
+    /// storage has failed, probes it (a store write and a file written and
+    /// fsynced under the data directory) until it writes again; checks the
+    /// data directory's free space; and after a failure on a job's path,
+    /// when the storage recovers, and at least every [`RECOVER_EVERY`]
+    /// ticks, re-reads the store's unfinished jobs (see
+    /// [`Service::recover`]).
+    async fn keeper(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut ticks = 0u32;
+        loop {
+            tick.tick().await;
+            if self.is_draining() {
+                return;
+            }
+            let was_ok = self.storage_ok();
+            let ok = if was_ok {
+                match self.free_space() {
+                    Ok(free) if free < MIN_FREE => {
+                        self.storage_failed(&format!("{free} bytes free under the data directory"));
+                        false
+                    }
+                    _ => true,
+                }
+            } else {
+                match self.probe().await {
+                    Ok(()) => {
+                        self.storage_ok.store(true, Ordering::SeqCst);
+                        tracing::warn!("storage writable again: ready");
+                        true
+                    }
+                    Err(e) => {
+                        tracing::debug!(error = %e, "storage still failing");
+                        false
+                    }
+                }
+            };
+            ticks += 1;
+            let wanted = self.recover_wanted.swap(false, Ordering::SeqCst);
+            if ok && (wanted || !was_ok || ticks >= RECOVER_EVERY) {
+                ticks = 0;
+                if let Err(e) = self.recover().await {
+                    tracing::error!(error = %e, "cannot recover unfinished jobs");
+                    self.recover_wanted.store(true, Ordering::SeqCst);
+                    self.noted(e.into());
+                }
+            } else if wanted {
+                self.recover_wanted.store(true, Ordering::SeqCst);
+            }
+        }
+    }
+
+    /// Bytes free for this process under the data directory.
+    fn free_space(&self) -> std::io::Result<u64> {
+        use std::os::unix::ffi::OsStrExt;
+        let path = std::ffi::CString::new(self.config.storage.data_dir.as_os_str().as_bytes())
+            .map_err(std::io::Error::other)?;
+        let mut stat = std::mem::MaybeUninit::<libc::statvfs>::zeroed();
+        // SAFETY: `path` is a NUL-terminated string and `stat` points to
+        // writable memory of the right size for the call to fill.
+        if unsafe { libc::statvfs(path.as_ptr(), stat.as_mut_ptr()) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: statvfs returned 0, so it filled `stat`.
+        let stat = unsafe { stat.assume_init() };
+        Ok(stat.f_bavail.saturating_mul(stat.f_frsize))
+    }
+
+    /// Whether the storage writes again: the store takes a write, a small
+    /// file is written and fsynced under the data directory, and the free
+    /// space there is at least [`MIN_FREE`].
+    async fn probe(&self) -> Result<(), ServiceError> {
+        self.store.probe(now_ms()).await?;
+        let path = self.config.storage.data_dir.join(".probe");
+        let written = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&path)
+            .and_then(|mut f| {
+                f.write_all(&[0; 4096])?;
+                f.sync_all()
+            });
+        let _ = std::fs::remove_file(&path);
+        written?;
+        let free = self.free_space()?;
+        if free < MIN_FREE {
+            return Err(ServiceError::Io(std::io::Error::from_raw_os_error(
+                libc::ENOSPC,
+            )));
+        }
+        Ok(())
+    }
+
+    /// Puts every unfinished job of the store that no worker here holds
+    /// back in the run queue: `queued` ones whose claim failed, `running`
+    /// ones a failure left behind (re-queued first, their attempt spent).
+    /// The scheduler ignores jobs it already has.
+    ///
+    /// # Errors
+    /// Store failures.
+    pub async fn recover(&self) -> Result<usize, StoreError> {
+        let mut queued = 0;
+        for job in self.store.pending_jobs().await? {
+            if self.is_held(&job.id) {
+                continue;
+            }
+            if job.state == JobState::Running && !self.store.requeue(&job.id, true).await? {
+                continue;
+            }
+            let pushed = self.scheduler.push(
+                QueuedJob {
+                    id: job.id,
+                    tenant: job.tenant,
+                    module: job.module,
+                },
+                false,
+            );
+            queued += usize::from(pushed.is_ok());
+        }
+        Ok(queued)
     }
 }
 
@@ -1021,6 +1574,31 @@ fn scope_strings(policy: &Policy) -> Vec<String> {
         .map(ToString::to_string)
         .collect()
 }
+
+/// How a worker's job ended.
+#[derive(Debug)]
+enum Ran {
+    /// Finished (its record), or cancelled, or left for the next start
+    /// (`None`).
+    Ended(Option<JobRecord>),
+    /// Given back to the queue after a failure of the host; after a storage
+    /// failure (`storage`), the keeper re-queues it once the storage writes.
+    Requeued { storage: bool },
+}
+
+/// Free bytes under the data directory below which the service reports
+/// itself not ready (and the keeper's probe fails).
+pub const MIN_FREE: u64 = 1 << 20;
+
+/// Keeper ticks (seconds) between two unprompted recoveries.
+const RECOVER_EVERY: u32 = 30;
+
+/// Longest pause between two tries to record a finished job.
+const FINISH_RETRY_MAX: Duration = Duration::from_secs(5);
+
+/// A job directory without a row is removed once it is this old: younger,
+/// it may be a submission between writing its inputs and its row.
+pub const ORPHAN_AGE: Duration = Duration::from_secs(600);
 
 /// Input bytes inline jobs may hold in memory at once, waiting for their
 /// turn or running; beyond it a waited-for job is stored and queued like any

@@ -73,6 +73,9 @@ struct State {
     queued: usize,
     running: usize,
     closed: bool,
+    /// Durable jobs waiting or running: a job pushed again (recovery
+    /// re-reading the store) is not queued twice.
+    durable: std::collections::HashSet<String>,
 }
 
 /// What the fair order offers next.
@@ -211,15 +214,20 @@ impl Scheduler {
 
     /// Enqueues a durable `job` for a worker. With `enforce`, refuses it
     /// when its tenant's share or the queue is full; without (reloading
-    /// durable jobs at startup), always takes it.
+    /// durable jobs at startup or in recovery), always takes it. A job
+    /// already waiting or running is left as it is.
     ///
     /// # Errors
     /// The reason it was refused.
     pub fn push(self: &Arc<Self>, job: QueuedJob, enforce: bool) -> Result<(), Rejection> {
         let mut s = self.lock();
+        if s.durable.contains(&job.id) {
+            return Ok(());
+        }
         if enforce {
             Self::admissible(&s, &self.limits, &job.tenant)?;
         }
+        s.durable.insert(job.id.clone());
         Self::enqueue(&mut s, Entry { job, inline: None });
         let (handoffs, _) = self.dispatch(&mut s, false);
         drop(s);
@@ -276,6 +284,7 @@ impl Scheduler {
         let Some((tenant, emptied)) = found else {
             return false;
         };
+        s.durable.remove(id);
         s.queued -= 1;
         if emptied {
             s.queues.remove(&tenant);
@@ -411,6 +420,7 @@ impl Scheduler {
     fn release(self: &Arc<Self>, job: &QueuedJob) {
         let mut s = self.lock();
         s.running = s.running.saturating_sub(1);
+        s.durable.remove(&job.id);
         let State {
             running_tenant,
             running_module,
@@ -545,6 +555,23 @@ mod tests {
         assert_eq!(s.depth(), (0, 0));
         s.close();
         assert!(s.next().await.is_none());
+    }
+
+    #[tokio::test]
+    async fn a_durable_job_pushed_again_is_queued_once_until_its_slot_is_released() {
+        let s = with_slots(1);
+        s.push(job("a0", "a", "m"), true).unwrap();
+        s.push(job("a0", "a", "m"), false).unwrap();
+        assert_eq!(s.depth(), (1, 0));
+        let slot = s.next().await.unwrap();
+        s.push(job("a0", "a", "m"), false).unwrap();
+        assert_eq!(s.depth(), (0, 1), "running: not queued again");
+        drop(slot);
+        s.push(job("a0", "a", "m"), false).unwrap();
+        assert_eq!(s.depth(), (1, 0), "released: a new attempt may queue");
+        assert!(s.remove("a0"));
+        s.push(job("a0", "a", "m"), false).unwrap();
+        assert_eq!(s.depth(), (1, 0));
     }
 
     #[tokio::test]

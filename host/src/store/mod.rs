@@ -136,15 +136,112 @@ pub struct AuditEntry {
     pub client: Option<String>,
 }
 
-/// A store failure. Logged in full; clients see a generic 500.
+/// A store failure. Logged in full; clients see a generic 500, or a 503
+/// with `Retry-After` when the storage under the store is exhausted or
+/// failing ([`StoreError::is_storage`]).
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// The database failed.
     #[error("job store: {0}")]
     Db(#[from] rusqlite::Error),
+    /// A transaction could not begin or commit (the disk is full, or the
+    /// file cannot be written).
+    #[error("job store: write failed: {message}")]
+    Write {
+        /// Whether it failed because the disk is full.
+        full: bool,
+        /// SQLite's message.
+        message: String,
+    },
     /// A stored value could not be decoded.
     #[error("job store: corrupt row: {0}")]
     Corrupt(String),
+    /// The database could not be opened or set up.
+    #[error("job store: cannot open: {0}")]
+    Open(String),
+}
+
+impl StoreError {
+    /// Whether it failed because the disk under the store is full
+    /// (`SQLITE_FULL`).
+    pub fn is_full(&self) -> bool {
+        match self {
+            StoreError::Db(e) => e.sqlite_error_code() == Some(rusqlite::ErrorCode::DiskFull),
+            StoreError::Write { full, .. } => *full,
+            StoreError::Corrupt(_) | StoreError::Open(_) => false,
+        }
+    }
+
+    /// Whether the storage under the store failed (full, I/O error, cannot
+    /// open or write the file) rather than the request: such a failure is
+    /// the host's, passes when the storage recovers, and is worth a retry.
+    pub fn is_storage(&self) -> bool {
+        use rusqlite::ErrorCode as C;
+        match self {
+            StoreError::Db(e) => matches!(
+                e.sqlite_error_code(),
+                Some(
+                    C::DiskFull
+                        | C::SystemIoFailure
+                        | C::CannotOpen
+                        | C::ReadOnly
+                        | C::DatabaseBusy
+                        | C::DatabaseLocked
+                )
+            ),
+            StoreError::Write { .. } => true,
+            StoreError::Corrupt(_) | StoreError::Open(_) => false,
+        }
+    }
+}
+
+/// An `Idempotency-Key` given with a submission: a second submission with
+/// the same key (same tenant) returns the first job instead of creating one.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Idempotency {
+    /// The client's key (validated by the service).
+    pub key: String,
+    /// SHA-256 of the request it came with (module, parameters, inputs,
+    /// stdin), so a reuse with another request is told apart.
+    pub request_sha256: String,
+    /// Unix milliseconds: a key first used before this has expired and may
+    /// name a new job.
+    pub since: i64,
+}
+
+/// What inserting a job with an [`Idempotency`] key found.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Inserted {
+    /// The job was stored.
+    New,
+    /// A job with the same key (still within retention) exists; nothing was
+    /// stored. Its request's hash is returned alongside.
+    Existing(Box<JobRecord>, String),
+}
+
+/// Result of claiming a queued job.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Claim {
+    /// It is now `running`, its attempt counted.
+    Run(Box<JobRecord>),
+    /// It is no longer queued (cancelled, or claimed by another worker).
+    Gone,
+    /// It had already been started the maximum number of times without
+    /// finishing: it is now `failed`, with a report saying so.
+    GaveUp(Box<JobRecord>),
+}
+
+/// An unfinished job, as recovery needs it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PendingJob {
+    /// Job id.
+    pub id: String,
+    /// Owning tenant.
+    pub tenant: String,
+    /// Module name.
+    pub module: String,
+    /// `queued` or `running`.
+    pub state: JobState,
 }
 
 /// Result of a cancel request.
@@ -183,28 +280,48 @@ pub trait JobStore: Send + Sync + std::fmt::Debug {
     /// Revokes a token by id; false if unknown.
     async fn revoke_token(&self, id: &str) -> Result<bool, StoreError>;
 
-    /// Stores a new queued job.
-    async fn insert_job(&self, job: &JobRecord) -> Result<(), StoreError>;
+    /// Stores a new queued job. With `key`, stores it only if no job of
+    /// the tenant with that key was created since `key.since` (an older use
+    /// of the key is forgotten), in the same transaction as the check.
+    async fn insert_job(
+        &self,
+        job: &JobRecord,
+        key: Option<&Idempotency>,
+    ) -> Result<Inserted, StoreError>;
+    /// The tenant's job created with idempotency key `key` since `since`,
+    /// with its request's hash.
+    async fn job_by_key(
+        &self,
+        tenant: &str,
+        key: &str,
+        since: i64,
+    ) -> Result<Option<(JobRecord, String)>, StoreError>;
     /// The tenant's job with this id.
     async fn get_job(&self, tenant: &str, id: &str) -> Result<Option<JobRecord>, StoreError>;
     /// The tenant's most recent jobs.
     async fn list_jobs(&self, tenant: &str, limit: u32) -> Result<Vec<JobRecord>, StoreError>;
-    /// `queued → running`, returning the job; `None` if it is no longer
-    /// queued (cancelled, or claimed by another worker).
-    async fn claim(&self, id: &str, now: i64) -> Result<Option<JobRecord>, StoreError>;
+    /// `queued → running`, counting the attempt; a job already started
+    /// `max_attempts` times is finished `failed` instead (see [`Claim`]).
+    async fn claim(&self, id: &str, now: i64, max_attempts: u32) -> Result<Claim, StoreError>;
+    /// `running → queued` for a job this process could not finish; with
+    /// `count` false the attempt it used is given back (the failure was the
+    /// storage's, not the job's). False if it was not running.
+    async fn requeue(&self, id: &str, count: bool) -> Result<bool, StoreError>;
     /// `running → succeeded | failed` with the report, appending the
     /// `job.finished` audit entry atomically with it; false (and no audit
     /// entry) if it is no longer running (cancelled meanwhile).
     async fn finish_job(&self, id: &str, report: &JobReport, now: i64) -> Result<bool, StoreError>;
     /// Stores a job that ran without being queued (a synchronous request's
-    /// fast path) already finished with `report`, with its `job.finished`
-    /// audit entry, atomically.
+    /// inline path) already finished with `report`, with its `job.finished`
+    /// audit entry, atomically; with `key`, only if no live job holds the
+    /// key (as [`JobStore::insert_job`]).
     async fn insert_finished_job(
         &self,
         job: &JobRecord,
         report: &JobReport,
         now: i64,
-    ) -> Result<(), StoreError>;
+        key: Option<&Idempotency>,
+    ) -> Result<Inserted, StoreError>;
     /// Cancels a queued or running job of the tenant.
     async fn cancel_job(
         &self,
@@ -219,8 +336,14 @@ pub trait JobStore: Send + Sync + std::fmt::Debug {
     async fn requeue_running(&self) -> Result<u64, StoreError>;
     /// Every queued job, oldest first.
     async fn queued_jobs(&self) -> Result<Vec<JobRecord>, StoreError>;
+    /// Every queued or running job (all tenants: recovery), oldest first.
+    async fn pending_jobs(&self) -> Result<Vec<PendingJob>, StoreError>;
+    /// Whether a job with this id exists (any tenant: the orphan sweep).
+    async fn job_exists(&self, id: &str) -> Result<bool, StoreError>;
     /// Deletes finished jobs that finished before `before`; returns their ids.
     async fn expire_jobs(&self, before: i64) -> Result<Vec<String>, StoreError>;
+    /// A small write, to learn whether the store can write again.
+    async fn probe(&self, now: i64) -> Result<(), StoreError>;
 
     /// Appends to the audit log.
     async fn append_audit(&self, entry: &AuditEntry) -> Result<(), StoreError>;

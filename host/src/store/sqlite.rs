@@ -24,7 +24,10 @@ use std::time::Duration;
 use async_trait::async_trait;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, params};
 
-use super::{AuditEntry, CancelOutcome, DeleteOutcome, JobRecord, JobState, JobStore, StoreError};
+use super::{
+    AuditEntry, CancelOutcome, Claim, DeleteOutcome, Idempotency, Inserted, JobRecord, JobState,
+    JobStore, PendingJob, StoreError,
+};
 use crate::auth::TokenRecord;
 
 const SCHEMA: &str = r#"
@@ -89,6 +92,12 @@ BEGIN
             json_extract(NEW.report, '$.limit'),
             COALESCE(json_extract(NEW.report, '$.failure.message'), ''));
 END;
+-- One row, rewritten to learn whether the store can write again after a
+-- storage failure (readiness).
+CREATE TABLE IF NOT EXISTS probe (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    at INTEGER NOT NULL
+);
 "#;
 
 /// Adds the `client` column (the caller's address) to an `audit` table
@@ -105,10 +114,68 @@ fn add_audit_client_column(conn: &Connection) -> rusqlite::Result<()> {
     conn.execute_batch("CREATE INDEX IF NOT EXISTS audit_by_time ON audit (at)")
 }
 
+/// Adds the idempotency columns to a `jobs` table created before them, and
+/// their index: one live key per tenant. The key is stored on the job's own
+/// row, so it is committed in the same transaction as the job.
+fn add_idempotency_columns(conn: &Connection) -> rusqlite::Result<()> {
+    let has_key = conn
+        .prepare("SELECT 1 FROM pragma_table_info('jobs') WHERE name = 'idempotency_key'")?
+        .exists([])?;
+    if !has_key {
+        conn.execute_batch(
+            "ALTER TABLE jobs ADD COLUMN idempotency_key TEXT;
+             ALTER TABLE jobs ADD COLUMN request_sha256 TEXT;",
+        )?;
+    }
+    conn.execute_batch(
+        "CREATE UNIQUE INDEX IF NOT EXISTS jobs_by_idempotency_key
+         ON jobs (tenant, idempotency_key) WHERE idempotency_key IS NOT NULL;",
+    )
+}
+
 /// A queued write: runs on the writer connection inside the batch's
-/// transaction and returns what to do once the batch has committed (or
-/// failed to, with the reason).
-type WriteOp = Box<dyn FnOnce(&Connection) -> Box<dyn FnOnce(Option<String>) + Send> + Send>;
+/// transaction (or not at all, given `None`, when the transaction could not
+/// begin or has ended) and returns what to do once the batch has committed
+/// (or failed to, with the reason), and, if its failure made SQLite roll
+/// the whole transaction back, why.
+type WriteOp = Box<dyn FnOnce(Option<&Connection>) -> (Option<BatchFailure>, Completion) + Send>;
+
+/// What a write does once its batch has committed or failed.
+type Completion = Box<dyn FnOnce(Option<BatchFailure>) + Send>;
+
+/// Why a batch's transaction could not begin or commit, for each write in it.
+#[derive(Clone, Debug)]
+struct BatchFailure {
+    full: bool,
+    message: String,
+}
+
+impl BatchFailure {
+    fn of(e: &rusqlite::Error) -> Self {
+        Self {
+            full: e.sqlite_error_code() == Some(rusqlite::ErrorCode::DiskFull),
+            message: e.to_string(),
+        }
+    }
+}
+
+impl From<&StoreError> for BatchFailure {
+    fn from(e: &StoreError) -> Self {
+        Self {
+            full: e.is_full(),
+            message: e.to_string(),
+        }
+    }
+}
+
+impl From<BatchFailure> for StoreError {
+    fn from(f: BatchFailure) -> Self {
+        StoreError::Write {
+            full: f.full,
+            message: f.message,
+        }
+    }
+}
 
 /// The SQLite job store.
 pub struct SqliteStore {
@@ -193,7 +260,7 @@ impl SqliteStore {
         configure(&writer)?;
         let mode: String = writer.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
         if !mode.eq_ignore_ascii_case("wal") {
-            return Err(StoreError::Corrupt(format!(
+            return Err(StoreError::Open(format!(
                 "cannot switch {} to WAL (got {mode})",
                 path.display()
             )));
@@ -202,6 +269,7 @@ impl SqliteStore {
         writer.pragma_update(None, "wal_autocheckpoint", 0)?;
         writer.execute_batch(SCHEMA)?;
         add_audit_client_column(&writer)?;
+        add_idempotency_columns(&writer)?;
 
         let (stop, stopped) = mpsc::channel::<()>();
         let checkpoint_conn = Connection::open(path)?;
@@ -218,7 +286,7 @@ impl SqliteStore {
                     }
                 }
             })
-            .map_err(|e| StoreError::Corrupt(format!("cannot start the checkpoint thread: {e}")))?;
+            .map_err(|e| StoreError::Open(format!("cannot start the checkpoint thread: {e}")))?;
         Ok(Self {
             writer: Mutex::new(writer),
             pending: Mutex::new(Vec::new()),
@@ -243,36 +311,65 @@ impl SqliteStore {
         f: impl FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
         let (tx, rx) = tokio::sync::oneshot::channel::<Result<T, StoreError>>();
-        let op: WriteOp = Box::new(move |conn: &Connection| {
-            let result = match conn.execute_batch("SAVEPOINT write_op") {
-                Err(e) => Err(StoreError::from(e)),
-                Ok(()) => {
+        let op: WriteOp = Box::new(move |conn: Option<&Connection>| {
+            let mut ended = None;
+            let result = match conn.map(|c| (c, c.execute_batch("SAVEPOINT write_op"))) {
+                // The batch failed to begin: its failure is reported below.
+                None => Ok(None),
+                Some((_, Err(e))) => Err(StoreError::from(e)),
+                Some((conn, Ok(()))) => {
                     let r = f(conn);
-                    let end = if r.is_ok() {
-                        "RELEASE write_op"
+                    if conn.is_autocommit() {
+                        // SQLite rolled the whole transaction back (a full
+                        // disk, an I/O error): there is nothing to release,
+                        // and the batch's other writes are gone too.
+                        let failure = match &r {
+                            Err(e) => BatchFailure::from(e),
+                            Ok(_) => BatchFailure {
+                                full: false,
+                                message: "the transaction ended early".into(),
+                            },
+                        };
+                        ended = Some(failure);
+                        r.map(Some)
                     } else {
-                        "ROLLBACK TO write_op; RELEASE write_op"
-                    };
-                    match conn.execute_batch(end) {
-                        Ok(()) => r,
-                        Err(e) => Err(StoreError::from(e)),
+                        let end = if r.is_ok() {
+                            "RELEASE write_op"
+                        } else {
+                            "ROLLBACK TO write_op; RELEASE write_op"
+                        };
+                        match conn.execute_batch(end) {
+                            Ok(()) => r.map(Some),
+                            Err(e) => Err(StoreError::from(e)),
+                        }
                     }
                 }
             };
-            Box::new(move |commit_error: Option<String>| {
-                let _ = tx.send(match commit_error {
-                    None => result,
-                    Some(e) => Err(StoreError::Corrupt(format!("commit failed: {e}"))),
+            let done: Completion = Box::new(move |failure: Option<BatchFailure>| {
+                // A write's own error says more than its batch's.
+                let _ = tx.send(match (result, failure) {
+                    (Err(e), _) => Err(e),
+                    (Ok(_), Some(f)) => Err(f.into()),
+                    (Ok(Some(value)), None) => Ok(value),
+                    (Ok(None), None) => Err(StoreError::Write {
+                        full: false,
+                        message: "the write never ran".into(),
+                    }),
                 });
-            })
+            });
+            (ended, done)
         });
         self.pending
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .push(op);
         self.drain();
-        rx.await
-            .unwrap_or_else(|_| Err(StoreError::Corrupt("write dropped before it ran".into())))
+        rx.await.unwrap_or_else(|_| {
+            Err(StoreError::Write {
+                full: false,
+                message: "the write was dropped before it ran".into(),
+            })
+        })
     }
 
     /// Runs queued writes until none is left, unless another thread holds
@@ -337,17 +434,35 @@ impl SqliteStore {
 /// write.
 fn run_batch(conn: &Connection, batch: Vec<WriteOp>) {
     if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
-        // Dropping the writes fails each of them ("dropped before it ran").
         tracing::error!(error = %e, writes = batch.len(), "cannot begin a write transaction");
+        let failure = BatchFailure::of(&e);
+        for op in batch {
+            op(None).1(Some(failure.clone()));
+        }
         return;
     }
-    let completions: Vec<_> = batch.into_iter().map(|op| op(conn)).collect();
-    let commit_error = conn.execute_batch("COMMIT").err().map(|e| {
-        let _ = conn.execute_batch("ROLLBACK");
-        e.to_string()
-    });
+    let mut completions = Vec::with_capacity(batch.len());
+    let mut ended = None;
+    for op in batch {
+        // Once SQLite has rolled the transaction back, the rest would run
+        // outside any transaction: they are failed without running.
+        let (end, done) = op(ended.is_none().then_some(conn));
+        ended = ended.or(end);
+        completions.push(done);
+    }
+    let failure = match ended {
+        Some(failure) => {
+            tracing::error!(error = %failure.message, writes = completions.len(), "a write transaction was rolled back");
+            Some(failure)
+        }
+        None => conn.execute_batch("COMMIT").err().map(|e| {
+            tracing::error!(error = %e, writes = completions.len(), "cannot commit a write transaction");
+            let _ = conn.execute_batch("ROLLBACK");
+            BatchFailure::of(&e)
+        }),
+    };
     for done in completions {
-        done(commit_error.clone());
+        done(failure.clone());
     }
 }
 
@@ -449,10 +564,11 @@ struct JobRow {
     inputs: String,
     has_stdin: bool,
     created_at: i64,
+    key: Option<Idempotency>,
 }
 
 impl JobRow {
-    fn of(j: &JobRecord) -> Self {
+    fn of(j: &JobRecord, key: Option<&Idempotency>) -> Self {
         Self {
             id: j.id.clone(),
             tenant: j.tenant.clone(),
@@ -465,6 +581,7 @@ impl JobRow {
             inputs: json(&j.inputs),
             has_stdin: j.has_stdin,
             created_at: j.created_at,
+            key: key.cloned(),
         }
     }
 
@@ -474,11 +591,27 @@ impl JobRow {
         state: JobState,
         started_at: Option<i64>,
         attempts: u32,
-    ) -> rusqlite::Result<()> {
+    ) -> Result<Inserted, StoreError> {
+        if let Some(k) = &self.key {
+            // A use of the key older than its retention is forgotten.
+            c.prepare_cached(
+                "UPDATE jobs SET idempotency_key = NULL
+                 WHERE tenant = ?1 AND idempotency_key = ?2 AND created_at < ?3",
+            )?
+            .execute(params![self.tenant, k.key, k.since])?;
+            if let Some((job, hash)) = by_key(c, &self.tenant, &k.key, k.since)? {
+                return Ok(Inserted::Existing(Box::new(job), hash));
+            }
+        }
+        let (key, hash) = match &self.key {
+            Some(k) => (Some(&k.key), Some(&k.request_sha256)),
+            None => (None, None),
+        };
         c.prepare_cached(
             "INSERT INTO jobs (id, tenant, subject, token_id, module, module_sha256, policy_sha256,
-                               params, inputs, has_stdin, state, created_at, started_at, attempts)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
+                               params, inputs, has_stdin, state, created_at, started_at, attempts,
+                               idempotency_key, request_sha256)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
         )?
         .execute(params![
             self.id,
@@ -495,9 +628,32 @@ impl JobRow {
             self.created_at,
             started_at,
             attempts,
+            key,
+            hash,
         ])?;
-        Ok(())
+        Ok(Inserted::New)
     }
+}
+
+/// The tenant's job holding idempotency key `key` since `since`, with its
+/// request's hash.
+fn by_key(
+    c: &Connection,
+    tenant: &str,
+    key: &str,
+    since: i64,
+) -> rusqlite::Result<Option<(JobRecord, String)>> {
+    c.prepare_cached(
+        "SELECT * FROM jobs WHERE tenant = ?1 AND idempotency_key = ?2 AND created_at >= ?3",
+    )?
+    .query_row(params![tenant, key, since], |r| {
+        Ok((
+            job_row(r)?,
+            r.get::<_, Option<String>>("request_sha256")?
+                .unwrap_or_default(),
+        ))
+    })
+    .optional()
 }
 
 /// `succeeded` or `failed`, by the report.
@@ -586,11 +742,23 @@ impl JobStore for SqliteStore {
         .await
     }
 
-    async fn insert_job(&self, j: &JobRecord) -> Result<(), StoreError> {
-        let row = JobRow::of(j);
+    async fn insert_job(
+        &self,
+        j: &JobRecord,
+        key: Option<&Idempotency>,
+    ) -> Result<Inserted, StoreError> {
+        let row = JobRow::of(j, key);
         let state = j.state;
-        self.write(move |c| Ok(row.insert(c, state, None, 0)?))
-            .await
+        self.write(move |c| row.insert(c, state, None, 0)).await
+    }
+
+    async fn job_by_key(
+        &self,
+        tenant: &str,
+        key: &str,
+        since: i64,
+    ) -> Result<Option<(JobRecord, String)>, StoreError> {
+        self.read(|c| Ok(by_key(c, tenant, key, since)?))
     }
 
     async fn get_job(&self, tenant: &str, id: &str) -> Result<Option<JobRecord>, StoreError> {
@@ -615,15 +783,59 @@ impl JobStore for SqliteStore {
         })
     }
 
-    async fn claim(&self, id: &str, now: i64) -> Result<Option<JobRecord>, StoreError> {
+    async fn claim(&self, id: &str, now: i64, max_attempts: u32) -> Result<Claim, StoreError> {
         let id = id.to_owned();
+        let max_attempts = max_attempts.max(1);
+        self.write(move |c| {
+            let claimed = c
+                .prepare_cached(
+                    "UPDATE jobs SET state = 'running', started_at = ?1, attempts = attempts + 1
+                     WHERE id = ?2 AND state = 'queued' AND attempts < ?3 RETURNING *",
+                )?
+                .query_row(params![now, id, max_attempts], job_row)
+                .optional()?;
+            if let Some(job) = claimed {
+                return Ok(Claim::Run(Box::new(job)));
+            }
+            // Still queued, but every attempt it was allowed began and none
+            // finished (crashes, or host errors): finish it failed, through
+            // `running` so the trigger writes its audit entry.
+            let exhausted = c
+                .prepare_cached(
+                    "UPDATE jobs SET state = 'running' WHERE id = ?1 AND state = 'queued' RETURNING *",
+                )?
+                .query_row([&id], job_row)
+                .optional()?;
+            let Some(mut job) = exhausted else {
+                return Ok(Claim::Gone);
+            };
+            let report = crate::sandbox::JobReport::not_run(
+                &job.id,
+                &job.module,
+                format!(
+                    "the host could not finish the job in {} attempts",
+                    job.attempts
+                ),
+            );
+            finish(c, &job.id, JobState::Failed, now, &json(&report))?;
+            job.state = JobState::Failed;
+            job.finished_at = Some(now);
+            job.report = Some(report);
+            Ok(Claim::GaveUp(Box::new(job)))
+        })
+        .await
+    }
+
+    async fn requeue(&self, id: &str, count: bool) -> Result<bool, StoreError> {
+        let id = id.to_owned();
+        let give_back = i64::from(!count);
         self.write(move |c| {
             Ok(c.prepare_cached(
-                "UPDATE jobs SET state = 'running', started_at = ?1, attempts = attempts + 1
-                 WHERE id = ?2 AND state = 'queued' RETURNING *",
+                "UPDATE jobs SET state = 'queued', attempts = MAX(attempts - ?2, 0)
+                 WHERE id = ?1 AND state = 'running'",
             )?
-            .query_row(params![now, id], job_row)
-            .optional()?)
+            .execute(params![id, give_back])?
+                == 1)
         })
         .await
     }
@@ -645,15 +857,18 @@ impl JobStore for SqliteStore {
         j: &JobRecord,
         report: &crate::sandbox::JobReport,
         now: i64,
-    ) -> Result<(), StoreError> {
-        let row = JobRow::of(j);
+        key: Option<&Idempotency>,
+    ) -> Result<Inserted, StoreError> {
+        let row = JobRow::of(j, key);
         let (state, report) = (final_state(report), json(report));
         self.write(move |c| {
             // Inserted `running`, then finished: the finishing update is
             // what writes the audit row (the trigger), as for queued jobs.
-            row.insert(c, JobState::Running, Some(row.created_at), 1)?;
-            finish(c, &row.id, state, now, &report)?;
-            Ok(())
+            let inserted = row.insert(c, JobState::Running, Some(row.created_at), 1)?;
+            if inserted == Inserted::New {
+                finish(c, &row.id, state, now, &report)?;
+            }
+            Ok(inserted)
         })
         .await
     }
@@ -717,6 +932,44 @@ impl JobStore for SqliteStore {
             let rows = stmt.query_map([], job_row)?.collect::<Result<_, _>>()?;
             Ok(rows)
         })
+    }
+
+    async fn pending_jobs(&self) -> Result<Vec<PendingJob>, StoreError> {
+        self.read(|c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT id, tenant, module, state FROM jobs WHERE state IN ('queued', 'running')
+                 ORDER BY created_at, id",
+            )?;
+            let rows = stmt
+                .query_map([], |r| {
+                    let state: String = r.get(3)?;
+                    Ok(PendingJob {
+                        id: r.get(0)?,
+                        tenant: r.get(1)?,
+                        module: r.get(2)?,
+                        state: JobState::parse(&state)
+                            .ok_or_else(|| undecodable(format!("state `{state}`")))?,
+                    })
+                })?
+                .collect::<Result<_, _>>()?;
+            Ok(rows)
+        })
+    }
+
+    async fn job_exists(&self, id: &str) -> Result<bool, StoreError> {
+        self.read(|c| {
+            Ok(c.prepare_cached("SELECT 1 FROM jobs WHERE id = ?1")?
+                .exists([id])?)
+        })
+    }
+
+    async fn probe(&self, now: i64) -> Result<(), StoreError> {
+        self.write(move |c| {
+            c.prepare_cached("INSERT OR REPLACE INTO probe (id, at) VALUES (1, ?1)")?
+                .execute([now])?;
+            Ok(())
+        })
+        .await
     }
 
     async fn expire_jobs(&self, before: i64) -> Result<Vec<String>, StoreError> {
@@ -899,7 +1152,7 @@ mod tests {
         let store = SqliteStore::open(&dir.path().join("db.sqlite"))
             .await
             .unwrap();
-        store.insert_job(&job("j1", "acme")).await.unwrap();
+        store.insert_job(&job("j1", "acme"), None).await.unwrap();
         assert!(store.get_job("other", "j1").await.unwrap().is_none());
         let got = store.get_job("acme", "j1").await.unwrap().unwrap();
         assert_eq!(got.params["width"], "5");
@@ -907,9 +1160,13 @@ mod tests {
             store.delete_job("acme", "j1").await.unwrap(),
             DeleteOutcome::NotFinished(JobState::Queued)
         );
-        assert_eq!(store.claim("j1", 1).await.unwrap().unwrap().attempts, 1);
-        assert!(
-            store.claim("j1", 1).await.unwrap().is_none(),
+        let Claim::Run(claimed) = store.claim("j1", 1, 3).await.unwrap() else {
+            panic!("not claimed")
+        };
+        assert_eq!(claimed.attempts, 1);
+        assert_eq!(
+            store.claim("j1", 1, 3).await.unwrap(),
+            Claim::Gone,
             "only from queued"
         );
         assert_eq!(store.requeue_running().await.unwrap(), 1);
@@ -922,8 +1179,9 @@ mod tests {
             store.cancel_job("acme", "j1", 2).await.unwrap(),
             CancelOutcome::Cancelled(JobState::Queued)
         );
-        assert!(
-            store.claim("j1", 3).await.unwrap().is_none(),
+        assert_eq!(
+            store.claim("j1", 3, 3).await.unwrap(),
+            Claim::Gone,
             "a cancelled job never runs"
         );
         assert_eq!(
@@ -942,8 +1200,8 @@ mod tests {
         let store = SqliteStore::open(&dir.path().join("db.sqlite"))
             .await
             .unwrap();
-        store.insert_job(&job("j1", "acme")).await.unwrap();
-        store.claim("j1", 1).await.unwrap();
+        store.insert_job(&job("j1", "acme"), None).await.unwrap();
+        store.claim("j1", 1, 3).await.unwrap();
         let mut report = crate::sandbox::JobReport::not_run("j1", "hello", "boom");
         report.limit = Some(crate::sandbox::LimitKind::Memory);
         assert!(store.finish_job("j1", &report, 7).await.unwrap());
@@ -978,7 +1236,7 @@ mod tests {
                 .await
                 .unwrap(),
         );
-        store.insert_job(&job("dup", "acme")).await.unwrap();
+        store.insert_job(&job("dup", "acme"), None).await.unwrap();
         let mut tasks = Vec::new();
         for i in 0..40 {
             let store = std::sync::Arc::clone(&store);
@@ -989,14 +1247,14 @@ mod tests {
                 format!("j{i}")
             };
             tasks.push(tokio::spawn(async move {
-                (id.clone(), store.insert_job(&job(&id, "acme")).await)
+                (id.clone(), store.insert_job(&job(&id, "acme"), None).await)
             }));
         }
         let mut failed = 0;
         for t in tasks {
             let (id, result) = t.await.unwrap();
             match result {
-                Ok(()) => assert!(
+                Ok(_) => assert!(
                     store.get_job("acme", &id).await.unwrap().is_some(),
                     "{id} reported but missing"
                 ),
@@ -1016,7 +1274,7 @@ mod tests {
         let path = dir.path().join("db.sqlite");
         {
             let store = SqliteStore::open(&path).await.unwrap();
-            store.insert_job(&job("j1", "acme")).await.unwrap();
+            store.insert_job(&job("j1", "acme"), None).await.unwrap();
         }
         let store = SqliteStore::open(&path).await.unwrap();
         assert!(store.get_job("acme", "j1").await.unwrap().is_some());
@@ -1057,5 +1315,166 @@ mod tests {
         assert_eq!(store.expire_audit(20).await.unwrap(), 2);
         let rows = store.audit(10).await.unwrap();
         assert_eq!(rows.iter().map(|r| r.at).collect::<Vec<_>>(), [20]);
+    }
+
+    #[tokio::test]
+    async fn a_job_started_max_attempts_times_is_finished_failed_not_rerun() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("db.sqlite"))
+            .await
+            .unwrap();
+        store.insert_job(&job("j1", "acme"), None).await.unwrap();
+        // Three starts, each ended by a crash (recovery re-queues it).
+        for attempt in 1..=3 {
+            let Claim::Run(j) = store.claim("j1", attempt, 3).await.unwrap() else {
+                panic!("attempt {attempt} not claimed")
+            };
+            assert_eq!(j.attempts, attempt as u32);
+            assert_eq!(store.requeue_running().await.unwrap(), 1);
+        }
+        let Claim::GaveUp(j) = store.claim("j1", 9, 3).await.unwrap() else {
+            panic!("a fourth start")
+        };
+        assert_eq!((j.state, j.attempts), (JobState::Failed, 3));
+        let stored = store.get_job("acme", "j1").await.unwrap().unwrap();
+        assert_eq!(stored.state, JobState::Failed);
+        let message = &stored.report.unwrap().failure.unwrap().message;
+        assert!(message.contains("3 attempts"), "{message}");
+        assert!(store.pending_jobs().await.unwrap().is_empty());
+        let audit = store.audit(10).await.unwrap();
+        assert_eq!(
+            (audit[0].action.as_str(), audit[0].outcome.as_deref()),
+            ("job.finished", Some("failed"))
+        );
+    }
+
+    #[tokio::test]
+    async fn a_requeue_after_a_storage_failure_gives_the_attempt_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("db.sqlite"))
+            .await
+            .unwrap();
+        store.insert_job(&job("j1", "acme"), None).await.unwrap();
+        store.claim("j1", 1, 3).await.unwrap();
+        assert!(store.requeue("j1", false).await.unwrap());
+        assert!(!store.requeue("j1", false).await.unwrap(), "not running");
+        let Claim::Run(j) = store.claim("j1", 2, 3).await.unwrap() else {
+            panic!("not claimed")
+        };
+        assert_eq!(j.attempts, 1);
+        assert!(store.requeue("j1", true).await.unwrap());
+        let Claim::Run(j) = store.claim("j1", 3, 3).await.unwrap() else {
+            panic!("not claimed")
+        };
+        assert_eq!(j.attempts, 2);
+    }
+
+    #[tokio::test]
+    async fn an_idempotency_key_names_one_job_per_tenant_until_it_expires() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("db.sqlite"))
+            .await
+            .unwrap();
+        let key = |since| Idempotency {
+            key: "k-1".into(),
+            request_sha256: "h1".into(),
+            since,
+        };
+        let mut first = job("j1", "acme");
+        first.created_at = 1_000;
+        assert_eq!(
+            store.insert_job(&first, Some(&key(0))).await.unwrap(),
+            Inserted::New
+        );
+        let Inserted::Existing(found, hash) = store
+            .insert_job(&job("j2", "acme"), Some(&key(0)))
+            .await
+            .unwrap()
+        else {
+            panic!("a second job with the same key")
+        };
+        assert_eq!((found.id.as_str(), hash.as_str()), ("j1", "h1"));
+        assert!(store.get_job("acme", "j2").await.unwrap().is_none());
+        // Another tenant's key is its own.
+        assert_eq!(
+            store
+                .insert_job(&job("j3", "other"), Some(&key(0)))
+                .await
+                .unwrap(),
+            Inserted::New
+        );
+        // The inline path honours it too.
+        let report = crate::sandbox::JobReport::not_run("j4", "hello", "x");
+        assert!(matches!(
+            store
+                .insert_finished_job(&job("j4", "acme"), &report, 5, Some(&key(0)))
+                .await
+                .unwrap(),
+            Inserted::Existing(..)
+        ));
+        assert!(store.get_job("acme", "j4").await.unwrap().is_none());
+        assert!(store.audit(10).await.unwrap().is_empty());
+        assert_eq!(
+            store
+                .job_by_key("acme", "k-1", 0)
+                .await
+                .unwrap()
+                .unwrap()
+                .0
+                .id,
+            "j1"
+        );
+        // Past retention the key may name a new job.
+        assert!(
+            store
+                .job_by_key("acme", "k-1", 2_000)
+                .await
+                .unwrap()
+                .is_none()
+        );
+        assert_eq!(
+            store
+                .insert_job(&job("j5", "acme"), Some(&key(2_000)))
+                .await
+                .unwrap(),
+            Inserted::New
+        );
+        assert_eq!(
+            store
+                .job_by_key("acme", "k-1", 0)
+                .await
+                .unwrap()
+                .unwrap()
+                .0
+                .id,
+            "j5"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_full_database_is_named_full_and_writes_again_once_it_has_room() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("db.sqlite"))
+            .await
+            .unwrap();
+        store.probe(1).await.unwrap();
+        let pages: i64 = {
+            let w = store.writer.lock().unwrap();
+            let pages = w.query_row("PRAGMA page_count", [], |r| r.get(0)).unwrap();
+            w.pragma_update(None, "max_page_count", pages).unwrap();
+            pages
+        };
+        let mut big = job("j1", "acme");
+        big.params = [("blob".to_owned(), "x".repeat(64 * 1024))].into();
+        let err = store.insert_job(&big, None).await.unwrap_err();
+        assert!(err.is_full() && err.is_storage(), "{err}");
+        assert!(!err.to_string().contains("corrupt"), "{err}");
+        {
+            let w = store.writer.lock().unwrap();
+            w.pragma_update(None, "max_page_count", pages * 100)
+                .unwrap();
+        }
+        store.insert_job(&big, None).await.unwrap();
+        store.probe(2).await.unwrap();
     }
 }

@@ -168,3 +168,62 @@ async fn accepted_jobs_survive_kill_dash_nine() {
     }
     drop(second);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_retry_after_kill_dash_nine_with_the_same_idempotency_key_gets_the_same_job() {
+    let dir = tempfile::tempdir().unwrap();
+    let policy = crate::common::policy_text(
+        bulkhead_tests::THUMBNAIL,
+        "thumbnail",
+        "[access]\nscopes = [\"thumbnail:run\"]\n[limits]\nmemory = \"256 MiB\"\ncpu_time = \"10 s\"\nwall_time = \"30 s\"\n[run]\nparams = [\"width\"]",
+    );
+    let (config, data) = write_config(dir.path(), &[("thumbnail.toml", policy)], "workers = 1");
+    let (first, base) = spawn(&config);
+    let secret = token(&data, "acme", &["thumbnail:run"]).await;
+    let http = reqwest::Client::new();
+    let image = png(640, 480);
+    let submit = |base: String| {
+        http.post(format!("{base}/v1/modules/thumbnail/jobs?param.width=32"))
+            .bearer_auth(&secret)
+            .header("idempotency-key", "upload-7f3a")
+            .header("content-type", "image/png")
+            .body(image.clone())
+            .send()
+    };
+    let resp = submit(base.clone()).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::ACCEPTED);
+    let job: Value = resp.json().await.unwrap();
+    let id = job["id"].as_str().unwrap().to_owned();
+    // The 202 is "lost": the service dies at once, with no shutdown path.
+    drop(first);
+
+    // A job directory no row points to, as a crash between writing a
+    // submission's inputs and its row leaves: start-up removes it.
+    let orphan = data.join("jobs/0badc0de-0000-4000-8000-000000000000");
+    std::fs::create_dir_all(orphan.join("inputs")).unwrap();
+    std::fs::write(orphan.join("inputs/in-input"), b"left behind").unwrap();
+
+    let (second, base) = spawn(&config);
+    assert!(
+        !orphan.exists(),
+        "an orphan job directory survived start-up"
+    );
+    let resp = submit(base.clone()).await.unwrap();
+    assert!(
+        resp.status() == StatusCode::ACCEPTED || resp.status() == StatusCode::OK,
+        "{}",
+        resp.status()
+    );
+    let again: Value = resp.json().await.unwrap();
+    assert_eq!(again["id"], id.as_str(), "the retry created another job");
+    let done = poll_finished(&http, &base, &secret, &id).await;
+    assert_eq!(done["state"], "succeeded", "{done:#}");
+    // Host-side: one row, and its directory is still there (outputs).
+    let store = SqliteStore::open(&data.join("bulkhead.sqlite"))
+        .await
+        .unwrap();
+    let jobs = store.list_jobs("acme", 100).await.unwrap();
+    assert_eq!(jobs.len(), 1, "{jobs:#?}");
+    assert!(data.join("jobs").join(&id).is_dir());
+    drop(second);
+}

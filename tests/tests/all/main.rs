@@ -34,6 +34,8 @@ mod suite;
 mod artifacts;
 // Meters on the real resource: host descriptors, host CPU, bytes written.
 mod meters;
+// Host failures on a job's path: idempotent retries, bounded attempts, a full disk.
+mod lifecycle;
 
 /// Adding a guest to `guests/` without a test named after it in
 /// [`guests`] fails to compile.
