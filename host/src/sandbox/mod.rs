@@ -471,7 +471,12 @@ impl Sandbox {
             Ok(())
         });
         store.set_epoch_deadline(1);
-        store.epoch_deadline_callback(|ctx| {
+        // Epoch ticks enter the host too (this callback); they are counted
+        // so the report's host calls are the guest's own.
+        let ticks = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let tick_counter = Arc::clone(&ticks);
+        store.epoch_deadline_callback(move |ctx| {
+            tick_counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             // The job's real CPU time, host calls included (`cpu::Metered`
             // below charges every poll of the job's future).
             if ctx.data().cpu.over_budget() {
@@ -567,7 +572,7 @@ impl Sandbox {
             // those are the host's doing, not the guest's.
             host_calls: host_calls
                 .load(std::sync::atomic::Ordering::Relaxed)
-                .saturating_sub(state.cpu_ticks),
+                .saturating_sub(ticks.load(std::sync::atomic::Ordering::Relaxed)),
         };
         drop(store);
 
