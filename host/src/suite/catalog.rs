@@ -624,8 +624,11 @@ pub fn bundled() -> Vec<Attack> {
         guest(
             "exhaust.cpu-huge-poll",
             Exhaustion,
-            "make the host lift a million-entry poll list into host memory, call after call",
-            hostile("cpu-huge-poll").wall("10 s").expect(Expect::Failed),
+            "make the host lift a 20,000-entry poll list into host memory, call after call",
+            hostile("cpu-huge-poll")
+                .param("entries", Param::Lit("20000".into()))
+                .wall("10 s")
+                .expect(Expect::Failed),
         ),
         guest(
             "exhaust.cpu-huge-path",
