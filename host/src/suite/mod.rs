@@ -25,7 +25,7 @@ mod api;
 mod bombs;
 pub mod catalog;
 pub mod custom;
-mod egress;
+pub mod egress;
 pub mod evidence;
 mod forge;
 mod local;
