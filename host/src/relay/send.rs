@@ -874,6 +874,7 @@ impl WasiHttpHooks for Gate {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http::header::HeaderName;
 
     #[test]
     fn redirects_stay_inside_the_service() {
@@ -922,5 +923,74 @@ mod tests {
             h.insert(name.clone(), HeaderValue::from_static(value));
             assert!(not_identity(&h).is_some(), "{name}: {value}");
         }
+    }
+
+    /// A service that answers with trailers whatever the request said (a
+    /// hyper server would send them only to a request with `TE: trailers`,
+    /// which the gate never forwards), and names a header the guest must
+    /// not get: the trailers are dropped, the header too, the body passes.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn response_trailers_never_reach_the_guest() {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            let mut request = Vec::new();
+            let mut buf = [0u8; 4096];
+            while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+                let n = socket.read(&mut buf).await.unwrap();
+                request.extend_from_slice(&buf[..n]);
+            }
+            let text = String::from_utf8_lossy(&request).into_owned();
+            let auth = text
+                .lines()
+                .find_map(|l| l.strip_prefix("authorization: "))
+                .unwrap_or("none")
+                .to_owned();
+            let response = format!(
+                "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ntrailer: x-echo\r\n\
+                 x-secret-echo: {auth}\r\n\r\n5\r\nhello\r\n0\r\nx-echo: {auth}\r\n\r\n"
+            );
+            socket.write_all(response.as_bytes()).await.unwrap();
+            socket.flush().await.unwrap();
+        });
+        let decl = ServiceDecl::example("palette", &format!("http://{addr}"));
+        let relay = Arc::new(
+            Relay::new(
+                vec![decl.clone()],
+                Arc::new(super::super::KeyRing::ephemeral()),
+                &super::super::TokenConfig::default(),
+            )
+            .unwrap(),
+        );
+        let grant = Arc::new(CallGrant::new(
+            relay,
+            vec![decl.name.clone()],
+            Ok(Caller {
+                tenant: "acme".into(),
+                subject: "alice".into(),
+                scopes: Vec::new(),
+            }),
+            "job",
+            "module",
+        ));
+        grant.start(Instant::now() + Duration::from_secs(30));
+        let request = http::Request::get("http://palette/v1/x")
+            .body(
+                http_body_util::Empty::<Bytes>::new()
+                    .map_err(|never| match never {})
+                    .boxed_unsync(),
+            )
+            .unwrap();
+        let response = Arc::clone(&grant).send(request).await.unwrap();
+        assert_eq!(response.status(), 200);
+        let names: Vec<&str> = response.headers().keys().map(HeaderName::as_str).collect();
+        assert!(!names.contains(&"x-secret-echo"), "{names:?}");
+        assert!(!names.contains(&"trailer"), "{names:?}");
+        let collected = response.into_body().collect().await.unwrap();
+        assert!(collected.trailers().is_none(), "{:?}", collected.trailers());
+        assert_eq!(&collected.to_bytes()[..], b"hello");
+        assert_eq!(grant.report().made, 1);
     }
 }
