@@ -64,6 +64,7 @@
 //! # max_response = "4 MiB"         # response body, per call
 //! # max_calls = 16                 # per job
 //! # timeout = "5 s"                # per call: for the headers, then per body frame
+//! # forward_headers = []          # request headers forwarded beyond the allow-list (never credential, identity, routing or trailer headers)
 //! ```
 
 use std::net::SocketAddr;

@@ -16,7 +16,8 @@
 
 use wasip2::http::outgoing_handler;
 use wasip2::http::types::{
-    ErrorCode, Fields, IncomingResponse, Method, OutgoingBody, OutgoingRequest, Scheme,
+    ErrorCode, Fields, IncomingBody, IncomingResponse, Method, OutgoingBody, OutgoingRequest,
+    Scheme,
 };
 use wasip2::io::streams::StreamError;
 
@@ -32,6 +33,12 @@ pub struct Response {
     pub headers: Vec<(String, Vec<u8>)>,
     /// Body.
     pub body: Vec<u8>,
+    /// Trailer names and values, as received (the Bulkhead host drops
+    /// them).
+    pub trailers: Vec<(String, Vec<u8>)>,
+    /// Why reading the body or the trailers stopped early, for
+    /// [`request_full`] (the other functions fail instead).
+    pub body_error: Option<String>,
 }
 
 /// Why a call failed.
@@ -80,6 +87,25 @@ pub fn request(
     url: &str,
     headers: &[(&str, &str)],
     body: Option<&[u8]>,
+) -> Result<Response, CallError> {
+    let response = request_full(method, url, headers, body, &[])?;
+    match response.body_error {
+        Some(e) => Err(CallError::Body(e)),
+        None => Ok(response),
+    }
+}
+
+/// [`request`] with request trailers, keeping whatever part of the body
+/// and trailers arrived when reading them fails (`body_error`).
+///
+/// # Errors
+/// [`CallError`] when the request cannot be sent or no response comes.
+pub fn request_full(
+    method: &str,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: Option<&[u8]>,
+    trailers: &[(&str, &str)],
 ) -> Result<Response, CallError> {
     let (scheme, rest) = url
         .split_once("://")
@@ -134,7 +160,18 @@ pub fn request(
             }
         }
     }
-    OutgoingBody::finish(out_body, None).map_err(CallError::Http)?;
+    let trailer_fields = if trailers.is_empty() {
+        None
+    } else {
+        let fields = Fields::new();
+        for (name, value) in trailers {
+            fields
+                .append(name, value.as_bytes())
+                .map_err(|e| CallError::Header(format!("trailer {name}: {e:?}")))?;
+        }
+        Some(fields)
+    };
+    OutgoingBody::finish(out_body, trailer_fields).map_err(CallError::Http)?;
 
     let response = loop {
         match future.get() {
@@ -156,6 +193,7 @@ fn read_response(response: &IncomingResponse) -> Result<Response, CallError> {
         .consume()
         .map_err(|()| CallError::Body("body already taken".into()))?;
     let mut bytes = Vec::new();
+    let mut body_error = None;
     {
         let stream = body
             .stream()
@@ -164,21 +202,41 @@ fn read_response(response: &IncomingResponse) -> Result<Response, CallError> {
             match stream.blocking_read(16 * 1024) {
                 Ok(chunk) => {
                     if bytes.len() + chunk.len() > MAX_BODY {
-                        return Err(CallError::Body("response body too large".into()));
+                        body_error = Some("response body too large".to_owned());
+                        break;
                     }
                     bytes.extend_from_slice(&chunk);
                 }
                 Err(StreamError::Closed) => break,
                 Err(StreamError::LastOperationFailed(e)) => {
-                    return Err(CallError::Body(e.to_debug_string()));
+                    body_error = Some(e.to_debug_string());
+                    break;
                 }
             }
+        }
+    }
+    let mut trailers = Vec::new();
+    if body_error.is_none() {
+        let future = IncomingBody::finish(body);
+        let got = loop {
+            match future.get() {
+                Some(got) => break got,
+                None => future.subscribe().block(),
+            }
+        };
+        match got {
+            Ok(Ok(Some(fields))) => trailers = fields.entries(),
+            Ok(Ok(None)) => {}
+            Ok(Err(e)) => body_error = Some(format!("trailers: {e:?}")),
+            Err(()) => body_error = Some("trailers already taken".to_owned()),
         }
     }
     Ok(Response {
         status,
         headers,
         body: bytes,
+        trailers,
+        body_error,
     })
 }
 
@@ -193,5 +251,12 @@ pub fn dump(out: &mut impl std::io::Write, response: &Response) -> std::io::Resu
     }
     writeln!(out)?;
     out.write_all(&response.body)?;
-    writeln!(out)
+    writeln!(out)?;
+    for (name, value) in &response.trailers {
+        writeln!(out, "trailer {name}: {}", String::from_utf8_lossy(value))?;
+    }
+    if let Some(e) = &response.body_error {
+        writeln!(out, "body error: {e}")?;
+    }
+    Ok(())
 }

@@ -14,6 +14,22 @@
 //! `stall` (responses that never come, bodies that stop half-way, bodies
 //! too big to take: the calls must fail, not hang the job), `hunt` (dump every response, header, variable, argument and file it can
 //! reach, looking for a token), `all` (every refusal mode in one job).
+//!
+//! Against a service that reflects the request's `Authorization` header
+//! (the suite's bait, `/v1/reflect/<how>`), trying to get the call token
+//! back: `reflect-body` (plain, split across frames, base64, hex),
+//! `reflect-encoding` (gzip and deflate, asked for or not; it decodes what
+//! it gets), `reflect-trailers`, `reflect-headers` (a header, `Location`,
+//! the reason phrase, `Set-Cookie`), `reflect-stash` (one call's token
+//! returned to the next call). Each dumps everything it received to stdout
+//! and `/out/reflect.txt`.
+//!
+//! Past the header allow-list: `forward` (30 identity, routing and
+//! method-override headers), `trailers` (credentials and identity claims as
+//! request trailers, declared with `Trailer:` and `TE: trailers`),
+//! `path-escapes` (`;` path parameters, escaped and overlong dots,
+//! `%252e`, fullwidth dots, dot-only segments) and `query` (method
+//! overrides and escapes in the query).
 
 use std::io::Write as _;
 
@@ -44,6 +60,25 @@ fn main() {
         "big-body" => big_body(),
         "stall" => stall(),
         "hunt" => hunt(),
+        "reflect-body" => reflect(&[("body", &[]), ("split", &[]), ("base64", &[]), ("hex", &[])]),
+        "reflect-encoding" => reflect(&[
+            ("gzip", &[("accept-encoding", "gzip")]),
+            ("deflate", &[("accept-encoding", "deflate")]),
+            ("gzip", &[]),
+            ("gzip", &[("accept-encoding", "gzip;q=1, identity;q=0")]),
+        ]),
+        "reflect-trailers" => reflect(&[("trailer", &[]), ("trailer", &[("te", "trailers")])]),
+        "reflect-headers" => reflect(&[
+            ("header", &[]),
+            ("location", &[]),
+            ("status", &[]),
+            ("cookie", &[]),
+        ]),
+        "reflect-stash" => reflect(&[("stash", &[]), ("recall", &[]), ("recall", &[])]),
+        "forward" => forward(),
+        "trailers" => trailers(),
+        "path-escapes" => path_escapes(),
+        "query" => query(),
         "all" => {
             payments();
             ips(port);
@@ -280,5 +315,192 @@ fn walk(dir: &std::path::Path, depth: u32, dump: &mut Vec<u8>) {
             dump.extend_from_slice(&bytes[..bytes.len().min(64 * 1024)]);
             dump.push(b'\n');
         }
+    }
+}
+
+/// Calls `/v1/reflect/<how>` for each entry, dumping everything that came
+/// back, decoded where it is compressed.
+fn reflect(calls: &[(&str, &[(&str, &str)])]) {
+    let mut dump = Vec::new();
+    for (how, headers) in calls {
+        let url = format!("http://palette/v1/reflect/{how}");
+        match http_call::request_full("GET", &url, headers, None, &[]) {
+            Ok(r) => {
+                println!("ATTEMPT reflect GET {url}: status {}", r.status);
+                let _ = writeln!(dump, "== {url} {headers:?}");
+                let _ = http_call::dump(&mut dump, &r);
+                for decoded in decode(&r.body) {
+                    let _ = writeln!(dump, "== decoded");
+                    dump.extend_from_slice(&decoded);
+                    dump.push(b'\n');
+                }
+            }
+            Err(e) => {
+                println!("ATTEMPT reflect GET {url}: error {e}");
+                let _ = writeln!(dump, "== {url}: error {e}");
+            }
+        }
+    }
+    let _ = std::io::stdout().write_all(&dump);
+    let _ = std::fs::write("/out/reflect.txt", &dump);
+}
+
+/// The body as gzip, zlib and raw deflate, where it decodes.
+fn decode(body: &[u8]) -> Vec<Vec<u8>> {
+    use std::io::Read as _;
+    let mut out = Vec::new();
+    let mut text = Vec::new();
+    if flate2::read::GzDecoder::new(body)
+        .read_to_end(&mut text)
+        .is_ok()
+    {
+        out.push(std::mem::take(&mut text));
+    }
+    if flate2::read::ZlibDecoder::new(body)
+        .read_to_end(&mut text)
+        .is_ok()
+    {
+        out.push(std::mem::take(&mut text));
+    }
+    if flate2::read::DeflateDecoder::new(body)
+        .read_to_end(&mut text)
+        .is_ok()
+    {
+        out.push(text);
+    }
+    out.retain(|d| !d.is_empty());
+    out
+}
+
+/// The marker value of every smuggled header (the suite looks for it in
+/// what the service received).
+const MARK: &str = "bulkhead-smuggled";
+
+/// Identity, routing and method-override headers an auth proxy or a
+/// framework would trust.
+const IDENTITY_AND_ROUTING: [&str; 30] = [
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
+    "x-forwarded-for",
+    "x-forwarded-host",
+    "x-forwarded-proto",
+    "x-forwarded-prefix",
+    "x-forwarded-user",
+    "x-forwarded-email",
+    "x-forwarded-port",
+    "x-original-url",
+    "x-original-uri",
+    "x-original-host",
+    "x-rewrite-url",
+    "x-remote-user",
+    "x-remote-addr",
+    "x-auth-request-user",
+    "x-auth-request-email",
+    "x-tenant",
+    "x-tenant-id",
+    "forwarded",
+    "x-real-ip",
+    "x-client-ip",
+    "true-client-ip",
+    "impersonate-user",
+    "impersonate-group",
+    "x-user-id",
+    "remote-user",
+    "x-webauth-user",
+    "x-bulkhead-subject",
+];
+
+fn forward() {
+    let headers: Vec<(&str, &str)> = IDENTITY_AND_ROUTING.iter().map(|h| (*h, MARK)).collect();
+    attempt("forward", "GET", "http://palette/v1/sink", &headers, None);
+    attempt(
+        "forward",
+        "POST",
+        "http://palette/v1/sink",
+        &[
+            ("x-http-method-override", "DELETE"),
+            ("x-original-url", "/admin"),
+            ("accept-encoding", "gzip"),
+            ("x-request-id", MARK),
+        ],
+        Some(b"{}"),
+    );
+}
+
+fn trailers() {
+    let trailers = [
+        (
+            "authorization",
+            "Bearer eyJhbGciOiJub25lIn0.eyJzdWIiOiJhZG1pbiJ9.",
+        ),
+        ("x-forwarded-user", MARK),
+        ("x-bulkhead-tenant", "other-tenant"),
+        ("cookie", "session=stolen"),
+    ];
+    for headers in [
+        &[
+            (
+                "trailer",
+                "authorization, x-forwarded-user, x-bulkhead-tenant, cookie",
+            ),
+            ("te", "trailers"),
+        ][..],
+        &[][..],
+    ] {
+        let url = "http://palette/v1/sink";
+        let result =
+            match http_call::request_full("POST", url, headers, Some(b"{\"a\":1}"), &trailers) {
+                Ok(r) => format!("status {}", r.status),
+                Err(e) => format!("error {e}"),
+            };
+        println!("ATTEMPT trailers POST {url}: {result}");
+    }
+}
+
+fn path_escapes() {
+    for path in [
+        "/v1/..;/admin",
+        "/v1/palette;jsessionid=x",
+        "/v1/...;/admin",
+        "/v1/.%2e/admin",
+        "/v1/%2e/admin",
+        "/v1/%252e%252e/admin",
+        "/v1/%c0%ae%c0%ae/admin",
+        "/v1/%e0%80%ae%e0%80%ae/admin",
+        "/v1/%ef%bc%8e%ef%bc%8e/admin",
+        "/v1/%u002e%u002e/admin",
+        "/v1/..%00/admin",
+        "/v1/..%20/admin",
+        "/v1/.../admin",
+        "/v1/%2E%2E%2Fadmin",
+        "/v1/..%5C..%5Cadmin",
+    ] {
+        attempt(
+            "path-escape",
+            "GET",
+            &format!("http://palette{path}"),
+            &[],
+            None,
+        );
+    }
+}
+
+fn query() {
+    for q in [
+        "_method=DELETE",
+        "X-HTTP-Method-Override=PUT",
+        "x=%2e%2e%2fadmin",
+        "a=1;b=2",
+        "next=..%2f..%2fadmin",
+        "u=%c0%ae",
+    ] {
+        attempt(
+            "query",
+            "POST",
+            &format!("http://palette/v1/palette?{q}"),
+            &[],
+            Some(b"{}"),
+        );
     }
 }

@@ -79,6 +79,25 @@ pub enum Refusal {
         /// Its `Location`.
         location: String,
     },
+    /// A response in an encoding other than identity (compressed bytes
+    /// could hide the token from the scan).
+    #[error(
+        "service `{service}` answered in encoding `{encoding}`: withheld (only identity is accepted)"
+    )]
+    Encoding {
+        /// The service that answered.
+        service: String,
+        /// Its `Content-Encoding` or `Transfer-Encoding`.
+        encoding: String,
+    },
+    /// A response that carried a form of the job's call token.
+    #[error("service `{service}` echoed the call token in its response {place}: withheld")]
+    Leak {
+        /// The service that answered.
+        service: String,
+        /// Where: `headers` or `body`.
+        place: &'static str,
+    },
     /// A per-job bound.
     #[error("{0}")]
     Limit(String),
@@ -102,6 +121,8 @@ impl Refusal {
             Self::Method { .. } => "method",
             Self::Path { .. } => "path",
             Self::Redirect { .. } => "redirect",
+            Self::Encoding { .. } => "encoding",
+            Self::Leak { .. } => "leak",
             Self::Limit(_) => "limit",
             Self::Identity(_) => "identity",
         }
@@ -179,9 +200,9 @@ pub fn check_route(
             service: decl.name.to_string(),
         });
     }
-    let path = path_and_query
+    let (path, query) = path_and_query
         .split_once('?')
-        .map_or(path_and_query, |(p, _)| p);
+        .map_or((path_and_query, None), |(p, q)| (p, Some(q)));
     let bad = |why| Refusal::Path {
         path: path_and_query.to_owned(),
         service: decl.name.to_string(),
@@ -190,26 +211,25 @@ pub fn check_route(
     if !path.starts_with('/') {
         return Err(bad("it must start with `/`"));
     }
-    if path.contains('\\') {
-        return Err(bad("backslashes are refused"));
-    }
-    let lower = path.to_ascii_lowercase();
-    if ["%2e", "%2f", "%5c", "%00", "%25"]
-        .iter()
-        .any(|enc| lower.contains(enc))
-    {
-        return Err(bad(
-            "encoded dots, separators, NUL or percent signs are refused",
-        ));
-    }
+    check_chars(path).map_err(bad)?;
     let segments: Vec<&str> = path[1..].split('/').collect();
     let last = segments.len() - 1;
     if segments
         .iter()
         .enumerate()
-        .any(|(i, seg)| *seg == "." || *seg == ".." || (seg.is_empty() && i != last))
+        .any(|(i, seg)| dot_like(seg) || (seg.is_empty() && i != last))
     {
         return Err(bad("dot segments and empty segments are refused"));
+    }
+    if let Some(query) = query {
+        check_chars(query).map_err(bad)?;
+        if query.split('&').any(|pair| {
+            let key = pair.split('=').next().unwrap_or_default();
+            let key = key.replace("%20", " ").to_ascii_lowercase();
+            METHOD_OVERRIDES.contains(&key.trim())
+        }) {
+            return Err(bad("method-override query parameters are refused"));
+        }
     }
     if !decl.paths.iter().any(|prefix| under_prefix(path, prefix)) {
         return Err(bad("outside the service's allowed prefixes"));
@@ -227,6 +247,67 @@ fn under_prefix(path: &str, prefix: &str) -> bool {
         || path
             .strip_prefix(prefix)
             .is_some_and(|rest| rest.starts_with('/'))
+}
+
+/// The percent-escapes a path or query may carry: space, `+`, `,`, `:`,
+/// `=` and `@`. Every other escape is refused, because some framework
+/// decodes it into something that routes: `%2e` (a dot), `%2f` and `%5c`
+/// (separators), `%25` (a second round of decoding: `%252e`), `%00`, `%3b`
+/// (`;`), and any byte of 0x80 and above (overlong UTF-8 such as `%c0%ae`).
+pub const ALLOWED_ESCAPES: [&str; 6] = ["%20", "%2B", "%2C", "%3A", "%3D", "%40"];
+
+/// Query parameters that some frameworks read as the request's method
+/// (`POST /x?_method=DELETE`): the gate checks the method it sees, so
+/// these are refused.
+const METHOD_OVERRIDES: [&str; 5] = [
+    "_method",
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
+    "_httpmethod",
+];
+
+/// Checks that `part` (a path or a query) holds only unreserved characters,
+/// `/`, the sub-delimiters other than `;` (`!$&'()*+,=`), `:`, `@`, `?` in
+/// a query, and percent-escapes from [`ALLOWED_ESCAPES`]. `;` is refused
+/// everywhere: servlet containers and Spring strip `;…` path parameters
+/// (`/v1/..;/admin` routes to `/admin`), and some query parsers split on it.
+fn check_chars(part: &str) -> Result<(), &'static str> {
+    let bytes = part.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b';' => return Err("`;` (path parameters) is refused"),
+            b'\\' => return Err("backslashes are refused"),
+            b'%' => {
+                let escape = part.get(i..i + 3).unwrap_or_default();
+                if !ALLOWED_ESCAPES
+                    .iter()
+                    .any(|e| e.eq_ignore_ascii_case(escape))
+                {
+                    return Err(
+                        "percent-escapes other than %20 %2B %2C %3A %3D %40 are refused \
+                         (encoded dots, separators, `%`, `;`, NUL, non-ASCII bytes)",
+                    );
+                }
+                i += 3;
+                continue;
+            }
+            b if b.is_ascii_alphanumeric() => {}
+            b'-' | b'.' | b'_' | b'~' | b'/' | b'?' | b'!' | b'$' | b'&' | b'\'' | b'(' | b')'
+            | b'*' | b'+' | b',' | b'=' | b':' | b'@' => {}
+            _ => return Err("characters outside unreserved, `/`, `!$&'()*+,=:@?` are refused"),
+        }
+        i += 1;
+    }
+    Ok(())
+}
+
+/// Whether a segment is `.` or `..` as some server would see it: only dots
+/// and (encoded) spaces, which Windows servers trim (`.. `, `.%20.`).
+fn dot_like(segment: &str) -> bool {
+    let s = segment.replace("%20", " ");
+    s.contains('.') && s.chars().all(|c| c == '.' || c == ' ')
 }
 
 /// Whether an authority is an IP address in any notation a resolver or
@@ -430,5 +511,84 @@ mod tests {
             check_route(&d, &Method::DELETE, "/v1/x"),
             Err(Refusal::Method { .. })
         ));
+    }
+
+    /// What servlet containers, Spring, IIS, double-decoding proxies and
+    /// lenient UTF-8 decoders would route outside `/v1`.
+    #[test]
+    fn framework_escapes_are_refused() {
+        let d = decl("palette", &["/v1"]);
+        for bad in [
+            "/v1/..;/admin",
+            "/v1;/../admin",
+            "/v1/palette;jsessionid=x",
+            "/v1/...;/admin",
+            "/v1/.%2e/admin",
+            "/v1/%2e/admin",
+            "/v1/%252e%252e/admin",
+            "/v1/%c0%ae%c0%ae/admin",
+            "/v1/%e0%80%ae/admin",
+            "/v1/%ef%bc%8e%ef%bc%8e/admin",
+            "/v1/%u002e%u002e/admin",
+            "/v1/..%00/admin",
+            "/v1/..%20/admin",
+            "/v1/.%20./admin",
+            "/v1/.../admin",
+            "/v1/%2E%2E%2Fadmin",
+            "/v1/..%5C..%5Cadmin",
+            "/v1/%3b/x",
+            "/v1/x%23/../../admin",
+            "/v1/\u{ff0e}\u{ff0e}/admin",
+            "/v1/a b",
+            "/v1/a\"b",
+            "/v1/a<b>",
+            "/v1/x%",
+            "/v1/x%2",
+            "/v1/x%zz",
+        ] {
+            assert!(
+                matches!(
+                    check_route(&d, &Method::GET, bad),
+                    Err(Refusal::Path { .. })
+                ),
+                "{bad}"
+            );
+        }
+        for ok in [
+            "/v1/a%20b",
+            "/v1/a%2Bb",
+            "/v1/user@example:1",
+            "/v1/x.json",
+            "/v1/a..b",
+            "/v1/.well-known",
+            "/v1/x?a=1&b=two+three&c=%20",
+        ] {
+            check_route(&d, &Method::GET, ok).unwrap_or_else(|e| panic!("{ok}: {e}"));
+        }
+    }
+
+    #[test]
+    fn the_query_smuggles_nothing() {
+        let d = decl("palette", &["/v1"]);
+        for bad in [
+            "/v1/x?_method=DELETE",
+            "/v1/x?a=1&_METHOD=PUT",
+            "/v1/x?X-HTTP-Method-Override=PUT",
+            "/v1/x?x-method-override=PATCH",
+            "/v1/x?a=1;b=2",
+            "/v1/x?next=..%2f..%2fadmin",
+            "/v1/x?u=%c0%ae",
+            "/v1/x?a=%00",
+            "/v1/x?a=\\",
+            "/v1/x?a=1#frag",
+        ] {
+            assert!(
+                matches!(
+                    check_route(&d, &Method::POST, bad),
+                    Err(Refusal::Path { .. })
+                ),
+                "{bad}"
+            );
+        }
     }
 }

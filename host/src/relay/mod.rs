@@ -14,7 +14,9 @@
 //! leave only through [`send`].
 
 pub mod gate;
+pub mod headers;
 pub mod keys;
+pub mod leak;
 pub mod send;
 
 use std::collections::BTreeMap;
@@ -45,6 +47,7 @@ pub use send::{CallGrant, CallRecord, Caller, CallsReport, RefusalSink};
 /// | `max_response` | `4 MiB` | response body bound, per call |
 /// | `max_calls` | `16` | calls per job |
 /// | `timeout` | `5 s` | per call: the longest wait for the response headers (never past the job's deadline), and again for each frame of the response body |
+/// | `forward_headers` | `[]` | request headers forwarded beyond [`headers::FORWARDED`]; never a credential, identity, routing, method-override, framing or trailer header ([`headers::never_forwarded`]) |
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(
     deny_unknown_fields,
@@ -72,6 +75,8 @@ pub struct ServiceDecl {
     /// Per-call time bound: the longest wait for the response headers, and
     /// again for each frame of the response body.
     pub timeout: HumanDuration,
+    /// Request headers forwarded beyond [`headers::FORWARDED`].
+    pub forward_headers: Vec<http::HeaderName>,
 }
 
 /// Where a service lives: an `http` authority and an optional base path.
@@ -143,6 +148,8 @@ struct RawServiceDecl {
     max_calls: Option<u32>,
     #[serde(default)]
     timeout: Option<HumanDuration>,
+    #[serde(default)]
+    forward_headers: Option<Vec<String>>,
 }
 
 impl TryFrom<RawServiceDecl> for ServiceDecl {
@@ -196,6 +203,23 @@ impl TryFrom<RawServiceDecl> for ServiceDecl {
             ));
         }
         let timeout = raw.timeout.unwrap_or(HumanDuration::secs(5));
+        let mut forward_headers = Vec::new();
+        for h in raw.forward_headers.unwrap_or_default() {
+            let name = http::HeaderName::from_bytes(h.as_bytes()).map_err(|_| {
+                format!(
+                    "service `{name}`: `{}` in forward_headers is not a header name",
+                    h.escape_debug()
+                )
+            })?;
+            if let Some(why) = headers::never_forwarded(&name) {
+                return Err(format!(
+                    "service `{name}`: header `{h}` in forward_headers can never be forwarded: {why}"
+                ));
+            }
+            if !forward_headers.contains(&name) {
+                forward_headers.push(name);
+            }
+        }
         Ok(Self {
             name,
             url,
@@ -206,6 +230,7 @@ impl TryFrom<RawServiceDecl> for ServiceDecl {
             max_response: raw.max_response.unwrap_or(ByteSize::mib(4)),
             max_calls,
             timeout,
+            forward_headers,
         })
     }
 }
@@ -222,6 +247,12 @@ impl From<ServiceDecl> for RawServiceDecl {
             max_response: Some(d.max_response),
             max_calls: Some(d.max_calls),
             timeout: Some(d.timeout),
+            forward_headers: Some(
+                d.forward_headers
+                    .iter()
+                    .map(|h| h.as_str().to_owned())
+                    .collect(),
+            ),
         }
     }
 }
@@ -242,6 +273,7 @@ impl ServiceDecl {
             max_response: None,
             max_calls: None,
             timeout: None,
+            forward_headers: None,
         }
         .try_into()
         .expect("valid declaration")
@@ -352,5 +384,42 @@ impl Relay {
     /// `iss` of minted tokens.
     pub fn issuer(&self) -> &str {
         &self.issuer
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(extra: &str) -> Result<ServiceDecl, String> {
+        toml::from_str::<ServiceDecl>(&format!(
+            "name = \"palette\"\nurl = \"http://127.0.0.1:9\"\n{extra}"
+        ))
+        .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn a_service_forwards_the_headers_it_lists_and_never_an_identity_header() {
+        let d = parse("forward_headers = [\"X-Request-Id\", \"range\", \"x-request-id\"]").unwrap();
+        assert_eq!(d.forward_headers, ["x-request-id", "range"]);
+        assert!(parse("").unwrap().forward_headers.is_empty());
+        for h in [
+            "authorization",
+            "Cookie",
+            "host",
+            "x-forwarded-user",
+            "x-remote-user",
+            "impersonate-user",
+            "x-http-method-override",
+            "te",
+            "trailer",
+            "accept-encoding",
+            "x-bulkhead-tenant",
+        ] {
+            let e = parse(&format!("forward_headers = [\"{h}\"]")).unwrap_err();
+            assert!(e.contains("can never be forwarded"), "{h}: {e}");
+        }
+        let e = parse("forward_headers = [\"bad header\"]").unwrap_err();
+        assert!(e.contains("not a header name"), "{e}");
     }
 }

@@ -230,7 +230,7 @@ fn http(id: &str, title: &str, mode: &str, held: HttpHeld) -> Attack {
 
 /// The lateral attacks over HTTP, through the outbound gate.
 fn http_attacks() -> Vec<Attack> {
-    use HttpHeld::{BigBody, Common, Flood, Hunt, Refused, Smuggle};
+    use HttpHeld::{BigBody, Common, Flood, Hunt, Reflect, Refused, Smuggle};
     vec![
         http(
             "lateral.http-ungranted",
@@ -298,6 +298,68 @@ fn http_attacks() -> Vec<Attack> {
             "send a request body over the service's max_request",
             "big-body",
             BigBody,
+        ),
+        http(
+            "lateral.http-reflect-body",
+            "get the call token back from a service that echoes it in its body: plain, split \
+             into 5-byte frames, base64, hex",
+            "reflect-body",
+            Reflect(vec![("leak", 4)]),
+        ),
+        http(
+            "lateral.http-reflect-encoding",
+            "get the echoed call token back compressed (gzip, deflate; asked for, forced, \
+             identity refused), then decode it",
+            "reflect-encoding",
+            Reflect(vec![("encoding", 4)]),
+        ),
+        http(
+            "lateral.http-reflect-trailers",
+            "get the echoed call token back in response trailers, with and without `TE: trailers`",
+            "reflect-trailers",
+            Reflect(Vec::new()),
+        ),
+        http(
+            "lateral.http-reflect-headers",
+            "get the echoed call token back in a header, `Set-Cookie`, a `Location` inside the \
+             allowed paths, the reason phrase",
+            "reflect-headers",
+            Reflect(vec![("leak", 2)]),
+        ),
+        http(
+            "lateral.http-reflect-stash",
+            "get one call's token back in the next call's answer",
+            "reflect-stash",
+            Reflect(vec![("leak", 2)]),
+        ),
+        http(
+            "lateral.http-forward",
+            "pass 30 identity, routing and method-override headers an auth proxy would trust \
+             (X-Forwarded-User, X-Original-URL, Impersonate-User, X-HTTP-Method-Override…)",
+            "forward",
+            Smuggle,
+        ),
+        http(
+            "lateral.http-trailers",
+            "send credentials and identity claims as request trailers (declared with `Trailer:` \
+             and `TE: trailers`, and undeclared)",
+            "trailers",
+            Smuggle,
+        ),
+        http(
+            "lateral.http-path-escapes",
+            "escape the allowed paths the way servlet, Spring, IIS and double-decoding routers \
+             would: `..;`, `;jsessionid`, `%252e`, overlong and fullwidth dots, `%u002e`, \
+             dot-only segments",
+            "path-escapes",
+            Refused(vec![("path", 12)]),
+        ),
+        http(
+            "lateral.http-query",
+            "smuggle through the query: `_method=DELETE`, method-override parameters, escaped \
+             traversal, `;` separators",
+            "query",
+            Refused(vec![("path", 6)]),
         ),
     ]
 }

@@ -5,12 +5,18 @@
 //! - the allowed bait is declared as `palette` (paths `/v1/`, GET and
 //!   POST, [`MAX_CALLS`] calls and [`MAX_REQUEST`] bytes per call) and
 //!   granted to every attack's policy; it answers 200, except
-//!   `/v1/bounce`, an open redirect to the forbidden bait's real address;
+//!   `/v1/bounce`, an open redirect to the forbidden bait's real address,
+//!   and `/v1/reflect/<how>`, which hands the request's `Authorization`
+//!   header (the call token) back in every way a careless service could:
+//!   the body (plain, split into small frames, base64, hex, gzip or
+//!   deflate compressed), a header, `Set-Cookie`, a trailer, the reason
+//!   phrase, a `Location` inside the allowed paths, or the next call's
+//!   body (`stash`, then `recall`);
 //! - the forbidden bait is declared as `payments` and granted to nobody:
 //!   anything it receives is a breach.
 //!
-//! Both record every request (method, path, headers, bearer token, body
-//! bytes). The verdict of an attack adds up: the forbidden bait received
+//! Both record every request (method, path, headers, trailers, bearer
+//! token, body bytes). The verdict of an attack adds up: the forbidden bait received
 //! nothing; the allowed bait received only calls inside its declaration,
 //! within its bounds, each with no credential of the guest's and one token
 //! the host minted, which verifies against the host's keys and carries the
@@ -65,6 +71,16 @@ pub const SMUGGLED: &[&str] = &[
     "session=stolen",
     "guessed",
     "10.0.0.1",
+    "bulkhead-smuggled",
+];
+
+/// Headers the host itself puts on a call, beside the guest's allowed
+/// ones ([`crate::relay::headers::FORWARDED`]).
+const HOST_SET: [&str; 4] = [
+    "host",
+    "authorization",
+    "accept-encoding",
+    "transfer-encoding",
 ];
 
 /// The caller identity of the suite's jobs.
@@ -87,6 +103,8 @@ pub struct Seen {
     pub headers: Vec<(String, String)>,
     /// Body bytes received (so far, for a body still streaming).
     pub body_bytes: u64,
+    /// Every trailer field, lowercase name and lossy value.
+    pub trailers: Vec<(String, String)>,
 }
 
 impl Seen {
@@ -117,6 +135,11 @@ impl BaitLog {
         self.lock().len()
     }
 
+    /// Whether it received nothing.
+    pub fn is_empty(&self) -> bool {
+        self.lock().is_empty()
+    }
+
     /// The requests received from the `from`-th on.
     pub fn since(&self, from: usize) -> Vec<Seen> {
         self.lock()
@@ -143,6 +166,20 @@ struct BaitState {
     log: BaitLog,
     /// Where `/v1/bounce` redirects, for the allowed bait.
     bounce: Option<String>,
+    /// The `Authorization` header `/v1/reflect/stash` kept.
+    stash: Arc<Mutex<String>>,
+}
+
+fn lossy(fields: &http::HeaderMap) -> Vec<(String, String)> {
+    fields
+        .iter()
+        .map(|(k, v)| {
+            (
+                k.as_str().to_owned(),
+                String::from_utf8_lossy(v.as_bytes()).into_owned(),
+            )
+        })
+        .collect()
 }
 
 async fn record(State(state): State<BaitState>, req: Request) -> Response {
@@ -155,17 +192,9 @@ async fn record(State(state): State<BaitState>, req: Request) -> Response {
                 .uri
                 .path_and_query()
                 .map_or_else(|| parts.uri.path().to_owned(), |p| p.as_str().to_owned()),
-            headers: parts
-                .headers
-                .iter()
-                .map(|(k, v)| {
-                    (
-                        k.as_str().to_owned(),
-                        String::from_utf8_lossy(v.as_bytes()).into_owned(),
-                    )
-                })
-                .collect(),
+            headers: lossy(&parts.headers),
             body_bytes: 0,
+            trailers: Vec::new(),
         });
         seen.len() - 1
     };
@@ -175,8 +204,21 @@ async fn record(State(state): State<BaitState>, req: Request) -> Response {
         if let Some(data) = frame.data_ref() {
             state.log.lock()[index].body_bytes += data.len() as u64;
         }
+        if let Some(trailers) = frame.trailers_ref() {
+            state.log.lock()[index].trailers.extend(lossy(trailers));
+        }
     }
     state.log.in_flight.fetch_sub(1, Ordering::SeqCst);
+    if state.bounce.is_some()
+        && let Some(how) = parts.uri.path().strip_prefix("/v1/reflect/")
+    {
+        let auth = parts
+            .headers
+            .get(http::header::AUTHORIZATION)
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+            .unwrap_or_default();
+        return reflect(how, &auth, &state.stash);
+    }
     match &state.bounce {
         Some(to) if parts.uri.path() == "/v1/bounce" => (
             StatusCode::TEMPORARY_REDIRECT,
@@ -191,6 +233,109 @@ async fn record(State(state): State<BaitState>, req: Request) -> Response {
     }
 }
 
+/// The allowed bait's careless answers: `auth` (the request's
+/// `Authorization` header) handed back as `how` says (`body`, `split`,
+/// `base64`, `hex`, `gzip`, `deflate`, `trailer`, `header`, `cookie`,
+/// `location`, `status`; `stash` keeps it in `stash`, `recall` answers what
+/// was kept). Public so that tests can stand up the same careless service.
+pub fn reflect(how: &str, auth: &str, stash: &Mutex<String>) -> Response {
+    use http::header::{CONTENT_ENCODING, CONTENT_TYPE, ETAG, LOCATION, SET_COOKIE};
+    let token = auth.strip_prefix("Bearer ").unwrap_or(auth);
+    let signature = token.rsplit('.').next().unwrap_or(token);
+    let echo = format!("{{\"echo\":\"{auth}\"}}");
+    let compress = |zlib: bool| {
+        use std::io::Write as _;
+        let out = if zlib {
+            let mut z = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::best());
+            let _ = z.write_all(echo.as_bytes());
+            z.finish()
+        } else {
+            let mut z = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+            let _ = z.write_all(echo.as_bytes());
+            z.finish()
+        };
+        out.unwrap_or_default()
+    };
+    let json = (CONTENT_TYPE, "application/json");
+    match how {
+        "body" => ([json], echo).into_response(),
+        "split" => {
+            let frames = echo
+                .as_bytes()
+                .chunks(5)
+                .map(|c| http_body::Frame::data(bytes::Bytes::copy_from_slice(c)))
+                .collect();
+            ([json], Body::new(Frames(frames))).into_response()
+        }
+        "base64" => base64::engine::general_purpose::STANDARD
+            .encode(&echo)
+            .into_response(),
+        "hex" => hex::encode(auth).into_response(),
+        "gzip" => ([json, (CONTENT_ENCODING, "gzip")], compress(false)).into_response(),
+        "deflate" => ([json, (CONTENT_ENCODING, "deflate")], compress(true)).into_response(),
+        "trailer" => {
+            let mut trailers = http::HeaderMap::new();
+            if let Ok(v) = http::HeaderValue::from_str(auth) {
+                trailers.insert("x-echo", v.clone());
+                trailers.insert(ETAG, v);
+            }
+            let frames = [
+                http_body::Frame::data(bytes::Bytes::from_static(
+                    b"{\"echo\":\"in the trailers\"}",
+                )),
+                http_body::Frame::trailers(trailers),
+            ]
+            .into();
+            ([json], Body::new(Frames(frames))).into_response()
+        }
+        "header" => (
+            [
+                ("x-echo", auth.to_owned()),
+                (ETAG.as_str(), format!("\"{signature}\"")),
+            ],
+            "{}",
+        )
+            .into_response(),
+        "cookie" => ([(SET_COOKIE, format!("session={token}"))], "{}").into_response(),
+        "location" => (
+            StatusCode::FOUND,
+            [(LOCATION, format!("/v1/next?t={token}"))],
+        )
+            .into_response(),
+        "status" => {
+            let mut r = "{}".into_response();
+            if let Ok(reason) = hyper::ext::ReasonPhrase::try_from(auth.to_owned()) {
+                r.extensions_mut().insert(reason);
+            }
+            r
+        }
+        "stash" => {
+            *stash.lock().unwrap_or_else(|e| e.into_inner()) = auth.to_owned();
+            "{}".into_response()
+        }
+        "recall" => {
+            let kept = stash.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            ([json], format!("{{\"earlier\":\"{kept}\"}}")).into_response()
+        }
+        _ => StatusCode::NOT_FOUND.into_response(),
+    }
+}
+
+/// A response body of given frames, sent one at a time.
+struct Frames(std::collections::VecDeque<http_body::Frame<bytes::Bytes>>);
+
+impl http_body::Body for Frames {
+    type Data = bytes::Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, Self::Error>>> {
+        std::task::Poll::Ready(self.0.pop_front().map(Ok))
+    }
+}
+
 async fn serve(bounce: Option<String>) -> std::io::Result<(BaitLog, u16)> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let port = listener.local_addr()?.port();
@@ -198,6 +343,7 @@ async fn serve(bounce: Option<String>) -> std::io::Result<(BaitLog, u16)> {
     let app = axum::Router::new().fallback(record).with_state(BaitState {
         log: log.clone(),
         bounce,
+        stash: Arc::default(),
     });
     tokio::spawn(axum::serve(listener, app).into_future());
     Ok((log, port))
@@ -294,6 +440,9 @@ pub enum HttpHeld {
     Smuggle,
     /// No token the host minted appears in anything the job produced.
     Hunt,
+    /// As [`HttpHeld::Hunt`], against the reflecting bait, with at least
+    /// `n` refusals (withheld answers) of each class.
+    Reflect(Vec<(&'static str, usize)>),
     /// The bait saw at most [`MAX_CALLS`]; the rest are `limit` refusals.
     Flood,
     /// The bait saw at most [`MAX_REQUEST`] body bytes.
@@ -392,15 +541,22 @@ pub fn checks(
             wrong.push(format!("{} {} outside the declaration", s.method, s.path));
         }
         for (name, value) in &s.headers {
-            let Ok(h) = http::HeaderName::from_bytes(name.as_bytes()) else {
-                continue;
-            };
-            if name != "authorization" && crate::relay::send::is_credential_header(&h) {
-                wrong.push(format!("the guest's `{name}` header reached it"));
+            if !HOST_SET.contains(&name.as_str())
+                && !crate::relay::headers::FORWARDED.contains(&name.as_str())
+            {
+                wrong.push(format!(
+                    "the guest's `{name}` header reached it (not on the forwarded list)"
+                ));
+            }
+            if name == "accept-encoding" && value != "identity" {
+                wrong.push(format!("`accept-encoding: {value}` instead of identity"));
             }
             if SMUGGLED.iter().any(|v| value.contains(v)) {
                 wrong.push(format!("a smuggled value reached it in `{name}`"));
             }
+        }
+        for (name, _) in &s.trailers {
+            wrong.push(format!("a request trailer `{name}` reached it"));
         }
         match (s.bearers().as_slice(), &verifier) {
             ([token], Ok(v)) => {
@@ -537,31 +693,21 @@ pub fn checks(
                 ),
             ));
         }
-        HttpHeld::Hunt => {
-            let minted: Vec<&str> = seen.iter().flat_map(Seen::bearers).collect();
-            let mut found = Vec::new();
-            for t in &minted {
-                let signature = t.rsplit('.').next().unwrap_or(t);
-                if contains(produced, t.as_bytes()) || contains(produced, signature.as_bytes()) {
-                    found.push(format!(
-                        "token …{}",
-                        &signature[signature.len().saturating_sub(8)..]
-                    ));
-                }
-            }
+        HttpHeld::Hunt => checks.push(hunt(&seen, produced)),
+        HttpHeld::Reflect(want) => {
+            checks.push(hunt(&seen, produced));
+            let missing: Vec<String> = want
+                .iter()
+                .filter(|(class, n)| count(class) < *n)
+                .map(|(class, n)| format!("{n} `{class}` refusals expected, {}", count(class)))
+                .collect();
             checks.push(Check::new(
-                "tokens",
-                found.is_empty(),
-                if minted.is_empty() {
-                    "the host minted no token during the job: nothing to hunt".to_owned()
-                } else if found.is_empty() {
-                    format!(
-                        "none of the {} tokens the host minted, nor their signatures, is in \
-                         stdout, stderr or the outputs",
-                        minted.len()
-                    )
+                "withheld",
+                missing.is_empty(),
+                if missing.is_empty() {
+                    summary
                 } else {
-                    format!("the guest got hold of {}", found.join(", "))
+                    format!("{}: {summary}", missing.join("; "))
                 },
             ));
         }
@@ -570,6 +716,54 @@ pub fn checks(
         }
     }
     checks
+}
+
+/// Whether any token the allowed bait received (so: that the host minted)
+/// appears in `produced`, in a form a guest could use: whole, its
+/// signature, either half of the signature, the hex of its text, or its
+/// base64 at any alignment (the judge's own list, independent of the
+/// relay's scanner).
+fn hunt(seen: &[Seen], produced: &[u8]) -> Check {
+    let minted: Vec<&str> = seen.iter().flat_map(Seen::bearers).collect();
+    let mut found = Vec::new();
+    for t in &minted {
+        let signature = t.rsplit('.').next().unwrap_or(t);
+        let half = signature.len() / 2;
+        let mut forms = vec![
+            t.as_bytes().to_vec(),
+            signature.as_bytes().to_vec(),
+            signature.as_bytes()[..half].to_vec(),
+            signature.as_bytes()[half..].to_vec(),
+            hex::encode(signature).into_bytes(),
+        ];
+        for pad in 0..3 {
+            let text = format!("{}{signature}", "x".repeat(pad));
+            let whole = text.len() / 3 * 3;
+            let b64 = base64::engine::general_purpose::STANDARD.encode(&text.as_bytes()[..whole]);
+            forms.push(b64.as_bytes()[4..].to_vec());
+        }
+        if forms.iter().any(|f| contains(produced, f)) {
+            found.push(format!(
+                "token …{}",
+                &signature[signature.len().saturating_sub(8)..]
+            ));
+        }
+    }
+    Check::new(
+        "tokens",
+        found.is_empty(),
+        if minted.is_empty() {
+            "the host minted no token during the job: nothing to hunt".to_owned()
+        } else if found.is_empty() {
+            format!(
+                "none of the {} tokens the host minted, nor their signatures (whole, halves, \
+                 hex, base64), is in stdout, stderr or the outputs",
+                minted.len()
+            )
+        } else {
+            format!("the guest got hold of {}", found.join(", "))
+        },
+    )
 }
 
 /// Why the attack cannot be judged: the guest never reached the gate the
@@ -587,7 +781,7 @@ pub fn untried(
         .max((calls.made + calls.refused) as usize);
     match held {
         HttpHeld::Common => None,
-        HttpHeld::Smuggle | HttpHeld::Hunt if allowed_seen == 0 => {
+        HttpHeld::Smuggle | HttpHeld::Hunt | HttpHeld::Reflect(_) if allowed_seen == 0 => {
             Some("no call reached the allowed bait: nothing to judge".into())
         }
         _ if attempts == 0 => Some("the guest made no outbound request".into()),

@@ -29,7 +29,7 @@ mod artifacts;
 mod bombs;
 pub mod catalog;
 pub mod custom;
-mod egress;
+pub mod egress;
 pub mod evidence;
 mod forge;
 mod local;

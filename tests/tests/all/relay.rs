@@ -17,9 +17,28 @@ use serde_json::Value;
 use crate::common::policy_text;
 use crate::service::{Server, json, png, start};
 
+type Shared<T> = std::sync::Arc<std::sync::Mutex<Vec<T>>>;
+/// Header or trailer fields, lowercase name and lossy value.
+type Fields = Vec<(String, String)>;
+
+fn fields(map: &http::HeaderMap) -> Fields {
+    map.iter()
+        .map(|(k, v)| {
+            (
+                k.as_str().to_owned(),
+                String::from_utf8_lossy(v.as_bytes()).into_owned(),
+            )
+        })
+        .collect()
+}
+
 /// The scenario: the service and the two internal services.
 struct Scenario {
     server: Server,
+    /// The `Authorization` headers `/v1/reflect/*` received (and echoed).
+    reflected: Shared<String>,
+    /// The headers and trailers `/v1/sink` received.
+    sink: Shared<(Fields, Fields)>,
     palette: CallLog,
     payments: CallLog,
     payments_port: u16,
@@ -92,6 +111,10 @@ async fn scenario_with(max_calls: u32, workers: u32) -> Scenario {
     // And answers that would hold a caller forever or flood it: one that
     // never comes, a body that stops half-way, a body far over the
     // declared 64 KiB.
+    let reflected: Shared<String> = std::sync::Arc::default();
+    let sink: Shared<(Fields, Fields)> = std::sync::Arc::default();
+    let (reflected_log, sink_log) = (reflected.clone(), sink.clone());
+    let stash = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
     let palette_app = palette_router(palette)
         .route(
             "/v1/bounce",
@@ -116,12 +139,48 @@ async fn scenario_with(max_calls: u32, workers: u32) -> Scenario {
                 ))
             }),
         )
-        .route("/v1/huge", get(|| async { vec![b'x'; 1 << 20] }));
+        .route("/v1/huge", get(|| async { vec![b'x'; 1 << 20] }))
+        // A careless service: it hands the request's token back in every
+        // way the escape suite's bait does.
+        .route(
+            "/v1/reflect/{how}",
+            get(
+                move |axum::extract::Path(how): axum::extract::Path<String>,
+                      headers: http::HeaderMap| async move {
+                    let auth = headers
+                        .get("authorization")
+                        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+                        .unwrap_or_default();
+                    reflected_log.lock().unwrap().push(auth.clone());
+                    bulkhead::suite::egress::reflect(&how, &auth, &stash)
+                },
+            ),
+        )
+        // Records every header and trailer it receives.
+        .route(
+            "/v1/sink",
+            axum::routing::any(move |request: axum::extract::Request| async move {
+                let (parts, mut body) = request.into_parts();
+                let mut trailers = Vec::new();
+                while let Some(Ok(frame)) = http_body_util::BodyExt::frame(&mut body).await {
+                    if let Some(t) = frame.trailers_ref() {
+                        trailers.extend(fields(t));
+                    }
+                }
+                sink_log
+                    .lock()
+                    .unwrap()
+                    .push((fields(&parts.headers), trailers));
+                "{}"
+            }),
+        );
     tokio::spawn(axum::serve(palette_listener, palette_app).into_future());
     tokio::spawn(axum::serve(payments_listener, payments_router(payments)).into_future());
 
     Scenario {
         server,
+        reflected,
+        sink,
         palette: palette_log,
         payments: payments_log,
         payments_port,
@@ -708,4 +767,186 @@ async fn a_token_revoked_while_its_job_waits_relays_nothing() {
     );
     assert_eq!(c["records"][0]["class"], "identity");
     assert!(s.palette.is_empty(), "{:#?}", s.palette.snapshot());
+}
+
+/// Every form of `token` a guest could use, as the test sees it: whole,
+/// its signature, either half of it, its hex, its base64 at each alignment.
+fn token_forms(token: &str) -> Vec<Vec<u8>> {
+    use base64::Engine as _;
+    let signature = token.rsplit('.').next().unwrap();
+    let half = signature.len() / 2;
+    let mut forms = vec![
+        token.as_bytes().to_vec(),
+        signature.as_bytes().to_vec(),
+        signature.as_bytes()[..half].to_vec(),
+        signature.as_bytes()[half..].to_vec(),
+        hex::encode(signature).into_bytes(),
+    ];
+    for pad in 0..3 {
+        let text = format!("{}{signature}", "x".repeat(pad));
+        let whole = text.len() / 3 * 3;
+        let b64 = base64::engine::general_purpose::STANDARD.encode(&text.as_bytes()[..whole]);
+        forms.push(b64.as_bytes()[4..].to_vec());
+    }
+    forms
+}
+
+fn holds(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_service_that_echoes_the_token_never_hands_it_to_the_guest() {
+    let s = scenario(16).await;
+    let token = s.server.token("acme", &["lateral:run"]).await;
+    let mut classes = std::collections::BTreeMap::<String, usize>::new();
+    for mode in [
+        "reflect-body",
+        "reflect-encoding",
+        "reflect-trailers",
+        "reflect-headers",
+        "reflect-stash",
+    ] {
+        let before = s.reflected.lock().unwrap().len();
+        let job = s.lateral(&token, mode).await;
+        assert_eq!(job["state"], "succeeded", "{job:#}");
+        let id = job["id"].as_str().unwrap();
+        let echoed: Vec<String> = s.reflected.lock().unwrap()[before..].to_vec();
+        assert!(!echoed.is_empty(), "{mode}: the service echoed nothing");
+        let dump = s
+            .server
+            .http
+            .get(s.server.url(&format!("/v1/jobs/{id}/outputs/reflect.txt")))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap();
+        assert!(holds(&dump, b"== http://palette/v1/reflect/"), "{mode}");
+        let mut seen = dump.to_vec();
+        for stream in ["stdout", "stderr"] {
+            seen.extend_from_slice(report(&job)[stream]["text"].as_str().unwrap().as_bytes());
+        }
+        for auth in &echoed {
+            let t = auth.strip_prefix("Bearer ").unwrap();
+            for form in token_forms(t) {
+                assert!(
+                    !holds(&seen, &form),
+                    "{mode}: a form of the call token reached the guest: {}\n{}",
+                    String::from_utf8_lossy(&form),
+                    String::from_utf8_lossy(&seen)
+                );
+            }
+        }
+        for r in calls(&job)["records"].as_array().unwrap() {
+            if let Some(class) = r["class"].as_str() {
+                *classes.entry(class.to_owned()).or_default() += 1;
+            }
+        }
+    }
+    // Withheld, and said so in the report: compressed answers as `encoding`,
+    // echoes in the body (plain, split, base64, hex; a previous call's
+    // token), in an `ETag` and in a `Location` as `leak`.
+    assert_eq!(classes.get("encoding"), Some(&4), "{classes:?}");
+    assert!(
+        classes.get("leak").copied().unwrap_or(0) >= 8,
+        "{classes:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn only_allow_listed_headers_and_no_trailers_reach_the_service() {
+    let s = scenario(16).await;
+    let token = s.server.token("acme", &["lateral:run"]).await;
+    for mode in ["forward", "trailers"] {
+        let job = s.lateral(&token, mode).await;
+        assert_eq!(job["state"], "succeeded", "{job:#}");
+        let stripped: Vec<String> = calls(&job)["records"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|r| {
+                r["stripped_headers"]
+                    .as_array()
+                    .cloned()
+                    .unwrap_or_default()
+            })
+            .map(|v| v.as_str().unwrap().to_owned())
+            .collect();
+        if mode == "forward" {
+            assert!(stripped.len() >= 30, "{stripped:?}");
+        } else {
+            for h in [
+                "trailer",
+                "te",
+                "trailer:authorization",
+                "trailer:x-forwarded-user",
+            ] {
+                assert!(
+                    stripped.iter().any(|s| s == h),
+                    "{h} not reported: {stripped:?}"
+                );
+            }
+        }
+    }
+    let received = s.sink.lock().unwrap().clone();
+    assert_eq!(received.len(), 4, "{received:#?}");
+    let allowed = bulkhead::relay::headers::FORWARDED;
+    for (headers, trailers) in &received {
+        assert!(
+            trailers.is_empty(),
+            "request trailers reached the service: {trailers:?}"
+        );
+        for (name, value) in headers {
+            assert!(
+                allowed.contains(&name.as_str())
+                    || [
+                        "host",
+                        "authorization",
+                        "accept-encoding",
+                        "transfer-encoding"
+                    ]
+                    .contains(&name.as_str()),
+                "`{name}: {value}` reached the service"
+            );
+            assert!(!value.contains("bulkhead-smuggled"), "{name}: {value}");
+        }
+        let encodings: Vec<&str> = headers
+            .iter()
+            .filter(|(k, _)| k == "accept-encoding")
+            .map(|(_, v)| v.as_str())
+            .collect();
+        assert_eq!(encodings, ["identity"], "{headers:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn framework_path_and_query_escapes_are_refused_and_audited() {
+    let s = scenario(16).await;
+    let token = s.server.token("acme", &["lateral:run"]).await;
+    for (mode, at_least) in [("path-escapes", 15), ("query", 6)] {
+        let job = s.lateral(&token, mode).await;
+        let id = job["id"].as_str().unwrap().to_owned();
+        let refused = calls(&job)["records"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|r| r["class"] == "path")
+            .count();
+        assert!(
+            refused >= at_least,
+            "{mode}: {refused} path refusals: {job:#}"
+        );
+        assert_eq!(calls(&job)["made"], 0, "{job:#}");
+        let audit = s.audit().await;
+        let denied = audit
+            .iter()
+            .filter(|e| e["action"] == "egress.denied" && e["job_id"] == id.as_str())
+            .count();
+        assert_eq!(denied, refused, "{audit:#?}");
+    }
+    assert!(s.palette.is_empty(), "{:#?}", s.palette.snapshot());
+    assert!(s.sink.lock().unwrap().is_empty());
 }
