@@ -535,9 +535,10 @@ async fn escape_suite(args: SuiteArgs) -> anyhow::Result<ExitCode> {
         cache_dir: if args.host.no_cache {
             None
         } else {
-            args.host.cache_dir.clone().or_else(|| {
-                crate::sandbox::default_cache_root().map(|root| root.join("modules"))
-            })
+            args.host
+                .cache_dir
+                .clone()
+                .or_else(|| crate::sandbox::default_cache_root().map(|root| root.join("modules")))
         },
         weakening: None,
     };

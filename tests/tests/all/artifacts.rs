@@ -291,9 +291,14 @@ async fn a_failure_to_collect_outputs_fails_the_job_not_the_host() {
     let out = dir.output_dir();
     let moved = out.with_extension("moved");
     let swap = async {
-        while !out.join("ok.txt").exists() {
-            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        // The guest writes `ok.txt`, then lingers 3 s.
+        for _ in 0..2000 {
+            if out.join("ok.txt").exists() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
         }
+        assert!(out.join("ok.txt").exists(), "the guest wrote nothing");
         std::fs::rename(&out, &moved).unwrap();
         std::fs::write(&out, b"not a directory").unwrap();
     };
