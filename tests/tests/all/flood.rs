@@ -58,6 +58,15 @@ async fn a_flood_is_refused_with_429_another_tenant_is_served_and_memory_stays_b
         &[("hostile.toml", sleeper), ("hello.toml", hello)],
         "workers = 3\nmax_queued = 64\nmax_queued_per_tenant = 8\nmax_running_per_tenant = 2",
     );
+    // Both tenants connect from 127.0.0.1: the flooder's 64 connections
+    // must leave the polite tenant room under the per-address cap.
+    let text = std::fs::read_to_string(&config).unwrap();
+    let text = text.replacen(
+        "[storage]",
+        "max_connections_per_client = 256\n[storage]",
+        1,
+    );
+    std::fs::write(&config, text).unwrap();
     let (served, base) = spawn(&config);
     let pid = served.pid();
     let flooder = token(&data, "flooder", &["hostile:run"]).await;
