@@ -41,6 +41,10 @@ use crate::store::{
 };
 use scheduler::{QueueLimits, QueuedJob, Rejection, Scheduler, Slot};
 
+/// An accepted job, and with a wait, a receiver that fires when it ends
+/// (see [`Service::submit`]).
+pub type Accepted = (JobRecord, Option<oneshot::Receiver<Option<JobRecord>>>);
+
 /// What a caller submits.
 #[derive(Debug, Default)]
 pub struct Submission {
@@ -473,7 +477,7 @@ impl Service {
         module_name: &str,
         mut sub: Submission,
         wait: Option<std::time::Duration>,
-    ) -> Result<(JobRecord, Option<oneshot::Receiver<Option<JobRecord>>>), ServiceError> {
+    ) -> Result<Accepted, ServiceError> {
         if self.is_draining() {
             return Err(ServiceError::Draining);
         }
@@ -629,7 +633,7 @@ impl Service {
         hash: &str,
         key: &Idempotency,
         wait: bool,
-    ) -> Result<(JobRecord, Option<oneshot::Receiver<Option<JobRecord>>>), ServiceError> {
+    ) -> Result<Accepted, ServiceError> {
         if hash != key.request_sha256 {
             return Err(ServiceError::Conflict(format!(
                 "idempotency key `{}` was already used for a different request (job `{}`)",
@@ -874,7 +878,7 @@ impl Service {
             self.hold(&job.id, false);
             drop(slot);
             match ran {
-                Ran::Ended(finished) => self.wake(&job.id, finished.as_ref()),
+                Ran::Ended(finished) => self.wake(&job.id, finished.as_deref()),
                 // Its next attempt may start at once; after a storage
                 // failure the keeper re-queues it once the storage writes.
                 Ran::Requeued { storage: false } => {
@@ -922,10 +926,10 @@ impl Service {
                 let Some(report) = report else {
                     return Ran::Ended(None);
                 };
-                return Ran::Ended(Some(
+                return Ran::Ended(Some(Box::new(
                     self.finished(*record, report, finished_at.unwrap_or_else(now_ms))
                         .await,
-                ));
+                )));
             }
             Err(e) => {
                 // Still `queued` in the store: the claim rolled back.
@@ -943,7 +947,7 @@ impl Service {
             ))),
         };
         match result {
-            Ok(Some(report)) => Ran::Ended(self.finish(record, report).await),
+            Ok(Some(report)) => Ran::Ended(self.finish(record, report).await.map(Box::new)),
             Ok(None) => Ran::Ended(None), // cancelled while running
             Err(e) => self.host_failed(record, e).await,
         }
@@ -987,7 +991,7 @@ impl Service {
                 record.attempts
             ),
         );
-        Ran::Ended(self.finish(record, report).await)
+        Ran::Ended(self.finish(record, report).await.map(Box::new))
     }
 
     /// Records `record`'s job finished with `report`. A store failure is
@@ -1093,7 +1097,7 @@ impl Service {
         has_stdin: bool,
         slot: Slot,
         key: Option<&Idempotency>,
-    ) -> Result<(JobRecord, Option<oneshot::Receiver<Option<JobRecord>>>), ServiceError> {
+    ) -> Result<Accepted, ServiceError> {
         let policy = module.policy();
         let now = now_ms();
         let record = JobRecord {
@@ -1575,7 +1579,7 @@ fn scope_strings(policy: &Policy) -> Vec<String> {
 enum Ran {
     /// Finished (its record), or cancelled, or left for the next start
     /// (`None`).
-    Ended(Option<JobRecord>),
+    Ended(Option<Box<JobRecord>>),
     /// Given back to the queue after a failure of the host; after a storage
     /// failure (`storage`), the keeper re-queues it once the storage writes.
     Requeued { storage: bool },
