@@ -531,7 +531,7 @@ impl Service {
                 .await
                 .map_err(|e| self.noted(e.into()))?
         {
-            return self.replay(job, &hash, key, wait.is_some());
+            return self.replay(job, &hash, key, wait.is_some()).await;
         }
         if let Err(why) = self.scheduler.check(&who.tenant) {
             return Err(self.busy(who, module, why).await);
@@ -594,7 +594,7 @@ impl Service {
             (Ok(Inserted::Existing(job, hash)), Some(key)) => {
                 // A retry with the same key raced this one and won.
                 self.remove_job_files(&record.id);
-                return self.replay(*job, &hash, key, wait.is_some());
+                return self.replay(*job, &hash, key, wait.is_some()).await;
             }
             (Ok(_), _) => {}
             (Err(e), _) => {
@@ -627,7 +627,7 @@ impl Service {
     /// The answer to a submission whose idempotency key already names
     /// `job`: that job (and, with `wait`, a receiver for its end), or a
     /// conflict if the key came with another request.
-    fn replay(
+    async fn replay(
         &self,
         job: JobRecord,
         hash: &str,
@@ -640,8 +640,18 @@ impl Service {
                 key.key, job.id
             )));
         }
-        let receiver = (wait && !job.state.is_final()).then(|| self.subscribe(&job.id));
-        Ok((job, receiver))
+        if !wait || job.state.is_final() {
+            return Ok((job, None));
+        }
+        let receiver = self.subscribe(&job.id);
+        // It may have finished between the read and the subscription: then
+        // no worker will wake the receiver, so wake it here.
+        if let Some(now) = self.store.get_job(&job.tenant, &job.id).await?
+            && now.state.is_final()
+        {
+            self.wake(&job.id, Some(&now));
+        }
+        Ok((job, Some(receiver)))
     }
 
     async fn busy(&self, who: &Identity, module: &LoadedModule, why: Rejection) -> ServiceError {
@@ -1182,7 +1192,7 @@ impl Service {
                 // A retry with the same key ran beside this one and was
                 // stored first: this run is dropped.
                 self.remove_job_files(&record.id);
-                return self.replay(*job, &hash, key, true);
+                return self.replay(*job, &hash, key, true).await;
             }
             (Ok(_), _) => {}
             (Err(e), _) => {
