@@ -41,6 +41,10 @@ use crate::store::{
 };
 use scheduler::{QueueLimits, QueuedJob, Rejection, Scheduler, Slot};
 
+/// An accepted job, and with a wait, a receiver that fires when it ends
+/// (see [`Service::submit`]).
+pub type Accepted = (JobRecord, Option<oneshot::Receiver<Option<JobRecord>>>);
+
 /// What a caller submits.
 #[derive(Debug, Default)]
 pub struct Submission {
@@ -473,7 +477,7 @@ impl Service {
         module_name: &str,
         mut sub: Submission,
         wait: Option<std::time::Duration>,
-    ) -> Result<(JobRecord, Option<oneshot::Receiver<Option<JobRecord>>>), ServiceError> {
+    ) -> Result<Accepted, ServiceError> {
         if self.is_draining() {
             return Err(ServiceError::Draining);
         }
@@ -527,7 +531,7 @@ impl Service {
                 .await
                 .map_err(|e| self.noted(e.into()))?
         {
-            return self.replay(job, &hash, key, wait.is_some());
+            return self.replay(job, &hash, key, wait.is_some()).await;
         }
         if let Err(why) = self.scheduler.check(&who.tenant) {
             return Err(self.busy(who, module, why).await);
@@ -590,7 +594,7 @@ impl Service {
             (Ok(Inserted::Existing(job, hash)), Some(key)) => {
                 // A retry with the same key raced this one and won.
                 self.remove_job_files(&record.id);
-                return self.replay(*job, &hash, key, wait.is_some());
+                return self.replay(*job, &hash, key, wait.is_some()).await;
             }
             (Ok(_), _) => {}
             (Err(e), _) => {
@@ -623,21 +627,31 @@ impl Service {
     /// The answer to a submission whose idempotency key already names
     /// `job`: that job (and, with `wait`, a receiver for its end), or a
     /// conflict if the key came with another request.
-    fn replay(
+    async fn replay(
         &self,
         job: JobRecord,
         hash: &str,
         key: &Idempotency,
         wait: bool,
-    ) -> Result<(JobRecord, Option<oneshot::Receiver<Option<JobRecord>>>), ServiceError> {
+    ) -> Result<Accepted, ServiceError> {
         if hash != key.request_sha256 {
             return Err(ServiceError::Conflict(format!(
                 "idempotency key `{}` was already used for a different request (job `{}`)",
                 key.key, job.id
             )));
         }
-        let receiver = (wait && !job.state.is_final()).then(|| self.subscribe(&job.id));
-        Ok((job, receiver))
+        if !wait || job.state.is_final() {
+            return Ok((job, None));
+        }
+        let receiver = self.subscribe(&job.id);
+        // It may have finished between the read and the subscription: then
+        // no worker will wake the receiver, so wake it here.
+        if let Some(now) = self.store.get_job(&job.tenant, &job.id).await?
+            && now.state.is_final()
+        {
+            self.wake(&job.id, Some(&now));
+        }
+        Ok((job, Some(receiver)))
     }
 
     async fn busy(&self, who: &Identity, module: &LoadedModule, why: Rejection) -> ServiceError {
@@ -874,7 +888,7 @@ impl Service {
             self.hold(&job.id, false);
             drop(slot);
             match ran {
-                Ran::Ended(finished) => self.wake(&job.id, finished.as_ref()),
+                Ran::Ended(finished) => self.wake(&job.id, finished.as_deref()),
                 // Its next attempt may start at once; after a storage
                 // failure the keeper re-queues it once the storage writes.
                 Ran::Requeued { storage: false } => {
@@ -922,10 +936,10 @@ impl Service {
                 let Some(report) = report else {
                     return Ran::Ended(None);
                 };
-                return Ran::Ended(Some(
+                return Ran::Ended(Some(Box::new(
                     self.finished(*record, report, finished_at.unwrap_or_else(now_ms))
                         .await,
-                ));
+                )));
             }
             Err(e) => {
                 // Still `queued` in the store: the claim rolled back.
@@ -943,7 +957,7 @@ impl Service {
             ))),
         };
         match result {
-            Ok(Some(report)) => Ran::Ended(self.finish(record, report).await),
+            Ok(Some(report)) => Ran::Ended(self.finish(record, report).await.map(Box::new)),
             Ok(None) => Ran::Ended(None), // cancelled while running
             Err(e) => self.host_failed(record, e).await,
         }
@@ -987,7 +1001,7 @@ impl Service {
                 record.attempts
             ),
         );
-        Ran::Ended(self.finish(record, report).await)
+        Ran::Ended(self.finish(record, report).await.map(Box::new))
     }
 
     /// Records `record`'s job finished with `report`. A store failure is
@@ -1093,7 +1107,7 @@ impl Service {
         has_stdin: bool,
         slot: Slot,
         key: Option<&Idempotency>,
-    ) -> Result<(JobRecord, Option<oneshot::Receiver<Option<JobRecord>>>), ServiceError> {
+    ) -> Result<Accepted, ServiceError> {
         let policy = module.policy();
         let now = now_ms();
         let record = JobRecord {
@@ -1178,7 +1192,7 @@ impl Service {
                 // A retry with the same key ran beside this one and was
                 // stored first: this run is dropped.
                 self.remove_job_files(&record.id);
-                return self.replay(*job, &hash, key, true);
+                return self.replay(*job, &hash, key, true).await;
             }
             (Ok(_), _) => {}
             (Err(e), _) => {
@@ -1580,7 +1594,7 @@ fn scope_strings(policy: &Policy) -> Vec<String> {
 enum Ran {
     /// Finished (its record), or cancelled, or left for the next start
     /// (`None`).
-    Ended(Option<JobRecord>),
+    Ended(Option<Box<JobRecord>>),
     /// Given back to the queue after a failure of the host; after a storage
     /// failure (`storage`), the keeper re-queues it once the storage writes.
     Requeued { storage: bool },

@@ -378,3 +378,57 @@ async fn a_full_disk_answers_503_is_not_ready_and_loses_no_accepted_job() {
     assert_eq!(resp.status(), StatusCode::ACCEPTED);
     drop(served);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn recovery_runs_stored_jobs_the_queue_lost_and_jobs_a_failure_left_running() {
+    use bulkhead::store::{JobRecord, JobState, now_ms};
+    let s = start(|c| c.queue.workers = 1).await;
+    let token = s.token("acme", &["hello:run"]).await;
+    let hello = s
+        .service
+        .modules_for(&bulkhead::auth::Identity {
+            tenant: "acme".into(),
+            subject: "acme-ci".into(),
+            token_id: String::new(),
+            scopes: vec!["hello:run".into()],
+        })
+        .find(|p| p.module.name.to_string() == "hello")
+        .map(|p| p.module.sha256.to_string())
+        .unwrap();
+    let job = |id: &str| JobRecord {
+        id: id.into(),
+        tenant: "acme".into(),
+        subject: "acme-ci".into(),
+        token_id: "t".into(),
+        module: "hello".into(),
+        module_sha256: hello.clone(),
+        policy_sha256: None,
+        params: Default::default(),
+        inputs: Vec::new(),
+        has_stdin: false,
+        state: JobState::Queued,
+        created_at: now_ms(),
+        started_at: None,
+        finished_at: None,
+        attempts: 0,
+        report: None,
+    };
+    // Stored, but the run queue never heard of them: one queued (its push
+    // was lost, as when a claim fails), one left `running` by a failure.
+    let store = s.service.store();
+    store.insert_job(&job("lost-queued"), None).await.unwrap();
+    store.insert_job(&job("left-running"), None).await.unwrap();
+    store.claim("left-running", now_ms(), 3).await.unwrap();
+    assert_eq!(s.service.recover().await.unwrap(), 2);
+    for id in ["lost-queued", "left-running"] {
+        let done = s.finished(&token, id).await;
+        assert_eq!(done["state"], "succeeded", "{id}: {done:#}");
+    }
+    let again = store
+        .get_job("acme", "left-running")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(again.attempts, 2, "the interrupted start counts");
+    assert_eq!(s.service.recover().await.unwrap(), 0, "nothing left");
+}
