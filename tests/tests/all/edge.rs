@@ -261,6 +261,28 @@ async fn slow_headers_idle_connections_and_stalled_bodies_are_closed_by_the_serv
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn idle_connections_are_closed_after_the_idle_timeout_not_the_header_allowance() {
+    let dir = tempfile::tempdir().unwrap();
+    let (config, _) = write_config(
+        dir.path(),
+        "header_read_timeout = \"10 min\"\nidle_timeout = \"1 s\"",
+        "",
+    );
+    let served = Running::start(&config);
+    let mut silent = connect_from("127.0.0.1", served.public).await;
+    let mut kept_alive = connect_from("127.0.0.1", served.public).await;
+    assert_eq!(get(&mut kept_alive, "/healthz", "").await.unwrap().0, 200);
+    assert!(
+        closed_by_server(&mut silent).await,
+        "a silent connection is closed"
+    );
+    assert!(
+        closed_by_server(&mut kept_alive).await,
+        "an idle kept-alive connection is closed"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn connection_caps_refuse_the_excess_while_others_probes_and_the_admin_api_are_served() {
     let dir = tempfile::tempdir().unwrap();
     let (config, data) = write_config(
