@@ -9,6 +9,7 @@
 //! max_body = "64 MiB"              # request bodies (413 beyond)
 //! max_wait = "60 s"                # longest `?wait=` a caller may ask for
 //! shutdown_grace = "30 s"          # running jobs get this long on shutdown
+//! max_downloads_per_tenant = 16    # output downloads one tenant may have running (429 beyond)
 //!
 //! [storage]
 //! data_dir = "data"                # SQLite file, job inputs and outputs, admin token
@@ -86,6 +87,10 @@ pub struct Server {
     pub max_wait: HumanDuration,
     /// Grace period for running jobs on shutdown.
     pub shutdown_grace: HumanDuration,
+    /// Output downloads one tenant may have running at once; beyond it, 429
+    /// with `Retry-After`. Each streams through a fixed-size buffer, so this
+    /// bounds what slow readers can hold open, not memory per download.
+    pub max_downloads_per_tenant: usize,
 }
 
 impl Default for Server {
@@ -96,6 +101,7 @@ impl Default for Server {
             max_body: ByteSize::mib(64),
             max_wait: HumanDuration::secs(60),
             shutdown_grace: HumanDuration::secs(30),
+            max_downloads_per_tenant: 16,
         }
     }
 }

@@ -27,6 +27,12 @@ mod flood;
 mod examples;
 // `bulkhead escape-suite`: the bundled attacks hold, a weakened setup is caught.
 mod suite;
+// The API contract: one JSON error shape, strict queries, any stored output name downloads.
+mod contract;
+// Downloads with the real binary: streamed to slow readers, bounded per tenant.
+mod downloads;
+// schemathesis against the served OpenAPI document of the real binary.
+mod schema_fuzz;
 
 /// Adding a guest to `guests/` without a test named after it in
 /// [`guests`] fails to compile.
