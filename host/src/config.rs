@@ -10,6 +10,7 @@
 //! max_wait = "60 s"                # longest `?wait=` a caller may ask for
 //! shutdown_grace = "30 s"          # running jobs get this long on shutdown; open
 //!                                  # connections then get 2 s more, and are closed
+//! max_downloads_per_tenant = 16    # output downloads one tenant may have running (429 beyond)
 //! # The edge (see `serve`): bounds that hold whatever a client sends, with or
 //! # without a token. They apply to both listeners unless named `admin_`.
 //! header_read_timeout = "10 s"     # from waiting for a request (after accept, or
@@ -138,6 +139,10 @@ pub struct Server {
     /// public ones so a flood of the public listener never locks out the
     /// admin API.
     pub admin_max_connections: usize,
+    /// Output downloads one tenant may have running at once; beyond it, 429
+    /// with `Retry-After`. Each streams through a fixed-size buffer, so this
+    /// bounds what slow readers can hold open, not memory per download.
+    pub max_downloads_per_tenant: usize,
 }
 
 impl Default for Server {
@@ -156,6 +161,7 @@ impl Default for Server {
             max_connections_per_client: 64,
             health_reserve: 16,
             admin_max_connections: 64,
+            max_downloads_per_tenant: 16,
         }
     }
 }

@@ -5,14 +5,15 @@
 //! any token in the tokens table — is never the admin token, so it gets 401
 //! here whatever its scopes.
 
-use axum::extract::{FromRequestParts, Path, Query, State};
+use axum::extract::{FromRequestParts, State};
 use axum::http::StatusCode;
 use axum::http::request::Parts;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 
-use super::{ApiError, AppState, bearer};
+use super::extract::{ApiJson, ApiPath, StrictQuery, bounded_u32};
+use super::{ApiError, AppState, bearer, not_found};
 use crate::auth::{self, TokenRecord};
 use crate::policy::HumanDuration;
 use crate::store::{AuditEntry, now_ms};
@@ -27,6 +28,8 @@ pub fn admin_app(state: AppState) -> Router {
         .route("/admin/v1/keys/rotate", post(rotate_key))
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
+        .fallback(not_found)
+        .layer(axum::middleware::from_fn(super::extract::error_shape))
         .with_state(state)
 }
 
@@ -106,7 +109,7 @@ pub fn new_token(req: &IssueRequest) -> Result<(String, TokenRecord), String> {
 async fn issue(
     State(state): State<AppState>,
     _: Admin,
-    Json(req): Json<IssueRequest>,
+    ApiJson(req): ApiJson<IssueRequest>,
 ) -> Result<(StatusCode, Json<Issued>), ApiError> {
     let (token, record) = new_token(&req).map_err(ApiError::Unprocessable)?;
     let store = state.service.store();
@@ -141,7 +144,7 @@ async fn list(State(state): State<AppState>, _: Admin) -> Result<Json<Vec<TokenR
 async fn revoke(
     State(state): State<AppState>,
     _: Admin,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<StatusCode, ApiError> {
     let found = state
         .service
@@ -164,20 +167,22 @@ async fn revoke(
     Ok(StatusCode::NO_CONTENT)
 }
 
-#[derive(Deserialize)]
-struct AuditQuery {
-    limit: Option<u32>,
-}
-
+/// `?limit=` of the audit log: 1 to 10,000, default 100.
 async fn audit(
     State(state): State<AppState>,
     _: Admin,
-    Query(q): Query<AuditQuery>,
+    StrictQuery(query): StrictQuery,
 ) -> Result<Json<Vec<AuditEntry>>, ApiError> {
+    let mut limit = 100;
+    for (name, value) in query {
+        if name == "limit" {
+            limit = bounded_u32("limit", &value, 1, 10_000)?;
+        }
+    }
     let entries = state
         .service
         .store()
-        .audit(q.limit.unwrap_or(100).min(10_000))
+        .audit(limit)
         .await
         .map_err(|e| ApiError::Internal(e.to_string()))?;
     Ok(Json(entries))

@@ -1,20 +1,21 @@
 //! `/v1` routes: modules, job submission, status, cancel, delete, outputs.
 
 use std::collections::BTreeMap;
-use std::io::Read;
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Json;
 use axum::Router;
 use axum::body::Body;
-use axum::extract::{DefaultBodyLimit, FromRequest, Multipart, Path, Query, Request, State};
+use axum::extract::{DefaultBodyLimit, Extension, FromRequest, Multipart, Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
+use super::download::{Downloads, FileBody, content_disposition};
+use super::extract::{ApiPath, StrictQuery, bounded_u32};
 use super::{ApiError, AppState, Caller};
-use crate::policy::HumanDuration;
 use crate::sandbox::{FailureKind, JobInput, JobReport};
 use crate::service::Submission;
 use crate::store::{JobRecord, JobState};
@@ -45,7 +46,7 @@ pub(super) struct ModuleView {
 
 /// Modules the caller may submit jobs to, with their published limits.
 #[utoipa::path(get, path = "/v1/modules", security(("bearer" = [])),
-    responses((status = 200, body = [ModuleView]), (status = 401, body = super::ErrorBody)))]
+    responses((status = 200, body = [ModuleView])))]
 pub(super) async fn list_modules(
     State(state): State<AppState>,
     Caller(who): Caller,
@@ -119,7 +120,7 @@ impl JobView {
                         name: o.name.clone(),
                         size: o.size,
                         sha256: o.sha256.clone(),
-                        url: format!("/v1/jobs/{}/outputs/{}", job.id, o.name),
+                        url: super::output_url(&job.id, &o.name),
                     })
                     .collect()
             })
@@ -165,9 +166,9 @@ fn parse_query(pairs: Vec<(String, String)>, max_wait: Duration) -> Result<Submi
     let mut params = BTreeMap::new();
     for (k, v) in pairs {
         if k == "wait" {
-            let d: HumanDuration = v.parse().map_err(ApiError::BadRequest)?;
-            wait = Some(d.get().min(max_wait));
+            wait = Some(parse_wait(&v)?.min(max_wait));
         } else if k == "input" {
+            crate::sandbox::validate_input_name(&v).map_err(ApiError::BadRequest)?;
             input = v;
         } else if let Some(name) = k.strip_prefix("param.") {
             if params.insert(name.to_owned(), v).is_some() {
@@ -188,6 +189,38 @@ fn parse_query(pairs: Vec<(String, String)>, max_wait: Duration) -> Result<Submi
     })
 }
 
+/// The grammar of `?wait=` (also in the OpenAPI document): a whole number
+/// of milliseconds, seconds, minutes or hours, at most six digits, not
+/// zero, with an optional space before the unit. The `#[utoipa::path]`
+/// attribute of [`submit`] repeats it; a test holds the two together.
+#[cfg(test)]
+const WAIT_PATTERN: &str = "^[1-9][0-9]{0,5} ?(ms|s|min|h)$";
+
+/// Parses `?wait=` (see [`WAIT_PATTERN`]).
+fn parse_wait(v: &str) -> Result<Duration, ApiError> {
+    let bad = || {
+        ApiError::BadRequest(format!(
+            "invalid wait `{}`: expected a whole number and a unit (ms, s, min, h), such as `10s`",
+            v.chars().take(64).collect::<String>().escape_debug()
+        ))
+    };
+    let digits = v.bytes().take_while(u8::is_ascii_digit).count();
+    let (number, unit) = v.split_at(digits);
+    let unit = unit.strip_prefix(' ').unwrap_or(unit);
+    if !(1..=6).contains(&digits) || number.starts_with('0') {
+        return Err(bad());
+    }
+    let n: u64 = number.parse().map_err(|_| bad())?;
+    let millis = match unit {
+        "ms" => n,
+        "s" => n * 1000,
+        "min" => n * 60_000,
+        "h" => n * 3_600_000,
+        _ => return Err(bad()),
+    };
+    Ok(Duration::from_millis(millis))
+}
+
 /// Submit a job. The body is either one raw input (any content type but
 /// JSON and forms; named by `?input=`, default `input`) or
 /// `multipart/form-data` with one part per input file (named by its file
@@ -196,24 +229,32 @@ fn parse_query(pairs: Vec<(String, String)>, max_wait: Duration) -> Result<Submi
 /// server's `max_wait`) the call returns 200 with the finished job, or 202 if
 /// it is still running when the wait ends.
 #[utoipa::path(post, path = "/v1/modules/{module}/jobs", security(("bearer" = [])),
-    params(("module" = String, Path, description = "module name"),
-           ("wait" = Option<String>, Query, description = "wait for the result, e.g. `10s`"),
-           ("input" = Option<String>, Query, description = "input name of a raw body"),
-           ("Idempotency-Key" = Option<String>, Header, description = "1 to 255 visible ASCII characters; a retry with the same key returns the first job (409 if the request differs)")),
+    params(("module" = String, Path, pattern = "^[a-z][a-z0-9-]{0,62}$", description = "module name"),
+           ("wait" = Option<String>, Query, pattern = "^[1-9][0-9]{0,5} ?(ms|s|min|h)$",
+               description = "wait for the result, e.g. `10s` (capped at the server's `max_wait`)"),
+           ("input" = Option<String>, Query, pattern = "^[A-Za-z0-9_-][A-Za-z0-9._-]{0,254}$",
+               description = "input name of a raw body (default `input`)")),
     responses(
-        (status = 200, body = JobView, description = "finished within the wait"),
-        (status = 202, body = JobView, description = "accepted"),
-        (status = 400, body = super::ErrorBody), (status = 401, body = super::ErrorBody),
-        (status = 403, body = super::ErrorBody), (status = 404, body = super::ErrorBody),
-        (status = 409, body = super::ErrorBody),
-        (status = 413, body = super::ErrorBody), (status = 415, body = super::ErrorBody),
-        (status = 422, body = super::ErrorBody), (status = 429, body = super::ErrorBody),
-        (status = 503, body = super::ErrorBody)))]
+        (status = 200, body = JobView, description = "finished within the wait (or a retry of a finished job)"),
+        (status = 202, body = JobView, description = "accepted (or still running when the wait ended)",
+            headers(("location" = String, description = "the job's URL"))),
+        (status = 400, body = super::ErrorBody, description = "bad query, input name, part or wait"),
+        (status = 401, body = super::ErrorBody),
+        (status = 403, body = super::ErrorBody, description = "the token lacks the module's scope"),
+        (status = 404, body = super::ErrorBody, description = "no such module"),
+        (status = 409, body = super::ErrorBody, description = "the Idempotency-Key names an earlier, different request"),
+        (status = 413, body = super::ErrorBody, description = "body or inputs over the limits"),
+        (status = 415, body = super::ErrorBody, description = "a JSON or form body, or a non-empty body without a content type"),
+        (status = 422, body = super::ErrorBody, description = "a parameter the module does not take, or a bad value"),
+        (status = 429, body = super::ErrorBody, description = "tenant or service at capacity; see `Retry-After`",
+            headers(("retry-after" = u64, description = "seconds"))),
+        (status = 503, body = super::ErrorBody, description = "the service is shutting down, or its storage is full or failing; see `Retry-After`",
+            headers(("retry-after" = u64, description = "seconds")))))]
 pub(super) async fn submit(
     State(state): State<AppState>,
     Caller(who): Caller,
-    Path(module): Path<String>,
-    Query(query): Query<Vec<(String, String)>>,
+    ApiPath(module): ApiPath<String>,
+    StrictQuery(query): StrictQuery,
     req: Request,
 ) -> Result<Response, ApiError> {
     let max_body = state.service.config().server.max_body.as_usize();
@@ -362,35 +403,40 @@ fn multipart_error(e: axum::extract::multipart::MultipartError) -> ApiError {
     }
 }
 
-#[derive(Deserialize)]
-pub(super) struct ListQuery {
-    limit: Option<u32>,
-}
+/// Bounds of `GET /v1/jobs?limit=`.
+const LIST_DEFAULT: u32 = 50;
+const LIST_MAX: u32 = 500;
 
-/// The caller's most recent jobs (at most `limit`, default 50, max 500).
+/// The caller's most recent jobs, newest first: `limit` of them (1 to 500,
+/// default 50). Other query parameters are ignored.
 #[utoipa::path(get, path = "/v1/jobs", security(("bearer" = [])),
-    params(("limit" = Option<u32>, Query, description = "how many")),
-    responses((status = 200, body = [JobView]), (status = 401, body = super::ErrorBody)))]
+    params(("limit" = Option<u32>, Query, minimum = 1, maximum = 500,
+        description = "how many jobs, 1 to 500 (default 50); anything else is a 400")),
+    responses((status = 200, body = [JobView]),
+        (status = 400, body = super::ErrorBody, description = "`limit` is not an integer from 1 to 500, or the query is not UTF-8")))]
 pub(super) async fn list_jobs(
     State(state): State<AppState>,
     Caller(who): Caller,
-    Query(q): Query<ListQuery>,
+    StrictQuery(query): StrictQuery,
 ) -> Result<Json<Vec<JobView>>, ApiError> {
-    let jobs = state
-        .service
-        .jobs(&who, q.limit.unwrap_or(50).min(500))
-        .await?;
+    let mut limit = LIST_DEFAULT;
+    for (name, value) in query {
+        if name == "limit" {
+            limit = bounded_u32("limit", &value, 1, LIST_MAX)?;
+        }
+    }
+    let jobs = state.service.jobs(&who, limit).await?;
     Ok(Json(jobs.into_iter().map(JobView::from).collect()))
 }
 
 /// Status and report of one of the caller's jobs.
 #[utoipa::path(get, path = "/v1/jobs/{id}", security(("bearer" = [])),
     params(("id" = String, Path, description = "job id")),
-    responses((status = 200, body = JobView), (status = 401, body = super::ErrorBody), (status = 404, body = super::ErrorBody)))]
+    responses((status = 200, body = JobView), (status = 404, body = super::ErrorBody)))]
 pub(super) async fn get_job(
     State(state): State<AppState>,
     Caller(who): Caller,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<Json<JobView>, ApiError> {
     Ok(Json(JobView::from(state.service.job(&who, &id).await?)))
 }
@@ -398,11 +444,12 @@ pub(super) async fn get_job(
 /// Cancel one of the caller's queued or running jobs.
 #[utoipa::path(post, path = "/v1/jobs/{id}/cancel", security(("bearer" = [])),
     params(("id" = String, Path, description = "job id")),
-    responses((status = 200, body = JobView), (status = 404, body = super::ErrorBody), (status = 409, body = super::ErrorBody)))]
+    responses((status = 200, body = JobView), (status = 404, body = super::ErrorBody),
+        (status = 409, body = super::ErrorBody, description = "the job has already finished")))]
 pub(super) async fn cancel_job(
     State(state): State<AppState>,
     Caller(who): Caller,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<Json<JobView>, ApiError> {
     state.service.cancel(&who, &id).await?;
     Ok(Json(JobView::from(state.service.job(&who, &id).await?)))
@@ -411,11 +458,12 @@ pub(super) async fn cancel_job(
 /// Delete one of the caller's finished jobs and its outputs.
 #[utoipa::path(delete, path = "/v1/jobs/{id}", security(("bearer" = [])),
     params(("id" = String, Path, description = "job id")),
-    responses((status = 204), (status = 404, body = super::ErrorBody), (status = 409, body = super::ErrorBody)))]
+    responses((status = 204, description = "deleted"), (status = 404, body = super::ErrorBody),
+        (status = 409, body = super::ErrorBody, description = "the job is still queued or running")))]
 pub(super) async fn delete_job(
     State(state): State<AppState>,
     Caller(who): Caller,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<StatusCode, ApiError> {
     state.service.delete(&who, &id).await?;
     Ok(StatusCode::NO_CONTENT)
@@ -423,39 +471,46 @@ pub(super) async fn delete_job(
 
 /// Download an output file of one of the caller's jobs. Served as an
 /// attachment with `nosniff` and a sandboxing CSP: outputs are produced by
-/// untrusted code and must never run in a browser on this origin.
+/// untrusted code and must never run in a browser on this origin. The file
+/// is streamed as the client reads it (see [`super::download`]); each tenant
+/// may have `max_downloads_per_tenant` downloads running.
 #[utoipa::path(get, path = "/v1/jobs/{id}/outputs/{name}", security(("bearer" = [])),
-    params(("id" = String, Path, description = "job id"), ("name" = String, Path, description = "output name")),
-    responses((status = 200, description = "the file"), (status = 404, body = super::ErrorBody)))]
+    params(("id" = String, Path, description = "job id"),
+           ("name" = String, Path, description = "output name, as in the job's `outputs` (its `url` is this path, percent-encoded)")),
+    responses(
+        (status = 200, description = "the file, as an attachment; its type from its extension",
+            headers(("content-disposition" = String, description = "RFC 6266: an ASCII `filename` and a UTF-8 `filename*`"))),
+        (status = 404, body = super::ErrorBody, description = "no such job or output"),
+        (status = 429, body = super::ErrorBody, description = "the tenant has `max_downloads_per_tenant` downloads running; see `Retry-After`",
+            headers(("retry-after" = u64, description = "seconds")))))]
 pub(super) async fn get_output(
     State(state): State<AppState>,
+    Extension(downloads): Extension<Arc<Downloads>>,
     Caller(who): Caller,
-    Path((id, name)): Path<(String, String)>,
+    ApiPath((id, name)): ApiPath<(String, String)>,
 ) -> Result<Response, ApiError> {
+    let permit = downloads.acquire(&who.tenant)?;
     let (file, len) = state.service.output(&who, &id, &name).await?;
-    let data = tokio::task::spawn_blocking(move || {
-        let mut data = Vec::with_capacity(len as usize);
-        let mut file = file;
-        file.read_to_end(&mut data).map(|_| data)
-    })
-    .await
-    .map_err(|e| ApiError::Internal(e.to_string()))?
-    .map_err(|e| ApiError::Internal(e.to_string()))?;
-    let file_name = name
-        .rsplit('/')
-        .next()
-        .unwrap_or(&name)
-        .replace(['"', '\\'], "_");
     let headers = [
-        (header::CONTENT_TYPE, content_type(&name).to_owned()),
-        (header::X_CONTENT_TYPE_OPTIONS, "nosniff".to_owned()),
+        (
+            header::CONTENT_TYPE,
+            HeaderValue::from_static(content_type(&name)),
+        ),
+        (
+            header::X_CONTENT_TYPE_OPTIONS,
+            HeaderValue::from_static("nosniff"),
+        ),
         (
             header::CONTENT_DISPOSITION,
-            format!("attachment; filename=\"{file_name}\""),
+            HeaderValue::from_str(&content_disposition(&name))
+                .unwrap_or_else(|_| HeaderValue::from_static("attachment")),
         ),
-        (header::CONTENT_SECURITY_POLICY, "sandbox".to_owned()),
+        (
+            header::CONTENT_SECURITY_POLICY,
+            HeaderValue::from_static("sandbox"),
+        ),
     ];
-    Ok((headers, Body::from(data)).into_response())
+    Ok((headers, Body::new(FileBody::new(file, len, permit))).into_response())
 }
 
 fn content_type(name: &str) -> &'static str {
@@ -490,5 +545,86 @@ mod tests {
         assert_eq!(q.input, "a.png");
         assert_eq!(q.params["width"], "64");
         assert!(parse_query(vec![("x".into(), "1".into())], Duration::from_secs(1)).is_err());
+        let bad_input = vec![("input".to_owned(), "../x".to_owned())];
+        assert!(parse_query(bad_input, Duration::from_secs(1)).is_err());
+    }
+
+    #[test]
+    fn wait_follows_its_documented_grammar() {
+        for (ok, ms) in [
+            ("1s", 1000),
+            ("5 s", 5000),
+            ("250ms", 250),
+            ("2min", 120_000),
+            ("1h", 3_600_000),
+            ("999999ms", 999_999),
+        ] {
+            assert_eq!(parse_wait(ok).unwrap(), Duration::from_millis(ms), "{ok}");
+        }
+        for bad in [
+            "",
+            "0s",
+            "01s",
+            "1",
+            "s",
+            "1h30m",
+            "1h 30min",
+            "1  s",
+            "1000000ms",
+            "-1s",
+            "1.5s",
+            " 1s",
+            "1s ",
+            "1 S",
+            "1m",
+        ] {
+            assert!(parse_wait(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    /// The served document says what the handlers do: the same `wait`
+    /// grammar, `limit` bounds, the submission body and parameters, and the
+    /// responses every route shares.
+    #[test]
+    fn the_openapi_document_matches_the_handlers() {
+        use utoipa::OpenApi;
+        let doc = serde_json::to_value(super::super::ApiDoc::openapi()).unwrap();
+        let submit = &doc["paths"]["/v1/modules/{module}/jobs"]["post"];
+        let param = |op: &serde_json::Value, name: &str| {
+            op["parameters"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|p| p["name"] == name)
+                .unwrap_or_else(|| panic!("no parameter {name}"))
+                .clone()
+        };
+        assert_eq!(param(submit, "wait")["schema"]["pattern"], WAIT_PATTERN);
+        let params = param(submit, "params");
+        assert_eq!(params["style"], "form");
+        assert_eq!(params["explode"], true);
+        assert_eq!(
+            params["schema"]["propertyNames"]["pattern"],
+            "^param\\.[a-z][a-z0-9_-]{0,63}$"
+        );
+        let body = submit["requestBody"]["content"].as_object().unwrap();
+        for ty in ["application/octet-stream", "image/*", "multipart/form-data"] {
+            assert!(body.contains_key(ty), "{ty}");
+        }
+        let limit = param(&doc["paths"]["/v1/jobs"]["get"], "limit");
+        assert_eq!(limit["schema"]["minimum"], 1);
+        assert_eq!(limit["schema"]["maximum"], LIST_MAX);
+        assert_eq!(limit["schema"]["format"], "int32");
+        for (path, item) in doc["paths"].as_object().unwrap() {
+            for (method, op) in item.as_object().unwrap() {
+                let responses = op["responses"].as_object().unwrap();
+                assert!(responses.contains_key("414"), "{method} {path}");
+                if op.get("security").is_some() {
+                    for status in ["400", "401"] {
+                        assert!(responses.contains_key(status), "{method} {path} {status}");
+                    }
+                }
+            }
+        }
     }
 }

@@ -11,6 +11,8 @@
 //! names wasmtime types.
 
 mod admin;
+mod download;
+mod extract;
 mod jobs;
 
 use std::sync::Arc;
@@ -30,6 +32,8 @@ use crate::service::{Service, ServiceError};
 use crate::store::{AuditEntry, now_ms};
 
 pub use admin::{IssueRequest, Issued, admin_app, new_token};
+pub use download::{content_disposition, output_url};
+pub use extract::{MAX_URI, query_pairs};
 
 /// Shared state of every handler.
 #[derive(Clone, Debug)]
@@ -49,10 +53,15 @@ pub enum ApiError {
     Forbidden(String),
     /// 404: does not exist, or belongs to someone else.
     NotFound(String),
+    /// 405: the route exists, the method does not (produced by
+    /// [`extract::error_shape`] from the router's own 405).
+    MethodNotAllowed(String),
     /// 409: the job is in the wrong state.
     Conflict(String),
     /// 413: body or inputs too large.
     TooLarge(String),
+    /// 414: the request target is over [`MAX_URI`].
+    UriTooLong(String),
     /// 415: a body type the endpoint does not take.
     UnsupportedMediaType(String),
     /// 422: well-formed but unacceptable (unknown parameters).
@@ -89,6 +98,8 @@ impl ApiError {
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::UriTooLong(_) => StatusCode::URI_TOO_LONG,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -105,6 +116,8 @@ impl ApiError {
             ApiError::Unauthorized => "unauthorized",
             ApiError::Forbidden(_) => "forbidden",
             ApiError::NotFound(_) => "not_found",
+            ApiError::MethodNotAllowed(_) => "method_not_allowed",
+            ApiError::UriTooLong(_) => "uri_too_long",
             ApiError::Conflict(_) => "conflict",
             ApiError::TooLarge(_) => "too_large",
             ApiError::UnsupportedMediaType(_) => "unsupported_media_type",
@@ -154,6 +167,8 @@ impl IntoResponse for ApiError {
             ApiError::BadRequest(m)
             | ApiError::Forbidden(m)
             | ApiError::NotFound(m)
+            | ApiError::MethodNotAllowed(m)
+            | ApiError::UriTooLong(m)
             | ApiError::Conflict(m)
             | ApiError::TooLarge(m)
             | ApiError::UnsupportedMediaType(m)
@@ -295,7 +310,9 @@ impl FromRequestParts<AppState> for Caller {
 
 /// The public API router.
 pub fn app(state: AppState) -> Router {
-    let max_body = state.service.config().server.max_body.as_usize();
+    let server = &state.service.config().server;
+    let max_body = server.max_body.as_usize();
+    let downloads = download::Downloads::new(server.max_downloads_per_tenant);
     Router::new()
         .merge(jobs::router(max_body))
         .route("/healthz", get(healthz))
@@ -303,6 +320,8 @@ pub fn app(state: AppState) -> Router {
         .route("/openapi.json", get(openapi))
         .route("/.well-known/jwks.json", get(jwks))
         .fallback(not_found)
+        .layer(axum::Extension(downloads))
+        .layer(axum::middleware::from_fn(extract::error_shape))
         .with_state(state)
 }
 
@@ -315,13 +334,17 @@ async fn not_found(req: Request) -> ApiError {
 }
 
 /// Liveness: the process answers.
-#[utoipa::path(get, path = "/healthz", responses((status = 200, description = "alive")))]
+#[utoipa::path(get, path = "/healthz",
+    responses((status = 200, description = "alive", content_type = "text/plain", body = String)))]
 async fn healthz() -> &'static str {
     "ok\n"
 }
 
 /// Readiness: not draining, and the storage can be written.
-#[utoipa::path(get, path = "/readyz", responses((status = 200, description = "ready"), (status = 503, description = "draining, or the storage is full or failing")))]
+#[utoipa::path(get, path = "/readyz",
+    responses((status = 200, description = "ready", content_type = "text/plain", body = String),
+        (status = 503, description = "draining, or the storage is full or failing", body = ErrorBody,
+            headers(("retry-after" = u64, description = "seconds")))))]
 async fn readyz(State(state): State<AppState>) -> Result<&'static str, ApiError> {
     if state.service.is_draining() {
         Err(ApiError::Unavailable)
@@ -334,6 +357,9 @@ async fn readyz(State(state): State<AppState>) -> Result<&'static str, ApiError>
 
 /// The public keys that verify call tokens (RFC 7517). Internal services
 /// pin this set; during a rotation it holds the new key and the retired one.
+#[utoipa::path(get, path = "/.well-known/jwks.json",
+    responses((status = 200, description = "a JWK set", content_type = "application/json", body = Object),
+        (status = 404, body = ErrorBody, description = "this host signs no call tokens")))]
 async fn jwks(
     State(state): State<AppState>,
 ) -> Result<impl axum::response::IntoResponse, ApiError> {
@@ -347,6 +373,9 @@ async fn jwks(
     ))
 }
 
+/// This document.
+#[utoipa::path(get, path = "/openapi.json",
+    responses((status = 200, description = "the OpenAPI document", content_type = "application/json", body = Object)))]
 async fn openapi() -> Json<utoipa::openapi::OpenApi> {
     Json(ApiDoc::openapi())
 }
@@ -364,14 +393,148 @@ async fn openapi() -> Json<utoipa::openapi::OpenApi> {
         jobs::delete_job,
         jobs::get_output,
         healthz,
-        readyz
+        readyz,
+        jwks,
+        openapi
     ),
     components(schemas(ErrorBody, ErrorDetail)),
-    modifiers(&BearerAuth)
+    modifiers(&BearerAuth, &Contract)
 )]
 pub struct ApiDoc;
 
 struct BearerAuth;
+
+/// What the `#[utoipa::path]` attributes cannot say: the submission body
+/// (raw bytes of any type, or multipart), the `param.<name>` query
+/// parameters, and the responses every route shares (the 400 and 401 of
+/// every authenticated route, the 414 of every route).
+struct Contract;
+
+/// An input name (`sandbox::validate_input_name`).
+const INPUT_PATTERN: &str = "^[A-Za-z0-9_-][A-Za-z0-9._-]{0,254}$";
+
+/// `param.<name>` as a query parameter name.
+const PARAM_PATTERN: &str = "^param\\.[a-z][a-z0-9_-]{0,63}$";
+
+impl utoipa::Modify for Contract {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::path::{ParameterBuilder, ParameterIn, ParameterStyle};
+        use utoipa::openapi::request_body::RequestBodyBuilder;
+        use utoipa::openapi::{
+            Content, KnownFormat, ObjectBuilder, Ref, Required, ResponseBuilder, SchemaFormat, Type,
+        };
+
+        let error = |description: &str| {
+            ResponseBuilder::new()
+                .description(description)
+                .content(
+                    "application/json",
+                    Content::new(Some(Ref::from_schema_name("ErrorBody"))),
+                )
+                .build()
+        };
+        let binary = || {
+            ObjectBuilder::new()
+                .schema_type(Type::String)
+                .format(Some(SchemaFormat::KnownFormat(KnownFormat::Binary)))
+        };
+        for item in openapi.paths.paths.values_mut() {
+            for op in [
+                &mut item.get,
+                &mut item.post,
+                &mut item.put,
+                &mut item.delete,
+                &mut item.patch,
+            ]
+            .into_iter()
+            .flatten()
+            {
+                let responses = &mut op.responses.responses;
+                if op.security.is_some() {
+                    responses.entry("400".into()).or_insert_with(|| {
+                        error("malformed request: a path segment or query that is not UTF-8 once percent-decoded, or an internal `x-bulkhead-*` header").into()
+                    });
+                    responses.entry("401".into()).or_insert_with(|| {
+                        error("no bearer token, or an unknown, expired or revoked one").into()
+                    });
+                }
+                responses.entry("414".into()).or_insert_with(|| {
+                    error(&format!("request target over {MAX_URI} bytes")).into()
+                });
+            }
+        }
+
+        if let Some(download) = openapi
+            .paths
+            .paths
+            .get_mut("/v1/jobs/{id}/outputs/{name}")
+            .and_then(|item| item.get.as_mut())
+            .and_then(|op| op.responses.responses.get_mut("200"))
+            && let utoipa::openapi::RefOr::T(ok) = download
+        {
+            ok.content
+                .insert("*/*".into(), Content::new(Some(binary())));
+        }
+
+        let Some(submit) = openapi
+            .paths
+            .paths
+            .get_mut("/v1/modules/{module}/jobs")
+            .and_then(|item| item.post.as_mut())
+        else {
+            return;
+        };
+        let params = ObjectBuilder::new()
+            .schema_type(Type::Object)
+            .property_names(Some(
+                ObjectBuilder::new()
+                    .schema_type(Type::String)
+                    .pattern(Some(PARAM_PATTERN)),
+            ))
+            .additional_properties(Some(ObjectBuilder::new().schema_type(Type::String)));
+        submit.parameters.get_or_insert_with(Vec::new).push(
+            ParameterBuilder::new()
+                .name("params")
+                .parameter_in(ParameterIn::Query)
+                .required(Required::False)
+                .style(Some(ParameterStyle::Form))
+                .explode(Some(true))
+                .description(Some(
+                    "job parameters, each as `param.<name>=<value>` (a name the module's policy lists; others are a 422)",
+                ))
+                .schema(Some(params))
+                .build(),
+        );
+        // Parts are named like inputs (a part with a file name takes that
+        // name instead). `param.<name>` parts, whose values must be UTF-8,
+        // are described rather than schematized: the query form is the
+        // schematized one.
+        let form = ObjectBuilder::new()
+            .schema_type(Type::Object)
+            .description(Some(
+                "one part per input, named by its file name or else its part name; an optional `stdin` part without a file name; `param.<name>` parts with UTF-8 values, as the query's `param.<name>`",
+            ))
+            .property_names(Some(
+                ObjectBuilder::new()
+                    .schema_type(Type::String)
+                    .pattern(Some(INPUT_PATTERN)),
+            ))
+            .property("stdin", binary())
+            .additional_properties(Some(binary()));
+        submit.request_body = Some(
+            RequestBodyBuilder::new()
+                .description(Some(
+                    "one raw input, named by `?input=`, of any media type but JSON and forms (application/octet-stream, image/* and text/* are examples: any other type is taken the same way); or multipart/form-data; an empty body is a job without inputs",
+                ))
+                .required(Some(Required::False))
+                .content("application/octet-stream", Content::new(Some(binary())))
+                .content("image/*", Content::new(Some(binary())))
+                .content("text/*", Content::new(Some(binary())))
+                .content("multipart/form-data", Content::new(Some(form)))
+                .build(),
+        );
+    }
+}
 
 impl utoipa::Modify for BearerAuth {
     fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {

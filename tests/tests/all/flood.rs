@@ -15,7 +15,7 @@ use crate::common::policy_text;
 use crate::durability::{spawn, token, write_config};
 
 /// A field of `/proc/<pid>/status` in KiB (`VmRSS:`, `VmHWM:`).
-fn memory_kib(pid: u32, field: &str) -> u64 {
+pub fn memory_kib(pid: u32, field: &str) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     status
         .lines()

@@ -36,6 +36,12 @@ mod artifacts;
 mod meters;
 // Host failures on a job's path: idempotent retries, bounded attempts, a full disk.
 mod lifecycle;
+// The API contract: one JSON error shape, strict queries, any stored output name downloads.
+mod contract;
+// Downloads with the real binary: streamed to slow readers, bounded per tenant.
+mod downloads;
+// schemathesis against the served OpenAPI document of the real binary.
+mod schema_fuzz;
 
 /// Adding a guest to `guests/` without a test named after it in
 /// [`guests`] fails to compile.

@@ -1,0 +1,311 @@
+//! Output downloads: streamed from the file in fixed-size chunks, a bound
+//! on each tenant's concurrent downloads, and the header and URL forms of an
+//! output's name.
+//!
+//! A download holds one [`CHUNK`]-sized buffer and the connection's write
+//! buffer, whatever the file's size: the body is read only as the client
+//! takes it, so a slow reader costs the service almost nothing but its
+//! [`DownloadPermit`]. Names come from untrusted guests: they reach a header
+//! only as a sanitized ASCII fallback and an RFC 5987 percent-encoded form,
+//! and a URL only percent-encoded segment by segment.
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, ready};
+
+use bytes::Bytes;
+use http_body::{Frame, SizeHint};
+use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
+use tokio::io::{AsyncRead, ReadBuf};
+
+use super::ApiError;
+
+/// Bytes read from the file per body frame.
+pub const CHUNK: usize = 64 << 10;
+
+/// How long a tenant refused for too many downloads is told to wait.
+const RETRY_AFTER_SECS: u64 = 1;
+
+/// Concurrent downloads per tenant, bounded.
+#[derive(Debug)]
+pub struct Downloads {
+    max_per_tenant: usize,
+    running: Mutex<HashMap<String, usize>>,
+}
+
+impl Downloads {
+    /// A bound of `max_per_tenant` concurrent downloads for each tenant.
+    pub fn new(max_per_tenant: usize) -> Arc<Self> {
+        Arc::new(Self {
+            max_per_tenant,
+            running: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// A permit for one download of `tenant`, held until its body is done
+    /// or dropped (the client went away).
+    ///
+    /// # Errors
+    /// [`ApiError::TooManyRequests`] when the tenant already has
+    /// `max_per_tenant` downloads running.
+    pub fn acquire(self: &Arc<Self>, tenant: &str) -> Result<DownloadPermit, ApiError> {
+        let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
+        let count = running.entry(tenant.to_owned()).or_insert(0);
+        if *count >= self.max_per_tenant {
+            return Err(ApiError::TooManyRequests {
+                message: format!(
+                    "tenant `{tenant}` already has {} downloads running",
+                    self.max_per_tenant
+                ),
+                retry_after: RETRY_AFTER_SECS,
+            });
+        }
+        *count += 1;
+        Ok(DownloadPermit {
+            downloads: Arc::clone(self),
+            tenant: tenant.to_owned(),
+        })
+    }
+
+    /// Downloads `tenant` has running.
+    #[cfg(test)]
+    pub fn running(&self, tenant: &str) -> usize {
+        let running = self.running.lock().unwrap_or_else(|p| p.into_inner());
+        running.get(tenant).copied().unwrap_or(0)
+    }
+}
+
+/// One running download; dropping it frees the tenant's slot.
+#[derive(Debug)]
+pub struct DownloadPermit {
+    downloads: Arc<Downloads>,
+    tenant: String,
+}
+
+impl Drop for DownloadPermit {
+    fn drop(&mut self) {
+        let mut running = self
+            .downloads
+            .running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(count) = running.get_mut(&self.tenant) {
+            *count -= 1;
+            if *count == 0 {
+                running.remove(&self.tenant);
+            }
+        }
+    }
+}
+
+/// A response body read from a file [`CHUNK`] bytes at a time, exactly
+/// `len` bytes long (a file that shrinks meanwhile ends the body with an
+/// error, which aborts the connection rather than sending a short body).
+#[derive(Debug)]
+pub struct FileBody {
+    file: tokio::fs::File,
+    left: u64,
+    buf: Box<[u8]>,
+    _permit: DownloadPermit,
+}
+
+impl FileBody {
+    /// Streams `len` bytes of `file`, holding `permit` until done.
+    pub fn new(file: std::fs::File, len: u64, permit: DownloadPermit) -> Self {
+        Self {
+            file: tokio::fs::File::from_std(file),
+            left: len,
+            buf: vec![0; CHUNK].into_boxed_slice(),
+            _permit: permit,
+        }
+    }
+}
+
+impl http_body::Body for FileBody {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
+        let this = self.get_mut();
+        if this.left == 0 {
+            return Poll::Ready(None);
+        }
+        let want = usize::try_from(this.left).map_or(CHUNK, |left| left.min(CHUNK));
+        let mut read = ReadBuf::new(&mut this.buf[..want]);
+        ready!(Pin::new(&mut this.file).poll_read(cx, &mut read))?;
+        let filled = read.filled();
+        if filled.is_empty() {
+            this.left = 0;
+            return Poll::Ready(Some(Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "output file shrank while being downloaded",
+            ))));
+        }
+        this.left -= filled.len() as u64;
+        Poll::Ready(Some(Ok(Frame::data(Bytes::copy_from_slice(filled)))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.left == 0
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::with_exact(self.left)
+    }
+}
+
+/// Characters that must not reach a file name shown to a person: controls
+/// (C0, DEL, C1 including U+0085) and the Unicode formatting characters that
+/// reorder or hide text (bidi embeddings, overrides and isolates, marks,
+/// line and paragraph separators, zero-width characters).
+fn is_deceptive(c: char) -> bool {
+    c.is_control()
+        || matches!(
+            c,
+            '\u{061C}'
+                | '\u{200B}'..='\u{200F}'
+                | '\u{2028}'..='\u{202E}'
+                | '\u{2060}'..='\u{2069}'
+                | '\u{FEFF}'
+        )
+}
+
+/// RFC 5987 `attr-char`: everything else is percent-encoded.
+const ATTR_CHAR: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'!')
+    .remove(b'#')
+    .remove(b'$')
+    .remove(b'&')
+    .remove(b'+')
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'^')
+    .remove(b'_')
+    .remove(b'`')
+    .remove(b'|')
+    .remove(b'~');
+
+/// RFC 3986 unreserved characters stay; everything else in a path segment
+/// is percent-encoded.
+const SEGMENT: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
+
+/// The `Content-Disposition` value for an output (RFC 6266): `attachment`,
+/// an ASCII `filename` fallback (printable ASCII only, quotes and
+/// backslashes replaced) and `filename*` with the UTF-8 name
+/// percent-encoded. Controls and text-reordering characters are replaced by
+/// `_` in both. The result is always a valid header value.
+pub fn content_disposition(name: &str) -> String {
+    let base = name.rsplit('/').next().unwrap_or(name);
+    let clean: String = base
+        .chars()
+        .map(|c| if is_deceptive(c) { '_' } else { c })
+        .collect();
+    let clean = if clean.is_empty() {
+        "output".to_owned()
+    } else {
+        clean
+    };
+    let fallback: String = clean
+        .chars()
+        .map(|c| match c {
+            ' '..='~' if c != '"' && c != '\\' && c != '%' => c,
+            _ => '_',
+        })
+        .collect();
+    let mut value = format!("attachment; filename=\"{fallback}\"");
+    let _ = write!(
+        value,
+        "; filename*=UTF-8''{}",
+        utf8_percent_encode(&clean, ATTR_CHAR)
+    );
+    value
+}
+
+/// The download path of output `name` of job `id`, each segment
+/// percent-encoded.
+pub fn output_url(id: &str, name: &str) -> String {
+    let mut url = format!("/v1/jobs/{}/outputs", utf8_percent_encode(id, SEGMENT));
+    for segment in name.split('/') {
+        url.push('/');
+        let _ = write!(url, "{}", utf8_percent_encode(segment, SEGMENT));
+    }
+    url
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dispositions_are_ascii_and_never_carry_controls_or_bidi() {
+        let cases = [
+            (
+                "a.png",
+                "attachment; filename=\"a.png\"; filename*=UTF-8''a.png",
+            ),
+            (
+                "dir/r\u{e9}sum\u{e9} 1.pdf",
+                "attachment; filename=\"r_sum_ 1.pdf\"; filename*=UTF-8''r%C3%A9sum%C3%A9%201.pdf",
+            ),
+            (
+                "evil\r\nSet-Cookie: a=b",
+                "attachment; filename=\"evil__Set-Cookie: a=b\"; filename*=UTF-8''evil__Set-Cookie%3A%20a%3Db",
+            ),
+            (
+                "invoice\u{202E}fdp.exe",
+                "attachment; filename=\"invoice_fdp.exe\"; filename*=UTF-8''invoice_fdp.exe",
+            ),
+            (
+                "q\"uote\\s%41\u{85}\u{1b}",
+                "attachment; filename=\"q_uote_s_41__\"; filename*=UTF-8''q%22uote%5Cs%2541__",
+            ),
+            (
+                "dir/",
+                "attachment; filename=\"output\"; filename*=UTF-8''output",
+            ),
+        ];
+        for (name, want) in cases {
+            let got = content_disposition(name);
+            assert_eq!(got, want, "{name:?}");
+            assert!(
+                axum::http::HeaderValue::from_str(&got).is_ok() && got.is_ascii(),
+                "{got:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn output_urls_encode_each_segment() {
+        assert_eq!(output_url("j1", "a.png"), "/v1/jobs/j1/outputs/a.png");
+        assert_eq!(
+            output_url("j1", "d i r/a?b#c%\r\n\u{202E}.txt"),
+            "/v1/jobs/j1/outputs/d%20i%20r/a%3Fb%23c%25%0D%0A%E2%80%AE.txt"
+        );
+    }
+
+    #[test]
+    fn permits_bound_each_tenant_and_free_on_drop() {
+        let downloads = Downloads::new(2);
+        let a1 = downloads.acquire("a").unwrap();
+        let _a2 = downloads.acquire("a").unwrap();
+        assert!(matches!(
+            downloads.acquire("a"),
+            Err(ApiError::TooManyRequests { .. })
+        ));
+        let _b = downloads
+            .acquire("b")
+            .expect("another tenant is not bound by a");
+        drop(a1);
+        assert_eq!(downloads.running("a"), 1);
+        let _a3 = downloads.acquire("a").unwrap();
+    }
+}
