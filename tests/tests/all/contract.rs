@@ -280,7 +280,7 @@ async fn job_with_outputs(s: &Server, tenant: &str, names: &[&str]) -> String {
     };
     s.service
         .store()
-        .insert_finished_job(&job, &report, now)
+        .insert_finished_job(&job, &report, now, None)
         .await
         .unwrap();
     id

@@ -61,7 +61,7 @@ async fn stored_output(data_dir: &Path, tenant: &str, name: &str, data: &[u8]) -
     SqliteStore::open(&data_dir.join("bulkhead.sqlite"))
         .await
         .unwrap()
-        .insert_finished_job(&job, &report, now)
+        .insert_finished_job(&job, &report, now, None)
         .await
         .unwrap();
     id
