@@ -175,8 +175,14 @@ fn budgets(server: &crate::config::Server, workers: u32) -> (Limits, Limits) {
         reserve: 0,
     };
     let wanted = (public.total + public.reserve + admin.total) as u64;
-    let room = descriptor_limit()
-        .saturating_sub(u64::from(workers) * crate::sandbox::MAX_OPEN_PER_JOB)
+    // The jobs' share is exactly what the sandbox gives them
+    // (`descriptor_budget`): connections live in the reserve it leaves.
+    let limit = descriptor_limit();
+    let per_job = crate::sandbox::descriptor_budget(limit, workers)
+        .unwrap_or(crate::sandbox::MAX_OPEN_PER_JOB)
+        + crate::sandbox::JOB_OVERHEAD_DESCRIPTORS;
+    let room = limit
+        .saturating_sub(u64::from(workers) * per_job)
         .saturating_sub(OWN_DESCRIPTORS);
     if wanted > room {
         let scale = |n: usize| ((n as u64 * room / wanted) as usize).max(1);

@@ -27,7 +27,7 @@ mod flood;
 mod edge;
 // The example policies in `policies/` pin the modules built from source.
 mod examples;
-// `bulkhead escape-suite`: the bundled attacks hold, a weakened setup is caught.
+// `bulkhead escape-suite --server` against a service (local runs: `tests/suite`).
 mod suite;
 // Planted cache artifacts are not run, shared cache and work dirs are refused,
 // hostile output trees and names are skipped with why, never a host error.
