@@ -8,22 +8,25 @@
 //! the token. So the needles are built from the signature, in the encodings
 //! a service (or a framework's error page) would plausibly apply:
 //!
-//! - the whole token, and every 16-character window of the signature text
-//!   starting at a multiple of 8: no 23 consecutive characters of the
-//!   signature (138 bits) reach the guest; URL- and HTML-escaping leave
-//!   those characters as they are;
-//! - the raw signature bytes (windows the same way) and their hex, lower
-//!   and upper case; the hex of the signature text;
-//! - base64 (standard and URL alphabets) of the signature text at each of
-//!   the three alignments a prefix such as `Bearer ` can give it, without
-//!   the characters that depend on the neighbours; base64 of the raw
-//!   signature in the standard alphabet;
-//! - the signature with every byte percent-escaped.
+//! - every 16-character window of the signature text starting at a
+//!   multiple of 8 (and the last one): no 23 consecutive characters of the
+//!   signature (138 bits) reach the guest, and the whole token is caught;
+//!   URL- and HTML-escaping leave those characters as they are;
+//! - the raw signature bytes, in windows the same way;
+//! - the start ([`HEAD`] bytes) of each encoding of the signature: the hex
+//!   of its text, the hex of its raw bytes (lower and upper case), base64
+//!   of its raw bytes (standard alphabet), base64 of its text (standard and
+//!   URL alphabets) at each of the three alignments a prefix such as
+//!   `Bearer ` can give it (without the characters that depend on the
+//!   neighbours), and its text with every byte percent-escaped. The start
+//!   is enough: it comes first, so it is seen before any later byte of the
+//!   encoding could be passed on.
 //!
 //! The job's earlier tokens (a service may hand one call's token back in a
-//! later answer) are searched for in their plain forms only: whole, and the
-//! windows of the signature ([`plain_forms`]), which keeps building the
-//! automaton for a call cheap.
+//! later answer) are searched for in their plain form only: windows of the
+//! signature every 16 characters (no 31 consecutive characters pass), which
+//! keeps building the automaton for a call cheap. Needles are at most
+//! [`HEAD`] bytes long, so a stream holds back at most `HEAD - 1` bytes.
 //!
 //! Compression is not a form: the gate asks for, and accepts, only the
 //! identity encoding (see `send`).
@@ -35,55 +38,61 @@ use bytes::{Bytes, BytesMut};
 
 /// Length of the windows taken of the signature.
 const WINDOW: usize = 16;
-/// Distance between windows.
+/// Distance between windows of the current token.
 const STRIDE: usize = 8;
+/// Distance between windows of earlier tokens.
+const EARLIER_STRIDE: usize = 16;
+/// How much of each encoding of the signature is searched for.
+pub const HEAD: usize = 24;
 
-/// Most tokens one job's needles cover (its newest ones).
+/// Most earlier tokens one call's needles cover (the job's newest).
 pub const MAX_TOKENS: usize = 64;
 
-/// The forms `token` must never take in anything handed to the guest.
+/// The needles for `token`: windows of its signature and of the raw
+/// signature, and the start of each encoding of it.
 pub fn forms(token: &str) -> Vec<Vec<u8>> {
     let signature = token.rsplit('.').next().unwrap_or(token).as_bytes();
-    let mut out = vec![token.as_bytes().to_vec()];
-    windows(signature, &mut out);
-    out.push(hex::encode(signature).into_bytes());
+    let mut out = Vec::new();
+    windows(signature, STRIDE, &mut out);
+    let mut encoded = vec![hex::encode(signature).into_bytes()];
     if let Ok(raw) = URL_SAFE_NO_PAD.decode(signature) {
-        windows(&raw, &mut out);
-        out.push(hex::encode(&raw).into_bytes());
-        out.push(hex::encode_upper(&raw).into_bytes());
-        out.push(STANDARD_NO_PAD.encode(&raw).into_bytes());
+        windows(&raw, STRIDE, &mut out);
+        encoded.push(hex::encode(&raw).into_bytes());
+        encoded.push(hex::encode_upper(&raw).into_bytes());
+        encoded.push(STANDARD_NO_PAD.encode(&raw).into_bytes());
     }
     for align in 0..3 {
         let mut shifted = vec![0u8; align];
         shifted.extend_from_slice(signature);
         let whole = shifted.len() / 3 * 3;
         for engine in [STANDARD_NO_PAD, URL_SAFE_NO_PAD] {
-            let encoded = engine.encode(&shifted[..whole]);
+            let text = engine.encode(&shifted[..whole]);
             // The first group mixes in the bytes before the signature.
             let skip = if align == 0 { 0 } else { 4 };
-            out.push(encoded.as_bytes()[skip..].to_vec());
+            encoded.push(text.as_bytes()[skip..].to_vec());
         }
     }
     let mut escaped = String::with_capacity(signature.len() * 3);
     for b in signature {
         escaped.push_str(&format!("%{b:02X}"));
     }
-    out.push(escaped.into_bytes());
+    encoded.push(escaped.into_bytes());
+    out.extend(encoded.into_iter().map(|e| e[..e.len().min(HEAD)].to_vec()));
     out.retain(|n| !n.is_empty());
     out.sort();
     out.dedup();
     out
 }
 
-/// The plain forms of `token`: whole, and the windows of its signature.
+/// The plain form of an earlier `token`: windows of its signature.
 pub fn plain_forms(token: &str) -> Vec<Vec<u8>> {
     let signature = token.rsplit('.').next().unwrap_or(token).as_bytes();
-    let mut out = vec![token.as_bytes().to_vec()];
-    windows(signature, &mut out);
+    let mut out = Vec::new();
+    windows(signature, EARLIER_STRIDE, &mut out);
     out
 }
 
-fn windows(bytes: &[u8], out: &mut Vec<Vec<u8>>) {
+fn windows(bytes: &[u8], stride: usize, out: &mut Vec<Vec<u8>>) {
     if bytes.len() <= WINDOW {
         out.push(bytes.to_vec());
         return;
@@ -91,7 +100,7 @@ fn windows(bytes: &[u8], out: &mut Vec<Vec<u8>>) {
     let mut start = 0;
     while start + WINDOW <= bytes.len() {
         out.push(bytes[start..start + WINDOW].to_vec());
-        start += STRIDE;
+        start += stride;
     }
     // The last window, so the end of the signature is covered too.
     out.push(bytes[bytes.len() - WINDOW..].to_vec());
@@ -280,8 +289,11 @@ mod tests {
                 }
             }
             assert!(leaked, "cut at {cut}");
-            // Nothing but the preamble was passed on.
-            assert!(passed.iter().all(|b| *b == b'x'), "cut at {cut}");
+            // Nothing of the signature was passed on.
+            assert!(
+                !String::from_utf8_lossy(&passed).contains(&sig()[..4]),
+                "cut at {cut}"
+            );
         }
         // One byte at a time.
         let mut s = Scanner::new(Arc::new(needles()));
@@ -297,7 +309,7 @@ mod tests {
             }
         }
         assert!(leaked);
-        assert!(!String::from_utf8_lossy(&passed).contains(&sig()[..16]));
+        assert!(!String::from_utf8_lossy(&passed).contains(&sig()[..4]));
     }
 
     #[test]
@@ -318,7 +330,7 @@ mod tests {
         let other = TOKEN.replace("q83v", "Zm9v");
         let n = Needles::new(TOKEN, [other.as_str()]);
         assert!(n.found(other.as_bytes()));
-        assert!(n.found(&other.as_bytes()[60..90]));
+        assert!(n.found(&other.as_bytes()[other.len() - 40..]));
         assert!(n.found(TOKEN.as_bytes()));
     }
 }
