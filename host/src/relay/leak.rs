@@ -8,22 +8,25 @@
 //! the token. So the needles are built from the signature, in the encodings
 //! a service (or a framework's error page) would plausibly apply:
 //!
-//! - the whole token, and every 16-character window of the signature text
-//!   starting at a multiple of 8: no 23 consecutive characters of the
-//!   signature (138 bits) reach the guest; URL- and HTML-escaping leave
-//!   those characters as they are;
-//! - the raw signature bytes (windows the same way) and their hex, lower
-//!   and upper case; the hex of the signature text;
-//! - base64 (standard and URL alphabets) of the signature text at each of
-//!   the three alignments a prefix such as `Bearer ` can give it, without
-//!   the characters that depend on the neighbours; base64 of the raw
-//!   signature in the standard alphabet;
-//! - the signature with every byte percent-escaped.
+//! - every 16-character window of the signature text starting at a
+//!   multiple of 8 (and the last one): no 23 consecutive characters of the
+//!   signature (138 bits) reach the guest, and the whole token is caught;
+//!   URL- and HTML-escaping leave those characters as they are;
+//! - the raw signature bytes, in windows the same way;
+//! - the start ([`HEAD`] bytes) of each encoding of the signature: the hex
+//!   of its text, the hex of its raw bytes (lower and upper case), base64
+//!   of its raw bytes (standard alphabet), base64 of its text (standard and
+//!   URL alphabets) at each of the three alignments a prefix such as
+//!   `Bearer ` can give it (without the characters that depend on the
+//!   neighbours), and its text with every byte percent-escaped. The start
+//!   is enough: it comes first, so it is seen before any later byte of the
+//!   encoding could be passed on.
 //!
-//! The job's earlier tokens (a service may hand one call's token back in a
-//! later answer) are searched for in their plain forms only: whole, and the
-//! windows of the signature ([`plain_forms`]), which keeps building the
-//! automaton for a call cheap.
+//! Each token's needles are one automaton ([`TokenNeedles`]), built when the
+//! token is minted; a call's response is searched for its own token and for
+//! the job's earlier ones that may still be valid (a service may hand one
+//! call's token back in a later answer). Needles are at most [`HEAD`] bytes
+//! long, so a stream holds back `HEAD - 1` bytes.
 //!
 //! Compression is not a form: the gate asks for, and accepts, only the
 //! identity encoding (see `send`).
@@ -35,55 +38,51 @@ use bytes::{Bytes, BytesMut};
 
 /// Length of the windows taken of the signature.
 const WINDOW: usize = 16;
-/// Distance between windows.
+/// Distance between windows of the current token.
 const STRIDE: usize = 8;
+/// How much of each encoding of the signature is searched for.
+pub const HEAD: usize = 24;
 
-/// Most tokens one job's needles cover (its newest ones).
+/// Most tokens one call's needles cover (the job's newest).
 pub const MAX_TOKENS: usize = 64;
 
-/// The forms `token` must never take in anything handed to the guest.
+/// The needles for `token`: windows of its signature and of the raw
+/// signature, and the start of each encoding of it.
 pub fn forms(token: &str) -> Vec<Vec<u8>> {
     let signature = token.rsplit('.').next().unwrap_or(token).as_bytes();
-    let mut out = vec![token.as_bytes().to_vec()];
-    windows(signature, &mut out);
-    out.push(hex::encode(signature).into_bytes());
+    let mut out = Vec::new();
+    windows(signature, STRIDE, &mut out);
+    let mut encoded = vec![hex::encode(signature).into_bytes()];
     if let Ok(raw) = URL_SAFE_NO_PAD.decode(signature) {
-        windows(&raw, &mut out);
-        out.push(hex::encode(&raw).into_bytes());
-        out.push(hex::encode_upper(&raw).into_bytes());
-        out.push(STANDARD_NO_PAD.encode(&raw).into_bytes());
+        windows(&raw, STRIDE, &mut out);
+        encoded.push(hex::encode(&raw).into_bytes());
+        encoded.push(hex::encode_upper(&raw).into_bytes());
+        encoded.push(STANDARD_NO_PAD.encode(&raw).into_bytes());
     }
     for align in 0..3 {
         let mut shifted = vec![0u8; align];
         shifted.extend_from_slice(signature);
         let whole = shifted.len() / 3 * 3;
         for engine in [STANDARD_NO_PAD, URL_SAFE_NO_PAD] {
-            let encoded = engine.encode(&shifted[..whole]);
+            let text = engine.encode(&shifted[..whole]);
             // The first group mixes in the bytes before the signature.
             let skip = if align == 0 { 0 } else { 4 };
-            out.push(encoded.as_bytes()[skip..].to_vec());
+            encoded.push(text.as_bytes()[skip..].to_vec());
         }
     }
     let mut escaped = String::with_capacity(signature.len() * 3);
     for b in signature {
         escaped.push_str(&format!("%{b:02X}"));
     }
-    out.push(escaped.into_bytes());
+    encoded.push(escaped.into_bytes());
+    out.extend(encoded.into_iter().map(|e| e[..e.len().min(HEAD)].to_vec()));
     out.retain(|n| !n.is_empty());
     out.sort();
     out.dedup();
     out
 }
 
-/// The plain forms of `token`: whole, and the windows of its signature.
-pub fn plain_forms(token: &str) -> Vec<Vec<u8>> {
-    let signature = token.rsplit('.').next().unwrap_or(token).as_bytes();
-    let mut out = vec![token.as_bytes().to_vec()];
-    windows(signature, &mut out);
-    out
-}
-
-fn windows(bytes: &[u8], out: &mut Vec<Vec<u8>>) {
+fn windows(bytes: &[u8], stride: usize, out: &mut Vec<Vec<u8>>) {
     if bytes.len() <= WINDOW {
         out.push(bytes.to_vec());
         return;
@@ -91,58 +90,115 @@ fn windows(bytes: &[u8], out: &mut Vec<Vec<u8>>) {
     let mut start = 0;
     while start + WINDOW <= bytes.len() {
         out.push(bytes[start..start + WINDOW].to_vec());
-        start += STRIDE;
+        start += stride;
     }
     // The last window, so the end of the signature is covered too.
     out.push(bytes[bytes.len() - WINDOW..].to_vec());
 }
 
-/// Every form of a set of tokens, searched at once.
+/// Every form of one token, as one automaton: built once, when the token
+/// is minted, and reused for every later call of the job while the token
+/// may still be valid.
 #[derive(Debug)]
-pub struct Needles {
+pub struct TokenNeedles {
+    /// `None` only if building failed: every non-empty input then counts
+    /// as a leak (fail closed).
     automaton: Option<AhoCorasick>,
-    longest: usize,
+    /// The needles, for an automaton of several tokens.
+    patterns: Vec<Vec<u8>>,
+}
+
+impl TokenNeedles {
+    /// The needles of `token` ([`forms`]).
+    pub fn new(token: &str) -> Self {
+        // Building fails only past the automaton's size limits, which a few
+        // dozen short patterns are far from.
+        let patterns = forms(token);
+        Self {
+            automaton: build(&patterns),
+            patterns,
+        }
+    }
+
+    fn found(&self, haystack: &[u8]) -> bool {
+        match &self.automaton {
+            Some(a) => a.is_match(haystack),
+            None => !haystack.is_empty(),
+        }
+    }
+}
+
+fn build(patterns: &[Vec<u8>]) -> Option<AhoCorasick> {
+    AhoCorasick::builder()
+        .kind(Some(AhoCorasickKind::ContiguousNFA))
+        .build(patterns)
+        .ok()
+}
+
+/// Bytes of a stream searched token by token; past them, one automaton of
+/// every token's needles is built and searches the rest.
+const COMBINE_AFTER: usize = 64 * 1024;
+
+/// The needles of a set of tokens: the call's own and the job's earlier
+/// ones that may still be valid. Short answers are searched with each
+/// token's own automaton (nothing to build); a long one with a single
+/// automaton of them all, built when it is first needed.
+#[derive(Debug, Default)]
+pub struct Needles {
+    tokens: Vec<std::sync::Arc<TokenNeedles>>,
+    combined: std::sync::OnceLock<Option<AhoCorasick>>,
 }
 
 impl Needles {
-    /// Every form of `current`, and the plain forms of `earlier` (at most
-    /// [`MAX_TOKENS`], the last ones).
+    /// The needles of `current` and `earlier` (at most [`MAX_TOKENS`] of
+    /// them, the last ones), built now.
     pub fn new<'a>(current: &str, earlier: impl IntoIterator<Item = &'a str>) -> Self {
         let earlier: Vec<&str> = earlier.into_iter().collect();
         let start = earlier.len().saturating_sub(MAX_TOKENS);
-        let mut patterns = forms(current);
-        patterns.extend(earlier[start..].iter().flat_map(|t| plain_forms(t)));
-        let longest = patterns.iter().map(Vec::len).max().unwrap_or(0);
-        // Building fails only past the automaton's size limits, which a
-        // few thousand short patterns are far from; without an automaton
-        // every non-empty input counts as a leak (fail closed).
-        let automaton = if patterns.is_empty() {
-            None
-        } else {
-            AhoCorasick::builder()
-                .kind(Some(AhoCorasickKind::ContiguousNFA))
-                .build(&patterns)
-                .ok()
-        };
-        let failed = automaton.is_none() && !patterns.is_empty();
+        Self::of(
+            std::iter::once(current)
+                .chain(earlier[start..].iter().copied())
+                .map(|t| std::sync::Arc::new(TokenNeedles::new(t)))
+                .collect(),
+        )
+    }
+
+    /// The needles of tokens whose automata are already built.
+    pub fn of(tokens: Vec<std::sync::Arc<TokenNeedles>>) -> Self {
         Self {
-            automaton,
-            longest: if failed { usize::MAX } else { longest },
+            tokens,
+            combined: std::sync::OnceLock::new(),
         }
     }
 
     /// Whether `haystack` contains any form of any token.
     pub fn found(&self, haystack: &[u8]) -> bool {
-        match &self.automaton {
+        self.tokens.iter().any(|t| t.found(haystack))
+    }
+
+    /// [`Self::found`], for a stream that has already had `scanned` bytes.
+    fn found_in_stream(&self, haystack: &[u8], scanned: usize) -> bool {
+        if self.tokens.len() < 2 || scanned < COMBINE_AFTER {
+            return self.found(haystack);
+        }
+        let combined = self.combined.get_or_init(|| {
+            let all: Vec<Vec<u8>> = self
+                .tokens
+                .iter()
+                .flat_map(|t| t.patterns.iter().cloned())
+                .collect();
+            build(&all)
+        });
+        match combined {
             Some(a) => a.is_match(haystack),
-            None => self.longest == usize::MAX && !haystack.is_empty(),
+            None => self.found(haystack),
         }
     }
 
     /// How many bytes a stream must hold back so that a form split across
     /// frames is found before any of it is passed on.
     pub fn overlap(&self) -> usize {
-        self.longest.saturating_sub(1).min(64 * 1024)
+        if self.tokens.is_empty() { 0 } else { HEAD - 1 }
     }
 }
 
@@ -160,6 +216,7 @@ pub struct Leak;
 pub struct Scanner {
     needles: std::sync::Arc<Needles>,
     held: BytesMut,
+    scanned: usize,
 }
 
 impl Scanner {
@@ -168,6 +225,7 @@ impl Scanner {
         Self {
             needles,
             held: BytesMut::new(),
+            scanned: 0,
         }
     }
 
@@ -177,7 +235,9 @@ impl Scanner {
     /// [`Leak`] when the stream so far contains a form of a token.
     pub fn feed(&mut self, chunk: &[u8]) -> Result<Bytes, Leak> {
         self.held.extend_from_slice(chunk);
-        if self.needles.found(&self.held) {
+        let found = self.needles.found_in_stream(&self.held, self.scanned);
+        self.scanned = self.scanned.saturating_add(chunk.len());
+        if found {
             self.held.clear();
             return Err(Leak);
         }
@@ -280,8 +340,11 @@ mod tests {
                 }
             }
             assert!(leaked, "cut at {cut}");
-            // Nothing but the preamble was passed on.
-            assert!(passed.iter().all(|b| *b == b'x'), "cut at {cut}");
+            // Nothing of the signature was passed on.
+            assert!(
+                !String::from_utf8_lossy(&passed).contains(&sig()[..4]),
+                "cut at {cut}"
+            );
         }
         // One byte at a time.
         let mut s = Scanner::new(Arc::new(needles()));
@@ -297,7 +360,7 @@ mod tests {
             }
         }
         assert!(leaked);
-        assert!(!String::from_utf8_lossy(&passed).contains(&sig()[..16]));
+        assert!(!String::from_utf8_lossy(&passed).contains(&sig()[..4]));
     }
 
     #[test]
@@ -314,11 +377,24 @@ mod tests {
     }
 
     #[test]
+    fn a_long_stream_is_searched_for_every_token_too() {
+        let other = TOKEN.replace("q83v", "Zm9v");
+        let needles = Arc::new(Needles::new(TOKEN, [other.as_str()]));
+        for (t, at) in [(TOKEN, 10usize), (other.as_str(), 200_000)] {
+            let mut body = vec![b'x'; 300_000];
+            body.splice(at..at + t.len(), t.bytes());
+            let mut s = Scanner::new(Arc::clone(&needles));
+            let leaked = body.chunks(4096).any(|c| s.feed(c).is_err());
+            assert!(leaked, "token at {at}");
+        }
+    }
+
+    #[test]
     fn earlier_tokens_of_the_job_are_found_too() {
         let other = TOKEN.replace("q83v", "Zm9v");
         let n = Needles::new(TOKEN, [other.as_str()]);
         assert!(n.found(other.as_bytes()));
-        assert!(n.found(&other.as_bytes()[60..90]));
+        assert!(n.found(&other.as_bytes()[other.len() - 40..]));
         assert!(n.found(TOKEN.as_bytes()));
     }
 }

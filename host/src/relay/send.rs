@@ -40,7 +40,7 @@ use wasmtime_wasi_http::{Error as HttpError, RequestOptions, WasiHttpHooks};
 
 use super::gate::{self, Directory, Refusal};
 use super::headers;
-use super::leak::{Needles, Scanner};
+use super::leak::{Needles, Scanner, TokenNeedles};
 use super::{Relay, ServiceDecl};
 use crate::policy::ServiceName;
 
@@ -152,10 +152,10 @@ pub struct CallGrant {
 struct GrantState {
     calls_per_service: std::collections::BTreeMap<String, u32>,
     report: CallsReport,
-    /// The tokens minted for this job that may still be valid, with when
-    /// they expire at the latest (the newest [`super::leak::MAX_TOKENS`]):
-    /// no response may carry any of them.
-    minted: Vec<(Instant, String)>,
+    /// The needles of the tokens minted for this job that may still be
+    /// valid, with when they expire at the latest (the newest
+    /// [`super::leak::MAX_TOKENS`]): no response may carry any of them.
+    minted: Vec<(Instant, Arc<TokenNeedles>)>,
 }
 
 impl std::fmt::Debug for CallGrant {
@@ -329,18 +329,19 @@ impl CallGrant {
             tracing::error!(job = %self.job, error = %e, "cannot mint a call token");
             HttpError::InternalError(Some("the host could not sign this call".into()))
         })?;
-        let earlier: Vec<String> = {
+        let own = Arc::new(TokenNeedles::new(&token));
+        let needles = {
             let now = Instant::now();
             let mut s = self.lock();
             s.minted.retain(|(expiry, _)| *expiry > now);
-            let earlier = s.minted.iter().map(|(_, t)| t.clone()).collect();
             let expiry = now + self.relay.lifetime + Duration::from_secs(2);
-            s.minted.push((expiry, token.clone()));
+            s.minted.push((expiry, Arc::clone(&own)));
             let excess = s.minted.len().saturating_sub(super::leak::MAX_TOKENS);
             s.minted.drain(..excess);
-            earlier
+            Arc::new(Needles::of(
+                s.minted.iter().map(|(_, n)| Arc::clone(n)).collect(),
+            ))
         };
-        let needles = Arc::new(Needles::new(&token, earlier.iter().map(String::as_str)));
 
         let mut record = CallRecord {
             method: parts.method.to_string(),
