@@ -17,12 +17,13 @@
 //!                                  # after the previous response) to its last header
 //! idle_timeout = "10 s"            # a kept-alive connection with no request
 //! body_read_timeout = "15 s"       # between two frames of a request body
+//! write_timeout = "30 s"           # a response write with no progress (a client that stopped reading)
 //! max_header_size = "16 KiB"       # request line and headers (431 beyond); at least 8 KiB
 //! max_connections = 1024           # open public connections
 //! max_connections_per_client = 64  # open public connections per client address (IPv6: per /64)
 //! health_reserve = 16              # beyond max_connections: connections that may only
 //!                                  # ask /healthz or /readyz
-//! admin_max_connections = 64       # the admin listener's own budget
+//! admin_max_connections = 64       # the admin listener's own budget (a quarter per client address)
 //!
 //! [audit]
 //! retention = "30 d"               # audit rows older than this are deleted
@@ -121,6 +122,11 @@ pub struct Server {
     /// Longest wait between two frames of a request body. Guards against a
     /// request that declares a body and never sends it.
     pub body_read_timeout: HumanDuration,
+    /// Longest a response write may make no progress. Guards against a
+    /// client that pipelines requests (or starts a download) and never
+    /// reads: hyper reads nothing more while its write is blocked, so only
+    /// this ends the connection and frees its kernel send buffer.
+    pub write_timeout: HumanDuration,
     /// Largest request line plus headers (hyper's read buffer bound: it is
     /// also the most a connection buffers before a request is parsed).
     /// Guards against memory held by unfinished headers. At least 8 KiB.
@@ -156,6 +162,7 @@ impl Default for Server {
             header_read_timeout: HumanDuration::secs(10),
             idle_timeout: HumanDuration::secs(10),
             body_read_timeout: HumanDuration::secs(15),
+            write_timeout: HumanDuration::secs(30),
             max_header_size: ByteSize::kib(16),
             max_connections: 1024,
             max_connections_per_client: 64,

@@ -28,7 +28,18 @@
 //! meter bounded by [`WRITTEN_PER_OUTPUT`] times the byte budget: growth
 //! alone does not bound the disk traffic of rewriting the same bytes in
 //! place (with `sync` after each pass), which is real I/O when the work
-//! directory is on disk. Exceeding it fires the `written` limit.
+//! directory is on disk. Exceeding it fires the `written` limit. Writes
+//! are not all the disk traffic a guest causes: each `sync`/`sync-data` is
+//! charged [`SYNC_COST`] (a page of data and the journal commit it forces,
+//! even for one byte) and each metadata change (rename, unlink, directory
+//! create or remove, symlink, times) [`METADATA_COST`], so an fsync loop of
+//! one-byte writes, or rename and `set-times` churn, is bounded too. The
+//! meter never allows less than [`WRITTEN_FLOOR`], so a small output budget
+//! still leaves room for a processor's few metadata changes.
+//!
+//! Every path argument is refused over [`MAX_PATH_BYTES`] (`name-too-long`)
+//! before any host work, so a guest cannot make the host resolve huge paths
+//! on threads the job's CPU meter does not see.
 //!
 //! Host descriptors are bounded here too, on the objects that own them.
 //! Every host descriptor a guest can obtain is opened by `open-at` (a file
@@ -97,7 +108,9 @@ impl OutputQuota {
             bytes: AtomicU64::new(0),
             entries: AtomicU64::new(0),
             written: AtomicU64::new(0),
-            max_written: max_bytes.saturating_mul(WRITTEN_PER_OUTPUT),
+            max_written: max_bytes
+                .saturating_mul(WRITTEN_PER_OUTPUT)
+                .max(WRITTEN_FLOOR),
             open: Mutex::new(Vec::new()),
             max_open,
             refused_opens: AtomicU64::new(0),
@@ -157,6 +170,16 @@ impl OutputQuota {
         }
     }
 
+    /// Charges a `sync` or `sync-data` ([`SYNC_COST`]).
+    fn charge_sync(&self) -> Result<(), ErrorCode> {
+        self.charge_written(SYNC_COST)
+    }
+
+    /// Charges a metadata change ([`METADATA_COST`]).
+    fn charge_metadata(&self) -> Result<(), ErrorCode> {
+        self.charge_written(METADATA_COST)
+    }
+
     /// Charges a write of `len` bytes at `offset` into a file of `size`
     /// bytes: its growth to `output`, all of it to `written`.
     fn charge_write(&self, size: u64, offset: u64, len: u64) -> Result<(), ErrorCode> {
@@ -200,6 +223,25 @@ impl OutputQuota {
             self.latch.fire(LimitKind::OutputFiles);
             Err(ErrorCode::Quota)
         }
+    }
+}
+
+/// Charged to the `written` meter for each `sync` or `sync-data`: one page
+/// of data and the journal blocks of the commit it forces.
+pub const SYNC_COST: u64 = 16 * 1024;
+/// Charged to the `written` meter for each metadata change.
+pub const METADATA_COST: u64 = 4 * 1024;
+/// The least the `written` meter allows, whatever the output budget.
+pub const WRITTEN_FLOOR: u64 = 1024 * 1024;
+/// The longest path a filesystem call accepts (Linux's `PATH_MAX`).
+pub const MAX_PATH_BYTES: usize = 4096;
+
+/// Refuses a path over [`MAX_PATH_BYTES`] before any host work.
+fn path_ok(path: &str) -> FsResult<()> {
+    if path.len() > MAX_PATH_BYTES {
+        Err(ErrorCode::NameTooLong.into())
+    } else {
+        Ok(())
     }
 }
 
@@ -310,6 +352,7 @@ impl HostDescriptor for QuotaFs<'_> {
     }
 
     async fn sync_data(&mut self, fd: Resource<types::Descriptor>) -> FsResult<()> {
+        self.quota.charge_sync()?;
         self.inner.sync_data(fd).await
     }
 
@@ -346,6 +389,7 @@ impl HostDescriptor for QuotaFs<'_> {
         atim: types::NewTimestamp,
         mtim: types::NewTimestamp,
     ) -> FsResult<()> {
+        self.quota.charge_metadata()?;
         self.inner.set_times(fd, atim, mtim).await
     }
 
@@ -381,6 +425,7 @@ impl HostDescriptor for QuotaFs<'_> {
     }
 
     async fn sync(&mut self, fd: Resource<types::Descriptor>) -> FsResult<()> {
+        self.quota.charge_sync()?;
         self.inner.sync(fd).await
     }
 
@@ -389,6 +434,8 @@ impl HostDescriptor for QuotaFs<'_> {
         fd: Resource<types::Descriptor>,
         path: String,
     ) -> FsResult<()> {
+        path_ok(&path)?;
+        self.quota.charge_metadata()?;
         self.quota.charge_entry()?;
         self.inner.create_directory_at(fd, path).await
     }
@@ -403,6 +450,7 @@ impl HostDescriptor for QuotaFs<'_> {
         path_flags: types::PathFlags,
         path: String,
     ) -> FsResult<types::DescriptorStat> {
+        path_ok(&path)?;
         self.inner.stat_at(fd, path_flags, path).await
     }
 
@@ -414,6 +462,8 @@ impl HostDescriptor for QuotaFs<'_> {
         atim: types::NewTimestamp,
         mtim: types::NewTimestamp,
     ) -> FsResult<()> {
+        path_ok(&path)?;
+        self.quota.charge_metadata()?;
         self.inner
             .set_times_at(fd, path_flags, path, atim, mtim)
             .await
@@ -438,6 +488,7 @@ impl HostDescriptor for QuotaFs<'_> {
         oflags: types::OpenFlags,
         flags: types::DescriptorFlags,
     ) -> FsResult<Resource<types::Descriptor>> {
+        path_ok(&path)?;
         if oflags.contains(types::OpenFlags::CREATE)
             && !self.exists_at(&fd, path_flags, &path).await
         {
@@ -463,6 +514,7 @@ impl HostDescriptor for QuotaFs<'_> {
         fd: Resource<types::Descriptor>,
         path: String,
     ) -> FsResult<String> {
+        path_ok(&path)?;
         self.inner.readlink_at(fd, path).await
     }
 
@@ -471,6 +523,8 @@ impl HostDescriptor for QuotaFs<'_> {
         fd: Resource<types::Descriptor>,
         path: String,
     ) -> FsResult<()> {
+        path_ok(&path)?;
+        self.quota.charge_metadata()?;
         self.inner.remove_directory_at(fd, path).await
     }
 
@@ -481,6 +535,9 @@ impl HostDescriptor for QuotaFs<'_> {
         new_fd: Resource<types::Descriptor>,
         new_path: String,
     ) -> FsResult<()> {
+        path_ok(&old_path)?;
+        path_ok(&new_path)?;
+        self.quota.charge_metadata()?;
         self.inner.rename_at(fd, old_path, new_fd, new_path).await
     }
 
@@ -490,6 +547,9 @@ impl HostDescriptor for QuotaFs<'_> {
         src_path: String,
         dest_path: String,
     ) -> FsResult<()> {
+        path_ok(&src_path)?;
+        path_ok(&dest_path)?;
+        self.quota.charge_metadata()?;
         self.quota.charge_entry()?;
         self.inner.symlink_at(fd, src_path, dest_path).await
     }
@@ -499,6 +559,8 @@ impl HostDescriptor for QuotaFs<'_> {
         fd: Resource<types::Descriptor>,
         path: String,
     ) -> FsResult<()> {
+        path_ok(&path)?;
+        self.quota.charge_metadata()?;
         self.inner.unlink_file_at(fd, path).await
     }
 
@@ -550,6 +612,7 @@ impl HostDescriptor for QuotaFs<'_> {
         path_flags: types::PathFlags,
         path: String,
     ) -> FsResult<types::MetadataHashValue> {
+        path_ok(&path)?;
         self.inner.metadata_hash_at(fd, path_flags, path).await
     }
 }
@@ -675,16 +738,44 @@ mod tests {
     #[test]
     fn every_byte_written_is_charged_and_bounded() {
         let latch = LimitLatch::default();
-        let q = OutputQuota::new(100, 1, 1, latch.clone());
-        // Rewriting the same 100 bytes in place: no growth after the first
+        let q = OutputQuota::new(WRITTEN_FLOOR, 1, 1, latch.clone());
+        // Rewriting the same bytes in place: no growth after the first
         // pass, but every pass is written.
         for _ in 0..WRITTEN_PER_OUTPUT {
-            q.charge_write(100, 0, 100).unwrap();
+            q.charge_write(WRITTEN_FLOOR, 0, WRITTEN_FLOOR).unwrap();
         }
-        assert_eq!(q.bytes_written(), 100 * WRITTEN_PER_OUTPUT);
-        assert_eq!(q.charge_write(100, 0, 1), Err(ErrorCode::Quota));
+        assert_eq!(q.bytes_written(), WRITTEN_FLOOR * WRITTEN_PER_OUTPUT);
+        assert_eq!(q.charge_write(WRITTEN_FLOOR, 0, 1), Err(ErrorCode::Quota));
         assert_eq!(latch.fired(), Some(LimitKind::Written));
         assert_eq!(q.bytes_charged(), 0, "overwrites never grew the file");
+    }
+
+    #[test]
+    fn syncs_and_metadata_changes_are_charged_as_disk_traffic() {
+        let latch = LimitLatch::default();
+        // A 64 KiB output budget still gets the floor.
+        let q = OutputQuota::new(64 * 1024, 1, 1, latch.clone());
+        // One-byte writes, each followed by a sync: the disk sees a page
+        // and a journal commit per pass, so the meter counts that.
+        let mut passes = 0;
+        while q.charge_write(1, 0, 1).is_ok() && q.charge_sync().is_ok() {
+            passes += 1;
+        }
+        assert_eq!(passes, WRITTEN_FLOOR / (SYNC_COST + 1));
+        assert_eq!(latch.fired(), Some(LimitKind::Written));
+        let q = OutputQuota::new(64 * 1024, 1, 1, LimitLatch::default());
+        let mut renames = 0;
+        while q.charge_metadata().is_ok() {
+            renames += 1;
+        }
+        assert_eq!(renames, WRITTEN_FLOOR / METADATA_COST);
+    }
+
+    #[test]
+    fn paths_over_path_max_are_refused_before_any_host_work() {
+        assert!(path_ok(&"a".repeat(MAX_PATH_BYTES)).is_ok());
+        let err = path_ok(&"a".repeat(MAX_PATH_BYTES + 1)).unwrap_err();
+        assert_eq!(err.downcast_ref(), Some(&ErrorCode::NameTooLong));
     }
 
     #[test]

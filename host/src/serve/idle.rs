@@ -8,6 +8,12 @@
 //! the idle timeout while the connection is between requests; the serving
 //! code marks the connection busy when a request reaches the service, and
 //! idle again when its response body is dropped (written or abandoned).
+//!
+//! It also fails a write (or flush) that has made no progress for the write
+//! timeout: hyper stops reading a connection while a response is blocked on
+//! a full socket, so a client that pipelines requests and never reads would
+//! otherwise hold the connection, and the kernel's send buffer behind it,
+//! for ever, with no read pending for the other timers to see.
 
 use std::io;
 use std::pin::Pin;
@@ -45,23 +51,56 @@ impl Idle {
     }
 }
 
-/// A socket whose reads fail after `timeout` of silence between requests.
+/// A socket whose reads fail after `timeout` of silence between requests,
+/// and whose writes fail after `write_timeout` without progress.
 #[derive(Debug)]
 pub struct IdleIo<T> {
     inner: T,
     idle: Arc<Idle>,
     timeout: Duration,
     timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    write_timeout: Duration,
+    write_timer: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl<T> IdleIo<T> {
     /// Wraps `inner`.
-    pub fn new(inner: T, idle: Arc<Idle>, timeout: Duration) -> Self {
+    pub fn new(inner: T, idle: Arc<Idle>, timeout: Duration, write_timeout: Duration) -> Self {
         Self {
             inner,
             idle,
             timeout,
             timer: None,
+            write_timeout,
+            write_timer: None,
+        }
+    }
+
+    /// Passes a write's outcome through, failing it once it has been
+    /// pending without progress for the write timeout.
+    fn stalled<R>(
+        &mut self,
+        cx: &mut Context<'_>,
+        polled: Poll<io::Result<R>>,
+    ) -> Poll<io::Result<R>> {
+        match polled {
+            Poll::Ready(r) => {
+                self.write_timer = None;
+                Poll::Ready(r)
+            }
+            Poll::Pending => {
+                let timeout = self.write_timeout;
+                let timer = self
+                    .write_timer
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+                if timer.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "the client stopped reading",
+                    )));
+                }
+                Poll::Pending
+            }
         }
     }
 }
@@ -111,7 +150,8 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for IdleIo<T> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
+        let polled = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.stalled(cx, polled)
     }
 
     fn poll_write_vectored(
@@ -119,7 +159,8 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for IdleIo<T> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+        let polled = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.stalled(cx, polled)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -127,7 +168,8 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for IdleIo<T> {
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
+        let polled = Pin::new(&mut self.inner).poll_flush(cx);
+        self.stalled(cx, polled)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {

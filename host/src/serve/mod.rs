@@ -98,6 +98,7 @@ struct Edge {
     header_read_timeout: Duration,
     idle_timeout: Duration,
     body_read_timeout: Duration,
+    write_timeout: Duration,
     max_header_size: usize,
 }
 
@@ -125,6 +126,7 @@ pub async fn serve(
         header_read_timeout: server.header_read_timeout.get(),
         idle_timeout: server.idle_timeout.get(),
         body_read_timeout: server.body_read_timeout.get(),
+        write_timeout: server.write_timeout.get(),
         max_header_size: server.max_header_size.as_usize(),
     };
     let public_edge = edge(crate::api::app(state.clone()), public_limits);
@@ -169,9 +171,12 @@ fn budgets(server: &crate::config::Server, workers: u32) -> (Limits, Limits) {
         per_client: server.max_connections_per_client.max(1),
         reserve: server.health_reserve,
     };
+    // One address may take a quarter of the admin budget, so clients on
+    // other addresses (the operator's) are still answered.
+    let admin_share = |total: usize| (total / 4).max(1);
     let mut admin = Limits {
         total: server.admin_max_connections,
-        per_client: server.admin_max_connections,
+        per_client: admin_share(server.admin_max_connections),
         reserve: 0,
     };
     let wanted = (public.total + public.reserve + admin.total) as u64;
@@ -189,7 +194,7 @@ fn budgets(server: &crate::config::Server, workers: u32) -> (Limits, Limits) {
         public.total = scale(public.total);
         public.reserve = scale(public.reserve);
         admin.total = scale(admin.total);
-        admin.per_client = admin.total;
+        admin.per_client = admin_share(admin.total);
         tracing::warn!(
             wanted,
             room,
@@ -301,7 +306,17 @@ fn connection(
         (edge.header_read_timeout, edge.idle_timeout)
     };
     let idle = Idle::new();
-    let io = TokioIo::new(IdleIo::new(tcp, Arc::clone(&idle), idle_timeout));
+    let write_timeout = if health_only {
+        RESERVE_TIMEOUT
+    } else {
+        edge.write_timeout
+    };
+    let io = TokioIo::new(IdleIo::new(
+        tcp,
+        Arc::clone(&idle),
+        idle_timeout,
+        write_timeout,
+    ));
     let client = Client {
         addr: peer,
         denials: Arc::clone(&edge.denials),

@@ -282,6 +282,60 @@ async fn idle_connections_are_closed_after_the_idle_timeout_not_the_header_allow
     );
 }
 
+/// Whether the server's end of the connection from `client` to `server`
+/// is still established, from the kernel's table (`/proc/net/tcp`).
+fn server_end_established(server: SocketAddr, client: SocketAddr) -> bool {
+    let tcp = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    let local = format!(":{:04X}", server.port());
+    let remote = format!(":{:04X}", client.port());
+    tcp.lines().skip(1).any(|line| {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        f.len() > 3 && f[1].ends_with(&local) && f[2].ends_with(&remote) && f[3] == "01"
+    })
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_that_pipelines_requests_and_never_reads_is_closed_after_the_write_timeout() {
+    // Only the write timeout can end this connection: the header and idle
+    // allowances are far longer than the test waits.
+    let dir = tempfile::tempdir().unwrap();
+    let (config, _) = write_config(
+        dir.path(),
+        "header_read_timeout = \"10 min\"\nidle_timeout = \"10 min\"\nwrite_timeout = \"1 s\"",
+        "",
+    );
+    let served = Running::start(&config);
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    socket
+        .bind(SocketAddr::new("127.0.0.1".parse().unwrap(), 0))
+        .unwrap();
+    let stream = socket.connect(served.public).await.unwrap();
+    let client = stream.local_addr().unwrap();
+    // Many pipelined requests for a large answer, and never a byte read:
+    // hyper stops reading while its answer is blocked on the full socket.
+    let (_read_half, mut write_half) = stream.into_split();
+    let writer = tokio::spawn(async move {
+        let one = "GET /openapi.json HTTP/1.1\r\nhost: bulkhead\r\n\r\n";
+        let _ = write_half.write_all(one.repeat(2000).as_bytes()).await;
+        write_half
+    });
+    let mut established = true;
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while established && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        established = server_end_established(served.public, client);
+    }
+    assert!(
+        !established,
+        "the server still holds a connection whose client stopped reading"
+    );
+    writer.abort();
+    // The service still answers others.
+    let mut other = connect_from("127.0.0.2", served.public).await;
+    assert_eq!(get(&mut other, "/healthz", "").await.unwrap().0, 200);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn connection_caps_refuse_the_excess_while_others_probes_and_the_admin_api_are_served() {
     let dir = tempfile::tempdir().unwrap();
