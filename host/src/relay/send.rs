@@ -313,6 +313,19 @@ impl CallGrant {
 
         {
             let mut s = self.lock();
+            // Every live token of the job is searched for in every answer;
+            // past that many, a call waits for one to expire instead of
+            // minting a token no scan would look for.
+            let now = Instant::now();
+            s.minted.retain(|(expiry, _)| *expiry > now);
+            if s.minted.len() >= super::leak::MAX_TOKENS {
+                drop(s);
+                let r = Refusal::Limit(format!(
+                    "at most {} live call tokens per job",
+                    super::leak::MAX_TOKENS
+                ));
+                return Err(self.refuse(&parts, Some(&service), &r));
+            }
             let n = s.calls_per_service.entry(service.clone()).or_default();
             if *n >= decl.max_calls {
                 drop(s);
@@ -426,7 +439,7 @@ impl CallGrant {
         if let Some(encoding) = not_identity(&head.headers) {
             let r = Refusal::Encoding {
                 service: service.clone(),
-                encoding: bounded(&encoding),
+                encoding: redacted(&needles, &encoding),
             };
             return Err(withhold(record, r));
         }
@@ -446,7 +459,7 @@ impl CallGrant {
                 None => {
                     let r = Refusal::Redirect {
                         service: service.clone(),
-                        location: bounded(&value),
+                        location: redacted(&needles, &value),
                     };
                     return Err(withhold(record, r));
                 }
@@ -738,6 +751,17 @@ fn not_identity(headers: &http::HeaderMap) -> Option<String> {
         }
     }
     None
+}
+
+/// `value` from a service's answer, bounded, for a refusal's record: the
+/// record reaches the report and the audit log, so a value carrying a
+/// form of a call token is not copied.
+fn redacted(needles: &Needles, value: &str) -> String {
+    if needles.found(value.as_bytes()) {
+        "(withheld: it carries a call token)".into()
+    } else {
+        bounded(value)
+    }
 }
 
 /// Adds `name` to a record's stripped list (once; at most 64).
