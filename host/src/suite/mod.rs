@@ -209,6 +209,14 @@ impl AttackResult {
         time_ms: f64,
     ) -> Self {
         let mut checks = checks;
+        // What the host looked at, whatever the attack's kind; a guest job
+        // adds what it saw the guest do (`with_evidence`).
+        let evidence = if checks.is_empty() {
+            String::new()
+        } else {
+            let names: Vec<&str> = checks.iter().map(|c| c.name.as_str()).collect();
+            format!("host checked: {}", names.join(", "))
+        };
         let verdict = if let Some(e) = error {
             checks.push(Check::new("run", false, e));
             Verdict::Error
@@ -225,15 +233,21 @@ impl AttackResult {
             verdict,
             stopped_by,
             checks,
-            evidence: String::new(),
+            evidence,
             time_ms,
         }
     }
 
-    /// Records what the host observed the attack do.
+    /// Records what the host observed the attack do, before what it
+    /// checked.
     #[must_use]
     pub fn with_evidence(mut self, evidence: impl Into<String>) -> Self {
-        self.evidence = evidence.into();
+        let observed = evidence.into();
+        self.evidence = if self.evidence.is_empty() {
+            observed
+        } else {
+            format!("{observed}; {}", self.evidence)
+        };
         self
     }
 

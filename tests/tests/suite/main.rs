@@ -54,6 +54,14 @@ async fn the_bundled_suite_holds_and_its_reports_agree() {
         .collect();
     assert!(not_held.is_empty(), "{}", not_held.join("\n"));
     assert!(report.all_held());
+    // Every verdict lists the host-side evidence it rests on.
+    let without: Vec<_> = report
+        .results
+        .iter()
+        .filter(|r| r.evidence.is_empty())
+        .map(|r| r.id.as_str())
+        .collect();
+    assert!(without.is_empty(), "no evidence listed: {without:?}");
     assert!(
         report.summary.total >= 93,
         "{} attacks",
@@ -185,9 +193,12 @@ async fn a_weakened_configuration_is_reported_breached() {
         .filter(|a| WEAKENED_SAMPLE.contains(&a.id.as_str()))
         .collect();
     assert_eq!(attacks.len(), WEAKENED_SAMPLE.len());
-    let report = suite::run_attacks(&opts, &attacks, &mut |_| {})
-        .await
-        .unwrap();
+    let report = {
+        let _one_at_a_time = LOCAL.lock().await;
+        suite::run_attacks(&opts, &attacks, &mut |_| {})
+            .await
+            .unwrap()
+    };
     for r in &report.results {
         assert_eq!(r.verdict, Verdict::Breached, "{}", failed_checks(r));
     }
