@@ -225,8 +225,7 @@ pub fn check_route(
         check_chars(query).map_err(bad)?;
         if query.split('&').any(|pair| {
             let key = pair.split('=').next().unwrap_or_default();
-            let key = key.replace("%20", " ").to_ascii_lowercase();
-            METHOD_OVERRIDES.contains(&key.trim())
+            METHOD_OVERRIDES.contains(&override_key(key).as_str())
         }) {
             return Err(bad("method-override query parameters are refused"));
         }
@@ -255,6 +254,17 @@ fn under_prefix(path: &str, prefix: &str) -> bool {
 /// (separators), `%25` (a second round of decoding: `%252e`), `%00`, `%3b`
 /// (`;`), and any byte of 0x80 and above (overlong UTF-8 such as `%c0%ae`).
 pub const ALLOWED_ESCAPES: [&str; 6] = ["%20", "%2B", "%2C", "%3A", "%3D", "%40"];
+
+/// A query key as the most forgiving common parser names it: `+` and
+/// `%20` are spaces, leading spaces dropped (PHP), `.`, spaces and `[` read
+/// as `_` (PHP), case ignored.
+fn override_key(key: &str) -> String {
+    key.replace("%20", " ")
+        .replace(['+'], " ")
+        .trim()
+        .to_ascii_lowercase()
+        .replace(['.', ' ', '['], "_")
+}
 
 /// Query parameters that some frameworks read as the request's method
 /// (`POST /x?_method=DELETE`): the gate checks the method it sees, so
@@ -575,6 +585,9 @@ mod tests {
             "/v1/x?a=1&_METHOD=PUT",
             "/v1/x?X-HTTP-Method-Override=PUT",
             "/v1/x?x-method-override=PATCH",
+            "/v1/x?+_method=DELETE",
+            "/v1/x?%20_method=DELETE",
+            "/v1/x?.method=DELETE",
             "/v1/x?a=1;b=2",
             "/v1/x?next=..%2f..%2fadmin",
             "/v1/x?u=%c0%ae",
