@@ -260,8 +260,21 @@ async fn job_with_outputs(s: &Server, tenant: &str, names: &[&str]) -> String {
         });
     }
     let now = now_ms();
-    let job = JobRecord {
-        id: id.clone(),
+    let job = finished_record(&id, tenant, now);
+    s.service
+        .store()
+        .insert_finished_job(&job, &report, now, None)
+        .await
+        .unwrap();
+    id
+}
+
+/// A fresh job id in the UUID shape the service uses.
+/// The row of a finished (failed) `hello` job of `tenant`, as the tests
+/// that store outputs directly insert it.
+pub fn finished_record(id: &str, tenant: &str, now: i64) -> JobRecord {
+    JobRecord {
+        id: id.to_owned(),
         tenant: tenant.into(),
         subject: "ci".into(),
         token_id: "t".into(),
@@ -277,16 +290,9 @@ async fn job_with_outputs(s: &Server, tenant: &str, names: &[&str]) -> String {
         finished_at: Some(now),
         attempts: 1,
         report: None,
-    };
-    s.service
-        .store()
-        .insert_finished_job(&job, &report, now, None)
-        .await
-        .unwrap();
-    id
+    }
 }
 
-/// A fresh job id in the UUID shape the service uses.
 pub fn uuid_like() -> String {
     let n: u128 = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

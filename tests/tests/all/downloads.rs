@@ -10,11 +10,11 @@ use std::path::Path;
 use std::time::Duration;
 
 use bulkhead::sandbox::{JobReport, OutputFile};
-use bulkhead::store::{JobRecord, JobState, JobStore, SqliteStore, now_ms};
+use bulkhead::store::{JobStore, SqliteStore, now_ms};
 use reqwest::StatusCode;
 
 use crate::common::policy_text;
-use crate::contract::uuid_like;
+use crate::contract::{finished_record, uuid_like};
 use crate::durability::{spawn, token, write_config};
 use crate::flood::memory_kib;
 
@@ -40,24 +40,7 @@ async fn stored_output(data_dir: &Path, tenant: &str, name: &str, data: &[u8]) -
         sha256: String::new(),
     });
     let now = now_ms();
-    let job = JobRecord {
-        id: id.clone(),
-        tenant: tenant.into(),
-        subject: "ci".into(),
-        token_id: "t".into(),
-        module: "hello".into(),
-        module_sha256: String::new(),
-        policy_sha256: None,
-        params: Default::default(),
-        inputs: Vec::new(),
-        has_stdin: false,
-        state: JobState::Failed,
-        created_at: now,
-        started_at: Some(now),
-        finished_at: Some(now),
-        attempts: 1,
-        report: None,
-    };
+    let job = finished_record(&id, tenant, now);
     SqliteStore::open(&data_dir.join("bulkhead.sqlite"))
         .await
         .unwrap()
