@@ -3,29 +3,15 @@
 //! applicable. (The local runs have a test binary of their own,
 //! `tests/suite`.)
 
-use std::path::PathBuf;
+use bulkhead::suite::{self, Class, SuiteOptions, SuiteReport, Verdict, report};
 
-use bulkhead::suite::{self, AttackResult, Class, SuiteOptions, SuiteReport, Verdict, report};
+#[path = "../suite/support.rs"]
+mod support;
 
-fn options() -> SuiteOptions {
-    SuiteOptions {
-        cache_dir: Some(PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("module-cache")),
-        ..SuiteOptions::default()
-    }
-}
+use support::{failed_checks, options};
 
 async fn run(options: &SuiteOptions) -> SuiteReport {
     suite::run(options, &mut |_| {}).await.unwrap()
-}
-
-fn failed_checks(r: &AttackResult) -> String {
-    let failed: Vec<_> = r
-        .checks
-        .iter()
-        .filter(|c| !c.passed)
-        .map(|c| format!("{}: {}", c.name, c.detail))
-        .collect();
-    format!("{} {}: {}", r.verdict.as_str(), r.id, failed.join("; "))
 }
 
 #[tokio::test(flavor = "multi_thread")]

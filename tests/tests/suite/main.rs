@@ -13,16 +13,11 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use bulkhead::suite::{
-    self, AttackResult, Class, SuiteOptions, SuiteReport, Verdict, Weakening, report,
-};
+use bulkhead::suite::{self, Class, SuiteOptions, SuiteReport, Verdict, Weakening, report};
 
-fn options() -> SuiteOptions {
-    SuiteOptions {
-        cache_dir: Some(PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("module-cache")),
-        ..SuiteOptions::default()
-    }
-}
+mod support;
+
+use support::{failed_checks, options};
 
 /// One local suite run at a time: each judges from the whole process's
 /// meters.
@@ -31,16 +26,6 @@ static LOCAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 async fn run(options: &SuiteOptions) -> SuiteReport {
     let _one_at_a_time = LOCAL.lock().await;
     suite::run(options, &mut |_| {}).await.unwrap()
-}
-
-fn failed_checks(r: &AttackResult) -> String {
-    let failed: Vec<_> = r
-        .checks
-        .iter()
-        .filter(|c| !c.passed)
-        .map(|c| format!("{}: {}", c.name, c.detail))
-        .collect();
-    format!("{} {}: {}", r.verdict.as_str(), r.id, failed.join("; "))
 }
 
 #[tokio::test(flavor = "multi_thread")]

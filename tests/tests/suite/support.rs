@@ -1,0 +1,25 @@
+//! What both escape-suite test binaries use: the suite's options with the
+//! test cache, and a failed result's checks in one line.
+
+use std::path::PathBuf;
+
+use bulkhead::suite::{AttackResult, SuiteOptions};
+
+/// The suite's defaults, with the module cache under the test target dir.
+pub fn options() -> SuiteOptions {
+    SuiteOptions {
+        cache_dir: Some(PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("module-cache")),
+        ..SuiteOptions::default()
+    }
+}
+
+/// `verdict id: check: detail; …` for the checks `r` failed.
+pub fn failed_checks(r: &AttackResult) -> String {
+    let failed: Vec<_> = r
+        .checks
+        .iter()
+        .filter(|c| !c.passed)
+        .map(|c| format!("{}: {}", c.name, c.detail))
+        .collect();
+    format!("{} {}: {}", r.verdict.as_str(), r.id, failed.join("; "))
+}
