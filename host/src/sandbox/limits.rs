@@ -6,7 +6,7 @@
 //! is the one the report names.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 
 use serde::{Deserialize, Serialize};
 use wasmtime::ResourceLimiter;
@@ -88,6 +88,27 @@ impl LimitKind {
 impl std::fmt::Display for LimitKind {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.as_str())
+    }
+}
+
+/// Requests of a job's guest that the host refused, counted host-side:
+/// every filesystem call answered with an error (a path outside the
+/// preopens, a write to `/in`, a quota or descriptor bound, a name that
+/// does not exist) and every socket or name-lookup call (all are
+/// refused). Evidence that a guest tried something and was stopped,
+/// whatever it prints.
+#[derive(Clone, Debug, Default)]
+pub struct Refusals(Arc<AtomicU64>);
+
+impl Refusals {
+    /// Counts one refusal.
+    pub fn note(&self) {
+        self.0.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Refusals so far.
+    pub fn count(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
     }
 }
 

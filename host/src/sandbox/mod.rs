@@ -573,6 +573,7 @@ impl Sandbox {
             host_calls: host_calls
                 .load(std::sync::atomic::Ordering::Relaxed)
                 .saturating_sub(ticks.load(std::sync::atomic::Ordering::Relaxed)),
+            refused: state.refusals.count(),
         };
         drop(store);
 

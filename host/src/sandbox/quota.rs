@@ -70,7 +70,7 @@ use wasmtime_wasi::p2::{FsError, FsResult};
 use wasmtime_wasi_io::poll::Pollable;
 use wasmtime_wasi_io::streams::{DynInputStream, DynOutputStream, OutputStream, StreamError};
 
-use super::limits::{LimitKind, LimitLatch, WRITTEN_PER_OUTPUT};
+use super::limits::{LimitKind, LimitLatch, Refusals, WRITTEN_PER_OUTPUT};
 
 /// Refused opens after which a guest still asking for descriptors is
 /// stopped with the `descriptors` limit: a guest that handles the error and
@@ -265,6 +265,8 @@ pub struct QuotaFs<'a> {
     pub inner: WasiFilesystemCtxView<'a>,
     /// The job's budget.
     pub quota: &'a Arc<OutputQuota>,
+    /// Where every error answered to the guest is counted.
+    pub refusals: &'a Refusals,
 }
 
 impl QuotaFs<'_> {
@@ -329,6 +331,8 @@ impl QuotaFs<'_> {
 
 impl types::Host for QuotaFs<'_> {
     fn convert_error_code(&mut self, err: FsError) -> wasmtime::Result<ErrorCode> {
+        // Every filesystem error the guest receives passes here.
+        self.refusals.note();
         types::Host::convert_error_code(&mut self.inner, err)
     }
 

@@ -76,6 +76,12 @@ pub struct Measurements {
     /// a line makes a few dozen.
     #[serde(default)]
     pub host_calls: u64,
+    /// Requests the host refused the guest, counted by the host: every
+    /// filesystem call answered with an error and every socket or name
+    /// lookup (all are refused). Refusals by the service gate are in
+    /// `calls.refused`.
+    #[serde(default)]
+    pub refused: u64,
 }
 
 /// The structured report of one job.

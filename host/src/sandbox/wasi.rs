@@ -23,7 +23,7 @@ use wasmtime_wasi_io::poll::DynPollable;
 
 use super::cpu::CpuMeter;
 use super::job::{JobDir, JobSpec};
-use super::limits::{JobLimiter, LimitKind, LimitLatch};
+use super::limits::{JobLimiter, LimitKind, LimitLatch, Refusals};
 use super::pipe::CappedPipe;
 use super::quota::{OutputQuota, QuotaFs, QuotaFsData};
 use crate::policy::Policy;
@@ -48,6 +48,8 @@ pub struct JobState {
     pub(crate) latch: LimitLatch,
     /// The job's real CPU time, host calls included.
     pub(crate) cpu: Arc<CpuMeter>,
+    /// Requests the host refused the guest.
+    pub(crate) refusals: Refusals,
     http: WasiHttpCtx,
     pub(crate) gate: Gate,
 }
@@ -178,6 +180,7 @@ pub fn job_state(
         ),
         quota,
         cpu: Arc::new(CpuMeter::new(cpu_budget_ns, latch.clone())),
+        refusals: Refusals::default(),
         latch,
         http: WasiHttpCtx::new(),
         gate: Gate {
@@ -285,8 +288,10 @@ pub fn linker(engine: &Engine) -> wasmtime::Result<Linker<JobState>> {
                 table: &mut s.table,
             },
             quota: &s.quota,
+            refusals: &s.refusals,
         },
     )?;
+    refuse_sockets(&mut linker)?;
     // And `poll`, so that a list longer than any guest can hold distinct
     // handles is refused before it is lifted into host memory.
     linker.instance(POLL_INTERFACE)?.func_wrap_async(
@@ -311,6 +316,52 @@ pub fn linker(engine: &Engine) -> wasmtime::Result<Linker<JobState>> {
     linker.allow_shadowing(false);
     Ok(linker)
 }
+
+/// Replaces the three ways a guest starts using the network (creating a
+/// TCP or UDP socket, looking up a name) with functions that refuse with
+/// `access-denied`, as wasmtime-wasi does when TCP, UDP and lookups are
+/// switched off, and count the refusal: a socket attempt is then evidence
+/// the host saw. Every other socket function needs a socket or a lookup
+/// stream, which the guest can no longer get.
+fn refuse_sockets(linker: &mut Linker<JobState>) -> wasmtime::Result<()> {
+    use wasmtime_wasi::p2::bindings::sockets::ip_name_lookup::ResolveAddressStream;
+    use wasmtime_wasi::p2::bindings::sockets::network::{ErrorCode, IpAddressFamily, Network};
+    use wasmtime_wasi::p2::{TcpSocket, UdpSocket};
+
+    linker
+        .instance(&format!("wasi:sockets/tcp-create-socket@{SOCKETS_VERSION}"))?
+        .func_wrap(
+            "create-tcp-socket",
+            |store: StoreContextMut<'_, JobState>, (_,): (IpAddressFamily,)| {
+                store.data().refusals.note();
+                Ok((Err::<Resource<TcpSocket>, _>(ErrorCode::AccessDenied),))
+            },
+        )?;
+    linker
+        .instance(&format!("wasi:sockets/udp-create-socket@{SOCKETS_VERSION}"))?
+        .func_wrap(
+            "create-udp-socket",
+            |store: StoreContextMut<'_, JobState>, (_,): (IpAddressFamily,)| {
+                store.data().refusals.note();
+                Ok((Err::<Resource<UdpSocket>, _>(ErrorCode::AccessDenied),))
+            },
+        )?;
+    linker
+        .instance(&format!("wasi:sockets/ip-name-lookup@{SOCKETS_VERSION}"))?
+        .func_wrap(
+            "resolve-addresses",
+            |store: StoreContextMut<'_, JobState>, (_, _): (Resource<Network>, String)| {
+                store.data().refusals.note();
+                Ok((Err::<Resource<ResolveAddressStream>, _>(
+                    ErrorCode::AccessDenied,
+                ),))
+            },
+        )?;
+    Ok(())
+}
+
+/// The `wasi:sockets` package version wasmtime-wasi links.
+const SOCKETS_VERSION: &str = "0.2.12";
 
 /// The `wasi:io/poll` interface as wasmtime-wasi links it.
 const POLL_INTERFACE: &str = "wasi:io/poll@0.2.12";

@@ -180,6 +180,10 @@ pub enum Expect {
     Any,
 }
 
+/// `source` of the attacks that ship with Bulkhead (a tester's own
+/// attack names its manifest).
+pub const BUNDLED: &str = "bundled";
+
 /// The input every filesystem attack gets, so there is something to tamper with.
 pub const INPUT: (&str, &[u8]) = ("input.txt", b"the job's own input\n");
 
@@ -400,7 +404,7 @@ fn attack(id: &str, class: Class, title: &str, kind: AttackKind) -> Attack {
         id: id.to_owned(),
         class,
         title: title.to_owned(),
-        source: "bundled".to_owned(),
+        source: BUNDLED.to_owned(),
         kind,
     }
 }

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::catalog::HttpAttack;
-use super::catalog::{Attack, AttackKind, Expect, GuestRun, Param};
+use super::catalog::{Attack, AttackKind, BUNDLED, Expect, GuestRun, Param};
 use super::egress::{self, Egress};
 use super::evidence::{self, Bait, Canary, Peaks, Sampler};
 use super::{AttackResult, Check, Progress, SuiteError, SuiteOptions};
@@ -525,7 +525,8 @@ async fn guest_attack(
         error = Some("the guest did not start".into());
     }
     let stopped = stopped_by(&obs.report);
-    let (attempted, evidence) = super::attempt_evidence(&obs.report, Some(&obs.neighbour));
+    let (attempted, evidence) =
+        super::attempt_evidence(&obs.report, Some(&obs.neighbour), attack.source != BUNDLED);
     drop(obs);
     AttackResult::judge(attack, checks, stopped, error, ms(started))
         .with_evidence(evidence.clone())

@@ -265,36 +265,48 @@ impl AttackResult {
 }
 
 /// Whether a guest job showed the host an attempt, and the evidence line
-/// saying what the host saw. A limit that fired is an attempt; otherwise
-/// the job must have made more host calls than `baseline`, a job of the
-/// suite's `hello` guest (which only prints a line) run beside it. Without
-/// a usable baseline (a service that does not count host calls) the job
-/// counts as attempted and the evidence says so.
+/// saying what the host saw.
+///
+/// The host's own observations count: a limit that fired, a request it
+/// refused (`measurements.refused`: a filesystem call answered with an
+/// error, a socket or name lookup), or a call to a service that went
+/// through the gate (`calls`: refused, or made and its answer scanned).
+/// A tester's own attack (`custom`) must show one of these: a guest that
+/// only writes its own outputs, or prints that it tried, shows nothing.
+/// A bundled attack is known to attempt what it is named for, and may
+/// instead show more host calls than `baseline`, a job of the suite's
+/// `hello` guest (which only prints a line) run beside it; without a
+/// usable baseline it counts as attempted and the evidence says so.
 pub(crate) fn attempt_evidence(
     report: &crate::sandbox::JobReport,
     baseline: Option<&crate::sandbox::JobReport>,
+    custom: bool,
 ) -> (bool, String) {
-    let calls = report.measurements.host_calls;
-    let outputs = format!(
-        "{} outputs, {} skipped",
+    let m = &report.measurements;
+    let (made, gated) = report
+        .calls
+        .as_ref()
+        .map_or((0, 0), |c| (c.made, c.refused));
+    let seen = format!(
+        "{} host calls, {} refused by the host, {made} service calls made and {gated} refused by the gate; {} outputs, {} skipped",
+        m.host_calls,
+        m.refused,
         report.outputs.len(),
         report.skipped_outputs.len()
     );
     if let Some(limit) = report.limit {
-        return (
-            true,
-            format!("limit {limit} fired; {calls} host calls; {outputs}"),
-        );
+        return (true, format!("limit {limit} fired; {seen}"));
+    }
+    let refused = m.refused > 0 || made > 0 || gated > 0;
+    if custom {
+        return (refused, seen);
     }
     match baseline.map(|b| b.measurements.host_calls) {
         Some(base) if base > 0 => (
-            calls > base,
-            format!("{calls} host calls (a job that only prints a line: {base}); {outputs}"),
+            refused || m.host_calls > base,
+            format!("{seen} (a job that only prints a line: {base} host calls)"),
         ),
-        _ => (
-            true,
-            format!("{calls} host calls (no baseline to compare with); {outputs}"),
-        ),
+        _ => (true, format!("{seen} (no baseline to compare with)")),
     }
 }
 

@@ -16,7 +16,7 @@ use std::time::Instant;
 use serde_json::Value;
 
 use super::api::{self, Target};
-use super::catalog::{Attack, AttackKind, Expect, GuestRun, Param};
+use super::catalog::{Attack, AttackKind, BUNDLED, Expect, GuestRun, Param};
 use super::local::{Base, module_name, ms};
 use super::{AttackResult, Check, Progress, SuiteError, SuiteOptions};
 use crate::policy::Policy;
@@ -314,7 +314,8 @@ async fn guest(
         (None, Some(f)) => f.message.clone(),
         (None, None) => "the job exited 0".into(),
     };
-    let (attempted, evidence) = super::attempt_evidence(&report, neighbour.as_ref().ok());
+    let (attempted, evidence) =
+        super::attempt_evidence(&report, neighbour.as_ref().ok(), attack.source != BUNDLED);
     AttackResult::judge(attack, checks, stopped, None, ms(started))
         .with_evidence(evidence.clone())
         .unless_attempted(

@@ -225,8 +225,8 @@ fn custom_dir() -> tempfile::TempDir {
     std::fs::write(
         dir.path().join("quiet.toml"),
         r#"class = "filesystem"
-description = "reads the canary by absolute path"
-args = ["read-abs"]
+description = "climbs out of its preopens to the canary"
+args = ["read-dotdot"]
 [params]
 target = "{canary_file}"
 [held]
@@ -412,4 +412,53 @@ async fn an_attack_that_tries_nothing_is_inconclusive_not_held() {
     let r = &report.results[0];
     assert_eq!(r.verdict, Verdict::Held, "{}", failed_checks(r));
     assert!(r.evidence.contains("host calls"), "{}", r.evidence);
+    assert!(
+        !r.evidence.contains(" 0 refused by the host"),
+        "{}",
+        r.evidence
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn busy_work_that_the_host_never_refuses_is_inconclusive() {
+    // A real job that reads its input and writes its outputs makes far more
+    // host calls than a `hello`, but asks for nothing it may not have: the
+    // host refused nothing, so nothing was shown to hold. A guest trying a
+    // socket, by contrast, is refused by the host and the refusal counts.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(bulkhead_tests::SANITIZE_HTML, dir.path().join("busy.wasm")).unwrap();
+    std::fs::write(
+        dir.path().join("busy.toml"),
+        "class = \"filesystem\"\ndescription = \"converts its input and writes outputs\"\n\
+         [inputs]\n\"page.md\" = \"# title\\n\\nsome *text*\\n\"\n",
+    )
+    .unwrap();
+    std::fs::copy(bulkhead_tests::HOSTILE, dir.path().join("dialer.wasm")).unwrap();
+    std::fs::write(
+        dir.path().join("dialer.toml"),
+        "class = \"lateral\"\ndescription = \"opens a TCP socket\"\nargs = [\"socket\"]\n",
+    )
+    .unwrap();
+    let mut opts = options();
+    opts.guests = Some(dir.path().to_owned());
+    opts.only = Some("custom.busy".into());
+    let report = run(&opts).await;
+    let r = &report.results[0];
+    assert_eq!(r.verdict, Verdict::Inconclusive, "{}", failed_checks(r));
+    assert!(
+        r.evidence.contains(" 0 refused by the host"),
+        "{}",
+        r.evidence
+    );
+    assert!(r.evidence.contains("1 outputs"), "{}", r.evidence);
+
+    opts.only = Some("custom.dialer".into());
+    let report = run(&opts).await;
+    let r = &report.results[0];
+    assert_eq!(r.verdict, Verdict::Held, "{}", failed_checks(r));
+    assert!(
+        !r.evidence.contains(" 0 refused by the host"),
+        "{}",
+        r.evidence
+    );
 }
