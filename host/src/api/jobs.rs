@@ -139,13 +139,15 @@ impl JobView {
     }
 }
 
-/// Trap and instantiation messages describe the host's runtime; they are
-/// logged and kept in the store, but clients get the class only.
+/// Trap, instantiation and host-failure messages describe the host's
+/// runtime (and may name its paths); they are logged and kept in the
+/// store, but clients get the class only.
 fn redact(mut report: JobReport) -> JobReport {
     if let Some(f) = report.failure.as_mut() {
         match f.kind {
             FailureKind::Trap => f.message = "the guest trapped".into(),
             FailureKind::Instantiate => f.message = "the module could not be started".into(),
+            FailureKind::Host => f.message = "the host could not run the job".into(),
             FailureKind::Limit | FailureKind::Exit | FailureKind::Output => {}
         }
     }

@@ -34,6 +34,10 @@ pub enum FailureKind {
     /// [`outputs::collect`](super::outputs::collect)); nothing the guest
     /// leaves in `/out` makes the host fail instead.
     Output,
+    /// The host could not run or finish the job: its module is no longer
+    /// served, its stored inputs are unreadable, or the host failed on it
+    /// [`queue.max_attempts`](crate::config) times. Not the guest's doing.
+    Host,
 }
 
 /// Why a job failed.
@@ -121,8 +125,9 @@ pub struct JobReport {
 }
 
 impl JobReport {
-    /// A failed report for a job that never reached the guest (its module
-    /// is no longer served, or its stored inputs are unreadable).
+    /// A failed report, of kind [`FailureKind::Host`], for a job the host
+    /// could not run or finish (its module is no longer served, its stored
+    /// inputs are unreadable, the sandbox failed, or its attempts ran out).
     pub fn not_run(job_id: &str, module: &str, message: impl Into<String>) -> Self {
         Self {
             job_id: job_id.to_owned(),
@@ -134,7 +139,7 @@ impl JobReport {
             exit_code: None,
             limit: None,
             failure: Some(Failure {
-                kind: FailureKind::Instantiate,
+                kind: FailureKind::Host,
                 message: message.into(),
             }),
             outputs: Vec::new(),

@@ -520,7 +520,7 @@ async fn guest_attack(
             .report
             .failure
             .as_ref()
-            .is_some_and(|f| f.kind == FailureKind::Instantiate)
+            .is_some_and(|f| matches!(f.kind, FailureKind::Instantiate | FailureKind::Host))
     {
         error = Some("the guest did not start".into());
     }

@@ -173,6 +173,12 @@ async fn a_job_the_host_cannot_finish_is_failed_after_its_attempts_not_rerun_for
     let done = s.finished(&token, &id).await;
     assert_eq!(done["state"], "failed", "{done:#}");
     assert_eq!(done["attempts"], 3, "{done:#}");
+    // The client is told it was the host, in words that name nothing of it.
+    assert_eq!(done["report"]["failure"]["kind"], "host", "{done:#}");
+    assert_eq!(
+        done["report"]["failure"]["message"], "the host could not run the job",
+        "{done:#}"
+    );
     let stored = s
         .service
         .store()
