@@ -129,6 +129,38 @@ impl<F: Future> Future for Metered<'_, F> {
     }
 }
 
+/// A future the host runs for a job off the job's own thread (a service
+/// call's send: minting its token, checking and connecting), charging the
+/// CPU time of each of its polls to the job's [`CpuMeter`]. The job's own
+/// polls see the charge ([`CpuMeter::spent_now`]) and stop it over budget;
+/// this future is never stopped itself.
+pub struct Charged<F> {
+    inner: Pin<Box<F>>,
+    meter: std::sync::Arc<CpuMeter>,
+}
+
+impl<F: Future> Charged<F> {
+    /// `inner`, charging its polls to `meter`.
+    pub fn new(inner: F, meter: std::sync::Arc<CpuMeter>) -> Self {
+        Self {
+            inner: Box::pin(inner),
+            meter,
+        }
+    }
+}
+
+impl<F: Future> Future for Charged<F> {
+    type Output = F::Output;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let started = thread_cpu_ns();
+        let polled = self.inner.as_mut().poll(cx);
+        let used = thread_cpu_ns().saturating_sub(started);
+        self.meter.spent_ns.fetch_add(used, Ordering::SeqCst);
+        polled
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -163,6 +195,23 @@ mod tests {
         let out = Metered::new(job, &meter).await;
         assert!(out.is_none(), "stopped over budget");
         assert!(meter.spent() >= 30_000_000, "charged {} ns", meter.spent());
+        assert_eq!(latch.fired(), Some(LimitKind::CpuTime));
+    }
+
+    #[tokio::test]
+    async fn work_done_for_the_job_elsewhere_is_charged_to_it() {
+        let latch = LimitLatch::default();
+        let meter = std::sync::Arc::new(CpuMeter::new(10_000_000, latch.clone()));
+        let done = tokio::spawn(Charged::new(
+            async {
+                burn(30_000_000);
+                7
+            },
+            std::sync::Arc::clone(&meter),
+        ));
+        assert_eq!(done.await.unwrap(), 7);
+        assert!(meter.spent() >= 30_000_000, "charged {} ns", meter.spent());
+        assert!(meter.over_budget());
         assert_eq!(latch.fired(), Some(LimitKind::CpuTime));
     }
 

@@ -443,7 +443,7 @@ impl Sandbox {
                 max_open: self.max_open_per_job,
             },
         )?;
-        let grant = state.gate.grant.clone();
+        let grant = state.hooks.gate.grant.clone();
         let latch = state.latch.clone();
         let cpu = Arc::clone(&state.cpu);
 

@@ -17,11 +17,15 @@ use wasmtime_wasi::filesystem::WasiFilesystemCtxView;
 use wasmtime_wasi::p2::pipe::MemoryInputPipe;
 use wasmtime_wasi::{FsPerms, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
-use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
+use http::uri::Scheme;
+use http_body_util::combinators::UnsyncBoxBody;
+use wasmtime_wasi_http::{
+    Error as HttpError, RequestOptions, WasiHttpCtx, WasiHttpCtxView, WasiHttpHooks, WasiHttpView,
+};
 use wasmtime_wasi_io::bindings::wasi::io::poll;
 use wasmtime_wasi_io::poll::DynPollable;
 
-use super::cpu::CpuMeter;
+use super::cpu::{Charged, CpuMeter};
 use super::job::{JobDir, JobSpec};
 use super::limits::{JobLimiter, LimitKind, LimitLatch, Refusals};
 use super::pipe::CappedPipe;
@@ -51,7 +55,56 @@ pub struct JobState {
     /// Requests the host refused the guest.
     pub(crate) refusals: Refusals,
     http: WasiHttpCtx,
+    /// The service gate, with each call's send charged to `cpu`.
+    pub(crate) hooks: JobHooks,
+}
+
+/// The job's `wasi:http` hooks: the service [`Gate`], each of whose sends
+/// (minting the call's token, checking the request, connecting) runs on
+/// a task of its own, charged to the job's CPU meter.
+pub(crate) struct JobHooks {
     pub(crate) gate: Gate,
+    cpu: Arc<CpuMeter>,
+}
+
+type Sent = Box<
+    dyn std::future::Future<
+            Output = Result<
+                (
+                    http::Response<UnsyncBoxBody<bytes::Bytes, HttpError>>,
+                    Box<dyn std::future::Future<Output = Result<(), HttpError>> + Send>,
+                ),
+                HttpError,
+            >,
+        > + Send,
+>;
+
+impl WasiHttpHooks for JobHooks {
+    fn is_supported_scheme(&mut self, scheme: &Scheme) -> bool {
+        self.gate.is_supported_scheme(scheme)
+    }
+
+    fn set_host_header(&mut self) -> bool {
+        self.gate.set_host_header()
+    }
+
+    fn default_scheme(&mut self) -> Option<Scheme> {
+        self.gate.default_scheme()
+    }
+
+    fn forbidden_header_filter(&mut self) -> wasmtime_wasi_http::ForbiddenHeaderFilter {
+        self.gate.forbidden_header_filter()
+    }
+
+    fn send_request(
+        &mut self,
+        request: http::Request<UnsyncBoxBody<bytes::Bytes, HttpError>>,
+        options: Option<RequestOptions>,
+        fut: Box<dyn std::future::Future<Output = Result<(), HttpError>> + Send>,
+    ) -> Sent {
+        let send = self.gate.send_request(request, options, fut);
+        Box::new(Charged::new(Box::into_pin(send), Arc::clone(&self.cpu)))
+    }
 }
 
 impl std::fmt::Debug for JobState {
@@ -77,7 +130,7 @@ impl WasiHttpView for JobState {
         WasiHttpCtxView {
             ctx: &mut self.http,
             table: &mut self.table,
-            hooks: &mut self.gate,
+            hooks: &mut self.hooks,
         }
     }
 }
@@ -170,6 +223,7 @@ pub fn job_state(
         max_open,
         latch.clone(),
     );
+    let cpu = Arc::new(CpuMeter::new(cpu_budget_ns, latch.clone()));
     let state = JobState {
         wasi: b.build(),
         table,
@@ -179,12 +233,15 @@ pub fn job_state(
             latch.clone(),
         ),
         quota,
-        cpu: Arc::new(CpuMeter::new(cpu_budget_ns, latch.clone())),
+        cpu: Arc::clone(&cpu),
         refusals: Refusals::default(),
         latch,
         http: WasiHttpCtx::new(),
-        gate: Gate {
-            grant: grant(policy, job, relay),
+        hooks: JobHooks {
+            gate: Gate {
+                grant: grant(policy, job, relay),
+            },
+            cpu: Arc::clone(&cpu),
         },
     };
     Ok((state, Captures { stdout, stderr }))
