@@ -42,6 +42,8 @@ mod contract;
 mod downloads;
 // schemathesis against the served OpenAPI document of the real binary.
 mod schema_fuzz;
+// The module boundaries ARCHITECTURE.md states, checked in the source.
+mod structure;
 
 /// Adding a guest to `guests/` without a test named after it in
 /// [`guests`] fails to compile.
