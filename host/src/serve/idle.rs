@@ -420,3 +420,33 @@ impl<B: Body<Data = Bytes> + Unpin> Body for MarkIdle<B> {
         self.inner.size_hint()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hypers_own_answers_become_the_json_error_shape_with_their_status() {
+        let head = b"HTTP/1.1 431 Request Header Fields Too Large\r\nconnection: close\r\ncontent-length: 0\r\ndate: Tue, 01 Dec 2026 18:00:00 GMT\r\n\r\n";
+        let answer = String::from_utf8(json_answer(head).unwrap()).unwrap();
+        let (head, body) = answer.split_once("\r\n\r\n").unwrap();
+        assert!(head.starts_with("HTTP/1.1 431 "), "{head}");
+        assert!(head.contains("content-type: application/json"), "{head}");
+        assert!(
+            head.contains(&format!("content-length: {}", body.len())),
+            "{head}"
+        );
+        let json: serde_json::Value = serde_json::from_str(body).unwrap();
+        assert_eq!(json["error"]["code"], "headers_too_large");
+        for (status, code) in [(400, "bad_request"), (414, "uri_too_long")] {
+            let head = format!("HTTP/1.1 {status} X\r\ncontent-length: 0\r\n\r\n");
+            let answer = String::from_utf8(json_answer(head.as_bytes()).unwrap()).unwrap();
+            assert!(answer.starts_with(&format!("HTTP/1.1 {status} ")));
+            assert!(answer.contains(&format!(r#""code":"{code}""#)), "{answer}");
+        }
+        // Not a whole head, or not a client error: left alone.
+        assert!(json_answer(b"HTTP/1.1 400 Bad Request\r\n").is_none());
+        assert!(json_answer(b"HTTP/1.1 503 X\r\n\r\n").is_none());
+        assert!(json_answer(b"some body bytes\r\n\r\n").is_none());
+    }
+}
