@@ -67,9 +67,18 @@ impl MinRate {
         let at_rate = if self.bytes_per_sec == 0 {
             Duration::MAX
         } else {
-            Duration::from_secs_f64(bytes as f64 / self.bytes_per_sec as f64)
+            Duration::try_from_secs_f64(bytes as f64 / self.bytes_per_sec as f64)
+                .unwrap_or(Duration::MAX)
         };
         self.grace.max(at_rate)
+    }
+
+    /// `start` plus `after`, or a day from now if that is later than any
+    /// clock can tell (the check is re-armed on the next poll anyway).
+    pub fn deadline(start: Instant, after: Duration) -> Instant {
+        start
+            .checked_add(after)
+            .unwrap_or_else(|| Instant::now() + Duration::from_secs(86_400))
     }
 }
 
@@ -191,7 +200,7 @@ impl<T> IdleIo<T> {
                     let w = self.window.get_or_insert_with(WriteWindow::default);
                     let since = *w.blocked_since.get_or_insert(now);
                     let allowance = self.min_rate.allowance(w.bytes);
-                    let deadline = since + allowance.saturating_sub(w.blocked);
+                    let deadline = MinRate::deadline(since, allowance.saturating_sub(w.blocked));
                     let timer = self
                         .rate_timer
                         .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));

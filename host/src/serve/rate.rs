@@ -80,7 +80,7 @@ where
                 }
                 // The moment the average falls below the rate if nothing
                 // more arrives.
-                let deadline = start + this.rate.allowance(this.bytes);
+                let deadline = MinRate::deadline(start, this.rate.allowance(this.bytes));
                 let timer = this
                     .timer
                     .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
