@@ -814,6 +814,18 @@ async fn requests_hyper_cannot_parse_get_the_json_error_shape_on_both_listeners(
             }
         }
     }
+
+    // hyper's own 414 (a target over 64 KiB) can only happen with a header
+    // cap above it.
+    let dir = tempfile::tempdir().unwrap();
+    let (config, _) = write_config(dir.path(), "max_header_size = \"128 KiB\"", "");
+    let served = Running::start(&config);
+    let long = format!("GET /{} HTTP/1.1\r\nhost: x\r\n\r\n", "a".repeat(70_000));
+    let (status, head, body) = raw_answer(served.public, "", long.as_bytes()).await;
+    assert_eq!(status, 414, "{head}{body}");
+    assert!(head.contains("content-type: application/json"), "{head}");
+    let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(json["error"]["code"], "uri_too_long", "{body}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
