@@ -24,6 +24,11 @@
 //! health_reserve = 16              # beyond max_connections: connections that may only
 //!                                  # ask /healthz or /readyz
 //! admin_max_connections = 64       # the admin listener's own budget (a quarter per client address)
+//! # When a listener's total is full, a new connection sheds the idle connection (no request
+//! # in flight) that has waited longest, from the address holding the most connections.
+//! min_body_rate = "1 KiB"          # per second: a request body's average from the first read on
+//! min_write_rate = "1 KiB"         # per second of time a response waits on its client to read
+//! min_rate_grace = "10 s"          # both rates are checked only after this long ("0 B" turns one off)
 //!
 //! [audit]
 //! retention = "30 d"               # audit rows older than this are deleted
@@ -145,6 +150,20 @@ pub struct Server {
     /// public ones so a flood of the public listener never locks out the
     /// admin API.
     pub admin_max_connections: usize,
+    /// Least average rate, in bytes per second, at which a request body
+    /// must arrive, counted from when its handler first reads it and
+    /// checked after `min_rate_grace`; below it the handler sees an error
+    /// (nothing is stored) and the connection is closed. Guards against a
+    /// body trickled just inside `body_read_timeout`. `0 B` turns it off.
+    pub min_body_rate: ByteSize,
+    /// Least rate, in bytes per second, at which a client must take a
+    /// response once one of its writes has been pending, over the time the
+    /// server then spends blocked on that client, checked after
+    /// `min_rate_grace`; below it the connection is closed. Guards against
+    /// a reader at a trickle just inside `write_timeout`. `0 B` turns it off.
+    pub min_write_rate: ByteSize,
+    /// How long the minimum rates allow before they are checked.
+    pub min_rate_grace: HumanDuration,
     /// Output downloads one tenant may have running at once; beyond it, 429
     /// with `Retry-After`. Each streams through a fixed-size buffer, so this
     /// bounds what slow readers can hold open, not memory per download.
@@ -168,6 +187,9 @@ impl Default for Server {
             max_connections_per_client: 64,
             health_reserve: 16,
             admin_max_connections: 64,
+            min_body_rate: ByteSize::kib(1),
+            min_write_rate: ByteSize::kib(1),
+            min_rate_grace: HumanDuration::secs(10),
             max_downloads_per_tenant: 16,
         }
     }
@@ -371,6 +393,10 @@ mod tests {
             (1024, 64, 16)
         );
         assert_eq!(s.admin_max_connections, 64);
+        assert_eq!(
+            (s.min_body_rate, s.min_write_rate, s.min_rate_grace),
+            (ByteSize::kib(1), ByteSize::kib(1), HumanDuration::secs(10))
+        );
         assert_eq!(c.audit.retention, HumanDuration::secs(30 * 24 * 3600));
         assert_eq!(
             (c.audit.denials_per_client, c.audit.denials_per_minute),

@@ -11,11 +11,21 @@
 //! - **body read timeout** (`tower_http::timeout::RequestBodyTimeout`):
 //!   between two frames of a request body;
 //! - **header size** (hyper's `max_buf_size`): the most a connection buffers
-//!   before its request is parsed, 431 beyond.
+//!   before its request is parsed, 431 beyond;
+//! - **minimum rates**: a request body must arrive at `min_body_rate`
+//!   ([`rate::MinRateBody`]) and a response be taken at `min_write_rate`
+//!   once a write waits on the client ([`idle::IdleIo`]), each checked
+//!   after `min_rate_grace`;
+//! - **hyper's own answers** (400, 414, 431 for a request head it cannot
+//!   parse) are rewritten to the JSON error shape by [`idle::IdleIo`].
 //!
 //! Per listener, a [`budget::Budget`] checked at accept time, before any byte
-//! is read: open connections in total and per client address. A connection
-//! beyond it is answered 503 and closed at once, so it holds nothing and the
+//! is read: open connections in total and per client address. When the
+//! total is full, the budget first sheds an idle connection (the one that
+//! has waited longest without a request in flight, from the address holding
+//! the most connections, and only for a newcomer from an address holding
+//! fewer): its task closes the socket. A connection still beyond it is
+//! answered 503 and closed at once, so it holds nothing and the
 //! kernel's backlog keeps draining. **The reserve**: (1) no single address
 //! can take more than its share of the public listener; (2) beyond the
 //! public total, `health_reserve` more connections are served, but only for
@@ -43,11 +53,13 @@
 pub mod budget;
 pub mod denials;
 mod idle;
+mod rate;
 
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use axum::Router;
@@ -65,7 +77,8 @@ use tower_http::timeout::RequestBodyTimeoutLayer;
 use crate::api::AppState;
 use budget::{Admission, Budget, Limits, Permit};
 use denials::Denials;
-use idle::{Idle, IdleIo, MarkIdle};
+use idle::{Idle, IdleIo, MarkIdle, MinRate};
+use rate::MinRateBody;
 
 /// How long open connections get to finish once shutdown begins, before
 /// they are dropped. `bulkhead serve` exits within `shutdown_grace` (jobs)
@@ -100,6 +113,8 @@ struct Edge {
     body_read_timeout: Duration,
     write_timeout: Duration,
     max_header_size: usize,
+    min_body_rate: MinRate,
+    min_write_rate: MinRate,
 }
 
 /// Serves the public API on `public` and the admin API on `admin` until
@@ -128,6 +143,14 @@ pub async fn serve(
         body_read_timeout: server.body_read_timeout.get(),
         write_timeout: server.write_timeout.get(),
         max_header_size: server.max_header_size.as_usize(),
+        min_body_rate: MinRate {
+            bytes_per_sec: server.min_body_rate.as_u64(),
+            grace: server.min_rate_grace.get(),
+        },
+        min_write_rate: MinRate {
+            bytes_per_sec: server.min_write_rate.as_u64(),
+            grace: server.min_rate_grace.get(),
+        },
     };
     let public_edge = edge(crate::api::app(state.clone()), public_limits);
     let admin_edge = edge(crate::api::admin_app(state.clone()), admin_limits);
@@ -306,6 +329,7 @@ fn connection(
         (edge.header_read_timeout, edge.idle_timeout)
     };
     let idle = Idle::new();
+    let slot = Arc::clone(permit.slot());
     let write_timeout = if health_only {
         RESERVE_TIMEOUT
     } else {
@@ -314,8 +338,10 @@ fn connection(
     let io = TokioIo::new(IdleIo::new(
         tcp,
         Arc::clone(&idle),
+        Arc::clone(&slot),
         idle_timeout,
         write_timeout,
+        edge.min_write_rate,
     ));
     let client = Client {
         addr: peer,
@@ -324,17 +350,39 @@ fn connection(
     let router = tower::ServiceBuilder::new()
         .layer(RequestBodyTimeoutLayer::new(edge.body_read_timeout))
         .service(edge.router.clone());
-    let service = tower::service_fn(move |mut req: Request<Incoming>| {
-        let (idle, client, router) = (Arc::clone(&idle), client.clone(), router.clone());
+    let min_body_rate = edge.min_body_rate;
+    let service_slot = Arc::clone(&slot);
+    let service = tower::service_fn(move |req: Request<Incoming>| {
+        let (idle, slot, client, router) = (
+            Arc::clone(&idle),
+            Arc::clone(&service_slot),
+            client.clone(),
+            router.clone(),
+        );
         async move {
             idle.busy();
-            if health_only && !matches!(req.uri().path(), "/healthz" | "/readyz") {
-                return Ok::<_, Infallible>(refusal().map(|b| MarkIdle::new(b, idle)));
+            if !slot.set_busy() {
+                // Shed as its head completed: the socket is being closed
+                // and no handler may start.
+                return Ok::<_, Infallible>(refusal().map(|b| MarkIdle::new(b, idle, slot)));
             }
+            if health_only && !matches!(req.uri().path(), "/healthz" | "/readyz") {
+                return Ok(refusal().map(|b| MarkIdle::new(b, idle, slot)));
+            }
+            let too_slow = Arc::new(AtomicBool::new(false));
+            let mut req = req.map(|b| MinRateBody::new(b, min_body_rate, Arc::clone(&too_slow)));
             req.extensions_mut().insert(ConnectInfo(client.addr));
             req.extensions_mut().insert(client);
-            let response = router.oneshot(req).await?;
-            Ok(response.map(|b| MarkIdle::new(b, idle)))
+            let mut response = router.oneshot(req).await?;
+            if too_slow.load(Ordering::SeqCst) {
+                // The rest of the body will not be read: close after the
+                // answer rather than wait for it.
+                response.headers_mut().insert(
+                    header::CONNECTION,
+                    header::HeaderValue::from_static("close"),
+                );
+            }
+            Ok(response.map(|b| MarkIdle::new(b, idle, slot)))
         }
     });
     let mut builder = hyper::server::conn::http1::Builder::new();
@@ -356,6 +404,8 @@ fn connection(
                 }
             }
             _ = raised(&mut force) => {}
+            // Shed for a newcomer: it had no request in flight.
+            () = slot.shed() => {}
         }
     });
 }

@@ -341,19 +341,19 @@ async fn connection_caps_refuse_the_excess_while_others_probes_and_the_admin_api
     let dir = tempfile::tempdir().unwrap();
     let (config, data) = write_config(
         dir.path(),
-        "max_connections = 24\nmax_connections_per_client = 8\nhealth_reserve = 2\nadmin_max_connections = 4\nheader_read_timeout = \"60 s\"\nidle_timeout = \"60 s\"",
+        "max_connections = 24\nmax_connections_per_client = 8\nhealth_reserve = 2\nadmin_max_connections = 4\nheader_read_timeout = \"60 s\"\nidle_timeout = \"60 s\"\nbody_read_timeout = \"60 s\"\nmin_body_rate = \"0 B\"",
         "",
     );
     let served = Running::start(&config);
     let admin_token = std::fs::read_to_string(data.join("admin.token")).unwrap();
+    let secret = token(&data, "acme", &["hello:run"]).await;
     let to = served.public;
 
-    // Held connections, each confirmed served once, then kept alive idle.
+    // Held connections, each with a request in flight (so none can be shed
+    // for a newcomer).
     let mut held = Vec::new();
     for _ in 0..8 {
-        let mut s = connect_from("127.0.0.2", to).await;
-        assert_eq!(get(&mut s, "/healthz", "").await.unwrap().0, 200);
-        held.push(s);
+        held.push(submission_in_flight("127.0.0.2", to, &secret).await);
     }
     // One address over its share is answered 503 and closed…
     let mut over = connect_from("127.0.0.2", to).await;
@@ -371,9 +371,7 @@ async fn connection_caps_refuse_the_excess_while_others_probes_and_the_admin_api
     // Fill the listener from more addresses.
     for from in ["127.0.0.4", "127.0.0.5"] {
         for _ in 0..8 {
-            let mut s = connect_from(from, to).await;
-            assert_eq!(get(&mut s, "/healthz", "").await.unwrap().0, 200);
-            held.push(s);
+            held.push(submission_in_flight(from, to, &secret).await);
         }
     }
     // Full: the reserve answers probes, and only probes, once per connection.
@@ -664,4 +662,280 @@ async fn sigterm_exits_within_its_bound_whatever_clients_hold_open() {
     ] {
         assert!(closed_by_server(s).await, "the {name} connection is closed");
     }
+}
+
+/// A connection from `from` with a submission in flight: its handler is
+/// reading a body of 1,000 bytes, of which 10 were sent. hyper answers
+/// `100 Continue` only once the handler asks for the body, so its arrival
+/// shows the request reached the handler.
+async fn submission_in_flight(from: &str, to: SocketAddr, secret: &str) -> TcpStream {
+    let mut s = connect_from(from, to).await;
+    let head = format!(
+        "POST /v1/modules/hello/jobs HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {secret}\r\ncontent-type: application/octet-stream\r\ncontent-length: 1000\r\nexpect: 100-continue\r\n\r\n"
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    assert_eq!(read_head(&mut s).await.unwrap().0, 100);
+    s.write_all(&[b'a'; 10]).await.unwrap();
+    s
+}
+
+/// Reads one response head on `stream`: its status and lowercased head.
+async fn read_head(stream: &mut TcpStream) -> Option<(u16, String)> {
+    let mut data = Vec::new();
+    let mut byte = [0u8; 1];
+    while !data.ends_with(b"\r\n\r\n") {
+        match tokio::time::timeout(PATIENCE, stream.read(&mut byte)).await {
+            Ok(Ok(1)) => data.push(byte[0]),
+            _ => return None,
+        }
+    }
+    let head = String::from_utf8_lossy(&data).to_lowercase();
+    Some((head.split_whitespace().nth(1)?.parse().ok()?, head))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_spread_flood_filling_the_total_is_shed_for_a_normal_client_but_a_request_in_flight_is_not()
+ {
+    let dir = tempfile::tempdir().unwrap();
+    let (config, data) = write_config(
+        dir.path(),
+        "max_connections = 16\nmax_connections_per_client = 4\nhealth_reserve = 0\nheader_read_timeout = \"60 s\"\nidle_timeout = \"60 s\"\nbody_read_timeout = \"60 s\"\nmin_body_rate = \"0 B\"",
+        "",
+    );
+    let served = Running::start(&config);
+    let secret = token(&data, "acme", &["hello:run"]).await;
+    let to = served.public;
+
+    let mut in_flight = submission_in_flight("127.0.5.1", to, &secret).await;
+
+    // The rest of the total: two more from the in-flight address, then one
+    // each from 13 addresses, every one confirmed served, then left idle.
+    let mut originals = Vec::new();
+    for i in 0..15u32 {
+        let from = if i < 2 {
+            "127.0.5.1".to_owned()
+        } else {
+            format!("127.0.6.{i}")
+        };
+        let mut s = connect_from(&from, to).await;
+        assert_eq!(get(&mut s, "/healthz", "").await.unwrap().0, 200);
+        originals.push(s);
+    }
+
+    // Full, and every address under its cap: a normal client is served.
+    let auth = format!("authorization: Bearer {secret}\r\n");
+    let mut normal = connect_from("127.0.7.1", to).await;
+    let answer = get(&mut normal, "/v1/modules", &auth).await;
+    assert_eq!(
+        answer.as_ref().map(|a| a.0),
+        Some(200),
+        "a normal client on a full listener: {answer:?}"
+    );
+
+    // A flood re-opening from fresh addresses sheds every idle connection
+    // older than its own, but never the request in flight.
+    let mut newcomers = Vec::new();
+    for i in 1..=30u32 {
+        let mut s = connect_from(&format!("127.0.8.{i}"), to).await;
+        assert_eq!(get(&mut s, "/healthz", "").await.unwrap().0, 200);
+        newcomers.push(s);
+    }
+    for (i, s) in originals.iter_mut().enumerate() {
+        assert!(closed_by_server(s).await, "idle connection {i} was shed");
+    }
+    in_flight.write_all(&[b'a'; 990]).await.unwrap();
+    let (status, body) = read_response(&mut in_flight)
+        .await
+        .expect("the request in flight is answered");
+    assert_eq!(status, 202, "{body}");
+}
+
+/// Sends `request` as is on a new connection to `to`, then returns the
+/// answer's status, head and body (read to the end of the connection).
+async fn raw_answer(to: SocketAddr, prefix: &str, request: &[u8]) -> (u16, String, String) {
+    let mut s = connect_from("127.0.0.1", to).await;
+    if !prefix.is_empty() {
+        assert_eq!(get(&mut s, prefix, "").await.unwrap().0, 200);
+    }
+    s.write_all(request).await.unwrap();
+    let (status, head) = read_head(&mut s).await.expect("an answer");
+    let mut body = Vec::new();
+    let _ = tokio::time::timeout(PATIENCE, s.read_to_end(&mut body)).await;
+    (status, head, String::from_utf8_lossy(&body).into_owned())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn requests_hyper_cannot_parse_get_the_json_error_shape_on_both_listeners() {
+    let dir = tempfile::tempdir().unwrap();
+    let (config, _) = write_config(dir.path(), "", "");
+    let served = Running::start(&config);
+    let many_headers: String = (0..150).map(|i| format!("x-h{i}: v\r\n")).collect();
+    let cases: Vec<(&str, Vec<u8>, u16, &str)> = vec![
+        (
+            "oversized header",
+            format!(
+                "GET /healthz HTTP/1.1\r\nhost: x\r\nx-big: {}\r\n\r\n",
+                "a".repeat(32 << 10)
+            )
+            .into_bytes(),
+            431,
+            "headers_too_large",
+        ),
+        (
+            "too many headers",
+            format!("GET /healthz HTTP/1.1\r\nhost: x\r\n{many_headers}\r\n").into_bytes(),
+            431,
+            "headers_too_large",
+        ),
+        (
+            "malformed request line",
+            b"GET /healthz NOT-HTTP\r\nhost: x\r\n\r\n".to_vec(),
+            400,
+            "bad_request",
+        ),
+        (
+            "bad header bytes",
+            b"GET /healthz HTTP/1.1\r\nhost: x\r\nx-bad\x01name: v\r\n\r\n".to_vec(),
+            400,
+            "bad_request",
+        ),
+    ];
+    for to in [served.public, served.admin] {
+        for (name, request, want, code) in &cases {
+            // On a fresh connection, and after a request was answered on it.
+            for prefix in ["", "/healthz"] {
+                let (status, head, body) = raw_answer(to, prefix, request).await;
+                let what = format!("{name} (after `{prefix}`) on {to}: {head}{body}");
+                assert_eq!(status, *want, "{what}");
+                assert!(head.contains("content-type: application/json"), "{what}");
+                let json: serde_json::Value = serde_json::from_str(&body).expect(&what);
+                assert_eq!(json["error"]["code"], *code, "{what}");
+                assert!(json["error"]["message"].is_string(), "{what}");
+            }
+        }
+    }
+
+    // hyper's own 414 (a target over 64 KiB) can only happen with a header
+    // cap above it.
+    let dir = tempfile::tempdir().unwrap();
+    let (config, _) = write_config(dir.path(), "max_header_size = \"128 KiB\"", "");
+    let served = Running::start(&config);
+    let long = format!("GET /{} HTTP/1.1\r\nhost: x\r\n\r\n", "a".repeat(70_000));
+    let (status, head, body) = raw_answer(served.public, "", long.as_bytes()).await;
+    assert_eq!(status, 414, "{head}{body}");
+    assert!(head.contains("content-type: application/json"), "{head}");
+    let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(json["error"]["code"], "uri_too_long", "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_body_trickled_below_the_minimum_rate_ends_its_connection_and_stores_nothing() {
+    // Only the minimum rate can end this body: the gap between its frames
+    // is far inside the body read timeout.
+    let dir = tempfile::tempdir().unwrap();
+    let (config, data) = write_config(
+        dir.path(),
+        "body_read_timeout = \"60 s\"\nmin_body_rate = \"1 KiB\"\nmin_rate_grace = \"1 s\"",
+        "",
+    );
+    let served = Running::start(&config);
+    let secret = token(&data, "acme", &["hello:run"]).await;
+    let mut s = connect_from("127.0.0.1", served.public).await;
+    let head = format!(
+        "POST /v1/modules/hello/jobs HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {secret}\r\ncontent-type: application/octet-stream\r\ncontent-length: 100000\r\n\r\n"
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    let mut buf = vec![0u8; 4096];
+    let mut answer = Vec::new();
+    let closed = tokio::time::timeout(PATIENCE, async {
+        let mut trickle = tokio::time::interval(Duration::from_millis(100));
+        loop {
+            tokio::select! {
+                _ = trickle.tick() => {
+                    if s.write_all(&[b'a'; 10]).await.is_err() {
+                        return;
+                    }
+                }
+                r = s.read(&mut buf) => match r {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => answer.extend_from_slice(&buf[..n]),
+                },
+            }
+        }
+    })
+    .await
+    .is_ok();
+    assert!(closed, "a trickled body holds its connection");
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(
+        answer.is_empty() || !answer.starts_with("HTTP/1.1 2"),
+        "{answer}"
+    );
+    // Nothing was stored.
+    let http = reqwest::Client::new();
+    let jobs: serde_json::Value = http
+        .get(format!("http://{}/v1/jobs", served.public))
+        .bearer_auth(&secret)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let listed = jobs
+        .as_array()
+        .or_else(|| jobs["jobs"].as_array())
+        .expect("a job list");
+    assert!(listed.is_empty(), "{jobs}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_reading_below_the_minimum_rate_is_closed() {
+    // The reader makes progress every 100 ms, far inside the write timeout:
+    // only the minimum write rate can end it.
+    let dir = tempfile::tempdir().unwrap();
+    let (config, _) = write_config(
+        dir.path(),
+        "header_read_timeout = \"10 min\"\nidle_timeout = \"10 min\"\nwrite_timeout = \"60 s\"\nmin_write_rate = \"1 KiB\"\nmin_rate_grace = \"1 s\"",
+        "",
+    );
+    let served = Running::start(&config);
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    socket
+        .bind(SocketAddr::new("127.0.0.1".parse().unwrap(), 0))
+        .unwrap();
+    let stream = socket.connect(served.public).await.unwrap();
+    let client = stream.local_addr().unwrap();
+    let (mut read_half, mut write_half) = stream.into_split();
+    let writer = tokio::spawn(async move {
+        let one = "GET /openapi.json HTTP/1.1\r\nhost: bulkhead\r\n\r\n";
+        let _ = write_half.write_all(one.repeat(2000).as_bytes()).await;
+        write_half
+    });
+    // 64 bytes every 100 ms: 640 bytes a second.
+    let reader = tokio::spawn(async move {
+        let mut buf = [0u8; 64];
+        loop {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            match read_half.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    });
+    let mut established = true;
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while established && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        established = server_end_established(served.public, client);
+    }
+    assert!(
+        !established,
+        "the server still holds a connection whose client reads at a trickle"
+    );
+    writer.abort();
+    reader.abort();
+    let mut other = connect_from("127.0.0.2", served.public).await;
+    assert_eq!(get(&mut other, "/healthz", "").await.unwrap().0, 200);
 }
