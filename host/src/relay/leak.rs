@@ -55,8 +55,8 @@
 //! not start the body, brotli (no magic), images of the token, and any
 //! transformation the service invents (encryption, reversal, ROT13...).
 //!
-//! Each token's needles are one automaton ([`TokenNeedles`]), built when the
-//! token is minted; a call's response is searched for its own token and for
+//! Each token's needles ([`TokenNeedles`]) are built when the token is
+//! minted (their automaton only when a long haystack needs it); a call's response is searched for its own token and for
 //! the job's earlier ones that may still be valid (a service may hand one
 //! call's token back in a later answer). A stream holds back the bytes that
 //! could still start a form: the last `WINDOW - 1` bytes of each view (more
@@ -167,32 +167,53 @@ fn windows(bytes: &[u8], stride: usize, out: &mut Vec<Vec<u8>>) {
     out.push(bytes[bytes.len() - WINDOW..].to_vec());
 }
 
-/// Every form of one token, as one automaton: built once, when the token
-/// is minted, and reused for every later call of the job while the token
-/// may still be valid.
+/// Every form of one token: built when the token is minted (a sorted list
+/// of its needles, searched directly in short haystacks) and reused for
+/// every later call of the job while the token may still be valid; its
+/// Aho-Corasick automaton is built only when a haystack longer than
+/// [`DIRECT_MAX`] needs it (most answers never do).
 #[derive(Debug)]
 pub struct TokenNeedles {
-    /// `None` only if building failed: every non-empty input then counts
-    /// as a leak (fail closed).
-    automaton: Option<AhoCorasick>,
-    /// The needles, for an automaton of several tokens.
+    /// `Some(None)` only if building failed: every non-empty input then
+    /// counts as a leak (fail closed).
+    automaton: OnceLock<Option<AhoCorasick>>,
+    /// The needles, sorted.
     patterns: Vec<Vec<u8>>,
+    /// The same, when every one is [`WINDOW`] bytes long (always, but for
+    /// a signature shorter than that).
+    fixed: Option<Vec<[u8; WINDOW]>>,
 }
+
+/// Longest haystack searched window by window in the sorted needles
+/// rather than with the automaton.
+const DIRECT_MAX: usize = 2048;
 
 impl TokenNeedles {
     /// The needles of `token` ([`forms`]).
     pub fn new(token: &str) -> Self {
-        // Building fails only past the automaton's size limits, which a
-        // hundred short patterns are far from.
         let patterns = forms(token);
+        let fixed = patterns
+            .iter()
+            .map(|p| <[u8; WINDOW]>::try_from(p.as_slice()).ok())
+            .collect::<Option<Vec<_>>>();
         Self {
-            automaton: build(&patterns),
+            automaton: OnceLock::new(),
             patterns,
+            fixed,
         }
     }
 
     fn is_match(&self, folded: &[u8]) -> bool {
-        match &self.automaton {
+        if let Some(fixed) = &self.fixed
+            && folded.len() <= DIRECT_MAX
+        {
+            return folded
+                .windows(WINDOW)
+                .any(|w| fixed.binary_search_by(|p| p.as_slice().cmp(w)).is_ok());
+        }
+        // Building fails only past the automaton's size limits, which a
+        // hundred short patterns are far from.
+        match self.automaton.get_or_init(|| build(&self.patterns)) {
             Some(a) => a.is_match(folded),
             None => !folded.is_empty(),
         }
