@@ -363,12 +363,82 @@ pub fn body_override(body: &[u8]) -> Option<String> {
             }
         }
     }
-    if let Ok(map) = serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(body)
-        && let Some(key) = map.keys().find(|k| is_override(k))
-    {
-        return Some(bounded_key(key));
+    json_top_keys(body)
+        .into_iter()
+        .find(|k| is_override(k))
+        .map(|k| bounded_key(&k))
+}
+
+/// The keys of a JSON object body's top level, read lexically: no depth
+/// limit, duplicates kept, escapes decoded, whatever follows. A parser
+/// with other limits than this one's must not read a key this check
+/// missed.
+fn json_top_keys(body: &[u8]) -> Vec<String> {
+    let mut keys = Vec::new();
+    let first = body
+        .iter()
+        .position(|b| !b.is_ascii_whitespace() && !matches!(b, 0xef | 0xbb | 0xbf));
+    if first.map(|i| body[i]) != Some(b'{') {
+        return keys;
     }
-    None
+    let mut depth = 0usize;
+    let mut i = 0;
+    while i < body.len() {
+        match body[i] {
+            b'{' | b'[' => depth += 1,
+            b'}' | b']' => depth = depth.saturating_sub(1),
+            b'"' => {
+                let (text, end) = json_string(body, i + 1);
+                i = end;
+                let next = body[i..].iter().find(|b| !b.is_ascii_whitespace());
+                if depth == 1 && next == Some(&b':') {
+                    keys.push(text);
+                }
+                continue;
+            }
+            _ => {}
+        }
+        i += 1;
+    }
+    keys
+}
+
+/// A JSON string starting at `i` (after its quote), decoded, and where it
+/// ends (after its closing quote).
+fn json_string(body: &[u8], mut i: usize) -> (String, usize) {
+    let mut out = String::new();
+    let mut raw = Vec::new();
+    while i < body.len() {
+        match body[i] {
+            b'"' => {
+                out.push_str(&String::from_utf8_lossy(&raw));
+                return (out, i + 1);
+            }
+            b'\\' => {
+                out.push_str(&String::from_utf8_lossy(&std::mem::take(&mut raw)));
+                let hex = body
+                    .get(i + 2..i + 6)
+                    .and_then(|h| std::str::from_utf8(h).ok())
+                    .and_then(|h| u32::from_str_radix(h, 16).ok());
+                match (body.get(i + 1), hex) {
+                    (Some(b'u'), Some(v)) => {
+                        out.push(char::from_u32(v).unwrap_or('\u{fffd}'));
+                        i += 6;
+                    }
+                    (Some(c), _) => {
+                        out.push(char::from(*c));
+                        i += 2;
+                    }
+                    (None, _) => i += 1,
+                }
+                continue;
+            }
+            b => raw.push(b),
+        }
+        i += 1;
+    }
+    out.push_str(&String::from_utf8_lossy(&raw));
+    (out, i)
 }
 
 fn is_override(key: &str) -> bool {
@@ -765,9 +835,19 @@ mod tests {
             "{\"a\":1, \"_METHOD\" : \"DELETE\"}",
             "{\"\\u005fmethod\":\"DELETE\"}",
             "{\"x-http-method-override\":\"PUT\"}",
+            "\u{feff}{\"_method\":\"DELETE\"}",
+            "{\"_method\":\"DELETE\",}",
+            "{\"_method\":\"GET\",\"_method\":\"DELETE\"}",
         ] {
             assert!(body_override(body.as_bytes()).is_some(), "{body}");
         }
+        // Deeper than serde_json's recursion limit, shallower than PHP's.
+        let deep = format!(
+            "{{\"deep\":{}1{}, \"_method\":\"DELETE\"}}",
+            "[".repeat(300),
+            "]".repeat(300)
+        );
+        assert!(body_override(deep.as_bytes()).is_some());
         for body in [
             "a=1&method=DELETE",
             "a=1&b=_method",
