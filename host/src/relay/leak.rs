@@ -36,7 +36,8 @@
 //!    `\u0041` and `\/`-style escapes (JSON, C, JavaScript), HTML numeric
 //!    entities (`&#x41;`, `&#65;`, with or without `;`, up to 8 digits) and
 //!    a few named ones (`&sol;`, `&plus;`, `&lowbar;`, ...), in any mix and
-//!    any letter case.
+//!    any letter case; and the same decoding once more over that (two
+//!    levels of escaping: `%2541`, `&amp;#x41;`).
 //!
 //! Compressed payloads ([`Scanner`]): a gzip or zlib stream at the start of
 //! the body, a gzip member or a zip entry anywhere in it (found by magic,
@@ -49,7 +50,7 @@
 //! response is withheld ([`Withheld::Opaque`]).
 //!
 //! Not recognised (documented in ARCHITECTURE.md): encodings of encodings
-//! beyond the above (base64 of gzip, hex of UTF-16, two levels of
+//! beyond the above (base64 of gzip, hex of UTF-16, three levels of
 //! escaping), separators inside an encoding (hex with spaces, byte-array
 //! dumps such as `[101, 121, ...]`), a zlib or raw deflate stream that does
 //! not start the body, brotli (no magic), images of the token, and any
@@ -271,13 +272,7 @@ impl Needles {
         if self.tokens.is_empty() {
             return false;
         }
-        let mut view = Unescaped::default();
-        let (mut out, mut at) = (Vec::new(), Vec::new());
-        for (i, b) in haystack.iter().enumerate() {
-            view.push(*b, i as u64, &mut out, &mut at);
-        }
-        view.flush(&mut out, &mut at);
-        self.is_match(&fold(haystack), 0) || self.is_match(&out, 0)
+        self.is_match(&fold(haystack), 0) || UnescapedStream::default().feed(self, haystack, 0, 0)
     }
 
     /// Whether the folded `haystack` holds a needle, for a stream that has
@@ -394,15 +389,6 @@ impl Unescaped {
                     self.unescape(*r, start, out, offsets);
                 }
             }
-        }
-    }
-
-    /// At the end of the input: an unfinished escape stands for itself.
-    fn flush(&mut self, out: &mut Vec<u8>, offsets: &mut Vec<u64>) {
-        let start = self.escape_at;
-        for b in std::mem::take(&mut self.escape) {
-            out.push(FOLD[usize::from(b)]);
-            offsets.push(start);
         }
     }
 
@@ -524,16 +510,20 @@ fn entity(e: &[u8]) -> Parse {
 }
 
 /// The unescaped view of a stream: its decoder and the last bytes it
-/// produced (which could still start a form).
+/// produced (which could still start a form), and the same again over that
+/// view's output (a second level of escaping: `%2541`, `&amp;#65;`).
 #[derive(Debug, Default)]
 struct UnescapedStream {
     view: Unescaped,
     tail: Vec<u8>,
     tail_at: Vec<u64>,
+    again: Unescaped,
+    again_tail: Vec<u8>,
+    again_tail_at: Vec<u64>,
 }
 
 impl UnescapedStream {
-    /// Reads `chunk` (starting at offset `base`); whether the view now
+    /// Reads `chunk` (starting at offset `base`); whether either level now
     /// holds a needle.
     fn feed(&mut self, needles: &Needles, chunk: &[u8], base: u64, scanned: usize) -> bool {
         let mut out = std::mem::take(&mut self.tail);
@@ -542,17 +532,34 @@ impl UnescapedStream {
         for (i, b) in chunk.iter().enumerate() {
             self.view.push(*b, base + i as u64, &mut out, &mut at);
         }
-        let found = out.len() > kept && needles.is_match(&out, scanned);
+        let mut again = std::mem::take(&mut self.again_tail);
+        let mut again_at = std::mem::take(&mut self.again_tail_at);
+        let again_kept = again.len();
+        for (b, offset) in out[kept..].iter().zip(&at[kept..]) {
+            self.again.unescape(*b, *offset, &mut again, &mut again_at);
+        }
+        let found = (out.len() > kept && needles.is_match(&out, scanned))
+            || (again.len() > again_kept && needles.is_match(&again, scanned));
         let keep = out.len().saturating_sub(WINDOW - 1);
         self.tail = out.split_off(keep);
         self.tail_at = at.split_off(keep);
+        let keep = again.len().saturating_sub(WINDOW - 1);
+        self.again_tail = again.split_off(keep);
+        self.again_tail_at = again_at.split_off(keep);
         found
     }
 
     /// The first offset whose bytes could still be part of a form.
     fn safe(&self, total: u64) -> u64 {
-        let tail = self.tail_at.first().copied().unwrap_or(total);
-        self.view.pending().map_or(tail, |p| p.min(tail))
+        [
+            self.tail_at.first().copied(),
+            self.view.pending(),
+            self.again_tail_at.first().copied(),
+            self.again.pending(),
+        ]
+        .into_iter()
+        .flatten()
+        .fold(total, u64::min)
     }
 }
 
@@ -1106,6 +1113,14 @@ mod tests {
                 each_byte(&bearer, |b| format!("\\x{b:02x}")),
             ),
             ("=HH".into(), each_byte(&bearer, |b| format!("={b:02X}"))),
+            (
+                "%25XX".into(),
+                each_byte(&bearer, |b| format!("%25{b:02X}")),
+            ),
+            (
+                "&amp;#xHH;".into(),
+                each_byte(&bearer, |b| format!("&amp;#x{b:X};")),
+            ),
             (
                 "mixed escapes".into(),
                 bearer
