@@ -21,8 +21,17 @@
 //! `reflect-encoding` (gzip and deflate, asked for or not; it decodes what
 //! it gets), `reflect-trailers`, `reflect-headers` (a header, `Location`,
 //! the reason phrase, `Set-Cookie`), `reflect-stash` (one call's token
-//! returned to the next call). Each dumps everything it received to stdout
-//! and `/out/reflect.txt`.
+//! returned to the next call), `reflect-compressed` (a gzip payload sent as
+//! `application/gzip`, a zip entry, a gzip member after a prefix, zstd),
+//! `reflect-text` (UTF-16LE/BE, lowercased, quoted-printable),
+//! `reflect-escapes` (lowercase `%xx`, HTML hex and decimal entities, JSON
+//! `\u00xx`), `reflect-offset` (base64 of the raw signature at offsets 0, 1
+//! and 2, standard and URL alphabets, `\/`-escaped in JSON). Each dumps
+//! everything it received to stdout and `/out/reflect.txt`, with what it
+//! could decode of it (inflated, NULs dropped, unescaped, base64 decoded).
+//!
+//! `body-override`: `POST` requests carrying `_method=DELETE` in a form
+//! body, a multipart part name and a top-level JSON key.
 //!
 //! Past the header allow-list: `forward` (30 identity, routing and
 //! method-override headers), `trailers` (credentials and identity claims as
@@ -75,6 +84,31 @@ fn main() {
             ("cookie", &[]),
         ]),
         "reflect-stash" => reflect(&[("stash", &[]), ("recall", &[]), ("recall", &[])]),
+        "reflect-compressed" => reflect(&[
+            ("gzip-body", &[]),
+            ("zip", &[]),
+            ("gzip-later", &[]),
+            ("zstd", &[]),
+        ]),
+        "reflect-text" => reflect(&[
+            ("utf16", &[]),
+            ("utf16be", &[]),
+            ("lower", &[]),
+            ("qp", &[]),
+        ]),
+        "reflect-escapes" => reflect(&[
+            ("percent-lower", &[]),
+            ("html-hex", &[]),
+            ("html-decimal", &[]),
+            ("json-escapes", &[]),
+        ]),
+        "reflect-offset" => reflect(&[
+            ("base64-raw-1", &[]),
+            ("base64-raw-2", &[]),
+            ("base64url-raw-0", &[]),
+            ("json-base64-raw", &[]),
+        ]),
+        "body-override" => body_override(),
         "forward" => forward(),
         "trailers" => trailers(),
         "path-escapes" => path_escapes(),
@@ -368,8 +402,161 @@ fn decode(body: &[u8]) -> Vec<Vec<u8>> {
     {
         out.push(text);
     }
+    // A zip entry (deflate) anywhere.
+    if let Some(at) = body.windows(4).position(|w| w == b"PK\x03\x04")
+        && body.len() > at + 30
+    {
+        let h = &body[at..];
+        let skip = 30
+            + usize::from(u16::from_le_bytes([h[26], h[27]]))
+            + usize::from(u16::from_le_bytes([h[28], h[29]]));
+        let mut text = Vec::new();
+        if let Some(data) = h.get(skip..) {
+            let _ = flate2::read::DeflateDecoder::new(data).read_to_end(&mut text);
+            out.push(data.to_vec());
+        }
+        out.push(text);
+    }
+    // A gzip member anywhere.
+    if let Some(at) = body.windows(3).position(|w| w == [0x1f, 0x8b, 0x08])
+        && at > 0
+    {
+        let mut text = Vec::new();
+        let _ = flate2::read::GzDecoder::new(&body[at..]).read_to_end(&mut text);
+        out.push(text);
+    }
+    // NULs dropped (UTF-16, UTF-32), then escapes decoded.
+    let plain: Vec<u8> = body.iter().copied().filter(|b| *b != 0).collect();
+    out.push(unescape(&plain));
+    out.push(plain.to_ascii_lowercase());
+    // Base64 runs decoded at each offset, re-encoded as the token's alphabet.
+    for run in plain
+        .split(|b| !(b.is_ascii_alphanumeric() || b"+/-_\\".contains(b)))
+        .filter(|r| r.len() >= 16)
+    {
+        let run: Vec<u8> = run.iter().copied().filter(|b| *b != b'\\').collect();
+        for skip in 0..4 {
+            let part = &run[skip.min(run.len())..];
+            let bytes = b64_decode(&part[..part.len() / 4 * 4]);
+            out.push(b64url_encode(&bytes));
+            out.push(bytes);
+        }
+    }
     out.retain(|d| !d.is_empty());
     out
+}
+
+/// Base64 in either alphabet, decoded (characters outside it skipped).
+fn b64_decode(text: &[u8]) -> Vec<u8> {
+    let value = |c: u8| -> Option<u32> {
+        Some(u32::from(match c {
+            b'A'..=b'Z' => c - b'A',
+            b'a'..=b'z' => c - b'a' + 26,
+            b'0'..=b'9' => c - b'0' + 52,
+            b'+' | b'-' => 62,
+            b'/' | b'_' => 63,
+            _ => return None,
+        }))
+    };
+    let mut out = Vec::new();
+    let (mut acc, mut bits) = (0u32, 0);
+    for v in text.iter().filter_map(|c| value(*c)) {
+        acc = (acc << 6) | v;
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push(((acc >> bits) & 0xff) as u8);
+        }
+    }
+    out
+}
+
+/// Base64, URL alphabet, no padding (the token's own encoding).
+fn b64url_encode(bytes: &[u8]) -> Vec<u8> {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let mut out = Vec::new();
+    for group in bytes.chunks(3) {
+        let n = group
+            .iter()
+            .enumerate()
+            .fold(0u32, |acc, (i, b)| acc | u32::from(*b) << (16 - 8 * i));
+        for i in 0..=group.len() {
+            out.push(ALPHABET[((n >> (18 - 6 * i)) & 63) as usize]);
+        }
+    }
+    out
+}
+
+/// `%xx`, `=XX`, `&#xNN;`, `&#NN;`, `\uNNNN` and `\xNN` decoded, once.
+fn unescape(text: &[u8]) -> Vec<u8> {
+    let s = String::from_utf8_lossy(text);
+    let mut out = Vec::new();
+    let b = s.as_bytes();
+    let mut i = 0;
+    let hex = |t: &[u8]| {
+        std::str::from_utf8(t)
+            .ok()
+            .and_then(|t| u32::from_str_radix(t, 16).ok())
+    };
+    while i < b.len() {
+        let rest = &b[i..];
+        let (value, used) = if (rest.starts_with(b"%") || rest.starts_with(b"=")) && rest.len() >= 3
+        {
+            (hex(&rest[1..3]), 3)
+        } else if rest.starts_with(b"\\u") && rest.len() >= 6 {
+            (hex(&rest[2..6]), 6)
+        } else if rest.starts_with(b"\\x") && rest.len() >= 4 {
+            (hex(&rest[2..4]), 4)
+        } else if rest.starts_with(b"&#") {
+            let end = rest.iter().position(|c| *c == b';').unwrap_or(0);
+            let digits = rest.get(2..end).unwrap_or_default();
+            let v = match digits.first() {
+                Some(b'x' | b'X') => hex(&digits[1..]),
+                _ => std::str::from_utf8(digits)
+                    .ok()
+                    .and_then(|d| d.parse().ok()),
+            };
+            (v, end + 1)
+        } else {
+            (None, 1)
+        };
+        match value.and_then(|v| u8::try_from(v).ok()) {
+            Some(v) => {
+                out.push(v);
+                i += used;
+            }
+            None => {
+                out.push(b[i]);
+                i += 1;
+            }
+        }
+    }
+    out
+}
+
+/// Method overrides in request bodies the gate must refuse: a form, a
+/// multipart part name, a top-level JSON key, a percent-escaped form key
+/// under an oddly written content type.
+fn body_override() {
+    let multipart =
+        "--XyZ\r\nContent-Disposition: form-data; name=\"_method\"\r\n\r\nDELETE\r\n--XyZ--\r\n";
+    for (content_type, body) in [
+        ("application/x-www-form-urlencoded", "a=1&_method=DELETE"),
+        ("multipart/form-data; boundary=XyZ", multipart),
+        ("application/json", "{\"a\":1,\"_method\":\"DELETE\"}"),
+        (
+            " Application/X-WWW-Form-Urlencoded ; charset=UTF-8",
+            "%5Fmethod=PUT",
+        ),
+    ] {
+        attempt(
+            "body-override",
+            "POST",
+            "http://palette/v1/sink",
+            &[("content-type", content_type)],
+            Some(body.as_bytes()),
+        );
+    }
 }
 
 /// The marker value of every smuggled header (the suite looks for it in

@@ -98,6 +98,27 @@ pub enum Refusal {
         /// Where: `headers` or `body`.
         place: &'static str,
     },
+    /// A method override in the request body: a form field, a multipart
+    /// part name, a top-level JSON key ([`body_override`]).
+    #[error(
+        "method-override field `{key}` in the request body refused (service `{service}`): the gate \
+         checks the method the service will act on"
+    )]
+    BodyOverride {
+        /// The field as sent (bounded).
+        key: String,
+        /// The service.
+        service: String,
+    },
+    /// A response the gate cannot search for the call token (a compressed
+    /// format it cannot inflate, too much inflated data).
+    #[error("service `{service}`'s response withheld: {why}")]
+    Unsearchable {
+        /// The service that answered.
+        service: String,
+        /// Why it cannot be searched.
+        why: String,
+    },
     /// A per-job bound.
     #[error("{0}")]
     Limit(String),
@@ -123,6 +144,8 @@ impl Refusal {
             Self::Redirect { .. } => "redirect",
             Self::Encoding { .. } => "encoding",
             Self::Leak { .. } => "leak",
+            Self::BodyOverride { .. } => "method_override",
+            Self::Unsearchable { .. } => "unsearchable",
             Self::Limit(_) => "limit",
             Self::Identity(_) => "identity",
         }
@@ -276,6 +299,191 @@ const METHOD_OVERRIDES: [&str; 5] = [
     "x-method-override",
     "_httpmethod",
 ];
+
+/// Whether a request body with these headers is read for parameters by
+/// some framework, so it must be checked for method overrides
+/// ([`body_override`]): no `Content-Type`, or any `Content-Type` value that
+/// names a form, a multipart body or JSON (case, parameters, whitespace and
+/// the exact subtype ignored: `application/x-www-form-urlencoded`,
+/// `multipart/form-data`, `application/json`, `text/json`,
+/// `application/vnd.x+json`...; Laravel reads any type containing `json`).
+pub fn body_is_parsed(headers: &HeaderMap) -> bool {
+    let mut types = headers
+        .get_all(http::header::CONTENT_TYPE)
+        .iter()
+        .peekable();
+    if types.peek().is_none() {
+        return true;
+    }
+    types.any(|v| {
+        let v = String::from_utf8_lossy(v.as_bytes()).to_ascii_lowercase();
+        ["form", "multipart", "json"].iter().any(|k| v.contains(k))
+    })
+}
+
+/// Most request body bytes read to check for method overrides; a body
+/// [`body_is_parsed`] selects that is longer is refused.
+pub const MAX_CHECKED_BODY: u64 = 1024 * 1024;
+
+/// The first method-override field of a request body, read every way a
+/// common framework would read it, whatever the `Content-Type` says: as
+/// `application/x-www-form-urlencoded` pairs (split on `&` and `;`, keys
+/// percent-decoded), as `multipart/form-data` (every `name` or `name*`
+/// parameter of every `Content-Disposition` line), and as a JSON object
+/// (its top-level keys, as Laravel reads `_method`). Keys are normalized as
+/// [`override_key`] does, and a PHP array key (`_method[x]`) counts as its
+/// name.
+pub fn body_override(body: &[u8]) -> Option<String> {
+    let text = String::from_utf8_lossy(body);
+    for pair in text.split(['&', ';']) {
+        let key = pair.split('=').next().unwrap_or_default();
+        if is_override(&percent_decode(key)) {
+            return Some(bounded_key(key));
+        }
+    }
+    for line in text.lines() {
+        let line = line.trim_start();
+        let lower = line.to_ascii_lowercase();
+        let Some(rest) = lower.strip_prefix("content-disposition") else {
+            continue;
+        };
+        for param in rest.split(';').skip(1) {
+            let Some((name, value)) = param.split_once('=') else {
+                continue;
+            };
+            let name = name.trim();
+            if name != "name" && name != "name*" {
+                continue;
+            }
+            let value = value.trim().trim_matches('"');
+            // RFC 2231: `name*=utf-8''%5Fmethod`.
+            let value = value.rsplit('\'').next().unwrap_or(value);
+            if is_override(&percent_decode(value)) {
+                return Some(bounded_key(value));
+            }
+        }
+    }
+    json_top_keys(body)
+        .into_iter()
+        .find(|k| is_override(k))
+        .map(|k| bounded_key(&k))
+}
+
+/// The keys of a JSON object body's top level, read lexically: no depth
+/// limit, duplicates kept, escapes decoded, whatever follows. A parser
+/// with other limits than this one's must not read a key this check
+/// missed.
+fn json_top_keys(body: &[u8]) -> Vec<String> {
+    let mut keys = Vec::new();
+    let first = body
+        .iter()
+        .position(|b| !b.is_ascii_whitespace() && !matches!(b, 0xef | 0xbb | 0xbf));
+    if first.map(|i| body[i]) != Some(b'{') {
+        return keys;
+    }
+    let mut depth = 0usize;
+    let mut i = 0;
+    while i < body.len() {
+        match body[i] {
+            b'{' | b'[' => depth += 1,
+            b'}' | b']' => depth = depth.saturating_sub(1),
+            b'"' => {
+                let (text, end) = json_string(body, i + 1);
+                i = end;
+                let next = body[i..].iter().find(|b| !b.is_ascii_whitespace());
+                if depth == 1 && next == Some(&b':') {
+                    keys.push(text);
+                }
+                continue;
+            }
+            _ => {}
+        }
+        i += 1;
+    }
+    keys
+}
+
+/// A JSON string starting at `i` (after its quote), decoded, and where it
+/// ends (after its closing quote).
+fn json_string(body: &[u8], mut i: usize) -> (String, usize) {
+    let mut out = String::new();
+    let mut raw = Vec::new();
+    while i < body.len() {
+        match body[i] {
+            b'"' => {
+                out.push_str(&String::from_utf8_lossy(&raw));
+                return (out, i + 1);
+            }
+            b'\\' => {
+                out.push_str(&String::from_utf8_lossy(&std::mem::take(&mut raw)));
+                let hex = body
+                    .get(i + 2..i + 6)
+                    .and_then(|h| std::str::from_utf8(h).ok())
+                    .and_then(|h| u32::from_str_radix(h, 16).ok());
+                match (body.get(i + 1), hex) {
+                    (Some(b'u'), Some(v)) => {
+                        out.push(char::from_u32(v).unwrap_or('\u{fffd}'));
+                        i += 6;
+                    }
+                    (Some(c), _) => {
+                        out.push(char::from(*c));
+                        i += 2;
+                    }
+                    (None, _) => i += 1,
+                }
+                continue;
+            }
+            b => raw.push(b),
+        }
+        i += 1;
+    }
+    out.push_str(&String::from_utf8_lossy(&raw));
+    (out, i)
+}
+
+fn is_override(key: &str) -> bool {
+    let base = key.split('[').next().unwrap_or_default();
+    [key, base].iter().any(|k| {
+        let k = override_key(k).replace('-', "_");
+        METHOD_OVERRIDES.iter().any(|m| m.replace('-', "_") == k)
+    })
+}
+
+fn bounded_key(key: &str) -> String {
+    key.chars()
+        .take(64)
+        .collect::<String>()
+        .escape_debug()
+        .to_string()
+}
+
+/// `s` with every `%XX` decoded and `+` read as a space (lossy UTF-8).
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' if i + 2 < bytes.len() => {
+                match std::str::from_utf8(&bytes[i + 1..i + 3])
+                    .ok()
+                    .and_then(|h| u8::from_str_radix(h, 16).ok())
+                {
+                    Some(b) => {
+                        out.push(b);
+                        i += 3;
+                        continue;
+                    }
+                    None => out.push(b'%'),
+                }
+            }
+            b'+' => out.push(b' '),
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
 
 /// Checks that `part` (a path or a query) holds only unreserved characters,
 /// `/`, the sub-delimiters other than `;` (`!$&'()*+,=`), `:`, `@`, `?` in
@@ -602,6 +810,82 @@ mod tests {
                 ),
                 "{bad}"
             );
+        }
+    }
+
+    #[test]
+    fn method_overrides_in_bodies_are_found_every_way_a_framework_reads_them() {
+        for body in [
+            "_method=DELETE",
+            "a=1&_method=DELETE",
+            "a=1;_METHOD=put",
+            "%5Fmethod=DELETE",
+            "%5fMETHOD=DELETE",
+            "+_method=DELETE",
+            "_method%5B%5D=DELETE",
+            "_method[]=DELETE",
+            ".method=PATCH",
+            "X-HTTP-Method-Override=PUT",
+            "x_http_method_override=PUT",
+            "--b\r\nContent-Disposition: form-data; name=\"_method\"\r\n\r\nDELETE\r\n--b--",
+            "--b\r\ncontent-disposition:form-data;name=_method\r\n\r\nDELETE",
+            "--b\r\nCONTENT-DISPOSITION: form-data; name*=utf-8''%5Fmethod\r\n\r\nPUT",
+            "--b\r\nContent-Disposition: form-data; filename=\"a\"; NAME = \"_Method\"\r\n\r\nX",
+            "{\"_method\":\"DELETE\"}",
+            "{\"a\":1, \"_METHOD\" : \"DELETE\"}",
+            "{\"\\u005fmethod\":\"DELETE\"}",
+            "{\"x-http-method-override\":\"PUT\"}",
+            "\u{feff}{\"_method\":\"DELETE\"}",
+            "{\"_method\":\"DELETE\",}",
+            "{\"_method\":\"GET\",\"_method\":\"DELETE\"}",
+        ] {
+            assert!(body_override(body.as_bytes()).is_some(), "{body}");
+        }
+        // Deeper than serde_json's recursion limit, shallower than PHP's.
+        let deep = format!(
+            "{{\"deep\":{}1{}, \"_method\":\"DELETE\"}}",
+            "[".repeat(300),
+            "]".repeat(300)
+        );
+        assert!(body_override(deep.as_bytes()).is_some());
+        for body in [
+            "a=1&method=DELETE",
+            "a=1&b=_method",
+            "{\"a\":{\"_method\":\"DELETE\"}}",
+            "[{\"_method\":\"DELETE\"}]",
+            "{\"comment\":\"send _method=DELETE\"}",
+            "--b\r\nContent-Disposition: form-data; name=\"file\"\r\n\r\n_method",
+            "",
+        ] {
+            assert_eq!(body_override(body.as_bytes()), None, "{body}");
+        }
+    }
+
+    #[test]
+    fn bodies_a_framework_parses_are_recognised_by_content_type() {
+        let with = |values: &[&str]| {
+            let mut h = HeaderMap::new();
+            for v in values {
+                h.append(http::header::CONTENT_TYPE, v.parse().unwrap());
+            }
+            body_is_parsed(&h)
+        };
+        assert!(with(&[]));
+        for ct in [
+            "application/x-www-form-urlencoded",
+            " Application/X-WWW-Form-Urlencoded ; charset=UTF-8",
+            "multipart/form-data; boundary=x",
+            "MULTIPART/FORM-DATA;boundary=x",
+            "application/json",
+            "text/json",
+            "application/vnd.api+json; charset=utf-8",
+            "text/plain; x=/json",
+        ] {
+            assert!(with(&[ct]), "{ct}");
+        }
+        assert!(with(&["image/png", "application/json"]));
+        for ct in ["image/png", "application/octet-stream", "text/plain"] {
+            assert!(!with(&[ct]), "{ct}");
         }
     }
 }

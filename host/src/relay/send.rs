@@ -40,7 +40,7 @@ use wasmtime_wasi_http::{Error as HttpError, RequestOptions, WasiHttpHooks};
 
 use super::gate::{self, Directory, Refusal};
 use super::headers;
-use super::leak::{Needles, Scanner, TokenNeedles};
+use super::leak::{Needles, Scanner, TokenNeedles, Withheld};
 use super::{Relay, ServiceDecl};
 use crate::policy::ServiceName;
 
@@ -311,6 +311,33 @@ impl CallGrant {
             return Err(self.refuse(&parts, Some(&service), &r));
         }
 
+        // A body some framework reads parameters from is read here first
+        // (bounded) and checked for method overrides: nothing reaches the
+        // service when it carries one.
+        let dropped_trailers = Arc::new(Mutex::new(Vec::new()));
+        let body = if gate::body_is_parsed(&parts.headers) {
+            let bound = gate::MAX_CHECKED_BODY.min(decl.max_request.as_u64());
+            let wait = decl.timeout.get().min(remaining);
+            let bytes = match read_bounded(body, bound, wait, &dropped_trailers).await {
+                Ok(bytes) => bytes,
+                Err(why) => {
+                    return Err(self.refuse(&parts, Some(&service), &Refusal::Limit(why)));
+                }
+            };
+            if let Some(key) = gate::body_override(&bytes) {
+                let r = Refusal::BodyOverride {
+                    key,
+                    service: service.clone(),
+                };
+                return Err(self.refuse(&parts, Some(&service), &r));
+            }
+            http_body_util::Full::new(bytes)
+                .map_err(|never| match never {})
+                .boxed_unsync()
+        } else {
+            body
+        };
+
         {
             let mut s = self.lock();
             // Every live token of the job is searched for in every answer;
@@ -383,7 +410,6 @@ impl CallGrant {
             .header(HOST, decl.url.authority.as_str())
             .header(AUTHORIZATION, bearer)
             .header(ACCEPT_ENCODING, HeaderValue::from_static("identity"));
-        let dropped_trailers = Arc::new(Mutex::new(Vec::new()));
         let body = Metered {
             inner: body,
             limit: decl.max_request.as_u64(),
@@ -489,17 +515,7 @@ impl CallGrant {
             };
             return Err(withhold(record, r));
         }
-        let leaked = CallRecord {
-            refused: Some(
-                Refusal::Leak {
-                    service: service.clone(),
-                    place: "body",
-                }
-                .to_string(),
-            ),
-            class: Some("leak".to_owned()),
-            ..record.clone()
-        };
+        let withheld = record.clone();
         self.record(record);
         let grant = Arc::clone(&self);
         let idle = decl.timeout.get();
@@ -511,7 +527,23 @@ impl CallGrant {
             seen: 0,
             scanner: Scanner::new(needles),
             ended: false,
-            on_leak: Some(Box::new(move || grant.record(leaked))),
+            on_leak: Some(Box::new(move |why: &Withheld| {
+                let refusal = match why {
+                    Withheld::Leak => Refusal::Leak {
+                        service: service.clone(),
+                        place: "body",
+                    },
+                    Withheld::Opaque(why) => Refusal::Unsearchable {
+                        service: service.clone(),
+                        why: why.clone(),
+                    },
+                };
+                grant.record(CallRecord {
+                    refused: Some(refusal.to_string()),
+                    class: Some(refusal.class().to_owned()),
+                    ..withheld
+                });
+            })),
             meter: Arc::clone(&self) as Arc<dyn Meter>,
         };
         let (parts, ()) = fresh.into_parts();
@@ -636,6 +668,9 @@ impl Body for Metered {
     }
 }
 
+/// Records a withheld response.
+type OnWithheld = Box<dyn FnOnce(&Withheld) + Send>;
+
 /// A service's response body on its way to the guest: bounded, counted,
 /// scanned as one stream for every form of the job's tokens (withheld at
 /// the first), and without trailers (dropped: they are never scanned, and
@@ -652,7 +687,7 @@ struct Guarded {
     /// The service's body has ended (the held-back bytes may remain).
     ended: bool,
     /// Records the withheld response, once.
-    on_leak: Option<Box<dyn FnOnce() + Send>>,
+    on_leak: Option<OnWithheld>,
     meter: Arc<dyn Meter>,
 }
 
@@ -703,15 +738,13 @@ impl Body for Guarded {
             match this.scanner.feed(&data) {
                 Ok(pass) if pass.is_empty() => {}
                 Ok(pass) => return Poll::Ready(Some(Ok(Frame::data(pass)))),
-                Err(leak) => {
-                    tracing::error!("a service echoed its call token in a response body; withheld");
+                Err(why) => {
+                    tracing::error!(reason = %why, "a service's response body was withheld");
                     if let Some(record) = this.on_leak.take() {
-                        record();
+                        record(&why);
                     }
                     this.ended = true;
-                    return Poll::Ready(Some(Err(HttpError::InternalError(Some(
-                        leak.to_string(),
-                    )))));
+                    return Poll::Ready(Some(Err(HttpError::InternalError(Some(why.to_string())))));
                 }
             }
         }
@@ -731,6 +764,48 @@ impl Body for Guarded {
         }
         hint
     }
+}
+
+/// Reads a guest request body whole, up to `bound` bytes and for at most
+/// `wait`; trailer fields are dropped (their names noted in `trailers`).
+///
+/// # Errors
+/// Why it was not read: longer than `bound`, too slow, or broken.
+async fn read_bounded(
+    mut body: GuestBody,
+    bound: u64,
+    wait: Duration,
+    trailers: &Mutex<Vec<String>>,
+) -> Result<Bytes, String> {
+    let read = async {
+        let mut out = bytes::BytesMut::new();
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| format!("the request body could not be read: {e}"))?;
+            if let Some(data) = frame.data_ref() {
+                if (out.len() + data.len()) as u64 > bound {
+                    return Err(format!(
+                        "a form, multipart or JSON request body (or one without a content type) \
+                         over {bound} bytes cannot be checked for method overrides: refused"
+                    ));
+                }
+                out.extend_from_slice(data);
+            } else if let Some(t) = frame.trailers_ref() {
+                let mut names = trailers.lock().unwrap_or_else(|e| e.into_inner());
+                for name in t.keys() {
+                    if names.len() < 32 && !names.iter().any(|n| n == name.as_str()) {
+                        names.push(name.as_str().to_owned());
+                    }
+                }
+            }
+        }
+        Ok(out.freeze())
+    };
+    tokio::time::timeout(wait, read).await.unwrap_or_else(|_| {
+        Err(format!(
+            "the request body did not arrive within {} ms",
+            wait.as_millis()
+        ))
+    })
 }
 
 /// The first `Content-Encoding` or `Transfer-Encoding` of `headers` that

@@ -365,6 +365,43 @@ fn http_attacks() -> Vec<Attack> {
             "query",
             Refused(vec![("path", 6)]),
         ),
+        http(
+            "lateral.http-reflect-compressed",
+            "get the echoed call token back compressed inside an identity body: a gzip payload \
+             sent as `application/gzip`, a deflated zip entry, a gzip member after a log line, \
+             a zstd payload",
+            "reflect-compressed",
+            Reflect(vec![("leak", 3), ("unsearchable", 1)]),
+        ),
+        http(
+            "lateral.http-reflect-text",
+            "get the echoed call token back as UTF-16LE, UTF-16BE, lowercased, and \
+             quoted-printable with soft line breaks",
+            "reflect-text",
+            Reflect(vec![("leak", 4)]),
+        ),
+        http(
+            "lateral.http-reflect-escapes",
+            "get the echoed call token back escaped as a debug page or a logger would: \
+             lowercase `%xx`, HTML hex and decimal entities, JSON `\\u00xx`",
+            "reflect-escapes",
+            Reflect(vec![("leak", 4)]),
+        ),
+        http(
+            "lateral.http-reflect-offset",
+            "get the call token's raw signature back in base64 after 1 or 2 other bytes, in the \
+             URL alphabet, and `\\/`-escaped in JSON",
+            "reflect-offset",
+            Reflect(vec![("leak", 4)]),
+        ),
+        http(
+            "lateral.http-body-override",
+            "override the method from the request body: `_method=DELETE` in a form, a \
+             multipart part name, a top-level JSON key, a percent-escaped key under an oddly \
+             written content type",
+            "body-override",
+            Refused(vec![("method_override", 4)]),
+        ),
     ]
 }
 

@@ -317,8 +317,107 @@ pub fn reflect(how: &str, auth: &str, stash: &Mutex<String>) -> Response {
             let kept = stash.lock().unwrap_or_else(|e| e.into_inner()).clone();
             ([json], format!("{{\"earlier\":\"{kept}\"}}")).into_response()
         }
-        _ => StatusCode::NOT_FOUND.into_response(),
+        _ => reflect_more(how, auth).unwrap_or_else(|| StatusCode::NOT_FOUND.into_response()),
     }
+}
+
+/// More careless answers, each a form some framework, logging or debug
+/// endpoint could give the header: `gzip-body` (a gzip payload sent as
+/// `application/gzip`, identity encoding), `zip` (a deflated zip entry),
+/// `gzip-later` (a gzip member after a log line), `zstd` (a payload with
+/// zstd's magic), `utf16`, `utf16be`, `lower`, `qp` (quoted-printable with
+/// soft line breaks), `percent-lower`, `html-hex`, `html-decimal`,
+/// `json-escapes` (`\u00xx`), `base64-raw-1`, `base64-raw-2`,
+/// `base64url-raw-0` (the raw signature bytes after 1, 2 or 0 other bytes)
+/// and `json-base64-raw` (standard base64 with `\/` as PHP writes it).
+fn reflect_more(how: &str, auth: &str) -> Option<Response> {
+    use base64::engine::general_purpose::STANDARD;
+    use http::header::CONTENT_TYPE;
+    use std::io::Write as _;
+    let token = auth.strip_prefix("Bearer ").unwrap_or(auth);
+    let signature = token.rsplit('.').next().unwrap_or(token);
+    let raw = URL_SAFE_NO_PAD.decode(signature).unwrap_or_default();
+    let echo = format!("{{\"echo\":\"{auth}\"}}");
+    let gzip = |data: &[u8]| {
+        let mut z = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+        let _ = z.write_all(data);
+        z.finish().unwrap_or_default()
+    };
+    let each = |f: &dyn Fn(u8) -> String| auth.bytes().map(f).collect::<String>();
+    let text = |body: String| ([(CONTENT_TYPE, "text/plain")], body).into_response();
+    let offset = |pad: usize, engine: base64::engine::GeneralPurpose| {
+        let mut bytes = vec![b'!'; pad];
+        bytes.extend_from_slice(&raw);
+        engine.encode(bytes)
+    };
+    Some(match how {
+        "gzip-body" => {
+            ([(CONTENT_TYPE, "application/gzip")], gzip(echo.as_bytes())).into_response()
+        }
+        "zip" => {
+            let mut data =
+                flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::best());
+            let _ = data.write_all(echo.as_bytes());
+            let data = data.finish().unwrap_or_default();
+            let mut z = b"PK\x03\x04\x14\x00\x00\x00\x08\x00".to_vec();
+            z.extend_from_slice(&[0; 8]);
+            z.extend_from_slice(&u32::try_from(data.len()).unwrap_or(0).to_le_bytes());
+            z.extend_from_slice(&u32::try_from(echo.len()).unwrap_or(0).to_le_bytes());
+            z.extend_from_slice(&8u16.to_le_bytes());
+            z.extend_from_slice(&0u16.to_le_bytes());
+            z.extend_from_slice(b"echo.txt");
+            z.extend_from_slice(&data);
+            ([(CONTENT_TYPE, "application/zip")], z).into_response()
+        }
+        "gzip-later" => {
+            let mut body = b"2026-12-01 request log follows\n".to_vec();
+            body.extend(gzip(echo.as_bytes()));
+            ([(CONTENT_TYPE, "application/octet-stream")], body).into_response()
+        }
+        "zstd" => {
+            // Stands for a real frame: nothing the gate could read.
+            let mut body = vec![0x28, 0xb5, 0x2f, 0xfd, 0x04, 0x58];
+            body.extend(echo.bytes().rev());
+            ([(CONTENT_TYPE, "application/zstd")], body).into_response()
+        }
+        "utf16" | "utf16be" => {
+            let big = how == "utf16be";
+            let body: Vec<u8> = echo
+                .encode_utf16()
+                .flat_map(|u| {
+                    if big {
+                        u.to_be_bytes()
+                    } else {
+                        u.to_le_bytes()
+                    }
+                })
+                .collect();
+            ([(CONTENT_TYPE, "text/plain; charset=utf-16")], body).into_response()
+        }
+        "lower" => text(echo.to_lowercase()),
+        "qp" => {
+            let mut qp = String::new();
+            for (i, c) in echo.chars().enumerate() {
+                if i % 19 == 18 {
+                    qp.push_str("=\r\n");
+                }
+                qp.push(c);
+            }
+            text(qp)
+        }
+        "percent-lower" => text(each(&|b| format!("%{b:02x}"))),
+        "html-hex" => text(each(&|b| format!("&#x{b:x};"))),
+        "html-decimal" => text(each(&|b| format!("&#{b};"))),
+        "json-escapes" => text(each(&|b| format!("\\u{b:04x}"))),
+        "base64-raw-1" => text(offset(1, STANDARD)),
+        "base64-raw-2" => text(offset(2, STANDARD)),
+        "base64url-raw-0" => text(offset(0, URL_SAFE_NO_PAD)),
+        "json-base64-raw" => text(format!(
+            "{{\"sig\":\"{}\"}}",
+            offset(0, STANDARD).replace('/', "\\/")
+        )),
+        _ => return None,
+    })
 }
 
 /// A response body of given frames, sent one at a time.

@@ -950,3 +950,104 @@ async fn framework_path_and_query_escapes_are_refused_and_audited() {
     assert!(s.palette.is_empty(), "{:#?}", s.palette.snapshot());
     assert!(s.sink.lock().unwrap().is_empty());
 }
+
+/// The forms the first scan missed, and their neighbours: compressed
+/// payloads in an identity body (whatever the content type), UTF-16,
+/// case, quoted-printable, lowercase and HTML/JSON escapes, base64 of the
+/// raw signature at any offset. The guest decodes what it gets (inflates,
+/// drops NULs, unescapes, decodes base64) and writes it all to
+/// `/out/reflect.txt`; the test reads that file and the job's stdout and
+/// stderr on the host and looks for the token in every form it knows,
+/// in any letter case.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_token_echoed_compressed_escaped_or_re_encoded_never_reaches_the_guest() {
+    let s = scenario(16).await;
+    let token = s.server.token("acme", &["lateral:run"]).await;
+    let mut classes = std::collections::BTreeMap::<String, usize>::new();
+    for mode in [
+        "reflect-compressed",
+        "reflect-text",
+        "reflect-escapes",
+        "reflect-offset",
+    ] {
+        let before = s.reflected.lock().unwrap().len();
+        let job = s.lateral(&token, mode).await;
+        assert_eq!(job["state"], "succeeded", "{job:#}");
+        let id = job["id"].as_str().unwrap();
+        let echoed: Vec<String> = s.reflected.lock().unwrap()[before..].to_vec();
+        assert_eq!(echoed.len(), 4, "{mode}: the service echoed {echoed:?}");
+        let dump = s
+            .server
+            .http
+            .get(s.server.url(&format!("/v1/jobs/{id}/outputs/reflect.txt")))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap();
+        assert!(holds(&dump, b"== http://palette/v1/reflect/"), "{mode}");
+        let mut seen = dump.to_vec();
+        for stream in ["stdout", "stderr"] {
+            seen.extend_from_slice(report(&job)[stream]["text"].as_str().unwrap().as_bytes());
+        }
+        let seen_lower = seen.to_ascii_lowercase();
+        for auth in &echoed {
+            let t = auth.strip_prefix("Bearer ").unwrap();
+            for form in token_forms(t) {
+                assert!(
+                    !holds(&seen, &form) && !holds(&seen_lower, &form.to_ascii_lowercase()),
+                    "{mode}: a form of the call token reached the guest: {}\n{}",
+                    String::from_utf8_lossy(&form),
+                    String::from_utf8_lossy(&seen)
+                );
+            }
+        }
+        for r in calls(&job)["records"].as_array().unwrap() {
+            if let Some(class) = r["class"].as_str() {
+                *classes.entry(format!("{mode}:{class}")).or_default() += 1;
+            }
+        }
+    }
+    for (key, want) in [
+        ("reflect-compressed:leak", 3),
+        ("reflect-compressed:unsearchable", 1),
+        ("reflect-text:leak", 4),
+        ("reflect-escapes:leak", 4),
+        ("reflect-offset:leak", 4),
+    ] {
+        assert_eq!(classes.get(key), Some(&want), "{key}: {classes:?}");
+    }
+}
+
+/// `_method` in a form body, a multipart part name and a top-level JSON
+/// key (and a percent-escaped form key under an oddly written content
+/// type): refused, audited, and the service receives nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn method_overrides_in_request_bodies_are_refused_and_audited() {
+    let s = scenario(16).await;
+    let token = s.server.token("acme", &["lateral:run"]).await;
+    let job = s.lateral(&token, "body-override").await;
+    assert_eq!(job["state"], "succeeded", "{job:#}");
+    let id = job["id"].as_str().unwrap().to_owned();
+    let refused = calls(&job)["records"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["class"] == "method_override")
+        .count();
+    assert_eq!(refused, 4, "{job:#}");
+    assert_eq!(calls(&job)["made"], 0, "{job:#}");
+    let audit = s.audit().await;
+    let denied = audit
+        .iter()
+        .filter(|e| e["action"] == "egress.denied" && e["job_id"] == id.as_str())
+        .count();
+    assert_eq!(denied, 4, "{audit:#?}");
+    assert!(
+        s.sink.lock().unwrap().is_empty(),
+        "the service received a call"
+    );
+    assert!(s.palette.is_empty(), "{:#?}", s.palette.snapshot());
+}
