@@ -45,6 +45,10 @@ pub enum ApiAttack {
     HugeBody,
     /// A call token the service minted, presented to its own API.
     CallTokenAtApi,
+    /// Slow readers of a large output, beyond the tenant's download bound.
+    DownloadFlood,
+    /// Another tenant downloads while one holds every download it may.
+    DownloadNeighbour,
 }
 
 impl ApiAttack {
@@ -125,6 +129,16 @@ pub fn catalog() -> Vec<Attack> {
             "present a call token the host minted as a bearer to its own public API",
             ApiAttack::CallTokenAtApi,
         ),
+        api(
+            "tokens.download-flood",
+            "open 24 downloads of a 16 MiB output and never read them",
+            ApiAttack::DownloadFlood,
+        ),
+        api(
+            "tokens.download-neighbour",
+            "hold every download one tenant may while another tenant downloads",
+            ApiAttack::DownloadNeighbour,
+        ),
     ]
 }
 
@@ -153,6 +167,10 @@ pub struct LocalIds {
     expired: String,
     /// A call token the service's key ring signed for the main tenant.
     call_token: String,
+    /// The service's data directory, where finished jobs' outputs live.
+    data_dir: std::path::PathBuf,
+    /// Its bound on one tenant's concurrent downloads.
+    max_downloads: usize,
 }
 
 impl Target {
@@ -341,6 +359,8 @@ impl LocalService {
                 revoked: next(),
                 expired: next(),
                 call_token,
+                data_dir: service.config().storage.data_dir.clone(),
+                max_downloads: service.config().server.max_downloads_per_tenant,
             }),
             http: client(),
         };
@@ -472,6 +492,8 @@ pub async fn run(t: &Target, attack: &Attack, a: &ApiAttack, started: Instant) -
         ApiAttack::CallTokenAtApi => {
             with_local(t, |ids| ids.call_token.clone(), "call", since).await
         }
+        ApiAttack::DownloadFlood => downloads(t, false).await,
+        ApiAttack::DownloadNeighbour => downloads(t, true).await,
     };
     match result {
         Ok((checks, stopped)) => AttackResult::judge(attack, checks, stopped, None, ms(started)),
@@ -844,4 +866,160 @@ async fn huge_body(t: &Target) -> Outcome {
         },
     ));
     Ok((checks, format!("refused: {code}")))
+}
+
+/// Size of the output the download attacks hold open.
+const DOWNLOAD_BYTES: usize = 16 << 20;
+
+/// Downloads opened at once by the download attacks.
+const DOWNLOADS: usize = 24;
+
+/// Resident memory the held downloads may add. Each holds one chunk and
+/// its connection's buffers; read whole into memory, 16 of them would
+/// hold 256 MiB.
+const DOWNLOAD_MEMORY: u64 = 96 << 20;
+
+/// Stores a finished job of `tenant` with one output `out.bin` of `size`
+/// bytes, as the service's store and job directory hold them.
+async fn stored_output(
+    data_dir: &std::path::Path,
+    tenant: &str,
+    size: usize,
+) -> Result<String, String> {
+    use crate::sandbox::{JobReport, OutputFile};
+    use crate::store::{JobRecord, JobState, JobStore as _};
+    let id = uuid::Uuid::new_v4().to_string();
+    let dir = data_dir.join("jobs").join(&id).join("outputs");
+    crate::sandbox::create_private_dir_all(&dir).map_err(|e| e.to_string())?;
+    std::fs::write(dir.join("out.bin"), vec![b'x'; size]).map_err(|e| e.to_string())?;
+    let mut report = JobReport::not_run(&id, MODULE, "stored by the escape suite");
+    report.outputs.push(OutputFile {
+        name: "out.bin".to_owned(),
+        size: size as u64,
+        sha256: String::new(),
+    });
+    let now = crate::store::now_ms();
+    let job = JobRecord {
+        id: id.clone(),
+        tenant: tenant.into(),
+        subject: format!("{tenant}-suite"),
+        token_id: "suite".into(),
+        module: MODULE.into(),
+        module_sha256: String::new(),
+        policy_sha256: None,
+        params: Default::default(),
+        inputs: Vec::new(),
+        has_stdin: false,
+        state: JobState::Failed,
+        created_at: now,
+        started_at: Some(now),
+        finished_at: Some(now),
+        attempts: 1,
+        report: None,
+    };
+    crate::store::SqliteStore::open(&data_dir.join("bulkhead.sqlite"))
+        .await
+        .map_err(|e| e.to_string())?
+        .insert_finished_job(&job, &report, now, None)
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(id)
+}
+
+/// Opens a download of `path` and reads only the first bytes of the
+/// answer: a reader that then holds still. Returns its status and socket.
+async fn held_download(
+    addr: &str,
+    path: &str,
+    token: &str,
+) -> Result<(u16, tokio::net::TcpStream), String> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut conn = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| e.to_string())?;
+    conn.write_all(
+        format!("GET {path} HTTP/1.1\r\nhost: {addr}\r\nauthorization: Bearer {token}\r\n\r\n")
+            .as_bytes(),
+    )
+    .await
+    .map_err(|e| e.to_string())?;
+    let mut head = [0u8; 16];
+    let n = tokio::time::timeout(std::time::Duration::from_secs(10), conn.read(&mut head))
+        .await
+        .map_err(|_| "no answer within 10 s".to_owned())?
+        .map_err(|e| e.to_string())?;
+    let code = std::str::from_utf8(&head[..n])
+        .ok()
+        .and_then(|h| h.strip_prefix("HTTP/1.1 "))
+        .and_then(|h| h.get(..3))
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    Ok((code, conn))
+}
+
+/// Slow readers of a 16 MiB output, more than the tenant may hold: the
+/// excess is refused with 429, the ones served hold a chunk each (the
+/// process's resident memory), and with `neighbour` another tenant's
+/// download is served while they are held.
+async fn downloads(t: &Target, neighbour: bool) -> Outcome {
+    let ids = t.local.as_ref().ok_or("needs the local service")?;
+    let big = stored_output(&ids.data_dir, "suite-a", DOWNLOAD_BYTES).await?;
+    let small = stored_output(&ids.data_dir, "suite-b", 4096).await?;
+    let addr = t
+        .base
+        .strip_prefix("http://")
+        .ok_or("the local service speaks plain HTTP")?
+        .to_owned();
+    let before = super::evidence::rss();
+    let mut held = Vec::new();
+    let mut codes = Vec::new();
+    for _ in 0..DOWNLOADS {
+        let (code, conn) =
+            held_download(&addr, &format!("/v1/jobs/{big}/outputs/out.bin"), &t.token).await?;
+        codes.push(code);
+        held.push(conn);
+    }
+    // The served ones fill their sockets and stop, or would have read the
+    // whole output by now.
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let grown = super::evidence::rss().saturating_sub(before);
+    let other = if neighbour {
+        let (code, body) = status(
+            t.http
+                .get(t.url(&format!("/v1/jobs/{small}/outputs/out.bin")))
+                .bearer_auth(&ids.other_tenant),
+        )
+        .await;
+        Some((code, body.len()))
+    } else {
+        None
+    };
+    drop(held);
+    let served = codes.iter().filter(|c| **c == 200).count();
+    let refused = codes.iter().filter(|c| **c == 429).count();
+    let mut checks = vec![Check::new(
+        "per-tenant bound",
+        served <= ids.max_downloads && served + refused == DOWNLOADS && refused > 0,
+        format!(
+            "{served} of {DOWNLOADS} downloads served, {refused} refused with 429 (bound {})",
+            ids.max_downloads
+        ),
+    )];
+    checks.push(Check::new(
+        "memory",
+        grown < DOWNLOAD_MEMORY,
+        format!(
+            "resident memory grew {} KiB while {served} readers held a 16 MiB output (bound {} KiB)",
+            grown >> 10,
+            DOWNLOAD_MEMORY >> 10
+        ),
+    ));
+    if let Some((code, len)) = other {
+        checks.push(Check::new(
+            "other tenant served",
+            code == 200 && len == 4096,
+            format!("the other tenant's download answered {code} with {len} bytes"),
+        ));
+    }
+    Ok((checks, format!("refused: {refused} with 429")))
 }
