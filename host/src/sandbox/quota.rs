@@ -94,6 +94,9 @@ pub struct OutputQuota {
     max_open: u64,
     /// Opens refused at the bound so far.
     refused_opens: AtomicU64,
+    /// Service calls in flight: each holds a connection (a host socket)
+    /// from its send until the guest drops the response body.
+    calls: AtomicU64,
     latch: LimitLatch,
 }
 
@@ -114,6 +117,7 @@ impl OutputQuota {
             open: Mutex::new(Vec::new()),
             max_open,
             refused_opens: AtomicU64::new(0),
+            calls: AtomicU64::new(0),
             latch,
         })
     }
@@ -123,12 +127,28 @@ impl OutputQuota {
         self.open.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Host descriptors the guest's opens still hold (forgetting those
-    /// whose last holder is gone).
+    /// Host descriptors the guest's opens and service calls still hold
+    /// (forgetting files whose last holder is gone).
     pub fn open_descriptors(&self) -> u64 {
         let mut held = self.held();
         held.retain(|f| f.strong_count() > 0);
-        held.len() as u64
+        held.len() as u64 + self.calls.load(Ordering::SeqCst)
+    }
+
+    /// Counts a service call's connection against the job's descriptors
+    /// until the returned slot is dropped; `None` (the call is refused) at
+    /// the bound.
+    pub fn hold_call(self: &Arc<Self>) -> Option<CallSlot> {
+        // Under the list's lock, so that two admissions cannot both take
+        // the last place.
+        let held = self.held();
+        let files = held.iter().filter(|f| f.strong_count() > 0).count() as u64;
+        if files + self.calls.load(Ordering::SeqCst) >= self.max_open {
+            return None;
+        }
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        drop(held);
+        Some(CallSlot(Arc::clone(self)))
     }
 
     /// Admits one more open if the guest holds fewer than its bound. At
@@ -329,11 +349,48 @@ impl QuotaFs<'_> {
     }
 }
 
+/// A service call's place among the job's host descriptors
+/// ([`OutputQuota::hold_call`]), given back when dropped.
+#[derive(Debug)]
+pub struct CallSlot(Arc<OutputQuota>);
+
+impl Drop for CallSlot {
+    fn drop(&mut self) {
+        self.0.calls.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Whether `code` is the host saying no to something the guest may not do
+/// (leave its preopens, write `/in`, follow a symlink out or round in a
+/// loop, link across preopens, pass a bound), as opposed to an ordinary
+/// answer about its own files (`no-entry` for a file that is not there,
+/// `exist`, `not-empty`…), which any well-behaved program meets.
+fn is_denial(code: ErrorCode) -> bool {
+    matches!(
+        code,
+        ErrorCode::Access
+            | ErrorCode::NotPermitted
+            | ErrorCode::ReadOnly
+            | ErrorCode::Quota
+            | ErrorCode::InsufficientSpace
+            | ErrorCode::InsufficientMemory
+            | ErrorCode::FileTooLarge
+            | ErrorCode::NameTooLong
+            | ErrorCode::Loop
+            | ErrorCode::TooManyLinks
+            | ErrorCode::CrossDevice
+    )
+}
+
 impl types::Host for QuotaFs<'_> {
     fn convert_error_code(&mut self, err: FsError) -> wasmtime::Result<ErrorCode> {
-        // Every filesystem error the guest receives passes here.
-        self.refusals.note();
-        types::Host::convert_error_code(&mut self.inner, err)
+        // Every filesystem error the guest receives passes here; the ones
+        // that say "not allowed" are counted as refusals.
+        let code = types::Host::convert_error_code(&mut self.inner, err)?;
+        if is_denial(code) {
+            self.refusals.note();
+        }
+        Ok(code)
     }
 
     fn filesystem_error_code(
@@ -780,6 +837,42 @@ mod tests {
         assert!(path_ok(&"a".repeat(MAX_PATH_BYTES)).is_ok());
         let err = path_ok(&"a".repeat(MAX_PATH_BYTES + 1)).unwrap_err();
         assert_eq!(err.downcast_ref(), Some(&ErrorCode::NameTooLong));
+    }
+
+    #[test]
+    fn service_calls_share_the_descriptor_bound_until_their_bodies_drop() {
+        let q = OutputQuota::new(10, 1, 3, LimitLatch::default());
+        let file = host_file();
+        q.hold(&file);
+        let first = q.hold_call().expect("under the bound");
+        let second = q.hold_call().expect("at the bound's last place");
+        assert_eq!(q.open_descriptors(), 3);
+        assert!(q.hold_call().is_none(), "a call past the bound is refused");
+        assert!(q.admit_open().is_err(), "and so is a file");
+        drop(first);
+        let third = q.hold_call().expect("a dropped body gives its place back");
+        drop((second, third, file));
+        assert_eq!(q.open_descriptors(), 0);
+    }
+
+    #[test]
+    fn only_answers_that_say_no_count_as_refusals() {
+        for code in [
+            ErrorCode::NotPermitted,
+            ErrorCode::ReadOnly,
+            ErrorCode::Quota,
+            ErrorCode::Access,
+        ] {
+            assert!(is_denial(code), "{code:?}");
+        }
+        for code in [
+            ErrorCode::NoEntry,
+            ErrorCode::Exist,
+            ErrorCode::NotEmpty,
+            ErrorCode::IsDirectory,
+        ] {
+            assert!(!is_denial(code), "{code:?}");
+        }
     }
 
     #[test]

@@ -29,7 +29,7 @@ use super::cpu::{Charged, CpuMeter};
 use super::job::{JobDir, JobSpec};
 use super::limits::{JobLimiter, LimitKind, LimitLatch, Refusals};
 use super::pipe::CappedPipe;
-use super::quota::{OutputQuota, QuotaFs, QuotaFsData};
+use super::quota::{CallSlot, OutputQuota, QuotaFs, QuotaFsData};
 use crate::policy::Policy;
 use crate::relay::send::Gate;
 use crate::relay::{CallGrant, Relay};
@@ -65,6 +65,10 @@ pub struct JobState {
 pub(crate) struct JobHooks {
     pub(crate) gate: Gate,
     cpu: Arc<CpuMeter>,
+    /// Each call in flight holds one of the job's host descriptors (its
+    /// connection) until the guest drops the response body.
+    quota: Arc<OutputQuota>,
+    refusals: Refusals,
 }
 
 type Sent = Box<
@@ -102,8 +106,51 @@ impl WasiHttpHooks for JobHooks {
         options: Option<RequestOptions>,
         fut: Box<dyn std::future::Future<Output = Result<(), HttpError>> + Send>,
     ) -> Sent {
-        let send = self.gate.send_request(request, options, fut);
-        Box::new(Charged::new(Box::into_pin(send), Arc::clone(&self.cpu)))
+        let Some(slot) = self.quota.hold_call() else {
+            // At the job's descriptor bound: the call would open a socket.
+            self.refusals.note();
+            return Box::new(async { Err(HttpError::HttpRequestDenied) });
+        };
+        let send = Box::into_pin(self.gate.send_request(request, options, fut));
+        Box::new(Charged::new(
+            async move {
+                let (response, done) = send.await?;
+                Ok((
+                    response.map(|body| {
+                        http_body_util::BodyExt::boxed_unsync(SlotBody { body, _slot: slot })
+                    }),
+                    done,
+                ))
+            },
+            Arc::clone(&self.cpu),
+        ))
+    }
+}
+
+/// A response body holding its call's place among the job's descriptors
+/// until the guest drops it.
+struct SlotBody<B> {
+    body: B,
+    _slot: CallSlot,
+}
+
+impl<B: http_body::Body + Unpin> http_body::Body for SlotBody<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        std::pin::Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
     }
 }
 
@@ -224,6 +271,7 @@ pub fn job_state(
         latch.clone(),
     );
     let cpu = Arc::new(CpuMeter::new(cpu_budget_ns, latch.clone()));
+    let refusals = Refusals::default();
     let state = JobState {
         wasi: b.build(),
         table,
@@ -232,9 +280,9 @@ pub fn job_state(
             limits.table_elements as usize,
             latch.clone(),
         ),
-        quota,
+        quota: Arc::clone(&quota),
         cpu: Arc::clone(&cpu),
-        refusals: Refusals::default(),
+        refusals: refusals.clone(),
         latch,
         http: WasiHttpCtx::new(),
         hooks: JobHooks {
@@ -242,6 +290,8 @@ pub fn job_state(
                 grant: grant(policy, job, relay),
             },
             cpu: Arc::clone(&cpu),
+            quota,
+            refusals: refusals.clone(),
         },
     };
     Ok((state, Captures { stdout, stderr }))
