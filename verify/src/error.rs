@@ -68,6 +68,15 @@ pub enum VerifyError {
     /// `exp` is before `iat`, or more than [`MAX_LIFETIME`] after it.
     #[error("token lifetime is negative or longer than {} s", MAX_LIFETIME.as_secs())]
     Lifetime,
+    /// A token this verifier already accepted (the same `jti`): each call
+    /// token is good for one request, so one that reached anyone else is
+    /// already spent.
+    #[error("token was already used")]
+    Replayed,
+    /// [`MAX_SPENT`](crate::MAX_SPENT) tokens are still within
+    /// their lifetime: no more can be remembered, so none is accepted.
+    #[error("too many unexpired tokens to remember another")]
+    ReplayWindowFull,
 }
 
 impl VerifyError {
@@ -90,6 +99,8 @@ impl VerifyError {
             Self::Expired => "expired",
             Self::NotYetValid => "not_yet_valid",
             Self::Lifetime => "lifetime",
+            Self::Replayed => "replayed",
+            Self::ReplayWindowFull => "replay_window_full",
         }
     }
 }

@@ -44,5 +44,5 @@ pub use error::{ConfigError, VerifyError};
 pub use jsonwebtoken::jwk::{Jwk, JwkSet};
 pub use keys::{MAX_KEY_ID_BYTES, MAX_KEYS, ed25519_jwk};
 pub use verifier::{
-    DEFAULT_LEEWAY, MAX_LEEWAY, MAX_LIFETIME, MAX_TOKEN_BYTES, Verifier, VerifierConfig,
+    DEFAULT_LEEWAY, MAX_LEEWAY, MAX_LIFETIME, MAX_SPENT, MAX_TOKEN_BYTES, Verifier, VerifierConfig,
 };

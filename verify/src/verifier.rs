@@ -2,7 +2,8 @@
 //! its own audience, the pinned keys) and the checks, in order. The only
 //! place that decides whether a token is accepted.
 
-use std::sync::{Arc, PoisonError, RwLock};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
@@ -31,6 +32,12 @@ pub const DEFAULT_LEEWAY: Duration = Duration::from_secs(5);
 /// call, bounded by the job's deadline; a token that claims to live longer
 /// was not minted by a well-behaved host, and would be worth more to steal.
 pub const MAX_LIFETIME: Duration = Duration::from_secs(10 * 60);
+
+/// Most accepted tokens a verifier remembers while they are unexpired
+/// (one `u64` digest of each `jti` and its expiry): a service accepting
+/// more than this within one token lifetime refuses the excess with
+/// [`VerifyError::ReplayWindowFull`] rather than forget one.
+pub const MAX_SPENT: usize = 1 << 20;
 
 /// What a service expects of its tokens.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -76,7 +83,11 @@ impl VerifierConfig {
 ///    refused even if it names this service);
 /// 9. lifetime: `iat <= exp <= iat +` [`MAX_LIFETIME`];
 /// 10. time: `nbf` and `iat` not in the future and `exp` not passed, each
-///     with the leeway.
+///     with the leeway;
+/// 11. once: a `jti` this verifier accepted before is refused
+///     ([`VerifyError::Replayed`]), remembered until its token expires. The
+///     host mints a token per request, so a token that reached anyone but
+///     the service (a guest it was reflected to, a log) is already spent.
 ///
 /// The key set can be replaced at any time ([`Verifier::update_keys`]) for
 /// rotation; a verification in flight keeps the set it started with.
@@ -85,6 +96,37 @@ pub struct Verifier {
     config: VerifierConfig,
     keys: RwLock<Arc<KeySet>>,
     validation: Validation,
+    /// Digests of the accepted tokens' `jti`, with when each can be
+    /// forgotten (its `exp` plus the leeway).
+    spent: Mutex<Spent>,
+}
+
+#[derive(Debug, Default)]
+struct Spent {
+    until: HashMap<u64, u64>,
+    /// When `until` is next swept of expired entries: once it doubles.
+    sweep_at: usize,
+    hasher: std::hash::RandomState,
+}
+
+impl Spent {
+    /// Records `jti` as used until `forget_at`; `Err` if it already was.
+    fn spend(&mut self, jti: &str, forget_at: u64, now: u64) -> Result<(), VerifyError> {
+        use std::hash::BuildHasher as _;
+        let digest = self.hasher.hash_one(jti);
+        if self.until.get(&digest).is_some_and(|t| *t > now) {
+            return Err(VerifyError::Replayed);
+        }
+        if self.until.len() >= self.sweep_at.max(1024) {
+            self.until.retain(|_, t| *t > now);
+            self.sweep_at = self.until.len() * 2;
+        }
+        if self.until.len() >= MAX_SPENT {
+            return Err(VerifyError::ReplayWindowFull);
+        }
+        self.until.insert(digest, forget_at);
+        Ok(())
+    }
 }
 
 impl Verifier {
@@ -123,6 +165,7 @@ impl Verifier {
             config,
             keys: RwLock::new(Arc::new(keys)),
             validation,
+            spent: Mutex::default(),
         })
     }
 
@@ -233,6 +276,10 @@ impl Verifier {
         if now >= claims.exp.saturating_add(leeway) {
             return Err(VerifyError::Expired);
         }
+        self.spent
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .spend(&claims.jti, claims.exp.saturating_add(leeway), now)?;
         Ok(claims)
     }
 

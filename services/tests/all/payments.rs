@@ -23,9 +23,18 @@ async fn payments_serves_its_own_audience() {
     assert_eq!(body["tenant"], "acme");
     assert_eq!(body["subject"], "alice");
 
-    let charge = client()
+    // The host mints a token per request; the one just used is spent.
+    let again = client()
         .post(format!("http://{addr}/v1/charge"))
         .bearer_auth(&token)
+        .body("{\"amount_cents\": 100}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(again.status(), 401);
+    let charge = client()
+        .post(format!("http://{addr}/v1/charge"))
+        .bearer_auth(key.mint("payments", "alice", "acme"))
         .body("{\"amount_cents\": 100}")
         .send()
         .await

@@ -162,21 +162,65 @@ fn issuer_and_audience_must_be_set() {
 fn rotation_accepts_both_keys_then_only_the_new_one() {
     let old = TestKey::generate("2026-10");
     let new = TestKey::generate("2026-11");
-    let old_token = old.sign(&header("2026-10"), &claims());
-    let new_token = new.sign(&header("2026-11"), &claims());
+    // A fresh token for each request, as the host mints them.
+    let mut n = 0;
+    let mut token = |key: &TestKey, kid: &str| {
+        n += 1;
+        let mut c = claims();
+        c["jti"] = json!(format!("jti-{n}"));
+        key.sign(&header(kid), &c)
+    };
 
     let verifier = verifier(&[&old]);
-    assert!(verifier.verify(&old_token).is_ok());
-    assert_eq!(verifier.verify(&new_token), Err(VerifyError::UnknownKey));
+    assert!(verifier.verify(&token(&old, "2026-10")).is_ok());
+    assert_eq!(
+        verifier.verify(&token(&new, "2026-11")),
+        Err(VerifyError::UnknownKey)
+    );
 
     verifier.update_keys(&jwks(&[&old, &new])).unwrap();
     assert_eq!(verifier.key_ids(), ["2026-10", "2026-11"]);
-    assert!(verifier.verify(&old_token).is_ok());
-    assert!(verifier.verify(&new_token).is_ok());
+    assert!(verifier.verify(&token(&old, "2026-10")).is_ok());
+    assert!(verifier.verify(&token(&new, "2026-11")).is_ok());
 
     verifier.update_keys(&jwks(&[&new])).unwrap();
-    assert_eq!(verifier.verify(&old_token), Err(VerifyError::UnknownKey));
-    assert!(verifier.verify(&new_token).is_ok());
+    assert_eq!(
+        verifier.verify(&token(&old, "2026-10")),
+        Err(VerifyError::UnknownKey)
+    );
+    assert!(verifier.verify(&token(&new, "2026-11")).is_ok());
+}
+
+/// Each token is accepted once: a replay, even one the service's own
+/// answer handed to someone, is refused until it expires, then forgotten.
+#[test]
+fn a_token_is_accepted_once() {
+    let key = TestKey::generate("k1");
+    let verifier = verifier(&[&key]);
+    let t = now();
+    let token = key.sign(&header("k1"), &claims_at(t));
+    assert!(verifier.verify_at(&token, t).is_ok());
+    assert_eq!(
+        verifier.verify_at(&token, t + 1),
+        Err(VerifyError::Replayed)
+    );
+    assert_eq!(VerifyError::Replayed.code(), "replayed");
+    // Another token with the same `jti` is the same token spent.
+    let mut same = claims_at(t);
+    same["sub"] = json!("mallory");
+    let other = key.sign(&header("k1"), &same);
+    assert_eq!(
+        verifier.verify_at(&other, t + 2),
+        Err(VerifyError::Replayed)
+    );
+    // A different `jti` is a different request.
+    let mut fresh = claims_at(t);
+    fresh["jti"] = json!("jti-2");
+    assert!(
+        verifier
+            .verify_at(&key.sign(&header("k1"), &fresh), t + 2)
+            .is_ok()
+    );
 }
 
 #[test]
