@@ -11,6 +11,8 @@
 //! shutdown_grace = "30 s"          # running jobs get this long on shutdown; open
 //!                                  # connections then get 2 s more, and are closed
 //! max_downloads_per_tenant = 16    # output downloads one tenant may have running (429 beyond)
+//! max_uploads_per_tenant = 16      # submissions one tenant may have uploading (429 beyond)
+//! max_buffered_uploads = "512 MiB" # bytes all uploads in flight may reserve; a tenant a quarter (429 beyond)
 //! # The edge (see `serve`): bounds that hold whatever a client sends, with or
 //! # without a token. They apply to both listeners unless named `admin_`.
 //! header_read_timeout = "10 s"     # from waiting for a request (after accept, or
@@ -168,6 +170,13 @@ pub struct Server {
     /// with `Retry-After`. Each streams through a fixed-size buffer, so this
     /// bounds what slow readers can hold open, not memory per download.
     pub max_downloads_per_tenant: usize,
+    /// Submissions one tenant may have uploading at once (their bodies are
+    /// read into memory); beyond it, 429 with `Retry-After`.
+    pub max_uploads_per_tenant: usize,
+    /// Bytes all uploads in flight may hold: each reserves its declared
+    /// length (`max_body` without one) before it is read; one tenant may
+    /// reserve a quarter (at least one `max_body`). Beyond, 429.
+    pub max_buffered_uploads: ByteSize,
 }
 
 impl Default for Server {
@@ -191,6 +200,8 @@ impl Default for Server {
             min_write_rate: ByteSize::kib(1),
             min_rate_grace: HumanDuration::secs(10),
             max_downloads_per_tenant: 16,
+            max_uploads_per_tenant: 16,
+            max_buffered_uploads: ByteSize::mib(512),
         }
     }
 }

@@ -254,6 +254,7 @@ fn parse_wait(v: &str) -> Result<Duration, ApiError> {
             headers(("retry-after" = u64, description = "seconds")))))]
 pub(super) async fn submit(
     State(state): State<AppState>,
+    Extension(uploads): Extension<Arc<super::upload::Uploads>>,
     Caller(who): Caller,
     ApiPath(module): ApiPath<String>,
     StrictQuery(query): StrictQuery,
@@ -268,6 +269,12 @@ pub(super) async fn submit(
             "request body of {declared} bytes is over the limit of {max_body} bytes"
         )));
     }
+    // Reserved before any byte of the body is read (see `upload`); a
+    // refusal closes the connection with the body unread.
+    let reserve = crate::relay::declared_length(req.headers()).unwrap_or(max_body as u64);
+    let _upload = uploads.acquire(&who.tenant, reserve).inspect_err(|_| {
+        metrics::counter!("bulkhead_uploads_refused_total").increment(1);
+    })?;
     let max_wait = state.service.config().server.max_wait.get();
     let SubmitQuery {
         wait,

@@ -14,6 +14,7 @@ mod admin;
 mod download;
 mod extract;
 mod jobs;
+mod upload;
 
 use std::sync::Arc;
 
@@ -313,6 +314,11 @@ pub fn app(state: AppState) -> Router {
     let server = &state.service.config().server;
     let max_body = server.max_body.as_usize();
     let downloads = download::Downloads::new(server.max_downloads_per_tenant);
+    let uploads = upload::Uploads::new(
+        server.max_uploads_per_tenant,
+        server.max_buffered_uploads.as_u64(),
+        server.max_body.as_u64(),
+    );
     Router::new()
         .merge(jobs::router(max_body))
         .route("/healthz", get(healthz))
@@ -321,6 +327,7 @@ pub fn app(state: AppState) -> Router {
         .route("/.well-known/jwks.json", get(jwks))
         .fallback(not_found)
         .layer(axum::Extension(downloads))
+        .layer(axum::Extension(uploads))
         .layer(axum::middleware::from_fn(extract::error_shape))
         .with_state(state)
 }
@@ -376,8 +383,22 @@ async fn jwks(
 /// This document.
 #[utoipa::path(get, path = "/openapi.json",
     responses((status = 200, description = "the OpenAPI document", content_type = "application/json", body = Object)))]
-async fn openapi() -> Json<utoipa::openapi::OpenApi> {
-    Json(ApiDoc::openapi())
+async fn openapi() -> impl IntoResponse {
+    // Built and serialized once: the document never changes while the
+    // process runs, and anyone may ask for it, as often as they like.
+    static DOCUMENT: std::sync::OnceLock<bytes::Bytes> = std::sync::OnceLock::new();
+    let body = DOCUMENT.get_or_init(|| {
+        serde_json::to_vec(&ApiDoc::openapi())
+            .map(bytes::Bytes::from)
+            .unwrap_or_default()
+    });
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            axum::http::HeaderValue::from_static("application/json"),
+        )],
+        body.clone(),
+    )
 }
 
 /// The OpenAPI document of the public API.
