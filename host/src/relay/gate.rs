@@ -329,7 +329,9 @@ pub const MAX_CHECKED_BODY: u64 = 1024 * 1024;
 /// common framework would read it, whatever the `Content-Type` says: as
 /// `application/x-www-form-urlencoded` pairs (split on `&` and `;`, keys
 /// percent-decoded), as `multipart/form-data` (every `name` or `name*`
-/// parameter of every `Content-Disposition` line), and as a JSON object
+/// parameter of every `Content-Disposition` line, and any override key
+/// anywhere in a part's header block as [`part_header_blocks`] reads it), and
+/// as a JSON object
 /// (its top-level keys, as Laravel reads `_method`). Keys are normalized as
 /// [`override_key`] does, and a PHP array key (`_method[x]`) counts as its
 /// name.

@@ -39,15 +39,17 @@
 //!    any letter case; and the same decoding once more over that (two
 //!    levels of escaping: `%2541`, `&amp;#x41;`).
 //!
-//! Compressed payloads ([`Scanner`]): a gzip or zlib stream at the start of
-//! the body, a gzip member or a zip entry anywhere in it (found by magic,
+//! Compressed payloads ([`Scanner`]): a gzip or zlib stream (any valid zlib
+//! header, any window size) at the start of the body, a gzip member or a zip entry anywhere in it (found by magic,
 //! whatever the `Content-Type`), is inflated as it streams and its bytes are
 //! scanned the same way (nested, up to [`MAX_DEPTH`] levels); compressed
 //! bytes are passed on only once everything they inflate to has been
 //! searched. Past [`MAX_INFLATED`] inflated bytes per response, or on a
 //! format with a recognisable magic that cannot be inflated here (zstd, xz,
-//! bzip2, 7z, rar, lz4, a zip entry with another method or encrypted), the
-//! response is withheld ([`Withheld::Opaque`]).
+//! bzip2, 7z, rar, lz4, a zip entry with another method or encrypted, zlib
+//! asking for a preset dictionary), or on any inflate error (bad data: a
+//! client might read more of it than the gate), the response is withheld
+//! ([`Withheld::Opaque`]).
 //!
 //! Not recognised (documented in ARCHITECTURE.md): encodings of encodings
 //! beyond the above (base64 of gzip, hex of UTF-16, three levels of
