@@ -30,8 +30,14 @@
 //! everything it received to stdout and `/out/reflect.txt`, with what it
 //! could decode of it (inflated, NULs dropped, unescaped, base64 decoded).
 //!
+//! `reflect-split` (zlib with a 1 KiB window, zlib asking for a preset
+//! dictionary, the signature split across six `Vary` values, and split
+//! between the last header and the body).
+//!
 //! `body-override`: `POST` requests carrying `_method=DELETE` in a form
 //! body, a multipart part name and a top-level JSON key.
+//! `body-override-multipart`: the part name folded onto the next line, on
+//! the next line unfolded, and backslash-escaped in its quoted string.
 //!
 //! Past the header allow-list: `forward` (30 identity, routing and
 //! method-override headers), `trailers` (credentials and identity claims as
@@ -109,6 +115,13 @@ fn main() {
             ("json-base64-raw", &[]),
         ]),
         "body-override" => body_override(),
+        "reflect-split" => reflect(&[
+            ("zlib-window", &[]),
+            ("zlib-dictionary", &[]),
+            ("split-headers", &[]),
+            ("split-head-body", &[]),
+        ]),
+        "body-override-multipart" => body_override_multipart(),
         "forward" => forward(),
         "trailers" => trailers(),
         "path-escapes" => path_escapes(),
@@ -554,6 +567,25 @@ fn body_override() {
             "POST",
             "http://palette/v1/sink",
             &[("content-type", content_type)],
+            Some(body.as_bytes()),
+        );
+    }
+}
+
+/// Multipart part names as Rack reads them but a line-by-line check does
+/// not.
+fn body_override_multipart() {
+    for part in [
+        "Content-Disposition: form-data;\r\n name=\"_method\"",
+        "Content-Disposition: form-data;\r\nname=\"_method\"",
+        "Content-Disposition: form-data; name=\"_m\\ethod\"",
+    ] {
+        let body = format!("--XyZ\r\n{part}\r\n\r\nDELETE\r\n--XyZ--\r\n");
+        attempt(
+            "body-override-multipart",
+            "POST",
+            "http://palette/v1/sink",
+            &[("content-type", "multipart/form-data; boundary=XyZ")],
             Some(body.as_bytes()),
         );
     }

@@ -329,7 +329,9 @@ pub const MAX_CHECKED_BODY: u64 = 1024 * 1024;
 /// common framework would read it, whatever the `Content-Type` says: as
 /// `application/x-www-form-urlencoded` pairs (split on `&` and `;`, keys
 /// percent-decoded), as `multipart/form-data` (every `name` or `name*`
-/// parameter of every `Content-Disposition` line), and as a JSON object
+/// parameter of every `Content-Disposition` line, and any override key
+/// anywhere in a part's header block as [`part_header_blocks`] reads it), and
+/// as a JSON object
 /// (its top-level keys, as Laravel reads `_method`). Keys are normalized as
 /// [`override_key`] does, and a PHP array key (`_method[x]`) counts as its
 /// name.
@@ -363,10 +365,56 @@ pub fn body_override(body: &[u8]) -> Option<String> {
             }
         }
     }
+    if let Some(block) = part_header_blocks(&text).find(|b| names_override(b)) {
+        return Some(bounded_key(&block));
+    }
     json_top_keys(body)
         .into_iter()
         .find(|k| is_override(k))
         .map(|k| bounded_key(&k))
+}
+
+/// The header block of every `multipart/form-data` part, as a lenient
+/// parser reads it: from a line starting with `--` (any boundary) to the
+/// next empty line, its lines joined (folded lines unfolded, a parameter on
+/// the next line joined to its header), backslash escapes of quoted
+/// strings removed, `%XX` decoded (RFC 2231 values), lowercased.
+fn part_header_blocks(text: &str) -> impl Iterator<Item = String> + '_ {
+    let mut lines = text.split('\n').map(|l| l.strip_suffix('\r').unwrap_or(l));
+    std::iter::from_fn(move || {
+        lines.by_ref().find(|l| l.starts_with("--"))?;
+        let mut block = String::new();
+        for line in lines.by_ref() {
+            if line.is_empty() {
+                break;
+            }
+            block.push_str(line);
+        }
+        let mut unescaped = String::with_capacity(block.len());
+        let mut chars = block.chars();
+        while let Some(c) = chars.next() {
+            match c {
+                '\\' => unescaped.extend(chars.next()),
+                c => unescaped.push(c),
+            }
+        }
+        Some(percent_decode(&unescaped).to_ascii_lowercase())
+    })
+}
+
+/// Whether a part's header block (as [`part_header_blocks`] gives it)
+/// holds an override key anywhere, separators read as [`override_key`]
+/// reads them and `-` as `_`, or with all whitespace dropped: whatever
+/// parameter carries it, the part is refused (fail closed).
+fn names_override(block: &str) -> bool {
+    let spaced = block.replace(['.', ' ', '\t', '[', '-', '+'], "_");
+    let joined = block
+        .replace([' ', '\t'], "")
+        .replace(['.', '[', '-', '+'], "_");
+    METHOD_OVERRIDES.iter().any(|m| {
+        let m = m.replace('-', "_");
+        spaced.contains(&m) || joined.contains(&m)
+    })
 }
 
 /// The keys of a JSON object body's top level, read lexically: no depth
@@ -838,6 +886,15 @@ mod tests {
             "\u{feff}{\"_method\":\"DELETE\"}",
             "{\"_method\":\"DELETE\",}",
             "{\"_method\":\"GET\",\"_method\":\"DELETE\"}",
+            // Rack reads a folded line, a parameter on the next line and
+            // backslash escapes in quoted strings.
+            "--b\r\nContent-Disposition: form-data;\r\n name=\"_method\"\r\n\r\nDELETE\r\n--b--",
+            "--b\r\nContent-Disposition: form-data;\r\nname=\"_method\"\r\n\r\nDELETE\r\n--b--",
+            "--b\r\nContent-Disposition: form-data;\r\n\tname=\"_METHOD\"\r\n\r\nDELETE",
+            "--b\r\nContent-Disposition: form-data; name=\"_m\\ethod\"\r\n\r\nDELETE",
+            "--b\r\nContent-Disposition: form-data; name=\"\\_\\m\\e\\t\\h\\o\\d\"\r\n\r\nDELETE",
+            "--b\nContent-Disposition: form-data;\n name=\"x-http-\\method-override\"\n\nPUT",
+            "--b\r\nContent-Type: text/plain\r\nContent-Disposition:\r\n form-data;\r\n name=\"_me\r\n thod\"\r\n\r\nX",
         ] {
             assert!(body_override(body.as_bytes()).is_some(), "{body}");
         }
@@ -855,6 +912,7 @@ mod tests {
             "[{\"_method\":\"DELETE\"}]",
             "{\"comment\":\"send _method=DELETE\"}",
             "--b\r\nContent-Disposition: form-data; name=\"file\"\r\n\r\n_method",
+            "--b\r\nContent-Disposition: form-data;\r\n name=\"method\"\r\n\r\n_method\r\n--b--",
             "",
         ] {
             assert_eq!(body_override(body.as_bytes()), None, "{body}");

@@ -39,15 +39,17 @@
 //!    any letter case; and the same decoding once more over that (two
 //!    levels of escaping: `%2541`, `&amp;#x41;`).
 //!
-//! Compressed payloads ([`Scanner`]): a gzip or zlib stream at the start of
-//! the body, a gzip member or a zip entry anywhere in it (found by magic,
+//! Compressed payloads ([`Scanner`]): a gzip or zlib stream (any valid zlib
+//! header, any window size) at the start of the body, a gzip member or a zip entry anywhere in it (found by magic,
 //! whatever the `Content-Type`), is inflated as it streams and its bytes are
 //! scanned the same way (nested, up to [`MAX_DEPTH`] levels); compressed
 //! bytes are passed on only once everything they inflate to has been
 //! searched. Past [`MAX_INFLATED`] inflated bytes per response, or on a
 //! format with a recognisable magic that cannot be inflated here (zstd, xz,
-//! bzip2, 7z, rar, lz4, a zip entry with another method or encrypted), the
-//! response is withheld ([`Withheld::Opaque`]).
+//! bzip2, 7z, rar, lz4, a zip entry with another method or encrypted, zlib
+//! asking for a preset dictionary), or on any inflate error (bad data: a
+//! client might read more of it than the gate), the response is withheld
+//! ([`Withheld::Opaque`]).
 //!
 //! Not recognised (documented in ARCHITECTURE.md): encodings of encodings
 //! beyond the above (base64 of gzip, hex of UTF-16, three levels of
@@ -599,10 +601,22 @@ const MAGIC_TAIL: usize = 5;
 
 /// The format a body starting with `head` (at least four bytes) is in,
 /// for the magics only recognised at the start.
+///
+/// Every valid zlib header is one: method 8, any window up to 32 KiB
+/// (`CINFO` 0 to 7: a first byte of 0x08, 0x18, ... 0x78) and the check
+/// bits right. One asking for a preset dictionary cannot be searched.
 fn leading_format(head: &[u8]) -> Option<Format> {
     match head {
-        [0x78, flg, ..] if (0x78u16 * 256 + u16::from(*flg)).is_multiple_of(31) => {
-            Some(Format::Zlib)
+        [cmf, flg, ..]
+            if cmf & 0x0f == 8
+                && cmf >> 4 <= 7
+                && (u16::from(*cmf) * 256 + u16::from(*flg)).is_multiple_of(31) =>
+        {
+            Some(if flg & 0x20 != 0 {
+                Format::Opaque("zlib (with a preset dictionary)")
+            } else {
+                Format::Zlib
+            })
         }
         [b'B', b'Z', b'h', b'1'..=b'9', ..] => Some(Format::Opaque("bzip2")),
         _ => None,
@@ -627,17 +641,29 @@ impl std::fmt::Debug for Inflater {
 
 impl Inflater {
     /// Takes compressed bytes; how many it used and what it inflated them
-    /// to, or `None` at the end of the stream or on bad data.
-    fn write(&mut self, input: &[u8]) -> Option<(usize, Vec<u8>)> {
-        fn step<W: std::io::Write>(w: &mut W, input: &[u8]) -> Option<usize> {
-            let n = w.write(input).ok()?;
-            w.flush().ok()?;
-            (n > 0).then_some(n)
+    /// to, or `None` at the end of the stream.
+    ///
+    /// # Errors
+    /// [`Withheld::Opaque`] on data it cannot inflate (bad data, a preset
+    /// dictionary): a client might still read something from it.
+    fn write(&mut self, input: &[u8]) -> Result<Option<(usize, Vec<u8>)>, Withheld> {
+        fn step<W: std::io::Write>(w: &mut W, input: &[u8]) -> std::io::Result<usize> {
+            let n = w.write(input)?;
+            w.flush()?;
+            Ok(n)
         }
-        match self {
+        let name = format!("{self:?}");
+        let stepped = match self {
             Self::Gzip(d) => step(d, input).map(|n| (n, std::mem::take(d.get_mut()))),
             Self::Zlib(d) => step(d, input).map(|n| (n, std::mem::take(d.get_mut()))),
             Self::Deflate(d) => step(d, input).map(|n| (n, std::mem::take(d.get_mut()))),
+        };
+        match stepped {
+            Ok((0, out)) if out.is_empty() => Ok(None),
+            Ok(done) => Ok(Some(done)),
+            Err(e) => Err(Withheld::Opaque(format!(
+                "it holds {name} data the gate cannot inflate ({e})"
+            ))),
         }
     }
 }
@@ -717,7 +743,7 @@ impl Payload {
                 }
                 Phase::Inflate(inflater) => {
                     let piece = &data[..data.len().min(PIECE)];
-                    let Some((used, out)) = inflater.write(piece) else {
+                    let Some((used, out)) = inflater.write(piece)? else {
                         self.phase = Phase::Done;
                         return Ok(());
                     };
@@ -809,6 +835,9 @@ pub struct Scanner {
     head_checked: bool,
     payloads: Vec<Payload>,
     depth: usize,
+    /// Offset of the body's first byte: the length of the text the guest
+    /// sees before it ([`Scanner::after`]).
+    origin: u64,
     /// Inflated bytes this stream may still search (the outermost
     /// scanner's, shared with its payloads through `absorb`).
     budget: u64,
@@ -834,7 +863,25 @@ impl Scanner {
             payloads: Vec::new(),
             depth,
             budget: MAX_INFLATED,
+            origin: 0,
         }
+    }
+
+    /// A scanner for a body that the guest reads right after `prefix` (the
+    /// response's header values): a form split between them is found.
+    /// `prefix` itself is searched as text only (never passed on, never
+    /// inflated).
+    ///
+    /// # Errors
+    /// [`Withheld::Leak`] when `prefix` already holds a form of a token.
+    pub fn after(needles: Arc<Needles>, prefix: &[u8]) -> Result<Self, Withheld> {
+        let mut s = Self::new(needles);
+        if prefix.is_empty() {
+            return Ok(s);
+        }
+        s.text(prefix)?;
+        s.origin = s.total;
+        Ok(s)
     }
 
     /// Takes `chunk`; returns the bytes that may be passed on now.
@@ -870,20 +917,7 @@ impl Scanner {
             return Ok(());
         }
         let base = self.total;
-        let scanned = usize::try_from(base).unwrap_or(usize::MAX);
-        self.total += chunk.len() as u64;
-
-        // The folded bytes as they are.
-        let mut plain = std::mem::take(&mut self.plain_tail);
-        plain.extend(chunk.iter().map(|b| FOLD[usize::from(*b)]));
-        let found = self.needles.is_match(&plain, scanned);
-        let keep = plain.len().saturating_sub(WINDOW - 1);
-        self.plain_tail = plain.split_off(keep);
-        // Unescaped.
-        let found = found || self.unescaped.feed(&self.needles, chunk, base, scanned);
-        if found {
-            return Err(Withheld::Leak);
-        }
+        self.text(chunk)?;
 
         // Compressed payloads already open take the new bytes.
         for p in &mut self.payloads {
@@ -899,10 +933,10 @@ impl Scanner {
         let raw_base = base - raw.len() as u64;
         raw.extend_from_slice(chunk);
         let mut found: Vec<(u64, Format)> = Vec::new();
-        if !self.head_checked && raw_base == 0 && raw.len() >= 4 {
+        if !self.head_checked && raw_base == self.origin && raw.len() >= 4 {
             self.head_checked = true;
             if let Some(f) = leading_format(&raw) {
-                found.push((0, f));
+                found.push((self.origin, f));
             }
         }
         for m in magic_automaton().find_overlapping_iter(&raw) {
@@ -935,6 +969,26 @@ impl Scanner {
         }
         let keep = raw.len().saturating_sub(MAGIC_TAIL);
         self.magic_tail = raw.split_off(keep);
+        Ok(())
+    }
+
+    /// Searches `chunk` in the two text views.
+    fn text(&mut self, chunk: &[u8]) -> Result<(), Withheld> {
+        let base = self.total;
+        let scanned = usize::try_from(base).unwrap_or(usize::MAX);
+        self.total += chunk.len() as u64;
+
+        // The folded bytes as they are.
+        let mut plain = std::mem::take(&mut self.plain_tail);
+        plain.extend(chunk.iter().map(|b| FOLD[usize::from(*b)]));
+        let found = self.needles.is_match(&plain, scanned);
+        let keep = plain.len().saturating_sub(WINDOW - 1);
+        self.plain_tail = plain.split_off(keep);
+        // Unescaped.
+        let found = found || self.unescaped.feed(&self.needles, chunk, base, scanned);
+        if found {
+            return Err(Withheld::Leak);
+        }
         Ok(())
     }
 
@@ -1274,6 +1328,19 @@ mod tests {
             ),
             ("gzip in zip", zip("t.gz", &gzip(&echo), 8)),
         ];
+        // Every window size a zlib header can name (256 bytes to 32 KiB).
+        let small: Vec<(String, Vec<u8>)> = (0..=7)
+            .map(|cinfo| {
+                (
+                    format!("zlib window {cinfo}"),
+                    zlib_header(&zlib(&echo), cinfo, 0),
+                )
+            })
+            .collect();
+        let cases = cases
+            .into_iter()
+            .map(|(n, b)| (n.to_owned(), b))
+            .chain(small);
         for (name, body) in cases {
             for chunk in [1, 50, 100_000] {
                 let (passed, why) = scan(&body, chunk);
@@ -1284,6 +1351,16 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// `stream` (zlib) with its header rewritten: window `cinfo`, `fdict`
+    /// (0x20 or 0), the check bits fixed.
+    fn zlib_header(stream: &[u8], cinfo: u8, fdict: u8) -> Vec<u8> {
+        let cmf = (cinfo << 4) | 8;
+        let mut flg = (stream[1] & 0xc0) | fdict;
+        let rem = (u16::from(cmf) * 256 + u16::from(flg)) % 31;
+        flg += u8::try_from((31 - rem) % 31).unwrap();
+        [&[cmf, flg], &stream[2..]].concat()
     }
 
     fn inflate_all(data: &[u8]) -> Vec<Vec<u8>> {
@@ -1318,6 +1395,50 @@ mod tests {
             ("bzip2", b"BZh91AY&SY data data data".to_vec(), "bzip2"),
             ("zip bzip2", zip("a", b"x", 12), "method 12"),
             ("zip encrypted", encrypted, "encrypted"),
+            (
+                "zlib preset dictionary",
+                [
+                    zlib_header(&zlib(b"x"), 7, 0x20)[..2].to_vec(),
+                    vec![0, 0, 0, 1],
+                    deflate(b"x"),
+                ]
+                .concat(),
+                "dictionary",
+            ),
+            (
+                "zlib small window preset dictionary",
+                [
+                    zlib_header(&zlib(b"x"), 2, 0x20)[..2].to_vec(),
+                    vec![0, 0, 0, 1],
+                    deflate(b"x"),
+                ]
+                .concat(),
+                "dictionary",
+            ),
+            (
+                "zlib bad data",
+                [&[0x78, 0x9c][..], &[0xff; 40]].concat(),
+                "cannot inflate",
+            ),
+            (
+                "zlib small window bad data",
+                [&[0x48, 0x0d][..], &[0xff; 40]].concat(),
+                "cannot inflate",
+            ),
+            (
+                "gzip bad data",
+                [
+                    &b"log:\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff"[..],
+                    &[0xff; 40],
+                ]
+                .concat(),
+                "cannot inflate",
+            ),
+            (
+                "zip bad data",
+                [zip("a", b"x", 8)[..31].to_vec(), vec![0xff; 40]].concat(),
+                "cannot inflate",
+            ),
         ];
         for (name, body, why) in cases {
             let (passed, got) = scan(&body, 4096);
@@ -1327,6 +1448,47 @@ mod tests {
             }
             assert!(passed.len() < body.len(), "{name}");
         }
+    }
+
+    #[test]
+    fn a_form_split_between_the_headers_and_the_body_is_found() {
+        // Less than a needle on each side.
+        let (head, rest) = (&sig()[..10], &sig()[10..24]);
+        // The whole form in the prefix.
+        assert_eq!(
+            Scanner::after(needles(), sig().as_bytes()).err(),
+            Some(Withheld::Leak)
+        );
+        for chunk in [1, 7, 4096] {
+            let mut s = Scanner::after(needles(), format!("text/plain{head}").as_bytes())
+                .expect("half a form is not one");
+            let mut passed = Vec::new();
+            let mut why = None;
+            for piece in rest.as_bytes().chunks(chunk) {
+                match s.feed(piece) {
+                    Ok(b) => passed.extend_from_slice(&b),
+                    Err(e) => {
+                        why = Some(e);
+                        break;
+                    }
+                }
+            }
+            assert_eq!(why, Some(Withheld::Leak), "by {chunk}");
+            assert!(
+                !needles().found(format!("{head}{}", String::from_utf8_lossy(&passed)).as_bytes())
+            );
+        }
+        // A clean body after clean headers passes whole; a compressed one
+        // is still recognised at its start.
+        let mut s = Scanner::after(needles(), b"text/plain123").unwrap();
+        let mut passed = s.feed(b"hello, world").unwrap().to_vec();
+        passed.extend_from_slice(&s.finish());
+        assert_eq!(passed, b"hello, world");
+        let mut s = Scanner::after(needles(), b"text/plain123").unwrap();
+        assert_eq!(
+            s.feed(&zlib_header(&zlib(sig().as_bytes()), 3, 0)).err(),
+            Some(Withheld::Leak)
+        );
     }
 
     #[test]

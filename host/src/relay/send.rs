@@ -503,18 +503,32 @@ impl CallGrant {
         if let Some(location) = location {
             fresh.headers_mut().insert(LOCATION, location);
         }
-        if fresh
-            .headers()
-            .iter()
-            .any(|(_, v)| needles.found(v.as_bytes()))
-        {
+        // The headers the guest sees are searched as one stream, in order:
+        // their values joined (a form split across values) and as they read
+        // on the wire; then the body is searched as if it followed the last
+        // value (a form split between the headers and the body).
+        let mut values = Vec::new();
+        let mut wire = Vec::new();
+        for (name, value) in fresh.headers() {
+            values.extend_from_slice(value.as_bytes());
+            wire.extend_from_slice(name.as_str().as_bytes());
+            wire.extend_from_slice(b": ");
+            wire.extend_from_slice(value.as_bytes());
+            wire.extend_from_slice(b"\r\n");
+        }
+        let scanner = if needles.found(&wire) {
+            None
+        } else {
+            Scanner::after(Arc::clone(&needles), &values).ok()
+        };
+        let Some(scanner) = scanner else {
             tracing::error!(job = %self.job, service = %service, "a service echoed its call token in a response header; withheld");
             let r = Refusal::Leak {
                 service: service.clone(),
                 place: "headers",
             };
             return Err(withhold(record, r));
-        }
+        };
         let withheld = record.clone();
         self.record(record);
         let grant = Arc::clone(&self);
@@ -525,7 +539,7 @@ impl CallGrant {
             stall: Box::pin(tokio::time::sleep(idle)),
             limit: decl.max_response.as_u64(),
             seen: 0,
-            scanner: Scanner::new(needles),
+            scanner,
             ended: false,
             on_leak: Some(Box::new(move |why: &Withheld| {
                 let refusal = match why {

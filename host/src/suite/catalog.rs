@@ -402,6 +402,21 @@ fn http_attacks() -> Vec<Attack> {
             "body-override",
             Refused(vec![("method_override", 4)]),
         ),
+        http(
+            "lateral.http-reflect-split",
+            "get the echoed call token back past a piecewise scan: zlib with a 1 KiB window, \
+             zlib asking for a preset dictionary, the signature in pieces across six `Vary` \
+             values and between the last header and the body",
+            "reflect-split",
+            Reflect(vec![("leak", 3), ("unsearchable", 1)]),
+        ),
+        http(
+            "lateral.http-body-override-multipart",
+            "override the method from a multipart part name as Rack reads it: folded onto the \
+             next line, on the next line unfolded, backslash-escaped in its quoted string",
+            "body-override-multipart",
+            Refused(vec![("method_override", 3)]),
+        ),
     ]
 }
 

@@ -416,8 +416,81 @@ fn reflect_more(how: &str, auth: &str) -> Option<Response> {
             "{{\"sig\":\"{}\"}}",
             offset(0, STANDARD).replace('/', "\\/")
         )),
+        _ => return reflect_split(how, auth),
+    })
+}
+
+/// Answers that get past a scan looking at one piece at a time:
+/// `zlib-window` (zlib with a 1 KiB window, first byte 0x28),
+/// `zlib-dictionary` (zlib asking for a preset dictionary; its deflate
+/// data needs none), `split-headers` (the signature in 15-character pieces
+/// across six `Vary` values) and `split-head-body` (12 characters in the
+/// last header, `Date`, the next 12 starting the body).
+fn reflect_split(how: &str, auth: &str) -> Option<Response> {
+    use http::header::{CONTENT_TYPE, DATE, VARY};
+    use std::io::Write as _;
+    let token = auth.strip_prefix("Bearer ").unwrap_or(auth);
+    let signature = token.rsplit('.').next().unwrap_or(token);
+    let echo = format!("{{\"echo\":\"{auth}\"}}");
+    let binary = (CONTENT_TYPE, "application/octet-stream");
+    let deflate = || {
+        let mut z = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::best());
+        let _ = z.write_all(echo.as_bytes());
+        z.finish().unwrap_or_default()
+    };
+    // A zlib header: window 2^(cinfo + 8), the dictionary bit, check bits.
+    let header = |cinfo: u8, fdict: u8| {
+        let cmf = (cinfo << 4) | 8;
+        let flg = 0x80 | fdict;
+        let rem = (u16::from(cmf) * 256 + u16::from(flg)) % 31;
+        [cmf, flg + u8::try_from((31 - rem) % 31).unwrap_or(0)]
+    };
+    Some(match how {
+        "zlib-window" => {
+            let mut body = header(2, 0).to_vec();
+            body.extend_from_slice(&deflate());
+            let adler = adler32(echo.as_bytes());
+            body.extend_from_slice(&adler.to_be_bytes());
+            ([binary], body).into_response()
+        }
+        "zlib-dictionary" => {
+            let mut body = header(7, 0x20).to_vec();
+            body.extend_from_slice(&adler32(b"dictionary").to_be_bytes());
+            body.extend_from_slice(&deflate());
+            body.extend_from_slice(&adler32(echo.as_bytes()).to_be_bytes());
+            ([binary], body).into_response()
+        }
+        "split-headers" => {
+            let mut headers = http::HeaderMap::new();
+            for piece in signature.as_bytes().chunks(15) {
+                if let Ok(v) = http::HeaderValue::from_bytes(piece) {
+                    headers.append(VARY, v);
+                }
+            }
+            (headers, "{}").into_response()
+        }
+        "split-head-body" => {
+            let head = signature.get(..12).unwrap_or_default().to_owned();
+            let rest = signature.get(12..24).unwrap_or_default().to_owned();
+            let frames = [http_body::Frame::data(bytes::Bytes::from(rest))].into();
+            (
+                [(CONTENT_TYPE, "text/plain".to_owned()), (DATE, head)],
+                Body::new(Frames(frames)),
+            )
+                .into_response()
+        }
         _ => return None,
     })
+}
+
+/// Adler-32 of `data` (zlib's trailer and dictionary id).
+fn adler32(data: &[u8]) -> u32 {
+    let (mut a, mut b) = (1u32, 0u32);
+    for byte in data {
+        a = (a + u32::from(*byte)) % 65_521;
+        b = (b + a) % 65_521;
+    }
+    (b << 16) | a
 }
 
 /// A response body of given frames, sent one at a time.

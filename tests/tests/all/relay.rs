@@ -1051,3 +1051,114 @@ async fn method_overrides_in_request_bodies_are_refused_and_audited() {
     );
     assert!(s.palette.is_empty(), "{:#?}", s.palette.snapshot());
 }
+
+/// Every offset of `data` inflated as raw deflate, zlib and gzip, where it
+/// gives anything.
+fn inflate_everywhere(data: &[u8]) -> Vec<Vec<u8>> {
+    use std::io::Read as _;
+    let mut out = Vec::new();
+    for start in 0..data.len() {
+        for kind in 0..3 {
+            let mut text = Vec::new();
+            let rest = &data[start..];
+            let _ = match kind {
+                0 => flate2::read::DeflateDecoder::new(rest).read_to_end(&mut text),
+                1 => flate2::read::ZlibDecoder::new(rest).read_to_end(&mut text),
+                _ => flate2::read::GzDecoder::new(rest).read_to_end(&mut text),
+            };
+            if text.len() > 16 {
+                out.push(text);
+            }
+        }
+    }
+    out
+}
+
+/// zlib with a small window (inflated and searched), zlib asking for a
+/// preset dictionary (withheld as unsearchable), the signature split
+/// across six header values and between the last header and the body
+/// (searched as one stream): nothing of the token reaches the guest, judged
+/// from what it wrote (inflated host-side at every offset).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_token_split_across_headers_or_compressed_oddly_never_reaches_the_guest() {
+    let s = scenario(16).await;
+    let token = s.server.token("acme", &["lateral:run"]).await;
+    let before = s.reflected.lock().unwrap().len();
+    let job = s.lateral(&token, "reflect-split").await;
+    assert_eq!(job["state"], "succeeded", "{job:#}");
+    let id = job["id"].as_str().unwrap();
+    let echoed: Vec<String> = s.reflected.lock().unwrap()[before..].to_vec();
+    assert_eq!(echoed.len(), 4, "the service echoed {echoed:?}");
+    let dump = s
+        .server
+        .http
+        .get(s.server.url(&format!("/v1/jobs/{id}/outputs/reflect.txt")))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    assert!(holds(&dump, b"== http://palette/v1/reflect/split-headers"));
+    let mut seen = dump.to_vec();
+    for stream in ["stdout", "stderr"] {
+        seen.extend_from_slice(report(&job)[stream]["text"].as_str().unwrap().as_bytes());
+    }
+    let views: Vec<Vec<u8>> = std::iter::once(seen.clone())
+        .chain(inflate_everywhere(&seen))
+        .collect();
+    for auth in &echoed {
+        let t = auth.strip_prefix("Bearer ").unwrap();
+        let signature = t.rsplit('.').next().unwrap().as_bytes();
+        for view in &views {
+            for form in token_forms(t) {
+                assert!(
+                    !holds(view, &form),
+                    "a form of the call token reached the guest: {}\n{}",
+                    String::from_utf8_lossy(&form),
+                    String::from_utf8_lossy(view)
+                );
+            }
+        }
+        // Pieces each shorter than a needle: all of them must not arrive.
+        assert!(
+            !signature.chunks(15).all(|piece| holds(&seen, piece)),
+            "the six header pieces reached the guest"
+        );
+        assert!(
+            !(holds(&seen, &signature[..12]) && holds(&seen, &signature[12..24])),
+            "the header and body pieces reached the guest"
+        );
+    }
+    let mut classes = std::collections::BTreeMap::<String, usize>::new();
+    for r in calls(&job)["records"].as_array().unwrap() {
+        if let Some(class) = r["class"].as_str() {
+            *classes.entry(class.to_owned()).or_default() += 1;
+        }
+    }
+    assert_eq!(classes.get("leak"), Some(&3), "{classes:?}");
+    assert_eq!(classes.get("unsearchable"), Some(&1), "{classes:?}");
+}
+
+/// Multipart part names Rack reads as `_method` (folded, on the next line,
+/// backslash-escaped): refused, and the service receives nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn method_overrides_in_odd_multipart_part_headers_are_refused() {
+    let s = scenario(16).await;
+    let token = s.server.token("acme", &["lateral:run"]).await;
+    let job = s.lateral(&token, "body-override-multipart").await;
+    assert_eq!(job["state"], "succeeded", "{job:#}");
+    let refused = calls(&job)["records"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["class"] == "method_override")
+        .count();
+    assert_eq!(refused, 3, "{job:#}");
+    assert_eq!(calls(&job)["made"], 0, "{job:#}");
+    assert!(
+        s.sink.lock().unwrap().is_empty(),
+        "the service received a call"
+    );
+}
