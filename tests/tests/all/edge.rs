@@ -828,6 +828,87 @@ async fn requests_hyper_cannot_parse_get_the_json_error_shape_on_both_listeners(
     assert_eq!(json["error"]["code"], "uri_too_long", "{body}");
 }
 
+/// A submission from `from` declaring `length` body bytes: the status of
+/// its first answer (100 once the handler reads the body, or a refusal)
+/// and the connection.
+async fn declared_upload(
+    from: &str,
+    to: SocketAddr,
+    secret: &str,
+    length: u64,
+) -> (u16, TcpStream) {
+    let mut s = connect_from(from, to).await;
+    let head = format!(
+        "POST /v1/modules/hello/jobs HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {secret}\r\ncontent-type: application/octet-stream\r\ncontent-length: {length}\r\nexpect: 100-continue\r\n\r\n"
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    let status = read_head(&mut s).await.map_or(0, |(code, _)| code);
+    (status, s)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn uploads_in_flight_are_bounded_per_tenant_and_in_bytes_held() {
+    // One token trickling many bodies from many addresses once held every
+    // connection, and 48 bodies of 60 MB held 3 GB: uploads reserve their
+    // declared length before a byte is read, within a count per tenant and
+    // a total.
+    let dir = tempfile::tempdir().unwrap();
+    let (config, data) = write_config(
+        dir.path(),
+        "max_uploads_per_tenant = 4\nmax_buffered_uploads = \"64 MiB\"",
+        "",
+    );
+    let served = Running::start(&config);
+    let acme = token(&data, "acme", &["hello:run"]).await;
+    let beta = token(&data, "beta", &["hello:run"]).await;
+    let gamma = token(&data, "gamma", &["hello:run"]).await;
+    let mut held = Vec::new();
+    for i in 0..4 {
+        let (status, s) =
+            declared_upload(&format!("127.0.3.{}", i + 1), served.public, &acme, 1000).await;
+        assert_eq!(status, 100, "upload {i} of acme is read");
+        held.push(s);
+    }
+    let (status, mut refused) = declared_upload("127.0.3.9", served.public, &acme, 1000).await;
+    assert_eq!(status, 429, "a fifth upload of acme, from another address");
+    let (_, body) = read_response_rest(&mut refused).await;
+    assert!(body.contains("\"too_many_requests\""), "{body}");
+    // Another tenant is read, up to what the service may hold in all.
+    let (status, s) = declared_upload("127.0.3.10", served.public, &beta, 60 << 20).await;
+    assert_eq!(status, 100, "beta's 60 MiB upload fits the total");
+    held.push(s);
+    let (status, _) = declared_upload("127.0.3.11", served.public, &gamma, 8 << 20).await;
+    assert_eq!(status, 429, "8 MiB more is over the 64 MiB held in all");
+    drop(held);
+    // Once they are gone, acme uploads again.
+    let mut again = None;
+    for _ in 0..50 {
+        let (status, s) = declared_upload("127.0.3.12", served.public, &acme, 10).await;
+        if status == 100 {
+            again = Some(s);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(again.is_some(), "acme's reservations were given back");
+}
+
+/// The rest of a response whose head was read: its body as text (until
+/// the server closes, or briefly waits).
+async fn read_response_rest(stream: &mut TcpStream) -> (usize, String) {
+    let mut body = Vec::new();
+    let mut buf = [0u8; 4096];
+    while let Ok(Ok(n)) =
+        tokio::time::timeout(Duration::from_millis(500), stream.read(&mut buf)).await
+    {
+        if n == 0 {
+            break;
+        }
+        body.extend_from_slice(&buf[..n]);
+    }
+    (body.len(), String::from_utf8_lossy(&body).into_owned())
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_body_trickled_below_the_minimum_rate_ends_its_connection_and_stores_nothing() {
     // Only the minimum rate can end this body: the gap between its frames
