@@ -294,4 +294,31 @@ mod tests {
         assert!(last.client.is_none());
         assert!(last.detail.contains("or more"), "{}", last.detail);
     }
+
+    #[test]
+    fn tenant_denials_are_limited_per_tenant_address_and_action() {
+        let d = TenantDenials::new(&Audit {
+            denials_per_client: 2,
+            denials_per_minute: 100,
+            ..Audit::default()
+        });
+        let entry = |tenant: &str, action: &str| AuditEntry {
+            action: action.into(),
+            tenant: Some(tenant.into()),
+            client: Some("127.0.0.2".into()),
+            ..AuditEntry::default()
+        };
+        let written = (0..10)
+            .filter(|_| d.admit(&entry("acme", "scope.denied")))
+            .count();
+        assert_eq!(written, 2);
+        assert!(d.admit(&entry("acme", "quota.denied")));
+        assert!(d.admit(&entry("other", "scope.denied")));
+        let rows = d.roll();
+        assert_eq!(rows.len(), 1);
+        assert_eq!(rows[0].action, "scope.denied.summary");
+        assert_eq!(rows[0].tenant.as_deref(), Some("acme"));
+        assert_eq!(rows[0].client.as_deref(), Some("127.0.0.2"));
+        assert!(rows[0].detail.starts_with("8 more"), "{}", rows[0].detail);
+    }
 }
