@@ -70,6 +70,10 @@ pub struct Identity {
     pub scopes: Vec<String>,
     /// The token's public id (for audit).
     pub token_id: String,
+    /// The address the request came from, when the edge knows it (for
+    /// audit and its per-address limits); never stored with a job.
+    #[serde(skip)]
+    pub client: Option<std::net::IpAddr>,
 }
 
 impl Identity {
@@ -110,6 +114,7 @@ impl TokenRecord {
             subject: self.subject.clone(),
             scopes: self.scopes.clone(),
             token_id: self.id.clone(),
+            client: None,
         })
     }
 }

@@ -284,7 +284,13 @@ impl FromRequestParts<AppState> for Caller {
             .map_err(|e| ApiError::Internal(e.to_string()))?;
         let now = now_ms() / 1000;
         match record.as_ref().and_then(|r| r.identity_at(now)) {
-            Some(identity) => Ok(Caller(identity)),
+            Some(mut identity) => {
+                identity.client = parts
+                    .extensions
+                    .get::<crate::serve::Client>()
+                    .map(|c| c.addr.ip());
+                Ok(Caller(identity))
+            }
             None => {
                 crate::serve::denials::record(
                     &state.service,

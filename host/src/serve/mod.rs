@@ -438,6 +438,9 @@ async fn flush_denials(state: AppState, denials: Arc<Denials>, mut stop: watch::
         for row in denials.roll() {
             state.service.audit(row).await;
         }
+        for row in state.service.roll_denials() {
+            state.service.audit(row).await;
+        }
         if stopping {
             return;
         }

@@ -235,6 +235,8 @@ pub struct Service {
     held: Mutex<HashSet<String>>,
     admin_token_hash: String,
     metrics: metrics_exporter_prometheus::PrometheusHandle,
+    /// The per-tenant and per-address limiter of authenticated denials.
+    denials: crate::serve::denials::TenantDenials,
 }
 
 impl std::fmt::Debug for Service {
@@ -364,6 +366,7 @@ impl Service {
             held: Mutex::default(),
             admin_token_hash,
             metrics: metrics_handle(),
+            denials: crate::serve::denials::TenantDenials::new(&config.audit),
             config,
         });
         // Nothing runs yet: any job directory without a row is a leftover
@@ -465,6 +468,20 @@ impl Service {
         }
     }
 
+    /// Records the denial `entry` of an authenticated caller through the
+    /// per-tenant limiter: written now, or counted into a summary row.
+    async fn audit_denial(&self, entry: AuditEntry) {
+        if self.denials.admit(&entry) {
+            self.audit(entry).await;
+        }
+    }
+
+    /// Ends the authenticated-denial window: the summary rows of what it
+    /// held back (written by the edge once a minute and at shutdown).
+    pub fn roll_denials(&self) -> Vec<AuditEntry> {
+        self.denials.roll()
+    }
+
     /// Accepts a job: checks module, scope, inputs, parameters and capacity,
     /// stores the inputs and the job durably, then queues it. With `wait`,
     /// also returns a receiver that fires when the job finishes.
@@ -487,7 +504,7 @@ impl Service {
         let policy = module.policy();
         let scopes = scope_strings(policy);
         if !who.has_any(&scopes) {
-            self.audit(denial(
+            self.audit_denial(denial(
                 who,
                 "scope.denied",
                 Some(module),
@@ -658,7 +675,7 @@ impl Service {
         let tenant = why == Rejection::TenantFull;
         metrics::counter!("bulkhead_jobs_rejected_total", "reason" => if tenant { "tenant_full" } else { "service_full" })
             .increment(1);
-        self.audit(denial(
+        self.audit_denial(denial(
             who,
             "quota.denied",
             Some(module),
@@ -1694,6 +1711,7 @@ pub fn denial(
         action: action.to_owned(),
         tenant: Some(who.tenant.clone()),
         subject: Some(who.subject.clone()),
+        client: who.client.map(|c| c.to_string()),
         module: module.map(|m| m.policy().module.name.to_string()),
         module_sha256: module.map(|m| m.sha256().to_string()),
         policy_sha256: module

@@ -1020,3 +1020,122 @@ async fn a_client_reading_below_the_minimum_rate_is_closed() {
     let mut other = connect_from("127.0.0.2", served.public).await;
     assert_eq!(get(&mut other, "/healthz", "").await.unwrap().0, 200);
 }
+
+const SCOPE_DENIED: usize = 2_000;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn authenticated_denials_write_a_bounded_audit_with_client_addresses_and_counts() {
+    let dir = tempfile::tempdir().unwrap();
+    let (config, data) = write_config(
+        dir.path(),
+        "",
+        "denials_per_client = 5\ndenials_per_minute = 60",
+    );
+    let mut served = Running::start(&config);
+    let base = format!("http://{}", served.public);
+    let admin_token = std::fs::read_to_string(data.join("admin.token")).unwrap();
+    // A valid token of the tenant, without the module's scope.
+    let secret = token(&data, "acme", &["other:run"]).await;
+    let from: IpAddr = "127.0.6.1".parse().unwrap();
+    let http = reqwest::Client::builder()
+        .local_address(from)
+        .build()
+        .unwrap();
+    assert_eq!(
+        http.get(format!("{base}/healthz"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    let before = store_bytes(&data);
+
+    let mut flood = tokio::task::JoinSet::new();
+    for _ in 0..4 {
+        let http = http.clone();
+        let url = format!("{base}/v1/modules/hello/jobs");
+        let secret = secret.clone();
+        flood.spawn(async move {
+            for _ in 0..SCOPE_DENIED / 4 {
+                let resp = http
+                    .post(&url)
+                    .bearer_auth(&secret)
+                    .header("content-type", "application/octet-stream")
+                    .body("x")
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(resp.status(), 403);
+            }
+        });
+    }
+    while let Some(done) = flood.join_next().await {
+        done.unwrap();
+    }
+    // The rows written one by one carry the client's address.
+    let listed: Vec<AuditEntry> = reqwest::Client::new()
+        .get(format!(
+            "http://{}/admin/v1/audit?limit=10000",
+            served.admin
+        ))
+        .bearer_auth(admin_token.trim())
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let listed: Vec<_> = listed
+        .iter()
+        .filter(|r| r.action == "scope.denied")
+        .collect();
+    assert!(!listed.is_empty());
+    assert!(
+        listed.iter().all(
+            |r| r.client.as_deref() == Some("127.0.6.1") && r.tenant.as_deref() == Some("acme")
+        ),
+        "{listed:#?}"
+    );
+    // SIGTERM: the held-back count is written as a summary on the way out.
+    served.terminate();
+    assert!(served.exited_within(PATIENCE).await);
+    let grown = store_bytes(&data).saturating_sub(before);
+    let rows = audit_rows(&data).await;
+    let denied: Vec<_> = rows.iter().filter(|r| r.action == "scope.denied").collect();
+    let summaries: Vec<_> = rows
+        .iter()
+        .filter(|r| r.action == "scope.denied.summary")
+        .collect();
+    // At most the per-client allowance for each minute the flood lasted.
+    assert!(
+        denied.len() <= 5 * 2,
+        "{} rows written one by one",
+        denied.len()
+    );
+    assert!(summaries.iter().all(|r| {
+        r.client.as_deref() == Some("127.0.6.1") && r.tenant.as_deref() == Some("acme")
+    }));
+    let held_back: u64 = summaries
+        .iter()
+        .map(|r| {
+            r.detail
+                .split_whitespace()
+                .next()
+                .unwrap()
+                .parse::<u64>()
+                .unwrap()
+        })
+        .sum();
+    assert_eq!(
+        denied.len() as u64 + held_back,
+        SCOPE_DENIED as u64,
+        "every denial is written or counted: {summaries:#?}"
+    );
+    assert!(grown < 1 << 20, "the store grew by {grown} bytes");
+    eprintln!(
+        "scope-denied flood: {} rows, {} summaries, store +{grown} bytes",
+        denied.len(),
+        summaries.len()
+    );
+}

@@ -397,6 +397,7 @@ async fn recovery_runs_stored_jobs_the_queue_lost_and_jobs_a_failure_left_runnin
             subject: "acme-ci".into(),
             token_id: String::new(),
             scopes: vec!["hello:run".into()],
+            client: None,
         })
         .find(|p| p.module.name.to_string() == "hello")
         .map(|p| p.module.sha256.to_string())

@@ -751,6 +751,7 @@ async fn a_token_revoked_while_its_job_waits_relays_nothing() {
             subject: "acme-ci".into(),
             scopes: vec![],
             token_id: tok_id.clone(),
+            client: None,
         };
         let record = s.server.service.job(&who, &id).await.unwrap();
         if let Some(report) = record.report {
