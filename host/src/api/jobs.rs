@@ -271,10 +271,25 @@ pub(super) async fn submit(
     }
     // Reserved before any byte of the body is read (see `upload`); a
     // refusal closes the connection with the body unread.
-    let reserve = crate::relay::declared_length(req.headers()).unwrap_or(max_body as u64);
-    let _upload = uploads.acquire(&who.tenant, reserve).inspect_err(|_| {
-        metrics::counter!("bulkhead_uploads_refused_total").increment(1);
-    })?;
+    // No length and no transfer coding is no body (RFC 9112 6.3); a chunked
+    // body may be as long as `max_body`.
+    let chunked = req.headers().contains_key(header::TRANSFER_ENCODING);
+    let reserve = crate::relay::declared_length(req.headers()).unwrap_or(if chunked {
+        max_body as u64
+    } else {
+        0
+    });
+    let upload = match uploads.acquire(&who.tenant, reserve) {
+        Ok(permit) => permit,
+        Err(refused) => {
+            metrics::counter!("bulkhead_uploads_refused_total").increment(1);
+            // As for 413, a body is read and dropped so the client sees
+            // its 429 rather than a reset, but briefly: a refused upload
+            // must not hold its connection.
+            discard_body_within(req, 1 << 20, Duration::from_secs(1)).await;
+            return Err(refused);
+        }
+    };
     let max_wait = state.service.config().server.max_wait.get();
     let SubmitQuery {
         wait,
@@ -342,6 +357,8 @@ pub(super) async fn submit(
 
     let deadline = wait.map(|w| tokio::time::Instant::now() + w);
     let (record, receiver) = state.service.submit(&who, &module, sub, wait).await?;
+    // The body is stored: a waiting request holds no upload.
+    drop(upload);
     let location = format!("/v1/jobs/{}", record.id);
     let mut finished = None;
     if let (Some(deadline), Some(rx)) = (deadline, receiver)
@@ -381,6 +398,11 @@ const DISCARD_TIME: Duration = Duration::from_secs(10);
 /// client that sent `Expect: 100-continue` has sent nothing yet and will
 /// not, so nothing is read.
 async fn discard_body(req: Request) {
+    discard_body_within(req, DISCARD_MAX, DISCARD_TIME).await;
+}
+
+/// [`discard_body`] within `max` bytes and `time`.
+async fn discard_body_within(req: Request, max: u64, time: Duration) {
     use http_body_util::BodyExt;
     let expects_continue = req
         .headers()
@@ -390,9 +412,9 @@ async fn discard_body(req: Request) {
         return;
     }
     let mut body = req.into_body();
-    let _ = tokio::time::timeout(DISCARD_TIME, async {
+    let _ = tokio::time::timeout(time, async {
         let mut read = 0u64;
-        while read <= DISCARD_MAX {
+        while read <= max {
             match body.frame().await {
                 Some(Ok(frame)) => {
                     read += frame.data_ref().map_or(0, |d| d.len() as u64);

@@ -112,7 +112,7 @@ mod tests {
     #[test]
     fn uploads_are_bounded_per_tenant_in_count_and_bytes_and_in_total() {
         let uploads = Uploads::new(2, 400, 100);
-        let a1 = uploads.acquire("a", 100).unwrap();
+        let a1 = uploads.acquire("a", 50).unwrap();
         let a2 = uploads.acquire("a", 10).unwrap();
         assert!(uploads.acquire("a", 1).is_err(), "a third upload of a");
         drop(a2);

@@ -341,7 +341,7 @@ async fn connection_caps_refuse_the_excess_while_others_probes_and_the_admin_api
     let dir = tempfile::tempdir().unwrap();
     let (config, data) = write_config(
         dir.path(),
-        "max_connections = 24\nmax_connections_per_client = 8\nhealth_reserve = 2\nadmin_max_connections = 4\nheader_read_timeout = \"60 s\"\nidle_timeout = \"60 s\"\nbody_read_timeout = \"60 s\"\nmin_body_rate = \"0 B\"",
+        "max_connections = 24\nmax_connections_per_client = 8\nhealth_reserve = 2\nadmin_max_connections = 4\nheader_read_timeout = \"60 s\"\nidle_timeout = \"60 s\"\nbody_read_timeout = \"60 s\"\nmin_body_rate = \"0 B\"\nmax_uploads_per_tenant = 64",
         "",
     );
     let served = Running::start(&config);
