@@ -34,9 +34,9 @@
 //!
 //! [audit]
 //! retention = "30 d"               # audit rows older than this are deleted
-//! denials_per_client = 5           # unauthenticated denials written per client address per minute
-//! denials_per_minute = 60          # and from all addresses together; beyond, counted in
-//!                                  # one `auth.denied.summary` row per address and minute
+//! denials_per_client = 5           # denials written per client address (and, authenticated, per
+//! denials_per_minute = 60          # tenant and action) per minute, and from all together; beyond,
+//!                                  # counted in one `<action>.summary` row per key and minute
 //!
 //! [storage]
 //! data_dir = "data"                # SQLite file, job inputs and outputs, admin token
@@ -212,10 +212,11 @@ impl Default for Server {
 pub struct Audit {
     /// Audit rows older than this are deleted by the retention sweeper.
     pub retention: HumanDuration,
-    /// Unauthenticated denials (`auth.denied` for a failing `Authorization`
-    /// header) written row by row per client address per minute; the rest
-    /// of that minute is counted in one `auth.denied.summary` row. Guards
-    /// against an anonymous caller filling the disk through the audit log.
+    /// Denials written row by row per minute: unauthenticated ones
+    /// (`auth.denied`) per client address, authenticated ones
+    /// (`scope.denied`, `quota.denied`) per tenant, address and action; the
+    /// rest of that minute is counted in one `<action>.summary` row per key.
+    /// Guards against any caller filling the disk through the audit log.
     pub denials_per_client: u32,
     /// The same, from all client addresses together.
     pub denials_per_minute: u32,
