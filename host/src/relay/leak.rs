@@ -185,6 +185,16 @@ pub struct TokenNeedles {
     /// The same, when every one is [`WINDOW`] bytes long (always, but for
     /// a signature shorter than that).
     fixed: Option<Vec<[u8; WINDOW]>>,
+    /// One bit per pair of first two bytes of a fixed needle: a window
+    /// whose first two bytes are not set here matches none, without a
+    /// search.
+    pairs: Box<[u64; 1024]>,
+}
+
+/// The bit of `pairs` for a window starting with `a`, `b`.
+fn pair(a: u8, b: u8) -> (usize, u64) {
+    let k = (usize::from(a) << 8) | usize::from(b);
+    (k >> 6, 1 << (k & 63))
 }
 
 /// Longest haystack searched window by window in the sorted needles
@@ -199,10 +209,16 @@ impl TokenNeedles {
             .iter()
             .map(|p| <[u8; WINDOW]>::try_from(p.as_slice()).ok())
             .collect::<Option<Vec<_>>>();
+        let mut pairs = Box::new([0u64; 1024]);
+        for p in fixed.iter().flatten() {
+            let (word, bit) = pair(p[0], p[1]);
+            pairs[word] |= bit;
+        }
         Self {
             automaton: OnceLock::new(),
             patterns,
             fixed,
+            pairs,
         }
     }
 
@@ -210,9 +226,11 @@ impl TokenNeedles {
         if let Some(fixed) = &self.fixed
             && folded.len() <= DIRECT_MAX
         {
-            return folded
-                .windows(WINDOW)
-                .any(|w| fixed.binary_search_by(|p| p.as_slice().cmp(w)).is_ok());
+            return folded.windows(WINDOW).any(|w| {
+                let (word, bit) = pair(w[0], w[1]);
+                self.pairs[word] & bit != 0
+                    && fixed.binary_search_by(|p| p.as_slice().cmp(w)).is_ok()
+            });
         }
         // Building fails only past the automaton's size limits, which a
         // hundred short patterns are far from.
