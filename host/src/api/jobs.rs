@@ -279,7 +279,11 @@ pub(super) async fn submit(
     } else {
         0
     });
-    let upload = match uploads.acquire(&who.tenant, reserve) {
+    // A request without a body has nothing to upload.
+    let mut upload = match (reserve > 0 || chunked)
+        .then(|| uploads.acquire(&who.tenant, reserve))
+        .transpose()
+    {
         Ok(permit) => permit,
         Err(refused) => {
             metrics::counter!("bulkhead_uploads_refused_total").increment(1);
@@ -354,6 +358,9 @@ pub(super) async fn submit(
         }
     }
     sub.params = params;
+    if let Some(upload) = upload.as_mut() {
+        upload.received();
+    }
 
     let deadline = wait.map(|w| tokio::time::Instant::now() + w);
     let (record, receiver) = state.service.submit(&who, &module, sub, wait).await?;

@@ -79,6 +79,7 @@ impl Uploads {
             uploads: Arc::clone(self),
             tenant: tenant.to_owned(),
             bytes,
+            counted: true,
         })
     }
 }
@@ -89,6 +90,22 @@ pub struct UploadPermit {
     uploads: Arc<Uploads>,
     tenant: String,
     bytes: u64,
+    /// Whether it still counts as an upload in flight (until its body has
+    /// been read).
+    counted: bool,
+}
+
+impl UploadPermit {
+    /// The body has been read: it no longer counts as an upload in flight,
+    /// though its bytes stay reserved until the permit drops.
+    pub fn received(&mut self) {
+        if std::mem::take(&mut self.counted) {
+            let mut held = self.uploads.held.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some((count, _)) = held.tenants.get_mut(&self.tenant) {
+                *count -= 1;
+            }
+        }
+    }
 }
 
 impl Drop for UploadPermit {
@@ -96,9 +113,11 @@ impl Drop for UploadPermit {
         let mut held = self.uploads.held.lock().unwrap_or_else(|p| p.into_inner());
         held.total = held.total.saturating_sub(self.bytes);
         if let Some((count, reserved)) = held.tenants.get_mut(&self.tenant) {
-            *count -= 1;
+            if self.counted {
+                *count -= 1;
+            }
             *reserved = reserved.saturating_sub(self.bytes);
-            if *count == 0 {
+            if *count == 0 && *reserved == 0 {
                 held.tenants.remove(&self.tenant);
             }
         }
@@ -116,13 +135,18 @@ mod tests {
         let a2 = uploads.acquire("a", 10).unwrap();
         assert!(uploads.acquire("a", 1).is_err(), "a third upload of a");
         drop(a2);
-        assert!(uploads.acquire("a", 1).is_ok(), "given back");
+        let mut a3 = uploads.acquire("a", 1).expect("given back");
+        a3.received();
+        let a4 = uploads
+            .acquire("a", 1)
+            .expect("a read body is no upload in flight");
+        drop(a3);
         assert!(uploads.acquire("a", 100).is_err(), "over a's share of 100");
         let b = uploads.acquire("b", 100).unwrap();
         let c = uploads.acquire("c", 100).unwrap();
         let d = uploads.acquire("d", 100).unwrap();
         assert!(uploads.acquire("e", 100).is_err(), "over the total of 400");
-        drop((a1, b, c, d));
+        drop((a1, a4, b, c, d));
         assert!(uploads.acquire("e", 100).is_ok());
         assert_eq!(uploads.held.lock().unwrap().total, 0);
     }
