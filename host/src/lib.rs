@@ -14,13 +14,13 @@
 //! - [`serve`]: the edge: listeners, connection timeouts and budgets,
 //!   bounded shutdown, the bound on audit entries anonymous callers cause.
 //! - [`config`]: the service's TOML config.
-//! - [`suite`]: `bulkhead escape-suite`, hostile guests judged from
-//!   host-side evidence.
-//! - [`cli`]: the `bulkhead` command line.
+//!
+//! The escape suite (`bulkhead-suite`), the command line (`bulkhead-cli`)
+//! and the built guests (`bulkhead-artifacts`) are crates of their own: this
+//! library depends on none of them.
 
 pub mod api;
 pub mod auth;
-pub mod cli;
 pub mod config;
 pub mod policy;
 pub mod relay;
@@ -28,4 +28,3 @@ pub mod sandbox;
 pub mod serve;
 pub mod service;
 pub mod store;
-pub mod suite;

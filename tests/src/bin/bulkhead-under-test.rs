@@ -2,5 +2,5 @@
 //! tests can run it as a real process (and kill it hard).
 
 fn main() -> std::process::ExitCode {
-    bulkhead::cli::main()
+    bulkhead_cli::main()
 }

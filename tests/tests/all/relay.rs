@@ -152,7 +152,7 @@ async fn scenario_with(max_calls: u32, workers: u32) -> Scenario {
                         .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
                         .unwrap_or_default();
                     reflected_log.lock().unwrap().push(auth.clone());
-                    bulkhead::suite::egress::reflect(&how, &auth, &stash)
+                    bulkhead_suite::egress::reflect(&how, &auth, &stash)
                 },
             ),
         )

@@ -34,6 +34,16 @@ fn naming(modules: &[&str], words: &[&str], except: &[&str]) -> Vec<String> {
     let root = host_src();
     let mut files = Vec::new();
     sources(&root, &root, &mut files);
+    // The escape suite's crate, as `suite/...`.
+    let suite = root.join("../../suite/src");
+    let mut suite_files = Vec::new();
+    sources(&suite, &suite, &mut suite_files);
+    assert!(!suite_files.is_empty(), "suite/src was not found");
+    files.extend(
+        suite_files
+            .into_iter()
+            .map(|(rel, text)| (format!("suite/{rel}"), text)),
+    );
     let mut found = Vec::new();
     for (rel, text) in &files {
         let in_scope = modules

@@ -3,7 +3,7 @@
 //! applicable. (The local runs have a test binary of their own,
 //! `tests/suite`.)
 
-use bulkhead::suite::{self, Class, SuiteOptions, SuiteReport, Verdict, report};
+use bulkhead_suite::{self as suite, Class, SuiteOptions, SuiteReport, Verdict, report};
 
 #[path = "../suite/support.rs"]
 mod support;

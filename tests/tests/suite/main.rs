@@ -13,7 +13,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use bulkhead::suite::{self, Class, SuiteOptions, SuiteReport, Verdict, Weakening, report};
+use bulkhead_suite::{self as suite, Class, SuiteOptions, SuiteReport, Verdict, Weakening, report};
 
 mod support;
 

@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use bulkhead::suite::{AttackResult, SuiteOptions};
+use bulkhead_suite::{AttackResult, SuiteOptions};
 
 /// The suite's defaults, with the module cache under the test target dir.
 pub fn options() -> SuiteOptions {

@@ -25,8 +25,8 @@ use super::catalog::{Attack, AttackKind};
 use super::evidence::Sampler;
 use super::local::{Harness, ms};
 use super::{AttackResult, Check, Class};
-use crate::policy::ByteSize;
-use crate::sandbox::{JobReport, LimitKind};
+use bulkhead::policy::ByteSize;
+use bulkhead::sandbox::{JobReport, LimitKind};
 
 /// Longest a module may take to compile before the suite calls it a stall.
 pub const COMPILE_BOUND: Duration = Duration::from_secs(60);
@@ -541,8 +541,8 @@ fn describe(report: &JobReport) -> String {
 }
 
 async fn neighbour_check(h: &Harness) -> Check {
-    let job = crate::sandbox::JobSpec::new();
-    let dir = match crate::sandbox::JobDir::create(&h.fresh.sandbox.config().work_dir, &job.id) {
+    let job = bulkhead::sandbox::JobSpec::new();
+    let dir = match bulkhead::sandbox::JobDir::create(&h.fresh.sandbox.config().work_dir, &job.id) {
         Ok(d) => d,
         Err(e) => {
             return Check::new(

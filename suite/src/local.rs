@@ -12,8 +12,8 @@ use super::catalog::{Attack, AttackKind, BUNDLED, Expect, GuestRun, Param};
 use super::egress::{self, Egress};
 use super::evidence::{self, Bait, Canary, Peaks, Sampler};
 use super::{AttackResult, Check, Progress, SuiteError, SuiteOptions};
-use crate::policy::{ByteSize, Policy, Sha256Hex};
-use crate::sandbox::{
+use bulkhead::policy::{ByteSize, Policy, Sha256Hex};
+use bulkhead::sandbox::{
     FailureKind, JobDir, JobInput, JobReport, JobSpec, LoadedModule, Outcome, Sandbox,
     SandboxConfig,
 };
@@ -185,7 +185,7 @@ impl Lane {
     fn new(
         config: SandboxConfig,
         base: &Base,
-        relay: Option<Arc<crate::relay::Relay>>,
+        relay: Option<Arc<bulkhead::relay::Relay>>,
     ) -> Result<Self, SuiteError> {
         let mut sandbox = Sandbox::new(config).map_err(|e| SuiteError::Setup(e.to_string()))?;
         if let Some(relay) = relay {
@@ -229,7 +229,7 @@ impl Harness {
     async fn new(options: &SuiteOptions) -> Result<Self, SuiteError> {
         let (temp, scratch) = match &options.scratch {
             Some(dir) => {
-                crate::sandbox::create_private_dir_all(dir)?;
+                bulkhead::sandbox::create_private_dir_all(dir)?;
                 (None, dir.clone())
             }
             None => {
@@ -774,7 +774,7 @@ fn produced(report: &JobReport, out_dir: &Path) -> Vec<u8> {
 
 /// See the `outputs` check in [`host_checks`].
 fn outputs_check(h: &Harness, r: &JobReport, out_dir: &Path) -> Check {
-    use crate::sandbox::outputs;
+    use bulkhead::sandbox::outputs;
     let bad_names: Vec<String> = r
         .outputs
         .iter()

@@ -43,8 +43,8 @@ use http::{Method, StatusCode};
 use http_body_util::BodyExt as _;
 
 use super::Check;
-use crate::policy::{ByteSize, ServiceName};
-use crate::relay::{Caller, CallsReport, KeyRing, Relay, ServiceDecl, TokenConfig};
+use bulkhead::policy::{ByteSize, ServiceName};
+use bulkhead::relay::{Caller, CallsReport, KeyRing, Relay, ServiceDecl, TokenConfig};
 
 /// The service name the allowed bait is declared under.
 pub const ALLOWED: &str = "palette";
@@ -75,7 +75,7 @@ pub const SMUGGLED: &[&str] = &[
 ];
 
 /// Headers the host itself puts on a call, beside the guest's allowed
-/// ones ([`crate::relay::headers::FORWARDED`]).
+/// ones ([`bulkhead::relay::headers::FORWARDED`]).
 const HOST_SET: [&str; 4] = [
     "host",
     "authorization",
@@ -714,7 +714,7 @@ pub fn checks(
         }
         for (name, value) in &s.headers {
             if !HOST_SET.contains(&name.as_str())
-                && !crate::relay::headers::FORWARDED.contains(&name.as_str())
+                && !bulkhead::relay::headers::FORWARDED.contains(&name.as_str())
             {
                 wrong.push(format!(
                     "the guest's `{name}` header reached it (not on the forwarded list)"
@@ -968,7 +968,7 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::relay::CallRecord;
+    use bulkhead::relay::CallRecord;
 
     #[test]
     fn an_attack_without_a_request_cannot_be_judged() {

@@ -5,8 +5,8 @@
 //! kernel's accounting of this process (`getrusage`, `/proc/self/io`),
 //! never from the job's report.
 
-use crate::policy::ByteSize;
-use crate::sandbox::{JOB_OVERHEAD_DESCRIPTORS, WRITTEN_PER_OUTPUT};
+use bulkhead::policy::ByteSize;
+use bulkhead::sandbox::{JOB_OVERHEAD_DESCRIPTORS, WRITTEN_PER_OUTPUT};
 
 use super::Check;
 

@@ -14,7 +14,7 @@ use super::api::ApiAttack;
 use super::bombs::Bomb;
 use super::egress::{self, HttpHeld};
 use super::forge::Forgery;
-use crate::sandbox::LimitKind;
+use bulkhead::sandbox::LimitKind;
 
 /// The `hostile` guest, built from `guests/hostile` with this binary.
 pub fn hostile_wasm() -> Arc<Vec<u8>> {
@@ -38,9 +38,7 @@ pub fn hello_wasm() -> &'static [u8] {
     embedded::HELLO
 }
 
-mod embedded {
-    include!(concat!(env!("OUT_DIR"), "/embedded.rs"));
-}
+use bulkhead_artifacts::embedded;
 
 /// One attack.
 #[derive(Clone, Debug)]

@@ -276,7 +276,7 @@ fn judge(t: &ForgeTarget, f: Forgery) -> Result<(Vec<Check>, String), String> {
     let base = claims(&t.issuer, ALLOWED);
     let header = |kid: &str| json!({"alg": "EdDSA", "typ": TOKEN_TYPE, "kid": kid});
     let attacker = ed25519_dalek::SigningKey::from_bytes(&rand::random::<[u8; 32]>());
-    let attacker_kid = crate::relay::keys::thumbprint(&attacker.verifying_key().to_bytes());
+    let attacker_kid = bulkhead::relay::keys::thumbprint(&attacker.verifying_key().to_bytes());
     let attacker_jwk = json!({
         "kty": "OKP", "crv": "Ed25519", "alg": "EdDSA", "use": "sig",
         "kid": attacker_kid, "x": b64(&attacker.verifying_key().to_bytes()),
@@ -617,7 +617,7 @@ mod tests {
 
     #[test]
     fn without_the_host_key_a_claim_forgery_is_an_error_not_a_pass() {
-        let keys = crate::relay::KeyRing::ephemeral();
+        let keys = bulkhead::relay::KeyRing::ephemeral();
         let t = ForgeTarget {
             jwks: keys.jwks(),
             jwks_source: "test".into(),

@@ -70,7 +70,7 @@ impl Canary {
     /// If the files cannot be written.
     pub fn plant(dir: &Path) -> io::Result<Self> {
         let secret = random_token("BULKHEAD-CANARY");
-        crate::sandbox::create_private_dir_all(&dir.join("notes"))?;
+        bulkhead::sandbox::create_private_dir_all(&dir.join("notes"))?;
         let mut files = Vec::new();
         for (name, body) in [
             ("secret.txt", format!("{secret}\n")),

@@ -30,7 +30,7 @@ use serde::Deserialize;
 
 use super::catalog::{Attack, AttackKind, Expect, GuestRun, Param};
 use super::{Class, SuiteError};
-use crate::sandbox::LimitKind;
+use bulkhead::sandbox::LimitKind;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -1,7 +1,7 @@
 //! The report as JSON: [`SuiteReport`] serialized as is, so what a machine
 //! reads is exactly what the table and page were drawn from.
 
-use crate::suite::SuiteReport;
+use crate::SuiteReport;
 
 /// Pretty-printed JSON.
 pub fn render(report: &SuiteReport) -> String {

@@ -4,7 +4,7 @@
 use std::fmt::Write as _;
 
 use super::printable;
-use crate::suite::{AttackResult, SuiteReport, Verdict};
+use crate::{AttackResult, SuiteReport, Verdict};
 
 /// The progress line printed when attack `index` of `total` starts.
 pub fn progress_start(index: usize, total: usize, id: &str) -> String {

@@ -16,9 +16,9 @@ use serde_json::Value;
 use super::catalog::{Attack, AttackKind};
 use super::local::ms;
 use super::{AttackResult, Check, Class};
-use crate::api::{AppState, IssueRequest, new_token};
-use crate::config::ServeConfig;
-use crate::service::Service;
+use bulkhead::api::{AppState, IssueRequest, new_token};
+use bulkhead::config::ServeConfig;
+use bulkhead::service::Service;
 
 /// One attack on the API.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -231,13 +231,13 @@ impl LocalService {
         let policies = root.join("policies");
         let modules = root.join("modules");
         for d in [&policies, &modules] {
-            crate::sandbox::create_private_dir_all(d).map_err(|e| e.to_string())?;
+            bulkhead::sandbox::create_private_dir_all(d).map_err(|e| e.to_string())?;
         }
         let hello = super::catalog::hello_wasm();
         std::fs::write(modules.join(format!("{MODULE}.wasm")), hello).map_err(|e| e.to_string())?;
         let policy = format!(
             "version = 1\n[module]\nname = \"{MODULE}\"\nsha256 = \"{}\"\n[access]\nscopes = [\"{SCOPE}\"]\n",
-            crate::policy::Sha256Hex::digest(hello)
+            bulkhead::policy::Sha256Hex::digest(hello)
         );
         std::fs::write(policies.join(format!("{MODULE}.toml")), policy)
             .map_err(|e| e.to_string())?;
@@ -246,7 +246,7 @@ impl LocalService {
             .map_err(|e| e.to_string())?;
         let sleeper = format!(
             "version = 1\n[module]\nname = \"{SLEEPER}\"\nsha256 = \"{}\"\n[access]\nscopes = [\"{SCOPE}\"]\n[limits]\ncpu_time = \"1 s\"\nwall_time = \"3 s\"\n[run]\nargs = [\"sleep\"]\n",
-            crate::policy::Sha256Hex::digest(hostile.as_slice())
+            bulkhead::policy::Sha256Hex::digest(hostile.as_slice())
         );
         std::fs::write(policies.join(format!("{SLEEPER}.toml")), sleeper)
             .map_err(|e| e.to_string())?;
@@ -258,7 +258,7 @@ impl LocalService {
         config.queue.workers = 2;
         config.queue.max_queued_per_tenant = 4;
         config.queue.max_running_per_tenant = 1;
-        config.server.max_body = crate::policy::ByteSize::mib(1);
+        config.server.max_body = bulkhead::policy::ByteSize::mib(1);
         // Every token-layer attack checks that its denial was audited, all
         // from one address within a minute: the suite's service writes
         // each one rather than counting them into a summary.
@@ -322,14 +322,14 @@ impl LocalService {
         let wait = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
             let _ = rx.wait_for(|s| *s).await;
         };
-        tokio::spawn(crate::serve::serve(state, public, admin, wait(rx)));
+        tokio::spawn(bulkhead::serve::serve(state, public, admin, wait(rx)));
         // A call token as the host mints them for a job of the main tenant:
         // an Ed25519 JWS the service's key ring signs, never a client
         // credential.
         let keys = service
             .keys()
             .ok_or("the service has no key ring for call tokens")?;
-        let t = crate::store::now_ms() as u64 / 1000;
+        let t = bulkhead::store::now_ms() as u64 / 1000;
         let call_token = keys
             .mint(&bulkhead_verify::CallClaims {
                 iss: service.config().tokens.issuer.clone(),
@@ -477,7 +477,7 @@ async fn submit_via(http: &reqwest::Client, t: &Target, token: &str) -> Result<S
 
 /// Runs one API attack against `t`.
 pub async fn run(t: &Target, attack: &Attack, a: &ApiAttack, started: Instant) -> AttackResult {
-    let since = crate::store::now_ms() - 1000;
+    let since = bulkhead::store::now_ms() - 1000;
     let result = match a {
         ApiAttack::Malformed => malformed(t, since).await,
         ApiAttack::Revoked => with_local(t, |ids| ids.revoked.clone(), "revoked", since).await,
@@ -886,11 +886,11 @@ async fn stored_output(
     tenant: &str,
     size: usize,
 ) -> Result<String, String> {
-    use crate::sandbox::{JobReport, OutputFile};
-    use crate::store::{JobRecord, JobState, JobStore as _};
+    use bulkhead::sandbox::{JobReport, OutputFile};
+    use bulkhead::store::{JobRecord, JobState, JobStore as _};
     let id = uuid::Uuid::new_v4().to_string();
     let dir = data_dir.join("jobs").join(&id).join("outputs");
-    crate::sandbox::create_private_dir_all(&dir).map_err(|e| e.to_string())?;
+    bulkhead::sandbox::create_private_dir_all(&dir).map_err(|e| e.to_string())?;
     std::fs::write(dir.join("out.bin"), vec![b'x'; size]).map_err(|e| e.to_string())?;
     let mut report = JobReport::not_run(&id, MODULE, "stored by the escape suite");
     report.outputs.push(OutputFile {
@@ -898,7 +898,7 @@ async fn stored_output(
         size: size as u64,
         sha256: String::new(),
     });
-    let now = crate::store::now_ms();
+    let now = bulkhead::store::now_ms();
     let job = JobRecord {
         id: id.clone(),
         tenant: tenant.into(),
@@ -917,7 +917,7 @@ async fn stored_output(
         attempts: 1,
         report: None,
     };
-    crate::store::SqliteStore::open(&data_dir.join("bulkhead.sqlite"))
+    bulkhead::store::SqliteStore::open(&data_dir.join("bulkhead.sqlite"))
         .await
         .map_err(|e| e.to_string())?
         .insert_finished_job(&job, &report, now, None)

@@ -15,8 +15,8 @@ use std::process::ExitCode;
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
 
-use crate::policy::{ByteSize, Policy};
-use crate::sandbox::{
+use bulkhead::policy::{ByteSize, Policy};
+use bulkhead::sandbox::{
     JobDir, JobInput, JobReport, JobSpec, Sandbox, SandboxConfig, import_verdict,
 };
 
@@ -97,15 +97,15 @@ struct StoreArgs {
 }
 
 impl StoreArgs {
-    async fn open(&self) -> anyhow::Result<crate::store::SqliteStore> {
+    async fn open(&self) -> anyhow::Result<bulkhead::store::SqliteStore> {
         let dir = match (&self.data_dir, &self.config) {
             (Some(d), _) => d.clone(),
-            (None, Some(c)) => crate::config::ServeConfig::load(c)?.storage.data_dir,
-            (None, None) => crate::config::ServeConfig::default().storage.data_dir,
+            (None, Some(c)) => bulkhead::config::ServeConfig::load(c)?.storage.data_dir,
+            (None, None) => bulkhead::config::ServeConfig::default().storage.data_dir,
         };
         std::fs::create_dir_all(&dir)
             .with_context(|| format!("cannot create {}", dir.display()))?;
-        Ok(crate::store::SqliteStore::open(&dir.join("bulkhead.sqlite")).await?)
+        Ok(bulkhead::store::SqliteStore::open(&dir.join("bulkhead.sqlite")).await?)
     }
 }
 
@@ -204,7 +204,7 @@ impl HostArgs {
     /// The policy at `path`, checked against the declared services.
     fn policy(&self, path: &Path) -> anyhow::Result<Policy> {
         let declared = match &self.config {
-            Some(c) => crate::config::ServeConfig::load(c)?
+            Some(c) => bulkhead::config::ServeConfig::load(c)?
                 .services
                 .into_iter()
                 .map(|s| s.name)
@@ -220,14 +220,14 @@ impl HostArgs {
     /// `$XDG_CACHE_HOME/bulkhead` or `~/.cache/bulkhead`. Every directory
     /// is checked to be private before use (see `sandbox::ensure_private_dir`).
     fn sandbox(&self) -> anyhow::Result<Sandbox> {
-        let root = crate::sandbox::default_cache_root();
+        let root = bulkhead::sandbox::default_cache_root();
         let runtime = std::env::var_os("XDG_RUNTIME_DIR")
             .map(PathBuf::from)
             .is_some_and(|p| p.is_absolute() && p.is_dir());
         let work_dir = match (&self.work_dir, &root) {
             (Some(dir), _) => dir.clone(),
             (None, Some(root)) if !runtime => root.join("jobs"),
-            (None, _) => crate::sandbox::default_work_dir("cli"),
+            (None, _) => bulkhead::sandbox::default_work_dir("cli"),
         };
         let mut config = SandboxConfig::new(work_dir);
         config.cache_dir = match (&self.cache_dir, &root) {
@@ -313,13 +313,13 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     })?;
     let mut report = sandbox.run(&module, &job, &dir).await?;
     if let Some(out) = &args.out
-        && let Err(e) = crate::sandbox::outputs::collect(&dir.output_dir(), Some(out))
+        && let Err(e) = bulkhead::sandbox::outputs::collect(&dir.output_dir(), Some(out))
     {
         // The job ran and has a report: a copy that fails fails the job
         // (exit 1, with the report), it is not a usage error.
-        report.outcome = crate::sandbox::Outcome::Failed;
-        report.failure.get_or_insert(crate::sandbox::Failure {
-            kind: crate::sandbox::FailureKind::Output,
+        report.outcome = bulkhead::sandbox::Outcome::Failed;
+        report.failure.get_or_insert(bulkhead::sandbox::Failure {
+            kind: bulkhead::sandbox::FailureKind::Output,
             message: format!("cannot copy outputs to {}: {e}", out.display()),
         });
     }
@@ -521,7 +521,7 @@ fn print_summary(report: &JobReport, out: Option<&Path>) {
 async fn escape_suite(args: SuiteArgs) -> anyhow::Result<ExitCode> {
     use std::io::{IsTerminal, Write};
 
-    use crate::suite::{self, Progress, report};
+    use bulkhead_suite::{self as suite, Progress, report};
 
     let options = suite::SuiteOptions {
         policy: args.policy,
@@ -535,10 +535,9 @@ async fn escape_suite(args: SuiteArgs) -> anyhow::Result<ExitCode> {
         cache_dir: if args.host.no_cache {
             None
         } else {
-            args.host
-                .cache_dir
-                .clone()
-                .or_else(|| crate::sandbox::default_cache_root().map(|root| root.join("modules")))
+            args.host.cache_dir.clone().or_else(|| {
+                bulkhead::sandbox::default_cache_root().map(|root| root.join("modules"))
+            })
         },
         weakening: None,
     };
@@ -607,14 +606,14 @@ async fn escape_suite(args: SuiteArgs) -> anyhow::Result<ExitCode> {
 
 async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let config = match &args.config {
-        Some(path) => crate::config::ServeConfig::load(path)?,
-        None => crate::config::ServeConfig::default(),
+        Some(path) => bulkhead::config::ServeConfig::load(path)?,
+        None => bulkhead::config::ServeConfig::default(),
     };
     let public_addr = config.server.listen;
     let admin_addr = config.server.admin_listen;
     let data_dir = config.storage.data_dir.clone();
-    let service = crate::service::Service::start(config, None).await?;
-    let state = crate::api::AppState {
+    let service = bulkhead::service::Service::start(config, None).await?;
+    let state = bulkhead::api::AppState {
         service: std::sync::Arc::clone(&service),
     };
     let public = tokio::net::TcpListener::bind(public_addr)
@@ -646,7 +645,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         eprintln!("shutting down: draining running jobs");
         service.shutdown().await;
     };
-    crate::serve::serve(state, public, admin, draining).await?;
+    bulkhead::serve::serve(state, public, admin, draining).await?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -666,7 +665,7 @@ async fn shutdown_signal() {
 }
 
 async fn token(cmd: TokenCommand) -> anyhow::Result<ExitCode> {
-    use crate::store::JobStore;
+    use bulkhead::store::JobStore;
     match cmd {
         TokenCommand::Issue {
             tenant,
@@ -676,13 +675,14 @@ async fn token(cmd: TokenCommand) -> anyhow::Result<ExitCode> {
             store,
         } => {
             let store = store.open().await?;
-            let request = crate::api::IssueRequest {
+            let request = bulkhead::api::IssueRequest {
                 tenant,
                 subject,
                 scopes,
                 ttl,
             };
-            let (secret, record) = crate::api::new_token(&request).map_err(anyhow::Error::msg)?;
+            let (secret, record) =
+                bulkhead::api::new_token(&request).map_err(anyhow::Error::msg)?;
             store.insert_token(&record).await?;
             eprintln!(
                 "issued {} for tenant {} ({})",

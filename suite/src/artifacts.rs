@@ -17,8 +17,8 @@ use std::time::Instant;
 use super::catalog::{Attack, AttackKind};
 use super::local::{Harness, ms};
 use super::{AttackResult, Check};
-use crate::policy::Sha256Hex;
-use crate::sandbox::{JobDir, JobSpec, Sandbox, SandboxConfig};
+use bulkhead::policy::Sha256Hex;
+use bulkhead::sandbox::{JobDir, JobSpec, Sandbox, SandboxConfig};
 
 /// One attack on the host's directories.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

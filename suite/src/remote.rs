@@ -19,8 +19,8 @@ use super::api::{self, Target};
 use super::catalog::{Attack, AttackKind, BUNDLED, Expect, GuestRun, Param};
 use super::local::{Base, module_name, ms};
 use super::{AttackResult, Check, Progress, SuiteError, SuiteOptions};
-use crate::policy::Policy;
-use crate::sandbox::{JobReport, Outcome};
+use bulkhead::policy::Policy;
+use bulkhead::sandbox::{JobReport, Outcome};
 
 /// The neighbour module's name on a service.
 pub const NEIGHBOUR: &str = "escape-neighbour";
@@ -118,7 +118,7 @@ pub async fn run(
                         let t = super::forge::ForgeTarget {
                             jwks: set.clone(),
                             jwks_source: format!("{}/.well-known/jwks.json", target.base),
-                            issuer: crate::relay::TokenConfig::default().issuer,
+                            issuer: bulkhead::relay::TokenConfig::default().issuer,
                             host_key: None,
                             minted: None,
                         };

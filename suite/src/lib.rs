@@ -21,7 +21,7 @@
 //! The suite drives the sandbox only through its public interface
 //! (`Sandbox`, `JobSpec`, `JobDir`, policies as text); the one thing it
 //! cannot build that way, an extra preopen for the weakened-configuration
-//! check, is [`SandboxConfig::unsafe_extra_preopen`](crate::sandbox::SandboxConfig),
+//! check, is [`SandboxConfig::unsafe_extra_preopen`](bulkhead::sandbox::SandboxConfig),
 //! which no policy, config file or API request can set.
 
 mod api;
@@ -278,8 +278,8 @@ impl AttackResult {
 /// `hello` guest (which only prints a line) run beside it; without a
 /// usable baseline it counts as attempted and the evidence says so.
 pub(crate) fn attempt_evidence(
-    report: &crate::sandbox::JobReport,
-    baseline: Option<&crate::sandbox::JobReport>,
+    report: &bulkhead::sandbox::JobReport,
+    baseline: Option<&bulkhead::sandbox::JobReport>,
     custom: bool,
 ) -> (bool, String) {
     let m = &report.measurements;

@@ -6,7 +6,7 @@
 use std::fmt::Write as _;
 
 use super::printable;
-use crate::suite::{Class, SuiteReport, Verdict};
+use crate::{Class, SuiteReport, Verdict};
 
 /// `text` safe inside HTML element content and quoted attributes, with
 /// control characters made visible.

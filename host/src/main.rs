@@ -1,5 +1,0 @@
-//! The `bulkhead` binary; everything lives in the library's `cli` module.
-
-fn main() -> std::process::ExitCode {
-    bulkhead::cli::main()
-}
