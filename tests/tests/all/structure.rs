@@ -94,3 +94,38 @@ fn module_boundaries_hold_in_the_source() {
     assert_eq!(hole.len(), 1, "{hole:#?}");
     assert!(hole[0].starts_with("suite/local.rs:"), "{hole:#?}");
 }
+
+/// The `bulkhead` library is what an embedder links: no command line, no
+/// escape suite, no HTTP client, no module generator and no nested guest
+/// build come with it. Those live in `bulkhead-cli`, `bulkhead-suite` and
+/// `bulkhead-artifacts`, so the compiler refuses any use of them in the
+/// library.
+#[test]
+fn the_library_depends_on_no_command_line_suite_or_guest_build() {
+    let host = Path::new(env!("CARGO_MANIFEST_DIR")).join("../host");
+    let manifest: toml::Table = std::fs::read_to_string(host.join("Cargo.toml"))
+        .unwrap()
+        .parse()
+        .unwrap();
+    let package = manifest["package"].as_table().unwrap();
+    assert!(!package.contains_key("build"), "{package:#?}");
+    assert!(!package.contains_key("links"), "{package:#?}");
+    assert!(!host.join("build.rs").exists());
+    assert!(manifest.get("bin").is_none(), "the library owns no binary");
+    let deps = manifest["dependencies"].as_table().unwrap();
+    let forbidden = [
+        "clap",
+        "anyhow",
+        "tracing-subscriber",
+        "reqwest",
+        "wasm-encoder",
+        "bulkhead-suite",
+        "bulkhead-cli",
+        "bulkhead-artifacts",
+    ];
+    let found: Vec<&str> = forbidden
+        .into_iter()
+        .filter(|d| deps.contains_key(*d))
+        .collect();
+    assert!(found.is_empty(), "the library depends on {found:?}");
+}
