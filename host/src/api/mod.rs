@@ -32,7 +32,7 @@ use crate::auth::{self, Identity};
 use crate::service::{Service, ServiceError};
 use crate::store::{AuditEntry, now_ms};
 
-pub use admin::{IssueRequest, Issued, admin_app, new_token};
+pub use admin::{IssueRequest, Issued, TokenRequestError, admin_app, new_token};
 pub use download::{content_disposition, output_url};
 pub use extract::{MAX_URI, query_pairs};
 

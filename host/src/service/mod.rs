@@ -322,7 +322,7 @@ impl Service {
         .map_err(|e| StartError::Storage(e.to_string()))?;
         let relay =
             crate::relay::Relay::new(config.services.clone(), Arc::new(keys), &config.tokens)
-                .map_err(StartError::Storage)?;
+                .map_err(|e| StartError::Storage(e.to_string()))?;
         let sandbox = Sandbox::new(sandbox_config)
             .map_err(|e| storage(&e))?
             .with_relay(Arc::new(relay));
