@@ -130,10 +130,7 @@ async fn issue(
 ) -> Result<(StatusCode, Json<Issued>), ApiError> {
     let (token, record) = new_token(&req).map_err(|e| ApiError::Unprocessable(e.to_string()))?;
     let store = state.service.store();
-    store
-        .insert_token(&record)
-        .await
-        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    store.insert_token(&record).await?;
     state
         .service
         .audit(AuditEntry {
@@ -149,12 +146,7 @@ async fn issue(
 }
 
 async fn list(State(state): State<AppState>, _: Admin) -> Result<Json<Vec<TokenRecord>>, ApiError> {
-    let tokens = state
-        .service
-        .store()
-        .list_tokens()
-        .await
-        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    let tokens = state.service.store().list_tokens().await?;
     Ok(Json(tokens))
 }
 
@@ -163,12 +155,7 @@ async fn revoke(
     _: Admin,
     ApiPath(id): ApiPath<String>,
 ) -> Result<StatusCode, ApiError> {
-    let found = state
-        .service
-        .store()
-        .revoke_token(&id)
-        .await
-        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    let found = state.service.store().revoke_token(&id).await?;
     if !found {
         return Err(ApiError::NotFound(format!("no token `{id}`")));
     }
@@ -196,12 +183,7 @@ async fn audit(
             limit = bounded_u32("limit", &value, 1, 10_000)?;
         }
     }
-    let entries = state
-        .service
-        .store()
-        .audit(limit)
-        .await
-        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    let entries = state.service.store().audit(limit).await?;
     Ok(Json(entries))
 }
 
