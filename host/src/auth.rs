@@ -119,11 +119,25 @@ impl TokenRecord {
     }
 }
 
-/// Checks a tenant or subject name: 1 to 64 of `a-z A-Z 0-9 . _ - @`.
+/// A tenant or subject name that breaks the rule, naming it.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "invalid {kind} `{}`: use 1 to 64 characters of a-z A-Z 0-9 . _ - @",
+    value.escape_debug()
+)]
+pub struct PrincipalError {
+    /// `tenant` or `subject`.
+    pub kind: &'static str,
+    /// The value given.
+    pub value: String,
+}
+
+/// Checks a tenant or subject name (`kind`): 1 to 64 of
+/// `a-z A-Z 0-9 . _ - @`.
 ///
 /// # Errors
-/// A message naming the bad value.
-pub fn validate_principal(kind: &str, s: &str) -> Result<(), String> {
+/// A [`PrincipalError`] naming the bad value.
+pub fn validate_principal(kind: &'static str, s: &str) -> Result<(), PrincipalError> {
     let ok = !s.is_empty()
         && s.len() <= 64
         && s.bytes()
@@ -131,10 +145,10 @@ pub fn validate_principal(kind: &str, s: &str) -> Result<(), String> {
     if ok {
         Ok(())
     } else {
-        Err(format!(
-            "invalid {kind} `{}`: use 1 to 64 characters of a-z A-Z 0-9 . _ - @",
-            s.escape_debug()
-        ))
+        Err(PrincipalError {
+            kind,
+            value: s.to_owned(),
+        })
     }
 }
 

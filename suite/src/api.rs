@@ -288,7 +288,7 @@ impl LocalService {
             ("suite-a", SCOPE, "revoked"),
             ("suite-a", SCOPE, "expired"),
         ] {
-            let (secret, mut record) = issue(tenant, scope, None)?;
+            let (secret, mut record) = issue(tenant, scope, None).map_err(|e| e.to_string())?;
             if kind == "expired" {
                 record.expires_at = Some(record.created_at - 60);
             }

@@ -571,7 +571,8 @@ impl Egress {
             vec![palette, payments],
             Arc::new(keys),
             &TokenConfig::default(),
-        )?;
+        )
+        .map_err(|e| e.to_string())?;
         Ok(Self {
             allowed,
             forbidden,

@@ -70,16 +70,33 @@ pub struct Issued {
     pub record: TokenRecord,
 }
 
+/// Why a token cannot be issued as requested (422), naming the bad value.
+#[derive(Debug, thiserror::Error)]
+pub enum TokenRequestError {
+    /// A tenant or subject that breaks the rule.
+    #[error(transparent)]
+    Principal(#[from] auth::PrincipalError),
+    /// No scope given.
+    #[error("at least one scope is required")]
+    NoScopes,
+    /// A scope that is not a valid scope name.
+    #[error(transparent)]
+    Scope(#[from] crate::policy::NameError),
+    /// A ttl that is not a duration.
+    #[error(transparent)]
+    Ttl(#[from] crate::policy::UnitError),
+}
+
 /// Validates a request and builds the token and its record. Shared with the
 /// CLI, which writes to the store directly.
 ///
 /// # Errors
-/// A message naming the bad tenant, subject, scope or ttl.
-pub fn new_token(req: &IssueRequest) -> Result<(String, TokenRecord), String> {
+/// A [`TokenRequestError`] naming the bad tenant, subject, scope or ttl.
+pub fn new_token(req: &IssueRequest) -> Result<(String, TokenRecord), TokenRequestError> {
     auth::validate_principal("tenant", &req.tenant)?;
     auth::validate_principal("subject", &req.subject)?;
     if req.scopes.is_empty() {
-        return Err("at least one scope is required".into());
+        return Err(TokenRequestError::NoScopes);
     }
     for s in &req.scopes {
         crate::policy::Scope::new(s.clone())?;
@@ -111,12 +128,9 @@ async fn issue(
     _: Admin,
     ApiJson(req): ApiJson<IssueRequest>,
 ) -> Result<(StatusCode, Json<Issued>), ApiError> {
-    let (token, record) = new_token(&req).map_err(ApiError::Unprocessable)?;
+    let (token, record) = new_token(&req).map_err(|e| ApiError::Unprocessable(e.to_string()))?;
     let store = state.service.store();
-    store
-        .insert_token(&record)
-        .await
-        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    store.insert_token(&record).await?;
     state
         .service
         .audit(AuditEntry {
@@ -132,12 +146,7 @@ async fn issue(
 }
 
 async fn list(State(state): State<AppState>, _: Admin) -> Result<Json<Vec<TokenRecord>>, ApiError> {
-    let tokens = state
-        .service
-        .store()
-        .list_tokens()
-        .await
-        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    let tokens = state.service.store().list_tokens().await?;
     Ok(Json(tokens))
 }
 
@@ -146,12 +155,7 @@ async fn revoke(
     _: Admin,
     ApiPath(id): ApiPath<String>,
 ) -> Result<StatusCode, ApiError> {
-    let found = state
-        .service
-        .store()
-        .revoke_token(&id)
-        .await
-        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    let found = state.service.store().revoke_token(&id).await?;
     if !found {
         return Err(ApiError::NotFound(format!("no token `{id}`")));
     }
@@ -179,12 +183,7 @@ async fn audit(
             limit = bounded_u32("limit", &value, 1, 10_000)?;
         }
     }
-    let entries = state
-        .service
-        .store()
-        .audit(limit)
-        .await
-        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    let entries = state.service.store().audit(limit).await?;
     Ok(Json(entries))
 }
 
@@ -224,4 +223,50 @@ async fn rotate_key(
 
 async fn metrics(State(state): State<AppState>, _: Admin) -> String {
     state.service.render_metrics()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(tenant: &str, scopes: &[&str], ttl: Option<&str>) -> IssueRequest {
+        IssueRequest {
+            tenant: tenant.into(),
+            subject: "ci".into(),
+            scopes: scopes.iter().map(|s| (*s).to_owned()).collect(),
+            ttl: ttl.map(Into::into),
+        }
+    }
+
+    #[test]
+    fn a_refused_token_request_says_which_value_is_bad_and_why() {
+        let cases = [
+            (
+                request("acme corp", &["thumbnail:run"], None),
+                "invalid tenant `acme corp`: use 1 to 64 characters of a-z A-Z 0-9 . _ - @",
+            ),
+            (request("acme", &[], None), "at least one scope is required"),
+            (
+                request("acme", &["Thumbnail:run"], None),
+                "invalid scope `Thumbnail:run`: must start with a lowercase letter",
+            ),
+            (
+                request("acme", &["thumbnail:run"], Some("soon")),
+                "invalid duration `soon`: expected a number and a unit such as ms, s, min",
+            ),
+        ];
+        let mut kinds = Vec::new();
+        for (req, message) in cases {
+            let err = new_token(&req).unwrap_err();
+            assert_eq!(err.to_string(), message);
+            kinds.push(match err {
+                TokenRequestError::Principal(e) => e.kind,
+                TokenRequestError::NoScopes => "no scopes",
+                TokenRequestError::Scope(e) => e.what,
+                TokenRequestError::Ttl(_) => "ttl",
+            });
+        }
+        assert_eq!(kinds, ["tenant", "no scopes", "scope", "ttl"]);
+        assert!(new_token(&request("acme", &["thumbnail:run"], Some("30 d"))).is_ok());
+    }
 }

@@ -30,9 +30,9 @@ use utoipa::OpenApi;
 
 use crate::auth::{self, Identity};
 use crate::service::{Service, ServiceError};
-use crate::store::{AuditEntry, now_ms};
+use crate::store::{AuditEntry, StoreError, now_ms};
 
-pub use admin::{IssueRequest, Issued, admin_app, new_token};
+pub use admin::{IssueRequest, Issued, TokenRequestError, admin_app, new_token};
 pub use download::{content_disposition, output_url};
 pub use extract::{MAX_URI, query_pairs};
 
@@ -215,6 +215,15 @@ impl From<ServiceError> for ApiError {
     }
 }
 
+/// A store failure: 503 with `Retry-After` when the storage under the
+/// store is full or failing ([`StoreError::is_storage`]), as for any
+/// request, else 500 (details logged only).
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        ServiceError::Store(e).into()
+    }
+}
+
 /// The bearer token of a request, if it is well formed. Rejects requests
 /// carrying internal identity headers: identity comes only from the token.
 fn bearer(parts: &Parts) -> Result<Option<&str>, ApiError> {
@@ -276,12 +285,7 @@ impl FromRequestParts<AppState> for Caller {
             return Err(ApiError::Unauthorized);
         };
         let hash = auth::hash(token);
-        let record = state
-            .service
-            .store()
-            .token_by_hash(&hash)
-            .await
-            .map_err(|e| ApiError::Internal(e.to_string()))?;
+        let record = state.service.store().token_by_hash(&hash).await?;
         let now = now_ms() / 1000;
         match record.as_ref().and_then(|r| r.identity_at(now)) {
             Some(mut identity) => {
@@ -570,6 +574,28 @@ impl utoipa::Modify for BearerAuth {
         components.add_security_scheme(
             "bearer",
             SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_store_failure_of_the_storage_is_a_503_not_a_500() {
+        let full = ApiError::from(StoreError::Write {
+            full: true,
+            message: "database or disk is full".into(),
+        });
+        assert_eq!(
+            (full.status_code(), full.code()),
+            (StatusCode::SERVICE_UNAVAILABLE, "storage_full")
+        );
+        let corrupt = ApiError::from(StoreError::Corrupt("state `x`".into()));
+        assert_eq!(
+            (corrupt.status_code(), corrupt.code()),
+            (StatusCode::INTERNAL_SERVER_ERROR, "internal")
         );
     }
 }

@@ -14,8 +14,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-pub use names::{ModuleName, ParamName, Scope, ServiceName, Sha256Hex, Zone};
-pub use units::{ByteSize, HumanDuration};
+pub use names::{ModuleName, NameError, NameRule, ParamName, Scope, ServiceName, Sha256Hex, Zone};
+pub use units::{ByteSize, HumanDuration, UnitError};
 
 /// The only policy format version this host understands.
 pub const POLICY_VERSION: u32 = 1;

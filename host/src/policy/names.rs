@@ -6,8 +6,40 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-/// Defines a `String` newtype checked by `$check` (which returns an error
-/// message naming the value) on construction and on deserialize.
+/// A name that breaks its rule: which kind of name, the value, and the rule.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("invalid {what} `{}`: {rule}", value.escape_debug())]
+pub struct NameError {
+    /// The kind of name (`module name`, `scope`, …).
+    pub what: &'static str,
+    /// The value given.
+    pub value: String,
+    /// The rule it broke.
+    pub rule: NameRule,
+}
+
+/// The rule a [`NameError`]'s value broke.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum NameRule {
+    /// Empty or longer than `max` bytes.
+    #[error("must be 1 to {max} characters")]
+    Length {
+        /// The longest allowed.
+        max: usize,
+    },
+    /// Does not start with a lowercase ASCII letter.
+    #[error("must start with a lowercase letter")]
+    FirstChar,
+    /// Holds a character the kind of name does not allow.
+    #[error("character `{}` is not allowed", .0.escape_debug())]
+    Char(char),
+    /// Not 64 lowercase hex characters.
+    #[error("expected 64 lowercase hex characters")]
+    Hex,
+}
+
+/// Defines a `String` newtype checked by `$check` (which returns the rule
+/// the value breaks) on construction and on deserialize.
 macro_rules! validated_name {
     ($(#[$doc:meta])* $name:ident, $what:literal, $check:expr) => {
         $(#[$doc])*
@@ -19,12 +51,14 @@ macro_rules! validated_name {
             /// Validates `s`.
             ///
             /// # Errors
-            /// A message naming the bad value and the rule it broke.
-            pub fn new(s: impl Into<String>) -> Result<Self, String> {
+            /// A [`NameError`] naming the bad value and the rule it broke.
+            pub fn new(s: impl Into<String>) -> Result<Self, NameError> {
                 let s = s.into();
-                let check: fn(&str) -> Result<(), String> = $check;
-                check(&s).map_err(|why| format!("invalid {} `{}`: {why}", $what, s.escape_debug()))?;
-                Ok(Self(s))
+                let check: fn(&str) -> Result<(), NameRule> = $check;
+                match check(&s) {
+                    Ok(()) => Ok(Self(s)),
+                    Err(rule) => Err(NameError { what: $what, value: s, rule }),
+                }
             }
 
             /// The validated string.
@@ -34,8 +68,8 @@ macro_rules! validated_name {
         }
 
         impl TryFrom<String> for $name {
-            type Error = String;
-            fn try_from(s: String) -> Result<Self, String> {
+            type Error = NameError;
+            fn try_from(s: String) -> Result<Self, NameError> {
                 Self::new(s)
             }
         }
@@ -54,18 +88,18 @@ macro_rules! validated_name {
     };
 }
 
-fn slug(s: &str, max: usize, extra: &[char]) -> Result<(), String> {
+fn slug(s: &str, max: usize, extra: &[char]) -> Result<(), NameRule> {
     if s.is_empty() || s.len() > max {
-        return Err(format!("must be 1 to {max} characters"));
+        return Err(NameRule::Length { max });
     }
     if !s.starts_with(|c: char| c.is_ascii_lowercase()) {
-        return Err("must start with a lowercase letter".into());
+        return Err(NameRule::FirstChar);
     }
     if let Some(c) = s
         .chars()
         .find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '-' || extra.contains(c)))
     {
-        return Err(format!("character `{}` is not allowed", c.escape_debug()));
+        return Err(NameRule::Char(c));
     }
     Ok(())
 }
@@ -107,7 +141,7 @@ validated_name!(
         if s.len() == 64 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
             Ok(())
         } else {
-            Err("expected 64 lowercase hex characters".into())
+            Err(NameRule::Hex)
         }
     }
 );
@@ -149,11 +183,17 @@ mod tests {
     fn names_name_the_bad_value() {
         let err = ModuleName::new("Thumb Nail").unwrap_err();
         assert_eq!(
-            err,
+            err.to_string(),
             "invalid module name `Thumb Nail`: must start with a lowercase letter"
         );
+        assert_eq!(err.rule, NameRule::FirstChar);
         let err = ModuleName::new("thumb/../nail").unwrap_err();
-        assert!(err.contains("character `/`"), "{err}");
+        assert_eq!(err.rule, NameRule::Char('/'));
+        assert!(err.to_string().contains("character `/`"), "{err}");
+        assert_eq!(
+            ParamName::new("").unwrap_err().to_string(),
+            "invalid parameter name ``: must be 1 to 64 characters"
+        );
         assert!(ModuleName::new("thumbnail-2").is_ok());
         assert!(Scope::new("thumbnail:run").is_ok());
         assert!(Sha256Hex::new("ABC").is_err());

@@ -8,6 +8,23 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+/// A byte size or duration that does not parse, naming the value.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum UnitError {
+    /// A byte size given without a unit.
+    #[error("invalid byte size `{0}`: a unit is required, for example \"64 MiB\"")]
+    SizeWithoutUnit(String),
+    /// A byte size that is not a number and a unit.
+    #[error("invalid byte size `{0}`: expected a number and a unit such as B, KiB, MiB, GiB")]
+    Size(String),
+    /// A duration that is not a number and a unit.
+    #[error("invalid duration `{0}`: expected a number and a unit such as ms, s, min")]
+    Duration(String),
+    /// A duration of zero.
+    #[error("invalid duration `{0}`: must be greater than zero")]
+    ZeroDuration(String),
+}
+
 /// A byte count written with a unit: `"64 MiB"`, `"512 KiB"`, `"1 GiB"`,
 /// `"100 B"`. `KiB`/`MiB`/`GiB` are powers of 1024, `KB`/`MB`/`GB` powers of
 /// 1000. A bare number is refused so that `memory = "64"` cannot silently
@@ -49,29 +66,23 @@ impl ByteSize {
 }
 
 impl FromStr for ByteSize {
-    type Err = String;
+    type Err = UnitError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let trimmed = s.trim();
         let has_unit = trimmed.chars().any(|c| c.is_ascii_alphabetic());
         if !has_unit {
-            return Err(format!(
-                "invalid byte size `{s}`: a unit is required, for example \"64 MiB\""
-            ));
+            return Err(UnitError::SizeWithoutUnit(s.to_owned()));
         }
         trimmed
             .parse::<bytesize::ByteSize>()
             .map(|b| Self(b.as_u64()))
-            .map_err(|_| {
-                format!(
-                    "invalid byte size `{s}`: expected a number and a unit such as B, KiB, MiB, GiB"
-                )
-            })
+            .map_err(|_| UnitError::Size(s.to_owned()))
     }
 }
 
 impl TryFrom<String> for ByteSize {
-    type Error = String;
+    type Error = UnitError;
 
     fn try_from(s: String) -> Result<Self, Self::Error> {
         s.parse()
@@ -120,24 +131,23 @@ impl HumanDuration {
 }
 
 impl FromStr for HumanDuration {
-    type Err = String;
+    type Err = UnitError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         // humantime wants "2s"; policies read better as "2 s", so glue a
         // number to the unit that follows it.
         let compact: String = s.split_whitespace().collect();
-        let d = humantime::parse_duration(&compact).map_err(|_| {
-            format!("invalid duration `{s}`: expected a number and a unit such as ms, s, min")
-        })?;
+        let d =
+            humantime::parse_duration(&compact).map_err(|_| UnitError::Duration(s.to_owned()))?;
         if d.is_zero() {
-            return Err(format!("invalid duration `{s}`: must be greater than zero"));
+            return Err(UnitError::ZeroDuration(s.to_owned()));
         }
         Ok(Self(d))
     }
 }
 
 impl TryFrom<String> for HumanDuration {
-    type Error = String;
+    type Error = UnitError;
 
     fn try_from(s: String) -> Result<Self, Self::Error> {
         s.parse()
@@ -178,7 +188,7 @@ mod tests {
     #[test]
     fn byte_sizes_without_unit_or_garbage_are_refused() {
         for bad in ["64", "", "lots", "64 parsecs", "-1 MiB"] {
-            let err = bad.parse::<ByteSize>().unwrap_err();
+            let err = bad.parse::<ByteSize>().unwrap_err().to_string();
             assert!(err.contains(&format!("`{bad}`")), "{err}");
         }
     }
@@ -204,6 +214,10 @@ mod tests {
         for bad in ["0 s", "2", "soon", "2 fortnights"] {
             assert!(bad.parse::<HumanDuration>().is_err(), "{bad}");
         }
+        assert_eq!(
+            "0 s".parse::<HumanDuration>(),
+            Err(UnitError::ZeroDuration("0 s".into()))
+        );
     }
 
     #[test]

@@ -79,6 +79,113 @@ pub struct ServiceDecl {
     pub forward_headers: Vec<http::HeaderName>,
 }
 
+/// A service URL that [`BaseUrl::parse`] refuses, naming it.
+#[derive(Debug, thiserror::Error)]
+pub enum UrlError {
+    /// Not a URI.
+    #[error("invalid url `{url}`: {error}")]
+    Invalid {
+        /// The URL given.
+        url: String,
+        /// Why it does not parse.
+        error: http::uri::InvalidUri,
+    },
+    /// A scheme other than `http`.
+    #[error(
+        "url `{url}`: scheme `{scheme}` is not supported (only http; put TLS in front of the host's loopback or private network)"
+    )]
+    Scheme {
+        /// The URL given.
+        url: String,
+        /// Its scheme.
+        scheme: String,
+    },
+    /// No scheme.
+    #[error("url `{0}` needs a scheme (http://…)")]
+    NoScheme(String),
+    /// No host.
+    #[error("url `{0}` has no host")]
+    NoHost(String),
+    /// User info before the host.
+    #[error("url `{0}` must not carry user info")]
+    UserInfo(String),
+    /// A query.
+    #[error("url `{0}` must not have a query")]
+    Query(String),
+}
+
+/// A `[[services]]` entry that is refused: the service's name and why.
+#[derive(Debug, thiserror::Error)]
+#[error("service `{name}`: {fault}")]
+pub struct ServiceDeclError {
+    /// The service's name.
+    pub name: ServiceName,
+    /// What is wrong with it.
+    pub fault: ServiceFault,
+}
+
+/// What is wrong with a `[[services]]` entry ([`ServiceDeclError`]).
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceFault {
+    /// Its `url`.
+    #[error(transparent)]
+    Url(#[from] UrlError),
+    /// `paths = []`.
+    #[error("`paths` must not be empty")]
+    NoPaths,
+    /// A path prefix that is not a plain absolute path.
+    #[error(
+        "path prefix `{}` must start with `/` and contain no `.`/`..` segments, `?`, `#`, `%` or `\\`",
+        .0.escape_debug()
+    )]
+    PathPrefix(String),
+    /// A method other than the standard ones.
+    #[error(
+        "method `{}` is not supported (GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS)",
+        .0.escape_debug()
+    )]
+    Method(String),
+    /// An empty, long, or control-bearing audience.
+    #[error("audience must be 1 to 256 characters, no control characters")]
+    Audience,
+    /// `max_calls = 0`.
+    #[error("max_calls must be at least 1 (leave the service out of a policy to forbid calls)")]
+    MaxCalls,
+    /// A `forward_headers` entry that is not a header name.
+    #[error("`{}` in forward_headers is not a header name", .0.escape_debug())]
+    NotHeader(String),
+    /// A `forward_headers` entry no service may name.
+    #[error("header `{header}` in forward_headers can never be forwarded: {why}")]
+    NeverForwarded {
+        /// The header as given.
+        header: String,
+        /// Why it is never forwarded.
+        why: &'static str,
+    },
+}
+
+/// Why a [`Relay`] cannot be built from the service declarations and
+/// `[tokens]`.
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    /// `tokens.lifetime` out of bounds.
+    #[error(
+        "tokens.lifetime `{lifetime}` must be between 1 s and {max_secs} s: minted tokens live seconds"
+    )]
+    Lifetime {
+        /// The lifetime given.
+        lifetime: HumanDuration,
+        /// The longest allowed, in seconds.
+        max_secs: u64,
+    },
+    /// `tokens.issuer` empty or with control characters.
+    #[error("tokens.issuer must be non-empty, without control characters")]
+    Issuer,
+    /// Two services with one name.
+    #[error("service `{0}` is declared twice")]
+    Duplicate(String),
+}
+
 /// Where a service lives: an `http` authority and an optional base path.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BaseUrl {
@@ -92,29 +199,31 @@ impl BaseUrl {
     /// Parses `http://authority[/base]`.
     ///
     /// # Errors
-    /// A message naming what is wrong.
-    pub fn parse(url: &str) -> Result<Self, String> {
-        let uri: http::Uri = url
-            .parse()
-            .map_err(|e| format!("invalid url `{url}`: {e}"))?;
+    /// A [`UrlError`] naming the URL and what is wrong.
+    pub fn parse(url: &str) -> Result<Self, UrlError> {
+        let uri: http::Uri = url.parse().map_err(|error| UrlError::Invalid {
+            url: url.to_owned(),
+            error,
+        })?;
         match uri.scheme_str() {
             Some("http") => {}
             Some(s) => {
-                return Err(format!(
-                    "url `{url}`: scheme `{s}` is not supported (only http; put TLS in front of the host's loopback or private network)"
-                ));
+                return Err(UrlError::Scheme {
+                    url: url.to_owned(),
+                    scheme: s.to_owned(),
+                });
             }
-            None => return Err(format!("url `{url}` needs a scheme (http://…)")),
+            None => return Err(UrlError::NoScheme(url.to_owned())),
         }
         let authority = uri
             .authority()
             .cloned()
-            .ok_or_else(|| format!("url `{url}` has no host"))?;
+            .ok_or_else(|| UrlError::NoHost(url.to_owned()))?;
         if authority.as_str().contains('@') {
-            return Err(format!("url `{url}` must not carry user info"));
+            return Err(UrlError::UserInfo(url.to_owned()));
         }
         if uri.query().is_some() {
-            return Err(format!("url `{url}` must not have a query"));
+            return Err(UrlError::Query(url.to_owned()));
         }
         Ok(Self {
             authority,
@@ -153,24 +262,25 @@ struct RawServiceDecl {
 }
 
 impl TryFrom<RawServiceDecl> for ServiceDecl {
-    type Error = String;
+    type Error = ServiceDeclError;
 
-    fn try_from(raw: RawServiceDecl) -> Result<Self, String> {
+    fn try_from(raw: RawServiceDecl) -> Result<Self, ServiceDeclError> {
         let name = raw.name;
-        let url = BaseUrl::parse(&raw.url).map_err(|e| format!("service `{name}`: {e}"))?;
+        let refused = |fault: ServiceFault| ServiceDeclError {
+            name: name.clone(),
+            fault,
+        };
+        let url = BaseUrl::parse(&raw.url).map_err(|e| refused(e.into()))?;
         let paths = raw.paths.unwrap_or_else(|| vec!["/".to_owned()]);
         if paths.is_empty() {
-            return Err(format!("service `{name}`: `paths` must not be empty"));
+            return Err(refused(ServiceFault::NoPaths));
         }
         for p in &paths {
             let bad = !p.starts_with('/')
                 || p.contains(['?', '#', '%', '\\'])
                 || p.split('/').any(|s| s == "." || s == "..");
             if bad {
-                return Err(format!(
-                    "service `{name}`: path prefix `{}` must start with `/` and contain no `.`/`..` segments, `?`, `#`, `%` or `\\`",
-                    p.escape_debug()
-                ));
+                return Err(refused(ServiceFault::PathPrefix(p.clone())));
             }
         }
         let methods = raw
@@ -183,41 +293,29 @@ impl TryFrom<RawServiceDecl> for ServiceDecl {
                     "GET" | "HEAD" | "POST" | "PUT" | "PATCH" | "DELETE" | "OPTIONS" => {
                         Ok(Method::from_bytes(upper.as_bytes()).expect("a standard method"))
                     }
-                    _ => Err(format!(
-                        "service `{name}`: method `{}` is not supported (GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS)",
-                        m.escape_debug()
-                    )),
+                    _ => Err(refused(ServiceFault::Method(m))),
                 }
             })
             .collect::<Result<Vec<_>, _>>()?;
         let audience = raw.audience.unwrap_or_else(|| name.to_string());
         if audience.is_empty() || audience.len() > 256 || audience.chars().any(char::is_control) {
-            return Err(format!(
-                "service `{name}`: audience must be 1 to 256 characters, no control characters"
-            ));
+            return Err(refused(ServiceFault::Audience));
         }
         let max_calls = raw.max_calls.unwrap_or(16);
         if max_calls == 0 {
-            return Err(format!(
-                "service `{name}`: max_calls must be at least 1 (leave the service out of a policy to forbid calls)"
-            ));
+            return Err(refused(ServiceFault::MaxCalls));
         }
         let timeout = raw.timeout.unwrap_or(HumanDuration::secs(5));
         let mut forward_headers = Vec::new();
         for h in raw.forward_headers.unwrap_or_default() {
-            let name = http::HeaderName::from_bytes(h.as_bytes()).map_err(|_| {
-                format!(
-                    "service `{name}`: `{}` in forward_headers is not a header name",
-                    h.escape_debug()
-                )
-            })?;
-            if let Some(why) = headers::never_forwarded(&name) {
-                return Err(format!(
-                    "service `{name}`: header `{h}` in forward_headers can never be forwarded: {why}"
-                ));
+            let Ok(header) = http::HeaderName::from_bytes(h.as_bytes()) else {
+                return Err(refused(ServiceFault::NotHeader(h)));
+            };
+            if let Some(why) = headers::never_forwarded(&header) {
+                return Err(refused(ServiceFault::NeverForwarded { header: h, why }));
             }
-            if !forward_headers.contains(&name) {
-                forward_headers.push(name);
+            if !forward_headers.contains(&header) {
+                forward_headers.push(header);
             }
         }
         Ok(Self {
@@ -332,29 +430,28 @@ impl Relay {
     /// A relay for `services`, minting with `keys`.
     ///
     /// # Errors
-    /// A message when two services share a name, or the lifetime is out of
-    /// bounds.
+    /// A [`RelayError`] when two services share a name, or the token
+    /// lifetime or issuer is out of bounds.
     pub fn new(
         services: Vec<ServiceDecl>,
         keys: Arc<KeyRing>,
         tokens: &TokenConfig,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, RelayError> {
         let lifetime = tokens.lifetime.get();
         if lifetime.is_zero() || lifetime > MAX_TOKEN_LIFETIME {
-            return Err(format!(
-                "tokens.lifetime `{}` must be between 1 s and {} s: minted tokens live seconds",
-                tokens.lifetime,
-                MAX_TOKEN_LIFETIME.as_secs()
-            ));
+            return Err(RelayError::Lifetime {
+                lifetime: tokens.lifetime,
+                max_secs: MAX_TOKEN_LIFETIME.as_secs(),
+            });
         }
         if tokens.issuer.is_empty() || tokens.issuer.chars().any(char::is_control) {
-            return Err("tokens.issuer must be non-empty, without control characters".into());
+            return Err(RelayError::Issuer);
         }
         let mut map = BTreeMap::new();
         for s in services {
             let name = s.name.to_string();
             if map.insert(name.clone(), s).is_some() {
-                return Err(format!("service `{name}` is declared twice"));
+                return Err(RelayError::Duplicate(name));
             }
         }
         Ok(Self {
@@ -390,6 +487,57 @@ impl Relay {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn refused_urls_services_and_relays_name_the_bad_value() {
+        assert!(matches!(
+            BaseUrl::parse("https://palette.internal"),
+            Err(UrlError::Scheme { ref scheme, .. }) if scheme == "https"
+        ));
+        assert_eq!(
+            BaseUrl::parse("/palette").unwrap_err().to_string(),
+            "url `/palette` needs a scheme (http://…)"
+        );
+        assert_eq!(
+            BaseUrl::parse("http://u@palette").unwrap_err().to_string(),
+            "url `http://u@palette` must not carry user info"
+        );
+        let e = parse("max_calls = 0").unwrap_err();
+        assert!(
+            e.contains(
+                "service `palette`: max_calls must be at least 1 (leave the service out of a policy to forbid calls)"
+            ),
+            "{e}"
+        );
+        let e = parse("paths = [\"/a/../b\"]").unwrap_err();
+        assert!(
+            e.contains(
+                "service `palette`: path prefix `/a/../b` must start with `/` and contain no `.`/`..` segments, `?`, `#`, `%` or `\\`"
+            ),
+            "{e}"
+        );
+        let decl = ServiceDecl::example("palette", "http://127.0.0.1:9");
+        let keys = Arc::new(KeyRing::ephemeral());
+        let twice = Relay::new(
+            vec![decl.clone(), decl],
+            Arc::clone(&keys),
+            &TokenConfig::default(),
+        )
+        .unwrap_err();
+        assert!(matches!(twice, RelayError::Duplicate(ref n) if n == "palette"));
+        assert_eq!(twice.to_string(), "service `palette` is declared twice");
+        let long = TokenConfig {
+            lifetime: HumanDuration::secs(3600),
+            ..TokenConfig::default()
+        };
+        let e = Relay::new(Vec::new(), keys, &long).unwrap_err();
+        assert!(matches!(e, RelayError::Lifetime { .. }), "{e}");
+        assert!(
+            e.to_string()
+                .starts_with("tokens.lifetime `60 min` must be between 1 s and 300 s"),
+            "{e}"
+        );
+    }
 
     fn parse(extra: &str) -> Result<ServiceDecl, String> {
         toml::from_str::<ServiceDecl>(&format!(

@@ -36,8 +36,8 @@ use crate::sandbox::{
     JobDir, JobError, JobInput, JobReport, JobSpec, LoadedModule, Sandbox, SandboxConfig,
 };
 use crate::store::{
-    AuditEntry, CancelOutcome, Claim, DeleteOutcome, Idempotency, Inserted, JobRecord, JobState,
-    JobStore, StoreError, now_ms,
+    AuditEntry, CancelOutcome, Claim, Claimed, DeleteOutcome, Idempotency, Inserted, JobRecord,
+    JobState, JobStore, StoreError, now_ms,
 };
 use scheduler::{QueueLimits, QueuedJob, Rejection, Scheduler, Slot};
 
@@ -322,7 +322,7 @@ impl Service {
         .map_err(|e| StartError::Storage(e.to_string()))?;
         let relay =
             crate::relay::Relay::new(config.services.clone(), Arc::new(keys), &config.tokens)
-                .map_err(StartError::Storage)?;
+                .map_err(|e| StartError::Storage(e.to_string()))?;
         let sandbox = Sandbox::new(sandbox_config)
             .map_err(|e| storage(&e))?
             .with_relay(Arc::new(relay));
@@ -943,8 +943,12 @@ impl Service {
     /// failed) or is given back, and the keeper re-queues it.
     async fn run_one(&self, queued: &QueuedJob) -> Ran {
         let max_attempts = self.config.queue.max_attempts;
-        let record = match self.store.claim(&queued.id, now_ms(), max_attempts).await {
-            Ok(Claim::Run(record)) => *record,
+        let claimed = self
+            .store
+            .claim(&queued.tenant, &queued.id, now_ms(), max_attempts)
+            .await;
+        let (record, claim) = match claimed {
+            Ok(Claim::Run(record, claim)) => (*record, claim),
             Ok(Claim::Gone) => return Ran::Ended(None), // cancelled while queued
             Ok(Claim::GaveUp(record)) => {
                 tracing::error!(job = %record.id, attempts = record.attempts, "job failed: started too many times without finishing");
@@ -974,9 +978,9 @@ impl Service {
             ))),
         };
         match result {
-            Ok(Some(report)) => Ran::Ended(self.finish(record, report).await.map(Box::new)),
+            Ok(Some(report)) => Ran::Ended(self.finish(record, &claim, report).await.map(Box::new)),
             Ok(None) => Ran::Ended(None), // cancelled while running
-            Err(e) => self.host_failed(record, e).await,
+            Err(e) => self.host_failed(record, &claim, e).await,
         }
     }
 
@@ -986,7 +990,7 @@ impl Service {
     /// it runs again once the storage writes. Any other failure spends it:
     /// the job is re-queued, or, at its last attempt, finished `failed` with
     /// the reason. Whatever is left of its outputs is removed.
-    async fn host_failed(&self, record: JobRecord, e: ServiceError) -> Ran {
+    async fn host_failed(&self, record: JobRecord, claim: &Claimed, e: ServiceError) -> Ran {
         self.remove_outputs(&record.id);
         let max_attempts = self.config.queue.max_attempts;
         // Some failures lose their error number on the way up (a message
@@ -999,7 +1003,7 @@ impl Service {
             } else {
                 tracing::error!(job = %record.id, attempt = record.attempts, error = %e, "the host failed on the job's path; it goes back to the queue");
             }
-            return match self.store.requeue(&record.id, !storage).await {
+            return match self.store.requeue(claim, !storage).await {
                 Ok(_) => Ran::Requeued { storage },
                 Err(e) => {
                     // Left `running` and not held: the keeper re-queues it.
@@ -1018,22 +1022,23 @@ impl Service {
                 record.attempts
             ),
         );
-        Ran::Ended(self.finish(record, report).await.map(Box::new))
+        Ran::Ended(self.finish(record, claim, report).await.map(Box::new))
     }
 
     /// Records `record`'s job finished with `report`. A store failure is
     /// retried, with backoff, until the store writes again or the service
     /// drains (the job is then left `running`, and re-run at the next
     /// start); the result is never dropped while the process lives.
-    async fn finish(&self, record: JobRecord, report: JobReport) -> Option<JobRecord> {
+    async fn finish(
+        &self,
+        record: JobRecord,
+        claim: &Claimed,
+        report: JobReport,
+    ) -> Option<JobRecord> {
         let mut pause = Duration::from_millis(100);
         loop {
             let finished_at = now_ms();
-            match self
-                .store
-                .finish_job(&record.id, &report, finished_at)
-                .await
-            {
+            match self.store.finish_job(claim, &report, finished_at).await {
                 Ok(true) => {
                     self.remove_inputs(&record);
                     return Some(self.finished(record, report, finished_at).await);
@@ -1580,7 +1585,9 @@ impl Service {
             if self.is_held(&job.id) {
                 continue;
             }
-            if job.state == JobState::Running && !self.store.requeue(&job.id, true).await? {
+            if let Some(claim) = &job.claim
+                && !self.store.requeue(claim, true).await?
+            {
                 continue;
             }
             let pushed = self.scheduler.push(

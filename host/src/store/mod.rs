@@ -15,7 +15,7 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
 use crate::auth::TokenRecord;
-use crate::sandbox::JobReport;
+use crate::sandbox::{JobReport, LimitKind};
 
 pub use sqlite::SqliteStore;
 
@@ -136,6 +136,86 @@ pub struct AuditEntry {
     pub client: Option<String>,
 }
 
+impl AuditEntry {
+    /// The `job.finished` entry of `job`, finished at `at` with what
+    /// `finished` took from its typed report.
+    pub fn job_finished(job: &AuditedJob, finished: &JobFinished, at: i64) -> Self {
+        Self {
+            at,
+            action: "job.finished".into(),
+            tenant: Some(job.tenant.clone()),
+            subject: Some(job.subject.clone()),
+            job_id: Some(job.id.clone()),
+            module: Some(job.module.clone()),
+            module_sha256: Some(job.module_sha256.clone()),
+            policy_sha256: job.policy_sha256.clone(),
+            outcome: Some(finished.state.as_str().to_owned()),
+            limit: finished.limit.and_then(report_name),
+            detail: finished.detail.clone(),
+            client: None,
+        }
+    }
+}
+
+/// `kind` as the report names it (`tables`, where the policy key is
+/// `table_elements`): the audit says what the report says.
+fn report_name(kind: LimitKind) -> Option<String> {
+    match serde_json::to_value(kind) {
+        Ok(serde_json::Value::String(name)) => Some(name),
+        _ => None,
+    }
+}
+
+/// Who ran what, as a job's row records it: the part of the `job.finished`
+/// audit entry that comes from the store rather than the report.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AuditedJob {
+    /// Job id.
+    pub id: String,
+    /// Owning tenant.
+    pub tenant: String,
+    /// Submitting subject.
+    pub subject: String,
+    /// Module name.
+    pub module: String,
+    /// Module digest at submission.
+    pub module_sha256: String,
+    /// Policy digest at submission.
+    pub policy_sha256: Option<String>,
+}
+
+/// What the `job.finished` audit entry says about a run, taken from the
+/// typed [`JobReport`] in Rust (not read back out of the stored JSON), so
+/// renaming a report field cannot silently empty the audit log.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct JobFinished {
+    /// `succeeded` or `failed`, by the report's outcome.
+    pub state: JobState,
+    /// The limit that fired first, if any.
+    pub limit: Option<LimitKind>,
+    /// The failure's message, empty when the job succeeded.
+    pub detail: String,
+}
+
+impl JobFinished {
+    /// The audit's view of `report`.
+    pub fn of(report: &JobReport) -> Self {
+        Self {
+            state: if report.succeeded() {
+                JobState::Succeeded
+            } else {
+                JobState::Failed
+            },
+            limit: report.limit,
+            detail: report
+                .failure
+                .as_ref()
+                .map(|f| f.message.clone())
+                .unwrap_or_default(),
+        }
+    }
+}
+
 /// A store failure. Logged in full; clients see a generic 500, or a 503
 /// with `Retry-After` when the storage under the store is exhausted or
 /// failing ([`StoreError::is_storage`]).
@@ -219,11 +299,55 @@ pub enum Inserted {
     Existing(Box<JobRecord>, String),
 }
 
+/// A job this process claimed (`queued → running`), or that recovery took
+/// over from a failure: the one thing [`JobStore::finish_job`] and
+/// [`JobStore::requeue`] accept, so nothing but a claim can end or give
+/// back a running job. Only the store makes one (its fields are private).
+///
+/// It names the tenant, and the attempt it holds (the count and the start
+/// time): a claim whose job has since been given back and claimed again
+/// finishes nothing.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Claimed {
+    id: String,
+    tenant: String,
+    attempt: u32,
+    started_at: Option<i64>,
+}
+
+impl Claimed {
+    /// The claim a running job's row holds.
+    fn of(job: &JobRecord) -> Self {
+        Self {
+            id: job.id.clone(),
+            tenant: job.tenant.clone(),
+            attempt: job.attempts,
+            started_at: job.started_at,
+        }
+    }
+
+    /// The job's id.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// The job's tenant.
+    pub fn tenant(&self) -> &str {
+        &self.tenant
+    }
+
+    /// Which start of the job this claim holds (1 for the first).
+    pub fn attempt(&self) -> u32 {
+        self.attempt
+    }
+}
+
 /// Result of claiming a queued job.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Claim {
-    /// It is now `running`, its attempt counted.
-    Run(Box<JobRecord>),
+    /// It is now `running`, its attempt counted; the claim finishes or
+    /// re-queues it.
+    Run(Box<JobRecord>, Claimed),
     /// It is no longer queued (cancelled, or claimed by another worker).
     Gone,
     /// It had already been started the maximum number of times without
@@ -242,6 +366,9 @@ pub struct PendingJob {
     pub module: String,
     /// `queued` or `running`.
     pub state: JobState,
+    /// For a `running` job, the claim a crash or failure left on it, for
+    /// recovery to give the job back to the queue.
+    pub claim: Option<Claimed>,
 }
 
 /// Result of a cancel request.
@@ -300,17 +427,31 @@ pub trait JobStore: Send + Sync + std::fmt::Debug {
     async fn get_job(&self, tenant: &str, id: &str) -> Result<Option<JobRecord>, StoreError>;
     /// The tenant's most recent jobs.
     async fn list_jobs(&self, tenant: &str, limit: u32) -> Result<Vec<JobRecord>, StoreError>;
-    /// `queued → running`, counting the attempt; a job already started
-    /// `max_attempts` times is finished `failed` instead (see [`Claim`]).
-    async fn claim(&self, id: &str, now: i64, max_attempts: u32) -> Result<Claim, StoreError>;
-    /// `running → queued` for a job this process could not finish; with
-    /// `count` false the attempt it used is given back (the failure was the
-    /// storage's, not the job's). False if it was not running.
-    async fn requeue(&self, id: &str, count: bool) -> Result<bool, StoreError>;
+    /// The tenant's job `id`, `queued → running`, counting the attempt; a
+    /// job already started `max_attempts` times is finished `failed`
+    /// instead (see [`Claim`]).
+    async fn claim(
+        &self,
+        tenant: &str,
+        id: &str,
+        now: i64,
+        max_attempts: u32,
+    ) -> Result<Claim, StoreError>;
+    /// `running → queued` for a claimed job this process could not finish;
+    /// with `count` false the attempt it used is given back (the failure
+    /// was the storage's, not the job's). False if the claim no longer
+    /// holds (the job is not running, or runs another attempt).
+    async fn requeue(&self, claim: &Claimed, count: bool) -> Result<bool, StoreError>;
     /// `running → succeeded | failed` with the report, appending the
-    /// `job.finished` audit entry atomically with it; false (and no audit
-    /// entry) if it is no longer running (cancelled meanwhile).
-    async fn finish_job(&self, id: &str, report: &JobReport, now: i64) -> Result<bool, StoreError>;
+    /// `job.finished` audit entry ([`JobFinished`]) atomically with it;
+    /// false (and no audit entry) if the claim no longer holds (cancelled
+    /// meanwhile).
+    async fn finish_job(
+        &self,
+        claim: &Claimed,
+        report: &JobReport,
+        now: i64,
+    ) -> Result<bool, StoreError>;
     /// Stores a job that ran without being queued (a synchronous request's
     /// inline path) already finished with `report`, with its `job.finished`
     /// audit entry, atomically; with `key`, only if no live job holds the
@@ -336,7 +477,8 @@ pub trait JobStore: Send + Sync + std::fmt::Debug {
     async fn requeue_running(&self) -> Result<u64, StoreError>;
     /// Every queued job, oldest first.
     async fn queued_jobs(&self) -> Result<Vec<JobRecord>, StoreError>;
-    /// Every queued or running job (all tenants: recovery), oldest first.
+    /// Every queued or running job (all tenants: recovery), oldest first,
+    /// each running one with its claim.
     async fn pending_jobs(&self) -> Result<Vec<PendingJob>, StoreError>;
     /// Whether a job with this id exists (any tenant: the orphan sweep).
     async fn job_exists(&self, id: &str) -> Result<bool, StoreError>;

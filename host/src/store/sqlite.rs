@@ -25,8 +25,8 @@ use async_trait::async_trait;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, params};
 
 use super::{
-    AuditEntry, CancelOutcome, Claim, DeleteOutcome, Idempotency, Inserted, JobRecord, JobState,
-    JobStore, PendingJob, StoreError,
+    AuditEntry, AuditedJob, CancelOutcome, Claim, Claimed, DeleteOutcome, Idempotency, Inserted,
+    JobFinished, JobRecord, JobState, JobStore, PendingJob, StoreError,
 };
 use crate::auth::TokenRecord;
 
@@ -79,19 +79,6 @@ CREATE TABLE IF NOT EXISTS audit (
     limit_fired   TEXT,
     detail        TEXT NOT NULL
 );
--- The job.finished audit entry is written by a trigger on the statement
--- that finishes the job: one statement, and the two can never disagree.
-CREATE TRIGGER IF NOT EXISTS audit_job_finished
-AFTER UPDATE OF state ON jobs
-WHEN OLD.state = 'running' AND NEW.state IN ('succeeded', 'failed')
-BEGIN
-    INSERT INTO audit (at, action, tenant, subject, job_id, module, module_sha256,
-                       policy_sha256, outcome, limit_fired, detail)
-    VALUES (NEW.finished_at, 'job.finished', NEW.tenant, NEW.subject, NEW.id, NEW.module,
-            NEW.module_sha256, NEW.policy_sha256, NEW.state,
-            json_extract(NEW.report, '$.limit'),
-            COALESCE(json_extract(NEW.report, '$.failure.message'), ''));
-END;
 -- One row, rewritten to learn whether the store can write again after a
 -- storage failure (readiness).
 CREATE TABLE IF NOT EXISTS probe (
@@ -112,6 +99,16 @@ fn add_audit_client_column(conn: &Connection) -> rusqlite::Result<()> {
         conn.execute_batch("ALTER TABLE audit ADD COLUMN client TEXT")?;
     }
     conn.execute_batch("CREATE INDEX IF NOT EXISTS audit_by_time ON audit (at)")
+}
+
+/// Drops the trigger that used to write the `job.finished` audit row by
+/// reading fields out of the stored report's JSON: the store now writes
+/// that row itself, from the typed report ([`JobFinished`]), in the
+/// finishing transaction. Left in place, the trigger would write a second
+/// row for every finished job. Run at every open, so a database an older
+/// build opened again (and gave its trigger back) is set right too.
+fn drop_audit_trigger(conn: &Connection) -> rusqlite::Result<()> {
+    conn.execute_batch("DROP TRIGGER IF EXISTS audit_job_finished")
 }
 
 /// Adds the idempotency columns to a `jobs` table created before them, and
@@ -270,6 +267,7 @@ impl SqliteStore {
         writer.execute_batch(SCHEMA)?;
         add_audit_client_column(&writer)?;
         add_idempotency_columns(&writer)?;
+        drop_audit_trigger(&writer)?;
 
         let (stop, stopped) = mpsc::channel::<()>();
         let checkpoint_conn = Connection::open(path)?;
@@ -656,30 +654,75 @@ fn by_key(
     .optional()
 }
 
-/// `succeeded` or `failed`, by the report.
-fn final_state(report: &crate::sandbox::JobReport) -> JobState {
-    if report.succeeded() {
-        JobState::Succeeded
-    } else {
-        JobState::Failed
-    }
+/// Appends `e` to the audit log.
+fn insert_audit(c: &Connection, e: &AuditEntry) -> rusqlite::Result<()> {
+    c.prepare_cached(
+        "INSERT INTO audit (at, action, tenant, subject, job_id, module, module_sha256,
+                            policy_sha256, outcome, limit_fired, detail, client)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+    )?
+    .execute(params![
+        e.at,
+        e.action,
+        e.tenant,
+        e.subject,
+        e.job_id,
+        e.module,
+        e.module_sha256,
+        e.policy_sha256,
+        e.outcome,
+        e.limit,
+        e.detail,
+        e.client
+    ])?;
+    Ok(())
 }
 
-/// `running → state` with the report; false if the job is no longer
-/// running. The `audit_job_finished` trigger writes the audit row.
+/// `running → succeeded | failed` with the report (JSON), if `claim` still
+/// holds, and its `job.finished` audit entry, written here from `finished`
+/// and the job's row; false (and no entry) if the job is no longer running
+/// this attempt.
 fn finish(
     c: &Connection,
-    id: &str,
-    state: JobState,
+    claim: &Claimed,
+    finished: &JobFinished,
     now: i64,
     report: &str,
 ) -> rusqlite::Result<bool> {
-    let changed = c
+    let job = c
         .prepare_cached(
-            "UPDATE jobs SET state = ?1, finished_at = ?2, report = ?3 WHERE id = ?4 AND state = 'running'",
+            "UPDATE jobs SET state = ?1, finished_at = ?2, report = ?3
+             WHERE id = ?4 AND tenant = ?5 AND state = 'running' AND attempts = ?6
+                   AND started_at IS ?7
+             RETURNING id, tenant, subject, module, module_sha256, policy_sha256",
         )?
-        .execute(params![state.as_str(), now, report, id])?;
-    Ok(changed == 1)
+        .query_row(
+            params![
+                finished.state.as_str(),
+                now,
+                report,
+                claim.id,
+                claim.tenant,
+                claim.attempt,
+                claim.started_at
+            ],
+            |r| {
+                Ok(AuditedJob {
+                    id: r.get(0)?,
+                    tenant: r.get(1)?,
+                    subject: r.get(2)?,
+                    module: r.get(3)?,
+                    module_sha256: r.get(4)?,
+                    policy_sha256: r.get(5)?,
+                })
+            },
+        )
+        .optional()?;
+    let Some(job) = job else {
+        return Ok(false);
+    };
+    insert_audit(c, &AuditEntry::job_finished(&job, finished, now))?;
+    Ok(true)
 }
 
 #[async_trait]
@@ -783,28 +826,37 @@ impl JobStore for SqliteStore {
         })
     }
 
-    async fn claim(&self, id: &str, now: i64, max_attempts: u32) -> Result<Claim, StoreError> {
-        let id = id.to_owned();
+    async fn claim(
+        &self,
+        tenant: &str,
+        id: &str,
+        now: i64,
+        max_attempts: u32,
+    ) -> Result<Claim, StoreError> {
+        let (tenant, id) = (tenant.to_owned(), id.to_owned());
         let max_attempts = max_attempts.max(1);
         self.write(move |c| {
             let claimed = c
                 .prepare_cached(
                     "UPDATE jobs SET state = 'running', started_at = ?1, attempts = attempts + 1
-                     WHERE id = ?2 AND state = 'queued' AND attempts < ?3 RETURNING *",
+                     WHERE id = ?2 AND tenant = ?3 AND state = 'queued' AND attempts < ?4
+                     RETURNING *",
                 )?
-                .query_row(params![now, id, max_attempts], job_row)
+                .query_row(params![now, id, tenant, max_attempts], job_row)
                 .optional()?;
             if let Some(job) = claimed {
-                return Ok(Claim::Run(Box::new(job)));
+                let claim = Claimed::of(&job);
+                return Ok(Claim::Run(Box::new(job), claim));
             }
             // Still queued, but every attempt it was allowed began and none
             // finished (crashes, or host errors): finish it failed, through
-            // `running` so the trigger writes its audit entry.
+            // `running` like any finished job.
             let exhausted = c
                 .prepare_cached(
-                    "UPDATE jobs SET state = 'running' WHERE id = ?1 AND state = 'queued' RETURNING *",
+                    "UPDATE jobs SET state = 'running'
+                     WHERE id = ?1 AND tenant = ?2 AND state = 'queued' RETURNING *",
                 )?
-                .query_row([&id], job_row)
+                .query_row([&id, &tenant], job_row)
                 .optional()?;
             let Some(mut job) = exhausted else {
                 return Ok(Claim::Gone);
@@ -817,7 +869,13 @@ impl JobStore for SqliteStore {
                     job.attempts
                 ),
             );
-            finish(c, &job.id, JobState::Failed, now, &json(&report))?;
+            finish(
+                c,
+                &Claimed::of(&job),
+                &JobFinished::of(&report),
+                now,
+                &json(&report),
+            )?;
             job.state = JobState::Failed;
             job.finished_at = Some(now);
             job.report = Some(report);
@@ -826,29 +884,35 @@ impl JobStore for SqliteStore {
         .await
     }
 
-    async fn requeue(&self, id: &str, count: bool) -> Result<bool, StoreError> {
-        let id = id.to_owned();
+    async fn requeue(&self, claim: &Claimed, count: bool) -> Result<bool, StoreError> {
+        let claim = claim.clone();
         let give_back = i64::from(!count);
         self.write(move |c| {
             Ok(c.prepare_cached(
-                "UPDATE jobs SET state = 'queued', attempts = MAX(attempts - ?2, 0)
-                 WHERE id = ?1 AND state = 'running'",
+                "UPDATE jobs SET state = 'queued', attempts = MAX(attempts - ?5, 0)
+                 WHERE id = ?1 AND tenant = ?2 AND state = 'running' AND attempts = ?3
+                       AND started_at IS ?4",
             )?
-            .execute(params![id, give_back])?
-                == 1)
+            .execute(params![
+                claim.id,
+                claim.tenant,
+                claim.attempt,
+                claim.started_at,
+                give_back
+            ])? == 1)
         })
         .await
     }
 
     async fn finish_job(
         &self,
-        id: &str,
+        claim: &Claimed,
         report: &crate::sandbox::JobReport,
         now: i64,
     ) -> Result<bool, StoreError> {
-        let (state, report) = (final_state(report), json(report));
-        let id = id.to_owned();
-        self.write(move |c| Ok(finish(c, &id, state, now, &report)?))
+        let (finished, report) = (JobFinished::of(report), json(report));
+        let claim = claim.clone();
+        self.write(move |c| Ok(finish(c, &claim, &finished, now, &report)?))
             .await
     }
 
@@ -860,13 +924,19 @@ impl JobStore for SqliteStore {
         key: Option<&Idempotency>,
     ) -> Result<Inserted, StoreError> {
         let row = JobRow::of(j, key);
-        let (state, report) = (final_state(report), json(report));
+        let (finished, report) = (JobFinished::of(report), json(report));
         self.write(move |c| {
-            // Inserted `running`, then finished: the finishing update is
-            // what writes the audit row (the trigger), as for queued jobs.
+            // Inserted `running`, then finished as a claimed job is, with
+            // the same audit entry.
             let inserted = row.insert(c, JobState::Running, Some(row.created_at), 1)?;
             if inserted == Inserted::New {
-                finish(c, &row.id, state, now, &report)?;
+                let claim = Claimed {
+                    id: row.id.clone(),
+                    tenant: row.tenant.clone(),
+                    attempt: 1,
+                    started_at: Some(row.created_at),
+                };
+                finish(c, &claim, &finished, now, &report)?;
             }
             Ok(inserted)
         })
@@ -889,9 +959,9 @@ impl JobStore for SqliteStore {
                 return Ok(CancelOutcome::AlreadyFinished(state));
             }
             c.prepare_cached(
-                "UPDATE jobs SET state = 'cancelled', finished_at = ?1 WHERE id = ?2",
+                "UPDATE jobs SET state = 'cancelled', finished_at = ?1 WHERE id = ?2 AND tenant = ?3",
             )?
-            .execute(params![now, id])?;
+            .execute(params![now, id, tenant])?;
             Ok(CancelOutcome::Cancelled(state))
         })
         .await
@@ -906,8 +976,8 @@ impl JobStore for SqliteStore {
             if !state.is_final() {
                 return Ok(DeleteOutcome::NotFinished(state));
             }
-            c.prepare_cached("DELETE FROM jobs WHERE id = ?1")?
-                .execute([id])?;
+            c.prepare_cached("DELETE FROM jobs WHERE id = ?1 AND tenant = ?2")?
+                .execute([id, tenant])?;
             Ok(DeleteOutcome::Deleted)
         })
         .await
@@ -937,18 +1007,28 @@ impl JobStore for SqliteStore {
     async fn pending_jobs(&self) -> Result<Vec<PendingJob>, StoreError> {
         self.read(|c| {
             let mut stmt = c.prepare_cached(
-                "SELECT id, tenant, module, state FROM jobs WHERE state IN ('queued', 'running')
-                 ORDER BY created_at, id",
+                "SELECT id, tenant, module, state, attempts, started_at FROM jobs
+                 WHERE state IN ('queued', 'running') ORDER BY created_at, id",
             )?;
             let rows = stmt
                 .query_map([], |r| {
                     let state: String = r.get(3)?;
+                    let state = JobState::parse(&state)
+                        .ok_or_else(|| undecodable(format!("state `{state}`")))?;
+                    let (id, tenant): (String, String) = (r.get(0)?, r.get(1)?);
+                    let (attempt, started_at): (i64, Option<i64>) = (r.get(4)?, r.get(5)?);
+                    let claim = (state == JobState::Running).then(|| Claimed {
+                        id: id.clone(),
+                        tenant: tenant.clone(),
+                        attempt: attempt as u32,
+                        started_at,
+                    });
                     Ok(PendingJob {
-                        id: r.get(0)?,
-                        tenant: r.get(1)?,
+                        id,
+                        tenant,
                         module: r.get(2)?,
-                        state: JobState::parse(&state)
-                            .ok_or_else(|| undecodable(format!("state `{state}`")))?,
+                        state,
+                        claim,
                     })
                 })?
                 .collect::<Result<_, _>>()?;
@@ -986,29 +1066,7 @@ impl JobStore for SqliteStore {
 
     async fn append_audit(&self, e: &AuditEntry) -> Result<(), StoreError> {
         let e = e.clone();
-        self.write(move |c| {
-            c.prepare_cached(
-                "INSERT INTO audit (at, action, tenant, subject, job_id, module, module_sha256,
-                                    policy_sha256, outcome, limit_fired, detail, client)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
-            )?
-            .execute(params![
-                e.at,
-                e.action,
-                e.tenant,
-                e.subject,
-                e.job_id,
-                e.module,
-                e.module_sha256,
-                e.policy_sha256,
-                e.outcome,
-                e.limit,
-                e.detail,
-                e.client
-            ])?;
-            Ok(())
-        })
-        .await
+        self.write(move |c| Ok(insert_audit(c, &e)?)).await
     }
 
     async fn audit(&self, limit: u32) -> Result<Vec<AuditEntry>, StoreError> {
@@ -1125,6 +1183,26 @@ mod tests {
     }
     use crate::store::now_ms;
 
+    /// Where a test's database lives in `dir`.
+    fn db_path(dir: &tempfile::TempDir) -> std::path::PathBuf {
+        dir.path().join("db.sqlite")
+    }
+
+    /// A fresh store in a temporary directory (kept while the test holds it).
+    async fn open_store() -> (tempfile::TempDir, SqliteStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&db_path(&dir)).await.unwrap();
+        (dir, store)
+    }
+
+    /// Claims acme's queued job `id`, which must run.
+    async fn claim(store: &SqliteStore, id: &str, now: i64) -> (JobRecord, Claimed) {
+        match store.claim("acme", id, now, 3).await.unwrap() {
+            Claim::Run(job, claim) => (*job, claim),
+            other => panic!("{id} not claimed: {other:?}"),
+        }
+    }
+
     fn job(id: &str, tenant: &str) -> JobRecord {
         JobRecord {
             id: id.into(),
@@ -1148,10 +1226,7 @@ mod tests {
 
     #[tokio::test]
     async fn jobs_are_bound_to_their_tenant_and_move_through_states() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = SqliteStore::open(&dir.path().join("db.sqlite"))
-            .await
-            .unwrap();
+        let (_dir, store) = open_store().await;
         store.insert_job(&job("j1", "acme"), None).await.unwrap();
         assert!(store.get_job("other", "j1").await.unwrap().is_none());
         let got = store.get_job("acme", "j1").await.unwrap().unwrap();
@@ -1160,12 +1235,15 @@ mod tests {
             store.delete_job("acme", "j1").await.unwrap(),
             DeleteOutcome::NotFinished(JobState::Queued)
         );
-        let Claim::Run(claimed) = store.claim("j1", 1, 3).await.unwrap() else {
-            panic!("not claimed")
-        };
+        assert_eq!(
+            store.claim("other", "j1", 1, 3).await.unwrap(),
+            Claim::Gone,
+            "another tenant's job is not claimed"
+        );
+        let (claimed, _) = claim(&store, "j1", 1).await;
         assert_eq!(claimed.attempts, 1);
         assert_eq!(
-            store.claim("j1", 1, 3).await.unwrap(),
+            store.claim("acme", "j1", 1, 3).await.unwrap(),
             Claim::Gone,
             "only from queued"
         );
@@ -1180,7 +1258,7 @@ mod tests {
             CancelOutcome::Cancelled(JobState::Queued)
         );
         assert_eq!(
-            store.claim("j1", 3, 3).await.unwrap(),
+            store.claim("acme", "j1", 3, 3).await.unwrap(),
             Claim::Gone,
             "a cancelled job never runs"
         );
@@ -1196,15 +1274,12 @@ mod tests {
 
     #[tokio::test]
     async fn finishing_a_job_writes_its_audit_entry() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = SqliteStore::open(&dir.path().join("db.sqlite"))
-            .await
-            .unwrap();
+        let (_dir, store) = open_store().await;
         store.insert_job(&job("j1", "acme"), None).await.unwrap();
-        store.claim("j1", 1, 3).await.unwrap();
+        let (_, claimed) = claim(&store, "j1", 1).await;
         let mut report = crate::sandbox::JobReport::not_run("j1", "hello", "boom");
         report.limit = Some(crate::sandbox::LimitKind::Memory);
-        assert!(store.finish_job("j1", &report, 7).await.unwrap());
+        assert!(store.finish_job(&claimed, &report, 7).await.unwrap());
         let audit = store.audit(10).await.unwrap();
         assert_eq!(audit.len(), 1);
         let e = &audit[0];
@@ -1222,20 +1297,187 @@ mod tests {
             (Some("memory"), "boom", 7)
         );
         assert!(
-            !store.finish_job("j1", &report, 8).await.unwrap(),
+            !store.finish_job(&claimed, &report, 8).await.unwrap(),
             "only once"
         );
         assert_eq!(store.audit(10).await.unwrap().len(), 1);
     }
 
+    #[tokio::test]
+    async fn the_finished_audit_row_says_what_the_typed_report_says() {
+        use crate::sandbox::{JobReport, LimitKind, Outcome};
+        let (_dir, store) = open_store().await;
+        let mut succeeded = JobReport::not_run("ok", "hello", "");
+        (succeeded.outcome, succeeded.failure) = (Outcome::Succeeded, None);
+        let mut limited = Vec::new();
+        for (i, kind) in [
+            LimitKind::CpuTime,
+            LimitKind::Tables,
+            LimitKind::OutputFiles,
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let mut report = JobReport::not_run(&format!("l{i}"), "hello", format!("hit {i}"));
+            report.limit = Some(kind);
+            limited.push(report);
+        }
+        for report in std::iter::once(&succeeded).chain(&limited) {
+            store
+                .insert_job(&job(&report.job_id, "acme"), None)
+                .await
+                .unwrap();
+            let (_, claimed) = claim(&store, &report.job_id, 1).await;
+            assert!(store.finish_job(&claimed, report, 5).await.unwrap());
+        }
+        // The inline path writes the same entry.
+        let mut inline = limited[0].clone();
+        inline.job_id = "inline".into();
+        store
+            .insert_finished_job(&job("inline", "acme"), &inline, 6, None)
+            .await
+            .unwrap();
+        let audit = store.audit(10).await.unwrap();
+        assert_eq!(audit.len(), 5, "one entry per finished job: {audit:#?}");
+        for report in std::iter::once(&succeeded).chain(&limited).chain([&inline]) {
+            let e = audit
+                .iter()
+                .find(|e| e.job_id.as_deref() == Some(report.job_id.as_str()))
+                .unwrap();
+            // The audit's names are the report's own, as clients read them.
+            let json = serde_json::to_value(report).unwrap();
+            assert_eq!(e.action, "job.finished");
+            assert_eq!(e.outcome.as_deref(), json["outcome"].as_str(), "{e:?}");
+            assert_eq!(e.limit.as_deref(), json["limit"].as_str(), "{e:?}");
+            assert_eq!(
+                e.detail.as_str(),
+                json["failure"]["message"].as_str().unwrap_or(""),
+                "{e:?}"
+            );
+            assert_eq!(
+                (
+                    e.tenant.as_deref(),
+                    e.subject.as_deref(),
+                    e.module.as_deref()
+                ),
+                (Some("acme"), Some("s"), Some("hello"))
+            );
+            assert_eq!(e.module_sha256.as_deref(), Some("d"));
+        }
+        assert_eq!(audit[0].limit.as_deref(), Some("cpu_time"));
+        assert_eq!(
+            audit[4].outcome.as_deref(),
+            Some("succeeded"),
+            "{:?}",
+            audit[4]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_database_with_the_old_audit_trigger_is_migrated_and_audits_each_job_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = db_path(&dir);
+        {
+            // The schema as it was when a trigger read the audit fields out
+            // of the report's JSON, before the idempotency and client
+            // columns, with a job running.
+            let old = Connection::open(&path).unwrap();
+            old.execute_batch(
+                "CREATE TABLE jobs (id TEXT PRIMARY KEY, tenant TEXT NOT NULL,
+                 subject TEXT NOT NULL, token_id TEXT NOT NULL, module TEXT NOT NULL,
+                 module_sha256 TEXT NOT NULL, policy_sha256 TEXT, params TEXT NOT NULL,
+                 inputs TEXT NOT NULL, has_stdin INTEGER NOT NULL, state TEXT NOT NULL,
+                 created_at INTEGER NOT NULL, started_at INTEGER, finished_at INTEGER,
+                 attempts INTEGER NOT NULL DEFAULT 0, report TEXT);
+                 CREATE TABLE audit (seq INTEGER PRIMARY KEY AUTOINCREMENT, at INTEGER NOT NULL,
+                 action TEXT NOT NULL, tenant TEXT, subject TEXT, job_id TEXT, module TEXT,
+                 module_sha256 TEXT, policy_sha256 TEXT, outcome TEXT, limit_fired TEXT,
+                 detail TEXT NOT NULL);
+                 CREATE TRIGGER audit_job_finished
+                 AFTER UPDATE OF state ON jobs
+                 WHEN OLD.state = 'running' AND NEW.state IN ('succeeded', 'failed')
+                 BEGIN
+                     INSERT INTO audit (at, action, tenant, subject, job_id, module, module_sha256,
+                                        policy_sha256, outcome, limit_fired, detail)
+                     VALUES (NEW.finished_at, 'job.finished', NEW.tenant, NEW.subject, NEW.id,
+                             NEW.module, NEW.module_sha256, NEW.policy_sha256, NEW.state,
+                             json_extract(NEW.report, '$.limit'),
+                             COALESCE(json_extract(NEW.report, '$.failure.message'), ''));
+                 END;
+                 INSERT INTO jobs (id, tenant, subject, token_id, module, module_sha256, params,
+                                   inputs, has_stdin, state, created_at, started_at, attempts)
+                 VALUES ('old', 'acme', 's', 'tok', 'hello', 'd', '{}', '[]', 0, 'running',
+                         1, 2, 1);",
+            )
+            .unwrap();
+        }
+        let store = SqliteStore::open(&path).await.unwrap();
+        // The job a crash left running is recovered with its claim, and
+        // finishes; so does a new one.
+        let pending = store.pending_jobs().await.unwrap();
+        let claimed = pending[0].claim.clone().expect("a running job's claim");
+        assert_eq!(
+            (claimed.id(), claimed.tenant(), claimed.attempt()),
+            ("old", "acme", 1)
+        );
+        let mut report = crate::sandbox::JobReport::not_run("old", "hello", "boom");
+        report.limit = Some(crate::sandbox::LimitKind::Memory);
+        assert!(store.finish_job(&claimed, &report, 7).await.unwrap());
+        store.insert_job(&job("new", "acme"), None).await.unwrap();
+        let (_, claimed) = claim(&store, "new", 8).await;
+        assert!(store.finish_job(&claimed, &report, 9).await.unwrap());
+        let audit = store.audit(10).await.unwrap();
+        assert_eq!(
+            audit
+                .iter()
+                .map(|e| (e.job_id.as_deref(), e.limit.as_deref(), e.detail.as_str()))
+                .collect::<Vec<_>>(),
+            [
+                (Some("new"), Some("memory"), "boom"),
+                (Some("old"), Some("memory"), "boom")
+            ],
+            "one entry per job, written by the store"
+        );
+        let triggers: i64 = store
+            .writer
+            .lock()
+            .unwrap()
+            .query_row(
+                "SELECT COUNT(*) FROM sqlite_master WHERE type = 'trigger'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(triggers, 0);
+    }
+
+    #[tokio::test]
+    async fn only_the_claim_that_holds_a_job_finishes_or_requeues_it() {
+        let (_dir, store) = open_store().await;
+        store.insert_job(&job("j1", "acme"), None).await.unwrap();
+        let (_, first) = claim(&store, "j1", 1).await;
+        // A failure leaves it running; recovery takes it over and gives it
+        // back, and another start claims it.
+        let pending = store.pending_jobs().await.unwrap();
+        let recovered = pending[0].claim.clone().unwrap();
+        assert_eq!(recovered, first);
+        assert!(store.requeue(&recovered, true).await.unwrap());
+        let (_, second) = claim(&store, "j1", 2).await;
+        let report = crate::sandbox::JobReport::not_run("j1", "hello", "late");
+        assert!(
+            !store.finish_job(&first, &report, 3).await.unwrap(),
+            "the first start's claim no longer holds"
+        );
+        assert!(!store.requeue(&first, true).await.unwrap());
+        assert!(store.audit(10).await.unwrap().is_empty());
+        assert!(store.finish_job(&second, &report, 4).await.unwrap());
+        assert_eq!(store.audit(10).await.unwrap().len(), 1);
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn concurrent_writes_commit_together_and_one_failure_spares_the_rest() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = std::sync::Arc::new(
-            SqliteStore::open(&dir.path().join("db.sqlite"))
-                .await
-                .unwrap(),
-        );
+        let (_dir, store) = open_store().await;
+        let store = std::sync::Arc::new(store);
         store.insert_job(&job("dup", "acme"), None).await.unwrap();
         let mut tasks = Vec::new();
         for i in 0..40 {
@@ -1271,7 +1513,7 @@ mod tests {
     #[tokio::test]
     async fn the_database_survives_reopening() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("db.sqlite");
+        let path = db_path(&dir);
         {
             let store = SqliteStore::open(&path).await.unwrap();
             store.insert_job(&job("j1", "acme"), None).await.unwrap();
@@ -1283,7 +1525,7 @@ mod tests {
     #[tokio::test]
     async fn an_audit_table_without_the_client_column_gains_it_and_old_rows_expire() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("db.sqlite");
+        let path = db_path(&dir);
         {
             // The audit table as it was before the column existed.
             let old = Connection::open(&path).unwrap();
@@ -1319,20 +1561,15 @@ mod tests {
 
     #[tokio::test]
     async fn a_job_started_max_attempts_times_is_finished_failed_not_rerun() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = SqliteStore::open(&dir.path().join("db.sqlite"))
-            .await
-            .unwrap();
+        let (_dir, store) = open_store().await;
         store.insert_job(&job("j1", "acme"), None).await.unwrap();
         // Three starts, each ended by a crash (recovery re-queues it).
         for attempt in 1..=3 {
-            let Claim::Run(j) = store.claim("j1", attempt, 3).await.unwrap() else {
-                panic!("attempt {attempt} not claimed")
-            };
+            let (j, _) = claim(&store, "j1", attempt).await;
             assert_eq!(j.attempts, attempt as u32);
             assert_eq!(store.requeue_running().await.unwrap(), 1);
         }
-        let Claim::GaveUp(j) = store.claim("j1", 9, 3).await.unwrap() else {
+        let Claim::GaveUp(j) = store.claim("acme", "j1", 9, 3).await.unwrap() else {
             panic!("a fourth start")
         };
         assert_eq!((j.state, j.attempts), (JobState::Failed, 3));
@@ -1350,31 +1587,21 @@ mod tests {
 
     #[tokio::test]
     async fn a_requeue_after_a_storage_failure_gives_the_attempt_back() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = SqliteStore::open(&dir.path().join("db.sqlite"))
-            .await
-            .unwrap();
+        let (_dir, store) = open_store().await;
         store.insert_job(&job("j1", "acme"), None).await.unwrap();
-        store.claim("j1", 1, 3).await.unwrap();
-        assert!(store.requeue("j1", false).await.unwrap());
-        assert!(!store.requeue("j1", false).await.unwrap(), "not running");
-        let Claim::Run(j) = store.claim("j1", 2, 3).await.unwrap() else {
-            panic!("not claimed")
-        };
+        let (_, first) = claim(&store, "j1", 1).await;
+        assert!(store.requeue(&first, false).await.unwrap());
+        assert!(!store.requeue(&first, false).await.unwrap(), "not running");
+        let (j, second) = claim(&store, "j1", 2).await;
         assert_eq!(j.attempts, 1);
-        assert!(store.requeue("j1", true).await.unwrap());
-        let Claim::Run(j) = store.claim("j1", 3, 3).await.unwrap() else {
-            panic!("not claimed")
-        };
+        assert!(store.requeue(&second, true).await.unwrap());
+        let (j, _) = claim(&store, "j1", 3).await;
         assert_eq!(j.attempts, 2);
     }
 
     #[tokio::test]
     async fn an_idempotency_key_names_one_job_per_tenant_until_it_expires() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = SqliteStore::open(&dir.path().join("db.sqlite"))
-            .await
-            .unwrap();
+        let (_dir, store) = open_store().await;
         let key = |since| Idempotency {
             key: "k-1".into(),
             request_sha256: "h1".into(),
@@ -1453,10 +1680,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_full_database_is_named_full_and_writes_again_once_it_has_room() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = SqliteStore::open(&dir.path().join("db.sqlite"))
-            .await
-            .unwrap();
+        let (_dir, store) = open_store().await;
         store.probe(1).await.unwrap();
         let pages: i64 = {
             let w = store.writer.lock().unwrap();

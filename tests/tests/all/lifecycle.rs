@@ -425,7 +425,10 @@ async fn recovery_runs_stored_jobs_the_queue_lost_and_jobs_a_failure_left_runnin
     let store = s.service.store();
     store.insert_job(&job("lost-queued"), None).await.unwrap();
     store.insert_job(&job("left-running"), None).await.unwrap();
-    store.claim("left-running", now_ms(), 3).await.unwrap();
+    store
+        .claim("acme", "left-running", now_ms(), 3)
+        .await
+        .unwrap();
     assert_eq!(s.service.recover().await.unwrap(), 2);
     for id in ["lost-queued", "left-running"] {
         let done = s.finished(&token, id).await;
