@@ -8,10 +8,7 @@
 use reqwest::StatusCode;
 use serde_json::Value;
 
-use bulkhead::sandbox::{JobReport, OutputFile};
-use bulkhead::store::{JobRecord, JobState, now_ms};
-
-use crate::service::{Server, start};
+use crate::common::{Server, start, stored_outputs};
 
 /// Sends `req` and checks the response is an error in the one shape;
 /// returns its status, code and headers.
@@ -239,75 +236,9 @@ const HOSTILE_NAMES: &[&str] = &[
 /// Stores a finished job of `tenant` whose report lists `names`, each
 /// written under the job's output directory with its own name as content.
 async fn job_with_outputs(s: &Server, tenant: &str, names: &[&str]) -> String {
-    let id = uuid_like();
-    let outputs_dir = s
-        .service
-        .config()
-        .storage
-        .data_dir
-        .join("jobs")
-        .join(&id)
-        .join("outputs");
-    let mut report = JobReport::not_run(&id, "hello", "stored by the test");
-    for name in names {
-        let path = outputs_dir.join(name);
-        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-        std::fs::write(&path, name.as_bytes()).unwrap();
-        report.outputs.push(OutputFile {
-            name: (*name).to_owned(),
-            size: name.len() as u64,
-            sha256: String::new(),
-        });
-    }
-    let now = now_ms();
-    let job = finished_record(&id, tenant, now);
-    s.service
-        .store()
-        .insert_finished_job(&job, &report, now, None)
-        .await
-        .unwrap();
-    id
-}
-
-/// A fresh job id in the UUID shape the service uses.
-/// The row of a finished (failed) `hello` job of `tenant`, as the tests
-/// that store outputs directly insert it.
-pub fn finished_record(id: &str, tenant: &str, now: i64) -> JobRecord {
-    JobRecord {
-        id: id.to_owned(),
-        tenant: tenant.into(),
-        subject: "ci".into(),
-        token_id: "t".into(),
-        module: "hello".into(),
-        module_sha256: String::new(),
-        policy_sha256: None,
-        params: Default::default(),
-        inputs: Vec::new(),
-        has_stdin: false,
-        state: JobState::Failed,
-        created_at: now,
-        started_at: Some(now),
-        finished_at: Some(now),
-        attempts: 1,
-        report: None,
-    }
-}
-
-pub fn uuid_like() -> String {
-    let n: u128 = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos()
-        ^ (u128::from(std::process::id()) << 64);
-    let h = format!("{n:032x}");
-    format!(
-        "{}-{}-{}-{}-{}",
-        &h[..8],
-        &h[8..12],
-        &h[12..16],
-        &h[16..20],
-        &h[20..32]
-    )
+    let outputs: Vec<(&str, &[u8])> = names.iter().map(|n| (*n, n.as_bytes())).collect();
+    let data_dir = &s.service.config().storage.data_dir;
+    stored_outputs(s.service.store().as_ref(), data_dir, tenant, &outputs).await
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -14,8 +14,9 @@ use bulkhead_services::{CallLog, ServiceState, palette_router, payments_router};
 use bulkhead_verify::{Verifier, VerifierConfig};
 use serde_json::Value;
 
-use crate::common::policy_text;
-use crate::service::{Server, json, png, start};
+use bulkhead::policy::{ByteSize, HumanDuration};
+
+use crate::common::{Server, contains as holds, json, png, policy, start};
 
 type Shared<T> = std::sync::Arc<std::sync::Mutex<Vec<T>>>;
 /// Header or trailer fields, lowercase name and lossy value.
@@ -72,24 +73,19 @@ async fn scenario_with(max_calls: u32, workers: u32) -> Scenario {
         palette.max_response = "64 KiB".parse().unwrap();
         config.services = vec![palette, ServiceDecl::example("payments", &pay)];
         let dir = &config.modules.policies_dir;
-        std::fs::write(
-            dir.join("framed.toml"),
-            policy_text(
-                bulkhead_tests::FRAMED,
-                "framed",
-                "[access]\nscopes = [\"framed:run\"]\n[limits]\nmemory = \"256 MiB\"\ncpu_time = \"5 s\"\nwall_time = \"20 s\"\n[run]\nparams = [\"width\", \"height\"]\n[network]\nservices = [\"palette\"]",
-            ),
-        )
-        .unwrap();
-        std::fs::write(
-            dir.join("lateral.toml"),
-            policy_text(
-                bulkhead_tests::LATERAL,
-                "lateral",
-                "[access]\nscopes = [\"lateral:run\"]\n[limits]\nwall_time = \"20 s\"\ncpu_time = \"5 s\"\n[run]\nparams = [\"mode\", \"port\", \"count\"]\n[network]\nservices = [\"palette\"]",
-            ),
-        )
-        .unwrap();
+        policy(bulkhead_tests::FRAMED, "framed")
+            .scopes(&["framed:run"])
+            .memory(ByteSize::mib(256))
+            .times(HumanDuration::secs(5), HumanDuration::secs(20))
+            .params(&["width", "height"])
+            .services(&["palette"])
+            .write_to(dir);
+        policy(bulkhead_tests::LATERAL, "lateral")
+            .scopes(&["lateral:run"])
+            .times(HumanDuration::secs(5), HumanDuration::secs(20))
+            .params(&["mode", "port", "count"])
+            .services(&["palette"])
+            .write_to(dir);
     })
     .await;
 
@@ -219,16 +215,7 @@ impl Scenario {
 
     /// The newest audit entries, as JSON.
     async fn audit(&self) -> Vec<Value> {
-        json(
-            self.server
-                .http
-                .get(format!("{}/admin/v1/audit?limit=1000", self.server.admin))
-                .bearer_auth(&self.server.admin_token),
-        )
-        .await
-        .as_array()
-        .unwrap()
-        .clone()
+        self.server.audit(1000).await
     }
 }
 
@@ -681,16 +668,9 @@ async fn a_policy_naming_an_undeclared_service_stops_the_start() {
     config.modules.policies_dir = data.path().join("policies");
     config.modules.modules_dir = std::path::PathBuf::from(bulkhead_tests::GUESTS_DIR);
     config.services = vec![ServiceDecl::example("palette", "http://127.0.0.1:9")];
-    std::fs::create_dir_all(&config.modules.policies_dir).unwrap();
-    std::fs::write(
-        config.modules.policies_dir.join("lateral.toml"),
-        policy_text(
-            bulkhead_tests::LATERAL,
-            "lateral",
-            "[network]\nservices = [\"payments\"]",
-        ),
-    )
-    .unwrap();
+    policy(bulkhead_tests::LATERAL, "lateral")
+        .services(&["payments"])
+        .write_to(&config.modules.policies_dir);
     let err = bulkhead::service::Service::start(config, None)
         .await
         .unwrap_err()
@@ -790,10 +770,6 @@ fn token_forms(token: &str) -> Vec<Vec<u8>> {
         forms.push(b64.as_bytes()[4..].to_vec());
     }
     forms
-}
-
-fn holds(haystack: &[u8], needle: &[u8]) -> bool {
-    haystack.windows(needle.len()).any(|w| w == needle)
 }
 
 #[tokio::test(flavor = "multi_thread")]

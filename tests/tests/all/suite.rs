@@ -22,7 +22,7 @@ async fn the_suite_runs_against_a_service_over_http() {
     let n = suite::export_modules(&options(), exported.path()).unwrap();
     assert!(n >= 40, "{n} modules exported");
     let dir = exported.path().to_owned();
-    let server = crate::service::start(move |c| {
+    let server = crate::common::start(move |c| {
         c.modules.policies_dir = dir.join("policies");
         c.modules.modules_dir = dir.join("modules");
     })

@@ -1,0 +1,16 @@
+//! The shared harness, the one place test modules take fixtures from (they
+//! never import from each other): guests in the shared sandbox, typed
+//! policies, services in process and as the real binary, and the client's
+//! side of the API.
+
+#![allow(dead_code, unused_imports)]
+
+pub mod guests;
+pub mod http;
+pub mod policies;
+pub mod service;
+
+pub use guests::*;
+pub use http::*;
+pub use policies::*;
+pub use service::*;
