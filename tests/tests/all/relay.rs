@@ -227,6 +227,16 @@ fn calls(job: &Value) -> &Value {
     &job["report"]["calls"]
 }
 
+/// Everything the guest of `job` wrote where the test can read it: its
+/// output file `dump`, its stdout and its stderr.
+fn guest_wrote(job: &Value, dump: &[u8]) -> Vec<u8> {
+    let mut seen = dump.to_vec();
+    for stream in ["stdout", "stderr"] {
+        seen.extend_from_slice(report(job)[stream]["text"].as_str().unwrap().as_bytes());
+    }
+    seen
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn the_allowed_service_sees_the_submitting_user_and_nothing_else_is_reached() {
     let s = scenario(16).await;
@@ -261,20 +271,7 @@ async fn the_allowed_service_sees_the_submitting_user_and_nothing_else_is_reache
     assert!(s.payments.is_empty(), "{:#?}", s.payments.snapshot());
 
     // The output is framed in acme's colour, from the service's answer.
-    let bytes = s
-        .server
-        .http
-        .get(
-            s.server
-                .url(&format!("/v1/jobs/{id}/outputs/thumbnail.png")),
-        )
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap()
-        .bytes()
-        .await
-        .unwrap();
+    let bytes = s.server.output(&token, id, "thumbnail.png").await;
     let img = image::load_from_memory(&bytes).unwrap().to_rgba8();
     assert_eq!(img.dimensions(), (64, 48));
     let want = bulkhead_services::frame_colour("acme");
@@ -790,22 +787,9 @@ async fn a_service_that_echoes_the_token_never_hands_it_to_the_guest() {
         let id = job["id"].as_str().unwrap();
         let echoed: Vec<String> = s.reflected.lock().unwrap()[before..].to_vec();
         assert!(!echoed.is_empty(), "{mode}: the service echoed nothing");
-        let dump = s
-            .server
-            .http
-            .get(s.server.url(&format!("/v1/jobs/{id}/outputs/reflect.txt")))
-            .bearer_auth(&token)
-            .send()
-            .await
-            .unwrap()
-            .bytes()
-            .await
-            .unwrap();
+        let dump = s.server.output(&token, id, "reflect.txt").await;
         assert!(holds(&dump, b"== http://palette/v1/reflect/"), "{mode}");
-        let mut seen = dump.to_vec();
-        for stream in ["stdout", "stderr"] {
-            seen.extend_from_slice(report(&job)[stream]["text"].as_str().unwrap().as_bytes());
-        }
+        let seen = guest_wrote(&job, &dump);
         for auth in &echoed {
             let t = auth.strip_prefix("Bearer ").unwrap();
             for form in token_forms(t) {
@@ -953,22 +937,9 @@ async fn a_token_echoed_compressed_escaped_or_re_encoded_never_reaches_the_guest
         let id = job["id"].as_str().unwrap();
         let echoed: Vec<String> = s.reflected.lock().unwrap()[before..].to_vec();
         assert_eq!(echoed.len(), 4, "{mode}: the service echoed {echoed:?}");
-        let dump = s
-            .server
-            .http
-            .get(s.server.url(&format!("/v1/jobs/{id}/outputs/reflect.txt")))
-            .bearer_auth(&token)
-            .send()
-            .await
-            .unwrap()
-            .bytes()
-            .await
-            .unwrap();
+        let dump = s.server.output(&token, id, "reflect.txt").await;
         assert!(holds(&dump, b"== http://palette/v1/reflect/"), "{mode}");
-        let mut seen = dump.to_vec();
-        for stream in ["stdout", "stderr"] {
-            seen.extend_from_slice(report(&job)[stream]["text"].as_str().unwrap().as_bytes());
-        }
+        let seen = guest_wrote(&job, &dump);
         let seen_lower = seen.to_ascii_lowercase();
         for auth in &echoed {
             let t = auth.strip_prefix("Bearer ").unwrap();
@@ -1066,22 +1037,9 @@ async fn a_token_split_across_headers_or_compressed_oddly_never_reaches_the_gues
     let id = job["id"].as_str().unwrap();
     let echoed: Vec<String> = s.reflected.lock().unwrap()[before..].to_vec();
     assert_eq!(echoed.len(), 4, "the service echoed {echoed:?}");
-    let dump = s
-        .server
-        .http
-        .get(s.server.url(&format!("/v1/jobs/{id}/outputs/reflect.txt")))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap()
-        .bytes()
-        .await
-        .unwrap();
+    let dump = s.server.output(&token, id, "reflect.txt").await;
     assert!(holds(&dump, b"== http://palette/v1/reflect/split-headers"));
-    let mut seen = dump.to_vec();
-    for stream in ["stdout", "stderr"] {
-        seen.extend_from_slice(report(&job)[stream]["text"].as_str().unwrap().as_bytes());
-    }
+    let seen = guest_wrote(&job, &dump);
     let views: Vec<Vec<u8>> = std::iter::once(seen.clone())
         .chain(inflate_everywhere(&seen))
         .collect();

@@ -9,6 +9,9 @@ pub mod guests;
 pub mod http;
 pub mod policies;
 pub mod service;
+// What both escape-suite test binaries use (the other is `tests/suite`).
+#[path = "../../suite/support.rs"]
+pub mod suite_support;
 
 pub use guests::*;
 pub use http::*;

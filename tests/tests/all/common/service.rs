@@ -95,6 +95,18 @@ impl Server {
         format!("{}{path}", self.base)
     }
 
+    /// The bytes of job `id`'s output `name`, downloaded as `token`.
+    pub async fn output(&self, token: &str, id: &str, name: &str) -> bytes::Bytes {
+        let url = self.url(&format!("/v1/jobs/{id}/outputs/{name}"));
+        let resp = self.http.get(url).bearer_auth(token).send().await.unwrap();
+        assert_eq!(
+            resp.status(),
+            reqwest::StatusCode::OK,
+            "output {name} of {id}"
+        );
+        resp.bytes().await.unwrap()
+    }
+
     /// Polls a job until it reaches a final state (bounded: 30 s).
     pub async fn finished(&self, token: &str, id: &str) -> Value {
         super::http::poll_finished(&self.http, &self.base, token, id).await
