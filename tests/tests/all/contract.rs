@@ -43,7 +43,7 @@ async fn refusal(req: reqwest::RequestBuilder) -> (StatusCode, String, reqwest::
 async fn every_refusal_has_the_one_json_shape() {
     let s = start(|_| {}).await;
     let t = s.token("acme", &["hello:run"]).await;
-    let get = |path: &str| s.http.get(s.url(path)).bearer_auth(&t);
+    let get = |path: &str| s.get(path, &t);
     let admin = |path: &str| {
         s.http
             .post(format!("{}{path}", s.admin))
@@ -135,9 +135,7 @@ async fn every_refusal_has_the_one_json_shape() {
         ),
         (
             "malformed multipart",
-            s.http
-                .post(s.url("/v1/modules/hello/jobs"))
-                .bearer_auth(&t)
+            s.post("/v1/modules/hello/jobs", &t)
                 .header("content-type", "multipart/form-data")
                 .body("--x\r\n"),
             StatusCode::BAD_REQUEST,
@@ -211,9 +209,7 @@ async fn every_refusal_has_the_one_json_shape() {
         assert_eq!(resp.status(), StatusCode::OK, "{ok}");
     }
     let resp = s
-        .http
-        .post(s.url("/v1/modules/hello/jobs?wait=5%20s"))
-        .bearer_auth(&t)
+        .post("/v1/modules/hello/jobs?wait=5%20s", &t)
         .send()
         .await
         .unwrap();
@@ -246,13 +242,7 @@ async fn any_stored_output_name_downloads_with_an_encoded_url_and_a_safe_disposi
     let s = start(|_| {}).await;
     let t = s.token("acme", &["hello:run"]).await;
     let id = job_with_outputs(&s, "acme", HOSTILE_NAMES).await;
-    let resp = s
-        .http
-        .get(s.url(&format!("/v1/jobs/{id}")))
-        .bearer_auth(&t)
-        .send()
-        .await
-        .unwrap();
+    let resp = s.get(&format!("/v1/jobs/{id}"), &t).send().await.unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
     let job: Value = resp.json().await.unwrap();
     let outputs = job["outputs"].as_array().unwrap();
@@ -264,7 +254,7 @@ async fn any_stored_output_name_downloads_with_an_encoded_url_and_a_safe_disposi
             url.bytes().all(|b| b.is_ascii_graphic()) && !url.contains(['?', '#', '"', '\\']),
             "{name:?}: url {url:?} is not percent-encoded"
         );
-        let resp = s.http.get(s.url(url)).bearer_auth(&t).send().await.unwrap();
+        let resp = s.get(url, &t).send().await.unwrap();
         assert_eq!(resp.status(), StatusCode::OK, "{name:?} at {url}");
         let disposition = resp
             .headers()

@@ -23,9 +23,7 @@ fn keyed(
     key: &str,
     image: Vec<u8>,
 ) -> reqwest::RequestBuilder {
-    s.http
-        .post(s.url(path))
-        .bearer_auth(token)
+    s.post(path, token)
         .header(
             "idempotency-key",
             reqwest::header::HeaderValue::from_bytes(key.as_bytes()).unwrap(),
@@ -140,9 +138,7 @@ async fn a_job_the_host_cannot_finish_is_failed_after_its_attempts_not_rerun_for
     .await;
     let form = reqwest::multipart::Form::new().text("stdin", "some input");
     let resp = s
-        .http
-        .post(s.url("/v1/modules/hello/jobs"))
-        .bearer_auth(&token)
+        .post("/v1/modules/hello/jobs", &token)
         .multipart(form)
         .send()
         .await
@@ -216,9 +212,7 @@ async fn an_inline_job_the_host_cannot_finish_is_a_failed_job_not_a_500() {
     std::fs::remove_dir_all(&jobs).unwrap();
     std::fs::write(&jobs, b"not a directory").unwrap();
     let resp = s
-        .http
-        .post(s.url("/v1/modules/thumbnail/jobs?param.width=16&wait=30s"))
-        .bearer_auth(&token)
+        .post("/v1/modules/thumbnail/jobs?param.width=16&wait=30s", &token)
         .header("content-type", "image/png")
         .body(png(64, 48))
         .send()

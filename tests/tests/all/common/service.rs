@@ -95,6 +95,21 @@ impl Server {
         format!("{}{path}", self.base)
     }
 
+    /// `GET path` on the public API as `token`.
+    pub fn get(&self, path: &str, token: &str) -> reqwest::RequestBuilder {
+        self.http.get(self.url(path)).bearer_auth(token)
+    }
+
+    /// `POST path` on the public API as `token`.
+    pub fn post(&self, path: &str, token: &str) -> reqwest::RequestBuilder {
+        self.http.post(self.url(path)).bearer_auth(token)
+    }
+
+    /// `DELETE path` on the public API as `token`.
+    pub fn delete(&self, path: &str, token: &str) -> reqwest::RequestBuilder {
+        self.http.delete(self.url(path)).bearer_auth(token)
+    }
+
     /// The bytes of job `id`'s output `name`, downloaded as `token`.
     pub async fn output(&self, token: &str, id: &str, name: &str) -> bytes::Bytes {
         let url = self.url(&format!("/v1/jobs/{id}/outputs/{name}"));
