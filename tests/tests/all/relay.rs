@@ -432,9 +432,7 @@ async fn the_guest_never_sees_a_token_and_a_stolen_one_opens_nothing_else() {
     // Nowhere the guest could write: stdout, stderr, its output file.
     let dump = s
         .server
-        .http
-        .get(s.server.url(&format!("/v1/jobs/{id}/outputs/dump.txt")))
-        .bearer_auth(&token)
+        .get(&format!("/v1/jobs/{id}/outputs/dump.txt"), &token)
         .send()
         .await
         .unwrap()
@@ -481,14 +479,7 @@ async fn the_guest_never_sees_a_token_and_a_stolen_one_opens_nothing_else() {
 
     // And as a client credential at Bulkhead's own API: not a reference
     // token, so 401.
-    let resp = s
-        .server
-        .http
-        .get(s.server.url("/v1/jobs"))
-        .bearer_auth(&minted[0])
-        .send()
-        .await
-        .unwrap();
+    let resp = s.server.get("/v1/jobs", &minted[0]).send().await.unwrap();
     assert_eq!(resp.status(), 401);
     assert!(
         s.audit().await.iter().any(|e| e["action"] == "auth.denied"
@@ -686,9 +677,7 @@ async fn a_token_revoked_while_its_job_waits_relays_nothing() {
     let other = s.server.token("globex", &["hostile:run"]).await;
     let sleeper = s
         .server
-        .http
-        .post(s.server.url("/v1/modules/hostile/jobs"))
-        .bearer_auth(&other)
+        .post("/v1/modules/hostile/jobs", &other)
         .send()
         .await
         .unwrap();
@@ -696,9 +685,7 @@ async fn a_token_revoked_while_its_job_waits_relays_nothing() {
     let token = s.server.token("acme", &["lateral:run"]).await;
     let resp = s
         .server
-        .http
-        .post(s.server.url("/v1/modules/lateral/jobs?param.mode=allowed"))
-        .bearer_auth(&token)
+        .post("/v1/modules/lateral/jobs?param.mode=allowed", &token)
         .send()
         .await
         .unwrap();
