@@ -613,18 +613,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let admin_addr = config.server.admin_listen;
     let data_dir = config.storage.data_dir.clone();
     let service = bulkhead::service::Service::start(config, None).await?;
-    let state = bulkhead::api::AppState {
-        service: std::sync::Arc::clone(&service),
-    };
-    let public = tokio::net::TcpListener::bind(public_addr)
-        .await
-        .with_context(|| format!("cannot listen on {public_addr}"))?;
-    let admin = tokio::net::TcpListener::bind(admin_addr)
-        .await
-        .with_context(|| format!("cannot listen on {admin_addr}"))?;
+    let listeners = bulkhead::serve::Listeners::bind(public_addr, admin_addr).await?;
     // Print the bound addresses: a config may ask for port 0.
-    let public_addr = public.local_addr()?;
-    let admin_addr = admin.local_addr()?;
+    let (public_addr, admin_addr) = listeners.local_addrs()?;
     println!(
         "bulkhead serving http://{public_addr} (admin http://{admin_addr}, data {})",
         data_dir.display()
@@ -645,7 +636,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         eprintln!("shutting down: draining running jobs");
         service.shutdown().await;
     };
-    bulkhead::serve::serve(state, public, admin, draining).await?;
+    bulkhead::serve::serve(std::sync::Arc::clone(&service), listeners, draining).await?;
     Ok(ExitCode::SUCCESS)
 }
 

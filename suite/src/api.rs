@@ -16,7 +16,7 @@ use serde_json::Value;
 use super::catalog::{Attack, AttackKind};
 use super::local::ms;
 use super::{AttackResult, Check, Class};
-use bulkhead::api::{AppState, IssueRequest, new_token};
+use bulkhead::api::{IssueRequest, new_token};
 use bulkhead::config::ServeConfig;
 use bulkhead::service::Service;
 
@@ -307,22 +307,20 @@ impl LocalService {
             secrets.push(secret);
         }
 
-        let public = tokio::net::TcpListener::bind("127.0.0.1:0")
+        let listeners = crate::serve::Listeners::loopback()
             .await
             .map_err(|e| e.to_string())?;
-        let admin = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .map_err(|e| e.to_string())?;
-        let base = format!("http://{}", public.local_addr().map_err(|e| e.to_string())?);
-        let admin_base = format!("http://{}", admin.local_addr().map_err(|e| e.to_string())?);
-        let state = AppState {
-            service: Arc::clone(&service),
-        };
+        let (public, admin) = listeners.local_addrs().map_err(|e| e.to_string())?;
+        let (base, admin_base) = (format!("http://{public}"), format!("http://{admin}"));
         let (stop, rx) = tokio::sync::watch::channel(false);
         let wait = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
             let _ = rx.wait_for(|s| *s).await;
         };
-        tokio::spawn(bulkhead::serve::serve(state, public, admin, wait(rx)));
+        tokio::spawn(bulkhead::serve::serve(
+            Arc::clone(&service),
+            listeners,
+            wait(rx),
+        ));
         // A call token as the host mints them for a job of the main tenant:
         // an Ed25519 JWS the service's key ring signs, never a client
         // credential.

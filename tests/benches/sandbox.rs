@@ -15,7 +15,7 @@
 use std::io::Cursor;
 use std::path::Path;
 
-use bulkhead::policy::{Policy, Sha256Hex};
+use bulkhead::policy::{ByteSize, HumanDuration};
 use bulkhead::sandbox::{JobDir, JobInput, JobSpec, Sandbox, SandboxConfig};
 use criterion::{Criterion, criterion_group, criterion_main};
 use wasmtime::component::{Component, Linker, ResourceTable};
@@ -23,6 +23,12 @@ use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConf
 use wasmtime_wasi::p2::bindings::CommandPre;
 use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
+
+// The tests' typed policies.
+#[path = "../tests/all/common/policies.rs"]
+mod policies;
+
+use policies::policy;
 
 struct Bare {
     ctx: WasiCtx,
@@ -36,12 +42,6 @@ impl WasiView for Bare {
             table: &mut self.table,
         }
     }
-}
-
-fn policy_for(path: &str, name: &str, body: &str) -> Policy {
-    let digest = Sha256Hex::digest(&std::fs::read(path).unwrap());
-    let text = format!("version = 1\n[module]\nname = \"{name}\"\nsha256 = \"{digest}\"\n{body}\n");
-    Policy::parse(&text, Path::new("bench.toml")).unwrap()
 }
 
 /// A bare engine with `pool`, and `wasm` pre-instantiated against wasmtime's
@@ -116,7 +116,7 @@ fn job_overhead(c: &mut Criterion) {
     let tmp = tempfile::tempdir().unwrap();
     let sandbox = sandbox(tmp.path());
     let module = sandbox
-        .load(policy_for(bulkhead_tests::HELLO, "hello", ""), &wasm)
+        .load(policy(bulkhead_tests::HELLO, "hello").parse(), &wasm)
         .unwrap();
     group.bench_function("bulkhead_job", |b| {
         b.iter(|| {
@@ -226,11 +226,11 @@ fn thumbnail(c: &mut Criterion) {
 
     let tmp = tempfile::tempdir().unwrap();
     let sandbox = sandbox(tmp.path());
-    let policy = policy_for(
-        bulkhead_tests::THUMBNAIL,
-        "thumbnail",
-        "[limits]\nmemory = \"256 MiB\"\ncpu_time = \"10 s\"\nwall_time = \"30 s\"\n[run]\nparams = [\"width\", \"height\"]",
-    );
+    let policy = policy(bulkhead_tests::THUMBNAIL, "thumbnail")
+        .memory(ByteSize::mib(256))
+        .times(HumanDuration::secs(10), HumanDuration::secs(30))
+        .params(&["width", "height"])
+        .parse();
     let module = sandbox.load(policy, &wasm).unwrap();
     let png = bytes::Bytes::from(png);
     group.bench_function("sandboxed", |b| {

@@ -75,6 +75,7 @@ use tower::ServiceExt;
 use tower_http::timeout::RequestBodyTimeoutLayer;
 
 use crate::api::AppState;
+use crate::service::Service;
 use budget::{Admission, Budget, Limits, Permit};
 use denials::Denials;
 use idle::{Idle, IdleIo, MarkIdle, MinRate};
@@ -117,19 +118,123 @@ struct Edge {
     min_write_rate: MinRate,
 }
 
-/// Serves the public API on `public` and the admin API on `admin` until
+/// The two listeners a service is served on: the public API and the
+/// admin API, each on its own socket.
+#[derive(Debug)]
+pub struct Listeners {
+    /// Where the public API is served.
+    pub public: TcpListener,
+    /// Where the admin API (tokens, audit, metrics, keys) is served.
+    pub admin: TcpListener,
+}
+
+/// A listener that could not be bound.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot listen on {addr}: {source}")]
+pub struct BindError {
+    /// The address asked for.
+    pub addr: SocketAddr,
+    /// Why the bind failed.
+    #[source]
+    pub source: std::io::Error,
+}
+
+impl Listeners {
+    /// Binds the public listener to `public` and the admin one to `admin`.
+    ///
+    /// # Errors
+    /// [`BindError`] naming the address that could not be bound.
+    pub async fn bind(public: SocketAddr, admin: SocketAddr) -> Result<Self, BindError> {
+        let bind = |addr: SocketAddr| async move {
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| BindError { addr, source })
+        };
+        Ok(Self {
+            public: bind(public).await?,
+            admin: bind(admin).await?,
+        })
+    }
+
+    /// Both listeners on 127.0.0.1, on ports the kernel picks.
+    ///
+    /// # Errors
+    /// As for [`Listeners::bind`].
+    pub async fn loopback() -> Result<Self, BindError> {
+        let any = SocketAddr::from(([127, 0, 0, 1], 0));
+        Self::bind(any, any).await
+    }
+
+    /// The addresses the listeners are bound to: (public, admin).
+    ///
+    /// # Errors
+    /// If a listener's address cannot be read.
+    pub fn local_addrs(&self) -> std::io::Result<(SocketAddr, SocketAddr)> {
+        Ok((self.public.local_addr()?, self.admin.local_addr()?))
+    }
+}
+
+/// A service served by [`spawn`] in a task of its own. Dropping it stops
+/// serving (without waiting); [`Serving::stop`] stops and waits.
+#[derive(Debug)]
+pub struct Serving {
+    /// Where the public API is served.
+    pub public: SocketAddr,
+    /// Where the admin API is served.
+    pub admin: SocketAddr,
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl Serving {
+    /// Closes both listeners and waits for [`serve`] to return (within
+    /// [`CLOSE_MARGIN`] and the last audit summaries).
+    ///
+    /// # Errors
+    /// What [`serve`] returned; a task that panicked is reported as an
+    /// error too.
+    pub async fn stop(self) -> std::io::Result<()> {
+        let _ = self.stop.send(());
+        self.task.await.map_err(std::io::Error::other)?
+    }
+}
+
+/// Serves `service` on `listeners` in a task of its own, until the
+/// returned [`Serving`] is stopped or dropped.
+///
+/// # Errors
+/// If a listener's address cannot be read.
+pub fn spawn(service: Arc<Service>, listeners: Listeners) -> std::io::Result<Serving> {
+    let (public, admin) = listeners.local_addrs()?;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(serve(service, listeners, async {
+        // Sent or dropped: either way, stop.
+        let _ = stopped.await;
+    }));
+    Ok(Serving {
+        public,
+        admin,
+        stop,
+        task,
+    })
+}
+
+/// Serves `service`'s public API and admin API on `listeners` until
 /// `shutdown` resolves, then closes both listeners and every connection
 /// within [`CLOSE_MARGIN`]. Bounds come from the service's `[server]`
-/// config (see the module documentation).
+/// config (see the module documentation). This is the one way a service is
+/// put on the network: `bulkhead serve`, the escape suite's own service and
+/// the tests all go through it.
 ///
 /// # Errors
 /// If a listener's address cannot be read.
 pub async fn serve(
-    state: AppState,
-    public: TcpListener,
-    admin: TcpListener,
+    service: Arc<Service>,
+    listeners: Listeners,
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
+    let Listeners { public, admin } = listeners;
+    let state = AppState { service };
     let config = state.service.config();
     let server = &config.server;
     let denials = Arc::new(Denials::new(&config.audit));

@@ -8,7 +8,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use bulkhead::policy::{Policy, Sha256Hex};
+use bulkhead::policy::Sha256Hex;
 use bulkhead::sandbox::{
     FailureKind, JobDir, JobReport, JobSpec, LoadedModule, Sandbox, SandboxConfig, outputs,
 };
@@ -23,9 +23,7 @@ fn sandbox(work: &Path, cache: Option<&Path>) -> Result<Sandbox, String> {
 }
 
 fn load_in(sandbox: &Sandbox, path: &str, name: &str) -> std::sync::Arc<LoadedModule> {
-    let text = common::policy_text(path, name, "");
-    let policy = Policy::parse(&text, Path::new("test.toml")).unwrap();
-    sandbox.load(policy, &wasm(path)).unwrap()
+    common::load_in(sandbox, path, &common::policy(path, name))
 }
 
 async fn run_in(sandbox: &Sandbox, module: &LoadedModule) -> JobReport {
@@ -131,13 +129,7 @@ fn cache_and_work_dirs_others_can_write_or_own_are_refused() {
 
 /// The hostile guest in `mode`, allowed the output-attack parameters.
 fn output_attacker(mode: &str) -> std::sync::Arc<LoadedModule> {
-    common::load(
-        bulkhead_tests::HOSTILE,
-        "hostile",
-        &format!(
-            "[limits]\noutput_files = 32\n[run]\nargs = [\"{mode}\"]\nparams = [\"shape\", \"set\", \"linger\"]\n"
-        ),
-    )
+    common::hostile_with(mode, &["shape", "set", "linger"], |l| l.output_files = 32)
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -187,11 +179,10 @@ fn the_cli_reports_a_deep_output_tree_and_exits_by_the_job() {
     let policy = tmp.path().join("p.toml");
     std::fs::write(
         &policy,
-        common::policy_text(
-            bulkhead_tests::HOSTILE,
-            "hostile",
-            "[limits]\noutput_files = 32\n[run]\nargs = [\"out-deep\"]\n",
-        ),
+        common::policy(bulkhead_tests::HOSTILE, "hostile")
+            .limits(|l| l.output_files = 32)
+            .args(&["out-deep"])
+            .text(),
     )
     .unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_bulkhead-under-test"))

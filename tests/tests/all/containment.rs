@@ -3,26 +3,18 @@
 //! canary files, the input directory, a listening socket, not only what the
 //! guest prints.
 
-use std::io::Read;
+use bulkhead::policy::ByteSize;
+use bulkhead::suite::evidence::random_token;
 
-use crate::common::{all_evidence, contains, hostile, run, spec};
+use crate::common::{SANDBOX, all_evidence, contains, hostile, run, spec};
 
 /// A file outside every job directory holding a secret.
 fn canary() -> (tempfile::TempDir, std::path::PathBuf, Vec<u8>) {
     let dir = tempfile::tempdir().unwrap();
-    let secret = format!("CANARY-{}", uuid_like()).into_bytes();
+    let secret = random_token("CANARY").into_bytes();
     let path = dir.path().join("canary.txt");
     std::fs::write(&path, &secret).unwrap();
     (dir, path, secret)
-}
-
-fn uuid_like() -> String {
-    let mut b = [0u8; 16];
-    std::fs::File::open("/dev/urandom")
-        .unwrap()
-        .read_exact(&mut b)
-        .unwrap();
-    hex::encode(b)
 }
 
 /// Runs a filesystem-escape mode against a fresh canary and asserts the
@@ -31,7 +23,7 @@ fn uuid_like() -> String {
 async fn assert_no_escape(mode: &str) {
     let (_keep, path, secret) = canary();
     let target = path.to_str().unwrap();
-    let module = hostile(mode, "");
+    let module = hostile(mode, |_| {});
     let job = spec(&[("input.txt", b"input bytes")], &[("target", target)]);
     let (report, dir) = run(&module, &job).await;
     assert!(report.succeeded(), "{mode}: {report:#?}");
@@ -75,7 +67,7 @@ async fn guest_made_symlinks_do_not_lead_out() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn inputs_are_read_only() {
-    let module = hostile("write-in", "");
+    let module = hostile("write-in", |_| {});
     let original: &[u8] = b"the original input";
     let job = spec(&[("input.txt", original)], &[]);
     let (report, dir) = run(&module, &job).await;
@@ -113,7 +105,7 @@ async fn no_socket_can_be_opened_and_no_name_resolved() {
     let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
     udp.set_nonblocking(true).unwrap();
     let port = listener.local_addr().unwrap().port().to_string();
-    let module = hostile("socket", "");
+    let module = hostile("socket", |_| {});
     let (report, _dir) = run(&module, &spec(&[], &[("port", &port)])).await;
     assert!(report.succeeded(), "{report:#?}");
     let err = listener
@@ -143,7 +135,7 @@ async fn no_socket_can_be_opened_and_no_name_resolved() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_guest_sees_only_its_policy_env_and_args() {
-    let module = hostile("env", "");
+    let module = hostile("env", |_| {});
     let mut job = spec(&[], &[("port", "7")]);
     job.stdin = bytes::Bytes::from_static(b"stdin!");
     let (report, _dir) = run(&module, &job).await;
@@ -164,13 +156,13 @@ async fn the_guest_sees_only_its_policy_env_and_args() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_later_job_finds_no_trace_of_an_earlier_one() {
-    let canary = format!("LEAK-{}", uuid_like());
-    let writer = hostile("canary-write", "");
+    let canary = random_token("LEAK");
+    let writer = hostile("canary-write", |_| {});
     let (report, _dir) = run(&writer, &spec(&[], &[("canary", &canary)])).await;
     assert!(report.succeeded(), "{report:#?}");
     drop(_dir);
     // Same module, same pool: the next instance likely reuses the slot.
-    let scanner = hostile("canary-scan", "memory = \"256 MiB\"");
+    let scanner = hostile("canary-scan", |l| l.memory = ByteSize::mib(256));
     for _ in 0..3 {
         let (report, _dir) = run(&scanner, &spec(&[], &[("canary", &canary)])).await;
         assert!(report.succeeded(), "{report:#?}");
@@ -184,14 +176,10 @@ async fn a_later_job_finds_no_trace_of_an_earlier_one() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn unknown_parameters_are_refused_before_the_guest_runs() {
-    let module = hostile("env", "");
+    let module = hostile("env", |_| {});
     let job = spec(&[], &[("secret", "x")]);
-    let dir = bulkhead::sandbox::JobDir::create(&crate::common::SANDBOX.config().work_dir, &job.id)
-        .unwrap();
-    let err = crate::common::SANDBOX
-        .run(&module, &job, &dir)
-        .await
-        .unwrap_err();
+    let dir = bulkhead::sandbox::JobDir::create(&SANDBOX.config().work_dir, &job.id).unwrap();
+    let err = SANDBOX.run(&module, &job, &dir).await.unwrap_err();
     assert_eq!(
         err.to_string(),
         "unknown parameter `secret` for module `hostile` (it accepts target, port, canary)"

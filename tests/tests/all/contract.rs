@@ -8,10 +8,7 @@
 use reqwest::StatusCode;
 use serde_json::Value;
 
-use bulkhead::sandbox::{JobReport, OutputFile};
-use bulkhead::store::{JobRecord, JobState, now_ms};
-
-use crate::service::{Server, start};
+use crate::common::{Server, start, stored_outputs};
 
 /// Sends `req` and checks the response is an error in the one shape;
 /// returns its status, code and headers.
@@ -46,7 +43,7 @@ async fn refusal(req: reqwest::RequestBuilder) -> (StatusCode, String, reqwest::
 async fn every_refusal_has_the_one_json_shape() {
     let s = start(|_| {}).await;
     let t = s.token("acme", &["hello:run"]).await;
-    let get = |path: &str| s.http.get(s.url(path)).bearer_auth(&t);
+    let get = |path: &str| s.get(path, &t);
     let admin = |path: &str| {
         s.http
             .post(format!("{}{path}", s.admin))
@@ -138,9 +135,7 @@ async fn every_refusal_has_the_one_json_shape() {
         ),
         (
             "malformed multipart",
-            s.http
-                .post(s.url("/v1/modules/hello/jobs"))
-                .bearer_auth(&t)
+            s.post("/v1/modules/hello/jobs", &t)
                 .header("content-type", "multipart/form-data")
                 .body("--x\r\n"),
             StatusCode::BAD_REQUEST,
@@ -214,9 +209,7 @@ async fn every_refusal_has_the_one_json_shape() {
         assert_eq!(resp.status(), StatusCode::OK, "{ok}");
     }
     let resp = s
-        .http
-        .post(s.url("/v1/modules/hello/jobs?wait=5%20s"))
-        .bearer_auth(&t)
+        .post("/v1/modules/hello/jobs?wait=5%20s", &t)
         .send()
         .await
         .unwrap();
@@ -239,75 +232,9 @@ const HOSTILE_NAMES: &[&str] = &[
 /// Stores a finished job of `tenant` whose report lists `names`, each
 /// written under the job's output directory with its own name as content.
 async fn job_with_outputs(s: &Server, tenant: &str, names: &[&str]) -> String {
-    let id = uuid_like();
-    let outputs_dir = s
-        .service
-        .config()
-        .storage
-        .data_dir
-        .join("jobs")
-        .join(&id)
-        .join("outputs");
-    let mut report = JobReport::not_run(&id, "hello", "stored by the test");
-    for name in names {
-        let path = outputs_dir.join(name);
-        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-        std::fs::write(&path, name.as_bytes()).unwrap();
-        report.outputs.push(OutputFile {
-            name: (*name).to_owned(),
-            size: name.len() as u64,
-            sha256: String::new(),
-        });
-    }
-    let now = now_ms();
-    let job = finished_record(&id, tenant, now);
-    s.service
-        .store()
-        .insert_finished_job(&job, &report, now, None)
-        .await
-        .unwrap();
-    id
-}
-
-/// A fresh job id in the UUID shape the service uses.
-/// The row of a finished (failed) `hello` job of `tenant`, as the tests
-/// that store outputs directly insert it.
-pub fn finished_record(id: &str, tenant: &str, now: i64) -> JobRecord {
-    JobRecord {
-        id: id.to_owned(),
-        tenant: tenant.into(),
-        subject: "ci".into(),
-        token_id: "t".into(),
-        module: "hello".into(),
-        module_sha256: String::new(),
-        policy_sha256: None,
-        params: Default::default(),
-        inputs: Vec::new(),
-        has_stdin: false,
-        state: JobState::Failed,
-        created_at: now,
-        started_at: Some(now),
-        finished_at: Some(now),
-        attempts: 1,
-        report: None,
-    }
-}
-
-pub fn uuid_like() -> String {
-    let n: u128 = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos()
-        ^ (u128::from(std::process::id()) << 64);
-    let h = format!("{n:032x}");
-    format!(
-        "{}-{}-{}-{}-{}",
-        &h[..8],
-        &h[8..12],
-        &h[12..16],
-        &h[16..20],
-        &h[20..32]
-    )
+    let outputs: Vec<(&str, &[u8])> = names.iter().map(|n| (*n, n.as_bytes())).collect();
+    let data_dir = &s.service.config().storage.data_dir;
+    stored_outputs(s.service.store().as_ref(), data_dir, tenant, &outputs).await
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -315,13 +242,7 @@ async fn any_stored_output_name_downloads_with_an_encoded_url_and_a_safe_disposi
     let s = start(|_| {}).await;
     let t = s.token("acme", &["hello:run"]).await;
     let id = job_with_outputs(&s, "acme", HOSTILE_NAMES).await;
-    let resp = s
-        .http
-        .get(s.url(&format!("/v1/jobs/{id}")))
-        .bearer_auth(&t)
-        .send()
-        .await
-        .unwrap();
+    let resp = s.get(&format!("/v1/jobs/{id}"), &t).send().await.unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
     let job: Value = resp.json().await.unwrap();
     let outputs = job["outputs"].as_array().unwrap();
@@ -333,7 +254,7 @@ async fn any_stored_output_name_downloads_with_an_encoded_url_and_a_safe_disposi
             url.bytes().all(|b| b.is_ascii_graphic()) && !url.contains(['?', '#', '"', '\\']),
             "{name:?}: url {url:?} is not percent-encoded"
         );
-        let resp = s.http.get(s.url(url)).bearer_auth(&t).send().await.unwrap();
+        let resp = s.get(url, &t).send().await.unwrap();
         assert_eq!(resp.status(), StatusCode::OK, "{name:?} at {url}");
         let disposition = resp
             .headers()

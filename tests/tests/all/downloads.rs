@@ -9,14 +9,10 @@ use std::net::TcpStream;
 use std::path::Path;
 use std::time::Duration;
 
-use bulkhead::sandbox::{JobReport, OutputFile};
-use bulkhead::store::{JobStore, SqliteStore, now_ms};
+use bulkhead::store::SqliteStore;
 use reqwest::StatusCode;
 
-use crate::common::policy_text;
-use crate::contract::{finished_record, uuid_like};
-use crate::durability::{spawn, token, write_config};
-use crate::flood::memory_kib;
+use crate::common::{ConfigFile, Served, hello, memory_kib, stored_outputs, token};
 
 const OUTPUT: usize = 16 << 20;
 const READERS: usize = 48;
@@ -29,25 +25,10 @@ const MARGIN_KIB: u64 = 96 << 10;
 /// Stores a finished job of `tenant` with one output `name` of `data`, in
 /// the store and job directory of the service under `data_dir`.
 async fn stored_output(data_dir: &Path, tenant: &str, name: &str, data: &[u8]) -> String {
-    let id = uuid_like();
-    let dir = data_dir.join("jobs").join(&id).join("outputs");
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(dir.join(name), data).unwrap();
-    let mut report = JobReport::not_run(&id, "hello", "stored by the test");
-    report.outputs.push(OutputFile {
-        name: name.to_owned(),
-        size: data.len() as u64,
-        sha256: String::new(),
-    });
-    let now = now_ms();
-    let job = finished_record(&id, tenant, now);
-    SqliteStore::open(&data_dir.join("bulkhead.sqlite"))
-        .await
-        .unwrap()
-        .insert_finished_job(&job, &report, now, None)
+    let store = SqliteStore::open(&data_dir.join("bulkhead.sqlite"))
         .await
         .unwrap();
-    id
+    stored_outputs(&store, data_dir, tenant, &[(name, data)]).await
 }
 
 /// Opens a download and reads only its head and first bytes, then stops
@@ -71,20 +52,17 @@ fn slow_reader(addr: &str, path: &str, token: &str) -> TcpStream {
 #[tokio::test(flavor = "multi_thread")]
 async fn slow_downloads_are_streamed_and_bounded_per_tenant() {
     let dir = tempfile::tempdir().unwrap();
-    let hello = policy_text(
-        bulkhead_tests::HELLO,
-        "hello",
-        "[access]\nscopes = [\"hello:run\"]",
-    );
-    let (config, data) = write_config(dir.path(), &[("hello.toml", hello)], "workers = 1");
-    let text = std::fs::read_to_string(&config).unwrap().replace(
-        "[server]\n",
+    let (config, data) = ConfigFile {
+        policies: vec![hello()],
         // The readers hold still for the whole test: no minimum write
         // rate may close them on a slow machine.
-        &format!("[server]\nmax_downloads_per_tenant = {READERS}\nmin_write_rate = \"0 B\"\n"),
-    );
-    std::fs::write(&config, text).unwrap();
-    let (served, base) = spawn(&config);
+        server: &format!("max_downloads_per_tenant = {READERS}\nmin_write_rate = \"0 B\""),
+        queue: "workers = 1",
+        ..ConfigFile::default()
+    }
+    .write(dir.path());
+    let served = Served::start(&config);
+    let base = served.base();
     let pid = served.pid();
     let reader = token(&data, "reader", &["hello:run"]).await;
     let other = token(&data, "other", &["hello:run"]).await;

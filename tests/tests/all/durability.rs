@@ -2,119 +2,30 @@
 //! while they are queued and running, restart it on the same data directory,
 //! and every accepted job completes; none is lost or stuck `running`.
 
-use std::io::{BufRead, BufReader};
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
-
-use bulkhead::api::{IssueRequest, new_token};
 use bulkhead::store::{JobStore, SqliteStore};
 use reqwest::StatusCode;
 use serde_json::Value;
 
-use crate::service::{json, png, poll_finished};
+use crate::common::{ConfigFile, Served, json, png, poll_finished, thumbnail, token};
 
-/// Writes a service config under `dir` serving `policies` (file name,
-/// text), with `queue` as its `[queue]` table's body; returns the config's
-/// path and the data directory.
-pub fn write_config(
-    dir: &Path,
-    policies: &[(&str, String)],
-    queue: &str,
-) -> (std::path::PathBuf, std::path::PathBuf) {
-    let data = dir.join("data");
-    let policies_dir = dir.join("policies");
-    std::fs::create_dir_all(&policies_dir).unwrap();
-    for (name, text) in policies {
-        std::fs::write(policies_dir.join(name), text).unwrap();
+/// A service with one worker serving the thumbnailer (`width` only, room
+/// for big images); returns its config's path and data directory.
+fn thumbnail_service(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf) {
+    ConfigFile {
+        policies: vec![thumbnail(10, 30, &["width"])],
+        queue: "workers = 1",
+        ..ConfigFile::default()
     }
-    let config = dir.join("bulkhead.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n[storage]\ndata_dir = \"{}\"\ncache_dir = \"{}\"\n[modules]\npolicies_dir = \"{}\"\nmodules_dir = \"{}\"\n[queue]\n{queue}\n",
-            data.display(),
-            Path::new(env!("CARGO_TARGET_TMPDIR")).join("service-cache").display(),
-            policies_dir.display(),
-            bulkhead_tests::GUESTS_DIR,
-        ),
-    )
-    .unwrap();
-    (config, data)
-}
-
-/// Stores a new token for `tenant` with `scopes` directly in the service's
-/// store; returns its secret.
-pub async fn token(data: &Path, tenant: &str, scopes: &[&str]) -> String {
-    let (secret, record) = new_token(&IssueRequest {
-        tenant: tenant.into(),
-        subject: "ci".into(),
-        scopes: scopes.iter().map(|s| (*s).to_owned()).collect(),
-        ttl: None,
-    })
-    .unwrap();
-    SqliteStore::open(&data.join("bulkhead.sqlite"))
-        .await
-        .unwrap()
-        .insert_token(&record)
-        .await
-        .unwrap();
-    secret
-}
-
-/// A running `bulkhead serve`; dropping it kills it with SIGKILL (no
-/// shutdown path runs), so a failing test leaves no service behind.
-pub struct Served(Child);
-
-impl Served {
-    /// Its process id.
-    pub fn pid(&self) -> u32 {
-        self.0.id()
-    }
-}
-
-impl Drop for Served {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Starts `bulkhead serve` and returns it with its public base URL, read
-/// from the first line it prints.
-pub fn spawn(config: &Path) -> (Served, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_bulkhead-under-test"))
-        .arg("serve")
-        .arg("--config")
-        .arg(config)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let mut reader = BufReader::new(stdout);
-    let mut line = String::new();
-    reader.read_line(&mut line).unwrap();
-    // Keep draining: a closed pipe would fail the service's next print.
-    std::thread::spawn(move || std::io::copy(&mut reader, &mut std::io::sink()));
-    let base = line
-        .split_whitespace()
-        .find(|w| w.starts_with("http://"))
-        .unwrap_or_else(|| panic!("no address in {line:?}"))
-        .to_owned();
-    (Served(child), base)
+    .write(dir)
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn accepted_jobs_survive_kill_dash_nine() {
     let dir = tempfile::tempdir().unwrap();
-    let policy = crate::common::policy_text(
-        bulkhead_tests::THUMBNAIL,
-        "thumbnail",
-        "[access]\nscopes = [\"thumbnail:run\"]\n[limits]\nmemory = \"256 MiB\"\ncpu_time = \"10 s\"\nwall_time = \"30 s\"\n[run]\nparams = [\"width\"]",
-    );
-    let (config, data) = write_config(dir.path(), &[("thumbnail.toml", policy)], "workers = 1");
+    let (config, data) = thumbnail_service(dir.path());
 
-    let (first, base) = spawn(&config);
+    let first = Served::start(&config);
+    let base = first.base();
     let secret = token(&data, "acme", &["thumbnail:run"]).await;
 
     // A big image keeps the single worker busy while the rest queue up.
@@ -150,7 +61,8 @@ async fn accepted_jobs_survive_kill_dash_nine() {
     // SIGKILL: no shutdown path runs.
     drop(first);
 
-    let (second, base) = spawn(&config);
+    let second = Served::start(&config);
+    let base = second.base();
     for id in &ids {
         let last = poll_finished(&http, &base, &secret, id).await;
         assert_eq!(
@@ -172,13 +84,9 @@ async fn accepted_jobs_survive_kill_dash_nine() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_retry_after_kill_dash_nine_with_the_same_idempotency_key_gets_the_same_job() {
     let dir = tempfile::tempdir().unwrap();
-    let policy = crate::common::policy_text(
-        bulkhead_tests::THUMBNAIL,
-        "thumbnail",
-        "[access]\nscopes = [\"thumbnail:run\"]\n[limits]\nmemory = \"256 MiB\"\ncpu_time = \"10 s\"\nwall_time = \"30 s\"\n[run]\nparams = [\"width\"]",
-    );
-    let (config, data) = write_config(dir.path(), &[("thumbnail.toml", policy)], "workers = 1");
-    let (first, base) = spawn(&config);
+    let (config, data) = thumbnail_service(dir.path());
+    let first = Served::start(&config);
+    let base = first.base();
     let secret = token(&data, "acme", &["thumbnail:run"]).await;
     let http = reqwest::Client::new();
     let image = png(640, 480);
@@ -203,7 +111,8 @@ async fn a_retry_after_kill_dash_nine_with_the_same_idempotency_key_gets_the_sam
     std::fs::create_dir_all(orphan.join("inputs")).unwrap();
     std::fs::write(orphan.join("inputs/in-input"), b"left behind").unwrap();
 
-    let (second, base) = spawn(&config);
+    let second = Served::start(&config);
+    let base = second.base();
     assert!(
         !orphan.exists(),
         "an orphan job directory survived start-up"

@@ -11,18 +11,15 @@
 //! Durations here are test timeouts only, far above the configured ones:
 //! no assertion is about speed.
 
-use std::io::{BufRead, BufReader};
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use bulkhead::store::{AuditEntry, JobStore, SqliteStore};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 
-use crate::common::policy_text;
-use crate::durability::token;
+use crate::common::{ConfigFile, Served, hello, memory_kib, token};
 
 /// Far above every timeout the tests configure: only a bound on how long a
 /// test waits for something that must happen.
@@ -31,90 +28,13 @@ const PATIENCE: Duration = Duration::from_secs(30);
 /// Writes a config serving `hello` with `server` appended to `[server]` and
 /// `audit` as the `[audit]` table's body; returns it and the data dir.
 fn write_config(dir: &Path, server: &str, audit: &str) -> (PathBuf, PathBuf) {
-    let data = dir.join("data");
-    let policies = dir.join("policies");
-    std::fs::create_dir_all(&policies).unwrap();
-    let hello = policy_text(
-        bulkhead_tests::HELLO,
-        "hello",
-        "[access]\nscopes = [\"hello:run\"]",
-    );
-    std::fs::write(policies.join("hello.toml"), hello).unwrap();
-    let config = dir.join("bulkhead.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n{server}\n[storage]\ndata_dir = \"{}\"\ncache_dir = \"{}\"\n[modules]\npolicies_dir = \"{}\"\nmodules_dir = \"{}\"\n[queue]\nworkers = 2\n[audit]\n{audit}\n",
-            data.display(),
-            Path::new(env!("CARGO_TARGET_TMPDIR")).join("service-cache").display(),
-            policies.display(),
-            bulkhead_tests::GUESTS_DIR,
-        ),
-    )
-    .unwrap();
-    (config, data)
-}
-
-/// A running `bulkhead serve`, killed with SIGKILL when dropped.
-struct Running {
-    child: Child,
-    public: SocketAddr,
-    admin: SocketAddr,
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+    ConfigFile {
+        policies: vec![hello()],
+        server,
+        queue: "workers = 2",
+        audit,
     }
-}
-
-impl Running {
-    fn start(config: &Path) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_bulkhead-under-test"))
-            .arg("serve")
-            .arg("--config")
-            .arg(config)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        let mut reader = BufReader::new(child.stdout.take().unwrap());
-        let mut line = String::new();
-        reader.read_line(&mut line).unwrap();
-        std::thread::spawn(move || std::io::copy(&mut reader, &mut std::io::sink()));
-        let mut addrs = line
-            .split(|c: char| c.is_whitespace() || c == ',' || c == ')')
-            .filter_map(|w| w.strip_prefix("http://"))
-            .map(|a| a.parse::<SocketAddr>().unwrap());
-        let (public, admin) = (addrs.next().unwrap(), addrs.next().unwrap());
-        Self {
-            child,
-            public,
-            admin,
-        }
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    fn terminate(&self) {
-        // SAFETY: sending a signal to our own child process.
-        assert_eq!(unsafe { libc::kill(self.pid() as i32, libc::SIGTERM) }, 0);
-    }
-
-    /// Waits for the process to exit, up to `within`; whether it did.
-    async fn exited_within(&mut self, within: Duration) -> bool {
-        let deadline = tokio::time::Instant::now() + within;
-        while tokio::time::Instant::now() < deadline {
-            if self.child.try_wait().unwrap().is_some() {
-                return true;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        false
-    }
+    .write(dir)
 }
 
 /// A connection to `to` from the loopback address `from`.
@@ -189,7 +109,7 @@ async fn slow_headers_idle_connections_and_stalled_bodies_are_closed_by_the_serv
         "header_read_timeout = \"1 s\"\nidle_timeout = \"1 s\"\nbody_read_timeout = \"1 s\"",
         "",
     );
-    let served = Running::start(&config);
+    let served = Served::start(&config);
     let secret = token(&data, "acme", &["hello:run"]).await;
     let to = served.public;
 
@@ -268,7 +188,7 @@ async fn idle_connections_are_closed_after_the_idle_timeout_not_the_header_allow
         "header_read_timeout = \"10 min\"\nidle_timeout = \"1 s\"",
         "",
     );
-    let served = Running::start(&config);
+    let served = Served::start(&config);
     let mut silent = connect_from("127.0.0.1", served.public).await;
     let mut kept_alive = connect_from("127.0.0.1", served.public).await;
     assert_eq!(get(&mut kept_alive, "/healthz", "").await.unwrap().0, 200);
@@ -304,7 +224,7 @@ async fn a_client_that_pipelines_requests_and_never_reads_is_closed_after_the_wr
         "header_read_timeout = \"10 min\"\nidle_timeout = \"10 min\"\nwrite_timeout = \"1 s\"",
         "",
     );
-    let served = Running::start(&config);
+    let served = Served::start(&config);
     let socket = TcpSocket::new_v4().unwrap();
     socket.set_recv_buffer_size(4096).unwrap();
     socket
@@ -344,7 +264,7 @@ async fn connection_caps_refuse_the_excess_while_others_probes_and_the_admin_api
         "max_connections = 24\nmax_connections_per_client = 8\nhealth_reserve = 2\nadmin_max_connections = 4\nheader_read_timeout = \"60 s\"\nidle_timeout = \"60 s\"\nbody_read_timeout = \"60 s\"\nmin_body_rate = \"0 B\"\nmax_uploads_per_tenant = 64",
         "",
     );
-    let served = Running::start(&config);
+    let served = Served::start(&config);
     let admin_token = std::fs::read_to_string(data.join("admin.token")).unwrap();
     let secret = token(&data, "acme", &["hello:run"]).await;
     let to = served.public;
@@ -403,27 +323,11 @@ async fn connection_caps_refuse_the_excess_while_others_probes_and_the_admin_api
     panic!("the listener never admitted full connections again");
 }
 
-/// A field of `/proc/<pid>/status` in KiB (`VmRSS:`, `VmHWM:`).
-fn memory_kib(pid: u32, field: &str) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix(field)?
-                .trim()
-                .strip_suffix("kB")?
-                .trim()
-                .parse()
-                .ok()
-        })
-        .unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn oversized_headers_get_431_and_a_flood_of_unfinished_headers_holds_little_memory() {
     let dir = tempfile::tempdir().unwrap();
     let (config, _) = write_config(dir.path(), "header_read_timeout = \"60 s\"", "");
-    let served = Running::start(&config);
+    let served = Served::start(&config);
     let to = served.public;
 
     // 32 KiB of headers: over the 16 KiB default.
@@ -502,7 +406,7 @@ async fn anonymous_denials_write_a_bounded_audit_with_client_addresses_and_count
         "",
         "denials_per_client = 5\ndenials_per_minute = 60",
     );
-    let mut served = Running::start(&config);
+    let mut served = Served::start(&config);
     let base = format!("http://{}", served.public);
     // Warm the store up so its files have their working size.
     let http = reqwest::Client::new();
@@ -588,7 +492,7 @@ async fn anonymous_denials_write_a_bounded_audit_with_client_addresses_and_count
 async fn audit_rows_past_retention_are_swept() {
     let dir = tempfile::tempdir().unwrap();
     let (config, data) = write_config(dir.path(), "", "retention = \"1 s\"");
-    let served = Running::start(&config);
+    let served = Served::start(&config);
     let http = reqwest::Client::new();
     for _ in 0..3 {
         let resp = http
@@ -605,7 +509,7 @@ async fn audit_rows_past_retention_are_swept() {
     drop(served);
     tokio::time::sleep(Duration::from_millis(1100)).await;
     // The sweeper runs at start, then every minute.
-    let _served = Running::start(&config);
+    let _served = Served::start(&config);
     let deadline = tokio::time::Instant::now() + PATIENCE;
     while !audit_rows(&data).await.is_empty() {
         assert!(
@@ -624,7 +528,7 @@ async fn sigterm_exits_within_its_bound_whatever_clients_hold_open() {
         "shutdown_grace = \"1 s\"\nheader_read_timeout = \"10 min\"\nidle_timeout = \"10 min\"\nbody_read_timeout = \"10 min\"",
         "",
     );
-    let mut served = Running::start(&config);
+    let mut served = Served::start(&config);
     let to = served.public;
 
     // An unfinished request.
@@ -702,7 +606,7 @@ async fn a_spread_flood_filling_the_total_is_shed_for_a_normal_client_but_a_requ
         "max_connections = 16\nmax_connections_per_client = 4\nhealth_reserve = 0\nheader_read_timeout = \"60 s\"\nidle_timeout = \"60 s\"\nbody_read_timeout = \"60 s\"\nmin_body_rate = \"0 B\"",
         "",
     );
-    let served = Running::start(&config);
+    let served = Served::start(&config);
     let secret = token(&data, "acme", &["hello:run"]).await;
     let to = served.public;
 
@@ -768,7 +672,7 @@ async fn raw_answer(to: SocketAddr, prefix: &str, request: &[u8]) -> (u16, Strin
 async fn requests_hyper_cannot_parse_get_the_json_error_shape_on_both_listeners() {
     let dir = tempfile::tempdir().unwrap();
     let (config, _) = write_config(dir.path(), "", "");
-    let served = Running::start(&config);
+    let served = Served::start(&config);
     let many_headers: String = (0..150).map(|i| format!("x-h{i}: v\r\n")).collect();
     let cases: Vec<(&str, Vec<u8>, u16, &str)> = vec![
         (
@@ -819,7 +723,7 @@ async fn requests_hyper_cannot_parse_get_the_json_error_shape_on_both_listeners(
     // cap above it.
     let dir = tempfile::tempdir().unwrap();
     let (config, _) = write_config(dir.path(), "max_header_size = \"128 KiB\"", "");
-    let served = Running::start(&config);
+    let served = Served::start(&config);
     let long = format!("GET /{} HTTP/1.1\r\nhost: x\r\n\r\n", "a".repeat(70_000));
     let (status, head, body) = raw_answer(served.public, "", long.as_bytes()).await;
     assert_eq!(status, 414, "{head}{body}");
@@ -858,7 +762,7 @@ async fn uploads_in_flight_are_bounded_per_tenant_and_in_bytes_held() {
         "max_uploads_per_tenant = 4\nmax_buffered_uploads = \"64 MiB\"",
         "",
     );
-    let served = Running::start(&config);
+    let served = Served::start(&config);
     let acme = token(&data, "acme", &["hello:run"]).await;
     let beta = token(&data, "beta", &["hello:run"]).await;
     let gamma = token(&data, "gamma", &["hello:run"]).await;
@@ -919,7 +823,7 @@ async fn a_body_trickled_below_the_minimum_rate_ends_its_connection_and_stores_n
         "body_read_timeout = \"60 s\"\nmin_body_rate = \"1 KiB\"\nmin_rate_grace = \"1 s\"",
         "",
     );
-    let served = Running::start(&config);
+    let served = Served::start(&config);
     let secret = token(&data, "acme", &["hello:run"]).await;
     let mut s = connect_from("127.0.0.1", served.public).await;
     let head = format!(
@@ -980,7 +884,7 @@ async fn a_client_reading_below_the_minimum_rate_is_closed() {
         "header_read_timeout = \"10 min\"\nidle_timeout = \"10 min\"\nwrite_timeout = \"60 s\"\nmin_write_rate = \"1 KiB\"\nmin_rate_grace = \"1 s\"",
         "",
     );
-    let served = Running::start(&config);
+    let served = Served::start(&config);
     let socket = TcpSocket::new_v4().unwrap();
     socket.set_recv_buffer_size(4096).unwrap();
     socket
@@ -1031,7 +935,7 @@ async fn authenticated_denials_write_a_bounded_audit_with_client_addresses_and_c
         "",
         "denials_per_client = 5\ndenials_per_minute = 60",
     );
-    let mut served = Running::start(&config);
+    let mut served = Served::start(&config);
     let base = format!("http://{}", served.public);
     let admin_token = std::fs::read_to_string(data.join("admin.token")).unwrap();
     // A valid token of the tenant, without the module's scope.

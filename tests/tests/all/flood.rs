@@ -11,24 +11,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use reqwest::StatusCode;
 use serde_json::Value;
 
-use crate::common::policy_text;
-use crate::durability::{spawn, token, write_config};
-
-/// A field of `/proc/<pid>/status` in KiB (`VmRSS:`, `VmHWM:`).
-pub fn memory_kib(pid: u32, field: &str) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix(field)?
-                .trim()
-                .strip_suffix("kB")?
-                .trim()
-                .parse()
-                .ok()
-        })
-        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
-}
+use crate::common::{ConfigFile, Served, hello, memory_kib, sleeper, token};
 
 const CLIENTS: usize = 64;
 const PER_CLIENT: usize = 40;
@@ -43,31 +26,17 @@ const MARGIN_KIB: u64 = 160 << 10;
 #[tokio::test(flavor = "multi_thread")]
 async fn a_flood_is_refused_with_429_another_tenant_is_served_and_memory_stays_bounded() {
     let dir = tempfile::tempdir().unwrap();
-    let sleeper = policy_text(
-        bulkhead_tests::HOSTILE,
-        "hostile",
-        "[access]\nscopes = [\"hostile:run\"]\n[limits]\ncpu_time = \"200 ms\"\nwall_time = \"200 ms\"\n[run]\nargs = [\"sleep\"]",
-    );
-    let hello = policy_text(
-        bulkhead_tests::HELLO,
-        "hello",
-        "[access]\nscopes = [\"hello:run\"]",
-    );
-    let (config, data) = write_config(
-        dir.path(),
-        &[("hostile.toml", sleeper), ("hello.toml", hello)],
-        "workers = 3\nmax_queued = 64\nmax_queued_per_tenant = 8\nmax_running_per_tenant = 2",
-    );
-    // Both tenants connect from 127.0.0.1: the flooder's 64 connections
-    // must leave the polite tenant room under the per-address cap.
-    let text = std::fs::read_to_string(&config).unwrap();
-    let text = text.replacen(
-        "[storage]",
-        "max_connections_per_client = 256\n[storage]",
-        1,
-    );
-    std::fs::write(&config, text).unwrap();
-    let (served, base) = spawn(&config);
+    let (config, data) = ConfigFile {
+        policies: vec![sleeper(200), hello()],
+        // Both tenants connect from 127.0.0.1: the flooder's 64 connections
+        // must leave the polite tenant room under the per-address cap.
+        server: "max_connections_per_client = 256",
+        queue: "workers = 3\nmax_queued = 64\nmax_queued_per_tenant = 8\nmax_running_per_tenant = 2",
+        ..ConfigFile::default()
+    }
+    .write(dir.path());
+    let served = Served::start(&config);
+    let base = served.base();
     let pid = served.pid();
     let flooder = token(&data, "flooder", &["hostile:run"]).await;
     let polite = token(&data, "polite", &["hello:run"]).await;

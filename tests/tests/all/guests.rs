@@ -1,11 +1,13 @@
 //! One smoke test per guest, named exactly after it: `main.rs` checks with
 //! `foreach_guest!` that every guest built from `guests/` has one.
 
-use crate::common::{hostile as hostile_module, load, run, spec};
+use bulkhead::policy::ByteSize;
+
+use crate::common::{SANDBOX, hostile as hostile_module, load_plain, png, policy, run, spec, wasm};
 
 #[tokio::test(flavor = "multi_thread")]
 pub(crate) async fn hello() {
-    let module = load(bulkhead_tests::HELLO, "hello", "");
+    let module = load_plain(bulkhead_tests::HELLO, "hello");
     let (report, _dir) = run(&module, &spec(&[], &[])).await;
     assert!(report.succeeded(), "{report:#?}");
     assert_eq!(report.stdout.text, "hello from bulkhead\n");
@@ -14,7 +16,7 @@ pub(crate) async fn hello() {
 #[tokio::test(flavor = "multi_thread")]
 pub(crate) async fn thumbnail() {
     // Without an input the processor explains itself and exits 2.
-    let module = load(bulkhead_tests::THUMBNAIL, "thumbnail", "");
+    let module = load_plain(bulkhead_tests::THUMBNAIL, "thumbnail");
     let (report, _dir) = run(&module, &spec(&[], &[])).await;
     assert_eq!(report.exit_code, Some(1), "{report:#?}");
     assert!(!report.stderr.text.is_empty());
@@ -22,7 +24,7 @@ pub(crate) async fn thumbnail() {
 
 #[tokio::test(flavor = "multi_thread")]
 pub(crate) async fn sanitize_html() {
-    let module = load(bulkhead_tests::SANITIZE_HTML, "sanitize-html", "");
+    let module = load_plain(bulkhead_tests::SANITIZE_HTML, "sanitize-html");
     let (report, _dir) = run(&module, &spec(&[("a.html", b"<p>hi</p>")], &[])).await;
     assert!(report.succeeded(), "{report:#?}");
     assert_eq!(report.outputs[0].name, "a.html");
@@ -31,7 +33,7 @@ pub(crate) async fn sanitize_html() {
 #[tokio::test(flavor = "multi_thread")]
 pub(crate) async fn hostile() {
     // An unknown mode is a usage error of the guest, not a host problem.
-    let module = hostile_module("no-such-mode", "");
+    let module = hostile_module("no-such-mode", |_| {});
     let (report, _dir) = run(&module, &spec(&[], &[])).await;
     assert_eq!(report.exit_code, Some(1), "{report:#?}");
 }
@@ -77,18 +79,12 @@ pub(crate) async fn framed() {
     ))
     .unwrap()
     .with_relay(std::sync::Arc::new(relay));
-    let text = crate::common::policy_text(
-        bulkhead_tests::FRAMED,
-        "framed",
-        "[limits]\nmemory = \"256 MiB\"\n[network]\nservices = [\"palette\"]",
-    );
-    let policy =
-        bulkhead::policy::Policy::parse_with(&text, std::path::Path::new("p.toml"), &[decl.name])
-            .unwrap();
-    let module = sandbox
-        .load(policy, &crate::common::wasm(bulkhead_tests::FRAMED))
-        .unwrap();
-    let png = crate::service::png(64, 64);
+    let policy = policy(bulkhead_tests::FRAMED, "framed")
+        .memory(ByteSize::mib(256))
+        .services(&["palette"])
+        .parse_with(&[decl.name]);
+    let module = sandbox.load(policy, &wasm(bulkhead_tests::FRAMED)).unwrap();
+    let png = png(64, 64);
     let job = spec(&[("in.png", &png)], &[]);
     let dir = bulkhead::sandbox::JobDir::create(&sandbox.config().work_dir, &job.id).unwrap();
     let report = sandbox.run(&module, &job, &dir).await.unwrap();
@@ -105,10 +101,8 @@ pub(crate) async fn framed() {
 /// Why the shared sandbox refuses to load the guest at `path` under an
 /// empty policy.
 fn load_error(path: &str, name: &str) -> String {
-    let text = crate::common::policy_text(path, name, "");
-    let policy = bulkhead::policy::Policy::parse(&text, std::path::Path::new("p.toml")).unwrap();
-    crate::common::SANDBOX
-        .load(policy, &crate::common::wasm(path))
+    SANDBOX
+        .load(policy(path, name).parse(), &wasm(path))
         .unwrap_err()
         .to_string()
 }

@@ -11,20 +11,19 @@ use std::time::Duration;
 use reqwest::StatusCode;
 use serde_json::Value;
 
-use crate::durability::{spawn, token, write_config};
-use crate::service::{json, png, poll_finished, start};
+use crate::common::{
+    ConfigFile, Served, Server, json, png, poll_finished, sleeper, start, thumbnail, token,
+};
 
 /// Posts a thumbnail job of `image` with `key` as its `Idempotency-Key`.
 fn keyed(
-    s: &crate::service::Server,
+    s: &Server,
     token: &str,
     path: &str,
     key: &str,
     image: Vec<u8>,
 ) -> reqwest::RequestBuilder {
-    s.http
-        .post(s.url(path))
-        .bearer_auth(token)
+    s.post(path, token)
         .header(
             "idempotency-key",
             reqwest::header::HeaderValue::from_bytes(key.as_bytes()).unwrap(),
@@ -139,9 +138,7 @@ async fn a_job_the_host_cannot_finish_is_failed_after_its_attempts_not_rerun_for
     .await;
     let form = reqwest::multipart::Form::new().text("stdin", "some input");
     let resp = s
-        .http
-        .post(s.url("/v1/modules/hello/jobs"))
-        .bearer_auth(&token)
+        .post("/v1/modules/hello/jobs", &token)
         .multipart(form)
         .send()
         .await
@@ -215,9 +212,7 @@ async fn an_inline_job_the_host_cannot_finish_is_a_failed_job_not_a_500() {
     std::fs::remove_dir_all(&jobs).unwrap();
     std::fs::write(&jobs, b"not a directory").unwrap();
     let resp = s
-        .http
-        .post(s.url("/v1/modules/thumbnail/jobs?param.width=16&wait=30s"))
-        .bearer_auth(&token)
+        .post("/v1/modules/thumbnail/jobs?param.width=16&wait=30s", &token)
         .header("content-type", "image/png")
         .body(png(64, 48))
         .send()
@@ -311,22 +306,14 @@ async fn wait_ready(http: &reqwest::Client, base: &str, want: StatusCode) {
 async fn a_full_disk_answers_503_is_not_ready_and_loses_no_accepted_job() {
     let dir = tempfile::tempdir().unwrap();
     let disk = SmallDisk::mount(&dir.path().join("small"), "8m");
-    let thumbnail = crate::common::policy_text(
-        bulkhead_tests::THUMBNAIL,
-        "thumbnail",
-        "[access]\nscopes = [\"thumbnail:run\"]\n[limits]\nmemory = \"256 MiB\"\ncpu_time = \"10 s\"\nwall_time = \"30 s\"\n[run]\nparams = [\"width\"]",
-    );
-    let sleeper = crate::common::policy_text(
-        bulkhead_tests::HOSTILE,
-        "hostile",
-        "[access]\nscopes = [\"hostile:run\"]\n[limits]\ncpu_time = \"1 s\"\nwall_time = \"1 s\"\n[run]\nargs = [\"sleep\"]",
-    );
-    let (config, data) = write_config(
-        &disk.0,
-        &[("thumbnail.toml", thumbnail), ("hostile.toml", sleeper)],
-        "workers = 1",
-    );
-    let (served, base) = spawn(&config);
+    let (config, data) = ConfigFile {
+        policies: vec![thumbnail(10, 30, &["width"]), sleeper(1000)],
+        queue: "workers = 1",
+        ..ConfigFile::default()
+    }
+    .write(&disk.0);
+    let served = Served::start(&config);
+    let base = served.base();
     let secret = token(&data, "acme", &["thumbnail:run", "hostile:run"]).await;
     let http = reqwest::Client::new();
     let image = png(320, 200);

@@ -4,24 +4,29 @@
 
 use bulkhead::sandbox::{FailureKind, LimitKind, Outcome};
 
-use crate::common::{disk_usage, hostile, load, run, spec};
+use bulkhead::policy::{ByteSize, HumanDuration, Limits};
+use bulkhead::suite::evidence::disk_usage;
+
+use crate::common::{hostile, load_plain, run, spec};
 
 /// Small limits so every attack hits its wall quickly.
-const TIGHT: &str = r#"memory = "32 MiB"
-cpu_time = "300 ms"
-wall_time = "2 s"
-output = "1 MiB"
-output_files = 8
-stdout = "64 KiB"
-stderr = "16 KiB""#;
+fn tight(l: &mut Limits) {
+    l.memory = ByteSize::mib(32);
+    l.cpu_time = HumanDuration::millis(300);
+    l.wall_time = HumanDuration::secs(2);
+    l.output = ByteSize::mib(1);
+    l.output_files = 8;
+    l.stdout = ByteSize::kib(64);
+    l.stderr = ByteSize::kib(16);
+}
 const OUTPUT_QUOTA: u64 = 1024 * 1024;
 const ENTRY_QUOTA: u64 = 8;
 
-/// Runs `mode` under [`TIGHT`] limits while a `hello` job runs beside it, and
+/// Runs `mode` under [`tight`] limits while a `hello` job runs beside it, and
 /// checks the limit, the failure, the disk, and the neighbour.
 async fn assert_limit(mode: &str, expected: LimitKind) {
-    let attacker = hostile(mode, TIGHT);
-    let neighbour = load(bulkhead_tests::HELLO, "hello", "");
+    let attacker = hostile(mode, tight);
+    let neighbour = load_plain(bulkhead_tests::HELLO, "hello");
     let attack_job = spec(&[], &[]);
     let hello_job = spec(&[], &[]);
     let ((report, dir), (hello, _hello_dir)) =
@@ -121,7 +126,7 @@ async fn unbounded_recursion_hits_the_stack_limit() {
 async fn shadow_stack_overflow_is_a_clean_trap() {
     // Recursion through Rust's shadow stack in linear memory runs off the
     // bottom of memory: a trap inside the guest, reported as such.
-    let module = hostile("recursion", TIGHT);
+    let module = hostile("recursion", tight);
     let (report, _dir) = run(&module, &spec(&[], &[])).await;
     assert_eq!(report.outcome, Outcome::Failed);
     let failure = report.failure.unwrap();
@@ -134,7 +139,7 @@ async fn shadow_stack_overflow_is_a_clean_trap() {
 #[tokio::test(flavor = "multi_thread")]
 async fn more_jobs_than_pool_slots_wait_instead_of_failing() {
     // The test sandbox has 32 slots; 40 jobs at once must all succeed.
-    let module = load(bulkhead_tests::HELLO, "hello", "");
+    let module = load_plain(bulkhead_tests::HELLO, "hello");
     let jobs: Vec<_> = (0..40).map(|_| spec(&[], &[])).collect();
     let reports = futures::future::join_all(jobs.iter().map(|j| run(&module, j))).await;
     for (report, _dir) in &reports {
@@ -145,9 +150,9 @@ async fn more_jobs_than_pool_slots_wait_instead_of_failing() {
 #[tokio::test(flavor = "multi_thread")]
 async fn many_attacks_at_once_leave_a_normal_job_unharmed() {
     let modes = ["memory-bomb", "loop", "stdout-flood", "disk-big", "sleep"];
-    let attackers: Vec<_> = modes.iter().map(|m| hostile(m, TIGHT)).collect();
+    let attackers: Vec<_> = modes.iter().map(|m| hostile(m, tight)).collect();
     let jobs: Vec<_> = modes.iter().map(|_| spec(&[], &[])).collect();
-    let neighbour = load(bulkhead_tests::HELLO, "hello", "");
+    let neighbour = load_plain(bulkhead_tests::HELLO, "hello");
     let hello_job = spec(&[], &[]);
     let attacks = futures::future::join_all(attackers.iter().zip(&jobs).map(|(m, j)| run(m, j)));
     let (reports, (hello, _d)) = tokio::join!(attacks, run(&neighbour, &hello_job));

@@ -5,7 +5,6 @@
 //! real service, a neighbour tenant served while a guest tries to exhaust
 //! the process's descriptors.
 
-use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -15,18 +14,14 @@ use bulkhead::sandbox::{
     descriptor_budget,
 };
 
-use crate::common::{SANDBOX, load, policy_text, spec};
+use bulkhead::policy::{ByteSize, HumanDuration, Limits};
+
+use crate::common::{ConfigFile, SANDBOX, Served, hello, hostile_with, policy, spec, token};
 
 /// The hostile guest in `mode` with `limits`, accepting the parameters the
 /// meter attacks take.
-fn attacker(mode: &str, limits: &str) -> Arc<LoadedModule> {
-    load(
-        bulkhead_tests::HOSTILE,
-        "hostile",
-        &format!(
-            "[limits]\n{limits}\n[run]\nargs = [\"{mode}\"]\nparams = [\"hold-ms\", \"entries\", \"mib\", \"passes\"]\n"
-        ),
-    )
+fn attacker(mode: &str, limits: impl FnOnce(&mut Limits)) -> Arc<LoadedModule> {
+    hostile_with(mode, &["hold-ms", "entries", "mib", "passes"], limits)
 }
 
 /// Host descriptors of this process open on anything whose path starts
@@ -74,7 +69,10 @@ impl FdSampler {
 /// Runs `mode` with an input, counting the host descriptors open on the
 /// job's directories while it runs.
 async fn run_counting_fds(mode: &str) -> (JobReport, usize) {
-    let module = attacker(mode, "wall_time = \"20 s\"\ncpu_time = \"10 s\"");
+    let module = attacker(mode, |l| {
+        l.wall_time = HumanDuration::secs(20);
+        l.cpu_time = HumanDuration::secs(10);
+    });
     let job = spec(&[("input.txt", b"the job's input")], &[("hold-ms", "300")]);
     let dir = JobDir::create(&SANDBOX.config().work_dir, &job.id).unwrap();
     let prefix = SANDBOX.config().work_dir.join(&job.id);
@@ -171,13 +169,17 @@ fn thread_cpu() -> Duration {
 /// plus instantiation.
 const CPU_BUDGET: Duration = Duration::from_millis(300);
 const CPU_SLACK: Duration = Duration::from_millis(400);
-const CPU_LIMITS: &str = "memory = \"512 MiB\"\ncpu_time = \"300 ms\"\nwall_time = \"60 s\"";
+fn cpu_limits(l: &mut Limits) {
+    l.memory = ByteSize::mib(512);
+    l.cpu_time = HumanDuration::millis(300);
+    l.wall_time = HumanDuration::secs(60);
+}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn host_cpu_spent_on_huge_paths_is_charged_to_the_job() {
     // Each `stat` is handed a 96 MiB path: the host copies and checks it
     // (tens of milliseconds, several epoch ticks) before refusing it.
-    let module = attacker("cpu-huge-path", CPU_LIMITS);
+    let module = attacker("cpu-huge-path", cpu_limits);
     let (report, used) =
         tokio::task::spawn_blocking(move || run_on_own_thread(module, &[("mib", "96")]))
             .await
@@ -199,7 +201,7 @@ async fn a_poll_list_longer_than_any_guest_can_hold_is_refused_before_lifting() 
     // 20,000 copies of one pollable: more than the 4,096 handles a guest may
     // hold, fewer than wasmtime itself refuses to lift (about 200,000 trap
     // there already).
-    let module = attacker("cpu-huge-poll", CPU_LIMITS);
+    let module = attacker("cpu-huge-poll", cpu_limits);
     let (report, used) =
         tokio::task::spawn_blocking(move || run_on_own_thread(module, &[("entries", "20000")]))
             .await
@@ -230,60 +232,6 @@ fn the_service_keeps_a_descriptor_reserve_no_job_can_take() {
 const SERVICE_NOFILE: u64 = 1024;
 const SERVICE_WORKERS: u32 = 4;
 
-/// A running service, killed when dropped (also when a test fails).
-struct Limited(std::process::Child);
-
-impl Limited {
-    fn pid(&self) -> u32 {
-        self.0.id()
-    }
-}
-
-impl Drop for Limited {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Starts `bulkhead serve` under `RLIMIT_NOFILE` = [`SERVICE_NOFILE`].
-fn spawn_limited(config: &Path) -> (Limited, String) {
-    use std::io::BufRead;
-    use std::os::unix::process::CommandExt;
-    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_bulkhead-under-test"));
-    cmd.arg("serve")
-        .arg("--config")
-        .arg(config)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::inherit());
-    // SAFETY: only `setrlimit`, async-signal-safe, between fork and exec.
-    unsafe {
-        cmd.pre_exec(|| {
-            let lim = libc::rlimit {
-                rlim_cur: SERVICE_NOFILE,
-                rlim_max: SERVICE_NOFILE,
-            };
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    let mut child = cmd.spawn().unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let served = Limited(child);
-    let mut reader = std::io::BufReader::new(stdout);
-    let mut line = String::new();
-    reader.read_line(&mut line).unwrap();
-    std::thread::spawn(move || std::io::copy(&mut reader, &mut std::io::sink()));
-    let base = line
-        .split_whitespace()
-        .find(|w| w.starts_with("http://"))
-        .unwrap_or_else(|| panic!("no address in {line:?}"))
-        .to_owned();
-    (served, base)
-}
-
 /// A `hello` job of the neighbour tenant, waited for: it must be answered
 /// and succeed.
 async fn neighbour_served(http: &reqwest::Client, base: &str, token: &str) {
@@ -306,27 +254,22 @@ fn process_fds(pid: u32) -> usize {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_guest_exhausting_descriptors_leaves_the_service_and_a_neighbour_served() {
-    use crate::durability::{token, write_config};
     use reqwest::StatusCode;
     use serde_json::Value;
 
     let dir = tempfile::tempdir().unwrap();
-    let hostile = policy_text(
-        bulkhead_tests::HOSTILE,
-        "hostile",
-        "[access]\nscopes = [\"hostile:run\"]\n[limits]\ncpu_time = \"10 s\"\nwall_time = \"20 s\"\n[run]\nargs = [\"fd-every-way\", \"--hold-ms=2000\"]",
-    );
-    let hello = policy_text(
-        bulkhead_tests::HELLO,
-        "hello",
-        "[access]\nscopes = [\"hello:run\"]",
-    );
-    let (config, data) = write_config(
-        dir.path(),
-        &[("hostile.toml", hostile), ("hello.toml", hello)],
-        &format!("workers = {SERVICE_WORKERS}\nmax_running_per_tenant = 3"),
-    );
-    let (served, base) = spawn_limited(&config);
+    let hostile = policy(bulkhead_tests::HOSTILE, "hostile")
+        .scopes(&["hostile:run"])
+        .times(HumanDuration::secs(10), HumanDuration::secs(20))
+        .args(&["fd-every-way", "--hold-ms=2000"]);
+    let (config, data) = ConfigFile {
+        policies: vec![hostile, hello()],
+        queue: &format!("workers = {SERVICE_WORKERS}\nmax_running_per_tenant = 3"),
+        ..ConfigFile::default()
+    }
+    .write(dir.path());
+    let served = Served::start_with_nofile(&config, SERVICE_NOFILE);
+    let base = served.base();
     let pid = served.pid();
     let mallory = token(&data, "mallory", &["hostile:run"]).await;
     let polite = token(&data, "polite", &["hello:run"]).await;

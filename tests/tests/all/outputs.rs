@@ -5,7 +5,7 @@ use crate::common::{hostile, run, spec};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn links_left_in_out_are_not_followed_when_collecting() {
-    let module = hostile("leave-links", "");
+    let module = hostile("leave-links", |_| {});
     let (report, dir) = run(&module, &spec(&[], &[])).await;
     assert!(report.succeeded(), "{report:#?}");
     let names: Vec<_> = report.outputs.iter().map(|o| o.name.as_str()).collect();

@@ -3,9 +3,17 @@
 
 use std::io::Cursor;
 
-use crate::common::{load, run, spec};
+use bulkhead::policy::{ByteSize, HumanDuration};
 
-const THUMB_POLICY: &str = "[limits]\nmemory = \"256 MiB\"\ncpu_time = \"5 s\"\nwall_time = \"20 s\"\n[run]\nparams = [\"width\", \"height\", \"input\"]\n";
+use crate::common::{TestPolicy, load, policy, run, spec};
+
+/// The thumbnailer with room for real images.
+fn thumb_policy() -> TestPolicy {
+    policy(bulkhead_tests::THUMBNAIL, "thumbnail")
+        .memory(ByteSize::mib(256))
+        .times(HumanDuration::secs(5), HumanDuration::secs(20))
+        .params(&["width", "height", "input"])
+}
 
 /// A synthetic photo-like image (gradients and noise) encoded as `format`.
 fn image(width: u32, height: u32, format: image::ImageFormat) -> Vec<u8> {
@@ -18,7 +26,7 @@ fn image(width: u32, height: u32, format: image::ImageFormat) -> Vec<u8> {
 }
 
 async fn thumbnail_of(input: &[u8], name: &str, w: &str, h: &str) -> image::DynamicImage {
-    let module = load(bulkhead_tests::THUMBNAIL, "thumbnail", THUMB_POLICY);
+    let module = load(bulkhead_tests::THUMBNAIL, &thumb_policy());
     let job = spec(&[(name, input)], &[("width", w), ("height", h)]);
     let (report, dir) = run(&module, &job).await;
     assert!(report.succeeded(), "{report:#?}");
@@ -56,7 +64,7 @@ async fn jpeg_input_gives_a_png_thumbnail() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn garbage_input_is_a_clean_failure_with_a_message() {
-    let module = load(bulkhead_tests::THUMBNAIL, "thumbnail", THUMB_POLICY);
+    let module = load(bulkhead_tests::THUMBNAIL, &thumb_policy());
     let (report, _dir) = run(&module, &spec(&[("x.png", b"not an image")], &[])).await;
     assert!(!report.succeeded());
     assert_eq!(report.exit_code, Some(1));
@@ -68,8 +76,9 @@ async fn garbage_input_is_a_clean_failure_with_a_message() {
 async fn html_and_markdown_come_out_sanitized() {
     let module = load(
         bulkhead_tests::SANITIZE_HTML,
-        "sanitize-html",
-        "[limits]\nmemory = \"128 MiB\"\n[run]\nparams = [\"input\"]\n",
+        &policy(bulkhead_tests::SANITIZE_HTML, "sanitize-html")
+            .memory(ByteSize::mib(128))
+            .params(&["input"]),
     );
     let html = br#"<p onclick="steal()">Hello <b>world</b><script>alert(1)</script><img src=x onerror=alert(2)></p>"#;
     let md = b"# Title\n\n[click](javascript:alert(3)) and <iframe src=evil></iframe> **bold**\n";

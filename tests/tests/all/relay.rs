@@ -14,8 +14,9 @@ use bulkhead_services::{CallLog, ServiceState, palette_router, payments_router};
 use bulkhead_verify::{Verifier, VerifierConfig};
 use serde_json::Value;
 
-use crate::common::policy_text;
-use crate::service::{Server, json, png, start};
+use bulkhead::policy::{ByteSize, HumanDuration};
+
+use crate::common::{Server, contains as holds, json, png, policy, start};
 
 type Shared<T> = std::sync::Arc<std::sync::Mutex<Vec<T>>>;
 /// Header or trailer fields, lowercase name and lossy value.
@@ -72,24 +73,19 @@ async fn scenario_with(max_calls: u32, workers: u32) -> Scenario {
         palette.max_response = "64 KiB".parse().unwrap();
         config.services = vec![palette, ServiceDecl::example("payments", &pay)];
         let dir = &config.modules.policies_dir;
-        std::fs::write(
-            dir.join("framed.toml"),
-            policy_text(
-                bulkhead_tests::FRAMED,
-                "framed",
-                "[access]\nscopes = [\"framed:run\"]\n[limits]\nmemory = \"256 MiB\"\ncpu_time = \"5 s\"\nwall_time = \"20 s\"\n[run]\nparams = [\"width\", \"height\"]\n[network]\nservices = [\"palette\"]",
-            ),
-        )
-        .unwrap();
-        std::fs::write(
-            dir.join("lateral.toml"),
-            policy_text(
-                bulkhead_tests::LATERAL,
-                "lateral",
-                "[access]\nscopes = [\"lateral:run\"]\n[limits]\nwall_time = \"20 s\"\ncpu_time = \"5 s\"\n[run]\nparams = [\"mode\", \"port\", \"count\"]\n[network]\nservices = [\"palette\"]",
-            ),
-        )
-        .unwrap();
+        policy(bulkhead_tests::FRAMED, "framed")
+            .scopes(&["framed:run"])
+            .memory(ByteSize::mib(256))
+            .times(HumanDuration::secs(5), HumanDuration::secs(20))
+            .params(&["width", "height"])
+            .services(&["palette"])
+            .write_to(dir);
+        policy(bulkhead_tests::LATERAL, "lateral")
+            .scopes(&["lateral:run"])
+            .times(HumanDuration::secs(5), HumanDuration::secs(20))
+            .params(&["mode", "port", "count"])
+            .services(&["palette"])
+            .write_to(dir);
     })
     .await;
 
@@ -219,16 +215,7 @@ impl Scenario {
 
     /// The newest audit entries, as JSON.
     async fn audit(&self) -> Vec<Value> {
-        json(
-            self.server
-                .http
-                .get(format!("{}/admin/v1/audit?limit=1000", self.server.admin))
-                .bearer_auth(&self.server.admin_token),
-        )
-        .await
-        .as_array()
-        .unwrap()
-        .clone()
+        self.server.audit(1000).await
     }
 }
 
@@ -238,6 +225,16 @@ fn report(job: &Value) -> &Value {
 
 fn calls(job: &Value) -> &Value {
     &job["report"]["calls"]
+}
+
+/// Everything the guest of `job` wrote where the test can read it: its
+/// output file `dump`, its stdout and its stderr.
+fn guest_wrote(job: &Value, dump: &[u8]) -> Vec<u8> {
+    let mut seen = dump.to_vec();
+    for stream in ["stdout", "stderr"] {
+        seen.extend_from_slice(report(job)[stream]["text"].as_str().unwrap().as_bytes());
+    }
+    seen
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -274,20 +271,7 @@ async fn the_allowed_service_sees_the_submitting_user_and_nothing_else_is_reache
     assert!(s.payments.is_empty(), "{:#?}", s.payments.snapshot());
 
     // The output is framed in acme's colour, from the service's answer.
-    let bytes = s
-        .server
-        .http
-        .get(
-            s.server
-                .url(&format!("/v1/jobs/{id}/outputs/thumbnail.png")),
-        )
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap()
-        .bytes()
-        .await
-        .unwrap();
+    let bytes = s.server.output(&token, id, "thumbnail.png").await;
     let img = image::load_from_memory(&bytes).unwrap().to_rgba8();
     assert_eq!(img.dimensions(), (64, 48));
     let want = bulkhead_services::frame_colour("acme");
@@ -448,9 +432,7 @@ async fn the_guest_never_sees_a_token_and_a_stolen_one_opens_nothing_else() {
     // Nowhere the guest could write: stdout, stderr, its output file.
     let dump = s
         .server
-        .http
-        .get(s.server.url(&format!("/v1/jobs/{id}/outputs/dump.txt")))
-        .bearer_auth(&token)
+        .get(&format!("/v1/jobs/{id}/outputs/dump.txt"), &token)
         .send()
         .await
         .unwrap()
@@ -497,14 +479,7 @@ async fn the_guest_never_sees_a_token_and_a_stolen_one_opens_nothing_else() {
 
     // And as a client credential at Bulkhead's own API: not a reference
     // token, so 401.
-    let resp = s
-        .server
-        .http
-        .get(s.server.url("/v1/jobs"))
-        .bearer_auth(&minted[0])
-        .send()
-        .await
-        .unwrap();
+    let resp = s.server.get("/v1/jobs", &minted[0]).send().await.unwrap();
     assert_eq!(resp.status(), 401);
     assert!(
         s.audit().await.iter().any(|e| e["action"] == "auth.denied"
@@ -681,16 +656,9 @@ async fn a_policy_naming_an_undeclared_service_stops_the_start() {
     config.modules.policies_dir = data.path().join("policies");
     config.modules.modules_dir = std::path::PathBuf::from(bulkhead_tests::GUESTS_DIR);
     config.services = vec![ServiceDecl::example("palette", "http://127.0.0.1:9")];
-    std::fs::create_dir_all(&config.modules.policies_dir).unwrap();
-    std::fs::write(
-        config.modules.policies_dir.join("lateral.toml"),
-        policy_text(
-            bulkhead_tests::LATERAL,
-            "lateral",
-            "[network]\nservices = [\"payments\"]",
-        ),
-    )
-    .unwrap();
+    policy(bulkhead_tests::LATERAL, "lateral")
+        .services(&["payments"])
+        .write_to(&config.modules.policies_dir);
     let err = bulkhead::service::Service::start(config, None)
         .await
         .unwrap_err()
@@ -709,9 +677,7 @@ async fn a_token_revoked_while_its_job_waits_relays_nothing() {
     let other = s.server.token("globex", &["hostile:run"]).await;
     let sleeper = s
         .server
-        .http
-        .post(s.server.url("/v1/modules/hostile/jobs"))
-        .bearer_auth(&other)
+        .post("/v1/modules/hostile/jobs", &other)
         .send()
         .await
         .unwrap();
@@ -719,9 +685,7 @@ async fn a_token_revoked_while_its_job_waits_relays_nothing() {
     let token = s.server.token("acme", &["lateral:run"]).await;
     let resp = s
         .server
-        .http
-        .post(s.server.url("/v1/modules/lateral/jobs?param.mode=allowed"))
-        .bearer_auth(&token)
+        .post("/v1/modules/lateral/jobs?param.mode=allowed", &token)
         .send()
         .await
         .unwrap();
@@ -792,10 +756,6 @@ fn token_forms(token: &str) -> Vec<Vec<u8>> {
     forms
 }
 
-fn holds(haystack: &[u8], needle: &[u8]) -> bool {
-    haystack.windows(needle.len()).any(|w| w == needle)
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn a_service_that_echoes_the_token_never_hands_it_to_the_guest() {
     let s = scenario(16).await;
@@ -814,22 +774,9 @@ async fn a_service_that_echoes_the_token_never_hands_it_to_the_guest() {
         let id = job["id"].as_str().unwrap();
         let echoed: Vec<String> = s.reflected.lock().unwrap()[before..].to_vec();
         assert!(!echoed.is_empty(), "{mode}: the service echoed nothing");
-        let dump = s
-            .server
-            .http
-            .get(s.server.url(&format!("/v1/jobs/{id}/outputs/reflect.txt")))
-            .bearer_auth(&token)
-            .send()
-            .await
-            .unwrap()
-            .bytes()
-            .await
-            .unwrap();
+        let dump = s.server.output(&token, id, "reflect.txt").await;
         assert!(holds(&dump, b"== http://palette/v1/reflect/"), "{mode}");
-        let mut seen = dump.to_vec();
-        for stream in ["stdout", "stderr"] {
-            seen.extend_from_slice(report(&job)[stream]["text"].as_str().unwrap().as_bytes());
-        }
+        let seen = guest_wrote(&job, &dump);
         for auth in &echoed {
             let t = auth.strip_prefix("Bearer ").unwrap();
             for form in token_forms(t) {
@@ -977,22 +924,9 @@ async fn a_token_echoed_compressed_escaped_or_re_encoded_never_reaches_the_guest
         let id = job["id"].as_str().unwrap();
         let echoed: Vec<String> = s.reflected.lock().unwrap()[before..].to_vec();
         assert_eq!(echoed.len(), 4, "{mode}: the service echoed {echoed:?}");
-        let dump = s
-            .server
-            .http
-            .get(s.server.url(&format!("/v1/jobs/{id}/outputs/reflect.txt")))
-            .bearer_auth(&token)
-            .send()
-            .await
-            .unwrap()
-            .bytes()
-            .await
-            .unwrap();
+        let dump = s.server.output(&token, id, "reflect.txt").await;
         assert!(holds(&dump, b"== http://palette/v1/reflect/"), "{mode}");
-        let mut seen = dump.to_vec();
-        for stream in ["stdout", "stderr"] {
-            seen.extend_from_slice(report(&job)[stream]["text"].as_str().unwrap().as_bytes());
-        }
+        let seen = guest_wrote(&job, &dump);
         let seen_lower = seen.to_ascii_lowercase();
         for auth in &echoed {
             let t = auth.strip_prefix("Bearer ").unwrap();
@@ -1090,22 +1024,9 @@ async fn a_token_split_across_headers_or_compressed_oddly_never_reaches_the_gues
     let id = job["id"].as_str().unwrap();
     let echoed: Vec<String> = s.reflected.lock().unwrap()[before..].to_vec();
     assert_eq!(echoed.len(), 4, "the service echoed {echoed:?}");
-    let dump = s
-        .server
-        .http
-        .get(s.server.url(&format!("/v1/jobs/{id}/outputs/reflect.txt")))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap()
-        .bytes()
-        .await
-        .unwrap();
+    let dump = s.server.output(&token, id, "reflect.txt").await;
     assert!(holds(&dump, b"== http://palette/v1/reflect/split-headers"));
-    let mut seen = dump.to_vec();
-    for stream in ["stdout", "stderr"] {
-        seen.extend_from_slice(report(&job)[stream]["text"].as_str().unwrap().as_bytes());
-    }
+    let seen = guest_wrote(&job, &dump);
     let views: Vec<Vec<u8>> = std::iter::once(seen.clone())
         .chain(inflate_everywhere(&seen))
         .collect();

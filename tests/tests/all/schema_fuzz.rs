@@ -13,8 +13,9 @@
 use std::process::Command;
 use std::time::Duration;
 
-use crate::common::policy_text;
-use crate::durability::{spawn, token, write_config};
+use bulkhead::policy::HumanDuration;
+
+use crate::common::{ConfigFile, Served, hello, token};
 
 /// Generated cases per operation, and the seed: a bounded, repeatable run.
 const MAX_EXAMPLES: &str = "40";
@@ -42,13 +43,14 @@ async fn schemathesis_finds_no_schema_violation_and_no_server_error() {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    let hello = policy_text(
-        bulkhead_tests::HELLO,
-        "hello",
-        "[access]\nscopes = [\"hello:run\"]\n[limits]\nwall_time = \"2 s\"",
-    );
-    let (config, data) = write_config(dir.path(), &[("hello.toml", hello)], "workers = 2");
-    let (served, base) = spawn(&config);
+    let (config, data) = ConfigFile {
+        policies: vec![hello().limits(|l| l.wall_time = HumanDuration::secs(2))],
+        queue: "workers = 2",
+        ..ConfigFile::default()
+    }
+    .write(dir.path());
+    let served = Served::start(&config);
+    let base = served.base();
     let tok = token(&data, "fuzzer", &["hello:run"]).await;
     let cwd = dir.path().to_owned();
     let report = cwd.join("schemathesis-report");

@@ -3,175 +3,22 @@
 //! isolation, revocation, the admin boundary, backpressure, and the audit
 //! log.
 
-use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 
-use bulkhead::api::{AppState, IssueRequest, admin_app, app, new_token};
-use bulkhead::config::ServeConfig;
-use bulkhead::service::Service;
 use reqwest::StatusCode;
 use serde_json::Value;
 
-use crate::common::policy_text;
-
-/// A running service on loopback, with its own data directory.
-pub struct Server {
-    pub base: String,
-    pub admin: String,
-    pub admin_token: String,
-    pub service: Arc<Service>,
-    pub http: reqwest::Client,
-    _data: tempfile::TempDir,
-}
-
-/// Policies the test service serves: the thumbnailer, hello, and a hostile
-/// guest that sleeps until its 1 s wall-clock limit.
-fn write_policies(dir: &std::path::Path) {
-    std::fs::create_dir_all(dir).unwrap();
-    let thumb = policy_text(
-        bulkhead_tests::THUMBNAIL,
-        "thumbnail",
-        "[access]\nscopes = [\"thumbnail:run\"]\n[limits]\nmemory = \"256 MiB\"\ncpu_time = \"5 s\"\nwall_time = \"20 s\"\n[run]\nparams = [\"width\", \"height\"]",
-    );
-    let hello = policy_text(
-        bulkhead_tests::HELLO,
-        "hello",
-        "[access]\nscopes = [\"hello:run\"]",
-    );
-    let sleeper = policy_text(
-        bulkhead_tests::HOSTILE,
-        "hostile",
-        "[access]\nscopes = [\"hostile:run\"]\n[limits]\ncpu_time = \"1 s\"\nwall_time = \"1 s\"\n[run]\nargs = [\"sleep\"]",
-    );
-    std::fs::write(dir.join("thumbnail.toml"), thumb).unwrap();
-    std::fs::write(dir.join("hello.toml"), hello).unwrap();
-    std::fs::write(dir.join("hostile.toml"), sleeper).unwrap();
-}
-
-/// Starts a service with `tweak` applied to its config.
-pub async fn start(tweak: impl FnOnce(&mut ServeConfig)) -> Server {
-    let data = tempfile::tempdir().unwrap();
-    let mut config = ServeConfig::default();
-    config.storage.data_dir = data.path().join("data");
-    config.storage.cache_dir =
-        Some(PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("service-cache"));
-    config.modules.policies_dir = data.path().join("policies");
-    config.modules.modules_dir = PathBuf::from(bulkhead_tests::GUESTS_DIR);
-    config.queue.workers = 4;
-    write_policies(&config.modules.policies_dir);
-    tweak(&mut config);
-    let service = Service::start(config, None).await.unwrap();
-    let admin_token = std::fs::read_to_string(data.path().join("data/admin.token")).unwrap();
-    let public = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", public.local_addr().unwrap());
-    let admin_base = format!("http://{}", admin.local_addr().unwrap());
-    let state = AppState {
-        service: Arc::clone(&service),
-    };
-    tokio::spawn(axum::serve(public, app(state.clone())).into_future());
-    tokio::spawn(axum::serve(admin, admin_app(state)).into_future());
-    Server {
-        base,
-        admin: admin_base,
-        admin_token: admin_token.trim().to_owned(),
-        service,
-        http: reqwest::Client::new(),
-        _data: data,
-    }
-}
-
-impl Server {
-    /// Issues a token straight into the store.
-    pub async fn token(&self, tenant: &str, scopes: &[&str]) -> String {
-        let (secret, record) = new_token(&IssueRequest {
-            tenant: tenant.into(),
-            subject: format!("{tenant}-ci"),
-            scopes: scopes.iter().map(|s| (*s).to_owned()).collect(),
-            ttl: None,
-        })
-        .unwrap();
-        self.service.store().insert_token(&record).await.unwrap();
-        secret
-    }
-
-    pub fn url(&self, path: &str) -> String {
-        format!("{}{path}", self.base)
-    }
-
-    /// Polls a job until it reaches a final state (bounded: 30 s).
-    pub async fn finished(&self, token: &str, id: &str) -> Value {
-        for _ in 0..600 {
-            let job: Value = json(
-                self.http
-                    .get(self.url(&format!("/v1/jobs/{id}")))
-                    .bearer_auth(token),
-            )
-            .await;
-            if matches!(
-                job["state"].as_str(),
-                Some("succeeded" | "failed" | "cancelled")
-            ) {
-                return job;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        panic!("job {id} did not finish");
-    }
-}
-
-/// Sends `req` and decodes its JSON body.
-pub async fn json(req: reqwest::RequestBuilder) -> Value {
-    req.send().await.unwrap().json().await.unwrap()
-}
-
-/// Polls job `id` at `base` until it reaches a final state (bounded: 30 s).
-pub async fn poll_finished(http: &reqwest::Client, base: &str, token: &str, id: &str) -> Value {
-    let mut job = Value::Null;
-    for _ in 0..600 {
-        job = json(http.get(format!("{base}/v1/jobs/{id}")).bearer_auth(token)).await;
-        if matches!(
-            job["state"].as_str(),
-            Some("succeeded" | "failed" | "cancelled")
-        ) {
-            return job;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("job {id} did not finish: {job:#}");
-}
-
-pub fn png(width: u32, height: u32) -> Vec<u8> {
-    let img = image::RgbImage::from_fn(width, height, |x, y| {
-        image::Rgb([x as u8, y as u8, (x ^ y) as u8])
-    });
-    let mut bytes = Vec::new();
-    img.write_to(
-        &mut std::io::Cursor::new(&mut bytes),
-        image::ImageFormat::Png,
-    )
-    .unwrap();
-    bytes
-}
-
-async fn error_code(resp: reqwest::Response) -> (StatusCode, String) {
-    let status = resp.status();
-    let body: Value = resp.json().await.unwrap();
-    (
-        status,
-        body["error"]["code"].as_str().unwrap_or("").to_owned(),
-    )
-}
+use crate::common::{error_code, json, png, start};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn submit_wait_and_download_a_thumbnail() {
     let s = start(|_| {}).await;
     let token = s.token("acme", &["thumbnail:run"]).await;
     let resp = s
-        .http
-        .post(s.url("/v1/modules/thumbnail/jobs?wait=20s&param.width=64&param.height=64"))
-        .bearer_auth(&token)
+        .post(
+            "/v1/modules/thumbnail/jobs?wait=20s&param.width=64&param.height=64",
+            &token,
+        )
         .header("content-type", "image/png")
         .body(png(320, 200))
         .send()
@@ -181,13 +28,7 @@ async fn submit_wait_and_download_a_thumbnail() {
     let job: Value = resp.json().await.unwrap();
     assert_eq!(job["state"], "succeeded", "{job:#}");
     let url = job["outputs"][0]["url"].as_str().unwrap();
-    let download = s
-        .http
-        .get(s.url(url))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap();
+    let download = s.get(url, &token).send().await.unwrap();
     assert_eq!(download.status(), StatusCode::OK);
     assert_eq!(download.headers()["content-type"], "image/png");
     assert_eq!(download.headers()["x-content-type-options"], "nosniff");
@@ -206,9 +47,7 @@ async fn async_multipart_submit_then_poll_then_download() {
         )
         .text("param.height", "30");
     let resp = s
-        .http
-        .post(s.url("/v1/modules/thumbnail/jobs"))
-        .bearer_auth(&token)
+        .post("/v1/modules/thumbnail/jobs", &token)
         .multipart(form)
         .send()
         .await
@@ -221,9 +60,7 @@ async fn async_multipart_submit_then_poll_then_download() {
     let job = s.finished(&token, id).await;
     assert_eq!(job["state"], "succeeded", "{job:#}");
     let png_bytes = s
-        .http
-        .get(s.url(job["outputs"][0]["url"].as_str().unwrap()))
-        .bearer_auth(&token)
+        .get(job["outputs"][0]["url"].as_str().unwrap(), &token)
         .send()
         .await
         .unwrap()
@@ -309,9 +146,7 @@ async fn each_refusal_has_its_status_and_one_error_shape() {
             "too_large",
         ),
         (
-            s.http
-                .post(s.url("/v1/modules/thumbnail/jobs"))
-                .bearer_auth(&thumb)
+            s.post("/v1/modules/thumbnail/jobs", &thumb)
                 .header("content-type", "application/json")
                 .body("{}"),
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -343,9 +178,7 @@ async fn another_tenant_cannot_see_touch_or_download_a_job() {
     let a = s.token("tenant-a", &["thumbnail:run"]).await;
     let b = s.token("tenant-b", &["thumbnail:run"]).await;
     let job: Value = json(
-        s.http
-            .post(s.url("/v1/modules/thumbnail/jobs?wait=20s"))
-            .bearer_auth(&a)
+        s.post("/v1/modules/thumbnail/jobs?wait=20s", &a)
             .header("content-type", "image/png")
             .body(png(50, 50)),
     )
@@ -353,28 +186,22 @@ async fn another_tenant_cannot_see_touch_or_download_a_job() {
     let id = job["id"].as_str().unwrap();
     let output = job["outputs"][0]["url"].as_str().unwrap();
     let attempts = [
-        s.http.get(s.url(&format!("/v1/jobs/{id}"))).bearer_auth(&b),
+        s.get(&format!("/v1/jobs/{id}"), &b),
         s.http
             .post(s.url(&format!("/v1/jobs/{id}/cancel")))
             .bearer_auth(&b),
         s.http
             .delete(s.url(&format!("/v1/jobs/{id}")))
             .bearer_auth(&b),
-        s.http.get(s.url(output)).bearer_auth(&b),
+        s.get(output, &b),
     ];
     for req in attempts {
         assert_eq!(req.send().await.unwrap().status(), StatusCode::NOT_FOUND);
     }
-    let listed: Value = json(s.http.get(s.url("/v1/jobs")).bearer_auth(&b)).await;
+    let listed: Value = json(s.get("/v1/jobs", &b)).await;
     assert_eq!(listed.as_array().unwrap().len(), 0);
     // The owner still has it, untouched.
-    let own = s
-        .http
-        .get(s.url(output))
-        .bearer_auth(&a)
-        .send()
-        .await
-        .unwrap();
+    let own = s.get(output, &a).send().await.unwrap();
     assert_eq!(own.status(), StatusCode::OK);
 }
 
@@ -382,13 +209,7 @@ async fn another_tenant_cannot_see_touch_or_download_a_job() {
 async fn a_revoked_token_fails_on_its_next_request_and_user_tokens_never_reach_admin() {
     let s = start(|_| {}).await;
     let user = s.token("acme", &["hello:run"]).await;
-    let modules = s
-        .http
-        .get(s.url("/v1/modules"))
-        .bearer_auth(&user)
-        .send()
-        .await
-        .unwrap();
+    let modules = s.get("/v1/modules", &user).send().await.unwrap();
     assert_eq!(modules.status(), StatusCode::OK);
 
     // A user token, whatever its scopes, is not the admin token.
@@ -428,13 +249,7 @@ async fn a_revoked_token_fails_on_its_next_request_and_user_tokens_never_reach_a
         .await
         .unwrap();
     assert_eq!(revoked.status(), StatusCode::NO_CONTENT);
-    let after = s
-        .http
-        .get(s.url("/v1/modules"))
-        .bearer_auth(&user)
-        .send()
-        .await
-        .unwrap();
+    let after = s.get("/v1/modules", &user).send().await.unwrap();
     assert_eq!(after.status(), StatusCode::UNAUTHORIZED);
 }
 
@@ -452,9 +267,7 @@ async fn a_flooding_tenant_gets_429_while_another_tenant_is_served() {
     let mut refused = 0;
     for _ in 0..12 {
         let resp = s
-            .http
-            .post(s.url("/v1/modules/hostile/jobs"))
-            .bearer_auth(&flooder)
+            .post("/v1/modules/hostile/jobs", &flooder)
             .send()
             .await
             .unwrap();
@@ -477,9 +290,7 @@ async fn a_flooding_tenant_gets_429_while_another_tenant_is_served() {
     );
 
     let resp = s
-        .http
-        .post(s.url("/v1/modules/hello/jobs?wait=20s"))
-        .bearer_auth(&polite)
+        .post("/v1/modules/hello/jobs?wait=20s", &polite)
         .send()
         .await
         .unwrap();
@@ -501,9 +312,7 @@ async fn cancel_then_delete_and_the_audit_log_records_it() {
     .await;
     let id = job["id"].as_str().unwrap();
     let busy = s
-        .http
-        .delete(s.url(&format!("/v1/jobs/{id}")))
-        .bearer_auth(&token)
+        .delete(&format!("/v1/jobs/{id}"), &token)
         .send()
         .await
         .unwrap();
@@ -521,25 +330,19 @@ async fn cancel_then_delete_and_the_audit_log_records_it() {
     .await;
     assert_eq!(cancelled["state"], "cancelled");
     let again = s
-        .http
-        .post(s.url(&format!("/v1/jobs/{id}/cancel")))
-        .bearer_auth(&token)
+        .post(&format!("/v1/jobs/{id}/cancel"), &token)
         .send()
         .await
         .unwrap();
     assert_eq!(again.status(), StatusCode::CONFLICT);
     let deleted = s
-        .http
-        .delete(s.url(&format!("/v1/jobs/{id}")))
-        .bearer_auth(&token)
+        .delete(&format!("/v1/jobs/{id}"), &token)
         .send()
         .await
         .unwrap();
     assert_eq!(deleted.status(), StatusCode::NO_CONTENT);
     let gone = s
-        .http
-        .get(s.url(&format!("/v1/jobs/{id}")))
-        .bearer_auth(&token)
+        .get(&format!("/v1/jobs/{id}"), &token)
         .send()
         .await
         .unwrap();
@@ -547,9 +350,7 @@ async fn cancel_then_delete_and_the_audit_log_records_it() {
 
     // A scope denial is audited with the module it was for.
     let denied = s
-        .http
-        .post(s.url("/v1/modules/thumbnail/jobs"))
-        .bearer_auth(&token)
+        .post("/v1/modules/thumbnail/jobs", &token)
         .send()
         .await
         .unwrap();
@@ -618,9 +419,7 @@ async fn finished_jobs_expire_after_retention_with_their_files() {
     let s = start(|c| c.storage.retention = "1 ms".parse().unwrap()).await;
     let token = s.token("acme", &["thumbnail:run"]).await;
     let job: Value = json(
-        s.http
-            .post(s.url("/v1/modules/thumbnail/jobs?wait=20s"))
-            .bearer_auth(&token)
+        s.post("/v1/modules/thumbnail/jobs?wait=20s", &token)
             .header("content-type", "image/png")
             .body(png(40, 40)),
     )
@@ -633,9 +432,7 @@ async fn finished_jobs_expire_after_retention_with_their_files() {
     assert_eq!(s.service.sweep().await, 1);
     assert!(!files.exists(), "outputs outlived retention");
     let gone = s
-        .http
-        .get(s.url(&format!("/v1/jobs/{id}")))
-        .bearer_auth(&token)
+        .get(&format!("/v1/jobs/{id}"), &token)
         .send()
         .await
         .unwrap();
@@ -661,9 +458,7 @@ async fn a_draining_service_refuses_new_jobs_with_503_and_is_not_ready() {
         "an idle shutdown gives the job directories back"
     );
     let resp = s
-        .http
-        .post(s.url("/v1/modules/hello/jobs"))
-        .bearer_auth(&token)
+        .post("/v1/modules/hello/jobs", &token)
         .send()
         .await
         .unwrap();
@@ -681,9 +476,7 @@ async fn a_sync_job_on_the_fast_path_is_stored_finished_and_audited() {
     let s = start(|_| {}).await;
     let token = s.token("acme", &["hello:run"]).await;
     let resp = s
-        .http
-        .post(s.url("/v1/modules/hello/jobs?wait=20s"))
-        .bearer_auth(&token)
+        .post("/v1/modules/hello/jobs?wait=20s", &token)
         .send()
         .await
         .unwrap();
@@ -703,7 +496,7 @@ async fn a_sync_job_on_the_fast_path_is_stored_finished_and_audited() {
         .expect("stored");
     assert_eq!(stored.state.as_str(), "succeeded");
     assert!(stored.report.is_some() && stored.finished_at.is_some());
-    let list: Value = json(s.http.get(s.url("/v1/jobs")).bearer_auth(&token)).await;
+    let list: Value = json(s.get("/v1/jobs", &token)).await;
     assert!(list.to_string().contains(id), "{list:#}");
     // Audited once, like a queued job.
     let audit = s.service.store().audit(50).await.unwrap();
@@ -718,9 +511,7 @@ async fn a_sync_job_on_the_fast_path_is_stored_finished_and_audited() {
     // A wait shorter than the job's wall-time limit takes the queued path
     // and still answers 200.
     let resp = s
-        .http
-        .post(s.url("/v1/modules/hello/jobs?wait=5s"))
-        .bearer_auth(&token)
+        .post("/v1/modules/hello/jobs?wait=5s", &token)
         .send()
         .await
         .unwrap();
@@ -740,12 +531,7 @@ async fn a_waited_for_job_takes_its_turn_and_a_request_that_goes_away_frees_its_
     )
     .await;
     let sleeper_id = sleeper["id"].as_str().unwrap().to_owned();
-    let sync_hello = || {
-        s.http
-            .post(s.url("/v1/modules/hello/jobs?wait=20s"))
-            .bearer_auth(&token)
-            .send()
-    };
+    let sync_hello = || s.post("/v1/modules/hello/jobs?wait=20s", &token).send();
     let resp = sync_hello().await.unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
     let hello: Value = resp.json().await.unwrap();
@@ -773,9 +559,7 @@ async fn a_waited_for_job_takes_its_turn_and_a_request_that_goes_away_frees_its_
     // up while it runs. The slot must come back: with it lost, the next
     // job could never start and would answer 202 after its wait.
     let gave_up = s
-        .http
-        .post(s.url("/v1/modules/hostile/jobs?wait=20s"))
-        .bearer_auth(&token)
+        .post("/v1/modules/hostile/jobs?wait=20s", &token)
         .timeout(Duration::from_millis(300))
         .send()
         .await;
@@ -795,9 +579,7 @@ async fn a_body_far_over_the_limit_gets_its_413_answer_not_a_reset() {
         ("just over it", vec![7u8; (1 << 20) + 1]),
     ] {
         let resp = s
-            .http
-            .post(s.url("/v1/modules/thumbnail/jobs"))
-            .bearer_auth(&token)
+            .post("/v1/modules/thumbnail/jobs", &token)
             .header("content-type", "image/png")
             .body(body)
             .send()
@@ -808,6 +590,6 @@ async fn a_body_far_over_the_limit_gets_its_413_answer_not_a_reset() {
         assert_eq!(body["error"]["code"], "too_large", "{what}: {body:#}");
     }
     // Nothing was accepted.
-    let list: Value = json(s.http.get(s.url("/v1/jobs")).bearer_auth(&token)).await;
+    let list: Value = json(s.get("/v1/jobs", &token)).await;
     assert_eq!(list.as_array().map(Vec::len), Some(0), "{list:#}");
 }

@@ -3,12 +3,10 @@
 //! applicable. (The local runs have a test binary of their own,
 //! `tests/suite`.)
 
-use bulkhead_suite::{self as suite, Class, SuiteOptions, SuiteReport, Verdict, report};
+use bulkhead_suite::{self as suite, Class, SuiteOptions, SuiteReport, report};
 
-#[path = "../suite/support.rs"]
-mod support;
-
-use support::{failed_checks, options};
+use crate::common::start;
+use crate::common::suite_support::{not_held, options};
 
 async fn run(options: &SuiteOptions) -> SuiteReport {
     suite::run(options, &mut |_| {}).await.unwrap()
@@ -22,7 +20,7 @@ async fn the_suite_runs_against_a_service_over_http() {
     let n = suite::export_modules(&options(), exported.path()).unwrap();
     assert!(n >= 40, "{n} modules exported");
     let dir = exported.path().to_owned();
-    let server = crate::service::start(move |c| {
+    let server = start(move |c| {
         c.modules.policies_dir = dir.join("policies");
         c.modules.modules_dir = dir.join("modules");
     })
@@ -32,12 +30,7 @@ async fn the_suite_runs_against_a_service_over_http() {
     opts.server = Some(server.base.clone());
     opts.token = Some(token);
     let report = run(&opts).await;
-    let not_held: Vec<_> = report
-        .results
-        .iter()
-        .filter(|r| r.verdict != Verdict::Held)
-        .map(failed_checks)
-        .collect();
+    let not_held = not_held(&report);
     assert!(not_held.is_empty(), "{}", not_held.join("\n"));
     assert_eq!(report.target, server.base);
     assert!(report.summary.total >= 40, "{}", report.summary.total);

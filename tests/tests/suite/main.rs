@@ -17,7 +17,7 @@ use bulkhead_suite::{self as suite, Class, SuiteOptions, SuiteReport, Verdict, W
 
 mod support;
 
-use support::{failed_checks, options};
+use support::{failed_checks, not_held, options};
 
 /// One local suite run at a time: each judges from the whole process's
 /// meters.
@@ -31,12 +31,7 @@ async fn run(options: &SuiteOptions) -> SuiteReport {
 #[tokio::test(flavor = "multi_thread")]
 async fn the_bundled_suite_holds_and_its_reports_agree() {
     let report = run(&options()).await;
-    let not_held: Vec<_> = report
-        .results
-        .iter()
-        .filter(|r| r.verdict != Verdict::Held)
-        .map(failed_checks)
-        .collect();
+    let not_held = not_held(&report);
     assert!(not_held.is_empty(), "{}", not_held.join("\n"));
     assert!(report.all_held());
     // Every verdict lists the host-side evidence it rests on.

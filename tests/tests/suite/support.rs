@@ -1,9 +1,9 @@
 //! What both escape-suite test binaries use: the suite's options with the
-//! test cache, and a failed result's checks in one line.
+//! test cache, and the results that did not hold, each in one line.
 
 use std::path::PathBuf;
 
-use bulkhead_suite::{AttackResult, SuiteOptions};
+use bulkhead_suite::{AttackResult, SuiteOptions, SuiteReport, Verdict};
 
 /// The suite's defaults, with the module cache under the test target dir.
 pub fn options() -> SuiteOptions {
@@ -22,4 +22,14 @@ pub fn failed_checks(r: &AttackResult) -> String {
         .map(|c| format!("{}: {}", c.name, c.detail))
         .collect();
     format!("{} {}: {}", r.verdict.as_str(), r.id, failed.join("; "))
+}
+
+/// [`failed_checks`] of every result in `report` that did not hold.
+pub fn not_held(report: &SuiteReport) -> Vec<String> {
+    report
+        .results
+        .iter()
+        .filter(|r| r.verdict != Verdict::Held)
+        .map(failed_checks)
+        .collect()
 }

@@ -1,0 +1,134 @@
+//! Guests in the shared sandbox: one [`Sandbox`] for the whole test process
+//! (with an on-disk module cache so each guest compiles once), guests
+//! loaded under typed policies, and helpers that run a job and keep its
+//! directory for host-side inspection.
+
+use std::path::PathBuf;
+use std::sync::{Arc, LazyLock};
+
+use bulkhead::policy::Limits;
+use bulkhead::sandbox::{
+    JobDir, JobInput, JobReport, JobSpec, LoadedModule, Sandbox, SandboxConfig,
+};
+
+use super::policies::{TestPolicy, policy};
+
+/// Scratch space for job directories and the module cache of this process.
+pub static SCRATCH: LazyLock<tempfile::TempDir> = LazyLock::new(|| {
+    tempfile::Builder::new()
+        .prefix("bulkhead-it-")
+        .tempdir()
+        .unwrap()
+});
+
+/// The process-wide sandbox.
+pub static SANDBOX: LazyLock<Sandbox> = LazyLock::new(|| {
+    let mut config = SandboxConfig::new(SCRATCH.path().join("jobs"));
+    // The cache lives in cargo's target tmp dir so repeated test runs reuse
+    // compiled guests; it is keyed by engine and module digest.
+    config.cache_dir = Some(PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("module-cache"));
+    config.max_concurrent_jobs = 32;
+    Sandbox::new(config).expect("sandbox")
+});
+
+/// The bytes of a built guest.
+pub fn wasm(path: &str) -> Vec<u8> {
+    std::fs::read(path).unwrap_or_else(|e| panic!("reading guest {path}: {e}"))
+}
+
+/// Loads the guest at `guest` into `sandbox` under `policy`.
+pub fn load_in(sandbox: &Sandbox, guest: &str, policy: &TestPolicy) -> Arc<LoadedModule> {
+    sandbox
+        .load(policy.parse(), &wasm(guest))
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Loads the guest at `guest` into the shared sandbox under `policy`.
+pub fn load(guest: &str, policy: &TestPolicy) -> Arc<LoadedModule> {
+    load_in(&SANDBOX, guest, policy)
+}
+
+/// Loads the guest at `guest` as module `name` under a policy with only
+/// the defaults.
+pub fn load_plain(guest: &str, name: &str) -> Arc<LoadedModule> {
+    load(guest, &policy(guest, name))
+}
+
+/// The hostile guest running `mode` with its limits changed by `limits`
+/// and every parameter it understands allowed.
+pub fn hostile(mode: &str, limits: impl FnOnce(&mut Limits)) -> Arc<LoadedModule> {
+    load(
+        bulkhead_tests::HOSTILE,
+        &policy(bulkhead_tests::HOSTILE, "hostile")
+            .limits(limits)
+            .args(&[mode])
+            .params(&["target", "port", "canary"])
+            .env(&[("GREETING", "hi")]),
+    )
+}
+
+/// The hostile guest running `mode` with its limits changed by `limits`,
+/// accepting the parameters `params`.
+pub fn hostile_with(
+    mode: &str,
+    params: &[&str],
+    limits: impl FnOnce(&mut Limits),
+) -> Arc<LoadedModule> {
+    load(
+        bulkhead_tests::HOSTILE,
+        &policy(bulkhead_tests::HOSTILE, "hostile")
+            .limits(limits)
+            .args(&[mode])
+            .params(params),
+    )
+}
+
+/// A spec with the given inputs and parameters.
+pub fn spec(inputs: &[(&str, &[u8])], params: &[(&str, &str)]) -> JobSpec {
+    let mut job = JobSpec::new();
+    job.inputs = inputs
+        .iter()
+        .map(|(n, d)| JobInput {
+            name: (*n).to_owned(),
+            data: d.to_vec().into(),
+        })
+        .collect();
+    job.params = params
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect();
+    job
+}
+
+/// Runs `job` in `sandbox` and returns the report with the job directory
+/// still on disk.
+pub async fn run_in(
+    sandbox: &Sandbox,
+    module: &LoadedModule,
+    job: &JobSpec,
+) -> (JobReport, JobDir) {
+    let dir = JobDir::create(&sandbox.config().work_dir, &job.id).unwrap();
+    let report = sandbox.run(module, job, &dir).await.unwrap();
+    (report, dir)
+}
+
+/// Runs `job` in the shared sandbox; see [`run_in`].
+pub async fn run(module: &LoadedModule, job: &JobSpec) -> (JobReport, JobDir) {
+    run_in(&SANDBOX, module, job).await
+}
+
+/// Every byte the job produced that a breach could leave evidence in: its
+/// stdout, stderr and collected outputs.
+pub fn all_evidence(report: &JobReport, dir: &JobDir) -> Vec<u8> {
+    let mut all = report.stdout.text.clone().into_bytes();
+    all.extend(report.stderr.text.as_bytes());
+    for o in &report.outputs {
+        all.extend(std::fs::read(dir.output_dir().join(&o.name)).unwrap());
+    }
+    all
+}
+
+/// Whether `needle` occurs in `hay`.
+pub fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
+}
