@@ -4,7 +4,7 @@
 //! guest prints.
 
 use bulkhead::policy::ByteSize;
-use bulkhead::suite::evidence::random_token;
+use bulkhead_suite::evidence::random_token;
 
 use crate::common::{SANDBOX, all_evidence, contains, hostile, run, spec};
 

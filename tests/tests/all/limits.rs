@@ -5,7 +5,7 @@
 use bulkhead::sandbox::{FailureKind, LimitKind, Outcome};
 
 use bulkhead::policy::{ByteSize, HumanDuration, Limits};
-use bulkhead::suite::evidence::disk_usage;
+use bulkhead_suite::evidence::disk_usage;
 
 use crate::common::{hostile, load_plain, run, spec};
 
