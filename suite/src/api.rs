@@ -307,7 +307,7 @@ impl LocalService {
             secrets.push(secret);
         }
 
-        let listeners = crate::serve::Listeners::loopback()
+        let listeners = bulkhead::serve::Listeners::loopback()
             .await
             .map_err(|e| e.to_string())?;
         let (public, admin) = listeners.local_addrs().map_err(|e| e.to_string())?;
