@@ -503,15 +503,16 @@ mod tests {
             "url `http://u@palette` must not carry user info"
         );
         let e = parse("max_calls = 0").unwrap_err();
+        assert!(matches!(e.fault, ServiceFault::MaxCalls), "{e}");
         assert!(
-            e.contains(
+            e.to_string().contains(
                 "service `palette`: max_calls must be at least 1 (leave the service out of a policy to forbid calls)"
             ),
             "{e}"
         );
         let e = parse("paths = [\"/a/../b\"]").unwrap_err();
         assert!(
-            e.contains(
+            e.to_string().contains(
                 "service `palette`: path prefix `/a/../b` must start with `/` and contain no `.`/`..` segments, `?`, `#`, `%` or `\\`"
             ),
             "{e}"
@@ -539,11 +540,14 @@ mod tests {
         );
     }
 
-    fn parse(extra: &str) -> Result<ServiceDecl, String> {
-        toml::from_str::<ServiceDecl>(&format!(
+    /// The `palette` declaration with `extra` keys, checked as
+    /// deserializing checks it.
+    fn parse(extra: &str) -> Result<ServiceDecl, ServiceDeclError> {
+        let raw: RawServiceDecl = toml::from_str(&format!(
             "name = \"palette\"\nurl = \"http://127.0.0.1:9\"\n{extra}"
         ))
-        .map_err(|e| e.to_string())
+        .unwrap();
+        ServiceDecl::try_from(raw)
     }
 
     #[test]
@@ -565,9 +569,14 @@ mod tests {
             "x-bulkhead-tenant",
         ] {
             let e = parse(&format!("forward_headers = [\"{h}\"]")).unwrap_err();
-            assert!(e.contains("can never be forwarded"), "{h}: {e}");
+            assert!(
+                matches!(e.fault, ServiceFault::NeverForwarded { ref header, .. } if header == h),
+                "{h}: {e}"
+            );
+            assert!(e.to_string().contains("can never be forwarded"), "{h}: {e}");
         }
         let e = parse("forward_headers = [\"bad header\"]").unwrap_err();
-        assert!(e.contains("not a header name"), "{e}");
+        assert!(matches!(e.fault, ServiceFault::NotHeader(_)), "{e}");
+        assert!(e.to_string().contains("not a header name"), "{e}");
     }
 }
