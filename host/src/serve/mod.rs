@@ -551,3 +551,66 @@ async fn flush_denials(state: AppState, denials: Arc<Denials>, mut stop: watch::
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::ServeConfig;
+
+    #[tokio::test]
+    async fn a_listener_that_cannot_be_bound_is_named_in_the_error() {
+        let taken = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = taken.local_addr().unwrap();
+        let any = SocketAddr::from(([127, 0, 0, 1], 0));
+        let err = Listeners::bind(any, addr).await.unwrap_err();
+        assert_eq!(err.addr, addr);
+        assert!(
+            err.to_string()
+                .starts_with(&format!("cannot listen on {addr}: ")),
+            "{err}"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_spawned_service_serves_both_listeners_until_stopped() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = ServeConfig::default();
+        config.storage.data_dir = dir.path().join("data");
+        config.modules.policies_dir = dir.path().join("policies");
+        config.modules.modules_dir = dir.path().join("modules");
+        std::fs::create_dir_all(&config.modules.policies_dir).unwrap();
+        std::fs::create_dir_all(&config.modules.modules_dir).unwrap();
+        let service = Service::start(config, None).await.unwrap();
+        let listeners = Listeners::loopback().await.unwrap();
+        let (public, admin) = listeners.local_addrs().unwrap();
+        let serving = spawn(Arc::clone(&service), listeners).unwrap();
+        assert_eq!((serving.public, serving.admin), (public, admin));
+        for addr in [public, admin] {
+            let mut conn = TcpStream::connect(addr).await.unwrap();
+            let answer = healthz(&mut conn).await;
+            assert!(answer.starts_with("HTTP/1.1 200"), "{addr}: {answer}");
+        }
+        tokio::time::timeout(Duration::from_secs(30), serving.stop())
+            .await
+            .expect("serving stops")
+            .unwrap();
+        for addr in [public, admin] {
+            assert!(
+                TcpStream::connect(addr).await.is_err(),
+                "{addr} still accepts connections"
+            );
+        }
+        service.shutdown().await;
+    }
+
+    /// Sends `GET /healthz` on `conn` and returns what comes back first.
+    async fn healthz(conn: &mut TcpStream) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        conn.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = vec![0u8; 1024];
+        let n = conn.read(&mut buf).await.unwrap();
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    }
+}

@@ -167,7 +167,7 @@ async fn a_descriptor_flood_is_held_to_the_jobs_share() {
     // Each descriptor the guest holds is a host descriptor, counted from
     // /proc/self/fd: it gets at most its share, then errors, and a guest
     // that keeps asking is stopped with the `descriptors` limit.
-    crate::meters::assert_descriptors_bounded("fd-flood", false).await;
+    crate::common::assert_descriptors_bounded("fd-flood", false).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]

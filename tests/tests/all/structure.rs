@@ -1,6 +1,7 @@
 //! The module boundaries ARCHITECTURE.md states, checked in the source:
 //! which modules may name wasmtime, which may speak HTTP, and who may open
-//! the sandbox's deliberate hole.
+//! the sandbox's deliberate hole; and that test modules take their
+//! fixtures only from `common`.
 
 use std::path::{Path, PathBuf};
 
@@ -128,4 +129,31 @@ fn the_library_depends_on_no_command_line_suite_or_guest_build() {
         .filter(|d| deps.contains_key(*d))
         .collect();
     assert!(found.is_empty(), "the library depends on {found:?}");
+}
+
+/// Test modules take their fixtures from `common` only: a `crate::` path
+/// to any other module of this binary is a fixture living in a test.
+#[test]
+fn test_modules_import_fixtures_only_from_common() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/all");
+    let mut files = Vec::new();
+    sources(&root, &root, &mut files);
+    // Spelt in two, so this file does not find itself.
+    let from_crate = concat!("crate", "::");
+    let mut found = Vec::new();
+    for (rel, text) in &files {
+        if rel == "main.rs" {
+            continue;
+        }
+        for (n, line) in code(text) {
+            let mut rest = line;
+            while let Some(at) = rest.find(from_crate) {
+                rest = &rest[at + from_crate.len()..];
+                if !rest.starts_with("common") {
+                    found.push(format!("{rel}:{n}: {}", line.trim()));
+                }
+            }
+        }
+    }
+    assert!(found.is_empty(), "{found:#?}");
 }
