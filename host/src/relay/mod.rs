@@ -28,10 +28,11 @@ use serde::{Deserialize, Serialize};
 
 use crate::policy::{ByteSize, HumanDuration, ServiceName};
 
+pub use crate::job::egress::{CallRecord, CallsReport};
 pub use gate::Refusal;
 pub use keys::{KeyError, KeyRing};
 pub(crate) use send::declared_length;
-pub use send::{CallGrant, CallRecord, Caller, CallsReport, RefusalSink};
+pub use send::{CallGrant, Caller, RefusalSink};
 
 /// One internal service as the operator declares it in the host config
 /// (`[[services]]`).

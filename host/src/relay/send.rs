@@ -35,13 +35,13 @@ use http_body_util::BodyExt;
 use http_body_util::combinators::UnsyncBoxBody;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
-use serde::{Deserialize, Serialize};
 use wasmtime_wasi_http::{Error as HttpError, RequestOptions, WasiHttpHooks};
 
 use super::gate::{self, Directory, Refusal};
 use super::headers;
 use super::leak::{Needles, Scanner, TokenNeedles, Withheld};
 use super::{Relay, ServiceDecl};
+use crate::job::egress::{CallRecord, CallsReport, MAX_RECORDS};
 use crate::policy::ServiceName;
 
 /// Body type of guest requests.
@@ -49,9 +49,6 @@ type GuestBody = UnsyncBoxBody<Bytes, HttpError>;
 
 /// The host's HTTP client for service calls (HTTP/1.1, pooled).
 pub type Client = hyper_util::client::legacy::Client<HttpConnector, Metered>;
-
-/// Most call records kept in one report; later ones are only counted.
-pub const MAX_RECORDS: usize = 64;
 
 /// Builds the shared client. Connections are pooled per service address.
 pub fn client() -> Client {
@@ -76,51 +73,6 @@ pub struct Caller {
     pub scopes: Vec<String>,
 }
 
-/// What the job's outbound calls did, in its report.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct CallsReport {
-    /// Calls sent to a service.
-    pub made: u32,
-    /// Requests refused by the gate (or whose answer was withheld).
-    pub refused: u32,
-    /// Request body bytes sent.
-    pub bytes_sent: u64,
-    /// Response body bytes received.
-    pub bytes_received: u64,
-    /// Each call, in order, up to [`MAX_RECORDS`].
-    pub records: Vec<CallRecord>,
-    /// Calls beyond [`MAX_RECORDS`], counted but not listed.
-    pub records_dropped: u32,
-}
-
-/// One outbound request and what became of it.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct CallRecord {
-    /// Method.
-    pub method: String,
-    /// The URL as the guest wrote it (bounded).
-    pub target: String,
-    /// The declared service it resolved to, if it did.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub service: Option<String>,
-    /// The service's status code, if it answered.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub status: Option<u16>,
-    /// Why the gate refused it (or withheld the answer).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub refused: Option<String>,
-    /// Refusal class (`raw_ip`, `not_granted`, `redirect`, …).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub class: Option<String>,
-    /// Why the call failed after it was admitted (timeout, connection).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
-    /// Headers (and `trailer:`-prefixed trailer fields) the guest set that
-    /// were not forwarded: everything outside the allow-list.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub stripped_headers: Vec<String>,
-}
-
 /// Called with each refused request as it is refused (the service writes
 /// an audit entry), for the first [`MAX_RECORDS`] of a job: a guest looping
 /// over refused requests must not flood the audit log or the host's log.
@@ -130,6 +82,35 @@ pub struct RefusalSink(pub Arc<dyn Fn(&CallRecord) + Send + Sync>);
 impl std::fmt::Debug for RefusalSink {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("RefusalSink")
+    }
+}
+
+impl Relay {
+    /// The way out of one job of a module under `policy`: a [`CallGrant`]
+    /// narrowing this relay's declarations to the policy's services,
+    /// carrying `caller` (the submitting identity, or why there is none:
+    /// every call is then refused and reported) and telling `sink` of each
+    /// refusal. `None` when the policy names no services.
+    pub fn grant(
+        self: &Arc<Self>,
+        policy: &crate::policy::Policy,
+        job: &str,
+        caller: Result<Caller, String>,
+        sink: Option<RefusalSink>,
+    ) -> Option<Arc<CallGrant>> {
+        if policy.network.services.is_empty() {
+            return None;
+        }
+        Some(Arc::new(
+            CallGrant::new(
+                Arc::clone(self),
+                policy.network.services.clone(),
+                caller,
+                job,
+                policy.module.name.as_str(),
+            )
+            .with_sink(sink),
+        ))
     }
 }
 

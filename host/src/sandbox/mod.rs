@@ -19,7 +19,6 @@ mod limits;
 pub mod outputs;
 mod pipe;
 mod quota;
-mod report;
 mod wasi;
 
 use std::path::PathBuf;
@@ -36,11 +35,15 @@ pub use engine::{
     DescriptorBudgetError, JOB_OVERHEAD_DESCRIPTORS, MAX_OPEN_PER_JOB, MIN_OPEN_PER_JOB,
     RESERVED_DESCRIPTORS, descriptor_budget,
 };
-pub use job::{JobDir, JobInput, JobSpec, MAX_INPUTS, create_private_dir_all, validate_input_name};
-pub use limits::{LimitKind, WRITTEN_PER_OUTPUT};
-pub use outputs::{OutputFile, SkippedOutput};
+pub use job::{JobDir, create_private_dir_all};
+pub use limits::WRITTEN_PER_OUTPUT;
 pub use quota::DESCRIPTOR_REFUSALS;
-pub use report::{Captured, Failure, FailureKind, JobReport, Measurements, Outcome};
+// The job's types are the `job` module's; re-exported for the sandbox's
+// callers.
+pub use crate::job::{
+    Captured, Failure, FailureKind, JobInput, JobReport, JobSpec, LimitKind, MAX_INPUTS,
+    Measurements, Outcome, OutputFile, SkippedOutput, validate_input_name,
+};
 pub use wasi::{MAX_HANDLES, MAX_RANDOM_PER_CALL, import_verdict};
 
 use crate::policy::{ByteSize, Policy, Sha256Hex};
@@ -424,7 +427,24 @@ impl Sandbox {
         job: &JobSpec,
         dir: &JobDir,
     ) -> Result<JobReport, JobError> {
+        self.run_with(module, job, dir, None).await
+    }
+
+    /// [`Sandbox::run`], with the job's way out: `egress`, which each of
+    /// its outbound requests is handed to, when its policy names services
+    /// (without one, every request is refused).
+    ///
+    /// # Errors
+    /// [`JobError`] when the job is refused before the guest starts.
+    pub async fn run_with(
+        &self,
+        module: &LoadedModule,
+        job: &JobSpec,
+        dir: &JobDir,
+        egress: Option<Arc<crate::relay::CallGrant>>,
+    ) -> Result<JobReport, JobError> {
         let policy = &module.policy;
+        let egress = egress.filter(|_| !policy.network.services.is_empty());
         check_inputs(policy, job)?;
         let args = wasi::guest_args(policy, job).map_err(JobError::Param)?;
         dir.write_inputs(&job.inputs)?;
@@ -438,12 +458,12 @@ impl Sandbox {
             &args,
             cpu_budget_ns,
             &wasi::HostSide {
-                relay: self.relay.as_ref(),
+                egress,
                 extra_preopen: self.config.unsafe_extra_preopen.as_ref(),
                 max_open: self.max_open_per_job,
             },
         )?;
-        let grant = state.hooks.gate.grant.clone();
+        let egress = state.hooks.gate.grant.clone();
         let latch = state.latch.clone();
         let cpu = Arc::clone(&state.cpu);
 
@@ -455,8 +475,8 @@ impl Sandbox {
             .await
             .expect("semaphore is never closed");
         let started = Instant::now();
-        if let Some(grant) = &grant {
-            grant.start(started + policy.limits.wall_time.get());
+        if let Some(egress) = &egress {
+            egress.start(started + policy.limits.wall_time.get());
         }
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| s.limiter());
@@ -621,7 +641,7 @@ impl Sandbox {
             stdout: captured(&captures.stdout, limit == Some(LimitKind::Stdout)),
             stderr: captured(&captures.stderr, limit == Some(LimitKind::Stderr)),
             measurements,
-            calls: grant.map(|g| g.report()),
+            calls: egress.map(|e| e.report()),
         })
     }
 }

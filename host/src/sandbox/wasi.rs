@@ -26,13 +26,14 @@ use wasmtime_wasi_io::bindings::wasi::io::poll;
 use wasmtime_wasi_io::poll::DynPollable;
 
 use super::cpu::{Charged, CpuMeter};
-use super::job::{JobDir, JobSpec};
+use super::job::JobDir;
 use super::limits::{JobLimiter, LimitKind, LimitLatch, Refusals};
 use super::pipe::CappedPipe;
 use super::quota::{CallSlot, OutputQuota, QuotaFs, QuotaFsData};
+use crate::job::JobSpec;
 use crate::policy::Policy;
+use crate::relay::CallGrant;
 use crate::relay::send::Gate;
-use crate::relay::{CallGrant, Relay};
 
 /// Largest `get-random-bytes` request served in one call. wasmtime-wasi's
 /// default is 64 MiB, a host allocation a guest can ask for in a loop.
@@ -190,10 +191,11 @@ impl JobState {
 }
 
 /// What the host, rather than the policy, contributes to a job's state.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct HostSide<'a> {
-    /// Where outbound calls go, if the host declares services.
-    pub relay: Option<&'a Arc<Relay>>,
+    /// Where the job's outbound calls go, if its policy names services
+    /// and the caller gave it a way out.
+    pub egress: Option<Arc<CallGrant>>,
     /// The escape suite's deliberate hole
     /// ([`SandboxConfig::unsafe_extra_preopen`](super::SandboxConfig)),
     /// `None` everywhere else.
@@ -226,10 +228,10 @@ pub fn job_state(
     host: &HostSide<'_>,
 ) -> std::io::Result<(JobState, Captures)> {
     let HostSide {
-        relay,
+        egress,
         extra_preopen,
         max_open,
-    } = *host;
+    } = host.clone();
     let latch = LimitLatch::default();
     let limits = &policy.limits;
     let stdout = CappedPipe::new(limits.stdout.as_usize(), LimitKind::Stdout, latch.clone());
@@ -286,39 +288,13 @@ pub fn job_state(
         latch,
         http: WasiHttpCtx::new(),
         hooks: JobHooks {
-            gate: Gate {
-                grant: grant(policy, job, relay),
-            },
+            gate: Gate { grant: egress },
             cpu: Arc::clone(&cpu),
             quota,
             refusals: refusals.clone(),
         },
     };
     Ok((state, Captures { stdout, stderr }))
-}
-
-/// The job's right to call services: `None` unless its policy names some
-/// and the host declares a relay. Without a caller (`bulkhead run`) the
-/// grant exists but refuses every call, so the refusals are reported.
-fn grant(policy: &Policy, job: &JobSpec, relay: Option<&Arc<Relay>>) -> Option<Arc<CallGrant>> {
-    if policy.network.services.is_empty() {
-        return None;
-    }
-    let relay = relay?;
-    let caller = job
-        .caller
-        .clone()
-        .unwrap_or_else(|| Err("the job was not submitted by an authenticated caller".into()));
-    Some(Arc::new(
-        CallGrant::new(
-            Arc::clone(relay),
-            policy.network.services.clone(),
-            caller,
-            &job.id,
-            policy.module.name.as_str(),
-        )
-        .with_sink(job.on_refusal.clone()),
-    ))
 }
 
 fn to_io(e: wasmtime::Error) -> std::io::Error {
@@ -348,10 +324,10 @@ pub fn guest_args(policy: &Policy, job: &JobSpec) -> Result<Vec<String>, String>
                 }
             ));
         }
-        if value.len() > super::job::MAX_PARAM_VALUE || value.chars().any(char::is_control) {
+        if value.len() > crate::job::MAX_PARAM_VALUE || value.chars().any(char::is_control) {
             return Err(format!(
                 "invalid value for parameter `{name}`: at most {} bytes, no control characters",
-                super::job::MAX_PARAM_VALUE
+                crate::job::MAX_PARAM_VALUE
             ));
         }
         args.push(format!("--{name}={value}"));

@@ -533,8 +533,6 @@ impl Service {
             inputs: sub.inputs,
             params: sub.params,
             stdin: sub.stdin.clone().unwrap_or_default(),
-            caller: None,
-            on_refusal: None,
         };
         crate::sandbox::validate(policy, &spec).map_err(|e| match e {
             JobError::Param(m) => ServiceError::BadParams(m),
@@ -1120,7 +1118,7 @@ impl Service {
         &self,
         who: &Identity,
         module: &LoadedModule,
-        mut spec: JobSpec,
+        spec: JobSpec,
         has_stdin: bool,
         slot: Slot,
         key: Option<&Idempotency>,
@@ -1146,22 +1144,24 @@ impl Service {
             report: None,
         };
         let audits = AuditWrites::default();
-        if !policy.network.services.is_empty() {
-            // The caller authenticated on this very request.
-            spec.caller = Some(Ok(crate::relay::Caller {
+        // The caller authenticated on this very request.
+        let egress = self.egress(
+            module,
+            &record,
+            Ok(crate::relay::Caller {
                 tenant: who.tenant.clone(),
                 subject: who.subject.clone(),
                 scopes: who.scopes.clone(),
-            }));
-            spec.on_refusal = Some(self.refusal_sink(&record, &audits));
-        }
+            }),
+            &audits,
+        );
         // A failure of the host on the way is a failed job with a reason
         // (never a 500), unless it is the storage's: then nothing can be
         // stored, and the caller is told to retry (503). Either way nothing
         // is left under the data directory without a row.
         let ran = match JobDir::create(self.sandbox.config().work_dir.as_path(), &record.id) {
             Ok(dir) => {
-                let result = self.sandbox.run(module, &spec, &dir).await;
+                let result = self.sandbox.run_with(module, &spec, &dir, egress).await;
                 audits.settle().await;
                 let report = match result {
                     Ok(report) => report,
@@ -1223,6 +1223,25 @@ impl Service {
         let (tx, rx) = oneshot::channel();
         let _ = tx.send(Some(record.clone()));
         Ok((record, Some(rx)))
+    }
+
+    /// The way out of `record`'s job, for `caller`, when its policy names
+    /// services and the host declares a relay; each refusal is audited
+    /// ([`Service::refusal_sink`]).
+    fn egress(
+        &self,
+        module: &LoadedModule,
+        record: &JobRecord,
+        caller: Result<crate::relay::Caller, String>,
+        audits: &AuditWrites,
+    ) -> Option<Arc<crate::relay::CallGrant>> {
+        if module.policy().network.services.is_empty() {
+            return None;
+        }
+        let sink = self.refusal_sink(record, audits);
+        self.sandbox
+            .relay()?
+            .grant(module.policy(), &record.id, caller, Some(sink))
     }
 
     /// Writes one `egress.denied` audit entry per refused outbound request
@@ -1338,10 +1357,12 @@ impl Service {
             spec.stdin = std::fs::read(inputs_dir.join("stdin"))?.into();
         }
         let audits = AuditWrites::default();
-        if !module.policy().network.services.is_empty() {
-            spec.caller = Some(self.caller_of(record).await?);
-            spec.on_refusal = Some(self.refusal_sink(record, &audits));
-        }
+        let egress = if module.policy().network.services.is_empty() {
+            None
+        } else {
+            let caller = self.caller_of(record).await?;
+            self.egress(module, record, caller, &audits)
+        };
 
         let dir = JobDir::create(self.sandbox.config().work_dir.as_path(), &record.id)?;
         let cancel = Arc::new(Notify::new());
@@ -1350,7 +1371,7 @@ impl Service {
             .unwrap_or_else(|e| e.into_inner())
             .insert(record.id.clone(), Arc::clone(&cancel));
         let result = tokio::select! {
-            r = self.sandbox.run(module, &spec, &dir) => Some(r),
+            r = self.sandbox.run_with(module, &spec, &dir, egress) => Some(r),
             () = cancel.notified() => None,
         };
         audits.settle().await;

@@ -15,7 +15,7 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
 use crate::auth::TokenRecord;
-use crate::sandbox::JobReport;
+use crate::job::JobReport;
 
 pub use sqlite::SqliteStore;
 

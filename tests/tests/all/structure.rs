@@ -70,6 +70,16 @@ fn module_boundaries_hold_in_the_source() {
     let wasmtime = naming(&["*"], &["wasmtime"], &["sandbox", "relay/send.rs"]);
     assert!(wasmtime.is_empty(), "{wasmtime:#?}");
 
+    // The job's types are plain data: `job` names neither wasmtime nor the
+    // relay, so a worker process can be handed a spec and hand back a
+    // report without either.
+    let job = naming(&["job"], &["wasmtime", "relay"], &[]);
+    assert!(job.is_empty(), "{job:#?}");
+
+    // `store` takes the report from `job`, not from the sandbox.
+    let store = naming(&["store"], &["use crate::sandbox"], &[]);
+    assert!(store.is_empty(), "{store:#?}");
+
     // `service`, `store` and `policy` know nothing about HTTP.
     let http = naming(
         &["service", "store", "policy"],
