@@ -1,6 +1,6 @@
-//! Sending a guest's `wasi:http` request: the [`Gate`] hooks wasmtime-wasi-http
-//! calls, and the per-job [`CallGrant`] that admits, rewrites, signs, sends
-//! and meters each call.
+//! Sending a guest's request: the per-job [`CallGrant`], the job's
+//! [`Egress`], which admits, rewrites, signs, sends and meters each call
+//! the sandbox hands it.
 //!
 //! Order for one call: resolve the authority to a declared, granted service
 //! ([`gate::resolve`]), check method and path ([`gate::check_route`]), take
@@ -35,17 +35,16 @@ use http_body_util::BodyExt;
 use http_body_util::combinators::UnsyncBoxBody;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
-use wasmtime_wasi_http::{Error as HttpError, RequestOptions, WasiHttpHooks};
 
 use super::gate::{self, Directory, Refusal};
 use super::headers;
 use super::leak::{Needles, Scanner, TokenNeedles, Withheld};
 use super::{Relay, ServiceDecl};
-use crate::job::egress::{CallRecord, CallsReport, MAX_RECORDS};
+use crate::job::egress::{CallRecord, CallsReport, Egress, EgressError, EgressFuture, MAX_RECORDS};
 use crate::policy::ServiceName;
 
-/// Body type of guest requests.
-type GuestBody = UnsyncBoxBody<Bytes, HttpError>;
+/// Body type of guest requests and of the responses they get.
+type GuestBody = UnsyncBoxBody<Bytes, EgressError>;
 
 /// The host's HTTP client for service calls (HTTP/1.1, pooled).
 pub type Client = hyper_util::client::legacy::Client<HttpConnector, Metered>;
@@ -97,7 +96,7 @@ impl Relay {
         job: &str,
         caller: Result<Caller, String>,
         sink: Option<RefusalSink>,
-    ) -> Option<Arc<CallGrant>> {
+    ) -> Option<Arc<dyn Egress>> {
         if policy.network.services.is_empty() {
             return None;
         }
@@ -148,6 +147,23 @@ impl std::fmt::Debug for CallGrant {
     }
 }
 
+impl Egress for CallGrant {
+    fn start(&self, deadline: Instant) {
+        let _ = self.deadline.set(deadline);
+    }
+
+    fn send(self: Arc<Self>, request: http::Request<GuestBody>) -> EgressFuture {
+        Box::pin(self.call(request))
+    }
+
+    fn report(&self) -> CallsReport {
+        let mut r = self.lock().report.clone();
+        r.bytes_sent = self.sent.load(Ordering::Relaxed);
+        r.bytes_received = self.received.load(Ordering::Relaxed);
+        r
+    }
+}
+
 impl Directory for CallGrant {
     fn declared(&self, name: &str) -> Option<&ServiceDecl> {
         self.relay.service(name)
@@ -188,20 +204,6 @@ impl CallGrant {
         self
     }
 
-    /// Starts the job's clock: no call outlives `deadline`, and no token
-    /// is valid past it.
-    pub fn start(&self, deadline: Instant) {
-        let _ = self.deadline.set(deadline);
-    }
-
-    /// The report of every call so far.
-    pub fn report(&self) -> CallsReport {
-        let mut r = self.lock().report.clone();
-        r.bytes_sent = self.sent.load(Ordering::Relaxed);
-        r.bytes_received = self.received.load(Ordering::Relaxed);
-        r
-    }
-
     fn lock(&self) -> std::sync::MutexGuard<'_, GrantState> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -233,7 +235,7 @@ impl CallGrant {
         }
     }
 
-    fn refuse(&self, parts: &Parts, service: Option<&str>, refusal: &Refusal) -> HttpError {
+    fn refuse(&self, parts: &Parts, service: Option<&str>, refusal: &Refusal) -> EgressError {
         self.record(CallRecord {
             method: parts.method.to_string(),
             target: target_of(parts),
@@ -242,14 +244,14 @@ impl CallGrant {
             class: Some(refusal.class().to_owned()),
             ..CallRecord::default()
         });
-        HttpError::HttpRequestDenied
+        EgressError::Denied
     }
 
     /// Admits, signs, sends and meters one guest request.
-    async fn send(
+    async fn call(
         self: Arc<Self>,
         request: http::Request<GuestBody>,
-    ) -> Result<http::Response<GuestBody>, HttpError> {
+    ) -> Result<http::Response<GuestBody>, EgressError> {
         let (parts, body) = request.into_parts();
         let decl = match gate::resolve(
             &*self,
@@ -348,7 +350,7 @@ impl CallGrant {
         }
         let token = self.mint(&decl, &caller, remaining).map_err(|e| {
             tracing::error!(job = %self.job, error = %e, "cannot mint a call token");
-            HttpError::InternalError(Some("the host could not sign this call".into()))
+            EgressError::Internal(Some("the host could not sign this call".into()))
         })?;
         let own = Arc::new(TokenNeedles::new(&token));
         let needles = {
@@ -376,7 +378,7 @@ impl CallGrant {
                 .authority(decl.url.authority.clone())
                 .path_and_query(format!("{}{path}", decl.url.base_path))
                 .build()
-                .map_err(|_| HttpError::HttpRequestUriInvalid)?,
+                .map_err(|_| EgressError::UriInvalid)?,
         );
         for (name, value) in &parts.headers {
             if headers::forwarded(name, &decl.forward_headers) {
@@ -386,7 +388,7 @@ impl CallGrant {
             }
         }
         let bearer = HeaderValue::try_from(format!("Bearer {token}"))
-            .map_err(|_| HttpError::InternalError(None))?;
+            .map_err(|_| EgressError::Internal(None))?;
         out = out
             .header(HOST, decl.url.authority.as_str())
             .header(AUTHORIZATION, bearer)
@@ -400,14 +402,14 @@ impl CallGrant {
         };
         let out = out
             .body(body)
-            .map_err(|e| HttpError::InternalError(Some(e.to_string())))?;
+            .map_err(|e| EgressError::Internal(Some(e.to_string())))?;
 
         let wait = decl.timeout.get().min(remaining);
         let response = match tokio::time::timeout(wait, self.relay.client.request(out)).await {
             Err(_) => {
                 record.error = Some(format!("no response within {} ms", wait.as_millis()));
                 self.record(record);
-                return Err(HttpError::ConnectionTimeout);
+                return Err(EgressError::ConnectionTimeout);
             }
             Ok(Err(e)) => {
                 let connect = e.is_connect();
@@ -419,9 +421,9 @@ impl CallGrant {
                 tracing::warn!(job = %self.job, service = %service, error = %e, "service call failed");
                 self.record(record);
                 return Err(if connect {
-                    HttpError::ConnectionRefused
+                    EgressError::ConnectionRefused
                 } else {
-                    HttpError::HttpProtocolError
+                    EgressError::Protocol
                 });
             }
             Ok(Ok(r)) => r,
@@ -437,7 +439,7 @@ impl CallGrant {
             record.refused = Some(refusal.to_string());
             record.class = Some(refusal.class().to_owned());
             self.record(record);
-            HttpError::HttpRequestDenied
+            EgressError::Denied
         };
 
         // Only identity bytes can be scanned: the gate asked for them, and
@@ -460,7 +462,7 @@ impl CallGrant {
                 Some(rewritten) => {
                     location = Some(
                         HeaderValue::try_from(rewritten)
-                            .map_err(|_| HttpError::InternalError(None))?,
+                            .map_err(|_| EgressError::Internal(None))?,
                     );
                 }
                 None => {
@@ -616,12 +618,12 @@ impl std::fmt::Debug for Metered {
 
 impl Body for Metered {
     type Data = Bytes;
-    type Error = HttpError;
+    type Error = EgressError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, HttpError>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, EgressError>>> {
         let this = &mut *self;
         loop {
             let frame = ready!(Pin::new(&mut this.inner).poll_frame(cx));
@@ -630,7 +632,7 @@ impl Body for Metered {
                     let n = data.len() as u64;
                     this.seen += n;
                     if this.seen > this.limit {
-                        return Poll::Ready(Some(Err(HttpError::HttpRequestBodySize(Some(
+                        return Poll::Ready(Some(Err(EgressError::RequestBodySize(Some(
                             this.seen,
                         )))));
                     }
@@ -688,12 +690,12 @@ struct Guarded {
 
 impl Body for Guarded {
     type Data = Bytes;
-    type Error = HttpError;
+    type Error = EgressError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, HttpError>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, EgressError>>> {
         let this = &mut *self;
         loop {
             if this.ended {
@@ -707,7 +709,7 @@ impl Body for Guarded {
                 // response that never comes would.
                 ready!(this.stall.as_mut().poll(cx));
                 tracing::warn!("a service's response body stalled; the call is failed");
-                return Poll::Ready(Some(Err(HttpError::ConnectionReadTimeout)));
+                return Poll::Ready(Some(Err(EgressError::ConnectionReadTimeout)));
             }
             this.stall
                 .as_mut()
@@ -717,7 +719,10 @@ impl Body for Guarded {
                     this.ended = true;
                     continue;
                 }
-                Some(Err(e)) => return Poll::Ready(Some(Err(HttpError::from(e)))),
+                Some(Err(e)) => {
+                    tracing::warn!(error = ?e, "a service's response body failed");
+                    return Poll::Ready(Some(Err(EgressError::Protocol)));
+                }
                 Some(Ok(f)) => f,
             };
             let Ok(data) = frame.into_data() else {
@@ -727,7 +732,7 @@ impl Body for Guarded {
             let n = data.len() as u64;
             this.seen += n;
             if this.seen > this.limit {
-                return Poll::Ready(Some(Err(HttpError::HttpResponseBodySize(Some(this.seen)))));
+                return Poll::Ready(Some(Err(EgressError::ResponseBodySize(Some(this.seen)))));
             }
             this.meter.received(n);
             match this.scanner.feed(&data) {
@@ -739,7 +744,7 @@ impl Body for Guarded {
                         record(&why);
                     }
                     this.ended = true;
-                    return Poll::Ready(Some(Err(HttpError::InternalError(Some(why.to_string())))));
+                    return Poll::Ready(Some(Err(EgressError::Internal(Some(why.to_string())))));
                 }
             }
         }
@@ -904,66 +909,6 @@ fn redirect_target(decl: &ServiceDecl, request_path: &str, location: &str) -> Op
     };
     gate::check_route(decl, &http::Method::GET, &path).ok()?;
     Some(format!("http://{}{path}", decl.name))
-}
-
-/// The `wasi:http` hooks of one job.
-#[derive(Debug, Default)]
-pub struct Gate {
-    /// `None`: the job may call nothing.
-    pub(crate) grant: Option<Arc<CallGrant>>,
-}
-
-impl Gate {
-    /// The hooks of a job holding `grant` (`None`: it may call nothing).
-    pub fn new(grant: Option<Arc<CallGrant>>) -> Self {
-        Self { grant }
-    }
-}
-
-type SendFuture = Box<
-    dyn Future<
-            Output = Result<
-                (
-                    http::Response<GuestBody>,
-                    Box<dyn Future<Output = Result<(), HttpError>> + Send>,
-                ),
-                HttpError,
-            >,
-        > + Send,
->;
-
-impl WasiHttpHooks for Gate {
-    fn is_supported_scheme(&mut self, _scheme: &Scheme) -> bool {
-        // The gate decides, so the refusal is recorded.
-        true
-    }
-
-    fn set_host_header(&mut self) -> bool {
-        // The host sets `Host` to the service's real authority itself.
-        false
-    }
-
-    fn default_scheme(&mut self) -> Option<Scheme> {
-        Some(Scheme::HTTP)
-    }
-
-    fn send_request(
-        &mut self,
-        request: http::Request<GuestBody>,
-        _options: Option<RequestOptions>,
-        _fut: Box<dyn Future<Output = Result<(), HttpError>> + Send>,
-    ) -> SendFuture {
-        let grant = self.grant.clone();
-        Box::new(async move {
-            let Some(grant) = grant else {
-                return Err(HttpError::HttpRequestDenied);
-            };
-            let response = grant.send(request).await?;
-            let done: Box<dyn Future<Output = Result<(), HttpError>> + Send> =
-                Box::new(async { Ok(()) });
-            Ok((response, done))
-        })
-    }
 }
 
 #[cfg(test)]

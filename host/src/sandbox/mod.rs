@@ -14,6 +14,7 @@
 mod cache;
 mod cpu;
 mod engine;
+mod http;
 mod job;
 mod limits;
 pub mod outputs;
@@ -441,7 +442,7 @@ impl Sandbox {
         module: &LoadedModule,
         job: &JobSpec,
         dir: &JobDir,
-        egress: Option<Arc<crate::relay::CallGrant>>,
+        egress: Option<Arc<dyn crate::job::egress::Egress>>,
     ) -> Result<JobReport, JobError> {
         let policy = &module.policy;
         let egress = egress.filter(|_| !policy.network.services.is_empty());
@@ -463,7 +464,7 @@ impl Sandbox {
                 max_open: self.max_open_per_job,
             },
         )?;
-        let egress = state.hooks.gate.grant.clone();
+        let egress = state.hooks.egress.clone();
         let latch = state.latch.clone();
         let cpu = Arc::clone(&state.cpu);
 

@@ -1234,7 +1234,7 @@ impl Service {
         record: &JobRecord,
         caller: Result<crate::relay::Caller, String>,
         audits: &AuditWrites,
-    ) -> Option<Arc<crate::relay::CallGrant>> {
+    ) -> Option<Arc<dyn crate::job::egress::Egress>> {
         if module.policy().network.services.is_empty() {
             return None;
         }
