@@ -239,8 +239,6 @@ pub struct Sandbox {
     linker: wasmtime::component::Linker<wasi::JobState>,
     /// `linker` plus `wasi:http`, for modules whose policy names services.
     http_linker: wasmtime::component::Linker<wasi::JobState>,
-    /// Where outbound calls go; `None` when the host declares no services.
-    relay: Option<Arc<crate::relay::Relay>>,
     /// Host file descriptors one job may hold open: the process's share
     /// divided among the pool's slots ([`descriptor_budget`]), so jobs
     /// together can never exhaust the descriptors the listeners and the
@@ -296,7 +294,6 @@ impl Sandbox {
             engine,
             linker,
             http_linker,
-            relay: None,
             max_open_per_job,
             cache,
             slots: tokio::sync::Semaphore::new(config.max_concurrent_jobs.max(1) as usize),
@@ -313,20 +310,6 @@ impl Sandbox {
     /// Host descriptors one job's guest may hold at once.
     pub fn max_open_per_job(&self) -> u64 {
         self.max_open_per_job
-    }
-
-    /// Routes the outbound calls of modules whose policy names services
-    /// through `relay`. Without a relay such modules load but every call
-    /// they make is refused.
-    #[must_use]
-    pub fn with_relay(mut self, relay: Arc<crate::relay::Relay>) -> Self {
-        self.relay = Some(relay);
-        self
-    }
-
-    /// The relay, if the host declares services.
-    pub fn relay(&self) -> Option<&Arc<crate::relay::Relay>> {
-        self.relay.as_ref()
     }
 
     /// Verifies `wasm` against `policy` (size, digest pin, kind, limits

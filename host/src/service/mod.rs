@@ -215,6 +215,9 @@ pub enum StartError {
 /// The running service.
 pub struct Service {
     sandbox: Sandbox,
+    /// Where jobs' outbound calls go, with the keys that sign them; the
+    /// sandbox only ever sees a job's [`Egress`](crate::job::egress::Egress).
+    relay: Option<Arc<crate::relay::Relay>>,
     store: Arc<dyn JobStore>,
     modules: BTreeMap<String, Arc<LoadedModule>>,
     scheduler: Arc<Scheduler>,
@@ -323,10 +326,9 @@ impl Service {
         let relay =
             crate::relay::Relay::new(config.services.clone(), Arc::new(keys), &config.tokens)
                 .map_err(StartError::Storage)?;
-        let sandbox = Sandbox::new(sandbox_config)
-            .map_err(|e| storage(&e))?
-            .with_relay(Arc::new(relay));
-        let modules = load_modules(&sandbox, &config)?;
+        let relay = Some(Arc::new(relay));
+        let sandbox = Sandbox::new(sandbox_config).map_err(|e| storage(&e))?;
+        let modules = load_modules(&sandbox, relay.as_deref(), &config)?;
         let admin_token_hash = admin_token(data).map_err(|e| storage(&e))?;
 
         let q = &config.queue;
@@ -353,6 +355,7 @@ impl Service {
 
         let service = Arc::new(Self {
             sandbox,
+            relay,
             store,
             modules,
             scheduler,
@@ -1239,8 +1242,8 @@ impl Service {
             return None;
         }
         let sink = self.refusal_sink(record, audits);
-        self.sandbox
-            .relay()?
+        self.relay
+            .as_ref()?
             .grant(module.policy(), &record.id, caller, Some(sink))
     }
 
@@ -1302,7 +1305,7 @@ impl Service {
 
     /// The signing keys of call tokens.
     pub fn keys(&self) -> Option<&Arc<crate::relay::KeyRing>> {
-        self.sandbox.relay().map(|r| r.keys())
+        self.relay.as_ref().map(|r| r.keys())
     }
 
     /// The identity a job's outbound calls carry: its submitting token's,
@@ -1744,6 +1747,7 @@ pub fn denial(
 
 fn load_modules(
     sandbox: &Sandbox,
+    relay: Option<&crate::relay::Relay>,
     config: &ServeConfig,
 ) -> Result<BTreeMap<String, Arc<LoadedModule>>, StartError> {
     let dir = &config.modules.policies_dir;
@@ -1757,7 +1761,7 @@ fn load_modules(
     paths.sort();
     let mut modules = BTreeMap::new();
     for path in paths {
-        let declared = sandbox.relay().map(|r| r.names()).unwrap_or_default();
+        let declared = relay.map(crate::relay::Relay::names).unwrap_or_default();
         let policy = Policy::load_with(&path, &declared).map_err(|e| StartError::Module {
             module: path.display().to_string(),
             message: e.to_string(),

@@ -76,6 +76,12 @@ fn module_boundaries_hold_in_the_source() {
     let job = naming(&["job"], &["wasmtime", "relay"], &[]);
     assert!(job.is_empty(), "{job:#?}");
 
+    // The sandbox knows nothing of the relay or its keys: a job's way out
+    // reaches it only as a `job::egress::Egress` (the service owns the
+    // relay).
+    let keys = naming(&["sandbox"], &["relay", "KeyRing"], &[]);
+    assert!(keys.is_empty(), "{keys:#?}");
+
     // `store` takes the report from `job`, not from the sandbox.
     let store = naming(&["store"], &["use crate::sandbox"], &[]);
     assert!(store.is_empty(), "{store:#?}");
