@@ -179,9 +179,16 @@ pub enum LoadError {
 /// Why a job could not be started. Nothing ran; the report does not exist.
 #[derive(Debug, thiserror::Error)]
 pub enum JobError {
-    /// Bad inputs (name, count, size).
+    /// Bad inputs (name, count).
     #[error("{0}")]
     Input(String),
+    /// Inputs and stdin together above the module's `limits.input`.
+    #[error("inputs total {total} bytes, above module `{module}`'s input limit of {limit}")]
+    InputTooLarge {
+        module: String,
+        total: u64,
+        limit: ByteSize,
+    },
     /// A parameter the policy does not accept, or a bad value.
     #[error("{0}")]
     Param(String),
@@ -635,8 +642,7 @@ impl Sandbox {
 /// submission so a bad job is refused before it is accepted.
 ///
 /// # Errors
-/// [`JobError::Input`] (too large: the message says so) or
-/// [`JobError::Param`].
+/// [`JobError::Input`], [`JobError::InputTooLarge`] or [`JobError::Param`].
 pub fn validate(policy: &Policy, job: &JobSpec) -> Result<(), JobError> {
     check_inputs(policy, job)?;
     wasi::guest_args(policy, job).map_err(JobError::Param)?;
@@ -669,10 +675,11 @@ fn check_inputs(policy: &Policy, job: &JobSpec) -> Result<(), JobError> {
         total += input.data.len() as u64;
     }
     if total > policy.limits.input.as_u64() {
-        return Err(JobError::Input(format!(
-            "inputs total {total} bytes, above module `{}`'s input limit of {}",
-            policy.module.name, policy.limits.input
-        )));
+        return Err(JobError::InputTooLarge {
+            module: policy.module.name.to_string(),
+            total,
+            limit: policy.limits.input,
+        });
     }
     Ok(())
 }
@@ -736,5 +743,34 @@ fn unsupported_kind(wasm: &[u8]) -> Option<String> {
             Some("it is a core module (wasip1); build for wasm32-wasip2 to get a component".into())
         }
         _ => Some("it is not a WebAssembly binary".into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The service answers 413 for inputs over the module's limit and 400
+    /// for other bad inputs: it tells them apart by the error's variant.
+    #[test]
+    fn inputs_over_the_limit_are_their_own_error() {
+        let text = format!(
+            "version = 1\n[module]\nname = \"demo\"\nsha256 = \"{}\"\n[limits]\ninput = \"1 KiB\"\n",
+            "0".repeat(64)
+        );
+        let policy = Policy::parse(&text, std::path::Path::new("demo.toml")).unwrap();
+        let mut job = JobSpec::new();
+        job.inputs.push(JobInput {
+            name: "big.bin".into(),
+            data: vec![0; 1025].into(),
+        });
+        match validate(&policy, &job) {
+            Err(JobError::InputTooLarge { total, limit, .. }) => {
+                assert_eq!((total, limit.as_u64()), (1025, 1024));
+            }
+            other => panic!("{other:?}"),
+        }
+        job.inputs[0].name = ".hidden".into();
+        assert!(matches!(validate(&policy, &job), Err(JobError::Input(_))));
     }
 }
