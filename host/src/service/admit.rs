@@ -227,24 +227,7 @@ impl Service {
 
         self.store_inputs(&spec, sub.stdin.is_some())
             .map_err(|e| self.noted(e))?;
-        let record = JobRecord {
-            id: spec.id.clone(),
-            tenant: who.tenant.clone(),
-            subject: who.subject.clone(),
-            token_id: who.token_id.clone(),
-            module: module_name.to_owned(),
-            module_sha256: module.sha256().to_string(),
-            policy_sha256: policy.source_sha256.as_ref().map(ToString::to_string),
-            params: spec.params.clone(),
-            inputs: spec.inputs.iter().map(|i| i.name.clone()).collect(),
-            has_stdin: sub.stdin.is_some(),
-            state: JobState::Queued,
-            created_at: now_ms(),
-            started_at: None,
-            finished_at: None,
-            attempts: 0,
-            report: None,
-        };
+        let record = new_record(who, module, &spec, sub.stdin.is_some(), now_ms());
         match (self.store.insert_job(&record, key.as_ref()).await, &key) {
             (Ok(Inserted::Existing(job, hash)), Some(key)) => {
                 // A retry with the same key raced this one and won.
@@ -357,5 +340,36 @@ impl Service {
         for tx in senders.into_iter().flatten() {
             let _ = tx.send(finished.cloned());
         }
+    }
+}
+
+/// The record of a job `who` submitted to `module`, created at `now`, as
+/// admission makes it: queued, never started. The inline path runs it at
+/// once, started, its first attempt.
+pub(super) fn new_record(
+    who: &Identity,
+    module: &LoadedModule,
+    spec: &JobSpec,
+    has_stdin: bool,
+    now: i64,
+) -> JobRecord {
+    let policy = module.policy();
+    JobRecord {
+        id: spec.id.clone(),
+        tenant: who.tenant.clone(),
+        subject: who.subject.clone(),
+        token_id: who.token_id.clone(),
+        module: policy.module.name.to_string(),
+        module_sha256: module.sha256().to_string(),
+        policy_sha256: policy.source_sha256.as_ref().map(ToString::to_string),
+        params: spec.params.clone(),
+        inputs: spec.inputs.iter().map(|i| i.name.clone()).collect(),
+        has_stdin,
+        state: JobState::Queued,
+        created_at: now,
+        started_at: None,
+        finished_at: None,
+        attempts: 0,
+        report: None,
     }
 }

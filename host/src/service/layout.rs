@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use super::*;
-use crate::sandbox::{JobDir, JobReport, JobSpec};
+use crate::sandbox::{JobDir, JobInput, JobReport, JobSpec};
 use crate::store::JobRecord;
 
 /// A job directory without a row is removed once it is this old: younger,
@@ -17,6 +17,37 @@ use crate::store::JobRecord;
 pub const ORPHAN_AGE: Duration = Duration::from_secs(600);
 
 impl Service {
+    /// The spec of `record`'s job, read back from its stored inputs; `None`
+    /// when one of them is unreadable (the job then fails, it cannot be
+    /// run as submitted).
+    ///
+    /// # Errors
+    /// Its stored stdin cannot be read.
+    pub(super) fn stored_spec(&self, record: &JobRecord) -> Result<Option<JobSpec>, ServiceError> {
+        let inputs_dir = self.job_dir(&record.id).join("inputs");
+        let mut spec = JobSpec {
+            id: record.id.clone(),
+            params: record.params.clone(),
+            ..JobSpec::default()
+        };
+        for name in &record.inputs {
+            match std::fs::read(inputs_dir.join(format!("in-{name}"))) {
+                Ok(data) => spec.inputs.push(JobInput {
+                    name: name.clone(),
+                    data: data.into(),
+                }),
+                Err(e) => {
+                    tracing::error!(job = %record.id, input = %name, error = %e, "stored input unreadable");
+                    return Ok(None);
+                }
+            }
+        }
+        if record.has_stdin {
+            spec.stdin = std::fs::read(inputs_dir.join("stdin"))?.into();
+        }
+        Ok(Some(spec))
+    }
+
     pub(super) fn job_dir(&self, id: &str) -> PathBuf {
         self.jobs_dir.join(id)
     }

@@ -13,7 +13,7 @@ use tokio::sync::{Notify, oneshot};
 
 use super::*;
 use crate::auth::Identity;
-use crate::sandbox::{JobDir, JobInput, JobReport, JobSpec, LoadedModule};
+use crate::sandbox::{JobDir, JobReport, JobSpec, LoadedModule};
 use crate::store::{
     AuditEntry, CancelOutcome, Claim, Idempotency, Inserted, JobRecord, JobState, StoreError,
     now_ms,
@@ -178,7 +178,7 @@ impl Service {
             }
         };
         let result = match self.modules.get(&record.module) {
-            Some(module) => self.execute(module, &record).await,
+            Some(module) => self.run_stored(module, &record).await,
             None => Ok(Some(JobReport::not_run(
                 &record.id,
                 &record.module,
@@ -314,56 +314,28 @@ impl Service {
         slot: Slot,
         key: Option<&Idempotency>,
     ) -> Result<Accepted, ServiceError> {
-        let policy = module.policy();
         let now = now_ms();
         let record = JobRecord {
-            id: spec.id.clone(),
-            tenant: who.tenant.clone(),
-            subject: who.subject.clone(),
-            token_id: who.token_id.clone(),
-            module: policy.module.name.to_string(),
-            module_sha256: module.sha256().to_string(),
-            policy_sha256: policy.source_sha256.as_ref().map(ToString::to_string),
-            params: spec.params.clone(),
-            inputs: spec.inputs.iter().map(|i| i.name.clone()).collect(),
-            has_stdin,
             state: JobState::Running,
-            created_at: now,
             started_at: Some(now),
-            finished_at: None,
             attempts: 1,
-            report: None,
+            ..super::admit::new_record(who, module, &spec, has_stdin, now)
         };
-        let audits = AuditWrites::default();
-        // The caller authenticated on this very request.
-        let egress = self.egress(
-            module,
-            &record,
-            Ok(crate::relay::Caller {
-                tenant: who.tenant.clone(),
-                subject: who.subject.clone(),
-                scopes: who.scopes.clone(),
-            }),
-            &audits,
-        );
-        // A failure of the host on the way is a failed job with a reason
-        // (never a 500), unless it is the storage's: then nothing can be
-        // stored, and the caller is told to retry (503). Either way nothing
-        // is left under the data directory without a row.
-        let ran = match JobDir::create(self.sandbox.config().work_dir.as_path(), &record.id) {
-            Ok(dir) => {
-                let result = self.sandbox.run_with(module, &spec, &dir, egress).await;
-                audits.settle().await;
-                let report = match result {
-                    Ok(report) => report,
-                    Err(e) => JobReport::not_run(&record.id, &record.module, e.to_string()),
-                };
-                let kept = self.keep_outputs(&record, &report, &dir);
-                drop(dir);
-                kept.map(|()| report)
-            }
-            Err(e) => Err(e),
-        };
+        // The caller authenticated on this very request. A failure of the
+        // host on the way is a failed job with a reason (never a 500),
+        // unless it is the storage's: then nothing can be stored, and the
+        // caller is told to retry (503). Either way nothing is left under
+        // the data directory without a row.
+        let ran = self
+            .execute(module, &record, &spec, Some(Ok(caller(who))))
+            .await
+            .map(|report| {
+                // Inline jobs have no row to cancel, so nothing ends them
+                // early; should one be, it is a failed job, not a lost one.
+                report.unwrap_or_else(|| {
+                    JobReport::not_run(&record.id, &record.module, "the job was cancelled")
+                })
+            });
         // The sandbox is done with it: the next job need not wait for the
         // store.
         drop(slot);
@@ -371,7 +343,6 @@ impl Service {
             Ok(report) => report,
             Err(e) => {
                 self.remove_job_files(&record.id);
-                let e = ServiceError::from(e);
                 if e.is_storage() {
                     return Err(self.noted(e));
                 }
@@ -505,55 +476,48 @@ impl Service {
         let token = self.store.token_by_id(&record.token_id).await?;
         let now = now_ms() / 1000;
         Ok(match token.and_then(|t| t.identity_at(now)) {
-            Some(who) if who.tenant == record.tenant => Ok(crate::relay::Caller {
-                tenant: who.tenant,
-                subject: who.subject,
-                scopes: who.scopes,
-            }),
+            Some(who) if who.tenant == record.tenant => Ok(caller(&who)),
             _ => Err("the submitting token has been revoked or has expired".into()),
         })
     }
 
-    /// Runs the job in the sandbox and copies its outputs into the job's
-    /// directory. `None` if it was cancelled meanwhile.
-    pub(super) async fn execute(
+    /// Runs a claimed job from its stored inputs, its calls relayed as its
+    /// submitting token's identity read now (see [`Service::caller_of`]).
+    /// `None` if it was cancelled meanwhile.
+    async fn run_stored(
         &self,
         module: &LoadedModule,
         record: &JobRecord,
     ) -> Result<Option<JobReport>, ServiceError> {
-        let inputs_dir = self.job_dir(&record.id).join("inputs");
-        let mut spec = JobSpec {
-            id: record.id.clone(),
-            params: record.params.clone(),
-            ..JobSpec::default()
+        let Some(spec) = self.stored_spec(record)? else {
+            return Ok(Some(JobReport::not_run(
+                &record.id,
+                &record.module,
+                "stored input unreadable",
+            )));
         };
-        for name in &record.inputs {
-            match std::fs::read(inputs_dir.join(format!("in-{name}"))) {
-                Ok(data) => spec.inputs.push(JobInput {
-                    name: name.clone(),
-                    data: data.into(),
-                }),
-                Err(e) => {
-                    tracing::error!(job = %record.id, input = %name, error = %e, "stored input unreadable");
-                    return Ok(Some(JobReport::not_run(
-                        &record.id,
-                        &record.module,
-                        "stored input unreadable",
-                    )));
-                }
-            }
-        }
-        if record.has_stdin {
-            spec.stdin = std::fs::read(inputs_dir.join("stdin"))?.into();
-        }
-        let audits = AuditWrites::default();
-        let egress = if module.policy().network.services.is_empty() {
+        let caller = if module.policy().network.services.is_empty() {
             None
         } else {
-            let caller = self.caller_of(record).await?;
-            self.egress(module, record, caller, &audits)
+            Some(self.caller_of(record).await?)
         };
+        self.execute(module, record, &spec, caller).await
+    }
 
+    /// The one run path, for queued jobs a worker claimed and for inline
+    /// jobs alike: runs `spec` of `record`'s job in the sandbox, its calls
+    /// (when its policy names services) relayed as `caller` and each
+    /// refusal audited before it returns, and copies its outputs into the
+    /// job's directory. `None` if it was cancelled meanwhile.
+    pub(super) async fn execute(
+        &self,
+        module: &LoadedModule,
+        record: &JobRecord,
+        spec: &JobSpec,
+        caller: Option<Result<crate::relay::Caller, String>>,
+    ) -> Result<Option<JobReport>, ServiceError> {
+        let audits = AuditWrites::default();
+        let egress = caller.and_then(|caller| self.egress(module, record, caller, &audits));
         let dir = JobDir::create(self.sandbox.config().work_dir.as_path(), &record.id)?;
         let cancel = Arc::new(Notify::new());
         self.cancels
@@ -561,7 +525,7 @@ impl Service {
             .unwrap_or_else(|e| e.into_inner())
             .insert(record.id.clone(), Arc::clone(&cancel));
         let result = tokio::select! {
-            r = self.sandbox.run_with(module, &spec, &dir, egress) => Some(r),
+            r = self.sandbox.run_with(module, spec, &dir, egress) => Some(r),
             () = cancel.notified() => None,
         };
         audits.settle().await;
@@ -741,5 +705,15 @@ impl Service {
             queued += usize::from(pushed.is_ok());
         }
         Ok(queued)
+    }
+}
+
+/// The identity a job's outbound calls carry, from an authenticated
+/// caller's.
+fn caller(who: &Identity) -> crate::relay::Caller {
+    crate::relay::Caller {
+        tenant: who.tenant.clone(),
+        subject: who.subject.clone(),
+        scopes: who.scopes.clone(),
     }
 }
