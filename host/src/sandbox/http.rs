@@ -27,7 +27,11 @@ type GuestBody = UnsyncBoxBody<Bytes, HttpError>;
 /// a task of its own (minting the call's token, checking the request,
 /// connecting), charged to the job's CPU meter.
 pub(crate) struct JobHooks {
-    /// `None`: the job may call nothing (every request is refused).
+    /// `None`: the job may call nothing. Every request is refused with
+    /// `HttpRequestDenied` and none is recorded, so its report has no
+    /// `calls` section: so it is for `bulkhead run`, which attaches no
+    /// egress (its refused calls are not reported), and for a host that
+    /// declares no services.
     pub(crate) egress: Option<Arc<dyn Egress>>,
     pub(crate) cpu: Arc<CpuMeter>,
     /// Each call in flight holds one of the job's host descriptors (its
