@@ -3,6 +3,9 @@
 //!
 //! - [`policy`]: TOML policy → typed, validated [`policy::Policy`]; knows
 //!   nothing about wasmtime.
+//! - [`job`]: what a job is and yields ([`job::JobSpec`],
+//!   [`job::JobReport`]) as plain data, and the egress seam; names neither
+//!   wasmtime nor the relay.
 //! - [`sandbox`]: engine, limits, the guest's WASI view, running a job; the
 //!   only module that names wasmtime types.
 //! - [`relay`]: the outbound gate: guest `wasi:http` requests to declared
@@ -22,6 +25,7 @@
 pub mod api;
 pub mod auth;
 pub mod config;
+pub mod job;
 pub mod policy;
 pub mod relay;
 pub mod sandbox;

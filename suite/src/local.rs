@@ -179,6 +179,8 @@ impl Base {
 pub(super) struct Lane {
     pub sandbox: Sandbox,
     pub neighbour: Arc<LoadedModule>,
+    /// Where the lane's jobs' outbound calls go, if anywhere.
+    relay: Option<Arc<bulkhead::relay::Relay>>,
 }
 
 impl Lane {
@@ -187,14 +189,30 @@ impl Lane {
         base: &Base,
         relay: Option<Arc<bulkhead::relay::Relay>>,
     ) -> Result<Self, SuiteError> {
-        let mut sandbox = Sandbox::new(config).map_err(|e| SuiteError::Setup(e.to_string()))?;
-        if let Some(relay) = relay {
-            sandbox = sandbox.with_relay(relay);
-        }
+        let sandbox = Sandbox::new(config).map_err(|e| SuiteError::Setup(e.to_string()))?;
         let hello = super::catalog::hello_wasm();
         let text = base.policy_text("suite-neighbour", hello, None, &[]);
         let neighbour = load(&sandbox, &text, hello).map_err(SuiteError::Setup)?;
-        Ok(Self { sandbox, neighbour })
+        Ok(Self {
+            sandbox,
+            neighbour,
+            relay,
+        })
+    }
+
+    /// Runs `job` of `module` in `dir`, its calls (if its policy names
+    /// services) going through the lane's relay as the suite's caller.
+    pub async fn run(
+        &self,
+        module: &LoadedModule,
+        job: &JobSpec,
+        dir: &JobDir,
+    ) -> Result<JobReport, bulkhead::sandbox::JobError> {
+        let egress = self
+            .relay
+            .as_ref()
+            .and_then(|r| r.grant(module.policy(), &job.id, Ok(egress::caller()), None));
+        self.sandbox.run_with(module, job, dir, egress).await
     }
 }
 
@@ -334,7 +352,6 @@ impl Harness {
             .iter()
             .map(|(k, v)| (k.clone(), self.value(v, secret)))
             .collect();
-        job.caller = Some(Ok(egress::caller()));
         job
     }
 
@@ -458,8 +475,8 @@ async fn observe(lane: &Lane, module: &LoadedModule, job: &JobSpec) -> Result<Ob
     let sampler = Sampler::start();
     let meters = super::meters::Meters::start();
     let (report, neighbour) = tokio::join!(
-        lane.sandbox.run(module, job, &dir),
-        lane.sandbox.run(&lane.neighbour, &hello, &hello_dir)
+        lane.run(module, job, &dir),
+        lane.run(&lane.neighbour, &hello, &hello_dir)
     );
     let meters = meters.stop();
     let peaks = sampler.stop();
@@ -645,7 +662,6 @@ pub(super) async fn minted_token(h: &Harness) -> Result<String, String> {
     let dir =
         JobDir::create(&h.main.sandbox.config().work_dir, &job.id).map_err(|e| e.to_string())?;
     h.main
-        .sandbox
         .run(&module, &job, &dir)
         .await
         .map_err(|e| e.to_string())?;

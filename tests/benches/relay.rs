@@ -5,7 +5,8 @@
 //! - `call_direct`: a GET to a trivial loopback service with the same
 //!   pooled hyper client the host uses, no gate: the baseline.
 //! - `call_through_gate`: the same GET as a guest would make it
-//!   (`http://palette/v1/palette`), through `Gate::send_request`: resolve,
+//!   (`http://palette/v1/palette`), through the job's egress
+//!   (`CallGrant`, as the sandbox's `wasi:http` hooks hand it over): resolve,
 //!   route check, budget, header stripping, minting, sending, the guarded
 //!   response body. The difference from `call_direct` is the gate's cost.
 //!
@@ -14,13 +15,12 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use bulkhead::relay::send::Gate;
+use bulkhead::job::egress::Egress;
 use bulkhead::relay::{CallGrant, Caller, KeyRing, Relay, ServiceDecl, TokenConfig};
 use bulkhead_verify::{CallClaims, Verifier, VerifierConfig};
 use bytes::Bytes;
 use criterion::{Criterion, criterion_group, criterion_main};
 use http_body_util::{BodyExt, Empty};
-use wasmtime_wasi_http::WasiHttpHooks;
 
 fn claims() -> CallClaims {
     let now = SystemTime::now()
@@ -111,7 +111,7 @@ fn calls(c: &mut Criterion) {
             "framed",
         ));
         grant.start(Instant::now() + Duration::from_secs(3600));
-        Gate::new(Some(grant))
+        grant
     };
     let mut gate = fresh_gate();
     let mut calls_on_gate = 0usize;
@@ -150,9 +150,9 @@ fn calls(c: &mut Criterion) {
                         .boxed_unsync(),
                 )
                 .unwrap();
-            let fut = gate.send_request(req, None, Box::new(async { Ok(()) }));
+            let fut = Arc::clone(&gate).send(req);
             rt.block_on(async {
-                let (resp, _io) = Box::into_pin(fut).await.unwrap();
+                let resp = fut.await.unwrap();
                 assert_eq!(resp.status(), 200);
                 resp.into_body().collect().await.unwrap().to_bytes()
             })

@@ -5,9 +5,12 @@
 //! - [`gate`]: which declared service a request addresses, or why not
 //!   (pure; every trick a guest may try is a [`gate::Refusal`]).
 //! - [`keys`]: the Ed25519 signing keys, their rotation and the JWKS.
-//! - [`send`]: the `wasi:http` hooks that run the gate, strip the guest's
-//!   credentials, mint the token and send the request over the host's own
-//!   HTTP client, with per-job bounds on calls, bytes and time.
+//! - [`send`]: the per-job [`CallGrant`], the job's
+//!   [`Egress`](crate::job::egress::Egress): it runs the gate, strips the
+//!   guest's credentials, mints the token and sends the request over the
+//!   host's own HTTP client, with per-job bounds on calls, bytes and time.
+//!   The sandbox's `wasi:http` hooks hand it each guest request; nothing
+//!   here names wasmtime.
 //!
 //! wasmtime-wasi-http is built without its default outbound sender (the
 //! `default-send-request` feature, banned in `deny.toml`), so a request can
@@ -28,10 +31,11 @@ use serde::{Deserialize, Serialize};
 
 use crate::policy::{ByteSize, HumanDuration, ServiceName};
 
+pub use crate::job::egress::{CallRecord, CallsReport};
 pub use gate::Refusal;
 pub use keys::{KeyError, KeyRing};
 pub(crate) use send::declared_length;
-pub use send::{CallGrant, CallRecord, Caller, CallsReport, RefusalSink};
+pub use send::{CallGrant, Caller, RefusalSink};
 
 /// One internal service as the operator declares it in the host config
 /// (`[[services]]`).

@@ -1,6 +1,6 @@
-//! Sending a guest's `wasi:http` request: the [`Gate`] hooks wasmtime-wasi-http
-//! calls, and the per-job [`CallGrant`] that admits, rewrites, signs, sends
-//! and meters each call.
+//! Sending a guest's request: the per-job [`CallGrant`], the job's
+//! [`Egress`], which admits, rewrites, signs, sends and meters each call
+//! the sandbox hands it.
 //!
 //! Order for one call: resolve the authority to a declared, granted service
 //! ([`gate::resolve`]), check method and path ([`gate::check_route`]), take
@@ -35,23 +35,19 @@ use http_body_util::BodyExt;
 use http_body_util::combinators::UnsyncBoxBody;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
-use serde::{Deserialize, Serialize};
-use wasmtime_wasi_http::{Error as HttpError, RequestOptions, WasiHttpHooks};
 
 use super::gate::{self, Directory, Refusal};
 use super::headers;
 use super::leak::{Needles, Scanner, TokenNeedles, Withheld};
 use super::{Relay, ServiceDecl};
+use crate::job::egress::{CallRecord, CallsReport, Egress, EgressError, EgressFuture, MAX_RECORDS};
 use crate::policy::ServiceName;
 
-/// Body type of guest requests.
-type GuestBody = UnsyncBoxBody<Bytes, HttpError>;
+/// Body type of guest requests and of the responses they get.
+type GuestBody = UnsyncBoxBody<Bytes, EgressError>;
 
 /// The host's HTTP client for service calls (HTTP/1.1, pooled).
 pub type Client = hyper_util::client::legacy::Client<HttpConnector, Metered>;
-
-/// Most call records kept in one report; later ones are only counted.
-pub const MAX_RECORDS: usize = 64;
 
 /// Builds the shared client. Connections are pooled per service address.
 pub fn client() -> Client {
@@ -76,51 +72,6 @@ pub struct Caller {
     pub scopes: Vec<String>,
 }
 
-/// What the job's outbound calls did, in its report.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct CallsReport {
-    /// Calls sent to a service.
-    pub made: u32,
-    /// Requests refused by the gate (or whose answer was withheld).
-    pub refused: u32,
-    /// Request body bytes sent.
-    pub bytes_sent: u64,
-    /// Response body bytes received.
-    pub bytes_received: u64,
-    /// Each call, in order, up to [`MAX_RECORDS`].
-    pub records: Vec<CallRecord>,
-    /// Calls beyond [`MAX_RECORDS`], counted but not listed.
-    pub records_dropped: u32,
-}
-
-/// One outbound request and what became of it.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct CallRecord {
-    /// Method.
-    pub method: String,
-    /// The URL as the guest wrote it (bounded).
-    pub target: String,
-    /// The declared service it resolved to, if it did.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub service: Option<String>,
-    /// The service's status code, if it answered.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub status: Option<u16>,
-    /// Why the gate refused it (or withheld the answer).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub refused: Option<String>,
-    /// Refusal class (`raw_ip`, `not_granted`, `redirect`, …).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub class: Option<String>,
-    /// Why the call failed after it was admitted (timeout, connection).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
-    /// Headers (and `trailer:`-prefixed trailer fields) the guest set that
-    /// were not forwarded: everything outside the allow-list.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub stripped_headers: Vec<String>,
-}
-
 /// Called with each refused request as it is refused (the service writes
 /// an audit entry), for the first [`MAX_RECORDS`] of a job: a guest looping
 /// over refused requests must not flood the audit log or the host's log.
@@ -130,6 +81,35 @@ pub struct RefusalSink(pub Arc<dyn Fn(&CallRecord) + Send + Sync>);
 impl std::fmt::Debug for RefusalSink {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("RefusalSink")
+    }
+}
+
+impl Relay {
+    /// The way out of one job of a module under `policy`: a [`CallGrant`]
+    /// narrowing this relay's declarations to the policy's services,
+    /// carrying `caller` (the submitting identity, or why there is none:
+    /// every call is then refused and reported) and telling `sink` of each
+    /// refusal. `None` when the policy names no services.
+    pub fn grant(
+        self: &Arc<Self>,
+        policy: &crate::policy::Policy,
+        job: &str,
+        caller: Result<Caller, String>,
+        sink: Option<RefusalSink>,
+    ) -> Option<Arc<dyn Egress>> {
+        if policy.network.services.is_empty() {
+            return None;
+        }
+        Some(Arc::new(
+            CallGrant::new(
+                Arc::clone(self),
+                policy.network.services.clone(),
+                caller,
+                job,
+                policy.module.name.as_str(),
+            )
+            .with_sink(sink),
+        ))
     }
 }
 
@@ -164,6 +144,23 @@ impl std::fmt::Debug for CallGrant {
             .field("granted", &self.granted)
             .field("job", &self.job)
             .finish_non_exhaustive()
+    }
+}
+
+impl Egress for CallGrant {
+    fn start(&self, deadline: Instant) {
+        let _ = self.deadline.set(deadline);
+    }
+
+    fn send(self: Arc<Self>, request: http::Request<GuestBody>) -> EgressFuture {
+        Box::pin(self.call(request))
+    }
+
+    fn report(&self) -> CallsReport {
+        let mut r = self.lock().report.clone();
+        r.bytes_sent = self.sent.load(Ordering::Relaxed);
+        r.bytes_received = self.received.load(Ordering::Relaxed);
+        r
     }
 }
 
@@ -207,20 +204,6 @@ impl CallGrant {
         self
     }
 
-    /// Starts the job's clock: no call outlives `deadline`, and no token
-    /// is valid past it.
-    pub fn start(&self, deadline: Instant) {
-        let _ = self.deadline.set(deadline);
-    }
-
-    /// The report of every call so far.
-    pub fn report(&self) -> CallsReport {
-        let mut r = self.lock().report.clone();
-        r.bytes_sent = self.sent.load(Ordering::Relaxed);
-        r.bytes_received = self.received.load(Ordering::Relaxed);
-        r
-    }
-
     fn lock(&self) -> std::sync::MutexGuard<'_, GrantState> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -252,7 +235,7 @@ impl CallGrant {
         }
     }
 
-    fn refuse(&self, parts: &Parts, service: Option<&str>, refusal: &Refusal) -> HttpError {
+    fn refuse(&self, parts: &Parts, service: Option<&str>, refusal: &Refusal) -> EgressError {
         self.record(CallRecord {
             method: parts.method.to_string(),
             target: target_of(parts),
@@ -261,14 +244,14 @@ impl CallGrant {
             class: Some(refusal.class().to_owned()),
             ..CallRecord::default()
         });
-        HttpError::HttpRequestDenied
+        EgressError::Denied
     }
 
     /// Admits, signs, sends and meters one guest request.
-    async fn send(
+    async fn call(
         self: Arc<Self>,
         request: http::Request<GuestBody>,
-    ) -> Result<http::Response<GuestBody>, HttpError> {
+    ) -> Result<http::Response<GuestBody>, EgressError> {
         let (parts, body) = request.into_parts();
         let decl = match gate::resolve(
             &*self,
@@ -367,7 +350,7 @@ impl CallGrant {
         }
         let token = self.mint(&decl, &caller, remaining).map_err(|e| {
             tracing::error!(job = %self.job, error = %e, "cannot mint a call token");
-            HttpError::InternalError(Some("the host could not sign this call".into()))
+            EgressError::Internal(Some("the host could not sign this call".into()))
         })?;
         let own = Arc::new(TokenNeedles::new(&token));
         let needles = {
@@ -395,7 +378,7 @@ impl CallGrant {
                 .authority(decl.url.authority.clone())
                 .path_and_query(format!("{}{path}", decl.url.base_path))
                 .build()
-                .map_err(|_| HttpError::HttpRequestUriInvalid)?,
+                .map_err(|_| EgressError::UriInvalid)?,
         );
         for (name, value) in &parts.headers {
             if headers::forwarded(name, &decl.forward_headers) {
@@ -405,7 +388,7 @@ impl CallGrant {
             }
         }
         let bearer = HeaderValue::try_from(format!("Bearer {token}"))
-            .map_err(|_| HttpError::InternalError(None))?;
+            .map_err(|_| EgressError::Internal(None))?;
         out = out
             .header(HOST, decl.url.authority.as_str())
             .header(AUTHORIZATION, bearer)
@@ -419,14 +402,14 @@ impl CallGrant {
         };
         let out = out
             .body(body)
-            .map_err(|e| HttpError::InternalError(Some(e.to_string())))?;
+            .map_err(|e| EgressError::Internal(Some(e.to_string())))?;
 
         let wait = decl.timeout.get().min(remaining);
         let response = match tokio::time::timeout(wait, self.relay.client.request(out)).await {
             Err(_) => {
                 record.error = Some(format!("no response within {} ms", wait.as_millis()));
                 self.record(record);
-                return Err(HttpError::ConnectionTimeout);
+                return Err(EgressError::ConnectionTimeout);
             }
             Ok(Err(e)) => {
                 let connect = e.is_connect();
@@ -438,9 +421,9 @@ impl CallGrant {
                 tracing::warn!(job = %self.job, service = %service, error = %e, "service call failed");
                 self.record(record);
                 return Err(if connect {
-                    HttpError::ConnectionRefused
+                    EgressError::ConnectionRefused
                 } else {
-                    HttpError::HttpProtocolError
+                    EgressError::Protocol
                 });
             }
             Ok(Ok(r)) => r,
@@ -456,7 +439,7 @@ impl CallGrant {
             record.refused = Some(refusal.to_string());
             record.class = Some(refusal.class().to_owned());
             self.record(record);
-            HttpError::HttpRequestDenied
+            EgressError::Denied
         };
 
         // Only identity bytes can be scanned: the gate asked for them, and
@@ -479,7 +462,7 @@ impl CallGrant {
                 Some(rewritten) => {
                     location = Some(
                         HeaderValue::try_from(rewritten)
-                            .map_err(|_| HttpError::InternalError(None))?,
+                            .map_err(|_| EgressError::Internal(None))?,
                     );
                 }
                 None => {
@@ -635,12 +618,12 @@ impl std::fmt::Debug for Metered {
 
 impl Body for Metered {
     type Data = Bytes;
-    type Error = HttpError;
+    type Error = EgressError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, HttpError>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, EgressError>>> {
         let this = &mut *self;
         loop {
             let frame = ready!(Pin::new(&mut this.inner).poll_frame(cx));
@@ -649,7 +632,7 @@ impl Body for Metered {
                     let n = data.len() as u64;
                     this.seen += n;
                     if this.seen > this.limit {
-                        return Poll::Ready(Some(Err(HttpError::HttpRequestBodySize(Some(
+                        return Poll::Ready(Some(Err(EgressError::RequestBodySize(Some(
                             this.seen,
                         )))));
                     }
@@ -707,12 +690,12 @@ struct Guarded {
 
 impl Body for Guarded {
     type Data = Bytes;
-    type Error = HttpError;
+    type Error = EgressError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, HttpError>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, EgressError>>> {
         let this = &mut *self;
         loop {
             if this.ended {
@@ -726,7 +709,7 @@ impl Body for Guarded {
                 // response that never comes would.
                 ready!(this.stall.as_mut().poll(cx));
                 tracing::warn!("a service's response body stalled; the call is failed");
-                return Poll::Ready(Some(Err(HttpError::ConnectionReadTimeout)));
+                return Poll::Ready(Some(Err(EgressError::ConnectionReadTimeout)));
             }
             this.stall
                 .as_mut()
@@ -736,7 +719,10 @@ impl Body for Guarded {
                     this.ended = true;
                     continue;
                 }
-                Some(Err(e)) => return Poll::Ready(Some(Err(HttpError::from(e)))),
+                Some(Err(e)) => {
+                    tracing::warn!(error = ?e, "a service's response body failed");
+                    return Poll::Ready(Some(Err(EgressError::Protocol)));
+                }
                 Some(Ok(f)) => f,
             };
             let Ok(data) = frame.into_data() else {
@@ -746,7 +732,7 @@ impl Body for Guarded {
             let n = data.len() as u64;
             this.seen += n;
             if this.seen > this.limit {
-                return Poll::Ready(Some(Err(HttpError::HttpResponseBodySize(Some(this.seen)))));
+                return Poll::Ready(Some(Err(EgressError::ResponseBodySize(Some(this.seen)))));
             }
             this.meter.received(n);
             match this.scanner.feed(&data) {
@@ -758,7 +744,7 @@ impl Body for Guarded {
                         record(&why);
                     }
                     this.ended = true;
-                    return Poll::Ready(Some(Err(HttpError::InternalError(Some(why.to_string())))));
+                    return Poll::Ready(Some(Err(EgressError::Internal(Some(why.to_string())))));
                 }
             }
         }
@@ -923,66 +909,6 @@ fn redirect_target(decl: &ServiceDecl, request_path: &str, location: &str) -> Op
     };
     gate::check_route(decl, &http::Method::GET, &path).ok()?;
     Some(format!("http://{}{path}", decl.name))
-}
-
-/// The `wasi:http` hooks of one job.
-#[derive(Debug, Default)]
-pub struct Gate {
-    /// `None`: the job may call nothing.
-    pub(crate) grant: Option<Arc<CallGrant>>,
-}
-
-impl Gate {
-    /// The hooks of a job holding `grant` (`None`: it may call nothing).
-    pub fn new(grant: Option<Arc<CallGrant>>) -> Self {
-        Self { grant }
-    }
-}
-
-type SendFuture = Box<
-    dyn Future<
-            Output = Result<
-                (
-                    http::Response<GuestBody>,
-                    Box<dyn Future<Output = Result<(), HttpError>> + Send>,
-                ),
-                HttpError,
-            >,
-        > + Send,
->;
-
-impl WasiHttpHooks for Gate {
-    fn is_supported_scheme(&mut self, _scheme: &Scheme) -> bool {
-        // The gate decides, so the refusal is recorded.
-        true
-    }
-
-    fn set_host_header(&mut self) -> bool {
-        // The host sets `Host` to the service's real authority itself.
-        false
-    }
-
-    fn default_scheme(&mut self) -> Option<Scheme> {
-        Some(Scheme::HTTP)
-    }
-
-    fn send_request(
-        &mut self,
-        request: http::Request<GuestBody>,
-        _options: Option<RequestOptions>,
-        _fut: Box<dyn Future<Output = Result<(), HttpError>> + Send>,
-    ) -> SendFuture {
-        let grant = self.grant.clone();
-        Box::new(async move {
-            let Some(grant) = grant else {
-                return Err(HttpError::HttpRequestDenied);
-            };
-            let response = grant.send(request).await?;
-            let done: Box<dyn Future<Output = Result<(), HttpError>> + Send> =
-                Box::new(async { Ok(()) });
-            Ok((response, done))
-        })
-    }
 }
 
 #[cfg(test)]

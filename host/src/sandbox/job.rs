@@ -1,15 +1,14 @@
-//! A job's request ([`JobSpec`]) and its compartment on disk ([`JobDir`]).
+//! A job's compartment on disk ([`JobDir`]).
 //!
 //! A job directory holds `in/` (the inputs, preopened read-only as `/in`) and
 //! `out/` (preopened writable as `/out`). It is created fresh for every job
 //! under a root only the host uses, and removed when dropped.
 
-use std::collections::BTreeMap;
 use std::io;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
-use bytes::Bytes;
+use crate::job::JobInput;
 
 /// Creates `path` and any missing parents with mode 0700: directories only
 /// this host's user may enter (job directories, the module cache, the
@@ -22,68 +21,6 @@ pub fn create_private_dir_all(path: &Path) -> io::Result<()> {
         .recursive(true)
         .mode(0o700)
         .create(path)
-}
-
-/// Most input files one job may have.
-pub const MAX_INPUTS: usize = 64;
-/// Longest parameter value, in bytes.
-pub const MAX_PARAM_VALUE: usize = 4096;
-
-/// One named input file.
-#[derive(Clone, Debug)]
-pub struct JobInput {
-    /// File name inside `/in`; see [`validate_input_name`].
-    pub name: String,
-    /// Content.
-    pub data: Bytes,
-}
-
-/// Everything a job brings: inputs, parameters, stdin.
-#[derive(Clone, Debug, Default)]
-pub struct JobSpec {
-    /// Identifier used in the report and logs.
-    pub id: String,
-    /// Files placed in `/in`.
-    pub inputs: Vec<JobInput>,
-    /// Parameters; each must be listed in the policy's `run.params`.
-    pub params: BTreeMap<String, String>,
-    /// Bytes readable on stdin.
-    pub stdin: Bytes,
-    /// Who submitted it: the identity relayed to internal services, or why
-    /// there is none (its calls are then refused).
-    pub caller: Option<Result<crate::relay::Caller, String>>,
-    /// Told of each refused outbound request as it happens (the service
-    /// audits them even if the job is then cancelled).
-    pub on_refusal: Option<crate::relay::RefusalSink>,
-}
-
-impl JobSpec {
-    /// A spec with a fresh random id and nothing else.
-    pub fn new() -> Self {
-        Self {
-            id: uuid::Uuid::new_v4().to_string(),
-            ..Self::default()
-        }
-    }
-}
-
-/// Checks an input file name: 1 to 255 bytes of `A-Z a-z 0-9 . _ -`, not
-/// starting with `.`. Names are a flat namespace; there are no
-/// subdirectories in `/in`.
-///
-/// # Errors
-/// A message naming the bad value.
-pub fn validate_input_name(name: &str) -> Result<(), String> {
-    let ok_chars = name
-        .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
-    if name.is_empty() || name.len() > 255 || name.starts_with('.') || !ok_chars {
-        return Err(format!(
-            "invalid input name `{}`: use 1 to 255 characters of A-Z a-z 0-9 . _ -, not starting with `.`",
-            name.escape_debug()
-        ));
-    }
-    Ok(())
 }
 
 /// A job's directories on the host: `<work>/<id>.out`, preopened writable
@@ -235,14 +172,6 @@ impl Drop for JobDir {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn input_names_are_flat_and_plain() {
-        assert!(validate_input_name("photo.PNG").is_ok());
-        for bad in ["", ".hidden", "../x", "a/b", "a\0b", "ünï"] {
-            assert!(validate_input_name(bad).is_err(), "{bad:?}");
-        }
-    }
 
     #[test]
     fn a_job_dir_with_contents_and_links_is_removed_without_following_them() {

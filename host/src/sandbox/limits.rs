@@ -8,88 +8,15 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 
-use serde::{Deserialize, Serialize};
 use wasmtime::ResourceLimiter;
 
-/// A limit that can end a job.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum LimitKind {
-    /// Total linear memory (`limits.memory`).
-    Memory,
-    /// Total table elements (`limits.table_elements`).
-    Tables,
-    /// Guest execution time (`limits.cpu_time`).
-    CpuTime,
-    /// Whole-job deadline (`limits.wall_time`).
-    WallTime,
-    /// Wasm call stack depth (engine-wide `max_wasm_stack`).
-    Stack,
-    /// Captured stdout (`limits.stdout`).
-    Stdout,
-    /// Captured stderr (`limits.stderr`).
-    Stderr,
-    /// Bytes added to `/out` (`limits.output`).
-    Output,
-    /// Entries created in `/out` (`limits.output_files`).
-    OutputFiles,
-    /// Instances, memories or tables beyond what one job may create.
-    Instances,
-    /// Host file descriptors the job holds at once (the host's per-job
-    /// share, `engine::max_open_per_job`): fires when the guest keeps
-    /// asking for more after being refused.
-    Descriptors,
-    /// Bytes written to `/out` in total, overwrites included
-    /// ([`WRITTEN_PER_OUTPUT`] times `limits.output`).
-    Written,
-}
+pub use crate::job::LimitKind;
 
 /// How many times `limits.output` a job may write in total, counting every
 /// byte it writes, overwrites and rewrites included. Growth is bounded by
 /// `output`; this bounds the disk traffic of rewriting the same bytes in
 /// place, which on a disk-backed work directory is real I/O.
 pub const WRITTEN_PER_OUTPUT: u64 = 4;
-
-impl LimitKind {
-    const ALL: [LimitKind; 12] = [
-        LimitKind::Memory,
-        LimitKind::Tables,
-        LimitKind::CpuTime,
-        LimitKind::WallTime,
-        LimitKind::Stack,
-        LimitKind::Stdout,
-        LimitKind::Stderr,
-        LimitKind::Output,
-        LimitKind::OutputFiles,
-        LimitKind::Instances,
-        LimitKind::Descriptors,
-        LimitKind::Written,
-    ];
-
-    /// The policy key (or engine setting) this limit comes from.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            LimitKind::Memory => "memory",
-            LimitKind::Tables => "table_elements",
-            LimitKind::CpuTime => "cpu_time",
-            LimitKind::WallTime => "wall_time",
-            LimitKind::Stack => "stack",
-            LimitKind::Stdout => "stdout",
-            LimitKind::Stderr => "stderr",
-            LimitKind::Output => "output",
-            LimitKind::OutputFiles => "output_files",
-            LimitKind::Instances => "instances",
-            LimitKind::Descriptors => "descriptors",
-            LimitKind::Written => "written",
-        }
-    }
-}
-
-impl std::fmt::Display for LimitKind {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
 
 /// Requests of a job's guest that the host refused, counted host-side:
 /// every filesystem call answered with an error (a path outside the

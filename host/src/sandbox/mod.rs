@@ -14,12 +14,12 @@
 mod cache;
 mod cpu;
 mod engine;
+mod http;
 mod job;
 mod limits;
 pub mod outputs;
 mod pipe;
 mod quota;
-mod report;
 mod wasi;
 
 use std::path::PathBuf;
@@ -36,11 +36,15 @@ pub use engine::{
     DescriptorBudgetError, JOB_OVERHEAD_DESCRIPTORS, MAX_OPEN_PER_JOB, MIN_OPEN_PER_JOB,
     RESERVED_DESCRIPTORS, descriptor_budget,
 };
-pub use job::{JobDir, JobInput, JobSpec, MAX_INPUTS, create_private_dir_all, validate_input_name};
-pub use limits::{LimitKind, WRITTEN_PER_OUTPUT};
-pub use outputs::{OutputFile, SkippedOutput};
+pub use job::{JobDir, create_private_dir_all};
+pub use limits::WRITTEN_PER_OUTPUT;
 pub use quota::DESCRIPTOR_REFUSALS;
-pub use report::{Captured, Failure, FailureKind, JobReport, Measurements, Outcome};
+// The job's types are the `job` module's; re-exported for the sandbox's
+// callers.
+pub use crate::job::{
+    Captured, Failure, FailureKind, JobInput, JobReport, JobSpec, LimitKind, MAX_INPUTS,
+    Measurements, Outcome, OutputFile, SkippedOutput, validate_input_name,
+};
 pub use wasi::{MAX_HANDLES, MAX_RANDOM_PER_CALL, import_verdict};
 
 use crate::policy::{ByteSize, Policy, Sha256Hex};
@@ -175,9 +179,16 @@ pub enum LoadError {
 /// Why a job could not be started. Nothing ran; the report does not exist.
 #[derive(Debug, thiserror::Error)]
 pub enum JobError {
-    /// Bad inputs (name, count, size).
+    /// Bad inputs (name, count).
     #[error("{0}")]
     Input(String),
+    /// Inputs and stdin together above the module's `limits.input`.
+    #[error("inputs total {total} bytes, above module `{module}`'s input limit of {limit}")]
+    InputTooLarge {
+        module: String,
+        total: u64,
+        limit: ByteSize,
+    },
     /// A parameter the policy does not accept, or a bad value.
     #[error("{0}")]
     Param(String),
@@ -235,8 +246,6 @@ pub struct Sandbox {
     linker: wasmtime::component::Linker<wasi::JobState>,
     /// `linker` plus `wasi:http`, for modules whose policy names services.
     http_linker: wasmtime::component::Linker<wasi::JobState>,
-    /// Where outbound calls go; `None` when the host declares no services.
-    relay: Option<Arc<crate::relay::Relay>>,
     /// Host file descriptors one job may hold open: the process's share
     /// divided among the pool's slots ([`descriptor_budget`]), so jobs
     /// together can never exhaust the descriptors the listeners and the
@@ -292,7 +301,6 @@ impl Sandbox {
             engine,
             linker,
             http_linker,
-            relay: None,
             max_open_per_job,
             cache,
             slots: tokio::sync::Semaphore::new(config.max_concurrent_jobs.max(1) as usize),
@@ -309,20 +317,6 @@ impl Sandbox {
     /// Host descriptors one job's guest may hold at once.
     pub fn max_open_per_job(&self) -> u64 {
         self.max_open_per_job
-    }
-
-    /// Routes the outbound calls of modules whose policy names services
-    /// through `relay`. Without a relay such modules load but every call
-    /// they make is refused.
-    #[must_use]
-    pub fn with_relay(mut self, relay: Arc<crate::relay::Relay>) -> Self {
-        self.relay = Some(relay);
-        self
-    }
-
-    /// The relay, if the host declares services.
-    pub fn relay(&self) -> Option<&Arc<crate::relay::Relay>> {
-        self.relay.as_ref()
     }
 
     /// Verifies `wasm` against `policy` (size, digest pin, kind, limits
@@ -424,7 +418,24 @@ impl Sandbox {
         job: &JobSpec,
         dir: &JobDir,
     ) -> Result<JobReport, JobError> {
+        self.run_with(module, job, dir, None).await
+    }
+
+    /// [`Sandbox::run`], with the job's way out: `egress`, which each of
+    /// its outbound requests is handed to, when its policy names services
+    /// (without one, every request is refused).
+    ///
+    /// # Errors
+    /// [`JobError`] when the job is refused before the guest starts.
+    pub async fn run_with(
+        &self,
+        module: &LoadedModule,
+        job: &JobSpec,
+        dir: &JobDir,
+        egress: Option<Arc<dyn crate::job::egress::Egress>>,
+    ) -> Result<JobReport, JobError> {
         let policy = &module.policy;
+        let egress = egress.filter(|_| !policy.network.services.is_empty());
         check_inputs(policy, job)?;
         let args = wasi::guest_args(policy, job).map_err(JobError::Param)?;
         dir.write_inputs(&job.inputs)?;
@@ -438,12 +449,12 @@ impl Sandbox {
             &args,
             cpu_budget_ns,
             &wasi::HostSide {
-                relay: self.relay.as_ref(),
+                egress,
                 extra_preopen: self.config.unsafe_extra_preopen.as_ref(),
                 max_open: self.max_open_per_job,
             },
         )?;
-        let grant = state.hooks.gate.grant.clone();
+        let egress = state.hooks.egress.clone();
         let latch = state.latch.clone();
         let cpu = Arc::clone(&state.cpu);
 
@@ -455,8 +466,8 @@ impl Sandbox {
             .await
             .expect("semaphore is never closed");
         let started = Instant::now();
-        if let Some(grant) = &grant {
-            grant.start(started + policy.limits.wall_time.get());
+        if let Some(egress) = &egress {
+            egress.start(started + policy.limits.wall_time.get());
         }
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| s.limiter());
@@ -621,7 +632,7 @@ impl Sandbox {
             stdout: captured(&captures.stdout, limit == Some(LimitKind::Stdout)),
             stderr: captured(&captures.stderr, limit == Some(LimitKind::Stderr)),
             measurements,
-            calls: grant.map(|g| g.report()),
+            calls: egress.map(|e| e.report()),
         })
     }
 }
@@ -631,8 +642,7 @@ impl Sandbox {
 /// submission so a bad job is refused before it is accepted.
 ///
 /// # Errors
-/// [`JobError::Input`] (too large: the message says so) or
-/// [`JobError::Param`].
+/// [`JobError::Input`], [`JobError::InputTooLarge`] or [`JobError::Param`].
 pub fn validate(policy: &Policy, job: &JobSpec) -> Result<(), JobError> {
     check_inputs(policy, job)?;
     wasi::guest_args(policy, job).map_err(JobError::Param)?;
@@ -665,10 +675,11 @@ fn check_inputs(policy: &Policy, job: &JobSpec) -> Result<(), JobError> {
         total += input.data.len() as u64;
     }
     if total > policy.limits.input.as_u64() {
-        return Err(JobError::Input(format!(
-            "inputs total {total} bytes, above module `{}`'s input limit of {}",
-            policy.module.name, policy.limits.input
-        )));
+        return Err(JobError::InputTooLarge {
+            module: policy.module.name.to_string(),
+            total,
+            limit: policy.limits.input,
+        });
     }
     Ok(())
 }
@@ -732,5 +743,34 @@ fn unsupported_kind(wasm: &[u8]) -> Option<String> {
             Some("it is a core module (wasip1); build for wasm32-wasip2 to get a component".into())
         }
         _ => Some("it is not a WebAssembly binary".into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The service answers 413 for inputs over the module's limit and 400
+    /// for other bad inputs: it tells them apart by the error's variant.
+    #[test]
+    fn inputs_over_the_limit_are_their_own_error() {
+        let text = format!(
+            "version = 1\n[module]\nname = \"demo\"\nsha256 = \"{}\"\n[limits]\ninput = \"1 KiB\"\n",
+            "0".repeat(64)
+        );
+        let policy = Policy::parse(&text, std::path::Path::new("demo.toml")).unwrap();
+        let mut job = JobSpec::new();
+        job.inputs.push(JobInput {
+            name: "big.bin".into(),
+            data: vec![0; 1025].into(),
+        });
+        match validate(&policy, &job) {
+            Err(JobError::InputTooLarge { total, limit, .. }) => {
+                assert_eq!((total, limit.as_u64()), (1025, 1024));
+            }
+            other => panic!("{other:?}"),
+        }
+        job.inputs[0].name = ".hidden".into();
+        assert!(matches!(validate(&policy, &job), Err(JobError::Input(_))));
     }
 }

@@ -34,6 +34,8 @@ use cap_std::fs::{Dir, OpenOptions, OpenOptionsExt};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+pub use crate::job::{OutputFile, SkippedOutput};
+
 /// How deep collection descends into `/out`.
 pub const MAX_DEPTH: usize = 16;
 
@@ -45,30 +47,6 @@ pub const MAX_PATH_BYTES: usize = 1024;
 /// Most entries one walk of `/out` visits before it gives up (the output
 /// quota bounds a job's entries far below this).
 pub const MAX_ENTRIES: usize = 65_536;
-
-/// One collected output: a regular file under `/out`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct OutputFile {
-    /// Path relative to `/out`, `/`-separated.
-    pub name: String,
-    /// Size in bytes.
-    pub size: u64,
-    /// Lowercase hex SHA-256 of the content.
-    pub sha256: String,
-}
-
-/// An entry of `/out` that was not collected, and why.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct SkippedOutput {
-    /// Path relative to `/out`, with every character [`check_name`] refuses
-    /// escaped (`\u{202e}`, `\u{1b}`, and `\xff` for a byte that is not
-    /// UTF-8), so it is safe to print.
-    pub name: String,
-    /// Why: `symlink`, `fifo`, `socket`, `device`, `not-utf8`,
-    /// `control-char`, `format-char`, `reserved-char`, `path-too-long`,
-    /// `too-deep`, `unreadable`.
-    pub reason: String,
-}
 
 /// What collection found.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -17,22 +17,19 @@ use wasmtime_wasi::filesystem::WasiFilesystemCtxView;
 use wasmtime_wasi::p2::pipe::MemoryInputPipe;
 use wasmtime_wasi::{FsPerms, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
-use http::uri::Scheme;
-use http_body_util::combinators::UnsyncBoxBody;
-use wasmtime_wasi_http::{
-    Error as HttpError, RequestOptions, WasiHttpCtx, WasiHttpCtxView, WasiHttpHooks, WasiHttpView,
-};
+use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 use wasmtime_wasi_io::bindings::wasi::io::poll;
 use wasmtime_wasi_io::poll::DynPollable;
 
-use super::cpu::{Charged, CpuMeter};
-use super::job::{JobDir, JobSpec};
+use super::cpu::CpuMeter;
+use super::http::JobHooks;
+use super::job::JobDir;
 use super::limits::{JobLimiter, LimitKind, LimitLatch, Refusals};
 use super::pipe::CappedPipe;
-use super::quota::{CallSlot, OutputQuota, QuotaFs, QuotaFsData};
+use super::quota::{OutputQuota, QuotaFs, QuotaFsData};
+use crate::job::JobSpec;
+use crate::job::egress::Egress;
 use crate::policy::Policy;
-use crate::relay::send::Gate;
-use crate::relay::{CallGrant, Relay};
 
 /// Largest `get-random-bytes` request served in one call. wasmtime-wasi's
 /// default is 64 MiB, a host allocation a guest can ask for in a loop.
@@ -55,103 +52,9 @@ pub struct JobState {
     /// Requests the host refused the guest.
     pub(crate) refusals: Refusals,
     http: WasiHttpCtx,
-    /// The service gate, with each call's send charged to `cpu`.
+    /// The guest-facing half of outbound calls, each call's send charged
+    /// to `cpu`.
     pub(crate) hooks: JobHooks,
-}
-
-/// The job's `wasi:http` hooks: the service [`Gate`], each of whose sends
-/// (minting the call's token, checking the request, connecting) runs on
-/// a task of its own, charged to the job's CPU meter.
-pub(crate) struct JobHooks {
-    pub(crate) gate: Gate,
-    cpu: Arc<CpuMeter>,
-    /// Each call in flight holds one of the job's host descriptors (its
-    /// connection) until the guest drops the response body.
-    quota: Arc<OutputQuota>,
-    refusals: Refusals,
-}
-
-type Sent = Box<
-    dyn std::future::Future<
-            Output = Result<
-                (
-                    http::Response<UnsyncBoxBody<bytes::Bytes, HttpError>>,
-                    Box<dyn std::future::Future<Output = Result<(), HttpError>> + Send>,
-                ),
-                HttpError,
-            >,
-        > + Send,
->;
-
-impl WasiHttpHooks for JobHooks {
-    fn is_supported_scheme(&mut self, scheme: &Scheme) -> bool {
-        self.gate.is_supported_scheme(scheme)
-    }
-
-    fn set_host_header(&mut self) -> bool {
-        self.gate.set_host_header()
-    }
-
-    fn default_scheme(&mut self) -> Option<Scheme> {
-        self.gate.default_scheme()
-    }
-
-    fn forbidden_header_filter(&mut self) -> wasmtime_wasi_http::ForbiddenHeaderFilter {
-        self.gate.forbidden_header_filter()
-    }
-
-    fn send_request(
-        &mut self,
-        request: http::Request<UnsyncBoxBody<bytes::Bytes, HttpError>>,
-        options: Option<RequestOptions>,
-        fut: Box<dyn std::future::Future<Output = Result<(), HttpError>> + Send>,
-    ) -> Sent {
-        let Some(slot) = self.quota.hold_call() else {
-            // At the job's descriptor bound: the call would open a socket.
-            self.refusals.note();
-            return Box::new(async { Err(HttpError::HttpRequestDenied) });
-        };
-        let send = Box::into_pin(self.gate.send_request(request, options, fut));
-        Box::new(Charged::new(
-            async move {
-                let (response, done) = send.await?;
-                Ok((
-                    response.map(|body| {
-                        http_body_util::BodyExt::boxed_unsync(SlotBody { body, _slot: slot })
-                    }),
-                    done,
-                ))
-            },
-            Arc::clone(&self.cpu),
-        ))
-    }
-}
-
-/// A response body holding its call's place among the job's descriptors
-/// until the guest drops it.
-struct SlotBody<B> {
-    body: B,
-    _slot: CallSlot,
-}
-
-impl<B: http_body::Body + Unpin> http_body::Body for SlotBody<B> {
-    type Data = B::Data;
-    type Error = B::Error;
-
-    fn poll_frame(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
-        std::pin::Pin::new(&mut self.body).poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        self.body.size_hint()
-    }
 }
 
 impl std::fmt::Debug for JobState {
@@ -190,10 +93,11 @@ impl JobState {
 }
 
 /// What the host, rather than the policy, contributes to a job's state.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct HostSide<'a> {
-    /// Where outbound calls go, if the host declares services.
-    pub relay: Option<&'a Arc<Relay>>,
+    /// Where the job's outbound calls go, if its policy names services
+    /// and the caller gave it a way out.
+    pub egress: Option<Arc<dyn Egress>>,
     /// The escape suite's deliberate hole
     /// ([`SandboxConfig::unsafe_extra_preopen`](super::SandboxConfig)),
     /// `None` everywhere else.
@@ -226,10 +130,10 @@ pub fn job_state(
     host: &HostSide<'_>,
 ) -> std::io::Result<(JobState, Captures)> {
     let HostSide {
-        relay,
+        egress,
         extra_preopen,
         max_open,
-    } = *host;
+    } = host.clone();
     let latch = LimitLatch::default();
     let limits = &policy.limits;
     let stdout = CappedPipe::new(limits.stdout.as_usize(), LimitKind::Stdout, latch.clone());
@@ -286,39 +190,13 @@ pub fn job_state(
         latch,
         http: WasiHttpCtx::new(),
         hooks: JobHooks {
-            gate: Gate {
-                grant: grant(policy, job, relay),
-            },
+            egress,
             cpu: Arc::clone(&cpu),
             quota,
             refusals: refusals.clone(),
         },
     };
     Ok((state, Captures { stdout, stderr }))
-}
-
-/// The job's right to call services: `None` unless its policy names some
-/// and the host declares a relay. Without a caller (`bulkhead run`) the
-/// grant exists but refuses every call, so the refusals are reported.
-fn grant(policy: &Policy, job: &JobSpec, relay: Option<&Arc<Relay>>) -> Option<Arc<CallGrant>> {
-    if policy.network.services.is_empty() {
-        return None;
-    }
-    let relay = relay?;
-    let caller = job
-        .caller
-        .clone()
-        .unwrap_or_else(|| Err("the job was not submitted by an authenticated caller".into()));
-    Some(Arc::new(
-        CallGrant::new(
-            Arc::clone(relay),
-            policy.network.services.clone(),
-            caller,
-            &job.id,
-            policy.module.name.as_str(),
-        )
-        .with_sink(job.on_refusal.clone()),
-    ))
 }
 
 fn to_io(e: wasmtime::Error) -> std::io::Error {
@@ -348,10 +226,10 @@ pub fn guest_args(policy: &Policy, job: &JobSpec) -> Result<Vec<String>, String>
                 }
             ));
         }
-        if value.len() > super::job::MAX_PARAM_VALUE || value.chars().any(char::is_control) {
+        if value.len() > crate::job::MAX_PARAM_VALUE || value.chars().any(char::is_control) {
             return Err(format!(
                 "invalid value for parameter `{name}`: at most {} bytes, no control characters",
-                super::job::MAX_PARAM_VALUE
+                crate::job::MAX_PARAM_VALUE
             ));
         }
         args.push(format!("--{name}={value}"));
@@ -360,8 +238,8 @@ pub fn guest_args(policy: &Policy, job: &JobSpec) -> Result<Vec<String>, String>
 }
 
 /// The linker for modules whose policy names services: [`linker`] plus
-/// `wasi:http` (types and outgoing handler), whose requests go only through
-/// the relay's gate ([`Gate`]).
+/// `wasi:http` (types and outgoing handler), whose requests go only to the
+/// job's egress ([`JobHooks`]).
 ///
 /// # Errors
 /// Only if wasmtime refuses a definition, which is a bug.

@@ -15,7 +15,7 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
 use crate::auth::TokenRecord;
-use crate::sandbox::{JobReport, LimitKind};
+use crate::job::{JobReport, LimitKind};
 
 pub use sqlite::SqliteStore;
 

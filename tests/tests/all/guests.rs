@@ -62,23 +62,24 @@ pub(crate) async fn lateral() {
 
 #[tokio::test(flavor = "multi_thread")]
 pub(crate) async fn framed() {
-    // Granted `palette`, but run without a submitting caller (as
-    // `bulkhead run` does): the host has no identity to relay, so it
-    // refuses the call, and the guest fails cleanly.
+    // Granted `palette`, but its way out carries no caller identity (as
+    // for a job whose token was revoked): the host has no identity to
+    // relay, so it refuses the call, and the guest fails cleanly.
     use bulkhead::relay::{KeyRing, Relay, ServiceDecl, TokenConfig};
     let tmp = tempfile::tempdir().unwrap();
     let decl = ServiceDecl::example("palette", "http://127.0.0.1:9");
-    let relay = Relay::new(
-        vec![decl.clone()],
-        std::sync::Arc::new(KeyRing::ephemeral()),
-        &TokenConfig::default(),
-    )
-    .unwrap();
+    let relay = std::sync::Arc::new(
+        Relay::new(
+            vec![decl.clone()],
+            std::sync::Arc::new(KeyRing::ephemeral()),
+            &TokenConfig::default(),
+        )
+        .unwrap(),
+    );
     let sandbox = bulkhead::sandbox::Sandbox::new(bulkhead::sandbox::SandboxConfig::new(
         tmp.path().join("work"),
     ))
-    .unwrap()
-    .with_relay(std::sync::Arc::new(relay));
+    .unwrap();
     let policy = policy(bulkhead_tests::FRAMED, "framed")
         .memory(ByteSize::mib(256))
         .services(&["palette"])
@@ -87,7 +88,13 @@ pub(crate) async fn framed() {
     let png = png(64, 64);
     let job = spec(&[("in.png", &png)], &[]);
     let dir = bulkhead::sandbox::JobDir::create(&sandbox.config().work_dir, &job.id).unwrap();
-    let report = sandbox.run(&module, &job, &dir).await.unwrap();
+    let egress = relay.grant(
+        module.policy(),
+        &job.id,
+        Err("the job was not submitted by an authenticated caller".into()),
+        None,
+    );
+    let report = sandbox.run_with(&module, &job, &dir, egress).await.unwrap();
     assert_eq!(report.exit_code, Some(1), "{report:#?}");
     let calls = report.calls.clone().expect("a calls section");
     assert_eq!((calls.made, calls.refused), (0, 1), "{calls:#?}");

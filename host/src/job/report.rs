@@ -3,8 +3,104 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::limits::LimitKind;
-use super::outputs::{OutputFile, SkippedOutput};
+/// A limit that can end a job.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum LimitKind {
+    /// Total linear memory (`limits.memory`).
+    Memory,
+    /// Total table elements (`limits.table_elements`).
+    Tables,
+    /// Guest execution time (`limits.cpu_time`).
+    CpuTime,
+    /// Whole-job deadline (`limits.wall_time`).
+    WallTime,
+    /// Wasm call stack depth (engine-wide `max_wasm_stack`).
+    Stack,
+    /// Captured stdout (`limits.stdout`).
+    Stdout,
+    /// Captured stderr (`limits.stderr`).
+    Stderr,
+    /// Bytes added to `/out` (`limits.output`).
+    Output,
+    /// Entries created in `/out` (`limits.output_files`).
+    OutputFiles,
+    /// Instances, memories or tables beyond what one job may create.
+    Instances,
+    /// Host file descriptors the job holds at once (the host's per-job
+    /// share, the sandbox's `max_open_per_job`): fires when the guest keeps
+    /// asking for more after being refused.
+    Descriptors,
+    /// Bytes written to `/out` in total, overwrites included
+    /// (the sandbox's `WRITTEN_PER_OUTPUT` times `limits.output`).
+    Written,
+}
+
+impl LimitKind {
+    /// Every limit, in a fixed order (the latch stores an index into it).
+    pub(crate) const ALL: [LimitKind; 12] = [
+        LimitKind::Memory,
+        LimitKind::Tables,
+        LimitKind::CpuTime,
+        LimitKind::WallTime,
+        LimitKind::Stack,
+        LimitKind::Stdout,
+        LimitKind::Stderr,
+        LimitKind::Output,
+        LimitKind::OutputFiles,
+        LimitKind::Instances,
+        LimitKind::Descriptors,
+        LimitKind::Written,
+    ];
+
+    /// The policy key (or engine setting) this limit comes from.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LimitKind::Memory => "memory",
+            LimitKind::Tables => "table_elements",
+            LimitKind::CpuTime => "cpu_time",
+            LimitKind::WallTime => "wall_time",
+            LimitKind::Stack => "stack",
+            LimitKind::Stdout => "stdout",
+            LimitKind::Stderr => "stderr",
+            LimitKind::Output => "output",
+            LimitKind::OutputFiles => "output_files",
+            LimitKind::Instances => "instances",
+            LimitKind::Descriptors => "descriptors",
+            LimitKind::Written => "written",
+        }
+    }
+}
+
+impl std::fmt::Display for LimitKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One collected output: a regular file under `/out`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct OutputFile {
+    /// Path relative to `/out`, `/`-separated.
+    pub name: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// Lowercase hex SHA-256 of the content.
+    pub sha256: String,
+}
+
+/// An entry of `/out` that was not collected, and why.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct SkippedOutput {
+    /// Path relative to `/out`, with every character the sandbox's `outputs::check_name` refuses
+    /// escaped (`\u{202e}`, `\u{1b}`, and `\xff` for a byte that is not
+    /// UTF-8), so it is safe to print.
+    pub name: String,
+    /// Why: `symlink`, `fifo`, `socket`, `device`, `not-utf8`,
+    /// `control-char`, `format-char`, `reserved-char`, `path-too-long`,
+    /// `too-deep`, `unreadable`.
+    pub reason: String,
+}
 
 /// Whether the job did its work.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -30,9 +126,9 @@ pub enum FailureKind {
     /// The module could not be instantiated (an import the policy does not
     /// grant, or a start function that failed).
     Instantiate,
-    /// The job's outputs could not be collected (see
-    /// [`outputs::collect`](super::outputs::collect)); nothing the guest
-    /// leaves in `/out` makes the host fail instead.
+    /// The job's outputs could not be collected (the sandbox's
+    /// `outputs::collect`); nothing the guest leaves in `/out` makes the
+    /// host fail instead.
     Output,
     /// The host could not run or finish the job: its module is no longer
     /// served, its stored inputs are unreadable, or the host failed on it
@@ -121,7 +217,7 @@ pub struct JobReport {
     pub measurements: Measurements,
     /// Outbound calls to internal services, when the policy names any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub calls: Option<crate::relay::CallsReport>,
+    pub calls: Option<super::CallsReport>,
 }
 
 impl JobReport {

@@ -1,0 +1,731 @@
+//! Running: the workers, the one path that runs a claimed or admitted job
+//! in the sandbox and records it finished, what a failure of the host on
+//! that path does to the job, cancellation, and the keeper that watches the
+//! storage and recovers unfinished jobs.
+
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{Notify, oneshot};
+
+use super::*;
+use crate::auth::Identity;
+use crate::sandbox::{JobDir, JobReport, JobSpec, LoadedModule};
+use crate::store::{
+    AuditEntry, CancelOutcome, Claim, Claimed, Idempotency, Inserted, JobRecord, JobState,
+    StoreError, now_ms,
+};
+
+/// How a worker's job ended.
+#[derive(Debug)]
+pub(super) enum Ran {
+    /// Finished (its record), or cancelled, or left for the next start
+    /// (`None`).
+    Ended(Option<Box<JobRecord>>),
+    /// Given back to the queue after a failure of the host; after a storage
+    /// failure (`storage`), the keeper re-queues it once the storage writes.
+    Requeued { storage: bool },
+}
+
+/// Keeper ticks (seconds) between two unprompted recoveries.
+pub(super) const RECOVER_EVERY: u32 = 30;
+
+/// Longest pause between two tries to record a finished job.
+pub(super) const FINISH_RETRY_MAX: Duration = Duration::from_secs(5);
+
+/// The audit writes a job's refused calls started (see
+/// [`Service::refusal_sink`]).
+#[derive(Clone, Debug, Default)]
+pub(super) struct AuditWrites(Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>>);
+
+impl AuditWrites {
+    /// Waits for every write started so far, so a job's refusals are in the
+    /// audit log before it is reported finished (or cancelled).
+    async fn settle(&self) {
+        let pending = std::mem::take(&mut *self.0.lock().unwrap_or_else(|e| e.into_inner()));
+        for write in pending {
+            let _ = write.await;
+        }
+    }
+}
+
+/// An `egress.denied` audit entry for `record`'s job.
+pub(super) fn egress_denied(record: &JobRecord, detail: String) -> AuditEntry {
+    AuditEntry {
+        at: now_ms(),
+        action: "egress.denied".into(),
+        tenant: Some(record.tenant.clone()),
+        subject: Some(record.subject.clone()),
+        job_id: Some(record.id.clone()),
+        module: Some(record.module.clone()),
+        module_sha256: Some(record.module_sha256.clone()),
+        policy_sha256: record.policy_sha256.clone(),
+        detail,
+        ..AuditEntry::default()
+    }
+}
+
+impl Service {
+    /// Cancels the caller's queued or running job.
+    ///
+    /// # Errors
+    /// 404 if unknown, 409 if already finished.
+    pub async fn cancel(&self, who: &Identity, id: &str) -> Result<JobState, ServiceError> {
+        match self.store.cancel_job(&who.tenant, id, now_ms()).await? {
+            CancelOutcome::NotFound => Err(ServiceError::NoJob(id.to_owned())),
+            CancelOutcome::AlreadyFinished(state) => Err(ServiceError::Conflict(format!(
+                "job `{id}` already {}",
+                state.as_str()
+            ))),
+            CancelOutcome::Cancelled(before) => {
+                if before == JobState::Queued {
+                    self.scheduler.remove(id);
+                    self.remove_job_files(id);
+                    self.wake(id, None);
+                } else if let Some(cancel) = self
+                    .cancels
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .get(id)
+                {
+                    cancel.notify_one();
+                }
+                self.audit(AuditEntry {
+                    at: now_ms(),
+                    action: "job.cancelled".into(),
+                    tenant: Some(who.tenant.clone()),
+                    subject: Some(who.subject.clone()),
+                    job_id: Some(id.to_owned()),
+                    detail: format!("cancelled while {}", before.as_str()),
+                    ..AuditEntry::default()
+                })
+                .await;
+                self.update_gauges();
+                Ok(JobState::Cancelled)
+            }
+        }
+    }
+
+    pub(super) async fn worker(self: Arc<Self>) {
+        while let Some(slot) = self.scheduler.next().await {
+            let job = slot.job().clone();
+            self.hold(&job.id, true);
+            let ran = self.run_one(&job).await;
+            self.hold(&job.id, false);
+            drop(slot);
+            match ran {
+                Ran::Ended(finished) => self.wake(&job.id, finished.as_deref()),
+                // Its next attempt may start at once; after a storage
+                // failure the keeper re-queues it once the storage writes.
+                Ran::Requeued { storage: false } => {
+                    let _ = self.scheduler.push(job, false);
+                }
+                Ran::Requeued { storage: true } => {
+                    self.recover_wanted.store(true, Ordering::SeqCst);
+                }
+            }
+            self.update_gauges();
+        }
+    }
+
+    /// Marks a job as held by a worker of this process, or no longer.
+    pub(super) fn hold(&self, id: &str, held: bool) {
+        let mut set = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        if held {
+            set.insert(id.to_owned());
+        } else {
+            set.remove(id);
+        }
+    }
+
+    pub(super) fn is_held(&self, id: &str) -> bool {
+        self.held
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(id)
+    }
+
+    /// Claims, runs and finishes one job; returns its finished record, or
+    /// `None` if it did not finish here: cancelled, or given back to the
+    /// queue after a failure of the host (see [`Service::host_failed`]).
+    /// A store failure never drops the job: it stays `queued` (the claim
+    /// failed) or is given back, and the keeper re-queues it.
+    pub(super) async fn run_one(&self, queued: &QueuedJob) -> Ran {
+        let max_attempts = self.config.queue.max_attempts;
+        let claimed = self
+            .store
+            .claim(&queued.tenant, &queued.id, now_ms(), max_attempts)
+            .await;
+        let (record, claim) = match claimed {
+            Ok(Claim::Run(record, claim)) => (*record, claim),
+            Ok(Claim::Gone) => return Ran::Ended(None), // cancelled while queued
+            Ok(Claim::GaveUp(record)) => {
+                tracing::error!(job = %record.id, attempts = record.attempts, "job failed: started too many times without finishing");
+                self.remove_inputs(&record);
+                let (finished_at, report) = (record.finished_at, record.report.clone());
+                let Some(report) = report else {
+                    return Ran::Ended(None);
+                };
+                return Ran::Ended(Some(Box::new(
+                    self.finished(*record, report, finished_at.unwrap_or_else(now_ms))
+                        .await,
+                )));
+            }
+            Err(e) => {
+                // Still `queued` in the store: the claim rolled back.
+                tracing::error!(job = %queued.id, error = %e, "cannot claim job; it stays queued");
+                self.noted(e.into());
+                return Ran::Requeued { storage: true };
+            }
+        };
+        let result = match self.modules.get(&record.module) {
+            Some(module) => self.run_stored(module, &record).await,
+            None => Ok(Some(JobReport::not_run(
+                &record.id,
+                &record.module,
+                "module is no longer served",
+            ))),
+        };
+        match result {
+            Ok(Some(report)) => Ran::Ended(self.finish(record, &claim, report).await.map(Box::new)),
+            Ok(None) => Ran::Ended(None), // cancelled while running
+            Err(e) => self.host_failed(record, &claim, e).await,
+        }
+    }
+
+    /// The host failed on `record`'s path (its result could not be kept,
+    /// its directory not made, its stored inputs not read…). A storage
+    /// failure gives the job back to the queue without spending its attempt:
+    /// it runs again once the storage writes. Any other failure spends it:
+    /// the job is re-queued, or, at its last attempt, finished `failed` with
+    /// the reason. Whatever is left of its outputs is removed.
+    pub(super) async fn host_failed(
+        &self,
+        record: JobRecord,
+        claim: &Claimed,
+        e: ServiceError,
+    ) -> Ran {
+        self.remove_outputs(&record.id);
+        let max_attempts = self.config.queue.max_attempts;
+        // Some failures lose their error number on the way up (a message
+        // only): a data directory out of space says what it was.
+        let storage = e.is_storage() || self.free_space().is_ok_and(|free| free < MIN_FREE);
+        if storage || record.attempts < max_attempts {
+            if storage {
+                tracing::error!(job = %record.id, error = %e, "storage failed on the job's path; it goes back to the queue");
+                self.noted(e);
+            } else {
+                tracing::error!(job = %record.id, attempt = record.attempts, error = %e, "the host failed on the job's path; it goes back to the queue");
+            }
+            return match self.store.requeue(claim, !storage).await {
+                Ok(_) => Ran::Requeued { storage },
+                Err(e) => {
+                    // Left `running` and not held: the keeper re-queues it.
+                    tracing::error!(job = %record.id, error = %e, "cannot re-queue the job");
+                    self.noted(e.into());
+                    Ran::Requeued { storage: true }
+                }
+            };
+        }
+        tracing::error!(job = %record.id, attempts = record.attempts, error = %e, "job failed: the host could not finish it");
+        let report = JobReport::not_run(
+            &record.id,
+            &record.module,
+            format!(
+                "the host could not finish the job in {} attempts (last: {e})",
+                record.attempts
+            ),
+        );
+        Ran::Ended(self.finish(record, claim, report).await.map(Box::new))
+    }
+
+    /// Records `record`'s job finished with `report`. A store failure is
+    /// retried, with backoff, until the store writes again or the service
+    /// drains (the job is then left `running`, and re-run at the next
+    /// start); the result is never dropped while the process lives.
+    pub(super) async fn finish(
+        &self,
+        record: JobRecord,
+        claim: &Claimed,
+        report: JobReport,
+    ) -> Option<JobRecord> {
+        let mut pause = Duration::from_millis(100);
+        loop {
+            let finished_at = now_ms();
+            match self.store.finish_job(claim, &report, finished_at).await {
+                Ok(true) => {
+                    self.remove_inputs(&record);
+                    return Some(self.finished(record, report, finished_at).await);
+                }
+                // Cancelled while running; its result is dropped.
+                Ok(false) => return None,
+                Err(e) => {
+                    tracing::error!(job = %record.id, error = %e, retry_in = ?pause, "cannot record the finished job");
+                    self.noted(e.into());
+                    if self.is_draining() {
+                        return None;
+                    }
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(FINISH_RETRY_MAX);
+                }
+            }
+        }
+    }
+
+    /// Metrics and call audit of a job the store has just recorded as
+    /// finished; returns its final record.
+    pub(super) async fn finished(
+        &self,
+        mut record: JobRecord,
+        report: JobReport,
+        finished_at: i64,
+    ) -> JobRecord {
+        let outcome = if report.succeeded() {
+            "succeeded"
+        } else {
+            "failed"
+        };
+        metrics::counter!("bulkhead_jobs_total", "module" => record.module.clone(), "outcome" => outcome).increment(1);
+        if let Some(limit) = report.limit {
+            metrics::counter!("bulkhead_limits_fired_total", "module" => record.module.clone(), "limit" => limit.as_str())
+                .increment(1);
+        }
+        metrics::histogram!("bulkhead_job_wall_seconds", "module" => record.module.clone())
+            .record(report.measurements.wall_time_ms / 1000.0);
+        if let Some(calls) = &report.calls {
+            self.audit_calls(&record, calls).await;
+        }
+        record.state = if report.succeeded() {
+            JobState::Succeeded
+        } else {
+            JobState::Failed
+        };
+        record.finished_at = Some(finished_at);
+        record.report = Some(report);
+        record
+    }
+
+    /// The inline path: runs a waited-for job in the caller's task and
+    /// stores it once, finished. Only for a job the caller waits for and
+    /// whose wall-time limit ends before the wait does, once the scheduler
+    /// has given it a slot in its fair turn ([`Scheduler::wait_turn`]):
+    /// such a job is never acknowledged before it has finished and been
+    /// stored, so it needs no durable queued state, and it skips the
+    /// queue's store writes and thread hand-offs.
+    pub(super) async fn run_now(
+        &self,
+        who: &Identity,
+        module: &LoadedModule,
+        spec: JobSpec,
+        has_stdin: bool,
+        slot: Slot,
+        key: Option<&Idempotency>,
+    ) -> Result<Accepted, ServiceError> {
+        let now = now_ms();
+        let record = JobRecord {
+            state: JobState::Running,
+            started_at: Some(now),
+            attempts: 1,
+            ..super::admit::new_record(who, module, &spec, has_stdin, now)
+        };
+        // The caller authenticated on this very request. A failure of the
+        // host on the way is a failed job with a reason (never a 500),
+        // unless it is the storage's: then nothing can be stored, and the
+        // caller is told to retry (503). Either way nothing is left under
+        // the data directory without a row.
+        let ran = self
+            .execute(module, &record, &spec, Some(Ok(caller(who))))
+            .await
+            .map(|report| {
+                // Inline jobs have no row to cancel, so nothing ends them
+                // early; should one be, it is a failed job, not a lost one.
+                report.unwrap_or_else(|| {
+                    JobReport::not_run(&record.id, &record.module, "the job was cancelled")
+                })
+            });
+        // The sandbox is done with it: the next job need not wait for the
+        // store.
+        drop(slot);
+        let report = match ran {
+            Ok(report) => report,
+            Err(e) => {
+                self.remove_job_files(&record.id);
+                if e.is_storage() {
+                    return Err(self.noted(e));
+                }
+                if self.free_space().is_ok_and(|free| free < MIN_FREE) {
+                    // The error number was lost on the way; the disk says
+                    // what it was.
+                    let full = std::io::Error::from_raw_os_error(libc::ENOSPC);
+                    return Err(self.noted(full.into()));
+                }
+                tracing::error!(job = %record.id, error = %e, "job failed: the host could not finish it");
+                JobReport::not_run(
+                    &record.id,
+                    &record.module,
+                    format!("the host could not finish the job: {e}"),
+                )
+            }
+        };
+        let finished_at = now_ms();
+        match (
+            self.store
+                .insert_finished_job(&record, &report, finished_at, key)
+                .await,
+            key,
+        ) {
+            (Ok(Inserted::Existing(job, hash)), Some(key)) => {
+                // A retry with the same key ran beside this one and was
+                // stored first: this run is dropped.
+                self.remove_job_files(&record.id);
+                return self.replay(*job, &hash, key, true).await;
+            }
+            (Ok(_), _) => {}
+            (Err(e), _) => {
+                self.remove_job_files(&record.id);
+                return Err(self.noted(e.into()));
+            }
+        }
+        metrics::counter!("bulkhead_jobs_accepted_total", "module" => record.module.clone())
+            .increment(1);
+        let record = self.finished(record, report, finished_at).await;
+        let (tx, rx) = oneshot::channel();
+        let _ = tx.send(Some(record.clone()));
+        Ok((record, Some(rx)))
+    }
+
+    /// The way out of `record`'s job, for `caller`, when its policy names
+    /// services and the host declares a relay; each refusal is audited
+    /// ([`Service::refusal_sink`]).
+    pub(super) fn egress(
+        &self,
+        module: &LoadedModule,
+        record: &JobRecord,
+        caller: Result<crate::relay::Caller, String>,
+        audits: &AuditWrites,
+    ) -> Option<Arc<dyn crate::job::egress::Egress>> {
+        if module.policy().network.services.is_empty() {
+            return None;
+        }
+        let sink = self.refusal_sink(record, audits);
+        self.relay
+            .as_ref()?
+            .grant(module.policy(), &record.id, caller, Some(sink))
+    }
+
+    /// Writes one `egress.denied` audit entry per refused outbound request
+    /// of `record`'s job as it is refused; the writes are collected in
+    /// `pending` for the job to await.
+    pub(super) fn refusal_sink(
+        &self,
+        record: &JobRecord,
+        pending: &AuditWrites,
+    ) -> crate::relay::RefusalSink {
+        let pending = pending.clone();
+        let store = Arc::clone(&self.store);
+        let template = egress_denied(record, String::new());
+        crate::relay::RefusalSink(Arc::new(move |r: &crate::relay::CallRecord| {
+            let mut entry = template.clone();
+            entry.at = now_ms();
+            entry.detail = format!(
+                "{} {}: {}",
+                r.method,
+                r.target,
+                r.refused.as_deref().unwrap_or_default()
+            );
+            let store = Arc::clone(&store);
+            let write = tokio::spawn(async move {
+                if let Err(e) = store.append_audit(&entry).await {
+                    tracing::error!(error = %e, "cannot write audit entry");
+                }
+            });
+            pending
+                .0
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(write);
+        }))
+    }
+
+    /// The call metrics of a finished job, and one audit entry counting the
+    /// refusals beyond the report's list (those listed were audited as they
+    /// happened, see [`Service::refusal_sink`]).
+    pub(super) async fn audit_calls(&self, record: &JobRecord, calls: &crate::relay::CallsReport) {
+        metrics::counter!("bulkhead_service_calls_total", "module" => record.module.clone())
+            .increment(u64::from(calls.made));
+        for r in &calls.records {
+            if r.refused.is_none() {
+                continue;
+            }
+            let class = r.class.clone().unwrap_or_default();
+            metrics::counter!("bulkhead_service_calls_refused_total", "module" => record.module.clone(), "class" => class)
+                .increment(1);
+        }
+        if calls.records_dropped > 0 {
+            self.audit(egress_denied(
+                record,
+                format!(
+                    "{} more outbound requests not listed in the job report (see `calls.refused` = {})",
+                    calls.records_dropped, calls.refused
+                ),
+            ))
+            .await;
+        }
+    }
+
+    /// The identity a job's outbound calls carry: its submitting token's,
+    /// read again now, so a token revoked or expired since submission
+    /// relays nothing.
+    pub(super) async fn caller_of(
+        &self,
+        record: &JobRecord,
+    ) -> Result<Result<crate::relay::Caller, String>, ServiceError> {
+        let token = self.store.token_by_id(&record.token_id).await?;
+        let now = now_ms() / 1000;
+        Ok(match token.and_then(|t| t.identity_at(now)) {
+            Some(who) if who.tenant == record.tenant => Ok(caller(&who)),
+            _ => Err("the submitting token has been revoked or has expired".into()),
+        })
+    }
+
+    /// Runs a claimed job from its stored inputs, its calls relayed as its
+    /// submitting token's identity read now (see [`Service::caller_of`]).
+    /// `None` if it was cancelled meanwhile.
+    async fn run_stored(
+        &self,
+        module: &LoadedModule,
+        record: &JobRecord,
+    ) -> Result<Option<JobReport>, ServiceError> {
+        let Some(spec) = self.stored_spec(record)? else {
+            return Ok(Some(JobReport::not_run(
+                &record.id,
+                &record.module,
+                "stored input unreadable",
+            )));
+        };
+        let caller = if module.policy().network.services.is_empty() {
+            None
+        } else {
+            Some(self.caller_of(record).await?)
+        };
+        self.execute(module, record, &spec, caller).await
+    }
+
+    /// The one run path, for queued jobs a worker claimed and for inline
+    /// jobs alike: runs `spec` of `record`'s job in the sandbox, its calls
+    /// (when its policy names services) relayed as `caller` and each
+    /// refusal audited before it returns, and copies its outputs into the
+    /// job's directory. `None` if it was cancelled meanwhile.
+    pub(super) async fn execute(
+        &self,
+        module: &LoadedModule,
+        record: &JobRecord,
+        spec: &JobSpec,
+        caller: Option<Result<crate::relay::Caller, String>>,
+    ) -> Result<Option<JobReport>, ServiceError> {
+        let audits = AuditWrites::default();
+        let egress = caller.and_then(|caller| self.egress(module, record, caller, &audits));
+        let dir = JobDir::create(self.sandbox.config().work_dir.as_path(), &record.id)?;
+        let cancel = Arc::new(Notify::new());
+        self.cancels
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(record.id.clone(), Arc::clone(&cancel));
+        let result = tokio::select! {
+            r = self.sandbox.run_with(module, spec, &dir, egress) => Some(r),
+            () = cancel.notified() => None,
+        };
+        audits.settle().await;
+        self.cancels
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&record.id);
+        let report = match result {
+            None => return Ok(None),
+            Some(Ok(report)) => report,
+            Some(Err(e)) => JobReport::not_run(&record.id, &record.module, e.to_string()),
+        };
+        self.keep_outputs(record, &report, &dir)?;
+        Ok(Some(report))
+    }
+
+    /// Deletes finished jobs past retention, every minute.
+    pub(super) async fn sweeper(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(Duration::from_secs(60));
+        loop {
+            tick.tick().await;
+            if self.is_draining() {
+                return;
+            }
+            self.sweep().await;
+        }
+    }
+
+    /// Deletes the rows and files of jobs that finished longer than the
+    /// retention period ago, job directories no row points to that are
+    /// older than [`ORPHAN_AGE`], and audit entries older than the audit
+    /// retention. Returns how many jobs expired.
+    pub async fn sweep(&self) -> usize {
+        let audit_before = now_ms() - self.config.audit.retention.get().as_millis() as i64;
+        if let Err(e) = self.store.expire_audit(audit_before).await {
+            tracing::error!(error = %e, "audit retention sweep failed");
+        }
+        let before = now_ms() - self.config.storage.retention.get().as_millis() as i64;
+        let expired = match self.store.expire_jobs(before).await {
+            Ok(ids) => {
+                ids.iter().for_each(|id| self.remove_job_files(id));
+                ids.len()
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "retention sweep failed");
+                self.noted(e.into());
+                0
+            }
+        };
+        let orphans = self.remove_orphans(ORPHAN_AGE).await;
+        if orphans > 0 {
+            tracing::warn!(orphans, "removed job directories no job points to");
+        }
+        expired
+    }
+
+    /// Watches the storage and recovers jobs, every second: while the
+    /// storage has failed, probes it (a store write and a file written and
+    /// fsynced under the data directory) until it writes again; checks the
+    /// data directory's free space; and after a failure on a job's path,
+    /// when the storage recovers, and at least every [`RECOVER_EVERY`]
+    /// ticks, re-reads the store's unfinished jobs (see
+    /// [`Service::recover`]).
+    pub(super) async fn keeper(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut ticks = 0u32;
+        loop {
+            tick.tick().await;
+            if self.is_draining() {
+                return;
+            }
+            let was_ok = self.storage_ok();
+            let ok = if was_ok {
+                match self.free_space() {
+                    Ok(free) if free < MIN_FREE => {
+                        self.storage_failed(&format!("{free} bytes free under the data directory"));
+                        false
+                    }
+                    _ => true,
+                }
+            } else {
+                match self.probe().await {
+                    Ok(()) => {
+                        self.storage_ok.store(true, Ordering::SeqCst);
+                        tracing::warn!("storage writable again: ready");
+                        true
+                    }
+                    Err(e) => {
+                        tracing::debug!(error = %e, "storage still failing");
+                        false
+                    }
+                }
+            };
+            ticks += 1;
+            let wanted = self.recover_wanted.swap(false, Ordering::SeqCst);
+            if ok && (wanted || !was_ok || ticks >= RECOVER_EVERY) {
+                ticks = 0;
+                if let Err(e) = self.recover().await {
+                    tracing::error!(error = %e, "cannot recover unfinished jobs");
+                    self.recover_wanted.store(true, Ordering::SeqCst);
+                    self.noted(e.into());
+                }
+            } else if wanted {
+                self.recover_wanted.store(true, Ordering::SeqCst);
+            }
+        }
+    }
+
+    /// Bytes free for this process under the data directory.
+    pub(super) fn free_space(&self) -> std::io::Result<u64> {
+        use std::os::unix::ffi::OsStrExt;
+        let path = std::ffi::CString::new(self.config.storage.data_dir.as_os_str().as_bytes())
+            .map_err(std::io::Error::other)?;
+        let mut stat = std::mem::MaybeUninit::<libc::statvfs>::zeroed();
+        // SAFETY: `path` is a NUL-terminated string and `stat` points to
+        // writable memory of the right size for the call to fill.
+        if unsafe { libc::statvfs(path.as_ptr(), stat.as_mut_ptr()) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: statvfs returned 0, so it filled `stat`.
+        let stat = unsafe { stat.assume_init() };
+        Ok(stat.f_bavail.saturating_mul(stat.f_frsize))
+    }
+
+    /// Whether the storage writes again: the store takes a write, a small
+    /// file is written and fsynced under the data directory, and the free
+    /// space there is at least [`MIN_FREE`].
+    pub(super) async fn probe(&self) -> Result<(), ServiceError> {
+        self.store.probe(now_ms()).await?;
+        let path = self.config.storage.data_dir.join(".probe");
+        let written = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&path)
+            .and_then(|mut f| {
+                f.write_all(&[0; 4096])?;
+                f.sync_all()
+            });
+        let _ = std::fs::remove_file(&path);
+        written?;
+        let free = self.free_space()?;
+        if free < MIN_FREE {
+            return Err(ServiceError::Io(std::io::Error::from_raw_os_error(
+                libc::ENOSPC,
+            )));
+        }
+        Ok(())
+    }
+
+    /// Puts every unfinished job of the store that no worker here holds
+    /// back in the run queue: `queued` ones whose claim failed, `running`
+    /// ones a failure left behind (re-queued first, their attempt spent).
+    /// The scheduler ignores jobs it already has.
+    ///
+    /// # Errors
+    /// Store failures.
+    pub async fn recover(&self) -> Result<usize, StoreError> {
+        let mut queued = 0;
+        for job in self.store.pending_jobs().await? {
+            if self.is_held(&job.id) {
+                continue;
+            }
+            if let Some(claim) = &job.claim
+                && !self.store.requeue(claim, true).await?
+            {
+                continue;
+            }
+            let pushed = self.scheduler.push(
+                QueuedJob {
+                    id: job.id,
+                    tenant: job.tenant,
+                    module: job.module,
+                },
+                false,
+            );
+            queued += usize::from(pushed.is_ok());
+        }
+        Ok(queued)
+    }
+}
+
+/// The identity a job's outbound calls carry, from an authenticated
+/// caller's.
+fn caller(who: &Identity) -> crate::relay::Caller {
+    crate::relay::Caller {
+        tenant: who.tenant.clone(),
+        subject: who.subject.clone(),
+        scopes: who.scopes.clone(),
+    }
+}
