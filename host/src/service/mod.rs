@@ -142,8 +142,8 @@ pub enum StartError {
     #[error("signing keys: {0}")]
     Keys(#[from] crate::relay::KeyError),
     /// The declared services or `[tokens]` are unusable.
-    #[error("{0}")]
-    Relay(String),
+    #[error(transparent)]
+    Relay(#[from] crate::relay::RelayError),
     /// The store failed while recovering jobs.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -260,8 +260,7 @@ impl Service {
             None => crate::relay::KeyRing::open(&data.join("keys"), config.tokens.key_grace.get()),
         }?;
         let relay =
-            crate::relay::Relay::new(config.services.clone(), Arc::new(keys), &config.tokens)
-                .map_err(|e| StartError::Relay(e.to_string()))?;
+            crate::relay::Relay::new(config.services.clone(), Arc::new(keys), &config.tokens)?;
         let relay = Some(Arc::new(relay));
         let sandbox = Sandbox::new(sandbox_config).map_err(|e| storage(&e))?;
         let modules = load_modules(&sandbox, relay.as_deref(), &config)?;
