@@ -156,7 +156,7 @@ fn suite_layers_only_point_down() {
                 continue;
             }
             let mut rest = code;
-            while let Some(at) = rest.find(|c: char| c == 'c' || c == 's') {
+            while let Some(at) = rest.find(['c', 's']) {
                 let tail = &rest[at..];
                 let word_start = at == 0
                     || !rest[..at]
