@@ -16,7 +16,8 @@
 //!   anything it receives is a breach.
 //!
 //! Both record every request (method, path, headers, trailers, bearer
-//! token, body bytes). The verdict of an attack adds up: the forbidden bait received
+//! token, body bytes). The verdict of an attack (judged in
+//! `families::http`) adds up: the forbidden bait received
 //! nothing; the allowed bait received only calls inside its declaration,
 //! within its bounds, each with no credential of the guest's and one token
 //! the host minted, which verifies against the host's keys and carries the
@@ -24,9 +25,9 @@
 //! class; and the usual host-side checks (canaries, neighbour, memory...).
 //! What the guest prints is never part of it.
 //!
-//! This module owns the baits, the relay they are declared to and the
-//! HTTP-specific checks; it does not touch `relay` internals, only its
-//! public interface.
+//! This module owns the baits and the relay they are declared to (the
+//! HTTP-specific checks are the `http` family's); it does not touch `relay`
+//! internals, only its public interface.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
