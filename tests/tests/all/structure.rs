@@ -109,7 +109,139 @@ fn module_boundaries_hold_in_the_source() {
     // self-test; everything else leaves the default.
     let hole = naming(&["*"], &["unsafe_extra_preopen ="], &[]);
     assert_eq!(hole.len(), 1, "{hole:#?}");
-    assert!(hole[0].starts_with("suite/local.rs:"), "{hole:#?}");
+    assert!(hole[0].starts_with("suite/harness/mod.rs:"), "{hole:#?}");
+}
+
+/// The escape suite's layers (ARCHITECTURE.md): every `crate::` and
+/// `super::` path in `suite/src` points to its own layer or one below; the
+/// model depends on nothing in the crate, the catalog on the model only,
+/// and no attack family on another.
+#[test]
+fn suite_layers_only_point_down() {
+    // Top-level module (or `root`: lib.rs and the report) -> rank. The
+    // catalog and the families share a rank but may not name each other.
+    const LAYERS: [(&str, u8); 6] = [
+        ("model", 0),
+        ("harness", 1),
+        ("catalog", 2),
+        ("families", 2),
+        ("runners", 3),
+        ("root", 4),
+    ];
+    fn files(dir: &Path, root: &Path, out: &mut Vec<(Vec<String>, String)>) {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                files(&path, root, out);
+            } else if path.extension().is_some_and(|e| e == "rs") {
+                // The module path of the file: `families/http.rs` is
+                // families::http, `harness/mod.rs` harness, lib.rs the root.
+                let rel = path.strip_prefix(root).unwrap().with_extension("");
+                let mut module: Vec<String> = rel
+                    .components()
+                    .map(|c| c.as_os_str().to_string_lossy().into_owned())
+                    .collect();
+                if module.last().is_some_and(|l| l == "mod" || l == "lib") {
+                    module.pop();
+                }
+                out.push((module, std::fs::read_to_string(&path).unwrap()));
+            }
+        }
+    }
+    fn group(module: &[String]) -> &str {
+        match module.first().map(String::as_str) {
+            None | Some("report") => "root",
+            Some(m) => m,
+        }
+    }
+    let rank = |g: &str| LAYERS.iter().find(|(n, _)| *n == g).map(|(_, r)| *r);
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../suite/src");
+    let mut all = Vec::new();
+    files(&src, &src, &mut all);
+    let top: Vec<String> = all.iter().filter_map(|(m, _)| m.first().cloned()).collect();
+    let mut bad = Vec::new();
+    for (module, text) in &all {
+        let from = group(module);
+        let Some(from_rank) = rank(from) else {
+            bad.push(format!("{}: not in a layer", module.join("::")));
+            continue;
+        };
+        for (n, line) in text.lines().enumerate() {
+            let code = line.trim_start();
+            // Comments, and a test module's glob of its own file.
+            if code.starts_with("//") || (code == "use super::*;" && line.starts_with(' ')) {
+                continue;
+            }
+            let mut rest = code;
+            while let Some(at) = rest.find(['c', 's']) {
+                let tail = &rest[at..];
+                let word_start = at == 0
+                    || !rest[..at]
+                        .chars()
+                        .next_back()
+                        .is_some_and(|c| c.is_alphanumeric() || c == '_' || c == ':');
+                let (mut target, mut after) = if word_start && tail.starts_with("crate::") {
+                    (Vec::new(), &tail[7..])
+                } else if word_start && tail.starts_with("super::") {
+                    (module.clone(), tail)
+                } else {
+                    rest = &tail[1..];
+                    continue;
+                };
+                while let Some(next) = after.strip_prefix("super::") {
+                    target.pop();
+                    after = next;
+                }
+                let name: String = after
+                    .chars()
+                    .take_while(|c| c.is_alphanumeric() || *c == '_')
+                    .collect();
+                if !name.is_empty() {
+                    target.push(name.clone());
+                    if let Some(sub) = after[name.len()..].strip_prefix("::") {
+                        let sub: String = sub
+                            .chars()
+                            .take_while(|c| c.is_alphanumeric() || *c == '_')
+                            .collect();
+                        if !sub.is_empty() {
+                            target.push(sub);
+                        }
+                    }
+                }
+                // An item of the root (`crate::Check`) belongs to the root.
+                if target.first().is_some_and(|t| !top.contains(t)) {
+                    target.clear();
+                }
+                let to = group(&target);
+                let ok = match rank(to) {
+                    None => false,
+                    Some(r) if r < from_rank => true,
+                    Some(r) if r == from_rank && to == from => {
+                        // Within the families, only a family's own files.
+                        from != "families"
+                            || target.len() < 2
+                            || module.len() < 2
+                            || target[1] == module[1]
+                    }
+                    Some(_) => false,
+                };
+                if !ok {
+                    bad.push(format!(
+                        "suite/src {} (line {}): {from} -> {to} ({})",
+                        module.join("::"),
+                        n + 1,
+                        code
+                    ));
+                }
+                rest = &tail[1..];
+            }
+        }
+    }
+    assert!(
+        bad.is_empty(),
+        "edges that do not point down:\n{}",
+        bad.join("\n")
+    );
 }
 
 /// The `bulkhead` library is what an embedder links: no command line, no

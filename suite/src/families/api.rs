@@ -13,134 +13,11 @@ use std::time::Instant;
 
 use serde_json::Value;
 
-use super::catalog::{Attack, AttackKind};
-use super::local::ms;
-use super::{AttackResult, Check, Class};
+use crate::harness::evidence;
+use crate::model::{ApiAttack, Attack, AttackResult, Check, hello_wasm, hostile_wasm, ms};
 use bulkhead::api::{IssueRequest, new_token};
 use bulkhead::config::ServeConfig;
 use bulkhead::service::Service;
-
-/// One attack on the API.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ApiAttack {
-    /// Missing, malformed, truncated, wrong-scheme and query-string tokens.
-    Malformed,
-    /// A revoked token.
-    Revoked,
-    /// An expired token.
-    Expired,
-    /// Read, download, cancel, delete and list another tenant's job.
-    CrossTenant,
-    /// A user token against the admin API.
-    AdminWithUserToken,
-    /// Identity headers (`X-Bulkhead-Tenant`) instead of the token's.
-    TenantHeader,
-    /// A token without the module's scope.
-    ScopeMissing,
-    /// Path tricks in module names, job ids and output names.
-    PathTricks,
-    /// One tenant floods the queue; another must still be served.
-    Flood,
-    /// A body over the service's limit.
-    HugeBody,
-    /// A call token the service minted, presented to its own API.
-    CallTokenAtApi,
-    /// Slow readers of a large output, beyond the tenant's download bound.
-    DownloadFlood,
-    /// Another tenant downloads while one holds every download it may.
-    DownloadNeighbour,
-}
-
-impl ApiAttack {
-    /// Whether it needs only the tester's token (runs with `--server`).
-    pub fn remote_ok(self) -> bool {
-        matches!(
-            self,
-            ApiAttack::Malformed | ApiAttack::TenantHeader | ApiAttack::PathTricks
-        )
-    }
-}
-
-fn api(id: &str, title: &str, a: ApiAttack) -> Attack {
-    Attack {
-        id: id.to_owned(),
-        class: Class::Tokens,
-        title: title.to_owned(),
-        source: "bundled".to_owned(),
-        kind: AttackKind::Api(a),
-    }
-}
-
-/// The bundled API attacks.
-pub fn catalog() -> Vec<Attack> {
-    vec![
-        api(
-            "tokens.malformed",
-            "no token, malformed, truncated, wrong scheme, token in the query string",
-            ApiAttack::Malformed,
-        ),
-        api(
-            "tokens.revoked",
-            "replay a revoked token",
-            ApiAttack::Revoked,
-        ),
-        api(
-            "tokens.expired",
-            "replay an expired token",
-            ApiAttack::Expired,
-        ),
-        api(
-            "tokens.cross-tenant",
-            "read, download, cancel, delete and list another tenant's job",
-            ApiAttack::CrossTenant,
-        ),
-        api(
-            "tokens.admin-with-user-token",
-            "reach the admin API (tokens, audit, metrics) with a user token",
-            ApiAttack::AdminWithUserToken,
-        ),
-        api(
-            "tokens.tenant-header",
-            "claim another tenant with X-Bulkhead-Tenant and similar headers",
-            ApiAttack::TenantHeader,
-        ),
-        api(
-            "tokens.scope-missing",
-            "run a module without its scope",
-            ApiAttack::ScopeMissing,
-        ),
-        api(
-            "tokens.path-tricks",
-            "`..`, encoded slashes and absolute paths in module, job and output names",
-            ApiAttack::PathTricks,
-        ),
-        api(
-            "tokens.flood",
-            "flood the queue from one tenant while another submits",
-            ApiAttack::Flood,
-        ),
-        api(
-            "tokens.huge-body",
-            "send a body over the service's limit",
-            ApiAttack::HugeBody,
-        ),
-        api(
-            "tokens.call-token-at-api",
-            "present a call token the host minted as a bearer to its own public API",
-            ApiAttack::CallTokenAtApi,
-        ),
-        api(
-            "tokens.download-flood",
-            "open 24 downloads of a 16 MiB output and never read them",
-            ApiAttack::DownloadFlood,
-        ),
-        api(
-            "tokens.download-neighbour",
-            "hold every download one tenant may while another tenant downloads",
-            ApiAttack::DownloadNeighbour,
-        ),
-    ]
-}
 
 /// Where the API attacks go, and with which identities.
 #[derive(Debug, Clone)]
@@ -233,7 +110,7 @@ impl LocalService {
         for d in [&policies, &modules] {
             bulkhead::sandbox::create_private_dir_all(d).map_err(|e| e.to_string())?;
         }
-        let hello = super::catalog::hello_wasm();
+        let hello = hello_wasm();
         std::fs::write(modules.join(format!("{MODULE}.wasm")), hello).map_err(|e| e.to_string())?;
         let policy = format!(
             "version = 1\n[module]\nname = \"{MODULE}\"\nsha256 = \"{}\"\n[access]\nscopes = [\"{SCOPE}\"]\n",
@@ -241,7 +118,7 @@ impl LocalService {
         );
         std::fs::write(policies.join(format!("{MODULE}.toml")), policy)
             .map_err(|e| e.to_string())?;
-        let hostile = super::catalog::hostile_wasm();
+        let hostile = hostile_wasm();
         std::fs::write(modules.join(format!("{SLEEPER}.wasm")), hostile.as_slice())
             .map_err(|e| e.to_string())?;
         let sleeper = format!(
@@ -968,7 +845,7 @@ async fn downloads(t: &Target, neighbour: bool) -> Outcome {
         .strip_prefix("http://")
         .ok_or("the local service speaks plain HTTP")?
         .to_owned();
-    let before = super::evidence::rss();
+    let before = evidence::rss();
     let mut held = Vec::new();
     let mut codes = Vec::new();
     for _ in 0..DOWNLOADS {
@@ -980,7 +857,7 @@ async fn downloads(t: &Target, neighbour: bool) -> Outcome {
     // The served ones fill their sockets and stop, or would have read the
     // whole output by now.
     tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-    let grown = super::evidence::rss().saturating_sub(before);
+    let grown = evidence::rss().saturating_sub(before);
     let other = if neighbour {
         let (code, body) = status(
             t.http

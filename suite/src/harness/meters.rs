@@ -8,7 +8,7 @@
 use bulkhead::policy::ByteSize;
 use bulkhead::sandbox::{JOB_OVERHEAD_DESCRIPTORS, WRITTEN_PER_OUTPUT};
 
-use super::Check;
+use crate::model::Check;
 
 /// Slack on the process's CPU during an attack: instantiation, the
 /// neighbour job, the sampler threads, output collection, and one host

@@ -2,7 +2,7 @@
 //!
 //! The service must serve the suite's modules: [`export_modules`] writes a
 //! policy and a module per attack (`escape-<id>`, plus `escape-neighbour`,
-//! all requiring the [`SUITE_SCOPE`](super::SUITE_SCOPE)) for its
+//! all requiring the [`SUITE_SCOPE`](crate::SUITE_SCOPE)) for its
 //! `policies_dir` and `modules_dir`. Each attack is submitted as a job with
 //! `?wait=`, a well-behaved neighbour job beside it, and judged from the
 //! job reports: the limit that fired, resource use against the policy's
@@ -15,10 +15,13 @@ use std::time::Instant;
 
 use serde_json::Value;
 
-use super::api::{self, Target};
-use super::catalog::{Attack, AttackKind, BUNDLED, Expect, GuestRun, Param};
-use super::local::{Base, module_name, ms};
-use super::{AttackResult, Check, Progress, SuiteError, SuiteOptions};
+use crate::families::api::{self, Target};
+use crate::families::forge;
+use crate::harness::{self, Base, evidence};
+use crate::model::{
+    Attack, AttackKind, AttackResult, BUNDLED, Check, Expect, GuestRun, Param, Progress,
+    SUITE_SCOPE, SuiteError, SuiteOptions, attempt_evidence, hello_wasm, module_name, ms,
+};
 use bulkhead::policy::Policy;
 use bulkhead::sandbox::{JobReport, Outcome};
 
@@ -40,13 +43,13 @@ pub fn export_modules(options: &SuiteOptions, dir: &Path) -> Result<usize, Suite
     let mut n = 0;
     let mut write = |name: &str, wasm: &[u8], run: Option<&GuestRun>| -> Result<(), SuiteError> {
         let text = base.policy_text(name, wasm, run, &[]);
-        super::local::parse(&text).map_err(SuiteError::Setup)?;
+        harness::parse(&text).map_err(SuiteError::Setup)?;
         std::fs::write(policies.join(format!("{name}.toml")), text)?;
         std::fs::write(modules.join(format!("{name}.wasm")), wasm)?;
         n += 1;
         Ok(())
     };
-    write(NEIGHBOUR, super::catalog::hello_wasm(), None)?;
+    write(NEIGHBOUR, hello_wasm(), None)?;
     for attack in super::select(&SuiteOptions {
         server: Some(String::new()),
         ..options.clone()
@@ -70,8 +73,8 @@ pub async fn run(
         .as_deref()
         .ok_or_else(|| SuiteError::Setup("--server needs --token".into()))?;
     let base = Base::from_options(options)?;
-    let hello = super::catalog::hello_wasm();
-    let bounds_policy = super::local::parse(&base.policy_text("suite-bounds", hello, None, &[]))
+    let hello = hello_wasm();
+    let bounds_policy = harness::parse(&base.policy_text("suite-bounds", hello, None, &[]))
         .map_err(SuiteError::Setup)?;
     let target = Target::remote(url, token, Some(NEIGHBOUR.to_owned()));
     let http = reqwest::Client::builder()
@@ -92,7 +95,7 @@ pub async fn run(
             "{url} does not serve the suite's modules to this token ({status}); export them with \
              `bulkhead escape-suite --export DIR`, point the service's policies_dir and modules_dir \
              at DIR/policies and DIR/modules, and use a token with the `{}` scope",
-            super::SUITE_SCOPE
+            SUITE_SCOPE
         )));
     }
     let mut results = Vec::new();
@@ -115,14 +118,14 @@ pub async fn run(
                 }
                 match jwks.as_ref().expect("just set") {
                     Ok(set) => {
-                        let t = super::forge::ForgeTarget {
+                        let t = forge::ForgeTarget {
                             jwks: set.clone(),
                             jwks_source: format!("{}/.well-known/jwks.json", target.base),
                             issuer: bulkhead::relay::TokenConfig::default().issuer,
                             host_key: None,
                             minted: None,
                         };
-                        super::forge::run(&t, attack, *f, started)
+                        forge::run(&t, attack, *f, started)
                     }
                     Err(e) => AttackResult::judge(
                         attack,
@@ -233,7 +236,7 @@ async fn guest(
     run: &GuestRun,
     started: Instant,
 ) -> AttackResult {
-    let secret = super::evidence::random_token("BULKHEAD-SECRET");
+    let secret = evidence::random_token("BULKHEAD-SECRET");
     let module = module_name(&attack.id);
     let (report, neighbour) = tokio::join!(
         submit(http, t, &module, Some((run, &secret))),
@@ -315,7 +318,7 @@ async fn guest(
         (None, None) => "the job exited 0".into(),
     };
     let (attempted, evidence) =
-        super::attempt_evidence(&report, neighbour.as_ref().ok(), attack.source != BUNDLED);
+        attempt_evidence(&report, neighbour.as_ref().ok(), attack.source != BUNDLED);
     AttackResult::judge(attack, checks, stopped, None, ms(started))
         .with_evidence(evidence.clone())
         .unless_attempted(

@@ -24,129 +24,10 @@ use ed25519_dalek::Signer as _;
 use jsonwebtoken::jwk::AlgorithmParameters;
 use serde_json::{Value, json};
 
-use super::catalog::{Attack, AttackKind};
-use super::egress::{self, ALLOWED, FORBIDDEN};
-use super::local::ms;
-use super::{AttackResult, Check, Class};
-
-/// One forgery.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Forgery {
-    /// `alg: none`, no signature.
-    AlgNone,
-    /// HS256 keyed with the host's public key bytes.
-    Hs256KeyBytes,
-    /// HS256 keyed with the JWK's `x` string (and the JWK as JSON).
-    Hs256JwkX,
-    /// Signed with the attacker's key under a `kid` the host never had.
-    UnknownKid,
-    /// `kid` values that look like paths or URLs.
-    PathKid,
-    /// The attacker's key embedded in the header (`jwk`, `jku`, `x5u`).
-    EmbeddedKey,
-    /// Host-signed, expired.
-    Expired,
-    /// Host-signed, `nbf` or `iat` in the future.
-    NotYetValid,
-    /// Host-signed, another issuer.
-    WrongIssuer,
-    /// A real minted token replayed at another service.
-    ReplayAudience,
-    /// Host-signed, one claim missing at a time.
-    MissingClaims,
-}
-
-impl Forgery {
-    /// Whether it needs no host key (runs with `--server`).
-    pub fn remote_ok(self) -> bool {
-        matches!(
-            self,
-            Forgery::AlgNone
-                | Forgery::Hs256KeyBytes
-                | Forgery::Hs256JwkX
-                | Forgery::UnknownKid
-                | Forgery::PathKid
-                | Forgery::EmbeddedKey
-        )
-    }
-
-    /// Whether it needs a token the host really minted.
-    pub fn needs_minted(self) -> bool {
-        self == Forgery::ReplayAudience
-    }
-}
-
-fn forge(id: &str, title: &str, f: Forgery) -> Attack {
-    Attack {
-        id: id.to_owned(),
-        class: Class::Tokens,
-        title: title.to_owned(),
-        source: "bundled".to_owned(),
-        kind: AttackKind::Forge(f),
-    }
-}
-
-/// The bundled forgeries.
-pub fn catalog() -> Vec<Attack> {
-    use Forgery as F;
-    vec![
-        forge(
-            "tokens.forge-alg-none",
-            "a call token with `alg: none` and no signature",
-            F::AlgNone,
-        ),
-        forge(
-            "tokens.forge-hs256-key-bytes",
-            "HS256 keyed with the host's Ed25519 public key bytes (algorithm confusion)",
-            F::Hs256KeyBytes,
-        ),
-        forge(
-            "tokens.forge-hs256-jwk-x",
-            "HS256 keyed with the JWK's `x` string and with the JWK itself",
-            F::Hs256JwkX,
-        ),
-        forge(
-            "tokens.forge-unknown-kid",
-            "signed with the attacker's own key under a key id the host never published",
-            F::UnknownKid,
-        ),
-        forge(
-            "tokens.forge-path-kid",
-            "key ids that are paths or URLs (`../keys/<kid>.pem`, `/dev/null`, `file://`)",
-            F::PathKid,
-        ),
-        forge(
-            "tokens.forge-embedded-key",
-            "the attacker's key embedded in the header (`jwk`, `jku`, `x5u`)",
-            F::EmbeddedKey,
-        ),
-        forge(
-            "tokens.forge-expired",
-            "a host-signed call token past its `exp`",
-            F::Expired,
-        ),
-        forge(
-            "tokens.forge-not-yet-valid",
-            "a host-signed call token with `nbf` or `iat` in the future",
-            F::NotYetValid,
-        ),
-        forge(
-            "tokens.forge-wrong-issuer",
-            "a host-signed call token from another issuer",
-            F::WrongIssuer,
-        ),
-        forge(
-            "tokens.replay-audience",
-            "replay a token the host minted for one service at another",
-            F::ReplayAudience,
-        ),
-        forge(
-            "tokens.forge-missing-claims",
-            "host-signed call tokens each missing one claim",
-            F::MissingClaims,
-        ),
-    ]
-}
+use crate::harness::egress::{self, ALLOWED, FORBIDDEN};
+use crate::harness::{Harness, evidence};
+use crate::model::{Attack, AttackResult, Check, Forgery, SUITE_SCOPE, lateral, ms};
+use bulkhead::sandbox::JobDir;
 
 /// What the forgeries are judged against.
 #[derive(Debug)]
@@ -208,13 +89,13 @@ fn claims(issuer: &str, aud: &str) -> Value {
         "aud": aud,
         "sub": egress::CALLER_SUBJECT,
         "tenant": egress::CALLER_TENANT,
-        "scopes": [super::SUITE_SCOPE],
+        "scopes": [SUITE_SCOPE],
         "job": "escape-suite-forged",
         "module": "escape-suite",
         "iat": t,
         "nbf": t,
         "exp": t + 30,
-        "jti": super::evidence::random_token("forged"),
+        "jti": evidence::random_token("forged"),
     })
 }
 
@@ -593,27 +474,47 @@ fn judge(t: &ForgeTarget, f: Forgery) -> Result<(Vec<Check>, String), String> {
     Ok((checks, format!("rejected: {}", codes.join(", "))))
 }
 
+/// What the forgeries are judged against locally: the relay's published
+/// keys, its signing key, and (for a replay) a token it really minted.
+pub(crate) async fn forge_target(h: &Harness, f: Forgery) -> ForgeTarget {
+    use ed25519_dalek::pkcs8::DecodePrivateKey as _;
+    let minted = if f.needs_minted() {
+        Some(minted_token(h).await)
+    } else {
+        None
+    };
+    ForgeTarget {
+        jwks: h.egress.jwks(),
+        jwks_source: "the suite relay's key ring".to_owned(),
+        issuer: h.egress.relay.issuer().to_owned(),
+        host_key: ed25519_dalek::SigningKey::from_pkcs8_pem(&h.egress.host_key_pem).ok(),
+        minted,
+    }
+}
+
+/// A token the host minted for the allowed bait: the newest in its log,
+/// or one from a well-behaved `allowed` job run for the purpose.
+pub(crate) async fn minted_token(h: &Harness) -> Result<String, String> {
+    if let Some(t) = h.egress.last_minted() {
+        return Ok(t);
+    }
+    let run = lateral("allowed");
+    let module = h.load("escape-suite-minter", &run)?;
+    let job = h.spec(&run, "");
+    let dir =
+        JobDir::create(&h.main.sandbox.config().work_dir, &job.id).map_err(|e| e.to_string())?;
+    h.main
+        .run(&module, &job, &dir)
+        .await
+        .map_err(|e| e.to_string())?;
+    h.egress
+        .last_minted()
+        .ok_or_else(|| "the allowed job made no call".to_owned())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn forgeries_that_need_the_host_key_run_only_locally() {
-        for a in catalog() {
-            let AttackKind::Forge(f) = a.kind else {
-                unreachable!()
-            };
-            let needs_key = matches!(
-                f,
-                Forgery::Expired
-                    | Forgery::NotYetValid
-                    | Forgery::WrongIssuer
-                    | Forgery::ReplayAudience
-                    | Forgery::MissingClaims
-            );
-            assert_eq!(f.remote_ok(), !needs_key, "{}", a.id);
-        }
-    }
 
     #[test]
     fn without_the_host_key_a_claim_forgery_is_an_error_not_a_pass() {

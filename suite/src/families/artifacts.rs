@@ -14,103 +14,10 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use super::catalog::{Attack, AttackKind};
-use super::local::{Harness, ms};
-use super::{AttackResult, Check};
+use crate::harness::{self, Harness};
+use crate::model::{Attack, AttackResult, Check, DirAttack, hello_wasm, hostile_wasm, ms};
 use bulkhead::policy::Sha256Hex;
 use bulkhead::sandbox::{JobDir, JobSpec, Sandbox, SandboxConfig};
-
-/// One attack on the host's directories.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum DirAttack {
-    /// Another module's cached artifact (a valid one, tag and all) copied
-    /// under the pinned module's name.
-    PlantedCopy,
-    /// Garbage with a made-up tag under the pinned module's name.
-    PlantedGarbage,
-    /// A symlink under the pinned module's name, to another module's
-    /// artifact.
-    PlantedLink,
-    /// A cache directory anyone may write to (mode 0777).
-    WritableCache,
-    /// A cache directory inside a directory anyone may write to (0777, not
-    /// sticky).
-    WritableCacheParent,
-    /// A cache directory reached through a symlink to a directory anyone
-    /// may write to.
-    LinkedCache,
-    /// A cache directory owned by another user (needs root to set up).
-    ForeignCache,
-    /// A work directory anyone may write to.
-    WritableWork,
-    /// A work directory owned by another user (needs root to set up).
-    ForeignWork,
-}
-
-impl DirAttack {
-    /// Every variant, with its id and what it tries.
-    pub const ALL: [(DirAttack, &'static str, &'static str); 9] = [
-        (
-            DirAttack::PlantedCopy,
-            "fs.cache-planted-copy",
-            "plant another module's cached artifact under the pinned module's name, then restart",
-        ),
-        (
-            DirAttack::PlantedGarbage,
-            "fs.cache-planted-garbage",
-            "plant garbage with a made-up tag under the pinned module's cache name",
-        ),
-        (
-            DirAttack::PlantedLink,
-            "fs.cache-planted-link",
-            "plant a symlink to another module's artifact under the pinned module's cache name",
-        ),
-        (
-            DirAttack::WritableCache,
-            "fs.cache-dir-writable",
-            "hand the host a world-writable module cache directory",
-        ),
-        (
-            DirAttack::WritableCacheParent,
-            "fs.cache-parent-writable",
-            "hand the host a cache directory inside a world-writable, non-sticky directory",
-        ),
-        (
-            DirAttack::LinkedCache,
-            "fs.cache-dir-linked",
-            "hand the host a cache path that is a symlink to a world-writable directory",
-        ),
-        (
-            DirAttack::ForeignCache,
-            "fs.cache-dir-foreign",
-            "hand the host a module cache directory another user owns",
-        ),
-        (
-            DirAttack::WritableWork,
-            "fs.work-dir-writable",
-            "hand the host a world-writable work directory for its jobs",
-        ),
-        (
-            DirAttack::ForeignWork,
-            "fs.work-dir-foreign",
-            "hand the host a work directory another user owns",
-        ),
-    ];
-}
-
-/// The bundled attacks of this module.
-pub fn attacks() -> Vec<Attack> {
-    DirAttack::ALL
-        .iter()
-        .map(|(a, id, title)| Attack {
-            id: (*id).to_owned(),
-            class: super::Class::Filesystem,
-            title: (*title).to_owned(),
-            source: "bundled".to_owned(),
-            kind: AttackKind::Dirs(*a),
-        })
-        .collect()
-}
 
 fn chmod(path: &Path, mode: u32) -> std::io::Result<()> {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
@@ -172,8 +79,8 @@ fn find(dir: &Path, name: &str) -> Option<PathBuf> {
 async fn planted(h: &Harness, area: &Path, kind: DirAttack) -> Outcome {
     let cache = area.join("cache");
     let work = area.join("jobs");
-    let hostile = super::catalog::hostile_wasm();
-    let hello = super::catalog::hello_wasm();
+    let hostile = hostile_wasm();
+    let hello = hello_wasm();
     let hostile_name = format!("{}.cwasm", Sha256Hex::digest(&hostile));
     let hello_name = format!("{}.cwasm", Sha256Hex::digest(hello));
 
@@ -182,7 +89,7 @@ async fn planted(h: &Harness, area: &Path, kind: DirAttack) -> Outcome {
     {
         let first = sandbox(&work, Some(&cache))?;
         let text = h.base.policy_text("suite-cache-other", &hostile, None, &[]);
-        super::local::load(&first, &text, &hostile)?;
+        harness::load(&first, &text, &hostile)?;
     }
     let other = find(&cache, &hostile_name)
         .ok_or_else(|| format!("the cache holds no {hostile_name} after compiling it"))?;
@@ -202,7 +109,7 @@ async fn planted(h: &Harness, area: &Path, kind: DirAttack) -> Outcome {
     // A restart: a new sandbox on the same cache loads the pinned module.
     let second = sandbox(&work, Some(&cache))?;
     let text = h.base.policy_text("suite-cache-pinned", hello, None, &[]);
-    let module = super::local::load(&second, &text, hello)?;
+    let module = harness::load(&second, &text, hello)?;
     let job = JobSpec::new();
     let dir = JobDir::create(&work, &job.id).map_err(|e| e.to_string())?;
     let report = second

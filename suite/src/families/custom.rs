@@ -28,8 +28,7 @@ use std::sync::Arc;
 
 use serde::Deserialize;
 
-use super::catalog::{Attack, AttackKind, Expect, GuestRun, Param};
-use super::{Class, SuiteError};
+use crate::model::{Attack, AttackKind, Class, Expect, GuestRun, Param, SuiteError};
 use bulkhead::sandbox::LimitKind;
 
 #[derive(Debug, Deserialize)]

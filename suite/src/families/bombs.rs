@@ -21,10 +21,10 @@ use wasm_encoder::{
     TypeSection, ValType,
 };
 
-use super::catalog::{Attack, AttackKind};
-use super::evidence::Sampler;
-use super::local::{Harness, ms};
-use super::{AttackResult, Check, Class};
+use crate::harness::evidence::Sampler;
+use crate::harness::observe::run_loaded;
+use crate::harness::{self, Harness};
+use crate::model::{Attack, AttackResult, Bomb, Check, Verdict, module_name, ms};
 use bulkhead::policy::ByteSize;
 use bulkhead::sandbox::{JobReport, LimitKind};
 
@@ -32,148 +32,6 @@ use bulkhead::sandbox::{JobReport, LimitKind};
 pub const COMPILE_BOUND: Duration = Duration::from_secs(60);
 /// Most the host's resident memory may grow while compiling one module.
 const COMPILE_RSS_BOUND: u64 = 1024 * 1024 * 1024;
-
-/// A generated module.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Bomb {
-    /// One byte over the host's module size limit.
-    Oversized,
-    /// A core module (`wasip1`-style), not a component.
-    CoreModule,
-    /// A component whose section runs past the end of the file.
-    Truncated,
-    /// A start function that loops forever, run during instantiation.
-    StartLoop,
-    /// An initial memory of 1 GiB.
-    HugeMemory,
-    /// Eight memories in one core module.
-    ManyMemories,
-    /// A table of a million elements.
-    HugeTable,
-    /// A 32 MiB data segment into a one-page memory.
-    DataSegment,
-    /// Forty core instances in one component.
-    ManyInstances,
-    /// Ten thousand functions.
-    ManyFunctions,
-    /// One function of 20,000 nested blocks.
-    DeepNesting,
-    /// Functions with 50,000 locals each, all live.
-    ManyLocals,
-    /// A `br_table` with 60,000 targets.
-    HugeBrTable,
-    /// An import of an interface no policy grants.
-    UngrantedImport,
-    /// An import of a future, incompatible WASI version.
-    FutureWasi,
-}
-
-fn bomb(id: &str, class: Class, title: &str, b: Bomb) -> Attack {
-    Attack {
-        id: id.to_owned(),
-        class,
-        title: title.to_owned(),
-        source: "bundled".to_owned(),
-        kind: AttackKind::Bomb(b),
-    }
-}
-
-/// The bundled generated-module attacks.
-pub fn catalog() -> Vec<Attack> {
-    use Class::{Exhaustion, Lateral};
-    vec![
-        bomb(
-            "exhaust.oversized-module",
-            Exhaustion,
-            "hand the host a module one byte over its size limit",
-            Bomb::Oversized,
-        ),
-        bomb(
-            "exhaust.core-module",
-            Exhaustion,
-            "hand the host a core module instead of a component",
-            Bomb::CoreModule,
-        ),
-        bomb(
-            "exhaust.truncated-module",
-            Exhaustion,
-            "a component whose section claims to run past the end of the file",
-            Bomb::Truncated,
-        ),
-        bomb(
-            "exhaust.start-loop",
-            Exhaustion,
-            "a start function that loops forever during instantiation",
-            Bomb::StartLoop,
-        ),
-        bomb(
-            "exhaust.huge-initial-memory",
-            Exhaustion,
-            "declare a 1 GiB initial memory",
-            Bomb::HugeMemory,
-        ),
-        bomb(
-            "exhaust.many-memories",
-            Exhaustion,
-            "declare eight memories in one module",
-            Bomb::ManyMemories,
-        ),
-        bomb(
-            "exhaust.huge-table",
-            Exhaustion,
-            "declare a table of a million elements",
-            Bomb::HugeTable,
-        ),
-        bomb(
-            "exhaust.data-segment",
-            Exhaustion,
-            "a 32 MiB data segment into a one-page memory",
-            Bomb::DataSegment,
-        ),
-        bomb(
-            "exhaust.many-instances",
-            Exhaustion,
-            "forty core instances in one component",
-            Bomb::ManyInstances,
-        ),
-        bomb(
-            "exhaust.compile-many-functions",
-            Exhaustion,
-            "ten thousand functions to compile",
-            Bomb::ManyFunctions,
-        ),
-        bomb(
-            "exhaust.compile-deep-nesting",
-            Exhaustion,
-            "one function of 20,000 nested blocks",
-            Bomb::DeepNesting,
-        ),
-        bomb(
-            "exhaust.compile-many-locals",
-            Exhaustion,
-            "functions with 50,000 live locals each (register pressure)",
-            Bomb::ManyLocals,
-        ),
-        bomb(
-            "exhaust.compile-br-table",
-            Exhaustion,
-            "a br_table with 60,000 targets",
-            Bomb::HugeBrTable,
-        ),
-        bomb(
-            "lateral.ungranted-import",
-            Lateral,
-            "import a host interface no policy grants (`bulkhead:host/secrets`)",
-            Bomb::UngrantedImport,
-        ),
-        bomb(
-            "lateral.future-wasi",
-            Lateral,
-            "import an incompatible future WASI version (`wasi:cli/environment@0.3.0`)",
-            Bomb::FutureWasi,
-        ),
-    ]
-}
 
 /// A core module with a `run` export returning 0, customised by `f`.
 struct CoreParts {
@@ -437,11 +295,11 @@ pub async fn run_local(
     started: Instant,
 ) -> AttackResult {
     let bytes = build(*bomb, h.fresh.sandbox.config().max_module_size);
-    let name = super::local::module_name(&attack.id);
+    let name = module_name(&attack.id);
     let text = h.base.policy_text(&name, &bytes, None, &h.weak_limits);
     let sampler = Sampler::start();
     let load_started = Instant::now();
-    let loaded = super::local::load(&h.fresh.sandbox, &text, &bytes);
+    let loaded = harness::load(&h.fresh.sandbox, &text, &bytes);
     let load_time = load_started.elapsed();
     let peaks = sampler.stop();
     let rss_growth = peaks.rss_peak.saturating_sub(peaks.rss_before);
@@ -484,7 +342,7 @@ pub async fn run_local(
         Ok(m) => m,
     };
     // Loaded: it must then be stopped at instantiation or run.
-    let mut result = super::local::run_loaded(h, &h.fresh, attack, &module, started).await;
+    let mut result = run_loaded(h, &h.fresh, attack, &module, started).await;
     let expect_limit = matches!(bomb, Bomb::StartLoop | Bomb::HugeMemory | Bomb::HugeTable);
     if let Some(report) = result.1.as_ref() {
         if expect_limit {
@@ -521,10 +379,10 @@ pub async fn run_local(
     result.0.checks = checks;
     result.0.verdict = if result.0.checks.iter().all(|c| c.passed) {
         result.0.verdict
-    } else if result.0.verdict == super::Verdict::Error {
-        super::Verdict::Error
+    } else if result.0.verdict == Verdict::Error {
+        Verdict::Error
     } else {
-        super::Verdict::Breached
+        Verdict::Breached
     };
     result.0
 }

@@ -16,7 +16,8 @@
 //!   anything it receives is a breach.
 //!
 //! Both record every request (method, path, headers, trailers, bearer
-//! token, body bytes). The verdict of an attack adds up: the forbidden bait received
+//! token, body bytes). The verdict of an attack (judged in
+//! `families::http`) adds up: the forbidden bait received
 //! nothing; the allowed bait received only calls inside its declaration,
 //! within its bounds, each with no credential of the guest's and one token
 //! the host minted, which verifies against the host's keys and carries the
@@ -24,44 +25,32 @@
 //! class; and the usual host-side checks (canaries, neighbour, memory...).
 //! What the guest prints is never part of it.
 //!
-//! This module owns the baits, the relay they are declared to and the
-//! HTTP-specific checks; it does not touch `relay` internals, only its
-//! public interface.
+//! This module owns the baits and the relay they are declared to (the
+//! HTTP-specific checks are the `http` family's); it does not touch `relay`
+//! internals, only its public interface.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::response::{IntoResponse, Response};
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use bulkhead_verify::{JwkSet, Verifier, VerifierConfig};
+use bulkhead_verify::JwkSet;
 use http::{Method, StatusCode};
 use http_body_util::BodyExt as _;
 
-use super::Check;
+pub use crate::model::services::{
+    ALLOWED, CALLER_SUBJECT, CALLER_TENANT, FLOOD, FORBIDDEN, MAX_CALLS, MAX_REQUEST,
+};
 use bulkhead::policy::{ByteSize, ServiceName};
-use bulkhead::relay::{Caller, CallsReport, KeyRing, Relay, ServiceDecl, TokenConfig};
+use bulkhead::relay::{Caller, KeyRing, Relay, ServiceDecl, TokenConfig};
 
-/// The service name the allowed bait is declared under.
-pub const ALLOWED: &str = "palette";
-/// The service name the forbidden bait is declared under.
-pub const FORBIDDEN: &str = "payments";
-/// Calls per job the allowed bait is declared with.
-pub const MAX_CALLS: u32 = 4;
-/// Request body bound of the allowed bait, in bytes.
-pub const MAX_REQUEST: u64 = 256 * 1024;
-/// Calls the flood attack makes (more than [`MAX_CALLS`]).
-pub const FLOOD: u32 = 12;
-/// The identity the suite's jobs are submitted as.
-pub const CALLER_TENANT: &str = "escape-suite";
-/// The subject the suite's jobs are submitted as.
-pub const CALLER_SUBJECT: &str = "escape-suite-tester";
 /// The allowed bait's only path prefix.
-const ALLOWED_PREFIX: &str = "/v1/";
+pub(crate) const ALLOWED_PREFIX: &str = "/v1/";
 
 /// Header values the `lateral` guest's `smuggle` mode sets; none may reach
 /// a service.
@@ -76,7 +65,7 @@ pub const SMUGGLED: &[&str] = &[
 
 /// Headers the host itself puts on a call, beside the guest's allowed
 /// ones ([`bulkhead::relay::headers::FORWARDED`]).
-const HOST_SET: [&str; 4] = [
+pub(crate) const HOST_SET: [&str; 4] = [
     "host",
     "authorization",
     "accept-encoding",
@@ -88,7 +77,7 @@ pub fn caller() -> Caller {
     Caller {
         tenant: CALLER_TENANT.to_owned(),
         subject: CALLER_SUBJECT.to_owned(),
-        scopes: vec![super::SUITE_SCOPE.to_owned()],
+        scopes: vec![crate::model::SUITE_SCOPE.to_owned()],
     }
 }
 
@@ -602,394 +591,15 @@ impl Egress {
     }
 }
 
-/// What a lateral HTTP attack must leave behind to count as held, beyond
-/// the checks every one gets.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum HttpHeld {
-    /// Refusals in the job report: at least `n` of each class.
-    Refused(Vec<(&'static str, usize)>),
-    /// The guest's own credentials and identity claims: the allowed bait
-    /// saw at least one call, and none of them.
-    Smuggle,
-    /// No token the host minted appears in anything the job produced.
-    Hunt,
-    /// As [`HttpHeld::Hunt`], against the reflecting bait, with at least
-    /// `n` refusals (withheld answers) of each class.
-    Reflect(Vec<(&'static str, usize)>),
-    /// The bait saw at most [`MAX_CALLS`]; the rest are `limit` refusals.
-    Flood,
-    /// The bait saw at most [`MAX_REQUEST`] body bytes.
-    BigBody,
-    /// Nothing beyond the common checks (the request never reaches the
-    /// gate).
-    Common,
-}
-
 /// The payload of a compact JWS, without verifying anything.
 pub fn unverified_claims(token: &str) -> Option<serde_json::Value> {
     let payload = token.split('.').nth(1)?;
     serde_json::from_slice(&URL_SAFE_NO_PAD.decode(payload).ok()?).ok()
 }
 
-fn now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
-
-/// Whether `token` is one the host minted for the allowed bait, for this
-/// job, carrying the suite's caller: verified against the host's keys as
-/// of its own `iat` (tokens live about as long as the job, so the check
-/// must not depend on how quickly the suite looks).
-fn host_minted(verifier: &Verifier, token: &str, job: &str, module: &str) -> Result<(), String> {
-    let iat = unverified_claims(token)
-        .and_then(|c| c["iat"].as_u64())
-        .unwrap_or_else(now);
-    let claims = verifier
-        .verify_at(token, iat)
-        .map_err(|e| format!("a bearer token that does not verify ({})", e.code()))?;
-    if claims.tenant != CALLER_TENANT || claims.sub != CALLER_SUBJECT {
-        return Err(format!(
-            "a token for {}/{} instead of the suite's caller",
-            claims.tenant, claims.sub
-        ));
-    }
-    if claims.job != job || claims.module != module {
-        return Err(format!(
-            "a token for job {} of {} instead of this one",
-            claims.job, claims.module
-        ));
-    }
-    Ok(())
-}
-
-/// The checks of one lateral HTTP attack, from what the baits received
-/// since the job started (`allowed_from`, `forbidden_from`), the job's
-/// calls report and everything it produced.
-#[allow(clippy::too_many_arguments)]
-pub fn checks(
-    egress: &Egress,
-    held: &HttpHeld,
-    allowed_from: usize,
-    forbidden_from: usize,
-    calls: Option<&CallsReport>,
-    produced: &[u8],
-    job: &str,
-    module: &str,
-) -> Vec<Check> {
-    let mut checks = Vec::new();
-    let forbidden = egress.forbidden.since(forbidden_from);
-    checks.push(Check::new(
-        "forbidden service",
-        forbidden.is_empty(),
-        if forbidden.is_empty() {
-            format!(
-                "the `{FORBIDDEN}` bait (port {}) received nothing",
-                egress.forbidden_port
-            )
-        } else {
-            format!(
-                "the `{FORBIDDEN}` bait received {} requests: {}",
-                forbidden.len(),
-                forbidden
-                    .iter()
-                    .take(4)
-                    .map(|s| format!("{} {}", s.method, s.path))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            )
-        },
-    ));
-
-    let seen = egress.allowed.since(allowed_from);
-    let verifier = Verifier::new(
-        VerifierConfig::new(egress.relay.issuer(), ALLOWED),
-        &egress.jwks(),
-    );
-    let mut wrong = Vec::new();
-    for s in &seen {
-        let method_ok = s.method == "GET" || s.method == "POST";
-        let path = s.path.split('?').next().unwrap_or_default();
-        if !method_ok || !path.starts_with(ALLOWED_PREFIX) || path.contains("..") {
-            wrong.push(format!("{} {} outside the declaration", s.method, s.path));
-        }
-        for (name, value) in &s.headers {
-            if !HOST_SET.contains(&name.as_str())
-                && !bulkhead::relay::headers::FORWARDED.contains(&name.as_str())
-            {
-                wrong.push(format!(
-                    "the guest's `{name}` header reached it (not on the forwarded list)"
-                ));
-            }
-            if name == "accept-encoding" && value != "identity" {
-                wrong.push(format!("`accept-encoding: {value}` instead of identity"));
-            }
-            if SMUGGLED.iter().any(|v| value.contains(v)) {
-                wrong.push(format!("a smuggled value reached it in `{name}`"));
-            }
-        }
-        for (name, _) in &s.trailers {
-            wrong.push(format!("a request trailer `{name}` reached it"));
-        }
-        match (s.bearers().as_slice(), &verifier) {
-            ([token], Ok(v)) => {
-                if let Err(e) = host_minted(v, token, job, module) {
-                    wrong.push(format!("{} {}: {e}", s.method, s.path));
-                }
-            }
-            (tokens, _) => wrong.push(format!(
-                "{} {}: {} bearer tokens instead of the host's one",
-                s.method,
-                s.path,
-                tokens.len()
-            )),
-        }
-    }
-    let calls_ok = seen.len() <= MAX_CALLS as usize;
-    if !calls_ok {
-        wrong.push(format!(
-            "{} calls, over its max_calls of {MAX_CALLS}",
-            seen.len()
-        ));
-    }
-    let body_max = seen.iter().map(|s| s.body_bytes).max().unwrap_or(0);
-    if body_max > MAX_REQUEST {
-        wrong.push(format!(
-            "a request body of {body_max} bytes, over its max_request of {MAX_REQUEST}"
-        ));
-    }
-    wrong.dedup();
-    checks.push(Check::new(
-        "allowed service",
-        wrong.is_empty(),
-        if wrong.is_empty() {
-            format!(
-                "the `{ALLOWED}` bait received {} calls (at most {MAX_CALLS}), each inside its \
-                 declaration, without the guest's credentials, with one host-minted token for \
-                 the suite's caller; largest body {body_max} B",
-                seen.len()
-            )
-        } else {
-            wrong.join("; ")
-        },
-    ));
-
-    let Some(calls) = calls else {
-        checks.push(Check::new(
-            "calls report",
-            false,
-            "the job report has no `calls` section: its policy's services were not granted",
-        ));
-        return checks;
-    };
-    let refused: Vec<_> = calls
-        .records
-        .iter()
-        .filter(|r| r.refused.is_some())
-        .collect();
-    let count = |class: &str| {
-        refused
-            .iter()
-            .filter(|r| r.class.as_deref() == Some(class))
-            .count()
-    };
-    let mut classes: Vec<String> = Vec::new();
-    for r in &refused {
-        let c = r.class.clone().unwrap_or_default();
-        if !classes.contains(&c) {
-            classes.push(c);
-        }
-    }
-    let summary = format!(
-        "{} made, {} refused ({})",
-        calls.made,
-        calls.refused,
-        if classes.is_empty() {
-            "none".to_owned()
-        } else {
-            classes.join(", ")
-        }
-    );
-    match held {
-        HttpHeld::Refused(want) => {
-            let missing: Vec<String> = want
-                .iter()
-                .filter(|(class, n)| count(class) < *n)
-                .map(|(class, n)| format!("{n} `{class}` refusals expected, {}", count(class)))
-                .collect();
-            checks.push(Check::new(
-                "refusals",
-                missing.is_empty(),
-                if missing.is_empty() {
-                    summary
-                } else {
-                    format!("{}: {summary}", missing.join("; "))
-                },
-            ));
-        }
-        HttpHeld::Flood => {
-            let over = FLOOD.saturating_sub(MAX_CALLS) as usize;
-            let ok = count("limit") >= over && calls.made <= MAX_CALLS;
-            checks.push(Check::new(
-                "refusals",
-                ok,
-                format!("{summary}; {over} `limit` refusals expected"),
-            ));
-        }
-        HttpHeld::BigBody => {
-            checks.push(Check::new(
-                "request bytes",
-                calls.bytes_sent <= MAX_REQUEST,
-                format!(
-                    "{} request body bytes sent (bound {MAX_REQUEST}); {summary}",
-                    calls.bytes_sent
-                ),
-            ));
-        }
-        HttpHeld::Smuggle => {
-            let stripped: Vec<&str> = calls
-                .records
-                .iter()
-                .flat_map(|r| r.stripped_headers.iter().map(String::as_str))
-                .collect();
-            checks.push(Check::new(
-                "stripped",
-                true,
-                format!(
-                    "{} calls reached the bait; the host stripped {}",
-                    seen.len(),
-                    if stripped.is_empty() {
-                        "nothing".to_owned()
-                    } else {
-                        stripped.join(", ")
-                    }
-                ),
-            ));
-        }
-        HttpHeld::Hunt => checks.push(hunt(&seen, produced)),
-        HttpHeld::Reflect(want) => {
-            checks.push(hunt(&seen, produced));
-            let missing: Vec<String> = want
-                .iter()
-                .filter(|(class, n)| count(class) < *n)
-                .map(|(class, n)| format!("{n} `{class}` refusals expected, {}", count(class)))
-                .collect();
-            checks.push(Check::new(
-                "withheld",
-                missing.is_empty(),
-                if missing.is_empty() {
-                    summary
-                } else {
-                    format!("{}: {summary}", missing.join("; "))
-                },
-            ));
-        }
-        HttpHeld::Common => {
-            checks.push(Check::new("refusals", true, summary));
-        }
-    }
-    checks
-}
-
-/// Whether any token the allowed bait received (so: that the host minted)
-/// appears in `produced`, in a form a guest could use: whole, its
-/// signature, either half of the signature, the hex of its text, or its
-/// base64 at any alignment (the judge's own list, independent of the
-/// relay's scanner).
-fn hunt(seen: &[Seen], produced: &[u8]) -> Check {
-    let minted: Vec<&str> = seen.iter().flat_map(Seen::bearers).collect();
-    let mut found = Vec::new();
-    for t in &minted {
-        let signature = t.rsplit('.').next().unwrap_or(t);
-        let half = signature.len() / 2;
-        let mut forms = vec![
-            t.as_bytes().to_vec(),
-            signature.as_bytes().to_vec(),
-            signature.as_bytes()[..half].to_vec(),
-            signature.as_bytes()[half..].to_vec(),
-            hex::encode(signature).into_bytes(),
-        ];
-        for pad in 0..3 {
-            let text = format!("{}{signature}", "x".repeat(pad));
-            let whole = text.len() / 3 * 3;
-            let b64 = base64::engine::general_purpose::STANDARD.encode(&text.as_bytes()[..whole]);
-            forms.push(b64.as_bytes()[4..].to_vec());
-        }
-        if forms.iter().any(|f| contains(produced, f)) {
-            found.push(format!(
-                "token …{}",
-                &signature[signature.len().saturating_sub(8)..]
-            ));
-        }
-    }
-    Check::new(
-        "tokens",
-        found.is_empty(),
-        if minted.is_empty() {
-            "the host minted no token during the job: nothing to hunt".to_owned()
-        } else if found.is_empty() {
-            format!(
-                "none of the {} tokens the host minted, nor their signatures (whole, halves, \
-                 hex, base64), is in stdout, stderr or the outputs",
-                minted.len()
-            )
-        } else {
-            format!("the guest got hold of {}", found.join(", "))
-        },
-    )
-}
-
-/// Why the attack cannot be judged: the guest never reached the gate the
-/// way the attack needs (host-side evidence: the calls report and what the
-/// allowed bait received).
-pub fn untried(
-    held: &HttpHeld,
-    calls: Option<&CallsReport>,
-    allowed_seen: usize,
-) -> Option<String> {
-    let calls = calls?;
-    // A call still in flight when the job ended is counted in `made` but
-    // has no record yet.
-    let attempts = (calls.records.len() + calls.records_dropped as usize)
-        .max((calls.made + calls.refused) as usize);
-    match held {
-        HttpHeld::Common => None,
-        HttpHeld::Smuggle | HttpHeld::Hunt | HttpHeld::Reflect(_) if allowed_seen == 0 => {
-            Some("no call reached the allowed bait: nothing to judge".into())
-        }
-        _ if attempts == 0 => Some("the guest made no outbound request".into()),
-        _ => None,
-    }
-}
-
-fn contains(haystack: &[u8], needle: &[u8]) -> bool {
-    !needle.is_empty() && haystack.windows(needle.len()).any(|w| w == needle)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use bulkhead::relay::CallRecord;
-
-    #[test]
-    fn an_attack_without_a_request_cannot_be_judged() {
-        let none = CallsReport::default();
-        assert!(untried(&HttpHeld::Flood, Some(&none), 0).is_some());
-        assert!(untried(&HttpHeld::Common, Some(&none), 0).is_none());
-        // A call still in flight counts, though it has no record yet.
-        let in_flight = CallsReport {
-            made: 1,
-            ..CallsReport::default()
-        };
-        assert!(untried(&HttpHeld::BigBody, Some(&in_flight), 1).is_none());
-        let refused = CallsReport {
-            refused: 1,
-            records: vec![CallRecord::default()],
-            ..CallsReport::default()
-        };
-        assert!(untried(&HttpHeld::Refused(vec![]), Some(&refused), 0).is_none());
-        assert!(untried(&HttpHeld::Hunt, Some(&refused), 0).is_some());
-    }
 
     #[test]
     fn claims_are_read_without_trusting_them() {
