@@ -1305,7 +1305,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_finished_audit_row_says_what_the_typed_report_says() {
-        use crate::sandbox::{JobReport, LimitKind, Outcome};
+        use crate::job::{JobReport, LimitKind, Outcome};
         let (_dir, store) = open_store().await;
         let mut succeeded = JobReport::not_run("ok", "hello", "");
         (succeeded.outcome, succeeded.failure) = (Outcome::Succeeded, None);
