@@ -1,0 +1,76 @@
+//! The local sandbox `run`, `check` and `escape-suite` use: the policy
+//! checked against the declared services, private work and cache
+//! directories.
+
+use std::path::{Path, PathBuf};
+
+use clap::Args;
+
+use bulkhead::policy::Policy;
+use bulkhead::sandbox::{Sandbox, SandboxConfig};
+
+#[derive(Debug, Args)]
+pub(crate) struct HostArgs {
+    /// The service's config file, for the internal services it declares
+    /// (a policy may name only those).
+    #[arg(long, value_name = "FILE")]
+    pub(crate) config: Option<PathBuf>,
+    /// Where job directories are created; must be private: it and every directory above it owned by
+    /// root or you and not writable by others [default: $XDG_RUNTIME_DIR/bulkhead-cli, else
+    /// ~/.cache/bulkhead/jobs].
+    #[arg(long, value_name = "DIR")]
+    work_dir: Option<PathBuf>,
+    /// Precompiled-module cache, checked private like --work-dir; each artifact is authenticated
+    /// with a key kept in it (cache.key) before it is loaded [default: $XDG_CACHE_HOME/bulkhead/modules,
+    /// else ~/.cache/bulkhead/modules].
+    #[arg(long, value_name = "DIR")]
+    cache_dir: Option<PathBuf>,
+    /// Compile every time; neither read nor write the cache.
+    #[arg(long)]
+    no_cache: bool,
+}
+
+impl HostArgs {
+    /// The policy at `path`, checked against the declared services.
+    pub(crate) fn policy(&self, path: &Path) -> anyhow::Result<Policy> {
+        let declared = match &self.config {
+            Some(c) => bulkhead::config::ServeConfig::load(c)?
+                .services
+                .into_iter()
+                .map(|s| s.name)
+                .collect(),
+            None => Vec::new(),
+        };
+        Ok(Policy::load_with(path, &declared)?)
+    }
+
+    /// The sandbox, with this user's private defaults: jobs under
+    /// `$XDG_RUNTIME_DIR/bulkhead-cli`, else `<cache root>/jobs`; the module
+    /// cache in `<cache root>/modules`, where the cache root is
+    /// `$XDG_CACHE_HOME/bulkhead` or `~/.cache/bulkhead`. Every directory
+    /// is checked to be private before use (see `sandbox::ensure_private_dir`).
+    pub(crate) fn sandbox(&self) -> anyhow::Result<Sandbox> {
+        let root = bulkhead::sandbox::default_cache_root();
+        let runtime = std::env::var_os("XDG_RUNTIME_DIR")
+            .map(PathBuf::from)
+            .is_some_and(|p| p.is_absolute() && p.is_dir());
+        let work_dir = match (&self.work_dir, &root) {
+            (Some(dir), _) => dir.clone(),
+            (None, Some(root)) if !runtime => root.join("jobs"),
+            (None, _) => bulkhead::sandbox::default_work_dir("cli"),
+        };
+        let mut config = SandboxConfig::new(work_dir);
+        config.cache_dir = match (&self.cache_dir, &root) {
+            _ if self.no_cache => None,
+            (Some(dir), _) => Some(dir.clone()),
+            (None, Some(root)) => Some(root.join("modules")),
+            (None, None) => {
+                tracing::warn!(
+                    "neither XDG_CACHE_HOME nor HOME is set: compiling without a module cache"
+                );
+                None
+            }
+        };
+        Ok(Sandbox::new(config)?)
+    }
+}

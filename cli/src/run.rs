@@ -1,0 +1,281 @@
+//! `bulkhead run` (one job of a module under its policy, exactly as the
+//! service would) and `bulkhead check` (a policy, and what a module imports
+//! against it).
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{Context, bail};
+use clap::Args;
+
+use bulkhead::policy::ByteSize;
+use bulkhead::sandbox::{JobDir, JobInput, JobReport, JobSpec, import_verdict};
+
+use crate::host::HostArgs;
+
+#[derive(Debug, Args)]
+pub(crate) struct RunArgs {
+    /// The module: a `wasm32-wasip2` component (`.wasm`).
+    module: PathBuf,
+    /// The module's policy (TOML).
+    #[arg(long)]
+    policy: PathBuf,
+    /// An input file placed in `/in`: `NAME=PATH`, or `PATH` to keep its file name.
+    #[arg(long = "input", value_name = "NAME=PATH")]
+    inputs: Vec<String>,
+    /// A job parameter, passed to the guest as `--K=V`; the policy must list K.
+    #[arg(long = "param", value_name = "K=V")]
+    params: Vec<String>,
+    /// A file whose bytes the guest reads on stdin (`-` for this process's stdin).
+    #[arg(long, value_name = "PATH")]
+    stdin: Option<PathBuf>,
+    /// Copy the job's outputs (regular files only) into this directory.
+    #[arg(long, value_name = "DIR")]
+    out: Option<PathBuf>,
+    /// Print the report as JSON instead of a summary.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    host: HostArgs,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct CheckArgs {
+    /// The policy to validate.
+    #[arg(long)]
+    policy: PathBuf,
+    /// A module to check against the policy.
+    module: Option<PathBuf>,
+    #[command(flatten)]
+    host: HostArgs,
+}
+
+pub(crate) async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
+    let policy = args.host.policy(&args.policy)?;
+    let wasm = read_module(&args.module)?;
+    let mut job = JobSpec::new();
+    job.inputs = parse_inputs(&args.inputs, policy.limits.input)?;
+    job.params = parse_params(&args.params)?;
+    if let Some(path) = &args.stdin {
+        job.stdin = read_stdin(path, policy.limits.input)?.into();
+    }
+    if let Some(out) = &args.out {
+        check_out_dir(out)?;
+    }
+
+    let sandbox = args.host.sandbox()?;
+    let module = sandbox.load(policy, &wasm)?;
+    let dir = JobDir::create(&sandbox.config().work_dir, &job.id).with_context(|| {
+        format!(
+            "cannot create a job directory under {}",
+            sandbox.config().work_dir.display()
+        )
+    })?;
+    let mut report = sandbox.run(&module, &job, &dir).await?;
+    if let Some(out) = &args.out
+        && let Err(e) = bulkhead::sandbox::outputs::collect(&dir.output_dir(), Some(out))
+    {
+        // The job ran and has a report: a copy that fails fails the job
+        // (exit 1, with the report), it is not a usage error.
+        report.outcome = bulkhead::sandbox::Outcome::Failed;
+        report.failure.get_or_insert(bulkhead::sandbox::Failure {
+            kind: bulkhead::sandbox::FailureKind::Output,
+            message: format!("cannot copy outputs to {}: {e}", out.display()),
+        });
+    }
+    drop(dir);
+
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print_summary(&report, args.out.as_deref());
+    }
+    Ok(if report.succeeded() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+pub(crate) fn check(args: CheckArgs) -> anyhow::Result<ExitCode> {
+    let policy = args.host.policy(&args.policy)?;
+    let l = &policy.limits;
+    println!("policy {}: valid", args.policy.display());
+    println!(
+        "  module   {} (zone {})",
+        policy.module.name, policy.module.zone
+    );
+    println!("  sha256   {}", policy.module.sha256);
+    let scopes: Vec<_> = policy.access.scopes.iter().map(|s| s.as_str()).collect();
+    println!("  scopes   {}", or_none(&scopes.join(", ")));
+    let params: Vec<_> = policy.run.params.iter().map(|s| s.as_str()).collect();
+    println!("  params   {}", or_none(&params.join(", ")));
+    println!(
+        "  limits   memory {}, cpu {}, wall {}, output {} in {} entries, stdout {}, stderr {}, input {}",
+        l.memory, l.cpu_time, l.wall_time, l.output, l.output_files, l.stdout, l.stderr, l.input
+    );
+    let services: Vec<_> = policy.network.services.iter().map(|s| s.as_str()).collect();
+    println!(
+        "  network  {}",
+        if services.is_empty() {
+            "none: no way out".to_owned()
+        } else {
+            services.join(", ")
+        }
+    );
+
+    let Some(module_path) = args.module else {
+        return Ok(ExitCode::SUCCESS);
+    };
+    let wasm = read_module(&module_path)?;
+    let sandbox = args.host.sandbox()?;
+    let gated = !policy.network.services.is_empty();
+    let loaded = sandbox.load(policy, &wasm)?;
+    println!(
+        "module {}: digest matches, compiles, links",
+        module_path.display()
+    );
+    println!("  imports:");
+    for name in loaded.imports(&sandbox) {
+        let (verdict, why) = import_verdict(&name, gated);
+        println!("    {verdict:<8} {name}  ({why})");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn or_none(s: &str) -> &str {
+    if s.is_empty() { "none" } else { s }
+}
+
+fn read_module(path: &Path) -> anyhow::Result<Vec<u8>> {
+    std::fs::read(path).with_context(|| format!("cannot read module {}", path.display()))
+}
+
+fn parse_inputs(specs: &[String], limit: ByteSize) -> anyhow::Result<Vec<JobInput>> {
+    let mut inputs = Vec::new();
+    for spec in specs {
+        let (name, path) = match spec.split_once('=') {
+            Some((name, path)) => (name.to_owned(), PathBuf::from(path)),
+            None => {
+                let path = PathBuf::from(spec);
+                let name = path
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .with_context(|| {
+                        format!("input `{spec}` has no usable file name; use NAME=PATH")
+                    })?
+                    .to_owned();
+                (name, path)
+            }
+        };
+        let data = read_bounded(&path, limit)?;
+        inputs.push(JobInput {
+            name,
+            data: data.into(),
+        });
+    }
+    Ok(inputs)
+}
+
+fn read_bounded(path: &Path, limit: ByteSize) -> anyhow::Result<Vec<u8>> {
+    let file = std::fs::File::open(path)
+        .with_context(|| format!("cannot read input {}", path.display()))?;
+    let mut data = Vec::new();
+    file.take(limit.as_u64() + 1)
+        .read_to_end(&mut data)
+        .with_context(|| format!("cannot read input {}", path.display()))?;
+    if data.len() as u64 > limit.as_u64() {
+        bail!(
+            "input {} is larger than the module's input limit of {limit}",
+            path.display()
+        );
+    }
+    Ok(data)
+}
+
+fn read_stdin(path: &Path, limit: ByteSize) -> anyhow::Result<Vec<u8>> {
+    if path.as_os_str() == "-" {
+        let mut data = Vec::new();
+        std::io::stdin()
+            .take(limit.as_u64() + 1)
+            .read_to_end(&mut data)
+            .context("cannot read stdin")?;
+        if data.len() as u64 > limit.as_u64() {
+            bail!("stdin is larger than the module's input limit of {limit}");
+        }
+        Ok(data)
+    } else {
+        read_bounded(path, limit)
+    }
+}
+
+fn parse_params(specs: &[String]) -> anyhow::Result<BTreeMap<String, String>> {
+    let mut params = BTreeMap::new();
+    for spec in specs {
+        let Some((k, v)) = spec.split_once('=') else {
+            bail!("parameter `{spec}` is not of the form K=V");
+        };
+        if params.insert(k.to_owned(), v.to_owned()).is_some() {
+            bail!("parameter `{k}` given twice");
+        }
+    }
+    Ok(params)
+}
+
+fn check_out_dir(out: &Path) -> anyhow::Result<()> {
+    if out.exists() && std::fs::read_dir(out)?.next().is_some() {
+        bail!("output directory {} is not empty", out.display());
+    }
+    Ok(())
+}
+
+fn print_summary(report: &JobReport, out: Option<&Path>) {
+    let m = &report.measurements;
+    let status = if report.succeeded() {
+        "succeeded"
+    } else {
+        "FAILED"
+    };
+    println!(
+        "{} {status}  exit {}  wall {:.1} ms  cpu {:.0} ms  peak memory {}",
+        report.module,
+        report.exit_code.map_or("-".to_owned(), |c| c.to_string()),
+        m.wall_time_ms,
+        m.cpu_time_ms,
+        ByteSize::bytes(m.peak_memory_bytes),
+    );
+    if let Some(f) = &report.failure {
+        println!("  reason: {}", f.message);
+    }
+    if report.outputs.is_empty() {
+        println!("  outputs: none");
+    } else {
+        println!(
+            "  outputs{}:",
+            out.map(|o| format!(" (copied to {})", o.display()))
+                .unwrap_or_default()
+        );
+        for o in &report.outputs {
+            println!("    {}  {} bytes  sha256 {}", o.name, o.size, o.sha256);
+        }
+    }
+    for s in &report.skipped_outputs {
+        println!("  not collected: {} ({})", s.name, s.reason);
+    }
+    for (name, c) in [("stdout", &report.stdout), ("stderr", &report.stderr)] {
+        if c.bytes > 0 {
+            let shown: String = c.text.chars().take(2000).collect();
+            let shown = shown.replace(|ch: char| ch.is_control() && ch != '\n', "?");
+            println!(
+                "  {name} ({} bytes{}):",
+                c.bytes,
+                if c.truncated { ", truncated" } else { "" }
+            );
+            for line in shown.lines().take(20) {
+                println!("    | {line}");
+            }
+        }
+    }
+}

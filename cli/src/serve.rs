@@ -1,0 +1,65 @@
+//! `bulkhead serve`: the HTTP service on its two listeners until a signal
+//! drains it.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Args;
+
+#[derive(Debug, Args)]
+pub(crate) struct ServeArgs {
+    /// Config file (TOML); without it, the built-in defaults.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+}
+
+pub(crate) async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
+    let config = match &args.config {
+        Some(path) => bulkhead::config::ServeConfig::load(path)?,
+        None => bulkhead::config::ServeConfig::default(),
+    };
+    let public_addr = config.server.listen;
+    let admin_addr = config.server.admin_listen;
+    let data_dir = config.storage.data_dir.clone();
+    let service = bulkhead::service::Service::start(config, None).await?;
+    let listeners = bulkhead::serve::Listeners::bind(public_addr, admin_addr).await?;
+    // Print the bound addresses: a config may ask for port 0.
+    let (public_addr, admin_addr) = listeners.local_addrs()?;
+    println!(
+        "bulkhead serving http://{public_addr} (admin http://{admin_addr}, data {})",
+        data_dir.display()
+    );
+    println!(
+        "get a token:  ./target/debug/bulkhead token issue --tenant demo --subject me --scope thumbnail:run"
+    );
+    println!(
+        "submit a job: curl -H \"Authorization: Bearer $TOKEN\" -H 'Content-Type: image/png' \\\n    --data-binary @examples/sunset.png 'http://{public_addr}/v1/modules/thumbnail/jobs?wait=10s&param.width=160'"
+    );
+
+    // On SIGTERM or Ctrl-C: readiness turns 503 and running jobs get
+    // `shutdown_grace`; then the listeners close and open connections get
+    // `serve::CLOSE_MARGIN` before they are dropped. Nothing else is waited
+    // for: the runtime is shut down without waiting (see `main`).
+    let draining = async {
+        shutdown_signal().await;
+        eprintln!("shutting down: draining running jobs");
+        service.shutdown().await;
+    };
+    bulkhead::serve::serve(std::sync::Arc::clone(&service), listeners, draining).await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => {
+            let _ = ctrl_c.await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term.recv() => {}
+    }
+}
