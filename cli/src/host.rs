@@ -19,15 +19,15 @@ pub(crate) struct HostArgs {
     /// root or you and not writable by others [default: $XDG_RUNTIME_DIR/bulkhead-cli, else
     /// ~/.cache/bulkhead/jobs].
     #[arg(long, value_name = "DIR")]
-    work_dir: Option<PathBuf>,
+    pub(crate) work_dir: Option<PathBuf>,
     /// Precompiled-module cache, checked private like --work-dir; each artifact is authenticated
     /// with a key kept in it (cache.key) before it is loaded [default: $XDG_CACHE_HOME/bulkhead/modules,
     /// else ~/.cache/bulkhead/modules].
     #[arg(long, value_name = "DIR")]
-    cache_dir: Option<PathBuf>,
+    pub(crate) cache_dir: Option<PathBuf>,
     /// Compile every time; neither read nor write the cache.
     #[arg(long)]
-    no_cache: bool,
+    pub(crate) no_cache: bool,
 }
 
 impl HostArgs {

@@ -17,7 +17,6 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use host::HostArgs;
 use run::{CheckArgs, RunArgs};
 use serve::ServeArgs;
 use suite::SuiteArgs;
