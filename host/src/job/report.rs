@@ -38,7 +38,7 @@ pub enum LimitKind {
 
 impl LimitKind {
     /// Every limit, in a fixed order (the latch stores an index into it).
-    pub(crate) const ALL: [LimitKind; 12] = [
+    pub const ALL: [LimitKind; 12] = [
         LimitKind::Memory,
         LimitKind::Tables,
         LimitKind::CpuTime,

@@ -62,30 +62,15 @@ struct Held {
     untouched: Vec<PathBuf>,
 }
 
-const LIMITS: [LimitKind; 12] = [
-    LimitKind::Memory,
-    LimitKind::Tables,
-    LimitKind::CpuTime,
-    LimitKind::WallTime,
-    LimitKind::Stack,
-    LimitKind::Stdout,
-    LimitKind::Stderr,
-    LimitKind::Output,
-    LimitKind::OutputFiles,
-    LimitKind::Instances,
-    LimitKind::Descriptors,
-    LimitKind::Written,
-];
-
 fn limit_kind(name: &str, manifest: &Path) -> Result<LimitKind, SuiteError> {
-    LIMITS
+    LimitKind::ALL
         .into_iter()
         .find(|k| k.as_str() == name)
         .ok_or_else(|| {
             SuiteError::Setup(format!(
                 "{}: unknown limit `{name}` in held.limits: one of {}",
                 manifest.display(),
-                LIMITS.map(LimitKind::as_str).join(", ")
+                LimitKind::ALL.map(LimitKind::as_str).join(", ")
             ))
         })
 }
