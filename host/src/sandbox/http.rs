@@ -35,7 +35,9 @@ pub(crate) struct JobHooks {
     pub(crate) egress: Option<Arc<dyn Egress>>,
     pub(crate) cpu: Arc<CpuMeter>,
     /// Each call in flight holds one of the job's host descriptors (its
-    /// connection) until the guest drops the response body.
+    /// connection) until both its bodies are gone: the request body the
+    /// connection may still be sending, and the response body the guest
+    /// reads.
     pub(crate) quota: Arc<OutputQuota>,
     pub(crate) refusals: Refusals,
 }
@@ -65,7 +67,7 @@ impl WasiHttpHooks for JobHooks {
         _options: Option<RequestOptions>,
         _fut: Done,
     ) -> Sent {
-        let Some(slot) = self.quota.hold_call() else {
+        let Some(slot) = self.quota.hold_call().map(Arc::new) else {
             // At the job's descriptor bound: the call would open a socket.
             self.refusals.note();
             return Box::new(async { Err(HttpError::HttpRequestDenied) });
@@ -76,7 +78,16 @@ impl WasiHttpHooks for JobHooks {
                 let Some(egress) = egress else {
                     return Err(HttpError::HttpRequestDenied);
                 };
-                let request = request.map(|body| body.map_err(from_guest).boxed_unsync());
+                // The connection lives as long as either body: a guest that
+                // drops the response but keeps writing the request keeps
+                // its socket open.
+                let request = request.map(|body| {
+                    SlotBody {
+                        body: body.map_err(from_guest),
+                        _slot: Arc::clone(&slot),
+                    }
+                    .boxed_unsync()
+                });
                 let response = egress.send(request).await.map_err(to_guest)?;
                 let done: Done = Box::new(async { Ok(()) });
                 Ok((
@@ -116,11 +127,11 @@ fn to_guest(e: EgressError) -> HttpError {
     }
 }
 
-/// A response body holding its call's place among the job's descriptors
-/// until the guest drops it.
+/// A request or response body holding its call's place among the job's
+/// descriptors: the place is given back when both are dropped.
 struct SlotBody<B> {
     body: B,
-    _slot: CallSlot,
+    _slot: Arc<CallSlot>,
 }
 
 impl<B: http_body::Body + Unpin> http_body::Body for SlotBody<B> {
@@ -140,5 +151,69 @@ impl<B: http_body::Body + Unpin> http_body::Body for SlotBody<B> {
 
     fn size_hint(&self) -> http_body::SizeHint {
         self.body.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+    use std::time::Instant;
+
+    use super::*;
+    use crate::job::CallsReport;
+    use crate::job::egress::{EgressBody, EgressFuture};
+    use crate::sandbox::limits::LimitLatch;
+
+    /// An egress that answers at once but keeps the request body, as a
+    /// connection still sending it does.
+    #[derive(Debug, Default)]
+    struct KeepsRequestBody {
+        kept: Mutex<Vec<EgressBody>>,
+    }
+
+    impl Egress for KeepsRequestBody {
+        fn start(&self, _deadline: Instant) {}
+
+        fn send(self: Arc<Self>, request: http::Request<EgressBody>) -> EgressFuture {
+            self.kept.lock().unwrap().push(request.into_body());
+            Box::pin(async {
+                let body = http_body_util::Empty::new()
+                    .map_err(|never: std::convert::Infallible| match never {})
+                    .boxed_unsync();
+                Ok(http::Response::new(body))
+            })
+        }
+
+        fn report(&self) -> CallsReport {
+            CallsReport::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_call_holds_its_descriptor_place_while_its_request_body_lives() {
+        let egress = Arc::new(KeepsRequestBody::default());
+        let quota = OutputQuota::new(1 << 20, 16, 4, LimitLatch::default());
+        let mut hooks = JobHooks {
+            egress: Some(Arc::clone(&egress) as Arc<dyn Egress>),
+            cpu: Arc::new(CpuMeter::new(u64::MAX, LimitLatch::default())),
+            quota: Arc::clone(&quota),
+            refusals: Refusals::default(),
+        };
+        let request = http::Request::new(
+            http_body_util::Empty::new()
+                .map_err(|never: std::convert::Infallible| match never {})
+                .boxed_unsync(),
+        );
+        let sent = hooks.send_request(request, None, Box::new(async { Ok(()) }));
+        let (response, _done) = Box::into_pin(sent).await.expect("answered");
+        assert_eq!(quota.open_descriptors(), 1);
+        drop(response);
+        assert_eq!(
+            quota.open_descriptors(),
+            1,
+            "the response is gone, but the connection still sends the request"
+        );
+        egress.kept.lock().unwrap().clear();
+        assert_eq!(quota.open_descriptors(), 0);
     }
 }
