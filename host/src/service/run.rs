@@ -155,6 +155,10 @@ impl Service {
     /// failed) or is given back, and the keeper re-queues it.
     pub(super) async fn run_one(&self, queued: &QueuedJob) -> Ran {
         let max_attempts = self.config.queue.max_attempts;
+        // Listening for a cancel before the claim: one that lands between
+        // the claim and the run (while stored inputs are read) leaves a
+        // permit, and the run ends before the guest starts.
+        let cancel = self.cancel_handle(&queued.id);
         let claimed = self
             .store
             .claim(&queued.tenant, &queued.id, now_ms(), max_attempts)
@@ -182,7 +186,7 @@ impl Service {
             }
         };
         let result = match self.modules.get(&record.module) {
-            Some(module) => self.run_stored(module, &record).await,
+            Some(module) => self.run_stored(module, &record, &cancel).await,
             None => Ok(Some(JobReport::not_run(
                 &record.id,
                 &record.module,
@@ -331,13 +335,15 @@ impl Service {
             attempts: 1,
             ..super::admit::new_record(who, module, &spec, has_stdin, now)
         };
-        // The caller authenticated on this very request. A failure of the
+        // The caller authenticated on this very request; the identity its
+        // calls carry is read again when it starts. A failure of the
         // host on the way is a failed job with a reason (never a 500),
         // unless it is the storage's: then nothing can be stored, and the
         // caller is told to retry (503). Either way nothing is left under
         // the data directory without a row.
+        let cancel = self.cancel_handle(&record.id);
         let ran = self
-            .execute(module, &record, &spec, Some(Ok(caller(who))))
+            .execute(module, &record, &spec, &cancel)
             .await
             .map(|report| {
                 // Inline jobs have no row to cancel, so nothing ends them
@@ -498,6 +504,7 @@ impl Service {
         &self,
         module: &LoadedModule,
         record: &JobRecord,
+        cancel: &CancelHandle<'_>,
     ) -> Result<Option<JobReport>, ServiceError> {
         let Some(spec) = self.stored_spec(record)? else {
             return Ok(Some(JobReport::not_run(
@@ -506,12 +513,7 @@ impl Service {
                 "stored input unreadable",
             )));
         };
-        let caller = if module.policy().network.services.is_empty() {
-            None
-        } else {
-            Some(self.caller_of(record).await?)
-        };
-        self.execute(module, record, &spec, caller).await
+        self.execute(module, record, &spec, cancel).await
     }
 
     /// The one run path, for queued jobs a worker claimed and for inline
@@ -524,25 +526,25 @@ impl Service {
         module: &LoadedModule,
         record: &JobRecord,
         spec: &JobSpec,
-        caller: Option<Result<crate::relay::Caller, String>>,
+        cancel: &CancelHandle<'_>,
     ) -> Result<Option<JobReport>, ServiceError> {
+        // The identity its calls carry is read when it starts, inline or
+        // queued alike: a token revoked while the job waited relays nothing.
+        let caller = if module.policy().network.services.is_empty() {
+            None
+        } else {
+            Some(self.caller_of(record).await?)
+        };
         let audits = AuditWrites::default();
         let egress = caller.and_then(|caller| self.egress(module, record, caller, &audits));
         let dir = JobDir::create(self.sandbox.config().work_dir.as_path(), &record.id)?;
-        let cancel = Arc::new(Notify::new());
-        self.cancels
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(record.id.clone(), Arc::clone(&cancel));
         let result = tokio::select! {
+            // A cancel already waiting wins before the guest runs at all.
+            biased;
+            () = cancel.notify.notified() => None,
             r = self.sandbox.run_with(module, spec, &dir, egress) => Some(r),
-            () = cancel.notified() => None,
         };
         audits.settle().await;
-        self.cancels
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&record.id);
         let report = match result {
             None => return Ok(None),
             Some(Ok(report)) => report,
@@ -550,6 +552,22 @@ impl Service {
         };
         self.keep_outputs(record, &report, &dir)?;
         Ok(Some(report))
+    }
+
+    /// Registers `id`'s cancel: [`Service::cancel`] notifies it from now
+    /// until the handle is dropped, and a notification sent before the run
+    /// waits for it (a permit).
+    pub(super) fn cancel_handle<'a>(&'a self, id: &str) -> CancelHandle<'a> {
+        let notify = Arc::new(Notify::new());
+        self.cancels
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id.to_owned(), Arc::clone(&notify));
+        CancelHandle {
+            service: self,
+            id: id.to_owned(),
+            notify,
+        }
     }
 
     /// Deletes finished jobs past retention, every minute.
@@ -727,5 +745,23 @@ fn caller(who: &Identity) -> crate::relay::Caller {
         tenant: who.tenant.clone(),
         subject: who.subject.clone(),
         scopes: who.scopes.clone(),
+    }
+}
+
+/// A job's registered cancel (see [`Service::cancel_handle`]); dropping it
+/// unregisters it.
+pub(super) struct CancelHandle<'a> {
+    service: &'a Service,
+    id: String,
+    notify: Arc<Notify>,
+}
+
+impl Drop for CancelHandle<'_> {
+    fn drop(&mut self) {
+        self.service
+            .cancels
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.id);
     }
 }

@@ -734,6 +734,49 @@ async fn a_token_revoked_while_its_job_waits_relays_nothing() {
     assert!(s.palette.is_empty(), "{:#?}", s.palette.snapshot());
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn a_token_revoked_before_its_inline_job_starts_relays_nothing() {
+    // A request that authenticated, then waited for its turn while its
+    // token was revoked: the job still runs (it was accepted), inline, but
+    // the identity its call carries is read when it starts.
+    let s = scenario_with(16, 1).await;
+    let _token = s.server.token("acme", &["lateral:run"]).await;
+    let record = s.server.service.store().list_tokens().await.unwrap();
+    let tok_id = &record.iter().find(|t| t.tenant == "acme").unwrap().id;
+    let who = bulkhead::auth::Identity {
+        tenant: "acme".into(),
+        subject: "acme-ci".into(),
+        scopes: vec!["lateral:run".parse().unwrap()],
+        token_id: tok_id.clone(),
+        client: None,
+    };
+    assert!(s.server.service.store().revoke_token(tok_id).await.unwrap());
+    let submission = bulkhead::service::Submission {
+        params: [("mode".to_owned(), "allowed".to_owned())].into(),
+        ..Default::default()
+    };
+    let (record, _) = s
+        .server
+        .service
+        .submit(
+            &who,
+            "lateral",
+            submission,
+            Some(std::time::Duration::from_secs(30)),
+        )
+        .await
+        .unwrap();
+    let job = serde_json::json!({ "report": record.report.expect("ran inline") });
+    let c = calls(&job);
+    assert_eq!(
+        (c["made"].as_u64(), c["refused"].as_u64()),
+        (Some(0), Some(1)),
+        "{job:#}"
+    );
+    assert_eq!(c["records"][0]["class"], "identity");
+    assert!(s.palette.is_empty(), "{:#?}", s.palette.snapshot());
+}
+
 /// Every form of `token` a guest could use, as the test sees it: whole,
 /// its signature, either half of it, its hex, its base64 at each alignment.
 fn token_forms(token: &str) -> Vec<Vec<u8>> {
