@@ -278,20 +278,7 @@ pub fn checks(
     );
     match held {
         HttpHeld::Refused(want) => {
-            let missing: Vec<String> = want
-                .iter()
-                .filter(|(class, n)| count(class) < *n)
-                .map(|(class, n)| format!("{n} `{class}` refusals expected, {}", count(class)))
-                .collect();
-            checks.push(Check::new(
-                "refusals",
-                missing.is_empty(),
-                if missing.is_empty() {
-                    summary
-                } else {
-                    format!("{}: {summary}", missing.join("; "))
-                },
-            ));
+            checks.push(refusals_check("refusals", want, &count, summary));
         }
         HttpHeld::Flood => {
             let over = FLOOD.saturating_sub(MAX_CALLS) as usize;
@@ -335,20 +322,7 @@ pub fn checks(
         HttpHeld::Hunt => checks.push(hunt(&seen, produced)),
         HttpHeld::Reflect(want) => {
             checks.push(hunt(&seen, produced));
-            let missing: Vec<String> = want
-                .iter()
-                .filter(|(class, n)| count(class) < *n)
-                .map(|(class, n)| format!("{n} `{class}` refusals expected, {}", count(class)))
-                .collect();
-            checks.push(Check::new(
-                "withheld",
-                missing.is_empty(),
-                if missing.is_empty() {
-                    summary
-                } else {
-                    format!("{}: {summary}", missing.join("; "))
-                },
-            ));
+            checks.push(refusals_check("withheld", want, &count, summary));
         }
         HttpHeld::Common => {
             checks.push(Check::new("refusals", true, summary));
@@ -430,6 +404,27 @@ pub fn untried(
 
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     !needle.is_empty() && haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+/// Check `name`: at least `n` refusals of each `(class, n)` in `want`, as
+/// `count` tells them; `summary` says what the job's calls did.
+fn refusals_check(
+    name: &str,
+    want: &[(&'static str, usize)],
+    count: &dyn Fn(&str) -> usize,
+    summary: String,
+) -> Check {
+    let missing: Vec<String> = want
+        .iter()
+        .filter(|(class, n)| count(class) < *n)
+        .map(|(class, n)| format!("{n} `{class}` refusals expected, {}", count(class)))
+        .collect();
+    let detail = if missing.is_empty() {
+        summary
+    } else {
+        format!("{}: {summary}", missing.join("; "))
+    };
+    Check::new(name, missing.is_empty(), detail)
 }
 
 #[cfg(test)]
