@@ -32,3 +32,4 @@ pub mod sandbox;
 pub mod serve;
 pub mod service;
 pub mod store;
+pub mod worker;

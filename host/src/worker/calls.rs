@@ -1,0 +1,1 @@
+//! Outbound requests over the worker channel (not yet written).

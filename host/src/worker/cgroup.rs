@@ -1,0 +1,1 @@
+//! A worker's memory ceiling (not yet written).

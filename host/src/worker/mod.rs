@@ -1,0 +1,70 @@
+//! The second wall: guests run in worker processes that hold nothing worth
+//! stealing.
+//!
+//! WebAssembly is the first wall. This module is the one around it, for
+//! when the runtime itself is broken: the gateway (listeners, store, keys,
+//! relay) starts workers from its own binary, one pool per trust zone; a
+//! worker hardens itself ([`harden`]) before it reads any guest byte, then
+//! compiles and runs that zone's modules, and its guests' outbound requests
+//! cross the channel ([`calls`]) to the gateway's egress, which alone
+//! checks, signs and sends them.
+//!
+//! - [`harden`]: the layers a worker applies to itself, each checked after
+//!   it is applied, and what it reports of them.
+//! - [`calls`]: outbound requests over the channel, worker side and gateway
+//!   side.
+//! - [`cgroup`]: a worker's memory ceiling, where the host offers cgroups.
+//! - [`WorkerArgs`]: what a worker is started with.
+
+pub mod calls;
+pub mod cgroup;
+pub mod harden;
+
+use std::collections::BTreeSet;
+use std::os::fd::RawFd;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+/// The descriptor a worker finds its channel to the gateway on.
+pub const CHANNEL_FD: RawFd = 3;
+
+/// What a worker process is started with (serialized into its command
+/// line by the gateway). Everything the worker may touch on the host is
+/// named here; nothing else is reachable once it has hardened itself.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkerArgs {
+    /// The trust zone it serves.
+    pub zone: String,
+    /// Where this worker's job directories are created (its own, inside
+    /// the zone's work directory).
+    pub work_dir: PathBuf,
+    /// The zone's precompiled-module cache, which only the zone's workers
+    /// read or write.
+    pub cache_dir: PathBuf,
+    /// `(uid, gid)` to switch to when started as root.
+    pub run_as: Option<(u32, u32)>,
+    /// Jobs this worker runs at once.
+    pub max_concurrent_jobs: u32,
+    /// Host descriptors the worker may hold (`RLIMIT_NOFILE`).
+    pub max_open: u64,
+    /// Threads the worker may run (`RLIMIT_NPROC`).
+    pub max_threads: u64,
+    /// Layers NOT applied. Set only by tests and by the escape suite's
+    /// weakened-worker self-check; no config, policy or request reaches it.
+    pub weaken: BTreeSet<harden::Layer>,
+}
+
+impl WorkerArgs {
+    /// The hardening plan for this worker, keeping `channel` open.
+    pub fn plan(&self, channel: RawFd) -> harden::Plan {
+        harden::Plan {
+            channel: Some(channel),
+            writable: vec![self.work_dir.clone(), self.cache_dir.clone()],
+            run_as: self.run_as,
+            max_open: self.max_open,
+            max_threads: self.max_threads,
+            weaken: self.weaken.clone(),
+        }
+    }
+}
