@@ -50,6 +50,15 @@ const EXIT_USAGE: u8 = 2;
 
 /// Parses arguments, runs the command, prints errors with their causes.
 pub fn main() -> ExitCode {
+    // Processes the gateway starts harden themselves while they are still
+    // single-threaded: before logging and the async runtime, and without
+    // the public command line (these are not commands for people).
+    let mut argv = std::env::args_os();
+    if let (Some(_), Some(role)) = (argv.next(), argv.next())
+        && role == suite::DRILL_SUBCOMMAND
+    {
+        return suite::drill_child(argv.collect());
+    }
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(

@@ -45,6 +45,15 @@ pub(crate) struct SuiteArgs {
     host: HostArgs,
 }
 
+/// The hidden subcommand a second-wall drill process is started with.
+pub(crate) const DRILL_SUBCOMMAND: &str = "__second-wall-drill";
+
+/// The second-wall drill's process: hardens itself exactly as a worker
+/// does, then attacks from inside (not yet written).
+pub(crate) fn drill_child(_args: Vec<std::ffi::OsString>) -> ExitCode {
+    ExitCode::from(2)
+}
+
 pub(crate) async fn escape_suite(args: SuiteArgs) -> anyhow::Result<ExitCode> {
     use std::io::{IsTerminal, Write};
 

@@ -14,11 +14,13 @@
 //! - [`calls`]: outbound requests over the channel, worker side and gateway
 //!   side.
 //! - [`cgroup`]: a worker's memory ceiling, where the host offers cgroups.
+//! - [`process`]: starting a worker, and a worker finding its channel.
 //! - [`WorkerArgs`]: what a worker is started with.
 
 pub mod calls;
 pub mod cgroup;
 pub mod harden;
+pub mod process;
 
 use std::collections::BTreeSet;
 use std::os::fd::RawFd;

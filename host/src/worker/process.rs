@@ -1,0 +1,91 @@
+//! Starting a worker process: the gateway's own binary, run with a
+//! subcommand and its [`WorkerArgs`], its channel inherited as
+//! [`CHANNEL_FD`], and nothing else of the gateway's: no environment, no
+//! other descriptor, standard streams on `/dev/null`.
+
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+
+use super::{CHANNEL_FD, WorkerArgs};
+
+/// A started worker: its process and the gateway's end of its channel.
+#[derive(Debug)]
+pub struct Spawned {
+    /// The process.
+    pub child: Child,
+    /// The gateway's end of the channel (blocking; convert with
+    /// `tokio::net::UnixStream::from_std` after `set_nonblocking(true)`).
+    pub channel: UnixStream,
+}
+
+/// Starts `program subcommand <args as JSON>` with the worker's end of a
+/// fresh socketpair as descriptor [`CHANNEL_FD`]. The environment is
+/// cleared (nothing of the gateway's, such as a token in a variable,
+/// reaches a worker); the gateway's other descriptors are close-on-exec
+/// already (Rust opens everything so).
+///
+/// # Errors
+/// If the socketpair or the process cannot be created.
+pub fn spawn(program: &Path, subcommand: &str, args: &WorkerArgs) -> io::Result<Spawned> {
+    let (ours, theirs) = UnixStream::pair()?;
+    let theirs: OwnedFd = theirs.into();
+    let json = serde_json::to_string(args).map_err(io::Error::other)?;
+    let mut command = Command::new(program);
+    command
+        .arg(subcommand)
+        .arg(json)
+        .env_clear()
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let fd = theirs.as_raw_fd();
+    // SAFETY: between fork and exec this only calls `dup2` and `fcntl`,
+    // which are async-signal-safe, on a descriptor that stays open until
+    // `command` is dropped (after `spawn` returns).
+    unsafe {
+        command.pre_exec(move || {
+            if fd == CHANNEL_FD {
+                // Already in place: only clear close-on-exec.
+                let flags = libc::fcntl(fd, libc::F_GETFD);
+                if flags < 0 || libc::fcntl(fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+            } else if libc::dup2(fd, CHANNEL_FD) < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = command.spawn()?;
+    // The worker's end now lives only in the worker: when it dies, the
+    // gateway's end reads end-of-file.
+    drop(theirs);
+    Ok(Spawned {
+        child,
+        channel: ours,
+    })
+}
+
+/// The channel of a worker started by [`spawn`], taken over from
+/// [`CHANNEL_FD`]; `None` when that descriptor is not a socket.
+pub fn inherited_channel() -> Option<UnixStream> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: fstat on any descriptor number is sound; it fails on a
+    // closed one.
+    let mut stat = std::mem::MaybeUninit::<libc::stat>::zeroed();
+    if unsafe { libc::fstat(CHANNEL_FD, stat.as_mut_ptr()) } != 0 {
+        return None;
+    }
+    // SAFETY: fstat returned 0, so it filled `stat`.
+    let stat = unsafe { stat.assume_init() };
+    if stat.st_mode & libc::S_IFMT != libc::S_IFSOCK {
+        return None;
+    }
+    // SAFETY: the descriptor is open and a socket, and nothing else in
+    // this process owns it (it was inherited for this purpose).
+    Some(unsafe { UnixStream::from_raw_fd(CHANNEL_FD) })
+}
