@@ -7,7 +7,12 @@ use std::path::{Path, PathBuf};
 use clap::Args;
 
 use bulkhead::policy::Policy;
+use std::sync::Arc;
+
+use anyhow::Context;
+use bulkhead::runner::{InProcess, Runner, Workers};
 use bulkhead::sandbox::{Sandbox, SandboxConfig};
+use bulkhead::worker::pool::{Pool, PoolConfig};
 
 #[derive(Debug, Args)]
 pub(crate) struct HostArgs {
@@ -28,6 +33,10 @@ pub(crate) struct HostArgs {
     /// Compile every time; neither read nor write the cache.
     #[arg(long)]
     pub(crate) no_cache: bool,
+    /// Run the guest inside this process instead of a hardened worker process (for debugging: a
+    /// runtime escape then reaches everything this process can).
+    #[arg(long)]
+    pub(crate) in_process: bool,
 }
 
 impl HostArgs {
@@ -50,6 +59,55 @@ impl HostArgs {
     /// `$XDG_CACHE_HOME/bulkhead` or `~/.cache/bulkhead`. Every directory
     /// is checked to be private before use (see `sandbox::ensure_private_dir`).
     pub(crate) fn sandbox(&self) -> anyhow::Result<Sandbox> {
+        Ok(Sandbox::new(self.sandbox_config())?)
+    }
+
+    /// Where the guests of `zone` run: a hardened worker process started
+    /// from this binary, exactly as the service runs them (with
+    /// `--in-process`, this process's sandbox). The layers required are
+    /// the config's `[isolation] require` (default: every layer).
+    pub(crate) async fn runner(&self, zone: &str) -> anyhow::Result<Arc<dyn Runner>> {
+        let config = self.sandbox_config();
+        if self.in_process {
+            return Ok(Arc::new(InProcess::new(Sandbox::new(config)?)));
+        }
+        bulkhead::sandbox::ensure_private_dir(&config.work_dir)?;
+        let work_dir = config.work_dir.join("zones").join(zone);
+        let cache_dir = match &config.cache_dir {
+            Some(dir) => {
+                bulkhead::sandbox::ensure_private_dir(dir)?;
+                dir.join("zones").join(zone)
+            }
+            None => work_dir.with_extension("cache"),
+        };
+        let isolation = match &self.config {
+            Some(c) => bulkhead::config::ServeConfig::load(c)?.isolation,
+            None => bulkhead::config::Isolation::default(),
+        };
+        let pool = Pool::start(
+            PoolConfig {
+                zone: zone.to_owned(),
+                program: std::env::current_exe().context("cannot find this binary")?,
+                workers: 1,
+                jobs_per_worker: 0,
+                max_concurrent_jobs: 1,
+                memory: None,
+                work_dir,
+                cache_dir,
+                run_as: isolation.run_as,
+                max_open: bulkhead::worker::WORKER_MAX_OPEN,
+                max_threads: bulkhead::worker::WORKER_MAX_THREADS,
+                require: isolation.require,
+                weaken: Default::default(),
+            },
+            |_| {},
+        )
+        .await?;
+        let pools = std::iter::once((zone.to_owned(), pool)).collect();
+        Ok(Arc::new(Workers::new(config, pools)))
+    }
+
+    fn sandbox_config(&self) -> SandboxConfig {
         let root = bulkhead::sandbox::default_cache_root();
         let runtime = std::env::var_os("XDG_RUNTIME_DIR")
             .map(PathBuf::from)
@@ -71,6 +129,6 @@ impl HostArgs {
                 None
             }
         };
-        Ok(Sandbox::new(config)?)
+        config
     }
 }

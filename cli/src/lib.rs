@@ -54,10 +54,13 @@ pub fn main() -> ExitCode {
     // single-threaded: before logging and the async runtime, and without
     // the public command line (these are not commands for people).
     let mut argv = std::env::args_os();
-    if let (Some(_), Some(role)) = (argv.next(), argv.next())
-        && role == suite::DRILL_SUBCOMMAND
-    {
-        return suite::drill_child(argv.collect());
+    if let (Some(_), Some(role)) = (argv.next(), argv.next()) {
+        if role == bulkhead::worker::pool::WORKER_SUBCOMMAND {
+            return bulkhead::worker::child::main(&argv.next().unwrap_or_default());
+        }
+        if role == suite::DRILL_SUBCOMMAND {
+            return suite::drill_child(argv.collect());
+        }
     }
     let cli = Cli::parse();
     tracing_subscriber::fmt()

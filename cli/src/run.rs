@@ -11,7 +11,7 @@ use anyhow::{Context, bail};
 use clap::Args;
 
 use bulkhead::policy::ByteSize;
-use bulkhead::sandbox::{JobDir, JobInput, JobReport, JobSpec, import_verdict};
+use bulkhead::sandbox::{JobInput, JobReport, JobSpec, import_verdict};
 
 use crate::host::HostArgs;
 
@@ -65,17 +65,12 @@ pub(crate) async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         check_out_dir(out)?;
     }
 
-    let sandbox = args.host.sandbox()?;
-    let module = sandbox.load(policy, &wasm)?;
-    let dir = JobDir::create(&sandbox.config().work_dir, &job.id).with_context(|| {
-        format!(
-            "cannot create a job directory under {}",
-            sandbox.config().work_dir.display()
-        )
-    })?;
-    let mut report = sandbox.run(&module, &job, &dir).await?;
+    let runner = args.host.runner(&policy.module.zone.to_string()).await?;
+    let module = runner.load(policy, wasm.into()).await?;
+    let finished = runner.run(&module, &job, None).await?;
+    let mut report = finished.report;
     if let Some(out) = &args.out
-        && let Err(e) = bulkhead::sandbox::outputs::collect(&dir.output_dir(), Some(out))
+        && let Err(e) = finished.outputs.collect(Some(out))
     {
         // The job ran and has a report: a copy that fails fails the job
         // (exit 1, with the report), it is not a usage error.
@@ -85,7 +80,8 @@ pub(crate) async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             message: format!("cannot copy outputs to {}: {e}", out.display()),
         });
     }
-    drop(dir);
+    drop(finished.outputs);
+    runner.close();
 
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);

@@ -57,6 +57,18 @@
 //! max_attempts = 3                 # starts of a job that never finished (crash, host error) before it is failed
 //! idempotency_retention = "24 h"   # an `Idempotency-Key` names its first job this long
 //!
+//! [isolation]                      # where guests run (see ARCHITECTURE.md, "The second wall")
+//! mode = "process"                 # hardened worker processes; "in-process" for debugging only
+//! # require = ["landlock", "seccomp", …]  # layers workers must have (default: every layer; the
+//!                                  # service refuses to start where one is missing)
+//! # program = "/usr/bin/bulkhead"  # the binary workers start from (default: this one)
+//! # run_as = [65534, 65534]        # uid and gid of workers when the service runs as root
+//!
+//! [zones.untrusted]                # one worker pool per trust zone (a policy's `module.zone`)
+//! workers = 2                      # worker processes
+//! jobs_per_worker = 1000           # jobs before a worker is replaced (1: a fresh process per job)
+//! # memory = "2 GiB"               # a worker's memory ceiling, where the host offers cgroups
+//!
 //! [tokens]                         # call tokens minted for internal services
 //! issuer = "bulkhead"              # `iss`
 //! lifetime = "30 s"                # at most 300 s, and never past the job's deadline
@@ -102,6 +114,79 @@ pub struct ServeConfig {
     pub services: Vec<ServiceDecl>,
     /// Audit retention and the bound on what anonymous callers make it write.
     pub audit: Audit,
+    /// Where guests run: hardened worker processes (the default) or this
+    /// process, and the hardening required of workers.
+    pub isolation: Isolation,
+    /// Worker pools per trust zone (`[zones.<name>]`); a zone not listed
+    /// gets [`ZonePool::default`].
+    pub zones: std::collections::BTreeMap<String, ZonePool>,
+}
+
+/// `[isolation]`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Isolation {
+    /// `process` (guests run in hardened worker processes) or `in-process`
+    /// (in the gateway: for debugging only; a runtime escape then reaches
+    /// the keys and the store).
+    pub mode: IsolationMode,
+    /// Hardening layers every worker must report active, or the service
+    /// refuses to start (by their names: `descriptors`, `user_namespace`,
+    /// `network_namespace`, `ipc_namespace`, `mount_namespace`,
+    /// `unprivileged`, `no_new_privs`, `landlock`, `seccomp`, `rlimits`,
+    /// `not_dumpable`, `dies_with_gateway`). Default: all of them.
+    pub require: std::collections::BTreeSet<crate::worker::harden::Layer>,
+    /// The binary workers are started from (default: this one).
+    pub program: Option<PathBuf>,
+    /// `[uid, gid]` workers switch to when the service runs as root
+    /// (default `[65534, 65534]`, nobody).
+    pub run_as: Option<(u32, u32)>,
+}
+
+/// Where guests run.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum IsolationMode {
+    /// Hardened worker processes.
+    #[default]
+    Process,
+    /// The gateway's own process.
+    InProcess,
+}
+
+impl Default for Isolation {
+    fn default() -> Self {
+        Self {
+            mode: IsolationMode::Process,
+            require: crate::worker::harden::Layer::ALL.into_iter().collect(),
+            program: None,
+            run_as: None,
+        }
+    }
+}
+
+/// `[zones.<name>]`: one trust zone's worker pool.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ZonePool {
+    /// Worker processes kept running.
+    pub workers: u32,
+    /// Jobs a worker runs before it is replaced; `1` is a fresh process
+    /// per job, `0` no limit.
+    pub jobs_per_worker: u32,
+    /// A worker's memory ceiling, where the host offers cgroups (v2, or
+    /// v1's memory controller).
+    pub memory: Option<ByteSize>,
+}
+
+impl Default for ZonePool {
+    fn default() -> Self {
+        Self {
+            workers: 2,
+            jobs_per_worker: 1000,
+            memory: None,
+        }
+    }
 }
 
 /// `[server]`.
@@ -372,6 +457,12 @@ impl ServeConfig {
             return Err(ConfigError::Invalid {
                 path: path.to_owned(),
                 message: "queue.workers must be at least 1".into(),
+            });
+        }
+        if let Some((zone, _)) = config.zones.iter().find(|(_, z)| z.workers == 0) {
+            return Err(ConfigError::Invalid {
+                path: path.to_owned(),
+                message: format!("zones.{zone}.workers must be at least 1"),
             });
         }
         if config.queue.max_attempts == 0 {

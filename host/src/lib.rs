@@ -28,6 +28,7 @@ pub mod config;
 pub mod job;
 pub mod policy;
 pub mod relay;
+pub mod runner;
 pub mod sandbox;
 pub mod serve;
 pub mod service;

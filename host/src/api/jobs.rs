@@ -148,7 +148,8 @@ fn redact(mut report: JobReport) -> JobReport {
             FailureKind::Trap => f.message = "the guest trapped".into(),
             FailureKind::Instantiate => f.message = "the module could not be started".into(),
             FailureKind::Host => f.message = "the host could not run the job".into(),
-            FailureKind::Limit | FailureKind::Exit | FailureKind::Output => {}
+            // A worker fault's message is the gateway's own (`worker::pool`).
+            FailureKind::Limit | FailureKind::Exit | FailureKind::Output | FailureKind::Worker => {}
         }
     }
     report

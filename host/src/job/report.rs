@@ -134,6 +134,11 @@ pub enum FailureKind {
     /// served, its stored inputs are unreadable, or the host failed on it
     /// [`queue.max_attempts`](crate::config) times. Not the guest's doing.
     Host,
+    /// The worker process running the job failed under it (it crashed,
+    /// was killed, outgrew its memory ceiling, stopped answering, or broke
+    /// the channel's protocol); the message names which. A fresh worker
+    /// replaced it.
+    Worker,
 }
 
 /// Why a job failed.

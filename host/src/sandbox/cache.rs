@@ -211,14 +211,26 @@ impl ModuleCache {
     /// # Errors
     /// [`PrivateDirError`] if `root`, a directory above it, the engine's
     /// subdirectory or the key is not private, or cannot be created.
-    pub fn new(root: &Path, engine: &Engine) -> Result<Self, PrivateDirError> {
+    ///
+    /// With `handed_over`, `root` was created and checked by the gateway and
+    /// reached here through an inherited descriptor (a worker process): it
+    /// is used as it is, and only the engine's subdirectory is created.
+    pub fn new(root: &Path, engine: &Engine, handed_over: bool) -> Result<Self, PrivateDirError> {
         let mut hasher = std::collections::hash_map::DefaultHasher::new();
         engine.precompile_compatibility_hash().hash(&mut hasher);
         let engine_key = format!("{:016x}", hasher.finish());
-        let root_dir = open_private_dir(root)?;
-        let key = read_or_create_key(&root_dir, &root.join(KEY_FILE))?;
         let path = root.join(&engine_key);
-        let dir = open_private_dir(&path)?;
+        let open = |p: &Path| {
+            if handed_over {
+                super::job::create_private_dir_all(p).map_err(io_at(p))?;
+                Dir::open_ambient_dir(p, ambient_authority()).map_err(io_at(p))
+            } else {
+                open_private_dir(p)
+            }
+        };
+        let root_dir = open(root)?;
+        let key = read_or_create_key(&root_dir, &root.join(KEY_FILE))?;
+        let dir = open(&path)?;
         Ok(Self {
             path,
             dir: Arc::new(dir),
@@ -463,14 +475,14 @@ mod tests {
     fn a_readable_or_short_key_is_refused() {
         let tmp = tempfile::tempdir().unwrap();
         let engine = Engine::default();
-        ModuleCache::new(tmp.path(), &engine).unwrap();
+        ModuleCache::new(tmp.path(), &engine, false).unwrap();
         let key = tmp.path().join(KEY_FILE);
         assert_eq!(std::fs::metadata(&key).unwrap().mode() & 0o777, 0o600);
         chmod(&key, 0o644);
-        let err = ModuleCache::new(tmp.path(), &engine).unwrap_err();
+        let err = ModuleCache::new(tmp.path(), &engine, false).unwrap_err();
         assert!(err.to_string().contains("0644"), "{err}");
         chmod(&key, 0o600);
         std::fs::write(&key, b"short").unwrap();
-        assert!(ModuleCache::new(tmp.path(), &engine).is_err());
+        assert!(ModuleCache::new(tmp.path(), &engine, false).is_err());
     }
 }

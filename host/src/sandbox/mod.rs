@@ -84,6 +84,12 @@ pub struct SandboxConfig {
     /// breach (its weakened-configuration self-test). No policy, service
     /// config or API request can set it; the service never does.
     pub unsafe_extra_preopen: Option<(PathBuf, String)>,
+    /// The work and cache directories were created and checked private by
+    /// the gateway, which handed them to this worker process as
+    /// descriptors (`/proc/self/fd/N`): they are used as they are, without
+    /// the ancestor checks a path needs (which a worker running as another
+    /// user could not even make).
+    pub dirs_handed_over: bool,
 }
 
 /// A per-user directory for job directories: `$XDG_RUNTIME_DIR/bulkhead-<name>`
@@ -134,12 +140,13 @@ impl SandboxConfig {
             max_module_size: 64 * 1024 * 1024,
             epoch_tick: Duration::from_millis(10),
             unsafe_extra_preopen: None,
+            dirs_handed_over: false,
         }
     }
 }
 
 /// Why a module could not be loaded. Exit status 2 in the CLI.
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error, serde::Serialize, serde::Deserialize)]
 pub enum LoadError {
     /// Larger than `max_module_size`.
     #[error("module `{module}` is {size} bytes, larger than the {max} bytes this host accepts")]
@@ -164,7 +171,7 @@ pub enum LoadError {
     #[error("policy `{module}` sets `limits.{key}` to {value}, above this host's maximum of {max}")]
     PolicyExceedsHost {
         module: String,
-        key: &'static str,
+        key: String,
         value: String,
         max: String,
     },
@@ -195,6 +202,9 @@ pub enum JobError {
     /// The job directory could not be prepared.
     #[error("cannot prepare job directory: {0}")]
     Io(#[from] std::io::Error),
+    /// The worker process refused or could not start the job.
+    #[error("the worker could not start the job: {0}")]
+    Worker(String),
 }
 
 /// A module verified against its policy and pre-instantiated.
@@ -288,12 +298,14 @@ impl Sandbox {
         let http_linker = wasi::http_linker(&engine).map_err(|e| SandboxError(format!("{e:#}")))?;
         // Job directories and cached native code are only ever used from
         // directories no other user can write (see `cache`).
-        cache::ensure_private_dir(&config.work_dir)
-            .map_err(|e| SandboxError(format!("work directory: {e}")))?;
+        if !config.dirs_handed_over {
+            cache::ensure_private_dir(&config.work_dir)
+                .map_err(|e| SandboxError(format!("work directory: {e}")))?;
+        }
         let cache = config
             .cache_dir
             .as_deref()
-            .map(|dir| cache::ModuleCache::new(dir, &engine))
+            .map(|dir| cache::ModuleCache::new(dir, &engine, config.dirs_handed_over))
             .transpose()
             .map_err(|e| SandboxError(format!("module cache: {e}")))?;
         let ticker = engine::EpochTicker::start(engine.clone(), config.epoch_tick);
@@ -327,26 +339,8 @@ impl Sandbox {
     /// # Errors
     /// [`LoadError`] naming the module and what is wrong.
     pub fn load(&self, policy: Policy, wasm: &[u8]) -> Result<Arc<LoadedModule>, LoadError> {
+        let actual = precheck(&self.config, &policy, wasm)?;
         let module = policy.module.name.to_string();
-        if wasm.len() > self.config.max_module_size {
-            return Err(LoadError::TooLarge {
-                module,
-                size: wasm.len(),
-                max: self.config.max_module_size,
-            });
-        }
-        let actual = Sha256Hex::digest(wasm);
-        if actual != policy.module.sha256 {
-            return Err(LoadError::DigestMismatch {
-                module,
-                expected: policy.module.sha256.to_string(),
-                actual: actual.to_string(),
-            });
-        }
-        if let Some(reason) = unsupported_kind(wasm) {
-            return Err(LoadError::Unsupported { module, reason });
-        }
-        self.check_host_limits(&policy)?;
         let compiled = match &self.cache {
             Some(cache) => cache.load(&self.engine, wasm, &actual),
             None => Component::new(&self.engine, wasm).map(|c| (c, false)),
@@ -376,31 +370,6 @@ impl Sandbox {
             component,
             from_cache,
         }))
-    }
-
-    fn check_host_limits(&self, policy: &Policy) -> Result<(), LoadError> {
-        let l = &policy.limits;
-        let exceeds = |key, value: String, max: String| LoadError::PolicyExceedsHost {
-            module: policy.module.name.to_string(),
-            key,
-            value,
-            max,
-        };
-        if l.memory > self.config.max_memory {
-            return Err(exceeds(
-                "memory",
-                l.memory.to_string(),
-                self.config.max_memory.to_string(),
-            ));
-        }
-        if l.table_elements as usize > engine::MAX_TABLE_ELEMENTS {
-            return Err(exceeds(
-                "table_elements",
-                l.table_elements.to_string(),
-                engine::MAX_TABLE_ELEMENTS.to_string(),
-            ));
-        }
-        Ok(())
     }
 
     /// Runs one job of `module` in the directory `dir` (see
@@ -635,6 +604,62 @@ impl Sandbox {
             calls: egress.map(|e| e.report()),
         })
     }
+}
+
+/// Checks `wasm` against `policy` and the host's settings without parsing
+/// it: its size, its digest against the policy's pin, its kind from its
+/// header, and the policy's limits against the host's. Returns the digest.
+/// The gateway calls this before it hands a module to a worker; the
+/// sandbox again before it compiles.
+///
+/// # Errors
+/// [`LoadError`] naming the module and what is wrong.
+pub fn precheck(
+    config: &SandboxConfig,
+    policy: &Policy,
+    wasm: &[u8],
+) -> Result<Sha256Hex, LoadError> {
+    let module = policy.module.name.to_string();
+    if wasm.len() > config.max_module_size {
+        return Err(LoadError::TooLarge {
+            module,
+            size: wasm.len(),
+            max: config.max_module_size,
+        });
+    }
+    let actual = Sha256Hex::digest(wasm);
+    if actual != policy.module.sha256 {
+        return Err(LoadError::DigestMismatch {
+            module,
+            expected: policy.module.sha256.to_string(),
+            actual: actual.to_string(),
+        });
+    }
+    if let Some(reason) = unsupported_kind(wasm) {
+        return Err(LoadError::Unsupported { module, reason });
+    }
+    let l = &policy.limits;
+    let exceeds = |key: &str, value: String, max: String| LoadError::PolicyExceedsHost {
+        module: module.clone(),
+        key: key.to_owned(),
+        value,
+        max,
+    };
+    if l.memory > config.max_memory {
+        return Err(exceeds(
+            "memory",
+            l.memory.to_string(),
+            config.max_memory.to_string(),
+        ));
+    }
+    if l.table_elements as usize > engine::MAX_TABLE_ELEMENTS {
+        return Err(exceeds(
+            "table_elements",
+            l.table_elements.to_string(),
+            engine::MAX_TABLE_ELEMENTS.to_string(),
+        ));
+    }
+    Ok(actual)
 }
 
 /// Checks a job against its module's policy without running it: input

@@ -143,6 +143,27 @@ fn printable(raw: &std::ffi::OsStr) -> String {
 /// entry inside `out_dir` is skipped, not an error.
 pub fn collect(out_dir: &Path, copy_to: Option<&Path>) -> Result<Collected, CollectError> {
     let root = Dir::open_ambient_dir(out_dir, ambient_authority()).map_err(CollectError::Root)?;
+    collect_in(&root, copy_to)
+}
+
+/// Collects the outputs under `parent`'s entry `name`, opened without
+/// following a symlink at any step: for a `/out` a worker process wrote,
+/// where `parent` is a directory the gateway made and the worker cannot
+/// replace, and the worker may have made `name` a symlink.
+///
+/// # Errors
+/// As for [`collect`].
+pub fn collect_beneath(
+    parent: &Path,
+    name: &str,
+    copy_to: Option<&Path>,
+) -> Result<Collected, CollectError> {
+    let parent = Dir::open_ambient_dir(parent, ambient_authority()).map_err(CollectError::Root)?;
+    let root = parent.open_dir_nofollow(name).map_err(CollectError::Root)?;
+    collect_in(&root, copy_to)
+}
+
+fn collect_in(root: &Dir, copy_to: Option<&Path>) -> Result<Collected, CollectError> {
     let dest = match copy_to {
         Some(path) => {
             let copy = |source| CollectError::Copy {
@@ -160,7 +181,7 @@ pub fn collect(out_dir: &Path, copy_to: Option<&Path>) -> Result<Collected, Coll
         visited: 0,
     };
     let entries = root.entries().map_err(CollectError::Root)?;
-    walk.dir(&root, entries, "", 0, dest.as_ref())?;
+    walk.dir(root, entries, "", 0, dest.as_ref())?;
     collected.files.sort_by(|a, b| a.name.cmp(&b.name));
     Ok(collected)
 }

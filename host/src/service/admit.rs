@@ -13,7 +13,8 @@ use tokio::sync::oneshot;
 
 use super::*;
 use crate::auth::Identity;
-use crate::sandbox::{JobError, JobInput, JobSpec, LoadedModule};
+use crate::runner::Module;
+use crate::sandbox::{JobError, JobInput, JobSpec};
 use crate::store::{Idempotency, Inserted, JobRecord, JobState, now_ms};
 
 /// An accepted job, and with a wait, a receiver that fires when it ends
@@ -295,7 +296,7 @@ impl Service {
     pub(super) async fn busy(
         &self,
         who: &Identity,
-        module: &LoadedModule,
+        module: &Module,
         why: Rejection,
     ) -> ServiceError {
         let tenant = why == Rejection::TenantFull;
@@ -348,7 +349,7 @@ impl Service {
 /// once, started, its first attempt.
 pub(super) fn new_record(
     who: &Identity,
-    module: &LoadedModule,
+    module: &Module,
     spec: &JobSpec,
     has_stdin: bool,
     now: i64,

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use super::*;
-use crate::sandbox::{JobDir, JobInput, JobReport, JobSpec};
+use crate::sandbox::{JobInput, JobReport, JobSpec};
 use crate::store::JobRecord;
 
 /// A job directory without a row is removed once it is this old: younger,
@@ -125,17 +125,36 @@ impl Service {
     pub(super) fn keep_outputs(
         &self,
         record: &JobRecord,
-        report: &JobReport,
-        dir: &JobDir,
+        report: &mut JobReport,
+        outputs: &crate::runner::Outputs,
     ) -> std::io::Result<()> {
-        let outputs = self.job_dir(&record.id).join("outputs");
+        let kept = self.job_dir(&record.id).join("outputs");
         // Only a re-run can find an earlier attempt's copy (one a crash
         // interrupted); a first attempt skips the lookup.
-        if record.attempts > 1 && outputs.exists() {
-            std::fs::remove_dir_all(&outputs)?;
+        if record.attempts > 1 && kept.exists() {
+            std::fs::remove_dir_all(&kept)?;
         }
         if !report.outputs.is_empty() {
-            crate::sandbox::outputs::collect(&dir.output_dir(), Some(&outputs))?;
+            // What is listed is what this process copied, not what the
+            // runner (perhaps a compromised worker) said it left.
+            match outputs.collect(Some(&kept)) {
+                Ok(collected) => {
+                    report.outputs = collected.files;
+                    report.skipped_outputs = collected.skipped;
+                }
+                // The host's side failed: the job is re-run.
+                Err(e @ crate::sandbox::outputs::CollectError::Copy { .. }) => return Err(e.into()),
+                // What the job left cannot be read: its own failure.
+                Err(e) => {
+                    report.outputs.clear();
+                    report.skipped_outputs.clear();
+                    report.outcome = crate::job::Outcome::Failed;
+                    report.failure.get_or_insert(crate::job::Failure {
+                        kind: crate::job::FailureKind::Output,
+                        message: e.to_string(),
+                    });
+                }
+            }
         }
         Ok(())
     }

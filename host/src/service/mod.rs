@@ -37,7 +37,8 @@ use tokio::sync::{Notify, oneshot};
 use crate::auth::Identity;
 use crate::config::ServeConfig;
 use crate::policy::Policy;
-use crate::sandbox::{LoadedModule, Sandbox, SandboxConfig};
+use crate::runner::{InProcess, Module, Runner, Workers};
+use crate::sandbox::{Sandbox, SandboxConfig};
 use crate::store::{AuditEntry, DeleteOutcome, JobRecord, JobStore, StoreError, now_ms};
 use scheduler::{QueueLimits, QueuedJob, Rejection, Scheduler, Slot};
 
@@ -147,16 +148,21 @@ pub enum StartError {
     /// The store failed while recovering jobs.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// Guests cannot run as `[isolation]` asks (a worker cannot start, or
+    /// lacks a required layer).
+    #[error("isolation: {0}")]
+    Isolation(String),
 }
 
 /// The running service.
 pub struct Service {
-    sandbox: Sandbox,
+    /// Where jobs run: hardened worker processes, or this process.
+    runner: Arc<dyn Runner>,
     /// Where jobs' outbound calls go, with the keys that sign them; the
     /// sandbox only ever sees a job's [`Egress`](crate::job::egress::Egress).
     relay: Option<Arc<crate::relay::Relay>>,
     store: Arc<dyn JobStore>,
-    modules: BTreeMap<String, Arc<LoadedModule>>,
+    modules: BTreeMap<String, Arc<Module>>,
     scheduler: Arc<Scheduler>,
     inline_inputs: Arc<std::sync::atomic::AtomicUsize>,
     config: ServeConfig,
@@ -262,8 +268,9 @@ impl Service {
         let relay =
             crate::relay::Relay::new(config.services.clone(), Arc::new(keys), &config.tokens)?;
         let relay = Some(Arc::new(relay));
-        let sandbox = Sandbox::new(sandbox_config).map_err(|e| storage(&e))?;
-        let modules = load_modules(&sandbox, relay.as_deref(), &config)?;
+        let sources = read_modules(relay.as_deref(), &config)?;
+        let runner = start_runner(&config, sandbox_config, &sources).await?;
+        let modules = load_modules(runner.as_ref(), sources).await?;
         let admin_token_hash = admin_token(data).map_err(|e| storage(&e))?;
 
         let q = &config.queue;
@@ -289,7 +296,7 @@ impl Service {
         }
 
         let service = Arc::new(Self {
-            sandbox,
+            runner,
             relay,
             store,
             modules,
@@ -329,7 +336,7 @@ impl Service {
 
     /// Where running jobs' directories are.
     pub fn work_dir(&self) -> &Path {
-        &self.sandbox.config().work_dir
+        self.runner.work_dir()
     }
 
     /// The store.
@@ -499,17 +506,25 @@ impl Service {
         while self.scheduler.depth().1 > 0 && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+        // Workers still running a job die with it; it is re-run at the
+        // next start.
+        self.runner.close();
         // With nothing running, the job directories (tmpfs by default) are
         // leftovers; a start would empty them anyway, so give the memory
         // back now.
         if self.scheduler.depth().1 == 0 {
-            let work = &self.sandbox.config().work_dir;
+            let work = self.runner.work_dir();
             if let Err(e) = std::fs::remove_dir_all(work)
                 && e.kind() != std::io::ErrorKind::NotFound
             {
                 tracing::warn!(dir = %work.display(), error = %e, "cannot remove the work directory");
             }
         }
+    }
+
+    /// Where jobs run, and the hardening of its workers.
+    pub fn isolation(&self) -> crate::runner::RunnerState {
+        self.runner.state()
     }
 
     /// The signing keys of call tokens.
@@ -532,12 +547,7 @@ fn scope_strings(policy: &Policy) -> Vec<String> {
 pub const MIN_FREE: u64 = 1 << 20;
 
 /// An audit entry for a refused request.
-pub fn denial(
-    who: &Identity,
-    action: &str,
-    module: Option<&LoadedModule>,
-    detail: &str,
-) -> AuditEntry {
+pub fn denial(who: &Identity, action: &str, module: Option<&Module>, detail: &str) -> AuditEntry {
     AuditEntry {
         at: now_ms(),
         action: action.to_owned(),
@@ -553,11 +563,12 @@ pub fn denial(
     }
 }
 
-fn load_modules(
-    sandbox: &Sandbox,
+/// Every policy under the config's policies directory, with its module's
+/// bytes (read, not parsed: parsing happens where the runner runs guests).
+fn read_modules(
     relay: Option<&crate::relay::Relay>,
     config: &ServeConfig,
-) -> Result<BTreeMap<String, Arc<LoadedModule>>, StartError> {
+) -> Result<Vec<(Policy, bytes::Bytes)>, StartError> {
     let dir = &config.modules.policies_dir;
     let entries = std::fs::read_dir(dir)
         .map_err(|e| StartError::Storage(format!("policies directory {}: {e}", dir.display())))?;
@@ -567,7 +578,7 @@ fn load_modules(
         .filter(|p| p.extension().is_some_and(|e| e == "toml"))
         .collect();
     paths.sort();
-    let mut modules = BTreeMap::new();
+    let mut modules = Vec::new();
     for path in paths {
         let declared = relay.map(crate::relay::Relay::names).unwrap_or_default();
         let policy = Policy::load_with(&path, &declared).map_err(|e| StartError::Module {
@@ -580,8 +591,78 @@ fn load_modules(
             module: name.clone(),
             message: format!("cannot read {}: {e}", wasm_path.display()),
         })?;
-        let loaded = sandbox
-            .load(policy, &wasm)
+        modules.push((policy, wasm.into()));
+    }
+    Ok(modules)
+}
+
+/// The runner the config asks for: a worker pool for each zone the
+/// modules name (`[isolation] mode = "process"`), or this process's
+/// sandbox.
+async fn start_runner(
+    config: &ServeConfig,
+    sandbox: SandboxConfig,
+    modules: &[(Policy, bytes::Bytes)],
+) -> Result<Arc<dyn Runner>, StartError> {
+    use crate::config::IsolationMode;
+    if config.isolation.mode == IsolationMode::InProcess {
+        tracing::warn!(
+            "guests run inside the service process (`isolation.mode = \"in-process\"`): a runtime escape reaches its keys and store"
+        );
+        let sandbox = Sandbox::new(sandbox).map_err(|e| StartError::Storage(e.to_string()))?;
+        return Ok(Arc::new(InProcess::new(sandbox)));
+    }
+    let zones: std::collections::BTreeSet<String> = modules
+        .iter()
+        .map(|(p, _)| p.module.zone.to_string())
+        .collect();
+    let program = match &config.isolation.program {
+        Some(p) => p.clone(),
+        None => std::env::current_exe().map_err(|e| {
+            StartError::Storage(format!("cannot find this binary for workers: {e}"))
+        })?,
+    };
+    let cache_root = sandbox
+        .cache_dir
+        .clone()
+        .unwrap_or_else(|| config.storage.data_dir.join("cache"));
+    let mut pools = BTreeMap::new();
+    for zone in zones {
+        let settings = config.zones.get(&zone).cloned().unwrap_or_default();
+        let pool_config = crate::worker::pool::PoolConfig {
+            zone: zone.clone(),
+            program: program.clone(),
+            workers: settings.workers,
+            jobs_per_worker: settings.jobs_per_worker,
+            max_concurrent_jobs: config.queue.workers,
+            memory: settings.memory.map(|m| m.as_u64()),
+            work_dir: sandbox.work_dir.join("zones").join(&zone),
+            cache_dir: cache_root.join("zones").join(&zone),
+            run_as: config.isolation.run_as,
+            max_open: crate::worker::WORKER_MAX_OPEN,
+            max_threads: crate::worker::WORKER_MAX_THREADS,
+            require: config.isolation.require.clone(),
+            weaken: std::collections::BTreeSet::new(),
+        };
+        let pool = crate::worker::pool::Pool::start(pool_config, |_fault| {})
+            .await
+            .map_err(|e| StartError::Isolation(e.to_string()))?;
+        tracing::info!(zone = %zone, layers = ?pool.applied(), "worker pool started");
+        pools.insert(zone, pool);
+    }
+    Ok(Arc::new(Workers::new(sandbox, pools)))
+}
+
+async fn load_modules(
+    runner: &dyn Runner,
+    sources: Vec<(Policy, bytes::Bytes)>,
+) -> Result<BTreeMap<String, Arc<Module>>, StartError> {
+    let mut modules = BTreeMap::new();
+    for (policy, wasm) in sources {
+        let name = policy.module.name.to_string();
+        let loaded = runner
+            .load(policy, wasm)
+            .await
             .map_err(|e| StartError::Module {
                 module: name.clone(),
                 message: e.to_string(),

@@ -13,7 +13,8 @@ use tokio::sync::{Notify, oneshot};
 
 use super::*;
 use crate::auth::Identity;
-use crate::sandbox::{JobDir, JobReport, JobSpec, LoadedModule};
+use crate::runner::Module;
+use crate::sandbox::{JobReport, JobSpec};
 use crate::store::{
     AuditEntry, CancelOutcome, Claim, Claimed, Idempotency, Inserted, JobRecord, JobState,
     StoreError, now_ms,
@@ -322,7 +323,7 @@ impl Service {
     pub(super) async fn run_now(
         &self,
         who: &Identity,
-        module: &LoadedModule,
+        module: &Module,
         spec: JobSpec,
         has_stdin: bool,
         slot: Slot,
@@ -408,7 +409,7 @@ impl Service {
     /// ([`Service::refusal_sink`]).
     pub(super) fn egress(
         &self,
-        module: &LoadedModule,
+        module: &Module,
         record: &JobRecord,
         caller: Result<crate::relay::Caller, String>,
         audits: &AuditWrites,
@@ -502,7 +503,7 @@ impl Service {
     /// `None` if it was cancelled meanwhile.
     async fn run_stored(
         &self,
-        module: &LoadedModule,
+        module: &Module,
         record: &JobRecord,
         cancel: &CancelHandle<'_>,
     ) -> Result<Option<JobReport>, ServiceError> {
@@ -523,7 +524,7 @@ impl Service {
     /// job's directory. `None` if it was cancelled meanwhile.
     pub(super) async fn execute(
         &self,
-        module: &LoadedModule,
+        module: &Module,
         record: &JobRecord,
         spec: &JobSpec,
         cancel: &CancelHandle<'_>,
@@ -537,20 +538,25 @@ impl Service {
         };
         let audits = AuditWrites::default();
         let egress = caller.and_then(|caller| self.egress(module, record, caller, &audits));
-        let dir = JobDir::create(self.sandbox.config().work_dir.as_path(), &record.id)?;
         let result = tokio::select! {
             // A cancel already waiting wins before the guest runs at all.
             biased;
             () = cancel.notify.notified() => None,
-            r = self.sandbox.run_with(module, spec, &dir, egress) => Some(r),
+            r = self.runner.run(module, spec, egress) => Some(r),
         };
         audits.settle().await;
-        let report = match result {
+        let mut report = match result {
             None => return Ok(None),
-            Some(Ok(report)) => report,
+            Some(Ok(finished)) => {
+                let mut report = finished.report;
+                self.keep_outputs(record, &mut report, &finished.outputs)?;
+                report
+            }
             Some(Err(e)) => JobReport::not_run(&record.id, &record.module, e.to_string()),
         };
-        self.keep_outputs(record, &report, &dir)?;
+        if report.job_id.is_empty() {
+            report.job_id.clone_from(&record.id);
+        }
         Ok(Some(report))
     }
 

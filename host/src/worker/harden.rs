@@ -80,6 +80,9 @@ pub struct Applied {
 pub struct Plan {
     /// The one inherited descriptor kept open.
     pub channel: Option<RawFd>,
+    /// Inherited directory descriptors kept open (the worker's work and
+    /// cache directories, reached as `/proc/self/fd/N`).
+    pub keep: Vec<RawFd>,
     /// Directories readable and writable; nothing else on the filesystem is.
     pub writable: Vec<PathBuf>,
     /// `(uid, gid)` to switch to when running as root.

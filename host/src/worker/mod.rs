@@ -19,8 +19,11 @@
 
 pub mod calls;
 pub mod cgroup;
+pub mod child;
 pub mod harden;
+pub mod pool;
 pub mod process;
+pub mod proto;
 
 use std::collections::BTreeSet;
 use std::os::fd::RawFd;
@@ -28,8 +31,21 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+/// Host descriptors a worker may hold: its jobs' share plus the runtime's.
+pub const WORKER_MAX_OPEN: u64 = 4096;
+
+/// Threads a worker may run (`RLIMIT_NPROC`): the async runtime's, the
+/// compiler's and the epoch ticker, with room.
+pub const WORKER_MAX_THREADS: u64 = 256;
+
 /// The descriptor a worker finds its channel to the gateway on.
 pub const CHANNEL_FD: RawFd = 3;
+
+/// The descriptor of a worker's own work directory.
+pub const WORK_FD: RawFd = CHANNEL_FD + 1;
+
+/// The descriptor of the zone's cache directory.
+pub const CACHE_FD: RawFd = CHANNEL_FD + 2;
 
 /// What a worker process is started with (serialized into its command
 /// line by the gateway). Everything the worker may touch on the host is
@@ -39,10 +55,11 @@ pub struct WorkerArgs {
     /// The trust zone it serves.
     pub zone: String,
     /// Where this worker's job directories are created (its own, inside
-    /// the zone's work directory).
+    /// the zone's work directory), as the worker reaches it:
+    /// `/proc/self/fd/<WORK_FD>`.
     pub work_dir: PathBuf,
     /// The zone's precompiled-module cache, which only the zone's workers
-    /// read or write.
+    /// read or write: `/proc/self/fd/<CACHE_FD>`.
     pub cache_dir: PathBuf,
     /// `(uid, gid)` to switch to when started as root.
     pub run_as: Option<(u32, u32)>,
@@ -62,6 +79,7 @@ impl WorkerArgs {
     pub fn plan(&self, channel: RawFd) -> harden::Plan {
         harden::Plan {
             channel: Some(channel),
+            keep: vec![WORK_FD, CACHE_FD],
             writable: vec![self.work_dir.clone(), self.cache_dir.clone()],
             run_as: self.run_as,
             max_open: self.max_open,

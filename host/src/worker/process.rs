@@ -23,14 +23,23 @@ pub struct Spawned {
 }
 
 /// Starts `program subcommand <args as JSON>` with the worker's end of a
-/// fresh socketpair as descriptor [`CHANNEL_FD`]. The environment is
+/// fresh socketpair as descriptor [`CHANNEL_FD`] and `dirs` (directories
+/// the gateway opened for it) as the descriptors after it, in order
+/// ([`WORK_FD`](super::WORK_FD), [`CACHE_FD`](super::CACHE_FD)). The
+/// worker reaches its directories only through these, so no directory
+/// above them needs to be open to its user. The environment is
 /// cleared (nothing of the gateway's, such as a token in a variable,
 /// reaches a worker); the gateway's other descriptors are close-on-exec
 /// already (Rust opens everything so).
 ///
 /// # Errors
 /// If the socketpair or the process cannot be created.
-pub fn spawn(program: &Path, subcommand: &str, args: &WorkerArgs) -> io::Result<Spawned> {
+pub fn spawn(
+    program: &Path,
+    subcommand: &str,
+    args: &WorkerArgs,
+    dirs: &[&std::fs::File],
+) -> io::Result<Spawned> {
     let (ours, theirs) = UnixStream::pair()?;
     let theirs: OwnedFd = theirs.into();
     let json = serde_json::to_string(args).map_err(io::Error::other)?;
@@ -43,19 +52,32 @@ pub fn spawn(program: &Path, subcommand: &str, args: &WorkerArgs) -> io::Result<
         .stdout(Stdio::null())
         .stderr(Stdio::null());
     let fd = theirs.as_raw_fd();
-    // SAFETY: between fork and exec this only calls `dup2` and `fcntl`,
-    // which are async-signal-safe, on a descriptor that stays open until
+    if dirs.len() > 7 {
+        return Err(io::Error::other(
+            "at most 7 directories can be handed to a worker",
+        ));
+    }
+    let extra: Vec<i32> = dirs.iter().map(|d| d.as_raw_fd()).collect();
+    // SAFETY: between fork and exec this only calls `fcntl` and `dup2`,
+    // which are async-signal-safe, on descriptors that stay open until
     // `command` is dropped (after `spawn` returns).
     unsafe {
         command.pre_exec(move || {
-            if fd == CHANNEL_FD {
-                // Already in place: only clear close-on-exec.
-                let flags = libc::fcntl(fd, libc::F_GETFD);
-                if flags < 0 || libc::fcntl(fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0 {
+            // Every source first moves out of the way (a source may sit on
+            // another's target), then lands on its target, where `dup2`
+            // leaves it open across exec.
+            let mut moved = [0; 8];
+            for (i, &from) in std::iter::once(&fd).chain(&extra).enumerate() {
+                let high = libc::fcntl(from, libc::F_DUPFD_CLOEXEC, 1000);
+                if high < 0 {
                     return Err(io::Error::last_os_error());
                 }
-            } else if libc::dup2(fd, CHANNEL_FD) < 0 {
-                return Err(io::Error::last_os_error());
+                moved[i] = high;
+            }
+            for (i, &high) in moved.iter().take(1 + extra.len()).enumerate() {
+                if libc::dup2(high, CHANNEL_FD + i as i32) < 0 {
+                    return Err(io::Error::last_os_error());
+                }
             }
             Ok(())
         });

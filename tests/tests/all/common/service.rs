@@ -49,6 +49,9 @@ pub async fn start(tweak: impl FnOnce(&mut ServeConfig)) -> Server {
     config.modules.policies_dir = data.path().join("policies");
     config.modules.modules_dir = PathBuf::from(bulkhead_tests::GUESTS_DIR);
     config.queue.workers = 4;
+    // Guests run in worker processes started from the binary under test
+    // (this test harness is not one).
+    config.isolation.program = Some(PathBuf::from(env!("CARGO_BIN_EXE_bulkhead-under-test")));
     for p in [
         thumbnail(5, 20, &["width", "height"]),
         hello(),

@@ -1,0 +1,292 @@
+//! Where jobs run: the runner interface, with an in-process and a
+//! worker-pool implementation.
+//!
+//! A [`Runner`] loads a module (verified against its policy) and runs jobs
+//! of it; dropping a [`Runner::run`] future cancels the job. The service
+//! and `bulkhead run` hold one and never know which kind it is:
+//! - [`InProcess`]: the sandbox in this process. For debugging; a runtime
+//!   escape here reaches everything the process holds.
+//! - [`Workers`]: hardened worker processes, one [`Pool`] per trust zone
+//!   (see [`crate::worker`]). The gateway only checks a module's size, pin
+//!   and header; its bytes are parsed and compiled in the zone's workers.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use crate::job::egress::Egress;
+use crate::job::{JobReport, JobSpec};
+use crate::policy::{Policy, Sha256Hex};
+use crate::sandbox::outputs::{CollectError, Collected};
+use crate::sandbox::{JobDir, JobError, LoadError, LoadedModule, Sandbox, SandboxConfig};
+use crate::worker::harden::Applied;
+use crate::worker::pool::{Pool, WorkerOutputs};
+
+/// A module ready to run.
+#[derive(Debug)]
+pub struct Module {
+    policy: Policy,
+    sha256: Sha256Hex,
+    from_cache: bool,
+    place: Place,
+}
+
+#[derive(Debug)]
+enum Place {
+    Local(Arc<LoadedModule>),
+    Pool(Arc<Pool>, u64),
+}
+
+impl Module {
+    /// The policy it runs under.
+    pub fn policy(&self) -> &Policy {
+        &self.policy
+    }
+
+    /// Its verified digest.
+    pub fn sha256(&self) -> &Sha256Hex {
+        &self.sha256
+    }
+
+    /// Whether its compiled code came from a cache.
+    pub fn from_cache(&self) -> bool {
+        self.from_cache
+    }
+}
+
+/// A finished job's outputs, where the runner left them; removed when
+/// dropped.
+#[derive(Debug)]
+pub enum Outputs {
+    /// None to collect.
+    None,
+    /// In a job directory of this process's sandbox.
+    Local(JobDir),
+    /// In a worker's directory.
+    Worker(WorkerOutputs),
+}
+
+impl Outputs {
+    /// Collects (and with `copy_to`, copies) them, never following a link.
+    ///
+    /// # Errors
+    /// [`CollectError`].
+    pub fn collect(&self, copy_to: Option<&Path>) -> Result<Collected, CollectError> {
+        match self {
+            Self::None => Ok(Collected::default()),
+            Self::Local(dir) => crate::sandbox::outputs::collect(&dir.output_dir(), copy_to),
+            Self::Worker(w) => w.collect(copy_to),
+        }
+    }
+}
+
+/// A job's report and its outputs.
+#[derive(Debug)]
+pub struct Finished {
+    /// What happened.
+    pub report: JobReport,
+    /// What it left in `/out`.
+    pub outputs: Outputs,
+}
+
+/// What a runner says about itself, for readiness, metrics and logs.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct RunnerState {
+    /// `process` or `in-process`.
+    pub mode: &'static str,
+    /// Per zone: the hardening its workers report.
+    pub zones: BTreeMap<String, Applied>,
+}
+
+/// Loads modules and runs jobs.
+#[async_trait::async_trait]
+pub trait Runner: Send + Sync + std::fmt::Debug {
+    /// Verifies `wasm` against `policy` and makes it ready to run.
+    ///
+    /// # Errors
+    /// [`LoadError`].
+    async fn load(&self, policy: Policy, wasm: Bytes) -> Result<Arc<Module>, LoadError>;
+
+    /// Runs one job; every way the guest ends yields a report. Dropping
+    /// the future cancels the job.
+    ///
+    /// # Errors
+    /// [`JobError`] when the job is refused before its guest starts.
+    async fn run(
+        &self,
+        module: &Module,
+        spec: &JobSpec,
+        egress: Option<Arc<dyn Egress>>,
+    ) -> Result<Finished, JobError>;
+
+    /// Where this process keeps job directories.
+    fn work_dir(&self) -> &Path;
+
+    /// What it says about itself.
+    fn state(&self) -> RunnerState;
+
+    /// Stops its workers, if any (at shutdown).
+    fn close(&self) {}
+}
+
+/// Jobs run in this process's sandbox.
+#[derive(Debug)]
+pub struct InProcess {
+    sandbox: Sandbox,
+}
+
+impl InProcess {
+    /// Over `sandbox`.
+    pub fn new(sandbox: Sandbox) -> Self {
+        Self { sandbox }
+    }
+
+    /// The sandbox.
+    pub fn sandbox(&self) -> &Sandbox {
+        &self.sandbox
+    }
+}
+
+#[async_trait::async_trait]
+impl Runner for InProcess {
+    async fn load(&self, policy: Policy, wasm: Bytes) -> Result<Arc<Module>, LoadError> {
+        let loaded = self.sandbox.load(policy, &wasm)?;
+        Ok(Arc::new(Module {
+            policy: loaded.policy().clone(),
+            sha256: loaded.sha256().clone(),
+            from_cache: loaded.from_cache(),
+            place: Place::Local(loaded),
+        }))
+    }
+
+    async fn run(
+        &self,
+        module: &Module,
+        spec: &JobSpec,
+        egress: Option<Arc<dyn Egress>>,
+    ) -> Result<Finished, JobError> {
+        let Place::Local(loaded) = &module.place else {
+            return Err(JobError::Worker(
+                "the module was loaded by another runner".into(),
+            ));
+        };
+        let dir = JobDir::create(&self.sandbox.config().work_dir, &spec.id)?;
+        let report = self.sandbox.run_with(loaded, spec, &dir, egress).await?;
+        Ok(Finished {
+            report,
+            outputs: Outputs::Local(dir),
+        })
+    }
+
+    fn work_dir(&self) -> &Path {
+        &self.sandbox.config().work_dir
+    }
+
+    fn state(&self) -> RunnerState {
+        RunnerState {
+            mode: "in-process",
+            zones: BTreeMap::new(),
+        }
+    }
+}
+
+/// Jobs run in worker processes, a pool per zone.
+#[derive(Debug)]
+pub struct Workers {
+    /// The host's module and limit settings (checked in the gateway
+    /// before a module goes to a worker).
+    limits: SandboxConfig,
+    pools: BTreeMap<String, Arc<Pool>>,
+    work_dir: PathBuf,
+}
+
+impl Workers {
+    /// Over started pools; `limits` bounds modules as a sandbox would.
+    pub fn new(limits: SandboxConfig, pools: BTreeMap<String, Arc<Pool>>) -> Self {
+        Self {
+            work_dir: limits.work_dir.clone(),
+            limits,
+            pools,
+        }
+    }
+
+    /// The pools, by zone.
+    pub fn pools(&self) -> &BTreeMap<String, Arc<Pool>> {
+        &self.pools
+    }
+}
+
+#[async_trait::async_trait]
+impl Runner for Workers {
+    async fn load(&self, policy: Policy, wasm: Bytes) -> Result<Arc<Module>, LoadError> {
+        let sha256 = crate::sandbox::precheck(&self.limits, &policy, &wasm)?;
+        let zone = policy.module.zone.to_string();
+        let Some(pool) = self.pools.get(&zone) else {
+            return Err(LoadError::Unsupported {
+                module: policy.module.name.to_string(),
+                reason: format!("no worker pool serves zone `{zone}`"),
+            });
+        };
+        let (id, from_cache) = pool.load(&policy, wasm).await?;
+        Ok(Arc::new(Module {
+            policy,
+            sha256,
+            from_cache,
+            place: Place::Pool(Arc::clone(pool), id),
+        }))
+    }
+
+    async fn run(
+        &self,
+        module: &Module,
+        spec: &JobSpec,
+        egress: Option<Arc<dyn Egress>>,
+    ) -> Result<Finished, JobError> {
+        let Place::Pool(pool, id) = &module.place else {
+            return Err(JobError::Worker(
+                "the module was loaded by another runner".into(),
+            ));
+        };
+        crate::sandbox::validate(&module.policy, spec)?;
+        let policy = &module.policy;
+        let egress = egress.filter(|_| !policy.network.services.is_empty());
+        let (mut report, outputs) = pool
+            .run(*id, policy, spec, egress.clone())
+            .await
+            .map_err(JobError::Worker)?;
+        // The gateway's own identity of the job, whatever the worker said.
+        report.job_id = spec.id.clone();
+        report.module = policy.module.name.to_string();
+        report.module_sha256 = module.sha256.to_string();
+        report.policy_sha256 = policy.source_sha256.as_ref().map(ToString::to_string);
+        report.zone = policy.module.zone.to_string();
+        report.calls = egress.map(|e| e.report());
+        Ok(Finished {
+            report,
+            outputs: outputs.map_or(Outputs::None, Outputs::Worker),
+        })
+    }
+
+    fn work_dir(&self) -> &Path {
+        &self.work_dir
+    }
+
+    fn state(&self) -> RunnerState {
+        RunnerState {
+            mode: "process",
+            zones: self
+                .pools
+                .iter()
+                .map(|(zone, pool)| (zone.clone(), pool.applied()))
+                .collect(),
+        }
+    }
+
+    fn close(&self) {
+        for pool in self.pools.values() {
+            pool.close();
+        }
+    }
+}

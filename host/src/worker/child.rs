@@ -1,0 +1,242 @@
+//! The worker process: hardens itself, then compiles and runs what the
+//! gateway sends it.
+//!
+//! Order matters and is the point: arguments (from the gateway, trusted)
+//! are read first; then [`harden::apply`] runs while the process is still
+//! single-threaded; only then do the async runtime, the sandbox and the
+//! channel's reader start, and the first guest byte arrives after the
+//! worker has told the gateway which layers it applied. When the channel
+//! closes (the gateway is gone or let it go) the worker exits at once.
+
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::{mpsc, oneshot, watch};
+
+use super::calls::{CallUp, WorkerCalls};
+use super::proto::{self, Down, MAX_DOWN_FRAME, MAX_UP_FRAME, Up};
+use super::{CHANNEL_FD, WorkerArgs, harden, process};
+use crate::policy::{Policy, Sha256Hex};
+use crate::sandbox::{JobDir, LoadError, LoadedModule, Sandbox, SandboxConfig};
+
+/// A module as the worker holds it: compiled once, on its `Load`.
+type Compiled = tokio::sync::watch::Receiver<Option<Result<Arc<LoadedModule>, LoadError>>>;
+
+/// The worker's entry point: `args` is its [`WorkerArgs`] as JSON.
+pub fn main(args: &OsStr) -> ExitCode {
+    let Some(args) = args
+        .to_str()
+        .and_then(|a| serde_json::from_str::<WorkerArgs>(a).ok())
+    else {
+        return ExitCode::from(2);
+    };
+    let Some(channel) = process::inherited_channel() else {
+        return ExitCode::from(2);
+    };
+    let applied = harden::apply(&args.plan(CHANNEL_FD));
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(_) => return ExitCode::from(2),
+    };
+    runtime.block_on(async move {
+        if channel.set_nonblocking(true).is_err() {
+            return ExitCode::from(2);
+        }
+        let Ok(stream) = tokio::net::UnixStream::from_std(channel) else {
+            return ExitCode::from(2);
+        };
+        let (mut reader, mut writer) = proto::split(stream, MAX_DOWN_FRAME, MAX_UP_FRAME);
+        let started = applied.map_err(|e| e.to_string()).and_then(|applied| {
+            let mut config = SandboxConfig::new(&args.work_dir);
+            config.cache_dir = Some(args.cache_dir.clone());
+            config.max_concurrent_jobs = args.max_concurrent_jobs;
+            config.dirs_handed_over = true;
+            Sandbox::new(config)
+                .map(|s| (applied, s))
+                .map_err(|e| e.to_string())
+        });
+        let (applied, sandbox) = match started {
+            Ok(s) => s,
+            Err(error) => {
+                let _ = proto::send(&mut writer, &Up::StartFailed { error }).await;
+                return ExitCode::from(3);
+            }
+        };
+        let hello = Up::Hello {
+            version: proto::VERSION,
+            pid: std::process::id(),
+            applied,
+        };
+        if proto::send(&mut writer, &hello).await.is_err() {
+            return ExitCode::from(3);
+        }
+        match proto::recv::<Down>(&mut reader).await {
+            Ok(Down::Hello { version }) if version == proto::VERSION => {}
+            _ => return ExitCode::from(3),
+        }
+        serve(Arc::new(sandbox), reader, writer).await;
+        ExitCode::SUCCESS
+    })
+}
+
+/// What the worker keeps between frames.
+struct State {
+    sandbox: Arc<Sandbox>,
+    up: mpsc::UnboundedSender<Up>,
+    calls: WorkerCalls,
+    modules: Mutex<HashMap<u64, Compiled>>,
+    /// Running jobs' cancel triggers.
+    cancels: Mutex<HashMap<u64, oneshot::Sender<()>>>,
+    /// Finished jobs' directories, kept until the gateway has copied their
+    /// outputs.
+    dirs: Mutex<HashMap<u64, JobDir>>,
+}
+
+async fn serve(sandbox: Arc<Sandbox>, mut reader: proto::Reader, mut writer: proto::Writer) {
+    let (up, mut outbox) = mpsc::unbounded_channel::<Up>();
+    let (call_tx, mut call_rx) = mpsc::unbounded_channel::<CallUp>();
+    let forward = up.clone();
+    tokio::spawn(async move {
+        while let Some(call) = call_rx.recv().await {
+            if forward.send(Up::Call(call)).is_err() {
+                return;
+            }
+        }
+    });
+    tokio::spawn(async move {
+        while let Some(message) = outbox.recv().await {
+            if proto::send(&mut writer, &message).await.is_err() {
+                // The gateway is gone: nothing left to work for.
+                std::process::exit(0);
+            }
+        }
+    });
+    let state = Arc::new(State {
+        sandbox,
+        up,
+        calls: WorkerCalls::new(call_tx),
+        modules: Mutex::default(),
+        cancels: Mutex::default(),
+        dirs: Mutex::default(),
+    });
+    loop {
+        let message = match proto::recv::<Down>(&mut reader).await {
+            Ok(m) => m,
+            // Closed or broken: the gateway let this worker go.
+            Err(_) => std::process::exit(0),
+        };
+        match message {
+            Down::Hello { .. } => std::process::exit(3),
+            Down::Load {
+                module,
+                policy_json,
+                policy_sha256,
+                wasm,
+            } => load(&state, module, policy_json, policy_sha256, wasm.0),
+            Down::Run { job, module, spec } => {
+                let (cancel, cancelled) = oneshot::channel();
+                lock(&state.cancels).insert(job, cancel);
+                tokio::spawn(run(Arc::clone(&state), job, module, spec, cancelled));
+            }
+            Down::Cancel { job } => {
+                if let Some(cancel) = lock(&state.cancels).remove(&job) {
+                    let _ = cancel.send(());
+                }
+                lock(&state.dirs).remove(&job);
+            }
+            Down::Release { job } => {
+                let dir = lock(&state.dirs).remove(&job);
+                if let Some(dir) = dir {
+                    tokio::task::spawn_blocking(move || drop(dir));
+                }
+            }
+            Down::Call(down) => state.calls.deliver(down),
+            Down::Ping { seq } => {
+                let _ = state.up.send(Up::Pong { seq });
+            }
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn load(
+    state: &Arc<State>,
+    module: u64,
+    policy_json: String,
+    policy_sha256: Option<String>,
+    wasm: bytes::Bytes,
+) {
+    let (done, compiled) = watch::channel(None);
+    lock(&state.modules).insert(module, compiled);
+    let state = Arc::clone(state);
+    tokio::spawn(async move {
+        let sandbox = Arc::clone(&state.sandbox);
+        let unreadable = |message: String| LoadError::Compile {
+            module: String::new(),
+            message,
+        };
+        let compiled = match serde_json::from_str::<Policy>(&policy_json) {
+            Ok(mut policy) => {
+                policy.source_sha256 = policy_sha256.and_then(|s| Sha256Hex::new(s).ok());
+                tokio::task::spawn_blocking(move || sandbox.load(policy, &wasm))
+                    .await
+                    .unwrap_or_else(|e| Err(unreadable(format!("compilation stopped: {e}"))))
+            }
+            Err(e) => Err(unreadable(format!("unreadable policy: {e}"))),
+        };
+        let result = compiled
+            .as_ref()
+            .map(|m| m.from_cache())
+            .map_err(Clone::clone);
+        done.send_replace(Some(compiled));
+        let _ = state.up.send(Up::Loaded { module, result });
+    });
+}
+
+async fn run(
+    state: Arc<State>,
+    job: u64,
+    module: u64,
+    spec: crate::job::JobSpec,
+    cancelled: oneshot::Receiver<()>,
+) {
+    let work = async {
+        let compiled = lock(&state.modules).get(&module).cloned();
+        let Some(mut compiled) = compiled else {
+            return Err(format!("module {module} was never loaded in this worker"));
+        };
+        let loaded = compiled
+            .wait_for(Option::is_some)
+            .await
+            .map_err(|_| "module compilation stopped".to_owned())?
+            .clone()
+            .expect("waited for Some")
+            .map_err(|e| e.to_string())?;
+        let _ = state.up.send(Up::Running { job });
+        let dir = JobDir::create(&state.sandbox.config().work_dir, &format!("j{job}"))
+            .map_err(|e| format!("cannot prepare job directory: {e}"))?;
+        let egress =
+            (!loaded.policy().network.services.is_empty()).then(|| state.calls.egress(job));
+        let result = state.sandbox.run_with(&loaded, &spec, &dir, egress).await;
+        lock(&state.dirs).insert(job, dir);
+        let report = result.map_err(|e| e.to_string())?;
+        serde_json::to_string(&report).map_err(|e| format!("unencodable report: {e}"))
+    };
+    tokio::select! {
+        biased;
+        _ = cancelled => {}
+        result = work => {
+            lock(&state.cancels).remove(&job);
+            let _ = state.up.send(Up::Report { job, result });
+        }
+    }
+}

@@ -1,0 +1,916 @@
+//! A trust zone's pool of worker processes, from the gateway's side.
+//!
+//! The pool starts its workers ([`process::spawn`]), checks each one's
+//! hardening against what the operator requires before it sends a guest
+//! byte, hands jobs to the least busy worker, replaces a worker after its
+//! allowance of jobs (`1`: a fresh process per job), and treats every way a
+//! worker can fail — it exits, is killed, outgrows its memory ceiling,
+//! stops answering, lets a job overrun its wall time, or breaks the
+//! protocol — as a fault: the worker is killed, its running jobs end as
+//! failed with the fault named ([`FailureKind::Worker`]), a fresh worker
+//! replaces it, and the fault is reported to the pool's owner (audit and
+//! metrics). Other workers and zones are not touched.
+//!
+//! Nothing a worker sends is trusted: reports are re-stamped with the
+//! gateway's own identity of the job, bounded, and their outputs are
+//! collected by the gateway itself without following links
+//! ([`outputs::collect_beneath`](crate::sandbox::outputs::collect_beneath)).
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::Child;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use tokio::sync::{Notify, mpsc, oneshot};
+
+use super::calls::GatewayCalls;
+use super::harden::{Applied, Layer, LayerState};
+use super::proto::{self, Blob, Down, MAX_DOWN_FRAME, MAX_UP_FRAME, Up};
+use super::{WorkerArgs, process};
+use crate::job::egress::Egress;
+use crate::job::{Failure, FailureKind, JobReport, JobSpec, Outcome};
+use crate::policy::Policy;
+use crate::sandbox::LoadError;
+use crate::sandbox::outputs::{CollectError, Collected};
+
+/// The subcommand a worker is started with.
+pub const WORKER_SUBCOMMAND: &str = "__worker";
+
+/// How long a new worker has to say hello.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(20);
+/// How often workers are asked whether they are there.
+const PING_EVERY: Duration = Duration::from_secs(2);
+/// A worker that has not answered for this long is a fault.
+const SILENT_FAULT: Duration = Duration::from_secs(15);
+/// How far past its wall time a job's report may arrive before its worker
+/// is a fault.
+const OVERRUN_GRACE: Duration = Duration::from_secs(5);
+/// Longest failure message kept from a worker's report.
+const MAX_MESSAGE: usize = 1024;
+
+/// One zone's pool settings.
+#[derive(Clone, Debug)]
+pub struct PoolConfig {
+    /// The zone.
+    pub zone: String,
+    /// The binary workers are started from (the gateway's own).
+    pub program: PathBuf,
+    /// Workers kept running.
+    pub workers: u32,
+    /// Jobs one worker runs before it is replaced; 0: no limit.
+    pub jobs_per_worker: u32,
+    /// Jobs one worker runs at once.
+    pub max_concurrent_jobs: u32,
+    /// A worker's memory ceiling, where the host offers cgroups.
+    pub memory: Option<u64>,
+    /// The zone's work directory (gateway-owned; each worker gets its own
+    /// directory inside).
+    pub work_dir: PathBuf,
+    /// The zone's compile cache.
+    pub cache_dir: PathBuf,
+    /// `(uid, gid)` workers switch to when the gateway runs as root.
+    pub run_as: Option<(u32, u32)>,
+    /// Host descriptors one worker may hold.
+    pub max_open: u64,
+    /// Threads one worker may run.
+    pub max_threads: u64,
+    /// Layers every worker must report active; a worker that does not is
+    /// refused before it is sent anything.
+    pub require: BTreeSet<Layer>,
+    /// Layers left off (tests and the escape suite only).
+    pub weaken: BTreeSet<Layer>,
+}
+
+/// Why a pool could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum PoolError {
+    /// A worker could not be started or did not say hello.
+    #[error("zone `{zone}`: cannot start a worker: {reason}")]
+    Start { zone: String, reason: String },
+    /// A worker lacks a required layer.
+    #[error(
+        "zone `{zone}`: the worker lacks required hardening: {missing}; this host does not offer it (remove it from `[isolation] require` to run without it)"
+    )]
+    Missing { zone: String, missing: String },
+}
+
+/// A worker fault, for the pool's owner (audit, metrics).
+#[derive(Clone, Debug)]
+pub struct Fault {
+    /// The zone.
+    pub zone: String,
+    /// The worker's process id.
+    pub pid: u32,
+    /// The fault's class: `exited`, `killed`, `memory`, `silent`,
+    /// `overrun`, `protocol`.
+    pub class: &'static str,
+    /// What happened, for people.
+    pub reason: String,
+    /// Jobs that were running on it.
+    pub jobs: usize,
+}
+
+type FaultSink = Arc<dyn Fn(Fault) + Send + Sync>;
+
+/// A module as the pool knows it: the gateway's own copy of its policy
+/// and bytes, sent to each worker before its first job of it.
+#[derive(Debug)]
+struct Source {
+    policy_json: String,
+    policy_sha256: Option<String>,
+    wasm: Bytes,
+}
+
+/// A zone's workers.
+pub struct Pool {
+    config: PoolConfig,
+    state: Mutex<State>,
+    changed: Notify,
+    ids: AtomicU64,
+    closing: AtomicBool,
+    faults: FaultSink,
+    /// What the last worker to start reported.
+    applied: Mutex<Applied>,
+}
+
+impl std::fmt::Debug for Pool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pool")
+            .field("zone", &self.config.zone)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Default)]
+struct State {
+    workers: Vec<Arc<Worker>>,
+    modules: HashMap<u64, Arc<Source>>,
+    /// Workers being started.
+    starting: u32,
+}
+
+struct Worker {
+    pid: u32,
+    dir: PathBuf,
+    down: mpsc::UnboundedSender<Down>,
+    calls: GatewayCalls,
+    state: Mutex<WorkerState>,
+    last_heard: Mutex<Instant>,
+    child: Mutex<Option<Child>>,
+    ceiling: Option<super::cgroup::MemoryCeiling>,
+}
+
+#[derive(Default)]
+struct WorkerState {
+    loaded: HashSet<u64>,
+    loads: HashMap<u64, Vec<oneshot::Sender<Result<bool, LoadError>>>>,
+    jobs: HashMap<u64, Pending>,
+    started: u32,
+    retiring: bool,
+    /// Why it failed, once it has.
+    fault: Option<String>,
+}
+
+struct Pending {
+    reply: oneshot::Sender<Result<String, String>>,
+    wall_time: Duration,
+    running_since: Option<Instant>,
+}
+
+impl WorkerState {
+    fn running(&self) -> usize {
+        self.jobs.len()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Pool {
+    /// Starts the zone's workers and waits until each has said hello with
+    /// every required layer active.
+    ///
+    /// # Errors
+    /// [`PoolError`] when a worker cannot be started or lacks a layer.
+    pub async fn start(
+        config: PoolConfig,
+        faults: impl Fn(Fault) + Send + Sync + 'static,
+    ) -> Result<Arc<Self>, PoolError> {
+        prepare_dir(&config.work_dir, None, 0o700).map_err(|e| PoolError::Start {
+            zone: config.zone.clone(),
+            reason: format!("work directory {}: {e}", config.work_dir.display()),
+        })?;
+        prepare_dir(&config.cache_dir, effective_owner(config.run_as), 0o700).map_err(|e| {
+            PoolError::Start {
+                zone: config.zone.clone(),
+                reason: format!("cache directory {}: {e}", config.cache_dir.display()),
+            }
+        })?;
+        let pool = Arc::new(Self {
+            config,
+            state: Mutex::default(),
+            changed: Notify::new(),
+            ids: AtomicU64::new(1),
+            closing: AtomicBool::new(false),
+            faults: Arc::new(faults),
+            applied: Mutex::default(),
+        });
+        for _ in 0..pool.config.workers.max(1) {
+            let worker = pool.spawn_worker().await?;
+            lock(&pool.state).workers.push(worker);
+        }
+        tokio::spawn(Arc::clone(&pool).supervise());
+        Ok(pool)
+    }
+
+    /// The zone.
+    pub fn zone(&self) -> &str {
+        &self.config.zone
+    }
+
+    /// The layers the zone's workers report.
+    pub fn applied(&self) -> Applied {
+        lock(&self.applied).clone()
+    }
+
+    /// Live workers' process ids.
+    pub fn pids(&self) -> Vec<u32> {
+        lock(&self.state).workers.iter().map(|w| w.pid).collect()
+    }
+
+    /// Stops every worker (at shutdown).
+    pub fn close(&self) {
+        self.closing.store(true, Ordering::SeqCst);
+        let workers = std::mem::take(&mut lock(&self.state).workers);
+        for worker in workers {
+            worker.kill();
+        }
+    }
+
+    fn next_id(&self) -> u64 {
+        self.ids.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Registers a module (already checked against its policy by the
+    /// gateway: size, pin, kind, limits) and has one worker compile it,
+    /// which also fills the zone's cache for the others. Returns its id.
+    ///
+    /// # Errors
+    /// The worker's [`LoadError`] (compile or link), or a fault.
+    pub async fn load(&self, policy: &Policy, wasm: Bytes) -> Result<(u64, bool), LoadError> {
+        let module = self.next_id();
+        let source = Arc::new(Source {
+            policy_json: serde_json::to_string(policy).map_err(|e| LoadError::Compile {
+                module: policy.module.name.to_string(),
+                message: format!("unencodable policy: {e}"),
+            })?,
+            policy_sha256: policy.source_sha256.as_ref().map(ToString::to_string),
+            wasm,
+        });
+        lock(&self.state).modules.insert(module, source);
+        let fault = |message: String| LoadError::Compile {
+            module: policy.module.name.to_string(),
+            message,
+        };
+        let worker = self.pick().await.map_err(fault)?;
+        let (tx, rx) = oneshot::channel();
+        {
+            let mut st = lock(&worker.state);
+            st.loads.entry(module).or_default().push(tx);
+        }
+        self.send_load(&worker, module);
+        let from_cache = rx.await.map_err(|_| fault(worker.fault_reason()))??;
+        Ok((module, from_cache))
+    }
+
+    fn send_load(&self, worker: &Worker, module: u64) {
+        let source = lock(&self.state).modules.get(&module).cloned();
+        let Some(source) = source else { return };
+        if !lock(&worker.state).loaded.insert(module) {
+            return;
+        }
+        let _ = worker.down.send(Down::Load {
+            module,
+            policy_json: source.policy_json.clone(),
+            policy_sha256: source.policy_sha256.clone(),
+            wasm: Blob(source.wasm.clone()),
+        });
+    }
+
+    /// A worker that can take a job now: alive, not retiring, with a free
+    /// place; waits for one (a replacement) otherwise.
+    async fn pick(&self) -> Result<Arc<Worker>, String> {
+        loop {
+            if self.closing.load(Ordering::SeqCst) {
+                return Err("the service is shutting down".into());
+            }
+            let changed = self.changed.notified();
+            {
+                let st = lock(&self.state);
+                let best = st
+                    .workers
+                    .iter()
+                    .filter_map(|w| {
+                        let ws = lock(&w.state);
+                        (ws.fault.is_none()
+                            && !ws.retiring
+                            && ws.running() < self.config.max_concurrent_jobs as usize)
+                            .then(|| (ws.running(), Arc::clone(w)))
+                    })
+                    .min_by_key(|(running, _)| *running);
+                if let Some((_, worker)) = best {
+                    return Ok(worker);
+                }
+            }
+            changed.await;
+        }
+    }
+
+    /// Runs `spec` of module `module` (from [`Pool::load`]) on a worker,
+    /// its outbound requests handed to `egress`. Dropping the future
+    /// cancels the job on its worker.
+    pub async fn run(
+        self: &Arc<Self>,
+        module: u64,
+        policy: &Policy,
+        spec: &JobSpec,
+        egress: Option<Arc<dyn Egress>>,
+    ) -> Result<(JobReport, Option<WorkerOutputs>), String> {
+        let worker = self.pick().await?;
+        let job = self.next_id();
+        let wall_time = policy.limits.wall_time.get();
+        let (tx, rx) = oneshot::channel();
+        {
+            let mut ws = lock(&worker.state);
+            ws.jobs.insert(
+                job,
+                Pending {
+                    reply: tx,
+                    wall_time,
+                    running_since: None,
+                },
+            );
+            ws.started += 1;
+            if self.config.jobs_per_worker > 0 && ws.started >= self.config.jobs_per_worker {
+                ws.retiring = true;
+            }
+        }
+        if lock(&worker.state).retiring {
+            // Its replacement starts now, while this job runs.
+            self.changed.notify_waiters();
+        }
+        if let Some(egress) = egress {
+            worker.calls.register(job, egress, wall_time);
+        }
+        self.send_load(&worker, module);
+        let _ = worker.down.send(Down::Run {
+            job,
+            module,
+            spec: spec.clone(),
+        });
+        let guard = JobGuard {
+            pool: self,
+            worker: &worker,
+            job,
+            done: false,
+        };
+        let answer = rx.await;
+        let mut guard = guard;
+        guard.done = true;
+        drop(guard);
+        self.job_ended(&worker, job);
+        match answer {
+            Ok(Ok(json)) => match serde_json::from_str::<JobReport>(&json) {
+                Ok(report) => Ok((
+                    bounded(report, policy),
+                    Some(WorkerOutputs {
+                        dir: worker.dir.clone(),
+                        name: format!("j{job}.out"),
+                        down: worker.down.clone(),
+                        job,
+                    }),
+                )),
+                Err(e) => {
+                    let reason = format!("sent an unreadable report: {e}");
+                    self.fault(&worker, "protocol", reason.clone());
+                    Ok((fault_report(spec, policy, &reason), None))
+                }
+            },
+            Ok(Err(message)) => Err(message),
+            Err(_) => Ok((fault_report(spec, policy, &worker.fault_reason()), None)),
+        }
+    }
+
+    fn job_ended(&self, worker: &Arc<Worker>, job: u64) {
+        worker.calls.unregister(job);
+        let retire = {
+            let mut ws = lock(&worker.state);
+            ws.jobs.remove(&job);
+            ws.retiring && ws.jobs.is_empty() && ws.fault.is_none()
+        };
+        if retire {
+            self.retire(worker);
+        }
+        self.changed.notify_waiters();
+    }
+
+    /// Lets a worker that ran its allowance go: it exits when its channel
+    /// closes; its directory is removed once it has.
+    fn retire(&self, worker: &Arc<Worker>) {
+        lock(&self.state)
+            .workers
+            .retain(|w| !Arc::ptr_eq(w, worker));
+        lock(&worker.state).fault = Some("retired".into());
+        let worker = Arc::clone(worker);
+        tokio::task::spawn_blocking(move || {
+            // Give it a moment to see the channel close, then make sure.
+            std::thread::sleep(Duration::from_millis(200));
+            worker.kill();
+        });
+    }
+
+    /// Kills `worker` for `reason`, fails its jobs, reports the fault.
+    fn fault(&self, worker: &Arc<Worker>, class: &'static str, reason: String) {
+        let jobs = {
+            let mut ws = lock(&worker.state);
+            if ws.fault.is_some() {
+                return;
+            }
+            ws.fault = Some(reason.clone());
+            ws.loads.clear();
+            let jobs = ws.jobs.len();
+            // Dropping the replies wakes every waiting job with the fault.
+            ws.jobs.clear();
+            jobs
+        };
+        lock(&self.state)
+            .workers
+            .retain(|w| !Arc::ptr_eq(w, worker));
+        worker.kill();
+        tracing::error!(zone = %self.config.zone, pid = worker.pid, class, %reason, jobs, "worker fault");
+        metrics::counter!("bulkhead_worker_faults_total", "zone" => self.config.zone.clone(), "class" => class)
+            .increment(1);
+        (self.faults)(Fault {
+            zone: self.config.zone.clone(),
+            pid: worker.pid,
+            class,
+            reason,
+            jobs,
+        });
+        self.changed.notify_waiters();
+    }
+
+    /// Keeps the pool at strength and its workers honest: pings them,
+    /// faults the silent and those whose job overran, starts replacements.
+    async fn supervise(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(Duration::from_millis(250));
+        let mut last_ping = Instant::now();
+        let mut seq = 0u64;
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                () = self.changed.notified() => {}
+            }
+            if self.closing.load(Ordering::SeqCst) {
+                return;
+            }
+            let workers = lock(&self.state).workers.clone();
+            let ping = last_ping.elapsed() >= PING_EVERY;
+            if ping {
+                last_ping = Instant::now();
+                seq += 1;
+            }
+            for worker in &workers {
+                if ping {
+                    let _ = worker.down.send(Down::Ping { seq });
+                }
+                let silent = lock(&worker.last_heard).elapsed();
+                if silent > SILENT_FAULT {
+                    self.fault(
+                        worker,
+                        "silent",
+                        format!("stopped answering for {}s", silent.as_secs()),
+                    );
+                    continue;
+                }
+                let overran = lock(&worker.state).jobs.values().find_map(|p| {
+                    p.running_since
+                        .filter(|s| s.elapsed() > p.wall_time + OVERRUN_GRACE)
+                        .map(|_| p.wall_time)
+                });
+                if let Some(wall) = overran {
+                    self.fault(
+                        worker,
+                        "overrun",
+                        format!(
+                            "a job ran past its wall time of {}s without a report",
+                            wall.as_secs()
+                        ),
+                    );
+                }
+            }
+            let live = {
+                let st = lock(&self.state);
+                st.workers
+                    .iter()
+                    .filter(|w| !lock(&w.state).retiring)
+                    .count() as u32
+                    + st.starting
+            };
+            for _ in live..self.config.workers.max(1) {
+                lock(&self.state).starting += 1;
+                let pool = Arc::clone(&self);
+                tokio::spawn(async move {
+                    let started = pool.spawn_worker().await;
+                    let mut st = lock(&pool.state);
+                    st.starting -= 1;
+                    match started {
+                        Ok(w) if !pool.closing.load(Ordering::SeqCst) => st.workers.push(w),
+                        Ok(w) => w.kill(),
+                        Err(e) => tracing::error!(error = %e, "cannot start a replacement worker"),
+                    }
+                    drop(st);
+                    pool.changed.notify_waiters();
+                });
+            }
+        }
+    }
+
+    /// Starts one worker and waits for its hello.
+    async fn spawn_worker(self: &Arc<Self>) -> Result<Arc<Worker>, PoolError> {
+        let c = &self.config;
+        let start_error = |reason: String| PoolError::Start {
+            zone: c.zone.clone(),
+            reason,
+        };
+        let id = self.next_id();
+        let dir = c.work_dir.join(format!("w{id}"));
+        if dir.exists() {
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+        prepare_dir(&dir, effective_owner(c.run_as), 0o700)
+            .map_err(|e| start_error(format!("{}: {e}", dir.display())))?;
+        let open = |p: &Path| {
+            std::fs::File::open(p).map_err(|e| start_error(format!("{}: {e}", p.display())))
+        };
+        let (work_fd, cache_fd) = (open(&dir)?, open(&c.cache_dir)?);
+        let args = WorkerArgs {
+            zone: c.zone.clone(),
+            work_dir: PathBuf::from(format!("/proc/self/fd/{}", super::WORK_FD)),
+            cache_dir: PathBuf::from(format!("/proc/self/fd/{}", super::CACHE_FD)),
+            run_as: effective_owner(c.run_as),
+            max_concurrent_jobs: c.max_concurrent_jobs,
+            max_open: c.max_open,
+            max_threads: c.max_threads,
+            weaken: c.weaken.clone(),
+        };
+        let spawned = process::spawn(&c.program, WORKER_SUBCOMMAND, &args, &[&work_fd, &cache_fd])
+            .map_err(|e| start_error(format!("{}: {e}", c.program.display())))?;
+        let pid = spawned.child.id();
+        let ceiling = match c.memory {
+            Some(bytes) => {
+                match super::cgroup::MemoryCeiling::create(&format!("{}-{id}", c.zone), bytes) {
+                    Ok(ceiling) => match ceiling.add(pid) {
+                        Ok(()) => Some(ceiling),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "cannot put a worker under its memory ceiling");
+                            None
+                        }
+                    },
+                    Err(e) => {
+                        tracing::debug!(error = %e, "no memory ceiling for workers");
+                        None
+                    }
+                }
+            }
+            None => None,
+        };
+        let mut child = Some(spawned.child);
+        let kill = |child: &mut Option<Child>| {
+            if let Some(mut c) = child.take() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        };
+        let stream = spawned
+            .channel
+            .set_nonblocking(true)
+            .and_then(|()| tokio::net::UnixStream::from_std(spawned.channel))
+            .map_err(|e| start_error(format!("channel: {e}")));
+        let stream = match stream {
+            Ok(s) => s,
+            Err(e) => {
+                kill(&mut child);
+                return Err(e);
+            }
+        };
+        let (mut reader, mut writer) = proto::split(stream, MAX_UP_FRAME, MAX_DOWN_FRAME);
+        let hello = tokio::time::timeout(HELLO_TIMEOUT, proto::recv::<Up>(&mut reader)).await;
+        let applied = match hello {
+            Ok(Ok(Up::Hello {
+                version: proto::VERSION,
+                applied,
+                ..
+            })) => applied,
+            other => {
+                kill(&mut child);
+                let reason = match other {
+                    Err(_) => "it did not say hello in time".to_owned(),
+                    Ok(Ok(Up::StartFailed { error })) => error,
+                    Ok(Ok(Up::Hello { version, .. })) => {
+                        format!(
+                            "it speaks protocol version {version}, not {}",
+                            proto::VERSION
+                        )
+                    }
+                    Ok(Ok(_)) => "its first message was not hello".to_owned(),
+                    Ok(Err(e)) => e.to_string(),
+                };
+                return Err(start_error(reason));
+            }
+        };
+        let missing: Vec<String> = c
+            .require
+            .iter()
+            .filter_map(|layer| match applied.layers.get(layer) {
+                Some(LayerState::Active) => None,
+                Some(LayerState::Unavailable { reason }) => Some(format!("{layer:?} ({reason})")),
+                Some(LayerState::Off) => Some(format!("{layer:?} (switched off)")),
+                None => Some(format!("{layer:?} (not reported)")),
+            })
+            .collect();
+        if !missing.is_empty() {
+            kill(&mut child);
+            return Err(PoolError::Missing {
+                zone: c.zone.clone(),
+                missing: missing.join(", "),
+            });
+        }
+        *lock(&self.applied) = applied;
+        if proto::send(
+            &mut writer,
+            &Down::Hello {
+                version: proto::VERSION,
+            },
+        )
+        .await
+        .is_err()
+        {
+            kill(&mut child);
+            return Err(start_error("the channel closed after hello".into()));
+        }
+        let (down, mut outbox) = mpsc::unbounded_channel::<Down>();
+        let (call_tx, mut call_rx) = mpsc::unbounded_channel();
+        let forward = down.clone();
+        tokio::spawn(async move {
+            while let Some(call) = call_rx.recv().await {
+                if forward.send(Down::Call(call)).is_err() {
+                    return;
+                }
+            }
+        });
+        let worker = Arc::new(Worker {
+            pid,
+            dir,
+            down,
+            calls: GatewayCalls::new(call_tx),
+            state: Mutex::default(),
+            last_heard: Mutex::new(Instant::now()),
+            child: Mutex::new(child),
+            ceiling,
+        });
+        tokio::spawn(async move {
+            while let Some(message) = outbox.recv().await {
+                if proto::send(&mut writer, &message).await.is_err() {
+                    return;
+                }
+            }
+        });
+        let pool = Arc::clone(self);
+        let reading = Arc::clone(&worker);
+        tokio::spawn(async move {
+            let (class, reason) = pool.read(&reading, &mut reader).await;
+            pool.fault(&reading, class, reason);
+        });
+        metrics::counter!("bulkhead_worker_starts_total", "zone" => self.config.zone.clone())
+            .increment(1);
+        Ok(worker)
+    }
+
+    /// Reads a worker's messages until it fails; returns why.
+    async fn read(
+        &self,
+        worker: &Arc<Worker>,
+        reader: &mut proto::Reader,
+    ) -> (&'static str, String) {
+        loop {
+            let frame = match reader.next().await {
+                Some(Ok(frame)) => frame,
+                Some(Err(e)) => return ("protocol", format!("broke the channel: {e}")),
+                None => return worker.exit_reason(),
+            };
+            *lock(&worker.last_heard) = Instant::now();
+            let message = match proto::decode::<Up>(&frame) {
+                Ok(m) => m,
+                Err(e) => return ("protocol", e.to_string()),
+            };
+            match message {
+                Up::Loaded { module, result } => {
+                    let waiting = lock(&worker.state).loads.remove(&module);
+                    for tx in waiting.unwrap_or_default() {
+                        let _ = tx.send(result.clone());
+                    }
+                }
+                Up::Running { job } => {
+                    if let Some(p) = lock(&worker.state).jobs.get_mut(&job) {
+                        p.running_since.get_or_insert_with(Instant::now);
+                    }
+                }
+                Up::Report { job, result } => {
+                    let pending = lock(&worker.state).jobs.remove(&job);
+                    if let Some(p) = pending {
+                        let _ = p.reply.send(result);
+                    }
+                }
+                Up::Call(call) => {
+                    if let Err(v) = worker.calls.deliver(call) {
+                        return ("protocol", format!("broke the calls protocol: {v}"));
+                    }
+                }
+                Up::Pong { .. } => {}
+                Up::Hello { .. } | Up::StartFailed { .. } => {
+                    return ("protocol", "sent a second hello".into());
+                }
+            }
+        }
+    }
+}
+
+impl Worker {
+    fn kill(&self) {
+        if let Some(mut child) = lock(&self.child).take() {
+            let _ = child.kill();
+            // Reaped off the async threads.
+            std::thread::spawn(move || {
+                let _ = child.wait();
+            });
+        }
+        let dir = self.dir.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(100));
+            let _ = std::fs::remove_dir_all(dir);
+        });
+    }
+
+    fn fault_reason(&self) -> String {
+        lock(&self.state)
+            .fault
+            .clone()
+            .unwrap_or_else(|| "the worker failed".into())
+    }
+
+    /// Why a worker whose channel closed is gone: how its process ended.
+    fn exit_reason(&self) -> (&'static str, String) {
+        let status = {
+            let mut child = lock(&self.child);
+            child.as_mut().and_then(|c| {
+                // It closed its channel by exiting, or is about to.
+                for _ in 0..50 {
+                    if let Ok(Some(status)) = c.try_wait() {
+                        return Some(status);
+                    }
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                None
+            })
+        };
+        if self.ceiling.as_ref().is_some_and(|c| c.oom_killed()) {
+            return (
+                "memory",
+                "exceeded its memory ceiling and was killed".into(),
+            );
+        }
+        match status {
+            Some(s) if s.signal().is_some() => (
+                "killed",
+                format!("was killed by signal {}", s.signal().unwrap_or_default()),
+            ),
+            Some(s) => ("exited", format!("exited with {s}")),
+            None => ("protocol", "closed its channel".into()),
+        }
+    }
+}
+
+/// Cancels a job whose run future is dropped before its report arrived.
+struct JobGuard<'a> {
+    pool: &'a Arc<Pool>,
+    worker: &'a Arc<Worker>,
+    job: u64,
+    done: bool,
+}
+
+impl Drop for JobGuard<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            let _ = self.worker.down.send(Down::Cancel { job: self.job });
+            self.pool.job_ended(self.worker, self.job);
+        }
+    }
+}
+
+/// A finished job's outputs, in its worker's directory until dropped.
+#[derive(Debug)]
+pub struct WorkerOutputs {
+    dir: PathBuf,
+    name: String,
+    down: mpsc::UnboundedSender<Down>,
+    job: u64,
+}
+
+impl WorkerOutputs {
+    /// Collects (and with `copy_to`, copies) the outputs, never following
+    /// a link the worker may have left.
+    ///
+    /// # Errors
+    /// [`CollectError`].
+    pub fn collect(&self, copy_to: Option<&Path>) -> Result<Collected, CollectError> {
+        crate::sandbox::outputs::collect_beneath(&self.dir, &self.name, copy_to)
+    }
+}
+
+impl Drop for WorkerOutputs {
+    fn drop(&mut self) {
+        let _ = self.down.send(Down::Release { job: self.job });
+    }
+}
+
+/// A report from a worker, cut to what its policy allows: the worker may
+/// be compromised, and the report is stored and shown to clients.
+fn bounded(mut report: JobReport, policy: &Policy) -> JobReport {
+    let cut = |captured: &mut crate::job::Captured, limit: u64| {
+        if captured.text.len() as u64 > limit {
+            let mut end = limit as usize;
+            while !captured.text.is_char_boundary(end) {
+                end -= 1;
+            }
+            captured.text.truncate(end);
+            captured.truncated = true;
+        }
+    };
+    cut(&mut report.stdout, policy.limits.stdout.as_u64());
+    cut(&mut report.stderr, policy.limits.stderr.as_u64());
+    if let Some(f) = &mut report.failure
+        && f.message.len() > MAX_MESSAGE
+    {
+        let mut end = MAX_MESSAGE;
+        while !f.message.is_char_boundary(end) {
+            end -= 1;
+        }
+        f.message.truncate(end);
+    }
+    report.outputs.truncate(policy.limits.output_files as usize);
+    report.skipped_outputs.truncate(64);
+    report
+}
+
+/// The report of a job whose worker failed under it.
+fn fault_report(spec: &JobSpec, policy: &Policy, reason: &str) -> JobReport {
+    let mut report = JobReport::not_run(
+        &spec.id,
+        policy.module.name.as_str(),
+        format!("the worker running it {reason}"),
+    );
+    report.outcome = Outcome::Failed;
+    report.failure = Some(Failure {
+        kind: FailureKind::Worker,
+        message: format!("the worker running it {reason}"),
+    });
+    report
+}
+
+/// The owner a worker's directories get: `run_as` when the gateway is
+/// root (the worker switches to it), else the gateway's own user.
+fn effective_owner(run_as: Option<(u32, u32)>) -> Option<(u32, u32)> {
+    // SAFETY: geteuid has no preconditions.
+    (unsafe { libc::geteuid() } == 0).then(|| run_as.unwrap_or((65534, 65534)))
+}
+
+/// Creates `dir` (and parents) with `mode`, owned by `owner` when given.
+fn prepare_dir(dir: &Path, owner: Option<(u32, u32)>, mode: u32) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(mode)
+        .create(dir)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode))?;
+    if let Some((uid, gid)) = owner {
+        std::os::unix::fs::chown(dir, Some(uid), Some(gid))?;
+    }
+    Ok(())
+}

@@ -1,0 +1,208 @@
+//! The gateway–worker channel: typed, versioned, length-delimited frames
+//! over the inherited socketpair.
+//!
+//! Each frame is a 4-byte big-endian length and a [postcard] encoding of
+//! one [`Down`] (gateway → worker) or [`Up`] (worker → gateway) message.
+//! The first frame each way is `Hello` with [`VERSION`]; a peer speaking
+//! another version is refused before anything else is read. Frames are
+//! bounded (the bound); the gateway treats any frame it cannot decode,
+//! any message out of place and any frame over its bound as a fault of the
+//! worker, which it kills (the worker is assumed compromised once it has
+//! read a guest byte). Reports and policies travel as JSON inside the
+//! frame: their serde shapes skip empty fields, which a non-self-describing
+//! format cannot.
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use serde::{Deserialize, Serialize};
+use tokio::net::UnixStream;
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+use tokio_util::codec::{FramedRead, FramedWrite, LengthDelimitedCodec};
+
+use super::calls::{CallDown, CallUp};
+use super::harden::Applied;
+use crate::job::JobSpec;
+
+/// This build's protocol version.
+pub const VERSION: u32 = 1;
+
+/// Largest frame a worker accepts: a module at the host's largest
+/// accepted size plus its policy, or a job's inputs, with room to spare.
+pub const MAX_DOWN_FRAME: usize = 160 << 20;
+
+/// Largest frame the gateway accepts from a worker: a report with its
+/// captured output, or a chunk of a call's body.
+pub const MAX_UP_FRAME: usize = 16 << 20;
+
+/// Gateway → worker.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum Down {
+    /// The gateway's version; first frame.
+    Hello { version: u32 },
+    /// A module this worker may be asked to run: its policy (JSON, already
+    /// validated by the gateway) and bytes (whose digest the worker checks
+    /// again before compiling). The worker answers [`Up::Loaded`].
+    Load {
+        module: u64,
+        policy_json: String,
+        policy_sha256: Option<String>,
+        wasm: Blob,
+    },
+    /// Runs a job of a loaded module; answered by [`Up::Report`].
+    Run {
+        job: u64,
+        module: u64,
+        spec: JobSpec,
+    },
+    /// Stops a running job (its report is not wanted).
+    Cancel { job: u64 },
+    /// The gateway has copied the job's outputs: its directory can go.
+    Release { job: u64 },
+    /// Outbound-call traffic for a running job.
+    Call(CallDown),
+    /// Are you there? Answered by [`Up::Pong`].
+    Ping { seq: u64 },
+}
+
+/// Worker → gateway.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum Up {
+    /// The worker's version and the hardening it applied; first frame,
+    /// sent before the worker reads any guest byte.
+    Hello {
+        version: u32,
+        pid: u32,
+        applied: Applied,
+    },
+    /// Hardening or the sandbox failed; the worker exits after sending
+    /// this.
+    StartFailed { error: String },
+    /// A [`Down::Load`]'s outcome: compiled (`Ok(from_cache)`) or why not.
+    Loaded {
+        module: u64,
+        result: Result<bool, crate::sandbox::LoadError>,
+    },
+    /// A job's module is ready and its guest is starting: the gateway's
+    /// watchdog runs from here.
+    Running { job: u64 },
+    /// A job's report (JSON of [`JobReport`](crate::job::JobReport)), or
+    /// why it could not start.
+    Report {
+        job: u64,
+        result: Result<String, String>,
+    },
+    /// Outbound-call traffic of a running job.
+    Call(CallUp),
+    /// Answer to [`Down::Ping`].
+    Pong { seq: u64 },
+}
+
+/// Bytes sent as one byte string (not a sequence of numbers).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Blob(pub Bytes);
+
+impl Serialize for Blob {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for Blob {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = Blob;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a byte string")
+            }
+            fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<Blob, E> {
+                Ok(Blob(Bytes::copy_from_slice(v)))
+            }
+            fn visit_byte_buf<E: serde::de::Error>(self, v: Vec<u8>) -> Result<Blob, E> {
+                Ok(Blob(Bytes::from(v)))
+            }
+        }
+        d.deserialize_bytes(Visit)
+    }
+}
+
+/// Why the channel broke.
+#[derive(Debug, thiserror::Error)]
+pub enum ChannelError {
+    /// Reading or writing failed (the peer is gone, or a frame was over
+    /// the bound).
+    #[error("channel i/o: {0}")]
+    Io(#[from] std::io::Error),
+    /// A frame did not decode as a message.
+    #[error("undecodable frame: {0}")]
+    Decode(postcard::Error),
+    /// A message could not be encoded.
+    #[error("unencodable message: {0}")]
+    Encode(postcard::Error),
+    /// The first frame was not a `Hello` of this version.
+    #[error("the peer speaks {0}, not protocol version {VERSION}")]
+    Version(String),
+    /// The peer closed the channel.
+    #[error("the peer closed the channel")]
+    Closed,
+}
+
+/// The reading half of a framed channel.
+pub type Reader = FramedRead<OwnedReadHalf, LengthDelimitedCodec>;
+/// The writing half of a framed channel.
+pub type Writer = FramedWrite<OwnedWriteHalf, LengthDelimitedCodec>;
+
+fn codec(max: usize) -> LengthDelimitedCodec {
+    LengthDelimitedCodec::builder()
+        .length_field_length(4)
+        .max_frame_length(max)
+        .new_codec()
+}
+
+/// Frames `stream` with this protocol's codec, reading frames of at most
+/// `max_in` bytes and writing frames of at most `max_out`
+/// ([`MAX_DOWN_FRAME`] and [`MAX_UP_FRAME`], one way or the other).
+pub fn split(stream: UnixStream, max_in: usize, max_out: usize) -> (Reader, Writer) {
+    let (read, write) = stream.into_split();
+    (
+        FramedRead::new(read, codec(max_in)),
+        FramedWrite::new(write, codec(max_out)),
+    )
+}
+
+/// Sends one message.
+///
+/// # Errors
+/// [`ChannelError`] when it cannot be encoded or written.
+pub async fn send<T: Serialize>(writer: &mut Writer, message: &T) -> Result<(), ChannelError> {
+    writer.send(encode(message)?).await?;
+    Ok(())
+}
+
+/// Receives one message.
+///
+/// # Errors
+/// [`ChannelError`] when the channel closed, failed, or the frame does not
+/// decode.
+pub async fn recv<T: for<'de> Deserialize<'de>>(reader: &mut Reader) -> Result<T, ChannelError> {
+    let frame = reader.next().await.ok_or(ChannelError::Closed)??;
+    decode(&frame)
+}
+
+/// Decodes one frame.
+///
+/// # Errors
+/// [`ChannelError::Decode`].
+pub fn decode<T: for<'de> Deserialize<'de>>(frame: &[u8]) -> Result<T, ChannelError> {
+    postcard::from_bytes(frame).map_err(ChannelError::Decode)
+}
+
+/// Encodes one message as a frame's payload.
+///
+/// # Errors
+/// [`ChannelError::Encode`].
+pub fn encode<T: Serialize>(message: &T) -> Result<Bytes, ChannelError> {
+    postcard::to_stdvec(message)
+        .map(Bytes::from)
+        .map_err(ChannelError::Encode)
+}
