@@ -91,7 +91,7 @@ pub trait Egress: Send + Sync + std::fmt::Debug {
 /// Why an outbound request got no response, or its body failed, as the
 /// guest is told. The sandbox maps each to the `wasi:http` error code of
 /// the same name.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
 pub enum EgressError {
     /// The gate refused the request or withheld its answer (the job's
     /// report says why).

@@ -1,28 +1,408 @@
-//! A worker's memory ceiling (placeholder: no ceiling until written).
+//! A worker's memory ceiling, where the host offers cgroups.
+//!
+//! [`MemoryCeiling::create`] makes a cgroup for one worker under the
+//! gateway's own (as `/proc/self/cgroup` names it), with a memory limit:
+//! cgroup v2 (`memory.max`, no swap, the whole group killed together)
+//! where its memory controller is available, else v1's memory hierarchy
+//! (`memory.limit_in_bytes`, and `memory.memsw.limit_in_bytes` where swap
+//! is accounted). The worker is put in with [`MemoryCeiling::add`] (or by
+//! writing its pid to [`MemoryCeiling::procs_file`] before it runs guest
+//! code); [`MemoryCeiling::oom_killed`] says whether the kernel killed in
+//! it, so the gateway can name the fault. The directory is removed on
+//! drop, once the worker is gone.
 
-/// A per-worker memory cgroup.
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Why a memory ceiling could not be set.
+#[derive(Debug, thiserror::Error)]
+pub enum CgroupError {
+    /// The host offers no memory cgroup this process may use.
+    #[error("no memory cgroup is offered: {0}")]
+    NotOffered(String),
+    /// The worker's name cannot name a directory.
+    #[error("invalid cgroup name {0:?}")]
+    Name(String),
+    /// A cgroup file could not be written or read.
+    #[error("cgroup file {path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: io::Error,
+    },
+}
+
+/// The cgroup version a ceiling uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Version {
+    /// Unified hierarchy, memory controller.
+    V2,
+    /// The v1 memory hierarchy.
+    V1,
+}
+
+/// Where new memory cgroups can be made: the gateway's own cgroup.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Base {
+    dir: PathBuf,
+    version: Version,
+}
+
+/// Whether this host offers a memory cgroup under the gateway's own, and
+/// if not, why.
+pub fn offered() -> Result<(), String> {
+    base().map(|_| ())
+}
+
+fn base() -> Result<Base, String> {
+    let mountinfo = fs::read_to_string("/proc/self/mountinfo")
+        .map_err(|e| format!("/proc/self/mountinfo: {e}"))?;
+    let own =
+        fs::read_to_string("/proc/self/cgroup").map_err(|e| format!("/proc/self/cgroup: {e}"))?;
+    let mut why = Vec::new();
+    match base_v2(&mountinfo, &own) {
+        Ok(b) => return Ok(b),
+        Err(e) => why.push(format!("v2: {e}")),
+    }
+    match base_v1(&mountinfo, &own) {
+        Ok(b) => return Ok(b),
+        Err(e) => why.push(format!("v1: {e}")),
+    }
+    Err(why.join("; "))
+}
+
+/// A mount from `/proc/self/mountinfo`: (root, mount point, fs type,
+/// super options).
+fn mounts(mountinfo: &str) -> impl Iterator<Item = (&str, &str, &str, &str)> {
+    mountinfo.lines().filter_map(|line| {
+        let (left, right) = line.split_once(" - ")?;
+        let mut l = left.split(' ');
+        let root = l.nth(3)?;
+        let point = l.next()?;
+        let mut r = right.split(' ');
+        let fstype = r.next()?;
+        let _source = r.next()?;
+        let opts = r.next().unwrap_or("");
+        Some((root, point, fstype, opts))
+    })
+}
+
+/// The directory of cgroup `path` (as `/proc/self/cgroup` names it) in a
+/// hierarchy mounted at `point` from `root`.
+fn join(point: &str, root: &str, path: &str) -> Option<PathBuf> {
+    let rel = if root == "/" {
+        path
+    } else {
+        path.strip_prefix(root)?
+    };
+    let rel = rel.trim_start_matches('/');
+    if rel.split('/').any(|c| c == "..") {
+        return None;
+    }
+    Some(Path::new(point).join(rel))
+}
+
+fn base_v2(mountinfo: &str, own: &str) -> Result<Base, String> {
+    let (root, point, _, _) = mounts(mountinfo)
+        .find(|m| m.2 == "cgroup2")
+        .ok_or("not mounted")?;
+    let path = own
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .ok_or("this process is in no v2 cgroup")?;
+    let dir = join(point, root, path).ok_or("own cgroup outside the mount")?;
+    let controllers = fs::read_to_string(dir.join("cgroup.controllers"))
+        .map_err(|e| format!("{}: {e}", dir.display()))?;
+    if !controllers.split_whitespace().any(|c| c == "memory") {
+        return Err(format!("no memory controller in {}", dir.display()));
+    }
+    let subtree = dir.join("cgroup.subtree_control");
+    let enabled = |s: &str| s.split_whitespace().any(|c| c == "memory");
+    if !fs::read_to_string(&subtree).is_ok_and(|s| enabled(&s)) {
+        fs::write(&subtree, "+memory").map_err(|e| {
+            format!(
+                "cannot enable memory for children of {}: {e}",
+                dir.display()
+            )
+        })?;
+    }
+    Ok(Base {
+        dir,
+        version: Version::V2,
+    })
+}
+
+fn base_v1(mountinfo: &str, own: &str) -> Result<Base, String> {
+    let (root, point, _, _) = mounts(mountinfo)
+        .find(|m| m.2 == "cgroup" && m.3.split(',').any(|o| o == "memory"))
+        .ok_or("no memory hierarchy mounted")?;
+    let path = own
+        .lines()
+        .find_map(|l| {
+            let mut parts = l.splitn(3, ':');
+            let _id = parts.next()?;
+            let controllers = parts.next()?;
+            let path = parts.next()?;
+            controllers
+                .split(',')
+                .any(|c| c == "memory")
+                .then_some(path)
+        })
+        .ok_or("this process is in no memory cgroup")?;
+    let dir = join(point, root, path).ok_or("own cgroup outside the mount")?;
+    let limit = dir.join("memory.limit_in_bytes");
+    if !limit.exists() {
+        return Err(format!("{} is missing", limit.display()));
+    }
+    Ok(Base {
+        dir,
+        version: Version::V1,
+    })
+}
+
+/// One worker's memory cgroup. Removed on drop (retried briefly while
+/// its last process exits).
 #[derive(Debug)]
-pub struct MemoryCeiling;
+pub struct MemoryCeiling {
+    dir: PathBuf,
+    version: Version,
+    limit: u64,
+}
 
 impl MemoryCeiling {
-    /// Creates one named `name` limited to `bytes`.
-    ///
-    /// # Errors
-    /// Why the host offers none.
-    pub fn create(_name: &str, _bytes: u64) -> Result<Self, String> {
-        Err("memory ceilings are not written yet".into())
+    /// Makes cgroup `name` (letters, digits, `-`, `_`) under the
+    /// gateway's own, limited to `limit` bytes of memory (and no swap
+    /// beyond it). A leftover cgroup of the same name without processes
+    /// is reused.
+    pub fn create(name: &str, limit: u64) -> Result<Self, CgroupError> {
+        if name.is_empty()
+            || name.len() > 64
+            || !name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        {
+            return Err(CgroupError::Name(name.to_owned()));
+        }
+        let base = base().map_err(CgroupError::NotOffered)?;
+        let dir = base.dir.join(name);
+        if let Err(e) = fs::create_dir(&dir)
+            && e.kind() != io::ErrorKind::AlreadyExists
+        {
+            return Err(CgroupError::Io {
+                path: dir,
+                source: e,
+            });
+        }
+        let ceiling = Self {
+            dir,
+            version: base.version,
+            limit,
+        };
+        ceiling.configure()?;
+        Ok(ceiling)
     }
 
-    /// Puts `pid` under it.
-    ///
-    /// # Errors
-    /// Why not.
-    pub fn add(&self, _pid: u32) -> Result<(), String> {
+    fn configure(&self) -> Result<(), CgroupError> {
+        let limit = self.limit.to_string();
+        match self.version {
+            Version::V2 => {
+                self.write("memory.max", &limit)?;
+                self.write_if_present("memory.swap.max", "0")?;
+                self.write_if_present("memory.oom.group", "1")?;
+            }
+            Version::V1 => {
+                // memsw may not go below the memory limit: when lowering,
+                // the memory limit first; when raising, memsw first.
+                self.write_if_present("memory.memsw.limit_in_bytes", &limit)
+                    .ok();
+                self.write("memory.limit_in_bytes", &limit)?;
+                self.write_if_present("memory.memsw.limit_in_bytes", &limit)?;
+                self.write_if_present("memory.oom_control", "0")?;
+            }
+        }
         Ok(())
     }
 
-    /// Whether the kernel killed a process in it for memory.
+    fn write(&self, file: &str, value: &str) -> Result<(), CgroupError> {
+        let path = self.dir.join(file);
+        fs::write(&path, value).map_err(|source| CgroupError::Io { path, source })
+    }
+
+    fn write_if_present(&self, file: &str, value: &str) -> Result<(), CgroupError> {
+        if self.dir.join(file).exists() {
+            self.write(file, value)?;
+        }
+        Ok(())
+    }
+
+    /// Puts process `pid` (and the threads it starts from now on) in the
+    /// ceiling.
+    pub fn add(&self, pid: u32) -> Result<(), CgroupError> {
+        self.write("cgroup.procs", &pid.to_string())
+    }
+
+    /// The file a process writes its pid (or `0`, itself) to to enter.
+    pub fn procs_file(&self) -> PathBuf {
+        self.dir.join("cgroup.procs")
+    }
+
+    /// The cgroup's directory.
+    pub fn path(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The version in use.
+    pub fn version(&self) -> Version {
+        self.version
+    }
+
+    /// The limit in bytes.
+    pub fn limit(&self) -> u64 {
+        self.limit
+    }
+
+    /// Whether the kernel killed a process of the ceiling for memory.
     pub fn oom_killed(&self) -> bool {
-        false
+        let file = match self.version {
+            Version::V2 => "memory.events",
+            Version::V1 => "memory.oom_control",
+        };
+        let Ok(text) = fs::read_to_string(self.dir.join(file)) else {
+            return false;
+        };
+        match counter(&text, "oom_kill") {
+            Some(n) => n > 0,
+            // Kernels before 4.13 count no kills in v1: a hit limit is
+            // the best evidence left.
+            None => fs::read_to_string(self.dir.join("memory.failcnt"))
+                .ok()
+                .and_then(|s| s.trim().parse::<u64>().ok())
+                .is_some_and(|n| n > 0),
+        }
+    }
+}
+
+/// The value of `key` in a flat keyed cgroup file.
+fn counter(text: &str, key: &str) -> Option<u64> {
+    text.lines().find_map(|l| {
+        let (k, v) = l.split_once(' ')?;
+        (k == key).then(|| v.trim().parse().ok()).flatten()
+    })
+}
+
+impl Drop for MemoryCeiling {
+    fn drop(&mut self) {
+        // A killed process leaves its cgroup a moment after it is reaped.
+        for _ in 0..40 {
+            match fs::remove_dir(&self.dir) {
+                Ok(()) => return,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => return,
+                Err(_) => std::thread::sleep(Duration::from_millis(25)),
+            }
+        }
+        tracing::warn!(dir = %self.dir.display(), "memory cgroup left behind: still in use");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write as _;
+    use std::process::{Command, Stdio};
+
+    use super::*;
+
+    #[test]
+    fn finds_the_own_cgroup_of_either_version() {
+        let mountinfo = "31 23 0:28 / /sys/fs/cgroup rw - tmpfs tmpfs rw\n\
+            35 31 0:32 / /sys/fs/cgroup/memory rw,relatime - cgroup cgroup rw,memory\n\
+            41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw\n";
+        let own = "4:memory:/a/b\n1:cpu:/\n0::/\n";
+        let v1 = base_v1(mountinfo, own).map(|b| b.dir);
+        // The directory exists only on a host like the one described.
+        if let Ok(dir) = v1 {
+            assert_eq!(dir, Path::new("/sys/fs/cgroup/memory/a/b"));
+        }
+        assert_eq!(
+            join("/sys/fs/cgroup/memory", "/", "/a/b").unwrap(),
+            Path::new("/sys/fs/cgroup/memory/a/b")
+        );
+        assert_eq!(
+            join("/sys/fs/cgroup", "/x", "/x/y").unwrap(),
+            Path::new("/sys/fs/cgroup/y")
+        );
+        assert_eq!(join("/sys/fs/cgroup", "/x", "/z"), None);
+        assert_eq!(join("/sys/fs/cgroup", "/", "/a/../.."), None);
+        assert_eq!(counter("oom 3\noom_kill 2\n", "oom_kill"), Some(2));
+        assert_eq!(counter("under_oom 0\n", "oom_kill"), None);
+    }
+
+    #[test]
+    fn names_are_plain() {
+        for bad in ["", "../x", "a/b", "a b", &"x".repeat(65)] {
+            assert!(matches!(
+                MemoryCeiling::create(bad, 1 << 26),
+                Err(CgroupError::Name(_))
+            ));
+        }
+    }
+
+    /// Runs `script` (after it is put in `ceiling`) and says whether it
+    /// succeeded.
+    fn run_in(ceiling: &MemoryCeiling, script: &str) -> bool {
+        let mut child = Command::new("sh")
+            .arg("-c")
+            .arg(format!("read _ && {script}"))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("sh runs");
+        ceiling.add(child.id()).expect("child enters the ceiling");
+        child.stdin.take().unwrap().write_all(b"go\n").unwrap();
+        child.wait().unwrap().success()
+    }
+
+    #[test]
+    fn a_process_past_the_ceiling_is_killed_and_named() {
+        if let Err(why) = offered() {
+            eprintln!("no memory cgroup here ({why}): nothing to check");
+            return;
+        }
+        let name = format!("bulkhead-test-{}-over", std::process::id());
+        let ceiling = MemoryCeiling::create(&name, 64 << 20).expect("ceiling");
+        let dir = ceiling.path().to_owned();
+        assert!(dir.is_dir());
+        // `tail -c` keeps the whole stream it is fed in memory.
+        let ok = run_in(&ceiling, "head -c 300M /dev/zero | tail -c 300M >/dev/null");
+        assert!(!ok, "300 MiB fitted under a 64 MiB ceiling");
+        assert!(ceiling.oom_killed(), "the kill is not seen");
+        drop(ceiling);
+        assert!(!dir.exists(), "{} left behind", dir.display());
+    }
+
+    #[test]
+    fn a_process_under_the_ceiling_runs() {
+        if let Err(why) = offered() {
+            eprintln!("no memory cgroup here ({why}): nothing to check");
+            return;
+        }
+        let name = format!("bulkhead-test-{}-under", std::process::id());
+        let ceiling = MemoryCeiling::create(&name, 64 << 20).expect("ceiling");
+        let dir = ceiling.path().to_owned();
+        let ok = run_in(&ceiling, "head -c 8M /dev/zero | tail -c 8M >/dev/null");
+        assert!(ok, "8 MiB did not fit under a 64 MiB ceiling");
+        assert!(!ceiling.oom_killed());
+        let limit = match ceiling.version() {
+            Version::V2 => "memory.max",
+            Version::V1 => "memory.limit_in_bytes",
+        };
+        assert_eq!(
+            fs::read_to_string(dir.join(limit)).unwrap().trim(),
+            (64u64 << 20).to_string()
+        );
+        drop(ceiling);
+        assert!(!dir.exists(), "{} left behind", dir.display());
     }
 }
