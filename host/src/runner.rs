@@ -98,6 +98,8 @@ pub struct RunnerState {
     pub mode: &'static str,
     /// Per zone: the hardening its workers report.
     pub zones: BTreeMap<String, Applied>,
+    /// Per zone: its live workers' process ids.
+    pub workers: BTreeMap<String, Vec<u32>>,
 }
 
 /// Loads modules and runs jobs.
@@ -188,6 +190,7 @@ impl Runner for InProcess {
         RunnerState {
             mode: "in-process",
             zones: BTreeMap::new(),
+            workers: BTreeMap::new(),
         }
     }
 }
@@ -280,6 +283,11 @@ impl Runner for Workers {
                 .pools
                 .iter()
                 .map(|(zone, pool)| (zone.clone(), pool.applied()))
+                .collect(),
+            workers: self
+                .pools
+                .iter()
+                .map(|(zone, pool)| (zone.clone(), pool.pids()))
                 .collect(),
         }
     }

@@ -26,6 +26,7 @@ pub fn admin_app(state: AppState) -> Router {
         .route("/admin/v1/audit", get(audit))
         .route("/admin/v1/keys", get(keys))
         .route("/admin/v1/keys/rotate", post(rotate_key))
+        .route("/admin/v1/isolation", get(isolation))
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .fallback(not_found)
@@ -219,6 +220,12 @@ async fn rotate_key(
         })
         .await;
     Ok(Json(info))
+}
+
+/// Where guests run, and per zone the hardening its workers applied and
+/// their process ids.
+async fn isolation(State(state): State<AppState>, _: Admin) -> Json<crate::runner::RunnerState> {
+    Json(state.service.isolation())
 }
 
 async fn metrics(State(state): State<AppState>, _: Admin) -> String {

@@ -367,6 +367,8 @@ async fn readyz(State(state): State<AppState>) -> Result<&'static str, ApiError>
         Err(ApiError::Unavailable)
     } else if !state.service.storage_ok() {
         Err(ApiError::Storage { full: false })
+    } else if !state.service.runner_ready() {
+        Err(ApiError::Unavailable)
     } else {
         Ok("ready\n")
     }

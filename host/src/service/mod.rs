@@ -269,7 +269,7 @@ impl Service {
             crate::relay::Relay::new(config.services.clone(), Arc::new(keys), &config.tokens)?;
         let relay = Some(Arc::new(relay));
         let sources = read_modules(relay.as_deref(), &config)?;
-        let runner = start_runner(&config, sandbox_config, &sources).await?;
+        let runner = start_runner(&config, sandbox_config, &sources, Arc::clone(&store)).await?;
         let modules = load_modules(runner.as_ref(), sources).await?;
         let admin_token_hash = admin_token(data).map_err(|e| storage(&e))?;
 
@@ -403,6 +403,24 @@ impl Service {
         let (queued, running) = self.scheduler.depth();
         metrics::gauge!("bulkhead_jobs_queued").set(queued as f64);
         metrics::gauge!("bulkhead_jobs_running").set(running as f64);
+        let isolation = self.runner.state();
+        for (zone, pids) in &isolation.workers {
+            metrics::gauge!("bulkhead_workers", "zone" => zone.clone()).set(pids.len() as f64);
+        }
+        for (zone, applied) in &isolation.zones {
+            for (layer, state) in &applied.layers {
+                let active = matches!(state, crate::worker::harden::LayerState::Active);
+                metrics::gauge!("bulkhead_worker_layer_active", "zone" => zone.clone(), "layer" => layer_name(*layer))
+                    .set(if active { 1.0 } else { 0.0 });
+            }
+        }
+    }
+
+    /// Whether guests can run: every zone has a live worker (in-process:
+    /// always).
+    pub fn runner_ready(&self) -> bool {
+        let isolation = self.runner.state();
+        isolation.workers.values().all(|pids| !pids.is_empty())
     }
 
     /// Records an audit entry; failures are logged, never surfaced.
@@ -533,6 +551,14 @@ impl Service {
     }
 }
 
+/// A layer's name as config and metrics spell it (`user_namespace`).
+fn layer_name(layer: crate::worker::harden::Layer) -> String {
+    serde_json::to_value(layer)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_owned))
+        .unwrap_or_default()
+}
+
 fn scope_strings(policy: &Policy) -> Vec<String> {
     policy
         .access
@@ -603,6 +629,7 @@ async fn start_runner(
     config: &ServeConfig,
     sandbox: SandboxConfig,
     modules: &[(Policy, bytes::Bytes)],
+    store: Arc<dyn JobStore>,
 ) -> Result<Arc<dyn Runner>, StartError> {
     use crate::config::IsolationMode;
     if config.isolation.mode == IsolationMode::InProcess {
@@ -644,7 +671,28 @@ async fn start_runner(
             require: config.isolation.require.clone(),
             weaken: std::collections::BTreeSet::new(),
         };
-        let pool = crate::worker::pool::Pool::start(pool_config, |_fault| {})
+        let store = Arc::clone(&store);
+        // Each fault is audited (the pool already logs it and counts it in
+        // `bulkhead_worker_faults_total`).
+        let audit = move |fault: crate::worker::pool::Fault| {
+            let entry = AuditEntry {
+                at: now_ms(),
+                action: "worker.fault".into(),
+                outcome: Some(fault.class.to_owned()),
+                detail: format!(
+                    "zone {} worker {} {}; {} running jobs failed; replaced",
+                    fault.zone, fault.pid, fault.reason, fault.jobs
+                ),
+                ..AuditEntry::default()
+            };
+            let store = Arc::clone(&store);
+            tokio::spawn(async move {
+                if let Err(e) = store.append_audit(&entry).await {
+                    tracing::error!(error = %e, "cannot write audit entry");
+                }
+            });
+        };
+        let pool = crate::worker::pool::Pool::start(pool_config, audit)
             .await
             .map_err(|e| StartError::Isolation(e.to_string()))?;
         tracing::info!(zone = %zone, layers = ?pool.applied(), "worker pool started");

@@ -453,6 +453,10 @@ impl Pool {
             .workers
             .retain(|w| !Arc::ptr_eq(w, worker));
         worker.kill();
+        if self.closing.load(Ordering::SeqCst) {
+            // Stopped with the service, not a fault.
+            return;
+        }
         tracing::error!(zone = %self.config.zone, pid = worker.pid, class, %reason, jobs, "worker fault");
         metrics::counter!("bulkhead_worker_faults_total", "zone" => self.config.zone.clone(), "class" => class)
             .increment(1);

@@ -54,3 +54,5 @@ macro_rules! assert_test_exists {
     };
 }
 bulkhead_tests::foreach_guest!(assert_test_exists);
+// The second wall from the gateway's side: worker processes, their faults and replacements.
+mod workers;

@@ -1,0 +1,222 @@
+//! The second wall from the gateway's side: guests run in worker
+//! processes, and a worker that fails takes only its own jobs with it.
+
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::common::http::json;
+use crate::common::policies::sleeper;
+use crate::common::service::{self, Server};
+
+/// The zone's live worker pids, as the service reports them.
+fn workers(server: &Server) -> Vec<u32> {
+    server
+        .service
+        .isolation()
+        .workers
+        .get("untrusted")
+        .cloned()
+        .unwrap_or_default()
+}
+
+async fn submit(server: &Server, token: &str, module: &str, wait: bool) -> Value {
+    let wait = if wait { "?wait=20s" } else { "" };
+    json(
+        server
+            .post(&format!("/v1/modules/{module}/jobs{wait}"), token)
+            .body(Vec::new()),
+    )
+    .await
+}
+
+/// The process's state line from `/proc/<pid>/stat` (`R`, `S`, `Z`…), or
+/// `None` once it is gone.
+fn process_state(pid: u32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit(')').next()?.trim_start().chars().next()
+}
+
+async fn until(mut f: impl FnMut() -> bool) {
+    for _ in 0..400 {
+        if f() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("condition not reached in 20 s");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn guests_run_in_worker_processes_not_in_the_gateway() {
+    let server = service::start(|_| {}).await;
+    let state = server.service.isolation();
+    assert_eq!(state.mode, "process");
+    let pids = workers(&server);
+    assert_eq!(pids.len(), 2, "{state:?}");
+    for pid in &pids {
+        assert_ne!(*pid, std::process::id());
+        // A child of this process, started from the binary under test.
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+        let ppid: u32 = stat
+            .rsplit(')')
+            .next()
+            .unwrap()
+            .split_whitespace()
+            .nth(1)
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert_eq!(ppid, std::process::id());
+    }
+    let token = server.token("acme", &["hello:run"]).await;
+    let job = submit(&server, &token, "hello", true).await;
+    assert_eq!(job["state"], "succeeded", "{job}");
+    assert_eq!(job["report"]["stdout"]["text"], "hello from bulkhead\n");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_killed_worker_fails_its_job_by_name_and_is_replaced() {
+    let server = service::start(|c| {
+        sleeper(30_000).write_to(&c.modules.policies_dir);
+        c.zones.insert(
+            "untrusted".into(),
+            bulkhead::config::ZonePool {
+                workers: 1,
+                ..Default::default()
+            },
+        );
+    })
+    .await;
+    let token = server.token("acme", &["hostile:run", "hello:run"]).await;
+    let before = workers(&server);
+    assert_eq!(before.len(), 1);
+    let job = submit(&server, &token, "hostile", false).await;
+    let id = job["id"].as_str().unwrap().to_owned();
+    // Wait until it runs, then kill its worker from outside.
+    for _ in 0..200 {
+        let now = json(server.get(&format!("/v1/jobs/{id}"), &token)).await;
+        if now["state"] == "running" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    // SAFETY: kill(2) with a pid and a signal number has no memory effects.
+    assert_eq!(unsafe { libc::kill(before[0] as i32, libc::SIGKILL) }, 0);
+    let done = server.finished(&token, &id).await;
+    assert_eq!(done["state"], "failed", "{done}");
+    let failure = &done["report"]["failure"];
+    assert_eq!(failure["kind"], "worker", "{done}");
+    assert!(
+        failure["message"]
+            .as_str()
+            .unwrap()
+            .contains("killed by signal 9"),
+        "{done}"
+    );
+    // A fresh worker replaced it, and it runs jobs.
+    until(|| {
+        let now = workers(&server);
+        now.len() == 1 && now != before
+    })
+    .await;
+    let ok = submit(&server, &token, "hello", true).await;
+    assert_eq!(ok["state"], "succeeded", "{ok}");
+    // The fault is audited, with the worker and its class.
+    let audit = server.audit(50).await;
+    let fault = audit
+        .iter()
+        .find(|e| e["action"] == "worker.fault")
+        .unwrap_or_else(|| panic!("{audit:?}"));
+    assert_eq!(fault["outcome"], "killed");
+    assert!(
+        fault["detail"]
+            .as_str()
+            .unwrap()
+            .contains(&before[0].to_string()),
+        "{fault}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn one_job_per_worker_gives_every_job_a_fresh_process() {
+    let server = service::start(|c| {
+        c.zones.insert(
+            "untrusted".into(),
+            bulkhead::config::ZonePool {
+                workers: 1,
+                jobs_per_worker: 1,
+                ..Default::default()
+            },
+        );
+    })
+    .await;
+    let token = server.token("acme", &["hello:run"]).await;
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..3 {
+        let before = workers(&server);
+        assert_eq!(before.len(), 1);
+        assert!(
+            seen.insert(before[0]),
+            "worker {} ran a second job",
+            before[0]
+        );
+        let job = submit(&server, &token, "hello", true).await;
+        assert_eq!(job["state"], "succeeded", "{job}");
+        // The worker that ran it goes away; a fresh one takes its place.
+        until(|| {
+            process_state(before[0]).is_none_or(|s| s == 'Z')
+                && workers(&server).len() == 1
+                && workers(&server) != before
+        })
+        .await;
+    }
+    // Retired workers are not faults.
+    let audit = server.audit(50).await;
+    assert!(
+        !audit.iter().any(|e| e["action"] == "worker.fault"),
+        "{audit:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_worker_over_its_memory_ceiling_is_a_named_fault() {
+    let server = service::start(|c| {
+        crate::common::policies::policy(bulkhead_tests::HOSTILE, "hostile")
+            .scopes(&["hostile:run"])
+            .memory(bulkhead::policy::ByteSize::mib(512))
+            .args(&["memory-bomb"])
+            .write_to(&c.modules.policies_dir);
+        c.zones.insert(
+            "untrusted".into(),
+            bulkhead::config::ZonePool {
+                workers: 1,
+                memory: Some(bulkhead::policy::ByteSize::mib(96)),
+                ..Default::default()
+            },
+        );
+    })
+    .await;
+    if bulkhead::worker::cgroup::offered().is_err() {
+        eprintln!("no cgroup memory controller here: nothing to check");
+        return;
+    }
+    let token = server.token("acme", &["hostile:run", "hello:run"]).await;
+    let job = submit(&server, &token, "hostile", true).await;
+    let job = if job["state"] == "running" || job["state"] == "queued" {
+        server.finished(&token, job["id"].as_str().unwrap()).await
+    } else {
+        job
+    };
+    assert_eq!(job["state"], "failed", "{job}");
+    assert_eq!(job["report"]["failure"]["kind"], "worker", "{job}");
+    assert!(
+        job["report"]["failure"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("memory ceiling"),
+        "{job}"
+    );
+    let ok = submit(&server, &token, "hello", true).await;
+    assert_eq!(ok["state"], "succeeded", "{ok}");
+}
