@@ -1,0 +1,194 @@
+//! The child's side: a process in a worker's role.
+
+use std::collections::BTreeSet;
+use std::io::{BufRead, BufReader, Write};
+use std::os::fd::FromRawFd;
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+
+use bulkhead::worker::harden::{self, Applied, Layer, Plan};
+
+use crate::support::{APPLY, MAX_OPEN, MAX_THREADS, ROLE, WRITABLE};
+
+/// The plan the parent asked for.
+pub fn plan() -> Plan {
+    let apply: BTreeSet<Layer> = std::env::var(APPLY)
+        .unwrap_or_default()
+        .split(',')
+        .filter(|s| !s.is_empty())
+        .map(|s| serde_json::from_value(serde_json::Value::String(s.to_owned())).unwrap())
+        .collect();
+    let writable = std::env::var(WRITABLE)
+        .unwrap_or_default()
+        .split(':')
+        .filter(|s| !s.is_empty())
+        .map(PathBuf::from)
+        .collect();
+    Plan {
+        channel: Some(3),
+        writable,
+        run_as: None,
+        max_open: MAX_OPEN,
+        max_threads: std::env::var(MAX_THREADS).unwrap().parse().unwrap(),
+        weaken: Layer::ALL
+            .iter()
+            .copied()
+            .filter(|l| !apply.contains(l))
+            .collect(),
+    }
+}
+
+/// The channel on descriptor 3.
+pub fn channel() -> UnixStream {
+    // SAFETY: the parent put a socketpair end on 3 and nothing else owns it.
+    unsafe { UnixStream::from_raw_fd(3) }
+}
+
+/// Sends the result of hardening as one JSON line.
+pub fn report(channel: &mut UnixStream, result: &Result<Applied, String>) {
+    let mut line = serde_json::to_string(result).unwrap();
+    line.push('\n');
+    channel.write_all(line.as_bytes()).unwrap();
+}
+
+pub fn main() {
+    match std::env::var(ROLE).unwrap().as_str() {
+        "probe" => probe(),
+        "gateway" => gateway(),
+        "sandbox" => crate::sandbox::child(),
+        other => panic!("unknown role {other}"),
+    }
+}
+
+/// Hardens, reports, then obeys orders.
+fn probe() {
+    let mut channel = channel();
+    let result = harden::apply(&plan()).map_err(|e| e.to_string());
+    // A second call must be refused.
+    let again = harden::apply(&plan()).map_err(|e| e.to_string());
+    report(&mut channel, &result);
+    // One descriptor for both ways (a clone would be a fifth).
+    let mut reader = BufReader::new(&channel);
+    let mut held = Vec::new();
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+            std::process::exit(0);
+        }
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let reply = match words.as_slice() {
+            ["exit"] => std::process::exit(0),
+            ["again"] => match &again {
+                Ok(_) => Err("a second apply succeeded".to_owned()),
+                Err(e) => Ok(e.clone()),
+            },
+            ["copy", src, dst] => std::fs::read(src)
+                .and_then(|data| std::fs::write(dst, data))
+                .map(|()| String::new())
+                .map_err(|e| e.to_string()),
+            ["write", path] => std::fs::write(path, b"x")
+                .map(|()| String::new())
+                .map_err(|e| e.to_string()),
+            ["connect", port] => std::net::TcpStream::connect(("127.0.0.1", port.parse().unwrap()))
+                .and_then(|mut s| s.write_all(b"hi"))
+                .map(|()| String::new())
+                .map_err(|e| e.to_string()),
+            ["exec", prog, arg] => std::process::Command::new(prog)
+                .arg(arg)
+                .status()
+                .map(|s| s.to_string())
+                .map_err(|e| e.to_string()),
+            ["setuid0"] => {
+                // SAFETY: plain ids.
+                if unsafe { libc::setresuid(0, 0, 0) } == 0 {
+                    Ok(String::new())
+                } else {
+                    Err(std::io::Error::last_os_error().to_string())
+                }
+            }
+            ["raise-nofile"] => {
+                let lim = libc::rlimit {
+                    rlim_cur: 4096,
+                    rlim_max: 4096,
+                };
+                // SAFETY: a valid rlimit.
+                if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } == 0 {
+                    Ok(String::new())
+                } else {
+                    Err(std::io::Error::last_os_error().to_string())
+                }
+            }
+            ["shm", key] => {
+                // SAFETY: plain integers.
+                let id =
+                    unsafe { libc::shmget(key.parse().unwrap(), 4096, libc::IPC_CREAT | 0o600) };
+                if id >= 0 {
+                    Ok(id.to_string())
+                } else {
+                    Err(std::io::Error::last_os_error().to_string())
+                }
+            }
+            ["threads", n] => {
+                let n: usize = n.parse().unwrap();
+                let mut made = 0;
+                for _ in 0..n {
+                    match std::thread::Builder::new().stack_size(64 * 1024).spawn(|| {
+                        loop {
+                            std::thread::park();
+                        }
+                    }) {
+                        Ok(h) => {
+                            held.push(h);
+                            made += 1;
+                        }
+                        Err(_) => break,
+                    }
+                }
+                Ok(made.to_string())
+            }
+            ["socket", "inet"] => socket(libc::AF_INET),
+            ["socket", "unix"] => socket(libc::AF_UNIX),
+            other => Err(format!("unknown order {other:?}")),
+        };
+        let line = match reply {
+            Ok(s) => format!("ok {s}\n"),
+            Err(e) => format!("err {e}\n"),
+        };
+        if (&channel).write_all(line.as_bytes()).is_err() {
+            std::process::exit(0);
+        }
+    }
+}
+
+fn socket(domain: libc::c_int) -> Result<String, String> {
+    // SAFETY: plain integers.
+    let fd = unsafe { libc::socket(domain, libc::SOCK_STREAM, 0) };
+    if fd >= 0 {
+        Ok(fd.to_string())
+    } else {
+        Err(std::io::Error::last_os_error().to_string())
+    }
+}
+
+/// Starts a probe worker (hardened as the environment says) and reports
+/// its pid, then exits when told: the probe's gateway.
+fn gateway() {
+    let mut channel = channel();
+    // The probe gets its own channel; its report is relayed.
+    let apply: BTreeSet<Layer> = Layer::ALL
+        .iter()
+        .copied()
+        .filter(|l| !plan().weaken.contains(l))
+        .collect();
+    let writable = plan().writable;
+    let worker = crate::support::start("probe", &apply, &writable);
+    let line = format!("ok {}\n", worker.pid());
+    report(&mut channel, &worker.applied);
+    channel.write_all(line.as_bytes()).unwrap();
+    let mut reader = BufReader::new(channel);
+    let mut order = String::new();
+    let _ = reader.read_line(&mut order);
+    // Exits without waiting for or stopping the worker.
+    std::mem::forget(worker);
+    std::process::exit(0);
+}
