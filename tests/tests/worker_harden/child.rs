@@ -146,6 +146,7 @@ fn probe() {
                 }
                 Ok(made.to_string())
             }
+            ["raw", name] => raw(name),
             ["socket", "inet"] => socket(libc::AF_INET),
             ["socket", "unix"] => socket(libc::AF_UNIX),
             other => Err(format!("unknown order {other:?}")),
@@ -158,6 +159,73 @@ fn probe() {
             std::process::exit(0);
         }
     }
+}
+
+/// One forbidden system call, made directly: the reply says what it
+/// returned, when the process survives it.
+fn raw(name: &str) -> Result<String, String> {
+    // SAFETY: each call is made with arguments that touch no memory of
+    // this process, or with null pointers the kernel checks.
+    let rc = unsafe {
+        let ppid = libc::getppid();
+        match name {
+            "unshare" => libc::syscall(libc::SYS_unshare, libc::CLONE_NEWUSER),
+            "ptrace" => libc::syscall(libc::SYS_ptrace, libc::PTRACE_ATTACH, ppid, 0, 0),
+            "kill-parent" => libc::syscall(libc::SYS_kill, ppid, 0),
+            "tgkill-parent" => libc::syscall(libc::SYS_tgkill, ppid, ppid, 0),
+            "setuid" => libc::syscall(libc::SYS_setuid, 0),
+            "prlimit-set" => {
+                let lim = libc::rlimit {
+                    rlim_cur: 16,
+                    rlim_max: 16,
+                };
+                libc::syscall(
+                    libc::SYS_prlimit64,
+                    0,
+                    libc::RLIMIT_NOFILE,
+                    &lim as *const libc::rlimit,
+                    std::ptr::null_mut::<libc::rlimit>(),
+                )
+            }
+            "fork" => libc::syscall(libc::SYS_clone, libc::SIGCHLD, 0, 0, 0, 0),
+            "clone-newnet" => libc::syscall(
+                libc::SYS_clone,
+                libc::CLONE_VM
+                    | libc::CLONE_FS
+                    | libc::CLONE_FILES
+                    | libc::CLONE_SIGHAND
+                    | libc::CLONE_THREAD
+                    | libc::CLONE_NEWNET,
+                0,
+                0,
+                0,
+                0,
+            ),
+            "mount" => libc::syscall(
+                libc::SYS_mount,
+                std::ptr::null::<libc::c_char>(),
+                c"/".as_ptr(),
+                std::ptr::null::<libc::c_char>(),
+                libc::MS_REMOUNT,
+                std::ptr::null::<libc::c_void>(),
+            ),
+            "bpf" => libc::syscall(libc::SYS_bpf, 0, 0, 0),
+            "keyctl" => libc::syscall(libc::SYS_keyctl, 0, 0, 0),
+            "io_uring_setup" => libc::syscall(libc::SYS_io_uring_setup, 1, 0),
+            "personality" => libc::syscall(libc::SYS_personality, 0xffff_ffffu64),
+            "userfaultfd" => libc::syscall(libc::SYS_userfaultfd, 0),
+            "process_vm_readv" => libc::syscall(libc::SYS_process_vm_readv, ppid, 0, 0, 0, 0, 0),
+            "execve" => libc::syscall(
+                libc::SYS_execve,
+                c"/bin/true".as_ptr(),
+                std::ptr::null::<*const libc::c_char>(),
+                std::ptr::null::<*const libc::c_char>(),
+            ),
+            "clone3" => libc::syscall(libc::SYS_clone3, 0, 0),
+            other => return Err(format!("unknown call {other}")),
+        }
+    };
+    Ok(format!("{rc} {}", std::io::Error::last_os_error()))
 }
 
 fn socket(domain: libc::c_int) -> Result<String, String> {

@@ -384,6 +384,52 @@ pub fn seccomp() {
     }
 }
 
+/// Calls the allow-list leaves out kill the worker; without the layer the
+/// same calls return (whatever they return).
+pub fn seccomp_forbidden_calls() {
+    let dir = scratch();
+    let calls = [
+        "unshare",
+        "ptrace",
+        "kill-parent",
+        "tgkill-parent",
+        "setuid",
+        "prlimit-set",
+        "fork",
+        "clone-newnet",
+        "mount",
+        "bpf",
+        "keyctl",
+        "io_uring_setup",
+        "personality",
+        "userfaultfd",
+        "process_vm_readv",
+        "execve",
+    ];
+    for call in calls {
+        let mut w = probe(&[], Layer::Seccomp, true, dir.path());
+        match w.order(&format!("raw {call}")) {
+            Reply::Died(status) => assert!(killed_by_seccomp(&status), "{call}: {status:?}"),
+            other => panic!("{call} under seccomp got {other:?}"),
+        }
+    }
+    // clone3 is refused with ENOSYS (the C library then uses clone).
+    let mut w = probe(&[], Layer::Seccomp, true, dir.path());
+    let reply = w.order("raw clone3");
+    assert!(
+        matches!(&reply, Reply::Ok(r) if r.starts_with(&format!("-1 {}", std::io::Error::from_raw_os_error(libc::ENOSYS)))),
+        "{reply:?}"
+    );
+    w.finish();
+    // Off: the harmless ones return instead of killing.
+    for call in ["kill-parent", "personality", "keyctl", "bpf"] {
+        let mut w = probe(&[], Layer::Seccomp, false, dir.path());
+        let reply = w.order(&format!("raw {call}"));
+        assert!(reply.is_ok(), "{call}: {reply:?}");
+        w.finish();
+    }
+}
+
 pub fn seccomp_threads() {
     let dir = scratch();
     let mut w = probe(&[], Layer::Seccomp, true, dir.path());
