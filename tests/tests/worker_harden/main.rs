@@ -55,7 +55,10 @@ fn main() {
         ("landlock_refuses_tcp", layers::landlock_tcp),
         ("not_dumpable_makes_proc_files_root_s", layers::not_dumpable),
         ("seccomp_kills_exec_and_sockets", layers::seccomp),
-        ("seccomp_kills_forbidden_calls", layers::seccomp_forbidden_calls),
+        (
+            "seccomp_kills_forbidden_calls",
+            layers::seccomp_forbidden_calls,
+        ),
         ("seccomp_lets_threads_run", layers::seccomp_threads),
         ("dies_with_gateway", layers::dies_with_gateway),
         ("fully_hardened_shows_every_layer", layers::fully_hardened),
