@@ -14,7 +14,14 @@ use crate::policies::policy;
 use crate::support::{all_but, expect_applied, give_to_nobody, scratch, start_with};
 
 /// The jobs the worker runs: name, guest, hostile mode (if any).
-const JOBS: &[(&str, &str)] = &[("hello", ""), ("memory", "memory-bomb"), ("cpu", "loop")];
+const JOBS: &[(&str, &str)] = &[
+    ("hello", ""),
+    ("memory", "memory-bomb"),
+    ("cpu", "loop"),
+    ("wall", "sleep"),
+    ("disk", "disk-big"),
+    ("stdout", "stdout-flood"),
+];
 
 pub fn child() {
     let mut chan = channel();
@@ -31,7 +38,9 @@ pub fn child() {
             .limits(|l| {
                 l.memory = ByteSize::mib(32);
                 l.cpu_time = HumanDuration::millis(300);
-                l.wall_time = HumanDuration::secs(5);
+                l.wall_time = HumanDuration::secs(2);
+                l.output = ByteSize::mib(1);
+                l.stdout = ByteSize::kib(64);
             })
             .args(&[mode])
             .parse()
