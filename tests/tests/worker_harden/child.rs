@@ -10,6 +10,9 @@ use bulkhead::worker::harden::{self, Applied, Layer, Plan};
 
 use crate::support::{APPLY, MAX_OPEN, MAX_THREADS, ROLE, WRITABLE};
 
+/// Set for a probe that must outlive its channel (its gateway exits).
+const HOLD: &str = "BULKHEAD_HARDEN_HOLD";
+
 /// The plan the parent asked for.
 pub fn plan() -> Plan {
     let apply: BTreeSet<Layer> = std::env::var(APPLY)
@@ -73,6 +76,11 @@ fn probe() {
     loop {
         let mut line = String::new();
         if reader.read_line(&mut line).unwrap_or(0) == 0 {
+            // A probe whose gateway goes away on purpose waits for what
+            // the kernel does to it.
+            while std::env::var_os(HOLD).is_some() {
+                std::thread::park();
+            }
             std::process::exit(0);
         }
         let words: Vec<&str> = line.split_whitespace().collect();
@@ -249,7 +257,8 @@ fn gateway() {
         .filter(|l| !plan().weaken.contains(l))
         .collect();
     let writable = plan().writable;
-    let worker = crate::support::start("probe", &apply, &writable);
+    let worker =
+        crate::support::start_with("probe", &apply, &writable, 64, &[(HOLD, "1".to_owned())]);
     let line = format!("ok {}\n", worker.pid());
     report(&mut channel, &worker.applied);
     channel.write_all(line.as_bytes()).unwrap();
