@@ -206,12 +206,17 @@ impl Pool {
             zone: config.zone.clone(),
             reason: format!("work directory {}: {e}", config.work_dir.display()),
         })?;
-        prepare_dir(&config.cache_dir, effective_owner(config.run_as), 0o700).map_err(|e| {
-            PoolError::Start {
+        prepare_dir(&config.cache_dir, effective_owner(config.run_as), 0o700)
+            .and_then(|()| match effective_owner(config.run_as) {
+                // What an earlier run under another user left must be the
+                // workers' to read.
+                Some(owner) => chown_tree(&config.cache_dir, owner),
+                None => Ok(()),
+            })
+            .map_err(|e| PoolError::Start {
                 zone: config.zone.clone(),
                 reason: format!("cache directory {}: {e}", config.cache_dir.display()),
-            }
-        })?;
+            })?;
         let pool = Arc::new(Self {
             config,
             state: Mutex::default(),
@@ -903,6 +908,19 @@ fn fault_report(spec: &JobSpec, policy: &Policy, reason: &str) -> JobReport {
 fn effective_owner(run_as: Option<(u32, u32)>) -> Option<(u32, u32)> {
     // SAFETY: geteuid has no preconditions.
     (unsafe { libc::geteuid() } == 0).then(|| run_as.unwrap_or((65534, 65534)))
+}
+
+/// Gives everything under `dir` to `owner`, never following a link.
+fn chown_tree(dir: &Path, (uid, gid): (u32, u32)) -> std::io::Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let path = entry.path();
+        std::os::unix::fs::lchown(&path, Some(uid), Some(gid))?;
+        if entry.file_type()?.is_dir() {
+            chown_tree(&path, (uid, gid))?;
+        }
+    }
+    Ok(())
 }
 
 /// Creates `dir` (and parents) with `mode`, owned by `owner` when given.

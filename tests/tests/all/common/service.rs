@@ -52,7 +52,6 @@ pub async fn start(tweak: impl FnOnce(&mut ServeConfig)) -> Server {
     // Guests run in worker processes started from the binary under test
     // (this test harness is not one).
     config.isolation.program = Some(PathBuf::from(env!("CARGO_BIN_EXE_bulkhead-under-test")));
-    config.isolation.require = Default::default(); // TEMP
     for p in [
         thumbnail(5, 20, &["width", "height"]),
         hello(),
