@@ -67,3 +67,37 @@ fn main() {
     ];
     support::run_cases(cases);
 }
+
+/// Why `case` cannot run here, if it cannot: most cases start as root
+/// (they check the switch to 65534, and namespaces without a user
+/// namespace need root), and each needs its layers offered.
+fn unsupported(case: &str) -> Option<String> {
+    use bulkhead::worker::harden::{Layer, LayerState, offered};
+    let needs: &[Layer] = match case {
+        "descriptors_leave_only_the_channel" => &[Layer::Descriptors],
+        "no_new_privs_is_set" => &[Layer::NoNewPrivs],
+        c if c.starts_with("landlock") => &[Layer::Landlock],
+        c if c.starts_with("seccomp") => &[Layer::Seccomp],
+        _ => &Layer::ALL,
+    };
+    // Fully hardened workers run the same as root or not (the uid they
+    // end with is checked against the one they should have).
+    let root_free = needs.len() == 1
+        || matches!(
+            case,
+            "threads_are_bounded_by_max_threads"
+                | "dies_with_gateway"
+                | "fully_hardened_shows_every_layer"
+                | "apply_twice_or_a_bad_dir_is_a_clear_error"
+                | "fully_hardened_worker_runs_jobs"
+        );
+    // SAFETY: no preconditions.
+    if !root_free && unsafe { libc::geteuid() } != 0 {
+        return Some("needs root".into());
+    }
+    let offered = offered();
+    needs.iter().find_map(|l| match &offered[l] {
+        LayerState::Unavailable { reason } => Some(format!("{l:?}: {reason}")),
+        _ => None,
+    })
+}
