@@ -1704,6 +1704,40 @@ mod tests {
         assert!(w.violations.try_recv().is_err());
     }
 
+    /// Without the worker's help: a worker that never gives up its calls
+    /// still loses them when the job ends.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn unregistering_cancels_calls_a_worker_holds_on_to() {
+        let (down, mut rx) = mpsc::unbounded_channel();
+        let g = GatewayCalls::new(down);
+        let stall = Arc::new(Stall::default());
+        g.register(4, Arc::clone(&stall) as _, Duration::from_secs(60));
+        g.deliver(CallUp::Started { job: 4 }).unwrap();
+        g.deliver(request(4, 0)).unwrap();
+        eventually("the gateway's egress is asked", || {
+            stall.asked.load(Ordering::SeqCst) == 1
+        })
+        .await;
+        g.unregister(4);
+        eventually("the gateway's call is dropped", || {
+            stall.dropped.load(Ordering::SeqCst)
+        })
+        .await;
+        assert!(matches!(
+            rx.recv().await,
+            Some(CallDown::Fail { call: 0, .. })
+        ));
+        // Its request frames are still checked until it lets go.
+        g.deliver(body(0, 10)).unwrap();
+        assert_eq!(g.buffered(), 0, "bytes for a cancelled call are kept");
+        g.deliver(CallUp::Abort {
+            call: 0,
+            error: None,
+        })
+        .unwrap();
+        assert_eq!(g.in_flight(), 0);
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_response_the_worker_does_not_read_stops_at_its_window() {
         let w = wire();
@@ -1955,6 +1989,95 @@ mod tests {
             assert!(accepted > window - 60_000);
         }
         assert!(g.buffered() <= 8 * window, "{} buffered", g.buffered());
+    }
+
+    /// The real gateway egress behind the crossing: the guest's
+    /// credentials are stripped and the call's token minted in the
+    /// gateway, refusals are recorded there, and the worker's own report
+    /// stays empty.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_relay_grant_checks_strips_and_signs_in_the_gateway() {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+        use crate::relay::{CallGrant, Caller, KeyRing, Relay, ServiceDecl, TokenConfig};
+
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (heard_tx, heard_rx) = oneshot::channel();
+        tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            let mut request = Vec::new();
+            let mut buf = [0u8; 4096];
+            while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+                let n = socket.read(&mut buf).await.unwrap();
+                request.extend_from_slice(&buf[..n]);
+            }
+            let _ = heard_tx.send(String::from_utf8_lossy(&request).into_owned());
+            socket
+                .write_all(
+                    b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\nconnection: close\r\n\r\nhello",
+                )
+                .await
+                .unwrap();
+            socket.flush().await.unwrap();
+        });
+        let decl = ServiceDecl::example("palette", &format!("http://{addr}"));
+        let relay = Arc::new(
+            Relay::new(
+                vec![decl.clone()],
+                Arc::new(KeyRing::ephemeral()),
+                &TokenConfig::default(),
+            )
+            .unwrap(),
+        );
+        let grant = Arc::new(CallGrant::new(
+            relay,
+            vec![decl.name.clone()],
+            Ok(Caller {
+                tenant: "acme".into(),
+                subject: "alice".into(),
+                scopes: Vec::new(),
+            }),
+            "job",
+            "module",
+        ));
+        let mut w = wire();
+        w.gateway
+            .register(1, Arc::clone(&grant) as _, Duration::from_secs(30));
+        let egress = w.worker.egress(1);
+        egress.start(Instant::now());
+        let mut request = http::Request::new(empty());
+        *request.uri_mut() = "http://palette/v1/x".parse().unwrap();
+        request
+            .headers_mut()
+            .insert("authorization", "Bearer guest-secret".parse().unwrap());
+        request
+            .headers_mut()
+            .insert("cookie", "guest-cookie".parse().unwrap());
+        let response = Arc::clone(&egress).send(request).await.expect("answered");
+        assert_eq!(response.status(), 200);
+        let got = response.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(&got[..], b"hello");
+        let heard = heard_rx.await.unwrap().to_ascii_lowercase();
+        assert!(heard.contains("authorization: bearer "), "{heard}");
+        assert!(!heard.contains("guest-secret"), "{heard}");
+        assert!(!heard.contains("guest-cookie"), "{heard}");
+        // Refused in the gateway, as the guest is told.
+        let mut refused = http::Request::new(empty());
+        *refused.uri_mut() = "http://payments/v1/x".parse().unwrap();
+        let e = Arc::clone(&egress).send(refused).await.unwrap_err();
+        assert_eq!(e, EgressError::Denied);
+        let report = grant.report();
+        assert_eq!((report.made, report.refused), (1, 1), "{report:?}");
+        assert!(
+            report.records[0]
+                .stripped_headers
+                .iter()
+                .any(|h| h == "cookie"),
+            "{report:?}"
+        );
+        assert_eq!(egress.report(), CallsReport::default());
+        assert!(w.violations.try_recv().is_err());
     }
 
     #[test]
