@@ -1440,6 +1440,7 @@ mod tests {
         let egress = w.worker.egress(7);
         egress.start(Instant::now());
         let data = pattern(0, 5 << 20);
+        let clock = Instant::now();
         let mut trailers = http::HeaderMap::new();
         trailers.insert("x-digest", "abc".parse().unwrap());
         let response = Arc::clone(&egress)
@@ -1453,7 +1454,12 @@ mod tests {
         assert_eq!(response.headers()["x-uri"], "http://svc/v1/x?q=1");
         let collected = response.into_body().collect().await.expect("whole");
         assert_eq!(collected.trailers(), Some(&trailers));
+        let elapsed = clock.elapsed();
         assert!(collected.to_bytes() == data, "bytes differ");
+        eprintln!(
+            "5 MiB up and back through postcard in {elapsed:?} ({:.0} MiB/s each way)",
+            5.0 / elapsed.as_secs_f64()
+        );
         let seen = echo.seen.lock().unwrap().clone();
         assert_eq!(seen.len(), 1);
         assert_eq!(seen[0].0, http::Method::POST);
@@ -1693,6 +1699,32 @@ mod tests {
         w.gateway.unregister(3);
         let got = sent.await.unwrap().unwrap_err();
         assert_eq!(got, EgressError::Internal(Some("the job ended".into())));
+        eventually("the gateway's call is dropped", || {
+            stall.dropped.load(Ordering::SeqCst)
+        })
+        .await;
+        eventually("both halves forget the call", || {
+            w.worker.in_flight() == 0 && w.gateway.in_flight() == 0
+        })
+        .await;
+        assert!(w.violations.try_recv().is_err());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failing_request_body_fails_the_call_on_both_sides() {
+        let mut w = wire();
+        let stall = Arc::new(Stall::default());
+        w.gateway
+            .register(5, Arc::clone(&stall) as _, Duration::from_secs(60));
+        let egress = w.worker.egress(5);
+        egress.start(Instant::now());
+        let frames = vec![
+            Ok(Frame::data(Bytes::from_static(b"some"))),
+            Err(EgressError::Body("broken".into())),
+        ];
+        let body = StreamBody::new(stream::iter(frames)).boxed_unsync();
+        let got = egress.send(post("http://svc/", body)).await.unwrap_err();
+        assert_eq!(got, EgressError::Body("broken".into()));
         eventually("the gateway's call is dropped", || {
             stall.dropped.load(Ordering::SeqCst)
         })
