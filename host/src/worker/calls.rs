@@ -195,6 +195,14 @@ impl Default for CallLimits {
 }
 
 impl CallLimits {
+    /// A window of at least one byte, chunks no larger than it (a sender
+    /// waits for a whole chunk's credit).
+    fn normalized(mut self) -> Self {
+        self.window = self.window.max(1);
+        self.max_chunk = self.max_chunk.clamp(1, self.window);
+        self
+    }
+
     fn check_request(&self, method: &str, uri: &str, headers: &[Header]) -> Result<(), Violation> {
         bound("method", method.len(), self.max_method)?;
         bound("uri", uri.len(), self.max_uri)?;
@@ -373,6 +381,7 @@ impl WorkerCalls {
 
     /// The worker's half within `limits` (the gateway's).
     pub fn with_limits(up: mpsc::UnboundedSender<CallUp>, limits: CallLimits) -> Self {
+        let limits = limits.normalized();
         Self {
             inner: Arc::new(WorkerInner {
                 up,
@@ -801,6 +810,7 @@ impl GatewayCalls {
 
     /// The gateway's half within `limits`.
     pub fn with_limits(down: mpsc::UnboundedSender<CallDown>, limits: CallLimits) -> Self {
+        let limits = limits.normalized();
         Self {
             inner: Arc::new(GatewayInner {
                 down,
