@@ -575,7 +575,8 @@ impl Pool {
             cache_dir: PathBuf::from(format!("/proc/self/fd/{}", super::CACHE_FD)),
             run_as: effective_owner(c.run_as),
             max_concurrent_jobs: c.max_concurrent_jobs,
-            max_open: c.max_open,
+            // A worker cannot raise what the gateway was given.
+            max_open: c.max_open.min(hard_nofile()),
             max_threads: c.max_threads,
             weaken: c.weaken.clone(),
         };
@@ -908,6 +909,19 @@ fn fault_report(spec: &JobSpec, policy: &Policy, reason: &str) -> JobReport {
 fn effective_owner(run_as: Option<(u32, u32)>) -> Option<(u32, u32)> {
     // SAFETY: geteuid has no preconditions.
     (unsafe { libc::geteuid() } == 0).then(|| run_as.unwrap_or((65534, 65534)))
+}
+
+/// This process's hard descriptor limit.
+fn hard_nofile() -> u64 {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `lim` is a valid, writable `rlimit`.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return u64::MAX;
+    }
+    lim.rlim_max
 }
 
 /// Gives everything under `dir` to `owner`, never following a link.

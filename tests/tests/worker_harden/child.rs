@@ -29,6 +29,7 @@ pub fn plan() -> Plan {
         .collect();
     Plan {
         channel: Some(3),
+        keep: Vec::new(),
         writable,
         run_as: None,
         max_open: MAX_OPEN,
