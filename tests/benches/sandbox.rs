@@ -15,6 +15,8 @@
 use std::io::Cursor;
 use std::path::Path;
 
+use bulkhead::runner::Runner;
+
 use bulkhead::policy::{ByteSize, HumanDuration};
 use bulkhead::sandbox::{JobDir, JobInput, JobSpec, Sandbox, SandboxConfig};
 use criterion::{Criterion, criterion_group, criterion_main};
@@ -88,6 +90,38 @@ fn sandbox(tmp: &Path) -> Sandbox {
     Sandbox::new(config).unwrap()
 }
 
+/// A worker pool of one fully hardened worker for the `untrusted` zone,
+/// started from the binary under test.
+async fn worker_runner(tmp: &Path) -> bulkhead::runner::Workers {
+    use bulkhead::worker::pool::{Pool, PoolConfig};
+    let mut config = SandboxConfig::new(tmp.join("work"));
+    config.cache_dir = Some(tmp.join("cache"));
+    let pool = Pool::start(
+        PoolConfig {
+            zone: "untrusted".into(),
+            program: env!("CARGO_BIN_EXE_bulkhead-under-test").into(),
+            workers: 1,
+            jobs_per_worker: 0,
+            max_concurrent_jobs: 4,
+            memory: None,
+            work_dir: tmp.join("work/zones/untrusted"),
+            cache_dir: tmp.join("cache/zones/untrusted"),
+            run_as: None,
+            max_open: bulkhead::worker::WORKER_MAX_OPEN,
+            max_threads: bulkhead::worker::WORKER_MAX_THREADS,
+            require: bulkhead::worker::harden::Layer::ALL.into_iter().collect(),
+            weaken: Default::default(),
+        },
+        |_| {},
+    )
+    .await
+    .unwrap();
+    bulkhead::runner::Workers::new(
+        config,
+        std::iter::once(("untrusted".to_owned(), pool)).collect(),
+    )
+}
+
 fn job_overhead(c: &mut Criterion) {
     let rt = runtime();
     let wasm = std::fs::read(bulkhead_tests::HELLO).unwrap();
@@ -128,6 +162,49 @@ fn job_overhead(c: &mut Criterion) {
             })
         })
     });
+
+    // The same job through the worker path the service uses by default:
+    // the gateway's side, the channel, a fully hardened worker process.
+    let worker_tmp = tempfile::tempdir().unwrap();
+    let runner = rt.block_on(worker_runner(worker_tmp.path()));
+    let worker_module = rt
+        .block_on(runner.load(
+            policy(bulkhead_tests::HELLO, "hello").parse(),
+            wasm.clone().into(),
+        ))
+        .unwrap();
+    group.bench_function("bulkhead_job_worker", |b| {
+        b.iter(|| {
+            rt.block_on(async {
+                let job = JobSpec::new();
+                let finished = runner.run(&worker_module, &job, None).await.unwrap();
+                assert!(finished.report.succeeded());
+            })
+        })
+    });
+    // What one idle worker holds after its jobs: resident memory.
+    for (zone, pids) in runner.state().workers {
+        for pid in pids {
+            let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+            let rss = status
+                .lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .unwrap_or("VmRSS: ?");
+            eprintln!("job_overhead/bulkhead_job_worker: worker {pid} of zone {zone}: {rss}");
+        }
+    }
+    runner.close();
+
+    // Starting a worker: exec, hardening, the sandbox, the hello exchange.
+    group.sample_size(10);
+    group.bench_function("worker_start", |b| {
+        b.iter(|| {
+            let tmp = tempfile::tempdir().unwrap();
+            let runner = rt.block_on(worker_runner(tmp.path()));
+            runner.close();
+        })
+    });
+    group.sample_size(100);
 
     // A naive runner: one `wasmtime run` process per job.
     if std::process::Command::new("wasmtime")
