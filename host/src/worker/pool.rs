@@ -353,6 +353,10 @@ impl Pool {
         let (tx, rx) = oneshot::channel();
         {
             let mut ws = lock(&worker.state);
+            if let Some(reason) = &ws.fault {
+                // It failed between being picked and now.
+                return Ok((fault_report(spec, policy, reason), None));
+            }
             ws.jobs.insert(
                 job,
                 Pending {
@@ -395,9 +399,8 @@ impl Pool {
                 Ok(report) => Ok((
                     bounded(report, policy),
                     Some(WorkerOutputs {
-                        dir: worker.dir.clone(),
+                        worker: Arc::clone(&worker),
                         name: format!("j{job}.out"),
-                        down: worker.down.clone(),
                         job,
                     }),
                 )),
@@ -762,6 +765,24 @@ impl Pool {
     }
 }
 
+impl Drop for Worker {
+    /// Its directory goes once nothing refers to the worker any more: its
+    /// reader, its jobs, and the outputs of its last jobs until the
+    /// gateway has copied them.
+    fn drop(&mut self) {
+        if let Some(mut child) = lock(&self.child).take() {
+            let _ = child.kill();
+            std::thread::spawn(move || {
+                let _ = child.wait();
+            });
+        }
+        let dir = std::mem::take(&mut self.dir);
+        std::thread::spawn(move || {
+            let _ = std::fs::remove_dir_all(dir);
+        });
+    }
+}
+
 impl Worker {
     fn kill(&self) {
         if let Some(mut child) = lock(&self.child).take() {
@@ -771,11 +792,6 @@ impl Worker {
                 let _ = child.wait();
             });
         }
-        let dir = self.dir.clone();
-        std::thread::spawn(move || {
-            std::thread::sleep(Duration::from_millis(100));
-            let _ = std::fs::remove_dir_all(dir);
-        });
     }
 
     fn fault_reason(&self) -> String {
@@ -837,10 +853,17 @@ impl Drop for JobGuard<'_> {
 /// A finished job's outputs, in its worker's directory until dropped.
 #[derive(Debug)]
 pub struct WorkerOutputs {
-    dir: PathBuf,
+    worker: Arc<Worker>,
     name: String,
-    down: mpsc::UnboundedSender<Down>,
     job: u64,
+}
+
+impl std::fmt::Debug for Worker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Worker")
+            .field("pid", &self.pid)
+            .finish_non_exhaustive()
+    }
 }
 
 impl WorkerOutputs {
@@ -850,13 +873,13 @@ impl WorkerOutputs {
     /// # Errors
     /// [`CollectError`].
     pub fn collect(&self, copy_to: Option<&Path>) -> Result<Collected, CollectError> {
-        crate::sandbox::outputs::collect_beneath(&self.dir, &self.name, copy_to)
+        crate::sandbox::outputs::collect_beneath(&self.worker.dir, &self.name, copy_to)
     }
 }
 
 impl Drop for WorkerOutputs {
     fn drop(&mut self) {
-        let _ = self.down.send(Down::Release { job: self.job });
+        let _ = self.worker.down.send(Down::Release { job: self.job });
     }
 }
 

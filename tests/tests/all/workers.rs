@@ -171,6 +171,33 @@ async fn one_job_per_worker_gives_every_job_a_fresh_process() {
         })
         .await;
     }
+    // A job's outputs outlive its retired worker: the gateway copies them
+    // before the worker's directory goes.
+    let token = server.token("acme", &["thumbnail:run"]).await;
+    for _ in 0..3 {
+        let job = json(
+            server
+                .post(
+                    "/v1/modules/thumbnail/jobs?wait=20s&param.width=64&param.height=64",
+                    &token,
+                )
+                .header("content-type", "image/png")
+                .body(crate::common::http::png(320, 200)),
+        )
+        .await;
+        assert_eq!(job["state"], "succeeded", "{job}");
+        let url = job["outputs"][0]["url"].as_str().unwrap();
+        let thumb = server
+            .get(url, &token)
+            .send()
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap();
+        let thumb = image::load_from_memory(&thumb).unwrap();
+        assert_eq!((thumb.width(), thumb.height()), (64, 40));
+    }
     // Retired workers are not faults.
     let audit = server.audit(50).await;
     assert!(
