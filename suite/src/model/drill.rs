@@ -185,6 +185,8 @@ pub enum DrillLine {
     Applied(Applied),
     /// The hardening function failed; the drill attacks anyway.
     HardenFailed(String),
+    /// What it is about to try (a call the wall may answer by killing it).
+    Trying(String),
     /// One attempt: what it tried, how it ended, what it got (if any).
     Attempt {
         /// What it tried.

@@ -61,6 +61,10 @@ impl Drill {
         });
     }
 
+    fn trying(&mut self, what: impl Into<String>) {
+        self.send(&DrillLine::Trying(what.into()));
+    }
+
     /// Reads up to 64 KiB from `fd`.
     fn read_fd(fd: i32) -> Result<Vec<u8>, String> {
         let mut buf = vec![0u8; 64 * 1024];
@@ -105,6 +109,7 @@ impl Drill {
             // A hard link and a symlink into its own work directory, then
             // read through them.
             let link = self.order.work_dir.join(format!("hardlink-{i}"));
+            self.trying(format!("link({})", path.display()));
             let (a, b) = (cpath(path), cpath(&link));
             // SAFETY: valid C strings.
             let rc = unsafe { libc::link(a.as_ptr(), b.as_ptr()) };
@@ -124,7 +129,7 @@ impl Drill {
 
     fn inherited(&mut self) {
         for fd in 0..1024 {
-            if fd == bulkhead::worker::CHANNEL_FD {
+            if fd == bulkhead::worker::CHANNEL_FD || same_file(fd, bulkhead::worker::CHANNEL_FD) {
                 continue;
             }
             // SAFETY: fcntl on any number is sound.
@@ -229,6 +234,7 @@ impl Drill {
     fn connect(&mut self) {
         for port in self.order.tcp_ports.clone() {
             let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+            self.trying(format!("socket and connect to {addr}"));
             match std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(2)) {
                 Ok(mut s) => {
                     let r = s.write_all(b"GET /admin/tokens HTTP/1.1\r\nHost: gateway\r\n\r\n");
@@ -273,6 +279,7 @@ impl Drill {
         for &port in ports {
             let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
             for bind in ["0.0.0.0:0", "127.0.0.1:0"] {
+                self.trying(format!("UDP socket on {bind}, {what} to {addr}"));
                 match std::net::UdpSocket::bind(bind) {
                     Ok(s) => {
                         let r = s.send_to(payload, addr);
@@ -340,6 +347,7 @@ impl Drill {
                 script_argv.as_ptr(),
             ),
         ] {
+            self.trying(format!("fork for: {what}"));
             // SAFETY: the child only calls execve and _exit.
             let pid = unsafe { libc::fork() };
             if pid == 0 {
@@ -364,11 +372,7 @@ impl Drill {
         }
         // Last, in this very process: if it works, the shell inherits the
         // channel and the suite reads its end when the shell is done.
-        self.attempt(
-            "execve /bin/sh -c touch in the drill itself",
-            "trying".into(),
-            None,
-        );
+        self.trying("execve /bin/sh -c touch in the drill itself");
         // SAFETY: valid, null-terminated arrays of C strings.
         unsafe { libc::execve(sh.as_ptr(), argv.as_ptr(), envp.as_ptr()) };
         self.attempt("execve /bin/sh -c touch in the drill itself", errno(), None);
@@ -379,6 +383,7 @@ impl Drill {
         // SAFETY: these calls only name another process; none touches this
         // one's memory but the buffers passed.
         unsafe {
+            self.trying(format!("kill({pid}, SIGUSR2)"));
             let rc = libc::kill(pid, libc::SIGUSR2);
             self.attempt(format!("kill({pid}, SIGUSR2)"), outcome(rc.into()), None);
             let (addr, len) = self.order.gateway_secret;
@@ -392,6 +397,7 @@ impl Drill {
                 iov_base: addr as *mut libc::c_void,
                 iov_len: len,
             };
+            self.trying(format!("process_vm_readv({pid})"));
             let n = libc::process_vm_readv(pid, &raw const local, 1, &raw const remote, 1, 0);
             if n > 0 {
                 buf.truncate(usize::try_from(n).unwrap_or(0));
@@ -405,6 +411,7 @@ impl Drill {
             }
         }
         let mem = format!("/proc/{pid}/mem");
+        self.trying(format!("open {mem}"));
         match std::fs::File::open(&mem) {
             Ok(f) => {
                 let mut buf = vec![0u8; usize::try_from(self.order.gateway_secret.1).unwrap_or(0)];
@@ -423,6 +430,7 @@ impl Drill {
         self.read_file("read", Path::new(&format!("/proc/{pid}/environ")));
         // Last: a seized gateway would stop on the signal above.
         // SAFETY: names another process only.
+        self.trying(format!("ptrace(PTRACE_SEIZE, {pid})"));
         let rc = unsafe { libc::ptrace(libc::PTRACE_SEIZE, pid, 0, 0) };
         self.attempt(format!("ptrace(PTRACE_SEIZE, {pid})"), outcome(rc), None);
     }
@@ -430,6 +438,7 @@ impl Drill {
     fn fork_bomb(&mut self) {
         let mut started = 0;
         let mut last = String::from("ok");
+        self.trying(format!("fork {} times", self.order.forks));
         for _ in 0..self.order.forks {
             // SAFETY: the child only makes raw calls: it asks to die with
             // the drill, then sleeps until it does.
@@ -453,6 +462,7 @@ impl Drill {
             format!("{started} started; last: {last}"),
             None,
         );
+        self.trying(format!("spawn {} threads", self.order.forks));
         let mut threads = 0;
         let mut last = String::from("ok");
         for _ in 0..self.order.forks {
@@ -485,6 +495,7 @@ impl Drill {
                 rlim_cur: libc::RLIM_INFINITY,
                 rlim_max: libc::RLIM_INFINITY,
             };
+            self.trying(format!("setrlimit({name}, unlimited)"));
             // SAFETY: a valid rlimit.
             let rc = unsafe { libc::setrlimit(res, &raw const lim) };
             self.attempt(
@@ -528,6 +539,7 @@ impl Drill {
     fn privileges(&mut self) {
         // SAFETY: credential and prctl calls on this process only.
         unsafe {
+            self.trying("setuid(0)");
             let rc = libc::setuid(0);
             self.attempt("setuid(0)", outcome(rc.into()), None);
             let rc = libc::setgid(0);
@@ -565,12 +577,14 @@ impl Drill {
                     inheritable: u32::MAX,
                 },
             ];
+            self.trying("capset(all capabilities)");
             let rc = libc::syscall(libc::SYS_capset, &raw mut header, data.as_ptr());
             self.attempt("capset(all capabilities)", outcome(rc), None);
             for cap in 0..41 {
                 libc::prctl(libc::PR_CAP_AMBIENT, libc::PR_CAP_AMBIENT_RAISE, cap, 0, 0);
             }
             self.attempt("raise every ambient capability", errno(), None);
+            self.trying("prctl(PR_SET_DUMPABLE, 1)");
             let rc = libc::prctl(libc::PR_SET_DUMPABLE, 1, 0, 0, 0);
             self.attempt("prctl(PR_SET_DUMPABLE, 1)", outcome(rc.into()), None);
             let rc = libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 0, 0, 0, 0);
@@ -590,6 +604,7 @@ impl Drill {
             ("CLONE_NEWPID", libc::CLONE_NEWPID),
             ("CLONE_NEWCGROUP", libc::CLONE_NEWCGROUP),
         ] {
+            self.trying(format!("unshare({name})"));
             // SAFETY: unshare on a single-threaded process.
             let rc = unsafe { libc::unshare(flag) };
             self.attempt(format!("unshare({name})"), outcome(rc.into()), None);
@@ -602,6 +617,7 @@ impl Drill {
                 self.attempt(format!("open /proc/1/ns/{ns}"), errno(), None);
                 continue;
             }
+            self.trying(format!("setns(/proc/1/ns/{ns})"));
             // SAFETY: `fd` is ours.
             let rc = unsafe { libc::setns(fd, 0) };
             self.attempt(format!("setns(/proc/1/ns/{ns})"), outcome(rc.into()), None);
@@ -614,6 +630,7 @@ impl Drill {
             cpath(&target),
             CString::new("tmpfs").unwrap_or_default(),
         );
+        self.trying("mount tmpfs on its work dir");
         // SAFETY: valid C strings.
         let rc = unsafe {
             libc::mount(
@@ -638,6 +655,21 @@ impl Drill {
         };
         self.attempt("remount /", outcome(rc.into()), None);
     }
+}
+
+/// Whether descriptors `a` and `b` are the same file (the drill's own
+/// duplicate of its channel is not something it inherited).
+fn same_file(a: i32, b: i32) -> bool {
+    let stat = |fd: i32| {
+        let mut st = std::mem::MaybeUninit::<libc::stat>::zeroed();
+        // SAFETY: fstat fills `st` when it returns 0.
+        (unsafe { libc::fstat(fd, st.as_mut_ptr()) } == 0).then(|| {
+            // SAFETY: as above.
+            let st = unsafe { st.assume_init() };
+            (st.st_dev, st.st_ino)
+        })
+    };
+    stat(a).is_some() && stat(a) == stat(b)
 }
 
 fn sockaddr(port: u16) -> libc::sockaddr_in {

@@ -341,6 +341,8 @@ struct Seen {
     harden_failed: Option<String>,
     transcript: Vec<u8>,
     attempts: Vec<(String, String)>,
+    /// The last call it announced.
+    trying: Option<String>,
     done: bool,
     after_harden: Snapshot,
     after_attack: Snapshot,
@@ -354,17 +356,19 @@ struct Seen {
     host_mounts_after: String,
 }
 
-/// Reads one line of the drill, recording it.
+/// Reads one line of the drill, recording it: `None` at the end of the
+/// channel (or when the drill stops talking), `Some(None)` for a line that
+/// is not the drill's (what it wrote on a descriptor it found may be).
 fn next_line(
     reader: &mut BufReader<std::os::unix::net::UnixStream>,
     seen: &mut Seen,
-) -> Option<DrillLine> {
-    let mut line = String::new();
-    match reader.read_line(&mut line) {
+) -> Option<Option<DrillLine>> {
+    let mut line = Vec::new();
+    match reader.read_until(b'\n', &mut line) {
         Ok(0) | Err(_) => None,
         Ok(_) => {
-            seen.transcript.extend_from_slice(line.as_bytes());
-            serde_json::from_str(&line).ok()
+            seen.transcript.extend_from_slice(&line);
+            Some(serde_json::from_slice(&line).ok())
         }
     }
 }
@@ -429,8 +433,23 @@ fn session(
         spawned.map_err(|e| format!("cannot start {}: {e}", program.display()))?;
     seen.pid = child.id();
     let result = talk(kind, area, net, secret, &mut seen, channel);
-    seen.tree = procfs::tree(seen.pid);
-    seen.after_attack = procfs::snapshot(seen.pid);
+    if !seen.done {
+        // It stopped talking: killed (seccomp kills a forbidden call),
+        // replaced by what it ran, or stuck. Collect it if it ended, so
+        // what the host reads next is of a live process or of none.
+        let deadline = Instant::now() + OUTLIVE_WAIT;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = child.try_wait() {
+                seen.ended = describe_exit(status);
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+    if seen.ended.is_empty() {
+        seen.tree = procfs::tree(seen.pid);
+        seen.after_attack = procfs::snapshot(seen.pid);
+    }
     seen.gateway_tracer = procfs::status("self")
         .get("TracerPid")
         .cloned()
@@ -455,7 +474,8 @@ fn session(
     if kind == DrillAttack::Outlive {
         return Ok((seen, Some(child)));
     }
-    if let Ok(Some(status)) = child.try_wait() {
+    if !seen.ended.is_empty() {
+    } else if let Ok(Some(status)) = child.try_wait() {
         seen.ended = describe_exit(status);
     } else {
         kill_tree(&mut child);
@@ -476,7 +496,7 @@ fn talk(
     channel.set_read_timeout(Some(LINE_WAIT)).map_err(io)?;
     let mut writer = channel.try_clone().map_err(io)?;
     let mut reader = BufReader::new(channel);
-    match next_line(&mut reader, seen) {
+    match next_line(&mut reader, seen).flatten() {
         Some(DrillLine::Applied(a)) => seen.applied = Some(a),
         Some(DrillLine::HardenFailed(e)) => seen.harden_failed = Some(e),
         other => {
@@ -510,12 +530,17 @@ fn talk(
     writer.write_all(text.as_bytes()).map_err(io)?;
     while let Some(line) = next_line(&mut reader, seen) {
         match line {
-            DrillLine::Attempt { what, outcome, .. } => seen.attempts.push((what, outcome)),
-            DrillLine::Done => {
+            None => {}
+            Some(DrillLine::Attempt { what, outcome, .. }) => {
+                seen.trying = None;
+                seen.attempts.push((what, outcome));
+            }
+            Some(DrillLine::Trying(what)) => seen.trying = Some(what),
+            Some(DrillLine::Done) => {
                 seen.done = true;
                 break;
             }
-            _ => {}
+            Some(_) => {}
         }
     }
     Ok(())
@@ -712,6 +737,20 @@ fn untouched_check(area: &Area, files: &[(PathBuf, Vec<u8>)]) -> Check {
     }
 }
 
+/// The drill as the host last saw it alive: after its attempts, or, when
+/// it did not survive them, right after hardening (a dead process holds no
+/// privilege, limit or namespace any more).
+fn live(seen: &Seen) -> (&Snapshot, String) {
+    if seen.after_attack.status.is_empty() {
+        (
+            &seen.after_harden,
+            format!("right after hardening (then it was {})", seen.ended),
+        )
+    } else {
+        (&seen.after_attack, "after the attempts".to_owned())
+    }
+}
+
 fn field<'a>(s: &'a Snapshot, name: &str) -> &'a str {
     s.status.get(name).map_or("?", String::as_str)
 }
@@ -732,7 +771,7 @@ fn limit_at_most(s: &Snapshot, name: &str, bound: u64) -> Result<String, String>
 }
 
 fn limits_check(seen: &Seen) -> Check {
-    let s = &seen.after_attack;
+    let (s, when) = live(seen);
     let results = [
         limit_at_most(s, "Max core file size", 0),
         limit_at_most(s, "Max open files", MAX_OPEN),
@@ -746,22 +785,23 @@ fn limits_check(seen: &Seen) -> Check {
     Check::new(
         "limits",
         bad.is_empty(),
-        format!(
-            "/proc/{}/limits after the attempts: {}",
-            seen.pid,
-            all.join(", ")
-        ),
+        format!("/proc/{}/limits {when}: {}", seen.pid, all.join(", ")),
     )
 }
 
 fn namespace_checks(seen: &Seen) -> Vec<Check> {
     let before = &seen.after_harden.ns;
     let after = &seen.after_attack.ns;
-    let changed: Vec<String> = before
-        .iter()
-        .filter(|(k, v)| after.get(*k) != Some(*v))
-        .map(|(k, v)| format!("{k}: {v} -> {}", after.get(k).map_or("?", String::as_str)))
-        .collect();
+    let dead = after.is_empty() && !seen.ended.is_empty();
+    let changed: Vec<String> = if dead {
+        Vec::new()
+    } else {
+        before
+            .iter()
+            .filter(|(k, v)| after.get(*k) != Some(*v))
+            .map(|(k, v)| format!("{k}: {v} -> {}", after.get(k).map_or("?", String::as_str)))
+            .collect()
+    };
     let unchanged = Check::new(
         "namespaces",
         changed.is_empty() && !before.is_empty(),
@@ -810,7 +850,7 @@ fn namespace_checks(seen: &Seen) -> Vec<Check> {
         },
     );
     let mounts_same = seen.host_mounts_before == seen.host_mounts_after
-        && seen.after_harden.mounts == seen.after_attack.mounts;
+        && (dead || seen.after_harden.mounts == seen.after_attack.mounts);
     let mounts = Check::new(
         "mounts",
         mounts_same,
@@ -824,7 +864,7 @@ fn namespace_checks(seen: &Seen) -> Vec<Check> {
 }
 
 fn privilege_checks(seen: &Seen) -> Vec<Check> {
-    let s = &seen.after_attack;
+    let (s, when) = live(seen);
     let mut checks = Vec::new();
     let uid = field(s, "Uid");
     let gid = field(s, "Gid");
@@ -836,7 +876,7 @@ fn privilege_checks(seen: &Seen) -> Vec<Check> {
         checks.push(Check::new(
             "uid",
             ok || unavailable(seen, Layer::Unprivileged).is_some(),
-            format!("started as root; now Uid {uid}, Gid {gid} (as the host sees them)"),
+            format!("started as root; {when}: Uid {uid}, Gid {gid} (as the host sees them)"),
         ));
     } else {
         checks.push(Check::new(
@@ -852,32 +892,39 @@ fn privilege_checks(seen: &Seen) -> Vec<Check> {
     let no_caps = ["CapEff", "CapPrm", "CapAmb"]
         .iter()
         .all(|c| field(s, c).chars().all(|ch| ch == '0'));
-    checks.push(Check::new("capabilities", no_caps, caps.join(", ")));
+    checks.push(Check::new(
+        "capabilities",
+        no_caps,
+        format!("{when}: {}", caps.join(", ")),
+    ));
     let nnp = field(s, "NoNewPrivs");
     checks.push(Check::new(
         "no_new_privs",
         nnp == "1" || unavailable(seen, Layer::NoNewPrivs).is_some(),
-        format!("NoNewPrivs {nnp}"),
+        format!("{when}: NoNewPrivs {nnp}"),
     ));
     let sc = field(s, "Seccomp");
     checks.push(Check::new(
         "seccomp",
         sc == "2" || unavailable(seen, Layer::Seccomp).is_some(),
-        format!("Seccomp {sc} (2: a filter is on)"),
+        format!("{when}: Seccomp {sc} (2: a filter is on)"),
     ));
-    // Not dumpable: /proc/<pid> then belongs to root, whatever its uid.
+    // Not dumpable: /proc/<pid>/mem then belongs to root, whatever its uid.
     let euid = uid.split_whitespace().nth(1).unwrap_or("?");
     let (ok, detail) = match s.owner {
         Some(0) if euid != "0" => (
             true,
             format!(
-                "/proc/{} is owned by root while it runs as uid {euid}: not dumpable",
+                "/proc/{}/mem is owned by root while it runs as uid {euid}: not dumpable",
                 seen.pid
             ),
         ),
         Some(o) if euid != "0" => (
             unavailable(seen, Layer::NotDumpable).is_some(),
-            format!("/proc/{} is owned by uid {o}, its own: dumpable", seen.pid),
+            format!(
+                "{when}: /proc/{}/mem is owned by uid {o}, its own: dumpable",
+                seen.pid
+            ),
         ),
         Some(_) => (
             false,
@@ -998,10 +1045,14 @@ fn judge(kind: DrillAttack, area: &Area, net: &Net, tokens: &[String], seen: &Se
             checks.push(Check::new(
                 "processes",
                 total <= MAX_THREADS,
-                format!(
-                    "the drill and what it started: {} processes, {total} threads (bound {MAX_THREADS})",
-                    seen.tree.len()
-                ),
+                if seen.ended.is_empty() {
+                    format!(
+                        "the drill and what it started: {} processes, {total} threads (bound {MAX_THREADS})",
+                        seen.tree.len()
+                    )
+                } else {
+                    format!("the drill did not survive its attempts ({}); nothing of it is left", seen.ended)
+                },
             ));
             checks.push(limits_check(seen));
         }
@@ -1103,9 +1154,16 @@ fn judge(kind: DrillAttack, area: &Area, net: &Net, tokens: &[String], seen: &Se
         } else {
             format!(", {}", seen.ended)
         },
-    );
-    let attempted =
-        !seen.attempts.is_empty() || kind == DrillAttack::Outlive || seen.ended.contains("seccomp");
+    ) + &seen
+        .trying
+        .as_ref()
+        .filter(|_| !seen.done)
+        .map_or(String::new(), |t| format!(" while trying {t}"));
+    // It tried something: an attempt reported, or one announced and then
+    // cut short (seccomp kills the forbidden calls).
+    let attempted = !seen.attempts.is_empty()
+        || kind == DrillAttack::Outlive
+        || (seen.trying.is_some() && !seen.ended.is_empty());
     Judged {
         checks,
         stopped_by,

@@ -19,7 +19,8 @@ pub struct Snapshot {
     pub fds: BTreeMap<i32, String>,
     /// `/proc/<pid>/mountinfo`.
     pub mounts: String,
-    /// Owner of `/proc/<pid>` (root when the process is not dumpable).
+    /// Owner of `/proc/<pid>/mem` (root when the process is not dumpable;
+    /// the directory itself keeps the process's uid either way).
     pub owner: Option<u32>,
 }
 
@@ -95,7 +96,9 @@ pub fn snapshot(pid: u32) -> Snapshot {
         limits: limits(pid),
         fds: fds(pid),
         mounts: std::fs::read_to_string(proc(pid).join("mountinfo")).unwrap_or_default(),
-        owner: std::fs::metadata(proc(pid)).ok().map(|m| m.uid()),
+        owner: std::fs::metadata(proc(pid).join("mem"))
+            .ok()
+            .map(|m| m.uid()),
     }
 }
 
