@@ -108,7 +108,7 @@ pub(crate) async fn escape_suite(args: SuiteArgs) -> anyhow::Result<ExitCode> {
     };
     if args.list {
         for a in suite::select(&options)? {
-            println!("{:<34} {:<11} {}", a.id, a.class.as_str(), a.title);
+            println!("{:<34} {:<12} {}", a.id, a.class.as_str(), a.title);
         }
         return Ok(ExitCode::SUCCESS);
     }
