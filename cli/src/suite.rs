@@ -45,13 +45,40 @@ pub(crate) struct SuiteArgs {
     host: HostArgs,
 }
 
-/// The hidden subcommand a second-wall drill process is started with.
-pub(crate) const DRILL_SUBCOMMAND: &str = "__second-wall-drill";
+/// The hidden subcommand a second-wall drill process is started with. Only
+/// the escape suite starts it; the service never does, and it reads no
+/// config file: its one argument is a worker's start arguments.
+pub(crate) const DRILL_SUBCOMMAND: &str = bulkhead_suite::DRILL_SUBCOMMAND;
 
-/// The second-wall drill's process: hardens itself exactly as a worker
-/// does, then attacks from inside (not yet written).
-pub(crate) fn drill_child(_args: Vec<std::ffi::OsString>) -> ExitCode {
-    ExitCode::from(2)
+/// The second-wall drill's process, started by the escape suite exactly as
+/// the gateway starts a worker (`bulkhead::worker::process::spawn`): parses
+/// the [`WorkerArgs`](bulkhead::worker::WorkerArgs) it was given, hardens
+/// itself with the worker's own plan and function
+/// ([`WorkerArgs::plan`](bulkhead::worker::WorkerArgs::plan),
+/// [`harden::apply`](bulkhead::worker::harden::apply)), and only then runs
+/// native attacks from inside, reporting each attempt on its channel. The
+/// suite judges from the host; nothing the drill says is the verdict.
+///
+/// Runs before logging and the async runtime start: the process is
+/// single-threaded, as hardening requires.
+pub(crate) fn drill_child(args: Vec<std::ffi::OsString>) -> ExitCode {
+    use bulkhead::worker::{CHANNEL_FD, WorkerArgs, harden, process};
+
+    let [json] = args.as_slice() else {
+        return ExitCode::from(crate::EXIT_USAGE);
+    };
+    let Some(worker) = json
+        .to_str()
+        .and_then(|j| serde_json::from_str::<WorkerArgs>(j).ok())
+    else {
+        return ExitCode::from(crate::EXIT_USAGE);
+    };
+    let plan = worker.plan(CHANNEL_FD);
+    let applied = harden::apply(&plan);
+    let Some(channel) = process::inherited_channel() else {
+        return ExitCode::from(crate::EXIT_USAGE);
+    };
+    bulkhead_suite::attack_from_inside(channel, applied)
 }
 
 pub(crate) async fn escape_suite(args: SuiteArgs) -> anyhow::Result<ExitCode> {
@@ -76,10 +103,12 @@ pub(crate) async fn escape_suite(args: SuiteArgs) -> anyhow::Result<ExitCode> {
             })
         },
         weakening: None,
+        drill_program: None,
+        drill_weaken: std::collections::BTreeSet::new(),
     };
     if args.list {
         for a in suite::select(&options)? {
-            println!("{:<34} {:<11} {}", a.id, a.class.as_str(), a.title);
+            println!("{:<34} {:<12} {}", a.id, a.class.as_str(), a.title);
         }
         return Ok(ExitCode::SUCCESS);
     }

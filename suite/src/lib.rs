@@ -14,7 +14,9 @@
 //! - [`catalog`]: the bundled attacks, as data; `families`: how each kind
 //!   of attack runs and is judged (guest jobs, sequences, lateral HTTP,
 //!   forged tokens, the API, generated modules, host directories, and
-//!   [`custom`] attacks a tester adds as `<name>.wasm` + `<name>.toml`).
+//!   [`custom`] attacks a tester adds as `<name>.wasm` + `<name>.toml`;
+//!   and the second-wall drill, native code attacking from inside a
+//!   hardened worker's compartment, [`attack_from_inside`] being its body).
 //! - `runners`: which attacks run ([`select`]), locally or against a
 //!   service ([`export_modules`]).
 //! - this root: [`run`] and the [`SuiteReport`]; [`report`]: the table,
@@ -43,10 +45,11 @@ pub mod report;
 use serde::{Deserialize, Serialize};
 
 pub use families::custom;
+pub use families::second_wall::{DRILL_SUBCOMMAND, inside::attack_from_inside};
 pub use harness::{egress, evidence};
 pub use model::{
-    Attack, AttackKind, AttackResult, Check, Class, Expect, NotRun, Progress, SUITE_SCOPE,
-    SuiteError, SuiteOptions, Verdict, Weakening,
+    Attack, AttackKind, AttackResult, Check, Class, DrillAttack, Expect, NotRun, Progress,
+    SUITE_SCOPE, SuiteError, SuiteOptions, Verdict, Weakening,
 };
 pub use runners::remote::export_modules;
 pub use runners::select;

@@ -11,6 +11,7 @@ mod api;
 mod artifacts;
 mod bombs;
 mod forge;
+mod second_wall;
 
 pub use crate::model::{
     Attack, AttackKind, BUNDLED, Class, Expect, GuestRun, HttpAttack, INPUT, Param, hello_wasm,
@@ -684,6 +685,7 @@ pub fn bundled() -> Vec<Attack> {
     all.extend(api::catalog());
     all.extend(forge::catalog());
     all.extend(artifacts::attacks());
+    all.extend(second_wall::attacks());
     all
 }
 

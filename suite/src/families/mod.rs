@@ -8,4 +8,5 @@ pub mod custom;
 pub mod forge;
 pub mod guest;
 pub mod http;
+pub mod second_wall;
 pub mod sequence;

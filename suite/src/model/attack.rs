@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use super::Class;
+use super::drill::DrillAttack;
 use super::families::{ApiAttack, Bomb, DirAttack, Forgery, HttpHeld};
 use super::services::{ALLOWED, FLOOD};
 use bulkhead::sandbox::LimitKind;
@@ -70,6 +71,9 @@ impl Attack {
             AttackKind::Sequence { .. } => Some("needs the same pool slot for several jobs"),
             AttackKind::Bomb(_) => Some("needs the host to load a generated module"),
             AttackKind::Dirs(_) => Some("needs the host's own cache and work directories"),
+            AttackKind::SecondWall(_) => {
+                Some("runs native code in a hardened process beside the suite, on its host")
+            }
         }
     }
 }
@@ -102,6 +106,9 @@ pub enum AttackKind {
     /// A planted module-cache artifact, or a cache or work directory others
     /// can write or own (see [`crate::families::artifacts`]).
     Dirs(DirAttack),
+    /// Native code from inside a hardened worker's compartment (the second
+    /// wall), judged from the host (see `crate::families::second_wall`).
+    SecondWall(DrillAttack),
 }
 
 /// A lateral-movement attack over HTTP.

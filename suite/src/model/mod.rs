@@ -8,8 +8,11 @@
 //! - `families`: the descriptor of each attack family.
 //! - `services`: the bait services the lateral attacks are judged against.
 //! - `options`: options, errors, progress and left-out attacks.
+//! - `drill`: the second-wall drill's attacks and what it says on its
+//!   channel.
 
 mod attack;
+pub mod drill;
 mod families;
 mod options;
 mod result;
@@ -19,6 +22,7 @@ pub use attack::{
     Attack, AttackKind, BUNDLED, Expect, GuestRun, HttpAttack, INPUT, Param, hello_wasm,
     hostile_wasm, lateral, lateral_wasm, module_name,
 };
+pub use drill::{DrillAttack, DrillLine, DrillOrder};
 pub use families::{ApiAttack, Bomb, DirAttack, Forgery, HttpHeld};
 pub use options::{NotRun, Progress, SUITE_SCOPE, SuiteError, SuiteOptions, Weakening};
 pub use result::{AttackResult, Check, Class, Verdict, attempt_evidence, ms};

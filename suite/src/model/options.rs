@@ -60,6 +60,13 @@ pub struct SuiteOptions {
     pub cache_dir: Option<PathBuf>,
     /// Deliberately weaken the local sandbox (the suite's own self-test).
     pub weakening: Option<Weakening>,
+    /// The `bulkhead` binary the second-wall drill is started from
+    /// [default: this process's own executable].
+    pub drill_program: Option<PathBuf>,
+    /// Hardening layers the second-wall drill leaves off (the suite's
+    /// self-test only: no command-line option, config, policy or request
+    /// sets it).
+    pub drill_weaken: std::collections::BTreeSet<bulkhead::worker::harden::Layer>,
 }
 
 /// Why the suite could not run at all (attacks that fail are results,

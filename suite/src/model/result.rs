@@ -22,16 +22,21 @@ pub enum Class {
     Tokens,
     /// Leak data from one job to a later one.
     CrossJob,
+    /// From inside a hardened worker, as if the runtime were broken: reach
+    /// the gateway's secrets, other zones, the network; exec, fork, regain
+    /// privileges (the second wall).
+    SecondWall,
 }
 
 impl Class {
     /// Every class, in report order.
-    pub const ALL: [Class; 5] = [
+    pub const ALL: [Class; 6] = [
         Class::Filesystem,
         Class::Exhaustion,
         Class::Lateral,
         Class::Tokens,
         Class::CrossJob,
+        Class::SecondWall,
     ];
 
     /// The name used in manifests, tables and JSON.
@@ -42,6 +47,7 @@ impl Class {
             Class::Lateral => "lateral",
             Class::Tokens => "tokens",
             Class::CrossJob => "cross-job",
+            Class::SecondWall => "second-wall",
         }
     }
 
@@ -55,6 +61,9 @@ impl Class {
             }
             Class::Tokens => "forge, replay or misuse tokens; reach other tenants' jobs",
             Class::CrossJob => "find a trace of an earlier job in a later one",
+            Class::SecondWall => {
+                "from inside a hardened worker: secrets, other zones, network, exec, gateway, privileges"
+            }
         }
     }
 }

@@ -3,7 +3,7 @@
 
 use std::time::Instant;
 
-use crate::families::{api, artifacts, bombs, forge, guest, http, sequence};
+use crate::families::{api, artifacts, bombs, forge, guest, http, second_wall, sequence};
 use crate::harness::Harness;
 use crate::model::{Attack, AttackKind, AttackResult, Progress, SuiteError, SuiteOptions};
 
@@ -33,6 +33,7 @@ pub async fn run(
             AttackKind::Bomb(bomb) => bombs::run_local(&h, attack, bomb, started).await,
             AttackKind::Http(http) => http::http_attack(&h, attack, http, started).await,
             AttackKind::Dirs(d) => artifacts::run_local(&h, attack, *d, started).await,
+            AttackKind::SecondWall(d) => second_wall::run_local(options, attack, *d, started).await,
             AttackKind::Forge(f) => {
                 let target = forge::forge_target(&h, *f).await;
                 forge::run(&target, attack, *f, started)

@@ -15,6 +15,7 @@ use std::process::Command;
 
 use bulkhead_suite::{self as suite, Class, SuiteOptions, SuiteReport, Verdict, Weakening, report};
 
+mod second_wall;
 mod support;
 
 use support::{failed_checks, not_held, options};

@@ -5,10 +5,13 @@ use std::path::PathBuf;
 
 use bulkhead_suite::{AttackResult, SuiteOptions, SuiteReport, Verdict};
 
-/// The suite's defaults, with the module cache under the test target dir.
+/// The suite's defaults, with the module cache under the test target dir
+/// and the second-wall drill started from the `bulkhead` binary built for
+/// the tests (a test binary cannot be started as the drill).
 pub fn options() -> SuiteOptions {
     SuiteOptions {
         cache_dir: Some(PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("module-cache")),
+        drill_program: Some(PathBuf::from(env!("CARGO_BIN_EXE_bulkhead-under-test"))),
         ..SuiteOptions::default()
     }
 }
