@@ -242,8 +242,9 @@ impl Area {
     fn worker_args(&self, weaken: &BTreeSet<Layer>) -> WorkerArgs {
         WorkerArgs {
             zone: "untrusted".to_owned(),
-            work_dir: self.work.clone(),
-            cache_dir: self.cache.clone(),
+            // As a pool hands them over: descriptors 4 and 5.
+            work_dir: PathBuf::from(format!("/proc/self/fd/{}", bulkhead::worker::WORK_FD)),
+            cache_dir: PathBuf::from(format!("/proc/self/fd/{}", bulkhead::worker::CACHE_FD)),
             run_as: is_root().then_some(NOBODY),
             max_concurrent_jobs: 1,
             max_open: MAX_OPEN,
@@ -425,7 +426,14 @@ fn session(
     if let Some(p) = &planted {
         p.inheritable(true);
     }
-    let spawned = process::spawn(program, DRILL_SUBCOMMAND, &args);
+    let dirs = (
+        std::fs::File::open(&area.work),
+        std::fs::File::open(&area.cache),
+    );
+    let (Ok(work), Ok(cache)) = dirs else {
+        return Err("cannot open the drill's work and cache directories".into());
+    };
+    let spawned = process::spawn(program, DRILL_SUBCOMMAND, &args, &[&work, &cache]);
     if let Some(p) = &planted {
         p.inheritable(false);
     }
