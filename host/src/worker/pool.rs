@@ -725,6 +725,10 @@ impl Pool {
         loop {
             let frame = match reader.next().await {
                 Some(Ok(frame)) => frame,
+                // A process killed with bytes unread resets its end.
+                Some(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionReset => {
+                    return worker.exit_reason();
+                }
                 Some(Err(e)) => return ("protocol", format!("broke the channel: {e}")),
                 None => return worker.exit_reason(),
             };
