@@ -69,6 +69,12 @@ pub enum Outputs {
 }
 
 impl Outputs {
+    /// Whether they were left by a worker process, whose own account of
+    /// them (the report's lists) is not to be trusted.
+    pub fn from_worker(&self) -> bool {
+        matches!(self, Self::Worker(_))
+    }
+
     /// Collects (and with `copy_to`, copies) them, never following a link.
     ///
     /// # Errors

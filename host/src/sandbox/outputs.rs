@@ -67,6 +67,9 @@ pub enum CollectError {
     /// The walk met more entries than [`MAX_ENTRIES`].
     #[error("the output directory holds more than {MAX_ENTRIES} entries")]
     TooManyEntries,
+    /// Past the collection's [`Bounds`].
+    #[error("the output directory holds {0}, above the module's limits")]
+    OverLimit(String),
     /// The copy destination could not be created or written.
     #[error("cannot copy output `{name}`: {source}")]
     Copy {
@@ -143,7 +146,7 @@ fn printable(raw: &std::ffi::OsStr) -> String {
 /// entry inside `out_dir` is skipped, not an error.
 pub fn collect(out_dir: &Path, copy_to: Option<&Path>) -> Result<Collected, CollectError> {
     let root = Dir::open_ambient_dir(out_dir, ambient_authority()).map_err(CollectError::Root)?;
-    collect_in(&root, copy_to)
+    collect_in(&root, copy_to, Bounds::NONE)
 }
 
 /// Collects the outputs under `parent`'s entry `name`, opened without
@@ -153,17 +156,45 @@ pub fn collect(out_dir: &Path, copy_to: Option<&Path>) -> Result<Collected, Coll
 ///
 /// # Errors
 /// As for [`collect`].
+///
+/// Collection stops with [`CollectError::OverLimit`] past `bounds`: what a
+/// worker leaves was not metered by a sandbox the gateway can trust (a
+/// sparse file of any size costs it nothing).
 pub fn collect_beneath(
     parent: &Path,
     name: &str,
     copy_to: Option<&Path>,
+    bounds: Bounds,
 ) -> Result<Collected, CollectError> {
     let parent = Dir::open_ambient_dir(parent, ambient_authority()).map_err(CollectError::Root)?;
     let root = parent.open_dir_nofollow(name).map_err(CollectError::Root)?;
-    collect_in(&root, copy_to)
+    collect_in(&root, copy_to, bounds)
 }
 
-fn collect_in(root: &Dir, copy_to: Option<&Path>) -> Result<Collected, CollectError> {
+/// The most a collection takes: bytes of regular files in all, and
+/// regular files.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Bounds {
+    /// Bytes of all regular files together.
+    pub bytes: u64,
+    /// Regular files.
+    pub files: u64,
+}
+
+impl Bounds {
+    /// No bound beyond [`MAX_ENTRIES`] (for a `/out` whose writes the
+    /// sandbox metered).
+    pub const NONE: Bounds = Bounds {
+        bytes: u64::MAX,
+        files: u64::MAX,
+    };
+}
+
+fn collect_in(
+    root: &Dir,
+    copy_to: Option<&Path>,
+    bounds: Bounds,
+) -> Result<Collected, CollectError> {
     let dest = match copy_to {
         Some(path) => {
             let copy = |source| CollectError::Copy {
@@ -179,6 +210,8 @@ fn collect_in(root: &Dir, copy_to: Option<&Path>) -> Result<Collected, CollectEr
     let mut walk = Walk {
         out: &mut collected,
         visited: 0,
+        bounds,
+        bytes: 0,
     };
     let entries = root.entries().map_err(CollectError::Root)?;
     walk.dir(root, entries, "", 0, dest.as_ref())?;
@@ -189,6 +222,9 @@ fn collect_in(root: &Dir, copy_to: Option<&Path>) -> Result<Collected, CollectEr
 struct Walk<'a> {
     out: &'a mut Collected,
     visited: usize,
+    bounds: Bounds,
+    /// Bytes of regular files taken so far.
+    bytes: u64,
 }
 
 impl Walk<'_> {
@@ -267,12 +303,28 @@ impl Walk<'_> {
                 };
                 self.dir(&sub, sub_entries, &rel, depth + 1, sub_dest.as_ref())?;
             } else if ty.is_file() {
-                match read_regular(dir, name, dest) {
-                    Ok(Some((size, sha256))) => self.out.files.push(OutputFile {
-                        name: rel,
-                        size,
-                        sha256,
-                    }),
+                if self.out.files.len() as u64 >= self.bounds.files {
+                    return Err(CollectError::OverLimit(format!(
+                        "more than {} output files",
+                        self.bounds.files
+                    )));
+                }
+                let left = self.bounds.bytes.saturating_sub(self.bytes);
+                match read_regular(dir, name, dest, left) {
+                    Ok(Some((size, sha256))) => {
+                        self.bytes += size;
+                        self.out.files.push(OutputFile {
+                            name: rel,
+                            size,
+                            sha256,
+                        });
+                    }
+                    Err(Failed::OverLimit) => {
+                        return Err(CollectError::OverLimit(format!(
+                            "outputs larger than {} bytes",
+                            self.bounds.bytes
+                        )));
+                    }
                     Ok(None) => self.skip(prefix, &raw_name, "not-regular"),
                     Err(Failed::Copy(source)) => {
                         return Err(CollectError::Copy { name: rel, source });
@@ -318,6 +370,8 @@ enum Failed {
     Source,
     /// Writing the destination: collection fails.
     Copy(io::Error),
+    /// More bytes than the collection's bounds leave.
+    OverLimit,
 }
 
 /// Opens `name` without following links and without blocking (a FIFO swapped
@@ -329,6 +383,7 @@ fn read_regular(
     dir: &Dir,
     name: &str,
     dest: Option<&Dir>,
+    left: u64,
 ) -> Result<Option<(u64, String)>, Failed> {
     let mut options = OpenOptions::new();
     options
@@ -370,6 +425,12 @@ fn read_regular(
         }
         hasher.update(&buf[..n]);
         size += n as u64;
+        if size > left {
+            if let Some(dest) = dest {
+                let _ = dest.remove_file(name);
+            }
+            return Err(Failed::OverLimit);
+        }
         if let Some(sink) = sink.as_mut() {
             sink.write_all(&buf[..n]).map_err(Failed::Copy)?;
         }
@@ -421,5 +482,42 @@ mod tests {
         assert_eq!(std::fs::read(dest.join("ok.txt")).unwrap(), b"ok");
         assert!(!dest.join("abs-link").exists());
         assert!(!dest.join("rel-link").exists());
+    }
+}
+
+#[cfg(test)]
+mod bounds_tests {
+    use super::*;
+
+    /// What a worker leaves is bounded when it is copied: a sparse file
+    /// costs the worker nothing and the gateway its disk.
+    #[test]
+    fn a_worker_written_out_is_copied_only_within_its_bounds() {
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("j1.out");
+        std::fs::create_dir(&out).unwrap();
+        std::fs::File::create(out.join("sparse.bin"))
+            .unwrap()
+            .set_len(64 << 20)
+            .unwrap();
+        let dest = tmp.path().join("kept");
+        let bounds = Bounds {
+            bytes: 1 << 20,
+            files: 4,
+        };
+        let err = collect_beneath(tmp.path(), "j1.out", Some(&dest), bounds).unwrap_err();
+        assert!(matches!(err, CollectError::OverLimit(_)), "{err}");
+        // Nothing partial is left behind.
+        assert!(!dest.join("sparse.bin").exists());
+
+        std::fs::remove_file(out.join("sparse.bin")).unwrap();
+        for i in 0..5 {
+            std::fs::write(out.join(format!("f{i}")), b"x").unwrap();
+        }
+        let err = collect_beneath(tmp.path(), "j1.out", None, bounds).unwrap_err();
+        assert!(matches!(err, CollectError::OverLimit(_)), "{err}");
+        std::fs::remove_file(out.join("f4")).unwrap();
+        let ok = collect_beneath(tmp.path(), "j1.out", None, bounds).unwrap();
+        assert_eq!(ok.files.len(), 4);
     }
 }

@@ -134,10 +134,19 @@ impl Service {
         if record.attempts > 1 && kept.exists() {
             std::fs::remove_dir_all(&kept)?;
         }
-        if !report.outputs.is_empty() {
-            // What is listed is what this process copied, not what the
-            // runner (perhaps a compromised worker) said it left.
-            match outputs.collect(Some(&kept)) {
+        // What is listed is what this process copied, not what the runner
+        // (perhaps a compromised worker) said it left.
+        if !report.outputs.is_empty() || outputs.from_worker() {
+            // A large copy runs off the async threads' turn.
+            let copy = || outputs.collect(Some(&kept));
+            let multi_thread = tokio::runtime::Handle::try_current()
+                .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+            let collected = if multi_thread {
+                tokio::task::block_in_place(copy)
+            } else {
+                copy()
+            };
+            match collected {
                 Ok(collected) => {
                     report.outputs = collected.files;
                     report.skipped_outputs = collected.skipped;

@@ -50,6 +50,11 @@ const SILENT_FAULT: Duration = Duration::from_secs(15);
 /// How far past its wall time a job's report may arrive before its worker
 /// is a fault.
 const OVERRUN_GRACE: Duration = Duration::from_secs(5);
+/// How long a worker may take to compile a module (its `Loaded`), and to
+/// start a job it was sent (its `Running`, which may wait for that
+/// compile), before it is a fault: these clocks are the gateway's, not
+/// the worker's.
+const START_ALLOWANCE: Duration = Duration::from_secs(300);
 /// Longest failure message kept from a worker's report.
 const MAX_MESSAGE: usize = 1024;
 
@@ -179,6 +184,8 @@ struct WorkerState {
 struct Pending {
     reply: oneshot::Sender<Result<String, String>>,
     wall_time: Duration,
+    /// When the gateway sent it.
+    sent: Instant,
     running_since: Option<Instant>,
 }
 
@@ -290,7 +297,14 @@ impl Pool {
             st.loads.entry(module).or_default().push(tx);
         }
         self.send_load(&worker, module);
-        let from_cache = rx.await.map_err(|_| fault(worker.fault_reason()))??;
+        let from_cache = match tokio::time::timeout(START_ALLOWANCE, rx).await {
+            Ok(answer) => answer.map_err(|_| fault(worker.fault_reason()))??,
+            Err(_) => {
+                let reason = format!("did not compile in {}s", START_ALLOWANCE.as_secs());
+                self.fault(&worker, "overrun", reason.clone());
+                return Err(fault(format!("the worker {reason}")));
+            }
+        };
         Ok((module, from_cache))
     }
 
@@ -362,6 +376,7 @@ impl Pool {
                 Pending {
                     reply: tx,
                     wall_time,
+                    sent: Instant::now(),
                     running_since: None,
                 },
             );
@@ -402,6 +417,10 @@ impl Pool {
                         worker: Arc::clone(&worker),
                         name: format!("j{job}.out"),
                         job,
+                        bounds: crate::sandbox::outputs::Bounds {
+                            bytes: policy.limits.output.as_u64(),
+                            files: u64::from(policy.limits.output_files),
+                        },
                     }),
                 )),
                 Err(e) => {
@@ -410,7 +429,10 @@ impl Pool {
                     Ok((fault_report(spec, policy, &reason), None))
                 }
             },
-            Ok(Err(message)) => Err(message),
+            Ok(Err(mut message)) => {
+                truncate(&mut message, MAX_MESSAGE);
+                Err(message)
+            }
             Err(_) => Ok((fault_report(spec, policy, &worker.fault_reason()), None)),
         }
     }
@@ -511,20 +533,28 @@ impl Pool {
                     );
                     continue;
                 }
+                // From the gateway's own clocks: a job the worker never
+                // says it started is held to the start allowance, then to
+                // its wall time from when it was sent.
                 let overran = lock(&worker.state).jobs.values().find_map(|p| {
-                    p.running_since
-                        .filter(|s| s.elapsed() > p.wall_time + OVERRUN_GRACE)
-                        .map(|_| p.wall_time)
-                });
-                if let Some(wall) = overran {
-                    self.fault(
-                        worker,
-                        "overrun",
-                        format!(
+                    let since_sent = p.sent.elapsed();
+                    match p.running_since {
+                        Some(s) if s.elapsed() > p.wall_time + OVERRUN_GRACE => Some(format!(
                             "a job ran past its wall time of {}s without a report",
-                            wall.as_secs()
-                        ),
-                    );
+                            p.wall_time.as_secs()
+                        )),
+                        None if since_sent > START_ALLOWANCE => Some(format!(
+                            "a job was not started within {}s",
+                            START_ALLOWANCE.as_secs()
+                        )),
+                        _ if since_sent > START_ALLOWANCE + p.wall_time + OVERRUN_GRACE => {
+                            Some("a job was not finished in time".to_owned())
+                        }
+                        _ => None,
+                    }
+                });
+                if let Some(reason) = overran {
+                    self.fault(worker, "overrun", reason);
                 }
             }
             let live = {
@@ -860,6 +890,8 @@ pub struct WorkerOutputs {
     worker: Arc<Worker>,
     name: String,
     job: u64,
+    /// The policy's output limits, enforced on what is copied.
+    bounds: crate::sandbox::outputs::Bounds,
 }
 
 impl std::fmt::Debug for Worker {
@@ -877,7 +909,7 @@ impl WorkerOutputs {
     /// # Errors
     /// [`CollectError`].
     pub fn collect(&self, copy_to: Option<&Path>) -> Result<Collected, CollectError> {
-        crate::sandbox::outputs::collect_beneath(&self.worker.dir, &self.name, copy_to)
+        crate::sandbox::outputs::collect_beneath(&self.worker.dir, &self.name, copy_to, self.bounds)
     }
 }
 
@@ -902,18 +934,23 @@ fn bounded(mut report: JobReport, policy: &Policy) -> JobReport {
     };
     cut(&mut report.stdout, policy.limits.stdout.as_u64());
     cut(&mut report.stderr, policy.limits.stderr.as_u64());
-    if let Some(f) = &mut report.failure
-        && f.message.len() > MAX_MESSAGE
-    {
-        let mut end = MAX_MESSAGE;
-        while !f.message.is_char_boundary(end) {
-            end -= 1;
-        }
-        f.message.truncate(end);
+    if let Some(f) = &mut report.failure {
+        truncate(&mut f.message, MAX_MESSAGE);
     }
     report.outputs.truncate(policy.limits.output_files as usize);
     report.skipped_outputs.truncate(64);
     report
+}
+
+/// Cuts `text` to at most `max` bytes, at a character boundary.
+fn truncate(text: &mut String, max: usize) {
+    if text.len() > max {
+        let mut end = max;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+    }
 }
 
 /// The report of a job whose worker failed under it.

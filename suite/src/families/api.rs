@@ -103,7 +103,10 @@ impl LocalService {
     ///
     /// # Errors
     /// A message if the service cannot start.
-    pub async fn start(scratch: &std::path::Path) -> Result<Self, String> {
+    pub async fn start(
+        scratch: &std::path::Path,
+        program: Option<std::path::PathBuf>,
+    ) -> Result<Self, String> {
         let root = scratch.join("service");
         let policies = root.join("policies");
         let modules = root.join("modules");
@@ -133,6 +136,8 @@ impl LocalService {
         config.modules.policies_dir = policies;
         config.modules.modules_dir = modules;
         config.queue.workers = 2;
+        // Its guests run in worker processes of the `bulkhead` binary.
+        config.isolation.program = program;
         config.queue.max_queued_per_tenant = 4;
         config.queue.max_running_per_tenant = 1;
         config.server.max_body = bulkhead::policy::ByteSize::mib(1);

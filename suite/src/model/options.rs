@@ -60,8 +60,8 @@ pub struct SuiteOptions {
     pub cache_dir: Option<PathBuf>,
     /// Deliberately weaken the local sandbox (the suite's own self-test).
     pub weakening: Option<Weakening>,
-    /// The `bulkhead` binary the second-wall drill is started from
-    /// [default: this process's own executable].
+    /// The `bulkhead` binary the second-wall drill and the local service's
+    /// workers are started from [default: this process's own executable].
     pub drill_program: Option<PathBuf>,
     /// Hardening layers the second-wall drill leaves off (the suite's
     /// self-test only: no command-line option, config, policy or request

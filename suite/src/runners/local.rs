@@ -40,7 +40,9 @@ pub async fn run(
             }
             AttackKind::Api(a) => {
                 if api.is_none() {
-                    api = Some(api::LocalService::start(&h.scratch).await);
+                    api = Some(
+                        api::LocalService::start(&h.scratch, options.drill_program.clone()).await,
+                    );
                 }
                 match api.as_ref().expect("just set") {
                     Ok(service) => api::run(&service.target(), attack, a, started).await,

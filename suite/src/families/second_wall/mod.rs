@@ -950,13 +950,20 @@ fn judge(kind: DrillAttack, area: &Area, net: &Net, tokens: &[String], seen: &Se
         DrillAttack::Secrets => checks.push(untouched_check(area, &area.secrets)),
         DrillAttack::Neighbours => checks.push(untouched_check(area, &area.neighbours)),
         DrillAttack::Inherited => {
-            // Standard streams on /dev/null, the channel, and nothing else
-            // (a duplicate of the channel is the drill's own).
+            // Standard streams on /dev/null, the channel, the worker's own
+            // work and cache directories as a pool hands them over, and
+            // nothing else (a duplicate of the channel is the drill's own).
             let fds = &seen.after_harden.fds;
             let channel = fds.get(&bulkhead::worker::CHANNEL_FD);
+            let own_dir = |n: i32, t: &String| {
+                (n == bulkhead::worker::WORK_FD && std::path::Path::new(t) == area.work)
+                    || (n == bulkhead::worker::CACHE_FD && std::path::Path::new(t) == area.cache)
+            };
             let expected = channel.is_some_and(|t| t.starts_with("socket:"))
                 && (0..3).all(|n| fds.get(&n).is_some_and(|t| t == "/dev/null"))
-                && fds.iter().all(|(n, t)| *n < 3 || Some(t) == channel);
+                && fds
+                    .iter()
+                    .all(|(n, t)| *n < 3 || Some(t) == channel || own_dir(*n, t));
             let listing: Vec<String> = fds.iter().map(|(n, t)| format!("{n} -> {t}")).collect();
             checks.push(Check::new(
                 "descriptors",
