@@ -69,16 +69,30 @@ pub(crate) async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let module = runner.load(policy, wasm.into()).await?;
     let finished = runner.run(&module, &job, None).await?;
     let mut report = finished.report;
-    if let Some(out) = &args.out
-        && let Err(e) = finished.outputs.collect(Some(out))
-    {
-        // The job ran and has a report: a copy that fails fails the job
-        // (exit 1, with the report), it is not a usage error.
-        report.outcome = bulkhead::sandbox::Outcome::Failed;
-        report.failure.get_or_insert(bulkhead::sandbox::Failure {
-            kind: bulkhead::sandbox::FailureKind::Output,
-            message: format!("cannot copy outputs to {}: {e}", out.display()),
-        });
+    // A worker's own lists are not shown: what is listed is what this
+    // process found (and, with --out, copied).
+    if args.out.is_some() || finished.outputs.from_worker() {
+        match finished.outputs.collect(args.out.as_deref()) {
+            Ok(collected) => {
+                report.outputs = collected.files;
+                report.skipped_outputs = collected.skipped;
+            }
+            Err(e) => {
+                // The job ran and has a report: a copy that fails fails the
+                // job (exit 1, with the report), it is not a usage error.
+                report.outputs.clear();
+                report.skipped_outputs.clear();
+                report.outcome = bulkhead::sandbox::Outcome::Failed;
+                let message = match &args.out {
+                    Some(out) => format!("cannot copy outputs to {}: {e}", out.display()),
+                    None => format!("cannot read the outputs: {e}"),
+                };
+                report.failure.get_or_insert(bulkhead::sandbox::Failure {
+                    kind: bulkhead::sandbox::FailureKind::Output,
+                    message,
+                });
+            }
+        }
     }
     drop(finished.outputs);
     runner.close();

@@ -171,14 +171,17 @@ pub fn collect_beneath(
     collect_in(&root, copy_to, bounds)
 }
 
-/// The most a collection takes: bytes of regular files in all, and
-/// regular files.
+/// The most a collection takes: bytes of regular files in all, regular
+/// files, and entries of any kind met (directories and skipped entries
+/// too: each is a directory created in the copy or a line in the report).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Bounds {
     /// Bytes of all regular files together.
     pub bytes: u64,
     /// Regular files.
     pub files: u64,
+    /// Entries of any kind.
+    pub entries: u64,
 }
 
 impl Bounds {
@@ -187,6 +190,7 @@ impl Bounds {
     pub const NONE: Bounds = Bounds {
         bytes: u64::MAX,
         files: u64::MAX,
+        entries: u64::MAX,
     };
 }
 
@@ -252,6 +256,12 @@ impl Walk<'_> {
             self.visited += 1;
             if self.visited > MAX_ENTRIES {
                 return Err(CollectError::TooManyEntries);
+            }
+            if self.visited as u64 > self.bounds.entries {
+                return Err(CollectError::OverLimit(format!(
+                    "more than {} entries",
+                    self.bounds.entries
+                )));
             }
             let Ok(entry) = entry else {
                 self.skip(prefix, "?".as_ref(), "unreadable");
@@ -504,6 +514,7 @@ mod bounds_tests {
         let bounds = Bounds {
             bytes: 1 << 20,
             files: 4,
+            entries: 8,
         };
         let err = collect_beneath(tmp.path(), "j1.out", Some(&dest), bounds).unwrap_err();
         assert!(matches!(err, CollectError::OverLimit(_)), "{err}");
@@ -519,5 +530,14 @@ mod bounds_tests {
         std::fs::remove_file(out.join("f4")).unwrap();
         let ok = collect_beneath(tmp.path(), "j1.out", None, bounds).unwrap();
         assert_eq!(ok.files.len(), 4);
+        // Empty directories and entries that are skipped count too.
+        for i in 0..3 {
+            std::fs::create_dir(out.join(format!("d{i}"))).unwrap();
+        }
+        std::os::unix::fs::symlink("/etc/passwd", out.join("link")).unwrap();
+        assert!(collect_beneath(tmp.path(), "j1.out", None, bounds).is_ok());
+        std::os::unix::fs::symlink("/etc/passwd", out.join("link2")).unwrap();
+        let err = collect_beneath(tmp.path(), "j1.out", Some(&dest), bounds).unwrap_err();
+        assert!(matches!(err, CollectError::OverLimit(_)), "{err}");
     }
 }

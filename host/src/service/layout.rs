@@ -153,8 +153,12 @@ impl Service {
                 }
                 // The host's side failed: the job is re-run.
                 Err(e @ crate::sandbox::outputs::CollectError::Copy { .. }) => return Err(e.into()),
-                // What the job left cannot be read: its own failure.
+                // What the job left cannot be read, or is more than its
+                // limits: its own failure, and nothing of it is kept.
                 Err(e) => {
+                    if kept.exists() {
+                        std::fs::remove_dir_all(&kept)?;
+                    }
                     report.outputs.clear();
                     report.skipped_outputs.clear();
                     report.outcome = crate::job::Outcome::Failed;

@@ -420,6 +420,7 @@ impl Pool {
                         bounds: crate::sandbox::outputs::Bounds {
                             bytes: policy.limits.output.as_u64(),
                             files: u64::from(policy.limits.output_files),
+                            entries: u64::from(policy.limits.output_files),
                         },
                     }),
                 )),
@@ -942,8 +943,22 @@ fn bounded(mut report: JobReport, policy: &Policy) -> JobReport {
     report
 }
 
-/// Cuts `text` to at most `max` bytes, at a character boundary.
+/// Cuts `text` to at most `max` bytes, at a character boundary, with
+/// control and bidirectional-formatting characters escaped (it is shown
+/// in terminals, logs and the audit).
 fn truncate(text: &mut String, max: usize) {
+    if text.chars().any(unprintable) {
+        *text = text
+            .chars()
+            .map(|c| {
+                if unprintable(c) {
+                    c.escape_unicode().to_string()
+                } else {
+                    c.to_string()
+                }
+            })
+            .collect();
+    }
     if text.len() > max {
         let mut end = max;
         while !text.is_char_boundary(end) {
@@ -951,6 +966,11 @@ fn truncate(text: &mut String, max: usize) {
         }
         text.truncate(end);
     }
+}
+
+fn unprintable(c: char) -> bool {
+    c.is_control()
+        || matches!(c, '\u{200b}'..='\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}' | '\u{feff}')
 }
 
 /// The report of a job whose worker failed under it.
