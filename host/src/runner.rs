@@ -75,6 +75,17 @@ impl Outputs {
         matches!(self, Self::Worker(_))
     }
 
+    /// Whether a worker's `/out` is empty, read without blocking on more
+    /// than one small directory: most jobs leave nothing, and need no copy
+    /// off the async threads. False when it cannot tell (collecting then
+    /// says why) and for outputs not left by a worker.
+    pub fn worker_left_nothing(&self) -> bool {
+        match self {
+            Self::Worker(w) => w.left_nothing(),
+            Self::None | Self::Local(_) => false,
+        }
+    }
+
     /// Collects (and with `copy_to`, copies) them, never following a link.
     ///
     /// # Errors

@@ -64,6 +64,14 @@ pub fn build(config: &SandboxConfig) -> wasmtime::Result<Engine> {
     Engine::new(&c)
 }
 
+/// Opens this process's page map for the pooling allocator, once: with it
+/// a finished job's memory is restored page by page (`PAGEMAP_SCAN`)
+/// rather than by clearing every resident byte. A worker calls this while
+/// hardening, before Landlock closes `/proc` to it.
+pub fn open_page_map() {
+    let _ = PoolingAllocationConfig::is_pagemap_scan_available();
+}
+
 /// Increments the engine's epoch every `tick` on a dedicated thread until
 /// dropped. One per engine.
 #[derive(Debug)]

@@ -118,6 +118,11 @@ impl JobDir {
         }
     }
 
+    /// Whether the job has its own input directory.
+    pub fn has_inputs(&self) -> bool {
+        self.has_inputs.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
     /// The directory preopened as `/out`.
     pub fn output_dir(&self) -> PathBuf {
         self.out.clone()

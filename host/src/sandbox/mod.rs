@@ -34,7 +34,7 @@ use wasmtime_wasi::p2::bindings::CommandPre;
 pub use cache::{PrivateDirError, ensure_private_dir};
 pub use engine::{
     DescriptorBudgetError, JOB_OVERHEAD_DESCRIPTORS, MAX_OPEN_PER_JOB, MIN_OPEN_PER_JOB,
-    RESERVED_DESCRIPTORS, descriptor_budget,
+    RESERVED_DESCRIPTORS, descriptor_budget, open_page_map,
 };
 pub use job::{JobDir, create_private_dir_all};
 pub use limits::WRITTEN_PER_OUTPUT;

@@ -171,6 +171,15 @@ pub fn collect_beneath(
     collect_in(&root, copy_to, bounds)
 }
 
+/// Whether `parent`'s entry `name` is a directory (not a link to one) with
+/// nothing in it; false when it cannot be read.
+pub fn is_empty_beneath(parent: &Path, name: &str) -> bool {
+    Dir::open_ambient_dir(parent, ambient_authority())
+        .and_then(|p| p.open_dir_nofollow(name))
+        .and_then(|d| d.entries())
+        .is_ok_and(|mut entries| entries.next().is_none())
+}
+
 /// The most a collection takes: bytes of regular files in all, regular
 /// files, and entries of any kind met (directories and skipped entries
 /// too: each is a directory created in the copy or a line in the report).
@@ -199,6 +208,11 @@ fn collect_in(
     copy_to: Option<&Path>,
     bounds: Bounds,
 ) -> Result<Collected, CollectError> {
+    // An empty `/out` leaves nothing to keep: no destination is made for it
+    // (most jobs of a worker leave nothing, and a directory costs an inode).
+    if root.entries().map_err(CollectError::Root)?.next().is_none() {
+        return Ok(Collected::default());
+    }
     let dest = match copy_to {
         Some(path) => {
             let copy = |source| CollectError::Copy {

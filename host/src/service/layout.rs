@@ -136,7 +136,11 @@ impl Service {
         }
         // What is listed is what this process copied, not what the runner
         // (perhaps a compromised worker) said it left.
-        if !report.outputs.is_empty() || outputs.from_worker() {
+        if outputs.worker_left_nothing() {
+            // Whatever a worker claims, it left nothing.
+            report.outputs.clear();
+            report.skipped_outputs.clear();
+        } else if !report.outputs.is_empty() || outputs.from_worker() {
             // A large copy runs off the async threads' turn.
             let copy = || outputs.collect(Some(&kept));
             let multi_thread = tokio::runtime::Handle::try_current()

@@ -346,10 +346,40 @@ struct WorkerInner {
     /// (body bytes) or by the calls in flight (heads, ends, credits), and
     /// a guest's task must never wait on the channel's writer while
     /// holding the call table.
-    up: mpsc::UnboundedSender<CallUp>,
+    up: CallSink,
     limits: CallLimits,
     state: Mutex<WorkerState>,
 }
+
+/// Where the worker's half sends its frames. It must keep them in order
+/// with everything else the worker sends: a call's frames go before its
+/// job's report.
+pub struct CallSink(Box<dyn Fn(CallUp) -> bool + Send + Sync>);
+
+impl CallSink {
+    /// Frames handed to `send`, which says whether the channel is open.
+    pub fn new(send: impl Fn(CallUp) -> bool + Send + Sync + 'static) -> Self {
+        Self(Box::new(send))
+    }
+
+    fn send(&self, frame: CallUp) -> Result<(), ChannelClosed> {
+        if (self.0)(frame) {
+            Ok(())
+        } else {
+            Err(ChannelClosed)
+        }
+    }
+}
+
+impl std::fmt::Debug for CallSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("CallSink")
+    }
+}
+
+/// The worker's channel is closed.
+#[derive(Debug)]
+struct ChannelClosed;
 
 #[derive(Debug, Default)]
 struct WorkerState {
@@ -381,6 +411,11 @@ impl WorkerCalls {
 
     /// The worker's half within `limits` (the gateway's).
     pub fn with_limits(up: mpsc::UnboundedSender<CallUp>, limits: CallLimits) -> Self {
+        Self::with_sink(CallSink::new(move |frame| up.send(frame).is_ok()), limits)
+    }
+
+    /// The worker's half within `limits`, its frames handed to `up`.
+    pub fn with_sink(up: CallSink, limits: CallLimits) -> Self {
         let limits = limits.normalized();
         Self {
             inner: Arc::new(WorkerInner {

@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::{mpsc, oneshot, watch};
 
-use super::calls::{CallUp, WorkerCalls};
+use super::calls::{CallLimits, CallSink, WorkerCalls};
 use super::proto::{self, Down, MAX_DOWN_FRAME, MAX_UP_FRAME, Up};
 use super::{CHANNEL_FD, WorkerArgs, harden, process};
 use crate::policy::{Policy, Sha256Hex};
@@ -100,27 +100,23 @@ struct State {
 
 async fn serve(sandbox: Arc<Sandbox>, mut reader: proto::Reader, mut writer: proto::Writer) {
     let (up, mut outbox) = mpsc::unbounded_channel::<Up>();
-    let (call_tx, mut call_rx) = mpsc::unbounded_channel::<CallUp>();
-    let forward = up.clone();
+    // A call's frames share the one queue with reports, so none of them can
+    // arrive after the report of the job that made the call.
+    let calls_up = up.clone();
+    let calls = WorkerCalls::with_sink(
+        CallSink::new(move |frame| calls_up.send(Up::Call(frame)).is_ok()),
+        CallLimits::default(),
+    );
     tokio::spawn(async move {
-        while let Some(call) = call_rx.recv().await {
-            if forward.send(Up::Call(call)).is_err() {
-                return;
-            }
-        }
-    });
-    tokio::spawn(async move {
-        while let Some(message) = outbox.recv().await {
-            if proto::send(&mut writer, &message).await.is_err() {
-                // The gateway is gone: nothing left to work for.
-                std::process::exit(0);
-            }
+        if proto::pump(&mut writer, &mut outbox).await.is_err() {
+            // The gateway is gone: nothing left to work for.
+            std::process::exit(0);
         }
     });
     let state = Arc::new(State {
         sandbox,
         up,
-        calls: WorkerCalls::new(call_tx),
+        calls,
         modules: Mutex::default(),
         cancels: Mutex::default(),
         dirs: Mutex::default(),
@@ -153,7 +149,11 @@ async fn serve(sandbox: Arc<Sandbox>, mut reader: proto::Reader, mut writer: pro
             Down::Release { job } => {
                 let dir = lock(&state.dirs).remove(&job);
                 if let Some(dir) = dir {
-                    tokio::task::spawn_blocking(move || drop(dir));
+                    // An empty `/out` without inputs goes with one `rmdir`
+                    // here; anything more off the async threads.
+                    if dir.has_inputs() || std::fs::remove_dir(dir.output_dir()).is_err() {
+                        tokio::task::spawn_blocking(move || drop(dir));
+                    }
                 }
             }
             Down::Call(down) => state.calls.deliver(down),

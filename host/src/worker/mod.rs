@@ -85,6 +85,7 @@ impl WorkerArgs {
             max_open: self.max_open,
             max_threads: self.max_threads,
             weaken: self.weaken.clone(),
+            prepare: Some(crate::sandbox::open_page_map),
         }
     }
 }

@@ -730,11 +730,7 @@ impl Pool {
             ceiling,
         });
         tokio::spawn(async move {
-            while let Some(message) = outbox.recv().await {
-                if proto::send(&mut writer, &message).await.is_err() {
-                    return;
-                }
-            }
+            let _ = proto::pump(&mut writer, &mut outbox).await;
         });
         let pool = Arc::clone(self);
         let reading = Arc::clone(&worker);
@@ -911,6 +907,11 @@ impl WorkerOutputs {
     /// [`CollectError`].
     pub fn collect(&self, copy_to: Option<&Path>) -> Result<Collected, CollectError> {
         crate::sandbox::outputs::collect_beneath(&self.worker.dir, &self.name, copy_to, self.bounds)
+    }
+
+    /// Whether the job's `/out` is empty (false when it cannot be read).
+    pub fn left_nothing(&self) -> bool {
+        crate::sandbox::outputs::is_empty_beneath(&self.worker.dir, &self.name)
     }
 }
 

@@ -179,6 +179,26 @@ pub async fn send<T: Serialize>(writer: &mut Writer, message: &T) -> Result<(), 
     Ok(())
 }
 
+/// Writes every message `outbox` yields until it closes: those already
+/// queued go out together, flushed once none is left, so a burst of frames
+/// costs one write rather than one each.
+///
+/// # Errors
+/// [`ChannelError`] when one cannot be encoded or written.
+pub async fn pump<T: Serialize>(
+    writer: &mut Writer,
+    outbox: &mut tokio::sync::mpsc::UnboundedReceiver<T>,
+) -> Result<(), ChannelError> {
+    while let Some(first) = outbox.recv().await {
+        writer.feed(encode(&first)?).await?;
+        while let Ok(next) = outbox.try_recv() {
+            writer.feed(encode(&next)?).await?;
+        }
+        SinkExt::<Bytes>::flush(writer).await?;
+    }
+    Ok(())
+}
+
 /// Receives one message.
 ///
 /// # Errors

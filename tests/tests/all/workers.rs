@@ -75,6 +75,35 @@ async fn guests_run_in_worker_processes_not_in_the_gateway() {
     assert_eq!(job["report"]["stdout"]["text"], "hello from bulkhead\n");
 }
 
+/// A hardened worker restores a finished job's memory from its own page
+/// map (`PAGEMAP_SCAN`), opened while it hardened, before Landlock closed
+/// `/proc` to it: without it every job's resident memory is cleared byte by
+/// byte. The descriptor is its own page map, and the only one.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_hardened_worker_keeps_its_own_page_map_and_nothing_else_of_proc() {
+    let server = service::start(|_| {}).await;
+    let token = server.token("acme", &["hello:run"]).await;
+    let job = submit(&server, &token, "hello", true).await;
+    assert_eq!(job["state"], "succeeded", "{job}");
+    for pid in workers(&server) {
+        let links: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .unwrap()
+            .map(|e| {
+                std::fs::read_link(e.unwrap().path())
+                    .unwrap()
+                    .display()
+                    .to_string()
+            })
+            .collect();
+        let proc: Vec<_> = links.iter().filter(|l| l.starts_with("/proc/")).collect();
+        assert_eq!(
+            proc,
+            [&format!("/proc/{pid}/pagemap")],
+            "worker {pid} holds {links:?}"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_killed_worker_fails_its_job_by_name_and_is_replaced() {
     let server = service::start(|c| {

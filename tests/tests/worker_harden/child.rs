@@ -39,6 +39,7 @@ pub fn plan() -> Plan {
             .copied()
             .filter(|l| !apply.contains(l))
             .collect(),
+        prepare: None,
     }
 }
 

@@ -140,6 +140,13 @@ pub struct Plan {
     pub max_threads: u64,
     /// Layers not applied (tests and the escape suite's self-check only).
     pub weaken: BTreeSet<Layer>,
+    /// Runs once the process has its final uid, namespaces and limits and
+    /// before Landlock, not-dumpable and seccomp close the filesystem: what
+    /// must be opened by path first (the allocator's own page map,
+    /// `/proc/self/pagemap`). It runs with the process briefly dumpable, as
+    /// `/proc/self` files are otherwise root's after the uid change, and
+    /// without any capability, so nothing it opens carries privilege.
+    pub prepare: Option<fn()>,
 }
 
 /// A layer failed where the kernel offers it.
@@ -242,6 +249,9 @@ pub fn apply(plan: &Plan) -> Result<Applied, HardenError> {
         sys::rlimits(plan.max_open, plan.max_threads)
     })?;
     record(Layer::NoNewPrivs, &mut sys::no_new_privs)?;
+    if let Some(prepare) = plan.prepare {
+        sys::while_dumpable(prepare)?;
+    }
     record(Layer::Landlock, &mut || landlock::apply(&plan.writable))?;
     record(Layer::NotDumpable, &mut sys::not_dumpable)?;
     record(Layer::Seccomp, &mut seccomp::apply)?;

@@ -14,7 +14,8 @@
 //! - `process_madvise`: on the worker itself (`PIDFD_SELF`).
 //! - `socketpair`: `AF_UNIX` only (tokio's signal driver makes one).
 //! - `ioctl`: non-blocking and close-on-exec flags, terminal and readable
-//!   byte queries.
+//!   byte queries, and `PAGEMAP_SCAN` (the allocator's scan of its own page
+//!   map).
 //!
 //! Not on the list, among others: `socket`, `connect`, `bind`, `listen`,
 //! `accept`, `execve`, `execveat`, `fork`, `vfork`,
@@ -265,6 +266,10 @@ fn rules(pid: u64) -> Result<BTreeMap<i64, Vec<SeccompRule>>, seccompiler::Backe
         libc::FIONCLEX,
         libc::FIONREAD,
         libc::TCGETS,
+        // The allocator's scan of its own page map (`_IOWR('f', 16, struct
+        // pm_scan_arg)`): which pages a finished job dirtied. It reads only
+        // this process's page table; on any other descriptor it is ENOTTY.
+        PAGEMAP_SCAN,
     ];
     rules.insert(
         libc::SYS_ioctl,
@@ -282,6 +287,10 @@ fn rules(pid: u64) -> Result<BTreeMap<i64, Vec<SeccompRule>>, seccompiler::Backe
     );
     Ok(rules)
 }
+
+/// `PAGEMAP_SCAN` (linux/fs.h): `_IOWR('f', 16, struct pm_scan_arg)`, the
+/// argument 96 bytes.
+const PAGEMAP_SCAN: libc::Ioctl = 0xc060_6610;
 
 /// The small filter that turns `clone3` into `ENOSYS` (and allows the
 /// rest, which the allow-list filter then judges).

@@ -555,6 +555,27 @@ pub(super) fn no_new_privs() -> Result<LayerState, HardenError> {
     Ok(LayerState::Active)
 }
 
+/// Runs `f` with the process dumpable (so that `/proc/self` is its own
+/// uid's, not root's, after a uid change), then restores what it was.
+pub(super) fn while_dumpable(f: fn()) -> Result<(), HardenError> {
+    let layer = Layer::NotDumpable;
+    // SAFETY: plain integers.
+    let was = unsafe { libc::prctl(libc::PR_GET_DUMPABLE, 0, 0, 0, 0) };
+    if was < 0 {
+        return Err(fail(layer, "PR_GET_DUMPABLE"));
+    }
+    // SAFETY: plain integers.
+    if was != 1 && unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 1, 0, 0, 0) } != 0 {
+        return Err(fail(layer, "PR_SET_DUMPABLE 1"));
+    }
+    f();
+    // SAFETY: plain integers; `was` is 0, 1 or 2 as read above.
+    if was != 1 && unsafe { libc::prctl(libc::PR_SET_DUMPABLE, was, 0, 0, 0) } != 0 {
+        return Err(fail(layer, "PR_SET_DUMPABLE back"));
+    }
+    Ok(())
+}
+
 pub(super) fn not_dumpable() -> Result<LayerState, HardenError> {
     let layer = Layer::NotDumpable;
     // SAFETY: plain integers.
