@@ -60,7 +60,8 @@ use runners::{local, remote, select_split};
 pub struct SuiteReport {
     /// `bulkhead` version that ran the suite.
     pub bulkhead_version: String,
-    /// `local sandbox` or the service's URL.
+    /// Where local guests ran (`local hardened workers`, or `local
+    /// sandbox, in this process` and why), or the service's URL.
     pub target: String,
     /// The policy whose limits the attacks ran under (`built-in` if none).
     pub policy: String,
@@ -187,10 +188,7 @@ pub async fn run_attacks(
         .map_or(0, |d| d.as_secs());
     let (target, results) = match &options.server {
         Some(url) => (url.clone(), remote::run(options, attacks, progress).await?),
-        None => (
-            "local sandbox".to_owned(),
-            local::run(options, attacks, progress).await?,
-        ),
+        None => local::run(options, attacks, progress).await?,
     };
     Ok(SuiteReport {
         bulkhead_version: env!("CARGO_PKG_VERSION").to_owned(),

@@ -120,15 +120,12 @@ async fn planted(h: &Harness, area: &Path, kind: DirAttack) -> Outcome {
     // The same module, compiled by the suite's own sandbox: what the pinned
     // module really does.
     let reference_job = JobSpec::new();
-    let reference_dir = JobDir::create(&h.main.sandbox.config().work_dir, &reference_job.id)
-        .map_err(|e| e.to_string())?;
     let reference = h
         .main
-        .sandbox
-        .run(&h.main.neighbour, &reference_job, &reference_dir)
+        .run(&h.main.neighbour, &reference_job)
         .await
-        .map_err(|e| format!("the reference job was refused: {e}"))?;
-    drop(reference_dir);
+        .map_err(|e| format!("the reference job was refused: {e}"))?
+        .report;
 
     let mut checks = Vec::new();
     checks.push(Check::new(
