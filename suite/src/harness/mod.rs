@@ -201,58 +201,9 @@ impl Lane {
         relay: Option<Arc<bulkhead::relay::Relay>>,
         mode: &Mode,
     ) -> Result<Self, SuiteError> {
-        let setup = |e: String| SuiteError::Setup(e);
         let max_module_size = config.max_module_size;
-        let (runner, max_open_per_job, work_dir): (Arc<dyn Runner>, u64, PathBuf) = match mode {
-            Mode::InProcess => {
-                let sandbox = Sandbox::new(config).map_err(|e| setup(e.to_string()))?;
-                let max_open = sandbox.max_open_per_job();
-                let work_dir = sandbox.config().work_dir.clone();
-                (Arc::new(InProcess::new(sandbox)), max_open, work_dir)
-            }
-            Mode::Workers { program } => {
-                // As `bulkhead run` and the service build a zone's pool:
-                // the zone's own work and cache directories, every layer
-                // required.
-                bulkhead::sandbox::create_private_dir_all(&config.work_dir)?;
-                let zone = base.zone.clone();
-                let work_dir = config.work_dir.join("zones").join(&zone);
-                let cache_dir = match &config.cache_dir {
-                    Some(dir) => {
-                        bulkhead::sandbox::create_private_dir_all(dir)?;
-                        dir.join("zones").join(&zone)
-                    }
-                    None => work_dir.with_extension("cache"),
-                };
-                let isolation = bulkhead::config::Isolation::default();
-                let max_open = bulkhead::worker::WORKER_MAX_OPEN;
-                let per_job =
-                    bulkhead::sandbox::descriptor_budget(max_open, config.max_concurrent_jobs)
-                        .map_err(|e| setup(e.to_string()))?;
-                let pool = Pool::start(
-                    PoolConfig {
-                        zone: zone.clone(),
-                        program: program.clone(),
-                        workers: 1,
-                        jobs_per_worker: 0,
-                        max_concurrent_jobs: config.max_concurrent_jobs,
-                        memory: None,
-                        work_dir: work_dir.clone(),
-                        cache_dir,
-                        run_as: isolation.run_as,
-                        max_open,
-                        max_threads: bulkhead::worker::WORKER_MAX_THREADS,
-                        require: isolation.require,
-                        weaken: std::collections::BTreeSet::new(),
-                    },
-                    |_| {},
-                )
-                .await
-                .map_err(|e| setup(format!("cannot start the suite's workers: {e}")))?;
-                let pools = std::iter::once((zone, pool)).collect();
-                (Arc::new(Workers::new(config, pools)), per_job, work_dir)
-            }
-        };
+        let (runner, max_open_per_job, work_dir) = start_runner(config, &base.zone, mode).await?;
+        let setup = |e: String| SuiteError::Setup(e);
         let hello = hello_wasm();
         let text = base.policy_text("suite-neighbour", hello, None, &[]);
         let policy = parse(&text).map_err(SuiteError::Setup)?;
@@ -342,6 +293,69 @@ impl Lane {
     }
 }
 
+/// A runner over `config` for `zone`, as `mode` says: this process's
+/// sandbox, or a pool of one hardened worker built as `bulkhead run` and
+/// the service build a zone's (its own work and cache directories inside
+/// `config`'s, every layer required). Also the host descriptors one job
+/// may hold there, and where its job directories are.
+pub(crate) async fn start_runner(
+    config: SandboxConfig,
+    zone: &str,
+    mode: &Mode,
+) -> Result<(Arc<dyn Runner>, u64, PathBuf), SuiteError> {
+    let setup = |e: String| SuiteError::Setup(e);
+    Ok(match mode {
+        Mode::InProcess => {
+            let sandbox = Sandbox::new(config).map_err(|e| setup(e.to_string()))?;
+            let max_open = sandbox.max_open_per_job();
+            let work_dir = sandbox.config().work_dir.clone();
+            (Arc::new(InProcess::new(sandbox)), max_open, work_dir)
+        }
+        Mode::Workers { program } => {
+            // As `bulkhead run` and the service build a zone's pool:
+            // the zone's own work and cache directories, every layer
+            // required.
+            bulkhead::sandbox::create_private_dir_all(&config.work_dir)?;
+            let zone = zone.to_owned();
+            let work_dir = config.work_dir.join("zones").join(&zone);
+            let cache_dir = match &config.cache_dir {
+                Some(dir) => {
+                    bulkhead::sandbox::create_private_dir_all(dir)?;
+                    dir.join("zones").join(&zone)
+                }
+                None => work_dir.with_extension("cache"),
+            };
+            let isolation = bulkhead::config::Isolation::default();
+            let max_open = bulkhead::worker::WORKER_MAX_OPEN;
+            let per_job =
+                bulkhead::sandbox::descriptor_budget(max_open, config.max_concurrent_jobs)
+                    .map_err(|e| setup(e.to_string()))?;
+            let pool = Pool::start(
+                PoolConfig {
+                    zone: zone.clone(),
+                    program: program.clone(),
+                    workers: 1,
+                    jobs_per_worker: 0,
+                    max_concurrent_jobs: config.max_concurrent_jobs,
+                    memory: None,
+                    work_dir: work_dir.clone(),
+                    cache_dir,
+                    run_as: isolation.run_as,
+                    max_open,
+                    max_threads: bulkhead::worker::WORKER_MAX_THREADS,
+                    require: isolation.require,
+                    weaken: std::collections::BTreeSet::new(),
+                },
+                |_| {},
+            )
+            .await
+            .map_err(|e| setup(format!("cannot start the suite's workers: {e}")))?;
+            let pools = std::iter::once((zone, pool)).collect();
+            (Arc::new(Workers::new(config, pools)), per_job, work_dir)
+        }
+    })
+}
+
 /// The workers' own directories in a zone's work directory.
 fn worker_dirs(zone_dir: &Path) -> Vec<PathBuf> {
     std::fs::read_dir(zone_dir)
@@ -369,6 +383,8 @@ pub(crate) struct Harness {
     pub weak_services: Vec<String>,
     pub host_secrets: Vec<(String, Vec<u8>)>,
     pub scratch: PathBuf,
+    /// Where the lanes run guests.
+    pub mode: Mode,
     /// Where the guests ran, for the report: hardened workers, or this
     /// process (and why).
     pub target: String,
@@ -464,6 +480,7 @@ impl Harness {
             weak_services: weakening.grant_services,
             host_secrets: evidence::host_secrets(),
             scratch,
+            mode,
             target,
             _temp: temp,
         })
@@ -555,16 +572,6 @@ impl Harness {
 
 pub(crate) fn parse(text: &str) -> Result<Policy, String> {
     Policy::parse(text, Path::new("escape-suite.toml")).map_err(|e| e.to_string())
-}
-
-/// Loads `wasm` under the policy `text` into `sandbox` (this process's).
-pub(crate) fn load(
-    sandbox: &Sandbox,
-    text: &str,
-    wasm: &[u8],
-) -> Result<Arc<bulkhead::sandbox::LoadedModule>, String> {
-    let policy = parse(text)?;
-    sandbox.load(policy, wasm).map_err(|e| e.to_string())
 }
 
 #[cfg(test)]
