@@ -1,13 +1,15 @@
 //! `bulkhead escape-suite`: hostile guests pointed at a policy (locally, in
-//! this process's sandbox) or at a running service, each judged by the host
-//! from evidence it gathers itself, never from what the guest says.
+//! hardened worker processes as the service runs them, or in this
+//! process's sandbox with [`SuiteOptions::in_process`]) or at a running
+//! service, each judged by the host from evidence it gathers itself, never
+//! from what the guest says.
 //!
 //! The crate is layered; each layer names only those before it:
 //!
 //! - `model`: what an attack and a result are, as data ([`Attack`],
 //!   [`AttackKind`], [`Class`], [`Check`], [`Verdict`], [`AttackResult`],
 //!   each family's descriptor, [`SuiteOptions`], [`Progress`]).
-//! - `harness`: what local attacks run against (sandboxes, the base policy
+//! - `harness`: what local attacks run against (runners, the base policy
 //!   and bounds, canaries, baits); [`evidence`]: host-side observations;
 //!   [`egress`]: the bait services and the suite's relay; the host-side
 //!   checks every guest job gets.
@@ -22,10 +24,11 @@
 //! - this root: [`run`] and the [`SuiteReport`]; [`report`]: the table,
 //!   JSON and the self-contained HTML page.
 //!
-//! The suite drives the sandbox only through its public interface
-//! (`Sandbox`, `JobSpec`, `JobDir`, policies as text); the one thing it
-//! cannot build that way, an extra preopen for the weakened-configuration
-//! check, is [`SandboxConfig::unsafe_extra_preopen`](bulkhead::sandbox::SandboxConfig),
+//! The suite drives guests only through public interfaces (the
+//! `runner::Runner` seam, `Sandbox`, `JobSpec`, policies as text); the one
+//! thing it cannot build that way, an extra preopen for the
+//! weakened-configuration check (run in this process: no worker is given
+//! it), is [`SandboxConfig::unsafe_extra_preopen`](bulkhead::sandbox::SandboxConfig),
 //! which no policy, config file or API request can set.
 
 // Layers, each depending only on those before it (enforced by the

@@ -1,8 +1,9 @@
-//! Host-side meters around one attack: the process's CPU time and the
-//! bytes it wrote, and the checks that hold a job to what its policy
-//! allows of each (`host cpu`, `bytes written`), plus the bound on the
-//! descriptors the process may hold during an attack. Judged from the
-//! kernel's accounting of this process (`getrusage`, `/proc/self/io`),
+//! Host-side meters around one attack: the CPU time of the process and of
+//! the lane's worker processes, and the bytes they wrote, and the checks
+//! that hold a job to what its policy allows of each (`host cpu`, `bytes
+//! written`), plus the bound on the descriptors they may hold during an
+//! attack. Judged from the kernel's accounting (`getrusage`,
+//! `/proc/self/io`, a worker's `/proc/<pid>/stat` and `/proc/<pid>/io`),
 //! never from the job's report.
 
 use bulkhead::policy::ByteSize;
@@ -136,7 +137,7 @@ pub fn checks(spent: &Spent, cpu_ms: f64, output: u64) -> Vec<Check> {
             "host cpu",
             spent.cpu_ms <= cpu_bound,
             format!(
-                "the process used {:.0} ms of CPU during the attack (bound {cpu_bound:.0} ms: \
+                "the host used {:.0} ms of CPU during the attack (bound {cpu_bound:.0} ms: \
                  twice cpu_time, plus instantiation and the neighbour)",
                 spent.cpu_ms
             ),
@@ -145,7 +146,7 @@ pub fn checks(spent: &Spent, cpu_ms: f64, output: u64) -> Vec<Check> {
             "bytes written",
             spent.written <= written_bound,
             format!(
-                "the process wrote {} during the attack (bound {}: {WRITTEN_PER_OUTPUT} times \
+                "the host wrote {} during the attack (bound {}: {WRITTEN_PER_OUTPUT} times \
                  the output limit, plus the suite's own)",
                 ByteSize::bytes(spent.written),
                 ByteSize::bytes(written_bound)

@@ -1,7 +1,7 @@
-//! What every local attack runs against: the sandboxes (lanes) with the
-//! well-behaved neighbour, the base policy and the bounds the checks hold
-//! attacks to, the canaries, the bait socket and the bait services, set
-//! up once.
+//! What every local attack runs against: the lanes (a runner, hardened
+//! workers by default, with the well-behaved neighbour loaded in it), the
+//! base policy and the bounds the checks hold attacks to, the canaries,
+//! the bait socket and the bait services, set up once.
 //!
 //! - [`evidence`]: host-side observations (canary files under an inotify
 //!   watch, descriptor, socket and memory sampling, bait sockets, disk
