@@ -560,3 +560,30 @@ pub fn host_secrets() -> Vec<(String, Vec<u8>)> {
     }
     secrets
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_workers_descriptors_and_memory_count_as_the_hosts() {
+        // A child process holding descriptors of its own: sampled with its
+        // pid, they are counted; a pid that is gone is not a blind spot.
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let pid = child.id();
+        let (alone, _, rss_alone, _) = sample(&[]);
+        let (with, _, rss_with, blind) = sample(&[pid]);
+        assert!(!blind);
+        assert!(with >= alone + 2, "{alone} alone, {with} with the child");
+        assert!(rss_with > rss_alone);
+        child.kill().unwrap();
+        child.wait().unwrap();
+        let (_, _, _, blind) = sample(&[pid]);
+        assert!(!blind, "a reaped worker is no blind spot");
+    }
+}
