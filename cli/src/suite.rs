@@ -103,6 +103,7 @@ pub(crate) async fn escape_suite(args: SuiteArgs) -> anyhow::Result<ExitCode> {
             })
         },
         weakening: None,
+        in_process: args.host.in_process,
         drill_program: None,
         drill_weaken: std::collections::BTreeSet::new(),
     };

@@ -1,13 +1,15 @@
 //! `bulkhead escape-suite`: hostile guests pointed at a policy (locally, in
-//! this process's sandbox) or at a running service, each judged by the host
-//! from evidence it gathers itself, never from what the guest says.
+//! hardened worker processes as the service runs them, or in this
+//! process's sandbox with [`SuiteOptions::in_process`]) or at a running
+//! service, each judged by the host from evidence it gathers itself, never
+//! from what the guest says.
 //!
 //! The crate is layered; each layer names only those before it:
 //!
 //! - `model`: what an attack and a result are, as data ([`Attack`],
 //!   [`AttackKind`], [`Class`], [`Check`], [`Verdict`], [`AttackResult`],
 //!   each family's descriptor, [`SuiteOptions`], [`Progress`]).
-//! - `harness`: what local attacks run against (sandboxes, the base policy
+//! - `harness`: what local attacks run against (runners, the base policy
 //!   and bounds, canaries, baits); [`evidence`]: host-side observations;
 //!   [`egress`]: the bait services and the suite's relay; the host-side
 //!   checks every guest job gets.
@@ -22,10 +24,11 @@
 //! - this root: [`run`] and the [`SuiteReport`]; [`report`]: the table,
 //!   JSON and the self-contained HTML page.
 //!
-//! The suite drives the sandbox only through its public interface
-//! (`Sandbox`, `JobSpec`, `JobDir`, policies as text); the one thing it
-//! cannot build that way, an extra preopen for the weakened-configuration
-//! check, is [`SandboxConfig::unsafe_extra_preopen`](bulkhead::sandbox::SandboxConfig),
+//! The suite drives guests only through public interfaces (the
+//! `runner::Runner` seam, `Sandbox`, `JobSpec`, policies as text); the one
+//! thing it cannot build that way, an extra preopen for the
+//! weakened-configuration check (run in this process: no worker is given
+//! it), is [`SandboxConfig::unsafe_extra_preopen`](bulkhead::sandbox::SandboxConfig),
 //! which no policy, config file or API request can set.
 
 // Layers, each depending only on those before it (enforced by the
@@ -60,7 +63,8 @@ use runners::{local, remote, select_split};
 pub struct SuiteReport {
     /// `bulkhead` version that ran the suite.
     pub bulkhead_version: String,
-    /// `local sandbox` or the service's URL.
+    /// Where local guests ran (`local hardened workers`, or `local
+    /// sandbox, in this process` and why), or the service's URL.
     pub target: String,
     /// The policy whose limits the attacks ran under (`built-in` if none).
     pub policy: String,
@@ -187,10 +191,7 @@ pub async fn run_attacks(
         .map_or(0, |d| d.as_secs());
     let (target, results) = match &options.server {
         Some(url) => (url.clone(), remote::run(options, attacks, progress).await?),
-        None => (
-            "local sandbox".to_owned(),
-            local::run(options, attacks, progress).await?,
-        ),
+        None => local::run(options, attacks, progress).await?,
     };
     Ok(SuiteReport {
         bulkhead_version: env!("CARGO_PKG_VERSION").to_owned(),

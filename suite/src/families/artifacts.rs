@@ -2,7 +2,11 @@
 //! cache (native code the host maps and runs) and the work directory. Another
 //! local user plants an artifact under the pinned module's name, or prepares
 //! the directories before the host first uses them. These run locally only:
-//! they need the host's own directories.
+//! they need the host's own directories. A planted artifact is planted in
+//! the cache of the runner the suite's guests run in (a hardened worker's
+//! zone cache, which only the zone's workers read, or this process's); the
+//! directory checks are the gateway's own, made in this process in both
+//! modes.
 //!
 //! Held means, judged on the host: a planted artifact is never loaded (the
 //! module is compiled from its pinned `.wasm`, the job behaves exactly as a
@@ -17,7 +21,11 @@ use std::time::Instant;
 use crate::harness::{self, Harness};
 use crate::model::{Attack, AttackResult, Check, DirAttack, hello_wasm, hostile_wasm, ms};
 use bulkhead::policy::Sha256Hex;
-use bulkhead::sandbox::{JobDir, JobSpec, Sandbox, SandboxConfig};
+use std::sync::Arc;
+
+use bulkhead::runner::Runner;
+use bulkhead::sandbox::{JobSpec, Sandbox, SandboxConfig};
+use bytes::Bytes;
 
 fn chmod(path: &Path, mode: u32) -> std::io::Result<()> {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
@@ -53,6 +61,18 @@ pub async fn run_local(
 
 type Outcome = Result<(Vec<Check>, String, bool), String>;
 
+/// A runner over `work` and `cache` where the suite runs guests (a
+/// hardened worker, or this process's sandbox).
+async fn runner(h: &Harness, work: &Path, cache: &Path) -> Result<Arc<dyn Runner>, String> {
+    let mut config = SandboxConfig::new(work);
+    config.cache_dir = Some(cache.to_owned());
+    config.max_concurrent_jobs = 1;
+    harness::start_runner(config, &h.base.zone, &h.mode)
+        .await
+        .map(|(runner, _, _)| runner)
+        .map_err(|e| e.to_string())
+}
+
 fn sandbox(work: &Path, cache: Option<&Path>) -> Result<Sandbox, String> {
     let mut config = SandboxConfig::new(work);
     config.cache_dir = cache.map(Path::to_owned);
@@ -84,12 +104,20 @@ async fn planted(h: &Harness, area: &Path, kind: DirAttack) -> Outcome {
     let hostile_name = format!("{}.cwasm", Sha256Hex::digest(&hostile));
     let hello_name = format!("{}.cwasm", Sha256Hex::digest(hello));
 
-    // The attacker's module, compiled into the cache by the host itself:
+    // The attacker's module, compiled into the cache by the host itself
+    // (where the suite runs guests: in a worker, into its zone's cache):
     // a genuine artifact of this engine, under its own name.
     {
-        let first = sandbox(&work, Some(&cache))?;
+        // Each runner its own work directory: a closed pool's directories
+        // go some time after it closes.
+        let first = runner(h, &work.join("first"), &cache).await?;
         let text = h.base.policy_text("suite-cache-other", &hostile, None, &[]);
-        harness::load(&first, &text, &hostile)?;
+        let loaded = first
+            .load(harness::parse(&text)?, Bytes::copy_from_slice(&hostile))
+            .await
+            .map_err(|e| e.to_string());
+        first.close();
+        loaded?;
     }
     let other = find(&cache, &hostile_name)
         .ok_or_else(|| format!("the cache holds no {hostile_name} after compiling it"))?;
@@ -106,29 +134,33 @@ async fn planted(h: &Harness, area: &Path, kind: DirAttack) -> Outcome {
     .map_err(|e| format!("cannot plant {}: {e}", target.display()))?;
     let planted = std::fs::read(&target).unwrap_or_default();
 
-    // A restart: a new sandbox on the same cache loads the pinned module.
-    let second = sandbox(&work, Some(&cache))?;
+    // A restart: a new runner on the same cache loads the pinned module.
+    let second = runner(h, &work.join("second"), &cache).await?;
     let text = h.base.policy_text("suite-cache-pinned", hello, None, &[]);
-    let module = harness::load(&second, &text, hello)?;
-    let job = JobSpec::new();
-    let dir = JobDir::create(&work, &job.id).map_err(|e| e.to_string())?;
-    let report = second
-        .run(&module, &job, &dir)
-        .await
-        .map_err(|e| format!("the job was refused: {e}"))?;
-    drop(dir);
+    let ran = async {
+        let module = second
+            .load(harness::parse(&text)?, Bytes::from_static(hello))
+            .await
+            .map_err(|e| e.to_string())?;
+        let job = JobSpec::new();
+        let finished = second
+            .run(&module, &job, None)
+            .await
+            .map_err(|e| format!("the job was refused: {e}"))?;
+        Ok::<_, String>((module, finished.report))
+    }
+    .await;
+    second.close();
+    let (module, report) = ran?;
     // The same module, compiled by the suite's own sandbox: what the pinned
     // module really does.
     let reference_job = JobSpec::new();
-    let reference_dir = JobDir::create(&h.main.sandbox.config().work_dir, &reference_job.id)
-        .map_err(|e| e.to_string())?;
     let reference = h
         .main
-        .sandbox
-        .run(&h.main.neighbour, &reference_job, &reference_dir)
+        .run(&h.main.neighbour, &reference_job)
         .await
-        .map_err(|e| format!("the reference job was refused: {e}"))?;
-    drop(reference_dir);
+        .map_err(|e| format!("the reference job was refused: {e}"))?
+        .report;
 
     let mut checks = Vec::new();
     checks.push(Check::new(

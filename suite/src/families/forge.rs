@@ -27,7 +27,6 @@ use serde_json::{Value, json};
 use crate::harness::egress::{self, ALLOWED, FORBIDDEN};
 use crate::harness::{Harness, evidence};
 use crate::model::{Attack, AttackResult, Check, Forgery, SUITE_SCOPE, lateral, ms};
-use bulkhead::sandbox::JobDir;
 
 /// What the forgeries are judged against.
 #[derive(Debug)]
@@ -499,14 +498,9 @@ pub(crate) async fn minted_token(h: &Harness) -> Result<String, String> {
         return Ok(t);
     }
     let run = lateral("allowed");
-    let module = h.load("escape-suite-minter", &run)?;
+    let module = h.load("escape-suite-minter", &run).await?;
     let job = h.spec(&run, "");
-    let dir =
-        JobDir::create(&h.main.sandbox.config().work_dir, &job.id).map_err(|e| e.to_string())?;
-    h.main
-        .run(&module, &job, &dir)
-        .await
-        .map_err(|e| e.to_string())?;
+    h.main.run(&module, &job).await.map_err(|e| e.to_string())?;
     h.egress
         .last_minted()
         .ok_or_else(|| "the allowed job made no call".to_owned())

@@ -21,7 +21,7 @@ pub(crate) async fn guest_attack(
     let secret = evidence::random_token("BULKHEAD-SECRET");
     let fail =
         |e: String| AttackResult::judge(attack, Vec::new(), String::new(), Some(e), ms(started));
-    let module = match h.load(&module_name(&attack.id), run) {
+    let module = match h.load(&module_name(&attack.id), run).await {
         Ok(m) => m,
         Err(e) => return fail(format!("cannot load the attack's module: {e}")),
     };
@@ -32,7 +32,7 @@ pub(crate) async fn guest_attack(
         .iter()
         .map(|p| (p.clone(), fingerprint(p)))
         .collect();
-    let obs = match observe(&h.main, &module, &job).await {
+    let obs = match observe(h, &h.main, &module, &job).await {
         Ok(o) => o,
         Err(e) => return fail(e),
     };

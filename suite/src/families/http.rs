@@ -32,14 +32,14 @@ pub(crate) async fn http_attack(
     let fail =
         |e: String| AttackResult::judge(attack, Vec::new(), String::new(), Some(e), ms(started));
     let name = module_name(&attack.id);
-    let module = match h.load(&name, &http.run) {
+    let module = match h.load(&name, &http.run).await {
         Ok(m) => m,
         Err(e) => return fail(format!("cannot load the attack's module: {e}")),
     };
     let job = h.spec(&http.run, &secret);
     let secrets = h.secrets(&job, &http.run.forbidden, &secret);
     let (allowed_from, forbidden_from) = (h.egress.allowed.len(), h.egress.forbidden.len());
-    let obs = match observe(&h.main, &module, &job).await {
+    let obs = match observe(h, &h.main, &module, &job).await {
         Ok(o) => o,
         Err(e) => return fail(e),
     };
@@ -53,7 +53,7 @@ pub(crate) async fn http_attack(
         h.egress.allowed.since(allowed_from).len(),
     );
     checks.push(Check::new("outcome", true, describe_end(&obs.report)));
-    let produced = produced(&obs.report, &obs.dir.output_dir());
+    let produced = produced(&obs.report, &obs.out_dir);
     checks.extend(self::checks(
         &h.egress,
         &http.held,

@@ -33,7 +33,7 @@ pub(crate) async fn sequence_attack(
         }
     }
     both.params.push(("mode".into(), Param::Lit(String::new())));
-    let module = match h.load(&module_name(&attack.id), &both) {
+    let module = match h.load(&module_name(&attack.id), &both).await {
         Ok(m) => m,
         Err(e) => return fail(format!("cannot load the attack's module: {e}")),
     };
@@ -44,12 +44,12 @@ pub(crate) async fn sequence_attack(
         job
     };
     let wjob = job_for(writer);
-    let wobs = match observe(&h.main, &module, &wjob).await {
+    let wobs = match observe(h, &h.main, &module, &wjob).await {
         Ok(o) => o,
         Err(e) => return fail(e),
     };
     let mut checks = Vec::new();
-    let planted = produced(&wobs.report, &wobs.dir.output_dir());
+    let planted = produced(&wobs.report, &wobs.out_dir);
     let writer_ok = wobs.report.succeeded() || !wobs.report.stdout.text.is_empty();
     if !writer_ok {
         return fail(format!(
@@ -74,15 +74,20 @@ pub(crate) async fn sequence_attack(
         ),
     ));
     drop(wobs);
-    // The shared empty `/in` must still be empty for the next job.
-    let shared = h.main.sandbox.config().work_dir.join(".empty-in");
-    let leftover: Vec<_> = std::fs::read_dir(&shared)
-        .map(|d| {
-            d.flatten()
+    // The shared empty `/in` (one per worker) must still be empty for the
+    // next job.
+    let leftover: Vec<_> = h
+        .main
+        .shared_inputs()
+        .iter()
+        .flat_map(|shared| {
+            std::fs::read_dir(shared)
+                .into_iter()
+                .flatten()
+                .flatten()
                 .map(|e| e.file_name().to_string_lossy().into_owned())
-                .collect()
         })
-        .unwrap_or_default();
+        .collect();
     checks.push(Check::new(
         "shared input",
         leftover.is_empty(),
@@ -101,7 +106,7 @@ pub(crate) async fn sequence_attack(
     let mut last_stop = String::new();
     for i in 0..readers {
         let rjob = job_for(reader);
-        let robs = match observe(&h.main, &module, &rjob).await {
+        let robs = match observe(h, &h.main, &module, &rjob).await {
             Ok(o) => o,
             Err(e) => return fail(e),
         };
@@ -111,7 +116,7 @@ pub(crate) async fn sequence_attack(
         }
         // The reader was handed the secret to look for: drop it from what
         // it printed about its own arguments, and look everywhere else.
-        let mut all = produced(&robs.report, &robs.dir.output_dir());
+        let mut all = produced(&robs.report, &robs.out_dir);
         if reader.params.iter().any(|(_, p)| *p == Param::Secret) {
             all = strip_own_args(&all, &rjob);
         }

@@ -7,6 +7,7 @@ use super::evidence;
 use super::observe::{Observed, describe_end, produced, read_output};
 use crate::model::Check;
 use bulkhead::policy::ByteSize;
+use bulkhead::runner::Outputs;
 use bulkhead::sandbox::{FailureKind, JobReport};
 
 /// Slack on resident memory growth during an attack: the job's own memory
@@ -15,7 +16,7 @@ use bulkhead::sandbox::{FailureKind, JobReport};
 const RSS_SLACK: u64 = 128 * 1024 * 1024;
 
 /// See the `outputs` check in [`host_checks`].
-fn outputs_check(h: &Harness, r: &JobReport, out_dir: &Path) -> Check {
+fn outputs_check(h: &Harness, r: &JobReport, outputs: &Outputs) -> Check {
     use bulkhead::sandbox::outputs;
     let bad_names: Vec<String> = r
         .outputs
@@ -27,7 +28,9 @@ fn outputs_check(h: &Harness, r: &JobReport, out_dir: &Path) -> Check {
         .map(|o| o.name.escape_debug().to_string())
         .collect();
     let copy_to = h.scratch.join(format!("copy-{}", r.job_id));
-    let copied = outputs::collect(out_dir, Some(&copy_to));
+    // As the gateway (or `run --out`) copies them, by handle, within the
+    // policy's limits when a worker left them.
+    let copied = outputs.collect(Some(&copy_to));
     let _ = std::fs::remove_dir_all(&copy_to);
     let failed_with_reason = r
         .failure
@@ -73,7 +76,7 @@ pub(crate) fn host_checks(
 ) -> Vec<Check> {
     let r = &obs.report;
     let b = &h.bounds;
-    let out_dir = obs.dir.output_dir();
+    let out_dir = &obs.out_dir;
     let mut checks = Vec::new();
 
     // Canary files outside the job: no event, no change.
@@ -105,14 +108,14 @@ pub(crate) fn host_checks(
     ));
 
     // Secrets in anything the job produced; loot the guest collected.
-    let all = produced(r, &out_dir);
+    let all = produced(r, out_dir);
     let leaked = evidence::find_secret(&all, secrets);
     let loot: Vec<String> = r
         .outputs
         .iter()
         .filter(|o| o.name.starts_with("loot-"))
         .map(|o| {
-            let data = read_output(&out_dir, &o.name);
+            let data = read_output(out_dir, &o.name);
             let first = String::from_utf8_lossy(&data[..data.len().min(120)])
                 .lines()
                 .next()
@@ -146,8 +149,10 @@ pub(crate) fn host_checks(
     ));
 
     // The inputs, and the shared empty input directory.
-    let in_dir = obs.dir.input_dir();
-    let now = evidence::tree_digest(&in_dir);
+    let mut now = std::collections::BTreeMap::new();
+    for dir in &obs.in_dirs {
+        now.extend(evidence::tree_digest(dir));
+    }
     let inputs_ok = now == obs.inputs_before;
     checks.push(Check::new(
         "inputs",
@@ -160,7 +165,11 @@ pub(crate) fn host_checks(
     ));
 
     // Output collection never followed a link.
-    let special = evidence::special_entries(&out_dir);
+    let special: Vec<String> = obs
+        .raw_outs
+        .iter()
+        .flat_map(|d| evidence::special_entries(d))
+        .collect();
     let skipped: Vec<&str> = r.skipped_outputs.iter().map(|s| s.name.as_str()).collect();
     let followed: Vec<&String> = special
         .iter()
@@ -183,10 +192,14 @@ pub(crate) fn host_checks(
     // and the outputs copy out (by handle, as `run --out` and the service
     // copy them), or the job failed saying collection failed. A host error
     // instead would have ended the attack before the checks.
-    checks.push(outputs_check(h, r, &out_dir));
+    checks.push(outputs_check(h, r, &obs.outputs));
 
     // Disk.
-    let (bytes, entries) = evidence::disk_usage(&out_dir);
+    let (bytes, entries) = obs
+        .raw_outs
+        .iter()
+        .map(|d| evidence::disk_usage(d))
+        .fold((0, 0), |(b, e), (b2, e2)| (b + b2, e + e2));
     // tmpfs and most filesystems allocate whole pages: each entry may use
     // one more page than its bytes.
     let disk_bound = b.output + (b.output_files + 1) * 4096;
@@ -254,21 +267,26 @@ pub(crate) fn host_checks(
     // object holds them; the process must still have room for other jobs
     // and its listeners below its own descriptor limit.
     let soft_limit = evidence::fd_soft_limit();
-    let fd_peak_bound =
-        super::meters::fd_peak_bound(h.main.sandbox.max_open_per_job(), p.fds_before)
-            .min(soft_limit.saturating_sub(64));
+    let fd_peak_bound = super::meters::fd_peak_bound(h.main.max_open_per_job, p.fds_before)
+        .min(soft_limit.saturating_sub(64));
+    let whose = if h.main.in_workers() {
+        "the suite's and its workers'"
+    } else {
+        "this process's"
+    };
     checks.push(Check::new(
         "descriptors",
-        p.fds_peak <= fd_peak_bound && p.fds_after <= p.fds_before + 8,
-        format!(
-            "open descriptors {} before, {} at most, {} after (peak bound {fd_peak_bound}: the \
-             job's share of {} host descriptors and both jobs' own, and 64 below this \
-             process's soft RLIMIT_NOFILE of {soft_limit})",
-            p.fds_before,
-            p.fds_peak,
-            p.fds_after,
-            h.main.sandbox.max_open_per_job()
-        ),
+        !p.blind && p.fds_peak <= fd_peak_bound && p.fds_after <= p.fds_before + 8,
+        if p.blind {
+            "a worker's descriptors and memory could not be read from /proc: not judged".to_owned()
+        } else {
+            format!(
+                "open descriptors ({whose}) {} before, {} at most, {} after (peak bound \
+                 {fd_peak_bound}: the job's share of {} host descriptors and both jobs' own, and \
+                 64 below this process's soft RLIMIT_NOFILE of {soft_limit})",
+                p.fds_before, p.fds_peak, p.fds_after, h.main.max_open_per_job
+            )
+        },
     ));
     checks.extend(super::meters::checks(&obs.meters, b.cpu_ms, b.output));
     let mut net = h.bait.touched();

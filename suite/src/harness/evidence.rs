@@ -238,21 +238,62 @@ pub struct Peaks {
     pub rss_before: u64,
     /// Most resident memory while it ran.
     pub rss_peak: u64,
+    /// A worker process's descriptors or memory could not be read: the
+    /// counts above miss it.
+    pub blind: bool,
 }
 
-/// Samples this process's descriptors, sockets and resident memory on a
-/// thread of its own every few milliseconds until stopped.
-#[derive(Debug)]
+/// The worker processes whose descriptors and memory count as the host's
+/// besides this process's (asked again at each sample: a faulted worker is
+/// replaced).
+pub type Pids = Arc<dyn Fn() -> Vec<u32> + Send + Sync>;
+
+/// One sample of this process and `pids`: open descriptors, sockets,
+/// resident memory, and whether a live worker could not be read.
+pub fn sample(pids: &[u32]) -> (usize, usize, u64, bool) {
+    let (mut fds, mut sockets) = open_fds();
+    let mut resident = rss();
+    let mut blind = false;
+    for pid in pids {
+        let gone = || !Path::new(&format!("/proc/{pid}")).exists();
+        match (
+            fds_of(&format!("/proc/{pid}/fd")),
+            rss_of(&format!("/proc/{pid}/statm")),
+        ) {
+            (Some((f, s)), Some(r)) => {
+                fds += f;
+                sockets += s;
+                resident += r;
+            }
+            _ => blind |= !gone(),
+        }
+    }
+    (fds, sockets, resident, blind)
+}
+
+/// Samples this process's descriptors, sockets and resident memory (and
+/// those of the worker processes it is given) on a thread of its own every
+/// few milliseconds until stopped.
 pub struct Sampler {
     stop: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<Peaks>>,
+    pids: Option<Pids>,
+}
+
+impl std::fmt::Debug for Sampler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sampler").finish_non_exhaustive()
+    }
 }
 
 /// Open descriptors of this process and how many are sockets.
 pub fn open_fds() -> (usize, usize) {
-    let Ok(entries) = std::fs::read_dir("/proc/self/fd") else {
-        return (0, 0);
-    };
+    fds_of("/proc/self/fd").unwrap_or((0, 0))
+}
+
+/// Open descriptors and sockets listed in `dir` (a `/proc/<pid>/fd`).
+fn fds_of(dir: &str) -> Option<(usize, usize)> {
+    let entries = std::fs::read_dir(dir).ok()?;
     let mut fds = 0;
     let mut sockets = 0;
     for entry in entries.flatten() {
@@ -263,7 +304,7 @@ pub fn open_fds() -> (usize, usize) {
             sockets += 1;
         }
     }
-    (fds, sockets)
+    Some((fds, sockets))
 }
 
 /// This process's soft limit on open descriptors.
@@ -282,40 +323,55 @@ pub fn fd_soft_limit() -> usize {
 
 /// Resident memory of this process, in bytes.
 pub fn rss() -> u64 {
-    let Ok(text) = std::fs::read_to_string("/proc/self/statm") else {
-        return 0;
-    };
+    rss_of("/proc/self/statm").unwrap_or(0)
+}
+
+/// Resident memory of the process whose `statm` is at `path`.
+fn rss_of(path: &str) -> Option<u64> {
+    let text = std::fs::read_to_string(path).ok()?;
     // SAFETY: `sysconf` has no preconditions.
     let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as u64;
     text.split_whitespace()
         .nth(1)
         .and_then(|n| n.parse::<u64>().ok())
-        .map_or(0, |pages| pages * page)
+        .map(|pages| pages * page)
 }
 
 impl Sampler {
-    /// Takes the "before" sample and starts sampling.
+    /// Takes the "before" sample of this process and starts sampling.
     pub fn start() -> Self {
+        Self::start_with(None)
+    }
+
+    /// As [`Sampler::start`], counting the worker processes `pids` names
+    /// as part of the host.
+    pub fn start_with(pids: Option<Pids>) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let flag = Arc::clone(&stop);
-        let (fds, sockets) = open_fds();
+        let now = {
+            let pids = pids.clone();
+            move || sample(&pids.as_ref().map(|p| p()).unwrap_or_default())
+        };
+        let (fds, sockets, resident, blind) = now();
         let mut peaks = Peaks {
             fds_before: fds,
             fds_peak: fds,
             sockets_before: sockets,
             sockets_peak: sockets,
-            rss_before: rss(),
+            rss_before: resident,
+            rss_peak: resident,
+            blind,
             ..Peaks::default()
         };
-        peaks.rss_peak = peaks.rss_before;
         let thread = std::thread::Builder::new()
             .name("bulkhead-suite-sampler".into())
             .spawn(move || {
                 loop {
-                    let (fds, sockets) = open_fds();
+                    let (fds, sockets, resident, blind) = now();
                     peaks.fds_peak = peaks.fds_peak.max(fds);
                     peaks.sockets_peak = peaks.sockets_peak.max(sockets);
-                    peaks.rss_peak = peaks.rss_peak.max(rss());
+                    peaks.rss_peak = peaks.rss_peak.max(resident);
+                    peaks.blind |= blind;
                     if flag.load(Ordering::SeqCst) {
                         break;
                     }
@@ -324,7 +380,7 @@ impl Sampler {
                 peaks
             })
             .ok();
-        Self { stop, thread }
+        Self { stop, thread, pids }
     }
 
     /// Stops sampling and takes the "after" sample.
@@ -335,7 +391,9 @@ impl Sampler {
             .take()
             .and_then(|t| t.join().ok())
             .unwrap_or_default();
-        peaks.fds_after = open_fds().0;
+        let (fds, _, _, blind) = sample(&self.pids.as_ref().map(|p| p()).unwrap_or_default());
+        peaks.fds_after = fds;
+        peaks.blind |= blind;
         peaks
     }
 }
@@ -501,4 +559,31 @@ pub fn host_secrets() -> Vec<(String, Vec<u8>)> {
         secrets.push(("/etc/passwd".to_owned(), first.as_bytes().to_vec()));
     }
     secrets
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_workers_descriptors_and_memory_count_as_the_hosts() {
+        // A child process holding descriptors of its own: sampled with its
+        // pid, they are counted; a pid that is gone is not a blind spot.
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let pid = child.id();
+        let (alone, _, rss_alone, _) = sample(&[]);
+        let (with, _, rss_with, blind) = sample(&[pid]);
+        assert!(!blind);
+        assert!(with >= alone + 2, "{alone} alone, {with} with the child");
+        assert!(rss_with > rss_alone);
+        child.kill().unwrap();
+        child.wait().unwrap();
+        let (_, _, _, blind) = sample(&[pid]);
+        assert!(!blind, "a reaped worker is no blind spot");
+    }
 }

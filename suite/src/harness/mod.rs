@@ -1,7 +1,7 @@
-//! What every local attack runs against: the sandboxes (lanes) with the
-//! well-behaved neighbour, the base policy and the bounds the checks hold
-//! attacks to, the canaries, the bait socket and the bait services, set
-//! up once.
+//! What every local attack runs against: the lanes (a runner, hardened
+//! workers by default, with the well-behaved neighbour loaded in it), the
+//! base policy and the bounds the checks hold attacks to, the canaries,
+//! the bait socket and the bait services, set up once.
 //!
 //! - [`evidence`]: host-side observations (canary files under an inotify
 //!   watch, descriptor, socket and memory sampling, bait sockets, disk
@@ -23,9 +23,10 @@ use std::sync::Arc;
 
 use crate::model::{GuestRun, Param, SUITE_SCOPE, SuiteError, SuiteOptions, hello_wasm};
 use bulkhead::policy::{Policy, Sha256Hex};
-use bulkhead::sandbox::{
-    JobDir, JobInput, JobReport, JobSpec, LoadedModule, Sandbox, SandboxConfig,
-};
+use bulkhead::runner::{Finished, InProcess, Module, Runner, Workers};
+use bulkhead::sandbox::{JobInput, JobSpec, Sandbox, SandboxConfig};
+use bulkhead::worker::pool::{Pool, PoolConfig};
+use bytes::Bytes;
 use egress::Egress;
 use evidence::{Bait, Canary};
 
@@ -166,45 +167,204 @@ impl Base {
     }
 }
 
-/// A sandbox and the well-behaved module run beside each attack in it.
+/// Where a lane runs its guests.
+#[derive(Clone, Debug)]
+pub(crate) enum Mode {
+    /// Hardened worker processes of `program`, every layer required, as
+    /// the service runs them.
+    Workers { program: PathBuf },
+    /// This process's sandbox (`--in-process`, or a weakening no worker
+    /// can be given).
+    InProcess,
+}
+
+/// A runner (hardened workers, or this process's sandbox) and the
+/// well-behaved module run beside each attack in it.
 pub(crate) struct Lane {
-    pub sandbox: Sandbox,
-    pub neighbour: Arc<LoadedModule>,
+    pub runner: Arc<dyn Runner>,
+    pub neighbour: Arc<Module>,
     /// Where the lane's jobs' outbound calls go, if anywhere.
     relay: Option<Arc<bulkhead::relay::Relay>>,
+    /// Host descriptors one job may hold where it runs.
+    pub max_open_per_job: u64,
+    /// The largest module the lane loads.
+    pub max_module_size: usize,
+    /// Where job directories are on the host: the sandbox's work directory,
+    /// or the zone's, holding one directory per worker.
+    pub work_dir: PathBuf,
 }
 
 impl Lane {
-    fn new(
+    async fn new(
         config: SandboxConfig,
         base: &Base,
         relay: Option<Arc<bulkhead::relay::Relay>>,
+        mode: &Mode,
     ) -> Result<Self, SuiteError> {
-        let sandbox = Sandbox::new(config).map_err(|e| SuiteError::Setup(e.to_string()))?;
+        let max_module_size = config.max_module_size;
+        let (runner, max_open_per_job, work_dir) = start_runner(config, &base.zone, mode).await?;
+        let setup = |e: String| SuiteError::Setup(e);
         let hello = hello_wasm();
         let text = base.policy_text("suite-neighbour", hello, None, &[]);
-        let neighbour = load(&sandbox, &text, hello).map_err(SuiteError::Setup)?;
+        let policy = parse(&text).map_err(SuiteError::Setup)?;
+        let neighbour = runner
+            .load(policy, Bytes::from_static(hello))
+            .await
+            .map_err(|e| setup(format!("cannot load the neighbour: {e}")))?;
         Ok(Self {
-            sandbox,
+            runner,
             neighbour,
             relay,
+            max_open_per_job,
+            max_module_size,
+            work_dir,
         })
     }
 
-    /// Runs `job` of `module` in `dir`, its calls (if its policy names
-    /// services) going through the lane's relay as the suite's caller.
+    /// Whether its guests run in worker processes.
+    pub fn in_workers(&self) -> bool {
+        self.runner.state().mode != "in-process"
+    }
+
+    /// Its workers' process ids, asked anew at each call (none
+    /// in-process; a faulted worker is replaced).
+    pub fn pids(&self) -> evidence::Pids {
+        let runner = Arc::clone(&self.runner);
+        Arc::new(move || runner.state().workers.into_values().flatten().collect())
+    }
+
+    /// Loads `wasm` under `policy`.
+    pub async fn load(&self, policy: Policy, wasm: &[u8]) -> Result<Arc<Module>, String> {
+        self.runner
+            .load(policy, Bytes::copy_from_slice(wasm))
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    /// Runs `job` of `module`, its calls (if its policy names services)
+    /// going through the lane's relay as the suite's caller.
     pub async fn run(
         &self,
-        module: &LoadedModule,
+        module: &Module,
         job: &JobSpec,
-        dir: &JobDir,
-    ) -> Result<JobReport, bulkhead::sandbox::JobError> {
+    ) -> Result<Finished, bulkhead::sandbox::JobError> {
         let egress = self
             .relay
             .as_ref()
             .and_then(|r| r.grant(module.policy(), &job.id, Ok(egress::caller()), None));
-        self.sandbox.run_with(module, job, dir, egress).await
+        self.runner.run(module, job, egress).await
     }
+
+    /// The empty input directories jobs without inputs share (one per
+    /// worker).
+    pub fn shared_inputs(&self) -> Vec<PathBuf> {
+        if !self.in_workers() {
+            return vec![self.work_dir.join(".empty-in")];
+        }
+        worker_dirs(&self.work_dir)
+            .into_iter()
+            .map(|w| w.join(".empty-in"))
+            .filter(|p| p.exists())
+            .collect()
+    }
+
+    /// The job directories (`<id>.out`, `<id>.in`) now in its workers'
+    /// directories (none in-process, where a job's are known by its
+    /// [`JobDir`](bulkhead::sandbox::JobDir)).
+    pub fn worker_job_dirs(&self) -> std::collections::BTreeSet<PathBuf> {
+        let mut all = std::collections::BTreeSet::new();
+        if !self.in_workers() {
+            return all;
+        }
+        for w in worker_dirs(&self.work_dir) {
+            for entry in std::fs::read_dir(&w).into_iter().flatten().flatten() {
+                let name = entry.file_name();
+                let name = name.to_string_lossy();
+                if !name.starts_with('.') && (name.ends_with(".out") || name.ends_with(".in")) {
+                    all.insert(entry.path());
+                }
+            }
+        }
+        all
+    }
+
+    fn close(&self) {
+        self.runner.close();
+    }
+}
+
+/// A runner over `config` for `zone`, as `mode` says: this process's
+/// sandbox, or a pool of one hardened worker built as `bulkhead run` and
+/// the service build a zone's (its own work and cache directories inside
+/// `config`'s, every layer required). Also the host descriptors one job
+/// may hold there, and where its job directories are.
+pub(crate) async fn start_runner(
+    config: SandboxConfig,
+    zone: &str,
+    mode: &Mode,
+) -> Result<(Arc<dyn Runner>, u64, PathBuf), SuiteError> {
+    let setup = |e: String| SuiteError::Setup(e);
+    Ok(match mode {
+        Mode::InProcess => {
+            let sandbox = Sandbox::new(config).map_err(|e| setup(e.to_string()))?;
+            let max_open = sandbox.max_open_per_job();
+            let work_dir = sandbox.config().work_dir.clone();
+            (Arc::new(InProcess::new(sandbox)), max_open, work_dir)
+        }
+        Mode::Workers { program } => {
+            // As `bulkhead run` and the service build a zone's pool:
+            // the zone's own work and cache directories, every layer
+            // required.
+            bulkhead::sandbox::create_private_dir_all(&config.work_dir)?;
+            let zone = zone.to_owned();
+            let work_dir = config.work_dir.join("zones").join(&zone);
+            let cache_dir = match &config.cache_dir {
+                Some(dir) => {
+                    bulkhead::sandbox::create_private_dir_all(dir)?;
+                    dir.join("zones").join(&zone)
+                }
+                None => work_dir.with_extension("cache"),
+            };
+            let isolation = bulkhead::config::Isolation::default();
+            let max_open = bulkhead::worker::WORKER_MAX_OPEN;
+            let per_job =
+                bulkhead::sandbox::descriptor_budget(max_open, config.max_concurrent_jobs)
+                    .map_err(|e| setup(e.to_string()))?;
+            let pool = Pool::start(
+                PoolConfig {
+                    zone: zone.clone(),
+                    program: program.clone(),
+                    workers: 1,
+                    jobs_per_worker: 0,
+                    max_concurrent_jobs: config.max_concurrent_jobs,
+                    memory: None,
+                    work_dir: work_dir.clone(),
+                    cache_dir,
+                    run_as: isolation.run_as,
+                    max_open,
+                    max_threads: bulkhead::worker::WORKER_MAX_THREADS,
+                    require: isolation.require,
+                    weaken: std::collections::BTreeSet::new(),
+                },
+                |_| {},
+            )
+            .await
+            .map_err(|e| setup(format!("cannot start the suite's workers: {e}")))?;
+            let pools = std::iter::once((zone, pool)).collect();
+            (Arc::new(Workers::new(config, pools)), per_job, work_dir)
+        }
+    })
+}
+
+/// The workers' own directories in a zone's work directory.
+fn worker_dirs(zone_dir: &Path) -> Vec<PathBuf> {
+    std::fs::read_dir(zone_dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        .map(|e| e.path())
+        .collect()
 }
 
 /// Everything an attack runs against, set up once.
@@ -223,6 +383,11 @@ pub(crate) struct Harness {
     pub weak_services: Vec<String>,
     pub host_secrets: Vec<(String, Vec<u8>)>,
     pub scratch: PathBuf,
+    /// Where the lanes run guests.
+    pub mode: Mode,
+    /// Where the guests ran, for the report: hardened workers, or this
+    /// process (and why).
+    pub target: String,
     _temp: Option<tempfile::TempDir>,
 }
 
@@ -269,8 +434,35 @@ impl Harness {
         fresh.cache_dir = None;
         fresh.work_dir = scratch.join("fresh-jobs");
         fresh.max_concurrent_jobs = 2;
-        let main = Lane::new(config, &base, Some(Arc::clone(&egress.relay)))?;
-        let fresh = Lane::new(fresh, &base, None)?;
+        // Guests run in hardened workers unless asked otherwise, or unless
+        // the weakening is one no worker can be given (the extra preopen
+        // is a `SandboxConfig` field the worker's start arguments do not
+        // carry).
+        let (mode, target) = if options.in_process {
+            (
+                Mode::InProcess,
+                "local sandbox, in this process (--in-process)".to_owned(),
+            )
+        } else if weakening.preopen_canary {
+            (
+                Mode::InProcess,
+                "local sandbox, in this process (the weakened configuration's extra preopen \
+                 cannot reach a worker)"
+                    .to_owned(),
+            )
+        } else {
+            let program = options
+                .drill_program
+                .clone()
+                .map_or_else(std::env::current_exe, Ok)
+                .map_err(|e| SuiteError::Setup(format!("cannot find this binary: {e}")))?;
+            (
+                Mode::Workers { program },
+                "local hardened workers".to_owned(),
+            )
+        };
+        let main = Lane::new(config, &base, Some(Arc::clone(&egress.relay)), &mode).await?;
+        let fresh = Lane::new(fresh, &base, None, &mode).await?;
         let hello = hello_wasm();
         // The bounds are those of the policy the attacks were meant to
         // run under, without the weakening.
@@ -288,12 +480,14 @@ impl Harness {
             weak_services: weakening.grant_services,
             host_secrets: evidence::host_secrets(),
             scratch,
+            mode,
+            target,
             _temp: temp,
         })
     }
 
     /// Loads `run` under the base policy (plus any weakening) as `name`.
-    pub fn load(&self, name: &str, run: &GuestRun) -> Result<Arc<LoadedModule>, String> {
+    pub async fn load(&self, name: &str, run: &GuestRun) -> Result<Arc<Module>, String> {
         let mut run = run.clone();
         if !run.services.is_empty() {
             for s in &self.weak_services {
@@ -311,10 +505,13 @@ impl Harness {
             &self.egress.declared(),
         )
         .map_err(|e| e.to_string())?;
-        self.main
-            .sandbox
-            .load(policy, &run.wasm)
-            .map_err(|e| e.to_string())
+        self.main.load(policy, &run.wasm).await
+    }
+
+    /// Stops the lanes' workers.
+    pub(crate) fn close(&self) {
+        self.main.close();
+        self.fresh.close();
     }
 
     fn value(&self, p: &Param, secret: &str) -> String {
@@ -375,15 +572,6 @@ impl Harness {
 
 pub(crate) fn parse(text: &str) -> Result<Policy, String> {
     Policy::parse(text, Path::new("escape-suite.toml")).map_err(|e| e.to_string())
-}
-
-pub(crate) fn load(
-    sandbox: &Sandbox,
-    text: &str,
-    wasm: &[u8],
-) -> Result<Arc<LoadedModule>, String> {
-    let policy = parse(text)?;
-    sandbox.load(policy, wasm).map_err(|e| e.to_string())
 }
 
 #[cfg(test)]

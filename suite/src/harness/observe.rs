@@ -3,36 +3,57 @@
 
 use std::io::Read;
 use std::os::unix::fs::OpenOptionsExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 use super::checks::host_checks;
 use super::evidence::{Peaks, Sampler};
 use super::{Harness, Lane};
 use crate::model::{Attack, AttackResult, ms};
-use bulkhead::sandbox::{FailureKind, JobDir, JobReport, JobSpec, LoadedModule, Outcome};
+use bulkhead::runner::{Finished, Module, Outputs};
+use bulkhead::sandbox::{Failure, FailureKind, JobReport, JobSpec, Outcome};
 
 /// One job, with the neighbour beside it and evidence around it.
 pub(crate) struct Observed {
+    /// Its report; in worker mode with the output lists the suite found,
+    /// as the gateway lists them, never the worker's own.
     pub(crate) report: JobReport,
-    pub(crate) dir: JobDir,
+    /// Its outputs, where the runner left them (kept until dropped).
+    pub(crate) outputs: Outputs,
+    /// Where its outputs are read: its `/out` in this process's sandbox,
+    /// or the gateway's bounded copy of what a worker left.
+    pub(crate) out_dir: PathBuf,
+    /// The directories its `/out` really was on the host (in worker mode:
+    /// those that appeared in the workers' directories while it ran, the
+    /// neighbour's empty one included), for disk usage and links left.
+    pub(crate) raw_outs: Vec<PathBuf>,
+    /// The directories its `/in` really was on the host.
+    pub(crate) in_dirs: Vec<PathBuf>,
     pub(crate) neighbour: JobReport,
     pub(crate) peaks: Peaks,
     /// Host meters around the job (and its neighbour).
     pub(crate) meters: super::meters::Spent,
     pub(crate) inputs_before: std::collections::BTreeMap<String, String>,
+    /// The gateway's copy, removed when dropped.
+    copy: Option<PathBuf>,
+}
+
+impl Drop for Observed {
+    fn drop(&mut self) {
+        if let Some(copy) = self.copy.take() {
+            let _ = std::fs::remove_dir_all(copy);
+        }
+    }
 }
 
 pub(crate) async fn observe(
+    h: &Harness,
     lane: &Lane,
-    module: &LoadedModule,
+    module: &Module,
     job: &JobSpec,
 ) -> Result<Observed, String> {
-    let dir =
-        JobDir::create(&lane.sandbox.config().work_dir, &job.id).map_err(|e| e.to_string())?;
     let hello = JobSpec::new();
-    let hello_dir =
-        JobDir::create(&lane.sandbox.config().work_dir, &hello.id).map_err(|e| e.to_string())?;
     let inputs_before: std::collections::BTreeMap<String, String> = job
         .inputs
         .iter()
@@ -43,23 +64,74 @@ pub(crate) async fn observe(
             )
         })
         .collect();
-    let sampler = Sampler::start();
-    let meters = super::meters::Meters::start();
-    let (report, neighbour) = tokio::join!(
-        lane.run(module, job, &dir),
-        lane.run(&lane.neighbour, &hello, &hello_dir)
-    );
-    let meters = meters.stop();
+    let dirs_before = lane.worker_job_dirs();
+    let pids = lane.pids();
+    let sampler = Sampler::start_with(Some(Arc::clone(&pids)));
+    let meters = super::meters::Meters::start(&pids());
+    let (finished, neighbour) =
+        tokio::join!(lane.run(module, job), lane.run(&lane.neighbour, &hello));
+    let meters = meters.stop(&pids());
     let peaks = sampler.stop();
-    let report = report.map_err(|e| format!("the job was refused: {e}"))?;
+    let finished = finished.map_err(|e| format!("the job was refused: {e}"))?;
     let neighbour = neighbour.map_err(|e| format!("the neighbour job was refused: {e}"))?;
+    drop(neighbour.outputs);
+    let Finished {
+        mut report,
+        outputs,
+    } = finished;
+    let (out_dir, raw_outs, in_dirs, copy) = match &outputs {
+        Outputs::Local(dir) => (
+            dir.output_dir(),
+            vec![dir.output_dir()],
+            vec![dir.input_dir()],
+            None,
+        ),
+        _ => {
+            // As the gateway does with what a worker left: copy it out
+            // within the policy's limits and list what was copied.
+            let copy = h.scratch.join(format!("gateway-{}", job.id));
+            match outputs.collect(Some(&copy)) {
+                Ok(collected) => {
+                    report.outputs = collected.files;
+                    report.skipped_outputs = collected.skipped;
+                }
+                Err(e) => {
+                    report.outputs.clear();
+                    report.skipped_outputs.clear();
+                    report.outcome = Outcome::Failed;
+                    report.failure.get_or_insert(Failure {
+                        kind: FailureKind::Output,
+                        message: format!("cannot read the outputs: {e}"),
+                    });
+                }
+            }
+            let new: Vec<PathBuf> = lane
+                .worker_job_dirs()
+                .difference(&dirs_before)
+                .cloned()
+                .collect();
+            let (outs, ins): (Vec<PathBuf>, Vec<PathBuf>) = new
+                .into_iter()
+                .partition(|p| p.extension().is_some_and(|e| e == "out"));
+            let ins = if job.inputs.is_empty() {
+                lane.shared_inputs()
+            } else {
+                ins
+            };
+            (copy.clone(), outs, ins, Some(copy))
+        }
+    };
     Ok(Observed {
         report,
-        dir,
-        neighbour,
+        outputs,
+        out_dir,
+        raw_outs,
+        in_dirs,
+        neighbour: neighbour.report,
         peaks,
         meters,
         inputs_before,
+        copy,
     })
 }
 
@@ -82,12 +154,12 @@ pub(crate) async fn run_loaded(
     h: &Harness,
     lane: &Lane,
     attack: &Attack,
-    module: &LoadedModule,
+    module: &Module,
     started: Instant,
 ) -> (AttackResult, Option<JobReport>) {
     let job = JobSpec::new();
     let secrets = h.secrets(&job, &[], "");
-    match observe(lane, module, &job).await {
+    match observe(h, lane, module, &job).await {
         Ok(obs) => {
             let checks = host_checks(h, &obs, &secrets, &[]);
             let stopped = stopped_by(&obs.report);

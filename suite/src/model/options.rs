@@ -60,8 +60,12 @@ pub struct SuiteOptions {
     pub cache_dir: Option<PathBuf>,
     /// Deliberately weaken the local sandbox (the suite's own self-test).
     pub weakening: Option<Weakening>,
-    /// The `bulkhead` binary the second-wall drill and the local service's
-    /// workers are started from [default: this process's own executable].
+    /// Run the local guest lanes' jobs in this process's sandbox instead of
+    /// hardened worker processes (for debugging).
+    pub in_process: bool,
+    /// The `bulkhead` binary the second-wall drill, the local guest lanes'
+    /// workers and the local service's workers are started from [default:
+    /// this process's own executable].
     pub drill_program: Option<PathBuf>,
     /// Hardening layers the second-wall drill leaves off (the suite's
     /// self-test only: no command-line option, config, policy or request

@@ -7,12 +7,12 @@ use crate::families::{api, artifacts, bombs, forge, guest, http, second_wall, se
 use crate::harness::Harness;
 use crate::model::{Attack, AttackKind, AttackResult, Progress, SuiteError, SuiteOptions};
 
-/// Runs every attack locally.
+/// Runs every attack locally; also says where the guests ran.
 pub async fn run(
     options: &SuiteOptions,
     attacks: &[Attack],
     progress: &mut dyn FnMut(Progress<'_>),
-) -> Result<Vec<AttackResult>, SuiteError> {
+) -> Result<(String, Vec<AttackResult>), SuiteError> {
     let h = Harness::new(options).await?;
     let mut api = None;
     let mut results = Vec::new();
@@ -62,5 +62,6 @@ pub async fn run(
     if let Some(Ok(service)) = api {
         service.stop().await;
     }
-    Ok(results)
+    h.close();
+    Ok((h.target.clone(), results))
 }

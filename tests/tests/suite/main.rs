@@ -1,13 +1,16 @@
-//! `bulkhead escape-suite` run locally: the whole bundled suite holds; a
-//! deliberately weakened configuration is reported breached (so the suite
-//! can say "breached" at all); a tester's own guests are counted and judged;
+//! `bulkhead escape-suite` run locally: the whole bundled suite holds with
+//! its guests in hardened worker processes (and in this process with
+//! `in_process`); a deliberately weakened configuration is reported
+//! breached, in workers and (where the weakening cannot reach a worker) in
+//! this process (so the suite can say "breached" at all); a tester's own
+//! guests are counted and judged;
 //! an attack that tries nothing is inconclusive; the JSON, HTML and table
 //! agree; the binary's exit status follows the verdicts.
 //!
 //! A test binary of its own: the suite judges CPU, bytes written and
 //! descriptors from this process's own accounting (`getrusage`,
-//! `/proc/self/io`, `/proc/self/fd`), as `bulkhead escape-suite` does in its
-//! own process, so no other test may run beside it; its local runs take
+//! `/proc/self/io`, `/proc/self/fd`) and its workers' (`/proc/<pid>/…`), as
+//! `bulkhead escape-suite` does, so no other test may run beside it; its local runs take
 //! [`LOCAL`] one at a time for the same reason.
 
 use std::path::{Path, PathBuf};
@@ -130,12 +133,41 @@ async fn the_bundled_suite_holds_and_its_reports_agree() {
         assert!(table.contains(&r.id), "{} missing from the table", r.id);
     }
     assert!(table.contains(&format!(
-        "{0} attacks against local sandbox (policy built-in): {0} held, 0 breached, 0 errors",
+        "{0} attacks against local hardened workers (policy built-in): {0} held, 0 breached, 0 errors",
         report.summary.total
     )));
 }
 
-/// Attacks the weakened configuration must turn into breaches.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_guest_lanes_run_in_workers_unless_asked_to_run_in_process() {
+    // By default the guests ran in hardened workers: the descriptors the
+    // host is held to are the suite's and its workers'.
+    let mut opts = options();
+    opts.only = Some("fs.absolute".into());
+    let report = run(&opts).await;
+    assert_eq!(report.target, "local hardened workers");
+    assert!(report.all_held(), "{}", not_held(&report).join("\n"));
+    let descriptors = report.results[0]
+        .checks
+        .iter()
+        .find(|c| c.name == "descriptors")
+        .unwrap();
+    assert!(
+        descriptors.detail.contains("its workers'"),
+        "{descriptors:?}"
+    );
+    // `--in-process` (for debugging) runs them in this process, and says so.
+    opts.in_process = true;
+    let report = run(&opts).await;
+    assert_eq!(
+        report.target,
+        "local sandbox, in this process (--in-process)"
+    );
+    assert!(report.all_held(), "{}", not_held(&report).join("\n"));
+}
+
+/// Attacks the weakened configuration must turn into breaches (the first
+/// two only where the canary directory is preopened: in-process).
 const WEAKENED_SAMPLE: &[&str] = &[
     "fs.absolute",
     "fs.absolute-dir",
@@ -194,6 +226,16 @@ async fn a_weakened_configuration_is_reported_breached() {
             .map(|c| c.name.clone())
             .collect()
     };
+    // The extra preopen is a sandbox setting no worker is given: this
+    // self-check runs in this process, and the report says so.
+    assert!(
+        report.target.contains("in this process")
+            && report
+                .target
+                .contains("extra preopen cannot reach a worker"),
+        "{}",
+        report.target
+    );
     assert!(failed("fs.absolute").contains(&"canary".to_owned()));
     assert!(failed("fs.absolute").contains(&"secrets".to_owned()));
     assert!(failed("exhaust.memory-alloc").contains(&"memory".to_owned()));
@@ -207,6 +249,62 @@ async fn a_weakened_configuration_is_reported_breached() {
         "{0} of {0} attacks breached the compartment",
         WEAKENED_SAMPLE.len()
     )));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_weakened_configuration_is_reported_breached_in_workers() {
+    // The same weakened limits and grant, without the extra preopen: the
+    // guests run in hardened workers, and each sampled attack is still
+    // caught by a host-side check that sees the workers (their disk, their
+    // CPU), not only this process.
+    let weak = |k: &str, v: &str| (k.to_owned(), toml::Value::String(v.to_owned()));
+    let mut opts = options();
+    opts.weakening = Some(Weakening {
+        limits: vec![
+            weak("memory", "256 MiB"),
+            weak("cpu_time", "3500 ms"),
+            weak("wall_time", "4 s"),
+            weak("output", "16 MiB"),
+            ("output_files".to_owned(), toml::Value::Integer(4096)),
+            weak("stdout", "4 MiB"),
+        ],
+        preopen_canary: false,
+        grant_services: vec!["payments".to_owned()],
+    });
+    let sample = &WEAKENED_SAMPLE[2..];
+    let attacks: Vec<_> = suite::select(&opts)
+        .unwrap()
+        .into_iter()
+        .filter(|a| sample.contains(&a.id.as_str()))
+        .collect();
+    assert_eq!(attacks.len(), sample.len());
+    let report = {
+        let _one_at_a_time = LOCAL.lock().await;
+        suite::run_attacks(&opts, &attacks, &mut |_| {})
+            .await
+            .unwrap()
+    };
+    assert_eq!(report.target, "local hardened workers");
+    for r in &report.results {
+        assert_eq!(r.verdict, Verdict::Breached, "{}", failed_checks(r));
+    }
+    let failed = |id: &str| -> Vec<String> {
+        let r = report.results.iter().find(|r| r.id == id).unwrap();
+        r.checks
+            .iter()
+            .filter(|c| !c.passed)
+            .map(|c| c.name.clone())
+            .collect()
+    };
+    // What a worker left on the host's disk, found in its directory.
+    assert!(failed("exhaust.disk-big").contains(&"disk".to_owned()));
+    assert!(failed("exhaust.disk-many").contains(&"disk".to_owned()));
+    // The CPU the worker spent, from its own accounting.
+    assert!(failed("exhaust.cpu-loop").contains(&"host cpu".to_owned()));
+    assert!(failed("exhaust.memory-alloc").contains(&"memory".to_owned()));
+    assert!(failed("exhaust.sleep").contains(&"time".to_owned()));
+    assert!(failed("exhaust.stdout-flood").contains(&"output streams".to_owned()));
+    assert!(failed("lateral.http-ungranted").contains(&"forbidden service".to_owned()));
 }
 
 /// A folder with two of the tester's own guests (copies of the hostile
