@@ -951,9 +951,12 @@ fn judge(kind: DrillAttack, area: &Area, net: &Net, tokens: &[String], seen: &Se
         DrillAttack::Neighbours => checks.push(untouched_check(area, &area.neighbours)),
         DrillAttack::Inherited => {
             // Standard streams on /dev/null, the channel, the worker's own
-            // work and cache directories as a pool hands them over, and
-            // nothing else (a duplicate of the channel is the drill's own).
+            // work and cache directories as a pool hands them over, its own
+            // page map (opened by hardening's prepare step, without
+            // privilege), and nothing else (a duplicate of the channel is
+            // the drill's own).
             let fds = &seen.after_harden.fds;
+            let own_page_map = format!("/proc/{}/pagemap", seen.pid);
             let channel = fds.get(&bulkhead::worker::CHANNEL_FD);
             let own_dir = |n: i32, t: &String| {
                 (n == bulkhead::worker::WORK_FD && std::path::Path::new(t) == area.work)
@@ -961,9 +964,9 @@ fn judge(kind: DrillAttack, area: &Area, net: &Net, tokens: &[String], seen: &Se
             };
             let expected = channel.is_some_and(|t| t.starts_with("socket:"))
                 && (0..3).all(|n| fds.get(&n).is_some_and(|t| t == "/dev/null"))
-                && fds
-                    .iter()
-                    .all(|(n, t)| *n < 3 || Some(t) == channel || own_dir(*n, t));
+                && fds.iter().all(|(n, t)| {
+                    *n < 3 || Some(t) == channel || own_dir(*n, t) || *t == own_page_map
+                });
             let listing: Vec<String> = fds.iter().map(|(n, t)| format!("{n} -> {t}")).collect();
             checks.push(Check::new(
                 "descriptors",
