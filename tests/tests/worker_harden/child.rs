@@ -39,8 +39,33 @@ pub fn plan() -> Plan {
             .copied()
             .filter(|l| !apply.contains(l))
             .collect(),
-        prepare: None,
+        prepare: Some(record_prepare),
     }
+}
+
+/// What the process was while hardening's prepare step ran.
+static PREPARED: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);
+
+fn record_prepare() {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(|v| v.trim().to_owned())
+            .unwrap_or_default()
+    };
+    // SAFETY: no preconditions; plain integers.
+    let (euid, dumpable) = unsafe {
+        (
+            libc::geteuid(),
+            libc::prctl(libc::PR_GET_DUMPABLE, 0, 0, 0, 0),
+        )
+    };
+    *PREPARED.lock().unwrap() = Some(format!(
+        "euid={euid} capeff={} dumpable={dumpable}",
+        field("CapEff:")
+    ));
 }
 
 /// The channel on descriptor 3.
@@ -88,6 +113,11 @@ fn probe() {
         let words: Vec<&str> = line.split_whitespace().collect();
         let reply = match words.as_slice() {
             ["exit"] => std::process::exit(0),
+            ["prepared"] => PREPARED
+                .lock()
+                .unwrap()
+                .clone()
+                .ok_or_else(|| "prepare never ran".to_owned()),
             ["again"] => match &again {
                 Ok(_) => Err("a second apply succeeded".to_owned()),
                 Err(e) => Ok(e.clone()),

@@ -523,6 +523,36 @@ pub fn fully_hardened() {
     w.finish();
 }
 
+/// The prepare step (the worker opens its page map there) runs before the
+/// uid change, as the starting user, without `CAP_SYS_ADMIN`: no moment of
+/// hardening leaves the process dumpable under the new uid, where any
+/// process of that uid could attach to it.
+pub fn prepare() {
+    let dir = scratch();
+    let mut w = start("probe", &all_but(&[]), &[dir.path().to_owned()]);
+    expect_applied(&w);
+    let Reply::Ok(seen) = w.order("prepared") else {
+        panic!("the probe did not say how prepare ran");
+    };
+    let field = |name: &str| {
+        seen.split_whitespace()
+            .find_map(|kv| kv.strip_prefix(name))
+            .unwrap()
+            .to_owned()
+    };
+    // SAFETY: no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    assert_eq!(field("euid="), euid.to_string(), "{seen}");
+    let capeff = u64::from_str_radix(&field("capeff="), 16).unwrap();
+    assert_eq!(capeff & (1 << 21), 0, "CAP_SYS_ADMIN effective: {seen}");
+    let end_uid = if euid == 0 { 65534 } else { euid };
+    assert_eq!(
+        w.status("Uid").split_whitespace().next(),
+        Some(end_uid.to_string().as_str())
+    );
+    w.finish();
+}
+
 pub fn errors() {
     let dir = scratch();
     let mut w = start("probe", &all_but(&[]), &[dir.path().to_owned()]);

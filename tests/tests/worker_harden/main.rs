@@ -62,6 +62,10 @@ fn main() {
         ("seccomp_lets_threads_run", layers::seccomp_threads),
         ("dies_with_gateway", layers::dies_with_gateway),
         ("fully_hardened_shows_every_layer", layers::fully_hardened),
+        (
+            "prepare_runs_before_the_uid_change_without_cap_sys_admin",
+            layers::prepare,
+        ),
         ("apply_twice_or_a_bad_dir_is_a_clear_error", layers::errors),
         ("fully_hardened_worker_runs_jobs", sandbox::runs_jobs),
     ];
@@ -88,6 +92,7 @@ fn unsupported(case: &str) -> Option<String> {
             "threads_are_bounded_by_max_threads"
                 | "dies_with_gateway"
                 | "fully_hardened_shows_every_layer"
+                | "prepare_runs_before_the_uid_change_without_cap_sys_admin"
                 | "apply_twice_or_a_bad_dir_is_a_clear_error"
                 | "fully_hardened_worker_runs_jobs"
         );

@@ -140,12 +140,13 @@ pub struct Plan {
     pub max_threads: u64,
     /// Layers not applied (tests and the escape suite's self-check only).
     pub weaken: BTreeSet<Layer>,
-    /// Runs once the process has its final uid, namespaces and limits and
-    /// before Landlock, not-dumpable and seccomp close the filesystem: what
-    /// must be opened by path first (the allocator's own page map,
-    /// `/proc/self/pagemap`). It runs with the process briefly dumpable, as
-    /// `/proc/self` files are otherwise root's after the uid change, and
-    /// without any capability, so nothing it opens carries privilege.
+    /// Runs right after the descriptors are closed, before the uid change
+    /// and the rest: what must be opened by path while `/proc/self` is
+    /// still the process's own (the allocator's page map,
+    /// `/proc/self/pagemap`; after a uid change it is root's, and making
+    /// the process dumpable to reach it would open it to every process of
+    /// the new uid). It runs without `CAP_SYS_ADMIN` in the effective set,
+    /// so what it opens carries no privilege to reveal.
     pub prepare: Option<fn()>,
 }
 
@@ -222,6 +223,9 @@ pub fn apply(plan: &Plan) -> Result<Applied, HardenError> {
     record(Layer::Descriptors, &mut || {
         sys::descriptors(plan.channel, &plan.keep)
     })?;
+    if let Some(prepare) = plan.prepare {
+        sys::without_admin(prepare)?;
+    }
     record(Layer::Unprivileged, &mut || sys::unprivileged(plan.run_as))?;
     record(Layer::UserNamespace, &mut sys::user_namespace)?;
     let privileged_ns = || sys::has_cap_sys_admin();
@@ -249,11 +253,13 @@ pub fn apply(plan: &Plan) -> Result<Applied, HardenError> {
         sys::rlimits(plan.max_open, plan.max_threads)
     })?;
     record(Layer::NoNewPrivs, &mut sys::no_new_privs)?;
-    if let Some(prepare) = plan.prepare {
-        sys::while_dumpable(prepare)?;
-    }
     record(Layer::Landlock, &mut || landlock::apply(&plan.writable))?;
     record(Layer::NotDumpable, &mut sys::not_dumpable)?;
+    if !on(Layer::NotDumpable) {
+        // Left off, the layer leaves the process as dumpable as a worker
+        // that forgot it could be, so the drill can tell.
+        sys::dumpable();
+    }
     record(Layer::Seccomp, &mut seccomp::apply)?;
     Ok(Applied { layers })
 }

@@ -263,6 +263,42 @@ pub(super) fn drop_capabilities(layer: Layer) -> Result<(), HardenError> {
     Ok(())
 }
 
+/// Runs `f` with `CAP_SYS_ADMIN` out of the effective set, then puts the
+/// effective set back. What `f` opens carries no privilege to reveal: a
+/// page map opened so shows no physical frame numbers to whoever reads it
+/// later (the kernel judges by the opener's credentials). The process is
+/// never made dumpable for it.
+pub(super) fn without_admin(f: fn()) -> Result<(), HardenError> {
+    let layer = Layer::Unprivileged;
+    let mut header = CapHeader {
+        version: CAP_V3,
+        pid: 0,
+    };
+    let mut data = [CapData::default(); 2];
+    // SAFETY: a v3 header and room for two data structs, as capget expects.
+    if unsafe { libc::syscall(libc::SYS_capget, &mut header, data.as_mut_ptr()) } != 0 {
+        return Err(fail(layer, "capget"));
+    }
+    let saved = data;
+    data[0].effective &= !(1 << CAP_SYS_ADMIN);
+    // SAFETY: as above; the effective set only shrinks.
+    if unsafe { libc::syscall(libc::SYS_capset, &mut header, data.as_ptr()) } != 0 {
+        return Err(fail(layer, "capset(without CAP_SYS_ADMIN)"));
+    }
+    if has_cap(CAP_SYS_ADMIN) {
+        return Err(HardenError::new(
+            layer,
+            "CAP_SYS_ADMIN is still effective after dropping it",
+        ));
+    }
+    f();
+    // SAFETY: as above; the effective set goes back within the permitted one.
+    if unsafe { libc::syscall(libc::SYS_capset, &mut header, saved.as_ptr()) } != 0 {
+        return Err(fail(layer, "capset(restore)"));
+    }
+    Ok(())
+}
+
 fn effective_caps() -> u64 {
     status_field("CapEff")
         .and_then(|v| u64::from_str_radix(&v, 16).ok())
@@ -307,10 +343,6 @@ pub(super) fn user_namespace() -> Result<LayerState, HardenError> {
     // SAFETY: no preconditions.
     let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
     let before = ns_id("user");
-    // A uid change made this process non-dumpable, which makes its
-    // /proc files root's: it could not write its own maps.
-    // SAFETY: a plain flag.
-    unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 1, 0, 0, 0) };
     // SAFETY: no pointers.
     if unsafe { libc::unshare(libc::CLONE_NEWUSER) } != 0 {
         let err = errno();
@@ -326,9 +358,23 @@ pub(super) fn user_namespace() -> Result<LayerState, HardenError> {
             )),
         };
     }
+    // A uid change made this process non-dumpable, which makes its /proc
+    // files root's: it could not write its own maps. It is made dumpable
+    // only now, after `unshare`, for the three writes.
+    // SAFETY: plain integers.
+    let was = unsafe { libc::prctl(libc::PR_GET_DUMPABLE, 0, 0, 0, 0) }.max(0);
+    // SAFETY: a plain flag.
+    unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 1, 0, 0, 0) };
     write_proc("/proc/self/setgroups", "deny", layer)?;
     write_proc("/proc/self/uid_map", &format!("{uid} {uid} 1\n"), layer)?;
     write_proc("/proc/self/gid_map", &format!("{gid} {gid} 1\n"), layer)?;
+    // Dumpable under the new uid, any process of that uid may attach: not
+    // a moment longer than the maps need (the not-dumpable layer sets and
+    // checks it again at the end).
+    // SAFETY: plain integers.
+    if unsafe { libc::prctl(libc::PR_SET_DUMPABLE, was, 0, 0, 0) } != 0 {
+        return Err(fail(layer, "PR_SET_DUMPABLE back"));
+    }
     if ns_id("user") == before {
         return Err(HardenError::new(
             layer,
@@ -555,25 +601,11 @@ pub(super) fn no_new_privs() -> Result<LayerState, HardenError> {
     Ok(LayerState::Active)
 }
 
-/// Runs `f` with the process dumpable (so that `/proc/self` is its own
-/// uid's, not root's, after a uid change), then restores what it was.
-pub(super) fn while_dumpable(f: fn()) -> Result<(), HardenError> {
-    let layer = Layer::NotDumpable;
-    // SAFETY: plain integers.
-    let was = unsafe { libc::prctl(libc::PR_GET_DUMPABLE, 0, 0, 0, 0) };
-    if was < 0 {
-        return Err(fail(layer, "PR_GET_DUMPABLE"));
-    }
-    // SAFETY: plain integers.
-    if was != 1 && unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 1, 0, 0, 0) } != 0 {
-        return Err(fail(layer, "PR_SET_DUMPABLE 1"));
-    }
-    f();
-    // SAFETY: plain integers; `was` is 0, 1 or 2 as read above.
-    if was != 1 && unsafe { libc::prctl(libc::PR_SET_DUMPABLE, was, 0, 0, 0) } != 0 {
-        return Err(fail(layer, "PR_SET_DUMPABLE back"));
-    }
-    Ok(())
+/// Makes the process dumpable: what a worker without the not-dumpable
+/// layer may be (tests and the escape suite's self-check only).
+pub(super) fn dumpable() {
+    // SAFETY: a plain flag.
+    unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 1, 0, 0, 0) };
 }
 
 pub(super) fn not_dumpable() -> Result<LayerState, HardenError> {
