@@ -113,3 +113,16 @@ fn load_error(path: &str, name: &str) -> String {
         .unwrap_err()
         .to_string()
 }
+
+/// The same source as the WASIp1 intake's guest, built as a component: it
+/// copies its inputs like its p1 build (`intake`).
+#[tokio::test(flavor = "multi_thread")]
+pub(crate) async fn p1_files() {
+    let module = load_plain(bulkhead_tests::P1_FILES, "p1-files");
+    let (report, dir) = run(&module, &spec(&[("a.txt", b"alpha")], &[])).await;
+    assert!(report.succeeded(), "{report:#?}");
+    assert_eq!(
+        std::fs::read(dir.output_dir().join("a.txt")).unwrap(),
+        b"alpha"
+    );
+}
