@@ -517,3 +517,75 @@ fn the_c_example_builds_with_wasi_libc_and_runs_under_bulkhead_run() {
         report.stdout.text
     );
 }
+
+/// The `.cwasm` files under `dir`, by name.
+fn cached(dir: &Path) -> Vec<String> {
+    let mut names = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let entry = entry.unwrap();
+        if entry.file_type().unwrap().is_dir() {
+            names.extend(cached(&entry.path()));
+        } else if let Some(name) = entry.file_name().to_str()
+            && name.ends_with(".cwasm")
+        {
+            names.push(name.to_owned());
+        }
+    }
+    names
+}
+
+/// An adapted build is cached under the digest of the component compiled
+/// (the adapter's output), never under the uploaded module's: a core
+/// module and a component can never share, or be served, each other's
+/// native code.
+#[test]
+fn an_adapted_build_has_its_own_cache_entry() {
+    use bulkhead::sandbox::{Sandbox, SandboxConfig};
+    let tmp = tempfile::tempdir().unwrap();
+    let sandbox = || {
+        let mut config = SandboxConfig::new(tmp.path().join("jobs"));
+        config.cache_dir = Some(tmp.path().join("cache"));
+        config.max_concurrent_jobs = 2;
+        Sandbox::new(config).unwrap()
+    };
+    let wasm = common::wasm(bulkhead_tests::P1_FILES_WASIP1);
+    let upload = format!("{}.cwasm", bulkhead::policy::Sha256Hex::digest(&wasm));
+    let first = sandbox()
+        .load(p1_policy("p1-files").parse(), &wasm)
+        .unwrap();
+    assert!(!first.from_cache() && first.adapted());
+    let entries = cached(&tmp.path().join("cache"));
+    assert_eq!(entries.len(), 1, "{entries:?}");
+    assert_ne!(
+        entries[0], upload,
+        "cached under the uploaded bytes' digest"
+    );
+    // The adaptation is deterministic: a restart finds its entry.
+    let again = sandbox()
+        .load(p1_policy("p1-files").parse(), &wasm)
+        .unwrap();
+    assert!(again.from_cache());
+    assert_eq!(cached(&tmp.path().join("cache")), entries);
+}
+
+/// The service refuses to start with a module whose import its policy
+/// does not grant, and says which and what would grant it (judged in the
+/// zone's worker), not a linker error.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_service_names_a_denied_import_and_the_line_that_grants_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut config = bulkhead::config::ServeConfig::default();
+    config.storage.data_dir = tmp.path().join("data");
+    config.storage.cache_dir = Some(tmp.path().join("cache"));
+    config.modules.policies_dir = tmp.path().join("policies");
+    config.modules.modules_dir = PathBuf::from(bulkhead_tests::GUESTS_DIR);
+    config.isolation.program = Some(PathBuf::from(env!("CARGO_BIN_EXE_bulkhead-under-test")));
+    common::policy(bulkhead_tests::FRAMED, "framed").write_to(&config.modules.policies_dir);
+    let error = match bulkhead::service::Service::start(config, None).await {
+        Ok(_) => panic!("a module importing wasi:http without services was served"),
+        Err(e) => e.to_string(),
+    };
+    assert!(error.contains("wasi:http/"), "{error}");
+    assert!(error.contains("network.services"), "{error}");
+    assert!(!error.contains("linker"), "{error}");
+}
