@@ -282,7 +282,7 @@ fn component_imports(wasm: &[u8]) -> wasmparser::Result<Vec<String>> {
             Payload::End(_) => depth = depth.saturating_sub(1),
             Payload::ComponentImportSection(reader) if depth == 0 => {
                 for import in reader {
-                    names.push(import?.name.name.to_owned());
+                    names.push(shown(import?.name.name));
                 }
             }
             _ => {}
@@ -328,7 +328,7 @@ fn adapt(policy: &Policy, wasm: &[u8]) -> Result<Vec<u8>, LoadError> {
             Payload::ImportSection(reader) => {
                 for import in reader.into_imports() {
                     let import = import.map_err(|e| refuse(format!("it does not parse: {e}")))?;
-                    imports.push((import.module.to_owned(), import.name.to_owned()));
+                    imports.push((shown(import.module), shown(import.name)));
                 }
             }
             Payload::ExportSection(reader) => {
@@ -402,6 +402,33 @@ fn adapt(policy: &Policy, wasm: &[u8]) -> Result<Vec<u8>, LoadError> {
     }
 }
 
+/// Longest import name kept, in bytes: names come from the guest's bytes
+/// and are shown in terminals, logs and errors.
+const MAX_NAME: usize = 256;
+
+/// `name` as it may be shown: control and bidirectional-formatting
+/// characters escaped, cut to [`MAX_NAME`] bytes. Names are only compared
+/// against this host's own (printable) interface names, so an escaped name
+/// is simply an unknown one.
+fn shown(name: &str) -> String {
+    let mut out = String::new();
+    for c in name.chars() {
+        let unprintable = c.is_control()
+            || matches!(c, '\u{200b}'..='\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}' | '\u{feff}');
+        let piece = if unprintable {
+            c.escape_unicode().to_string()
+        } else {
+            c.to_string()
+        };
+        if out.len() + piece.len() > MAX_NAME {
+            out.push('…');
+            break;
+        }
+        out.push_str(&piece);
+    }
+    out
+}
+
 fn first_line(e: &dyn std::fmt::Display) -> String {
     e.to_string().lines().next().unwrap_or("").to_owned()
 }
@@ -460,6 +487,13 @@ mod tests {
         for name in ["fd_write", "fd_read", "path_open", "proc_exit", "args_get"] {
             assert!(f.contains(name), "{name} missing from {f:?}");
         }
+    }
+
+    #[test]
+    fn import_names_are_shown_escaped_and_bounded() {
+        assert_eq!(shown("wasi:cli/stdout@0.2.0"), "wasi:cli/stdout@0.2.0");
+        assert_eq!(shown("a\u{1b}[2Jb\u{202e}"), "a\\u{1b}[2Jb\\u{202e}");
+        assert!(shown(&"x".repeat(10_000)).len() <= MAX_NAME + '…'.len_utf8());
     }
 
     #[test]

@@ -198,13 +198,23 @@ pub enum LoadError {
     },
 }
 
+/// The denied imports, for the message: at most 8, then how many more.
 fn denied_list(imports: &[ImportVerdict]) -> String {
-    imports
+    const SHOWN: usize = 8;
+    let denied: Vec<&ImportVerdict> = imports
         .iter()
         .filter(|v| v.verdict == Verdict::Denied)
+        .collect();
+    let mut text = denied
+        .iter()
+        .take(SHOWN)
         .map(|v| format!("`{}` ({})", v.name, v.why))
         .collect::<Vec<_>>()
-        .join("; ")
+        .join("; ");
+    if denied.len() > SHOWN {
+        text.push_str(&format!("; and {} more", denied.len() - SHOWN));
+    }
+    text
 }
 
 /// Why a job could not be started. Nothing ran; the report does not exist.
