@@ -98,6 +98,11 @@ impl HostArgs {
         Ok(Arc::new(Workers::new(config, pools)))
     }
 
+    /// The sandbox settings, with this user's private defaults: jobs under
+    /// `$XDG_RUNTIME_DIR/bulkhead-cli`, else `<cache root>/jobs`; the module
+    /// cache in `<cache root>/modules`, where the cache root is
+    /// `$XDG_CACHE_HOME/bulkhead` or `~/.cache/bulkhead`. Every directory
+    /// is checked to be private before use (see `sandbox::ensure_private_dir`).
     fn sandbox_config(&self) -> SandboxConfig {
         let root = bulkhead::sandbox::default_cache_root();
         let runtime = std::env::var_os("XDG_RUNTIME_DIR")
