@@ -26,6 +26,11 @@ use std::process::Command;
 
 const TARGET: &str = "wasm32-wasip2";
 
+/// Guests also built for `wasm32-wasip1` (core modules the host adapts into
+/// components at load), as `(package, binary)`; each gets a constant
+/// `<BINARY>_WASIP1` with its path.
+const WASIP1: &[(&str, &str)] = &[("bulkhead-guest-p1-files", "p1-files")];
+
 /// Variables the outer cargo sets for this build script, or that configure
 /// the outer build, and that must not leak into the nested one.
 const SCRUB_EXACT: &[&str] = &[
@@ -89,7 +94,9 @@ fn main() {
     println!("cargo:rerun-if-env-changed=CARGO_HOME");
     watch_guest_sources(&guests);
 
-    build_guests(&guests, &target_dir);
+    build_guests(&guests, &target_dir, TARGET, &[]);
+    let p1_packages: Vec<&str> = WASIP1.iter().map(|(p, _)| *p).collect();
+    build_guests(&guests, &target_dir, "wasm32-wasip1", &p1_packages);
 
     let wasm_dir = target_dir.join(TARGET).join("release");
     let bins = guest_binaries(&guests);
@@ -145,7 +152,7 @@ fn watch_guest_sources(guests: &Path) {
 }
 
 /// `cargo build --release` of the guest workspace, in a clean environment.
-fn build_guests(guests: &Path, target_dir: &Path) {
+fn build_guests(guests: &Path, target_dir: &Path, target: &str, packages: &[&str]) {
     let cargo = env::var_os("CARGO").unwrap_or_else(|| OsString::from("cargo"));
     let mut cmd = Command::new(cargo);
     cmd.arg("build")
@@ -154,7 +161,8 @@ fn build_guests(guests: &Path, target_dir: &Path) {
         .arg("--manifest-path")
         .arg(guests.join("Cargo.toml"))
         .arg("--target")
-        .arg(TARGET)
+        .arg(target)
+        .args(packages.iter().flat_map(|p| ["-p", p]))
         .arg("--target-dir")
         .arg(target_dir)
         // Cargo looks for `.cargo/config.toml` from the working directory;
@@ -320,6 +328,26 @@ fn generate(wasm_dir: &Path, bins: &[String]) -> String {
         writeln!(
             out,
             "pub const {}: &str = {path:?};",
+            ident(bin).to_uppercase()
+        )
+        .unwrap();
+    }
+    let p1_dir = wasm_dir
+        .parent()
+        .and_then(Path::parent)
+        .expect("<target>/<triple>/release")
+        .join("wasm32-wasip1")
+        .join("release");
+    for (_, bin) in WASIP1 {
+        let path = path_str(&p1_dir.join(format!("{bin}.wasm")));
+        writeln!(
+            out,
+            "\n/// Absolute path of the `{bin}` guest built for `wasm32-wasip1` (a core module)."
+        )
+        .unwrap();
+        writeln!(
+            out,
+            "pub const {}_WASIP1: &str = {path:?};",
             ident(bin).to_uppercase()
         )
         .unwrap();

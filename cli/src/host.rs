@@ -53,15 +53,6 @@ impl HostArgs {
         Ok(Policy::load_with(path, &declared)?)
     }
 
-    /// The sandbox, with this user's private defaults: jobs under
-    /// `$XDG_RUNTIME_DIR/bulkhead-cli`, else `<cache root>/jobs`; the module
-    /// cache in `<cache root>/modules`, where the cache root is
-    /// `$XDG_CACHE_HOME/bulkhead` or `~/.cache/bulkhead`. Every directory
-    /// is checked to be private before use (see `sandbox::ensure_private_dir`).
-    pub(crate) fn sandbox(&self) -> anyhow::Result<Sandbox> {
-        Ok(Sandbox::new(self.sandbox_config())?)
-    }
-
     /// Where the guests of `zone` run: a hardened worker process started
     /// from this binary, exactly as the service runs them (with
     /// `--in-process`, this process's sandbox). The layers required are
@@ -107,6 +98,11 @@ impl HostArgs {
         Ok(Arc::new(Workers::new(config, pools)))
     }
 
+    /// The sandbox settings, with this user's private defaults: jobs under
+    /// `$XDG_RUNTIME_DIR/bulkhead-cli`, else `<cache root>/jobs`; the module
+    /// cache in `<cache root>/modules`, where the cache root is
+    /// `$XDG_CACHE_HOME/bulkhead` or `~/.cache/bulkhead`. Every directory
+    /// is checked to be private before use (see `sandbox::ensure_private_dir`).
     fn sandbox_config(&self) -> SandboxConfig {
         let root = bulkhead::sandbox::default_cache_root();
         let runtime = std::env::var_os("XDG_RUNTIME_DIR")

@@ -83,7 +83,7 @@ pub fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Run(args) => run::run(args).await,
-            Command::Check(args) => run::check(args),
+            Command::Check(args) => run::check(args).await,
             Command::Serve(args) => serve::serve(args).await,
             Command::Token(cmd) => token::token(cmd).await,
             Command::EscapeSuite(args) => suite::escape_suite(args).await,

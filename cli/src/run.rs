@@ -11,13 +11,14 @@ use anyhow::{Context, bail};
 use clap::Args;
 
 use bulkhead::policy::ByteSize;
-use bulkhead::sandbox::{JobInput, JobReport, JobSpec, import_verdict};
+use bulkhead::sandbox::{ImportVerdict, JobInput, JobReport, JobSpec, LoadError};
 
 use crate::host::HostArgs;
 
 #[derive(Debug, Args)]
 pub(crate) struct RunArgs {
-    /// The module: a `wasm32-wasip2` component (`.wasm`).
+    /// The module: a `wasm32-wasip2` component, or a WASIp1 core module (`wasm32-wasip1`, adapted
+    /// into a component at load) (`.wasm`).
     module: PathBuf,
     /// The module's policy (TOML).
     #[arg(long)]
@@ -109,7 +110,7 @@ pub(crate) async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     })
 }
 
-pub(crate) fn check(args: CheckArgs) -> anyhow::Result<ExitCode> {
+pub(crate) async fn check(args: CheckArgs) -> anyhow::Result<ExitCode> {
     let policy = args.host.policy(&args.policy)?;
     let l = &policy.limits;
     println!("policy {}: valid", args.policy.display());
@@ -140,19 +141,67 @@ pub(crate) fn check(args: CheckArgs) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     };
     let wasm = read_module(&module_path)?;
-    let sandbox = args.host.sandbox()?;
-    let gated = !policy.network.services.is_empty();
-    let loaded = sandbox.load(policy, &wasm)?;
-    println!(
-        "module {}: digest matches, compiles, links",
-        module_path.display()
-    );
-    println!("  imports:");
-    for name in loaded.imports(&sandbox) {
-        let (verdict, why) = import_verdict(&name, gated);
-        println!("    {verdict:<8} {name}  ({why})");
+    // Loaded exactly as `run` loads it: in a hardened worker of the
+    // module's zone (this process only checks size, pin and header), so
+    // what is said below about the module is the worker's word.
+    let runner = args.host.runner(&policy.module.zone.to_string()).await?;
+    let loaded = runner.load(policy, wasm.into()).await;
+    runner.close();
+    match loaded {
+        Ok(module) => {
+            let info = module.info();
+            println!(
+                "module {}: digest matches, {}compiles, links",
+                module_path.display(),
+                if info.adapted {
+                    "adapted from a WASIp1 core module, "
+                } else {
+                    ""
+                }
+            );
+            print_imports(&info.imports);
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(LoadError::DeniedImports { imports, .. }) => {
+            println!(
+                "module {}: refused before compiling: it imports what its policy does not grant",
+                module_path.display()
+            );
+            print_imports(&imports);
+            Ok(ExitCode::from(2))
+        }
+        Err(e) => Err(e.into()),
     }
-    Ok(ExitCode::SUCCESS)
+}
+
+/// The verdict on each import, one a line. The names come from the
+/// module's bytes (by way of a worker): anything that could steer a
+/// terminal is escaped.
+fn print_imports(imports: &[ImportVerdict]) {
+    println!("  imports:");
+    for v in imports {
+        println!(
+            "    {:<8} {}  ({})",
+            v.verdict.to_string(),
+            printable(&v.name),
+            printable(&v.why)
+        );
+    }
+}
+
+fn printable(text: &str) -> String {
+    text.chars()
+        .take(512)
+        .map(|c| {
+            if c.is_control()
+                || matches!(c, '\u{200b}'..='\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}' | '\u{feff}')
+            {
+                c.escape_unicode().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
 }
 
 fn or_none(s: &str) -> &str {

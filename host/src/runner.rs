@@ -20,7 +20,7 @@ use crate::job::egress::Egress;
 use crate::job::{JobReport, JobSpec};
 use crate::policy::{Policy, Sha256Hex};
 use crate::sandbox::outputs::{CollectError, Collected};
-use crate::sandbox::{JobDir, JobError, LoadError, LoadedModule, Sandbox, SandboxConfig};
+use crate::sandbox::{JobDir, JobError, LoadError, LoadInfo, LoadedModule, Sandbox, SandboxConfig};
 use crate::worker::harden::Applied;
 use crate::worker::pool::{Pool, WorkerOutputs};
 
@@ -29,7 +29,7 @@ use crate::worker::pool::{Pool, WorkerOutputs};
 pub struct Module {
     policy: Policy,
     sha256: Sha256Hex,
-    from_cache: bool,
+    info: LoadInfo,
     place: Place,
 }
 
@@ -52,7 +52,14 @@ impl Module {
 
     /// Whether its compiled code came from a cache.
     pub fn from_cache(&self) -> bool {
-        self.from_cache
+        self.info.from_cache
+    }
+
+    /// What its load found (cache, WASIp1 adaptation, the imports'
+    /// verdicts). In worker mode this is the worker's word: show it
+    /// escaped, decide nothing on it.
+    pub fn info(&self) -> &LoadInfo {
+        &self.info
     }
 }
 
@@ -175,7 +182,7 @@ impl Runner for InProcess {
         Ok(Arc::new(Module {
             policy: loaded.policy().clone(),
             sha256: loaded.sha256().clone(),
-            from_cache: loaded.from_cache(),
+            info: loaded.info(),
             place: Place::Local(loaded),
         }))
     }
@@ -249,11 +256,11 @@ impl Runner for Workers {
                 reason: format!("no worker pool serves zone `{zone}`"),
             });
         };
-        let (id, from_cache) = pool.load(&policy, wasm).await?;
+        let (id, info) = pool.load(&policy, wasm).await?;
         Ok(Arc::new(Module {
             policy,
             sha256,
-            from_cache,
+            info,
             place: Place::Pool(Arc::clone(pool), id),
         }))
     }

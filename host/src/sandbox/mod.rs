@@ -3,7 +3,8 @@
 //!
 //! One [`Sandbox`] per process owns the one wasmtime `Engine` (pooling
 //! allocator, epoch ticker) and the linker. [`Sandbox::load`] verifies a
-//! module against its policy's pin and pre-instantiates it once;
+//! module against its policy's pin, judges its imports (adapting a WASIp1
+//! core module into a component: [`intake`]) and pre-instantiates it once;
 //! [`Sandbox::run`] gives each job a fresh `Store`, a fresh job directory and
 //! its limits, and always returns a [`JobReport`] for anything the guest
 //! does. The interface is deliberately narrow (policy + bytes in, report out)
@@ -15,6 +16,7 @@ mod cache;
 mod cpu;
 mod engine;
 mod http;
+pub mod intake;
 mod job;
 mod limits;
 pub mod outputs;
@@ -45,7 +47,8 @@ pub use crate::job::{
     Captured, Failure, FailureKind, JobInput, JobReport, JobSpec, LimitKind, MAX_INPUTS,
     Measurements, Outcome, OutputFile, SkippedOutput, validate_input_name,
 };
-pub use wasi::{MAX_HANDLES, MAX_RANDOM_PER_CALL, import_verdict};
+pub use intake::{ImportVerdict, LoadInfo, Verdict};
+pub use wasi::{MAX_HANDLES, MAX_RANDOM_PER_CALL};
 
 use crate::policy::{ByteSize, Policy, Sha256Hex};
 
@@ -181,6 +184,37 @@ pub enum LoadError {
     /// It needs an import this sandbox does not provide.
     #[error("module `{module}` cannot be linked: {message}")]
     Link { module: String, message: String },
+    /// A WASIp1 core module that cannot be adapted into a component: not a
+    /// command (no `_start`), or refused by the preview1 adapter.
+    #[error("module `{module}` is a WASIp1 core module that cannot be run: {reason}")]
+    Adapt { module: String, reason: String },
+    /// Imports its policy does not grant, judged from its bytes before
+    /// compiling. `imports` holds every import's verdict; each denied one
+    /// names the policy line that would grant it, or says that none does.
+    #[error("module `{module}` imports what its policy does not grant: {}", denied_list(.imports))]
+    DeniedImports {
+        module: String,
+        imports: Vec<ImportVerdict>,
+    },
+}
+
+/// The denied imports, for the message: at most 8, then how many more.
+fn denied_list(imports: &[ImportVerdict]) -> String {
+    const SHOWN: usize = 8;
+    let denied: Vec<&ImportVerdict> = imports
+        .iter()
+        .filter(|v| v.verdict == Verdict::Denied)
+        .collect();
+    let mut text = denied
+        .iter()
+        .take(SHOWN)
+        .map(|v| format!("`{}` ({})", v.name, v.why))
+        .collect::<Vec<_>>()
+        .join("; ");
+    if denied.len() > SHOWN {
+        text.push_str(&format!("; and {} more", denied.len() - SHOWN));
+    }
+    text
 }
 
 /// Why a job could not be started. Nothing ran; the report does not exist.
@@ -212,8 +246,9 @@ pub struct LoadedModule {
     policy: Policy,
     sha256: Sha256Hex,
     pre: CommandPre<wasi::JobState>,
-    component: Component,
     from_cache: bool,
+    adapted: bool,
+    imports: Vec<ImportVerdict>,
 }
 
 impl std::fmt::Debug for LoadedModule {
@@ -241,12 +276,24 @@ impl LoadedModule {
         self.from_cache
     }
 
-    /// The component's imports, as `interface name` strings.
-    pub fn imports(&self, sandbox: &Sandbox) -> Vec<String> {
-        let ty = self.component.component_type();
-        ty.imports(&sandbox.engine)
-            .map(|(name, _)| name.to_owned())
-            .collect()
+    /// Whether it was adapted from a WASIp1 core module.
+    pub fn adapted(&self) -> bool {
+        self.adapted
+    }
+
+    /// The component's imports and what the sandbox does with each (none
+    /// is denied: a denied import fails the load).
+    pub fn imports(&self) -> &[ImportVerdict] {
+        &self.imports
+    }
+
+    /// What the load found, as it crosses a worker's channel.
+    pub fn info(&self) -> LoadInfo {
+        LoadInfo {
+            from_cache: self.from_cache,
+            adapted: self.adapted,
+            imports: self.imports.clone(),
+        }
     }
 }
 
@@ -332,25 +379,39 @@ impl Sandbox {
     }
 
     /// Verifies `wasm` against `policy` (size, digest pin, kind, limits
-    /// within the host's), compiles it or loads it from the cache, and
-    /// pre-instantiates it against the sandbox's linker. The digest is
-    /// checked before anything parses the bytes.
+    /// within the host's), judges its imports against the policy and
+    /// adapts a WASIp1 core module into a component ([`intake`]), compiles
+    /// it or loads it from the cache, and pre-instantiates it against the
+    /// sandbox's linker. The digest is checked before anything parses the
+    /// bytes; the imports before anything compiles them.
     ///
     /// # Errors
     /// [`LoadError`] naming the module and what is wrong.
     pub fn load(&self, policy: Policy, wasm: &[u8]) -> Result<Arc<LoadedModule>, LoadError> {
         let actual = precheck(&self.config, &policy, wasm)?;
         let module = policy.module.name.to_string();
+        // Parsed here, never in the gateway: the imports are judged against
+        // the policy (and a WASIp1 module adapted) before compiling.
+        let prepared = intake::prepare(&policy, wasm)?;
+        // The cache is keyed by the digest of the bytes compiled: the
+        // uploaded ones for a component; for an adapted module, the adapted
+        // component's, so an adapted build (and each adapter version) has
+        // an entry of its own.
+        let compiled_digest = if prepared.adapted {
+            Sha256Hex::digest(&prepared.component)
+        } else {
+            actual.clone()
+        };
         let compiled = match &self.cache {
-            Some(cache) => cache.load(&self.engine, wasm, &actual),
-            None => Component::new(&self.engine, wasm).map(|c| (c, false)),
+            Some(cache) => cache.load(&self.engine, &prepared.component, &compiled_digest),
+            None => Component::new(&self.engine, &prepared.component).map(|c| (c, false)),
         };
         let (component, from_cache) = compiled.map_err(|e| LoadError::Compile {
             module: module.clone(),
             message: first_line(&e),
         })?;
         // `wasi:http` is linked only for modules allowed a way out; for the
-        // rest an import of it fails here, before any job runs.
+        // rest an import of it was refused above, before compiling.
         let linker = if policy.network.services.is_empty() {
             &self.linker
         } else {
@@ -367,8 +428,9 @@ impl Sandbox {
             policy,
             sha256: actual,
             pre,
-            component,
             from_cache,
+            adapted: prepared.adapted,
+            imports: prepared.imports,
         }))
     }
 
@@ -762,13 +824,9 @@ fn unsupported_kind(wasm: &[u8]) -> Option<String> {
     if Engine::detect_precompiled(wasm).is_some() {
         return Some("it is a precompiled artifact; only `.wasm` components are accepted".into());
     }
-    match wasm.get(..8) {
-        Some([0, b'a', b's', b'm', 0x0d, 0, 0x01, 0]) => None,
-        Some([0, b'a', b's', b'm', 1, 0, 0, 0]) => {
-            Some("it is a core module (wasip1); build for wasm32-wasip2 to get a component".into())
-        }
-        _ => Some("it is not a WebAssembly binary".into()),
-    }
+    // A component, or a core module (adapted in `Sandbox::load`, where
+    // its bytes are parsed).
+    intake::kind(wasm).err()
 }
 
 #[cfg(test)]

@@ -350,25 +350,3 @@ const SOCKETS_VERSION: &str = "0.2.12";
 
 /// The `wasi:io/poll` interface as wasmtime-wasi links it.
 const POLL_INTERFACE: &str = "wasi:io/poll@0.2.12";
-
-/// Interface families and what this sandbox does with each, for
-/// `bulkhead check`. `gated`: the policy names services, so `wasi:http` is
-/// linked behind the gate.
-pub fn import_verdict(name: &str, gated: bool) -> (&'static str, &'static str) {
-    let iface = name.split('@').next().unwrap_or(name);
-    let package = iface.split('/').next().unwrap_or(iface);
-    match package {
-        "wasi:cli" | "wasi:io" | "wasi:clocks" | "wasi:random" => ("granted", "always provided"),
-        "wasi:filesystem" => ("granted", "only /in (read-only) and /out (quota)"),
-        "wasi:sockets" => ("inert", "linked, every socket and lookup refused"),
-        "wasi:http" if gated => (
-            "gated",
-            "only to the services in [network] services, through the host's gate",
-        ),
-        "wasi:http" => (
-            "denied",
-            "the policy names no [network] services: instantiation fails",
-        ),
-        _ => ("denied", "not provided: instantiation fails"),
-    }
-}

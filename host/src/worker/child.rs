@@ -192,10 +192,7 @@ fn load(
             }
             Err(e) => Err(unreadable(format!("unreadable policy: {e}"))),
         };
-        let result = compiled
-            .as_ref()
-            .map(|m| m.from_cache())
-            .map_err(Clone::clone);
+        let result = compiled.as_ref().map(|m| m.info()).map_err(Clone::clone);
         done.send_replace(Some(compiled));
         let _ = state.up.send(Up::Loaded { module, result });
     });

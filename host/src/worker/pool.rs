@@ -35,8 +35,8 @@ use super::{WorkerArgs, process};
 use crate::job::egress::Egress;
 use crate::job::{Failure, FailureKind, JobReport, JobSpec, Outcome};
 use crate::policy::Policy;
-use crate::sandbox::LoadError;
 use crate::sandbox::outputs::{CollectError, Collected};
+use crate::sandbox::{LoadError, LoadInfo};
 
 /// The subcommand a worker is started with.
 pub const WORKER_SUBCOMMAND: &str = "__worker";
@@ -173,7 +173,7 @@ struct Worker {
 #[derive(Default)]
 struct WorkerState {
     loaded: HashSet<u64>,
-    loads: HashMap<u64, Vec<oneshot::Sender<Result<bool, LoadError>>>>,
+    loads: HashMap<u64, Vec<oneshot::Sender<Result<LoadInfo, LoadError>>>>,
     jobs: HashMap<u64, Pending>,
     started: u32,
     retiring: bool,
@@ -275,7 +275,7 @@ impl Pool {
     ///
     /// # Errors
     /// The worker's [`LoadError`] (compile or link), or a fault.
-    pub async fn load(&self, policy: &Policy, wasm: Bytes) -> Result<(u64, bool), LoadError> {
+    pub async fn load(&self, policy: &Policy, wasm: Bytes) -> Result<(u64, LoadInfo), LoadError> {
         let module = self.next_id();
         let source = Arc::new(Source {
             policy_json: serde_json::to_string(policy).map_err(|e| LoadError::Compile {
@@ -297,7 +297,7 @@ impl Pool {
             st.loads.entry(module).or_default().push(tx);
         }
         self.send_load(&worker, module);
-        let from_cache = match tokio::time::timeout(START_ALLOWANCE, rx).await {
+        let info = match tokio::time::timeout(START_ALLOWANCE, rx).await {
             Ok(answer) => answer.map_err(|_| fault(worker.fault_reason()))??,
             Err(_) => {
                 let reason = format!("did not compile in {}s", START_ALLOWANCE.as_secs());
@@ -305,7 +305,7 @@ impl Pool {
                 return Err(fault(format!("the worker {reason}")));
             }
         };
-        Ok((module, from_cache))
+        Ok((module, info))
     }
 
     fn send_load(&self, worker: &Worker, module: u64) {

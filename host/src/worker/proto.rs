@@ -77,10 +77,11 @@ pub enum Up {
     /// Hardening or the sandbox failed; the worker exits after sending
     /// this.
     StartFailed { error: String },
-    /// A [`Down::Load`]'s outcome: compiled (`Ok(from_cache)`) or why not.
+    /// A [`Down::Load`]'s outcome: compiled (with what the load found:
+    /// from the cache, adapted, the imports' verdicts) or why not.
     Loaded {
         module: u64,
-        result: Result<bool, crate::sandbox::LoadError>,
+        result: Result<crate::sandbox::LoadInfo, crate::sandbox::LoadError>,
     },
     /// A job's module is ready and its guest is starting: the gateway's
     /// watchdog runs from here.

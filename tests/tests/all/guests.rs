@@ -40,11 +40,13 @@ pub(crate) async fn hostile() {
 
 #[tokio::test(flavor = "multi_thread")]
 pub(crate) async fn hello_http() {
-    // A wasi:http proxy component exports no `wasi:cli/run`: the sandbox
-    // refuses it when loading, before any job, with a clear reason.
+    // A wasi:http proxy component: under a policy without services its
+    // `wasi:http` imports are refused before compiling, naming the line
+    // that would grant them (and it exports no `wasi:cli/run` either).
     let err = load_error(bulkhead_tests::HELLO_HTTP, "hello-http");
     assert!(
-        err.starts_with("module `hello-http` cannot be linked:"),
+        err.starts_with("module `hello-http` imports what its policy does not grant:")
+            && err.contains("network.services"),
         "{err}"
     );
 }
@@ -52,10 +54,13 @@ pub(crate) async fn hello_http() {
 #[tokio::test(flavor = "multi_thread")]
 pub(crate) async fn lateral() {
     // It imports wasi:http; under a policy that names no services, the
-    // interface is not linked and the module is refused before any job.
+    // import is denied and the module refused before compiling, with the
+    // policy line that would grant it.
     let err = load_error(bulkhead_tests::LATERAL, "lateral");
     assert!(
-        err.starts_with("module `lateral` cannot be linked:") && err.contains("wasi:http"),
+        err.starts_with("module `lateral` imports what its policy does not grant:")
+            && err.contains("wasi:http")
+            && err.contains("network.services"),
         "{err}"
     );
 }
@@ -112,4 +117,17 @@ fn load_error(path: &str, name: &str) -> String {
         .load(policy(path, name).parse(), &wasm(path))
         .unwrap_err()
         .to_string()
+}
+
+/// The same source as the WASIp1 intake's guest, built as a component: it
+/// copies its inputs like its p1 build (`intake`).
+#[tokio::test(flavor = "multi_thread")]
+pub(crate) async fn p1_files() {
+    let module = load_plain(bulkhead_tests::P1_FILES, "p1-files");
+    let (report, dir) = run(&module, &spec(&[("a.txt", b"alpha")], &[])).await;
+    assert!(report.succeeded(), "{report:#?}");
+    assert_eq!(
+        std::fs::read(dir.output_dir().join("a.txt")).unwrap(),
+        b"alpha"
+    );
 }

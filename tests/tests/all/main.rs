@@ -56,3 +56,5 @@ macro_rules! assert_test_exists {
 bulkhead_tests::foreach_guest!(assert_test_exists);
 // The second wall from the gateway's side: worker processes, their faults and replacements.
 mod workers;
+// Module intake: WASIp1 modules adapted at load, imports judged before compiling, `check` in a worker.
+mod intake;
