@@ -36,7 +36,8 @@ pub fn main(args: &OsStr) -> ExitCode {
         return ExitCode::from(2);
     };
     let applied = harden::apply(&args.plan(CHANNEL_FD));
-    let runtime = match tokio::runtime::Builder::new_current_thread()
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
         .enable_all()
         .build()
     {
