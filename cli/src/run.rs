@@ -74,24 +74,15 @@ pub(crate) async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     // process found (and, with --out, copied).
     if args.out.is_some() || finished.outputs.from_worker() {
         match finished.outputs.collect(args.out.as_deref()) {
-            Ok(collected) => {
-                report.outputs = collected.files;
-                report.skipped_outputs = collected.skipped;
-            }
+            Ok(collected) => report.list_collected(collected),
             Err(e) => {
                 // The job ran and has a report: a copy that fails fails the
                 // job (exit 1, with the report), it is not a usage error.
-                report.outputs.clear();
-                report.skipped_outputs.clear();
-                report.outcome = bulkhead::sandbox::Outcome::Failed;
                 let message = match &args.out {
                     Some(out) => format!("cannot copy outputs to {}: {e}", out.display()),
                     None => format!("cannot read the outputs: {e}"),
                 };
-                report.failure.get_or_insert(bulkhead::sandbox::Failure {
-                    kind: bulkhead::sandbox::FailureKind::Output,
-                    message,
-                });
+                report.fail_outputs(message);
             }
         }
     }

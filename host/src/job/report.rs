@@ -226,6 +226,25 @@ pub struct JobReport {
 }
 
 impl JobReport {
+    /// Lists what the host itself collected of the job's outputs, in place
+    /// of whatever the runner (perhaps a compromised worker) said it left.
+    pub fn list_collected(&mut self, collected: crate::sandbox::outputs::Collected) {
+        self.outputs = collected.files;
+        self.skipped_outputs = collected.skipped;
+    }
+
+    /// Fails the job for outputs that cannot be kept: nothing is listed,
+    /// and the failure is named unless one already is.
+    pub fn fail_outputs(&mut self, message: String) {
+        self.outputs.clear();
+        self.skipped_outputs.clear();
+        self.outcome = Outcome::Failed;
+        self.failure.get_or_insert(Failure {
+            kind: FailureKind::Output,
+            message,
+        });
+    }
+
     /// A failed report, of kind [`FailureKind::Host`], for a job the host
     /// could not run or finish (its module is no longer served, its stored
     /// inputs are unreadable, the sandbox failed, or its attempts ran out).

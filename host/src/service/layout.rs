@@ -151,10 +151,7 @@ impl Service {
                 copy()
             };
             match collected {
-                Ok(collected) => {
-                    report.outputs = collected.files;
-                    report.skipped_outputs = collected.skipped;
-                }
+                Ok(collected) => report.list_collected(collected),
                 // The host's side failed: the job is re-run.
                 Err(e @ crate::sandbox::outputs::CollectError::Copy { .. }) => return Err(e.into()),
                 // What the job left cannot be read, or is more than its
@@ -163,13 +160,7 @@ impl Service {
                     if kept.exists() {
                         std::fs::remove_dir_all(&kept)?;
                     }
-                    report.outputs.clear();
-                    report.skipped_outputs.clear();
-                    report.outcome = crate::job::Outcome::Failed;
-                    report.failure.get_or_insert(crate::job::Failure {
-                        kind: crate::job::FailureKind::Output,
-                        message: e.to_string(),
-                    });
+                    report.fail_outputs(e.to_string());
                 }
             }
         }

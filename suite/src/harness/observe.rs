@@ -12,7 +12,7 @@ use super::evidence::{Peaks, Sampler};
 use super::{Harness, Lane};
 use crate::model::{Attack, AttackResult, ms};
 use bulkhead::runner::{Finished, Module, Outputs};
-use bulkhead::sandbox::{Failure, FailureKind, JobReport, JobSpec, Outcome};
+use bulkhead::sandbox::{FailureKind, JobReport, JobSpec, Outcome};
 
 /// One job, with the neighbour beside it and evidence around it.
 pub(crate) struct Observed {
@@ -91,19 +91,8 @@ pub(crate) async fn observe(
             // within the policy's limits and list what was copied.
             let copy = h.scratch.join(format!("gateway-{}", job.id));
             match outputs.collect(Some(&copy)) {
-                Ok(collected) => {
-                    report.outputs = collected.files;
-                    report.skipped_outputs = collected.skipped;
-                }
-                Err(e) => {
-                    report.outputs.clear();
-                    report.skipped_outputs.clear();
-                    report.outcome = Outcome::Failed;
-                    report.failure.get_or_insert(Failure {
-                        kind: FailureKind::Output,
-                        message: format!("cannot read the outputs: {e}"),
-                    });
-                }
+                Ok(collected) => report.list_collected(collected),
+                Err(e) => report.fail_outputs(format!("cannot read the outputs: {e}")),
             }
             let new: Vec<PathBuf> = lane
                 .worker_job_dirs()
