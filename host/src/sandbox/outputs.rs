@@ -208,11 +208,6 @@ fn collect_in(
     copy_to: Option<&Path>,
     bounds: Bounds,
 ) -> Result<Collected, CollectError> {
-    // An empty `/out` leaves nothing to keep: no destination is made for it
-    // (most jobs of a worker leave nothing, and a directory costs an inode).
-    if root.entries().map_err(CollectError::Root)?.next().is_none() {
-        return Ok(Collected::default());
-    }
     let dest = match copy_to {
         Some(path) => {
             let copy = |source| CollectError::Copy {

@@ -341,6 +341,32 @@ fn bulkhead(args: &[&str], policy: &Path, work: &Path) -> std::process::Output {
         .unwrap()
 }
 
+/// `run --out DIR` makes DIR even for a job that leaves nothing there.
+#[test]
+fn bulkhead_run_makes_its_out_dir_for_a_job_that_leaves_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let policy = common::policy(bulkhead_tests::HELLO, "hello").write_to(tmp.path());
+    let out_dir = tmp.path().join("out");
+    let out = bulkhead(
+        &[
+            "run",
+            bulkhead_tests::HELLO,
+            "--out",
+            out_dir.to_str().unwrap(),
+        ],
+        &policy,
+        tmp.path(),
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out_dir.is_dir(), "no {}", out_dir.display());
+    assert_eq!(std::fs::read_dir(&out_dir).unwrap().count(), 0);
+}
+
 #[test]
 fn bulkhead_run_runs_a_wasip1_module_in_a_worker() {
     let tmp = tempfile::tempdir().unwrap();
