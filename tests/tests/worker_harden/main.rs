@@ -15,6 +15,7 @@ mod child;
 mod layers;
 #[path = "../all/common/policies.rs"]
 mod policies;
+mod race;
 mod sandbox;
 mod support;
 
@@ -65,6 +66,10 @@ fn main() {
         (
             "prepare_runs_before_the_uid_change_without_cap_sys_admin",
             layers::prepare,
+        ),
+        (
+            "no_moment_of_hardening_is_open_to_the_new_uid",
+            race::never_open_to_its_new_uid,
         ),
         ("apply_twice_or_a_bad_dir_is_a_clear_error", layers::errors),
         ("fully_hardened_worker_runs_jobs", sandbox::runs_jobs),

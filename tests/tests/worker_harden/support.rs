@@ -148,6 +148,21 @@ pub fn start_with(
     max_threads: u64,
     env: &[(&str, String)],
 ) -> Worker {
+    let (child, channel) = launch(role, apply, writable, max_threads, env, false);
+    read_report(child, channel)
+}
+
+/// Starts this binary in `role` without reading its report. `traced`: the
+/// child asks to be traced by this process (`PTRACE_TRACEME`), so it
+/// stops at its exec until this process lets it go.
+pub fn launch(
+    role: &str,
+    apply: &BTreeSet<Layer>,
+    writable: &[PathBuf],
+    max_threads: u64,
+    env: &[(&str, String)],
+    traced: bool,
+) -> (Child, UnixStream) {
     let (ours, theirs) = UnixStream::pair().unwrap();
     let leak = std::fs::File::open("/etc/hostname")
         .or_else(|_| std::fs::File::open("/etc/passwd"))
@@ -176,10 +191,13 @@ pub fn start_with(
     for (k, v) in env {
         cmd.env(k, v);
     }
-    // SAFETY: only dup2 (async-signal-safe) between fork and exec.
+    // SAFETY: only dup2 and ptrace (async-signal-safe) between fork and exec.
     unsafe {
         cmd.pre_exec(move || {
             if libc::dup2(theirs_fd, 3) < 0 || libc::dup2(leak_fd, LEAKED_FD) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if traced && libc::ptrace(libc::PTRACE_TRACEME, 0, 0, 0) < 0 {
                 return Err(std::io::Error::last_os_error());
             }
             Ok(())
@@ -188,7 +206,12 @@ pub fn start_with(
     let child = cmd.spawn().unwrap();
     drop(theirs);
     drop(leak);
-    let mut channel = BufReader::new(ours);
+    (child, ours)
+}
+
+/// Reads a launched child's report.
+pub fn read_report(child: Child, channel: UnixStream) -> Worker {
+    let mut channel = BufReader::new(channel);
     let mut line = String::new();
     channel.read_line(&mut line).unwrap();
     let applied = serde_json::from_str::<Result<Applied, String>>(&line)

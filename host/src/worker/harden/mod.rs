@@ -14,7 +14,7 @@
 //! | `descriptors` | use of anything the gateway leaked by mistake (listeners, store files, keys) | the channel itself, which stays open |
 //! | `dies_with_gateway` | a worker outliving a crashed gateway (`PR_SET_PDEATHSIG` SIGKILL, set after the last credential change, which would clear it) | a worker the gateway forgets to stop while alive |
 //! | `unprivileged` | root's reach: as root the worker switches to `run_as` (default 65534:65534) with no supplementary groups; every capability is dropped (bounding set, permitted, effective, inheritable, ambient) | what that uid may still touch (Landlock and the namespaces cover it) |
-//! | `user_namespace` | the uid meaning anything on the host beyond itself: a new user namespace mapping only the worker's own uid and gid, `setgroups` denied; capabilities are dropped in it too once the other namespaces exist | kernel bugs reachable from user namespaces (seccomp narrows the calls) |
+//! | `user_namespace` | the uid meaning anything on the host beyond itself: a new user namespace mapping only the worker's own uid and gid, `setgroups` denied; capabilities are dropped in it too once the other namespaces exist. A worker started as root has the maps written by a child forked before its uid change (it is never dumpable under its new uid) | kernel bugs reachable from user namespaces (seccomp narrows the calls) |
 //! | `network_namespace` | every network: a new namespace whose only interface, loopback, stays down (no TCP or UDP anywhere, not even 127.0.0.1, no abstract unix sockets of the host) | the channel (a socketpair made before) |
 //! | `ipc_namespace` | System V IPC and POSIX message queues shared with the host | shared memory through files (Landlock) |
 //! | `mount_namespace` | mount events propagating either way (made private, `MS_REC|MS_PRIVATE`) | reading the filesystem (Landlock does that) |
@@ -226,8 +226,24 @@ pub fn apply(plan: &Plan) -> Result<Applied, HardenError> {
     if let Some(prepare) = plan.prepare {
         sys::without_admin(prepare)?;
     }
+    // A root worker that will change its uid and enter a user namespace
+    // has its maps written by a child that stays root (see
+    // `sys::MapWriter`), forked now, before the uid change: it is never
+    // dumpable under its new uid.
+    let mut map_writer = None;
+    // SAFETY: no preconditions.
+    if on(Layer::Unprivileged)
+        && on(Layer::UserNamespace)
+        && unsafe { libc::geteuid() } == 0
+        && sys::user_namespaces_offered() == LayerState::Active
+    {
+        let (uid, gid) = plan.run_as.unwrap_or(DEFAULT_RUN_AS);
+        map_writer = Some(sys::map_writer(uid, gid)?);
+    }
     record(Layer::Unprivileged, &mut || sys::unprivileged(plan.run_as))?;
-    record(Layer::UserNamespace, &mut sys::user_namespace)?;
+    record(Layer::UserNamespace, &mut || {
+        sys::user_namespace(map_writer.take())
+    })?;
     let privileged_ns = || sys::has_cap_sys_admin();
     record(Layer::NetworkNamespace, &mut || {
         sys::unshare_ns(Layer::NetworkNamespace, privileged_ns())

@@ -336,9 +336,133 @@ pub(super) fn user_namespaces_offered() -> LayerState {
     }
 }
 
+/// Writes a worker's user-namespace maps from outside the namespace, for
+/// a worker that starts as root and switches to an unprivileged uid.
+///
+/// A uid change leaves a process non-dumpable, which makes its `/proc`
+/// files root's: it can no longer write its own maps. Making it dumpable
+/// again for the writes would let any process of the new uid open its
+/// memory or attach to it in that moment, and keep that access after every
+/// later layer. So, as setuid helpers such as `newuidmap` do for
+/// unprivileged users, the maps are written by another process: a child
+/// forked before the uid change, still root with `CAP_SETUID` and
+/// `CAP_SETGID` in the initial namespace. It waits until the worker has
+/// entered its new namespace, writes the three files of
+/// `/proc/<worker>/`, answers and exits. The worker is never dumpable
+/// under its new uid.
+pub(super) struct MapWriter {
+    pid: libc::pid_t,
+    go: Option<io::PipeWriter>,
+    done: io::PipeReader,
+}
+
+/// Forks the [`MapWriter`] for maps of `uid` and `gid` onto themselves.
+/// The process must be single-threaded ([`super::apply`] checks).
+pub(super) fn map_writer(uid: u32, gid: u32) -> Result<MapWriter, HardenError> {
+    let layer = Layer::UserNamespace;
+    let pipe = || io::pipe().map_err(|e| HardenError::new(layer, format!("pipe: {e}")));
+    let (go_r, go_w) = pipe()?;
+    let (done_r, done_w) = pipe()?;
+    // SAFETY: no preconditions.
+    let worker = unsafe { libc::getpid() };
+    // SAFETY: the process is single-threaded, so the child may allocate;
+    // it only writes a few files and exits.
+    match unsafe { libc::fork() } {
+        -1 => Err(fail(layer, "fork of the map writer")),
+        0 => {
+            drop(go_w);
+            drop(done_r);
+            write_maps_for(worker, uid, gid, go_r, done_w);
+            // SAFETY: ends the child without running the parent's exit
+            // handlers.
+            unsafe { libc::_exit(0) }
+        }
+        pid => Ok(MapWriter {
+            pid,
+            go: Some(go_w),
+            done: done_r,
+        }),
+    }
+}
+
+/// The map writer's whole life: wait for the worker's word, write, answer
+/// `ok` or what failed.
+fn write_maps_for(
+    worker: libc::pid_t,
+    uid: u32,
+    gid: u32,
+    mut go: io::PipeReader,
+    mut done: io::PipeWriter,
+) {
+    use std::io::{Read, Write};
+    // SAFETY: plain integers; it dies with the worker.
+    unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) };
+    let mut word = [0u8; 1];
+    // The worker closing its end without a word (a layer failed, or user
+    // namespaces are refused after all) or dying: nothing to write.
+    if go.read_exact(&mut word).is_err() || getppid() != worker {
+        return;
+    }
+    let writes = [
+        ("setgroups", "deny".to_owned()),
+        ("uid_map", format!("{uid} {uid} 1\n")),
+        ("gid_map", format!("{gid} {gid} 1\n")),
+    ];
+    let mut answer = "ok".to_owned();
+    for (file, content) in writes {
+        let path = format!("/proc/{worker}/{file}");
+        if let Err(e) = std::fs::write(&path, &content) {
+            answer = format!("writing {content:?} to {path}: {e}");
+            break;
+        }
+    }
+    let _ = done.write_all(answer.as_bytes());
+}
+
+impl MapWriter {
+    /// Has the maps written (the worker has just entered its namespace)
+    /// and waits for the writer's answer.
+    fn write(mut self) -> Result<(), HardenError> {
+        use std::io::{Read, Write};
+        let layer = Layer::UserNamespace;
+        if let Some(mut go) = self.go.take() {
+            go.write_all(b"g")
+                .map_err(|e| HardenError::new(layer, format!("waking the map writer: {e}")))?;
+        }
+        let mut answer = String::new();
+        self.done
+            .read_to_string(&mut answer)
+            .map_err(|e| HardenError::new(layer, format!("reading the map writer: {e}")))?;
+        match answer.as_str() {
+            "ok" => Ok(()),
+            "" => Err(HardenError::new(
+                layer,
+                "the map writer ended without writing the maps",
+            )),
+            failed => Err(HardenError::new(layer, format!("map writer: {failed}"))),
+        }
+    }
+}
+
+impl Drop for MapWriter {
+    fn drop(&mut self) {
+        // Without its word the writer exits at once.
+        self.go.take();
+        loop {
+            // SAFETY: our own child; no status wanted.
+            let r = unsafe { libc::waitpid(self.pid, std::ptr::null_mut(), 0) };
+            if r >= 0 || errno().raw_os_error() != Some(libc::EINTR) {
+                break;
+            }
+        }
+    }
+}
+
 /// A new user namespace mapping only this process's uid and gid onto
-/// themselves, with `setgroups` denied.
-pub(super) fn user_namespace() -> Result<LayerState, HardenError> {
+/// themselves, with `setgroups` denied. With a `writer` (a worker that
+/// changed its uid), the maps are written by it; without, by the process
+/// itself, which has not changed its uid and so is dumpable to no one new.
+pub(super) fn user_namespace(writer: Option<MapWriter>) -> Result<LayerState, HardenError> {
     let layer = Layer::UserNamespace;
     // SAFETY: no preconditions.
     let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
@@ -358,22 +482,12 @@ pub(super) fn user_namespace() -> Result<LayerState, HardenError> {
             )),
         };
     }
-    // A uid change made this process non-dumpable, which makes its /proc
-    // files root's: it could not write its own maps. It is made dumpable
-    // only now, after `unshare`, for the three writes.
-    // SAFETY: plain integers.
-    let was = unsafe { libc::prctl(libc::PR_GET_DUMPABLE, 0, 0, 0, 0) }.max(0);
-    // SAFETY: a plain flag.
-    unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 1, 0, 0, 0) };
-    write_proc("/proc/self/setgroups", "deny", layer)?;
-    write_proc("/proc/self/uid_map", &format!("{uid} {uid} 1\n"), layer)?;
-    write_proc("/proc/self/gid_map", &format!("{gid} {gid} 1\n"), layer)?;
-    // Dumpable under the new uid, any process of that uid may attach: not
-    // a moment longer than the maps need (the not-dumpable layer sets and
-    // checks it again at the end).
-    // SAFETY: plain integers.
-    if unsafe { libc::prctl(libc::PR_SET_DUMPABLE, was, 0, 0, 0) } != 0 {
-        return Err(fail(layer, "PR_SET_DUMPABLE back"));
+    if let Some(writer) = writer {
+        writer.write()?;
+    } else {
+        write_proc("/proc/self/setgroups", "deny", layer)?;
+        write_proc("/proc/self/uid_map", &format!("{uid} {uid} 1\n"), layer)?;
+        write_proc("/proc/self/gid_map", &format!("{gid} {gid} 1\n"), layer)?;
     }
     if ns_id("user") == before {
         return Err(HardenError::new(
