@@ -86,6 +86,10 @@
 //! # max_calls = 16                 # per job
 //! # timeout = "5 s"                # per call: for the headers, then per body frame
 //! # forward_headers = []          # request headers forwarded beyond the allow-list (never credential, identity, routing or trailer headers)
+//!
+//! [trust.keys]                     # minisign public keys a policy's `module.signed_by` may name
+//! # release = "RWQ…"               # the key line `minisign -G` prints; modules are signed with
+//!                                  # `minisign -S -m <name>.wasm` (<name>.wasm.minisig beside it)
 //! ```
 
 use std::net::SocketAddr;
@@ -120,6 +124,16 @@ pub struct ServeConfig {
     /// Worker pools per trust zone (`[zones.<name>]`); a zone not listed
     /// gets [`ZonePool::default`].
     pub zones: std::collections::BTreeMap<String, ZonePool>,
+    /// Keys modules may be signed with (`[trust.keys]`).
+    pub trust: Trust,
+}
+
+/// `[trust]`: the minisign public keys a policy's `signed_by` may name.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Trust {
+    /// Name → minisign public key (the base64 line `minisign -G` prints).
+    pub keys: std::collections::BTreeMap<String, String>,
 }
 
 /// `[isolation]`.

@@ -33,4 +33,5 @@ pub mod sandbox;
 pub mod serve;
 pub mod service;
 pub mod store;
+pub mod trust;
 pub mod worker;

@@ -57,6 +57,10 @@ pub struct ModuleSection {
     /// Trust zone; defaults to `untrusted`.
     #[serde(default = "default_zone")]
     pub zone: Zone,
+    /// Keys (names in the host's `[trust.keys]`) one of which must have
+    /// signed the module; empty: no signature required (see `trust`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub signed_by: Vec<String>,
 }
 
 fn default_zone() -> Zone {

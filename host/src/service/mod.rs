@@ -604,6 +604,11 @@ fn read_modules(
         .filter(|p| p.extension().is_some_and(|e| e == "toml"))
         .collect();
     paths.sort();
+    let trusted =
+        crate::trust::TrustedKeys::new(&config.trust.keys).map_err(|e| StartError::Module {
+            module: "[trust.keys]".to_owned(),
+            message: e.to_string(),
+        })?;
     let mut modules = Vec::new();
     for path in paths {
         let declared = relay.map(crate::relay::Relay::names).unwrap_or_default();
@@ -612,11 +617,35 @@ fn read_modules(
             message: e.to_string(),
         })?;
         let name = policy.module.name.to_string();
-        let wasm_path = config.modules.modules_dir.join(format!("{name}.wasm"));
-        let wasm = std::fs::read(&wasm_path).map_err(|e| StartError::Module {
+        let refused = |message: String| StartError::Module {
             module: name.clone(),
-            message: format!("cannot read {}: {e}", wasm_path.display()),
-        })?;
+            message,
+        };
+        trusted
+            .check_policy(&policy)
+            .map_err(|e| refused(e.to_string()))?;
+        let wasm_path = config.modules.modules_dir.join(format!("{name}.wasm"));
+        let wasm = std::fs::read(&wasm_path)
+            .map_err(|e| refused(format!("cannot read {}: {e}", wasm_path.display())))?;
+        if !policy.module.signed_by.is_empty() {
+            // Checked on the very bytes every runner is handed, before
+            // anything parses them.
+            let sig_path = config
+                .modules
+                .modules_dir
+                .join(crate::trust::signature_name(&format!("{name}.wasm")));
+            let signature = crate::trust::read_signature(&sig_path)
+                .map_err(|e| refused(format!("cannot read {}: {e}", sig_path.display())))?;
+            let verdict = trusted
+                .verify(
+                    &policy,
+                    &wasm,
+                    signature.as_deref(),
+                    &sig_path.display().to_string(),
+                )
+                .map_err(|e| refused(e.to_string()))?;
+            tracing::info!(module = %name, signature = %verdict, "module signature checked");
+        }
         modules.push((policy, wasm.into()));
     }
     Ok(modules)

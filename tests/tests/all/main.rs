@@ -58,3 +58,4 @@ bulkhead_tests::foreach_guest!(assert_test_exists);
 mod workers;
 // Module intake: WASIp1 modules adapted at load, imports judged before compiling, `check` in a worker.
 mod intake;
+mod signed;

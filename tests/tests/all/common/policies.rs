@@ -29,6 +29,7 @@ pub fn policy(guest: &str, name: &str) -> TestPolicy {
             name: ModuleName::new(name).unwrap(),
             sha256: Sha256Hex::digest(&wasm),
             zone: Zone::Untrusted,
+            signed_by: Vec::new(),
         },
         access: Access::default(),
         limits: Limits::default(),
@@ -91,6 +92,12 @@ impl TestPolicy {
             .iter()
             .map(|s| ServiceName::new(*s).unwrap())
             .collect();
+        self
+    }
+
+    /// Requires a signature by one of `keys` (names in `[trust.keys]`).
+    pub fn signed_by(mut self, keys: &[&str]) -> Self {
+        self.0.module.signed_by = keys.iter().map(|k| (*k).to_owned()).collect();
         self
     }
 
