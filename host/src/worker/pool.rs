@@ -383,7 +383,13 @@ impl Pool {
             return;
         }
         let artifact = self.records.get(&source.digest);
-        lock(&worker.state).loaded.insert(module, artifact.clone());
+        match lock(&worker.state).loaded.entry(module) {
+            // Sent meanwhile.
+            std::collections::hash_map::Entry::Occupied(_) => return,
+            std::collections::hash_map::Entry::Vacant(place) => {
+                place.insert(artifact.clone());
+            }
+        }
         let _ = worker.down.send(Down::Load {
             module,
             policy_json: source.policy_json.clone(),
