@@ -426,6 +426,10 @@ impl Pool {
                 module = %source.digest,
                 "the zone cache's artifact did not match the gateway's record (rewritten or removed); the worker compiled the module again"
             );
+            // Only a worker (or someone with the workers' access) rewrites
+            // an entry: worth counting where it is watched.
+            metrics::counter!("bulkhead_zone_cache_mismatches_total", "zone" => self.config.zone.clone())
+                .increment(1);
         }
         let Some(artifact) = recordable(pristine, sent.as_ref(), info.artifact.as_ref()) else {
             return;
