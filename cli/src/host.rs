@@ -26,8 +26,9 @@ pub(crate) struct HostArgs {
     #[arg(long, value_name = "DIR")]
     pub(crate) work_dir: Option<PathBuf>,
     /// Precompiled-module cache, checked private like --work-dir; each artifact is authenticated
-    /// with a key kept in it (cache.key) before it is loaded [default: $XDG_CACHE_HOME/bulkhead/modules,
-    /// else ~/.cache/bulkhead/modules].
+    /// before it is loaded: in a worker's zone cache (zones/<zone>) by the digest recorded beside
+    /// it (zones/<zone>.records), in-process by a key kept in it (cache.key)
+    /// [default: $XDG_CACHE_HOME/bulkhead/modules, else ~/.cache/bulkhead/modules].
     #[arg(long, value_name = "DIR")]
     pub(crate) cache_dir: Option<PathBuf>,
     /// Compile every time; neither read nor write the cache.

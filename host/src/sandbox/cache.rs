@@ -15,13 +15,27 @@
 //! - the cache directory and the engine's subdirectory are opened once and
 //!   every later read and write goes through those handles, never following
 //!   a link, so renaming a path afterwards changes nothing;
-//! - each artifact carries an HMAC-SHA256 tag under a key only this host
-//!   holds (`<cache dir>/cache.key`, 32 random bytes, mode 0600, created on
-//!   first use), computed over the engine key, the module's sha256 and the
-//!   artifact bytes. An artifact whose tag is missing or wrong (planted,
-//!   copied from another module's name, corrupted) is never deserialized:
-//!   the module is compiled from its verified `.wasm` and the entry
-//!   overwritten, with a warning.
+//! - an artifact is read whole into memory, authenticated there, and
+//!   deserialized from that buffer (never mapped from a file someone could
+//!   rewrite after the check). How it is authenticated depends on who else
+//!   can write the directory ([`Trust`]):
+//!   - this process's own cache (the gateway in-process, `bulkhead run
+//!     --in-process`): each artifact carries an HMAC-SHA256 tag under a key
+//!     only this host holds (`<cache dir>/cache.key`, 32 random bytes, mode
+//!     0600, created on first use), computed over the engine key, the
+//!     module's sha256 and the artifact bytes;
+//!   - a zone's cache (a worker process): every worker of the zone can
+//!     write it, including one a guest has compromised, so nothing in the
+//!     directory is an authority, not even a key. An artifact is loaded
+//!     only when its sha256 and length are the ones the gateway sent with
+//!     the module ([`Artifact`]), which the gateway recorded, in a
+//!     directory no worker can reach ([`ArtifactRecords`]), from a worker
+//!     that had run no guest when it compiled it. No key file is made or
+//!     read there.
+//!
+//!   An artifact that fails (planted, copied from another module's name,
+//!   corrupted, rewritten) is never deserialized: the module is compiled
+//!   from its verified `.wasm` and the entry overwritten, with a warning.
 
 use std::hash::{Hash, Hasher};
 use std::io::{self, Read, Write};
@@ -182,7 +196,60 @@ fn open_private_dir(path: &Path) -> Result<Dir, PrivateDirError> {
     Dir::open_ambient_dir(path, ambient_authority()).map_err(io_at(path))
 }
 
-/// Where one engine's artifacts live, with the key that authenticates them.
+/// What a cached artifact is trusted by.
+#[derive(Clone)]
+enum Trust {
+    /// This process's own cache: a tag under this key, which only this
+    /// host's user can read.
+    Key(Arc<[u8; TAG_LEN]>),
+    /// A zone's cache, written by every worker of the zone: only the
+    /// digest the gateway sends with the module ([`Artifact`]).
+    Recorded,
+}
+
+/// One compiled artifact as the gateway records it for a module of a
+/// zone: the engine that made it, and the sha256 and length of its bytes.
+/// A worker loads a zone-cache entry only when the bytes it read are
+/// exactly these.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Artifact {
+    /// The engine key (the cache's subdirectory) it was compiled by.
+    pub engine: String,
+    /// The sha256 of the artifact's bytes.
+    pub sha256: Sha256Hex,
+    /// Their length.
+    pub len: u64,
+}
+
+impl Artifact {
+    /// Whether the fields are of the shape this host writes: an engine key
+    /// of 16 lowercase hex characters and a length within the read bound.
+    /// A record is only ever taken from a worker's word, so it is checked
+    /// before it is kept.
+    pub fn well_formed(&self) -> bool {
+        self.engine.len() == 16
+            && self
+                .engine
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+            && self.len > 0
+            && self.len <= MAX_ARTIFACT
+    }
+}
+
+/// What [`ModuleCache::load`] found.
+pub struct Cached {
+    /// The compiled component.
+    pub component: Component,
+    /// Whether it came from the cache.
+    pub from_cache: bool,
+    /// In a zone's cache, the artifact now under the module's name: the
+    /// one loaded, or the one just compiled and written (`None` when it
+    /// could not be written). `None` in this process's own cache.
+    pub artifact: Option<Artifact>,
+}
+
+/// Where one engine's artifacts live, with what authenticates them.
 #[derive(Clone)]
 pub struct ModuleCache {
     /// `<root>/<engine key>`, for messages.
@@ -190,7 +257,7 @@ pub struct ModuleCache {
     /// A handle on it: every read and write is relative to this.
     dir: Arc<Dir>,
     engine_key: String,
-    key: Arc<[u8; TAG_LEN]>,
+    trust: Trust,
 }
 
 impl std::fmt::Debug for ModuleCache {
@@ -212,30 +279,37 @@ impl ModuleCache {
     /// [`PrivateDirError`] if `root`, a directory above it, the engine's
     /// subdirectory or the key is not private, or cannot be created.
     ///
-    /// With `handed_over`, `root` was created and checked by the gateway and
-    /// reached here through an inherited descriptor (a worker process): it
-    /// is used as it is, and only the engine's subdirectory is created.
+    /// With `handed_over`, `root` is a zone's cache, created and checked
+    /// by the gateway and reached here through an inherited descriptor (a
+    /// worker process): it is used as it is, only the engine's
+    /// subdirectory is created, and no key is made or read: an artifact
+    /// is trusted only for the digest the gateway sends with its module
+    /// ([`ModuleCache::load`]).
     pub fn new(root: &Path, engine: &Engine, handed_over: bool) -> Result<Self, PrivateDirError> {
         let mut hasher = std::collections::hash_map::DefaultHasher::new();
         engine.precompile_compatibility_hash().hash(&mut hasher);
         let engine_key = format!("{:016x}", hasher.finish());
         let path = root.join(&engine_key);
-        let open = |p: &Path| {
-            if handed_over {
-                super::job::create_private_dir_all(p).map_err(io_at(p))?;
-                Dir::open_ambient_dir(p, ambient_authority()).map_err(io_at(p))
-            } else {
-                open_private_dir(p)
-            }
+        let trust = if handed_over {
+            super::job::create_private_dir_all(&path).map_err(io_at(&path))?;
+            Trust::Recorded
+        } else {
+            let root_dir = open_private_dir(root)?;
+            Trust::Key(Arc::new(read_or_create_key(
+                &root_dir,
+                &root.join(KEY_FILE),
+            )?))
         };
-        let root_dir = open(root)?;
-        let key = read_or_create_key(&root_dir, &root.join(KEY_FILE))?;
-        let dir = open(&path)?;
+        let dir = if handed_over {
+            Dir::open_ambient_dir(&path, ambient_authority()).map_err(io_at(&path))?
+        } else {
+            open_private_dir(&path)?
+        };
         Ok(Self {
             path,
             dir: Arc::new(dir),
             engine_key,
-            key: Arc::new(key),
+            trust,
         })
     }
 
@@ -244,9 +318,9 @@ impl ModuleCache {
     }
 
     /// The tag of `artifact` as the cached form of the module `digest`.
-    fn tag(&self, digest: &Sha256Hex, artifact: &[u8]) -> Hmac<Sha256> {
+    fn tag(&self, key: &[u8; TAG_LEN], digest: &Sha256Hex, artifact: &[u8]) -> Hmac<Sha256> {
         let mut mac =
-            Hmac::<Sha256>::new_from_slice(&self.key[..]).expect("HMAC takes keys of any length");
+            Hmac::<Sha256>::new_from_slice(&key[..]).expect("HMAC takes keys of any length");
         mac.update(b"bulkhead module cache v1\0");
         for field in [self.engine_key.as_bytes(), digest.as_str().as_bytes()] {
             mac.update(&(field.len() as u64).to_le_bytes());
@@ -256,10 +330,56 @@ impl ModuleCache {
         mac
     }
 
+    /// The artifact bytes of the entry for `digest` when they are
+    /// authentic: under this process's key, or (in a zone's cache) exactly
+    /// the `expected` ones. `None` (with a warning when something was
+    /// there) otherwise.
+    fn authentic(&self, digest: &Sha256Hex, expected: Option<&Artifact>) -> Option<Vec<u8>> {
+        let name = Self::name(digest);
+        let limit = match (&self.trust, expected) {
+            (Trust::Key(_), _) => MAX_ARTIFACT,
+            // Nothing recorded for this engine: whatever lies there is
+            // no one's word, and is not even read.
+            (Trust::Recorded, Some(e)) if e.engine == self.engine_key => e.len,
+            (Trust::Recorded, _) => return None,
+        };
+        let mut bytes = match self.read(&name, limit) {
+            Ok(Some(bytes)) => bytes,
+            Ok(None) => return None,
+            Err(e) => {
+                tracing::warn!(dir = %self.path.display(), file = %name, error = %e, "cannot read module cache; recompiling");
+                return None;
+            }
+        };
+        let authentic = match (&self.trust, expected) {
+            (Trust::Key(key), _) => {
+                let split = bytes.len().saturating_sub(TAG_LEN);
+                let tag = bytes.split_off(split);
+                tag.len() == TAG_LEN && self.tag(key, digest, &bytes).verify_slice(&tag).is_ok()
+            }
+            (Trust::Recorded, Some(e)) => {
+                bytes.len() as u64 == e.len && Sha256Hex::digest(&bytes) == e.sha256
+            }
+            (Trust::Recorded, None) => false,
+        };
+        if authentic {
+            Some(bytes)
+        } else {
+            tracing::warn!(
+                dir = %self.path.display(),
+                file = %name,
+                "cached module failed authentication (planted, copied, rewritten or corrupt); not loading it, recompiling"
+            );
+            None
+        }
+    }
+
     /// Loads the component for `wasm` (whose digest is `digest`), from the
-    /// cache when an authenticated artifact is present, else compiling it
-    /// and storing the artifact with its tag. Returns the component and
-    /// whether it came from the cache.
+    /// cache when an authentic artifact is present, else compiling it and
+    /// storing the artifact (with its tag, in this process's own cache).
+    /// In a zone's cache an artifact is authentic only when it is exactly
+    /// `expected` (the gateway's record, sent with the module); without
+    /// one the entry is not read at all.
     ///
     /// # Errors
     /// If compilation fails. Cache read and write failures, and artifacts
@@ -269,72 +389,89 @@ impl ModuleCache {
         engine: &Engine,
         wasm: &[u8],
         digest: &Sha256Hex,
-    ) -> wasmtime::Result<(Component, bool)> {
+        expected: Option<&Artifact>,
+    ) -> wasmtime::Result<Cached> {
         let name = Self::name(digest);
-        match self.read(&name) {
-            Ok(Some(mut bytes)) => {
-                let split = bytes.len().saturating_sub(TAG_LEN);
-                let tag = bytes.split_off(split);
-                let authentic =
-                    tag.len() == TAG_LEN && self.tag(digest, &bytes).verify_slice(&tag).is_ok();
-                if authentic {
-                    // SAFETY: the bytes carry a valid tag under this host's
-                    // private key, for this engine and this module's digest:
-                    // this host wrote them, in `store` below, from `.wasm`
-                    // bytes whose digest matched their policy. wasmtime also
-                    // checks they come from a compatible engine.
-                    match unsafe { Component::deserialize(engine, &bytes) } {
-                        Ok(c) => return Ok((c, true)),
-                        Err(e) => {
-                            tracing::warn!(dir = %self.path.display(), file = %name, error = %e, "discarding unusable cached module");
-                        }
-                    }
-                } else {
-                    tracing::warn!(
-                        dir = %self.path.display(),
-                        file = %name,
-                        "cached module failed authentication (planted, copied or corrupt); not loading it, recompiling"
-                    );
+        if let Some(bytes) = self.authentic(digest, expected) {
+            // SAFETY: the bytes were read whole into this buffer and
+            // authenticated there, and are deserialized from it: either
+            // they carry a valid tag under this host's private key, for
+            // this engine and this module's digest (this host wrote them,
+            // in `store` below), or they are exactly the artifact the
+            // gateway recorded for this module from a worker that had run
+            // no guest when it compiled it from `.wasm` bytes whose digest
+            // matched their policy. wasmtime also checks they come from a
+            // compatible engine.
+            match unsafe { Component::deserialize(engine, &bytes) } {
+                Ok(component) => {
+                    let artifact = matches!(self.trust, Trust::Recorded).then(|| {
+                        expected
+                            .cloned()
+                            .expect("a zone's artifact is authentic only against a record")
+                    });
+                    return Ok(Cached {
+                        component,
+                        from_cache: true,
+                        artifact,
+                    });
                 }
-            }
-            Ok(None) => {}
-            Err(e) => {
-                tracing::warn!(dir = %self.path.display(), file = %name, error = %e, "cannot read module cache; recompiling");
+                Err(e) => {
+                    tracing::warn!(dir = %self.path.display(), file = %name, error = %e, "discarding unusable cached module");
+                }
             }
         }
         let artifact = engine.precompile_component(wasm)?;
-        if let Err(e) = self.store(&name, digest, &artifact) {
-            tracing::warn!(dir = %self.path.display(), file = %name, error = %e, "cannot write module cache");
-        }
+        let stored = match self.store(&name, digest, &artifact) {
+            Ok(()) => matches!(self.trust, Trust::Recorded).then(|| Artifact {
+                engine: self.engine_key.clone(),
+                sha256: Sha256Hex::digest(&artifact),
+                len: artifact.len() as u64,
+            }),
+            Err(e) => {
+                tracing::warn!(dir = %self.path.display(), file = %name, error = %e, "cannot write module cache");
+                None
+            }
+        };
         // SAFETY: `artifact` was produced just now by this engine.
         let component = unsafe { Component::deserialize(engine, &artifact)? };
-        Ok((component, false))
+        Ok(Cached {
+            component,
+            from_cache: false,
+            artifact: stored,
+        })
     }
 
-    /// The bytes of the entry `name`, if it is a regular file (never
-    /// following a link, never blocking on a FIFO).
-    fn read(&self, name: &str) -> io::Result<Option<Vec<u8>>> {
+    /// The bytes of the entry `name`, if it is a regular file of at most
+    /// `limit` bytes (never following a link, never blocking on a FIFO);
+    /// an empty buffer for anything else that lies there.
+    fn read(&self, name: &str, limit: u64) -> io::Result<Option<Vec<u8>>> {
         let mut options = OpenOptions::new();
         options
             .read(true)
             .follow(FollowSymlinks::No)
             .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY);
-        let mut file = match self.dir.open_with(name, &options) {
+        let file = match self.dir.open_with(name, &options) {
             Ok(f) => f,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            // A link where a file should be (`O_NOFOLLOW`).
+            Err(e) if e.raw_os_error() == Some(libc::ELOOP) => return Ok(Some(Vec::new())),
             Err(e) => return Err(e),
         };
         let meta = file.metadata()?;
-        if !meta.is_file() || meta.len() > MAX_ARTIFACT {
+        if !meta.is_file() || meta.len() > limit {
             return Ok(Some(Vec::new()));
         }
         let mut bytes = Vec::with_capacity(meta.len() as usize);
-        file.read_to_end(&mut bytes)?;
+        // Bounded again as it is read: the file may grow meanwhile.
+        file.take(limit.saturating_add(1)).read_to_end(&mut bytes)?;
         Ok(Some(bytes))
     }
 
     fn store(&self, name: &str, digest: &Sha256Hex, artifact: &[u8]) -> io::Result<()> {
-        let tag = self.tag(digest, artifact).finalize().into_bytes();
+        let tag = match &self.trust {
+            Trust::Key(key) => Some(self.tag(key, digest, artifact).finalize().into_bytes()),
+            Trust::Recorded => None,
+        };
         // Write to a fresh temporary file and rename, so a crash never
         // leaves a truncated artifact under the final name, and whatever
         // was there (a planted file, a link) is replaced, not written
@@ -349,9 +486,138 @@ impl ModuleCache {
         let result = (|| {
             let mut file = self.dir.open_with(&tmp, &options)?;
             file.write_all(artifact)?;
-            file.write_all(&tag)?;
+            if let Some(tag) = &tag {
+                file.write_all(tag)?;
+            }
             file.sync_all()?;
             self.dir.rename(&tmp, &self.dir, name)
+        })();
+        if result.is_err() {
+            let _ = self.dir.remove_file(&tmp);
+        }
+        result
+    }
+}
+
+/// Largest record file read back.
+const MAX_RECORD: u64 = 4096;
+
+/// The gateway's record of which artifact is good for each module of one
+/// zone: `<dir>/<module sha256>.json`, one [`Artifact`] each. `dir` is the
+/// gateway's own (private, mode 0700, beside the zone's cache and outside
+/// every worker's Landlock rules): the record is the authority over which
+/// native code a zone's workers load, so no worker can read or write it.
+/// Records are read once and kept in memory; each change is written to a
+/// temporary file and renamed into place.
+#[derive(Debug)]
+pub struct ArtifactRecords {
+    path: PathBuf,
+    dir: Dir,
+    known: std::sync::Mutex<std::collections::HashMap<Sha256Hex, Option<Artifact>>>,
+}
+
+impl ArtifactRecords {
+    /// Opens (creating it, mode 0700, if missing) the record directory
+    /// `path`, which must be private ([`ensure_private_dir`]).
+    ///
+    /// # Errors
+    /// [`PrivateDirError`] if it, or a directory above it, is not private.
+    pub fn open(path: &Path) -> Result<Self, PrivateDirError> {
+        Ok(Self {
+            dir: open_private_dir(path)?,
+            path: path.to_owned(),
+            known: Default::default(),
+        })
+    }
+
+    /// Where the records are.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn file(module: &Sha256Hex) -> String {
+        format!("{module}.json")
+    }
+
+    fn known(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<Sha256Hex, Option<Artifact>>> {
+        self.known.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The artifact recorded for `module` (the sha256 of its uploaded
+    /// bytes), if any.
+    pub fn get(&self, module: &Sha256Hex) -> Option<Artifact> {
+        if let Some(known) = self.known().get(module) {
+            return known.clone();
+        }
+        let read = self.read(module);
+        self.known().entry(module.clone()).or_insert(read).clone()
+    }
+
+    fn read(&self, module: &Sha256Hex) -> Option<Artifact> {
+        let name = Self::file(module);
+        let mut options = OpenOptions::new();
+        options
+            .read(true)
+            .follow(FollowSymlinks::No)
+            .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY);
+        let file = match self.dir.open_with(&name, &options) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return None,
+            Err(e) => {
+                tracing::warn!(dir = %self.path.display(), file = %name, error = %e, "cannot read a compiled-module record; the module will be recompiled");
+                return None;
+            }
+        };
+        let mut text = Vec::new();
+        let read = file
+            .metadata()
+            .and_then(|m| {
+                if m.is_file() {
+                    Ok(())
+                } else {
+                    Err(io::Error::other("not a regular file"))
+                }
+            })
+            .and_then(|()| file.take(MAX_RECORD).read_to_end(&mut text));
+        match read
+            .map_err(|e| e.to_string())
+            .and_then(|_| serde_json::from_slice::<Artifact>(&text).map_err(|e| e.to_string()))
+        {
+            Ok(artifact) if artifact.well_formed() => Some(artifact),
+            Ok(_) => {
+                tracing::warn!(dir = %self.path.display(), file = %name, "ignoring a malformed compiled-module record");
+                None
+            }
+            Err(error) => {
+                tracing::warn!(dir = %self.path.display(), file = %name, %error, "ignoring an unreadable compiled-module record");
+                None
+            }
+        }
+    }
+
+    /// Records `artifact` as the one good for `module`, replacing any
+    /// earlier record, in memory and on disk.
+    ///
+    /// # Errors
+    /// If it cannot be written (it is still kept in memory).
+    pub fn put(&self, module: &Sha256Hex, artifact: &Artifact) -> io::Result<()> {
+        self.known().insert(module.clone(), Some(artifact.clone()));
+        let name = Self::file(module);
+        let text = serde_json::to_vec(artifact).map_err(io::Error::other)?;
+        let tmp = format!(".{name}.{}.tmp", uuid::Uuid::new_v4().simple());
+        let mut options = OpenOptions::new();
+        options
+            .write(true)
+            .create_new(true)
+            .follow(FollowSymlinks::No)
+            .mode(0o600);
+        let result = (|| {
+            let mut file = self.dir.open_with(&tmp, &options)?;
+            file.write_all(&text)?;
+            file.sync_all()?;
+            self.dir.rename(&tmp, &self.dir, &name)
         })();
         if result.is_err() {
             let _ = self.dir.remove_file(&tmp);
@@ -469,6 +735,126 @@ mod tests {
         std::os::unix::fs::symlink(&open, &link).unwrap();
         let err = ensure_private_dir(&link).unwrap_err().to_string();
         assert!(err.contains("0777"), "{err}");
+    }
+
+    /// An empty component: enough for the engine to compile.
+    const EMPTY_COMPONENT: &[u8] = b"\0asm\x0d\0\x01\0";
+
+    /// A zone's cache trusts nothing in its directory: without the
+    /// gateway's record an entry is not loaded, with one it is loaded only
+    /// while its bytes are exactly the recorded ones, and no key is made.
+    #[test]
+    fn a_zone_cache_loads_only_the_recorded_artifact() {
+        let tmp = tempfile::tempdir().unwrap();
+        let engine = Engine::default();
+        let cache = ModuleCache::new(tmp.path(), &engine, true).unwrap();
+        assert!(
+            !tmp.path().join(KEY_FILE).exists(),
+            "a zone cache made a key"
+        );
+        let digest = Sha256Hex::digest(EMPTY_COMPONENT);
+        let load = |expected: Option<&Artifact>| {
+            cache
+                .load(&engine, EMPTY_COMPONENT, &digest, expected)
+                .unwrap()
+        };
+        let first = load(None);
+        assert!(!first.from_cache);
+        let artifact = first.artifact.expect("the artifact written");
+        assert!(artifact.well_formed(), "{artifact:?}");
+        let file = tmp
+            .path()
+            .join(&artifact.engine)
+            .join(format!("{digest}.cwasm"));
+        let bytes = std::fs::read(&file).unwrap();
+        assert_eq!(Sha256Hex::digest(&bytes), artifact.sha256);
+        assert_eq!(bytes.len() as u64, artifact.len);
+
+        // Not on the directory's word.
+        assert!(!load(None).from_cache);
+        // On the record's.
+        let hit = load(Some(&artifact));
+        assert!(hit.from_cache);
+        assert_eq!(hit.artifact.as_ref(), Some(&artifact));
+        // Not for another engine's record, nor once rewritten (one byte
+        // more, or the same length with a byte changed): compiled again
+        // and replaced.
+        let other = Artifact {
+            engine: "0123456789abcdef".into(),
+            ..artifact.clone()
+        };
+        assert!(!load(Some(&other)).from_cache);
+        for planted in [[&bytes[..], b"x"].concat(), {
+            let mut b = bytes.clone();
+            b[0] ^= 1;
+            b
+        }] {
+            std::fs::write(&file, &planted).unwrap();
+            let again = load(Some(&artifact));
+            assert!(!again.from_cache, "a rewritten entry was loaded");
+            assert_eq!(again.artifact.as_ref(), Some(&artifact));
+            assert_eq!(std::fs::read(&file).unwrap(), bytes);
+        }
+        // A link to the right bytes is not followed.
+        let elsewhere = tmp.path().join("elsewhere.cwasm");
+        std::fs::write(&elsewhere, &bytes).unwrap();
+        std::fs::remove_file(&file).unwrap();
+        std::os::unix::fs::symlink(&elsewhere, &file).unwrap();
+        assert!(!load(Some(&artifact)).from_cache);
+        assert!(!std::fs::symlink_metadata(&file).unwrap().is_symlink());
+    }
+
+    /// An old key left in a zone's cache is not read: a tag under it
+    /// authenticates nothing there.
+    #[test]
+    fn a_key_left_in_a_zone_cache_is_not_used() {
+        let tmp = tempfile::tempdir().unwrap();
+        let engine = Engine::default();
+        // An earlier layout: the same directory used with a key.
+        let keyed = ModuleCache::new(tmp.path(), &engine, false).unwrap();
+        let digest = Sha256Hex::digest(EMPTY_COMPONENT);
+        keyed.load(&engine, EMPTY_COMPONENT, &digest, None).unwrap();
+        assert!(tmp.path().join(KEY_FILE).exists());
+        let zone = ModuleCache::new(tmp.path(), &engine, true).unwrap();
+        assert!(
+            !zone
+                .load(&engine, EMPTY_COMPONENT, &digest, None)
+                .unwrap()
+                .from_cache
+        );
+    }
+
+    #[test]
+    fn records_persist_and_refuse_malformed_entries() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("zone.records");
+        let module = Sha256Hex::digest(b"module");
+        let artifact = Artifact {
+            engine: "0123456789abcdef".into(),
+            sha256: Sha256Hex::digest(b"artifact"),
+            len: 8,
+        };
+        {
+            let records = ArtifactRecords::open(&dir).unwrap();
+            assert_eq!(records.get(&module), None);
+            records.put(&module, &artifact).unwrap();
+            assert_eq!(records.get(&module), Some(artifact.clone()));
+        }
+        assert_eq!(std::fs::metadata(&dir).unwrap().mode() & 0o777, 0o700);
+        let reopened = ArtifactRecords::open(&dir).unwrap();
+        assert_eq!(reopened.get(&module), Some(artifact.clone()));
+        // A malformed one is ignored.
+        let other = Sha256Hex::digest(b"other");
+        let bad = Artifact {
+            engine: "../../x".into(),
+            ..artifact
+        };
+        std::fs::write(
+            dir.join(format!("{other}.json")),
+            serde_json::to_vec(&bad).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(reopened.get(&other), None);
     }
 
     #[test]

@@ -113,6 +113,10 @@ pub struct LoadInfo {
     pub adapted: bool,
     /// Its component's imports and their verdicts.
     pub imports: Vec<ImportVerdict>,
+    /// In a zone's cache (a worker), the compiled artifact now under the
+    /// module's name: what the gateway may record, under its own rule.
+    #[serde(default)]
+    pub artifact: Option<super::cache::Artifact>,
 }
 
 /// A module made ready to compile: the component's bytes (adapted, for a

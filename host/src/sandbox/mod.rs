@@ -33,7 +33,9 @@ use wasmtime::{Engine, Store, UpdateDeadline};
 use wasmtime_wasi::I32Exit;
 use wasmtime_wasi::p2::bindings::CommandPre;
 
-pub use cache::{PrivateDirError, ensure_private_dir};
+pub use cache::{
+    Artifact, ArtifactRecords, KEY_FILE as CACHE_KEY_FILE, PrivateDirError, ensure_private_dir,
+};
 pub use engine::{
     DescriptorBudgetError, JOB_OVERHEAD_DESCRIPTORS, MAX_OPEN_PER_JOB, MIN_OPEN_PER_JOB,
     RESERVED_DESCRIPTORS, descriptor_budget, open_page_map,
@@ -247,6 +249,8 @@ pub struct LoadedModule {
     sha256: Sha256Hex,
     pre: CommandPre<wasi::JobState>,
     from_cache: bool,
+    /// In a zone's cache, the artifact under its name (see `cache`).
+    artifact: Option<Artifact>,
     adapted: bool,
     imports: Vec<ImportVerdict>,
 }
@@ -293,6 +297,7 @@ impl LoadedModule {
             from_cache: self.from_cache,
             adapted: self.adapted,
             imports: self.imports.clone(),
+            artifact: self.artifact.clone(),
         }
     }
 }
@@ -388,6 +393,23 @@ impl Sandbox {
     /// # Errors
     /// [`LoadError`] naming the module and what is wrong.
     pub fn load(&self, policy: Policy, wasm: &[u8]) -> Result<Arc<LoadedModule>, LoadError> {
+        self.load_expecting(policy, wasm, None)
+    }
+
+    /// [`Sandbox::load`], where the cache is a zone's (a worker process):
+    /// its artifact is loaded only when it is exactly `expected`, the one
+    /// the gateway recorded for this module (see `cache`); otherwise the
+    /// module is compiled, and [`LoadedModule::info`] names the artifact
+    /// written.
+    ///
+    /// # Errors
+    /// [`LoadError`] naming the module and what is wrong.
+    pub fn load_expecting(
+        &self,
+        policy: Policy,
+        wasm: &[u8],
+        expected: Option<&Artifact>,
+    ) -> Result<Arc<LoadedModule>, LoadError> {
         let actual = precheck(&self.config, &policy, wasm)?;
         let module = policy.module.name.to_string();
         // Parsed here, never in the gateway: the imports are judged against
@@ -403,10 +425,17 @@ impl Sandbox {
             actual.clone()
         };
         let compiled = match &self.cache {
-            Some(cache) => cache.load(&self.engine, &prepared.component, &compiled_digest),
-            None => Component::new(&self.engine, &prepared.component).map(|c| (c, false)),
+            Some(cache) => cache
+                .load(
+                    &self.engine,
+                    &prepared.component,
+                    &compiled_digest,
+                    expected,
+                )
+                .map(|c| (c.component, c.from_cache, c.artifact)),
+            None => Component::new(&self.engine, &prepared.component).map(|c| (c, false, None)),
         };
-        let (component, from_cache) = compiled.map_err(|e| LoadError::Compile {
+        let (component, from_cache, artifact) = compiled.map_err(|e| LoadError::Compile {
             module: module.clone(),
             message: first_line(&e),
         })?;
@@ -429,6 +458,7 @@ impl Sandbox {
             sha256: actual,
             pre,
             from_cache,
+            artifact,
             adapted: prepared.adapted,
             imports: prepared.imports,
         }))

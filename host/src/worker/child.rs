@@ -134,7 +134,8 @@ async fn serve(sandbox: Arc<Sandbox>, mut reader: proto::Reader, mut writer: pro
                 policy_json,
                 policy_sha256,
                 wasm,
-            } => load(&state, module, policy_json, policy_sha256, wasm.0),
+                artifact,
+            } => load(&state, module, policy_json, policy_sha256, wasm.0, artifact),
             Down::Run { job, module, spec } => {
                 let (cancel, cancelled) = oneshot::channel();
                 lock(&state.cancels).insert(job, cancel);
@@ -174,6 +175,7 @@ fn load(
     policy_json: String,
     policy_sha256: Option<String>,
     wasm: bytes::Bytes,
+    artifact: Option<crate::sandbox::Artifact>,
 ) {
     let (done, compiled) = watch::channel(None);
     lock(&state.modules).insert(module, compiled);
@@ -187,9 +189,14 @@ fn load(
         let compiled = match serde_json::from_str::<Policy>(&policy_json) {
             Ok(mut policy) => {
                 policy.source_sha256 = policy_sha256.and_then(|s| Sha256Hex::new(s).ok());
-                tokio::task::spawn_blocking(move || sandbox.load(policy, &wasm))
-                    .await
-                    .unwrap_or_else(|e| Err(unreadable(format!("compilation stopped: {e}"))))
+                // The zone's cache is every worker's to write: only the
+                // artifact the gateway recorded is loaded from it, read
+                // into memory and checked there (see `sandbox::cache`).
+                tokio::task::spawn_blocking(move || {
+                    sandbox.load_expecting(policy, &wasm, artifact.as_ref())
+                })
+                .await
+                .unwrap_or_else(|e| Err(unreadable(format!("compilation stopped: {e}"))))
             }
             Err(e) => Err(unreadable(format!("unreadable policy: {e}"))),
         };

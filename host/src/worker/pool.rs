@@ -15,8 +15,17 @@
 //! gateway's own identity of the job, bounded, and their outputs are
 //! collected by the gateway itself without following links
 //! ([`outputs::collect_beneath`](crate::sandbox::outputs::collect_beneath)).
+//!
+//! The zone's compile cache is every worker's to write, so the gateway
+//! keeps the authority over it: which artifact is good for each module
+//! ([`ArtifactRecords`], in [`records_dir`], which no worker can reach).
+//! Each `Load` carries that record, and a worker loads a cached artifact
+//! only when its bytes are exactly the recorded ones. A record is taken
+//! from a worker's `Loaded` only while the gateway has sent that worker no
+//! job ([`recordable`]): a worker that has run a guest may be that guest's
+//! by now, and its word about native code is not taken.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap};
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::Child;
@@ -34,9 +43,9 @@ use super::proto::{self, Blob, Down, MAX_DOWN_FRAME, MAX_UP_FRAME, Up};
 use super::{WorkerArgs, process};
 use crate::job::egress::Egress;
 use crate::job::{Failure, FailureKind, JobReport, JobSpec, Outcome};
-use crate::policy::Policy;
+use crate::policy::{Policy, Sha256Hex};
 use crate::sandbox::outputs::{CollectError, Collected};
-use crate::sandbox::{LoadError, LoadInfo};
+use crate::sandbox::{Artifact, ArtifactRecords, LoadError, LoadInfo};
 
 /// The subcommand a worker is started with.
 pub const WORKER_SUBCOMMAND: &str = "__worker";
@@ -76,7 +85,10 @@ pub struct PoolConfig {
     /// The zone's work directory (gateway-owned; each worker gets its own
     /// directory inside).
     pub work_dir: PathBuf,
-    /// The zone's compile cache.
+    /// The zone's compile cache, which every worker of the zone may
+    /// write. The gateway keeps its record of which artifact in it is good
+    /// for which module beside it, in [`records_dir`], where no worker
+    /// reaches.
     pub cache_dir: PathBuf,
     /// `(uid, gid)` workers switch to when the gateway runs as root.
     pub run_as: Option<(u32, u32)>,
@@ -126,6 +138,8 @@ type FaultSink = Arc<dyn Fn(Fault) + Send + Sync>;
 /// and bytes, sent to each worker before its first job of it.
 #[derive(Debug)]
 struct Source {
+    /// The sha256 of `wasm`: what the zone's artifact record is keyed by.
+    digest: Sha256Hex,
     policy_json: String,
     policy_sha256: Option<String>,
     wasm: Bytes,
@@ -141,6 +155,8 @@ pub struct Pool {
     faults: FaultSink,
     /// What the last worker to start reported.
     applied: Mutex<Applied>,
+    /// Which artifact in the zone's cache is good for which module.
+    records: ArtifactRecords,
 }
 
 impl std::fmt::Debug for Pool {
@@ -172,7 +188,8 @@ struct Worker {
 
 #[derive(Default)]
 struct WorkerState {
-    loaded: HashSet<u64>,
+    /// Modules sent to it, with the artifact record each was sent with.
+    loaded: HashMap<u64, Option<Artifact>>,
     loads: HashMap<u64, Vec<oneshot::Sender<Result<LoadInfo, LoadError>>>>,
     jobs: HashMap<u64, Pending>,
     started: u32,
@@ -193,6 +210,37 @@ impl WorkerState {
     fn running(&self) -> usize {
         self.jobs.len()
     }
+
+    /// It has been sent no job: no guest has run in it.
+    fn pristine(&self) -> bool {
+        self.started == 0
+    }
+}
+
+/// `<cache_dir>.records`: where the gateway keeps its record of a zone's
+/// good artifacts, beside the zone's cache (under the gateway's own
+/// directory) and outside every directory a worker is handed.
+pub fn records_dir(cache_dir: &Path) -> PathBuf {
+    let mut name = cache_dir
+        .file_name()
+        .map(std::ffi::OsStr::to_os_string)
+        .unwrap_or_else(|| "zone".into());
+    name.push(".records");
+    cache_dir.with_file_name(name)
+}
+
+/// The artifact to record for a module from a worker's `Loaded`: the one
+/// it `reported` writing, when it differs from the record it was `sent`
+/// with, and only when the worker was `pristine` (sent no job yet) when
+/// the gateway read its answer. A worker that has run a guest may be
+/// compromised, and could have written and reported native code of its
+/// own; its word is not taken (it keeps using what it compiled itself).
+fn recordable<'a>(
+    pristine: bool,
+    sent: Option<&Artifact>,
+    reported: Option<&'a Artifact>,
+) -> Option<&'a Artifact> {
+    reported.filter(|a| pristine && a.well_formed() && sent != Some(*a))
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -224,6 +272,24 @@ impl Pool {
                 zone: config.zone.clone(),
                 reason: format!("cache directory {}: {e}", config.cache_dir.display()),
             })?;
+        let records = records_dir(&config.cache_dir);
+        if records.starts_with(&config.cache_dir) || records.starts_with(&config.work_dir) {
+            return Err(PoolError::Start {
+                zone: config.zone.clone(),
+                reason: format!(
+                    "the artifact records {} would lie where workers reach",
+                    records.display()
+                ),
+            });
+        }
+        let records = ArtifactRecords::open(&records).map_err(|e| PoolError::Start {
+            zone: config.zone.clone(),
+            reason: format!("artifact records: {e}"),
+        })?;
+        // A zone's cache has no key any more (anything in it is every
+        // worker's to write); one an earlier version left is removed, and
+        // would not be read if it stayed.
+        let _ = std::fs::remove_file(config.cache_dir.join(crate::sandbox::CACHE_KEY_FILE));
         let pool = Arc::new(Self {
             config,
             state: Mutex::default(),
@@ -232,6 +298,7 @@ impl Pool {
             closing: AtomicBool::new(false),
             faults: Arc::new(faults),
             applied: Mutex::default(),
+            records,
         });
         for _ in 0..pool.config.workers.max(1) {
             let worker = pool.spawn_worker().await?;
@@ -278,6 +345,7 @@ impl Pool {
     pub async fn load(&self, policy: &Policy, wasm: Bytes) -> Result<(u64, LoadInfo), LoadError> {
         let module = self.next_id();
         let source = Arc::new(Source {
+            digest: Sha256Hex::digest(&wasm),
             policy_json: serde_json::to_string(policy).map_err(|e| LoadError::Compile {
                 module: policy.module.name.to_string(),
                 message: format!("unencodable policy: {e}"),
@@ -311,15 +379,64 @@ impl Pool {
     fn send_load(&self, worker: &Worker, module: u64) {
         let source = lock(&self.state).modules.get(&module).cloned();
         let Some(source) = source else { return };
-        if !lock(&worker.state).loaded.insert(module) {
+        if lock(&worker.state).loaded.contains_key(&module) {
             return;
+        }
+        let artifact = self.records.get(&source.digest);
+        match lock(&worker.state).loaded.entry(module) {
+            // Sent meanwhile.
+            std::collections::hash_map::Entry::Occupied(_) => return,
+            std::collections::hash_map::Entry::Vacant(place) => {
+                place.insert(artifact.clone());
+            }
         }
         let _ = worker.down.send(Down::Load {
             module,
             policy_json: source.policy_json.clone(),
             policy_sha256: source.policy_sha256.clone(),
             wasm: Blob(source.wasm.clone()),
+            artifact,
         });
+    }
+
+    /// Takes what a worker's `Loaded` says about the zone's cache: records
+    /// the artifact it wrote under [`recordable`]'s rule, and says so when
+    /// the entry it was sent a record for did not match it.
+    fn take_artifact(&self, worker: &Worker, module: u64, info: &LoadInfo) {
+        let (pristine, sent) = {
+            let ws = lock(&worker.state);
+            match ws.loaded.get(&module) {
+                Some(sent) => (ws.pristine(), sent.clone()),
+                // Never sent to it.
+                None => return,
+            }
+        };
+        let source = lock(&self.state).modules.get(&module).cloned();
+        let Some(source) = source else { return };
+        if let Some(sent) = &sent
+            && !info.from_cache
+            && info
+                .artifact
+                .as_ref()
+                .is_none_or(|a| a.engine == sent.engine)
+        {
+            tracing::warn!(
+                zone = %self.config.zone,
+                pid = worker.pid,
+                module = %source.digest,
+                "the zone cache's artifact did not match the gateway's record (rewritten or removed); the worker compiled the module again"
+            );
+            // Only a worker (or someone with the workers' access) rewrites
+            // an entry: worth counting where it is watched.
+            metrics::counter!("bulkhead_zone_cache_mismatches_total", "zone" => self.config.zone.clone())
+                .increment(1);
+        }
+        let Some(artifact) = recordable(pristine, sent.as_ref(), info.artifact.as_ref()) else {
+            return;
+        };
+        if let Err(e) = self.records.put(&source.digest, artifact) {
+            tracing::warn!(zone = %self.config.zone, dir = %self.records.path().display(), error = %e, "cannot write a compiled-module record");
+        }
     }
 
     /// A worker that can take a job now: alive, not retiring, with a free
@@ -766,6 +883,9 @@ impl Pool {
             };
             match message {
                 Up::Loaded { module, result } => {
+                    if let Ok(info) = &result {
+                        self.take_artifact(worker, module, info);
+                    }
                     let waiting = lock(&worker.state).loads.remove(&module);
                     for tx in waiting.unwrap_or_default() {
                         let _ = tx.send(result.clone());
@@ -1034,4 +1154,47 @@ fn prepare_dir(dir: &Path, owner: Option<(u32, u32)>, mode: u32) -> std::io::Res
         std::os::unix::fs::chown(dir, Some(uid), Some(gid))?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn artifact(byte: u8) -> Artifact {
+        Artifact {
+            engine: "0123456789abcdef".into(),
+            sha256: Sha256Hex::digest(&[byte]),
+            len: 1,
+        }
+    }
+
+    /// Only a worker sent no job is taken at its word, and only for a
+    /// well-formed artifact that differs from the record it was sent.
+    #[test]
+    fn a_record_is_taken_only_from_a_worker_that_ran_no_guest() {
+        let (a, b) = (artifact(1), artifact(2));
+        assert_eq!(recordable(true, None, Some(&a)), Some(&a));
+        assert_eq!(recordable(true, Some(&b), Some(&a)), Some(&a));
+        assert_eq!(recordable(false, None, Some(&a)), None);
+        assert_eq!(recordable(false, Some(&b), Some(&a)), None);
+        assert_eq!(recordable(true, Some(&a), Some(&a)), None);
+        assert_eq!(recordable(true, Some(&a), None), None);
+        let odd = Artifact {
+            engine: "not-an-engine".into(),
+            ..a
+        };
+        assert_eq!(recordable(true, None, Some(&odd)), None);
+        let mut ws = WorkerState::default();
+        assert!(ws.pristine());
+        ws.started = 1;
+        assert!(!ws.pristine());
+    }
+
+    #[test]
+    fn the_records_lie_beside_the_zone_cache_not_in_it() {
+        let cache = Path::new("/data/cache/zones/untrusted");
+        let records = records_dir(cache);
+        assert_eq!(records, Path::new("/data/cache/zones/untrusted.records"));
+        assert!(!records.starts_with(cache));
+    }
 }

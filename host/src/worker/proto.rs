@@ -24,7 +24,10 @@ use super::harden::Applied;
 use crate::job::JobSpec;
 
 /// This build's protocol version.
-pub const VERSION: u32 = 1;
+///
+/// 2: `Load` carries the gateway's record of the module's artifact, and
+/// `Loaded`'s info the artifact the worker wrote.
+pub const VERSION: u32 = 2;
 
 /// Largest frame a worker accepts: a module at the host's largest
 /// accepted size plus its policy, or a job's inputs, with room to spare.
@@ -40,13 +43,17 @@ pub enum Down {
     /// The gateway's version; first frame.
     Hello { version: u32 },
     /// A module this worker may be asked to run: its policy (JSON, already
-    /// validated by the gateway) and bytes (whose digest the worker checks
-    /// again before compiling). The worker answers [`Up::Loaded`].
+    /// validated by the gateway), bytes (whose digest the worker checks
+    /// again before compiling) and the compiled artifact the gateway
+    /// recorded for it in this zone, if any: the only one the worker may
+    /// load from the zone's cache instead of compiling. The worker answers
+    /// [`Up::Loaded`].
     Load {
         module: u64,
         policy_json: String,
         policy_sha256: Option<String>,
         wasm: Blob,
+        artifact: Option<crate::sandbox::Artifact>,
     },
     /// Runs a job of a loaded module; answered by [`Up::Report`].
     Run {
@@ -78,7 +85,9 @@ pub enum Up {
     /// this.
     StartFailed { error: String },
     /// A [`Down::Load`]'s outcome: compiled (with what the load found:
-    /// from the cache, adapted, the imports' verdicts) or why not.
+    /// from the cache, adapted, the imports' verdicts, the artifact now in
+    /// the zone's cache) or why not. The gateway records that artifact
+    /// only from a worker it has sent no job yet.
     Loaded {
         module: u64,
         result: Result<crate::sandbox::LoadInfo, crate::sandbox::LoadError>,

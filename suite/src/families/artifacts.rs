@@ -116,6 +116,17 @@ async fn planted(h: &Harness, area: &Path, kind: DirAttack) -> Outcome {
             .load(harness::parse(&text)?, Bytes::copy_from_slice(&hostile))
             .await
             .map_err(|e| e.to_string());
+        // The pinned module too: the plant then replaces a genuine entry
+        // (tagged, or recorded by the gateway for a zone's cache), which
+        // the host would otherwise load.
+        let pinned = h.base.policy_text("suite-cache-pinned", hello, None, &[]);
+        let loaded = match loaded {
+            Ok(_) => first
+                .load(harness::parse(&pinned)?, Bytes::from_static(hello))
+                .await
+                .map_err(|e| e.to_string()),
+            Err(e) => Err(e),
+        };
         first.close();
         loaded?;
     }
@@ -129,7 +140,10 @@ async fn planted(h: &Harness, area: &Path, kind: DirAttack) -> Outcome {
             bytes.extend([0xa5; 32]);
             std::fs::write(&target, bytes)
         }
-        _ => std::os::unix::fs::symlink(&other, &target),
+        _ => {
+            let _ = std::fs::remove_file(&target);
+            std::os::unix::fs::symlink(&other, &target)
+        }
     }
     .map_err(|e| format!("cannot plant {}: {e}", target.display()))?;
     let planted = std::fs::read(&target).unwrap_or_default();

@@ -58,4 +58,7 @@ bulkhead_tests::foreach_guest!(assert_test_exists);
 mod workers;
 // Module intake: WASIp1 modules adapted at load, imports judged before compiling, `check` in a worker.
 mod intake;
+// A zone's compile cache: only artifacts the gateway recorded from a worker that ran no guest are loaded.
+mod zone_cache;
+// Signed modules: `signed_by` policies refuse unsigned or wrongly signed modules before compiling.
 mod signed;
