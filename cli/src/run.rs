@@ -67,7 +67,10 @@ pub(crate) async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     }
 
     let runner = args.host.runner(&policy.module.zone.to_string()).await?;
-    let module = runner.load(policy, wasm.into()).await?;
+    let (loaded, took) =
+        with_progress(&args.module, wasm.len(), runner.load(policy, wasm.into())).await;
+    let module = loaded?;
+    loaded_note(module.info(), took);
     let finished = runner.run(&module, &job, None).await?;
     let mut report = finished.report;
     // A worker's own lists are not shown: what is listed is what this
@@ -136,7 +139,11 @@ pub(crate) async fn check(args: CheckArgs) -> anyhow::Result<ExitCode> {
     // module's zone (this process only checks size, pin and header), so
     // what is said below about the module is the worker's word.
     let runner = args.host.runner(&policy.module.zone.to_string()).await?;
-    let loaded = runner.load(policy, wasm.into()).await;
+    let (loaded, took) =
+        with_progress(&module_path, wasm.len(), runner.load(policy, wasm.into())).await;
+    if let Ok(module) = &loaded {
+        loaded_note(module.info(), took);
+    }
     runner.close();
     match loaded {
         Ok(module) => {
@@ -162,6 +169,57 @@ pub(crate) async fn check(args: CheckArgs) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::from(2))
         }
         Err(e) => Err(e.into()),
+    }
+}
+
+/// How long a load may take before `run` and `check` say on stderr that
+/// they are compiling (stdout stays the report alone).
+const PROGRESS_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
+/// How often a long compile says it is still going.
+const PROGRESS_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Awaits `load`, saying on stderr what is being compiled once it has
+/// taken [`PROGRESS_AFTER`], and every [`PROGRESS_EVERY`] after; returns
+/// its result and how long it took.
+async fn with_progress<T>(
+    module: &Path,
+    size: usize,
+    load: impl std::future::Future<Output = T>,
+) -> (T, std::time::Duration) {
+    let started = std::time::Instant::now();
+    let mut load = std::pin::pin!(load);
+    let mut wait = PROGRESS_AFTER;
+    loop {
+        match tokio::time::timeout(wait, &mut load).await {
+            Ok(result) => return (result, started.elapsed()),
+            Err(_) if wait == PROGRESS_AFTER => eprintln!(
+                "compiling {} ({})…",
+                module.display(),
+                ByteSize::bytes(size as u64)
+            ),
+            Err(_) => eprintln!(
+                "  still compiling {} ({:.0} s)…",
+                module.display(),
+                started.elapsed().as_secs_f64()
+            ),
+        }
+        wait = PROGRESS_EVERY;
+    }
+}
+
+/// Says on stderr how long a load took when it compiled for long enough to
+/// have said it was compiling.
+fn loaded_note(info: &bulkhead::sandbox::LoadInfo, took: std::time::Duration) {
+    if took >= PROGRESS_AFTER {
+        eprintln!(
+            "{} in {:.1} s",
+            if info.from_cache {
+                "loaded from the cache"
+            } else {
+                "compiled"
+            },
+            took.as_secs_f64()
+        );
     }
 }
 
@@ -298,6 +356,26 @@ fn print_summary(report: &JobReport, out: Option<&Path>) {
     );
     if let Some(f) = &report.failure {
         println!("  reason: {}", f.message);
+    }
+    if let Some(bt) = &report.backtrace {
+        println!("  backtrace (innermost first):");
+        for (i, f) in bt.frames.iter().enumerate() {
+            println!(
+                "    {i:>2}: {}{}  (function {}{})",
+                f.module
+                    .as_deref()
+                    .map(|m| format!("{m}!"))
+                    .unwrap_or_default(),
+                f.function.as_deref().unwrap_or("<unnamed>"),
+                f.func_index,
+                f.module_offset
+                    .map(|o| format!(", offset {o:#x}"))
+                    .unwrap_or_default()
+            );
+        }
+        if bt.truncated {
+            println!("    …");
+        }
     }
     if report.outputs.is_empty() {
         println!("  outputs: none");

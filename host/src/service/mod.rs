@@ -612,7 +612,16 @@ fn read_modules(
             message: e.to_string(),
         })?;
         let name = policy.module.name.to_string();
-        let wasm_path = config.modules.modules_dir.join(format!("{name}.wasm"));
+        // `<name>.wasm`, else cargo's spelling of it (`foo-bar` builds
+        // `foo_bar.wasm`): module names have no `_`, so the two never clash.
+        let mut wasm_path = config.modules.modules_dir.join(format!("{name}.wasm"));
+        let cargo_path = config
+            .modules
+            .modules_dir
+            .join(format!("{}.wasm", name.replace('-', "_")));
+        if !wasm_path.exists() && cargo_path.exists() {
+            wasm_path = cargo_path;
+        }
         let wasm = std::fs::read(&wasm_path).map_err(|e| StartError::Module {
             module: name.clone(),
             message: format!("cannot read {}: {e}", wasm_path.display()),

@@ -58,3 +58,5 @@ bulkhead_tests::foreach_guest!(assert_test_exists);
 mod workers;
 // Module intake: WASIp1 modules adapted at load, imports judged before compiling, `check` in a worker.
 mod intake;
+// Plugin authors: args templates, stdout as an output, exit codes, trap backtraces, `bulkhead pin`.
+mod authors;
