@@ -395,3 +395,101 @@ fn bulkhead_run_reports_the_trap_backtrace() {
     );
     assert!(summary.contains("authors_trap_inner"), "{summary}");
 }
+
+/// Through the service: a module file in cargo's spelling is served under
+/// its policy's name, its args template and stdout file work as under
+/// `bulkhead run`, and the job view carries the trap backtrace (the trap's
+/// message itself stays redacted).
+#[tokio::test(flavor = "multi_thread")]
+async fn the_service_serves_cargo_named_modules_templates_stdout_files_and_backtraces() {
+    let modules = tempfile::tempdir().unwrap();
+    let policies = tempfile::tempdir().unwrap();
+    for (file, policy) in [
+        (
+            "trap_guest.wasm",
+            common::policy(bulkhead_tests::HOSTILE, "trap-guest")
+                .scopes(&["authors:run"])
+                .args(&["trap"]),
+        ),
+        (
+            "stdout_argv.wasm",
+            common::policy(bulkhead_tests::HOSTILE, "stdout-argv")
+                .scopes(&["authors:run"])
+                .params(&["v"])
+                .arg_entries(vec!["argv".into(), "{param.v}".into()])
+                .stdout_file("argv.txt"),
+        ),
+    ] {
+        std::fs::copy(bulkhead_tests::HOSTILE, modules.path().join(file)).unwrap();
+        policy.write_to(policies.path());
+    }
+    let (m, p) = (modules.path().to_owned(), policies.path().to_owned());
+    let s = common::start(move |c| {
+        c.modules.modules_dir = m;
+        c.modules.policies_dir = p;
+    })
+    .await;
+    let token = s.token("acme", &["authors:run"]).await;
+
+    let job: serde_json::Value = s
+        .post("/v1/modules/trap-guest/jobs", &token)
+        .query(&[("wait", "20s")])
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let report = &job["report"];
+    assert_eq!(report["failure"]["kind"], "trap", "{job:#}");
+    assert_eq!(report["failure"]["message"], "the guest trapped");
+    let frames = report["backtrace"]["frames"].as_array().expect("frames");
+    assert!(
+        frames[0]["function"]
+            .as_str()
+            .is_some_and(|f| f.contains("authors_trap_inner")),
+        "{job:#}"
+    );
+
+    let job: serde_json::Value = s
+        .post("/v1/modules/stdout-argv/jobs", &token)
+        .query(&[("wait", "20s"), ("param.v", AWKWARD)])
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(job["state"], "succeeded", "{job:#}");
+    assert_eq!(job["outputs"][0]["name"], "argv.txt", "{job:#}");
+    let id = job["id"].as_str().unwrap();
+    let text = String::from_utf8(s.output(&token, id, "argv.txt").await.to_vec()).unwrap();
+    assert_eq!(
+        argv_printed(&text),
+        vec![
+            "stdout-argv".to_owned(),
+            "argv".to_owned(),
+            AWKWARD.escape_debug().to_string()
+        ]
+    );
+}
+
+/// What the host receives is what the report says, and the common
+/// toolchains send only success or failure: wasi-libc's WASIp2 `exit` and
+/// the preview1 adapter (48.0.8) both call `wasi:cli/exit.exit(err)` for
+/// any non-zero code, so `exit(3)` arrives as 1 from a p1 module and from
+/// the same source built for `wasm32-wasip2` (measured here). A code past
+/// 1 reaches the report only through `exit-with-code` (see
+/// `the_report_carries_the_guests_exit_code_and_a_trap_backtrace`).
+#[tokio::test]
+async fn std_exit_codes_arrive_as_failure_from_both_toolchains() {
+    for guest in [bulkhead_tests::P1_FILES_WASIP1, bulkhead_tests::P1_FILES] {
+        let policy = common::policy(guest, "p1-files")
+            .params(&["mode"])
+            .limits(|l| l.output = ByteSize::kib(128));
+        let module = common::load(guest, &policy);
+        let (report, _dir) = common::run(&module, &common::spec(&[], &[("mode", "fill")])).await;
+        assert!(report.stdout.text.contains("fill stopped"), "{report:#?}");
+        assert_eq!(report.exit_code, Some(1), "{guest}: {report:#?}");
+    }
+}
