@@ -117,6 +117,29 @@ pub(crate) async fn check(args: CheckArgs) -> anyhow::Result<ExitCode> {
     println!("  scopes   {}", or_none(&scopes.join(", ")));
     let params: Vec<_> = policy.run.params.iter().map(|s| s.as_str()).collect();
     println!("  params   {}", or_none(&params.join(", ")));
+    if !policy.run.args.is_empty() {
+        let shown: Vec<String> = policy
+            .run
+            .args
+            .iter()
+            .map(|entry| match entry {
+                bulkhead::policy::ArgEntry::One(a) => format!("{a:?}"),
+                bulkhead::policy::ArgEntry::Group(g) => format!("{g:?}"),
+            })
+            .collect();
+        println!(
+            "  args     {} ({})",
+            shown.join(" "),
+            if policy.run.is_template() {
+                "a template: parameters only where placed"
+            } else {
+                "then each parameter as --name=value"
+            }
+        );
+    }
+    if let Some(name) = &policy.run.stdout {
+        println!("  stdout   kept as /out/{name}, under the output quota");
+    }
     println!(
         "  limits   memory {}, cpu {}, wall {}, output {} in {} entries, stdout {}, stderr {}, input {}",
         l.memory, l.cpu_time, l.wall_time, l.output, l.output_files, l.stdout, l.stderr, l.input
@@ -193,9 +216,9 @@ async fn with_progress<T>(
         match tokio::time::timeout(wait, &mut load).await {
             Ok(result) => return (result, started.elapsed()),
             Err(_) if wait == PROGRESS_AFTER => eprintln!(
-                "compiling {} ({})…",
+                "compiling {} ({:.1} MiB)…",
                 module.display(),
-                ByteSize::bytes(size as u64)
+                size as f64 / (1024.0 * 1024.0)
             ),
             Err(_) => eprintln!(
                 "  still compiling {} ({:.0} s)…",

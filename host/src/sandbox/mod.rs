@@ -818,7 +818,7 @@ fn backtrace(e: &wasmtime::Error) -> Option<crate::job::Backtrace> {
         .map(|f| crate::job::BacktraceFrame {
             function: f
                 .func_name()
-                .map(|n| rustc_demangle::demangle(n).to_string()),
+                .map(|n| format!("{:#}", rustc_demangle::demangle(n))),
             func_index: f.func_index(),
             module_offset: f.module_offset().map(|o| o as u64),
             module: f.module().name().map(str::to_owned),
