@@ -755,7 +755,9 @@ impl Pollable for QuotaStream {
 /// link the guest could leave is followed), charged one entry, and every
 /// chunk charged to the `/out` quota and the written-bytes meter exactly
 /// as a write through a descriptor is. Over the quota a write fails with
-/// `ENOSPC` and the `output` limit fires. Clones share the file.
+/// `ENOSPC` and the `output` limit fires. Clones share the file. Its one
+/// host descriptor is among the job's own (`JOB_OVERHEAD_DESCRIPTORS`),
+/// not the guest's share: the guest cannot multiply it.
 #[derive(Clone, Debug)]
 pub struct StdoutFile {
     file: Arc<std::fs::File>,
