@@ -26,7 +26,8 @@ pub(crate) struct RunArgs {
     /// An input file placed in `/in`: `NAME=PATH`, or `PATH` to keep its file name.
     #[arg(long = "input", value_name = "NAME=PATH")]
     inputs: Vec<String>,
-    /// A job parameter, passed to the guest as `--K=V`; the policy must list K.
+    /// A job parameter, passed to the guest as `--K=V` (or where the policy's args template
+    /// places it); the policy must list K.
     #[arg(long = "param", value_name = "K=V")]
     params: Vec<String>,
     /// A file whose bytes the guest reads on stdin (`-` for this process's stdin).
