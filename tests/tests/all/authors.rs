@@ -507,3 +507,62 @@ async fn std_exit_codes_arrive_as_failure_from_both_toolchains() {
         assert_eq!(report.exit_code, Some(1), "{guest}: {report:#?}");
     }
 }
+
+/// `bulkhead run` in a worker: the template and the stdout file as the
+/// service has them, the file copied out with `--out`; `check` shows both.
+#[test]
+fn bulkhead_run_copies_the_stdout_file_and_check_shows_the_template() {
+    let tmp = tempfile::tempdir().unwrap();
+    let policy = common::policy(bulkhead_tests::HOSTILE, "hostile")
+        .params(&["v"])
+        .arg_entries(vec!["argv".into(), group(&["-v", "{param.v}"])])
+        .stdout_file("argv.txt")
+        .write_to(tmp.path());
+    let out_dir = tmp.path().join("out");
+    let out = Command::new(env!("CARGO_BIN_EXE_bulkhead-under-test"))
+        .args([
+            "run",
+            bulkhead_tests::HOSTILE,
+            "--param",
+            &format!("v={AWKWARD}"),
+        ])
+        .arg("--policy")
+        .arg(&policy)
+        .arg("--out")
+        .arg(&out_dir)
+        .arg("--work-dir")
+        .arg(tmp.path().join("jobs"))
+        .arg("--cache-dir")
+        .arg(tmp.path().join("cache"))
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = std::fs::read_to_string(out_dir.join("argv.txt")).unwrap();
+    assert_eq!(
+        argv_printed(&text),
+        vec![
+            "hostile".to_owned(),
+            "argv".to_owned(),
+            "-v".to_owned(),
+            AWKWARD.escape_debug().to_string()
+        ]
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_bulkhead-under-test"))
+        .arg("check")
+        .arg("--policy")
+        .arg(&policy)
+        .output()
+        .unwrap();
+    let shown = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        shown.contains(r#"args     "argv" ["-v", "{param.v}"] (a template"#),
+        "{shown}"
+    );
+    assert!(shown.contains("stdout   kept as /out/argv.txt"), "{shown}");
+}
