@@ -8,6 +8,7 @@
 //! is the binary's edge: it may use `anyhow`; the library modules may not.
 
 mod host;
+mod pin;
 mod run;
 mod serve;
 mod suite;
@@ -36,6 +37,8 @@ enum Command {
     Run(RunArgs),
     /// Validate a policy; with a module, list its imports and what the policy grants.
     Check(CheckArgs),
+    /// Write a policy's module sha256 pin in place (or, with --new, scaffold a policy).
+    Pin(pin::PinArgs),
     /// Run the HTTP service.
     Serve(ServeArgs),
     /// Manage client tokens directly on the service's store.
@@ -84,6 +87,7 @@ pub fn main() -> ExitCode {
         match cli.command {
             Command::Run(args) => run::run(args).await,
             Command::Check(args) => run::check(args).await,
+            Command::Pin(args) => pin::pin(args),
             Command::Serve(args) => serve::serve(args).await,
             Command::Token(cmd) => token::token(cmd).await,
             Command::EscapeSuite(args) => suite::escape_suite(args).await,

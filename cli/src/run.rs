@@ -26,7 +26,8 @@ pub(crate) struct RunArgs {
     /// An input file placed in `/in`: `NAME=PATH`, or `PATH` to keep its file name.
     #[arg(long = "input", value_name = "NAME=PATH")]
     inputs: Vec<String>,
-    /// A job parameter, passed to the guest as `--K=V`; the policy must list K.
+    /// A job parameter, passed to the guest as `--K=V` (or where the policy's args template
+    /// places it); the policy must list K.
     #[arg(long = "param", value_name = "K=V")]
     params: Vec<String>,
     /// A file whose bytes the guest reads on stdin (`-` for this process's stdin).
@@ -67,7 +68,10 @@ pub(crate) async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     }
 
     let runner = args.host.runner(&policy.module.zone.to_string()).await?;
-    let module = runner.load(policy, wasm.into()).await?;
+    let (loaded, took) =
+        with_progress(&args.module, wasm.len(), runner.load(policy, wasm.into())).await;
+    let module = loaded?;
+    loaded_note(module.info(), took);
     let finished = runner.run(&module, &job, None).await?;
     let mut report = finished.report;
     // A worker's own lists are not shown: what is listed is what this
@@ -114,6 +118,29 @@ pub(crate) async fn check(args: CheckArgs) -> anyhow::Result<ExitCode> {
     println!("  scopes   {}", or_none(&scopes.join(", ")));
     let params: Vec<_> = policy.run.params.iter().map(|s| s.as_str()).collect();
     println!("  params   {}", or_none(&params.join(", ")));
+    if !policy.run.args.is_empty() {
+        let shown: Vec<String> = policy
+            .run
+            .args
+            .iter()
+            .map(|entry| match entry {
+                bulkhead::policy::ArgEntry::One(a) => format!("{a:?}"),
+                bulkhead::policy::ArgEntry::Group(g) => format!("{g:?}"),
+            })
+            .collect();
+        println!(
+            "  args     {} ({})",
+            shown.join(" "),
+            if policy.run.is_template() {
+                "a template: parameters only where placed"
+            } else {
+                "then each parameter as --name=value"
+            }
+        );
+    }
+    if let Some(name) = &policy.run.stdout {
+        println!("  stdout   kept as /out/{name}, under the output quota");
+    }
     println!(
         "  limits   memory {}, cpu {}, wall {}, output {} in {} entries, stdout {}, stderr {}, input {}",
         l.memory, l.cpu_time, l.wall_time, l.output, l.output_files, l.stdout, l.stderr, l.input
@@ -136,7 +163,11 @@ pub(crate) async fn check(args: CheckArgs) -> anyhow::Result<ExitCode> {
     // module's zone (this process only checks size, pin and header), so
     // what is said below about the module is the worker's word.
     let runner = args.host.runner(&policy.module.zone.to_string()).await?;
-    let loaded = runner.load(policy, wasm.into()).await;
+    let (loaded, took) =
+        with_progress(&module_path, wasm.len(), runner.load(policy, wasm.into())).await;
+    if let Ok(module) = &loaded {
+        loaded_note(module.info(), took);
+    }
     runner.close();
     match loaded {
         Ok(module) => {
@@ -162,6 +193,57 @@ pub(crate) async fn check(args: CheckArgs) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::from(2))
         }
         Err(e) => Err(e.into()),
+    }
+}
+
+/// How long a load may take before `run` and `check` say on stderr that
+/// they are compiling (stdout stays the report alone).
+const PROGRESS_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
+/// How often a long compile says it is still going.
+const PROGRESS_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Awaits `load`, saying on stderr what is being compiled once it has
+/// taken [`PROGRESS_AFTER`], and every [`PROGRESS_EVERY`] after; returns
+/// its result and how long it took.
+async fn with_progress<T>(
+    module: &Path,
+    size: usize,
+    load: impl std::future::Future<Output = T>,
+) -> (T, std::time::Duration) {
+    let started = std::time::Instant::now();
+    let mut load = std::pin::pin!(load);
+    let mut wait = PROGRESS_AFTER;
+    loop {
+        match tokio::time::timeout(wait, &mut load).await {
+            Ok(result) => return (result, started.elapsed()),
+            Err(_) if wait == PROGRESS_AFTER => eprintln!(
+                "compiling {} ({:.1} MiB)…",
+                module.display(),
+                size as f64 / (1024.0 * 1024.0)
+            ),
+            Err(_) => eprintln!(
+                "  still compiling {} ({:.0} s)…",
+                module.display(),
+                started.elapsed().as_secs_f64()
+            ),
+        }
+        wait = PROGRESS_EVERY;
+    }
+}
+
+/// Says on stderr how long a load took when it compiled for long enough to
+/// have said it was compiling.
+fn loaded_note(info: &bulkhead::sandbox::LoadInfo, took: std::time::Duration) {
+    if took >= PROGRESS_AFTER {
+        eprintln!(
+            "{} in {:.1} s",
+            if info.from_cache {
+                "loaded from the cache"
+            } else {
+                "compiled"
+            },
+            took.as_secs_f64()
+        );
     }
 }
 
@@ -298,6 +380,26 @@ fn print_summary(report: &JobReport, out: Option<&Path>) {
     );
     if let Some(f) = &report.failure {
         println!("  reason: {}", f.message);
+    }
+    if let Some(bt) = &report.backtrace {
+        println!("  backtrace (innermost first):");
+        for (i, f) in bt.frames.iter().enumerate() {
+            println!(
+                "    {i:>2}: {}{}  (function {}{})",
+                f.module
+                    .as_deref()
+                    .map(|m| format!("{m}!"))
+                    .unwrap_or_default(),
+                f.function.as_deref().unwrap_or("<unnamed>"),
+                f.func_index,
+                f.module_offset
+                    .map(|o| format!(", offset {o:#x}"))
+                    .unwrap_or_default()
+            );
+        }
+        if bt.truncated {
+            println!("    …");
+        }
     }
     if report.outputs.is_empty() {
         println!("  outputs: none");

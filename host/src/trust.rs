@@ -18,9 +18,11 @@ use minisign_verify::{PublicKey, Signature};
 
 use crate::policy::Policy;
 
-/// The signature file's name beside `<module>.wasm`.
-pub fn signature_name(wasm_file: &str) -> String {
-    format!("{wasm_file}.minisig")
+/// Where a module's signature lies: `<module file>.minisig` beside it.
+pub fn signature_path(wasm: &std::path::Path) -> std::path::PathBuf {
+    let mut path = wasm.as_os_str().to_owned();
+    path.push(".minisig");
+    path.into()
 }
 
 /// Largest signature file read (a minisign signature is about 300 bytes).

@@ -14,6 +14,7 @@
 //! exhaustion) and [`leak`] (environment, leftovers and cross-job memory
 //! leaks). `bulkhead escape-suite` runs each mode as one or more attacks.
 
+mod authors;
 mod exhaust;
 mod fs;
 mod leak;
@@ -126,6 +127,10 @@ const MODES: &[&str] = &[
     "disk-rewrite",
     "disk-rewrite-at",
     "disk-truncate-regrow",
+    "argv",
+    "exit-code",
+    "trap",
+    "full-out",
 ];
 
 fn main() -> ExitCode {
@@ -226,6 +231,10 @@ fn main() -> ExitCode {
         "disk-rewrite" => exhaust::disk_rewrite(&ctx),
         "disk-rewrite-at" => exhaust::disk_rewrite_at(&ctx),
         "disk-truncate-regrow" => exhaust::disk_truncate_regrow(&ctx),
+        "argv" => authors::argv(),
+        "exit-code" => authors::exit_code(&ctx),
+        "trap" => authors::trap(),
+        "full-out" => authors::full_out(),
         _ => unreachable!("mode {mode} is in MODES but not dispatched"),
     }
 }

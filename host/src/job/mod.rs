@@ -19,8 +19,8 @@ use serde::{Deserialize, Serialize};
 
 pub use egress::{CallRecord, CallsReport};
 pub use report::{
-    Captured, Failure, FailureKind, JobReport, LimitKind, Measurements, Outcome, OutputFile,
-    SkippedOutput,
+    Backtrace, BacktraceFrame, Captured, Failure, FailureKind, JobReport, LimitKind,
+    MAX_BACKTRACE_FRAMES, MAX_FRAME_NAME, Measurements, Outcome, OutputFile, SkippedOutput,
 };
 
 /// Most input files one job may have.

@@ -189,6 +189,87 @@ pub struct Measurements {
     pub refused: u64,
 }
 
+/// Most frames a report's backtrace keeps (the innermost).
+pub const MAX_BACKTRACE_FRAMES: usize = 16;
+/// Longest function or module name a backtrace frame keeps, in bytes.
+pub const MAX_FRAME_NAME: usize = 96;
+
+/// One frame of a trapped guest's backtrace, innermost first.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct BacktraceFrame {
+    /// The function's name from the module's name section (demangled),
+    /// with anything unprintable escaped; absent when the module has none.
+    pub function: Option<String>,
+    /// The function's index in its core module.
+    pub func_index: u32,
+    /// Byte offset of the trapping or calling instruction in its core
+    /// module, when known: what `wasm-tools objdump` or `addr2line` take.
+    pub module_offset: Option<u64>,
+    /// The core module's name, when it has one.
+    pub module: Option<String>,
+}
+
+/// A trapped guest's backtrace: at most [`MAX_BACKTRACE_FRAMES`] frames
+/// (innermost first) of at most [`MAX_FRAME_NAME`]-byte names, so a few
+/// KiB at most (under 4 KiB as JSON), whatever the guest's names. The bounds are applied
+/// whenever one is built or read back (a worker's report included).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(from = "RawBacktrace")]
+pub struct Backtrace {
+    /// The frames kept.
+    pub frames: Vec<BacktraceFrame>,
+    /// Whether frames were left out.
+    pub truncated: bool,
+}
+
+#[derive(Deserialize)]
+struct RawBacktrace {
+    frames: Vec<BacktraceFrame>,
+    #[serde(default)]
+    truncated: bool,
+}
+
+impl From<RawBacktrace> for Backtrace {
+    fn from(raw: RawBacktrace) -> Self {
+        Self::new(raw.frames, raw.truncated)
+    }
+}
+
+impl Backtrace {
+    /// A backtrace of `frames`, cut to the bounds and with names made
+    /// printable.
+    pub fn new(mut frames: Vec<BacktraceFrame>, truncated: bool) -> Self {
+        let truncated = truncated || frames.len() > MAX_BACKTRACE_FRAMES;
+        frames.truncate(MAX_BACKTRACE_FRAMES);
+        for f in &mut frames {
+            for name in [&mut f.function, &mut f.module].into_iter().flatten() {
+                *name = printable_name(name);
+            }
+        }
+        Self { frames, truncated }
+    }
+}
+
+/// `name` with control and bidirectional-formatting characters escaped,
+/// cut to [`MAX_FRAME_NAME`] bytes at a character boundary.
+fn printable_name(name: &str) -> String {
+    let mut out = String::new();
+    for c in name.chars() {
+        let piece = if c.is_control()
+            || matches!(c, '\u{200b}'..='\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}' | '\u{feff}')
+        {
+            c.escape_unicode().to_string()
+        } else {
+            c.to_string()
+        };
+        if out.len() + piece.len() > MAX_FRAME_NAME {
+            break;
+        }
+        out.push_str(&piece);
+    }
+    out
+}
+
 /// The structured report of one job.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct JobReport {
@@ -204,7 +285,10 @@ pub struct JobReport {
     pub zone: String,
     /// Succeeded or failed.
     pub outcome: Outcome,
-    /// The guest's exit code, when it exited (0 for a normal return).
+    /// The guest's exit code, when it exited: 0 for a normal return, else
+    /// the code it passed to `wasi:cli/exit` (`exit-with-code` carries
+    /// 0-255; plain `exit(err)`, which wasi-libc's WASIp2 `exit` uses,
+    /// is 1). Absent for a trap or a limit.
     pub exit_code: Option<i32>,
     /// The limit that fired first, if any.
     pub limit: Option<LimitKind>,
@@ -223,6 +307,10 @@ pub struct JobReport {
     /// Outbound calls to internal services, when the policy names any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub calls: Option<super::CallsReport>,
+    /// Where the guest trapped (function names and wasm offsets, bounded),
+    /// when it trapped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backtrace: Option<Backtrace>,
 }
 
 impl JobReport {
@@ -268,11 +356,37 @@ impl JobReport {
             stderr: Captured::default(),
             measurements: Measurements::default(),
             calls: None,
+            backtrace: None,
         }
     }
 
     /// Whether the job succeeded.
     pub fn succeeded(&self) -> bool {
         self.outcome == Outcome::Succeeded
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_backtrace_is_bounded_and_printable_whatever_it_is_read_from() {
+        let frame = |i: u32| BacktraceFrame {
+            function: Some(format!("f{i}\u{1b}[2J\u{202e}{}", "x".repeat(1000))),
+            func_index: i,
+            module_offset: Some(u64::from(i)),
+            module: None,
+        };
+        let json = serde_json::json!({
+            "frames": (0..1000).map(frame).collect::<Vec<_>>(),
+        });
+        let bt: Backtrace = serde_json::from_value(json).unwrap();
+        assert_eq!(bt.frames.len(), MAX_BACKTRACE_FRAMES);
+        assert!(bt.truncated);
+        let name = bt.frames[0].function.as_deref().unwrap();
+        assert!(name.starts_with("f0\\u{1b}[2J\\u{202e}xx"), "{name}");
+        assert!(name.len() <= MAX_FRAME_NAME);
+        assert!(serde_json::to_string(&bt).unwrap().len() < 4 * 1024);
     }
 }

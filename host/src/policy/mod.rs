@@ -6,6 +6,7 @@
 //! absent from the guest, and every unknown key is an error. Errors name the
 //! file, the line and column, and the bad value.
 
+pub mod args;
 mod names;
 mod units;
 
@@ -14,6 +15,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+pub use args::ArgEntry;
 pub use names::{ModuleName, NameError, NameRule, ParamName, Scope, ServiceName, Sha256Hex, Zone};
 pub use units::{ByteSize, HumanDuration, UnitError};
 
@@ -132,18 +134,39 @@ impl Default for Limits {
 #[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Run {
-    /// Fixed arguments, after `argv[0]` (the module name).
+    /// Arguments after `argv[0]` (the module name): literal strings, or
+    /// templates placing parameters and the guest paths of inputs and
+    /// outputs, each entry exactly one argv entry; arrays are groups
+    /// dropped together when something they place is absent ([`args`]).
     #[serde(default)]
-    pub args: Vec<String>,
+    pub args: Vec<ArgEntry>,
     /// Literal environment variables. The host's environment never reaches a
     /// guest; these are the only variables it sees.
     #[serde(default)]
     pub env: BTreeMap<String, String>,
     /// Job parameters the module accepts; each reaches the guest as
-    /// `--name=value` after the fixed arguments. Any other parameter is
+    /// `--name=value` after the fixed arguments, or, when `args` is a
+    /// template, only where it places them. Any other parameter is
     /// refused.
     #[serde(default)]
     pub params: Vec<ParamName>,
+    /// Keeps the guest's stdout as the output file `/out/<name>` instead of
+    /// capturing it: bounded by `limits.output` like any write to `/out`
+    /// (not by `limits.stdout`), counted as one of `limits.output_files`,
+    /// and listed with the other outputs. A flat name (`A-Z a-z 0-9 . _ -`,
+    /// not starting with `.`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stdout: Option<String>,
+}
+
+impl Run {
+    /// Whether `args` is a template (places something): then parameters
+    /// reach the guest only where it places them.
+    pub fn is_template(&self) -> bool {
+        self.args.iter().flat_map(ArgEntry::strings).any(|a| {
+            args::parse(a).is_ok_and(|pieces| pieces.iter().any(args::Piece::is_placeholder))
+        })
+    }
 }
 
 /// `[network]`: internal services reachable through the host.
@@ -286,12 +309,35 @@ impl Policy {
                 return Err(("limits", key, format!("`{key}` must be greater than zero")));
             }
         }
-        if let Some(arg) = self.run.args.iter().find(|a| a.contains('\0')) {
+        let mut seen = std::collections::BTreeSet::new();
+        if let Some(dup) = self.run.params.iter().find(|p| !seen.insert(*p)) {
             return Err((
                 "run",
-                "args",
-                format!("argument `{}` contains a NUL byte", arg.escape_debug()),
+                "params",
+                format!("parameter `{dup}` is listed twice"),
             ));
+        }
+        args::validate(&self.run.args, &self.run.params).map_err(|e| ("run", "args", e))?;
+        if let Some(name) = &self.run.stdout {
+            crate::job::validate_input_name(name).map_err(|e| {
+                (
+                    "run",
+                    "stdout",
+                    format!(
+                        "stdout file: {}",
+                        e.replacen("input name", "output name", 1)
+                    ),
+                )
+            })?;
+            if l.output_files == 0 {
+                return Err((
+                    "run",
+                    "stdout",
+                    format!(
+                        "stdout is kept as `/out/{name}`, but `limits.output_files` is 0: allow at least 1"
+                    ),
+                ));
+            }
         }
         for (k, v) in &self.run.env {
             let bad_key = k.is_empty() || k.contains(['=', '\0']);
@@ -302,14 +348,6 @@ impl Policy {
                     format!("invalid environment variable `{}`", k.escape_debug()),
                 ));
             }
-        }
-        let mut seen = std::collections::BTreeSet::new();
-        if let Some(dup) = self.run.params.iter().find(|p| !seen.insert(*p)) {
-            return Err((
-                "run",
-                "params",
-                format!("parameter `{dup}` is listed twice"),
-            ));
         }
         let mut seen = std::collections::BTreeSet::new();
         if let Some(dup) = self.network.services.iter().find(|s| !seen.insert(*s)) {

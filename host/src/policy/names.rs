@@ -120,7 +120,8 @@ validated_name!(
 );
 
 validated_name!(
-    /// A job parameter name; it reaches the guest as `--name=value`.
+    /// A job parameter name; it reaches the guest as `--name=value`, or where
+    /// the policy's `args` template places it (`{param.NAME}`).
     ParamName,
     "parameter name",
     |s| slug(s, 64, &['_'])

@@ -599,6 +599,7 @@ impl Sandbox {
         if let Some((stage, e)) = &error {
             tracing::debug!(job = %job.id, ?stage, error = ?e, "guest failed");
         }
+        let backtrace = error.as_ref().and_then(|(_, e)| backtrace(e));
         let limit = latch.fired();
         let failure = if let Some(limit) = limit {
             Some(Failure {
@@ -694,6 +695,7 @@ impl Sandbox {
             stderr: captured(&captures.stderr, limit == Some(LimitKind::Stderr)),
             measurements,
             calls: egress.map(|e| e.report()),
+            backtrace,
         })
     }
 }
@@ -833,6 +835,26 @@ fn trap_message(e: &wasmtime::Error) -> String {
         Some(trap) => trap.to_string(),
         None => first_line(e),
     }
+}
+
+/// The wasm backtrace wasmtime attached to a trap, bounded, with names
+/// demangled.
+fn backtrace(e: &wasmtime::Error) -> Option<crate::job::Backtrace> {
+    let bt = e.downcast_ref::<wasmtime::WasmBacktrace>()?;
+    let frames: Vec<_> = bt
+        .frames()
+        .iter()
+        .take(crate::job::MAX_BACKTRACE_FRAMES + 1)
+        .map(|f| crate::job::BacktraceFrame {
+            function: f
+                .func_name()
+                .map(|n| format!("{:#}", rustc_demangle::demangle(n))),
+            func_index: f.func_index(),
+            module_offset: f.module_offset().map(|o| o as u64),
+            module: f.module().name().map(str::to_owned),
+        })
+        .collect();
+    (!frames.is_empty()).then(|| crate::job::Backtrace::new(frames, false))
 }
 
 fn first_line(e: &wasmtime::Error) -> String {

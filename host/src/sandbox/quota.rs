@@ -186,7 +186,7 @@ impl OutputQuota {
             Ok(())
         } else {
             self.latch.fire(LimitKind::Written);
-            Err(ErrorCode::Quota)
+            Err(FULL)
         }
     }
 
@@ -231,7 +231,7 @@ impl OutputQuota {
             Ok(())
         } else {
             self.latch.fire(LimitKind::Output);
-            Err(ErrorCode::Quota)
+            Err(FULL)
         }
     }
 
@@ -241,10 +241,19 @@ impl OutputQuota {
             Ok(())
         } else {
             self.latch.fire(LimitKind::OutputFiles);
-            Err(ErrorCode::Quota)
+            Err(FULL)
         }
     }
 }
+
+/// The one error a full `/out` gives, whichever budget ran out (bytes,
+/// entries, bytes written) and whichever way the guest wrote:
+/// `insufficient-space`, which wasi-libc and the preview1 adapter turn
+/// into `ENOSPC`. Streams fail with an `ENOSPC` I/O error, which
+/// `filesystem-error-code` reads as the same code. (`quota`, WASI's
+/// `EDQUOT`, was answered by descriptor calls before, so a guest saw a
+/// different error for a full `/out` depending on how it wrote.)
+pub const FULL: ErrorCode = ErrorCode::InsufficientSpace;
 
 /// Charged to the `written` meter for each `sync` or `sync-data`: one page
 /// of data and the journal blocks of the commit it forces.
@@ -267,7 +276,7 @@ fn path_ok(path: &str) -> FsResult<()> {
 
 /// Growth of a file of `size` bytes when bytes up to `end` are written.
 fn growth(size: u64, offset: u64, len: u64) -> Result<u64, ErrorCode> {
-    let end = offset.checked_add(len).ok_or(ErrorCode::Quota)?;
+    let end = offset.checked_add(len).ok_or(FULL)?;
     Ok(end.saturating_sub(size))
 }
 
@@ -741,6 +750,125 @@ impl Pollable for QuotaStream {
     }
 }
 
+/// The guest's stdout kept as the output file `/out/<name>` (the policy's
+/// `[run] stdout`): created by the host before the guest starts (so no
+/// link the guest could leave is followed), charged one entry, and every
+/// chunk charged to the `/out` quota and the written-bytes meter exactly
+/// as a write through a descriptor is. Over the quota a write fails with
+/// `ENOSPC` and the `output` limit fires. Clones share the file. Its one
+/// host descriptor is among the job's own (`JOB_OVERHEAD_DESCRIPTORS`),
+/// not the guest's share: the guest cannot multiply it.
+#[derive(Clone, Debug)]
+pub struct StdoutFile {
+    file: Arc<std::fs::File>,
+    position: Arc<Mutex<u64>>,
+    quota: Arc<OutputQuota>,
+}
+
+impl StdoutFile {
+    /// Creates `<out_dir>/<name>` (it must not exist) and charges its entry.
+    ///
+    /// # Errors
+    /// If the entry is over the quota or the file cannot be created.
+    pub fn create(
+        out_dir: &std::path::Path,
+        name: &str,
+        quota: &Arc<OutputQuota>,
+    ) -> std::io::Result<Self> {
+        use std::os::unix::fs::OpenOptionsExt;
+        quota.charge_entry().map_err(|_| {
+            std::io::Error::other(format!(
+                "no entry left in `/out` for the stdout file `{name}`"
+            ))
+        })?;
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .mode(0o644)
+            .open(out_dir.join(name))?;
+        Ok(Self {
+            file: Arc::new(file),
+            position: Arc::new(Mutex::new(0)),
+            quota: Arc::clone(quota),
+        })
+    }
+
+    /// Charges and appends `bytes` at the stream's position.
+    fn append(&self, bytes: &[u8]) -> std::io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        let mut position = self.position.lock().unwrap_or_else(|e| e.into_inner());
+        let len = bytes.len() as u64;
+        if self.quota.charge_write(*position, *position, len).is_err() {
+            return Err(std::io::Error::from_raw_os_error(libc::ENOSPC));
+        }
+        self.file.write_all_at(bytes, *position)?;
+        *position += len;
+        Ok(())
+    }
+}
+
+#[async_trait::async_trait]
+impl OutputStream for StdoutFile {
+    fn write(&mut self, bytes: Bytes) -> Result<(), StreamError> {
+        self.append(&bytes)
+            .map_err(|e| StreamError::LastOperationFailed(wasmtime::Error::new(e)))
+    }
+
+    fn flush(&mut self) -> Result<(), StreamError> {
+        Ok(())
+    }
+
+    fn check_write(&mut self) -> Result<usize, StreamError> {
+        Ok(64 * 1024)
+    }
+}
+
+#[async_trait::async_trait]
+impl Pollable for StdoutFile {
+    async fn ready(&mut self) {}
+}
+
+impl tokio::io::AsyncWrite for StdoutFile {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::task::Poll::Ready(self.append(buf).map(|()| buf.len()))
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+}
+
+impl wasmtime_wasi::cli::IsTerminal for StdoutFile {
+    fn is_terminal(&self) -> bool {
+        false
+    }
+}
+
+impl wasmtime_wasi::cli::StdoutStream for StdoutFile {
+    fn p2_stream(&self) -> Box<dyn OutputStream> {
+        Box::new(self.clone())
+    }
+
+    fn async_stream(&self) -> Box<dyn tokio::io::AsyncWrite + Send + Sync> {
+        Box::new(self.clone())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -806,7 +934,7 @@ mod tests {
             q.charge_write(WRITTEN_FLOOR, 0, WRITTEN_FLOOR).unwrap();
         }
         assert_eq!(q.bytes_written(), WRITTEN_FLOOR * WRITTEN_PER_OUTPUT);
-        assert_eq!(q.charge_write(WRITTEN_FLOOR, 0, 1), Err(ErrorCode::Quota));
+        assert_eq!(q.charge_write(WRITTEN_FLOOR, 0, 1), Err(FULL));
         assert_eq!(latch.fired(), Some(LimitKind::Written));
         assert_eq!(q.bytes_charged(), 0, "overwrites never grew the file");
     }
@@ -880,10 +1008,10 @@ mod tests {
         let latch = LimitLatch::default();
         let q = OutputQuota::new(10, 1, 8, latch.clone());
         assert!(q.charge_bytes(10).is_ok());
-        assert_eq!(q.charge_bytes(1), Err(ErrorCode::Quota));
+        assert_eq!(q.charge_bytes(1), Err(ErrorCode::InsufficientSpace));
         assert_eq!(latch.fired(), Some(LimitKind::Output));
         assert_eq!(q.bytes_charged(), 10);
         assert!(q.charge_entry().is_ok());
-        assert_eq!(q.charge_entry(), Err(ErrorCode::Quota));
+        assert_eq!(q.charge_entry(), Err(ErrorCode::InsufficientSpace));
     }
 }

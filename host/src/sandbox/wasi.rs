@@ -26,7 +26,7 @@ use super::http::JobHooks;
 use super::job::JobDir;
 use super::limits::{JobLimiter, LimitKind, LimitLatch, Refusals};
 use super::pipe::CappedPipe;
-use super::quota::{OutputQuota, QuotaFs, QuotaFsData};
+use super::quota::{OutputQuota, QuotaFs, QuotaFsData, StdoutFile};
 use crate::job::JobSpec;
 use crate::job::egress::Egress;
 use crate::policy::Policy;
@@ -139,6 +139,21 @@ pub fn job_state(
     let stdout = CappedPipe::new(limits.stdout.as_usize(), LimitKind::Stdout, latch.clone());
     let stderr = CappedPipe::new(limits.stderr.as_usize(), LimitKind::Stderr, latch.clone());
 
+    let quota = OutputQuota::new(
+        limits.output.as_u64(),
+        u64::from(limits.output_files),
+        max_open,
+        latch.clone(),
+    );
+    // `[run] stdout`: the guest's stdout goes to a file in `/out`, under
+    // the `/out` quota, instead of the capture.
+    let stdout_file = policy
+        .run
+        .stdout
+        .as_deref()
+        .map(|name| StdoutFile::create(&dir.output_dir(), name, &quota))
+        .transpose()?;
+
     let mut b = WasiCtxBuilder::new();
     // File operations run on the calling thread instead of a blocking-pool
     // hop per call: job directories live on tmpfs by default, where each
@@ -148,7 +163,6 @@ pub fn job_state(
     b.args(args)
         .envs(&policy.run.env.iter().collect::<Vec<_>>())
         .stdin(MemoryInputPipe::new(job.stdin.clone()))
-        .stdout(stdout.clone())
         .stderr(stderr.clone())
         .max_random_size(MAX_RANDOM_PER_CALL)
         // No network: no TCP, no UDP, no name lookup, and the address check
@@ -161,6 +175,10 @@ pub fn job_state(
         .map_err(to_io)?
         .preopened_dir(dir.output_dir(), "/out", FsPerms::ReadWrite)
         .map_err(to_io)?;
+    match stdout_file {
+        Some(file) => b.stdout(file),
+        None => b.stdout(stdout.clone()),
+    };
     if let Some((host, guest)) = extra_preopen {
         b.preopened_dir(host, guest, FsPerms::ReadWrite)
             .map_err(to_io)?;
@@ -168,12 +186,6 @@ pub fn job_state(
 
     let mut table = ResourceTable::new();
     table.set_max_capacity(MAX_HANDLES);
-    let quota = OutputQuota::new(
-        limits.output.as_u64(),
-        u64::from(limits.output_files),
-        max_open,
-        latch.clone(),
-    );
     let cpu = Arc::new(CpuMeter::new(cpu_budget_ns, latch.clone()));
     let refusals = Refusals::default();
     let state = JobState {
@@ -203,14 +215,17 @@ fn to_io(e: wasmtime::Error) -> std::io::Error {
     std::io::Error::other(e.to_string())
 }
 
-/// The guest's argv: the module name, the policy's fixed arguments, then each
-/// job parameter as `--name=value` in name order.
+/// The guest's argv: the module name, then the policy's `args` rendered
+/// for this job (see [`crate::policy::args`]: each entry one argument,
+/// groups dropped when something they place is absent), then — only when
+/// `args` is not a template — each job parameter as `--name=value` in name
+/// order. Every parameter is checked against the policy's list and the
+/// value rules before anything is substituted.
 ///
 /// # Errors
-/// A message naming a parameter the policy does not accept, or a bad value.
+/// A message naming a parameter the policy does not accept, a bad value,
+/// or a parameter or input the args require that the job lacks.
 pub fn guest_args(policy: &Policy, job: &JobSpec) -> Result<Vec<String>, String> {
-    let mut args = vec![policy.module.name.to_string()];
-    args.extend(policy.run.args.iter().cloned());
     for (name, value) in &job.params {
         if !policy.run.params.iter().any(|p| p.as_str() == name) {
             return Err(format!(
@@ -232,7 +247,18 @@ pub fn guest_args(policy: &Policy, job: &JobSpec) -> Result<Vec<String>, String>
                 crate::job::MAX_PARAM_VALUE
             ));
         }
-        args.push(format!("--{name}={value}"));
+    }
+    let mut args = vec![policy.module.name.to_string()];
+    args.extend(crate::policy::args::render(
+        &policy.run.args,
+        policy.module.name.as_str(),
+        |p| job.params.get(p).cloned(),
+        |i| job.inputs.iter().any(|input| input.name == i),
+    )?);
+    if !policy.run.is_template() {
+        for (name, value) in &job.params {
+            args.push(format!("--{name}={value}"));
+        }
     }
     Ok(args)
 }

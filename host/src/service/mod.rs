@@ -624,16 +624,22 @@ fn read_modules(
         trusted
             .check_policy(&policy)
             .map_err(|e| refused(e.to_string()))?;
-        let wasm_path = config.modules.modules_dir.join(format!("{name}.wasm"));
+        // `<name>.wasm`, else cargo's spelling of it (`foo-bar` builds
+        // `foo_bar.wasm`): module names have no `_`, so the two never clash.
+        let mut wasm_path = config.modules.modules_dir.join(format!("{name}.wasm"));
+        let cargo_path = config
+            .modules
+            .modules_dir
+            .join(format!("{}.wasm", name.replace('-', "_")));
+        if !wasm_path.exists() && cargo_path.exists() {
+            wasm_path = cargo_path;
+        }
         let wasm = std::fs::read(&wasm_path)
             .map_err(|e| refused(format!("cannot read {}: {e}", wasm_path.display())))?;
         if !policy.module.signed_by.is_empty() {
             // Checked on the very bytes every runner is handed, before
-            // anything parses them.
-            let sig_path = config
-                .modules
-                .modules_dir
-                .join(crate::trust::signature_name(&format!("{name}.wasm")));
+            // anything parses them; the signature lies beside the module.
+            let sig_path = crate::trust::signature_path(&wasm_path);
             let signature = crate::trust::read_signature(&sig_path)
                 .map_err(|e| refused(format!("cannot read {}: {e}", sig_path.display())))?;
             let verdict = trusted

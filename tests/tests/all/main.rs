@@ -62,3 +62,5 @@ mod intake;
 mod zone_cache;
 // Signed modules: `signed_by` policies refuse unsigned or wrongly signed modules before compiling.
 mod signed;
+// Plugin authors: args templates, stdout as an output, exit codes, trap backtraces, `bulkhead pin`.
+mod authors;

@@ -67,7 +67,20 @@ impl TestPolicy {
 
     /// `[run] args`.
     pub fn args(mut self, args: &[&str]) -> Self {
-        self.0.run.args = args.iter().map(|a| (*a).to_owned()).collect();
+        self.0.run.args = args.iter().map(|a| (*a).into()).collect();
+        self
+    }
+
+    /// `[run] args` as entries: strings and groups
+    /// ([`bulkhead::policy::ArgEntry`]).
+    pub fn arg_entries(mut self, args: Vec<bulkhead::policy::ArgEntry>) -> Self {
+        self.0.run.args = args;
+        self
+    }
+
+    /// `[run] stdout`: keep stdout as `/out/<name>`.
+    pub fn stdout_file(mut self, name: &str) -> Self {
+        self.0.run.stdout = Some(name.to_owned());
         self
     }
 
