@@ -38,6 +38,13 @@ pub(crate) struct HostArgs {
     /// runtime escape then reaches everything this process can).
     #[arg(long)]
     pub(crate) in_process: bool,
+    /// A minisign public key to trust for a policy's `signed_by`, as NAME=KEY (KEY as `minisign -G`
+    /// prints it); repeatable, added to the config's [trust.keys].
+    #[arg(long = "trust", value_name = "NAME=KEY")]
+    pub(crate) trust: Vec<String>,
+    /// The module's minisign signature [default: the module's path with .minisig appended].
+    #[arg(long, value_name = "FILE")]
+    pub(crate) signature: Option<PathBuf>,
 }
 
 impl HostArgs {
@@ -52,6 +59,38 @@ impl HostArgs {
             None => Vec::new(),
         };
         Ok(Policy::load_with(path, &declared)?)
+    }
+
+    /// Checks `wasm` (read from `module`) against what `policy` requires
+    /// of its signature, with the keys of the config's `[trust.keys]` and
+    /// `--trust`, before anything compiles it.
+    pub(crate) fn signature(
+        &self,
+        policy: &Policy,
+        module: &Path,
+        wasm: &[u8],
+    ) -> anyhow::Result<Result<bulkhead::trust::Verdict, bulkhead::trust::SignatureError>> {
+        let mut keys = match &self.config {
+            Some(c) => bulkhead::config::ServeConfig::load(c)?.trust.keys,
+            None => Default::default(),
+        };
+        for pair in &self.trust {
+            let Some((name, key)) = pair.split_once('=') else {
+                anyhow::bail!("--trust {pair:?}: expected NAME=KEY");
+            };
+            keys.insert(name.to_owned(), key.to_owned());
+        }
+        let trusted = bulkhead::trust::TrustedKeys::new(&keys)?;
+        if policy.module.signed_by.is_empty() {
+            return Ok(Ok(bulkhead::trust::Verdict::NotRequired));
+        }
+        let path = self
+            .signature
+            .clone()
+            .unwrap_or_else(|| bulkhead::trust::signature_path(module));
+        let text = bulkhead::trust::read_signature(&path)
+            .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
+        Ok(trusted.verify(policy, wasm, text.as_deref(), &path.display().to_string()))
     }
 
     /// Where the guests of `zone` run: a hardened worker process started

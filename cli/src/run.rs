@@ -57,6 +57,7 @@ pub(crate) struct CheckArgs {
 pub(crate) async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let policy = args.host.policy(&args.policy)?;
     let wasm = read_module(&args.module)?;
+    args.host.signature(&policy, &args.module, &wasm)??;
     let mut job = JobSpec::new();
     job.inputs = parse_inputs(&args.inputs, policy.limits.input)?;
     job.params = parse_params(&args.params)?;
@@ -159,6 +160,16 @@ pub(crate) async fn check(args: CheckArgs) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     };
     let wasm = read_module(&module_path)?;
+    match args.host.signature(&policy, &module_path, &wasm)? {
+        Ok(verdict) => println!("  signature {verdict}"),
+        Err(e) => {
+            println!(
+                "module {}: refused before compiling: {e}",
+                module_path.display()
+            );
+            return Ok(ExitCode::from(2));
+        }
+    }
     // Loaded exactly as `run` loads it: in a hardened worker of the
     // module's zone (this process only checks size, pin and header), so
     // what is said below about the module is the worker's word.

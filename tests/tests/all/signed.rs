@@ -158,3 +158,71 @@ async fn a_module_signed_by_a_trusted_key_serves_jobs() {
         "the signed module was compiled"
     );
 }
+
+/// `bulkhead check` and `run` with `--trust`: the verdict before compiling,
+/// exit 2 on a refusal.
+#[test]
+fn check_and_run_show_the_signature_verdict_and_refuse_before_compiling() {
+    let (release, stranger) = (key(), key());
+    let tmp = tempfile::tempdir().unwrap();
+    let module = tmp.path().join("hello.wasm");
+    std::fs::copy(bulkhead_tests::HELLO, &module).unwrap();
+    let wasm = std::fs::read(&module).unwrap();
+    let policy = hello()
+        .signed_by(&["release"])
+        .write_to(&tmp.path().join("p"));
+    let trust = format!("release={}", release.public);
+    let bulkhead = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_bulkhead-under-test"))
+            .args(args)
+            .arg("--policy")
+            .arg(&policy)
+            .arg("--trust")
+            .arg(&trust)
+            .arg("--work-dir")
+            .arg(tmp.path().join("jobs"))
+            .arg("--cache-dir")
+            .arg(tmp.path().join("cache"))
+            .output()
+            .unwrap()
+    };
+    let text = |o: &std::process::Output| {
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        )
+    };
+    let module_arg = module.to_str().unwrap();
+    let sig = bulkhead::trust::signature_path(&module);
+
+    // Unsigned, then signed by a stranger: refused, nothing compiled.
+    for signature in [None, Some(stranger.sign(&wasm))] {
+        if let Some(s) = &signature {
+            std::fs::write(&sig, s).unwrap();
+        }
+        let out = bulkhead(&["check", module_arg]);
+        assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+        assert!(
+            text(&out).contains("refused before compiling"),
+            "{}",
+            text(&out)
+        );
+        let out = bulkhead(&["run", module_arg]);
+        assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+        assert!(text(&out).contains("hello"), "{}", text(&out));
+        assert_eq!(compiled(tmp.path()), Vec::<PathBuf>::new());
+    }
+
+    std::fs::write(&sig, release.sign(&wasm)).unwrap();
+    let out = bulkhead(&["check", module_arg]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(
+        text(&out).contains("signature valid, signed by \"release\""),
+        "{}",
+        text(&out)
+    );
+    let out = bulkhead(&["run", module_arg]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(text(&out).contains("hello from bulkhead"), "{}", text(&out));
+}
