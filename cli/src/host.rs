@@ -93,6 +93,23 @@ impl HostArgs {
         Ok(trusted.verify(policy, wasm, text.as_deref(), &path.display().to_string()))
     }
 
+    /// The relay a job's calls go through, built exactly as the service
+    /// builds it from `--config`: its `[[services]]`, `[tokens]` and key
+    /// ring (`[tokens] signing_key`, else `<data_dir>/keys`). `None`
+    /// without a config.
+    pub(crate) fn relay(&self) -> anyhow::Result<Option<Arc<bulkhead::relay::Relay>>> {
+        let Some(path) = &self.config else {
+            return Ok(None);
+        };
+        let config = bulkhead::config::ServeConfig::load(path)?;
+        let keys = config.key_ring()?;
+        Ok(Some(Arc::new(bulkhead::relay::Relay::new(
+            config.services.clone(),
+            Arc::new(keys),
+            &config.tokens,
+        )?)))
+    }
+
     /// Where the guests of `zone` run: a hardened worker process started
     /// from this binary, exactly as the service runs them (with
     /// `--in-process`, this process's sandbox). The layers required are

@@ -8,6 +8,7 @@
 //! is the binary's edge: it may use `anyhow`; the library modules may not.
 
 mod host;
+mod jwks;
 mod pin;
 mod run;
 mod serve;
@@ -39,6 +40,9 @@ enum Command {
     Check(CheckArgs),
     /// Write a policy's module sha256 pin in place (or, with --new, scaffold a policy).
     Pin(pin::PinArgs),
+    /// Print the call-token keys a config's key ring publishes (JWKS), for services verifying the
+    /// tokens `run` mints.
+    Jwks(jwks::JwksArgs),
     /// Run the HTTP service.
     Serve(ServeArgs),
     /// Manage client tokens directly on the service's store.
@@ -88,6 +92,7 @@ pub fn main() -> ExitCode {
             Command::Run(args) => run::run(args).await,
             Command::Check(args) => run::check(args).await,
             Command::Pin(args) => pin::pin(args),
+            Command::Jwks(args) => jwks::jwks(args),
             Command::Serve(args) => serve::serve(args).await,
             Command::Token(cmd) => token::token(cmd).await,
             Command::EscapeSuite(args) => suite::escape_suite(args).await,

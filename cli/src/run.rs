@@ -39,6 +39,12 @@ pub(crate) struct RunArgs {
     /// Print the report as JSON instead of a summary.
     #[arg(long)]
     json: bool,
+    /// The tenant the job runs for: the identity its call tokens carry (`tenant`).
+    #[arg(long, default_value = "local")]
+    tenant: String,
+    /// The subject within the tenant its call tokens carry (`sub`).
+    #[arg(long, default_value = "bulkhead-run")]
+    subject: String,
     #[command(flatten)]
     host: HostArgs,
 }
@@ -68,12 +74,29 @@ pub(crate) async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         check_out_dir(out)?;
     }
 
+    // Calls go out as the service sends them: through the relay the
+    // config declares, with real call tokens from its key ring, as this
+    // caller (with the policy's scopes, as a token allowed to submit).
+    let egress = args.host.relay()?.and_then(|relay| {
+        let caller = bulkhead::relay::Caller {
+            tenant: args.tenant.clone(),
+            subject: args.subject.clone(),
+            scopes: policy
+                .access
+                .scopes
+                .iter()
+                .map(|s| s.as_str().to_owned())
+                .collect(),
+        };
+        relay.grant(&policy, &job.id, Ok(caller), None)
+    });
+
     let runner = args.host.runner(&policy.module.zone.to_string()).await?;
     let (loaded, took) =
         with_progress(&args.module, wasm.len(), runner.load(policy, wasm.into())).await;
     let module = loaded?;
     loaded_note(module.info(), took);
-    let finished = runner.run(&module, &job, None).await?;
+    let finished = runner.run(&module, &job, egress).await?;
     let mut report = finished.report;
     // A worker's own lists are not shown: what is listed is what this
     // process found (and, with --out, copied).
@@ -410,6 +433,29 @@ fn print_summary(report: &JobReport, out: Option<&Path>) {
         }
         if bt.truncated {
             println!("    …");
+        }
+    }
+    if let Some(calls) = &report.calls {
+        println!(
+            "  calls: {} made, {} refused, {} sent, {} received",
+            calls.made,
+            calls.refused,
+            ByteSize::bytes(calls.bytes_sent),
+            ByteSize::bytes(calls.bytes_received)
+        );
+        for c in &calls.records {
+            let verdict = match (&c.status, &c.refused, &c.error) {
+                (Some(status), _, _) => format!("-> {status}"),
+                (_, Some(refused), _) => format!("refused: {refused}"),
+                (_, _, Some(error)) => format!("failed: {error}"),
+                _ => "-".to_owned(),
+            };
+            println!(
+                "    {} {} {}",
+                printable(&c.method),
+                printable(&c.target),
+                verdict
+            );
         }
     }
     if report.outputs.is_empty() {

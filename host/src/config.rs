@@ -429,6 +429,24 @@ pub enum ConfigError {
 }
 
 impl ServeConfig {
+    /// The call-token key ring this config names: `[tokens] signing_key`,
+    /// else the ring kept under `<data_dir>/keys` (created, and rotated,
+    /// there). The service and `bulkhead run` open the same one.
+    ///
+    /// # Errors
+    /// [`crate::relay::KeyError`] for an unreadable or unsafe key.
+    pub fn key_ring(&self) -> Result<crate::relay::KeyRing, crate::relay::KeyError> {
+        match &self.tokens.signing_key {
+            Some(path) => crate::relay::KeyRing::supplied(path),
+            None => crate::relay::KeyRing::open(
+                &self.storage.data_dir.join("keys"),
+                self.tokens.key_grace.get(),
+            ),
+        }
+    }
+}
+
+impl ServeConfig {
     /// Reads and validates `path`.
     ///
     /// # Errors

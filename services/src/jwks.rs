@@ -26,11 +26,20 @@ pub const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
 #[derive(Debug, Error)]
 #[non_exhaustive]
 pub enum JwksError {
-    /// The URL does not parse or is not `http`.
-    #[error("JWKS URL `{url}` is not an http URL")]
+    /// The URL does not parse or is not `http` or `file`.
+    #[error("JWKS URL `{url}` is not an http or file URL")]
     Url {
         /// The URL given.
         url: String,
+    },
+    /// A `file:` JWKS cannot be read.
+    #[error("reading the JWKS at `{url}` failed")]
+    File {
+        /// The JWKS URL.
+        url: String,
+        /// What failed.
+        #[source]
+        source: std::io::Error,
     },
     /// The request failed (connection, timeout, body).
     #[error("fetching the JWKS from `{url}` failed")]
@@ -84,7 +93,8 @@ pub struct JwksSource {
 }
 
 impl JwksSource {
-    /// A source for `url`, e.g. `http://127.0.0.1:8080/.well-known/jwks.json`.
+    /// A source for `url`, e.g. `http://127.0.0.1:8080/.well-known/jwks.json`,
+    /// or a `file:` URL of a JWKS document (`bulkhead jwks` writes one).
     ///
     /// # Errors
     ///
@@ -93,7 +103,7 @@ impl JwksSource {
     pub fn new(url: &str) -> Result<Self, JwksError> {
         let parsed = Url::parse(url)
             .ok()
-            .filter(|parsed| parsed.scheme() == "http")
+            .filter(|parsed| matches!(parsed.scheme(), "http" | "file"))
             .ok_or_else(|| JwksError::Url {
                 url: url.to_owned(),
             })?;
@@ -125,6 +135,9 @@ impl JwksSource {
     /// [`JwksError`] if the request fails, answers other than 200, is larger
     /// than [`MAX_JWKS_BYTES`] or is not a JWKS.
     pub async fn fetch(&self) -> Result<JwkSet, JwksError> {
+        if self.url.scheme() == "file" {
+            return self.read_file().await;
+        }
         let http = |source| JwksError::Http {
             url: self.url.to_string(),
             source,
@@ -154,6 +167,37 @@ impl JwksSource {
             url: self.url.to_string(),
             source,
         })
+    }
+}
+
+impl JwksSource {
+    /// A `file:` JWKS (what `bulkhead jwks` writes for a host without a
+    /// listener, such as `bulkhead run`), read again on every fetch.
+    async fn read_file(&self) -> Result<JwkSet, JwksError> {
+        use tokio::io::AsyncReadExt as _;
+        let url = self.url.to_string();
+        let path = self
+            .url
+            .to_file_path()
+            .map_err(|()| JwksError::Url { url: url.clone() })?;
+        let file = tokio::fs::File::open(&path)
+            .await
+            .map_err(|source| JwksError::File {
+                url: url.clone(),
+                source,
+            })?;
+        let mut body = Vec::new();
+        file.take(MAX_JWKS_BYTES as u64 + 1)
+            .read_to_end(&mut body)
+            .await
+            .map_err(|source| JwksError::File {
+                url: url.clone(),
+                source,
+            })?;
+        if body.len() > MAX_JWKS_BYTES {
+            return Err(JwksError::TooLarge { url });
+        }
+        serde_json::from_slice(&body).map_err(|source| JwksError::Json { url, source })
     }
 }
 

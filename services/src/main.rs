@@ -24,7 +24,8 @@ struct Args {
     /// Address to listen on, e.g. 127.0.0.1:9001.
     #[arg(long)]
     listen: SocketAddr,
-    /// The host's JWKS, e.g. http://127.0.0.1:8080/.well-known/jwks.json.
+    /// The host's JWKS, e.g. http://127.0.0.1:8080/.well-known/jwks.json, or a file written by
+    /// `bulkhead jwks` (file:///path/jwks.json) for `bulkhead run`.
     #[arg(long)]
     jwks_url: String,
     /// The issuer the host's tokens carry (`iss`).

@@ -261,10 +261,7 @@ impl Service {
                 .unwrap_or_else(|| data.join("cache")),
         );
         sandbox_config.max_concurrent_jobs = config.queue.workers;
-        let keys = match &config.tokens.signing_key {
-            Some(path) => crate::relay::KeyRing::supplied(path),
-            None => crate::relay::KeyRing::open(&data.join("keys"), config.tokens.key_grace.get()),
-        }?;
+        let keys = config.key_ring()?;
         let relay =
             crate::relay::Relay::new(config.services.clone(), Arc::new(keys), &config.tokens)?;
         let relay = Some(Arc::new(relay));

@@ -64,3 +64,5 @@ mod zone_cache;
 mod signed;
 // Plugin authors: args templates, stdout as an output, exit codes, trap backtraces, `bulkhead pin`.
 mod authors;
+// `bulkhead run --config` relays calls with real tokens a service verifies (`bulkhead jwks`).
+mod run_calls;
