@@ -29,7 +29,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::Child;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -175,10 +175,62 @@ struct State {
     starting: u32,
 }
 
+/// Frames queued for one worker and not yet written, at most. Every frame
+/// the gateway sends a worker either carries work (a load, a job, bounded
+/// by config) or answers something the worker sent (a credit, a call's
+/// response frames, bounded per call by its window); a worker that stops
+/// reading its channel while it keeps the gateway answering would
+/// otherwise grow the gateway's memory without end.
+pub const MAX_QUEUED_FRAMES: usize = 65_536;
+
+/// The gateway's queue of frames to one worker, bounded by
+/// [`MAX_QUEUED_FRAMES`]: past it the frame is dropped and the queue marked
+/// overflowed; the supervisor then faults the worker.
+struct Outbox {
+    tx: mpsc::UnboundedSender<Down>,
+    queued: Arc<AtomicUsize>,
+    overflowed: AtomicBool,
+}
+
+impl Outbox {
+    /// A queue, its receiving end and the count the pump lowers as it
+    /// takes frames off.
+    fn new() -> (Self, mpsc::UnboundedReceiver<Down>, Arc<AtomicUsize>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let queued = Arc::new(AtomicUsize::new(0));
+        let outbox = Self {
+            tx,
+            queued: Arc::clone(&queued),
+            overflowed: AtomicBool::new(false),
+        };
+        (outbox, rx, queued)
+    }
+
+    /// Queues `frame`, unless the worker has stopped taking frames.
+    fn send(&self, frame: Down) -> Result<(), Down> {
+        if self.overflowed.load(Ordering::Acquire) {
+            return Err(frame);
+        }
+        if self.queued.fetch_add(1, Ordering::AcqRel) >= MAX_QUEUED_FRAMES {
+            self.queued.fetch_sub(1, Ordering::AcqRel);
+            self.overflowed.store(true, Ordering::Release);
+            return Err(frame);
+        }
+        self.tx.send(frame).map_err(|e| {
+            self.queued.fetch_sub(1, Ordering::AcqRel);
+            e.0
+        })
+    }
+
+    fn overflowed(&self) -> bool {
+        self.overflowed.load(Ordering::Acquire)
+    }
+}
+
 struct Worker {
     pid: u32,
     dir: PathBuf,
-    down: mpsc::UnboundedSender<Down>,
+    down: Outbox,
     calls: GatewayCalls,
     state: Mutex<WorkerState>,
     last_heard: Mutex<Instant>,
@@ -639,6 +691,16 @@ impl Pool {
                 seq += 1;
             }
             for worker in &workers {
+                if worker.down.overflowed() {
+                    self.fault(
+                        worker,
+                        "protocol",
+                        format!(
+                            "stopped reading its channel: {MAX_QUEUED_FRAMES} frames queued for it"
+                        ),
+                    );
+                    continue;
+                }
                 if ping {
                     let _ = worker.down.send(Down::Ping { seq });
                 }
@@ -826,16 +888,8 @@ impl Pool {
             kill(&mut child);
             return Err(start_error("the channel closed after hello".into()));
         }
-        let (down, mut outbox) = mpsc::unbounded_channel::<Down>();
+        let (down, mut outbox, queued) = Outbox::new();
         let (call_tx, mut call_rx) = mpsc::unbounded_channel();
-        let forward = down.clone();
-        tokio::spawn(async move {
-            while let Some(call) = call_rx.recv().await {
-                if forward.send(Down::Call(call)).is_err() {
-                    return;
-                }
-            }
-        });
         let worker = Arc::new(Worker {
             pid,
             dir,
@@ -846,8 +900,22 @@ impl Pool {
             child: Mutex::new(child),
             ceiling,
         });
+        // Calls' frames join the worker's one bounded queue; once it has
+        // overflowed they are dropped here, as fast as they come.
+        let forward = Arc::downgrade(&worker);
         tokio::spawn(async move {
-            let _ = proto::pump(&mut writer, &mut outbox).await;
+            while let Some(call) = call_rx.recv().await {
+                let Some(worker) = forward.upgrade() else {
+                    return;
+                };
+                let _ = worker.down.send(Down::Call(call));
+            }
+        });
+        tokio::spawn(async move {
+            let _ = proto::pump_counted(&mut writer, &mut outbox, || {
+                queued.fetch_sub(1, Ordering::AcqRel);
+            })
+            .await;
         });
         let pool = Arc::clone(self);
         let reading = Arc::clone(&worker);
@@ -1159,6 +1227,28 @@ fn prepare_dir(dir: &Path, owner: Option<(u32, u32)>, mode: u32) -> std::io::Res
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A worker that stops reading while the gateway keeps answering it
+    /// (credits for a refused call's body, say) fills its queue to the
+    /// bound, no further: the rest is dropped and the queue says so.
+    #[tokio::test]
+    async fn a_worker_that_stops_reading_fills_its_queue_to_the_bound_only() {
+        let (outbox, mut rx, queued) = Outbox::new();
+        for seq in 0..MAX_QUEUED_FRAMES as u64 {
+            outbox.send(Down::Ping { seq }).unwrap();
+        }
+        assert!(!outbox.overflowed());
+        assert!(outbox.send(Down::Ping { seq: 0 }).is_err());
+        assert!(outbox.overflowed());
+        assert_eq!(queued.load(Ordering::Acquire), MAX_QUEUED_FRAMES);
+        assert_eq!(rx.len(), MAX_QUEUED_FRAMES);
+        // Once overflowed it stays so, even as the pump drains it: the
+        // worker is faulted, not forgiven.
+        rx.recv().await.unwrap();
+        queued.fetch_sub(1, Ordering::AcqRel);
+        assert!(outbox.send(Down::Ping { seq: 1 }).is_err());
+        assert_eq!(rx.len(), MAX_QUEUED_FRAMES - 1);
+    }
 
     fn artifact(byte: u8) -> Artifact {
         Artifact {

@@ -199,9 +199,24 @@ pub async fn pump<T: Serialize>(
     writer: &mut Writer,
     outbox: &mut tokio::sync::mpsc::UnboundedReceiver<T>,
 ) -> Result<(), ChannelError> {
+    pump_counted(writer, outbox, || {}).await
+}
+
+/// [`pump`], calling `taken` for each message taken off the queue (the
+/// gateway counts what it has queued for a worker, see `pool::Outbox`).
+///
+/// # Errors
+/// As [`pump`].
+pub async fn pump_counted<T: Serialize>(
+    writer: &mut Writer,
+    outbox: &mut tokio::sync::mpsc::UnboundedReceiver<T>,
+    mut taken: impl FnMut(),
+) -> Result<(), ChannelError> {
     while let Some(first) = outbox.recv().await {
+        taken();
         writer.feed(encode(&first)?).await?;
         while let Ok(next) = outbox.try_recv() {
+            taken();
             writer.feed(encode(&next)?).await?;
         }
         SinkExt::<Bytes>::flush(writer).await?;

@@ -71,6 +71,10 @@ fn main() {
             "no_moment_of_hardening_is_open_to_the_new_uid",
             race::never_open_to_its_new_uid,
         ),
+        (
+            "a_uid_change_with_suid_dumpable_1_is_refused",
+            race::refused_where_a_uid_change_leaves_it_dumpable,
+        ),
         ("apply_twice_or_a_bad_dir_is_a_clear_error", layers::errors),
         ("fully_hardened_worker_runs_jobs", sandbox::runs_jobs),
     ];

@@ -197,3 +197,34 @@ pub fn never_open_to_its_new_uid() {
         "a worker left dumpable was never open to uid {NEW_UID}: the prober sees nothing"
     );
 }
+
+/// With `fs.suid_dumpable` at 1 the kernel would leave a worker dumpable
+/// from its uid change to its not-dumpable layer: hardening refuses to
+/// start it rather than open that window. (The sysctl is host-wide: set
+/// for the one start, then put back, even on failure.)
+pub fn refused_where_a_uid_change_leaves_it_dumpable() {
+    const SYSCTL: &str = "/proc/sys/fs/suid_dumpable";
+    struct Restore(String);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            std::fs::write(SYSCTL, &self.0).unwrap();
+        }
+    }
+    let before = std::fs::read_to_string(SYSCTL).unwrap();
+    let restore = Restore(before.trim().to_owned());
+    std::fs::write(SYSCTL, "1").unwrap();
+    let dir = scratch();
+    let (child, channel) = launch(
+        "probe",
+        &all_but(&[]),
+        &[dir.path().to_owned()],
+        64,
+        &[],
+        false,
+    );
+    let worker = read_report(child, channel);
+    drop(restore);
+    let err = worker.applied.as_ref().unwrap_err();
+    assert!(err.contains("suid_dumpable"), "{err}");
+    let _ = worker.finish();
+}

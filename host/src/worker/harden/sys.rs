@@ -152,6 +152,17 @@ pub(super) fn unprivileged(run_as: Option<(u32, u32)>) -> Result<LayerState, Har
                 format!("run_as {uid}:{gid} is root, which is not unprivileged"),
             ));
         }
+        // The kernel makes a process that changes its uid as dumpable as
+        // `fs.suid_dumpable` says: at 1, the worker would be open to every
+        // process of its new uid from the switch to the not-dumpable layer.
+        if std::fs::read_to_string("/proc/sys/fs/suid_dumpable").is_ok_and(|v| v.trim() == "1") {
+            return Err(HardenError::new(
+                layer,
+                format!(
+                    "fs.suid_dumpable is 1: switched to uid {uid}, the worker would be dumpable (open to every process of that uid) until its not-dumpable layer; set it to 0 or 2"
+                ),
+            ));
+        }
         drop_bounding_set(layer)?;
         // SAFETY: an empty list.
         if unsafe { libc::setgroups(0, std::ptr::null()) } != 0 {
