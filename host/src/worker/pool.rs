@@ -206,20 +206,22 @@ impl Outbox {
         (outbox, rx, queued)
     }
 
-    /// Queues `frame`, unless the worker has stopped taking frames.
-    fn send(&self, frame: Down) -> Result<(), Down> {
+    /// Queues `frame`, unless the worker has stopped taking frames;
+    /// whether it was queued.
+    fn send(&self, frame: Down) -> bool {
         if self.overflowed.load(Ordering::Acquire) {
-            return Err(frame);
+            return false;
         }
         if self.queued.fetch_add(1, Ordering::AcqRel) >= MAX_QUEUED_FRAMES {
             self.queued.fetch_sub(1, Ordering::AcqRel);
             self.overflowed.store(true, Ordering::Release);
-            return Err(frame);
+            return false;
         }
-        self.tx.send(frame).map_err(|e| {
+        if self.tx.send(frame).is_err() {
             self.queued.fetch_sub(1, Ordering::AcqRel);
-            e.0
-        })
+            return false;
+        }
+        true
     }
 
     fn overflowed(&self) -> bool {
@@ -1235,10 +1237,10 @@ mod tests {
     async fn a_worker_that_stops_reading_fills_its_queue_to_the_bound_only() {
         let (outbox, mut rx, queued) = Outbox::new();
         for seq in 0..MAX_QUEUED_FRAMES as u64 {
-            outbox.send(Down::Ping { seq }).unwrap();
+            assert!(outbox.send(Down::Ping { seq }));
         }
         assert!(!outbox.overflowed());
-        assert!(outbox.send(Down::Ping { seq: 0 }).is_err());
+        assert!(!outbox.send(Down::Ping { seq: 0 }));
         assert!(outbox.overflowed());
         assert_eq!(queued.load(Ordering::Acquire), MAX_QUEUED_FRAMES);
         assert_eq!(rx.len(), MAX_QUEUED_FRAMES);
@@ -1246,7 +1248,7 @@ mod tests {
         // worker is faulted, not forgiven.
         rx.recv().await.unwrap();
         queued.fetch_sub(1, Ordering::AcqRel);
-        assert!(outbox.send(Down::Ping { seq: 1 }).is_err());
+        assert!(!outbox.send(Down::Ping { seq: 1 }));
         assert_eq!(rx.len(), MAX_QUEUED_FRAMES - 1);
     }
 
