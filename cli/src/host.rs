@@ -78,7 +78,11 @@ impl HostArgs {
             let Some((name, key)) = pair.split_once('=') else {
                 anyhow::bail!("--trust {pair:?}: expected NAME=KEY");
             };
-            keys.insert(name.to_owned(), key.to_owned());
+            if keys.insert(name.to_owned(), key.to_owned()).is_some() {
+                anyhow::bail!(
+                    "--trust {name}=…: a key named {name:?} is already trusted (in the config or an earlier --trust); give each key its own name"
+                );
+            }
         }
         let trusted = bulkhead::trust::TrustedKeys::new(&keys)?;
         if policy.module.signed_by.is_empty() {

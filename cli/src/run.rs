@@ -444,10 +444,12 @@ fn print_summary(report: &JobReport, out: Option<&Path>) {
             ByteSize::bytes(calls.bytes_received)
         );
         for c in &calls.records {
-            let verdict = match (&c.status, &c.refused, &c.error) {
-                (Some(status), _, _) => format!("-> {status}"),
-                (_, Some(refused), _) => format!("refused: {refused}"),
-                (_, _, Some(error)) => format!("failed: {error}"),
+            // A refusal first: a response withheld after its status came
+            // (a reflected token, say) is refused, not a success.
+            let verdict = match (&c.refused, &c.error, &c.status) {
+                (Some(refused), _, _) => format!("refused: {refused}"),
+                (_, Some(error), _) => format!("failed: {error}"),
+                (_, _, Some(status)) => format!("-> {status}"),
                 _ => "-".to_owned(),
             };
             println!(

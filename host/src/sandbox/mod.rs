@@ -354,12 +354,22 @@ impl Sandbox {
             cache::ensure_private_dir(&config.work_dir)
                 .map_err(|e| SandboxError(format!("work directory: {e}")))?;
         }
-        let cache = config
+        let cache = match config
             .cache_dir
             .as_deref()
             .map(|dir| cache::ModuleCache::new(dir, &engine, config.dirs_handed_over))
             .transpose()
-            .map_err(|e| SandboxError(format!("module cache: {e}")))?;
+        {
+            Ok(cache) => cache,
+            // A zone's cache is every worker's to write: what one left there
+            // must not stop the next from starting. It compiles each module
+            // instead (the gateway clears such entries at its next start).
+            Err(e) if config.dirs_handed_over => {
+                tracing::warn!(error = %e, "the zone's module cache is unusable; compiling without it");
+                None
+            }
+            Err(e) => return Err(SandboxError(format!("module cache: {e}"))),
+        };
         let ticker = engine::EpochTicker::start(engine.clone(), config.epoch_tick);
         Ok(Self {
             engine,

@@ -607,6 +607,7 @@ fn read_modules(
             message: e.to_string(),
         })?;
     let mut modules = Vec::new();
+    let mut seen: BTreeMap<String, PathBuf> = BTreeMap::new();
     for path in paths {
         let declared = relay.map(crate::relay::Relay::names).unwrap_or_default();
         let policy = Policy::load_with(&path, &declared).map_err(|e| StartError::Module {
@@ -618,6 +619,16 @@ fn read_modules(
             module: name.clone(),
             message,
         };
+        // Two policies for one module would leave which one governs it to
+        // the order of file names (and one could drop what the other
+        // requires, a signature, a scope).
+        if let Some(other) = seen.insert(name.clone(), path.clone()) {
+            return Err(refused(format!(
+                "{} and {} both name it: one policy per module",
+                other.display(),
+                path.display()
+            )));
+        }
         trusted
             .check_policy(&policy)
             .map_err(|e| refused(e.to_string()))?;

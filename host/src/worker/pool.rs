@@ -317,9 +317,9 @@ impl Pool {
         })?;
         prepare_dir(&config.cache_dir, effective_owner(config.run_as), 0o700)
             .and_then(|()| match effective_owner(config.run_as) {
-                // What an earlier run under another user left must be the
-                // workers' to read.
-                Some(owner) => chown_tree(&config.cache_dir, owner),
+                // What an earlier run under another user left, or a
+                // worker put where a directory belongs, is cleared away.
+                Some(owner) => repair_cache(&config.cache_dir, owner),
                 None => Ok(()),
             })
             .map_err(|e| PoolError::Start {
@@ -1199,14 +1199,52 @@ fn hard_nofile() -> u64 {
     lim.rlim_max
 }
 
-/// Gives everything under `dir` to `owner`, never following a link.
-fn chown_tree(dir: &Path, (uid, gid): (u32, u32)) -> std::io::Result<()> {
+/// Makes a zone cache fit for its workers at start, never following a
+/// link and never walking what a worker built: each entry of `dir` that is
+/// not a directory of the workers' own (what an earlier run under another
+/// uid left, or a file or link a worker put where an engine's directory
+/// belongs) is removed — `remove_dir_all` removes a link, not its target —
+/// and each of the workers' directories is made 0700 again through a
+/// descriptor opened without following links. Below those directories
+/// nothing is touched: a worker's tree may be arbitrarily deep or racing,
+/// and everything in it is checked against the records before use anyway.
+fn repair_cache(dir: &Path, (uid, _gid): (u32, u32)) -> std::io::Result<()> {
+    use rustix::fs::{AtFlags, FileType, Mode, OFlags};
+    let root = rustix::fs::open(
+        dir,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?;
     for entry in std::fs::read_dir(dir)? {
-        let entry = entry?;
-        let path = entry.path();
-        std::os::unix::fs::lchown(&path, Some(uid), Some(gid))?;
-        if entry.file_type()?.is_dir() {
-            chown_tree(&path, (uid, gid))?;
+        let name = entry?.file_name();
+        let Ok(stat) = rustix::fs::statat(&root, &name, AtFlags::SYMLINK_NOFOLLOW) else {
+            continue; // gone meanwhile
+        };
+        let kind = FileType::from_raw_mode(stat.st_mode);
+        if kind == FileType::Directory && stat.st_uid == uid {
+            // Swapped for a link since: the open fails, and the next start
+            // removes the link.
+            if let Ok(fd) = rustix::fs::openat(
+                &root,
+                &name,
+                OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                Mode::empty(),
+            ) {
+                rustix::fs::fchmod(&fd, Mode::from_raw_mode(0o700))?;
+            }
+            continue;
+        }
+        let removed = if kind == FileType::Directory {
+            std::fs::remove_dir_all(dir.join(&name))
+        } else {
+            rustix::fs::unlinkat(&root, &name, AtFlags::empty()).map_err(Into::into)
+        };
+        // What cannot be removed stays; workers then compile without the
+        // cache where it is in the way (see `Sandbox::new`).
+        if let Err(e) = removed
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            tracing::warn!(cache = %dir.display(), entry = ?name, error = %e, "cannot clear a zone cache entry");
         }
     }
     Ok(())

@@ -226,3 +226,44 @@ fn check_and_run_show_the_signature_verdict_and_refuse_before_compiling() {
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     assert!(text(&out).contains("hello from bulkhead"), "{}", text(&out));
 }
+
+/// A second policy for the same module (unsigned, other scopes) does not
+/// quietly replace the signed one: the service refuses to start. Nor does
+/// a second `--trust` under a name already trusted replace that key.
+#[tokio::test]
+async fn a_second_policy_or_key_under_a_taken_name_is_refused() {
+    let release = key();
+    let wasm = std::fs::read(bulkhead_tests::HELLO).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = config(
+        dir.path(),
+        &release,
+        &["release"],
+        Some(&release.sign(&wasm)),
+    );
+    let unsigned = hello().scopes(&["other:run"]).text();
+    std::fs::write(config.modules.policies_dir.join("zz-hello.toml"), unsigned).unwrap();
+    let err = refused(config).await;
+    assert!(err.contains("one policy per module"), "{err}");
+    assert!(err.contains("zz-hello.toml"), "{err}");
+
+    let other = key();
+    let policy = hello()
+        .signed_by(&["release"])
+        .write_to(&dir.path().join("p"));
+    let module = dir.path().join("modules/hello.wasm");
+    std::fs::write(bulkhead::trust::signature_path(&module), other.sign(&wasm)).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_bulkhead-under-test"))
+        .args(["check", "--policy"])
+        .arg(&policy)
+        .arg(&module)
+        .arg("--trust")
+        .arg(format!("release={}", release.public))
+        .arg("--trust")
+        .arg(format!("release={}", other.public))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{text}");
+    assert!(text.contains("already trusted"), "{text}");
+}

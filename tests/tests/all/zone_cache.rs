@@ -241,3 +241,65 @@ async fn what_a_worker_that_ran_a_guest_compiled_is_not_recorded() {
     assert!(other.from_cache(), "a restart compiled it again");
     third.close();
 }
+
+/// What a worker can leave in its zone's cache — a file where an engine's
+/// directory belongs, a tree deeper than any path the host can name — must
+/// not stop the zone: replacement workers still start and run jobs
+/// (compiling without the cache), and so does a restart, which clears what
+/// is in the way without walking the workers' trees.
+#[tokio::test]
+async fn a_zone_cache_a_worker_broke_does_not_stop_the_zone() {
+    let tmp = tempfile::tempdir().unwrap();
+    let runner = workers(tmp.path(), "first", 1).await;
+    let hello = load(&runner, bulkhead_tests::HELLO, "hello").await;
+    assert!(run(&runner, &hello).await.succeeded());
+
+    // What a worker (uid 65534 when the tests run as root) could do: its
+    // engine directory replaced by a file, and a deep tree of its own.
+    let cache = zone_cache(tmp.path());
+    let engine = std::fs::read_dir(&cache)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.is_dir())
+        .expect("an engine directory");
+    std::fs::rename(&engine, cache.join("moved-away")).unwrap();
+    std::fs::write(&engine, b"not a directory").unwrap();
+    deep_tree(&cache.join("deep"), 20);
+
+    // The next worker (one job per worker) starts anyway and runs the job.
+    let report = tokio::time::timeout(std::time::Duration::from_secs(120), run(&runner, &hello))
+        .await
+        .expect("a replacement worker never ran the job");
+    assert!(report.succeeded(), "{report:?}");
+    runner.close();
+
+    // A restart over the same cache starts, runs, and has cleared the file.
+    let runner = workers(tmp.path(), "second", 1).await;
+    let hello = load(&runner, bulkhead_tests::HELLO, "hello").await;
+    assert!(run(&runner, &hello).await.succeeded());
+    assert!(
+        !engine.is_file(),
+        "the file in the engine's place is still there"
+    );
+    runner.close();
+}
+
+/// `levels` nested directories of 250-byte names under `top`, made
+/// relative to each other (the whole path is longer than `PATH_MAX`).
+fn deep_tree(top: &Path, levels: usize) {
+    use rustix::fs::{Mode, OFlags};
+    std::fs::create_dir(top).unwrap();
+    let open = |at: &std::os::fd::OwnedFd, name: &str| {
+        rustix::fs::openat(at, name, OFlags::RDONLY | OFlags::DIRECTORY, Mode::empty()).unwrap()
+    };
+    let mut dir = rustix::fs::open(top, OFlags::RDONLY | OFlags::DIRECTORY, Mode::empty()).unwrap();
+    let name = "d".repeat(250);
+    for _ in 0..levels {
+        rustix::fs::mkdirat(&dir, name.as_str(), Mode::from_raw_mode(0o700)).unwrap();
+        dir = open(&dir, &name);
+    }
+    // SAFETY: no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        std::os::unix::fs::chown(top, Some(65534), Some(65534)).unwrap();
+    }
+}
