@@ -483,38 +483,44 @@ async fn an_idempotency_key_names_one_job_per_tenant_until_it_expires(db: &Db) {
 
 async fn concurrent_submissions_with_one_key_store_one_job(db: &Db) {
     let store = db.open().await;
-    let key = Idempotency {
-        key: "race".into(),
-        request_sha256: "h".into(),
-        since: 0,
-    };
-    let tasks: Vec<_> = (0..12)
-        .map(|i| {
-            let (store, key) = (Arc::clone(&store), key.clone());
-            tokio::spawn(async move {
-                store
-                    .insert_job(&job(&format!("r{i}"), "acme"), Some(&key))
-                    .await
+    // Rounds of submissions that start together, each round with its own
+    // key, so the check and the insert of one overlap another's.
+    for round in 0..8 {
+        let key = Idempotency {
+            key: format!("race-{round}"),
+            request_sha256: "h".into(),
+            since: 0,
+        };
+        let start = Arc::new(tokio::sync::Barrier::new(8));
+        let tasks: Vec<_> = (0..8)
+            .map(|i| {
+                let (store, key, start) = (Arc::clone(&store), key.clone(), Arc::clone(&start));
+                tokio::spawn(async move {
+                    start.wait().await;
+                    store
+                        .insert_job(&job(&format!("r{round}-{i}"), "acme"), Some(&key))
+                        .await
+                })
             })
-        })
-        .collect();
-    let mut new = 0;
-    let mut named = std::collections::BTreeSet::new();
-    for t in tasks {
-        match t.await.unwrap().unwrap() {
-            Inserted::New => new += 1,
-            Inserted::Existing(job, _) => {
-                named.insert(job.id);
+            .collect();
+        let mut new = Vec::new();
+        let mut named = std::collections::BTreeSet::new();
+        for (i, t) in tasks.into_iter().enumerate() {
+            match t.await.unwrap() {
+                Ok(Inserted::New) => new.push(format!("r{round}-{i}")),
+                Ok(Inserted::Existing(job, _)) => {
+                    named.insert(job.id);
+                }
+                Err(e) => panic!("round {round}: a submission failed: {e}"),
             }
         }
+        assert_eq!(new.len(), 1, "round {round}: one submission stores the job");
+        assert!(
+            named.iter().all(|id| *id == new[0]),
+            "round {round}: every other submission is told the stored job: {named:?} vs {new:?}"
+        );
     }
-    assert_eq!(new, 1, "one submission stores the job");
-    assert_eq!(store.list_jobs("acme", 100).await.unwrap().len(), 1);
-    let stored = store.list_jobs("acme", 1).await.unwrap().remove(0).id;
-    assert!(
-        named.iter().all(|id| *id == stored),
-        "every other submission is told the stored job: {named:?} vs {stored}"
-    );
+    assert_eq!(store.list_jobs("acme", 100).await.unwrap().len(), 8);
 }
 
 async fn concurrent_claims_of_one_job_run_it_once(db: &Db) {
