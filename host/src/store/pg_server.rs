@@ -27,7 +27,6 @@ static STARTED: OnceLock<Result<Endpoint, String>> = OnceLock::new();
 #[derive(Clone, Debug)]
 struct Endpoint {
     port: u16,
-    bin: PathBuf,
 }
 
 struct Server {
@@ -246,7 +245,7 @@ fn start() -> Result<Endpoint, String> {
     unsafe {
         libc::atexit(stop_at_exit);
     }
-    Ok(Endpoint { port, bin })
+    Ok(Endpoint { port })
 }
 
 /// The URL of a new, empty database on the shared server (started by the
@@ -266,7 +265,6 @@ pub async fn fresh_database() -> Option<String> {
         }
         Err(why) => panic!("cannot start a PostgreSQL server for the tests: {why}"),
     };
-    let _ = &endpoint.bin;
     let name = format!("t{}", NEXT.fetch_add(1, Ordering::SeqCst));
     let admin = format!("postgres://postgres@127.0.0.1:{}/postgres", endpoint.port);
     use sqlx::Connection as _;
