@@ -159,7 +159,7 @@ fn start() -> Result<Endpoint, String> {
     }
     let out = command(&bin, "initdb", owner, dir.path())
         .args(["--auth=trust", "--username=postgres", "--encoding=UTF8"])
-        .args(["--no-locale", "--no-sync", "--no-instructions", "-D"])
+        .args(["--no-locale", "--no-sync", "-D"])
         .arg(&data)
         .output()
         .map_err(|e| format!("cannot run {}: {e}", bin.join("initdb").display()))?;

@@ -118,6 +118,17 @@ impl PostgresStore {
     /// If the URL is malformed, the database cannot be reached, or a
     /// migration fails (or the database has one this build does not know).
     pub async fn open(url: &str, pool_size: u32) -> Result<Self, StoreError> {
+        Self::open_waiting(url, pool_size, ACQUIRE_TIMEOUT).await
+    }
+
+    /// [`PostgresStore::open`], a statement waiting up to `acquire_timeout`
+    /// for a connection (the tests' suite, on a loaded machine, waits longer
+    /// than a node should before it reports the database unreachable).
+    pub(crate) async fn open_waiting(
+        url: &str,
+        pool_size: u32,
+        acquire_timeout: Duration,
+    ) -> Result<Self, StoreError> {
         let options = PgConnectOptions::from_str(url)
             .map_err(|e| StoreError::Open(format!("bad database url: {e}")))?;
         let target = format!(
@@ -133,7 +144,7 @@ impl PostgresStore {
         let pool = PgPoolOptions::new()
             .max_connections(pool_size.max(1))
             .min_connections(0)
-            .acquire_timeout(ACQUIRE_TIMEOUT)
+            .acquire_timeout(acquire_timeout)
             .connect_with(options)
             .await
             .map_err(|e| StoreError::Open(format!("cannot connect to {target}: {e}")))?;

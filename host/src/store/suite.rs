@@ -36,7 +36,13 @@ impl Db {
                     .await
                     .unwrap(),
             ),
-            Db::Postgres(url) => Arc::new(PostgresStore::open(url, 4).await.unwrap()),
+            // A long wait for a connection: the suite runs beside builds on
+            // two shared cores, where forking a backend can take seconds.
+            Db::Postgres(url) => Arc::new(
+                PostgresStore::open_waiting(url, 4, std::time::Duration::from_secs(60))
+                    .await
+                    .unwrap(),
+            ),
         }
     }
 }
