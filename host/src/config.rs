@@ -43,6 +43,10 @@
 //! retention = "24 h"               # finished jobs and outputs are kept this long
 //! # cache_dir = "data/cache"       # precompiled modules (default: <data_dir>/cache)
 //! # work_dir = "/dev/shm/bulkhead" # running jobs' directories (default: on /dev/shm)
+//! # url = "postgres://bulkhead@db.internal/bulkhead"  # jobs, tokens and audit in PostgreSQL
+//!                                  # instead of <data_dir>/bulkhead.sqlite (one node per database
+//!                                  # for now: see the README)
+//! # pool_size = 16                 # PostgreSQL connections this node holds at most
 //!
 //! [modules]
 //! policies_dir = "policies"        # one <name>.toml per module
@@ -344,6 +348,12 @@ pub struct Storage {
     /// Job directories while jobs run; emptied at start. [default: a
     /// directory on `/dev/shm` named after the data directory].
     pub work_dir: Option<PathBuf>,
+    /// A PostgreSQL database for jobs, tokens and audit instead of the
+    /// SQLite file in the data directory [default: none, SQLite]. Inputs,
+    /// outputs, keys and the admin token stay in the data directory.
+    pub url: Option<DatabaseUrl>,
+    /// Connections to `url` this node holds at most [default: 16].
+    pub pool_size: u32,
 }
 
 impl Default for Storage {
@@ -353,7 +363,65 @@ impl Default for Storage {
             retention: HumanDuration::secs(24 * 3600),
             cache_dir: None,
             work_dir: None,
+            url: None,
+            pool_size: 16,
         }
+    }
+}
+
+/// `[storage] url`: a `postgres://` or `postgresql://` connection URL. Its
+/// password never appears in `Debug` or `Display` output (the config is
+/// logged and errors name the database), only in [`DatabaseUrl::expose`].
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub struct DatabaseUrl(String);
+
+impl DatabaseUrl {
+    /// The URL as given, password included: for the driver only.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for DatabaseUrl {
+    type Error = String;
+
+    fn try_from(url: String) -> Result<Self, String> {
+        let scheme = url.split_once("://").map_or("", |(s, _)| s);
+        if !matches!(scheme, "postgres" | "postgresql") {
+            let shown = DatabaseUrl(url).to_string();
+            return Err(format!(
+                "unsupported storage url `{shown}`: only postgres:// URLs are supported (SQLite is the default without one)"
+            ));
+        }
+        Ok(Self(url))
+    }
+}
+
+impl std::fmt::Display for DatabaseUrl {
+    /// The URL with any password replaced by `***`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let Some((scheme, rest)) = self.0.split_once("://") else {
+            return f.write_str("***");
+        };
+        let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+        let (authority, tail) = rest.split_at(authority_end);
+        // The query may carry one too (`?password=`): it is left out whole.
+        let tail = tail.split_once('?').map_or(tail, |(path, _)| path);
+        match authority.rsplit_once('@') {
+            Some((userinfo, host)) => {
+                let user = userinfo.split_once(':').map_or(userinfo, |(u, _)| u);
+                let hidden = if userinfo.contains(':') { ":***" } else { "" };
+                write!(f, "{scheme}://{user}{hidden}@{host}{tail}")
+            }
+            None => write!(f, "{scheme}://{authority}{tail}"),
+        }
+    }
+}
+
+impl std::fmt::Debug for DatabaseUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "DatabaseUrl({self})")
     }
 }
 
@@ -497,6 +565,12 @@ impl ServeConfig {
                 message: format!("zones.{zone}.workers must be at least 1"),
             });
         }
+        if config.storage.url.is_some() && config.storage.pool_size == 0 {
+            return Err(ConfigError::Invalid {
+                path: path.to_owned(),
+                message: "storage.pool_size must be at least 1".into(),
+            });
+        }
         if config.queue.max_attempts == 0 {
             return Err(ConfigError::Invalid {
                 path: path.to_owned(),
@@ -554,5 +628,42 @@ mod tests {
         std::fs::write(&path, "[server]\nmax_header_size = \"4 KiB\"\n").unwrap();
         let e = ServeConfig::load(&path).unwrap_err().to_string();
         assert!(e.contains("max_header_size"), "{e}");
+    }
+
+    #[test]
+    fn a_storage_url_selects_postgres_and_never_shows_its_password() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        let c = ServeConfig::load(&{
+            std::fs::write(&path, "").unwrap();
+            path.clone()
+        })
+        .unwrap();
+        assert_eq!((c.storage.url, c.storage.pool_size), (None, 16));
+        std::fs::write(
+            &path,
+            "[storage]\nurl = \"postgres://bulkhead:s3cret@db:5432/jobs?sslmode=require&password=s3cret\"\npool_size = 4\n",
+        )
+        .unwrap();
+        let c = ServeConfig::load(&path).unwrap();
+        let url = c.storage.url.clone().unwrap();
+        assert_eq!(c.storage.pool_size, 4);
+        assert!(url.expose().contains("s3cret"));
+        assert_eq!(url.to_string(), "postgres://bulkhead:***@db:5432/jobs");
+        assert!(!format!("{c:?}").contains("s3cret"));
+        std::fs::write(&path, "[storage]\nurl = \"mysql://u:s3cret@db/x\"\n").unwrap();
+        let e = ServeConfig::load(&path).unwrap_err().to_string();
+        assert!(
+            e.contains("unsupported storage url `mysql://u:***@db/x`"),
+            "{e}"
+        );
+        assert!(!e.contains("s3cret"), "{e}");
+        std::fs::write(
+            &path,
+            "[storage]\nurl = \"postgres://db/x\"\npool_size = 0\n",
+        )
+        .unwrap();
+        let e = ServeConfig::load(&path).unwrap_err().to_string();
+        assert!(e.contains("storage.pool_size"), "{e}");
     }
 }

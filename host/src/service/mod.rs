@@ -226,9 +226,14 @@ impl Service {
             StartError::Storage(format!("data directory {}: {e}", data.display()))
         };
         crate::sandbox::create_private_dir_all(data).map_err(|e| storage(&e))?;
-        let store: Arc<dyn JobStore> = match store {
-            Some(s) => s,
-            None => Arc::new(
+        let store: Arc<dyn JobStore> = match (store, &config.storage.url) {
+            (Some(s), _) => s,
+            (None, Some(url)) => Arc::new(
+                crate::store::PostgresStore::open(url.expose(), config.storage.pool_size)
+                    .await
+                    .map_err(|e| StartError::Storage(format!("database {url}: {e}")))?,
+            ),
+            (None, None) => Arc::new(
                 crate::store::SqliteStore::open(&data.join("bulkhead.sqlite"))
                     .await
                     .map_err(|e| storage(&e))?,

@@ -1,13 +1,24 @@
 //! Durable state behind one trait: tokens, jobs, audit log.
 //!
 //! [`JobStore`] is all the service knows about persistence; [`SqliteStore`]
-//! implements it on one SQLite file (WAL). The trait is shaped so a
-//! PostgreSQL implementation can back several nodes later: every method is
-//! one statement or one transaction, state changes are compare-and-set on the
-//! job's state (`queued → running` only from `queued`), and nothing relies on
-//! process memory.
+//! implements it on one SQLite file (WAL), the default, and [`PostgresStore`]
+//! on a PostgreSQL database (`[storage] url`). Every method is one statement
+//! or one transaction, state changes are compare-and-set on the job's state
+//! (`queued → running` only from `queued`), and nothing relies on process
+//! memory. **The store knows nothing of the scheduler**: fairness and the
+//! running caps are the scheduler's, in the service's memory, so they hold
+//! per node (one node per database this round).
+//!
+//! One behavioural suite (`suite`, tests only) runs against both stores: a
+//! SQLite file and a PostgreSQL server the tests start themselves
+//! (`pg_server`).
 
+#[cfg(test)]
+mod pg_server;
+mod postgres;
 mod sqlite;
+#[cfg(test)]
+mod suite;
 
 use std::collections::BTreeMap;
 
@@ -17,6 +28,7 @@ use serde::{Deserialize, Serialize};
 use crate::auth::TokenRecord;
 use crate::job::{JobReport, LimitKind};
 
+pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
 
 /// Where a job is in its life.
@@ -224,6 +236,9 @@ pub enum StoreError {
     /// The database failed.
     #[error("job store: {0}")]
     Db(#[from] rusqlite::Error),
+    /// The PostgreSQL database failed, or could not be reached.
+    #[error("job store: {0}")]
+    Postgres(#[from] sqlx::Error),
     /// A transaction could not begin or commit (the disk is full, or the
     /// file cannot be written).
     #[error("job store: write failed: {message}")]
@@ -247,6 +262,7 @@ impl StoreError {
     pub fn is_full(&self) -> bool {
         match self {
             StoreError::Db(e) => e.sqlite_error_code() == Some(rusqlite::ErrorCode::DiskFull),
+            StoreError::Postgres(e) => postgres::sqlstate(e).is_some_and(|c| c == "53100"),
             StoreError::Write { full, .. } => *full,
             StoreError::Corrupt(_) | StoreError::Open(_) => false,
         }
@@ -269,6 +285,7 @@ impl StoreError {
                         | C::DatabaseLocked
                 )
             ),
+            StoreError::Postgres(e) => postgres::is_storage(e),
             StoreError::Write { .. } => true,
             StoreError::Corrupt(_) | StoreError::Open(_) => false,
         }
