@@ -1395,9 +1395,10 @@ mod tests {
         }
     }
 
-    /// Waits (boundedly) for `f` to hold.
+    /// Waits (boundedly: a minute, a guard against hanging, not a measure
+    /// of speed) for `f` to hold.
     async fn eventually(what: &str, f: impl Fn() -> bool) {
-        for _ in 0..1000 {
+        for _ in 0..12_000 {
             if f() {
                 return;
             }
