@@ -5,7 +5,8 @@ Built with componentize-py into a `wasi:cli/command` component:
     componentize-py -d wit -w command componentize wordcount -o python-wordcount.wasm
 
 It writes /out/counts.json: per file its lines, words and bytes, the
-totals, and the `--top=N` most frequent words (default 5; ties by word).
+totals, and the `--top=N` most frequent words (default 5; ties by word). A bad argument
+or an unreadable input is a message on stderr and exit code 1.
 """
 
 import json
@@ -62,7 +63,7 @@ class Run(exports.Run):
             result = count(top_param(sys.argv))
         except (OSError, ValueError) as e:
             print(f"python-wordcount: {e}", file=sys.stderr)
-            sys.exit(2)
+            sys.exit(1)
         with open("/out/counts.json", "w") as out:
             json.dump(result, out, indent=1, sort_keys=True)
             out.write("\n")

@@ -119,6 +119,14 @@ fn built(name: &str, version: &str, build: &mut Command) -> PathBuf {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+    // Earlier builds of other sources are not needed again.
+    for entry in std::fs::read_dir(scratch()).unwrap() {
+        let entry = entry.unwrap().path();
+        let file = entry.file_name().unwrap().to_string_lossy();
+        if file.starts_with(&format!("{name}-")) && file.ends_with(".wasm") {
+            let _ = std::fs::remove_file(&entry);
+        }
+    }
     std::fs::rename(&partial, &wasm)
         .or_else(|_| std::fs::copy(&partial, &wasm).map(|_| ()))
         .unwrap();
@@ -132,16 +140,9 @@ fn bulkhead(args: &[&str]) -> std::process::Output {
         .unwrap()
 }
 
-/// Pins a copy of the example's policy to `wasm` with `bulkhead pin`,
-/// runs `wasm` under it with `bulkhead run` (a worker, the default) and
-/// returns the `--out` directory.
-fn pin_and_run(
-    name: &str,
-    wasm: &Path,
-    inputs: &[(&str, &str)],
-    params: &[&str],
-    tmp: &Path,
-) -> PathBuf {
+/// Pins a copy of the example's policy to `wasm` with `bulkhead pin`;
+/// returns its path.
+fn pin(name: &str, wasm: &Path, tmp: &Path) -> PathBuf {
     let policy = tmp.join(format!("{name}.toml"));
     std::fs::copy(
         repo()
@@ -151,8 +152,12 @@ fn pin_and_run(
         &policy,
     )
     .unwrap();
-    let (policy, wasm) = (policy.to_str().unwrap(), wasm.to_str().unwrap());
-    let pinned = bulkhead(&["pin", policy, "--module", wasm]);
+    let pinned = bulkhead(&[
+        "pin",
+        policy.to_str().unwrap(),
+        "--module",
+        wasm.to_str().unwrap(),
+    ]);
     assert!(
         pinned.status.success(),
         "{}",
@@ -160,49 +165,59 @@ fn pin_and_run(
     );
     let expected = hex::encode(Sha256::digest(std::fs::read(wasm).unwrap()));
     assert!(
-        std::fs::read_to_string(policy).unwrap().contains(&expected),
+        std::fs::read_to_string(&policy)
+            .unwrap()
+            .contains(&expected),
         "the policy is not pinned to {expected}"
     );
+    policy
+}
 
-    let out_dir = tmp.join("out");
+/// Runs `wasm` under `policy` with `bulkhead run` (in a worker, the
+/// default), inputs written under `tmp`, outputs to `tmp/<out>`; returns
+/// the exit code, the report and the `--out` directory.
+fn run(
+    wasm: &Path,
+    policy: &Path,
+    inputs: &[(&str, &str)],
+    params: &[&str],
+    tmp: &Path,
+    out: &str,
+) -> (Option<i32>, bulkhead::sandbox::JobReport, PathBuf) {
+    let name = policy.file_stem().unwrap().to_str().unwrap();
+    let out_dir = tmp.join(out);
     let (jobs, cache) = (tmp.join("jobs"), scratch().join(format!("cache-{name}")));
-    let mut args = vec![
-        "run".to_owned(),
-        wasm.to_owned(),
-        "--json".to_owned(),
-        "--policy".to_owned(),
-        policy.to_owned(),
-        "--out".to_owned(),
-        out_dir.to_str().unwrap().to_owned(),
-        "--work-dir".to_owned(),
-        jobs.to_str().unwrap().to_owned(),
-        "--cache-dir".to_owned(),
-        cache.to_str().unwrap().to_owned(),
-    ];
+    let mut args: Vec<String> = vec!["run".into(), wasm.to_str().unwrap().into(), "--json".into()];
+    for (flag, path) in [
+        ("--policy", policy),
+        ("--out", &out_dir),
+        ("--work-dir", &jobs),
+        ("--cache-dir", &cache),
+    ] {
+        args.extend([flag.into(), path.to_str().unwrap().into()]);
+    }
     for (file, text) in inputs {
         let path = tmp.join(file);
         std::fs::write(&path, text).unwrap();
-        args.extend(["--input".to_owned(), path.to_str().unwrap().to_owned()]);
+        args.extend(["--input".into(), path.to_str().unwrap().into()]);
     }
     for param in params {
-        args.extend(["--param".to_owned(), (*param).to_owned()]);
+        args.extend(["--param".into(), (*param).into()]);
     }
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let out = bulkhead(&args);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let report: bulkhead::sandbox::JobReport = serde_json::from_slice(&out.stdout).unwrap();
-    assert!(report.succeeded(), "{report:#?}");
+    let output = bulkhead(&args);
+    let report = serde_json::from_slice(&output.stdout).unwrap_or_else(|e| {
+        panic!(
+            "{e}\n{}\n{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        )
+    });
     assert!(
-        tmp.join("jobs").is_dir() && cache.join("zones/untrusted").is_dir(),
+        jobs.is_dir() && cache.join("zones/untrusted").is_dir(),
         "not run in a worker"
     );
-    out_dir
+    (output.status.code(), report, out_dir)
 }
 
 fn json_file(path: &Path) -> Value {
@@ -235,16 +250,14 @@ fn the_python_example_builds_with_componentize_py_and_runs_under_bulkhead_run() 
         ]),
     );
     let tmp = tempfile::tempdir().unwrap();
-    let out = pin_and_run(
-        "python-wordcount",
-        &wasm,
-        &[
-            ("a.txt", "The cat and the hat.\nThe end\n"),
-            ("b.txt", "don't stop the show, cat\n"),
-        ],
-        &["top=3"],
-        tmp.path(),
-    );
+    let policy = pin("python-wordcount", &wasm, tmp.path());
+    let inputs = [
+        ("a.txt", "The cat and the hat.\nThe end\n"),
+        ("b.txt", "don't stop the show, cat\n"),
+    ];
+    let (code, report, out) = run(&wasm, &policy, &inputs, &["top=3"], tmp.path(), "out");
+    assert_eq!(code, Some(0), "{report:#?}");
+    assert!(report.succeeded(), "{report:#?}");
     assert_eq!(
         json_file(&out.join("counts.json")),
         json!({
@@ -256,6 +269,16 @@ fn the_python_example_builds_with_componentize_py_and_runs_under_bulkhead_run() 
             "top": [["the", 4], ["cat", 2], ["and", 1]],
         })
     );
+
+    // A value the guest refuses: its exit code, its message, no output.
+    let (code, report, out) = run(&wasm, &policy, &inputs, &["top=-1"], tmp.path(), "bad");
+    assert_eq!(code, Some(1), "{report:#?}");
+    assert_eq!(report.exit_code, Some(1), "{report:#?}");
+    assert!(
+        report.stderr.text.contains("--top=-1: expected 0 to 1000"),
+        "{report:#?}"
+    );
+    assert!(!out.join("counts.json").exists());
 }
 
 #[test]
@@ -287,16 +310,14 @@ fn the_javascript_example_builds_with_componentize_js_and_runs_under_bulkhead_ru
         ]),
     );
     let tmp = tempfile::tempdir().unwrap();
-    let out = pin_and_run(
-        "js-csv2json",
-        &wasm,
-        &[(
-            "data.csv",
-            "name,qty,note\nwidget,3,\"a, b\"\r\n\"gad\"\"get\",10.5,\n",
-        )],
-        &["numbers=yes"],
-        tmp.path(),
-    );
+    let policy = pin("js-csv2json", &wasm, tmp.path());
+    let inputs = [(
+        "data.csv",
+        "name,qty,note\nwidget,3,\"a, b\"\r\n\"gad\"\"get\",10.5,\n",
+    )];
+    let (code, report, out) = run(&wasm, &policy, &inputs, &["numbers=yes"], tmp.path(), "out");
+    assert_eq!(code, Some(0), "{report:#?}");
+    assert!(report.succeeded(), "{report:#?}");
     assert_eq!(
         json_file(&out.join("data.json")),
         json!([
