@@ -66,3 +66,5 @@ mod signed;
 mod authors;
 // `bulkhead run --config` relays calls with real tokens a service verifies (`bulkhead jwks`).
 mod run_calls;
+// The Python and JavaScript examples built from source (componentize-py, componentize-js) and run by `bulkhead run`.
+mod polyglot;
