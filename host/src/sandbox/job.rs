@@ -165,7 +165,7 @@ impl Drop for JobDir {
             if std::fs::remove_dir(dir).is_ok() {
                 continue;
             }
-            if let Err(e) = std::fs::remove_dir_all(dir)
+            if let Err(e) = super::remove_tree(dir)
                 && e.kind() != io::ErrorKind::NotFound
             {
                 tracing::warn!(dir = %dir.display(), error = %e, "cannot remove job directory");

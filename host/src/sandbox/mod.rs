@@ -22,6 +22,7 @@ mod limits;
 pub mod outputs;
 mod pipe;
 mod quota;
+mod remove;
 mod wasi;
 
 use std::path::PathBuf;
@@ -43,6 +44,7 @@ pub use engine::{
 pub use job::{JobDir, create_private_dir_all};
 pub use limits::WRITTEN_PER_OUTPUT;
 pub use quota::DESCRIPTOR_REFUSALS;
+pub use remove::remove_tree;
 // The job's types are the `job` module's; re-exported for the sandbox's
 // callers.
 pub use crate::job::{

@@ -252,7 +252,7 @@ impl Service {
             }
         };
         if work.exists() {
-            std::fs::remove_dir_all(&work).map_err(|e| storage(&e))?;
+            crate::sandbox::remove_tree(&work).map_err(|e| storage(&e))?;
         }
         let jobs_dir = data.join("jobs");
         crate::sandbox::create_private_dir_all(&jobs_dir).map_err(|e| storage(&e))?;
@@ -534,7 +534,7 @@ impl Service {
         // back now.
         if self.scheduler.depth().1 == 0 {
             let work = self.runner.work_dir();
-            if let Err(e) = std::fs::remove_dir_all(work)
+            if let Err(e) = crate::sandbox::remove_tree(work)
                 && e.kind() != std::io::ErrorKind::NotFound
             {
                 tracing::warn!(dir = %work.display(), error = %e, "cannot remove the work directory");

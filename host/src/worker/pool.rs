@@ -776,7 +776,7 @@ impl Pool {
         let id = self.next_id();
         let dir = c.work_dir.join(format!("w{id}"));
         if dir.exists() {
-            let _ = std::fs::remove_dir_all(&dir);
+            let _ = crate::sandbox::remove_tree(&dir);
         }
         prepare_dir(&dir, effective_owner(c.run_as), 0o700)
             .map_err(|e| start_error(format!("{}: {e}", dir.display())))?;
@@ -999,7 +999,7 @@ impl Drop for Worker {
         }
         let dir = std::mem::take(&mut self.dir);
         std::thread::spawn(move || {
-            let _ = std::fs::remove_dir_all(dir);
+            let _ = crate::sandbox::remove_tree(&dir);
         });
     }
 }
@@ -1235,7 +1235,7 @@ fn repair_cache(dir: &Path, (uid, _gid): (u32, u32)) -> std::io::Result<()> {
             continue;
         }
         let removed = if kind == FileType::Directory {
-            std::fs::remove_dir_all(dir.join(&name))
+            crate::sandbox::remove_tree(&dir.join(&name))
         } else {
             rustix::fs::unlinkat(&root, &name, AtFlags::empty()).map_err(Into::into)
         };

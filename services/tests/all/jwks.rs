@@ -91,12 +91,27 @@ async fn fetch_jwks_refuses_bad_answers() {
         fetch_jwks(&format!("{base}/not-jwks")).await,
         Err(JwksError::Json { .. })
     ));
-    for url in ["file:///etc/passwd", "ftp://127.0.0.1/jwks", "not a url"] {
+    for url in ["ftp://127.0.0.1/jwks", "not a url", "file://host/jwks.json"] {
         assert!(
             matches!(fetch_jwks(url).await, Err(JwksError::Url { .. })),
             "{url}"
         );
     }
+    // A `file:` JWKS (what `bulkhead jwks` writes) is read, bounded, and
+    // must be a JWKS like any other.
+    assert!(matches!(
+        fetch_jwks("file:///etc/passwd").await,
+        Err(JwksError::Json { .. })
+    ));
+    assert!(matches!(
+        fetch_jwks("file:///nonexistent/jwks.json").await,
+        Err(JwksError::File { .. })
+    ));
+    let big = std::env::temp_dir().join(format!("bulkhead-big-jwks-{}", std::process::id()));
+    std::fs::write(&big, vec![b' '; 64 * 1024 + 1]).unwrap();
+    let too_large = fetch_jwks(&format!("file://{}", big.display())).await;
+    std::fs::remove_file(&big).unwrap();
+    assert!(matches!(too_large, Err(JwksError::TooLarge { .. })));
 }
 
 /// The host rotates: it publishes a new key and mints with it. The first
