@@ -1195,14 +1195,6 @@ mod tests {
         (dir, store)
     }
 
-    /// Claims acme's queued job `id`, which must run.
-    async fn claim(store: &SqliteStore, id: &str, now: i64) -> (JobRecord, Claimed) {
-        match store.claim("acme", id, now, 3).await.unwrap() {
-            Claim::Run(job, claim) => (*job, claim),
-            other => panic!("{id} not claimed: {other:?}"),
-        }
-    }
-
     fn job(id: &str, tenant: &str) -> JobRecord {
         JobRecord {
             id: id.into(),
@@ -1275,7 +1267,7 @@ mod tests {
         report.limit = Some(crate::sandbox::LimitKind::Memory);
         assert!(store.finish_job(&claimed, &report, 7).await.unwrap());
         store.insert_job(&job("new", "acme"), None).await.unwrap();
-        let (_, claimed) = claim(&store, "new", 8).await;
+        let (_, claimed) = super::super::suite::claim(&store, "new", 8).await;
         assert!(store.finish_job(&claimed, &report, 9).await.unwrap());
         let audit = store.audit(10).await.unwrap();
         assert_eq!(

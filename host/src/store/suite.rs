@@ -91,7 +91,7 @@ suite!(
 );
 
 /// Claims acme's queued job `id`, which must run.
-async fn claim(store: &Arc<dyn JobStore>, id: &str, now: i64) -> (JobRecord, Claimed) {
+pub(super) async fn claim(store: &dyn JobStore, id: &str, now: i64) -> (JobRecord, Claimed) {
     match store.claim("acme", id, now, 3).await.unwrap() {
         Claim::Run(job, claim) => (*job, claim),
         other => panic!("{id} not claimed: {other:?}"),
@@ -134,7 +134,7 @@ async fn jobs_are_bound_to_their_tenant_and_move_through_states(db: &Db) {
         Claim::Gone,
         "another tenant's job is not claimed"
     );
-    let (claimed, _) = claim(&store, "j1", 1).await;
+    let (claimed, _) = claim(&*store, "j1", 1).await;
     assert_eq!(
         (claimed.attempts, claimed.state, claimed.started_at),
         (1, JobState::Running, Some(1))
@@ -177,7 +177,7 @@ async fn jobs_are_bound_to_their_tenant_and_move_through_states(db: &Db) {
 async fn finishing_a_job_writes_its_audit_entry(db: &Db) {
     let store = db.open().await;
     store.insert_job(&job("j1", "acme"), None).await.unwrap();
-    let (_, claimed) = claim(&store, "j1", 1).await;
+    let (_, claimed) = claim(&*store, "j1", 1).await;
     let mut report = crate::sandbox::JobReport::not_run("j1", "hello", "boom");
     report.limit = Some(crate::sandbox::LimitKind::Memory);
     assert!(store.finish_job(&claimed, &report, 7).await.unwrap());
@@ -232,7 +232,7 @@ async fn the_finished_audit_row_says_what_the_typed_report_says(db: &Db) {
             .insert_job(&job(&report.job_id, "acme"), None)
             .await
             .unwrap();
-        let (_, claimed) = claim(&store, &report.job_id, 1).await;
+        let (_, claimed) = claim(&*store, &report.job_id, 1).await;
         assert!(store.finish_job(&claimed, report, 5).await.unwrap());
     }
     // The inline path writes the same entry.
@@ -286,14 +286,14 @@ async fn the_finished_audit_row_says_what_the_typed_report_says(db: &Db) {
 async fn only_the_claim_that_holds_a_job_finishes_or_requeues_it(db: &Db) {
     let store = db.open().await;
     store.insert_job(&job("j1", "acme"), None).await.unwrap();
-    let (_, first) = claim(&store, "j1", 1).await;
+    let (_, first) = claim(&*store, "j1", 1).await;
     // A failure leaves it running; recovery takes it over and gives it
     // back, and another start claims it.
     let pending = store.pending_jobs().await.unwrap();
     let recovered = pending[0].claim.clone().unwrap();
     assert_eq!(recovered, first);
     assert!(store.requeue(&recovered, true).await.unwrap());
-    let (_, second) = claim(&store, "j1", 2).await;
+    let (_, second) = claim(&*store, "j1", 2).await;
     let report = crate::sandbox::JobReport::not_run("j1", "hello", "late");
     assert!(
         !store.finish_job(&first, &report, 3).await.unwrap(),
@@ -358,7 +358,7 @@ async fn a_job_started_max_attempts_times_is_finished_failed_not_rerun(db: &Db) 
     store.insert_job(&job("j1", "acme"), None).await.unwrap();
     // Three starts, each ended by a crash (recovery re-queues it).
     for attempt in 1..=3 {
-        let (j, _) = claim(&store, "j1", attempt).await;
+        let (j, _) = claim(&*store, "j1", attempt).await;
         assert_eq!(j.attempts, attempt as u32);
         assert_eq!(store.requeue_running().await.unwrap(), 1);
     }
@@ -382,13 +382,13 @@ async fn a_job_started_max_attempts_times_is_finished_failed_not_rerun(db: &Db) 
 async fn a_requeue_after_a_storage_failure_gives_the_attempt_back(db: &Db) {
     let store = db.open().await;
     store.insert_job(&job("j1", "acme"), None).await.unwrap();
-    let (_, first) = claim(&store, "j1", 1).await;
+    let (_, first) = claim(&*store, "j1", 1).await;
     assert!(store.requeue(&first, false).await.unwrap());
     assert!(!store.requeue(&first, false).await.unwrap(), "not running");
-    let (j, second) = claim(&store, "j1", 2).await;
+    let (j, second) = claim(&*store, "j1", 2).await;
     assert_eq!(j.attempts, 1);
     assert!(store.requeue(&second, true).await.unwrap());
-    let (j, _) = claim(&store, "j1", 3).await;
+    let (j, _) = claim(&*store, "j1", 3).await;
     assert_eq!(j.attempts, 2);
 }
 
@@ -471,7 +471,7 @@ async fn an_idempotency_key_names_one_job_per_tenant_until_it_expires(db: &Db) {
     // The job that held it before is still there, and deleting the job
     // that holds it frees the key.
     assert!(store.get_job("acme", "j1").await.unwrap().is_some());
-    let (_, c) = claim(&store, "j5", 3).await;
+    let (_, c) = claim(&*store, "j5", 3).await;
     assert!(store.finish_job(&c, &report, 4).await.unwrap());
     assert_eq!(
         store.delete_job("acme", "j5").await.unwrap(),
@@ -565,7 +565,7 @@ async fn concurrent_claims_of_one_job_run_it_once(db: &Db) {
 async fn a_cancelled_or_finished_job_is_never_claimed_and_a_cancel_beats_a_finish(db: &Db) {
     let store = db.open().await;
     store.insert_job(&job("j1", "acme"), None).await.unwrap();
-    let (_, running) = claim(&store, "j1", 1).await;
+    let (_, running) = claim(&*store, "j1", 1).await;
     assert_eq!(
         store.cancel_job("acme", "j1", 2).await.unwrap(),
         CancelOutcome::Cancelled(JobState::Running)
@@ -695,7 +695,7 @@ async fn recovery_sees_pending_jobs_oldest_first_with_their_claims(db: &Db) {
         j.created_at = created_at;
         store.insert_job(&j, None).await.unwrap();
     }
-    let (_, running) = claim(&store, "a", 7).await;
+    let (_, running) = claim(&*store, "a", 7).await;
     let pending = store.pending_jobs().await.unwrap();
     assert_eq!(
         pending
