@@ -472,30 +472,8 @@ impl ModuleCache {
             Trust::Key(key) => Some(self.tag(key, digest, artifact).finalize().into_bytes()),
             Trust::Recorded => None,
         };
-        // Write to a fresh temporary file and rename, so a crash never
-        // leaves a truncated artifact under the final name, and whatever
-        // was there (a planted file, a link) is replaced, not written
-        // through.
-        let tmp = format!(".{name}.{}.tmp", uuid::Uuid::new_v4().simple());
-        let mut options = OpenOptions::new();
-        options
-            .write(true)
-            .create_new(true)
-            .follow(FollowSymlinks::No)
-            .mode(0o600);
-        let result = (|| {
-            let mut file = self.dir.open_with(&tmp, &options)?;
-            file.write_all(artifact)?;
-            if let Some(tag) = &tag {
-                file.write_all(tag)?;
-            }
-            file.sync_all()?;
-            self.dir.rename(&tmp, &self.dir, name)
-        })();
-        if result.is_err() {
-            let _ = self.dir.remove_file(&tmp);
-        }
-        result
+        let tag = tag.as_ref().map_or(&[][..], |t| &t[..]);
+        write_replacing(&self.dir, name, &[artifact, tag])
     }
 }
 
@@ -606,24 +584,34 @@ impl ArtifactRecords {
         self.known().insert(module.clone(), Some(artifact.clone()));
         let name = Self::file(module);
         let text = serde_json::to_vec(artifact).map_err(io::Error::other)?;
-        let tmp = format!(".{name}.{}.tmp", uuid::Uuid::new_v4().simple());
-        let mut options = OpenOptions::new();
-        options
-            .write(true)
-            .create_new(true)
-            .follow(FollowSymlinks::No)
-            .mode(0o600);
-        let result = (|| {
-            let mut file = self.dir.open_with(&tmp, &options)?;
-            file.write_all(&text)?;
-            file.sync_all()?;
-            self.dir.rename(&tmp, &self.dir, &name)
-        })();
-        if result.is_err() {
-            let _ = self.dir.remove_file(&tmp);
-        }
-        result
+        write_replacing(&self.dir, &name, &[&text])
     }
+}
+
+/// Writes `parts` as `name` in `dir`: to a fresh temporary file, synced,
+/// then renamed over `name`, so a crash never leaves a truncated file under
+/// the final name, and whatever was there (a planted file, a link) is
+/// replaced, not written through.
+fn write_replacing(dir: &Dir, name: &str, parts: &[&[u8]]) -> io::Result<()> {
+    let tmp = format!(".{name}.{}.tmp", uuid::Uuid::new_v4().simple());
+    let mut options = OpenOptions::new();
+    options
+        .write(true)
+        .create_new(true)
+        .follow(FollowSymlinks::No)
+        .mode(0o600);
+    let result = (|| {
+        let mut file = dir.open_with(&tmp, &options)?;
+        for part in parts {
+            file.write_all(part)?;
+        }
+        file.sync_all()?;
+        dir.rename(&tmp, dir, name)
+    })();
+    if result.is_err() {
+        let _ = dir.remove_file(&tmp);
+    }
+    result
 }
 
 /// The cache key under `root` (a handle on the cache directory; `path` is
