@@ -11,10 +11,11 @@
 //!
 //! One behavioural suite (`suite`, tests only) runs against both stores: a
 //! SQLite file and a PostgreSQL server the tests start themselves
-//! (`pg_server`).
+//! (`pg_server`, public for the multi-node tests of other crates, not part
+//! of the API).
 
-#[cfg(test)]
-mod pg_server;
+#[doc(hidden)]
+pub mod pg_server;
 mod postgres;
 mod sqlite;
 #[cfg(test)]

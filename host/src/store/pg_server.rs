@@ -1,4 +1,5 @@
-//! A throwaway PostgreSQL server for the store's tests: Debian's
+//! A throwaway PostgreSQL server for tests (the store's, and the
+//! multi-node tests that start real nodes): Debian's
 //! `postgresql` binaries, `initdb` into a temporary directory, the server on
 //! a free port of 127.0.0.1 (and a Unix socket inside that directory),
 //! `fsync` off. One server per test binary, started by the first test that
