@@ -94,6 +94,10 @@
 //! [trust.keys]                     # minisign public keys a policy's `module.signed_by` may name
 //! # release = "RWQ…"               # the key line `minisign -G` prints; modules are signed with
 //!                                  # `minisign -S -m <name>.wasm` (<name>.wasm.minisig beside it)
+//!
+//! [node]
+//! # name = "node-a"                # this node's name among nodes sharing one store (default: the
+//!                                  # host name); each start adds a random suffix to make its id
 //! ```
 
 use std::net::SocketAddr;
@@ -130,6 +134,32 @@ pub struct ServeConfig {
     pub zones: std::collections::BTreeMap<String, ZonePool>,
     /// Keys modules may be signed with (`[trust.keys]`).
     pub trust: Trust,
+    /// This node's name among several sharing one store (`[node]`).
+    pub node: Node,
+}
+
+/// `[node]`: how this node is named among the nodes sharing one store.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Node {
+    /// A name for operators (default: the host name). Each start of the
+    /// process adds its own random suffix to it ([`Node::id`]), so two
+    /// nodes given the same name, or one restarted, never share an id.
+    pub name: Option<String>,
+}
+
+impl Node {
+    /// A new id for this start of the node: `<name>-<8 hex digits>`.
+    pub fn id(&self) -> String {
+        let name = match &self.name {
+            Some(name) => name.clone(),
+            None => std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|h| h.trim().to_owned())
+                .unwrap_or_else(|_| "node".to_owned()),
+        };
+        let suffix: u32 = rand::random();
+        format!("{name}-{suffix:08x}")
+    }
 }
 
 /// `[trust]`: the minisign public keys a policy's `signed_by` may name.

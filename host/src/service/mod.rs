@@ -180,9 +180,19 @@ pub struct Service {
     /// after its finish: a `running` job not in here was left by a failure.
     held: Mutex<HashSet<String>>,
     admin_token_hash: String,
+    /// This start of this node among the nodes sharing the store
+    /// ([`crate::config::Node::id`]).
+    node: String,
     metrics: metrics_exporter_prometheus::PrometheusHandle,
     /// The per-tenant and per-address limiter of authenticated denials.
     denials: crate::serve::denials::TenantDenials,
+}
+
+impl Service {
+    /// This start of this node's id among the nodes sharing the store.
+    pub fn node(&self) -> &str {
+        &self.node
+    }
 }
 
 impl std::fmt::Debug for Service {
@@ -312,10 +322,12 @@ impl Service {
             recover_wanted: AtomicBool::new(false),
             held: Mutex::default(),
             admin_token_hash,
+            node: config.node.id(),
             metrics: metrics_handle(),
             denials: crate::serve::denials::TenantDenials::new(&config.audit),
             config,
         });
+        tracing::info!(node = %service.node, "node id for this start");
         // Nothing runs yet: any job directory without a row is a leftover
         // (a submission or an inline job that failed half-way in a crash).
         let orphans = service.remove_orphans(Duration::ZERO).await;
