@@ -8,7 +8,8 @@ use clap::{Args, Subcommand};
 
 #[derive(Debug, Args)]
 pub(crate) struct StoreArgs {
-    /// The service's config file, to find its data directory.
+    /// The service's config file, to find its store (its database, or its
+    /// data directory).
     #[arg(long, value_name = "FILE", conflicts_with = "data_dir")]
     config: Option<PathBuf>,
     /// The service's data directory [default: the config's, or ./data].
@@ -17,15 +18,29 @@ pub(crate) struct StoreArgs {
 }
 
 impl StoreArgs {
-    async fn open(&self) -> anyhow::Result<bulkhead::store::SqliteStore> {
-        let dir = match (&self.data_dir, &self.config) {
-            (Some(d), _) => d.clone(),
-            (None, Some(c)) => bulkhead::config::ServeConfig::load(c)?.storage.data_dir,
-            (None, None) => bulkhead::config::ServeConfig::default().storage.data_dir,
+    /// The store the config names (its PostgreSQL database, or the SQLite
+    /// file in its data directory), or the SQLite file in `--data-dir`.
+    async fn open(&self) -> anyhow::Result<std::sync::Arc<dyn bulkhead::store::JobStore>> {
+        let mut storage = match &self.config {
+            Some(c) => bulkhead::config::ServeConfig::load(c)?.storage,
+            None => bulkhead::config::ServeConfig::default().storage,
         };
-        std::fs::create_dir_all(&dir)
-            .with_context(|| format!("cannot create {}", dir.display()))?;
-        Ok(bulkhead::store::SqliteStore::open(&dir.join("bulkhead.sqlite")).await?)
+        if let Some(d) = &self.data_dir {
+            storage.data_dir = d.clone();
+        }
+        if storage.url.is_none() {
+            let dir = &storage.data_dir;
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("cannot create {}", dir.display()))?;
+        }
+        let shown = match &storage.url {
+            Some(url) => format!("database {url}"),
+            None => format!("{}", storage.data_dir.join("bulkhead.sqlite").display()),
+        };
+        storage
+            .open_store()
+            .await
+            .with_context(|| format!("cannot open the store ({shown})"))
     }
 }
 
@@ -63,7 +78,6 @@ pub(crate) enum TokenCommand {
 }
 
 pub(crate) async fn token(cmd: TokenCommand) -> anyhow::Result<ExitCode> {
-    use bulkhead::store::JobStore;
     match cmd {
         TokenCommand::Issue {
             tenant,

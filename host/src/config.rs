@@ -399,6 +399,28 @@ impl Default for Storage {
     }
 }
 
+impl Storage {
+    /// Opens the store this config names: the PostgreSQL database at
+    /// `url`, or else `<data_dir>/bulkhead.sqlite` (the directory must
+    /// exist). What the service, `bulkhead token` and every other command
+    /// that reaches the store open.
+    ///
+    /// # Errors
+    /// The database cannot be reached or migrated, or the file opened.
+    pub async fn open_store(
+        &self,
+    ) -> Result<std::sync::Arc<dyn crate::store::JobStore>, crate::store::StoreError> {
+        Ok(match &self.url {
+            Some(url) => std::sync::Arc::new(
+                crate::store::PostgresStore::open(url.expose(), self.pool_size).await?,
+            ),
+            None => std::sync::Arc::new(
+                crate::store::SqliteStore::open(&self.data_dir.join("bulkhead.sqlite")).await?,
+            ),
+        })
+    }
+}
+
 /// `[storage] url`: a `postgres://` or `postgresql://` connection URL. Its
 /// password never appears in `Debug` or `Display` output (the config is
 /// logged and errors name the database), only in [`DatabaseUrl::expose`].
