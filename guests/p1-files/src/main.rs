@@ -12,6 +12,9 @@
 //!   sees for a full `/out`);
 //! - `spin`: burns CPU for ever (the `cpu_time` limit);
 //! - `grow`: allocates memory for ever (the `memory` limit).
+//!
+//! `--nap-ms=N` first sleeps N milliseconds, so a job stays running long
+//! enough to be caught running (the multi-node tests).
 
 use std::io::{Read, Write};
 
@@ -19,6 +22,12 @@ fn main() {
     let mode = std::env::args()
         .find_map(|a| a.strip_prefix("--mode=").map(str::to_owned))
         .unwrap_or_else(|| "copy".to_owned());
+    if let Some(ms) = std::env::args().find_map(|a| {
+        a.strip_prefix("--nap-ms=")
+            .and_then(|ms| ms.parse::<u64>().ok())
+    }) {
+        std::thread::sleep(std::time::Duration::from_millis(ms));
+    }
     match mode.as_str() {
         "copy" => copy(),
         "fill" => fill(),

@@ -68,3 +68,5 @@ mod authors;
 mod run_calls;
 // The Python and JavaScript examples built from source (componentize-py, componentize-js) and run by `bulkhead run`.
 mod polyglot;
+// Three real nodes on one PostgreSQL: 2,000 jobs, one node killed, every acknowledged job finished once.
+mod cluster;
