@@ -37,7 +37,7 @@ fn node_config(dir: &Path, name: &str, url: &str, policies: &Path) -> PathBuf {
             "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
              [storage]\ndata_dir = \"{data}/data\"\ncache_dir = \"{data}/cache\"\nurl = \"{url}\"\n\
              [modules]\npolicies_dir = \"{policies}\"\nmodules_dir = \"{guests}\"\n\
-             [queue]\nworkers = 4\nmax_running_per_tenant = {TENANT_CAP}\nmax_attempts = 3\nlease = \"2 s\"\n\
+             [queue]\nworkers = 4\nmax_queued = 10000\nmax_queued_per_tenant = 10000\nmax_running_per_tenant = {TENANT_CAP}\nmax_attempts = 3\nlease = \"2 s\"\n\
              [node]\nname = \"{name}\"\n",
             data = data.display(),
             policies = policies.display(),
@@ -88,6 +88,7 @@ async fn submit(http: &reqwest::Client, base: &str, token: &str, body: Vec<u8>) 
         .await
         .ok()?;
     if resp.status() != StatusCode::ACCEPTED {
+        eprintln!("{base}: {} {}", resp.status(), resp.text().await.unwrap_or_default());
         return None;
     }
     let v: serde_json::Value = resp.json().await.ok()?;
