@@ -68,3 +68,5 @@ mod authors;
 mod run_calls;
 // The Python and JavaScript examples built from source (componentize-py, componentize-js) and run by `bulkhead run`.
 mod polyglot;
+// Several real nodes on one PostgreSQL: revocation, call-token keys, the registry, a lost database.
+mod nodes;
