@@ -124,7 +124,7 @@ async fn a_token_revoked_through_one_node_is_refused_by_another_at_once() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn the_node_registry_lists_every_node_with_its_addresses() {
+async fn the_node_registry_lists_every_node_and_a_stopped_nodes_key_stays_published() {
     let Some(cluster) = Cluster::start(
         2,
         &ConfigFile {
@@ -167,6 +167,28 @@ async fn the_node_registry_lists_every_node_with_its_addresses() {
         );
         assert_eq!(row["this"], i == 1, "{row}");
     }
+
+    // Node 0 dies: node 1 lists it stale, and keeps serving its key (a
+    // token it signed just before may still be in flight).
+    let kid0 = active_kid(&cluster, 0).await;
+    let mut cluster = cluster;
+    drop(cluster.nodes.remove(0));
+    let listed = eventually(Duration::from_secs(60), "node-0 listed stale", || async {
+        let nodes = json(cluster.admin_get(0, "/admin/v1/nodes")).await;
+        let nodes = nodes.as_array().unwrap().clone();
+        nodes
+            .iter()
+            .any(|n| n["name"] == "node-0" && n["live"] == false)
+            .then_some(nodes)
+    })
+    .await;
+    assert!(
+        listed
+            .iter()
+            .any(|n| n["name"] == "node-1" && n["live"] == true),
+        "{listed:#?}"
+    );
+    assert!(kids(&jwks(&cluster.base(0)).await).contains(&kid0));
 }
 
 /// Palette on loopback, verifying call tokens against `keys`.
