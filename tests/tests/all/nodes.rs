@@ -76,6 +76,7 @@ async fn a_token_revoked_through_one_node_is_refused_by_another_at_once() {
         return;
     };
     let (token, id) = cluster.token(0, "acme", &["hello:run"]).await;
+    let (_, other) = cluster.token(1, "acme", &["hello:run"]).await;
     let modules = |i: usize| {
         cluster
             .http
@@ -119,6 +120,16 @@ async fn a_token_revoked_through_one_node_is_refused_by_another_at_once() {
         assert!(
             actions.contains(&"token.issued") && actions.contains(&"token.revoked"),
             "node {i}: {actions:?}"
+        );
+        // And the one the other node wrote.
+        assert!(
+            audit
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|e| e["action"] == "token.issued"
+                    && e["detail"].as_str().unwrap_or("").contains(other.as_str())),
+            "node {i}"
         );
     }
 }
