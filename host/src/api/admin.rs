@@ -1,5 +1,6 @@
 //! The admin API, served on its own listener (loopback by default): token
-//! management, the audit log, Prometheus metrics.
+//! management, the audit log, signing keys, the nodes sharing the store,
+//! Prometheus metrics.
 //!
 //! It accepts only the admin token from `<data>/admin.token`. A user token —
 //! any token in the tokens table — is never the admin token, so it gets 401
@@ -27,6 +28,7 @@ pub fn admin_app(state: AppState) -> Router {
         .route("/admin/v1/keys", get(keys))
         .route("/admin/v1/keys/rotate", post(rotate_key))
         .route("/admin/v1/isolation", get(isolation))
+        .route("/admin/v1/nodes", get(nodes))
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .fallback(not_found)
@@ -210,6 +212,11 @@ async fn rotate_key(
     let info = keys
         .rotate()
         .map_err(|e| ApiError::Conflict(e.to_string()))?;
+    // The other nodes serve the new key from their next heartbeat; one
+    // that fails here is published at this node's next heartbeat.
+    if let Err(e) = state.service.publish_keys().await {
+        tracing::warn!(error = %e, "cannot publish the new signing key yet");
+    }
     state
         .service
         .audit(AuditEntry {
@@ -220,6 +227,15 @@ async fn rotate_key(
         })
         .await;
     Ok(Json(info))
+}
+
+/// The nodes sharing the store, live (a heartbeat within
+/// `service::STALE_AFTER`) or stale, newest start first.
+async fn nodes(
+    State(state): State<AppState>,
+    _: Admin,
+) -> Result<Json<Vec<crate::service::NodeInfo>>, ApiError> {
+    Ok(Json(state.service.nodes().await?))
 }
 
 /// Where guests run, and per zone the hardening its workers applied and

@@ -376,6 +376,8 @@ async fn readyz(State(state): State<AppState>) -> Result<&'static str, ApiError>
 
 /// The public keys that verify call tokens (RFC 7517). Internal services
 /// pin this set; during a rotation it holds the new key and the retired one.
+/// Nodes sharing a store serve every node's live keys, as of this node's
+/// last heartbeat (`service::HEARTBEAT`).
 #[utoipa::path(get, path = "/.well-known/jwks.json",
     responses((status = 200, description = "a JWK set", content_type = "application/json", body = Object),
         (status = 404, body = ErrorBody, description = "this host signs no call tokens")))]

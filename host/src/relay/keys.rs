@@ -12,6 +12,11 @@
 //! An operator may supply the key instead (`tokens.signing_key`); the host
 //! then never writes keys, and rotation is the operator's (replace the file
 //! and restart).
+//!
+//! Nodes sharing one store publish their public keys there
+//! (`store::keys`); the ring holds the other nodes' live keys as last read
+//! from the store ([`KeyRing::set_peers`], at every heartbeat of
+//! `service::nodes`), and its JWKS is its own keys and theirs.
 
 use std::io::Write as _;
 use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
@@ -57,6 +62,36 @@ pub struct KeyInfo {
     /// Unix seconds at which a retired key leaves the JWKS.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retired_until: Option<u64>,
+    /// For a key of another node sharing the store: that node's id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+}
+
+/// One of this node's public keys, to publish.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OwnKey {
+    /// Key id (JWK thumbprint).
+    pub kid: String,
+    /// Public key, base64url.
+    pub x: String,
+    /// `None` for the active key; for a retired one, the Unix second it
+    /// leaves the JWKS.
+    pub retired_until: Option<u64>,
+}
+
+/// A public key another node published.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PeerKey {
+    /// Key id; must be the thumbprint of `x`.
+    pub kid: String,
+    /// Public key, base64url.
+    pub x: String,
+    /// Whether it signs new tokens on its node.
+    pub active: bool,
+    /// Unix seconds at which it leaves the JWKS.
+    pub until: u64,
+    /// The node that published it.
+    pub node: String,
 }
 
 struct Active {
@@ -88,6 +123,15 @@ struct Ring {
     retired: Vec<Retired>,
 }
 
+/// Another node's key, checked: its id is the thumbprint of its public key.
+struct Peer {
+    kid: String,
+    public: [u8; 32],
+    active: bool,
+    until: u64,
+    node: String,
+}
+
 /// The signing keys. Cheap to read concurrently; rotation takes a write
 /// lock for a moment.
 pub struct KeyRing {
@@ -95,6 +139,8 @@ pub struct KeyRing {
     dir: Option<PathBuf>,
     grace: Duration,
     ring: RwLock<Ring>,
+    /// Other nodes' live keys, as last read from the store.
+    peers: RwLock<Vec<Peer>>,
 }
 
 impl std::fmt::Debug for KeyRing {
@@ -149,6 +195,12 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> KeyError + '_ {
         path: path.to_owned(),
         source,
     }
+}
+
+/// An Ed25519 public key from base64url.
+fn decode_public(x: &str) -> Option<[u8; 32]> {
+    let bytes = URL_SAFE_NO_PAD.decode(x).ok()?;
+    <[u8; 32]>::try_from(bytes.as_slice()).ok()
 }
 
 /// Reads a PKCS#8 PEM Ed25519 key, refusing a file others may read.
@@ -232,6 +284,7 @@ impl KeyRing {
             dir: Some(dir.to_owned()),
             grace,
             ring: RwLock::new(Ring { active, retired }),
+            peers: RwLock::default(),
         })
     }
 
@@ -248,6 +301,7 @@ impl KeyRing {
                 active: active_from(&key)?,
                 retired: Vec::new(),
             }),
+            peers: RwLock::default(),
         })
     }
 
@@ -261,6 +315,7 @@ impl KeyRing {
                 active: active_from(&generate()).expect("a fresh key encodes"),
                 retired: Vec::new(),
             }),
+            peers: RwLock::default(),
         }
     }
 
@@ -305,23 +360,35 @@ impl KeyRing {
         self.read().active.kid.clone()
     }
 
-    /// The published keys: the active one and retired ones within their
-    /// grace.
+    fn read_peers(&self) -> std::sync::RwLockReadGuard<'_, Vec<Peer>> {
+        self.peers.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The published keys: the active one, retired ones within their
+    /// grace, and the live keys of the other nodes sharing the store (as
+    /// last read from it).
     pub fn jwks(&self) -> JwkSet {
         let ring = self.read();
         let t = now();
         let mut keys = vec![ed25519_jwk(&ring.active.kid, &ring.active.public)];
         for r in ring.retired.iter().filter(|r| r.until > t) {
-            if let Ok(bytes) = URL_SAFE_NO_PAD.decode(&r.x)
-                && let Ok(public) = <[u8; 32]>::try_from(bytes.as_slice())
-            {
+            if let Some(public) = decode_public(&r.x) {
                 keys.push(ed25519_jwk(&r.kid, &public));
+            }
+        }
+        let own = keys.len();
+        for p in self.read_peers().iter().filter(|p| p.until > t) {
+            if !keys[..own]
+                .iter()
+                .any(|k| k.common.key_id.as_deref() == Some(p.kid.as_str()))
+            {
+                keys.push(ed25519_jwk(&p.kid, &p.public));
             }
         }
         JwkSet { keys }
     }
 
-    /// Every published key.
+    /// Every published key: this node's, then the other nodes'.
     pub fn list(&self) -> Vec<KeyInfo> {
         let ring = self.read();
         let t = now();
@@ -329,6 +396,7 @@ impl KeyRing {
             kid: ring.active.kid.clone(),
             active: true,
             retired_until: None,
+            node: None,
         }];
         v.extend(
             ring.retired
@@ -338,9 +406,66 @@ impl KeyRing {
                     kid: r.kid.clone(),
                     active: false,
                     retired_until: Some(r.until),
+                    node: None,
                 }),
         );
+        let own = v.len();
+        for p in self.read_peers().iter().filter(|p| p.until > t) {
+            if !v[..own].iter().any(|k| k.kid == p.kid) {
+                v.push(KeyInfo {
+                    kid: p.kid.clone(),
+                    active: p.active,
+                    retired_until: (!p.active).then_some(p.until),
+                    node: Some(p.node.clone()),
+                });
+            }
+        }
         v
+    }
+
+    /// This node's public keys, to publish: the active one and the retired
+    /// ones within their grace.
+    pub fn own_keys(&self) -> Vec<OwnKey> {
+        let ring = self.read();
+        let t = now();
+        let mut v = vec![OwnKey {
+            kid: ring.active.kid.clone(),
+            x: URL_SAFE_NO_PAD.encode(ring.active.public),
+            retired_until: None,
+        }];
+        v.extend(ring.retired.iter().filter(|r| r.until > t).map(|r| OwnKey {
+            kid: r.kid.clone(),
+            x: r.x.clone(),
+            retired_until: Some(r.until),
+        }));
+        v
+    }
+
+    /// Replaces the other nodes' keys with `keys` (this node's own among
+    /// them are left out: the ring knows them better). A key whose id is
+    /// not the thumbprint of its public key is skipped with a warning: a
+    /// corrupt row is never served.
+    pub fn set_peers(&self, keys: impl IntoIterator<Item = PeerKey>) {
+        let own: Vec<String> = self.own_keys().into_iter().map(|k| k.kid).collect();
+        let mut peers = Vec::new();
+        for k in keys {
+            if own.contains(&k.kid) {
+                continue;
+            }
+            match decode_public(&k.x) {
+                Some(public) if thumbprint(&public) == k.kid => peers.push(Peer {
+                    kid: k.kid,
+                    public,
+                    active: k.active,
+                    until: k.until,
+                    node: k.node,
+                }),
+                _ => {
+                    tracing::warn!(kid = %k.kid, node = %k.node, "a published key does not match its id: not served");
+                }
+            }
+        }
+        *self.peers.write().unwrap_or_else(|e| e.into_inner()) = peers;
     }
 
     /// Generates a new active key. The old one stops signing at once, its
@@ -387,6 +512,7 @@ impl KeyRing {
             kid: next.kid.clone(),
             active: true,
             retired_until: None,
+            node: None,
         };
         *ring = Ring {
             active: next,
@@ -461,6 +587,7 @@ mod tests {
                 active,
                 retired: Vec::new(),
             }),
+            peers: RwLock::default(),
         };
         let der = key.to_pkcs8_der().unwrap();
         let reference = jsonwebtoken::encode(
@@ -504,6 +631,48 @@ mod tests {
         assert!(verifier(&ring0.jwks()).verify(&token0).is_err());
         let reopened = KeyRing::open(&dir0, Duration::ZERO).unwrap();
         assert_eq!(reopened.list().len(), 1);
+    }
+
+    #[test]
+    fn another_nodes_keys_are_served_and_a_key_not_matching_its_id_is_not() {
+        let a = KeyRing::ephemeral();
+        let b = KeyRing::ephemeral();
+        let token = b.mint(&claims()).unwrap();
+        assert!(verifier(&a.jwks()).verify(&token).is_err());
+        let peer = |ring: &KeyRing, until: u64| {
+            let k = ring.own_keys().remove(0);
+            PeerKey {
+                kid: k.kid,
+                x: k.x,
+                active: true,
+                until,
+                node: "b-1".into(),
+            }
+        };
+        let forged = PeerKey {
+            kid: a.active_kid(),
+            ..peer(&b, now() + 60)
+        };
+        let mismatched = PeerKey {
+            kid: "not-its-thumbprint".into(),
+            ..peer(&b, now() + 60)
+        };
+        a.set_peers([
+            peer(&b, now() + 60),
+            peer(&a, now() + 60),
+            forged,
+            mismatched,
+        ]);
+        let jwks = a.jwks();
+        assert_eq!(jwks.keys.len(), 2, "its own key once, and b's");
+        verifier(&jwks).verify(&token).unwrap();
+        verifier(&jwks).verify(&a.mint(&claims()).unwrap()).unwrap();
+        let listed = a.list();
+        assert_eq!(listed.len(), 2);
+        assert_eq!(listed[1].node.as_deref(), Some("b-1"));
+        // A key past its time is not served, whatever the store said.
+        a.set_peers([peer(&b, now() - 1)]);
+        assert!(verifier(&a.jwks()).verify(&token).is_err());
     }
 
     #[test]

@@ -259,8 +259,11 @@ pub async fn serve(
     };
     let public_edge = edge(crate::api::app(state.clone()), public_limits);
     let admin_edge = edge(crate::api::admin_app(state.clone()), admin_limits);
-    public.local_addr()?;
-    admin.local_addr()?;
+    let addresses = [public.local_addr()?, admin.local_addr()?];
+    // This node's heartbeat in the registry of nodes sharing the store.
+    let heartbeat = tokio::spawn(
+        Arc::clone(&state.service).heartbeat(addresses.iter().map(ToString::to_string).collect()),
+    );
 
     let (stop_tx, stop) = watch::channel(false);
     let (force_tx, force) = watch::channel(false);
@@ -270,6 +273,7 @@ pub async fn serve(
     let flusher = tokio::spawn(flush_denials(state.clone(), Arc::clone(&denials), stop));
 
     shutdown.await;
+    heartbeat.abort();
     let _ = stop_tx.send(true);
     let all_closed = async { while listeners.join_next().await.is_some() {} };
     if tokio::time::timeout(CLOSE_MARGIN, all_closed)

@@ -18,11 +18,13 @@
 
 mod admit;
 mod layout;
+mod nodes;
 mod run;
 pub mod scheduler;
 
 pub use admit::{Accepted, MAX_IDEMPOTENCY_KEY, Submission, check_idempotency_key};
 pub use layout::ORPHAN_AGE;
+pub use nodes::{HEARTBEAT, NodeInfo, STALE_AFTER};
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::Write;

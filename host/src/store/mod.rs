@@ -14,6 +14,7 @@
 //! (`pg_server`, public for the multi-node tests of other crates, not part
 //! of the API).
 
+pub mod keys;
 #[doc(hidden)]
 pub mod pg_server;
 mod postgres;
@@ -29,6 +30,7 @@ use serde::{Deserialize, Serialize};
 use crate::auth::TokenRecord;
 use crate::job::{JobReport, LimitKind};
 
+pub use keys::{KeyDirectory, NodeRecord, PublishedKey};
 pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
 
@@ -413,7 +415,7 @@ pub enum DeleteOutcome {
 
 /// Persistence for the service.
 #[async_trait]
-pub trait JobStore: Send + Sync + std::fmt::Debug {
+pub trait JobStore: KeyDirectory + Send + Sync + std::fmt::Debug {
     /// Stores a new token.
     async fn insert_token(&self, token: &TokenRecord) -> Result<(), StoreError>;
     /// Finds a token by the hash of its secret.

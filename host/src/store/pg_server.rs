@@ -9,6 +9,9 @@
 //! Run as root, `initdb` and the server run as the `postgres` system user
 //! (both refuse root), which then owns the temporary directory.
 //!
+//! A test that takes the database away starts a server of its own
+//! ([`PgServer::start_own`]), which it can stop and start again.
+//!
 //! Without the binaries the PostgreSQL half of the suite is skipped with a
 //! message, except where `CI` is set: there a missing server is a failure.
 
@@ -38,16 +41,7 @@ struct Server {
 
 impl Drop for Server {
     fn drop(&mut self) {
-        // SIGQUIT: immediate shutdown, nothing worth keeping.
-        if let Some(pid) = rustix::process::Pid::from_raw(self.postmaster.id() as i32) {
-            let _ = rustix::process::kill_process(pid, rustix::process::Signal::QUIT);
-        }
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while matches!(self.postmaster.try_wait(), Ok(None)) && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.postmaster.kill();
-        let _ = self.postmaster.wait();
+        stop(&mut self.postmaster);
     }
 }
 
@@ -139,7 +133,12 @@ fn free_port() -> Result<u16, String> {
     Ok(listener.local_addr().map_err(|e| e.to_string())?.port())
 }
 
-fn start() -> Result<Endpoint, String> {
+/// The uid and gid the server runs as, when the tests run as root.
+type Owner = Option<(u32, u32)>;
+
+/// A new cluster in a temporary directory: the binaries, the user the
+/// server runs as, and the directory (`data/`, `sock/`).
+fn init() -> Result<(PathBuf, Owner, tempfile::TempDir), String> {
     let bin = find_bin()?;
     let owner = rustix::process::getuid()
         .is_root()
@@ -171,14 +170,23 @@ fn start() -> Result<Endpoint, String> {
             String::from_utf8_lossy(&out.stderr)
         ));
     }
-    let port = free_port()?;
-    let log = std::fs::File::create(dir.path().join("server.log")).map_err(|e| e.to_string())?;
+    Ok((bin, owner, dir))
+}
+
+/// Starts the server of the cluster in `dir` on `port` and waits until it
+/// accepts connections.
+fn launch(bin: &Path, owner: Option<(u32, u32)>, dir: &Path, port: u16) -> Result<Child, String> {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("server.log"))
+        .map_err(|e| e.to_string())?;
     let log_err = log.try_clone().map_err(|e| e.to_string())?;
-    let mut cmd = command(&bin, "postgres", owner, dir.path());
+    let mut cmd = command(bin, "postgres", owner, dir);
     cmd.arg("-D")
-        .arg(&data)
+        .arg(dir.join("data"))
         .args(["-p", &port.to_string(), "-k"])
-        .arg(&sockets)
+        .arg(dir.join("sock"))
         .args(["-c", "listen_addresses=127.0.0.1"])
         .args(["-c", "fsync=off", "-c", "synchronous_commit=off"])
         .args(["-c", "full_page_writes=off", "-c", "max_connections=300"])
@@ -209,31 +217,28 @@ fn start() -> Result<Endpoint, String> {
             }
         })
         .map_err(|e| e.to_string())?;
-    let postmaster = rx
+    let mut postmaster = rx
         .recv()
         .map_err(|e| e.to_string())?
         .map_err(|e| format!("cannot start postgres: {e}"))?;
-    let mut server = Server {
-        postmaster,
-        _dir: dir,
-    };
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let ready = command(&bin, "pg_isready", owner, server._dir.path())
+        let ready = command(bin, "pg_isready", owner, dir)
             .args(["-q", "-h", "127.0.0.1", "-p", &port.to_string()])
             .status()
             .is_ok_and(|s| s.success());
         if ready {
-            break;
+            return Ok(postmaster);
         }
-        let log = || std::fs::read_to_string(server._dir.path().join("server.log"));
-        if let Ok(Some(status)) = server.postmaster.try_wait() {
+        let log = || std::fs::read_to_string(dir.join("server.log"));
+        if let Ok(Some(status)) = postmaster.try_wait() {
             return Err(format!(
                 "postgres exited ({status}): {}",
                 log().unwrap_or_default()
             ));
         }
         if Instant::now() > deadline {
+            stop(&mut postmaster);
             return Err(format!(
                 "postgres not ready after 60 s: {}",
                 log().unwrap_or_default()
@@ -241,12 +246,158 @@ fn start() -> Result<Endpoint, String> {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    *SERVER.lock().unwrap_or_else(|e| e.into_inner()) = Some(server);
+}
+
+/// Stops a server at once (SIGQUIT: immediate shutdown, nothing worth
+/// keeping), killing it if it lingers.
+fn stop(postmaster: &mut Child) {
+    if let Some(pid) = rustix::process::Pid::from_raw(postmaster.id() as i32) {
+        let _ = rustix::process::kill_process(pid, rustix::process::Signal::QUIT);
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while matches!(postmaster.try_wait(), Ok(None)) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = postmaster.kill();
+    let _ = postmaster.wait();
+}
+
+fn start() -> Result<Endpoint, String> {
+    let (bin, owner, dir) = init()?;
+    let port = free_port()?;
+    let postmaster = launch(&bin, owner, dir.path(), port)?;
+    *SERVER.lock().unwrap_or_else(|e| e.into_inner()) = Some(Server {
+        postmaster,
+        _dir: dir,
+    });
     // SAFETY: registers a plain function with no arguments.
     unsafe {
         libc::atexit(stop_at_exit);
     }
     Ok(Endpoint { port })
+}
+
+/// Whether there is no PostgreSQL to test against and that is allowed
+/// (outside CI): said once on stderr.
+fn skip(why: &str) -> bool {
+    if why.starts_with("no PostgreSQL") && std::env::var_os("CI").is_none() {
+        // Once, and past the harness's capture of passing tests'
+        // output, so a developer sees what was not tested.
+        static SAID: std::sync::Once = std::sync::Once::new();
+        SAID.call_once(|| {
+            use std::io::Write as _;
+            let _ = writeln!(
+                std::io::stderr(),
+                "warning: the PostgreSQL store tests pass without running: {why} (with CI set, this fails)"
+            );
+        });
+        true
+    } else {
+        false
+    }
+}
+
+/// Creates a new database on the server on `port`; returns its URL.
+async fn create_database(port: u16) -> String {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let name = format!("t{}", NEXT.fetch_add(1, Ordering::SeqCst));
+    let admin = format!("postgres://postgres@127.0.0.1:{port}/postgres");
+    use sqlx::Connection as _;
+    let mut conn = sqlx::PgConnection::connect(&admin)
+        .await
+        .unwrap_or_else(|e| panic!("connect to the test server: {e}"));
+    sqlx::query(&format!("CREATE DATABASE {name}"))
+        .execute(&mut conn)
+        .await
+        .unwrap_or_else(|e| panic!("create database {name}: {e}"));
+    let _ = conn.close().await;
+    format!("postgres://postgres@127.0.0.1:{port}/{name}")
+}
+
+/// A PostgreSQL server of one test's own (not the shared one), for tests
+/// that take the database away: [`PgServer::stop`] and [`PgServer::start`]
+/// stop it at once and start it again on the same port and data. Stopped
+/// and removed when dropped (and killed by the kernel if the test process
+/// dies first).
+pub struct PgServer {
+    bin: PathBuf,
+    owner: Option<(u32, u32)>,
+    port: u16,
+    postmaster: Option<Child>,
+    // Removed after the server has stopped (fields drop after `drop`).
+    dir: tempfile::TempDir,
+}
+
+impl std::fmt::Debug for PgServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgServer")
+            .field("port", &self.port)
+            .field("running", &self.postmaster.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for PgServer {
+    fn drop(&mut self) {
+        if let Some(mut postmaster) = self.postmaster.take() {
+            stop(&mut postmaster);
+        }
+    }
+}
+
+impl PgServer {
+    /// A new server of its own, running; `None` when there is no
+    /// PostgreSQL to test against outside CI (as [`fresh_database`]).
+    ///
+    /// # Panics
+    /// If the server cannot be started where it should.
+    pub fn start_own() -> Option<Self> {
+        let started = init().and_then(|(bin, owner, dir)| {
+            let port = free_port()?;
+            let postmaster = launch(&bin, owner, dir.path(), port)?;
+            Ok(Self {
+                bin,
+                owner,
+                port,
+                postmaster: Some(postmaster),
+                dir,
+            })
+        });
+        match started {
+            Ok(server) => Some(server),
+            Err(why) if skip(&why) => None,
+            Err(why) => panic!("cannot start a PostgreSQL server for the tests: {why}"),
+        }
+    }
+
+    /// The URL of a new, empty database on it.
+    ///
+    /// # Panics
+    /// If the server is stopped or refuses.
+    pub async fn fresh_database(&self) -> String {
+        create_database(self.port).await
+    }
+
+    /// Stops it at once (as a crash would: connections drop, nothing is
+    /// flushed).
+    pub fn stop(&mut self) {
+        if let Some(mut postmaster) = self.postmaster.take() {
+            stop(&mut postmaster);
+        }
+    }
+
+    /// Starts it again on the same port and data, and waits until it
+    /// accepts connections.
+    ///
+    /// # Panics
+    /// If it cannot.
+    pub fn start(&mut self) {
+        if self.postmaster.is_none() {
+            let postmaster = launch(&self.bin, self.owner, self.dir.path(), self.port)
+                .unwrap_or_else(|e| panic!("cannot restart the PostgreSQL server: {e}"));
+            self.postmaster = Some(postmaster);
+        }
+    }
 }
 
 /// The URL of a new, empty database on the shared server (started by the
@@ -257,37 +408,10 @@ fn start() -> Result<Endpoint, String> {
 /// If the server cannot be started where it should: binaries present, or
 /// `CI` set.
 pub async fn fresh_database() -> Option<String> {
-    static NEXT: AtomicU32 = AtomicU32::new(0);
     let endpoint = match STARTED.get_or_init(start) {
         Ok(endpoint) => endpoint.clone(),
-        Err(why) if why.starts_with("no PostgreSQL") && std::env::var_os("CI").is_none() => {
-            // Once, and past the harness's capture of passing tests'
-            // output, so a developer sees what was not tested.
-            static SAID: std::sync::Once = std::sync::Once::new();
-            SAID.call_once(|| {
-                use std::io::Write as _;
-                let _ = writeln!(
-                    std::io::stderr(),
-                    "warning: the PostgreSQL store tests pass without running: {why} (with CI set, this fails)"
-                );
-            });
-            return None;
-        }
+        Err(why) if skip(why) => return None,
         Err(why) => panic!("cannot start a PostgreSQL server for the tests: {why}"),
     };
-    let name = format!("t{}", NEXT.fetch_add(1, Ordering::SeqCst));
-    let admin = format!("postgres://postgres@127.0.0.1:{}/postgres", endpoint.port);
-    use sqlx::Connection as _;
-    let mut conn = sqlx::PgConnection::connect(&admin)
-        .await
-        .unwrap_or_else(|e| panic!("connect to the test server: {e}"));
-    sqlx::query(&format!("CREATE DATABASE {name}"))
-        .execute(&mut conn)
-        .await
-        .unwrap_or_else(|e| panic!("create database {name}: {e}"));
-    let _ = conn.close().await;
-    Some(format!(
-        "postgres://postgres@127.0.0.1:{}/{name}",
-        endpoint.port
-    ))
+    Some(create_database(endpoint.port).await)
 }

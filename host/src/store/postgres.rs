@@ -65,7 +65,7 @@ macro_rules! token_cols {
 
 /// The PostgreSQL job store: a bounded pool of connections to one database.
 pub struct PostgresStore {
-    pool: PgPool,
+    pub(super) pool: PgPool,
     /// `host:port/database`, for logs (never the password).
     target: String,
 }

@@ -265,6 +265,7 @@ impl SqliteStore {
         writer.pragma_update(None, "synchronous", "NORMAL")?;
         writer.pragma_update(None, "wal_autocheckpoint", 0)?;
         writer.execute_batch(SCHEMA)?;
+        writer.execute_batch(super::keys::SQLITE_SCHEMA)?;
         add_audit_client_column(&writer)?;
         add_idempotency_columns(&writer)?;
         drop_audit_trigger(&writer)?;
@@ -304,7 +305,7 @@ impl SqliteStore {
     /// whose write an earlier holder already ran finds the queue empty and
     /// just waits for its result. Under concurrent load each dirty page is
     /// written to the WAL once per batch rather than once per write.
-    async fn write<T: Send + 'static>(
+    pub(super) async fn write<T: Send + 'static>(
         &self,
         f: impl FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
@@ -401,7 +402,7 @@ impl SqliteStore {
     }
 
     /// Runs `f` on a pooled read-only connection.
-    fn read<T>(
+    pub(super) fn read<T>(
         &self,
         f: impl FnOnce(&Connection) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {

@@ -70,3 +70,5 @@ mod run_calls;
 mod polyglot;
 // Three real nodes on one PostgreSQL: 2,000 jobs, one node killed, every acknowledged job finished once.
 mod cluster;
+// Several real nodes on one PostgreSQL: revocation, call-token keys, the registry, a lost database.
+mod nodes;

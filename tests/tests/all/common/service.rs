@@ -2,7 +2,8 @@
 //! the library's one `serve` on two loopback listeners ([`Server`]). As the
 //! real binary: [`ConfigFile`] writes a config, [`Served`] runs
 //! `bulkhead serve` on it and kills it with SIGKILL when dropped, and
-//! [`token`] stores a token straight into its store.
+//! [`token`] stores a token straight into its store. Several nodes on one
+//! PostgreSQL database: [`Cluster`].
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -169,10 +170,26 @@ pub struct ConfigFile<'a> {
     pub audit: &'a str,
 }
 
+/// What a node sharing a store adds to a [`ConfigFile`]: bodies of the
+/// `[storage]` (beyond the data and cache directories: `url = …`) and
+/// `[node]` tables, and whole tables appended at the end (`[tokens]`,
+/// `[[services]]`).
+#[derive(Default)]
+pub struct NodeConfig<'a> {
+    pub storage: &'a str,
+    pub node: &'a str,
+    pub tables: &'a str,
+}
+
 impl ConfigFile<'_> {
     /// Writes the config and its policies under `dir`; returns the
     /// config's path and the data directory.
     pub fn write(&self, dir: &Path) -> (PathBuf, PathBuf) {
+        self.write_with(dir, &NodeConfig::default())
+    }
+
+    /// [`ConfigFile::write`] with `node`'s additions.
+    pub fn write_with(&self, dir: &Path, node: &NodeConfig) -> (PathBuf, PathBuf) {
         let data = dir.join("data");
         let policies = dir.join("policies");
         std::fs::create_dir_all(&policies).unwrap();
@@ -183,14 +200,17 @@ impl ConfigFile<'_> {
         std::fs::write(
             &config,
             format!(
-                "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n{}\n[storage]\ndata_dir = \"{}\"\ncache_dir = \"{}\"\n[modules]\npolicies_dir = \"{}\"\nmodules_dir = \"{}\"\n[queue]\n{}\n[audit]\n{}\n",
+                "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n{}\n[storage]\ndata_dir = \"{}\"\ncache_dir = \"{}\"\n{}\n[modules]\npolicies_dir = \"{}\"\nmodules_dir = \"{}\"\n[queue]\n{}\n[audit]\n{}\n[node]\n{}\n{}\n",
                 self.server,
                 data.display(),
                 service_cache().display(),
+                node.storage,
                 policies.display(),
                 bulkhead_tests::GUESTS_DIR,
                 self.queue,
                 self.audit,
+                node.node,
+                node.tables,
             ),
         )
         .unwrap();
@@ -314,4 +334,122 @@ pub fn memory_kib(pid: u32, field: &str) -> u64 {
                 .ok()
         })
         .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
+}
+
+/// Several `bulkhead serve` nodes on one PostgreSQL database, each with its
+/// own data directory and the same admin token and policies. Dropping it
+/// kills every node (SIGKILL).
+pub struct Cluster {
+    /// The nodes, in the order they started (named `node-0`, `node-1`, …).
+    pub nodes: Vec<Served>,
+    /// The database they share.
+    pub url: String,
+    /// The admin token every node accepts.
+    pub admin_token: String,
+    pub http: reqwest::Client,
+    configs: Vec<PathBuf>,
+    _dir: tempfile::TempDir,
+}
+
+impl Cluster {
+    /// Starts `n` nodes on a fresh database of the shared test server, or
+    /// `None` where there is no PostgreSQL to test against (outside CI).
+    pub async fn start(n: usize, file: &ConfigFile<'_>, tables: &str) -> Option<Self> {
+        let url = bulkhead::store::pg_server::fresh_database().await?;
+        Some(Self::start_on(url, n, file, tables))
+    }
+
+    /// Starts `n` nodes on the database at `url`; `tables` are appended to
+    /// every node's config.
+    pub fn start_on(url: String, n: usize, file: &ConfigFile<'_>, tables: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let admin_token = bulkhead::auth::mint().secret;
+        let mut configs = Vec::new();
+        let mut nodes = Vec::new();
+        for i in 0..n {
+            let node_dir = dir.path().join(format!("node-{i}"));
+            let storage = format!("url = \"{url}\"\npool_size = 8");
+            let name = format!("name = \"node-{i}\"");
+            let (config, data) = file.write_with(
+                &node_dir,
+                &NodeConfig {
+                    storage: &storage,
+                    node: &name,
+                    tables,
+                },
+            );
+            write_admin_token(&data, &admin_token);
+            // One at a time: each applies the migrations it finds missing.
+            nodes.push(Served::start(&config));
+            configs.push(config);
+        }
+        Self {
+            nodes,
+            url,
+            admin_token,
+            http: reqwest::Client::new(),
+            configs,
+            _dir: dir,
+        }
+    }
+
+    /// Node `i`'s public API base URL.
+    pub fn base(&self, i: usize) -> String {
+        self.nodes[i].base()
+    }
+
+    /// `GET path` on node `i`'s admin API.
+    pub fn admin_get(&self, i: usize, path: &str) -> reqwest::RequestBuilder {
+        self.http
+            .get(format!("http://{}{path}", self.nodes[i].admin))
+            .bearer_auth(&self.admin_token)
+    }
+
+    /// `POST path` on node `i`'s admin API.
+    pub fn admin_post(&self, i: usize, path: &str) -> reqwest::RequestBuilder {
+        self.http
+            .post(format!("http://{}{path}", self.nodes[i].admin))
+            .bearer_auth(&self.admin_token)
+    }
+
+    /// Issues a token through node `i`'s admin API; returns its secret and
+    /// id.
+    pub async fn token(&self, i: usize, tenant: &str, scopes: &[&str]) -> (String, String) {
+        let issued = json(
+            self.admin_post(i, "/admin/v1/tokens")
+                .json(&serde_json::json!({
+                    "tenant": tenant,
+                    "subject": format!("{tenant}-ci"),
+                    "scopes": scopes,
+                })),
+        )
+        .await;
+        (
+            issued["token"].as_str().unwrap().to_owned(),
+            issued["record"]["id"].as_str().unwrap().to_owned(),
+        )
+    }
+
+    /// Kills node `i` (SIGKILL) and starts it again on the same config and
+    /// data directory.
+    pub fn restart(&mut self, i: usize) {
+        // Dropping it kills it.
+        drop(self.nodes.remove(i));
+        self.nodes.insert(i, Served::start(&self.configs[i]));
+    }
+}
+
+/// Writes the admin token a node accepts into its data directory (mode
+/// 0600), before its first start.
+fn write_admin_token(data: &Path, secret: &str) {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    std::fs::create_dir_all(data).unwrap();
+    std::fs::set_permissions(data, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(data.join("admin.token"))
+        .unwrap();
+    std::io::Write::write_all(&mut f, format!("{secret}\n").as_bytes()).unwrap();
 }
