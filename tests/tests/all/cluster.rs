@@ -11,7 +11,7 @@
 //! - no tenant sees another's jobs or outputs on any node.
 
 use std::collections::{HashMap, HashSet};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -19,34 +19,12 @@ use std::time::Duration;
 use reqwest::StatusCode;
 use sqlx::Row as _;
 
-use crate::common::{self, Served};
+use crate::common::{self, Cluster, ConfigFile, Served};
 
 const TENANTS: [&str; 3] = ["acme", "globex", "initech"];
 /// Jobs of one tenant running at once, on all nodes together.
 const TENANT_CAP: i64 = 2;
 const JOBS: usize = 2_000;
-
-/// Writes node `name`'s config on `url` and returns its path.
-fn node_config(dir: &Path, name: &str, url: &str, policies: &Path) -> PathBuf {
-    let data = dir.join(name);
-    std::fs::create_dir_all(&data).unwrap();
-    let config = data.join("bulkhead.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
-             [storage]\ndata_dir = \"{data}/data\"\ncache_dir = \"{data}/cache\"\nurl = \"{url}\"\n\
-             [modules]\npolicies_dir = \"{policies}\"\nmodules_dir = \"{guests}\"\n\
-             [queue]\nworkers = 4\nmax_queued = 10000\nmax_queued_per_tenant = 10000\nmax_running_per_tenant = {TENANT_CAP}\nmax_attempts = 3\nlease = \"2 s\"\n\
-             [node]\nname = \"{name}\"\n",
-            data = data.display(),
-            policies = policies.display(),
-            guests = bulkhead_tests::GUESTS_DIR,
-        ),
-    )
-    .unwrap();
-    config
-}
 
 /// A token for `tenant` issued by `bulkhead token issue --config` of a node
 /// (so through the database the config names).
@@ -88,7 +66,11 @@ async fn submit(http: &reqwest::Client, base: &str, token: &str, body: Vec<u8>) 
         .await
         .ok()?;
     if resp.status() != StatusCode::ACCEPTED {
-        eprintln!("{base}: {} {}", resp.status(), resp.text().await.unwrap_or_default());
+        eprintln!(
+            "{base}: {} {}",
+            resp.status(),
+            resp.text().await.unwrap_or_default()
+        );
         return None;
     }
     let v: serde_json::Value = resp.json().await.ok()?;
@@ -165,25 +147,28 @@ fn signal(node: &Served, sig: i32) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn three_nodes_run_every_acknowledged_job_once_when_one_is_killed() {
-    let Some(url) = bulkhead::store::pg_server::fresh_database().await else {
+    let queue = format!(
+        "workers = 4\nmax_queued = 10000\nmax_queued_per_tenant = 10000\n\
+         max_running_per_tenant = {TENANT_CAP}\nmax_attempts = 3\nlease = \"2 s\""
+    );
+    let file = ConfigFile {
+        policies: vec![
+            common::policy(bulkhead_tests::P1_FILES, "p1-files")
+                .scopes(&["p1-files:run"])
+                .args(&["--nap-ms=30"]),
+        ],
+        queue: &queue,
+        ..ConfigFile::default()
+    };
+    let Some(mut cluster) = Cluster::start(3, &file, "").await else {
         return;
     };
-    let dir = tempfile::tempdir().unwrap();
-    let policies = dir.path().join("policies");
-    common::policy(bulkhead_tests::P1_FILES, "copy")
-        .scopes(&["copy:run"])
-        .args(&["--nap-ms=30"])
-        .write_to(&policies);
-    let configs: Vec<PathBuf> = ["node-a", "node-b", "node-c"]
-        .iter()
-        .map(|n| node_config(dir.path(), n, &url, &policies))
-        .collect();
-    let mut nodes: Vec<Served> = configs.iter().map(|c| Served::start(c)).collect();
-    let bases: Vec<String> = nodes.iter().map(Served::base).collect();
+    let url = cluster.url.clone();
+    let bases: Vec<String> = (0..3).map(|i| cluster.base(i)).collect();
     let tokens: HashMap<&'static str, String> = TENANTS
         .iter()
         .enumerate()
-        .map(|(i, t)| (*t, issue(&configs[i], t)))
+        .map(|(i, t)| (*t, issue(cluster.config(i), t)))
         .collect();
     let db = sqlx::postgres::PgPoolOptions::new()
         .max_connections(2)
@@ -206,22 +191,21 @@ async fn three_nodes_run_every_acknowledged_job_once_when_one_is_killed() {
         "every submission to a live node is acknowledged"
     );
 
-    // Node C is frozen while it holds running jobs (so none of them can
+    // Node 2 is frozen while it holds running jobs (so none of them can
     // finish between looking and killing), then killed.
     let mut held = Vec::new();
     for _ in 0..200 {
-        signal(&nodes[2], libc::SIGSTOP);
-        held = running_on(&db, "node-c").await;
+        signal(&cluster.nodes[2], libc::SIGSTOP);
+        held = running_on(&db, "node-2").await;
         if !held.is_empty() {
             break;
         }
-        signal(&nodes[2], libc::SIGCONT);
+        signal(&cluster.nodes[2], libc::SIGCONT);
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert!(!held.is_empty(), "node C never held a running job");
-    signal(&nodes[2], libc::SIGKILL);
-    let killed = nodes.pop().unwrap();
-    drop(killed);
+    assert!(!held.is_empty(), "node 2 never held a running job");
+    signal(&cluster.nodes[2], libc::SIGKILL);
+    drop(cluster.nodes.pop());
 
     // Second half over the survivors.
     acked.extend(submit_all(&http, &bases[..2], &tokens, JOBS / 2..JOBS).await);
@@ -249,7 +233,7 @@ async fn three_nodes_run_every_acknowledged_job_once_when_one_is_killed() {
     );
 
     // Exactly once: every acknowledged job succeeded and has one
-    // `job.finished` audit row; the jobs node C held were started again.
+    // `job.finished` audit row; the jobs node 2 held were started again.
     let rows = sqlx::query("SELECT id, tenant, state, attempts FROM jobs")
         .fetch_all(&db)
         .await

@@ -393,6 +393,11 @@ impl Cluster {
         }
     }
 
+    /// Node `i`'s config file.
+    pub fn config(&self, i: usize) -> &Path {
+        &self.configs[i]
+    }
+
     /// Node `i`'s public API base URL.
     pub fn base(&self, i: usize) -> String {
         self.nodes[i].base()
