@@ -68,3 +68,5 @@ mod authors;
 mod run_calls;
 // The Python and JavaScript examples built from source (componentize-py, componentize-js) and run by `bulkhead run`.
 mod polyglot;
+// Shared blobs: two services on one PostgreSQL database run and serve each other's jobs.
+mod blobs;
