@@ -146,6 +146,14 @@ pub trait BlobStore: Send + Sync + std::fmt::Debug {
     /// Removes every blob of `job`.
     async fn remove_job(&self, job: &str) -> Result<(), BlobError>;
 
+    /// Whether every node sharing the job store sees these blobs (then a
+    /// node's `<data>/jobs` holds only outputs on their way in, and any
+    /// entry there no worker of the node holds, once old enough, is a
+    /// leftover, whether or not its job has a row).
+    fn is_shared(&self) -> bool {
+        false
+    }
+
     /// Removes blobs no job row of `store` points to that are at least
     /// `min_age` old (a submission puts its inputs before its row, an inline
     /// job its outputs); returns how many jobs' blobs went. The local

@@ -183,6 +183,10 @@ async fn lock_job(tx: &mut sqlx::PgConnection, job: &str) -> Result<(), sqlx::Er
 
 #[async_trait]
 impl BlobStore for PgBlobs {
+    fn is_shared(&self) -> bool {
+        true
+    }
+
     async fn put_inputs(
         &self,
         job: &str,

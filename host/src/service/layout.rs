@@ -174,10 +174,11 @@ impl Service {
             .ok_or_else(|| ServiceError::NoOutput(name.to_owned()))
     }
 
-    /// Removes entries of the jobs directory that no job row points to and
-    /// that have not changed for `min_age` (a submission writes its inputs
-    /// before its row; an inline job its outputs), and blobs in a shared
-    /// store no row points to (never younger than [`ORPHAN_AGE`] there:
+    /// Removes entries of the jobs directory that no job row points to (with
+    /// a shared blob store: that no worker here holds) and that have not
+    /// changed for `min_age` (a submission writes its inputs before its
+    /// row; an inline job its outputs), and blobs in a shared store no row
+    /// points to (never younger than [`ORPHAN_AGE`] there:
     /// another node may be between writing a job's inputs and its row).
     /// Returns how many.
     pub async fn remove_orphans(&self, min_age: Duration) -> usize {
@@ -208,12 +209,21 @@ impl Service {
                 continue;
             }
             let id = entry.file_name().to_string_lossy().into_owned();
-            match self.store.job_exists(&id).await {
-                Ok(true) => continue,
-                Ok(false) => {}
-                Err(e) => {
-                    tracing::error!(error = %e, "orphan sweep failed");
-                    return removed;
+            if self.blobs.is_shared() {
+                // Outputs on their way into the shared store: a job's row
+                // says nothing of this node's copy (a crash may have left
+                // it, and the job re-run elsewhere).
+                if self.is_held(&id) {
+                    continue;
+                }
+            } else {
+                match self.store.job_exists(&id).await {
+                    Ok(true) => continue,
+                    Ok(false) => {}
+                    Err(e) => {
+                        tracing::error!(error = %e, "orphan sweep failed");
+                        return removed;
+                    }
                 }
             }
             match crate::blob::remove_local(&entry.path()) {

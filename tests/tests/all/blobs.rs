@@ -7,6 +7,7 @@
 //! disk, so every download came from the database.
 
 use std::path::Path;
+use std::time::Duration;
 
 use reqwest::StatusCode;
 use serde_json::Value;
@@ -103,6 +104,16 @@ async fn a_job_submitted_on_one_node_runs_on_another_and_downloads_from_both() {
     // No node holds a job file: every byte above came from the database.
     assert!(local_job_files(&a_data).is_empty(), "{a_data:?}");
     assert!(local_job_files(&b_data).is_empty(), "{b_data:?}");
+
+    // A copy a crash left on its way into the database is a leftover
+    // though its job has a row (it may have been re-run on another node);
+    // the sweep removes it, and the shared outputs stay.
+    let left = a_data.join("jobs").join(&id).join("outputs");
+    std::fs::create_dir_all(&left).unwrap();
+    std::fs::write(left.join(&name), b"half of an earlier attempt").unwrap();
+    assert_eq!(a.service.remove_orphans(Duration::ZERO).await, 1);
+    assert!(local_job_files(&a_data).is_empty(), "{a_data:?}");
+    assert_eq!(b.output(&token, &id, &name).await, from_a);
 
     // Another tenant sees neither job's outputs on either node.
     let other = b.token("other", &["thumbnail:run"]).await;
