@@ -125,7 +125,8 @@ impl BlobStore for FsBlobs {
         Ok(())
     }
 
-    async fn remove_outputs(&self, job: &str) -> Result<(), BlobError> {
+    async fn remove_outputs(&self, job: &str, _attempt: u32) -> Result<(), BlobError> {
+        // One node's attempts never overlap: the copy is this attempt's.
         Ok(remove_local(&self.job_dir(job).join("outputs"))?)
     }
 

@@ -135,8 +135,9 @@ pub trait BlobStore: Send + Sync + std::fmt::Debug {
         files: &[crate::job::OutputFile],
     ) -> Result<(), BlobError>;
 
-    /// Removes what an attempt kept of `job`'s outputs.
-    async fn remove_outputs(&self, job: &str) -> Result<(), BlobError>;
+    /// Removes what attempt `attempt` (or an earlier one) kept of `job`'s
+    /// outputs; a later attempt's stay.
+    async fn remove_outputs(&self, job: &str, attempt: u32) -> Result<(), BlobError>;
 
     /// Output `name` of `job` and its length; `None` if not kept (or not a
     /// regular file).

@@ -338,9 +338,11 @@ impl BlobStore for PgBlobs {
         Ok(())
     }
 
-    async fn remove_outputs(&self, job: &str) -> Result<(), BlobError> {
-        sqlx::query("DELETE FROM blobs WHERE job_id = $1 AND kind = 'output'")
+    async fn remove_outputs(&self, job: &str, attempt: u32) -> Result<(), BlobError> {
+        // A stale attempt failing late must not remove a later one's.
+        sqlx::query("DELETE FROM blobs WHERE job_id = $1 AND kind = 'output' AND attempt <= $2")
             .bind(job)
+            .bind(i32::try_from(attempt).unwrap_or(i32::MAX))
             .execute(&self.pool)
             .await?;
         Ok(())

@@ -93,12 +93,14 @@ impl Service {
         }
     }
 
-    /// Removes what an unfinished attempt kept of a job's outputs.
-    pub(super) async fn remove_outputs(&self, id: &str) {
+    /// Removes what `record`'s unfinished attempt kept of its outputs (not
+    /// a later attempt's, run elsewhere).
+    pub(super) async fn remove_outputs(&self, record: &JobRecord) {
+        let id = &record.id;
         if let Err(e) = crate::blob::remove_local(&self.job_dir(id).join("outputs")) {
             tracing::warn!(job = id, error = %e, "cannot remove a failed attempt's outputs");
         }
-        if let Err(e) = self.blobs.remove_outputs(id).await {
+        if let Err(e) = self.blobs.remove_outputs(id, record.attempts).await {
             tracing::warn!(job = id, error = %e, "cannot remove a failed attempt's outputs");
         }
     }

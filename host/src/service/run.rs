@@ -213,7 +213,7 @@ impl Service {
         claim: &Claimed,
         e: ServiceError,
     ) -> Ran {
-        self.remove_outputs(&record.id).await;
+        self.remove_outputs(&record).await;
         let max_attempts = self.config.queue.max_attempts;
         // Some failures lose their error number on the way up (a message
         // only): a data directory out of space says what it was.
