@@ -329,6 +329,41 @@ mod tests {
         );
     }
 
+    fn chunks(parts: &[&'static [u8]]) -> crate::blob::OutputReader {
+        let parts: Vec<std::io::Result<Bytes>> =
+            parts.iter().map(|p| Ok(Bytes::from_static(p))).collect();
+        crate::blob::OutputReader::Chunks(Box::pin(futures_util::stream::iter(parts)))
+    }
+
+    #[tokio::test]
+    async fn a_chunked_body_is_exactly_its_length_or_an_error() {
+        use http_body_util::BodyExt as _;
+        let downloads = Downloads::new(4);
+        let body = FileBody::new(
+            chunks(&[b"abc", b"", b"defg"]),
+            7,
+            downloads.acquire("t").unwrap(),
+        );
+        assert_eq!(http_body::Body::size_hint(&body).exact(), Some(7));
+        // An empty chunk in the middle ends it early: the body says so.
+        assert!(body.collect().await.is_err());
+        let body = FileBody::new(
+            chunks(&[b"abc", b"defg"]),
+            7,
+            downloads.acquire("t").unwrap(),
+        );
+        assert_eq!(&body.collect().await.unwrap().to_bytes()[..], b"abcdefg");
+        let short = FileBody::new(chunks(&[b"abc"]), 7, downloads.acquire("t").unwrap());
+        assert!(short.collect().await.is_err(), "a blob that ends early");
+        let long = FileBody::new(
+            chunks(&[b"abc", b"defgh"]),
+            7,
+            downloads.acquire("t").unwrap(),
+        );
+        assert!(long.collect().await.is_err(), "a blob longer than stored");
+        assert_eq!(downloads.running("t"), 0, "every permit is given back");
+    }
+
     #[test]
     fn permits_bound_each_tenant_and_free_on_drop() {
         let downloads = Downloads::new(2);
