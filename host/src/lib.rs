@@ -24,6 +24,7 @@
 
 pub mod api;
 pub mod auth;
+pub mod blob;
 pub mod config;
 pub mod job;
 pub mod policy;

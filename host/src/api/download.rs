@@ -1,9 +1,10 @@
-//! Output downloads: streamed from the file in fixed-size chunks, a bound
-//! on each tenant's concurrent downloads, and the header and URL forms of an
-//! output's name.
+//! Output downloads: streamed from the file in fixed-size chunks (or from
+//! the shared blob store chunk by chunk), a bound on each tenant's
+//! concurrent downloads, and the header and URL forms of an output's name.
 //!
-//! A download holds one [`CHUNK`]-sized buffer and the connection's write
-//! buffer, whatever the file's size: the body is read only as the client
+//! A download holds one [`CHUNK`]-sized buffer (one blob chunk of at most
+//! [`crate::blob::PG_CHUNK`] from the shared store) and the connection's
+//! write buffer, whatever the output's size: the body is read only as the client
 //! takes it, so a slow reader costs the service almost nothing but its
 //! [`DownloadPermit`]. Names come from untrusted guests: they reach a header
 //! only as a sanitized ASCII fallback and an RFC 5987 percent-encoded form,
@@ -100,27 +101,54 @@ impl Drop for DownloadPermit {
     }
 }
 
-/// A response body read from a file [`CHUNK`] bytes at a time, exactly
-/// `len` bytes long (a file that shrinks meanwhile ends the body with an
-/// error, which aborts the connection rather than sending a short body).
-#[derive(Debug)]
+/// A response body exactly `len` bytes long, read as the client takes it:
+/// from a file [`CHUNK`] bytes at a time, or from a blob store's chunk
+/// stream one chunk at a time. A source that ends early or runs long (a
+/// file that shrinks meanwhile, a blob removed under the download) ends the
+/// body with an error, which aborts the connection rather than sending a
+/// short or long body.
 pub struct FileBody {
-    file: tokio::fs::File,
+    source: Source,
     left: u64,
-    buf: Box<[u8]>,
     _permit: DownloadPermit,
 }
 
+enum Source {
+    File {
+        file: tokio::fs::File,
+        buf: Box<[u8]>,
+    },
+    Chunks(crate::blob::ChunkStream),
+}
+
+impl std::fmt::Debug for FileBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FileBody")
+            .field("left", &self.left)
+            .finish_non_exhaustive()
+    }
+}
+
 impl FileBody {
-    /// Streams `len` bytes of `file`, holding `permit` until done.
-    pub fn new(file: std::fs::File, len: u64, permit: DownloadPermit) -> Self {
+    /// Streams `len` bytes of `output`, holding `permit` until done.
+    pub fn new(output: crate::blob::OutputReader, len: u64, permit: DownloadPermit) -> Self {
+        let source = match output {
+            crate::blob::OutputReader::File(file) => Source::File {
+                file: tokio::fs::File::from_std(file),
+                buf: vec![0; CHUNK].into_boxed_slice(),
+            },
+            crate::blob::OutputReader::Chunks(chunks) => Source::Chunks(chunks),
+        };
         Self {
-            file: tokio::fs::File::from_std(file),
+            source,
             left: len,
-            buf: vec![0; CHUNK].into_boxed_slice(),
             _permit: permit,
         }
     }
+}
+
+fn cut_short(message: &'static str) -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::UnexpectedEof, message)
 }
 
 impl http_body::Body for FileBody {
@@ -135,19 +163,28 @@ impl http_body::Body for FileBody {
         if this.left == 0 {
             return Poll::Ready(None);
         }
-        let want = usize::try_from(this.left).map_or(CHUNK, |left| left.min(CHUNK));
-        let mut read = ReadBuf::new(&mut this.buf[..want]);
-        ready!(Pin::new(&mut this.file).poll_read(cx, &mut read))?;
-        let filled = read.filled();
-        if filled.is_empty() {
+        let data = match &mut this.source {
+            Source::File { file, buf } => {
+                let want = usize::try_from(this.left).map_or(CHUNK, |left| left.min(CHUNK));
+                let mut read = ReadBuf::new(&mut buf[..want]);
+                ready!(Pin::new(file).poll_read(cx, &mut read))?;
+                Bytes::copy_from_slice(read.filled())
+            }
+            Source::Chunks(chunks) => match ready!(chunks.as_mut().poll_next(cx)) {
+                Some(chunk) => chunk?,
+                None => Bytes::new(),
+            },
+        };
+        if data.is_empty() {
             this.left = 0;
-            return Poll::Ready(Some(Err(std::io::Error::new(
-                std::io::ErrorKind::UnexpectedEof,
-                "output file shrank while being downloaded",
-            ))));
+            return Poll::Ready(Some(Err(cut_short("output shrank while being downloaded"))));
         }
-        this.left -= filled.len() as u64;
-        Poll::Ready(Some(Ok(Frame::data(Bytes::copy_from_slice(filled)))))
+        if data.len() as u64 > this.left {
+            this.left = 0;
+            return Poll::Ready(Some(Err(cut_short("output grew while being downloaded"))));
+        }
+        this.left -= data.len() as u64;
+        Poll::Ready(Some(Ok(Frame::data(data))))
     }
 
     fn is_end_stream(&self) -> bool {
@@ -290,6 +327,41 @@ mod tests {
             output_url("j1", "d i r/a?b#c%\r\n\u{202E}.txt"),
             "/v1/jobs/j1/outputs/d%20i%20r/a%3Fb%23c%25%0D%0A%E2%80%AE.txt"
         );
+    }
+
+    fn chunks(parts: &[&'static [u8]]) -> crate::blob::OutputReader {
+        let parts: Vec<std::io::Result<Bytes>> =
+            parts.iter().map(|p| Ok(Bytes::from_static(p))).collect();
+        crate::blob::OutputReader::Chunks(Box::pin(futures_util::stream::iter(parts)))
+    }
+
+    #[tokio::test]
+    async fn a_chunked_body_is_exactly_its_length_or_an_error() {
+        use http_body_util::BodyExt as _;
+        let downloads = Downloads::new(4);
+        let body = FileBody::new(
+            chunks(&[b"abc", b"", b"defg"]),
+            7,
+            downloads.acquire("t").unwrap(),
+        );
+        assert_eq!(http_body::Body::size_hint(&body).exact(), Some(7));
+        // An empty chunk in the middle ends it early: the body says so.
+        assert!(body.collect().await.is_err());
+        let body = FileBody::new(
+            chunks(&[b"abc", b"defg"]),
+            7,
+            downloads.acquire("t").unwrap(),
+        );
+        assert_eq!(&body.collect().await.unwrap().to_bytes()[..], b"abcdefg");
+        let short = FileBody::new(chunks(&[b"abc"]), 7, downloads.acquire("t").unwrap());
+        assert!(short.collect().await.is_err(), "a blob that ends early");
+        let long = FileBody::new(
+            chunks(&[b"abc", b"defgh"]),
+            7,
+            downloads.acquire("t").unwrap(),
+        );
+        assert!(long.collect().await.is_err(), "a blob longer than stored");
+        assert_eq!(downloads.running("t"), 0, "every permit is given back");
     }
 
     #[test]

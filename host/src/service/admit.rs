@@ -227,17 +227,18 @@ impl Service {
         }
 
         self.store_inputs(&spec, sub.stdin.is_some())
+            .await
             .map_err(|e| self.noted(e))?;
         let record = new_record(who, module, &spec, sub.stdin.is_some(), now_ms());
         match (self.store.insert_job(&record, key.as_ref()).await, &key) {
             (Ok(Inserted::Existing(job, hash)), Some(key)) => {
                 // A retry with the same key raced this one and won.
-                self.remove_job_files(&record.id);
+                self.remove_job_files(&record.id).await;
                 return self.replay(*job, &hash, key, wait.is_some()).await;
             }
             (Ok(_), _) => {}
             (Err(e), _) => {
-                self.remove_job_files(&record.id);
+                self.remove_job_files(&record.id).await;
                 return Err(self.noted(e.into()));
             }
         }
@@ -254,7 +255,7 @@ impl Service {
                 .cancel_job(&record.tenant, &record.id, now_ms())
                 .await;
             let _ = self.store.delete_job(&record.tenant, &record.id).await;
-            self.remove_job_files(&record.id);
+            self.remove_job_files(&record.id).await;
             return Err(self.busy(who, module, why).await);
         }
         metrics::counter!("bulkhead_jobs_accepted_total", "module" => module_name.to_owned())

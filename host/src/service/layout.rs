@@ -1,15 +1,15 @@
-//! The on-disk layout of jobs under `<data>/jobs/<id>/`: `inputs/`
-//! (`in-<name>`, `stdin`; fsynced before a job is accepted, removed once it
-//! finishes) and `outputs/` (copied from the sandbox's job directory), and
-//! the removal of directories no job row points to.
+//! Where jobs' files are: their inputs and outputs in the service's
+//! [`BlobStore`](crate::blob::BlobStore) (files under `<data>/jobs/<id>/`
+//! by default, the shared database with `[storage] url`), outputs collected
+//! from the sandbox's job directory into `<data>/jobs/<id>/outputs/` first,
+//! and the removal of job directories and blobs no job row points to.
 
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use super::*;
-use crate::sandbox::{JobInput, JobReport, JobSpec};
+use crate::blob::{BlobError, OutputReader};
+use crate::sandbox::{JobReport, JobSpec};
 use crate::store::JobRecord;
 
 /// A job directory without a row is removed once it is this old: younger,
@@ -18,116 +18,103 @@ pub const ORPHAN_AGE: Duration = Duration::from_secs(600);
 
 impl Service {
     /// The spec of `record`'s job, read back from its stored inputs; `None`
-    /// when one of them is unreadable (the job then fails, it cannot be
+    /// when one of them is missing (the job then fails, it cannot be
     /// run as submitted).
     ///
     /// # Errors
-    /// Its stored stdin cannot be read.
-    pub(super) fn stored_spec(&self, record: &JobRecord) -> Result<Option<JobSpec>, ServiceError> {
-        let inputs_dir = self.job_dir(&record.id).join("inputs");
+    /// The blob store failed.
+    pub(super) async fn stored_spec(
+        &self,
+        record: &JobRecord,
+    ) -> Result<Option<JobSpec>, ServiceError> {
         let mut spec = JobSpec {
             id: record.id.clone(),
             params: record.params.clone(),
             ..JobSpec::default()
         };
-        for name in &record.inputs {
-            match std::fs::read(inputs_dir.join(format!("in-{name}"))) {
-                Ok(data) => spec.inputs.push(JobInput {
-                    name: name.clone(),
-                    data: data.into(),
-                }),
-                Err(e) => {
-                    tracing::error!(job = %record.id, input = %name, error = %e, "stored input unreadable");
-                    return Ok(None);
-                }
+        if record.inputs.is_empty() && !record.has_stdin {
+            return Ok(Some(spec));
+        }
+        match self
+            .blobs
+            .inputs(&record.id, &record.inputs, record.has_stdin)
+            .await
+        {
+            Ok((inputs, stdin)) => {
+                spec.inputs = inputs;
+                spec.stdin = stdin;
+                Ok(Some(spec))
             }
+            Err(e @ BlobError::MissingInput { .. }) => {
+                tracing::error!(job = %record.id, error = %e, "stored input unreadable");
+                Ok(None)
+            }
+            Err(e) => Err(e.into()),
         }
-        if record.has_stdin {
-            spec.stdin = std::fs::read(inputs_dir.join("stdin"))?.into();
-        }
-        Ok(Some(spec))
     }
 
     pub(super) fn job_dir(&self, id: &str) -> PathBuf {
         self.jobs_dir.join(id)
     }
 
-    /// Writes inputs (and stdin) under `jobs/<id>/inputs`, fsynced, so the
-    /// job can be re-run after a crash. A job without inputs writes nothing.
-    pub(super) fn store_inputs(&self, spec: &JobSpec, has_stdin: bool) -> Result<(), ServiceError> {
-        if spec.inputs.is_empty() && !has_stdin {
-            return Ok(());
-        }
-        let dir = self.job_dir(&spec.id).join("inputs");
-        crate::sandbox::create_private_dir_all(&dir)?;
-        let write = |name: &str, data: &[u8]| -> std::io::Result<()> {
-            let mut f = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(dir.join(name))?;
-            f.write_all(data)?;
-            f.sync_all()
-        };
-        let result = spec
-            .inputs
-            .iter()
-            .try_for_each(|i| write(&format!("in-{}", i.name), &i.data))
-            .and_then(|()| {
-                if has_stdin {
-                    write("stdin", &spec.stdin)
-                } else {
-                    Ok(())
-                }
-            })
-            .and_then(|()| std::fs::File::open(&dir)?.sync_all());
-        if let Err(e) = result {
-            self.remove_job_files(&spec.id);
+    /// Puts inputs (and stdin) in the blob store, durably, so the job can
+    /// be run (again) on any node sharing it. A job without inputs puts
+    /// nothing.
+    pub(super) async fn store_inputs(
+        &self,
+        spec: &JobSpec,
+        has_stdin: bool,
+    ) -> Result<(), ServiceError> {
+        let stdin = has_stdin.then_some(&spec.stdin[..]);
+        if let Err(e) = self.blobs.put_inputs(&spec.id, &spec.inputs, stdin).await {
+            self.remove_job_files(&spec.id).await;
             return Err(e.into());
         }
         Ok(())
     }
 
-    pub(super) fn remove_job_files(&self, id: &str) {
-        let dir = self.job_dir(id);
-        if dir.exists()
-            && let Err(e) = std::fs::remove_dir_all(&dir)
-        {
+    /// Removes every file and blob of job `id`.
+    pub(super) async fn remove_job_files(&self, id: &str) {
+        if let Err(e) = self.blobs.remove_job(id).await {
+            tracing::warn!(job = id, error = %e, "cannot remove job blobs");
+        }
+        if let Err(e) = crate::blob::remove_local(&self.job_dir(id)) {
             tracing::warn!(job = id, error = %e, "cannot remove job files");
         }
     }
 
     /// Removes a finished job's stored inputs: they are only needed to
     /// re-run it; the report and outputs remain.
-    pub(super) fn remove_inputs(&self, record: &JobRecord) {
-        if !record.inputs.is_empty() || record.has_stdin {
-            let _ = std::fs::remove_dir_all(self.job_dir(&record.id).join("inputs"));
+    pub(super) async fn remove_inputs(&self, record: &JobRecord) {
+        if (!record.inputs.is_empty() || record.has_stdin)
+            && let Err(e) = self.blobs.remove_inputs(&record.id).await
+        {
+            tracing::warn!(job = %record.id, error = %e, "cannot remove a finished job's inputs");
         }
     }
 
-    /// Removes what an unfinished attempt copied of a job's outputs.
-    pub(super) fn remove_outputs(&self, id: &str) {
-        let outputs = self.job_dir(id).join("outputs");
-        let removed = match outputs.symlink_metadata() {
-            Ok(meta) if meta.is_dir() => std::fs::remove_dir_all(&outputs),
-            Ok(_) => std::fs::remove_file(&outputs),
-            Err(e) => Err(e),
-        };
-        if let Err(e) = removed
-            && e.kind() != std::io::ErrorKind::NotFound
-        {
+    /// Removes what `record`'s unfinished attempt kept of its outputs (not
+    /// a later attempt's, run elsewhere).
+    pub(super) async fn remove_outputs(&self, record: &JobRecord) {
+        let id = &record.id;
+        if let Err(e) = crate::blob::remove_local(&self.job_dir(id).join("outputs")) {
+            tracing::warn!(job = id, error = %e, "cannot remove a failed attempt's outputs");
+        }
+        if let Err(e) = self.blobs.remove_outputs(id, record.attempts).await {
             tracing::warn!(job = id, error = %e, "cannot remove a failed attempt's outputs");
         }
     }
 
-    /// Copies a finished job's outputs from its sandbox directory to its
-    /// durable one.
-    pub(super) fn keep_outputs(
+    /// Copies a finished job's outputs from its sandbox directory to
+    /// `<data>/jobs/<id>/outputs`, and keeps them in the blob store (which
+    /// replaces an earlier attempt's), all before the job is recorded
+    /// finished.
+    pub(super) async fn keep_outputs(
         &self,
         record: &JobRecord,
         report: &mut JobReport,
         outputs: &crate::runner::Outputs,
-    ) -> std::io::Result<()> {
+    ) -> Result<(), ServiceError> {
         let kept = self.job_dir(&record.id).join("outputs");
         // Only a re-run can find an earlier attempt's copy (one a crash
         // interrupted); a first attempt skips the lookup.
@@ -153,7 +140,9 @@ impl Service {
             match collected {
                 Ok(collected) => report.list_collected(collected),
                 // The host's side failed: the job is re-run.
-                Err(e @ crate::sandbox::outputs::CollectError::Copy { .. }) => return Err(e.into()),
+                Err(e @ crate::sandbox::outputs::CollectError::Copy { .. }) => {
+                    return Err(std::io::Error::from(e).into());
+                }
                 // What the job left cannot be read, or is more than its
                 // limits: its own failure, and nothing of it is kept.
                 Err(e) => {
@@ -164,17 +153,51 @@ impl Service {
                 }
             }
         }
+        // A first attempt that listed nothing has nothing to keep or
+        // replace.
+        if !report.outputs.is_empty() || record.attempts > 1 {
+            self.blobs
+                .put_outputs(&record.id, record.attempts, &kept, &report.outputs)
+                .await?;
+        }
         Ok(())
     }
 
-    /// Removes entries of the jobs directory that no job row points to and
-    /// that have not changed for `min_age` (a submission writes its inputs
-    /// before its row; an inline job its outputs). Returns how many.
+    /// Opens output `name` of job `id` (one its report lists) for download.
+    pub(super) async fn open_output(
+        &self,
+        id: &str,
+        name: &str,
+    ) -> Result<(OutputReader, u64), ServiceError> {
+        self.blobs
+            .output(id, name)
+            .await
+            .map_err(|e| self.noted(e.into()))?
+            .ok_or_else(|| ServiceError::NoOutput(name.to_owned()))
+    }
+
+    /// Removes entries of the jobs directory that no job row points to (with
+    /// a shared blob store: that no worker here holds) and that have not
+    /// changed for `min_age` (a submission writes its inputs before its
+    /// row; an inline job its outputs), and blobs in a shared store no row
+    /// points to (never younger than [`ORPHAN_AGE`] there:
+    /// another node may be between writing a job's inputs and its row).
+    /// Returns how many.
     pub async fn remove_orphans(&self, min_age: Duration) -> usize {
-        let Ok(entries) = std::fs::read_dir(&self.jobs_dir) else {
-            return 0;
+        let mut removed = match self
+            .blobs
+            .remove_orphans(self.store.as_ref(), min_age.max(ORPHAN_AGE))
+            .await
+        {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::error!(error = %e, "orphan blob sweep failed");
+                0
+            }
         };
-        let mut removed = 0;
+        let Ok(entries) = std::fs::read_dir(&self.jobs_dir) else {
+            return removed;
+        };
         for entry in entries.filter_map(Result::ok) {
             let Ok(meta) = entry.path().symlink_metadata() else {
                 continue;
@@ -188,20 +211,24 @@ impl Service {
                 continue;
             }
             let id = entry.file_name().to_string_lossy().into_owned();
-            match self.store.job_exists(&id).await {
-                Ok(true) => continue,
-                Ok(false) => {}
-                Err(e) => {
-                    tracing::error!(error = %e, "orphan sweep failed");
-                    return removed;
+            if self.blobs.is_shared() {
+                // Outputs on their way into the shared store: a job's row
+                // says nothing of this node's copy (a crash may have left
+                // it, and the job re-run elsewhere).
+                if self.is_held(&id) {
+                    continue;
+                }
+            } else {
+                match self.store.job_exists(&id).await {
+                    Ok(true) => continue,
+                    Ok(false) => {}
+                    Err(e) => {
+                        tracing::error!(error = %e, "orphan sweep failed");
+                        return removed;
+                    }
                 }
             }
-            let gone = if meta.is_dir() {
-                std::fs::remove_dir_all(entry.path())
-            } else {
-                std::fs::remove_file(entry.path())
-            };
-            match gone {
+            match crate::blob::remove_local(&entry.path()) {
                 Ok(()) => removed += 1,
                 Err(e) => {
                     tracing::warn!(entry = %entry.path().display(), error = %e, "cannot remove an orphan job directory")

@@ -164,6 +164,8 @@ pub struct Service {
     /// sandbox only ever sees a job's [`Egress`](crate::job::egress::Egress).
     relay: Option<Arc<crate::relay::Relay>>,
     store: Arc<dyn JobStore>,
+    /// Where jobs' inputs and outputs are kept.
+    blobs: Arc<dyn crate::blob::BlobStore>,
     modules: BTreeMap<String, Arc<Module>>,
     scheduler: Arc<Scheduler>,
     inline_inputs: Arc<std::sync::atomic::AtomicUsize>,
@@ -268,6 +270,7 @@ impl Service {
         }
         let jobs_dir = data.join("jobs");
         crate::sandbox::create_private_dir_all(&jobs_dir).map_err(|e| storage(&e))?;
+        let blobs = crate::blob::open(&config.storage, &jobs_dir).await?;
 
         let mut sandbox_config = SandboxConfig::new(work);
         sandbox_config.cache_dir = Some(
@@ -313,6 +316,7 @@ impl Service {
             runner,
             relay,
             store,
+            blobs,
             modules,
             scheduler,
             inline_inputs: Arc::default(),
@@ -490,7 +494,7 @@ impl Service {
         who: &Identity,
         id: &str,
         name: &str,
-    ) -> Result<(std::fs::File, u64), ServiceError> {
+    ) -> Result<(crate::blob::OutputReader, u64), ServiceError> {
         let job = self.job(who, id).await?;
         let listed = job
             .report
@@ -499,17 +503,7 @@ impl Service {
         if !listed {
             return Err(ServiceError::NoOutput(name.to_owned()));
         }
-        let path = self.job_dir(id).join("outputs").join(name);
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-            .open(&path)
-            .map_err(|_| ServiceError::NoOutput(name.to_owned()))?;
-        let meta = file.metadata()?;
-        if !meta.is_file() {
-            return Err(ServiceError::NoOutput(name.to_owned()));
-        }
-        Ok((file, meta.len()))
+        self.open_output(id, name).await
     }
 
     /// Deletes the caller's finished job and its files.
@@ -524,7 +518,7 @@ impl Service {
                 state.as_str()
             ))),
             DeleteOutcome::Deleted => {
-                self.remove_job_files(id);
+                self.remove_job_files(id).await;
                 Ok(())
             }
         }

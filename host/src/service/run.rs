@@ -84,7 +84,7 @@ impl Service {
             CancelOutcome::Cancelled(before) => {
                 if before == JobState::Queued {
                     self.scheduler.remove(id);
-                    self.remove_job_files(id);
+                    self.remove_job_files(id).await;
                     self.wake(id, None);
                 } else if let Some(cancel) = self
                     .cancels
@@ -169,7 +169,7 @@ impl Service {
             Ok(Claim::Gone) => return Ran::Ended(None), // cancelled while queued
             Ok(Claim::GaveUp(record)) => {
                 tracing::error!(job = %record.id, attempts = record.attempts, "job failed: started too many times without finishing");
-                self.remove_inputs(&record);
+                self.remove_inputs(&record).await;
                 let (finished_at, report) = (record.finished_at, record.report.clone());
                 let Some(report) = report else {
                     return Ran::Ended(None);
@@ -213,7 +213,7 @@ impl Service {
         claim: &Claimed,
         e: ServiceError,
     ) -> Ran {
-        self.remove_outputs(&record.id);
+        self.remove_outputs(&record).await;
         let max_attempts = self.config.queue.max_attempts;
         // Some failures lose their error number on the way up (a message
         // only): a data directory out of space says what it was.
@@ -262,7 +262,7 @@ impl Service {
             let finished_at = now_ms();
             match self.store.finish_job(claim, &report, finished_at).await {
                 Ok(true) => {
-                    self.remove_inputs(&record);
+                    self.remove_inputs(&record).await;
                     return Some(self.finished(record, report, finished_at).await);
                 }
                 // Cancelled while running; its result is dropped.
@@ -359,7 +359,7 @@ impl Service {
         let report = match ran {
             Ok(report) => report,
             Err(e) => {
-                self.remove_job_files(&record.id);
+                self.remove_job_files(&record.id).await;
                 if e.is_storage() {
                     return Err(self.noted(e));
                 }
@@ -387,12 +387,12 @@ impl Service {
             (Ok(Inserted::Existing(job, hash)), Some(key)) => {
                 // A retry with the same key ran beside this one and was
                 // stored first: this run is dropped.
-                self.remove_job_files(&record.id);
+                self.remove_job_files(&record.id).await;
                 return self.replay(*job, &hash, key, true).await;
             }
             (Ok(_), _) => {}
             (Err(e), _) => {
-                self.remove_job_files(&record.id);
+                self.remove_job_files(&record.id).await;
                 return Err(self.noted(e.into()));
             }
         }
@@ -507,7 +507,7 @@ impl Service {
         record: &JobRecord,
         cancel: &CancelHandle<'_>,
     ) -> Result<Option<JobReport>, ServiceError> {
-        let Some(spec) = self.stored_spec(record)? else {
+        let Some(spec) = self.stored_spec(record).await? else {
             return Ok(Some(JobReport::not_run(
                 &record.id,
                 &record.module,
@@ -549,7 +549,8 @@ impl Service {
             None => return Ok(None),
             Some(Ok(finished)) => {
                 let mut report = finished.report;
-                self.keep_outputs(record, &mut report, &finished.outputs)?;
+                self.keep_outputs(record, &mut report, &finished.outputs)
+                    .await?;
                 report
             }
             Some(Err(e)) => JobReport::not_run(&record.id, &record.module, e.to_string()),
@@ -600,7 +601,9 @@ impl Service {
         let before = now_ms() - self.config.storage.retention.get().as_millis() as i64;
         let expired = match self.store.expire_jobs(before).await {
             Ok(ids) => {
-                ids.iter().for_each(|id| self.remove_job_files(id));
+                for id in &ids {
+                    self.remove_job_files(id).await;
+                }
                 ids.len()
             }
             Err(e) => {

@@ -72,3 +72,5 @@ mod polyglot;
 mod cluster;
 // Several real nodes on one PostgreSQL: revocation, call-token keys, the registry, a lost database.
 mod nodes;
+// Shared blobs: two services on one PostgreSQL database run and serve each other's jobs.
+mod blobs;
