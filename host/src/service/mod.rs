@@ -179,6 +179,10 @@ pub struct Service {
     /// Jobs a worker of this process holds, from before its claim until
     /// after its finish: a `running` job not in here was left by a failure.
     held: Mutex<HashSet<String>>,
+    /// The claims of the jobs this node's workers run, whose leases the
+    /// leaser renews; `true` once a renewal found the claim lost (the job
+    /// was cancelled, or re-queued after its lease ran out).
+    claims: Mutex<HashMap<String, (crate::store::Claimed, bool)>>,
     admin_token_hash: String,
     /// This start of this node among the nodes sharing the store
     /// ([`crate::config::Node::id`]).
@@ -192,6 +196,11 @@ impl Service {
     /// This start of this node's id among the nodes sharing the store.
     pub fn node(&self) -> &str {
         &self.node
+    }
+
+    /// The lease this node claims jobs with.
+    pub(super) fn lease(&self) -> crate::store::Lease {
+        crate::store::Lease::new(&self.node, self.config.queue.lease.get())
     }
 }
 
@@ -321,6 +330,7 @@ impl Service {
             storage_ok: AtomicBool::new(true),
             recover_wanted: AtomicBool::new(false),
             held: Mutex::default(),
+            claims: Mutex::default(),
             admin_token_hash,
             node: config.node.id(),
             metrics: metrics_handle(),
@@ -339,6 +349,7 @@ impl Service {
         }
         tokio::spawn(Arc::clone(&service).sweeper());
         tokio::spawn(Arc::clone(&service).keeper());
+        tokio::spawn(Arc::clone(&service).leaser());
         service.update_gauges();
         Ok(service)
     }

@@ -29,6 +29,9 @@ pub(super) enum Ran {
     /// Given back to the queue after a failure of the host; after a storage
     /// failure (`storage`), the keeper re-queues it once the storage writes.
     Requeued { storage: bool },
+    /// Stopped because its claim was lost (its lease ran out and another
+    /// run took it, or it was cancelled through another node).
+    Lost,
 }
 
 /// Keeper ticks (seconds) between two unprompted recoveries.
@@ -119,6 +122,15 @@ impl Service {
             drop(slot);
             match ran {
                 Ran::Ended(finished) => self.wake(&job.id, finished.as_deref()),
+                // Another run has it, or it was cancelled elsewhere: its
+                // waiters here hear of it once it is final.
+                Ran::Lost => {
+                    if let Ok(Some(now)) = self.store.get_job(&job.tenant, &job.id).await
+                        && now.state.is_final()
+                    {
+                        self.wake(&job.id, Some(&now));
+                    }
+                }
                 // Its next attempt may start at once; after a storage
                 // failure the keeper re-queues it once the storage writes.
                 Ran::Requeued { storage: false } => {
@@ -162,7 +174,13 @@ impl Service {
         let cancel = self.cancel_handle(&queued.id);
         let claimed = self
             .store
-            .claim(&queued.tenant, &queued.id, now_ms(), max_attempts)
+            .claim(
+                &queued.tenant,
+                &queued.id,
+                now_ms(),
+                max_attempts,
+                &self.lease(),
+            )
             .await;
         let (record, claim) = match claimed {
             Ok(Claim::Run(record, claim)) => (*record, claim),
@@ -186,8 +204,32 @@ impl Service {
                 return Ran::Requeued { storage: true };
             }
         };
+        self.claims_lock()
+            .insert(record.id.clone(), (claim.clone(), false));
+        let ran = self.run_claimed(record, &claim, &cancel).await;
+        let lost = self
+            .claims_lock()
+            .remove(claim.id())
+            .is_some_and(|(_, lost)| lost);
+        match ran {
+            Ran::Ended(None) if lost => Ran::Lost,
+            ran => ran,
+        }
+    }
+
+    fn claims_lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, (Claimed, bool)>> {
+        self.claims.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Runs and finishes a job this node claimed (see [`Service::run_one`]).
+    async fn run_claimed(
+        &self,
+        record: JobRecord,
+        claim: &Claimed,
+        cancel: &CancelHandle<'_>,
+    ) -> Ran {
         let result = match self.modules.get(&record.module) {
-            Some(module) => self.run_stored(module, &record, &cancel).await,
+            Some(module) => self.run_stored(module, &record, cancel).await,
             None => Ok(Some(JobReport::not_run(
                 &record.id,
                 &record.module,
@@ -195,9 +237,9 @@ impl Service {
             ))),
         };
         match result {
-            Ok(Some(report)) => Ran::Ended(self.finish(record, &claim, report).await.map(Box::new)),
+            Ok(Some(report)) => Ran::Ended(self.finish(record, claim, report).await.map(Box::new)),
             Ok(None) => Ran::Ended(None), // cancelled while running
-            Err(e) => self.host_failed(record, &claim, e).await,
+            Err(e) => self.host_failed(record, claim, e).await,
         }
     }
 
@@ -714,8 +756,9 @@ impl Service {
 
     /// Puts every unfinished job of the store that no worker here holds
     /// back in the run queue: `queued` ones whose claim failed, `running`
-    /// ones a failure left behind (re-queued first, their attempt spent).
-    /// The scheduler ignores jobs it already has.
+    /// ones a failure left behind on this node (re-queued first, their
+    /// attempt spent). Another node's running job is left to its lease
+    /// (see [`Service::leaser`]). The scheduler ignores jobs it already has.
     ///
     /// # Errors
     /// Store failures.
@@ -726,7 +769,7 @@ impl Service {
                 continue;
             }
             if let Some(claim) = &job.claim
-                && !self.store.requeue(claim, true).await?
+                && (claim.node() != Some(self.node()) || !self.store.requeue(claim, true).await?)
             {
                 continue;
             }
@@ -741,6 +784,106 @@ impl Service {
             queued += usize::from(pushed.is_ok());
         }
         Ok(queued)
+    }
+}
+
+impl Service {
+    /// Keeps this node's leases, every third of `[queue] lease`: renews, in
+    /// one statement, the leases of the jobs its workers run, and stops
+    /// the run of any job whose claim a renewal found lost (cancelled
+    /// through another node, or re-queued after its lease ran out); then
+    /// gives back to the queue the running jobs of any node whose lease ran
+    /// out (see [`JobStore::expire_leases`]), taking them into this node's
+    /// queue, and wakes the waiters of those finished `failed` instead.
+    /// Renews while the service drains, until its last job ends.
+    pub(super) async fn leaser(self: Arc<Self>) {
+        let every = (self.config.queue.lease.get() / 3).max(Duration::from_millis(10));
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let claims: Vec<Claimed> = self
+                .claims_lock()
+                .values()
+                .map(|(c, _)| c.clone())
+                .collect();
+            if self.is_draining() && claims.is_empty() {
+                return;
+            }
+            self.renew(&claims).await;
+            if !self.is_draining() && self.storage_ok() {
+                self.expire().await;
+            }
+        }
+    }
+
+    /// Renews the leases of `claims`; stops the runs whose claim is lost.
+    async fn renew(&self, claims: &[Claimed]) {
+        if claims.is_empty() {
+            return;
+        }
+        let lost = match self
+            .store
+            .renew_leases(&self.lease(), claims, now_ms())
+            .await
+        {
+            Ok(lost) => lost,
+            Err(e) => {
+                tracing::error!(error = %e, jobs = claims.len(), "cannot renew the leases of running jobs");
+                self.noted(e.into());
+                return;
+            }
+        };
+        for claim in lost {
+            let mut held = self.claims_lock();
+            let Some((now, flag)) = held.get_mut(claim.id()) else {
+                continue; // it ended meanwhile
+            };
+            if *now != claim {
+                continue;
+            }
+            *flag = true;
+            drop(held);
+            tracing::warn!(job = %claim.id(), attempt = claim.attempt(), "the job's claim is lost (cancelled, or its lease ran out): stopping its run");
+            if let Some(cancel) = self
+                .cancels
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(claim.id())
+            {
+                cancel.notify_one();
+            }
+        }
+    }
+
+    /// Re-queues (or fails) the running jobs whose lease ran out.
+    async fn expire(&self) {
+        let max_attempts = self.config.queue.max_attempts;
+        let expired = match self.store.expire_leases(now_ms(), max_attempts).await {
+            Ok(expired) => expired,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot look for jobs whose lease ran out");
+                self.noted(e.into());
+                return;
+            }
+        };
+        for job in expired.failed {
+            tracing::error!(job = %job.id, attempts = job.attempts, "job failed: its lease ran out on its last attempt");
+            self.remove_inputs(&job);
+            self.wake(&job.id, Some(&job));
+        }
+        for job in expired.requeued {
+            tracing::warn!(job = %job.id, "the job's lease ran out: it goes back to the queue");
+            let _ = self.scheduler.push(
+                QueuedJob {
+                    id: job.id,
+                    tenant: job.tenant,
+                    module: job.module,
+                },
+                false,
+            );
+        }
+        self.update_gauges();
     }
 }
 
