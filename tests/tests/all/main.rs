@@ -68,3 +68,5 @@ mod authors;
 mod run_calls;
 // The Python and JavaScript examples built from source (componentize-py, componentize-js) and run by `bulkhead run`.
 mod polyglot;
+// Leases across nodes on one PostgreSQL database: a dead node's jobs re-run, a live node's left alone.
+mod leases;

@@ -1,0 +1,104 @@
+//! Leases across nodes on one PostgreSQL database: a job whose node died
+//! (its lease ran out) is re-run by a live node, its attempt counted, while
+//! another live node's running job is never taken from it.
+
+use std::time::Duration;
+
+use bulkhead::policy::HumanDuration;
+use bulkhead::store::{JobRecord, JobState, Lease, now_ms};
+
+use crate::common::service::{Server, start};
+
+/// A node on the database at `url`, its leases `lease` long.
+async fn node(url: &str, lease: Duration) -> Server {
+    let url = url.to_owned();
+    start(move |c| {
+        c.storage.url = Some(url.try_into().unwrap());
+        c.queue.lease = HumanDuration::millis(lease.as_millis() as u64);
+        c.queue.workers = 1;
+    })
+    .await
+}
+
+/// A queued `hello` job of acme, as a submission stores it.
+fn hello_job(s: &Server, id: &str) -> JobRecord {
+    let sha256 = s
+        .service
+        .modules_for(&bulkhead::auth::Identity {
+            tenant: "acme".into(),
+            subject: "acme-ci".into(),
+            token_id: String::new(),
+            scopes: vec!["hello:run".into()],
+            client: None,
+        })
+        .find(|p| p.module.name.to_string() == "hello")
+        .map(|p| p.module.sha256.to_string())
+        .unwrap();
+    JobRecord {
+        id: id.into(),
+        tenant: "acme".into(),
+        subject: "acme-ci".into(),
+        token_id: "t".into(),
+        module: "hello".into(),
+        module_sha256: sha256,
+        policy_sha256: None,
+        params: Default::default(),
+        inputs: Vec::new(),
+        has_stdin: false,
+        state: JobState::Queued,
+        created_at: now_ms(),
+        started_at: None,
+        finished_at: None,
+        attempts: 0,
+        report: None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dead_nodes_job_is_rerun_once_its_lease_runs_out_and_a_live_nodes_is_left_alone() {
+    let Some(url) = bulkhead::store::pg_server::fresh_database().await else {
+        return;
+    };
+    let s = node(&url, Duration::from_millis(300)).await;
+    let token = s.token("acme", &["hello:run"]).await;
+    let store = s.service.store();
+    // Two other nodes claimed a job each: one died (its lease is not
+    // renewed), one lives (its lease holds for the test).
+    for id in ["dead-nodes", "live-nodes"] {
+        store.insert_job(&hello_job(&s, id), None).await.unwrap();
+    }
+    let dead = Lease::new("dead-node", Duration::from_millis(300));
+    let live = Lease::new("live-node", Duration::from_secs(600));
+    let claim = |id: &'static str, lease: Lease| {
+        let store = std::sync::Arc::clone(store);
+        async move {
+            match store.claim("acme", id, now_ms(), 3, &lease).await.unwrap() {
+                bulkhead::store::Claim::Run(_, claim) => claim,
+                other => panic!("{id}: {other:?}"),
+            }
+        }
+    };
+    let stale = claim("dead-nodes", dead).await;
+    claim("live-nodes", live).await;
+
+    let done = s.finished(&token, "dead-nodes").await;
+    assert_eq!(done["state"], "succeeded", "{done:#}");
+    let rerun = store.get_job("acme", "dead-nodes").await.unwrap().unwrap();
+    assert_eq!(rerun.attempts, 2, "the dead node's start counts");
+    // The dead node, back, cannot overwrite the re-run's result.
+    let late = bulkhead::sandbox::JobReport::not_run("dead-nodes", "hello", "late");
+    assert!(!store.finish_job(&stale, &late, now_ms()).await.unwrap());
+    let finished = store
+        .audit(50)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.action == "job.finished" && e.job_id.as_deref() == Some("dead-nodes"))
+        .count();
+    assert_eq!(finished, 1, "finished once");
+
+    // Recovery here never takes another live node's running job.
+    s.service.recover().await.unwrap();
+    let theirs = store.get_job("acme", "live-nodes").await.unwrap().unwrap();
+    assert_eq!((theirs.state, theirs.attempts), (JobState::Running, 1));
+}
