@@ -399,6 +399,20 @@ impl Lease {
     }
 }
 
+/// The running caps a claim from the shared queue respects, across every
+/// node of the store ([`JobStore::claim_next`]), and the modules the
+/// claiming node serves.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Caps {
+    /// Running jobs per tenant, all nodes together.
+    pub per_tenant: u32,
+    /// Running jobs per module, all nodes together.
+    pub per_module: u32,
+    /// Modules the claiming node can run; jobs of others are left to the
+    /// nodes that serve them.
+    pub modules: Vec<String>,
+}
+
 /// What [`JobStore::expire_leases`] did with the running jobs whose lease
 /// ran out.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -507,6 +521,28 @@ pub trait JobStore: Send + Sync + std::fmt::Debug {
         max_attempts: u32,
         lease: &Lease,
     ) -> Result<Claim, StoreError>;
+    /// Claims the next queued job from the shared queue, atomically against
+    /// every node: of the tenants under their running cap, the one with the
+    /// fewest running jobs, its oldest job whose module is under its cap
+    /// and served by the node (`caps`). `None` when nothing may start.
+    /// Otherwise as [`JobStore::claim`] (a job started `max_attempts` times
+    /// is finished `failed` instead).
+    async fn claim_next(
+        &self,
+        now: i64,
+        max_attempts: u32,
+        lease: &Lease,
+        caps: &Caps,
+    ) -> Result<Option<Claim>, StoreError>;
+    /// Queued jobs of `tenant`, and of every tenant: the queue's bounds
+    /// when the queue is the store's ([`JobStore::shared`]).
+    async fn queued_counts(&self, tenant: &str) -> Result<(u64, u64), StoreError>;
+    /// Whether several nodes may share this store: then the queue is the
+    /// store's (nodes take jobs with [`JobStore::claim_next`]), not each
+    /// node's memory.
+    fn shared(&self) -> bool {
+        false
+    }
     /// Renews, in one statement, the leases of `claims` (all held by
     /// `lease`'s node) for another `lease.millis` from `now`; returns the
     /// claims that no longer hold (the job was cancelled, or its lease ran

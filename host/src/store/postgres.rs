@@ -24,8 +24,14 @@
 //! ran out. [`JobStore::requeue_running`] at a node's start takes back only
 //! running jobs whose lease ran out: the others belong to live nodes.
 //!
-//! Not here yet (issue 15): `LISTEN/NOTIFY` wake-ups, claims that pick the
-//! next job in the database rather than a job the node's scheduler chose.
+//! The queue is the database's ([`JobStore::shared`]): a node takes the
+//! next job with [`JobStore::claim_next`], which holds a transaction-scoped
+//! advisory lock ([`CLAIM_LOCK`]) while it counts running jobs per tenant
+//! and per module and claims the chosen row (`FOR NO KEY UPDATE SKIP
+//! LOCKED`), so two nodes never both take the last slot of a cap, and
+//! fairness (fewest running first, then oldest) is decided over all nodes.
+//!
+//! Not here yet (issue 15): `LISTEN/NOTIFY` wake-ups.
 
 use std::str::FromStr;
 use std::time::Duration;
@@ -35,8 +41,9 @@ use sqlx::Row;
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions, PgRow};
 
 use super::{
-    AuditEntry, AuditedJob, CancelOutcome, Claim, Claimed, DeleteOutcome, Expired, Idempotency,
-    Inserted, JobFinished, JobRecord, JobState, JobStore, Lease, PendingJob, StoreError,
+    AuditEntry, AuditedJob, CancelOutcome, Caps, Claim, Claimed, DeleteOutcome, Expired,
+    Idempotency, Inserted, JobFinished, JobRecord, JobState, JobStore, Lease, PendingJob,
+    StoreError,
 };
 use crate::auth::TokenRecord;
 
@@ -47,6 +54,10 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations/postgres")
 /// reports the database unreachable (a storage failure: 503 and readiness
 /// off until the keeper's probe passes).
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The advisory lock key [`JobStore::claim_next`] serializes claims on
+/// (`pg_advisory_xact_lock`, released at commit): "bulkhead claims".
+const CLAIM_LOCK: i64 = 0x6275_6c6b_636c_6169;
 
 /// A job's columns, JSON ones as text, for `SELECT` and `RETURNING`.
 macro_rules! job_cols {
@@ -627,6 +638,113 @@ impl JobStore for PostgresStore {
         job.finished_at = Some(now);
         job.report = Some(report);
         Ok(Claim::GaveUp(Box::new(job)))
+    }
+
+    async fn claim_next(
+        &self,
+        now: i64,
+        max_attempts: u32,
+        lease: &Lease,
+        caps: &Caps,
+    ) -> Result<Option<Claim>, StoreError> {
+        let max_attempts = stored_attempts(max_attempts.max(1));
+        let cap = |n: u32| i64::from(n);
+        let mut tx = self.pool.begin().await?;
+        // Every node's claim waits here for the one before it to commit,
+        // so the running counts read below are the truth until this claim
+        // commits: no two nodes take the last slot of a cap.
+        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+            .bind(CLAIM_LOCK)
+            .execute(&mut *tx)
+            .await?;
+        let next: Option<(String, String)> = sqlx::query_as(
+            "WITH running AS (SELECT tenant, module FROM jobs WHERE state = 'running'),
+                  per_tenant AS (SELECT tenant, COUNT(*) AS n FROM running GROUP BY tenant),
+                  per_module AS (SELECT module, COUNT(*) AS n FROM running GROUP BY module)
+             SELECT jobs.id, jobs.tenant FROM jobs
+             LEFT JOIN per_tenant t ON t.tenant = jobs.tenant
+             LEFT JOIN per_module m ON m.module = jobs.module
+             WHERE jobs.state = 'queued' AND jobs.module = ANY($1)
+                   AND COALESCE(t.n, 0) < $2 AND COALESCE(m.n, 0) < $3
+             ORDER BY COALESCE(t.n, 0), jobs.created_at, jobs.id
+             LIMIT 1
+             FOR NO KEY UPDATE OF jobs SKIP LOCKED",
+        )
+        .bind(&caps.modules)
+        .bind(cap(caps.per_tenant))
+        .bind(cap(caps.per_module))
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some((id, _tenant)) = next else {
+            return Ok(None);
+        };
+        let claimed = sqlx::query(concat!(
+            "UPDATE jobs SET state = 'running', started_at = $1, attempts = attempts + 1,
+                             claimed_by = $4, lease_until = ",
+            db_now!(),
+            " + $5
+             WHERE id = $2 AND state = 'queued' AND attempts < $3
+             RETURNING ",
+            job_cols!()
+        ))
+        .bind(now)
+        .bind(&id)
+        .bind(max_attempts)
+        .bind(&lease.node)
+        .bind(lease.millis)
+        .fetch_optional(&mut *tx)
+        .await?;
+        if let Some(row) = claimed {
+            tx.commit().await?;
+            let job = job_row(&row)?;
+            let claim = Claimed::of(&job, Some(&lease.node));
+            return Ok(Some(Claim::Run(Box::new(job), claim)));
+        }
+        // Started `max_attempts` times without finishing: failed instead.
+        let row = sqlx::query(concat!(
+            "UPDATE jobs SET state = 'running', claimed_by = $2 WHERE id = $1 RETURNING ",
+            job_cols!()
+        ))
+        .bind(&id)
+        .bind(&lease.node)
+        .fetch_one(&mut *tx)
+        .await?;
+        let mut job = job_row(&row)?;
+        let report = crate::sandbox::JobReport::not_run(
+            &job.id,
+            &job.module,
+            format!(
+                "the host could not finish the job in {} attempts",
+                job.attempts
+            ),
+        );
+        finish(
+            &mut tx,
+            &Claimed::of(&job, Some(&lease.node)),
+            &JobFinished::of(&report),
+            now,
+            &json(&report),
+        )
+        .await?;
+        tx.commit().await?;
+        job.state = JobState::Failed;
+        job.finished_at = Some(now);
+        job.report = Some(report);
+        Ok(Some(Claim::GaveUp(Box::new(job))))
+    }
+
+    async fn queued_counts(&self, tenant: &str) -> Result<(u64, u64), StoreError> {
+        let (mine, all): (i64, i64) = sqlx::query_as(
+            "SELECT COUNT(*) FILTER (WHERE tenant = $1), COUNT(*) FROM jobs WHERE state = 'queued'",
+        )
+        .bind(tenant)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok((mine.max(0) as u64, all.max(0) as u64))
+    }
+
+    fn shared(&self) -> bool {
+        true
     }
 
     async fn requeue(&self, claim: &Claimed, count: bool) -> Result<bool, StoreError> {

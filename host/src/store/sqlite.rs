@@ -25,8 +25,9 @@ use async_trait::async_trait;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, params};
 
 use super::{
-    AuditEntry, AuditedJob, CancelOutcome, Claim, Claimed, DeleteOutcome, Expired, Idempotency,
-    Inserted, JobFinished, JobRecord, JobState, JobStore, Lease, PendingJob, StoreError,
+    AuditEntry, AuditedJob, CancelOutcome, Caps, Claim, Claimed, DeleteOutcome, Expired,
+    Idempotency, Inserted, JobFinished, JobRecord, JobState, JobStore, Lease, PendingJob,
+    StoreError,
 };
 use crate::auth::TokenRecord;
 
@@ -743,6 +744,66 @@ fn finish(
     Ok(true)
 }
 
+/// The tenant's job `id`, `queued → running` for `lease`'s node (see
+/// [`JobStore::claim`]), on the writer connection.
+fn claim_in(
+    c: &Connection,
+    tenant: &str,
+    id: &str,
+    now: i64,
+    max_attempts: u32,
+    lease: &Lease,
+) -> Result<Claim, StoreError> {
+    let claimed = c
+        .prepare_cached(
+            "UPDATE jobs SET state = 'running', started_at = ?1, attempts = attempts + 1,
+                                     claimed_by = ?5, lease_until = ?1 + ?6
+                     WHERE id = ?2 AND tenant = ?3 AND state = 'queued' AND attempts < ?4
+                     RETURNING *",
+        )?
+        .query_row(
+            params![now, id, tenant, max_attempts, lease.node, lease.millis],
+            job_row,
+        )
+        .optional()?;
+    if let Some(job) = claimed {
+        let claim = Claimed::of(&job, Some(&lease.node));
+        return Ok(Claim::Run(Box::new(job), claim));
+    }
+    // Still queued, but every attempt it was allowed began and none
+    // finished (crashes, or host errors): finish it failed, through
+    // `running` like any finished job.
+    let exhausted = c
+        .prepare_cached(
+            "UPDATE jobs SET state = 'running', claimed_by = ?3
+                     WHERE id = ?1 AND tenant = ?2 AND state = 'queued' RETURNING *",
+        )?
+        .query_row(params![id, tenant, lease.node], job_row)
+        .optional()?;
+    let Some(mut job) = exhausted else {
+        return Ok(Claim::Gone);
+    };
+    let report = crate::sandbox::JobReport::not_run(
+        &job.id,
+        &job.module,
+        format!(
+            "the host could not finish the job in {} attempts",
+            job.attempts
+        ),
+    );
+    finish(
+        c,
+        &Claimed::of(&job, Some(&lease.node)),
+        &JobFinished::of(&report),
+        now,
+        &json(&report),
+    )?;
+    job.state = JobState::Failed;
+    job.finished_at = Some(now);
+    job.report = Some(report);
+    Ok(Claim::GaveUp(Box::new(job)))
+}
+
 #[async_trait]
 impl JobStore for SqliteStore {
     async fn insert_token(&self, t: &TokenRecord) -> Result<(), StoreError> {
@@ -855,57 +916,61 @@ impl JobStore for SqliteStore {
         let (tenant, id) = (tenant.to_owned(), id.to_owned());
         let max_attempts = max_attempts.max(1);
         let lease = lease.clone();
+        self.write(move |c| claim_in(c, &tenant, &id, now, max_attempts, &lease))
+            .await
+    }
+
+    async fn claim_next(
+        &self,
+        now: i64,
+        max_attempts: u32,
+        lease: &Lease,
+        caps: &Caps,
+    ) -> Result<Option<Claim>, StoreError> {
+        let (lease, caps) = (lease.clone(), caps.clone());
+        let max_attempts = max_attempts.max(1);
+        let modules = json(&caps.modules);
         self.write(move |c| {
-            let claimed = c
+            // The single writer serializes claims: the counts read here
+            // hold until the claim below commits.
+            let next: Option<(String, String)> = c
                 .prepare_cached(
-                    "UPDATE jobs SET state = 'running', started_at = ?1, attempts = attempts + 1,
-                                     claimed_by = ?5, lease_until = ?1 + ?6
-                     WHERE id = ?2 AND tenant = ?3 AND state = 'queued' AND attempts < ?4
-                     RETURNING *",
+                    "WITH running AS (SELECT tenant, module FROM jobs
+                                      WHERE state IN ('queued', 'running') AND state = 'running'),
+                          per_tenant AS (SELECT tenant, COUNT(*) AS n FROM running GROUP BY tenant),
+                          per_module AS (SELECT module, COUNT(*) AS n FROM running GROUP BY module)
+                     SELECT jobs.id, jobs.tenant FROM jobs
+                     LEFT JOIN per_tenant t ON t.tenant = jobs.tenant
+                     LEFT JOIN per_module m ON m.module = jobs.module
+                     WHERE jobs.state IN ('queued', 'running') AND jobs.state = 'queued'
+                           AND jobs.module IN (SELECT value FROM json_each(?1))
+                           AND COALESCE(t.n, 0) < ?2 AND COALESCE(m.n, 0) < ?3
+                     ORDER BY COALESCE(t.n, 0), jobs.created_at, jobs.id
+                     LIMIT 1",
                 )?
-                .query_row(
-                    params![now, id, tenant, max_attempts, lease.node, lease.millis],
-                    job_row,
-                )
+                .query_row(params![modules, caps.per_tenant, caps.per_module], |r| {
+                    Ok((r.get(0)?, r.get(1)?))
+                })
                 .optional()?;
-            if let Some(job) = claimed {
-                let claim = Claimed::of(&job, Some(&lease.node));
-                return Ok(Claim::Run(Box::new(job), claim));
-            }
-            // Still queued, but every attempt it was allowed began and none
-            // finished (crashes, or host errors): finish it failed, through
-            // `running` like any finished job.
-            let exhausted = c
-                .prepare_cached(
-                    "UPDATE jobs SET state = 'running', claimed_by = ?3
-                     WHERE id = ?1 AND tenant = ?2 AND state = 'queued' RETURNING *",
-                )?
-                .query_row([&id, &tenant, &lease.node], job_row)
-                .optional()?;
-            let Some(mut job) = exhausted else {
-                return Ok(Claim::Gone);
+            let Some((id, tenant)) = next else {
+                return Ok(None);
             };
-            let report = crate::sandbox::JobReport::not_run(
-                &job.id,
-                &job.module,
-                format!(
-                    "the host could not finish the job in {} attempts",
-                    job.attempts
-                ),
-            );
-            finish(
-                c,
-                &Claimed::of(&job, Some(&lease.node)),
-                &JobFinished::of(&report),
-                now,
-                &json(&report),
-            )?;
-            job.state = JobState::Failed;
-            job.finished_at = Some(now);
-            job.report = Some(report);
-            Ok(Claim::GaveUp(Box::new(job)))
+            claim_in(c, &tenant, &id, now, max_attempts, &lease).map(Some)
         })
         .await
+    }
+
+    async fn queued_counts(&self, tenant: &str) -> Result<(u64, u64), StoreError> {
+        let tenant = tenant.to_owned();
+        self.read(move |c| {
+            Ok(c.prepare_cached(
+                "SELECT COALESCE(SUM(tenant = ?1), 0), COUNT(*) FROM jobs
+                 WHERE state IN ('queued', 'running') AND state = 'queued'",
+            )?
+            .query_row([tenant], |r| {
+                Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64))
+            })?)
+        })
     }
 
     async fn requeue(&self, claim: &Claimed, count: bool) -> Result<bool, StoreError> {

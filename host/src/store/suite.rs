@@ -8,8 +8,8 @@
 use std::sync::Arc;
 
 use super::{
-    AuditEntry, CancelOutcome, Claim, Claimed, DeleteOutcome, Idempotency, Inserted, JobRecord,
-    JobState, JobStore, Lease, PostgresStore, SqliteStore, now_ms,
+    AuditEntry, CancelOutcome, Caps, Claim, Claimed, DeleteOutcome, Idempotency, Inserted,
+    JobRecord, JobState, JobStore, Lease, PostgresStore, SqliteStore, now_ms,
 };
 use crate::auth::TokenRecord;
 
@@ -93,6 +93,9 @@ suite!(
     a_stale_node_can_neither_finish_nor_requeue_nor_renew_after_a_reclaim,
     a_renewed_lease_holds_and_a_cancelled_job_is_lost_to_its_node,
     at_start_only_leases_that_ran_out_are_taken_back_on_postgres,
+    the_next_claim_goes_to_the_tenant_with_fewest_running_oldest_first_under_the_caps,
+    concurrent_claims_of_two_nodes_never_exceed_the_caps,
+    queued_counts_are_per_tenant_and_in_total,
 );
 
 /// `node`'s lease that has run out as soon as it is taken: the job it
@@ -1110,4 +1113,144 @@ async fn at_start_only_leases_that_ran_out_are_taken_back_on_postgres(db: &Db) {
     }
     let j2 = store.get_job("acme", "j2").await.unwrap().unwrap();
     assert_eq!((j2.state, j2.attempts), (JobState::Queued, 1));
+}
+
+/// Caps of `per_tenant` and `per_module` running jobs, for a node serving
+/// `hello` and `other`.
+fn caps(per_tenant: u32, per_module: u32) -> Caps {
+    Caps {
+        per_tenant,
+        per_module,
+        modules: vec!["hello".into(), "other".into()],
+    }
+}
+
+/// The id of the job `claim_next` started, if any.
+async fn next_id(store: &dyn JobStore, node: &str, caps: &Caps) -> Option<String> {
+    match store
+        .claim_next(now_ms(), 3, &live(node), caps)
+        .await
+        .unwrap()
+    {
+        Some(Claim::Run(job, _)) => Some(job.id),
+        None => None,
+        other => panic!("{other:?}"),
+    }
+}
+
+async fn the_next_claim_goes_to_the_tenant_with_fewest_running_oldest_first_under_the_caps(
+    db: &Db,
+) {
+    let store = db.open().await;
+    let at = |id: &str, tenant: &str, module: &str, created_at| JobRecord {
+        module: module.into(),
+        created_at,
+        ..job(id, tenant)
+    };
+    // acme floods first; beta and gamma come later.
+    for (i, id) in ["a1", "a2", "a3", "a4"].iter().enumerate() {
+        store
+            .insert_job(&at(id, "acme", "hello", 10 + i as i64), None)
+            .await
+            .unwrap();
+    }
+    store
+        .insert_job(&at("b1", "beta", "hello", 20), None)
+        .await
+        .unwrap();
+    store
+        .insert_job(&at("b2", "beta", "hello", 21), None)
+        .await
+        .unwrap();
+    store
+        .insert_job(&at("g1", "gamma", "other", 30), None)
+        .await
+        .unwrap();
+    store
+        .insert_job(&at("x1", "gamma", "unserved", 1), None)
+        .await
+        .unwrap();
+    let caps = caps(2, 3);
+    let mut order = Vec::new();
+    for node in ["n1", "n2", "n1", "n2", "n1"] {
+        order.extend(next_id(&*store, node, &caps).await);
+    }
+    // Oldest first among the tenants with nothing running, then the tenant
+    // with fewest running; `hello` stops at 3 running (a1, b1, a2), acme at
+    // 2; the unserved module is never taken.
+    assert_eq!(order, ["a1", "b1", "g1", "a2"]);
+    // A finish frees acme's slot and hello's: acme's next job runs.
+    let running = store.get_job("acme", "a1").await.unwrap().unwrap();
+    let report = crate::sandbox::JobReport::not_run("a1", "hello", "x");
+    let claim = Claimed::of(&running, Some("n1"));
+    assert!(store.finish_job(&claim, &report, now_ms()).await.unwrap());
+    // acme and beta both run one now: the older job goes first.
+    assert_eq!(next_id(&*store, "n2", &caps).await.as_deref(), Some("a3"));
+    assert_eq!(
+        next_id(&*store, "n2", &caps).await,
+        None,
+        "hello is at its cap"
+    );
+}
+
+async fn concurrent_claims_of_two_nodes_never_exceed_the_caps(db: &Db) {
+    let (one, two) = (db.open().await, db.open().await);
+    for i in 0..12 {
+        let tenant = ["acme", "beta"][i % 2];
+        let module = ["hello", "other"][i / 6];
+        let j = JobRecord {
+            module: module.into(),
+            ..job(&format!("c{i}"), tenant)
+        };
+        one.insert_job(&j, None).await.unwrap();
+    }
+    // At most 2 running per tenant and per module, whichever node claims.
+    let caps = caps(2, 2);
+    let tasks: Vec<_> = (0..16)
+        .map(|i| {
+            let store = Arc::clone(if i % 2 == 0 { &one } else { &two });
+            let caps = caps.clone();
+            let node = format!("n{}", i % 2);
+            tokio::spawn(async move {
+                store
+                    .claim_next(now_ms(), 3, &live(&node), &caps)
+                    .await
+                    .unwrap()
+            })
+        })
+        .collect();
+    let mut per_tenant = std::collections::BTreeMap::<String, u32>::new();
+    let mut per_module = std::collections::BTreeMap::<String, u32>::new();
+    for t in tasks {
+        if let Some(Claim::Run(job, _)) = t.await.unwrap() {
+            *per_tenant.entry(job.tenant).or_default() += 1;
+            *per_module.entry(job.module).or_default() += 1;
+        }
+    }
+    assert!(per_tenant.values().all(|n| *n <= 2), "{per_tenant:?}");
+    assert!(per_module.values().all(|n| *n <= 2), "{per_module:?}");
+    assert_eq!(per_tenant.values().sum::<u32>(), 4, "{per_tenant:?}");
+    let running = one
+        .pending_jobs()
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|j| j.state == JobState::Running)
+        .count();
+    assert_eq!(running, 4);
+}
+
+async fn queued_counts_are_per_tenant_and_in_total(db: &Db) {
+    let store = db.open().await;
+    for (id, tenant) in [
+        ("q1", "acme"),
+        ("q2", "acme"),
+        ("q3", "beta"),
+        ("q4", "acme"),
+    ] {
+        store.insert_job(&job(id, tenant), None).await.unwrap();
+    }
+    claim(&*store, "q4", 1).await;
+    assert_eq!(store.queued_counts("acme").await.unwrap(), (2, 3));
+    assert_eq!(store.queued_counts("nobody").await.unwrap(), (0, 3));
 }
