@@ -183,6 +183,12 @@ pub struct Service {
     /// leaser renews; `true` once a renewal found the claim lost (the job
     /// was cancelled, or re-queued after its lease ran out).
     claims: Mutex<HashMap<String, (crate::store::Claimed, bool)>>,
+    /// The store is shared by several nodes ([`JobStore::shared`]): the
+    /// queue is the store's, taken by [`Service::puller`]s, and the
+    /// scheduler only counts this node's running jobs.
+    shared: bool,
+    /// Wakes the pullers: a job was queued or a cap freed.
+    work: Notify,
     admin_token_hash: String,
     /// This start of this node among the nodes sharing the store
     /// ([`crate::config::Node::id`]).
@@ -303,8 +309,14 @@ impl Service {
             max_running_per_module: q.max_running_per_module,
         });
         let requeued = store.requeue_running().await?;
-        let pending = store.queued_jobs().await?;
-        tracing::info!(requeued, pending = pending.len(), "recovered jobs");
+        let shared = store.shared();
+        // A shared store's queue stays in the store.
+        let pending = if shared {
+            Vec::new()
+        } else {
+            store.queued_jobs().await?
+        };
+        tracing::info!(requeued, pending = pending.len(), shared, "recovered jobs");
         for job in pending {
             let _ = scheduler.push(
                 QueuedJob {
@@ -331,6 +343,8 @@ impl Service {
             recover_wanted: AtomicBool::new(false),
             held: Mutex::default(),
             claims: Mutex::default(),
+            shared,
+            work: Notify::new(),
             admin_token_hash,
             node: config.node.id(),
             metrics: metrics_handle(),
@@ -345,7 +359,11 @@ impl Service {
             tracing::info!(orphans, "removed job directories no job points to");
         }
         for _ in 0..service.config.queue.workers {
-            tokio::spawn(Arc::clone(&service).worker());
+            if service.shared {
+                tokio::spawn(Arc::clone(&service).puller());
+            } else {
+                tokio::spawn(Arc::clone(&service).worker());
+            }
         }
         tokio::spawn(Arc::clone(&service).sweeper());
         tokio::spawn(Arc::clone(&service).keeper());

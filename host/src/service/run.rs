@@ -34,6 +34,10 @@ pub(super) enum Ran {
     Lost,
 }
 
+/// Longest wait of a shared store's worker between two looks at the
+/// store's queue when nothing woke it.
+pub(super) const PULL_EVERY: Duration = Duration::from_secs(1);
+
 /// Keeper ticks (seconds) between two unprompted recoveries.
 pub(super) const RECOVER_EVERY: u32 = 30;
 
@@ -133,14 +137,102 @@ impl Service {
                 }
                 // Its next attempt may start at once; after a storage
                 // failure the keeper re-queues it once the storage writes.
-                Ran::Requeued { storage: false } => {
-                    let _ = self.scheduler.push(job, false);
-                }
+                Ran::Requeued { storage: false } => self.enqueue(job),
                 Ran::Requeued { storage: true } => {
                     self.recover_wanted.store(true, Ordering::SeqCst);
                 }
             }
             self.update_gauges();
+        }
+    }
+
+    /// A worker of a node on a shared store ([`JobStore::shared`]): takes
+    /// the next job from the store's queue ([`JobStore::claim_next`],
+    /// under the running caps of all nodes together) and runs it, holding
+    /// a slot of this node's scheduler while it runs (so draining and the
+    /// gauges see it). Between claims it waits to be woken (a submission
+    /// or a finish here, a lease sweep) or at most [`PULL_EVERY`].
+    pub(super) async fn puller(self: Arc<Self>) {
+        let q = &self.config.queue;
+        let caps = crate::store::Caps {
+            per_tenant: u32::try_from(q.max_running_per_tenant).unwrap_or(u32::MAX),
+            per_module: u32::try_from(q.max_running_per_module).unwrap_or(u32::MAX),
+            modules: self.modules.keys().cloned().collect(),
+        };
+        let max_attempts = q.max_attempts;
+        loop {
+            let woken = self.work.notified();
+            tokio::pin!(woken);
+            woken.as_mut().enable();
+            if self.is_draining() {
+                return;
+            }
+            let claimed = if self.storage_ok() {
+                self.store
+                    .claim_next(now_ms(), max_attempts, &self.lease(), &caps)
+                    .await
+            } else {
+                Ok(None)
+            };
+            let claimed = match claimed {
+                Ok(Some(claimed)) => claimed,
+                Ok(None) => {
+                    tokio::select! {
+                        () = woken => {}
+                        () = tokio::time::sleep(PULL_EVERY) => {}
+                    }
+                    continue;
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot claim the next job");
+                    self.noted(e.into());
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+            };
+            let job = match &claimed {
+                Claim::Run(record, _) | Claim::GaveUp(record) => QueuedJob {
+                    id: record.id.clone(),
+                    tenant: record.tenant.clone(),
+                    module: record.module.clone(),
+                },
+                Claim::Gone => continue,
+            };
+            let slot = self.scheduler.occupy(job.clone());
+            self.hold(&job.id, true);
+            let cancel = self.cancel_handle(&job.id);
+            let ran = self.run_claim(&job.id, Ok(claimed), &cancel).await;
+            drop(cancel);
+            self.hold(&job.id, false);
+            drop(slot);
+            match ran {
+                Ran::Ended(finished) => self.wake(&job.id, finished.as_deref()),
+                Ran::Lost => {
+                    if let Ok(Some(now)) = self.store.get_job(&job.tenant, &job.id).await
+                        && now.state.is_final()
+                    {
+                        self.wake(&job.id, Some(&now));
+                    }
+                }
+                Ran::Requeued { storage: false } => {}
+                Ran::Requeued { storage: true } => {
+                    self.recover_wanted.store(true, Ordering::SeqCst);
+                }
+            }
+            // A finish (or a give-back) frees a cap: the other workers
+            // look again.
+            self.work.notify_waiters();
+            self.update_gauges();
+        }
+    }
+
+    /// Queues `job` for this node's workers: in the scheduler, or, on a
+    /// shared store, where it already is (the store), waking a worker.
+    pub(super) fn enqueue(&self, job: QueuedJob) {
+        if self.shared {
+            self.work.notify_one();
+        } else {
+            let _ = self.scheduler.push(job, false);
         }
     }
 
@@ -182,6 +274,17 @@ impl Service {
                 &self.lease(),
             )
             .await;
+        self.run_claim(&queued.id, claimed, &cancel).await
+    }
+
+    /// Runs and finishes the job of `claimed` (the claim of job `id`,
+    /// whose cancel handle is `cancel`), as [`Service::run_one`] does.
+    async fn run_claim(
+        &self,
+        id: &str,
+        claimed: Result<Claim, StoreError>,
+        cancel: &CancelHandle<'_>,
+    ) -> Ran {
         let (record, claim) = match claimed {
             Ok(Claim::Run(record, claim)) => (*record, claim),
             Ok(Claim::Gone) => return Ran::Ended(None), // cancelled while queued
@@ -199,14 +302,14 @@ impl Service {
             }
             Err(e) => {
                 // Still `queued` in the store: the claim rolled back.
-                tracing::error!(job = %queued.id, error = %e, "cannot claim job; it stays queued");
+                tracing::error!(job = %id, error = %e, "cannot claim job; it stays queued");
                 self.noted(e.into());
                 return Ran::Requeued { storage: true };
             }
         };
         self.claims_lock()
             .insert(record.id.clone(), (claim.clone(), false));
-        let ran = self.run_claimed(record, &claim, &cancel).await;
+        let ran = self.run_claimed(record, &claim, cancel).await;
         let lost = self
             .claims_lock()
             .remove(claim.id())
@@ -773,15 +876,12 @@ impl Service {
             {
                 continue;
             }
-            let pushed = self.scheduler.push(
-                QueuedJob {
-                    id: job.id,
-                    tenant: job.tenant,
-                    module: job.module,
-                },
-                false,
-            );
-            queued += usize::from(pushed.is_ok());
+            self.enqueue(QueuedJob {
+                id: job.id,
+                tenant: job.tenant,
+                module: job.module,
+            });
+            queued += 1;
         }
         Ok(queued)
     }
@@ -874,14 +974,11 @@ impl Service {
         }
         for job in expired.requeued {
             tracing::warn!(job = %job.id, "the job's lease ran out: it goes back to the queue");
-            let _ = self.scheduler.push(
-                QueuedJob {
-                    id: job.id,
-                    tenant: job.tenant,
-                    module: job.module,
-                },
-                false,
-            );
+            self.enqueue(QueuedJob {
+                id: job.id,
+                tenant: job.tenant,
+                module: job.module,
+            });
         }
         self.update_gauges();
     }

@@ -102,3 +102,48 @@ async fn a_dead_nodes_job_is_rerun_once_its_lease_runs_out_and_a_live_nodes_is_l
     let theirs = store.get_job("acme", "live-nodes").await.unwrap().unwrap();
     assert_eq!((theirs.state, theirs.attempts), (JobState::Running, 1));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_nodes_hold_a_tenants_running_cap_together_and_finish_each_job_once() {
+    let Some(url) = bulkhead::store::pg_server::fresh_database().await else {
+        return;
+    };
+    let node = |url: String| {
+        start(move |c| {
+            c.storage.url = Some(url.try_into().unwrap());
+            c.queue.workers = 2;
+            c.queue.max_running_per_tenant = 1;
+        })
+    };
+    let (a, b) = (node(url.clone()).await, node(url).await);
+    let token = a.token("acme", &["hostile:run"]).await;
+    // Sleepers (1 s each), submitted to both nodes in turn.
+    let mut ids = Vec::new();
+    for i in 0..4 {
+        let s = if i % 2 == 0 { &a } else { &b };
+        let job = crate::common::http::json(s.post("/v1/modules/hostile/jobs", &token)).await;
+        ids.push(job["id"].as_str().unwrap().to_owned());
+    }
+    let store = a.service.store();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let mut most = 0;
+    loop {
+        let jobs = store.list_jobs("acme", 100).await.unwrap();
+        let running = jobs.iter().filter(|j| j.state == JobState::Running).count();
+        most = most.max(running);
+        if jobs.iter().all(|j| j.state.is_final()) {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{jobs:#?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(most, 1, "acme runs one job at a time on all nodes together");
+    let audit = store.audit(100).await.unwrap();
+    for id in &ids {
+        let finished = audit
+            .iter()
+            .filter(|e| e.action == "job.finished" && e.job_id.as_deref() == Some(id))
+            .count();
+        assert_eq!(finished, 1, "{id} finished once");
+    }
+}
