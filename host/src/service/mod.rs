@@ -358,6 +358,12 @@ impl Service {
         if orphans > 0 {
             tracing::info!(orphans, "removed job directories no job points to");
         }
+        if service.shared {
+            let events = service.store.events().await?;
+            if let Some(events) = events {
+                tokio::spawn(Arc::clone(&service).listener(events));
+            }
+        }
         for _ in 0..service.config.queue.workers {
             if service.shared {
                 tokio::spawn(Arc::clone(&service).puller());

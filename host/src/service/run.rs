@@ -35,8 +35,8 @@ pub(super) enum Ran {
 }
 
 /// Longest wait of a shared store's worker between two looks at the
-/// store's queue when nothing woke it.
-pub(super) const PULL_EVERY: Duration = Duration::from_secs(1);
+/// store's queue when nothing woke it (a lost notification, a reconnect).
+pub(super) const PULL_EVERY: Duration = Duration::from_secs(3);
 
 /// Keeper ticks (seconds) between two unprompted recoveries.
 pub(super) const RECOVER_EVERY: u32 = 30;
@@ -223,6 +223,54 @@ impl Service {
             // look again.
             self.work.notify_waiters();
             self.update_gauges();
+        }
+    }
+
+    /// Acts on the jobs other nodes queue or end ([`JobStore::events`]): a
+    /// job queued wakes a worker; a job ended frees a cap (every worker
+    /// looks again), wakes its waiters here when another node ran it, and,
+    /// cancelled through another node while it runs here, stops its run.
+    pub(super) async fn listener(
+        self: Arc<Self>,
+        mut events: tokio::sync::mpsc::Receiver<crate::store::JobEvent>,
+    ) {
+        while let Some(event) = events.recv().await {
+            if self.is_draining() {
+                return;
+            }
+            match event.state {
+                JobState::Queued => self.work.notify_one(),
+                JobState::Running => {}
+                JobState::Succeeded | JobState::Failed | JobState::Cancelled => {
+                    self.work.notify_waiters();
+                    if event.state == JobState::Cancelled
+                        && self.claims_lock().contains_key(&event.id)
+                        && let Some(cancel) = self
+                            .cancels
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .get(&event.id)
+                    {
+                        cancel.notify_one();
+                    }
+                    let waited = self
+                        .waiters
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .contains_key(&event.id);
+                    if waited && !self.is_held(&event.id) {
+                        match self.store.get_job(&event.tenant, &event.id).await {
+                            Ok(Some(job)) if job.state.is_final() => {
+                                self.wake(&job.id, Some(&job));
+                            }
+                            Ok(_) => {}
+                            Err(e) => {
+                                tracing::error!(job = %event.id, error = %e, "cannot read a job another node ended");
+                            }
+                        }
+                    }
+                }
+            }
         }
     }
 

@@ -413,6 +413,18 @@ pub struct Caps {
     pub modules: Vec<String>,
 }
 
+/// A job queued or ended on some node sharing the store, heard through it
+/// ([`JobStore::events`]).
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+pub struct JobEvent {
+    /// Its new state: `queued`, or a final one.
+    pub state: JobState,
+    /// Owning tenant.
+    pub tenant: String,
+    /// Job id.
+    pub id: String,
+}
+
 /// What [`JobStore::expire_leases`] did with the running jobs whose lease
 /// ran out.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -537,6 +549,13 @@ pub trait JobStore: Send + Sync + std::fmt::Debug {
     /// Queued jobs of `tenant`, and of every tenant: the queue's bounds
     /// when the queue is the store's ([`JobStore::shared`]).
     async fn queued_counts(&self, tenant: &str) -> Result<(u64, u64), StoreError>;
+    /// The jobs queued or ended by any node sharing the store, as their
+    /// transactions commit; `None` where the store is not shared. Best
+    /// effort: what is announced while the connection is lost is not
+    /// heard, so whoever listens keeps a slow poll beside it.
+    async fn events(&self) -> Result<Option<tokio::sync::mpsc::Receiver<JobEvent>>, StoreError> {
+        Ok(None)
+    }
     /// Whether several nodes may share this store: then the queue is the
     /// store's (nodes take jobs with [`JobStore::claim_next`]), not each
     /// node's memory.

@@ -31,7 +31,9 @@
 //! LOCKED`), so two nodes never both take the last slot of a cap, and
 //! fairness (fewest running first, then oldest) is decided over all nodes.
 //!
-//! Not here yet (issue 15): `LISTEN/NOTIFY` wake-ups.
+//! Wake-ups are `LISTEN/NOTIFY`: a trigger (migration 0003) announces each
+//! job queued or ended on channel [`EVENTS`] at commit, and
+//! [`JobStore::events`] listens on one connection of the pool.
 
 use std::str::FromStr;
 use std::time::Duration;
@@ -54,6 +56,9 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations/postgres")
 /// reports the database unreachable (a storage failure: 503 and readiness
 /// off until the keeper's probe passes).
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The channel jobs queued or ended are announced on (see migration 0003).
+const EVENTS: &str = "bulkhead_jobs";
 
 /// The advisory lock key [`JobStore::claim_next`] serializes claims on
 /// (`pg_advisory_xact_lock`, released at commit): "bulkhead claims".
@@ -745,6 +750,45 @@ impl JobStore for PostgresStore {
 
     fn shared(&self) -> bool {
         true
+    }
+
+    async fn events(
+        &self,
+    ) -> Result<Option<tokio::sync::mpsc::Receiver<super::JobEvent>>, StoreError> {
+        let mut listener = sqlx::postgres::PgListener::connect_with(&self.pool).await?;
+        listener.listen(EVENTS).await?;
+        let (tx, rx) = tokio::sync::mpsc::channel(1024);
+        let target = self.target.clone();
+        tokio::spawn(async move {
+            loop {
+                let next = tokio::select! {
+                    next = listener.try_recv() => next,
+                    () = tx.closed() => return,
+                };
+                match next {
+                    Ok(Some(n)) => match serde_json::from_str(n.payload()) {
+                        // A full channel drops the event: the listener's
+                        // poll finds the job.
+                        Ok(event) => {
+                            if let Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) =
+                                tx.try_send(event)
+                            {
+                                return;
+                            }
+                        }
+                        Err(e) => tracing::warn!(error = %e, "undecodable job event"),
+                    },
+                    Ok(None) => {
+                        tracing::warn!(database = %target, "job events: connection lost, listening again");
+                    }
+                    Err(e) => {
+                        tracing::warn!(database = %target, error = %e, "job events: cannot listen; retrying");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                }
+            }
+        });
+        Ok(Some(rx))
     }
 
     async fn requeue(&self, claim: &Claimed, count: bool) -> Result<bool, StoreError> {

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use bulkhead::policy::HumanDuration;
-use bulkhead::store::{JobRecord, JobState, Lease, now_ms};
+use bulkhead::store::{JobRecord, JobState, JobStore, Lease, now_ms};
 
 use crate::common::service::{Server, start};
 
@@ -21,26 +21,14 @@ async fn node(url: &str, lease: Duration) -> Server {
 }
 
 /// A queued `hello` job of acme, as a submission stores it.
-fn hello_job(s: &Server, id: &str) -> JobRecord {
-    let sha256 = s
-        .service
-        .modules_for(&bulkhead::auth::Identity {
-            tenant: "acme".into(),
-            subject: "acme-ci".into(),
-            token_id: String::new(),
-            scopes: vec!["hello:run".into()],
-            client: None,
-        })
-        .find(|p| p.module.name.to_string() == "hello")
-        .map(|p| p.module.sha256.to_string())
-        .unwrap();
+fn hello_job(id: &str) -> JobRecord {
     JobRecord {
         id: id.into(),
         tenant: "acme".into(),
         subject: "acme-ci".into(),
         token_id: "t".into(),
         module: "hello".into(),
-        module_sha256: sha256,
+        module_sha256: "d".into(),
         policy_sha256: None,
         params: Default::default(),
         inputs: Vec::new(),
@@ -59,28 +47,33 @@ async fn a_dead_nodes_job_is_rerun_once_its_lease_runs_out_and_a_live_nodes_is_l
     let Some(url) = bulkhead::store::pg_server::fresh_database().await else {
         return;
     };
-    let s = node(&url, Duration::from_millis(300)).await;
-    let token = s.token("acme", &["hello:run"]).await;
-    let store = s.service.store();
-    // Two other nodes claimed a job each: one died (its lease is not
-    // renewed), one lives (its lease holds for the test).
-    for id in ["dead-nodes", "live-nodes"] {
-        store.insert_job(&hello_job(&s, id), None).await.unwrap();
-    }
-    let dead = Lease::new("dead-node", Duration::from_millis(300));
-    let live = Lease::new("live-node", Duration::from_secs(600));
+    // Before this node starts, two other nodes claimed a job each: one
+    // died (its lease is not renewed), one lives (its lease holds for the
+    // test).
+    let store = bulkhead::store::PostgresStore::open(&url, 2).await.unwrap();
     let claim = |id: &'static str, lease: Lease| {
-        let store = std::sync::Arc::clone(store);
+        let store = &store;
         async move {
+            store.insert_job(&hello_job(id), None).await.unwrap();
             match store.claim("acme", id, now_ms(), 3, &lease).await.unwrap() {
                 bulkhead::store::Claim::Run(_, claim) => claim,
                 other => panic!("{id}: {other:?}"),
             }
         }
     };
-    let stale = claim("dead-nodes", dead).await;
-    claim("live-nodes", live).await;
+    let stale = claim(
+        "dead-nodes",
+        Lease::new("dead-node", Duration::from_millis(300)),
+    )
+    .await;
+    claim(
+        "live-nodes",
+        Lease::new("live-node", Duration::from_secs(600)),
+    )
+    .await;
 
+    let s = node(&url, Duration::from_millis(300)).await;
+    let token = s.token("acme", &["hello:run"]).await;
     let done = s.finished(&token, "dead-nodes").await;
     assert_eq!(done["state"], "succeeded", "{done:#}");
     let rerun = store.get_job("acme", "dead-nodes").await.unwrap().unwrap();
@@ -146,4 +139,67 @@ async fn two_nodes_hold_a_tenants_running_cap_together_and_finish_each_job_once(
             .count();
         assert_eq!(finished, 1, "{id} finished once");
     }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_wait_and_a_cancel_on_one_node_reach_the_job_another_node_runs() {
+    let Some(url) = bulkhead::store::pg_server::fresh_database().await else {
+        return;
+    };
+    // A runs every job, one at a time: a sleeper there runs 60 s, and its
+    // lease (2 min) is not renewed within the test, so only a notification
+    // can tell A of a cancel. B only takes submissions (it runs nothing:
+    // a running cap of 0).
+    let a = {
+        let url = url.clone();
+        start(move |c| {
+            c.storage.url = Some(url.try_into().unwrap());
+            c.queue.workers = 1;
+            c.queue.lease = HumanDuration::secs(120);
+            crate::common::policies::sleeper(60_000).write_to(&c.modules.policies_dir);
+        })
+        .await
+    };
+    let b = start(move |c| {
+        c.storage.url = Some(url.try_into().unwrap());
+        c.queue.max_running_per_tenant = 0;
+    })
+    .await;
+    let token = a.token("acme", &["hello:run", "hostile:run"]).await;
+
+    // A waited-for job submitted to B, run by A: B's waiter hears of its end.
+    let resp = b
+        .post("/v1/modules/hello/jobs?wait=20s", &token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), reqwest::StatusCode::OK);
+    let done: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(done["state"], "succeeded", "{done:#}");
+
+    // A sleeper submitted to B runs on A; cancelled through B, A stops it,
+    // and its one slot runs the next job.
+    let sleeper = crate::common::http::json(b.post("/v1/modules/hostile/jobs", &token)).await;
+    let id = sleeper["id"].as_str().unwrap().to_owned();
+    let store = a.service.store();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while store.get_job("acme", &id).await.unwrap().unwrap().state != JobState::Running {
+        assert!(tokio::time::Instant::now() < deadline, "never ran");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let resp = b
+        .post(&format!("/v1/jobs/{id}/cancel"), &token)
+        .send()
+        .await
+        .unwrap();
+    assert!(resp.status().is_success(), "{}", resp.status());
+    let resp = b
+        .post("/v1/modules/hello/jobs?wait=20s", &token)
+        .send()
+        .await
+        .unwrap();
+    let next: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(next["state"], "succeeded", "A's slot was freed: {next:#}");
+    let cancelled = store.get_job("acme", &id).await.unwrap().unwrap();
+    assert_eq!(cancelled.state, JobState::Cancelled);
 }
