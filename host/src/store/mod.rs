@@ -5,9 +5,11 @@
 //! on a PostgreSQL database (`[storage] url`). Every method is one statement
 //! or one transaction, state changes are compare-and-set on the job's state
 //! (`queued → running` only from `queued`), and nothing relies on process
-//! memory. **The store knows nothing of the scheduler**: fairness and the
-//! running caps are the scheduler's, in the service's memory, so they hold
-//! per node.
+//! memory. **The store knows nothing of the scheduler**. On SQLite (one
+//! node per file) fairness and the running caps are the scheduler's, in the
+//! service's memory; on a shared store ([`JobStore::shared`], PostgreSQL)
+//! the queue is the store's: [`JobStore::claim_next`] applies the caps and
+//! fairness over all nodes.
 //!
 //! **Leases.** A claim records the node that took the job (`claimed_by`)
 //! and a lease (`lease_until`) the node renews while it runs the job
