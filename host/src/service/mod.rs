@@ -564,8 +564,10 @@ impl Service {
     }
 
     /// Stops accepting jobs, lets running jobs finish for up to the grace
-    /// period, then returns. Jobs still running are left `running` in the
-    /// store and re-run at the next start; queued jobs stay queued.
+    /// period (their leases renewed meanwhile), then returns. Jobs still
+    /// running are left `running` in the store: on SQLite re-run at the
+    /// next start, on PostgreSQL by any node once their lease runs out;
+    /// queued jobs stay queued.
     pub async fn shutdown(&self) {
         self.draining.store(true, Ordering::SeqCst);
         self.scheduler.close();
