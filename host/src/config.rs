@@ -60,6 +60,7 @@
 //! max_running_per_module = 8
 //! max_attempts = 3                 # starts of a job that never finished (crash, host error) before it is failed
 //! idempotency_retention = "24 h"   # an `Idempotency-Key` names its first job this long
+//! lease = "30 s"                   # a running job's claim, renewed every third of it; re-run elsewhere once it runs out
 //!
 //! [isolation]                      # where guests run (see ARCHITECTURE.md, "The second wall")
 //! mode = "process"                 # hardened worker processes; "in-process" for debugging only
@@ -517,6 +518,11 @@ pub struct Queue {
     pub max_attempts: u32,
     /// How long an `Idempotency-Key` keeps naming the job it created.
     pub idempotency_retention: HumanDuration,
+    /// How long a claim holds a running job without being renewed: the
+    /// node renews the leases of the jobs it runs every third of it; a job
+    /// whose lease ran out (its node died, or lost the database) is re-run
+    /// by any node, its attempt counted.
+    pub lease: HumanDuration,
 }
 
 impl Default for Queue {
@@ -529,6 +535,7 @@ impl Default for Queue {
             max_running_per_module: 8,
             max_attempts: 3,
             idempotency_retention: HumanDuration::secs(24 * 3600),
+            lease: HumanDuration::secs(30),
         }
     }
 }
@@ -627,6 +634,15 @@ impl ServeConfig {
             return Err(ConfigError::Invalid {
                 path: path.to_owned(),
                 message: "queue.max_attempts must be at least 1".into(),
+            });
+        }
+        if config.queue.lease.get() < std::time::Duration::from_millis(30) {
+            return Err(ConfigError::Invalid {
+                path: path.to_owned(),
+                message: format!(
+                    "queue.lease must be at least 30 ms (got {:?})",
+                    config.queue.lease.get()
+                ),
             });
         }
         Ok(config)

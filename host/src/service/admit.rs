@@ -189,10 +189,13 @@ impl Service {
         {
             return self.replay(job, &hash, key, wait.is_some()).await;
         }
-        if let Err(why) = self.scheduler.check(&who.tenant) {
+        if let Err(why) = self.admissible(&who.tenant).await? {
             return Err(self.busy(who, module, why).await);
         }
-        if let Some(wait) = wait
+        // On a shared store every job goes through the store's queue, under
+        // the caps of all nodes: no inline path (it would run beside them).
+        if !self.shared
+            && let Some(wait) = wait
             && let Some(slack) = wait.checked_sub(policy.limits.wall_time.get())
             && !slack.is_zero()
             && let Some(held) = InlineInputs::hold(&self.inline_inputs, &spec)
@@ -248,7 +251,12 @@ impl Service {
             tenant: record.tenant.clone(),
             module: record.module.clone(),
         };
-        if let Err(why) = self.scheduler.push(queued, true) {
+        if self.shared {
+            // Its bounds were checked against the store above (not
+            // atomically with the insert: concurrent submissions may pass
+            // them by a few jobs).
+            self.work.notify_one();
+        } else if let Err(why) = self.scheduler.push(queued, true) {
             // Lost a race for the last queue slot: take the job back.
             let _ = self
                 .store
@@ -318,6 +326,27 @@ impl Service {
             tenant,
             retry_after: 1,
         }
+    }
+
+    /// Whether `tenant` may queue a job now: the scheduler's bounds, or on
+    /// a shared store the same bounds counted in the store (all nodes).
+    async fn admissible(&self, tenant: &str) -> Result<Result<(), Rejection>, ServiceError> {
+        if !self.shared {
+            return Ok(self.scheduler.check(tenant));
+        }
+        let (mine, all) = self
+            .store
+            .queued_counts(tenant)
+            .await
+            .map_err(|e| self.noted(e.into()))?;
+        let q = &self.config.queue;
+        Ok(if all >= q.max_queued as u64 {
+            Err(Rejection::ServiceFull)
+        } else if mine >= q.max_queued_per_tenant as u64 {
+            Err(Rejection::TenantFull)
+        } else {
+            Ok(())
+        })
     }
 
     /// A receiver that fires when the job ends: with the finished record

@@ -183,6 +183,16 @@ pub struct Service {
     /// Jobs a worker of this process holds, from before its claim until
     /// after its finish: a `running` job not in here was left by a failure.
     held: Mutex<HashSet<String>>,
+    /// The claims of the jobs this node's workers run, whose leases the
+    /// leaser renews; `true` once a renewal found the claim lost (the job
+    /// was cancelled, or re-queued after its lease ran out).
+    claims: Mutex<HashMap<String, (crate::store::Claimed, bool)>>,
+    /// The store is shared by several nodes ([`JobStore::shared`]): the
+    /// queue is the store's, taken by [`Service::puller`]s, and the
+    /// scheduler only counts this node's running jobs.
+    shared: bool,
+    /// Wakes the pullers: a job was queued or a cap freed.
+    work: Notify,
     admin_token_hash: String,
     /// This start of this node among the nodes sharing the store
     /// ([`crate::config::Node::id`]).
@@ -196,6 +206,11 @@ impl Service {
     /// This start of this node's id among the nodes sharing the store.
     pub fn node(&self) -> &str {
         &self.node
+    }
+
+    /// The lease this node claims jobs with.
+    pub(super) fn lease(&self) -> crate::store::Lease {
+        crate::store::Lease::new(&self.node, self.config.queue.lease.get())
     }
 }
 
@@ -299,8 +314,14 @@ impl Service {
             max_running_per_module: q.max_running_per_module,
         });
         let requeued = store.requeue_running().await?;
-        let pending = store.queued_jobs().await?;
-        tracing::info!(requeued, pending = pending.len(), "recovered jobs");
+        let shared = store.shared();
+        // A shared store's queue stays in the store.
+        let pending = if shared {
+            Vec::new()
+        } else {
+            store.queued_jobs().await?
+        };
+        tracing::info!(requeued, pending = pending.len(), shared, "recovered jobs");
         for job in pending {
             let _ = scheduler.push(
                 QueuedJob {
@@ -327,6 +348,9 @@ impl Service {
             storage_ok: AtomicBool::new(true),
             recover_wanted: AtomicBool::new(false),
             held: Mutex::default(),
+            claims: Mutex::default(),
+            shared,
+            work: Notify::new(),
             admin_token_hash,
             node: config.node.id(),
             metrics: metrics_handle(),
@@ -340,11 +364,22 @@ impl Service {
         if orphans > 0 {
             tracing::info!(orphans, "removed job directories no job points to");
         }
+        if service.shared {
+            let events = service.store.events().await?;
+            if let Some(events) = events {
+                tokio::spawn(Arc::clone(&service).listener(events));
+            }
+        }
         for _ in 0..service.config.queue.workers {
-            tokio::spawn(Arc::clone(&service).worker());
+            if service.shared {
+                tokio::spawn(Arc::clone(&service).puller());
+            } else {
+                tokio::spawn(Arc::clone(&service).worker());
+            }
         }
         tokio::spawn(Arc::clone(&service).sweeper());
         tokio::spawn(Arc::clone(&service).keeper());
+        tokio::spawn(Arc::clone(&service).leaser());
         service.update_gauges();
         Ok(service)
     }
@@ -525,8 +560,10 @@ impl Service {
     }
 
     /// Stops accepting jobs, lets running jobs finish for up to the grace
-    /// period, then returns. Jobs still running are left `running` in the
-    /// store and re-run at the next start; queued jobs stay queued.
+    /// period (their leases renewed meanwhile), then returns. Jobs still
+    /// running are left `running` in the store: on SQLite re-run at the
+    /// next start, on PostgreSQL by any node once their lease runs out;
+    /// queued jobs stay queued.
     pub async fn shutdown(&self) {
         self.draining.store(true, Ordering::SeqCst);
         self.scheduler.close();

@@ -29,7 +29,14 @@ pub(super) enum Ran {
     /// Given back to the queue after a failure of the host; after a storage
     /// failure (`storage`), the keeper re-queues it once the storage writes.
     Requeued { storage: bool },
+    /// Stopped because its claim was lost (its lease ran out and another
+    /// run took it, or it was cancelled through another node).
+    Lost,
 }
+
+/// Longest wait of a shared store's worker between two looks at the
+/// store's queue when nothing woke it (a lost notification, a reconnect).
+pub(super) const PULL_EVERY: Duration = Duration::from_secs(3);
 
 /// Keeper ticks (seconds) between two unprompted recoveries.
 pub(super) const RECOVER_EVERY: u32 = 30;
@@ -119,16 +126,161 @@ impl Service {
             drop(slot);
             match ran {
                 Ran::Ended(finished) => self.wake(&job.id, finished.as_deref()),
+                // Another run has it, or it was cancelled elsewhere: its
+                // waiters here hear of it once it is final.
+                Ran::Lost => {
+                    if let Ok(Some(now)) = self.store.get_job(&job.tenant, &job.id).await
+                        && now.state.is_final()
+                    {
+                        self.wake(&job.id, Some(&now));
+                    }
+                }
                 // Its next attempt may start at once; after a storage
                 // failure the keeper re-queues it once the storage writes.
-                Ran::Requeued { storage: false } => {
-                    let _ = self.scheduler.push(job, false);
-                }
+                Ran::Requeued { storage: false } => self.enqueue(job),
                 Ran::Requeued { storage: true } => {
                     self.recover_wanted.store(true, Ordering::SeqCst);
                 }
             }
             self.update_gauges();
+        }
+    }
+
+    /// A worker of a node on a shared store ([`JobStore::shared`]): takes
+    /// the next job from the store's queue ([`JobStore::claim_next`],
+    /// under the running caps of all nodes together) and runs it, holding
+    /// a slot of this node's scheduler while it runs (so draining and the
+    /// gauges see it). Between claims it waits to be woken (a submission
+    /// or a finish here, a lease sweep) or at most [`PULL_EVERY`].
+    pub(super) async fn puller(self: Arc<Self>) {
+        let q = &self.config.queue;
+        let caps = crate::store::Caps {
+            per_tenant: u32::try_from(q.max_running_per_tenant).unwrap_or(u32::MAX),
+            per_module: u32::try_from(q.max_running_per_module).unwrap_or(u32::MAX),
+            modules: self.modules.keys().cloned().collect(),
+        };
+        let max_attempts = q.max_attempts;
+        loop {
+            let woken = self.work.notified();
+            tokio::pin!(woken);
+            woken.as_mut().enable();
+            if self.is_draining() {
+                return;
+            }
+            let claimed = if self.storage_ok() {
+                self.store
+                    .claim_next(now_ms(), max_attempts, &self.lease(), &caps)
+                    .await
+            } else {
+                Ok(None)
+            };
+            let claimed = match claimed {
+                Ok(Some(claimed)) => claimed,
+                Ok(None) => {
+                    tokio::select! {
+                        () = woken => {}
+                        () = tokio::time::sleep(PULL_EVERY) => {}
+                    }
+                    continue;
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot claim the next job");
+                    self.noted(e.into());
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+            };
+            let job = match &claimed {
+                Claim::Run(record, _) | Claim::GaveUp(record) => QueuedJob {
+                    id: record.id.clone(),
+                    tenant: record.tenant.clone(),
+                    module: record.module.clone(),
+                },
+                Claim::Gone => continue,
+            };
+            let slot = self.scheduler.occupy(job.clone());
+            self.hold(&job.id, true);
+            let cancel = self.cancel_handle(&job.id);
+            let ran = self.run_claim(&job.id, Ok(claimed), &cancel).await;
+            drop(cancel);
+            self.hold(&job.id, false);
+            drop(slot);
+            match ran {
+                Ran::Ended(finished) => self.wake(&job.id, finished.as_deref()),
+                Ran::Lost => {
+                    if let Ok(Some(now)) = self.store.get_job(&job.tenant, &job.id).await
+                        && now.state.is_final()
+                    {
+                        self.wake(&job.id, Some(&now));
+                    }
+                }
+                Ran::Requeued { storage: false } => {}
+                Ran::Requeued { storage: true } => {
+                    self.recover_wanted.store(true, Ordering::SeqCst);
+                }
+            }
+            // A finish (or a give-back) frees a cap: the other workers
+            // look again.
+            self.work.notify_waiters();
+            self.update_gauges();
+        }
+    }
+
+    /// Acts on the jobs other nodes queue or end ([`JobStore::events`]): a
+    /// job queued wakes a worker; a job ended frees a cap (every worker
+    /// looks again), wakes its waiters here when another node ran it, and,
+    /// cancelled through another node while it runs here, stops its run.
+    pub(super) async fn listener(
+        self: Arc<Self>,
+        mut events: tokio::sync::mpsc::Receiver<crate::store::JobEvent>,
+    ) {
+        while let Some(event) = events.recv().await {
+            if self.is_draining() {
+                return;
+            }
+            match event.state {
+                JobState::Queued => self.work.notify_one(),
+                JobState::Running => {}
+                JobState::Succeeded | JobState::Failed | JobState::Cancelled => {
+                    self.work.notify_waiters();
+                    if event.state == JobState::Cancelled
+                        && self.claims_lock().contains_key(&event.id)
+                        && let Some(cancel) = self
+                            .cancels
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .get(&event.id)
+                    {
+                        cancel.notify_one();
+                    }
+                    let waited = self
+                        .waiters
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .contains_key(&event.id);
+                    if waited && !self.is_held(&event.id) {
+                        match self.store.get_job(&event.tenant, &event.id).await {
+                            Ok(Some(job)) if job.state.is_final() => {
+                                self.wake(&job.id, Some(&job));
+                            }
+                            Ok(_) => {}
+                            Err(e) => {
+                                tracing::error!(job = %event.id, error = %e, "cannot read a job another node ended");
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Queues `job` for this node's workers: in the scheduler, or, on a
+    /// shared store, where it already is (the store), waking a worker.
+    pub(super) fn enqueue(&self, job: QueuedJob) {
+        if self.shared {
+            self.work.notify_one();
+        } else {
+            let _ = self.scheduler.push(job, false);
         }
     }
 
@@ -162,8 +314,25 @@ impl Service {
         let cancel = self.cancel_handle(&queued.id);
         let claimed = self
             .store
-            .claim(&queued.tenant, &queued.id, now_ms(), max_attempts)
+            .claim(
+                &queued.tenant,
+                &queued.id,
+                now_ms(),
+                max_attempts,
+                &self.lease(),
+            )
             .await;
+        self.run_claim(&queued.id, claimed, &cancel).await
+    }
+
+    /// Runs and finishes the job of `claimed` (the claim of job `id`,
+    /// whose cancel handle is `cancel`), as [`Service::run_one`] does.
+    async fn run_claim(
+        &self,
+        id: &str,
+        claimed: Result<Claim, StoreError>,
+        cancel: &CancelHandle<'_>,
+    ) -> Ran {
         let (record, claim) = match claimed {
             Ok(Claim::Run(record, claim)) => (*record, claim),
             Ok(Claim::Gone) => return Ran::Ended(None), // cancelled while queued
@@ -181,13 +350,37 @@ impl Service {
             }
             Err(e) => {
                 // Still `queued` in the store: the claim rolled back.
-                tracing::error!(job = %queued.id, error = %e, "cannot claim job; it stays queued");
+                tracing::error!(job = %id, error = %e, "cannot claim job; it stays queued");
                 self.noted(e.into());
                 return Ran::Requeued { storage: true };
             }
         };
+        self.claims_lock()
+            .insert(record.id.clone(), (claim.clone(), false));
+        let ran = self.run_claimed(record, &claim, cancel).await;
+        let lost = self
+            .claims_lock()
+            .remove(claim.id())
+            .is_some_and(|(_, lost)| lost);
+        match ran {
+            Ran::Ended(None) if lost => Ran::Lost,
+            ran => ran,
+        }
+    }
+
+    fn claims_lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, (Claimed, bool)>> {
+        self.claims.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Runs and finishes a job this node claimed (see [`Service::run_one`]).
+    async fn run_claimed(
+        &self,
+        record: JobRecord,
+        claim: &Claimed,
+        cancel: &CancelHandle<'_>,
+    ) -> Ran {
         let result = match self.modules.get(&record.module) {
-            Some(module) => self.run_stored(module, &record, &cancel).await,
+            Some(module) => self.run_stored(module, &record, cancel).await,
             None => Ok(Some(JobReport::not_run(
                 &record.id,
                 &record.module,
@@ -195,9 +388,9 @@ impl Service {
             ))),
         };
         match result {
-            Ok(Some(report)) => Ran::Ended(self.finish(record, &claim, report).await.map(Box::new)),
+            Ok(Some(report)) => Ran::Ended(self.finish(record, claim, report).await.map(Box::new)),
             Ok(None) => Ran::Ended(None), // cancelled while running
-            Err(e) => self.host_failed(record, &claim, e).await,
+            Err(e) => self.host_failed(record, claim, e).await,
         }
     }
 
@@ -717,8 +910,9 @@ impl Service {
 
     /// Puts every unfinished job of the store that no worker here holds
     /// back in the run queue: `queued` ones whose claim failed, `running`
-    /// ones a failure left behind (re-queued first, their attempt spent).
-    /// The scheduler ignores jobs it already has.
+    /// ones a failure left behind on this node (re-queued first, their
+    /// attempt spent). Another node's running job is left to its lease
+    /// (see [`Service::leaser`]). The scheduler ignores jobs it already has.
     ///
     /// # Errors
     /// Store failures.
@@ -729,21 +923,115 @@ impl Service {
                 continue;
             }
             if let Some(claim) = &job.claim
-                && !self.store.requeue(claim, true).await?
+                && (claim.node() != Some(self.node()) || !self.store.requeue(claim, true).await?)
             {
                 continue;
             }
-            let pushed = self.scheduler.push(
-                QueuedJob {
-                    id: job.id,
-                    tenant: job.tenant,
-                    module: job.module,
-                },
-                false,
-            );
-            queued += usize::from(pushed.is_ok());
+            self.enqueue(QueuedJob {
+                id: job.id,
+                tenant: job.tenant,
+                module: job.module,
+            });
+            queued += 1;
         }
         Ok(queued)
+    }
+}
+
+impl Service {
+    /// Keeps this node's leases, every third of `[queue] lease`: renews, in
+    /// one statement, the leases of the jobs its workers run, and stops
+    /// the run of any job whose claim a renewal found lost (cancelled
+    /// through another node, or re-queued after its lease ran out); then
+    /// gives back to the queue the running jobs of any node whose lease ran
+    /// out (see [`JobStore::expire_leases`]), taking them into this node's
+    /// queue, and wakes the waiters of those finished `failed` instead.
+    /// Renews while the service drains, until its last job ends.
+    pub(super) async fn leaser(self: Arc<Self>) {
+        let every = (self.config.queue.lease.get() / 3).max(Duration::from_millis(10));
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let claims: Vec<Claimed> = self
+                .claims_lock()
+                .values()
+                .map(|(c, _)| c.clone())
+                .collect();
+            if self.is_draining() && claims.is_empty() {
+                return;
+            }
+            self.renew(&claims).await;
+            if !self.is_draining() && self.storage_ok() {
+                self.expire().await;
+            }
+        }
+    }
+
+    /// Renews the leases of `claims`; stops the runs whose claim is lost.
+    async fn renew(&self, claims: &[Claimed]) {
+        if claims.is_empty() {
+            return;
+        }
+        let lost = match self
+            .store
+            .renew_leases(&self.lease(), claims, now_ms())
+            .await
+        {
+            Ok(lost) => lost,
+            Err(e) => {
+                tracing::error!(error = %e, jobs = claims.len(), "cannot renew the leases of running jobs");
+                self.noted(e.into());
+                return;
+            }
+        };
+        for claim in lost {
+            let mut held = self.claims_lock();
+            let Some((now, flag)) = held.get_mut(claim.id()) else {
+                continue; // it ended meanwhile
+            };
+            if *now != claim {
+                continue;
+            }
+            *flag = true;
+            drop(held);
+            tracing::warn!(job = %claim.id(), attempt = claim.attempt(), "the job's claim is lost (cancelled, or its lease ran out): stopping its run");
+            if let Some(cancel) = self
+                .cancels
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(claim.id())
+            {
+                cancel.notify_one();
+            }
+        }
+    }
+
+    /// Re-queues (or fails) the running jobs whose lease ran out.
+    async fn expire(&self) {
+        let max_attempts = self.config.queue.max_attempts;
+        let expired = match self.store.expire_leases(now_ms(), max_attempts).await {
+            Ok(expired) => expired,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot look for jobs whose lease ran out");
+                self.noted(e.into());
+                return;
+            }
+        };
+        for job in expired.failed {
+            tracing::error!(job = %job.id, attempts = job.attempts, "job failed: its lease ran out on its last attempt");
+            self.remove_inputs(&job);
+            self.wake(&job.id, Some(&job));
+        }
+        for job in expired.requeued {
+            tracing::warn!(job = %job.id, "the job's lease ran out: it goes back to the queue");
+            self.enqueue(QueuedJob {
+                id: job.id,
+                tenant: job.tenant,
+                module: job.module,
+            });
+        }
+        self.update_gauges();
     }
 }
 

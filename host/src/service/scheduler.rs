@@ -269,6 +269,22 @@ impl Scheduler {
         })
     }
 
+    /// Counts `job`, claimed from a shared store's queue rather than picked
+    /// here, as running on this node: its slot (and its tenant's and
+    /// module's counts) until the returned [`Slot`] is dropped.
+    pub fn occupy(self: &Arc<Self>, job: QueuedJob) -> Slot {
+        let mut s = self.lock();
+        s.running += 1;
+        *s.running_tenant.entry(job.tenant.clone()).or_default() += 1;
+        *s.running_module.entry(job.module.clone()).or_default() += 1;
+        s.durable.insert(job.id.clone());
+        drop(s);
+        Slot {
+            scheduler: Arc::clone(self),
+            job,
+        }
+    }
+
     /// Takes a waiting job out (cancelled, or its caller stopped waiting);
     /// false if it is not waiting.
     pub fn remove(&self, id: &str) -> bool {

@@ -5,9 +5,22 @@
 //! on a PostgreSQL database (`[storage] url`). Every method is one statement
 //! or one transaction, state changes are compare-and-set on the job's state
 //! (`queued → running` only from `queued`), and nothing relies on process
-//! memory. **The store knows nothing of the scheduler**: fairness and the
-//! running caps are the scheduler's, in the service's memory, so they hold
-//! per node (one node per database this round).
+//! memory. **The store knows nothing of the scheduler**. On SQLite (one
+//! node per file) fairness and the running caps are the scheduler's, in the
+//! service's memory; on a shared store ([`JobStore::shared`], PostgreSQL)
+//! the queue is the store's: [`JobStore::claim_next`] applies the caps and
+//! fairness over all nodes.
+//!
+//! **Leases.** A claim records the node that took the job (`claimed_by`)
+//! and a lease (`lease_until`) the node renews while it runs the job
+//! ([`JobStore::renew_leases`]). A running job whose lease ran out is given
+//! back to the queue by any node ([`JobStore::expire_leases`]), or finished
+//! `failed` once it was started `max_attempts` times. Finishing, re-queueing
+//! and renewing are compare-and-set on the state, the claiming node and the
+//! attempt ([`Claimed`]): a node that lost its lease (a pause, a partition)
+//! can never overwrite the result of the job's next run, so a job finishes
+//! once. PostgreSQL reads leases on the database's clock (`now()`), so the
+//! nodes' clocks need not agree; SQLite (one node per file) on the caller's.
 //!
 //! One behavioural suite (`suite`, tests only) runs against both stores: a
 //! SQLite file and a PostgreSQL server the tests start themselves
@@ -333,17 +346,25 @@ pub struct Claimed {
     tenant: String,
     attempt: u32,
     started_at: Option<i64>,
+    /// The node that claimed it (`None`: an inline job, stored finished).
+    node: Option<String>,
 }
 
 impl Claimed {
-    /// The claim a running job's row holds.
-    fn of(job: &JobRecord) -> Self {
+    /// The claim a running job's row holds, taken by `node`.
+    fn of(job: &JobRecord, node: Option<&str>) -> Self {
         Self {
             id: job.id.clone(),
             tenant: job.tenant.clone(),
             attempt: job.attempts,
             started_at: job.started_at,
+            node: node.map(str::to_owned),
         }
+    }
+
+    /// The node holding the claim.
+    pub fn node(&self) -> Option<&str> {
+        self.node.as_deref()
     }
 
     /// The job's id.
@@ -360,6 +381,63 @@ impl Claimed {
     pub fn attempt(&self) -> u32 {
         self.attempt
     }
+}
+
+/// Who claims a job, and for how long its lease runs from each claim or
+/// renewal.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Lease {
+    /// The claiming node's id (this start of it: [`crate::config::Node::id`]).
+    pub node: String,
+    /// How long a claim or a renewal holds the job, in milliseconds.
+    pub millis: i64,
+}
+
+impl Lease {
+    /// A lease of `node` for `duration`.
+    pub fn new(node: &str, duration: std::time::Duration) -> Self {
+        Self {
+            node: node.to_owned(),
+            millis: i64::try_from(duration.as_millis()).unwrap_or(i64::MAX / 4),
+        }
+    }
+}
+
+/// The running caps a claim from the shared queue respects, across every
+/// node of the store ([`JobStore::claim_next`]), and the modules the
+/// claiming node serves.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Caps {
+    /// Running jobs per tenant, all nodes together.
+    pub per_tenant: u32,
+    /// Running jobs per module, all nodes together.
+    pub per_module: u32,
+    /// Modules the claiming node can run; jobs of others are left to the
+    /// nodes that serve them.
+    pub modules: Vec<String>,
+}
+
+/// A job queued or ended on some node sharing the store, heard through it
+/// ([`JobStore::events`]).
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+pub struct JobEvent {
+    /// Its new state: `queued`, or a final one.
+    pub state: JobState,
+    /// Owning tenant.
+    pub tenant: String,
+    /// Job id.
+    pub id: String,
+}
+
+/// What [`JobStore::expire_leases`] did with the running jobs whose lease
+/// ran out.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Expired {
+    /// Given back to the queue (their attempt stays counted), oldest first.
+    pub requeued: Vec<PendingJob>,
+    /// Started `max_attempts` times: finished `failed`, with a report
+    /// naming the reason.
+    pub failed: Vec<JobRecord>,
 }
 
 /// Result of claiming a queued job.
@@ -447,16 +525,62 @@ pub trait JobStore: KeyDirectory + Send + Sync + std::fmt::Debug {
     async fn get_job(&self, tenant: &str, id: &str) -> Result<Option<JobRecord>, StoreError>;
     /// The tenant's most recent jobs.
     async fn list_jobs(&self, tenant: &str, limit: u32) -> Result<Vec<JobRecord>, StoreError>;
-    /// The tenant's job `id`, `queued → running`, counting the attempt; a
-    /// job already started `max_attempts` times is finished `failed`
-    /// instead (see [`Claim`]).
+    /// The tenant's job `id`, `queued → running`, counting the attempt,
+    /// held by `lease`'s node until the lease runs out; a job already
+    /// started `max_attempts` times is finished `failed` instead (see
+    /// [`Claim`]).
     async fn claim(
         &self,
         tenant: &str,
         id: &str,
         now: i64,
         max_attempts: u32,
+        lease: &Lease,
     ) -> Result<Claim, StoreError>;
+    /// Claims the next queued job from the shared queue, atomically against
+    /// every node: of the tenants under their running cap, the one with the
+    /// fewest running jobs, its oldest job whose module is under its cap
+    /// and served by the node (`caps`). `None` when nothing may start.
+    /// Otherwise as [`JobStore::claim`] (a job started `max_attempts` times
+    /// is finished `failed` instead).
+    async fn claim_next(
+        &self,
+        now: i64,
+        max_attempts: u32,
+        lease: &Lease,
+        caps: &Caps,
+    ) -> Result<Option<Claim>, StoreError>;
+    /// Queued jobs of `tenant`, and of every tenant: the queue's bounds
+    /// when the queue is the store's ([`JobStore::shared`]).
+    async fn queued_counts(&self, tenant: &str) -> Result<(u64, u64), StoreError>;
+    /// The jobs queued or ended by any node sharing the store, as their
+    /// transactions commit; `None` where the store is not shared. Best
+    /// effort: what is announced while the connection is lost is not
+    /// heard, so whoever listens keeps a slow poll beside it.
+    async fn events(&self) -> Result<Option<tokio::sync::mpsc::Receiver<JobEvent>>, StoreError> {
+        Ok(None)
+    }
+    /// Whether several nodes may share this store: then the queue is the
+    /// store's (nodes take jobs with [`JobStore::claim_next`]), not each
+    /// node's memory.
+    fn shared(&self) -> bool {
+        false
+    }
+    /// Renews, in one statement, the leases of `claims` (all held by
+    /// `lease`'s node) for another `lease.millis` from `now`; returns the
+    /// claims that no longer hold (the job was cancelled, or its lease ran
+    /// out and it was given back or claimed again): their runs must stop.
+    async fn renew_leases(
+        &self,
+        lease: &Lease,
+        claims: &[Claimed],
+        now: i64,
+    ) -> Result<Vec<Claimed>, StoreError>;
+    /// Gives back to the queue every running job whose lease ran out
+    /// before `now` (whichever node held it), its attempt counted; one
+    /// already started `max_attempts` times is finished `failed` instead,
+    /// with its `job.finished` audit entry.
+    async fn expire_leases(&self, now: i64, max_attempts: u32) -> Result<Expired, StoreError>;
     /// `running → queued` for a claimed job this process could not finish;
     /// with `count` false the attempt it used is given back (the failure
     /// was the storage's, not the job's). False if the claim no longer
@@ -492,8 +616,11 @@ pub trait JobStore: KeyDirectory + Send + Sync + std::fmt::Debug {
     ) -> Result<CancelOutcome, StoreError>;
     /// Deletes a finished job of the tenant.
     async fn delete_job(&self, tenant: &str, id: &str) -> Result<DeleteOutcome, StoreError>;
-    /// Puts every `running` job back to `queued` (after a crash); returns
-    /// how many.
+    /// At a node's start: puts `running` jobs back to `queued`, their
+    /// attempt counted; returns how many. SQLite (one node per file) takes
+    /// back every running job, left by the previous process; PostgreSQL
+    /// only those whose lease ran out (other nodes' live jobs stay theirs;
+    /// see [`JobStore::expire_leases`]).
     async fn requeue_running(&self) -> Result<u64, StoreError>;
     /// Every queued job, oldest first.
     async fn queued_jobs(&self) -> Result<Vec<JobRecord>, StoreError>;
@@ -514,6 +641,34 @@ pub trait JobStore: KeyDirectory + Send + Sync + std::fmt::Debug {
     /// Deletes audit entries written before `before` (Unix milliseconds);
     /// returns how many.
     async fn expire_audit(&self, before: i64) -> Result<u64, StoreError>;
+}
+
+/// The claims among `claims` that `held` (id, attempt and start of each
+/// job a renewal found still running for its node) no longer names.
+fn lost_claims(claims: &[Claimed], held: &[(String, u32, Option<i64>)]) -> Vec<Claimed> {
+    claims
+        .iter()
+        .filter(|c| {
+            !held.iter().any(|(id, attempt, started)| {
+                *id == c.id && *attempt == c.attempt && *started == c.started_at
+            })
+        })
+        .cloned()
+        .collect()
+}
+
+/// The report of a job finished `failed` because its lease ran out on its
+/// last allowed attempt.
+fn lease_expired_report(job: &JobRecord) -> JobReport {
+    JobReport::not_run(
+        &job.id,
+        &job.module,
+        format!(
+            "lease expired: the node running the job stopped renewing its lease, and the job \
+             was started {} times without finishing",
+            job.attempts
+        ),
+    )
 }
 
 /// Unix milliseconds now.

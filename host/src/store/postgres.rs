@@ -19,11 +19,21 @@
 //! it. (`NO KEY` so the key table's foreign-key checks, which share-lock
 //! the job's key, never make a claim skip.)
 //!
-//! Not here yet (issue 15): leases and re-runs across nodes (a running job
-//! is tied to no node, and [`JobStore::requeue_running`] at start re-queues
-//! every running job, so two nodes on one database must not run at once),
-//! `LISTEN/NOTIFY` wake-ups, claims that pick the next job in the database
-//! rather than a job the node's scheduler chose.
+//! Leases are kept on the database's clock (`clock_timestamp()`, Unix
+//! milliseconds), so nodes whose clocks disagree still agree on whose lease
+//! ran out. [`JobStore::requeue_running`] at a node's start takes back only
+//! running jobs whose lease ran out: the others belong to live nodes.
+//!
+//! The queue is the database's ([`JobStore::shared`]): a node takes the
+//! next job with [`JobStore::claim_next`], which holds a transaction-scoped
+//! advisory lock ([`CLAIM_LOCK`]) while it counts running jobs per tenant
+//! and per module and claims the chosen row (`FOR NO KEY UPDATE SKIP
+//! LOCKED`), so two nodes never both take the last slot of a cap, and
+//! fairness (fewest running first, then oldest) is decided over all nodes.
+//!
+//! Wake-ups are `LISTEN/NOTIFY`: a trigger (migration 0003) announces each
+//! job queued or ended on channel [`EVENTS`] at commit, and
+//! [`JobStore::events`] listens on one connection of the pool.
 
 use std::str::FromStr;
 use std::time::Duration;
@@ -33,8 +43,9 @@ use sqlx::Row;
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions, PgRow};
 
 use super::{
-    AuditEntry, AuditedJob, CancelOutcome, Claim, Claimed, DeleteOutcome, Idempotency, Inserted,
-    JobFinished, JobRecord, JobState, JobStore, PendingJob, StoreError,
+    AuditEntry, AuditedJob, CancelOutcome, Caps, Claim, Claimed, DeleteOutcome, Expired,
+    Idempotency, Inserted, JobFinished, JobRecord, JobState, JobStore, Lease, PendingJob,
+    StoreError,
 };
 use crate::auth::TokenRecord;
 
@@ -46,6 +57,13 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations/postgres")
 /// off until the keeper's probe passes).
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// The channel jobs queued or ended are announced on (see migration 0003).
+const EVENTS: &str = "bulkhead_jobs";
+
+/// The advisory lock key [`JobStore::claim_next`] serializes claims on
+/// (`pg_advisory_xact_lock`, released at commit): "bulkhead claims".
+const CLAIM_LOCK: i64 = 0x6275_6c6b_636c_6169;
+
 /// A job's columns, JSON ones as text, for `SELECT` and `RETURNING`.
 macro_rules! job_cols {
     () => {
@@ -53,6 +71,14 @@ macro_rules! job_cols {
          jobs.policy_sha256, jobs.params::text AS params, jobs.inputs::text AS inputs,
          jobs.has_stdin, jobs.state, jobs.created_at, jobs.started_at, jobs.finished_at,
          jobs.attempts, jobs.report"
+    };
+}
+
+/// The database's clock, Unix milliseconds: leases are read and written on
+/// it, never on a node's.
+macro_rules! db_now {
+    () => {
+        "(EXTRACT(EPOCH FROM clock_timestamp()) * 1000)::BIGINT"
     };
 }
 
@@ -368,7 +394,7 @@ async fn finish(
     let row = sqlx::query(
         "UPDATE jobs SET state = $1, finished_at = $2, report = $3
          WHERE id = $4 AND tenant = $5 AND state = 'running' AND attempts = $6
-               AND started_at IS NOT DISTINCT FROM $7
+               AND started_at IS NOT DISTINCT FROM $7 AND claimed_by IS NOT DISTINCT FROM $8
          RETURNING id, tenant, subject, module, module_sha256, policy_sha256",
     )
     .bind(finished.state.as_str())
@@ -378,6 +404,7 @@ async fn finish(
     .bind(&claim.tenant)
     .bind(stored_attempts(claim.attempt))
     .bind(claim.started_at)
+    .bind(&claim.node)
     .fetch_optional(&mut *c)
     .await?;
     let Some(r) = row else {
@@ -545,11 +572,15 @@ impl JobStore for PostgresStore {
         id: &str,
         now: i64,
         max_attempts: u32,
+        lease: &Lease,
     ) -> Result<Claim, StoreError> {
         let max_attempts = stored_attempts(max_attempts.max(1));
         // The common case is one statement, outside any transaction.
         let claimed = sqlx::query(concat!(
-            "UPDATE jobs SET state = 'running', started_at = $1, attempts = attempts + 1
+            "UPDATE jobs SET state = 'running', started_at = $1, attempts = attempts + 1,
+                             claimed_by = $5, lease_until = ",
+            db_now!(),
+            " + $6
              WHERE id = (SELECT id FROM jobs
                          WHERE id = $2 AND tenant = $3 AND state = 'queued' AND attempts < $4
                          FOR NO KEY UPDATE SKIP LOCKED)
@@ -560,11 +591,13 @@ impl JobStore for PostgresStore {
         .bind(id)
         .bind(tenant)
         .bind(max_attempts)
+        .bind(&lease.node)
+        .bind(lease.millis)
         .fetch_optional(&self.pool)
         .await?;
         if let Some(row) = claimed {
             let job = job_row(&row)?;
-            let claim = Claimed::of(&job);
+            let claim = Claimed::of(&job, Some(&lease.node));
             return Ok(Claim::Run(Box::new(job), claim));
         }
         // Still queued, but every attempt it was allowed began and none
@@ -572,7 +605,7 @@ impl JobStore for PostgresStore {
         // `running` like any finished job, in one transaction.
         let mut tx = self.pool.begin().await?;
         let exhausted = sqlx::query(concat!(
-            "UPDATE jobs SET state = 'running'
+            "UPDATE jobs SET state = 'running', claimed_by = $4
              WHERE id = (SELECT id FROM jobs
                          WHERE id = $1 AND tenant = $2 AND state = 'queued' AND attempts >= $3
                          FOR NO KEY UPDATE SKIP LOCKED)
@@ -582,6 +615,7 @@ impl JobStore for PostgresStore {
         .bind(id)
         .bind(tenant)
         .bind(max_attempts)
+        .bind(&lease.node)
         .fetch_optional(&mut *tx)
         .await?;
         let Some(row) = exhausted else {
@@ -598,7 +632,7 @@ impl JobStore for PostgresStore {
         );
         finish(
             &mut tx,
-            &Claimed::of(&job),
+            &Claimed::of(&job, Some(&lease.node)),
             &JobFinished::of(&report),
             now,
             &json(&report),
@@ -611,17 +645,165 @@ impl JobStore for PostgresStore {
         Ok(Claim::GaveUp(Box::new(job)))
     }
 
+    async fn claim_next(
+        &self,
+        now: i64,
+        max_attempts: u32,
+        lease: &Lease,
+        caps: &Caps,
+    ) -> Result<Option<Claim>, StoreError> {
+        let max_attempts = stored_attempts(max_attempts.max(1));
+        let cap = |n: u32| i64::from(n);
+        let mut tx = self.pool.begin().await?;
+        // Every node's claim waits here for the one before it to commit,
+        // so the running counts read below are the truth until this claim
+        // commits: no two nodes take the last slot of a cap.
+        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+            .bind(CLAIM_LOCK)
+            .execute(&mut *tx)
+            .await?;
+        let next: Option<(String, String)> = sqlx::query_as(
+            "WITH running AS (SELECT tenant, module FROM jobs WHERE state = 'running'),
+                  per_tenant AS (SELECT tenant, COUNT(*) AS n FROM running GROUP BY tenant),
+                  per_module AS (SELECT module, COUNT(*) AS n FROM running GROUP BY module)
+             SELECT jobs.id, jobs.tenant FROM jobs
+             LEFT JOIN per_tenant t ON t.tenant = jobs.tenant
+             LEFT JOIN per_module m ON m.module = jobs.module
+             WHERE jobs.state = 'queued' AND jobs.module = ANY($1)
+                   AND COALESCE(t.n, 0) < $2 AND COALESCE(m.n, 0) < $3
+             ORDER BY COALESCE(t.n, 0), jobs.created_at, jobs.id
+             LIMIT 1
+             FOR NO KEY UPDATE OF jobs SKIP LOCKED",
+        )
+        .bind(&caps.modules)
+        .bind(cap(caps.per_tenant))
+        .bind(cap(caps.per_module))
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some((id, _tenant)) = next else {
+            return Ok(None);
+        };
+        let claimed = sqlx::query(concat!(
+            "UPDATE jobs SET state = 'running', started_at = $1, attempts = attempts + 1,
+                             claimed_by = $4, lease_until = ",
+            db_now!(),
+            " + $5
+             WHERE id = $2 AND state = 'queued' AND attempts < $3
+             RETURNING ",
+            job_cols!()
+        ))
+        .bind(now)
+        .bind(&id)
+        .bind(max_attempts)
+        .bind(&lease.node)
+        .bind(lease.millis)
+        .fetch_optional(&mut *tx)
+        .await?;
+        if let Some(row) = claimed {
+            tx.commit().await?;
+            let job = job_row(&row)?;
+            let claim = Claimed::of(&job, Some(&lease.node));
+            return Ok(Some(Claim::Run(Box::new(job), claim)));
+        }
+        // Started `max_attempts` times without finishing: failed instead.
+        let row = sqlx::query(concat!(
+            "UPDATE jobs SET state = 'running', claimed_by = $2 WHERE id = $1 RETURNING ",
+            job_cols!()
+        ))
+        .bind(&id)
+        .bind(&lease.node)
+        .fetch_one(&mut *tx)
+        .await?;
+        let mut job = job_row(&row)?;
+        let report = crate::sandbox::JobReport::not_run(
+            &job.id,
+            &job.module,
+            format!(
+                "the host could not finish the job in {} attempts",
+                job.attempts
+            ),
+        );
+        finish(
+            &mut tx,
+            &Claimed::of(&job, Some(&lease.node)),
+            &JobFinished::of(&report),
+            now,
+            &json(&report),
+        )
+        .await?;
+        tx.commit().await?;
+        job.state = JobState::Failed;
+        job.finished_at = Some(now);
+        job.report = Some(report);
+        Ok(Some(Claim::GaveUp(Box::new(job))))
+    }
+
+    async fn queued_counts(&self, tenant: &str) -> Result<(u64, u64), StoreError> {
+        let (mine, all): (i64, i64) = sqlx::query_as(
+            "SELECT COUNT(*) FILTER (WHERE tenant = $1), COUNT(*) FROM jobs WHERE state = 'queued'",
+        )
+        .bind(tenant)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok((mine.max(0) as u64, all.max(0) as u64))
+    }
+
+    fn shared(&self) -> bool {
+        true
+    }
+
+    async fn events(
+        &self,
+    ) -> Result<Option<tokio::sync::mpsc::Receiver<super::JobEvent>>, StoreError> {
+        let mut listener = sqlx::postgres::PgListener::connect_with(&self.pool).await?;
+        listener.listen(EVENTS).await?;
+        let (tx, rx) = tokio::sync::mpsc::channel(1024);
+        let target = self.target.clone();
+        tokio::spawn(async move {
+            loop {
+                let next = tokio::select! {
+                    next = listener.try_recv() => next,
+                    () = tx.closed() => return,
+                };
+                match next {
+                    Ok(Some(n)) => match serde_json::from_str(n.payload()) {
+                        // A full channel drops the event: the listener's
+                        // poll finds the job.
+                        Ok(event) => {
+                            if let Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) =
+                                tx.try_send(event)
+                            {
+                                return;
+                            }
+                        }
+                        Err(e) => tracing::warn!(error = %e, "undecodable job event"),
+                    },
+                    Ok(None) => {
+                        tracing::warn!(database = %target, "job events: connection lost, listening again");
+                    }
+                    Err(e) => {
+                        tracing::warn!(database = %target, error = %e, "job events: cannot listen; retrying");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                }
+            }
+        });
+        Ok(Some(rx))
+    }
+
     async fn requeue(&self, claim: &Claimed, count: bool) -> Result<bool, StoreError> {
         Ok(sqlx::query(
-            "UPDATE jobs SET state = 'queued', attempts = GREATEST(attempts - $5, 0)
+            "UPDATE jobs SET state = 'queued', attempts = GREATEST(attempts - $5, 0),
+                             claimed_by = NULL, lease_until = NULL
              WHERE id = $1 AND tenant = $2 AND state = 'running' AND attempts = $3
-                   AND started_at IS NOT DISTINCT FROM $4",
+                   AND started_at IS NOT DISTINCT FROM $4 AND claimed_by IS NOT DISTINCT FROM $6",
         )
         .bind(&claim.id)
         .bind(&claim.tenant)
         .bind(stored_attempts(claim.attempt))
         .bind(claim.started_at)
         .bind(i32::from(!count))
+        .bind(&claim.node)
         .execute(&self.pool)
         .await?
         .rows_affected()
@@ -658,6 +840,7 @@ impl JobStore for PostgresStore {
                 tenant: j.tenant.clone(),
                 attempt: 1,
                 started_at: Some(j.created_at),
+                node: None,
             };
             finish(
                 &mut tx,
@@ -714,13 +897,117 @@ impl JobStore for PostgresStore {
         Ok(DeleteOutcome::Deleted)
     }
 
+    async fn renew_leases(
+        &self,
+        lease: &Lease,
+        claims: &[Claimed],
+        _now: i64,
+    ) -> Result<Vec<Claimed>, StoreError> {
+        if claims.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ids: Vec<String> = claims.iter().map(|c| c.id.clone()).collect();
+        let held = sqlx::query(concat!(
+            "UPDATE jobs SET lease_until = ",
+            db_now!(),
+            " + $1
+             WHERE id = ANY($2) AND state = 'running' AND claimed_by = $3
+             RETURNING id, attempts, started_at"
+        ))
+        .bind(lease.millis)
+        .bind(&ids)
+        .bind(&lease.node)
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(|r| Ok((r.try_get("id")?, attempts(r)?, r.try_get("started_at")?)))
+        .collect::<Result<Vec<_>, StoreError>>()?;
+        Ok(super::lost_claims(claims, &held))
+    }
+
+    async fn expire_leases(&self, now: i64, max_attempts: u32) -> Result<Expired, StoreError> {
+        let max_attempts = stored_attempts(max_attempts.max(1));
+        let mut tx = self.pool.begin().await?;
+        // A job another node is finishing or renewing right now is locked:
+        // skipped, never waited for (its lease is being looked after).
+        let requeued = sqlx::query(concat!(
+            "UPDATE jobs SET state = 'queued', claimed_by = NULL, lease_until = NULL
+             WHERE id IN (SELECT id FROM jobs
+                          WHERE state = 'running' AND COALESCE(lease_until, 0) < ",
+            db_now!(),
+            "                   AND attempts < $1
+                          FOR NO KEY UPDATE SKIP LOCKED)
+             RETURNING id, tenant, module, created_at"
+        ))
+        .bind(max_attempts)
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut requeued = requeued
+            .iter()
+            .map(|r| {
+                Ok((
+                    r.try_get::<i64, _>("created_at")?,
+                    PendingJob {
+                        id: r.try_get("id")?,
+                        tenant: r.try_get("tenant")?,
+                        module: r.try_get("module")?,
+                        state: JobState::Queued,
+                        claim: None,
+                    },
+                ))
+            })
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        requeued.sort_by(|a, b| (a.0, &a.1.id).cmp(&(b.0, &b.1.id)));
+        let exhausted = sqlx::query(concat!(
+            "SELECT ",
+            job_cols!(),
+            ", jobs.claimed_by FROM jobs
+             WHERE state = 'running' AND COALESCE(lease_until, 0) < ",
+            db_now!(),
+            "      AND attempts >= $1
+             ORDER BY created_at, id
+             FOR NO KEY UPDATE SKIP LOCKED"
+        ))
+        .bind(max_attempts)
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut failed = Vec::with_capacity(exhausted.len());
+        for row in &exhausted {
+            let mut job = job_row(row)?;
+            let node: Option<String> = row.try_get("claimed_by")?;
+            let report = super::lease_expired_report(&job);
+            if finish(
+                &mut tx,
+                &Claimed::of(&job, node.as_deref()),
+                &JobFinished::of(&report),
+                now,
+                &json(&report),
+            )
+            .await?
+            {
+                job.state = JobState::Failed;
+                job.finished_at = Some(now);
+                job.report = Some(report);
+                failed.push(job);
+            }
+        }
+        tx.commit().await?;
+        Ok(Expired {
+            requeued: requeued.into_iter().map(|(_, j)| j).collect(),
+            failed,
+        })
+    }
+
     async fn requeue_running(&self) -> Result<u64, StoreError> {
-        Ok(
-            sqlx::query("UPDATE jobs SET state = 'queued' WHERE state = 'running'")
-                .execute(&self.pool)
-                .await?
-                .rows_affected(),
-        )
+        // Only jobs whose lease ran out: the others are live nodes' runs.
+        Ok(sqlx::query(concat!(
+            "UPDATE jobs SET state = 'queued', claimed_by = NULL, lease_until = NULL
+             WHERE state = 'running' AND COALESCE(lease_until, 0) < ",
+            db_now!()
+        ))
+        .execute(&self.pool)
+        .await?
+        .rows_affected())
     }
 
     async fn queued_jobs(&self) -> Result<Vec<JobRecord>, StoreError> {
@@ -738,7 +1025,7 @@ impl JobStore for PostgresStore {
 
     async fn pending_jobs(&self) -> Result<Vec<PendingJob>, StoreError> {
         sqlx::query(
-            "SELECT id, tenant, module, state, attempts, started_at FROM jobs
+            "SELECT id, tenant, module, state, attempts, started_at, claimed_by FROM jobs
              WHERE state IN ('queued', 'running') ORDER BY created_at, id",
         )
         .fetch_all(&self.pool)
@@ -753,6 +1040,7 @@ impl JobStore for PostgresStore {
                     tenant: tenant.clone(),
                     attempt: attempts(r)?,
                     started_at: r.try_get("started_at")?,
+                    node: r.try_get("claimed_by")?,
                 })
             } else {
                 None

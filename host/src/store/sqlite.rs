@@ -25,8 +25,9 @@ use async_trait::async_trait;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, params};
 
 use super::{
-    AuditEntry, AuditedJob, CancelOutcome, Claim, Claimed, DeleteOutcome, Idempotency, Inserted,
-    JobFinished, JobRecord, JobState, JobStore, PendingJob, StoreError,
+    AuditEntry, AuditedJob, CancelOutcome, Caps, Claim, Claimed, DeleteOutcome, Expired,
+    Idempotency, Inserted, JobFinished, JobRecord, JobState, JobStore, Lease, PendingJob,
+    StoreError,
 };
 use crate::auth::TokenRecord;
 
@@ -128,6 +129,22 @@ fn add_idempotency_columns(conn: &Connection) -> rusqlite::Result<()> {
         "CREATE UNIQUE INDEX IF NOT EXISTS jobs_by_idempotency_key
          ON jobs (tenant, idempotency_key) WHERE idempotency_key IS NOT NULL;",
     )
+}
+
+/// Adds the lease columns to a `jobs` table created before them: the node
+/// that claimed a running job, and until when (Unix milliseconds, the
+/// caller's clock: one node per file) its lease holds.
+fn add_lease_columns(conn: &Connection) -> rusqlite::Result<()> {
+    let has = conn
+        .prepare("SELECT 1 FROM pragma_table_info('jobs') WHERE name = 'claimed_by'")?
+        .exists([])?;
+    if !has {
+        conn.execute_batch(
+            "ALTER TABLE jobs ADD COLUMN claimed_by TEXT;
+             ALTER TABLE jobs ADD COLUMN lease_until INTEGER;",
+        )?;
+    }
+    Ok(())
 }
 
 /// A queued write: runs on the writer connection inside the batch's
@@ -268,6 +285,7 @@ impl SqliteStore {
         writer.execute_batch(super::keys::SQLITE_SCHEMA)?;
         add_audit_client_column(&writer)?;
         add_idempotency_columns(&writer)?;
+        add_lease_columns(&writer)?;
         drop_audit_trigger(&writer)?;
 
         let (stop, stopped) = mpsc::channel::<()>();
@@ -694,7 +712,7 @@ fn finish(
         .prepare_cached(
             "UPDATE jobs SET state = ?1, finished_at = ?2, report = ?3
              WHERE id = ?4 AND tenant = ?5 AND state = 'running' AND attempts = ?6
-                   AND started_at IS ?7
+                   AND started_at IS ?7 AND claimed_by IS ?8
              RETURNING id, tenant, subject, module, module_sha256, policy_sha256",
         )?
         .query_row(
@@ -705,7 +723,8 @@ fn finish(
                 claim.id,
                 claim.tenant,
                 claim.attempt,
-                claim.started_at
+                claim.started_at,
+                claim.node
             ],
             |r| {
                 Ok(AuditedJob {
@@ -724,6 +743,66 @@ fn finish(
     };
     insert_audit(c, &AuditEntry::job_finished(&job, finished, now))?;
     Ok(true)
+}
+
+/// The tenant's job `id`, `queued → running` for `lease`'s node (see
+/// [`JobStore::claim`]), on the writer connection.
+fn claim_in(
+    c: &Connection,
+    tenant: &str,
+    id: &str,
+    now: i64,
+    max_attempts: u32,
+    lease: &Lease,
+) -> Result<Claim, StoreError> {
+    let claimed = c
+        .prepare_cached(
+            "UPDATE jobs SET state = 'running', started_at = ?1, attempts = attempts + 1,
+                                     claimed_by = ?5, lease_until = ?1 + ?6
+                     WHERE id = ?2 AND tenant = ?3 AND state = 'queued' AND attempts < ?4
+                     RETURNING *",
+        )?
+        .query_row(
+            params![now, id, tenant, max_attempts, lease.node, lease.millis],
+            job_row,
+        )
+        .optional()?;
+    if let Some(job) = claimed {
+        let claim = Claimed::of(&job, Some(&lease.node));
+        return Ok(Claim::Run(Box::new(job), claim));
+    }
+    // Still queued, but every attempt it was allowed began and none
+    // finished (crashes, or host errors): finish it failed, through
+    // `running` like any finished job.
+    let exhausted = c
+        .prepare_cached(
+            "UPDATE jobs SET state = 'running', claimed_by = ?3
+                     WHERE id = ?1 AND tenant = ?2 AND state = 'queued' RETURNING *",
+        )?
+        .query_row(params![id, tenant, lease.node], job_row)
+        .optional()?;
+    let Some(mut job) = exhausted else {
+        return Ok(Claim::Gone);
+    };
+    let report = crate::sandbox::JobReport::not_run(
+        &job.id,
+        &job.module,
+        format!(
+            "the host could not finish the job in {} attempts",
+            job.attempts
+        ),
+    );
+    finish(
+        c,
+        &Claimed::of(&job, Some(&lease.node)),
+        &JobFinished::of(&report),
+        now,
+        &json(&report),
+    )?;
+    job.state = JobState::Failed;
+    job.finished_at = Some(now);
+    job.report = Some(report);
+    Ok(Claim::GaveUp(Box::new(job)))
 }
 
 #[async_trait]
@@ -833,56 +912,66 @@ impl JobStore for SqliteStore {
         id: &str,
         now: i64,
         max_attempts: u32,
+        lease: &Lease,
     ) -> Result<Claim, StoreError> {
         let (tenant, id) = (tenant.to_owned(), id.to_owned());
         let max_attempts = max_attempts.max(1);
+        let lease = lease.clone();
+        self.write(move |c| claim_in(c, &tenant, &id, now, max_attempts, &lease))
+            .await
+    }
+
+    async fn claim_next(
+        &self,
+        now: i64,
+        max_attempts: u32,
+        lease: &Lease,
+        caps: &Caps,
+    ) -> Result<Option<Claim>, StoreError> {
+        let (lease, caps) = (lease.clone(), caps.clone());
+        let max_attempts = max_attempts.max(1);
+        let modules = json(&caps.modules);
         self.write(move |c| {
-            let claimed = c
+            // The single writer serializes claims: the counts read here
+            // hold until the claim below commits.
+            let next: Option<(String, String)> = c
                 .prepare_cached(
-                    "UPDATE jobs SET state = 'running', started_at = ?1, attempts = attempts + 1
-                     WHERE id = ?2 AND tenant = ?3 AND state = 'queued' AND attempts < ?4
-                     RETURNING *",
+                    "WITH running AS (SELECT tenant, module FROM jobs
+                                      WHERE state IN ('queued', 'running') AND state = 'running'),
+                          per_tenant AS (SELECT tenant, COUNT(*) AS n FROM running GROUP BY tenant),
+                          per_module AS (SELECT module, COUNT(*) AS n FROM running GROUP BY module)
+                     SELECT jobs.id, jobs.tenant FROM jobs
+                     LEFT JOIN per_tenant t ON t.tenant = jobs.tenant
+                     LEFT JOIN per_module m ON m.module = jobs.module
+                     WHERE jobs.state IN ('queued', 'running') AND jobs.state = 'queued'
+                           AND jobs.module IN (SELECT value FROM json_each(?1))
+                           AND COALESCE(t.n, 0) < ?2 AND COALESCE(m.n, 0) < ?3
+                     ORDER BY COALESCE(t.n, 0), jobs.created_at, jobs.id
+                     LIMIT 1",
                 )?
-                .query_row(params![now, id, tenant, max_attempts], job_row)
+                .query_row(params![modules, caps.per_tenant, caps.per_module], |r| {
+                    Ok((r.get(0)?, r.get(1)?))
+                })
                 .optional()?;
-            if let Some(job) = claimed {
-                let claim = Claimed::of(&job);
-                return Ok(Claim::Run(Box::new(job), claim));
-            }
-            // Still queued, but every attempt it was allowed began and none
-            // finished (crashes, or host errors): finish it failed, through
-            // `running` like any finished job.
-            let exhausted = c
-                .prepare_cached(
-                    "UPDATE jobs SET state = 'running'
-                     WHERE id = ?1 AND tenant = ?2 AND state = 'queued' RETURNING *",
-                )?
-                .query_row([&id, &tenant], job_row)
-                .optional()?;
-            let Some(mut job) = exhausted else {
-                return Ok(Claim::Gone);
+            let Some((id, tenant)) = next else {
+                return Ok(None);
             };
-            let report = crate::sandbox::JobReport::not_run(
-                &job.id,
-                &job.module,
-                format!(
-                    "the host could not finish the job in {} attempts",
-                    job.attempts
-                ),
-            );
-            finish(
-                c,
-                &Claimed::of(&job),
-                &JobFinished::of(&report),
-                now,
-                &json(&report),
-            )?;
-            job.state = JobState::Failed;
-            job.finished_at = Some(now);
-            job.report = Some(report);
-            Ok(Claim::GaveUp(Box::new(job)))
+            claim_in(c, &tenant, &id, now, max_attempts, &lease).map(Some)
         })
         .await
+    }
+
+    async fn queued_counts(&self, tenant: &str) -> Result<(u64, u64), StoreError> {
+        let tenant = tenant.to_owned();
+        self.read(move |c| {
+            Ok(c.prepare_cached(
+                "SELECT COALESCE(SUM(tenant = ?1), 0), COUNT(*) FROM jobs
+                 WHERE state IN ('queued', 'running') AND state = 'queued'",
+            )?
+            .query_row([tenant], |r| {
+                Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64))
+            })?)
+        })
     }
 
     async fn requeue(&self, claim: &Claimed, count: bool) -> Result<bool, StoreError> {
@@ -890,16 +979,18 @@ impl JobStore for SqliteStore {
         let give_back = i64::from(!count);
         self.write(move |c| {
             Ok(c.prepare_cached(
-                "UPDATE jobs SET state = 'queued', attempts = MAX(attempts - ?5, 0)
+                "UPDATE jobs SET state = 'queued', attempts = MAX(attempts - ?5, 0),
+                                 claimed_by = NULL, lease_until = NULL
                  WHERE id = ?1 AND tenant = ?2 AND state = 'running' AND attempts = ?3
-                       AND started_at IS ?4",
+                       AND started_at IS ?4 AND claimed_by IS ?6",
             )?
             .execute(params![
                 claim.id,
                 claim.tenant,
                 claim.attempt,
                 claim.started_at,
-                give_back
+                give_back,
+                claim.node
             ])? == 1)
         })
         .await
@@ -936,6 +1027,7 @@ impl JobStore for SqliteStore {
                     tenant: row.tenant.clone(),
                     attempt: 1,
                     started_at: Some(row.created_at),
+                    node: None,
                 };
                 finish(c, &claim, &finished, now, &report)?;
             }
@@ -984,11 +1076,104 @@ impl JobStore for SqliteStore {
         .await
     }
 
+    async fn renew_leases(
+        &self,
+        lease: &Lease,
+        claims: &[Claimed],
+        now: i64,
+    ) -> Result<Vec<Claimed>, StoreError> {
+        if claims.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ids = json(&claims.iter().map(Claimed::id).collect::<Vec<_>>());
+        let lease = lease.clone();
+        let held: Vec<(String, u32, Option<i64>)> = self
+            .write(move |c| {
+                let mut stmt = c.prepare_cached(
+                    "UPDATE jobs SET lease_until = ?1 + ?2
+                     WHERE id IN (SELECT value FROM json_each(?3))
+                           AND state = 'running' AND claimed_by = ?4
+                     RETURNING id, attempts, started_at",
+                )?;
+                let rows = stmt
+                    .query_map(params![now, lease.millis, ids, lease.node], |r| {
+                        Ok((r.get(0)?, r.get::<_, i64>(1)? as u32, r.get(2)?))
+                    })?
+                    .collect::<Result<_, _>>()?;
+                Ok(rows)
+            })
+            .await?;
+        Ok(super::lost_claims(claims, &held))
+    }
+
+    async fn expire_leases(&self, now: i64, max_attempts: u32) -> Result<Expired, StoreError> {
+        let max_attempts = max_attempts.max(1);
+        self.write(move |c| {
+            // The IN term lets SQLite use the partial index.
+            let mut requeued = c
+                .prepare_cached(
+                    "UPDATE jobs SET state = 'queued', claimed_by = NULL, lease_until = NULL
+                     WHERE state IN ('queued', 'running') AND state = 'running'
+                           AND COALESCE(lease_until, 0) < ?1 AND attempts < ?2
+                     RETURNING id, tenant, module, created_at",
+                )?
+                .query_map(params![now, max_attempts], |r| {
+                    Ok((
+                        r.get::<_, i64>(3)?,
+                        PendingJob {
+                            id: r.get(0)?,
+                            tenant: r.get(1)?,
+                            module: r.get(2)?,
+                            state: JobState::Queued,
+                            claim: None,
+                        },
+                    ))
+                })?
+                .collect::<Result<Vec<_>, _>>()?;
+            requeued.sort_by(|a, b| (a.0, &a.1.id).cmp(&(b.0, &b.1.id)));
+            // What is still running with its lease run out was started
+            // `max_attempts` times.
+            let exhausted = c
+                .prepare_cached(
+                    "SELECT * FROM jobs
+                     WHERE state IN ('queued', 'running') AND state = 'running'
+                           AND COALESCE(lease_until, 0) < ?1
+                     ORDER BY created_at, id",
+                )?
+                .query_map([now], |r| {
+                    Ok((job_row(r)?, r.get::<_, Option<String>>("claimed_by")?))
+                })?
+                .collect::<Result<Vec<_>, _>>()?;
+            let mut failed = Vec::with_capacity(exhausted.len());
+            for (mut job, node) in exhausted {
+                let report = super::lease_expired_report(&job);
+                if finish(
+                    c,
+                    &Claimed::of(&job, node.as_deref()),
+                    &JobFinished::of(&report),
+                    now,
+                    &json(&report),
+                )? {
+                    job.state = JobState::Failed;
+                    job.finished_at = Some(now);
+                    job.report = Some(report);
+                    failed.push(job);
+                }
+            }
+            Ok(Expired {
+                requeued: requeued.into_iter().map(|(_, j)| j).collect(),
+                failed,
+            })
+        })
+        .await
+    }
+
     async fn requeue_running(&self) -> Result<u64, StoreError> {
         self.write(|c| {
             // The IN term lets SQLite use the partial index.
             Ok(c.execute(
-                "UPDATE jobs SET state = 'queued' WHERE state IN ('queued', 'running') AND state = 'running'",
+                "UPDATE jobs SET state = 'queued', claimed_by = NULL, lease_until = NULL
+                 WHERE state IN ('queued', 'running') AND state = 'running'",
                 [],
             )? as u64)
         })
@@ -1008,7 +1193,7 @@ impl JobStore for SqliteStore {
     async fn pending_jobs(&self) -> Result<Vec<PendingJob>, StoreError> {
         self.read(|c| {
             let mut stmt = c.prepare_cached(
-                "SELECT id, tenant, module, state, attempts, started_at FROM jobs
+                "SELECT id, tenant, module, state, attempts, started_at, claimed_by FROM jobs
                  WHERE state IN ('queued', 'running') ORDER BY created_at, id",
             )?;
             let rows = stmt
@@ -1023,6 +1208,7 @@ impl JobStore for SqliteStore {
                         tenant: tenant.clone(),
                         attempt: attempt as u32,
                         started_at,
+                        node: r.get(6).ok().flatten(),
                     });
                     Ok(PendingJob {
                         id,

@@ -8,8 +8,8 @@
 use std::sync::Arc;
 
 use super::{
-    AuditEntry, CancelOutcome, Claim, Claimed, DeleteOutcome, Idempotency, Inserted, JobRecord,
-    JobState, JobStore, PostgresStore, SqliteStore, now_ms,
+    AuditEntry, CancelOutcome, Caps, Claim, Claimed, DeleteOutcome, Idempotency, Inserted,
+    JobRecord, JobState, JobStore, Lease, PostgresStore, SqliteStore, now_ms,
 };
 use crate::auth::TokenRecord;
 
@@ -88,11 +88,37 @@ suite!(
     tokens_are_found_by_hash_and_id_listed_and_revoked,
     finished_jobs_and_old_audit_rows_expire,
     recovery_sees_pending_jobs_oldest_first_with_their_claims,
+    a_job_whose_lease_ran_out_is_requeued_with_its_attempt_counted,
+    a_lease_that_ran_out_on_the_last_attempt_fails_the_job_with_the_reason,
+    a_stale_node_can_neither_finish_nor_requeue_nor_renew_after_a_reclaim,
+    a_renewed_lease_holds_and_a_cancelled_job_is_lost_to_its_node,
+    at_start_only_leases_that_ran_out_are_taken_back_on_postgres,
+    the_next_claim_goes_to_the_tenant_with_fewest_running_oldest_first_under_the_caps,
+    concurrent_claims_of_two_nodes_never_exceed_the_caps,
+    queued_counts_are_per_tenant_and_in_total,
 );
 
-/// Claims acme's queued job `id`, which must run.
+/// `node`'s lease that has run out as soon as it is taken: the job it
+/// claims is recovery's at once (as after a crash).
+fn dead(node: &str) -> Lease {
+    Lease {
+        node: node.into(),
+        millis: -1,
+    }
+}
+
+/// `node`'s lease that holds for the whole test.
+fn live(node: &str) -> Lease {
+    Lease {
+        node: node.into(),
+        millis: 600_000,
+    }
+}
+
+/// Claims acme's queued job `id`, which must run (as node `n1`, its lease
+/// run out at once).
 pub(super) async fn claim(store: &dyn JobStore, id: &str, now: i64) -> (JobRecord, Claimed) {
-    match store.claim("acme", id, now, 3).await.unwrap() {
+    match store.claim("acme", id, now, 3, &dead("n1")).await.unwrap() {
         Claim::Run(job, claim) => (*job, claim),
         other => panic!("{id} not claimed: {other:?}"),
     }
@@ -130,7 +156,7 @@ async fn jobs_are_bound_to_their_tenant_and_move_through_states(db: &Db) {
         DeleteOutcome::NotFinished(JobState::Queued)
     );
     assert_eq!(
-        store.claim("other", "j1", 1, 3).await.unwrap(),
+        store.claim("other", "j1", 1, 3, &dead("n1")).await.unwrap(),
         Claim::Gone,
         "another tenant's job is not claimed"
     );
@@ -140,7 +166,7 @@ async fn jobs_are_bound_to_their_tenant_and_move_through_states(db: &Db) {
         (1, JobState::Running, Some(1))
     );
     assert_eq!(
-        store.claim("acme", "j1", 1, 3).await.unwrap(),
+        store.claim("acme", "j1", 1, 3, &dead("n1")).await.unwrap(),
         Claim::Gone,
         "only from queued"
     );
@@ -159,7 +185,7 @@ async fn jobs_are_bound_to_their_tenant_and_move_through_states(db: &Db) {
         CancelOutcome::AlreadyFinished(JobState::Cancelled)
     );
     assert_eq!(
-        store.claim("acme", "j1", 3, 3).await.unwrap(),
+        store.claim("acme", "j1", 3, 3, &dead("n1")).await.unwrap(),
         Claim::Gone,
         "a cancelled job never runs"
     );
@@ -362,7 +388,7 @@ async fn a_job_started_max_attempts_times_is_finished_failed_not_rerun(db: &Db) 
         assert_eq!(j.attempts, attempt as u32);
         assert_eq!(store.requeue_running().await.unwrap(), 1);
     }
-    let Claim::GaveUp(j) = store.claim("acme", "j1", 9, 3).await.unwrap() else {
+    let Claim::GaveUp(j) = store.claim("acme", "j1", 9, 3, &dead("n1")).await.unwrap() else {
         panic!("a fourth start")
     };
     assert_eq!((j.state, j.attempts), (JobState::Failed, 3));
@@ -376,7 +402,10 @@ async fn a_job_started_max_attempts_times_is_finished_failed_not_rerun(db: &Db) 
         (audit[0].action.as_str(), audit[0].outcome.as_deref()),
         ("job.finished", Some("failed"))
     );
-    assert_eq!(store.claim("acme", "j1", 10, 3).await.unwrap(), Claim::Gone);
+    assert_eq!(
+        store.claim("acme", "j1", 10, 3, &dead("n1")).await.unwrap(),
+        Claim::Gone
+    );
 }
 
 async fn a_requeue_after_a_storage_failure_gives_the_attempt_back(db: &Db) {
@@ -541,7 +570,11 @@ async fn concurrent_claims_of_one_job_run_it_once(db: &Db) {
         .flat_map(|i| std::iter::repeat_n(i, 6))
         .map(|i| {
             let store = Arc::clone(&store);
-            tokio::spawn(async move { store.claim("acme", &format!("c{i}"), 1, 3).await })
+            tokio::spawn(async move {
+                store
+                    .claim("acme", &format!("c{i}"), 1, 3, &dead("n1"))
+                    .await
+            })
         })
         .collect();
     let mut runs = std::collections::BTreeMap::<String, u32>::new();
@@ -585,7 +618,10 @@ async fn a_cancelled_or_finished_job_is_never_claimed_and_a_cancel_beats_a_finis
         .insert_finished_job(&job("j2", "acme"), &inline, 4, None)
         .await
         .unwrap();
-    assert_eq!(store.claim("acme", "j2", 5, 3).await.unwrap(), Claim::Gone);
+    assert_eq!(
+        store.claim("acme", "j2", 5, 3, &dead("n1")).await.unwrap(),
+        Claim::Gone
+    );
     assert_eq!(
         store.cancel_job("acme", "j2", 6).await.unwrap(),
         CancelOutcome::AlreadyFinished(JobState::Failed)
@@ -866,10 +902,355 @@ async fn a_lost_database_is_a_storage_failure_and_the_store_recovers_when_it_ret
     store.probe(3).await.unwrap();
     assert!(store.get_job("acme", "j1").await.unwrap().is_some());
     assert!(store.get_job("acme", "j2").await.unwrap().is_none());
-    let (_, c) = match store.claim("acme", "j1", 4, 3).await.unwrap() {
+    let (_, c) = match store.claim("acme", "j1", 4, 3, &dead("n1")).await.unwrap() {
         Claim::Run(job, claim) => (job, claim),
         other => panic!("{other:?}"),
     };
     let report = crate::sandbox::JobReport::not_run("j1", "hello", "x");
     assert!(store.finish_job(&c, &report, 5).await.unwrap());
+}
+
+/// Claims acme's queued job `id` at `now` under `lease`, which must run.
+async fn claim_as(store: &dyn JobStore, id: &str, now: i64, lease: &Lease) -> (JobRecord, Claimed) {
+    match store.claim("acme", id, now, 3, lease).await.unwrap() {
+        Claim::Run(job, claim) => (*job, claim),
+        other => panic!("{id} not claimed: {other:?}"),
+    }
+}
+
+async fn a_job_whose_lease_ran_out_is_requeued_with_its_attempt_counted(db: &Db) {
+    let store = db.open().await;
+    store.insert_job(&job("j1", "acme"), None).await.unwrap();
+    store.insert_job(&job("j2", "acme"), None).await.unwrap();
+    let now = now_ms();
+    let (_, gone) = claim_as(&*store, "j1", now, &dead("n1")).await;
+    let (_, held) = claim_as(&*store, "j2", now, &live("n1")).await;
+    assert_eq!(gone.node(), Some("n1"));
+    let expired = store.expire_leases(now_ms(), 3).await.unwrap();
+    assert!(expired.failed.is_empty());
+    assert_eq!(
+        expired
+            .requeued
+            .iter()
+            .map(|j| j.id.as_str())
+            .collect::<Vec<_>>(),
+        ["j1"],
+        "only the lease that ran out"
+    );
+    let j1 = store.get_job("acme", "j1").await.unwrap().unwrap();
+    assert_eq!((j1.state, j1.attempts), (JobState::Queued, 1));
+    let j2 = store.get_job("acme", "j2").await.unwrap().unwrap();
+    assert_eq!(j2.state, JobState::Running);
+    // Another node runs it again: its second attempt.
+    let (j1, _) = claim_as(&*store, "j1", now_ms(), &live("n2")).await;
+    assert_eq!(j1.attempts, 2);
+    assert!(store.expire_leases(now_ms(), 3).await.unwrap() == Default::default());
+    let report = crate::sandbox::JobReport::not_run("j2", "hello", "x");
+    assert!(store.finish_job(&held, &report, now_ms()).await.unwrap());
+}
+
+async fn a_lease_that_ran_out_on_the_last_attempt_fails_the_job_with_the_reason(db: &Db) {
+    let store = db.open().await;
+    store.insert_job(&job("j1", "acme"), None).await.unwrap();
+    for attempt in 1..=2 {
+        let (j, _) = claim_as(&*store, "j1", now_ms(), &dead(&format!("n{attempt}"))).await;
+        assert_eq!(j.attempts, attempt);
+        let expired = store.expire_leases(now_ms(), 3).await.unwrap();
+        assert_eq!(expired.requeued.len(), 1, "attempt {attempt}");
+    }
+    claim_as(&*store, "j1", now_ms(), &dead("n3")).await;
+    let expired = store.expire_leases(now_ms(), 3).await.unwrap();
+    assert!(expired.requeued.is_empty());
+    assert_eq!(expired.failed.len(), 1);
+    let stored = store.get_job("acme", "j1").await.unwrap().unwrap();
+    assert_eq!((stored.state, stored.attempts), (JobState::Failed, 3));
+    assert_eq!(expired.failed[0], stored);
+    let message = &stored.report.unwrap().failure.unwrap().message;
+    assert!(
+        message.contains("lease expired") && message.contains("3 times"),
+        "{message}"
+    );
+    let audit = store.audit(10).await.unwrap();
+    assert_eq!(audit.len(), 1, "{audit:?}");
+    assert_eq!(
+        (
+            audit[0].action.as_str(),
+            audit[0].outcome.as_deref(),
+            audit[0].job_id.as_deref()
+        ),
+        ("job.finished", Some("failed"), Some("j1"))
+    );
+    assert!(store.pending_jobs().await.unwrap().is_empty());
+    assert!(store.expire_leases(now_ms(), 3).await.unwrap() == Default::default());
+}
+
+async fn a_stale_node_can_neither_finish_nor_requeue_nor_renew_after_a_reclaim(db: &Db) {
+    let store = db.open().await;
+    let report = |id: &str| crate::sandbox::JobReport::not_run(id, "hello", "x");
+    // n1's lease runs out (it was partitioned); n2 runs the job again.
+    store.insert_job(&job("j1", "acme"), None).await.unwrap();
+    let (_, stale) = claim_as(&*store, "j1", now_ms(), &dead("n1")).await;
+    assert_eq!(
+        store
+            .expire_leases(now_ms(), 3)
+            .await
+            .unwrap()
+            .requeued
+            .len(),
+        1
+    );
+    assert!(
+        !store
+            .finish_job(&stale, &report("j1"), now_ms())
+            .await
+            .unwrap(),
+        "given back, not yet claimed again"
+    );
+    let (_, fresh) = claim_as(&*store, "j1", now_ms(), &live("n2")).await;
+    assert!(
+        !store
+            .finish_job(&stale, &report("j1"), now_ms())
+            .await
+            .unwrap()
+    );
+    assert!(!store.requeue(&stale, true).await.unwrap());
+    assert_eq!(
+        store
+            .renew_leases(&live("n1"), std::slice::from_ref(&stale), now_ms())
+            .await
+            .unwrap(),
+        std::slice::from_ref(&stale)
+    );
+    assert!(
+        store
+            .renew_leases(&live("n2"), std::slice::from_ref(&fresh), now_ms())
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(
+        store
+            .finish_job(&fresh, &report("j1"), now_ms())
+            .await
+            .unwrap()
+    );
+    assert!(
+        !store
+            .finish_job(&stale, &report("j1"), now_ms())
+            .await
+            .unwrap()
+    );
+    let audit = store.audit(10).await.unwrap();
+    assert_eq!(audit.len(), 1, "finished once: {audit:?}");
+
+    // The same attempt and start, another node: only the node tells the
+    // claims apart, and it does.
+    store.insert_job(&job("j2", "acme"), None).await.unwrap();
+    let at = now_ms();
+    let (_, stale) = claim_as(&*store, "j2", at, &live("n1")).await;
+    assert!(store.requeue(&stale, false).await.unwrap());
+    let (_, fresh) = claim_as(&*store, "j2", at, &live("n2")).await;
+    assert_eq!((stale.attempt(), fresh.attempt()), (1, 1));
+    assert!(!store.finish_job(&stale, &report("j2"), at).await.unwrap());
+    assert!(!store.requeue(&stale, true).await.unwrap());
+    assert_eq!(
+        store
+            .renew_leases(&live("n1"), std::slice::from_ref(&stale), at)
+            .await
+            .unwrap(),
+        std::slice::from_ref(&stale)
+    );
+    assert!(store.finish_job(&fresh, &report("j2"), at).await.unwrap());
+    let j2 = store.get_job("acme", "j2").await.unwrap().unwrap();
+    assert_eq!(j2.state, JobState::Failed);
+}
+
+async fn a_renewed_lease_holds_and_a_cancelled_job_is_lost_to_its_node(db: &Db) {
+    let store = db.open().await;
+    store.insert_job(&job("j1", "acme"), None).await.unwrap();
+    store.insert_job(&job("j2", "acme"), None).await.unwrap();
+    let now = now_ms();
+    let (_, c1) = claim_as(&*store, "j1", now, &dead("n1")).await;
+    let (_, c2) = claim_as(&*store, "j2", now, &dead("n1")).await;
+    let both = [c1.clone(), c2.clone()];
+    // Another node cannot renew n1's leases.
+    assert_eq!(
+        store.renew_leases(&live("n2"), &both, now).await.unwrap(),
+        both.to_vec()
+    );
+    // n1 renews both in one call: neither runs out.
+    assert!(
+        store
+            .renew_leases(&live("n1"), &both, now)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(store.expire_leases(now + 1, 3).await.unwrap() == Default::default());
+    // Cancelled (through any node): n1's next renewal finds it lost.
+    store.cancel_job("acme", "j1", now).await.unwrap();
+    assert_eq!(
+        store.renew_leases(&live("n1"), &both, now).await.unwrap(),
+        [c1]
+    );
+    let j2 = store.get_job("acme", "j2").await.unwrap().unwrap();
+    assert_eq!(j2.state, JobState::Running);
+}
+
+async fn at_start_only_leases_that_ran_out_are_taken_back_on_postgres(db: &Db) {
+    let store = db.open().await;
+    store.insert_job(&job("j1", "acme"), None).await.unwrap();
+    store.insert_job(&job("j2", "acme"), None).await.unwrap();
+    let now = now_ms();
+    claim_as(&*store, "j1", now, &live("n1")).await;
+    claim_as(&*store, "j2", now, &dead("n1")).await;
+    let taken = store.requeue_running().await.unwrap();
+    match db {
+        // Another live node's job stays its own.
+        Db::Postgres(_) => assert_eq!(taken, 1),
+        // One node per file: whatever runs was the previous process's.
+        Db::Sqlite(_) => assert_eq!(taken, 2),
+    }
+    let j2 = store.get_job("acme", "j2").await.unwrap().unwrap();
+    assert_eq!((j2.state, j2.attempts), (JobState::Queued, 1));
+}
+
+/// Caps of `per_tenant` and `per_module` running jobs, for a node serving
+/// `hello` and `other`.
+fn caps(per_tenant: u32, per_module: u32) -> Caps {
+    Caps {
+        per_tenant,
+        per_module,
+        modules: vec!["hello".into(), "other".into()],
+    }
+}
+
+/// The id of the job `claim_next` started, if any.
+async fn next_id(store: &dyn JobStore, node: &str, caps: &Caps) -> Option<String> {
+    match store
+        .claim_next(now_ms(), 3, &live(node), caps)
+        .await
+        .unwrap()
+    {
+        Some(Claim::Run(job, _)) => Some(job.id),
+        None => None,
+        other => panic!("{other:?}"),
+    }
+}
+
+async fn the_next_claim_goes_to_the_tenant_with_fewest_running_oldest_first_under_the_caps(
+    db: &Db,
+) {
+    let store = db.open().await;
+    let at = |id: &str, tenant: &str, module: &str, created_at| JobRecord {
+        module: module.into(),
+        created_at,
+        ..job(id, tenant)
+    };
+    // acme floods first; beta and gamma come later.
+    for (i, id) in ["a1", "a2", "a3", "a4"].iter().enumerate() {
+        store
+            .insert_job(&at(id, "acme", "hello", 10 + i as i64), None)
+            .await
+            .unwrap();
+    }
+    store
+        .insert_job(&at("b1", "beta", "hello", 20), None)
+        .await
+        .unwrap();
+    store
+        .insert_job(&at("b2", "beta", "hello", 21), None)
+        .await
+        .unwrap();
+    store
+        .insert_job(&at("g1", "gamma", "other", 30), None)
+        .await
+        .unwrap();
+    store
+        .insert_job(&at("x1", "gamma", "unserved", 1), None)
+        .await
+        .unwrap();
+    let caps = caps(2, 3);
+    let mut order = Vec::new();
+    for node in ["n1", "n2", "n1", "n2", "n1"] {
+        order.extend(next_id(&*store, node, &caps).await);
+    }
+    // Oldest first among the tenants with nothing running, then the tenant
+    // with fewest running; `hello` stops at 3 running (a1, b1, a2), acme at
+    // 2; the unserved module is never taken.
+    assert_eq!(order, ["a1", "b1", "g1", "a2"]);
+    // A finish frees acme's slot and hello's: acme's next job runs.
+    let running = store.get_job("acme", "a1").await.unwrap().unwrap();
+    let report = crate::sandbox::JobReport::not_run("a1", "hello", "x");
+    let claim = Claimed::of(&running, Some("n1"));
+    assert!(store.finish_job(&claim, &report, now_ms()).await.unwrap());
+    // acme and beta both run one now: the older job goes first.
+    assert_eq!(next_id(&*store, "n2", &caps).await.as_deref(), Some("a3"));
+    assert_eq!(
+        next_id(&*store, "n2", &caps).await,
+        None,
+        "hello is at its cap"
+    );
+}
+
+async fn concurrent_claims_of_two_nodes_never_exceed_the_caps(db: &Db) {
+    let (one, two) = (db.open().await, db.open().await);
+    for i in 0..12 {
+        let tenant = ["acme", "beta"][i % 2];
+        let module = ["hello", "other"][i / 6];
+        let j = JobRecord {
+            module: module.into(),
+            ..job(&format!("c{i}"), tenant)
+        };
+        one.insert_job(&j, None).await.unwrap();
+    }
+    // At most 2 running per tenant and per module, whichever node claims.
+    let caps = caps(2, 2);
+    let tasks: Vec<_> = (0..16)
+        .map(|i| {
+            let store = Arc::clone(if i % 2 == 0 { &one } else { &two });
+            let caps = caps.clone();
+            let node = format!("n{}", i % 2);
+            tokio::spawn(async move {
+                store
+                    .claim_next(now_ms(), 3, &live(&node), &caps)
+                    .await
+                    .unwrap()
+            })
+        })
+        .collect();
+    let mut per_tenant = std::collections::BTreeMap::<String, u32>::new();
+    let mut per_module = std::collections::BTreeMap::<String, u32>::new();
+    for t in tasks {
+        if let Some(Claim::Run(job, _)) = t.await.unwrap() {
+            *per_tenant.entry(job.tenant).or_default() += 1;
+            *per_module.entry(job.module).or_default() += 1;
+        }
+    }
+    assert!(per_tenant.values().all(|n| *n <= 2), "{per_tenant:?}");
+    assert!(per_module.values().all(|n| *n <= 2), "{per_module:?}");
+    assert_eq!(per_tenant.values().sum::<u32>(), 4, "{per_tenant:?}");
+    let running = one
+        .pending_jobs()
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|j| j.state == JobState::Running)
+        .count();
+    assert_eq!(running, 4);
+}
+
+async fn queued_counts_are_per_tenant_and_in_total(db: &Db) {
+    let store = db.open().await;
+    for (id, tenant) in [
+        ("q1", "acme"),
+        ("q2", "acme"),
+        ("q3", "beta"),
+        ("q4", "acme"),
+    ] {
+        store.insert_job(&job(id, tenant), None).await.unwrap();
+    }
+    claim(&*store, "q4", 1).await;
+    assert_eq!(store.queued_counts("acme").await.unwrap(), (2, 3));
+    assert_eq!(store.queued_counts("nobody").await.unwrap(), (0, 3));
 }

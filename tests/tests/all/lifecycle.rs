@@ -413,7 +413,13 @@ async fn recovery_runs_stored_jobs_the_queue_lost_and_jobs_a_failure_left_runnin
     store.insert_job(&job("lost-queued"), None).await.unwrap();
     store.insert_job(&job("left-running"), None).await.unwrap();
     store
-        .claim("acme", "left-running", now_ms(), 3)
+        .claim(
+            "acme",
+            "left-running",
+            now_ms(),
+            3,
+            &bulkhead::store::Lease::new(s.service.node(), std::time::Duration::from_secs(60)),
+        )
         .await
         .unwrap();
     assert_eq!(s.service.recover().await.unwrap(), 2);

@@ -74,3 +74,5 @@ mod cluster;
 mod nodes;
 // Shared blobs: two services on one PostgreSQL database run and serve each other's jobs.
 mod blobs;
+// Leases across nodes on one PostgreSQL database: a dead node's jobs re-run, a live node's left alone.
+mod leases;
