@@ -1020,7 +1020,7 @@ impl Service {
         };
         for job in expired.failed {
             tracing::error!(job = %job.id, attempts = job.attempts, "job failed: its lease ran out on its last attempt");
-            self.remove_inputs(&job);
+            self.remove_inputs(&job).await;
             self.wake(&job.id, Some(&job));
         }
         for job in expired.requeued {
