@@ -38,7 +38,7 @@ fn issue(config: &Path, tenant: &str) -> String {
             "--subject",
             "load",
             "--scope",
-            "copy:run",
+            "p1-files:run",
         ])
         .output()
         .unwrap();
@@ -59,7 +59,7 @@ async fn submit(http: &reqwest::Client, base: &str, token: &str, body: Vec<u8>) 
         reqwest::multipart::Part::bytes(body).file_name("in.txt"),
     );
     let resp = http
-        .post(format!("{base}/v1/modules/copy/jobs"))
+        .post(format!("{base}/v1/modules/p1-files/jobs"))
         .bearer_auth(token)
         .multipart(form)
         .send()
