@@ -44,8 +44,8 @@
 //! # cache_dir = "data/cache"       # precompiled modules (default: <data_dir>/cache)
 //! # work_dir = "/dev/shm/bulkhead" # running jobs' directories (default: on /dev/shm)
 //! # url = "postgres://bulkhead@db.internal/bulkhead"  # jobs, tokens and audit in PostgreSQL
-//!                                  # instead of <data_dir>/bulkhead.sqlite (one node per database
-//!                                  # for now: see the README)
+//!                                  # instead of <data_dir>/bulkhead.sqlite, shared by every node
+//!                                  # on it (README: "Several nodes on one PostgreSQL")
 //! # pool_size = 16                 # PostgreSQL connections this node holds at most
 //!
 //! [modules]
