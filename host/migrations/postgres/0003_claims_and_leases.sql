@@ -1,4 +1,4 @@
--- Leases across nodes (issue 15): a running job names the node that claimed
+-- Leases across nodes: a running job names the node that claimed
 -- it (`claimed_by`, that node's id for this start) and holds it until
 -- `lease_until` (from 0002: Unix milliseconds on the database's clock). The
 -- node renews the leases of the jobs it runs; any node gives back to the

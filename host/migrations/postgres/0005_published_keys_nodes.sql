@@ -1,4 +1,4 @@
--- Several nodes on one database (issue 15): the call-token public keys every
+-- Several nodes on one database: the call-token public keys every
 -- node publishes, so each node's JWKS serves every live key, and the node
 -- registry (host/src/store/keys.rs).
 CREATE TABLE published_keys (

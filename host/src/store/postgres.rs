@@ -662,16 +662,36 @@ impl JobStore for PostgresStore {
             .bind(CLAIM_LOCK)
             .execute(&mut *tx)
             .await?;
+        // Each tenant with queued jobs (a skip scan of the queued index),
+        // under its cap, offers its oldest job of a served module under
+        // that module's cap; the tenant with fewest running jobs wins, then
+        // the oldest job. The cost grows with the tenants waiting, not with
+        // the jobs queued (BENCHMARKS.md has the plan).
         let next: Option<(String, String)> = sqlx::query_as(
-            "WITH running AS (SELECT tenant, module FROM jobs WHERE state = 'running'),
+            "WITH RECURSIVE tenants (tenant) AS (
+                     (SELECT tenant FROM jobs WHERE state = 'queued' ORDER BY tenant LIMIT 1)
+                     UNION ALL
+                     SELECT (SELECT q.tenant FROM jobs q
+                             WHERE q.state = 'queued' AND q.tenant > t.tenant
+                             ORDER BY q.tenant LIMIT 1)
+                     FROM tenants t WHERE t.tenant IS NOT NULL),
+                  running AS (SELECT tenant, module FROM jobs WHERE state = 'running'),
                   per_tenant AS (SELECT tenant, COUNT(*) AS n FROM running GROUP BY tenant),
-                  per_module AS (SELECT module, COUNT(*) AS n FROM running GROUP BY module)
-             SELECT jobs.id, jobs.tenant FROM jobs
-             LEFT JOIN per_tenant t ON t.tenant = jobs.tenant
-             LEFT JOIN per_module m ON m.module = jobs.module
-             WHERE jobs.state = 'queued' AND jobs.module = ANY($1)
-                   AND COALESCE(t.n, 0) < $2 AND COALESCE(m.n, 0) < $3
-             ORDER BY COALESCE(t.n, 0), jobs.created_at, jobs.id
+                  per_module AS (SELECT module, COUNT(*) AS n FROM running GROUP BY module),
+                  candidates AS (
+                     SELECT c.id, COALESCE(pt.n, 0) AS n, c.created_at
+                     FROM tenants t
+                     LEFT JOIN per_tenant pt ON pt.tenant = t.tenant
+                     CROSS JOIN LATERAL (
+                         SELECT q.id, q.created_at FROM jobs q
+                         WHERE q.state = 'queued' AND q.tenant = t.tenant AND q.module = ANY($1)
+                               AND COALESCE((SELECT m.n FROM per_module m WHERE m.module = q.module), 0) < $3
+                         ORDER BY q.created_at, q.id
+                         LIMIT 1) c
+                     WHERE t.tenant IS NOT NULL AND COALESCE(pt.n, 0) < $2)
+             SELECT jobs.id, jobs.tenant FROM candidates c JOIN jobs ON jobs.id = c.id
+             WHERE jobs.state = 'queued'
+             ORDER BY c.n, c.created_at, c.id
              LIMIT 1
              FOR NO KEY UPDATE OF jobs SKIP LOCKED",
         )
