@@ -184,9 +184,8 @@ pub struct Service {
     /// after its finish: a `running` job not in here was left by a failure.
     held: Mutex<HashSet<String>>,
     /// The claims of the jobs this node's workers run, whose leases the
-    /// leaser renews; `true` once a renewal found the claim lost (the job
-    /// was cancelled, or re-queued after its lease ran out).
-    claims: Mutex<HashMap<String, (crate::store::Claimed, bool)>>,
+    /// leaser renews, with where each run is ([`run::ClaimState`]).
+    claims: Mutex<HashMap<String, (crate::store::Claimed, run::ClaimState)>>,
     /// The store is shared by several nodes ([`JobStore::shared`]): the
     /// queue is the store's, taken by [`Service::puller`]s, and the
     /// scheduler only counts this node's running jobs.

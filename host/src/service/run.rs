@@ -356,19 +356,19 @@ impl Service {
             }
         };
         self.claims_lock()
-            .insert(record.id.clone(), (claim.clone(), false));
+            .insert(record.id.clone(), (claim.clone(), ClaimState::Running));
         let ran = self.run_claimed(record, &claim, cancel).await;
-        let lost = self
-            .claims_lock()
-            .remove(claim.id())
-            .is_some_and(|(_, lost)| lost);
+        self.claims_lock().remove(claim.id());
         match ran {
-            Ran::Ended(None) if lost => Ran::Lost,
+            // Not finished here: cancelled, or its claim lost (its lease ran
+            // out and another node has it). The store says which; waiters
+            // hear of it once it is final, never "cancelled" by guess.
+            Ran::Ended(None) => Ran::Lost,
             ran => ran,
         }
     }
 
-    fn claims_lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, (Claimed, bool)>> {
+    fn claims_lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, (Claimed, ClaimState)>> {
         self.claims.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -450,6 +450,11 @@ impl Service {
         claim: &Claimed,
         report: JobReport,
     ) -> Option<JobRecord> {
+        // From here a renewal that finds the claim gone is seeing this
+        // finish, not a lost claim: the run has ended either way.
+        if let Some((_, state)) = self.claims_lock().get_mut(claim.id()) {
+            *state = ClaimState::Finishing;
+        }
         let mut pause = Duration::from_millis(100);
         loop {
             let finished_at = now_ms();
@@ -987,13 +992,13 @@ impl Service {
         };
         for claim in lost {
             let mut held = self.claims_lock();
-            let Some((now, flag)) = held.get_mut(claim.id()) else {
+            let Some((now, state)) = held.get_mut(claim.id()) else {
                 continue; // it ended meanwhile
             };
-            if *now != claim {
+            if *now != claim || *state == ClaimState::Finishing {
                 continue;
             }
-            *flag = true;
+            *state = ClaimState::Lost;
             drop(held);
             tracing::warn!(job = %claim.id(), attempt = claim.attempt(), "the job's claim is lost (cancelled, or its lease ran out): stopping its run");
             if let Some(cancel) = self
@@ -1061,4 +1066,18 @@ impl Drop for CancelHandle<'_> {
             .unwrap_or_else(|e| e.into_inner())
             .remove(&self.id);
     }
+}
+
+/// Where a claimed job's run is, for the leaser.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum ClaimState {
+    /// The guest may still be running: a renewal that finds the claim gone
+    /// stops it.
+    Running,
+    /// Its result is being recorded: a renewal that finds the claim gone is
+    /// seeing that finish (or a loss the finish itself will meet).
+    Finishing,
+    /// A renewal found the claim gone (cancelled, or re-queued after its
+    /// lease ran out) and stopped the run.
+    Lost,
 }

@@ -62,7 +62,12 @@ const EVENTS: &str = "bulkhead_jobs";
 
 /// The advisory lock key [`JobStore::claim_next`] serializes claims on
 /// (`pg_advisory_xact_lock`, released at commit): "bulkhead claims".
-const CLAIM_LOCK: i64 = 0x6275_6c6b_636c_6169;
+/// How long a session may sit idle inside a transaction before the
+/// database ends it. Every transaction of this store runs its statements
+/// back to back; one idle this long belongs to a node that stopped.
+const IDLE_IN_TRANSACTION: &str = "5s";
+
+pub(super) const CLAIM_LOCK: i64 = 0x6275_6c6b_636c_6169;
 
 /// A job's columns, JSON ones as text, for `SELECT` and `RETURNING`.
 macro_rules! job_cols {
@@ -155,8 +160,13 @@ impl PostgresStore {
         pool_size: u32,
         acquire_timeout: Duration,
     ) -> Result<Self, StoreError> {
+        // A session of this pool that sits inside a transaction for
+        // `IDLE_IN_TRANSACTION` is ended by the database, and its locks with
+        // it: a node frozen mid-claim (a stopped process, a paused machine)
+        // cannot hold the cluster-wide claim lock for longer than that.
         let options = PgConnectOptions::from_str(url)
-            .map_err(|e| StoreError::Open(format!("bad database url: {e}")))?;
+            .map_err(|e| StoreError::Open(format!("bad database url: {e}")))?
+            .options([("idle_in_transaction_session_timeout", IDLE_IN_TRANSACTION)]);
         let target = format!(
             "{}:{}/{}",
             options.get_host(),

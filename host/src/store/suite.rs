@@ -910,6 +910,41 @@ async fn a_lost_database_is_a_storage_failure_and_the_store_recovers_when_it_ret
     assert!(store.finish_job(&c, &report, 5).await.unwrap());
 }
 
+/// A node frozen in the middle of a claim (a stopped process, a paused
+/// machine) holds the cluster-wide claim lock only until the database ends
+/// its idle transaction: the other nodes' claims go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_frozen_inside_a_claim_does_not_stop_the_other_nodes_claims() {
+    let Some(url) = super::pg_server::fresh_database().await else {
+        return;
+    };
+    let store = PostgresStore::open(&url, 2).await.unwrap();
+    store.insert_job(&job("j1", "acme"), None).await.unwrap();
+    // The frozen node: a session of a store opened as every node opens
+    // one, inside a claim's transaction holding the lock, silent from then on.
+    let frozen = PostgresStore::open(&url, 1).await.unwrap();
+    let mut tx = frozen.pool.begin().await.unwrap();
+    sqlx::query("SELECT pg_advisory_xact_lock($1)")
+        .bind(super::postgres::CLAIM_LOCK)
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    // Not a timing: a guard against waiting for ever, which is what a
+    // claim does behind a lock nobody releases.
+    let claimed = tokio::time::timeout(
+        std::time::Duration::from_secs(120),
+        store.claim_next(now_ms(), 3, &live("n2"), &caps(4, 4)),
+    )
+    .await
+    .expect("the claim waited for ever behind the frozen node's lock")
+    .unwrap();
+    assert!(
+        matches!(&claimed, Some(Claim::Run(job, _)) if job.id == "j1"),
+        "{claimed:?}"
+    );
+    drop(tx);
+}
+
 /// Claims acme's queued job `id` at `now` under `lease`, which must run.
 async fn claim_as(store: &dyn JobStore, id: &str, now: i64, lease: &Lease) -> (JobRecord, Claimed) {
     match store.claim("acme", id, now, 3, lease).await.unwrap() {

@@ -271,6 +271,11 @@ async fn a_call_token_minted_on_one_node_verifies_against_another_nodes_keys_thr
         let cluster = &cluster;
         let token = &token;
         async move {
+            // Any node takes any job: the other node is stopped while this
+            // one runs it, so the token is minted here.
+            let other = cluster.nodes[1 - n].pid() as i32;
+            // SAFETY: signalling our own child process.
+            assert_eq!(unsafe { libc::kill(other, libc::SIGSTOP) }, 0);
             let resp = cluster
                 .http
                 .post(format!(
@@ -281,6 +286,8 @@ async fn a_call_token_minted_on_one_node_verifies_against_another_nodes_keys_thr
                 .send()
                 .await
                 .unwrap();
+            // SAFETY: as above.
+            assert_eq!(unsafe { libc::kill(other, libc::SIGCONT) }, 0);
             assert_eq!(resp.status(), 200);
             let job: Value = resp.json().await.unwrap();
             job["report"]["stdout"]["text"].as_str().unwrap().to_owned()
