@@ -58,9 +58,12 @@ pub enum BlobError {
     /// digest changed after it was collected).
     #[error("job `{job}`: output `{name}` changed after it was collected")]
     Changed { job: String, name: String },
-    /// A later attempt of the job already stored its outputs: this
-    /// (stale) attempt's are not kept.
-    #[error("job `{job}`: attempt {attempt} is older than the attempt whose outputs are stored")]
+    /// This attempt no longer runs the job (it was cancelled, re-queued or
+    /// taken by a later attempt, which may have stored its outputs): its
+    /// outputs are not kept.
+    #[error(
+        "job `{job}`: attempt {attempt} no longer runs it (cancelled, re-queued, or a later attempt's outputs are stored)"
+    )]
     Stale { job: String, attempt: u32 },
 }
 

@@ -260,6 +260,20 @@ impl BlobStore for PgBlobs {
         let now = now_ms();
         let mut tx = self.pool.begin().await?;
         lock_job(&mut tx, job).await?;
+        // Only the attempt that still runs the job keeps outputs: not one
+        // whose job was cancelled, re-queued or taken by another node
+        // while it ran (its node was stopped past its lease).
+        let runs: Option<(String, i32)> =
+            sqlx::query_as("SELECT state, attempts FROM jobs WHERE id = $1")
+                .bind(job)
+                .fetch_optional(&mut *tx)
+                .await?;
+        if !matches!(&runs, Some((state, now)) if state == "running" && *now == attempt_i) {
+            return Err(BlobError::Stale {
+                job: job.to_owned(),
+                attempt,
+            });
+        }
         let newest: Option<i32> = sqlx::query_scalar(
             "SELECT max(attempt) FROM blobs WHERE job_id = $1 AND kind = 'output'",
         )

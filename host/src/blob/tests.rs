@@ -68,7 +68,27 @@ impl Blobs {
         (dir, listed)
     }
 
+    /// Makes `job`'s row say attempt `attempt` runs it (the PostgreSQL
+    /// store keeps only that attempt's outputs).
+    async fn running(&self, job: &str, attempt: u32) {
+        let Some(pool) = &self.pool else {
+            return;
+        };
+        sqlx::query(
+            "INSERT INTO jobs (id, tenant, subject, token_id, module, module_sha256, params,
+                               inputs, has_stdin, state, created_at, attempts)
+             VALUES ($1, 'acme', 's', 't', 'm', 'x', '{}', '[]', false, 'running', 0, $2)
+             ON CONFLICT (id) DO UPDATE SET state = 'running', attempts = $2",
+        )
+        .bind(job)
+        .bind(i32::try_from(attempt).unwrap())
+        .execute(pool)
+        .await
+        .unwrap();
+    }
+
     async fn put_outputs(&self, job: &str, attempt: u32, files: &[(&str, &[u8])]) {
+        self.running(job, attempt).await;
         let (dir, listed) = self.collect(job, files);
         self.store
             .put_outputs(job, attempt, &dir, &listed)
@@ -317,6 +337,7 @@ async fn a_rerun_replaces_an_earlier_attempts_outputs(b: &Blobs) {
         b.store.remove_outputs("r", 1).await.unwrap();
         assert_eq!(b.read("r", "a").await.unwrap(), b"second a");
         // A third attempt that left nothing removes the second's.
+        b.running("r", 3).await;
         b.store
             .put_outputs("r", 3, &b.jobs_dir.join("r/outputs"), &[])
             .await
@@ -335,6 +356,7 @@ async fn an_output_changed_after_collection_is_refused_and_nothing_of_it_kept() 
     b.put_outputs("c", 1, &[("a", b"kept")]).await;
     let (dir, mut listed) = b.collect("c", &[("a", b"new"), ("b", b"bbb")]);
     listed[1].size = 2;
+    b.running("c", 2).await;
     assert!(matches!(
         b.store.put_outputs("c", 2, &dir, &listed).await,
         Err(BlobError::Changed { name, .. }) if name == "b"
@@ -389,4 +411,31 @@ async fn shared_blobs_no_job_row_points_to_are_swept_by_age() {
     );
     assert_eq!(b.rows("orphan").await, Some((0, 0)));
     assert_eq!(b.rows("owned").await, Some((1, 1)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_attempt_that_no_longer_runs_its_job_keeps_no_outputs() {
+    let Some(b) = Blobs::postgres().await else {
+        return;
+    };
+    let pool = b.pool.clone().unwrap();
+    // Cancelled through another node while this attempt ran, then
+    // re-queued (its lease ran out) before this attempt finished.
+    for state in ["cancelled", "queued"] {
+        b.running("x", 1).await;
+        sqlx::query("UPDATE jobs SET state = $1 WHERE id = 'x'")
+            .bind(state)
+            .execute(&pool)
+            .await
+            .unwrap();
+        let (dir, listed) = b.collect("x", &[("late", b"late")]);
+        assert!(
+            matches!(
+                b.store.put_outputs("x", 1, &dir, &listed).await,
+                Err(BlobError::Stale { attempt: 1, .. })
+            ),
+            "{state}"
+        );
+        assert_eq!(b.rows("x").await, Some((0, 0)), "{state}");
+    }
 }

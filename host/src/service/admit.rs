@@ -233,13 +233,31 @@ impl Service {
             .await
             .map_err(|e| self.noted(e))?;
         let record = new_record(who, module, &spec, sub.stdin.is_some(), now_ms());
-        match (self.store.insert_job(&record, key.as_ref()).await, &key) {
-            (Ok(Inserted::Existing(job, hash)), Some(key)) => {
+        let q = &self.config.queue;
+        let bounds = crate::store::QueueBounds {
+            total: q.max_queued as u64,
+            per_tenant: q.max_queued_per_tenant as u64,
+        };
+        let inserted = self
+            .store
+            .insert_queued_within(&record, key.as_ref(), &bounds)
+            .await;
+        match (inserted, &key) {
+            (Ok(Ok(Inserted::Existing(job, hash))), Some(key)) => {
                 // A retry with the same key raced this one and won.
                 self.remove_job_files(&record.id).await;
                 return self.replay(*job, &hash, key, wait.is_some()).await;
             }
-            (Ok(_), _) => {}
+            (Ok(Err(full)), _) => {
+                // Others filled the queue since the check above.
+                self.remove_job_files(&record.id).await;
+                let why = match full {
+                    crate::store::QueueFull::Tenant => Rejection::TenantFull,
+                    crate::store::QueueFull::Service => Rejection::ServiceFull,
+                };
+                return Err(self.busy(who, module, why).await);
+            }
+            (Ok(Ok(_)), _) => {}
             (Err(e), _) => {
                 self.remove_job_files(&record.id).await;
                 return Err(self.noted(e.into()));
@@ -252,9 +270,8 @@ impl Service {
             module: record.module.clone(),
         };
         if self.shared {
-            // Its bounds were checked against the store above (not
-            // atomically with the insert: concurrent submissions may pass
-            // them by a few jobs).
+            // Its bounds were checked by the store, in the insert's
+            // transaction.
             self.work.notify_one();
         } else if let Err(why) = self.scheduler.push(queued, true) {
             // Lost a race for the last queue slot: take the job back.

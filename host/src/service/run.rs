@@ -463,8 +463,12 @@ impl Service {
                     self.remove_inputs(&record).await;
                     return Some(self.finished(record, report, finished_at).await);
                 }
-                // Cancelled while running; its result is dropped.
-                Ok(false) => return None,
+                // Cancelled while running, or its claim lost: its result is
+                // dropped, with whatever this attempt kept of its outputs.
+                Ok(false) => {
+                    self.remove_outputs(&record).await;
+                    return None;
+                }
                 Err(e) => {
                     tracing::error!(job = %record.id, error = %e, retry_in = ?pause, "cannot record the finished job");
                     self.noted(e.into());

@@ -332,6 +332,24 @@ pub enum Inserted {
     Existing(Box<JobRecord>, String),
 }
 
+/// The queue's bounds, for [`JobStore::insert_queued_within`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct QueueBounds {
+    /// Queued jobs of all tenants.
+    pub total: u64,
+    /// Queued jobs of the submitting tenant.
+    pub per_tenant: u64,
+}
+
+/// Which bound refused a job.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum QueueFull {
+    /// The tenant's share of the queue.
+    Tenant,
+    /// The whole queue.
+    Service,
+}
+
 /// A job this process claimed (`queued → running`), or that recovery took
 /// over from a failure: the one thing [`JobStore::finish_job`] and
 /// [`JobStore::requeue`] accept, so nothing but a claim can end or give
@@ -504,6 +522,23 @@ pub trait JobStore: KeyDirectory + Send + Sync + std::fmt::Debug {
     async fn list_tokens(&self) -> Result<Vec<TokenRecord>, StoreError>;
     /// Revokes a token by id; false if unknown.
     async fn revoke_token(&self, id: &str) -> Result<bool, StoreError>;
+
+    /// [`JobStore::insert_job`] of a queued job only while the queue holds
+    /// fewer queued jobs than `bounds` allows, the tenant's and in all. On a
+    /// shared store the count and the insert are one transaction under a
+    /// lock per tenant, so concurrent submissions through any nodes never
+    /// pass the tenant's bound; the total may be passed by the submissions
+    /// of other tenants committing at the same moment. A store of one node
+    /// leaves the bounds to the scheduler and just inserts.
+    async fn insert_queued_within(
+        &self,
+        job: &JobRecord,
+        key: Option<&Idempotency>,
+        bounds: &QueueBounds,
+    ) -> Result<Result<Inserted, QueueFull>, StoreError> {
+        let _ = bounds;
+        self.insert_job(job, key).await.map(Ok)
+    }
 
     /// Stores a new queued job. With `key`, stores it only if no job of
     /// the tenant with that key was created since `key.since` (an older use

@@ -45,7 +45,7 @@ use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions, PgRo
 use super::{
     AuditEntry, AuditedJob, CancelOutcome, Caps, Claim, Claimed, DeleteOutcome, Expired,
     Idempotency, Inserted, JobFinished, JobRecord, JobState, JobStore, Lease, PendingJob,
-    StoreError,
+    QueueBounds, QueueFull, StoreError,
 };
 use crate::auth::TokenRecord;
 
@@ -66,6 +66,10 @@ const EVENTS: &str = "bulkhead_jobs";
 /// database ends it. Every transaction of this store runs its statements
 /// back to back; one idle this long belongs to a node that stopped.
 const IDLE_IN_TRANSACTION: &str = "5s";
+
+/// The seed of the per-tenant advisory locks of
+/// [`JobStore::insert_queued_within`] (`hashtextextended(tenant, seed)`).
+const QUEUE_LOCK_SEED: i64 = 0x7175_6575;
 
 pub(super) const CLAIM_LOCK: i64 = 0x6275_6c6b_636c_6169;
 
@@ -518,6 +522,38 @@ impl JobStore for PostgresStore {
                 .rows_affected()
                 == 1,
         )
+    }
+
+    async fn insert_queued_within(
+        &self,
+        j: &JobRecord,
+        key: Option<&Idempotency>,
+        bounds: &QueueBounds,
+    ) -> Result<Result<Inserted, QueueFull>, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        // One submission of a tenant at a time counts and inserts, on every
+        // node: the tenant's bound is never passed.
+        sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, $2))")
+            .bind(&j.tenant)
+            .bind(QUEUE_LOCK_SEED)
+            .execute(&mut *tx)
+            .await?;
+        let (mine, all): (i64, i64) = sqlx::query_as(
+            "SELECT COUNT(*) FILTER (WHERE tenant = $1), COUNT(*) FROM jobs WHERE state = 'queued'",
+        )
+        .bind(&j.tenant)
+        .fetch_one(&mut *tx)
+        .await?;
+        let count = |n: i64| n.max(0) as u64;
+        if count(all) >= bounds.total {
+            return Ok(Err(QueueFull::Service));
+        }
+        if count(mine) >= bounds.per_tenant {
+            return Ok(Err(QueueFull::Tenant));
+        }
+        let inserted = insert_job_row(&mut tx, j, key, j.state, None, 0).await?;
+        tx.commit().await?;
+        Ok(Ok(inserted))
     }
 
     async fn insert_job(

@@ -945,6 +945,63 @@ async fn a_node_frozen_inside_a_claim_does_not_stop_the_other_nodes_claims() {
     drop(tx);
 }
 
+/// The queue's bound per tenant holds however many submissions of that
+/// tenant arrive at once through however many nodes: the count and the
+/// insert are one transaction under the tenant's lock.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_submissions_through_two_nodes_never_pass_a_tenants_queue_bound() {
+    let Some(url) = super::pg_server::fresh_database().await else {
+        return;
+    };
+    let (one, two) = (
+        Arc::new(PostgresStore::open(&url, 4).await.unwrap()),
+        Arc::new(PostgresStore::open(&url, 4).await.unwrap()),
+    );
+    let bounds = super::QueueBounds {
+        total: 1000,
+        per_tenant: 5,
+    };
+    let tasks: Vec<_> = (0..40)
+        .map(|i| {
+            let store = Arc::clone(if i % 2 == 0 { &one } else { &two });
+            tokio::spawn(async move {
+                store
+                    .insert_queued_within(&job(&format!("q{i}"), "acme"), None, &bounds)
+                    .await
+                    .unwrap()
+            })
+        })
+        .collect();
+    let (mut taken, mut refused) = (0, 0);
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(Inserted::New) => taken += 1,
+            Err(super::QueueFull::Tenant) => refused += 1,
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!((taken, refused), (5, 35));
+    let (mine, _) = one.queued_counts("acme").await.unwrap();
+    assert_eq!(mine, 5);
+    // Another tenant is not held back by acme's bound; the total is.
+    assert!(matches!(
+        two.insert_queued_within(&job("b1", "beta"), None, &bounds)
+            .await
+            .unwrap(),
+        Ok(Inserted::New)
+    ));
+    let full = super::QueueBounds {
+        total: 6,
+        per_tenant: 5,
+    };
+    assert!(matches!(
+        two.insert_queued_within(&job("b2", "beta"), None, &full)
+            .await
+            .unwrap(),
+        Err(super::QueueFull::Service)
+    ));
+}
+
 /// Claims acme's queued job `id` at `now` under `lease`, which must run.
 async fn claim_as(store: &dyn JobStore, id: &str, now: i64, lease: &Lease) -> (JobRecord, Claimed) {
     match store.claim("acme", id, now, 3, lease).await.unwrap() {
