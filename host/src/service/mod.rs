@@ -455,7 +455,11 @@ impl Service {
 
     fn update_gauges(&self) {
         let (queued, running) = self.scheduler.depth();
-        metrics::gauge!("bulkhead_jobs_queued").set(queued as f64);
+        // On a shared store the queue is the store's: the leaser sets this
+        // gauge from it (all nodes' queued jobs).
+        if !self.shared {
+            metrics::gauge!("bulkhead_jobs_queued").set(queued as f64);
+        }
         metrics::gauge!("bulkhead_jobs_running").set(running as f64);
         let isolation = self.runner.state();
         for (zone, pids) in &isolation.workers {

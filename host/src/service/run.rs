@@ -974,6 +974,11 @@ impl Service {
             if !self.is_draining() && self.storage_ok() {
                 self.expire().await;
             }
+            if self.shared
+                && let Ok((_, all)) = self.store.queued_counts("").await
+            {
+                metrics::gauge!("bulkhead_jobs_queued").set(all as f64);
+            }
         }
     }
 

@@ -203,3 +203,30 @@ async fn a_wait_and_a_cancel_on_one_node_reach_the_job_another_node_runs() {
     let cancelled = store.get_job("acme", &id).await.unwrap().unwrap();
     assert_eq!(cancelled.state, JobState::Cancelled);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_queued_gauge_counts_every_nodes_queued_jobs() {
+    let Some(url) = bulkhead::store::pg_server::fresh_database().await else {
+        return;
+    };
+    let s = node(&url, Duration::from_millis(300)).await;
+    // Queued through other nodes, for a module only they serve: this node
+    // never claims them, and its gauge still counts them.
+    let store = bulkhead::store::PostgresStore::open(&url, 2).await.unwrap();
+    for id in ["e1", "e2", "e3"] {
+        let job = JobRecord {
+            module: "elsewhere".into(),
+            ..hello_job(id)
+        };
+        store.insert_job(&job, None).await.unwrap();
+    }
+    let mut metrics = String::new();
+    for _ in 0..300 {
+        metrics = s.service.render_metrics();
+        if metrics.lines().any(|l| l == "bulkhead_jobs_queued 3") {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("the gauge never counted the store's 3 queued jobs:\n{metrics}");
+}
