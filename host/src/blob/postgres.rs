@@ -23,14 +23,13 @@
 //! should hold; it is not built.
 
 use std::path::Path;
-use std::str::FromStr;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
 use sha2::{Digest, Sha256};
 use sqlx::Row;
-use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::postgres::{PgPool, PgPoolOptions};
 use tokio::io::AsyncReadExt;
 
 use super::{BlobError, BlobStore, OutputReader};
@@ -72,8 +71,10 @@ impl PgBlobs {
     /// [`StoreError::Open`] if the URL is malformed, the database cannot be
     /// reached, or a migration fails.
     pub async fn open(url: &str, pool_size: u32) -> Result<Self, StoreError> {
-        let options = PgConnectOptions::from_str(url)
-            .map_err(|e| StoreError::Open(format!("bad database url: {e}")))?;
+        // Bounded idle transactions, as the job store's: a node frozen
+        // while it writes a job's outputs holds that job's lock for at most
+        // that long.
+        let options = crate::store::session_options(url)?;
         let pool = PgPoolOptions::new()
             .max_connections(pool_size.max(1))
             .min_connections(0)
@@ -173,7 +174,7 @@ async fn insert_chunk(
 
 /// Takes the job's transaction-scoped advisory lock (writers of one job's
 /// outputs go one at a time).
-async fn lock_job(tx: &mut sqlx::PgConnection, job: &str) -> Result<(), sqlx::Error> {
+pub(super) async fn lock_job(tx: &mut sqlx::PgConnection, job: &str) -> Result<(), sqlx::Error> {
     sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 15))")
         .bind(job)
         .execute(tx)

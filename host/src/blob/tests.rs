@@ -19,6 +19,7 @@ struct Blobs {
     jobs_dir: PathBuf,
     /// The database, for the PostgreSQL store.
     pool: Option<sqlx::PgPool>,
+    url: Option<String>,
     _tmp: tempfile::TempDir,
 }
 
@@ -31,6 +32,7 @@ impl Blobs {
             store: Box::new(FsBlobs::new(jobs_dir.clone())),
             jobs_dir,
             pool: None,
+            url: None,
             _tmp: tmp,
         }
     }
@@ -43,6 +45,7 @@ impl Blobs {
         let store = PgBlobs::open(&url, 4).await.unwrap();
         Some(Self {
             pool: Some(store.pool.clone()),
+            url: Some(url),
             store: Box::new(store),
             jobs_dir,
             _tmp: tmp,
@@ -438,4 +441,32 @@ async fn an_attempt_that_no_longer_runs_its_job_keeps_no_outputs() {
         );
         assert_eq!(b.rows("x").await, Some((0, 0)), "{state}");
     }
+}
+
+/// A node frozen while it writes a job's outputs (a stopped process, a
+/// paused machine) holds the job's lock only until the database ends its
+/// idle transaction: the attempt that re-runs the job on another node keeps
+/// its outputs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_frozen_while_writing_outputs_does_not_stop_the_rerun_keeping_its_own() {
+    let Some(b) = Blobs::postgres().await else {
+        return;
+    };
+    // The frozen node's blob store, opened as every node opens it.
+    let frozen = PgBlobs::open(b.url.as_deref().unwrap(), 1).await.unwrap();
+    let mut tx = frozen.pool.begin().await.unwrap();
+    super::postgres::lock_job(&mut tx, "f").await.unwrap();
+    b.running("f", 2).await;
+    let (dir, listed) = b.collect("f", &[("out", b"attempt 2")]);
+    // Not a timing: a guard against waiting for ever, which is what the
+    // write does behind a lock nobody releases.
+    tokio::time::timeout(
+        Duration::from_secs(120),
+        b.store.put_outputs("f", 2, &dir, &listed),
+    )
+    .await
+    .expect("the re-run waited for ever behind the frozen node's lock")
+    .unwrap();
+    assert_eq!(b.read("f", "out").await.unwrap(), b"attempt 2");
+    drop(tx);
 }

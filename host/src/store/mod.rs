@@ -45,6 +45,7 @@ use crate::job::{JobReport, LimitKind};
 
 pub use keys::{KeyDirectory, NodeRecord, PublishedKey};
 pub use postgres::PostgresStore;
+pub(crate) use postgres::session_options;
 pub use sqlite::SqliteStore;
 
 /// Where a job is in its life.

@@ -164,13 +164,7 @@ impl PostgresStore {
         pool_size: u32,
         acquire_timeout: Duration,
     ) -> Result<Self, StoreError> {
-        // A session of this pool that sits inside a transaction for
-        // `IDLE_IN_TRANSACTION` is ended by the database, and its locks with
-        // it: a node frozen mid-claim (a stopped process, a paused machine)
-        // cannot hold the cluster-wide claim lock for longer than that.
-        let options = PgConnectOptions::from_str(url)
-            .map_err(|e| StoreError::Open(format!("bad database url: {e}")))?
-            .options([("idle_in_transaction_session_timeout", IDLE_IN_TRANSACTION)]);
+        let options = session_options(url)?;
         let target = format!(
             "{}:{}/{}",
             options.get_host(),
@@ -194,6 +188,20 @@ impl PostgresStore {
             .map_err(|e| StoreError::Open(format!("migrating {target}: {e}")))?;
         Ok(Self { pool, target })
     }
+}
+
+/// How every pool of a node connects to `url` (the job store's and the blob
+/// store's). A session that sits inside a transaction for
+/// `IDLE_IN_TRANSACTION` is ended by the database, and its locks with it: a
+/// node frozen mid-transaction (a stopped process, a paused machine) cannot
+/// hold the cluster-wide claim lock or a job's output lock for longer.
+///
+/// # Errors
+/// [`StoreError::Open`] if the URL is malformed.
+pub(crate) fn session_options(url: &str) -> Result<PgConnectOptions, StoreError> {
+    Ok(PgConnectOptions::from_str(url)
+        .map_err(|e| StoreError::Open(format!("bad database url: {e}")))?
+        .options([("idle_in_transaction_session_timeout", IDLE_IN_TRANSACTION)]))
 }
 
 fn json<T: serde::Serialize>(v: &T) -> String {
