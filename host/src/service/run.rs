@@ -219,16 +219,17 @@ impl Service {
                     self.recover_wanted.store(true, Ordering::SeqCst);
                 }
             }
-            // A finish (or a give-back) frees a cap: the other workers
-            // look again.
-            self.work.notify_waiters();
+            // The slot (and any cap) this job held is taken up by this
+            // worker's own next claim, at once: waking the others too would
+            // only send them for claims that find nothing, each under the
+            // cluster-wide claim lock.
             self.update_gauges();
         }
     }
 
     /// Acts on the jobs other nodes queue or end ([`JobStore::events`]): a
-    /// job queued wakes a worker; a job ended frees a cap (every worker
-    /// looks again), wakes its waiters here when another node ran it, and,
+    /// job queued wakes a worker; a job ended frees a cap (a worker looks
+    /// again), wakes its waiters here when another node ran it, and,
     /// cancelled through another node while it runs here, stops its run.
     pub(super) async fn listener(
         self: Arc<Self>,
@@ -242,7 +243,8 @@ impl Service {
                 JobState::Queued => self.work.notify_one(),
                 JobState::Running => {}
                 JobState::Succeeded | JobState::Failed | JobState::Cancelled => {
-                    self.work.notify_waiters();
+                    // A cap freed on another node: one worker here looks.
+                    self.work.notify_one();
                     if event.state == JobState::Cancelled
                         && self.claims_lock().contains_key(&event.id)
                         && let Some(cancel) = self
