@@ -204,6 +204,39 @@ pub(crate) fn session_options(url: &str) -> Result<PgConnectOptions, StoreError>
         .options([("idle_in_transaction_session_timeout", IDLE_IN_TRANSACTION)]))
 }
 
+/// Finishes `failed`, in `tx`, the job in `row` that was started the most
+/// times it may be (the claim that found it marked it running for `lease`'s
+/// node), and commits.
+async fn give_up(
+    mut tx: sqlx::Transaction<'_, sqlx::Postgres>,
+    row: &PgRow,
+    lease: &Lease,
+    now: i64,
+) -> Result<JobRecord, StoreError> {
+    let mut job = job_row(row)?;
+    let report = crate::sandbox::JobReport::not_run(
+        &job.id,
+        &job.module,
+        format!(
+            "the host could not finish the job in {} attempts",
+            job.attempts
+        ),
+    );
+    finish(
+        &mut tx,
+        &Claimed::of(&job, Some(&lease.node)),
+        &JobFinished::of(&report),
+        now,
+        &json(&report),
+    )
+    .await?;
+    tx.commit().await?;
+    job.state = JobState::Failed;
+    job.finished_at = Some(now);
+    job.report = Some(report);
+    Ok(job)
+}
+
 fn json<T: serde::Serialize>(v: &T) -> String {
     serde_json::to_string(v).expect("plain data serializes")
 }
@@ -675,28 +708,9 @@ impl JobStore for PostgresStore {
         let Some(row) = exhausted else {
             return Ok(Claim::Gone);
         };
-        let mut job = job_row(&row)?;
-        let report = crate::sandbox::JobReport::not_run(
-            &job.id,
-            &job.module,
-            format!(
-                "the host could not finish the job in {} attempts",
-                job.attempts
-            ),
-        );
-        finish(
-            &mut tx,
-            &Claimed::of(&job, Some(&lease.node)),
-            &JobFinished::of(&report),
-            now,
-            &json(&report),
-        )
-        .await?;
-        tx.commit().await?;
-        job.state = JobState::Failed;
-        job.finished_at = Some(now);
-        job.report = Some(report);
-        Ok(Claim::GaveUp(Box::new(job)))
+        Ok(Claim::GaveUp(Box::new(
+            give_up(tx, &row, lease, now).await?,
+        )))
     }
 
     async fn claim_next(
@@ -788,28 +802,9 @@ impl JobStore for PostgresStore {
         .bind(&lease.node)
         .fetch_one(&mut *tx)
         .await?;
-        let mut job = job_row(&row)?;
-        let report = crate::sandbox::JobReport::not_run(
-            &job.id,
-            &job.module,
-            format!(
-                "the host could not finish the job in {} attempts",
-                job.attempts
-            ),
-        );
-        finish(
-            &mut tx,
-            &Claimed::of(&job, Some(&lease.node)),
-            &JobFinished::of(&report),
-            now,
-            &json(&report),
-        )
-        .await?;
-        tx.commit().await?;
-        job.state = JobState::Failed;
-        job.finished_at = Some(now);
-        job.report = Some(report);
-        Ok(Some(Claim::GaveUp(Box::new(job))))
+        Ok(Some(Claim::GaveUp(Box::new(
+            give_up(tx, &row, lease, now).await?,
+        ))))
     }
 
     async fn queued_counts(&self, tenant: &str) -> Result<(u64, u64), StoreError> {
