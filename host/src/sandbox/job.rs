@@ -36,6 +36,8 @@ pub struct JobDir {
     own_input: PathBuf,
     shared_input: PathBuf,
     has_inputs: std::sync::atomic::AtomicBool,
+    /// `/out` was found empty and removed ([`JobDir::remove_output_if_empty`]).
+    out_removed: std::sync::atomic::AtomicBool,
 }
 
 /// Name of the shared empty input directory inside a work directory.
@@ -69,6 +71,7 @@ impl JobDir {
             out,
             shared_input,
             has_inputs: std::sync::atomic::AtomicBool::new(false),
+            out_removed: std::sync::atomic::AtomicBool::new(false),
         };
         dir.ensure_shared_input()?;
         Ok(dir)
@@ -128,6 +131,18 @@ impl JobDir {
         self.out.clone()
     }
 
+    /// Removes `/out` if the job left it empty (one `rmdir`, which fails
+    /// on anything inside); whether it did. What else the job has (its
+    /// own inputs) goes on drop.
+    pub fn remove_output_if_empty(&self) -> bool {
+        let removed = std::fs::remove_dir(&self.out).is_ok();
+        if removed {
+            self.out_removed
+                .store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+        removed
+    }
+
     /// Writes the inputs into the job's own input directory (read-only
     /// files, `create_new`). Without inputs, nothing is created.
     pub(crate) fn write_inputs(&self, inputs: &[JobInput]) -> io::Result<()> {
@@ -157,7 +172,10 @@ impl Drop for JobDir {
         // Fast path: an empty `/out` goes with one `rmdir`. Anything left
         // inside makes it fail, and `remove_dir_all` (which does not follow
         // symlinks the guest left behind) takes over.
-        let mut dirs = vec![&self.out];
+        let mut dirs = Vec::with_capacity(2);
+        if !self.out_removed.load(std::sync::atomic::Ordering::SeqCst) {
+            dirs.push(&self.out);
+        }
         if self.has_inputs.load(std::sync::atomic::Ordering::SeqCst) {
             dirs.push(&self.own_input);
         }

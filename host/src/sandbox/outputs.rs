@@ -171,6 +171,21 @@ pub fn collect_beneath(
     collect_in(&root, copy_to, bounds)
 }
 
+/// What collecting an empty `/out` yields: nothing, and with `copy_to`
+/// that directory, made as a collection makes it.
+///
+/// # Errors
+/// [`CollectError::Copy`] when `copy_to` cannot be made.
+pub fn collect_nothing(copy_to: Option<&Path>) -> Result<Collected, CollectError> {
+    if let Some(path) = copy_to {
+        super::job::create_private_dir_all(path).map_err(|source| CollectError::Copy {
+            name: String::new(),
+            source,
+        })?;
+    }
+    Ok(Collected::default())
+}
+
 /// Whether `parent`'s entry `name` is a directory (not a link to one) with
 /// nothing in it; false when it cannot be read.
 pub fn is_empty_beneath(parent: &Path, name: &str) -> bool {

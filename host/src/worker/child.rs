@@ -36,8 +36,10 @@ pub fn main(args: &OsStr) -> ExitCode {
         return ExitCode::from(2);
     };
     let applied = harden::apply(&args.plan(CHANNEL_FD));
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+    // One thread runs the channel, the jobs and their replies: a frame
+    // wakes no other thread on its way (guests yield at every epoch tick,
+    // so jobs share it fairly). A zone's parallelism is its workers.
+    let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {
@@ -218,6 +220,9 @@ async fn run(
         let Some(mut compiled) = compiled else {
             return Err(format!("module {module} was never loaded in this worker"));
         };
+        // `Running` tells the gateway's watchdog when a job waited for its
+        // module; one whose module was ready runs from when it was sent.
+        let waited = compiled.borrow().is_none();
         let loaded = compiled
             .wait_for(Option::is_some)
             .await
@@ -225,13 +230,20 @@ async fn run(
             .clone()
             .expect("waited for Some")
             .map_err(|e| e.to_string())?;
-        let _ = state.up.send(Up::Running { job });
+        if waited {
+            let _ = state.up.send(Up::Running { job });
+        }
         let dir = JobDir::create(&state.sandbox.config().work_dir, &format!("j{job}"))
             .map_err(|e| format!("cannot prepare job directory: {e}"))?;
         let egress =
             (!loaded.policy().network.services.is_empty()).then(|| state.calls.egress(job));
         let result = state.sandbox.run_with(&loaded, &spec, &dir, egress).await;
-        lock(&state.dirs).insert(job, dir);
+        // A job without inputs that left `/out` empty has nothing to copy
+        // or check: its directory goes now, before the report, and the
+        // gateway sends no `Release`. Anything else stays until then.
+        if dir.has_inputs() || !dir.remove_output_if_empty() {
+            lock(&state.dirs).insert(job, dir);
+        }
         let report = result.map_err(|e| e.to_string())?;
         serde_json::to_string(&report).map_err(|e| format!("unencodable report: {e}"))
     };

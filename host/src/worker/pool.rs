@@ -149,7 +149,12 @@ struct Source {
 pub struct Pool {
     config: PoolConfig,
     state: Mutex<State>,
+    /// A worker took a job off, started, retired or failed: for jobs
+    /// waiting for a place.
     changed: Notify,
+    /// The pool lost strength (a worker retiring or failed): for the
+    /// supervisor, which a job's end alone does not wake.
+    weakened: Notify,
     ids: AtomicU64,
     closing: AtomicBool,
     faults: FaultSink,
@@ -245,6 +250,8 @@ struct WorkerState {
     /// Modules sent to it, with the artifact record each was sent with.
     loaded: HashMap<u64, Option<Artifact>>,
     loads: HashMap<u64, Vec<oneshot::Sender<Result<LoadInfo, LoadError>>>>,
+    /// Modules it answered `Loaded` for without an error.
+    ready: std::collections::HashSet<u64>,
     jobs: HashMap<u64, Pending>,
     started: u32,
     retiring: bool,
@@ -348,6 +355,7 @@ impl Pool {
             config,
             state: Mutex::default(),
             changed: Notify::new(),
+            weakened: Notify::new(),
             ids: AtomicU64::new(1),
             closing: AtomicBool::new(false),
             faults: Arc::new(faults),
@@ -542,13 +550,17 @@ impl Pool {
                 // It failed between being picked and now.
                 return Ok((fault_report(spec, policy, reason), None));
             }
+            // A worker with the module ready starts the job at once and
+            // does not say so (see `Up::Running`).
+            let sent = Instant::now();
+            let running_since = ws.ready.contains(&module).then_some(sent);
             ws.jobs.insert(
                 job,
                 Pending {
                     reply: tx,
                     wall_time,
-                    sent: Instant::now(),
-                    running_since: None,
+                    sent,
+                    running_since,
                 },
             );
             ws.started += 1;
@@ -558,7 +570,7 @@ impl Pool {
         }
         if lock(&worker.state).retiring {
             // Its replacement starts now, while this job runs.
-            self.changed.notify_waiters();
+            self.weakened.notify_one();
         }
         if let Some(egress) = egress {
             worker.calls.register(job, egress, wall_time);
@@ -585,6 +597,10 @@ impl Pool {
                 Ok(report) => Ok((
                     bounded(report, policy),
                     Some(WorkerOutputs {
+                        // The worker removes an empty `/out` before it
+                        // reports: nothing to copy, nothing to release.
+                        removed: std::fs::symlink_metadata(worker.dir.join(format!("j{job}.out")))
+                            .is_err(),
                         worker: Arc::clone(&worker),
                         name: format!("j{job}.out"),
                         job,
@@ -669,6 +685,7 @@ impl Pool {
             reason,
             jobs,
         });
+        self.weakened.notify_one();
         self.changed.notify_waiters();
     }
 
@@ -681,7 +698,7 @@ impl Pool {
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
-                () = self.changed.notified() => {}
+                () = self.weakened.notified() => {}
             }
             if self.closing.load(Ordering::SeqCst) {
                 return;
@@ -955,6 +972,7 @@ impl Pool {
                 Up::Loaded { module, result } => {
                     if let Ok(info) = &result {
                         self.take_artifact(worker, module, info);
+                        lock(&worker.state).ready.insert(module);
                     }
                     let waiting = lock(&worker.state).loads.remove(&module);
                     for tx in waiting.unwrap_or_default() {
@@ -1074,6 +1092,9 @@ impl Drop for JobGuard<'_> {
 /// A finished job's outputs, in its worker's directory until dropped.
 #[derive(Debug)]
 pub struct WorkerOutputs {
+    /// The job's `/out` was gone when its report came: the worker removed
+    /// it empty (or lost what it held, which it always could).
+    removed: bool,
     worker: Arc<Worker>,
     name: String,
     job: u64,
@@ -1096,18 +1117,24 @@ impl WorkerOutputs {
     /// # Errors
     /// [`CollectError`].
     pub fn collect(&self, copy_to: Option<&Path>) -> Result<Collected, CollectError> {
+        if self.removed {
+            return crate::sandbox::outputs::collect_nothing(copy_to);
+        }
         crate::sandbox::outputs::collect_beneath(&self.worker.dir, &self.name, copy_to, self.bounds)
     }
 
-    /// Whether the job's `/out` is empty (false when it cannot be read).
+    /// Whether the job's `/out` is empty or gone (false when it cannot be
+    /// read).
     pub fn left_nothing(&self) -> bool {
-        crate::sandbox::outputs::is_empty_beneath(&self.worker.dir, &self.name)
+        self.removed || crate::sandbox::outputs::is_empty_beneath(&self.worker.dir, &self.name)
     }
 }
 
 impl Drop for WorkerOutputs {
     fn drop(&mut self) {
-        let _ = self.worker.down.send(Down::Release { job: self.job });
+        if !self.removed {
+            let _ = self.worker.down.send(Down::Release { job: self.job });
+        }
     }
 }
 

@@ -27,7 +27,10 @@ use crate::job::JobSpec;
 ///
 /// 2: `Load` carries the gateway's record of the module's artifact, and
 /// `Loaded`'s info the artifact the worker wrote.
-pub const VERSION: u32 = 2;
+/// 3: `Running` only for a job that waited for its module; no `Release`
+/// for a job without inputs whose empty `/out` the worker removed before
+/// reporting.
+pub const VERSION: u32 = 3;
 
 /// Largest frame a worker accepts: a module at the host's largest
 /// accepted size plus its policy, or a job's inputs, with room to spare.
@@ -64,6 +67,8 @@ pub enum Down {
     /// Stops a running job (its report is not wanted).
     Cancel { job: u64 },
     /// The gateway has copied the job's outputs: its directory can go.
+    /// Not sent for a job whose `/out` was gone when its report came (the
+    /// worker removes an empty one before reporting).
     Release { job: u64 },
     /// Outbound-call traffic for a running job.
     Call(CallDown),
@@ -92,8 +97,10 @@ pub enum Up {
         module: u64,
         result: Result<crate::sandbox::LoadInfo, crate::sandbox::LoadError>,
     },
-    /// A job's module is ready and its guest is starting: the gateway's
-    /// watchdog runs from here.
+    /// A job that waited for its module (still compiling when the job
+    /// came) is starting: the gateway's watchdog runs from here. A job
+    /// whose module the worker had answered `Loaded` for runs, for the
+    /// watchdog, from when it was sent.
     Running { job: u64 },
     /// A job's report (JSON of [`JobReport`](crate::job::JobReport)), or
     /// why it could not start.
