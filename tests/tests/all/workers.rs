@@ -276,3 +276,120 @@ async fn a_worker_over_its_memory_ceiling_is_a_named_fault() {
     let ok = submit(&server, &token, "hello", true).await;
     assert_eq!(ok["state"], "succeeded", "{ok}");
 }
+
+/// Every job directory left under a worker pool's work directory
+/// (`<work>/zones/<zone>/<worker>/j<N>.out` and `.in`).
+fn job_dirs(work: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut found = Vec::new();
+    for worker in std::fs::read_dir(work.join("zones/untrusted"))
+        .unwrap()
+        .flatten()
+    {
+        let Ok(entries) = std::fs::read_dir(worker.path()) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with('j') && (name.ends_with(".out") || name.ends_with(".in")) {
+                found.push(entry.path());
+            }
+        }
+    }
+    found
+}
+
+/// A job without inputs that leaves `/out` empty is gone from its worker's
+/// directory by the time its report is back, while the gateway still holds
+/// its outputs: the worker removed it before reporting, so there is nothing
+/// to copy and nothing to release (and a copy to a directory still makes
+/// that directory). A job that writes outputs keeps its directory until the
+/// gateway lets go of them, and then it goes too.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_job_that_leaves_nothing_leaves_no_directory_in_its_worker() {
+    use bulkhead::runner::Runner;
+
+    let tmp = tempfile::tempdir().unwrap();
+    let runner = crate::zone_cache::workers(tmp.path(), "w", 0).await;
+    let work = runner.work_dir().to_owned();
+    let hello = runner
+        .load(
+            crate::common::policy(bulkhead_tests::HELLO, "hello").parse(),
+            bytes::Bytes::from(crate::common::wasm(bulkhead_tests::HELLO)),
+        )
+        .await
+        .unwrap();
+    let finished = runner
+        .run(&hello, &bulkhead::sandbox::JobSpec::new(), None)
+        .await
+        .unwrap();
+    assert!(finished.report.succeeded(), "{:?}", finished.report);
+    assert_eq!(job_dirs(&work), Vec::<std::path::PathBuf>::new());
+    assert!(finished.outputs.worker_left_nothing());
+    let copy = tmp.path().join("copy");
+    let collected = finished.outputs.collect(Some(&copy)).unwrap();
+    assert!(collected.files.is_empty(), "{collected:?}");
+    assert!(copy.is_dir());
+
+    let files = runner
+        .load(
+            crate::common::policy(bulkhead_tests::P1_FILES_WASIP1, "p1-files").parse(),
+            bytes::Bytes::from(crate::common::wasm(bulkhead_tests::P1_FILES_WASIP1)),
+        )
+        .await
+        .unwrap();
+    let wrote = runner
+        .run(&files, &bulkhead::sandbox::JobSpec::new(), None)
+        .await
+        .unwrap();
+    assert!(wrote.report.succeeded(), "{:?}", wrote.report);
+    let held = job_dirs(&work);
+    assert_eq!(held.len(), 1, "{held:?}");
+    assert!(held[0].join("summary.txt").is_file(), "{held:?}");
+    drop(wrote);
+    until(|| job_dirs(&work).is_empty()).await;
+}
+
+/// A worker that stops (SIGSTOP) while it runs a job of a module it had
+/// ready is held by the gateway's own clock to the job's wall time plus
+/// its grace, counted from when the job was sent (such a job's start is not
+/// announced): the job fails as an overrun, well before the worker would
+/// count as silent, and a fresh worker replaces it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stopped_worker_is_held_to_its_jobs_wall_time() {
+    let server = service::start(|c| {
+        sleeper(1_000).write_to(&c.modules.policies_dir);
+        c.zones.insert(
+            "untrusted".into(),
+            bulkhead::config::ZonePool {
+                workers: 1,
+                ..Default::default()
+            },
+        );
+    })
+    .await;
+    let token = server.token("acme", &["hostile:run", "hello:run"]).await;
+    let before = workers(&server);
+    assert_eq!(before.len(), 1);
+    let job = submit(&server, &token, "hostile", false).await;
+    let id = job["id"].as_str().unwrap().to_owned();
+    for _ in 0..200 {
+        let now = json(server.get(&format!("/v1/jobs/{id}"), &token)).await;
+        if now["state"] == "running" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    // SAFETY: kill(2) with a pid and a signal number has no memory effects.
+    assert_eq!(unsafe { libc::kill(before[0] as i32, libc::SIGSTOP) }, 0);
+    let done = server.finished(&token, &id).await;
+    assert_eq!(done["state"], "failed", "{done}");
+    let message = done["report"]["failure"]["message"].as_str().unwrap();
+    assert!(message.contains("ran past its wall time"), "{done}");
+    until(|| {
+        let now = workers(&server);
+        now.len() == 1 && now != before
+    })
+    .await;
+    let ok = submit(&server, &token, "hello", true).await;
+    assert_eq!(ok["state"], "succeeded", "{ok}");
+}

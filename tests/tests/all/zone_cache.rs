@@ -22,7 +22,7 @@ use crate::common::{self, wasm};
 /// A pool of one worker for the `untrusted` zone over `tmp`'s cache (a
 /// restart of the service is a new pool over the same cache), each pool
 /// with its own work directory.
-async fn workers(tmp: &Path, name: &str, jobs_per_worker: u32) -> Workers {
+pub(crate) async fn workers(tmp: &Path, name: &str, jobs_per_worker: u32) -> Workers {
     let work = tmp.join("work").join(name);
     let mut config = SandboxConfig::new(&work);
     config.cache_dir = Some(tmp.join("cache"));
