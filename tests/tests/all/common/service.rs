@@ -87,6 +87,14 @@ fn issue(tenant: &str, subject: &str, scopes: &[&str]) -> (String, bulkhead::aut
     .unwrap()
 }
 
+impl Drop for Server {
+    /// Removes the service's job directories (on tmpfs by default), as a
+    /// shutdown does: tests drop their services without one.
+    fn drop(&mut self) {
+        let _ = bulkhead::sandbox::remove_tree(self.service.work_dir());
+    }
+}
+
 impl Server {
     /// Issues a token (subject `<tenant>-ci`) straight into the store.
     pub async fn token(&self, tenant: &str, scopes: &[&str]) -> String {
