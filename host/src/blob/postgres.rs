@@ -270,6 +270,7 @@ impl BlobStore for PgBlobs {
                 .fetch_optional(&mut *tx)
                 .await?;
         if !matches!(&runs, Some((state, now)) if state == "running" && *now == attempt_i) {
+            tx.rollback().await?;
             return Err(BlobError::Stale {
                 job: job.to_owned(),
                 attempt,
@@ -282,6 +283,7 @@ impl BlobStore for PgBlobs {
         .fetch_one(&mut *tx)
         .await?;
         if newest.is_some_and(|n| n > attempt_i) {
+            tx.rollback().await?;
             return Err(BlobError::Stale {
                 job: job.to_owned(),
                 attempt,

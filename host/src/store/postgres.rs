@@ -587,9 +587,11 @@ impl JobStore for PostgresStore {
         .await?;
         let count = |n: i64| n.max(0) as u64;
         if count(all) >= bounds.total {
+            tx.rollback().await?;
             return Ok(Err(QueueFull::Service));
         }
         if count(mine) >= bounds.per_tenant {
+            tx.rollback().await?;
             return Ok(Err(QueueFull::Tenant));
         }
         let inserted = insert_job_row(&mut tx, j, key, j.state, None, 0).await?;
@@ -706,6 +708,7 @@ impl JobStore for PostgresStore {
         .fetch_optional(&mut *tx)
         .await?;
         let Some(row) = exhausted else {
+            tx.rollback().await?;
             return Ok(Claim::Gone);
         };
         Ok(Claim::GaveUp(Box::new(
@@ -769,6 +772,7 @@ impl JobStore for PostgresStore {
         .fetch_optional(&mut *tx)
         .await?;
         let Some((id, _tenant)) = next else {
+            tx.rollback().await?;
             return Ok(None);
         };
         let claimed = sqlx::query(concat!(
@@ -932,9 +936,11 @@ impl JobStore for PostgresStore {
     ) -> Result<CancelOutcome, StoreError> {
         let mut tx = self.pool.begin().await?;
         let Some(state) = lock_state(&mut tx, tenant, id).await? else {
+            tx.rollback().await?;
             return Ok(CancelOutcome::NotFound);
         };
         if state.is_final() {
+            tx.rollback().await?;
             return Ok(CancelOutcome::AlreadyFinished(state));
         }
         sqlx::query(
@@ -952,9 +958,11 @@ impl JobStore for PostgresStore {
     async fn delete_job(&self, tenant: &str, id: &str) -> Result<DeleteOutcome, StoreError> {
         let mut tx = self.pool.begin().await?;
         let Some(state) = lock_state(&mut tx, tenant, id).await? else {
+            tx.rollback().await?;
             return Ok(DeleteOutcome::NotFound);
         };
         if !state.is_final() {
+            tx.rollback().await?;
             return Ok(DeleteOutcome::NotFinished(state));
         }
         sqlx::query("DELETE FROM jobs WHERE id = $1 AND tenant = $2")

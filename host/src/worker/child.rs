@@ -36,10 +36,8 @@ pub fn main(args: &OsStr) -> ExitCode {
         return ExitCode::from(2);
     };
     let applied = harden::apply(&args.plan(CHANNEL_FD));
-    // One thread runs the channel, the jobs and their replies: a frame
-    // wakes no other thread on its way (guests yield at every epoch tick,
-    // so jobs share it fairly). A zone's parallelism is its workers.
-    let runtime = match tokio::runtime::Builder::new_current_thread()
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
         .enable_all()
         .build()
     {
@@ -220,9 +218,6 @@ async fn run(
         let Some(mut compiled) = compiled else {
             return Err(format!("module {module} was never loaded in this worker"));
         };
-        // `Running` tells the gateway's watchdog when a job waited for its
-        // module; one whose module was ready runs from when it was sent.
-        let waited = compiled.borrow().is_none();
         let loaded = compiled
             .wait_for(Option::is_some)
             .await
@@ -230,9 +225,7 @@ async fn run(
             .clone()
             .expect("waited for Some")
             .map_err(|e| e.to_string())?;
-        if waited {
-            let _ = state.up.send(Up::Running { job });
-        }
+        let _ = state.up.send(Up::Running { job });
         let dir = JobDir::create(&state.sandbox.config().work_dir, &format!("j{job}"))
             .map_err(|e| format!("cannot prepare job directory: {e}"))?;
         let egress =

@@ -250,8 +250,6 @@ struct WorkerState {
     /// Modules sent to it, with the artifact record each was sent with.
     loaded: HashMap<u64, Option<Artifact>>,
     loads: HashMap<u64, Vec<oneshot::Sender<Result<LoadInfo, LoadError>>>>,
-    /// Modules it answered `Loaded` for without an error.
-    ready: std::collections::HashSet<u64>,
     jobs: HashMap<u64, Pending>,
     started: u32,
     retiring: bool,
@@ -550,17 +548,13 @@ impl Pool {
                 // It failed between being picked and now.
                 return Ok((fault_report(spec, policy, reason), None));
             }
-            // A worker with the module ready starts the job at once and
-            // does not say so (see `Up::Running`).
-            let sent = Instant::now();
-            let running_since = ws.ready.contains(&module).then_some(sent);
             ws.jobs.insert(
                 job,
                 Pending {
                     reply: tx,
                     wall_time,
-                    sent,
-                    running_since,
+                    sent: Instant::now(),
+                    running_since: None,
                 },
             );
             ws.started += 1;
@@ -972,7 +966,6 @@ impl Pool {
                 Up::Loaded { module, result } => {
                     if let Ok(info) = &result {
                         self.take_artifact(worker, module, info);
-                        lock(&worker.state).ready.insert(module);
                     }
                     let waiting = lock(&worker.state).loads.remove(&module);
                     for tx in waiting.unwrap_or_default() {

@@ -27,9 +27,8 @@ use crate::job::JobSpec;
 ///
 /// 2: `Load` carries the gateway's record of the module's artifact, and
 /// `Loaded`'s info the artifact the worker wrote.
-/// 3: `Running` only for a job that waited for its module; no `Release`
-/// for a job without inputs whose empty `/out` the worker removed before
-/// reporting.
+/// 3: no `Release` for a job without inputs whose empty `/out` the worker
+/// removed before reporting.
 pub const VERSION: u32 = 3;
 
 /// Largest frame a worker accepts: a module at the host's largest
@@ -97,10 +96,8 @@ pub enum Up {
         module: u64,
         result: Result<crate::sandbox::LoadInfo, crate::sandbox::LoadError>,
     },
-    /// A job that waited for its module (still compiling when the job
-    /// came) is starting: the gateway's watchdog runs from here. A job
-    /// whose module the worker had answered `Loaded` for runs, for the
-    /// watchdog, from when it was sent.
+    /// A job's module is ready and its guest is starting: the gateway's
+    /// watchdog runs from here.
     Running { job: u64 },
     /// A job's report (JSON of [`JobReport`](crate::job::JobReport)), or
     /// why it could not start.
