@@ -107,12 +107,12 @@ async fn serve(sandbox: Arc<Sandbox>, mut reader: proto::Reader, mut writer: pro
         CallSink::new(move |frame| calls_up.send(Up::Call(frame)).is_ok()),
         CallLimits::default(),
     );
-    tokio::spawn(async move {
+    let pump = async move {
         if proto::pump(&mut writer, &mut outbox).await.is_err() {
             // The gateway is gone: nothing left to work for.
             std::process::exit(0);
         }
-    });
+    };
     let state = Arc::new(State {
         sandbox,
         up,
@@ -121,48 +121,54 @@ async fn serve(sandbox: Arc<Sandbox>, mut reader: proto::Reader, mut writer: pro
         cancels: Mutex::default(),
         dirs: Mutex::default(),
     });
-    loop {
-        let message = match proto::recv::<Down>(&mut reader).await {
-            Ok(m) => m,
-            // Closed or broken: the gateway let this worker go.
-            Err(_) => std::process::exit(0),
-        };
-        match message {
-            Down::Hello { .. } => std::process::exit(3),
-            Down::Load {
-                module,
-                policy_json,
-                policy_sha256,
-                wasm,
-                artifact,
-            } => load(&state, module, policy_json, policy_sha256, wasm.0, artifact),
-            Down::Run { job, module, spec } => {
-                let (cancel, cancelled) = oneshot::channel();
-                lock(&state.cancels).insert(job, cancel);
-                tokio::spawn(run(Arc::clone(&state), job, module, spec, cancelled));
-            }
-            Down::Cancel { job } => {
-                if let Some(cancel) = lock(&state.cancels).remove(&job) {
-                    let _ = cancel.send(());
+    let read = async move {
+        loop {
+            let message = match proto::recv::<Down>(&mut reader).await {
+                Ok(m) => m,
+                // Closed or broken: the gateway let this worker go.
+                Err(_) => std::process::exit(0),
+            };
+            match message {
+                Down::Hello { .. } => std::process::exit(3),
+                Down::Load {
+                    module,
+                    policy_json,
+                    policy_sha256,
+                    wasm,
+                    artifact,
+                } => load(&state, module, policy_json, policy_sha256, wasm.0, artifact),
+                Down::Run { job, module, spec } => {
+                    let (cancel, cancelled) = oneshot::channel();
+                    lock(&state.cancels).insert(job, cancel);
+                    tokio::spawn(run(Arc::clone(&state), job, module, spec, cancelled));
                 }
-                lock(&state.dirs).remove(&job);
-            }
-            Down::Release { job } => {
-                let dir = lock(&state.dirs).remove(&job);
-                if let Some(dir) = dir {
-                    // An empty `/out` without inputs goes with one `rmdir`
-                    // here; anything more off the async threads.
-                    if dir.has_inputs() || std::fs::remove_dir(dir.output_dir()).is_err() {
-                        tokio::task::spawn_blocking(move || drop(dir));
+                Down::Cancel { job } => {
+                    if let Some(cancel) = lock(&state.cancels).remove(&job) {
+                        let _ = cancel.send(());
+                    }
+                    lock(&state.dirs).remove(&job);
+                }
+                Down::Release { job } => {
+                    let dir = lock(&state.dirs).remove(&job);
+                    if let Some(dir) = dir {
+                        // An empty `/out` without inputs goes with one `rmdir`
+                        // here; anything more off the async threads.
+                        if dir.has_inputs() || std::fs::remove_dir(dir.output_dir()).is_err() {
+                            tokio::task::spawn_blocking(move || drop(dir));
+                        }
                     }
                 }
-            }
-            Down::Call(down) => state.calls.deliver(down),
-            Down::Ping { seq } => {
-                let _ = state.up.send(Up::Pong { seq });
+                Down::Call(down) => state.calls.deliver(down),
+                Down::Ping { seq } => {
+                    let _ = state.up.send(Up::Pong { seq });
+                }
             }
         }
-    }
+    };
+    // The channel, both ways, stays on this thread (the one under
+    // `block_on`), which runs no guest: pings are answered and reports
+    // written even while guests' host calls hold every runtime thread.
+    futures_util::future::join(pump, read).await;
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
