@@ -309,7 +309,7 @@ async fn a_job_that_leaves_nothing_leaves_no_directory_in_its_worker() {
     use bulkhead::runner::Runner;
 
     let tmp = tempfile::tempdir().unwrap();
-    let runner = crate::zone_cache::workers(tmp.path(), "w", 0).await;
+    let runner = crate::common::workers(tmp.path(), "w", 0).await;
     let work = runner.work_dir().to_owned();
     let hello = runner
         .load(

@@ -12,45 +12,12 @@ use std::sync::Arc;
 
 use bulkhead::policy::Sha256Hex;
 use bulkhead::runner::{Module, Runner, Workers};
-use bulkhead::sandbox::{JobReport, JobSpec, SandboxConfig};
-use bulkhead::worker::pool::{Pool, PoolConfig, records_dir};
+use bulkhead::sandbox::{JobReport, JobSpec};
+use bulkhead::worker::pool::records_dir;
 use bytes::Bytes;
 use sha2::{Digest, Sha256};
 
-use crate::common::{self, wasm};
-
-/// A pool of one worker for the `untrusted` zone over `tmp`'s cache (a
-/// restart of the service is a new pool over the same cache), each pool
-/// with its own work directory.
-pub(crate) async fn workers(tmp: &Path, name: &str, jobs_per_worker: u32) -> Workers {
-    let work = tmp.join("work").join(name);
-    let mut config = SandboxConfig::new(&work);
-    config.cache_dir = Some(tmp.join("cache"));
-    let pool = Pool::start(
-        PoolConfig {
-            zone: "untrusted".into(),
-            program: env!("CARGO_BIN_EXE_bulkhead-under-test").into(),
-            workers: 1,
-            jobs_per_worker,
-            max_concurrent_jobs: 2,
-            memory: None,
-            work_dir: work.join("zones/untrusted"),
-            cache_dir: zone_cache(tmp),
-            run_as: None,
-            max_open: bulkhead::worker::WORKER_MAX_OPEN,
-            max_threads: bulkhead::worker::WORKER_MAX_THREADS,
-            require: bulkhead::worker::harden::Layer::ALL.into_iter().collect(),
-            weaken: Default::default(),
-        },
-        |_| {},
-    )
-    .await
-    .unwrap();
-    Workers::new(
-        config,
-        std::iter::once(("untrusted".to_owned(), pool)).collect(),
-    )
-}
+use crate::common::{self, wasm, workers};
 
 fn zone_cache(tmp: &Path) -> PathBuf {
     tmp.join("cache/zones/untrusted")

@@ -132,3 +132,40 @@ pub fn all_evidence(report: &JobReport, dir: &JobDir) -> Vec<u8> {
 pub fn contains(hay: &[u8], needle: &[u8]) -> bool {
     hay.windows(needle.len()).any(|w| w == needle)
 }
+
+/// A pool of one worker for the `untrusted` zone over `tmp`'s cache (a
+/// restart of the service is a new pool over the same cache), each pool
+/// with its own work directory.
+pub async fn workers(
+    tmp: &std::path::Path,
+    name: &str,
+    jobs_per_worker: u32,
+) -> bulkhead::runner::Workers {
+    let work = tmp.join("work").join(name);
+    let mut config = bulkhead::sandbox::SandboxConfig::new(&work);
+    config.cache_dir = Some(tmp.join("cache"));
+    let pool = bulkhead::worker::pool::Pool::start(
+        bulkhead::worker::pool::PoolConfig {
+            zone: "untrusted".into(),
+            program: env!("CARGO_BIN_EXE_bulkhead-under-test").into(),
+            workers: 1,
+            jobs_per_worker,
+            max_concurrent_jobs: 2,
+            memory: None,
+            work_dir: work.join("zones/untrusted"),
+            cache_dir: tmp.join("cache/zones/untrusted"),
+            run_as: None,
+            max_open: bulkhead::worker::WORKER_MAX_OPEN,
+            max_threads: bulkhead::worker::WORKER_MAX_THREADS,
+            require: bulkhead::worker::harden::Layer::ALL.into_iter().collect(),
+            weaken: Default::default(),
+        },
+        |_| {},
+    )
+    .await
+    .unwrap();
+    bulkhead::runner::Workers::new(
+        config,
+        std::iter::once(("untrusted".to_owned(), pool)).collect(),
+    )
+}
