@@ -311,13 +311,7 @@ async fn a_job_that_leaves_nothing_leaves_no_directory_in_its_worker() {
     let tmp = tempfile::tempdir().unwrap();
     let runner = crate::common::workers(tmp.path(), "w", 0).await;
     let work = runner.work_dir().to_owned();
-    let hello = runner
-        .load(
-            crate::common::policy(bulkhead_tests::HELLO, "hello").parse(),
-            bytes::Bytes::from(crate::common::wasm(bulkhead_tests::HELLO)),
-        )
-        .await
-        .unwrap();
+    let hello = crate::common::load_in_workers(&runner, bulkhead_tests::HELLO, "hello").await;
     let finished = runner
         .run(&hello, &bulkhead::sandbox::JobSpec::new(), None)
         .await
@@ -330,13 +324,8 @@ async fn a_job_that_leaves_nothing_leaves_no_directory_in_its_worker() {
     assert!(collected.files.is_empty(), "{collected:?}");
     assert!(copy.is_dir());
 
-    let files = runner
-        .load(
-            crate::common::policy(bulkhead_tests::P1_FILES_WASIP1, "p1-files").parse(),
-            bytes::Bytes::from(crate::common::wasm(bulkhead_tests::P1_FILES_WASIP1)),
-        )
-        .await
-        .unwrap();
+    let files =
+        crate::common::load_in_workers(&runner, bulkhead_tests::P1_FILES_WASIP1, "p1-files").await;
     let wrote = runner
         .run(&files, &bulkhead::sandbox::JobSpec::new(), None)
         .await

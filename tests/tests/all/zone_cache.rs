@@ -8,29 +8,17 @@
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use bulkhead::policy::Sha256Hex;
 use bulkhead::runner::{Module, Runner, Workers};
 use bulkhead::sandbox::{JobReport, JobSpec};
 use bulkhead::worker::pool::records_dir;
-use bytes::Bytes;
 use sha2::{Digest, Sha256};
 
-use crate::common::{self, wasm, workers};
+use crate::common::{load_in_workers as load, wasm, workers};
 
 fn zone_cache(tmp: &Path) -> PathBuf {
     tmp.join("cache/zones/untrusted")
-}
-
-async fn load(runner: &Workers, guest: &str, name: &str) -> Arc<Module> {
-    runner
-        .load(
-            common::policy(guest, name).parse(),
-            Bytes::from(wasm(guest)),
-        )
-        .await
-        .unwrap_or_else(|e| panic!("{name}: {e}"))
 }
 
 async fn run(runner: &Workers, module: &Module) -> JobReport {

@@ -169,3 +169,19 @@ pub async fn workers(
         std::iter::once(("untrusted".to_owned(), pool)).collect(),
     )
 }
+
+/// `guest` loaded by `runner` under a test policy named `name`.
+pub async fn load_in_workers(
+    runner: &bulkhead::runner::Workers,
+    guest: &str,
+    name: &str,
+) -> std::sync::Arc<bulkhead::runner::Module> {
+    use bulkhead::runner::Runner;
+    runner
+        .load(
+            super::policy(guest, name).parse(),
+            bytes::Bytes::from(wasm(guest)),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{name}: {e}"))
+}
