@@ -559,12 +559,20 @@ impl Sandbox {
         // so the report's host calls are the guest's own.
         let ticks = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let tick_counter = Arc::clone(&ticks);
+        let deadline = started + policy.limits.wall_time.get();
         store.epoch_deadline_callback(move |ctx| {
             tick_counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             // The job's real CPU time, host calls included (`cpu::Metered`
             // below charges every poll of the job's future).
             if ctx.data().cpu.over_budget() {
                 wasmtime::bail!("cpu_time limit exceeded");
+            }
+            // The wall clock, read here as well as by the timer below: a
+            // guest whose host calls keep its executor's threads busy
+            // stops at its deadline even when timers run late.
+            if Instant::now() >= deadline {
+                ctx.data().latch.fire(LimitKind::WallTime);
+                wasmtime::bail!("wall_time limit exceeded");
             }
             // Yield every tick so a busy guest never starves other jobs on
             // the same executor thread, and the wall-clock timer can fire.

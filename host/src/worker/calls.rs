@@ -9,9 +9,10 @@
 //!
 //! The worker is assumed compromised. The gateway half checks every frame
 //! and answers a breach with a [`Violation`] (the worker is then killed):
-//! unknown, unstarted or unregistered jobs, unknown or reused call ids,
-//! frames after a call's end, too many calls in flight, oversized heads,
-//! and request body bytes beyond the credit it granted. Its
+//! unknown or unstarted jobs (a job the gateway just cancelled is not
+//! unknown: its requests on their way are refused), unknown or reused
+//! call ids, frames after a call's end, too many calls in flight,
+//! oversized heads, and request body bytes beyond the credit it granted. Its
 //! [`GatewayCalls::deliver`] never waits: each call may have at most
 //! [`CallLimits::window`] request bytes buffered in the gateway, granted
 //! back ([`CallDown::Credit`]) as the egress consumes them, so what a
@@ -806,9 +807,17 @@ struct GatewayInner {
 #[derive(Debug, Default)]
 struct GatewayState {
     jobs: HashMap<u64, GatewayJob>,
+    /// Jobs unregistered lately, newest last, at most [`ENDED_KEPT`]: a
+    /// job the gateway cancelled may have frames on their way up, which
+    /// are refused without blaming the worker.
+    ended: std::collections::VecDeque<u64>,
     calls: HashMap<u64, GatewayCall>,
     last_call: Option<u64>,
 }
+
+/// Ended jobs remembered per worker: more than a worker runs at once, so
+/// every job whose cancel may still be on its way is among them.
+const ENDED_KEPT: usize = 1024;
 
 #[derive(Debug)]
 struct GatewayJob {
@@ -870,11 +879,18 @@ impl GatewayCalls {
     }
 
     /// Job `job` is over: its calls still open are cancelled (their
-    /// egress futures and bodies dropped, the worker told), and any
-    /// further request of it is a violation.
+    /// egress futures and bodies dropped, the worker told). A request of
+    /// it that was on its way (the gateway may have cancelled the job
+    /// under a running guest) is refused with a failure; one long after,
+    /// when [`ENDED_KEPT`] later jobs have ended, is a violation.
     pub fn unregister(&self, job: u64) {
         let mut state = lock(&self.inner.state);
-        state.jobs.remove(&job);
+        if state.jobs.remove(&job).is_some() {
+            if state.ended.len() >= ENDED_KEPT {
+                state.ended.pop_front();
+            }
+            state.ended.push_back(job);
+        }
         let open: Vec<u64> = state
             .calls
             .iter()
@@ -925,6 +941,8 @@ impl GatewayCalls {
         let inner = &self.inner;
         let mut state = lock(&inner.state);
         match up {
+            // Cancelled under its guest: nothing to start.
+            CallUp::Started { job } if state.ended.contains(&job) => Ok(()),
             CallUp::Started { job } => {
                 let entry = state.jobs.get_mut(&job).ok_or(Violation::UnknownJob(job))?;
                 if entry.started {
@@ -945,6 +963,9 @@ impl GatewayCalls {
                 headers,
             } => {
                 inner.limits.check_request(&method, &uri, &headers)?;
+                if !state.jobs.contains_key(&job) && state.ended.contains(&job) {
+                    return refuse_ended(inner, &mut state, job, call);
+                }
                 let entry = state.jobs.get(&job).ok_or(Violation::UnknownJob(job))?;
                 if !entry.started {
                     return Err(Violation::NotStarted(job));
@@ -1107,6 +1128,48 @@ impl Drop for GatewayCalls {
 }
 
 /// The call `call`, if its request is still open; else the breach.
+/// Refuses request `call` of `job`, which ended (cancelled) while the
+/// request was on its way: the worker is told the call failed, and its
+/// body frames still to come are taken and dropped.
+fn refuse_ended(
+    inner: &GatewayInner,
+    state: &mut GatewayState,
+    job: u64,
+    call: u64,
+) -> Result<(), Violation> {
+    if let Some(last) = state.last_call
+        && call <= last
+    {
+        return Err(Violation::CallReused { call, last });
+    }
+    if state.calls.len() >= inner.limits.per_worker {
+        return Err(Violation::TooManyCalls {
+            call,
+            scope: "worker",
+            limit: inner.limits.per_worker,
+        });
+    }
+    state.last_call = Some(call);
+    state.calls.insert(
+        call,
+        GatewayCall {
+            job,
+            body: None,
+            buffered: Arc::new(AtomicU64::new(0)),
+            up_done: false,
+            down_done: true,
+            window: Arc::new(Semaphore::new(0)),
+            outstanding: 0,
+            task: None,
+        },
+    );
+    let _ = inner.down.send(CallDown::Fail {
+        call,
+        error: EgressError::Internal(Some("the job ended".into())),
+    });
+    Ok(())
+}
+
 fn open_call(
     state: &mut GatewayState,
     call: u64,
@@ -2003,10 +2066,53 @@ mod tests {
         ] {
             assert_eq!(g.deliver(bad), Err(V::Malformed { call: 100, what }));
         }
-        // After unregister, the job is unknown.
+        // A job never registered stays unknown after others end.
         g.unregister(1);
-        assert_eq!(g.deliver(request(1, 200)), Err(V::UnknownJob(1)));
-        assert_eq!(g.deliver(CallUp::Started { job: 1 }), Err(V::UnknownJob(1)));
+        assert_eq!(g.deliver(request(7, 200)), Err(V::UnknownJob(7)));
+        assert_eq!(g.deliver(CallUp::Started { job: 7 }), Err(V::UnknownJob(7)));
+    }
+
+    /// The gateway may cancel a job under a running guest (its client
+    /// went, or it overran): a request or start of it already on its way
+    /// is refused without blaming the worker, which would fail every other
+    /// job in it; its body is taken and dropped; reused call ids are
+    /// still caught, and so is a job that ended long ago.
+    #[tokio::test]
+    async fn frames_of_a_job_cancelled_under_its_guest_are_refused_not_a_breach() {
+        let (g, mut down) = gateway(CallLimits::default());
+        use Violation as V;
+        g.unregister(1);
+        g.unregister(2);
+        assert_eq!(g.deliver(CallUp::Started { job: 2 }), Ok(()));
+        assert_eq!(g.deliver(request(1, 3)), Ok(()));
+        match down.try_recv() {
+            Ok(CallDown::Fail { call: 3, .. }) => {}
+            other => panic!("expected the call refused, got {other:?}"),
+        }
+        assert_eq!(g.deliver(body(3, 10)), Ok(()));
+        assert!(matches!(
+            down.try_recv(),
+            Ok(CallDown::Credit { call: 3, bytes: 10 })
+        ));
+        assert_eq!(
+            g.deliver(CallUp::End {
+                call: 3,
+                trailers: None
+            }),
+            Ok(())
+        );
+        assert_eq!(g.in_flight(), 0);
+        assert_eq!(g.deliver(body(3, 1)), Err(V::AfterEnd(3)));
+        assert_eq!(
+            g.deliver(request(2, 3)),
+            Err(V::CallReused { call: 3, last: 3 })
+        );
+        for job in 100..100 + ENDED_KEPT as u64 {
+            g.register(job, Arc::new(Hold::default()), Duration::from_secs(60));
+            g.unregister(job);
+        }
+        assert_eq!(g.deliver(request(1, 4)), Err(V::UnknownJob(1)));
+        assert_eq!(g.deliver(CallUp::Started { job: 2 }), Err(V::UnknownJob(2)));
     }
 
     #[tokio::test]

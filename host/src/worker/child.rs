@@ -3,10 +3,11 @@
 //!
 //! Order matters and is the point: arguments (from the gateway, trusted)
 //! are read first; then [`harden::apply`] runs while the process is still
-//! single-threaded; only then do the async runtime, the sandbox and the
-//! channel's reader start, and the first guest byte arrives after the
-//! worker has told the gateway which layers it applied. When the channel
-//! closes (the gateway is gone or let it go) the worker exits at once.
+//! single-threaded; only then do the async runtimes (one for guests, one
+//! for the channel), the sandbox and the channel's reader start, and the
+//! first guest byte arrives after the worker has told the gateway which
+//! layers it applied. When the channel closes (the gateway is gone or let
+//! it go) the worker exits at once.
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
@@ -36,15 +37,34 @@ pub fn main(args: &OsStr) -> ExitCode {
         return ExitCode::from(2);
     };
     let applied = harden::apply(&args.plan(CHANNEL_FD));
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
+    // Two runtimes. Guests run on `guest_runtime`, two threads that check
+    // for timers and I/O after every poll (`event_interval(1)`): a poll
+    // can last as long as one host call (lifting a path of the guest's
+    // whole memory, say), and by default a thread looks at its timers only
+    // every 61 polls, so guests whose host calls kept both threads busy
+    // could hold every other job's clock still for seconds. The channel
+    // runs on `channel_runtime`, a runtime of its own on this thread with
+    // its own driver, which runs no guest: the gateway's frames are read,
+    // pings answered and reports written however busy the guests keep
+    // theirs.
+    let guest_runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
+        .event_interval(1)
         .enable_all()
         .build()
     {
         Ok(rt) => rt,
         Err(_) => return ExitCode::from(2),
     };
-    runtime.block_on(async move {
+    let channel_runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(_) => return ExitCode::from(2),
+    };
+    let guests = guest_runtime.handle().clone();
+    channel_runtime.block_on(async move {
         if channel.set_nonblocking(true).is_err() {
             return ExitCode::from(2);
         }
@@ -80,7 +100,7 @@ pub fn main(args: &OsStr) -> ExitCode {
             Ok(Down::Hello { version }) if version == proto::VERSION => {}
             _ => return ExitCode::from(3),
         }
-        serve(Arc::new(sandbox), reader, writer).await;
+        serve(Arc::new(sandbox), guests, reader, writer).await;
         ExitCode::SUCCESS
     })
 }
@@ -88,6 +108,8 @@ pub fn main(args: &OsStr) -> ExitCode {
 /// What the worker keeps between frames.
 struct State {
     sandbox: Arc<Sandbox>,
+    /// The runtime guests (and everything done for them) run on.
+    guests: tokio::runtime::Handle,
     up: mpsc::UnboundedSender<Up>,
     calls: WorkerCalls,
     modules: Mutex<HashMap<u64, Compiled>>,
@@ -98,7 +120,12 @@ struct State {
     dirs: Mutex<HashMap<u64, JobDir>>,
 }
 
-async fn serve(sandbox: Arc<Sandbox>, mut reader: proto::Reader, mut writer: proto::Writer) {
+async fn serve(
+    sandbox: Arc<Sandbox>,
+    guests: tokio::runtime::Handle,
+    mut reader: proto::Reader,
+    mut writer: proto::Writer,
+) {
     let (up, mut outbox) = mpsc::unbounded_channel::<Up>();
     // A call's frames share the one queue with reports, so none of them can
     // arrive after the report of the job that made the call.
@@ -115,6 +142,7 @@ async fn serve(sandbox: Arc<Sandbox>, mut reader: proto::Reader, mut writer: pro
     };
     let state = Arc::new(State {
         sandbox,
+        guests,
         up,
         calls,
         modules: Mutex::default(),
@@ -140,7 +168,9 @@ async fn serve(sandbox: Arc<Sandbox>, mut reader: proto::Reader, mut writer: pro
                 Down::Run { job, module, spec } => {
                     let (cancel, cancelled) = oneshot::channel();
                     lock(&state.cancels).insert(job, cancel);
-                    tokio::spawn(run(Arc::clone(&state), job, module, spec, cancelled));
+                    state
+                        .guests
+                        .spawn(run(Arc::clone(&state), job, module, spec, cancelled));
                 }
                 Down::Cancel { job } => {
                     if let Some(cancel) = lock(&state.cancels).remove(&job) {
@@ -154,7 +184,7 @@ async fn serve(sandbox: Arc<Sandbox>, mut reader: proto::Reader, mut writer: pro
                         // An empty `/out` without inputs goes with one `rmdir`
                         // here; anything more off the async threads.
                         if dir.has_inputs() || std::fs::remove_dir(dir.output_dir()).is_err() {
-                            tokio::task::spawn_blocking(move || drop(dir));
+                            state.guests.spawn_blocking(move || drop(dir));
                         }
                     }
                 }
@@ -165,9 +195,9 @@ async fn serve(sandbox: Arc<Sandbox>, mut reader: proto::Reader, mut writer: pro
             }
         }
     };
-    // The channel, both ways, stays on this thread (the one under
-    // `block_on`), which runs no guest: pings are answered and reports
-    // written even while guests' host calls hold every runtime thread.
+    // The channel, both ways, stays on this thread and its own runtime,
+    // which runs no guest: pings are answered and reports written even
+    // while guests' host calls hold every thread of theirs.
     futures_util::future::join(pump, read).await;
 }
 
@@ -186,7 +216,8 @@ fn load(
     let (done, compiled) = watch::channel(None);
     lock(&state.modules).insert(module, compiled);
     let state = Arc::clone(state);
-    tokio::spawn(async move {
+    let guests = state.guests.clone();
+    guests.spawn(async move {
         let sandbox = Arc::clone(&state.sandbox);
         let unreadable = |message: String| LoadError::Compile {
             module: String::new(),

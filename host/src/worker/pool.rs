@@ -5,11 +5,14 @@
 //! byte, hands jobs to the least busy worker, replaces a worker after its
 //! allowance of jobs (`1`: a fresh process per job), and treats every way a
 //! worker can fail — it exits, is killed, outgrows its memory ceiling,
-//! stops answering, lets a job overrun its wall time, or breaks the
-//! protocol — as a fault: the worker is killed, its running jobs end as
-//! failed with the fault named ([`FailureKind::Worker`]), a fresh worker
-//! replaces it, and the fault is reported to the pool's owner (audit and
-//! metrics). Other workers and zones are not touched.
+//! stops answering, or breaks the protocol — as a fault: the worker is
+//! killed, its running jobs end as failed with the fault named
+//! ([`FailureKind::Worker`]), a fresh worker replaces it, and the fault is
+//! reported to the pool's owner (audit and metrics). A worker that lets
+//! one job overrun its wall time loses that job only ([`Pool::stop`]):
+//! it is failed, the worker takes no more and goes once its other jobs
+//! end, and the overrun is reported the same way. Other workers and zones
+//! are not touched.
 //!
 //! Nothing a worker sends is trusted: reports are re-stamped with the
 //! gateway's own identity of the job, bounded, and their outputs are
@@ -124,7 +127,9 @@ pub struct Fault {
     /// The worker's process id.
     pub pid: u32,
     /// The fault's class: `exited`, `killed`, `memory`, `silent`,
-    /// `overrun`, `protocol`.
+    /// `protocol` (the worker was killed, its jobs failed), or `overrun`
+    /// (one job ran past the gateway's clock for it: that job failed, and
+    /// the worker was retired once its other jobs ended).
     pub class: &'static str,
     /// What happened, for people.
     pub reason: String,
@@ -258,11 +263,19 @@ struct WorkerState {
 }
 
 struct Pending {
-    reply: oneshot::Sender<Result<String, String>>,
+    reply: oneshot::Sender<Answer>,
     wall_time: Duration,
     /// When the gateway sent it.
     sent: Instant,
     running_since: Option<Instant>,
+}
+
+/// How a job sent to a worker ends, short of its worker failing.
+enum Answer {
+    /// The worker's report (`Err`: it could not run the job).
+    Report(Result<String, String>),
+    /// The gateway stopped it: its own clock for the job ran out.
+    Stopped(String),
 }
 
 impl WorkerState {
@@ -587,7 +600,7 @@ impl Pool {
         drop(guard);
         self.job_ended(&worker, job);
         match answer {
-            Ok(Ok(json)) => match serde_json::from_str::<JobReport>(&json) {
+            Ok(Answer::Report(Ok(json))) => match serde_json::from_str::<JobReport>(&json) {
                 Ok(report) => Ok((
                     bounded(report, policy),
                     Some(WorkerOutputs {
@@ -611,10 +624,11 @@ impl Pool {
                     Ok((fault_report(spec, policy, &reason), None))
                 }
             },
-            Ok(Err(mut message)) => {
+            Ok(Answer::Report(Err(mut message))) => {
                 truncate(&mut message, MAX_MESSAGE);
                 Err(message)
             }
+            Ok(Answer::Stopped(reason)) => Ok((stopped_report(spec, policy, &reason), None)),
             Err(_) => Ok((fault_report(spec, policy, &worker.fault_reason()), None)),
         }
     }
@@ -683,6 +697,44 @@ impl Pool {
         self.changed.notify_waiters();
     }
 
+    /// Ends `job`, which ran past the gateway's clock for it, without
+    /// waiting for `worker` any longer: the job fails with `reason`, the
+    /// worker is told to cancel it and takes no new job, a replacement
+    /// starts, and the worker goes once its other jobs have ended (each
+    /// held to its own clock). Its co-tenants are not failed for one job
+    /// that ran long: a guest whose host calls kept the worker busy would
+    /// otherwise take every other tenant's job in it down with its own.
+    fn stop(&self, worker: &Arc<Worker>, job: u64, reason: String) {
+        let (pending, idle) = {
+            let mut ws = lock(&worker.state);
+            let pending = ws.jobs.remove(&job);
+            ws.retiring = true;
+            (pending, ws.jobs.is_empty() && ws.fault.is_none())
+        };
+        let Some(pending) = pending else { return };
+        worker.calls.unregister(job);
+        let _ = worker.down.send(Down::Cancel { job });
+        let _ = pending.reply.send(Answer::Stopped(reason.clone()));
+        if idle {
+            self.retire(worker);
+        }
+        if self.closing.load(Ordering::SeqCst) {
+            return;
+        }
+        tracing::error!(zone = %self.config.zone, pid = worker.pid, %reason, "worker overran a job: the job is stopped and the worker retired");
+        metrics::counter!("bulkhead_worker_faults_total", "zone" => self.config.zone.clone(), "class" => "overrun")
+            .increment(1);
+        (self.faults)(Fault {
+            zone: self.config.zone.clone(),
+            pid: worker.pid,
+            class: "overrun",
+            reason,
+            jobs: 1,
+        });
+        self.weakened.notify_one();
+        self.changed.notify_waiters();
+    }
+
     /// Keeps the pool at strength and its workers honest: pings them,
     /// faults the silent and those whose job overran, starts replacements.
     async fn supervise(self: Arc<Self>) {
@@ -729,25 +781,31 @@ impl Pool {
                 // From the gateway's own clocks: a job the worker never
                 // says it started is held to the start allowance, then to
                 // its wall time from when it was sent.
-                let overran = lock(&worker.state).jobs.values().find_map(|p| {
-                    let since_sent = p.sent.elapsed();
-                    match p.running_since {
-                        Some(s) if s.elapsed() > p.wall_time + OVERRUN_GRACE => Some(format!(
-                            "a job ran past its wall time of {}s without a report",
-                            p.wall_time.as_secs()
-                        )),
-                        None if since_sent > START_ALLOWANCE => Some(format!(
-                            "a job was not started within {}s",
-                            START_ALLOWANCE.as_secs()
-                        )),
-                        _ if since_sent > START_ALLOWANCE + p.wall_time + OVERRUN_GRACE => {
-                            Some("a job was not finished in time".to_owned())
-                        }
-                        _ => None,
-                    }
-                });
-                if let Some(reason) = overran {
-                    self.fault(worker, "overrun", reason);
+                let overran: Vec<(u64, String)> = lock(&worker.state)
+                    .jobs
+                    .iter()
+                    .filter_map(|(job, p)| {
+                        let since_sent = p.sent.elapsed();
+                        let reason = match p.running_since {
+                            Some(s) if s.elapsed() > p.wall_time + OVERRUN_GRACE => format!(
+                                "let job {job} run past its wall time of {:?} by {}s without a report",
+                                p.wall_time,
+                                OVERRUN_GRACE.as_secs()
+                            ),
+                            None if since_sent > START_ALLOWANCE => format!(
+                                "did not start job {job} within {}s",
+                                START_ALLOWANCE.as_secs()
+                            ),
+                            _ if since_sent > START_ALLOWANCE + p.wall_time + OVERRUN_GRACE => {
+                                format!("did not finish job {job} in time")
+                            }
+                            _ => return None,
+                        };
+                        Some((*job, reason))
+                    })
+                    .collect();
+                for (job, reason) in overran {
+                    self.stop(worker, job, reason);
                 }
             }
             let live = {
@@ -980,7 +1038,7 @@ impl Pool {
                 Up::Report { job, result } => {
                     let pending = lock(&worker.state).jobs.remove(&job);
                     if let Some(p) = pending {
-                        let _ = p.reply.send(result);
+                        let _ = p.reply.send(Answer::Report(result));
                     }
                 }
                 Up::Call(call) => {
@@ -1185,6 +1243,14 @@ fn unprintable(c: char) -> bool {
 }
 
 /// The report of a job whose worker failed under it.
+/// The report of a job the gateway stopped: its worker `reason` (ran it
+/// past its wall time, say); the `wall_time` limit is what ended it.
+fn stopped_report(spec: &JobSpec, policy: &Policy, reason: &str) -> JobReport {
+    let mut report = fault_report(spec, policy, reason);
+    report.limit = Some(crate::job::LimitKind::WallTime);
+    report
+}
+
 fn fault_report(spec: &JobSpec, policy: &Policy, reason: &str) -> JobReport {
     let mut report = JobReport::not_run(
         &spec.id,

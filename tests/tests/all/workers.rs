@@ -337,3 +337,160 @@ async fn a_job_that_leaves_nothing_leaves_no_directory_in_its_worker() {
     drop(wrote);
     until(|| job_dirs(&work).is_empty()).await;
 }
+
+/// A job its worker lets run past its wall time (here the worker is
+/// stopped from outside, so none of its clocks move) fails alone: the
+/// gateway's own clock ends it with the limit named, the worker takes no
+/// new job and goes once its other job has ended, by itself, and the
+/// overrun is reported once. Its co-tenant is not failed with it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_job_its_worker_lets_overrun_fails_alone_and_the_worker_is_retired() {
+    use bulkhead::job::{FailureKind, LimitKind};
+    use bulkhead::policy::HumanDuration;
+    use bulkhead::runner::Runner;
+
+    let tmp = tempfile::tempdir().unwrap();
+    let (runner, faults) = crate::common::workers_watched(tmp.path(), "w", 0, 2).await;
+    let runner = std::sync::Arc::new(runner);
+    let work = runner.work_dir().to_owned();
+    let sleeping = |name: &str, wall: u64| {
+        crate::common::policy(bulkhead_tests::HOSTILE, name)
+            .times(HumanDuration::millis(wall), HumanDuration::millis(wall))
+            .args(&["sleep"])
+    };
+    let short = crate::common::load_policy_in_workers(
+        &runner,
+        bulkhead_tests::HOSTILE,
+        sleeping("short", 1_000),
+    )
+    .await;
+    let long = crate::common::load_policy_in_workers(
+        &runner,
+        bulkhead_tests::HOSTILE,
+        sleeping("long", 10_000),
+    )
+    .await;
+    let pool = std::sync::Arc::clone(&runner.pools()["untrusted"]);
+    let pid = pool.pids()[0];
+    let spawn = |module: std::sync::Arc<bulkhead::runner::Module>| {
+        let runner = std::sync::Arc::clone(&runner);
+        tokio::spawn(async move {
+            runner
+                .run(&module, &bulkhead::sandbox::JobSpec::new(), None)
+                .await
+                .unwrap()
+                .report
+        })
+    };
+    let (short_job, long_job) = (spawn(short), spawn(long));
+    until(|| job_dirs(&work).len() == 2).await;
+    // SAFETY: kill(2) with a pid and a signal number has no memory effects.
+    assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGSTOP) }, 0);
+    until(|| !faults.lock().unwrap().is_empty()).await;
+    // SAFETY: as above. (It fails only if the worker is gone: killed.)
+    unsafe { libc::kill(pid as i32, libc::SIGCONT) };
+
+    let (stopped, other) = (short_job.await.unwrap(), long_job.await.unwrap());
+    // The co-tenant ran on to its own end, reported by its worker.
+    let failure = other
+        .failure
+        .as_ref()
+        .expect("it sleeps past its wall time");
+    assert_eq!(failure.kind, FailureKind::Limit, "{other:?}");
+    assert_eq!(other.limit, Some(LimitKind::WallTime), "{other:?}");
+    let failure = stopped.failure.as_ref().expect("the overrun job failed");
+    assert_eq!(failure.kind, FailureKind::Worker, "{stopped:?}");
+    assert_eq!(stopped.limit, Some(LimitKind::WallTime), "{stopped:?}");
+    assert!(failure.message.contains("wall time"), "{failure:?}");
+    {
+        let faults = faults.lock().unwrap();
+        assert_eq!(faults.len(), 1, "{faults:?}");
+        assert_eq!(
+            (faults[0].class, faults[0].jobs, faults[0].pid),
+            ("overrun", 1, pid)
+        );
+    }
+    // Retired once idle, and replaced; the replacement runs jobs.
+    until(|| process_state(pid).is_none_or(|s| s == 'Z') && pool.pids().len() == 1).await;
+    assert_ne!(pool.pids(), vec![pid]);
+    let hello = crate::common::load_in_workers(&runner, bulkhead_tests::HELLO, "hello").await;
+    let ok = runner
+        .run(&hello, &bulkhead::sandbox::JobSpec::new(), None)
+        .await
+        .unwrap();
+    assert!(ok.report.succeeded(), "{:?}", ok.report);
+}
+
+/// Guests whose every host call costs about a tenth of a second (a `stat`
+/// of a 120 MiB path, lifted whole before it is refused), enough of them
+/// to keep both of their worker's guest threads busy, stop at their own
+/// wall time, reported by the worker; a sleeping co-tenant's clock still
+/// runs, and jobs beside them still succeed: no fault, nobody else failed.
+#[tokio::test(flavor = "multi_thread")]
+async fn guests_holding_every_guest_thread_stop_on_time_and_spare_their_co_tenants() {
+    use bulkhead::job::{FailureKind, LimitKind};
+    use bulkhead::policy::{ByteSize, HumanDuration};
+    use bulkhead::runner::Runner;
+
+    let tmp = tempfile::tempdir().unwrap();
+    let (runner, faults) = crate::common::workers_watched(tmp.path(), "w", 0, 6).await;
+    let runner = std::sync::Arc::new(runner);
+    let hog = crate::common::load_policy_in_workers(
+        &runner,
+        bulkhead_tests::HOSTILE,
+        crate::common::policy(bulkhead_tests::HOSTILE, "hog")
+            .times(HumanDuration::millis(3_000), HumanDuration::millis(3_000))
+            .memory(ByteSize::mib(512))
+            .args(&["cpu-huge-path"])
+            .params(&["mib"]),
+    )
+    .await;
+    let sleeper = crate::common::load_policy_in_workers(
+        &runner,
+        bulkhead_tests::HOSTILE,
+        crate::common::policy(bulkhead_tests::HOSTILE, "sleeper")
+            .times(HumanDuration::millis(2_000), HumanDuration::millis(2_000))
+            .args(&["sleep"]),
+    )
+    .await;
+    let hello = crate::common::load_in_workers(&runner, bulkhead_tests::HELLO, "hello").await;
+    let spawn = |module: &std::sync::Arc<bulkhead::runner::Module>, spec| {
+        let (runner, module) = (
+            std::sync::Arc::clone(&runner),
+            std::sync::Arc::clone(module),
+        );
+        tokio::spawn(async move { runner.run(&module, &spec, None).await.unwrap().report })
+    };
+    let huge = crate::common::spec(&[], &[("mib", "120")]);
+    let hogs: Vec<_> = (0..4).map(|_| spawn(&hog, huge.clone())).collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let sleeping = spawn(&sleeper, bulkhead::sandbox::JobSpec::new());
+    for _ in 0..3 {
+        let ok = runner
+            .run(&hello, &bulkhead::sandbox::JobSpec::new(), None)
+            .await
+            .unwrap();
+        assert!(ok.report.succeeded(), "{:?}", ok.report);
+    }
+    let sleeping = sleeping.await.unwrap();
+    assert_eq!(sleeping.limit, Some(LimitKind::WallTime), "{sleeping:?}");
+    let mut reports = vec![sleeping];
+    for hog in hogs {
+        reports.push(hog.await.unwrap());
+    }
+    for report in reports {
+        // Stopped by its worker: its wall time (or its CPU time, which
+        // may run out as soon with a thread to itself).
+        let failure = report.failure.as_ref().expect("stopped by a limit");
+        assert_eq!(failure.kind, FailureKind::Limit, "{report:?}");
+        assert!(
+            matches!(report.limit, Some(LimitKind::WallTime | LimitKind::CpuTime)),
+            "{report:?}"
+        );
+    }
+    assert!(
+        faults.lock().unwrap().is_empty(),
+        "{:?}",
+        faults.lock().unwrap()
+    );
+}

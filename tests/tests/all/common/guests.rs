@@ -141,16 +141,32 @@ pub async fn workers(
     name: &str,
     jobs_per_worker: u32,
 ) -> bulkhead::runner::Workers {
+    workers_watched(tmp, name, jobs_per_worker, 2).await.0
+}
+
+/// The faults a pool reported, as its owner saw them.
+pub type Faults = std::sync::Arc<std::sync::Mutex<Vec<bulkhead::worker::pool::Fault>>>;
+
+/// [`workers`], running up to `max_concurrent_jobs` at once in its
+/// worker, with the faults it reports.
+pub async fn workers_watched(
+    tmp: &std::path::Path,
+    name: &str,
+    jobs_per_worker: u32,
+    max_concurrent_jobs: u32,
+) -> (bulkhead::runner::Workers, Faults) {
     let work = tmp.join("work").join(name);
     let mut config = bulkhead::sandbox::SandboxConfig::new(&work);
     config.cache_dir = Some(tmp.join("cache"));
+    let faults = Faults::default();
+    let sink = std::sync::Arc::clone(&faults);
     let pool = bulkhead::worker::pool::Pool::start(
         bulkhead::worker::pool::PoolConfig {
             zone: "untrusted".into(),
             program: env!("CARGO_BIN_EXE_bulkhead-under-test").into(),
             workers: 1,
             jobs_per_worker,
-            max_concurrent_jobs: 2,
+            max_concurrent_jobs,
             memory: None,
             work_dir: work.join("zones/untrusted"),
             cache_dir: tmp.join("cache/zones/untrusted"),
@@ -160,14 +176,15 @@ pub async fn workers(
             require: bulkhead::worker::harden::Layer::ALL.into_iter().collect(),
             weaken: Default::default(),
         },
-        |_| {},
+        move |fault| sink.lock().unwrap().push(fault),
     )
     .await
     .unwrap();
-    bulkhead::runner::Workers::new(
+    let runner = bulkhead::runner::Workers::new(
         config,
         std::iter::once(("untrusted".to_owned(), pool)).collect(),
-    )
+    );
+    (runner, faults)
 }
 
 /// `guest` loaded by `runner` under a test policy named `name`.
@@ -176,12 +193,19 @@ pub async fn load_in_workers(
     guest: &str,
     name: &str,
 ) -> std::sync::Arc<bulkhead::runner::Module> {
+    load_policy_in_workers(runner, guest, super::policy(guest, name)).await
+}
+
+/// `guest` loaded by `runner` under `policy`.
+pub async fn load_policy_in_workers(
+    runner: &bulkhead::runner::Workers,
+    guest: &str,
+    policy: TestPolicy,
+) -> std::sync::Arc<bulkhead::runner::Module> {
     use bulkhead::runner::Runner;
+    let name = policy.parse().module.name.to_string();
     runner
-        .load(
-            super::policy(guest, name).parse(),
-            bytes::Bytes::from(wasm(guest)),
-        )
+        .load(policy.parse(), bytes::Bytes::from(wasm(guest)))
         .await
         .unwrap_or_else(|e| panic!("{name}: {e}"))
 }
