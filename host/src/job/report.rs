@@ -364,11 +364,108 @@ impl JobReport {
     pub fn succeeded(&self) -> bool {
         self.outcome == Outcome::Succeeded
     }
+
+    /// The report as JSON of at most `max` bytes, for a channel whose
+    /// frames are bounded. What a guest wrote can be larger than that
+    /// (its policy's `stdout` and `stderr` have no ceiling, and JSON
+    /// writes a control byte as six), so what does not fit is cut from
+    /// the end of the captured text, which is then marked truncated; if
+    /// that is not enough, the captured text, the backtrace and all but
+    /// 1 KiB of the failure's message go. `Err` only when even that does
+    /// not fit.
+    ///
+    /// # Errors
+    /// A message saying why, when nothing of the report fits.
+    pub fn to_json_within(mut self, max: usize) -> Result<String, String> {
+        let encode =
+            |r: &Self| serde_json::to_string(r).map_err(|e| format!("unencodable report: {e}"));
+        let json = encode(&self)?;
+        if json.len() <= max {
+            return Ok(json);
+        }
+        // Removing n bytes of text removes at least n bytes of JSON.
+        let mut over = json.len() - max;
+        let (first, second) = if self.stdout.text.len() >= self.stderr.text.len() {
+            (&mut self.stdout, &mut self.stderr)
+        } else {
+            (&mut self.stderr, &mut self.stdout)
+        };
+        for captured in [first, second] {
+            let cut = over.min(captured.text.len());
+            if cut > 0 {
+                let mut end = captured.text.len() - cut;
+                while !captured.text.is_char_boundary(end) {
+                    end -= 1;
+                }
+                captured.text.truncate(end);
+                captured.truncated = true;
+                over -= cut;
+            }
+        }
+        let json = encode(&self)?;
+        if json.len() <= max {
+            return Ok(json);
+        }
+        for captured in [&mut self.stdout, &mut self.stderr] {
+            captured.truncated |= !captured.text.is_empty();
+            captured.text.clear();
+        }
+        self.backtrace = None;
+        if let Some(failure) = &mut self.failure {
+            let mut end = failure.message.len().min(1024);
+            while !failure.message.is_char_boundary(end) {
+                end -= 1;
+            }
+            failure.message.truncate(end);
+        }
+        let json = encode(&self)?;
+        if json.len() <= max {
+            return Ok(json);
+        }
+        Err(format!(
+            "the job's report is larger than {max} bytes even without its captured output"
+        ))
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Captured output that JSON writes six times over (control bytes) or
+    /// that is simply long is cut to fit the bound, marked truncated, and
+    /// what is kept is its beginning; a report that fits is untouched.
+    #[test]
+    fn a_report_is_cut_to_fit_its_bound_whatever_its_guest_wrote() {
+        let mut report = JobReport::not_run("j", "m", "failed");
+        report.stdout.text = "\u{1}".repeat(3 << 20);
+        report.stdout.bytes = 3 << 20;
+        report.stderr.text = "é".repeat(1 << 20);
+        let max = 1 << 20;
+        let json = report.clone().to_json_within(max).unwrap();
+        assert!(json.len() <= max, "{}", json.len());
+        let back: JobReport = serde_json::from_str(&json).unwrap();
+        assert!(back.stdout.truncated && back.stderr.truncated);
+        assert_eq!(back.stdout.bytes, 3 << 20);
+        assert!(report.stdout.text.starts_with(&back.stdout.text));
+        assert!(report.stderr.text.starts_with(&back.stderr.text));
+        assert_eq!(back.failure, report.failure);
+
+        let small = JobReport::not_run("j", "m", "failed");
+        let json = small.clone().to_json_within(max).unwrap();
+        assert_eq!(json, serde_json::to_string(&small).unwrap());
+
+        // A failure message past any bound goes down to 1 KiB.
+        let long = JobReport::not_run("j", "m", "x".repeat(4 << 20));
+        let json = long.to_json_within(max).unwrap();
+        let back: JobReport = serde_json::from_str(&json).unwrap();
+        assert_eq!(back.failure.unwrap().message.len(), 1024);
+        assert!(
+            JobReport::not_run("j", "m", "x")
+                .to_json_within(10)
+                .is_err()
+        );
+    }
 
     #[test]
     fn a_backtrace_is_bounded_and_printable_whatever_it_is_read_from() {

@@ -22,6 +22,13 @@ use super::{CHANNEL_FD, WorkerArgs, harden, process};
 use crate::policy::{Policy, Sha256Hex};
 use crate::sandbox::{JobDir, LoadError, LoadedModule, Sandbox, SandboxConfig};
 
+/// The most a job's report may take in its frame: the frame's bound less
+/// room for the message around it.
+const REPORT_BUDGET: usize = MAX_UP_FRAME - (64 << 10);
+
+/// The longest compile error message sent back.
+const MAX_LOAD_MESSAGE: usize = 16 << 10;
+
 /// A module as the worker holds it: compiled once, on its `Load`.
 type Compiled = tokio::sync::watch::Receiver<Option<Result<Arc<LoadedModule>, LoadError>>>;
 
@@ -135,7 +142,10 @@ async fn serve(
         CallLimits::default(),
     );
     let pump = async move {
-        if proto::pump(&mut writer, &mut outbox).await.is_err() {
+        if proto::pump_fitted(&mut writer, &mut outbox, || {}, stand_in)
+            .await
+            .is_err()
+        {
             // The gateway is gone: nothing left to work for.
             std::process::exit(0);
         }
@@ -201,6 +211,29 @@ async fn serve(
     futures_util::future::join(pump, read).await;
 }
 
+/// What is sent instead of a message whose frame would be over the
+/// channel's bound: the failure of the one job or module it was about.
+/// Reports are cut to fit before they get here ([`REPORT_BUDGET`]); a
+/// module's answer can still be too large (a component with a vast
+/// import list).
+fn stand_in(up: Up) -> Option<Up> {
+    let too_large = |what: &str| format!("{what} is larger than a worker's channel carries");
+    match up {
+        Up::Report { job, .. } => Some(Up::Report {
+            job,
+            result: Err(too_large("the job's report")),
+        }),
+        Up::Loaded { module, .. } => Some(Up::Loaded {
+            module,
+            result: Err(LoadError::Compile {
+                module: String::new(),
+                message: too_large("what the worker found in the module (its imports)"),
+            }),
+        }),
+        _ => None,
+    }
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -237,10 +270,31 @@ fn load(
             }
             Err(e) => Err(unreadable(format!("unreadable policy: {e}"))),
         };
-        let result = compiled.as_ref().map(|m| m.info()).map_err(Clone::clone);
+        let result = compiled
+            .as_ref()
+            .map(|m| m.info())
+            .map_err(|e| bounded_load_error(e.clone()));
         done.send_replace(Some(compiled));
         let _ = state.up.send(Up::Loaded { module, result });
     });
+}
+
+/// `error`, cut to [`MAX_LOAD_MESSAGE`] when what it says is longer (a
+/// compiler's message about hostile bytes can be), so that its `Loaded`
+/// always fits its frame.
+fn bounded_load_error(error: LoadError) -> LoadError {
+    let message = error.to_string();
+    if message.len() <= MAX_LOAD_MESSAGE {
+        return error;
+    }
+    let mut end = MAX_LOAD_MESSAGE;
+    while !message.is_char_boundary(end) {
+        end -= 1;
+    }
+    LoadError::Compile {
+        module: String::new(),
+        message: message[..end].to_owned(),
+    }
 }
 
 async fn run(
@@ -274,8 +328,16 @@ async fn run(
         if dir.has_inputs() || !dir.remove_output_if_empty() {
             lock(&state.dirs).insert(job, dir);
         }
-        let report = result.map_err(|e| e.to_string())?;
-        serde_json::to_string(&report).map_err(|e| format!("unencodable report: {e}"))
+        let mut report = result.map_err(|e| e.to_string())?;
+        // The gateway lists outputs (what it copies) and calls (from its
+        // own egress) itself.
+        report.outputs.clear();
+        report.skipped_outputs.clear();
+        report.calls = None;
+        // However much the guest wrote, its report fits its frame: one
+        // the channel could not carry would end the channel, and the
+        // worker with every job in it.
+        report.to_json_within(REPORT_BUDGET)
     };
     tokio::select! {
         biased;

@@ -551,6 +551,25 @@ impl Pool {
         spec: &JobSpec,
         egress: Option<Arc<dyn Egress>>,
     ) -> Result<(JobReport, Option<WorkerOutputs>), String> {
+        // A frame the channel cannot carry is refused here, for this job
+        // alone, before it is queued.
+        let size = spec.stdin.len()
+            + spec.id.len()
+            + spec
+                .inputs
+                .iter()
+                .map(|i| i.name.len() + i.data.len() + 16)
+                .sum::<usize>()
+            + spec
+                .params
+                .iter()
+                .map(|(k, v)| k.len() + v.len() + 16)
+                .sum::<usize>();
+        if size > MAX_DOWN_FRAME - (64 << 10) {
+            return Err(format!(
+                "the job's inputs ({size} bytes) are more than a worker's channel carries ({MAX_DOWN_FRAME} bytes); lower `[server] max_body` or the module's `limits.input`"
+            ));
+        }
         let worker = self.pick().await?;
         let job = self.next_id();
         let wall_time = policy.limits.wall_time.get();

@@ -494,3 +494,73 @@ async fn guests_holding_every_guest_thread_stop_on_time_and_spare_their_co_tenan
         faults.lock().unwrap()
     );
 }
+
+/// A guest may write more than a worker's channel carries in one frame
+/// (its policy's `stdout` has no ceiling): its report is cut to fit and
+/// says its output was truncated; the worker goes on, and a co-tenant
+/// running beside it ends by its own limit, not as a worker failure.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_report_larger_than_the_channel_carries_is_cut_and_fails_nobody_else() {
+    use bulkhead::job::{FailureKind, LimitKind};
+    use bulkhead::policy::{ByteSize, HumanDuration};
+    use bulkhead::runner::Runner;
+
+    let tmp = tempfile::tempdir().unwrap();
+    let (runner, faults) = crate::common::workers_watched(tmp.path(), "w", 0, 2).await;
+    let runner = std::sync::Arc::new(runner);
+    let work = runner.work_dir().to_owned();
+    let flood = crate::common::load_policy_in_workers(
+        &runner,
+        bulkhead_tests::HOSTILE,
+        crate::common::policy(bulkhead_tests::HOSTILE, "flood")
+            .memory(ByteSize::mib(128))
+            .limits(|l| l.stdout = ByteSize::mib(40))
+            .args(&["stdout-one-write"]),
+    )
+    .await;
+    let sleeper = crate::common::load_policy_in_workers(
+        &runner,
+        bulkhead_tests::HOSTILE,
+        crate::common::policy(bulkhead_tests::HOSTILE, "sleeper")
+            .times(HumanDuration::millis(3_000), HumanDuration::millis(3_000))
+            .args(&["sleep"]),
+    )
+    .await;
+    let pid = runner.pools()["untrusted"].pids()[0];
+    let beside = {
+        let runner = std::sync::Arc::clone(&runner);
+        tokio::spawn(async move {
+            runner
+                .run(&sleeper, &bulkhead::sandbox::JobSpec::new(), None)
+                .await
+                .unwrap()
+                .report
+        })
+    };
+    until(|| job_dirs(&work).len() == 1).await;
+    let flooded = runner
+        .run(&flood, &bulkhead::sandbox::JobSpec::new(), None)
+        .await
+        .unwrap()
+        .report;
+    assert_eq!(flooded.exit_code, Some(1), "{:?}", flooded.failure);
+    assert!(flooded.stdout.truncated, "{:?}", flooded.stdout.bytes);
+    assert!(
+        flooded.stdout.text.len() < bulkhead::worker::proto::MAX_UP_FRAME,
+        "{}",
+        flooded.stdout.text.len()
+    );
+    let beside = beside.await.unwrap();
+    let failure = beside
+        .failure
+        .as_ref()
+        .expect("it sleeps past its wall time");
+    assert_eq!(failure.kind, FailureKind::Limit, "{beside:?}");
+    assert_eq!(beside.limit, Some(LimitKind::WallTime), "{beside:?}");
+    assert!(
+        faults.lock().unwrap().is_empty(),
+        "{:?}",
+        faults.lock().unwrap()
+    );
+    assert_eq!(runner.pools()["untrusted"].pids(), vec![pid]);
+}
