@@ -114,7 +114,9 @@ pub(crate) async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             }
         }
     }
-    drop(finished.outputs);
+    // Before the process exits, not on a blocking thread its exit could
+    // cut short.
+    finished.outputs.remove();
     runner.close();
 
     if args.json {

@@ -93,6 +93,15 @@ impl Outputs {
         }
     }
 
+    /// Lets them go: a job directory of this process is removed now, on
+    /// this thread ([`JobDir::remove`]); a worker's is released to it.
+    pub fn remove(self) {
+        match self {
+            Self::Local(dir) => dir.remove(),
+            Self::None | Self::Worker(_) => {}
+        }
+    }
+
     /// Collects (and with `copy_to`, copies) them, never following a link.
     ///
     /// # Errors
@@ -198,7 +207,10 @@ impl Runner for InProcess {
                 "the module was loaded by another runner".into(),
             ));
         };
-        let dir = JobDir::create(&self.sandbox.config().work_dir, &spec.id)?;
+        // A cancelled job's future is dropped on an async thread, with
+        // whatever tree its guest left in this.
+        let dir = JobDir::create(&self.sandbox.config().work_dir, &spec.id)?
+            .removed_on(tokio::runtime::Handle::current());
         let report = self.sandbox.run_with(loaded, spec, &dir, egress).await?;
         Ok(Finished {
             report,

@@ -29,7 +29,8 @@ pub fn create_private_dir_all(path: &Path) -> io::Result<()> {
 /// `<work>/.empty-in` as `/in`: one directory shared by such jobs, created
 /// empty with mode 0500 and preopened read-only, so no job can put anything
 /// in it for another to find. Removed, with everything the guest left, on
-/// drop.
+/// drop: on the thread that drops it, or — after
+/// [`JobDir::removed_on`] — on a runtime's blocking threads.
 #[derive(Debug)]
 pub struct JobDir {
     out: PathBuf,
@@ -38,6 +39,8 @@ pub struct JobDir {
     has_inputs: std::sync::atomic::AtomicBool,
     /// `/out` was found empty and removed ([`JobDir::remove_output_if_empty`]).
     out_removed: std::sync::atomic::AtomicBool,
+    /// Where a tree left behind is removed ([`JobDir::removed_on`]).
+    remover: Option<tokio::runtime::Handle>,
 }
 
 /// Name of the shared empty input directory inside a work directory.
@@ -72,9 +75,31 @@ impl JobDir {
             shared_input,
             has_inputs: std::sync::atomic::AtomicBool::new(false),
             out_removed: std::sync::atomic::AtomicBool::new(false),
+            remover: None,
         };
         dir.ensure_shared_input()?;
         Ok(dir)
+    }
+
+    /// Has whatever the job left behind removed on `runtime`'s blocking
+    /// threads when this is dropped, never on the dropping thread. A guest
+    /// can leave a tree as large as its `output_files` allow, and removing
+    /// it takes as long as that: where the drop can happen on an async
+    /// thread — a cancelled job's future dropped mid-run, a worker's
+    /// channel letting a job go — it would stall every task that thread
+    /// serves, other jobs' deadlines among them. An empty `/out` still goes
+    /// at once (one `rmdir`).
+    #[must_use]
+    pub fn removed_on(mut self, runtime: tokio::runtime::Handle) -> Self {
+        self.remover = Some(runtime);
+        self
+    }
+
+    /// Removes it and whatever the job left now, on this thread (whatever
+    /// [`JobDir::removed_on`] said): for a caller off the async threads
+    /// that must not leave it behind, a process about to exit.
+    pub fn remove(mut self) {
+        self.remover = None;
     }
 
     /// Makes sure the shared input directory exists, is a directory, is
@@ -170,7 +195,7 @@ impl JobDir {
 impl Drop for JobDir {
     fn drop(&mut self) {
         // Fast path: an empty `/out` goes with one `rmdir`. Anything left
-        // inside makes it fail, and `remove_dir_all` (which does not follow
+        // inside makes it fail, and `remove_tree` (which does not follow
         // symlinks the guest left behind) takes over.
         let mut dirs = Vec::with_capacity(2);
         if !self.out_removed.load(std::sync::atomic::Ordering::SeqCst) {
@@ -179,15 +204,26 @@ impl Drop for JobDir {
         if self.has_inputs.load(std::sync::atomic::Ordering::SeqCst) {
             dirs.push(&self.own_input);
         }
-        for dir in dirs {
-            if std::fs::remove_dir(dir).is_ok() {
-                continue;
+        let trees: Vec<PathBuf> = dirs
+            .into_iter()
+            .filter(|dir| std::fs::remove_dir(dir).is_err())
+            .cloned()
+            .collect();
+        if trees.is_empty() {
+            return;
+        }
+        let remove = move || {
+            for dir in trees {
+                if let Err(e) = super::remove_tree(&dir)
+                    && e.kind() != io::ErrorKind::NotFound
+                {
+                    tracing::warn!(dir = %dir.display(), error = %e, "cannot remove job directory");
+                }
             }
-            if let Err(e) = super::remove_tree(dir)
-                && e.kind() != io::ErrorKind::NotFound
-            {
-                tracing::warn!(dir = %dir.display(), error = %e, "cannot remove job directory");
-            }
+        };
+        match self.remover.take() {
+            Some(runtime) => drop(runtime.spawn_blocking(remove)),
+            None => remove(),
         }
     }
 }
@@ -214,6 +250,70 @@ mod tests {
         drop(dir);
         assert!(!input.exists() && !output.exists());
         assert_eq!(std::fs::read(&outside).unwrap(), b"keep me");
+    }
+
+    /// A tree left in a directory dropped on an async thread — a cancelled
+    /// job's — is removed on the runtime's blocking threads, not by the
+    /// drop: here the one blocking thread is held, so the tree is still
+    /// there when the drop returns, and goes once the thread is free.
+    #[test]
+    fn a_tree_dropped_on_an_async_thread_is_removed_on_a_blocking_one() {
+        let tmp = tempfile::tempdir().unwrap();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .max_blocking_threads(1)
+            .build()
+            .unwrap();
+        let (release, held) = std::sync::mpsc::channel::<()>();
+        let (started, holding) = std::sync::mpsc::channel::<()>();
+        let holder = runtime.spawn_blocking(move || {
+            started.send(()).unwrap();
+            let _ = held.recv();
+        });
+        holding.recv().unwrap();
+        let out = runtime.block_on(async {
+            let dir = JobDir::create(tmp.path(), "j3")
+                .unwrap()
+                .removed_on(tokio::runtime::Handle::current());
+            let out = dir.output_dir();
+            std::fs::create_dir_all(out.join("a/b/c")).unwrap();
+            std::fs::write(out.join("a/b/c/f"), b"x").unwrap();
+            drop(dir);
+            out
+        });
+        assert!(
+            out.join("a/b/c/f").exists(),
+            "the drop removed the tree on the async thread"
+        );
+        release.send(()).unwrap();
+        runtime.block_on(async {
+            holder.await.unwrap();
+            // Queued behind the holder on the one blocking thread: a task
+            // queued after it runs once it has.
+            tokio::task::spawn_blocking(|| ()).await.unwrap();
+        });
+        assert!(!out.exists());
+    }
+
+    /// An empty `/out` goes at once, whatever thread drops it, and
+    /// [`JobDir::remove`] removes a tree on the calling thread.
+    #[test]
+    fn an_empty_out_and_an_explicit_remove_go_at_once() {
+        let tmp = tempfile::tempdir().unwrap();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let handle = runtime.handle().clone();
+        let empty = JobDir::create(tmp.path(), "e")
+            .unwrap()
+            .removed_on(handle.clone());
+        let empty_out = empty.output_dir();
+        drop(empty);
+        assert!(!empty_out.exists());
+        let full = JobDir::create(tmp.path(), "f").unwrap().removed_on(handle);
+        let full_out = full.output_dir();
+        std::fs::write(full_out.join("x"), b"x").unwrap();
+        full.remove();
+        assert!(!full_out.exists());
     }
 
     #[test]

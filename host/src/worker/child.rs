@@ -186,17 +186,15 @@ async fn serve(
                     if let Some(cancel) = lock(&state.cancels).remove(&job) {
                         let _ = cancel.send(());
                     }
-                    lock(&state.dirs).remove(&job);
+                    let dir = lock(&state.dirs).remove(&job);
+                    drop(dir);
                 }
                 Down::Release { job } => {
+                    // An empty `/out` without inputs goes with one `rmdir`
+                    // here; anything more on blocking threads (as on
+                    // `Cancel`): `JobDir::removed_on`.
                     let dir = lock(&state.dirs).remove(&job);
-                    if let Some(dir) = dir {
-                        // An empty `/out` without inputs goes with one `rmdir`
-                        // here; anything more off the async threads.
-                        if dir.has_inputs() || std::fs::remove_dir(dir.output_dir()).is_err() {
-                            state.guests.spawn_blocking(move || drop(dir));
-                        }
-                    }
+                    drop(dir);
                 }
                 Down::Call(down) => state.calls.deliver(down),
                 Down::Ping { seq } => {
@@ -317,17 +315,17 @@ async fn run(
             .expect("waited for Some")
             .map_err(|e| e.to_string())?;
         let _ = state.up.send(Up::Running { job });
+        // Removed off the async threads whenever it goes — on cancel too,
+        // when this future is dropped with the guest's tree in it.
         let dir = JobDir::create(&state.sandbox.config().work_dir, &format!("j{job}"))
-            .map_err(|e| format!("cannot prepare job directory: {e}"))?;
+            .map_err(|e| format!("cannot prepare job directory: {e}"))?
+            .removed_on(state.guests.clone());
         let egress =
             (!loaded.policy().network.services.is_empty()).then(|| state.calls.egress(job));
         let result = state.sandbox.run_with(&loaded, &spec, &dir, egress).await;
-        // A job without inputs that left `/out` empty has nothing to copy
-        // or check: its directory goes now, before the report, and the
-        // gateway sends no `Release`. Anything else stays until then.
-        if dir.has_inputs() || !dir.remove_output_if_empty() {
-            lock(&state.dirs).insert(job, dir);
-        }
+        // A job that did not run has nothing to copy: its directory (with
+        // any inputs written) goes now, as the gateway releases nothing
+        // for an error.
         let mut report = result.map_err(|e| e.to_string())?;
         // The gateway lists outputs (what it copies) and calls (from its
         // own egress) itself.
@@ -337,7 +335,14 @@ async fn run(
         // However much the guest wrote, its report fits its frame: one
         // the channel could not carry would end the channel, and the
         // worker with every job in it.
-        report.to_json_within(REPORT_BUDGET)
+        let json = report.to_json_within(REPORT_BUDGET)?;
+        // A job without inputs that left `/out` empty has nothing to copy
+        // or check: its directory goes now, before the report, and the
+        // gateway sends no `Release`. Anything else stays until then.
+        if dir.has_inputs() || !dir.remove_output_if_empty() {
+            lock(&state.dirs).insert(job, dir);
+        }
+        Ok(json)
     };
     tokio::select! {
         biased;
