@@ -13,11 +13,13 @@ use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{oneshot, watch};
 
 use super::calls::{CallLimits, CallSink, WorkerCalls};
 use super::proto::{self, Down, MAX_DOWN_FRAME, MAX_UP_FRAME, Up};
+use super::uplink::Uplink;
 use super::{CHANNEL_FD, WorkerArgs, harden, process};
 use crate::policy::{Policy, Sha256Hex};
 use crate::sandbox::{JobDir, LoadError, LoadedModule, Sandbox, SandboxConfig};
@@ -25,6 +27,12 @@ use crate::sandbox::{JobDir, LoadError, LoadedModule, Sandbox, SandboxConfig};
 /// The most a job's report may take in its frame: the frame's bound less
 /// room for the message around it.
 const REPORT_BUDGET: usize = MAX_UP_FRAME - (64 << 10);
+
+/// How long a guest runs before the worker says so (`Up::Running`).
+const RUNNING_AFTER: Duration = Duration::from_millis(100);
+
+/// How often the channel's thread looks for guests running that long.
+const RUNNING_TICK: Duration = Duration::from_millis(50);
 
 /// The longest compile error message sent back.
 const MAX_LOAD_MESSAGE: usize = 16 << 10;
@@ -117,7 +125,7 @@ struct State {
     sandbox: Arc<Sandbox>,
     /// The runtime guests (and everything done for them) run on.
     guests: tokio::runtime::Handle,
-    up: mpsc::UnboundedSender<Up>,
+    up: Arc<Uplink>,
     calls: WorkerCalls,
     modules: Mutex<HashMap<u64, Compiled>>,
     /// Running jobs' cancel triggers.
@@ -125,27 +133,35 @@ struct State {
     /// Finished jobs' directories, kept until the gateway has copied their
     /// outputs.
     dirs: Mutex<HashMap<u64, JobDir>>,
+    /// Jobs whose guest has started, since when, until their `Running` is
+    /// sent (by the channel's thread, [`say_running`]) or they end.
+    started: Mutex<HashMap<u64, Instant>>,
 }
 
 async fn serve(
     sandbox: Arc<Sandbox>,
     guests: tokio::runtime::Handle,
     mut reader: proto::Reader,
-    mut writer: proto::Writer,
+    writer: proto::Writer,
 ) {
-    let (up, mut outbox) = mpsc::unbounded_channel::<Up>();
-    // A call's frames share the one queue with reports, so none of them can
-    // arrive after the report of the job that made the call.
-    let calls_up = up.clone();
+    // Frames go up from the thread that sends them (a report from its
+    // guest's thread); what the socket does not take at once is written
+    // by `drain`, on this thread.
+    let up = Arc::new(Uplink::new(writer.into_inner(), MAX_UP_FRAME));
+    // A call's frames go up the same way as reports, in the order sent, so
+    // none of them can arrive after the report of the job that made the
+    // call.
+    let calls_up = Arc::clone(&up);
     let calls = WorkerCalls::with_sink(
-        CallSink::new(move |frame| calls_up.send(Up::Call(frame)).is_ok()),
+        CallSink::new(move |frame| {
+            send(&calls_up, Up::Call(frame));
+            true
+        }),
         CallLimits::default(),
     );
+    let draining = Arc::clone(&up);
     let pump = async move {
-        if proto::pump_fitted(&mut writer, &mut outbox, || {}, stand_in)
-            .await
-            .is_err()
-        {
+        if draining.drain().await.is_err() {
             // The gateway is gone: nothing left to work for.
             std::process::exit(0);
         }
@@ -158,7 +174,17 @@ async fn serve(
         modules: Mutex::default(),
         cancels: Mutex::default(),
         dirs: Mutex::default(),
+        started: Mutex::default(),
     });
+    let ticking = Arc::clone(&state);
+    let tick = async move {
+        let mut tick = tokio::time::interval(RUNNING_TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            say_running(&ticking);
+        }
+    };
     let read = async move {
         loop {
             let message = match proto::recv::<Down>(&mut reader).await {
@@ -197,16 +223,22 @@ async fn serve(
                     drop(dir);
                 }
                 Down::Call(down) => state.calls.deliver(down),
-                Down::Ping { seq } => {
-                    let _ = state.up.send(Up::Pong { seq });
-                }
+                Down::Ping { seq } => send(&state.up, Up::Pong { seq }),
             }
         }
     };
     // The channel, both ways, stays on this thread and its own runtime,
     // which runs no guest: pings are answered and reports written even
     // while guests' host calls hold every thread of theirs.
-    futures_util::future::join(pump, read).await;
+    futures_util::future::join3(pump, read, tick).await;
+}
+
+/// Sends `message` up (its [`stand_in`] if it is too large); exits when
+/// the gateway is gone, as there is nothing left to work for.
+fn send(up: &Uplink, message: Up) {
+    if up.send(message, stand_in).is_err() {
+        std::process::exit(0);
+    }
 }
 
 /// What is sent instead of a message whose frame would be over the
@@ -273,7 +305,7 @@ fn load(
             .map(|m| m.info())
             .map_err(|e| bounded_load_error(e.clone()));
         done.send_replace(Some(compiled));
-        let _ = state.up.send(Up::Loaded { module, result });
+        send(&state.up, Up::Loaded { module, result });
     });
 }
 
@@ -292,6 +324,44 @@ fn bounded_load_error(error: LoadError) -> LoadError {
     LoadError::Compile {
         module: String::new(),
         message: message[..end].to_owned(),
+    }
+}
+
+/// Sends `Running` for every job whose guest has run for
+/// [`RUNNING_AFTER`]. Called on the channel's thread, which no guest
+/// holds, so a guest stuck in a host call cannot keep the gateway's clock
+/// from starting; a job that ends sooner sends only its report. Sent
+/// under the `started` lock, which a job takes to leave it before its
+/// report, so no `Running` follows its job's report.
+fn say_running(state: &State) {
+    let mut started = lock(&state.started);
+    let now = Instant::now();
+    started.retain(|&job, since| {
+        if now.duration_since(*since) < RUNNING_AFTER {
+            return true;
+        }
+        send(&state.up, Up::Running { job });
+        false
+    });
+}
+
+/// A job's place in [`State::started`], left when the job ends however it
+/// ends (a cancelled job's future is dropped).
+struct Started<'a> {
+    state: &'a State,
+    job: u64,
+}
+
+impl<'a> Started<'a> {
+    fn new(state: &'a State, job: u64) -> Self {
+        lock(&state.started).insert(job, Instant::now());
+        Self { state, job }
+    }
+}
+
+impl Drop for Started<'_> {
+    fn drop(&mut self) {
+        lock(&self.state.started).remove(&self.job);
     }
 }
 
@@ -314,7 +384,6 @@ async fn run(
             .clone()
             .expect("waited for Some")
             .map_err(|e| e.to_string())?;
-        let _ = state.up.send(Up::Running { job });
         // Removed off the async threads whenever it goes — on cancel too,
         // when this future is dropped with the guest's tree in it.
         let dir = JobDir::create(&state.sandbox.config().work_dir, &format!("j{job}"))
@@ -322,7 +391,14 @@ async fn run(
             .removed_on(state.guests.clone());
         let egress =
             (!loaded.policy().network.services.is_empty()).then(|| state.calls.egress(job));
-        let result = state.sandbox.run_with(&loaded, &spec, &dir, egress).await;
+        // The gateway's watchdog starts at `Running`, sent only once the
+        // guest has run for `RUNNING_AFTER` ([`say_running`]): a job that
+        // ends sooner costs one frame up (its report), not two, and the
+        // gateway's clock never starts before the guest did.
+        let result = {
+            let _started = Started::new(&state, job);
+            state.sandbox.run_with(&loaded, &spec, &dir, egress).await
+        };
         // A job that did not run has nothing to copy: its directory (with
         // any inputs written) goes now, as the gateway releases nothing
         // for an error.
@@ -349,7 +425,7 @@ async fn run(
         _ = cancelled => {}
         result = work => {
             lock(&state.cancels).remove(&job);
-            let _ = state.up.send(Up::Report { job, result });
+            send(&state.up, Up::Report { job, result });
         }
     }
 }

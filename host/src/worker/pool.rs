@@ -396,6 +396,23 @@ impl Pool {
         lock(&self.state).workers.iter().map(|w| w.pid).collect()
     }
 
+    /// Jobs running on this pool's workers whose worker has said their
+    /// guest started (its `Running`): the jobs the gateway's wall-time
+    /// clock is running for.
+    pub fn jobs_started(&self) -> usize {
+        let workers = lock(&self.state).workers.clone();
+        workers
+            .iter()
+            .map(|w| {
+                lock(&w.state)
+                    .jobs
+                    .values()
+                    .filter(|p| p.running_since.is_some())
+                    .count()
+            })
+            .sum()
+    }
+
     /// Stops every worker (at shutdown).
     pub fn close(&self) {
         self.closing.store(true, Ordering::SeqCst);

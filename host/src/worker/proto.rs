@@ -29,7 +29,8 @@ use crate::job::JobSpec;
 /// `Loaded`'s info the artifact the worker wrote.
 /// 3: no `Release` for a job without inputs whose empty `/out` the worker
 /// removed before reporting.
-pub const VERSION: u32 = 3;
+/// 4: `Running` only for a guest still running 100 ms after it started.
+pub const VERSION: u32 = 4;
 
 /// Largest frame a worker accepts: a module at the host's largest
 /// accepted size plus its policy, or a job's inputs, with room to spare.
@@ -96,8 +97,8 @@ pub enum Up {
         module: u64,
         result: Result<crate::sandbox::LoadInfo, crate::sandbox::LoadError>,
     },
-    /// A job's module is ready and its guest is starting: the gateway's
-    /// watchdog runs from here.
+    /// A job's guest has been running for 100 ms (a job that ends sooner
+    /// sends none): the gateway's watchdog runs from here.
     Running { job: u64 },
     /// A job's report (JSON of [`JobReport`](crate::job::JobReport)), or
     /// why it could not start.
@@ -236,29 +237,7 @@ pub async fn pump_fitted<T: Serialize>(
     shrink: impl Fn(T) -> Option<T>,
 ) -> Result<(), ChannelError> {
     let max = writer.encoder().max_frame_length();
-    let fitted = |message: T| -> Option<Bytes> {
-        let frame = match encode(&message) {
-            Ok(frame) => frame,
-            Err(e) => {
-                tracing::error!(error = %e, "an unencodable message was dropped");
-                return None;
-            }
-        };
-        if frame.len() <= max {
-            return Some(frame);
-        }
-        let smaller = shrink(message)
-            .and_then(|m| encode(&m).ok())
-            .filter(|f| f.len() <= max);
-        if smaller.is_none() {
-            tracing::error!(
-                bytes = frame.len(),
-                max,
-                "a message over the channel's frame bound was dropped"
-            );
-        }
-        smaller
-    };
+    let fitted = |message: T| fit(message, max, &shrink);
     while let Some(first) = outbox.recv().await {
         taken();
         if let Some(frame) = fitted(first) {
@@ -273,6 +252,34 @@ pub async fn pump_fitted<T: Serialize>(
         SinkExt::<Bytes>::flush(writer).await?;
     }
     Ok(())
+}
+
+/// `message` encoded as a frame's payload of at most `max` bytes: itself,
+/// or the stand-in `shrink` gives for it when it is larger (a job's report
+/// becomes that job's failure, say); `None` (logged) when neither fits or
+/// it cannot be encoded.
+pub fn fit<T: Serialize>(message: T, max: usize, shrink: impl Fn(T) -> Option<T>) -> Option<Bytes> {
+    let frame = match encode(&message) {
+        Ok(frame) => frame,
+        Err(e) => {
+            tracing::error!(error = %e, "an unencodable message was dropped");
+            return None;
+        }
+    };
+    if frame.len() <= max {
+        return Some(frame);
+    }
+    let smaller = shrink(message)
+        .and_then(|m| encode(&m).ok())
+        .filter(|f| f.len() <= max);
+    if smaller.is_none() {
+        tracing::error!(
+            bytes = frame.len(),
+            max,
+            "a message over the channel's frame bound was dropped"
+        );
+    }
+    smaller
 }
 
 /// Receives one message.

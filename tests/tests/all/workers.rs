@@ -384,6 +384,8 @@ async fn a_job_its_worker_lets_overrun_fails_alone_and_the_worker_is_retired() {
     };
     let (short_job, long_job) = (spawn(short), spawn(long));
     until(|| job_dirs(&work).len() == 2).await;
+    // The gateway's clocks run for both: their worker said they started.
+    until(|| pool.jobs_started() == 2).await;
     // SAFETY: kill(2) with a pid and a signal number has no memory effects.
     assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGSTOP) }, 0);
     until(|| !faults.lock().unwrap().is_empty()).await;
