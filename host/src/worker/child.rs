@@ -51,6 +51,14 @@ pub fn main(args: &OsStr) -> ExitCode {
     let Some(channel) = process::inherited_channel() else {
         return ExitCode::from(2);
     };
+    // Job directories are made, opened and removed relative to the working
+    // directory, which is the work directory handed over: each path through
+    // `/proc/self/fd/N` cost a walk of procfs per call.
+    // SAFETY: WORK_FD was handed over open by the gateway; fchdir(2) has
+    // no memory effects.
+    if unsafe { libc::fchdir(super::WORK_FD) } != 0 {
+        return ExitCode::from(2);
+    }
     let applied = harden::apply(&args.plan(CHANNEL_FD));
     // Two runtimes. Guests run on `guest_runtime`, two threads that check
     // for timers and I/O after every poll (`event_interval(1)`): a poll
@@ -88,7 +96,7 @@ pub fn main(args: &OsStr) -> ExitCode {
         };
         let (mut reader, mut writer) = proto::split(stream, MAX_DOWN_FRAME, MAX_UP_FRAME);
         let started = applied.map_err(|e| e.to_string()).and_then(|applied| {
-            let mut config = SandboxConfig::new(&args.work_dir);
+            let mut config = SandboxConfig::new(".");
             config.cache_dir = Some(args.cache_dir.clone());
             config.max_concurrent_jobs = args.max_concurrent_jobs;
             config.dirs_handed_over = true;
