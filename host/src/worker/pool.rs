@@ -64,8 +64,9 @@ const SILENT_FAULT: Duration = Duration::from_secs(15);
 const OVERRUN_GRACE: Duration = Duration::from_secs(5);
 /// How long a worker may take to compile a module (its `Loaded`), and to
 /// start a job it was sent (its `Running`, which may wait for that
-/// compile), before it is a fault: these clocks are the gateway's, not
-/// the worker's.
+/// compile and comes once the guest has run for 100 ms; a job that ends
+/// sooner sends none), before it is a fault: these clocks are the
+/// gateway's, not the worker's.
 const START_ALLOWANCE: Duration = Duration::from_secs(300);
 /// Longest failure message kept from a worker's report.
 const MAX_MESSAGE: usize = 1024;
