@@ -154,11 +154,13 @@ pub struct Failure {
 /// A bounded capture of stdout or stderr.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Captured {
-    /// The captured bytes as UTF-8 (invalid sequences replaced).
+    /// The captured bytes as UTF-8 (invalid sequences replaced): at most
+    /// the first 4 MiB, whatever the limit.
     pub text: String,
-    /// Bytes captured (at most the policy's limit).
+    /// Bytes the guest wrote (at most the policy's limit).
     pub bytes: u64,
-    /// Whether the guest wrote more than the limit.
+    /// Whether `text` is less than the guest wrote: it wrote more than
+    /// the limit, or more than the host keeps.
     pub truncated: bool,
 }
 
@@ -367,8 +369,8 @@ impl JobReport {
 
     /// The report as JSON of at most `max` bytes, for a channel whose
     /// frames are bounded. What a guest wrote can be larger than that
-    /// (its policy's `stdout` and `stderr` have no ceiling, and JSON
-    /// writes a control byte as six), so what does not fit is cut from
+    /// (the host keeps up to 4 MiB of each stream, and JSON writes a
+    /// control byte as six), so what does not fit is cut from
     /// the end of the captured text, which is then marked truncated; if
     /// that is not enough, the captured text, the backtrace and all but
     /// 1 KiB of the failure's message go. `Err` only when even that does

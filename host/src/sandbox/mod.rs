@@ -43,6 +43,7 @@ pub use engine::{
 };
 pub use job::{JobDir, create_private_dir_all};
 pub use limits::WRITTEN_PER_OUTPUT;
+pub use pipe::MAX_CAPTURE;
 pub use quota::DESCRIPTOR_REFUSALS;
 pub use remove::remove_tree;
 // The job's types are the `job` module's; re-exported for the sandbox's
@@ -882,12 +883,12 @@ fn first_line(e: &wasmtime::Error) -> String {
     text.lines().next().unwrap_or("").to_owned()
 }
 
-fn captured(pipe: &pipe::CappedPipe, truncated: bool) -> Captured {
-    let bytes = pipe.contents();
+fn captured(pipe: &pipe::CappedPipe, over_limit: bool) -> Captured {
+    let (kept, written) = pipe.contents();
     Captured {
-        text: String::from_utf8_lossy(&bytes).into_owned(),
-        bytes: bytes.len() as u64,
-        truncated,
+        text: String::from_utf8_lossy(&kept).into_owned(),
+        bytes: written as u64,
+        truncated: over_limit || written > kept.len(),
     }
 }
 

@@ -422,17 +422,35 @@ async fn run(
         let json = report.to_json_within(REPORT_BUDGET)?;
         // A job without inputs that left `/out` empty has nothing to copy
         // or check: its directory goes now, before the report, and the
-        // gateway sends no `Release`. Anything else stays until then.
-        if dir.has_inputs() || !dir.remove_output_if_empty() {
+        // gateway sends no `Release`. Anything else stays until then —
+        // unless the gateway cancelled the job while its report was being
+        // built (a large capture takes a while), when nothing will release
+        // it: the job's cancel entry, taken under the same lock as its
+        // place in `dirs`, says which happened first.
+        let keep = dir.has_inputs() || !dir.remove_output_if_empty();
+        let mut cancels = lock(&state.cancels);
+        if cancels.remove(&job).is_none() {
+            return Ok(None);
+        }
+        if keep {
             lock(&state.dirs).insert(job, dir);
         }
-        Ok(json)
+        Ok(Some(json))
     };
     tokio::select! {
         biased;
         _ = cancelled => {}
         result = work => {
-            lock(&state.cancels).remove(&job);
+            let result = match result {
+                // Cancelled after its work was done: its directory is
+                // gone, and the gateway waits for no report.
+                Ok(None) => return,
+                Ok(Some(json)) => Ok(json),
+                Err(e) => {
+                    lock(&state.cancels).remove(&job);
+                    Err(e)
+                }
+            };
             send(&state.up, Up::Report { job, result });
         }
     }

@@ -1239,8 +1239,9 @@ fn bounded(mut report: JobReport, policy: &Policy) -> JobReport {
             captured.truncated = true;
         }
     };
-    cut(&mut report.stdout, policy.limits.stdout.as_u64());
-    cut(&mut report.stderr, policy.limits.stderr.as_u64());
+    let kept = crate::sandbox::MAX_CAPTURE as u64;
+    cut(&mut report.stdout, policy.limits.stdout.as_u64().min(kept));
+    cut(&mut report.stderr, policy.limits.stderr.as_u64().min(kept));
     if let Some(f) = &mut report.failure {
         truncate(&mut f.message, MAX_MESSAGE);
     }

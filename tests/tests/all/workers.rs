@@ -498,7 +498,7 @@ async fn guests_holding_every_guest_thread_stop_on_time_and_spare_their_co_tenan
 }
 
 /// A guest may write more than a worker's channel carries in one frame
-/// (its policy's `stdout` has no ceiling): its report is cut to fit and
+/// (its policy's `stdout` has no ceiling): its report keeps 4 MiB and
 /// says its output was truncated; the worker goes on, and a co-tenant
 /// running beside it ends by its own limit, not as a worker failure.
 #[tokio::test(flavor = "multi_thread")]
@@ -547,8 +547,10 @@ async fn a_report_larger_than_the_channel_carries_is_cut_and_fails_nobody_else()
         .report;
     assert_eq!(flooded.exit_code, Some(1), "{:?}", flooded.failure);
     assert!(flooded.stdout.truncated, "{:?}", flooded.stdout.bytes);
+    // All of it counted, the first 4 MiB kept.
+    assert!(flooded.stdout.bytes >= 24 << 20, "{}", flooded.stdout.bytes);
     assert!(
-        flooded.stdout.text.len() < bulkhead::worker::proto::MAX_UP_FRAME,
+        flooded.stdout.text.len() <= bulkhead::sandbox::MAX_CAPTURE,
         "{}",
         flooded.stdout.text.len()
     );
@@ -565,4 +567,87 @@ async fn a_report_larger_than_the_channel_carries_is_cut_and_fails_nobody_else()
         faults.lock().unwrap()
     );
     assert_eq!(runner.pools()["untrusted"].pids(), vec![pid]);
+}
+
+/// A policy may allow a vast stdout; the worker counts it against the
+/// limit and keeps 4 MiB: its memory does not grow with what the guest
+/// writes (its peak resident size, read from `/proc`), the report says how
+/// much was written, and a co-tenant running beside it ends by its own
+/// limit, not as overrun while the report is built.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_vast_stdout_is_counted_not_kept_and_slows_nobody_else() {
+    use bulkhead::job::{FailureKind, LimitKind};
+    use bulkhead::policy::{ByteSize, HumanDuration};
+    use bulkhead::runner::Runner;
+
+    let tmp = tempfile::tempdir().unwrap();
+    let (runner, faults) = crate::common::workers_watched(tmp.path(), "w", 0, 2).await;
+    let runner = std::sync::Arc::new(runner);
+    let work = runner.work_dir().to_owned();
+    let flood = crate::common::load_policy_in_workers(
+        &runner,
+        bulkhead_tests::HOSTILE,
+        crate::common::policy(bulkhead_tests::HOSTILE, "flood")
+            .times(HumanDuration::millis(20_000), HumanDuration::millis(20_000))
+            .limits(|l| l.stdout = ByteSize::mib(384))
+            .args(&["stdout-flood"]),
+    )
+    .await;
+    let sleeper = crate::common::load_policy_in_workers(
+        &runner,
+        bulkhead_tests::HOSTILE,
+        crate::common::policy(bulkhead_tests::HOSTILE, "sleeper")
+            .times(HumanDuration::millis(3_000), HumanDuration::millis(3_000))
+            .args(&["sleep"]),
+    )
+    .await;
+    let pid = runner.pools()["untrusted"].pids()[0];
+    let beside = {
+        let runner = std::sync::Arc::clone(&runner);
+        tokio::spawn(async move {
+            runner
+                .run(&sleeper, &bulkhead::sandbox::JobSpec::new(), None)
+                .await
+                .unwrap()
+                .report
+        })
+    };
+    until(|| job_dirs(&work).len() == 1).await;
+    let flooded = runner
+        .run(&flood, &bulkhead::sandbox::JobSpec::new(), None)
+        .await
+        .unwrap()
+        .report;
+    assert_eq!(flooded.limit, Some(LimitKind::Stdout), "{flooded:?}");
+    assert_eq!(flooded.stdout.bytes, 384 << 20);
+    assert!(flooded.stdout.truncated);
+    assert!(flooded.stdout.text.len() <= bulkhead::sandbox::MAX_CAPTURE);
+    let peak = peak_resident_kib(pid);
+    assert!(
+        peak < 256 << 10,
+        "the worker's peak resident size: {peak} KiB"
+    );
+    let beside = beside.await.unwrap();
+    let failure = beside
+        .failure
+        .as_ref()
+        .expect("it sleeps past its wall time");
+    assert_eq!(failure.kind, FailureKind::Limit, "{beside:?}");
+    assert_eq!(beside.limit, Some(LimitKind::WallTime), "{beside:?}");
+    assert!(
+        faults.lock().unwrap().is_empty(),
+        "{:?}",
+        faults.lock().unwrap()
+    );
+    assert_eq!(runner.pools()["untrusted"].pids(), vec![pid]);
+}
+
+/// A process's peak resident size (`VmHWM`), in KiB.
+fn peak_resident_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmHWM in /proc/<pid>/status")
 }
