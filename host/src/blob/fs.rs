@@ -31,8 +31,22 @@ impl FsBlobs {
     }
 }
 
-/// Removes `path` (a directory or anything else); a missing one is fine.
-pub fn remove_local(path: &Path) -> std::io::Result<()> {
+/// Removes `path` (a directory or anything else) on a blocking thread; a
+/// missing one is fine. A job's outputs can be a tree as large as its
+/// policy's `output_files` (which has no ceiling), and removing it takes as
+/// long: no async thread spends that while other requests and workers'
+/// channels wait for it.
+///
+/// # Errors
+/// What removing it failed with.
+pub async fn remove_local(path: &Path) -> std::io::Result<()> {
+    let path = path.to_owned();
+    tokio::task::spawn_blocking(move || remove_local_now(&path))
+        .await
+        .map_err(std::io::Error::other)?
+}
+
+fn remove_local_now(path: &Path) -> std::io::Result<()> {
     let removed = match path.symlink_metadata() {
         Ok(meta) if meta.is_dir() => std::fs::remove_dir_all(path),
         Ok(_) => std::fs::remove_file(path),
@@ -72,7 +86,7 @@ impl BlobStore for FsBlobs {
             .and_then(|()| stdin.map_or(Ok(()), |data| write("stdin", data)))
             .and_then(|()| std::fs::File::open(&dir)?.sync_all());
         if let Err(e) = result {
-            let _ = remove_local(&self.job_dir(job));
+            let _ = remove_local(&self.job_dir(job)).await;
             return Err(e.into());
         }
         Ok(())
@@ -110,7 +124,7 @@ impl BlobStore for FsBlobs {
     }
 
     async fn remove_inputs(&self, job: &str) -> Result<(), BlobError> {
-        Ok(remove_local(&self.job_dir(job).join("inputs"))?)
+        Ok(remove_local(&self.job_dir(job).join("inputs")).await?)
     }
 
     async fn put_outputs(
@@ -127,7 +141,7 @@ impl BlobStore for FsBlobs {
 
     async fn remove_outputs(&self, job: &str, _attempt: u32) -> Result<(), BlobError> {
         // One node's attempts never overlap: the copy is this attempt's.
-        Ok(remove_local(&self.job_dir(job).join("outputs"))?)
+        Ok(remove_local(&self.job_dir(job).join("outputs")).await?)
     }
 
     async fn output(
@@ -151,7 +165,7 @@ impl BlobStore for FsBlobs {
     }
 
     async fn remove_job(&self, job: &str) -> Result<(), BlobError> {
-        Ok(remove_local(&self.job_dir(job))?)
+        Ok(remove_local(&self.job_dir(job)).await?)
     }
 
     async fn remove_orphans(

@@ -78,7 +78,7 @@ impl Service {
         if let Err(e) = self.blobs.remove_job(id).await {
             tracing::warn!(job = id, error = %e, "cannot remove job blobs");
         }
-        if let Err(e) = crate::blob::remove_local(&self.job_dir(id)) {
+        if let Err(e) = crate::blob::remove_local(&self.job_dir(id)).await {
             tracing::warn!(job = id, error = %e, "cannot remove job files");
         }
     }
@@ -97,7 +97,7 @@ impl Service {
     /// a later attempt's, run elsewhere).
     pub(super) async fn remove_outputs(&self, record: &JobRecord) {
         let id = &record.id;
-        if let Err(e) = crate::blob::remove_local(&self.job_dir(id).join("outputs")) {
+        if let Err(e) = crate::blob::remove_local(&self.job_dir(id).join("outputs")).await {
             tracing::warn!(job = id, error = %e, "cannot remove a failed attempt's outputs");
         }
         if let Err(e) = self.blobs.remove_outputs(id, record.attempts).await {
@@ -119,7 +119,7 @@ impl Service {
         // Only a re-run can find an earlier attempt's copy (one a crash
         // interrupted); a first attempt skips the lookup.
         if record.attempts > 1 && kept.exists() {
-            std::fs::remove_dir_all(&kept)?;
+            crate::blob::remove_local(&kept).await?;
         }
         // What is listed is what this process copied, not what the runner
         // (perhaps a compromised worker) said it left.
@@ -147,7 +147,7 @@ impl Service {
                 // limits: its own failure, and nothing of it is kept.
                 Err(e) => {
                     if kept.exists() {
-                        std::fs::remove_dir_all(&kept)?;
+                        crate::blob::remove_local(&kept).await?;
                     }
                     report.fail_outputs(e.to_string());
                 }
@@ -228,7 +228,7 @@ impl Service {
                     }
                 }
             }
-            match crate::blob::remove_local(&entry.path()) {
+            match crate::blob::remove_local(&entry.path()).await {
                 Ok(()) => removed += 1,
                 Err(e) => {
                     tracing::warn!(entry = %entry.path().display(), error = %e, "cannot remove an orphan job directory")

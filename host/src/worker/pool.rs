@@ -59,6 +59,14 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(20);
 const PING_EVERY: Duration = Duration::from_secs(2);
 /// A worker that has not answered for this long is a fault.
 const SILENT_FAULT: Duration = Duration::from_secs(15);
+/// A supervisor's round this late (it runs every 250 ms) means the
+/// gateway's own threads were held: its clocks for its workers start
+/// again from then, as nothing a worker said could be heard meanwhile.
+const HELD: Duration = Duration::from_secs(1);
+/// A worker not heard from for this long while its frames wait unread in
+/// the gateway's end of the channel is not judged: the gateway's reader is
+/// behind, not the worker.
+const UNREAD: Duration = Duration::from_secs(1);
 /// How far past its wall time a job's report may arrive before its worker
 /// is a fault.
 const OVERRUN_GRACE: Duration = Duration::from_secs(5);
@@ -247,6 +255,9 @@ struct Worker {
     calls: GatewayCalls,
     state: Mutex<WorkerState>,
     last_heard: Mutex<Instant>,
+    /// The gateway's end of the channel, a second descriptor of it: what
+    /// waits in it unread ([`Worker::unread`]).
+    channel: std::os::fd::OwnedFd,
     child: Mutex<Option<Child>>,
     ceiling: Option<super::cgroup::MemoryCeiling>,
 }
@@ -774,9 +785,18 @@ impl Pool {
 
     /// Keeps the pool at strength and its workers honest: pings them,
     /// faults the silent and those whose job overran, starts replacements.
+    ///
+    /// Its clocks are fair to workers when the gateway is slow: after a
+    /// round that came late ([`HELD`]: the gateway's threads were held, by
+    /// a large response built on them, say) they count from then, not from
+    /// before; and a worker whose frames wait unread is not judged until
+    /// they are read ([`UNREAD`]).
     async fn supervise(self: Arc<Self>) {
         let mut tick = tokio::time::interval(Duration::from_millis(250));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_ping = Instant::now();
+        let mut last_round = Instant::now();
+        let mut awake_since = Instant::now();
         let mut seq = 0u64;
         loop {
             tokio::select! {
@@ -786,6 +806,14 @@ impl Pool {
             if self.closing.load(Ordering::SeqCst) {
                 return;
             }
+            let now = Instant::now();
+            if now.duration_since(last_round) > HELD {
+                awake_since = now;
+            }
+            last_round = now;
+            // How long since `t`, counting only time the gateway was
+            // awake to hear.
+            let since = |t: Instant| now.saturating_duration_since(t.max(awake_since));
             let workers = lock(&self.state).workers.clone();
             let ping = last_ping.elapsed() >= PING_EVERY;
             if ping {
@@ -806,7 +834,16 @@ impl Pool {
                 if ping {
                     let _ = worker.down.send(Down::Ping { seq });
                 }
-                let silent = lock(&worker.last_heard).elapsed();
+                let heard = *lock(&worker.last_heard);
+                // The worker spoke and the gateway has not read it for a
+                // while: its reader is behind (its threads held), and to
+                // judge now would blame the worker. Not while the reader
+                // keeps reading: a worker that floods its channel is
+                // judged as ever.
+                if now.saturating_duration_since(heard) > UNREAD && worker.unread() {
+                    continue;
+                }
+                let silent = since(heard);
                 if silent > SILENT_FAULT {
                     self.fault(
                         worker,
@@ -822,9 +859,9 @@ impl Pool {
                     .jobs
                     .iter()
                     .filter_map(|(job, p)| {
-                        let since_sent = p.sent.elapsed();
+                        let since_sent = since(p.sent);
                         let reason = match p.running_since {
-                            Some(s) if s.elapsed() > p.wall_time + OVERRUN_GRACE => format!(
+                            Some(s) if since(s) > p.wall_time + OVERRUN_GRACE => format!(
                                 "let job {job} run past its wall time of {:?} by {}s without a report",
                                 p.wall_time,
                                 OVERRUN_GRACE.as_secs()
@@ -932,9 +969,13 @@ impl Pool {
         let stream = spawned
             .channel
             .set_nonblocking(true)
-            .and_then(|()| tokio::net::UnixStream::from_std(spawned.channel))
+            .and_then(|()| spawned.channel.try_clone())
+            .and_then(|second| {
+                let stream = tokio::net::UnixStream::from_std(spawned.channel)?;
+                Ok((stream, std::os::fd::OwnedFd::from(second)))
+            })
             .map_err(|e| start_error(format!("channel: {e}")));
-        let stream = match stream {
+        let (stream, channel) = match stream {
             Ok(s) => s,
             Err(e) => {
                 kill(&mut child);
@@ -1005,6 +1046,7 @@ impl Pool {
             calls: GatewayCalls::new(call_tx),
             state: Mutex::default(),
             last_heard: Mutex::new(Instant::now()),
+            channel,
             child: Mutex::new(child),
             ceiling,
         });
@@ -1111,6 +1153,12 @@ impl Drop for Worker {
 }
 
 impl Worker {
+    /// Whether bytes the worker sent wait in the gateway's end of the
+    /// channel, not yet read.
+    fn unread(&self) -> bool {
+        rustix::io::ioctl_fionread(&self.channel).is_ok_and(|n| n > 0)
+    }
+
     fn kill(&self) {
         if let Some(mut child) = lock(&self.child).take() {
             let _ = child.kill();

@@ -651,3 +651,39 @@ fn peak_resident_kib(pid: u32) -> u64 {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .expect("VmHWM in /proc/<pid>/status")
 }
+
+/// The gateway's own threads held for longer than a worker may stay
+/// silent (by work a request did on them, say) blame no worker: nothing a
+/// worker said could be heard meanwhile, so the supervisor's clocks count
+/// from when it could hear again. The worker is not faulted and serves the
+/// next job.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_whose_threads_were_held_blames_no_worker() {
+    use bulkhead::runner::Runner;
+
+    let tmp = tempfile::tempdir().unwrap();
+    let (runner, faults) = crate::common::workers_watched(tmp.path(), "w", 0, 2).await;
+    let hello = crate::common::load_in_workers(&runner, bulkhead_tests::HELLO, "hello").await;
+    let pid = runner.pools()["untrusted"].pids()[0];
+    // Both of the runtime's threads, for longer than the 15 s a worker
+    // may stay silent.
+    let held: Vec<_> = (0..2)
+        .map(|_| tokio::spawn(async { std::thread::sleep(Duration::from_secs(17)) }))
+        .collect();
+    for h in held {
+        h.await.unwrap();
+    }
+    // A few rounds of the supervisor.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let ok = runner
+        .run(&hello, &bulkhead::sandbox::JobSpec::new(), None)
+        .await
+        .unwrap();
+    assert!(ok.report.succeeded(), "{:?}", ok.report);
+    assert!(
+        faults.lock().unwrap().is_empty(),
+        "{:?}",
+        faults.lock().unwrap()
+    );
+    assert_eq!(runner.pools()["untrusted"].pids(), vec![pid]);
+}
