@@ -36,3 +36,17 @@ pub mod service;
 pub mod store;
 pub mod trust;
 pub mod worker;
+
+/// Runs `f`, which may block for long (a large copy, a walk of many rows),
+/// without holding up the other tasks of the async thread it is called
+/// on: on a multi-threaded tokio runtime the thread hands them over first
+/// (`block_in_place`); elsewhere `f` just runs.
+pub(crate) fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    let multi_thread = tokio::runtime::Handle::try_current()
+        .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+    if multi_thread {
+        tokio::task::block_in_place(f)
+    } else {
+        f()
+    }
+}

@@ -16,9 +16,10 @@ use serde::Serialize;
 use super::download::{Downloads, FileBody, content_disposition};
 use super::extract::{ApiPath, StrictQuery, bounded_u32};
 use super::{ApiError, AppState, Caller};
+use crate::job::ReportSummary;
 use crate::sandbox::{FailureKind, JobInput, JobReport};
 use crate::service::Submission;
-use crate::store::{JobRecord, JobState};
+use crate::store::{JobRecord, JobState, JobSummary};
 
 pub(super) fn router(max_body: usize) -> Router<AppState> {
     Router::new()
@@ -135,6 +136,41 @@ impl JobView {
             attempts: job.attempts,
             report: job.report.map(redact),
             outputs,
+        }
+    }
+}
+
+/// A job as its owner's listing shows it: how it ended in a few words. Its
+/// whole report (captured output, the outputs list) is at `url`: a listing
+/// of many jobs carries none, as each can be megabytes.
+#[derive(Serialize, utoipa::ToSchema)]
+pub(super) struct JobListed {
+    id: String,
+    module: String,
+    state: JobState,
+    /// Unix milliseconds.
+    created_at: i64,
+    started_at: Option<i64>,
+    finished_at: Option<i64>,
+    attempts: u32,
+    /// How it ended, once finished.
+    report: Option<ReportSummary>,
+    /// The job's own path (`GET` it for the whole report).
+    url: String,
+}
+
+impl JobListed {
+    fn from(job: JobSummary) -> Self {
+        Self {
+            url: format!("/v1/jobs/{}", job.id),
+            id: job.id,
+            module: job.module,
+            state: job.state,
+            created_at: job.created_at,
+            started_at: job.started_at,
+            finished_at: job.finished_at,
+            attempts: job.attempts,
+            report: job.report,
         }
     }
 }
@@ -447,17 +483,18 @@ const LIST_DEFAULT: u32 = 50;
 const LIST_MAX: u32 = 500;
 
 /// The caller's most recent jobs, newest first: `limit` of them (1 to 500,
-/// default 50). Other query parameters are ignored.
+/// default 50), each with its report in a few words (the whole report is
+/// `GET /v1/jobs/{id}`). Other query parameters are ignored.
 #[utoipa::path(get, path = "/v1/jobs", security(("bearer" = [])),
     params(("limit" = Option<u32>, Query, minimum = 1, maximum = 500,
         description = "how many jobs, 1 to 500 (default 50); anything else is a 400")),
-    responses((status = 200, body = [JobView]),
+    responses((status = 200, body = [JobListed]),
         (status = 400, body = super::ErrorBody, description = "`limit` is not an integer from 1 to 500, or the query is not UTF-8")))]
 pub(super) async fn list_jobs(
     State(state): State<AppState>,
     Caller(who): Caller,
     StrictQuery(query): StrictQuery,
-) -> Result<Json<Vec<JobView>>, ApiError> {
+) -> Result<Json<Vec<JobListed>>, ApiError> {
     let mut limit = LIST_DEFAULT;
     for (name, value) in query {
         if name == "limit" {
@@ -465,7 +502,7 @@ pub(super) async fn list_jobs(
         }
     }
     let jobs = state.service.jobs(&who, limit).await?;
-    Ok(Json(jobs.into_iter().map(JobView::from).collect()))
+    Ok(Json(jobs.into_iter().map(JobListed::from).collect()))
 }
 
 /// Status and report of one of the caller's jobs.

@@ -20,7 +20,8 @@ use serde::{Deserialize, Serialize};
 pub use egress::{CallRecord, CallsReport};
 pub use report::{
     Backtrace, BacktraceFrame, Captured, Failure, FailureKind, JobReport, LimitKind,
-    MAX_BACKTRACE_FRAMES, MAX_FRAME_NAME, Measurements, Outcome, OutputFile, SkippedOutput,
+    MAX_BACKTRACE_FRAMES, MAX_FRAME_NAME, Measurements, Outcome, OutputFile, ReportSummary,
+    SkippedOutput,
 };
 
 /// Most input files one job may have.

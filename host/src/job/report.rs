@@ -315,7 +315,34 @@ pub struct JobReport {
     pub backtrace: Option<Backtrace>,
 }
 
+/// How a job ended, in a few words: what a listing of many jobs shows of
+/// each report, whose captured text and outputs list can be megabytes.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ReportSummary {
+    /// Succeeded or failed.
+    pub outcome: Outcome,
+    /// The guest's exit code, when it exited.
+    pub exit_code: Option<i32>,
+    /// The limit that fired first, if any.
+    pub limit: Option<LimitKind>,
+    /// The class of failure, if the job failed.
+    pub failure: Option<FailureKind>,
+    /// How many output files were kept.
+    pub outputs: u64,
+}
+
 impl JobReport {
+    /// The report in a few words.
+    pub fn summary(&self) -> ReportSummary {
+        ReportSummary {
+            outcome: self.outcome,
+            exit_code: self.exit_code,
+            limit: self.limit,
+            failure: self.failure.as_ref().map(|f| f.kind),
+            outputs: self.outputs.len() as u64,
+        }
+    }
+
     /// Lists what the host itself collected of the job's outputs, in place
     /// of whatever the runner (perhaps a compromised worker) said it left.
     pub fn list_collected(&mut self, collected: crate::sandbox::outputs::Collected) {

@@ -129,14 +129,7 @@ impl Service {
             report.skipped_outputs.clear();
         } else if !report.outputs.is_empty() || outputs.from_worker() {
             // A large copy runs off the async threads' turn.
-            let copy = || outputs.collect(Some(&kept));
-            let multi_thread = tokio::runtime::Handle::try_current()
-                .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
-            let collected = if multi_thread {
-                tokio::task::block_in_place(copy)
-            } else {
-                copy()
-            };
+            let collected = crate::blocking(|| outputs.collect(Some(&kept)));
             match collected {
                 Ok(collected) => report.list_collected(collected),
                 // The host's side failed: the job is re-run.

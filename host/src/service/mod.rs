@@ -514,11 +514,15 @@ impl Service {
             .ok_or_else(|| ServiceError::NoJob(id.to_owned()))
     }
 
-    /// The caller's most recent jobs.
+    /// The caller's most recent jobs, each with its report in a few words.
     ///
     /// # Errors
     /// Store failures.
-    pub async fn jobs(&self, who: &Identity, limit: u32) -> Result<Vec<JobRecord>, ServiceError> {
+    pub async fn jobs(
+        &self,
+        who: &Identity,
+        limit: u32,
+    ) -> Result<Vec<crate::store::JobSummary>, ServiceError> {
         Ok(self.store.list_jobs(&who.tenant, limit).await?)
     }
 

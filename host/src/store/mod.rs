@@ -41,7 +41,7 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
 use crate::auth::TokenRecord;
-use crate::job::{JobReport, LimitKind};
+use crate::job::{JobReport, LimitKind, ReportSummary};
 
 pub use keys::{KeyDirectory, NodeRecord, PublishedKey};
 pub use postgres::PostgresStore;
@@ -131,6 +131,30 @@ pub struct JobRecord {
     pub attempts: u32,
     /// The sandbox report once finished.
     pub report: Option<JobReport>,
+}
+
+/// A stored job as a listing shows it: its report in a few words
+/// ([`ReportSummary`], written beside the report when the job finishes), so
+/// that listing many jobs neither reads nor holds their reports, whose
+/// captured text and outputs lists can be megabytes each.
+#[derive(Clone, Debug, PartialEq)]
+pub struct JobSummary {
+    /// Job id (UUID).
+    pub id: String,
+    /// Module name.
+    pub module: String,
+    /// Current state.
+    pub state: JobState,
+    /// Unix milliseconds.
+    pub created_at: i64,
+    /// Unix milliseconds.
+    pub started_at: Option<i64>,
+    /// Unix milliseconds.
+    pub finished_at: Option<i64>,
+    /// Times a worker started it.
+    pub attempts: u32,
+    /// How it ended, once finished.
+    pub report: Option<ReportSummary>,
 }
 
 /// One audit log entry: who did what to which module, and what happened.
@@ -224,6 +248,8 @@ pub struct JobFinished {
     pub limit: Option<LimitKind>,
     /// The failure's message, empty when the job succeeded.
     pub detail: String,
+    /// The report in a few words, kept beside it for listings.
+    pub summary: ReportSummary,
 }
 
 impl JobFinished {
@@ -241,6 +267,7 @@ impl JobFinished {
                 .as_ref()
                 .map(|f| f.message.clone())
                 .unwrap_or_default(),
+            summary: report.summary(),
         }
     }
 }
@@ -560,7 +587,7 @@ pub trait JobStore: KeyDirectory + Send + Sync + std::fmt::Debug {
     /// The tenant's job with this id.
     async fn get_job(&self, tenant: &str, id: &str) -> Result<Option<JobRecord>, StoreError>;
     /// The tenant's most recent jobs.
-    async fn list_jobs(&self, tenant: &str, limit: u32) -> Result<Vec<JobRecord>, StoreError>;
+    async fn list_jobs(&self, tenant: &str, limit: u32) -> Result<Vec<JobSummary>, StoreError>;
     /// The tenant's job `id`, `queued → running`, counting the attempt,
     /// held by `lease`'s node until the lease runs out; a job already
     /// started `max_attempts` times is finished `failed` instead (see

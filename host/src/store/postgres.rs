@@ -44,8 +44,8 @@ use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions, PgRo
 
 use super::{
     AuditEntry, AuditedJob, CancelOutcome, Caps, Claim, Claimed, DeleteOutcome, Expired,
-    Idempotency, Inserted, JobFinished, JobRecord, JobState, JobStore, Lease, PendingJob,
-    QueueBounds, QueueFull, StoreError,
+    Idempotency, Inserted, JobFinished, JobRecord, JobState, JobStore, JobSummary, Lease,
+    PendingJob, QueueBounds, QueueFull, StoreError,
 };
 use crate::auth::TokenRecord;
 
@@ -291,6 +291,24 @@ fn job_row(row: &PgRow) -> Result<JobRecord, StoreError> {
     })
 }
 
+fn summary_row(row: &PgRow) -> Result<JobSummary, StoreError> {
+    let state: String = row.try_get("state")?;
+    let summary: Option<String> = row.try_get("summary")?;
+    Ok(JobSummary {
+        id: row.try_get("id")?,
+        module: row.try_get("module")?,
+        state: parse_state(&state)?,
+        created_at: row.try_get("created_at")?,
+        started_at: row.try_get("started_at")?,
+        finished_at: row.try_get("finished_at")?,
+        attempts: attempts(row)?,
+        report: summary
+            .map(|s| serde_json::from_str(&s))
+            .transpose()
+            .map_err(|e| StoreError::Corrupt(format!("summary: {e}")))?,
+    })
+}
+
 fn attempts(row: &PgRow) -> Result<u32, StoreError> {
     let n: i32 = row.try_get("attempts")?;
     u32::try_from(n).map_err(|_| StoreError::Corrupt(format!("attempts {n}")))
@@ -447,7 +465,7 @@ async fn finish(
     report: &str,
 ) -> Result<bool, StoreError> {
     let row = sqlx::query(
-        "UPDATE jobs SET state = $1, finished_at = $2, report = $3
+        "UPDATE jobs SET state = $1, finished_at = $2, report = $3, summary = $9
          WHERE id = $4 AND tenant = $5 AND state = 'running' AND attempts = $6
                AND started_at IS NOT DISTINCT FROM $7 AND claimed_by IS NOT DISTINCT FROM $8
          RETURNING id, tenant, subject, module, module_sha256, policy_sha256",
@@ -460,6 +478,7 @@ async fn finish(
     .bind(stored_attempts(claim.attempt))
     .bind(claim.started_at)
     .bind(&claim.node)
+    .bind(json(&finished.summary))
     .fetch_optional(&mut *c)
     .await?;
     let Some(r) = row else {
@@ -640,18 +659,17 @@ impl JobStore for PostgresStore {
         .transpose()
     }
 
-    async fn list_jobs(&self, tenant: &str, limit: u32) -> Result<Vec<JobRecord>, StoreError> {
-        sqlx::query(concat!(
-            "SELECT ",
-            job_cols!(),
-            " FROM jobs WHERE tenant = $1 ORDER BY created_at DESC LIMIT $2"
-        ))
+    async fn list_jobs(&self, tenant: &str, limit: u32) -> Result<Vec<JobSummary>, StoreError> {
+        sqlx::query(
+            "SELECT id, module, state, created_at, started_at, finished_at, attempts, summary
+             FROM jobs WHERE tenant = $1 ORDER BY created_at DESC LIMIT $2",
+        )
         .bind(tenant)
         .bind(i64::from(limit))
         .fetch_all(&self.pool)
         .await?
         .iter()
-        .map(job_row)
+        .map(summary_row)
         .collect()
     }
 

@@ -26,8 +26,8 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, params};
 
 use super::{
     AuditEntry, AuditedJob, CancelOutcome, Caps, Claim, Claimed, DeleteOutcome, Expired,
-    Idempotency, Inserted, JobFinished, JobRecord, JobState, JobStore, Lease, PendingJob,
-    StoreError,
+    Idempotency, Inserted, JobFinished, JobRecord, JobState, JobStore, JobSummary, Lease,
+    PendingJob, StoreError,
 };
 use crate::auth::TokenRecord;
 
@@ -58,6 +58,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     started_at    INTEGER,
     finished_at   INTEGER,
     attempts      INTEGER NOT NULL DEFAULT 0,
+    summary       TEXT,
     report        TEXT
 );
 -- Only unfinished jobs are ever looked up by state (recovery at start), so
@@ -142,6 +143,31 @@ fn add_lease_columns(conn: &Connection) -> rusqlite::Result<()> {
         conn.execute_batch(
             "ALTER TABLE jobs ADD COLUMN claimed_by TEXT;
              ALTER TABLE jobs ADD COLUMN lease_until INTEGER;",
+        )?;
+    }
+    Ok(())
+}
+
+/// Adds the `summary` column (the report in a few words, what a listing
+/// reads: [`JobSummary`]) to a `jobs` table created before it, and fills
+/// it in for the jobs that finished before. A new table has it before
+/// `report`, so that a listing reads no page of a large report.
+fn add_summary_column(conn: &Connection) -> rusqlite::Result<()> {
+    let has = conn
+        .prepare("SELECT 1 FROM pragma_table_info('jobs') WHERE name = 'summary'")?
+        .exists([])?;
+    if !has {
+        conn.execute_batch(
+            "BEGIN;
+             ALTER TABLE jobs ADD COLUMN summary TEXT;
+             UPDATE jobs SET summary = json_object(
+                 'outcome', json_extract(report, '$.outcome'),
+                 'exit_code', json_extract(report, '$.exit_code'),
+                 'limit', json_extract(report, '$.limit'),
+                 'failure', json_extract(report, '$.failure.kind'),
+                 'outputs', COALESCE(json_array_length(report, '$.outputs'), 0))
+             WHERE report IS NOT NULL AND json_valid(report);
+             COMMIT;",
         )?;
     }
     Ok(())
@@ -286,6 +312,7 @@ impl SqliteStore {
         add_audit_client_column(&writer)?;
         add_idempotency_columns(&writer)?;
         add_lease_columns(&writer)?;
+        add_summary_column(&writer)?;
         drop_audit_trigger(&writer)?;
 
         let (stop, stopped) = mpsc::channel::<()>();
@@ -551,6 +578,24 @@ fn job_row(row: &Row<'_>) -> rusqlite::Result<JobRecord> {
     })
 }
 
+fn summary_row(row: &Row<'_>) -> rusqlite::Result<JobSummary> {
+    let state: String = row.get("state")?;
+    let summary: Option<String> = row.get("summary")?;
+    Ok(JobSummary {
+        id: row.get("id")?,
+        module: row.get("module")?,
+        state: JobState::parse(&state).ok_or_else(|| undecodable(format!("state `{state}`")))?,
+        created_at: row.get("created_at")?,
+        started_at: row.get("started_at")?,
+        finished_at: row.get("finished_at")?,
+        attempts: row.get::<_, i64>("attempts")? as u32,
+        report: summary
+            .map(|s| serde_json::from_str(&s))
+            .transpose()
+            .map_err(undecodable)?,
+    })
+}
+
 fn audit_row(r: &Row<'_>) -> rusqlite::Result<AuditEntry> {
     Ok(AuditEntry {
         at: r.get("at")?,
@@ -710,7 +755,7 @@ fn finish(
 ) -> rusqlite::Result<bool> {
     let job = c
         .prepare_cached(
-            "UPDATE jobs SET state = ?1, finished_at = ?2, report = ?3
+            "UPDATE jobs SET state = ?1, finished_at = ?2, report = ?3, summary = ?9
              WHERE id = ?4 AND tenant = ?5 AND state = 'running' AND attempts = ?6
                    AND started_at IS ?7 AND claimed_by IS ?8
              RETURNING id, tenant, subject, module, module_sha256, policy_sha256",
@@ -724,7 +769,8 @@ fn finish(
                 claim.tenant,
                 claim.attempt,
                 claim.started_at,
-                claim.node
+                claim.node,
+                json(&finished.summary)
             ],
             |r| {
                 Ok(AuditedJob {
@@ -894,15 +940,20 @@ impl JobStore for SqliteStore {
         })
     }
 
-    async fn list_jobs(&self, tenant: &str, limit: u32) -> Result<Vec<JobRecord>, StoreError> {
-        self.read(|c| {
-            let mut stmt = c.prepare_cached(
-                "SELECT * FROM jobs WHERE tenant = ?1 ORDER BY created_at DESC LIMIT ?2",
-            )?;
-            let rows = stmt
-                .query_map(params![tenant, i64::from(limit)], job_row)?
-                .collect::<Result<_, _>>()?;
-            Ok(rows)
+    async fn list_jobs(&self, tenant: &str, limit: u32) -> Result<Vec<JobSummary>, StoreError> {
+        // Many rows: read off the async thread's turn.
+        crate::blocking(|| {
+            self.read(|c| {
+                let mut stmt = c.prepare_cached(
+                    "SELECT id, module, state, created_at, started_at, finished_at, attempts,
+                            summary
+                     FROM jobs WHERE tenant = ?1 ORDER BY created_at DESC LIMIT ?2",
+                )?;
+                let rows = stmt
+                    .query_map(params![tenant, i64::from(limit)], summary_row)?
+                    .collect::<Result<_, _>>()?;
+                Ok(rows)
+            })
         })
     }
 
@@ -1401,6 +1452,46 @@ mod tests {
             attempts: 0,
             report: None,
         }
+    }
+
+    #[tokio::test]
+    async fn a_database_from_before_summaries_lists_its_finished_jobs_in_a_few_words() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = db_path(&dir);
+        let mut report = crate::sandbox::JobReport::not_run("old", "hello", "boom");
+        report.limit = Some(crate::sandbox::LimitKind::Memory);
+        report.exit_code = Some(3);
+        report.outputs = vec![
+            crate::job::OutputFile {
+                name: "a".into(),
+                size: 1,
+                sha256: "0".repeat(64),
+            };
+            2
+        ];
+        {
+            let store = SqliteStore::open(&path).await.unwrap();
+            drop(store);
+            // The table as it was before the `summary` column, with a job
+            // finished then.
+            let old = Connection::open(&path).unwrap();
+            old.execute_batch("ALTER TABLE jobs DROP COLUMN summary")
+                .unwrap();
+            old.execute(
+                "INSERT INTO jobs (id, tenant, subject, token_id, module, module_sha256, params,
+                                   inputs, has_stdin, state, created_at, started_at,
+                                   finished_at, attempts, report)
+                 VALUES ('old', 'acme', 's', 'tok', 'hello', 'd', '{}', '[]', 0, 'failed',
+                         1, 2, 3, 1, ?1)",
+                [json(&report)],
+            )
+            .unwrap();
+        }
+        let store = SqliteStore::open(&path).await.unwrap();
+        let listed = store.list_jobs("acme", 10).await.unwrap();
+        assert_eq!(listed.len(), 1);
+        assert_eq!(listed[0].report, Some(report.summary()));
+        assert_eq!(listed[0].report.as_ref().unwrap().outputs, 2);
     }
 
     #[tokio::test]

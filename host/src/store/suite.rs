@@ -231,7 +231,14 @@ async fn finishing_a_job_writes_its_audit_entry(db: &Db) {
     let stored = store.get_job("acme", "j1").await.unwrap().unwrap();
     assert_eq!(
         (stored.state, stored.finished_at, stored.report),
-        (JobState::Failed, Some(7), Some(report))
+        (JobState::Failed, Some(7), Some(report.clone()))
+    );
+    // A listing shows it in a few words, written beside the report.
+    let listed = store.list_jobs("acme", 10).await.unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(
+        (listed[0].state, listed[0].finished_at, &listed[0].report),
+        (JobState::Failed, Some(7), &Some(report.summary()))
     );
 }
 

@@ -34,6 +34,25 @@ async fn submit_wait_and_download_a_thumbnail() {
     assert_eq!(download.headers()["x-content-type-options"], "nosniff");
     let thumb = image::load_from_memory(&download.bytes().await.unwrap()).unwrap();
     assert_eq!((thumb.width(), thumb.height()), (64, 40));
+
+    // A listing shows the job in a few words, not its report (captured
+    // output, outputs list), which is at its own path.
+    let listed = json(s.get("/v1/jobs", &token)).await;
+    let listed = &listed.as_array().unwrap()[..];
+    assert_eq!(listed.len(), 1, "{listed:#?}");
+    let id = job["id"].as_str().unwrap();
+    assert_eq!(listed[0]["id"], id);
+    assert_eq!(listed[0]["state"], "succeeded");
+    assert_eq!(listed[0]["url"], format!("/v1/jobs/{id}"));
+    assert_eq!(
+        listed[0]["report"],
+        serde_json::json!({
+            "outcome": "succeeded", "exit_code": 0, "limit": null, "failure": null, "outputs": 1
+        })
+    );
+    assert!(listed[0].get("outputs").is_none(), "{:#}", listed[0]);
+    let whole = json(s.get(listed[0]["url"].as_str().unwrap(), &token)).await;
+    assert_eq!(whole["outputs"], job["outputs"]);
 }
 
 #[tokio::test(flavor = "multi_thread")]
