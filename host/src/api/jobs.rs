@@ -140,6 +140,35 @@ impl JobView {
     }
 }
 
+/// A job as its owner sees it, as a JSON response. A report can list
+/// thousands of outputs and carry megabytes of captured output: one that
+/// heavy is built and encoded off the async threads ([`crate::blocking`]),
+/// so that a client reading it again and again slows no other request.
+fn job_response(status: StatusCode, job: JobRecord) -> Response {
+    let heavy = job
+        .report
+        .as_ref()
+        .is_some_and(|r| r.weight() >= crate::job::HEAVY_REPORT);
+    let render = move || serde_json::to_vec(&JobView::from(job));
+    let encoded = if heavy {
+        crate::blocking(render)
+    } else {
+        render()
+    };
+    match encoded {
+        Ok(body) => (
+            status,
+            [(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            )],
+            body,
+        )
+            .into_response(),
+        Err(e) => ApiError::Internal(format!("cannot encode a job: {e}")).into_response(),
+    }
+}
+
 /// A job as its owner's listing shows it: how it ended in a few words. Its
 /// whole report (captured output, the outputs list) is at `url`: a listing
 /// of many jobs carries none, as each can be megabytes.
@@ -422,7 +451,7 @@ pub(super) async fn submit(
         None if record.state.is_final() => (StatusCode::OK, record),
         None => (StatusCode::ACCEPTED, record),
     };
-    let mut response = (status, Json(JobView::from(job))).into_response();
+    let mut response = job_response(status, job);
     if let Ok(v) = HeaderValue::from_str(&location) {
         response.headers_mut().insert(header::LOCATION, v);
     }
@@ -513,8 +542,11 @@ pub(super) async fn get_job(
     State(state): State<AppState>,
     Caller(who): Caller,
     ApiPath(id): ApiPath<String>,
-) -> Result<Json<JobView>, ApiError> {
-    Ok(Json(JobView::from(state.service.job(&who, &id).await?)))
+) -> Result<Response, ApiError> {
+    Ok(job_response(
+        StatusCode::OK,
+        state.service.job(&who, &id).await?,
+    ))
 }
 
 /// Cancel one of the caller's queued or running jobs.
@@ -526,9 +558,12 @@ pub(super) async fn cancel_job(
     State(state): State<AppState>,
     Caller(who): Caller,
     ApiPath(id): ApiPath<String>,
-) -> Result<Json<JobView>, ApiError> {
+) -> Result<Response, ApiError> {
     state.service.cancel(&who, &id).await?;
-    Ok(Json(JobView::from(state.service.job(&who, &id).await?)))
+    Ok(job_response(
+        StatusCode::OK,
+        state.service.job(&who, &id).await?,
+    ))
 }
 
 /// Delete one of the caller's finished jobs and its outputs.

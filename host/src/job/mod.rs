@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 
 pub use egress::{CallRecord, CallsReport};
 pub use report::{
-    Backtrace, BacktraceFrame, Captured, Failure, FailureKind, JobReport, LimitKind,
+    Backtrace, BacktraceFrame, Captured, Failure, FailureKind, HEAVY_REPORT, JobReport, LimitKind,
     MAX_BACKTRACE_FRAMES, MAX_FRAME_NAME, Measurements, Outcome, OutputFile, ReportSummary,
     SkippedOutput,
 };

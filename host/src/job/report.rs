@@ -331,7 +331,47 @@ pub struct ReportSummary {
     pub outputs: u64,
 }
 
+/// A report this long as JSON, or this heavy ([`JobReport::weight`]), is
+/// decoded, encoded or turned into a response off the async threads.
+pub const HEAVY_REPORT: usize = 256 * 1024;
+
 impl JobReport {
+    /// Roughly how many bytes it takes as JSON, without encoding it: what
+    /// says whether building or encoding it belongs off an async thread.
+    pub fn weight(&self) -> usize {
+        const ENTRY: usize = 256;
+        let calls = self.calls.as_ref().map_or(0, |c| c.records.len());
+        self.stdout.text.len()
+            + self.stderr.text.len()
+            + ENTRY * (1 + self.outputs.len() + self.skipped_outputs.len() + calls)
+    }
+
+    /// A report from its JSON. A report can list thousands of outputs and
+    /// carry megabytes of captured output: one that long is decoded off
+    /// the async threads ([`crate::blocking`]), so that a client reading
+    /// it again and again holds up no other request.
+    ///
+    /// # Errors
+    /// Not a report.
+    pub fn decode(text: &str) -> serde_json::Result<Self> {
+        if text.len() >= HEAVY_REPORT {
+            crate::blocking(|| serde_json::from_str(text))
+        } else {
+            serde_json::from_str(text)
+        }
+    }
+
+    /// The report as JSON; a heavy one ([`JobReport::weight`]) encoded off
+    /// the async threads.
+    pub fn encode(&self) -> String {
+        let encode = || serde_json::to_string(self).expect("a report serializes");
+        if self.weight() >= HEAVY_REPORT {
+            crate::blocking(encode)
+        } else {
+            encode()
+        }
+    }
+
     /// The report in a few words.
     pub fn summary(&self) -> ReportSummary {
         ReportSummary {

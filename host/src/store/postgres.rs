@@ -268,7 +268,7 @@ fn job_row(row: &PgRow) -> Result<JobRecord, StoreError> {
     let state: String = row.try_get("state")?;
     let report: Option<String> = row.try_get("report")?;
     let report = report
-        .map(|r| serde_json::from_str(&r))
+        .map(|r| crate::sandbox::JobReport::decode(&r))
         .transpose()
         .map_err(|e| StoreError::Corrupt(format!("report: {e}")))?;
     Ok(JobRecord {
@@ -908,7 +908,14 @@ impl JobStore for PostgresStore {
         now: i64,
     ) -> Result<bool, StoreError> {
         let mut tx = self.pool.begin().await?;
-        let done = finish(&mut tx, claim, &JobFinished::of(report), now, &json(report)).await?;
+        let done = finish(
+            &mut tx,
+            claim,
+            &JobFinished::of(report),
+            now,
+            &report.encode(),
+        )
+        .await?;
         tx.commit().await?;
         Ok(done)
     }
@@ -938,7 +945,7 @@ impl JobStore for PostgresStore {
                 &claim,
                 &JobFinished::of(report),
                 now,
-                &json(report),
+                &report.encode(),
             )
             .await?;
         }

@@ -555,7 +555,7 @@ fn job_row(row: &Row<'_>) -> rusqlite::Result<JobRecord> {
     let state: String = row.get("state")?;
     let report: Option<String> = row.get("report")?;
     let report = report
-        .map(|r| serde_json::from_str(&r))
+        .map(|r| crate::sandbox::JobReport::decode(&r))
         .transpose()
         .map_err(undecodable)?;
     Ok(JobRecord {
@@ -927,16 +927,19 @@ impl JobStore for SqliteStore {
         key: &str,
         since: i64,
     ) -> Result<Option<(JobRecord, String)>, StoreError> {
-        self.read(|c| Ok(by_key(c, tenant, key, since)?))
+        crate::blocking(|| self.read(|c| Ok(by_key(c, tenant, key, since)?)))
     }
 
     async fn get_job(&self, tenant: &str, id: &str) -> Result<Option<JobRecord>, StoreError> {
-        self.read(|c| {
-            Ok(
-                c.prepare_cached("SELECT * FROM jobs WHERE id = ?1 AND tenant = ?2")?
-                    .query_row([id, tenant], job_row)
-                    .optional()?,
-            )
+        // A row with a report of megabytes: read off the async thread's turn.
+        crate::blocking(|| {
+            self.read(|c| {
+                Ok(
+                    c.prepare_cached("SELECT * FROM jobs WHERE id = ?1 AND tenant = ?2")?
+                        .query_row([id, tenant], job_row)
+                        .optional()?,
+                )
+            })
         })
     }
 
@@ -1053,7 +1056,7 @@ impl JobStore for SqliteStore {
         report: &crate::sandbox::JobReport,
         now: i64,
     ) -> Result<bool, StoreError> {
-        let (finished, report) = (JobFinished::of(report), json(report));
+        let (finished, report) = (JobFinished::of(report), report.encode());
         let claim = claim.clone();
         self.write(move |c| Ok(finish(c, &claim, &finished, now, &report)?))
             .await
@@ -1067,7 +1070,7 @@ impl JobStore for SqliteStore {
         key: Option<&Idempotency>,
     ) -> Result<Inserted, StoreError> {
         let row = JobRow::of(j, key);
-        let (finished, report) = (JobFinished::of(report), json(report));
+        let (finished, report) = (JobFinished::of(report), report.encode());
         self.write(move |c| {
             // Inserted `running`, then finished as a claimed job is, with
             // the same audit entry.

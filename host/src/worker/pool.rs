@@ -33,7 +33,7 @@ use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::Child;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -59,14 +59,12 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(20);
 const PING_EVERY: Duration = Duration::from_secs(2);
 /// A worker that has not answered for this long is a fault.
 const SILENT_FAULT: Duration = Duration::from_secs(15);
-/// A supervisor's round this late (it runs every 250 ms) means the
-/// gateway's own threads were held: its clocks for its workers start
-/// again from then, as nothing a worker said could be heard meanwhile.
-const HELD: Duration = Duration::from_secs(1);
 /// A worker not heard from for this long while its frames wait unread in
 /// the gateway's end of the channel is not judged: the gateway's reader is
-/// behind, not the worker.
+/// behind (busy with another worker's frames), not the worker...
 const UNREAD: Duration = Duration::from_secs(1);
+/// ...for at most this long: past it the worker is judged whatever waits.
+const UNREAD_AT_MOST: Duration = Duration::from_secs(60);
 /// How far past its wall time a job's report may arrive before its worker
 /// is a fault.
 const OVERRUN_GRACE: Duration = Duration::from_secs(5);
@@ -168,7 +166,7 @@ pub struct Pool {
     changed: Notify,
     /// The pool lost strength (a worker retiring or failed): for the
     /// supervisor, which a job's end alone does not wake.
-    weakened: Notify,
+    weakened: Arc<Notify>,
     ids: AtomicU64,
     closing: AtomicBool,
     faults: FaultSink,
@@ -176,6 +174,38 @@ pub struct Pool {
     applied: Mutex<Applied>,
     /// Which artifact in the zone's cache is good for which module.
     records: ArtifactRecords,
+    /// The runtime the pool was started on (the gateway's): what its
+    /// owner is told (faults) and the calls its workers make run there.
+    gateway: tokio::runtime::Handle,
+}
+
+/// The runtime every pool's channels and supervisor run on, threads of
+/// their own: nothing the gateway does on its threads (a large response
+/// built, a slow request) delays hearing a worker, writing to one or
+/// judging one, so the supervisor's clocks are plain wall clocks.
+fn channels() -> Result<&'static tokio::runtime::Handle, String> {
+    static RUNTIME: std::sync::OnceLock<Result<tokio::runtime::Runtime, String>> =
+        std::sync::OnceLock::new();
+    RUNTIME
+        .get_or_init(|| {
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .thread_name("bulkhead-channels")
+                .enable_all()
+                .build()
+                .map_err(|e| format!("cannot start the workers' channel threads: {e}"))
+        })
+        .as_ref()
+        .map(tokio::runtime::Runtime::handle)
+        .map_err(Clone::clone)
+}
+
+impl Drop for Pool {
+    /// Its workers go with it: nothing on the channels' runtime keeps a
+    /// pool, or its workers, alive.
+    fn drop(&mut self) {
+        self.close();
+    }
 }
 
 impl std::fmt::Debug for Pool {
@@ -374,22 +404,39 @@ impl Pool {
         // worker's to write); one an earlier version left is removed, and
         // would not be read if it stayed.
         let _ = std::fs::remove_file(config.cache_dir.join(crate::sandbox::CACHE_KEY_FILE));
+        let channels = channels().map_err(|reason| PoolError::Start {
+            zone: config.zone.clone(),
+            reason,
+        })?;
         let pool = Arc::new(Self {
             config,
             state: Mutex::default(),
             changed: Notify::new(),
-            weakened: Notify::new(),
+            weakened: Arc::default(),
             ids: AtomicU64::new(1),
             closing: AtomicBool::new(false),
             faults: Arc::new(faults),
             applied: Mutex::default(),
             records,
+            gateway: tokio::runtime::Handle::current(),
         });
         for _ in 0..pool.config.workers.max(1) {
-            let worker = pool.spawn_worker().await?;
+            // On the channels' runtime: the worker's channel is that
+            // runtime's to read and write.
+            let starting = Arc::clone(&pool);
+            let worker = channels
+                .spawn(async move { starting.spawn_worker().await })
+                .await
+                .map_err(|e| PoolError::Start {
+                    zone: pool.config.zone.clone(),
+                    reason: format!("starting a worker failed: {e}"),
+                })??;
             lock(&pool.state).workers.push(worker);
         }
-        tokio::spawn(Arc::clone(&pool).supervise());
+        channels.spawn(Self::supervise(
+            Arc::downgrade(&pool),
+            Arc::clone(&pool.weakened),
+        ));
         Ok(pool)
     }
 
@@ -648,7 +695,7 @@ impl Pool {
         drop(guard);
         self.job_ended(&worker, job);
         match answer {
-            Ok(Answer::Report(Ok(json))) => match serde_json::from_str::<JobReport>(&json) {
+            Ok(Answer::Report(Ok(json))) => match JobReport::decode(&json) {
                 Ok(report) => Ok((
                     bounded(report, policy),
                     Some(WorkerOutputs {
@@ -734,6 +781,7 @@ impl Pool {
         tracing::error!(zone = %self.config.zone, pid = worker.pid, class, %reason, jobs, "worker fault");
         metrics::counter!("bulkhead_worker_faults_total", "zone" => self.config.zone.clone(), "class" => class)
             .increment(1);
+        let _gateway = self.gateway.enter();
         (self.faults)(Fault {
             zone: self.config.zone.clone(),
             pid: worker.pid,
@@ -786,126 +834,126 @@ impl Pool {
     /// Keeps the pool at strength and its workers honest: pings them,
     /// faults the silent and those whose job overran, starts replacements.
     ///
-    /// Its clocks are fair to workers when the gateway is slow: after a
-    /// round that came late ([`HELD`]: the gateway's threads were held, by
-    /// a large response built on them, say) they count from then, not from
-    /// before; and a worker whose frames wait unread is not judged until
-    /// they are read ([`UNREAD`]).
-    async fn supervise(self: Arc<Self>) {
+    /// It runs on the channels' own threads ([`channels`]), as do the
+    /// workers' readers and writers, so the gateway being slow delays none
+    /// of it and its clocks are wall clocks. A worker whose frames wait
+    /// unread is not judged until they are read ([`UNREAD`]), for a while
+    /// at most ([`UNREAD_AT_MOST`]).
+    ///
+    /// It holds the pool only for a round: a pool its owner dropped is
+    /// closed ([`Drop`]) and the supervisor ends.
+    async fn supervise(pool: Weak<Self>, weakened: Arc<Notify>) {
         let mut tick = tokio::time::interval(Duration::from_millis(250));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_ping = Instant::now();
-        let mut last_round = Instant::now();
-        let mut awake_since = Instant::now();
         let mut seq = 0u64;
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
-                () = self.weakened.notified() => {}
+                () = weakened.notified() => {}
             }
-            if self.closing.load(Ordering::SeqCst) {
+            let Some(pool) = pool.upgrade() else { return };
+            if pool.closing.load(Ordering::SeqCst) {
                 return;
             }
-            let now = Instant::now();
-            if now.duration_since(last_round) > HELD {
-                awake_since = now;
-            }
-            last_round = now;
-            // How long since `t`, counting only time the gateway was
-            // awake to hear.
-            let since = |t: Instant| now.saturating_duration_since(t.max(awake_since));
-            let workers = lock(&self.state).workers.clone();
             let ping = last_ping.elapsed() >= PING_EVERY;
             if ping {
                 last_ping = Instant::now();
                 seq += 1;
             }
-            for worker in &workers {
-                if worker.down.overflowed() {
-                    self.fault(
-                        worker,
-                        "protocol",
-                        format!(
-                            "stopped reading its channel: {MAX_QUEUED_FRAMES} frames queued for it"
+            pool.round(ping.then_some(seq));
+        }
+    }
+
+    /// One round of [`Pool::supervise`]; `ping`: the ping to send.
+    fn round(self: &Arc<Self>, ping: Option<u64>) {
+        let now = Instant::now();
+        let since = |t: Instant| now.saturating_duration_since(t);
+        let workers = lock(&self.state).workers.clone();
+        for worker in &workers {
+            if worker.down.overflowed() {
+                self.fault(
+                    worker,
+                    "protocol",
+                    format!(
+                        "stopped reading its channel: {MAX_QUEUED_FRAMES} frames queued for it"
+                    ),
+                );
+                continue;
+            }
+            if let Some(seq) = ping {
+                let _ = worker.down.send(Down::Ping { seq });
+            }
+            let heard = *lock(&worker.last_heard);
+            // The worker spoke and the gateway has not read it for a
+            // while: its reader is behind, and to judge now would
+            // blame the worker. Not while the reader keeps reading: a
+            // worker that floods its channel is judged as ever.
+            let silent = since(heard);
+            if silent > UNREAD && silent < UNREAD_AT_MOST && worker.unread() {
+                continue;
+            }
+            if silent > SILENT_FAULT {
+                self.fault(
+                    worker,
+                    "silent",
+                    format!("stopped answering for {}s", silent.as_secs()),
+                );
+                continue;
+            }
+            // From the gateway's own clocks: a job the worker never
+            // says it started is held to the start allowance, then to
+            // its wall time from when it was sent.
+            let overran: Vec<(u64, String)> = lock(&worker.state)
+                .jobs
+                .iter()
+                .filter_map(|(job, p)| {
+                    let since_sent = since(p.sent);
+                    let reason = match p.running_since {
+                        Some(s) if since(s) > p.wall_time + OVERRUN_GRACE => format!(
+                            "let job {job} run past its wall time of {:?} by {}s without a report",
+                            p.wall_time,
+                            OVERRUN_GRACE.as_secs()
                         ),
-                    );
-                    continue;
-                }
-                if ping {
-                    let _ = worker.down.send(Down::Ping { seq });
-                }
-                let heard = *lock(&worker.last_heard);
-                // The worker spoke and the gateway has not read it for a
-                // while: its reader is behind (its threads held), and to
-                // judge now would blame the worker. Not while the reader
-                // keeps reading: a worker that floods its channel is
-                // judged as ever.
-                if now.saturating_duration_since(heard) > UNREAD && worker.unread() {
-                    continue;
-                }
-                let silent = since(heard);
-                if silent > SILENT_FAULT {
-                    self.fault(
-                        worker,
-                        "silent",
-                        format!("stopped answering for {}s", silent.as_secs()),
-                    );
-                    continue;
-                }
-                // From the gateway's own clocks: a job the worker never
-                // says it started is held to the start allowance, then to
-                // its wall time from when it was sent.
-                let overran: Vec<(u64, String)> = lock(&worker.state)
-                    .jobs
-                    .iter()
-                    .filter_map(|(job, p)| {
-                        let since_sent = since(p.sent);
-                        let reason = match p.running_since {
-                            Some(s) if since(s) > p.wall_time + OVERRUN_GRACE => format!(
-                                "let job {job} run past its wall time of {:?} by {}s without a report",
-                                p.wall_time,
-                                OVERRUN_GRACE.as_secs()
-                            ),
-                            None if since_sent > START_ALLOWANCE => format!(
-                                "did not start job {job} within {}s",
-                                START_ALLOWANCE.as_secs()
-                            ),
-                            _ if since_sent > START_ALLOWANCE + p.wall_time + OVERRUN_GRACE => {
-                                format!("did not finish job {job} in time")
-                            }
-                            _ => return None,
-                        };
-                        Some((*job, reason))
-                    })
-                    .collect();
-                for (job, reason) in overran {
-                    self.stop(worker, job, reason);
-                }
+                        None if since_sent > START_ALLOWANCE => format!(
+                            "did not start job {job} within {}s",
+                            START_ALLOWANCE.as_secs()
+                        ),
+                        _ if since_sent > START_ALLOWANCE + p.wall_time + OVERRUN_GRACE => {
+                            format!("did not finish job {job} in time")
+                        }
+                        _ => return None,
+                    };
+                    Some((*job, reason))
+                })
+                .collect();
+            for (job, reason) in overran {
+                self.stop(worker, job, reason);
             }
-            let live = {
-                let st = lock(&self.state);
-                st.workers
-                    .iter()
-                    .filter(|w| !lock(&w.state).retiring)
-                    .count() as u32
-                    + st.starting
-            };
-            for _ in live..self.config.workers.max(1) {
-                lock(&self.state).starting += 1;
-                let pool = Arc::clone(&self);
-                tokio::spawn(async move {
-                    let started = pool.spawn_worker().await;
-                    let mut st = lock(&pool.state);
-                    st.starting -= 1;
-                    match started {
-                        Ok(w) if !pool.closing.load(Ordering::SeqCst) => st.workers.push(w),
-                        Ok(w) => w.kill(),
-                        Err(e) => tracing::error!(error = %e, "cannot start a replacement worker"),
-                    }
-                    drop(st);
-                    pool.changed.notify_waiters();
-                });
-            }
+        }
+        let live = {
+            let st = lock(&self.state);
+            st.workers
+                .iter()
+                .filter(|w| !lock(&w.state).retiring)
+                .count() as u32
+                + st.starting
+        };
+        for _ in live..self.config.workers.max(1) {
+            lock(&self.state).starting += 1;
+            let pool = Arc::clone(self);
+            tokio::spawn(async move {
+                let started = pool.spawn_worker().await;
+                let mut st = lock(&pool.state);
+                st.starting -= 1;
+                match started {
+                    Ok(w) if !pool.closing.load(Ordering::SeqCst) => st.workers.push(w),
+                    Ok(w) => w.kill(),
+                    Err(e) => tracing::error!(error = %e, "cannot start a replacement worker"),
+                }
+                drop(st);
+                pool.changed.notify_waiters();
+            });
         }
     }
 
@@ -1067,11 +1115,13 @@ impl Pool {
             })
             .await;
         });
-        let pool = Arc::clone(self);
+        let pool = Arc::downgrade(self);
         let reading = Arc::clone(&worker);
         tokio::spawn(async move {
-            let (class, reason) = pool.read(&reading, &mut reader).await;
-            pool.fault(&reading, class, reason);
+            let (class, reason) = Self::read(&pool, &reading, &mut reader).await;
+            if let Some(pool) = pool.upgrade() {
+                pool.fault(&reading, class, reason);
+            }
         });
         metrics::counter!("bulkhead_worker_starts_total", "zone" => self.config.zone.clone())
             .increment(1);
@@ -1080,7 +1130,7 @@ impl Pool {
 
     /// Reads a worker's messages until it fails; returns why.
     async fn read(
-        &self,
+        pool: &Weak<Self>,
         worker: &Arc<Worker>,
         reader: &mut proto::Reader,
     ) -> (&'static str, String) {
@@ -1095,6 +1145,9 @@ impl Pool {
                 None => return worker.exit_reason(),
             };
             *lock(&worker.last_heard) = Instant::now();
+            let Some(pool) = pool.upgrade() else {
+                return ("closed", "its pool was closed".into());
+            };
             let message = match proto::decode::<Up>(&frame) {
                 Ok(m) => m,
                 Err(e) => return ("protocol", e.to_string()),
@@ -1102,7 +1155,7 @@ impl Pool {
             match message {
                 Up::Loaded { module, result } => {
                     if let Ok(info) = &result {
-                        self.take_artifact(worker, module, info);
+                        pool.take_artifact(worker, module, info);
                     }
                     let waiting = lock(&worker.state).loads.remove(&module);
                     for tx in waiting.unwrap_or_default() {
@@ -1121,6 +1174,9 @@ impl Pool {
                     }
                 }
                 Up::Call(call) => {
+                    // A call runs on the gateway's threads, not the
+                    // channels'.
+                    let _gateway = pool.gateway.enter();
                     if let Err(v) = worker.calls.deliver(call) {
                         return ("protocol", format!("broke the calls protocol: {v}"));
                     }

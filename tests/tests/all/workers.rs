@@ -653,10 +653,9 @@ fn peak_resident_kib(pid: u32) -> u64 {
 }
 
 /// The gateway's own threads held for longer than a worker may stay
-/// silent (by work a request did on them, say) blame no worker: nothing a
-/// worker said could be heard meanwhile, so the supervisor's clocks count
-/// from when it could hear again. The worker is not faulted and serves the
-/// next job.
+/// silent (by work a request did on them, say) blame no worker: the
+/// worker's channel and the supervisor run on threads of their own, which
+/// hear it meanwhile. The worker is not faulted and serves the next job.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gateway_whose_threads_were_held_blames_no_worker() {
     use bulkhead::runner::Runner;
@@ -686,4 +685,45 @@ async fn a_gateway_whose_threads_were_held_blames_no_worker() {
         faults.lock().unwrap()
     );
     assert_eq!(runner.pools()["untrusted"].pids(), vec![pid]);
+}
+
+/// ...and do not shelter a worker that hung: one stopped while the
+/// gateway's threads are held (by a client reading a huge report again and
+/// again, say) is faulted as silent, and replaced, while they are still
+/// held. Both threads stay held until the fault is seen, or for two
+/// minutes at most.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_that_hangs_while_the_gateway_is_held_is_faulted_meanwhile() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (runner, faults) = crate::common::workers_watched(tmp.path(), "w", 0, 2).await;
+    let pool = std::sync::Arc::clone(&runner.pools()["untrusted"]);
+    let pid = pool.pids()[0];
+    let held: Vec<_> = (0..2)
+        .map(|_| {
+            let faults = std::sync::Arc::clone(&faults);
+            tokio::spawn(async move {
+                let until = std::time::Instant::now() + Duration::from_secs(120);
+                while faults.lock().unwrap().is_empty() && std::time::Instant::now() < until {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                // Whether the fault came while this thread was held.
+                !faults.lock().unwrap().is_empty()
+            })
+        })
+        .collect();
+    // SAFETY: kill(2) with a pid and a signal number has no memory effects.
+    assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGSTOP) }, 0);
+    for h in held {
+        assert!(
+            h.await.unwrap(),
+            "the hung worker was not faulted while the gateway was held"
+        );
+    }
+    {
+        let faults = faults.lock().unwrap();
+        assert_eq!(faults.len(), 1, "{faults:?}");
+        assert_eq!((faults[0].class, faults[0].pid), ("silent", pid));
+    }
+    until(|| process_state(pid).is_none_or(|s| s == 'Z') && pool.pids().len() == 1).await;
+    assert_ne!(pool.pids(), vec![pid]);
 }
