@@ -50,3 +50,31 @@ pub(crate) fn blocking<T>(f: impl FnOnce() -> T) -> T {
         f()
     }
 }
+
+/// Whether a task waiting for its turn ran while `work` held the only
+/// worker thread of a runtime, never yielding: it can only if `work`
+/// moved off that thread's turn ([`blocking`]). `work` is repeated, never
+/// yielding, until the task ran, 20 times at most.
+#[cfg(test)]
+pub(crate) fn another_task_runs_meanwhile(work: impl Fn() + Send + 'static) -> bool {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        tokio::spawn(async move {
+            let ran = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let other = std::sync::Arc::clone(&ran);
+            tokio::spawn(async move { other.store(true, std::sync::atomic::Ordering::SeqCst) });
+            for _ in 0..20 {
+                work();
+                if ran.load(std::sync::atomic::Ordering::SeqCst) {
+                    return true;
+                }
+            }
+            false
+        })
+        .await
+        .unwrap()
+    })
+}

@@ -644,6 +644,50 @@ fn content_type(name: &str) -> &'static str {
 mod tests {
     use super::*;
 
+    /// A job with a heavy report is turned into a response off the async
+    /// threads: the gateway's other tasks run meanwhile. A light one is not
+    /// moved.
+    #[test]
+    fn a_heavy_job_is_answered_off_the_async_threads() {
+        let job = |outputs: u64| {
+            let mut report = JobReport::not_run("j", "m", "failed");
+            report.outputs = (0..outputs)
+                .map(|i| crate::sandbox::OutputFile {
+                    name: format!("out-{i}.bin"),
+                    size: i,
+                    sha256: "0".repeat(64),
+                })
+                .collect();
+            JobRecord {
+                id: "j".into(),
+                tenant: "t".into(),
+                subject: "s".into(),
+                token_id: "k".into(),
+                module: "m".into(),
+                module_sha256: "0".repeat(64),
+                policy_sha256: None,
+                params: BTreeMap::new(),
+                inputs: Vec::new(),
+                has_stdin: false,
+                state: JobState::Failed,
+                created_at: 0,
+                started_at: None,
+                finished_at: None,
+                attempts: 1,
+                report: Some(report),
+            }
+        };
+        let heavy = job(60_000);
+        assert!(crate::another_task_runs_meanwhile(move || {
+            let response = job_response(StatusCode::OK, heavy.clone());
+            assert_eq!(response.status(), StatusCode::OK);
+        }));
+        let light = job(1);
+        assert!(!crate::another_task_runs_meanwhile(move || {
+            job_response(StatusCode::OK, light.clone());
+        }));
+    }
+
     #[test]
     fn query_splits_wait_input_and_params() {
         let q = vec![

@@ -499,7 +499,40 @@ impl JobReport {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use super::*;
+
+    /// A heavy report is decoded and encoded off the async threads: the
+    /// gateway's other tasks run meanwhile. A light one is not moved.
+    #[test]
+    fn a_heavy_report_is_decoded_and_encoded_off_the_async_threads() {
+        let mut heavy = JobReport::not_run("j", "m", "failed");
+        heavy.stdout.text = "x".repeat(4 << 20);
+        heavy.outputs = (0..20_000)
+            .map(|i| OutputFile {
+                name: format!("out-{i}.bin"),
+                size: i,
+                sha256: "0".repeat(64),
+            })
+            .collect();
+        let heavy = Arc::new(heavy);
+        let text: Arc<str> = heavy.encode().into();
+        assert!(text.len() >= HEAVY_REPORT && heavy.weight() >= HEAVY_REPORT);
+        let decoding = Arc::clone(&text);
+        assert!(crate::another_task_runs_meanwhile(move || {
+            JobReport::decode(&decoding).unwrap();
+        }));
+        assert!(crate::another_task_runs_meanwhile(move || {
+            heavy.encode();
+        }));
+        // The same test, with work that stays on the thread's turn, would
+        // see nothing run meanwhile.
+        let light: Arc<str> = JobReport::not_run("j", "m", "failed").encode().into();
+        assert!(!crate::another_task_runs_meanwhile(move || {
+            JobReport::decode(&light).unwrap();
+        }));
+    }
 
     /// Captured output that JSON writes six times over (control bytes) or
     /// that is simply long is cut to fit the bound, marked truncated, and
