@@ -781,8 +781,7 @@ impl Pool {
         tracing::error!(zone = %self.config.zone, pid = worker.pid, class, %reason, jobs, "worker fault");
         metrics::counter!("bulkhead_worker_faults_total", "zone" => self.config.zone.clone(), "class" => class)
             .increment(1);
-        let _gateway = self.gateway.enter();
-        (self.faults)(Fault {
+        self.tell(Fault {
             zone: self.config.zone.clone(),
             pid: worker.pid,
             class,
@@ -820,7 +819,7 @@ impl Pool {
         tracing::error!(zone = %self.config.zone, pid = worker.pid, %reason, "worker overran a job: the job is stopped and the worker retired");
         metrics::counter!("bulkhead_worker_faults_total", "zone" => self.config.zone.clone(), "class" => "overrun")
             .increment(1);
-        (self.faults)(Fault {
+        self.tell(Fault {
             zone: self.config.zone.clone(),
             pid: worker.pid,
             class: "overrun",
@@ -829,6 +828,13 @@ impl Pool {
         });
         self.weakened.notify_one();
         self.changed.notify_waiters();
+    }
+
+    /// Tells the pool's owner of a fault, on the gateway's runtime (what
+    /// it does with it, an audit entry say, runs there).
+    fn tell(&self, fault: Fault) {
+        let _gateway = self.gateway.enter();
+        (self.faults)(fault);
     }
 
     /// Keeps the pool at strength and its workers honest: pings them,
