@@ -1228,3 +1228,117 @@ impl JobStore for PostgresStore {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::job::{OutputFile, ReportSummary};
+    use crate::sandbox::{JobReport, LimitKind};
+
+    /// A database migrated as it was before job summaries (every migration
+    /// but the last), holding jobs that finished then, gets their summaries
+    /// from their reports when a store of this version opens it — a NUL in
+    /// a report's captured text included, which PostgreSQL's JSON
+    /// functions refuse.
+    #[tokio::test]
+    async fn a_database_from_before_summaries_lists_its_finished_jobs_in_a_few_words() {
+        let Some(url) = crate::store::pg_server::fresh_database().await else {
+            return;
+        };
+        let all = Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations/postgres");
+        let before = tempfile::tempdir().unwrap();
+        let mut copied = 0;
+        for entry in std::fs::read_dir(&all).unwrap() {
+            let path = entry.unwrap().path();
+            let name = path.file_name().unwrap().to_str().unwrap().to_owned();
+            if name.ends_with(".sql") && !name.starts_with("0007_") {
+                std::fs::copy(&path, before.path().join(&name)).unwrap();
+                copied += 1;
+            }
+        }
+        assert_eq!(copied, 6, "the migrations before summaries");
+        {
+            let pool = PgPoolOptions::new()
+                .max_connections(1)
+                .connect(&url)
+                .await
+                .unwrap();
+            sqlx::migrate::Migrator::new(before.path())
+                .await
+                .unwrap()
+                .run(&pool)
+                .await
+                .unwrap();
+            let has_summary: bool = sqlx::query_scalar(
+                "SELECT EXISTS (SELECT 1 FROM information_schema.columns
+                                 WHERE table_name = 'jobs' AND column_name = 'summary')",
+            )
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+            assert!(!has_summary, "the old schema has no summary column");
+            let insert = "INSERT INTO jobs (id, tenant, subject, token_id, module, module_sha256,
+                                            params, inputs, has_stdin, state, created_at,
+                                            started_at, finished_at, attempts, report)
+                          VALUES ($1, 'acme', 's', 'tok', 'hello', 'd', '{}', '[]', FALSE, $2,
+                                  $3, 2, 3, 1, $4)";
+            for (id, state, at, report) in old_jobs() {
+                sqlx::query(insert)
+                    .bind(id)
+                    .bind(state)
+                    .bind(at)
+                    .bind(report.as_ref().map(json))
+                    .execute(&pool)
+                    .await
+                    .unwrap();
+            }
+            pool.close().await;
+        }
+        let store = PostgresStore::open(&url, 1).await.unwrap();
+        let listed = store.list_jobs("acme", 10).await.unwrap();
+        let got: Vec<(&str, Option<&ReportSummary>)> = listed
+            .iter()
+            .map(|j| (j.id.as_str(), j.report.as_ref()))
+            .collect();
+        let expected: Vec<(&str, Option<ReportSummary>)> = old_jobs()
+            .into_iter()
+            .rev()
+            .map(|(id, _, _, report)| (id, report.map(|r| r.summary())))
+            .collect();
+        let expected: Vec<(&str, Option<&ReportSummary>)> =
+            expected.iter().map(|(id, s)| (*id, s.as_ref())).collect();
+        assert_eq!(got, expected);
+        assert_eq!(listed[2].id, "old");
+        assert_eq!(listed[2].report.as_ref().unwrap().outputs, 2);
+        // The reports themselves are untouched, the NUL included.
+        let nul = store.get_job("acme", "nul").await.unwrap().unwrap();
+        assert_eq!(nul.report.unwrap().stdout.text, "a\0b");
+    }
+
+    /// Jobs as a database from before summaries holds them: a failed one
+    /// with outputs, limit and exit code; one whose captured stdout holds a
+    /// NUL; one still queued, with no report.
+    fn old_jobs() -> Vec<(&'static str, &'static str, i64, Option<JobReport>)> {
+        let mut failed = JobReport::not_run("old", "hello", "boom");
+        failed.limit = Some(LimitKind::Memory);
+        failed.exit_code = Some(3);
+        failed.outputs = vec![
+            OutputFile {
+                name: "a".into(),
+                size: 1,
+                sha256: "0".repeat(64),
+            };
+            2
+        ];
+        let mut nul = JobReport::not_run("nul", "hello", "boom");
+        nul.stdout.text = "a\0b".into();
+        nul.exit_code = Some(0);
+        vec![
+            ("old", "failed", 1, Some(failed)),
+            ("nul", "failed", 2, Some(nul)),
+            ("new", "queued", 3, None),
+        ]
+    }
+}
