@@ -13,6 +13,7 @@
 //! max_downloads_per_tenant = 16    # output downloads one tenant may have running (429 beyond)
 //! max_uploads_per_tenant = 16      # submissions one tenant may have uploading (429 beyond)
 //! max_buffered_uploads = "512 MiB" # bytes all uploads in flight may reserve; a tenant a quarter (429 beyond)
+//! max_buffered_answers = "1 GiB"   # bytes answers of jobs with large reports may hold; a tenant a quarter (429 beyond)
 //! # The edge (see `serve`): bounds that hold whatever a client sends, with or
 //! # without a token. They apply to both listeners unless named `admin_`.
 //! header_read_timeout = "10 s"     # from waiting for a request (after accept, or
@@ -311,6 +312,12 @@ pub struct Server {
     /// length (`max_body` without one) before it is read; one tenant may
     /// reserve a quarter (at least one `max_body`). Beyond, 429.
     pub max_buffered_uploads: ByteSize,
+    /// Bytes the answers of jobs with large reports (256 KiB or more) may
+    /// hold at once, from the store's read until the client has taken the
+    /// body (`GET /v1/jobs/{id}`, a repeated submission's job): each
+    /// reserves about three times its report's JSON; one tenant may
+    /// reserve a quarter. Beyond, 429 with `Retry-After`.
+    pub max_buffered_answers: ByteSize,
 }
 
 impl Default for Server {
@@ -336,6 +343,7 @@ impl Default for Server {
             max_downloads_per_tenant: 16,
             max_uploads_per_tenant: 16,
             max_buffered_uploads: ByteSize::mib(512),
+            max_buffered_answers: ByteSize::gib(1),
         }
     }
 }

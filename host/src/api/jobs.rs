@@ -13,6 +13,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde::Serialize;
 
+use super::answers::{AnswerPermit, Answers, HeldBody};
 use super::download::{Downloads, FileBody, content_disposition};
 use super::extract::{ApiPath, StrictQuery, bounded_u32};
 use super::{ApiError, AppState, Caller};
@@ -144,7 +145,9 @@ impl JobView {
 /// thousands of outputs and carry megabytes of captured output: one that
 /// heavy is built and encoded off the async threads ([`crate::blocking`]),
 /// so that a client reading it again and again slows no other request.
-fn job_response(status: StatusCode, job: JobRecord) -> Response {
+/// With `held`, the body holds that reservation of the heavy answers'
+/// budget ([`Answers`]) until the client has taken it.
+fn job_response(status: StatusCode, job: JobRecord, held: Option<AnswerPermit>) -> Response {
     let heavy = job
         .report
         .as_ref()
@@ -162,7 +165,10 @@ fn job_response(status: StatusCode, job: JobRecord) -> Response {
                 header::CONTENT_TYPE,
                 HeaderValue::from_static("application/json"),
             )],
-            body,
+            match held {
+                Some(permit) => axum::body::Body::new(HeldBody::new(body, permit)),
+                None => axum::body::Body::from(body),
+            },
         )
             .into_response(),
         Err(e) => ApiError::Internal(format!("cannot encode a job: {e}")).into_response(),
@@ -321,6 +327,7 @@ fn parse_wait(v: &str) -> Result<Duration, ApiError> {
 pub(super) async fn submit(
     State(state): State<AppState>,
     Extension(uploads): Extension<Arc<super::upload::Uploads>>,
+    Extension(answers): Extension<Arc<Answers>>,
     Caller(who): Caller,
     ApiPath(module): ApiPath<String>,
     StrictQuery(query): StrictQuery,
@@ -424,6 +431,7 @@ pub(super) async fn submit(
         }
     }
     sub.params = params;
+    let sub_keyed = sub.idempotency_key.is_some();
     if let Some(upload) = upload.as_mut() {
         upload.received();
     }
@@ -451,7 +459,16 @@ pub(super) async fn submit(
         None if record.state.is_final() => (StatusCode::OK, record),
         None => (StatusCode::ACCEPTED, record),
     };
-    let mut response = job_response(status, job);
+    // A keyed submission may be repeated as often as a client likes, each
+    // time answered with the same job: a heavy one counts against the
+    // answers' budget, and a refusal (429) is safe to retry with the key.
+    // An unkeyed one ran a job of its own, and is answered whatever.
+    let held = if sub_keyed {
+        Some(answers.acquire(&who.tenant, answers.cost(job.report.as_ref()))?)
+    } else {
+        None
+    };
+    let mut response = job_response(status, job, held);
     if let Ok(v) = HeaderValue::from_str(&location) {
         response.headers_mut().insert(header::LOCATION, v);
     }
@@ -537,16 +554,18 @@ pub(super) async fn list_jobs(
 /// Status and report of one of the caller's jobs.
 #[utoipa::path(get, path = "/v1/jobs/{id}", security(("bearer" = [])),
     params(("id" = String, Path, description = "job id")),
-    responses((status = 200, body = JobView), (status = 404, body = super::ErrorBody)))]
+    responses((status = 200, body = JobView), (status = 404, body = super::ErrorBody),
+        (status = 429, body = super::ErrorBody, description = "the job's report is large, and the tenant's or the service's share of `max_buffered_answers` is taken; see `Retry-After`",
+            headers(("retry-after" = u64, description = "seconds")))))]
 pub(super) async fn get_job(
     State(state): State<AppState>,
+    Extension(answers): Extension<Arc<Answers>>,
     Caller(who): Caller,
     ApiPath(id): ApiPath<String>,
 ) -> Result<Response, ApiError> {
-    Ok(job_response(
-        StatusCode::OK,
-        state.service.job(&who, &id).await?,
-    ))
+    let job = state.service.job(&who, &id).await?;
+    let held = answers.acquire(&who.tenant, answers.cost(job.report.as_ref()))?;
+    Ok(job_response(StatusCode::OK, job, Some(held)))
 }
 
 /// Cancel one of the caller's queued or running jobs.
@@ -560,9 +579,11 @@ pub(super) async fn cancel_job(
     ApiPath(id): ApiPath<String>,
 ) -> Result<Response, ApiError> {
     state.service.cancel(&who, &id).await?;
+    // Cancelled now, it has no report to speak of.
     Ok(job_response(
         StatusCode::OK,
         state.service.job(&who, &id).await?,
+        None,
     ))
 }
 
@@ -679,12 +700,12 @@ mod tests {
         };
         let heavy = job(60_000);
         assert!(crate::another_task_runs_meanwhile(move || {
-            let response = job_response(StatusCode::OK, heavy.clone());
+            let response = job_response(StatusCode::OK, heavy.clone(), None);
             assert_eq!(response.status(), StatusCode::OK);
         }));
         let light = job(1);
         assert!(!crate::another_task_runs_meanwhile(move || {
-            job_response(StatusCode::OK, light.clone());
+            job_response(StatusCode::OK, light.clone(), None);
         }));
     }
 

@@ -11,6 +11,7 @@
 //! names wasmtime types.
 
 mod admin;
+mod answers;
 mod download;
 mod extract;
 mod jobs;
@@ -324,6 +325,7 @@ pub fn app(state: AppState) -> Router {
     let server = &state.service.config().server;
     let max_body = server.max_body.as_usize();
     let downloads = download::Downloads::new(server.max_downloads_per_tenant);
+    let answers = answers::Answers::new(server.max_buffered_answers.as_u64());
     let uploads = upload::Uploads::new(
         server.max_uploads_per_tenant,
         server.max_buffered_uploads.as_u64(),
@@ -337,6 +339,7 @@ pub fn app(state: AppState) -> Router {
         .route("/.well-known/jwks.json", get(jwks))
         .fallback(not_found)
         .layer(axum::Extension(downloads))
+        .layer(axum::Extension(answers))
         .layer(axum::Extension(uploads))
         .layer(axum::middleware::from_fn(extract::error_shape))
         .with_state(state)

@@ -341,8 +341,11 @@ impl JobReport {
     pub fn weight(&self) -> usize {
         const ENTRY: usize = 256;
         let calls = self.calls.as_ref().map_or(0, |c| c.records.len());
+        // A name is written in the report and again in its URL.
+        let names: usize = self.outputs.iter().map(|o| 2 * o.name.len()).sum();
         self.stdout.text.len()
             + self.stderr.text.len()
+            + names
             + ENTRY * (1 + self.outputs.len() + self.skipped_outputs.len() + calls)
     }
 

@@ -174,6 +174,10 @@ pub struct Service {
     waiters: Mutex<HashMap<String, Vec<oneshot::Sender<Option<JobRecord>>>>>,
     cancels: Mutex<HashMap<String, Arc<Notify>>>,
     draining: AtomicBool,
+    /// Set when shutdown stops the runner's guests (its workers killed with
+    /// the jobs they ran): what the runner says of a job from then on is no
+    /// result, and the job is left to run again.
+    guests_stopped: AtomicBool,
     /// False from a storage failure until the keeper finds the store and
     /// the data directory writable again (readiness).
     storage_ok: AtomicBool,
@@ -344,6 +348,7 @@ impl Service {
             waiters: Mutex::default(),
             cancels: Mutex::default(),
             draining: AtomicBool::new(false),
+            guests_stopped: AtomicBool::new(false),
             storage_ok: AtomicBool::new(true),
             recover_wanted: AtomicBool::new(false),
             held: Mutex::default(),
@@ -579,7 +584,10 @@ impl Service {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         // Workers still running a job die with it; it is re-run at the
-        // next start.
+        // next start (or by another node once its claim lapses): the
+        // failure the runner then reports is no result of the job's, and
+        // is neither stored nor blamed on its worker ([`Self::execute`]).
+        self.guests_stopped.store(true, Ordering::SeqCst);
         self.runner.close();
         // With nothing running, the job directories (tmpfs by default) are
         // leftovers; a start would empty them anyway, so give the memory
@@ -592,6 +600,12 @@ impl Service {
                 tracing::warn!(dir = %work.display(), error = %e, "cannot remove the work directory");
             }
         }
+    }
+
+    /// Jobs this node is running now (its scheduler's taken slots): after
+    /// [`Self::shutdown`], 0 once every run has ended.
+    pub fn jobs_running(&self) -> usize {
+        self.scheduler.depth().1
     }
 
     /// Where jobs run, and the hardening of its workers.

@@ -392,6 +392,9 @@ impl Service {
         match result {
             Ok(Some(report)) => Ran::Ended(self.finish(record, claim, report).await.map(Box::new)),
             Ok(None) => Ran::Ended(None), // cancelled while running
+            // Its guest was stopped by shutdown: left `running` under this
+            // node's claim, it is re-run at the next start, attempt and all.
+            Err(ServiceError::Draining) => Ran::Ended(None),
             Err(e) => self.host_failed(record, claim, e).await,
         }
     }
@@ -564,6 +567,11 @@ impl Service {
             Ok(report) => report,
             Err(e) => {
                 self.remove_job_files(&record.id).await;
+                if matches!(e, ServiceError::Draining) {
+                    // Stopped by shutdown: never stored, the caller may
+                    // retry elsewhere or later (503).
+                    return Err(e);
+                }
                 if e.is_storage() {
                     return Err(self.noted(e));
                 }
@@ -749,6 +757,14 @@ impl Service {
             r = self.runner.run(module, spec, egress) => Some(r),
         };
         audits.settle().await;
+        if self
+            .guests_stopped
+            .load(std::sync::atomic::Ordering::SeqCst)
+        {
+            // Shutdown stopped the guests: a report now may be its worker's
+            // death, not the job's end. Nothing is kept of this run.
+            return Err(ServiceError::Draining);
+        }
         let mut report = match result {
             None => return Ok(None),
             Some(Ok(finished)) => {

@@ -217,6 +217,10 @@ impl From<BatchFailure> for StoreError {
     }
 }
 
+/// Read-only connections kept open between reads. A burst of concurrent
+/// reads opens as many as it needs; past this many, those it leaves close.
+const MAX_IDLE_READERS: usize = 8;
+
 /// The SQLite job store.
 pub struct SqliteStore {
     writer: Mutex<Connection>,
@@ -466,10 +470,14 @@ impl SqliteStore {
             }
         };
         let result = f(&conn);
-        self.readers
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(conn);
+        let mut idle = self.readers.lock().unwrap_or_else(|e| e.into_inner());
+        if idle.len() < MAX_IDLE_READERS {
+            idle.push(conn);
+        } else {
+            // A burst's extra connections (two descriptors each) close.
+            drop(idle);
+            drop(conn);
+        }
         result
     }
 }
@@ -1372,6 +1380,41 @@ mod tests {
         // The wait is bounded.
         assert!(busy_wait(0));
         assert!(!busy_wait(20_000));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_burst_of_reads_leaves_a_bounded_pool_of_connections_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = std::sync::Arc::new(SqliteStore::open(&db_path(&dir)).await.unwrap());
+        let burst = 3 * MAX_IDLE_READERS;
+        let together = std::sync::Arc::new(std::sync::Barrier::new(burst));
+        let threads: Vec<_> = (0..burst)
+            .map(|_| {
+                let (store, together) = (
+                    std::sync::Arc::clone(&store),
+                    std::sync::Arc::clone(&together),
+                );
+                std::thread::spawn(move || {
+                    // Every read holds its connection until all have one.
+                    store
+                        .read(|c| {
+                            together.wait();
+                            Ok(c.query_row("SELECT count(*) FROM jobs", [], |r| {
+                                r.get::<_, i64>(0)
+                            })?)
+                        })
+                        .unwrap()
+                })
+            })
+            .collect();
+        for t in threads {
+            assert_eq!(t.join().unwrap(), 0);
+        }
+        assert_eq!(
+            store.readers.lock().unwrap().len(),
+            MAX_IDLE_READERS,
+            "the burst's extra connections stayed open"
+        );
     }
 
     #[test]

@@ -487,6 +487,85 @@ async fn a_draining_service_refuses_new_jobs_with_503_and_is_not_ready() {
     assert_eq!(ready.status(), StatusCode::SERVICE_UNAVAILABLE);
 }
 
+/// A shutdown kills the workers still running jobs when its grace ends:
+/// such a job is left `running`, neither stored `failed` nor blamed on its
+/// worker, and the next start runs it again.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_job_running_when_shutdown_stops_its_worker_is_left_to_run_again() {
+    let s = start(|c| {
+        c.server.shutdown_grace = "200 ms".parse().unwrap();
+        crate::common::sleeper(60_000).write_to(&c.modules.policies_dir);
+    })
+    .await;
+    let token = s.token("acme", &["hostile:run"]).await;
+    let resp = s
+        .post("/v1/modules/hostile/jobs", &token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::ACCEPTED);
+    let id = resp.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let store = std::sync::Arc::clone(s.service.store());
+    let state = || async { store.get_job("acme", &id).await.unwrap().unwrap() };
+    for _ in 0..300 {
+        if state().await.state.as_str() == "running" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(state().await.state.as_str(), "running");
+    s.service.shutdown().await;
+    // Its run ends once its worker is gone: whatever it was going to
+    // store, it has by then.
+    for _ in 0..300 {
+        if s.service.jobs_running() == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(s.service.jobs_running(), 0, "the run did not end");
+    let left = state().await;
+    assert_eq!(
+        left.state.as_str(),
+        "running",
+        "a job stopped by shutdown was stored as finished: {:?}",
+        left.report.map(|r| r.failure)
+    );
+    assert!(left.report.is_none() && left.finished_at.is_none());
+    let audit = store.audit(100).await.unwrap();
+    assert!(
+        !audit.iter().any(|e| e.action == "worker.fault"),
+        "a worker stopped by shutdown was blamed: {audit:#?}"
+    );
+
+    // The next start runs it again (here to its new, short wall time).
+    let mut config = s.service.config().clone();
+    crate::common::sleeper(300).write_to(&config.modules.policies_dir);
+    config.server.shutdown_grace = "1 s".parse().unwrap();
+    let again = bulkhead::service::Service::start(config, None)
+        .await
+        .unwrap();
+    let mut rerun = state().await;
+    for _ in 0..300 {
+        if rerun.finished_at.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        rerun = state().await;
+    }
+    assert_eq!(rerun.attempts, 2, "{rerun:?}");
+    let report = rerun.report.expect("finished by the next start");
+    assert_eq!(
+        report.limit,
+        Some(bulkhead::sandbox::LimitKind::WallTime),
+        "{report:?}"
+    );
+    again.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_sync_job_on_the_fast_path_is_stored_finished_and_audited() {
     // hello's wall-time limit (10 s) ends before the 20 s wait and the
@@ -611,4 +690,96 @@ async fn a_body_far_over_the_limit_gets_its_413_answer_not_a_reset() {
     // Nothing was accepted.
     let list: Value = json(s.get("/v1/jobs", &token)).await;
     assert_eq!(list.as_array().map(Vec::len), Some(0), "{list:#}");
+}
+
+/// Answers of jobs with large reports hold memory until their clients have
+/// read them: each tenant may hold a quarter of `max_buffered_answers`, and
+/// one past its share is refused (429, `Retry-After`) until an answer it
+/// holds is read, while other tenants and light jobs are answered.
+#[tokio::test(flavor = "multi_thread")]
+async fn large_reports_being_answered_hold_at_most_a_tenants_share_of_memory() {
+    let s = start(|c| c.server.max_buffered_answers = "64 MiB".parse().unwrap()).await;
+    let store = s.service.store();
+    let now = bulkhead::store::now_ms();
+    // A report of 24 MiB: more than loopback's socket buffers take, so an
+    // answer is held while its client does not read.
+    let heavy = |tenant: &str| {
+        let id = crate::common::uuid_like();
+        let mut report = bulkhead::sandbox::JobReport::not_run(&id, "hello", "stored by the test");
+        report.stdout.text = "x".repeat(24 << 20);
+        (crate::common::finished_record(&id, tenant, now), report)
+    };
+    let mut ids = Vec::new();
+    for tenant in ["acme", "acme", "other"] {
+        let (record, report) = heavy(tenant);
+        store
+            .insert_finished_job(&record, &report, now, None)
+            .await
+            .unwrap();
+        ids.push(record.id);
+    }
+    let light = crate::common::finished_record(&crate::common::uuid_like(), "acme", now);
+    let light_report = bulkhead::sandbox::JobReport::not_run(&light.id, "hello", "light");
+    store
+        .insert_finished_job(&light, &light_report, now, None)
+        .await
+        .unwrap();
+    let acme = s.token("acme", &["hello:run"]).await;
+    let other = s.token("other", &["hello:run"]).await;
+
+    // Headers come back; the body is left unread.
+    let held = s
+        .get(&format!("/v1/jobs/{}", ids[0]), &acme)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(held.status(), StatusCode::OK);
+    for id in [&ids[0], &ids[1]] {
+        let refused = s
+            .get(&format!("/v1/jobs/{id}"), &acme)
+            .send()
+            .await
+            .unwrap();
+        assert!(refused.headers().contains_key("retry-after"));
+        assert_eq!(
+            error_code(refused).await,
+            (
+                StatusCode::TOO_MANY_REQUESTS,
+                "too_many_requests".to_owned()
+            )
+        );
+    }
+    let light_answer = s
+        .get(&format!("/v1/jobs/{}", light.id), &acme)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        light_answer.status(),
+        StatusCode::OK,
+        "light answers are never counted"
+    );
+    let others = json(s.get(&format!("/v1/jobs/{}", ids[2]), &other)).await;
+    assert_eq!(
+        others["report"]["stdout"]["text"].as_str().unwrap().len(),
+        24 << 20
+    );
+
+    // Once the held answer is read, the tenant's share is free again.
+    let body = held.bytes().await.unwrap();
+    assert!(body.len() > 24 << 20);
+    let mut answered = None;
+    for _ in 0..100 {
+        let resp = s
+            .get(&format!("/v1/jobs/{}", ids[1]), &acme)
+            .send()
+            .await
+            .unwrap();
+        if resp.status() != StatusCode::TOO_MANY_REQUESTS {
+            answered = Some(resp.status());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(answered, Some(StatusCode::OK));
 }

@@ -1,0 +1,215 @@
+//! Answers held in memory: a bound on the bytes the answers of heavy jobs
+//! (reports of [`HEAVY_REPORT`] or more) may hold at once, and on each
+//! tenant's share of it.
+//!
+//! A job's report can list tens of thousands of outputs: its answer is the
+//! decoded report and the encoded body, about twice its JSON, held from the
+//! store's read until the client has read the last byte. Without a bound,
+//! 56 `GET`s at once of one 48 MB report held 6 GB. Each heavy answer
+//! reserves what it will hold before it is built; a reservation over the
+//! tenant's share (a quarter) or the total is refused with 429 and
+//! `Retry-After` (the request can be repeated as it is), and the
+//! reservation is given back when the body is done or dropped. Light
+//! answers are never counted.
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http_body::{Frame, SizeHint};
+
+use super::ApiError;
+use crate::job::{HEAVY_REPORT, JobReport};
+
+/// How long a refused client is told to wait.
+const RETRY_AFTER_SECS: u64 = 1;
+
+/// What an answer holds per byte of its report's weight: the decoded
+/// report, the view built from it (outputs with their URLs), and the
+/// encoded body.
+const HELD_PER_BYTE: u64 = 3;
+
+#[derive(Debug, Default)]
+struct Held {
+    /// Per tenant: the bytes its answers reserved.
+    tenants: HashMap<String, u64>,
+    total: u64,
+}
+
+/// Heavy answers in flight, bounded in bytes, in all and per tenant.
+#[derive(Debug)]
+pub struct Answers {
+    max_bytes: u64,
+    tenant_share: u64,
+    held: Mutex<Held>,
+}
+
+impl Answers {
+    /// A bound of `max_bytes` for all heavy answers, a quarter of it per
+    /// tenant.
+    pub fn new(max_bytes: u64) -> Arc<Self> {
+        Arc::new(Self {
+            max_bytes,
+            tenant_share: (max_bytes / 4).max(1),
+            held: Mutex::default(),
+        })
+    }
+
+    /// What answering `report` reserves: nothing for a light one. At most
+    /// a tenant's share, so that any one report can be answered when
+    /// nothing else is held.
+    pub fn cost(&self, report: Option<&JobReport>) -> u64 {
+        match report {
+            Some(r) if r.weight() >= HEAVY_REPORT => {
+                (r.weight() as u64 * HELD_PER_BYTE).min(self.tenant_share)
+            }
+            _ => 0,
+        }
+    }
+
+    /// Reserves `bytes` for one of `tenant`'s answers, until the permit
+    /// is dropped.
+    ///
+    /// # Errors
+    /// [`ApiError::TooManyRequests`] when the tenant's answers already
+    /// hold its share, or all answers the total.
+    pub fn acquire(self: &Arc<Self>, tenant: &str, bytes: u64) -> Result<AnswerPermit, ApiError> {
+        let permit = || AnswerPermit {
+            answers: Arc::clone(self),
+            tenant: tenant.to_owned(),
+            bytes,
+        };
+        if bytes == 0 {
+            return Ok(permit());
+        }
+        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        let reserved = held.tenants.get(tenant).copied().unwrap_or(0);
+        let refusal = if reserved + bytes > self.tenant_share {
+            Some(format!(
+                "tenant `{tenant}` already has {reserved} bytes of large job reports being answered"
+            ))
+        } else if held.total + bytes > self.max_bytes {
+            Some("the service is answering as many large job reports as it may; retry".to_owned())
+        } else {
+            None
+        };
+        if let Some(message) = refusal {
+            return Err(ApiError::TooManyRequests {
+                message,
+                retry_after: RETRY_AFTER_SECS,
+            });
+        }
+        held.tenants.insert(tenant.to_owned(), reserved + bytes);
+        held.total += bytes;
+        Ok(permit())
+    }
+
+    /// Bytes all answers hold now.
+    #[cfg(test)]
+    pub fn held(&self) -> u64 {
+        self.held.lock().unwrap_or_else(|p| p.into_inner()).total
+    }
+}
+
+/// One heavy answer's reservation; dropping it gives it back.
+#[derive(Debug)]
+pub struct AnswerPermit {
+    answers: Arc<Answers>,
+    tenant: String,
+    bytes: u64,
+}
+
+impl Drop for AnswerPermit {
+    fn drop(&mut self) {
+        if self.bytes == 0 {
+            return;
+        }
+        let mut held = self.answers.held.lock().unwrap_or_else(|p| p.into_inner());
+        held.total -= self.bytes;
+        if let Some(reserved) = held.tenants.get_mut(&self.tenant) {
+            *reserved -= self.bytes;
+            if *reserved == 0 {
+                held.tenants.remove(&self.tenant);
+            }
+        }
+    }
+}
+
+/// Bytes per frame of a [`HeldBody`].
+const FRAME: usize = 64 << 10;
+
+/// A body built whole, handed to the connection a frame at a time (slices
+/// of the one buffer), so that it is done, and its answer's reservation
+/// given back, only once the connection has taken its last frame: the
+/// client has read all but what the connection buffers.
+#[derive(Debug)]
+pub struct HeldBody {
+    left: Bytes,
+    _permit: AnswerPermit,
+}
+
+impl HeldBody {
+    pub fn new(data: Vec<u8>, permit: AnswerPermit) -> Self {
+        Self {
+            left: Bytes::from(data),
+            _permit: permit,
+        }
+    }
+}
+
+impl http_body::Body for HeldBody {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = self.get_mut();
+        if this.left.is_empty() {
+            return Poll::Ready(None);
+        }
+        let frame = this.left.split_to(this.left.len().min(FRAME));
+        Poll::Ready(Some(Ok(Frame::data(frame))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.left.is_empty()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::with_exact(self.left.len() as u64)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_tenant_holds_at_most_its_share_and_all_at_most_the_total() {
+        let answers = Answers::new(400);
+        let a1 = answers.acquire("a", 60).unwrap();
+        let a2 = answers.acquire("a", 40).unwrap();
+        assert!(matches!(
+            answers.acquire("a", 1),
+            Err(ApiError::TooManyRequests { .. })
+        ));
+        let b = answers.acquire("b", 100).unwrap();
+        let c = answers.acquire("c", 100).unwrap();
+        let d = answers.acquire("d", 100).unwrap();
+        assert!(
+            answers.acquire("e", 1).is_err(),
+            "the total is held, whoever asks"
+        );
+        assert!(answers.acquire("e", 0).is_ok(), "light answers never wait");
+        drop((a1, b));
+        assert_eq!(answers.held(), 240);
+        let a3 = answers.acquire("a", 60).unwrap();
+        drop((a2, a3, c, d));
+        assert_eq!(answers.held(), 0);
+        assert!(answers.held.lock().unwrap().tenants.is_empty());
+    }
+}
