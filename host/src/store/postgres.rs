@@ -1234,8 +1234,7 @@ mod tests {
     use std::path::Path;
 
     use super::*;
-    use crate::job::{OutputFile, ReportSummary};
-    use crate::sandbox::{JobReport, LimitKind};
+    use crate::job::{JobReport, LimitKind, OutputFile, ReportSummary};
 
     /// A database migrated as it was before job summaries (every migration
     /// but the last), holding jobs that finished then, gets their summaries
