@@ -9,8 +9,10 @@
 //! reserves what it will hold before it is built; a reservation over the
 //! tenant's share (a quarter) or the total is refused with 429 and
 //! `Retry-After` (the request can be repeated as it is), and the
-//! reservation is given back when the body is done or dropped. Light
-//! answers are never counted.
+//! reservation is given back when the body is done or dropped. The
+//! reservation is made from the report's stored length, before the job is
+//! read: a refusal costs one small query, not a read and decode of the
+//! report. Light answers are never counted.
 
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -69,6 +71,16 @@ impl Answers {
         }
     }
 
+    /// What answering a report stored as `len` bytes of JSON reserves
+    /// (see [`Self::cost`]): known before the report is read.
+    pub fn cost_of_len(&self, len: u64) -> u64 {
+        if len >= HEAVY_REPORT as u64 {
+            len.saturating_mul(HELD_PER_BYTE).min(self.tenant_share)
+        } else {
+            0
+        }
+    }
+
     /// Reserves `bytes` for one of `tenant`'s answers, until the permit
     /// is dropped.
     ///
@@ -76,13 +88,17 @@ impl Answers {
     /// [`ApiError::TooManyRequests`] when the tenant's answers already
     /// hold its share, or all answers the total.
     pub fn acquire(self: &Arc<Self>, tenant: &str, bytes: u64) -> Result<AnswerPermit, ApiError> {
-        let permit = || AnswerPermit {
+        self.reserve(tenant, bytes)?;
+        Ok(AnswerPermit {
             answers: Arc::clone(self),
             tenant: tenant.to_owned(),
             bytes,
-        };
+        })
+    }
+
+    fn reserve(&self, tenant: &str, bytes: u64) -> Result<(), ApiError> {
         if bytes == 0 {
-            return Ok(permit());
+            return Ok(());
         }
         let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
         let reserved = held.tenants.get(tenant).copied().unwrap_or(0);
@@ -103,7 +119,7 @@ impl Answers {
         }
         held.tenants.insert(tenant.to_owned(), reserved + bytes);
         held.total += bytes;
-        Ok(permit())
+        Ok(())
     }
 
     /// Bytes all answers hold now.
@@ -119,6 +135,23 @@ pub struct AnswerPermit {
     answers: Arc<Answers>,
     tenant: String,
     bytes: u64,
+}
+
+impl AnswerPermit {
+    /// Grows the reservation to what answering `report` reserves, when the
+    /// report read is heavier than its stored length said (it was written
+    /// between the two reads).
+    ///
+    /// # Errors
+    /// As [`Answers::acquire`]; the reservation is then unchanged.
+    pub fn cover(&mut self, report: Option<&JobReport>) -> Result<(), ApiError> {
+        let needed = self.answers.cost(report);
+        if needed > self.bytes {
+            self.answers.reserve(&self.tenant, needed - self.bytes)?;
+            self.bytes = needed;
+        }
+        Ok(())
+    }
 }
 
 impl Drop for AnswerPermit {

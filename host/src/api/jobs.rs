@@ -431,11 +431,22 @@ pub(super) async fn submit(
         }
     }
     sub.params = params;
-    let sub_keyed = sub.idempotency_key.is_some();
     if let Some(upload) = upload.as_mut() {
         upload.received();
     }
 
+    // A keyed submission may be repeated as often as a client likes, each
+    // time answered with the same job: a heavy one counts against the
+    // answers' budget from before its job is read, and a refusal (429) is
+    // safe to retry with the key. An unkeyed one ran a job of its own, and
+    // is answered whatever.
+    let mut held = match &sub.idempotency_key {
+        Some(key) => {
+            let len = state.service.keyed_report_len(&who, key).await?;
+            Some(answers.acquire(&who.tenant, answers.cost_of_len(len))?)
+        }
+        None => None,
+    };
     let deadline = wait.map(|w| tokio::time::Instant::now() + w);
     let (record, receiver) = state.service.submit(&who, &module, sub, wait).await?;
     // The body is stored: a waiting request holds no upload.
@@ -459,15 +470,9 @@ pub(super) async fn submit(
         None if record.state.is_final() => (StatusCode::OK, record),
         None => (StatusCode::ACCEPTED, record),
     };
-    // A keyed submission may be repeated as often as a client likes, each
-    // time answered with the same job: a heavy one counts against the
-    // answers' budget, and a refusal (429) is safe to retry with the key.
-    // An unkeyed one ran a job of its own, and is answered whatever.
-    let held = if sub_keyed {
-        Some(answers.acquire(&who.tenant, answers.cost(job.report.as_ref()))?)
-    } else {
-        None
-    };
+    if let Some(held) = held.as_mut() {
+        held.cover(job.report.as_ref())?;
+    }
     let mut response = job_response(status, job, held);
     if let Ok(v) = HeaderValue::from_str(&location) {
         response.headers_mut().insert(header::LOCATION, v);
@@ -563,8 +568,10 @@ pub(super) async fn get_job(
     Caller(who): Caller,
     ApiPath(id): ApiPath<String>,
 ) -> Result<Response, ApiError> {
+    let len = state.service.report_len(&who, &id).await?;
+    let mut held = answers.acquire(&who.tenant, answers.cost_of_len(len))?;
     let job = state.service.job(&who, &id).await?;
-    let held = answers.acquire(&who.tenant, answers.cost(job.report.as_ref()))?;
+    held.cover(job.report.as_ref())?;
     Ok(job_response(StatusCode::OK, job, Some(held)))
 }
 
@@ -613,16 +620,25 @@ pub(super) async fn delete_job(
         (status = 200, description = "the file, as an attachment; its type from its extension",
             headers(("content-disposition" = String, description = "RFC 6266: an ASCII `filename` and a UTF-8 `filename*`"))),
         (status = 404, body = super::ErrorBody, description = "no such job or output"),
-        (status = 429, body = super::ErrorBody, description = "the tenant has `max_downloads_per_tenant` downloads running; see `Retry-After`",
+        (status = 429, body = super::ErrorBody, description = "the tenant has `max_downloads_per_tenant` downloads running, or the job's report is large and the tenant's or the service's share of `max_buffered_answers` is taken; see `Retry-After`",
             headers(("retry-after" = u64, description = "seconds")))))]
 pub(super) async fn get_output(
     State(state): State<AppState>,
     Extension(downloads): Extension<Arc<Downloads>>,
+    Extension(answers): Extension<Arc<Answers>>,
     Caller(who): Caller,
     ApiPath((id, name)): ApiPath<(String, String)>,
 ) -> Result<Response, ApiError> {
     let permit = downloads.acquire(&who.tenant)?;
+    // The output is looked up in the job's report, read whole: a heavy
+    // one is read within the answers' budget, which the file's stream
+    // then no longer holds.
+    let reading = answers.acquire(
+        &who.tenant,
+        answers.cost_of_len(state.service.report_len(&who, &id).await?),
+    )?;
     let (file, len) = state.service.output(&who, &id, &name).await?;
+    drop(reading);
     let headers = [
         (
             header::CONTENT_TYPE,

@@ -519,6 +519,28 @@ impl Service {
             .ok_or_else(|| ServiceError::NoJob(id.to_owned()))
     }
 
+    /// How many bytes the stored report of the caller's job `id` takes
+    /// (0: no such job, or no report yet), found without reading it.
+    ///
+    /// # Errors
+    /// Store failures.
+    pub async fn report_len(&self, who: &Identity, id: &str) -> Result<u64, ServiceError> {
+        let of = crate::store::ReportOf::Id(id);
+        Ok(self.store.report_len(&who.tenant, of).await?.unwrap_or(0))
+    }
+
+    /// The same of the caller's job that a submission with idempotency key
+    /// `key` would be answered with (0: none, or no report yet).
+    ///
+    /// # Errors
+    /// Store failures.
+    pub async fn keyed_report_len(&self, who: &Identity, key: &str) -> Result<u64, ServiceError> {
+        let retention = self.config.queue.idempotency_retention.get();
+        let since = now_ms().saturating_sub(retention.as_millis() as i64);
+        let of = crate::store::ReportOf::Key(key, since);
+        Ok(self.store.report_len(&who.tenant, of).await?.unwrap_or(0))
+    }
+
     /// The caller's most recent jobs, each with its report in a few words.
     ///
     /// # Errors

@@ -350,6 +350,16 @@ pub struct Idempotency {
     pub since: i64,
 }
 
+/// Which job's report [`JobStore::report_len`] measures.
+#[derive(Clone, Copy, Debug)]
+pub enum ReportOf<'a> {
+    /// The job with this id.
+    Id(&'a str),
+    /// The job created with this idempotency key since (Unix ms), as
+    /// [`JobStore::job_by_key`] finds it.
+    Key(&'a str, i64),
+}
+
 /// What inserting a job with an [`Idempotency`] key found.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Inserted {
@@ -586,6 +596,11 @@ pub trait JobStore: KeyDirectory + Send + Sync + std::fmt::Debug {
     ) -> Result<Option<(JobRecord, String)>, StoreError>;
     /// The tenant's job with this id.
     async fn get_job(&self, tenant: &str, id: &str) -> Result<Option<JobRecord>, StoreError>;
+    /// How many bytes the stored report of the tenant's job `of` takes,
+    /// found without reading the report (`octet_length`): what reading
+    /// the job will cost, known before it is read. `None`: no such job, or
+    /// no report yet.
+    async fn report_len(&self, tenant: &str, of: ReportOf<'_>) -> Result<Option<u64>, StoreError>;
     /// The tenant's most recent jobs.
     async fn list_jobs(&self, tenant: &str, limit: u32) -> Result<Vec<JobSummary>, StoreError>;
     /// The tenant's job `id`, `queued → running`, counting the attempt,

@@ -45,7 +45,7 @@ use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions, PgRo
 use super::{
     AuditEntry, AuditedJob, CancelOutcome, Caps, Claim, Claimed, DeleteOutcome, Expired,
     Idempotency, Inserted, JobFinished, JobRecord, JobState, JobStore, JobSummary, Lease,
-    PendingJob, QueueBounds, QueueFull, StoreError,
+    PendingJob, QueueBounds, QueueFull, ReportOf, StoreError,
 };
 use crate::auth::TokenRecord;
 
@@ -657,6 +657,35 @@ impl JobStore for PostgresStore {
         .as_ref()
         .map(job_row)
         .transpose()
+    }
+
+    async fn report_len(&self, tenant: &str, of: ReportOf<'_>) -> Result<Option<u64>, StoreError> {
+        // `octet_length` of a stored (TOASTed) text reads its size, not
+        // its value.
+        let len: Option<Option<i64>> =
+            match of {
+                ReportOf::Id(id) => sqlx::query_scalar(
+                    "SELECT octet_length(report)::BIGINT FROM jobs WHERE id = $1 AND tenant = $2",
+                )
+                .bind(id)
+                .bind(tenant)
+                .fetch_optional(&self.pool)
+                .await?,
+                ReportOf::Key(key, since) => {
+                    sqlx::query_scalar(
+                        "SELECT octet_length(jobs.report)::BIGINT
+                       FROM idempotency k JOIN jobs ON jobs.id = k.job_id
+                      WHERE k.tenant = $1 AND k.key = $2 AND k.created_at >= $3
+                        AND jobs.tenant = $1",
+                    )
+                    .bind(tenant)
+                    .bind(key)
+                    .bind(since)
+                    .fetch_optional(&self.pool)
+                    .await?
+                }
+            };
+        Ok(len.flatten().map(|n| n.max(0) as u64))
     }
 
     async fn list_jobs(&self, tenant: &str, limit: u32) -> Result<Vec<JobSummary>, StoreError> {

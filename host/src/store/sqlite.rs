@@ -27,7 +27,7 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, params};
 use super::{
     AuditEntry, AuditedJob, CancelOutcome, Caps, Claim, Claimed, DeleteOutcome, Expired,
     Idempotency, Inserted, JobFinished, JobRecord, JobState, JobStore, JobSummary, Lease,
-    PendingJob, StoreError,
+    PendingJob, ReportOf, StoreError,
 };
 use crate::auth::TokenRecord;
 
@@ -949,6 +949,29 @@ impl JobStore for SqliteStore {
                 )
             })
         })
+    }
+
+    async fn report_len(&self, tenant: &str, of: ReportOf<'_>) -> Result<Option<u64>, StoreError> {
+        // `octet_length` of a column is read from the row's header: the
+        // report's pages are not.
+        let len: Option<Option<i64>> = self.read(|c| {
+            Ok(match of {
+                ReportOf::Id(id) => c
+                    .prepare_cached(
+                        "SELECT octet_length(report) FROM jobs WHERE id = ?1 AND tenant = ?2",
+                    )?
+                    .query_row(params![id, tenant], |r| r.get(0))
+                    .optional()?,
+                ReportOf::Key(key, since) => c
+                    .prepare_cached(
+                        "SELECT octet_length(report) FROM jobs
+                          WHERE tenant = ?1 AND idempotency_key = ?2 AND created_at >= ?3",
+                    )?
+                    .query_row(params![tenant, key, since], |r| r.get(0))
+                    .optional()?,
+            })
+        })?;
+        Ok(len.flatten().map(|n| n.max(0) as u64))
     }
 
     async fn list_jobs(&self, tenant: &str, limit: u32) -> Result<Vec<JobSummary>, StoreError> {

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use super::{
     AuditEntry, CancelOutcome, Caps, Claim, Claimed, DeleteOutcome, Idempotency, Inserted,
-    JobRecord, JobState, JobStore, Lease, PostgresStore, SqliteStore, now_ms,
+    JobRecord, JobState, JobStore, Lease, PostgresStore, ReportOf, SqliteStore, now_ms,
 };
 use crate::auth::TokenRecord;
 
@@ -73,6 +73,7 @@ macro_rules! suite {
 }
 
 suite!(
+    a_reports_stored_length_is_known_by_id_or_key_without_reading_it,
     jobs_are_bound_to_their_tenant_and_move_through_states,
     finishing_a_job_writes_its_audit_entry,
     the_finished_audit_row_says_what_the_typed_report_says,
@@ -198,6 +199,51 @@ async fn jobs_are_bound_to_their_tenant_and_move_through_states(db: &Db) {
         DeleteOutcome::Deleted
     );
     assert!(!store.job_exists("j1").await.unwrap());
+}
+
+async fn a_reports_stored_length_is_known_by_id_or_key_without_reading_it(db: &Db) {
+    let store = db.open().await;
+    let mut report = crate::job::JobReport::not_run("big", "hello", "boom");
+    report.stdout.text = "é\u{0}x".repeat(100_000);
+    let key = Idempotency {
+        key: "k1".into(),
+        request_sha256: "h".into(),
+        since: 0,
+    };
+    store
+        .insert_finished_job(&job("big", "acme"), &report, 7, Some(&key))
+        .await
+        .unwrap();
+    store
+        .insert_job(&job("queued", "acme"), None)
+        .await
+        .unwrap();
+    let stored = serde_json::to_string(&report).unwrap().len() as u64;
+    assert_eq!(
+        store.report_len("acme", ReportOf::Id("big")).await.unwrap(),
+        Some(stored),
+        "bytes, not characters"
+    );
+    assert_eq!(
+        store
+            .report_len("acme", ReportOf::Key("k1", 0))
+            .await
+            .unwrap(),
+        Some(stored)
+    );
+    for (tenant, of) in [
+        ("acme", ReportOf::Id("queued")),
+        ("acme", ReportOf::Id("nope")),
+        ("other", ReportOf::Id("big")),
+        ("other", ReportOf::Key("k1", 0)),
+        ("acme", ReportOf::Key("k1", now_ms() + 1)),
+    ] {
+        assert_eq!(
+            store.report_len(tenant, of).await.unwrap(),
+            None,
+            "{tenant} {of:?}"
+        );
+    }
 }
 
 async fn finishing_a_job_writes_its_audit_entry(db: &Db) {

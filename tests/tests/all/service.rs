@@ -710,10 +710,33 @@ async fn large_reports_being_answered_hold_at_most_a_tenants_share_of_memory() {
         (crate::common::finished_record(&id, tenant, now), report)
     };
     let mut ids = Vec::new();
-    for tenant in ["acme", "acme", "other"] {
-        let (record, report) = heavy(tenant);
+    for (i, tenant) in ["acme", "acme", "other"].into_iter().enumerate() {
+        let (record, mut report) = heavy(tenant);
+        // The second also has an output, and was submitted with a key.
+        let key = (i == 1).then(|| bulkhead::store::Idempotency {
+            key: "k1".into(),
+            request_sha256: "another request".into(),
+            since: 0,
+        });
+        if i == 1 {
+            let out = s
+                .service
+                .config()
+                .storage
+                .data_dir
+                .join("jobs")
+                .join(&record.id)
+                .join("outputs");
+            std::fs::create_dir_all(&out).unwrap();
+            std::fs::write(out.join("a.txt"), b"a").unwrap();
+            report.outputs.push(bulkhead::job::OutputFile {
+                name: "a.txt".into(),
+                size: 1,
+                sha256: String::new(),
+            });
+        }
         store
-            .insert_finished_job(&record, &report, now, None)
+            .insert_finished_job(&record, &report, now, key.as_ref())
             .await
             .unwrap();
         ids.push(record.id);
@@ -734,12 +757,19 @@ async fn large_reports_being_answered_hold_at_most_a_tenants_share_of_memory() {
         .await
         .unwrap();
     assert_eq!(held.status(), StatusCode::OK);
-    for id in [&ids[0], &ids[1]] {
-        let refused = s
-            .get(&format!("/v1/jobs/{id}"), &acme)
-            .send()
-            .await
-            .unwrap();
+    // Its job again, another, an output of another, a submission whose
+    // key names another: each is refused before the report is read.
+    let keyed = || {
+        s.post("/v1/modules/hello/jobs", &acme)
+            .header("idempotency-key", "k1")
+    };
+    for request in [
+        s.get(&format!("/v1/jobs/{}", ids[0]), &acme),
+        s.get(&format!("/v1/jobs/{}", ids[1]), &acme),
+        s.get(&format!("/v1/jobs/{}/outputs/a.txt", ids[1]), &acme),
+        keyed(),
+    ] {
+        let refused = request.send().await.unwrap();
         assert!(refused.headers().contains_key("retry-after"));
         assert_eq!(
             error_code(refused).await,
@@ -775,11 +805,21 @@ async fn large_reports_being_answered_hold_at_most_a_tenants_share_of_memory() {
             .send()
             .await
             .unwrap();
-        if resp.status() != StatusCode::TOO_MANY_REQUESTS {
-            answered = Some(resp.status());
+        let status = resp.status();
+        // Read whole: the answer's reservation is back before its last
+        // bytes arrive.
+        resp.bytes().await.unwrap();
+        if status != StatusCode::TOO_MANY_REQUESTS {
+            answered = Some(status);
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(answered, Some(StatusCode::OK));
+    assert_eq!(s.output(&acme, &ids[1], "a.txt").await.as_ref(), b"a");
+    // Past the budget, the key is checked: it names another request.
+    assert_eq!(
+        error_code(keyed().send().await.unwrap()).await.0,
+        StatusCode::CONFLICT
+    );
 }
