@@ -217,15 +217,30 @@ impl From<BatchFailure> for StoreError {
     }
 }
 
-/// Read-only connections kept open between reads. A burst of concurrent
-/// reads opens as many as it needs; past this many, those it leaves close.
+/// Read-only connections kept open between reads: past this many, those a
+/// burst of reads leaves close.
 const MAX_IDLE_READERS: usize = 8;
+
+/// Read-only connections open at once, at most (a few descriptors each,
+/// within what the listeners' budget leaves the process); a read past
+/// them waits for one to come back.
+const MAX_READERS: usize = 16;
+
+/// The pool of read-only connections.
+#[derive(Default)]
+struct Readers {
+    idle: Vec<Connection>,
+    /// Idle and in use.
+    open: usize,
+}
 
 /// The SQLite job store.
 pub struct SqliteStore {
     writer: Mutex<Connection>,
     pending: Mutex<Vec<WriteOp>>,
-    readers: Mutex<Vec<Connection>>,
+    readers: Mutex<Readers>,
+    /// Signalled when a reader comes back or closes.
+    reader_back: std::sync::Condvar,
     path: std::path::PathBuf,
     // Dropping the sender stops the checkpoint thread.
     _checkpointer: mpsc::Sender<()>,
@@ -338,7 +353,8 @@ impl SqliteStore {
         Ok(Self {
             writer: Mutex::new(writer),
             pending: Mutex::new(Vec::new()),
-            readers: Mutex::new(Vec::new()),
+            readers: Mutex::default(),
+            reader_back: std::sync::Condvar::new(),
             path: path.to_owned(),
             _checkpointer: stop,
         })
@@ -455,29 +471,56 @@ impl SqliteStore {
         &self,
         f: impl FnOnce(&Connection) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
-        let pooled = self.readers.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        let lock = || self.readers.lock().unwrap_or_else(|e| e.into_inner());
+        let mut readers = lock();
+        let pooled = loop {
+            if let Some(c) = readers.idle.pop() {
+                break Some(c);
+            }
+            if readers.open < MAX_READERS {
+                readers.open += 1;
+                break None;
+            }
+            // Every connection is reading: one is back in a moment.
+            readers = self
+                .reader_back
+                .wait(readers)
+                .unwrap_or_else(|e| e.into_inner());
+        };
+        drop(readers);
         let conn = match pooled {
             Some(c) => c,
             None => {
-                let c = Connection::open_with_flags(
+                let opened = Connection::open_with_flags(
                     &self.path,
                     OpenFlags::SQLITE_OPEN_READ_ONLY
                         | OpenFlags::SQLITE_OPEN_NO_MUTEX
                         | OpenFlags::SQLITE_OPEN_URI,
-                )?;
-                configure(&c)?;
-                c
+                )
+                .map_err(StoreError::from)
+                .and_then(|c| configure(&c).map(|()| c).map_err(StoreError::from));
+                match opened {
+                    Ok(c) => c,
+                    Err(e) => {
+                        lock().open -= 1;
+                        self.reader_back.notify_one();
+                        return Err(e);
+                    }
+                }
             }
         };
         let result = f(&conn);
-        let mut idle = self.readers.lock().unwrap_or_else(|e| e.into_inner());
-        if idle.len() < MAX_IDLE_READERS {
-            idle.push(conn);
+        let mut readers = lock();
+        if readers.idle.len() < MAX_IDLE_READERS {
+            readers.idle.push(conn);
+            drop(readers);
         } else {
-            // A burst's extra connections (two descriptors each) close.
-            drop(idle);
+            // A burst's extra connections close.
+            readers.open -= 1;
+            drop(readers);
             drop(conn);
         }
+        self.reader_back.notify_one();
         result
     }
 }
@@ -1409,7 +1452,7 @@ mod tests {
     async fn a_burst_of_reads_leaves_a_bounded_pool_of_connections_open() {
         let dir = tempfile::tempdir().unwrap();
         let store = std::sync::Arc::new(SqliteStore::open(&db_path(&dir)).await.unwrap());
-        let burst = 3 * MAX_IDLE_READERS;
+        let burst = MAX_READERS;
         let together = std::sync::Arc::new(std::sync::Barrier::new(burst));
         let threads: Vec<_> = (0..burst)
             .map(|_| {
@@ -1433,11 +1476,37 @@ mod tests {
         for t in threads {
             assert_eq!(t.join().unwrap(), 0);
         }
+        let readers = store.readers.lock().unwrap();
         assert_eq!(
-            store.readers.lock().unwrap().len(),
-            MAX_IDLE_READERS,
+            (readers.idle.len(), readers.open),
+            (MAX_IDLE_READERS, MAX_IDLE_READERS),
             "the burst's extra connections stayed open"
         );
+        drop(readers);
+
+        // Past MAX_READERS reads at once, a read waits for a connection:
+        // no more are ever open.
+        let most = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let threads: Vec<_> = (0..3 * MAX_READERS)
+            .map(|_| {
+                let (store, most) = (std::sync::Arc::clone(&store), std::sync::Arc::clone(&most));
+                std::thread::spawn(move || {
+                    store
+                        .read(|_| {
+                            let open = store.readers.lock().unwrap().open;
+                            most.fetch_max(open, std::sync::atomic::Ordering::SeqCst);
+                            std::thread::sleep(std::time::Duration::from_millis(20));
+                            Ok(())
+                        })
+                        .unwrap();
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        let most = most.load(std::sync::atomic::Ordering::SeqCst);
+        assert!(most <= MAX_READERS, "{most} connections open at once");
     }
 
     #[test]
