@@ -40,6 +40,31 @@ const MAX_LOAD_MESSAGE: usize = 16 << 10;
 /// A module as the worker holds it: compiled once, on its `Load`.
 type Compiled = tokio::sync::watch::Receiver<Option<Result<Arc<LoadedModule>, LoadError>>>;
 
+/// Signals that ask a process to stop or that come from a terminal, which
+/// a worker ignores: they are meant for the service (`kill -- -PGID`, a
+/// unit's control group, `pkill bulkhead`, Ctrl-C, a closed terminal),
+/// whose drain decides when its workers go — by closing their channels,
+/// or by dying, which kills them (`PR_SET_PDEATHSIG`). A worker that
+/// heeded them would die under its running jobs before the drain began,
+/// and fail them. (SIGKILL and SIGSTOP cannot be ignored: those are
+/// faults.)
+pub const IGNORED_SIGNALS: [libc::c_int; 6] = [
+    libc::SIGTERM,
+    libc::SIGINT,
+    libc::SIGHUP,
+    libc::SIGQUIT,
+    libc::SIGTSTP,
+    libc::SIGTTIN,
+];
+
+fn ignore_stop_requests() {
+    for signal in IGNORED_SIGNALS {
+        // SAFETY: setting a disposition to SIG_IGN installs no handler;
+        // the process is still single-threaded.
+        unsafe { libc::signal(signal, libc::SIG_IGN) };
+    }
+}
+
 /// The worker's entry point: `args` is its [`WorkerArgs`] as JSON.
 pub fn main(args: &OsStr) -> ExitCode {
     let Some(args) = args
@@ -51,6 +76,7 @@ pub fn main(args: &OsStr) -> ExitCode {
     let Some(channel) = process::inherited_channel() else {
         return ExitCode::from(2);
     };
+    ignore_stop_requests();
     // Job directories are made, opened and removed relative to the working
     // directory, which is the work directory handed over: each path through
     // `/proc/self/fd/N` cost a walk of procfs per call.

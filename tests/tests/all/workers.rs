@@ -104,6 +104,54 @@ async fn a_hardened_worker_keeps_its_own_page_map_and_nothing_else_of_proc() {
     }
 }
 
+/// Requests to stop meant for the service — SIGTERM to its process group
+/// or control group, Ctrl-C, a closed terminal — do not end its workers:
+/// the job running in one ends on its own terms and the worker stays.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_worker_outlives_stop_requests_meant_for_the_service() {
+    let server = service::start(|c| {
+        sleeper(1_500).write_to(&c.modules.policies_dir);
+        c.zones.insert(
+            "untrusted".into(),
+            bulkhead::config::ZonePool {
+                workers: 1,
+                ..Default::default()
+            },
+        );
+    })
+    .await;
+    let token = server.token("acme", &["hostile:run"]).await;
+    let before = workers(&server);
+    assert_eq!(before.len(), 1);
+    let job = submit(&server, &token, "hostile", false).await;
+    let id = job["id"].as_str().unwrap().to_owned();
+    for _ in 0..200 {
+        let now = json(server.get(&format!("/v1/jobs/{id}"), &token)).await;
+        if now["state"] == "running" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    for signal in bulkhead::worker::child::IGNORED_SIGNALS {
+        // SAFETY: kill(2) with a pid and a signal number has no memory
+        // effects.
+        assert_eq!(unsafe { libc::kill(before[0] as i32, signal) }, 0);
+    }
+    let done = server.finished(&token, &id).await;
+    // The sleeper ends at its wall-time limit, as it would have.
+    assert_eq!(done["report"]["limit"], "wall_time", "{done}");
+    assert_ne!(done["report"]["failure"]["kind"], "worker", "{done}");
+    assert_eq!(workers(&server), before, "the worker was replaced");
+    assert!(
+        !server
+            .audit(50)
+            .await
+            .iter()
+            .any(|e| e["action"] == "worker.fault"),
+        "a worker fault was recorded"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_killed_worker_fails_its_job_by_name_and_is_replaced() {
     let server = service::start(|c| {
