@@ -174,6 +174,9 @@ pub struct Service {
     waiters: Mutex<HashMap<String, Vec<oneshot::Sender<Option<JobRecord>>>>>,
     cancels: Mutex<HashMap<String, Arc<Notify>>>,
     draining: AtomicBool,
+    /// This process's hold on its data directory (`bulkhead.lock`), from
+    /// before anything in it is touched until shutdown has returned.
+    data_lock: Mutex<Option<std::fs::File>>,
     /// Set when shutdown stops the runner's guests (its workers killed with
     /// the jobs they ran): what the runner says of a job from then on is no
     /// result, and the job is left to run again.
@@ -258,6 +261,7 @@ impl Service {
             StartError::Storage(format!("data directory {}: {e}", data.display()))
         };
         crate::sandbox::create_private_dir_all(data).map_err(|e| storage(&e))?;
+        let data_lock = lock_data_dir(data).map_err(|e| storage(&e))?;
         let store: Arc<dyn JobStore> = match (store, &config.storage.url) {
             (Some(s), _) => s,
             (None, Some(url)) => Arc::new(
@@ -348,6 +352,7 @@ impl Service {
             waiters: Mutex::default(),
             cancels: Mutex::default(),
             draining: AtomicBool::new(false),
+            data_lock: Mutex::new(Some(data_lock)),
             guests_stopped: AtomicBool::new(false),
             storage_ok: AtomicBool::new(true),
             recover_wanted: AtomicBool::new(false),
@@ -622,6 +627,13 @@ impl Service {
                 tracing::warn!(dir = %work.display(), error = %e, "cannot remove the work directory");
             }
         }
+        // Nothing of this process touches the data directory any more.
+        drop(
+            self.data_lock
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take(),
+        );
     }
 
     /// Jobs this node is running now (its scheduler's taken slots): after
@@ -656,6 +668,45 @@ fn scope_strings(policy: &Policy) -> Vec<String> {
         .iter()
         .map(ToString::to_string)
         .collect()
+}
+
+/// Takes `data`'s lock file (`bulkhead.lock`, an exclusive `flock`, held
+/// while the returned file is open): a second service on the same data
+/// directory — a second `bulkhead serve` of the same config, say — stops
+/// before it touches anything there, or the work directory named after it
+/// (which a start empties under the first one's running jobs).
+fn lock_data_dir(data: &Path) -> std::io::Result<std::fs::File> {
+    use std::io::{Read, Seek, Write};
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = data.join("bulkhead.lock");
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(&path)?;
+    if let Err(e) = rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+        if e != rustix::io::Errno::WOULDBLOCK {
+            return Err(e.into());
+        }
+        let mut holder = String::new();
+        let _ = file.read_to_string(&mut holder);
+        let holder = holder.trim();
+        return Err(std::io::Error::other(format!(
+            "in use by another bulkhead process{} ({} is locked)",
+            if holder.is_empty() {
+                String::new()
+            } else {
+                format!(" (pid {holder})")
+            },
+            path.display()
+        )));
+    }
+    file.set_len(0)?;
+    file.rewind()?;
+    writeln!(file, "{}", std::process::id())?;
+    Ok(file)
 }
 
 /// Free bytes under the data directory below which the service reports

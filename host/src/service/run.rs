@@ -392,9 +392,18 @@ impl Service {
         match result {
             Ok(Some(report)) => Ran::Ended(self.finish(record, claim, report).await.map(Box::new)),
             Ok(None) => Ran::Ended(None), // cancelled while running
-            // Its guest was stopped by shutdown: left `running` under this
-            // node's claim, it is re-run at the next start, attempt and all.
-            Err(ServiceError::Draining) => Ran::Ended(None),
+            // Its guest was stopped by shutdown, which is no failure of the
+            // job's: back to the queue with its attempt given back, for the
+            // next start (or another node). Should the store not take it,
+            // it stays `running` under this node's claim, and the next start
+            // takes it back, its attempt counted.
+            Err(ServiceError::Draining) => match self.store.requeue(claim, false).await {
+                Ok(_) => Ran::Requeued { storage: false },
+                Err(e) => {
+                    tracing::warn!(job = %record.id, error = %e, "cannot give back a job stopped by shutdown; the next start re-runs it");
+                    Ran::Ended(None)
+                }
+            },
             Err(e) => self.host_failed(record, claim, e).await,
         }
     }

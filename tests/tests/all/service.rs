@@ -488,8 +488,8 @@ async fn a_draining_service_refuses_new_jobs_with_503_and_is_not_ready() {
 }
 
 /// A shutdown kills the workers still running jobs when its grace ends:
-/// such a job is left `running`, neither stored `failed` nor blamed on its
-/// worker, and the next start runs it again.
+/// such a job goes back to the queue with its attempt given back, neither
+/// stored `failed` nor blamed on its worker, and the next start runs it.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_job_running_when_shutdown_stops_its_worker_is_left_to_run_again() {
     let s = start(|c| {
@@ -517,6 +517,24 @@ async fn a_job_running_when_shutdown_stops_its_worker_is_left_to_run_again() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(state().await.state.as_str(), "running");
+    // A second service on the same data directory stops before it touches
+    // anything: the running job's directories are still there.
+    let work = s.service.work_dir().to_owned();
+    let entries = || walk(&work);
+    let before = entries();
+    assert!(!before.is_empty());
+    let err = bulkhead::service::Service::start(s.service.config().clone(), None)
+        .await
+        .map(|_| ())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("in use by another bulkhead process"), "{err}");
+    assert_eq!(
+        entries(),
+        before,
+        "the second start touched the work directory"
+    );
+    assert_eq!(state().await.state.as_str(), "running");
     s.service.shutdown().await;
     // Its run ends once its worker is gone: whatever it was going to
     // store, it has by then.
@@ -530,11 +548,12 @@ async fn a_job_running_when_shutdown_stops_its_worker_is_left_to_run_again() {
     let left = state().await;
     assert_eq!(
         left.state.as_str(),
-        "running",
-        "a job stopped by shutdown was stored as finished: {:?}",
+        "queued",
+        "a job stopped by shutdown was not given back: {:?}",
         left.report.map(|r| r.failure)
     );
     assert!(left.report.is_none() && left.finished_at.is_none());
+    assert_eq!(left.attempts, 0, "shutdown spent its attempt");
     let audit = store.audit(100).await.unwrap();
     assert!(
         !audit.iter().any(|e| e.action == "worker.fault"),
@@ -556,7 +575,7 @@ async fn a_job_running_when_shutdown_stops_its_worker_is_left_to_run_again() {
         tokio::time::sleep(Duration::from_millis(100)).await;
         rerun = state().await;
     }
-    assert_eq!(rerun.attempts, 2, "{rerun:?}");
+    assert_eq!(rerun.attempts, 1, "{rerun:?}");
     let report = rerun.report.expect("finished by the next start");
     assert_eq!(
         report.limit,
@@ -822,4 +841,21 @@ async fn large_reports_being_answered_hold_at_most_a_tenants_share_of_memory() {
         error_code(keyed().send().await.unwrap()).await.0,
         StatusCode::CONFLICT
     );
+}
+
+/// Every path beneath `dir`, sorted.
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut found = Vec::new();
+    let mut todo = vec![dir.to_owned()];
+    while let Some(d) = todo.pop() {
+        for entry in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let path = entry.path();
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                todo.push(path.clone());
+            }
+            found.push(path);
+        }
+    }
+    found.sort();
+    found
 }
