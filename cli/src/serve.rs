@@ -22,6 +22,9 @@ pub(crate) async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let admin_addr = config.server.admin_listen;
     let data_dir = config.storage.data_dir.clone();
     let service = bulkhead::service::Service::start(config, None).await?;
+    // The data directory stays locked until the process is gone, past the
+    // drain and the last audit entries: the kernel closes it at exit.
+    std::mem::forget(service.take_locks());
     let listeners = bulkhead::serve::Listeners::bind(public_addr, admin_addr).await?;
     // Print the bound addresses: a config may ask for port 0.
     let (public_addr, admin_addr) = listeners.local_addrs()?;
@@ -36,7 +39,7 @@ pub(crate) async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         "submit a job: curl -H \"Authorization: Bearer $TOKEN\" -H 'Content-Type: image/png' \\\n    --data-binary @examples/sunset.png 'http://{public_addr}/v1/modules/thumbnail/jobs?wait=10s&param.width=160'"
     );
 
-    // On SIGTERM or Ctrl-C: readiness turns 503 and running jobs get
+    // On SIGTERM, SIGINT, SIGHUP or SIGQUIT: readiness turns 503 and running jobs get
     // `shutdown_grace`; then the listeners close and open connections get
     // `serve::CLOSE_MARGIN` before they are dropped. Nothing else is waited
     // for: the runtime is shut down without waiting (see `main`).
@@ -82,17 +85,30 @@ fn exit_by(after: std::time::Duration) {
     }
 }
 
+/// Waits for a request to stop: SIGTERM, SIGINT (Ctrl-C), SIGHUP (its
+/// terminal or session gone) or SIGQUIT. Each drains the same way; left to
+/// their default, the last two would end the process at once, cutting every
+/// running job and open request. Should a handler not install, that signal
+/// keeps its default and the others still drain.
 async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(_) => {
-            let _ = ctrl_c.await;
-            return;
+    use tokio::signal::unix::{SignalKind, signal};
+    let stop = std::sync::Arc::new(tokio::sync::Notify::new());
+    for kind in [
+        SignalKind::terminate(),
+        SignalKind::interrupt(),
+        SignalKind::hangup(),
+        SignalKind::quit(),
+    ] {
+        match signal(kind) {
+            Ok(mut stream) => {
+                let stop = std::sync::Arc::clone(&stop);
+                tokio::spawn(async move {
+                    stream.recv().await;
+                    stop.notify_one();
+                });
+            }
+            Err(e) => eprintln!("cannot handle signal {}: {e}", kind.as_raw_value()),
         }
-    };
-    tokio::select! {
-        _ = ctrl_c => {}
-        _ = term.recv() => {}
     }
+    stop.notified().await;
 }

@@ -174,9 +174,10 @@ pub struct Service {
     waiters: Mutex<HashMap<String, Vec<oneshot::Sender<Option<JobRecord>>>>>,
     cancels: Mutex<HashMap<String, Arc<Notify>>>,
     draining: AtomicBool,
-    /// This process's hold on its data directory (`bulkhead.lock`), from
-    /// before anything in it is touched until shutdown has returned.
-    data_lock: Mutex<Option<std::fs::File>>,
+    /// This process's hold on its data and work directories (their lock
+    /// files), from before anything in them is touched until shutdown has
+    /// returned (or the process ends: [`Self::take_locks`]).
+    locks: Mutex<Vec<std::fs::File>>,
     /// Set when shutdown stops the runner's guests (its workers killed with
     /// the jobs they ran): what the runner says of a job from then on is no
     /// result, and the job is left to run again.
@@ -287,6 +288,15 @@ impl Service {
                 crate::sandbox::default_work_dir(&digest.as_str()[..12])
             }
         };
+        let mut locks = vec![data_lock];
+        if config.storage.work_dir.is_some() {
+            // The default one is the data directory's (its lock holds it).
+            locks.push(
+                lock_work_dir(&work, data, config.storage.cache_dir.as_deref()).map_err(|e| {
+                    StartError::Storage(format!("work directory {}: {e}", work.display()))
+                })?,
+            );
+        }
         if work.exists() {
             crate::sandbox::remove_tree(&work).map_err(|e| storage(&e))?;
         }
@@ -352,7 +362,7 @@ impl Service {
             waiters: Mutex::default(),
             cancels: Mutex::default(),
             draining: AtomicBool::new(false),
-            data_lock: Mutex::new(Some(data_lock)),
+            locks: Mutex::new(locks),
             guests_stopped: AtomicBool::new(false),
             storage_ok: AtomicBool::new(true),
             recover_wanted: AtomicBool::new(false),
@@ -599,10 +609,10 @@ impl Service {
     }
 
     /// Stops accepting jobs, lets running jobs finish for up to the grace
-    /// period (their leases renewed meanwhile), then returns. Jobs still
-    /// running are left `running` in the store: on SQLite re-run at the
-    /// next start, on PostgreSQL by any node once their lease runs out;
-    /// queued jobs stay queued.
+    /// period (their leases renewed meanwhile), stops the guests still
+    /// running and gives their jobs back to the queue, attempt and all,
+    /// then returns: the next start (or any node) runs them again. Queued
+    /// jobs stay queued.
     pub async fn shutdown(&self) {
         self.draining.store(true, Ordering::SeqCst);
         self.scheduler.close();
@@ -610,12 +620,13 @@ impl Service {
         while self.scheduler.depth().1 > 0 && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        // Workers still running a job die with it; it is re-run at the
-        // next start (or by another node once its claim lapses): the
-        // failure the runner then reports is no result of the job's, and
-        // is neither stored nor blamed on its worker ([`Self::execute`]).
+        // Workers still running a job die with it; it is given back to the
+        // queue: the failure the runner then reports is no result of the
+        // job's, and is neither stored nor blamed on its worker
+        // ([`Self::execute`]).
         self.guests_stopped.store(true, Ordering::SeqCst);
         self.runner.close();
+        self.give_back_claims().await;
         // With nothing running, the job directories (tmpfs by default) are
         // leftovers; a start would empty them anyway, so give the memory
         // back now.
@@ -628,12 +639,51 @@ impl Service {
             }
         }
         // Nothing of this process touches the data directory any more.
-        drop(
-            self.data_lock
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .take(),
-        );
+        drop(self.take_locks());
+    }
+
+    /// Gives every job this node still holds back to the queue, its
+    /// attempt with it: shutdown is no failure of the job's. Each run whose
+    /// guest was stopped does the same on its way out, but the process may
+    /// end before it gets there (nothing else keeps it alive once the
+    /// listeners close), or its guest may still be running (in-process
+    /// jobs are not stopped): so shutdown writes it itself, before it
+    /// returns. A claim is given back once (the store matches it), so the
+    /// two never count twice. Bounded by [`GIVE_BACK`]: a store that does
+    /// not take it leaves the job `running` under this node's claim, and
+    /// the next start takes it back, its attempt counted.
+    async fn give_back_claims(&self) {
+        let held: Vec<crate::store::Claimed> = self
+            .claims_lock()
+            .values()
+            .map(|(claim, _)| claim.clone())
+            .collect();
+        let give_back = async {
+            for claim in &held {
+                if let Err(e) = self.store.requeue(claim, false).await {
+                    tracing::warn!(job = %claim.id(), error = %e, "cannot give back a job stopped by shutdown; the next start re-runs it");
+                }
+            }
+            // Then let the runs end (their directories, their gauges).
+            while self.scheduler.depth().1 > 0 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        };
+        if tokio::time::timeout(GIVE_BACK, give_back).await.is_err() {
+            tracing::warn!(
+                jobs = self.scheduler.depth().1,
+                "shutdown: runs still ending after the grace"
+            );
+        }
+    }
+
+    /// Takes the locks of the data and work directories out of the
+    /// service, for a process to hold until it ends (by never closing
+    /// them): [`Self::shutdown`] then leaves them held, so no second
+    /// service starts on the directories while this process still writes
+    /// its last entries.
+    pub fn take_locks(&self) -> Vec<std::fs::File> {
+        std::mem::take(&mut *self.locks.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
     /// Jobs this node is running now (its scheduler's taken slots): after
@@ -676,16 +726,56 @@ fn scope_strings(policy: &Policy) -> Vec<String> {
 /// before it touches anything there, or the work directory named after it
 /// (which a start empties under the first one's running jobs).
 fn lock_data_dir(data: &Path) -> std::io::Result<std::fs::File> {
+    lock_file(&data.join("bulkhead.lock"))
+}
+
+/// Takes a configured work directory's lock: `<work>.lock` beside it, as
+/// the directory itself is emptied and removed. A configured `work_dir` may be
+/// shared by services of different data directories, whose starts would
+/// empty it under each other's running jobs: the second stops first. A
+/// work directory holding the data or cache directory is refused, as a
+/// start empties it.
+fn lock_work_dir(work: &Path, data: &Path, cache: Option<&Path>) -> std::io::Result<std::fs::File> {
+    let invalid =
+        |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidInput, what.to_owned());
+    let (Some(parent), Some(name)) = (work.parent(), work.file_name()) else {
+        return Err(invalid("not a directory a service can empty"));
+    };
+    let parent = if parent.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        parent
+    };
+    crate::sandbox::create_private_dir_all(parent)?;
+    let canonical = std::fs::canonicalize(parent)?.join(name);
+    let canonical = std::fs::canonicalize(&canonical).unwrap_or(canonical);
+    let data = std::fs::canonicalize(data)?;
+    let cache = cache.map(|c| std::fs::canonicalize(c).unwrap_or_else(|_| c.to_owned()));
+    for (what, dir) in [("data", Some(&data)), ("cache", cache.as_ref())] {
+        if dir.is_some_and(|dir| dir.starts_with(&canonical)) {
+            return Err(invalid(&format!(
+                "holds the {what} directory, which a start would empty"
+            )));
+        }
+    }
+    let mut lock = name.to_owned();
+    lock.push(".lock");
+    lock_file(&parent.join(lock))
+}
+
+/// An exclusive `flock` of `path` (created if missing), held while the
+/// returned file is open, with this process's id written in it; taken by
+/// another process, an error naming that one.
+fn lock_file(path: &Path) -> std::io::Result<std::fs::File> {
     use std::io::{Read, Seek, Write};
     use std::os::unix::fs::OpenOptionsExt;
-    let path = data.join("bulkhead.lock");
     let mut file = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .create(true)
         .truncate(false)
         .mode(0o600)
-        .open(&path)?;
+        .open(path)?;
     if let Err(e) = rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
         if e != rustix::io::Errno::WOULDBLOCK {
             return Err(e.into());
@@ -708,6 +798,10 @@ fn lock_data_dir(data: &Path) -> std::io::Result<std::fs::File> {
     writeln!(file, "{}", std::process::id())?;
     Ok(file)
 }
+
+/// How long shutdown gives, after the grace, to give back the jobs it
+/// stopped and let their runs end (a store write each, or one per job).
+const GIVE_BACK: Duration = Duration::from_millis(500);
 
 /// Free bytes under the data directory below which the service reports
 /// itself not ready (and the keeper's probe fails).

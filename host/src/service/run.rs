@@ -370,7 +370,9 @@ impl Service {
         }
     }
 
-    fn claims_lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, (Claimed, ClaimState)>> {
+    pub(super) fn claims_lock(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<String, (Claimed, ClaimState)>> {
         self.claims.lock().unwrap_or_else(|e| e.into_inner())
     }
 

@@ -568,6 +568,92 @@ async fn sigterm_exits_within_its_bound_whatever_clients_hold_open() {
     }
 }
 
+/// Every request to stop drains the same way — SIGTERM, SIGINT, SIGHUP
+/// (a closed terminal) and SIGQUIT: the process exits 0, not killed by the
+/// signal, and a job its grace cut is back in the queue with its attempt
+/// given back, written before the process ends (nothing else keeps it
+/// alive). The same data directory serves the next start, which runs the
+/// job again, so four stops in a row cost it no attempt.
+#[tokio::test(flavor = "multi_thread")]
+async fn every_stop_signal_drains_and_gives_the_running_job_back_with_its_attempt() {
+    let dir = tempfile::tempdir().unwrap();
+    let (config, data) = ConfigFile {
+        policies: vec![crate::common::sleeper(600_000)],
+        server: "shutdown_grace = \"200 ms\"",
+        queue: "workers = 2",
+        audit: "",
+    }
+    .write(dir.path());
+    let http = reqwest::Client::new();
+    let mut secret = None;
+    let mut id = None;
+    for (name, signal) in [
+        ("SIGTERM", libc::SIGTERM),
+        ("SIGINT", libc::SIGINT),
+        ("SIGHUP", libc::SIGHUP),
+        ("SIGQUIT", libc::SIGQUIT),
+    ] {
+        let mut served = Served::start(&config);
+        let base = served.base();
+        let secret = match &secret {
+            Some(secret) => String::clone(secret),
+            None => secret
+                .insert(token(&data, "acme", &["hostile:run"]).await)
+                .clone(),
+        };
+        let job = match &id {
+            Some(id) => String::clone(id),
+            None => {
+                let resp = http
+                    .post(format!("{base}/v1/modules/hostile/jobs"))
+                    .bearer_auth(&secret)
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(resp.status(), 202);
+                let body: serde_json::Value = resp.json().await.unwrap();
+                id.insert(body["id"].as_str().unwrap().to_owned()).clone()
+            }
+        };
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        loop {
+            let body: serde_json::Value = http
+                .get(format!("{base}/v1/jobs/{job}"))
+                .bearer_auth(&secret)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            if body["state"] == "running" {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{name}: the job never ran: {body}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        served.signal(signal);
+        assert!(
+            served.exited_within(PATIENCE).await,
+            "{name}: the process did not exit"
+        );
+        let status = served.exit_status().unwrap();
+        assert!(status.success(), "{name}: the process ended {status}");
+        let store = SqliteStore::open(&data.join("bulkhead.sqlite"))
+            .await
+            .unwrap();
+        let left = store.get_job("acme", &job).await.unwrap().unwrap();
+        assert_eq!(
+            (left.state.as_str(), left.attempts, left.report.is_none()),
+            ("queued", 0, true),
+            "{name}: the job was not given back: {left:?}"
+        );
+    }
+}
+
 /// A connection from `from` with a submission in flight: its handler is
 /// reading a body of 1,000 bytes, of which 10 were sent. hyper answers
 /// `100 Continue` only once the handler asks for the body, so its arrival

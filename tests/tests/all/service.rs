@@ -585,6 +585,91 @@ async fn a_job_running_when_shutdown_stops_its_worker_is_left_to_run_again() {
     again.shutdown().await;
 }
 
+/// A configured work directory is held like the data directory: a service
+/// of another data directory naming the same one stops before it empties
+/// it under the first one's running job, and one holding the data or cache
+/// directory (which a start would empty) is refused.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_work_directory_in_use_or_holding_the_data_is_refused_before_it_is_touched() {
+    let shared = tempfile::tempdir().unwrap();
+    let work = shared.path().join("work");
+    let s = start(|c| {
+        c.storage.work_dir = Some(work.clone());
+        c.server.shutdown_grace = "200 ms".parse().unwrap();
+        crate::common::sleeper(60_000).write_to(&c.modules.policies_dir);
+    })
+    .await;
+    let token = s.token("acme", &["hostile:run"]).await;
+    let resp = s
+        .post("/v1/modules/hostile/jobs", &token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::ACCEPTED);
+    let id = resp.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let store = std::sync::Arc::clone(s.service.store());
+    let state = || async { store.get_job("acme", &id).await.unwrap().unwrap() };
+    for _ in 0..300 {
+        if state().await.state.as_str() == "running" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(state().await.state.as_str(), "running");
+    // Its worker has made the job's directories.
+    let made = || {
+        walk(&work)
+            .iter()
+            .any(|p| p.extension().is_some_and(|e| e == "out"))
+    };
+    for _ in 0..300 {
+        if made() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(made(), "{:?}", walk(&work));
+    let before = walk(&work);
+
+    let other = tempfile::tempdir().unwrap();
+    let mut config = s.service.config().clone();
+    config.storage.data_dir = other.path().join("data");
+    let err = bulkhead::service::Service::start(config.clone(), None)
+        .await
+        .map(|_| ())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("in use by another bulkhead process"), "{err}");
+    assert_eq!(
+        walk(&work),
+        before,
+        "the second start touched the work directory"
+    );
+    assert_eq!(state().await.state.as_str(), "running");
+
+    // A work directory that holds the data directory, or the cache.
+    config.storage.work_dir = Some(other.path().to_owned());
+    let err = bulkhead::service::Service::start(config.clone(), None)
+        .await
+        .map(|_| ())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("holds the data directory"), "{err}");
+    let third = tempfile::tempdir().unwrap();
+    config.storage.data_dir = third.path().join("data");
+    config.storage.cache_dir = Some(other.path().join("cache"));
+    let err = bulkhead::service::Service::start(config, None)
+        .await
+        .map(|_| ())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("holds the cache directory"), "{err}");
+    s.service.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_sync_job_on_the_fast_path_is_stored_finished_and_audited() {
     // hello's wall-time limit (10 s) ends before the 20 s wait and the
