@@ -95,7 +95,7 @@ pub(super) struct OutputLink {
 }
 
 /// A job as its owner sees it.
-#[derive(Serialize, utoipa::ToSchema)]
+#[derive(utoipa::ToSchema)]
 pub(super) struct JobView {
     id: String,
     module: String,
@@ -107,26 +107,18 @@ pub(super) struct JobView {
     attempts: u32,
     /// The sandbox report once finished; trap details are redacted.
     report: Option<JobReport>,
-    outputs: Vec<OutputLink>,
+    /// The report's outputs with their download paths, written from the
+    /// report as the view is encoded: a report can list tens of thousands,
+    /// and a second list of them would be held beside the first.
+    #[schema(value_type = Vec<OutputLink>)]
+    outputs: OutputLinks,
 }
+
+/// Where [`JobView`] writes its outputs' links.
+pub(super) struct OutputLinks;
 
 impl JobView {
     fn from(job: JobRecord) -> Self {
-        let outputs = job
-            .report
-            .as_ref()
-            .map(|r| {
-                r.outputs
-                    .iter()
-                    .map(|o| OutputLink {
-                        name: o.name.clone(),
-                        size: o.size,
-                        sha256: o.sha256.clone(),
-                        url: super::output_url(&job.id, &o.name),
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
         Self {
             id: job.id,
             module: job.module,
@@ -136,8 +128,54 @@ impl JobView {
             finished_at: job.finished_at,
             attempts: job.attempts,
             report: job.report.map(redact),
-            outputs,
+            outputs: OutputLinks,
         }
+    }
+}
+
+impl Serialize for JobView {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let Self {
+            id,
+            module,
+            state,
+            created_at,
+            started_at,
+            finished_at,
+            attempts,
+            report,
+            outputs: OutputLinks,
+        } = self;
+        let files = report.as_ref().map_or(&[][..], |r| &r.outputs[..]);
+        let mut view = serializer.serialize_struct("JobView", 9)?;
+        view.serialize_field("id", id)?;
+        view.serialize_field("module", module)?;
+        view.serialize_field("state", state)?;
+        view.serialize_field("created_at", created_at)?;
+        view.serialize_field("started_at", started_at)?;
+        view.serialize_field("finished_at", finished_at)?;
+        view.serialize_field("attempts", attempts)?;
+        view.serialize_field("report", report)?;
+        view.serialize_field("outputs", &Links { job: id, files })?;
+        view.end()
+    }
+}
+
+/// A job's outputs as [`OutputLink`]s, each made as it is written.
+struct Links<'a> {
+    job: &'a str,
+    files: &'a [crate::job::OutputFile],
+}
+
+impl Serialize for Links<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_seq(self.files.iter().map(|o| OutputLink {
+            name: o.name.clone(),
+            size: o.size,
+            sha256: o.sha256.clone(),
+            url: super::output_url(self.job, &o.name),
+        }))
     }
 }
 

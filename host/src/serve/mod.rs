@@ -53,6 +53,7 @@
 pub mod budget;
 pub mod denials;
 mod idle;
+pub mod memory;
 mod rate;
 
 use std::convert::Infallible;

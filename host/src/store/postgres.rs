@@ -266,9 +266,11 @@ fn token_row(row: &PgRow) -> Result<TokenRecord, StoreError> {
 
 fn job_row(row: &PgRow) -> Result<JobRecord, StoreError> {
     let state: String = row.try_get("state")?;
-    let report: Option<String> = row.try_get("report")?;
+    // Decoded from the row's own buffer: a report can be tens of MB, and
+    // a copy of it would be held beside the decoded one.
+    let report: Option<&str> = row.try_get("report")?;
     let report = report
-        .map(|r| crate::sandbox::JobReport::decode(&r))
+        .map(crate::sandbox::JobReport::decode)
         .transpose()
         .map_err(|e| StoreError::Corrupt(format!("report: {e}")))?;
     Ok(JobRecord {

@@ -604,9 +604,13 @@ fn state_in(conn: &Connection, tenant: &str, id: &str) -> Result<Option<JobState
 
 fn job_row(row: &Row<'_>) -> rusqlite::Result<JobRecord> {
     let state: String = row.get("state")?;
-    let report: Option<String> = row.get("report")?;
-    let report = report
-        .map(|r| crate::sandbox::JobReport::decode(&r))
+    // Decoded from SQLite's own buffer: a report can be tens of MB, and a
+    // copy of it would be held beside the decoded one.
+    let report = row
+        .get_ref("report")?
+        .as_str_or_null()
+        .map_err(undecodable)?
+        .map(crate::sandbox::JobReport::decode)
         .transpose()
         .map_err(undecodable)?;
     Ok(JobRecord {
