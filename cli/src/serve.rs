@@ -21,7 +21,17 @@ pub(crate) async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let public_addr = config.server.listen;
     let admin_addr = config.server.admin_listen;
     let data_dir = config.storage.data_dir.clone();
-    let service = bulkhead::service::Service::start(config, None).await?;
+    // Requests to stop are taken from now on: one arriving while the
+    // service starts ends the start (nothing runs yet: jobs it claimed are
+    // taken back by the next start), one arriving later drains it.
+    let stop = stop_signals();
+    let service = tokio::select! {
+        started = bulkhead::service::Service::start(config, None) => started?,
+        () = stop.notified() => {
+            eprintln!("stopped while starting");
+            return Ok(ExitCode::SUCCESS);
+        }
+    };
     // The data directory stays locked until the process is gone, past the
     // drain and the last audit entries: the kernel closes it at exit.
     std::mem::forget(service.take_locks());
@@ -45,7 +55,7 @@ pub(crate) async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     // for: the runtime is shut down without waiting (see `main`).
     let grace = service.config().server.shutdown_grace.get();
     let draining = async {
-        shutdown_signal().await;
+        stop.notified().await;
         eprintln!("shutting down: draining running jobs");
         exit_by(grace + bulkhead::serve::CLOSE_MARGIN + LAST_STEPS);
         service.shutdown().await;
@@ -85,12 +95,14 @@ fn exit_by(after: std::time::Duration) {
     }
 }
 
-/// Waits for a request to stop: SIGTERM, SIGINT (Ctrl-C), SIGHUP (its
-/// terminal or session gone) or SIGQUIT. Each drains the same way; left to
+/// Takes requests to stop: SIGTERM, SIGINT (Ctrl-C), SIGHUP (its terminal
+/// or session gone) and SIGQUIT, each notifying the returned `Notify`
+/// (a permit kept until it is awaited). Each drains the same way; left to
 /// their default, the last two would end the process at once, cutting every
-/// running job and open request. Should a handler not install, that signal
-/// keeps its default and the others still drain.
-async fn shutdown_signal() {
+/// running job and open request. The handlers are in place when this
+/// returns. Should one not install, that signal keeps its default and the
+/// others still drain.
+fn stop_signals() -> std::sync::Arc<tokio::sync::Notify> {
     use tokio::signal::unix::{SignalKind, signal};
     let stop = std::sync::Arc::new(tokio::sync::Notify::new());
     for kind in [
@@ -110,5 +122,5 @@ async fn shutdown_signal() {
             Err(e) => eprintln!("cannot handle signal {}: {e}", kind.as_raw_value()),
         }
     }
-    stop.notified().await;
+    stop
 }

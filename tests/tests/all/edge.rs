@@ -401,12 +401,13 @@ async fn a_flood_of_large_answers_holds_about_their_budget_and_gives_it_back() {
     let tenants = ["t1", "t2", "t3", "t4"];
     let mut jobs = Vec::new();
     for tenant in tenants {
-        // 120,000 outputs: about 18 MB of JSON, each a few small blocks
-        // once decoded; an answer reserves three times the JSON, so each
-        // tenant has one answer at a time and all four about the budget.
+        // 100,000 outputs: about 15 MB of JSON, each a few small blocks
+        // once decoded; an answer reserves four times the JSON (what it
+        // holds), under a tenant's share of 64 MiB but not twice: each
+        // tenant has one answer at a time, and all four about the budget.
         let id = crate::common::uuid_like();
         let mut report = bulkhead::sandbox::JobReport::not_run(&id, "hello", "stored by the test");
-        report.outputs = (0..120_000)
+        report.outputs = (0..100_000)
             .map(|i| bulkhead::job::OutputFile {
                 name: format!("pages/{i:06}/a-rendered-page-of-the-document-{i}.png"),
                 size: i,
