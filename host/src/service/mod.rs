@@ -627,6 +627,14 @@ impl Service {
         self.guests_stopped.store(true, Ordering::SeqCst);
         self.runner.close();
         self.give_back_claims().await;
+        // Requests waiting for a queued job (`?wait=`) are answered now,
+        // with its state (queued again, or as it ended), rather than cut
+        // when their connections close: dropping a waiter's sender makes
+        // its request read the job.
+        self.waiters
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
         // With nothing running, the job directories (tmpfs by default) are
         // leftovers; a start would empty them anyway, so give the memory
         // back now.

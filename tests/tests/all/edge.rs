@@ -763,6 +763,82 @@ async fn every_stop_signal_drains_and_gives_the_running_job_back_with_its_attemp
     }
 }
 
+/// Jobs running under `bulkhead serve` at `served`, from its metrics.
+async fn jobs_running(served: &Served, data: &Path) -> Option<f64> {
+    let admin_token = std::fs::read_to_string(data.join("admin.token")).unwrap();
+    let metrics = reqwest::Client::new()
+        .get(format!("http://{}/metrics", served.admin))
+        .bearer_auth(admin_token.trim())
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    metrics
+        .lines()
+        .find(|l| l.starts_with("bulkhead_jobs_running "))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+}
+
+/// A job waited for (`?wait=`) when the grace cuts it: one on the inline
+/// path (its wall time within the wait) is answered 503 and never stored —
+/// its client holds the answer, and a stored copy would run again for no
+/// one; a queued one is answered 202 with its state, back in the queue,
+/// rather than left to the connections' close.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_waited_for_job_cut_by_shutdown_is_answered_inline_503_queued_202() {
+    for (wall_ms, status, stored) in [(20_000, 503, false), (600_000, 202, true)] {
+        let dir = tempfile::tempdir().unwrap();
+        let (config, data) = ConfigFile {
+            policies: vec![crate::common::sleeper(wall_ms)],
+            server: "shutdown_grace = \"300 ms\"",
+            queue: "workers = 2",
+            audit: "",
+        }
+        .write(dir.path());
+        let mut served = Served::start(&config);
+        let base = served.base();
+        let secret = token(&data, "acme", &["hostile:run"]).await;
+        let waiting = tokio::spawn(
+            reqwest::Client::new()
+                .post(format!("{base}/v1/modules/hostile/jobs?wait=60s"))
+                .bearer_auth(&secret)
+                .send(),
+        );
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        while jobs_running(&served, &data).await != Some(1.0) {
+            assert!(tokio::time::Instant::now() < deadline, "the job never ran");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        served.terminate();
+        let answer = tokio::time::timeout(PATIENCE, waiting)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert_eq!(answer.status(), status, "wall time {wall_ms} ms");
+        let body = answer.text().await.unwrap();
+        assert!(served.exited_within(PATIENCE).await);
+        assert!(served.exit_status().unwrap().success());
+        let store = SqliteStore::open(&data.join("bulkhead.sqlite"))
+            .await
+            .unwrap();
+        let jobs = store.list_jobs("acme", 100).await.unwrap();
+        if stored {
+            let body: serde_json::Value = serde_json::from_str(&body).unwrap();
+            assert_eq!(body["state"], "queued", "{body}");
+            assert_eq!(jobs.len(), 1);
+            assert_eq!((jobs[0].state.as_str(), jobs[0].attempts), ("queued", 0));
+        } else {
+            assert!(
+                jobs.is_empty(),
+                "an inline job cut by shutdown was stored: {jobs:?}"
+            );
+        }
+    }
+}
+
 /// A connection from `from` with a submission in flight: its handler is
 /// reading a body of 1,000 bytes, of which 10 were sent. hyper answers
 /// `100 Continue` only once the handler asks for the body, so its arrival
