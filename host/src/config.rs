@@ -385,7 +385,7 @@ pub struct Storage {
     /// Precompiled-module cache [default: `<data_dir>/cache`].
     pub cache_dir: Option<PathBuf>,
     /// Job directories while jobs run; emptied at start, held by one
-    /// service at a time (`<work_dir>.lock` beside it). [default: a
+    /// service at a time (`bulkhead.lock` inside it). [default: a
     /// directory on `/dev/shm` named after the data directory].
     pub work_dir: Option<PathBuf>,
     /// A PostgreSQL database for jobs, tokens and audit instead of the

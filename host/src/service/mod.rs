@@ -288,18 +288,15 @@ impl Service {
                 crate::sandbox::default_work_dir(&digest.as_str()[..12])
             }
         };
-        let mut locks = vec![data_lock];
-        if config.storage.work_dir.is_some() {
-            // The default one is the data directory's (its lock holds it).
-            locks.push(
-                lock_work_dir(&work, data, config.storage.cache_dir.as_deref()).map_err(|e| {
-                    StartError::Storage(format!("work directory {}: {e}", work.display()))
-                })?,
-            );
-        }
-        if work.exists() {
-            crate::sandbox::remove_tree(&work).map_err(|e| storage(&e))?;
-        }
+        // Held, like the data directory, before anything in it is touched:
+        // its lock file is inside it and stays when it is emptied.
+        let (work, work_lock) =
+            lock_work_dir(&work, data, config.storage.cache_dir.as_deref(), &data_lock).map_err(
+                |e| StartError::Storage(format!("work directory {}: {e}", work.display())),
+            )?;
+        empty_work_dir(&work)
+            .map_err(|e| StartError::Storage(format!("work directory {}: {e}", work.display())))?;
+        let locks = vec![data_lock, work_lock];
         let jobs_dir = data.join("jobs");
         crate::sandbox::create_private_dir_all(&jobs_dir).map_err(|e| storage(&e))?;
         let blobs = crate::blob::open(&config.storage, &jobs_dir).await?;
@@ -637,13 +634,13 @@ impl Service {
             .clear();
         // With nothing running, the job directories (tmpfs by default) are
         // leftovers; a start would empty them anyway, so give the memory
-        // back now.
+        // back now (the lock file stays, held until this process ends).
         if self.scheduler.depth().1 == 0 {
             let work = self.runner.work_dir();
-            if let Err(e) = crate::sandbox::remove_tree(work)
+            if let Err(e) = empty_work_dir(work)
                 && e.kind() != std::io::ErrorKind::NotFound
             {
-                tracing::warn!(dir = %work.display(), error = %e, "cannot remove the work directory");
+                tracing::warn!(dir = %work.display(), error = %e, "cannot empty the work directory");
             }
         }
         // Nothing of this process touches the data directory any more.
@@ -734,41 +731,172 @@ fn scope_strings(policy: &Policy) -> Vec<String> {
 /// before it touches anything there, or the work directory named after it
 /// (which a start empties under the first one's running jobs).
 fn lock_data_dir(data: &Path) -> std::io::Result<std::fs::File> {
-    lock_file(&data.join("bulkhead.lock"))
+    lock_file(&data.join(LOCK_FILE))
 }
 
-/// Takes a configured work directory's lock: `<work>.lock` beside it, as
-/// the directory itself is emptied and removed. A configured `work_dir` may be
-/// shared by services of different data directories, whose starts would
-/// empty it under each other's running jobs: the second stops first. A
-/// work directory holding the data or cache directory is refused, as a
-/// start empties it.
-fn lock_work_dir(work: &Path, data: &Path, cache: Option<&Path>) -> std::io::Result<std::fs::File> {
-    let invalid =
-        |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidInput, what.to_owned());
-    let (Some(parent), Some(name)) = (work.parent(), work.file_name()) else {
-        return Err(invalid("not a directory a service can empty"));
-    };
-    let parent = if parent.as_os_str().is_empty() {
-        Path::new(".")
-    } else {
-        parent
-    };
-    crate::sandbox::create_private_dir_all(parent)?;
-    let canonical = std::fs::canonicalize(parent)?.join(name);
-    let canonical = std::fs::canonicalize(&canonical).unwrap_or(canonical);
+/// The lock file of a data or work directory, inside it.
+const LOCK_FILE: &str = "bulkhead.lock";
+
+/// Takes the work directory's lock (`bulkhead.lock` inside it, kept when
+/// the directory is emptied) and returns the directory's canonical path
+/// with it: a start empties the directory, and a shutdown too, so no two
+/// services may share one, nor hold one inside the other's. Checked on the
+/// canonical path: the same directory spelled another way, a symlink to
+/// it, a configured one naming another service's default one, all take
+/// the same lock. A work directory inside a directory another service
+/// holds (an ancestor has a held lock file: refused before it is even
+/// created), or holding one (a held lock file below it), or holding this
+/// service's data or cache directory, is refused before anything in it is
+/// touched.
+fn lock_work_dir(
+    work: &Path,
+    data: &Path,
+    cache: Option<&Path>,
+    data_lock: &std::fs::File,
+) -> std::io::Result<(PathBuf, std::fs::File)> {
+    let invalid = |what: String| std::io::Error::new(std::io::ErrorKind::InvalidInput, what);
+    let target = canonical_to_be(work)?;
     let data = std::fs::canonicalize(data)?;
-    let cache = cache.map(|c| std::fs::canonicalize(c).unwrap_or_else(|_| c.to_owned()));
+    let cache = cache.map(|c| canonical_to_be(c).unwrap_or_else(|_| c.to_owned()));
     for (what, dir) in [("data", Some(&data)), ("cache", cache.as_ref())] {
-        if dir.is_some_and(|dir| dir.starts_with(&canonical)) {
-            return Err(invalid(&format!(
+        if dir.is_some_and(|dir| dir.starts_with(&target)) {
+            return Err(invalid(format!(
                 "holds the {what} directory, which a start would empty"
             )));
         }
     }
-    let mut lock = name.to_owned();
-    lock.push(".lock");
-    lock_file(&parent.join(lock))
+    for above in target.ancestors().skip(1) {
+        let path = above.join(LOCK_FILE);
+        if let Some(holder) = held_by_another(&path, &[data_lock])? {
+            return Err(invalid(format!(
+                "inside {}, held by another bulkhead process{holder}",
+                above.display()
+            )));
+        }
+    }
+    crate::sandbox::ensure_private_dir(&target).map_err(std::io::Error::other)?;
+    let work = std::fs::canonicalize(&target)?;
+    if work != target {
+        return Err(invalid(format!(
+            "changed into {} while checked",
+            work.display()
+        )));
+    }
+    let lock = lock_file(&work.join(LOCK_FILE))?;
+    let own = [data_lock, &lock];
+    let mut todo = vec![work.to_owned()];
+    let mut seen = 0u64;
+    while let Some(dir) = todo.pop() {
+        for entry in std::fs::read_dir(&dir)? {
+            let entry = entry?;
+            seen += 1;
+            if seen > MAX_WORK_ENTRIES {
+                return Err(invalid(format!(
+                    "holds more than {MAX_WORK_ENTRIES} entries to check; empty it by hand"
+                )));
+            }
+            let kind = entry.file_type()?;
+            if kind.is_dir() {
+                todo.push(entry.path());
+            } else if kind.is_file()
+                && entry.file_name() == LOCK_FILE
+                && let Some(holder) = held_by_another(&entry.path(), &own)?
+            {
+                return Err(invalid(format!(
+                    "holds {}, held by another bulkhead process{holder}",
+                    dir.display()
+                )));
+            }
+        }
+    }
+    Ok((work, lock))
+}
+
+/// `path` made absolute with every symlink resolved, whether or not it
+/// exists yet: its longest existing prefix canonicalized, the rest joined.
+fn canonical_to_be(path: &Path) -> std::io::Result<PathBuf> {
+    let absolute = std::path::absolute(path)?;
+    let mut rest = Vec::new();
+    let mut existing = absolute.as_path();
+    loop {
+        match std::fs::canonicalize(existing) {
+            Ok(mut canonical) => {
+                for name in rest.iter().rev() {
+                    canonical.push(name);
+                }
+                return Ok(canonical);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let (Some(parent), Some(name)) = (existing.parent(), existing.file_name()) else {
+                    return Err(e);
+                };
+                rest.push(name.to_owned());
+                existing = parent;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Entries a work directory may hold at a start for its locks to be
+/// checked (leftovers of a previous process's jobs).
+const MAX_WORK_ENTRIES: u64 = 1_000_000;
+
+/// Whether the lock file at `path` (not followed if a symlink) is held by
+/// a process other than through `own`: then ` (pid N)` as its file says,
+/// or an empty string.
+fn held_by_another(path: &Path, own: &[&std::fs::File]) -> std::io::Result<Option<String>> {
+    use std::io::Read;
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+    let mut file = match std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+    {
+        Ok(file) => file,
+        Err(e)
+            if e.kind() == std::io::ErrorKind::NotFound
+                || e.raw_os_error() == Some(libc::ELOOP) =>
+        {
+            return Ok(None);
+        }
+        Err(e) => return Err(e),
+    };
+    let meta = file.metadata()?;
+    for held in own {
+        let mine = held.metadata()?;
+        if (mine.dev(), mine.ino()) == (meta.dev(), meta.ino()) {
+            return Ok(None);
+        }
+    }
+    if !meta.is_file() {
+        return Ok(None);
+    }
+    match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockShared) {
+        Ok(()) => Ok(None),
+        Err(e) if e == rustix::io::Errno::WOULDBLOCK => {
+            let mut holder = String::new();
+            let _ = file.read_to_string(&mut holder);
+            let holder = holder.trim();
+            Ok(Some(if holder.is_empty() {
+                String::new()
+            } else {
+                format!(" (pid {holder})")
+            }))
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Removes everything in the work directory `work` but its lock file.
+fn empty_work_dir(work: &Path) -> std::io::Result<()> {
+    for entry in std::fs::read_dir(work)? {
+        let entry = entry?;
+        if entry.file_name() != LOCK_FILE {
+            crate::sandbox::remove_tree(&entry.path())?;
+        }
+    }
+    Ok(())
 }
 
 /// An exclusive `flock` of `path` (created if missing), held while the

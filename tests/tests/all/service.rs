@@ -637,17 +637,32 @@ async fn a_work_directory_in_use_or_holding_the_data_is_refused_before_it_is_tou
     let other = tempfile::tempdir().unwrap();
     let mut config = s.service.config().clone();
     config.storage.data_dir = other.path().join("data");
-    let err = bulkhead::service::Service::start(config.clone(), None)
-        .await
-        .map(|_| ())
-        .unwrap_err()
-        .to_string();
-    assert!(err.contains("in use by another bulkhead process"), "{err}");
-    assert_eq!(
-        walk(&work),
-        before,
-        "the second start touched the work directory"
-    );
+    // The same directory, spelled otherwise or through a symlink; its
+    // parent (whose emptying would take it); a directory inside it (which
+    // its emptying would take).
+    let link = other.path().join("link");
+    std::os::unix::fs::symlink(&work, &link).unwrap();
+    for (dir, refusal) in [
+        (work.clone(), "in use by another bulkhead process"),
+        (work.join("zones/.."), "in use by another bulkhead process"),
+        (link, "in use by another bulkhead process"),
+        (shared.path().to_owned(), "held by another bulkhead process"),
+        (work.join("inner"), "held by another bulkhead process"),
+    ] {
+        config.storage.work_dir = Some(dir.clone());
+        let err = bulkhead::service::Service::start(config.clone(), None)
+            .await
+            .map(|_| ())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(refusal), "{}: {err}", dir.display());
+        assert_eq!(
+            walk(&work),
+            before,
+            "a second start on {} touched the work directory",
+            dir.display()
+        );
+    }
     assert_eq!(state().await.state.as_str(), "running");
 
     // A work directory that holds the data directory, or the cache.
