@@ -2,20 +2,20 @@
 //! (reports of [`HEAVY_REPORT`] or more) may hold at once, and on each
 //! tenant's share of it.
 //!
-//! A job's report can list tens of thousands of outputs: its answer is the
-//! decoded report and the encoded body (the outputs' links are written from
-//! the report, not held beside it), measured at up to four times its JSON
-//! with many small outputs, held from the store's read until the client has
-//! read the last byte. Without a bound, 56 `GET`s at once of one 48 MB
-//! report held 6 GB. Each heavy answer reserves what it will hold before it
-//! is built; a reservation over the tenant's share (a quarter) or the total
-//! is refused with 429 and `Retry-After` (the request can be repeated as it
+//! A job's report can list tens of thousands of outputs: its answer holds
+//! the decoded report from the store's read until the client has read the
+//! last byte, its body written from it as the client reads ([`ViewBody`]),
+//! never held whole (its links, percent-encoding each name, made bodies five
+//! times the report). Without a bound, 56 `GET`s at once of one 48 MB report
+//! held 6 GB. Each heavy answer reserves what it will hold before it is
+//! built; a reservation over the tenant's share (a quarter) or the total is
+//! refused with 429 and `Retry-After` (the request can be repeated as it
 //! is), and the reservation is given back when the body is done or dropped.
 //! A report whose answer holds more than a tenant's share reserves the
 //! share: it can be answered, one at a time, and no tenant's answer holds
-//! what the others' need; the total then holds up to four such answers
-//! beyond it (`max_buffered_answers` is best four times the largest answer
-//! and more). The reservation is made
+//! what the others' need; the total is then exceeded by what at most four
+//! such answers hold beyond their shares (`max_buffered_answers` is best
+//! sixteen times the largest report and more). The reservation is made
 //! from the report's stored length, before the job is read: a refusal costs
 //! one small query, not a read and decode of the report. Light answers are
 //! never counted. What the bound holds is the process's resident set, as
@@ -31,15 +31,18 @@ use bytes::Bytes;
 use http_body::{Frame, SizeHint};
 
 use super::ApiError;
-use crate::job::{HEAVY_REPORT, JobReport};
+use crate::job::{HEAVY_REPORT, JobReport, OutputFile};
 
 /// How long a refused client is told to wait.
 const RETRY_AFTER_SECS: u64 = 1;
 
-/// What an answer holds per byte of its report's weight: the decoded
-/// report and the encoded body (whose outputs carry their URLs besides).
-/// Measured: 3.7 to 3.9 bytes per byte of JSON for 100,000 to 120,000
-/// outputs of 155 bytes each (`edge::a_flood_of_large_answers_holds_about_their_budget_and_gives_it_back`).
+/// What an answer holds per byte of its report's weight, at most: the
+/// decoded report (up to two and a half times its JSON with many small
+/// outputs, each a struct and two strings) and, while it is decoded, the
+/// store's copy of the JSON. With the whole body held, 3.7 to 3.9 was
+/// measured for 100,000 to 120,000 outputs of 155 bytes each
+/// (`edge::a_flood_of_large_answers_holds_about_their_budget_and_gives_it_back`);
+/// written as read, about 2 for long names.
 const HELD_PER_BYTE: u64 = 4;
 
 #[derive(Debug, Default)]
@@ -198,50 +201,131 @@ impl Drop for AnswerPermit {
     }
 }
 
-/// Bytes per frame of a [`HeldBody`].
+/// Bytes per frame of a [`ViewBody`] (about: an item is not split).
 const FRAME: usize = 64 << 10;
 
-/// A body built whole, handed to the connection a frame at a time (slices
-/// of the one buffer), so that it is done, and its answer's reservation
-/// given back, only once the connection has taken its last frame: the
-/// client has read all but what the connection buffers.
-#[derive(Debug)]
-pub struct HeldBody {
-    left: Bytes,
-    _permit: AnswerPermit,
+/// A heavy job's view, encoded as the connection takes it, a frame at a
+/// time: the view's JSON around its two lists of outputs (the report's, and
+/// their links) is built whole — it is small but for captured output, which
+/// is bounded — and each list is written from the decoded outputs as the
+/// client reads, so the answer holds the decoded report and one frame, never
+/// the whole body (whose links, percent-encoding each name, can be five times
+/// the report). The body is done, and its reservation given back, only once
+/// the connection has taken its last frame.
+pub struct ViewBody {
+    /// The JSON up to the report's outputs' `[`.
+    head: Bytes,
+    files: Vec<OutputFile>,
+    /// The job's id, for the links.
+    job: String,
+    /// From the report's outputs' `]` up to the links' `[`.
+    middle: Bytes,
+    /// After the links' `]`.
+    tail: Bytes,
+    stage: Stage,
+    /// The next of `files` to write.
+    next: usize,
+    _permit: Option<AnswerPermit>,
 }
 
-impl HeldBody {
-    pub fn new(data: Vec<u8>, permit: AnswerPermit) -> Self {
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Stage {
+    Head,
+    Files,
+    Middle,
+    Links,
+    Tail,
+    Done,
+}
+
+impl ViewBody {
+    /// `head`, `files` as JSON, `middle`, `files`' links as JSON, `tail`.
+    pub fn new(
+        [head, middle, tail]: [Bytes; 3],
+        files: Vec<OutputFile>,
+        job: String,
+        permit: Option<AnswerPermit>,
+    ) -> Self {
         Self {
-            left: Bytes::from(data),
+            head,
+            files,
+            job,
+            middle,
+            tail,
+            stage: Stage::Head,
+            next: 0,
             _permit: permit,
+        }
+    }
+
+    /// The next frame, `None` once all was written.
+    fn frame(&mut self) -> Result<Option<Bytes>, serde_json::Error> {
+        loop {
+            let (part, next) = match self.stage {
+                Stage::Head => (&mut self.head, Stage::Files),
+                Stage::Middle => (&mut self.middle, Stage::Links),
+                Stage::Tail => (&mut self.tail, Stage::Done),
+                Stage::Files | Stage::Links => {
+                    if self.next == self.files.len() {
+                        self.next = 0;
+                        self.stage = if self.stage == Stage::Files {
+                            Stage::Middle
+                        } else {
+                            Stage::Tail
+                        };
+                        continue;
+                    }
+                    let mut out = Vec::with_capacity(FRAME + 1024);
+                    while self.next < self.files.len() && out.len() < FRAME {
+                        if self.next > 0 {
+                            out.push(b',');
+                        }
+                        let file = &self.files[self.next];
+                        if self.stage == Stage::Files {
+                            serde_json::to_writer(&mut out, file)?;
+                        } else {
+                            serde_json::to_writer(
+                                &mut out,
+                                &super::jobs::OutputLink::of(&self.job, file),
+                            )?;
+                        }
+                        self.next += 1;
+                    }
+                    return Ok(Some(Bytes::from(out)));
+                }
+                Stage::Done => return Ok(None),
+            };
+            if part.is_empty() {
+                self.stage = next;
+                continue;
+            }
+            return Ok(Some(part.split_to(part.len().min(FRAME))));
         }
     }
 }
 
-impl http_body::Body for HeldBody {
+impl http_body::Body for ViewBody {
     type Data = Bytes;
-    type Error = std::convert::Infallible;
+    type Error = serde_json::Error;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         _cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        let this = self.get_mut();
-        if this.left.is_empty() {
-            return Poll::Ready(None);
-        }
-        let frame = this.left.split_to(this.left.len().min(FRAME));
-        Poll::Ready(Some(Ok(Frame::data(frame))))
+        Poll::Ready(
+            self.get_mut()
+                .frame()
+                .transpose()
+                .map(|f| f.map(Frame::data)),
+        )
     }
 
     fn is_end_stream(&self) -> bool {
-        self.left.is_empty()
+        self.stage == Stage::Done
     }
 
     fn size_hint(&self) -> SizeHint {
-        SizeHint::with_exact(self.left.len() as u64)
+        SizeHint::default()
     }
 }
 

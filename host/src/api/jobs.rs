@@ -13,7 +13,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde::Serialize;
 
-use super::answers::{AnswerPermit, Answers, HeldBody};
+use super::answers::{AnswerPermit, Answers, ViewBody};
 use super::download::{Downloads, FileBody, content_disposition};
 use super::extract::{ApiPath, StrictQuery, bounded_u32};
 use super::{ApiError, AppState, Caller};
@@ -94,6 +94,18 @@ pub(super) struct OutputLink {
     url: String,
 }
 
+impl OutputLink {
+    /// `file` of the job `job`, with its URL.
+    pub(super) fn of(job: &str, file: &crate::job::OutputFile) -> Self {
+        Self {
+            name: file.name.clone(),
+            size: file.size,
+            sha256: file.sha256.clone(),
+            url: super::output_url(job, &file.name),
+        }
+    }
+}
+
 /// A job as its owner sees it.
 #[derive(utoipa::ToSchema)]
 pub(super) struct JobView {
@@ -170,47 +182,78 @@ struct Links<'a> {
 
 impl Serialize for Links<'_> {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.collect_seq(self.files.iter().map(|o| OutputLink {
-            name: o.name.clone(),
-            size: o.size,
-            sha256: o.sha256.clone(),
-            url: super::output_url(self.job, &o.name),
-        }))
+        serializer.collect_seq(self.files.iter().map(|o| OutputLink::of(self.job, o)))
     }
 }
 
 /// A job as its owner sees it, as a JSON response. A report can list
 /// thousands of outputs and carry megabytes of captured output: one that
-/// heavy is built and encoded off the async threads ([`crate::blocking`]),
-/// so that a client reading it again and again slows no other request.
-/// With `held`, the body holds that reservation of the heavy answers'
-/// budget ([`Answers`]) until the client has taken it.
+/// heavy is decoded into parts off the async threads ([`crate::blocking`]),
+/// so that a client reading it again and again slows no other request,
+/// and its body is written as the client reads ([`ViewBody`]). With
+/// `held`, the body holds that reservation of the heavy answers' budget
+/// ([`Answers`]) until the client has taken it.
 fn job_response(status: StatusCode, job: JobRecord, held: Option<AnswerPermit>) -> Response {
     let heavy = job
         .report
         .as_ref()
         .is_some_and(|r| r.weight() >= crate::job::HEAVY_REPORT);
-    let render = move || serde_json::to_vec(&JobView::from(job));
-    let encoded = if heavy {
-        crate::blocking(render)
+    let body = if heavy {
+        crate::blocking(move || view_parts(job))
+            .map(|(parts, files, id)| Body::new(ViewBody::new(parts, files, id, held)))
     } else {
-        render()
+        serde_json::to_vec(&JobView::from(job)).map(Body::from)
     };
-    match encoded {
+    match body {
         Ok(body) => (
             status,
             [(
                 header::CONTENT_TYPE,
                 HeaderValue::from_static("application/json"),
             )],
-            match held {
-                Some(permit) => axum::body::Body::new(HeldBody::new(body, permit)),
-                None => axum::body::Body::from(body),
-            },
+            body,
         )
             .into_response(),
         Err(e) => ApiError::Internal(format!("cannot encode a job: {e}")).into_response(),
     }
+}
+
+/// `job`'s view as [`ViewBody`] writes it: the JSON before the report's
+/// outputs, between them and the links, after the links; the outputs; the
+/// job's id. The view is encoded with both lists empty and cut at them:
+/// the links are its last field, and the report's outputs the one
+/// `,"outputs":[],"skipped_outputs":` in it (a `,"` is never inside a JSON
+/// string, whose quotes are escaped).
+fn view_parts(
+    mut job: JobRecord,
+) -> Result<([bytes::Bytes; 3], Vec<crate::job::OutputFile>, String), serde_json::Error> {
+    use serde::ser::Error;
+    const LINKS: &[u8] = b",\"outputs\":[]}";
+    const FILES: &[u8] = b",\"outputs\":[],\"skipped_outputs\":";
+    let files = job
+        .report
+        .as_mut()
+        .map(|r| std::mem::take(&mut r.outputs))
+        .unwrap_or_default();
+    let id = job.id.clone();
+    let has_report = job.report.is_some();
+    let mut json = bytes::Bytes::from(serde_json::to_vec(&JobView::from(job))?);
+    if !json.ends_with(LINKS) {
+        return Err(serde_json::Error::custom(
+            "the view does not end with its links",
+        ));
+    }
+    let tail = json.split_off(json.len() - 2);
+    let head = if has_report {
+        let at = json
+            .windows(FILES.len())
+            .position(|w| w == FILES)
+            .ok_or_else(|| serde_json::Error::custom("no outputs in the report"))?;
+        json.split_to(at + b",\"outputs\":[".len())
+    } else {
+        bytes::Bytes::new()
+    };
+    Ok(([head, json, tail], files, id))
 }
 
 /// A job as its owner's listing shows it: how it ended in a few words. Its
@@ -761,6 +804,64 @@ mod tests {
         assert!(!crate::another_task_runs_meanwhile(move || {
             job_response(StatusCode::OK, light.clone(), None);
         }));
+    }
+
+    /// A heavy job's body, written from its parts as the client reads, is
+    /// the very JSON of its view encoded whole: with outputs whose names
+    /// need escaping and percent-encoding, a captured output that spells
+    /// the cut's marker, no outputs at all, and no report.
+    #[test]
+    fn a_heavy_view_written_as_read_is_the_view_encoded_whole() {
+        use http_body_util::BodyExt;
+        let record = |report: Option<JobReport>| JobRecord {
+            id: "j-1".into(),
+            tenant: "t".into(),
+            subject: "s".into(),
+            token_id: "k".into(),
+            module: "m".into(),
+            module_sha256: "0".repeat(64),
+            policy_sha256: None,
+            params: BTreeMap::new(),
+            inputs: Vec::new(),
+            has_stdin: false,
+            state: JobState::Failed,
+            created_at: 0,
+            started_at: None,
+            finished_at: None,
+            attempts: 1,
+            report,
+        };
+        let mut many =
+            JobReport::not_run("j-1", "m", "a trap: \",\"outputs\":[],\"skipped_outputs\":");
+        many.stdout.text = ",\"outputs\":[],\"skipped_outputs\":[] \u{1} é %".repeat(20_000);
+        many.outputs = (0..30_000)
+            .map(|i| crate::sandbox::OutputFile {
+                name: format!("dir {i}/%\"q\u{7}ü-{i}.bin"),
+                size: i,
+                sha256: format!("{i:064x}"),
+            })
+            .collect();
+        let mut none = many.clone();
+        none.outputs.clear();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        for job in [record(Some(many)), record(Some(none)), record(None)] {
+            let whole = serde_json::to_vec(&JobView::from(job.clone())).unwrap();
+            let (parts, files, id) = view_parts(job).unwrap();
+            let mut body = ViewBody::new(parts, files, id, None);
+            let mut written = Vec::new();
+            let mut frames = 0;
+            rt.block_on(async {
+                while let Some(frame) = body.frame().await {
+                    let data = frame.unwrap().into_data().unwrap();
+                    assert!(data.len() <= 80 << 10, "a frame of {}", data.len());
+                    written.extend_from_slice(&data);
+                    frames += 1;
+                }
+            });
+            assert!(written == whole, "{frames} frames differ from the view");
+        }
     }
 
     #[test]
