@@ -118,12 +118,22 @@ impl HostArgs {
     /// from this binary, exactly as the service runs them (with
     /// `--in-process`, this process's sandbox). The layers required are
     /// the config's `[isolation] require` (default: every layer).
-    pub(crate) async fn runner(&self, zone: &str) -> anyhow::Result<Arc<dyn Runner>> {
-        let config = self.sandbox_config();
+    ///
+    /// Its jobs' directories are this invocation's own ([`RunDir`]), kept
+    /// until the returned guard is dropped.
+    pub(crate) async fn runner(&self, zone: &str) -> anyhow::Result<(Arc<dyn Runner>, RunDir)> {
+        let mut config = self.sandbox_config();
+        let (path, lock) = bulkhead::service::lock_work_dir(
+            &config.work_dir.join(format!("run-{}", std::process::id())),
+            &[],
+            &[],
+        )
+        .with_context(|| format!("work directory {}", config.work_dir.display()))?;
+        config.work_dir.clone_from(&path);
+        let run_dir = RunDir { path, _lock: lock };
         if self.in_process {
-            return Ok(Arc::new(InProcess::new(Sandbox::new(config)?)));
+            return Ok((Arc::new(InProcess::new(Sandbox::new(config)?)), run_dir));
         }
-        bulkhead::sandbox::ensure_private_dir(&config.work_dir)?;
         let work_dir = config.work_dir.join("zones").join(zone);
         let cache_dir = match &config.cache_dir {
             Some(dir) => {
@@ -156,7 +166,7 @@ impl HostArgs {
         )
         .await?;
         let pools = std::iter::once((zone.to_owned(), pool)).collect();
-        Ok(Arc::new(Workers::new(config, pools)))
+        Ok((Arc::new(Workers::new(config, pools)), run_dir))
     }
 
     /// The sandbox settings, with this user's private defaults: jobs under
@@ -187,5 +197,22 @@ impl HostArgs {
             }
         };
         config
+    }
+}
+
+/// One invocation's work directory, `run-<pid>` under `--work-dir` (or its
+/// default), locked and checked as a service's work directory is
+/// ([`bulkhead::service::lock_work_dir`]): never inside one a service
+/// holds, whose start or shutdown would empty it (and whose workers' own
+/// directories a worker started here would replace), nor shared with
+/// another `bulkhead run`. Removed when dropped.
+pub(crate) struct RunDir {
+    path: PathBuf,
+    _lock: std::fs::File,
+}
+
+impl Drop for RunDir {
+    fn drop(&mut self) {
+        let _ = bulkhead::sandbox::remove_tree(&self.path);
     }
 }

@@ -91,7 +91,7 @@ pub(crate) async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         relay.grant(&policy, &job.id, Ok(caller), None)
     });
 
-    let runner = args.host.runner(&policy.module.zone.to_string()).await?;
+    let (runner, _work) = args.host.runner(&policy.module.zone.to_string()).await?;
     let (loaded, took) =
         with_progress(&args.module, wasm.len(), runner.load(policy, wasm.into())).await;
     let module = loaded?;
@@ -198,7 +198,7 @@ pub(crate) async fn check(args: CheckArgs) -> anyhow::Result<ExitCode> {
     // Loaded exactly as `run` loads it: in a hardened worker of the
     // module's zone (this process only checks size, pin and header), so
     // what is said below about the module is the worker's word.
-    let runner = args.host.runner(&policy.module.zone.to_string()).await?;
+    let (runner, _work) = args.host.runner(&policy.module.zone.to_string()).await?;
     let (loaded, took) =
         with_progress(&module_path, wasm.len(), runner.load(policy, wasm.into())).await;
     if let Ok(module) = &loaded {

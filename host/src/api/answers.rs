@@ -182,12 +182,11 @@ impl Drop for AnswerPermit {
                 held.tenants.remove(&self.tenant);
             }
         }
-        // The last heavy answer is done: what the allocator kept of them
-        // goes back to the system (a walk of its arenas, off the async
-        // threads, one at a time).
-        let last = held.total == 0;
         drop(held);
-        if last && !self.answers.trimming.swap(true, Ordering::SeqCst) {
+        // A heavy answer is done: what the allocator kept of it goes back
+        // to the system (a walk of its arenas, off the async threads, one
+        // at a time), also while others are still being read.
+        if !self.answers.trimming.swap(true, Ordering::SeqCst) {
             let answers = Arc::clone(&self.answers);
             let trim = move || {
                 crate::serve::memory::trim();

@@ -9,7 +9,7 @@
 //! the process held 1.5 times `max_buffered_answers` and, idle afterwards,
 //! 0.6 GB. [`tune`] fixes the threshold at 128 KiB (a large block is
 //! mapped and unmapped, given back when freed) and allows two arenas a core;
-//! [`trim`] gives back the free pages of the arenas once the last heavy
+//! [`trim`] gives back the free pages of the arenas each time a heavy
 //! answer is done. Elsewhere than glibc both do nothing.
 
 /// Blocks at least this large are mappings of their own.

@@ -261,8 +261,17 @@ impl Service {
         let storage = |e: &dyn std::fmt::Display| {
             StartError::Storage(format!("data directory {}: {e}", data.display()))
         };
+        // Not inside another service's work or data directory, whose start
+        // or shutdown would empty it: checked before it is created, and
+        // again once it is held (two starts racing).
+        canonical_to_be(data)
+            .and_then(|dir| check_above(&dir, &[]))
+            .map_err(|e| storage(&e))?;
         crate::sandbox::create_private_dir_all(data).map_err(|e| storage(&e))?;
         let data_lock = lock_data_dir(data).map_err(|e| storage(&e))?;
+        std::fs::canonicalize(data)
+            .and_then(|dir| check_above(&dir, &[&data_lock]))
+            .map_err(|e| storage(&e))?;
         let store: Arc<dyn JobStore> = match (store, &config.storage.url) {
             (Some(s), _) => s,
             (None, Some(url)) => Arc::new(
@@ -290,8 +299,13 @@ impl Service {
         };
         // Held, like the data directory, before anything in it is touched:
         // its lock file is inside it and stays when it is emptied.
+        let cache = config
+            .storage
+            .cache_dir
+            .clone()
+            .unwrap_or_else(|| data.join("cache"));
         let (work, work_lock) =
-            lock_work_dir(&work, data, config.storage.cache_dir.as_deref(), &data_lock).map_err(
+            lock_work_dir(&work, &[("data", data), ("cache", &cache)], &[&data_lock]).map_err(
                 |e| StartError::Storage(format!("work directory {}: {e}", work.display())),
             )?;
         empty_work_dir(&work)
@@ -748,32 +762,27 @@ const LOCK_FILE: &str = "bulkhead.lock";
 /// created), or holding one (a held lock file below it), or holding this
 /// service's data or cache directory, is refused before anything in it is
 /// touched.
-fn lock_work_dir(
+///
+/// `keep` names directories (`("data", path)`) it must not hold; `own`,
+/// lock files of this process's that are no one else's. Two starts racing
+/// each take their lock before they look above and below again: of two
+/// nested ones, one at least sees the other's.
+pub fn lock_work_dir(
     work: &Path,
-    data: &Path,
-    cache: Option<&Path>,
-    data_lock: &std::fs::File,
+    keep: &[(&str, &Path)],
+    own: &[&std::fs::File],
 ) -> std::io::Result<(PathBuf, std::fs::File)> {
     let invalid = |what: String| std::io::Error::new(std::io::ErrorKind::InvalidInput, what);
     let target = canonical_to_be(work)?;
-    let data = std::fs::canonicalize(data)?;
-    let cache = cache.map(|c| canonical_to_be(c).unwrap_or_else(|_| c.to_owned()));
-    for (what, dir) in [("data", Some(&data)), ("cache", cache.as_ref())] {
-        if dir.is_some_and(|dir| dir.starts_with(&target)) {
+    for (what, dir) in keep {
+        let dir = canonical_to_be(dir).unwrap_or_else(|_| dir.to_path_buf());
+        if dir.starts_with(&target) {
             return Err(invalid(format!(
                 "holds the {what} directory, which a start would empty"
             )));
         }
     }
-    for above in target.ancestors().skip(1) {
-        let path = above.join(LOCK_FILE);
-        if let Some(holder) = held_by_another(&path, &[data_lock])? {
-            return Err(invalid(format!(
-                "inside {}, held by another bulkhead process{holder}",
-                above.display()
-            )));
-        }
-    }
+    check_above(&target, own)?;
     crate::sandbox::ensure_private_dir(&target).map_err(std::io::Error::other)?;
     let work = std::fs::canonicalize(&target)?;
     if work != target {
@@ -783,7 +792,8 @@ fn lock_work_dir(
         )));
     }
     let lock = lock_file(&work.join(LOCK_FILE))?;
-    let own = [data_lock, &lock];
+    let own: Vec<&std::fs::File> = own.iter().copied().chain([&lock]).collect();
+    check_above(&work, &own)?;
     let mut todo = vec![work.to_owned()];
     let mut seen = 0u64;
     while let Some(dir) = todo.pop() {
@@ -810,6 +820,27 @@ fn lock_work_dir(
         }
     }
     Ok((work, lock))
+}
+
+/// Refuses `dir` (canonical) when a directory above it is held by another
+/// service: a held `bulkhead.lock` in one of its ancestors (`own`: this
+/// process's locks, skipped).
+///
+/// # Errors
+/// `InvalidInput` naming the holder; I/O errors reading a lock file.
+pub fn check_above(dir: &Path, own: &[&std::fs::File]) -> std::io::Result<()> {
+    for above in dir.ancestors().skip(1) {
+        if let Some(holder) = held_by_another(&above.join(LOCK_FILE), own)? {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!(
+                    "inside {}, held by another bulkhead process{holder}",
+                    above.display()
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// `path` made absolute with every symlink resolved, whether or not it

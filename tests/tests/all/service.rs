@@ -670,6 +670,18 @@ async fn a_work_directory_in_use_or_holding_the_data_is_refused_before_it_is_tou
         );
     }
     assert_eq!(state().await.state.as_str(), "running");
+    // A data directory inside the work directory, which its service's
+    // shutdown would empty: refused before it is created.
+    let mut inside = config.clone();
+    inside.storage.data_dir = work.join("data");
+    inside.storage.work_dir = Some(other.path().join("work"));
+    let err = bulkhead::service::Service::start(inside, None)
+        .await
+        .map(|_| ())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("held by another bulkhead process"), "{err}");
+    assert_eq!(walk(&work), before, "the data directory was made");
 
     // A work directory that holds the data directory, or the cache.
     config.storage.work_dir = Some(other.path().to_owned());
