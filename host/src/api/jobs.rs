@@ -762,6 +762,28 @@ fn content_type(name: &str) -> &'static str {
 mod tests {
     use super::*;
 
+    /// A failed job `id` with `report`.
+    fn record(id: &str, report: Option<JobReport>) -> JobRecord {
+        JobRecord {
+            id: id.into(),
+            tenant: "t".into(),
+            subject: "s".into(),
+            token_id: "k".into(),
+            module: "m".into(),
+            module_sha256: "0".repeat(64),
+            policy_sha256: None,
+            params: BTreeMap::new(),
+            inputs: Vec::new(),
+            has_stdin: false,
+            state: JobState::Failed,
+            created_at: 0,
+            started_at: None,
+            finished_at: None,
+            attempts: 1,
+            report,
+        }
+    }
+
     /// A job with a heavy report is turned into a response off the async
     /// threads: the gateway's other tasks run meanwhile. A light one is not
     /// moved.
@@ -776,24 +798,7 @@ mod tests {
                     sha256: "0".repeat(64),
                 })
                 .collect();
-            JobRecord {
-                id: "j".into(),
-                tenant: "t".into(),
-                subject: "s".into(),
-                token_id: "k".into(),
-                module: "m".into(),
-                module_sha256: "0".repeat(64),
-                policy_sha256: None,
-                params: BTreeMap::new(),
-                inputs: Vec::new(),
-                has_stdin: false,
-                state: JobState::Failed,
-                created_at: 0,
-                started_at: None,
-                finished_at: None,
-                attempts: 1,
-                report: Some(report),
-            }
+            record("j", Some(report))
         };
         let heavy = job(60_000);
         assert!(crate::another_task_runs_meanwhile(move || {
@@ -813,24 +818,6 @@ mod tests {
     #[test]
     fn a_heavy_view_written_as_read_is_the_view_encoded_whole() {
         use http_body_util::BodyExt;
-        let record = |report: Option<JobReport>| JobRecord {
-            id: "j-1".into(),
-            tenant: "t".into(),
-            subject: "s".into(),
-            token_id: "k".into(),
-            module: "m".into(),
-            module_sha256: "0".repeat(64),
-            policy_sha256: None,
-            params: BTreeMap::new(),
-            inputs: Vec::new(),
-            has_stdin: false,
-            state: JobState::Failed,
-            created_at: 0,
-            started_at: None,
-            finished_at: None,
-            attempts: 1,
-            report,
-        };
         let mut many =
             JobReport::not_run("j-1", "m", "a trap: \",\"outputs\":[],\"skipped_outputs\":");
         many.stdout.text = ",\"outputs\":[],\"skipped_outputs\":[] \u{1} é %".repeat(20_000);
@@ -846,7 +833,11 @@ mod tests {
         let rt = tokio::runtime::Builder::new_current_thread()
             .build()
             .unwrap();
-        for job in [record(Some(many)), record(Some(none)), record(None)] {
+        for job in [
+            record("j-1", Some(many)),
+            record("j-1", Some(none)),
+            record("j-1", None),
+        ] {
             let whole = serde_json::to_vec(&JobView::from(job.clone())).unwrap();
             let (parts, files, id) = view_parts(job).unwrap();
             let mut body = ViewBody::new(parts, files, id, None);

@@ -503,26 +503,9 @@ async fn a_job_running_when_shutdown_stops_its_worker_is_left_to_run_again() {
         crate::common::sleeper(60_000).write_to(&c.modules.policies_dir);
     })
     .await;
-    let token = s.token("acme", &["hostile:run"]).await;
-    let resp = s
-        .post("/v1/modules/hostile/jobs", &token)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), StatusCode::ACCEPTED);
-    let id = resp.json::<Value>().await.unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let id = submit_until_running(&s).await;
     let store = std::sync::Arc::clone(s.service.store());
     let state = || async { store.get_job("acme", &id).await.unwrap().unwrap() };
-    for _ in 0..300 {
-        if state().await.state.as_str() == "running" {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert_eq!(state().await.state.as_str(), "running");
     // A second service on the same data directory stops before it touches
     // anything: the running job's directories are still there.
     let work = s.service.work_dir().to_owned();
@@ -605,26 +588,9 @@ async fn a_work_directory_in_use_or_holding_the_data_is_refused_before_it_is_tou
         crate::common::sleeper(60_000).write_to(&c.modules.policies_dir);
     })
     .await;
-    let token = s.token("acme", &["hostile:run"]).await;
-    let resp = s
-        .post("/v1/modules/hostile/jobs", &token)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), StatusCode::ACCEPTED);
-    let id = resp.json::<Value>().await.unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let id = submit_until_running(&s).await;
     let store = std::sync::Arc::clone(s.service.store());
     let state = || async { store.get_job("acme", &id).await.unwrap().unwrap() };
-    for _ in 0..300 {
-        if state().await.state.as_str() == "running" {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert_eq!(state().await.state.as_str(), "running");
     // Its worker has made the job's directories.
     let made = || {
         walk(&work)
@@ -959,6 +925,38 @@ async fn large_reports_being_answered_hold_at_most_a_tenants_share_of_memory() {
         error_code(keyed().send().await.unwrap()).await.0,
         StatusCode::CONFLICT
     );
+}
+
+/// Submits a `hostile` job for `acme` and waits until the store shows it
+/// running; its id.
+async fn submit_until_running(s: &crate::common::Server) -> String {
+    let token = s.token("acme", &["hostile:run"]).await;
+    let resp = s
+        .post("/v1/modules/hostile/jobs", &token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::ACCEPTED);
+    let id = resp.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let store = s.service.store();
+    for _ in 0..300 {
+        if store
+            .get_job("acme", &id)
+            .await
+            .unwrap()
+            .unwrap()
+            .state
+            .as_str()
+            == "running"
+        {
+            return id;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("job {id} never ran");
 }
 
 /// Every path beneath `dir`, sorted.
