@@ -510,8 +510,20 @@ async fn a_job_running_when_shutdown_stops_its_worker_is_left_to_run_again() {
     // anything: the running job's directories are still there.
     let work = s.service.work_dir().to_owned();
     let entries = || walk(&work);
+    // Its worker has made the job's directories.
+    let made = || {
+        entries()
+            .iter()
+            .any(|p| p.extension().is_some_and(|e| e == "out"))
+    };
+    for _ in 0..300 {
+        if made() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(made(), "{:?}", entries());
     let before = entries();
-    assert!(!before.is_empty());
     let err = bulkhead::service::Service::start(s.service.config().clone(), None)
         .await
         .map(|_| ())
