@@ -315,8 +315,10 @@ pub struct Server {
     /// Bytes the answers of jobs with large reports (256 KiB or more) may
     /// hold at once, from the store's read until the client has taken the
     /// body (`GET /v1/jobs/{id}`, a repeated submission's job): each
-    /// reserves about three times its report's JSON; one tenant may
-    /// reserve a quarter. Beyond, 429 with `Retry-After`.
+    /// reserves four times its report's JSON; one tenant may reserve a
+    /// quarter. Beyond, 429 with `Retry-After`. A job whose report would be
+    /// longer than a sixteenth of it as JSON keeps no outputs and fails
+    /// saying so (its captured text is cut if that is not enough).
     pub max_buffered_answers: ByteSize,
 }
 

@@ -8,18 +8,20 @@
 //! never held whole (its links, percent-encoding each name, made bodies five
 //! times the report). Without a bound, 56 `GET`s at once of one 48 MB report
 //! held 6 GB. Each heavy answer reserves what it will hold before it is
-//! built; a reservation over the tenant's share (a quarter) or the total is
-//! refused with 429 and `Retry-After` (the request can be repeated as it
-//! is), and the reservation is given back when the body is done or dropped.
-//! A report whose answer holds more than a tenant's share reserves the
-//! share: it can be answered, one at a time, and no tenant's answer holds
-//! what the others' need; the total is then exceeded by what at most four
-//! such answers hold beyond their shares (`max_buffered_answers` is best
-//! sixteen times the largest report and more). The reservation is made
-//! from the report's stored length, before the job is read: a refusal costs
-//! one small query, not a read and decode of the report. Light answers are
-//! never counted. What the bound holds is the process's resident set, as
-//! the allocator gives freed answers back ([`crate::serve::memory`]).
+//! built ([`HELD_PER_BYTE`] times its stored JSON); a reservation over the
+//! tenant's share (a quarter) or the total is refused with 429 and
+//! `Retry-After` (the request can be repeated as it is), and the reservation
+//! is given back when the body is done or dropped. No report stored by this
+//! service needs more than a share: a job whose report would is cut to fit
+//! when it ends ([`JobReport::fit`], to [`crate::job::largest_report`]). One
+//! that does all the same (stored under a larger `max_buffered_answers`, by
+//! this node before or by another) is refused for good, 507
+//! `report_too_large`, rather than answered beyond the bound. The
+//! reservation is made from the report's stored length, before the job is
+//! read: a refusal costs one small query, not a read and decode of the
+//! report. Light answers are never counted. What the bound holds is the
+//! process's resident set, as the allocator gives freed answers back
+//! ([`crate::serve::memory`]).
 
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -31,19 +33,10 @@ use bytes::Bytes;
 use http_body::{Frame, SizeHint};
 
 use super::ApiError;
-use crate::job::{HEAVY_REPORT, JobReport, OutputFile};
+use crate::job::{HEAVY_REPORT, HELD_PER_BYTE, JobReport, OutputFile};
 
 /// How long a refused client is told to wait.
 const RETRY_AFTER_SECS: u64 = 1;
-
-/// What an answer holds per byte of its report's weight, at most: the
-/// decoded report (up to two and a half times its JSON with many small
-/// outputs, each a struct and two strings) and, while it is decoded, the
-/// store's copy of the JSON. With the whole body held, 3.7 to 3.9 was
-/// measured for 100,000 to 120,000 outputs of 155 bytes each
-/// (`edge::a_flood_of_large_answers_holds_about_their_budget_and_gives_it_back`);
-/// written as read, about 2 for long names.
-const HELD_PER_BYTE: u64 = 4;
 
 #[derive(Debug, Default)]
 struct Held {
@@ -68,29 +61,17 @@ impl Answers {
     pub fn new(max_bytes: u64) -> Arc<Self> {
         Arc::new(Self {
             max_bytes,
-            tenant_share: (max_bytes / 4).max(1),
+            tenant_share: crate::job::answers_share(max_bytes),
             held: Mutex::default(),
             trimming: AtomicBool::new(false),
         })
     }
 
-    /// What answering `report` reserves: nothing for a light one. At most
-    /// a tenant's share, so that any one report can be answered when
-    /// nothing else is held, and no tenant's answer holds the others'.
-    pub fn cost(&self, report: Option<&JobReport>) -> u64 {
-        match report {
-            Some(r) if r.weight() >= HEAVY_REPORT => {
-                (r.weight() as u64 * HELD_PER_BYTE).min(self.tenant_share)
-            }
-            _ => 0,
-        }
-    }
-
-    /// What answering a report stored as `len` bytes of JSON reserves
-    /// (see [`Self::cost`]): known before the report is read.
-    pub fn cost_of_len(&self, len: u64) -> u64 {
+    /// What answering a report stored as `len` bytes of JSON reserves:
+    /// nothing for a light one. Known before the report is read.
+    pub fn cost_of_len(len: u64) -> u64 {
         if len >= HEAVY_REPORT as u64 {
-            len.saturating_mul(HELD_PER_BYTE).min(self.tenant_share)
+            len.saturating_mul(HELD_PER_BYTE)
         } else {
             0
         }
@@ -101,7 +82,8 @@ impl Answers {
     ///
     /// # Errors
     /// [`ApiError::TooManyRequests`] when the tenant's answers already
-    /// hold its share, or all answers the total.
+    /// hold its share, or all answers the total;
+    /// [`ApiError::ReportTooLarge`] when `bytes` is more than a share.
     pub fn acquire(self: &Arc<Self>, tenant: &str, bytes: u64) -> Result<AnswerPermit, ApiError> {
         self.reserve(tenant, bytes)?;
         Ok(AnswerPermit {
@@ -114,6 +96,14 @@ impl Answers {
     fn reserve(&self, tenant: &str, bytes: u64) -> Result<(), ApiError> {
         if bytes == 0 {
             return Ok(());
+        }
+        if bytes > self.tenant_share {
+            return Err(ApiError::ReportTooLarge(format!(
+                "the job's report is {} bytes of JSON, more than this service answers ({} bytes: `max_buffered_answers` over {})",
+                bytes / HELD_PER_BYTE,
+                crate::job::largest_report(self.max_bytes),
+                4 * HELD_PER_BYTE
+            )));
         }
         let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
         let reserved = held.tenants.get(tenant).copied().unwrap_or(0);
@@ -154,17 +144,19 @@ pub struct AnswerPermit {
 
 impl AnswerPermit {
     /// Grows the reservation to what answering `report` reserves, when the
-    /// report read is heavier than its stored length said (it was written
-    /// between the two reads).
+    /// report was stored between its length's read and the job's (the
+    /// length said none). A stored report never changes, so a reservation
+    /// made from one covers it.
     ///
     /// # Errors
     /// As [`Answers::acquire`]; the reservation is then unchanged.
     pub fn cover(&mut self, report: Option<&JobReport>) -> Result<(), ApiError> {
-        let needed = self.answers.cost(report);
-        if needed > self.bytes {
-            self.answers.reserve(&self.tenant, needed - self.bytes)?;
-            self.bytes = needed;
-        }
+        let Some(report) = report.filter(|r| self.bytes == 0 && r.weight() >= HEAVY_REPORT) else {
+            return Ok(());
+        };
+        let needed = Answers::cost_of_len(crate::blocking(|| report.json_len()));
+        self.answers.reserve(&self.tenant, needed)?;
+        self.bytes = needed;
         Ok(())
     }
 }
@@ -358,15 +350,23 @@ mod tests {
     }
 
     #[test]
-    fn a_report_heavier_than_a_share_reserves_the_share_and_leaves_the_others_theirs() {
-        let answers = Answers::new(400);
-        // Any heavy report holds more than this small budget's share.
-        assert_eq!(answers.cost_of_len(HEAVY_REPORT as u64), 100);
-        assert_eq!(answers.cost_of_len(u64::MAX), 100);
-        let a = answers.acquire("a", answers.cost_of_len(u64::MAX)).unwrap();
-        assert!(answers.acquire("a", 1).is_err(), "one at a time");
-        let b = answers.acquire("b", 100).unwrap();
-        drop((a, b));
+    fn a_report_heavier_than_a_share_is_refused_for_good_and_takes_nothing() {
+        let answers = Answers::new(4 << 20);
+        let largest = crate::job::largest_report(4 << 20);
+        assert_eq!(largest, 256 << 10);
+        let a = answers
+            .acquire("a", Answers::cost_of_len(largest))
+            .expect("the largest report fits a share");
+        assert!(matches!(
+            answers.acquire("b", Answers::cost_of_len(largest + 1)),
+            Err(ApiError::ReportTooLarge(_))
+        ));
+        assert!(matches!(
+            answers.acquire("b", Answers::cost_of_len(u64::MAX)),
+            Err(ApiError::ReportTooLarge(_))
+        ));
+        assert_eq!(answers.held(), Answers::cost_of_len(largest));
+        drop(a);
         assert_eq!(answers.held(), 0);
     }
 }

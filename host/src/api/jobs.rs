@@ -404,7 +404,8 @@ fn parse_wait(v: &str) -> Result<Duration, ApiError> {
         (status = 429, body = super::ErrorBody, description = "tenant or service at capacity; see `Retry-After`",
             headers(("retry-after" = u64, description = "seconds"))),
         (status = 503, body = super::ErrorBody, description = "the service is shutting down, or its storage is full or failing; see `Retry-After`",
-            headers(("retry-after" = u64, description = "seconds")))))]
+            headers(("retry-after" = u64, description = "seconds"))),
+        (status = 507, body = super::ErrorBody, description = "the job's report is longer than this service answers (stored under a larger `max_buffered_answers`)")))]
 pub(super) async fn submit(
     State(state): State<AppState>,
     Extension(uploads): Extension<Arc<super::upload::Uploads>>,
@@ -524,7 +525,7 @@ pub(super) async fn submit(
     let mut held = match &sub.idempotency_key {
         Some(key) => {
             let len = state.service.keyed_report_len(&who, key).await?;
-            Some(answers.acquire(&who.tenant, answers.cost_of_len(len))?)
+            Some(answers.acquire(&who.tenant, Answers::cost_of_len(len))?)
         }
         None => None,
     };
@@ -642,7 +643,8 @@ pub(super) async fn list_jobs(
     params(("id" = String, Path, description = "job id")),
     responses((status = 200, body = JobView), (status = 404, body = super::ErrorBody),
         (status = 429, body = super::ErrorBody, description = "the job's report is large, and the tenant's or the service's share of `max_buffered_answers` is taken; see `Retry-After`",
-            headers(("retry-after" = u64, description = "seconds")))))]
+            headers(("retry-after" = u64, description = "seconds"))),
+        (status = 507, body = super::ErrorBody, description = "the job's report is longer than this service answers (stored under a larger `max_buffered_answers`)")))]
 pub(super) async fn get_job(
     State(state): State<AppState>,
     Extension(answers): Extension<Arc<Answers>>,
@@ -650,7 +652,7 @@ pub(super) async fn get_job(
     ApiPath(id): ApiPath<String>,
 ) -> Result<Response, ApiError> {
     let len = state.service.report_len(&who, &id).await?;
-    let mut held = answers.acquire(&who.tenant, answers.cost_of_len(len))?;
+    let mut held = answers.acquire(&who.tenant, Answers::cost_of_len(len))?;
     let job = state.service.job(&who, &id).await?;
     held.cover(job.report.as_ref())?;
     Ok(job_response(StatusCode::OK, job, Some(held)))
@@ -702,7 +704,8 @@ pub(super) async fn delete_job(
             headers(("content-disposition" = String, description = "RFC 6266: an ASCII `filename` and a UTF-8 `filename*`"))),
         (status = 404, body = super::ErrorBody, description = "no such job or output"),
         (status = 429, body = super::ErrorBody, description = "the tenant has `max_downloads_per_tenant` downloads running, or the job's report is large and the tenant's or the service's share of `max_buffered_answers` is taken; see `Retry-After`",
-            headers(("retry-after" = u64, description = "seconds")))))]
+            headers(("retry-after" = u64, description = "seconds"))),
+        (status = 507, body = super::ErrorBody, description = "the job's report is longer than this service answers (stored under a larger `max_buffered_answers`)")))]
 pub(super) async fn get_output(
     State(state): State<AppState>,
     Extension(downloads): Extension<Arc<Downloads>>,
@@ -716,7 +719,7 @@ pub(super) async fn get_output(
     // then no longer holds.
     let reading = answers.acquire(
         &who.tenant,
-        answers.cost_of_len(state.service.report_len(&who, &id).await?),
+        Answers::cost_of_len(state.service.report_len(&who, &id).await?),
     )?;
     let (file, len) = state.service.output(&who, &id, &name).await?;
     drop(reading);

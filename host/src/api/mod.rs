@@ -70,6 +70,9 @@ pub enum ApiError {
     Unprocessable(String),
     /// 429: tenant or service at capacity; `Retry-After` in seconds.
     TooManyRequests { message: String, retry_after: u64 },
+    /// 507: the job's report is longer than this service answers (a
+    /// tenant's share of `max_buffered_answers`); repeating will not help.
+    ReportTooLarge(String),
     /// 503: draining.
     Unavailable,
     /// 503 with `Retry-After`: the storage is full (`storage_full`) or
@@ -107,6 +110,7 @@ impl ApiError {
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::ReportTooLarge(_) => StatusCode::INSUFFICIENT_STORAGE,
             ApiError::Unavailable | ApiError::Storage { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -125,6 +129,7 @@ impl ApiError {
             ApiError::UnsupportedMediaType(_) => "unsupported_media_type",
             ApiError::Unprocessable(_) => "unprocessable",
             ApiError::TooManyRequests { .. } => "too_many_requests",
+            ApiError::ReportTooLarge(_) => "report_too_large",
             ApiError::Unavailable => "unavailable",
             ApiError::Storage { full: true } => "storage_full",
             ApiError::Storage { full: false } => "storage_unavailable",
@@ -173,6 +178,7 @@ impl IntoResponse for ApiError {
             | ApiError::UriTooLong(m)
             | ApiError::Conflict(m)
             | ApiError::TooLarge(m)
+            | ApiError::ReportTooLarge(m)
             | ApiError::UnsupportedMediaType(m)
             | ApiError::Unprocessable(m) => m,
         };

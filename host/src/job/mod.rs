@@ -19,9 +19,9 @@ use serde::{Deserialize, Serialize};
 
 pub use egress::{CallRecord, CallsReport};
 pub use report::{
-    Backtrace, BacktraceFrame, Captured, Failure, FailureKind, HEAVY_REPORT, JobReport, LimitKind,
-    MAX_BACKTRACE_FRAMES, MAX_FRAME_NAME, Measurements, Outcome, OutputFile, ReportSummary,
-    SkippedOutput,
+    Backtrace, BacktraceFrame, Captured, Failure, FailureKind, HEAVY_REPORT, HELD_PER_BYTE,
+    JobReport, LimitKind, MAX_BACKTRACE_FRAMES, MAX_FRAME_NAME, Measurements, Outcome, OutputFile,
+    ReportSummary, SkippedOutput, answers_share, largest_report,
 };
 
 /// Most input files one job may have.

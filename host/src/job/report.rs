@@ -331,6 +331,27 @@ pub struct ReportSummary {
     pub outputs: u64,
 }
 
+/// What answering a report holds in memory, at most, per byte of its
+/// stored JSON: the decoded report (up to two and a half times its JSON
+/// with many small outputs, each a struct and two strings) and, while it is
+/// decoded, the store's copy of the JSON. With the whole body held, 3.7 to
+/// 3.9 was measured for 100,000 to 120,000 outputs of 155 bytes each;
+/// written as read (`api::answers::ViewBody`), about 2 for long names.
+pub const HELD_PER_BYTE: u64 = 4;
+
+/// A tenant's share of `max_buffered_answers`: what its heavy answers may
+/// hold at once.
+pub fn answers_share(max_buffered_answers: u64) -> u64 {
+    (max_buffered_answers / 4).max(1)
+}
+
+/// The longest report, as stored JSON, whose answer fits a tenant's share
+/// of `max_buffered_answers`: what a job's report is cut to when it ends
+/// ([`JobReport::fit`]).
+pub fn largest_report(max_buffered_answers: u64) -> u64 {
+    answers_share(max_buffered_answers) / HELD_PER_BYTE
+}
+
 /// A report this long as JSON, or this heavy ([`JobReport::weight`]), is
 /// decoded, encoded or turned into a response off the async threads.
 pub const HEAVY_REPORT: usize = 256 * 1024;
@@ -347,6 +368,84 @@ impl JobReport {
             + self.stderr.text.len()
             + names
             + ENTRY * (1 + self.outputs.len() + self.skipped_outputs.len() + calls)
+    }
+
+    /// Its JSON's length in bytes, as the store keeps it: counted as it
+    /// is encoded, not built.
+    pub fn json_len(&self) -> u64 {
+        struct Count(u64);
+        impl std::io::Write for Count {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                self.0 += buf.len() as u64;
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let mut count = Count(0);
+        serde_json::to_writer(&mut count, self).expect("a report serializes");
+        count.0
+    }
+
+    /// Makes the report at most `max` bytes of JSON, so that answering it
+    /// holds at most what one answer may ([`HELD_PER_BYTE`]). When it is
+    /// longer, its outputs are not listed (they are not kept), and the job
+    /// fails for it ([`FailureKind::Output`], or an earlier failure says
+    /// so); if it is still longer, its captured stdout and stderr are cut
+    /// to a sixteenth of `max` each (escaped as JSON, each of their bytes
+    /// takes at most six) and its call records dropped (they stay counted).
+    /// Returns the length it had, when it was cut.
+    pub fn fit(&mut self, max: u64) -> Option<u64> {
+        // Escaped as JSON, text takes at most six bytes a byte, `weight`
+        // counts every listed entry at more than its JSON takes, and the
+        // rest (a failure's message, a backtrace) is bounded far below
+        // 64 KiB.
+        if (self.weight() as u64).saturating_mul(6) + (64 << 10) <= max {
+            return None;
+        }
+        let len = self.json_len();
+        if len <= max {
+            return None;
+        }
+        let why = format!(
+            "its report would be {len} bytes of JSON, more than this service answers ({max} bytes: `max_buffered_answers` over {}); its outputs are not kept",
+            4 * HELD_PER_BYTE
+        );
+        match &mut self.failure {
+            Some(failure) if self.outcome == Outcome::Failed => {
+                failure.message = format!("{} ({why})", failure.message);
+                self.outputs.clear();
+                self.skipped_outputs.clear();
+            }
+            _ => {
+                self.failure = None;
+                self.fail_outputs(format!(
+                    "the job left more outputs than can be listed: {why}"
+                ));
+            }
+        }
+        if self.json_len() > max {
+            let cut = |captured: &mut Captured| {
+                let mut end = (max / 16) as usize;
+                if captured.text.len() > end {
+                    while !captured.text.is_char_boundary(end) {
+                        end -= 1;
+                    }
+                    captured.text.truncate(end);
+                    captured.truncated = true;
+                }
+            };
+            cut(&mut self.stdout);
+            cut(&mut self.stderr);
+            if let Some(calls) = &mut self.calls {
+                calls.records_dropped = calls
+                    .records_dropped
+                    .saturating_add(calls.records.len() as u32);
+                calls.records.clear();
+            }
+        }
+        Some(len)
     }
 
     /// A report from its JSON. A report can list thousands of outputs and
@@ -505,6 +604,96 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
+
+    fn listing(n: usize) -> JobReport {
+        let mut report = JobReport::not_run("j", "m", "unused");
+        report.outcome = Outcome::Succeeded;
+        report.failure = None;
+        report.outputs = (0..n)
+            .map(|i| OutputFile {
+                name: format!("tile-{i:06}.png"),
+                size: 1,
+                sha256: "0".repeat(64),
+            })
+            .collect();
+        report.skipped_outputs.push(SkippedOutput {
+            name: "link".into(),
+            reason: "symlink".into(),
+        });
+        report
+    }
+
+    #[test]
+    fn json_len_is_the_stored_length() {
+        let mut report = listing(3);
+        report.stdout.text = "\u{1}\"é".repeat(100);
+        assert_eq!(report.json_len(), report.encode().len() as u64);
+    }
+
+    #[test]
+    fn a_report_that_fits_is_left_as_it_is() {
+        let mut report = listing(10_000);
+        let before = report.clone();
+        assert_eq!(report.fit(report.json_len()), None);
+        assert_eq!(report, before);
+    }
+
+    #[test]
+    fn a_report_too_long_keeps_no_outputs_and_fails_saying_why() {
+        let mut report = listing(10_000);
+        let len = report.json_len();
+        assert_eq!(report.fit(len - 1), Some(len));
+        assert!(report.outputs.is_empty() && report.skipped_outputs.is_empty());
+        assert_eq!(report.outcome, Outcome::Failed);
+        let failure = report.failure.as_ref().unwrap();
+        assert_eq!(failure.kind, FailureKind::Output);
+        assert!(
+            failure.message.contains(&format!("{len} bytes")),
+            "{}",
+            failure.message
+        );
+        assert!(report.json_len() < len - 1);
+        assert_eq!(report.summary().outputs, 0);
+    }
+
+    #[test]
+    fn an_earlier_failure_is_kept_and_says_the_outputs_went() {
+        let mut report = listing(10_000);
+        report.outcome = Outcome::Failed;
+        report.exit_code = Some(1);
+        report.failure = Some(Failure {
+            kind: FailureKind::Exit,
+            message: "exited with 1".into(),
+        });
+        assert!(report.fit(100 << 10).is_some());
+        let failure = report.failure.as_ref().unwrap();
+        assert_eq!(failure.kind, FailureKind::Exit);
+        assert!(
+            failure.message.starts_with("exited with 1 (") && failure.message.contains("not kept"),
+            "{}",
+            failure.message
+        );
+        assert!(report.outputs.is_empty());
+    }
+
+    #[test]
+    fn captured_text_escaped_six_times_over_is_cut_to_fit() {
+        let mut report = listing(0);
+        // Each control character is six bytes as JSON.
+        report.stdout.text = "\u{1}".repeat(crate::sandbox::MAX_CAPTURE);
+        report.stderr.text = "\u{1}".repeat(crate::sandbox::MAX_CAPTURE);
+        report.calls = Some(crate::job::CallsReport {
+            made: 1,
+            records: vec![crate::job::CallRecord::default(); 64],
+            ..Default::default()
+        });
+        let max = 1 << 20;
+        assert!(report.fit(max).is_some());
+        assert!(report.json_len() <= max, "{}", report.json_len());
+        assert!(report.stdout.truncated && report.stderr.truncated);
+        let calls = report.calls.as_ref().unwrap();
+        assert_eq!((calls.records.len(), calls.records_dropped), (0, 64));
+    }
 
     /// A heavy report is decoded and encoded off the async threads: the
     /// gateway's other tasks run meanwhile. A light one is not moved.

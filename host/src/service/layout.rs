@@ -146,6 +146,15 @@ impl Service {
                 }
             }
         }
+        // No report is stored that cannot be answered within a tenant's
+        // share of the answers' memory: one that long keeps no outputs.
+        let largest = crate::job::largest_report(self.config.server.max_buffered_answers.as_u64());
+        if let Some(len) = crate::blocking(|| report.fit(largest)) {
+            tracing::warn!(job = %record.id, len, largest, "report too long to answer: outputs not kept");
+            if kept.exists() {
+                crate::blob::remove_local(&kept).await?;
+            }
+        }
         // A first attempt that listed nothing has nothing to keep or
         // replace.
         if !report.outputs.is_empty() || record.attempts > 1 {

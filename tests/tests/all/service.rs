@@ -813,15 +813,16 @@ async fn a_body_far_over_the_limit_gets_its_413_answer_not_a_reset() {
 /// holds is read, while other tenants and light jobs are answered.
 #[tokio::test(flavor = "multi_thread")]
 async fn large_reports_being_answered_hold_at_most_a_tenants_share_of_memory() {
-    let s = start(|c| c.server.max_buffered_answers = "64 MiB".parse().unwrap()).await;
+    // A tenant's share is 64 MiB: the longest report answered is 16 MiB.
+    let s = start(|c| c.server.max_buffered_answers = "256 MiB".parse().unwrap()).await;
     let store = s.service.store();
     let now = bulkhead::store::now_ms();
-    // A report of 24 MiB: more than loopback's socket buffers take, so an
+    // A report of 15 MiB: more than loopback's socket buffers take, so an
     // answer is held while its client does not read.
     let heavy = |tenant: &str| {
         let id = crate::common::uuid_like();
         let mut report = bulkhead::sandbox::JobReport::not_run(&id, "hello", "stored by the test");
-        report.stdout.text = "x".repeat(24 << 20);
+        report.stdout.text = "x".repeat(15 << 20);
         (crate::common::finished_record(&id, tenant, now), report)
     };
     let mut ids = Vec::new();
@@ -907,12 +908,12 @@ async fn large_reports_being_answered_hold_at_most_a_tenants_share_of_memory() {
     let others = json(s.get(&format!("/v1/jobs/{}", ids[2]), &other)).await;
     assert_eq!(
         others["report"]["stdout"]["text"].as_str().unwrap().len(),
-        24 << 20
+        15 << 20
     );
 
     // Once the held answer is read, the tenant's share is free again.
     let body = held.bytes().await.unwrap();
-    assert!(body.len() > 24 << 20);
+    assert!(body.len() > 15 << 20);
     let mut answered = None;
     for _ in 0..100 {
         let resp = s
@@ -936,6 +937,105 @@ async fn large_reports_being_answered_hold_at_most_a_tenants_share_of_memory() {
     assert_eq!(
         error_code(keyed().send().await.unwrap()).await.0,
         StatusCode::CONFLICT
+    );
+}
+
+/// No report is stored that could not be answered within a tenant's share
+/// of `max_buffered_answers`: a job whose outputs would list more keeps
+/// none of them (its job directory holds no copy) and says why; a report
+/// stored longer all the same (under a larger budget) is refused for good,
+/// 507, and takes none of the budget.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_report_longer_than_a_share_can_answer_is_never_stored_nor_answered() {
+    // A share of 2 MiB: the longest report answered is 512 KiB, a tenth
+    // of what 20,000 listed outputs take.
+    let s = start(|c| {
+        c.server.max_buffered_answers = "8 MiB".parse().unwrap();
+        crate::common::policy(bulkhead_tests::HOSTILE, "hostile")
+            .scopes(&["hostile:run"])
+            .args(&["disk-many"])
+            .limits(|l| l.output_files = 20_000)
+            .write_to(&c.modules.policies_dir);
+    })
+    .await;
+    let token = s.token("acme", &["hostile:run"]).await;
+    let resp = s
+        .post("/v1/modules/hostile/jobs", &token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::ACCEPTED);
+    let id = resp.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let job = s.finished(&token, &id).await;
+    assert_eq!(job["state"], "failed", "{job:#}");
+    let report = &job["report"];
+    assert_eq!(report["outputs"].as_array().map(Vec::len), Some(0));
+    let message = report["failure"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("more than this service answers") && message.contains("not kept"),
+        "{message}"
+    );
+    let len = s
+        .service
+        .store()
+        .report_len("acme", bulkhead::store::ReportOf::Id(&id))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(len <= 512 << 10, "stored {len} bytes");
+    let kept = s
+        .service
+        .config()
+        .storage
+        .data_dir
+        .join("jobs")
+        .join(&id)
+        .join("outputs");
+    assert!(!kept.exists(), "{} was kept", kept.display());
+    let output = s
+        .get(&format!("/v1/jobs/{id}/outputs/f0"), &token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(output.status(), StatusCode::NOT_FOUND);
+
+    // One stored longer (by a node with a larger budget) is refused, and
+    // the tenant's next heavy answer still has its whole share.
+    let now = bulkhead::store::now_ms();
+    let stored = |bytes: usize| {
+        let id = crate::common::uuid_like();
+        let mut report =
+            bulkhead::sandbox::JobReport::not_run(&id, "hostile", "stored by the test");
+        report.stdout.text = "x".repeat(bytes);
+        (crate::common::finished_record(&id, "acme", now), report)
+    };
+    let mut ids = Vec::new();
+    for bytes in [600 << 10, 500 << 10] {
+        let (record, report) = stored(bytes);
+        s.service
+            .store()
+            .insert_finished_job(&record, &report, now, None)
+            .await
+            .unwrap();
+        ids.push(record.id);
+    }
+    for _ in 0..3 {
+        let refused = s
+            .get(&format!("/v1/jobs/{}", ids[0]), &token)
+            .send()
+            .await
+            .unwrap();
+        assert!(!refused.headers().contains_key("retry-after"));
+        let (status, code) = error_code(refused).await;
+        assert_eq!((status.as_u16(), code.as_str()), (507, "report_too_large"));
+    }
+    let answered = json(s.get(&format!("/v1/jobs/{}", ids[1]), &token)).await;
+    assert_eq!(
+        answered["report"]["stdout"]["text"].as_str().map(str::len),
+        Some(500 << 10)
     );
 }
 
