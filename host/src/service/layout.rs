@@ -149,7 +149,12 @@ impl Service {
         // No report is stored that cannot be answered within a tenant's
         // share of the answers' memory: one that long keeps no outputs.
         let largest = crate::job::largest_report(self.config.server.max_buffered_answers.as_u64());
-        if let Some(len) = crate::blocking(|| report.fit(largest)) {
+        let fitted = if report.weight() >= crate::job::HEAVY_REPORT {
+            crate::blocking(|| report.fit(largest))
+        } else {
+            report.fit(largest)
+        };
+        if let Some(len) = fitted {
             tracing::warn!(job = %record.id, len, largest, "report too long to answer: outputs not kept");
             if kept.exists() {
                 crate::blob::remove_local(&kept).await?;
