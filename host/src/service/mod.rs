@@ -341,6 +341,7 @@ impl Service {
             max_running_per_tenant: q.max_running_per_tenant,
             max_running_per_module: q.max_running_per_module,
         });
+        record_given_back(store.as_ref(), data).await?;
         let requeued = store.requeue_running().await?;
         let shared = store.shared();
         // A shared store's queue stays in the store.
@@ -668,27 +669,46 @@ impl Service {
     /// listeners close), or its guest may still be running (in-process
     /// jobs are not stopped): so shutdown writes it itself, before it
     /// returns. A claim is given back once (the store matches it), so the
-    /// two never count twice. Bounded by [`GIVE_BACK`]: a store that does
-    /// not take it leaves the job `running` under this node's claim, and
-    /// the next start takes it back, its attempt counted.
+    /// two never count twice. Bounded by [`GIVE_BACK`]: what the store
+    /// does not take by then (locked by another writer, failing) is kept
+    /// in [`GIVEN_BACK`] for the next start to record.
     async fn give_back_claims(&self) {
         let held: Vec<crate::store::Claimed> = self
             .claims_lock()
             .values()
             .map(|(claim, _)| claim.clone())
             .collect();
+        let mut unrecorded: Vec<&crate::store::Claimed> = held.iter().collect();
         let give_back = async {
-            for claim in &held {
+            while let Some(claim) = unrecorded.last() {
                 if let Err(e) = self.store.requeue(claim, false).await {
-                    tracing::warn!(job = %claim.id(), error = %e, "cannot give back a job stopped by shutdown; the next start re-runs it");
+                    tracing::warn!(job = %claim.id(), error = %e, "cannot give back a job stopped by shutdown; the next start does");
+                    break;
+                }
+                unrecorded.pop();
+            }
+        };
+        let timed_out = tokio::time::timeout(GIVE_BACK, give_back).await.is_err();
+        if timed_out || !unrecorded.is_empty() {
+            // The store did not take them (locked, failing): the next start
+            // gives them back from this file before it re-runs anything.
+            let path = self.config.storage.data_dir.join(GIVEN_BACK);
+            match write_given_back(&path, &unrecorded) {
+                Ok(()) => {
+                    tracing::warn!(jobs = unrecorded.len(), file = %path.display(), "shutdown: jobs given back in a file, for the next start to record")
+                }
+                Err(e) => {
+                    tracing::error!(jobs = unrecorded.len(), file = %path.display(), error = %e, "shutdown: cannot keep the jobs it gave back; the next start re-runs them with their attempt counted")
                 }
             }
-            // Then let the runs end (their directories, their gauges).
+        }
+        // Then let the runs end (their directories, their gauges).
+        let ended = async {
             while self.scheduler.depth().1 > 0 {
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
         };
-        if tokio::time::timeout(GIVE_BACK, give_back).await.is_err() {
+        if tokio::time::timeout(GIVE_BACK, ended).await.is_err() {
             tracing::warn!(
                 jobs = self.scheduler.depth().1,
                 "shutdown: runs still ending after the grace"
@@ -967,8 +987,64 @@ fn lock_file(path: &Path) -> std::io::Result<std::fs::File> {
 }
 
 /// How long shutdown gives, after the grace, to give back the jobs it
-/// stopped and let their runs end (a store write each, or one per job).
+/// stopped (a store write each), and then to let their runs end.
 const GIVE_BACK: Duration = Duration::from_millis(500);
+
+/// The file in the data directory holding the claims of jobs shutdown
+/// gave back that the store did not record (locked or failing): the next
+/// start records them before it takes back anything else.
+const GIVEN_BACK: &str = "given-back.json";
+
+/// Writes `claims` to `path` whole or not at all (a temporary file,
+/// synced, renamed over it).
+fn write_given_back(path: &Path, claims: &[&crate::store::Claimed]) -> std::io::Result<()> {
+    let json = serde_json::to_vec(claims).map_err(std::io::Error::other)?;
+    let tmp = path.with_extension("json.tmp");
+    let mut file = std::fs::File::create(&tmp)?;
+    std::io::Write::write_all(&mut file, &json)?;
+    file.sync_all()?;
+    std::fs::rename(&tmp, path)
+}
+
+/// At a start, before running jobs are taken back: gives back, attempt
+/// and all, the jobs the last shutdown stopped but could not record
+/// ([`GIVEN_BACK`]), then removes the file. A claim the store no longer
+/// holds (its job finished, was cancelled, or another node took it back
+/// once its lease ran out) is left as it is. Returns how many were given
+/// back.
+async fn record_given_back(store: &dyn JobStore, data: &Path) -> Result<usize, StartError> {
+    let path = data.join(GIVEN_BACK);
+    let bytes = match std::fs::read(&path) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => {
+            return Err(StartError::Storage(format!("{}: {e}", path.display())));
+        }
+    };
+    let claims: Vec<crate::store::Claimed> = match serde_json::from_slice(&bytes) {
+        Ok(claims) => claims,
+        Err(e) => {
+            // Written whole or not at all: not ours. Their jobs are
+            // taken back as after a crash.
+            tracing::warn!(file = %path.display(), error = %e, "ignoring an unreadable list of jobs given back");
+            Vec::new()
+        }
+    };
+    let mut given = 0;
+    for claim in &claims {
+        if store.requeue(claim, false).await? {
+            given += 1;
+        }
+    }
+    std::fs::remove_file(&path)
+        .map_err(|e| StartError::Storage(format!("{}: {e}", path.display())))?;
+    tracing::info!(
+        given,
+        of = claims.len(),
+        "recorded the jobs the last shutdown gave back"
+    );
+    Ok(given)
+}
 
 /// Free bytes under the data directory below which the service reports
 /// itself not ready (and the keeper's probe fails).

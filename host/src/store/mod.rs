@@ -396,7 +396,7 @@ pub enum QueueFull {
 /// It names the tenant, and the attempt it holds (the count and the start
 /// time): a claim whose job has since been given back and claimed again
 /// finishes nothing.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Claimed {
     id: String,
     tenant: String,

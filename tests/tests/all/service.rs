@@ -586,6 +586,64 @@ async fn a_job_running_when_shutdown_stops_its_worker_is_left_to_run_again() {
     again.shutdown().await;
 }
 
+/// A job shutdown stops keeps its attempt even when the store does not take
+/// the give-back (another connection holds SQLite's write lock through the
+/// whole shutdown): the claim is kept in the data directory, and the next
+/// start records it before it takes back the jobs left running.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_give_back_the_store_does_not_take_at_shutdown_is_recorded_by_the_next_start() {
+    let s = start(|c| {
+        c.server.shutdown_grace = "200 ms".parse().unwrap();
+        crate::common::sleeper(60_000).write_to(&c.modules.policies_dir);
+    })
+    .await;
+    let id = submit_until_running(&s).await;
+    let store = std::sync::Arc::clone(s.service.store());
+    let state = || async { store.get_job("acme", &id).await.unwrap().unwrap() };
+    let data = s.service.config().storage.data_dir.clone();
+    let writer = rusqlite::Connection::open(data.join("bulkhead.sqlite")).unwrap();
+    writer.execute_batch("BEGIN EXCLUSIVE").unwrap();
+    s.service.shutdown().await;
+    for _ in 0..300 {
+        if s.service.jobs_running() == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let kept = data.join("given-back.json");
+    assert!(kept.exists(), "the give-back was not kept");
+    writer.execute_batch("COMMIT").unwrap();
+    drop(writer);
+    let left = state().await;
+    assert_eq!(
+        (left.state.as_str(), left.attempts),
+        ("running", 1),
+        "the store took the give-back after all: the lock did not hold"
+    );
+
+    let mut config = s.service.config().clone();
+    crate::common::sleeper(300).write_to(&config.modules.policies_dir);
+    config.server.shutdown_grace = "1 s".parse().unwrap();
+    let again = bulkhead::service::Service::start(config, None)
+        .await
+        .unwrap();
+    assert!(!kept.exists(), "the start left the give-back file");
+    let mut rerun = state().await;
+    for _ in 0..300 {
+        if rerun.finished_at.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        rerun = state().await;
+    }
+    assert_eq!(
+        rerun.attempts, 1,
+        "the stopped attempt was counted: {rerun:?}"
+    );
+    assert!(rerun.report.is_some(), "{rerun:?}");
+    again.shutdown().await;
+}
+
 /// A configured work directory is held like the data directory: a service
 /// of another data directory naming the same one stops before it empties
 /// it under the first one's running job, and one holding the data or cache
