@@ -235,7 +235,27 @@ impl Service {
                     }
                 }
             }
-            match crate::blob::remove_local(&entry.path()).await {
+            // Not a directory another process holds (a service's work
+            // directory configured inside this one's jobs directory):
+            // removing it would empty that service's under its jobs.
+            let path = entry.path();
+            let held = if meta.is_dir() {
+                crate::blocking(|| super::locks::held_below(&path, &[]))
+            } else {
+                Ok(None)
+            };
+            match held {
+                Ok(None) => {}
+                Ok(Some((dir, holder))) => {
+                    tracing::warn!(entry = %path.display(), held = %dir.display(), "not removing a directory another bulkhead process{holder} holds");
+                    continue;
+                }
+                Err(e) => {
+                    tracing::warn!(entry = %path.display(), error = %e, "not removing a directory whose locks cannot be checked");
+                    continue;
+                }
+            }
+            match crate::blob::remove_local(&path).await {
                 Ok(()) => removed += 1,
                 Err(e) => {
                     tracing::warn!(entry = %entry.path().display(), error = %e, "cannot remove an orphan job directory")

@@ -644,6 +644,44 @@ async fn a_give_back_the_store_does_not_take_at_shutdown_is_recorded_by_the_next
     again.shutdown().await;
 }
 
+/// A service whose jobs directory holds another service's work directory
+/// (configured there by mistake) leaves it be: its orphan sweep does not
+/// remove a directory another process holds, and that service still runs
+/// jobs.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_orphan_sweep_leaves_a_directory_another_service_holds() {
+    let shared = tempfile::tempdir().unwrap();
+    let data = shared.path().join("data");
+    let work = data.join("jobs").join("not-a-job").join("work");
+    let s = start(|c| c.storage.work_dir = Some(work.clone())).await;
+    let mut config = s.service.config().clone();
+    config.storage.data_dir = data.clone();
+    config.storage.work_dir = None;
+    let other = bulkhead::service::Service::start(config, None)
+        .await
+        .unwrap();
+    assert_eq!(other.remove_orphans(Duration::ZERO).await, 0);
+    assert!(
+        work.join("bulkhead.lock").exists(),
+        "the work directory was removed"
+    );
+    let token = s.token("acme", &["hello:run"]).await;
+    let job = json(s.post("/v1/modules/hello/jobs?wait=20s", &token)).await;
+    assert_eq!(job["state"], "succeeded", "{job:#}");
+    other.shutdown().await;
+    // A directory no one holds is an orphan as ever.
+    s.service.shutdown().await;
+    let again = {
+        let mut config = other.config().clone();
+        config.storage.work_dir = None;
+        bulkhead::service::Service::start(config, None)
+            .await
+            .unwrap()
+    };
+    assert!(!data.join("jobs").join("not-a-job").exists());
+    again.shutdown().await;
+}
+
 /// A configured work directory is held like the data directory: a service
 /// of another data directory naming the same one stops before it empties
 /// it under the first one's running job, and one holding the data or cache

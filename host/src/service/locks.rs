@@ -1,0 +1,262 @@
+//! The locks that keep two Bulkhead processes off each other's
+//! directories: a data or work directory is held by an exclusive `flock`
+//! of `bulkhead.lock` inside it, taken before anything in it is touched
+//! and kept until the process ends; a start refuses a directory with a
+//! held lock above it, or (a work directory, which a start and a shutdown
+//! empty) below it.
+
+use std::path::{Path, PathBuf};
+
+/// Takes `data`'s lock file (`bulkhead.lock`, an exclusive `flock`, held
+/// while the returned file is open): a second service on the same data
+/// directory — a second `bulkhead serve` of the same config, say — stops
+/// before it touches anything there, or the work directory named after it
+/// (which a start empties under the first one's running jobs).
+pub(super) fn lock_data_dir(data: &Path) -> std::io::Result<std::fs::File> {
+    lock_file(&data.join(LOCK_FILE))
+}
+
+/// The lock file of a data or work directory, inside it.
+pub(super) const LOCK_FILE: &str = "bulkhead.lock";
+
+/// Takes the work directory's lock (`bulkhead.lock` inside it, kept when
+/// the directory is emptied) and returns the directory's canonical path
+/// with it: a start empties the directory, and a shutdown too, so no two
+/// services may share one, nor hold one inside the other's. Checked on the
+/// canonical path: the same directory spelled another way, a symlink to
+/// it, a configured one naming another service's default one, all take
+/// the same lock. A work directory inside a directory another service
+/// holds (an ancestor has a held lock file: refused before it is even
+/// created), or holding one (a held lock file below it), or holding this
+/// service's data or cache directory, is refused before anything in it is
+/// touched.
+///
+/// `keep` names directories (`("data", path)`) it must not hold; `own`,
+/// lock files of this process's that are no one else's. Two starts racing
+/// each take their lock before they look above and below again: of two
+/// nested ones, one at least sees the other's.
+pub fn lock_work_dir(
+    work: &Path,
+    keep: &[(&str, &Path)],
+    own: &[&std::fs::File],
+) -> std::io::Result<(PathBuf, std::fs::File)> {
+    let invalid = |what: String| std::io::Error::new(std::io::ErrorKind::InvalidInput, what);
+    let target = canonical_to_be(work)?;
+    for (what, dir) in keep {
+        let dir = canonical_to_be(dir).unwrap_or_else(|_| dir.to_path_buf());
+        if dir.starts_with(&target) {
+            return Err(invalid(format!(
+                "holds the {what} directory, which a start would empty"
+            )));
+        }
+    }
+    check_above(&target, own)?;
+    crate::sandbox::ensure_private_dir(&target).map_err(std::io::Error::other)?;
+    let work = std::fs::canonicalize(&target)?;
+    if work != target {
+        return Err(invalid(format!(
+            "changed into {} while checked",
+            work.display()
+        )));
+    }
+    let lock = lock_file(&work.join(LOCK_FILE))?;
+    let own: Vec<&std::fs::File> = own.iter().copied().chain([&lock]).collect();
+    check_above(&work, &own)?;
+    if let Some((dir, holder)) = held_below(&work, &own)? {
+        return Err(invalid(format!(
+            "holds {}, held by another bulkhead process{holder}",
+            dir.display()
+        )));
+    }
+    Ok((work, lock))
+}
+
+/// A directory in `dir` (or `dir` itself) held by another process through
+/// its lock file (`own`: this process's locks, skipped), with who holds
+/// it; found by a walk of at most [`MAX_WORK_ENTRIES`] entries.
+///
+/// # Errors
+/// `InvalidInput` past that many entries; I/O errors of the walk.
+pub(super) fn held_below(
+    dir: &Path,
+    own: &[&std::fs::File],
+) -> std::io::Result<Option<(PathBuf, String)>> {
+    let mut todo = vec![dir.to_owned()];
+    let mut seen = 0u64;
+    while let Some(dir) = todo.pop() {
+        for entry in std::fs::read_dir(&dir)? {
+            let entry = entry?;
+            seen += 1;
+            if seen > MAX_WORK_ENTRIES {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    format!(
+                        "holds more than {MAX_WORK_ENTRIES} entries to check; empty it by hand"
+                    ),
+                ));
+            }
+            let kind = entry.file_type()?;
+            if kind.is_dir() {
+                todo.push(entry.path());
+            } else if kind.is_file()
+                && entry.file_name() == LOCK_FILE
+                && let Some(holder) = held_by_another(&entry.path(), own)?
+            {
+                return Ok(Some((dir, holder)));
+            }
+        }
+    }
+    Ok(None)
+}
+
+/// Refuses `dir` (canonical) when a directory above it is held by another
+/// service: a held `bulkhead.lock` in one of its ancestors (`own`: this
+/// process's locks, skipped).
+///
+/// # Errors
+/// `InvalidInput` naming the holder; I/O errors reading a lock file.
+pub fn check_above(dir: &Path, own: &[&std::fs::File]) -> std::io::Result<()> {
+    for above in dir.ancestors().skip(1) {
+        if let Some(holder) = held_by_another(&above.join(LOCK_FILE), own)? {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!(
+                    "inside {}, held by another bulkhead process{holder}",
+                    above.display()
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// `path` made absolute with every symlink resolved, whether or not it
+/// exists yet: its longest existing prefix canonicalized, the rest joined.
+pub(super) fn canonical_to_be(path: &Path) -> std::io::Result<PathBuf> {
+    let absolute = std::path::absolute(path)?;
+    let mut rest = Vec::new();
+    let mut existing = absolute.as_path();
+    loop {
+        match std::fs::canonicalize(existing) {
+            Ok(mut canonical) => {
+                for name in rest.iter().rev() {
+                    canonical.push(name);
+                }
+                return Ok(canonical);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let (Some(parent), Some(name)) = (existing.parent(), existing.file_name()) else {
+                    return Err(e);
+                };
+                rest.push(name.to_owned());
+                existing = parent;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Entries a work directory may hold at a start for its locks to be
+/// checked (leftovers of a previous process's jobs).
+const MAX_WORK_ENTRIES: u64 = 1_000_000;
+
+/// Whether the lock file at `path` (not followed if a symlink) is held by
+/// a process other than through `own`: then ` (pid N)` as its file says,
+/// or an empty string.
+fn held_by_another(path: &Path, own: &[&std::fs::File]) -> std::io::Result<Option<String>> {
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+    let mut file = match std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+    {
+        Ok(file) => file,
+        Err(e)
+            if e.kind() == std::io::ErrorKind::NotFound
+                || e.raw_os_error() == Some(libc::ELOOP) =>
+        {
+            return Ok(None);
+        }
+        Err(e) => return Err(e),
+    };
+    let meta = file.metadata()?;
+    for held in own {
+        let mine = held.metadata()?;
+        if (mine.dev(), mine.ino()) == (meta.dev(), meta.ino()) {
+            return Ok(None);
+        }
+    }
+    if !meta.is_file() {
+        return Ok(None);
+    }
+    match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockShared) {
+        Ok(()) => Ok(None),
+        Err(e) if e == rustix::io::Errno::WOULDBLOCK => Ok(Some(holder(&mut file))),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Removes everything in the work directory `work` but its lock file.
+pub(super) fn empty_work_dir(work: &Path) -> std::io::Result<()> {
+    for entry in std::fs::read_dir(work)? {
+        let entry = entry?;
+        if entry.file_name() != LOCK_FILE {
+            crate::sandbox::remove_tree(&entry.path())?;
+        }
+    }
+    Ok(())
+}
+
+/// An exclusive `flock` of `path` (created if missing), held while the
+/// returned file is open, with this process's id written in it; taken by
+/// another process, an error naming that one.
+fn lock_file(path: &Path) -> std::io::Result<std::fs::File> {
+    use std::io::{Seek, Write};
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(path)?;
+    // A lock this process has just let go of can stay held a moment by a
+    // child it was forking meanwhile (its descriptors go at the child's
+    // exec): a held lock is asked again for a little while.
+    let mut tries = 0;
+    while let Err(e) =
+        rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive)
+    {
+        if e != rustix::io::Errno::WOULDBLOCK {
+            return Err(e.into());
+        }
+        tries += 1;
+        if tries == LOCK_TRIES {
+            return Err(std::io::Error::other(format!(
+                "in use by another bulkhead process{} ({} is locked)",
+                holder(&mut file),
+                path.display()
+            )));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    file.set_len(0)?;
+    file.rewind()?;
+    writeln!(file, "{}", std::process::id())?;
+    Ok(file)
+}
+
+/// How often [`lock_file`] asks for a held lock, 10 ms apart.
+const LOCK_TRIES: u32 = 30;
+
+/// Who holds a lock file, as its file says: ` (pid N)`, or an empty
+/// string.
+fn holder(file: &mut std::fs::File) -> String {
+    use std::io::Read;
+    let mut pid = String::new();
+    let _ = file.read_to_string(&mut pid);
+    match pid.trim() {
+        "" => String::new(),
+        pid => format!(" (pid {pid})"),
+    }
+}
