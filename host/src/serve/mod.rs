@@ -422,6 +422,43 @@ fn refuse(tcp: &TcpStream) {
     let _ = tcp.try_write(REFUSAL);
 }
 
+/// Bytes a connection's socket holds not yet sent, at most, before a write
+/// to it waits (`TCP_NOTSENT_LOWAT`).
+///
+/// By default a socket takes writes until its send buffer is full — up to
+/// `tcp_wmem`'s 4 MiB — and says it can take more only once half of what it
+/// holds has gone. For a client whose window is small (a reader at 80 KB/s
+/// with an 8 KiB receive buffer), that half took more than `write_timeout`
+/// to go, with the client reading all along: it was cut as a client that
+/// stopped reading, at about 50 s, every time. Bounded, the socket takes
+/// more as soon as what it holds unsent drops below the bound, so a write
+/// waits only while the client takes nothing; and a slow reader holds that
+/// much of the kernel's memory unsent, not megabytes.
+const UNSENT_AT_MOST: u32 = 128 << 10;
+
+/// Sets `tcp`'s `TCP_NOTSENT_LOWAT` to `bytes` (see [`UNSENT_AT_MOST`]).
+fn unsent_at_most(tcp: &TcpStream, bytes: u32) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let value = libc::c_int::try_from(bytes).map_err(std::io::Error::other)?;
+    // SAFETY: `tcp` is an open socket for the call's duration; the option
+    // value is a `c_int` read by the kernel from the pointer and length
+    // given, nothing is kept.
+    let set = unsafe {
+        libc::setsockopt(
+            tcp.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_NOTSENT_LOWAT,
+            std::ptr::from_ref(&value).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if set == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
 /// Serves one admitted connection on its own task.
 fn connection(
     edge: &Edge,
@@ -433,6 +470,7 @@ fn connection(
     health_only: bool,
 ) {
     let _ = tcp.set_nodelay(true);
+    let _ = unsent_at_most(&tcp, UNSENT_AT_MOST);
     let (header_timeout, idle_timeout) = if health_only {
         (RESERVE_TIMEOUT, RESERVE_TIMEOUT)
     } else {

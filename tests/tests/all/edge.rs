@@ -1196,6 +1196,60 @@ async fn a_client_reading_below_the_minimum_rate_is_closed() {
     assert_eq!(get(&mut other, "/healthz", "").await.unwrap().0, 200);
 }
 
+/// A client with a small window that reads all along is never taken for
+/// one that stopped: a write waits only while the client takes nothing.
+/// (By default the socket queued megabytes and said it could take more
+/// only once half of them had gone; a reader at 60 KB/s was cut by the
+/// write timeout at about 50 s, every time.)
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_reading_slowly_but_steadily_is_not_cut_by_the_write_timeout() {
+    // Only the write timeout could end this connection: no minimum rate,
+    // and the header and idle allowances are far longer than the test.
+    let dir = tempfile::tempdir().unwrap();
+    let (config, _) = write_config(
+        dir.path(),
+        "header_read_timeout = \"10 min\"\nidle_timeout = \"10 min\"\nwrite_timeout = \"3 s\"\nmin_write_rate = \"0 B\"",
+        "",
+    );
+    let served = Served::start(&config);
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    socket
+        .bind(SocketAddr::new("127.0.0.1".parse().unwrap(), 0))
+        .unwrap();
+    let stream = socket.connect(served.public).await.unwrap();
+    let client = stream.local_addr().unwrap();
+    let (mut read_half, mut write_half) = stream.into_split();
+    let writer = tokio::spawn(async move {
+        let one = "GET /openapi.json HTTP/1.1\r\nhost: bulkhead\r\n\r\n";
+        let _ = write_half.write_all(one.repeat(2000).as_bytes()).await;
+        write_half
+    });
+    // 4 KiB every 20 ms, about 200 KB/s, for 12 s: several times what the
+    // socket queued by default, and never a pause near the timeout.
+    let mut buf = vec![0u8; 4096];
+    let mut read = 0usize;
+    let mut cut = None;
+    for _ in 0..600 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        match read_half.read(&mut buf).await {
+            Ok(0) => {
+                cut = Some(format!("closed after {read} bytes"));
+                break;
+            }
+            Ok(n) => read += n,
+            Err(e) => {
+                cut = Some(format!("{e} after {read} bytes"));
+                break;
+            }
+        }
+    }
+    assert_eq!(cut, None, "the server cut a client reading steadily");
+    assert!(server_end_established(served.public, client));
+    assert!(read > 1 << 20, "{read} bytes read");
+    writer.abort();
+}
+
 const SCOPE_DENIED: usize = 2_000;
 
 #[tokio::test(flavor = "multi_thread")]
