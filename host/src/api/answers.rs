@@ -151,7 +151,11 @@ impl AnswerPermit {
     /// # Errors
     /// As [`Answers::acquire`]; the reservation is then unchanged.
     pub fn cover(&mut self, report: Option<&JobReport>) -> Result<(), ApiError> {
-        let Some(report) = report.filter(|r| self.bytes == 0 && r.weight() >= HEAVY_REPORT) else {
+        // Counted by its JSON, as the store counts it: `weight` can say a
+        // report of names needing escapes is light when it is not.
+        let Some(report) =
+            report.filter(|r| self.bytes == 0 && r.json_bound() >= HEAVY_REPORT as u64)
+        else {
             return Ok(());
         };
         let needed = Answers::cost_of_len(crate::blocking(|| report.json_len()));

@@ -197,7 +197,7 @@ fn job_response(status: StatusCode, job: JobRecord, held: Option<AnswerPermit>) 
     let heavy = job
         .report
         .as_ref()
-        .is_some_and(|r| r.weight() >= crate::job::HEAVY_REPORT);
+        .is_some_and(|r| r.json_bound() >= crate::job::HEAVY_REPORT as u64);
     let body = if heavy {
         crate::blocking(move || view_parts(job))
             .map(|(parts, files, id)| Body::new(ViewBody::new(parts, files, id, held)))
@@ -393,6 +393,8 @@ fn parse_wait(v: &str) -> Result<Duration, ApiError> {
         (status = 200, body = JobView, description = "finished within the wait (or a retry of a finished job)"),
         (status = 202, body = JobView, description = "accepted (or still running when the wait ended)",
             headers(("location" = String, description = "the job's URL"))),
+        (status = 303, body = JobView, description = "finished within the wait, but its report is large and the tenant's or the service's share of `max_buffered_answers` is taken: the job without its report; GET the location (see `Retry-After`)",
+            headers(("location" = String, description = "the job's URL"), ("retry-after" = u64, description = "seconds"))),
         (status = 400, body = super::ErrorBody, description = "bad query, input name, part or wait"),
         (status = 401, body = super::ErrorBody),
         (status = 403, body = super::ErrorBody, description = "the token lacks the module's scope"),
@@ -520,8 +522,8 @@ pub(super) async fn submit(
     // A keyed submission may be repeated as often as a client likes, each
     // time answered with the same job: a heavy one counts against the
     // answers' budget from before its job is read, and a refusal (429) is
-    // safe to retry with the key. An unkeyed one ran a job of its own, and
-    // is answered whatever.
+    // safe to retry with the key. An unkeyed one ran a job of its own: it
+    // reserves for that job's report once it has one (below).
     let mut held = match &sub.idempotency_key {
         Some(key) => {
             let len = state.service.keyed_report_len(&who, key).await?;
@@ -554,6 +556,26 @@ pub(super) async fn submit(
     };
     if let Some(held) = held.as_mut() {
         held.cover(job.report.as_ref())?;
+    } else if job.report.is_some() {
+        // The job's own answer counts against the budget too. Past it, the
+        // client is sent to the job (303 See Other, the view without its
+        // report), which a GET then reads within the budget.
+        let mut permit = answers.acquire(&who.tenant, 0)?;
+        match permit.cover(job.report.as_ref()) {
+            Ok(()) => held = Some(permit),
+            Err(ApiError::TooManyRequests { .. } | ApiError::ReportTooLarge(_)) => {
+                let mut job = job;
+                job.report = None;
+                let mut response = job_response(StatusCode::SEE_OTHER, job, None);
+                let headers = response.headers_mut();
+                if let Ok(v) = HeaderValue::from_str(&location) {
+                    headers.insert(header::LOCATION, v);
+                }
+                headers.insert(header::RETRY_AFTER, HeaderValue::from(1u64));
+                return Ok(response);
+            }
+            Err(e) => return Err(e),
+        }
     }
     let mut response = job_response(status, job, held);
     if let Ok(v) = HeaderValue::from_str(&location) {

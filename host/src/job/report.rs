@@ -397,11 +397,7 @@ impl JobReport {
     /// takes at most six) and its call records dropped (they stay counted).
     /// Returns the length it had, when it was cut.
     pub fn fit(&mut self, max: u64) -> Option<u64> {
-        // Escaped as JSON, text takes at most six bytes a byte, `weight`
-        // counts every listed entry at more than its JSON takes, and the
-        // rest (a failure's message, a backtrace) is bounded far below
-        // 64 KiB.
-        if (self.weight() as u64).saturating_mul(6) + (64 << 10) <= max {
+        if self.json_bound() <= max {
             return None;
         }
         let len = self.json_len();
@@ -445,7 +441,82 @@ impl JobReport {
                 calls.records.clear();
             }
         }
+        if self.json_len() > max {
+            // A bound too small for even that (a few KiB): what is left is
+            // the job's fixed fields and a short reason.
+            for captured in [&mut self.stdout, &mut self.stderr] {
+                captured.truncated |= !captured.text.is_empty();
+                captured.text.clear();
+            }
+            self.backtrace = None;
+            if let Some(failure) = &mut self.failure {
+                let mut end = failure.message.len().min(256);
+                while !failure.message.is_char_boundary(end) {
+                    end -= 1;
+                }
+                failure.message.truncate(end);
+            }
+        }
         Some(len)
+    }
+
+    /// At least [`JobReport::json_len`], found without encoding the report:
+    /// escaped as JSON a byte of text takes at most six (`\u001f`), and
+    /// every entry's fixed part is counted at more than it takes.
+    pub fn json_bound(&self) -> u64 {
+        fn text(s: &str) -> u64 {
+            6 * s.len() as u64 + 2
+        }
+        fn opt(s: Option<&String>) -> u64 {
+            s.map_or(4, |s| text(s))
+        }
+        let outputs: u64 = self
+            .outputs
+            .iter()
+            .map(|o| text(&o.name) + text(&o.sha256) + 128)
+            .sum();
+        let skipped: u64 = self
+            .skipped_outputs
+            .iter()
+            .map(|o| text(&o.name) + text(&o.reason) + 64)
+            .sum();
+        let calls: u64 = self.calls.as_ref().map_or(0, |c| {
+            256 + c
+                .records
+                .iter()
+                .map(|r| {
+                    text(&r.method)
+                        + text(&r.target)
+                        + opt(r.service.as_ref())
+                        + opt(r.refused.as_ref())
+                        + opt(r.class.as_ref())
+                        + opt(r.error.as_ref())
+                        + r.stripped_headers.iter().map(|h| text(h) + 1).sum::<u64>()
+                        + 256
+                })
+                .sum::<u64>()
+        });
+        let backtrace: u64 = self.backtrace.as_ref().map_or(0, |b| {
+            64 + b
+                .frames
+                .iter()
+                .map(|f| opt(f.function.as_ref()) + opt(f.module.as_ref()) + 128)
+                .sum::<u64>()
+        });
+        let failure = self.failure.as_ref().map_or(0, |f| text(&f.message) + 64);
+        text(&self.job_id)
+            + text(&self.module)
+            + text(&self.module_sha256)
+            + opt(self.policy_sha256.as_ref())
+            + text(&self.zone)
+            + text(&self.stdout.text)
+            + text(&self.stderr.text)
+            + outputs
+            + skipped
+            + calls
+            + backtrace
+            + failure
+            + 1024
     }
 
     /// A report from its JSON. A report can list thousands of outputs and
@@ -628,6 +699,76 @@ mod tests {
         let mut report = listing(3);
         report.stdout.text = "\u{1}\"é".repeat(100);
         assert_eq!(report.json_len(), report.encode().len() as u64);
+    }
+
+    /// Whatever the report holds, the bound is at least its JSON: names of
+    /// control characters (six bytes each), long skipped paths, captured
+    /// text, call records, a backtrace.
+    #[test]
+    fn json_bound_is_never_below_json_len() {
+        let control = "\u{1f}".repeat(255);
+        let mut report = listing(50);
+        for o in &mut report.outputs {
+            o.name = format!("{}/{control}", "d".repeat(1000));
+        }
+        report.skipped_outputs = (0..50)
+            .map(|_| SkippedOutput {
+                name: format!("{}/{control}", "d".repeat(1000)),
+                reason: "control-char".into(),
+            })
+            .collect();
+        report.stdout.text = "\u{1}\"\\".repeat(1000);
+        report.stderr.text = control.clone();
+        report.failure = Some(Failure {
+            kind: FailureKind::Exit,
+            message: control.clone(),
+        });
+        report.calls = Some(crate::job::CallsReport {
+            records: vec![
+                crate::job::CallRecord {
+                    method: control.clone(),
+                    target: control.clone(),
+                    service: Some(control.clone()),
+                    stripped_headers: vec![control.clone(); 3],
+                    ..Default::default()
+                };
+                64
+            ],
+            ..Default::default()
+        });
+        report.backtrace = Some(Backtrace {
+            frames: vec![
+                BacktraceFrame {
+                    function: Some(control.clone()),
+                    func_index: u32::MAX,
+                    module_offset: Some(u64::MAX),
+                    module: Some(control.clone()),
+                };
+                16
+            ],
+            truncated: true,
+        });
+        assert!(report.json_bound() >= report.json_len());
+        assert!(listing(0).json_bound() >= listing(0).json_len());
+        // The shortcut trusts the bound: a report just over its limit is
+        // measured and cut, whatever its entries.
+        let len = report.json_len();
+        assert_eq!(report.fit(len - 1), Some(len));
+        assert!(report.json_len() < len);
+    }
+
+    #[test]
+    fn a_bound_of_a_few_kib_leaves_the_fixed_fields_only() {
+        let mut report = listing(100);
+        report.stdout.text = "\u{1}".repeat(10_000);
+        report.failure = Some(Failure {
+            kind: FailureKind::Exit,
+            message: "x".repeat(1024),
+        });
+        report.outcome = Outcome::Failed;
+        assert!(report.fit(2048).is_some());
+        assert!(report.json_len() <= 2048, "{}", report.json_len());
+        assert!(report.stdout.truncated);
     }
 
     #[test]

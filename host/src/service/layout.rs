@@ -149,7 +149,7 @@ impl Service {
         // No report is stored that cannot be answered within a tenant's
         // share of the answers' memory: one that long keeps no outputs.
         let largest = crate::job::largest_report(self.config.server.max_buffered_answers.as_u64());
-        let fitted = if report.weight() >= crate::job::HEAVY_REPORT {
+        let fitted = if report.json_bound() >= crate::job::HEAVY_REPORT as u64 {
             crate::blocking(|| report.fit(largest))
         } else {
             report.fit(largest)

@@ -81,11 +81,23 @@ pub(super) fn held_below(
     dir: &Path,
     own: &[&std::fs::File],
 ) -> std::io::Result<Option<(PathBuf, String)>> {
-    let mut todo = vec![dir.to_owned()];
+    held_below_but(dir, &[], own)
+}
+
+/// [`held_below`], not looking into the entries of `dir` named in `skip`.
+pub(super) fn held_below_but(
+    top: &Path,
+    skip: &[&str],
+    own: &[&std::fs::File],
+) -> std::io::Result<Option<(PathBuf, String)>> {
+    let mut todo = vec![top.to_owned()];
     let mut seen = 0u64;
     while let Some(dir) = todo.pop() {
         for entry in std::fs::read_dir(&dir)? {
             let entry = entry?;
+            if dir == top && skip.iter().any(|name| entry.file_name() == **name) {
+                continue;
+            }
             seen += 1;
             if seen > MAX_WORK_ENTRIES {
                 return Err(std::io::Error::new(

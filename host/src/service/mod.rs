@@ -275,6 +275,20 @@ impl Service {
         std::fs::canonicalize(data)
             .and_then(|dir| check_above(&dir, &[&data_lock]))
             .map_err(|e| storage(&e))?;
+        // Nor around another's work or data directory: what it holds would
+        // be this one's to sweep. Its jobs directory, which can hold far
+        // more, is looked into entry by entry as the orphan sweep comes to
+        // each (`Service::remove_orphans`).
+        match locks::held_below_but(data, &["jobs"], &[&data_lock]) {
+            Ok(None) => {}
+            Ok(Some((dir, holder))) => {
+                return Err(storage(&format!(
+                    "holds {}, held by another bulkhead process{holder}",
+                    dir.display()
+                )));
+            }
+            Err(e) => return Err(storage(&e)),
+        }
         let store: Arc<dyn JobStore> = match (store, &config.storage.url) {
             (Some(s), _) => s,
             (None, Some(url)) => Arc::new(

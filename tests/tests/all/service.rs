@@ -665,6 +665,18 @@ async fn the_orphan_sweep_leaves_a_directory_another_service_holds() {
         work.join("bulkhead.lock").exists(),
         "the work directory was removed"
     );
+    // A data directory around another's (elsewhere than in its jobs
+    // directory) is refused before it sweeps anything.
+    let mut around = other.config().clone();
+    around.storage.data_dir = shared.path().to_owned();
+    around.storage.work_dir = Some(shared.path().join("elsewhere"));
+    let err = bulkhead::service::Service::start(around, None)
+        .await
+        .map(|_| ())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("held by another bulkhead process"), "{err}");
+    assert!(data.join("bulkhead.sqlite").exists());
     let token = s.token("acme", &["hello:run"]).await;
     let job = json(s.post("/v1/modules/hello/jobs?wait=20s", &token)).await;
     assert_eq!(job["state"], "succeeded", "{job:#}");
@@ -1033,6 +1045,85 @@ async fn large_reports_being_answered_hold_at_most_a_tenants_share_of_memory() {
     assert_eq!(
         error_code(keyed().send().await.unwrap()).await.0,
         StatusCode::CONFLICT
+    );
+}
+
+/// A submission's own answer counts against the answers' budget too: an
+/// unkeyed `?wait=` whose job ends with a large report while its tenant's
+/// share is held is sent to the job (303, the job without its report),
+/// which a GET reads once the share is free.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_waited_for_job_with_a_large_report_past_the_share_is_sent_to_its_url() {
+    // A share of 16 MiB: the held answer below reserves 14 MiB of it.
+    let s = start(|c| {
+        c.server.max_buffered_answers = "64 MiB".parse().unwrap();
+        crate::common::policy(bulkhead_tests::HOSTILE, "hostile")
+            .scopes(&["hostile:run"])
+            .args(&["disk-many"])
+            .limits(|l| l.output_files = 20_000)
+            .write_to(&c.modules.policies_dir);
+    })
+    .await;
+    let now = bulkhead::store::now_ms();
+    let id = crate::common::uuid_like();
+    let mut report = bulkhead::sandbox::JobReport::not_run(&id, "hostile", "stored by the test");
+    report.stdout.text = "x".repeat(3_500_000);
+    s.service
+        .store()
+        .insert_finished_job(
+            &crate::common::finished_record(&id, "acme", now),
+            &report,
+            now,
+            None,
+        )
+        .await
+        .unwrap();
+    let token = s.token("acme", &["hostile:run"]).await;
+    // Headers come back; the body is left unread.
+    let held = s
+        .get(&format!("/v1/jobs/{id}"), &token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(held.status(), StatusCode::OK);
+
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let sent = http
+        .post(s.url("/v1/modules/hostile/jobs?wait=60s"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(sent.status(), StatusCode::SEE_OTHER);
+    let location = sent.headers()["location"].to_str().unwrap().to_owned();
+    assert!(sent.headers().contains_key("retry-after"));
+    let view: Value = sent.json().await.unwrap();
+    assert_eq!(
+        location,
+        format!("/v1/jobs/{}", view["id"].as_str().unwrap())
+    );
+    assert!(view["report"].is_null(), "{view:#}");
+    assert_eq!(view["state"], "failed", "{view:#}");
+
+    // Once the held answer is read, the job is.
+    held.bytes().await.unwrap();
+    let mut answered = None;
+    for _ in 0..100 {
+        let resp = s.get(&location, &token).send().await.unwrap();
+        if resp.status() != StatusCode::TOO_MANY_REQUESTS {
+            answered = Some(resp.json::<Value>().await.unwrap());
+            break;
+        }
+        resp.bytes().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let job = answered.expect("the job was never answered");
+    assert_eq!(
+        job["report"]["outputs"].as_array().map(Vec::len),
+        Some(20_000)
     );
 }
 
