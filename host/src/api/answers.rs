@@ -25,7 +25,6 @@
 
 use std::collections::HashMap;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
@@ -51,8 +50,6 @@ pub struct Answers {
     max_bytes: u64,
     tenant_share: u64,
     held: Mutex<Held>,
-    /// Set while the allocator is being trimmed.
-    trimming: AtomicBool,
 }
 
 impl Answers {
@@ -63,7 +60,6 @@ impl Answers {
             max_bytes,
             tenant_share: crate::job::answers_share(max_bytes),
             held: Mutex::default(),
-            trimming: AtomicBool::new(false),
         })
     }
 
@@ -179,20 +175,8 @@ impl Drop for AnswerPermit {
             }
         }
         drop(held);
-        // A heavy answer is done: what the allocator kept of it goes back
-        // to the system (a walk of its arenas, off the async threads, one
-        // at a time), also while others are still being read.
-        if !self.answers.trimming.swap(true, Ordering::SeqCst) {
-            let answers = Arc::clone(&self.answers);
-            let trim = move || {
-                crate::serve::memory::trim();
-                answers.trimming.store(false, Ordering::SeqCst);
-            };
-            match tokio::runtime::Handle::try_current() {
-                Ok(runtime) => drop(runtime.spawn_blocking(trim)),
-                Err(_) => trim(),
-            }
-        }
+        // A heavy answer is done: what the allocator kept of it goes back.
+        crate::serve::memory::trim_soon();
     }
 }
 

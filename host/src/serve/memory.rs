@@ -9,8 +9,9 @@
 //! the process held 1.5 times `max_buffered_answers` and, idle afterwards,
 //! 0.6 GB. [`tune`] fixes the threshold at 128 KiB (a large block is
 //! mapped and unmapped, given back when freed) and allows two arenas a core;
-//! [`trim`] gives back the free pages of the arenas each time a heavy
-//! answer is done. Elsewhere than glibc both do nothing.
+//! [`trim_soon`] gives back the free pages of the arenas each time a heavy
+//! answer is done, or a heavy job nobody waited for. Elsewhere than glibc
+//! both do nothing.
 
 /// Blocks at least this large are mappings of their own.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
@@ -34,6 +35,28 @@ pub fn tune() {
                 "cannot set the allocator's options; large answers may leave memory held"
             );
         }
+    }
+}
+
+/// Set while [`trim_soon`]'s trim runs.
+static TRIMMING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Trims ([`trim`]) off the async threads, one trim at a time: a heavy
+/// answer or job is done, and what the allocator kept of it goes back
+/// (a walk of its arenas), also while others are still under way. A call
+/// while a trim runs is that trim's.
+pub fn trim_soon() {
+    use std::sync::atomic::Ordering;
+    if TRIMMING.swap(true, Ordering::SeqCst) {
+        return;
+    }
+    let run = || {
+        trim();
+        TRIMMING.store(false, Ordering::SeqCst);
+    };
+    match tokio::runtime::Handle::try_current() {
+        Ok(runtime) => drop(runtime.spawn_blocking(run)),
+        Err(_) => run(),
     }
 }
 

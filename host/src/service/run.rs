@@ -117,6 +117,21 @@ impl Service {
         }
     }
 
+    /// Wakes the waiters of job `id`, which has ended as `finished`. A
+    /// heavy report nobody else holds goes with it, and what the allocator
+    /// kept of it goes back (a waiter's answer does the same when done).
+    fn ended(&self, id: &str, finished: Option<Box<JobRecord>>) {
+        self.wake(id, finished.as_deref());
+        let heavy = finished
+            .as_ref()
+            .and_then(|record| record.report.as_ref())
+            .is_some_and(|report| report.json_bound() >= crate::job::HEAVY_REPORT as u64);
+        drop(finished);
+        if heavy {
+            crate::serve::memory::trim_soon();
+        }
+    }
+
     pub(super) async fn worker(self: Arc<Self>) {
         while let Some(slot) = self.scheduler.next().await {
             let job = slot.job().clone();
@@ -125,7 +140,7 @@ impl Service {
             self.hold(&job.id, false);
             drop(slot);
             match ran {
-                Ran::Ended(finished) => self.wake(&job.id, finished.as_deref()),
+                Ran::Ended(finished) => self.ended(&job.id, finished),
                 // Another run has it, or it was cancelled elsewhere: its
                 // waiters here hear of it once it is final.
                 Ran::Lost => {
@@ -206,7 +221,7 @@ impl Service {
             self.hold(&job.id, false);
             drop(slot);
             match ran {
-                Ran::Ended(finished) => self.wake(&job.id, finished.as_deref()),
+                Ran::Ended(finished) => self.ended(&job.id, finished),
                 Ran::Lost => {
                     if let Ok(Some(now)) = self.store.get_job(&job.tenant, &job.id).await
                         && now.state.is_final()
