@@ -641,7 +641,17 @@ async fn a_give_back_the_store_does_not_take_at_shutdown_is_recorded_by_the_next
         "the stopped attempt was counted: {rerun:?}"
     );
     assert!(rerun.report.is_some(), "{rerun:?}");
+    let config = again.config().clone();
     again.shutdown().await;
+    // A file that is not such a list (not this process's writing) is
+    // ignored and removed; the start goes on.
+    std::fs::write(&kept, b"{\"not\": \"a list\"").unwrap();
+    let third = bulkhead::service::Service::start(config, None)
+        .await
+        .unwrap();
+    assert!(!kept.exists());
+    assert_eq!(state().await.attempts, 1);
+    third.shutdown().await;
 }
 
 /// A service whose jobs directory holds another service's work directory
