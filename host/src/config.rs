@@ -13,7 +13,7 @@
 //! max_downloads_per_tenant = 16    # output downloads one tenant may have running (429 beyond)
 //! max_uploads_per_tenant = 16      # submissions one tenant may have uploading (429 beyond)
 //! max_buffered_uploads = "512 MiB" # bytes all uploads in flight may reserve; a tenant a quarter (429 beyond)
-//! max_buffered_answers = "1 GiB"   # bytes answers of jobs with large reports may hold; a tenant a quarter (429 beyond)
+//! max_buffered_answers = "1 GiB"   # bytes answers of jobs with large reports may hold; a tenant a quarter (429 beyond); at least 16 MiB
 //! # The edge (see `serve`): bounds that hold whatever a client sends, with or
 //! # without a token. They apply to both listeners unless named `admin_`.
 //! header_read_timeout = "10 s"     # from waiting for a request (after accept, or
@@ -615,6 +615,17 @@ impl ServeConfig {
                 ),
             });
         }
+        if config.server.max_buffered_answers.as_u64() < 16 << 20 {
+            // Below it a job's report may not even hold its fixed fields
+            // (a sixteenth of it: 1 MiB).
+            return Err(ConfigError::Invalid {
+                path: path.to_owned(),
+                message: format!(
+                    "server.max_buffered_answers must be at least 16 MiB (got {})",
+                    config.server.max_buffered_answers
+                ),
+            });
+        }
         if config.server.max_connections == 0 || config.server.admin_max_connections == 0 {
             return Err(ConfigError::Invalid {
                 path: path.to_owned(),
@@ -707,6 +718,12 @@ mod tests {
         std::fs::write(&path, "[server]\nmax_header_size = \"4 KiB\"\n").unwrap();
         let e = ServeConfig::load(&path).unwrap_err().to_string();
         assert!(e.contains("max_header_size"), "{e}");
+        std::fs::write(&path, "[server]\nmax_buffered_answers = \"8 KiB\"\n").unwrap();
+        let e = ServeConfig::load(&path).unwrap_err().to_string();
+        assert!(
+            e.contains("max_buffered_answers must be at least 16 MiB"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -139,6 +139,20 @@ pub struct AnswerPermit {
 }
 
 impl AnswerPermit {
+    /// Grows the reservation to what answering a report stored as `len`
+    /// bytes reserves, before it is read.
+    ///
+    /// # Errors
+    /// As [`Answers::acquire`]; the reservation is then unchanged.
+    pub fn cover_len(&mut self, len: u64) -> Result<(), ApiError> {
+        let needed = Answers::cost_of_len(len);
+        if needed > self.bytes {
+            self.answers.reserve(&self.tenant, needed - self.bytes)?;
+            self.bytes = needed;
+        }
+        Ok(())
+    }
+
     /// Grows the reservation to what answering `report` reserves, when the
     /// report was stored between its length's read and the job's (the
     /// length said none). A stored report never changes, so a reservation

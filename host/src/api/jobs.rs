@@ -540,11 +540,20 @@ pub(super) async fn submit(
     if let (Some(deadline), Some(rx)) = (deadline, receiver)
         && let Ok(ended) = tokio::time::timeout_at(deadline, rx).await
     {
-        // The worker hands over the finished record; a cancellation (or a
-        // dropped sender) means reading the job's current state.
+        // The worker hands over the finished record; a cancellation, a
+        // dropped sender, or a heavy report another waiter was handed
+        // means reading the job's current state, within the answers'
+        // budget (reserved from its stored length before it is read).
         finished = match ended.ok().flatten() {
             Some(job) => Some(job),
-            None => Some(state.service.job(&who, &record.id).await?),
+            None => {
+                let len = state.service.report_len(&who, &record.id).await?;
+                match held.as_mut() {
+                    Some(permit) => permit.cover_len(len)?,
+                    None => held = Some(answers.acquire(&who.tenant, Answers::cost_of_len(len))?),
+                }
+                Some(state.service.job(&who, &record.id).await?)
+            }
         };
     }
     let (status, job) = match finished {

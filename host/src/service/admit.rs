@@ -385,8 +385,19 @@ impl Service {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(id);
-        for tx in senders.into_iter().flatten() {
-            let _ = tx.send(finished.cloned());
+        // A heavy report goes to the first waiter only (the submission
+        // that made the job); the others, repeats of a keyed submission,
+        // read it from the store within the answers' budget: a copy each
+        // would all be held before any of them could be refused.
+        let heavy = finished
+            .and_then(|record| record.report.as_ref())
+            .is_some_and(|report| report.json_bound() >= crate::job::HEAVY_REPORT as u64);
+        for (i, tx) in senders.into_iter().flatten().enumerate() {
+            let _ = tx.send(if heavy && i > 0 {
+                None
+            } else {
+                finished.cloned()
+            });
         }
     }
 }

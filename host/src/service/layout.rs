@@ -218,6 +218,11 @@ impl Service {
                 continue;
             }
             let id = entry.file_name().to_string_lossy().into_owned();
+            // Only what a job could have made: a directory named by a job
+            // id. Anything else is not this service's to remove.
+            if uuid::Uuid::parse_str(&id).is_err() || !meta.is_dir() {
+                continue;
+            }
             if self.blobs.is_shared() {
                 // Outputs on their way into the shared store: a job's row
                 // says nothing of this node's copy (a crash may have left

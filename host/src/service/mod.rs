@@ -330,6 +330,14 @@ impl Service {
         let locks = vec![data_lock, work_lock];
         let jobs_dir = data.join("jobs");
         crate::sandbox::create_private_dir_all(&jobs_dir).map_err(|e| storage(&e))?;
+        // Its own directory, not a link to another's: the orphan sweep
+        // removes what in it no job row points to.
+        if !std::fs::symlink_metadata(&jobs_dir).is_ok_and(|m| m.is_dir()) {
+            return Err(storage(&format!(
+                "{} is not a directory of its own (a link?)",
+                jobs_dir.display()
+            )));
+        }
         let blobs = crate::blob::open(&config.storage, &jobs_dir).await?;
 
         let mut sandbox_config = SandboxConfig::new(work);

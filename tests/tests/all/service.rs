@@ -662,7 +662,13 @@ async fn a_give_back_the_store_does_not_take_at_shutdown_is_recorded_by_the_next
 async fn the_orphan_sweep_leaves_a_directory_another_service_holds() {
     let shared = tempfile::tempdir().unwrap();
     let data = shared.path().join("data");
-    let work = data.join("jobs").join("not-a-job").join("work");
+    let job_like = data
+        .join("jobs")
+        .join("0badc0de-0000-4000-8000-00000000000a");
+    let work = job_like.join("work");
+    // Nor is anything not named as a job names its directory.
+    let stranger = data.join("jobs").join("not-a-job");
+    std::fs::create_dir_all(stranger.join("inside")).unwrap();
     let s = start(|c| c.storage.work_dir = Some(work.clone())).await;
     let mut config = s.service.config().clone();
     config.storage.data_dir = data.clone();
@@ -687,6 +693,20 @@ async fn the_orphan_sweep_leaves_a_directory_another_service_holds() {
         .to_string();
     assert!(err.contains("held by another bulkhead process"), "{err}");
     assert!(data.join("bulkhead.sqlite").exists());
+    // Nor one whose jobs directory is a link to another's directory.
+    let linked = shared.path().join("linked");
+    std::fs::create_dir(&linked).unwrap();
+    std::os::unix::fs::symlink(&data, linked.join("jobs")).unwrap();
+    let mut around = other.config().clone();
+    around.storage.data_dir = linked;
+    around.storage.work_dir = Some(shared.path().join("elsewhere"));
+    let err = bulkhead::service::Service::start(around, None)
+        .await
+        .map(|_| ())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("not a directory of its own"), "{err}");
+    assert!(data.join("bulkhead.sqlite").exists());
     let token = s.token("acme", &["hello:run"]).await;
     let job = json(s.post("/v1/modules/hello/jobs?wait=20s", &token)).await;
     assert_eq!(job["state"], "succeeded", "{job:#}");
@@ -700,7 +720,8 @@ async fn the_orphan_sweep_leaves_a_directory_another_service_holds() {
             .await
             .unwrap()
     };
-    assert!(!data.join("jobs").join("not-a-job").exists());
+    assert!(!job_like.exists());
+    assert!(stranger.join("inside").exists());
     again.shutdown().await;
 }
 
@@ -1144,10 +1165,10 @@ async fn a_waited_for_job_with_a_large_report_past_the_share_is_sent_to_its_url(
 /// 507, and takes none of the budget.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_report_longer_than_a_share_can_answer_is_never_stored_nor_answered() {
-    // A share of 2 MiB: the longest report answered is 512 KiB, a tenth
-    // of what 20,000 listed outputs take.
+    // A share of 4 MiB: the longest report answered is 1 MiB, half of
+    // what 20,000 listed outputs take.
     let s = start(|c| {
-        c.server.max_buffered_answers = "8 MiB".parse().unwrap();
+        c.server.max_buffered_answers = "16 MiB".parse().unwrap();
         crate::common::policy(bulkhead_tests::HOSTILE, "hostile")
             .scopes(&["hostile:run"])
             .args(&["disk-many"])
@@ -1182,7 +1203,7 @@ async fn a_report_longer_than_a_share_can_answer_is_never_stored_nor_answered() 
         .await
         .unwrap()
         .unwrap();
-    assert!(len <= 512 << 10, "stored {len} bytes");
+    assert!(len <= 1 << 20, "stored {len} bytes");
     let kept = s
         .service
         .config()
@@ -1210,7 +1231,7 @@ async fn a_report_longer_than_a_share_can_answer_is_never_stored_nor_answered() 
         (crate::common::finished_record(&id, "acme", now), report)
     };
     let mut ids = Vec::new();
-    for bytes in [600 << 10, 500 << 10] {
+    for bytes in [1100 << 10, 1000 << 10] {
         let (record, report) = stored(bytes);
         s.service
             .store()
@@ -1232,7 +1253,7 @@ async fn a_report_longer_than_a_share_can_answer_is_never_stored_nor_answered() 
     let answered = json(s.get(&format!("/v1/jobs/{}", ids[1]), &token)).await;
     assert_eq!(
         answered["report"]["stdout"]["text"].as_str().map(str::len),
-        Some(500 << 10)
+        Some(1000 << 10)
     );
 }
 
