@@ -47,15 +47,8 @@ pub async fn remove_local(path: &Path) -> std::io::Result<()> {
 }
 
 fn remove_local_now(path: &Path) -> std::io::Result<()> {
-    let removed = match path.symlink_metadata() {
-        Ok(meta) if meta.is_dir() => std::fs::remove_dir_all(path),
-        Ok(_) => std::fs::remove_file(path),
-        Err(e) => Err(e),
-    };
-    match removed {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        other => other,
-    }
+    // Never across a link or a mount: what is beneath one is not a job's.
+    crate::sandbox::remove_tree(path)
 }
 
 #[async_trait]

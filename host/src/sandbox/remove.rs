@@ -6,18 +6,31 @@
 //! remover's stack or its descriptor limit, which in the gateway is a
 //! crash of the service, and at its next start a refusal to start.
 //! [`remove_tree`] holds at most three descriptors and no recursion.
+//!
+//! Nor does it cross a mount: a directory mounted at or inside the tree (a
+//! bind mount of another service's directory, made by someone with the
+//! rights to) is another file system's, and emptying it would remove what
+//! this service never made. Each directory is opened with
+//! `RESOLVE_NO_XDEV`, and a mount met is an error, leaving the mount and
+//! everything beneath it as it was.
 
 use std::ffi::CString;
 use std::io;
 use std::path::Path;
 
-use rustix::fs::{AtFlags, CWD, Dir, Mode, OFlags, RenameFlags};
+use rustix::fs::{AtFlags, CWD, Dir, Mode, OFlags, RenameFlags, ResolveFlags};
 use rustix::io::Errno;
 
 const OPEN_DIR: OFlags = OFlags::RDONLY
     .union(OFlags::DIRECTORY)
     .union(OFlags::NOFOLLOW)
     .union(OFlags::CLOEXEC);
+
+/// How every directory in the tree, and the tree's top, is opened: never
+/// through a link, never across a mount.
+const RESOLVE: ResolveFlags = ResolveFlags::NO_XDEV
+    .union(ResolveFlags::NO_SYMLINKS)
+    .union(ResolveFlags::NO_MAGICLINKS);
 
 /// Most entries [`remove_tree`] moves or removes before giving up (a tree
 /// still growing while it is removed).
@@ -30,15 +43,33 @@ const MAX_STEPS: u64 = 100_000_000;
 /// then removed. Missing is not an error.
 ///
 /// # Errors
-/// What the file system says, or a tree that keeps growing past
-/// [`MAX_STEPS`].
+/// What the file system says; a mount at `path` or inside it (nothing
+/// across it is touched); a `path` that names no entry (`..`); or a tree
+/// that keeps growing past [`MAX_STEPS`].
 pub fn remove_tree(path: &Path) -> io::Result<()> {
-    let top = match rustix::fs::openat(CWD, path, OPEN_DIR, Mode::empty()) {
+    let Some(name) = path.file_name() else {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{} names no entry to remove", path.display()),
+        ));
+    };
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let above = match rustix::fs::openat(CWD, parent, OPEN_DIR, Mode::empty()) {
+        Ok(fd) => fd,
+        Err(Errno::NOENT) => return Ok(()),
+        Err(e) => return Err(e.into()),
+    };
+    let top = match open_below(&above, name) {
         Ok(fd) => fd,
         Err(Errno::NOENT) => return Ok(()),
         Err(Errno::NOTDIR | Errno::LOOP) => return std::fs::remove_file(path),
+        Err(Errno::XDEV) => return Err(mounted(path, "is a mount point")),
         Err(e) => return Err(e.into()),
     };
+    drop(above);
     let mut steps = 0u64;
     let mut hoisted = 0u64;
     loop {
@@ -62,18 +93,22 @@ pub fn remove_tree(path: &Path) -> io::Result<()> {
             match rustix::fs::unlinkat(&top, &name, AtFlags::REMOVEDIR) {
                 Ok(()) | Err(Errno::NOENT) => continue,
                 Err(Errno::NOTEMPTY | Errno::EXIST) => {}
+                Err(Errno::BUSY) => return Err(mounted(path, "holds a mount point")),
                 Err(e) => return Err(e.into()),
             }
-            let sub = match rustix::fs::openat(&top, &name, OPEN_DIR, Mode::empty()) {
+            let sub = match open_below(&top, &name) {
                 Ok(fd) => fd,
+                Err(Errno::XDEV) => return Err(mounted(path, "holds a mount point")),
                 Err(Errno::ACCESS) => {
                     // A directory its owner closed to itself (mode 000);
-                    // reopened after, still without following a link.
-                    let Ok(fd) = rustix::fs::openat(
+                    // reopened after, still without following a link or
+                    // crossing a mount.
+                    let Ok(fd) = rustix::fs::openat2(
                         &top,
                         &name,
                         OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
                         Mode::empty(),
+                        RESOLVE,
                     ) else {
                         continue;
                     };
@@ -99,6 +134,8 @@ pub fn remove_tree(path: &Path) -> io::Result<()> {
                     ) {
                         Ok(()) | Err(Errno::NOENT) => break,
                         Err(Errno::EXIST) => {}
+                        // A mount point is never moved.
+                        Err(Errno::BUSY) => return Err(mounted(path, "holds a mount point")),
                         Err(e) => return Err(e.into()),
                     }
                 }
@@ -114,6 +151,23 @@ pub fn remove_tree(path: &Path) -> io::Result<()> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
         other => other,
     }
+}
+
+/// The directory `name` in `dir`, opened without following a link or
+/// crossing a mount (`EXDEV` when it is one).
+fn open_below<P: rustix::path::Arg>(
+    dir: &std::os::fd::OwnedFd,
+    name: P,
+) -> rustix::io::Result<std::os::fd::OwnedFd> {
+    rustix::fs::openat2(dir, name, OPEN_DIR, Mode::empty(), RESOLVE)
+}
+
+/// The refusal to remove across a mount.
+fn mounted(path: &Path, what: &str) -> io::Error {
+    io::Error::other(format!(
+        "{} {what}: not removed across it (a mount is another file system's)",
+        path.display()
+    ))
 }
 
 /// The names in the directory `fd`, but `.` and `..`.
@@ -166,5 +220,52 @@ mod tests {
         std::fs::write(&top, b"f").unwrap();
         remove_tree(&top).unwrap();
         assert!(!top.exists());
+    }
+
+    /// Where the child of [`a_mount_at_or_inside_the_tree_is_not_crossed`]
+    /// finds its directories.
+    const MOUNTED: &str = "BULKHEAD_TEST_REMOVE_MOUNTED";
+
+    /// A directory bind-mounted at the tree's top, or inside it, is left
+    /// whole: the removal is refused. Made in a mount namespace of a child
+    /// of this test binary (`unshare`), which runs the test again with the
+    /// mounts in place; this side checks what the child left.
+    #[test]
+    fn a_mount_at_or_inside_the_tree_is_not_crossed() {
+        if let Ok(dir) = std::env::var(MOUNTED) {
+            let dir = Path::new(&dir);
+            let at_top = remove_tree(&dir.join("top")).unwrap_err();
+            assert!(at_top.to_string().contains("is a mount point"), "{at_top}");
+            let inside = remove_tree(&dir.join("around")).unwrap_err();
+            assert!(
+                inside.to_string().contains("holds a mount point"),
+                "{inside}"
+            );
+            return;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let victim = tmp.path().join("victim");
+        std::fs::create_dir_all(victim.join("sub")).unwrap();
+        std::fs::write(victim.join("keep"), b"keep").unwrap();
+        std::fs::write(victim.join("sub").join("keep"), b"keep").unwrap();
+        for dir in ["top", "around/a/inner", "around/b"] {
+            std::fs::create_dir_all(tmp.path().join(dir)).unwrap();
+        }
+        std::fs::write(tmp.path().join("around/b/mine"), b"mine").unwrap();
+        let script = "mount --bind \"$1/victim\" \"$1/top\" && \
+            mount --bind \"$1/victim\" \"$1/around/a/inner\" && \
+            exec \"$0\" --exact --test-threads=1 --nocapture \
+            sandbox::remove::tests::a_mount_at_or_inside_the_tree_is_not_crossed";
+        let status = std::process::Command::new("unshare")
+            .args(["--map-root-user", "--mount", "sh", "-c", script])
+            .arg(std::env::current_exe().unwrap())
+            .arg(tmp.path())
+            .env(MOUNTED, tmp.path())
+            .status()
+            .expect("unshare(1) runs");
+        assert!(status.success(), "the child in a mount namespace: {status}");
+        // Host side: everything beneath the mounts is still there.
+        assert_eq!(std::fs::read(victim.join("keep")).unwrap(), b"keep");
+        assert_eq!(std::fs::read(victim.join("sub/keep")).unwrap(), b"keep");
     }
 }
