@@ -57,7 +57,14 @@ pub fn remove_tree(path: &Path) -> io::Result<()> {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
     };
-    let above = match rustix::fs::openat(CWD, parent, OPEN_DIR, Mode::empty()) {
+    // The path up to the tree is the caller's (a configured directory may
+    // be reached through a link); the tree itself is not.
+    let above = match rustix::fs::openat(
+        CWD,
+        parent,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    ) {
         Ok(fd) => fd,
         Err(Errno::NOENT) => return Ok(()),
         Err(e) => return Err(e.into()),
