@@ -1,6 +1,5 @@
-//! Answers held in memory: a bound on the bytes the answers of heavy jobs
-//! (reports of [`HEAVY_REPORT`] or more) may hold at once, and on each
-//! tenant's share of it.
+//! Answers held in memory: a bound on the bytes the answers of jobs with
+//! reports may hold at once, and on each tenant's share of it.
 //!
 //! A job's report can list tens of thousands of outputs: its answer holds
 //! the decoded report from the store's read until the client has read the
@@ -19,7 +18,10 @@
 //! `report_too_large`, rather than answered beyond the bound. The
 //! reservation is made from the report's stored length, before the job is
 //! read: a refusal costs one small query, not a read and decode of the
-//! report. Light answers are never counted. What the bound holds is the
+//! report. A light answer (a report under [`HEAVY_REPORT`]) is encoded
+//! whole, and its reservation lasts as long as its encoded bytes do: given
+//! back when the connection has written the last of them, not when the
+//! body is handed over ([`light_body`]). What the bound holds is the
 //! process's resident set, as the allocator gives freed answers back
 //! ([`crate::serve::memory`]).
 
@@ -44,7 +46,7 @@ struct Held {
     total: u64,
 }
 
-/// Heavy answers in flight, bounded in bytes, in all and per tenant.
+/// Answers with reports in flight, bounded in bytes, in all and per tenant.
 #[derive(Debug)]
 pub struct Answers {
     max_bytes: u64,
@@ -53,8 +55,7 @@ pub struct Answers {
 }
 
 impl Answers {
-    /// A bound of `max_bytes` for all heavy answers, a quarter of it per
-    /// tenant.
+    /// A bound of `max_bytes` for all answers, a quarter of it per tenant.
     pub fn new(max_bytes: u64) -> Arc<Self> {
         Arc::new(Self {
             max_bytes,
@@ -63,14 +64,10 @@ impl Answers {
         })
     }
 
-    /// What answering a report stored as `len` bytes of JSON reserves:
-    /// nothing for a light one. Known before the report is read.
+    /// What answering a report stored as `len` bytes of JSON reserves
+    /// (nothing for a job without one). Known before the report is read.
     pub fn cost_of_len(len: u64) -> u64 {
-        if len >= HEAVY_REPORT as u64 {
-            len.saturating_mul(HELD_PER_BYTE)
-        } else {
-            0
-        }
+        len.saturating_mul(HELD_PER_BYTE)
     }
 
     /// Reserves `bytes` for one of `tenant`'s answers, until the permit
@@ -105,10 +102,10 @@ impl Answers {
         let reserved = held.tenants.get(tenant).copied().unwrap_or(0);
         let refusal = if reserved + bytes > self.tenant_share {
             Some(format!(
-                "tenant `{tenant}` already has {reserved} bytes of large job reports being answered"
+                "tenant `{tenant}` already has {reserved} bytes of job reports being answered"
             ))
         } else if held.total + bytes > self.max_bytes {
-            Some("the service is answering as many large job reports as it may; retry".to_owned())
+            Some("the service is answering as many job reports as it may; retry".to_owned())
         } else {
             None
         };
@@ -130,7 +127,7 @@ impl Answers {
     }
 }
 
-/// One heavy answer's reservation; dropping it gives it back.
+/// One answer's reservation; dropping it gives it back.
 #[derive(Debug)]
 pub struct AnswerPermit {
     answers: Arc<Answers>,
@@ -162,13 +159,17 @@ impl AnswerPermit {
     /// As [`Answers::acquire`]; the reservation is then unchanged.
     pub fn cover(&mut self, report: Option<&JobReport>) -> Result<(), ApiError> {
         // Counted by its JSON, as the store counts it: `weight` can say a
-        // report of names needing escapes is light when it is not.
-        let Some(report) =
-            report.filter(|r| self.bytes == 0 && r.json_bound() >= HEAVY_REPORT as u64)
-        else {
+        // report of names needing escapes is light when it is not. A light
+        // one is measured here, a heavy one off the async threads.
+        let Some(report) = report.filter(|_| self.bytes == 0) else {
             return Ok(());
         };
-        let needed = Answers::cost_of_len(crate::blocking(|| report.json_len()));
+        let len = if report.json_bound() >= HEAVY_REPORT as u64 {
+            crate::blocking(|| report.json_len())
+        } else {
+            report.json_len()
+        };
+        let needed = Answers::cost_of_len(len);
         self.answers.reserve(&self.tenant, needed)?;
         self.bytes = needed;
         Ok(())
@@ -189,9 +190,35 @@ impl Drop for AnswerPermit {
             }
         }
         drop(held);
-        // A heavy answer is done: what the allocator kept of it goes back.
-        crate::serve::memory::trim_soon();
+        if self.bytes >= Answers::cost_of_len(HEAVY_REPORT as u64) {
+            // A heavy answer is done: what the allocator kept of it goes
+            // back.
+            crate::serve::memory::trim_soon();
+        }
     }
+}
+
+/// A light answer's encoded body, holding `held` for as long as any of its
+/// bytes are: the connection may keep them queued long after the body was
+/// handed over (a client that reads nothing), and they are given back,
+/// with the reservation, only when the last is written or dropped.
+pub fn light_body(json: Vec<u8>, held: AnswerPermit) -> Bytes {
+    if held.bytes == 0 {
+        return Bytes::from(json);
+    }
+    struct Held {
+        json: Vec<u8>,
+        _permit: AnswerPermit,
+    }
+    impl AsRef<[u8]> for Held {
+        fn as_ref(&self) -> &[u8] {
+            &self.json
+        }
+    }
+    Bytes::from_owner(Held {
+        json,
+        _permit: held,
+    })
 }
 
 /// Bytes per frame of a [`ViewBody`] (about: an item is not split).
@@ -342,13 +369,32 @@ mod tests {
             answers.acquire("e", 1).is_err(),
             "the total is held, whoever asks"
         );
-        assert!(answers.acquire("e", 0).is_ok(), "light answers never wait");
+        assert!(
+            answers.acquire("e", 0).is_ok(),
+            "an answer without a report never waits"
+        );
         drop((a1, b));
         assert_eq!(answers.held(), 240);
         let a3 = answers.acquire("a", 60).unwrap();
         drop((a2, a3, c, d));
         assert_eq!(answers.held(), 0);
         assert!(answers.held.lock().unwrap().tenants.is_empty());
+    }
+
+    /// A light answer's bytes can stay queued on a connection long after
+    /// its body was handed over: the reservation goes with the last of
+    /// them, not before.
+    #[test]
+    fn a_light_body_holds_its_reservation_until_its_last_byte_is_gone() {
+        let answers = Answers::new(1 << 20);
+        let body = light_body(vec![b'x'; 250], answers.acquire("a", 1000).unwrap());
+        let tail = body.slice(200..);
+        drop(body);
+        assert_eq!(answers.held(), 1000, "a slice of it still holds it");
+        drop(tail);
+        assert_eq!(answers.held(), 0);
+        let free = light_body(vec![b'x'; 10], answers.acquire("a", 0).unwrap());
+        assert_eq!(&free[..], b"xxxxxxxxxx");
     }
 
     #[test]

@@ -13,7 +13,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde::Serialize;
 
-use super::answers::{AnswerPermit, Answers, ViewBody};
+use super::answers::{AnswerPermit, Answers, ViewBody, light_body};
 use super::download::{Downloads, FileBody, content_disposition};
 use super::extract::{ApiPath, StrictQuery, bounded_u32};
 use super::{ApiError, AppState, Caller};
@@ -191,8 +191,8 @@ impl Serialize for Links<'_> {
 /// heavy is decoded into parts off the async threads ([`crate::blocking`]),
 /// so that a client reading it again and again slows no other request,
 /// and its body is written as the client reads ([`ViewBody`]). With
-/// `held`, the body holds that reservation of the heavy answers' budget
-/// ([`Answers`]) until the client has taken it.
+/// `held`, the body holds that reservation of the answers' budget
+/// ([`Answers`]) until the connection has written it.
 fn job_response(status: StatusCode, job: JobRecord, held: Option<AnswerPermit>) -> Response {
     let heavy = job
         .report
@@ -202,7 +202,10 @@ fn job_response(status: StatusCode, job: JobRecord, held: Option<AnswerPermit>) 
         crate::blocking(move || view_parts(job))
             .map(|(parts, files, id)| Body::new(ViewBody::new(parts, files, id, held)))
     } else {
-        serde_json::to_vec(&JobView::from(job)).map(Body::from)
+        serde_json::to_vec(&JobView::from(job)).map(|json| match held {
+            Some(held) => Body::from(light_body(json, held)),
+            None => Body::from(json),
+        })
     };
     match body {
         Ok(body) => (
@@ -393,7 +396,7 @@ fn parse_wait(v: &str) -> Result<Duration, ApiError> {
         (status = 200, body = JobView, description = "finished within the wait (or a retry of a finished job)"),
         (status = 202, body = JobView, description = "accepted (or still running when the wait ended)",
             headers(("location" = String, description = "the job's URL"))),
-        (status = 303, body = JobView, description = "finished within the wait, but its report is large and the tenant's or the service's share of `max_buffered_answers` is taken: the job without its report; GET the location (see `Retry-After`)",
+        (status = 303, body = JobView, description = "finished within the wait, but answering its report would pass the tenant's or the service's share of `max_buffered_answers`: the job without its report; GET the location (see `Retry-After`)",
             headers(("location" = String, description = "the job's URL"), ("retry-after" = u64, description = "seconds"))),
         (status = 400, body = super::ErrorBody, description = "bad query, input name, part or wait"),
         (status = 401, body = super::ErrorBody),
@@ -673,7 +676,7 @@ pub(super) async fn list_jobs(
 #[utoipa::path(get, path = "/v1/jobs/{id}", security(("bearer" = [])),
     params(("id" = String, Path, description = "job id")),
     responses((status = 200, body = JobView), (status = 404, body = super::ErrorBody),
-        (status = 429, body = super::ErrorBody, description = "the job's report is large, and the tenant's or the service's share of `max_buffered_answers` is taken; see `Retry-After`",
+        (status = 429, body = super::ErrorBody, description = "answering the job's report would pass the tenant's or the service's share of `max_buffered_answers`; see `Retry-After`",
             headers(("retry-after" = u64, description = "seconds"))),
         (status = 507, body = super::ErrorBody, description = "the job's report is longer than this service answers (stored under a larger `max_buffered_answers`)")))]
 pub(super) async fn get_job(
@@ -734,7 +737,7 @@ pub(super) async fn delete_job(
         (status = 200, description = "the file, as an attachment; its type from its extension",
             headers(("content-disposition" = String, description = "RFC 6266: an ASCII `filename` and a UTF-8 `filename*`"))),
         (status = 404, body = super::ErrorBody, description = "no such job or output"),
-        (status = 429, body = super::ErrorBody, description = "the tenant has `max_downloads_per_tenant` downloads running, or the job's report is large and the tenant's or the service's share of `max_buffered_answers` is taken; see `Retry-After`",
+        (status = 429, body = super::ErrorBody, description = "the tenant has `max_downloads_per_tenant` downloads running, or reading the job's report would pass the tenant's or the service's share of `max_buffered_answers`; see `Retry-After`",
             headers(("retry-after" = u64, description = "seconds"))),
         (status = 507, body = super::ErrorBody, description = "the job's report is longer than this service answers (stored under a larger `max_buffered_answers`)")))]
 pub(super) async fn get_output(

@@ -1042,7 +1042,7 @@ async fn large_reports_being_answered_hold_at_most_a_tenants_share_of_memory() {
     assert_eq!(
         light_answer.status(),
         StatusCode::OK,
-        "light answers are never counted"
+        "a light answer fits what is left of the share"
     );
     let others = json(s.get(&format!("/v1/jobs/{}", ids[2]), &other)).await;
     assert_eq!(
@@ -1077,6 +1077,81 @@ async fn large_reports_being_answered_hold_at_most_a_tenants_share_of_memory() {
         error_code(keyed().send().await.unwrap()).await.0,
         StatusCode::CONFLICT
     );
+}
+
+/// A light answer (a report under 256 KiB, encoded whole) counts against
+/// the budget too: with its tenant's share nearly held by a heavy answer
+/// its client does not read, a light one that would pass it is refused,
+/// another tenant's is answered, and it is answered once the share is free.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_light_answer_counts_against_its_tenants_share() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // A share of 4 MiB, the longest report 1 MiB. The heavy report below
+    // reserves all but about 110 KB of it; the light one (40 KB, its bound
+    // of six bytes a byte of text under 256 KiB) would reserve 160 KB.
+    let s = start(|c| c.server.max_buffered_answers = "16 MiB".parse().unwrap()).await;
+    let now = bulkhead::store::now_ms();
+    let mut ids = Vec::new();
+    for (tenant, len) in [("acme", 1_020_000), ("acme", 40_000), ("other", 40_000)] {
+        let record = crate::common::finished_record(&crate::common::uuid_like(), tenant, now);
+        let mut report = bulkhead::sandbox::JobReport::not_run(&record.id, "hello", "stored");
+        report.stdout.text = "x".repeat(len);
+        s.service
+            .store()
+            .insert_finished_job(&record, &report, now, None)
+            .await
+            .unwrap();
+        ids.push(record.id);
+    }
+    let acme = s.token("acme", &["hello:run"]).await;
+    let other = s.token("other", &["hello:run"]).await;
+    // The heavy answer's client takes its status line through a 4 KiB
+    // window, then reads nothing more: the body stays in the process.
+    let addr: std::net::SocketAddr = s.base.trim_start_matches("http://").parse().unwrap();
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut stalled = socket.connect(addr).await.unwrap();
+    let request = format!(
+        "GET /v1/jobs/{} HTTP/1.1\r\nhost: bulkhead\r\nauthorization: Bearer {acme}\r\n\r\n",
+        ids[0]
+    );
+    stalled.write_all(request.as_bytes()).await.unwrap();
+    let mut head = [0u8; 12];
+    stalled.read_exact(&mut head).await.unwrap();
+    assert_eq!(&head, b"HTTP/1.1 200");
+
+    let light = || s.get(&format!("/v1/jobs/{}", ids[1]), &acme);
+    let refused = light().send().await.unwrap();
+    assert!(refused.headers().contains_key("retry-after"));
+    assert_eq!(
+        error_code(refused).await,
+        (
+            StatusCode::TOO_MANY_REQUESTS,
+            "too_many_requests".to_owned()
+        ),
+        "a light answer past the share"
+    );
+    let others = s
+        .get(&format!("/v1/jobs/{}", ids[2]), &other)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        others.status(),
+        StatusCode::OK,
+        "another tenant is answered"
+    );
+    drop(stalled);
+    let mut answered = None;
+    for _ in 0..100 {
+        let resp = light().send().await.unwrap();
+        if resp.status() != StatusCode::TOO_MANY_REQUESTS {
+            answered = Some(resp.status());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(answered, Some(StatusCode::OK), "the share is free again");
 }
 
 /// A submission's own answer counts against the answers' budget too: an
