@@ -3,7 +3,10 @@
 //! of `bulkhead.lock` inside it, taken before anything in it is touched
 //! and kept until the process ends; a start refuses a directory with a
 //! held lock above it, or (a work directory, which a start and a shutdown
-//! empty) below it.
+//! empty) below it. A module cache, which services may share, is held by
+//! a shared `flock` of `bulkhead-cache.lock` inside it: no one's data or
+//! work directory may be at it or around it, and it may not be inside
+//! another's.
 
 use std::path::{Path, PathBuf};
 
@@ -18,6 +21,60 @@ pub(super) fn lock_data_dir(data: &Path) -> std::io::Result<std::fs::File> {
 
 /// The lock file of a data or work directory, inside it.
 pub(super) const LOCK_FILE: &str = "bulkhead.lock";
+
+/// The lock file of a module cache, inside it: held shared by every
+/// service using the cache.
+const CACHE_LOCK: &str = "bulkhead-cache.lock";
+
+/// Takes a shared hold of the module cache `cache` (created if missing):
+/// services may share a cache, but a data or work directory at it or
+/// around it — a work directory is emptied at each start and shutdown —
+/// is refused while it is held ([`check_above`], [`held_below`]). Refused
+/// itself when it is inside, at, or around a directory another process
+/// holds.
+///
+/// # Errors
+/// `InvalidInput` naming the holder; I/O errors.
+pub(super) fn share_cache_dir(
+    cache: &Path,
+    own: &[&std::fs::File],
+) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    check_above(&canonical_to_be(cache)?, own)?;
+    crate::sandbox::create_private_dir_all(cache)?;
+    let cache = std::fs::canonicalize(cache)?;
+    let path = cache.join(CACHE_LOCK);
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&path)?;
+    // Another process checking whether the cache is held takes it
+    // exclusively for a moment: asked again for a little while.
+    let mut tries = 0;
+    while let Err(e) = rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockShared) {
+        tries += 1;
+        if e != rustix::io::Errno::WOULDBLOCK || tries == LOCK_TRIES {
+            return Err(std::io::Error::other(format!("{}: {e}", path.display())));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let own: Vec<&std::fs::File> = own.iter().copied().chain([&file]).collect();
+    check_above(&cache, &own)?;
+    if let Some((dir, holder)) = held_below(&cache, &own)? {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!(
+                "holds {}, held by another bulkhead process{holder}",
+                dir.display()
+            ),
+        ));
+    }
+    Ok(file)
+}
 
 /// Takes the work directory's lock (`bulkhead.lock` inside it, kept when
 /// the directory is emptied) and returns the directory's canonical path
@@ -111,7 +168,7 @@ pub(super) fn held_below_but(
             if kind.is_dir() {
                 todo.push(entry.path());
             } else if kind.is_file()
-                && entry.file_name() == LOCK_FILE
+                && (entry.file_name() == LOCK_FILE || entry.file_name() == CACHE_LOCK)
                 && let Some(holder) = held_by_another(&entry.path(), own)?
             {
                 return Ok(Some((dir, holder)));
@@ -122,14 +179,18 @@ pub(super) fn held_below_but(
 }
 
 /// Refuses `dir` (canonical) when a directory above it is held by another
-/// service: a held `bulkhead.lock` in one of its ancestors (`own`: this
-/// process's locks, skipped).
+/// service: a held `bulkhead.lock` or `bulkhead-cache.lock` in one of its
+/// ancestors (`own`: this process's locks, skipped).
 ///
 /// # Errors
 /// `InvalidInput` naming the holder; I/O errors reading a lock file.
 pub fn check_above(dir: &Path, own: &[&std::fs::File]) -> std::io::Result<()> {
     for above in dir.ancestors().skip(1) {
-        if let Some(holder) = held_by_another(&above.join(LOCK_FILE), own)? {
+        let held = match held_by_another(&above.join(LOCK_FILE), own)? {
+            Some(holder) => Some(holder),
+            None => held_by_another(&above.join(CACHE_LOCK), own)?,
+        };
+        if let Some(holder) = held {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::InvalidInput,
                 format!(
@@ -174,7 +235,8 @@ const MAX_WORK_ENTRIES: u64 = 1_000_000;
 
 /// Whether the lock file at `path` (not followed if a symlink) is held by
 /// a process other than through `own`: then ` (pid N)` as its file says,
-/// or an empty string.
+/// or an empty string. A data or work directory's is held exclusively; a
+/// cache's, shared, by every process using it.
 fn held_by_another(path: &Path, own: &[&std::fs::File]) -> std::io::Result<Option<String>> {
     use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
     let mut file = match std::fs::OpenOptions::new()
@@ -201,7 +263,12 @@ fn held_by_another(path: &Path, own: &[&std::fs::File]) -> std::io::Result<Optio
     if !meta.is_file() {
         return Ok(None);
     }
-    match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockShared) {
+    let test = if path.file_name().is_some_and(|n| n == CACHE_LOCK) {
+        rustix::fs::FlockOperation::NonBlockingLockExclusive
+    } else {
+        rustix::fs::FlockOperation::NonBlockingLockShared
+    };
+    match rustix::fs::flock(&file, test) {
         Ok(()) => Ok(None),
         Err(e) if e == rustix::io::Errno::WOULDBLOCK => Ok(Some(holder(&mut file))),
         Err(e) => Err(e.into()),
@@ -270,5 +337,53 @@ fn holder(file: &mut std::fs::File) -> String {
     match pid.trim() {
         "" => String::new(),
         pid => format!(" (pid {pid})"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A `flock` is held per open file: a second opening in this process
+    /// stands for another process.
+    #[test]
+    fn a_shared_cache_is_never_a_work_directory_nor_inside_or_around_one() {
+        let tmp = tempfile::tempdir().unwrap();
+        let cache = tmp.path().join("caches").join("modules");
+        let held = share_cache_dir(&cache, &[]).unwrap();
+        std::fs::create_dir_all(cache.join("zones/untrusted")).unwrap();
+        std::fs::write(cache.join("zones/untrusted/artifact"), b"compiled").unwrap();
+        // Services may share one.
+        let also = share_cache_dir(&cache, &[]).expect("a cache is shared");
+        // But no one's work directory is it, around it, or in it.
+        for (work, refusal) in [
+            (cache.clone(), "held by another bulkhead process"),
+            (
+                tmp.path().join("caches"),
+                "held by another bulkhead process",
+            ),
+            (cache.join("zones"), "inside"),
+        ] {
+            let err = lock_work_dir(&work, &[], &[]).unwrap_err().to_string();
+            assert!(err.contains(refusal), "{}: {err}", work.display());
+        }
+        assert_eq!(
+            std::fs::read(cache.join("zones/untrusted/artifact")).unwrap(),
+            b"compiled"
+        );
+        // Nor is a cache inside or around a directory another holds.
+        let work = tmp.path().join("work");
+        let (_, work_lock) = lock_work_dir(&work, &[], &[]).unwrap();
+        for dir in [work.join("cache"), tmp.path().to_owned()] {
+            let err = share_cache_dir(&dir, &[]).unwrap_err().to_string();
+            assert!(
+                err.contains("held by another bulkhead process"),
+                "{}: {err}",
+                dir.display()
+            );
+        }
+        drop((held, also, work_lock));
+        // Let go, the directory is free.
+        lock_work_dir(&tmp.path().join("caches"), &[], &[]).expect("no longer held");
     }
 }

@@ -321,13 +321,21 @@ impl Service {
             .cache_dir
             .clone()
             .unwrap_or_else(|| data.join("cache"));
-        let (work, work_lock) =
-            lock_work_dir(&work, &[("data", data), ("cache", &cache)], &[&data_lock]).map_err(
-                |e| StartError::Storage(format!("work directory {}: {e}", work.display())),
-            )?;
+        // The module cache, which other services may share, is held shared:
+        // no one's work directory (emptied at each start and shutdown) may
+        // be at it or around it, nor it inside another's.
+        let cache_lock = locks::share_cache_dir(&cache, &[&data_lock]).map_err(|e| {
+            StartError::Storage(format!("cache directory {}: {e}", cache.display()))
+        })?;
+        let (work, work_lock) = lock_work_dir(
+            &work,
+            &[("data", data), ("cache", &cache)],
+            &[&data_lock, &cache_lock],
+        )
+        .map_err(|e| StartError::Storage(format!("work directory {}: {e}", work.display())))?;
         empty_work_dir(&work)
             .map_err(|e| StartError::Storage(format!("work directory {}: {e}", work.display())))?;
-        let locks = vec![data_lock, work_lock];
+        let locks = vec![data_lock, work_lock, cache_lock];
         let jobs_dir = data.join("jobs");
         crate::sandbox::create_private_dir_all(&jobs_dir).map_err(|e| storage(&e))?;
         // Its own directory, not a link to another's: the orphan sweep
@@ -341,13 +349,7 @@ impl Service {
         let blobs = crate::blob::open(&config.storage, &jobs_dir).await?;
 
         let mut sandbox_config = SandboxConfig::new(work);
-        sandbox_config.cache_dir = Some(
-            config
-                .storage
-                .cache_dir
-                .clone()
-                .unwrap_or_else(|| data.join("cache")),
-        );
+        sandbox_config.cache_dir = Some(cache);
         sandbox_config.max_concurrent_jobs = config.queue.workers;
         let keys = config.key_ring()?;
         let relay =
