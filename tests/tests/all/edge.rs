@@ -225,12 +225,7 @@ async fn a_client_that_pipelines_requests_and_never_reads_is_closed_after_the_wr
         "",
     );
     let served = Served::start(&config);
-    let socket = TcpSocket::new_v4().unwrap();
-    socket.set_recv_buffer_size(4096).unwrap();
-    socket
-        .bind(SocketAddr::new("127.0.0.1".parse().unwrap(), 0))
-        .unwrap();
-    let stream = socket.connect(served.public).await.unwrap();
+    let stream = crate::common::small_window_client(served.public).await;
     let client = stream.local_addr().unwrap();
     // Many pipelined requests for a large answer, and never a byte read:
     // hyper stops reading while its answer is blocked on the full socket.
@@ -652,9 +647,7 @@ async fn sigterm_exits_within_its_bound_whatever_clients_hold_open() {
     // A slow download: many pipelined requests for the OpenAPI document on
     // a small receive buffer that is never read, so the server is stuck
     // writing.
-    let socket = TcpSocket::new_v4().unwrap();
-    socket.set_recv_buffer_size(4096).unwrap();
-    let mut download = socket.connect(to).await.unwrap();
+    let mut download = crate::common::small_window_client(to).await;
     let pipelined = "GET /openapi.json HTTP/1.1\r\nhost: x\r\n\r\n".repeat(2000);
     let _ = tokio::time::timeout(
         Duration::from_secs(5),
@@ -1156,12 +1149,7 @@ async fn a_client_reading_below_the_minimum_rate_is_closed() {
         "",
     );
     let served = Served::start(&config);
-    let socket = TcpSocket::new_v4().unwrap();
-    socket.set_recv_buffer_size(4096).unwrap();
-    socket
-        .bind(SocketAddr::new("127.0.0.1".parse().unwrap(), 0))
-        .unwrap();
-    let stream = socket.connect(served.public).await.unwrap();
+    let stream = crate::common::small_window_client(served.public).await;
     let client = stream.local_addr().unwrap();
     let (mut read_half, mut write_half) = stream.into_split();
     let writer = tokio::spawn(async move {
@@ -1212,12 +1200,7 @@ async fn a_client_reading_slowly_but_steadily_is_not_cut_by_the_write_timeout() 
         "",
     );
     let served = Served::start(&config);
-    let socket = TcpSocket::new_v4().unwrap();
-    socket.set_recv_buffer_size(4096).unwrap();
-    socket
-        .bind(SocketAddr::new("127.0.0.1".parse().unwrap(), 0))
-        .unwrap();
-    let stream = socket.connect(served.public).await.unwrap();
+    let stream = crate::common::small_window_client(served.public).await;
     let client = stream.local_addr().unwrap();
     let (mut read_half, mut write_half) = stream.into_split();
     let writer = tokio::spawn(async move {

@@ -1090,27 +1090,16 @@ async fn a_light_answer_counts_against_its_tenants_share() {
     // reserves all but about 110 KB of it; the light one (40 KB, its bound
     // of six bytes a byte of text under 256 KiB) would reserve 160 KB.
     let s = start(|c| c.server.max_buffered_answers = "16 MiB".parse().unwrap()).await;
-    let now = bulkhead::store::now_ms();
     let mut ids = Vec::new();
     for (tenant, len) in [("acme", 1_020_000), ("acme", 40_000), ("other", 40_000)] {
-        let record = crate::common::finished_record(&crate::common::uuid_like(), tenant, now);
-        let mut report = bulkhead::sandbox::JobReport::not_run(&record.id, "hello", "stored");
-        report.stdout.text = "x".repeat(len);
-        s.service
-            .store()
-            .insert_finished_job(&record, &report, now, None)
-            .await
-            .unwrap();
-        ids.push(record.id);
+        ids.push(s.store_finished(tenant, "hello", len).await);
     }
     let acme = s.token("acme", &["hello:run"]).await;
     let other = s.token("other", &["hello:run"]).await;
     // The heavy answer's client takes its status line through a 4 KiB
     // window, then reads nothing more: the body stays in the process.
     let addr: std::net::SocketAddr = s.base.trim_start_matches("http://").parse().unwrap();
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket.set_recv_buffer_size(4096).unwrap();
-    let mut stalled = socket.connect(addr).await.unwrap();
+    let mut stalled = crate::common::small_window_client(addr).await;
     let request = format!(
         "GET /v1/jobs/{} HTTP/1.1\r\nhost: bulkhead\r\nauthorization: Bearer {acme}\r\n\r\n",
         ids[0]
@@ -1170,20 +1159,7 @@ async fn a_waited_for_job_with_a_large_report_past_the_share_is_sent_to_its_url(
             .write_to(&c.modules.policies_dir);
     })
     .await;
-    let now = bulkhead::store::now_ms();
-    let id = crate::common::uuid_like();
-    let mut report = bulkhead::sandbox::JobReport::not_run(&id, "hostile", "stored by the test");
-    report.stdout.text = "x".repeat(3_500_000);
-    s.service
-        .store()
-        .insert_finished_job(
-            &crate::common::finished_record(&id, "acme", now),
-            &report,
-            now,
-            None,
-        )
-        .await
-        .unwrap();
+    let id = s.store_finished("acme", "hostile", 3_500_000).await;
     let token = s.token("acme", &["hostile:run"]).await;
     // Headers come back; the body is left unread.
     let held = s
@@ -1297,23 +1273,9 @@ async fn a_report_longer_than_a_share_can_answer_is_never_stored_nor_answered() 
 
     // One stored longer (by a node with a larger budget) is refused, and
     // the tenant's next heavy answer still has its whole share.
-    let now = bulkhead::store::now_ms();
-    let stored = |bytes: usize| {
-        let id = crate::common::uuid_like();
-        let mut report =
-            bulkhead::sandbox::JobReport::not_run(&id, "hostile", "stored by the test");
-        report.stdout.text = "x".repeat(bytes);
-        (crate::common::finished_record(&id, "acme", now), report)
-    };
     let mut ids = Vec::new();
     for bytes in [1100 << 10, 1000 << 10] {
-        let (record, report) = stored(bytes);
-        s.service
-            .store()
-            .insert_finished_job(&record, &report, now, None)
-            .await
-            .unwrap();
-        ids.push(record.id);
+        ids.push(s.store_finished("acme", "hostile", bytes).await);
     }
     for _ in 0..3 {
         let refused = s

@@ -126,3 +126,15 @@ pub async fn stored_outputs(
         .unwrap();
     id
 }
+
+/// A connection to `to` from 127.0.0.1 whose receive window is 4 KiB: a
+/// client that takes an answer as slowly as it reads, and whose unread
+/// answer stays in the server's process.
+pub async fn small_window_client(to: std::net::SocketAddr) -> tokio::net::TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    socket
+        .bind(std::net::SocketAddr::new("127.0.0.1".parse().unwrap(), 0))
+        .unwrap();
+    socket.connect(to).await.unwrap()
+}

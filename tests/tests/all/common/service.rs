@@ -134,6 +134,23 @@ impl Server {
         resp.bytes().await.unwrap()
     }
 
+    /// Stores a job of `tenant`'s as finished, with a report of `module`'s
+    /// whose captured stdout is `stdout` bytes of `x` (as a node with a
+    /// larger answers' budget could have stored it); returns its id.
+    pub async fn store_finished(&self, tenant: &str, module: &str, stdout: usize) -> String {
+        let now = bulkhead::store::now_ms();
+        let record = super::finished_record(&super::uuid_like(), tenant, now);
+        let mut report =
+            bulkhead::sandbox::JobReport::not_run(&record.id, module, "stored by the test");
+        report.stdout.text = "x".repeat(stdout);
+        self.service
+            .store()
+            .insert_finished_job(&record, &report, now, None)
+            .await
+            .unwrap();
+        record.id
+    }
+
     /// Polls a job until it reaches a final state (bounded: 30 s).
     pub async fn finished(&self, token: &str, id: &str) -> Value {
         super::http::poll_finished(&self.http, &self.base, token, id).await
