@@ -1079,6 +1079,15 @@ async fn large_reports_being_answered_hold_at_most_a_tenants_share_of_memory() {
     );
 }
 
+/// The hostile guest writing `outputs` small files (`disk-many`), under a
+/// policy that keeps them all.
+fn many_outputs(outputs: u32) -> crate::common::TestPolicy {
+    crate::common::policy(bulkhead_tests::HOSTILE, "hostile")
+        .scopes(&["hostile:run"])
+        .args(&["disk-many"])
+        .limits(|l| l.output_files = outputs)
+}
+
 /// A light answer (a report under 256 KiB, encoded whole) counts against
 /// the budget too: with its tenant's share nearly held by a heavy answer
 /// its client does not read, a light one that would pass it is refused,
@@ -1152,11 +1161,7 @@ async fn a_waited_for_job_with_a_large_report_past_the_share_is_sent_to_its_url(
     // A share of 16 MiB: the held answer below reserves 14 MiB of it.
     let s = start(|c| {
         c.server.max_buffered_answers = "64 MiB".parse().unwrap();
-        crate::common::policy(bulkhead_tests::HOSTILE, "hostile")
-            .scopes(&["hostile:run"])
-            .args(&["disk-many"])
-            .limits(|l| l.output_files = 20_000)
-            .write_to(&c.modules.policies_dir);
+        many_outputs(20_000).write_to(&c.modules.policies_dir);
     })
     .await;
     let id = s.store_finished("acme", "hostile", 3_500_000).await;
@@ -1220,11 +1225,7 @@ async fn a_report_longer_than_a_share_can_answer_is_never_stored_nor_answered() 
     // what 20,000 listed outputs take.
     let s = start(|c| {
         c.server.max_buffered_answers = "16 MiB".parse().unwrap();
-        crate::common::policy(bulkhead_tests::HOSTILE, "hostile")
-            .scopes(&["hostile:run"])
-            .args(&["disk-many"])
-            .limits(|l| l.output_files = 20_000)
-            .write_to(&c.modules.policies_dir);
+        many_outputs(20_000).write_to(&c.modules.policies_dir);
     })
     .await;
     let token = s.token("acme", &["hostile:run"]).await;
