@@ -164,6 +164,17 @@ pub struct Captured {
     pub truncated: bool,
 }
 
+impl Captured {
+    /// Cuts the text to at most `max` bytes, at a character boundary,
+    /// marked truncated if it was longer.
+    pub fn cut_to(&mut self, max: usize) {
+        if self.text.len() > max {
+            self.text.truncate(self.text.floor_char_boundary(max));
+            self.truncated = true;
+        }
+    }
+}
+
 /// What the job used.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Measurements {
@@ -422,18 +433,8 @@ impl JobReport {
             }
         }
         if self.json_len() > max {
-            let cut = |captured: &mut Captured| {
-                let mut end = (max / 16) as usize;
-                if captured.text.len() > end {
-                    while !captured.text.is_char_boundary(end) {
-                        end -= 1;
-                    }
-                    captured.text.truncate(end);
-                    captured.truncated = true;
-                }
-            };
-            cut(&mut self.stdout);
-            cut(&mut self.stderr);
+            self.stdout.cut_to((max / 16) as usize);
+            self.stderr.cut_to((max / 16) as usize);
             if let Some(calls) = &mut self.calls {
                 calls.records_dropped = calls
                     .records_dropped
@@ -450,11 +451,9 @@ impl JobReport {
             }
             self.backtrace = None;
             if let Some(failure) = &mut self.failure {
-                let mut end = failure.message.len().min(256);
-                while !failure.message.is_char_boundary(end) {
-                    end -= 1;
-                }
-                failure.message.truncate(end);
+                failure
+                    .message
+                    .truncate(failure.message.floor_char_boundary(256));
             }
         }
         Some(len)
@@ -635,12 +634,7 @@ impl JobReport {
         for captured in [first, second] {
             let cut = over.min(captured.text.len());
             if cut > 0 {
-                let mut end = captured.text.len() - cut;
-                while !captured.text.is_char_boundary(end) {
-                    end -= 1;
-                }
-                captured.text.truncate(end);
-                captured.truncated = true;
+                captured.cut_to(captured.text.len() - cut);
                 over -= cut;
             }
         }
@@ -654,11 +648,9 @@ impl JobReport {
         }
         self.backtrace = None;
         if let Some(failure) = &mut self.failure {
-            let mut end = failure.message.len().min(1024);
-            while !failure.message.is_char_boundary(end) {
-                end -= 1;
-            }
-            failure.message.truncate(end);
+            failure
+                .message
+                .truncate(failure.message.floor_char_boundary(1024));
         }
         let json = encode(&self)?;
         if json.len() <= max {

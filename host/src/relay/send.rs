@@ -861,10 +861,7 @@ fn bounded(s: &str) -> String {
     if s.len() <= MAX {
         return s.escape_debug().to_string();
     }
-    let mut end = MAX;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
+    let end = s.floor_char_boundary(MAX);
     format!("{}…", s[..end].escape_debug())
 }
 

@@ -351,10 +351,7 @@ fn bounded_load_error(error: LoadError) -> LoadError {
     if message.len() <= MAX_LOAD_MESSAGE {
         return error;
     }
-    let mut end = MAX_LOAD_MESSAGE;
-    while !message.is_char_boundary(end) {
-        end -= 1;
-    }
+    let end = message.floor_char_boundary(MAX_LOAD_MESSAGE);
     LoadError::Compile {
         module: String::new(),
         message: message[..end].to_owned(),

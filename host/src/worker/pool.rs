@@ -1339,19 +1339,13 @@ impl Drop for WorkerOutputs {
 /// A report from a worker, cut to what its policy allows: the worker may
 /// be compromised, and the report is stored and shown to clients.
 fn bounded(mut report: JobReport, policy: &Policy) -> JobReport {
-    let cut = |captured: &mut crate::job::Captured, limit: u64| {
-        if captured.text.len() as u64 > limit {
-            let mut end = limit as usize;
-            while !captured.text.is_char_boundary(end) {
-                end -= 1;
-            }
-            captured.text.truncate(end);
-            captured.truncated = true;
-        }
+    let kept = |limit: crate::policy::ByteSize| {
+        usize::try_from(limit.as_u64())
+            .unwrap_or(usize::MAX)
+            .min(crate::sandbox::MAX_CAPTURE)
     };
-    let kept = crate::sandbox::MAX_CAPTURE as u64;
-    cut(&mut report.stdout, policy.limits.stdout.as_u64().min(kept));
-    cut(&mut report.stderr, policy.limits.stderr.as_u64().min(kept));
+    report.stdout.cut_to(kept(policy.limits.stdout));
+    report.stderr.cut_to(kept(policy.limits.stderr));
     if let Some(f) = &mut report.failure {
         truncate(&mut f.message, MAX_MESSAGE);
     }
@@ -1376,13 +1370,7 @@ fn truncate(text: &mut String, max: usize) {
             })
             .collect();
     }
-    if text.len() > max {
-        let mut end = max;
-        while !text.is_char_boundary(end) {
-            end -= 1;
-        }
-        text.truncate(end);
-    }
+    text.truncate(text.floor_char_boundary(max));
 }
 
 fn unprintable(c: char) -> bool {
