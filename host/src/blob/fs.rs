@@ -1,7 +1,8 @@
 //! [`BlobStore`] on the local filesystem: today's layout of
 //! `<data>/jobs/<id>/` (`inputs/in-<name>`, `inputs/stdin`, `outputs/`).
 
-use std::io::Write;
+use std::io::{Read, Write};
+use std::os::fd::OwnedFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -12,6 +13,7 @@ use bytes::Bytes;
 use super::{BlobError, BlobStore, OutputReader};
 use crate::job::OutputFile;
 use crate::sandbox::JobInput;
+use crate::sandbox::beneath::{fd_path, open_beneath};
 use crate::store::JobStore;
 
 /// Blobs as files under one node's `<data>/jobs`.
@@ -26,29 +28,64 @@ impl FsBlobs {
         Self { jobs_dir }
     }
 
-    fn job_dir(&self, id: &str) -> PathBuf {
-        self.jobs_dir.join(id)
+    /// Job `id`'s directory `sub` (`inputs`, `outputs`), reached from the
+    /// jobs directory without a link or a mount on the way; made when
+    /// `create`.
+    fn job_subdir(&self, id: &str, sub: &str, create: bool) -> std::io::Result<OwnedFd> {
+        open_beneath(&self.jobs_dir, &Path::new(id).join(sub), create)
     }
 }
 
-/// Removes `path` (a directory or anything else) on a blocking thread; a
-/// missing one is fine. A job's outputs can be a tree as large as its
-/// policy's `output_files` (which has no ceiling), and removing it takes as
-/// long: no async thread spends that while other requests and workers'
-/// channels wait for it.
+/// Removes the directory `rel` below `root` if it is empty (reached as
+/// [`remove_local`] reaches it).
+///
+/// # Errors
+/// Not empty, or what else the file system says.
+pub fn remove_local_if_empty(root: &Path, rel: &str) -> std::io::Result<()> {
+    let rel = Path::new(rel);
+    let (Some(parent), Some(name)) = (rel.parent(), rel.file_name()) else {
+        return Ok(());
+    };
+    let dir = open_beneath(root, parent, false)?;
+    Ok(rustix::fs::unlinkat(
+        &dir,
+        name,
+        rustix::fs::AtFlags::REMOVEDIR,
+    )?)
+}
+
+/// Opens the regular file `name` in `dir` for reading, never through a
+/// link or across a mount (`name` may hold directories).
+fn open_file_in(dir: &OwnedFd, name: &str) -> std::io::Result<std::fs::File> {
+    let fd = rustix::fs::openat2(
+        dir,
+        name,
+        rustix::fs::OFlags::RDONLY
+            | rustix::fs::OFlags::NOFOLLOW
+            | rustix::fs::OFlags::NONBLOCK
+            | rustix::fs::OFlags::CLOEXEC,
+        rustix::fs::Mode::empty(),
+        crate::sandbox::beneath::RESOLVE,
+    )?;
+    Ok(std::fs::File::from(fd))
+}
+
+/// Removes `rel` below `root` (a directory or anything else) on a
+/// blocking thread; a missing one is fine. Reached from `root` without a
+/// link or a mount on the way, and never across one below
+/// ([`crate::sandbox::remove_tree_in`]): what is beneath one is not a
+/// job's. A job's outputs can be a tree as large as its policy's
+/// `output_files` (which has no ceiling), and removing it takes as long: no
+/// async thread spends that while other requests and workers' channels
+/// wait for it.
 ///
 /// # Errors
 /// What removing it failed with.
-pub async fn remove_local(path: &Path) -> std::io::Result<()> {
-    let path = path.to_owned();
-    tokio::task::spawn_blocking(move || remove_local_now(&path))
+pub async fn remove_local(root: &Path, rel: impl Into<PathBuf>) -> std::io::Result<()> {
+    let (root, rel) = (root.to_owned(), rel.into());
+    tokio::task::spawn_blocking(move || crate::sandbox::remove_tree_in(&root, &rel))
         .await
         .map_err(std::io::Error::other)?
-}
-
-fn remove_local_now(path: &Path) -> std::io::Result<()> {
-    // Never across a link or a mount: what is beneath one is not a job's.
-    crate::sandbox::remove_tree(path)
 }
 
 #[async_trait]
@@ -62,24 +99,25 @@ impl BlobStore for FsBlobs {
         if inputs.is_empty() && stdin.is_none() {
             return Ok(());
         }
-        let dir = self.job_dir(job).join("inputs");
-        crate::sandbox::create_private_dir_all(&dir)?;
-        let write = |name: &str, data: &[u8]| -> std::io::Result<()> {
-            let mut f = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(dir.join(name))?;
-            f.write_all(data)?;
-            f.sync_all()
-        };
-        let result = inputs
-            .iter()
-            .try_for_each(|i| write(&format!("in-{}", i.name), &i.data))
-            .and_then(|()| stdin.map_or(Ok(()), |data| write("stdin", data)))
-            .and_then(|()| std::fs::File::open(&dir)?.sync_all());
+        let result = self.job_subdir(job, "inputs", true).and_then(|dir| {
+            let path = fd_path(&dir);
+            let write = |name: &str, data: &[u8]| -> std::io::Result<()> {
+                let mut f = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .open(path.join(name))?;
+                f.write_all(data)?;
+                f.sync_all()
+            };
+            inputs
+                .iter()
+                .try_for_each(|i| write(&format!("in-{}", i.name), &i.data))
+                .and_then(|()| stdin.map_or(Ok(()), |data| write("stdin", data)))
+                .and_then(|()| std::fs::File::from(dir).sync_all())
+        });
         if let Err(e) = result {
-            let _ = remove_local(&self.job_dir(job)).await;
+            let _ = remove_local(&self.jobs_dir, job).await;
             return Err(e.into());
         }
         Ok(())
@@ -91,10 +129,18 @@ impl BlobStore for FsBlobs {
         names: &[String],
         stdin: bool,
     ) -> Result<(Vec<JobInput>, Bytes), BlobError> {
-        let dir = self.job_dir(job).join("inputs");
+        let dir = self.job_subdir(job, "inputs", false);
+        let read = |name: &str| -> std::io::Result<Vec<u8>> {
+            let dir = dir
+                .as_ref()
+                .map_err(|e| std::io::Error::new(e.kind(), e.to_string()))?;
+            let mut data = Vec::new();
+            open_file_in(dir, name)?.read_to_end(&mut data)?;
+            Ok(data)
+        };
         let mut inputs = Vec::with_capacity(names.len());
         for name in names {
-            match std::fs::read(dir.join(format!("in-{name}"))) {
+            match read(&format!("in-{name}")) {
                 Ok(data) => inputs.push(JobInput {
                     name: name.clone(),
                     data: data.into(),
@@ -109,7 +155,7 @@ impl BlobStore for FsBlobs {
             }
         }
         let stdin = if stdin {
-            std::fs::read(dir.join("stdin"))?.into()
+            read("stdin")?.into()
         } else {
             Bytes::new()
         };
@@ -117,7 +163,7 @@ impl BlobStore for FsBlobs {
     }
 
     async fn remove_inputs(&self, job: &str) -> Result<(), BlobError> {
-        Ok(remove_local(&self.job_dir(job).join("inputs")).await?)
+        Ok(remove_local(&self.jobs_dir, Path::new(job).join("inputs")).await?)
     }
 
     async fn put_outputs(
@@ -134,7 +180,7 @@ impl BlobStore for FsBlobs {
 
     async fn remove_outputs(&self, job: &str, _attempt: u32) -> Result<(), BlobError> {
         // One node's attempts never overlap: the copy is this attempt's.
-        Ok(remove_local(&self.job_dir(job).join("outputs")).await?)
+        Ok(remove_local(&self.jobs_dir, Path::new(job).join("outputs")).await?)
     }
 
     async fn output(
@@ -142,11 +188,9 @@ impl BlobStore for FsBlobs {
         job: &str,
         name: &str,
     ) -> Result<Option<(OutputReader, u64)>, BlobError> {
-        let path = self.job_dir(job).join("outputs").join(name);
-        let Ok(file) = std::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-            .open(&path)
+        let Ok(file) = self
+            .job_subdir(job, "outputs", false)
+            .and_then(|dir| open_file_in(&dir, name))
         else {
             return Ok(None);
         };
@@ -158,7 +202,7 @@ impl BlobStore for FsBlobs {
     }
 
     async fn remove_job(&self, job: &str) -> Result<(), BlobError> {
-        Ok(remove_local(&self.job_dir(job)).await?)
+        Ok(remove_local(&self.jobs_dir, job).await?)
     }
 
     async fn remove_orphans(

@@ -35,7 +35,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use futures_util::Stream;
 
-pub use fs::{FsBlobs, remove_local};
+pub use fs::{FsBlobs, remove_local, remove_local_if_empty};
 pub use postgres::{PG_CHUNK, PgBlobs};
 
 use crate::sandbox::JobInput;

@@ -346,12 +346,7 @@ impl BlobStore for PgBlobs {
             }
         }
         tx.commit().await?;
-        // The local copy was only the way in (and its job directory, now
-        // empty, too).
-        super::fs::remove_local(dir).await?;
-        if let Some(job_dir) = dir.parent() {
-            let _ = std::fs::remove_dir(job_dir);
-        }
+        // The local copy, only the way in, is the service's to remove.
         Ok(())
     }
 

@@ -12,6 +12,7 @@
 //!
 //! Nothing outside this module names wasmtime types.
 
+pub mod beneath;
 mod cache;
 mod cpu;
 mod engine;
@@ -45,7 +46,7 @@ pub use job::{JobDir, create_private_dir_all};
 pub use limits::WRITTEN_PER_OUTPUT;
 pub use pipe::MAX_CAPTURE;
 pub use quota::DESCRIPTOR_REFUSALS;
-pub use remove::remove_tree;
+pub use remove::{remove_tree, remove_tree_in};
 // The job's types are the `job` module's; re-exported for the sandbox's
 // callers.
 pub use crate::job::{

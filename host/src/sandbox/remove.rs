@@ -18,19 +18,10 @@ use std::ffi::CString;
 use std::io;
 use std::path::Path;
 
-use rustix::fs::{AtFlags, CWD, Dir, Mode, OFlags, RenameFlags, ResolveFlags};
+use rustix::fs::{AtFlags, Dir, Mode, OFlags, RenameFlags};
+
+use super::beneath::{open_beneath, open_dir_in};
 use rustix::io::Errno;
-
-const OPEN_DIR: OFlags = OFlags::RDONLY
-    .union(OFlags::DIRECTORY)
-    .union(OFlags::NOFOLLOW)
-    .union(OFlags::CLOEXEC);
-
-/// How every directory in the tree, and the tree's top, is opened: never
-/// through a link, never across a mount.
-const RESOLVE: ResolveFlags = ResolveFlags::NO_XDEV
-    .union(ResolveFlags::NO_SYMLINKS)
-    .union(ResolveFlags::NO_MAGICLINKS);
 
 /// Most entries [`remove_tree`] moves or removes before giving up (a tree
 /// still growing while it is removed).
@@ -42,41 +33,61 @@ const MAX_STEPS: u64 = 100_000_000;
 /// `RENAME_NOREPLACE`, under fresh names), so the tree flattens as it goes,
 /// then removed. Missing is not an error.
 ///
+/// The path up to `path`'s parent is the caller's (a configured
+/// directory, which may be reached through a link): [`remove_tree_in`]
+/// with that parent as the root.
+///
 /// # Errors
 /// What the file system says; a mount at `path` or inside it (nothing
 /// across it is touched); a `path` that names no entry (`..`); or a tree
 /// that keeps growing past [`MAX_STEPS`].
 pub fn remove_tree(path: &Path) -> io::Result<()> {
-    let Some(name) = path.file_name() else {
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    match path.file_name() {
+        Some(name) => remove_tree_in(parent, Path::new(name)),
+        None => Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{} names no entry to remove", path.display()),
+        )),
+    }
+}
+
+/// Removes `rel` below `root`, as [`remove_tree`] does, reaching it from
+/// `root`'s descriptor one name at a time: a link or a mount anywhere
+/// below `root` on the way to it (a job's directory in `<data>/jobs`
+/// replaced by one) is refused, and nothing through it is touched.
+///
+/// # Errors
+/// As [`remove_tree`]; a link or a mount on the way.
+pub fn remove_tree_in(root: &Path, rel: &Path) -> io::Result<()> {
+    let path = root.join(rel);
+    let Some(name) = rel.file_name() else {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
             format!("{} names no entry to remove", path.display()),
         ));
     };
-    let parent = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
+    let above = match open_beneath(root, rel.parent().unwrap_or(Path::new("")), false) {
+        Ok(fd) => fd,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
     };
-    // The path up to the tree is the caller's (a configured directory may
-    // be reached through a link); the tree itself is not.
-    let above = match rustix::fs::openat(
-        CWD,
-        parent,
-        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
-        Mode::empty(),
-    ) {
+    let top = match open_dir_in(&above, name) {
         Ok(fd) => fd,
         Err(Errno::NOENT) => return Ok(()),
+        Err(Errno::NOTDIR | Errno::LOOP) => {
+            return match rustix::fs::unlinkat(&above, name, AtFlags::empty()) {
+                Ok(()) | Err(Errno::NOENT) => Ok(()),
+                Err(e) => Err(e.into()),
+            };
+        }
+        Err(Errno::XDEV) => return Err(mounted(&path, "is a mount point")),
         Err(e) => return Err(e.into()),
     };
-    let top = match open_below(&above, name) {
-        Ok(fd) => fd,
-        Err(Errno::NOENT) => return Ok(()),
-        Err(Errno::NOTDIR | Errno::LOOP) => return std::fs::remove_file(path),
-        Err(Errno::XDEV) => return Err(mounted(path, "is a mount point")),
-        Err(e) => return Err(e.into()),
-    };
-    drop(above);
+    let path = path.as_path();
     let mut steps = 0u64;
     let mut hoisted = 0u64;
     loop {
@@ -103,7 +114,7 @@ pub fn remove_tree(path: &Path) -> io::Result<()> {
                 Err(Errno::BUSY) => return Err(mounted(path, "holds a mount point")),
                 Err(e) => return Err(e.into()),
             }
-            let sub = match open_below(&top, &name) {
+            let sub = match open_dir_in(&top, &name) {
                 Ok(fd) => fd,
                 Err(Errno::XDEV) => return Err(mounted(path, "holds a mount point")),
                 Err(Errno::ACCESS) => {
@@ -115,7 +126,7 @@ pub fn remove_tree(path: &Path) -> io::Result<()> {
                         &name,
                         OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
                         Mode::empty(),
-                        RESOLVE,
+                        super::beneath::RESOLVE,
                     ) else {
                         continue;
                     };
@@ -154,19 +165,11 @@ pub fn remove_tree(path: &Path) -> io::Result<()> {
         }
     }
     drop(top);
-    match std::fs::remove_dir(path) {
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        other => other,
+    match rustix::fs::unlinkat(&above, name, AtFlags::REMOVEDIR) {
+        Ok(()) | Err(Errno::NOENT) => Ok(()),
+        Err(Errno::BUSY) => Err(mounted(path, "is a mount point")),
+        Err(e) => Err(e.into()),
     }
-}
-
-/// The directory `name` in `dir`, opened without following a link or
-/// crossing a mount (`EXDEV` when it is one).
-fn open_below<P: rustix::path::Arg>(
-    dir: &std::os::fd::OwnedFd,
-    name: P,
-) -> rustix::io::Result<std::os::fd::OwnedFd> {
-    rustix::fs::openat2(dir, name, OPEN_DIR, Mode::empty(), RESOLVE)
 }
 
 /// The refusal to remove across a mount.
@@ -193,6 +196,12 @@ fn names(fd: &std::os::fd::OwnedFd) -> io::Result<Vec<CString>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rustix::fs::CWD;
+
+    const OPEN_DIR: OFlags = OFlags::RDONLY
+        .union(OFlags::DIRECTORY)
+        .union(OFlags::NOFOLLOW)
+        .union(OFlags::CLOEXEC);
 
     /// Deeper than any stack or descriptor limit a recursive remover has:
     /// made level by level relative to the last, as a guest or worker can.
@@ -233,8 +242,8 @@ mod tests {
     /// finds its directories.
     const MOUNTED: &str = "BULKHEAD_TEST_REMOVE_MOUNTED";
 
-    /// A directory bind-mounted at the tree's top, or inside it, is left
-    /// whole: the removal is refused. Made in a mount namespace of a child
+    /// A directory bind-mounted at the tree's top, inside it, or on the way
+    /// to it from its root, is left whole: the removal is refused. Made in a mount namespace of a child
     /// of this test binary (`unshare`), which runs the test again with the
     /// mounts in place; this side checks what the child left.
     #[test]
@@ -248,6 +257,16 @@ mod tests {
                 inside.to_string().contains("holds a mount point"),
                 "{inside}"
             );
+            // Below a mount on the way from the root (a job's directory
+            // mounted over, its inputs removed): refused, and a start's
+            // check of its jobs directory sees the mount too.
+            let below = remove_tree_in(dir, Path::new("top/sub")).unwrap_err();
+            assert!(
+                below.to_string().contains("crosses a mount point"),
+                "{below}"
+            );
+            let jobs = super::super::beneath::open_beneath(dir, Path::new("top"), false);
+            assert!(jobs.is_err_and(|e| e.to_string().contains("crosses a mount point")));
             return;
         }
         let tmp = tempfile::tempdir().unwrap();

@@ -53,8 +53,9 @@ impl Service {
         }
     }
 
-    pub(super) fn job_dir(&self, id: &str) -> PathBuf {
-        self.jobs_dir.join(id)
+    /// Job `id`'s `outputs` directory, below the jobs directory.
+    fn kept_outputs(id: &str) -> PathBuf {
+        std::path::Path::new(id).join("outputs")
     }
 
     /// Puts inputs (and stdin) in the blob store, durably, so the job can
@@ -78,7 +79,7 @@ impl Service {
         if let Err(e) = self.blobs.remove_job(id).await {
             tracing::warn!(job = id, error = %e, "cannot remove job blobs");
         }
-        if let Err(e) = crate::blob::remove_local(&self.job_dir(id)).await {
+        if let Err(e) = crate::blob::remove_local(&self.jobs_dir, id).await {
             tracing::warn!(job = id, error = %e, "cannot remove job files");
         }
     }
@@ -97,7 +98,7 @@ impl Service {
     /// a later attempt's, run elsewhere).
     pub(super) async fn remove_outputs(&self, record: &JobRecord) {
         let id = &record.id;
-        if let Err(e) = crate::blob::remove_local(&self.job_dir(id).join("outputs")).await {
+        if let Err(e) = crate::blob::remove_local(&self.jobs_dir, Self::kept_outputs(id)).await {
             tracing::warn!(job = id, error = %e, "cannot remove a failed attempt's outputs");
         }
         if let Err(e) = self.blobs.remove_outputs(id, record.attempts).await {
@@ -108,19 +109,25 @@ impl Service {
     /// Copies a finished job's outputs from its sandbox directory to
     /// `<data>/jobs/<id>/outputs`, and keeps them in the blob store (which
     /// replaces an earlier attempt's), all before the job is recorded
-    /// finished.
+    /// finished. That directory is reached from the jobs directory's
+    /// descriptor, never through a link or across a mount, and the copy
+    /// is made into the very directory so opened
+    /// ([`crate::sandbox::beneath`]).
     pub(super) async fn keep_outputs(
         &self,
         record: &JobRecord,
         report: &mut JobReport,
         outputs: &crate::runner::Outputs,
     ) -> Result<(), ServiceError> {
-        let kept = self.job_dir(&record.id).join("outputs");
+        let rel = Self::kept_outputs(&record.id);
         // Only a re-run can find an earlier attempt's copy (one a crash
         // interrupted); a first attempt skips the lookup.
-        if record.attempts > 1 && kept.exists() {
-            crate::blob::remove_local(&kept).await?;
+        if record.attempts > 1 {
+            crate::blob::remove_local(&self.jobs_dir, &rel).await?;
         }
+        // Where the outputs are copied, once made: the directory's own
+        // descriptor, as a path.
+        let mut kept_dir = None;
         // What is listed is what this process copied, not what the runner
         // (perhaps a compromised worker) said it left.
         if outputs.worker_left_nothing() {
@@ -129,7 +136,16 @@ impl Service {
             report.skipped_outputs.clear();
         } else if !report.outputs.is_empty() || outputs.from_worker() {
             // A large copy runs off the async threads' turn.
-            let collected = crate::blocking(|| outputs.collect(Some(&kept)));
+            let collected = crate::blocking(|| {
+                let dir = crate::sandbox::beneath::open_beneath(&self.jobs_dir, &rel, true)
+                    .map_err(|source| crate::sandbox::outputs::CollectError::Copy {
+                        name: String::new(),
+                        source,
+                    })?;
+                let collected = outputs.collect(Some(&crate::sandbox::beneath::fd_path(&dir)));
+                kept_dir = Some(dir);
+                collected
+            });
             match collected {
                 Ok(collected) => report.list_collected(collected),
                 // The host's side failed: the job is re-run.
@@ -139,9 +155,8 @@ impl Service {
                 // What the job left cannot be read, or is more than its
                 // limits: its own failure, and nothing of it is kept.
                 Err(e) => {
-                    if kept.exists() {
-                        crate::blob::remove_local(&kept).await?;
-                    }
+                    kept_dir = None;
+                    crate::blob::remove_local(&self.jobs_dir, &rel).await?;
                     report.fail_outputs(e.to_string());
                 }
             }
@@ -156,16 +171,28 @@ impl Service {
         };
         if let Some(len) = fitted {
             tracing::warn!(job = %record.id, len, largest, "report too long to answer: outputs not kept");
-            if kept.exists() {
-                crate::blob::remove_local(&kept).await?;
-            }
+            kept_dir = None;
+            crate::blob::remove_local(&self.jobs_dir, &rel).await?;
         }
         // A first attempt that listed nothing has nothing to keep or
         // replace.
         if !report.outputs.is_empty() || record.attempts > 1 {
+            // Read from the directory copied into; without one (nothing
+            // listed), nothing is read.
+            let kept = kept_dir.as_ref().map_or_else(
+                || self.jobs_dir.join(&rel),
+                crate::sandbox::beneath::fd_path,
+            );
             self.blobs
                 .put_outputs(&record.id, record.attempts, &kept, &report.outputs)
                 .await?;
+            drop(kept_dir);
+            if self.blobs.is_shared() {
+                // The local copy was only the way in (and its job
+                // directory, now empty, too).
+                crate::blob::remove_local(&self.jobs_dir, &rel).await?;
+                let _ = crate::blob::remove_local_if_empty(&self.jobs_dir, &record.id);
+            }
         }
         Ok(())
     }
@@ -260,7 +287,7 @@ impl Service {
                     continue;
                 }
             }
-            match crate::blob::remove_local(&path).await {
+            match crate::blob::remove_local(&self.jobs_dir, &id).await {
                 Ok(()) => removed += 1,
                 Err(e) => {
                     tracing::warn!(entry = %entry.path().display(), error = %e, "cannot remove an orphan job directory")

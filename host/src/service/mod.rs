@@ -338,11 +338,11 @@ impl Service {
         let locks = vec![data_lock, work_lock, cache_lock];
         let jobs_dir = data.join("jobs");
         crate::sandbox::create_private_dir_all(&jobs_dir).map_err(|e| storage(&e))?;
-        // Its own directory, not a link to another's: the orphan sweep
-        // removes what in it no job row points to.
-        if !std::fs::symlink_metadata(&jobs_dir).is_ok_and(|m| m.is_dir()) {
+        // Its own directory, not a link to another's nor a mount of one:
+        // the orphan sweep removes what in it no job row points to.
+        if let Err(e) = crate::sandbox::beneath::open_beneath(data, Path::new("jobs"), false) {
             return Err(storage(&format!(
-                "{} is not a directory of its own (a link?)",
+                "{} is not a directory of its own: {e}",
                 jobs_dir.display()
             )));
         }

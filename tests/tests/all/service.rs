@@ -654,6 +654,68 @@ async fn a_give_back_the_store_does_not_take_at_shutdown_is_recorded_by_the_next
     third.shutdown().await;
 }
 
+/// A running job's directory replaced by a link to another directory:
+/// what the service then reads, writes and removes of the job (its
+/// inputs, its outputs) is reached from the jobs directory's descriptor,
+/// never through the link, and the other directory is left whole.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_link_in_place_of_a_running_jobs_directory_is_never_followed() {
+    let s = start(|c| {
+        crate::common::sleeper(1_500).write_to(&c.modules.policies_dir);
+    })
+    .await;
+    let token = s.token("acme", &["hostile:run"]).await;
+    let resp = s
+        .post("/v1/modules/hostile/jobs", &token)
+        .header("content-type", "application/octet-stream")
+        .body("its stdin")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::ACCEPTED);
+    let id = resp.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let store = std::sync::Arc::clone(s.service.store());
+    let state = || async { store.get_job("acme", &id).await.unwrap().unwrap().state };
+    for _ in 0..300 {
+        if state().await.as_str() != "queued" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let jobs = s.service.config().storage.data_dir.join("jobs");
+    assert!(jobs.join(&id).join("inputs").exists());
+    let other = tempfile::tempdir().unwrap();
+    let victim = other.path().join("victim");
+    for dir in ["inputs/sub", "outputs"] {
+        std::fs::create_dir_all(victim.join(dir)).unwrap();
+    }
+    for file in ["inputs/stdin", "inputs/sub/keep", "outputs/keep"] {
+        std::fs::write(victim.join(file), b"not the service's").unwrap();
+    }
+    let before = walk(&victim);
+    std::fs::rename(jobs.join(&id), other.path().join("moved")).unwrap();
+    std::os::unix::fs::symlink(&victim, jobs.join(&id)).unwrap();
+    // The job ends (its run, any re-run, its inputs' removal).
+    for _ in 0..300 {
+        if state().await.is_final() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(state().await.is_final(), "{:?}", state().await);
+    assert_eq!(walk(&victim), before, "the other directory was changed");
+    for file in ["inputs/stdin", "inputs/sub/keep", "outputs/keep"] {
+        assert_eq!(
+            std::fs::read(victim.join(file)).unwrap(),
+            b"not the service's"
+        );
+    }
+    std::fs::remove_file(jobs.join(&id)).unwrap();
+}
+
 /// A service whose jobs directory holds another service's work directory
 /// (configured there by mistake) leaves it be: its orphan sweep does not
 /// remove a directory another process holds, and that service still runs

@@ -1,0 +1,133 @@
+//! Reaching a directory below a configured root by descriptors, one name
+//! at a time, never through a link and never across a mount: what is
+//! below `<data>/jobs` or a work directory is this service's, and someone
+//! who can write there (a link or a bind mount at a job's directory) must
+//! not make the service write, read or remove another's files through it.
+
+use std::ffi::OsStr;
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::{Component, Path, PathBuf};
+
+use rustix::fs::{CWD, Mode, OFlags, ResolveFlags};
+use rustix::io::Errno;
+
+/// How every name below a root is resolved: never through a link, never
+/// across a mount, never above where it starts.
+pub const RESOLVE: ResolveFlags = ResolveFlags::NO_XDEV
+    .union(ResolveFlags::NO_SYMLINKS)
+    .union(ResolveFlags::NO_MAGICLINKS)
+    .union(ResolveFlags::BENEATH);
+
+const OPEN_DIR: OFlags = OFlags::RDONLY
+    .union(OFlags::DIRECTORY)
+    .union(OFlags::NOFOLLOW)
+    .union(OFlags::CLOEXEC);
+
+/// The directory `rel` below `root`, opened from `root`'s descriptor one
+/// name at a time with [`RESOLVE`]; with `create`, each missing directory
+/// on the way is made (mode 0700). `root` itself is the caller's (a
+/// configured directory, which may be reached through a link or be a
+/// mount); an empty `rel` is `root`.
+///
+/// # Errors
+/// `NotFound` for a missing directory (without `create`); a link or a
+/// mount on the way, named; a `rel` that is not plain names; what the
+/// file system says.
+pub fn open_beneath(root: &Path, rel: &Path, create: bool) -> io::Result<OwnedFd> {
+    let mut dir = rustix::fs::openat(
+        CWD,
+        root,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?;
+    for component in rel.components() {
+        let Component::Normal(name) = component else {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "{} is not a plain path below {}",
+                    rel.display(),
+                    root.display()
+                ),
+            ));
+        };
+        if create {
+            match rustix::fs::mkdirat(&dir, name, Mode::from_raw_mode(0o700)) {
+                Ok(()) | Err(Errno::EXIST) => {}
+                Err(e) => return Err(refusal(root, rel, e)),
+            }
+        }
+        dir = open_dir_in(&dir, name).map_err(|e| refusal(root, rel, e))?;
+    }
+    Ok(dir)
+}
+
+/// The directory `name` in `dir`, opened with [`RESOLVE`].
+///
+/// # Errors
+/// `EXDEV` at a mount, `ELOOP` at a link, `ENOTDIR`, what else the file
+/// system says.
+pub fn open_dir_in<P: rustix::path::Arg>(dir: &OwnedFd, name: P) -> rustix::io::Result<OwnedFd> {
+    rustix::fs::openat2(dir, name, OPEN_DIR, Mode::empty(), RESOLVE)
+}
+
+/// A path naming the directory `fd` holds open, for code that takes
+/// paths: every name below it is looked up from that very directory,
+/// whatever has since been put in its place.
+pub fn fd_path(fd: &OwnedFd) -> PathBuf {
+    PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+}
+
+/// `root/rel` as a path, for messages.
+pub fn shown(root: &Path, rel: impl AsRef<OsStr>) -> PathBuf {
+    root.join(rel.as_ref())
+}
+
+fn refusal(root: &Path, rel: &Path, e: Errno) -> io::Error {
+    let at = shown(root, rel);
+    match e {
+        Errno::XDEV => io::Error::other(format!(
+            "{} crosses a mount point: not followed (a mount is another file system's)",
+            at.display()
+        )),
+        // A link opened as a directory without following it is "not a
+        // directory".
+        Errno::LOOP | Errno::NOTDIR => io::Error::other(format!(
+            "{} is reached through a link or a file: not followed",
+            at.display()
+        )),
+        e => io::Error::from(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_link_on_the_way_is_refused_and_plain_names_are_made() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("jobs");
+        let made = open_beneath(tmp.path(), Path::new("jobs/a/outputs"), true).unwrap();
+        std::fs::write(fd_path(&made).join("f"), b"f").unwrap();
+        assert_eq!(std::fs::read(root.join("a/outputs/f")).unwrap(), b"f");
+        let elsewhere = tmp.path().join("elsewhere");
+        std::fs::create_dir(&elsewhere).unwrap();
+        std::os::unix::fs::symlink(&elsewhere, root.join("b")).unwrap();
+        for (rel, refusal) in [
+            ("b/outputs", "through a link"),
+            ("../elsewhere", "not a plain path"),
+        ] {
+            let err = open_beneath(&root, Path::new(rel), true).unwrap_err();
+            assert!(err.to_string().contains(refusal), "{rel}: {err}");
+        }
+        assert!(!elsewhere.join("outputs").exists());
+        assert_eq!(
+            open_beneath(&root, Path::new("c"), false)
+                .unwrap_err()
+                .kind(),
+            io::ErrorKind::NotFound
+        );
+    }
+}
