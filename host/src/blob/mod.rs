@@ -181,7 +181,7 @@ pub async fn open(
 ) -> Result<std::sync::Arc<dyn BlobStore>, crate::service::StartError> {
     Ok(match &storage.url {
         Some(url) => std::sync::Arc::new(
-            PgBlobs::open(url.expose(), (storage.pool_size / 4).max(2))
+            PgBlobs::open(url.expose(), (storage.pool_size / 4).max(2), jobs_dir)
                 .await
                 .map_err(|e| crate::service::StartError::Storage(format!("blobs in {url}: {e}")))?,
         ),

@@ -53,6 +53,9 @@ const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
 pub struct PgBlobs {
     pub(super) pool: PgPool,
     chunk: usize,
+    /// This node's `<data>/jobs`, where outputs are collected on their way
+    /// in.
+    jobs_dir: std::path::PathBuf,
 }
 
 impl std::fmt::Debug for PgBlobs {
@@ -70,7 +73,7 @@ impl PgBlobs {
     /// # Errors
     /// [`StoreError::Open`] if the URL is malformed, the database cannot be
     /// reached, or a migration fails.
-    pub async fn open(url: &str, pool_size: u32) -> Result<Self, StoreError> {
+    pub async fn open(url: &str, pool_size: u32, jobs_dir: &Path) -> Result<Self, StoreError> {
         // Bounded idle transactions, as the job store's: a node frozen
         // while it writes a job's outputs holds that job's lock for at most
         // that long.
@@ -89,6 +92,7 @@ impl PgBlobs {
         Ok(Self {
             pool,
             chunk: PG_CHUNK,
+            jobs_dir: jobs_dir.to_owned(),
         })
     }
 
@@ -346,7 +350,10 @@ impl BlobStore for PgBlobs {
             }
         }
         tx.commit().await?;
-        // The local copy, only the way in, is the service's to remove.
+        // The local copy was only the way in (and its job directory, now
+        // empty, too): reached from the jobs directory, as it was made.
+        super::fs::remove_local(&self.jobs_dir, Path::new(job).join("outputs")).await?;
+        let _ = super::fs::remove_local_if_empty(&self.jobs_dir, job);
         Ok(())
     }
 

@@ -42,7 +42,7 @@ impl Blobs {
         let tmp = tempfile::tempdir().unwrap();
         let jobs_dir = tmp.path().join("jobs");
         std::fs::create_dir_all(&jobs_dir).unwrap();
-        let store = PgBlobs::open(&url, 4).await.unwrap();
+        let store = PgBlobs::open(&url, 4, &jobs_dir).await.unwrap();
         Some(Self {
             pool: Some(store.pool.clone()),
             url: Some(url),
@@ -453,7 +453,9 @@ async fn a_node_frozen_while_writing_outputs_does_not_stop_the_rerun_keeping_its
         return;
     };
     // The frozen node's blob store, opened as every node opens it.
-    let frozen = PgBlobs::open(b.url.as_deref().unwrap(), 1).await.unwrap();
+    let frozen = PgBlobs::open(b.url.as_deref().unwrap(), 1, &b.jobs_dir)
+        .await
+        .unwrap();
     let mut tx = frozen.pool.begin().await.unwrap();
     super::postgres::lock_job(&mut tx, "f").await.unwrap();
     b.running("f", 2).await;

@@ -186,13 +186,6 @@ impl Service {
             self.blobs
                 .put_outputs(&record.id, record.attempts, &kept, &report.outputs)
                 .await?;
-            drop(kept_dir);
-            if self.blobs.is_shared() {
-                // The local copy was only the way in (and its job
-                // directory, now empty, too).
-                crate::blob::remove_local(&self.jobs_dir, &rel).await?;
-                let _ = crate::blob::remove_local_if_empty(&self.jobs_dir, &record.id);
-            }
         }
         Ok(())
     }
