@@ -13,18 +13,18 @@ use bytes::Bytes;
 use super::{BlobError, BlobStore, OutputReader};
 use crate::job::OutputFile;
 use crate::sandbox::JobInput;
-use crate::sandbox::beneath::{fd_path, open_beneath};
+use crate::sandbox::beneath::{Root, fd_path};
 use crate::store::JobStore;
 
 /// Blobs as files under one node's `<data>/jobs`.
 #[derive(Debug)]
 pub struct FsBlobs {
-    jobs_dir: PathBuf,
+    jobs_dir: Root,
 }
 
 impl FsBlobs {
-    /// Blobs under `jobs_dir` (`<data>/jobs`, which exists).
-    pub fn new(jobs_dir: PathBuf) -> Self {
+    /// Blobs under `jobs_dir` (`<data>/jobs`, held open).
+    pub fn new(jobs_dir: Root) -> Self {
         Self { jobs_dir }
     }
 
@@ -32,7 +32,7 @@ impl FsBlobs {
     /// jobs directory without a link or a mount on the way; made when
     /// `create`.
     fn job_subdir(&self, id: &str, sub: &str, create: bool) -> std::io::Result<OwnedFd> {
-        open_beneath(&self.jobs_dir, &Path::new(id).join(sub), create)
+        self.jobs_dir.dir(&Path::new(id).join(sub), create)
     }
 }
 
@@ -41,12 +41,12 @@ impl FsBlobs {
 ///
 /// # Errors
 /// Not empty, or what else the file system says.
-pub fn remove_local_if_empty(root: &Path, rel: &str) -> std::io::Result<()> {
+pub fn remove_local_if_empty(root: &Root, rel: &str) -> std::io::Result<()> {
     let rel = Path::new(rel);
     let (Some(parent), Some(name)) = (rel.parent(), rel.file_name()) else {
         return Ok(());
     };
-    let dir = open_beneath(root, parent, false)?;
+    let dir = root.dir(parent, false)?;
     Ok(rustix::fs::unlinkat(
         &dir,
         name,
@@ -81,8 +81,8 @@ fn open_file_in(dir: &OwnedFd, name: &str) -> std::io::Result<std::fs::File> {
 ///
 /// # Errors
 /// What removing it failed with.
-pub async fn remove_local(root: &Path, rel: impl Into<PathBuf>) -> std::io::Result<()> {
-    let (root, rel) = (root.to_owned(), rel.into());
+pub async fn remove_local(root: &Root, rel: impl Into<PathBuf>) -> std::io::Result<()> {
+    let (root, rel) = (root.clone(), rel.into());
     tokio::task::spawn_blocking(move || crate::sandbox::remove_tree_in(&root, &rel))
         .await
         .map_err(std::io::Error::other)?
@@ -195,7 +195,9 @@ impl BlobStore for FsBlobs {
             return Ok(None);
         };
         let meta = file.metadata()?;
-        if !meta.is_file() {
+        // A copy this service made has one name; a second is a hard link
+        // someone put there to another file.
+        if !meta.is_file() || std::os::unix::fs::MetadataExt::nlink(&meta) != 1 {
             return Ok(None);
         }
         Ok(Some((OutputReader::File(file), meta.len())))

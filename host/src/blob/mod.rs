@@ -177,7 +177,7 @@ pub trait BlobStore: Send + Sync + std::fmt::Debug {
 /// The database cannot be reached or migrated.
 pub async fn open(
     storage: &crate::config::Storage,
-    jobs_dir: &Path,
+    jobs_dir: &crate::sandbox::beneath::Root,
 ) -> Result<std::sync::Arc<dyn BlobStore>, crate::service::StartError> {
     Ok(match &storage.url {
         Some(url) => std::sync::Arc::new(
@@ -185,6 +185,6 @@ pub async fn open(
                 .await
                 .map_err(|e| crate::service::StartError::Storage(format!("blobs in {url}: {e}")))?,
         ),
-        None => std::sync::Arc::new(FsBlobs::new(jobs_dir.to_path_buf())),
+        None => std::sync::Arc::new(FsBlobs::new(jobs_dir.clone())),
     })
 }

@@ -55,7 +55,7 @@ pub struct PgBlobs {
     chunk: usize,
     /// This node's `<data>/jobs`, where outputs are collected on their way
     /// in.
-    jobs_dir: std::path::PathBuf,
+    jobs_dir: crate::sandbox::beneath::Root,
 }
 
 impl std::fmt::Debug for PgBlobs {
@@ -73,7 +73,11 @@ impl PgBlobs {
     /// # Errors
     /// [`StoreError::Open`] if the URL is malformed, the database cannot be
     /// reached, or a migration fails.
-    pub async fn open(url: &str, pool_size: u32, jobs_dir: &Path) -> Result<Self, StoreError> {
+    pub async fn open(
+        url: &str,
+        pool_size: u32,
+        jobs_dir: &crate::sandbox::beneath::Root,
+    ) -> Result<Self, StoreError> {
         // Bounded idle transactions, as the job store's: a node frozen
         // while it writes a job's outputs holds that job's lock for at most
         // that long.
@@ -92,7 +96,7 @@ impl PgBlobs {
         Ok(Self {
             pool,
             chunk: PG_CHUNK,
-            jobs_dir: jobs_dir.to_owned(),
+            jobs_dir: jobs_dir.clone(),
         })
     }
 

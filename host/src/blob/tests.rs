@@ -2,6 +2,7 @@
 //! directory and [`PgBlobs`] on a throwaway PostgreSQL database (see
 //! [`crate::store::pg_server`]; with `CI` set, a missing server fails).
 
+use crate::sandbox::beneath::Root;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -29,7 +30,7 @@ impl Blobs {
         let jobs_dir = tmp.path().join("jobs");
         std::fs::create_dir_all(&jobs_dir).unwrap();
         Self {
-            store: Box::new(FsBlobs::new(jobs_dir.clone())),
+            store: Box::new(FsBlobs::new(Root::open(&jobs_dir).unwrap())),
             jobs_dir,
             pool: None,
             url: None,
@@ -42,7 +43,9 @@ impl Blobs {
         let tmp = tempfile::tempdir().unwrap();
         let jobs_dir = tmp.path().join("jobs");
         std::fs::create_dir_all(&jobs_dir).unwrap();
-        let store = PgBlobs::open(&url, 4, &jobs_dir).await.unwrap();
+        let store = PgBlobs::open(&url, 4, &Root::open(&jobs_dir).unwrap())
+            .await
+            .unwrap();
         Some(Self {
             pool: Some(store.pool.clone()),
             url: Some(url),
@@ -289,6 +292,17 @@ async fn missing_blobs_are_told_apart_from_failures(b: &Blobs) {
     assert!(b.read("j", "b").await.is_none(), "no such output");
     assert!(b.read("other", "a").await.is_none(), "another job's name");
     assert!(b.read("j", "../j/outputs/a").await.is_none() || b.pool.is_none());
+    if b.pool.is_none() {
+        // A second name for another file, put among a job's outputs, and
+        // a link: neither is served.
+        let victim = b.jobs_dir.parent().unwrap().join("victim");
+        std::fs::write(&victim, b"not the job's").unwrap();
+        let outputs = b.jobs_dir.join("j").join("outputs");
+        std::fs::hard_link(&victim, outputs.join("hard")).unwrap();
+        std::os::unix::fs::symlink(&victim, outputs.join("soft")).unwrap();
+        assert!(b.read("j", "hard").await.is_none(), "a hard link is served");
+        assert!(b.read("j", "soft").await.is_none(), "a link is served");
+    }
 }
 
 async fn deleting_a_job_removes_all_its_blobs(b: &Blobs) {
@@ -453,9 +467,13 @@ async fn a_node_frozen_while_writing_outputs_does_not_stop_the_rerun_keeping_its
         return;
     };
     // The frozen node's blob store, opened as every node opens it.
-    let frozen = PgBlobs::open(b.url.as_deref().unwrap(), 1, &b.jobs_dir)
-        .await
-        .unwrap();
+    let frozen = PgBlobs::open(
+        b.url.as_deref().unwrap(),
+        1,
+        &Root::open(&b.jobs_dir).unwrap(),
+    )
+    .await
+    .unwrap();
     let mut tx = frozen.pool.begin().await.unwrap();
     super::postgres::lock_job(&mut tx, "f").await.unwrap();
     b.running("f", 2).await;

@@ -4,10 +4,10 @@
 //! who can write there (a link or a bind mount at a job's directory) must
 //! not make the service write, read or remove another's files through it.
 
-use std::ffi::OsStr;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Component, Path, PathBuf};
+use std::sync::Arc;
 
 use rustix::fs::{CWD, Mode, OFlags, ResolveFlags};
 use rustix::io::Errno;
@@ -24,43 +24,121 @@ const OPEN_DIR: OFlags = OFlags::RDONLY
     .union(OFlags::NOFOLLOW)
     .union(OFlags::CLOEXEC);
 
-/// The directory `rel` below `root`, opened from `root`'s descriptor one
-/// name at a time with [`RESOLVE`]; with `create`, each missing directory
-/// on the way is made (mode 0700). `root` itself is the caller's (a
-/// configured directory, which may be reached through a link or be a
-/// mount); an empty `rel` is `root`.
+/// A directory held open: everything below it is reached from this
+/// descriptor, whatever is later put at its path (a link, a mount). Its
+/// own path is for messages only. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Root(Arc<Held>);
+
+#[derive(Debug)]
+struct Held {
+    fd: OwnedFd,
+    path: PathBuf,
+}
+
+impl Root {
+    /// Opens `path`, which is the caller's (a configured directory, which
+    /// may be reached through a link or be a mount).
+    ///
+    /// # Errors
+    /// What the file system says.
+    pub fn open(path: &Path) -> io::Result<Self> {
+        let fd = rustix::fs::openat(
+            CWD,
+            path,
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )?;
+        Ok(Self(Arc::new(Held {
+            fd,
+            path: path.to_owned(),
+        })))
+    }
+
+    /// The directory `rel` below this one, held as a root of its own:
+    /// reached as [`Root::dir`] reaches it.
+    ///
+    /// # Errors
+    /// As [`Root::dir`].
+    pub fn below(&self, rel: &Path) -> io::Result<Self> {
+        Ok(Self(Arc::new(Held {
+            fd: self.dir(rel, false)?,
+            path: self.0.path.join(rel),
+        })))
+    }
+
+    /// The directory `rel` below this one, opened from its descriptor one
+    /// name at a time with [`RESOLVE`]; with `create`, each missing
+    /// directory on the way is made (mode 0700). An empty `rel` is this
+    /// directory.
+    ///
+    /// # Errors
+    /// `NotFound` for a missing directory (without `create`); a link or a
+    /// mount on the way, named; a `rel` that is not plain names; what the
+    /// file system says.
+    pub fn dir(&self, rel: &Path, create: bool) -> io::Result<OwnedFd> {
+        let mut dir: Option<OwnedFd> = None;
+        for component in rel.components() {
+            let Component::Normal(name) = component else {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!(
+                        "{} is not a plain path below {}",
+                        rel.display(),
+                        self.0.path.display()
+                    ),
+                ));
+            };
+            let base = dir.as_ref().unwrap_or(&self.0.fd);
+            if create {
+                match rustix::fs::mkdirat(base, name, Mode::from_raw_mode(0o700)) {
+                    Ok(()) | Err(Errno::EXIST) => {}
+                    Err(e) => return Err(self.refusal(rel, e)),
+                }
+            }
+            dir = Some(open_dir_in(base, name).map_err(|e| self.refusal(rel, e))?);
+        }
+        match dir {
+            Some(dir) => Ok(dir),
+            None => Ok(rustix::io::fcntl_dupfd_cloexec(&self.0.fd, 0)?),
+        }
+    }
+
+    /// This directory's descriptor.
+    pub fn fd(&self) -> &OwnedFd {
+        &self.0.fd
+    }
+
+    /// The path it was opened by, or below which it was found: for
+    /// messages.
+    pub fn path(&self) -> &Path {
+        &self.0.path
+    }
+
+    fn refusal(&self, rel: &Path, e: Errno) -> io::Error {
+        let at = self.0.path.join(rel);
+        match e {
+            Errno::XDEV => io::Error::other(format!(
+                "{} crosses a mount point: not followed (a mount is another file system's)",
+                at.display()
+            )),
+            // A link opened as a directory without following it is "not a
+            // directory".
+            Errno::LOOP | Errno::NOTDIR => io::Error::other(format!(
+                "{} is reached through a link or a file: not followed",
+                at.display()
+            )),
+            e => io::Error::from(e),
+        }
+    }
+}
+
+/// The directory `rel` below `root`, [`Root::open`] then [`Root::dir`].
 ///
 /// # Errors
-/// `NotFound` for a missing directory (without `create`); a link or a
-/// mount on the way, named; a `rel` that is not plain names; what the
-/// file system says.
+/// As those.
 pub fn open_beneath(root: &Path, rel: &Path, create: bool) -> io::Result<OwnedFd> {
-    let mut dir = rustix::fs::openat(
-        CWD,
-        root,
-        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
-        Mode::empty(),
-    )?;
-    for component in rel.components() {
-        let Component::Normal(name) = component else {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!(
-                    "{} is not a plain path below {}",
-                    rel.display(),
-                    root.display()
-                ),
-            ));
-        };
-        if create {
-            match rustix::fs::mkdirat(&dir, name, Mode::from_raw_mode(0o700)) {
-                Ok(()) | Err(Errno::EXIST) => {}
-                Err(e) => return Err(refusal(root, rel, e)),
-            }
-        }
-        dir = open_dir_in(&dir, name).map_err(|e| refusal(root, rel, e))?;
-    }
-    Ok(dir)
+    Root::open(root)?.dir(rel, create)
 }
 
 /// The directory `name` in `dir`, opened with [`RESOLVE`].
@@ -77,28 +155,6 @@ pub fn open_dir_in<P: rustix::path::Arg>(dir: &OwnedFd, name: P) -> rustix::io::
 /// whatever has since been put in its place.
 pub fn fd_path(fd: &OwnedFd) -> PathBuf {
     PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()))
-}
-
-/// `root/rel` as a path, for messages.
-pub fn shown(root: &Path, rel: impl AsRef<OsStr>) -> PathBuf {
-    root.join(rel.as_ref())
-}
-
-fn refusal(root: &Path, rel: &Path, e: Errno) -> io::Error {
-    let at = shown(root, rel);
-    match e {
-        Errno::XDEV => io::Error::other(format!(
-            "{} crosses a mount point: not followed (a mount is another file system's)",
-            at.display()
-        )),
-        // A link opened as a directory without following it is "not a
-        // directory".
-        Errno::LOOP | Errno::NOTDIR => io::Error::other(format!(
-            "{} is reached through a link or a file: not followed",
-            at.display()
-        )),
-        e => io::Error::from(e),
-    }
 }
 
 #[cfg(test)]

@@ -374,13 +374,25 @@ impl Walk<'_> {
 }
 
 /// Creates `name` (mode 0700) under `parent` and opens it, never following
-/// a link.
+/// a link and never across a mount: one put on the new directory between
+/// its creation and its opening would have the copy written into another
+/// directory.
 fn make_dir(parent: &Dir, name: &str) -> io::Result<Dir> {
     use cap_std::fs::DirBuilderExt;
     let mut builder = cap_std::fs::DirBuilder::new();
     builder.mode(0o700);
     parent.create_dir_with(name, &builder)?;
-    parent.open_dir_nofollow(name)
+    let fd = rustix::fs::openat2(
+        parent,
+        name,
+        rustix::fs::OFlags::RDONLY
+            | rustix::fs::OFlags::DIRECTORY
+            | rustix::fs::OFlags::NOFOLLOW
+            | rustix::fs::OFlags::CLOEXEC,
+        rustix::fs::Mode::empty(),
+        super::beneath::RESOLVE,
+    )?;
+    Ok(Dir::from_std_file(std::fs::File::from(fd)))
 }
 
 fn kind_of(ty: &cap_std::fs::FileType) -> &'static str {

@@ -20,7 +20,7 @@ use std::path::Path;
 
 use rustix::fs::{AtFlags, Dir, Mode, OFlags, RenameFlags};
 
-use super::beneath::{open_beneath, open_dir_in};
+use super::beneath::{Root, open_dir_in};
 use rustix::io::Errno;
 
 /// Most entries [`remove_tree`] moves or removes before giving up (a tree
@@ -46,8 +46,13 @@ pub fn remove_tree(path: &Path) -> io::Result<()> {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
     };
+    let root = match Root::open(parent) {
+        Ok(root) => root,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
     match path.file_name() {
-        Some(name) => remove_tree_in(parent, Path::new(name)),
+        Some(name) => remove_tree_in(&root, Path::new(name)),
         None => Err(io::Error::new(
             io::ErrorKind::InvalidInput,
             format!("{} names no entry to remove", path.display()),
@@ -62,15 +67,15 @@ pub fn remove_tree(path: &Path) -> io::Result<()> {
 ///
 /// # Errors
 /// As [`remove_tree`]; a link or a mount on the way.
-pub fn remove_tree_in(root: &Path, rel: &Path) -> io::Result<()> {
-    let path = root.join(rel);
+pub fn remove_tree_in(root: &Root, rel: &Path) -> io::Result<()> {
+    let path = root.path().join(rel);
     let Some(name) = rel.file_name() else {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
             format!("{} names no entry to remove", path.display()),
         ));
     };
-    let above = match open_beneath(root, rel.parent().unwrap_or(Path::new("")), false) {
+    let above = match root.dir(rel.parent().unwrap_or(Path::new("")), false) {
         Ok(fd) => fd,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
         Err(e) => return Err(e),
@@ -260,7 +265,8 @@ mod tests {
             // Below a mount on the way from the root (a job's directory
             // mounted over, its inputs removed): refused, and a start's
             // check of its jobs directory sees the mount too.
-            let below = remove_tree_in(dir, Path::new("top/sub")).unwrap_err();
+            let below =
+                remove_tree_in(&Root::open(dir).unwrap(), Path::new("top/sub")).unwrap_err();
             assert!(
                 below.to_string().contains("crosses a mount point"),
                 "{below}"

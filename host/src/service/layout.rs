@@ -137,11 +137,12 @@ impl Service {
         } else if !report.outputs.is_empty() || outputs.from_worker() {
             // A large copy runs off the async threads' turn.
             let collected = crate::blocking(|| {
-                let dir = crate::sandbox::beneath::open_beneath(&self.jobs_dir, &rel, true)
-                    .map_err(|source| crate::sandbox::outputs::CollectError::Copy {
+                let dir = self.jobs_dir.dir(&rel, true).map_err(|source| {
+                    crate::sandbox::outputs::CollectError::Copy {
                         name: String::new(),
                         source,
-                    })?;
+                    }
+                })?;
                 let collected = outputs.collect(Some(&crate::sandbox::beneath::fd_path(&dir)));
                 kept_dir = Some(dir);
                 collected
@@ -180,7 +181,7 @@ impl Service {
             // Read from the directory copied into; without one (nothing
             // listed), nothing is read.
             let kept = kept_dir.as_ref().map_or_else(
-                || self.jobs_dir.join(&rel),
+                || self.jobs_dir.path().join(&rel),
                 crate::sandbox::beneath::fd_path,
             );
             self.blobs
@@ -222,7 +223,11 @@ impl Service {
                 0
             }
         };
-        let Ok(entries) = std::fs::read_dir(&self.jobs_dir) else {
+        // Listed through the directory held open since the start, not by
+        // its path: whatever is put at the path later is not this
+        // service's.
+        let listed = crate::sandbox::beneath::fd_path(self.jobs_dir.fd());
+        let Ok(entries) = std::fs::read_dir(&listed) else {
             return removed;
         };
         for entry in entries.filter_map(Result::ok) {

@@ -173,7 +173,7 @@ pub struct Service {
     scheduler: Arc<Scheduler>,
     inline_inputs: Arc<std::sync::atomic::AtomicUsize>,
     config: ServeConfig,
-    jobs_dir: PathBuf,
+    jobs_dir: crate::sandbox::beneath::Root,
     waiters: Mutex<HashMap<String, Vec<oneshot::Sender<Option<JobRecord>>>>>,
     cancels: Mutex<HashMap<String, Arc<Notify>>>,
     draining: AtomicBool,
@@ -336,16 +336,21 @@ impl Service {
         empty_work_dir(&work)
             .map_err(|e| StartError::Storage(format!("work directory {}: {e}", work.display())))?;
         let locks = vec![data_lock, work_lock, cache_lock];
-        let jobs_dir = data.join("jobs");
-        crate::sandbox::create_private_dir_all(&jobs_dir).map_err(|e| storage(&e))?;
-        // Its own directory, not a link to another's nor a mount of one:
-        // the orphan sweep removes what in it no job row points to.
-        if let Err(e) = crate::sandbox::beneath::open_beneath(data, Path::new("jobs"), false) {
-            return Err(storage(&format!(
-                "{} is not a directory of its own: {e}",
-                jobs_dir.display()
-            )));
-        }
+        // Its own directory, not a link to another's nor a mount of one
+        // (the orphan sweep removes what in it no job row points to), held
+        // open from here on: everything below it is reached from that
+        // descriptor, whatever is later put at its path.
+        let jobs_dir = crate::sandbox::beneath::Root::open(data)
+            .and_then(|data| {
+                data.dir(Path::new("jobs"), true)?;
+                data.below(Path::new("jobs"))
+            })
+            .map_err(|e| {
+                storage(&format!(
+                    "{} is not a directory of its own: {e}",
+                    data.join("jobs").display()
+                ))
+            })?;
         let blobs = crate::blob::open(&config.storage, &jobs_dir).await?;
 
         let mut sandbox_config = SandboxConfig::new(work);

@@ -714,6 +714,33 @@ async fn a_link_in_place_of_a_running_jobs_directory_is_never_followed() {
         );
     }
     std::fs::remove_file(jobs.join(&id)).unwrap();
+
+    // The whole jobs directory replaced by a link once the service runs:
+    // it goes on with the directory it opened at its start.
+    let elsewhere = other.path().join("elsewhere");
+    std::fs::create_dir(&elsewhere).unwrap();
+    let real = other.path().join("jobs-real");
+    std::fs::rename(&jobs, &real).unwrap();
+    std::os::unix::fs::symlink(&elsewhere, &jobs).unwrap();
+    let resp = s
+        .post("/v1/modules/hostile/jobs", &token)
+        .header("content-type", "application/octet-stream")
+        .body("its stdin")
+        .send()
+        .await
+        .unwrap();
+    let second = resp.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let done = s.finished(&token, &second).await;
+    assert!(
+        done["state"] == "succeeded" || done["state"] == "failed",
+        "{done:#}"
+    );
+    assert_eq!(walk(&elsewhere), Vec::<std::path::PathBuf>::new());
+    std::fs::remove_file(&jobs).unwrap();
+    std::fs::rename(&real, &jobs).unwrap();
 }
 
 /// A service whose jobs directory holds another service's work directory
