@@ -185,7 +185,17 @@ pub(super) fn held_below_but(
 /// # Errors
 /// `InvalidInput` naming the holder; I/O errors reading a lock file.
 pub fn check_above(dir: &Path, own: &[&std::fs::File]) -> std::io::Result<()> {
-    for above in dir.ancestors().skip(1) {
+    // Its ancestors as spelled, and as the file system holding it has
+    // them where it is a bind mount of a subdirectory (whose own
+    // ancestors the mount hides).
+    let spellings = std::iter::once(dir.to_owned()).chain(aliases(dir));
+    for above in spellings.flat_map(|d| {
+        d.ancestors()
+            .skip(1)
+            .map(Path::to_owned)
+            .collect::<Vec<_>>()
+    }) {
+        let above = above.as_path();
         let held = match held_by_another(&above.join(LOCK_FILE), own)? {
             Some(holder) => Some(holder),
             None => held_by_another(&above.join(CACHE_LOCK), own)?,
@@ -201,6 +211,76 @@ pub fn check_above(dir: &Path, own: &[&std::fs::File]) -> std::io::Result<()> {
         }
     }
     Ok(())
+}
+
+/// The other paths the directory at `dir` (canonical, existing or to
+/// be) is reachable by in this mount namespace when it is inside a bind
+/// mount of a subdirectory: a mount whose root is not its file system's
+/// root hides that root's ancestors, where another service's lock may
+/// be. Each is the same place below another mount of the same file
+/// system whose root holds it (`/proc/self/mountinfo`). None when
+/// mountinfo cannot be read.
+fn aliases(dir: &Path) -> Vec<PathBuf> {
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return Vec::new();
+    };
+    // (device, root in its file system, mount point), in mount order.
+    let mounts: Vec<(String, PathBuf, PathBuf)> = info
+        .lines()
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split(' ').collect();
+            Some((
+                (*fields.get(2)?).to_owned(),
+                PathBuf::from(unescape(fields.get(3)?)),
+                PathBuf::from(unescape(fields.get(4)?)),
+            ))
+        })
+        .collect();
+    // The mount `dir` is in: the deepest mount point above it, the last
+    // mounted there.
+    let Some((dev, root, point)) = mounts
+        .iter()
+        .filter(|(_, _, point)| dir.starts_with(point))
+        .max_by_key(|(_, _, point)| point.components().count())
+        .and_then(|(_, _, deepest)| mounts.iter().rev().find(|(_, _, p)| p == deepest))
+    else {
+        return Vec::new();
+    };
+    if root == Path::new("/") {
+        return Vec::new();
+    }
+    let Ok(rest) = dir.strip_prefix(point) else {
+        return Vec::new();
+    };
+    let in_fs = root.join(rest);
+    mounts
+        .iter()
+        .filter(|(d, r, p)| d == dev && p != point && in_fs.starts_with(r))
+        .filter_map(|(_, r, p)| Some(p.join(in_fs.strip_prefix(r).ok()?)))
+        .collect()
+}
+
+/// A mountinfo path field, its `\ooo` escapes (space, tab, newline,
+/// backslash) decoded.
+fn unescape(field: &str) -> String {
+    let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'\\'
+            && let Some(code) = bytes
+                .get(i + 1..i + 4)
+                .and_then(|o| std::str::from_utf8(o).ok())
+                .and_then(|o| u8::from_str_radix(o, 8).ok())
+        {
+            out.push(code);
+            i += 4;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// `path` made absolute with every symlink resolved, whether or not it
@@ -385,5 +465,64 @@ mod tests {
         drop((held, also, work_lock));
         // Let go, the directory is free.
         lock_work_dir(&tmp.path().join("caches"), &[], &[]).expect("no longer held");
+    }
+
+    /// Where the child of
+    /// [`a_directory_reached_through_a_bind_mount_of_a_held_ones_subdirectory_is_refused`]
+    /// finds its directories.
+    const MOUNTED: &str = "BULKHEAD_TEST_LOCKS_MOUNTED";
+
+    /// A bind mount of a subdirectory hides that subdirectory's
+    /// ancestors, and with them the lock of the directory another process
+    /// holds around it: a work directory, a data directory's check or a
+    /// cache reached through such a mount is refused all the same. Made in
+    /// a mount namespace of a child of this test binary (`unshare`).
+    #[test]
+    fn a_directory_reached_through_a_bind_mount_of_a_held_ones_subdirectory_is_refused() {
+        if let Ok(dir) = std::env::var(MOUNTED) {
+            let dir = Path::new(&dir);
+            // The mount is made below a held work directory and a shared
+            // cache before they are held: the locks are this process's,
+            // each opened anew by the checks.
+            let (_, work) = lock_work_dir(&dir.join("work"), &[], &[]).unwrap();
+            let cache = share_cache_dir(&dir.join("cache"), &[]).unwrap();
+            for (path, what) in [
+                (dir.join("through-work/inner"), "a work directory"),
+                (dir.join("through-cache"), "a work directory"),
+            ] {
+                let err = lock_work_dir(&path, &[], &[]).unwrap_err().to_string();
+                assert!(
+                    err.contains("held by another"),
+                    "{what} {}: {err}",
+                    path.display()
+                );
+            }
+            let err = check_above(&dir.join("through-work/data"), &[])
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("held by another"), "{err}");
+            let err = share_cache_dir(&dir.join("through-work/cache"), &[])
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("held by another"), "{err}");
+            drop((work, cache));
+            return;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        for sub in ["work/zones", "cache/zones", "through-work", "through-cache"] {
+            std::fs::create_dir_all(tmp.path().join(sub)).unwrap();
+        }
+        let script = "mount --bind \"$1/work/zones\" \"$1/through-work\" && \
+            mount --bind \"$1/cache/zones\" \"$1/through-cache\" && \
+            exec \"$0\" --exact --test-threads=1 --nocapture \
+            service::locks::tests::a_directory_reached_through_a_bind_mount_of_a_held_ones_subdirectory_is_refused";
+        let status = std::process::Command::new("unshare")
+            .args(["--map-root-user", "--mount", "sh", "-c", script])
+            .arg(std::env::current_exe().unwrap())
+            .arg(tmp.path())
+            .env(MOUNTED, tmp.path())
+            .status()
+            .expect("unshare(1) runs");
+        assert!(status.success(), "the child in a mount namespace: {status}");
     }
 }
