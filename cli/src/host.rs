@@ -123,14 +123,18 @@ impl HostArgs {
     /// until the returned guard is dropped.
     pub(crate) async fn runner(&self, zone: &str) -> anyhow::Result<(Arc<dyn Runner>, RunDir)> {
         let mut config = self.sandbox_config();
-        let (path, lock) = bulkhead::service::lock_work_dir(
+        let (root, lock) = bulkhead::service::lock_work_dir(
             &config.work_dir.join(format!("run-{}", std::process::id())),
             &[],
             &[],
         )
         .with_context(|| format!("work directory {}", config.work_dir.display()))?;
+        let path = root.path().to_owned();
         config.work_dir.clone_from(&path);
-        let run_dir = RunDir { path, _lock: lock };
+        let run_dir = RunDir {
+            path,
+            lock: Some(lock),
+        };
         if self.in_process {
             return Ok((Arc::new(InProcess::new(Sandbox::new(config)?)), run_dir));
         }
@@ -205,14 +209,16 @@ impl HostArgs {
 /// ([`bulkhead::service::lock_work_dir`]): never inside one a service
 /// holds, whose start or shutdown would empty it (and whose workers' own
 /// directories a worker started here would replace), nor shared with
-/// another `bulkhead run`. Removed when dropped.
+/// another `bulkhead run`. Removed when dropped, its lock let go of first
+/// (a removal leaves a directory with a held lock file).
 pub(crate) struct RunDir {
     path: PathBuf,
-    _lock: std::fs::File,
+    lock: Option<std::fs::File>,
 }
 
 impl Drop for RunDir {
     fn drop(&mut self) {
+        drop(self.lock.take());
         let _ = bulkhead::sandbox::remove_tree(&self.path);
     }
 }

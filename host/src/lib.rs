@@ -51,6 +51,76 @@ pub(crate) fn blocking<T>(f: impl FnOnce() -> T) -> T {
     }
 }
 
+/// Runs the test `test` of this binary again, in a child in a user and
+/// mount namespace of its own (`unshare --map-root-user --mount`), once
+/// each `(source, target)` of `binds`, paths below `dir`, is bind-mounted;
+/// the child finds `dir` in the environment variable `env`, and the test
+/// asserts there. Panics unless the child succeeds.
+#[cfg(test)]
+pub(crate) fn rerun_with_binds(
+    test: &str,
+    env: &str,
+    dir: &std::path::Path,
+    binds: &[(&str, &str)],
+) {
+    let mut script = String::new();
+    for (source, target) in binds {
+        script.push_str(&format!("mount --bind \"$1/{source}\" \"$1/{target}\" && "));
+    }
+    script.push_str(&format!(
+        "exec \"$0\" --exact --test-threads=1 --nocapture {test}"
+    ));
+    let status = std::process::Command::new("unshare")
+        .args(["--map-root-user", "--mount", "sh", "-c", &script])
+        .arg(std::env::current_exe().unwrap())
+        .arg(dir)
+        .env(env, dir)
+        .status()
+        .expect("unshare(1) runs");
+    assert!(status.success(), "the child in a mount namespace: {status}");
+}
+
+/// A lock file in `dir` held by another process (`flock(1)`), as a
+/// running service holds it: `exclusive` as a data or work
+/// directory's, else shared as a cache's. Let go of when dropped.
+#[cfg(test)]
+pub(crate) struct LockHolder(std::process::Child);
+
+#[cfg(test)]
+impl LockHolder {
+    pub(crate) fn new(dir: &std::path::Path, lock: &str, exclusive: bool) -> Self {
+        std::fs::create_dir_all(dir).unwrap();
+        std::fs::write(dir.join("store"), b"theirs").unwrap();
+        let file = dir.join(lock);
+        std::fs::write(&file, b"").unwrap();
+        // `--no-fork`: the process holding the lock is the one killed.
+        let child = std::process::Command::new("flock")
+            .arg("--no-fork")
+            .arg(if exclusive { "--exclusive" } else { "--shared" })
+            .arg(&file)
+            .args(["sleep", "600"])
+            .spawn()
+            .expect("flock(1) runs");
+        let holder = Self(child);
+        let opened = std::fs::File::open(&file).unwrap();
+        for _ in 0..500 {
+            if crate::sandbox::held(&opened, lock).unwrap() {
+                return holder;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        panic!("flock(1) never took {}", file.display());
+    }
+}
+
+#[cfg(test)]
+impl Drop for LockHolder {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// Whether a task waiting for its turn ran while `work` held the only
 /// worker thread of a runtime, never yielding: it can only if `work`
 /// moved off that thread's turn ([`blocking`]). `work` is repeated, never

@@ -46,7 +46,8 @@ pub use job::{JobDir, create_private_dir_all};
 pub use limits::WRITTEN_PER_OUTPUT;
 pub use pipe::MAX_CAPTURE;
 pub use quota::DESCRIPTOR_REFUSALS;
-pub use remove::{remove_tree, remove_tree_in};
+pub(crate) use remove::names as entry_names;
+pub use remove::{CACHE_LOCK, DIR_LOCK, held, held_within, remove_tree, remove_tree_in};
 // The job's types are the `job` module's; re-exported for the sandbox's
 // callers.
 pub use crate::job::{

@@ -13,15 +13,31 @@
 //! this service never made. Each directory is opened with
 //! `RESOLVE_NO_XDEV`, and a mount met is an error, leaving the mount and
 //! everything beneath it as it was.
+//!
+//! Nor does it remove, empty or move a directory in which another process
+//! holds a lock file ([`DIR_LOCK`], [`CACHE_LOCK`]): a running service's
+//! data, work or cache directory, put inside the tree by someone who
+//! could (from a mount namespace of their own, where no check by path
+//! sees it), is left as it was. The lock is asked of the file itself, by
+//! descriptor, so no path or namespace hides it.
 
 use std::ffi::CString;
 use std::io;
+use std::os::fd::OwnedFd;
+use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
 use rustix::fs::{AtFlags, Dir, Mode, OFlags, RenameFlags};
 
 use super::beneath::{Root, open_dir_in};
 use rustix::io::Errno;
+
+/// The lock file a running Bulkhead process holds exclusively in its data
+/// and work directories.
+pub const DIR_LOCK: &str = "bulkhead.lock";
+
+/// The lock file every service using a module cache holds shared in it.
+pub const CACHE_LOCK: &str = "bulkhead-cache.lock";
 
 /// Most entries [`remove_tree`] moves or removes before giving up (a tree
 /// still growing while it is removed).
@@ -39,8 +55,10 @@ const MAX_STEPS: u64 = 100_000_000;
 ///
 /// # Errors
 /// What the file system says; a mount at `path` or inside it (nothing
-/// across it is touched); a `path` that names no entry (`..`); or a tree
-/// that keeps growing past [`MAX_STEPS`].
+/// across it is touched); a directory at or inside it holding a lock file
+/// another process holds (it and what is in it are left); a `path` that
+/// names no entry (`..`); or a tree that keeps growing past
+/// [`MAX_STEPS`].
 pub fn remove_tree(path: &Path) -> io::Result<()> {
     let parent = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
@@ -93,6 +111,13 @@ pub fn remove_tree_in(root: &Root, rel: &Path) -> io::Result<()> {
         Err(e) => return Err(e.into()),
     };
     let path = path.as_path();
+    if let Some(at) = held_within(&top)? {
+        return Err(held_refusal(&if at.as_os_str().is_empty() {
+            path.to_owned()
+        } else {
+            path.join(at)
+        }));
+    }
     let mut steps = 0u64;
     let mut hoisted = 0u64;
     loop {
@@ -143,6 +168,10 @@ pub fn remove_tree_in(root: &Root, rel: &Path) -> io::Result<()> {
                 Err(Errno::NOENT | Errno::NOTDIR | Errno::LOOP) => continue,
                 Err(e) => return Err(e.into()),
             };
+            // Neither emptied nor moved: a directory another process holds
+            // (all were looked for before; one put there since is met
+            // here, before its entries move up).
+            refuse_held(&sub, path)?;
             for inner in names(&sub)? {
                 loop {
                     hoisted += 1;
@@ -177,6 +206,143 @@ pub fn remove_tree_in(root: &Root, rel: &Path) -> io::Result<()> {
     }
 }
 
+/// Refuses the removal of `path` when the directory `dir` holds a lock
+/// file another open file holds.
+fn refuse_held(dir: &OwnedFd, path: &Path) -> io::Result<()> {
+    for lock in [DIR_LOCK, CACHE_LOCK] {
+        if held_in(dir, lock)? {
+            return Err(held_refusal(path));
+        }
+    }
+    Ok(())
+}
+
+/// The refusal to remove a directory another process holds.
+fn held_refusal(path: &Path) -> io::Error {
+    io::Error::other(format!(
+        "{} is held by another process (a lock file in it is, a running service's): it is not removed, nor what is around it",
+        path.display()
+    ))
+}
+
+/// Whether `lock` in the directory `dir` is a lock file another open file
+/// holds ([`held`]); opened without following a link or crossing a mount.
+fn held_in(dir: &OwnedFd, lock: &str) -> io::Result<bool> {
+    match rustix::fs::openat2(
+        dir,
+        lock,
+        OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC,
+        Mode::empty(),
+        super::beneath::RESOLVE,
+    ) {
+        Ok(file) => held(&file, lock),
+        Err(Errno::NOENT | Errno::NOTDIR | Errno::LOOP | Errno::XDEV | Errno::ACCESS) => Ok(false),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// The first directory in the tree at `top` (`top` itself included)
+/// with a lock file another process holds, as a path relative to `top`.
+/// Walked with two descriptors whatever its depth (down by name, never
+/// through a link or across a mount, back up by `..`); a lock file is
+/// opened only where the listing names one.
+///
+/// # Errors
+/// What the file system says; a tree past [`MAX_STEPS`] entries.
+pub fn held_within(top: &OwnedFd) -> io::Result<Option<std::path::PathBuf>> {
+    let mut cur = rustix::io::fcntl_dupfd_cloexec(top, 0)?;
+    let mut path = std::path::PathBuf::new();
+    // Per level, from `top` to `cur`: the subdirectories not yet walked.
+    let mut todo: Vec<Vec<CString>> = Vec::new();
+    let mut steps = 0u64;
+    loop {
+        let mut subdirs = Vec::new();
+        for entry in Dir::read_from(&cur)? {
+            let entry = entry?;
+            let name = entry.file_name();
+            steps += 1;
+            if steps > MAX_STEPS {
+                return Err(io::Error::other("too many entries to look through"));
+            }
+            match entry.file_type() {
+                rustix::fs::FileType::Directory | rustix::fs::FileType::Unknown
+                    if name.to_bytes() != b"." && name.to_bytes() != b".." =>
+                {
+                    subdirs.push(name.to_owned());
+                }
+                _ => {}
+            }
+            for lock in [DIR_LOCK, CACHE_LOCK] {
+                if name.to_bytes() == lock.as_bytes() && held_in(&cur, lock)? {
+                    return Ok(Some(path));
+                }
+            }
+        }
+        todo.push(subdirs);
+        // The next directory to look in: down into one not yet walked, or
+        // up and on.
+        loop {
+            let Some(level) = todo.last_mut() else {
+                return Ok(None);
+            };
+            if let Some(name) = level.pop() {
+                match open_dir_in(&cur, &name) {
+                    Ok(fd) => {
+                        cur = fd;
+                        path.push(std::ffi::OsStr::from_bytes(name.to_bytes()));
+                        break;
+                    }
+                    Err(
+                        Errno::NOENT | Errno::NOTDIR | Errno::LOOP | Errno::XDEV | Errno::ACCESS,
+                    ) => {}
+                    Err(e) => return Err(e.into()),
+                }
+            } else {
+                todo.pop();
+                if todo.is_empty() {
+                    return Ok(None);
+                }
+                cur = rustix::fs::openat(&cur, "..", OPEN_UP, Mode::empty())?;
+                path.pop();
+            }
+        }
+    }
+}
+
+/// How [`held_within`] goes back up.
+const OPEN_UP: OFlags = OFlags::RDONLY
+    .union(OFlags::DIRECTORY)
+    .union(OFlags::CLOEXEC);
+
+/// Whether the lock file `file` (named `lock`, [`DIR_LOCK`] or
+/// [`CACHE_LOCK`]) is held through another open file: asked without
+/// waiting, by a hold that cannot be had beside the holder's (shared
+/// beside an exclusive [`DIR_LOCK`], exclusive beside a shared
+/// [`CACHE_LOCK`]), let go of at once. Not a regular file: not a lock.
+///
+/// # Errors
+/// What the file system says.
+pub fn held(file: &impl std::os::fd::AsFd, lock: &str) -> io::Result<bool> {
+    if rustix::fs::FileType::from_raw_mode(rustix::fs::fstat(file)?.st_mode)
+        != rustix::fs::FileType::RegularFile
+    {
+        return Ok(false);
+    }
+    let test = if lock == CACHE_LOCK {
+        rustix::fs::FlockOperation::NonBlockingLockExclusive
+    } else {
+        rustix::fs::FlockOperation::NonBlockingLockShared
+    };
+    match rustix::fs::flock(file, test) {
+        Ok(()) => {
+            rustix::fs::flock(file, rustix::fs::FlockOperation::Unlock)?;
+            Ok(false)
+        }
+        Err(Errno::WOULDBLOCK) => Ok(true),
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// The refusal to remove across a mount.
 fn mounted(path: &Path, what: &str) -> io::Error {
     io::Error::other(format!(
@@ -186,7 +352,7 @@ fn mounted(path: &Path, what: &str) -> io::Error {
 }
 
 /// The names in the directory `fd`, but `.` and `..`.
-fn names(fd: &std::os::fd::OwnedFd) -> io::Result<Vec<CString>> {
+pub(crate) fn names(fd: &OwnedFd) -> io::Result<Vec<CString>> {
     let mut out = Vec::new();
     for entry in Dir::read_from(fd)? {
         let entry = entry?;
@@ -284,20 +450,63 @@ mod tests {
             std::fs::create_dir_all(tmp.path().join(dir)).unwrap();
         }
         std::fs::write(tmp.path().join("around/b/mine"), b"mine").unwrap();
-        let script = "mount --bind \"$1/victim\" \"$1/top\" && \
-            mount --bind \"$1/victim\" \"$1/around/a/inner\" && \
-            exec \"$0\" --exact --test-threads=1 --nocapture \
-            sandbox::remove::tests::a_mount_at_or_inside_the_tree_is_not_crossed";
-        let status = std::process::Command::new("unshare")
-            .args(["--map-root-user", "--mount", "sh", "-c", script])
-            .arg(std::env::current_exe().unwrap())
-            .arg(tmp.path())
-            .env(MOUNTED, tmp.path())
-            .status()
-            .expect("unshare(1) runs");
-        assert!(status.success(), "the child in a mount namespace: {status}");
+        crate::rerun_with_binds(
+            "sandbox::remove::tests::a_mount_at_or_inside_the_tree_is_not_crossed",
+            MOUNTED,
+            tmp.path(),
+            &[("victim", "top"), ("victim", "around/a/inner")],
+        );
         // Host side: everything beneath the mounts is still there.
         assert_eq!(std::fs::read(victim.join("keep")).unwrap(), b"keep");
         assert_eq!(std::fs::read(victim.join("sub/keep")).unwrap(), b"keep");
+    }
+
+    /// A directory in which another process holds a lock file (a running
+    /// service's data or cache directory) is neither emptied nor moved,
+    /// at the tree's top or at any depth in it, nor is anything around it
+    /// removed; a lock file no one holds is no obstacle, and once let go
+    /// of, the tree goes.
+    #[test]
+    fn a_directory_another_process_holds_is_left_whole() {
+        let tmp = tempfile::tempdir().unwrap();
+        for (at, lock, exclusive) in [
+            ("top", DIR_LOCK, true),
+            ("a/held", DIR_LOCK, true),
+            ("a/b/held", CACHE_LOCK, false),
+            ("a/b/c/d/e/held", DIR_LOCK, true),
+        ] {
+            let top = tmp.path().join(at.replace('/', "-"));
+            std::fs::create_dir_all(top.join("mine/sub")).unwrap();
+            std::fs::write(top.join("mine/sub/file"), b"mine").unwrap();
+            let held_dir = if at == "top" {
+                top.clone()
+            } else {
+                top.join(at)
+            };
+            let held = crate::LockHolder::new(&held_dir, lock, exclusive);
+            let err = remove_tree(&top).unwrap_err().to_string();
+            assert!(err.contains("is held by another process"), "{at}: {err}");
+            assert_eq!(
+                std::fs::read(held_dir.join("store")).unwrap(),
+                b"theirs",
+                "{at}"
+            );
+            assert!(held_dir.join(lock).is_file(), "{at}");
+            assert_eq!(
+                std::fs::read(top.join("mine/sub/file")).unwrap(),
+                b"mine",
+                "{at}: nothing around it goes"
+            );
+            drop(held);
+            remove_tree(&top).unwrap();
+            assert!(!top.exists(), "{at}");
+        }
+        // A lock file no one holds.
+        let top = tmp.path().join("free");
+        std::fs::create_dir_all(top.join("a/b")).unwrap();
+        std::fs::write(top.join("a/b").join(DIR_LOCK), b"").unwrap();
+        std::fs::write(top.join("a").join(CACHE_LOCK), b"").unwrap();
+        remove_tree(&top).unwrap();
+        assert!(!top.exists());
     }
 }

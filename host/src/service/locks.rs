@@ -20,11 +20,13 @@ pub(super) fn lock_data_dir(data: &Path) -> std::io::Result<std::fs::File> {
 }
 
 /// The lock file of a data or work directory, inside it.
-pub(super) const LOCK_FILE: &str = "bulkhead.lock";
+pub(super) use crate::sandbox::DIR_LOCK as LOCK_FILE;
 
 /// The lock file of a module cache, inside it: held shared by every
 /// service using the cache.
-const CACHE_LOCK: &str = "bulkhead-cache.lock";
+use crate::sandbox::CACHE_LOCK;
+
+use crate::sandbox::beneath::Root;
 
 /// Takes a shared hold of the module cache `cache` (created if missing):
 /// services may share a cache, but a data or work directory at it or
@@ -77,8 +79,10 @@ pub(super) fn share_cache_dir(
 }
 
 /// Takes the work directory's lock (`bulkhead.lock` inside it, kept when
-/// the directory is emptied) and returns the directory's canonical path
-/// with it: a start empties the directory, and a shutdown too, so no two
+/// the directory is emptied) and returns the directory, held open (its
+/// path the canonical one), with it: everything the service empties in it
+/// is reached from that descriptor, whatever is later put at its path (a
+/// link, a mount of another's directory). a start empties the directory, and a shutdown too, so no two
 /// services may share one, nor hold one inside the other's. Checked on the
 /// canonical path: the same directory spelled another way, a symlink to
 /// it, a configured one naming another service's default one, all take
@@ -96,7 +100,7 @@ pub fn lock_work_dir(
     work: &Path,
     keep: &[(&str, &Path)],
     own: &[&std::fs::File],
-) -> std::io::Result<(PathBuf, std::fs::File)> {
+) -> std::io::Result<(Root, std::fs::File)> {
     let invalid = |what: String| std::io::Error::new(std::io::ErrorKind::InvalidInput, what);
     let target = canonical_to_be(work)?;
     for (what, dir) in keep {
@@ -116,7 +120,8 @@ pub fn lock_work_dir(
             work.display()
         )));
     }
-    let lock = lock_file(&work.join(LOCK_FILE))?;
+    let root = Root::open(&work)?;
+    let lock = lock_file_in(&root, LOCK_FILE)?;
     let own: Vec<&std::fs::File> = own.iter().copied().chain([&lock]).collect();
     check_above(&work, &own)?;
     if let Some((dir, holder)) = held_below(&work, &own)? {
@@ -125,7 +130,15 @@ pub fn lock_work_dir(
             dir.display()
         )));
     }
-    Ok((work, lock))
+    // The directory checked by path is the one held.
+    let (held, checked) = (rustix::fs::fstat(root.fd())?, rustix::fs::stat(&work)?);
+    if (held.st_dev, held.st_ino) != (checked.st_dev, checked.st_ino) {
+        return Err(invalid(format!(
+            "was replaced at {} while checked",
+            work.display()
+        )));
+    }
+    Ok((root, lock))
 }
 
 /// A directory in `dir` (or `dir` itself) held by another process through
@@ -340,45 +353,94 @@ fn held_by_another(path: &Path, own: &[&std::fs::File]) -> std::io::Result<Optio
             return Ok(None);
         }
     }
-    if !meta.is_file() {
-        return Ok(None);
-    }
-    let test = if path.file_name().is_some_and(|n| n == CACHE_LOCK) {
-        rustix::fs::FlockOperation::NonBlockingLockExclusive
+    let lock = if path.file_name().is_some_and(|n| n == CACHE_LOCK) {
+        CACHE_LOCK
     } else {
-        rustix::fs::FlockOperation::NonBlockingLockShared
+        LOCK_FILE
     };
-    match rustix::fs::flock(&file, test) {
-        Ok(()) => Ok(None),
-        Err(e) if e == rustix::io::Errno::WOULDBLOCK => Ok(Some(holder(&mut file))),
-        Err(e) => Err(e.into()),
-    }
+    Ok(crate::sandbox::held(&file, lock)?.then(|| holder(&mut file)))
 }
 
-/// Removes everything in the work directory `work` but its lock file.
-pub(super) fn empty_work_dir(work: &Path) -> std::io::Result<()> {
-    for entry in std::fs::read_dir(work)? {
-        let entry = entry?;
-        if entry.file_name() != LOCK_FILE {
-            crate::sandbox::remove_tree(&entry.path())?;
+/// Removes everything in the work directory `work` but its lock file,
+/// reached from its held descriptor: what is at its path now (a link, a
+/// mount) is not looked at. A directory in it with a lock file another
+/// process holds (a running service's data directory put there, from a
+/// mount namespace where this one's lock cannot be seen) is left whole,
+/// where it is: the directories on the way to it are emptied of the rest,
+/// not moved; it is named in the error. Every other entry is removed.
+///
+/// # Errors
+/// The first entry that could not be removed, or was left, and why.
+pub(super) fn empty_work_dir(work: &Root) -> std::io::Result<()> {
+    empty_but_held(work, Path::new(""))
+}
+
+/// [`empty_work_dir`] of the directory `rel` below `work`.
+fn empty_but_held(work: &Root, rel: &Path) -> std::io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let dir = work.dir(rel, false)?;
+    let mut first = None;
+    for name in crate::sandbox::entry_names(&dir)? {
+        let name = std::ffi::OsStr::from_bytes(name.to_bytes());
+        if rel.as_os_str().is_empty() && name == LOCK_FILE {
+            continue;
+        }
+        let entry = rel.join(name);
+        // Looked at physically, from the held descriptor.
+        let held = match work.dir(&entry, false) {
+            Ok(fd) => crate::sandbox::held_within(&fd),
+            Err(_) => Ok(None), // not a directory (nor one reached through a link)
+        };
+        let done = match held {
+            Ok(None) => crate::sandbox::remove_tree_in(work, &entry),
+            Ok(Some(at)) if at.as_os_str().is_empty() => Err(std::io::Error::other(format!(
+                "{} is held by another process (a running service's): left as it is",
+                work.path().join(&entry).display()
+            ))),
+            Ok(Some(_)) => empty_but_held(work, &entry),
+            Err(e) => Err(std::io::Error::new(
+                e.kind(),
+                format!("{}: {e}", work.path().join(&entry).display()),
+            )),
+        };
+        if let Err(e) = done {
+            first.get_or_insert(e);
         }
     }
-    Ok(())
+    first.map_or(Ok(()), Err)
+}
+
+/// [`lock_file`] of `name` in the held directory `dir`, opened from its
+/// descriptor (not followed if a link).
+fn lock_file_in(dir: &Root, name: &str) -> std::io::Result<std::fs::File> {
+    use rustix::fs::{Mode, OFlags};
+    let file = rustix::fs::openat(
+        dir.fd(),
+        name,
+        OFlags::RDWR | OFlags::CREATE | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::from_raw_mode(0o600),
+    )?;
+    lock_opened(file.into(), &dir.path().join(name))
 }
 
 /// An exclusive `flock` of `path` (created if missing), held while the
 /// returned file is open, with this process's id written in it; taken by
 /// another process, an error naming that one.
 fn lock_file(path: &Path) -> std::io::Result<std::fs::File> {
-    use std::io::{Seek, Write};
     use std::os::unix::fs::OpenOptionsExt;
-    let mut file = std::fs::OpenOptions::new()
+    let file = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .create(true)
         .truncate(false)
         .mode(0o600)
         .open(path)?;
+    lock_opened(file, path)
+}
+
+/// [`lock_file`] of the file opened at `path`.
+fn lock_opened(mut file: std::fs::File, path: &Path) -> std::io::Result<std::fs::File> {
+    use std::io::{Seek, Write};
     // A lock this process has just let go of can stay held a moment by a
     // child it was forking meanwhile (its descriptors go at the child's
     // exec): a held lock is asked again for a little while.
@@ -512,17 +574,66 @@ mod tests {
         for sub in ["work/zones", "cache/zones", "through-work", "through-cache"] {
             std::fs::create_dir_all(tmp.path().join(sub)).unwrap();
         }
-        let script = "mount --bind \"$1/work/zones\" \"$1/through-work\" && \
-            mount --bind \"$1/cache/zones\" \"$1/through-cache\" && \
-            exec \"$0\" --exact --test-threads=1 --nocapture \
-            service::locks::tests::a_directory_reached_through_a_bind_mount_of_a_held_ones_subdirectory_is_refused";
-        let status = std::process::Command::new("unshare")
-            .args(["--map-root-user", "--mount", "sh", "-c", script])
-            .arg(std::env::current_exe().unwrap())
-            .arg(tmp.path())
-            .env(MOUNTED, tmp.path())
-            .status()
-            .expect("unshare(1) runs");
-        assert!(status.success(), "the child in a mount namespace: {status}");
+        crate::rerun_with_binds(
+            "service::locks::tests::a_directory_reached_through_a_bind_mount_of_a_held_ones_subdirectory_is_refused",
+            MOUNTED,
+            tmp.path(),
+            &[
+                ("work/zones", "through-work"),
+                ("cache/zones", "through-cache"),
+            ],
+        );
+    }
+
+    /// The work directory is emptied through the descriptor its lock was
+    /// taken by: a link put at its path later leads nowhere, and a
+    /// directory in it that another process holds (at any depth) is left
+    /// whole and in place while the rest goes.
+    #[test]
+    fn a_work_directory_is_emptied_as_held_and_around_what_others_hold() {
+        let tmp = tempfile::tempdir().unwrap();
+        let work = tmp.path().join("work");
+        let (root, lock) = lock_work_dir(&work, &[], &[]).unwrap();
+        std::fs::create_dir_all(work.join("zones/untrusted/w1/j1")).unwrap();
+        std::fs::write(work.join("zones/untrusted/w1/j1/out"), b"mine").unwrap();
+        let theirs = [
+            work.join("data"),
+            work.join("zones/untrusted/w1/deeper/data"),
+        ];
+        let held: Vec<crate::LockHolder> = theirs
+            .iter()
+            .map(|dir| {
+                std::fs::create_dir_all(dir.join("keys")).unwrap();
+                std::fs::write(dir.join("keys/signing"), b"theirs").unwrap();
+                crate::LockHolder::new(dir, LOCK_FILE, true)
+            })
+            .collect();
+        let victim = tmp.path().join("victim");
+        std::fs::create_dir_all(victim.join("zones")).unwrap();
+        std::fs::write(victim.join("zones/keep"), b"not the service's").unwrap();
+        let moved = tmp.path().join("moved");
+        std::fs::rename(&work, &moved).unwrap();
+        std::os::unix::fs::symlink(&victim, &work).unwrap();
+
+        let err = empty_work_dir(&root).unwrap_err().to_string();
+        assert!(err.contains("held by another process"), "{err}");
+        assert_eq!(
+            std::fs::read(victim.join("zones/keep")).unwrap(),
+            b"not the service's"
+        );
+        for dir in &theirs {
+            let now = moved.join(dir.strip_prefix(&work).unwrap());
+            assert_eq!(std::fs::read(now.join("keys/signing")).unwrap(), b"theirs");
+        }
+        assert!(!moved.join("zones/untrusted/w1/j1").exists());
+        assert!(moved.join(LOCK_FILE).is_file());
+        drop(held);
+        empty_work_dir(&root).unwrap();
+        let left: Vec<_> = std::fs::read_dir(&moved)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(left, [LOCK_FILE]);
+        drop(lock);
     }
 }

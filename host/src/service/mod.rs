@@ -174,6 +174,9 @@ pub struct Service {
     inline_inputs: Arc<std::sync::atomic::AtomicUsize>,
     config: ServeConfig,
     jobs_dir: crate::sandbox::beneath::Root,
+    /// The work directory, held open from its lock on: shutdown empties
+    /// what is in it, not what is at its path then.
+    work_dir: crate::sandbox::beneath::Root,
     waiters: Mutex<HashMap<String, Vec<oneshot::Sender<Option<JobRecord>>>>>,
     cancels: Mutex<HashMap<String, Arc<Notify>>>,
     draining: AtomicBool,
@@ -327,13 +330,13 @@ impl Service {
         let cache_lock = locks::share_cache_dir(&cache, &[&data_lock]).map_err(|e| {
             StartError::Storage(format!("cache directory {}: {e}", cache.display()))
         })?;
-        let (work, work_lock) = lock_work_dir(
+        let (work_root, work_lock) = lock_work_dir(
             &work,
             &[("data", data), ("cache", &cache)],
             &[&data_lock, &cache_lock],
         )
         .map_err(|e| StartError::Storage(format!("work directory {}: {e}", work.display())))?;
-        empty_work_dir(&work)
+        empty_work_dir(&work_root)
             .map_err(|e| StartError::Storage(format!("work directory {}: {e}", work.display())))?;
         let locks = vec![data_lock, work_lock, cache_lock];
         // Its own directory, not a link to another's nor a mount of one
@@ -353,7 +356,7 @@ impl Service {
             })?;
         let blobs = crate::blob::open(&config.storage, &jobs_dir).await?;
 
-        let mut sandbox_config = SandboxConfig::new(work);
+        let mut sandbox_config = SandboxConfig::new(work_root.path());
         sandbox_config.cache_dir = Some(cache);
         sandbox_config.max_concurrent_jobs = config.queue.workers;
         let keys = config.key_ring()?;
@@ -403,6 +406,7 @@ impl Service {
             scheduler,
             inline_inputs: Arc::default(),
             jobs_dir,
+            work_dir: work_root,
             waiters: Mutex::default(),
             cancels: Mutex::default(),
             draining: AtomicBool::new(false),
@@ -682,13 +686,10 @@ impl Service {
         // With nothing running, the job directories (tmpfs by default) are
         // leftovers; a start would empty them anyway, so give the memory
         // back now (the lock file stays, held until this process ends).
-        if self.scheduler.depth().1 == 0 {
-            let work = self.runner.work_dir();
-            if let Err(e) = empty_work_dir(work)
-                && e.kind() != std::io::ErrorKind::NotFound
-            {
-                tracing::warn!(dir = %work.display(), error = %e, "cannot empty the work directory");
-            }
+        if self.scheduler.depth().1 == 0
+            && let Err(e) = empty_work_dir(&self.work_dir)
+        {
+            tracing::warn!(dir = %self.work_dir.path().display(), error = %e, "cannot empty the work directory");
         }
         // Nothing of this process touches the data directory any more.
         drop(self.take_locks());

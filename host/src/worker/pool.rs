@@ -47,6 +47,7 @@ use super::{WorkerArgs, process};
 use crate::job::egress::Egress;
 use crate::job::{Failure, FailureKind, JobReport, JobSpec, Outcome};
 use crate::policy::{Policy, Sha256Hex};
+use crate::sandbox::beneath::Root;
 use crate::sandbox::outputs::{CollectError, Collected};
 use crate::sandbox::{Artifact, ArtifactRecords, LoadError, LoadInfo};
 
@@ -177,6 +178,10 @@ pub struct Pool {
     /// The runtime the pool was started on (the gateway's): what its
     /// owner is told (faults) and the calls its workers make run there.
     gateway: tokio::runtime::Handle,
+    /// The zone's work directory, held open from the start: each worker's
+    /// directory is made, handed over and removed from this descriptor,
+    /// never through a link or a mount later put at its path.
+    zone_dir: Root,
 }
 
 /// The runtime every pool's channels and supervisor run on, threads of
@@ -280,7 +285,11 @@ impl Outbox {
 
 struct Worker {
     pid: u32,
-    dir: PathBuf,
+    /// Its directory, held open: read as [`Worker::dir`].
+    dir_fd: std::os::fd::OwnedFd,
+    /// Its name in the zone's held directory, which removes it.
+    name: String,
+    zone_dir: Root,
     down: Outbox,
     calls: GatewayCalls,
     state: Mutex<WorkerState>,
@@ -371,10 +380,12 @@ impl Pool {
         config: PoolConfig,
         faults: impl Fn(Fault) + Send + Sync + 'static,
     ) -> Result<Arc<Self>, PoolError> {
-        prepare_dir(&config.work_dir, None, 0o700).map_err(|e| PoolError::Start {
-            zone: config.zone.clone(),
-            reason: format!("work directory {}: {e}", config.work_dir.display()),
-        })?;
+        let zone_dir = prepare_dir(&config.work_dir, None, 0o700)
+            .and_then(|()| Root::open(&config.work_dir))
+            .map_err(|e| PoolError::Start {
+                zone: config.zone.clone(),
+                reason: format!("work directory {}: {e}", config.work_dir.display()),
+            })?;
         prepare_dir(&config.cache_dir, effective_owner(config.run_as), 0o700)
             .and_then(|()| match effective_owner(config.run_as) {
                 // What an earlier run under another user left, or a
@@ -419,6 +430,7 @@ impl Pool {
             applied: Mutex::default(),
             records,
             gateway: tokio::runtime::Handle::current(),
+            zone_dir,
         });
         for _ in 0..pool.config.workers.max(1) {
             // On the channels' runtime: the worker's channel is that
@@ -701,8 +713,10 @@ impl Pool {
                     Some(WorkerOutputs {
                         // The worker removes an empty `/out` before it
                         // reports: nothing to copy, nothing to release.
-                        removed: std::fs::symlink_metadata(worker.dir.join(format!("j{job}.out")))
-                            .is_err(),
+                        removed: std::fs::symlink_metadata(
+                            worker.dir().join(format!("j{job}.out")),
+                        )
+                        .is_err(),
                         worker: Arc::clone(&worker),
                         name: format!("j{job}.out"),
                         job,
@@ -963,6 +977,23 @@ impl Pool {
         }
     }
 
+    /// A fresh directory `name` in the zone's held directory (what was
+    /// there removed), mode 0700, owned by `owner` when given: made and
+    /// opened from the held descriptor, never through a link or a mount.
+    fn worker_dir(&self, name: &str, owner: Option<(u32, u32)>) -> std::io::Result<std::fs::File> {
+        crate::sandbox::remove_tree_in(&self.zone_dir, Path::new(name))?;
+        let fd = self.zone_dir.dir(Path::new(name), true)?;
+        rustix::fs::fchmod(&fd, rustix::fs::Mode::from_raw_mode(0o700))?;
+        if let Some((uid, gid)) = owner {
+            rustix::fs::fchown(
+                &fd,
+                Some(rustix::process::Uid::from_raw(uid)),
+                Some(rustix::process::Gid::from_raw(gid)),
+            )?;
+        }
+        Ok(fd.into())
+    }
+
     /// Starts one worker and waits for its hello.
     async fn spawn_worker(self: &Arc<Self>) -> Result<Arc<Worker>, PoolError> {
         let c = &self.config;
@@ -971,16 +1002,15 @@ impl Pool {
             reason,
         };
         let id = self.next_id();
-        let dir = c.work_dir.join(format!("w{id}"));
-        if dir.exists() {
-            let _ = crate::sandbox::remove_tree(&dir);
-        }
-        prepare_dir(&dir, effective_owner(c.run_as), 0o700)
-            .map_err(|e| start_error(format!("{}: {e}", dir.display())))?;
-        let open = |p: &Path| {
-            std::fs::File::open(p).map_err(|e| start_error(format!("{}: {e}", p.display())))
-        };
-        let (work_fd, cache_fd) = (open(&dir)?, open(&c.cache_dir)?);
+        let name = format!("w{id}");
+        let work_fd = self
+            .worker_dir(&name, effective_owner(c.run_as))
+            .map_err(|e| start_error(format!("{}: {e}", c.work_dir.join(&name).display())))?;
+        let dir_fd = work_fd
+            .try_clone()
+            .map_err(|e| start_error(format!("worker directory: {e}")))?;
+        let cache_fd = std::fs::File::open(&c.cache_dir)
+            .map_err(|e| start_error(format!("{}: {e}", c.cache_dir.display())))?;
         let args = WorkerArgs {
             zone: c.zone.clone(),
             work_dir: PathBuf::from(format!("/proc/self/fd/{}", super::WORK_FD)),
@@ -1095,7 +1125,9 @@ impl Pool {
         let (call_tx, mut call_rx) = mpsc::unbounded_channel();
         let worker = Arc::new(Worker {
             pid,
-            dir,
+            dir_fd: dir_fd.into(),
+            name,
+            zone_dir: self.zone_dir.clone(),
             down,
             calls: GatewayCalls::new(call_tx),
             state: Mutex::default(),
@@ -1207,14 +1239,20 @@ impl Drop for Worker {
                 let _ = child.wait();
             });
         }
-        let dir = std::mem::take(&mut self.dir);
+        let (zone_dir, name) = (self.zone_dir.clone(), std::mem::take(&mut self.name));
         std::thread::spawn(move || {
-            let _ = crate::sandbox::remove_tree(&dir);
+            let _ = crate::sandbox::remove_tree_in(&zone_dir, Path::new(&name));
         });
     }
 }
 
 impl Worker {
+    /// Its directory as `/proc/self/fd/N` of its held descriptor: this
+    /// one, whatever is later put at its path in the zone's directory.
+    fn dir(&self) -> PathBuf {
+        crate::sandbox::beneath::fd_path(&self.dir_fd)
+    }
+
     /// Whether bytes the worker sent wait in the gateway's end of the
     /// channel, not yet read.
     fn unread(&self) -> bool {
@@ -1318,13 +1356,18 @@ impl WorkerOutputs {
         if self.removed {
             return crate::sandbox::outputs::collect_nothing(copy_to);
         }
-        crate::sandbox::outputs::collect_beneath(&self.worker.dir, &self.name, copy_to, self.bounds)
+        crate::sandbox::outputs::collect_beneath(
+            &self.worker.dir(),
+            &self.name,
+            copy_to,
+            self.bounds,
+        )
     }
 
     /// Whether the job's `/out` is empty or gone (false when it cannot be
     /// read).
     pub fn left_nothing(&self) -> bool {
-        self.removed || crate::sandbox::outputs::is_empty_beneath(&self.worker.dir, &self.name)
+        self.removed || crate::sandbox::outputs::is_empty_beneath(&self.worker.dir(), &self.name)
     }
 }
 

@@ -664,27 +664,10 @@ async fn a_link_in_place_of_a_running_jobs_directory_is_never_followed() {
         crate::common::sleeper(1_500).write_to(&c.modules.policies_dir);
     })
     .await;
+    let id = submit_with_stdin_until_running(&s, "its stdin").await;
     let token = s.token("acme", &["hostile:run"]).await;
-    let resp = s
-        .post("/v1/modules/hostile/jobs", &token)
-        .header("content-type", "application/octet-stream")
-        .body("its stdin")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), StatusCode::ACCEPTED);
-    let id = resp.json::<Value>().await.unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
     let store = std::sync::Arc::clone(s.service.store());
     let state = || async { store.get_job("acme", &id).await.unwrap().unwrap().state };
-    for _ in 0..300 {
-        if state().await.as_str() != "queued" {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
     let jobs = s.service.config().storage.data_dir.join("jobs");
     assert!(jobs.join(&id).join("inputs").exists());
     let other = tempfile::tempdir().unwrap();
@@ -741,6 +724,81 @@ async fn a_link_in_place_of_a_running_jobs_directory_is_never_followed() {
     assert_eq!(walk(&elsewhere), Vec::<std::path::PathBuf>::new());
     std::fs::remove_file(&jobs).unwrap();
     std::fs::rename(&real, &jobs).unwrap();
+}
+
+/// The work directory and a zone's directory in it, each replaced by a
+/// link once the service runs, and another process's held directory put
+/// in the work directory: the workers' directories are made and removed
+/// in the zone directory the service opened, its shutdown empties the
+/// work directory it locked, and a directory with a lock another process
+/// holds (a running service's data directory) is left whole.
+#[tokio::test(flavor = "multi_thread")]
+async fn links_in_the_work_directory_are_never_followed_and_held_directories_are_left() {
+    let s = start(|c| {
+        c.zones
+            .entry("untrusted".into())
+            .or_default()
+            .jobs_per_worker = 1;
+    })
+    .await;
+    let token = s.token("acme", &["hello:run"]).await;
+    let work = s.service.work_dir().to_owned();
+    let zone = work.join("zones").join("untrusted");
+    assert!(zone.is_dir());
+    let other = tempfile::tempdir().unwrap();
+    // What the links lead to: made to look like a zone's directory, its
+    // workers' directories included.
+    let victim = other.path().join("victim");
+    for name in ["w1", "w2", "w3", "w4", "w5", "w6", "w7", "w8"] {
+        std::fs::create_dir_all(victim.join(name)).unwrap();
+        std::fs::write(victim.join(name).join("keep"), b"not the service's").unwrap();
+    }
+    let before = walk(&victim);
+    // Another process's held directory, in the work directory and in the
+    // zone's.
+    let held = [
+        HeldElsewhere::new(&work.join("data")),
+        HeldElsewhere::new(&zone.join("nested/deeper/data")),
+    ];
+    std::fs::rename(&zone, work.join("zones").join("real")).unwrap();
+    std::os::unix::fs::symlink(&victim, &zone).unwrap();
+    // Fresh workers for each job: their directories made, the last ones
+    // removed.
+    for _ in 0..3 {
+        let done = json(
+            s.http
+                .post(s.url("/v1/modules/hello/jobs?wait=20s"))
+                .bearer_auth(&token),
+        )
+        .await;
+        assert_eq!(done["state"], "succeeded", "{done:#}");
+    }
+    assert_eq!(
+        walk(&victim),
+        before,
+        "a worker's directory went through the link"
+    );
+    std::fs::remove_file(&zone).unwrap();
+    // Beside it (the work directory may be on another file system).
+    let moved = work.with_extension("moved");
+    std::fs::rename(&work, &moved).unwrap();
+    std::os::unix::fs::symlink(&victim, &work).unwrap();
+    s.service.shutdown().await;
+    assert_eq!(
+        walk(&victim),
+        before,
+        "shutdown emptied what the link leads to"
+    );
+    for data in ["data", "zones/real/nested/deeper/data"] {
+        assert_eq!(
+            std::fs::read(moved.join(data).join("keys/signing")).unwrap(),
+            b"a key",
+            "{data}"
+        );
+    }
+    std::fs::remove_file(&work).unwrap();
+    drop(held);
+    bulkhead::sandbox::remove_tree(&moved).unwrap();
 }
 
 /// A service whose jobs directory holds another service's work directory
@@ -1387,12 +1445,20 @@ async fn a_report_longer_than_a_share_can_answer_is_never_stored_nor_answered() 
 /// Submits a `hostile` job for `acme` and waits until the store shows it
 /// running; its id.
 async fn submit_until_running(s: &crate::common::Server) -> String {
+    submit_with_stdin_until_running(s, "").await
+}
+
+/// [`submit_until_running`], with `stdin` as the job's standard input
+/// (none when empty).
+async fn submit_with_stdin_until_running(s: &crate::common::Server, stdin: &'static str) -> String {
     let token = s.token("acme", &["hostile:run"]).await;
-    let resp = s
-        .post("/v1/modules/hostile/jobs", &token)
-        .send()
-        .await
-        .unwrap();
+    let mut post = s.post("/v1/modules/hostile/jobs", &token);
+    if !stdin.is_empty() {
+        post = post
+            .header("content-type", "application/octet-stream")
+            .body(stdin);
+    }
+    let resp = post.send().await.unwrap();
     assert_eq!(resp.status(), StatusCode::ACCEPTED);
     let id = resp.json::<Value>().await.unwrap()["id"]
         .as_str()
@@ -1414,6 +1480,43 @@ async fn submit_until_running(s: &crate::common::Server) -> String {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     panic!("job {id} never ran");
+}
+
+/// A directory made to look like a running service's data directory: a
+/// signing key in it, and its `bulkhead.lock` held by another process
+/// (`flock(1)`, killed when this is dropped).
+struct HeldElsewhere(std::process::Child);
+
+impl HeldElsewhere {
+    fn new(dir: &std::path::Path) -> Self {
+        std::fs::create_dir_all(dir.join("keys")).unwrap();
+        std::fs::write(dir.join("keys").join("signing"), b"a key").unwrap();
+        let lock = dir.join("bulkhead.lock");
+        std::fs::write(&lock, b"").unwrap();
+        let holder = Self(
+            std::process::Command::new("flock")
+                .args(["--no-fork", "--exclusive"])
+                .arg(&lock)
+                .args(["sleep", "600"])
+                .spawn()
+                .expect("flock(1) runs"),
+        );
+        let opened = std::fs::File::open(&lock).unwrap();
+        for _ in 0..500 {
+            if bulkhead::sandbox::held(&opened, "bulkhead.lock").unwrap() {
+                return holder;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        panic!("flock(1) never took {}", lock.display());
+    }
+}
+
+impl Drop for HeldElsewhere {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 /// Every path beneath `dir`, sorted.
