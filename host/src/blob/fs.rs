@@ -57,16 +57,7 @@ pub fn remove_local_if_empty(root: &Root, rel: &str) -> std::io::Result<()> {
 /// Opens the regular file `name` in `dir` for reading, never through a
 /// link or across a mount (`name` may hold directories).
 fn open_file_in(dir: &OwnedFd, name: &str) -> std::io::Result<std::fs::File> {
-    let fd = rustix::fs::openat2(
-        dir,
-        name,
-        rustix::fs::OFlags::RDONLY
-            | rustix::fs::OFlags::NOFOLLOW
-            | rustix::fs::OFlags::NONBLOCK
-            | rustix::fs::OFlags::CLOEXEC,
-        rustix::fs::Mode::empty(),
-        crate::sandbox::beneath::RESOLVE,
-    )?;
+    let fd = crate::sandbox::beneath::open_file_in(dir, name)?;
     Ok(std::fs::File::from(fd))
 }
 

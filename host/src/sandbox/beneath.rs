@@ -146,8 +146,27 @@ pub fn open_beneath(root: &Path, rel: &Path, create: bool) -> io::Result<OwnedFd
 /// # Errors
 /// `EXDEV` at a mount, `ELOOP` at a link, `ENOTDIR`, what else the file
 /// system says.
-pub fn open_dir_in<P: rustix::path::Arg>(dir: &OwnedFd, name: P) -> rustix::io::Result<OwnedFd> {
+pub fn open_dir_in<P: rustix::path::Arg>(
+    dir: impl std::os::fd::AsFd,
+    name: P,
+) -> rustix::io::Result<OwnedFd> {
     rustix::fs::openat2(dir, name, OPEN_DIR, Mode::empty(), RESOLVE)
+}
+
+/// The file `name` in `dir` (`name` may hold directories), opened for
+/// reading with [`RESOLVE`], without waiting (a FIFO put there).
+///
+/// # Errors
+/// `EXDEV` at a mount, `ELOOP` at a link, what else the file system says.
+pub fn open_file_in<P: rustix::path::Arg>(
+    dir: impl std::os::fd::AsFd,
+    name: P,
+) -> rustix::io::Result<OwnedFd> {
+    const OPEN_FILE: OFlags = OFlags::RDONLY
+        .union(OFlags::NOFOLLOW)
+        .union(OFlags::NONBLOCK)
+        .union(OFlags::CLOEXEC);
+    rustix::fs::openat2(dir, name, OPEN_FILE, Mode::empty(), RESOLVE)
 }
 
 /// A path naming the directory `fd` holds open, for code that takes

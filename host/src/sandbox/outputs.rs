@@ -382,16 +382,7 @@ fn make_dir(parent: &Dir, name: &str) -> io::Result<Dir> {
     let mut builder = cap_std::fs::DirBuilder::new();
     builder.mode(0o700);
     parent.create_dir_with(name, &builder)?;
-    let fd = rustix::fs::openat2(
-        parent,
-        name,
-        rustix::fs::OFlags::RDONLY
-            | rustix::fs::OFlags::DIRECTORY
-            | rustix::fs::OFlags::NOFOLLOW
-            | rustix::fs::OFlags::CLOEXEC,
-        rustix::fs::Mode::empty(),
-        super::beneath::RESOLVE,
-    )?;
+    let fd = super::beneath::open_dir_in(parent, name)?;
     Ok(Dir::from_std_file(std::fs::File::from(fd)))
 }
 

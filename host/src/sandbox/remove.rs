@@ -228,13 +228,7 @@ fn held_refusal(path: &Path) -> io::Error {
 /// Whether `lock` in the directory `dir` is a lock file another open file
 /// holds ([`held`]); opened without following a link or crossing a mount.
 fn held_in(dir: &OwnedFd, lock: &str) -> io::Result<bool> {
-    match rustix::fs::openat2(
-        dir,
-        lock,
-        OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC,
-        Mode::empty(),
-        super::beneath::RESOLVE,
-    ) {
+    match super::beneath::open_file_in(dir, lock) {
         Ok(file) => held(&file, lock),
         Err(Errno::NOENT | Errno::NOTDIR | Errno::LOOP | Errno::XDEV | Errno::ACCESS) => Ok(false),
         Err(e) => Err(e.into()),
