@@ -265,26 +265,10 @@ impl Service {
                     }
                 }
             }
-            // Not a directory another process holds (a service's work
-            // directory configured inside this one's jobs directory):
-            // removing it would empty that service's under its jobs.
-            let path = entry.path();
-            let held = if meta.is_dir() {
-                crate::blocking(|| super::locks::held_below(&path, &[]))
-            } else {
-                Ok(None)
-            };
-            match held {
-                Ok(None) => {}
-                Ok(Some((dir, holder))) => {
-                    tracing::warn!(entry = %path.display(), held = %dir.display(), "not removing a directory another bulkhead process{holder} holds");
-                    continue;
-                }
-                Err(e) => {
-                    tracing::warn!(entry = %path.display(), error = %e, "not removing a directory whose locks cannot be checked");
-                    continue;
-                }
-            }
+            // A directory another process holds in it (a service's work
+            // directory configured inside this one's jobs directory) is
+            // left, with all around it: the removal refuses
+            // (`sandbox::remove_tree_in`).
             match crate::blob::remove_local(&self.jobs_dir, &id).await {
                 Ok(()) => removed += 1,
                 Err(e) => {

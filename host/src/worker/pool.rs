@@ -1232,16 +1232,19 @@ impl Drop for Worker {
     /// Its directory goes once nothing refers to the worker any more: its
     /// reader, its jobs, and the outputs of its last jobs until the
     /// gateway has copied them.
+    /// Removed once the process is gone: a lock a worker held in it (a
+    /// removal leaves a directory with a held lock file) goes with it.
     fn drop(&mut self) {
-        if let Some(mut child) = lock(&self.child).take() {
-            let _ = child.kill();
-            std::thread::spawn(move || {
-                let _ = child.wait();
-            });
-        }
+        let mut child = lock(&self.child).take();
         let (zone_dir, name) = (self.zone_dir.clone(), std::mem::take(&mut self.name));
         std::thread::spawn(move || {
-            let _ = crate::sandbox::remove_tree_in(&zone_dir, Path::new(&name));
+            if let Some(child) = child.as_mut() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+            if let Err(e) = crate::sandbox::remove_tree_in(&zone_dir, Path::new(&name)) {
+                tracing::warn!(dir = %zone_dir.path().join(&name).display(), error = %e, "cannot remove a worker's directory");
+            }
         });
     }
 }
