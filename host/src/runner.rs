@@ -170,12 +170,29 @@ pub trait Runner: Send + Sync + std::fmt::Debug {
 #[derive(Debug)]
 pub struct InProcess {
     sandbox: Sandbox,
+    /// The work directory held open, and `/proc/self/fd/N` naming it:
+    /// where job directories are made, whatever is later put at its path.
+    held: Option<(crate::sandbox::beneath::Root, PathBuf)>,
 }
 
 impl InProcess {
-    /// Over `sandbox`.
+    /// Over `sandbox`, its job directories made in its work directory by
+    /// path.
     pub fn new(sandbox: Sandbox) -> Self {
-        Self { sandbox }
+        Self {
+            sandbox,
+            held: None,
+        }
+    }
+
+    /// Over `sandbox`, its job directories made in `work` (its work
+    /// directory, held open), reached through that descriptor.
+    pub fn holding(sandbox: Sandbox, work: crate::sandbox::beneath::Root) -> Self {
+        let at = crate::sandbox::beneath::fd_path(work.fd());
+        Self {
+            sandbox,
+            held: Some((work, at)),
+        }
     }
 
     /// The sandbox.
@@ -209,8 +226,11 @@ impl Runner for InProcess {
         };
         // A cancelled job's future is dropped on an async thread, with
         // whatever tree its guest left in this.
-        let dir = JobDir::create(&self.sandbox.config().work_dir, &spec.id)?
-            .removed_on(tokio::runtime::Handle::current());
+        let parent = self
+            .held
+            .as_ref()
+            .map_or(&self.sandbox.config().work_dir, |(_, at)| at);
+        let dir = JobDir::create(parent, &spec.id)?.removed_on(tokio::runtime::Handle::current());
         let report = self.sandbox.run_with(loaded, spec, &dir, egress).await?;
         Ok(Finished {
             report,

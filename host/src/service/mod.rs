@@ -364,7 +364,14 @@ impl Service {
             crate::relay::Relay::new(config.services.clone(), Arc::new(keys), &config.tokens)?;
         let relay = Some(Arc::new(relay));
         let sources = read_modules(relay.as_deref(), &config)?;
-        let runner = start_runner(&config, sandbox_config, &sources, Arc::clone(&store)).await?;
+        let runner = start_runner(
+            &config,
+            sandbox_config,
+            &work_root,
+            &sources,
+            Arc::clone(&store),
+        )
+        .await?;
         let modules = load_modules(runner.as_ref(), sources).await?;
         let admin_token_hash = admin_token(data).map_err(|e| storage(&e))?;
 
@@ -958,6 +965,7 @@ fn read_modules(
 async fn start_runner(
     config: &ServeConfig,
     sandbox: SandboxConfig,
+    work: &crate::sandbox::beneath::Root,
     modules: &[(Policy, bytes::Bytes)],
     store: Arc<dyn JobStore>,
 ) -> Result<Arc<dyn Runner>, StartError> {
@@ -967,7 +975,7 @@ async fn start_runner(
             "guests run inside the service process (`isolation.mode = \"in-process\"`): a runtime escape reaches its keys and store"
         );
         let sandbox = Sandbox::new(sandbox).map_err(|e| StartError::Storage(e.to_string()))?;
-        return Ok(Arc::new(InProcess::new(sandbox)));
+        return Ok(Arc::new(InProcess::holding(sandbox, work.clone())));
     }
     let zones: std::collections::BTreeSet<String> = modules
         .iter()

@@ -803,6 +803,32 @@ async fn links_in_the_work_directory_are_never_followed_and_held_directories_are
     std::fs::remove_dir_all(&moved).unwrap();
 }
 
+/// Guests in the service's own process make their job directories in
+/// the work directory it locked, not in what a link later put at its
+/// path leads to.
+#[tokio::test(flavor = "multi_thread")]
+async fn in_process_jobs_are_made_in_the_work_directory_held_not_at_its_path() {
+    let s = start(|c| c.isolation.mode = bulkhead::config::IsolationMode::InProcess).await;
+    let token = s.token("acme", &["hello:run"]).await;
+    let work = s.service.work_dir().to_owned();
+    let victim = tempfile::tempdir().unwrap();
+    let moved = work.with_extension("moved");
+    std::fs::rename(&work, &moved).unwrap();
+    std::os::unix::fs::symlink(victim.path(), &work).unwrap();
+    let done = json(
+        s.http
+            .post(s.url("/v1/modules/hello/jobs?wait=20s"))
+            .bearer_auth(&token)
+            .header("content-type", "application/octet-stream")
+            .body("its stdin"),
+    )
+    .await;
+    assert_eq!(done["state"], "succeeded", "{done:#}");
+    assert_eq!(walk(victim.path()), Vec::<std::path::PathBuf>::new());
+    std::fs::remove_file(&work).unwrap();
+    std::fs::rename(&moved, &work).unwrap();
+}
+
 /// A service whose jobs directory holds another service's work directory
 /// (configured there by mistake) leaves it be: its orphan sweep does not
 /// remove a directory another process holds, and that service still runs
