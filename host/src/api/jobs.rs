@@ -715,7 +715,7 @@ pub(super) async fn cancel_job(
 /// Delete one of the caller's finished jobs and its outputs.
 #[utoipa::path(delete, path = "/v1/jobs/{id}", security(("bearer" = [])),
     params(("id" = String, Path, description = "job id")),
-    responses((status = 204, description = "deleted"), (status = 404, body = super::ErrorBody),
+    responses((status = 204, description = "deleted: the job is gone, and its files with it, or, where something is in the way (a mount, a directory another process holds), left to the orphan sweep, which logs what it cannot remove"), (status = 404, body = super::ErrorBody),
         (status = 409, body = super::ErrorBody, description = "the job is still queued or running")))]
 pub(super) async fn delete_job(
     State(state): State<AppState>,
