@@ -158,6 +158,7 @@ impl HostArgs {
                 jobs_per_worker: 0,
                 max_concurrent_jobs: 1,
                 memory: None,
+                work_held: Some(root.made_below(&Path::new("zones").join(zone))?),
                 work_dir,
                 cache_dir,
                 run_as: isolation.run_as,

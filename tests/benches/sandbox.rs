@@ -105,6 +105,7 @@ async fn worker_runner(tmp: &Path) -> bulkhead::runner::Workers {
             max_concurrent_jobs: 4,
             memory: None,
             work_dir: tmp.join("work/zones/untrusted"),
+            work_held: None,
             cache_dir: tmp.join("cache/zones/untrusted"),
             run_as: None,
             max_open: bulkhead::worker::WORKER_MAX_OPEN,

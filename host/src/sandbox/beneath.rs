@@ -67,6 +67,18 @@ impl Root {
         })))
     }
 
+    /// [`Root::below`], each missing directory on the way made as
+    /// [`Root::dir`] makes it.
+    ///
+    /// # Errors
+    /// As [`Root::dir`].
+    pub fn made_below(&self, rel: &Path) -> io::Result<Self> {
+        Ok(Self(Arc::new(Held {
+            fd: self.dir(rel, true)?,
+            path: self.0.path.join(rel),
+        })))
+    }
+
     /// The directory `rel` below this one, opened from its descriptor one
     /// name at a time with [`RESOLVE`]; with `create`, each missing
     /// directory on the way is made (mode 0700). An empty `rel` is this

@@ -1002,6 +1002,10 @@ async fn start_runner(
             max_concurrent_jobs: config.queue.workers,
             memory: settings.memory.map(|m| m.as_u64()),
             work_dir: sandbox.work_dir.join("zones").join(&zone),
+            work_held: Some(
+                work.made_below(&Path::new("zones").join(&zone))
+                    .map_err(|e| StartError::Storage(format!("zone `{zone}`: {e}")))?,
+            ),
             cache_dir: cache_root.join("zones").join(&zone),
             run_as: config.isolation.run_as,
             max_open: crate::worker::WORKER_MAX_OPEN,

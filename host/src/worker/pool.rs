@@ -96,6 +96,10 @@ pub struct PoolConfig {
     /// The zone's work directory (gateway-owned; each worker gets its own
     /// directory inside).
     pub work_dir: PathBuf,
+    /// That directory already held open (reached from a held work
+    /// directory, never through a link or a mount); `None`: made if
+    /// missing and opened at [`PoolConfig::work_dir`].
+    pub work_held: Option<Root>,
     /// The zone's compile cache, which every worker of the zone may
     /// write. The gateway keeps its record of which artifact in it is good
     /// for which module beside it, in [`records_dir`], where no worker
@@ -380,12 +384,15 @@ impl Pool {
         config: PoolConfig,
         faults: impl Fn(Fault) + Send + Sync + 'static,
     ) -> Result<Arc<Self>, PoolError> {
-        let zone_dir = prepare_dir(&config.work_dir, None, 0o700)
-            .and_then(|()| Root::open(&config.work_dir))
-            .map_err(|e| PoolError::Start {
-                zone: config.zone.clone(),
-                reason: format!("work directory {}: {e}", config.work_dir.display()),
-            })?;
+        let zone_dir = match &config.work_held {
+            Some(held) => Ok(held.clone()),
+            None => prepare_dir(&config.work_dir, None, 0o700)
+                .and_then(|()| Root::open(&config.work_dir)),
+        }
+        .map_err(|e| PoolError::Start {
+            zone: config.zone.clone(),
+            reason: format!("work directory {}: {e}", config.work_dir.display()),
+        })?;
         prepare_dir(&config.cache_dir, effective_owner(config.run_as), 0o700)
             .and_then(|()| match effective_owner(config.run_as) {
                 // What an earlier run under another user left, or a

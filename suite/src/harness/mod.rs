@@ -339,6 +339,7 @@ pub(crate) async fn start_runner(
                     max_concurrent_jobs: config.max_concurrent_jobs,
                     memory: None,
                     work_dir: work_dir.clone(),
+                    work_held: None,
                     cache_dir,
                     run_as: isolation.run_as,
                     max_open,

@@ -169,6 +169,7 @@ pub async fn workers_watched(
             max_concurrent_jobs,
             memory: None,
             work_dir: work.join("zones/untrusted"),
+            work_held: None,
             cache_dir: tmp.join("cache/zones/untrusted"),
             run_as: None,
             max_open: bulkhead::worker::WORKER_MAX_OPEN,
