@@ -47,7 +47,9 @@ pub use limits::WRITTEN_PER_OUTPUT;
 pub use pipe::MAX_CAPTURE;
 pub use quota::DESCRIPTOR_REFUSALS;
 pub(crate) use remove::names as entry_names;
-pub use remove::{CACHE_LOCK, DIR_LOCK, held, held_within, remove_tree, remove_tree_in};
+pub use remove::{
+    CACHE_LOCK, DIR_LOCK, held, held_within, remove_tree, remove_tree_but, remove_tree_in,
+};
 // The job's types are the `job` module's; re-exported for the sandbox's
 // callers.
 pub use crate::job::{

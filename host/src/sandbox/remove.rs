@@ -86,6 +86,15 @@ pub fn remove_tree(path: &Path) -> io::Result<()> {
 /// # Errors
 /// As [`remove_tree`]; a link or a mount on the way.
 pub fn remove_tree_in(root: &Root, rel: &Path) -> io::Result<()> {
+    remove_tree_but(root, rel, &[])
+}
+
+/// [`remove_tree_in`], the lock files open in `own` (this process's
+/// locks, hard-linked in the tree) not counted as another's.
+///
+/// # Errors
+/// As [`remove_tree_in`].
+pub fn remove_tree_but(root: &Root, rel: &Path, own: &[&std::fs::File]) -> io::Result<()> {
     let path = root.path().join(rel);
     let Some(name) = rel.file_name() else {
         return Err(io::Error::new(
@@ -111,7 +120,7 @@ pub fn remove_tree_in(root: &Root, rel: &Path) -> io::Result<()> {
         Err(e) => return Err(e.into()),
     };
     let path = path.as_path();
-    if let Some(at) = held_within(&top)? {
+    if let Some(at) = held_within(&top, own)? {
         return Err(held_refusal(&if at.as_os_str().is_empty() {
             path.to_owned()
         } else {
@@ -171,7 +180,7 @@ pub fn remove_tree_in(root: &Root, rel: &Path) -> io::Result<()> {
             // Neither emptied nor moved: a directory another process holds
             // (all were looked for before; one put there since is met
             // here, before its entries move up).
-            refuse_held(&sub, path)?;
+            refuse_held(&sub, path, own)?;
             for inner in names(&sub)? {
                 loop {
                     hoisted += 1;
@@ -207,10 +216,10 @@ pub fn remove_tree_in(root: &Root, rel: &Path) -> io::Result<()> {
 }
 
 /// Refuses the removal of `path` when the directory `dir` holds a lock
-/// file another open file holds.
-fn refuse_held(dir: &OwnedFd, path: &Path) -> io::Result<()> {
+/// file another open file holds (but those of `own`).
+fn refuse_held(dir: &OwnedFd, path: &Path, own: &[&std::fs::File]) -> io::Result<()> {
     for lock in [DIR_LOCK, CACHE_LOCK] {
-        if held_in(dir, lock)? {
+        if held_in(dir, lock, own)? {
             return Err(held_refusal(path));
         }
     }
@@ -226,24 +235,38 @@ fn held_refusal(path: &Path) -> io::Error {
 }
 
 /// Whether `lock` in the directory `dir` is a lock file another open file
-/// holds ([`held`]); opened without following a link or crossing a mount.
-fn held_in(dir: &OwnedFd, lock: &str) -> io::Result<bool> {
+/// holds ([`held`]), and not one of `own` (the same file, by device and
+/// inode); opened without following a link or crossing a mount.
+fn held_in(dir: &OwnedFd, lock: &str, own: &[&std::fs::File]) -> io::Result<bool> {
     match super::beneath::open_file_in(dir, lock) {
-        Ok(file) => held(&file, lock),
+        Ok(file) => {
+            let found = rustix::fs::fstat(&file)?;
+            for mine in own {
+                let mine = rustix::fs::fstat(mine)?;
+                if (mine.st_dev, mine.st_ino) == (found.st_dev, found.st_ino) {
+                    return Ok(false);
+                }
+            }
+            held(&file, lock)
+        }
         Err(Errno::NOENT | Errno::NOTDIR | Errno::LOOP | Errno::XDEV | Errno::ACCESS) => Ok(false),
         Err(e) => Err(e.into()),
     }
 }
 
 /// The first directory in the tree at `top` (`top` itself included)
-/// with a lock file another process holds, as a path relative to `top`.
+/// with a lock file another process holds (not one of `own`), as a path
+/// relative to `top`.
 /// Walked with two descriptors whatever its depth (down by name, never
 /// through a link or across a mount, back up by `..`); a lock file is
 /// opened only where the listing names one.
 ///
 /// # Errors
 /// What the file system says; a tree past [`MAX_STEPS`] entries.
-pub fn held_within(top: &OwnedFd) -> io::Result<Option<std::path::PathBuf>> {
+pub fn held_within(
+    top: &OwnedFd,
+    own: &[&std::fs::File],
+) -> io::Result<Option<std::path::PathBuf>> {
     let mut cur = rustix::io::fcntl_dupfd_cloexec(top, 0)?;
     let mut path = std::path::PathBuf::new();
     // Per level, from `top` to `cur`: the subdirectories not yet walked.
@@ -267,7 +290,7 @@ pub fn held_within(top: &OwnedFd) -> io::Result<Option<std::path::PathBuf>> {
                 _ => {}
             }
             for lock in [DIR_LOCK, CACHE_LOCK] {
-                if name.to_bytes() == lock.as_bytes() && held_in(&cur, lock)? {
+                if name.to_bytes() == lock.as_bytes() && held_in(&cur, lock, own)? {
                     return Ok(Some(path));
                 }
             }

@@ -361,7 +361,9 @@ fn held_by_another(path: &Path, own: &[&std::fs::File]) -> std::io::Result<Optio
     Ok(crate::sandbox::held(&file, lock)?.then(|| holder(&mut file)))
 }
 
-/// Removes everything in the work directory `work` but its lock file,
+/// Removes everything in the work directory `work` but its lock file
+/// (and this process's other locks, `own`, hard-linked in it: no one
+/// else's),
 /// reached from its held descriptor: what is at its path now (a link, a
 /// mount) is not looked at. A directory in it with a lock file another
 /// process holds (a running service's data directory put there, from a
@@ -371,12 +373,12 @@ fn held_by_another(path: &Path, own: &[&std::fs::File]) -> std::io::Result<Optio
 ///
 /// # Errors
 /// The first entry that could not be removed, or was left, and why.
-pub(super) fn empty_work_dir(work: &Root) -> std::io::Result<()> {
-    empty_but_held(work, Path::new(""))
+pub(super) fn empty_work_dir(work: &Root, own: &[&std::fs::File]) -> std::io::Result<()> {
+    empty_but_held(work, Path::new(""), own)
 }
 
 /// [`empty_work_dir`] of the directory `rel` below `work`.
-fn empty_but_held(work: &Root, rel: &Path) -> std::io::Result<()> {
+fn empty_but_held(work: &Root, rel: &Path, own: &[&std::fs::File]) -> std::io::Result<()> {
     use std::os::unix::ffi::OsStrExt;
     let dir = work.dir(rel, false)?;
     let mut first = None;
@@ -388,16 +390,16 @@ fn empty_but_held(work: &Root, rel: &Path) -> std::io::Result<()> {
         let entry = rel.join(name);
         // Looked at physically, from the held descriptor.
         let held = match work.dir(&entry, false) {
-            Ok(fd) => crate::sandbox::held_within(&fd),
+            Ok(fd) => crate::sandbox::held_within(&fd, own),
             Err(_) => Ok(None), // not a directory (nor one reached through a link)
         };
         let done = match held {
-            Ok(None) => crate::sandbox::remove_tree_in(work, &entry),
+            Ok(None) => crate::sandbox::remove_tree_but(work, &entry, own),
             Ok(Some(at)) if at.as_os_str().is_empty() => Err(std::io::Error::other(format!(
                 "{} is held by another process (a running service's): left as it is",
                 work.path().join(&entry).display()
             ))),
-            Ok(Some(_)) => empty_but_held(work, &entry),
+            Ok(Some(_)) => empty_but_held(work, &entry, own),
             Err(e) => Err(std::io::Error::new(
                 e.kind(),
                 format!("{}: {e}", work.path().join(&entry).display()),
@@ -615,7 +617,14 @@ mod tests {
         std::fs::rename(&work, &moved).unwrap();
         std::os::unix::fs::symlink(&victim, &work).unwrap();
 
-        let err = empty_work_dir(&root).unwrap_err().to_string();
+        // This process's own lock, hard-linked in it, is no one else's.
+        std::fs::hard_link(moved.join(LOCK_FILE), moved.join("zones/own.lock")).unwrap();
+        std::fs::hard_link(
+            moved.join(LOCK_FILE),
+            moved.join("zones/untrusted").join(LOCK_FILE),
+        )
+        .unwrap();
+        let err = empty_work_dir(&root, &[&lock]).unwrap_err().to_string();
         assert!(err.contains("held by another process"), "{err}");
         assert_eq!(
             std::fs::read(victim.join("zones/keep")).unwrap(),
@@ -628,7 +637,7 @@ mod tests {
         assert!(!moved.join("zones/untrusted/w1/j1").exists());
         assert!(moved.join(LOCK_FILE).is_file());
         drop(held);
-        empty_work_dir(&root).unwrap();
+        empty_work_dir(&root, &[&lock]).unwrap();
         let left: Vec<_> = std::fs::read_dir(&moved)
             .unwrap()
             .map(|e| e.unwrap().file_name())

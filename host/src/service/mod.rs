@@ -336,7 +336,7 @@ impl Service {
             &[&data_lock, &cache_lock],
         )
         .map_err(|e| StartError::Storage(format!("work directory {}: {e}", work.display())))?;
-        empty_work_dir(&work_root)
+        empty_work_dir(&work_root, &[&data_lock, &work_lock, &cache_lock])
             .map_err(|e| StartError::Storage(format!("work directory {}: {e}", work.display())))?;
         let locks = vec![data_lock, work_lock, cache_lock];
         // Its own directory, not a link to another's nor a mount of one
@@ -693,10 +693,13 @@ impl Service {
         // With nothing running, the job directories (tmpfs by default) are
         // leftovers; a start would empty them anyway, so give the memory
         // back now (the lock file stays, held until this process ends).
-        if self.scheduler.depth().1 == 0
-            && let Err(e) = empty_work_dir(&self.work_dir)
-        {
-            tracing::warn!(dir = %self.work_dir.path().display(), error = %e, "cannot empty the work directory");
+        if self.scheduler.depth().1 == 0 {
+            let locks = self.take_locks();
+            let own: Vec<&std::fs::File> = locks.iter().collect();
+            if let Err(e) = empty_work_dir(&self.work_dir, &own) {
+                tracing::warn!(dir = %self.work_dir.path().display(), error = %e, "cannot empty the work directory");
+            }
+            *self.locks.lock().unwrap_or_else(|e| e.into_inner()) = locks;
         }
         // Nothing of this process touches the data directory any more.
         drop(self.take_locks());
