@@ -249,7 +249,17 @@ fn held_in(dir: &OwnedFd, lock: &str, own: &[&std::fs::File]) -> io::Result<bool
             }
             held(&file, lock)
         }
-        Err(Errno::NOENT | Errno::NOTDIR | Errno::LOOP | Errno::XDEV | Errno::ACCESS) => Ok(false),
+        // Missing, a link, across a mount, closed to this process, or a
+        // socket or device (no file to open): no lock.
+        Err(
+            Errno::NOENT
+            | Errno::NOTDIR
+            | Errno::LOOP
+            | Errno::XDEV
+            | Errno::ACCESS
+            | Errno::NXIO
+            | Errno::NODEV,
+        ) => Ok(false),
         Err(e) => Err(e.into()),
     }
 }
@@ -523,6 +533,19 @@ mod tests {
         std::fs::create_dir_all(top.join("a/b")).unwrap();
         std::fs::write(top.join("a/b").join(DIR_LOCK), b"").unwrap();
         std::fs::write(top.join("a").join(CACHE_LOCK), b"").unwrap();
+        // Nor is what is no file: a socket, a FIFO, a directory, a link.
+        std::fs::create_dir_all(top.join("s/f/d/l")).unwrap();
+        let _socket = std::os::unix::net::UnixListener::bind(top.join("s").join(DIR_LOCK)).unwrap();
+        rustix::fs::mknodat(
+            CWD,
+            top.join("s/f").join(DIR_LOCK),
+            rustix::fs::FileType::Fifo,
+            Mode::from_raw_mode(0o600),
+            0,
+        )
+        .unwrap();
+        std::fs::create_dir(top.join("s/f/d").join(DIR_LOCK)).unwrap();
+        std::os::unix::fs::symlink("/", top.join("s/f/d/l").join(CACHE_LOCK)).unwrap();
         remove_tree(&top).unwrap();
         assert!(!top.exists());
     }
