@@ -109,7 +109,11 @@ impl Outputs {
     pub fn collect(&self, copy_to: Option<&Path>) -> Result<Collected, CollectError> {
         match self {
             Self::None => Ok(Collected::default()),
-            Self::Local(dir) => crate::sandbox::outputs::collect(&dir.output_dir(), copy_to),
+            // The directory made, not what is at its path now.
+            Self::Local(dir) => {
+                let out = dir.open_output().map_err(CollectError::Root)?;
+                crate::sandbox::outputs::collect(&crate::sandbox::beneath::fd_path(&out), copy_to)
+            }
             Self::Worker(w) => w.collect(copy_to),
         }
     }

@@ -5,7 +5,7 @@
 //! under a root only the host uses, and removed when dropped.
 
 use std::io;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 
 use crate::job::JobInput;
@@ -102,42 +102,64 @@ impl JobDir {
         self.remover = None;
     }
 
-    /// Makes sure the shared input directory exists, is a directory, is
-    /// empty and is read-only. Checked once per directory per process: the
-    /// host never writes into it and guests only ever see it read-only.
+    /// Makes sure the shared input directory exists (mode 0500).
     fn ensure_shared_input(&self) -> io::Result<()> {
-        use std::os::unix::fs::PermissionsExt;
-        static VERIFIED: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
-        let mut verified = VERIFIED.lock().unwrap_or_else(|e| e.into_inner());
-        if verified.contains(&self.shared_input) {
-            return Ok(());
-        }
-        let result = match std::fs::DirBuilder::new()
+        match std::fs::DirBuilder::new()
             .mode(0o500)
             .create(&self.shared_input)
         {
             Ok(()) => Ok(()),
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-                let meta = std::fs::symlink_metadata(&self.shared_input)?;
-                let empty = std::fs::read_dir(&self.shared_input)?.next().is_none();
-                if meta.is_dir() && empty && meta.permissions().mode() & 0o222 == 0 {
-                    Ok(())
-                } else {
-                    Err(io::Error::other(format!(
-                        "{} must be an empty read-only directory",
-                        self.shared_input.display()
-                    )))
-                }
-            }
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
             Err(e) => Err(e),
-        };
-        if result.is_ok() {
-            verified.push(self.shared_input.clone());
         }
-        result
     }
 
-    /// The directory preopened as `/in`.
+    /// `dir`, an entry of the job's parent directory, opened from that
+    /// directory never through a link nor across a mount: the directory
+    /// made, not what was put at its path since.
+    fn open_made(dir: &Path) -> io::Result<std::os::fd::OwnedFd> {
+        let (Some(parent), Some(name)) = (dir.parent(), dir.file_name()) else {
+            return Err(io::Error::other(format!(
+                "{} names no entry",
+                dir.display()
+            )));
+        };
+        super::beneath::Root::open(parent)?.dir(Path::new(name), false)
+    }
+
+    /// The directory preopened as `/in`, opened as [`JobDir::open_made`]
+    /// opens it: the job's own inputs, or the shared input directory,
+    /// checked each time to be an empty directory no one may write.
+    ///
+    /// # Errors
+    /// A link or a mount at its path; a shared input directory that is
+    /// not empty and read-only; I/O errors.
+    pub fn open_input(&self) -> io::Result<std::os::fd::OwnedFd> {
+        if self.has_inputs() {
+            return Self::open_made(&self.own_input);
+        }
+        let fd = Self::open_made(&self.shared_input)?;
+        let mode = rustix::fs::fstat(&fd)?.st_mode;
+        let empty = super::entry_names(&fd)?.is_empty();
+        if mode & 0o222 != 0 || !empty {
+            return Err(io::Error::other(format!(
+                "{} must be an empty read-only directory",
+                self.shared_input.display()
+            )));
+        }
+        Ok(fd)
+    }
+
+    /// The directory preopened as `/out`, opened as [`JobDir::open_made`]
+    /// opens it.
+    ///
+    /// # Errors
+    /// A link or a mount at its path; I/O errors.
+    pub fn open_output(&self) -> io::Result<std::os::fd::OwnedFd> {
+        Self::open_made(&self.out)
+    }
+
+    /// The directory preopened as `/in` (by path; see [`JobDir::open_input`]).
     pub fn input_dir(&self) -> PathBuf {
         if self.has_inputs.load(std::sync::atomic::Ordering::SeqCst) {
             self.own_input.clone()
@@ -180,13 +202,20 @@ impl JobDir {
             .create(&self.own_input)?;
         self.has_inputs
             .store(true, std::sync::atomic::Ordering::SeqCst);
+        // Written into the directory made, whatever is put at its path.
+        let dir = Self::open_made(&self.own_input)?;
         for input in inputs {
-            let mut f = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o400)
-                .open(self.own_input.join(&input.name))?;
-            f.write_all(&input.data)?;
+            let fd = rustix::fs::openat(
+                &dir,
+                input.name.as_str(),
+                rustix::fs::OFlags::WRONLY
+                    | rustix::fs::OFlags::CREATE
+                    | rustix::fs::OFlags::EXCL
+                    | rustix::fs::OFlags::NOFOLLOW
+                    | rustix::fs::OFlags::CLOEXEC,
+                rustix::fs::Mode::from_raw_mode(0o400),
+            )?;
+            std::fs::File::from(fd).write_all(&input.data)?;
         }
         Ok(())
     }
@@ -344,14 +373,37 @@ mod tests {
         assert!(tmp.path().join(EMPTY_INPUT).is_dir(), "shared, so it stays");
     }
 
+    /// What a job is given as `/in` and `/out` is the directory made for
+    /// it, checked each time: a shared input directory someone filled, or
+    /// a link put in place of it or of `/out`, is refused, not followed.
     #[test]
-    fn a_shared_input_dir_that_is_not_empty_is_refused() {
+    fn a_filled_or_replaced_job_directory_is_refused() {
         use std::os::unix::fs::PermissionsExt;
         let tmp = tempfile::tempdir().unwrap();
         let shared = tmp.path().join(EMPTY_INPUT);
-        std::fs::create_dir(&shared).unwrap();
+        let dir = JobDir::create(tmp.path(), "c").unwrap();
+        dir.open_input().expect("empty and read-only");
+        std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o700)).unwrap();
         std::fs::write(shared.join("leftover"), b"x").unwrap();
         std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o500)).unwrap();
-        assert!(JobDir::create(tmp.path(), "c").is_err());
+        let err = dir.open_input().unwrap_err().to_string();
+        assert!(
+            err.contains("must be an empty read-only directory"),
+            "{err}"
+        );
+        // Links in place of the shared input directory and of `/out`.
+        let other = tmp.path().join("other");
+        std::fs::create_dir(&other).unwrap();
+        std::fs::set_permissions(&other, std::fs::Permissions::from_mode(0o500)).unwrap();
+        std::fs::rename(&shared, tmp.path().join("aside")).unwrap();
+        std::os::unix::fs::symlink(&other, &shared).unwrap();
+        let err = dir.open_input().unwrap_err().to_string();
+        assert!(err.contains("through a link"), "{err}");
+        std::fs::rename(dir.output_dir(), tmp.path().join("out-aside")).unwrap();
+        std::os::unix::fs::symlink(&other, dir.output_dir()).unwrap();
+        let err = dir.open_output().unwrap_err().to_string();
+        assert!(err.contains("through a link"), "{err}");
+        std::fs::remove_file(dir.output_dir()).unwrap();
+        std::fs::rename(tmp.path().join("out-aside"), dir.output_dir()).unwrap();
     }
 }

@@ -680,11 +680,15 @@ impl Sandbox {
         let (collected, failure) = if measurements.output_entries == 0 {
             (outputs::Collected::default(), failure)
         } else {
-            let out_dir = dir.output_dir();
-            let walked = tokio::task::spawn_blocking(move || outputs::collect(&out_dir, None))
-                .await
-                .map_err(|e| format!("output collection stopped: {e}"))
-                .and_then(|r| r.map_err(|e| e.to_string()));
+            // The directory made, not what is at its path now.
+            let out_dir = dir.open_output();
+            let walked = tokio::task::spawn_blocking(move || {
+                let out_dir = out_dir.map_err(outputs::CollectError::Root)?;
+                outputs::collect(&beneath::fd_path(&out_dir), None)
+            })
+            .await
+            .map_err(|e| format!("output collection stopped: {e}"))
+            .and_then(|r| r.map_err(|e| e.to_string()));
             // Nothing the guest leaves in `/out` is a host error: a failed
             // collection fails the job, with why (the first failure stays).
             match walked {

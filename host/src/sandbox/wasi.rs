@@ -145,13 +145,22 @@ pub fn job_state(
         max_open,
         latch.clone(),
     );
+    // `/in` and `/out` are the directories made for the job, opened from
+    // the work directory without following a link or crossing a mount,
+    // and preopened through those descriptors: not what was put at their
+    // paths since.
+    let (input_fd, output_fd) = (dir.open_input()?, dir.open_output()?);
+    let (input, output) = (
+        super::beneath::fd_path(&input_fd),
+        super::beneath::fd_path(&output_fd),
+    );
     // `[run] stdout`: the guest's stdout goes to a file in `/out`, under
     // the `/out` quota, instead of the capture.
     let stdout_file = policy
         .run
         .stdout
         .as_deref()
-        .map(|name| StdoutFile::create(&dir.output_dir(), name, &quota))
+        .map(|name| StdoutFile::create(&output, name, &quota))
         .transpose()?;
 
     let mut b = WasiCtxBuilder::new();
@@ -171,10 +180,11 @@ pub fn job_state(
         .allow_udp(false)
         .allow_ip_name_lookup(false)
         .socket_addr_check(|_, _| Box::pin(async { false }))
-        .preopened_dir(dir.input_dir(), "/in", FsPerms::ReadOnly)
+        .preopened_dir(&input, "/in", FsPerms::ReadOnly)
         .map_err(to_io)?
-        .preopened_dir(dir.output_dir(), "/out", FsPerms::ReadWrite)
+        .preopened_dir(&output, "/out", FsPerms::ReadWrite)
         .map_err(to_io)?;
+    drop((input_fd, output_fd));
     match stdout_file {
         Some(file) => b.stdout(file),
         None => b.stdout(stdout.clone()),

@@ -827,6 +827,32 @@ async fn in_process_jobs_are_made_in_the_work_directory_held_not_at_its_path() {
     assert_eq!(walk(victim.path()), Vec::<std::path::PathBuf>::new());
     std::fs::remove_file(&work).unwrap();
     std::fs::rename(&moved, &work).unwrap();
+
+    // The shared empty input directory replaced by a link to a directory
+    // that looks like one: the next job without inputs is refused `/in`,
+    // not given the other directory.
+    let shared = work.join(".empty-in");
+    assert!(shared.is_dir());
+    let looks_like = victim.path().join("looks-like");
+    std::fs::create_dir(&looks_like).unwrap();
+    std::fs::set_permissions(
+        &looks_like,
+        std::os::unix::fs::PermissionsExt::from_mode(0o500),
+    )
+    .unwrap();
+    std::fs::rename(&shared, work.with_extension("empty-in")).unwrap();
+    std::os::unix::fs::symlink(&looks_like, &shared).unwrap();
+    let done = json(
+        s.http
+            .post(s.url("/v1/modules/hello/jobs?wait=20s"))
+            .bearer_auth(&token),
+    )
+    .await;
+    // (What was in the way is the operator's to read, in the log.)
+    assert_eq!(done["state"], "failed", "{done:#}");
+    assert_eq!(done["report"]["failure"]["kind"], "host", "{done:#}");
+    std::fs::remove_file(&shared).unwrap();
+    std::fs::rename(work.with_extension("empty-in"), &shared).unwrap();
 }
 
 /// A service whose jobs directory holds another service's work directory
