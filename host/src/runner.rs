@@ -111,7 +111,7 @@ impl Outputs {
             Self::None => Ok(Collected::default()),
             // The directory made, not what is at its path now.
             Self::Local(dir) => {
-                let out = dir.open_output().map_err(CollectError::Root)?;
+                let out = dir.open_output_to_collect().map_err(CollectError::Root)?;
                 crate::sandbox::outputs::collect(&crate::sandbox::beneath::fd_path(&out), copy_to)
             }
             Self::Worker(w) => w.collect(copy_to),

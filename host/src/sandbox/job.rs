@@ -159,6 +159,21 @@ impl JobDir {
         Self::open_made(&self.out)
     }
 
+    /// [`JobDir::open_output`] for a collection whose failure the job's
+    /// tenant reads: logged in full, and told without host paths.
+    ///
+    /// # Errors
+    /// As [`JobDir::open_output`].
+    pub fn open_output_to_collect(&self) -> io::Result<std::os::fd::OwnedFd> {
+        self.open_output().map_err(|e| {
+            tracing::warn!(error = %e, "cannot open a job's /out to collect it");
+            io::Error::new(
+                e.kind(),
+                "it is not the directory made for the job (a link, a mount or a file put in its place is not followed)",
+            )
+        })
+    }
+
     /// The directory preopened as `/in` (by path; see [`JobDir::open_input`]).
     pub fn input_dir(&self) -> PathBuf {
         if self.has_inputs.load(std::sync::atomic::Ordering::SeqCst) {

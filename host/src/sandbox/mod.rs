@@ -681,7 +681,7 @@ impl Sandbox {
             (outputs::Collected::default(), failure)
         } else {
             // The directory made, not what is at its path now.
-            let out_dir = dir.open_output();
+            let out_dir = dir.open_output_to_collect();
             let walked = tokio::task::spawn_blocking(move || {
                 let out_dir = out_dir.map_err(outputs::CollectError::Root)?;
                 outputs::collect(&beneath::fd_path(&out_dir), None)
