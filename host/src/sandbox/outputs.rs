@@ -28,7 +28,7 @@
 use std::io::{self, Read, Write};
 use std::path::Path;
 
-use cap_fs_ext::{DirExt, FollowSymlinks, OpenOptionsFollowExt};
+use cap_fs_ext::{FollowSymlinks, OpenOptionsFollowExt};
 use cap_std::ambient_authority;
 use cap_std::fs::{Dir, OpenOptions, OpenOptionsExt};
 use serde::{Deserialize, Serialize};
@@ -167,7 +167,7 @@ pub fn collect_beneath(
     bounds: Bounds,
 ) -> Result<Collected, CollectError> {
     let parent = Dir::open_ambient_dir(parent, ambient_authority()).map_err(CollectError::Root)?;
-    let root = parent.open_dir_nofollow(name).map_err(CollectError::Root)?;
+    let root = open_subdir(&parent, name).map_err(CollectError::Root)?;
     collect_in(&root, copy_to, bounds)
 }
 
@@ -190,7 +190,7 @@ pub fn collect_nothing(copy_to: Option<&Path>) -> Result<Collected, CollectError
 /// nothing in it; false when it cannot be read.
 pub fn is_empty_beneath(parent: &Path, name: &str) -> bool {
     Dir::open_ambient_dir(parent, ambient_authority())
-        .and_then(|p| p.open_dir_nofollow(name))
+        .and_then(|p| open_subdir(&p, name))
         .and_then(|d| d.entries())
         .is_ok_and(|mut entries| entries.next().is_none())
 }
@@ -320,8 +320,7 @@ impl Walk<'_> {
                     self.skip(prefix, &raw_name, "too-deep");
                     continue;
                 }
-                let Some((sub, sub_entries)) = dir
-                    .open_dir_nofollow(name)
+                let Some((sub, sub_entries)) = open_subdir(dir, name)
                     .and_then(|d| d.entries().map(|e| (d, e)))
                     .ok()
                 else {
@@ -386,6 +385,14 @@ fn make_dir(parent: &Dir, name: &str) -> io::Result<Dir> {
     Ok(Dir::from_std_file(std::fs::File::from(fd)))
 }
 
+/// The directory `name` in `parent`, never through a link and never
+/// across a mount (one put on an output directory is another file
+/// system's, whose files are not the job's).
+fn open_subdir(parent: &Dir, name: &str) -> io::Result<Dir> {
+    let fd = super::beneath::open_dir_in(parent, name)?;
+    Ok(Dir::from_std_file(std::fs::File::from(fd)))
+}
+
 fn kind_of(ty: &cap_std::fs::FileType) -> &'static str {
     use cap_std::fs::FileTypeExt;
     if ty.is_symlink() {
@@ -422,12 +429,10 @@ fn read_regular(
     dest: Option<&Dir>,
     left: u64,
 ) -> Result<Option<(u64, String)>, Failed> {
-    let mut options = OpenOptions::new();
-    options
-        .read(true)
-        .follow(FollowSymlinks::No)
-        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY);
-    let mut file = dir.open_with(name, &options).map_err(|_| Failed::Source)?;
+    // Never through a link, never across a mount (a file bind-mounted
+    // over an output is another file system's).
+    let mut file =
+        std::fs::File::from(super::beneath::open_file_in(dir, name).map_err(|_| Failed::Source)?);
     if !file.metadata().map_err(|_| Failed::Source)?.is_file() {
         return Ok(None);
     }
@@ -478,6 +483,62 @@ fn read_regular(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Where the child of [`a_mount_in_out_is_not_collected`] finds its
+    /// directories.
+    const MOUNTED: &str = "BULKHEAD_TEST_OUTPUTS_MOUNTED";
+
+    /// A directory or a file bind-mounted into `/out` (or over the worker's
+    /// `/out` itself) is another file system's: not collected, not copied.
+    /// Made in a mount namespace of a child of this test binary.
+    #[test]
+    fn a_mount_in_out_is_not_collected() {
+        if let Ok(dir) = std::env::var(MOUNTED) {
+            let dir = Path::new(&dir);
+            let dest = dir.join("dest");
+            let got = collect(&dir.join("out"), Some(&dest)).unwrap();
+            let names: Vec<_> = got.files.iter().map(|f| f.name.as_str()).collect();
+            assert_eq!(names, ["mine.txt"]);
+            assert!(walk_has_no(&dest, b"host secret"));
+            let err = collect_beneath(dir, "over", None, Bounds::NONE).unwrap_err();
+            assert!(matches!(err, CollectError::Root(_)), "{err:?}");
+            return;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        for d in ["out/s0", "victim/sub", "over"] {
+            std::fs::create_dir_all(tmp.path().join(d)).unwrap();
+        }
+        std::fs::write(tmp.path().join("out/mine.txt"), b"mine").unwrap();
+        std::fs::write(tmp.path().join("out/f.txt"), b"").unwrap();
+        std::fs::write(tmp.path().join("victim/secret.txt"), b"host secret").unwrap();
+        std::fs::write(tmp.path().join("victim/sub/deep.txt"), b"host secret").unwrap();
+        crate::rerun_with_binds(
+            "sandbox::outputs::tests::a_mount_in_out_is_not_collected",
+            MOUNTED,
+            tmp.path(),
+            &[
+                ("victim", "out/s0"),
+                ("victim/secret.txt", "out/f.txt"),
+                ("victim", "over"),
+            ],
+        );
+    }
+
+    /// Whether no file below `dir` holds `bytes`.
+    fn walk_has_no(dir: &Path, bytes: &[u8]) -> bool {
+        let mut todo = vec![dir.to_owned()];
+        while let Some(d) = todo.pop() {
+            for entry in std::fs::read_dir(&d).unwrap() {
+                let path = entry.unwrap().path();
+                if path.is_dir() {
+                    todo.push(path);
+                } else if std::fs::read(&path).unwrap_or_default() == bytes {
+                    return false;
+                }
+            }
+        }
+        true
+    }
 
     #[test]
     fn collects_regular_files_and_skips_links_and_fifos() {
