@@ -363,6 +363,7 @@ impl Walk<'_> {
                         return Err(CollectError::Copy { name: rel, source });
                     }
                     Err(Failed::Source) => self.skip(prefix, &raw_name, "unreadable"),
+                    Err(Failed::Linked) => self.skip(prefix, &raw_name, "hard-link"),
                 }
             } else {
                 self.skip(prefix, &raw_name, kind_of(&ty));
@@ -416,6 +417,9 @@ enum Failed {
     Copy(io::Error),
     /// More bytes than the collection's bounds leave.
     OverLimit,
+    /// A file with a second name (a hard link put in `/out` to another
+    /// file): the entry is skipped.
+    Linked,
 }
 
 /// Opens `name` without following links and without blocking (a FIFO swapped
@@ -433,8 +437,15 @@ fn read_regular(
     // over an output is another file system's).
     let mut file =
         std::fs::File::from(super::beneath::open_file_in(dir, name).map_err(|_| Failed::Source)?);
-    if !file.metadata().map_err(|_| Failed::Source)?.is_file() {
+    let meta = file.metadata().map_err(|_| Failed::Source)?;
+    if !meta.is_file() {
         return Ok(None);
+    }
+    // Another name of it anywhere (a hard link to a file the job never
+    // wrote) makes its bytes no one's to vouch for: not collected, as a
+    // download refuses one.
+    if std::os::unix::fs::MetadataExt::nlink(&meta) > 1 {
+        return Err(Failed::Linked);
     }
     let mut sink = match dest {
         Some(dest) => {
@@ -553,6 +564,10 @@ mod tests {
         std::fs::create_dir(out.join("sub")).unwrap();
         std::fs::write(out.join("sub/nested.txt"), b"n").unwrap();
         std::os::unix::fs::symlink(tmp.path(), out.join("dir-link")).unwrap();
+        // A hard link to a file outside, and two names of one file inside.
+        std::fs::hard_link(&secret, out.join("hard-link")).unwrap();
+        std::fs::write(out.join("twice-a"), b"t").unwrap();
+        std::fs::hard_link(out.join("twice-a"), out.join("twice-b")).unwrap();
         let fifo = out.join("pipe");
         let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
         // SAFETY: `c` is a valid NUL-terminated path.
@@ -573,13 +588,17 @@ mod tests {
             [
                 ("abs-link", "symlink"),
                 ("dir-link", "symlink"),
+                ("hard-link", "hard-link"),
                 ("pipe", "fifo"),
-                ("rel-link", "symlink")
+                ("rel-link", "symlink"),
+                ("twice-a", "hard-link"),
+                ("twice-b", "hard-link")
             ]
         );
         assert_eq!(std::fs::read(dest.join("ok.txt")).unwrap(), b"ok");
         assert!(!dest.join("abs-link").exists());
         assert!(!dest.join("rel-link").exists());
+        assert!(!dest.join("hard-link").exists());
     }
 }
 
