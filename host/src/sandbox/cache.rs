@@ -24,14 +24,16 @@
 //!     only this host holds (`<cache dir>/cache.key`, 32 random bytes, mode
 //!     0600, created on first use), computed over the engine key, the
 //!     module's sha256 and the artifact bytes;
-//!   - a zone's cache (a worker process): every worker of the zone can
-//!     write it, including one a guest has compromised, so nothing in the
-//!     directory is an authority, not even a key. An artifact is loaded
-//!     only when its sha256 and length are the ones the gateway sent with
-//!     the module ([`Artifact`]), which the gateway recorded, in a
-//!     directory no worker can reach ([`ArtifactRecords`]), from a worker
-//!     that had run no guest when it compiled it. No key file is made or
-//!     read there.
+//!   - a zone's cache (a worker process): the gateway alone writes it,
+//!     and each zone's workers only read it (Landlock). A worker that
+//!     compiles a module writes the artifact into its own work directory
+//!     and reports its sha256 and length; the gateway copies it into the
+//!     zone's cache (`<engine key>/<artifact sha256>.cwasm`, checked as
+//!     copied: [`take_handoff`]) and records it ([`ArtifactRecords`]),
+//!     only when the worker had run no guest when it compiled it. An
+//!     artifact is loaded only when its sha256 and length are the ones
+//!     the gateway sent with the module ([`Artifact`]). No key file is
+//!     made or read there.
 //!
 //!   An artifact that fails (planted, copied from another module's name,
 //!   corrupted, rewritten) is never deserialized: the module is compiled
@@ -202,9 +204,11 @@ enum Trust {
     /// This process's own cache: a tag under this key, which only this
     /// host's user can read.
     Key(Arc<[u8; TAG_LEN]>),
-    /// A zone's cache, written by every worker of the zone: only the
-    /// digest the gateway sends with the module ([`Artifact`]).
-    Recorded,
+    /// A zone's cache, which this worker only reads: only the digest the
+    /// gateway sends with the module ([`Artifact`]). What this worker
+    /// compiles goes into `handoff` (its own work directory), for the
+    /// gateway to take.
+    Recorded { handoff: Arc<Dir> },
 }
 
 /// One compiled artifact as the gateway records it for a module of a
@@ -234,6 +238,17 @@ impl Artifact {
                 .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
             && self.len > 0
             && self.len <= MAX_ARTIFACT
+    }
+
+    /// The name a worker hands it over under, in its own work directory:
+    /// `<sha256>.cwasm`.
+    pub fn handoff_name(&self) -> String {
+        format!("{}.cwasm", self.sha256)
+    }
+
+    /// Where it lies in a zone's cache: `<engine key>/<sha256>.cwasm`.
+    fn entry(&self) -> String {
+        format!("{}/{}", self.engine, self.handoff_name())
     }
 }
 
@@ -278,38 +293,38 @@ impl ModuleCache {
     /// # Errors
     /// [`PrivateDirError`] if `root`, a directory above it, the engine's
     /// subdirectory or the key is not private, or cannot be created.
-    ///
-    /// With `handed_over`, `root` is a zone's cache, created and checked
-    /// by the gateway and reached here through an inherited descriptor (a
-    /// worker process): it is used as it is, only the engine's
-    /// subdirectory is created, and no key is made or read: an artifact
-    /// is trusted only for the digest the gateway sends with its module
-    /// ([`ModuleCache::load`]).
-    pub fn new(root: &Path, engine: &Engine, handed_over: bool) -> Result<Self, PrivateDirError> {
-        let mut hasher = std::collections::hash_map::DefaultHasher::new();
-        engine.precompile_compatibility_hash().hash(&mut hasher);
-        let engine_key = format!("{:016x}", hasher.finish());
+    pub fn new(root: &Path, engine: &Engine) -> Result<Self, PrivateDirError> {
+        let engine_key = engine_key(engine);
         let path = root.join(&engine_key);
-        let trust = if handed_over {
-            super::job::create_private_dir_all(&path).map_err(io_at(&path))?;
-            Trust::Recorded
-        } else {
-            let root_dir = open_private_dir(root)?;
-            Trust::Key(Arc::new(read_or_create_key(
-                &root_dir,
-                &root.join(KEY_FILE),
-            )?))
-        };
-        let dir = if handed_over {
-            Dir::open_ambient_dir(&path, ambient_authority()).map_err(io_at(&path))?
-        } else {
-            open_private_dir(&path)?
-        };
+        let root_dir = open_private_dir(root)?;
+        let key = read_or_create_key(&root_dir, &root.join(KEY_FILE))?;
         Ok(Self {
+            dir: Arc::new(open_private_dir(&path)?),
             path,
-            dir: Arc::new(dir),
             engine_key,
-            trust,
+            trust: Trust::Key(Arc::new(key)),
+        })
+    }
+
+    /// A zone's cache, `root`, as a worker process reaches it (through an
+    /// inherited descriptor; the gateway created and checked it, and alone
+    /// writes it): used as it is, read only, with no key. An artifact is
+    /// trusted only for the digest the gateway sends with its module
+    /// ([`ModuleCache::load`]). What this worker compiles is written into
+    /// `handoff`, its own work directory, for the gateway to take
+    /// ([`take_handoff`]).
+    ///
+    /// # Errors
+    /// [`PrivateDirError::Io`] if either cannot be opened.
+    pub fn zone(root: &Path, handoff: &Path, engine: &Engine) -> Result<Self, PrivateDirError> {
+        let open = |p: &Path| Dir::open_ambient_dir(p, ambient_authority()).map_err(io_at(p));
+        Ok(Self {
+            dir: Arc::new(open(root)?),
+            path: root.to_owned(),
+            engine_key: engine_key(engine),
+            trust: Trust::Recorded {
+                handoff: Arc::new(open(handoff)?),
+            },
         })
     }
 
@@ -335,13 +350,12 @@ impl ModuleCache {
     /// the `expected` ones. `None` (with a warning when something was
     /// there) otherwise.
     fn authentic(&self, digest: &Sha256Hex, expected: Option<&Artifact>) -> Option<Vec<u8>> {
-        let name = Self::name(digest);
-        let limit = match (&self.trust, expected) {
-            (Trust::Key(_), _) => MAX_ARTIFACT,
+        let (name, limit) = match (&self.trust, expected) {
+            (Trust::Key(_), _) => (Self::name(digest), MAX_ARTIFACT),
             // Nothing recorded for this engine: whatever lies there is
             // no one's word, and is not even read.
-            (Trust::Recorded, Some(e)) if e.engine == self.engine_key => e.len,
-            (Trust::Recorded, _) => return None,
+            (Trust::Recorded { .. }, Some(e)) if e.engine == self.engine_key => (e.entry(), e.len),
+            (Trust::Recorded { .. }, _) => return None,
         };
         let mut bytes = match self.read(&name, limit) {
             Ok(Some(bytes)) => bytes,
@@ -357,10 +371,10 @@ impl ModuleCache {
                 let tag = bytes.split_off(split);
                 tag.len() == TAG_LEN && self.tag(key, digest, &bytes).verify_slice(&tag).is_ok()
             }
-            (Trust::Recorded, Some(e)) => {
+            (Trust::Recorded { .. }, Some(e)) => {
                 bytes.len() as u64 == e.len && Sha256Hex::digest(&bytes) == e.sha256
             }
-            (Trust::Recorded, None) => false,
+            (Trust::Recorded { .. }, None) => false,
         };
         if authentic {
             Some(bytes)
@@ -404,7 +418,7 @@ impl ModuleCache {
             // compatible engine.
             match unsafe { Component::deserialize(engine, &bytes) } {
                 Ok(component) => {
-                    let artifact = matches!(self.trust, Trust::Recorded).then(|| {
+                    let artifact = matches!(self.trust, Trust::Recorded { .. }).then(|| {
                         expected
                             .cloned()
                             .expect("a zone's artifact is authentic only against a record")
@@ -422,11 +436,7 @@ impl ModuleCache {
         }
         let artifact = engine.precompile_component(wasm)?;
         let stored = match self.store(&name, digest, &artifact) {
-            Ok(()) => matches!(self.trust, Trust::Recorded).then(|| Artifact {
-                engine: self.engine_key.clone(),
-                sha256: Sha256Hex::digest(&artifact),
-                len: artifact.len() as u64,
-            }),
+            Ok(stored) => stored,
             Err(e) => {
                 tracing::warn!(dir = %self.path.display(), file = %name, error = %e, "cannot write module cache");
                 None
@@ -467,14 +477,146 @@ impl ModuleCache {
         Ok(Some(bytes))
     }
 
-    fn store(&self, name: &str, digest: &Sha256Hex, artifact: &[u8]) -> io::Result<()> {
-        let tag = match &self.trust {
-            Trust::Key(key) => Some(self.tag(key, digest, artifact).finalize().into_bytes()),
-            Trust::Recorded => None,
-        };
-        let tag = tag.as_ref().map_or(&[][..], |t| &t[..]);
-        write_replacing(&self.dir, name, &[artifact, tag])
+    /// Writes `artifact`: tagged, as `name` in this process's own cache;
+    /// in a zone's, into the handoff directory under its sha256, which is
+    /// returned for the gateway to take.
+    fn store(
+        &self,
+        name: &str,
+        digest: &Sha256Hex,
+        artifact: &[u8],
+    ) -> io::Result<Option<Artifact>> {
+        match &self.trust {
+            Trust::Key(key) => {
+                let tag = self.tag(key, digest, artifact).finalize().into_bytes();
+                write_replacing(&self.dir, name, &[artifact, &tag[..]]).map(|()| None)
+            }
+            Trust::Recorded { handoff } => {
+                let made = Artifact {
+                    engine: self.engine_key.clone(),
+                    sha256: Sha256Hex::digest(artifact),
+                    len: artifact.len() as u64,
+                };
+                write_replacing(handoff, &made.handoff_name(), &[artifact]).map(|()| Some(made))
+            }
+        }
     }
+}
+
+/// The key of `engine`'s subdirectory: a hash of wasmtime's own
+/// compatibility hash (compiler, settings, wasmtime version).
+fn engine_key(engine: &Engine) -> String {
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    engine.precompile_compatibility_hash().hash(&mut hasher);
+    format!("{:016x}", hasher.finish())
+}
+
+/// Takes the artifact a worker reported writing (`artifact`, named by
+/// [`Artifact::handoff_name`] in the worker's directory `from`) into the
+/// zone's cache `cache` (the gateway's, which workers only read), as
+/// `<engine key>/<sha256>.cwasm`: the file must be a regular file with one
+/// name, reached without a link or a mount, of exactly the reported
+/// length, and the bytes copied must hash to the reported sha256 (the
+/// worker may rewrite it meanwhile: what is checked is what was copied).
+/// It is copied to a temporary file, synced and renamed into place; the
+/// engine's directory is made when missing. Directories are mode 0750 and
+/// files 0640 with group `group` where one is given (the workers' group
+/// when the gateway is root), else 0700 and 0600. The worker's file is
+/// removed either way.
+///
+/// # Errors
+/// What is wrong with the worker's file or its bytes, or what the file
+/// system says; nothing is left under the entry's name then.
+pub fn take_handoff(
+    from: impl std::os::fd::AsFd,
+    cache: impl std::os::fd::AsFd,
+    artifact: &Artifact,
+    group: Option<u32>,
+) -> io::Result<()> {
+    let name = artifact.handoff_name();
+    let taken = copy_handoff(from.as_fd(), cache.as_fd(), artifact, group, &name);
+    // What is in a worker's directory is its own; the copy (or refusal)
+    // is done with it.
+    let _ = rustix::fs::unlinkat(from.as_fd(), name.as_str(), rustix::fs::AtFlags::empty());
+    taken
+}
+
+fn copy_handoff(
+    from: std::os::fd::BorrowedFd<'_>,
+    cache: std::os::fd::BorrowedFd<'_>,
+    artifact: &Artifact,
+    group: Option<u32>,
+    name: &str,
+) -> io::Result<()> {
+    use rustix::fs::{AtFlags, Mode, OFlags};
+    use sha2::Digest;
+    let bad = |what: String| io::Error::new(io::ErrorKind::InvalidData, what);
+    if !artifact.well_formed() {
+        return Err(bad(format!("a malformed artifact report: {artifact:?}")));
+    }
+    let source = std::fs::File::from(super::beneath::open_file_in(from, name)?);
+    let meta = source.metadata()?;
+    if !meta.is_file() || meta.nlink() != 1 || meta.len() != artifact.len {
+        return Err(bad(format!(
+            "the worker's {name} is not a regular file of one name and {} bytes",
+            artifact.len
+        )));
+    }
+    let (dir_mode, file_mode) = if group.is_some() {
+        (0o750, 0o640)
+    } else {
+        (0o700, 0o600)
+    };
+    let gid = group.map(rustix::fs::Gid::from_raw);
+    match rustix::fs::mkdirat(
+        cache,
+        artifact.engine.as_str(),
+        Mode::from_raw_mode(dir_mode),
+    ) {
+        Ok(()) | Err(rustix::io::Errno::EXIST) => {}
+        Err(e) => return Err(e.into()),
+    }
+    let engine_dir = super::beneath::open_dir_in(cache, artifact.engine.as_str())?;
+    rustix::fs::fchown(&engine_dir, None, gid)?;
+    rustix::fs::fchmod(&engine_dir, Mode::from_raw_mode(dir_mode))?;
+    let tmp = format!(".{name}.{}.tmp", uuid::Uuid::new_v4().simple());
+    let copied = (|| {
+        let fd = rustix::fs::openat(
+            &engine_dir,
+            tmp.as_str(),
+            OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::from_raw_mode(file_mode),
+        )?;
+        rustix::fs::fchown(&fd, None, gid)?;
+        rustix::fs::fchmod(&fd, Mode::from_raw_mode(file_mode))?;
+        let mut out = std::fs::File::from(fd);
+        let mut hash = sha2::Sha256::new();
+        let mut left = artifact.len;
+        let mut reader = (&source).take(artifact.len.saturating_add(1));
+        let mut buf = vec![0u8; 1 << 16];
+        loop {
+            let n = reader.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            left = left
+                .checked_sub(n as u64)
+                .ok_or_else(|| bad(format!("the worker's {name} grew while it was copied")))?;
+            hash.update(&buf[..n]);
+            out.write_all(&buf[..n])?;
+        }
+        if left != 0 || hex::encode(hash.finalize()) != artifact.sha256.as_str() {
+            return Err(bad(format!(
+                "the worker's {name} is not the artifact it reported (its length or sha256 differ)"
+            )));
+        }
+        out.sync_all()?;
+        rustix::fs::renameat(&engine_dir, tmp.as_str(), &engine_dir, name).map_err(io::Error::from)
+    })();
+    if copied.is_err() {
+        let _ = rustix::fs::unlinkat(&engine_dir, tmp.as_str(), AtFlags::empty());
+    }
+    copied
 }
 
 /// Largest record file read back.
@@ -573,6 +715,29 @@ impl ArtifactRecords {
                 None
             }
         }
+    }
+
+    /// Every artifact a record names, as `(engine key, sha256)`, read from
+    /// the directory (each record file once; malformed ones are skipped).
+    ///
+    /// # Errors
+    /// If the directory cannot be listed.
+    pub fn all(&self) -> io::Result<std::collections::HashSet<(String, String)>> {
+        let mut out = std::collections::HashSet::new();
+        for entry in self.dir.entries()? {
+            let name = entry?.file_name();
+            let Some(module) = name
+                .to_str()
+                .and_then(|n| n.strip_suffix(".json"))
+                .and_then(|m| Sha256Hex::new(m.to_owned()).ok())
+            else {
+                continue;
+            };
+            if let Some(a) = self.get(&module) {
+                out.insert((a.engine, a.sha256.to_string()));
+            }
+        }
+        Ok(out)
     }
 
     /// Records `artifact` as the one good for `module`, replacing any
@@ -731,15 +896,17 @@ mod tests {
     /// A zone's cache trusts nothing in its directory: without the
     /// gateway's record an entry is not loaded, with one it is loaded only
     /// while its bytes are exactly the recorded ones, and no key is made.
+    /// What the worker compiles goes to its own directory, never into the
+    /// zone's cache: the gateway takes it from there.
     #[test]
     fn a_zone_cache_loads_only_the_recorded_artifact() {
         let tmp = tempfile::tempdir().unwrap();
+        let (zone, own) = (tmp.path().join("zone"), tmp.path().join("w1"));
+        std::fs::create_dir(&zone).unwrap();
+        std::fs::create_dir(&own).unwrap();
         let engine = Engine::default();
-        let cache = ModuleCache::new(tmp.path(), &engine, true).unwrap();
-        assert!(
-            !tmp.path().join(KEY_FILE).exists(),
-            "a zone cache made a key"
-        );
+        let cache = ModuleCache::zone(&zone, &own, &engine).unwrap();
+        assert!(!zone.join(KEY_FILE).exists(), "a zone cache made a key");
         let digest = Sha256Hex::digest(EMPTY_COMPONENT);
         let load = |expected: Option<&Artifact>| {
             cache
@@ -750,13 +917,19 @@ mod tests {
         assert!(!first.from_cache);
         let artifact = first.artifact.expect("the artifact written");
         assert!(artifact.well_formed(), "{artifact:?}");
-        let file = tmp
-            .path()
-            .join(&artifact.engine)
-            .join(format!("{digest}.cwasm"));
-        let bytes = std::fs::read(&file).unwrap();
+        // Handed over in the worker's own directory; the zone's cache is
+        // untouched.
+        let handed = own.join(artifact.handoff_name());
+        let bytes = std::fs::read(&handed).unwrap();
         assert_eq!(Sha256Hex::digest(&bytes), artifact.sha256);
         assert_eq!(bytes.len() as u64, artifact.len);
+        assert_eq!(std::fs::read_dir(&zone).unwrap().count(), 0);
+        // The gateway takes it.
+        let dir = |p: &Path| std::fs::File::open(p).unwrap();
+        take_handoff(dir(&own), dir(&zone), &artifact, None).unwrap();
+        assert!(!handed.exists(), "the handed-over file was left");
+        let file = zone.join(&artifact.engine).join(artifact.handoff_name());
+        assert_eq!(std::fs::read(&file).unwrap(), bytes);
 
         // Not on the directory's word.
         assert!(!load(None).from_cache);
@@ -765,8 +938,8 @@ mod tests {
         assert!(hit.from_cache);
         assert_eq!(hit.artifact.as_ref(), Some(&artifact));
         // Not for another engine's record, nor once rewritten (one byte
-        // more, or the same length with a byte changed): compiled again
-        // and replaced.
+        // more, or the same length with a byte changed): compiled again,
+        // handed over again, and the entry left for the gateway.
         let other = Artifact {
             engine: "0123456789abcdef".into(),
             ..artifact.clone()
@@ -781,7 +954,8 @@ mod tests {
             let again = load(Some(&artifact));
             assert!(!again.from_cache, "a rewritten entry was loaded");
             assert_eq!(again.artifact.as_ref(), Some(&artifact));
-            assert_eq!(std::fs::read(&file).unwrap(), bytes);
+            assert_eq!(std::fs::read(&handed).unwrap(), bytes);
+            assert_eq!(std::fs::read(&file).unwrap(), planted);
         }
         // A link to the right bytes is not followed.
         let elsewhere = tmp.path().join("elsewhere.cwasm");
@@ -789,7 +963,107 @@ mod tests {
         std::fs::remove_file(&file).unwrap();
         std::os::unix::fs::symlink(&elsewhere, &file).unwrap();
         assert!(!load(Some(&artifact)).from_cache);
-        assert!(!std::fs::symlink_metadata(&file).unwrap().is_symlink());
+    }
+
+    /// The gateway takes into a zone's cache only a regular file of one
+    /// name in the worker's own directory whose bytes, as copied, are the
+    /// ones reported; whatever it finds, the worker's file is removed and
+    /// nothing is left under the entry's name unless it was taken.
+    #[test]
+    fn a_handed_over_artifact_is_taken_only_as_reported() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (zone, own) = (tmp.path().join("zone"), tmp.path().join("w1"));
+        std::fs::create_dir(&zone).unwrap();
+        std::fs::create_dir(&own).unwrap();
+        let bytes = b"native code".repeat(10_000);
+        let artifact = Artifact {
+            engine: "0123456789abcdef".into(),
+            sha256: Sha256Hex::digest(&bytes),
+            len: bytes.len() as u64,
+        };
+        let name = artifact.handoff_name();
+        let handed = own.join(&name);
+        let entry = zone.join(&artifact.engine).join(&name);
+        let dir = |p: &Path| std::fs::File::open(p).unwrap();
+        let take = |a: &Artifact| take_handoff(dir(&own), dir(&zone), a, Some(4242));
+        let outside = tmp.path().join("outside");
+        std::fs::write(&outside, &bytes).unwrap();
+        type Plant<'a> = Box<dyn Fn() + 'a>;
+        let cases: Vec<(&str, Plant, Artifact)> = vec![
+            ("missing", Box::new(|| {}), artifact.clone()),
+            (
+                "other bytes of the same length",
+                Box::new(|| {
+                    let mut b = bytes.clone();
+                    b[5] ^= 1;
+                    std::fs::write(&handed, b).unwrap();
+                }),
+                artifact.clone(),
+            ),
+            (
+                "longer",
+                Box::new(|| std::fs::write(&handed, [&bytes[..], b"x"].concat()).unwrap()),
+                artifact.clone(),
+            ),
+            (
+                "a link",
+                Box::new(|| std::os::unix::fs::symlink(&outside, &handed).unwrap()),
+                artifact.clone(),
+            ),
+            (
+                "a hard link",
+                Box::new(|| std::fs::hard_link(&outside, &handed).unwrap()),
+                artifact.clone(),
+            ),
+            (
+                "a FIFO",
+                Box::new(|| {
+                    rustix::fs::mknodat(
+                        rustix::fs::CWD,
+                        &handed,
+                        rustix::fs::FileType::Fifo,
+                        rustix::fs::Mode::from_raw_mode(0o600),
+                        0,
+                    )
+                    .unwrap()
+                }),
+                artifact.clone(),
+            ),
+            (
+                "a malformed report",
+                Box::new(|| std::fs::write(&handed, &bytes).unwrap()),
+                Artifact {
+                    engine: "../outside".into(),
+                    ..artifact.clone()
+                },
+            ),
+        ];
+        for (what, plant, reported) in cases {
+            plant();
+            assert!(take(&reported).is_err(), "{what} was taken");
+            assert!(!entry.exists(), "{what}: an entry was made");
+            assert!(
+                std::fs::symlink_metadata(&handed).is_err(),
+                "{what}: the worker's file was left"
+            );
+            assert_eq!(std::fs::read(&outside).unwrap(), bytes, "{what}");
+        }
+        // No temporary file is left behind either.
+        let engine_dir = zone.join(&artifact.engine);
+        assert_eq!(std::fs::read_dir(&engine_dir).unwrap().count(), 0);
+
+        std::fs::write(&handed, &bytes).unwrap();
+        take(&artifact).unwrap();
+        assert_eq!(std::fs::read(&entry).unwrap(), bytes);
+        let (d, f) = (
+            std::fs::metadata(&engine_dir).unwrap(),
+            std::fs::metadata(&entry).unwrap(),
+        );
+        assert_eq!((d.mode() & 0o777, f.mode() & 0o777), (0o750, 0o640));
+        // Where this process may give files away (root): the workers' group.
+        if current_uid() == 0 {
+            assert_eq!((d.gid(), f.gid()), (4242, 4242));
+        }
     }
 
     /// An old key left in a zone's cache is not read: a tag under it
@@ -799,11 +1073,11 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let engine = Engine::default();
         // An earlier layout: the same directory used with a key.
-        let keyed = ModuleCache::new(tmp.path(), &engine, false).unwrap();
+        let keyed = ModuleCache::new(tmp.path(), &engine).unwrap();
         let digest = Sha256Hex::digest(EMPTY_COMPONENT);
         keyed.load(&engine, EMPTY_COMPONENT, &digest, None).unwrap();
         assert!(tmp.path().join(KEY_FILE).exists());
-        let zone = ModuleCache::new(tmp.path(), &engine, true).unwrap();
+        let zone = ModuleCache::zone(tmp.path(), tmp.path(), &engine).unwrap();
         assert!(
             !zone
                 .load(&engine, EMPTY_COMPONENT, &digest, None)
@@ -849,14 +1123,14 @@ mod tests {
     fn a_readable_or_short_key_is_refused() {
         let tmp = tempfile::tempdir().unwrap();
         let engine = Engine::default();
-        ModuleCache::new(tmp.path(), &engine, false).unwrap();
+        ModuleCache::new(tmp.path(), &engine).unwrap();
         let key = tmp.path().join(KEY_FILE);
         assert_eq!(std::fs::metadata(&key).unwrap().mode() & 0o777, 0o600);
         chmod(&key, 0o644);
-        let err = ModuleCache::new(tmp.path(), &engine, false).unwrap_err();
+        let err = ModuleCache::new(tmp.path(), &engine).unwrap_err();
         assert!(err.to_string().contains("0644"), "{err}");
         chmod(&key, 0o600);
         std::fs::write(&key, b"short").unwrap();
-        assert!(ModuleCache::new(tmp.path(), &engine, false).is_err());
+        assert!(ModuleCache::new(tmp.path(), &engine).is_err());
     }
 }

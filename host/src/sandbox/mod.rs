@@ -37,6 +37,7 @@ use wasmtime_wasi::p2::bindings::CommandPre;
 
 pub use cache::{
     Artifact, ArtifactRecords, KEY_FILE as CACHE_KEY_FILE, PrivateDirError, ensure_private_dir,
+    take_handoff,
 };
 pub use engine::{
     DescriptorBudgetError, JOB_OVERHEAD_DESCRIPTORS, MAX_OPEN_PER_JOB, MIN_OPEN_PER_JOB,
@@ -364,13 +365,18 @@ impl Sandbox {
         let cache = match config
             .cache_dir
             .as_deref()
-            .map(|dir| cache::ModuleCache::new(dir, &engine, config.dirs_handed_over))
+            .map(|dir| {
+                if config.dirs_handed_over {
+                    cache::ModuleCache::zone(dir, &config.work_dir, &engine)
+                } else {
+                    cache::ModuleCache::new(dir, &engine)
+                }
+            })
             .transpose()
         {
             Ok(cache) => cache,
-            // A zone's cache is every worker's to write: what one left there
-            // must not stop the next from starting. It compiles each module
-            // instead (the gateway clears such entries at its next start).
+            // A zone's cache that cannot be opened must not stop a worker
+            // from starting: it compiles each module instead.
             Err(e) if config.dirs_handed_over => {
                 tracing::warn!(error = %e, "the zone's module cache is unusable; compiling without it");
                 None

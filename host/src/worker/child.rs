@@ -323,9 +323,10 @@ fn load(
         let compiled = match serde_json::from_str::<Policy>(&policy_json) {
             Ok(mut policy) => {
                 policy.source_sha256 = policy_sha256.and_then(|s| Sha256Hex::new(s).ok());
-                // The zone's cache is every worker's to write: only the
-                // artifact the gateway recorded is loaded from it, read
-                // into memory and checked there (see `sandbox::cache`).
+                // Only the artifact the gateway recorded is loaded from
+                // the zone's cache, read into memory and checked there;
+                // what is compiled is handed over in this worker's own
+                // directory (see `sandbox::cache`).
                 tokio::task::spawn_blocking(move || {
                     sandbox.load_expecting(policy, &wasm, artifact.as_ref())
                 })

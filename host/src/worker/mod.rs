@@ -59,8 +59,8 @@ pub struct WorkerArgs {
     /// the zone's work directory), as the worker reaches it:
     /// `/proc/self/fd/<WORK_FD>`.
     pub work_dir: PathBuf,
-    /// The zone's precompiled-module cache, which only the zone's workers
-    /// read or write: `/proc/self/fd/<CACHE_FD>`.
+    /// The zone's precompiled-module cache, which the zone's workers only
+    /// read (the gateway writes it): `/proc/self/fd/<CACHE_FD>`.
     pub cache_dir: PathBuf,
     /// `(uid, gid)` to switch to when started as root.
     pub run_as: Option<(u32, u32)>,
@@ -81,7 +81,10 @@ impl WorkerArgs {
         harden::Plan {
             channel: Some(channel),
             keep: vec![WORK_FD, CACHE_FD],
-            writable: vec![self.work_dir.clone(), self.cache_dir.clone()],
+            writable: vec![self.work_dir.clone()],
+            // The zone's cache is written by the gateway alone (from what
+            // a pristine worker hands it); a worker only reads it.
+            readable: vec![self.cache_dir.clone()],
             run_as: self.run_as,
             max_open: self.max_open,
             max_threads: self.max_threads,

@@ -19,14 +19,16 @@
 //! collected by the gateway itself without following links
 //! ([`outputs::collect_beneath`](crate::sandbox::outputs::collect_beneath)).
 //!
-//! The zone's compile cache is every worker's to write, so the gateway
-//! keeps the authority over it: which artifact is good for each module
-//! ([`ArtifactRecords`], in [`records_dir`], which no worker can reach).
-//! Each `Load` carries that record, and a worker loads a cached artifact
-//! only when its bytes are exactly the recorded ones. A record is taken
-//! from a worker's `Loaded` only while the gateway has sent that worker no
-//! job ([`recordable`]): a worker that has run a guest may be that guest's
-//! by now, and its word about native code is not taken.
+//! The zone's compile cache is the gateway's: its workers only read it
+//! (Landlock), and the gateway keeps the authority over it: which artifact
+//! is good for each module ([`ArtifactRecords`], in [`records_dir`], which
+//! no worker can reach). Each `Load` carries that record, and a worker
+//! loads a cached artifact only when its bytes are exactly the recorded
+//! ones. A worker that compiles a module leaves the artifact in its own
+//! directory; it is taken into the cache and recorded only while the
+//! gateway has sent that worker no job ([`recordable`]): a worker that has
+//! run a guest may be that guest's by now, and its word about native code
+//! is not taken. So no worker can fill, or plant anything in, the cache.
 
 use std::collections::{BTreeSet, HashMap};
 use std::os::unix::process::ExitStatusExt;
@@ -100,10 +102,10 @@ pub struct PoolConfig {
     /// directory, never through a link or a mount); `None`: made if
     /// missing and opened at [`PoolConfig::work_dir`].
     pub work_held: Option<Root>,
-    /// The zone's compile cache, which every worker of the zone may
-    /// write. The gateway keeps its record of which artifact in it is good
-    /// for which module beside it, in [`records_dir`], where no worker
-    /// reaches.
+    /// The zone's compile cache, which the gateway writes and the zone's
+    /// workers only read. The gateway keeps its record of which artifact
+    /// in it is good for which module beside it, in [`records_dir`], where
+    /// no worker reaches.
     pub cache_dir: PathBuf,
     /// `(uid, gid)` workers switch to when the gateway runs as root.
     pub run_as: Option<(u32, u32)>,
@@ -178,7 +180,9 @@ pub struct Pool {
     /// What the last worker to start reported.
     applied: Mutex<Applied>,
     /// Which artifact in the zone's cache is good for which module.
-    records: ArtifactRecords,
+    records: Arc<ArtifactRecords>,
+    /// The zone's cache, held open from the start.
+    cache: Root,
     /// The runtime the pool was started on (the gateway's): what its
     /// owner is told (faults) and the calls its workers make run there.
     gateway: tokio::runtime::Handle,
@@ -356,18 +360,17 @@ pub fn records_dir(cache_dir: &Path) -> PathBuf {
     cache_dir.with_file_name(name)
 }
 
-/// The artifact to record for a module from a worker's `Loaded`: the one
-/// it `reported` writing, when it differs from the record it was `sent`
-/// with, and only when the worker was `pristine` (sent no job yet) when
-/// the gateway read its answer. A worker that has run a guest may be
-/// compromised, and could have written and reported native code of its
-/// own; its word is not taken (it keeps using what it compiled itself).
-fn recordable<'a>(
-    pristine: bool,
-    sent: Option<&Artifact>,
-    reported: Option<&'a Artifact>,
-) -> Option<&'a Artifact> {
-    reported.filter(|a| pristine && a.well_formed() && sent != Some(*a))
+/// The artifact to take into the zone's cache and record for a module
+/// from a worker's `Loaded`: the one it `reported` handing over, when it
+/// `compiled` the module (rather than loading the recorded artifact, which
+/// leaves nothing to take), and only when the worker was `pristine` (sent
+/// no job yet) when the gateway read its answer. A worker that has run a
+/// guest may be compromised, and could have written and reported native
+/// code of its own; its word is not taken (it keeps using what it
+/// compiled itself). Taking the very artifact recorded again mends an
+/// entry that was rewritten or removed.
+fn recordable(pristine: bool, compiled: bool, reported: Option<&Artifact>) -> Option<&Artifact> {
+    reported.filter(|a| pristine && compiled && a.well_formed())
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -393,17 +396,17 @@ impl Pool {
             zone: config.zone.clone(),
             reason: format!("work directory {}: {e}", config.work_dir.display()),
         })?;
-        prepare_dir(&config.cache_dir, effective_owner(config.run_as), 0o700)
-            .and_then(|()| match effective_owner(config.run_as) {
-                // What an earlier run under another user left, or a
-                // worker put where a directory belongs, is cleared away.
-                Some(owner) => repair_cache(&config.cache_dir, owner),
-                None => Ok(()),
-            })
-            .map_err(|e| PoolError::Start {
-                zone: config.zone.clone(),
-                reason: format!("cache directory {}: {e}", config.cache_dir.display()),
-            })?;
+        let group = cache_group(config.run_as);
+        let cache = prepare_dir(
+            &config.cache_dir,
+            group.map(|gid| (rustix::process::geteuid().as_raw(), gid)),
+            if group.is_some() { 0o750 } else { 0o700 },
+        )
+        .and_then(|()| Root::open(&config.cache_dir))
+        .map_err(|e| PoolError::Start {
+            zone: config.zone.clone(),
+            reason: format!("cache directory {}: {e}", config.cache_dir.display()),
+        })?;
         let records = records_dir(&config.cache_dir);
         if records.starts_with(&config.cache_dir) || records.starts_with(&config.work_dir) {
             return Err(PoolError::Start {
@@ -417,6 +420,13 @@ impl Pool {
         let records = ArtifactRecords::open(&records).map_err(|e| PoolError::Start {
             zone: config.zone.clone(),
             reason: format!("artifact records: {e}"),
+        })?;
+        // What an earlier version's workers, or an earlier run under
+        // another user, left in the cache is cleared away: only the
+        // recorded artifacts the gateway wrote stay.
+        repair_cache(&cache, &records, group).map_err(|e| PoolError::Start {
+            zone: config.zone.clone(),
+            reason: format!("cache directory {}: {e}", config.cache_dir.display()),
         })?;
         // A zone's cache has no key any more (anything in it is every
         // worker's to write); one an earlier version left is removed, and
@@ -435,7 +445,8 @@ impl Pool {
             closing: AtomicBool::new(false),
             faults: Arc::new(faults),
             applied: Mutex::default(),
-            records,
+            records: Arc::new(records),
+            cache,
             gateway: tokio::runtime::Handle::current(),
             zone_dir,
         });
@@ -567,20 +578,26 @@ impl Pool {
         });
     }
 
-    /// Takes what a worker's `Loaded` says about the zone's cache: records
-    /// the artifact it wrote under [`recordable`]'s rule, and says so when
-    /// the entry it was sent a record for did not match it.
-    fn take_artifact(&self, worker: &Worker, module: u64, info: &LoadInfo) {
+    /// Takes what a worker's `Loaded` says about the zone's cache: says so
+    /// when the entry it was sent a record for did not match it, removes
+    /// the artifact it handed over unless [`recordable`] takes it, and
+    /// returns the taking (a copy into the cache, then the record) to be
+    /// run off the channels' threads before the load is answered.
+    fn take_artifact(
+        &self,
+        worker: &Worker,
+        module: u64,
+        info: &LoadInfo,
+    ) -> Option<impl FnOnce() + Send + 'static> {
         let (pristine, sent) = {
             let ws = lock(&worker.state);
             match ws.loaded.get(&module) {
                 Some(sent) => (ws.pristine(), sent.clone()),
                 // Never sent to it.
-                None => return,
+                None => return None,
             }
         };
-        let source = lock(&self.state).modules.get(&module).cloned();
-        let Some(source) = source else { return };
+        let source = lock(&self.state).modules.get(&module).cloned()?;
         if let Some(sent) = &sent
             && !info.from_cache
             && info
@@ -599,12 +616,41 @@ impl Pool {
             metrics::counter!("bulkhead_zone_cache_mismatches_total", "zone" => self.config.zone.clone())
                 .increment(1);
         }
-        let Some(artifact) = recordable(pristine, sent.as_ref(), info.artifact.as_ref()) else {
-            return;
+        let reported = info.artifact.as_ref().filter(|a| a.well_formed())?;
+        let Some(artifact) = recordable(pristine, !info.from_cache, Some(reported)).cloned() else {
+            // Not taken: what it left in its directory goes.
+            let _ = rustix::fs::unlinkat(
+                &worker.dir_fd,
+                reported.handoff_name().as_str(),
+                rustix::fs::AtFlags::empty(),
+            );
+            return None;
         };
-        if let Err(e) = self.records.put(&source.digest, artifact) {
-            tracing::warn!(zone = %self.config.zone, dir = %self.records.path().display(), error = %e, "cannot write a compiled-module record");
-        }
+        let from = match worker.dir_fd.try_clone() {
+            Ok(fd) => fd,
+            Err(e) => {
+                tracing::warn!(zone = %self.config.zone, error = %e, "cannot take a compiled module into the zone's cache");
+                return None;
+            }
+        };
+        let (records, cache) = (Arc::clone(&self.records), self.cache.clone());
+        let (zone, group, pid) = (
+            self.config.zone.clone(),
+            cache_group(self.config.run_as),
+            worker.pid,
+        );
+        Some(
+            move || match crate::sandbox::take_handoff(&from, cache.fd(), &artifact, group) {
+                Ok(()) => {
+                    if let Err(e) = records.put(&source.digest, &artifact) {
+                        tracing::warn!(%zone, dir = %records.path().display(), error = %e, "cannot write a compiled-module record");
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(%zone, pid, module = %source.digest, error = %e, "a compiled module was not taken into the zone's cache; workers compile it until one is");
+                }
+            },
+        )
     }
 
     /// A worker that can take a job now: alive, not retiring, with a free
@@ -1016,7 +1062,8 @@ impl Pool {
         let dir_fd = work_fd
             .try_clone()
             .map_err(|e| start_error(format!("worker directory: {e}")))?;
-        let cache_fd = std::fs::File::open(&c.cache_dir)
+        let cache_fd = rustix::io::fcntl_dupfd_cloexec(self.cache.fd(), 0)
+            .map(std::fs::File::from)
             .map_err(|e| start_error(format!("{}: {e}", c.cache_dir.display())))?;
         let args = WorkerArgs {
             zone: c.zone.clone(),
@@ -1199,12 +1246,28 @@ impl Pool {
             };
             match message {
                 Up::Loaded { module, result } => {
-                    if let Ok(info) = &result {
-                        pool.take_artifact(worker, module, info);
-                    }
+                    let take = result
+                        .as_ref()
+                        .ok()
+                        .and_then(|info| pool.take_artifact(worker, module, info));
                     let waiting = lock(&worker.state).loads.remove(&module);
-                    for tx in waiting.unwrap_or_default() {
-                        let _ = tx.send(result.clone());
+                    let answer = move || {
+                        for tx in waiting.unwrap_or_default() {
+                            let _ = tx.send(result.clone());
+                        }
+                    };
+                    match take {
+                        // Off the channels' threads (a copy of native code
+                        // takes a while), and answered once the artifact is
+                        // in the cache and recorded, for the next worker.
+                        Some(take) => {
+                            let copying = pool.gateway.spawn_blocking(take);
+                            pool.gateway.spawn(async move {
+                                let _ = copying.await;
+                                answer();
+                            });
+                        }
+                        None => answer(),
                     }
                 }
                 Up::Running { job } => {
@@ -1475,54 +1538,121 @@ fn hard_nofile() -> u64 {
 }
 
 /// Makes a zone cache fit for its workers at start, never following a
-/// link and never walking what a worker built: each entry of `dir` that is
-/// not a directory of the workers' own (what an earlier run under another
-/// uid left, or a file or link a worker put where an engine's directory
-/// belongs) is removed — `remove_dir_all` removes a link, not its target —
-/// and each of the workers' directories is made 0700 again through a
-/// descriptor opened without following links. Below those directories
-/// nothing is touched: a worker's tree may be arbitrarily deep or racing,
-/// and everything in it is checked against the records before use anyway.
-fn repair_cache(dir: &Path, (uid, _gid): (u32, u32)) -> std::io::Result<()> {
-    use rustix::fs::{AtFlags, FileType, Mode, OFlags};
-    let root = rustix::fs::open(
-        dir,
-        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-        Mode::empty(),
-    )?;
-    for entry in std::fs::read_dir(dir)? {
-        let name = entry?.file_name();
-        let Ok(stat) = rustix::fs::statat(&root, &name, AtFlags::SYMLINK_NOFOLLOW) else {
-            continue; // gone meanwhile
-        };
-        let kind = FileType::from_raw_mode(stat.st_mode);
-        if kind == FileType::Directory && stat.st_uid == uid {
-            // Swapped for a link since: the open fails, and the next start
-            // removes the link.
-            if let Ok(fd) = rustix::fs::openat(
-                &root,
-                &name,
-                OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-                Mode::empty(),
-            ) {
-                rustix::fs::fchmod(&fd, Mode::from_raw_mode(0o700))?;
-            }
-            continue;
-        }
+/// link: what is not a recorded artifact the gateway wrote is removed —
+/// whatever an earlier version's workers (which could write the cache)
+/// or an earlier run under another user left, and artifacts no record
+/// names any more. Kept: `<engine key>/<sha256>.cwasm` regular files of
+/// this user with one name that a record names, in directories of this
+/// user; those directories and files are given the workers' `group`
+/// (mode 0750 and 0640), or made 0700 and 0600 without one.
+fn repair_cache(
+    cache: &Root,
+    records: &ArtifactRecords,
+    group: Option<u32>,
+) -> std::io::Result<()> {
+    use rustix::fs::{AtFlags, FileType, Mode};
+    let recorded = records.all()?;
+    let uid = rustix::process::geteuid().as_raw();
+    let gid = group.map(rustix::fs::Gid::from_raw);
+    let (dir_mode, file_mode) = if group.is_some() {
+        (0o750, 0o640)
+    } else {
+        (0o700, 0o600)
+    };
+    let hex = |name: &str, len: usize| {
+        name.len() == len
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    };
+    let remove = |at: &Root, name: &std::ffi::OsStr, kind: FileType| {
         let removed = if kind == FileType::Directory {
-            crate::sandbox::remove_tree(&dir.join(&name))
+            crate::sandbox::remove_tree_in(at, Path::new(name))
         } else {
-            rustix::fs::unlinkat(&root, &name, AtFlags::empty()).map_err(Into::into)
+            rustix::fs::unlinkat(at.fd(), name, AtFlags::empty()).map_err(Into::into)
         };
-        // What cannot be removed stays; workers then compile without the
-        // cache where it is in the way (see `Sandbox::new`).
-        if let Err(e) = removed
+        // What cannot be removed stays; it is never loaded (nothing records
+        // it) and workers compile where it is in the way.
+        if let Err(e) = &removed
             && e.kind() != std::io::ErrorKind::NotFound
         {
-            tracing::warn!(cache = %dir.display(), entry = ?name, error = %e, "cannot clear a zone cache entry");
+            tracing::warn!(cache = %at.path().display(), entry = ?name, error = %e, "cannot clear a zone cache entry");
+        }
+    };
+    for (name, kind, owner) in listing(cache.fd())? {
+        let engine = name.to_str().filter(|n| hex(n, 16)).map(str::to_owned);
+        let engine_dir = match engine {
+            Some(_) if kind == FileType::Directory && owner == uid => {
+                cache.below(Path::new(&name)).ok()
+            }
+            _ => None,
+        };
+        let (Some(engine), Some(engine_dir)) = (engine, engine_dir) else {
+            remove(cache, &name, kind);
+            continue;
+        };
+        rustix::fs::fchown(engine_dir.fd(), None, gid)?;
+        rustix::fs::fchmod(engine_dir.fd(), Mode::from_raw_mode(dir_mode))?;
+        for (file, kind, owner) in listing(engine_dir.fd())? {
+            let kept = kind == FileType::RegularFile
+                && owner == uid
+                && file
+                    .to_str()
+                    .and_then(|f| f.strip_suffix(".cwasm"))
+                    .is_some_and(|sha| {
+                        hex(sha, 64) && recorded.contains(&(engine.clone(), sha.to_owned()))
+                    });
+            let fd = kept
+                .then(|| {
+                    crate::sandbox::beneath::open_file_in(engine_dir.fd(), file.as_os_str()).ok()
+                })
+                .flatten()
+                .filter(|fd| rustix::fs::fstat(fd).is_ok_and(|st| st.st_nlink == 1));
+            match fd {
+                Some(fd) => {
+                    rustix::fs::fchown(&fd, None, gid)?;
+                    rustix::fs::fchmod(&fd, Mode::from_raw_mode(file_mode))?;
+                }
+                None => remove(&engine_dir, &file, kind),
+            }
         }
     }
     Ok(())
+}
+
+/// The entries of the directory `dir`: name, type and owner, each looked
+/// at without following a link.
+fn listing(
+    dir: &std::os::fd::OwnedFd,
+) -> std::io::Result<Vec<(std::ffi::OsString, rustix::fs::FileType, u32)>> {
+    use std::os::unix::ffi::OsStrExt;
+    let mut out = Vec::new();
+    for entry in rustix::fs::Dir::read_from(dir)? {
+        let entry = entry?;
+        let name = entry.file_name().to_bytes();
+        if name == b"." || name == b".." {
+            continue;
+        }
+        let name = std::ffi::OsStr::from_bytes(name).to_owned();
+        // Gone meanwhile: nothing to keep or clear.
+        if let Ok(st) =
+            rustix::fs::statat(dir, name.as_os_str(), rustix::fs::AtFlags::SYMLINK_NOFOLLOW)
+        {
+            out.push((
+                name,
+                rustix::fs::FileType::from_raw_mode(st.st_mode),
+                st.st_uid,
+            ));
+        }
+    }
+    Ok(out)
+}
+
+/// The group the zone's cache is shared with its workers by: theirs, where
+/// the gateway is root and they run as another user (mode 0750 and 0640);
+/// `None` where they share the gateway's uid (0700 and 0600).
+fn cache_group(run_as: Option<(u32, u32)>) -> Option<u32> {
+    effective_owner(run_as).map(|(_, gid)| gid)
 }
 
 /// Creates `dir` (and parents) with `mode`, owned by `owner` when given.
@@ -1574,21 +1704,19 @@ mod tests {
     }
 
     /// Only a worker sent no job is taken at its word, and only for a
-    /// well-formed artifact that differs from the record it was sent.
+    /// well-formed artifact it compiled.
     #[test]
     fn a_record_is_taken_only_from_a_worker_that_ran_no_guest() {
-        let (a, b) = (artifact(1), artifact(2));
-        assert_eq!(recordable(true, None, Some(&a)), Some(&a));
-        assert_eq!(recordable(true, Some(&b), Some(&a)), Some(&a));
-        assert_eq!(recordable(false, None, Some(&a)), None);
-        assert_eq!(recordable(false, Some(&b), Some(&a)), None);
-        assert_eq!(recordable(true, Some(&a), Some(&a)), None);
-        assert_eq!(recordable(true, Some(&a), None), None);
+        let a = artifact(1);
+        assert_eq!(recordable(true, true, Some(&a)), Some(&a));
+        assert_eq!(recordable(false, true, Some(&a)), None);
+        assert_eq!(recordable(true, false, Some(&a)), None);
+        assert_eq!(recordable(true, true, None), None);
         let odd = Artifact {
             engine: "not-an-engine".into(),
             ..a
         };
-        assert_eq!(recordable(true, None, Some(&odd)), None);
+        assert_eq!(recordable(true, true, Some(&odd)), None);
         let mut ws = WorkerState::default();
         assert!(ws.pristine());
         ws.started = 1;

@@ -4,9 +4,9 @@
 //! the directories before the host first uses them. These run locally only:
 //! they need the host's own directories. A planted artifact is planted in
 //! the cache of the runner the suite's guests run in (a hardened worker's
-//! zone cache, which only the zone's workers read, or this process's); the
-//! directory checks are the gateway's own, made in this process in both
-//! modes.
+//! zone cache, which the gateway writes and its workers read, or this
+//! process's); the directory checks are the gateway's own, made in this
+//! process in both modes.
 //!
 //! Held means, judged on the host: a planted artifact is never loaded (the
 //! module is compiled from its pinned `.wasm`, the job behaves exactly as a
@@ -96,13 +96,30 @@ fn find(dir: &Path, name: &str) -> Option<PathBuf> {
     None
 }
 
+/// The cache entry of the module whose `.wasm` has the sha256 `module`:
+/// in this process's own cache `<engine key>/<module>.cwasm`; in a zone's
+/// cache, the artifact the gateway recorded for it
+/// (`zones/<zone>.records/<module>.json` names `<engine key>/<artifact
+/// sha256>.cwasm` in `zones/<zone>`).
+fn entry(cache: &Path, module: &Sha256Hex) -> Option<PathBuf> {
+    if let Some(own) = find(cache, &format!("{module}.cwasm")) {
+        return Some(own);
+    }
+    let record = find(cache, &format!("{module}.json"))?;
+    let artifact: bulkhead::sandbox::Artifact =
+        serde_json::from_slice(&std::fs::read(&record).ok()?).ok()?;
+    let records = record.parent()?;
+    let zone = records.with_file_name(records.file_name()?.to_str()?.strip_suffix(".records")?);
+    Some(zone.join(&artifact.engine).join(artifact.handoff_name()))
+}
+
 async fn planted(h: &Harness, area: &Path, kind: DirAttack) -> Outcome {
     let cache = area.join("cache");
     let work = area.join("jobs");
     let hostile = hostile_wasm();
     let hello = hello_wasm();
-    let hostile_name = format!("{}.cwasm", Sha256Hex::digest(&hostile));
-    let hello_name = format!("{}.cwasm", Sha256Hex::digest(hello));
+    let hostile_name = Sha256Hex::digest(&hostile);
+    let hello_name = Sha256Hex::digest(hello);
 
     // The attacker's module, compiled into the cache by the host itself
     // (where the suite runs guests: in a worker, into its zone's cache):
@@ -130,9 +147,11 @@ async fn planted(h: &Harness, area: &Path, kind: DirAttack) -> Outcome {
         first.close();
         loaded?;
     }
-    let other = find(&cache, &hostile_name)
-        .ok_or_else(|| format!("the cache holds no {hostile_name} after compiling it"))?;
-    let target = other.with_file_name(&hello_name);
+    let other = entry(&cache, &hostile_name)
+        .filter(|p| p.is_file())
+        .ok_or_else(|| format!("the cache holds no entry of {hostile_name} after compiling it"))?;
+    let target = entry(&cache, &hello_name)
+        .ok_or_else(|| format!("the cache holds no entry of {hello_name} after compiling it"))?;
     match kind {
         DirAttack::PlantedCopy => std::fs::copy(&other, &target).map(drop),
         DirAttack::PlantedGarbage => {

@@ -44,12 +44,14 @@ pub enum DrillAttack {
     Namespaces,
     /// Outlive the gateway.
     Outlive,
+    /// Write, replace or fill its zone's compiled-module cache.
+    ZoneCache,
 }
 
 impl DrillAttack {
     /// Every drill attack: itself, its id, what it tries, and the layers
     /// expected to stop it.
-    pub const ALL: [(DrillAttack, &'static str, &'static str, &'static str); 13] = [
+    pub const ALL: [(DrillAttack, &'static str, &'static str, &'static str); 14] = [
         (
             DrillAttack::Secrets,
             "wall.secrets",
@@ -128,6 +130,12 @@ impl DrillAttack {
             "keep running after the gateway that started it is gone",
             "dies with gateway",
         ),
+        (
+            DrillAttack::ZoneCache,
+            "wall.zone-cache",
+            "write, replace, link into or fill its zone's compiled-module cache",
+            "landlock, ownership",
+        ),
     ];
 
     /// Its id, e.g. `wall.secrets`.
@@ -175,6 +183,13 @@ pub struct DrillOrder {
     pub gateway_secret: (u64, u64),
     /// How many processes the fork bomb tries to start.
     pub forks: u32,
+    /// Its zone's compiled-module cache, which it may only read: the
+    /// directories (by path and as handed over, `/proc/self/fd/N`).
+    #[serde(default)]
+    pub zone_cache_dirs: Vec<PathBuf>,
+    /// The artifacts in it.
+    #[serde(default)]
+    pub zone_cache_files: Vec<PathBuf>,
 }
 
 /// One line the drill writes on its channel (JSON, one per line).

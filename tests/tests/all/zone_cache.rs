@@ -1,10 +1,10 @@
-//! A zone's compile cache is every worker's to write, so a compromised
-//! worker can put native code of its own in it: the gateway, not the
-//! directory, says which artifact is good for which module. A worker
-//! loads a cached artifact only when its bytes are the ones the gateway
-//! recorded, and the gateway records only what a worker that has run no
-//! guest reports. Judged on the host: what the next worker runs, the cache
-//! and record files, and whether a restart compiles again.
+//! A zone's compile cache is the gateway's: its workers only read it.
+//! A worker that compiles a module hands the artifact over in its own
+//! directory, and the gateway copies it into the cache and records it only
+//! when the worker had run no guest. A worker loads a cached artifact only
+//! when its bytes are the ones the gateway recorded. Judged on the host:
+//! what the next worker runs, the cache and record files, and whether a
+//! restart compiles again.
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -29,25 +29,6 @@ async fn run(runner: &Workers, module: &Module) -> JobReport {
         .report
 }
 
-fn entry(guest: &str) -> String {
-    format!("{}.cwasm", Sha256Hex::digest(&wasm(guest)))
-}
-
-/// The cache entry named `name` under `dir`, wherever the engine key put it.
-fn find(dir: &Path, name: &str) -> Option<PathBuf> {
-    for entry in std::fs::read_dir(dir).ok()?.flatten() {
-        if entry.file_name() == name {
-            return Some(entry.path());
-        }
-        if entry.file_type().ok()?.is_dir()
-            && let Some(found) = find(&entry.path(), name)
-        {
-            return Some(found);
-        }
-    }
-    None
-}
-
 /// The gateway's record for `guest` in the zone, if it has one.
 fn record(tmp: &Path, guest: &str) -> Option<serde_json::Value> {
     let path =
@@ -57,29 +38,35 @@ fn record(tmp: &Path, guest: &str) -> Option<serde_json::Value> {
         .map(|b| serde_json::from_slice(&b).unwrap())
 }
 
-/// HMAC-SHA256 (RFC 2104), as the cache tagged artifacts with.
-fn hmac_sha256(key: &[u8], parts: &[&[u8]]) -> [u8; 32] {
-    let mut block = [0u8; 64];
-    block[..key.len()].copy_from_slice(key);
-    let mut inner = Sha256::new();
-    inner.update(block.map(|b| b ^ 0x36));
-    for p in parts {
-        inner.update(p);
-    }
-    let mut outer = Sha256::new();
-    outer.update(block.map(|b| b ^ 0x5c));
-    outer.update(inner.finalize());
-    outer.finalize().into()
+/// Where the artifact recorded for `guest` lies in the zone's cache.
+fn recorded_entry(tmp: &Path, guest: &str) -> PathBuf {
+    let record = record(tmp, guest).expect("a record");
+    zone_cache(tmp)
+        .join(record["engine"].as_str().unwrap())
+        .join(format!("{}.cwasm", record["sha256"].as_str().unwrap()))
 }
 
-/// A compromised worker writes the hostile guest's genuine native code
-/// under hello's name in the zone's cache. Where the zone's cache had a key
-/// (readable by its workers), it tags the plant with it, as the host
-/// would; where it has none, it plants the bare artifact. The next
-/// worker does not load it: the job does what hello does, and the entry is
-/// replaced by hello's own, which the gateway records and a restart loads.
+/// Every file under `dir`, by path.
+fn files(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap().flatten() {
+        if entry.file_type().unwrap().is_dir() {
+            out.extend(files(&entry.path()));
+        } else {
+            out.push(entry.path());
+        }
+    }
+    out.sort();
+    out
+}
+
+/// The hostile guest's genuine native code is written over hello's
+/// recorded entry in the zone's cache. The next worker does not load it:
+/// the job does what hello does, and the gateway puts hello's own artifact
+/// back from the worker that compiled it, which a restart loads. The
+/// cache is the gateway's, not the workers': nothing else is in it.
 #[tokio::test(flavor = "multi_thread")]
-async fn an_artifact_a_worker_planted_in_its_zone_cache_is_not_loaded_by_the_next() {
+async fn an_artifact_planted_in_a_zone_cache_is_not_loaded_by_the_next_worker() {
     let tmp = tempfile::tempdir().unwrap();
     {
         let first = workers(tmp.path(), "first", 0).await;
@@ -88,35 +75,33 @@ async fn an_artifact_a_worker_planted_in_its_zone_cache_is_not_loaded_by_the_nex
         first.close();
     }
     let zone = zone_cache(tmp.path());
-    let hostile = find(&zone, &entry(bulkhead_tests::HOSTILE)).expect("hostile's artifact");
-    let target = hostile.with_file_name(entry(bulkhead_tests::HELLO));
-    assert!(target.is_file(), "hello was not cached");
-
-    // The plant, with what a worker can read in its zone's cache.
-    let key_file = zone.join("cache.key");
-    let mut artifact = std::fs::read(&hostile).unwrap();
-    let planted = match std::fs::read(&key_file) {
-        Ok(key) => {
-            // Entries carry a 32-byte tag: strip hostile's, tag for hello.
-            artifact.truncate(artifact.len() - 32);
-            let engine = hostile.parent().unwrap().file_name().unwrap();
-            let engine = engine.to_str().unwrap().as_bytes();
-            let digest = Sha256Hex::digest(&wasm(bulkhead_tests::HELLO)).to_string();
-            let tag = hmac_sha256(
-                &key,
-                &[
-                    b"bulkhead module cache v1\0",
-                    &(engine.len() as u64).to_le_bytes(),
-                    engine,
-                    &(digest.len() as u64).to_le_bytes(),
-                    digest.as_bytes(),
-                    &artifact,
-                ],
-            );
-            [artifact, tag.to_vec()].concat()
+    let hostile = recorded_entry(tmp.path(), bulkhead_tests::HOSTILE);
+    let target = recorded_entry(tmp.path(), bulkhead_tests::HELLO);
+    assert_eq!(files(&zone), {
+        let mut both = vec![hostile.clone(), target.clone()];
+        both.sort();
+        both
+    });
+    // The gateway's, shared with the workers for reading only.
+    // SAFETY: `geteuid` has no preconditions.
+    let (uid, root) = unsafe { (libc::geteuid(), libc::geteuid() == 0) };
+    for path in [&zone, target.parent().unwrap(), &target] {
+        let meta = std::fs::metadata(path).unwrap();
+        assert_eq!(meta.uid(), uid, "{}", path.display());
+        let mode = meta.permissions().mode() & 0o777;
+        let want = match (meta.is_dir(), root) {
+            (true, true) => 0o750,
+            (true, false) => 0o700,
+            (false, true) => 0o640,
+            (false, false) => 0o600,
+        };
+        assert_eq!(mode, want, "{}", path.display());
+        if root {
+            assert_eq!(meta.gid(), 65534, "{}", path.display());
         }
-        Err(_) => artifact,
-    };
+    }
+
+    let planted = std::fs::read(&hostile).unwrap();
     std::fs::write(&target, &planted).unwrap();
 
     // A restart; hello's job runs in a fresh worker of the zone.
@@ -129,20 +114,22 @@ async fn an_artifact_a_worker_planted_in_its_zone_cache_is_not_loaded_by_the_nex
     // its line: the worker ran the pinned module.
     assert!(report.succeeded(), "{report:#?}");
     assert_eq!(report.stdout.text, "hello from bulkhead\n");
-    let now = std::fs::read(&target).unwrap();
+    // The gateway put back what the pristine worker compiled and recorded
+    // it: the entry's bytes are the record's.
+    let now = std::fs::read(recorded_entry(tmp.path(), bulkhead_tests::HELLO)).unwrap();
     assert_ne!(now, planted, "the planted entry was not replaced");
-    // The gateway recorded the replacement, which it reads no worker's
-    // directory to know: the record is what the pristine worker reported.
     let record = record(tmp.path(), bulkhead_tests::HELLO).expect("hello's record");
     assert_eq!(record["sha256"], hex::encode(Sha256::digest(&now)));
-    assert!(!key_file.exists(), "the zone's cache keeps a key");
+    assert!(
+        !zone.join("cache.key").exists(),
+        "the zone's cache keeps a key"
+    );
     // Beside the zone's cache, not in it: the gateway's own, private.
     let records = records_dir(&zone);
     assert!(!records.starts_with(&zone));
     let meta = std::fs::metadata(&records).unwrap();
     assert_eq!(meta.permissions().mode() & 0o777, 0o700);
-    // SAFETY: `geteuid` has no preconditions.
-    assert_eq!(meta.uid(), unsafe { libc::geteuid() });
+    assert_eq!(meta.uid(), uid);
 
     let third = workers(tmp.path(), "third", 0).await;
     let module = load(&third, bulkhead_tests::HELLO, "hello").await;
@@ -176,8 +163,13 @@ async fn what_a_worker_that_ran_a_guest_compiled_is_not_recorded() {
         None,
         "what a worker that ran a guest compiled was recorded"
     );
+    // Nor taken into the cache: only hello's artifact is there, and the
+    // worker's handed-over file was removed with its directory.
     let zone = zone_cache(tmp.path());
-    assert!(find(&zone, &entry(bulkhead_tests::HOSTILE)).is_some());
+    assert_eq!(
+        files(&zone),
+        vec![recorded_entry(tmp.path(), bulkhead_tests::HELLO)]
+    );
 
     {
         let second = workers(tmp.path(), "second", 0).await;
@@ -197,26 +189,26 @@ async fn what_a_worker_that_ran_a_guest_compiled_is_not_recorded() {
     third.close();
 }
 
-/// What a worker can leave in its zone's cache — a file where an engine's
-/// directory belongs, a tree deeper than any path the host can name — must
-/// not stop the zone: replacement workers still start and run jobs
-/// (compiling without the cache), and so does a restart, which clears what
-/// is in the way without walking the workers' trees.
+/// What an earlier version's workers could leave in their zone's cache —
+/// a file where an engine's directory belongs, a tree deeper than any path
+/// the host can name, an artifact no record names — must not stop the
+/// zone: replacement workers still start and run jobs (compiling without
+/// the cache), and so does a restart, which clears everything but the
+/// recorded artifacts.
 #[tokio::test]
-async fn a_zone_cache_a_worker_broke_does_not_stop_the_zone() {
+async fn what_is_left_in_a_zone_cache_does_not_stop_the_zone_and_is_cleared() {
     let tmp = tempfile::tempdir().unwrap();
     let runner = workers(tmp.path(), "first", 1).await;
     let hello = load(&runner, bulkhead_tests::HELLO, "hello").await;
     assert!(run(&runner, &hello).await.succeeded());
 
-    // What a worker (uid 65534 when the tests run as root) could do: its
-    // engine directory replaced by a file, and a deep tree of its own.
+    // Its engine directory replaced by a file, a deep tree of the
+    // workers' user, and an unrecorded artifact beside the recorded one.
     let cache = zone_cache(tmp.path());
-    let engine = std::fs::read_dir(&cache)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .find(|p| p.is_dir())
-        .expect("an engine directory");
+    let entry = recorded_entry(tmp.path(), bulkhead_tests::HELLO);
+    let engine = entry.parent().unwrap().to_owned();
+    let stray = engine.join(format!("{}.cwasm", "0".repeat(64)));
+    std::fs::write(&stray, b"not recorded").unwrap();
     std::fs::rename(&engine, cache.join("moved-away")).unwrap();
     std::fs::write(&engine, b"not a directory").unwrap();
     deep_tree(&cache.join("deep"), 20);
@@ -228,15 +220,23 @@ async fn a_zone_cache_a_worker_broke_does_not_stop_the_zone() {
     assert!(report.succeeded(), "{report:?}");
     runner.close();
 
-    // A restart over the same cache starts, runs, and has cleared the file.
+    // A restart over the same cache starts, runs, and has cleared all of
+    // it; what it compiled again is all the cache holds.
     let runner = workers(tmp.path(), "second", 1).await;
     let hello = load(&runner, bulkhead_tests::HELLO, "hello").await;
     assert!(run(&runner, &hello).await.succeeded());
-    assert!(
-        !engine.is_file(),
-        "the file in the engine's place is still there"
-    );
     runner.close();
+    assert_eq!(files(&cache), vec![entry.clone()]);
+    assert!(!cache.join("deep").exists() && !cache.join("moved-away").exists());
+
+    // An artifact no record names, put beside the recorded one, goes at
+    // the next start; the recorded one stays and is loaded.
+    std::fs::write(&stray, b"not recorded").unwrap();
+    let runner = workers(tmp.path(), "third", 1).await;
+    let hello = load(&runner, bulkhead_tests::HELLO, "hello").await;
+    assert!(hello.from_cache(), "the recorded artifact was not kept");
+    runner.close();
+    assert_eq!(files(&cache), vec![entry]);
 }
 
 /// `levels` nested directories of 250-byte names under `top`, made

@@ -31,6 +31,7 @@ pub fn plan() -> Plan {
         channel: Some(3),
         keep: Vec::new(),
         writable,
+        readable: Vec::new(),
         run_as: None,
         max_open: MAX_OPEN,
         max_threads: std::env::var(MAX_THREADS).unwrap().parse().unwrap(),

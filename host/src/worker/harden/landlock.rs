@@ -56,7 +56,13 @@ fn writable_access(abi: ABI) -> BitFlags<AccessFs> {
     AccessFs::from_all(abi) & !(AccessFs::Execute | AccessFs::IoctlDev)
 }
 
-pub(super) fn apply(writable: &[PathBuf]) -> Result<LayerState, HardenError> {
+/// Rights granted beneath a read-only directory: reading files and
+/// listing directories.
+fn readable_access() -> BitFlags<AccessFs> {
+    AccessFs::ReadFile | AccessFs::ReadDir
+}
+
+pub(super) fn apply(writable: &[PathBuf], readable: &[PathBuf]) -> Result<LayerState, HardenError> {
     let layer = Layer::Landlock;
     let version = kernel_abi();
     if version <= 0 {
@@ -82,10 +88,14 @@ pub(super) fn apply(writable: &[PathBuf]) -> Result<LayerState, HardenError> {
     let mut created = ruleset
         .create()
         .map_err(|e| err("creating the ruleset", &e))?;
-    for dir in writable {
+    let rules = writable
+        .iter()
+        .map(|d| (d, writable_access(abi)))
+        .chain(readable.iter().map(|d| (d, readable_access())));
+    for (dir, access) in rules {
         let fd = PathFd::new(dir).map_err(|e| err(&format!("opening {}", dir.display()), &e))?;
         created = created
-            .add_rule(PathBeneath::new(fd, writable_access(abi)))
+            .add_rule(PathBeneath::new(fd, access))
             .map_err(|e| err(&format!("allowing {}", dir.display()), &e))?;
     }
     let status = created
@@ -98,7 +108,10 @@ pub(super) fn apply(writable: &[PathBuf]) -> Result<LayerState, HardenError> {
         ));
     }
     // Checked: a path outside every writable directory cannot be opened.
-    if writable.iter().all(|d| !d.starts_with("/proc"))
+    if writable
+        .iter()
+        .chain(readable)
+        .all(|d| !d.starts_with("/proc"))
         && std::fs::File::open("/proc/self/status").is_ok()
     {
         return Err(HardenError::new(

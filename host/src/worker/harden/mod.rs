@@ -20,7 +20,7 @@
 //! | `mount_namespace` | mount events propagating either way (made private, `MS_REC|MS_PRIVATE`) | reading the filesystem (Landlock does that) |
 //! | `rlimits` | core files (`RLIMIT_CORE` 0), descriptor floods (`RLIMIT_NOFILE` = `max_open`), thread and fork floods (`RLIMIT_NPROC` = `max_threads`); soft = hard, so not raised again | memory (the cgroup and wasmtime's limits), CPU (the sandbox's meter) |
 //! | `no_new_privs` | gaining privileges through set-uid binaries or file capabilities | nothing else (it is also set by `landlock` and `seccomp`, which need it) |
-//! | `landlock` | the filesystem outside `writable` (no read, write, exec, ioctl on devices); TCP bind and connect (ABI ≥ 4); abstract unix sockets and signals to processes outside the worker's domain (ABI ≥ 6) | descriptors already open (the channel, `/dev/null`) |
+//! | `landlock` | the filesystem outside `writable` (no read, write, exec, ioctl on devices) and anything but reading beneath `readable` (the zone's module cache); TCP bind and connect (ABI ≥ 4); abstract unix sockets and signals to processes outside the worker's domain (ABI ≥ 6) | descriptors already open (the channel, `/dev/null`) |
 //! | `not_dumpable` | other processes of the same uid attaching with ptrace or reading `/proc/<pid>/mem`; `/proc/<pid>` files become root's | root of the host |
 //! | `seccomp` | every system call not on an allow-list (see `seccomp`): sockets, exec, ptrace, namespaces, mounts, bpf, keyrings, io_uring, new processes (clone is allowed for threads only), signals to other processes, credential and limit changes | the allowed calls' own kernel bugs |
 //!
@@ -130,8 +130,11 @@ pub struct Plan {
     /// Inherited directory descriptors kept open too (the worker's work
     /// and cache directories, reached as `/proc/self/fd/N`).
     pub keep: Vec<RawFd>,
-    /// Directories readable and writable; nothing else on the filesystem is.
+    /// Directories readable and writable.
     pub writable: Vec<PathBuf>,
+    /// Directories only readable (files read, directories listed);
+    /// nothing else on the filesystem is reachable.
+    pub readable: Vec<PathBuf>,
     /// `(uid, gid)` to switch to when running as root.
     pub run_as: Option<(u32, u32)>,
     /// `RLIMIT_NOFILE`.
@@ -269,7 +272,9 @@ pub fn apply(plan: &Plan) -> Result<Applied, HardenError> {
         sys::rlimits(plan.max_open, plan.max_threads)
     })?;
     record(Layer::NoNewPrivs, &mut sys::no_new_privs)?;
-    record(Layer::Landlock, &mut || landlock::apply(&plan.writable))?;
+    record(Layer::Landlock, &mut || {
+        landlock::apply(&plan.writable, &plan.readable)
+    })?;
     record(Layer::NotDumpable, &mut sys::not_dumpable)?;
     if !on(Layer::NotDumpable) {
         // Left off, the layer leaves the process as dumpable as a worker
@@ -292,7 +297,7 @@ fn check_plan(plan: &Plan) -> Result<(), HardenError> {
         ));
     }
     if on(Layer::Landlock) {
-        for dir in &plan.writable {
+        for dir in plan.writable.iter().chain(&plan.readable) {
             check_dir(dir)?;
         }
     }
@@ -323,18 +328,18 @@ fn check_dir(dir: &Path) -> Result<(), HardenError> {
     if !dir.is_absolute() {
         return Err(HardenError::new(
             Layer::Landlock,
-            format!("writable directory {} is not absolute", dir.display()),
+            format!("directory {} is not absolute", dir.display()),
         ));
     }
     match std::fs::metadata(dir) {
         Ok(m) if m.is_dir() => Ok(()),
         Ok(_) => Err(HardenError::new(
             Layer::Landlock,
-            format!("writable directory {} is not a directory", dir.display()),
+            format!("directory {} is not a directory", dir.display()),
         )),
         Err(e) => Err(HardenError::new(
             Layer::Landlock,
-            format!("writable directory {}: {e}", dir.display()),
+            format!("directory {}: {e}", dir.display()),
         )),
     }
 }

@@ -231,6 +231,119 @@ impl Drill {
         }
     }
 
+    /// Everything a worker could do to its zone's cache to plant native
+    /// code or fill the disk: write, truncate, rename, remove and chmod an
+    /// artifact; create files, directories, FIFOs and links in it; link or
+    /// rename a file of its own work directory into it.
+    fn zone_cache(&mut self) {
+        let own = self.order.work_dir.join("drill-artifact.cwasm");
+        let made = std::fs::write(&own, b"native code of the drill's own");
+        self.attempt(
+            format!("write {} (its own directory)", own.display()),
+            made.map_or_else(|e| e.to_string(), |()| "ok".into()),
+            None,
+        );
+        for path in self.order.zone_cache_files.clone() {
+            for (how, flags) in [
+                ("append to", libc::O_WRONLY | libc::O_APPEND),
+                ("truncate", libc::O_WRONLY | libc::O_TRUNC),
+            ] {
+                let c = cpath(&path);
+                // SAFETY: a valid C string.
+                let fd = unsafe { libc::open(c.as_ptr(), flags | libc::O_CLOEXEC) };
+                if fd < 0 {
+                    self.attempt(format!("{how} {}", path.display()), errno(), None);
+                    continue;
+                }
+                let msg = b"planted by the drill";
+                // SAFETY: valid buffer; `fd` is ours.
+                let rc = unsafe { libc::write(fd, msg.as_ptr().cast(), msg.len()) };
+                unsafe { libc::close(fd) };
+                self.attempt(
+                    format!("{how} {}", path.display()),
+                    outcome(rc as i64),
+                    None,
+                );
+            }
+            let c = cpath(&path);
+            // SAFETY: a valid C string.
+            let rc = unsafe { libc::chmod(c.as_ptr(), 0o666) };
+            self.attempt(
+                format!("chmod {}", path.display()),
+                outcome(rc.into()),
+                None,
+            );
+            let r = std::fs::rename(&path, path.with_extension("moved"));
+            self.attempt(
+                format!("rename {}", path.display()),
+                r.map_or_else(|e| e.to_string(), |()| "ok".into()),
+                None,
+            );
+            let r = std::fs::copy(&own, &path);
+            self.attempt(
+                format!("overwrite {} with its own file", path.display()),
+                r.map_or_else(|e| e.to_string(), |n| format!("ok: {n} bytes")),
+                None,
+            );
+            let r = std::fs::remove_file(&path);
+            self.attempt(
+                format!("unlink {}", path.display()),
+                r.map_or_else(|e| e.to_string(), |()| "ok".into()),
+                None,
+            );
+        }
+        for dir in self.order.zone_cache_dirs.clone() {
+            let r = std::fs::read_dir(&dir).map(|d| d.flatten().count());
+            self.attempt(
+                format!("list {}", dir.display()),
+                r.map_or_else(|e| e.to_string(), |n| format!("ok: {n} entries")),
+                None,
+            );
+            let r = std::fs::write(dir.join("filler-by-drill"), vec![0u8; 1 << 20]);
+            self.attempt(
+                format!("create a 1 MiB file in {}", dir.display()),
+                r.map_or_else(|e| e.to_string(), |()| "ok".into()),
+                None,
+            );
+            let r = std::fs::create_dir(dir.join("dir-by-drill"));
+            self.attempt(
+                format!("create a directory in {}", dir.display()),
+                r.map_or_else(|e| e.to_string(), |()| "ok".into()),
+                None,
+            );
+            let r = std::os::unix::fs::symlink(&own, dir.join("link-by-drill"));
+            self.attempt(
+                format!("create a symlink in {}", dir.display()),
+                r.map_or_else(|e| e.to_string(), |()| "ok".into()),
+                None,
+            );
+            let r = std::fs::hard_link(&own, dir.join("hardlink-by-drill.cwasm"));
+            self.attempt(
+                format!("hard-link its own file into {}", dir.display()),
+                r.map_or_else(|e| e.to_string(), |()| "ok".into()),
+                None,
+            );
+            let r = std::fs::rename(&own, dir.join("renamed-by-drill.cwasm"));
+            self.attempt(
+                format!("rename its own file into {}", dir.display()),
+                r.map_or_else(|e| e.to_string(), |()| "ok".into()),
+                None,
+            );
+        }
+        // Last: seccomp may end the drill here (`mknodat` is not allowed).
+        for dir in self.order.zone_cache_dirs.clone() {
+            let fifo = cpath(&dir.join("fifo-by-drill"));
+            self.trying(format!("mkfifo in {}", dir.display()));
+            // SAFETY: a valid C string.
+            let rc = unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) };
+            self.attempt(
+                format!("mkfifo in {}", dir.display()),
+                outcome(rc.into()),
+                None,
+            );
+        }
+    }
+
     fn connect(&mut self) {
         for port in self.order.tcp_ports.clone() {
             let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
@@ -730,6 +843,7 @@ pub fn attack_from_inside(
         Some(DrillAttack::Rlimits) => drill.rlimits(),
         Some(DrillAttack::Privileges) => drill.privileges(),
         Some(DrillAttack::Namespaces) => drill.namespaces(),
+        Some(DrillAttack::ZoneCache) => drill.zone_cache(),
         // Nothing to do but stay alive: the suite takes the gateway away.
         Some(DrillAttack::Outlive) | None => {}
     }

@@ -119,6 +119,10 @@ struct Area {
     neighbours: Vec<(PathBuf, Vec<u8>)>,
     /// Directories the drill may not touch: path -> entries.
     dirs: Vec<(PathBuf, BTreeSet<String>)>,
+    /// The artifacts in its zone's cache: path -> contents.
+    cache_files: Vec<(PathBuf, Vec<u8>)>,
+    /// Everything in its zone's cache, with owner and mode.
+    cache_tree: BTreeSet<String>,
     marker: PathBuf,
     /// Every bait string.
     tokens: Vec<String>,
@@ -212,13 +216,36 @@ impl Area {
             std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o777))?;
         }
         std::fs::create_dir_all(&work)?;
-        std::fs::create_dir_all(&cache)?;
-        for d in [&work, &cache] {
-            std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o700))?;
+        std::fs::set_permissions(&work, std::fs::Permissions::from_mode(0o700))?;
+        if is_root() {
+            std::os::unix::fs::chown(&work, Some(NOBODY.0), Some(NOBODY.1))?;
+        }
+        // The zone's cache as a pool keeps it: the gateway's, shared with
+        // the workers' group for reading (the same uid where not root),
+        // with a recorded artifact in an engine's directory.
+        let artifact = cache
+            .join("0123456789abcdef")
+            .join(format!("{}.cwasm", "ab".repeat(32)));
+        std::fs::create_dir_all(artifact.parent().unwrap())?;
+        let body = b"the zone's recorded native code".to_vec();
+        std::fs::write(&artifact, &body)?;
+        let (dir_mode, file_mode) = if is_root() {
+            (0o750, 0o640)
+        } else {
+            (0o700, 0o600)
+        };
+        for (p, mode) in [
+            (&cache, dir_mode),
+            (&artifact.parent().unwrap().to_owned(), dir_mode),
+            (&artifact, file_mode),
+        ] {
+            std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode))?;
             if is_root() {
-                std::os::unix::fs::chown(d, Some(NOBODY.0), Some(NOBODY.1))?;
+                std::os::unix::fs::chown(p, None, Some(NOBODY.1))?;
             }
         }
+        let cache_files = vec![(artifact, body)];
+        let cache_tree = tree(&cache);
         let mut dirs: Vec<(PathBuf, BTreeSet<String>)> = open_dirs
             .iter()
             .chain([&data, &data.join("keys"), &root.join("etc")])
@@ -233,6 +260,8 @@ impl Area {
             secrets,
             neighbours,
             dirs,
+            cache_files,
+            cache_tree,
             tokens,
             atime,
         })
@@ -521,6 +550,19 @@ fn talk(
         secret_files: area.secrets.iter().map(|(p, _)| p.clone()).collect(),
         neighbour_files: area.neighbours.iter().map(|(p, _)| p.clone()).collect(),
         neighbour_dirs: area.dirs.iter().map(|(p, _)| p.clone()).collect(),
+        zone_cache_dirs: {
+            let handed = PathBuf::from(format!("/proc/self/fd/{}", bulkhead::worker::CACHE_FD));
+            let engine = area.cache_files[0].0.parent().unwrap().to_owned();
+            let rel = engine.strip_prefix(&area.cache).unwrap().to_owned();
+            vec![area.cache.clone(), engine, handed.clone(), handed.join(rel)]
+        },
+        zone_cache_files: {
+            let handed = PathBuf::from(format!("/proc/self/fd/{}", bulkhead::worker::CACHE_FD));
+            area.cache_files
+                .iter()
+                .flat_map(|(p, _)| [p.clone(), handed.join(p.strip_prefix(&area.cache).unwrap())])
+                .collect()
+        },
         tcp_ports: net
             .listeners
             .iter()
@@ -662,6 +704,46 @@ fn files_under(dir: &Path, out: &mut Vec<PathBuf>) {
             }
         }
     }
+}
+
+/// Every entry below `dir`: its path below it, type, owner and mode.
+fn tree(dir: &Path) -> BTreeSet<String> {
+    use std::os::unix::fs::MetadataExt;
+    let mut out = BTreeSet::new();
+    let mut todo = vec![dir.to_owned()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let Ok(meta) = std::fs::symlink_metadata(e.path()) else {
+                continue;
+            };
+            let rel = e
+                .path()
+                .strip_prefix(dir)
+                .map(Path::to_owned)
+                .unwrap_or_default();
+            let kind = if meta.is_dir() {
+                "directory"
+            } else if meta.is_symlink() {
+                "link"
+            } else if meta.is_file() {
+                "file"
+            } else {
+                "special"
+            };
+            out.insert(format!(
+                "{} ({kind}, {}:{}, {:o}, {} bytes)",
+                rel.display(),
+                meta.uid(),
+                meta.gid(),
+                meta.mode() & 0o7777,
+                meta.len()
+            ));
+            if meta.is_dir() {
+                todo.push(e.path());
+            }
+        }
+    }
+    out
 }
 
 fn contains(hay: &[u8], needle: &str) -> bool {
@@ -949,6 +1031,39 @@ fn judge(kind: DrillAttack, area: &Area, net: &Net, tokens: &[String], seen: &Se
     match kind {
         DrillAttack::Secrets => checks.push(untouched_check(area, &area.secrets)),
         DrillAttack::Neighbours => checks.push(untouched_check(area, &area.neighbours)),
+        DrillAttack::ZoneCache => {
+            let now = tree(&area.cache);
+            let added: Vec<_> = now.difference(&area.cache_tree).collect();
+            let gone: Vec<_> = area.cache_tree.difference(&now).collect();
+            checks.push(Check::new(
+                "cache unchanged",
+                added.is_empty() && gone.is_empty(),
+                if added.is_empty() && gone.is_empty() {
+                    format!(
+                        "{}: the same {} entries, owners and modes",
+                        area.cache.display(),
+                        now.len()
+                    )
+                } else {
+                    format!("{}: now {added:?}; before {gone:?}", area.cache.display())
+                },
+            ));
+            let changed: Vec<String> = area
+                .cache_files
+                .iter()
+                .filter(|(p, body)| std::fs::read(p).ok().as_ref() != Some(body))
+                .map(|(p, _)| p.display().to_string())
+                .collect();
+            checks.push(Check::new(
+                "artifacts intact",
+                changed.is_empty(),
+                if changed.is_empty() {
+                    format!("{} artifacts hold their bytes", area.cache_files.len())
+                } else {
+                    format!("changed or gone: {}", changed.join(", "))
+                },
+            ));
+        }
         DrillAttack::Inherited => {
             // Standard streams on /dev/null, the channel, the worker's own
             // work and cache directories as a pool hands them over, its own
