@@ -131,20 +131,42 @@ impl HostArgs {
         .with_context(|| format!("work directory {}", config.work_dir.display()))?;
         let path = root.path().to_owned();
         config.work_dir.clone_from(&path);
-        let run_dir = RunDir {
-            path,
+        let (parent, name) = root
+            .parent()
+            .with_context(|| format!("work directory {}", path.display()))?;
+        let mut run_dir = RunDir {
+            parent,
+            name,
             lock: Some(lock),
+            cache_lock: None,
+        };
+        // A cache of its own is held shared, as a service holds one: no
+        // running service's work directory (emptied at its shutdown) may
+        // be at it or around it, and none may take one around it while
+        // this runs.
+        let cache_held = match &config.cache_dir {
+            Some(dir) => {
+                bulkhead::sandbox::ensure_private_dir(dir)?;
+                let (held, lock) =
+                    bulkhead::service::share_cache_dir(dir, &[run_dir_lock(&run_dir)])
+                        .with_context(|| format!("cache directory {}", dir.display()))?;
+                run_dir.cache_lock = Some(lock);
+                Some(held)
+            }
+            None => None,
         };
         if self.in_process {
             return Ok((Arc::new(InProcess::new(Sandbox::new(config)?)), run_dir));
         }
         let work_dir = config.work_dir.join("zones").join(zone);
-        let cache_dir = match &config.cache_dir {
-            Some(dir) => {
-                bulkhead::sandbox::ensure_private_dir(dir)?;
-                dir.join("zones").join(zone)
+        // Held open, like the run directory: the zone's cache and records
+        // are made and opened below it, never through a link or a mount.
+        let (cache_held, cache_dir) = match cache_held {
+            Some(held) => {
+                let cache_dir = held.path().join("zones").join(zone);
+                (held, cache_dir)
             }
-            None => work_dir.with_extension("cache"),
+            None => (root.clone(), work_dir.with_extension("cache")),
         };
         let isolation = match &self.config {
             Some(c) => bulkhead::config::ServeConfig::load(c)?.isolation,
@@ -161,6 +183,7 @@ impl HostArgs {
                 work_held: Some(root.made_below(&Path::new("zones").join(zone))?),
                 work_dir,
                 cache_dir,
+                cache_held: Some(cache_held),
                 run_as: isolation.run_as,
                 max_open: bulkhead::worker::WORKER_MAX_OPEN,
                 max_threads: bulkhead::worker::WORKER_MAX_THREADS,
@@ -213,13 +236,26 @@ impl HostArgs {
 /// another `bulkhead run`. Removed when dropped, its lock let go of first
 /// (a removal leaves a directory with a held lock file).
 pub(crate) struct RunDir {
-    path: PathBuf,
+    /// The directory it was made in, held open: it is removed from there,
+    /// whatever is put at the work directory's path meanwhile.
+    parent: bulkhead::sandbox::beneath::Root,
+    name: std::ffi::OsString,
     lock: Option<std::fs::File>,
+    /// The shared hold of `--cache-dir`, when one is given.
+    cache_lock: Option<std::fs::File>,
+}
+
+/// The run directory's own lock, which is no one else's.
+fn run_dir_lock(run_dir: &RunDir) -> &std::fs::File {
+    run_dir.lock.as_ref().expect("held until dropped")
 }
 
 impl Drop for RunDir {
     fn drop(&mut self) {
+        // Removed while its lock is still held (its own, so no obstacle),
+        // then let go of.
+        let own: Vec<&std::fs::File> = self.lock.iter().collect();
+        let _ = bulkhead::sandbox::remove_tree_but(&self.parent, Path::new(&self.name), &own);
         drop(self.lock.take());
-        let _ = bulkhead::sandbox::remove_tree(&self.path);
     }
 }

@@ -107,6 +107,7 @@ async fn worker_runner(tmp: &Path) -> bulkhead::runner::Workers {
             work_dir: tmp.join("work/zones/untrusted"),
             work_held: None,
             cache_dir: tmp.join("cache/zones/untrusted"),
+            cache_held: None,
             run_as: None,
             max_open: bulkhead::worker::WORKER_MAX_OPEN,
             max_threads: bulkhead::worker::WORKER_MAX_THREADS,

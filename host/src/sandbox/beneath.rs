@@ -116,6 +116,28 @@ impl Root {
         }
     }
 
+    /// The directory this one is in now (its `..`), held as a root of its
+    /// own, and this one's name there (from its path).
+    ///
+    /// # Errors
+    /// What the file system says; `InvalidInput` for a path with no name.
+    pub fn parent(&self) -> io::Result<(Self, std::ffi::OsString)> {
+        let name = self
+            .0
+            .path
+            .file_name()
+            .map(ToOwned::to_owned)
+            .ok_or_else(|| {
+                io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("{} names no entry", self.0.path.display()),
+                )
+            })?;
+        let fd = rustix::fs::openat(&self.0.fd, "..", OPEN_DIR, Mode::empty())?;
+        let path = self.0.path.parent().unwrap_or(Path::new("/")).to_owned();
+        Ok((Self(Arc::new(Held { fd, path })), name))
+    }
+
     /// This directory's descriptor.
     pub fn fd(&self) -> &OwnedFd {
         &self.0.fd

@@ -650,6 +650,31 @@ impl ArtifactRecords {
         })
     }
 
+    /// The record directory held open as `dir` (made and opened by the
+    /// caller without following a link; `path` is for messages): it must
+    /// be this user's, and is made mode 0700.
+    ///
+    /// # Errors
+    /// [`PrivateDirError`] if another user owns it, or it cannot be read.
+    pub fn held(dir: std::os::fd::OwnedFd, path: &Path) -> Result<Self, PrivateDirError> {
+        let stat = rustix::fs::fstat(&dir).map_err(|e| io_at(path)(e.into()))?;
+        let uid = current_uid();
+        if stat.st_uid != uid {
+            return Err(PrivateDirError::Owner {
+                path: path.to_owned(),
+                owner: stat.st_uid,
+                uid,
+            });
+        }
+        rustix::fs::fchmod(&dir, rustix::fs::Mode::from_raw_mode(0o700))
+            .map_err(|e| io_at(path)(e.into()))?;
+        Ok(Self {
+            dir: Dir::from_std_file(std::fs::File::from(dir)),
+            path: path.to_owned(),
+            known: Default::default(),
+        })
+    }
+
     /// Where the records are.
     pub fn path(&self) -> &Path {
         &self.path

@@ -37,23 +37,24 @@ use crate::sandbox::beneath::Root;
 ///
 /// # Errors
 /// `InvalidInput` naming the holder; I/O errors.
-pub(super) fn share_cache_dir(
+pub fn share_cache_dir(
     cache: &Path,
     own: &[&std::fs::File],
-) -> std::io::Result<std::fs::File> {
-    use std::os::unix::fs::OpenOptionsExt;
+) -> std::io::Result<(Root, std::fs::File)> {
+    use rustix::fs::{Mode, OFlags};
     check_above(&canonical_to_be(cache)?, own)?;
     crate::sandbox::create_private_dir_all(cache)?;
     let cache = std::fs::canonicalize(cache)?;
+    // Held open from here: what is made in it (each zone's cache) is
+    // reached from this descriptor, whatever is later put at its path.
+    let root = Root::open(&cache)?;
     let path = cache.join(CACHE_LOCK);
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .mode(0o600)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(&path)?;
+    let file = std::fs::File::from(rustix::fs::openat(
+        root.fd(),
+        CACHE_LOCK,
+        OFlags::RDWR | OFlags::CREATE | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::from_raw_mode(0o600),
+    )?);
     // Another process checking whether the cache is held takes it
     // exclusively for a moment: asked again for a little while.
     let mut tries = 0;
@@ -75,7 +76,7 @@ pub(super) fn share_cache_dir(
             ),
         ));
     }
-    Ok(file)
+    Ok((root, file))
 }
 
 /// Takes the work directory's lock (`bulkhead.lock` inside it, kept when
@@ -428,6 +429,10 @@ fn lock_file_in(dir: &Root, name: &str) -> std::io::Result<std::fs::File> {
 /// An exclusive `flock` of `path` (created if missing), held while the
 /// returned file is open, with this process's id written in it; taken by
 /// another process, an error naming that one.
+///
+/// A link at `path` is refused, not followed: every check of whether a
+/// directory is held asks its lock file without following a link, so a
+/// lock taken through one would protect nothing.
 fn lock_file(path: &Path) -> std::io::Result<std::fs::File> {
     use std::os::unix::fs::OpenOptionsExt;
     let file = std::fs::OpenOptions::new()
@@ -436,7 +441,18 @@ fn lock_file(path: &Path) -> std::io::Result<std::fs::File> {
         .create(true)
         .truncate(false)
         .mode(0o600)
-        .open(path)?;
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+        .map_err(|e| match e.raw_os_error() {
+            Some(libc::ELOOP) => std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!(
+                    "{} is a link: a lock file must be a file of its own (remove the link)",
+                    path.display()
+                ),
+            ),
+            _ => e,
+        })?;
     lock_opened(file, path)
 }
 
@@ -494,11 +510,11 @@ mod tests {
     fn a_shared_cache_is_never_a_work_directory_nor_inside_or_around_one() {
         let tmp = tempfile::tempdir().unwrap();
         let cache = tmp.path().join("caches").join("modules");
-        let held = share_cache_dir(&cache, &[]).unwrap();
+        let (_, held) = share_cache_dir(&cache, &[]).unwrap();
         std::fs::create_dir_all(cache.join("zones/untrusted")).unwrap();
         std::fs::write(cache.join("zones/untrusted/artifact"), b"compiled").unwrap();
         // Services may share one.
-        let also = share_cache_dir(&cache, &[]).expect("a cache is shared");
+        let (_, also) = share_cache_dir(&cache, &[]).expect("a cache is shared");
         // But no one's work directory is it, around it, or in it.
         for (work, refusal) in [
             (cache.clone(), "held by another bulkhead process"),
@@ -549,7 +565,7 @@ mod tests {
             // cache before they are held: the locks are this process's,
             // each opened anew by the checks.
             let (_, work) = lock_work_dir(&dir.join("work"), &[], &[]).unwrap();
-            let cache = share_cache_dir(&dir.join("cache"), &[]).unwrap();
+            let (_, cache) = share_cache_dir(&dir.join("cache"), &[]).unwrap();
             for (path, what) in [
                 (dir.join("through-work/inner"), "a work directory"),
                 (dir.join("through-cache"), "a work directory"),

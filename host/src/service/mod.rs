@@ -44,7 +44,7 @@ use crate::runner::{InProcess, Module, Runner, Workers};
 use crate::sandbox::{Sandbox, SandboxConfig};
 use crate::store::{AuditEntry, DeleteOutcome, JobRecord, JobStore, StoreError, now_ms};
 use locks::{canonical_to_be, empty_work_dir, lock_data_dir};
-pub use locks::{check_above, lock_work_dir};
+pub use locks::{check_above, lock_work_dir, share_cache_dir};
 use scheduler::{QueueLimits, QueuedJob, Rejection, Scheduler, Slot};
 
 /// Why the service refused a request. `api` maps each to one status.
@@ -327,9 +327,10 @@ impl Service {
         // The module cache, which other services may share, is held shared:
         // no one's work directory (emptied at each start and shutdown) may
         // be at it or around it, nor it inside another's.
-        let cache_lock = locks::share_cache_dir(&cache, &[&data_lock]).map_err(|e| {
-            StartError::Storage(format!("cache directory {}: {e}", cache.display()))
-        })?;
+        let (cache_root, cache_lock) =
+            locks::share_cache_dir(&cache, &[&data_lock]).map_err(|e| {
+                StartError::Storage(format!("cache directory {}: {e}", cache.display()))
+            })?;
         let (work_root, work_lock) = lock_work_dir(
             &work,
             &[("data", data), ("cache", &cache)],
@@ -367,7 +368,7 @@ impl Service {
         let runner = start_runner(
             &config,
             sandbox_config,
-            &work_root,
+            (&work_root, &cache_root),
             &sources,
             Arc::clone(&store),
         )
@@ -968,7 +969,10 @@ fn read_modules(
 async fn start_runner(
     config: &ServeConfig,
     sandbox: SandboxConfig,
-    work: &crate::sandbox::beneath::Root,
+    (work, cache_held): (
+        &crate::sandbox::beneath::Root,
+        &crate::sandbox::beneath::Root,
+    ),
     modules: &[(Policy, bytes::Bytes)],
     store: Arc<dyn JobStore>,
 ) -> Result<Arc<dyn Runner>, StartError> {
@@ -990,10 +994,9 @@ async fn start_runner(
             StartError::Storage(format!("cannot find this binary for workers: {e}"))
         })?,
     };
-    let cache_root = sandbox
-        .cache_dir
-        .clone()
-        .unwrap_or_else(|| config.storage.data_dir.join("cache"));
+    // The held cache directory's own (canonical) path: each zone's cache
+    // and records are made and opened below its descriptor.
+    let cache_root = cache_held.path();
     let mut pools = BTreeMap::new();
     for zone in zones {
         let settings = config.zones.get(&zone).cloned().unwrap_or_default();
@@ -1010,6 +1013,7 @@ async fn start_runner(
                     .map_err(|e| StartError::Storage(format!("zone `{zone}`: {e}")))?,
             ),
             cache_dir: cache_root.join("zones").join(&zone),
+            cache_held: Some(cache_held.clone()),
             run_as: config.isolation.run_as,
             max_open: crate::worker::WORKER_MAX_OPEN,
             max_threads: crate::worker::WORKER_MAX_THREADS,

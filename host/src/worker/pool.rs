@@ -107,6 +107,12 @@ pub struct PoolConfig {
     /// in it is good for which module beside it, in [`records_dir`], where
     /// no worker reaches.
     pub cache_dir: PathBuf,
+    /// A directory above [`PoolConfig::cache_dir`] already held open (the
+    /// service's cache directory, locked): the zone's cache and its
+    /// records are made and opened from it one name at a time, never
+    /// through a link or a mount; `None`: from `cache_dir`'s parent,
+    /// made if missing and opened by path.
+    pub cache_held: Option<Root>,
     /// `(uid, gid)` workers switch to when the gateway runs as root.
     pub run_as: Option<(u32, u32)>,
     /// Host descriptors one worker may hold.
@@ -397,16 +403,11 @@ impl Pool {
             reason: format!("work directory {}: {e}", config.work_dir.display()),
         })?;
         let group = cache_group(config.run_as);
-        let cache = prepare_dir(
-            &config.cache_dir,
-            group.map(|gid| (rustix::process::geteuid().as_raw(), gid)),
-            if group.is_some() { 0o750 } else { 0o700 },
-        )
-        .and_then(|()| Root::open(&config.cache_dir))
-        .map_err(|e| PoolError::Start {
-            zone: config.zone.clone(),
-            reason: format!("cache directory {}: {e}", config.cache_dir.display()),
-        })?;
+        let (cache, records_fd) =
+            open_zone_cache(&config, group).map_err(|e| PoolError::Start {
+                zone: config.zone.clone(),
+                reason: format!("cache directory {}: {e}", config.cache_dir.display()),
+            })?;
         let records = records_dir(&config.cache_dir);
         if records.starts_with(&config.cache_dir) || records.starts_with(&config.work_dir) {
             return Err(PoolError::Start {
@@ -417,10 +418,11 @@ impl Pool {
                 ),
             });
         }
-        let records = ArtifactRecords::open(&records).map_err(|e| PoolError::Start {
-            zone: config.zone.clone(),
-            reason: format!("artifact records: {e}"),
-        })?;
+        let records =
+            ArtifactRecords::held(records_fd, &records).map_err(|e| PoolError::Start {
+                zone: config.zone.clone(),
+                reason: format!("artifact records: {e}"),
+            })?;
         // What an earlier version's workers, or an earlier run under
         // another user, left in the cache is cleared away: only the
         // recorded artifacts the gateway wrote stay.
@@ -428,10 +430,6 @@ impl Pool {
             zone: config.zone.clone(),
             reason: format!("cache directory {}: {e}", config.cache_dir.display()),
         })?;
-        // A zone's cache has no key any more (anything in it is every
-        // worker's to write); one an earlier version left is removed, and
-        // would not be read if it stayed.
-        let _ = std::fs::remove_file(config.cache_dir.join(crate::sandbox::CACHE_KEY_FILE));
         let channels = channels().map_err(|reason| PoolError::Start {
             zone: config.zone.clone(),
             reason,
@@ -1646,6 +1644,51 @@ fn listing(
         }
     }
     Ok(out)
+}
+
+/// The zone's cache (`config.cache_dir`) and its records' directory
+/// ([`records_dir`]), each made (mode 0700) and opened from the held
+/// directory above them one name at a time, never through a link or a
+/// mount ([`Root::dir`]); the cache is then made the gateway's, shared
+/// with the workers' `group` for reading (0750), or 0700 without one.
+fn open_zone_cache(
+    config: &PoolConfig,
+    group: Option<u32>,
+) -> std::io::Result<(Root, std::os::fd::OwnedFd)> {
+    let records = records_dir(&config.cache_dir);
+    let root = match &config.cache_held {
+        Some(held) => held.clone(),
+        None => {
+            let top = config.cache_dir.parent().unwrap_or(Path::new("/"));
+            crate::sandbox::create_private_dir_all(top)?;
+            Root::open(top)?
+        }
+    };
+    let below = |path: &Path| {
+        path.strip_prefix(root.path())
+            .map(Path::to_owned)
+            .map_err(|_| {
+                std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    format!("{} is not below {}", path.display(), root.path().display()),
+                )
+            })
+    };
+    let cache = root.made_below(&below(&config.cache_dir)?)?;
+    let uid = rustix::process::geteuid();
+    // As root, made the gateway's (an earlier version gave it to the
+    // workers' uid); otherwise it must already be this user's.
+    rustix::fs::fchown(
+        cache.fd(),
+        uid.is_root().then_some(uid),
+        group.map(rustix::fs::Gid::from_raw),
+    )?;
+    rustix::fs::fchmod(
+        cache.fd(),
+        rustix::fs::Mode::from_raw_mode(if group.is_some() { 0o750 } else { 0o700 }),
+    )?;
+    let records = root.dir(&below(&records)?, true)?;
+    Ok((cache, records))
 }
 
 /// The group the zone's cache is shared with its workers by: theirs, where

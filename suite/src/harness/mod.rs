@@ -341,6 +341,7 @@ pub(crate) async fn start_runner(
                     work_dir: work_dir.clone(),
                     work_held: None,
                     cache_dir,
+                    cache_held: None,
                     run_as: isolation.run_as,
                     max_open,
                     max_threads: bulkhead::worker::WORKER_MAX_THREADS,

@@ -258,3 +258,75 @@ fn deep_tree(top: &Path, levels: usize) {
         std::os::unix::fs::chown(top, Some(65534), Some(65534)).unwrap();
     }
 }
+
+/// A link put at the cache's `zones` (or at the zone's own cache) to
+/// another directory — another service's held data directory here — is
+/// never followed: the pool refuses to start, naming the link, and the
+/// other directory keeps its files, owner and mode.
+#[tokio::test]
+async fn a_link_in_place_of_the_zone_cache_is_never_followed() {
+    use bulkhead::sandbox::beneath::Root;
+    let tmp = tempfile::tempdir().unwrap();
+    let victim = tmp.path().join("victim");
+    std::fs::create_dir(&victim).unwrap();
+    for name in ["bulkhead.lock", "bulkhead.sqlite", "admin.token"] {
+        std::fs::write(victim.join(name), name).unwrap();
+    }
+    std::fs::create_dir(victim.join("untrusted")).unwrap();
+    std::fs::write(victim.join("untrusted/keep"), b"keep").unwrap();
+    std::fs::set_permissions(&victim, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let before = |dir: &Path| {
+        let meta = std::fs::metadata(dir).unwrap();
+        (files(dir), meta.uid(), meta.permissions().mode() & 0o777)
+    };
+    let victim_before = before(&victim);
+    let cache = tmp.path().join("cache");
+    std::fs::create_dir(&cache).unwrap();
+    for (link, target) in [
+        (cache.join("zones"), victim.clone()),
+        (cache.join("zones/untrusted"), victim.join("untrusted")),
+    ] {
+        let _ = std::fs::remove_file(cache.join("zones"));
+        if link.parent() != Some(&cache) {
+            std::fs::create_dir_all(link.parent().unwrap()).unwrap();
+        }
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        let work = tmp.path().join("work");
+        let started = bulkhead::worker::pool::Pool::start(
+            bulkhead::worker::pool::PoolConfig {
+                zone: "untrusted".into(),
+                program: env!("CARGO_BIN_EXE_bulkhead-under-test").into(),
+                workers: 1,
+                jobs_per_worker: 0,
+                max_concurrent_jobs: 1,
+                memory: None,
+                work_dir: work.join("zones/untrusted"),
+                work_held: None,
+                cache_dir: cache.join("zones/untrusted"),
+                cache_held: Some(Root::open(&cache).unwrap()),
+                run_as: None,
+                max_open: bulkhead::worker::WORKER_MAX_OPEN,
+                max_threads: bulkhead::worker::WORKER_MAX_THREADS,
+                require: Default::default(),
+                weaken: Default::default(),
+            },
+            |_| {},
+        )
+        .await;
+        let err = match started {
+            Ok(pool) => {
+                pool.close();
+                panic!("a pool started through the link at {}", link.display());
+            }
+            Err(e) => e.to_string(),
+        };
+        assert!(err.contains("link"), "{err}");
+        assert_eq!(before(&victim), victim_before, "{}", link.display());
+        let inner = std::fs::metadata(victim.join("untrusted")).unwrap();
+        assert_eq!(inner.permissions().mode() & 0o777, 0o755);
+        std::fs::remove_file(&link).unwrap();
+        if link.parent() != Some(&cache) {
+            std::fs::remove_dir(link.parent().unwrap()).unwrap();
+        }
+    }
+}

@@ -171,6 +171,7 @@ pub async fn workers_watched(
             work_dir: work.join("zones/untrusted"),
             work_held: None,
             cache_dir: tmp.join("cache/zones/untrusted"),
+            cache_held: None,
             run_as: None,
             max_open: bulkhead::worker::WORKER_MAX_OPEN,
             max_threads: bulkhead::worker::WORKER_MAX_THREADS,
