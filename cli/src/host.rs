@@ -146,10 +146,19 @@ impl HostArgs {
         // this runs.
         let cache_held = match &config.cache_dir {
             Some(dir) => {
-                bulkhead::sandbox::ensure_private_dir(dir)?;
+                // One that exists is checked private before a lock is put
+                // in it; one to be made, for others' held directories
+                // before anything is made there.
+                let existed = dir.exists();
+                if existed {
+                    bulkhead::sandbox::ensure_private_dir(dir)?;
+                }
                 let (held, lock) =
                     bulkhead::service::share_cache_dir(dir, &[run_dir_lock(&run_dir)])
                         .with_context(|| format!("cache directory {}", dir.display()))?;
+                if !existed {
+                    bulkhead::sandbox::ensure_private_dir(dir)?;
+                }
                 run_dir.cache_lock = Some(lock);
                 Some(held)
             }

@@ -112,7 +112,11 @@ impl Outputs {
             // The directory made, not what is at its path now.
             Self::Local(dir) => {
                 let out = dir.open_output_to_collect().map_err(CollectError::Root)?;
-                crate::sandbox::outputs::collect(&crate::sandbox::beneath::fd_path(&out), copy_to)
+                crate::sandbox::outputs::collect(
+                    &crate::sandbox::beneath::fd_path(&out),
+                    copy_to,
+                    Some(&dir.created()),
+                )
             }
             Self::Worker(w) => w.collect(copy_to),
         }

@@ -617,6 +617,21 @@ pub const FORMAT_NAMES: &[&str] = &[
     "apos'name.txt",
 ];
 
+/// `out-wait`: write `/out/own.txt`, then wait (up to 120 s) until a
+/// file named `go` appears in `/out` (put there from outside), and exit 0.
+pub fn out_wait() -> ExitCode {
+    attempt("write /out/own.txt", fs::write("/out/own.txt", b"own"));
+    for _ in 0..2400 {
+        if fs::symlink_metadata("/out/go").is_ok() {
+            println!("out-wait: go");
+            return ExitCode::SUCCESS;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    println!("out-wait: no go");
+    ExitCode::from(1)
+}
+
 /// `out-names`: leave files with hostile names in `/out`, plus `ok.txt`.
 /// `--set=controls` (default): [`CONTROL_NAMES`], and a directory named
 /// `dir<LF>name` with a file inside; `--set=format`: [`FORMAT_NAMES`].

@@ -96,7 +96,9 @@ pub struct SkippedOutput {
     /// escaped (`\u{202e}`, `\u{1b}`, and `\xff` for a byte that is not
     /// UTF-8), so it is safe to print.
     pub name: String,
-    /// Why: `symlink`, `hard-link` (a file with a second name), `fifo`,
+    /// Why: `symlink`, `hard-link` (a file with a second name),
+    /// `not-created` (a file the job did not create: moved or linked into
+    /// `/out` from elsewhere), `fifo`,
     /// `socket`, `device`, `not-utf8`, `control-char`, `format-char`,
     /// `reserved-char`, `path-too-long`, `too-deep`, `unreadable`,
     /// `not-regular`.

@@ -41,6 +41,9 @@ pub struct JobDir {
     out_removed: std::sync::atomic::AtomicBool,
     /// Where a tree left behind is removed ([`JobDir::removed_on`]).
     remover: Option<tokio::runtime::Handle>,
+    /// The files the job created in `/out`, once its guest has ended: the
+    /// only ones collected.
+    created: std::sync::Mutex<super::outputs::Created>,
 }
 
 /// Name of the shared empty input directory inside a work directory.
@@ -76,6 +79,7 @@ impl JobDir {
             has_inputs: std::sync::atomic::AtomicBool::new(false),
             out_removed: std::sync::atomic::AtomicBool::new(false),
             remover: None,
+            created: std::sync::Mutex::default(),
         };
         dir.ensure_shared_input()?;
         Ok(dir)
@@ -181,6 +185,20 @@ impl JobDir {
         } else {
             self.shared_input.clone()
         }
+    }
+
+    /// Records the files the job created in `/out` (see
+    /// [`super::outputs::Created`]), for its collection.
+    pub fn set_created(&self, created: super::outputs::Created) {
+        *self.created.lock().unwrap_or_else(|e| e.into_inner()) = created;
+    }
+
+    /// The files the job created in `/out`, as recorded.
+    pub fn created(&self) -> super::outputs::Created {
+        self.created
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Whether the job has its own input directory.

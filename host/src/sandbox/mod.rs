@@ -679,6 +679,7 @@ impl Sandbox {
                 .saturating_sub(ticks.load(std::sync::atomic::Ordering::Relaxed)),
             refused: state.refusals.count(),
         };
+        dir.set_created(state.quota.created());
         drop(store);
 
         // Every entry in `/out` was charged to the quota, so no charge means
@@ -688,9 +689,10 @@ impl Sandbox {
         } else {
             // The directory made, not what is at its path now.
             let out_dir = dir.open_output_to_collect();
+            let created = dir.created();
             let walked = tokio::task::spawn_blocking(move || {
                 let out_dir = out_dir.map_err(outputs::CollectError::Root)?;
-                outputs::collect(&beneath::fd_path(&out_dir), None)
+                outputs::collect(&beneath::fd_path(&out_dir), None, Some(&created))
             })
             .await
             .map_err(|e| format!("output collection stopped: {e}"))

@@ -48,6 +48,52 @@ pub const MAX_PATH_BYTES: usize = 1024;
 /// quota bounds a job's entries far below this).
 pub const MAX_ENTRIES: usize = 65_536;
 
+/// A file's identity on the host: its device, inode and birth time (an
+/// inode number freed and given to a new file is told apart by the
+/// latter; zero where the file system keeps none).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct FileId {
+    /// `st_dev`.
+    pub dev: u64,
+    /// `st_ino`.
+    pub ino: u64,
+    /// Birth time: seconds and nanoseconds.
+    pub born: (i64, u32),
+}
+
+impl FileId {
+    /// The identity of the file `fd` holds open (one `statx`).
+    ///
+    /// # Errors
+    /// What `statx` says.
+    pub fn of(fd: impl std::os::fd::AsFd) -> io::Result<Self> {
+        use rustix::fs::{AtFlags, StatxFlags};
+        let st = rustix::fs::statx(
+            fd,
+            "",
+            AtFlags::EMPTY_PATH,
+            StatxFlags::INO | StatxFlags::BTIME,
+        )?;
+        let born = if st.stx_mask & StatxFlags::BTIME.bits() != 0 {
+            (st.stx_btime.tv_sec, st.stx_btime.tv_nsec)
+        } else {
+            (0, 0)
+        };
+        Ok(Self {
+            dev: rustix::fs::makedev(st.stx_dev_major, st.stx_dev_minor),
+            ino: st.stx_ino,
+            born,
+        })
+    }
+}
+
+/// The regular files a job created in its `/out` (by the guest's own
+/// opens, or the host's for its stdout file): only these are collected.
+/// A file put there by anyone else — moved in, hard-linked in (even once
+/// its other name is gone), or inside a directory moved in — is skipped as
+/// `not-created`.
+pub type Created = std::collections::HashSet<FileId>;
+
 /// What collection found.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Collected {
@@ -144,9 +190,16 @@ fn printable(raw: &std::ffi::OsStr) -> String {
 /// [`CollectError`]: only if `out_dir` itself cannot be read, the walk meets
 /// more than [`MAX_ENTRIES`] entries, or `copy_to` cannot be written; a bad
 /// entry inside `out_dir` is skipped, not an error.
-pub fn collect(out_dir: &Path, copy_to: Option<&Path>) -> Result<Collected, CollectError> {
+///
+/// With `created`, only files whose identity is in it are taken; the rest
+/// are skipped as `not-created`.
+pub fn collect(
+    out_dir: &Path,
+    copy_to: Option<&Path>,
+    created: Option<&Created>,
+) -> Result<Collected, CollectError> {
     let root = Dir::open_ambient_dir(out_dir, ambient_authority()).map_err(CollectError::Root)?;
-    collect_in(&root, copy_to, Bounds::NONE)
+    collect_in(&root, copy_to, Bounds::NONE, created)
 }
 
 /// Collects the outputs under `parent`'s entry `name`, opened without
@@ -165,10 +218,11 @@ pub fn collect_beneath(
     name: &str,
     copy_to: Option<&Path>,
     bounds: Bounds,
+    created: Option<&Created>,
 ) -> Result<Collected, CollectError> {
     let parent = Dir::open_ambient_dir(parent, ambient_authority()).map_err(CollectError::Root)?;
     let root = open_subdir(&parent, name).map_err(CollectError::Root)?;
-    collect_in(&root, copy_to, bounds)
+    collect_in(&root, copy_to, bounds, created)
 }
 
 /// What collecting an empty `/out` yields: nothing, and with `copy_to`
@@ -222,6 +276,7 @@ fn collect_in(
     root: &Dir,
     copy_to: Option<&Path>,
     bounds: Bounds,
+    created: Option<&Created>,
 ) -> Result<Collected, CollectError> {
     let dest = match copy_to {
         Some(path) => {
@@ -240,6 +295,7 @@ fn collect_in(
         visited: 0,
         bounds,
         bytes: 0,
+        created,
     };
     let entries = root.entries().map_err(CollectError::Root)?;
     walk.dir(root, entries, "", 0, dest.as_ref())?;
@@ -253,6 +309,8 @@ struct Walk<'a> {
     bounds: Bounds,
     /// Bytes of regular files taken so far.
     bytes: u64,
+    /// The files the job created, when known: nothing else is taken.
+    created: Option<&'a Created>,
 }
 
 impl Walk<'_> {
@@ -343,7 +401,7 @@ impl Walk<'_> {
                     )));
                 }
                 let left = self.bounds.bytes.saturating_sub(self.bytes);
-                match read_regular(dir, name, dest, left) {
+                match read_regular(dir, name, dest, left, self.created) {
                     Ok(Some((size, sha256))) => {
                         self.bytes += size;
                         self.out.files.push(OutputFile {
@@ -364,6 +422,7 @@ impl Walk<'_> {
                     }
                     Err(Failed::Source) => self.skip(prefix, &raw_name, "unreadable"),
                     Err(Failed::Linked) => self.skip(prefix, &raw_name, "hard-link"),
+                    Err(Failed::NotCreated) => self.skip(prefix, &raw_name, "not-created"),
                 }
             } else {
                 self.skip(prefix, &raw_name, kind_of(&ty));
@@ -420,6 +479,9 @@ enum Failed {
     /// A file with a second name (a hard link put in `/out` to another
     /// file): the entry is skipped.
     Linked,
+    /// A file the job did not create (moved or linked in from elsewhere):
+    /// the entry is skipped.
+    NotCreated,
 }
 
 /// Opens `name` without following links and without blocking (a FIFO swapped
@@ -432,6 +494,7 @@ fn read_regular(
     name: &str,
     dest: Option<&Dir>,
     left: u64,
+    created: Option<&Created>,
 ) -> Result<Option<(u64, String)>, Failed> {
     // Never through a link, never across a mount (a file bind-mounted
     // over an output is another file system's).
@@ -446,6 +509,14 @@ fn read_regular(
     // download refuses one.
     if std::os::unix::fs::MetadataExt::nlink(&meta) > 1 {
         return Err(Failed::Linked);
+    }
+    // The very inode the job created, not one put in its place: a second
+    // name can be gone by now (another job's inputs, removed when it
+    // ended), and a file moved in never had one here.
+    if let Some(created) = created
+        && !FileId::of(&file).is_ok_and(|id| created.contains(&id))
+    {
+        return Err(Failed::NotCreated);
     }
     let mut sink = match dest {
         Some(dest) => {
@@ -507,11 +578,11 @@ mod tests {
         if let Ok(dir) = std::env::var(MOUNTED) {
             let dir = Path::new(&dir);
             let dest = dir.join("dest");
-            let got = collect(&dir.join("out"), Some(&dest)).unwrap();
+            let got = collect(&dir.join("out"), Some(&dest), None).unwrap();
             let names: Vec<_> = got.files.iter().map(|f| f.name.as_str()).collect();
             assert_eq!(names, ["mine.txt"]);
             assert!(walk_has_no(&dest, b"host secret"));
-            let err = collect_beneath(dir, "over", None, Bounds::NONE).unwrap_err();
+            let err = collect_beneath(dir, "over", None, Bounds::NONE, None).unwrap_err();
             assert!(matches!(err, CollectError::Root(_)), "{err:?}");
             return;
         }
@@ -574,7 +645,7 @@ mod tests {
         assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
 
         let dest = tmp.path().join("dest");
-        let got = collect(&out, Some(&dest)).unwrap();
+        let got = collect(&out, Some(&dest), None).unwrap();
         let names: Vec<_> = got.files.iter().map(|f| f.name.as_str()).collect();
         assert_eq!(names, ["ok.txt", "sub/nested.txt"]);
         let mut skipped: Vec<_> = got
@@ -623,7 +694,7 @@ mod bounds_tests {
             files: 4,
             entries: 8,
         };
-        let err = collect_beneath(tmp.path(), "j1.out", Some(&dest), bounds).unwrap_err();
+        let err = collect_beneath(tmp.path(), "j1.out", Some(&dest), bounds, None).unwrap_err();
         assert!(matches!(err, CollectError::OverLimit(_)), "{err}");
         // Nothing partial is left behind.
         assert!(!dest.join("sparse.bin").exists());
@@ -632,19 +703,19 @@ mod bounds_tests {
         for i in 0..5 {
             std::fs::write(out.join(format!("f{i}")), b"x").unwrap();
         }
-        let err = collect_beneath(tmp.path(), "j1.out", None, bounds).unwrap_err();
+        let err = collect_beneath(tmp.path(), "j1.out", None, bounds, None).unwrap_err();
         assert!(matches!(err, CollectError::OverLimit(_)), "{err}");
         std::fs::remove_file(out.join("f4")).unwrap();
-        let ok = collect_beneath(tmp.path(), "j1.out", None, bounds).unwrap();
+        let ok = collect_beneath(tmp.path(), "j1.out", None, bounds, None).unwrap();
         assert_eq!(ok.files.len(), 4);
         // Empty directories and entries that are skipped count too.
         for i in 0..3 {
             std::fs::create_dir(out.join(format!("d{i}"))).unwrap();
         }
         std::os::unix::fs::symlink("/etc/passwd", out.join("link")).unwrap();
-        assert!(collect_beneath(tmp.path(), "j1.out", None, bounds).is_ok());
+        assert!(collect_beneath(tmp.path(), "j1.out", None, bounds, None).is_ok());
         std::os::unix::fs::symlink("/etc/passwd", out.join("link2")).unwrap();
-        let err = collect_beneath(tmp.path(), "j1.out", Some(&dest), bounds).unwrap_err();
+        let err = collect_beneath(tmp.path(), "j1.out", Some(&dest), bounds, None).unwrap_err();
         assert!(matches!(err, CollectError::OverLimit(_)), "{err}");
     }
 }

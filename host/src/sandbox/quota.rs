@@ -94,6 +94,8 @@ pub struct OutputQuota {
     max_open: u64,
     /// Opens refused at the bound so far.
     refused_opens: AtomicU64,
+    /// The regular files the job created (see [`super::outputs::Created`]).
+    created: Mutex<super::outputs::Created>,
     /// Service calls in flight: each holds a connection (a host socket)
     /// from its send until the guest drops the response body.
     calls: AtomicU64,
@@ -117,6 +119,7 @@ impl OutputQuota {
             open: Mutex::new(Vec::new()),
             max_open,
             refused_opens: AtomicU64::new(0),
+            created: Mutex::default(),
             calls: AtomicU64::new(0),
             latch,
         })
@@ -173,6 +176,32 @@ impl OutputQuota {
     /// Counts `file` as held until its last holder drops it.
     fn hold(&self, file: &Arc<std::fs::File>) {
         self.held().push(Arc::downgrade(file));
+    }
+
+    /// Counts `file`, just opened with `create`, among the files the job
+    /// created when it is one: a regular file with one name and nothing in
+    /// it. A file someone else put at that name meanwhile (moved or linked
+    /// in) has a second name or bytes of its own, and is never counted;
+    /// one of neither kind holds nothing of anyone's.
+    fn record_created(&self, file: &std::fs::File) {
+        use std::os::unix::fs::MetadataExt;
+        let fresh = file
+            .metadata()
+            .is_ok_and(|m| m.is_file() && m.nlink() == 1 && m.len() == 0);
+        if fresh && let Ok(id) = super::outputs::FileId::of(file) {
+            self.created
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(id);
+        }
+    }
+
+    /// The regular files the job created so far.
+    pub fn created(&self) -> super::outputs::Created {
+        self.created
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Bytes written so far, overwrites included.
@@ -565,11 +594,18 @@ impl HostDescriptor for QuotaFs<'_> {
             self.quota.charge_entry()?;
         }
         self.quota.admit_open()?;
+        let create = oflags.contains(types::OpenFlags::CREATE);
         let opened = self
             .inner
             .open_at(fd, path_flags, path, oflags, flags)
             .await?;
         self.hold(&opened);
+        if create {
+            let borrowed: Resource<types::Descriptor> = Resource::new_borrow(opened.rep());
+            if let Ok(types::Descriptor::File(f)) = self.inner.table.get(&borrowed) {
+                self.quota.record_created(&f.file);
+            }
+        }
         Ok(opened)
     }
 
@@ -787,6 +823,7 @@ impl StdoutFile {
             .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
             .mode(0o644)
             .open(out_dir.join(name))?;
+        quota.record_created(&file);
         Ok(Self {
             file: Arc::new(file),
             position: Arc::new(Mutex::new(0)),

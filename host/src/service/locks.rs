@@ -31,7 +31,7 @@ use crate::sandbox::beneath::Root;
 /// Takes a shared hold of the module cache `cache` (created if missing):
 /// services may share a cache, but a data or work directory at it or
 /// around it — a work directory is emptied at each start and shutdown —
-/// is refused while it is held ([`check_above`], [`held_below`]). Refused
+/// is refused while it is held ([`check_above`], [`check_held`]). Refused
 /// itself when it is inside, at, or around a directory another process
 /// holds.
 ///
@@ -66,17 +66,73 @@ pub fn share_cache_dir(
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
     let own: Vec<&std::fs::File> = own.iter().copied().chain([&file]).collect();
-    check_above(&cache, &own)?;
-    if let Some((dir, holder)) = held_below(&cache, &own)? {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::InvalidInput,
-            format!(
-                "holds {}, held by another bulkhead process{holder}",
-                dir.display()
-            ),
-        ));
-    }
+    check_held(&root, &cache, &own)?;
     Ok((root, file))
+}
+
+/// The checks of a directory just held, `root` (opened at `path`, its
+/// canonical path): none above it or below it held by another process,
+/// looked for from its descriptor (up by `..`, down one name at a time),
+/// so a link or a directory swapped in at its path meanwhile is not what
+/// is checked; above it also as its path's ancestors and their aliases
+/// (a bind mount of a subdirectory hides the ancestors `..` reaches).
+/// Last, `path` must still name it, with no link on the way.
+fn check_held(root: &Root, path: &Path, own: &[&std::fs::File]) -> std::io::Result<()> {
+    let invalid = |what: String| std::io::Error::new(std::io::ErrorKind::InvalidInput, what);
+    check_above_held(root, own)?;
+    check_above(path, own)?;
+    if let Some(rel) = crate::sandbox::held_within(root.fd(), own)? {
+        return Err(invalid(format!(
+            "holds {}, held by another bulkhead process",
+            path.join(rel).display()
+        )));
+    }
+    let held = rustix::fs::fstat(root.fd())?;
+    let same = std::fs::canonicalize(path).is_ok_and(|p| p == path)
+        && rustix::fs::stat(path).is_ok_and(|c| (c.st_dev, c.st_ino) == (held.st_dev, held.st_ino));
+    if !same {
+        return Err(invalid(format!(
+            "was replaced at {} while checked",
+            path.display()
+        )));
+    }
+    Ok(())
+}
+
+/// Refuses the directory `root` holds when a directory above it has a
+/// lock file another process holds: walked up from its descriptor by
+/// `..` to the root of this process's view, so what is put at its path
+/// meanwhile changes nothing.
+fn check_above_held(root: &Root, own: &[&std::fs::File]) -> std::io::Result<()> {
+    use rustix::fs::{Mode, OFlags};
+    let mut cur = rustix::io::fcntl_dupfd_cloexec(root.fd(), 0)?;
+    for _ in 0..4096 {
+        let parent = rustix::fs::openat(
+            &cur,
+            "..",
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )?;
+        let (a, b) = (rustix::fs::fstat(&cur)?, rustix::fs::fstat(&parent)?);
+        if (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino) {
+            return Ok(());
+        }
+        for name in [LOCK_FILE, CACHE_LOCK] {
+            if let Some(holder) = held_by_another_at(&parent, name, own)? {
+                let at = std::fs::read_link(crate::sandbox::beneath::fd_path(&parent))
+                    .unwrap_or_default();
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    format!(
+                        "inside {}, held by another bulkhead process{holder}",
+                        at.display()
+                    ),
+                ));
+            }
+        }
+        cur = parent;
+    }
+    Err(std::io::Error::other("too many directories above it"))
 }
 
 /// Takes the work directory's lock (`bulkhead.lock` inside it, kept when
@@ -124,38 +180,17 @@ pub fn lock_work_dir(
     let root = Root::open(&work)?;
     let lock = lock_file_in(&root, LOCK_FILE)?;
     let own: Vec<&std::fs::File> = own.iter().copied().chain([&lock]).collect();
-    check_above(&work, &own)?;
-    if let Some((dir, holder)) = held_below(&work, &own)? {
-        return Err(invalid(format!(
-            "holds {}, held by another bulkhead process{holder}",
-            dir.display()
-        )));
-    }
-    // The directory checked by path is the one held.
-    let (held, checked) = (rustix::fs::fstat(root.fd())?, rustix::fs::stat(&work)?);
-    if (held.st_dev, held.st_ino) != (checked.st_dev, checked.st_ino) {
-        return Err(invalid(format!(
-            "was replaced at {} while checked",
-            work.display()
-        )));
-    }
+    check_held(&root, &work, &own)?;
     Ok((root, lock))
 }
 
-/// A directory in `dir` (or `dir` itself) held by another process through
+/// A directory in `top` (or `top` itself) held by another process through
 /// its lock file (`own`: this process's locks, skipped), with who holds
-/// it; found by a walk of at most [`MAX_WORK_ENTRIES`] entries.
+/// it, not looking into the entries of `top` named in `skip`; found by a
+/// walk of at most [`MAX_WORK_ENTRIES`] entries.
 ///
 /// # Errors
 /// `InvalidInput` past that many entries; I/O errors of the walk.
-pub(super) fn held_below(
-    dir: &Path,
-    own: &[&std::fs::File],
-) -> std::io::Result<Option<(PathBuf, String)>> {
-    held_below_but(dir, &[], own)
-}
-
-/// [`held_below`], not looking into the entries of `dir` named in `skip`.
 pub(super) fn held_below_but(
     top: &Path,
     skip: &[&str],
@@ -332,20 +367,36 @@ const MAX_WORK_ENTRIES: u64 = 1_000_000;
 /// or an empty string. A data or work directory's is held exclusively; a
 /// cache's, shared, by every process using it.
 fn held_by_another(path: &Path, own: &[&std::fs::File]) -> std::io::Result<Option<String>> {
-    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
-    let mut file = match std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-        .open(path)
-    {
-        Ok(file) => file,
-        Err(e)
-            if e.kind() == std::io::ErrorKind::NotFound
-                || e.raw_os_error() == Some(libc::ELOOP) =>
-        {
+    held_by_another_at(rustix::fs::CWD, path, own)
+}
+
+/// [`held_by_another`] of `name` in the directory `dir` (or of the path
+/// `name` from the working directory, with `CWD`): never through a link
+/// at its last step; a socket, a device or a FIFO is no lock.
+fn held_by_another_at(
+    dir: impl std::os::fd::AsFd,
+    name: impl AsRef<Path>,
+    own: &[&std::fs::File],
+) -> std::io::Result<Option<String>> {
+    use rustix::fs::{Mode, OFlags};
+    use std::os::unix::fs::MetadataExt;
+    let path = name.as_ref();
+    let mut file = match rustix::fs::openat(
+        dir,
+        path,
+        OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::NOCTTY | OFlags::CLOEXEC,
+        Mode::empty(),
+    ) {
+        Ok(fd) => std::fs::File::from(fd),
+        Err(
+            rustix::io::Errno::NOENT
+            | rustix::io::Errno::LOOP
+            | rustix::io::Errno::NXIO
+            | rustix::io::Errno::NOTDIR,
+        ) => {
             return Ok(None);
         }
-        Err(e) => return Err(e),
+        Err(e) => return Err(e.into()),
     };
     let meta = file.metadata()?;
     for held in own {
@@ -479,9 +530,16 @@ fn lock_opened(mut file: std::fs::File, path: &Path) -> std::io::Result<std::fs:
         }
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
-    file.set_len(0)?;
-    file.rewind()?;
-    writeln!(file, "{}", std::process::id())?;
+    // Its pid is written for others to name it, only into a file of one
+    // name: one with another (a hard link put at the lock's name to
+    // someone's file) is locked, never written.
+    if std::os::unix::fs::MetadataExt::nlink(&file.metadata()?) == 1 {
+        file.set_len(0)?;
+        file.rewind()?;
+        writeln!(file, "{}", std::process::id())?;
+    } else {
+        tracing::warn!(lock = %path.display(), "the lock file has a second name (a hard link): locked, not written");
+    }
     Ok(file)
 }
 
@@ -502,6 +560,28 @@ fn holder(file: &mut std::fs::File) -> String {
 
 #[cfg(test)]
 mod tests {
+
+    /// A lock file that is a hard link to someone's file (a key, a token)
+    /// is locked but never written: the file keeps its bytes.
+    #[test]
+    fn a_lock_file_with_a_second_name_is_never_written() {
+        let tmp = tempfile::tempdir().unwrap();
+        let data = tmp.path().join("data");
+        std::fs::create_dir(&data).unwrap();
+        let key = tmp.path().join("keyring.json");
+        std::fs::write(&key, b"{\"keys\":[]}").unwrap();
+        std::fs::hard_link(&key, data.join(LOCK_FILE)).unwrap();
+        let held = lock_data_dir(&data).unwrap();
+        assert_eq!(std::fs::read(&key).unwrap(), b"{\"keys\":[]}");
+        drop(held);
+        // A link is refused outright.
+        std::fs::remove_file(data.join(LOCK_FILE)).unwrap();
+        std::os::unix::fs::symlink(&key, data.join(LOCK_FILE)).unwrap();
+        let err = lock_data_dir(&data).unwrap_err().to_string();
+        assert!(err.contains("is a link"), "{err}");
+        assert_eq!(std::fs::read(&key).unwrap(), b"{\"keys\":[]}");
+    }
+
     use super::*;
 
     /// A `flock` is held per open file: a second opening in this process

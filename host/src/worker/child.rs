@@ -286,6 +286,7 @@ fn stand_in(up: Up) -> Option<Up> {
         Up::Report { job, .. } => Some(Up::Report {
             job,
             result: Err(too_large("the job's report")),
+            created: Vec::new(),
         }),
         Up::Loaded { module, .. } => Some(Up::Loaded {
             module,
@@ -444,6 +445,9 @@ async fn run(
         // the channel could not carry would end the channel, and the
         // worker with every job in it.
         let json = report.to_json_within(REPORT_BUDGET)?;
+        // What its guest created in `/out`: the gateway collects nothing
+        // else (a file moved or linked in from outside this worker).
+        let created: Vec<_> = dir.created().into_iter().collect();
         // A job without inputs that left `/out` empty has nothing to copy
         // or check: its directory goes now, before the report, and the
         // gateway sends no `Release`. Anything else stays until then —
@@ -459,23 +463,30 @@ async fn run(
         if keep {
             lock(&state.dirs).insert(job, dir);
         }
-        Ok(Some(json))
+        Ok(Some((json, created)))
     };
     tokio::select! {
         biased;
         _ = cancelled => {}
         result = work => {
-            let result = match result {
+            let (result, created) = match result {
                 // Cancelled after its work was done: its directory is
                 // gone, and the gateway waits for no report.
                 Ok(None) => return,
-                Ok(Some(json)) => Ok(json),
+                Ok(Some((json, created))) => (Ok(json), created),
                 Err(e) => {
                     lock(&state.cancels).remove(&job);
-                    Err(e)
+                    (Err(e), Vec::new())
                 }
             };
-            send(&state.up, Up::Report { job, result });
+            send(
+                &state.up,
+                Up::Report {
+                    job,
+                    result,
+                    created,
+                },
+            );
         }
     }
 }

@@ -337,8 +337,9 @@ struct Pending {
 
 /// How a job sent to a worker ends, short of its worker failing.
 enum Answer {
-    /// The worker's report (`Err`: it could not run the job).
-    Report(Result<String, String>),
+    /// The worker's report (`Err`: it could not run the job), and the
+    /// files its guest created in `/out`.
+    Report(Result<String, String>, Vec<crate::sandbox::outputs::FileId>),
     /// The gateway stopped it: its own clock for the job ran out.
     Stopped(String),
 }
@@ -758,7 +759,7 @@ impl Pool {
         drop(guard);
         self.job_ended(&worker, job);
         match answer {
-            Ok(Answer::Report(Ok(json))) => match JobReport::decode(&json) {
+            Ok(Answer::Report(Ok(json), created)) => match JobReport::decode(&json) {
                 Ok(report) => Ok((
                     bounded(report, policy),
                     Some(WorkerOutputs {
@@ -776,6 +777,7 @@ impl Pool {
                             files: u64::from(policy.limits.output_files),
                             entries: u64::from(policy.limits.output_files),
                         },
+                        created: created.into_iter().collect(),
                     }),
                 )),
                 Err(e) => {
@@ -784,7 +786,7 @@ impl Pool {
                     Ok((fault_report(spec, policy, &reason), None))
                 }
             },
-            Ok(Answer::Report(Err(mut message))) => {
+            Ok(Answer::Report(Err(mut message), _)) => {
                 truncate(&mut message, MAX_MESSAGE);
                 Err(message)
             }
@@ -1273,10 +1275,14 @@ impl Pool {
                         p.running_since.get_or_insert_with(Instant::now);
                     }
                 }
-                Up::Report { job, result } => {
+                Up::Report {
+                    job,
+                    result,
+                    created,
+                } => {
                     let pending = lock(&worker.state).jobs.remove(&job);
                     if let Some(p) = pending {
-                        let _ = p.reply.send(Answer::Report(result));
+                        let _ = p.reply.send(Answer::Report(result, created));
                     }
                 }
                 Up::Call(call) => {
@@ -1407,6 +1413,10 @@ pub struct WorkerOutputs {
     job: u64,
     /// The policy's output limits, enforced on what is copied.
     bounds: crate::sandbox::outputs::Bounds,
+    /// The files the worker says its guest created: nothing else is
+    /// collected (a worker controls its own `/out` anyway; this keeps out
+    /// what someone else moves or links into it).
+    created: crate::sandbox::outputs::Created,
 }
 
 impl std::fmt::Debug for Worker {
@@ -1432,6 +1442,7 @@ impl WorkerOutputs {
             &self.name,
             copy_to,
             self.bounds,
+            Some(&self.created),
         )
     }
 

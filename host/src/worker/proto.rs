@@ -30,7 +30,8 @@ use crate::job::JobSpec;
 /// 3: no `Release` for a job without inputs whose empty `/out` the worker
 /// removed before reporting.
 /// 4: `Running` only for a guest still running 100 ms after it started.
-pub const VERSION: u32 = 4;
+/// 5: `Report` names the files the job created in `/out`.
+pub const VERSION: u32 = 5;
 
 /// Largest frame a worker accepts: a module at the host's largest
 /// accepted size plus its policy, or a job's inputs, with room to spare.
@@ -105,6 +106,9 @@ pub enum Up {
     Report {
         job: u64,
         result: Result<String, String>,
+        /// The regular files its guest created in `/out` (the only ones
+        /// the gateway collects).
+        created: Vec<crate::sandbox::outputs::FileId>,
     },
     /// Outbound-call traffic of a running job.
     Call(CallUp),

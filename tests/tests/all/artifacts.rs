@@ -163,8 +163,13 @@ async fn an_output_tree_past_path_max_is_skipped_and_copies_out_by_handle() {
         }
         // Copying them out (as `run --out` and the service do) works.
         let dest = tempfile::tempdir().unwrap();
-        let copied = outputs::collect(&dir.output_dir(), Some(&dest.path().join("o")))
-            .unwrap_or_else(|e| panic!("{shape}: {e}"));
+        let created = dir.created();
+        let copied = outputs::collect(
+            &dir.output_dir(),
+            Some(&dest.path().join("o")),
+            Some(&created),
+        )
+        .unwrap_or_else(|e| panic!("{shape}: {e}"));
         assert_eq!(copied.files, report.outputs, "{shape}");
         for o in &report.outputs {
             let data = std::fs::read(dest.path().join("o").join(&o.name)).unwrap();

@@ -24,9 +24,12 @@ async fn links_left_in_out_are_not_followed_when_collecting() {
 
     // Copying outputs out copies only the regular file.
     let dest = tempfile::tempdir().unwrap();
-    let copied =
-        bulkhead::sandbox::outputs::collect(&dir.output_dir(), Some(&dest.path().join("o")))
-            .unwrap();
+    let copied = bulkhead::sandbox::outputs::collect(
+        &dir.output_dir(),
+        Some(&dest.path().join("o")),
+        Some(&dir.created()),
+    )
+    .unwrap();
     assert_eq!(copied.files.len(), 1);
     let mut present: Vec<_> = std::fs::read_dir(dest.path().join("o"))
         .unwrap()
@@ -50,7 +53,7 @@ fn fifos_and_host_made_links_in_out_are_skipped_without_blocking() {
     // SAFETY: a valid NUL-terminated path.
     assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
     std::fs::write(out.join("real.txt"), b"real").unwrap();
-    let got = bulkhead::sandbox::outputs::collect(&out, None).unwrap();
+    let got = bulkhead::sandbox::outputs::collect(&out, None, None).unwrap();
     assert_eq!(got.files.len(), 1);
     assert_eq!(got.files[0].name, "real.txt");
     let mut reasons: Vec<_> = got

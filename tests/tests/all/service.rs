@@ -1589,3 +1589,113 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     found.sort();
     found
 }
+
+/// Only files a job created are its outputs. While its guest runs, someone
+/// who can write the work directory moves a file into its `/out`, hard
+/// links another file in and removes that file's other name (as the end of
+/// another job removes its inputs), and moves in a directory with a file.
+/// None of them is stored or served: each is skipped as `not-created`, in
+/// worker processes and in-process alike; the guest's own file is the
+/// job's one output.
+#[tokio::test(flavor = "multi_thread")]
+async fn only_files_a_job_created_are_stored_and_served() {
+    for in_process in [false, true] {
+        let s = start(|c| {
+            if in_process {
+                c.isolation.mode = bulkhead::config::IsolationMode::InProcess;
+            }
+            crate::common::policy(bulkhead_tests::HOSTILE, "hostile")
+                .scopes(&["hostile:run"])
+                .times(
+                    bulkhead::policy::HumanDuration::millis(60_000),
+                    bulkhead::policy::HumanDuration::millis(60_000),
+                )
+                .args(&["out-wait"])
+                .write_to(&c.modules.policies_dir);
+        })
+        .await;
+        let id = submit_until_running(&s).await;
+        let work = s.service.work_dir().to_owned();
+        // The job's `/out`, once its guest has written its own file.
+        let mut out = None;
+        for _ in 0..300 {
+            out = walk(&work)
+                .into_iter()
+                .find(|p| p.ends_with("own.txt"))
+                .and_then(|p| p.parent().map(ToOwned::to_owned));
+            if out.is_some() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let out = out.expect("the guest never wrote /out/own.txt");
+        let secret = b"another tenant's bytes";
+        let linked_from = work.join("other-input");
+        std::fs::write(&linked_from, secret).unwrap();
+        std::fs::hard_link(&linked_from, out.join("linked")).unwrap();
+        std::fs::remove_file(&linked_from).unwrap();
+        std::fs::write(work.join("moved-in"), secret).unwrap();
+        std::fs::rename(work.join("moved-in"), out.join("moved")).unwrap();
+        std::fs::create_dir(work.join("dir-in")).unwrap();
+        std::fs::write(work.join("dir-in/f"), secret).unwrap();
+        std::fs::rename(work.join("dir-in"), out.join("movedir")).unwrap();
+        std::fs::write(out.join("go"), b"").unwrap();
+
+        let token = s.token("acme", &["hostile:run"]).await;
+        let mut job = Value::Null;
+        for _ in 0..300 {
+            job = json(s.get(&format!("/v1/jobs/{id}"), &token)).await;
+            if job["state"] != "running" && job["state"] != "queued" {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let mode = if in_process { "in-process" } else { "workers" };
+        assert_eq!(job["state"], "succeeded", "{mode}: {job:#}");
+        let names: Vec<&str> = job["outputs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|o| o["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(names, ["own.txt"], "{mode}: {job:#}");
+        let mut skipped: Vec<(&str, &str)> = job["report"]["skipped_outputs"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{mode}: {job:#}"))
+            .iter()
+            .map(|o| (o["name"].as_str().unwrap(), o["reason"].as_str().unwrap()))
+            .collect();
+        skipped.sort();
+        assert_eq!(
+            skipped,
+            [
+                ("go", "not-created"),
+                ("linked", "not-created"),
+                ("moved", "not-created"),
+                ("movedir/f", "not-created"),
+            ],
+            "{mode}"
+        );
+        for name in ["linked", "moved", "movedir/f"] {
+            let resp = s
+                .get(&format!("/v1/jobs/{id}/outputs/{name}"), &token)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(resp.status(), StatusCode::NOT_FOUND, "{mode}: {name}");
+        }
+        // Nothing of theirs was stored either.
+        let stored = s.service.config().storage.data_dir.join("jobs").join(&id);
+        for path in walk(&stored) {
+            if path.is_file() {
+                assert_ne!(
+                    std::fs::read(&path).unwrap(),
+                    secret,
+                    "{mode}: {}",
+                    path.display()
+                );
+            }
+        }
+        s.service.shutdown().await;
+    }
+}
