@@ -178,17 +178,15 @@ impl OutputQuota {
         self.held().push(Arc::downgrade(file));
     }
 
-    /// Counts `file`, just opened with `create`, among the files the job
-    /// created when it is one: a regular file with one name and nothing in
-    /// it. A file someone else put at that name meanwhile (moved or linked
-    /// in) has a second name or bytes of its own, and is never counted;
-    /// one of neither kind holds nothing of anyone's.
+    /// Counts `file`, a regular file just made by an exclusive create (a new
+    /// inode: never one someone else put at its name, which fails the
+    /// open), among the files the job created. A file made through a
+    /// dangling link is not counted (its name held a link, so the open was
+    /// not exclusive).
     fn record_created(&self, file: &std::fs::File) {
-        use std::os::unix::fs::MetadataExt;
-        let fresh = file
-            .metadata()
-            .is_ok_and(|m| m.is_file() && m.nlink() == 1 && m.len() == 0);
-        if fresh && let Ok(id) = super::outputs::FileId::of(file) {
+        if file.metadata().is_ok_and(|m| m.is_file())
+            && let Ok(id) = super::outputs::FileId::of(file)
+        {
             self.created
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
@@ -588,19 +586,28 @@ impl HostDescriptor for QuotaFs<'_> {
         flags: types::DescriptorFlags,
     ) -> FsResult<Resource<types::Descriptor>> {
         path_ok(&path)?;
+        let mut oflags = oflags;
+        let mut fresh = false;
         if oflags.contains(types::OpenFlags::CREATE)
             && !self.exists_at(&fd, path_flags, &path).await
         {
             self.quota.charge_entry()?;
+            // Nothing at all at that name (not even a dangling link, whose
+            // target the open would create): the open must make a new
+            // file, or fail — whatever someone else puts at the name
+            // meanwhile is never taken for the job's own.
+            if !self.exists_at(&fd, types::PathFlags::empty(), &path).await {
+                oflags |= types::OpenFlags::EXCLUSIVE;
+                fresh = true;
+            }
         }
         self.quota.admit_open()?;
-        let create = oflags.contains(types::OpenFlags::CREATE);
         let opened = self
             .inner
             .open_at(fd, path_flags, path, oflags, flags)
             .await?;
         self.hold(&opened);
-        if create {
+        if fresh {
             let borrowed: Resource<types::Descriptor> = Resource::new_borrow(opened.rep());
             if let Ok(types::Descriptor::File(f)) = self.inner.table.get(&borrowed) {
                 self.quota.record_created(&f.file);

@@ -15,8 +15,8 @@ use std::path::{Path, PathBuf};
 /// directory — a second `bulkhead serve` of the same config, say — stops
 /// before it touches anything there, or the work directory named after it
 /// (which a start empties under the first one's running jobs).
-pub(super) fn lock_data_dir(data: &Path) -> std::io::Result<std::fs::File> {
-    lock_file(&data.join(LOCK_FILE))
+pub(super) fn lock_data_dir(data: &Root) -> std::io::Result<std::fs::File> {
+    lock_file_in(data, LOCK_FILE)
 }
 
 /// The lock file of a data or work directory, inside it.
@@ -75,17 +75,40 @@ pub fn share_cache_dir(
 /// looked for from its descriptor (up by `..`, down one name at a time),
 /// so a link or a directory swapped in at its path meanwhile is not what
 /// is checked; above it also as its path's ancestors and their aliases
-/// (a bind mount of a subdirectory hides the ancestors `..` reaches).
+/// (a bind mount of a subdirectory hides the ancestors `..` reaches),
+/// and as the held directory's own path now and its aliases.
 /// Last, `path` must still name it, with no link on the way.
 fn check_held(root: &Root, path: &Path, own: &[&std::fs::File]) -> std::io::Result<()> {
+    check_held_above(root, path, own)?;
+    if let Some(rel) = crate::sandbox::held_within(root.fd(), own)? {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!(
+                "holds {}, held by another bulkhead process",
+                path.join(rel).display()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// [`check_held`] but for what is below the directory (a data directory's
+/// jobs are looked into as the orphan sweep comes to each).
+pub(super) fn check_held_above(
+    root: &Root,
+    path: &Path,
+    own: &[&std::fs::File],
+) -> std::io::Result<()> {
     let invalid = |what: String| std::io::Error::new(std::io::ErrorKind::InvalidInput, what);
     check_above_held(root, own)?;
     check_above(path, own)?;
-    if let Some(rel) = crate::sandbox::held_within(root.fd(), own)? {
-        return Err(invalid(format!(
-            "holds {}, held by another bulkhead process",
-            path.join(rel).display()
-        )));
+    // Where the held directory really is now, and that place's aliases:
+    // held through a bind mount of a subdirectory, `..` from it reaches
+    // the mount point's parent, not the held ancestors the mount hides.
+    if let Ok(real) = std::fs::read_link(crate::sandbox::beneath::fd_path(root.fd()))
+        && real != path
+    {
+        check_above(&real, own)?;
     }
     let held = rustix::fs::fstat(root.fd())?;
     let same = std::fs::canonicalize(path).is_ok_and(|p| p == path)
@@ -464,51 +487,82 @@ fn empty_but_held(work: &Root, rel: &Path, own: &[&std::fs::File]) -> std::io::R
     first.map_or(Ok(()), Err)
 }
 
-/// [`lock_file`] of `name` in the held directory `dir`, opened from its
+/// The lock of `name` in the held directory `dir`, opened from its
 /// descriptor (not followed if a link).
 fn lock_file_in(dir: &Root, name: &str) -> std::io::Result<std::fs::File> {
+    let path = dir.path().join(name);
+    let (file, made) = open_lock(dir.fd(), Path::new(name), &path)?;
+    lock_opened(file, &path, made)
+}
+
+/// The lock file `name` in `dir`,
+/// created if missing, and whether this open made it: never through a
+/// link (refused, named).
+fn open_lock(
+    dir: impl std::os::fd::AsFd,
+    name: &Path,
+    path: &Path,
+) -> std::io::Result<(std::fs::File, bool)> {
     use rustix::fs::{Mode, OFlags};
-    let file = rustix::fs::openat(
-        dir.fd(),
-        name,
-        OFlags::RDWR | OFlags::CREATE | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-        Mode::from_raw_mode(0o600),
-    )?;
-    lock_opened(file.into(), &dir.path().join(name))
-}
-
-/// An exclusive `flock` of `path` (created if missing), held while the
-/// returned file is open, with this process's id written in it; taken by
-/// another process, an error naming that one.
-///
-/// A link at `path` is refused, not followed: every check of whether a
-/// directory is held asks its lock file without following a link, so a
-/// lock taken through one would protect nothing.
-fn lock_file(path: &Path) -> std::io::Result<std::fs::File> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .mode(0o600)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(path)
-        .map_err(|e| match e.raw_os_error() {
-            Some(libc::ELOOP) => std::io::Error::new(
-                std::io::ErrorKind::InvalidInput,
-                format!(
-                    "{} is a link: a lock file must be a file of its own (remove the link)",
-                    path.display()
-                ),
+    let flags = OFlags::RDWR | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    let mode = Mode::from_raw_mode(0o600);
+    let link = |e: rustix::io::Errno| match e {
+        rustix::io::Errno::LOOP => std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!(
+                "{} is a link: a lock file must be a file of its own (remove the link)",
+                path.display()
             ),
-            _ => e,
-        })?;
-    lock_opened(file, path)
+        ),
+        e => e.into(),
+    };
+    match rustix::fs::openat(&dir, name, flags | OFlags::CREATE | OFlags::EXCL, mode) {
+        Ok(fd) => Ok((fd.into(), true)),
+        Err(rustix::io::Errno::EXIST) => {
+            let file: std::fs::File = rustix::fs::openat(&dir, name, flags, mode)
+                .map_err(link)?
+                .into();
+            // A file of its own: regular, one name, on the directory's
+            // own mount (not a bind mount of someone's file put there).
+            let parent = name.parent().filter(|p| !p.as_os_str().is_empty());
+            let mount = |fd: std::os::fd::BorrowedFd<'_>, at: &Path| {
+                rustix::fs::statx(
+                    fd,
+                    at,
+                    rustix::fs::AtFlags::EMPTY_PATH,
+                    rustix::fs::StatxFlags::MNT_ID | rustix::fs::StatxFlags::NLINK,
+                )
+            };
+            let own = match (
+                mount(std::os::fd::AsFd::as_fd(&file), Path::new("")),
+                mount(dir.as_fd(), parent.unwrap_or(Path::new(""))),
+            ) {
+                (Ok(f), Ok(d)) => {
+                    f.stx_nlink == 1
+                        && rustix::fs::FileType::from_raw_mode(f.stx_mode.into())
+                            == rustix::fs::FileType::RegularFile
+                        && f.stx_mnt_id == d.stx_mnt_id
+                }
+                _ => false,
+            };
+            Ok((file, own))
+        }
+        Err(e) => Err(link(e)),
+    }
 }
 
-/// [`lock_file`] of the file opened at `path`.
-fn lock_opened(mut file: std::fs::File, path: &Path) -> std::io::Result<std::fs::File> {
+/// An exclusive `flock` of the file opened (created if missing), held
+/// while the returned file is open, with this process's id written in it
+/// where it is a file of its own; taken by another process, an error
+/// naming that one. A link at the lock's name is refused, not followed
+/// ([`open_lock`]): every check of whether a directory is held asks its
+/// lock file without following a link, so a lock taken through one would
+/// protect nothing.
+///
+/// The lock of the file opened at `path`; `made`: this process just
+/// created it, or it is a file of its own (one name, on its directory's
+/// mount), which may be written.
+fn lock_opened(mut file: std::fs::File, path: &Path, made: bool) -> std::io::Result<std::fs::File> {
     use std::io::{Seek, Write};
     // A lock this process has just let go of can stay held a moment by a
     // child it was forking meanwhile (its descriptors go at the child's
@@ -530,20 +584,19 @@ fn lock_opened(mut file: std::fs::File, path: &Path) -> std::io::Result<std::fs:
         }
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
-    // Its pid is written for others to name it, only into a file of one
-    // name: one with another (a hard link put at the lock's name to
-    // someone's file) is locked, never written.
-    if std::os::unix::fs::MetadataExt::nlink(&file.metadata()?) == 1 {
+    // Its pid is written for others to name it only into a file of its
+    // own: one with a second name or on another mount may be someone's (a
+    // hard link or a bind mount of another's key or token put at the
+    // lock's name), and is locked, never written.
+    if made {
         file.set_len(0)?;
         file.rewind()?;
         writeln!(file, "{}", std::process::id())?;
-    } else {
-        tracing::warn!(lock = %path.display(), "the lock file has a second name (a hard link): locked, not written");
     }
     Ok(file)
 }
 
-/// How often [`lock_file`] asks for a held lock, 10 ms apart.
+/// How often a lock asks for a held lock, 10 ms apart.
 const LOCK_TRIES: u32 = 30;
 
 /// Who holds a lock file, as its file says: ` (pid N)`, or an empty
@@ -571,13 +624,15 @@ mod tests {
         let key = tmp.path().join("keyring.json");
         std::fs::write(&key, b"{\"keys\":[]}").unwrap();
         std::fs::hard_link(&key, data.join(LOCK_FILE)).unwrap();
-        let held = lock_data_dir(&data).unwrap();
+        let held = lock_data_dir(&Root::open(&data).unwrap()).unwrap();
         assert_eq!(std::fs::read(&key).unwrap(), b"{\"keys\":[]}");
         drop(held);
         // A link is refused outright.
         std::fs::remove_file(data.join(LOCK_FILE)).unwrap();
         std::os::unix::fs::symlink(&key, data.join(LOCK_FILE)).unwrap();
-        let err = lock_data_dir(&data).unwrap_err().to_string();
+        let err = lock_data_dir(&Root::open(&data).unwrap())
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("is a link"), "{err}");
         assert_eq!(std::fs::read(&key).unwrap(), b"{\"keys\":[]}");
     }

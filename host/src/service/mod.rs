@@ -184,6 +184,9 @@ pub struct Service {
     /// files), from before anything in them is touched until shutdown has
     /// returned (or the process ends: [`Self::take_locks`]).
     locks: Mutex<Vec<std::fs::File>>,
+    /// The data directory, held open: its store and keys are reached
+    /// through it (`/proc/self/fd/N`) for as long as the service lives.
+    _data_root: crate::sandbox::beneath::Root,
     /// Set when shutdown stops the runner's guests (its workers killed with
     /// the jobs they ran): what the runner says of a job from then on is no
     /// result, and the job is left to run again.
@@ -274,15 +277,20 @@ impl Service {
             .and_then(|dir| check_above(&dir, &[]))
             .map_err(|e| storage(&e))?;
         crate::sandbox::create_private_dir_all(data).map_err(|e| storage(&e))?;
-        let data_lock = lock_data_dir(data).map_err(|e| storage(&e))?;
-        std::fs::canonicalize(data)
-            .and_then(|dir| check_above(&dir, &[&data_lock]))
-            .map_err(|e| storage(&e))?;
+        // Held open from here, its lock taken from that descriptor, and
+        // checked as held: the store, keys, admin token and jobs are
+        // reached through it (`/proc/self/fd/N`), whatever is put at its
+        // path meanwhile.
+        let canonical = std::fs::canonicalize(data).map_err(|e| storage(&e))?;
+        let data_root = crate::sandbox::beneath::Root::open(&canonical).map_err(|e| storage(&e))?;
+        let data_lock = lock_data_dir(&data_root).map_err(|e| storage(&e))?;
+        locks::check_held_above(&data_root, &canonical, &[&data_lock]).map_err(|e| storage(&e))?;
+        let held_data = crate::sandbox::beneath::fd_path(data_root.fd());
         // Nor around another's work or data directory: what it holds would
         // be this one's to sweep. Its jobs directory, which can hold far
         // more, is looked into entry by entry as the orphan sweep comes to
         // each (`Service::remove_orphans`).
-        match locks::held_below_but(data, &["jobs"], &[&data_lock]) {
+        match locks::held_below_but(&held_data, &["jobs"], &[&data_lock]) {
             Ok(None) => {}
             Ok(Some((dir, holder))) => {
                 return Err(storage(&format!(
@@ -300,7 +308,7 @@ impl Service {
                     .map_err(|e| StartError::Storage(format!("database {url}: {e}")))?,
             ),
             (None, None) => Arc::new(
-                crate::store::SqliteStore::open(&data.join("bulkhead.sqlite"))
+                crate::store::SqliteStore::open(&held_data.join("bulkhead.sqlite"))
                     .await
                     .map_err(|e| storage(&e))?,
             ),
@@ -344,11 +352,9 @@ impl Service {
         // (the orphan sweep removes what in it no job row points to), held
         // open from here on: everything below it is reached from that
         // descriptor, whatever is later put at its path.
-        let jobs_dir = crate::sandbox::beneath::Root::open(data)
-            .and_then(|data| {
-                data.dir(Path::new("jobs"), true)?;
-                data.below(Path::new("jobs"))
-            })
+        let jobs_dir = data_root
+            .dir(Path::new("jobs"), true)
+            .and_then(|_| data_root.below(Path::new("jobs")))
             .map_err(|e| {
                 storage(&format!(
                     "{} is not a directory of its own: {e}",
@@ -360,7 +366,11 @@ impl Service {
         let mut sandbox_config = SandboxConfig::new(work_root.path());
         sandbox_config.cache_dir = Some(cache);
         sandbox_config.max_concurrent_jobs = config.queue.workers;
-        let keys = config.key_ring()?;
+        let keys = {
+            let mut held = config.clone();
+            held.storage.data_dir.clone_from(&held_data);
+            held.key_ring()?
+        };
         let relay =
             crate::relay::Relay::new(config.services.clone(), Arc::new(keys), &config.tokens)?;
         let relay = Some(Arc::new(relay));
@@ -374,7 +384,7 @@ impl Service {
         )
         .await?;
         let modules = load_modules(runner.as_ref(), sources).await?;
-        let admin_token_hash = admin_token(data).map_err(|e| storage(&e))?;
+        let admin_token_hash = admin_token(&held_data).map_err(|e| storage(&e))?;
 
         let q = &config.queue;
         let scheduler = Scheduler::new(QueueLimits {
@@ -419,6 +429,7 @@ impl Service {
             cancels: Mutex::default(),
             draining: AtomicBool::new(false),
             locks: Mutex::new(locks),
+            _data_root: data_root,
             guests_stopped: AtomicBool::new(false),
             storage_ok: AtomicBool::new(true),
             recover_wanted: AtomicBool::new(false),
