@@ -110,9 +110,18 @@ pub(super) fn check_held_above(
     {
         check_above(&real, own)?;
     }
+    // One lookup, refusing any link on the way (`path` is canonical), of
+    // what the path names now: the held directory itself.
     let held = rustix::fs::fstat(root.fd())?;
-    let same = std::fs::canonicalize(path).is_ok_and(|p| p == path)
-        && rustix::fs::stat(path).is_ok_and(|c| (c.st_dev, c.st_ino) == (held.st_dev, held.st_ino));
+    let same = rustix::fs::openat2(
+        rustix::fs::CWD,
+        path,
+        rustix::fs::OFlags::PATH | rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::CLOEXEC,
+        rustix::fs::Mode::empty(),
+        rustix::fs::ResolveFlags::NO_SYMLINKS,
+    )
+    .and_then(|fd| rustix::fs::fstat(&fd))
+    .is_ok_and(|c| (c.st_dev, c.st_ino) == (held.st_dev, held.st_ino));
     if !same {
         return Err(invalid(format!(
             "was replaced at {} while checked",
