@@ -250,6 +250,7 @@ fn recurse_native(depth: u64) -> u64 {
 /// opening the link with `create`, over and over. A quota that checks whether
 /// the *link* exists (rather than what the open resolves to) would charge
 /// only the links and let twice the allowed entries onto the host's disk.
+/// (The sandbox refuses a create through a dangling link outright.)
 pub fn disk_link_create() -> ExitCode {
     for n in 0u64.. {
         if let Err(e) = crate::fs::symlink_path(&format!("t{n}"), &format!("/out/l{n}")) {

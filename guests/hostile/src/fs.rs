@@ -618,11 +618,17 @@ pub const FORMAT_NAMES: &[&str] = &[
 ];
 
 /// `out-wait`: write `/out/own.txt`, then wait (up to 120 s) until a
-/// file named `go` appears in `/out` (put there from outside), and exit 0.
+/// file named `go` appears in `/out` (put there from outside); then write
+/// `/out/late.txt` as an ordinary result file is written (a create that
+/// truncates whatever is at the name) and exit 0.
 pub fn out_wait() -> ExitCode {
     attempt("write /out/own.txt", fs::write("/out/own.txt", b"own"));
     for _ in 0..2400 {
         if fs::symlink_metadata("/out/go").is_ok() {
+            attempt(
+                "write /out/late.txt",
+                fs::write("/out/late.txt", b"this job's late bytes"),
+            );
             println!("out-wait: go");
             return ExitCode::SUCCESS;
         }

@@ -137,6 +137,9 @@ struct Peer {
 pub struct KeyRing {
     /// `None` for an operator-supplied or in-memory key.
     dir: Option<PathBuf>,
+    /// The directory `dir` names through `/proc/self/fd`, when the ring is
+    /// a data directory's ([`KeyRing::open_in`]): held for the ring's life.
+    _held: Option<crate::sandbox::beneath::Root>,
     grace: Duration,
     ring: RwLock<Ring>,
     /// Other nodes' live keys, as last read from the store.
@@ -203,9 +206,31 @@ fn decode_public(x: &str) -> Option<[u8; 32]> {
     <[u8; 32]>::try_from(bytes.as_slice()).ok()
 }
 
-/// Reads a PKCS#8 PEM Ed25519 key, refusing a file others may read.
-fn read_key(path: &Path) -> Result<SigningKey, KeyError> {
-    let meta = std::fs::metadata(path).map_err(io(path))?;
+/// Reads the regular file `path`, never through a link at its name.
+fn read_own(path: &Path) -> std::io::Result<(Vec<u8>, std::fs::Metadata)> {
+    use std::io::Read as _;
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)?;
+    let meta = f.metadata()?;
+    if !meta.is_file() {
+        return Err(std::io::Error::other("not a regular file"));
+    }
+    let mut bytes = Vec::new();
+    f.read_to_end(&mut bytes)?;
+    Ok((bytes, meta))
+}
+
+/// Reads a PKCS#8 PEM Ed25519 key, refusing a file others may read; the
+/// ring's own keys (`own`) never through a link at their names.
+fn read_key(path: &Path, own: bool) -> Result<SigningKey, KeyError> {
+    let (pem, meta) = if own {
+        read_own(path).map_err(io(path))?
+    } else {
+        let meta = std::fs::metadata(path).map_err(io(path))?;
+        (std::fs::read(path).map_err(io(path))?, meta)
+    };
     if meta.permissions().mode() & 0o077 != 0 {
         return Err(KeyError::Invalid(format!(
             "{} is readable by other users (mode {:o}); run `chmod 600` on it",
@@ -213,7 +238,8 @@ fn read_key(path: &Path) -> Result<SigningKey, KeyError> {
             meta.permissions().mode() & 0o777
         )));
     }
-    let pem = std::fs::read_to_string(path).map_err(io(path))?;
+    let pem = String::from_utf8(pem)
+        .map_err(|_| KeyError::Invalid(format!("{} is not a PEM file", path.display())))?;
     SigningKey::from_pkcs8_pem(&pem).map_err(|e| {
         KeyError::Invalid(format!(
             "{} is not a PKCS#8 PEM Ed25519 private key: {e}",
@@ -246,7 +272,7 @@ impl KeyRing {
     pub fn open(dir: &Path, grace: Duration) -> Result<Self, KeyError> {
         crate::sandbox::create_private_dir_all(dir).map_err(io(dir))?;
         let ring_path = dir.join("keyring.json");
-        let file = match std::fs::read(&ring_path) {
+        let file = match read_own(&ring_path).map(|(bytes, _)| bytes) {
             Ok(bytes) => serde_json::from_slice::<RingFile>(&bytes).map_err(|e| {
                 KeyError::Invalid(format!("{} is corrupt: {e}", ring_path.display()))
             })?,
@@ -270,7 +296,7 @@ impl KeyRing {
                 ring_path.display()
             )));
         }
-        let key = read_key(&dir.join(format!("{}.pem", file.active)))?;
+        let key = read_key(&dir.join(format!("{}.pem", file.active)), true)?;
         let active = active_from(&key)?;
         if active.kid != file.active {
             return Err(KeyError::Invalid(format!(
@@ -282,10 +308,29 @@ impl KeyRing {
         let retired: Vec<Retired> = file.retired.into_iter().filter(|r| r.until > t).collect();
         Ok(Self {
             dir: Some(dir.to_owned()),
+            _held: None,
             grace,
             ring: RwLock::new(Ring { active, retired }),
             peers: RwLock::default(),
         })
+    }
+
+    /// [`KeyRing::open`] on `keys` in the data directory `data` holds: the
+    /// directory is made and opened from `data`'s descriptor, refusing a
+    /// link or a mount at `keys`, and held; the ring's files are reached
+    /// through it, never through a link at their names.
+    ///
+    /// # Errors
+    /// As [`KeyRing::open`]; a link or a mount at `keys`.
+    pub fn open_in(
+        data: &crate::sandbox::beneath::Root,
+        grace: Duration,
+    ) -> Result<Self, KeyError> {
+        let at = data.path().join("keys");
+        let keys = data.made_below(Path::new("keys")).map_err(io(&at))?;
+        let mut ring = Self::open(&crate::sandbox::beneath::fd_path(keys.fd()), grace)?;
+        ring._held = Some(keys);
+        Ok(ring)
     }
 
     /// A ring holding one operator-supplied key (PKCS#8 PEM, mode 0600).
@@ -293,9 +338,10 @@ impl KeyRing {
     /// # Errors
     /// [`KeyError`] as for [`KeyRing::open`].
     pub fn supplied(path: &Path) -> Result<Self, KeyError> {
-        let key = read_key(path)?;
+        let key = read_key(path, false)?;
         Ok(Self {
             dir: None,
+            _held: None,
             grace: Duration::ZERO,
             ring: RwLock::new(Ring {
                 active: active_from(&key)?,
@@ -310,6 +356,7 @@ impl KeyRing {
     pub fn ephemeral() -> Self {
         Self {
             dir: None,
+            _held: None,
             grace: Duration::ZERO,
             ring: RwLock::new(Ring {
                 active: active_from(&generate()).expect("a fresh key encodes"),
@@ -582,6 +629,7 @@ mod tests {
         let active = active_from(&key).unwrap();
         let ring = KeyRing {
             dir: None,
+            _held: None,
             grace: Duration::ZERO,
             ring: RwLock::new(Ring {
                 active,

@@ -14,11 +14,24 @@
 //!   in a [`QuotaStream`] that charges each chunk the same way (this also
 //!   covers `write-zeroes` and `splice`, which go through the stream's
 //!   `write`);
-//! - `open-at` with `create` on a path that does not resolve to an entry
-//!   (a dangling symlink counts as missing), `create-directory-at`
+//! - `open-at` with `create` on a path where nothing is (a `create`
+//!   through a dangling symlink is refused, below), `create-directory-at`
 //!   and `symlink-at`: one entry each;
 //! - `link-at`: refused outright; hard links could alias files across
 //!   preopens and nothing a processor does needs them.
+//!
+//! `open-at` also keeps the record of what the job created. A `create`
+//! where nothing at all is at the name is made exclusive, and the new
+//! regular file is recorded ([`OutputQuota::created`]); only recorded files
+//! are collected as outputs. A `create` through a dangling link is refused
+//! with `access` before anything is made: the link's target, made by a
+//! plain create, could not be told from a file someone else put there
+//! meanwhile. An open for writing of any other existing file
+//! (one a `create` found at its name, or one opened by name to write) is
+//! refused with `access` before a byte is written or truncated: whatever is
+//! at a name in `/out` that the job did not create was put there by someone
+//! else, and may be another job's own file, which would carry this job's
+//! bytes back to that job's outputs.
 //!
 //! Charges are never refunded (deleting a file does not return its bytes), so
 //! the charged total is an upper bound on what `/out` can hold at any moment:
@@ -180,9 +193,7 @@ impl OutputQuota {
 
     /// Counts `file`, a regular file just made by an exclusive create (a new
     /// inode: never one someone else put at its name, which fails the
-    /// open), among the files the job created. A file made through a
-    /// dangling link is not counted (its name held a link, so the open was
-    /// not exclusive).
+    /// open), among the files the job created.
     fn record_created(&self, file: &std::fs::File) {
         if file.metadata().is_ok_and(|m| m.is_file())
             && let Ok(id) = super::outputs::FileId::of(file)
@@ -191,6 +202,26 @@ impl OutputQuota {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .insert(id);
+        }
+    }
+
+    /// Whether the guest may write to `file`, an existing file it opened
+    /// for writing: only if the job created it. Anything else at a name in
+    /// `/out` was put there by someone else — moved or linked in while the
+    /// job ran, perhaps a file another job created and will collect as its
+    /// own — and writing the job's bytes into it would hand them over.
+    /// Refused with `access`, before anything is written or truncated.
+    fn writable(&self, file: &std::fs::File) -> Result<(), ErrorCode> {
+        let id = super::outputs::FileId::of(file).map_err(|_| ErrorCode::Access)?;
+        if self
+            .created
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(&id)
+        {
+            Ok(())
+        } else {
+            Err(ErrorCode::Access)
         }
     }
 
@@ -591,15 +622,26 @@ impl HostDescriptor for QuotaFs<'_> {
         if oflags.contains(types::OpenFlags::CREATE)
             && !self.exists_at(&fd, path_flags, &path).await
         {
-            self.quota.charge_entry()?;
-            // Nothing at all at that name (not even a dangling link, whose
-            // target the open would create): the open must make a new
-            // file, or fail — whatever someone else puts at the name
-            // meanwhile is never taken for the job's own.
-            if !self.exists_at(&fd, types::PathFlags::empty(), &path).await {
-                oflags |= types::OpenFlags::EXCLUSIVE;
-                fresh = true;
+            // A dangling link: the open would make its target, a file
+            // that could not be told from one someone else puts there
+            // meanwhile. Refused before anything is made.
+            if self.exists_at(&fd, types::PathFlags::empty(), &path).await {
+                return Err(ErrorCode::Access.into());
             }
+            self.quota.charge_entry()?;
+            // Nothing at all at that name: the open must make a new file,
+            // or fail — whatever someone else puts at the name meanwhile
+            // is never taken for the job's own.
+            oflags |= types::OpenFlags::EXCLUSIVE;
+            fresh = true;
+        }
+        // An existing file is truncated only once it is known to be the
+        // job's own (below): the open itself must not cut someone else's.
+        let mut flags = flags;
+        let truncate = !fresh && oflags.contains(types::OpenFlags::TRUNCATE);
+        if truncate {
+            oflags &= !types::OpenFlags::TRUNCATE;
+            flags |= types::DescriptorFlags::WRITE;
         }
         self.quota.admit_open()?;
         let opened = self
@@ -607,13 +649,30 @@ impl HostDescriptor for QuotaFs<'_> {
             .open_at(fd, path_flags, path, oflags, flags)
             .await?;
         self.hold(&opened);
-        if fresh {
-            let borrowed: Resource<types::Descriptor> = Resource::new_borrow(opened.rep());
-            if let Ok(types::Descriptor::File(f)) = self.inner.table.get(&borrowed) {
+        let borrowed: Resource<types::Descriptor> = Resource::new_borrow(opened.rep());
+        let verdict = match self.inner.table.get(&borrowed) {
+            Ok(types::Descriptor::File(f)) if fresh => {
                 self.quota.record_created(&f.file);
+                Ok(())
+            }
+            Ok(types::Descriptor::File(f)) if f.open_mode.contains(OpenMode::WRITE) => {
+                self.quota.writable(&f.file).and_then(|()| {
+                    if truncate {
+                        f.file.set_len(0).map_err(ErrorCode::from)
+                    } else {
+                        Ok(())
+                    }
+                })
+            }
+            _ => Ok(()),
+        };
+        match verdict {
+            Ok(()) => Ok(opened),
+            Err(e) => {
+                HostDescriptor::drop(&mut self.inner, opened).map_err(FsError::trap)?;
+                Err(e.into())
             }
         }
-        Ok(opened)
     }
 
     fn drop(&mut self, fd: Resource<types::Descriptor>) -> wasmtime::Result<()> {

@@ -186,7 +186,7 @@ pub struct Service {
     locks: Mutex<Vec<std::fs::File>>,
     /// The data directory, held open: its store and keys are reached
     /// through it (`/proc/self/fd/N`) for as long as the service lives.
-    _data_root: crate::sandbox::beneath::Root,
+    data_root: crate::sandbox::beneath::Root,
     /// Set when shutdown stops the runner's guests (its workers killed with
     /// the jobs they ran): what the runner says of a job from then on is no
     /// result, and the job is left to run again.
@@ -319,7 +319,8 @@ impl Service {
         let work = match &config.storage.work_dir {
             Some(dir) => dir.clone(),
             None => {
-                let canonical = std::fs::canonicalize(data).map_err(|e| storage(&e))?;
+                // The path found to name the held directory, not a new
+                // lookup of the configured one.
                 let digest =
                     crate::policy::Sha256Hex::digest(canonical.as_os_str().as_encoded_bytes());
                 crate::sandbox::default_work_dir(&digest.as_str()[..12])
@@ -331,7 +332,7 @@ impl Service {
             .storage
             .cache_dir
             .clone()
-            .unwrap_or_else(|| data.join("cache"));
+            .unwrap_or_else(|| canonical.join("cache"));
         // The module cache, which other services may share, is held shared:
         // no one's work directory (emptied at each start and shutdown) may
         // be at it or around it, nor it inside another's.
@@ -366,10 +367,11 @@ impl Service {
         let mut sandbox_config = SandboxConfig::new(work_root.path());
         sandbox_config.cache_dir = Some(cache);
         sandbox_config.max_concurrent_jobs = config.queue.workers;
-        let keys = {
-            let mut held = config.clone();
-            held.storage.data_dir.clone_from(&held_data);
-            held.key_ring()?
+        // The data directory's own key ring is reached from its descriptor,
+        // never through a link or a mount at `keys` or at a file's name.
+        let keys = match &config.tokens.signing_key {
+            Some(_) => config.key_ring()?,
+            None => crate::relay::KeyRing::open_in(&data_root, config.tokens.key_grace.get())?,
         };
         let relay =
             crate::relay::Relay::new(config.services.clone(), Arc::new(keys), &config.tokens)?;
@@ -384,7 +386,7 @@ impl Service {
         )
         .await?;
         let modules = load_modules(runner.as_ref(), sources).await?;
-        let admin_token_hash = admin_token(&held_data).map_err(|e| storage(&e))?;
+        let admin_token_hash = admin_token(&data_root).map_err(|e| storage(&e))?;
 
         let q = &config.queue;
         let scheduler = Scheduler::new(QueueLimits {
@@ -394,7 +396,7 @@ impl Service {
             max_running_per_tenant: q.max_running_per_tenant,
             max_running_per_module: q.max_running_per_module,
         });
-        record_given_back(store.as_ref(), data).await?;
+        record_given_back(store.as_ref(), &data_root).await?;
         let requeued = store.requeue_running().await?;
         let shared = store.shared();
         // A shared store's queue stays in the store.
@@ -429,7 +431,7 @@ impl Service {
             cancels: Mutex::default(),
             draining: AtomicBool::new(false),
             locks: Mutex::new(locks),
-            _data_root: data_root,
+            data_root,
             guests_stopped: AtomicBool::new(false),
             storage_ok: AtomicBool::new(true),
             recover_wanted: AtomicBool::new(false),
@@ -747,8 +749,8 @@ impl Service {
         if timed_out || !unrecorded.is_empty() {
             // The store did not take them (locked, failing): the next start
             // gives them back from this file before it re-runs anything.
-            let path = self.config.storage.data_dir.join(GIVEN_BACK);
-            match write_given_back(&path, &unrecorded) {
+            let path = self.data_root.path().join(GIVEN_BACK);
+            match write_given_back(&self.data_root, &unrecorded) {
                 Ok(()) => {
                     tracing::warn!(jobs = unrecorded.len(), file = %path.display(), "shutdown: jobs given back in a file, for the next start to record")
                 }
@@ -825,10 +827,20 @@ const GIVEN_BACK: &str = "given-back.json";
 
 /// Writes `claims` to `path` whole or not at all (a temporary file,
 /// synced, renamed over it).
-fn write_given_back(path: &Path, claims: &[&crate::store::Claimed]) -> std::io::Result<()> {
+fn write_given_back(
+    data: &crate::sandbox::beneath::Root,
+    claims: &[&crate::store::Claimed],
+) -> std::io::Result<()> {
     let json = serde_json::to_vec(claims).map_err(std::io::Error::other)?;
+    let path = crate::sandbox::beneath::fd_path(data.fd()).join(GIVEN_BACK);
     let tmp = path.with_extension("json.tmp");
-    let mut file = std::fs::File::create(&tmp)?;
+    // A new file (never whatever is at the name, a link included).
+    let _ = std::fs::remove_file(&tmp);
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)?;
     std::io::Write::write_all(&mut file, &json)?;
     file.sync_all()?;
     std::fs::rename(&tmp, path)
@@ -840,9 +852,19 @@ fn write_given_back(path: &Path, claims: &[&crate::store::Claimed]) -> std::io::
 /// holds (its job finished, was cancelled, or another node took it back
 /// once its lease ran out) is left as it is. Returns how many were given
 /// back.
-async fn record_given_back(store: &dyn JobStore, data: &Path) -> Result<usize, StartError> {
-    let path = data.join(GIVEN_BACK);
-    let bytes = match std::fs::read(&path) {
+async fn record_given_back(
+    store: &dyn JobStore,
+    data: &crate::sandbox::beneath::Root,
+) -> Result<usize, StartError> {
+    let path = data.path().join(GIVEN_BACK);
+    // Never through a link or a mount at its name.
+    let read = crate::sandbox::beneath::open_file_in(data.fd(), GIVEN_BACK)
+        .map_err(std::io::Error::from)
+        .and_then(|fd| {
+            let mut bytes = Vec::new();
+            std::io::Read::read_to_end(&mut std::fs::File::from(fd), &mut bytes).map(|_| bytes)
+        });
+    let bytes = match read {
         Ok(bytes) => bytes,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
         Err(e) => {
@@ -864,7 +886,7 @@ async fn record_given_back(store: &dyn JobStore, data: &Path) -> Result<usize, S
             given += 1;
         }
     }
-    std::fs::remove_file(&path)
+    rustix::fs::unlinkat(data.fd(), GIVEN_BACK, rustix::fs::AtFlags::empty())
         .map_err(|e| StartError::Storage(format!("{}: {e}", path.display())))?;
     tracing::info!(
         given,
@@ -1084,9 +1106,32 @@ async fn load_modules(
 /// The admin token's hash: read from `<data>/admin.token`, created (mode
 /// 0600) on first start. The secret itself stays in that file for the
 /// operator; it is never a user token and never in the tokens table.
-fn admin_token(data: &Path) -> std::io::Result<String> {
-    let path = data.join("admin.token");
-    match std::fs::read_to_string(&path) {
+fn admin_token(data: &crate::sandbox::beneath::Root) -> std::io::Result<String> {
+    let path = data.path().join("admin.token");
+    // Never through a link or a mount at its name.
+    let read = crate::sandbox::beneath::open_file_in(data.fd(), "admin.token")
+        .map_err(|e| match e {
+            rustix::io::Errno::LOOP | rustix::io::Errno::XDEV => std::io::Error::other(format!(
+                "{} is a link or a mount point: not followed",
+                path.display()
+            )),
+            e => e.into(),
+        })
+        .and_then(|fd| {
+            let file = std::fs::File::from(fd);
+            if !file.metadata()?.is_file() {
+                return Err(std::io::Error::other(format!(
+                    "{} is not a regular file",
+                    path.display()
+                )));
+            }
+            std::io::read_to_string(file)
+        });
+    match read {
+        Ok(secret) if secret.trim().is_empty() => Err(std::io::Error::other(format!(
+            "{} is empty: remove it for a new admin token, or put one in it",
+            path.display()
+        ))),
         Ok(secret) => Ok(crate::auth::hash(secret.trim())),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let token = crate::auth::mint();
@@ -1094,7 +1139,7 @@ fn admin_token(data: &Path) -> std::io::Result<String> {
                 .write(true)
                 .create_new(true)
                 .mode(0o600)
-                .open(&path)?;
+                .open(crate::sandbox::beneath::fd_path(data.fd()).join("admin.token"))?;
             writeln!(f, "{}", token.secret)?;
             f.sync_all()?;
             Ok(token.hash)

@@ -920,17 +920,7 @@ impl Service {
 
     /// Bytes free for this process under the data directory.
     pub(super) fn free_space(&self) -> std::io::Result<u64> {
-        use std::os::unix::ffi::OsStrExt;
-        let path = std::ffi::CString::new(self.config.storage.data_dir.as_os_str().as_bytes())
-            .map_err(std::io::Error::other)?;
-        let mut stat = std::mem::MaybeUninit::<libc::statvfs>::zeroed();
-        // SAFETY: `path` is a NUL-terminated string and `stat` points to
-        // writable memory of the right size for the call to fill.
-        if unsafe { libc::statvfs(path.as_ptr(), stat.as_mut_ptr()) } != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        // SAFETY: statvfs returned 0, so it filled `stat`.
-        let stat = unsafe { stat.assume_init() };
+        let stat = rustix::fs::fstatvfs(self.data_root.fd())?;
         Ok(stat.f_bavail.saturating_mul(stat.f_frsize))
     }
 
@@ -939,11 +929,13 @@ impl Service {
     /// space there is at least [`MIN_FREE`].
     pub(super) async fn probe(&self) -> Result<(), ServiceError> {
         self.store.probe(now_ms()).await?;
-        let path = self.config.storage.data_dir.join(".probe");
+        // In the held directory, a new file: never one a link at the name
+        // points to.
+        let path = crate::sandbox::beneath::fd_path(self.data_root.fd()).join(".probe");
+        let _ = std::fs::remove_file(&path);
         let written = std::fs::OpenOptions::new()
             .write(true)
-            .create(true)
-            .truncate(true)
+            .create_new(true)
             .mode(0o600)
             .open(&path)
             .and_then(|mut f| {

@@ -28,6 +28,7 @@
 //! of the API).
 
 pub mod keys;
+mod named_vfs;
 #[doc(hidden)]
 pub mod pg_server;
 mod postgres;

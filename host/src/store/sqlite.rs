@@ -254,6 +254,19 @@ impl std::fmt::Debug for SqliteStore {
     }
 }
 
+/// Opens a connection to the database at `path`, by exactly that name
+/// ([`super::named_vfs`]: a `/proc/self/fd/N/…` name reaches the held
+/// directory at every open, never its path), never through a link at the
+/// database's own name.
+fn connect(path: &Path, flags: OpenFlags) -> Result<Connection, StoreError> {
+    let vfs = super::named_vfs::name().map_err(StoreError::Open)?;
+    Ok(Connection::open_with_flags_and_vfs(
+        path,
+        flags | OpenFlags::SQLITE_OPEN_NOFOLLOW,
+        vfs,
+    )?)
+}
+
 fn configure(conn: &Connection) -> rusqlite::Result<()> {
     conn.busy_handler(Some(busy_wait))?;
     conn.pragma_update(None, "foreign_keys", true)?;
@@ -315,7 +328,7 @@ impl SqliteStore {
     /// # Errors
     /// If the file cannot be opened or the schema applied.
     pub async fn open(path: &Path) -> Result<Self, StoreError> {
-        let writer = Connection::open(path)?;
+        let writer = connect(path, OpenFlags::default())?;
         configure(&writer)?;
         let mode: String = writer.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
         if !mode.eq_ignore_ascii_case("wal") {
@@ -335,7 +348,7 @@ impl SqliteStore {
         drop_audit_trigger(&writer)?;
 
         let (stop, stopped) = mpsc::channel::<()>();
-        let checkpoint_conn = Connection::open(path)?;
+        let checkpoint_conn = connect(path, OpenFlags::default())?;
         configure(&checkpoint_conn)?;
         std::thread::Builder::new()
             .name("bulkhead-checkpoint".into())
@@ -491,13 +504,10 @@ impl SqliteStore {
         let conn = match pooled {
             Some(c) => c,
             None => {
-                let opened = Connection::open_with_flags(
+                let opened = connect(
                     &self.path,
-                    OpenFlags::SQLITE_OPEN_READ_ONLY
-                        | OpenFlags::SQLITE_OPEN_NO_MUTEX
-                        | OpenFlags::SQLITE_OPEN_URI,
+                    OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
                 )
-                .map_err(StoreError::from)
                 .and_then(|c| configure(&c).map(|()| c).map_err(StoreError::from));
                 match opened {
                     Ok(c) => c,

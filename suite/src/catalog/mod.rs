@@ -502,8 +502,9 @@ pub fn bundled() -> Vec<Attack> {
         guest(
             "exhaust.disk-link-create",
             Exhaustion,
-            "create files through dangling symlinks to dodge the entry count",
-            hostile("disk-link-create").limit(&[L::OutputFiles]),
+            "create files through dangling symlinks to dodge the entry count (refused: nothing \
+             is made through one)",
+            hostile("disk-link-create").expect(Expect::Failed),
         ),
         guest(
             "exhaust.deep-dirs",

@@ -107,9 +107,27 @@ async fn many_small_files_hit_the_file_count_quota() {
     assert_limit("disk-many", LimitKind::OutputFiles).await;
 }
 
+/// A `create` through a dangling link is refused before its target is
+/// made (that file could not be told from one someone else put there):
+/// the guest's first one fails, and `/out` holds its link alone.
 #[tokio::test(flavor = "multi_thread")]
-async fn creating_files_through_dangling_links_hits_the_file_count_quota() {
-    assert_limit("disk-link-create", LimitKind::OutputFiles).await;
+async fn creating_files_through_dangling_links_is_refused_and_makes_nothing() {
+    let attacker = hostile("disk-link-create", tight);
+    let (report, dir) = run(&attacker, &spec(&[], &[])).await;
+    assert_eq!(report.outcome, Outcome::Failed, "{report:#?}");
+    assert_eq!(report.limit, None, "{report:#?}");
+    let out = dir.output_dir();
+    let names: Vec<_> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names, ["l0"], "{report:#?}");
+    assert!(
+        std::fs::symlink_metadata(out.join("l0"))
+            .unwrap()
+            .file_type()
+            .is_symlink()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -654,6 +654,55 @@ async fn a_give_back_the_store_does_not_take_at_shutdown_is_recorded_by_the_next
     third.shutdown().await;
 }
 
+/// Links in a data directory, at the key ring's directory, the admin
+/// token, the store and the list of jobs given back, each to another's
+/// file or directory: the start is refused naming it, and the other's
+/// files are neither read into service nor written.
+#[tokio::test(flavor = "multi_thread")]
+async fn links_in_the_data_directory_are_never_followed() {
+    let s = start(|_| {}).await;
+    // Another service's data directory: its keys, admin token and store.
+    let theirs = s.service.config().storage.data_dir.clone();
+    let before = |name: &str| std::fs::read(theirs.join(name)).unwrap();
+    let keyring = before("keys/keyring.json");
+    let token = before("admin.token");
+    let other = tempfile::tempdir().unwrap();
+    let mut config = s.service.config().clone();
+    config.storage.work_dir = None;
+    for (name, target, refusal) in [
+        ("keys", theirs.join("keys"), "not followed"),
+        ("admin.token", theirs.join("admin.token"), "not followed"),
+        ("bulkhead.sqlite", theirs.join("bulkhead.sqlite"), ""),
+        ("given-back.json", theirs.join("admin.token"), ""),
+    ] {
+        let data = other.path().join(name.replace('.', "-"));
+        std::fs::create_dir(&data).unwrap();
+        std::os::unix::fs::symlink(&target, data.join(name)).unwrap();
+        config.storage.data_dir = data.clone();
+        config.storage.cache_dir = Some(other.path().join("cache"));
+        let err = bulkhead::service::Service::start(config.clone(), None)
+            .await
+            .map(|_| ())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(refusal), "{name}: {err}");
+        assert!(
+            std::fs::symlink_metadata(data.join(name))
+                .unwrap()
+                .file_type()
+                .is_symlink(),
+            "{name}: the link was replaced"
+        );
+    }
+    assert_eq!(before("keys/keyring.json"), keyring);
+    assert_eq!(before("admin.token"), token);
+    // Their service still serves, on its own store.
+    let secret = s.token("acme", &["thumbnail:run"]).await;
+    let resp = s.get("/v1/jobs", &secret).send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    s.service.shutdown().await;
+}
+
 /// A running job's directory replaced by a link to another directory:
 /// what the service then reads, writes and removes of the job (its
 /// inputs, its outputs) is reached from the jobs directory's descriptor,
@@ -1593,10 +1642,13 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
 /// Only files a job created are its outputs. While its guest runs, someone
 /// who can write the work directory moves a file into its `/out`, hard
 /// links another file in and removes that file's other name (as the end of
-/// another job removes its inputs), and moves in a directory with a file.
-/// None of them is stored or served: each is skipped as `not-created`, in
-/// worker processes and in-process alike; the guest's own file is the
-/// job's one output.
+/// another job removes its inputs), moves in a directory with a file, and
+/// moves a file to the name the guest writes next. None of them is stored
+/// or served: each is skipped as `not-created`, in worker processes and
+/// in-process alike; the guest's own file is the job's one output. The
+/// guest's write to the name another's file took is refused, and that
+/// file keeps its bytes (else a file another job created, moved in and back
+/// out, would carry this job's bytes to that job's outputs).
 #[tokio::test(flavor = "multi_thread")]
 async fn only_files_a_job_created_are_stored_and_served() {
     for in_process in [false, true] {
@@ -1639,6 +1691,12 @@ async fn only_files_a_job_created_are_stored_and_served() {
         std::fs::create_dir(work.join("dir-in")).unwrap();
         std::fs::write(work.join("dir-in/f"), secret).unwrap();
         std::fs::rename(work.join("dir-in"), out.join("movedir")).unwrap();
+        // Someone else's file (another job's own, say) at the name the guest
+        // writes next: the guest's write must neither change it nor take it.
+        let theirs = b"another job's own file";
+        std::fs::write(work.join("theirs"), theirs).unwrap();
+        let planted = std::fs::File::open(work.join("theirs")).unwrap();
+        std::fs::rename(work.join("theirs"), out.join("late.txt")).unwrap();
         std::fs::write(out.join("go"), b"").unwrap();
 
         let token = s.token("acme", &["hostile:run"]).await;
@@ -1670,6 +1728,7 @@ async fn only_files_a_job_created_are_stored_and_served() {
             skipped,
             [
                 ("go", "not-created"),
+                ("late.txt", "not-created"),
                 ("linked", "not-created"),
                 ("moved", "not-created"),
                 ("movedir/f", "not-created"),
@@ -1684,13 +1743,22 @@ async fn only_files_a_job_created_are_stored_and_served() {
                 .unwrap();
             assert_eq!(resp.status(), StatusCode::NOT_FOUND, "{mode}: {name}");
         }
+        // The guest's create of `late.txt` found a file the job did not
+        // create there and was refused: not a byte of it changed.
+        assert_eq!(
+            std::io::Read::bytes(&planted)
+                .collect::<Result<Vec<u8>, _>>()
+                .unwrap(),
+            theirs,
+            "{mode}: the guest wrote into a file it did not create"
+        );
         // Nothing of theirs was stored either.
         let stored = s.service.config().storage.data_dir.join("jobs").join(&id);
         for path in walk(&stored) {
             if path.is_file() {
-                assert_ne!(
-                    std::fs::read(&path).unwrap(),
-                    secret,
+                let stored = std::fs::read(&path).unwrap();
+                assert!(
+                    stored != secret && stored != theirs,
                     "{mode}: {}",
                     path.display()
                 );
