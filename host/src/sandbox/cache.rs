@@ -549,7 +549,6 @@ fn copy_handoff(
     name: &str,
 ) -> io::Result<()> {
     use rustix::fs::{AtFlags, Mode, OFlags};
-    use sha2::Digest;
     let bad = |what: String| io::Error::new(io::ErrorKind::InvalidData, what);
     if !artifact.well_formed() {
         return Err(bad(format!("a malformed artifact report: {artifact:?}")));
@@ -590,22 +589,16 @@ fn copy_handoff(
         rustix::fs::fchown(&fd, None, gid)?;
         rustix::fs::fchmod(&fd, Mode::from_raw_mode(file_mode))?;
         let mut out = std::fs::File::from(fd);
-        let mut hash = sha2::Sha256::new();
-        let mut left = artifact.len;
-        let mut reader = (&source).take(artifact.len.saturating_add(1));
-        let mut buf = vec![0u8; 1 << 16];
-        loop {
-            let n = reader.read(&mut buf)?;
-            if n == 0 {
-                break;
-            }
-            left = left
-                .checked_sub(n as u64)
-                .ok_or_else(|| bad(format!("the worker's {name} grew while it was copied")))?;
-            hash.update(&buf[..n]);
-            out.write_all(&buf[..n])?;
-        }
-        if left != 0 || hex::encode(hash.finalize()) != artifact.sha256.as_str() {
+        let (len, sha256) =
+            super::outputs::copy_hashing(&mut &source, Some(&mut out), artifact.len).map_err(
+                |e| match e {
+                    super::outputs::CopyFailed::Read(e) | super::outputs::CopyFailed::Write(e) => e,
+                    super::outputs::CopyFailed::OverLimit => {
+                        bad(format!("the worker's {name} grew while it was copied"))
+                    }
+                },
+            )?;
+        if len != artifact.len || sha256 != artifact.sha256.as_str() {
             return Err(bad(format!(
                 "the worker's {name} is not the artifact it reported (its length or sha256 differ)"
             )));

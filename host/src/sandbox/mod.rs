@@ -49,7 +49,8 @@ pub use pipe::MAX_CAPTURE;
 pub use quota::DESCRIPTOR_REFUSALS;
 pub(crate) use remove::names as entry_names;
 pub use remove::{
-    CACHE_LOCK, DIR_LOCK, held, held_within, remove_tree, remove_tree_but, remove_tree_in,
+    CACHE_LOCK, DIR_LOCK, held, held_within, held_within_but, remove_tree, remove_tree_but,
+    remove_tree_in,
 };
 // The job's types are the `job` module's; re-exported for the sandbox's
 // callers.

@@ -530,36 +530,59 @@ fn read_regular(
         }
         None => None,
     };
+    let copied = copy_hashing(&mut file, sink.as_mut().map(|f| f as &mut dyn Write), left);
+    match copied {
+        Ok(done) => Ok(Some(done)),
+        Err(e) => {
+            // A skipped entry leaves no partial copy behind.
+            if let Some(dest) = dest {
+                let _ = dest.remove_file(name);
+            }
+            Err(match e {
+                CopyFailed::Read(_) => Failed::Source,
+                CopyFailed::OverLimit => Failed::OverLimit,
+                CopyFailed::Write(e) => Failed::Copy(e),
+            })
+        }
+    }
+}
+
+/// Why [`copy_hashing`] stopped.
+#[derive(Debug)]
+pub(crate) enum CopyFailed {
+    /// Reading the source failed.
+    Read(io::Error),
+    /// The source held more than the bytes allowed.
+    OverLimit,
+    /// Writing the copy failed.
+    Write(io::Error),
+}
+
+/// Reads `from` to its end, at most `max` bytes, writing each chunk to
+/// `to` if given; returns the length and the sha256 (hex) of what was read.
+pub(crate) fn copy_hashing(
+    from: &mut dyn Read,
+    mut to: Option<&mut dyn Write>,
+    max: u64,
+) -> Result<(u64, String), CopyFailed> {
     let mut hasher = Sha256::new();
     let mut size = 0u64;
     let mut buf = vec![0u8; 64 * 1024];
     loop {
-        let n = match file.read(&mut buf) {
-            Ok(n) => n,
-            Err(_) => {
-                // A skipped entry leaves no partial copy behind.
-                if let Some(dest) = dest {
-                    let _ = dest.remove_file(name);
-                }
-                return Err(Failed::Source);
-            }
-        };
+        let n = from.read(&mut buf).map_err(CopyFailed::Read)?;
         if n == 0 {
             break;
         }
-        hasher.update(&buf[..n]);
         size += n as u64;
-        if size > left {
-            if let Some(dest) = dest {
-                let _ = dest.remove_file(name);
-            }
-            return Err(Failed::OverLimit);
+        if size > max {
+            return Err(CopyFailed::OverLimit);
         }
-        if let Some(sink) = sink.as_mut() {
-            sink.write_all(&buf[..n]).map_err(Failed::Copy)?;
+        hasher.update(&buf[..n]);
+        if let Some(to) = to.as_mut() {
+            to.write_all(&buf[..n]).map_err(CopyFailed::Write)?;
         }
     }
-    Ok(Some((size, hex::encode(hasher.finalize()))))
+    Ok((size, hex::encode(hasher.finalize())))
 }
 
 #[cfg(test)]

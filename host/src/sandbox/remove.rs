@@ -277,6 +277,20 @@ pub fn held_within(
     top: &OwnedFd,
     own: &[&std::fs::File],
 ) -> io::Result<Option<std::path::PathBuf>> {
+    held_within_but(top, &[], own)
+}
+
+/// [`held_within`], not looking into the entries of `top` named in
+/// `skip` (a data directory's `jobs`, looked into as the orphan sweep
+/// comes to each).
+///
+/// # Errors
+/// As [`held_within`].
+pub fn held_within_but(
+    top: &OwnedFd,
+    skip: &[&str],
+    own: &[&std::fs::File],
+) -> io::Result<Option<std::path::PathBuf>> {
     let mut cur = rustix::io::fcntl_dupfd_cloexec(top, 0)?;
     let mut path = std::path::PathBuf::new();
     // Per level, from `top` to `cur`: the subdirectories not yet walked.
@@ -293,7 +307,10 @@ pub fn held_within(
             }
             match entry.file_type() {
                 rustix::fs::FileType::Directory | rustix::fs::FileType::Unknown
-                    if name.to_bytes() != b"." && name.to_bytes() != b".." =>
+                    if name.to_bytes() != b"."
+                        && name.to_bytes() != b".."
+                        && !(todo.is_empty()
+                            && skip.iter().any(|s| s.as_bytes() == name.to_bytes())) =>
                 {
                     subdirs.push(name.to_owned());
                 }

@@ -101,15 +101,16 @@ pub(super) fn check_held_above(
 ) -> std::io::Result<()> {
     let invalid = |what: String| std::io::Error::new(std::io::ErrorKind::InvalidInput, what);
     check_above_held(root, own)?;
-    check_above(path, own)?;
-    // Where the held directory really is now, and that place's aliases:
-    // held through a bind mount of a subdirectory, `..` from it reaches
-    // the mount point's parent, not the held ancestors the mount hides.
-    if let Ok(real) = std::fs::read_link(crate::sandbox::beneath::fd_path(root.fd()))
-        && real != path
-    {
-        check_above(&real, own)?;
-    }
+    // Also where the held directory really is now, and that place's
+    // aliases: held through a bind mount of a subdirectory, `..` from it
+    // reaches the mount point's parent, not the held ancestors the mount
+    // hides.
+    let real = std::fs::read_link(crate::sandbox::beneath::fd_path(root.fd()))
+        .ok()
+        .filter(|real| real != path);
+    let mut dirs = vec![path];
+    dirs.extend(real.as_deref());
+    check_above_each(&dirs, own)?;
     // One lookup, refusing any link on the way (`path` is canonical), of
     // what the path names now: the held directory itself.
     let held = rustix::fs::fstat(root.fd())?;
@@ -216,49 +217,6 @@ pub fn lock_work_dir(
     Ok((root, lock))
 }
 
-/// A directory in `top` (or `top` itself) held by another process through
-/// its lock file (`own`: this process's locks, skipped), with who holds
-/// it, not looking into the entries of `top` named in `skip`; found by a
-/// walk of at most [`MAX_WORK_ENTRIES`] entries.
-///
-/// # Errors
-/// `InvalidInput` past that many entries; I/O errors of the walk.
-pub(super) fn held_below_but(
-    top: &Path,
-    skip: &[&str],
-    own: &[&std::fs::File],
-) -> std::io::Result<Option<(PathBuf, String)>> {
-    let mut todo = vec![top.to_owned()];
-    let mut seen = 0u64;
-    while let Some(dir) = todo.pop() {
-        for entry in std::fs::read_dir(&dir)? {
-            let entry = entry?;
-            if dir == top && skip.iter().any(|name| entry.file_name() == **name) {
-                continue;
-            }
-            seen += 1;
-            if seen > MAX_WORK_ENTRIES {
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::InvalidInput,
-                    format!(
-                        "holds more than {MAX_WORK_ENTRIES} entries to check; empty it by hand"
-                    ),
-                ));
-            }
-            let kind = entry.file_type()?;
-            if kind.is_dir() {
-                todo.push(entry.path());
-            } else if kind.is_file()
-                && (entry.file_name() == LOCK_FILE || entry.file_name() == CACHE_LOCK)
-                && let Some(holder) = held_by_another(&entry.path(), own)?
-            {
-                return Ok(Some((dir, holder)));
-            }
-        }
-    }
-    Ok(None)
-}
-
 /// Refuses `dir` (canonical) when a directory above it is held by another
 /// service: a held `bulkhead.lock` or `bulkhead-cache.lock` in one of its
 /// ancestors (`own`: this process's locks, skipped).
@@ -266,10 +224,21 @@ pub(super) fn held_below_but(
 /// # Errors
 /// `InvalidInput` naming the holder; I/O errors reading a lock file.
 pub fn check_above(dir: &Path, own: &[&std::fs::File]) -> std::io::Result<()> {
-    // Its ancestors as spelled, and as the file system holding it has
+    check_above_each(&[dir], own)
+}
+
+/// [`check_above`] for each of `dirs`, the mount table read once.
+fn check_above_each(dirs: &[&Path], own: &[&std::fs::File]) -> std::io::Result<()> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok();
+    // Their ancestors as spelled, and as the file system holding each has
     // them where it is a bind mount of a subdirectory (whose own
     // ancestors the mount hides).
-    let spellings = std::iter::once(dir.to_owned()).chain(aliases(dir));
+    let spellings = dirs.iter().flat_map(|dir| {
+        std::iter::once(dir.to_path_buf()).chain(
+            info.as_deref()
+                .map_or_else(Vec::new, |info| aliases(dir, info)),
+        )
+    });
     for above in spellings.flat_map(|d| {
         d.ancestors()
             .skip(1)
@@ -299,12 +268,8 @@ pub fn check_above(dir: &Path, own: &[&std::fs::File]) -> std::io::Result<()> {
 /// mount of a subdirectory: a mount whose root is not its file system's
 /// root hides that root's ancestors, where another service's lock may
 /// be. Each is the same place below another mount of the same file
-/// system whose root holds it (`/proc/self/mountinfo`). None when
-/// mountinfo cannot be read.
-fn aliases(dir: &Path) -> Vec<PathBuf> {
-    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
-        return Vec::new();
-    };
+/// system whose root holds it (`info`, `/proc/self/mountinfo`).
+fn aliases(dir: &Path, info: &str) -> Vec<PathBuf> {
     // (device, root in its file system, mount point), in mount order.
     let mounts: Vec<(String, PathBuf, PathBuf)> = info
         .lines()
@@ -389,10 +354,6 @@ pub(super) fn canonical_to_be(path: &Path) -> std::io::Result<PathBuf> {
         }
     }
 }
-
-/// Entries a work directory may hold at a start for its locks to be
-/// checked (leftovers of a previous process's jobs).
-const MAX_WORK_ENTRIES: u64 = 1_000_000;
 
 /// Whether the lock file at `path` (not followed if a symlink) is held by
 /// a process other than through `own`: then ` (pid N)` as its file says,
@@ -531,32 +492,30 @@ fn open_lock(
             let file: std::fs::File = rustix::fs::openat(&dir, name, flags, mode)
                 .map_err(link)?
                 .into();
-            // A file of its own: regular, one name, on the directory's
-            // own mount (not a bind mount of someone's file put there).
-            let parent = name.parent().filter(|p| !p.as_os_str().is_empty());
-            let mount = |fd: std::os::fd::BorrowedFd<'_>, at: &Path| {
-                rustix::fs::statx(
-                    fd,
-                    at,
-                    rustix::fs::AtFlags::EMPTY_PATH,
-                    rustix::fs::StatxFlags::MNT_ID | rustix::fs::StatxFlags::NLINK,
-                )
-            };
-            let own = match (
-                mount(std::os::fd::AsFd::as_fd(&file), Path::new("")),
-                mount(dir.as_fd(), parent.unwrap_or(Path::new(""))),
-            ) {
-                (Ok(f), Ok(d)) => {
-                    f.stx_nlink == 1
-                        && rustix::fs::FileType::from_raw_mode(f.stx_mode.into())
-                            == rustix::fs::FileType::RegularFile
-                        && f.stx_mnt_id == d.stx_mnt_id
-                }
-                _ => false,
-            };
+            let own = of_its_own(&file, dir.as_fd(), name);
             Ok((file, own))
         }
         Err(e) => Err(link(e)),
+    }
+}
+
+/// Whether `file`, found at `name` in `dir`, is a file of its own:
+/// regular, one name, on the directory's own mount (not a bind mount of
+/// someone's file put there).
+fn of_its_own(file: &std::fs::File, dir: std::os::fd::BorrowedFd<'_>, name: &Path) -> bool {
+    use rustix::fs::{AtFlags, FileType, StatxFlags};
+    let what = StatxFlags::MNT_ID | StatxFlags::NLINK;
+    let parent = name.parent().unwrap_or(Path::new(""));
+    match (
+        rustix::fs::statx(file, "", AtFlags::EMPTY_PATH, what),
+        rustix::fs::statx(dir, parent, AtFlags::EMPTY_PATH, what),
+    ) {
+        (Ok(f), Ok(d)) => {
+            f.stx_nlink == 1
+                && FileType::from_raw_mode(f.stx_mode.into()) == FileType::RegularFile
+                && f.stx_mnt_id == d.stx_mnt_id
+        }
+        _ => false,
     }
 }
 

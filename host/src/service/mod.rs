@@ -290,12 +290,12 @@ impl Service {
         // be this one's to sweep. Its jobs directory, which can hold far
         // more, is looked into entry by entry as the orphan sweep comes to
         // each (`Service::remove_orphans`).
-        match locks::held_below_but(&held_data, &["jobs"], &[&data_lock]) {
+        match crate::sandbox::held_within_but(data_root.fd(), &["jobs"], &[&data_lock]) {
             Ok(None) => {}
-            Ok(Some((dir, holder))) => {
+            Ok(Some(dir)) => {
                 return Err(storage(&format!(
-                    "holds {}, held by another bulkhead process{holder}",
-                    dir.display()
+                    "holds {}, held by another bulkhead process",
+                    canonical.join(dir).display()
                 )));
             }
             Err(e) => return Err(storage(&e)),

@@ -1636,13 +1636,8 @@ fn listing(
 ) -> std::io::Result<Vec<(std::ffi::OsString, rustix::fs::FileType, u32)>> {
     use std::os::unix::ffi::OsStrExt;
     let mut out = Vec::new();
-    for entry in rustix::fs::Dir::read_from(dir)? {
-        let entry = entry?;
-        let name = entry.file_name().to_bytes();
-        if name == b"." || name == b".." {
-            continue;
-        }
-        let name = std::ffi::OsStr::from_bytes(name).to_owned();
+    for name in crate::sandbox::entry_names(dir)? {
+        let name = std::ffi::OsStr::from_bytes(name.to_bytes()).to_owned();
         // Gone meanwhile: nothing to keep or clear.
         if let Ok(st) =
             rustix::fs::statat(dir, name.as_os_str(), rustix::fs::AtFlags::SYMLINK_NOFOLLOW)

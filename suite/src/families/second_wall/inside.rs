@@ -46,6 +46,23 @@ impl Drill {
         }
     }
 
+    /// [`Drill::attempt`] of a call through `std` that returns nothing
+    /// to report: `ok` or its error.
+    fn tried(&mut self, what: impl Into<String>, result: std::io::Result<()>) {
+        self.tried_with(what, result, |()| "ok".into());
+    }
+
+    /// [`Drill::attempt`] of a call through `std`: what `said` makes of
+    /// its value, or its error.
+    fn tried_with<T>(
+        &mut self,
+        what: impl Into<String>,
+        result: std::io::Result<T>,
+        said: impl FnOnce(T) -> String,
+    ) {
+        self.attempt(what, result.map_or_else(|e| e.to_string(), said), None);
+    }
+
     fn attempt(&mut self, what: impl Into<String>, outcome: String, data: Option<Vec<u8>>) {
         // What it got goes to the channel and into its work directory, so
         // the host can look for it in both.
@@ -197,37 +214,19 @@ impl Drill {
             }
             let moved = path.with_extension("moved");
             let r = std::fs::rename(&path, &moved);
-            self.attempt(
-                format!("rename {}", path.display()),
-                r.map_or_else(|e| e.to_string(), |()| "ok".into()),
-                None,
-            );
+            self.tried(format!("rename {}", path.display()), r);
             let r = std::fs::remove_file(&path);
-            self.attempt(
-                format!("unlink {}", path.display()),
-                r.map_or_else(|e| e.to_string(), |()| "ok".into()),
-                None,
-            );
+            self.tried(format!("unlink {}", path.display()), r);
         }
         for dir in self.order.neighbour_dirs.clone() {
             let r = std::fs::read_dir(&dir).map(|d| d.flatten().count());
-            self.attempt(
-                format!("list {}", dir.display()),
-                r.map_or_else(|e| e.to_string(), |n| format!("ok: {n} entries")),
-                None,
-            );
+            self.tried_with(format!("list {}", dir.display()), r, |n| {
+                format!("ok: {n} entries")
+            });
             let r = std::fs::write(dir.join("planted-by-drill"), b"planted");
-            self.attempt(
-                format!("create a file in {}", dir.display()),
-                r.map_or_else(|e| e.to_string(), |()| "ok".into()),
-                None,
-            );
+            self.tried(format!("create a file in {}", dir.display()), r);
             let r = std::fs::create_dir(dir.join("planted-dir"));
-            self.attempt(
-                format!("create a directory in {}", dir.display()),
-                r.map_or_else(|e| e.to_string(), |()| "ok".into()),
-                None,
-            );
+            self.tried(format!("create a directory in {}", dir.display()), r);
         }
     }
 
@@ -238,11 +237,7 @@ impl Drill {
     fn zone_cache(&mut self) {
         let own = self.order.work_dir.join("drill-artifact.cwasm");
         let made = std::fs::write(&own, b"native code of the drill's own");
-        self.attempt(
-            format!("write {} (its own directory)", own.display()),
-            made.map_or_else(|e| e.to_string(), |()| "ok".into()),
-            None,
-        );
+        self.tried(format!("write {} (its own directory)", own.display()), made);
         for path in self.order.zone_cache_files.clone() {
             for (how, flags) in [
                 ("append to", libc::O_WRONLY | libc::O_APPEND),
@@ -274,61 +269,31 @@ impl Drill {
                 None,
             );
             let r = std::fs::rename(&path, path.with_extension("moved"));
-            self.attempt(
-                format!("rename {}", path.display()),
-                r.map_or_else(|e| e.to_string(), |()| "ok".into()),
-                None,
-            );
+            self.tried(format!("rename {}", path.display()), r);
             let r = std::fs::copy(&own, &path);
-            self.attempt(
+            self.tried_with(
                 format!("overwrite {} with its own file", path.display()),
-                r.map_or_else(|e| e.to_string(), |n| format!("ok: {n} bytes")),
-                None,
+                r,
+                |n| format!("ok: {n} bytes"),
             );
             let r = std::fs::remove_file(&path);
-            self.attempt(
-                format!("unlink {}", path.display()),
-                r.map_or_else(|e| e.to_string(), |()| "ok".into()),
-                None,
-            );
+            self.tried(format!("unlink {}", path.display()), r);
         }
         for dir in self.order.zone_cache_dirs.clone() {
             let r = std::fs::read_dir(&dir).map(|d| d.flatten().count());
-            self.attempt(
-                format!("list {}", dir.display()),
-                r.map_or_else(|e| e.to_string(), |n| format!("ok: {n} entries")),
-                None,
-            );
+            self.tried_with(format!("list {}", dir.display()), r, |n| {
+                format!("ok: {n} entries")
+            });
             let r = std::fs::write(dir.join("filler-by-drill"), vec![0u8; 1 << 20]);
-            self.attempt(
-                format!("create a 1 MiB file in {}", dir.display()),
-                r.map_or_else(|e| e.to_string(), |()| "ok".into()),
-                None,
-            );
+            self.tried(format!("create a 1 MiB file in {}", dir.display()), r);
             let r = std::fs::create_dir(dir.join("dir-by-drill"));
-            self.attempt(
-                format!("create a directory in {}", dir.display()),
-                r.map_or_else(|e| e.to_string(), |()| "ok".into()),
-                None,
-            );
+            self.tried(format!("create a directory in {}", dir.display()), r);
             let r = std::os::unix::fs::symlink(&own, dir.join("link-by-drill"));
-            self.attempt(
-                format!("create a symlink in {}", dir.display()),
-                r.map_or_else(|e| e.to_string(), |()| "ok".into()),
-                None,
-            );
+            self.tried(format!("create a symlink in {}", dir.display()), r);
             let r = std::fs::hard_link(&own, dir.join("hardlink-by-drill.cwasm"));
-            self.attempt(
-                format!("hard-link its own file into {}", dir.display()),
-                r.map_or_else(|e| e.to_string(), |()| "ok".into()),
-                None,
-            );
+            self.tried(format!("hard-link its own file into {}", dir.display()), r);
             let r = std::fs::rename(&own, dir.join("renamed-by-drill.cwasm"));
-            self.attempt(
-                format!("rename its own file into {}", dir.display()),
-                r.map_or_else(|e| e.to_string(), |()| "ok".into()),
-                None,
-            );
+            self.tried(format!("rename its own file into {}", dir.display()), r);
         }
         // Last: seccomp may end the drill here (`mknodat` is not allowed).
         for dir in self.order.zone_cache_dirs.clone() {
@@ -351,11 +316,7 @@ impl Drill {
             match std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(2)) {
                 Ok(mut s) => {
                     let r = s.write_all(b"GET /admin/tokens HTTP/1.1\r\nHost: gateway\r\n\r\n");
-                    self.attempt(
-                        format!("connect to {addr} and send a request"),
-                        r.map_or_else(|e| e.to_string(), |()| "ok".into()),
-                        None,
-                    );
+                    self.tried(format!("connect to {addr} and send a request"), r);
                 }
                 Err(e) => self.attempt(format!("connect to {addr}"), e.to_string(), None),
             }
@@ -396,11 +357,9 @@ impl Drill {
                 match std::net::UdpSocket::bind(bind) {
                     Ok(s) => {
                         let r = s.send_to(payload, addr);
-                        self.attempt(
-                            format!("{what} to {addr} from {bind}"),
-                            r.map_or_else(|e| e.to_string(), |n| format!("ok: {n} bytes")),
-                            None,
-                        );
+                        self.tried_with(format!("{what} to {addr} from {bind}"), r, |n| {
+                            format!("ok: {n} bytes")
+                        });
                     }
                     Err(e) => {
                         self.attempt(format!("bind a UDP socket on {bind}"), e.to_string(), None)
