@@ -177,9 +177,13 @@ impl HostArgs {
             }
             None => (root.clone(), work_dir.with_extension("cache")),
         };
-        let isolation = match &self.config {
-            Some(c) => bulkhead::config::ServeConfig::load(c)?.isolation,
-            None => bulkhead::config::Isolation::default(),
+        let (isolation, settings) = match &self.config {
+            Some(c) => {
+                let config = bulkhead::config::ServeConfig::load(c)?;
+                let settings = config.zones.get(zone).cloned().unwrap_or_default();
+                (config.isolation, settings)
+            }
+            None => Default::default(),
         };
         let pool = Pool::start(
             PoolConfig {
@@ -189,6 +193,7 @@ impl HostArgs {
                 jobs_per_worker: 0,
                 max_concurrent_jobs: 1,
                 memory: None,
+                disk: Some(settings.disk.as_u64()).filter(|&d| d > 0),
                 work_held: Some(root.made_below(&Path::new("zones").join(zone))?),
                 work_dir,
                 cache_dir,

@@ -74,6 +74,8 @@
 //! workers = 2                      # worker processes
 //! jobs_per_worker = 1000           # jobs before a worker is replaced (1: a fresh process per job)
 //! # memory = "2 GiB"               # a worker's memory ceiling, where the host offers cgroups
+//! disk = "2 GiB"                   # a worker's directory: a tmpfs of its own this size, mounted nowhere,
+//!                                  # where the service may mount one (as root); "0": a plain directory
 //!
 //! [tokens]                         # call tokens minted for internal services
 //! issuer = "bulkhead"              # `iss`
@@ -227,6 +229,12 @@ pub struct ZonePool {
     /// A worker's memory ceiling, where the host offers cgroups (v2, or
     /// v1's memory controller).
     pub memory: Option<ByteSize>,
+    /// The size of a worker's directory: a tmpfs of its own, mounted
+    /// nowhere, where the service may mount one (as root); 0, or where it
+    /// may not, a plain directory in the zone's work directory, bounded by
+    /// nothing but that file system. It holds the inputs and outputs of
+    /// the jobs the worker runs at once.
+    pub disk: ByteSize,
 }
 
 impl Default for ZonePool {
@@ -235,6 +243,7 @@ impl Default for ZonePool {
             workers: 2,
             jobs_per_worker: 1000,
             memory: None,
+            disk: ByteSize::gib(2),
         }
     }
 }

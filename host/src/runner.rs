@@ -141,6 +141,10 @@ pub struct RunnerState {
     pub zones: BTreeMap<String, Applied>,
     /// Per zone: its live workers' process ids.
     pub workers: BTreeMap<String, Vec<u32>>,
+    /// Per zone: the size of each worker's directory, a file system of its
+    /// own; `null` where it is a plain directory in the zone's work
+    /// directory (not bounded).
+    pub disk: BTreeMap<String, Option<u64>>,
 }
 
 /// Loads modules and runs jobs.
@@ -255,6 +259,7 @@ impl Runner for InProcess {
             mode: "in-process",
             zones: BTreeMap::new(),
             workers: BTreeMap::new(),
+            disk: BTreeMap::new(),
         }
     }
 }
@@ -352,6 +357,11 @@ impl Runner for Workers {
                 .pools
                 .iter()
                 .map(|(zone, pool)| (zone.clone(), pool.pids()))
+                .collect(),
+            disk: self
+                .pools
+                .iter()
+                .map(|(zone, pool)| (zone.clone(), pool.disk()))
                 .collect(),
         }
     }

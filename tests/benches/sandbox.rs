@@ -104,6 +104,7 @@ async fn worker_runner(tmp: &Path) -> bulkhead::runner::Workers {
             jobs_per_worker: 0,
             max_concurrent_jobs: 4,
             memory: None,
+            disk: Some(bulkhead::config::ZonePool::default().disk.as_u64()),
             work_dir: tmp.join("work/zones/untrusted"),
             work_held: None,
             cache_dir: tmp.join("cache/zones/untrusted"),

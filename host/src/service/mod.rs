@@ -554,6 +554,10 @@ impl Service {
         for (zone, pids) in &isolation.workers {
             metrics::gauge!("bulkhead_workers", "zone" => zone.clone()).set(pids.len() as f64);
         }
+        for (zone, disk) in &isolation.disk {
+            metrics::gauge!("bulkhead_worker_disk_bytes", "zone" => zone.clone())
+                .set(disk.map_or(0.0, |d| d as f64));
+        }
         for (zone, applied) in &isolation.zones {
             for (layer, state) in &applied.layers {
                 let active = matches!(state, crate::worker::harden::LayerState::Active);
@@ -1040,6 +1044,7 @@ async fn start_runner(
             jobs_per_worker: settings.jobs_per_worker,
             max_concurrent_jobs: config.queue.workers,
             memory: settings.memory.map(|m| m.as_u64()),
+            disk: Some(settings.disk.as_u64()).filter(|&d| d > 0),
             work_dir: sandbox.work_dir.join("zones").join(&zone),
             work_held: Some(
                 work.made_below(&Path::new("zones").join(&zone))

@@ -24,6 +24,7 @@ pub mod harden;
 pub mod pool;
 pub mod process;
 pub mod proto;
+pub mod scratch;
 pub mod uplink;
 
 use std::collections::BTreeSet;

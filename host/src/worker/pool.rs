@@ -95,6 +95,10 @@ pub struct PoolConfig {
     pub max_concurrent_jobs: u32,
     /// A worker's memory ceiling, where the host offers cgroups.
     pub memory: Option<u64>,
+    /// The size of each worker's directory, a file system of its own
+    /// ([`super::scratch`]) where the gateway may mount one; `None`, or
+    /// where it may not, a plain directory in the zone's work directory.
+    pub disk: Option<u64>,
     /// The zone's work directory (gateway-owned; each worker gets its own
     /// directory inside).
     pub work_dir: PathBuf,
@@ -196,6 +200,9 @@ pub struct Pool {
     /// directory is made, handed over and removed from this descriptor,
     /// never through a link or a mount later put at its path.
     zone_dir: Root,
+    /// Each worker's directory is a [`super::scratch`] of this size: found
+    /// possible at the start.
+    scratch: Option<u64>,
 }
 
 /// The runtime every pool's channels and supervisor run on, threads of
@@ -301,9 +308,13 @@ struct Worker {
     pid: u32,
     /// Its directory, held open: read as [`Worker::dir`].
     dir_fd: std::os::fd::OwnedFd,
-    /// Its name in the zone's held directory, which removes it.
-    name: String,
+    /// Its name in the zone's held directory, which removes it; none for
+    /// a scratch directory, which goes with its last descriptor.
+    name: Option<String>,
     zone_dir: Root,
+    /// The scratch mount its directory is the root of, held as long as
+    /// the worker is.
+    _scratch: Option<super::scratch::Scratch>,
     down: Outbox,
     calls: GatewayCalls,
     state: Mutex<WorkerState>,
@@ -435,6 +446,18 @@ impl Pool {
             zone: config.zone.clone(),
             reason,
         })?;
+        let scratch = config.disk.filter(|&size| {
+            match super::scratch::make(size, None) {
+                Ok(_) => {
+                    tracing::info!(zone = %config.zone, bytes = size, inodes = super::scratch::INODES, "each worker's directory is a file system of its own");
+                    true
+                }
+                Err(e) => {
+                    tracing::warn!(zone = %config.zone, error = %e, "workers' directories are not bounded: a tmpfs of their own cannot be mounted (the gateway needs CAP_SYS_ADMIN)");
+                    false
+                }
+            }
+        });
         let pool = Arc::new(Self {
             config,
             state: Mutex::default(),
@@ -448,6 +471,7 @@ impl Pool {
             cache,
             gateway: tokio::runtime::Handle::current(),
             zone_dir,
+            scratch,
         });
         for _ in 0..pool.config.workers.max(1) {
             // On the channels' runtime: the worker's channel is that
@@ -477,6 +501,12 @@ impl Pool {
     /// The layers the zone's workers report.
     pub fn applied(&self) -> Applied {
         lock(&self.applied).clone()
+    }
+
+    /// The size of each worker's directory, a file system of its own
+    /// ([`super::scratch`]); `None` where it is a plain directory.
+    pub fn disk(&self) -> Option<u64> {
+        self.scratch
     }
 
     /// Live workers' process ids.
@@ -1056,9 +1086,25 @@ impl Pool {
         };
         let id = self.next_id();
         let name = format!("w{id}");
-        let work_fd = self
-            .worker_dir(&name, effective_owner(c.run_as))
-            .map_err(|e| start_error(format!("{}: {e}", c.work_dir.join(&name).display())))?;
+        let (work_fd, scratch) = match self.scratch {
+            Some(size) => {
+                let scratch = super::scratch::make(size, effective_owner(c.run_as))
+                    .map_err(|e| start_error(format!("worker directory (tmpfs): {e}")))?;
+                let fd = scratch
+                    .dir
+                    .try_clone()
+                    .map_err(|e| start_error(format!("worker directory: {e}")))?;
+                (std::fs::File::from(fd), Some(scratch))
+            }
+            None => (
+                self.worker_dir(&name, effective_owner(c.run_as))
+                    .map_err(|e| {
+                        start_error(format!("{}: {e}", c.work_dir.join(&name).display()))
+                    })?,
+                None,
+            ),
+        };
+        let name = scratch.is_none().then_some(name);
         let dir_fd = work_fd
             .try_clone()
             .map_err(|e| start_error(format!("worker directory: {e}")))?;
@@ -1182,6 +1228,7 @@ impl Pool {
             dir_fd: dir_fd.into(),
             name,
             zone_dir: self.zone_dir.clone(),
+            _scratch: scratch,
             down,
             calls: GatewayCalls::new(call_tx),
             state: Mutex::default(),
@@ -1310,13 +1357,15 @@ impl Drop for Worker {
     /// removal leaves a directory with a held lock file) goes with it.
     fn drop(&mut self) {
         let mut child = lock(&self.child).take();
-        let (zone_dir, name) = (self.zone_dir.clone(), std::mem::take(&mut self.name));
+        let (zone_dir, name) = (self.zone_dir.clone(), self.name.take());
         std::thread::spawn(move || {
             if let Some(child) = child.as_mut() {
                 let _ = child.kill();
                 let _ = child.wait();
             }
-            if let Err(e) = crate::sandbox::remove_tree_in(&zone_dir, Path::new(&name)) {
+            if let Some(name) = name
+                && let Err(e) = crate::sandbox::remove_tree_in(&zone_dir, Path::new(&name))
+            {
                 tracing::warn!(dir = %zone_dir.path().join(&name).display(), error = %e, "cannot remove a worker's directory");
             }
         });

@@ -261,7 +261,7 @@ impl Lane {
         if !self.in_workers() {
             return vec![self.work_dir.join(".empty-in")];
         }
-        worker_dirs(&self.work_dir)
+        self.worker_dirs()
             .into_iter()
             .map(|w| w.join(".empty-in"))
             .filter(|p| p.exists())
@@ -276,7 +276,7 @@ impl Lane {
         if !self.in_workers() {
             return all;
         }
-        for w in worker_dirs(&self.work_dir) {
+        for w in self.worker_dirs() {
             for entry in std::fs::read_dir(&w).into_iter().flatten().flatten() {
                 let name = entry.file_name();
                 let name = name.to_string_lossy();
@@ -286,6 +286,29 @@ impl Lane {
             }
         }
         all
+    }
+
+    /// The workers' own directories: each a file system of its own,
+    /// mounted nowhere, reached as the worker's working directory
+    /// (`/proc/<pid>/cwd`); or, where the gateway cannot mount one, a
+    /// directory in the zone's work directory.
+    fn worker_dirs(&self) -> Vec<PathBuf> {
+        let mut dirs: Vec<PathBuf> = std::fs::read_dir(&self.work_dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+            .map(|e| e.path())
+            .collect();
+        dirs.extend(
+            self.runner
+                .state()
+                .workers
+                .into_values()
+                .flatten()
+                .map(|pid| PathBuf::from(format!("/proc/{pid}/cwd"))),
+        );
+        dirs
     }
 
     fn close(&self) {
@@ -338,6 +361,7 @@ pub(crate) async fn start_runner(
                     jobs_per_worker: 0,
                     max_concurrent_jobs: config.max_concurrent_jobs,
                     memory: None,
+                    disk: Some(bulkhead::config::ZonePool::default().disk.as_u64()),
                     work_dir: work_dir.clone(),
                     work_held: None,
                     cache_dir,
@@ -356,17 +380,6 @@ pub(crate) async fn start_runner(
             (Arc::new(Workers::new(config, pools)), per_job, work_dir)
         }
     })
-}
-
-/// The workers' own directories in a zone's work directory.
-fn worker_dirs(zone_dir: &Path) -> Vec<PathBuf> {
-    std::fs::read_dir(zone_dir)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
-        .map(|e| e.path())
-        .collect()
 }
 
 /// Everything an attack runs against, set up once.

@@ -508,8 +508,12 @@ async fn a_job_running_when_shutdown_stops_its_worker_is_left_to_run_again() {
     let state = || async { store.get_job("acme", &id).await.unwrap().unwrap() };
     // A second service on the same data directory stops before it touches
     // anything: the running job's directories are still there.
-    let work = s.service.work_dir().to_owned();
-    let entries = || walk(&work);
+    let entries = || {
+        s.job_roots()
+            .iter()
+            .flat_map(|r| walk(r))
+            .collect::<Vec<_>>()
+    };
     // Its worker has made the job's directories.
     let made = || {
         entries()
@@ -990,11 +994,17 @@ async fn a_work_directory_in_use_or_holding_the_data_is_refused_before_it_is_tou
     })
     .await;
     let id = submit_until_running(&s).await;
+    let entries = || {
+        s.job_roots()
+            .iter()
+            .flat_map(|r| walk(r))
+            .collect::<Vec<_>>()
+    };
     let store = std::sync::Arc::clone(s.service.store());
     let state = || async { store.get_job("acme", &id).await.unwrap().unwrap() };
     // Its worker has made the job's directories.
     let made = || {
-        walk(&work)
+        entries()
             .iter()
             .any(|p| p.extension().is_some_and(|e| e == "out"))
     };
@@ -1004,8 +1014,8 @@ async fn a_work_directory_in_use_or_holding_the_data_is_refused_before_it_is_tou
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert!(made(), "{:?}", walk(&work));
-    let before = walk(&work);
+    assert!(made(), "{:?}", entries());
+    let before = entries();
 
     let other = tempfile::tempdir().unwrap();
     let mut config = s.service.config().clone();
@@ -1030,7 +1040,7 @@ async fn a_work_directory_in_use_or_holding_the_data_is_refused_before_it_is_tou
             .to_string();
         assert!(err.contains(refusal), "{}: {err}", dir.display());
         assert_eq!(
-            walk(&work),
+            entries(),
             before,
             "a second start on {} touched the work directory",
             dir.display()
@@ -1048,7 +1058,7 @@ async fn a_work_directory_in_use_or_holding_the_data_is_refused_before_it_is_tou
         .unwrap_err()
         .to_string();
     assert!(err.contains("held by another bulkhead process"), "{err}");
-    assert_eq!(walk(&work), before, "the data directory was made");
+    assert_eq!(entries(), before, "the data directory was made");
 
     // A work directory that holds the data directory, or the cache.
     config.storage.work_dir = Some(other.path().to_owned());
@@ -1667,12 +1677,13 @@ async fn only_files_a_job_created_are_stored_and_served() {
         })
         .await;
         let id = submit_until_running(&s).await;
-        let work = s.service.work_dir().to_owned();
         // The job's `/out`, once its guest has written its own file.
         let mut out = None;
         for _ in 0..300 {
-            out = walk(&work)
-                .into_iter()
+            out = s
+                .job_roots()
+                .iter()
+                .flat_map(|r| walk(r))
                 .find(|p| p.ends_with("own.txt"))
                 .and_then(|p| p.parent().map(ToOwned::to_owned));
             if out.is_some() {
@@ -1681,6 +1692,8 @@ async fn only_files_a_job_created_are_stored_and_served() {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         let out = out.expect("the guest never wrote /out/own.txt");
+        // Beside the job's directories: the same file system.
+        let work = out.parent().unwrap().to_owned();
         let secret = b"another tenant's bytes";
         let linked_from = work.join("other-input");
         std::fs::write(&linked_from, secret).unwrap();

@@ -104,6 +104,62 @@ async fn a_hardened_worker_keeps_its_own_page_map_and_nothing_else_of_proc() {
     }
 }
 
+/// Each worker's directory is a file system of its own of the zone's
+/// `disk` size, mounted nowhere: whatever runs in a worker (here the test,
+/// writing through the worker's working directory as native code in it
+/// could) fills that much and no more, nothing of it lands in the zone's
+/// work directory, and the next job still runs.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_workers_directory_is_its_own_bounded_file_system() {
+    use std::io::Write as _;
+    const DISK: u64 = 8 << 20;
+    let server = service::start(|c| {
+        c.zones.insert(
+            "untrusted".into(),
+            bulkhead::config::ZonePool {
+                disk: bulkhead::policy::ByteSize::mib(8),
+                ..Default::default()
+            },
+        );
+    })
+    .await;
+    let zone = server.service.work_dir().join("zones/untrusted");
+    let pids = workers(&server);
+    assert_eq!(pids.len(), 2);
+    let mounted = rustix::fs::statfs(format!("/proc/{}/cwd", pids[0]).as_str())
+        .is_ok_and(|st| st.f_type == libc::TMPFS_MAGIC);
+    if !mounted && rustix::process::geteuid().as_raw() != 0 {
+        eprintln!("skipped: the service cannot mount a tmpfs without CAP_SYS_ADMIN");
+        return;
+    }
+    for pid in &pids {
+        let dir = std::path::PathBuf::from(format!("/proc/{pid}/cwd"));
+        let st = rustix::fs::statfs(&dir).unwrap();
+        assert_eq!(st.f_type, libc::TMPFS_MAGIC);
+        assert_eq!(st.f_blocks as u64 * st.f_bsize as u64, DISK, "worker {pid}");
+        let mut fill = std::fs::File::create_new(dir.join("fill")).unwrap();
+        let chunk = vec![1u8; 256 * 1024];
+        let mut written = 0u64;
+        let err = loop {
+            match fill.write_all(&chunk) {
+                Ok(()) => written += chunk.len() as u64,
+                Err(e) => break e,
+            }
+            assert!(written <= 4 * DISK, "worker {pid}: {written} bytes written");
+        };
+        assert_eq!(err.raw_os_error(), Some(libc::ENOSPC), "{err}");
+        assert!(written <= DISK, "worker {pid}: {written} bytes written");
+    }
+    let in_zone: Vec<_> = std::fs::read_dir(&zone)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(in_zone.is_empty(), "{in_zone:?}");
+    let token = server.token("acme", &["hello:run"]).await;
+    let job = submit(&server, &token, "hello", true).await;
+    assert_eq!(job["state"], "succeeded", "{job}");
+}
+
 /// Requests to stop meant for the service — SIGTERM to its process group
 /// or control group, Ctrl-C, a closed terminal — do not end its workers:
 /// the job running in one ends on its own terms and the worker stays.
@@ -325,15 +381,24 @@ async fn a_worker_over_its_memory_ceiling_is_a_named_fault() {
     assert_eq!(ok["state"], "succeeded", "{ok}");
 }
 
-/// Every job directory left under a worker pool's work directory
-/// (`<work>/zones/<zone>/<worker>/j<N>.out` and `.in`).
-fn job_dirs(work: &std::path::Path) -> Vec<std::path::PathBuf> {
+/// Every job directory left in the zone's workers' directories
+/// (`j<N>.out` and `.in`): each worker's own file system, mounted nowhere,
+/// reached as its working directory (`/proc/<pid>/cwd`), or, where the
+/// gateway cannot mount one, `<work>/zones/<zone>/<worker>`.
+fn job_dirs(runner: &bulkhead::runner::Workers) -> Vec<std::path::PathBuf> {
     let mut found = Vec::new();
-    for worker in std::fs::read_dir(work.join("zones/untrusted"))
-        .unwrap()
+    let zone = bulkhead::runner::Runner::work_dir(runner).join("zones/untrusted");
+    let plain = std::fs::read_dir(&zone)
+        .into_iter()
         .flatten()
-    {
-        let Ok(entries) = std::fs::read_dir(worker.path()) else {
+        .flatten()
+        .map(|e| e.path());
+    let mounted = runner.pools()["untrusted"]
+        .pids()
+        .into_iter()
+        .map(|pid| std::path::PathBuf::from(format!("/proc/{pid}/cwd")));
+    for worker in plain.chain(mounted) {
+        let Ok(entries) = std::fs::read_dir(&worker) else {
             continue;
         };
         for entry in entries.flatten() {
@@ -358,14 +423,13 @@ async fn a_job_that_leaves_nothing_leaves_no_directory_in_its_worker() {
 
     let tmp = tempfile::tempdir().unwrap();
     let runner = crate::common::workers(tmp.path(), "w", 0).await;
-    let work = runner.work_dir().to_owned();
     let hello = crate::common::load_in_workers(&runner, bulkhead_tests::HELLO, "hello").await;
     let finished = runner
         .run(&hello, &bulkhead::sandbox::JobSpec::new(), None)
         .await
         .unwrap();
     assert!(finished.report.succeeded(), "{:?}", finished.report);
-    assert_eq!(job_dirs(&work), Vec::<std::path::PathBuf>::new());
+    assert_eq!(job_dirs(&runner), Vec::<std::path::PathBuf>::new());
     assert!(finished.outputs.worker_left_nothing());
     let copy = tmp.path().join("copy");
     let collected = finished.outputs.collect(Some(&copy)).unwrap();
@@ -379,11 +443,11 @@ async fn a_job_that_leaves_nothing_leaves_no_directory_in_its_worker() {
         .await
         .unwrap();
     assert!(wrote.report.succeeded(), "{:?}", wrote.report);
-    let held = job_dirs(&work);
+    let held = job_dirs(&runner);
     assert_eq!(held.len(), 1, "{held:?}");
     assert!(held[0].join("summary.txt").is_file(), "{held:?}");
     drop(wrote);
-    until(|| job_dirs(&work).is_empty()).await;
+    until(|| job_dirs(&runner).is_empty()).await;
 }
 
 /// A job its worker lets run past its wall time (here the worker is
@@ -400,7 +464,6 @@ async fn a_job_its_worker_lets_overrun_fails_alone_and_the_worker_is_retired() {
     let tmp = tempfile::tempdir().unwrap();
     let (runner, faults) = crate::common::workers_watched(tmp.path(), "w", 0, 2).await;
     let runner = std::sync::Arc::new(runner);
-    let work = runner.work_dir().to_owned();
     let sleeping = |name: &str, wall: u64| {
         crate::common::policy(bulkhead_tests::HOSTILE, name)
             .times(HumanDuration::millis(wall), HumanDuration::millis(wall))
@@ -431,7 +494,7 @@ async fn a_job_its_worker_lets_overrun_fails_alone_and_the_worker_is_retired() {
         })
     };
     let (short_job, long_job) = (spawn(short), spawn(long));
-    until(|| job_dirs(&work).len() == 2).await;
+    until(|| job_dirs(&runner).len() == 2).await;
     // The gateway's clocks run for both: their worker said they started.
     until(|| pool.jobs_started() == 2).await;
     // SAFETY: kill(2) with a pid and a signal number has no memory effects.
@@ -558,7 +621,6 @@ async fn a_report_larger_than_the_channel_carries_is_cut_and_fails_nobody_else()
     let tmp = tempfile::tempdir().unwrap();
     let (runner, faults) = crate::common::workers_watched(tmp.path(), "w", 0, 2).await;
     let runner = std::sync::Arc::new(runner);
-    let work = runner.work_dir().to_owned();
     let flood = crate::common::load_policy_in_workers(
         &runner,
         bulkhead_tests::HOSTILE,
@@ -587,7 +649,7 @@ async fn a_report_larger_than_the_channel_carries_is_cut_and_fails_nobody_else()
                 .report
         })
     };
-    until(|| job_dirs(&work).len() == 1).await;
+    until(|| job_dirs(&runner).len() == 1).await;
     let flooded = runner
         .run(&flood, &bulkhead::sandbox::JobSpec::new(), None)
         .await
@@ -631,7 +693,6 @@ async fn a_vast_stdout_is_counted_not_kept_and_slows_nobody_else() {
     let tmp = tempfile::tempdir().unwrap();
     let (runner, faults) = crate::common::workers_watched(tmp.path(), "w", 0, 2).await;
     let runner = std::sync::Arc::new(runner);
-    let work = runner.work_dir().to_owned();
     let flood = crate::common::load_policy_in_workers(
         &runner,
         bulkhead_tests::HOSTILE,
@@ -660,7 +721,7 @@ async fn a_vast_stdout_is_counted_not_kept_and_slows_nobody_else() {
                 .report
         })
     };
-    until(|| job_dirs(&work).len() == 1).await;
+    until(|| job_dirs(&runner).len() == 1).await;
     let flooded = runner
         .run(&flood, &bulkhead::sandbox::JobSpec::new(), None)
         .await

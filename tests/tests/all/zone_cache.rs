@@ -300,6 +300,7 @@ async fn a_link_in_place_of_the_zone_cache_is_never_followed() {
                 jobs_per_worker: 0,
                 max_concurrent_jobs: 1,
                 memory: None,
+                disk: Some(bulkhead::config::ZonePool::default().disk.as_u64()),
                 work_dir: work.join("zones/untrusted"),
                 work_held: None,
                 cache_dir: cache.join("zones/untrusted"),

@@ -168,6 +168,7 @@ pub async fn workers_watched(
             jobs_per_worker,
             max_concurrent_jobs,
             memory: None,
+            disk: Some(bulkhead::config::ZonePool::default().disk.as_u64()),
             work_dir: work.join("zones/untrusted"),
             work_held: None,
             cache_dir: tmp.join("cache/zones/untrusted"),

@@ -96,6 +96,21 @@ impl Drop for Server {
 }
 
 impl Server {
+    /// Every directory a job of this service may be made in: the work
+    /// directory, and each worker's own directory (a file system of its
+    /// own, mounted nowhere, reached as the worker's working directory,
+    /// `/proc/<pid>/cwd`).
+    pub fn job_roots(&self) -> Vec<PathBuf> {
+        let mut roots = vec![self.service.work_dir().to_owned()];
+        for pids in self.service.isolation().workers.values() {
+            roots.extend(
+                pids.iter()
+                    .map(|pid| PathBuf::from(format!("/proc/{pid}/cwd"))),
+            );
+        }
+        roots
+    }
+
     /// Issues a token (subject `<tenant>-ci`) straight into the store.
     pub async fn token(&self, tenant: &str, scopes: &[&str]) -> String {
         let (secret, record) = issue(tenant, &format!("{tenant}-ci"), scopes);

@@ -1,0 +1,117 @@
+//! A worker's work directory as a file system of its own: a tmpfs of a
+//! fixed size and inode count, made with `fsopen`/`fsmount` and attached
+//! nowhere. It is reached only through the descriptors the gateway holds
+//! and hands to its worker, so no path leads to it, and a compromised
+//! worker (native code past the first wall, which no `/out` quota meters)
+//! fills at most that much memory, not the zone's work directory and the
+//! host's `/dev/shm` with it. The last descriptor closed (the worker gone,
+//! its outputs copied) frees it.
+//!
+//! Mounting needs `CAP_SYS_ADMIN` (the gateway running as root); elsewhere
+//! a worker's directory is a plain directory in the zone's work directory,
+//! bounded by nothing but that file system (said at the pool's start).
+
+use std::io;
+use std::os::fd::OwnedFd;
+
+use rustix::fs::{Mode, OFlags};
+use rustix::mount::{FsMountFlags, FsOpenFlags, MountAttrFlags};
+
+/// Inodes one worker's directory may hold: files, directories and links
+/// of every job it runs at once, far beyond what their `/out` quotas
+/// allow together, and each costs the kernel under a KiB.
+pub const INODES: u64 = 65_536;
+
+/// A worker's directory: the mount and a directory descriptor of its root.
+#[derive(Debug)]
+pub struct Scratch {
+    /// The root, opened as a directory (the mount's own descriptor is a
+    /// path-only one).
+    pub dir: OwnedFd,
+    /// The mount itself, kept for as long as the directory.
+    _mount: OwnedFd,
+}
+
+/// Makes a tmpfs of `size` bytes and [`INODES`] inodes, its root mode 0700
+/// and owned by `owner` when given, mounted nowhere, without set-uid or
+/// device files.
+///
+/// # Errors
+/// `EPERM` without `CAP_SYS_ADMIN`; what else the kernel says.
+pub fn make(size: u64, owner: Option<(u32, u32)>) -> io::Result<Scratch> {
+    use rustix::mount::{fsconfig_create, fsconfig_set_string, fsmount, fsopen};
+    let fs = fsopen("tmpfs", FsOpenFlags::FSOPEN_CLOEXEC)?;
+    fsconfig_set_string(&fs, "size", size.to_string())?;
+    fsconfig_set_string(&fs, "nr_inodes", INODES.to_string())?;
+    fsconfig_set_string(&fs, "mode", "0700")?;
+    if let Some((uid, gid)) = owner {
+        fsconfig_set_string(&fs, "uid", uid.to_string())?;
+        fsconfig_set_string(&fs, "gid", gid.to_string())?;
+    }
+    fsconfig_create(&fs)?;
+    let mount = fsmount(
+        &fs,
+        FsMountFlags::FSMOUNT_CLOEXEC,
+        MountAttrFlags::MOUNT_ATTR_NOSUID | MountAttrFlags::MOUNT_ATTR_NODEV,
+    )?;
+    let dir = rustix::fs::openat(
+        &mount,
+        ".",
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?;
+    Ok(Scratch { dir, _mount: mount })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write as _;
+
+    /// Writes past its size fail with `ENOSPC` at the size; it is a tmpfs
+    /// reached through its descriptor only (`/proc/self/fd/N`), with no
+    /// entry in this process's mount table; its owner is the one given.
+    #[test]
+    fn a_scratch_directory_holds_its_size_and_no_more() {
+        let scratch = match make(1 << 20, Some((65534, 65534))) {
+            Ok(s) => s,
+            Err(e) if e.raw_os_error() == Some(libc::EPERM) => {
+                eprintln!("skipped: mounting a tmpfs needs CAP_SYS_ADMIN ({e})");
+                return;
+            }
+            Err(e) => panic!("{e}"),
+        };
+        let root = crate::sandbox::beneath::fd_path(&scratch.dir);
+        let st = rustix::fs::fstatfs(&scratch.dir).unwrap();
+        assert_eq!(st.f_type, libc::TMPFS_MAGIC);
+        let meta = rustix::fs::fstat(&scratch.dir).unwrap();
+        assert_eq!((meta.st_uid, meta.st_gid), (65534, 65534));
+        assert_eq!(meta.st_mode & 0o7777, 0o700);
+        let mut f = std::fs::File::create(root.join("fill")).unwrap();
+        let chunk = vec![7u8; 64 * 1024];
+        let mut written = 0u64;
+        let err = loop {
+            match f.write_all(&chunk) {
+                Ok(()) => written += chunk.len() as u64,
+                Err(e) => break e,
+            }
+            assert!(written <= 4 << 20, "wrote {written} bytes into 1 MiB");
+        };
+        assert_eq!(err.raw_os_error(), Some(libc::ENOSPC), "{err}");
+        assert!(written <= 1 << 20, "{written}");
+        let id = rustix::fs::statx(
+            &scratch.dir,
+            "",
+            rustix::fs::AtFlags::EMPTY_PATH,
+            rustix::fs::StatxFlags::MNT_ID,
+        )
+        .unwrap()
+        .stx_mnt_id
+        .to_string();
+        let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+        assert!(
+            !mounts.lines().any(|l| l.split(' ').next() == Some(&id)),
+            "mount {id} is in the mount table"
+        );
+    }
+}
