@@ -132,6 +132,10 @@ async fn a_workers_directory_is_its_own_bounded_file_system() {
         eprintln!("skipped: the service cannot mount a tmpfs without CAP_SYS_ADMIN");
         return;
     }
+    assert_eq!(
+        server.service.isolation().disk.get("untrusted"),
+        Some(&Some(DISK))
+    );
     for pid in &pids {
         let dir = std::path::PathBuf::from(format!("/proc/{pid}/cwd"));
         let st = rustix::fs::statfs(&dir).unwrap();
@@ -155,6 +159,42 @@ async fn a_workers_directory_is_its_own_bounded_file_system() {
         .map(|e| e.unwrap().file_name())
         .collect();
     assert!(in_zone.is_empty(), "{in_zone:?}");
+    let token = server.token("acme", &["hello:run"]).await;
+    let job = submit(&server, &token, "hello", true).await;
+    assert_eq!(job["state"], "succeeded", "{job}");
+}
+
+/// With `disk = "0"` (as where the service cannot mount a tmpfs) a
+/// worker's directory is a plain directory in the zone's work directory,
+/// and `/admin/v1/isolation` says it is not bounded; jobs run as before.
+#[tokio::test(flavor = "multi_thread")]
+async fn with_no_disk_size_a_workers_directory_is_a_plain_directory() {
+    let server = service::start(|c| {
+        c.zones.insert(
+            "untrusted".into(),
+            bulkhead::config::ZonePool {
+                disk: bulkhead::policy::ByteSize::mib(0),
+                ..Default::default()
+            },
+        );
+    })
+    .await;
+    let state = server.service.isolation();
+    assert_eq!(state.disk.get("untrusted"), Some(&None), "{state:?}");
+    let zone = server.service.work_dir().join("zones/untrusted");
+    let mut in_zone: Vec<_> = std::fs::read_dir(&zone)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    in_zone.sort();
+    assert_eq!(in_zone.len(), 2, "{in_zone:?}");
+    for pid in workers(&server) {
+        let cwd = std::fs::canonicalize(format!("/proc/{pid}/cwd")).unwrap();
+        assert!(
+            cwd.starts_with(std::fs::canonicalize(&zone).unwrap()),
+            "{cwd:?}"
+        );
+    }
     let token = server.token("acme", &["hello:run"]).await;
     let job = submit(&server, &token, "hello", true).await;
     assert_eq!(job["state"], "succeeded", "{job}");
