@@ -435,9 +435,7 @@ impl Storage {
             Some(url) => std::sync::Arc::new(
                 crate::store::PostgresStore::open(url.expose(), self.pool_size).await?,
             ),
-            None => std::sync::Arc::new(
-                crate::store::SqliteStore::open(&self.data_dir.join("bulkhead.sqlite")).await?,
-            ),
+            None => std::sync::Arc::new(crate::store::SqliteStore::open_in(&self.data_dir).await?),
         })
     }
 }

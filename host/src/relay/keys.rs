@@ -206,7 +206,8 @@ fn decode_public(x: &str) -> Option<[u8; 32]> {
     <[u8; 32]>::try_from(bytes.as_slice()).ok()
 }
 
-/// Reads the regular file `path`, never through a link at its name.
+/// Reads the regular file `path`, never through a link at its name, nor
+/// one with a second name (a hard link to another's file).
 fn read_own(path: &Path) -> std::io::Result<(Vec<u8>, std::fs::Metadata)> {
     use std::io::Read as _;
     let mut f = std::fs::OpenOptions::new()
@@ -216,6 +217,11 @@ fn read_own(path: &Path) -> std::io::Result<(Vec<u8>, std::fs::Metadata)> {
     let meta = f.metadata()?;
     if !meta.is_file() {
         return Err(std::io::Error::other("not a regular file"));
+    }
+    if std::os::unix::fs::MetadataExt::nlink(&meta) > 1 {
+        return Err(std::io::Error::other(
+            "has a second name (a hard link): not the ring's own file",
+        ));
     }
     let mut bytes = Vec::new();
     f.read_to_end(&mut bytes)?;

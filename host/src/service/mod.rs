@@ -1124,9 +1124,10 @@ fn admin_token(data: &crate::sandbox::beneath::Root) -> std::io::Result<String> 
         })
         .and_then(|fd| {
             let file = std::fs::File::from(fd);
-            if !file.metadata()?.is_file() {
+            let meta = file.metadata()?;
+            if !meta.is_file() || std::os::unix::fs::MetadataExt::nlink(&meta) > 1 {
                 return Err(std::io::Error::other(format!(
-                    "{} is not a regular file",
+                    "{} is not a regular file of one name (a hard link is not followed)",
                     path.display()
                 )));
             }

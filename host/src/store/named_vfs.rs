@@ -48,9 +48,16 @@ pub fn name() -> Result<&'static str, String> {
                     return Err("SQLite has no unix VFS".to_owned());
                 }
                 let mut vfs = std::ptr::read(unix);
+                let Some(unix_open) = vfs.xOpen else {
+                    return Err("SQLite's unix VFS has no xOpen".to_owned());
+                };
+                UNIX_OPEN
+                    .set(unix_open)
+                    .map_err(|_| "the VFS was registered twice".to_owned())?;
                 vfs.pNext = std::ptr::null_mut();
                 vfs.zName = NAME.as_ptr();
                 vfs.xFullPathname = Some(full_pathname);
+                vfs.xOpen = Some(open);
                 let rc = ffi::sqlite3_vfs_register(Box::into_raw(Box::new(vfs)), 0);
                 if rc != ffi::SQLITE_OK {
                     return Err(format!("SQLite refused the {NAME:?} VFS (code {rc})"));
@@ -60,6 +67,53 @@ pub fn name() -> Result<&'static str, String> {
         })
         .clone()
         .map(|()| NAME.to_str().unwrap_or_default())
+}
+
+/// The unix VFS's `xOpen`, which [`open`] calls.
+type XOpen = unsafe extern "C" fn(
+    *mut ffi::sqlite3_vfs,
+    ffi::sqlite3_filename,
+    *mut ffi::sqlite3_file,
+    c_int,
+    *mut c_int,
+) -> c_int;
+static UNIX_OPEN: OnceLock<XOpen> = OnceLock::new();
+
+/// Whether the file at `name` has another name (a hard link to another
+/// database's file, say): not opened. A missing file is fine (SQLite
+/// makes it).
+fn has_second_name(name: &[u8]) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(std::ffi::OsStr::from_bytes(name)).is_ok_and(|m| m.nlink() > 1)
+}
+
+/// `xOpen`: the unix VFS's, but a database, journal or log file with a
+/// second name is refused (`SQLITE_CANTOPEN`), and so is a main
+/// database whose `-shm` (opened apart from `xOpen`) has one. A hard link
+/// put at `bulkhead.sqlite` would otherwise have the service use, and
+/// write into, another's store.
+unsafe extern "C" fn open(
+    vfs: *mut ffi::sqlite3_vfs,
+    name: ffi::sqlite3_filename,
+    file: *mut ffi::sqlite3_file,
+    flags: c_int,
+    out_flags: *mut c_int,
+) -> c_int {
+    if !name.is_null() {
+        // SAFETY: SQLite passes a NUL-terminated name.
+        let given = unsafe { CStr::from_ptr(name) }.to_bytes();
+        let shm = [given, b"-shm"].concat();
+        if has_second_name(given)
+            || (flags & ffi::SQLITE_OPEN_MAIN_DB != 0 && has_second_name(&shm))
+        {
+            return ffi::SQLITE_CANTOPEN;
+        }
+    }
+    let Some(unix_open) = UNIX_OPEN.get() else {
+        return ffi::SQLITE_CANTOPEN;
+    };
+    // SAFETY: the unix VFS's own xOpen, with SQLite's arguments unchanged.
+    unsafe { unix_open(vfs, name, file, flags, out_flags) }
 }
 
 /// `xFullPathname`: `name` unchanged if absolute, else after the working
@@ -164,6 +218,52 @@ mod tests {
             .map(|e| e.unwrap().file_name().into_string().unwrap())
             .collect();
         assert!(moved.iter().any(|n| n == "db.sqlite-wal"), "{moved:?}");
+    }
+
+    /// A hard link at the database's name, or at its `-wal` or `-shm`,
+    /// to another database's file: the open is refused and the other
+    /// database is untouched.
+    #[test]
+    fn a_database_file_with_a_second_name_is_not_opened() {
+        let tmp = tempfile::tempdir().unwrap();
+        let theirs = tmp.path().join("theirs.sqlite");
+        {
+            let c = Connection::open(&theirs).unwrap();
+            c.execute_batch(
+                "PRAGMA journal_mode=WAL; CREATE TABLE t(v); INSERT INTO t VALUES ('theirs');",
+            )
+            .unwrap();
+            let before = std::fs::read(&theirs).unwrap();
+            let flags = OpenFlags::default() | OpenFlags::SQLITE_OPEN_NOFOLLOW;
+            for suffix in ["", "-wal", "-shm"] {
+                let dir = tmp.path().join(format!("d{suffix}"));
+                std::fs::create_dir(&dir).unwrap();
+                if !suffix.is_empty() {
+                    // A database of its own, in WAL mode, beside the link.
+                    Connection::open(dir.join("db.sqlite"))
+                        .unwrap()
+                        .execute_batch("PRAGMA journal_mode=WAL; CREATE TABLE own(v);")
+                        .unwrap();
+                }
+                std::fs::hard_link(
+                    format!("{}{suffix}", theirs.display()),
+                    dir.join(format!("db.sqlite{suffix}")),
+                )
+                .unwrap();
+                let opened = Connection::open_with_flags_and_vfs(
+                    dir.join("db.sqlite"),
+                    flags,
+                    name().unwrap(),
+                )
+                .and_then(|c| {
+                    c.query_row("SELECT count(*) FROM sqlite_master", [], |r| {
+                        r.get::<_, i64>(0)
+                    })
+                });
+                assert!(opened.is_err(), "{suffix:?}: {opened:?}");
+            }
+            assert_eq!(std::fs::read(&theirs).unwrap(), before);
+        }
     }
 
     /// With SQLite's own unix VFS, the same open follows the path (what

@@ -242,6 +242,9 @@ pub struct SqliteStore {
     /// Signalled when a reader comes back or closes.
     reader_back: std::sync::Condvar,
     path: std::path::PathBuf,
+    /// The directory [`SqliteStore::open_in`] holds open, which `path`
+    /// names through `/proc/self/fd`.
+    _dir: Option<crate::sandbox::beneath::Root>,
     // Dropping the sender stops the checkpoint thread.
     _checkpointer: mpsc::Sender<()>,
 }
@@ -322,6 +325,24 @@ fn checkpoint(conn: &Connection) -> rusqlite::Result<i64> {
 }
 
 impl SqliteStore {
+    /// [`SqliteStore::open`] on `bulkhead.sqlite` in `dir`, which is opened
+    /// once and held: every file of the database is then opened in that
+    /// directory (`/proc/self/fd/N/…`), whatever is put at its path
+    /// meanwhile — so one swap of the path cannot give the database of one
+    /// directory and the log of another.
+    ///
+    /// # Errors
+    /// As [`SqliteStore::open`]; `dir` cannot be opened.
+    pub async fn open_in(dir: &Path) -> Result<Self, StoreError> {
+        let held = crate::sandbox::beneath::Root::open(dir)
+            .map_err(|e| StoreError::Open(format!("{}: {e}", dir.display())))?;
+        let mut store =
+            Self::open(&crate::sandbox::beneath::fd_path(held.fd()).join("bulkhead.sqlite"))
+                .await?;
+        store._dir = Some(held);
+        Ok(store)
+    }
+
     /// Opens (creating if needed) the database at `path` and its schema, and
     /// starts the checkpoint thread.
     ///
@@ -369,6 +390,7 @@ impl SqliteStore {
             readers: Mutex::default(),
             reader_back: std::sync::Condvar::new(),
             path: path.to_owned(),
+            _dir: None,
             _checkpointer: stop,
         })
     }

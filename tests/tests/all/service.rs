@@ -660,8 +660,9 @@ async fn a_give_back_the_store_does_not_take_at_shutdown_is_recorded_by_the_next
 
 /// Links in a data directory, at the key ring's directory, the admin
 /// token, the store and the list of jobs given back, each to another's
-/// file or directory: the start is refused naming it, and the other's
-/// files are neither read into service nor written.
+/// file or directory, and hard links at the admin token and the store to
+/// another's: the start is refused, and the other's files are neither
+/// read into service nor written.
 #[tokio::test(flavor = "multi_thread")]
 async fn links_in_the_data_directory_are_never_followed() {
     let s = start(|_| {}).await;
@@ -673,15 +674,28 @@ async fn links_in_the_data_directory_are_never_followed() {
     let other = tempfile::tempdir().unwrap();
     let mut config = s.service.config().clone();
     config.storage.work_dir = None;
-    for (name, target, refusal) in [
-        ("keys", theirs.join("keys"), "not followed"),
-        ("admin.token", theirs.join("admin.token"), "not followed"),
-        ("bulkhead.sqlite", theirs.join("bulkhead.sqlite"), ""),
-        ("given-back.json", theirs.join("admin.token"), ""),
+    for (name, target, refusal, hard) in [
+        ("keys", theirs.join("keys"), "not followed", false),
+        (
+            "admin.token",
+            theirs.join("admin.token"),
+            "not followed",
+            false,
+        ),
+        ("bulkhead.sqlite", theirs.join("bulkhead.sqlite"), "", false),
+        ("given-back.json", theirs.join("admin.token"), "", false),
+        ("admin.token", theirs.join("admin.token"), "one name", true),
+        ("bulkhead.sqlite", theirs.join("bulkhead.sqlite"), "", true),
     ] {
-        let data = other.path().join(name.replace('.', "-"));
+        let data = other
+            .path()
+            .join(format!("{}-{hard}", name.replace('.', "-")));
         std::fs::create_dir(&data).unwrap();
-        std::os::unix::fs::symlink(&target, data.join(name)).unwrap();
+        if hard {
+            std::fs::hard_link(&target, data.join(name)).unwrap();
+        } else {
+            std::os::unix::fs::symlink(&target, data.join(name)).unwrap();
+        }
         config.storage.data_dir = data.clone();
         config.storage.cache_dir = Some(other.path().join("cache"));
         let err = bulkhead::service::Service::start(config.clone(), None)
@@ -691,7 +705,7 @@ async fn links_in_the_data_directory_are_never_followed() {
             .to_string();
         assert!(err.contains(refusal), "{name}: {err}");
         assert!(
-            std::fs::symlink_metadata(data.join(name))
+            hard || std::fs::symlink_metadata(data.join(name))
                 .unwrap()
                 .file_type()
                 .is_symlink(),
