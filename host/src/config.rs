@@ -74,8 +74,11 @@
 //! workers = 2                      # worker processes
 //! jobs_per_worker = 1000           # jobs before a worker is replaced (1: a fresh process per job)
 //! # memory = "2 GiB"               # a worker's memory ceiling, where the host offers cgroups
-//! disk = "2 GiB"                   # a worker's directory: a tmpfs of its own this size, mounted nowhere,
-//!                                  # where the service may mount one (as root); "0": a plain directory
+//! disk = "2 GiB"                   # what the zone's workers' directories hold at once, all together: each job
+//!                                  # is given room for its files (inputs, output limit) before it is sent, and
+//!                                  # waits for it; each worker's directory is a tmpfs of its own as large as its
+//!                                  # jobs' rooms, mounted nowhere, where the service may mount one (as root);
+//!                                  # "0": no bound, plain directories
 //!
 //! [tokens]                         # call tokens minted for internal services
 //! issuer = "bulkhead"              # `iss`
@@ -229,11 +232,15 @@ pub struct ZonePool {
     /// A worker's memory ceiling, where the host offers cgroups (v2, or
     /// v1's memory controller).
     pub memory: Option<ByteSize>,
-    /// The size of a worker's directory: a tmpfs of its own, mounted
-    /// nowhere, where the service may mount one (as root); 0, or where it
-    /// may not, a plain directory in the zone's work directory, bounded by
-    /// nothing but that file system. It holds the inputs and outputs of
-    /// the jobs the worker runs at once.
+    /// What the zone's workers' directories hold at once, all of them
+    /// together: each job is given room for its files (its inputs, its
+    /// output limit, a page per file) out of it before it is sent to a
+    /// worker, and waits until it fits; a module whose jobs could never
+    /// fit is refused at its load. Each worker's directory is a tmpfs of
+    /// its own as large as its jobs' rooms, mounted nowhere, where the
+    /// service may mount one (as root); where it may not, a plain
+    /// directory in the zone's work directory, which only the jobs'
+    /// quotas hold to their rooms. 0: no bound and plain directories.
     pub disk: ByteSize,
 }
 

@@ -141,10 +141,14 @@ pub struct RunnerState {
     pub zones: BTreeMap<String, Applied>,
     /// Per zone: its live workers' process ids.
     pub workers: BTreeMap<String, Vec<u32>>,
-    /// Per zone: the size of each worker's directory, a file system of its
-    /// own; `null` where it is a plain directory in the zone's work
-    /// directory (not bounded).
+    /// Per zone: its disk, which its workers' directories (each a file
+    /// system of its own, as large as its jobs' rooms) hold at most
+    /// together; `null` where they are plain directories in the zone's
+    /// work directory (not bounded by the kernel).
     pub disk: BTreeMap<String, Option<u64>>,
+    /// Per zone: the bytes of its disk its running and unreleased jobs'
+    /// rooms take now.
+    pub disk_given: BTreeMap<String, u64>,
 }
 
 /// Loads modules and runs jobs.
@@ -260,6 +264,7 @@ impl Runner for InProcess {
             zones: BTreeMap::new(),
             workers: BTreeMap::new(),
             disk: BTreeMap::new(),
+            disk_given: BTreeMap::new(),
         }
     }
 }
@@ -362,6 +367,11 @@ impl Runner for Workers {
                 .pools
                 .iter()
                 .map(|(zone, pool)| (zone.clone(), pool.disk()))
+                .collect(),
+            disk_given: self
+                .pools
+                .iter()
+                .map(|(zone, pool)| (zone.clone(), pool.disk_given()))
                 .collect(),
         }
     }

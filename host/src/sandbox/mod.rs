@@ -189,6 +189,16 @@ pub enum LoadError {
         value: String,
         max: String,
     },
+    /// Its limits let one job's files take more than its zone's disk.
+    #[error(
+        "module `{module}`'s limits let one job's files take {need} bytes (`limits.input`, `limits.output`, a page for each input and output file), more than zone `{zone}`'s disk of {disk} bytes; raise `[zones.{zone}] disk` or lower the limits"
+    )]
+    ExceedsZoneDisk {
+        module: String,
+        zone: String,
+        need: u64,
+        disk: u64,
+    },
     /// wasmtime could not compile it.
     #[error("module `{module}` does not compile: {message}")]
     Compile { module: String, message: String },

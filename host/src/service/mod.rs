@@ -555,8 +555,12 @@ impl Service {
             metrics::gauge!("bulkhead_workers", "zone" => zone.clone()).set(pids.len() as f64);
         }
         for (zone, disk) in &isolation.disk {
-            metrics::gauge!("bulkhead_worker_disk_bytes", "zone" => zone.clone())
+            metrics::gauge!("bulkhead_zone_disk_bytes", "zone" => zone.clone())
                 .set(disk.map_or(0.0, |d| d as f64));
+        }
+        for (zone, given) in &isolation.disk_given {
+            metrics::gauge!("bulkhead_zone_disk_given_bytes", "zone" => zone.clone())
+                .set(*given as f64);
         }
         for (zone, applied) in &isolation.zones {
             for (layer, state) in &applied.layers {

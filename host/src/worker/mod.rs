@@ -14,12 +14,16 @@
 //! - [`calls`]: outbound requests over the channel, worker side and gateway
 //!   side.
 //! - [`cgroup`]: a worker's memory ceiling, where the host offers cgroups.
+//! - [`scratch`]: a worker's directory, a tmpfs of its own mounted nowhere.
+//! - [`disk`]: the zone's disk, given out as room to each job before it is
+//!   sent, which each worker's directory is sized to.
 //! - [`process`]: starting a worker, and a worker finding its channel.
 //! - [`WorkerArgs`]: what a worker is started with.
 
 pub mod calls;
 pub mod cgroup;
 pub mod child;
+pub mod disk;
 pub mod harden;
 pub mod pool;
 pub mod process;

@@ -80,6 +80,12 @@ const START_ALLOWANCE: Duration = Duration::from_secs(300);
 /// Longest failure message kept from a worker's report.
 const MAX_MESSAGE: usize = 1024;
 
+/// How long a worker's directory may keep more than its jobs' rooms after
+/// it was last told to release one: an honest worker removes a released
+/// job's files at once; one that keeps them is stopped, and the room goes
+/// back to its zone with its directory.
+const OVERHELD_GRACE: Duration = Duration::from_secs(10);
+
 /// One zone's pool settings.
 #[derive(Clone, Debug)]
 pub struct PoolConfig {
@@ -95,9 +101,12 @@ pub struct PoolConfig {
     pub max_concurrent_jobs: u32,
     /// A worker's memory ceiling, where the host offers cgroups.
     pub memory: Option<u64>,
-    /// The size of each worker's directory, a file system of its own
-    /// ([`super::scratch`]) where the gateway may mount one; `None`, or
-    /// where it may not, a plain directory in the zone's work directory.
+    /// What the zone's workers' directories hold at once, all together
+    /// ([`super::disk`]): each job is given room for its files out of it
+    /// before it is sent, and each worker's directory is a file system of
+    /// its own ([`super::scratch`]) as large as its jobs' rooms, where the
+    /// gateway may mount one. `None`: no bound, and plain directories in
+    /// the zone's work directory.
     pub disk: Option<u64>,
     /// The zone's work directory (gateway-owned; each worker gets its own
     /// directory inside).
@@ -200,9 +209,11 @@ pub struct Pool {
     /// directory is made, handed over and removed from this descriptor,
     /// never through a link or a mount later put at its path.
     zone_dir: Root,
-    /// Each worker's directory is a [`super::scratch`] of this size: found
-    /// possible at the start.
-    scratch: Option<u64>,
+    /// The zone's disk, shared by its workers' directories.
+    disk: Option<Arc<super::disk::ZoneDisk>>,
+    /// Each worker's directory is a [`super::scratch`]: found possible at
+    /// the start.
+    mounts: bool,
 }
 
 /// The runtime every pool's channels and supervisor run on, threads of
@@ -312,9 +323,9 @@ struct Worker {
     /// a scratch directory, which goes with its last descriptor.
     name: Option<String>,
     zone_dir: Root,
-    /// The scratch mount its directory is the root of, held as long as
-    /// the worker is.
-    _scratch: Option<super::scratch::Scratch>,
+    /// Its part of the zone's disk, and the scratch mount its directory is
+    /// the root of, held as long as the worker is.
+    disk: Option<super::disk::WorkerDisk>,
     down: Outbox,
     calls: GatewayCalls,
     state: Mutex<WorkerState>,
@@ -446,18 +457,21 @@ impl Pool {
             zone: config.zone.clone(),
             reason,
         })?;
-        let scratch = config.disk.filter(|&size| {
-            match super::scratch::make(size, None) {
+        let mounts = config.disk.is_some_and(|size| {
+            match super::scratch::make(super::disk::FLOOR, None) {
                 Ok(_) => {
-                    tracing::info!(zone = %config.zone, bytes = size, inodes = super::scratch::INODES, "each worker's directory is a file system of its own");
+                    tracing::info!(zone = %config.zone, bytes = size, inodes = super::scratch::INODES, "each worker's directory is a file system of its own, as large as its jobs' rooms, all within the zone's disk");
                     true
                 }
                 Err(e) => {
-                    tracing::warn!(zone = %config.zone, error = %e, "workers' directories are not bounded: a tmpfs of their own cannot be mounted (the gateway needs CAP_SYS_ADMIN)");
+                    tracing::warn!(zone = %config.zone, bytes = size, error = %e, "workers' directories are plain directories: a tmpfs of their own cannot be mounted (the gateway needs CAP_SYS_ADMIN); jobs are still given room within the zone's disk, which only their quotas hold them to");
                     false
                 }
             }
         });
+        let disk = config
+            .disk
+            .map(|size| Arc::new(super::disk::ZoneDisk::new(size)));
         let pool = Arc::new(Self {
             config,
             state: Mutex::default(),
@@ -471,7 +485,8 @@ impl Pool {
             cache,
             gateway: tokio::runtime::Handle::current(),
             zone_dir,
-            scratch,
+            disk,
+            mounts,
         });
         for _ in 0..pool.config.workers.max(1) {
             // On the channels' runtime: the worker's channel is that
@@ -503,10 +518,16 @@ impl Pool {
         lock(&self.applied).clone()
     }
 
-    /// The size of each worker's directory, a file system of its own
-    /// ([`super::scratch`]); `None` where it is a plain directory.
+    /// The zone's disk, which its workers' directories, each a file
+    /// system of its own ([`super::scratch`]), hold at most together;
+    /// `None` where they are plain directories.
     pub fn disk(&self) -> Option<u64> {
-        self.scratch
+        self.disk.as_ref().filter(|_| self.mounts).map(|d| d.size)
+    }
+
+    /// Bytes of the zone's disk given to its jobs' files now.
+    pub fn disk_given(&self) -> u64 {
+        self.disk.as_ref().map_or(0, |d| d.given())
     }
 
     /// Live workers' process ids.
@@ -561,12 +582,23 @@ impl Pool {
             policy_sha256: policy.source_sha256.as_ref().map(ToString::to_string),
             wasm,
         });
-        lock(&self.state).modules.insert(module, source);
         let fault = |message: String| LoadError::Compile {
             module: policy.module.name.to_string(),
             message,
         };
-        let worker = self.pick().await.map_err(fault)?;
+        if let Some(disk) = &self.disk {
+            let most = super::disk::most(policy);
+            if most > disk.size {
+                return Err(LoadError::ExceedsZoneDisk {
+                    module: policy.module.name.to_string(),
+                    zone: self.config.zone.clone(),
+                    need: most,
+                    disk: disk.size,
+                });
+            }
+        }
+        lock(&self.state).modules.insert(module, source);
+        let worker = self.pick(None).await.map_err(fault)?;
         let (tx, rx) = oneshot::channel();
         {
             let mut st = lock(&worker.state);
@@ -683,16 +715,20 @@ impl Pool {
     }
 
     /// A worker that can take a job now: alive, not retiring, with a free
-    /// place; waits for one (a replacement) otherwise.
-    async fn pick(&self) -> Result<Arc<Worker>, String> {
+    /// place, and with `room` (job, bytes) given to the job in its
+    /// directory out of the zone's disk; waits for one (a replacement,
+    /// room released) otherwise. The least busy such worker is taken.
+    async fn pick(&self, room: Option<(u64, u64)>) -> Result<Arc<Worker>, String> {
+        let freed = self.disk.as_ref().map(|d| &d.freed);
         loop {
             if self.closing.load(Ordering::SeqCst) {
                 return Err("the service is shutting down".into());
             }
             let changed = self.changed.notified();
+            let room_freed = freed.map(Notify::notified);
             {
                 let st = lock(&self.state);
-                let best = st
+                let mut free: Vec<(usize, &Arc<Worker>)> = st
                     .workers
                     .iter()
                     .filter_map(|w| {
@@ -700,14 +736,31 @@ impl Pool {
                         (ws.fault.is_none()
                             && !ws.retiring
                             && ws.running() < self.config.max_concurrent_jobs as usize)
-                            .then(|| (ws.running(), Arc::clone(w)))
+                            .then(|| (ws.running(), w))
                     })
-                    .min_by_key(|(running, _)| *running);
-                if let Some((_, worker)) = best {
-                    return Ok(worker);
+                    .collect();
+                free.sort_by_key(|(running, _)| *running);
+                for (_, worker) in free {
+                    let given = match (room, &worker.disk) {
+                        (Some((job, bytes)), Some(disk)) => disk.reserve(job, bytes),
+                        _ => Ok(true),
+                    };
+                    match given {
+                        Ok(true) => return Ok(Arc::clone(worker)),
+                        Ok(false) => {}
+                        Err(e) => return Err(format!("cannot grow a worker's directory: {e}")),
+                    }
                 }
             }
-            changed.await;
+            match room_freed {
+                Some(room_freed) => {
+                    tokio::select! {
+                        () = changed => {}
+                        () = room_freed => {}
+                    }
+                }
+                None => changed.await,
+            }
         }
     }
 
@@ -740,15 +793,25 @@ impl Pool {
                 "the job's inputs ({size} bytes) are more than a worker's channel carries ({MAX_DOWN_FRAME} bytes); lower `[server] max_body` or the module's `limits.input`"
             ));
         }
-        let worker = self.pick().await?;
         let job = self.next_id();
+        let need = super::disk::need(policy, spec);
+        if let Some(disk) = self.disk.as_ref().filter(|d| need > d.size) {
+            return Err(format!(
+                "the job's files may take {need} bytes (its inputs, its output limit, a page for each output file), more than zone `{}`'s disk of {} bytes",
+                self.config.zone, disk.size
+            ));
+        }
+        let worker = self.pick(Some((job, need))).await?;
         let wall_time = policy.limits.wall_time.get();
         let (tx, rx) = oneshot::channel();
         {
             let mut ws = lock(&worker.state);
             if let Some(reason) = &ws.fault {
                 // It failed between being picked and now.
-                return Ok((fault_report(spec, policy, reason), None));
+                let report = fault_report(spec, policy, reason);
+                drop(ws);
+                worker.release(job);
+                return Ok((report, None));
             }
             ws.jobs.insert(
                 job,
@@ -788,6 +851,9 @@ impl Pool {
         guard.done = true;
         drop(guard);
         self.job_ended(&worker, job);
+        // The job's room is released with its outputs (`WorkerOutputs`)
+        // where it has some, here where it has none.
+        let released = || worker.release(job);
         match answer {
             Ok(Answer::Report(Ok(json), created)) => match JobReport::decode(&json) {
                 Ok(report) => Ok((
@@ -811,17 +877,25 @@ impl Pool {
                     }),
                 )),
                 Err(e) => {
+                    released();
                     let reason = format!("sent an unreadable report: {e}");
                     self.fault(&worker, "protocol", reason.clone());
                     Ok((fault_report(spec, policy, &reason), None))
                 }
             },
             Ok(Answer::Report(Err(mut message), _)) => {
+                released();
                 truncate(&mut message, MAX_MESSAGE);
                 Err(message)
             }
-            Ok(Answer::Stopped(reason)) => Ok((stopped_report(spec, policy, &reason), None)),
-            Err(_) => Ok((fault_report(spec, policy, &worker.fault_reason()), None)),
+            Ok(Answer::Stopped(reason)) => {
+                released();
+                Ok((stopped_report(spec, policy, &reason), None))
+            }
+            Err(_) => {
+                released();
+                Ok((fault_report(spec, policy, &worker.fault_reason()), None))
+            }
         }
     }
 
@@ -1033,6 +1107,19 @@ impl Pool {
             for (job, reason) in overran {
                 self.stop(worker, job, reason);
             }
+            if let Some(over) = worker.disk.as_ref().and_then(|d| d.settle())
+                && over.since > OVERHELD_GRACE
+            {
+                self.fault(
+                    worker,
+                    "disk",
+                    format!(
+                        "kept {} bytes in its directory beyond its jobs' room for {}s after it was told to release them",
+                        over.bytes,
+                        over.since.as_secs()
+                    ),
+                );
+            }
         }
         let live = {
             let st = lock(&self.state);
@@ -1086,9 +1173,9 @@ impl Pool {
         };
         let id = self.next_id();
         let name = format!("w{id}");
-        let (work_fd, scratch) = match self.scratch {
-            Some(size) => {
-                let scratch = super::scratch::make(size, effective_owner(c.run_as))
+        let (work_fd, scratch) = match self.mounts {
+            true => {
+                let scratch = super::scratch::make(super::disk::FLOOR, effective_owner(c.run_as))
                     .map_err(|e| start_error(format!("worker directory (tmpfs): {e}")))?;
                 let fd = scratch
                     .dir
@@ -1096,7 +1183,7 @@ impl Pool {
                     .map_err(|e| start_error(format!("worker directory: {e}")))?;
                 (std::fs::File::from(fd), Some(scratch))
             }
-            None => (
+            false => (
                 self.worker_dir(&name, effective_owner(c.run_as))
                     .map_err(|e| {
                         start_error(format!("{}: {e}", c.work_dir.join(&name).display()))
@@ -1228,7 +1315,10 @@ impl Pool {
             dir_fd: dir_fd.into(),
             name,
             zone_dir: self.zone_dir.clone(),
-            _scratch: scratch,
+            disk: self
+                .disk
+                .as_ref()
+                .map(|zone| super::disk::WorkerDisk::new(Arc::clone(zone), scratch)),
             down,
             calls: GatewayCalls::new(call_tx),
             state: Mutex::default(),
@@ -1358,11 +1448,15 @@ impl Drop for Worker {
     fn drop(&mut self) {
         let mut child = lock(&self.child).take();
         let (zone_dir, name) = (self.zone_dir.clone(), self.name.take());
+        let disk = self.disk.take();
         std::thread::spawn(move || {
             if let Some(child) = child.as_mut() {
                 let _ = child.kill();
                 let _ = child.wait();
             }
+            // Its room is the zone's again once nothing but the gateway
+            // holds its directory.
+            drop(disk);
             if let Some(name) = name
                 && let Err(e) = crate::sandbox::remove_tree_in(&zone_dir, Path::new(&name))
             {
@@ -1383,6 +1477,13 @@ impl Worker {
     /// channel, not yet read.
     fn unread(&self) -> bool {
         rustix::io::ioctl_fionread(&self.channel).is_ok_and(|n| n > 0)
+    }
+
+    /// Job `job`'s files are gone or going: its room is released.
+    fn release(&self, job: u64) {
+        if let Some(disk) = &self.disk {
+            disk.release(job);
+        }
     }
 
     fn kill(&self) {
@@ -1447,6 +1548,7 @@ impl Drop for JobGuard<'_> {
         if !self.done {
             let _ = self.worker.down.send(Down::Cancel { job: self.job });
             self.pool.job_ended(self.worker, self.job);
+            self.worker.release(self.job);
         }
     }
 }
@@ -1507,6 +1609,7 @@ impl Drop for WorkerOutputs {
         if !self.removed {
             let _ = self.worker.down.send(Down::Release { job: self.job });
         }
+        self.worker.release(self.job);
     }
 }
 

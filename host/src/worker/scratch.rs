@@ -63,6 +63,28 @@ pub fn make(size: u64, owner: Option<(u32, u32)>) -> io::Result<Scratch> {
     Ok(Scratch { dir, _mount: mount })
 }
 
+impl Scratch {
+    /// Makes its size `size` bytes (in whole pages), its other settings
+    /// kept.
+    ///
+    /// # Errors
+    /// `EINVAL` when its files take more than `size`; what else the kernel
+    /// says.
+    pub fn resize(&self, size: u64) -> io::Result<()> {
+        use rustix::mount::{FsPickFlags, fsconfig_reconfigure, fsconfig_set_string, fspick};
+        // A context of its own each time: one the kernel refused a size
+        // is spent.
+        let fs = fspick(
+            &self.dir,
+            "",
+            FsPickFlags::FSPICK_EMPTY_PATH | FsPickFlags::FSPICK_CLOEXEC,
+        )?;
+        fsconfig_set_string(&fs, "size", size.to_string())?;
+        fsconfig_reconfigure(&fs)?;
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -71,15 +93,60 @@ mod tests {
     /// Writes past its size fail with `ENOSPC` at the size; it is a tmpfs
     /// reached through its descriptor only (`/proc/self/fd/N`), with no
     /// entry in this process's mount table; its owner is the one given.
-    #[test]
-    fn a_scratch_directory_holds_its_size_and_no_more() {
-        let scratch = match make(1 << 20, Some((65534, 65534))) {
-            Ok(s) => s,
+    /// A scratch directory, or `None` (said) where this process may not
+    /// mount one.
+    fn scratch(size: u64, owner: Option<(u32, u32)>) -> Option<Scratch> {
+        match make(size, owner) {
+            Ok(s) => Some(s),
             Err(e) if e.raw_os_error() == Some(libc::EPERM) => {
                 eprintln!("skipped: mounting a tmpfs needs CAP_SYS_ADMIN ({e})");
-                return;
+                None
             }
             Err(e) => panic!("{e}"),
+        }
+    }
+
+    fn size_of(scratch: &Scratch) -> u64 {
+        let st = rustix::fs::fstatfs(&scratch.dir).unwrap();
+        st.f_blocks * st.f_bsize as u64
+    }
+
+    /// Resized, it holds its new size: grown, a write the old size
+    /// refused goes in; it cannot shrink below what its files take, and
+    /// can to exactly that; its inode count and owner stay.
+    #[test]
+    fn a_scratch_directory_resizes_down_to_its_files_and_no_lower() {
+        let Some(scratch) = scratch(64 << 10, Some((65534, 65534))) else {
+            return;
+        };
+        let file = crate::sandbox::beneath::fd_path(&scratch.dir).join("f");
+        assert_eq!(
+            std::fs::write(&file, vec![1u8; 256 << 10])
+                .unwrap_err()
+                .raw_os_error(),
+            Some(libc::ENOSPC)
+        );
+        scratch.resize(1 << 20).unwrap();
+        assert_eq!(size_of(&scratch), 1 << 20);
+        std::fs::write(&file, vec![1u8; 256 << 10]).unwrap();
+        let err = scratch.resize(128 << 10).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EINVAL), "{err}");
+        assert_eq!(size_of(&scratch), 1 << 20);
+        scratch.resize(256 << 10).unwrap();
+        assert_eq!(size_of(&scratch), 256 << 10);
+        let st = rustix::fs::fstatfs(&scratch.dir).unwrap();
+        assert_eq!(st.f_files, INODES);
+        let meta = rustix::fs::fstat(&scratch.dir).unwrap();
+        assert_eq!((meta.st_uid, meta.st_mode & 0o7777), (65534, 0o700));
+        std::fs::remove_file(&file).unwrap();
+        scratch.resize(64 << 10).unwrap();
+        assert_eq!(size_of(&scratch), 64 << 10);
+    }
+
+    #[test]
+    fn a_scratch_directory_holds_its_size_and_no_more() {
+        let Some(scratch) = scratch(1 << 20, Some((65534, 65534))) else {
+            return;
         };
         let root = crate::sandbox::beneath::fd_path(&scratch.dir);
         let st = rustix::fs::fstatfs(&scratch.dir).unwrap();

@@ -5,8 +5,12 @@ use std::time::Duration;
 
 use serde_json::Value;
 
+use bulkhead::policy::ByteSize;
+use bulkhead::worker::disk::FLOOR;
+
+use crate::common;
 use crate::common::http::json;
-use crate::common::policies::sleeper;
+use crate::common::policies::{TestPolicy, hello, sleeper};
 use crate::common::service::{self, Server};
 
 /// The zone's live worker pids, as the service reports them.
@@ -104,55 +108,98 @@ async fn a_hardened_worker_keeps_its_own_page_map_and_nothing_else_of_proc() {
     }
 }
 
-/// Each worker's directory is a file system of its own of the zone's
-/// `disk` size, mounted nowhere: whatever runs in a worker (here the test,
-/// writing through the worker's working directory as native code in it
-/// could) fills that much and no more, nothing of it lands in the zone's
-/// work directory, and the next job still runs.
-#[tokio::test(flavor = "multi_thread")]
-async fn a_workers_directory_is_its_own_bounded_file_system() {
-    use std::io::Write as _;
-    const DISK: u64 = 8 << 20;
-    let server = service::start(|c| {
+/// A worker's directory's size now: the tmpfs its working directory is.
+fn dir_size(pid: u32) -> u64 {
+    let st = rustix::fs::statfs(format!("/proc/{pid}/cwd").as_str()).unwrap();
+    assert_eq!(st.f_type, libc::TMPFS_MAGIC, "worker {pid}");
+    st.f_blocks * st.f_bsize as u64
+}
+
+/// Whether the service mounts its workers' directories (as root); said
+/// when it does not.
+fn mounts(server: &Server) -> bool {
+    let mounted = workers(server).iter().all(|pid| {
+        rustix::fs::statfs(format!("/proc/{pid}/cwd").as_str())
+            .is_ok_and(|st| st.f_type == libc::TMPFS_MAGIC)
+    });
+    if !mounted {
+        assert_ne!(
+            rustix::process::geteuid().as_raw(),
+            0,
+            "the service runs as root and its workers' directories are not a tmpfs"
+        );
+        eprintln!("skipped: the service cannot mount a tmpfs without CAP_SYS_ADMIN");
+    }
+    mounted
+}
+
+/// The service with zone `untrusted` of `disk` (and `workers` workers),
+/// running only `policies`, eight jobs at once.
+async fn zone_with_disk(disk: ByteSize, workers: u32, policies: &[TestPolicy]) -> Server {
+    service::start(|c| {
+        c.queue.workers = 8;
+        std::fs::remove_dir_all(&c.modules.policies_dir).unwrap();
+        for p in policies {
+            p.write_to(&c.modules.policies_dir);
+        }
         c.zones.insert(
             "untrusted".into(),
             bulkhead::config::ZonePool {
-                disk: bulkhead::policy::ByteSize::mib(8),
+                disk,
+                workers,
                 ..Default::default()
             },
         );
     })
-    .await;
+    .await
+}
+
+/// `hello` with room for little: 64 KiB in, 64 KiB and 4 files out.
+fn small_hello() -> TestPolicy {
+    hello().limits(|l| {
+        l.input = ByteSize::kib(64);
+        l.output = ByteSize::kib(64);
+        l.output_files = 4;
+    })
+}
+
+/// Each worker's directory is a file system of its own, mounted nowhere,
+/// as large as its jobs' rooms: an idle worker's is the floor's size, so
+/// whatever runs in it (here the test, writing through the worker's
+/// working directory as native code in it could) fills that much and no
+/// more; nothing of it lands in the zone's work directory, and the next
+/// job, given its room, still runs.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_workers_directory_is_its_own_file_system_as_large_as_its_jobs_rooms() {
+    use std::io::Write as _;
+    let server = zone_with_disk(ByteSize::mib(8), 2, &[small_hello()]).await;
+    if !mounts(&server) {
+        return;
+    }
+    let state = server.service.isolation();
+    assert_eq!(state.disk.get("untrusted"), Some(&Some(8 << 20)));
+    assert_eq!(state.disk_given.get("untrusted"), Some(&0));
     let zone = server.service.work_dir().join("zones/untrusted");
     let pids = workers(&server);
     assert_eq!(pids.len(), 2);
-    let mounted = rustix::fs::statfs(format!("/proc/{}/cwd", pids[0]).as_str())
-        .is_ok_and(|st| st.f_type == libc::TMPFS_MAGIC);
-    if !mounted && rustix::process::geteuid().as_raw() != 0 {
-        eprintln!("skipped: the service cannot mount a tmpfs without CAP_SYS_ADMIN");
-        return;
-    }
-    assert_eq!(
-        server.service.isolation().disk.get("untrusted"),
-        Some(&Some(DISK))
-    );
     for pid in &pids {
+        assert_eq!(dir_size(*pid), FLOOR, "worker {pid}");
         let dir = std::path::PathBuf::from(format!("/proc/{pid}/cwd"));
-        let st = rustix::fs::statfs(&dir).unwrap();
-        assert_eq!(st.f_type, libc::TMPFS_MAGIC);
-        assert_eq!(st.f_blocks as u64 * st.f_bsize as u64, DISK, "worker {pid}");
         let mut fill = std::fs::File::create_new(dir.join("fill")).unwrap();
-        let chunk = vec![1u8; 256 * 1024];
+        let chunk = vec![1u8; 16 * 1024];
         let mut written = 0u64;
         let err = loop {
             match fill.write_all(&chunk) {
                 Ok(()) => written += chunk.len() as u64,
                 Err(e) => break e,
             }
-            assert!(written <= 4 * DISK, "worker {pid}: {written} bytes written");
+            assert!(
+                written <= 64 * FLOOR,
+                "worker {pid}: {written} bytes written"
+            );
         };
         assert_eq!(err.raw_os_error(), Some(libc::ENOSPC), "{err}");
-        assert!(written <= DISK, "worker {pid}: {written} bytes written");
+        assert!(written <= FLOOR, "worker {pid}: {written} bytes written");
     }
     let in_zone: Vec<_> = std::fs::read_dir(&zone)
         .unwrap()
@@ -162,6 +209,184 @@ async fn a_workers_directory_is_its_own_bounded_file_system() {
     let token = server.token("acme", &["hello:run"]).await;
     let job = submit(&server, &token, "hello", true).await;
     assert_eq!(job["state"], "succeeded", "{job}");
+}
+
+/// A module whose limits let one job's files take more than its zone's
+/// disk is refused at the start, with a message naming both and the
+/// setting to change.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_module_whose_jobs_cannot_fit_its_zones_disk_is_refused() {
+    let data = tempfile::tempdir().unwrap();
+    let mut config = bulkhead::config::ServeConfig::default();
+    config.storage.data_dir = data.path().join("data");
+    config.storage.cache_dir = Some(data.path().join("cache"));
+    config.modules.policies_dir = data.path().join("policies");
+    config.modules.modules_dir = std::path::PathBuf::from(bulkhead_tests::GUESTS_DIR);
+    config.isolation.program = Some(std::path::PathBuf::from(env!(
+        "CARGO_BIN_EXE_bulkhead-under-test"
+    )));
+    hello()
+        .limits(|l| l.output = ByteSize::mib(8))
+        .write_to(&config.modules.policies_dir);
+    config.zones.insert(
+        "untrusted".into(),
+        bulkhead::config::ZonePool {
+            disk: ByteSize::mib(8),
+            ..Default::default()
+        },
+    );
+    let Err(err) = bulkhead::service::Service::start(config, None).await else {
+        panic!("the service started");
+    };
+    let err = err.to_string();
+    for part in ["hello", "`untrusted`", "8388608", "[zones.untrusted] disk"] {
+        assert!(err.contains(part), "{part}: {err}");
+    }
+}
+
+/// A zone's jobs are given room in its disk before they are sent, and wait
+/// for it: eight jobs at once that each fill their 6 MiB `/out` to its
+/// quota, of two tenants, on two workers sharing 20 MiB, all reach their
+/// quota (none is cut short by another's files), a third tenant's job
+/// succeeds, the workers' directories together never exceed the zone's
+/// disk (and the floor of each), and all of it is given back.
+#[tokio::test(flavor = "multi_thread")]
+async fn jobs_wait_for_room_in_their_zones_disk_and_each_reaches_its_quota() {
+    const OUTPUT: u64 = 6 << 20;
+    const DISK: u64 = 20 << 20;
+    let filler = common::policy(bulkhead_tests::P1_FILES, "p1-files")
+        .scopes(&["p1-files:run"])
+        .params(&["mode", "nap-ms"])
+        .limits(|l| {
+            l.input = ByteSize::kib(64);
+            l.output = ByteSize::bytes(OUTPUT);
+            l.output_files = 4;
+        });
+    let server = zone_with_disk(ByteSize::bytes(DISK), 2, &[filler]).await;
+    if !mounts(&server) {
+        return;
+    }
+    let pids = workers(&server);
+    let peak = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = {
+        let (peak, done, pids) = (peak.clone(), done.clone(), pids.clone());
+        std::thread::spawn(move || {
+            while !done.load(std::sync::atomic::Ordering::SeqCst) {
+                let total: u64 = pids.iter().map(|p| dir_size(*p)).sum();
+                peak.fetch_max(total, std::sync::atomic::Ordering::SeqCst);
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        })
+    };
+    let mut ids = Vec::new();
+    let mut tokens = Vec::new();
+    for tenant in ["acme", "umbrella"] {
+        let token = server.token(tenant, &["p1-files:run"]).await;
+        for _ in 0..4 {
+            let job = json(
+                server
+                    .post(
+                        "/v1/modules/p1-files/jobs?param.mode=fill&param.nap-ms=300",
+                        &token,
+                    )
+                    .body(Vec::new()),
+            )
+            .await;
+            ids.push((job["id"].as_str().unwrap().to_owned(), token.clone()));
+        }
+        tokens.push(token);
+    }
+    let other = server.token("initech", &["p1-files:run"]).await;
+    let copy = json(
+        server
+            .post("/v1/modules/p1-files/jobs?wait=60s", &other)
+            .header("content-type", "application/octet-stream")
+            .body(b"some input".to_vec()),
+    )
+    .await;
+    assert_eq!(copy["state"], "succeeded", "{copy}");
+    for (id, token) in &ids {
+        let mut job = Value::Null;
+        for _ in 0..1200 {
+            job = json(server.get(&format!("/v1/jobs/{id}"), token)).await;
+            if job["state"] != "queued" && job["state"] != "running" {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(job["report"]["limit"], "output", "{job}");
+        let said = format!("fill stopped after {OUTPUT} bytes");
+        assert!(
+            job["report"]["stdout"]["text"]
+                .as_str()
+                .is_some_and(|t| t.contains(&said)),
+            "{job}"
+        );
+    }
+    until(|| server.service.isolation().disk_given.get("untrusted") == Some(&0)).await;
+    until(|| pids.iter().all(|p| dir_size(*p) == FLOOR)).await;
+    done.store(true, std::sync::atomic::Ordering::SeqCst);
+    sampler.join().unwrap();
+    let peak = peak.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        peak <= DISK + 2 * FLOOR,
+        "the workers' directories took {peak} bytes together"
+    );
+    assert!(peak > 2 * OUTPUT, "{peak}");
+    assert_eq!(workers(&server), pids, "a worker was replaced");
+}
+
+/// A worker whose directory keeps what its jobs released (native code in
+/// it, here the test writing through its working directory while its job
+/// runs) is stopped once it has kept it a while: its room goes back to the
+/// zone with it, and a fresh worker takes its place.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_worker_that_keeps_released_room_is_replaced_and_the_room_given_back() {
+    let server = zone_with_disk(
+        ByteSize::mib(16),
+        1,
+        &[sleeper(1_500).limits(|l| {
+            l.input = ByteSize::kib(64);
+            l.output = ByteSize::mib(4);
+            l.output_files = 4;
+        })],
+    )
+    .await;
+    if !mounts(&server) {
+        return;
+    }
+    let before = workers(&server);
+    let token = server.token("acme", &["hostile:run"]).await;
+    let job = submit(&server, &token, "hostile", false).await;
+    let id = job["id"].as_str().unwrap().to_owned();
+    until(|| dir_size(before[0]) > FLOOR).await;
+    std::fs::write(format!("/proc/{}/cwd/kept", before[0]), vec![7u8; 2 << 20]).unwrap();
+    for _ in 0..200 {
+        let now = json(server.get(&format!("/v1/jobs/{id}"), &token)).await;
+        if now["state"] != "queued" && now["state"] != "running" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Stopped after its grace, and replaced.
+    let mut replaced = false;
+    for _ in 0..1200 {
+        let now = workers(&server);
+        if now.len() == 1 && now != before {
+            replaced = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        replaced,
+        "worker {before:?} kept its room and was not replaced"
+    );
+    until(|| server.service.isolation().disk_given.get("untrusted") == Some(&0)).await;
+    assert_eq!(dir_size(workers(&server)[0]), FLOOR);
+    let job = submit(&server, &token, "hostile", true).await;
+    assert_eq!(job["report"]["limit"], "wall_time", "{job}");
 }
 
 /// With `disk = "0"` (as where the service cannot mount a tmpfs) a

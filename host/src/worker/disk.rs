@@ -1,0 +1,244 @@
+//! A zone's disk: the bytes its workers' directories hold at once, all of
+//! them together, never more than the zone's `disk`.
+//!
+//! A job is given its room before it is sent to a worker: the most its
+//! files can take in the worker's directory ([`need`]: its inputs, its
+//! output limit, a page for each file it may make). The worker's
+//! directory, a tmpfs of its own ([`super::scratch`]), is grown by that
+//! much first and shrunk once the job's files are gone, so the kernel
+//! holds each worker to what its jobs were given, and the zone's workers
+//! together to the zone's `disk`. A job that does not fit waits for room
+//! (another job's files released); a module whose limits could never fit
+//! is refused at its load ([`most`]).
+//!
+//! So one tenant's jobs, each within its own quota, cannot take the room
+//! another tenant's job was given, nor cut a job short of the quota its
+//! policy promises; and a worker whose native code writes past its jobs'
+//! room finds the end of its own file system, which is as large as its
+//! jobs' rooms together and no larger.
+//!
+//! Where the gateway cannot mount a tmpfs (not root), the rooms are kept
+//! all the same, and honest jobs are held to them by their quotas alone.
+
+use std::collections::HashMap;
+use std::io;
+use std::sync::Mutex;
+use std::time::Instant;
+
+use tokio::sync::Notify;
+
+use super::scratch::Scratch;
+use crate::policy::Policy;
+use crate::sandbox::{JobSpec, MAX_INPUTS};
+
+/// The page a tmpfs stores a file's bytes in: a file of one byte takes a
+/// page, and so does a long symbolic link.
+pub const PAGE: u64 = 4096;
+
+/// A worker's directory's size before any job is given room in it.
+pub const FLOOR: u64 = 64 * PAGE;
+
+fn pages(bytes: u64) -> u64 {
+    bytes.div_ceil(PAGE).saturating_mul(PAGE)
+}
+
+/// The most one job of `policy` with `inputs` (their sizes, stdin among
+/// them) can take in its worker's directory: each input in whole pages,
+/// its output limit, and a page for each entry it may make in `/out` (a
+/// file's last page, a long link), and one more.
+pub fn need_for(policy: &Policy, inputs: impl IntoIterator<Item = u64>) -> u64 {
+    let limits = &policy.limits;
+    inputs
+        .into_iter()
+        .map(pages)
+        .fold(0u64, u64::saturating_add)
+        .saturating_add(pages(limits.output.as_u64()))
+        .saturating_add((u64::from(limits.output_files) + 1).saturating_mul(PAGE))
+}
+
+/// [`need_for`] a job.
+pub fn need(policy: &Policy, spec: &JobSpec) -> u64 {
+    need_for(
+        policy,
+        spec.inputs
+            .iter()
+            .map(|i| i.data.len() as u64)
+            .chain([spec.stdin.len() as u64]),
+    )
+}
+
+/// The most any job of `policy` can need: its whole input limit, and a
+/// page more for each input it may be given.
+pub fn most(policy: &Policy) -> u64 {
+    need_for(policy, [policy.limits.input.as_u64()])
+        .saturating_add((MAX_INPUTS as u64 + 1).saturating_mul(PAGE))
+}
+
+/// One zone's disk: what it may hold, and what its workers' directories
+/// have been given of it.
+#[derive(Debug)]
+pub struct ZoneDisk {
+    /// The zone's `disk`.
+    pub size: u64,
+    given: Mutex<u64>,
+    /// Room came free.
+    pub freed: Notify,
+}
+
+impl ZoneDisk {
+    pub fn new(size: u64) -> Self {
+        Self {
+            size,
+            given: Mutex::new(0),
+            freed: Notify::new(),
+        }
+    }
+
+    /// Bytes given to workers' directories now.
+    pub fn given(&self) -> u64 {
+        *lock(&self.given)
+    }
+
+    fn take(&self, bytes: u64) -> bool {
+        let mut given = lock(&self.given);
+        if given.saturating_add(bytes) > self.size {
+            return false;
+        }
+        *given += bytes;
+        true
+    }
+
+    fn give_back(&self, bytes: u64) {
+        if bytes > 0 {
+            let mut given = lock(&self.given);
+            *given = given.saturating_sub(bytes);
+            drop(given);
+            self.freed.notify_waiters();
+        }
+    }
+}
+
+/// A worker's directory's part of its zone's disk.
+#[derive(Debug)]
+pub struct WorkerDisk {
+    zone: std::sync::Arc<ZoneDisk>,
+    /// Its tmpfs, resized to what it holds; none where it is a plain
+    /// directory.
+    scratch: Option<Scratch>,
+    held: Mutex<Held>,
+}
+
+#[derive(Debug, Default)]
+struct Held {
+    /// Bytes of the zone's disk it holds, above [`FLOOR`]: its tmpfs's
+    /// size, less the floor.
+    bytes: u64,
+    /// Each job's room, until the job's files are released.
+    rooms: HashMap<u64, u64>,
+    /// When a job's room was last released.
+    last_release: Option<Instant>,
+}
+
+/// A worker's directory kept more than its jobs' rooms.
+#[derive(Debug, Clone, Copy)]
+pub struct Overheld {
+    /// Bytes it holds beyond its jobs' rooms.
+    pub bytes: u64,
+    /// Since the last room it released.
+    pub since: std::time::Duration,
+}
+
+impl WorkerDisk {
+    /// `scratch` at [`FLOOR`] bytes, or none.
+    pub fn new(zone: std::sync::Arc<ZoneDisk>, scratch: Option<Scratch>) -> Self {
+        Self {
+            zone,
+            scratch,
+            held: Mutex::default(),
+        }
+    }
+
+    /// The directory's descriptor, where it is a tmpfs of its own.
+    pub fn scratch(&self) -> Option<&Scratch> {
+        self.scratch.as_ref()
+    }
+
+    /// Gives job `job` `need` bytes of room, growing the directory by what
+    /// its held bytes lack, when the zone has that much left.
+    ///
+    /// # Errors
+    /// The tmpfs could not be grown (nothing taken).
+    pub fn reserve(&self, job: u64, need: u64) -> io::Result<bool> {
+        let mut held = lock(&self.held);
+        let wanted = held.rooms.values().sum::<u64>().saturating_add(need);
+        let growth = wanted.saturating_sub(held.bytes);
+        if !self.zone.take(growth) {
+            return Ok(false);
+        }
+        if growth > 0 {
+            if let Err(e) = self.resize(held.bytes + growth) {
+                self.zone.give_back(growth);
+                return Err(e);
+            }
+            held.bytes += growth;
+        }
+        held.rooms.insert(job, need);
+        Ok(true)
+    }
+
+    /// Job `job`'s files are gone, or going: its room is given back once
+    /// the directory can shrink by it ([`WorkerDisk::settle`]).
+    pub fn release(&self, job: u64) {
+        let mut held = lock(&self.held);
+        if held.rooms.remove(&job).is_some() {
+            held.last_release = Some(Instant::now());
+            self.shrink(&mut held);
+        }
+    }
+
+    /// Shrinks the directory to its jobs' rooms where its files allow;
+    /// says how much more it still holds, and since when, otherwise.
+    pub fn settle(&self) -> Option<Overheld> {
+        let mut held = lock(&self.held);
+        self.shrink(&mut held);
+        let rooms = held.rooms.values().sum::<u64>();
+        (held.bytes > rooms).then(|| Overheld {
+            bytes: held.bytes - rooms,
+            since: held.last_release.map(|t| t.elapsed()).unwrap_or_default(),
+        })
+    }
+
+    fn shrink(&self, held: &mut Held) {
+        let rooms = held.rooms.values().sum::<u64>();
+        if held.bytes <= rooms {
+            return;
+        }
+        // The kernel refuses a size below what the files take: those of a
+        // released job the worker has not removed yet.
+        if self.resize(rooms).is_ok() {
+            self.zone.give_back(held.bytes - rooms);
+            held.bytes = rooms;
+        }
+    }
+
+    fn resize(&self, bytes: u64) -> io::Result<()> {
+        match &self.scratch {
+            Some(scratch) => scratch.resize(FLOOR + bytes),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for WorkerDisk {
+    /// Its tmpfs goes with its last descriptor, these among them: what it
+    /// held is the zone's again.
+    fn drop(&mut self) {
+        let bytes = lock(&self.held).bytes;
+        self.scratch = None;
+        self.zone.give_back(bytes);
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
