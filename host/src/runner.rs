@@ -69,8 +69,9 @@ impl Module {
 pub enum Outputs {
     /// None to collect.
     None,
-    /// In a job directory of this process's sandbox.
-    Local(JobDir),
+    /// In a job directory of this process's sandbox, and what its policy
+    /// lets its guest leave there.
+    Local(JobDir, crate::sandbox::outputs::Bounds),
     /// In a worker's directory.
     Worker(WorkerOutputs),
 }
@@ -89,7 +90,7 @@ impl Outputs {
     pub fn worker_left_nothing(&self) -> bool {
         match self {
             Self::Worker(w) => w.left_nothing(),
-            Self::None | Self::Local(_) => false,
+            Self::None | Self::Local(..) => false,
         }
     }
 
@@ -97,7 +98,7 @@ impl Outputs {
     /// this thread ([`JobDir::remove`]); a worker's is released to it.
     pub fn remove(self) {
         match self {
-            Self::Local(dir) => dir.remove(),
+            Self::Local(dir, _) => dir.remove(),
             Self::None | Self::Worker(_) => {}
         }
     }
@@ -110,11 +111,12 @@ impl Outputs {
         match self {
             Self::None => Ok(Collected::default()),
             // The directory made, not what is at its path now.
-            Self::Local(dir) => {
+            Self::Local(dir, bounds) => {
                 let out = dir.open_output_to_collect().map_err(CollectError::Root)?;
                 crate::sandbox::outputs::collect(
                     &crate::sandbox::beneath::fd_path(&out),
                     copy_to,
+                    *bounds,
                     Some(&dir.created()),
                 )
             }
@@ -250,7 +252,10 @@ impl Runner for InProcess {
         let report = self.sandbox.run_with(loaded, spec, &dir, egress).await?;
         Ok(Finished {
             report,
-            outputs: Outputs::Local(dir),
+            outputs: Outputs::Local(
+                dir,
+                crate::sandbox::outputs::Bounds::of(&loaded.policy().limits),
+            ),
         })
     }
 

@@ -393,7 +393,8 @@ impl ModuleCache {
     /// storing the artifact (with its tag, in this process's own cache).
     /// In a zone's cache an artifact is authentic only when it is exactly
     /// `expected` (the gateway's record, sent with the module); without
-    /// one the entry is not read at all.
+    /// one the entry is not read at all. What a zone's worker compiles is
+    /// handed over only with `hand_over`.
     ///
     /// # Errors
     /// If compilation fails. Cache read and write failures, and artifacts
@@ -404,6 +405,7 @@ impl ModuleCache {
         wasm: &[u8],
         digest: &Sha256Hex,
         expected: Option<&Artifact>,
+        hand_over: bool,
     ) -> wasmtime::Result<Cached> {
         let name = Self::name(digest);
         if let Some(bytes) = self.authentic(digest, expected) {
@@ -435,11 +437,17 @@ impl ModuleCache {
             }
         }
         let artifact = engine.precompile_component(wasm)?;
-        let stored = match self.store(&name, digest, &artifact) {
-            Ok(stored) => stored,
-            Err(e) => {
-                tracing::warn!(dir = %self.path.display(), file = %name, error = %e, "cannot write module cache");
-                None
+        // A zone's worker hands over only what the gateway gave it room for
+        // and may take.
+        let stored = if !hand_over && matches!(self.trust, Trust::Recorded { .. }) {
+            None
+        } else {
+            match self.store(&name, digest, &artifact) {
+                Ok(stored) => stored,
+                Err(e) => {
+                    tracing::warn!(dir = %self.path.display(), file = %name, error = %e, "cannot write module cache");
+                    None
+                }
             }
         };
         // SAFETY: `artifact` was produced just now by this engine.
@@ -928,7 +936,7 @@ mod tests {
         let digest = Sha256Hex::digest(EMPTY_COMPONENT);
         let load = |expected: Option<&Artifact>| {
             cache
-                .load(&engine, EMPTY_COMPONENT, &digest, expected)
+                .load(&engine, EMPTY_COMPONENT, &digest, expected, true)
                 .unwrap()
         };
         let first = load(None);
@@ -1093,12 +1101,14 @@ mod tests {
         // An earlier layout: the same directory used with a key.
         let keyed = ModuleCache::new(tmp.path(), &engine).unwrap();
         let digest = Sha256Hex::digest(EMPTY_COMPONENT);
-        keyed.load(&engine, EMPTY_COMPONENT, &digest, None).unwrap();
+        keyed
+            .load(&engine, EMPTY_COMPONENT, &digest, None, true)
+            .unwrap();
         assert!(tmp.path().join(KEY_FILE).exists());
         let zone = ModuleCache::zone(tmp.path(), tmp.path(), &engine).unwrap();
         assert!(
             !zone
-                .load(&engine, EMPTY_COMPONENT, &digest, None)
+                .load(&engine, EMPTY_COMPONENT, &digest, None, true)
                 .unwrap()
                 .from_cache
         );

@@ -427,14 +427,14 @@ impl Sandbox {
     /// # Errors
     /// [`LoadError`] naming the module and what is wrong.
     pub fn load(&self, policy: Policy, wasm: &[u8]) -> Result<Arc<LoadedModule>, LoadError> {
-        self.load_expecting(policy, wasm, None)
+        self.load_expecting(policy, wasm, None, true)
     }
 
     /// [`Sandbox::load`], where the cache is a zone's (a worker process):
     /// its artifact is loaded only when it is exactly `expected`, the one
     /// the gateway recorded for this module (see `cache`); otherwise the
-    /// module is compiled, and [`LoadedModule::info`] names the artifact
-    /// written.
+    /// module is compiled, and, with `hand_over`, written for the gateway
+    /// to take, and [`LoadedModule::info`] names the artifact written.
     ///
     /// # Errors
     /// [`LoadError`] naming the module and what is wrong.
@@ -443,6 +443,7 @@ impl Sandbox {
         policy: Policy,
         wasm: &[u8],
         expected: Option<&Artifact>,
+        hand_over: bool,
     ) -> Result<Arc<LoadedModule>, LoadError> {
         let actual = precheck(&self.config, &policy, wasm)?;
         let module = policy.module.name.to_string();
@@ -465,6 +466,7 @@ impl Sandbox {
                     &prepared.component,
                     &compiled_digest,
                     expected,
+                    hand_over,
                 )
                 .map(|c| (c.component, c.from_cache, c.artifact)),
             None => Component::new(&self.engine, &prepared.component).map(|c| (c, false, None)),
@@ -701,9 +703,13 @@ impl Sandbox {
             // The directory made, not what is at its path now.
             let out_dir = dir.open_output_to_collect();
             let created = dir.created();
+            // Within the policy's bounds, which the quota held the guest
+            // to: past them is what else wrote into `/out` (native code in
+            // a worker, a sparse file of any size), not read to its end.
+            let bounds = outputs::Bounds::of(&policy.limits);
             let walked = tokio::task::spawn_blocking(move || {
                 let out_dir = out_dir.map_err(outputs::CollectError::Root)?;
-                outputs::collect(&beneath::fd_path(&out_dir), None, Some(&created))
+                outputs::collect(&beneath::fd_path(&out_dir), None, bounds, Some(&created))
             })
             .await
             .map_err(|e| format!("output collection stopped: {e}"))

@@ -196,10 +196,11 @@ fn printable(raw: &std::ffi::OsStr) -> String {
 pub fn collect(
     out_dir: &Path,
     copy_to: Option<&Path>,
+    bounds: Bounds,
     created: Option<&Created>,
 ) -> Result<Collected, CollectError> {
     let root = Dir::open_ambient_dir(out_dir, ambient_authority()).map_err(CollectError::Root)?;
-    collect_in(&root, copy_to, Bounds::NONE, created)
+    collect_in(&root, copy_to, bounds, created)
 }
 
 /// Collects the outputs under `parent`'s entry `name`, opened without
@@ -270,6 +271,15 @@ impl Bounds {
         files: u64::MAX,
         entries: u64::MAX,
     };
+
+    /// What `limits` lets a guest leave in `/out`.
+    pub fn of(limits: &crate::policy::Limits) -> Self {
+        Self {
+            bytes: limits.output.as_u64(),
+            files: u64::from(limits.output_files),
+            entries: u64::from(limits.output_files),
+        }
+    }
 }
 
 fn collect_in(
@@ -601,7 +611,7 @@ mod tests {
         if let Ok(dir) = std::env::var(MOUNTED) {
             let dir = Path::new(&dir);
             let dest = dir.join("dest");
-            let got = collect(&dir.join("out"), Some(&dest), None).unwrap();
+            let got = collect(&dir.join("out"), Some(&dest), Bounds::NONE, None).unwrap();
             let names: Vec<_> = got.files.iter().map(|f| f.name.as_str()).collect();
             assert_eq!(names, ["mine.txt"]);
             assert!(walk_has_no(&dest, b"host secret"));
@@ -668,7 +678,7 @@ mod tests {
         assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
 
         let dest = tmp.path().join("dest");
-        let got = collect(&out, Some(&dest), None).unwrap();
+        let got = collect(&out, Some(&dest), Bounds::NONE, None).unwrap();
         let names: Vec<_> = got.files.iter().map(|f| f.name.as_str()).collect();
         assert_eq!(names, ["ok.txt", "sub/nested.txt"]);
         let mut skipped: Vec<_> = got

@@ -234,7 +234,15 @@ async fn serve(
                     policy_sha256,
                     wasm,
                     artifact,
-                } => load(&state, module, policy_json, policy_sha256, wasm.0, artifact),
+                    hand_over,
+                } => load(
+                    &state,
+                    module,
+                    policy_json,
+                    policy_sha256,
+                    (wasm.0, artifact),
+                    hand_over,
+                ),
                 Down::Run { job, module, spec } => {
                     let (cancel, cancelled) = oneshot::channel();
                     lock(&state.cancels).insert(job, cancel);
@@ -308,8 +316,8 @@ fn load(
     module: u64,
     policy_json: String,
     policy_sha256: Option<String>,
-    wasm: bytes::Bytes,
-    artifact: Option<crate::sandbox::Artifact>,
+    (wasm, artifact): (bytes::Bytes, Option<crate::sandbox::Artifact>),
+    hand_over: bool,
 ) {
     let (done, compiled) = watch::channel(None);
     lock(&state.modules).insert(module, compiled);
@@ -329,7 +337,7 @@ fn load(
                 // what is compiled is handed over in this worker's own
                 // directory (see `sandbox::cache`).
                 tokio::task::spawn_blocking(move || {
-                    sandbox.load_expecting(policy, &wasm, artifact.as_ref())
+                    sandbox.load_expecting(policy, &wasm, artifact.as_ref(), hand_over)
                 })
                 .await
                 .unwrap_or_else(|e| Err(unreadable(format!("compilation stopped: {e}"))))

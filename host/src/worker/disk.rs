@@ -38,6 +38,23 @@ pub const PAGE: u64 = 4096;
 /// A worker's directory's size before any job is given room in it.
 pub const FLOOR: u64 = 64 * PAGE;
 
+/// The room of a load's hand-over, beside the rooms of jobs (whose keys are
+/// the pool's ids, far below it): `LOAD_ROOM | module`.
+pub const LOAD_ROOM: u64 = 1 << 63;
+
+/// The most a compiled module handed over may take (the zone's cache takes
+/// no larger one).
+const HAND_OVER_MAX: u64 = 1 << 30;
+
+/// Room for a worker to hand over what it compiles from `wasm_len` bytes:
+/// eight times as much (compiled code runs to about three), at least
+/// 16 MiB, at most [`HAND_OVER_MAX`]. An artifact larger still is not
+/// handed over (its write fails), and the module is compiled by each
+/// worker that loads it.
+pub fn hand_over_room(wasm_len: u64) -> u64 {
+    pages(wasm_len.saturating_mul(8).clamp(16 << 20, HAND_OVER_MAX))
+}
+
 fn pages(bytes: u64) -> u64 {
     bytes.div_ceil(PAGE).saturating_mul(PAGE)
 }
@@ -170,6 +187,9 @@ impl WorkerDisk {
     /// The tmpfs could not be grown (nothing taken).
     pub fn reserve(&self, job: u64, need: u64) -> io::Result<bool> {
         let mut held = lock(&self.held);
+        if held.rooms.contains_key(&job) {
+            return Ok(true);
+        }
         let wanted = held.rooms.values().sum::<u64>().saturating_add(need);
         let growth = wanted.saturating_sub(held.bytes);
         if !self.zone.take(growth) {
@@ -241,4 +261,97 @@ impl Drop for WorkerDisk {
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    /// Rooms come out of the zone's disk, across workers, until it is
+    /// given out; a release gives its room back, and a room too large
+    /// for what is left is refused without taking anything.
+    #[test]
+    fn rooms_are_given_out_of_the_zones_disk_and_back() {
+        let zone = Arc::new(ZoneDisk::new(10 * PAGE));
+        let (a, b) = (
+            WorkerDisk::new(Arc::clone(&zone), None),
+            WorkerDisk::new(Arc::clone(&zone), None),
+        );
+        assert!(a.reserve(1, 4 * PAGE).unwrap());
+        assert!(b.reserve(2, 4 * PAGE).unwrap());
+        assert_eq!(zone.given(), 8 * PAGE);
+        assert!(!a.reserve(3, 3 * PAGE).unwrap());
+        assert_eq!(zone.given(), 8 * PAGE);
+        // Given once per key.
+        assert!(a.reserve(1, 4 * PAGE).unwrap());
+        assert_eq!(zone.given(), 8 * PAGE);
+        b.release(2);
+        assert_eq!(zone.given(), 4 * PAGE);
+        assert!(a.reserve(3, 3 * PAGE).unwrap());
+        assert_eq!(zone.given(), 7 * PAGE);
+        // Released twice, given back once.
+        a.release(1);
+        a.release(1);
+        assert_eq!(zone.given(), 3 * PAGE);
+        drop(a);
+        assert_eq!(zone.given(), 0);
+    }
+
+    /// A job's room: its inputs in whole pages, its output limit, a page
+    /// per output entry and one more; the most a policy's job can need
+    /// adds its whole input limit and a page per input it may be given.
+    #[test]
+    fn a_jobs_room_counts_whole_pages() {
+        let mut policy: Policy = toml::from_str(&format!(
+            "version = 1\n[module]\nname = \"m\"\nsha256 = \"{}\"\n[access]\nscopes = [\"m:run\"]\n[limits]\noutput = \"1 MiB\"\noutput_files = 3\ninput = \"10 KiB\"\n",
+            "0".repeat(64)
+        ))
+        .unwrap();
+        assert_eq!(
+            need_for(&policy, [1, 0, PAGE + 1]),
+            (1 + 2) * PAGE + (1 << 20) + 4 * PAGE
+        );
+        assert_eq!(
+            most(&policy),
+            3 * PAGE + (1 << 20) + 4 * PAGE + (MAX_INPUTS as u64 + 1) * PAGE
+        );
+        policy.limits.output_files = u32::MAX;
+        assert!(most(&policy) > 1 << 40);
+    }
+
+    /// With a tmpfs: it grows by each room and shrinks back only once the
+    /// files in it allow; until then the room stays taken from the zone
+    /// and [`WorkerDisk::settle`] says how much is kept.
+    #[test]
+    fn a_worker_directory_shrinks_back_only_once_its_files_are_gone() {
+        let scratch = match super::super::scratch::make(FLOOR, None) {
+            Ok(s) => s,
+            Err(e) if e.raw_os_error() == Some(libc::EPERM) => {
+                eprintln!("skipped: mounting a tmpfs needs CAP_SYS_ADMIN ({e})");
+                return;
+            }
+            Err(e) => panic!("{e}"),
+        };
+        let size = |d: &WorkerDisk| {
+            let st = rustix::fs::fstatfs(&d.scratch().unwrap().dir).unwrap();
+            st.f_blocks * st.f_bsize as u64
+        };
+        let zone = Arc::new(ZoneDisk::new(1 << 20));
+        let disk = WorkerDisk::new(Arc::clone(&zone), Some(scratch));
+        assert_eq!(size(&disk), FLOOR);
+        assert!(disk.reserve(1, 512 << 10).unwrap());
+        assert_eq!(size(&disk), FLOOR + (512 << 10));
+        let file = crate::sandbox::beneath::fd_path(&disk.scratch().unwrap().dir).join("out");
+        std::fs::write(&file, vec![1u8; 400 << 10]).unwrap();
+        disk.release(1);
+        let kept = disk.settle().expect("it keeps the job's files");
+        assert_eq!(kept.bytes, 512 << 10);
+        assert_eq!(zone.given(), 512 << 10);
+        assert_eq!(size(&disk), FLOOR + (512 << 10));
+        std::fs::remove_file(&file).unwrap();
+        assert!(disk.settle().is_none());
+        assert_eq!(zone.given(), 0);
+        assert_eq!(size(&disk), FLOOR);
+    }
 }

@@ -604,7 +604,7 @@ impl Pool {
             let mut st = lock(&worker.state);
             st.loads.entry(module).or_default().push(tx);
         }
-        self.send_load(&worker, module);
+        self.send_load(&worker, module, true);
         let info = match tokio::time::timeout(START_ALLOWANCE, rx).await {
             Ok(answer) => answer.map_err(|_| fault(worker.fault_reason()))??,
             Err(_) => {
@@ -616,7 +616,13 @@ impl Pool {
         Ok((module, info))
     }
 
-    fn send_load(&self, worker: &Worker, module: u64) {
+    /// Sends `module` to `worker` unless it was sent before. With
+    /// `hand_over` (a load the gateway waits for, not one before a job),
+    /// where the worker has run no job: should it compile the module (no
+    /// record, or the cache's entry not the recorded one), it hands the
+    /// artifact over, in room the gateway gives it for that
+    /// ([`super::disk::hand_over_room`]); otherwise it hands nothing over.
+    fn send_load(&self, worker: &Worker, module: u64, hand_over: bool) {
         let source = lock(&self.state).modules.get(&module).cloned();
         let Some(source) = source else { return };
         if lock(&worker.state).loaded.contains_key(&module) {
@@ -630,12 +636,23 @@ impl Pool {
                 place.insert(artifact.clone());
             }
         }
+        let hand_over = hand_over
+            && lock(&worker.state).pristine()
+            && worker.disk.as_ref().is_none_or(|disk| {
+                let room = super::disk::hand_over_room(source.wasm.len() as u64);
+                let given = disk.reserve(super::disk::LOAD_ROOM | module, room);
+                if !matches!(given, Ok(true)) {
+                    tracing::warn!(zone = %self.config.zone, module = %source.digest, bytes = room, "no room in the zone's disk to hand over a compiled module: workers compile it until one is");
+                }
+                matches!(given, Ok(true))
+            });
         let _ = worker.down.send(Down::Load {
             module,
             policy_json: source.policy_json.clone(),
             policy_sha256: source.policy_sha256.clone(),
             wasm: Blob(source.wasm.clone()),
             artifact,
+            hand_over,
         });
     }
 
@@ -834,7 +851,7 @@ impl Pool {
         if let Some(egress) = egress {
             worker.calls.register(job, egress, wall_time);
         }
-        self.send_load(&worker, module);
+        self.send_load(&worker, module, false);
         let _ = worker.down.send(Down::Run {
             job,
             module,
@@ -868,11 +885,7 @@ impl Pool {
                         worker: Arc::clone(&worker),
                         name: format!("j{job}.out"),
                         job,
-                        bounds: crate::sandbox::outputs::Bounds {
-                            bytes: policy.limits.output.as_u64(),
-                            files: u64::from(policy.limits.output_files),
-                            entries: u64::from(policy.limits.output_files),
-                        },
+                        bounds: crate::sandbox::outputs::Bounds::of(&policy.limits),
                         created: created.into_iter().collect(),
                     }),
                 )),
@@ -1399,12 +1412,17 @@ impl Pool {
                         // in the cache and recorded, for the next worker.
                         Some(take) => {
                             let copying = pool.gateway.spawn_blocking(take);
+                            let worker = Arc::clone(worker);
                             pool.gateway.spawn(async move {
                                 let _ = copying.await;
+                                worker.release(super::disk::LOAD_ROOM | module);
                                 answer();
                             });
                         }
-                        None => answer(),
+                        None => {
+                            worker.release(super::disk::LOAD_ROOM | module);
+                            answer();
+                        }
                     }
                 }
                 Up::Running { job } => {

@@ -31,7 +31,8 @@ use crate::job::JobSpec;
 /// removed before reporting.
 /// 4: `Running` only for a guest still running 100 ms after it started.
 /// 5: `Report` names the files the job created in `/out`.
-pub const VERSION: u32 = 5;
+/// 6: `Load` says whether to hand over what the worker compiles.
+pub const VERSION: u32 = 6;
 
 /// Largest frame a worker accepts: a module at the host's largest
 /// accepted size plus its policy, or a job's inputs, with room to spare.
@@ -58,6 +59,10 @@ pub enum Down {
         policy_sha256: Option<String>,
         wasm: Blob,
         artifact: Option<crate::sandbox::Artifact>,
+        /// Hand over what it compiles in its directory, where the gateway
+        /// gave it room for that: only a worker that has run no job, whose
+        /// artifact the gateway may take into the zone's cache.
+        hand_over: bool,
     },
     /// Runs a job of a loaded module; answered by [`Up::Report`].
     Run {

@@ -80,7 +80,7 @@ pub(crate) async fn observe(
         outputs,
     } = finished;
     let (out_dir, raw_outs, in_dirs, copy) = match &outputs {
-        Outputs::Local(dir) => (
+        Outputs::Local(dir, _) => (
             dir.output_dir(),
             vec![dir.output_dir()],
             vec![dir.input_dir()],

@@ -167,6 +167,7 @@ async fn an_output_tree_past_path_max_is_skipped_and_copies_out_by_handle() {
         let copied = outputs::collect(
             &dir.output_dir(),
             Some(&dest.path().join("o")),
+            outputs::Bounds::NONE,
             Some(&created),
         )
         .unwrap_or_else(|e| panic!("{shape}: {e}"));

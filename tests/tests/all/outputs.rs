@@ -27,6 +27,7 @@ async fn links_left_in_out_are_not_followed_when_collecting() {
     let copied = bulkhead::sandbox::outputs::collect(
         &dir.output_dir(),
         Some(&dest.path().join("o")),
+        bulkhead::sandbox::outputs::Bounds::NONE,
         Some(&dir.created()),
     )
     .unwrap();
@@ -53,7 +54,13 @@ fn fifos_and_host_made_links_in_out_are_skipped_without_blocking() {
     // SAFETY: a valid NUL-terminated path.
     assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
     std::fs::write(out.join("real.txt"), b"real").unwrap();
-    let got = bulkhead::sandbox::outputs::collect(&out, None, None).unwrap();
+    let got = bulkhead::sandbox::outputs::collect(
+        &out,
+        None,
+        bulkhead::sandbox::outputs::Bounds::NONE,
+        None,
+    )
+    .unwrap();
     assert_eq!(got.files.len(), 1);
     assert_eq!(got.files[0].name, "real.txt");
     let mut reasons: Vec<_> = got

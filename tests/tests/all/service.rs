@@ -1663,6 +1663,68 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     found
 }
 
+/// What else grows a job's own file in `/out` past the policy's bound
+/// while the guest runs (native code in a worker; here the test, making
+/// the guest's file a sparse petabyte) is not read to its end: the
+/// collection stops at the bound and the job fails on its output, at once,
+/// not at its wall time; nothing of it is stored.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_job_file_grown_past_the_bound_by_something_else_is_not_read_to_its_end() {
+    for in_process in [false, true] {
+        let s = start(|c| {
+            if in_process {
+                c.isolation.mode = bulkhead::config::IsolationMode::InProcess;
+            }
+            crate::common::policy(bulkhead_tests::HOSTILE, "hostile")
+                .scopes(&["hostile:run"])
+                .times(
+                    bulkhead::policy::HumanDuration::millis(120_000),
+                    bulkhead::policy::HumanDuration::millis(120_000),
+                )
+                .args(&["out-wait"])
+                .write_to(&c.modules.policies_dir);
+        })
+        .await;
+        let id = submit_until_running(&s).await;
+        let mut own = None;
+        for _ in 0..300 {
+            own = s
+                .job_roots()
+                .iter()
+                .flat_map(|r| walk(r))
+                .find(|p| p.ends_with("own.txt"));
+            if own.is_some() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let own = own.expect("the guest never wrote /out/own.txt");
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&own)
+            .unwrap()
+            .set_len(1 << 50)
+            .unwrap();
+        std::fs::write(own.parent().unwrap().join("go"), b"").unwrap();
+        let token = s.token("acme", &["hostile:run"]).await;
+        let mut job = Value::Null;
+        for _ in 0..600 {
+            job = json(s.get(&format!("/v1/jobs/{id}"), &token)).await;
+            if job["state"] != "running" && job["state"] != "queued" {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let mode = if in_process { "in-process" } else { "workers" };
+        assert_eq!(job["state"], "failed", "{mode}: {job:#}");
+        assert_eq!(
+            job["report"]["failure"]["kind"], "output",
+            "{mode}: {job:#}"
+        );
+        assert_eq!(job["outputs"], serde_json::json!([]), "{mode}: {job:#}");
+    }
+}
+
 /// Only files a job created are its outputs. While its guest runs, someone
 /// who can write the work directory moves a file into its `/out`, hard
 /// links another file in and removes that file's other name (as the end of
