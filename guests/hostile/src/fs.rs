@@ -620,7 +620,8 @@ pub const FORMAT_NAMES: &[&str] = &[
 /// `out-wait`: write `/out/own.txt`, then wait (up to 120 s) until a
 /// file named `go` appears in `/out` (put there from outside); then write
 /// `/out/late.txt` as an ordinary result file is written (a create that
-/// truncates whatever is at the name) and exit 0.
+/// truncates whatever is at the name), read every other file in `/in` and
+/// `/out` (one directory down) and print what it read, and exit 0.
 pub fn out_wait() -> ExitCode {
     attempt("write /out/own.txt", fs::write("/out/own.txt", b"own"));
     for _ in 0..2400 {
@@ -629,6 +630,17 @@ pub fn out_wait() -> ExitCode {
                 "write /out/late.txt",
                 fs::write("/out/late.txt", b"this job's late bytes"),
             );
+            for path in ["/in", "/out"].iter().flat_map(|d| files_below(d, 1)) {
+                if path.ends_with("/own.txt") || path.ends_with("/go") {
+                    continue;
+                }
+                match fs::read(&path) {
+                    Ok(bytes) => {
+                        println!("out-wait read {path}: {}", String::from_utf8_lossy(&bytes))
+                    }
+                    Err(e) => println!("out-wait cannot read {path}: {:?}", e.kind()),
+                }
+            }
             println!("out-wait: go");
             return ExitCode::SUCCESS;
         }
@@ -672,4 +684,18 @@ pub fn out_names(ctx: &Ctx) -> ExitCode {
     }
     println!("done");
     ExitCode::SUCCESS
+}
+
+/// The files under `dir`, and `depth` directories further down, by path.
+fn files_below(dir: &str, depth: u32) -> Vec<String> {
+    let mut found = Vec::new();
+    for entry in fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = format!("{dir}/{}", entry.file_name().to_string_lossy());
+        match entry.file_type() {
+            Ok(t) if t.is_dir() && depth > 0 => found.extend(files_below(&path, depth - 1)),
+            Ok(t) if t.is_dir() => {}
+            _ => found.push(path),
+        }
+    }
+    found
 }

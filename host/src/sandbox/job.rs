@@ -44,6 +44,9 @@ pub struct JobDir {
     /// The files the job created in `/out`, once its guest has ended: the
     /// only ones collected.
     created: std::sync::Mutex<super::outputs::Created>,
+    /// The input files written for the job: with the files it creates,
+    /// the only ones its guest may read.
+    inputs: std::sync::Mutex<super::outputs::Created>,
 }
 
 /// Name of the shared empty input directory inside a work directory.
@@ -80,6 +83,7 @@ impl JobDir {
             out_removed: std::sync::atomic::AtomicBool::new(false),
             remover: None,
             created: std::sync::Mutex::default(),
+            inputs: std::sync::Mutex::default(),
         };
         dir.ensure_shared_input()?;
         Ok(dir)
@@ -193,6 +197,14 @@ impl JobDir {
         *self.created.lock().unwrap_or_else(|e| e.into_inner()) = created;
     }
 
+    /// The input files written for the job ([`JobDir::write_inputs`]).
+    pub fn inputs(&self) -> super::outputs::Created {
+        self.inputs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
     /// The files the job created in `/out`, as recorded.
     pub fn created(&self) -> super::outputs::Created {
         self.created
@@ -248,7 +260,13 @@ impl JobDir {
                     | rustix::fs::OFlags::CLOEXEC,
                 rustix::fs::Mode::from_raw_mode(0o400),
             )?;
-            std::fs::File::from(fd).write_all(&input.data)?;
+            let mut file = std::fs::File::from(fd);
+            file.write_all(&input.data)?;
+            let id = super::outputs::FileId::of(&file)?;
+            self.inputs
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(id);
         }
         Ok(())
     }

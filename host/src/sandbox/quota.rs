@@ -109,6 +109,9 @@ pub struct OutputQuota {
     refused_opens: AtomicU64,
     /// The regular files the job created (see [`super::outputs::Created`]).
     created: Mutex<super::outputs::Created>,
+    /// The job's input files, when the guest's reads are held to them and
+    /// to the files it created ([`OutputQuota::restrict_reads`]).
+    inputs: Mutex<Option<super::outputs::Created>>,
     /// Service calls in flight: each holds a connection (a host socket)
     /// from its send until the guest drops the response body.
     calls: AtomicU64,
@@ -133,6 +136,7 @@ impl OutputQuota {
             max_open,
             refused_opens: AtomicU64::new(0),
             created: Mutex::default(),
+            inputs: Mutex::default(),
             calls: AtomicU64::new(0),
             latch,
         })
@@ -211,6 +215,35 @@ impl OutputQuota {
     /// job ran, perhaps a file another job created and will collect as its
     /// own — and writing the job's bytes into it would hand them over.
     /// Refused with `access`, before anything is written or truncated.
+    /// Holds the guest's opens of existing files to `inputs` and the files
+    /// it created: whatever else is put in its `/in` or `/out` (moved or
+    /// linked in by someone who can write there) it cannot read.
+    pub fn restrict_reads(&self, inputs: super::outputs::Created) {
+        *self.inputs.lock().unwrap_or_else(|e| e.into_inner()) = Some(inputs);
+    }
+
+    /// Whether the guest may read `file`, an existing regular file it
+    /// opened: one of its inputs or a file it created, where its reads are
+    /// restricted.
+    fn readable(&self, file: &std::fs::File) -> Result<(), ErrorCode> {
+        let inputs = self.inputs.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(inputs) = inputs.as_ref() else {
+            return Ok(());
+        };
+        let id = super::outputs::FileId::of(file).map_err(|_| ErrorCode::Access)?;
+        if inputs.contains(&id)
+            || self
+                .created
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .contains(&id)
+        {
+            Ok(())
+        } else {
+            Err(ErrorCode::Access)
+        }
+    }
+
     fn writable(&self, file: &std::fs::File) -> Result<(), ErrorCode> {
         let id = super::outputs::FileId::of(file).map_err(|_| ErrorCode::Access)?;
         if self
@@ -664,6 +697,7 @@ impl HostDescriptor for QuotaFs<'_> {
                     }
                 })
             }
+            Ok(types::Descriptor::File(f)) => self.quota.readable(&f.file),
             _ => Ok(()),
         };
         match verdict {

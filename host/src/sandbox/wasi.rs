@@ -149,6 +149,11 @@ pub fn job_state(
     // the work directory without following a link or crossing a mount,
     // and preopened through those descriptors: not what was put at their
     // paths since.
+    // The guest reads only its inputs and what it creates; the escape
+    // suite's deliberate hole is a hole for reading too.
+    if extra_preopen.is_none() {
+        quota.restrict_reads(dir.inputs());
+    }
     let (input_fd, output_fd) = (dir.open_input()?, dir.open_output()?);
     let (input, output) = (
         super::beneath::fd_path(&input_fd),

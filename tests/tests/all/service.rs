@@ -1734,7 +1734,9 @@ async fn a_job_file_grown_past_the_bound_by_something_else_is_not_read_to_its_en
 /// in-process alike; the guest's own file is the job's one output. The
 /// guest's write to the name another's file took is refused, and that
 /// file keeps its bytes (else a file another job created, moved in and back
-/// out, would carry this job's bytes to that job's outputs).
+/// out, would carry this job's bytes to that job's outputs). Nor can the
+/// guest read any of them: its reads are held to its inputs and the files
+/// it created.
 #[tokio::test(flavor = "multi_thread")]
 async fn only_files_a_job_created_are_stored_and_served() {
     for in_process in [false, true] {
@@ -1806,6 +1808,17 @@ async fn only_files_a_job_created_are_stored_and_served() {
             .map(|o| o["name"].as_str().unwrap())
             .collect();
         assert_eq!(names, ["own.txt"], "{mode}: {job:#}");
+        // Nor could the guest read what was put there: not one byte of it
+        // reached its stdout, which its tenant is served.
+        let stdout = job["report"]["stdout"]["text"].as_str().unwrap_or_default();
+        for bytes in [&secret[..], &theirs[..]] {
+            let text = std::str::from_utf8(bytes).unwrap();
+            assert!(!stdout.contains(text), "{mode}: {stdout}");
+        }
+        for name in ["linked", "moved", "movedir/f", "late.txt"] {
+            let refused = format!("out-wait cannot read /out/{name}: PermissionDenied");
+            assert!(stdout.contains(&refused), "{mode}: {stdout}");
+        }
         let mut skipped: Vec<(&str, &str)> = job["report"]["skipped_outputs"]
             .as_array()
             .unwrap_or_else(|| panic!("{mode}: {job:#}"))
