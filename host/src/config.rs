@@ -78,7 +78,7 @@
 //!                                  # is given room for its files (inputs, output limit) before it is sent, and
 //!                                  # waits for it; each worker's directory is a tmpfs of its own as large as its
 //!                                  # jobs' rooms, mounted nowhere, where the service may mount one (as root);
-//!                                  # "0": no bound, plain directories
+//!                                  # "0 B": no bound, plain directories
 //!
 //! [tokens]                         # call tokens minted for internal services
 //! issuer = "bulkhead"              # `iss`

@@ -8,8 +8,10 @@
 //! much first and shrunk once the job's files are gone, so the kernel
 //! holds each worker to what its jobs were given, and the zone's workers
 //! together to the zone's `disk`. A job that does not fit waits for room
-//! (another job's files released); a module whose limits could never fit
-//! is refused at its load ([`most`]).
+//! (another job's files released), in turn: a later job takes room only
+//! while what is left still holds every earlier waiting job's, so a large
+//! job is not passed for ever by smaller ones ([`Turn`]). A module whose
+//! limits could never fit is refused at its load ([`most`]).
 //!
 //! So one tenant's jobs, each within its own quota, cannot take the room
 //! another tenant's job was given, nor cut a job short of the quota its
@@ -20,10 +22,11 @@
 //! Where the gateway cannot mount a tmpfs (not root), the rooms are kept
 //! all the same, and honest jobs are held to them by their quotas alone.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::io;
 use std::sync::Mutex;
-use std::time::Instant;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
 
@@ -91,6 +94,10 @@ pub fn most(policy: &Policy) -> u64 {
         .saturating_add((MAX_INPUTS as u64 + 1).saturating_mul(PAGE))
 }
 
+/// How long a released room's files may take to go: past it, a worker's
+/// directory that still holds them keeps what no job was given.
+pub const RELEASE_GRACE: Duration = Duration::from_secs(10);
+
 /// One zone's disk: what it may hold, and what its workers' directories
 /// have been given of it.
 #[derive(Debug)]
@@ -98,8 +105,27 @@ pub struct ZoneDisk {
     /// The zone's `disk`.
     pub size: u64,
     given: Mutex<u64>,
-    /// Room came free.
+    /// The rooms jobs wait for, by their turn.
+    waiting: Mutex<BTreeMap<u64, u64>>,
+    turns: AtomicU64,
+    /// Room came free, or a waiting job gave up its turn.
     pub freed: Notify,
+}
+
+/// A job's place among those waiting for room in its zone: held until it
+/// is given room (or gives up), it keeps later jobs from taking what it
+/// needs.
+#[derive(Debug)]
+pub struct Turn<'a> {
+    zone: &'a ZoneDisk,
+    turn: u64,
+}
+
+impl Drop for Turn<'_> {
+    fn drop(&mut self) {
+        lock(&self.zone.waiting).remove(&self.turn);
+        self.zone.freed.notify_waiters();
+    }
 }
 
 impl ZoneDisk {
@@ -107,6 +133,8 @@ impl ZoneDisk {
         Self {
             size,
             given: Mutex::new(0),
+            waiting: Mutex::default(),
+            turns: AtomicU64::new(0),
             freed: Notify::new(),
         }
     }
@@ -116,9 +144,25 @@ impl ZoneDisk {
         *lock(&self.given)
     }
 
-    fn take(&self, bytes: u64) -> bool {
+    /// A turn for a job that needs `need` bytes, after every job already
+    /// waiting.
+    pub fn turn(&self, need: u64) -> Turn<'_> {
+        let turn = self.turns.fetch_add(1, Ordering::Relaxed);
+        lock(&self.waiting).insert(turn, need);
+        Turn { zone: self, turn }
+    }
+
+    /// Takes `bytes` for the job of `turn` (none: not a job's, a load's)
+    /// if they fit with the rooms of every job waiting before it.
+    fn take(&self, bytes: u64, turn: Option<&Turn<'_>>) -> bool {
         let mut given = lock(&self.given);
-        if given.saturating_add(bytes) > self.size {
+        let ahead = turn.map_or(0, |t| {
+            lock(&self.waiting)
+                .range(..t.turn)
+                .map(|(_, need)| *need)
+                .fold(0u64, u64::saturating_add)
+        });
+        if given.saturating_add(bytes).saturating_add(ahead) > self.size {
             return false;
         }
         *given += bytes;
@@ -152,17 +196,16 @@ struct Held {
     bytes: u64,
     /// Each job's room, until the job's files are released.
     rooms: HashMap<u64, u64>,
-    /// When a job's room was last released.
-    last_release: Option<Instant>,
+    /// Rooms released within [`RELEASE_GRACE`]: when, and how large.
+    released: VecDeque<(Instant, u64)>,
 }
 
-/// A worker's directory kept more than its jobs' rooms.
+/// A worker's directory holds more than its jobs' rooms and the rooms it
+/// released lately together: files no job was given room for.
 #[derive(Debug, Clone, Copy)]
 pub struct Overheld {
-    /// Bytes it holds beyond its jobs' rooms.
+    /// Bytes its files take beyond those.
     pub bytes: u64,
-    /// Since the last room it released.
-    pub since: std::time::Duration,
 }
 
 impl WorkerDisk {
@@ -181,18 +224,19 @@ impl WorkerDisk {
     }
 
     /// Gives job `job` `need` bytes of room, growing the directory by what
-    /// its held bytes lack, when the zone has that much left.
+    /// its held bytes lack, when the zone has that much left after the
+    /// rooms of the jobs waiting before `turn`'s.
     ///
     /// # Errors
     /// The tmpfs could not be grown (nothing taken).
-    pub fn reserve(&self, job: u64, need: u64) -> io::Result<bool> {
+    pub fn reserve(&self, job: u64, need: u64, turn: Option<&Turn<'_>>) -> io::Result<bool> {
         let mut held = lock(&self.held);
         if held.rooms.contains_key(&job) {
             return Ok(true);
         }
         let wanted = held.rooms.values().sum::<u64>().saturating_add(need);
         let growth = wanted.saturating_sub(held.bytes);
-        if !self.zone.take(growth) {
+        if !self.zone.take(growth, turn) {
             return Ok(false);
         }
         if growth > 0 {
@@ -210,22 +254,56 @@ impl WorkerDisk {
     /// the directory can shrink by it ([`WorkerDisk::settle`]).
     pub fn release(&self, job: u64) {
         let mut held = lock(&self.held);
-        if held.rooms.remove(&job).is_some() {
-            held.last_release = Some(Instant::now());
+        if let Some(room) = held.rooms.remove(&job) {
+            held.released.push_back((Instant::now(), room));
             self.shrink(&mut held);
         }
     }
 
-    /// Shrinks the directory to its jobs' rooms where its files allow;
-    /// says how much more it still holds, and since when, otherwise.
+    /// Whether it holds more than its jobs' rooms: files of a released
+    /// room not removed yet (or never).
+    pub fn shrinking(&self) -> bool {
+        let held = lock(&self.held);
+        held.bytes > held.rooms.values().sum::<u64>()
+    }
+
+    /// Shrinks the directory to its jobs' rooms where its files allow.
+    /// Where they do not: whether its files take more than its jobs' rooms
+    /// and the rooms it released within [`RELEASE_GRACE`] together, which
+    /// no honest worker's do (it removes a released job's files at once).
     pub fn settle(&self) -> Option<Overheld> {
         let mut held = lock(&self.held);
         self.shrink(&mut held);
+        while held
+            .released
+            .front()
+            .is_some_and(|(at, _)| at.elapsed() > RELEASE_GRACE)
+        {
+            held.released.pop_front();
+        }
         let rooms = held.rooms.values().sum::<u64>();
-        (held.bytes > rooms).then(|| Overheld {
-            bytes: held.bytes - rooms,
-            since: held.last_release.map(|t| t.elapsed()).unwrap_or_default(),
+        if held.bytes <= rooms {
+            return None;
+        }
+        let scratch = self.scratch.as_ref()?;
+        let st = rustix::fs::fstatfs(&scratch.dir).ok()?;
+        let used = (st.f_blocks.saturating_sub(st.f_bfree)).saturating_mul(st.f_bsize as u64);
+        let excused = held
+            .released
+            .iter()
+            .map(|(_, room)| *room)
+            .fold(FLOOR.saturating_add(rooms), u64::saturating_add);
+        (used > excused).then(|| Overheld {
+            bytes: used - excused,
         })
+    }
+
+    /// Makes its released rooms `by` older (tests: the grace run out).
+    #[cfg(test)]
+    fn age(&self, by: Duration) {
+        for (at, _) in &mut lock(&self.held).released {
+            *at = at.checked_sub(by).unwrap();
+        }
     }
 
     fn shrink(&self, held: &mut Held) {
@@ -278,17 +356,17 @@ mod tests {
             WorkerDisk::new(Arc::clone(&zone), None),
             WorkerDisk::new(Arc::clone(&zone), None),
         );
-        assert!(a.reserve(1, 4 * PAGE).unwrap());
-        assert!(b.reserve(2, 4 * PAGE).unwrap());
+        assert!(a.reserve(1, 4 * PAGE, None).unwrap());
+        assert!(b.reserve(2, 4 * PAGE, None).unwrap());
         assert_eq!(zone.given(), 8 * PAGE);
-        assert!(!a.reserve(3, 3 * PAGE).unwrap());
+        assert!(!a.reserve(3, 3 * PAGE, None).unwrap());
         assert_eq!(zone.given(), 8 * PAGE);
         // Given once per key.
-        assert!(a.reserve(1, 4 * PAGE).unwrap());
+        assert!(a.reserve(1, 4 * PAGE, None).unwrap());
         assert_eq!(zone.given(), 8 * PAGE);
         b.release(2);
         assert_eq!(zone.given(), 4 * PAGE);
-        assert!(a.reserve(3, 3 * PAGE).unwrap());
+        assert!(a.reserve(3, 3 * PAGE, None).unwrap());
         assert_eq!(zone.given(), 7 * PAGE);
         // Released twice, given back once.
         a.release(1);
@@ -321,8 +399,10 @@ mod tests {
     }
 
     /// With a tmpfs: it grows by each room and shrinks back only once the
-    /// files in it allow; until then the room stays taken from the zone
-    /// and [`WorkerDisk::settle`] says how much is kept.
+    /// files in it allow; until then the room stays taken from the zone.
+    /// Files beyond its jobs' rooms are excused for as long as a room
+    /// released within the grace covers them, and no longer: a later
+    /// job's release does not excuse an earlier one's files.
     #[test]
     fn a_worker_directory_shrinks_back_only_once_its_files_are_gone() {
         let scratch = match super::super::scratch::make(FLOOR, None) {
@@ -340,18 +420,50 @@ mod tests {
         let zone = Arc::new(ZoneDisk::new(1 << 20));
         let disk = WorkerDisk::new(Arc::clone(&zone), Some(scratch));
         assert_eq!(size(&disk), FLOOR);
-        assert!(disk.reserve(1, 512 << 10).unwrap());
-        assert_eq!(size(&disk), FLOOR + (512 << 10));
+        assert!(disk.reserve(1, 512 << 10, None).unwrap());
+        assert!(disk.reserve(2, 64 << 10, None).unwrap());
+        assert_eq!(size(&disk), FLOOR + (576 << 10));
         let file = crate::sandbox::beneath::fd_path(&disk.scratch().unwrap().dir).join("out");
         std::fs::write(&file, vec![1u8; 400 << 10]).unwrap();
         disk.release(1);
-        let kept = disk.settle().expect("it keeps the job's files");
-        assert_eq!(kept.bytes, 512 << 10);
-        assert_eq!(zone.given(), 512 << 10);
-        assert_eq!(size(&disk), FLOOR + (512 << 10));
+        assert!(disk.shrinking());
+        assert!(disk.settle().is_none(), "job 1's files are excused a while");
+        assert_eq!(zone.given(), 576 << 10);
+        assert_eq!(size(&disk), FLOOR + (576 << 10));
+        disk.age(RELEASE_GRACE - Duration::from_secs(2));
+        disk.release(2);
+        assert!(disk.settle().is_none());
+        disk.age(Duration::from_secs(3));
+        let kept = disk.settle().expect("job 1's grace ran out");
+        // Job 2's room, released within the grace, still excuses its share.
+        assert_eq!(kept.bytes, (400 << 10) - FLOOR - (64 << 10));
         std::fs::remove_file(&file).unwrap();
         assert!(disk.settle().is_none());
+        assert!(!disk.shrinking());
         assert_eq!(zone.given(), 0);
         assert_eq!(size(&disk), FLOOR);
+    }
+
+    /// A job waiting for room keeps later jobs from taking what it needs:
+    /// they take room only while what is left still holds its; once it
+    /// gives up its turn, they may.
+    #[test]
+    fn a_later_job_does_not_take_the_room_an_earlier_one_waits_for() {
+        let zone = Arc::new(ZoneDisk::new(10 * PAGE));
+        let worker = WorkerDisk::new(Arc::clone(&zone), None);
+        assert!(worker.reserve(1, 6 * PAGE, None).unwrap());
+        let large = zone.turn(8 * PAGE);
+        assert!(!worker.reserve(2, 8 * PAGE, Some(&large)).unwrap());
+        let small = zone.turn(3 * PAGE);
+        assert!(!worker.reserve(3, 3 * PAGE, Some(&small)).unwrap());
+        worker.release(1);
+        // It would fit, but leave the earlier job too little.
+        assert!(!worker.reserve(3, 3 * PAGE, Some(&small)).unwrap());
+        assert!(worker.reserve(2, 8 * PAGE, Some(&large)).unwrap());
+        drop(large);
+        assert!(!worker.reserve(3, 3 * PAGE, Some(&small)).unwrap());
+        worker.release(2);
+        assert!(worker.reserve(3, 3 * PAGE, Some(&small)).unwrap());
+        assert_eq!(zone.given(), 3 * PAGE);
     }
 }

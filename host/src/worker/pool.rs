@@ -80,12 +80,6 @@ const START_ALLOWANCE: Duration = Duration::from_secs(300);
 /// Longest failure message kept from a worker's report.
 const MAX_MESSAGE: usize = 1024;
 
-/// How long a worker's directory may keep more than its jobs' rooms after
-/// it was last told to release one: an honest worker removes a released
-/// job's files at once; one that keeps them is stopped, and the room goes
-/// back to its zone with its directory.
-const OVERHELD_GRACE: Duration = Duration::from_secs(10);
-
 /// One zone's pool settings.
 #[derive(Clone, Debug)]
 pub struct PoolConfig {
@@ -640,7 +634,7 @@ impl Pool {
             && lock(&worker.state).pristine()
             && worker.disk.as_ref().is_none_or(|disk| {
                 let room = super::disk::hand_over_room(source.wasm.len() as u64);
-                let given = disk.reserve(super::disk::LOAD_ROOM | module, room);
+                let given = disk.reserve(super::disk::LOAD_ROOM | module, room, None);
                 if !matches!(given, Ok(true)) {
                     tracing::warn!(zone = %self.config.zone, module = %source.digest, bytes = room, "no room in the zone's disk to hand over a compiled module: workers compile it until one is");
                 }
@@ -733,10 +727,16 @@ impl Pool {
 
     /// A worker that can take a job now: alive, not retiring, with a free
     /// place, and with `room` (job, bytes) given to the job in its
-    /// directory out of the zone's disk; waits for one (a replacement,
-    /// room released) otherwise. The least busy such worker is taken.
+    /// directory out of the zone's disk, in the job's turn; waits for one
+    /// (a replacement, room released) otherwise. The least busy such worker
+    /// is taken; not one whose directory still holds a released job's
+    /// files, whose room it would count as the new job's.
     async fn pick(&self, room: Option<(u64, u64)>) -> Result<Arc<Worker>, String> {
         let freed = self.disk.as_ref().map(|d| &d.freed);
+        let turn = match (room, &self.disk) {
+            (Some((_, bytes)), Some(disk)) => Some(disk.turn(bytes)),
+            _ => None,
+        };
         loop {
             if self.closing.load(Ordering::SeqCst) {
                 return Err("the service is shutting down".into());
@@ -759,7 +759,16 @@ impl Pool {
                 free.sort_by_key(|(running, _)| *running);
                 for (_, worker) in free {
                     let given = match (room, &worker.disk) {
-                        (Some((job, bytes)), Some(disk)) => disk.reserve(job, bytes),
+                        (Some((job, bytes)), Some(disk)) => {
+                            if disk.shrinking() {
+                                // Its released files may be gone by now.
+                                let _ = disk.settle();
+                                if disk.shrinking() {
+                                    continue;
+                                }
+                            }
+                            disk.reserve(job, bytes, turn.as_ref())
+                        }
                         _ => Ok(true),
                     };
                     match given {
@@ -1120,16 +1129,14 @@ impl Pool {
             for (job, reason) in overran {
                 self.stop(worker, job, reason);
             }
-            if let Some(over) = worker.disk.as_ref().and_then(|d| d.settle())
-                && over.since > OVERHELD_GRACE
-            {
+            if let Some(over) = worker.disk.as_ref().and_then(|d| d.settle()) {
                 self.fault(
                     worker,
                     "disk",
                     format!(
-                        "kept {} bytes in its directory beyond its jobs' room for {}s after it was told to release them",
+                        "kept {} bytes in its directory beyond its jobs' rooms and what it was told to release in the last {}s",
                         over.bytes,
-                        over.since.as_secs()
+                        super::disk::RELEASE_GRACE.as_secs()
                     ),
                 );
             }

@@ -389,7 +389,7 @@ async fn a_worker_that_keeps_released_room_is_replaced_and_the_room_given_back()
     assert_eq!(job["report"]["limit"], "wall_time", "{job}");
 }
 
-/// With `disk = "0"` (as where the service cannot mount a tmpfs) a
+/// With `disk = "0 B"` (as where the service cannot mount a tmpfs) a
 /// worker's directory is a plain directory in the zone's work directory,
 /// and `/admin/v1/isolation` says it is not bounded; jobs run as before.
 #[tokio::test(flavor = "multi_thread")]
