@@ -337,6 +337,82 @@ async fn jobs_wait_for_room_in_their_zones_disk_and_each_reaches_its_quota() {
     assert_eq!(workers(&server), pids, "a worker was replaced");
 }
 
+/// A job waiting for room is not passed for ever by later, smaller ones:
+/// one tenant keeps four jobs of 12 MiB of room in flight in a zone of
+/// 40 MiB (three fit), started 100 ms apart and each resubmitted as it
+/// ends, so one is always waiting when another ends; another tenant's
+/// job of 26 MiB, which fits only once two have ended together, still
+/// runs while the first keeps submitting: later jobs wait their turn
+/// behind it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_large_job_is_not_passed_for_ever_by_smaller_later_ones() {
+    let small = sleeper(600).limits(|l| {
+        l.input = ByteSize::kib(64);
+        l.output = ByteSize::mib(12);
+        l.output_files = 4;
+    });
+    let large = common::policy(bulkhead_tests::P1_FILES, "p1-files")
+        .scopes(&["p1-files:run"])
+        .limits(|l| {
+            l.input = ByteSize::kib(64);
+            l.output = ByteSize::mib(26);
+            l.output_files = 4;
+        });
+    let server = zone_with_disk(ByteSize::mib(40), 2, &[small, large]).await;
+    let flooder = server.token("acme", &["hostile:run"]).await;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flood = {
+        let (base, stop) = (server.base.clone(), stop.clone());
+        let client = reqwest::Client::new();
+        tokio::spawn(async move {
+            let mut submitted = 0u32;
+            let mut in_flight: Vec<String> = Vec::new();
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                let mut still = Vec::new();
+                for id in in_flight {
+                    let job: Value = json(
+                        client
+                            .get(format!("{base}/v1/jobs/{id}"))
+                            .bearer_auth(&flooder),
+                    )
+                    .await;
+                    if job["state"] == "queued" || job["state"] == "running" {
+                        still.push(id);
+                    }
+                }
+                in_flight = still;
+                if in_flight.len() < 4 {
+                    let job: Value = json(
+                        client
+                            .post(format!("{base}/v1/modules/hostile/jobs"))
+                            .bearer_auth(&flooder)
+                            .body(Vec::new()),
+                    )
+                    .await;
+                    in_flight.push(job["id"].as_str().unwrap().to_owned());
+                    submitted += 1;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            submitted
+        })
+    };
+    // Three of its jobs have room (all that fit) before the large one comes.
+    until(|| server.service.isolation().disk_given.get("untrusted") >= Some(&(36 << 20))).await;
+    let other = server.token("initech", &["p1-files:run"]).await;
+    let job = json(
+        server
+            .post("/v1/modules/p1-files/jobs?wait=60s", &other)
+            .header("content-type", "application/octet-stream")
+            .body(b"x".to_vec()),
+    )
+    .await;
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let submitted = flood.await.unwrap();
+    assert_eq!(job["state"], "succeeded", "{job}");
+    assert!(submitted >= 4, "{submitted}");
+}
+
 /// A worker whose directory keeps what its jobs released (native code in
 /// it, here the test writing through its working directory while its job
 /// runs) is stopped once it has kept it a while: its room goes back to the
