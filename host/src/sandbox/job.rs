@@ -31,7 +31,6 @@ pub fn create_private_dir_all(path: &Path) -> io::Result<()> {
 /// in it for another to find. Removed, with everything the guest left, on
 /// drop: on the thread that drops it, or — after
 /// [`JobDir::removed_on`] — on a runtime's blocking threads.
-#[derive(Debug)]
 pub struct JobDir {
     out: PathBuf,
     own_input: PathBuf,
@@ -41,12 +40,23 @@ pub struct JobDir {
     out_removed: std::sync::atomic::AtomicBool,
     /// Where a tree left behind is removed ([`JobDir::removed_on`]).
     remover: Option<tokio::runtime::Handle>,
+    /// Told once what was there is removed ([`JobDir::then_removed`]).
+    on_removed: std::sync::Mutex<Option<Box<dyn FnOnce() + Send>>>,
     /// The files the job created in `/out`, once its guest has ended: the
     /// only ones collected.
     created: std::sync::Mutex<super::outputs::Created>,
     /// The input files written for the job: with the files it creates,
     /// the only ones its guest may read.
     inputs: std::sync::Mutex<super::outputs::Created>,
+}
+
+impl std::fmt::Debug for JobDir {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JobDir")
+            .field("out", &self.out)
+            .field("own_input", &self.own_input)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Name of the shared empty input directory inside a work directory.
@@ -82,6 +92,7 @@ impl JobDir {
             has_inputs: std::sync::atomic::AtomicBool::new(false),
             out_removed: std::sync::atomic::AtomicBool::new(false),
             remover: None,
+            on_removed: std::sync::Mutex::default(),
             created: std::sync::Mutex::default(),
             inputs: std::sync::Mutex::default(),
         };
@@ -100,6 +111,19 @@ impl JobDir {
     #[must_use]
     pub fn removed_on(mut self, runtime: tokio::runtime::Handle) -> Self {
         self.remover = Some(runtime);
+        self
+    }
+
+    /// Calls `then` once it is removed, where there was anything to remove
+    /// when it was dropped (not after [`JobDir::remove_output_if_empty`]
+    /// of a job without inputs): a worker tells the gateway, which gives
+    /// the job's room back only once its directories are gone.
+    #[must_use]
+    pub fn then_removed(mut self, then: impl FnOnce() + Send + 'static) -> Self {
+        *self
+            .on_removed
+            .get_mut()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(Box::new(then));
         self
     }
 
@@ -284,12 +308,21 @@ impl Drop for JobDir {
         if self.has_inputs.load(std::sync::atomic::Ordering::SeqCst) {
             dirs.push(&self.own_input);
         }
+        let then = self
+            .on_removed
+            .get_mut()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take()
+            .filter(|_| !dirs.is_empty());
         let trees: Vec<PathBuf> = dirs
             .into_iter()
             .filter(|dir| std::fs::remove_dir(dir).is_err())
             .cloned()
             .collect();
         if trees.is_empty() {
+            if let Some(then) = then {
+                then();
+            }
             return;
         }
         let remove = move || {
@@ -299,6 +332,9 @@ impl Drop for JobDir {
                 {
                     tracing::warn!(dir = %dir.display(), error = %e, "cannot remove job directory");
                 }
+            }
+            if let Some(then) = then {
+                then();
             }
         };
         match self.remover.take() {

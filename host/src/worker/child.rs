@@ -429,7 +429,11 @@ async fn run(
         // when this future is dropped with the guest's tree in it.
         let dir = JobDir::create(&state.sandbox.config().work_dir, &format!("j{job}"))
             .map_err(|e| format!("cannot prepare job directory: {e}"))?
-            .removed_on(state.guests.clone());
+            .removed_on(state.guests.clone())
+            .then_removed({
+                let up = Arc::clone(&state.up);
+                move || send(&up, Up::Released { job })
+            });
         let egress =
             (!loaded.policy().network.services.is_empty()).then(|| state.calls.egress(job));
         // The gateway's watchdog starts at `Running`, sent only once the

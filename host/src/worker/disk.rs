@@ -22,7 +22,7 @@
 //! Where the gateway cannot mount a tmpfs (not root), the rooms are kept
 //! all the same, and honest jobs are held to them by their quotas alone.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap};
 use std::io;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -186,6 +186,9 @@ pub struct WorkerDisk {
     /// Its tmpfs, resized to what it holds; none where it is a plain
     /// directory.
     scratch: Option<Scratch>,
+    /// The directory its jobs' directories are in, looked in for those of
+    /// a released job ([`job_files_gone`]); none: never looked in.
+    dir: Option<std::os::fd::OwnedFd>,
     held: Mutex<Held>,
 }
 
@@ -196,24 +199,83 @@ struct Held {
     bytes: u64,
     /// Each job's room, until the job's files are released.
     rooms: HashMap<u64, u64>,
-    /// Rooms released within [`RELEASE_GRACE`]: when, and how large.
-    released: VecDeque<(Instant, u64)>,
+    /// Each released job's room, kept until its directories are gone from
+    /// the worker's directory: when it was released, and how large.
+    leaving: HashMap<u64, (Instant, u64)>,
+    /// Rooms released within [`RELEASE_GRACE`] whose job's directories
+    /// are gone: when, and how large.
+    released: Vec<(Instant, u64)>,
 }
 
-/// A worker's directory holds more than its jobs' rooms and the rooms it
-/// released lately together: files no job was given room for.
-#[derive(Debug, Clone, Copy)]
-pub struct Overheld {
-    /// Bytes its files take beyond those.
-    pub bytes: u64,
+impl Held {
+    /// What the directory is to hold for jobs: their rooms, and those of
+    /// released jobs whose directories are still there.
+    fn kept(&self) -> u64 {
+        self.rooms
+            .values()
+            .chain(self.leaving.values().map(|(_, room)| room))
+            .fold(0, |a, b| a.saturating_add(*b))
+    }
+}
+
+/// A worker keeps what no job was given.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Overheld {
+    /// Its files take this many bytes beyond its jobs' rooms, those of
+    /// released jobs whose directories are still there, and those released
+    /// within [`RELEASE_GRACE`] together.
+    Files(u64),
+    /// A job's directories are still there [`RELEASE_GRACE`] after its
+    /// files were released: its room would never be given back.
+    Directory(u64),
+}
+
+impl std::fmt::Display for Overheld {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let grace = RELEASE_GRACE.as_secs();
+        match self {
+            Self::Files(bytes) => write!(
+                f,
+                "kept {bytes} bytes in its directory beyond its jobs' rooms and what it was told to release in the last {grace}s"
+            ),
+            Self::Directory(job) => write!(
+                f,
+                "kept job {job}'s directory more than {grace}s after it was told to release it"
+            ),
+        }
+    }
+}
+
+/// Whether the directories of job `key` (`j<key>.out`, `j<key>.in`) are
+/// gone from `dir`: a load's room ([`LOAD_ROOM`]) has none, its hand-over
+/// is removed by the gateway before it is released. Only an entry found
+/// there counts as not gone.
+fn job_files_gone(dir: Option<&std::os::fd::OwnedFd>, key: u64) -> bool {
+    let Some(dir) = dir.filter(|_| key & LOAD_ROOM == 0) else {
+        return true;
+    };
+    ["out", "in"].iter().all(|ext| {
+        rustix::fs::statat(
+            dir,
+            format!("j{key}.{ext}").as_str(),
+            rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
+        )
+        .is_err()
+    })
 }
 
 impl WorkerDisk {
-    /// `scratch` at [`FLOOR`] bytes, or none.
-    pub fn new(zone: std::sync::Arc<ZoneDisk>, scratch: Option<Scratch>) -> Self {
+    /// `scratch` at [`FLOOR`] bytes, or none; `dir`, where its jobs'
+    /// directories are.
+    pub fn new(
+        zone: std::sync::Arc<ZoneDisk>,
+        scratch: Option<Scratch>,
+        dir: Option<std::os::fd::OwnedFd>,
+    ) -> Self {
         Self {
             zone,
             scratch,
+            dir,
             held: Mutex::default(),
         }
     }
@@ -234,7 +296,7 @@ impl WorkerDisk {
         if held.rooms.contains_key(&job) {
             return Ok(true);
         }
-        let wanted = held.rooms.values().sum::<u64>().saturating_add(need);
+        let wanted = held.kept().saturating_add(need);
         let growth = wanted.saturating_sub(held.bytes);
         if !self.zone.take(growth, turn) {
             return Ok(false);
@@ -250,39 +312,55 @@ impl WorkerDisk {
         Ok(true)
     }
 
-    /// Job `job`'s files are gone, or going: its room is given back once
-    /// the directory can shrink by it ([`WorkerDisk::settle`]).
+    /// Job `job`'s files are released: its room is given back once its
+    /// directories are gone from the worker's directory and the directory
+    /// can shrink by it ([`WorkerDisk::settle`], [`WorkerDisk::removed`]).
+    /// Until then the room stays the directory's: files of the released
+    /// job the worker has not removed yet are never taken into another
+    /// job's room.
     pub fn release(&self, job: u64) {
         let mut held = lock(&self.held);
         if let Some(room) = held.rooms.remove(&job) {
-            held.released.push_back((Instant::now(), room));
+            held.leaving.insert(job, (Instant::now(), room));
             self.shrink(&mut held);
         }
     }
 
-    /// Whether it holds more than its jobs' rooms: files of a released
-    /// room not removed yet (or never).
-    pub fn shrinking(&self) -> bool {
-        let held = lock(&self.held);
-        held.bytes > held.rooms.values().sum::<u64>()
+    /// The worker says it removed a released job's directories: the rooms
+    /// of those now gone are given back where the directory can shrink.
+    pub fn removed(&self) {
+        self.shrink(&mut lock(&self.held));
     }
 
-    /// Shrinks the directory to its jobs' rooms where its files allow.
-    /// Where they do not: whether its files take more than its jobs' rooms
-    /// and the rooms it released within [`RELEASE_GRACE`] together, which
-    /// no honest worker's do (it removes a released job's files at once).
+    /// Whether it holds more than its jobs' rooms and those of released
+    /// jobs whose directories are still there: files beyond them, not
+    /// removed yet (or never).
+    pub fn shrinking(&self) -> bool {
+        let held = lock(&self.held);
+        held.bytes > held.kept()
+    }
+
+    /// Shrinks the directory to what it is to hold where its files allow.
+    /// Where they do not, or a released job's directories are still there
+    /// [`RELEASE_GRACE`] after its release: what it keeps that no job was
+    /// given. An honest worker removes a released job's directories at
+    /// once.
     pub fn settle(&self) -> Option<Overheld> {
         let mut held = lock(&self.held);
         self.shrink(&mut held);
-        while held
-            .released
-            .front()
-            .is_some_and(|(at, _)| at.elapsed() > RELEASE_GRACE)
+        held.released
+            .retain(|(at, _)| at.elapsed() <= RELEASE_GRACE);
+        if let Some(job) = held
+            .leaving
+            .iter()
+            .filter(|(_, (at, _))| at.elapsed() > RELEASE_GRACE)
+            .map(|(job, _)| *job)
+            .min()
         {
-            held.released.pop_front();
+            return Some(Overheld::Directory(job));
         }
-        let rooms = held.rooms.values().sum::<u64>();
-        if held.bytes <= rooms {
+        let kept = held.kept();
+        if held.bytes <= kept {
             return None;
         }
         let scratch = self.scratch.as_ref()?;
@@ -292,30 +370,40 @@ impl WorkerDisk {
             .released
             .iter()
             .map(|(_, room)| *room)
-            .fold(FLOOR.saturating_add(rooms), u64::saturating_add);
-        (used > excused).then(|| Overheld {
-            bytes: used - excused,
-        })
+            .fold(FLOOR.saturating_add(kept), u64::saturating_add);
+        (used > excused).then(|| Overheld::Files(used - excused))
     }
 
     /// Makes its released rooms `by` older (tests: the grace run out).
     #[cfg(test)]
     fn age(&self, by: Duration) {
-        for (at, _) in &mut lock(&self.held).released {
+        let held = &mut *lock(&self.held);
+        for (at, _) in held.released.iter_mut().chain(held.leaving.values_mut()) {
             *at = at.checked_sub(by).unwrap();
         }
     }
 
     fn shrink(&self, held: &mut Held) {
-        let rooms = held.rooms.values().sum::<u64>();
-        if held.bytes <= rooms {
+        let gone: Vec<u64> = held
+            .leaving
+            .keys()
+            .copied()
+            .filter(|job| job_files_gone(self.dir.as_ref(), *job))
+            .collect();
+        for job in gone {
+            if let Some(left) = held.leaving.remove(&job) {
+                held.released.push(left);
+            }
+        }
+        let kept = held.kept();
+        if held.bytes <= kept {
             return;
         }
-        // The kernel refuses a size below what the files take: those of a
-        // released job the worker has not removed yet.
-        if self.resize(rooms).is_ok() {
-            self.zone.give_back(held.bytes - rooms);
-            held.bytes = rooms;
+        // The kernel refuses a size below what the files take: those the
+        // worker keeps beyond its rooms (for a while, excused).
+        if self.resize(kept).is_ok() {
+            self.zone.give_back(held.bytes - kept);
+            held.bytes = kept;
         }
     }
 
@@ -353,8 +441,8 @@ mod tests {
     fn rooms_are_given_out_of_the_zones_disk_and_back() {
         let zone = Arc::new(ZoneDisk::new(10 * PAGE));
         let (a, b) = (
-            WorkerDisk::new(Arc::clone(&zone), None),
-            WorkerDisk::new(Arc::clone(&zone), None),
+            WorkerDisk::new(Arc::clone(&zone), None, None),
+            WorkerDisk::new(Arc::clone(&zone), None, None),
         );
         assert!(a.reserve(1, 4 * PAGE, None).unwrap());
         assert!(b.reserve(2, 4 * PAGE, None).unwrap());
@@ -418,7 +506,8 @@ mod tests {
             st.f_blocks * st.f_bsize as u64
         };
         let zone = Arc::new(ZoneDisk::new(1 << 20));
-        let disk = WorkerDisk::new(Arc::clone(&zone), Some(scratch));
+        let dir = scratch.dir.try_clone().unwrap();
+        let disk = WorkerDisk::new(Arc::clone(&zone), Some(scratch), Some(dir));
         assert_eq!(size(&disk), FLOOR);
         assert!(disk.reserve(1, 512 << 10, None).unwrap());
         assert!(disk.reserve(2, 64 << 10, None).unwrap());
@@ -436,7 +525,7 @@ mod tests {
         disk.age(Duration::from_secs(3));
         let kept = disk.settle().expect("job 1's grace ran out");
         // Job 2's room, released within the grace, still excuses its share.
-        assert_eq!(kept.bytes, (400 << 10) - FLOOR - (64 << 10));
+        assert_eq!(kept, Overheld::Files((400 << 10) - FLOOR - (64 << 10)));
         std::fs::remove_file(&file).unwrap();
         assert!(disk.settle().is_none());
         assert!(!disk.shrinking());
@@ -450,7 +539,7 @@ mod tests {
     #[test]
     fn a_later_job_does_not_take_the_room_an_earlier_one_waits_for() {
         let zone = Arc::new(ZoneDisk::new(10 * PAGE));
-        let worker = WorkerDisk::new(Arc::clone(&zone), None);
+        let worker = WorkerDisk::new(Arc::clone(&zone), None, None);
         assert!(worker.reserve(1, 6 * PAGE, None).unwrap());
         let large = zone.turn(8 * PAGE);
         assert!(!worker.reserve(2, 8 * PAGE, Some(&large)).unwrap());
@@ -465,5 +554,56 @@ mod tests {
         worker.release(2);
         assert!(worker.reserve(3, 3 * PAGE, Some(&small)).unwrap());
         assert_eq!(zone.given(), 3 * PAGE);
+    }
+
+    /// A released job's room stays the directory's for as long as the
+    /// job's directories are there, even where its files would fit in the
+    /// other jobs' rooms: they are never taken into a room another job
+    /// was given. Once they are gone it is given back; kept past the
+    /// grace, the worker is told of it.
+    #[test]
+    fn a_released_room_is_kept_until_its_jobs_directories_are_gone() {
+        let scratch = match super::super::scratch::make(FLOOR, None) {
+            Ok(s) => s,
+            Err(e) if e.raw_os_error() == Some(libc::EPERM) => {
+                eprintln!("skipped: mounting a tmpfs needs CAP_SYS_ADMIN ({e})");
+                return;
+            }
+            Err(e) => panic!("{e}"),
+        };
+        let root = crate::sandbox::beneath::fd_path(&scratch.dir);
+        let free = |d: &WorkerDisk| {
+            let st = rustix::fs::fstatfs(&d.scratch().unwrap().dir).unwrap();
+            st.f_bavail * st.f_bsize as u64
+        };
+        let zone = Arc::new(ZoneDisk::new(4 << 20));
+        let dir = scratch.dir.try_clone().unwrap();
+        let disk = WorkerDisk::new(Arc::clone(&zone), Some(scratch), Some(dir));
+        assert!(disk.reserve(1, 1 << 20, None).unwrap());
+        assert!(disk.reserve(2, 1 << 20, None).unwrap());
+        std::fs::create_dir(root.join("j1.out")).unwrap();
+        std::fs::write(root.join("j1.out/left"), vec![1u8; 512 << 10]).unwrap();
+        disk.release(1);
+        // Job 1's files would fit in job 2's room; job 2 keeps all of it.
+        assert!(free(&disk) >= 1 << 20, "{} bytes free", free(&disk));
+        assert_eq!(zone.given(), 2 << 20);
+        assert!(!disk.shrinking());
+        assert_eq!(disk.settle(), None);
+        // A later job's room is its own too.
+        assert!(disk.reserve(3, 1 << 20, None).unwrap());
+        assert_eq!(zone.given(), 3 << 20);
+        assert!(free(&disk) >= 2 << 20, "{} bytes free", free(&disk));
+        std::fs::remove_dir_all(root.join("j1.out")).unwrap();
+        disk.removed();
+        assert_eq!(zone.given(), 2 << 20);
+        // Kept past the grace.
+        std::fs::create_dir(root.join("j2.in")).unwrap();
+        disk.release(2);
+        assert_eq!(zone.given(), 2 << 20);
+        disk.age(RELEASE_GRACE + Duration::from_secs(1));
+        assert_eq!(disk.settle(), Some(Overheld::Directory(2)));
+        std::fs::remove_dir(root.join("j2.in")).unwrap();
+        assert_eq!(disk.settle(), None);
+        assert_eq!(zone.given(), 1 << 20);
     }
 }

@@ -729,8 +729,9 @@ impl Pool {
     /// place, and with `room` (job, bytes) given to the job in its
     /// directory out of the zone's disk, in the job's turn; waits for one
     /// (a replacement, room released) otherwise. The least busy such worker
-    /// is taken; not one whose directory still holds a released job's
-    /// files, whose room it would count as the new job's.
+    /// is taken; not one whose directory holds files beyond its jobs'
+    /// rooms (and its released jobs' while their directories are there),
+    /// whose room it would count as the new job's.
     async fn pick(&self, room: Option<(u64, u64)>) -> Result<Arc<Worker>, String> {
         let freed = self.disk.as_ref().map(|d| &d.freed);
         let turn = match (room, &self.disk) {
@@ -1130,15 +1131,7 @@ impl Pool {
                 self.stop(worker, job, reason);
             }
             if let Some(over) = worker.disk.as_ref().and_then(|d| d.settle()) {
-                self.fault(
-                    worker,
-                    "disk",
-                    format!(
-                        "kept {} bytes in its directory beyond its jobs' rooms and what it was told to release in the last {}s",
-                        over.bytes,
-                        super::disk::RELEASE_GRACE.as_secs()
-                    ),
-                );
+                self.fault(worker, "disk", over.to_string());
             }
         }
         let live = {
@@ -1215,6 +1208,19 @@ impl Pool {
         let dir_fd = work_fd
             .try_clone()
             .map_err(|e| start_error(format!("worker directory: {e}")))?;
+        let disk = match &self.disk {
+            Some(zone) => Some(super::disk::WorkerDisk::new(
+                Arc::clone(zone),
+                scratch,
+                Some(
+                    dir_fd
+                        .try_clone()
+                        .map_err(|e| start_error(format!("worker directory: {e}")))?
+                        .into(),
+                ),
+            )),
+            None => None,
+        };
         let cache_fd = rustix::io::fcntl_dupfd_cloexec(self.cache.fd(), 0)
             .map(std::fs::File::from)
             .map_err(|e| start_error(format!("{}: {e}", c.cache_dir.display())))?;
@@ -1335,10 +1341,7 @@ impl Pool {
             dir_fd: dir_fd.into(),
             name,
             zone_dir: self.zone_dir.clone(),
-            disk: self
-                .disk
-                .as_ref()
-                .map(|zone| super::disk::WorkerDisk::new(Arc::clone(zone), scratch)),
+            disk,
             down,
             calls: GatewayCalls::new(call_tx),
             state: Mutex::default(),
@@ -1430,6 +1433,13 @@ impl Pool {
                             worker.release(super::disk::LOAD_ROOM | module);
                             answer();
                         }
+                    }
+                }
+                Up::Released { .. } => {
+                    // Its word is only a cue: the gateway looks for the
+                    // released jobs' directories itself.
+                    if let Some(disk) = &worker.disk {
+                        disk.removed();
                     }
                 }
                 Up::Running { job } => {

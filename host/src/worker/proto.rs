@@ -32,7 +32,8 @@ use crate::job::JobSpec;
 /// 4: `Running` only for a guest still running 100 ms after it started.
 /// 5: `Report` names the files the job created in `/out`.
 /// 6: `Load` says whether to hand over what the worker compiles.
-pub const VERSION: u32 = 6;
+/// 7: `Released` once a released job's directories are removed.
+pub const VERSION: u32 = 7;
 
 /// Largest frame a worker accepts: a module at the host's largest
 /// accepted size plus its policy, or a job's inputs, with room to spare.
@@ -119,6 +120,10 @@ pub enum Up {
     Call(CallUp),
     /// Answer to [`Down::Ping`].
     Pong { seq: u64 },
+    /// A job's directories, released (or cancelled, or failed), are
+    /// removed: a cue for the gateway to give their room back, which it
+    /// does only once it finds them gone.
+    Released { job: u64 },
 }
 
 /// Bytes sent as one byte string (not a sequence of numbers).

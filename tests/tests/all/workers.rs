@@ -465,6 +465,75 @@ async fn a_worker_that_keeps_released_room_is_replaced_and_the_room_given_back()
     assert_eq!(job["report"]["limit"], "wall_time", "{job}");
 }
 
+/// A worker that keeps a released job's directory (here the test makes
+/// one its job never had while the job runs: a job without inputs has no
+/// `/in` of its own to remove) keeps that job's room: the room is not
+/// given back while the directory is there, whatever it holds, and the
+/// worker is stopped once it has kept it a while and replaced, its room
+/// the zone's again.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_worker_that_keeps_a_released_jobs_directory_is_replaced() {
+    let server = zone_with_disk(
+        ByteSize::mib(16),
+        1,
+        &[sleeper(1_500).limits(|l| {
+            l.input = ByteSize::kib(64);
+            l.output = ByteSize::mib(4);
+            l.output_files = 4;
+        })],
+    )
+    .await;
+    if !mounts(&server) {
+        return;
+    }
+    let before = workers(&server);
+    let token = server.token("acme", &["hostile:run"]).await;
+    let job = submit(&server, &token, "hostile", false).await;
+    let id = job["id"].as_str().unwrap().to_owned();
+    let cwd = format!("/proc/{}/cwd", before[0]);
+    let mut out = None;
+    for _ in 0..400 {
+        out = std::fs::read_dir(&cwd).unwrap().find_map(|e| {
+            let name = e.unwrap().file_name().into_string().unwrap();
+            name.strip_suffix(".out").map(str::to_owned)
+        });
+        if out.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let out = out.expect("the job's directory in its worker's");
+    std::fs::create_dir(format!("{cwd}/{out}.in")).unwrap();
+    let given = || server.service.isolation().disk_given["untrusted"];
+    let room = given();
+    assert!(room > 0);
+    for _ in 0..200 {
+        let now = json(server.get(&format!("/v1/jobs/{id}"), &token)).await;
+        if now["state"] != "queued" && now["state"] != "running" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(given(), room, "given back with the directory still there");
+    let mut replaced = false;
+    for _ in 0..1200 {
+        let now = workers(&server);
+        if now.len() == 1 && now != before {
+            replaced = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        replaced,
+        "worker {before:?} kept a released job's directory and was not replaced"
+    );
+    until(|| given() == 0).await;
+    let job = submit(&server, &token, "hostile", true).await;
+    assert_eq!(job["report"]["limit"], "wall_time", "{job}");
+}
+
 /// With `disk = "0 B"` (as where the service cannot mount a tmpfs) a
 /// worker's directory is a plain directory in the zone's work directory,
 /// and `/admin/v1/isolation` says it is not bounded; jobs run as before.
