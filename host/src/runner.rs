@@ -153,6 +153,12 @@ pub struct RunnerState {
     pub disk_given: BTreeMap<String, u64>,
 }
 
+/// Told `true` when a job starts waiting for room in its zone's disk and
+/// `false` once it stops (given its room, or its run ended): its caller
+/// may lend its running place meanwhile
+/// ([`Slot::set_aside`](crate::service::scheduler::Slot::set_aside)).
+pub type Waiting<'a> = &'a (dyn Fn(bool) + Send + Sync);
+
 /// Loads modules and runs jobs.
 #[async_trait::async_trait]
 pub trait Runner: Send + Sync + std::fmt::Debug {
@@ -172,6 +178,21 @@ pub trait Runner: Send + Sync + std::fmt::Debug {
         module: &Module,
         spec: &JobSpec,
         egress: Option<Arc<dyn Egress>>,
+    ) -> Result<Finished, JobError> {
+        self.run_telling_waits(module, spec, egress, &|_| {}).await
+    }
+
+    /// [`Runner::run`], telling `waiting` when the job starts waiting for
+    /// room in its zone's disk (`true`) and when it stops (`false`).
+    ///
+    /// # Errors
+    /// [`JobError`] when the job is refused before its guest starts.
+    async fn run_telling_waits(
+        &self,
+        module: &Module,
+        spec: &JobSpec,
+        egress: Option<Arc<dyn Egress>>,
+        waiting: Waiting<'_>,
     ) -> Result<Finished, JobError>;
 
     /// Where this process keeps job directories.
@@ -231,11 +252,12 @@ impl Runner for InProcess {
         }))
     }
 
-    async fn run(
+    async fn run_telling_waits(
         &self,
         module: &Module,
         spec: &JobSpec,
         egress: Option<Arc<dyn Egress>>,
+        _waiting: Waiting<'_>,
     ) -> Result<Finished, JobError> {
         let Place::Local(loaded) = &module.place else {
             return Err(JobError::Worker(
@@ -320,11 +342,12 @@ impl Runner for Workers {
         }))
     }
 
-    async fn run(
+    async fn run_telling_waits(
         &self,
         module: &Module,
         spec: &JobSpec,
         egress: Option<Arc<dyn Egress>>,
+        waiting: Waiting<'_>,
     ) -> Result<Finished, JobError> {
         let Place::Pool(pool, id) = &module.place else {
             return Err(JobError::Worker(
@@ -335,7 +358,7 @@ impl Runner for Workers {
         let policy = &module.policy;
         let egress = egress.filter(|_| !policy.network.services.is_empty());
         let (mut report, outputs) = pool
-            .run(*id, policy, spec, egress.clone())
+            .run(*id, policy, spec, egress.clone(), waiting)
             .await
             .map_err(JobError::Worker)?;
         // The gateway's own identity of the job, whatever the worker said.

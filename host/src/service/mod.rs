@@ -458,7 +458,10 @@ impl Service {
                 tokio::spawn(Arc::clone(&service).listener(events));
             }
         }
-        for _ in 0..service.config.queue.workers {
+        // Twice as many as there are running slots: a job waiting for room
+        // in its zone's disk lends its slot (`Slot::set_aside`, at most
+        // one per slot), and another worker runs the job that takes it.
+        for _ in 0..service.config.queue.workers.saturating_mul(2) {
             if service.shared {
                 tokio::spawn(Arc::clone(&service).puller());
             } else {

@@ -136,7 +136,7 @@ impl Service {
         while let Some(slot) = self.scheduler.next().await {
             let job = slot.job().clone();
             self.hold(&job.id, true);
-            let ran = self.run_one(&job).await;
+            let ran = self.run_one(&job, &slot).await;
             self.hold(&job.id, false);
             drop(slot);
             match ran {
@@ -176,6 +176,10 @@ impl Service {
         };
         let max_attempts = q.max_attempts;
         loop {
+            // A slot of this node's first: a claim holds the job.
+            let Some(vacancy) = self.scheduler.vacancy().await else {
+                return;
+            };
             let woken = self.work.notified();
             tokio::pin!(woken);
             woken.as_mut().enable();
@@ -192,6 +196,9 @@ impl Service {
             let claimed = match claimed {
                 Ok(Some(claimed)) => claimed,
                 Ok(None) => {
+                    // Not held while nothing is to be had: an inline job
+                    // may take it.
+                    drop(vacancy);
                     tokio::select! {
                         () = woken => {}
                         () = tokio::time::sleep(PULL_EVERY) => {}
@@ -199,6 +206,7 @@ impl Service {
                     continue;
                 }
                 Err(e) => {
+                    drop(vacancy);
                     tracing::error!(error = %e, "cannot claim the next job");
                     self.noted(e.into());
                     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -213,10 +221,10 @@ impl Service {
                 },
                 Claim::Gone => continue,
             };
-            let slot = self.scheduler.occupy(job.clone());
+            let slot = vacancy.occupy(job.clone());
             self.hold(&job.id, true);
             let cancel = self.cancel_handle(&job.id);
-            let ran = self.run_claim(&job.id, Ok(claimed), &cancel).await;
+            let ran = self.run_claim(&job.id, Ok(claimed), &cancel, &slot).await;
             drop(cancel);
             self.hold(&job.id, false);
             drop(slot);
@@ -323,7 +331,7 @@ impl Service {
     /// queue after a failure of the host (see [`Service::host_failed`]).
     /// A store failure never drops the job: it stays `queued` (the claim
     /// failed) or is given back, and the keeper re-queues it.
-    pub(super) async fn run_one(&self, queued: &QueuedJob) -> Ran {
+    pub(super) async fn run_one(&self, queued: &QueuedJob, slot: &Slot) -> Ran {
         let max_attempts = self.config.queue.max_attempts;
         // Listening for a cancel before the claim: one that lands between
         // the claim and the run (while stored inputs are read) leaves a
@@ -339,7 +347,7 @@ impl Service {
                 &self.lease(),
             )
             .await;
-        self.run_claim(&queued.id, claimed, &cancel).await
+        self.run_claim(&queued.id, claimed, &cancel, slot).await
     }
 
     /// Runs and finishes the job of `claimed` (the claim of job `id`,
@@ -349,6 +357,7 @@ impl Service {
         id: &str,
         claimed: Result<Claim, StoreError>,
         cancel: &CancelHandle<'_>,
+        slot: &Slot,
     ) -> Ran {
         let (record, claim) = match claimed {
             Ok(Claim::Run(record, claim)) => (*record, claim),
@@ -374,7 +383,7 @@ impl Service {
         };
         self.claims_lock()
             .insert(record.id.clone(), (claim.clone(), ClaimState::Running));
-        let ran = self.run_claimed(record, &claim, cancel).await;
+        let ran = self.run_claimed(record, &claim, cancel, slot).await;
         self.claims_lock().remove(claim.id());
         match ran {
             // Not finished here: cancelled, or its claim lost (its lease ran
@@ -397,9 +406,10 @@ impl Service {
         record: JobRecord,
         claim: &Claimed,
         cancel: &CancelHandle<'_>,
+        slot: &Slot,
     ) -> Ran {
         let result = match self.modules.get(&record.module) {
-            Some(module) => self.run_stored(module, &record, cancel).await,
+            Some(module) => self.run_stored(module, &record, cancel, slot).await,
             None => Ok(Some(JobReport::not_run(
                 &record.id,
                 &record.module,
@@ -577,7 +587,7 @@ impl Service {
         // the data directory without a row.
         let cancel = self.cancel_handle(&record.id);
         let ran = self
-            .execute(module, &record, &spec, &cancel)
+            .execute(module, &record, &spec, &cancel, &slot)
             .await
             .map(|report| {
                 // Inline jobs have no row to cancel, so nothing ends them
@@ -744,6 +754,7 @@ impl Service {
         module: &Module,
         record: &JobRecord,
         cancel: &CancelHandle<'_>,
+        slot: &Slot,
     ) -> Result<Option<JobReport>, ServiceError> {
         let Some(spec) = self.stored_spec(record).await? else {
             return Ok(Some(JobReport::not_run(
@@ -752,7 +763,7 @@ impl Service {
                 "stored input unreadable",
             )));
         };
-        self.execute(module, record, &spec, cancel).await
+        self.execute(module, record, &spec, cancel, slot).await
     }
 
     /// The one run path, for queued jobs a worker claimed and for inline
@@ -766,6 +777,7 @@ impl Service {
         record: &JobRecord,
         spec: &JobSpec,
         cancel: &CancelHandle<'_>,
+        slot: &Slot,
     ) -> Result<Option<JobReport>, ServiceError> {
         // The identity its calls carry is read when it starts, inline or
         // queued alike: a token revoked while the job waited relays nothing.
@@ -776,11 +788,16 @@ impl Service {
         };
         let audits = AuditWrites::default();
         let egress = caller.and_then(|caller| self.egress(module, record, caller, &audits));
+        // While it waits for room in its zone's disk, its running place is
+        // lent to jobs that can run.
+        let waiting = |waiting| {
+            slot.set_aside(waiting);
+        };
         let result = tokio::select! {
             // A cancel already waiting wins before the guest runs at all.
             biased;
             () = cancel.notify.notified() => None,
-            r = self.runner.run(module, spec, egress) => Some(r),
+            r = self.runner.run_telling_waits(module, spec, egress, &waiting) => Some(r),
         };
         audits.settle().await;
         if self

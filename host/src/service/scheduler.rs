@@ -16,6 +16,14 @@
 //! once its own share is full, long before memory is at stake. A running job
 //! holds a [`Slot`]; dropping it (however the job ends, including a request
 //! whose client went away) frees the slot and hands it on.
+//!
+//! A job waiting for room in its zone's disk sets its slot aside
+//! ([`Slot::set_aside`]): it keeps its tenant's and module's counts but
+//! not a running slot, so jobs waiting for room never hold every slot
+//! while others, of other tenants and zones, could run. At most as many
+//! jobs are aside as there are slots; one that gets its room takes its
+//! slot back at once, even past the number of slots, as it was running
+//! before.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -72,6 +80,8 @@ struct State {
     running_module: HashMap<String, usize>,
     queued: usize,
     running: usize,
+    /// Running jobs whose slots are set aside while they wait for room.
+    aside: usize,
     closed: bool,
     /// Durable jobs waiting or running: a job pushed again (recovery
     /// re-reading the store) is not queued twice.
@@ -104,18 +114,97 @@ pub struct Scheduler {
 pub struct Slot {
     scheduler: Arc<Scheduler>,
     job: QueuedJob,
+    /// Its running slot is set aside ([`Slot::set_aside`]).
+    aside: std::sync::atomic::AtomicBool,
 }
 
 impl Slot {
+    fn new(scheduler: &Arc<Scheduler>, job: QueuedJob) -> Self {
+        Self {
+            scheduler: Arc::clone(scheduler),
+            job,
+            aside: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
     /// The job it runs.
     pub fn job(&self) -> &QueuedJob {
         &self.job
+    }
+
+    /// Sets the job's running slot aside while it waits for room (`true`),
+    /// handing it on, or takes it back (`false`). Refused (false) when as
+    /// many jobs as there are slots are aside already: the job keeps its
+    /// slot.
+    pub fn set_aside(&self, aside: bool) -> bool {
+        use std::sync::atomic::Ordering;
+        let mut s = self.scheduler.lock();
+        if aside == self.aside.load(Ordering::SeqCst) {
+            return true;
+        }
+        if aside {
+            if s.aside >= self.scheduler.limits.slots {
+                return false;
+            }
+            s.aside += 1;
+            s.running = s.running.saturating_sub(1);
+        } else {
+            s.aside = s.aside.saturating_sub(1);
+            s.running += 1;
+        }
+        self.aside.store(aside, Ordering::SeqCst);
+        let handoffs = if aside {
+            let (handoffs, _) = self.scheduler.dispatch(&mut s, false);
+            self.scheduler.freed(&s);
+            handoffs
+        } else {
+            Vec::new()
+        };
+        drop(s);
+        Scheduler::hand_over(handoffs);
+        true
     }
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        self.scheduler.release(&self.job);
+        let aside = *self.aside.get_mut();
+        self.scheduler.release(&self.job, aside);
+    }
+}
+
+/// A free slot taken before there is a job for it (a node on a shared
+/// store claims its next job only once it has one); dropped unused, it is
+/// free again.
+#[derive(Debug)]
+pub struct Vacancy {
+    scheduler: Option<Arc<Scheduler>>,
+}
+
+impl Vacancy {
+    /// The slot, now `job`'s (claimed from a shared store's queue): its
+    /// tenant's and module's counts too, until the [`Slot`] is dropped.
+    pub fn occupy(mut self, job: QueuedJob) -> Slot {
+        let scheduler = self.scheduler.take().expect("a vacancy is occupied once");
+        let mut s = scheduler.lock();
+        *s.running_tenant.entry(job.tenant.clone()).or_default() += 1;
+        *s.running_module.entry(job.module.clone()).or_default() += 1;
+        s.durable.insert(job.id.clone());
+        drop(s);
+        Slot::new(&scheduler, job)
+    }
+}
+
+impl Drop for Vacancy {
+    fn drop(&mut self) {
+        if let Some(scheduler) = self.scheduler.take() {
+            let mut s = scheduler.lock();
+            s.running = s.running.saturating_sub(1);
+            let (handoffs, _) = scheduler.dispatch(&mut s, false);
+            scheduler.freed(&s);
+            drop(s);
+            Scheduler::hand_over(handoffs);
+        }
     }
 }
 
@@ -269,19 +358,26 @@ impl Scheduler {
         })
     }
 
-    /// Counts `job`, claimed from a shared store's queue rather than picked
-    /// here, as running on this node: its slot (and its tenant's and
-    /// module's counts) until the returned [`Slot`] is dropped.
-    pub fn occupy(self: &Arc<Self>, job: QueuedJob) -> Slot {
-        let mut s = self.lock();
-        s.running += 1;
-        *s.running_tenant.entry(job.tenant.clone()).or_default() += 1;
-        *s.running_module.entry(job.module.clone()).or_default() += 1;
-        s.durable.insert(job.id.clone());
-        drop(s);
-        Slot {
-            scheduler: Arc::clone(self),
-            job,
+    /// Waits for a free slot (a node on a shared store, before it claims
+    /// a job for it). `None` once the queue is closed.
+    pub async fn vacancy(self: &Arc<Self>) -> Option<Vacancy> {
+        loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            {
+                let mut s = self.lock();
+                if s.closed {
+                    return None;
+                }
+                if s.running < self.limits.slots {
+                    s.running += 1;
+                    return Some(Vacancy {
+                        scheduler: Some(Arc::clone(self)),
+                    });
+                }
+            }
+            changed.await;
         }
     }
 
@@ -352,10 +448,7 @@ impl Scheduler {
         let mut handoffs = Vec::new();
         let mut mine = None;
         loop {
-            let slot = |job| Slot {
-                scheduler: Arc::clone(self),
-                job,
-            };
+            let slot = |job| Slot::new(self, job);
             match self.pick(s, take_durable) {
                 Pick::Inline(tx, job) => handoffs.push((tx, slot(job))),
                 Pick::Durable(job) => {
@@ -433,9 +526,13 @@ impl Scheduler {
 
     /// A slot's job ended: frees its slot and counts, and starts whatever
     /// may run now.
-    fn release(self: &Arc<Self>, job: &QueuedJob) {
+    fn release(self: &Arc<Self>, job: &QueuedJob, aside: bool) {
         let mut s = self.lock();
-        s.running = s.running.saturating_sub(1);
+        if aside {
+            s.aside = s.aside.saturating_sub(1);
+        } else {
+            s.running = s.running.saturating_sub(1);
+        }
         s.durable.remove(&job.id);
         let State {
             running_tenant,
@@ -451,8 +548,17 @@ impl Scheduler {
             }
         }
         let (handoffs, _) = self.dispatch(&mut s, false);
+        self.freed(&s);
         drop(s);
         Self::hand_over(handoffs);
+    }
+
+    /// A slot came free: a node's worker waiting for one
+    /// ([`Scheduler::vacancy`]) looks.
+    fn freed(&self, s: &State) {
+        if s.running < self.limits.slots {
+            self.changed.notify_one();
+        }
     }
 
     /// Stops handing out jobs: waiting workers get `None`, and waiting
@@ -477,7 +583,7 @@ impl Scheduler {
     /// Jobs waiting and running.
     pub fn depth(&self) -> (usize, usize) {
         let s = self.lock();
-        (s.queued, s.running)
+        (s.queued, s.running + s.aside)
     }
 }
 
@@ -666,5 +772,79 @@ mod tests {
             let mut t = self.wait_turn(job(id, "z", "m")).unwrap();
             handed(&mut t).expect("a free slot")
         }
+    }
+
+    /// A job waiting for room lends its slot: the next job runs, its
+    /// tenant's count stays; no more jobs than slots are aside at once;
+    /// taken back, the slot is the job's again even past the number of
+    /// slots, and an aside slot dropped frees nothing twice.
+    #[tokio::test]
+    async fn a_slot_set_aside_is_lent_to_the_next_job() {
+        let s = Scheduler::new(QueueLimits {
+            slots: 1,
+            max_running_per_tenant: 2,
+            ..limits()
+        });
+        s.push(job("a1", "a", "m"), true).unwrap();
+        s.push(job("a2", "a", "m"), true).unwrap();
+        s.push(job("a3", "a", "m"), true).unwrap();
+        let first = s.next().await.unwrap();
+        assert!(s.try_next().is_none(), "one slot");
+        assert!(first.set_aside(true));
+        assert!(first.set_aside(true), "already aside");
+        let second = s.try_next().unwrap().unwrap();
+        assert_eq!(second.job().id, "a2");
+        assert_eq!(s.depth(), (1, 2));
+        // One aside per slot.
+        assert!(!second.set_aside(true));
+        // The tenant's cap still counts the one aside.
+        drop(second);
+        let third = s.try_next().unwrap().unwrap();
+        assert_eq!(third.job().id, "a3");
+        assert!(first.set_aside(false));
+        assert_eq!(s.depth(), (0, 2));
+        drop(third);
+        assert_eq!(s.depth(), (0, 1));
+        assert!(first.set_aside(true));
+        drop(first);
+        assert_eq!(s.depth(), (0, 0));
+        s.push(job("b1", "b", "m"), true).unwrap();
+        let b = s.try_next().unwrap().unwrap();
+        assert_eq!(b.job().id, "b1");
+        assert!(s.try_next().is_none(), "still one slot");
+        // A tenant's job aside still counts against its running cap.
+        let s = Scheduler::new(QueueLimits {
+            slots: 2,
+            max_running_per_tenant: 1,
+            ..limits()
+        });
+        s.push(job("c1", "c", "m"), true).unwrap();
+        s.push(job("c2", "c", "m"), true).unwrap();
+        let c1 = s.next().await.unwrap();
+        assert!(c1.set_aside(true));
+        assert!(s.try_next().is_none(), "c is at its cap");
+    }
+
+    /// A node on a shared store takes a slot before it claims a job, and
+    /// waits for one while every slot is taken; one given back unused is
+    /// free again.
+    #[tokio::test]
+    async fn a_vacancy_is_a_slot_taken_before_its_job() {
+        let s = with_slots(1);
+        let vacancy = s.vacancy().await.unwrap();
+        let waiting = tokio::spawn({
+            let s = Arc::clone(&s);
+            async move { s.vacancy().await.map(|v| v.occupy(job("x", "b", "m"))) }
+        });
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished());
+        drop(vacancy);
+        let slot = waiting.await.unwrap().unwrap();
+        assert_eq!(s.depth(), (0, 1));
+        drop(slot);
+        assert_eq!(s.depth(), (0, 0));
+        let _again = s.vacancy().await.unwrap();
+        s.close();
+        assert!(s.vacancy().await.is_none());
     }
 }

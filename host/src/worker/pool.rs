@@ -592,7 +592,7 @@ impl Pool {
             }
         }
         lock(&self.state).modules.insert(module, source);
-        let worker = self.pick(None).await.map_err(fault)?;
+        let worker = self.pick(None, &|_| {}).await.map_err(fault)?;
         let (tx, rx) = oneshot::channel();
         {
             let mut st = lock(&worker.state);
@@ -732,11 +732,22 @@ impl Pool {
     /// is taken; not one whose directory holds files beyond its jobs'
     /// rooms (and its released jobs' while their directories are there),
     /// whose room it would count as the new job's.
-    async fn pick(&self, room: Option<(u64, u64)>) -> Result<Arc<Worker>, String> {
+    ///
+    /// `waiting` is told once the job waits for room (workers with a free
+    /// place had none for it), and again once it no longer does.
+    async fn pick(
+        &self,
+        room: Option<(u64, u64)>,
+        waiting: crate::runner::Waiting<'_>,
+    ) -> Result<Arc<Worker>, String> {
         let freed = self.disk.as_ref().map(|d| &d.freed);
         let turn = match (room, &self.disk) {
             (Some((_, bytes)), Some(disk)) => Some(disk.turn(bytes)),
             _ => None,
+        };
+        let told = WaitTold {
+            waiting,
+            told: std::cell::Cell::new(false),
         };
         loop {
             if self.closing.load(Ordering::SeqCst) {
@@ -758,6 +769,7 @@ impl Pool {
                     })
                     .collect();
                 free.sort_by_key(|(running, _)| *running);
+                let placeable = !free.is_empty();
                 for (_, worker) in free {
                     let given = match (room, &worker.disk) {
                         (Some((job, bytes)), Some(disk)) => {
@@ -777,6 +789,9 @@ impl Pool {
                         Ok(false) => {}
                         Err(e) => return Err(format!("cannot grow a worker's directory: {e}")),
                     }
+                }
+                if placeable && turn.is_some() {
+                    told.tell();
                 }
             }
             match room_freed {
@@ -800,6 +815,7 @@ impl Pool {
         policy: &Policy,
         spec: &JobSpec,
         egress: Option<Arc<dyn Egress>>,
+        waiting: crate::runner::Waiting<'_>,
     ) -> Result<(JobReport, Option<WorkerOutputs>), String> {
         // A frame the channel cannot carry is refused here, for this job
         // alone, before it is queued.
@@ -828,7 +844,7 @@ impl Pool {
                 self.config.zone, disk.size
             ));
         }
-        let worker = self.pick(Some((job, need))).await?;
+        let worker = self.pick(Some((job, need)), waiting).await?;
         let wall_time = policy.limits.wall_time.get();
         let (tx, rx) = oneshot::channel();
         {
@@ -1566,6 +1582,29 @@ impl Worker {
             ),
             Some(s) => ("exited", format!("exited with {s}")),
             None => ("protocol", "closed its channel".into()),
+        }
+    }
+}
+
+/// A job's waiting for room, told once it starts and, on drop, once it
+/// ends.
+struct WaitTold<'a> {
+    waiting: crate::runner::Waiting<'a>,
+    told: std::cell::Cell<bool>,
+}
+
+impl WaitTold<'_> {
+    fn tell(&self) {
+        if !self.told.replace(true) {
+            (self.waiting)(true);
+        }
+    }
+}
+
+impl Drop for WaitTold<'_> {
+    fn drop(&mut self) {
+        if self.told.get() {
+            (self.waiting)(false);
         }
     }
 }

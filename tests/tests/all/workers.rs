@@ -413,6 +413,70 @@ async fn a_large_job_is_not_passed_for_ever_by_smaller_later_ones() {
     assert!(submitted >= 4, "{submitted}");
 }
 
+/// Jobs waiting for room in their zone's disk lend the queue's running
+/// places they took: with both places taken, one by a job running and one
+/// by a job waiting for the room the first holds, another tenant's job of
+/// another zone runs at once, not once the first job ends.
+#[tokio::test(flavor = "multi_thread")]
+async fn jobs_waiting_for_room_do_not_hold_the_queues_running_places() {
+    let big = sleeper(5_000).limits(|l| {
+        l.input = ByteSize::kib(64);
+        l.output = ByteSize::mib(12);
+        l.output_files = 4;
+    });
+    let server = service::start(|c| {
+        c.queue.workers = 2;
+        std::fs::remove_dir_all(&c.modules.policies_dir).unwrap();
+        big.write_to(&c.modules.policies_dir);
+        hello()
+            .zone(bulkhead::policy::Zone::FirstParty)
+            .write_to(&c.modules.policies_dir);
+        c.zones.insert(
+            "untrusted".into(),
+            bulkhead::config::ZonePool {
+                disk: ByteSize::mib(16),
+                workers: 1,
+                ..Default::default()
+            },
+        );
+    })
+    .await;
+    let acme = server.token("acme", &["hostile:run"]).await;
+    let mut big_jobs = Vec::new();
+    for _ in 0..2 {
+        let job = submit(&server, &acme, "hostile", false).await;
+        big_jobs.push(job["id"].as_str().unwrap().to_owned());
+    }
+    // Both claimed: one running with its room, one waiting for it.
+    for id in &big_jobs {
+        for _ in 0..400 {
+            let job = json(server.get(&format!("/v1/jobs/{id}"), &acme)).await;
+            if job["state"] == "running" {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+    let other = server.token("initech", &["hello:run"]).await;
+    let hello = submit(&server, &other, "hello", true).await;
+    assert_eq!(hello["state"], "succeeded", "{hello}");
+    let first = json(server.get(&format!("/v1/jobs/{}", big_jobs[0]), &acme)).await;
+    assert_eq!(
+        first["state"], "running",
+        "the hello job waited for the first large one to end: {first}"
+    );
+    for id in &big_jobs {
+        for _ in 0..600 {
+            let job = json(server.get(&format!("/v1/jobs/{id}"), &acme)).await;
+            if job["state"] != "queued" && job["state"] != "running" {
+                assert_eq!(job["report"]["limit"], "wall_time", "{job}");
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
 /// A worker whose directory keeps what its jobs released (native code in
 /// it, here the test writing through its working directory while its job
 /// runs) is stopped once it has kept it a while: its room goes back to the

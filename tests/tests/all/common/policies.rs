@@ -52,6 +52,12 @@ impl TestPolicy {
         self
     }
 
+    /// `[module] zone`.
+    pub fn zone(mut self, zone: Zone) -> Self {
+        self.0.module.zone = zone;
+        self
+    }
+
     /// `[limits] memory`.
     pub fn memory(self, memory: ByteSize) -> Self {
         self.limits(|l| l.memory = memory)
