@@ -159,6 +159,33 @@ pub struct RunnerState {
 /// ([`Slot::set_aside`](crate::service::scheduler::Slot::set_aside)).
 pub type Waiting<'a> = &'a (dyn Fn(bool) + Send + Sync);
 
+/// What a service's queue tells a run of its job beyond the spec.
+#[derive(Clone, Copy)]
+pub struct Queued<'a> {
+    /// Whose job it is: jobs waiting for room in a zone's disk hold back
+    /// only tenants holding as much of it or more
+    /// ([`crate::worker::disk`]).
+    pub tenant: &'a str,
+    /// Told when it starts and stops waiting for room.
+    pub waiting: Waiting<'a>,
+}
+
+impl std::fmt::Debug for Queued<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Queued")
+            .field("tenant", &self.tenant)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Queued<'_> {
+    /// A job of no tenant in particular, whose waits nobody hears of.
+    pub const ALONE: Queued<'static> = Queued {
+        tenant: "",
+        waiting: &|_| {},
+    };
+}
+
 /// Loads modules and runs jobs.
 #[async_trait::async_trait]
 pub trait Runner: Send + Sync + std::fmt::Debug {
@@ -179,20 +206,21 @@ pub trait Runner: Send + Sync + std::fmt::Debug {
         spec: &JobSpec,
         egress: Option<Arc<dyn Egress>>,
     ) -> Result<Finished, JobError> {
-        self.run_telling_waits(module, spec, egress, &|_| {}).await
+        self.run_queued(module, spec, egress, Queued::ALONE).await
     }
 
-    /// [`Runner::run`], telling `waiting` when the job starts waiting for
-    /// room in its zone's disk (`true`) and when it stops (`false`).
+    /// [`Runner::run`] of a job of `queued.tenant`, telling
+    /// `queued.waiting` when the job starts waiting for room in its zone's
+    /// disk (`true`) and when it stops (`false`).
     ///
     /// # Errors
     /// [`JobError`] when the job is refused before its guest starts.
-    async fn run_telling_waits(
+    async fn run_queued(
         &self,
         module: &Module,
         spec: &JobSpec,
         egress: Option<Arc<dyn Egress>>,
-        waiting: Waiting<'_>,
+        queued: Queued<'_>,
     ) -> Result<Finished, JobError>;
 
     /// Where this process keeps job directories.
@@ -252,12 +280,12 @@ impl Runner for InProcess {
         }))
     }
 
-    async fn run_telling_waits(
+    async fn run_queued(
         &self,
         module: &Module,
         spec: &JobSpec,
         egress: Option<Arc<dyn Egress>>,
-        _waiting: Waiting<'_>,
+        _queued: Queued<'_>,
     ) -> Result<Finished, JobError> {
         let Place::Local(loaded) = &module.place else {
             return Err(JobError::Worker(
@@ -342,12 +370,12 @@ impl Runner for Workers {
         }))
     }
 
-    async fn run_telling_waits(
+    async fn run_queued(
         &self,
         module: &Module,
         spec: &JobSpec,
         egress: Option<Arc<dyn Egress>>,
-        waiting: Waiting<'_>,
+        queued: Queued<'_>,
     ) -> Result<Finished, JobError> {
         let Place::Pool(pool, id) = &module.place else {
             return Err(JobError::Worker(
@@ -358,7 +386,7 @@ impl Runner for Workers {
         let policy = &module.policy;
         let egress = egress.filter(|_| !policy.network.services.is_empty());
         let (mut report, outputs) = pool
-            .run(*id, policy, spec, egress.clone(), waiting)
+            .run(*id, policy, spec, egress.clone(), queued)
             .await
             .map_err(JobError::Worker)?;
         // The gateway's own identity of the job, whatever the worker said.

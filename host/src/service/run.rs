@@ -13,7 +13,7 @@ use tokio::sync::{Notify, oneshot};
 
 use super::*;
 use crate::auth::Identity;
-use crate::runner::Module;
+use crate::runner::{Module, Queued};
 use crate::sandbox::{JobReport, JobSpec};
 use crate::store::{
     AuditEntry, CancelOutcome, Claim, Claimed, Idempotency, Inserted, JobRecord, JobState,
@@ -797,7 +797,10 @@ impl Service {
             // A cancel already waiting wins before the guest runs at all.
             biased;
             () = cancel.notify.notified() => None,
-            r = self.runner.run_telling_waits(module, spec, egress, &waiting) => Some(r),
+            r = self.runner.run_queued(module, spec, egress, Queued {
+                tenant: &record.tenant,
+                waiting: &waiting,
+            }) => Some(r),
         };
         audits.settle().await;
         if self

@@ -10,8 +10,13 @@
 //! together to the zone's `disk`. A job that does not fit waits for room
 //! (another job's files released), in turn: a later job takes room only
 //! while what is left still holds every earlier waiting job's, so a large
-//! job is not passed for ever by smaller ones ([`Turn`]). A module whose
-//! limits could never fit is refused at its load ([`most`]).
+//! job is not passed for ever by smaller ones ([`Turn`]) — except the
+//! waiting jobs of a tenant holding more of the zone's disk than the later
+//! job's tenant does: a tenant's jobs waiting for room hold back only
+//! tenants that hold as much or more, so one tenant's large jobs do not
+//! hold back everyone else's small ones while it holds room itself, and
+//! once it holds none, its waiting job holds back every later one. A
+//! module whose limits could never fit is refused at its load ([`most`]).
 //!
 //! So one tenant's jobs, each within its own quota, cannot take the room
 //! another tenant's job was given, nor cut a job short of the quota its
@@ -24,8 +29,8 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::io;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
@@ -105,8 +110,10 @@ pub struct ZoneDisk {
     /// The zone's `disk`.
     pub size: u64,
     given: Mutex<u64>,
-    /// The rooms jobs wait for, by their turn.
-    waiting: Mutex<BTreeMap<u64, u64>>,
+    /// The rooms jobs wait for, by their turn, and their tenants.
+    waiting: Mutex<BTreeMap<u64, (u64, Arc<str>)>>,
+    /// The rooms each tenant's jobs hold, until released.
+    held: Mutex<HashMap<Arc<str>, u64>>,
     turns: AtomicU64,
     /// Room came free, or a waiting job gave up its turn.
     pub freed: Notify,
@@ -119,6 +126,7 @@ pub struct ZoneDisk {
 pub struct Turn<'a> {
     zone: &'a ZoneDisk,
     turn: u64,
+    tenant: Arc<str>,
 }
 
 impl Drop for Turn<'_> {
@@ -134,6 +142,7 @@ impl ZoneDisk {
             size,
             given: Mutex::new(0),
             waiting: Mutex::default(),
+            held: Mutex::default(),
             turns: AtomicU64::new(0),
             freed: Notify::new(),
         }
@@ -144,22 +153,39 @@ impl ZoneDisk {
         *lock(&self.given)
     }
 
-    /// A turn for a job that needs `need` bytes, after every job already
-    /// waiting.
-    pub fn turn(&self, need: u64) -> Turn<'_> {
+    /// A turn for a job of `tenant` that needs `need` bytes, after every
+    /// job already waiting.
+    pub fn turn(&self, need: u64, tenant: &str) -> Turn<'_> {
         let turn = self.turns.fetch_add(1, Ordering::Relaxed);
-        lock(&self.waiting).insert(turn, need);
-        Turn { zone: self, turn }
+        let tenant: Arc<str> = Arc::from(tenant);
+        lock(&self.waiting).insert(turn, (need, Arc::clone(&tenant)));
+        Turn {
+            zone: self,
+            turn,
+            tenant,
+        }
+    }
+
+    /// The rooms `tenant`'s jobs hold now.
+    fn held_by(held: &HashMap<Arc<str>, u64>, tenant: &str) -> u64 {
+        held.get(tenant).copied().unwrap_or(0)
     }
 
     /// Takes `bytes` for the job of `turn` (none: not a job's, a load's)
-    /// if they fit with the rooms of every job waiting before it.
+    /// if they fit with the rooms of the jobs waiting before it that hold
+    /// it back: its own tenant's, and those of tenants holding no more of
+    /// the zone's disk than its tenant does.
     fn take(&self, bytes: u64, turn: Option<&Turn<'_>>) -> bool {
         let mut given = lock(&self.given);
         let ahead = turn.map_or(0, |t| {
+            let held = lock(&self.held);
+            let mine = Self::held_by(&held, &t.tenant);
             lock(&self.waiting)
                 .range(..t.turn)
-                .map(|(_, need)| *need)
+                .filter(|(_, (_, tenant))| {
+                    *tenant == t.tenant || Self::held_by(&held, tenant) <= mine
+                })
+                .map(|(_, (need, _))| *need)
                 .fold(0u64, u64::saturating_add)
         });
         if given.saturating_add(bytes).saturating_add(ahead) > self.size {
@@ -167,6 +193,25 @@ impl ZoneDisk {
         }
         *given += bytes;
         true
+    }
+
+    /// `tenant`'s jobs hold `bytes` more (`more`) or fewer.
+    fn hold(&self, tenant: &Arc<str>, bytes: u64, more: bool) {
+        let mut held = lock(&self.held);
+        let now = held.entry(Arc::clone(tenant)).or_default();
+        *now = if more {
+            now.saturating_add(bytes)
+        } else {
+            now.saturating_sub(bytes)
+        };
+        if *now == 0 {
+            held.remove(tenant);
+        }
+        drop(held);
+        if !more {
+            // Waiting jobs it held back may go now.
+            self.freed.notify_waiters();
+        }
     }
 
     fn give_back(&self, bytes: u64) {
@@ -182,7 +227,7 @@ impl ZoneDisk {
 /// A worker's directory's part of its zone's disk.
 #[derive(Debug)]
 pub struct WorkerDisk {
-    zone: std::sync::Arc<ZoneDisk>,
+    zone: Arc<ZoneDisk>,
     /// Its tmpfs, resized to what it holds; none where it is a plain
     /// directory.
     scratch: Option<Scratch>,
@@ -197,8 +242,9 @@ struct Held {
     /// Bytes of the zone's disk it holds, above [`FLOOR`]: its tmpfs's
     /// size, less the floor.
     bytes: u64,
-    /// Each job's room, until the job's files are released.
-    rooms: HashMap<u64, u64>,
+    /// Each job's room, and its tenant (none: a load's), until the job's
+    /// files are released.
+    rooms: HashMap<u64, (u64, Option<Arc<str>>)>,
     /// Each released job's room, kept until its directories are gone from
     /// the worker's directory: when it was released, and how large.
     leaving: HashMap<u64, (Instant, u64)>,
@@ -213,6 +259,7 @@ impl Held {
     fn kept(&self) -> u64 {
         self.rooms
             .values()
+            .map(|(room, _)| room)
             .chain(self.leaving.values().map(|(_, room)| room))
             .fold(0, |a, b| a.saturating_add(*b))
     }
@@ -268,7 +315,7 @@ impl WorkerDisk {
     /// `scratch` at [`FLOOR`] bytes, or none; `dir`, where its jobs'
     /// directories are.
     pub fn new(
-        zone: std::sync::Arc<ZoneDisk>,
+        zone: Arc<ZoneDisk>,
         scratch: Option<Scratch>,
         dir: Option<std::os::fd::OwnedFd>,
     ) -> Self {
@@ -308,7 +355,11 @@ impl WorkerDisk {
             }
             held.bytes += growth;
         }
-        held.rooms.insert(job, need);
+        let tenant = turn.map(|t| Arc::clone(&t.tenant));
+        if let Some(tenant) = &tenant {
+            self.zone.hold(tenant, need, true);
+        }
+        held.rooms.insert(job, (need, tenant));
         Ok(true)
     }
 
@@ -320,7 +371,10 @@ impl WorkerDisk {
     /// job's room.
     pub fn release(&self, job: u64) {
         let mut held = lock(&self.held);
-        if let Some(room) = held.rooms.remove(&job) {
+        if let Some((room, tenant)) = held.rooms.remove(&job) {
+            if let Some(tenant) = &tenant {
+                self.zone.hold(tenant, room, false);
+            }
             held.leaving.insert(job, (Instant::now(), room));
             self.shrink(&mut held);
         }
@@ -419,9 +473,14 @@ impl Drop for WorkerDisk {
     /// Its tmpfs goes with its last descriptor, these among them: what it
     /// held is the zone's again.
     fn drop(&mut self) {
-        let bytes = lock(&self.held).bytes;
+        let held = std::mem::take(&mut *lock(&self.held));
+        for (room, tenant) in held.rooms.into_values() {
+            if let Some(tenant) = &tenant {
+                self.zone.hold(tenant, room, false);
+            }
+        }
         self.scratch = None;
-        self.zone.give_back(bytes);
+        self.zone.give_back(held.bytes);
     }
 }
 
@@ -432,7 +491,6 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Arc;
 
     /// Rooms come out of the zone's disk, across workers, until it is
     /// given out; a release gives its room back, and a room too large
@@ -541,9 +599,9 @@ mod tests {
         let zone = Arc::new(ZoneDisk::new(10 * PAGE));
         let worker = WorkerDisk::new(Arc::clone(&zone), None, None);
         assert!(worker.reserve(1, 6 * PAGE, None).unwrap());
-        let large = zone.turn(8 * PAGE);
+        let large = zone.turn(8 * PAGE, "a");
         assert!(!worker.reserve(2, 8 * PAGE, Some(&large)).unwrap());
-        let small = zone.turn(3 * PAGE);
+        let small = zone.turn(3 * PAGE, "a");
         assert!(!worker.reserve(3, 3 * PAGE, Some(&small)).unwrap());
         worker.release(1);
         // It would fit, but leave the earlier job too little.
@@ -605,5 +663,38 @@ mod tests {
         std::fs::remove_dir(root.join("j2.in")).unwrap();
         assert_eq!(disk.settle(), None);
         assert_eq!(zone.given(), 1 << 20);
+    }
+
+    /// A tenant's waiting job holds back only tenants holding as much of
+    /// the zone's disk or more: while its tenant holds room, another
+    /// tenant's job that fits passes it, but not its own tenant's; once
+    /// its tenant holds none, it holds back every later job.
+    #[test]
+    fn a_tenants_waiting_job_holds_back_only_tenants_holding_as_much() {
+        let zone = Arc::new(ZoneDisk::new(10 * PAGE));
+        let worker = WorkerDisk::new(Arc::clone(&zone), None, None);
+        let a1 = zone.turn(8 * PAGE, "a");
+        assert!(worker.reserve(1, 8 * PAGE, Some(&a1)).unwrap());
+        drop(a1);
+        let a2 = zone.turn(8 * PAGE, "a");
+        assert!(!worker.reserve(2, 8 * PAGE, Some(&a2)).unwrap());
+        let b1 = zone.turn(PAGE, "b");
+        assert!(worker.reserve(3, PAGE, Some(&b1)).unwrap(), "b holds less");
+        drop(b1);
+        let a3 = zone.turn(PAGE, "a");
+        assert!(!worker.reserve(4, PAGE, Some(&a3)).unwrap(), "a's own");
+        drop(a3);
+        worker.release(1);
+        let b2 = zone.turn(2 * PAGE, "b");
+        assert!(
+            !worker.reserve(5, 2 * PAGE, Some(&b2)).unwrap(),
+            "a holds none"
+        );
+        assert!(worker.reserve(2, 8 * PAGE, Some(&a2)).unwrap());
+        drop(a2);
+        // What a tenant holds goes with its worker.
+        drop(worker);
+        assert_eq!(zone.given(), 0);
+        assert!(lock(&zone.held).is_empty());
     }
 }

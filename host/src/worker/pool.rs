@@ -592,7 +592,10 @@ impl Pool {
             }
         }
         lock(&self.state).modules.insert(module, source);
-        let worker = self.pick(None, &|_| {}).await.map_err(fault)?;
+        let worker = self
+            .pick(None, crate::runner::Queued::ALONE)
+            .await
+            .map_err(fault)?;
         let (tx, rx) = oneshot::channel();
         {
             let mut st = lock(&worker.state);
@@ -733,20 +736,21 @@ impl Pool {
     /// rooms (and its released jobs' while their directories are there),
     /// whose room it would count as the new job's.
     ///
-    /// `waiting` is told once the job waits for room (workers with a free
-    /// place had none for it), and again once it no longer does.
+    /// The job's turn is `queued.tenant`'s; `queued.waiting` is told once
+    /// the job waits for room (workers with a free place had none for it),
+    /// and again once it no longer does.
     async fn pick(
         &self,
         room: Option<(u64, u64)>,
-        waiting: crate::runner::Waiting<'_>,
+        queued: crate::runner::Queued<'_>,
     ) -> Result<Arc<Worker>, String> {
         let freed = self.disk.as_ref().map(|d| &d.freed);
         let turn = match (room, &self.disk) {
-            (Some((_, bytes)), Some(disk)) => Some(disk.turn(bytes)),
+            (Some((_, bytes)), Some(disk)) => Some(disk.turn(bytes, queued.tenant)),
             _ => None,
         };
         let told = WaitTold {
-            waiting,
+            waiting: queued.waiting,
             told: std::cell::Cell::new(false),
         };
         loop {
@@ -815,7 +819,7 @@ impl Pool {
         policy: &Policy,
         spec: &JobSpec,
         egress: Option<Arc<dyn Egress>>,
-        waiting: crate::runner::Waiting<'_>,
+        queued: crate::runner::Queued<'_>,
     ) -> Result<(JobReport, Option<WorkerOutputs>), String> {
         // A frame the channel cannot carry is refused here, for this job
         // alone, before it is queued.
@@ -844,7 +848,7 @@ impl Pool {
                 self.config.zone, disk.size
             ));
         }
-        let worker = self.pick(Some((job, need)), waiting).await?;
+        let worker = self.pick(Some((job, need)), queued).await?;
         let wall_time = policy.limits.wall_time.get();
         let (tx, rx) = oneshot::channel();
         {

@@ -413,6 +413,55 @@ async fn a_large_job_is_not_passed_for_ever_by_smaller_later_ones() {
     assert!(submitted >= 4, "{submitted}");
 }
 
+/// A tenant's job waiting for room holds back only tenants holding as
+/// much of the zone's disk: while one tenant's large job runs and its next
+/// waits for that room, another tenant's small job, which fits in what is
+/// left, runs at once rather than after them.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_waiting_job_does_not_hold_back_a_tenant_holding_less() {
+    let big = sleeper(5_000).limits(|l| {
+        l.input = ByteSize::kib(64);
+        l.output = ByteSize::mib(12);
+        l.output_files = 4;
+    });
+    let server = zone_with_disk(ByteSize::mib(16), 1, &[big, small_hello()]).await;
+    let acme = server.token("acme", &["hostile:run"]).await;
+    let mut big_jobs = Vec::new();
+    for _ in 0..2 {
+        let job = submit(&server, &acme, "hostile", false).await;
+        big_jobs.push(job["id"].as_str().unwrap().to_owned());
+    }
+    // One has its room; the other waits for it.
+    until(|| server.service.isolation().disk_given.get("untrusted") >= Some(&(12 << 20))).await;
+    for id in &big_jobs {
+        for _ in 0..400 {
+            let job = json(server.get(&format!("/v1/jobs/{id}"), &acme)).await;
+            if job["state"] == "running" {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+    let other = server.token("initech", &["hello:run"]).await;
+    let hello = submit(&server, &other, "hello", true).await;
+    assert_eq!(hello["state"], "succeeded", "{hello}");
+    let first = json(server.get(&format!("/v1/jobs/{}", big_jobs[0]), &acme)).await;
+    assert_eq!(
+        first["state"], "running",
+        "the hello job waited behind the large ones: {first}"
+    );
+    for id in &big_jobs {
+        for _ in 0..600 {
+            let job = json(server.get(&format!("/v1/jobs/{id}"), &acme)).await;
+            if job["state"] != "queued" && job["state"] != "running" {
+                assert_eq!(job["report"]["limit"], "wall_time", "{job}");
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
 /// Jobs waiting for room in their zone's disk lend the queue's running
 /// places they took: with both places taken, one by a job running and one
 /// by a job waiting for the room the first holds, another tenant's job of
