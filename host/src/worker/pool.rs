@@ -251,6 +251,10 @@ impl std::fmt::Debug for Pool {
 struct State {
     workers: Vec<Arc<Worker>>,
     modules: HashMap<u64, Arc<Source>>,
+    /// Modules whose zone-cache entry a worker found gone or not the
+    /// recorded one, and which only a worker that had run a guest compiled
+    /// since: handed over by the next worker that has run none.
+    rebuild: std::collections::HashSet<u64>,
     /// Workers being started.
     starting: u32,
 }
@@ -690,6 +694,11 @@ impl Pool {
             // an entry: worth counting where it is watched.
             metrics::counter!("bulkhead_zone_cache_mismatches_total", "zone" => self.config.zone.clone())
                 .increment(1);
+            if !pristine {
+                // What it compiled is not taken: the next worker that has
+                // run no guest compiles it for the cache ([`Pool::rebuild`]).
+                lock(&self.state).rebuild.insert(module);
+            }
         }
         let reported = info.artifact.as_ref().filter(|a| a.well_formed())?;
         let Some(artifact) = recordable(pristine, !info.from_cache, Some(reported)).cloned() else {
@@ -1154,6 +1163,7 @@ impl Pool {
                 self.fault(worker, "disk", over.to_string());
             }
         }
+        self.rebuild();
         let live = {
             let st = lock(&self.state);
             st.workers
@@ -1177,6 +1187,38 @@ impl Pool {
                 drop(st);
                 pool.changed.notify_waiters();
             });
+        }
+    }
+
+    /// Has a worker that has run no guest compile each module whose zone
+    /// cache entry was found gone or rewritten, and hand it over, which
+    /// puts the entry back: until then every worker compiles the module
+    /// itself. One not yet sent to such a worker waits for the next (a
+    /// replacement).
+    fn rebuild(&self) {
+        let (modules, workers) = {
+            let st = lock(&self.state);
+            if st.rebuild.is_empty() {
+                return;
+            }
+            (
+                st.rebuild.iter().copied().collect::<Vec<_>>(),
+                st.workers.clone(),
+            )
+        };
+        for module in modules {
+            let fresh = workers.iter().find(|w| {
+                let ws = lock(&w.state);
+                ws.fault.is_none()
+                    && !ws.retiring
+                    && ws.pristine()
+                    && !ws.loaded.contains_key(&module)
+            });
+            if let Some(worker) = fresh {
+                lock(&self.state).rebuild.remove(&module);
+                tracing::info!(zone = %self.config.zone, pid = worker.pid, module = %module, "a worker that has run no guest compiles a module whose zone-cache entry was gone or rewritten, for the cache");
+                self.send_load(worker, module, true);
+            }
         }
     }
 

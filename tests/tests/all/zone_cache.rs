@@ -137,6 +137,37 @@ async fn an_artifact_planted_in_a_zone_cache_is_not_loaded_by_the_next_worker() 
     third.close();
 }
 
+/// An entry removed from a zone's cache while the zone runs is put back
+/// without a restart: the worker that finds it gone compiles the module
+/// itself (it has been sent a job, so what it compiles is not taken), and
+/// the next worker that has run no guest compiles it for the cache.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_entry_removed_from_a_zone_cache_is_put_back_while_the_zone_runs() {
+    let tmp = tempfile::tempdir().unwrap();
+    // A fresh worker for each job.
+    let runner = workers(tmp.path(), "only", 1).await;
+    let hello = load(&runner, bulkhead_tests::HELLO, "hello").await;
+    let entry = recorded_entry(tmp.path(), bulkhead_tests::HELLO);
+    let recorded = std::fs::read(&entry).unwrap();
+    // The worker that loaded it runs a job and is replaced.
+    assert!(run(&runner, &hello).await.succeeded());
+    std::fs::remove_file(&entry).unwrap();
+    // The next worker loads it for its job, finds the entry gone and
+    // compiles hello itself; its replacement puts the entry back.
+    assert!(run(&runner, &hello).await.succeeded());
+    for _ in 0..400 {
+        if entry.exists() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let now = std::fs::read(&entry).expect("the entry was not put back");
+    let record = record(tmp.path(), bulkhead_tests::HELLO).expect("hello's record");
+    assert_eq!(record["sha256"], hex::encode(Sha256::digest(&now)));
+    assert_eq!(now.len(), recorded.len());
+    runner.close();
+}
+
 /// A worker that has been sent a job may be its guest's by now: what it
 /// says it compiled is not recorded, so a restart does not load it; a
 /// worker that has run nothing is taken at its word, and a restart after
