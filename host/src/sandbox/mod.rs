@@ -373,6 +373,20 @@ impl Sandbox {
             cache::ensure_private_dir(&config.work_dir)
                 .map_err(|e| SandboxError(format!("work directory: {e}")))?;
         }
+        // A guest reads and has collected only the files its job was given
+        // or made, told from others by their identity: a file system that
+        // cannot tell a new file from one whose freed inode number it was
+        // given would let a job's earlier file stand for another's.
+        match outputs::tells_files_apart(&config.work_dir) {
+            Ok(true) => {}
+            Ok(false) => {
+                return Err(SandboxError(format!(
+                    "work directory {}: its file system gives files neither birth times nor file handles, so a file put in a job's directory could not be told from one the job made; use a work directory on another file system (tmpfs, ext4, xfs, btrfs)",
+                    config.work_dir.display()
+                )));
+            }
+            Err(e) => return Err(SandboxError(format!("work directory: {e}"))),
+        }
         let cache = match config
             .cache_dir
             .as_deref()

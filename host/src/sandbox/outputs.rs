@@ -48,9 +48,12 @@ pub const MAX_PATH_BYTES: usize = 1024;
 /// quota bounds a job's entries far below this).
 pub const MAX_ENTRIES: usize = 65_536;
 
-/// A file's identity on the host: its device, inode and birth time (an
-/// inode number freed and given to a new file is told apart by the
-/// latter; zero where the file system keeps none).
+/// A file's identity on the host: its device, its inode, and what tells a
+/// freed inode number given to a new file from the file it was: the
+/// inode's birth time and the file system's handle for it, which carries
+/// the inode's generation (each zero where the file system gives none).
+/// Birth time alone is not enough: a file system may keep none, and one
+/// that does may stamp two files made within a clock tick alike.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct FileId {
     /// `st_dev`.
@@ -59,15 +62,19 @@ pub struct FileId {
     pub ino: u64,
     /// Birth time: seconds and nanoseconds.
     pub born: (i64, u32),
+    /// The file handle (`name_to_handle_at`), hashed.
+    pub handle: u64,
 }
 
 impl FileId {
-    /// The identity of the file `fd` holds open (one `statx`).
+    /// The identity of the file `fd` holds open (a `statx` and a
+    /// `name_to_handle_at`).
     ///
     /// # Errors
     /// What `statx` says.
     pub fn of(fd: impl std::os::fd::AsFd) -> io::Result<Self> {
         use rustix::fs::{AtFlags, StatxFlags};
+        let fd = fd.as_fd();
         let st = rustix::fs::statx(
             fd,
             "",
@@ -83,8 +90,85 @@ impl FileId {
             dev: rustix::fs::makedev(st.stx_dev_major, st.stx_dev_minor),
             ino: st.stx_ino,
             born,
+            handle: handle_of(fd),
         })
     }
+
+    /// Whether it tells this file from one a freed inode number is given
+    /// to later: the file system gave a handle or a birth time.
+    pub fn distinct(&self) -> bool {
+        self.handle != 0 || self.born != (0, 0)
+    }
+}
+
+/// Whether the file system of directory `dir` tells its files apart
+/// ([`FileId::distinct`]): a probe file is made there and removed.
+///
+/// # Errors
+/// The probe could not be made.
+pub fn tells_files_apart(dir: &Path) -> io::Result<bool> {
+    let probe = dir.join(format!(".identity-{}", uuid::Uuid::new_v4().simple()));
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&probe)?;
+    let id = FileId::of(&file);
+    drop(file);
+    std::fs::remove_file(&probe)?;
+    Ok(id?.distinct())
+}
+
+/// The file system's handle for the inode `fd` holds open, hashed; zero
+/// where it gives none. The handle names the inode and its generation,
+/// which a file system that reuses inode numbers (ext4, xfs, tmpfs) draws
+/// anew for each file it makes.
+fn handle_of(fd: std::os::fd::BorrowedFd<'_>) -> u64 {
+    use std::os::fd::AsRawFd;
+    #[repr(C)]
+    struct Handle {
+        bytes: libc::c_uint,
+        kind: libc::c_int,
+        f: [u8; libc::MAX_HANDLE_SZ as usize],
+    }
+    // An identifying handle first (any file system that can make one,
+    // Linux 6.5 on), then an exportable one.
+    for flags in [
+        libc::AT_EMPTY_PATH | libc::AT_HANDLE_FID,
+        libc::AT_EMPTY_PATH,
+    ] {
+        let mut handle = Handle {
+            bytes: libc::MAX_HANDLE_SZ as libc::c_uint,
+            kind: 0,
+            f: [0; libc::MAX_HANDLE_SZ as usize],
+        };
+        let mut mount_id: libc::c_int = 0;
+        // SAFETY: `handle` is a `file_handle` with room for the largest
+        // handle, its size in `bytes`; the path is an empty C string.
+        let done = unsafe {
+            libc::name_to_handle_at(
+                fd.as_raw_fd(),
+                c"".as_ptr(),
+                (&raw mut handle).cast(),
+                &raw mut mount_id,
+                flags,
+            )
+        };
+        if done == 0 {
+            let len = (handle.bytes as usize).min(handle.f.len());
+            let mut hash = Sha256::new();
+            hash.update(handle.kind.to_le_bytes());
+            hash.update(&handle.f[..len]);
+            let digest = hash.finalize();
+            let mut first = [0u8; 8];
+            first.copy_from_slice(&digest[..8]);
+            return u64::from_le_bytes(first).max(1);
+        }
+        // EINVAL: a kernel that knows no AT_HANDLE_FID.
+        if io::Error::last_os_error().raw_os_error() != Some(libc::EINVAL) {
+            break;
+        }
+    }
+    0
 }
 
 /// The regular files a job created in its `/out` (by the guest's own
@@ -750,5 +834,95 @@ mod bounds_tests {
         std::os::unix::fs::symlink("/etc/passwd", out.join("link2")).unwrap();
         let err = collect_beneath(tmp.path(), "j1.out", Some(&dest), bounds, None).unwrap_err();
         assert!(matches!(err, CollectError::OverLimit(_)), "{err}");
+    }
+}
+
+#[cfg(test)]
+mod identity_tests {
+    use super::*;
+
+    /// A file system made for the test and mounted, unmounted on drop.
+    struct Mounted {
+        dir: tempfile::TempDir,
+    }
+
+    impl Drop for Mounted {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount")
+                .arg(self.dir.path().join("m"))
+                .status();
+        }
+    }
+
+    /// An ext4 with 128-byte inodes, which keep no birth time, mounted from
+    /// a file; `None` where the test cannot make one (not root, no
+    /// `mkfs.ext4`), which fails under CI.
+    fn ext4_without_birth_times() -> Option<Mounted> {
+        let dir = tempfile::tempdir().unwrap();
+        let image = dir.path().join("fs.img");
+        std::fs::File::create(&image)
+            .unwrap()
+            .set_len(16 << 20)
+            .unwrap();
+        let run = |program: &str, args: &[&std::ffi::OsStr]| {
+            std::process::Command::new(program)
+                .args(args)
+                .stderr(std::process::Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        };
+        let mount = dir.path().join("m");
+        std::fs::create_dir(&mount).unwrap();
+        let made = run(
+            "mkfs.ext4",
+            &[
+                "-q".as_ref(),
+                "-I".as_ref(),
+                "128".as_ref(),
+                "-F".as_ref(),
+                image.as_os_str(),
+            ],
+        ) && run(
+            "mount",
+            &[
+                "-o".as_ref(),
+                "loop".as_ref(),
+                image.as_os_str(),
+                mount.as_os_str(),
+            ],
+        );
+        if !made {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "cannot make and mount an ext4 (mkfs.ext4, a loop device, root)"
+            );
+            eprintln!("skipped: cannot make and mount an ext4 here");
+            return None;
+        }
+        Some(Mounted { dir })
+    }
+
+    /// On a file system that keeps no birth time and gives a freed inode
+    /// number to the next file it makes, the new file is told from the
+    /// one that had the number: a job that made and removed a file does
+    /// not thereby hold the identity of whatever file is made next there
+    /// (found by an attacker: another job's input moved into such a job's
+    /// `/out` was read and collected as its own).
+    #[test]
+    fn a_file_given_a_freed_inode_number_is_another_file() {
+        let Some(fs) = ext4_without_birth_times() else {
+            return;
+        };
+        let root = fs.dir.path().join("m");
+        let first = std::fs::File::create(root.join("made")).unwrap();
+        let made = FileId::of(&first).unwrap();
+        drop(first);
+        assert_eq!(made.born, (0, 0), "this ext4 keeps birth times");
+        std::fs::remove_file(root.join("made")).unwrap();
+        let next = std::fs::File::create(root.join("next")).unwrap();
+        let next = FileId::of(&next).unwrap();
+        assert_eq!(next.ino, made.ino, "the inode number was not reused");
+        assert!(made.distinct() && next.distinct());
+        assert_ne!(next, made);
     }
 }

@@ -431,6 +431,28 @@ impl QuotaFs<'_> {
             .is_ok()
     }
 
+    /// Whether what is at `path` (if anything) is a regular file, a
+    /// directory or a symbolic link: nothing whose open could block.
+    async fn openable_at(
+        &mut self,
+        fd: &Resource<types::Descriptor>,
+        path_flags: types::PathFlags,
+        path: &str,
+    ) -> bool {
+        let borrowed = Resource::new_borrow(fd.rep());
+        match HostDescriptor::stat_at(&mut self.inner, borrowed, path_flags, path.to_owned()).await
+        {
+            Ok(stat) => matches!(
+                stat.type_,
+                types::DescriptorType::RegularFile
+                    | types::DescriptorType::Directory
+                    | types::DescriptorType::SymbolicLink
+            ),
+            // Nothing there (the open says so) or nothing to say.
+            Err(_) => true,
+        }
+    }
+
     /// Replaces the stream at `stream` with a [`QuotaStream`] around it.
     fn wrap_stream(
         &mut self,
@@ -667,6 +689,13 @@ impl HostDescriptor for QuotaFs<'_> {
             // is never taken for the job's own.
             oflags |= types::OpenFlags::EXCLUSIVE;
             fresh = true;
+        }
+        // A FIFO, socket or device someone else put at the name is refused
+        // before it is opened: an open of a FIFO blocks the guest's thread
+        // until a writer comes, past any clock of the job's (found by an
+        // attacker). What is put there after this look is opened as ever.
+        if !fresh && !self.openable_at(&fd, path_flags, &path).await {
+            return Err(ErrorCode::Access.into());
         }
         // An existing file is truncated only once it is known to be the
         // job's own (below): the open itself must not cut someone else's.

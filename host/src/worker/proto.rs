@@ -33,7 +33,8 @@ use crate::job::JobSpec;
 /// 5: `Report` names the files the job created in `/out`.
 /// 6: `Load` says whether to hand over what the worker compiles.
 /// 7: `Released` once a released job's directories are removed.
-pub const VERSION: u32 = 7;
+/// 8: a file's identity carries its file handle's hash (`FileId::handle`).
+pub const VERSION: u32 = 8;
 
 /// Largest frame a worker accepts: a module at the host's largest
 /// accepted size plus its policy, or a job's inputs, with room to spare.

@@ -1788,6 +1788,12 @@ async fn only_files_a_job_created_are_stored_and_served() {
         std::fs::write(work.join("theirs"), theirs).unwrap();
         let planted = std::fs::File::open(work.join("theirs")).unwrap();
         std::fs::rename(work.join("theirs"), out.join("late.txt")).unwrap();
+        // A FIFO: its open would block the guest's thread until a writer
+        // came, past the job's clocks.
+        let fifo =
+            std::ffi::CString::new(out.join("pipe").into_os_string().into_encoded_bytes()).unwrap();
+        // SAFETY: a NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
         std::fs::write(out.join("go"), b"").unwrap();
 
         let token = s.token("acme", &["hostile:run"]).await;
@@ -1815,7 +1821,7 @@ async fn only_files_a_job_created_are_stored_and_served() {
             let text = std::str::from_utf8(bytes).unwrap();
             assert!(!stdout.contains(text), "{mode}: {stdout}");
         }
-        for name in ["linked", "moved", "movedir/f", "late.txt"] {
+        for name in ["linked", "moved", "movedir/f", "late.txt", "pipe"] {
             let refused = format!("out-wait cannot read /out/{name}: PermissionDenied");
             assert!(stdout.contains(&refused), "{mode}: {stdout}");
         }
@@ -1834,6 +1840,7 @@ async fn only_files_a_job_created_are_stored_and_served() {
                 ("linked", "not-created"),
                 ("moved", "not-created"),
                 ("movedir/f", "not-created"),
+                ("pipe", "fifo"),
             ],
             "{mode}"
         );

@@ -16,6 +16,10 @@
 //! - `ioctl`: non-blocking and close-on-exec flags, terminal and readable
 //!   byte queries, and `PAGEMAP_SCAN` (the allocator's scan of its own page
 //!   map).
+//! - `name_to_handle_at`: of a descriptor's own file (`AT_EMPTY_PATH`, and
+//!   `AT_HANDLE_FID`), the handle that tells a job's files from others
+//!   given a freed inode number (`outputs::FileId`); the handle opens
+//!   nothing (`open_by_handle_at` is not on the list).
 //!
 //! Not on the list, among others: `socket`, `connect`, `bind`, `listen`,
 //! `accept`, `execve`, `execveat`, `fork`, `vfork`,
@@ -24,7 +28,7 @@
 //! `request_key`, `unshare`, `setns`, `set*id`, `capset`, `setrlimit`,
 //! `personality`, `perf_event_open`, `userfaultfd`, `io_uring_*`,
 //! `kexec_*`, `init_module`, `finit_module`, `reboot`, `swapon`,
-//! `open_by_handle_at`, `name_to_handle_at`, `seccomp`, `landlock_*`,
+//! `open_by_handle_at`, `seccomp`, `landlock_*`,
 //! `mknod`, `chown`.
 
 use std::collections::BTreeMap;
@@ -243,6 +247,23 @@ fn rules(pid: u64) -> Result<BTreeMap<i64, Vec<SeccompRule>>, seccompiler::Backe
         vec![SeccompRule::new(vec![eq(0, libc::AF_UNIX as u64)?])?],
     );
     rules.insert(libc::SYS_tgkill, vec![SeccompRule::new(vec![eq(0, pid)?])?]);
+    rules.insert(
+        libc::SYS_name_to_handle_at,
+        [
+            libc::AT_EMPTY_PATH,
+            libc::AT_EMPTY_PATH | libc::AT_HANDLE_FID,
+        ]
+        .iter()
+        .map(|&flags| {
+            SeccompRule::new(vec![SeccompCondition::new(
+                4,
+                SeccompCmpArgLen::Dword,
+                SeccompCmpOp::Eq,
+                flags.cast_unsigned().into(),
+            )?])
+        })
+        .collect::<Result<_, _>>()?,
+    );
     let prctl_ops = [
         libc::PR_SET_NAME,
         libc::PR_GET_NAME,
