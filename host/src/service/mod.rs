@@ -458,15 +458,16 @@ impl Service {
                 tokio::spawn(Arc::clone(&service).listener(events));
             }
         }
-        // Twice as many as there are running slots: a job waiting for room
-        // in its zone's disk lends its slot (`Slot::set_aside`, at most
-        // one per slot), and another worker runs the job that takes it.
-        for _ in 0..service.config.queue.workers.saturating_mul(2) {
-            if service.shared {
+        // Each job runs in a task of its own, started once it has a slot:
+        // a job waiting for room in its zone's disk lends its slot
+        // (`Slot::set_aside`) to the next, which needs a task of its own.
+        // On a shared store, `queue.workers` claim jobs at once.
+        if service.shared {
+            for _ in 0..service.config.queue.workers {
                 tokio::spawn(Arc::clone(&service).puller());
-            } else {
-                tokio::spawn(Arc::clone(&service).worker());
             }
+        } else {
+            tokio::spawn(Arc::clone(&service).worker());
         }
         tokio::spawn(Arc::clone(&service).sweeper());
         tokio::spawn(Arc::clone(&service).keeper());

@@ -132,41 +132,50 @@ impl Service {
         }
     }
 
+    /// Hands each durable job the scheduler starts a task of its own, which
+    /// runs it: as many run at once as hold slots, and those whose slots
+    /// are set aside while they wait for room.
     pub(super) async fn worker(self: Arc<Self>) {
         while let Some(slot) = self.scheduler.next().await {
-            let job = slot.job().clone();
-            self.hold(&job.id, true);
-            let ran = self.run_one(&job, &slot).await;
-            self.hold(&job.id, false);
-            drop(slot);
-            match ran {
-                Ran::Ended(finished) => self.ended(&job.id, finished),
-                // Another run has it, or it was cancelled elsewhere: its
-                // waiters here hear of it once it is final.
-                Ran::Lost => {
-                    if let Ok(Some(now)) = self.store.get_job(&job.tenant, &job.id).await
-                        && now.state.is_final()
-                    {
-                        self.wake(&job.id, Some(&now));
-                    }
-                }
-                // Its next attempt may start at once; after a storage
-                // failure the keeper re-queues it once the storage writes.
-                Ran::Requeued { storage: false } => self.enqueue(job),
-                Ran::Requeued { storage: true } => {
-                    self.recover_wanted.store(true, Ordering::SeqCst);
+            self.hold(&slot.job().id, true);
+            tokio::spawn(Arc::clone(&self).run_slot(slot));
+        }
+    }
+
+    /// Runs the durable job of `slot`, held by this process.
+    async fn run_slot(self: Arc<Self>, slot: Slot) {
+        let job = slot.job().clone();
+        let ran = self.run_one(&job, &slot).await;
+        self.hold(&job.id, false);
+        drop(slot);
+        match ran {
+            Ran::Ended(finished) => self.ended(&job.id, finished),
+            // Another run has it, or it was cancelled elsewhere: its
+            // waiters here hear of it once it is final.
+            Ran::Lost => {
+                if let Ok(Some(now)) = self.store.get_job(&job.tenant, &job.id).await
+                    && now.state.is_final()
+                {
+                    self.wake(&job.id, Some(&now));
                 }
             }
-            self.update_gauges();
+            // Its next attempt may start at once; after a storage
+            // failure the keeper re-queues it once the storage writes.
+            Ran::Requeued { storage: false } => self.enqueue(job),
+            Ran::Requeued { storage: true } => {
+                self.recover_wanted.store(true, Ordering::SeqCst);
+            }
         }
+        self.update_gauges();
     }
 
     /// A worker of a node on a shared store ([`JobStore::shared`]): takes
     /// the next job from the store's queue ([`JobStore::claim_next`],
-    /// under the running caps of all nodes together) and runs it, holding
-    /// a slot of this node's scheduler while it runs (so draining and the
-    /// gauges see it). Between claims it waits to be woken (a submission
-    /// or a finish here, a lease sweep) or at most [`PULL_EVERY`].
+    /// under the running caps of all nodes together) once a slot of this
+    /// node's scheduler is free, and runs it in a task of its own holding
+    /// that slot (so draining and the gauges see it). Between claims it
+    /// waits to be woken (a submission or a finish here, a lease sweep) or
+    /// at most [`PULL_EVERY`].
     pub(super) async fn puller(self: Arc<Self>) {
         let q = &self.config.queue;
         let caps = crate::store::Caps {
@@ -223,31 +232,35 @@ impl Service {
             };
             let slot = vacancy.occupy(job.clone());
             self.hold(&job.id, true);
-            let cancel = self.cancel_handle(&job.id);
-            let ran = self.run_claim(&job.id, Ok(claimed), &cancel, &slot).await;
-            drop(cancel);
-            self.hold(&job.id, false);
-            drop(slot);
-            match ran {
-                Ran::Ended(finished) => self.ended(&job.id, finished),
-                Ran::Lost => {
-                    if let Ok(Some(now)) = self.store.get_job(&job.tenant, &job.id).await
-                        && now.state.is_final()
-                    {
-                        self.wake(&job.id, Some(&now));
-                    }
-                }
-                Ran::Requeued { storage: false } => {}
-                Ran::Requeued { storage: true } => {
-                    self.recover_wanted.store(true, Ordering::SeqCst);
+            tokio::spawn(Arc::clone(&self).run_claimed_slot(claimed, slot));
+        }
+    }
+
+    /// Runs the job a shared store's worker claimed, holding `slot`.
+    async fn run_claimed_slot(self: Arc<Self>, claimed: Claim, slot: Slot) {
+        let job = slot.job().clone();
+        let cancel = self.cancel_handle(&job.id);
+        let ran = self.run_claim(&job.id, Ok(claimed), &cancel, &slot).await;
+        drop(cancel);
+        self.hold(&job.id, false);
+        drop(slot);
+        match ran {
+            Ran::Ended(finished) => self.ended(&job.id, finished),
+            Ran::Lost => {
+                if let Ok(Some(now)) = self.store.get_job(&job.tenant, &job.id).await
+                    && now.state.is_final()
+                {
+                    self.wake(&job.id, Some(&now));
                 }
             }
-            // The slot (and any cap) this job held is taken up by this
-            // worker's own next claim, at once: waking the others too would
-            // only send them for claims that find nothing, each under the
-            // cluster-wide claim lock.
-            self.update_gauges();
+            Ran::Requeued { storage: false } => {}
+            Ran::Requeued { storage: true } => {
+                self.recover_wanted.store(true, Ordering::SeqCst);
+            }
         }
+        // The slot (and any cap) this job held goes to the next claim of
+        // this node's workers, one of which it woke.
+        self.update_gauges();
     }
 
     /// Acts on the jobs other nodes queue or end ([`JobStore::events`]): a
@@ -790,8 +803,14 @@ impl Service {
         let egress = caller.and_then(|caller| self.egress(module, record, caller, &audits));
         // While it waits for room in its zone's disk, its running place is
         // lent to jobs that can run.
+        let inputs = spec
+            .inputs
+            .iter()
+            .map(|i| i.data.len() as u64)
+            .sum::<u64>()
+            .saturating_add(spec.stdin.len() as u64);
         let waiting = |waiting| {
-            slot.set_aside(waiting);
+            slot.set_aside(waiting, inputs);
         };
         let result = tokio::select! {
             // A cancel already waiting wins before the guest runs at all.

@@ -19,16 +19,21 @@
 //!
 //! A job waiting for room in its zone's disk sets its slot aside
 //! ([`Slot::set_aside`]): it keeps its tenant's and module's counts but
-//! not a running slot, so jobs waiting for room never hold every slot
-//! while others, of other tenants and zones, could run. At most as many
-//! jobs are aside as there are slots; one that gets its room takes its
-//! slot back at once, even past the number of slots, as it was running
-//! before.
+//! not a running slot, so jobs waiting for room do not hold the slots
+//! while others, of other tenants and zones, could run. As many jobs as
+//! there are slots may be aside whatever their inputs; more, only while
+//! their inputs (held in memory meanwhile) fit in [`ASIDE_BYTES`], and no
+//! more than `max_queued` in all. One that gets its room takes its slot
+//! back at once, even past the number of slots, as it was running before.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::{Notify, oneshot};
+
+/// The inputs of the jobs set aside beyond as many as there are slots,
+/// at most: those the slots' own could hold are not counted.
+pub const ASIDE_BYTES: u64 = 64 << 20;
 
 /// A job waiting for a slot.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -82,6 +87,8 @@ struct State {
     running: usize,
     /// Running jobs whose slots are set aside while they wait for room.
     aside: usize,
+    /// The inputs of those set aside beyond as many as there are slots.
+    aside_bytes: u64,
     closed: bool,
     /// Durable jobs waiting or running: a job pushed again (recovery
     /// re-reading the store) is not queued twice.
@@ -114,8 +121,9 @@ pub struct Scheduler {
 pub struct Slot {
     scheduler: Arc<Scheduler>,
     job: QueuedJob,
-    /// Its running slot is set aside ([`Slot::set_aside`]).
-    aside: std::sync::atomic::AtomicBool,
+    /// Its running slot is set aside ([`Slot::set_aside`]), and the
+    /// inputs it counts in [`ASIDE_BYTES`] meanwhile.
+    aside: Mutex<Option<u64>>,
 }
 
 impl Slot {
@@ -123,7 +131,7 @@ impl Slot {
         Self {
             scheduler: Arc::clone(scheduler),
             job,
-            aside: std::sync::atomic::AtomicBool::new(false),
+            aside: Mutex::new(None),
         }
     }
 
@@ -133,26 +141,37 @@ impl Slot {
     }
 
     /// Sets the job's running slot aside while it waits for room (`true`),
-    /// handing it on, or takes it back (`false`). Refused (false) when as
-    /// many jobs as there are slots are aside already: the job keeps its
-    /// slot.
-    pub fn set_aside(&self, aside: bool) -> bool {
-        use std::sync::atomic::Ordering;
+    /// handing it on, or takes it back (`false`); `inputs`, the bytes of
+    /// its inputs held meanwhile. Refused (false) where as many jobs as
+    /// there are slots are aside already and its inputs do not fit in
+    /// what is left of [`ASIDE_BYTES`], or `max_queued` jobs are aside:
+    /// the job keeps its slot.
+    pub fn set_aside(&self, aside: bool, inputs: u64) -> bool {
+        let mut mine = self.aside.lock().unwrap_or_else(|e| e.into_inner());
         let mut s = self.scheduler.lock();
-        if aside == self.aside.load(Ordering::SeqCst) {
+        let limits = &self.scheduler.limits;
+        if aside == mine.is_some() {
             return true;
         }
         if aside {
-            if s.aside >= self.scheduler.limits.slots {
+            let counted = if s.aside < limits.slots {
+                0
+            } else if s.aside < limits.max_queued
+                && s.aside_bytes.saturating_add(inputs) <= ASIDE_BYTES
+            {
+                inputs
+            } else {
                 return false;
-            }
+            };
             s.aside += 1;
+            s.aside_bytes += counted;
             s.running = s.running.saturating_sub(1);
+            *mine = Some(counted);
         } else {
             s.aside = s.aside.saturating_sub(1);
+            s.aside_bytes = s.aside_bytes.saturating_sub(mine.take().unwrap_or(0));
             s.running += 1;
         }
-        self.aside.store(aside, Ordering::SeqCst);
         let handoffs = if aside {
             let (handoffs, _) = self.scheduler.dispatch(&mut s, false);
             self.scheduler.freed(&s);
@@ -168,7 +187,7 @@ impl Slot {
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        let aside = *self.aside.get_mut();
+        let aside = *self.aside.get_mut().unwrap_or_else(|e| e.into_inner());
         self.scheduler.release(&self.job, aside);
     }
 }
@@ -526,10 +545,11 @@ impl Scheduler {
 
     /// A slot's job ended: frees its slot and counts, and starts whatever
     /// may run now.
-    fn release(self: &Arc<Self>, job: &QueuedJob, aside: bool) {
+    fn release(self: &Arc<Self>, job: &QueuedJob, aside: Option<u64>) {
         let mut s = self.lock();
-        if aside {
+        if let Some(counted) = aside {
             s.aside = s.aside.saturating_sub(1);
+            s.aside_bytes = s.aside_bytes.saturating_sub(counted);
         } else {
             s.running = s.running.saturating_sub(1);
         }
@@ -775,37 +795,41 @@ mod tests {
     }
 
     /// A job waiting for room lends its slot: the next job runs, its
-    /// tenant's count stays; no more jobs than slots are aside at once;
-    /// taken back, the slot is the job's again even past the number of
-    /// slots, and an aside slot dropped frees nothing twice.
+    /// tenant's count stays. As many as there are slots are aside whatever
+    /// their inputs; more only within [`ASIDE_BYTES`] of inputs. Taken
+    /// back, the slot is the job's again even past the number of slots,
+    /// and an aside slot dropped frees nothing twice.
     #[tokio::test]
     async fn a_slot_set_aside_is_lent_to_the_next_job() {
         let s = Scheduler::new(QueueLimits {
             slots: 1,
-            max_running_per_tenant: 2,
+            max_running_per_tenant: 3,
             ..limits()
         });
-        s.push(job("a1", "a", "m"), true).unwrap();
-        s.push(job("a2", "a", "m"), true).unwrap();
-        s.push(job("a3", "a", "m"), true).unwrap();
+        for id in ["a1", "a2", "a3"] {
+            s.push(job(id, "a", "m"), true).unwrap();
+        }
         let first = s.next().await.unwrap();
         assert!(s.try_next().is_none(), "one slot");
-        assert!(first.set_aside(true));
-        assert!(first.set_aside(true), "already aside");
+        assert!(first.set_aside(true, ASIDE_BYTES * 4), "the slot's own");
+        assert!(first.set_aside(true, 0), "already aside");
         let second = s.try_next().unwrap().unwrap();
         assert_eq!(second.job().id, "a2");
         assert_eq!(s.depth(), (1, 2));
-        // One aside per slot.
-        assert!(!second.set_aside(true));
-        // The tenant's cap still counts the one aside.
-        drop(second);
+        // Beyond one per slot, only within the bytes aside.
+        assert!(!second.set_aside(true, ASIDE_BYTES + 1));
+        assert!(second.set_aside(true, ASIDE_BYTES / 2));
         let third = s.try_next().unwrap().unwrap();
         assert_eq!(third.job().id, "a3");
-        assert!(first.set_aside(false));
-        assert_eq!(s.depth(), (0, 2));
+        assert!(!third.set_aside(true, ASIDE_BYTES / 2 + 1));
+        assert!(second.set_aside(false, 0));
+        assert!(third.set_aside(true, ASIDE_BYTES / 2 + 1), "given back");
+        assert_eq!(s.depth(), (0, 3));
+        drop(second);
         drop(third);
+        assert!(first.set_aside(false, 0));
         assert_eq!(s.depth(), (0, 1));
-        assert!(first.set_aside(true));
+        assert!(first.set_aside(true, 0));
         drop(first);
         assert_eq!(s.depth(), (0, 0));
         s.push(job("b1", "b", "m"), true).unwrap();
@@ -821,7 +845,7 @@ mod tests {
         s.push(job("c1", "c", "m"), true).unwrap();
         s.push(job("c2", "c", "m"), true).unwrap();
         let c1 = s.next().await.unwrap();
-        assert!(c1.set_aside(true));
+        assert!(c1.set_aside(true, 0));
         assert!(s.try_next().is_none(), "c is at its cap");
     }
 

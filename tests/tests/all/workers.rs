@@ -463,9 +463,10 @@ async fn a_waiting_job_does_not_hold_back_a_tenant_holding_less() {
 }
 
 /// Jobs waiting for room in their zone's disk lend the queue's running
-/// places they took: with both places taken, one by a job running and one
-/// by a job waiting for the room the first holds, another tenant's job of
-/// another zone runs at once, not once the first job ends.
+/// places they took, however many more of them wait than there are
+/// places: with two places, one job running and three waiting for the
+/// room it holds, another tenant's job of another zone runs at once, not
+/// once the first job ends.
 #[tokio::test(flavor = "multi_thread")]
 async fn jobs_waiting_for_room_do_not_hold_the_queues_running_places() {
     let big = sleeper(5_000).limits(|l| {
@@ -492,11 +493,11 @@ async fn jobs_waiting_for_room_do_not_hold_the_queues_running_places() {
     .await;
     let acme = server.token("acme", &["hostile:run"]).await;
     let mut big_jobs = Vec::new();
-    for _ in 0..2 {
+    for _ in 0..4 {
         let job = submit(&server, &acme, "hostile", false).await;
         big_jobs.push(job["id"].as_str().unwrap().to_owned());
     }
-    // Both claimed: one running with its room, one waiting for it.
+    // All claimed: one running with its room, three waiting for it.
     for id in &big_jobs {
         for _ in 0..400 {
             let job = json(server.get(&format!("/v1/jobs/{id}"), &acme)).await;
