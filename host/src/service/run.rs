@@ -259,7 +259,8 @@ impl Service {
             }
         }
         // The slot (and any cap) this job held goes to the next claim of
-        // this node's workers, one of which it woke.
+        // this node's workers: one looks now.
+        self.work.notify_one();
         self.update_gauges();
     }
 
