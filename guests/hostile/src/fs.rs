@@ -650,6 +650,30 @@ pub fn out_wait() -> ExitCode {
     ExitCode::from(1)
 }
 
+/// `open-race`: write `/out/own.txt`, wait for `/out/go`, then open
+/// `/out/x` to read, again and again, until `/out/stop` appears (while
+/// someone else swaps a FIFO and a regular file at `x`). Prints how the
+/// opens went.
+pub fn open_race() -> ExitCode {
+    attempt("write /out/own.txt", fs::write("/out/own.txt", b"own"));
+    while fs::symlink_metadata("/out/go").is_err() {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let (mut opened, mut refused, mut other) = (0u64, 0u64, 0u64);
+    for round in 0u64.. {
+        if round % 64 == 0 && fs::symlink_metadata("/out/stop").is_ok() {
+            break;
+        }
+        match fs::File::open("/out/x") {
+            Ok(_) => opened += 1,
+            Err(e) if e.kind() == io::ErrorKind::PermissionDenied => refused += 1,
+            Err(_) => other += 1,
+        }
+    }
+    println!("open-race: opened {opened}, refused {refused}, other {other}");
+    ExitCode::SUCCESS
+}
+
 /// `out-names`: leave files with hostile names in `/out`, plus `ok.txt`.
 /// `--set=controls` (default): [`CONTROL_NAMES`], and a directory named
 /// `dir<LF>name` with a file inside; `--set=format`: [`FORMAT_NAMES`].

@@ -101,25 +101,54 @@ impl FileId {
     }
 }
 
-/// Whether the file system of directory `dir` tells its files apart
-/// ([`FileId::distinct`]): a probe file is made there and removed.
+/// Whether the file system of directory `dir` tells its files apart: a
+/// probe file is made there and removed, then another at the same name,
+/// and so on; each must be [`FileId::distinct`] and no two the same
+/// (a file system that gives a freed inode number to the next file and
+/// whose handles carry nothing more, such as one with a generation that is
+/// always zero, fails here).
 ///
 /// # Errors
-/// The probe could not be made.
+/// A probe could not be made.
 pub fn tells_files_apart(dir: &Path) -> io::Result<bool> {
     let probe = dir.join(format!(".identity-{}", uuid::Uuid::new_v4().simple()));
-    let file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(&probe)?;
-    let id = FileId::of(&file);
-    drop(file);
-    std::fs::remove_file(&probe)?;
-    Ok(id?.distinct())
+    let mut seen: Vec<FileId> = Vec::new();
+    for _ in 0..4 {
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&probe)?;
+        let id = FileId::of(&file);
+        drop(file);
+        std::fs::remove_file(&probe)?;
+        let id = id?;
+        if !id.distinct() || seen.contains(&id) {
+            return Ok(false);
+        }
+        seen.push(id);
+    }
+    Ok(true)
+}
+
+/// Whether a handle of `kind` (`f` its bytes) is only an inode number: the
+/// kernel's generic handles (`FILEID_INO32_GEN`, and `FILEID_INO64_GEN`,
+/// which every file system without export operations gives for
+/// `AT_HANDLE_FID`) with a generation of zero, which is what a file system
+/// that keeps no generation puts there.
+fn only_inode_number(kind: libc::c_int, f: &[u8]) -> bool {
+    const FILEID_INO32_GEN: libc::c_int = 1;
+    const FILEID_INO64_GEN: libc::c_int = 0x81;
+    let generation = match kind {
+        FILEID_INO32_GEN => f.get(4..8),
+        FILEID_INO64_GEN => f.get(8..12),
+        _ => return false,
+    };
+    generation.is_some_and(|g| g.iter().all(|&b| b == 0))
 }
 
 /// The file system's handle for the inode `fd` holds open, hashed; zero
-/// where it gives none. The handle names the inode and its generation,
+/// where it gives none, or one that is only the inode number
+/// ([`only_inode_number`]). The handle names the inode and its generation,
 /// which a file system that reuses inode numbers (ext4, xfs, tmpfs) draws
 /// anew for each file it makes.
 fn handle_of(fd: std::os::fd::BorrowedFd<'_>) -> u64 {
@@ -155,6 +184,9 @@ fn handle_of(fd: std::os::fd::BorrowedFd<'_>) -> u64 {
         };
         if done == 0 {
             let len = (handle.bytes as usize).min(handle.f.len());
+            if only_inode_number(handle.kind, &handle.f[..len]) {
+                return 0;
+            }
             let mut hash = Sha256::new();
             hash.update(handle.kind.to_le_bytes());
             hash.update(&handle.f[..len]);
@@ -924,5 +956,38 @@ mod identity_tests {
         assert_eq!(next.ino, made.ino, "the inode number was not reused");
         assert!(made.distinct() && next.distinct());
         assert_ne!(next, made);
+    }
+
+    /// A file system whose handles carry only the inode number (ramfs: no
+    /// export operations, so the kernel's generic handle, with a
+    /// generation that is always zero) and which keeps no birth time is
+    /// not taken to tell files apart (found by an attacker: any handle at
+    /// all was taken as proof).
+    #[test]
+    fn handles_that_are_only_inode_numbers_tell_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let mount = dir.path().join("m");
+        std::fs::create_dir(&mount).unwrap();
+        let mounted = std::process::Command::new("mount")
+            .args(["-t", "ramfs", "ramfs"])
+            .arg(&mount)
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !mounted {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "cannot mount a ramfs (root)"
+            );
+            eprintln!("skipped: cannot mount a ramfs here");
+            return;
+        }
+        let fs = Mounted { dir };
+        let root = fs.dir.path().join("m");
+        let file = std::fs::File::create(root.join("f")).unwrap();
+        let id = FileId::of(&file).unwrap();
+        assert_eq!(id.handle, 0, "{id:?}");
+        assert!(!id.distinct(), "{id:?}");
+        assert!(!tells_files_apart(&root).unwrap());
     }
 }

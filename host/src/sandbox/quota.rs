@@ -31,7 +31,11 @@
 //! refused with `access` before a byte is written or truncated: whatever is
 //! at a name in `/out` that the job did not create was put there by someone
 //! else, and may be another job's own file, which would carry this job's
-//! bytes back to that job's outputs.
+//! bytes back to that job's outputs. An existing entry is opened by this
+//! module itself, without blocking, and refused unless the descriptor it
+//! got is a regular file or a directory (`QuotaFs::open_existing`): what
+//! someone else puts at the name — a FIFO, at any moment — never holds
+//! the guest's thread in `open`.
 //!
 //! Charges are never refunded (deleting a file does not return its bytes), so
 //! the charged total is an upper bound on what `/out` can hold at any moment:
@@ -84,6 +88,7 @@ use wasmtime_wasi_io::poll::Pollable;
 use wasmtime_wasi_io::streams::{DynInputStream, DynOutputStream, OutputStream, StreamError};
 
 use super::limits::{LimitKind, LimitLatch, Refusals, WRITTEN_PER_OUTPUT};
+use super::wasi::BLOCKS_CURRENT_THREAD;
 
 /// Refused opens after which a guest still asking for descriptors is
 /// stopped with the `descriptors` limit: a guest that handles the error and
@@ -371,6 +376,16 @@ fn growth(size: u64, offset: u64, len: u64) -> Result<u64, ErrorCode> {
     Ok(end.saturating_sub(size))
 }
 
+/// An OS error as the guest is told it; a path that led out from beneath
+/// its directory (`EXDEV` from `openat2`) is `not-permitted`, as
+/// wasmtime-wasi's own resolution says.
+fn io_error(e: rustix::io::Errno) -> ErrorCode {
+    if e == rustix::io::Errno::XDEV {
+        return ErrorCode::NotPermitted;
+    }
+    ErrorCode::from(std::io::Error::from(e))
+}
+
 /// `HasData` marker for linking [`QuotaFs`] as `wasi:filesystem/types`.
 #[derive(Debug)]
 pub struct QuotaFsData;
@@ -431,26 +446,101 @@ impl QuotaFs<'_> {
             .is_ok()
     }
 
-    /// Whether what is at `path` (if anything) is a regular file, a
-    /// directory or a symbolic link: nothing whose open could block.
-    async fn openable_at(
+    /// Opens what is already at `path` as wasmtime-wasi's `open-at` would,
+    /// but never blocks: the open is non-blocking (`O_NONBLOCK`), and what
+    /// it opened is refused with `access` unless the descriptor itself is a
+    /// regular file or a directory. An open of a FIFO waits for its other
+    /// end past any clock of the job's, and a look at the name before the
+    /// open is a race: someone else can rename a FIFO over the name between
+    /// the two, and then no one can ever open its other end (found by an
+    /// attacker). Resolution stays beneath `fd` as wasmtime-wasi's does
+    /// (`openat2`, `RESOLVE_BENEATH`, no magic links).
+    fn open_existing(
         &mut self,
         fd: &Resource<types::Descriptor>,
         path_flags: types::PathFlags,
         path: &str,
-    ) -> bool {
-        let borrowed = Resource::new_borrow(fd.rep());
-        match HostDescriptor::stat_at(&mut self.inner, borrowed, path_flags, path.to_owned()).await
-        {
-            Ok(stat) => matches!(
-                stat.type_,
-                types::DescriptorType::RegularFile
-                    | types::DescriptorType::Directory
-                    | types::DescriptorType::SymbolicLink
-            ),
-            // Nothing there (the open says so) or nothing to say.
-            Err(_) => true,
+        oflags: types::OpenFlags,
+        flags: types::DescriptorFlags,
+    ) -> FsResult<Resource<types::Descriptor>> {
+        use rustix::fs::{Mode, OFlags, ResolveFlags};
+        use wasmtime_wasi::filesystem::{Descriptor, Dir, File};
+
+        let borrowed: Resource<types::Descriptor> = Resource::new_borrow(fd.rep());
+        let parent = match self.inner.table.get(&borrowed)? {
+            Descriptor::Dir(d) => d.clone(),
+            Descriptor::File(_) => return Err(ErrorCode::NotDirectory.into()),
+        };
+        if flags.intersects(
+            types::DescriptorFlags::FILE_INTEGRITY_SYNC
+                | types::DescriptorFlags::DATA_INTEGRITY_SYNC
+                | types::DescriptorFlags::REQUESTED_WRITE_SYNC,
+        ) {
+            return Err(ErrorCode::Unsupported.into());
         }
+        if oflags.contains(types::OpenFlags::CREATE | types::OpenFlags::EXCLUSIVE) {
+            return Err(ErrorCode::Exist.into());
+        }
+        // The open modes wasmtime-wasi gives: `create` and `truncate` write;
+        // a descriptor not opened to write is opened to read.
+        let mut mode = OpenMode::empty();
+        if flags.contains(types::DescriptorFlags::READ) {
+            mode |= OpenMode::READ;
+        }
+        if flags.contains(types::DescriptorFlags::WRITE)
+            || oflags.intersects(types::OpenFlags::CREATE | types::OpenFlags::TRUNCATE)
+        {
+            mode |= OpenMode::WRITE;
+        } else {
+            mode |= OpenMode::READ;
+        }
+        if mode.contains(OpenMode::WRITE) && parent.perms.write_not_permitted() {
+            return Err(ErrorCode::NotPermitted.into());
+        }
+        let mut how = OFlags::CLOEXEC | OFlags::NONBLOCK | OFlags::NOCTTY;
+        how |= match (
+            mode.contains(OpenMode::READ),
+            mode.contains(OpenMode::WRITE),
+        ) {
+            (true, true) => OFlags::RDWR,
+            (false, true) => OFlags::WRONLY,
+            _ => OFlags::RDONLY,
+        };
+        if oflags.contains(types::OpenFlags::TRUNCATE) {
+            how |= OFlags::TRUNC;
+        }
+        if !path_flags.contains(types::PathFlags::SYMLINK_FOLLOW) {
+            how |= OFlags::NOFOLLOW;
+        }
+        let resolve = ResolveFlags::BENEATH | ResolveFlags::NO_MAGICLINKS;
+        // `EAGAIN`: a rename elsewhere raced the resolution; it is retried.
+        let mut tries = 0;
+        let opened = loop {
+            match rustix::fs::openat2(&*parent.dir, path, how, Mode::empty(), resolve) {
+                Err(rustix::io::Errno::AGAIN) if tries < 8 => tries += 1,
+                other => break other,
+            }
+        }
+        .map_err(io_error)?;
+        let stat = rustix::fs::fstat(&opened).map_err(io_error)?;
+        let kind = rustix::fs::FileType::from_raw_mode(stat.st_mode);
+        let dir = match kind {
+            rustix::fs::FileType::Directory => true,
+            rustix::fs::FileType::RegularFile => false,
+            _ => return Err(ErrorCode::Access.into()),
+        };
+        if oflags.contains(types::OpenFlags::DIRECTORY) && !dir {
+            return Err(ErrorCode::NotDirectory.into());
+        }
+        let status = rustix::fs::fcntl_getfl(&opened).map_err(io_error)?;
+        rustix::fs::fcntl_setfl(&opened, status.difference(OFlags::NONBLOCK)).map_err(io_error)?;
+        let file = std::fs::File::from(opened);
+        let descriptor = if dir {
+            Descriptor::Dir(Dir::new(file, parent.perms, mode, BLOCKS_CURRENT_THREAD))
+        } else {
+            Descriptor::File(File::new(file, parent.perms, mode, BLOCKS_CURRENT_THREAD))
+        };
+        Ok(self.inner.table.push(descriptor)?)
     }
 
     /// Replaces the stream at `stream` with a [`QuotaStream`] around it.
@@ -672,6 +762,13 @@ impl HostDescriptor for QuotaFs<'_> {
         flags: types::DescriptorFlags,
     ) -> FsResult<Resource<types::Descriptor>> {
         path_ok(&path)?;
+        if oflags.contains(types::OpenFlags::DIRECTORY)
+            && oflags.intersects(
+                types::OpenFlags::CREATE | types::OpenFlags::EXCLUSIVE | types::OpenFlags::TRUNCATE,
+            )
+        {
+            return Err(ErrorCode::Invalid.into());
+        }
         let mut oflags = oflags;
         let mut fresh = false;
         if oflags.contains(types::OpenFlags::CREATE)
@@ -690,13 +787,6 @@ impl HostDescriptor for QuotaFs<'_> {
             oflags |= types::OpenFlags::EXCLUSIVE;
             fresh = true;
         }
-        // A FIFO, socket or device someone else put at the name is refused
-        // before it is opened: an open of a FIFO blocks the guest's thread
-        // until a writer comes, past any clock of the job's (found by an
-        // attacker). What is put there after this look is opened as ever.
-        if !fresh && !self.openable_at(&fd, path_flags, &path).await {
-            return Err(ErrorCode::Access.into());
-        }
         // An existing file is truncated only once it is known to be the
         // job's own (below): the open itself must not cut someone else's.
         let mut flags = flags;
@@ -706,10 +796,15 @@ impl HostDescriptor for QuotaFs<'_> {
             flags |= types::DescriptorFlags::WRITE;
         }
         self.quota.admit_open()?;
-        let opened = self
-            .inner
-            .open_at(fd, path_flags, path, oflags, flags)
-            .await?;
+        let opened = if fresh {
+            self.inner
+                .open_at(fd, path_flags, path, oflags, flags)
+                .await?
+        } else {
+            // What someone else may have put at the name (a FIFO, renamed
+            // over it at any moment) is opened without blocking.
+            self.open_existing(&fd, path_flags, &path, oflags, flags)?
+        };
         self.hold(&opened);
         let borrowed: Resource<types::Descriptor> = Resource::new_borrow(opened.rep());
         let verdict = match self.inner.table.get(&borrowed) {

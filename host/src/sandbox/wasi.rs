@@ -40,6 +40,11 @@ pub const MAX_RANDOM_PER_CALL: u64 = 1024 * 1024;
 /// growing host memory.
 pub const MAX_HANDLES: usize = 4096;
 
+/// Whether file operations run on the calling thread
+/// (`allow_blocking_current_thread`); descriptors the sandbox opens itself
+/// ([`super::quota`]) are made the same way.
+pub const BLOCKS_CURRENT_THREAD: bool = true;
+
 /// Per-job store data.
 pub struct JobState {
     wasi: WasiCtx,
@@ -173,7 +178,7 @@ pub fn job_state(
     // hop per call: job directories live on tmpfs by default, where each
     // call is a memory copy, and every call is bounded (reads of at most
     // 64 KiB). This must be set before the preopens are added.
-    b.allow_blocking_current_thread(true);
+    b.allow_blocking_current_thread(BLOCKS_CURRENT_THREAD);
     b.args(args)
         .envs(&policy.run.env.iter().collect::<Vec<_>>())
         .stdin(MemoryInputPipe::new(job.stdin.clone()))

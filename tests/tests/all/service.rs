@@ -1876,3 +1876,103 @@ async fn only_files_a_job_created_are_stored_and_served() {
         s.service.shutdown().await;
     }
 }
+
+/// An open never waits on a FIFO, however it gets to the name: while the
+/// guest opens `/out/x` again and again, someone who can write the work
+/// directory renames a regular file and a FIFO over `x` in turn, so a look
+/// at the name before the open is always a step behind. An open that met
+/// the FIFO would wait for a writer that cannot come (the FIFO has no
+/// name left once the next rename takes it), past every clock of the
+/// job's. The job ends on its own, in worker processes and in-process,
+/// and nothing at `x` is an output.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_fifo_renamed_over_a_name_the_guest_opens_never_blocks_it() {
+    for in_process in [false, true] {
+        let s = start(|c| {
+            if in_process {
+                c.isolation.mode = bulkhead::config::IsolationMode::InProcess;
+            }
+            crate::common::policy(bulkhead_tests::HOSTILE, "hostile")
+                .scopes(&["hostile:run"])
+                .times(
+                    bulkhead::policy::HumanDuration::millis(120_000),
+                    bulkhead::policy::HumanDuration::millis(120_000),
+                )
+                .args(&["open-race"])
+                .write_to(&c.modules.policies_dir);
+        })
+        .await;
+        let mode = if in_process { "in-process" } else { "workers" };
+        let id = submit_until_running(&s).await;
+        let mut out = None;
+        for _ in 0..300 {
+            out = s
+                .job_roots()
+                .iter()
+                .flat_map(|r| walk(r))
+                .find(|p| p.ends_with("own.txt"))
+                .and_then(|p| p.parent().map(ToOwned::to_owned));
+            if out.is_some() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let out = out.expect("the guest never wrote /out/own.txt");
+        let work = out.parent().unwrap().to_owned();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let racer = {
+            let (stop, work, out) = (stop.clone(), work.clone(), out.clone());
+            std::thread::spawn(move || {
+                let fifo = std::ffi::CString::new(
+                    work.join("fifo-in").into_os_string().into_encoded_bytes(),
+                )
+                .unwrap();
+                let mut swaps = 0u64;
+                // Until told to stop, or until the job's directories are
+                // gone.
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let swapped = std::fs::write(work.join("file-in"), b"not the job's")
+                        .and_then(|()| std::fs::rename(work.join("file-in"), out.join("x")))
+                        .and_then(|()| {
+                            // SAFETY: a NUL-terminated path.
+                            if unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) } != 0 {
+                                return Err(std::io::Error::last_os_error());
+                            }
+                            std::fs::rename(work.join("fifo-in"), out.join("x"))
+                        });
+                    if swapped.is_err() {
+                        break;
+                    }
+                    swaps += 1;
+                }
+                swaps
+            })
+        };
+        std::fs::write(out.join("go"), b"").unwrap();
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        std::fs::write(out.join("stop"), b"").unwrap();
+        let token = s.token("acme", &["hostile:run"]).await;
+        let mut job = Value::Null;
+        for _ in 0..600 {
+            job = json(s.get(&format!("/v1/jobs/{id}"), &token)).await;
+            if job["state"] != "running" && job["state"] != "queued" {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let swaps = racer.join().unwrap();
+        assert!(swaps > 0, "{mode}");
+        assert_eq!(job["state"], "succeeded", "{mode}: {job:#}");
+        let stdout = job["report"]["stdout"]["text"].as_str().unwrap_or_default();
+        assert!(stdout.contains("open-race: opened"), "{mode}: {stdout}");
+        let names: Vec<&str> = job["outputs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|o| o["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(names, ["own.txt"], "{mode}: {job:#}");
+        s.service.shutdown().await;
+    }
+}

@@ -16,10 +16,13 @@
 //! - `ioctl`: non-blocking and close-on-exec flags, terminal and readable
 //!   byte queries, and `PAGEMAP_SCAN` (the allocator's scan of its own page
 //!   map).
-//! - `name_to_handle_at`: of a descriptor's own file (`AT_EMPTY_PATH`, and
-//!   `AT_HANDLE_FID`), the handle that tells a job's files from others
-//!   given a freed inode number (`outputs::FileId`); the handle opens
-//!   nothing (`open_by_handle_at` is not on the list).
+//! - `name_to_handle_at`: with the flags that ask for a descriptor's own
+//!   file (`AT_EMPTY_PATH`, and `AT_HANDLE_FID`), the handle that tells a
+//!   job's files from others given a freed inode number
+//!   (`outputs::FileId`). A filter cannot read the path, so native code in
+//!   the worker can have the handle of any file it can resolve: its inode
+//!   number, generation and mount id, which open nothing
+//!   (`open_by_handle_at` is not on the list).
 //!
 //! Not on the list, among others: `socket`, `connect`, `bind`, `listen`,
 //! `accept`, `execve`, `execveat`, `fork`, `vfork`,
