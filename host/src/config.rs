@@ -54,7 +54,7 @@
 //! modules_dir = "target/guests/wasm32-wasip2/release"  # <name>.wasm per policy
 //!
 //! [queue]
-//! workers = 8                      # jobs running at once (besides those waiting for room)
+//! workers = 8                      # jobs running at once (besides those that waited for room)
 //! max_queued = 1000                # queued jobs in total (429 beyond)
 //! max_queued_per_tenant = 200      # queued jobs per tenant (429 beyond)
 //! max_running_per_tenant = 4
@@ -526,8 +526,9 @@ impl Default for Modules {
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Queue {
-    /// Jobs running at once, besides those waiting for room in their
-    /// zone's disk (see [`crate::service::scheduler`]).
+    /// Jobs running at once, besides those that waited for room in their
+    /// zone's disk, which run in their zone's places once given it (see
+    /// [`crate::service::scheduler`]).
     pub workers: u32,
     /// Queued jobs in total.
     pub max_queued: usize,

@@ -527,6 +527,137 @@ async fn jobs_waiting_for_room_do_not_hold_the_queues_running_places() {
     }
 }
 
+/// Jobs that waited aside for room and were then given it run without
+/// taking the queue's slots back. A large job fills the zone's disk; four
+/// smaller ones wait aside for room; once the large job ends, two of them
+/// get their rooms and run. Another tenant's job of another zone then runs
+/// at once, not once every job that waited aside has run (each room comes
+/// free before its job's slot, so a job given its room taking its slot
+/// back kept the queue full as long as jobs aside were left).
+#[tokio::test(flavor = "multi_thread")]
+async fn jobs_given_their_room_after_waiting_aside_leave_the_queues_slots_free() {
+    let modules = tempfile::tempdir().unwrap();
+    let guests = std::path::Path::new(bulkhead_tests::GUESTS_DIR);
+    for (from, to) in [
+        ("hostile", "hostile"),
+        ("hostile", "hog"),
+        ("hello", "hello"),
+    ] {
+        std::fs::copy(
+            guests.join(format!("{from}.wasm")),
+            modules.path().join(format!("{to}.wasm")),
+        )
+        .unwrap();
+    }
+    let hog = common::policy(bulkhead_tests::HOSTILE, "hog")
+        .scopes(&["hostile:run"])
+        .times(
+            bulkhead::policy::HumanDuration::millis(4_000),
+            bulkhead::policy::HumanDuration::millis(4_000),
+        )
+        .args(&["sleep"])
+        .limits(|l| {
+            l.input = ByteSize::kib(64);
+            l.output = ByteSize::mib(34);
+            l.output_files = 4;
+        });
+    let small = sleeper(6_000).limits(|l| {
+        l.input = ByteSize::kib(64);
+        l.output = ByteSize::mib(12);
+        l.output_files = 4;
+    });
+    let modules_dir = modules.path().to_owned();
+    let server = service::start(|c| {
+        c.queue.workers = 2;
+        c.modules.modules_dir = modules_dir;
+        std::fs::remove_dir_all(&c.modules.policies_dir).unwrap();
+        hog.write_to(&c.modules.policies_dir);
+        small.write_to(&c.modules.policies_dir);
+        hello()
+            .zone(bulkhead::policy::Zone::FirstParty)
+            .write_to(&c.modules.policies_dir);
+        c.zones.insert(
+            "untrusted".into(),
+            bulkhead::config::ZonePool {
+                disk: ByteSize::mib(40),
+                workers: 1,
+                ..Default::default()
+            },
+        );
+    })
+    .await;
+    let state = |token: String, id: String| {
+        let server = &server;
+        async move { json(server.get(&format!("/v1/jobs/{id}"), &token)).await }
+    };
+    let acme = server.token("acme", &["hostile:run"]).await;
+    let globex = server.token("globex", &["hostile:run"]).await;
+    let hog = submit(&server, &acme, "hog", false).await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    for _ in 0..400 {
+        if state(acme.clone(), hog.clone()).await["state"] == "running" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let mut smalls = Vec::new();
+    for token in [&acme, &acme, &globex, &globex] {
+        let job = submit(&server, token, "hostile", false).await;
+        smalls.push((token.clone(), job["id"].as_str().unwrap().to_owned()));
+    }
+    for (token, id) in &smalls {
+        for _ in 0..400 {
+            if state(token.clone(), id.clone()).await["state"] == "running" {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+    // The large job ends; two of the four get their rooms.
+    for _ in 0..400 {
+        if state(acme.clone(), hog.clone()).await["state"] != "running" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    // Two small rooms given, the large one gone.
+    until(|| {
+        server
+            .service
+            .isolation()
+            .disk_given
+            .get("untrusted")
+            .is_some_and(|&given| (24 << 20..34 << 20).contains(&given))
+    })
+    .await;
+    let other = server.token("initech", &["hello:run"]).await;
+    let hello = submit(&server, &other, "hello", true).await;
+    assert_eq!(hello["state"], "succeeded", "{hello}");
+    let mut unfinished = 0;
+    for (token, id) in &smalls {
+        let job = state(token.clone(), id.clone()).await;
+        if job["state"] == "running" {
+            unfinished += 1;
+        }
+    }
+    assert!(
+        unfinished >= 3,
+        "the hello job waited for the jobs that had waited aside: {unfinished} of 4 left"
+    );
+    for (token, id) in &smalls {
+        for _ in 0..800 {
+            let job = state(token.clone(), id.clone()).await;
+            if job["state"] != "queued" && job["state"] != "running" {
+                assert_eq!(job["report"]["limit"], "wall_time", "{job}");
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
 /// A worker whose directory keeps what its jobs released (native code in
 /// it, here the test writing through its working directory while its job
 /// runs) is stopped once it has kept it a while: its room goes back to the
