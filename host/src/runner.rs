@@ -153,9 +153,10 @@ pub struct RunnerState {
     pub disk_given: BTreeMap<String, u64>,
 }
 
-/// Told `true` when a job starts waiting for room in its zone's disk and
-/// `false` once it stops (given its room, or its run ended): its caller
-/// may lend its running place meanwhile
+/// Told `true` when a job starts waiting for room in its zone's disk or
+/// for a place in its zone's workers, and `false` once it stops (given
+/// them, or its run ended): its caller may lend its running place
+/// meanwhile
 /// ([`Slot::set_aside`](crate::service::scheduler::Slot::set_aside)).
 pub type Waiting<'a> = &'a (dyn Fn(bool) + Send + Sync);
 
@@ -166,7 +167,7 @@ pub struct Queued<'a> {
     /// only tenants holding as much of it or more
     /// ([`crate::worker::disk`]).
     pub tenant: &'a str,
-    /// Told when it starts and stops waiting for room.
+    /// Told when it starts and stops waiting for room or a place.
     pub waiting: Waiting<'a>,
 }
 

@@ -17,7 +17,8 @@
 //! holds a [`Slot`]; dropping it (however the job ends, including a request
 //! whose client went away) frees the slot and hands it on.
 //!
-//! A job waiting for room in its zone's disk sets its slot aside
+//! A job waiting for room in its zone's disk, or for a place in its
+//! zone's workers, sets its slot aside
 //! ([`Slot::set_aside`]): it keeps its tenant's and module's counts but
 //! not a running slot, so jobs waiting for room do not hold the slots
 //! while others, of other tenants and zones, could run. As many jobs as

@@ -746,8 +746,8 @@ impl Pool {
     /// whose room it would count as the new job's.
     ///
     /// The job's turn is `queued.tenant`'s; `queued.waiting` is told once
-    /// the job waits for room (workers with a free place had none for it),
-    /// and again once it no longer does.
+    /// the job waits (for room, or for a place), and again once it no
+    /// longer does.
     async fn pick(
         &self,
         room: Option<(u64, u64)>,
@@ -782,7 +782,6 @@ impl Pool {
                     })
                     .collect();
                 free.sort_by_key(|(running, _)| *running);
-                let placeable = !free.is_empty();
                 for (_, worker) in free {
                     let given = match (room, &worker.disk) {
                         (Some((job, bytes)), Some(disk)) => {
@@ -803,9 +802,14 @@ impl Pool {
                         Err(e) => return Err(format!("cannot grow a worker's directory: {e}")),
                     }
                 }
-                if placeable && turn.is_some() {
-                    told.tell();
-                }
+                // Waiting, for room or for a place: the job's queue slot
+                // is lent meanwhile. The places may be held by jobs that
+                // waited for room and run without slots; a job waiting
+                // behind them holding its slot kept the queue from every
+                // zone's jobs (found by an attacker: two jobs picked while
+                // such jobs held the zone's places held both slots for two
+                // wall times).
+                told.tell();
             }
             match room_freed {
                 Some(room_freed) => {
@@ -1632,8 +1636,8 @@ impl Worker {
     }
 }
 
-/// A job's waiting for room, told once it starts and, on drop, once it
-/// ends.
+/// A job's waiting for room or a place, told once it starts and, on
+/// drop, once it ends.
 struct WaitTold<'a> {
     waiting: crate::runner::Waiting<'a>,
     told: std::cell::Cell<bool>,

@@ -530,10 +530,13 @@ async fn jobs_waiting_for_room_do_not_hold_the_queues_running_places() {
 /// Jobs that waited aside for room and were then given it run without
 /// taking the queue's slots back. A large job fills the zone's disk; four
 /// smaller ones wait aside for room; once the large job ends, two of them
-/// get their rooms and run. Another tenant's job of another zone then runs
-/// at once, not once every job that waited aside has run (each room comes
-/// free before its job's slot, so a job given its room taking its slot
-/// back kept the queue full as long as jobs aside were left).
+/// get their rooms and run, in the zone's two places. Two more jobs of
+/// another tenant, picked then, wait for a place, lending their slots.
+/// Another tenant's job of another zone then runs at once, not once every
+/// job that waited aside has run (each room comes free before its job's
+/// slot, so a job given its room taking its slot back kept the queue full
+/// as long as jobs aside were left; and jobs waiting for a place held
+/// their slots).
 #[tokio::test(flavor = "multi_thread")]
 async fn jobs_given_their_room_after_waiting_aside_leave_the_queues_slots_free() {
     let modules = tempfile::tempdir().unwrap();
@@ -632,6 +635,20 @@ async fn jobs_given_their_room_after_waiting_aside_leave_the_queues_slots_free()
             .is_some_and(|&given| (24 << 20..34 << 20).contains(&given))
     })
     .await;
+    // Two more jobs, picked while those two hold the zone's places: they
+    // wait for a place, and lend their slots meanwhile too.
+    let umbrella = server.token("umbrella", &["hostile:run"]).await;
+    for _ in 0..2 {
+        let job = submit(&server, &umbrella, "hostile", false).await;
+        let id = job["id"].as_str().unwrap().to_owned();
+        for _ in 0..400 {
+            if state(umbrella.clone(), id.clone()).await["state"] == "running" {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        smalls.push((umbrella.clone(), id));
+    }
     let other = server.token("initech", &["hello:run"]).await;
     let hello = submit(&server, &other, "hello", true).await;
     assert_eq!(hello["state"], "succeeded", "{hello}");
@@ -643,8 +660,8 @@ async fn jobs_given_their_room_after_waiting_aside_leave_the_queues_slots_free()
         }
     }
     assert!(
-        unfinished >= 3,
-        "the hello job waited for the jobs that had waited aside: {unfinished} of 4 left"
+        unfinished >= 5,
+        "the hello job waited for the jobs that had waited aside: {unfinished} of 6 left"
     );
     for (token, id) in &smalls {
         for _ in 0..800 {
