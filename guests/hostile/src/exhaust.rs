@@ -378,7 +378,7 @@ use wasip2::filesystem::preopens::get_directories;
 use wasip2::filesystem::types::{Descriptor, DescriptorFlags, OpenFlags, PathFlags};
 
 /// The preopened directory the guest sees as `name`.
-fn preopen(name: &str) -> Option<Descriptor> {
+pub fn preopen(name: &str) -> Option<Descriptor> {
     get_directories()
         .into_iter()
         .find(|(_, n)| n == name)

@@ -653,8 +653,22 @@ pub fn out_wait() -> ExitCode {
 /// `open-race`: write `/out/own.txt`, wait for `/out/go`, then open
 /// `/out/x` to read, again and again, until `/out/stop` appears (while
 /// someone else swaps a FIFO and a regular file at `x`). Prints how the
-/// opens went.
-pub fn open_race() -> ExitCode {
+/// opens went. `--op=set-times`: set the times of `/out/x` (following
+/// symlinks) instead of opening it.
+pub fn open_race(ctx: &Ctx) -> ExitCode {
+    use wasip2::filesystem::types::{ErrorCode, NewTimestamp, PathFlags};
+    let set_times = match ctx.param("op").unwrap_or("open") {
+        "open" => false,
+        "set-times" => true,
+        other => {
+            println!("open-race: unknown op {other:?}");
+            return ExitCode::from(2);
+        }
+    };
+    let Some(out) = crate::exhaust::preopen("/out") else {
+        println!("open-race: no /out");
+        return ExitCode::from(1);
+    };
     attempt("write /out/own.txt", fs::write("/out/own.txt", b"own"));
     while fs::symlink_metadata("/out/go").is_err() {
         std::thread::sleep(std::time::Duration::from_millis(20));
@@ -664,10 +678,25 @@ pub fn open_race() -> ExitCode {
         if round % 64 == 0 && fs::symlink_metadata("/out/stop").is_ok() {
             break;
         }
-        match fs::File::open("/out/x") {
-            Ok(_) => opened += 1,
-            Err(e) if e.kind() == io::ErrorKind::PermissionDenied => refused += 1,
-            Err(_) => other += 1,
+        let outcome = if set_times {
+            // Each metadata change is charged to the written bound.
+            std::thread::sleep(std::time::Duration::from_millis(1));
+            out.set_times_at(
+                PathFlags::SYMLINK_FOLLOW,
+                "x",
+                NewTimestamp::NoChange,
+                NewTimestamp::Now,
+            )
+            .map_err(|e| e == ErrorCode::Access)
+        } else {
+            fs::File::open("/out/x")
+                .map(drop)
+                .map_err(|e| e.kind() == io::ErrorKind::PermissionDenied)
+        };
+        match outcome {
+            Ok(()) => opened += 1,
+            Err(true) => refused += 1,
+            Err(false) => other += 1,
         }
     }
     println!("open-race: opened {opened}, refused {refused}, other {other}");

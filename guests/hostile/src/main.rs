@@ -225,7 +225,7 @@ fn main() -> ExitCode {
         "out-deep" => fs::out_deep(&ctx),
         "out-names" => fs::out_names(&ctx),
         "out-wait" => fs::out_wait(),
-        "open-race" => fs::open_race(),
+        "open-race" => fs::open_race(&ctx),
         "fd-streams" => exhaust::fd_streams(&ctx),
         "fd-preopens" => exhaust::fd_preopens(&ctx),
         "fd-dirs" => exhaust::fd_dirs(&ctx),

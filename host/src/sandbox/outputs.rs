@@ -134,16 +134,20 @@ pub fn tells_files_apart(dir: &Path) -> io::Result<bool> {
 /// kernel's generic handles (`FILEID_INO32_GEN`, and `FILEID_INO64_GEN`,
 /// which every file system without export operations gives for
 /// `AT_HANDLE_FID`) with a generation of zero, which is what a file system
-/// that keeps no generation puts there.
+/// that keeps no generation puts there. Where the generation lies depends
+/// on the layout, told by the handle's size: `{ ino: u32, gen: u32 }`,
+/// `{ ino: u64, gen: u32 }`, and tmpfs's own `FILEID_INO32_GEN` of
+/// `{ gen: u32, ino: u64 }`. Any other handle tells files apart.
 fn only_inode_number(kind: libc::c_int, f: &[u8]) -> bool {
     const FILEID_INO32_GEN: libc::c_int = 1;
     const FILEID_INO64_GEN: libc::c_int = 0x81;
-    let generation = match kind {
-        FILEID_INO32_GEN => f.get(4..8),
-        FILEID_INO64_GEN => f.get(8..12),
+    let generation = match (kind, f.len()) {
+        (FILEID_INO32_GEN, 8) => &f[4..8],
+        (FILEID_INO32_GEN, 12) => &f[0..4],
+        (FILEID_INO64_GEN, 12) => &f[8..12],
         _ => return false,
     };
-    generation.is_some_and(|g| g.iter().all(|&b| b == 0))
+    generation.iter().all(|&b| b == 0)
 }
 
 /// The file system's handle for the inode `fd` holds open, hashed; zero
@@ -989,5 +993,26 @@ mod identity_tests {
         assert_eq!(id.handle, 0, "{id:?}");
         assert!(!id.distinct(), "{id:?}");
         assert!(!tells_files_apart(&root).unwrap());
+    }
+
+    /// The generation is read where each layout keeps it: tmpfs's
+    /// `FILEID_INO32_GEN` puts it first, before a 64-bit inode number, so
+    /// an inode number whose low half is zero is not taken for a missing
+    /// generation, nor a real zero generation missed.
+    #[test]
+    fn a_handles_generation_is_read_where_its_layout_keeps_it() {
+        let words = |w: &[u32]| w.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+        // Generic 32-bit: { ino, gen }.
+        assert!(only_inode_number(1, &words(&[7, 0])));
+        assert!(!only_inode_number(1, &words(&[0, 9])));
+        // tmpfs: { gen, ino (low), ino (high) }.
+        assert!(!only_inode_number(1, &words(&[9, 0, 1])));
+        assert!(only_inode_number(1, &words(&[0, 7, 0])));
+        // Generic 64-bit: { ino (low), ino (high), gen }.
+        assert!(only_inode_number(0x81, &words(&[7, 1, 0])));
+        assert!(!only_inode_number(0x81, &words(&[0, 0, 9])));
+        // Any other handle tells files apart.
+        assert!(!only_inode_number(1, &words(&[0])));
+        assert!(!only_inode_number(0x4d, &words(&[0, 0])));
     }
 }

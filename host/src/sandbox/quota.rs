@@ -249,7 +249,7 @@ impl OutputQuota {
         }
     }
 
-    fn writable(&self, file: &std::fs::File) -> Result<(), ErrorCode> {
+    fn writable(&self, file: impl std::os::fd::AsFd) -> Result<(), ErrorCode> {
         let id = super::outputs::FileId::of(file).map_err(|_| ErrorCode::Access)?;
         if self
             .created
@@ -386,6 +386,49 @@ fn io_error(e: rustix::io::Errno) -> ErrorCode {
     ErrorCode::from(std::io::Error::from(e))
 }
 
+/// Opens `path` beneath `dir` with `how`, as wasmtime-wasi resolves: never
+/// out from beneath `dir` (`RESOLVE_BENEATH`), never through a magic link.
+/// `EAGAIN` (a rename elsewhere raced the resolution) is retried.
+fn openat2_retrying(
+    dir: &std::fs::File,
+    path: &str,
+    how: rustix::fs::OFlags,
+) -> Result<std::os::fd::OwnedFd, ErrorCode> {
+    use rustix::fs::{Mode, ResolveFlags};
+    let resolve = ResolveFlags::BENEATH | ResolveFlags::NO_MAGICLINKS;
+    let mut tries = 0;
+    loop {
+        match rustix::fs::openat2(dir, path, how, Mode::empty(), resolve) {
+            Err(rustix::io::Errno::AGAIN) if tries < 8 => tries += 1,
+            other => break other.map_err(io_error),
+        }
+    }
+}
+
+/// A new timestamp as `utimensat` takes it.
+fn timespec(t: types::NewTimestamp) -> Result<rustix::fs::Timespec, ErrorCode> {
+    Ok(match t {
+        types::NewTimestamp::NoChange => rustix::fs::Timespec {
+            tv_sec: 0,
+            tv_nsec: rustix::fs::UTIME_OMIT,
+        },
+        types::NewTimestamp::Now => rustix::fs::Timespec {
+            tv_sec: 0,
+            tv_nsec: rustix::fs::UTIME_NOW,
+        },
+        // Nanoseconds past a second carry into the seconds, as
+        // wasmtime-wasi's own takes them.
+        types::NewTimestamp::Timestamp(t) => rustix::fs::Timespec {
+            tv_sec: t
+                .seconds
+                .checked_add(u64::from(t.nanoseconds / 1_000_000_000))
+                .and_then(|s| i64::try_from(s).ok())
+                .ok_or(ErrorCode::Overflow)?,
+            tv_nsec: (t.nanoseconds % 1_000_000_000).into(),
+        },
+    })
+}
+
 /// `HasData` marker for linking [`QuotaFs`] as `wasi:filesystem/types`.
 #[derive(Debug)]
 pub struct QuotaFsData;
@@ -463,7 +506,7 @@ impl QuotaFs<'_> {
         oflags: types::OpenFlags,
         flags: types::DescriptorFlags,
     ) -> FsResult<Resource<types::Descriptor>> {
-        use rustix::fs::{Mode, OFlags, ResolveFlags};
+        use rustix::fs::OFlags;
         use wasmtime_wasi::filesystem::{Descriptor, Dir, File};
 
         let borrowed: Resource<types::Descriptor> = Resource::new_borrow(fd.rep());
@@ -512,16 +555,7 @@ impl QuotaFs<'_> {
         if !path_flags.contains(types::PathFlags::SYMLINK_FOLLOW) {
             how |= OFlags::NOFOLLOW;
         }
-        let resolve = ResolveFlags::BENEATH | ResolveFlags::NO_MAGICLINKS;
-        // `EAGAIN`: a rename elsewhere raced the resolution; it is retried.
-        let mut tries = 0;
-        let opened = loop {
-            match rustix::fs::openat2(&*parent.dir, path, how, Mode::empty(), resolve) {
-                Err(rustix::io::Errno::AGAIN) if tries < 8 => tries += 1,
-                other => break other,
-            }
-        }
-        .map_err(io_error)?;
+        let opened = openat2_retrying(&parent.dir, path, how)?;
         let stat = rustix::fs::fstat(&opened).map_err(io_error)?;
         let kind = rustix::fs::FileType::from_raw_mode(stat.st_mode);
         let dir = match kind {
@@ -541,6 +575,60 @@ impl QuotaFs<'_> {
             Descriptor::File(File::new(file, parent.perms, mode, BLOCKS_CURRENT_THREAD))
         };
         Ok(self.inner.table.push(descriptor)?)
+    }
+
+    /// Sets the times of what is at `path` as wasmtime-wasi's `set-times-at`
+    /// would, but never opens it to read or write: the entry is resolved to
+    /// an `O_PATH` descriptor (which no FIFO holds up) beneath `fd`
+    /// (`openat2`, `RESOLVE_BENEATH`, no magic links), refused with
+    /// `access` unless it is a directory, a symlink not followed, or a
+    /// regular file the job created, and its times are set on that very
+    /// descriptor (`utimensat` with `AT_EMPTY_PATH`). wasmtime-wasi's own
+    /// opens the entry for writing, then reading, and blocks forever on a
+    /// FIFO someone renamed over the name (found by an attacker).
+    fn set_times_beneath(
+        &mut self,
+        fd: &Resource<types::Descriptor>,
+        path_flags: types::PathFlags,
+        path: &str,
+        atim: types::NewTimestamp,
+        mtim: types::NewTimestamp,
+    ) -> FsResult<()> {
+        use rustix::fs::{AtFlags, FileType, OFlags, Timestamps};
+
+        let borrowed: Resource<types::Descriptor> = Resource::new_borrow(fd.rep());
+        let parent = match self.inner.table.get(&borrowed)? {
+            wasmtime_wasi::filesystem::Descriptor::Dir(d) => d.clone(),
+            wasmtime_wasi::filesystem::Descriptor::File(_) => {
+                return Err(ErrorCode::NotDirectory.into());
+            }
+        };
+        if parent.perms.write_not_permitted() {
+            return Err(ErrorCode::NotPermitted.into());
+        }
+        let times = Timestamps {
+            last_access: timespec(atim)?,
+            last_modification: timespec(mtim)?,
+        };
+        let follow = path_flags.contains(types::PathFlags::SYMLINK_FOLLOW);
+        let mut how = OFlags::PATH | OFlags::CLOEXEC;
+        if !follow {
+            how |= OFlags::NOFOLLOW;
+        }
+        let entry = openat2_retrying(&parent.dir, path, how)?;
+        let stat = rustix::fs::fstat(&entry).map_err(io_error)?;
+        match FileType::from_raw_mode(stat.st_mode) {
+            FileType::Directory => {}
+            FileType::Symlink if !follow => {}
+            FileType::RegularFile => self.quota.writable(&entry)?,
+            _ => return Err(ErrorCode::Access.into()),
+        }
+        let mut at = AtFlags::EMPTY_PATH;
+        if !follow {
+            at |= AtFlags::SYMLINK_NOFOLLOW;
+        }
+        rustix::fs::utimensat(&entry, "", &times, at).map_err(io_error)?;
+        Ok(())
     }
 
     /// Replaces the stream at `stream` with a [`QuotaStream`] around it.
@@ -737,9 +825,7 @@ impl HostDescriptor for QuotaFs<'_> {
     ) -> FsResult<()> {
         path_ok(&path)?;
         self.quota.charge_metadata()?;
-        self.inner
-            .set_times_at(fd, path_flags, path, atim, mtim)
-            .await
+        self.set_times_beneath(&fd, path_flags, &path, atim, mtim)
     }
 
     async fn link_at(

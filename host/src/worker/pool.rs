@@ -737,8 +737,13 @@ impl Pool {
         )
     }
 
+    /// The zone's places: the guests it runs at once, at most.
+    fn places(&self) -> usize {
+        self.config.workers.max(1) as usize * self.config.max_concurrent_jobs.max(1) as usize
+    }
+
     /// A worker that can take a job now: alive, not retiring, with a free
-    /// place, and with `room` (job, bytes) given to the job in its
+    /// place (and the zone's guests fewer than its places), and with `room` (job, bytes) given to the job in its
     /// directory out of the zone's disk, in the job's turn; waits for one
     /// (a replacement, room released) otherwise. The least busy such worker
     /// is taken; not one whose directory holds files beyond its jobs'
@@ -770,12 +775,28 @@ impl Pool {
             let room_freed = freed.map(Notify::notified);
             {
                 let st = lock(&self.state);
+                // The zone's places bound its guests at once, the jobs of
+                // retiring workers among them: each worker replaced per
+                // job (`jobs_per_worker = 1`) retires at its first job,
+                // and counting only the others let every room given start
+                // a fresh process (found by an attacker: 32 guests in 29
+                // processes with 2 places).
+                let busy: usize = st
+                    .workers
+                    .iter()
+                    .map(|w| {
+                        let ws = lock(&w.state);
+                        if ws.fault.is_none() { ws.running() } else { 0 }
+                    })
+                    .sum();
+                let places = self.places();
                 let mut free: Vec<(usize, &Arc<Worker>)> = st
                     .workers
                     .iter()
                     .filter_map(|w| {
                         let ws = lock(&w.state);
-                        (ws.fault.is_none()
+                        (busy < places
+                            && ws.fault.is_none()
                             && !ws.retiring
                             && ws.running() < self.config.max_concurrent_jobs as usize)
                             .then(|| (ws.running(), w))

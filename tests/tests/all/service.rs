@@ -1887,6 +1887,25 @@ async fn only_files_a_job_created_are_stored_and_served() {
 /// and nothing at `x` is an output.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_fifo_renamed_over_a_name_the_guest_opens_never_blocks_it() {
+    fifo_race("open").await;
+}
+
+/// Setting the times of a name never opens what is there: the same race
+/// as above, with the guest setting the times of `/out/x` (following
+/// symlinks) instead of opening it. Neither the FIFO nor the regular file
+/// someone else put at `x` is the job's, so the times of neither change.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_fifo_renamed_over_a_name_the_guest_sets_times_of_never_blocks_it() {
+    fifo_race("set-times").await;
+}
+
+/// [`a_fifo_renamed_over_a_name_the_guest_opens_never_blocks_it`] with the
+/// guest doing `op` (`open-race --op=`) to `/out/x`.
+async fn fifo_race(op: &str) {
+    // The times of every regular file someone else puts at `x`.
+    fn long_ago() -> std::time::SystemTime {
+        std::time::UNIX_EPOCH + Duration::from_secs(1_000_000)
+    }
     for in_process in [false, true] {
         let s = start(|c| {
             if in_process {
@@ -1898,7 +1917,7 @@ async fn a_fifo_renamed_over_a_name_the_guest_opens_never_blocks_it() {
                     bulkhead::policy::HumanDuration::millis(120_000),
                     bulkhead::policy::HumanDuration::millis(120_000),
                 )
-                .args(&["open-race"])
+                .args(&["open-race", &format!("--op={op}")])
                 .write_to(&c.modules.policies_dir);
         })
         .await;
@@ -1927,13 +1946,24 @@ async fn a_fifo_renamed_over_a_name_the_guest_opens_never_blocks_it() {
                     work.join("fifo-in").into_os_string().into_encoded_bytes(),
                 )
                 .unwrap();
-                let mut swaps = 0u64;
+                let (mut swaps, mut touched) = (0u64, 0u64);
                 // Until told to stop, or until the job's directories are
                 // gone.
                 while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                     let swapped = std::fs::write(work.join("file-in"), b"not the job's")
+                        .and_then(|()| {
+                            std::fs::File::options()
+                                .write(true)
+                                .open(work.join("file-in"))?
+                                .set_modified(long_ago())
+                        })
                         .and_then(|()| std::fs::rename(work.join("file-in"), out.join("x")))
                         .and_then(|()| {
+                            // Its times, just before the FIFO takes its name.
+                            let theirs = std::fs::symlink_metadata(out.join("x"))?;
+                            if theirs.is_file() && theirs.modified()? != long_ago() {
+                                touched += 1;
+                            }
                             // SAFETY: a NUL-terminated path.
                             if unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) } != 0 {
                                 return Err(std::io::Error::last_os_error());
@@ -1945,7 +1975,7 @@ async fn a_fifo_renamed_over_a_name_the_guest_opens_never_blocks_it() {
                     }
                     swaps += 1;
                 }
-                swaps
+                (swaps, touched)
             })
         };
         std::fs::write(out.join("go"), b"").unwrap();
@@ -1961,11 +1991,18 @@ async fn a_fifo_renamed_over_a_name_the_guest_opens_never_blocks_it() {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        let swaps = racer.join().unwrap();
+        let (swaps, touched) = racer.join().unwrap();
         assert!(swaps > 0, "{mode}");
+        assert_eq!(
+            touched, 0,
+            "{mode}: the times of a file not the job's changed"
+        );
         assert_eq!(job["state"], "succeeded", "{mode}: {job:#}");
         let stdout = job["report"]["stdout"]["text"].as_str().unwrap_or_default();
         assert!(stdout.contains("open-race: opened"), "{mode}: {stdout}");
+        if op == "set-times" {
+            assert!(stdout.contains("open-race: opened 0,"), "{mode}: {stdout}");
+        }
         let names: Vec<&str> = job["outputs"]
             .as_array()
             .unwrap()

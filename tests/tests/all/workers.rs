@@ -1011,6 +1011,70 @@ async fn one_job_per_worker_gives_every_job_a_fresh_process() {
     );
 }
 
+/// A zone's guests at once are at most its places (workers ×
+/// `max_concurrent_jobs`), however its workers are replaced: with a fresh
+/// process per job each worker retires at its first job, and that job
+/// still holds its place while its replacement starts. Six sleepers
+/// handed to one worker with two places, all at once (as jobs given their
+/// rooms after waiting aside are, without queue slots): never more than
+/// two of them in the zone's workers at once, and never more processes
+/// than the places and the one worker kept.
+#[tokio::test(flavor = "multi_thread")]
+async fn workers_replaced_per_job_run_no_more_guests_than_the_zones_places() {
+    use bulkhead::policy::HumanDuration;
+    use bulkhead::runner::Runner;
+
+    let tmp = tempfile::tempdir().unwrap();
+    let runner = std::sync::Arc::new(crate::common::workers(tmp.path(), "w", 1).await);
+    let sleeper = crate::common::load_policy_in_workers(
+        &runner,
+        bulkhead_tests::HOSTILE,
+        crate::common::policy(bulkhead_tests::HOSTILE, "sleeper")
+            .times(HumanDuration::millis(1_500), HumanDuration::millis(1_500))
+            .args(&["sleep"]),
+    )
+    .await;
+    let jobs: Vec<_> = (0..6)
+        .map(|_| {
+            let (runner, sleeper) = (
+                std::sync::Arc::clone(&runner),
+                std::sync::Arc::clone(&sleeper),
+            );
+            tokio::spawn(async move {
+                runner
+                    .run(&sleeper, &bulkhead::sandbox::JobSpec::new(), None)
+                    .await
+                    .unwrap()
+                    .report
+            })
+        })
+        .collect();
+    let (mut most_guests, mut most_processes) = (0, 0);
+    while !jobs.iter().all(tokio::task::JoinHandle::is_finished) {
+        let guests: std::collections::BTreeSet<String> = job_dirs(&runner)
+            .iter()
+            .filter_map(|d| d.file_stem()?.to_str().map(ToOwned::to_owned))
+            .collect();
+        most_guests = most_guests.max(guests.len());
+        most_processes = most_processes.max(runner.pools()["untrusted"].pids().len());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for job in jobs {
+        let report = job.await.unwrap();
+        assert_eq!(
+            report.limit,
+            Some(bulkhead::job::LimitKind::WallTime),
+            "{report:?}"
+        );
+    }
+    assert!(most_guests > 0);
+    assert!(most_guests <= 2, "{most_guests} guests at once in 2 places");
+    assert!(
+        most_processes <= 3,
+        "{most_processes} worker processes for 2 places and 1 worker"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_worker_over_its_memory_ceiling_is_a_named_fault() {
     let server = service::start(|c| {
