@@ -187,6 +187,10 @@ impl Queued<'_> {
     };
 }
 
+/// A job's spec, read when its run asks for it ([`Runner::run_loaded`]).
+pub type Load<'a> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<JobSpec, JobError>> + Send + 'a>>;
+
 /// Loads modules and runs jobs.
 #[async_trait::async_trait]
 pub trait Runner: Send + Sync + std::fmt::Debug {
@@ -223,6 +227,27 @@ pub trait Runner: Send + Sync + std::fmt::Debug {
         egress: Option<Arc<dyn Egress>>,
         queued: Queued<'_>,
     ) -> Result<Finished, JobError>;
+
+    /// [`Runner::run_queued`] of a job whose spec is read (`load`) only
+    /// once it can run: where it waits for room or a place first, nothing
+    /// of its inputs is held while it waits. `sizes`: the sizes of its
+    /// inputs and stdin, the room it needs. Read first by default.
+    ///
+    /// # Errors
+    /// [`JobError`] when the job is refused before its guest starts, or
+    /// what `load` failed with.
+    async fn run_loaded(
+        &self,
+        module: &Module,
+        sizes: &[u64],
+        load: Load<'_>,
+        egress: Option<Arc<dyn Egress>>,
+        queued: Queued<'_>,
+    ) -> Result<Finished, JobError> {
+        let _ = sizes;
+        let spec = load.await?;
+        self.run_queued(module, &spec, egress, queued).await
+    }
 
     /// Where this process keeps job directories.
     fn work_dir(&self) -> &Path;
@@ -386,21 +411,60 @@ impl Runner for Workers {
         crate::sandbox::validate(&module.policy, spec)?;
         let policy = &module.policy;
         let egress = egress.filter(|_| !policy.network.services.is_empty());
-        let (mut report, outputs) = pool
+        let ran = pool
             .run(*id, policy, spec, egress.clone(), queued)
             .await
             .map_err(JobError::Worker)?;
-        // The gateway's own identity of the job, whatever the worker said.
-        report.job_id = spec.id.clone();
-        report.module = policy.module.name.to_string();
-        report.module_sha256 = module.sha256.to_string();
-        report.policy_sha256 = policy.source_sha256.as_ref().map(ToString::to_string);
-        report.zone = policy.module.zone.to_string();
-        report.calls = egress.map(|e| e.report());
-        Ok(Finished {
-            report,
-            outputs: outputs.map_or(Outputs::None, Outputs::Worker),
-        })
+        Ok(Self::finished(module, &spec.id, ran, egress))
+    }
+
+    async fn run_loaded(
+        &self,
+        module: &Module,
+        sizes: &[u64],
+        load: Load<'_>,
+        egress: Option<Arc<dyn Egress>>,
+        queued: Queued<'_>,
+    ) -> Result<Finished, JobError> {
+        let Place::Pool(pool, id) = &module.place else {
+            return Err(JobError::Worker(
+                "the module was loaded by another runner".into(),
+            ));
+        };
+        let policy = &module.policy;
+        let egress = egress.filter(|_| !policy.network.services.is_empty());
+        // What `load` failed with, and the job's id once it is read.
+        let failed = std::sync::Mutex::new(None);
+        let job_id = std::sync::Mutex::new(String::new());
+        let load = async {
+            let spec = load
+                .await
+                .and_then(|spec| crate::sandbox::validate(policy, &spec).map(|()| spec));
+            match spec {
+                Ok(spec) => {
+                    spec.id
+                        .clone_into(&mut job_id.lock().unwrap_or_else(|e| e.into_inner()));
+                    Ok(spec)
+                }
+                Err(e) => {
+                    let message = e.to_string();
+                    *failed.lock().unwrap_or_else(|e| e.into_inner()) = Some(e);
+                    Err(message)
+                }
+            }
+        };
+        let ran = pool
+            .run_loaded(*id, policy, sizes, load, egress.clone(), queued)
+            .await
+            .map_err(|message| {
+                failed
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .take()
+                    .unwrap_or(JobError::Worker(message))
+            })?;
+        let job_id = job_id.into_inner().unwrap_or_else(|e| e.into_inner());
+        Ok(Self::finished(module, &job_id, ran, egress))
     }
 
     fn work_dir(&self) -> &Path {
@@ -436,6 +500,29 @@ impl Runner for Workers {
     fn close(&self) {
         for pool in self.pools.values() {
             pool.close();
+        }
+    }
+}
+
+impl Workers {
+    /// A job's run on a worker as the gateway reports it.
+    fn finished(
+        module: &Module,
+        job_id: &str,
+        (mut report, outputs): (JobReport, Option<crate::worker::pool::WorkerOutputs>),
+        egress: Option<Arc<dyn Egress>>,
+    ) -> Finished {
+        let policy = &module.policy;
+        // The gateway's own identity of the job, whatever the worker said.
+        report.job_id = job_id.to_owned();
+        report.module = policy.module.name.to_string();
+        report.module_sha256 = module.sha256.to_string();
+        report.policy_sha256 = policy.source_sha256.as_ref().map(ToString::to_string);
+        report.zone = policy.module.zone.to_string();
+        report.calls = egress.map(|e| e.report());
+        Finished {
+            report,
+            outputs: outputs.map_or(Outputs::None, Outputs::Worker),
         }
     }
 }

@@ -153,6 +153,39 @@ impl BlobStore for FsBlobs {
         Ok((inputs, stdin))
     }
 
+    async fn input_sizes(
+        &self,
+        job: &str,
+        names: &[String],
+        stdin: bool,
+    ) -> Result<Vec<u64>, BlobError> {
+        let dir = self.job_subdir(job, "inputs", false);
+        let size = |name: &str| -> std::io::Result<u64> {
+            let dir = dir
+                .as_ref()
+                .map_err(|e| std::io::Error::new(e.kind(), e.to_string()))?;
+            Ok(open_file_in(dir, name)?.metadata()?.len())
+        };
+        let mut sizes = Vec::with_capacity(names.len() + 1);
+        for name in names {
+            sizes.push(
+                size(&format!("in-{name}")).map_err(|_| BlobError::MissingInput {
+                    job: job.to_owned(),
+                    name: name.clone(),
+                })?,
+            );
+        }
+        sizes.push(if stdin {
+            size("stdin").map_err(|_| BlobError::MissingInput {
+                job: job.to_owned(),
+                name: "stdin".to_owned(),
+            })?
+        } else {
+            0
+        });
+        Ok(sizes)
+    }
+
     async fn remove_inputs(&self, job: &str) -> Result<(), BlobError> {
         Ok(remove_local(&self.jobs_dir, Path::new(job).join("inputs")).await?)
     }

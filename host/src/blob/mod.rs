@@ -121,6 +121,19 @@ pub trait BlobStore: Send + Sync + std::fmt::Debug {
         stdin: bool,
     ) -> Result<(Vec<JobInput>, Bytes), BlobError>;
 
+    /// The sizes of `job`'s inputs named `names`, in that order, then its
+    /// stdin's (zero unless `stdin`), read without reading the inputs: the
+    /// room its run needs, asked for before they are read.
+    ///
+    /// # Errors
+    /// [`BlobError::MissingInput`] when one is not stored.
+    async fn input_sizes(
+        &self,
+        job: &str,
+        names: &[String],
+        stdin: bool,
+    ) -> Result<Vec<u64>, BlobError>;
+
     /// Removes `job`'s inputs (once it finished: they are only needed to
     /// run it again).
     async fn remove_inputs(&self, job: &str) -> Result<(), BlobError>;

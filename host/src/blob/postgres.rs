@@ -250,6 +250,35 @@ impl BlobStore for PgBlobs {
         Ok((inputs, stdin))
     }
 
+    async fn input_sizes(
+        &self,
+        job: &str,
+        names: &[String],
+        stdin: bool,
+    ) -> Result<Vec<u64>, BlobError> {
+        let rows = sqlx::query(
+            "SELECT kind, name, length FROM blobs WHERE job_id = $1 AND kind IN ('input', 'stdin')",
+        )
+        .bind(job)
+        .fetch_all(&self.pool)
+        .await?;
+        let size = |kind: &str, name: &str| {
+            rows.iter()
+                .find(|r| r.get::<String, _>("kind") == kind && r.get::<String, _>("name") == name)
+                .map(|r| u64::try_from(r.get::<i64, _>("length")).unwrap_or(u64::MAX))
+                .ok_or_else(|| BlobError::MissingInput {
+                    job: job.to_owned(),
+                    name: if kind == "stdin" { "stdin" } else { name }.to_owned(),
+                })
+        };
+        let mut sizes = Vec::with_capacity(names.len() + 1);
+        for name in names {
+            sizes.push(size("input", name)?);
+        }
+        sizes.push(if stdin { size("stdin", "")? } else { 0 });
+        Ok(sizes)
+    }
+
     async fn remove_inputs(&self, job: &str) -> Result<(), BlobError> {
         sqlx::query("DELETE FROM blobs WHERE job_id = $1 AND kind IN ('input', 'stdin')")
             .bind(job)

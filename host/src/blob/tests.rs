@@ -206,6 +206,22 @@ async fn inputs_and_outputs_round_trip(b: &Blobs) {
     assert_eq!(stdin, Bytes::from_static(b"from stdin"));
     let (_, stdin) = b.store.inputs("j1", &names, false).await.unwrap();
     assert!(stdin.is_empty(), "stdin only when asked");
+    assert_eq!(
+        b.store.input_sizes("j1", &names, true).await.unwrap(),
+        [0, 5, 10]
+    );
+    assert_eq!(
+        b.store.input_sizes("j1", &names, false).await.unwrap(),
+        [0, 5, 0]
+    );
+    assert!(matches!(
+        b.store.input_sizes("j1", &["gone".to_owned()], false).await,
+        Err(BlobError::MissingInput { .. })
+    ));
+    assert!(matches!(
+        b.store.input_sizes("j2", &[], true).await,
+        Err(BlobError::MissingInput { .. })
+    ));
 
     b.put_outputs(
         "j1",

@@ -601,7 +601,7 @@ impl Service {
         // the data directory without a row.
         let cancel = self.cancel_handle(&record.id);
         let ran = self
-            .execute(module, &record, &spec, &cancel, &slot)
+            .execute(module, &record, Spec::Held(&spec), &cancel, &slot)
             .await
             .map(|report| {
                 // Inline jobs have no row to cancel, so nothing ends them
@@ -770,14 +770,30 @@ impl Service {
         cancel: &CancelHandle<'_>,
         slot: &Slot,
     ) -> Result<Option<JobReport>, ServiceError> {
-        let Some(spec) = self.stored_spec(record).await? else {
-            return Ok(Some(JobReport::not_run(
-                &record.id,
-                &record.module,
-                "stored input unreadable",
-            )));
+        // Only the sizes of its inputs until it can run: a job that waits
+        // for room or a place holds none of them meanwhile.
+        let sizes = if record.inputs.is_empty() && !record.has_stdin {
+            vec![0]
+        } else {
+            match self
+                .blobs
+                .input_sizes(&record.id, &record.inputs, record.has_stdin)
+                .await
+            {
+                Ok(sizes) => sizes,
+                Err(e @ crate::blob::BlobError::MissingInput { .. }) => {
+                    tracing::error!(job = %record.id, error = %e, "stored input unreadable");
+                    return Ok(Some(JobReport::not_run(
+                        &record.id,
+                        &record.module,
+                        "stored input unreadable",
+                    )));
+                }
+                Err(e) => return Err(e.into()),
+            }
         };
-        self.execute(module, record, &spec, cancel, slot).await
+        self.execute(module, record, Spec::Stored(sizes), cancel, slot)
+            .await
     }
 
     /// The one run path, for queued jobs a worker claimed and for inline
@@ -789,7 +805,7 @@ impl Service {
         &self,
         module: &Module,
         record: &JobRecord,
-        spec: &JobSpec,
+        spec: Spec<'_>,
         cancel: &CancelHandle<'_>,
         slot: &Slot,
     ) -> Result<Option<JobReport>, ServiceError> {
@@ -802,27 +818,61 @@ impl Service {
         };
         let audits = AuditWrites::default();
         let egress = caller.and_then(|caller| self.egress(module, record, caller, &audits));
-        // While it waits for room in its zone's disk, its running place is
-        // lent to jobs that can run.
-        let inputs = spec
-            .inputs
-            .iter()
-            .map(|i| i.data.len() as u64)
-            .sum::<u64>()
-            .saturating_add(spec.stdin.len() as u64);
+        // While it waits for room in its zone's disk or a place in its
+        // workers, its running place is lent to jobs that can run; the
+        // inputs it holds meanwhile are counted (a stored job's are read
+        // only once it can run).
+        let held = match &spec {
+            Spec::Held(spec) => spec
+                .inputs
+                .iter()
+                .map(|i| i.data.len() as u64)
+                .sum::<u64>()
+                .saturating_add(spec.stdin.len() as u64),
+            Spec::Stored(_) => 0,
+        };
         let waiting = |waiting| {
-            slot.set_aside(waiting, inputs);
+            slot.set_aside(waiting, held);
+        };
+        let queued = Queued {
+            tenant: &record.tenant,
+            waiting: &waiting,
+        };
+        // A failure of the storage while reading a stored job's inputs.
+        let unreadable: Mutex<Option<ServiceError>> = Mutex::new(None);
+        let run = async {
+            match spec {
+                Spec::Held(spec) => self.runner.run_queued(module, spec, egress, queued).await,
+                Spec::Stored(sizes) => {
+                    let load = Box::pin(async {
+                        match self.stored_spec(record).await {
+                            Ok(Some(spec)) => Ok(spec),
+                            Ok(None) => Err(crate::sandbox::JobError::Input(
+                                "stored input unreadable".into(),
+                            )),
+                            Err(e) => {
+                                let message = e.to_string();
+                                *unreadable.lock().unwrap_or_else(|e| e.into_inner()) = Some(e);
+                                Err(crate::sandbox::JobError::Input(message))
+                            }
+                        }
+                    });
+                    self.runner
+                        .run_loaded(module, &sizes, load, egress, queued)
+                        .await
+                }
+            }
         };
         let result = tokio::select! {
             // A cancel already waiting wins before the guest runs at all.
             biased;
             () = cancel.notify.notified() => None,
-            r = self.runner.run_queued(module, spec, egress, Queued {
-                tenant: &record.tenant,
-                waiting: &waiting,
-            }) => Some(r),
+            r = run => Some(r),
         };
         audits.settle().await;
+        if let Some(e) = unreadable.into_inner().unwrap_or_else(|e| e.into_inner()) {
+            return Err(e);
+        }
         if self
             .guests_stopped
             .load(std::sync::atomic::Ordering::SeqCst)
@@ -1165,4 +1215,13 @@ pub(super) enum ClaimState {
     /// A renewal found the claim gone (cancelled, or re-queued after its
     /// lease ran out) and stopped the run.
     Lost,
+}
+
+/// A job's spec as [`Service::execute`] takes it.
+pub(super) enum Spec<'a> {
+    /// In memory already: an inline job's, from its request.
+    Held(&'a JobSpec),
+    /// A stored job's, read from the blob store once the job can run; the
+    /// sizes of its inputs and stdin meanwhile.
+    Stored(Vec<u64>),
 }

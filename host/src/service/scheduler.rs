@@ -21,9 +21,11 @@
 //! zone's workers, sets its slot aside
 //! ([`Slot::set_aside`]): it keeps its tenant's and module's counts but
 //! not a running slot, so jobs waiting for room do not hold the slots
-//! while others, of other tenants and zones, could run. As many jobs as
-//! there are slots may be aside whatever their inputs; more, only while
-//! their inputs (held in memory meanwhile) fit in [`ASIDE_BYTES`], and no
+//! while others, of other tenants and zones, could run. A stored job
+//! holds none of its inputs while it waits (they are read once it has its
+//! room and place) and counts none. As many jobs as there are slots may be
+//! aside whatever their inputs; more, only while the inputs they hold (an
+//! inline job's, in its request's memory) fit in [`ASIDE_BYTES`], and no
 //! more than `max_queued` in all. One that gets its room runs without
 //! taking a slot back: it stays aside until it ends, in its zone's place
 //! (a worker's, given with its room). A job given its room taking its slot

@@ -341,6 +341,9 @@ struct WorkerState {
     loaded: HashMap<u64, Option<Artifact>>,
     loads: HashMap<u64, Vec<oneshot::Sender<Result<LoadInfo, LoadError>>>>,
     jobs: HashMap<u64, Pending>,
+    /// Places given to jobs whose specs are still being read
+    /// ([`Pool::run_loaded`]): not sent yet, but counted as running.
+    placed: usize,
     started: u32,
     retiring: bool,
     /// Why it failed, once it has.
@@ -366,7 +369,13 @@ enum Answer {
 
 impl WorkerState {
     fn running(&self) -> usize {
-        self.jobs.len()
+        self.jobs.len() + self.placed
+    }
+
+    /// It runs no job, holds no place, and has not failed: a retiring
+    /// worker can go.
+    fn idle(&self) -> bool {
+        self.jobs.is_empty() && self.placed == 0 && self.fault.is_none()
     }
 
     /// It has been sent no job: no guest has run in it.
@@ -743,12 +752,14 @@ impl Pool {
     }
 
     /// A worker that can take a job now: alive, not retiring, with a free
-    /// place (and the zone's guests fewer than its places), and with `room` (job, bytes) given to the job in its
-    /// directory out of the zone's disk, in the job's turn; waits for one
-    /// (a replacement, room released) otherwise. The least busy such worker
-    /// is taken; not one whose directory holds files beyond its jobs'
-    /// rooms (and its released jobs' while their directories are there),
-    /// whose room it would count as the new job's.
+    /// place (and the zone's guests fewer than its places), and with
+    /// `room` (job, bytes) given to the job in its directory out of the
+    /// zone's disk, in the job's turn; waits for one (a replacement, room
+    /// released) otherwise. The least busy such worker is taken; not one
+    /// whose directory holds files beyond its jobs' rooms (and its released
+    /// jobs' while their directories are there), whose room it would count
+    /// as the new job's. With `room`, the place is the job's from then
+    /// (`WorkerState::placed`, given back by its [`Placed`]).
     ///
     /// The job's turn is `queued.tenant`'s; `queued.waiting` is told once
     /// the job waits (for room, or for a place), and again once it no
@@ -818,7 +829,25 @@ impl Pool {
                         _ => Ok(true),
                     };
                     match given {
-                        Ok(true) => return Ok(Arc::clone(worker)),
+                        Ok(true) => {
+                            // A job's place is held from now (its
+                            // [`Placed`]), under the pool's lock that every
+                            // pick takes.
+                            // So is its count against the worker's
+                            // allowance: a worker replaced per job takes
+                            // no second one while the first's spec is read.
+                            if room.is_some() {
+                                let mut ws = lock(&worker.state);
+                                ws.placed += 1;
+                                ws.started += 1;
+                                if self.config.jobs_per_worker > 0
+                                    && ws.started >= self.config.jobs_per_worker
+                                {
+                                    ws.retiring = true;
+                                }
+                            }
+                            return Ok(Arc::clone(worker));
+                        }
                         Ok(false) => {}
                         Err(e) => return Err(format!("cannot grow a worker's directory: {e}")),
                     }
@@ -855,27 +884,58 @@ impl Pool {
         egress: Option<Arc<dyn Egress>>,
         queued: crate::runner::Queued<'_>,
     ) -> Result<(JobReport, Option<WorkerOutputs>), String> {
-        // A frame the channel cannot carry is refused here, for this job
-        // alone, before it is queued.
-        let size = spec.stdin.len()
-            + spec.id.len()
-            + spec
-                .inputs
-                .iter()
-                .map(|i| i.name.len() + i.data.len() + 16)
-                .sum::<usize>()
-            + spec
-                .params
-                .iter()
-                .map(|(k, v)| k.len() + v.len() + 16)
-                .sum::<usize>();
-        if size > MAX_DOWN_FRAME - (64 << 10) {
-            return Err(format!(
-                "the job's inputs ({size} bytes) are more than a worker's channel carries ({MAX_DOWN_FRAME} bytes); lower `[server] max_body` or the module's `limits.input`"
-            ));
-        }
-        let job = self.next_id();
+        carried(spec)?;
         let need = super::disk::need(policy, spec);
+        let spec = async { Ok(std::borrow::Cow::Borrowed(spec)) };
+        self.run_placed(module, policy, need, spec, egress, queued)
+            .await
+    }
+
+    /// [`Pool::run`] of a job whose spec is read (`load`) only once it has
+    /// its room and its place, so that nothing of its inputs is held while
+    /// it waits for them; `sizes`, the sizes of its inputs and stdin, give
+    /// the room it needs meanwhile. A spec that needs more room than
+    /// `sizes` said is refused.
+    pub async fn run_loaded(
+        self: &Arc<Self>,
+        module: u64,
+        policy: &Policy,
+        sizes: &[u64],
+        load: impl Future<Output = Result<JobSpec, String>>,
+        egress: Option<Arc<dyn Egress>>,
+        queued: crate::runner::Queued<'_>,
+    ) -> Result<(JobReport, Option<WorkerOutputs>), String> {
+        let total = sizes.iter().fold(0u64, |a, &b| a.saturating_add(b));
+        if total > (MAX_DOWN_FRAME - (64 << 10)) as u64 {
+            return Err(too_large(total));
+        }
+        let need = super::disk::need_for(policy, sizes.iter().copied());
+        let spec = async {
+            let spec = load.await?;
+            carried(&spec)?;
+            if super::disk::need(policy, &spec) > need {
+                return Err(
+                    "the job's stored inputs are larger than when its room was given".into(),
+                );
+            }
+            Ok(std::borrow::Cow::Owned(spec))
+        };
+        self.run_placed(module, policy, need, spec, egress, queued)
+            .await
+    }
+
+    /// Runs the job of `spec` (awaited once its worker, its room of `need`
+    /// bytes and its place are given) on a worker.
+    async fn run_placed(
+        self: &Arc<Self>,
+        module: u64,
+        policy: &Policy,
+        need: u64,
+        spec: impl Future<Output = Result<std::borrow::Cow<'_, JobSpec>, String>>,
+        egress: Option<Arc<dyn Egress>>,
+        queued: crate::runner::Queued<'_>,
+    ) -> Result<(JobReport, Option<WorkerOutputs>), String> {
+        let job = self.next_id();
         if let Some(disk) = self.disk.as_ref().filter(|d| need > d.size) {
             return Err(format!(
                 "the job's files may take {need} bytes (its inputs, its output limit, a page for each output file), more than zone `{}`'s disk of {} bytes",
@@ -883,6 +943,17 @@ impl Pool {
             ));
         }
         let worker = self.pick(Some((job, need)), queued).await?;
+        if lock(&worker.state).retiring {
+            // Its replacement starts now, while this job runs.
+            self.weakened.notify_one();
+        }
+        let placed = Placed {
+            pool: self,
+            worker: &worker,
+            job,
+        };
+        let spec = spec.await?;
+        let spec: &JobSpec = &spec;
         let wall_time = policy.limits.wall_time.get();
         let (tx, rx) = oneshot::channel();
         {
@@ -891,9 +962,11 @@ impl Pool {
                 // It failed between being picked and now.
                 let report = fault_report(spec, policy, reason);
                 drop(ws);
-                worker.release(job);
+                drop(placed);
                 return Ok((report, None));
             }
+            ws.placed -= 1;
+            std::mem::forget(placed);
             ws.jobs.insert(
                 job,
                 Pending {
@@ -903,14 +976,6 @@ impl Pool {
                     running_since: None,
                 },
             );
-            ws.started += 1;
-            if self.config.jobs_per_worker > 0 && ws.started >= self.config.jobs_per_worker {
-                ws.retiring = true;
-            }
-        }
-        if lock(&worker.state).retiring {
-            // Its replacement starts now, while this job runs.
-            self.weakened.notify_one();
         }
         if let Some(egress) = egress {
             worker.calls.register(job, egress, wall_time);
@@ -981,7 +1046,7 @@ impl Pool {
         let retire = {
             let mut ws = lock(&worker.state);
             ws.jobs.remove(&job);
-            ws.retiring && ws.jobs.is_empty() && ws.fault.is_none()
+            ws.retiring && ws.idle()
         };
         if retire {
             self.retire(worker);
@@ -1052,7 +1117,7 @@ impl Pool {
             let mut ws = lock(&worker.state);
             let pending = ws.jobs.remove(&job);
             ws.retiring = true;
-            (pending, ws.jobs.is_empty() && ws.fault.is_none())
+            (pending, ws.idle())
         };
         let Some(pending) = pending else { return };
         worker.calls.unregister(job);
@@ -1678,6 +1743,57 @@ impl Drop for WaitTold<'_> {
             (self.waiting)(false);
         }
     }
+}
+
+/// A job's place and room in its worker, given by [`Pool::pick`] and held
+/// while its spec is read; dropped before the job is sent, both are given
+/// back (and a retiring worker left idle goes).
+struct Placed<'a> {
+    pool: &'a Arc<Pool>,
+    worker: &'a Arc<Worker>,
+    job: u64,
+}
+
+impl Drop for Placed<'_> {
+    fn drop(&mut self) {
+        let retire = {
+            let mut ws = lock(&self.worker.state);
+            ws.placed = ws.placed.saturating_sub(1);
+            ws.retiring && ws.idle()
+        };
+        self.worker.release(self.job);
+        if retire {
+            self.pool.retire(self.worker);
+        }
+        self.pool.changed.notify_waiters();
+    }
+}
+
+/// A frame the channel cannot carry is refused, for its job alone, before
+/// the job is sent.
+fn carried(spec: &JobSpec) -> Result<(), String> {
+    let size = spec.stdin.len()
+        + spec.id.len()
+        + spec
+            .inputs
+            .iter()
+            .map(|i| i.name.len() + i.data.len() + 16)
+            .sum::<usize>()
+        + spec
+            .params
+            .iter()
+            .map(|(k, v)| k.len() + v.len() + 16)
+            .sum::<usize>();
+    if size > MAX_DOWN_FRAME - (64 << 10) {
+        return Err(too_large(size as u64));
+    }
+    Ok(())
+}
+
+fn too_large(size: u64) -> String {
+    format!(
+        "the job's inputs ({size} bytes) are more than a worker's channel carries ({MAX_DOWN_FRAME} bytes); lower `[server] max_body` or the module's `limits.input`"
+    )
 }
 
 /// Cancels a job whose run future is dropped before its report arrived.

@@ -527,6 +527,86 @@ async fn jobs_waiting_for_room_do_not_hold_the_queues_running_places() {
     }
 }
 
+/// A stored job waiting for room holds none of its inputs, so however
+/// large they are, it lends its slot: six jobs of 33 MiB of inputs each,
+/// a zone's disk with room for one. One runs, the other five wait for its
+/// room, aside. With their inputs read before the wait, the jobs aside
+/// past the number of slots were held to 64 MiB of inputs between them,
+/// and the last two held both slots until rooms came free for them, one
+/// wall time after another; another tenant's job of another zone then
+/// waited as long (found by an attacker: 200–300 s with eight tenants).
+/// Here it runs while the first large job still does.
+#[tokio::test(flavor = "multi_thread")]
+async fn stored_jobs_waiting_for_room_lend_their_slots_however_large_their_inputs() {
+    let big = sleeper(8_000).limits(|l| {
+        l.input = ByteSize::mib(34);
+        l.output = ByteSize::kib(64);
+        l.output_files = 4;
+    });
+    let server = service::start(|c| {
+        c.queue.workers = 2;
+        std::fs::remove_dir_all(&c.modules.policies_dir).unwrap();
+        big.write_to(&c.modules.policies_dir);
+        hello()
+            .zone(bulkhead::policy::Zone::FirstParty)
+            .write_to(&c.modules.policies_dir);
+        c.zones.insert(
+            "untrusted".into(),
+            bulkhead::config::ZonePool {
+                disk: ByteSize::mib(40),
+                workers: 1,
+                ..Default::default()
+            },
+        );
+    })
+    .await;
+    let body = vec![7u8; 33 << 20];
+    let mut big_jobs = Vec::new();
+    for tenant in ["acme", "globex"] {
+        let token = server.token(tenant, &["hostile:run"]).await;
+        for _ in 0..3 {
+            let job = json(
+                server
+                    .post("/v1/modules/hostile/jobs", &token)
+                    .header("content-type", "application/octet-stream")
+                    .body(body.clone()),
+            )
+            .await;
+            let id = job["id"].as_str().unwrap_or_else(|| panic!("{job}"));
+            big_jobs.push((token.clone(), id.to_owned()));
+        }
+    }
+    // All claimed: the first running with its room, five waiting for it.
+    for (token, id) in &big_jobs {
+        for _ in 0..400 {
+            let job = json(server.get(&format!("/v1/jobs/{id}"), token)).await;
+            if job["state"] == "running" {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+    let other = server.token("initech", &["hello:run"]).await;
+    let hello = submit(&server, &other, "hello", true).await;
+    assert_eq!(hello["state"], "succeeded", "{hello}");
+    let (token, id) = &big_jobs[0];
+    let first = json(server.get(&format!("/v1/jobs/{id}"), token)).await;
+    assert_eq!(
+        first["state"], "running",
+        "the hello job waited for the first large one to end: {first}"
+    );
+    for (token, id) in &big_jobs {
+        for _ in 0..1_200 {
+            let job = json(server.get(&format!("/v1/jobs/{id}"), token)).await;
+            if job["state"] != "queued" && job["state"] != "running" {
+                assert_eq!(job["report"]["limit"], "wall_time", "{job}");
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
 /// Jobs that waited aside for room and were then given it run without
 /// taking the queue's slots back. A large job fills the zone's disk; four
 /// smaller ones wait aside for room; once the large job ends, two of them
@@ -1073,6 +1153,73 @@ async fn workers_replaced_per_job_run_no_more_guests_than_the_zones_places() {
         most_processes <= 3,
         "{most_processes} worker processes for 2 places and 1 worker"
     );
+}
+
+/// A job's place in a worker is its own from the moment it is given,
+/// while its inputs are still being read (`Runner::run_loaded`): with a
+/// fresh process per job, a second job picked meanwhile goes to another
+/// worker, never beside the first in the same process.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_worker_replaced_per_job_takes_no_second_job_while_the_firsts_inputs_are_read() {
+    use bulkhead::policy::HumanDuration;
+    use bulkhead::runner::Runner;
+
+    let tmp = tempfile::tempdir().unwrap();
+    let runner = std::sync::Arc::new(crate::common::workers(tmp.path(), "w", 1).await);
+    let sleeper = crate::common::load_policy_in_workers(
+        &runner,
+        bulkhead_tests::HOSTILE,
+        crate::common::policy(bulkhead_tests::HOSTILE, "sleeper")
+            .times(HumanDuration::millis(1_500), HumanDuration::millis(1_500))
+            .args(&["sleep"]),
+    )
+    .await;
+    let jobs: Vec<_> = (0..2)
+        .map(|_| {
+            let (runner, sleeper) = (
+                std::sync::Arc::clone(&runner),
+                std::sync::Arc::clone(&sleeper),
+            );
+            tokio::spawn(async move {
+                let load = Box::pin(async {
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    Ok(bulkhead::sandbox::JobSpec::new())
+                });
+                runner
+                    .run_loaded(&sleeper, &[0], load, None, bulkhead::runner::Queued::ALONE)
+                    .await
+                    .unwrap()
+                    .report
+            })
+        })
+        .collect();
+    let mut most_in_one = 0;
+    while !jobs.iter().all(tokio::task::JoinHandle::is_finished) {
+        for pid in runner.pools()["untrusted"].pids() {
+            let jobs: std::collections::BTreeSet<String> =
+                std::fs::read_dir(format!("/proc/{pid}/cwd"))
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                    .filter_map(|e| {
+                        let name = e.file_name().to_string_lossy().into_owned();
+                        name.starts_with('j')
+                            .then(|| name.split('.').next().unwrap_or_default().to_owned())
+                    })
+                    .collect();
+            most_in_one = most_in_one.max(jobs.len());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for job in jobs {
+        let report = job.await.unwrap();
+        assert_eq!(
+            report.limit,
+            Some(bulkhead::job::LimitKind::WallTime),
+            "{report:?}"
+        );
+    }
+    assert_eq!(most_in_one, 1, "two jobs in one worker replaced per job");
 }
 
 #[tokio::test(flavor = "multi_thread")]
