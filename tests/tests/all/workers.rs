@@ -474,57 +474,14 @@ async fn jobs_waiting_for_room_do_not_hold_the_queues_running_places() {
         l.output = ByteSize::mib(12);
         l.output_files = 4;
     });
-    let server = service::start(|c| {
-        c.queue.workers = 2;
-        std::fs::remove_dir_all(&c.modules.policies_dir).unwrap();
-        big.write_to(&c.modules.policies_dir);
-        hello()
-            .zone(bulkhead::policy::Zone::FirstParty)
-            .write_to(&c.modules.policies_dir);
-        c.zones.insert(
-            "untrusted".into(),
-            bulkhead::config::ZonePool {
-                disk: ByteSize::mib(16),
-                workers: 1,
-                ..Default::default()
-            },
-        );
-    })
-    .await;
+    let server = one_worker_zone_beside_hello(&big, ByteSize::mib(16)).await;
     let acme = server.token("acme", &["hostile:run"]).await;
     let mut big_jobs = Vec::new();
     for _ in 0..4 {
         let job = submit(&server, &acme, "hostile", false).await;
-        big_jobs.push(job["id"].as_str().unwrap().to_owned());
+        big_jobs.push((acme.clone(), job["id"].as_str().unwrap().to_owned()));
     }
-    // All claimed: one running with its room, three waiting for it.
-    for id in &big_jobs {
-        for _ in 0..400 {
-            let job = json(server.get(&format!("/v1/jobs/{id}"), &acme)).await;
-            if job["state"] == "running" {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-    }
-    let other = server.token("initech", &["hello:run"]).await;
-    let hello = submit(&server, &other, "hello", true).await;
-    assert_eq!(hello["state"], "succeeded", "{hello}");
-    let first = json(server.get(&format!("/v1/jobs/{}", big_jobs[0]), &acme)).await;
-    assert_eq!(
-        first["state"], "running",
-        "the hello job waited for the first large one to end: {first}"
-    );
-    for id in &big_jobs {
-        for _ in 0..600 {
-            let job = json(server.get(&format!("/v1/jobs/{id}"), &acme)).await;
-            if job["state"] != "queued" && job["state"] != "running" {
-                assert_eq!(job["report"]["limit"], "wall_time", "{job}");
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
+    hello_runs_while_the_first_runs(&server, &big_jobs).await;
 }
 
 /// A stored job waiting for room holds none of its inputs, so however
@@ -543,23 +500,7 @@ async fn stored_jobs_waiting_for_room_lend_their_slots_however_large_their_input
         l.output = ByteSize::kib(64);
         l.output_files = 4;
     });
-    let server = service::start(|c| {
-        c.queue.workers = 2;
-        std::fs::remove_dir_all(&c.modules.policies_dir).unwrap();
-        big.write_to(&c.modules.policies_dir);
-        hello()
-            .zone(bulkhead::policy::Zone::FirstParty)
-            .write_to(&c.modules.policies_dir);
-        c.zones.insert(
-            "untrusted".into(),
-            bulkhead::config::ZonePool {
-                disk: ByteSize::mib(40),
-                workers: 1,
-                ..Default::default()
-            },
-        );
-    })
-    .await;
+    let server = one_worker_zone_beside_hello(&big, ByteSize::mib(40)).await;
     let body = vec![7u8; 33 << 20];
     let mut big_jobs = Vec::new();
     for tenant in ["acme", "globex"] {
@@ -576,8 +517,37 @@ async fn stored_jobs_waiting_for_room_lend_their_slots_however_large_their_input
             big_jobs.push((token.clone(), id.to_owned()));
         }
     }
-    // All claimed: the first running with its room, five waiting for it.
-    for (token, id) in &big_jobs {
+    hello_runs_while_the_first_runs(&server, &big_jobs).await;
+}
+
+/// The service with two slots, `big` (module `hostile`) in zone
+/// `untrusted` of one worker and `disk`, and `hello` in zone
+/// `first-party`.
+async fn one_worker_zone_beside_hello(big: &TestPolicy, disk: ByteSize) -> Server {
+    service::start(|c| {
+        c.queue.workers = 2;
+        std::fs::remove_dir_all(&c.modules.policies_dir).unwrap();
+        big.write_to(&c.modules.policies_dir);
+        hello()
+            .zone(bulkhead::policy::Zone::FirstParty)
+            .write_to(&c.modules.policies_dir);
+        c.zones.insert(
+            "untrusted".into(),
+            bulkhead::config::ZonePool {
+                disk,
+                workers: 1,
+                ..Default::default()
+            },
+        );
+    })
+    .await
+}
+
+/// Once every one of `big_jobs` (token, id: the first given the zone's
+/// room, the others waiting for it) is claimed, another tenant's `hello`
+/// runs while the first still does; then each ends at its wall time.
+async fn hello_runs_while_the_first_runs(server: &Server, big_jobs: &[(String, String)]) {
+    for (token, id) in big_jobs {
         for _ in 0..400 {
             let job = json(server.get(&format!("/v1/jobs/{id}"), token)).await;
             if job["state"] == "running" {
@@ -587,7 +557,7 @@ async fn stored_jobs_waiting_for_room_lend_their_slots_however_large_their_input
         }
     }
     let other = server.token("initech", &["hello:run"]).await;
-    let hello = submit(&server, &other, "hello", true).await;
+    let hello = submit(server, &other, "hello", true).await;
     assert_eq!(hello["state"], "succeeded", "{hello}");
     let (token, id) = &big_jobs[0];
     let first = json(server.get(&format!("/v1/jobs/{id}"), token)).await;
@@ -595,7 +565,7 @@ async fn stored_jobs_waiting_for_room_lend_their_slots_however_large_their_input
         first["state"], "running",
         "the hello job waited for the first large one to end: {first}"
     );
-    for (token, id) in &big_jobs {
+    for (token, id) in big_jobs {
         for _ in 0..1_200 {
             let job = json(server.get(&format!("/v1/jobs/{id}"), token)).await;
             if job["state"] != "queued" && job["state"] != "running" {
