@@ -654,7 +654,8 @@ pub fn out_wait() -> ExitCode {
 /// `/out/x` to read, again and again, until `/out/stop` appears (while
 /// someone else swaps a FIFO and a regular file at `x`). Prints how the
 /// opens went. `--op=set-times`: set the times of `/out/x` (following
-/// symlinks) instead of opening it.
+/// symlinks) instead of opening it, after setting those of a directory it
+/// makes and of `/out` itself. `--name=`: another name than `x`.
 pub fn open_race(ctx: &Ctx) -> ExitCode {
     use wasip2::filesystem::types::{ErrorCode, NewTimestamp, PathFlags};
     let set_times = match ctx.param("op").unwrap_or("open") {
@@ -669,7 +670,20 @@ pub fn open_race(ctx: &Ctx) -> ExitCode {
         println!("open-race: no /out");
         return ExitCode::from(1);
     };
+    let name = ctx.param("name").unwrap_or("x");
     attempt("write /out/own.txt", fs::write("/out/own.txt", b"own"));
+    if set_times {
+        attempt("mkdir /out/own-dir", fs::create_dir("/out/own-dir"));
+        for own in ["own-dir", "."] {
+            let set = out.set_times_at(
+                PathFlags::SYMLINK_FOLLOW,
+                own,
+                NewTimestamp::NoChange,
+                NewTimestamp::Now,
+            );
+            println!("open-race: set-times {own}: {set:?}");
+        }
+    }
     while fs::symlink_metadata("/out/go").is_err() {
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
@@ -683,13 +697,13 @@ pub fn open_race(ctx: &Ctx) -> ExitCode {
             std::thread::sleep(std::time::Duration::from_millis(1));
             out.set_times_at(
                 PathFlags::SYMLINK_FOLLOW,
-                "x",
+                name,
                 NewTimestamp::NoChange,
                 NewTimestamp::Now,
             )
             .map_err(|e| e == ErrorCode::Access)
         } else {
-            fs::File::open("/out/x")
+            fs::File::open(format!("/out/{name}"))
                 .map(drop)
                 .map_err(|e| e.kind() == io::ErrorKind::PermissionDenied)
         };

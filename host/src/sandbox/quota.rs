@@ -114,6 +114,9 @@ pub struct OutputQuota {
     refused_opens: AtomicU64,
     /// The regular files the job created (see [`super::outputs::Created`]).
     created: Mutex<super::outputs::Created>,
+    /// The directories and symlinks the job created, and its `/out`: the
+    /// only ones whose times it may set.
+    own_entries: Mutex<super::outputs::Created>,
     /// The job's input files, when the guest's reads are held to them and
     /// to the files it created ([`OutputQuota::restrict_reads`]).
     inputs: Mutex<Option<super::outputs::Created>>,
@@ -141,6 +144,7 @@ impl OutputQuota {
             max_open,
             refused_opens: AtomicU64::new(0),
             created: Mutex::default(),
+            own_entries: Mutex::default(),
             inputs: Mutex::default(),
             calls: AtomicU64::new(0),
             latch,
@@ -220,6 +224,34 @@ impl OutputQuota {
     /// job ran, perhaps a file another job created and will collect as its
     /// own — and writing the job's bytes into it would hand them over.
     /// Refused with `access`, before anything is written or truncated.
+    /// Counts the directory or symlink `entry` (the job's `/out`, or one
+    /// its guest just made) among the job's own: the only ones whose times
+    /// the guest may set.
+    pub fn own_entry(&self, entry: impl std::os::fd::AsFd) {
+        if let Ok(id) = super::outputs::FileId::of(entry) {
+            self.own_entries
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(id);
+        }
+    }
+
+    /// Whether the directory or symlink `entry` is one of the job's own
+    /// ([`OutputQuota::own_entry`]); refused with `access` otherwise.
+    fn owned(&self, entry: impl std::os::fd::AsFd) -> Result<(), ErrorCode> {
+        let id = super::outputs::FileId::of(entry).map_err(|_| ErrorCode::Access)?;
+        if self
+            .own_entries
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(&id)
+        {
+            Ok(())
+        } else {
+            Err(ErrorCode::Access)
+        }
+    }
+
     /// Holds the guest's opens of existing files to `inputs` and the files
     /// it created: whatever else is put in its `/in` or `/out` (moved or
     /// linked in by someone who can write there) it cannot read.
@@ -577,12 +609,32 @@ impl QuotaFs<'_> {
         Ok(self.inner.table.push(descriptor)?)
     }
 
+    /// Counts the directory or symlink the guest just made at `path` under
+    /// `fd` among the job's own ([`OutputQuota::own_entry`]), resolved as
+    /// every call of the guest's is. Something renamed over the name in
+    /// between is counted instead, which lets the guest set its times and
+    /// nothing more.
+    fn own_made(&self, fd: &Resource<types::Descriptor>, path: &str) {
+        use rustix::fs::OFlags;
+        let borrowed: Resource<types::Descriptor> = Resource::new_borrow(fd.rep());
+        if let Ok(wasmtime_wasi::filesystem::Descriptor::Dir(parent)) =
+            self.inner.table.get(&borrowed)
+            && let Ok(entry) = openat2_retrying(
+                &parent.dir,
+                path,
+                OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            )
+        {
+            self.quota.own_entry(&entry);
+        }
+    }
+
     /// Sets the times of what is at `path` as wasmtime-wasi's `set-times-at`
     /// would, but never opens it to read or write: the entry is resolved to
     /// an `O_PATH` descriptor (which no FIFO holds up) beneath `fd`
     /// (`openat2`, `RESOLVE_BENEATH`, no magic links), refused with
-    /// `access` unless it is a directory, a symlink not followed, or a
-    /// regular file the job created, and its times are set on that very
+    /// `access` unless it is a regular file, a directory or a symlink (not
+    /// followed) the job created, or its `/out`, and its times are set on that very
     /// descriptor (`utimensat` with `AT_EMPTY_PATH`). wasmtime-wasi's own
     /// opens the entry for writing, then reading, and blocks forever on a
     /// FIFO someone renamed over the name (found by an attacker).
@@ -618,8 +670,8 @@ impl QuotaFs<'_> {
         let entry = openat2_retrying(&parent.dir, path, how)?;
         let stat = rustix::fs::fstat(&entry).map_err(io_error)?;
         match FileType::from_raw_mode(stat.st_mode) {
-            FileType::Directory => {}
-            FileType::Symlink if !follow => {}
+            FileType::Directory => self.quota.owned(&entry)?,
+            FileType::Symlink if !follow => self.quota.owned(&entry)?,
             FileType::RegularFile => self.quota.writable(&entry)?,
             _ => return Err(ErrorCode::Access.into()),
         }
@@ -798,7 +850,12 @@ impl HostDescriptor for QuotaFs<'_> {
         path_ok(&path)?;
         self.quota.charge_metadata()?;
         self.quota.charge_entry()?;
-        self.inner.create_directory_at(fd, path).await
+        let borrowed = Resource::new_borrow(fd.rep());
+        self.inner
+            .create_directory_at(borrowed, path.clone())
+            .await?;
+        self.own_made(&fd, &path);
+        Ok(())
     }
 
     async fn stat(&mut self, fd: Resource<types::Descriptor>) -> FsResult<types::DescriptorStat> {
@@ -967,7 +1024,12 @@ impl HostDescriptor for QuotaFs<'_> {
         path_ok(&dest_path)?;
         self.quota.charge_metadata()?;
         self.quota.charge_entry()?;
-        self.inner.symlink_at(fd, src_path, dest_path).await
+        let borrowed = Resource::new_borrow(fd.rep());
+        self.inner
+            .symlink_at(borrowed, src_path, dest_path.clone())
+            .await?;
+        self.own_made(&fd, &dest_path);
+        Ok(())
     }
 
     async fn unlink_file_at(

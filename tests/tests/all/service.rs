@@ -1899,6 +1899,95 @@ async fn a_fifo_renamed_over_a_name_the_guest_sets_times_of_never_blocks_it() {
     fifo_race("set-times").await;
 }
 
+/// The service (in worker processes, or in-process) running `hostile
+/// open-race` with `args`, a job of it running, and its `/out` once the
+/// guest wrote `own.txt` there.
+async fn open_race_job(
+    in_process: bool,
+    args: &[&str],
+) -> (crate::common::Server, String, std::path::PathBuf) {
+    let s = start(|c| {
+        if in_process {
+            c.isolation.mode = bulkhead::config::IsolationMode::InProcess;
+        }
+        let mut all = vec!["open-race"];
+        all.extend_from_slice(args);
+        crate::common::policy(bulkhead_tests::HOSTILE, "hostile")
+            .scopes(&["hostile:run"])
+            .times(
+                bulkhead::policy::HumanDuration::millis(120_000),
+                bulkhead::policy::HumanDuration::millis(120_000),
+            )
+            .args(&all)
+            .write_to(&c.modules.policies_dir);
+    })
+    .await;
+    let id = submit_until_running(&s).await;
+    for _ in 0..300 {
+        let out = s
+            .job_roots()
+            .iter()
+            .flat_map(|r| walk(r))
+            .find(|p| p.ends_with("own.txt"))
+            .and_then(|p| p.parent().map(ToOwned::to_owned));
+        if let Some(out) = out {
+            return (s, id, out);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("the guest never wrote /out/own.txt");
+}
+
+/// A guest sets the times of its own directories and of its `/out`, and
+/// of nothing else: a directory someone else put in its `/out` keeps its
+/// times however often the guest tries (found by an attacker: any
+/// directory or symlink was let through).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_guest_sets_the_times_of_its_own_directories_only() {
+    let long_ago = std::time::UNIX_EPOCH + Duration::from_secs(1_000_000);
+    for in_process in [false, true] {
+        let mode = if in_process { "in-process" } else { "workers" };
+        let (s, id, out) = open_race_job(in_process, &["--op=set-times", "--name=theirs"]).await;
+        let theirs = out.join("theirs");
+        std::fs::create_dir(&theirs).unwrap();
+        // Owned as the guest's own files are, so only the sandbox says no.
+        use std::os::unix::fs::MetadataExt as _;
+        let owner = std::fs::metadata(&out).unwrap();
+        std::os::unix::fs::chown(&theirs, Some(owner.uid()), Some(owner.gid())).unwrap();
+        std::fs::File::open(&theirs)
+            .unwrap()
+            .set_modified(long_ago)
+            .unwrap();
+        std::fs::write(out.join("go"), b"").unwrap();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let kept = std::fs::metadata(&theirs).unwrap().modified().unwrap();
+        std::fs::write(out.join("stop"), b"").unwrap();
+        assert_eq!(
+            kept, long_ago,
+            "{mode}: the guest set a foreign directory's times"
+        );
+        let token = s.token("acme", &["hostile:run"]).await;
+        let mut job = Value::Null;
+        for _ in 0..600 {
+            job = json(s.get(&format!("/v1/jobs/{id}"), &token)).await;
+            if job["state"] != "running" && job["state"] != "queued" {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(job["state"], "succeeded", "{mode}: {job:#}");
+        let stdout = job["report"]["stdout"]["text"].as_str().unwrap_or_default();
+        for expected in [
+            "open-race: set-times own-dir: Ok(())",
+            "open-race: set-times .: Ok(())",
+            "open-race: opened 0,",
+        ] {
+            assert!(stdout.contains(expected), "{mode}: {stdout}");
+        }
+        s.service.shutdown().await;
+    }
+}
+
 /// [`a_fifo_renamed_over_a_name_the_guest_opens_never_blocks_it`] with the
 /// guest doing `op` (`open-race --op=`) to `/out/x`.
 async fn fifo_race(op: &str) {
@@ -1907,36 +1996,8 @@ async fn fifo_race(op: &str) {
         std::time::UNIX_EPOCH + Duration::from_secs(1_000_000)
     }
     for in_process in [false, true] {
-        let s = start(|c| {
-            if in_process {
-                c.isolation.mode = bulkhead::config::IsolationMode::InProcess;
-            }
-            crate::common::policy(bulkhead_tests::HOSTILE, "hostile")
-                .scopes(&["hostile:run"])
-                .times(
-                    bulkhead::policy::HumanDuration::millis(120_000),
-                    bulkhead::policy::HumanDuration::millis(120_000),
-                )
-                .args(&["open-race", &format!("--op={op}")])
-                .write_to(&c.modules.policies_dir);
-        })
-        .await;
         let mode = if in_process { "in-process" } else { "workers" };
-        let id = submit_until_running(&s).await;
-        let mut out = None;
-        for _ in 0..300 {
-            out = s
-                .job_roots()
-                .iter()
-                .flat_map(|r| walk(r))
-                .find(|p| p.ends_with("own.txt"))
-                .and_then(|p| p.parent().map(ToOwned::to_owned));
-            if out.is_some() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        let out = out.expect("the guest never wrote /out/own.txt");
+        let (s, id, out) = open_race_job(in_process, &[&format!("--op={op}")]).await;
         let work = out.parent().unwrap().to_owned();
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let racer = {
