@@ -57,8 +57,16 @@ pub fn remove_local_if_empty(root: &Root, rel: &str) -> std::io::Result<()> {
 /// Opens the regular file `name` in `dir` for reading, never through a
 /// link or across a mount (`name` may hold directories).
 fn open_file_in(dir: &OwnedFd, name: &str) -> std::io::Result<std::fs::File> {
-    let fd = crate::sandbox::beneath::open_file_in(dir, name)?;
-    Ok(std::fs::File::from(fd))
+    let file = std::fs::File::from(crate::sandbox::beneath::open_file_in(dir, name)?);
+    // Only a regular file is a stored blob: a FIFO or a device put in its
+    // place would read as anything, or as nothing.
+    if !file.metadata()?.is_file() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("{name} is not a regular file"),
+        ));
+    }
+    Ok(file)
 }
 
 /// Removes `rel` below `root` (a directory or anything else) on a
@@ -126,7 +134,11 @@ impl BlobStore for FsBlobs {
                 .as_ref()
                 .map_err(|e| std::io::Error::new(e.kind(), e.to_string()))?;
             let mut data = Vec::new();
-            open_file_in(dir, name)?.read_to_end(&mut data)?;
+            // No more than its size when opened: a file that grows while
+            // it is read is not read without end.
+            let file = open_file_in(dir, name)?;
+            let size = file.metadata()?.len();
+            file.take(size).read_to_end(&mut data)?;
             Ok(data)
         };
         let mut inputs = Vec::with_capacity(names.len());

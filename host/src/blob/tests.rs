@@ -506,3 +506,29 @@ async fn a_node_frozen_while_writing_outputs_does_not_stop_the_rerun_keeping_its
     assert_eq!(b.read("f", "out").await.unwrap(), b"attempt 2");
     drop(tx);
 }
+
+/// Only a regular file is a stored input: a FIFO put in an input's place
+/// is a missing input, for its size and its bytes, and never read as
+/// empty (nor waited on).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stored_input_that_is_not_a_regular_file_is_missing() {
+    let b = Blobs::fs();
+    b.store
+        .put_inputs("f", &[input("a", b"alpha")], None)
+        .await
+        .unwrap();
+    let stored = b.jobs_dir.join("f/inputs/in-a");
+    std::fs::remove_file(&stored).unwrap();
+    let path = std::ffi::CString::new(stored.into_os_string().into_encoded_bytes()).unwrap();
+    // SAFETY: a NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(path.as_ptr(), 0o600) }, 0);
+    let names = ["a".to_owned()];
+    assert!(matches!(
+        b.store.input_sizes("f", &names, false).await,
+        Err(BlobError::MissingInput { .. })
+    ));
+    assert!(matches!(
+        b.store.inputs("f", &names, false).await,
+        Err(BlobError::MissingInput { .. })
+    ));
+}
