@@ -1068,7 +1068,8 @@ async fn one_job_per_worker_gives_every_job_a_fresh_process() {
 /// handed to one worker with two places, all at once (as jobs given their
 /// rooms after waiting aside are, without queue slots): never more than
 /// two of them in the zone's workers at once, and never more processes
-/// than the places and the one worker kept.
+/// than the places and the one worker kept: a retired worker is gone at
+/// once.
 #[tokio::test(flavor = "multi_thread")]
 async fn workers_replaced_per_job_run_no_more_guests_than_the_zones_places() {
     use bulkhead::policy::HumanDuration;
@@ -1100,13 +1101,20 @@ async fn workers_replaced_per_job_run_no_more_guests_than_the_zones_places() {
         })
         .collect();
     let (mut most_guests, mut most_processes) = (0, 0);
+    let mut seen = std::collections::BTreeSet::new();
     while !jobs.iter().all(tokio::task::JoinHandle::is_finished) {
         let guests: std::collections::BTreeSet<String> = job_dirs(&runner)
             .iter()
             .filter_map(|d| d.file_stem()?.to_str().map(ToOwned::to_owned))
             .collect();
         most_guests = most_guests.max(guests.len());
-        most_processes = most_processes.max(runner.pools()["untrusted"].pids().len());
+        // Every worker seen, alive until it is gone (a zombie is gone).
+        seen.extend(runner.pools()["untrusted"].pids());
+        let alive = seen
+            .iter()
+            .filter(|&&pid| process_state(pid).is_some_and(|s| s != 'Z'))
+            .count();
+        most_processes = most_processes.max(alive);
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     for job in jobs {
