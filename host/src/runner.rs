@@ -158,7 +158,10 @@ pub struct RunnerState {
 /// them, or its run ended): its caller may lend its running place
 /// meanwhile
 /// ([`Slot::set_aside`](crate::service::scheduler::Slot::set_aside)).
-pub type Waiting<'a> = &'a (dyn Fn(bool) + Send + Sync);
+/// Answers `true` when it did, `false` when it could not: it is told
+/// again while the job still waits, until it can, and told `false` only
+/// after a `true`.
+pub type Waiting<'a> = &'a (dyn Fn(bool) -> bool + Send + Sync);
 
 /// What a service's queue tells a run of its job beyond the spec.
 #[derive(Clone, Copy)]
@@ -183,7 +186,7 @@ impl Queued<'_> {
     /// A job of no tenant in particular, whose waits nobody hears of.
     pub const ALONE: Queued<'static> = Queued {
         tenant: "",
-        waiting: &|_| {},
+        waiting: &|_| true,
     };
 }
 

@@ -432,7 +432,12 @@ impl Service {
         };
         match result {
             Ok(Some(report)) => Ran::Ended(self.finish(record, claim, report).await.map(Box::new)),
-            Ok(None) => Ran::Ended(None), // cancelled while running
+            Ok(None) => {
+                // Cancelled while running (or waiting aside): its inputs
+                // go now, not with the retention sweep.
+                self.remove_inputs_if_cancelled(&record).await;
+                Ran::Ended(None)
+            }
             // Its guest was stopped by shutdown, which is no failure of the
             // job's: back to the queue with its attempt given back, for the
             // next start (or another node). Should the store not take it,
@@ -522,6 +527,7 @@ impl Service {
                 // dropped, with whatever this attempt kept of its outputs.
                 Ok(false) => {
                     self.remove_outputs(&record).await;
+                    self.remove_inputs_if_cancelled(&record).await;
                     return None;
                 }
                 Err(e) => {
@@ -533,6 +539,22 @@ impl Service {
                     tokio::time::sleep(pause).await;
                     pause = (pause * 2).min(FINISH_RETRY_MAX);
                 }
+            }
+        }
+    }
+
+    /// Removes `record`'s stored inputs if the store has it cancelled: a
+    /// job cancelled while it ran never runs again (found by an attacker:
+    /// jobs cancelled while running or waiting aside kept their inputs
+    /// for the retention period, gigabytes of uploads a tenant could pile
+    /// up by submitting and cancelling). A job whose claim was lost keeps
+    /// them, for the attempt that runs it now.
+    async fn remove_inputs_if_cancelled(&self, record: &JobRecord) {
+        match self.store.get_job(&record.tenant, &record.id).await {
+            Ok(Some(now)) if now.state == JobState::Cancelled => self.remove_inputs(record).await,
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(job = %record.id, error = %e, "cannot tell whether a job was cancelled; its inputs go with the retention sweep");
             }
         }
     }
@@ -831,9 +853,7 @@ impl Service {
                 .saturating_add(spec.stdin.len() as u64),
             Spec::Stored(_) => 0,
         };
-        let waiting = |waiting| {
-            slot.set_aside(waiting, held);
-        };
+        let waiting = |waiting| slot.set_aside(waiting, held);
         let queued = Queued {
             tenant: &record.tenant,
             waiting: &waiting,

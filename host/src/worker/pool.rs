@@ -1728,8 +1728,10 @@ impl Worker {
     }
 }
 
-/// A job's waiting for room or a place, told once it starts and, on
-/// drop, once it ends.
+/// A job's waiting for room or a place, told once it starts (again at
+/// each wake-up while the one told could not take it, so a slot refused
+/// aside once is set aside as soon as it can be) and, on drop, once it
+/// ends.
 struct WaitTold<'a> {
     waiting: crate::runner::Waiting<'a>,
     told: std::cell::Cell<bool>,
@@ -1737,8 +1739,8 @@ struct WaitTold<'a> {
 
 impl WaitTold<'_> {
     fn tell(&self) {
-        if !self.told.replace(true) {
-            (self.waiting)(true);
+        if !self.told.get() && (self.waiting)(true) {
+            self.told.set(true);
         }
     }
 }
@@ -2140,6 +2142,47 @@ fn prepare_dir(dir: &Path, owner: Option<(u32, u32)>, mode: u32) -> std::io::Res
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A wait whose slot could not be set aside the first time it was told
+    /// is told again at the next wake-up, and told its end only once it
+    /// was set aside (found by an attacker: one refusal, at a moment when
+    /// `max_queued` jobs were aside, held the job's slot for its whole
+    /// wait, 210 s, while the jobs aside drained).
+    #[test]
+    fn a_wait_refused_aside_is_told_again_until_it_is_taken() {
+        let calls = Mutex::new(Vec::new());
+        let answers = Mutex::new(vec![true, false]);
+        let waiting = |w: bool| {
+            lock(&calls).push(w);
+            !w || lock(&answers).pop().unwrap_or(true)
+        };
+        {
+            let told = WaitTold {
+                waiting: &waiting,
+                told: std::cell::Cell::new(false),
+            };
+            told.tell();
+            assert_eq!(*lock(&calls), [true], "told once");
+            told.tell();
+            assert_eq!(*lock(&calls), [true, true], "refused, so told again");
+            told.tell();
+            assert_eq!(*lock(&calls), [true, true], "taken: not told again");
+        }
+        assert_eq!(*lock(&calls), [true, true, false], "its end told once");
+        lock(&calls).clear();
+        let never = |w: bool| {
+            lock(&calls).push(w);
+            false
+        };
+        {
+            let told = WaitTold {
+                waiting: &never,
+                told: std::cell::Cell::new(false),
+            };
+            told.tell();
+        }
+        assert_eq!(*lock(&calls), [true], "a refused wait's end is not told");
+    }
 
     /// A worker that stops reading while the gateway keeps answering it
     /// (credits for a refused call's body, say) fills its queue to the

@@ -435,3 +435,49 @@ async fn recovery_runs_stored_jobs_the_queue_lost_and_jobs_a_failure_left_runnin
     assert_eq!(again.attempts, 2, "the interrupted start counts");
     assert_eq!(s.service.recover().await.unwrap(), 0, "nothing left");
 }
+
+/// A job cancelled while it runs never runs again, so its stored inputs
+/// go at once, not with the retention sweep: a tenant submitting large
+/// jobs and cancelling them as they start piles up no uploads.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_job_cancelled_while_it_runs_leaves_no_stored_inputs() {
+    let s = start(|c| {
+        crate::common::policies::sleeper(30_000).write_to(&c.modules.policies_dir);
+    })
+    .await;
+    let token = s.token("acme", &["hostile:run"]).await;
+    let job: Value = json(
+        s.post("/v1/modules/hostile/jobs", &token)
+            .header("content-type", "application/octet-stream")
+            .body(vec![7u8; 1 << 20]),
+    )
+    .await;
+    let id = job["id"].as_str().unwrap().to_owned();
+    let inputs = s
+        .service
+        .config()
+        .storage
+        .data_dir
+        .join("jobs")
+        .join(&id)
+        .join("inputs");
+    let mut state = Value::Null;
+    for _ in 0..200 {
+        state = json(s.get(&format!("/v1/jobs/{id}"), &token)).await["state"].clone();
+        if state == "running" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(state, "running");
+    assert!(inputs.exists(), "stored: {}", inputs.display());
+    let cancelled: Value = json(s.post(&format!("/v1/jobs/{id}/cancel"), &token)).await;
+    assert_eq!(cancelled["state"], "cancelled");
+    for _ in 0..200 {
+        if !inputs.exists() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(!inputs.exists(), "still stored: {}", inputs.display());
+}
