@@ -867,14 +867,31 @@ impl Pool {
                 // wall times).
                 told.tell();
             }
+            // A wait refused aside is told again within `RETELL` even when
+            // nothing in this zone changes: the jobs aside that filled the
+            // queue's room for them may be another zone's.
+            let refused = !told.told.get();
+            let retell = async move {
+                if refused {
+                    tokio::time::sleep(RETELL).await;
+                } else {
+                    std::future::pending::<()>().await;
+                }
+            };
             match room_freed {
                 Some(room_freed) => {
                     tokio::select! {
                         () = changed => {}
                         () = room_freed => {}
+                        () = retell => {}
                     }
                 }
-                None => changed.await,
+                None => {
+                    tokio::select! {
+                        () = changed => {}
+                        () = retell => {}
+                    }
+                }
             }
         }
     }
@@ -1727,6 +1744,9 @@ impl Worker {
         }
     }
 }
+
+/// How soon a wait refused aside is told again when nothing wakes it.
+const RETELL: Duration = Duration::from_secs(1);
 
 /// A job's waiting for room or a place, told once it starts (again at
 /// each wake-up while the one told could not take it, so a slot refused
