@@ -654,10 +654,32 @@ pub fn out_wait() -> ExitCode {
 /// `/out/x` to read, again and again, until `/out/stop` appears (while
 /// someone else swaps a FIFO and a regular file at `x`). Prints how the
 /// opens went. `--op=set-times`: set the times of `/out/x` (following
-/// symlinks) instead of opening it, after setting those of a directory it
-/// makes and of `/out` itself. `--name=`: another name than `x`.
+/// symlinks), by name and through a descriptor opened on it, instead of
+/// opening it, after setting those of a directory it makes and of `/out`
+/// itself. `--name=`: another name than `x`.
 pub fn open_race(ctx: &Ctx) -> ExitCode {
-    use wasip2::filesystem::types::{ErrorCode, NewTimestamp, PathFlags};
+    use wasip2::filesystem::types::{
+        DescriptorFlags, ErrorCode, NewTimestamp, OpenFlags, PathFlags,
+    };
+    // Set the times of `at` (under `/out`) by name, then through a
+    // descriptor opened on it: `Ok` if either did.
+    let set_both = |out: &wasip2::filesystem::types::Descriptor, at: &str| {
+        let by_name = out.set_times_at(
+            PathFlags::SYMLINK_FOLLOW,
+            at,
+            NewTimestamp::NoChange,
+            NewTimestamp::Now,
+        );
+        let by_descriptor = out
+            .open_at(
+                PathFlags::SYMLINK_FOLLOW,
+                at,
+                OpenFlags::empty(),
+                DescriptorFlags::READ,
+            )
+            .and_then(|d| d.set_times(NewTimestamp::NoChange, NewTimestamp::Now));
+        by_name.or(by_descriptor)
+    };
     let set_times = match ctx.param("op").unwrap_or("open") {
         "open" => false,
         "set-times" => true,
@@ -675,13 +697,22 @@ pub fn open_race(ctx: &Ctx) -> ExitCode {
     if set_times {
         attempt("mkdir /out/own-dir", fs::create_dir("/out/own-dir"));
         for own in ["own-dir", "."] {
-            let set = out.set_times_at(
+            let by_name = out.set_times_at(
                 PathFlags::SYMLINK_FOLLOW,
                 own,
                 NewTimestamp::NoChange,
                 NewTimestamp::Now,
             );
-            println!("open-race: set-times {own}: {set:?}");
+            println!("open-race: set-times {own}: {by_name:?}");
+            let by_descriptor = out
+                .open_at(
+                    PathFlags::SYMLINK_FOLLOW,
+                    own,
+                    OpenFlags::empty(),
+                    DescriptorFlags::READ,
+                )
+                .and_then(|d| d.set_times(NewTimestamp::NoChange, NewTimestamp::Now));
+            println!("open-race: set-times on a descriptor of {own}: {by_descriptor:?}");
         }
     }
     while fs::symlink_metadata("/out/go").is_err() {
@@ -695,13 +726,7 @@ pub fn open_race(ctx: &Ctx) -> ExitCode {
         let outcome = if set_times {
             // Each metadata change is charged to the written bound.
             std::thread::sleep(std::time::Duration::from_millis(1));
-            out.set_times_at(
-                PathFlags::SYMLINK_FOLLOW,
-                name,
-                NewTimestamp::NoChange,
-                NewTimestamp::Now,
-            )
-            .map_err(|e| e == ErrorCode::Access)
+            set_both(&out, name).map_err(|e| e == ErrorCode::Access)
         } else {
             fs::File::open(format!("/out/{name}"))
                 .map(drop)

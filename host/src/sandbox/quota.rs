@@ -803,6 +803,21 @@ impl HostDescriptor for QuotaFs<'_> {
         mtim: types::NewTimestamp,
     ) -> FsResult<()> {
         self.quota.charge_metadata()?;
+        // On a descriptor as by name (`set_times_beneath`): only what the
+        // job made, and its `/out` (found by an attacker: any directory
+        // opened in `/out` had its times set through its descriptor).
+        let borrowed: Resource<types::Descriptor> = Resource::new_borrow(fd.rep());
+        // (Where the preopen allows no writes at all, wasmtime-wasi says
+        // `not-permitted` as ever.)
+        match self.inner.table.get(&borrowed)? {
+            wasmtime_wasi::filesystem::Descriptor::Dir(d) if !d.perms.write_not_permitted() => {
+                self.quota.owned(&*d.dir)?;
+            }
+            wasmtime_wasi::filesystem::Descriptor::File(f) if !f.perms.write_not_permitted() => {
+                self.quota.writable(&*f.file)?;
+            }
+            _ => {}
+        }
         self.inner.set_times(fd, atim, mtim).await
     }
 

@@ -1940,8 +1940,9 @@ async fn open_race_job(
 
 /// A guest sets the times of its own directories and of its `/out`, and
 /// of nothing else: a directory someone else put in its `/out` keeps its
-/// times however often the guest tries (found by an attacker: any
-/// directory or symlink was let through).
+/// times however often the guest tries, by name or through a descriptor
+/// opened on it (found by attackers: any directory or symlink was let
+/// through, and then any directory through its descriptor).
 #[tokio::test(flavor = "multi_thread")]
 async fn a_guest_sets_the_times_of_its_own_directories_only() {
     let long_ago = std::time::UNIX_EPOCH + Duration::from_secs(1_000_000);
@@ -1980,6 +1981,8 @@ async fn a_guest_sets_the_times_of_its_own_directories_only() {
         for expected in [
             "open-race: set-times own-dir: Ok(())",
             "open-race: set-times .: Ok(())",
+            "open-race: set-times on a descriptor of own-dir: Ok(())",
+            "open-race: set-times on a descriptor of .: Ok(())",
             "open-race: opened 0,",
         ] {
             assert!(stdout.contains(expected), "{mode}: {stdout}");
