@@ -239,17 +239,7 @@ impl OutputQuota {
     /// Whether the directory or symlink `entry` is one of the job's own
     /// ([`OutputQuota::own_entry`]); refused with `access` otherwise.
     fn owned(&self, entry: impl std::os::fd::AsFd) -> Result<(), ErrorCode> {
-        let id = super::outputs::FileId::of(entry).map_err(|_| ErrorCode::Access)?;
-        if self
-            .own_entries
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .contains(&id)
-        {
-            Ok(())
-        } else {
-            Err(ErrorCode::Access)
-        }
+        among(&self.own_entries, entry)
     }
 
     /// Holds the guest's opens of existing files to `inputs` and the files
@@ -282,17 +272,7 @@ impl OutputQuota {
     }
 
     fn writable(&self, file: impl std::os::fd::AsFd) -> Result<(), ErrorCode> {
-        let id = super::outputs::FileId::of(file).map_err(|_| ErrorCode::Access)?;
-        if self
-            .created
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .contains(&id)
-        {
-            Ok(())
-        } else {
-            Err(ErrorCode::Access)
-        }
+        among(&self.created, file)
     }
 
     /// The regular files the job created so far.
@@ -416,6 +396,20 @@ fn io_error(e: rustix::io::Errno) -> ErrorCode {
         return ErrorCode::NotPermitted;
     }
     ErrorCode::from(std::io::Error::from(e))
+}
+
+/// Whether what `fd` holds is among `set` (by identity); refused with
+/// `access` otherwise, or where it has none.
+fn among(
+    set: &Mutex<super::outputs::Created>,
+    fd: impl std::os::fd::AsFd,
+) -> Result<(), ErrorCode> {
+    let id = super::outputs::FileId::of(fd).map_err(|_| ErrorCode::Access)?;
+    if set.lock().unwrap_or_else(|e| e.into_inner()).contains(&id) {
+        Ok(())
+    } else {
+        Err(ErrorCode::Access)
+    }
 }
 
 /// Opens `path` beneath `dir` with `how`, as wasmtime-wasi resolves: never

@@ -1061,6 +1061,41 @@ async fn one_job_per_worker_gives_every_job_a_fresh_process() {
     );
 }
 
+/// One worker with two places, replaced per job, and a sleeper loaded in
+/// it (stopped at its wall time of 1.5 s).
+async fn sleepers_replaced_per_job(
+    tmp: &std::path::Path,
+) -> (
+    std::sync::Arc<bulkhead::runner::Workers>,
+    std::sync::Arc<bulkhead::runner::Module>,
+) {
+    use bulkhead::policy::HumanDuration;
+    let runner = std::sync::Arc::new(crate::common::workers(tmp, "w", 1).await);
+    let sleeper = crate::common::load_policy_in_workers(
+        &runner,
+        bulkhead_tests::HOSTILE,
+        crate::common::policy(bulkhead_tests::HOSTILE, "sleeper")
+            .times(HumanDuration::millis(1_500), HumanDuration::millis(1_500))
+            .args(&["sleep"]),
+    )
+    .await;
+    (runner, sleeper)
+}
+
+/// Each of `jobs` ended at its wall time.
+async fn each_stopped_at_its_wall_time(
+    jobs: Vec<tokio::task::JoinHandle<bulkhead::sandbox::JobReport>>,
+) {
+    for job in jobs {
+        let report = job.await.unwrap();
+        assert_eq!(
+            report.limit,
+            Some(bulkhead::job::LimitKind::WallTime),
+            "{report:?}"
+        );
+    }
+}
+
 /// A zone's guests at once are at most its places (workers ×
 /// `max_concurrent_jobs`), however its workers are replaced: with a fresh
 /// process per job each worker retires at its first job, and that job
@@ -1072,19 +1107,10 @@ async fn one_job_per_worker_gives_every_job_a_fresh_process() {
 /// once.
 #[tokio::test(flavor = "multi_thread")]
 async fn workers_replaced_per_job_run_no_more_guests_than_the_zones_places() {
-    use bulkhead::policy::HumanDuration;
     use bulkhead::runner::Runner;
 
     let tmp = tempfile::tempdir().unwrap();
-    let runner = std::sync::Arc::new(crate::common::workers(tmp.path(), "w", 1).await);
-    let sleeper = crate::common::load_policy_in_workers(
-        &runner,
-        bulkhead_tests::HOSTILE,
-        crate::common::policy(bulkhead_tests::HOSTILE, "sleeper")
-            .times(HumanDuration::millis(1_500), HumanDuration::millis(1_500))
-            .args(&["sleep"]),
-    )
-    .await;
+    let (runner, sleeper) = sleepers_replaced_per_job(tmp.path()).await;
     let jobs: Vec<_> = (0..6)
         .map(|_| {
             let (runner, sleeper) = (
@@ -1117,14 +1143,7 @@ async fn workers_replaced_per_job_run_no_more_guests_than_the_zones_places() {
         most_processes = most_processes.max(alive);
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    for job in jobs {
-        let report = job.await.unwrap();
-        assert_eq!(
-            report.limit,
-            Some(bulkhead::job::LimitKind::WallTime),
-            "{report:?}"
-        );
-    }
+    each_stopped_at_its_wall_time(jobs).await;
     assert!(most_guests > 0);
     assert!(most_guests <= 2, "{most_guests} guests at once in 2 places");
     assert!(
@@ -1139,19 +1158,10 @@ async fn workers_replaced_per_job_run_no_more_guests_than_the_zones_places() {
 /// worker, never beside the first in the same process.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_worker_replaced_per_job_takes_no_second_job_while_the_firsts_inputs_are_read() {
-    use bulkhead::policy::HumanDuration;
     use bulkhead::runner::Runner;
 
     let tmp = tempfile::tempdir().unwrap();
-    let runner = std::sync::Arc::new(crate::common::workers(tmp.path(), "w", 1).await);
-    let sleeper = crate::common::load_policy_in_workers(
-        &runner,
-        bulkhead_tests::HOSTILE,
-        crate::common::policy(bulkhead_tests::HOSTILE, "sleeper")
-            .times(HumanDuration::millis(1_500), HumanDuration::millis(1_500))
-            .args(&["sleep"]),
-    )
-    .await;
+    let (runner, sleeper) = sleepers_replaced_per_job(tmp.path()).await;
     let jobs: Vec<_> = (0..2)
         .map(|_| {
             let (runner, sleeper) = (
@@ -1189,14 +1199,7 @@ async fn a_worker_replaced_per_job_takes_no_second_job_while_the_firsts_inputs_a
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    for job in jobs {
-        let report = job.await.unwrap();
-        assert_eq!(
-            report.limit,
-            Some(bulkhead::job::LimitKind::WallTime),
-            "{report:?}"
-        );
-    }
+    each_stopped_at_its_wall_time(jobs).await;
     assert_eq!(most_in_one, 1, "two jobs in one worker replaced per job");
 }
 
