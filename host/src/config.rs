@@ -237,7 +237,8 @@ pub struct ZonePool {
     /// output limit, a page per file) out of it before it is sent to a
     /// worker, and waits until it fits; a module whose jobs could never
     /// fit is refused at its load. Each worker's directory is a tmpfs of
-    /// its own as large as its jobs' rooms, mounted nowhere, where the
+    /// its own as large as its jobs' rooms (and, while it is busy, what
+    /// its last jobs' rooms grew it by), mounted nowhere, where the
     /// service may mount one (as root); where it may not, a plain
     /// directory in the zone's work directory, which only the jobs'
     /// quotas hold to their rooms. 0: no bound and plain directories.

@@ -148,8 +148,9 @@ pub struct RunnerState {
     /// together; `null` where they are plain directories in the zone's
     /// work directory (not bounded by the kernel).
     pub disk: BTreeMap<String, Option<u64>>,
-    /// Per zone: the bytes of its disk its running and unreleased jobs'
-    /// rooms take now.
+    /// Per zone: the bytes of its disk its workers' directories are
+    /// given now: its running and unreleased jobs' rooms, and the spares
+    /// busy workers keep.
     pub disk_given: BTreeMap<String, u64>,
 }
 

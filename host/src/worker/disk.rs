@@ -18,11 +18,23 @@
 //! once it holds none, its waiting job holds back every later one. A
 //! module whose limits could never fit is refused at its load ([`most`]).
 //!
+//! A worker's directory keeps what its released jobs' rooms grew it by, as
+//! its spare, for as long as it is given room again within [`SPARE_IDLE`]
+//! and no job of the zone was refused room: the next job whose room fits in
+//! it is given that room without a reconfigure of the tmpfs (a grow and a
+//! shrink cost the gateway about as much as the rest of a trivial job's
+//! handling). The spare stays counted in the zone's disk, so the zone's
+//! directories together still never exceed it; a job refused room has
+//! every spare in the zone given back before it waits ([`WorkerDisk::reclaim`]);
+//! and a job is given room in a spare only while the directory's files
+//! take no more than its jobs' rooms ([`WorkerDisk::overfilled`]).
+//!
 //! So one tenant's jobs, each within its own quota, cannot take the room
 //! another tenant's job was given, nor cut a job short of the quota its
 //! policy promises; and a worker whose native code writes past its jobs'
 //! room finds the end of its own file system, which is as large as its
-//! jobs' rooms together and no larger.
+//! jobs' rooms together and its spare, and no larger, and is stopped once
+//! its files take more than its rooms ([`WorkerDisk::settle`]).
 //!
 //! Where the gateway cannot mount a tmpfs (not root), the rooms are kept
 //! all the same, and honest jobs are held to them by their quotas alone.
@@ -103,6 +115,11 @@ pub fn most(policy: &Policy) -> u64 {
 /// directory that still holds them keeps what no job was given.
 pub const RELEASE_GRACE: Duration = Duration::from_secs(10);
 
+/// How long a worker's directory keeps its spare (room beyond its jobs')
+/// after room was last given in it: a worker busy with jobs keeps it, an
+/// idle one gives it back to the zone.
+pub const SPARE_IDLE: Duration = Duration::from_secs(1);
+
 /// One zone's disk: what it may hold, and what its workers' directories
 /// have been given of it.
 #[derive(Debug)]
@@ -115,6 +132,9 @@ pub struct ZoneDisk {
     /// The rooms each tenant's jobs hold, until released.
     held: Mutex<HashMap<Arc<str>, u64>>,
     turns: AtomicU64,
+    /// Turns refused room at least once and still waiting: while there is
+    /// one, no worker keeps a spare.
+    refused: AtomicU64,
     /// Room came free, or a waiting job gave up its turn.
     pub freed: Notify,
 }
@@ -127,11 +147,16 @@ pub struct Turn<'a> {
     zone: &'a ZoneDisk,
     turn: u64,
     tenant: Arc<str>,
+    /// Refused room at least once (counted in the zone's `refused`).
+    refused: std::sync::atomic::AtomicBool,
 }
 
 impl Drop for Turn<'_> {
     fn drop(&mut self) {
         lock(&self.zone.waiting).remove(&self.turn);
+        if *self.refused.get_mut() {
+            self.zone.refused.fetch_sub(1, Ordering::AcqRel);
+        }
         self.zone.freed.notify_waiters();
     }
 }
@@ -144,6 +169,7 @@ impl ZoneDisk {
             waiting: Mutex::default(),
             held: Mutex::default(),
             turns: AtomicU64::new(0),
+            refused: AtomicU64::new(0),
             freed: Notify::new(),
         }
     }
@@ -163,7 +189,14 @@ impl ZoneDisk {
             zone: self,
             turn,
             tenant,
+            refused: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// Whether a job waits that was refused room: then every spare is to
+    /// be given back.
+    pub fn wanted(&self) -> bool {
+        self.refused.load(Ordering::Acquire) > 0
     }
 
     /// The rooms `tenant`'s jobs hold now.
@@ -189,6 +222,11 @@ impl ZoneDisk {
                 .fold(0u64, u64::saturating_add)
         });
         if given.saturating_add(bytes).saturating_add(ahead) > self.size {
+            if let Some(t) = turn {
+                if !t.refused.swap(true, Ordering::AcqRel) {
+                    self.refused.fetch_add(1, Ordering::AcqRel);
+                }
+            }
             return false;
         }
         *given += bytes;
@@ -240,8 +278,11 @@ pub struct WorkerDisk {
 #[derive(Debug, Default)]
 struct Held {
     /// Bytes of the zone's disk it holds, above [`FLOOR`]: its tmpfs's
-    /// size, less the floor.
+    /// size, less the floor. Beyond [`Held::kept`], its spare.
     bytes: u64,
+    /// When room was last given in it (its spare is kept [`SPARE_IDLE`]
+    /// from then).
+    last_given: Option<Instant>,
     /// Each job's room, and its tenant (none: a load's), until the job's
     /// files are released.
     rooms: HashMap<u64, (u64, Option<Arc<str>>)>,
@@ -333,8 +374,10 @@ impl WorkerDisk {
     }
 
     /// Gives job `job` `need` bytes of room, growing the directory by what
-    /// its held bytes lack, when the zone has that much left after the
-    /// rooms of the jobs waiting before `turn`'s.
+    /// its held bytes (its spare among them) lack, when the zone has that
+    /// much left after the rooms of the jobs waiting before `turn`'s. The
+    /// caller has checked that its files take no more than its rooms
+    /// ([`WorkerDisk::overfilled`]): a spare they fill is no room.
     ///
     /// # Errors
     /// The tmpfs could not be grown (nothing taken).
@@ -360,6 +403,7 @@ impl WorkerDisk {
             self.zone.hold(tenant, need, true);
         }
         held.rooms.insert(job, (need, tenant));
+        held.last_given = Some(Instant::now());
         Ok(true)
     }
 
@@ -376,22 +420,40 @@ impl WorkerDisk {
                 self.zone.hold(tenant, room, false);
             }
             held.leaving.insert(job, (Instant::now(), room));
-            self.shrink(&mut held);
+            self.shrink(&mut held, false);
         }
     }
 
     /// The worker says it removed a released job's directories: the rooms
-    /// of those now gone are given back where the directory can shrink.
+    /// of those now gone become its spare, or are given back.
     pub fn removed(&self) {
-        self.shrink(&mut lock(&self.held));
+        self.shrink(&mut lock(&self.held), false);
     }
 
-    /// Whether it holds more than its jobs' rooms and those of released
-    /// jobs whose directories are still there: files beyond them, not
-    /// removed yet (or never).
-    pub fn shrinking(&self) -> bool {
+    /// Gives its spare back to the zone, as far as its files allow (a job
+    /// was refused room); how many bytes it gave back.
+    pub fn reclaim(&self) -> u64 {
+        let mut held = lock(&self.held);
+        let before = held.bytes;
+        self.shrink(&mut held, true);
+        before - held.bytes
+    }
+
+    /// Whether its files take more than its jobs' rooms and those of
+    /// released jobs whose directories are still there: files beyond them,
+    /// not removed yet (or never), which would take a new job's room. A
+    /// directory holding no more than those rooms has none; one with a
+    /// spare is looked at.
+    pub fn overfilled(&self) -> bool {
         let held = lock(&self.held);
-        held.bytes > held.kept()
+        let kept = held.kept();
+        if held.bytes <= kept {
+            return false;
+        }
+        match &self.scratch {
+            Some(scratch) => used(scratch).is_none_or(|used| used > FLOOR.saturating_add(kept)),
+            None => true,
+        }
     }
 
     /// Shrinks the directory to what it is to hold where its files allow.
@@ -401,7 +463,7 @@ impl WorkerDisk {
     /// once.
     pub fn settle(&self) -> Option<Overheld> {
         let mut held = lock(&self.held);
-        self.shrink(&mut held);
+        self.shrink(&mut held, false);
         held.released
             .retain(|(at, _)| at.elapsed() <= RELEASE_GRACE);
         if let Some(job) = held
@@ -417,9 +479,7 @@ impl WorkerDisk {
         if held.bytes <= kept {
             return None;
         }
-        let scratch = self.scratch.as_ref()?;
-        let st = rustix::fs::fstatfs(&scratch.dir).ok()?;
-        let used = (st.f_blocks.saturating_sub(st.f_bfree)).saturating_mul(st.f_bsize as u64);
+        let used = used(self.scratch.as_ref()?)?;
         let excused = held
             .released
             .iter()
@@ -428,16 +488,24 @@ impl WorkerDisk {
         (used > excused).then(|| Overheld::Files(used - excused))
     }
 
-    /// Makes its released rooms `by` older (tests: the grace run out).
+    /// Makes its released rooms, and the room it last gave, `by` older
+    /// (tests: the grace run out, the spare idle).
     #[cfg(test)]
     fn age(&self, by: Duration) {
         let held = &mut *lock(&self.held);
         for (at, _) in held.released.iter_mut().chain(held.leaving.values_mut()) {
             *at = at.checked_sub(by).unwrap();
         }
+        if let Some(at) = &mut held.last_given {
+            *at = at.checked_sub(by).unwrap();
+        }
     }
 
-    fn shrink(&self, held: &mut Held) {
+    /// Gives back the rooms of released jobs whose directories are gone:
+    /// shrinks the directory to its jobs' rooms where its files allow —
+    /// unless it keeps them as its spare (not `all`; a tmpfs given room
+    /// within [`SPARE_IDLE`], and no job of the zone refused room).
+    fn shrink(&self, held: &mut Held, all: bool) {
         let gone: Vec<u64> = held
             .leaving
             .keys()
@@ -451,6 +519,13 @@ impl WorkerDisk {
         }
         let kept = held.kept();
         if held.bytes <= kept {
+            return;
+        }
+        let spare = !all
+            && self.scratch.is_some()
+            && !self.zone.wanted()
+            && held.last_given.is_some_and(|at| at.elapsed() < SPARE_IDLE);
+        if spare {
             return;
         }
         // The kernel refuses a size below what the files take: those the
@@ -482,6 +557,12 @@ impl Drop for WorkerDisk {
         self.scratch = None;
         self.zone.give_back(held.bytes);
     }
+}
+
+/// Bytes its files take in a worker's directory.
+fn used(scratch: &Scratch) -> Option<u64> {
+    let st = rustix::fs::fstatfs(&scratch.dir).ok()?;
+    Some((st.f_blocks.saturating_sub(st.f_bfree)).saturating_mul(st.f_bsize as u64))
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -573,7 +654,7 @@ mod tests {
         let file = crate::sandbox::beneath::fd_path(&disk.scratch().unwrap().dir).join("out");
         std::fs::write(&file, vec![1u8; 400 << 10]).unwrap();
         disk.release(1);
-        assert!(disk.shrinking());
+        assert!(disk.overfilled());
         assert!(disk.settle().is_none(), "job 1's files are excused a while");
         assert_eq!(zone.given(), 576 << 10);
         assert_eq!(size(&disk), FLOOR + (576 << 10));
@@ -584,9 +665,13 @@ mod tests {
         let kept = disk.settle().expect("job 1's grace ran out");
         // Job 2's room, released within the grace, still excuses its share.
         assert_eq!(kept, Overheld::Files((400 << 10) - FLOOR - (64 << 10)));
+        // Not even a job refused room shrinks it below its files.
+        assert_eq!(disk.reclaim(), 0);
+        assert_eq!(size(&disk), FLOOR + (576 << 10));
         std::fs::remove_file(&file).unwrap();
         assert!(disk.settle().is_none());
-        assert!(!disk.shrinking());
+        assert!(!disk.overfilled());
+        disk.reclaim();
         assert_eq!(zone.given(), 0);
         assert_eq!(size(&disk), FLOOR);
     }
@@ -645,7 +730,7 @@ mod tests {
         // Job 1's files would fit in job 2's room; job 2 keeps all of it.
         assert!(free(&disk) >= 1 << 20, "{} bytes free", free(&disk));
         assert_eq!(zone.given(), 2 << 20);
-        assert!(!disk.shrinking());
+        assert!(!disk.overfilled());
         assert_eq!(disk.settle(), None);
         // A later job's room is its own too.
         assert!(disk.reserve(3, 1 << 20, None).unwrap());
@@ -653,6 +738,7 @@ mod tests {
         assert!(free(&disk) >= 2 << 20, "{} bytes free", free(&disk));
         std::fs::remove_dir_all(root.join("j1.out")).unwrap();
         disk.removed();
+        disk.reclaim();
         assert_eq!(zone.given(), 2 << 20);
         // Kept past the grace.
         std::fs::create_dir(root.join("j2.in")).unwrap();
@@ -662,7 +748,75 @@ mod tests {
         assert_eq!(disk.settle(), Some(Overheld::Directory(2)));
         std::fs::remove_dir(root.join("j2.in")).unwrap();
         assert_eq!(disk.settle(), None);
+        disk.reclaim();
         assert_eq!(zone.given(), 1 << 20);
+    }
+
+    /// What a released job's room grew the directory by stays, as its
+    /// spare, counted in the zone's disk: the next job's room is given in
+    /// it without growing the directory. It is given back once a job of
+    /// the zone is refused room (at the release too while that job waits),
+    /// and once no room was given in it for [`SPARE_IDLE`]. A spare its
+    /// files fill is no room: the directory is overfilled.
+    #[test]
+    fn a_released_room_is_kept_as_a_spare_until_the_zone_wants_it() {
+        let make = || match super::super::scratch::make(FLOOR, None) {
+            Ok(s) => Some(s),
+            Err(e) if e.raw_os_error() == Some(libc::EPERM) => {
+                eprintln!("skipped: mounting a tmpfs needs CAP_SYS_ADMIN ({e})");
+                None
+            }
+            Err(e) => panic!("{e}"),
+        };
+        let Some(scratch) = make() else {
+            return;
+        };
+        let size = |d: &WorkerDisk| {
+            let st = rustix::fs::fstatfs(&d.scratch().unwrap().dir).unwrap();
+            st.f_blocks * st.f_bsize as u64
+        };
+        let root = crate::sandbox::beneath::fd_path(&scratch.dir);
+        let zone = Arc::new(ZoneDisk::new(4 << 20));
+        let dir = scratch.dir.try_clone().unwrap();
+        let a = WorkerDisk::new(Arc::clone(&zone), Some(scratch), Some(dir));
+        let b = WorkerDisk::new(Arc::clone(&zone), None, None);
+        assert!(a.reserve(1, 1 << 20, None).unwrap());
+        a.release(1);
+        assert_eq!((zone.given(), size(&a)), (1 << 20, FLOOR + (1 << 20)));
+        assert!(!a.overfilled());
+        assert!(a.reserve(2, 1 << 20, None).unwrap());
+        assert_eq!((zone.given(), size(&a)), (1 << 20, FLOOR + (1 << 20)));
+        a.release(2);
+        // Filled by files no job was given room for, it is no room.
+        std::fs::write(root.join("junk"), vec![1u8; 512 << 10]).unwrap();
+        assert!(a.overfilled());
+        std::fs::remove_file(root.join("junk")).unwrap();
+        assert!(!a.overfilled());
+        // A job refused room: the spare is given back, and the job fits.
+        let large = zone.turn(7 << 19, "b");
+        assert!(!b.reserve(3, 7 << 19, Some(&large)).unwrap());
+        assert!(zone.wanted());
+        assert_eq!(a.reclaim(), 1 << 20);
+        assert_eq!((zone.given(), size(&a)), (0, FLOOR));
+        assert!(b.reserve(3, 7 << 19, Some(&large)).unwrap());
+        // While a job refused room waits, a release keeps no spare.
+        let small = zone.turn(1 << 20, "c");
+        assert!(!b.reserve(4, 1 << 20, Some(&small)).unwrap());
+        assert!(a.reserve(5, 1 << 19, None).unwrap());
+        a.release(5);
+        assert_eq!(size(&a), FLOOR);
+        drop(small);
+        drop(large);
+        assert!(!zone.wanted());
+        // Kept while rooms are given in it; given back once idle.
+        assert!(a.reserve(6, 1 << 19, None).unwrap());
+        a.release(6);
+        assert_eq!(a.settle(), None);
+        assert_eq!(size(&a), FLOOR + (1 << 19));
+        a.age(SPARE_IDLE);
+        assert_eq!(a.settle(), None);
+        assert_eq!(size(&a), FLOOR);
+        assert_eq!(zone.given(), 7 << 19);
     }
 
     /// A tenant's waiting job holds back only tenants holding as much of

@@ -98,7 +98,8 @@ pub struct PoolConfig {
     /// What the zone's workers' directories hold at once, all together
     /// ([`super::disk`]): each job is given room for its files out of it
     /// before it is sent, and each worker's directory is a file system of
-    /// its own ([`super::scratch`]) as large as its jobs' rooms, where the
+    /// its own ([`super::scratch`]) as large as its jobs' rooms and its
+    /// spare ([`super::disk::SPARE_IDLE`]), where the
     /// gateway may mount one. `None`: no bound, and plain directories in
     /// the zone's work directory.
     pub disk: Option<u64>,
@@ -823,10 +824,10 @@ impl Pool {
                 for (_, worker) in free {
                     let given = match (room, &worker.disk) {
                         (Some((job, bytes)), Some(disk)) => {
-                            if disk.shrinking() {
+                            if disk.overfilled() {
                                 // Its released files may be gone by now.
                                 let _ = disk.settle();
-                                if disk.shrinking() {
+                                if disk.overfilled() {
                                     continue;
                                 }
                             }
@@ -856,6 +857,20 @@ impl Pool {
                         }
                         Ok(false) => {}
                         Err(e) => return Err(format!("cannot grow a worker's directory: {e}")),
+                    }
+                }
+                // Refused room: the spares the zone's workers keep are
+                // given back first, and the job tries again at once if
+                // that freed any.
+                if self.disk.as_ref().is_some_and(|d| d.wanted()) {
+                    let freed: u64 = st
+                        .workers
+                        .iter()
+                        .filter_map(|w| w.disk.as_ref())
+                        .map(super::disk::WorkerDisk::reclaim)
+                        .sum();
+                    if freed > 0 {
+                        continue;
                     }
                 }
                 // Waiting, for room or for a place: the job's queue slot
