@@ -598,6 +598,49 @@ pub fn cpu_huge_path(ctx: &Ctx) -> ExitCode {
     unreachable!("u64 counter exhausted")
 }
 
+/// `cpu-stream-reads`: `--entries=` read streams (default 64) on `/in`'s
+/// first file; asks each for 64 KiB (`skip`), then waits on each, over and
+/// over (a stream at the end is taken anew), until the job is stopped. A
+/// host that reads for the streams in the background, off the guest's
+/// thread, does that work uncharged while the guest waits.
+pub fn cpu_stream_reads(ctx: &Ctx) -> ExitCode {
+    let entries: usize = ctx
+        .param("entries")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(64);
+    let Some(input) = preopen("/in") else {
+        return ExitCode::from(2);
+    };
+    let Some(name) = first_input(&input) else {
+        println!("cpu-stream-reads: no input");
+        return ExitCode::from(2);
+    };
+    let file = match open_file(&input, &name, false) {
+        Ok(f) => f,
+        Err(e) => {
+            println!("cpu-stream-reads: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let stream = || file.read_via_stream(0).expect("read-via-stream");
+    let mut streams: Vec<_> = (0..entries).map(|_| stream()).collect();
+    println!("attempt cpu-stream-reads: {entries} streams of {name}");
+    for round in 0u64.. {
+        for s in &mut streams {
+            if s.skip(64 * KIB as u64).is_err() {
+                *s = stream();
+            }
+        }
+        for s in &streams {
+            s.subscribe().block();
+        }
+        if round.is_multiple_of(1024) {
+            println!("cpu-stream-reads: round {round}");
+        }
+    }
+    unreachable!("u64 counter exhausted")
+}
+
 /// Rewrites `/out/<name>` in place, 256 KiB at offset 0 then `sync`, for
 /// `--passes=` passes (default: until an error).
 fn rewrite(ctx: &Ctx, name: &str, mut pass: impl FnMut(&[u8]) -> Result<(), String>) -> ExitCode {

@@ -24,6 +24,7 @@ pub mod outputs;
 mod pipe;
 mod quota;
 mod remove;
+mod streams;
 mod wasi;
 
 use std::path::PathBuf;

@@ -60,8 +60,8 @@
 //!
 //! Host descriptors are bounded here too, on the objects that own them.
 //! Every host descriptor a guest can obtain is opened by `open-at` (a file
-//! or a directory, shared through an `Arc` by the descriptor, any stream
-//! read from or written to it, and any background task of those streams);
+//! or a directory, shared through an `Arc` by the descriptor and any
+//! stream read from or written to it);
 //! `get-directories` hands out clones of the preopens, which own no new
 //! descriptor, and `read-directory` reads a listing eagerly and closes its
 //! descriptor before returning. So [`OutputQuota`] keeps a weak reference to
@@ -88,6 +88,7 @@ use wasmtime_wasi_io::poll::Pollable;
 use wasmtime_wasi_io::streams::{DynInputStream, DynOutputStream, OutputStream, StreamError};
 
 use super::limits::{LimitKind, LimitLatch, Refusals, WRITTEN_PER_OUTPUT};
+use super::streams::{ThreadRead, ThreadWrite};
 use super::wasi::BLOCKS_CURRENT_THREAD;
 
 /// Refused opens after which a guest still asking for descriptors is
@@ -678,13 +679,26 @@ impl QuotaFs<'_> {
     }
 
     /// Replaces the stream at `stream` with a [`QuotaStream`] around it.
-    fn wrap_stream(
+    /// The file behind `fd`, which a stream may write: not a directory
+    /// (bad-descriptor) nor under a read-only preopen (not-permitted), as
+    /// wasmtime-wasi answers.
+    fn writable_file(&self, fd: &Resource<types::Descriptor>) -> FsResult<Arc<std::fs::File>> {
+        let borrowed: Resource<types::Descriptor> = Resource::new_borrow(fd.rep());
+        match self.inner.table.get(&borrowed)? {
+            types::Descriptor::File(f) if f.perms.write_not_permitted() => {
+                Err(ErrorCode::NotPermitted.into())
+            }
+            types::Descriptor::File(f) => Ok(Arc::clone(&f.file)),
+            types::Descriptor::Dir(_) => Err(ErrorCode::BadDescriptor.into()),
+        }
+    }
+
+    fn quota_stream(
         &mut self,
-        stream: Resource<DynOutputStream>,
+        inner: DynOutputStream,
         position: u64,
         size: u64,
     ) -> FsResult<Resource<DynOutputStream>> {
-        let inner: DynOutputStream = self.inner.table.delete(stream)?;
         let wrapped: DynOutputStream = Box::new(QuotaStream {
             inner,
             position,
@@ -1051,22 +1065,34 @@ impl HostDescriptor for QuotaFs<'_> {
         self.inner.unlink_file_at(fd, path).await
     }
 
+    /// A stream read on the guest's thread, each read charged to its
+    /// `cpu_time` ([`super::streams`]), not wasmtime-wasi's, which reads in
+    /// the background.
     fn read_via_stream(
         &mut self,
         fd: Resource<types::Descriptor>,
         offset: types::Filesize,
     ) -> FsResult<Resource<DynInputStream>> {
-        self.inner.read_via_stream(fd, offset)
+        let file = match self.inner.table.get(&fd)? {
+            types::Descriptor::File(f) => Arc::clone(&f.file),
+            // A directory is is-directory, not bad-descriptor (POSIX EISDIR
+            // on read), as wasmtime-wasi answers.
+            types::Descriptor::Dir(_) => return Err(ErrorCode::IsDirectory.into()),
+        };
+        let stream: DynInputStream = Box::new(ThreadRead::new(file, offset));
+        Ok(self.inner.table.push(stream)?)
     }
 
+    /// A stream written on the guest's thread ([`super::streams`]), each
+    /// write charged to the quota first ([`QuotaStream`]).
     fn write_via_stream(
         &mut self,
         fd: Resource<types::Descriptor>,
         offset: types::Filesize,
     ) -> FsResult<Resource<DynOutputStream>> {
         let size = self.file_size(&fd).unwrap_or(0);
-        let stream = self.inner.write_via_stream(fd, offset)?;
-        self.wrap_stream(stream, offset, size)
+        let file = self.writable_file(&fd)?;
+        self.quota_stream(Box::new(ThreadWrite::at(file, offset)), offset, size)
     }
 
     fn append_via_stream(
@@ -1074,8 +1100,8 @@ impl HostDescriptor for QuotaFs<'_> {
         fd: Resource<types::Descriptor>,
     ) -> FsResult<Resource<DynOutputStream>> {
         let size = self.file_size(&fd).unwrap_or(0);
-        let stream = self.inner.append_via_stream(fd)?;
-        self.wrap_stream(stream, size, size)
+        let file = self.writable_file(&fd)?;
+        self.quota_stream(Box::new(ThreadWrite::append(file)), size, size)
     }
 
     async fn is_same_object(

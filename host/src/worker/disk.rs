@@ -222,10 +222,10 @@ impl ZoneDisk {
                 .fold(0u64, u64::saturating_add)
         });
         if given.saturating_add(bytes).saturating_add(ahead) > self.size {
-            if let Some(t) = turn {
-                if !t.refused.swap(true, Ordering::AcqRel) {
-                    self.refused.fetch_add(1, Ordering::AcqRel);
-                }
+            if let Some(t) = turn
+                && !t.refused.swap(true, Ordering::AcqRel)
+            {
+                self.refused.fetch_add(1, Ordering::AcqRel);
             }
             return false;
         }
