@@ -80,15 +80,18 @@ fn pages(bytes: u64) -> u64 {
 }
 
 /// The most one job of `policy` with `inputs` (their sizes, stdin among
-/// them) can take in its worker's directory: each input in whole pages,
-/// its output limit, and a page for each entry it may make in `/out` (a
-/// file's last page, a long link), and one more.
+/// them) can take in its worker's directory: each input in whole pages (a
+/// page at least), a page for its inputs' directory, its output limit,
+/// and a page for each entry it may make in `/out` (a file's last page, a
+/// long link), and one more. So a room holds a page for every entry the
+/// job can make, which is what each inode of a worker's directory is
+/// counted as ([`super::scratch::inodes`]).
 pub fn need_for(policy: &Policy, inputs: impl IntoIterator<Item = u64>) -> u64 {
     let limits = &policy.limits;
     inputs
         .into_iter()
-        .map(pages)
-        .fold(0u64, u64::saturating_add)
+        .map(|len| pages(len).max(PAGE))
+        .fold(PAGE, u64::saturating_add)
         .saturating_add(pages(limits.output.as_u64()))
         .saturating_add((u64::from(limits.output_files) + 1).saturating_mul(PAGE))
 }
@@ -104,11 +107,12 @@ pub fn need(policy: &Policy, spec: &JobSpec) -> u64 {
     )
 }
 
-/// The most any job of `policy` can need: its whole input limit, and a
-/// page more for each input it may be given.
+/// The most any job of `policy` can need: its whole input limit, and two
+/// pages more for each input it may be given (its last page, and a page
+/// at least).
 pub fn most(policy: &Policy) -> u64 {
     need_for(policy, [policy.limits.input.as_u64()])
-        .saturating_add((MAX_INPUTS as u64 + 1).saturating_mul(PAGE))
+        .saturating_add((2 * (MAX_INPUTS as u64 + 1)).saturating_mul(PAGE))
 }
 
 /// How long a released room's files may take to go: past it, a worker's
@@ -313,6 +317,9 @@ pub enum Overheld {
     /// released jobs whose directories are still there, and those released
     /// within [`RELEASE_GRACE`] together.
     Files(u64),
+    /// Its entries take this many inodes beyond those rooms' (a page's
+    /// worth of room each).
+    Entries(u64),
     /// A job's directories are still there [`RELEASE_GRACE`] after its
     /// files were released: its room would never be given back.
     Directory(u64),
@@ -325,6 +332,10 @@ impl std::fmt::Display for Overheld {
             Self::Files(bytes) => write!(
                 f,
                 "kept {bytes} bytes in its directory beyond its jobs' rooms and what it was told to release in the last {grace}s"
+            ),
+            Self::Entries(inodes) => write!(
+                f,
+                "kept {inodes} entries in its directory beyond its jobs' rooms and what it was told to release in the last {grace}s"
             ),
             Self::Directory(job) => write!(
                 f,
@@ -451,7 +462,7 @@ impl WorkerDisk {
             return false;
         }
         match &self.scratch {
-            Some(scratch) => used(scratch).is_none_or(|used| used > FLOOR.saturating_add(kept)),
+            Some(scratch) => used(scratch).is_none_or(|used| used.beyond(kept).is_some()),
             None => true,
         }
     }
@@ -484,8 +495,8 @@ impl WorkerDisk {
             .released
             .iter()
             .map(|(_, room)| *room)
-            .fold(FLOOR.saturating_add(kept), u64::saturating_add);
-        (used > excused).then(|| Overheld::Files(used - excused))
+            .fold(kept, u64::saturating_add);
+        used.beyond(excused)
     }
 
     /// Makes its released rooms, and the room it last gave, `by` older
@@ -559,10 +570,36 @@ impl Drop for WorkerDisk {
     }
 }
 
-/// Bytes its files take in a worker's directory.
-fn used(scratch: &Scratch) -> Option<u64> {
+/// What the files in a worker's directory take.
+#[derive(Debug, Clone, Copy)]
+struct Used {
+    bytes: u64,
+    inodes: u64,
+}
+
+impl Used {
+    /// What they take beyond `rooms` bytes of rooms (and the directory's
+    /// floor): bytes, or else inodes (a page of room each).
+    fn beyond(self, rooms: u64) -> Option<Overheld> {
+        let bytes = FLOOR.saturating_add(rooms);
+        let inodes = super::scratch::inodes(bytes);
+        if self.bytes > bytes {
+            Some(Overheld::Files(self.bytes - bytes))
+        } else if self.inodes > inodes {
+            Some(Overheld::Entries(self.inodes - inodes))
+        } else {
+            None
+        }
+    }
+}
+
+/// What its files take in a worker's directory.
+fn used(scratch: &Scratch) -> Option<Used> {
     let st = rustix::fs::fstatfs(&scratch.dir).ok()?;
-    Some((st.f_blocks.saturating_sub(st.f_bfree)).saturating_mul(st.f_bsize as u64))
+    Some(Used {
+        bytes: (st.f_blocks.saturating_sub(st.f_bfree)).saturating_mul(st.f_bsize as u64),
+        inodes: st.f_files.saturating_sub(st.f_ffree),
+    })
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -613,13 +650,14 @@ mod tests {
             "0".repeat(64)
         ))
         .unwrap();
+        // A page at least per input, and one for their directory.
         assert_eq!(
             need_for(&policy, [1, 0, PAGE + 1]),
-            (1 + 2) * PAGE + (1 << 20) + 4 * PAGE
+            (1 + 1 + 2 + 1) * PAGE + (1 << 20) + 4 * PAGE
         );
         assert_eq!(
             most(&policy),
-            3 * PAGE + (1 << 20) + 4 * PAGE + (MAX_INPUTS as u64 + 1) * PAGE
+            (3 + 1) * PAGE + (1 << 20) + 4 * PAGE + 2 * (MAX_INPUTS as u64 + 1) * PAGE
         );
         policy.limits.output_files = u32::MAX;
         assert!(most(&policy) > 1 << 40);
@@ -674,6 +712,47 @@ mod tests {
         disk.reclaim();
         assert_eq!(zone.given(), 0);
         assert_eq!(size(&disk), FLOOR);
+    }
+
+    /// Every entry a job's room allows fits beside those of the other jobs
+    /// given room in the directory: two jobs each making the 33,000 empty
+    /// files their policy allows (which no byte bound stops) both make
+    /// them all (found by an attacker: a fixed 65,536 inodes ran out, and
+    /// every later job sent to the worker failed).
+    #[test]
+    fn every_entry_its_room_allows_fits_beside_the_other_jobs() {
+        const FILES: u32 = 33_000;
+        let scratch = match super::super::scratch::make(FLOOR, None) {
+            Ok(s) => s,
+            Err(e) if e.raw_os_error() == Some(libc::EPERM) => {
+                eprintln!("skipped: mounting a tmpfs needs CAP_SYS_ADMIN ({e})");
+                return;
+            }
+            Err(e) => panic!("{e}"),
+        };
+        let root = crate::sandbox::beneath::fd_path(&scratch.dir);
+        let policy: Policy = toml::from_str(&format!(
+            "version = 1\n[module]\nname = \"m\"\nsha256 = \"{}\"\n[access]\nscopes = [\"m:run\"]\n[limits]\noutput = \"64 KiB\"\noutput_files = {FILES}\n",
+            "0".repeat(64)
+        ))
+        .unwrap();
+        let zone = Arc::new(ZoneDisk::new(1 << 30));
+        let dir = scratch.dir.try_clone().unwrap();
+        let disk = WorkerDisk::new(Arc::clone(&zone), Some(scratch), Some(dir));
+        // No inputs; an empty stdin.
+        let need = need_for(&policy, [0]);
+        for job in 1..=2 {
+            assert!(disk.reserve(job, need, None).unwrap());
+            let out = root.join(format!("j{job}.out"));
+            std::fs::create_dir(&out).unwrap();
+            for n in 0..FILES {
+                if let Err(e) = std::fs::File::create_new(out.join(n.to_string())) {
+                    panic!("job {job}'s entry {n}: {e}");
+                }
+            }
+        }
+        assert!(!disk.overfilled());
+        assert_eq!(disk.settle(), None);
     }
 
     /// A job waiting for room keeps later jobs from taking what it needs:

@@ -468,7 +468,7 @@ impl Pool {
         let mounts = config.disk.is_some_and(|size| {
             match super::scratch::make(super::disk::FLOOR, None) {
                 Ok(_) => {
-                    tracing::info!(zone = %config.zone, bytes = size, inodes = super::scratch::INODES, "each worker's directory is a file system of its own, as large as its jobs' rooms, all within the zone's disk");
+                    tracing::info!(zone = %config.zone, bytes = size, "each worker's directory is a file system of its own, as large as its jobs' rooms (an inode per page), all within the zone's disk");
                     true
                 }
                 Err(e) => {

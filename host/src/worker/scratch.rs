@@ -1,5 +1,6 @@
 //! A worker's work directory as a file system of its own: a tmpfs of a
-//! fixed size and inode count, made with `fsopen`/`fsmount` and attached
+//! given size and an inode count that goes with it, made with
+//! `fsopen`/`fsmount` and attached
 //! nowhere. It is reached only through the descriptors the gateway holds
 //! and hands to its worker, so no path leads to it, and a compromised
 //! worker (native code past the first wall, which no `/out` quota meters)
@@ -17,10 +18,20 @@ use std::os::fd::OwnedFd;
 use rustix::fs::{Mode, OFlags};
 use rustix::mount::{FsMountFlags, FsOpenFlags, MountAttrFlags};
 
-/// Inodes one worker's directory may hold: files, directories and links
-/// of every job it runs at once, far beyond what their `/out` quotas
-/// allow together, and each costs the kernel under a KiB.
-pub const INODES: u64 = 65_536;
+/// Inodes a worker's directory holds beyond one per page of its size: its
+/// own entries (its jobs' directories are in their rooms).
+pub const INODE_FLOOR: u64 = 1_024;
+
+/// The inodes a worker's directory of `size` bytes holds: one per page of
+/// it, and [`INODE_FLOOR`]. A job's room counts a page for each entry it
+/// may make (`disk::need_for`), so the entries of the jobs a directory was
+/// sized for always fit in it, and a job cannot take another's by making
+/// empty files (found by an attacker: with a fixed 65,536, two jobs each
+/// allowed 33,000 files filled a worker's inode table, and every other
+/// job sent to it failed). Each costs the kernel under a KiB.
+pub fn inodes(size: u64) -> u64 {
+    INODE_FLOOR + size / 4096
+}
 
 /// A worker's directory: the mount and a directory descriptor of its root.
 #[derive(Debug)]
@@ -32,9 +43,10 @@ pub struct Scratch {
     _mount: OwnedFd,
 }
 
-/// Makes a tmpfs of `size` bytes and [`INODES`] inodes, its root mode 0700
+/// Makes a tmpfs of `size` bytes and its [`inodes`], its root mode 0700
 /// and owned by `owner` when given, mounted nowhere, without set-uid or
-/// device files.
+/// device files, and without huge pages (a page a file, as rooms count
+/// them, whatever the host's `shmem_enabled` says).
 ///
 /// # Errors
 /// `EPERM` without `CAP_SYS_ADMIN`; what else the kernel says.
@@ -42,7 +54,8 @@ pub fn make(size: u64, owner: Option<(u32, u32)>) -> io::Result<Scratch> {
     use rustix::mount::{fsconfig_create, fsconfig_set_string, fsmount, fsopen};
     let fs = fsopen("tmpfs", FsOpenFlags::FSOPEN_CLOEXEC)?;
     fsconfig_set_string(&fs, "size", size.to_string())?;
-    fsconfig_set_string(&fs, "nr_inodes", INODES.to_string())?;
+    fsconfig_set_string(&fs, "nr_inodes", inodes(size).to_string())?;
+    fsconfig_set_string(&fs, "huge", "never")?;
     fsconfig_set_string(&fs, "mode", "0700")?;
     if let Some((uid, gid)) = owner {
         fsconfig_set_string(&fs, "uid", uid.to_string())?;
@@ -64,12 +77,12 @@ pub fn make(size: u64, owner: Option<(u32, u32)>) -> io::Result<Scratch> {
 }
 
 impl Scratch {
-    /// Makes its size `size` bytes (in whole pages), its other settings
-    /// kept.
+    /// Makes its size `size` bytes (in whole pages) and its inodes those
+    /// of that size, its other settings kept.
     ///
     /// # Errors
-    /// `EINVAL` when its files take more than `size`; what else the kernel
-    /// says.
+    /// `EINVAL` when its files take more than `size`, or its entries more
+    /// inodes; what else the kernel says.
     pub fn resize(&self, size: u64) -> io::Result<()> {
         use rustix::mount::{FsPickFlags, fsconfig_reconfigure, fsconfig_set_string, fspick};
         // A context of its own each time: one the kernel refused a size
@@ -80,6 +93,7 @@ impl Scratch {
             FsPickFlags::FSPICK_EMPTY_PATH | FsPickFlags::FSPICK_CLOEXEC,
         )?;
         fsconfig_set_string(&fs, "size", size.to_string())?;
+        fsconfig_set_string(&fs, "nr_inodes", inodes(size).to_string())?;
         fsconfig_reconfigure(&fs)?;
         Ok(())
     }
@@ -135,12 +149,41 @@ mod tests {
         scratch.resize(256 << 10).unwrap();
         assert_eq!(size_of(&scratch), 256 << 10);
         let st = rustix::fs::fstatfs(&scratch.dir).unwrap();
-        assert_eq!(st.f_files, INODES);
+        assert_eq!(st.f_files, inodes(256 << 10));
         let meta = rustix::fs::fstat(&scratch.dir).unwrap();
         assert_eq!((meta.st_uid, meta.st_mode & 0o7777), (65534, 0o700));
         std::fs::remove_file(&file).unwrap();
         scratch.resize(64 << 10).unwrap();
         assert_eq!(size_of(&scratch), 64 << 10);
+    }
+
+    /// Its inodes go with its size: empty files fill them at the count
+    /// of its size, a larger size takes more, and it cannot shrink below
+    /// the entries it holds.
+    #[test]
+    fn a_scratch_directory_holds_an_inode_per_page_of_its_size() {
+        let Some(scratch) = scratch(64 << 10, None) else {
+            return;
+        };
+        let root = crate::sandbox::beneath::fd_path(&scratch.dir);
+        let fill = |from: u64| {
+            (from..).find(
+                |n| match std::fs::File::create_new(root.join(format!("e{n}"))) {
+                    Ok(_) => false,
+                    Err(e) => {
+                        assert_eq!(e.raw_os_error(), Some(libc::ENOSPC), "{e}");
+                        true
+                    }
+                },
+            )
+        };
+        let made = fill(0).unwrap();
+        // The root takes one.
+        assert_eq!(made, inodes(64 << 10) - 1);
+        scratch.resize(128 << 10).unwrap();
+        assert_eq!(fill(made).unwrap(), inodes(128 << 10) - 1);
+        let err = scratch.resize(64 << 10).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EINVAL), "{err}");
     }
 
     #[test]

@@ -817,10 +817,11 @@ async fn a_worker_that_keeps_a_released_jobs_directory_is_replaced() {
     let out = out.expect("the job's directory in its worker's");
     std::fs::create_dir(format!("{cwd}/{out}.in")).unwrap();
     let given = || server.service.isolation().disk_given["untrusted"];
-    // The job's room: its output limit and a page per output file and one
-    // more (no inputs). What the worker's directory holds beyond it while
-    // the job runs is its spare (the module's hand-over room among it).
-    let room = (4 << 20) + 5 * 4096;
+    // The job's room: its output limit, a page per output file and one
+    // more, and a page for its (empty) stdin and one for its inputs'
+    // directory. What the worker's directory holds beyond it while the job
+    // runs is its spare (the module's hand-over room among it).
+    let room = (4 << 20) + 7 * 4096;
     assert!(given() >= room);
     for _ in 0..200 {
         let now = json(server.get(&format!("/v1/jobs/{id}"), &token)).await;
