@@ -444,7 +444,11 @@ impl Service {
             // it stays `running` under this node's claim, and the next start
             // takes it back, its attempt counted.
             Err(ServiceError::Draining) => match self.store.requeue(claim, false).await {
-                Ok(_) => Ran::Requeued { storage: false },
+                Ok(true) => Ran::Requeued { storage: false },
+                Ok(false) => {
+                    self.remove_inputs_if_cancelled(&record).await;
+                    Ran::Ended(None)
+                }
                 Err(e) => {
                     tracing::warn!(job = %record.id, error = %e, "cannot give back a job stopped by shutdown; the next start re-runs it");
                     Ran::Ended(None)
@@ -479,7 +483,15 @@ impl Service {
                 tracing::error!(job = %record.id, attempt = record.attempts, error = %e, "the host failed on the job's path; it goes back to the queue");
             }
             return match self.store.requeue(claim, !storage).await {
-                Ok(_) => Ran::Requeued { storage },
+                Ok(true) => Ran::Requeued { storage },
+                // The claim no longer holds: cancelled meanwhile (its
+                // inputs go now; found by an attacker: a job cancelled while
+                // its outputs were copied, whose copy then failed, kept
+                // them), or another attempt runs it.
+                Ok(false) => {
+                    self.remove_inputs_if_cancelled(&record).await;
+                    Ran::Ended(None)
+                }
                 Err(e) => {
                     // Left `running` and not held: the keeper re-queues it.
                     tracing::error!(job = %record.id, error = %e, "cannot re-queue the job");
