@@ -173,6 +173,10 @@ pub struct Queued<'a> {
     pub tenant: &'a str,
     /// Told when it starts and stops waiting for room or a place.
     pub waiting: Waiting<'a>,
+    /// When it gives up waiting for room or a place, if ever: its run
+    /// then ends with [`JobError::NotPlaced`], nothing of it run (an
+    /// inline job, whose caller waits, is stored and queued instead).
+    pub place_by: Option<tokio::time::Instant>,
 }
 
 impl std::fmt::Debug for Queued<'_> {
@@ -188,7 +192,18 @@ impl Queued<'_> {
     pub const ALONE: Queued<'static> = Queued {
         tenant: "",
         waiting: &|_| true,
+        place_by: None,
     };
+}
+
+/// A pool's refusal of a job as the job's error: it had no place in time,
+/// or its worker could not run it.
+fn pool_error(message: String) -> JobError {
+    if message == crate::worker::pool::NOT_PLACED {
+        JobError::NotPlaced
+    } else {
+        JobError::Worker(message)
+    }
 }
 
 /// A job's spec, read when its run asks for it ([`Runner::run_loaded`]).
@@ -418,7 +433,7 @@ impl Runner for Workers {
         let ran = pool
             .run(*id, policy, spec, egress.clone(), queued)
             .await
-            .map_err(JobError::Worker)?;
+            .map_err(pool_error)?;
         Ok(Self::finished(module, &spec.id, ran, egress))
     }
 
@@ -465,7 +480,7 @@ impl Runner for Workers {
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .take()
-                    .unwrap_or(JobError::Worker(message))
+                    .unwrap_or_else(|| pool_error(message))
             })?;
         let job_id = job_id.into_inner().unwrap_or_else(|e| e.into_inner());
         Ok(Self::finished(module, &job_id, ran, egress))

@@ -215,7 +215,7 @@ impl From<ServiceError> for ApiError {
                 message: m,
                 retry_after,
             },
-            ServiceError::Draining => ApiError::Unavailable,
+            ServiceError::Draining | ServiceError::NotPlaced => ApiError::Unavailable,
             ServiceError::Conflict(_) => ApiError::Conflict(m),
             ServiceError::Store(_) | ServiceError::Io(_) => ApiError::Internal(m),
         }

@@ -261,6 +261,11 @@ pub enum JobError {
     /// The worker process refused or could not start the job.
     #[error("the worker could not start the job: {0}")]
     Worker(String),
+    /// The job had no room or place in its zone by the time it was to
+    /// start at the latest ([`crate::runner::Queued::place_by`]); nothing
+    /// of it ran.
+    #[error("the job had no place to run in time")]
+    NotPlaced,
 }
 
 /// A module verified against its policy and pre-instantiated.

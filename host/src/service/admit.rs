@@ -205,11 +205,15 @@ impl Service {
                 tenant: who.tenant.clone(),
                 module: module_name.to_owned(),
             };
+            // Once only its wall time is left of the wait, it no longer
+            // waits inline: not for its turn, nor for room or a place in
+            // its zone.
+            let place_by = tokio::time::Instant::now() + slack;
             let mut ticket = match self.scheduler.wait_turn(job) {
                 Ok(ticket) => ticket,
                 Err(why) => return Err(self.busy(who, module, why).await),
             };
-            let slot = match tokio::time::timeout(slack, ticket.turn()).await {
+            let slot = match tokio::time::timeout_at(place_by, ticket.turn()).await {
                 Ok(Some(slot)) => Some(slot),
                 Ok(None) => return Err(ServiceError::Draining),
                 Err(_) => ticket.leave(),
@@ -219,14 +223,17 @@ impl Service {
                 // (`render_metrics`), not on this path.
                 let has_stdin = sub.stdin.is_some();
                 let result = self
-                    .run_now(who, module, spec, has_stdin, slot, key.as_ref())
+                    .run_now(who, module, &spec, has_stdin, slot, key.as_ref(), place_by)
                     .await;
                 drop(held);
-                return result;
+                if let Some(accepted) = result.transpose() {
+                    return accepted;
+                }
             }
-            // Its turn did not come in time to finish within the wait: it
-            // is stored and queued like any job, and the caller gets 202
-            // unless it ends within what is left of the wait.
+            // Its turn, or its room and place, did not come in time to
+            // finish within the wait: it is stored and queued like any job,
+            // and the caller gets 202 unless it ends within what is left of
+            // the wait.
         }
 
         self.store_inputs(&spec, sub.stdin.is_some())

@@ -71,6 +71,11 @@ pub enum ServiceError {
     /// The service is shutting down (503).
     #[error("the service is shutting down")]
     Draining,
+    /// An inline job had no room or place to run by the time only its
+    /// wall time was left of its caller's wait: it is stored and queued
+    /// instead (never answered as such; 503 should it reach the API).
+    #[error("the job had no place to run in time")]
+    NotPlaced,
     /// No such job for this tenant (404).
     #[error("no job `{0}`")]
     NoJob(String),

@@ -610,22 +610,29 @@ impl Service {
     /// has given it a slot in its fair turn ([`Scheduler::wait_turn`]):
     /// such a job is never acknowledged before it has finished and been
     /// stored, so it needs no durable queued state, and it skips the
-    /// queue's store writes and thread hand-offs.
+    /// queue's store writes and thread hand-offs. `None`: it had no room
+    /// or place in its zone by `place_by` (when only its wall time is left
+    /// of the wait); nothing of it ran or is kept, and the caller stores and
+    /// queues it instead (found by an attacker: an inline job waiting for
+    /// room held its request 73 s past a 35 s wait, unlisted and
+    /// uncancellable meanwhile).
+    #[allow(clippy::too_many_arguments)]
     pub(super) async fn run_now(
         &self,
         who: &Identity,
         module: &Module,
-        spec: JobSpec,
+        spec: &JobSpec,
         has_stdin: bool,
         slot: Slot,
         key: Option<&Idempotency>,
-    ) -> Result<Accepted, ServiceError> {
+        place_by: tokio::time::Instant,
+    ) -> Result<Option<Accepted>, ServiceError> {
         let now = now_ms();
         let record = JobRecord {
             state: JobState::Running,
             started_at: Some(now),
             attempts: 1,
-            ..super::admit::new_record(who, module, &spec, has_stdin, now)
+            ..super::admit::new_record(who, module, spec, has_stdin, now)
         };
         // The caller authenticated on this very request; the identity its
         // calls carry is read again when it starts. A failure of the
@@ -635,7 +642,14 @@ impl Service {
         // the data directory without a row.
         let cancel = self.cancel_handle(&record.id);
         let ran = self
-            .execute(module, &record, Spec::Held(&spec), &cancel, &slot)
+            .execute(
+                module,
+                &record,
+                Spec::Held(spec),
+                &cancel,
+                &slot,
+                Some(place_by),
+            )
             .await
             .map(|report| {
                 // Inline jobs have no row to cancel, so nothing ends them
@@ -651,6 +665,9 @@ impl Service {
             Ok(report) => report,
             Err(e) => {
                 self.remove_job_files(&record.id).await;
+                if matches!(e, ServiceError::NotPlaced) {
+                    return Ok(None);
+                }
                 if matches!(e, ServiceError::Draining) {
                     // Stopped by shutdown: never stored, the caller may
                     // retry elsewhere or later (503).
@@ -684,7 +701,7 @@ impl Service {
                 // A retry with the same key ran beside this one and was
                 // stored first: this run is dropped.
                 self.remove_job_files(&record.id).await;
-                return self.replay(*job, &hash, key, true).await;
+                return self.replay(*job, &hash, key, true).await.map(Some);
             }
             (Ok(_), _) => {}
             (Err(e), _) => {
@@ -697,7 +714,7 @@ impl Service {
         let record = self.finished(record, report, finished_at).await;
         let (tx, rx) = oneshot::channel();
         let _ = tx.send(Some(record.clone()));
-        Ok((record, Some(rx)))
+        Ok(Some((record, Some(rx))))
     }
 
     /// The way out of `record`'s job, for `caller`, when its policy names
@@ -826,7 +843,7 @@ impl Service {
                 Err(e) => return Err(e.into()),
             }
         };
-        self.execute(module, record, Spec::Stored(sizes), cancel, slot)
+        self.execute(module, record, Spec::Stored(sizes), cancel, slot, None)
             .await
     }
 
@@ -842,6 +859,7 @@ impl Service {
         spec: Spec<'_>,
         cancel: &CancelHandle<'_>,
         slot: &Slot,
+        place_by: Option<tokio::time::Instant>,
     ) -> Result<Option<JobReport>, ServiceError> {
         // The identity its calls carry is read when it starts, inline or
         // queued alike: a token revoked while the job waited relays nothing.
@@ -869,6 +887,7 @@ impl Service {
         let queued = Queued {
             tenant: &record.tenant,
             waiting: &waiting,
+            place_by,
         };
         // A failure of the storage while reading a stored job's inputs.
         let unreadable: Mutex<Option<ServiceError>> = Mutex::new(None);
@@ -921,6 +940,7 @@ impl Service {
                     .await?;
                 report
             }
+            Some(Err(crate::sandbox::JobError::NotPlaced)) => return Err(ServiceError::NotPlaced),
             Some(Err(e)) => JobReport::not_run(&record.id, &record.module, e.to_string()),
         };
         if report.job_id.is_empty() {

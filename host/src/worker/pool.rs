@@ -260,6 +260,10 @@ struct State {
     starting: u32,
 }
 
+/// What a job's run fails with when it had no room or place by its
+/// [`crate::runner::Queued::place_by`].
+pub const NOT_PLACED: &str = "no room or place for the job by its deadline";
+
 /// Frames queued for one worker and not yet written, at most. Every frame
 /// the gateway sends a worker either carries work (a load, a job, bounded
 /// by config) or answers something the worker sent (a credit, a call's
@@ -893,20 +897,25 @@ impl Pool {
                     std::future::pending::<()>().await;
                 }
             };
-            match room_freed {
-                Some(room_freed) => {
-                    tokio::select! {
-                        () = changed => {}
-                        () = room_freed => {}
-                        () = retell => {}
-                    }
+            // A job that is to start by a deadline gives up there, before
+            // it is given anything.
+            let give_up = async {
+                match queued.place_by {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending::<()>().await,
                 }
-                None => {
-                    tokio::select! {
-                        () = changed => {}
-                        () = retell => {}
-                    }
+            };
+            let room_freed = async {
+                match room_freed {
+                    Some(room_freed) => room_freed.await,
+                    None => std::future::pending::<()>().await,
                 }
+            };
+            tokio::select! {
+                () = changed => {}
+                () = room_freed => {}
+                () = retell => {}
+                () = give_up => return Err(NOT_PLACED.into()),
             }
         }
     }

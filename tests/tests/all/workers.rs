@@ -462,6 +462,55 @@ async fn a_waiting_job_does_not_hold_back_a_tenant_holding_less() {
     }
 }
 
+/// An inline job (`?wait=`) that has no room in its zone by the time only
+/// its wall time is left of the wait is stored and queued like any job:
+/// the caller gets 202 within its wait (not the job's end, after it), the
+/// job is listed meanwhile, and it runs once room comes (found by an
+/// attacker: an inline job waiting for room held its request 73 s past a
+/// 35 s wait, unlisted and uncancellable).
+#[tokio::test(flavor = "multi_thread")]
+async fn an_inline_job_without_room_in_time_is_stored_and_queued() {
+    let big = sleeper(4_000).limits(|l| {
+        l.input = ByteSize::kib(64);
+        l.output = ByteSize::mib(12);
+        l.output_files = 4;
+    });
+    let server = zone_with_disk(ByteSize::mib(16), 1, &[big]).await;
+    if !mounts(&server) {
+        return;
+    }
+    let acme = server.token("acme", &["hostile:run"]).await;
+    let first = submit(&server, &acme, "hostile", false).await;
+    let first = first["id"].as_str().unwrap().to_owned();
+    // It has its room: the next one cannot, until it ends.
+    until(|| server.service.isolation().disk_given.get("untrusted") >= Some(&(12 << 20))).await;
+    let other = server.token("initech", &["hostile:run"]).await;
+    // One second of the wait beyond the job's wall time.
+    let response = server
+        .post("/v1/modules/hostile/jobs?wait=5s", &other)
+        .body(Vec::new())
+        .send()
+        .await
+        .unwrap();
+    let status = response.status();
+    let waited: Value = response.json().await.unwrap();
+    assert_eq!(status, 202, "{waited}");
+    let id = waited["id"].as_str().unwrap().to_owned();
+    let listed = json(server.get("/v1/jobs", &other)).await;
+    assert!(listed.to_string().contains(&id), "{listed}");
+    for (token, id) in [(&acme, &first), (&other, &id)] {
+        let mut last = Value::Null;
+        for _ in 0..600 {
+            last = json(server.get(&format!("/v1/jobs/{id}"), token)).await;
+            if last["state"] != "queued" && last["state"] != "running" {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(last["report"]["limit"], "wall_time", "{last}");
+    }
+}
+
 /// Jobs waiting for room in their zone's disk lend the queue's running
 /// places they took, however many more of them wait than there are
 /// places: with two places, one job running and three waiting for the
