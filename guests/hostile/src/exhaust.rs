@@ -521,6 +521,59 @@ pub fn fd_dirs(ctx: &Ctx) -> ExitCode {
     })
 }
 
+/// `listings-held`: makes `--entries=` files (default 60) with 200-byte
+/// names in `/out/d`, lists that directory `--passes=` times (default
+/// 4,000) keeping every listing, then sleeps: each listing is read in full
+/// into host memory, held while the guest keeps it.
+pub fn listings_held(ctx: &Ctx) -> ExitCode {
+    let param = |name: &str, default: usize| {
+        ctx.param(name)
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(default)
+    };
+    let (entries, passes) = (param("entries", 60), param("passes", 4_000));
+    let Some(out) = preopen("/out") else {
+        return ExitCode::from(2);
+    };
+    if let Err(e) = out.create_directory_at("d") {
+        println!("listings-held: mkdir: {e:?}");
+        return ExitCode::from(2);
+    }
+    let dir = match out.open_at(
+        PathFlags::empty(),
+        "d",
+        OpenFlags::DIRECTORY,
+        DescriptorFlags::READ | DescriptorFlags::MUTATE_DIRECTORY,
+    ) {
+        Ok(d) => d,
+        Err(e) => {
+            println!("listings-held: open d: {e:?}");
+            return ExitCode::from(2);
+        }
+    };
+    for n in 0..entries {
+        let name = format!("{n:0>200}");
+        if let Err(e) = open_file(&dir, &name, true) {
+            println!("listings-held: {e}");
+            return ExitCode::from(2);
+        }
+    }
+    let mut kept = Vec::new();
+    let mut refused = 0u64;
+    for _ in 0..passes {
+        match dir.read_directory() {
+            Ok(listing) => kept.push(listing),
+            Err(_) => refused += 1,
+        }
+    }
+    println!(
+        "attempt listings-held: {} listings of {entries} entries kept, {refused} refused",
+        kept.len()
+    );
+    std::thread::sleep(Duration::from_secs(1_000_000));
+    ExitCode::SUCCESS
+}
+
 /// `fd-every-way`: all of the above in turn, plus descriptors dropped and
 /// opened again, in one job.
 pub fn fd_every_way(ctx: &Ctx) -> ExitCode {

@@ -91,6 +91,14 @@ use super::limits::{LimitKind, LimitLatch, Refusals, WRITTEN_PER_OUTPUT};
 use super::streams::{ThreadRead, ThreadWrite};
 use super::wasi::BLOCKS_CURRENT_THREAD;
 
+/// Host memory a job's directory listings may hold at once: each is read
+/// in full when the guest asks for it and held until the guest drops it,
+/// an entry costing its name and [`LISTED_ENTRY`] bytes more.
+pub const MAX_LISTED: u64 = 16 << 20;
+
+/// What an entry of a listing costs beyond its name.
+pub const LISTED_ENTRY: u64 = 64;
+
 /// Refused opens after which a guest still asking for descriptors is
 /// stopped with the `descriptors` limit: a guest that handles the error and
 /// closes something goes on, one that loops on it does not.
@@ -124,6 +132,8 @@ pub struct OutputQuota {
     /// Service calls in flight: each holds a connection (a host socket)
     /// from its send until the guest drops the response body.
     calls: AtomicU64,
+    /// What each live listing costs ([`MAX_LISTED`]), by its resource.
+    listings: Mutex<std::collections::HashMap<u32, u64>>,
     latch: LimitLatch,
 }
 
@@ -148,8 +158,43 @@ impl OutputQuota {
             own_entries: Mutex::default(),
             inputs: Mutex::default(),
             calls: AtomicU64::new(0),
+            listings: Mutex::default(),
             latch,
         })
+    }
+
+    /// Takes `cost` bytes of [`MAX_LISTED`] for a listing about to be read;
+    /// `insufficient-memory` past it (the guest may drop others and ask
+    /// again).
+    fn charge_listing(&self, cost: u64) -> Result<(), ErrorCode> {
+        let mut listings = self.listings.lock().unwrap_or_else(|e| e.into_inner());
+        let held: u64 = listings.values().sum();
+        if held.saturating_add(cost) > MAX_LISTED {
+            return Err(ErrorCode::InsufficientMemory);
+        }
+        // Held under no resource until it has one.
+        *listings.entry(u32::MAX).or_default() += cost;
+        Ok(())
+    }
+
+    /// The listing charged `cost` is the resource `rep` (`None`: it was not
+    /// read after all).
+    fn listing_is(&self, cost: u64, rep: Option<u32>) {
+        let mut listings = self.listings.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(pending) = listings.get_mut(&u32::MAX) {
+            *pending = pending.saturating_sub(cost);
+        }
+        if let Some(rep) = rep {
+            listings.insert(rep, cost);
+        }
+    }
+
+    /// The listing `rep` is dropped: what it cost is free again.
+    fn listing_dropped(&self, rep: u32) {
+        self.listings
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&rep);
     }
 
     fn held(&self) -> std::sync::MutexGuard<'_, Vec<Weak<std::fs::File>>> {
@@ -720,6 +765,22 @@ impl Drop for CallSlot {
     }
 }
 
+/// What the listing of `dir` will hold in host memory: its entries' names
+/// and [`LISTED_ENTRY`] each, read now (one pass more of the directory).
+fn listing_cost(dir: &std::fs::File) -> Result<u64, ErrorCode> {
+    let mut entries =
+        rustix::fs::Dir::read_from(dir).map_err(|e| ErrorCode::from(std::io::Error::from(e)))?;
+    let mut cost = 0u64;
+    while let Some(entry) = entries.read() {
+        let entry = entry.map_err(|e| ErrorCode::from(std::io::Error::from(e)))?;
+        let name = entry.file_name().to_bytes();
+        if name != b"." && name != b".." {
+            cost = cost.saturating_add(name.len() as u64 + LISTED_ENTRY);
+        }
+    }
+    Ok(cost)
+}
+
 /// Whether `code` is the host saying no to something the guest may not do
 /// (leave its preopens, write `/in`, follow a symlink out or round in a
 /// loop, link across preopens, pass a bound), as opposed to an ordinary
@@ -855,9 +916,22 @@ impl HostDescriptor for QuotaFs<'_> {
         fd: Resource<types::Descriptor>,
     ) -> FsResult<Resource<types::DirectoryEntryStream>> {
         // The listing is read in full here and its descriptor closed before
-        // this returns: the stream holds memory (bounded by the entries
-        // `/in` and `/out` may have), not a host descriptor.
-        self.inner.read_directory(fd).await
+        // this returns: the stream holds memory, not a host descriptor, and
+        // the job's listings together hold at most `MAX_LISTED` of it (found
+        // by an attacker: 4,000 listings of 1,000 entries kept, 1.2 GB of a
+        // worker's memory for a job allowed 32 MiB).
+        let cost = {
+            let borrowed: Resource<types::Descriptor> = Resource::new_borrow(fd.rep());
+            match self.inner.table.get(&borrowed)? {
+                types::Descriptor::Dir(d) => listing_cost(&d.dir)?,
+                types::Descriptor::File(_) => return Err(ErrorCode::NotDirectory.into()),
+            }
+        };
+        self.quota.charge_listing(cost)?;
+        let listed = self.inner.read_directory(fd).await;
+        self.quota
+            .listing_is(cost, listed.as_ref().ok().map(Resource::rep));
+        listed
     }
 
     async fn sync(&mut self, fd: Resource<types::Descriptor>) -> FsResult<()> {
@@ -1139,6 +1213,7 @@ impl HostDirectoryEntryStream for QuotaFs<'_> {
     }
 
     fn drop(&mut self, stream: Resource<types::DirectoryEntryStream>) -> wasmtime::Result<()> {
+        self.quota.listing_dropped(stream.rep());
         HostDirectoryEntryStream::drop(&mut self.inner, stream)
     }
 }

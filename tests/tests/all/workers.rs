@@ -462,6 +462,64 @@ async fn a_waiting_job_does_not_hold_back_a_tenant_holding_less() {
     }
 }
 
+/// The worker's resident memory, in bytes.
+fn resident(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    kib << 10
+}
+
+/// A job's directory listings, each read in full into its worker's
+/// memory and held for as long as the guest keeps it, hold no more of
+/// that memory than `quota::MAX_LISTED` together: a guest keeping 4,000
+/// listings of 60 entries (about 60 MB were they all read) grows its
+/// worker by far less, its further listings refused (found by an
+/// attacker: 1.2 GB held by one job allowed 32 MiB).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_jobs_directory_listings_hold_a_bounded_share_of_its_workers_memory() {
+    use bulkhead::policy::HumanDuration;
+    let lister = common::policy(bulkhead_tests::HOSTILE, "hostile")
+        .scopes(&["hostile:run"])
+        .times(HumanDuration::millis(5_000), HumanDuration::millis(5_000))
+        .args(&["listings-held"])
+        .limits(|l| {
+            l.memory = ByteSize::mib(16);
+            l.input = ByteSize::kib(64);
+            l.output = ByteSize::mib(1);
+            l.output_files = 64;
+        });
+    let server = zone_with_disk(ByteSize::mib(64), 1, &[lister]).await;
+    let pid = workers(&server)[0];
+    let before = resident(pid);
+    let token = server.token("acme", &["hostile:run"]).await;
+    let job = submit(&server, &token, "hostile", false).await;
+    let id = job["id"].as_str().unwrap().to_owned();
+    let mut peak = before;
+    let mut last = Value::Null;
+    for _ in 0..400 {
+        peak = peak.max(resident(pid));
+        last = json(server.get(&format!("/v1/jobs/{id}"), &token)).await;
+        if last["state"] != "queued" && last["state"] != "running" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_eq!(last["report"]["limit"], "wall_time", "{last}");
+    let stdout = last["report"]["stdout"]["text"].as_str().unwrap_or("");
+    assert!(stdout.contains("refused"), "{stdout}");
+    let grown = peak.saturating_sub(before);
+    assert!(
+        grown < 40 << 20,
+        "the worker grew by {} MiB while the job held its listings: {stdout}",
+        grown >> 20
+    );
+}
+
 /// An inline job (`?wait=`) that has no room in its zone by the time only
 /// its wall time is left of the wait is stored and queued like any job:
 /// the caller gets 202 within its wait (not the job's end, after it), the
