@@ -390,7 +390,7 @@ fn parse_wait(v: &str) -> Result<Duration, ApiError> {
     params(("module" = String, Path, pattern = "^[a-z][a-z0-9-]{0,62}$", description = "module name"),
            ("wait" = Option<String>, Query, pattern = "^[1-9][0-9]{0,5} ?(ms|s|min|h)$",
                description = "wait for the result, e.g. `10s` (capped at the server's `max_wait`)"),
-           ("input" = Option<String>, Query, pattern = "^[A-Za-z0-9_-][A-Za-z0-9._-]{0,254}$",
+           ("input" = Option<String>, Query, pattern = "^[A-Za-z0-9_-][A-Za-z0-9._-]{0,251}$",
                description = "input name of a raw body (default `input`)")),
     responses(
         (status = 200, body = JobView, description = "finished within the wait (or a retry of a finished job)"),

@@ -455,7 +455,7 @@ struct BearerAuth;
 struct Contract;
 
 /// An input name (`sandbox::validate_input_name`).
-const INPUT_PATTERN: &str = "^[A-Za-z0-9_-][A-Za-z0-9._-]{0,254}$";
+const INPUT_PATTERN: &str = "^[A-Za-z0-9_-][A-Za-z0-9._-]{0,251}$";
 
 /// `param.<name>` as a query parameter name.
 const PARAM_PATTERN: &str = "^param\\.[a-z][a-z0-9_-]{0,63}$";
