@@ -200,6 +200,17 @@ pub enum LoadError {
         need: u64,
         disk: u64,
     },
+    /// Its limits let one job's files take more than a worker's directory
+    /// may hold under the worker's memory ceiling.
+    #[error(
+        "module `{module}`'s limits let one job's files take {need} bytes (`limits.input`, `limits.output`, a page for each input and output file), more than a worker of zone `{zone}` may hold in its directory: {most} bytes, half its memory ceiling (a worker's files are memory it is charged for); raise `[zones.{zone}] memory` or lower the limits"
+    )]
+    ExceedsWorkerMemory {
+        module: String,
+        zone: String,
+        need: u64,
+        most: u64,
+    },
     /// wasmtime could not compile it.
     #[error("module `{module}` does not compile: {message}")]
     Compile { module: String, message: String },

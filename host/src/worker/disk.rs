@@ -130,6 +130,12 @@ pub const SPARE_IDLE: Duration = Duration::from_secs(1);
 pub struct ZoneDisk {
     /// The zone's `disk`.
     pub size: u64,
+    /// The most one worker's directory is given, above [`FLOOR`]: half its
+    /// memory ceiling where it has one (a tmpfs's pages are charged to the
+    /// memory of the process that writes them; found by an attacker: two
+    /// jobs each writing 280 MiB, within their rooms, pushed a worker past
+    /// its 512 MiB ceiling, and it was killed with a co-tenant's job).
+    pub per_worker: u64,
     given: Mutex<u64>,
     /// The rooms jobs wait for, by their turn, and their tenants.
     waiting: Mutex<BTreeMap<u64, (u64, Arc<str>)>>,
@@ -169,6 +175,7 @@ impl ZoneDisk {
     pub fn new(size: u64) -> Self {
         Self {
             size,
+            per_worker: size,
             given: Mutex::new(0),
             waiting: Mutex::default(),
             held: Mutex::default(),
@@ -398,6 +405,10 @@ impl WorkerDisk {
             return Ok(true);
         }
         let wanted = held.kept().saturating_add(need);
+        if wanted > self.zone.per_worker {
+            // Not in this worker while its other rooms are given.
+            return Ok(false);
+        }
         let growth = wanted.saturating_sub(held.bytes);
         if !self.zone.take(growth, turn) {
             return Ok(false);
@@ -753,6 +764,27 @@ mod tests {
         }
         assert!(!disk.overfilled());
         assert_eq!(disk.settle(), None);
+    }
+
+    /// A worker's directory is given no more than the zone's bound per
+    /// worker (half its memory ceiling): a room that would take it past
+    /// that goes to another worker, or waits, whatever the zone has left.
+    #[test]
+    fn a_workers_rooms_stay_within_its_share() {
+        let mut zone = ZoneDisk::new(64 * PAGE);
+        zone.per_worker = 10 * PAGE;
+        let zone = Arc::new(zone);
+        let (a, b) = (
+            WorkerDisk::new(Arc::clone(&zone), None, None),
+            WorkerDisk::new(Arc::clone(&zone), None, None),
+        );
+        assert!(!a.reserve(1, 11 * PAGE, None).unwrap());
+        assert!(a.reserve(1, 6 * PAGE, None).unwrap());
+        assert!(!a.reserve(2, 6 * PAGE, None).unwrap());
+        assert!(b.reserve(2, 6 * PAGE, None).unwrap());
+        a.release(1);
+        assert!(a.reserve(3, 6 * PAGE, None).unwrap());
+        assert_eq!(zone.given(), 12 * PAGE);
     }
 
     /// A job waiting for room keeps later jobs from taking what it needs:

@@ -481,9 +481,13 @@ impl Pool {
                 }
             }
         });
-        let disk = config
-            .disk
-            .map(|size| Arc::new(super::disk::ZoneDisk::new(size)));
+        let disk = config.disk.map(|size| {
+            let mut disk = super::disk::ZoneDisk::new(size);
+            if let Some(ceiling) = config.memory {
+                disk.per_worker = size.min(ceiling / 2);
+            }
+            Arc::new(disk)
+        });
         let pool = Arc::new(Self {
             config,
             state: Mutex::default(),
@@ -606,6 +610,14 @@ impl Pool {
                     zone: self.config.zone.clone(),
                     need: most,
                     disk: disk.size,
+                });
+            }
+            if most > disk.per_worker {
+                return Err(LoadError::ExceedsWorkerMemory {
+                    module: policy.module.name.to_string(),
+                    zone: self.config.zone.clone(),
+                    need: most,
+                    most: disk.per_worker,
                 });
             }
         }

@@ -34,7 +34,8 @@ use crate::job::JobSpec;
 /// 6: `Load` says whether to hand over what the worker compiles.
 /// 7: `Released` once a released job's directories are removed.
 /// 8: a file's identity carries its file handle's hash (`FileId::handle`).
-pub const VERSION: u32 = 8;
+/// 9: `LoadError` has `ExceedsWorkerMemory` (the variants after it move).
+pub const VERSION: u32 = 9;
 
 /// Largest frame a worker accepts: a module at the host's largest
 /// accepted size plus its policy, or a job's inputs, with room to spare.

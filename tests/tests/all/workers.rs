@@ -244,6 +244,45 @@ async fn a_module_whose_jobs_cannot_fit_its_zones_disk_is_refused() {
     }
 }
 
+/// A module whose limits let one job's files take more than half a
+/// worker's memory ceiling (a worker's files are memory it is charged for)
+/// is refused at the start, naming the ceiling and the setting to change.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_module_whose_jobs_cannot_fit_a_workers_memory_is_refused() {
+    let data = tempfile::tempdir().unwrap();
+    let mut config = bulkhead::config::ServeConfig::default();
+    config.storage.data_dir = data.path().join("data");
+    config.storage.cache_dir = Some(data.path().join("cache"));
+    config.modules.policies_dir = data.path().join("policies");
+    config.modules.modules_dir = std::path::PathBuf::from(bulkhead_tests::GUESTS_DIR);
+    config.isolation.program = Some(std::path::PathBuf::from(env!(
+        "CARGO_BIN_EXE_bulkhead-under-test"
+    )));
+    hello()
+        .limits(|l| l.output = ByteSize::mib(40))
+        .write_to(&config.modules.policies_dir);
+    config.zones.insert(
+        "untrusted".into(),
+        bulkhead::config::ZonePool {
+            disk: ByteSize::mib(256),
+            memory: Some(ByteSize::mib(64)),
+            ..Default::default()
+        },
+    );
+    let Err(err) = bulkhead::service::Service::start(config, None).await else {
+        panic!("the service started");
+    };
+    let err = err.to_string();
+    for part in [
+        "hello",
+        "`untrusted`",
+        "33554432",
+        "[zones.untrusted] memory",
+    ] {
+        assert!(err.contains(part), "{part}: {err}");
+    }
+}
+
 /// A zone's jobs are given room in its disk before they are sent, and wait
 /// for it: eight jobs at once that each fill their 6 MiB `/out` to its
 /// quota, of two tenants, on two workers sharing 20 MiB, all reach their
