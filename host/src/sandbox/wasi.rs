@@ -40,6 +40,12 @@ pub const MAX_RANDOM_PER_CALL: u64 = 1024 * 1024;
 /// growing host memory.
 pub const MAX_HANDLES: usize = 4096;
 
+/// The most one `fields` resource (a request's or response's headers and
+/// trailers) holds in host memory: 16 KiB rather than wasmtime-wasi-http's
+/// 128 KiB, since a guest may keep thousands of them (found by an attacker:
+/// about 500 MiB of a worker's memory held by one job allowed 16 MiB).
+pub const FIELD_SIZE_LIMIT: usize = 16 * 1024;
+
 /// Whether file operations run on the calling thread
 /// (`allow_blocking_current_thread`); descriptors the sandbox opens itself
 /// ([`super::quota`]) are made the same way.
@@ -221,7 +227,11 @@ pub fn job_state(
         cpu: Arc::clone(&cpu),
         refusals: refusals.clone(),
         latch,
-        http: WasiHttpCtx::new(),
+        http: {
+            let mut http = WasiHttpCtx::new();
+            http.set_field_size_limit(FIELD_SIZE_LIMIT);
+            http
+        },
         hooks: JobHooks {
             egress,
             cpu: Arc::clone(&cpu),
