@@ -768,11 +768,21 @@ impl Drop for CallSlot {
 /// What the listing of `dir` will hold in host memory: its entries' names
 /// and [`LISTED_ENTRY`] each, read now (one pass more of the directory).
 fn listing_cost(dir: &std::fs::File) -> Result<u64, ErrorCode> {
-    let mut entries =
-        rustix::fs::Dir::read_from(dir).map_err(|e| ErrorCode::from(std::io::Error::from(e)))?;
+    use rustix::fs::{Mode, OFlags};
+    let io = |e: rustix::io::Errno| ErrorCode::from(std::io::Error::from(e));
+    // Opened anew for reading (a preopen's descriptor is a path-only one,
+    // and the listing's own read must start from the beginning).
+    let opened = rustix::fs::openat(
+        dir,
+        ".",
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(io)?;
+    let mut entries = rustix::fs::Dir::new(opened).map_err(io)?;
     let mut cost = 0u64;
     while let Some(entry) = entries.read() {
-        let entry = entry.map_err(|e| ErrorCode::from(std::io::Error::from(e)))?;
+        let entry = entry.map_err(io)?;
         let name = entry.file_name().to_bytes();
         if name != b"." && name != b".." {
             cost = cost.saturating_add(name.len() as u64 + LISTED_ENTRY);
