@@ -1355,6 +1355,9 @@ async fn a_worker_replaced_per_job_takes_no_second_job_while_the_firsts_inputs_a
     assert_eq!(most_in_one, 1, "two jobs in one worker replaced per job");
 }
 
+/// A worker past its memory ceiling is a named fault. (The ceiling leaves
+/// half of it, 128 MiB, for a worker's directory: more than the default
+/// policies' jobs can need, so they load.)
 #[tokio::test(flavor = "multi_thread")]
 async fn a_worker_over_its_memory_ceiling_is_a_named_fault() {
     let server = service::start(|c| {
@@ -1367,7 +1370,7 @@ async fn a_worker_over_its_memory_ceiling_is_a_named_fault() {
             "untrusted".into(),
             bulkhead::config::ZonePool {
                 workers: 1,
-                memory: Some(bulkhead::policy::ByteSize::mib(96)),
+                memory: Some(bulkhead::policy::ByteSize::mib(256)),
                 ..Default::default()
             },
         );
