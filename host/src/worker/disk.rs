@@ -621,6 +621,19 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 mod tests {
     use super::*;
 
+    /// A worker's directory at [`FLOOR`], or `None` (said) where this
+    /// process may not mount one.
+    fn scratch_or_skip() -> Option<Scratch> {
+        match super::super::scratch::make(FLOOR, None) {
+            Ok(s) => Some(s),
+            Err(e) if e.raw_os_error() == Some(libc::EPERM) => {
+                eprintln!("skipped: mounting a tmpfs needs CAP_SYS_ADMIN ({e})");
+                None
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+
     /// Rooms come out of the zone's disk, across workers, until it is
     /// given out; a release gives its room back, and a room too large
     /// for what is left is refused without taking anything.
@@ -681,13 +694,8 @@ mod tests {
     /// job's release does not excuse an earlier one's files.
     #[test]
     fn a_worker_directory_shrinks_back_only_once_its_files_are_gone() {
-        let scratch = match super::super::scratch::make(FLOOR, None) {
-            Ok(s) => s,
-            Err(e) if e.raw_os_error() == Some(libc::EPERM) => {
-                eprintln!("skipped: mounting a tmpfs needs CAP_SYS_ADMIN ({e})");
-                return;
-            }
-            Err(e) => panic!("{e}"),
+        let Some(scratch) = scratch_or_skip() else {
+            return;
         };
         let size = |d: &WorkerDisk| {
             let st = rustix::fs::fstatfs(&d.scratch().unwrap().dir).unwrap();
@@ -733,13 +741,8 @@ mod tests {
     #[test]
     fn every_entry_its_room_allows_fits_beside_the_other_jobs() {
         const FILES: u32 = 33_000;
-        let scratch = match super::super::scratch::make(FLOOR, None) {
-            Ok(s) => s,
-            Err(e) if e.raw_os_error() == Some(libc::EPERM) => {
-                eprintln!("skipped: mounting a tmpfs needs CAP_SYS_ADMIN ({e})");
-                return;
-            }
-            Err(e) => panic!("{e}"),
+        let Some(scratch) = scratch_or_skip() else {
+            return;
         };
         let root = crate::sandbox::beneath::fd_path(&scratch.dir);
         let policy: Policy = toml::from_str(&format!(
@@ -817,13 +820,8 @@ mod tests {
     /// grace, the worker is told of it.
     #[test]
     fn a_released_room_is_kept_until_its_jobs_directories_are_gone() {
-        let scratch = match super::super::scratch::make(FLOOR, None) {
-            Ok(s) => s,
-            Err(e) if e.raw_os_error() == Some(libc::EPERM) => {
-                eprintln!("skipped: mounting a tmpfs needs CAP_SYS_ADMIN ({e})");
-                return;
-            }
-            Err(e) => panic!("{e}"),
+        let Some(scratch) = scratch_or_skip() else {
+            return;
         };
         let root = crate::sandbox::beneath::fd_path(&scratch.dir);
         let free = |d: &WorkerDisk| {
@@ -871,15 +869,7 @@ mod tests {
     /// files fill is no room: the directory is overfilled.
     #[test]
     fn a_released_room_is_kept_as_a_spare_until_the_zone_wants_it() {
-        let make = || match super::super::scratch::make(FLOOR, None) {
-            Ok(s) => Some(s),
-            Err(e) if e.raw_os_error() == Some(libc::EPERM) => {
-                eprintln!("skipped: mounting a tmpfs needs CAP_SYS_ADMIN ({e})");
-                None
-            }
-            Err(e) => panic!("{e}"),
-        };
-        let Some(scratch) = make() else {
+        let Some(scratch) = scratch_or_skip() else {
             return;
         };
         let size = |d: &WorkerDisk| {

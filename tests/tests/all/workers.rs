@@ -211,11 +211,9 @@ async fn a_workers_directory_is_its_own_file_system_as_large_as_its_jobs_rooms()
     assert_eq!(job["state"], "succeeded", "{job}");
 }
 
-/// A module whose limits let one job's files take more than its zone's
-/// disk is refused at the start, with a message naming both and the
-/// setting to change.
-#[tokio::test(flavor = "multi_thread")]
-async fn a_module_whose_jobs_cannot_fit_its_zones_disk_is_refused() {
+/// Why a service whose only module is `hello` with an `output` limit, and
+/// whose `untrusted` zone is `zone`, refuses to start.
+async fn refused_start(output: ByteSize, zone: bulkhead::config::ZonePool) -> String {
     let data = tempfile::tempdir().unwrap();
     let mut config = bulkhead::config::ServeConfig::default();
     config.storage.data_dir = data.path().join("data");
@@ -226,19 +224,28 @@ async fn a_module_whose_jobs_cannot_fit_its_zones_disk_is_refused() {
         "CARGO_BIN_EXE_bulkhead-under-test"
     )));
     hello()
-        .limits(|l| l.output = ByteSize::mib(8))
+        .limits(|l| l.output = output)
         .write_to(&config.modules.policies_dir);
-    config.zones.insert(
-        "untrusted".into(),
+    config.zones.insert("untrusted".into(), zone);
+    let Err(err) = bulkhead::service::Service::start(config, None).await else {
+        panic!("the service started");
+    };
+    err.to_string()
+}
+
+/// A module whose limits let one job's files take more than its zone's
+/// disk is refused at the start, with a message naming both and the
+/// setting to change.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_module_whose_jobs_cannot_fit_its_zones_disk_is_refused() {
+    let err = refused_start(
+        ByteSize::mib(8),
         bulkhead::config::ZonePool {
             disk: ByteSize::mib(8),
             ..Default::default()
         },
-    );
-    let Err(err) = bulkhead::service::Service::start(config, None).await else {
-        panic!("the service started");
-    };
-    let err = err.to_string();
+    )
+    .await;
     for part in ["hello", "`untrusted`", "8388608", "[zones.untrusted] disk"] {
         assert!(err.contains(part), "{part}: {err}");
     }
@@ -249,30 +256,15 @@ async fn a_module_whose_jobs_cannot_fit_its_zones_disk_is_refused() {
 /// is refused at the start, naming the ceiling and the setting to change.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_module_whose_jobs_cannot_fit_a_workers_memory_is_refused() {
-    let data = tempfile::tempdir().unwrap();
-    let mut config = bulkhead::config::ServeConfig::default();
-    config.storage.data_dir = data.path().join("data");
-    config.storage.cache_dir = Some(data.path().join("cache"));
-    config.modules.policies_dir = data.path().join("policies");
-    config.modules.modules_dir = std::path::PathBuf::from(bulkhead_tests::GUESTS_DIR);
-    config.isolation.program = Some(std::path::PathBuf::from(env!(
-        "CARGO_BIN_EXE_bulkhead-under-test"
-    )));
-    hello()
-        .limits(|l| l.output = ByteSize::mib(40))
-        .write_to(&config.modules.policies_dir);
-    config.zones.insert(
-        "untrusted".into(),
+    let err = refused_start(
+        ByteSize::mib(40),
         bulkhead::config::ZonePool {
             disk: ByteSize::mib(256),
             memory: Some(ByteSize::mib(64)),
             ..Default::default()
         },
-    );
-    let Err(err) = bulkhead::service::Service::start(config, None).await else {
-        panic!("the service started");
-    };
-    let err = err.to_string();
+    )
+    .await;
     for part in [
         "hello",
         "`untrusted`",
