@@ -4,7 +4,7 @@
 //! turn in the scheduler's fair order, then the one run path
 //! ([`run`](super::run)) in the request's task.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
@@ -122,6 +122,62 @@ impl Drop for InlineInputs {
     }
 }
 
+/// The `Idempotency-Key`s of this node's submissions not yet stored nor
+/// refused, by tenant and key. An inline job is stored only once it has
+/// run: a same-key request meanwhile would otherwise run it again (found by
+/// an attacker: an identical retry ran a second copy, and a different
+/// request took the key while the first one's run was recorded nowhere).
+#[derive(Debug, Default)]
+pub(super) struct InlineKeys(Arc<std::sync::Mutex<HashMap<(String, String), InFlight>>>);
+
+/// A held key: its job's id and request hash, and what tells its waiters
+/// it is let go.
+#[derive(Debug, Clone)]
+pub(super) struct InFlight {
+    job: (String, String),
+    done: tokio::sync::watch::Receiver<()>,
+}
+
+/// A key held by one submission, let go on drop.
+pub(super) struct KeyHeld {
+    keys: Arc<std::sync::Mutex<HashMap<(String, String), InFlight>>>,
+    name: (String, String),
+    _done: tokio::sync::watch::Sender<()>,
+}
+
+impl Drop for KeyHeld {
+    fn drop(&mut self) {
+        self.keys
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.name);
+    }
+}
+
+impl InlineKeys {
+    /// Holds `key` of `tenant` for job `job`, or says who holds it.
+    fn hold(&self, tenant: &str, key: &Idempotency, job: &str) -> Result<KeyHeld, InFlight> {
+        let name = (tenant.to_owned(), key.key.clone());
+        let mut keys = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(held) = keys.get(&name) {
+            return Err(held.clone());
+        }
+        let (tx, rx) = tokio::sync::watch::channel(());
+        keys.insert(
+            name.clone(),
+            InFlight {
+                job: (job.to_owned(), key.request_sha256.clone()),
+                done: rx,
+            },
+        );
+        Ok(KeyHeld {
+            keys: Arc::clone(&self.0),
+            name,
+            _done: tx,
+        })
+    }
+}
+
 impl Service {
     /// Accepts a job: checks module, scope, inputs, parameters and capacity,
     /// stores the inputs and the job durably, then queues it. With `wait`,
@@ -180,14 +236,39 @@ impl Service {
             e @ JobError::InputTooLarge { .. } => ServiceError::TooLarge(e.to_string()),
             other => ServiceError::BadInput(other.to_string()),
         })?;
-        if let Some(key) = &key
-            && let Some((job, hash)) = self
+        // Held until the job is stored or refused: a request with the same
+        // key meanwhile waits for that, then is answered from the store.
+        let mut _key_held = None;
+        while let Some(key) = &key {
+            if let Some((job, hash)) = self
                 .store
                 .job_by_key(&who.tenant, &key.key, key.since)
                 .await
                 .map_err(|e| self.noted(e.into()))?
-        {
-            return self.replay(job, &hash, key, wait.is_some()).await;
+            {
+                return self.replay(job, &hash, key, wait.is_some()).await;
+            }
+            if self.shared {
+                // No inline path: the store's insert settles a race.
+                break;
+            }
+            match self.inline_keys.hold(&who.tenant, key, &spec.id) {
+                Ok(held) => {
+                    _key_held = Some(held);
+                    break;
+                }
+                Err(InFlight { job, .. }) if job.1 != key.request_sha256 => {
+                    return Err(ServiceError::Conflict(format!(
+                        "idempotency key `{}` is being used for a different request (job `{}`, still running)",
+                        key.key, job.0
+                    )));
+                }
+                Err(InFlight { mut done, .. }) => {
+                    // Its sender goes when the first request's job is
+                    // stored or refused.
+                    while done.changed().await.is_ok() {}
+                }
+            }
         }
         if let Err(why) = self.admissible(&who.tenant).await? {
             return Err(self.busy(who, module, why).await);

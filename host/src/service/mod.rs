@@ -177,6 +177,7 @@ pub struct Service {
     modules: BTreeMap<String, Arc<Module>>,
     scheduler: Arc<Scheduler>,
     inline_inputs: Arc<std::sync::atomic::AtomicUsize>,
+    inline_keys: admit::InlineKeys,
     config: ServeConfig,
     jobs_dir: crate::sandbox::beneath::Root,
     /// The work directory, held open from its lock on: shutdown empties
@@ -430,6 +431,7 @@ impl Service {
             modules,
             scheduler,
             inline_inputs: Arc::default(),
+            inline_keys: admit::InlineKeys::default(),
             jobs_dir,
             work_dir: work_root,
             waiters: Mutex::default(),

@@ -481,3 +481,81 @@ async fn a_job_cancelled_while_it_runs_leaves_no_stored_inputs() {
     }
     assert!(!inputs.exists(), "still stored: {}", inputs.display());
 }
+
+/// The jobs running in the service's workers now, each once (`N`): the
+/// `j<N>.out` and `j<N>.in` directories in each worker's directory (its
+/// working directory).
+fn guests_running(s: &Server) -> std::collections::HashSet<String> {
+    let mut jobs = std::collections::HashSet::new();
+    let pids = s
+        .service
+        .isolation()
+        .workers
+        .get("untrusted")
+        .cloned()
+        .unwrap_or_default();
+    for pid in pids {
+        let Ok(entries) = std::fs::read_dir(format!("/proc/{pid}/cwd")) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if let Some(job) = name
+                .strip_prefix('j')
+                .and_then(|n| n.strip_suffix(".out").or_else(|| n.strip_suffix(".in")))
+            {
+                jobs.insert(job.to_owned());
+            }
+        }
+    }
+    jobs
+}
+
+/// An inline job holds its `Idempotency-Key` while it runs, before it is
+/// stored: the same request again meanwhile gets that job once it has run
+/// (not a second run of it, at once or after it: every job the workers ran
+/// meanwhile is seen in their directories), and a
+/// different request with the key is a conflict at once, while the first
+/// is answered with its own job.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_inline_job_holds_its_idempotency_key_while_it_runs() {
+    let s = start(|c| {
+        c.queue.workers = 4;
+        sleeper(3_000).write_to(&c.modules.policies_dir);
+    })
+    .await;
+    let acme = s.token("acme", &["hostile:run"]).await;
+    let post = |stdin: &'static str| {
+        s.post("/v1/modules/hostile/jobs?wait=20s", &acme)
+            .header("idempotency-key", "order-9")
+            .multipart(reqwest::multipart::Form::new().text("stdin", stdin))
+    };
+    let first = tokio::spawn(status_and_body(post("one")));
+    for _ in 0..400 {
+        if !guests_running(&s).is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let mut ran = guests_running(&s);
+    assert_eq!(ran.len(), 1, "the first job never started");
+    let again = tokio::spawn(status_and_body(post("one")));
+    let (status, other) = status_and_body(post("two")).await;
+    assert_eq!(
+        (status, other["error"]["code"].as_str()),
+        (StatusCode::CONFLICT, Some("conflict")),
+        "{other:#}"
+    );
+    while !(first.is_finished() && again.is_finished()) {
+        ran.extend(guests_running(&s));
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(ran.len(), 1, "same-key requests ran jobs {ran:?}");
+    let (status, first) = first.await.unwrap();
+    assert_eq!(status, StatusCode::OK, "{first:#}");
+    let (status, again) = again.await.unwrap();
+    assert_eq!(status, StatusCode::OK, "{again:#}");
+    assert_eq!(again["id"], first["id"]);
+    let jobs = s.service.store().list_jobs("acme", 10).await.unwrap();
+    assert_eq!(jobs.len(), 1, "{jobs:#?}");
+}
