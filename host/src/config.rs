@@ -230,7 +230,9 @@ pub struct ZonePool {
     /// per job, `0` no limit.
     pub jobs_per_worker: u32,
     /// A worker's memory ceiling, where the host offers cgroups (v2, or
-    /// v1's memory controller).
+    /// v1's memory controller). A job is sent only to a worker whose jobs,
+    /// with it, can take no more than it leaves them
+    /// ([`crate::worker::memory`]).
     pub memory: Option<ByteSize>,
     /// What the zone's workers' directories hold at once, all of them
     /// together: each job is given room for its files (its inputs, its

@@ -36,6 +36,17 @@ pub fn memory_bomb() -> ExitCode {
     }
 }
 
+/// `memory-held`: take `mib` MiB (default 64) of linear memory, each page
+/// touched, then hold it until the job is stopped.
+pub fn memory_held(ctx: &Ctx) -> ExitCode {
+    let mib: usize = ctx.param("mib").and_then(|v| v.parse().ok()).unwrap_or(64);
+    let chunks: Vec<Vec<u8>> = (0..mib).map(|_| black_box(vec![0xA5; MIB])).collect();
+    println!("memory-held: {} MiB", chunks.len());
+    std::thread::sleep(Duration::from_secs(1_000_000));
+    black_box(chunks);
+    ExitCode::SUCCESS
+}
+
 /// `loop`: burn CPU forever; `black_box` keeps the loop from being proven
 /// side-effect free and removed.
 pub fn busy_loop() -> ExitCode {

@@ -135,6 +135,7 @@ const MODES: &[&str] = &[
     "exit-code",
     "trap",
     "full-out",
+    "memory-held",
 ];
 
 fn main() -> ExitCode {
@@ -190,6 +191,7 @@ fn main() -> ExitCode {
         "canary-write" => leak::canary_write(&ctx),
         "canary-scan" => leak::canary_scan(&ctx, snapshot),
         "memory-bomb" => exhaust::memory_bomb(),
+        "memory-held" => exhaust::memory_held(&ctx),
         "loop" => exhaust::busy_loop(),
         "sleep" => exhaust::sleep(),
         "stdout-flood" => exhaust::stdout_flood(),

@@ -15,8 +15,11 @@ const CORE_INSTANCES_PER_COMPONENT: u32 = 16;
 const MEMORIES_PER_COMPONENT: u32 = 4;
 /// Tables one component may define.
 const TABLES_PER_COMPONENT: u32 = 16;
-/// Bytes of each linear memory reset in place (not decommitted) after a job.
-const KEEP_RESIDENT: usize = 16 * 1024 * 1024;
+/// Bytes of each linear memory reset in place (not decommitted) after a
+/// job: they stay the worker's between jobs ([`kept_resident_per_place`]).
+const KEEP_RESIDENT: usize = 4 * 1024 * 1024;
+/// Bytes of each table reset in place after a job.
+const TABLE_KEEP_RESIDENT: usize = 64 * 1024;
 /// Elements one table may hold; policies may not ask for more.
 pub const MAX_TABLE_ELEMENTS: usize = 100_000;
 
@@ -48,10 +51,14 @@ pub fn build(config: &SandboxConfig) -> wasmtime::Result<Engine> {
         // forces on every other core, and the page faults after it. The
         // slot's contents are restored either way: no job sees another's.
         .linear_memory_keep_resident(KEEP_RESIDENT)
-        .table_keep_resident(64 * 1024)
+        .table_keep_resident(TABLE_KEEP_RESIDENT)
         .pagemap_scan(wasmtime::Enabled::Auto)
-        // Whatever is still decommitted with `madvise` goes in batches.
-        .decommit_batch_size(8);
+        // The rest is given back as the job ends, not batched with later
+        // jobs': a worker's jobs are placed by what they can take of its
+        // memory (`worker::memory`), so what an ended job held must be
+        // gone by then (found by its test: a batched 190 MiB, still
+        // resident, and the next job's took a worker past its ceiling).
+        .decommit_batch_size(1);
 
     let mut c = Config::new();
     c.wasm_component_model(true)
@@ -62,6 +69,17 @@ pub fn build(config: &SandboxConfig) -> wasmtime::Result<Engine> {
         .cranelift_opt_level(OptLevel::Speed)
         .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
     Engine::new(&c)
+}
+
+/// What one place of the pool keeps resident between its jobs, at most:
+/// its memories' and tables' pages reset in place, and its guest stack
+/// (`max_wasm_stack` and the host's part above it, as configured by
+/// [`build`] with the default stack).
+pub fn kept_resident_per_place() -> u64 {
+    let stack = super::SandboxConfig::new(".").max_wasm_stack + 1024 * 1024;
+    (MEMORIES_PER_COMPONENT as usize * KEEP_RESIDENT
+        + TABLES_PER_COMPONENT as usize * TABLE_KEEP_RESIDENT
+        + stack) as u64
 }
 
 /// Opens this process's page map for the pooling allocator, once: with it

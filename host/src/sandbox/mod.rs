@@ -42,12 +42,12 @@ pub use cache::{
 };
 pub use engine::{
     DescriptorBudgetError, JOB_OVERHEAD_DESCRIPTORS, MAX_OPEN_PER_JOB, MIN_OPEN_PER_JOB,
-    RESERVED_DESCRIPTORS, descriptor_budget, open_page_map,
+    RESERVED_DESCRIPTORS, descriptor_budget, kept_resident_per_place, open_page_map,
 };
 pub use job::{JobDir, create_private_dir_all};
 pub use limits::WRITTEN_PER_OUTPUT;
 pub use pipe::MAX_CAPTURE;
-pub use quota::DESCRIPTOR_REFUSALS;
+pub use quota::{DESCRIPTOR_REFUSALS, MAX_LISTED};
 pub(crate) use remove::names as entry_names;
 pub use remove::{
     CACHE_LOCK, DIR_LOCK, held, held_within, held_within_but, remove_tree, remove_tree_but,
@@ -60,7 +60,7 @@ pub use crate::job::{
     Measurements, Outcome, OutputFile, SkippedOutput, validate_input_name,
 };
 pub use intake::{ImportVerdict, LoadInfo, Verdict};
-pub use wasi::{MAX_HANDLES, MAX_RANDOM_PER_CALL};
+pub use wasi::{FIELD_SIZE_LIMIT, MAX_HANDLES, MAX_RANDOM_PER_CALL};
 
 use crate::policy::{ByteSize, Policy, Sha256Hex};
 
@@ -200,10 +200,10 @@ pub enum LoadError {
         need: u64,
         disk: u64,
     },
-    /// Its limits let one job's files take more than a worker's directory
-    /// may hold under the worker's memory ceiling.
+    /// Its limits let one job take more of a worker's memory than the
+    /// worker's ceiling leaves its jobs.
     #[error(
-        "module `{module}`'s limits let one job's files take {need} bytes (`limits.input`, `limits.output`, a page for each input and output file), more than a worker of zone `{zone}` may hold in its directory: {most} bytes, half its memory ceiling (a worker's files are memory it is charged for); raise `[zones.{zone}] memory` or lower the limits"
+        "module `{module}`'s limits let one job take {need} bytes of a worker's memory (`limits.memory`, its tables, captured stdout and stderr, directory listings, `limits.input`, the headers of its calls where it names services, and its files where a worker's directory is a tmpfs: `limits.output` and a page for each input and output file), more than a worker of zone `{zone}` leaves its jobs: {most} bytes, its memory ceiling less what it holds whatever it runs; raise `[zones.{zone}] memory` or lower the limits"
     )]
     ExceedsWorkerMemory {
         module: String,

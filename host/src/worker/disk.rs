@@ -130,11 +130,13 @@ pub const SPARE_IDLE: Duration = Duration::from_secs(1);
 pub struct ZoneDisk {
     /// The zone's `disk`.
     pub size: u64,
-    /// The most one worker's directory is given, above [`FLOOR`]: half its
-    /// memory ceiling where it has one (a tmpfs's pages are charged to the
-    /// memory of the process that writes them; found by an attacker: two
-    /// jobs each writing 280 MiB, within their rooms, pushed a worker past
-    /// its 512 MiB ceiling, and it was killed with a co-tenant's job).
+    /// The most one worker's directory is given, above [`FLOOR`]: no more
+    /// than its memory ceiling leaves its jobs, where it has one (a
+    /// tmpfs's pages are charged to the memory of the process that writes
+    /// them, and its jobs' rooms are counted in their memory:
+    /// [`super::memory`]; found by an attacker: two jobs each writing
+    /// 280 MiB, within their rooms, pushed a worker past its 512 MiB
+    /// ceiling, and it was killed with a co-tenant's job).
     pub per_worker: u64,
     given: Mutex<u64>,
     /// The rooms jobs wait for, by their turn, and their tenants.
@@ -384,6 +386,14 @@ impl WorkerDisk {
             dir,
             held: Mutex::default(),
         }
+    }
+
+    /// What its files may take now: its jobs' rooms, and those of
+    /// released jobs whose directories are still there (its spare aside,
+    /// which no file fills while it is given room:
+    /// [`WorkerDisk::overfilled`]).
+    pub fn kept(&self) -> u64 {
+        lock(&self.held).kept()
     }
 
     /// The directory's descriptor, where it is a tmpfs of its own.

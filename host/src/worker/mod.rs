@@ -17,6 +17,8 @@
 //! - [`scratch`]: a worker's directory, a tmpfs of its own mounted nowhere.
 //! - [`disk`]: the zone's disk, given out as room to each job before it is
 //!   sent, which each worker's directory is sized to.
+//! - [`memory`]: what a worker's jobs may take of its memory together,
+//!   within its zone's ceiling, counted before each job is sent.
 //! - [`process`]: starting a worker, and a worker finding its channel.
 //! - [`WorkerArgs`]: what a worker is started with.
 
@@ -25,6 +27,7 @@ pub mod cgroup;
 pub mod child;
 pub mod disk;
 pub mod harden;
+pub mod memory;
 pub mod pool;
 pub mod process;
 pub mod proto;

@@ -206,6 +206,9 @@ pub struct Pool {
     zone_dir: Root,
     /// The zone's disk, shared by its workers' directories.
     disk: Option<Arc<super::disk::ZoneDisk>>,
+    /// What each worker's jobs may hold together, where the zone has a
+    /// memory ceiling.
+    memory: Option<super::memory::ZoneMemory>,
     /// Each worker's directory is a [`super::scratch`]: found possible at
     /// the start.
     mounts: bool,
@@ -353,6 +356,9 @@ struct WorkerState {
     retiring: bool,
     /// Why it failed, once it has.
     fault: Option<String>,
+    /// What each job placed on it can take of its memory, and its tenant,
+    /// until the job ends ([`super::memory`]).
+    weighed: HashMap<u64, (u64, Arc<str>)>,
 }
 
 struct Pending {
@@ -373,6 +379,13 @@ enum Answer {
 }
 
 impl WorkerState {
+    /// What its jobs can take of its memory together.
+    fn weighed(&self) -> u64 {
+        self.weighed
+            .values()
+            .fold(0, |total, (bytes, _)| total.saturating_add(*bytes))
+    }
+
     fn running(&self) -> usize {
         self.jobs.len() + self.placed
     }
@@ -418,6 +431,16 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// What a job asks of a worker before it is sent: its room in the
+/// worker's directory ([`super::disk`]) and what it can take of the
+/// worker's memory besides ([`super::memory`]).
+#[derive(Clone, Copy, Debug)]
+struct Wants {
+    job: u64,
+    room: u64,
+    memory: u64,
+}
+
 impl Pool {
     /// Starts the zone's workers and waits until each has said hello with
     /// every required layer active.
@@ -437,6 +460,24 @@ impl Pool {
             zone: config.zone.clone(),
             reason: format!("work directory {}: {e}", config.work_dir.display()),
         })?;
+        let memory = match config.memory {
+            Some(ceiling) => Some(
+                super::memory::ZoneMemory::new(ceiling, config.max_concurrent_jobs).ok_or_else(
+                    || PoolError::Start {
+                        zone: config.zone.clone(),
+                        reason: format!(
+                            "a worker's memory ceiling of {ceiling} bytes leaves its jobs nothing: a worker holds {} bytes whatever it runs ({} for itself and {} for each of its {} places); raise `[zones.{}] memory` or lower `queue.workers`",
+                            super::memory::ZoneMemory::base(config.max_concurrent_jobs),
+                            super::memory::WORKER_BASE,
+                            super::memory::per_place(),
+                            config.max_concurrent_jobs.max(1),
+                            config.zone,
+                        ),
+                    },
+                )?,
+            ),
+            None => None,
+        };
         let group = cache_group(config.run_as);
         let (cache, records_fd) =
             open_zone_cache(&config, group).map_err(|e| PoolError::Start {
@@ -483,8 +524,8 @@ impl Pool {
         });
         let disk = config.disk.map(|size| {
             let mut disk = super::disk::ZoneDisk::new(size);
-            if let Some(ceiling) = config.memory {
-                disk.per_worker = size.min(ceiling / 2);
+            if let Some(memory) = &memory {
+                disk.per_worker = size.min(memory.budget);
             }
             Arc::new(disk)
         });
@@ -502,6 +543,7 @@ impl Pool {
             gateway: tokio::runtime::Handle::current(),
             zone_dir,
             disk,
+            memory,
             mounts,
         });
         for _ in 0..pool.config.workers.max(1) {
@@ -612,12 +654,15 @@ impl Pool {
                     disk: disk.size,
                 });
             }
-            if most > disk.per_worker {
+        }
+        if let Some(memory) = &self.memory {
+            let need = super::memory::most(policy).saturating_add(self.room_in_memory(policy));
+            if need > memory.budget {
                 return Err(LoadError::ExceedsWorkerMemory {
                     module: policy.module.name.to_string(),
                     zone: self.config.zone.clone(),
-                    need: most,
-                    most: disk.per_worker,
+                    need,
+                    most: memory.budget,
                 });
             }
         }
@@ -789,12 +834,20 @@ impl Pool {
     /// longer does.
     async fn pick(
         &self,
-        room: Option<(u64, u64)>,
+        wants: Option<Wants>,
         queued: crate::runner::Queued<'_>,
     ) -> Result<Arc<Worker>, String> {
         let freed = self.disk.as_ref().map(|d| &d.freed);
-        let turn = match (room, &self.disk) {
-            (Some((_, bytes)), Some(disk)) => Some(disk.turn(bytes, queued.tenant)),
+        let turn = match (wants, &self.disk) {
+            (Some(w), Some(disk)) => Some(disk.turn(w.room, queued.tenant)),
+            _ => None,
+        };
+        // Its room is memory where it is a tmpfs's.
+        let room_in_memory = |w: Wants| if self.mounts { w.room } else { 0 };
+        let memory_turn = match (wants, &self.memory) {
+            (Some(w), Some(memory)) => {
+                Some(memory.turn(w.memory.saturating_add(room_in_memory(w)), queued.tenant))
+            }
             _ => None,
         };
         let told = WaitTold {
@@ -838,8 +891,26 @@ impl Pool {
                     .collect();
                 free.sort_by_key(|(running, _)| *running);
                 for (_, worker) in free {
-                    let given = match (room, &worker.disk) {
-                        (Some((job, bytes)), Some(disk)) => {
+                    if let (Some(w), Some(memory), Some(memory_turn)) =
+                        (wants, &self.memory, &memory_turn)
+                    {
+                        let files = match &worker.disk {
+                            Some(disk) if self.mounts => disk.kept(),
+                            _ => 0,
+                        };
+                        let held = lock(&worker.state).weighed().saturating_add(files);
+                        let takes = w.memory.saturating_add(room_in_memory(w));
+                        if !memory.fits(held, takes, memory_turn) {
+                            continue;
+                        }
+                    }
+                    let given = match (wants, &worker.disk) {
+                        (
+                            Some(Wants {
+                                job, room: bytes, ..
+                            }),
+                            Some(disk),
+                        ) => {
                             if disk.overfilled() {
                                 // Its released files may be gone by now.
                                 let _ = disk.settle();
@@ -859,8 +930,15 @@ impl Pool {
                             // So is its count against the worker's
                             // allowance: a worker replaced per job takes
                             // no second one while the first's spec is read.
-                            if room.is_some() {
+                            if let Some(w) = wants {
                                 let mut ws = lock(&worker.state);
+                                if let (Some(memory), Some(memory_turn)) =
+                                    (&self.memory, &memory_turn)
+                                {
+                                    let tenant = Arc::clone(memory_turn.tenant());
+                                    memory.hold(&tenant, w.memory, true);
+                                    ws.weighed.insert(w.job, (w.memory, tenant));
+                                }
                                 ws.placed += 1;
                                 ws.started += 1;
                                 if self.config.jobs_per_worker > 0
@@ -945,8 +1023,13 @@ impl Pool {
     ) -> Result<(JobReport, Option<WorkerOutputs>), String> {
         carried(spec)?;
         let need = super::disk::need(policy, spec);
+        let inputs = spec
+            .inputs
+            .iter()
+            .map(|i| i.data.len() as u64)
+            .fold(spec.stdin.len() as u64, u64::saturating_add);
         let spec = async { Ok(std::borrow::Cow::Borrowed(spec)) };
-        self.run_placed(module, policy, need, spec, egress, queued)
+        self.run_placed(module, policy, (need, inputs), spec, egress, queued)
             .await
     }
 
@@ -979,7 +1062,7 @@ impl Pool {
             }
             Ok(std::borrow::Cow::Owned(spec))
         };
-        self.run_placed(module, policy, need, spec, egress, queued)
+        self.run_placed(module, policy, (need, total), spec, egress, queued)
             .await
     }
 
@@ -989,7 +1072,7 @@ impl Pool {
         self: &Arc<Self>,
         module: u64,
         policy: &Policy,
-        need: u64,
+        (need, inputs): (u64, u64),
         spec: impl Future<Output = Result<std::borrow::Cow<'_, JobSpec>, String>>,
         egress: Option<Arc<dyn Egress>>,
         queued: crate::runner::Queued<'_>,
@@ -1001,7 +1084,16 @@ impl Pool {
                 self.config.zone, disk.size
             ));
         }
-        let worker = self.pick(Some((job, need)), queued).await?;
+        let memory = self
+            .memory
+            .as_ref()
+            .map_or(0, |_| super::memory::weight(policy, inputs));
+        let wants = Wants {
+            job,
+            room: need,
+            memory,
+        };
+        let worker = self.pick(Some(wants), queued).await?;
         if lock(&worker.state).retiring {
             // Its replacement starts now, while this job runs.
             self.weakened.notify_one();
@@ -1105,12 +1197,29 @@ impl Pool {
         let retire = {
             let mut ws = lock(&worker.state);
             ws.jobs.remove(&job);
+            self.unweigh(&mut ws, job);
             ws.retiring && ws.idle()
         };
         if retire {
             self.retire(worker);
         }
         self.changed.notify_waiters();
+    }
+
+    /// Job `job` holds none of `ws`'s worker's memory any more.
+    fn unweigh(&self, ws: &mut WorkerState, job: u64) {
+        if let (Some(memory), Some((bytes, tenant))) = (&self.memory, ws.weighed.remove(&job)) {
+            memory.hold(&tenant, bytes, false);
+        }
+    }
+
+    /// What the room of a job of `policy` may take of its worker's memory
+    /// at most: none unless the worker's directory is a tmpfs.
+    fn room_in_memory(&self, policy: &Policy) -> u64 {
+        match &self.disk {
+            Some(_) if self.mounts => super::disk::most(policy),
+            _ => 0,
+        }
     }
 
     /// Lets a worker that ran its allowance go: it is killed; its
@@ -1823,6 +1932,7 @@ impl Drop for Placed<'_> {
         let retire = {
             let mut ws = lock(&self.worker.state);
             ws.placed = ws.placed.saturating_sub(1);
+            self.pool.unweigh(&mut ws, self.job);
             ws.retiring && ws.idle()
         };
         self.worker.release(self.job);

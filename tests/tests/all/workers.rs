@@ -211,9 +211,12 @@ async fn a_workers_directory_is_its_own_file_system_as_large_as_its_jobs_rooms()
     assert_eq!(job["state"], "succeeded", "{job}");
 }
 
-/// Why a service whose only module is `hello` with an `output` limit, and
-/// whose `untrusted` zone is `zone`, refuses to start.
-async fn refused_start(output: ByteSize, zone: bulkhead::config::ZonePool) -> String {
+/// Why a service whose only module is `hello` with `limits`, and whose
+/// `untrusted` zone is `zone`, refuses to start.
+async fn refused_start(
+    limits: impl FnOnce(&mut bulkhead::policy::Limits),
+    zone: bulkhead::config::ZonePool,
+) -> String {
     let data = tempfile::tempdir().unwrap();
     let mut config = bulkhead::config::ServeConfig::default();
     config.storage.data_dir = data.path().join("data");
@@ -224,7 +227,7 @@ async fn refused_start(output: ByteSize, zone: bulkhead::config::ZonePool) -> St
         "CARGO_BIN_EXE_bulkhead-under-test"
     )));
     hello()
-        .limits(|l| l.output = output)
+        .limits(limits)
         .write_to(&config.modules.policies_dir);
     config.zones.insert("untrusted".into(), zone);
     let Err(err) = bulkhead::service::Service::start(config, None).await else {
@@ -239,7 +242,7 @@ async fn refused_start(output: ByteSize, zone: bulkhead::config::ZonePool) -> St
 #[tokio::test(flavor = "multi_thread")]
 async fn a_module_whose_jobs_cannot_fit_its_zones_disk_is_refused() {
     let err = refused_start(
-        ByteSize::mib(8),
+        |l| l.output = ByteSize::mib(8),
         bulkhead::config::ZonePool {
             disk: ByteSize::mib(8),
             ..Default::default()
@@ -251,28 +254,125 @@ async fn a_module_whose_jobs_cannot_fit_its_zones_disk_is_refused() {
     }
 }
 
-/// A module whose limits let one job's files take more than half a
-/// worker's memory ceiling (a worker's files are memory it is charged for)
-/// is refused at the start, naming the ceiling and the setting to change.
+/// A module whose limits let one job take more of a worker's memory than
+/// its ceiling leaves the worker's jobs (its linear memory, what the host
+/// holds for it, and its files, which are memory in a worker's tmpfs) is
+/// refused at the start, naming what the ceiling leaves and the setting to
+/// change; so is a zone whose ceiling leaves its workers' jobs nothing.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_module_whose_jobs_cannot_fit_a_workers_memory_is_refused() {
+    let places = bulkhead::config::ServeConfig::default().queue.workers;
+    let ceiling = 512u64 << 20;
+    let left = ceiling - bulkhead::worker::memory::ZoneMemory::base(places);
+    let zone = || bulkhead::config::ZonePool {
+        memory: Some(ByteSize::bytes(ceiling)),
+        ..Default::default()
+    };
+    let err = refused_start(|l| l.memory = ByteSize::bytes(left), zone()).await;
+    for part in [
+        "hello",
+        "`untrusted`",
+        &left.to_string(),
+        "[zones.untrusted] memory",
+    ] {
+        assert!(err.contains(part), "{part}: {err}");
+    }
     let err = refused_start(
-        ByteSize::mib(40),
+        |_| {},
         bulkhead::config::ZonePool {
-            disk: ByteSize::mib(256),
             memory: Some(ByteSize::mib(64)),
             ..Default::default()
         },
     )
     .await;
-    for part in [
-        "hello",
-        "`untrusted`",
-        "33554432",
-        "[zones.untrusted] memory",
-    ] {
+    for part in ["`untrusted`", "leaves its jobs nothing", "queue.workers"] {
         assert!(err.contains(part), "{part}: {err}");
     }
+}
+
+/// The memory cgroup file that holds process `pid`'s memory limit:
+/// `memory.max` (v2) or `memory.limit_in_bytes` (v1).
+fn memory_limit_file(pid: u32) -> std::path::PathBuf {
+    let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    for line in cgroups.lines() {
+        let mut parts = line.splitn(3, ':');
+        let (_, controllers, path) = (parts.next(), parts.next().unwrap(), parts.next().unwrap());
+        if controllers.split(',').any(|c| c == "memory") {
+            return std::path::PathBuf::from(format!(
+                "/sys/fs/cgroup/memory{path}/memory.limit_in_bytes"
+            ));
+        }
+        if controllers.is_empty() {
+            let v2 = std::path::PathBuf::from(format!("/sys/fs/cgroup{path}/memory.max"));
+            if v2.exists() {
+                return v2;
+            }
+        }
+    }
+    panic!("no memory cgroup for {pid}: {cgroups}");
+}
+
+/// Jobs of one tenant, each within its limits, never take a worker past its
+/// memory ceiling together: three jobs that each hold 190 MiB of the
+/// 200 MiB of linear memory their policy allows, in a one-worker zone whose ceiling is
+/// 512 MiB, run one after another, beside another tenant's small job; the
+/// worker is never killed, the other tenant's job succeeds, and each of the
+/// three ends at its wall time with its memory taken. (Found by an
+/// attacker: three such jobs killed the worker, and a co-tenant's job with
+/// it.)
+#[tokio::test(flavor = "multi_thread")]
+async fn jobs_within_their_limits_never_take_a_worker_past_its_ceiling_together() {
+    use bulkhead::policy::HumanDuration;
+
+    if bulkhead::worker::cgroup::offered().is_err() {
+        eprintln!("no cgroup memory controller here: nothing to check");
+        return;
+    }
+    let held = crate::common::policies::policy(bulkhead_tests::HOSTILE, "hostile")
+        .scopes(&["hostile:run"])
+        .memory(ByteSize::mib(200))
+        .times(HumanDuration::secs(2), HumanDuration::secs(2))
+        .args(&["memory-held", "--mib=190"]);
+    let server = service::start(|c| {
+        c.queue.workers = 4;
+        std::fs::remove_dir_all(&c.modules.policies_dir).unwrap();
+        held.write_to(&c.modules.policies_dir);
+        hello().write_to(&c.modules.policies_dir);
+        c.zones.insert(
+            "untrusted".into(),
+            bulkhead::config::ZonePool {
+                workers: 1,
+                memory: Some(ByteSize::mib(512)),
+                ..Default::default()
+            },
+        );
+    })
+    .await;
+    let pid = workers(&server)[0];
+    let acme = server.token("acme", &["hostile:run"]).await;
+    let other = server.token("umbrella", &["hello:run"]).await;
+    let jobs: Vec<String> = {
+        let mut ids = Vec::new();
+        for _ in 0..3 {
+            let job = submit(&server, &acme, "hostile", false).await;
+            ids.push(job["id"].as_str().unwrap().to_owned());
+        }
+        ids
+    };
+    let ok = submit(&server, &other, "hello", true).await;
+    assert_eq!(ok["state"], "succeeded", "{ok}");
+    for id in &jobs {
+        let job = server.finished(&acme, id).await;
+        assert_eq!(job["report"]["limit"], "wall_time", "{job}");
+        let held: u64 = job["report"]["stdout"]["text"]
+            .as_str()
+            .and_then(|t| t.lines().find_map(|l| l.strip_prefix("memory-held: ")))
+            .and_then(|t| t.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("{job}"));
+        assert!(held >= 190, "{job}");
+    }
+    assert_eq!(workers(&server), vec![pid], "the worker was replaced");
 }
 
 /// A zone's jobs are given room in its disk before they are sent, and wait
@@ -1347,22 +1447,23 @@ async fn a_worker_replaced_per_job_takes_no_second_job_while_the_firsts_inputs_a
     assert_eq!(most_in_one, 1, "two jobs in one worker replaced per job");
 }
 
-/// A worker past its memory ceiling is a named fault. (The ceiling leaves
-/// half of it, 128 MiB, for a worker's directory: more than the default
-/// policies' jobs can need, so they load.)
+/// A worker past its memory ceiling is a named fault. What its jobs can
+/// take is counted against the ceiling before they are sent, so here the
+/// ceiling is lowered on the host under a running worker: what a broken
+/// runtime, or memory no limit counts, would do to it.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_worker_over_its_memory_ceiling_is_a_named_fault() {
     let server = service::start(|c| {
         crate::common::policies::policy(bulkhead_tests::HOSTILE, "hostile")
             .scopes(&["hostile:run"])
-            .memory(bulkhead::policy::ByteSize::mib(512))
+            .memory(bulkhead::policy::ByteSize::mib(256))
             .args(&["memory-bomb"])
             .write_to(&c.modules.policies_dir);
         c.zones.insert(
             "untrusted".into(),
             bulkhead::config::ZonePool {
                 workers: 1,
-                memory: Some(bulkhead::policy::ByteSize::mib(256)),
+                memory: Some(bulkhead::policy::ByteSize::gib(1)),
                 ..Default::default()
             },
         );
@@ -1372,6 +1473,8 @@ async fn a_worker_over_its_memory_ceiling_is_a_named_fault() {
         eprintln!("no cgroup memory controller here: nothing to check");
         return;
     }
+    let pid = workers(&server)[0];
+    std::fs::write(memory_limit_file(pid), (128u64 << 20).to_string()).unwrap();
     let token = server.token("acme", &["hostile:run", "hello:run"]).await;
     let job = submit(&server, &token, "hostile", true).await;
     let job = if job["state"] == "running" || job["state"] == "queued" {

@@ -1,0 +1,259 @@
+//! A worker's memory: what its jobs may hold at once, all of them together
+//! within its zone's memory ceiling.
+//!
+//! A worker past its ceiling is killed by the kernel with every job it
+//! runs, other tenants' among them; so where a zone has a ceiling, a job is
+//! sent only to a worker whose jobs, with it, cannot take more than the
+//! ceiling leaves them ([`ZoneMemory::budget`]). What a job can take is
+//! counted from its policy before it is sent ([`weight`]): its linear
+//! memory and tables, what the host holds for it (its captured stdout and
+//! stderr, its directory listings, its inputs as they are handed over, the
+//! headers of its outbound calls where its policy names services, its
+//! store), and, where the worker's directory is a tmpfs (whose pages are
+//! charged to the worker's memory), its room there ([`super::disk`]).
+//! What the worker holds whatever it runs comes off the ceiling first: its
+//! runtime ([`WORKER_BASE`]) and what each of its places keeps between jobs
+//! ([`per_place`]). A module one of whose jobs could not fit an idle worker
+//! is refused at its load.
+//!
+//! A job that fits no worker waits, in turn: a later job is sent to a
+//! worker only while that worker, with it, could still take every earlier
+//! waiting job of its own tenant and of tenants holding no more of the
+//! zone's memory than its tenant does — as a zone's disk does for its
+//! rooms, so a large job is not passed for ever by smaller ones, and one
+//! tenant's large jobs do not hold back every other tenant's.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use crate::policy::Policy;
+use crate::sandbox::{FIELD_SIZE_LIMIT, MAX_CAPTURE, MAX_HANDLES, MAX_LISTED};
+
+/// What a worker holds whatever it runs: its runtimes, engine, channel
+/// buffers and the code of its modules. (An idle worker is about 16 MiB
+/// resident.)
+pub const WORKER_BASE: u64 = 32 << 20;
+
+/// What a job holds beside what its limits count: its store, instance,
+/// WASI context, resource table, report.
+pub const JOB_BASE: u64 = 4 << 20;
+
+/// Bytes a table element takes (a function reference).
+const TABLE_ELEMENT: u64 = 8;
+
+/// What each of a worker's places keeps resident between its jobs: the
+/// part of each linear memory and table reset in place rather than given
+/// back, and its guest stack.
+pub fn per_place() -> u64 {
+    crate::sandbox::kept_resident_per_place()
+}
+
+/// What one job of `policy`, given `inputs` bytes of inputs and stdin, can
+/// take of its worker's memory, its room in the worker's directory aside.
+pub fn weight(policy: &Policy, inputs: u64) -> u64 {
+    let l = &policy.limits;
+    let capture = |limit: u64| limit.min(MAX_CAPTURE as u64);
+    let calls = if policy.network.services.is_empty() {
+        0
+    } else {
+        // Every handle a headers resource, each at its most.
+        (MAX_HANDLES * FIELD_SIZE_LIMIT) as u64
+    };
+    [
+        l.memory.as_u64(),
+        u64::from(l.table_elements).saturating_mul(TABLE_ELEMENT),
+        capture(l.stdout.as_u64()),
+        capture(l.stderr.as_u64()),
+        MAX_LISTED,
+        inputs,
+        calls,
+        JOB_BASE,
+    ]
+    .into_iter()
+    .fold(0, u64::saturating_add)
+}
+
+/// The most any job of `policy` can take ([`weight`] with its whole input
+/// limit).
+pub fn most(policy: &Policy) -> u64 {
+    weight(policy, policy.limits.input.as_u64())
+}
+
+/// One zone's memory: what each of its workers' jobs may hold together,
+/// and the jobs waiting for a worker with that much left.
+#[derive(Debug)]
+pub struct ZoneMemory {
+    /// What one worker's jobs may take together: its ceiling less what it
+    /// holds whatever it runs.
+    pub budget: u64,
+    /// The jobs waiting, by their turn: what each takes, and its tenant.
+    waiting: Mutex<BTreeMap<u64, (u64, Arc<str>)>>,
+    /// What each tenant's jobs hold in the zone's workers now.
+    held: Mutex<HashMap<Arc<str>, u64>>,
+    turns: AtomicU64,
+}
+
+/// A job's place among those waiting for a worker with memory for it.
+#[derive(Debug)]
+pub struct MemoryTurn<'a> {
+    zone: &'a ZoneMemory,
+    turn: u64,
+    tenant: Arc<str>,
+}
+
+impl Drop for MemoryTurn<'_> {
+    fn drop(&mut self) {
+        lock(&self.zone.waiting).remove(&self.turn);
+    }
+}
+
+impl ZoneMemory {
+    /// A zone whose workers each have `ceiling` bytes and run
+    /// `places` jobs at once; `None` when what they hold whatever they run
+    /// leaves their jobs nothing.
+    pub fn new(ceiling: u64, places: u32) -> Option<Self> {
+        let base = WORKER_BASE.saturating_add(per_place().saturating_mul(u64::from(places.max(1))));
+        let budget = ceiling.checked_sub(base).filter(|b| *b > 0)?;
+        Some(Self {
+            budget,
+            waiting: Mutex::default(),
+            held: Mutex::default(),
+            turns: AtomicU64::new(0),
+        })
+    }
+
+    /// What a worker of a zone with `places` places holds whatever it
+    /// runs.
+    pub fn base(places: u32) -> u64 {
+        WORKER_BASE.saturating_add(per_place().saturating_mul(u64::from(places.max(1))))
+    }
+
+    /// A turn for a job of `tenant` taking `bytes`, after every job already
+    /// waiting.
+    pub fn turn(&self, bytes: u64, tenant: &str) -> MemoryTurn<'_> {
+        let turn = self.turns.fetch_add(1, Ordering::Relaxed);
+        let tenant: Arc<str> = Arc::from(tenant);
+        lock(&self.waiting).insert(turn, (bytes, Arc::clone(&tenant)));
+        MemoryTurn {
+            zone: self,
+            turn,
+            tenant,
+        }
+    }
+
+    /// Whether the job of `turn`, taking `bytes`, may be sent to a worker
+    /// whose jobs hold `held` now: they fit its budget together, and what
+    /// is left still takes the largest earlier waiting job that holds this
+    /// one back (its own tenant's, or one of a tenant holding no more of
+    /// the zone's memory than its tenant).
+    pub fn fits(&self, held: u64, bytes: u64, turn: &MemoryTurn<'_>) -> bool {
+        let Some(left) = self
+            .budget
+            .checked_sub(held)
+            .and_then(|l| l.checked_sub(bytes))
+        else {
+            return false;
+        };
+        let tenants = lock(&self.held);
+        let mine = tenants.get(&turn.tenant).copied().unwrap_or(0);
+        let ahead = lock(&self.waiting)
+            .range(..turn.turn)
+            .filter(|(_, (_, tenant))| {
+                *tenant == turn.tenant || tenants.get(tenant).copied().unwrap_or(0) <= mine
+            })
+            .map(|(_, (bytes, _))| *bytes)
+            .max()
+            .unwrap_or(0);
+        left >= ahead
+    }
+
+    /// `tenant`'s jobs hold `bytes` more (`more`) or fewer.
+    pub fn hold(&self, tenant: &Arc<str>, bytes: u64, more: bool) {
+        let mut held = lock(&self.held);
+        let now = held.entry(Arc::clone(tenant)).or_default();
+        *now = if more {
+            now.saturating_add(bytes)
+        } else {
+            now.saturating_sub(bytes)
+        };
+        if *now == 0 {
+            held.remove(tenant);
+        }
+    }
+}
+
+impl MemoryTurn<'_> {
+    /// The tenant the turn is for.
+    pub fn tenant(&self) -> &Arc<str> {
+        &self.tenant
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIB: u64 = 1 << 20;
+
+    fn zone(budget: u64) -> ZoneMemory {
+        let mut z = ZoneMemory::new(u64::MAX, 1).unwrap();
+        z.budget = budget;
+        z
+    }
+
+    #[test]
+    fn a_job_fits_a_worker_only_within_what_its_jobs_hold_together() {
+        let z = zone(300 * MIB);
+        let t = z.turn(200 * MIB, "a");
+        assert!(z.fits(0, 200 * MIB, &t));
+        assert!(z.fits(100 * MIB, 200 * MIB, &t));
+        assert!(!z.fits(101 * MIB, 200 * MIB, &t));
+        assert!(!z.fits(400 * MIB, 0, &t));
+    }
+
+    #[test]
+    fn a_later_job_leaves_room_for_an_earlier_waiting_one_of_a_tenant_holding_no_more() {
+        let z = zone(300 * MIB);
+        let big = z.turn(250 * MIB, "a");
+        let small = z.turn(100 * MIB, "b");
+        // Taken, the small one would leave 200: less than the big one.
+        assert!(!z.fits(0, 100 * MIB, &small));
+        assert!(z.fits(0, 250 * MIB, &big));
+        drop(big);
+        assert!(z.fits(0, 100 * MIB, &small));
+    }
+
+    #[test]
+    fn a_waiting_job_does_not_hold_back_a_tenant_holding_less() {
+        let z = zone(300 * MIB);
+        let tenant_a: Arc<str> = Arc::from("a");
+        z.hold(&tenant_a, 40 * MIB, true);
+        let big = z.turn(250 * MIB, "a");
+        let small = z.turn(100 * MIB, "b");
+        // `a` holds more than `b`: its waiting job holds `b`'s back no more.
+        assert!(z.fits(40 * MIB, 100 * MIB, &small));
+        z.hold(&tenant_a, 40 * MIB, false);
+        assert!(!z.fits(40 * MIB, 100 * MIB, &small));
+        drop(big);
+    }
+
+    #[test]
+    fn what_a_job_can_take_counts_its_limits_and_what_the_host_holds_for_it() {
+        let mut policy: Policy = toml::from_str(&format!(
+            "version = 1\n[module]\nname = \"m\"\nsha256 = \"{}\"\n[access]\nscopes = [\"m:run\"]\n",
+            "0".repeat(64)
+        ))
+        .unwrap();
+        policy.limits.memory = crate::policy::ByteSize::mib(100);
+        policy.limits.stdout = crate::policy::ByteSize::gib(1);
+        let w = weight(&policy, 3 * MIB);
+        let captured = MAX_CAPTURE as u64 + policy.limits.stderr.as_u64();
+        assert!(w >= 100 * MIB + captured + MAX_LISTED + 3 * MIB + JOB_BASE);
+        assert!(most(&policy) >= w - 3 * MIB + policy.limits.input.as_u64());
+    }
+}
