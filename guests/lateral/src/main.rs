@@ -73,6 +73,7 @@ fn main() {
         "https" => https(),
         "flood" => flood(count),
         "big-body" => big_body(),
+        "held-requests" => held_requests(count),
         "stall" => stall(),
         "hunt" => hunt(),
         "reflect-body" => reflect(&[("body", &[]), ("split", &[]), ("base64", &[]), ("hex", &[])]),
@@ -314,6 +315,45 @@ fn big_body() {
         &[],
         Some(&body),
     );
+}
+
+/// `held-requests`: builds `count` requests, each with the longest path
+/// and authority the host takes (a 60,000-byte path tried first) and a
+/// body written as far as the host lets it without sending, and holds them
+/// all for 3 s: host memory a guest keeps through handles.
+fn held_requests(count: u32) {
+    use wasip2::http::types::{Fields, OutgoingRequest};
+
+    let long = format!("/v1/{}", "a".repeat(60_000));
+    let most = format!("/v1/{}", "a".repeat(8 * 1024 - 4));
+    let host = "p".repeat(255);
+    let mut held = Vec::new();
+    let (mut long_taken, mut written) = (0u32, 0u64);
+    for _ in 0..count {
+        let req = OutgoingRequest::new(Fields::new());
+        if req.set_path_with_query(Some(&long)).is_ok() {
+            long_taken += 1;
+        } else {
+            let _ = req.set_path_with_query(Some(&most));
+        }
+        let _ = req.set_authority(Some(&host));
+        let Ok(body) = req.body() else { break };
+        let Ok(stream) = body.write() else { break };
+        // As much as it takes without blocking: it is never read.
+        while let Ok(n) = stream.check_write() {
+            if n == 0 || stream.write(&vec![b'x'; n as usize]).is_err() {
+                break;
+            }
+            written += n;
+        }
+        held.push((req, body, stream));
+    }
+    println!(
+        "ATTEMPT held-requests: {} held, {long_taken} long paths taken, {written} body bytes buffered",
+        held.len()
+    );
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    drop(held);
 }
 
 /// Looks everywhere a token could have been left for it.

@@ -61,6 +61,16 @@ impl WasiHttpHooks for JobHooks {
         Some(Scheme::HTTP)
     }
 
+    fn p2_outgoing_body_buffer_chunks(&mut self) -> usize {
+        1
+    }
+
+    fn p2_outgoing_body_chunk_size(&mut self) -> usize {
+        // What a body holds unsent is host memory its job's handles count
+        // at this size (`wasi::HELD_PER_HANDLE`).
+        super::wasi::OUTGOING_CHUNK
+    }
+
     fn send_request(
         &mut self,
         request: http::Request<GuestBody>,

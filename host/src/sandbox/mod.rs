@@ -60,7 +60,10 @@ pub use crate::job::{
     Measurements, Outcome, OutputFile, SkippedOutput, validate_input_name,
 };
 pub use intake::{ImportVerdict, LoadInfo, Verdict};
-pub use wasi::{FIELD_SIZE_LIMIT, MAX_HANDLES, MAX_RANDOM_PER_CALL};
+pub use wasi::{
+    FIELD_SIZE_LIMIT, HELD_PER_HANDLE, MAX_AUTHORITY, MAX_HANDLES, MAX_PATH_WITH_QUERY,
+    MAX_RANDOM_PER_CALL,
+};
 
 use crate::policy::{ByteSize, Policy, Sha256Hex};
 

@@ -301,10 +301,72 @@ pub fn guest_args(policy: &Policy, job: &JobSpec) -> Result<Vec<String>, String>
 /// # Errors
 /// Only if wasmtime refuses a definition, which is a bug.
 pub fn http_linker(engine: &Engine) -> wasmtime::Result<Linker<JobState>> {
+    use wasmtime_wasi_http::p2::bindings::http::types::HostOutgoingRequest;
+    use wasmtime_wasi_http::p2::types::HostOutgoingRequest as OutgoingRequest;
+
     let mut linker = linker(engine)?;
     wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)?;
+    // An outgoing request's path and authority are held in host memory for
+    // as long as the guest keeps the request: each is refused past its
+    // bound, as a malformed one is, so what a job's requests hold is
+    // bounded by its handles ([`HELD_PER_HANDLE`]).
+    linker.allow_shadowing(true);
+    let mut types = linker.instance(HTTP_TYPES_INTERFACE)?;
+    types.func_wrap(
+        "[method]outgoing-request.set-path-with-query",
+        |mut store: StoreContextMut<'_, JobState>,
+         (request, path): (Resource<OutgoingRequest>, Option<String>)| {
+            if path.as_ref().is_some_and(|p| p.len() > MAX_PATH_WITH_QUERY) {
+                return Ok((Err(()),));
+            }
+            let mut http = store.data_mut().http();
+            Ok((http.set_path_with_query(request, path)?,))
+        },
+    )?;
+    types.func_wrap(
+        "[method]outgoing-request.set-authority",
+        |mut store: StoreContextMut<'_, JobState>,
+         (request, authority): (Resource<OutgoingRequest>, Option<String>)| {
+            if authority.as_ref().is_some_and(|a| a.len() > MAX_AUTHORITY) {
+                return Ok((Err(()),));
+            }
+            let mut http = store.data_mut().http();
+            Ok((http.set_authority(request, authority)?,))
+        },
+    )?;
+    linker.allow_shadowing(false);
     Ok(linker)
 }
+
+/// The `wasi:http/types` interface as wasmtime-wasi-http links it.
+const HTTP_TYPES_INTERFACE: &str = "wasi:http/types@0.2.12";
+
+/// The longest path and query an outgoing request may be given (the
+/// request-line bound common servers keep, 8 KiB).
+pub const MAX_PATH_WITH_QUERY: usize = 8 * 1024;
+
+/// The longest authority an outgoing request may be given: a host name of
+/// the most DNS allows, and a port.
+pub const MAX_AUTHORITY: usize = 255 + 6;
+
+/// The most an outgoing body takes in one write, and holds of each write
+/// until the request is sent and read: 16 KiB, not wasmtime-wasi-http's
+/// 1 MiB ([`super::http::JobHooks`]). A body holds two such writes (its
+/// channel's), sent or not.
+pub const OUTGOING_CHUNK: usize = 16 * 1024;
+
+/// The most host memory one of a guest's handles holds through
+/// `wasi:http`, on average over the handles that hold it: a headers
+/// resource, or an outgoing request (its headers, path, authority and
+/// scheme) and its body (two chunks) over the two handles they take.
+pub const HELD_PER_HANDLE: usize = {
+    let request = FIELD_SIZE_LIMIT + MAX_PATH_WITH_QUERY + MAX_AUTHORITY + 64 + 2 * OUTGOING_CHUNK;
+    if request / 2 > FIELD_SIZE_LIMIT {
+        request.div_ceil(2)
+    } else {
+        FIELD_SIZE_LIMIT
+    }
+};
 
 /// The linker every job uses: wasmtime-wasi's WASIp2 command world, with
 /// `wasi:filesystem/types` replaced by the quota-enforcing [`QuotaFs`] and

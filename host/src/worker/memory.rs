@@ -8,8 +8,8 @@
 //! counted from its policy before it is sent ([`weight`]): its linear
 //! memory and tables, what the host holds for it (its captured stdout and
 //! stderr, its directory listings, its inputs as they are handed over, the
-//! headers of its outbound calls where its policy names services, its
-//! store), and, where the worker's directory is a tmpfs (whose pages are
+//! headers, paths and authorities of its outbound requests where its policy
+//! names services, its store), and, where the worker's directory is a tmpfs (whose pages are
 //! charged to the worker's memory), its room there ([`super::disk`]).
 //! What the worker holds whatever it runs comes off the ceiling first: its
 //! runtime ([`WORKER_BASE`]) and what each of its places keeps between jobs
@@ -28,7 +28,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crate::policy::Policy;
-use crate::sandbox::{FIELD_SIZE_LIMIT, MAX_CAPTURE, MAX_HANDLES, MAX_LISTED};
+use crate::sandbox::{HELD_PER_HANDLE, MAX_CAPTURE, MAX_HANDLES, MAX_LISTED};
 
 /// What a worker holds whatever it runs: its runtimes, engine, channel
 /// buffers and the code of its modules. (An idle worker is about 16 MiB
@@ -57,8 +57,9 @@ pub fn weight(policy: &Policy, inputs: u64) -> u64 {
     let calls = if policy.network.services.is_empty() {
         0
     } else {
-        // Every handle a headers resource, each at its most.
-        (MAX_HANDLES * FIELD_SIZE_LIMIT) as u64
+        // Every handle a headers resource or an outgoing request, each at
+        // its most.
+        (MAX_HANDLES * HELD_PER_HANDLE) as u64
     };
     [
         l.memory.as_u64(),

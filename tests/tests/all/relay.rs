@@ -1127,3 +1127,71 @@ async fn method_overrides_in_odd_multipart_part_headers_are_refused() {
         "the service received a call"
     );
 }
+
+/// A process's resident memory, in bytes.
+fn resident(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(0)
+        << 10
+}
+
+/// Requests a guest builds and holds without sending take a bounded share
+/// of its worker's memory, counted against the worker's ceiling
+/// (`wasi::HELD_PER_HANDLE`): a path past 8 KiB is refused as a malformed
+/// one is, and a body holds two 16 KiB writes until it is read. 300 held
+/// requests, each with a 60,000-byte path tried and its body written as far
+/// as the host allows, grow the worker by far less than the 600 MB they
+/// held before (found by an attacker: 290 MiB held through paths).
+#[tokio::test(flavor = "multi_thread")]
+async fn requests_a_guest_holds_unsent_take_a_bounded_share_of_its_workers_memory() {
+    let s = scenario(4).await;
+    let token = s.server.token("acme", &["lateral:run"]).await;
+    let pids = s
+        .server
+        .service
+        .isolation()
+        .workers
+        .get("untrusted")
+        .cloned()
+        .unwrap_or_default();
+    assert!(!pids.is_empty(), "no workers");
+    let rss = || pids.iter().map(|p| resident(*p)).sum::<u64>();
+    let before = rss();
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let job = async {
+        let job = s
+            .run(
+                &token,
+                "lateral",
+                "&param.mode=held-requests&param.count=300",
+                Vec::new(),
+            )
+            .await;
+        done.store(true, std::sync::atomic::Ordering::SeqCst);
+        job
+    };
+    let most = async {
+        let mut most = 0;
+        while !done.load(std::sync::atomic::Ordering::SeqCst) {
+            most = most.max(rss());
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        most
+    };
+    let (job, most) = tokio::join!(job, most);
+    let stdout = report(&job)["stdout"]["text"].as_str().unwrap();
+    assert!(
+        stdout.contains("ATTEMPT held-requests: 300 held, 0 long paths taken"),
+        "{stdout}"
+    );
+    let grown = most.saturating_sub(before);
+    assert!(
+        grown < 48 << 20,
+        "the worker grew {grown} bytes for 300 held requests: {stdout}"
+    );
+}
