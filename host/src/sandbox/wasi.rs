@@ -301,15 +301,15 @@ pub fn guest_args(policy: &Policy, job: &JobSpec) -> Result<Vec<String>, String>
 /// # Errors
 /// Only if wasmtime refuses a definition, which is a bug.
 pub fn http_linker(engine: &Engine) -> wasmtime::Result<Linker<JobState>> {
-    use wasmtime_wasi_http::p2::bindings::http::types::HostOutgoingRequest;
+    use wasmtime_wasi_http::p2::bindings::http::types::{HostOutgoingRequest, Method};
     use wasmtime_wasi_http::p2::types::HostOutgoingRequest as OutgoingRequest;
 
     let mut linker = linker(engine)?;
     wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)?;
-    // An outgoing request's path and authority are held in host memory for
-    // as long as the guest keeps the request: each is refused past its
-    // bound, as a malformed one is, so what a job's requests hold is
-    // bounded by its handles ([`HELD_PER_HANDLE`]).
+    // An outgoing request's path, authority and method are held in host
+    // memory for as long as the guest keeps the request: each is refused
+    // past its bound, as a malformed one is, so what a job's requests hold
+    // is bounded by its handles ([`HELD_PER_HANDLE`]).
     linker.allow_shadowing(true);
     let mut types = linker.instance(HTTP_TYPES_INTERFACE)?;
     types.func_wrap(
@@ -334,6 +334,17 @@ pub fn http_linker(engine: &Engine) -> wasmtime::Result<Linker<JobState>> {
             Ok((http.set_authority(request, authority)?,))
         },
     )?;
+    types.func_wrap(
+        "[method]outgoing-request.set-method",
+        |mut store: StoreContextMut<'_, JobState>,
+         (request, method): (Resource<OutgoingRequest>, Method)| {
+            if matches!(&method, Method::Other(m) if m.len() > MAX_METHOD) {
+                return Ok((Err(()),));
+            }
+            let mut http = store.data_mut().http();
+            Ok((http.set_method(request, method)?,))
+        },
+    )?;
     linker.allow_shadowing(false);
     Ok(linker)
 }
@@ -344,6 +355,9 @@ const HTTP_TYPES_INTERFACE: &str = "wasi:http/types@0.2.12";
 /// The longest path and query an outgoing request may be given (the
 /// request-line bound common servers keep, 8 KiB).
 pub const MAX_PATH_WITH_QUERY: usize = 8 * 1024;
+
+/// The longest method of its own an outgoing request may be given.
+pub const MAX_METHOD: usize = 64;
 
 /// The longest authority an outgoing request may be given: a host name of
 /// the most DNS allows, and a port.
@@ -358,9 +372,15 @@ pub const OUTGOING_CHUNK: usize = 16 * 1024;
 /// The most host memory one of a guest's handles holds through
 /// `wasi:http`, on average over the handles that hold it: a headers
 /// resource, or an outgoing request (its headers, path, authority and
-/// scheme) and its body (two chunks) over the two handles they take.
+/// scheme, and method at most 64 bytes each) and its body (two chunks)
+/// over the two handles they take.
 pub const HELD_PER_HANDLE: usize = {
-    let request = FIELD_SIZE_LIMIT + MAX_PATH_WITH_QUERY + MAX_AUTHORITY + 64 + 2 * OUTGOING_CHUNK;
+    let request = FIELD_SIZE_LIMIT
+        + MAX_PATH_WITH_QUERY
+        + MAX_AUTHORITY
+        + 64
+        + MAX_METHOD
+        + 2 * OUTGOING_CHUNK;
     if request / 2 > FIELD_SIZE_LIMIT {
         request.div_ceil(2)
     } else {

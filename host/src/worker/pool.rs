@@ -1371,6 +1371,14 @@ impl Pool {
             if let Some(seq) = ping {
                 let _ = worker.down.send(Down::Ping { seq });
             }
+            // Its directory is judged from the gateway's side (its file
+            // system's counts), whatever waits unread on its channel:
+            // spares are given back and files past its rooms faulted even
+            // while its reader is behind.
+            if let Some(over) = worker.disk.as_ref().and_then(|d| d.settle()) {
+                self.fault(worker, "disk", over.to_string());
+                continue;
+            }
             let heard = *lock(&worker.last_heard);
             // The worker spoke and the gateway has not read it for a
             // while: its reader is behind, and to judge now would
@@ -1416,9 +1424,6 @@ impl Pool {
                 .collect();
             for (job, reason) in overran {
                 self.stop(worker, job, reason);
-            }
-            if let Some(over) = worker.disk.as_ref().and_then(|d| d.settle()) {
-                self.fault(worker, "disk", over.to_string());
             }
         }
         self.rebuild();
