@@ -61,8 +61,8 @@ pub use crate::job::{
 };
 pub use intake::{ImportVerdict, LoadInfo, Verdict};
 pub use wasi::{
-    FIELD_SIZE_LIMIT, HELD_PER_HANDLE, MAX_AUTHORITY, MAX_HANDLES, MAX_PATH_WITH_QUERY,
-    MAX_RANDOM_PER_CALL,
+    FIELD_SIZE_LIMIT, FIELDS_HELD, HELD_PER_HANDLE, MAX_AUTHORITY, MAX_HANDLES,
+    MAX_HANDLES_CALLING, MAX_PATH_WITH_QUERY, MAX_RANDOM_PER_CALL,
 };
 
 use crate::policy::{ByteSize, Policy, Sha256Hex};

@@ -77,6 +77,9 @@ pub fn main(args: &OsStr) -> ExitCode {
         return ExitCode::from(2);
     };
     ignore_stop_requests();
+    // Before any thread starts: large blocks are mappings of their own,
+    // given back when freed, and the arenas are few.
+    crate::serve::memory::tune();
     // Job directories are made, opened and removed relative to the working
     // directory, which is the work directory handed over: each path through
     // `/proc/self/fd/N` cost a walk of procfs per call.
@@ -149,7 +152,7 @@ pub fn main(args: &OsStr) -> ExitCode {
             Ok(Down::Hello { version }) if version == proto::VERSION => {}
             _ => return ExitCode::from(3),
         }
-        serve(Arc::new(sandbox), guests, reader, writer).await;
+        serve(Arc::new(sandbox), guests, args.give_back, reader, writer).await;
         ExitCode::SUCCESS
     })
 }
@@ -170,11 +173,15 @@ struct State {
     /// Jobs whose guest has started, since when, until their `Running` is
     /// sent (by the channel's thread, [`say_running`]) or they end.
     started: Mutex<HashMap<u64, Instant>>,
+    /// What a job's host allocations freed goes back to the system before
+    /// its report ([`WorkerArgs::give_back`]).
+    give_back: bool,
 }
 
 async fn serve(
     sandbox: Arc<Sandbox>,
     guests: tokio::runtime::Handle,
+    give_back: bool,
     mut reader: proto::Reader,
     writer: proto::Writer,
 ) {
@@ -209,6 +216,7 @@ async fn serve(
         cancels: Mutex::default(),
         dirs: Mutex::default(),
         started: Mutex::default(),
+        give_back,
     });
     let ticking = Arc::clone(&state);
     let tick = async move {
@@ -444,6 +452,15 @@ async fn run(
             let _started = Started::new(&state, job);
             state.sandbox.run_with(&loaded, &spec, &dir, egress).await
         };
+        if state.give_back {
+            // The gateway counts an ended job's memory as free once its
+            // report is in: the allocator's arenas keep what the job's
+            // host state freed (headers, listings, handles) unless told
+            // to give it back (found by an attacker: an idle worker held
+            // 343 MiB its ended jobs had freed, and the next job it was
+            // given took it past its ceiling).
+            crate::serve::memory::trim();
+        }
         // A job that did not run has nothing to copy: its directory (with
         // any inputs written) goes now, as the gateway releases nothing
         // for an error.

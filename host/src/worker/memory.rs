@@ -28,7 +28,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crate::policy::Policy;
-use crate::sandbox::{HELD_PER_HANDLE, MAX_CAPTURE, MAX_HANDLES, MAX_LISTED};
+use crate::sandbox::{HELD_PER_HANDLE, MAX_CAPTURE, MAX_HANDLES_CALLING, MAX_LISTED};
 
 /// What a worker holds whatever it runs: its runtimes, engine, channel
 /// buffers and the code of its modules. (An idle worker is about 16 MiB
@@ -59,7 +59,7 @@ pub fn weight(policy: &Policy, inputs: u64) -> u64 {
     } else {
         // Every handle a headers resource or an outgoing request, each at
         // its most.
-        (MAX_HANDLES * HELD_PER_HANDLE) as u64
+        (MAX_HANDLES_CALLING * HELD_PER_HANDLE) as u64
     };
     [
         l.memory.as_u64(),

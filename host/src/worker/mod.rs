@@ -78,6 +78,10 @@ pub struct WorkerArgs {
     pub max_open: u64,
     /// Threads the worker may run (`RLIMIT_NPROC`).
     pub max_threads: u64,
+    /// Its zone has a memory ceiling: what each job's host allocations
+    /// freed is given back to the system before its report goes
+    /// ([`memory`]).
+    pub give_back: bool,
     /// Layers NOT applied. Set only by tests and by the escape suite's
     /// weakened-worker self-check; no config, policy or request reaches it.
     pub weaken: BTreeSet<harden::Layer>,

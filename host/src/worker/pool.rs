@@ -1558,6 +1558,7 @@ impl Pool {
             // A worker cannot raise what the gateway was given.
             max_open: c.max_open.min(hard_nofile()),
             max_threads: c.max_threads,
+            give_back: c.memory.is_some(),
             weaken: c.weaken.clone(),
         };
         let spawned = process::spawn(&c.program, WORKER_SUBCOMMAND, &args, &[&work_fd, &cache_fd])

@@ -651,6 +651,59 @@ async fn a_jobs_directory_listings_hold_a_bounded_share_of_its_workers_memory() 
     );
 }
 
+/// In a zone with a memory ceiling, what a job's host state took of its
+/// worker's memory is given back once the job has ended, before the
+/// gateway counts it free: after jobs that each held 16 MiB of directory
+/// listings, the idle worker is resident within 10 MiB of where it
+/// started (found by an attacker: an idle worker kept 343 MiB its ended
+/// jobs had freed, and the next job took it past its ceiling).
+#[tokio::test(flavor = "multi_thread")]
+async fn what_an_ended_jobs_host_state_took_is_given_back_before_the_next() {
+    use bulkhead::policy::HumanDuration;
+    let lister = common::policy(bulkhead_tests::HOSTILE, "hostile")
+        .scopes(&["hostile:run"])
+        .times(HumanDuration::millis(1_500), HumanDuration::millis(1_500))
+        .args(&["listings-held", "--entries=2000", "--passes=200"])
+        .limits(|l| {
+            l.memory = ByteSize::mib(16);
+            l.input = ByteSize::kib(64);
+            l.output = ByteSize::mib(1);
+            l.output_files = 2_100;
+        });
+    let server = service::start(|c| {
+        std::fs::remove_dir_all(&c.modules.policies_dir).unwrap();
+        lister.write_to(&c.modules.policies_dir);
+        c.zones.insert(
+            "untrusted".into(),
+            bulkhead::config::ZonePool {
+                disk: ByteSize::mib(64),
+                workers: 1,
+                memory: Some(ByteSize::gib(1)),
+                ..Default::default()
+            },
+        );
+    })
+    .await;
+    let pid = workers(&server)[0];
+    let before = resident(pid);
+    let token = server.token("acme", &["hostile:run"]).await;
+    for round in 0..4 {
+        let job = submit(&server, &token, "hostile", true).await;
+        assert_eq!(job["report"]["limit"], "wall_time", "{job}");
+        let stdout = job["report"]["stdout"]["text"].as_str().unwrap_or("");
+        assert!(stdout.contains("refused"), "{stdout}");
+        // What a place keeps between jobs (its guest's memory, up to the
+        // 4 MiB kept resident, and its stack) is the worker's from the
+        // first job on; the listings' 16 MiB are not.
+        let now = resident(pid);
+        assert!(
+            now < before + (10 << 20),
+            "the idle worker holds {} MiB more after job {round} than before the first",
+            now.saturating_sub(before) >> 20
+        );
+    }
+}
+
 /// An inline job (`?wait=`) that has no room in its zone by the time only
 /// its wall time is left of the wait is stored and queued like any job:
 /// the caller gets 202 within its wait (not the job's end, after it), the

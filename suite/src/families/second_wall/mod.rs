@@ -278,6 +278,7 @@ impl Area {
             max_concurrent_jobs: 1,
             max_open: MAX_OPEN,
             max_threads: MAX_THREADS,
+            give_back: false,
             weaken: weaken.clone(),
         }
     }
