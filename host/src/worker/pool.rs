@@ -1158,8 +1158,12 @@ impl Pool {
                     Some(WorkerOutputs {
                         // The worker removes an empty `/out` before it
                         // reports: nothing to copy, nothing to release.
-                        removed: std::fs::symlink_metadata(
-                            worker.dir().join(format!("j{job}.out")),
+                        // Looked up from its directory's descriptor, not
+                        // through a path in `/proc`.
+                        removed: rustix::fs::statat(
+                            &worker.dir_fd,
+                            format!("j{job}.out").as_str(),
+                            rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
                         )
                         .is_err(),
                         worker: Arc::clone(&worker),
