@@ -47,6 +47,25 @@ pub fn memory_held(ctx: &Ctx) -> ExitCode {
     ExitCode::SUCCESS
 }
 
+/// `report-heavy`: 4 MiB of `0x01` to stdout and 4 MiB of `0xFF` to
+/// stderr, the bytes whose report text and JSON are largest (six bytes of
+/// JSON each, and three of text each).
+pub fn report_heavy() -> ExitCode {
+    let chunk = vec![0x01u8; MIB];
+    let mut out = io::stdout().lock();
+    for _ in 0..4 {
+        let _ = out.write_all(&chunk);
+    }
+    let _ = out.flush();
+    let chunk = vec![0xFFu8; MIB];
+    let mut err = io::stderr().lock();
+    for _ in 0..4 {
+        let _ = err.write_all(&chunk);
+    }
+    let _ = err.flush();
+    ExitCode::SUCCESS
+}
+
 /// `loop`: burn CPU forever; `black_box` keeps the loop from being proven
 /// side-effect free and removed.
 pub fn busy_loop() -> ExitCode {

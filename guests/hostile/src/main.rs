@@ -136,6 +136,7 @@ const MODES: &[&str] = &[
     "trap",
     "full-out",
     "memory-held",
+    "report-heavy",
 ];
 
 fn main() -> ExitCode {
@@ -192,6 +193,7 @@ fn main() -> ExitCode {
         "canary-scan" => leak::canary_scan(&ctx, snapshot),
         "memory-bomb" => exhaust::memory_bomb(),
         "memory-held" => exhaust::memory_held(&ctx),
+        "report-heavy" => exhaust::report_heavy(),
         "loop" => exhaust::busy_loop(),
         "sleep" => exhaust::sleep(),
         "stdout-flood" => exhaust::stdout_flood(),

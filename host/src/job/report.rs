@@ -623,28 +623,41 @@ impl JobReport {
     pub fn to_json_within(mut self, max: usize) -> Result<String, String> {
         let encode =
             |r: &Self| serde_json::to_string(r).map_err(|e| format!("unencodable report: {e}"));
-        let json = encode(&self)?;
-        if json.len() <= max {
-            return Ok(json);
-        }
-        // Removing n bytes of text removes at least n bytes of JSON.
-        let mut over = json.len() - max;
-        let (first, second) = if self.stdout.text.len() >= self.stderr.text.len() {
-            (&mut self.stdout, &mut self.stderr)
-        } else {
-            (&mut self.stderr, &mut self.stdout)
-        };
-        for captured in [first, second] {
-            let cut = over.min(captured.text.len());
-            if cut > 0 {
-                captured.cut_to(captured.text.len() - cut);
-                over -= cut;
+        // The texts are cut to what their escaped JSON leaves room for
+        // before anything is encoded, so the report is encoded once, at
+        // most `max` bytes of it (a byte of text can take six of JSON, and
+        // encoding the whole to find out held six times the captures, twice
+        // over, in the worker).
+        let texts = escaped_len(&self.stdout.text) + escaped_len(&self.stderr.text);
+        if texts > 0 {
+            let rest = {
+                let stdout = std::mem::take(&mut self.stdout.text);
+                let stderr = std::mem::take(&mut self.stderr.text);
+                let rest = encode(&self)?.len();
+                self.stdout.text = stdout;
+                self.stderr.text = stderr;
+                rest
+            };
+            let mut over = (rest + texts).saturating_sub(max);
+            let (first, second) = if self.stdout.text.len() >= self.stderr.text.len() {
+                (&mut self.stdout, &mut self.stderr)
+            } else {
+                (&mut self.stderr, &mut self.stdout)
+            };
+            for captured in [first, second] {
+                if over == 0 {
+                    break;
+                }
+                let before = escaped_len(&captured.text);
+                captured.cut_to(escaped_prefix(&captured.text, before.saturating_sub(over)));
+                over = over.saturating_sub(before - escaped_len(&captured.text));
             }
         }
         let json = encode(&self)?;
         if json.len() <= max {
             return Ok(json);
         }
+        drop(json);
         for captured in [&mut self.stdout, &mut self.stderr] {
             captured.truncated |= !captured.text.is_empty();
             captured.text.clear();
@@ -663,6 +676,39 @@ impl JobReport {
             "the job's report is larger than {max} bytes even without its captured output"
         ))
     }
+}
+
+/// The bytes `text` takes as a JSON string's contents (as serde_json
+/// writes it: `"` and `\\` escaped in two bytes, control characters in two
+/// or six).
+fn escaped_len(text: &str) -> usize {
+    text.bytes().map(escaped_byte).sum()
+}
+
+fn escaped_byte(b: u8) -> usize {
+    match b {
+        b'"' | b'\\' | b'\n' | b'\r' | b'\t' | 0x08 | 0x0c => 2,
+        0..0x20 => 6,
+        _ => 1,
+    }
+}
+
+/// The longest prefix of `text`, in bytes and at a character boundary,
+/// whose escaped JSON takes at most `room` bytes.
+fn escaped_prefix(text: &str, room: usize) -> usize {
+    let mut taken = 0;
+    for (i, c) in text.char_indices() {
+        let cost = if c.is_ascii() {
+            escaped_byte(c as u8)
+        } else {
+            c.len_utf8()
+        };
+        if taken + cost > room {
+            return i;
+        }
+        taken += cost;
+    }
+    text.len()
 }
 
 #[cfg(test)]
@@ -810,6 +856,29 @@ mod tests {
             failure.message
         );
         assert!(report.outputs.is_empty());
+    }
+
+    #[test]
+    fn escaped_lengths_are_what_serde_json_writes() {
+        let every: String = (0u8..0x80).map(char::from).collect();
+        for text in [
+            every.as_str(),
+            "",
+            "plain",
+            "é\u{fffd}\"\\\u{1}\n",
+            "\u{7f}\u{0}",
+        ] {
+            let json = serde_json::to_string(text).unwrap();
+            assert_eq!(escaped_len(text) + 2, json.len(), "{text:?}");
+            for room in [0, 1, 5, 6, 7, 40] {
+                let end = escaped_prefix(text, room);
+                assert!(escaped_len(&text[..end]) <= room);
+                if end < text.len() {
+                    let next = text[end..].chars().next().unwrap().len_utf8();
+                    assert!(escaped_len(&text[..end + next]) > room);
+                }
+            }
+        }
     }
 
     #[test]

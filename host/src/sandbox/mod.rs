@@ -950,12 +950,45 @@ fn first_line(e: &wasmtime::Error) -> String {
     text.lines().next().unwrap_or("").to_owned()
 }
 
+/// The report's view of a capture, taken out of its pipe: its text at most
+/// [`MAX_CAPTURE`] bytes, invalid sequences replaced. Built a piece at a
+/// time, so the host holds no more than the capture and its text (a
+/// replacement character takes three bytes where the byte it replaces
+/// took one: a whole lossy copy of 4 MiB of `0xFF` took 12 MiB).
 fn captured(pipe: &pipe::CappedPipe, over_limit: bool) -> Captured {
-    let (kept, written) = pipe.contents();
+    let (kept, written) = pipe.take();
+    let kept_len = kept.len();
+    let kept = Vec::from(kept);
+    let (text, cut) = match String::from_utf8(kept) {
+        Ok(text) => (text, false),
+        Err(e) => {
+            let kept = e.into_bytes();
+            let mut text = String::with_capacity(kept.len().min(MAX_CAPTURE));
+            let mut cut = false;
+            for chunk in kept.utf8_chunks() {
+                let valid = chunk.valid();
+                let room = MAX_CAPTURE - text.len();
+                if valid.len() > room {
+                    text.push_str(&valid[..valid.floor_char_boundary(room)]);
+                    cut = true;
+                    break;
+                }
+                text.push_str(valid);
+                if !chunk.invalid().is_empty() {
+                    if MAX_CAPTURE - text.len() < char::REPLACEMENT_CHARACTER.len_utf8() {
+                        cut = true;
+                        break;
+                    }
+                    text.push(char::REPLACEMENT_CHARACTER);
+                }
+            }
+            (text, cut)
+        }
+    };
     Captured {
-        text: String::from_utf8_lossy(&kept).into_owned(),
+        truncated: over_limit || cut || written > kept_len,
+        text,
         bytes: written as u64,
-        truncated: over_limit || written > kept.len(),
     }
 }
 

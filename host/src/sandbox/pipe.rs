@@ -62,9 +62,18 @@ impl CappedPipe {
 
     /// What was kept of what the guest wrote, and how many bytes it
     /// wrote (at most the limit; more than kept when past [`MAX_CAPTURE`]).
+    #[cfg(test)]
     pub fn contents(&self) -> (Bytes, usize) {
         let capture = self.lock();
         (capture.kept.clone().freeze(), capture.written)
+    }
+
+    /// [`CappedPipe::contents`], taken out of the pipe rather than copied
+    /// (once the guest is done with it): a report is built without a
+    /// second copy of each capture.
+    pub fn take(&self) -> (BytesMut, usize) {
+        let mut capture = self.lock();
+        (std::mem::take(&mut capture.kept), capture.written)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Capture> {

@@ -7,7 +7,7 @@
 //! ceiling leaves them ([`ZoneMemory::budget`]). What a job can take is
 //! counted from its policy before it is sent ([`weight`]): its linear
 //! memory and tables, what the host holds for it (its captured stdout and
-//! stderr, its directory listings, its inputs as they are handed over, the
+//! stderr and the report built from them, its directory listings, its inputs as they are handed over, the
 //! headers, paths and authorities of its outbound requests where its policy
 //! names services, its store), and, where the worker's directory is a tmpfs (whose pages are
 //! charged to the worker's memory), its room there ([`super::disk`]).
@@ -39,6 +39,10 @@ pub const WORKER_BASE: u64 = 32 << 20;
 /// WASI context, resource table, report.
 pub const JOB_BASE: u64 = 4 << 20;
 
+/// What a report takes besides its captured text: its measurements,
+/// failure, backtrace.
+const REPORT_REST: u64 = 4 << 20;
+
 /// Bytes a table element takes (a function reference).
 const TABLE_ELEMENT: u64 = 8;
 
@@ -61,11 +65,20 @@ pub fn weight(policy: &Policy, inputs: u64) -> u64 {
         // its most.
         (MAX_HANDLES_CALLING * HELD_PER_HANDLE) as u64
     };
+    let captures = capture(l.stdout.as_u64()).saturating_add(capture(l.stderr.as_u64()));
+    // Its report, built after the guest ends: the captures' text, and its
+    // JSON twice over (encoded, then framed), a byte of text taking up to
+    // six of JSON, within what a report frame carries.
+    let json = captures
+        .saturating_mul(6)
+        .saturating_add(REPORT_REST)
+        .min(crate::worker::proto::MAX_UP_FRAME as u64);
     [
         l.memory.as_u64(),
         u64::from(l.table_elements).saturating_mul(TABLE_ELEMENT),
-        capture(l.stdout.as_u64()),
-        capture(l.stderr.as_u64()),
+        captures,
+        captures,
+        json.saturating_mul(2),
         MAX_LISTED,
         inputs,
         calls,

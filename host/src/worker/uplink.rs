@@ -21,6 +21,10 @@ use tokio::sync::Notify;
 
 use super::proto;
 
+/// What the queue of unwritten frames keeps of its allocation once it is
+/// empty.
+const KEEP: usize = 64 << 10;
+
 /// Frames going up one channel.
 #[derive(Debug)]
 pub struct Uplink {
@@ -103,6 +107,14 @@ impl Uplink {
                 {
                     let mut unwritten = lock(&self.unwritten);
                     if unwritten.is_empty() {
+                        // What reports queued together grew it to goes
+                        // back once they are written: the gateway counts
+                        // a job's memory free once its report is in
+                        // (found by an attacker: an idle worker kept
+                        // 64 MiB here for its life).
+                        if unwritten.capacity() > KEEP {
+                            *unwritten = BytesMut::new();
+                        }
                         break;
                     }
                     match self.write.try_write(&unwritten) {

@@ -704,6 +704,99 @@ async fn what_an_ended_jobs_host_state_took_is_given_back_before_the_next() {
     }
 }
 
+/// The memory cgroup file `name` beside process `pid`'s limit (v1's
+/// `memory.max_usage_in_bytes`, v2's `memory.peak`, ...).
+fn memory_file(pid: u32, v1: &str, v2: &str) -> std::path::PathBuf {
+    let limit = memory_limit_file(pid);
+    let v1_layout = limit.ends_with("memory.limit_in_bytes");
+    limit.with_file_name(if v1_layout { v1 } else { v2 })
+}
+
+/// A job takes no more of its worker's memory than it is counted for
+/// (`worker::memory::weight`), its report among it: two jobs at once that
+/// each write 4 MiB of `0x01` to stdout and of `0xFF` to stderr (six
+/// bytes of report JSON a byte, and three of text) raise the worker's
+/// cgroup peak by less than their two weights, and the idle worker is
+/// back within 16 MiB of where it started (found by an attacker: building
+/// such a report held 64 MiB for a job counted 31 MiB, and the queue of
+/// reports going up kept 64 MiB for the worker's life).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_jobs_report_is_within_what_it_is_counted_for() {
+    if bulkhead::worker::cgroup::offered().is_err() {
+        eprintln!("no cgroup memory controller here: nothing to check");
+        return;
+    }
+    let heavy = common::policy(bulkhead_tests::HOSTILE, "hostile")
+        .scopes(&["hostile:run"])
+        .args(&["report-heavy"])
+        .limits(|l| {
+            l.memory = ByteSize::mib(16);
+            l.stdout = ByteSize::mib(8);
+            l.stderr = ByteSize::mib(8);
+        });
+    let weight = bulkhead::worker::memory::weight(&heavy.parse(), 0);
+    let server = service::start(|c| {
+        c.queue.workers = 2;
+        std::fs::remove_dir_all(&c.modules.policies_dir).unwrap();
+        heavy.write_to(&c.modules.policies_dir);
+        c.zones.insert(
+            "untrusted".into(),
+            bulkhead::config::ZonePool {
+                workers: 1,
+                memory: Some(ByteSize::gib(1)),
+                ..Default::default()
+            },
+        );
+    })
+    .await;
+    let pid = workers(&server)[0];
+    let read = |file: &std::path::Path| -> u64 {
+        std::fs::read_to_string(file)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    let usage = memory_file(pid, "memory.usage_in_bytes", "memory.current");
+    let peak = memory_file(pid, "memory.max_usage_in_bytes", "memory.peak");
+    let token = server.token("acme", &["hostile:run"]).await;
+    // A first job warms the worker's place (its stack, its kept pages).
+    let job = submit(&server, &token, "hostile", true).await;
+    assert_eq!(job["state"], "succeeded", "{job}");
+    let before = read(&usage);
+    if std::fs::write(&peak, "0").is_err() {
+        eprintln!(
+            "this kernel cannot reset {}: nothing to check",
+            peak.display()
+        );
+        return;
+    }
+    let (a, b) = tokio::join!(
+        submit(&server, &token, "hostile", true),
+        submit(&server, &token, "hostile", true)
+    );
+    for job in [a, b] {
+        assert_eq!(job["state"], "succeeded", "{job}");
+        assert!(
+            job["report"]["stdout"]["truncated"].as_bool().unwrap(),
+            "{job}"
+        );
+    }
+    let grown = read(&peak).saturating_sub(before);
+    assert!(
+        grown < 2 * weight,
+        "two jobs raised the worker's peak by {} MiB, counted {} MiB each",
+        grown >> 20,
+        weight >> 20
+    );
+    let after = read(&usage);
+    assert!(
+        after < before + (16 << 20),
+        "the idle worker holds {} MiB more than before the two jobs",
+        after.saturating_sub(before) >> 20
+    );
+}
+
 /// An inline job (`?wait=`) that has no room in its zone by the time only
 /// its wall time is left of the wait is stored and queued like any job:
 /// the caller gets 202 within its wait (not the job's end, after it), the
