@@ -264,6 +264,19 @@ impl MemoryCeiling {
         self.limit
     }
 
+    /// What its processes hold that the kernel cannot reclaim without swap:
+    /// their anonymous memory and their tmpfs pages (`memory.stat`'s
+    /// `anon` and `shmem`; v1's `rss` and `shmem`), not the page cache of
+    /// files they read, which it can. `None` when it cannot be read.
+    pub fn used(&self) -> Option<u64> {
+        let text = fs::read_to_string(self.dir.join("memory.stat")).ok()?;
+        let anon = match self.version {
+            Version::V2 => "anon",
+            Version::V1 => "rss",
+        };
+        Some(counter(&text, anon)?.saturating_add(counter(&text, "shmem").unwrap_or(0)))
+    }
+
     /// Whether the kernel killed a process of the ceiling for memory.
     pub fn oom_killed(&self) -> bool {
         let file = match self.version {

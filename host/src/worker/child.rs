@@ -357,6 +357,12 @@ fn load(
             .map(|m| m.info())
             .map_err(|e| bounded_load_error(e.clone()));
         done.send_replace(Some(compiled));
+        if state.give_back {
+            // What compiling took goes back before the gateway hears of
+            // the load: an idle worker holding more than its base and its
+            // modules' code is replaced (`Pool::round`).
+            crate::serve::memory::trim();
+        }
         send(&state.up, Up::Loaded { module, result });
     });
 }

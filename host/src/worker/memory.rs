@@ -88,6 +88,15 @@ pub fn weight(policy: &Policy, inputs: u64) -> u64 {
     .fold(0, u64::saturating_add)
 }
 
+/// What the compiled code of a module of `wasm_len` bytes takes of a
+/// worker's memory once it is loaded: the artifact's length where the
+/// worker is sent a recorded one (read into memory and checked there),
+/// four times the module's bytes where it compiles its own (compiled
+/// code runs to about three).
+pub fn code(wasm_len: u64, artifact: Option<&crate::sandbox::Artifact>) -> u64 {
+    artifact.map_or(wasm_len.saturating_mul(4), |a| a.len)
+}
+
 /// The most any job of `policy` can take ([`weight`] with its whole input
 /// limit).
 pub fn most(policy: &Policy) -> u64 {
@@ -101,6 +110,8 @@ pub struct ZoneMemory {
     /// What one worker's jobs may take together: its ceiling less what it
     /// holds whatever it runs.
     pub budget: u64,
+    /// What a worker holds whatever it runs ([`ZoneMemory::base`]).
+    pub base: u64,
     /// The jobs waiting, by their turn: what each takes, and its tenant.
     waiting: Mutex<BTreeMap<u64, (u64, Arc<str>)>>,
     /// What each tenant's jobs hold in the zone's workers now.
@@ -127,10 +138,11 @@ impl ZoneMemory {
     /// `places` jobs at once; `None` when what they hold whatever they run
     /// leaves their jobs nothing.
     pub fn new(ceiling: u64, places: u32) -> Option<Self> {
-        let base = WORKER_BASE.saturating_add(per_place().saturating_mul(u64::from(places.max(1))));
+        let base = Self::base(places);
         let budget = ceiling.checked_sub(base).filter(|b| *b > 0)?;
         Some(Self {
             budget,
+            base,
             waiting: Mutex::default(),
             held: Mutex::default(),
             turns: AtomicU64::new(0),

@@ -359,6 +359,13 @@ struct WorkerState {
     /// What each job placed on it can take of its memory, and its tenant,
     /// until the job ends ([`super::memory`]).
     weighed: HashMap<u64, (u64, Arc<str>)>,
+    /// What its cgroup found it holding beyond its base, its jobs' weights
+    /// and its files when last looked ([`Pool::round`]): counted as held
+    /// until it is looked at again.
+    residue: u64,
+    /// What the compiled code of the modules sent to it takes of its
+    /// memory ([`super::memory::code`]).
+    code: u64,
 }
 
 struct Pending {
@@ -656,7 +663,27 @@ impl Pool {
             }
         }
         if let Some(memory) = &self.memory {
-            let need = super::memory::most(policy).saturating_add(self.room_in_memory(policy));
+            // With the compiled code of every module of the zone, this one
+            // among them: a worker may be sent all of them.
+            let code = {
+                let st = lock(&self.state);
+                st.modules
+                    .values()
+                    .map(|s| {
+                        super::memory::code(
+                            s.wasm.len() as u64,
+                            self.records.get(&s.digest).as_ref(),
+                        )
+                    })
+                    .fold(0u64, u64::saturating_add)
+            }
+            .saturating_add(super::memory::code(
+                source.wasm.len() as u64,
+                self.records.get(&source.digest).as_ref(),
+            ));
+            let need = super::memory::most(policy)
+                .saturating_add(self.room_in_memory(policy))
+                .saturating_add(code);
             if need > memory.budget {
                 return Err(LoadError::ExceedsWorkerMemory {
                     module: policy.module.name.to_string(),
@@ -711,6 +738,10 @@ impl Pool {
             std::collections::hash_map::Entry::Occupied(_) => return,
             std::collections::hash_map::Entry::Vacant(place) => {
                 place.insert(artifact.clone());
+                ws.code = ws.code.saturating_add(super::memory::code(
+                    source.wasm.len() as u64,
+                    artifact.as_ref(),
+                ));
             }
         }
         let hand_over = hand_over
@@ -898,7 +929,13 @@ impl Pool {
                             Some(disk) if self.mounts => disk.kept(),
                             _ => 0,
                         };
-                        let held = lock(&worker.state).weighed().saturating_add(files);
+                        let held = {
+                            let ws = lock(&worker.state);
+                            ws.weighed()
+                                .saturating_add(ws.residue)
+                                .saturating_add(ws.code)
+                                .saturating_add(files)
+                        };
                         let takes = w.memory.saturating_add(room_in_memory(w));
                         if !memory.fits(held, takes, memory_turn) {
                             continue;
@@ -1210,6 +1247,44 @@ impl Pool {
         self.changed.notify_waiters();
     }
 
+    /// Where the zone has a ceiling, what `worker`'s cgroup finds it
+    /// holding (anonymous memory and tmpfs pages) beyond its base, its
+    /// jobs' weights and its files is its residue, counted as held when
+    /// jobs are placed: memory its jobs took that no weight counts, or that
+    /// its allocator kept, holds no later job's place. An idle worker with
+    /// a residue is replaced (whether it was given back or not, the next
+    /// job is sent to a process holding only its base). True when it was.
+    fn weighed_by_its_cgroup(self: &Arc<Self>, worker: &Arc<Worker>) -> bool {
+        let (Some(memory), Some(ceiling)) = (&self.memory, &worker.ceiling) else {
+            return false;
+        };
+        let Some(used) = ceiling.used() else {
+            return false;
+        };
+        let files = match &worker.disk {
+            Some(disk) if self.mounts => disk.kept(),
+            _ => 0,
+        };
+        let mut ws = lock(&worker.state);
+        let allowed = memory
+            .base
+            .saturating_add(ws.weighed())
+            .saturating_add(ws.code)
+            .saturating_add(files);
+        ws.residue = used.saturating_sub(allowed);
+        let idle = ws.idle() && ws.loads.is_empty() && !ws.retiring;
+        if ws.residue == 0 || !idle {
+            return false;
+        }
+        let residue = ws.residue;
+        ws.retiring = true;
+        drop(ws);
+        tracing::warn!(zone = %self.config.zone, pid = worker.pid, bytes = residue, "an idle worker holds memory beyond its base; it is replaced");
+        self.retire(worker);
+        self.weakened.notify_one();
+        true
+    }
+
     /// Job `job` holds none of `ws`'s worker's memory any more.
     fn unweigh(&self, ws: &mut WorkerState, job: u64) {
         if let (Some(memory), Some((bytes, tenant))) = (&self.memory, ws.weighed.remove(&job)) {
@@ -1374,6 +1449,9 @@ impl Pool {
             }
             if let Some(seq) = ping {
                 let _ = worker.down.send(Down::Ping { seq });
+            }
+            if self.weighed_by_its_cgroup(worker) {
+                continue;
             }
             // Its directory is judged from the gateway's side (its file
             // system's counts), whatever waits unread on its channel:
@@ -1570,7 +1648,13 @@ impl Pool {
         let pid = spawned.child.id();
         let ceiling = match c.memory {
             Some(bytes) => {
-                match super::cgroup::MemoryCeiling::create(&format!("{}-{id}", c.zone), bytes) {
+                // Named by the worker's own pid, unique among live
+                // processes: a pool's own count is not (two pools of one
+                // process, or two services under one cgroup, named their
+                // first workers alike and shared one cgroup, its ceiling
+                // and its kills).
+                let zone = &c.zone[..c.zone.floor_char_boundary(40)];
+                match super::cgroup::MemoryCeiling::create(&format!("{zone}-{pid}"), bytes) {
                     Ok(ceiling) => match ceiling.add(pid) {
                         Ok(()) => Some(ceiling),
                         Err(e) => {
