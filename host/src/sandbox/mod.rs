@@ -206,7 +206,7 @@ pub enum LoadError {
     /// Its limits let one job take more of a worker's memory than the
     /// worker's ceiling leaves its jobs.
     #[error(
-        "module `{module}`'s limits let one job take {need} bytes of a worker's memory (`limits.memory`, its tables, captured stdout and stderr, directory listings, `limits.input`, the headers of its calls where it names services, and its files where a worker's directory is a tmpfs: `limits.output` and a page for each input and output file), more than a worker of zone `{zone}` leaves its jobs: {most} bytes, its memory ceiling less what it holds whatever it runs; raise `[zones.{zone}] memory` or lower the limits"
+        "module `{module}`'s limits let one job take {need} bytes of a worker's memory (`limits.memory` three times over, for the copies a host call's argument can take, its tables, captured stdout and stderr, directory listings, `limits.input`, the headers of its calls where it names services, and its files where a worker's directory is a tmpfs: `limits.output` and a page for each input and output file), more than a worker of zone `{zone}` leaves its jobs: {most} bytes, its memory ceiling less what it holds whatever it runs; raise `[zones.{zone}] memory` or lower the limits"
     )]
     ExceedsWorkerMemory {
         module: String,

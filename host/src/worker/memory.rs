@@ -6,7 +6,8 @@
 //! sent only to a worker whose jobs, with it, cannot take more than the
 //! ceiling leaves them ([`ZoneMemory::budget`]). What a job can take is
 //! counted from its policy before it is sent ([`weight`]): its linear
-//! memory and tables, what the host holds for it (its captured stdout and
+//! memory (and the copies of it a host call's arguments can take),
+//! tables, what the host holds for it (its captured stdout and
 //! stderr and the report built from them, its directory listings, its inputs as they are handed over, the
 //! headers, paths and authorities of its outbound requests where its policy
 //! names services, its store), and, where the worker's directory is a tmpfs (whose pages are
@@ -38,6 +39,10 @@ pub const WORKER_BASE: u64 = 32 << 20;
 /// What a job holds beside what its limits count: its store, instance,
 /// WASI context, resource table, report.
 pub const JOB_BASE: u64 = 4 << 20;
+
+/// Copies of a host call's argument the host may hold at once, each as
+/// large as the guest's memory.
+const LIFTED: u64 = 2;
 
 /// What a report takes besides its captured text: its measurements,
 /// failure, backtrace.
@@ -75,6 +80,11 @@ pub fn weight(policy: &Policy, inputs: u64) -> u64 {
         .min(crate::worker::proto::MAX_UP_FRAME as u64);
     [
         l.memory.as_u64(),
+        // A host call's string or list argument is copied out of the
+        // guest's memory before anything checks it (a path, a write), and
+        // a path again as it is converted: up to twice the guest's memory
+        // at once (found by an attacker: a 128 MiB path took 253 MiB).
+        l.memory.as_u64().saturating_mul(LIFTED),
         u64::from(l.table_elements).saturating_mul(TABLE_ELEMENT),
         captures,
         captures,

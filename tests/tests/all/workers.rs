@@ -313,11 +313,13 @@ fn memory_limit_file(pid: u32) -> std::path::PathBuf {
 }
 
 /// Jobs of one tenant, each within its limits, never take a worker past its
-/// memory ceiling together: three jobs that each hold 190 MiB of the
-/// 200 MiB of linear memory their policy allows, in a one-worker zone whose ceiling is
-/// 512 MiB, run one after another, beside another tenant's small job; the
-/// worker is never killed, the other tenant's job succeeds, and each of the
-/// three ends at its wall time with its memory taken. (Found by an
+/// memory ceiling together: five jobs that each hold 195 MiB of the
+/// 200 MiB of linear memory their policy allows, in a one-worker zone
+/// whose ceiling is 900 MiB and which runs eight jobs at once, run one
+/// after another (each is counted its memory three times over, for the
+/// copies a host call's argument can take), beside another tenant's small
+/// job; the worker is never killed, the other tenant's job succeeds, and
+/// each of the five ends at its wall time with its memory taken. (Found by an
 /// attacker: three such jobs killed the worker, and a co-tenant's job with
 /// it.)
 #[tokio::test(flavor = "multi_thread")]
@@ -332,9 +334,15 @@ async fn jobs_within_their_limits_never_take_a_worker_past_its_ceiling_together(
         .scopes(&["hostile:run"])
         .memory(ByteSize::mib(200))
         .times(HumanDuration::secs(2), HumanDuration::secs(2))
-        .args(&["memory-held", "--mib=190"]);
+        .limits(|l| {
+            l.input = ByteSize::kib(64);
+            l.output = ByteSize::mib(1);
+        })
+        .args(&["memory-held", "--mib=195"]);
     let server = service::start(|c| {
-        c.queue.workers = 4;
+        c.queue.workers = 8;
+        c.queue.max_running_per_tenant = 8;
+        c.queue.max_running_per_module = 8;
         std::fs::remove_dir_all(&c.modules.policies_dir).unwrap();
         held.write_to(&c.modules.policies_dir);
         hello().write_to(&c.modules.policies_dir);
@@ -342,7 +350,7 @@ async fn jobs_within_their_limits_never_take_a_worker_past_its_ceiling_together(
             "untrusted".into(),
             bulkhead::config::ZonePool {
                 workers: 1,
-                memory: Some(ByteSize::mib(512)),
+                memory: Some(ByteSize::mib(900)),
                 ..Default::default()
             },
         );
@@ -353,7 +361,7 @@ async fn jobs_within_their_limits_never_take_a_worker_past_its_ceiling_together(
     let other = server.token("umbrella", &["hello:run"]).await;
     let jobs: Vec<String> = {
         let mut ids = Vec::new();
-        for _ in 0..3 {
+        for _ in 0..5 {
             let job = submit(&server, &acme, "hostile", false).await;
             ids.push(job["id"].as_str().unwrap().to_owned());
         }
@@ -370,7 +378,7 @@ async fn jobs_within_their_limits_never_take_a_worker_past_its_ceiling_together(
             .and_then(|t| t.split_whitespace().next())
             .and_then(|n| n.parse().ok())
             .unwrap_or_else(|| panic!("{job}"));
-        assert!(held >= 190, "{job}");
+        assert!(held >= 195, "{job}");
     }
     assert_eq!(workers(&server), vec![pid], "the worker was replaced");
 }
@@ -760,9 +768,15 @@ async fn a_jobs_report_is_within_what_it_is_counted_for() {
     let usage = memory_file(pid, "memory.usage_in_bytes", "memory.current");
     let peak = memory_file(pid, "memory.max_usage_in_bytes", "memory.peak");
     let token = server.token("acme", &["hostile:run"]).await;
-    // A first job warms the worker's place (its stack, its kept pages).
-    let job = submit(&server, &token, "hostile", true).await;
-    assert_eq!(job["state"], "succeeded", "{job}");
+    // Two first jobs warm the worker's two places (their stacks, their
+    // kept pages) and its guest threads' allocator arenas.
+    let (a, b) = tokio::join!(
+        submit(&server, &token, "hostile", true),
+        submit(&server, &token, "hostile", true)
+    );
+    for job in [a, b] {
+        assert_eq!(job["state"], "succeeded", "{job}");
+    }
     let before = read(&usage);
     if std::fs::write(&peak, "0").is_err() {
         eprintln!(
@@ -794,6 +808,83 @@ async fn a_jobs_report_is_within_what_it_is_counted_for() {
         after < before + (16 << 20),
         "the idle worker holds {} MiB more than before the two jobs",
         after.saturating_sub(before) >> 20
+    );
+}
+
+/// A host call's argument, copied out of the guest's memory before anything
+/// checks it, is within what its job is counted for: two jobs at once that
+/// each `stat` a 128 MiB path over and over raise their worker's cgroup
+/// peak by less than their two weights (found by an attacker: a 128 MiB
+/// path took 253 MiB of its worker, past a weight that counted the guest's
+/// memory once, and two such jobs killed a co-tenant's).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_host_calls_copied_argument_is_within_what_its_job_is_counted_for() {
+    use bulkhead::policy::HumanDuration;
+    if bulkhead::worker::cgroup::offered().is_err() {
+        eprintln!("no cgroup memory controller here: nothing to check");
+        return;
+    }
+    let pathy = common::policy(bulkhead_tests::HOSTILE, "hostile")
+        .scopes(&["hostile:run"])
+        .args(&["cpu-huge-path", "--mib=128"])
+        .times(HumanDuration::millis(1_500), HumanDuration::millis(1_500))
+        .limits(|l| {
+            l.memory = ByteSize::mib(160);
+            l.input = ByteSize::kib(64);
+            l.output = ByteSize::mib(1);
+        });
+    let weight = bulkhead::worker::memory::weight(&pathy.parse(), 0);
+    let server = service::start(|c| {
+        c.queue.workers = 2;
+        std::fs::remove_dir_all(&c.modules.policies_dir).unwrap();
+        pathy.write_to(&c.modules.policies_dir);
+        c.zones.insert(
+            "untrusted".into(),
+            bulkhead::config::ZonePool {
+                workers: 1,
+                memory: Some(ByteSize::gib(2)),
+                ..Default::default()
+            },
+        );
+    })
+    .await;
+    let pid = workers(&server)[0];
+    let read = |file: &std::path::Path| -> u64 {
+        std::fs::read_to_string(file)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    let usage = memory_file(pid, "memory.usage_in_bytes", "memory.current");
+    let peak = memory_file(pid, "memory.max_usage_in_bytes", "memory.peak");
+    let before = read(&usage);
+    if std::fs::write(&peak, "0").is_err() {
+        eprintln!(
+            "this kernel cannot reset {}: nothing to check",
+            peak.display()
+        );
+        return;
+    }
+    let token = server.token("acme", &["hostile:run"]).await;
+    let (a, b) = tokio::join!(
+        submit(&server, &token, "hostile", true),
+        submit(&server, &token, "hostile", true)
+    );
+    for job in [a, b] {
+        let limit = job["report"]["limit"].as_str().unwrap_or_default();
+        assert!(limit == "cpu_time" || limit == "wall_time", "{job}");
+        assert!(
+            job["report"]["measurements"]["refused"].as_u64() > Some(0),
+            "{job}"
+        );
+    }
+    let grown = read(&peak).saturating_sub(before);
+    assert!(
+        grown < 2 * weight,
+        "two jobs raised the worker's peak by {} MiB, counted {} MiB each",
+        grown >> 20,
+        weight >> 20
     );
 }
 
@@ -1602,14 +1693,14 @@ async fn a_worker_over_its_memory_ceiling_is_a_named_fault() {
     let server = service::start(|c| {
         crate::common::policies::policy(bulkhead_tests::HOSTILE, "hostile")
             .scopes(&["hostile:run"])
-            .memory(bulkhead::policy::ByteSize::mib(256))
+            .memory(bulkhead::policy::ByteSize::mib(200))
             .args(&["memory-bomb"])
             .write_to(&c.modules.policies_dir);
         c.zones.insert(
             "untrusted".into(),
             bulkhead::config::ZonePool {
                 workers: 1,
-                memory: Some(bulkhead::policy::ByteSize::gib(1)),
+                memory: Some(bulkhead::policy::ByteSize::gib(2)),
                 ..Default::default()
             },
         );
