@@ -163,6 +163,13 @@ impl SandboxConfig {
     }
 }
 
+/// What one call from a guest into the host may carry in, in wasmtime's
+/// "hostcall fuel" (about a byte each, and 24 more for each item of a
+/// list): far more than a WASI call needs (a stream takes 64 KiB to 1 MiB a
+/// write, a path a few KiB, a headers list 16 KiB); a call carrying more
+/// traps.
+pub const HOSTCALL_FUEL: usize = 4 << 20;
+
 /// Why a module could not be loaded. Exit status 2 in the CLI.
 #[derive(Clone, Debug, thiserror::Error, serde::Serialize, serde::Deserialize)]
 pub enum LoadError {
@@ -206,7 +213,7 @@ pub enum LoadError {
     /// Its limits let one job take more of a worker's memory than the
     /// worker's ceiling leaves its jobs.
     #[error(
-        "module `{module}`'s limits let one job take {need} bytes of a worker's memory (`limits.memory` three times over, for the copies a host call's argument can take, its tables, captured stdout and stderr, directory listings, `limits.input`, the headers of its calls where it names services, and its files where a worker's directory is a tmpfs: `limits.output` and a page for each input and output file), more than a worker of zone `{zone}` leaves its jobs: {most} bytes, its memory ceiling less what it holds whatever it runs; raise `[zones.{zone}] memory` or lower the limits"
+        "module `{module}`'s limits let one job take {need} bytes of a worker's memory (`limits.memory`, what a host call's arguments can take, its tables, captured stdout and stderr, directory listings, `limits.input`, the headers of its calls where it names services, and its files where a worker's directory is a tmpfs: `limits.output` and a page for each input and output file), more than a worker of zone `{zone}` leaves its jobs: {most} bytes, its memory ceiling less what it holds whatever it runs; raise `[zones.{zone}] memory` or lower the limits"
     )]
     ExceedsWorkerMemory {
         module: String,
@@ -602,6 +609,13 @@ impl Sandbox {
         }
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| s.limiter());
+        // What one call into the host may carry in: wasmtime copies a
+        // string or list argument out of the guest's memory before any host
+        // code sees it, and by default lets one call carry 128 MiB (found
+        // by an attacker: a 128 MiB path took 253 MiB of its worker, and a
+        // headers list of 5 million 1-byte values all naming one byte of
+        // the guest's memory took 501 MiB for a job allowed 48 MiB).
+        store.set_hostcall_fuel(HOSTCALL_FUEL);
         // Every call from the guest into the host, for the report: the
         // host's own evidence of what the guest tried.
         let host_calls = Arc::new(std::sync::atomic::AtomicU64::new(0));

@@ -6,7 +6,7 @@
 //! sent only to a worker whose jobs, with it, cannot take more than the
 //! ceiling leaves them ([`ZoneMemory::budget`]). What a job can take is
 //! counted from its policy before it is sent ([`weight`]): its linear
-//! memory (and the copies of it a host call's arguments can take),
+//! memory, what a host call's arguments can take ([`LIFTED`]), its
 //! tables, what the host holds for it (its captured stdout and
 //! stderr and the report built from them, its directory listings, its inputs as they are handed over, the
 //! headers, paths and authorities of its outbound requests where its policy
@@ -29,7 +29,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crate::policy::Policy;
-use crate::sandbox::{HELD_PER_HANDLE, MAX_CAPTURE, MAX_HANDLES_CALLING, MAX_LISTED};
+use crate::sandbox::{
+    HELD_PER_HANDLE, HOSTCALL_FUEL, MAX_CAPTURE, MAX_HANDLES_CALLING, MAX_LISTED,
+};
 
 /// What a worker holds whatever it runs: its runtimes, engine, channel
 /// buffers and the code of its modules. (An idle worker is about 16 MiB
@@ -40,9 +42,11 @@ pub const WORKER_BASE: u64 = 32 << 20;
 /// WASI context, resource table, report.
 pub const JOB_BASE: u64 = 4 << 20;
 
-/// Copies of a host call's argument the host may hold at once, each as
-/// large as the guest's memory.
-const LIFTED: u64 = 2;
+/// What one host call's arguments can take of host memory: the
+/// [`HOSTCALL_FUEL`] wasmtime lets it carry in, a list's items each in an
+/// allocation of its own (a 1-byte value, fuel 25, takes 56 bytes), and the
+/// copy the host function may make of them before checking them.
+pub const LIFTED: u64 = 5 * HOSTCALL_FUEL as u64;
 
 /// What a report takes besides its captured text: its measurements,
 /// failure, backtrace.
@@ -80,11 +84,10 @@ pub fn weight(policy: &Policy, inputs: u64) -> u64 {
         .min(crate::worker::proto::MAX_UP_FRAME as u64);
     [
         l.memory.as_u64(),
-        // A host call's string or list argument is copied out of the
-        // guest's memory before anything checks it (a path, a write), and
-        // a path again as it is converted: up to twice the guest's memory
-        // at once (found by an attacker: a 128 MiB path took 253 MiB).
-        l.memory.as_u64().saturating_mul(LIFTED),
+        // A host call's string or list argument, copied out of the guest's
+        // memory before anything checks it (a path, a write, a headers
+        // list), within `HOSTCALL_FUEL`.
+        LIFTED,
         u64::from(l.table_elements).saturating_mul(TABLE_ELEMENT),
         captures,
         captures,

@@ -566,8 +566,8 @@ pub fn bundled() -> Vec<Attack> {
         guest(
             "exhaust.cpu-huge-path",
             Exhaustion,
-            "make the host copy and check a 16 MiB path in every `stat` call",
-            hostile("cpu-huge-path").wall("10 s").limit(&[L::CpuTime]),
+            "hand the host a 16 MiB path in every `stat` call (a call may carry 4 MiB in)",
+            hostile("cpu-huge-path").wall("10 s").expect(Expect::Failed),
         ),
         guest(
             "exhaust.disk-rewrite",

@@ -118,11 +118,12 @@ fn cpu_limits(l: &mut Limits) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn host_cpu_spent_on_huge_paths_is_charged_to_the_job() {
-    // Each `stat` is handed a 96 MiB path: the host copies and checks it
-    // (tens of milliseconds, several epoch ticks) before refusing it.
+    // Each `stat` is handed a path as long as a call may carry in (4 MiB,
+    // `HOSTCALL_FUEL`): the host copies and checks it before refusing it,
+    // call after call. (A longer one traps as it is lifted.)
     let module = attacker("cpu-huge-path", cpu_limits);
     let (report, used) =
-        tokio::task::spawn_blocking(move || run_on_own_thread(module, &[("mib", "96")]))
+        tokio::task::spawn_blocking(move || run_on_own_thread(module, &[("mib", "3")]))
             .await
             .unwrap();
     assert_eq!(report.limit, Some(LimitKind::CpuTime), "{report:#?}");
