@@ -1880,9 +1880,10 @@ async fn a_job_its_worker_lets_overrun_fails_alone_and_the_worker_is_retired() {
     assert!(ok.report.succeeded(), "{:?}", ok.report);
 }
 
-/// Guests whose every host call costs about a tenth of a second (a `stat`
-/// of a 120 MiB path, lifted whole before it is refused), enough of them
-/// to keep both of their worker's guest threads busy, stop at their own
+/// Guests whose every host call costs milliseconds (a `stat` of a 3 MiB
+/// path, within what a call may carry in, lifted whole before it is
+/// refused), call after call, enough of them to keep both of their
+/// worker's guest threads busy, stop at their own
 /// wall time, reported by the worker; a sleeping co-tenant's clock still
 /// runs, and jobs beside them still succeed: no fault, nobody else failed.
 #[tokio::test(flavor = "multi_thread")]
@@ -1920,7 +1921,7 @@ async fn guests_holding_every_guest_thread_stop_on_time_and_spare_their_co_tenan
         );
         tokio::spawn(async move { runner.run(&module, &spec, None).await.unwrap().report })
     };
-    let huge = crate::common::spec(&[], &[("mib", "120")]);
+    let huge = crate::common::spec(&[], &[("mib", "3")]);
     let hogs: Vec<_> = (0..4).map(|_| spawn(&hog, huge.clone())).collect();
     tokio::time::sleep(Duration::from_millis(500)).await;
     let sleeping = spawn(&sleeper, bulkhead::sandbox::JobSpec::new());
