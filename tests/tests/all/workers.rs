@@ -720,6 +720,34 @@ fn memory_file(pid: u32, v1: &str, v2: &str) -> std::path::PathBuf {
     limit.with_file_name(if v1_layout { v1 } else { v2 })
 }
 
+/// The service running only `policy`, two jobs at once, in a one-worker
+/// zone whose memory ceiling is `ceiling`.
+async fn two_places_beside_a_ceiling(policy: &TestPolicy, ceiling: ByteSize) -> Server {
+    service::start(|c| {
+        c.queue.workers = 2;
+        std::fs::remove_dir_all(&c.modules.policies_dir).unwrap();
+        policy.write_to(&c.modules.policies_dir);
+        c.zones.insert(
+            "untrusted".into(),
+            bulkhead::config::ZonePool {
+                workers: 1,
+                memory: Some(ceiling),
+                ..Default::default()
+            },
+        );
+    })
+    .await
+}
+
+/// A number a cgroup file holds.
+fn read_cgroup(file: &std::path::Path) -> u64 {
+    std::fs::read_to_string(file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
 /// A job takes no more of its worker's memory than it is counted for
 /// (`worker::memory::weight`), its report among it: two jobs at once that
 /// each write 4 MiB of `0x01` to stdout and of `0xFF` to stderr (six
@@ -743,28 +771,8 @@ async fn a_jobs_report_is_within_what_it_is_counted_for() {
             l.stderr = ByteSize::mib(8);
         });
     let weight = bulkhead::worker::memory::weight(&heavy.parse(), 0);
-    let server = service::start(|c| {
-        c.queue.workers = 2;
-        std::fs::remove_dir_all(&c.modules.policies_dir).unwrap();
-        heavy.write_to(&c.modules.policies_dir);
-        c.zones.insert(
-            "untrusted".into(),
-            bulkhead::config::ZonePool {
-                workers: 1,
-                memory: Some(ByteSize::gib(1)),
-                ..Default::default()
-            },
-        );
-    })
-    .await;
+    let server = two_places_beside_a_ceiling(&heavy, ByteSize::gib(1)).await;
     let pid = workers(&server)[0];
-    let read = |file: &std::path::Path| -> u64 {
-        std::fs::read_to_string(file)
-            .unwrap()
-            .trim()
-            .parse()
-            .unwrap()
-    };
     let usage = memory_file(pid, "memory.usage_in_bytes", "memory.current");
     let peak = memory_file(pid, "memory.max_usage_in_bytes", "memory.peak");
     let token = server.token("acme", &["hostile:run"]).await;
@@ -777,7 +785,7 @@ async fn a_jobs_report_is_within_what_it_is_counted_for() {
     for job in [a, b] {
         assert_eq!(job["state"], "succeeded", "{job}");
     }
-    let before = read(&usage);
+    let before = read_cgroup(&usage);
     if std::fs::write(&peak, "0").is_err() {
         eprintln!(
             "this kernel cannot reset {}: nothing to check",
@@ -796,14 +804,14 @@ async fn a_jobs_report_is_within_what_it_is_counted_for() {
             "{job}"
         );
     }
-    let grown = read(&peak).saturating_sub(before);
+    let grown = read_cgroup(&peak).saturating_sub(before);
     assert!(
         grown < 2 * weight,
         "two jobs raised the worker's peak by {} MiB, counted {} MiB each",
         grown >> 20,
         weight >> 20
     );
-    let after = read(&usage);
+    let after = read_cgroup(&usage);
     assert!(
         after < before + (16 << 20),
         "the idle worker holds {} MiB more than before the two jobs",
@@ -834,31 +842,11 @@ async fn a_host_calls_copied_argument_is_within_what_its_job_is_counted_for() {
             l.output = ByteSize::mib(1);
         });
     let weight = bulkhead::worker::memory::weight(&pathy.parse(), 0);
-    let server = service::start(|c| {
-        c.queue.workers = 2;
-        std::fs::remove_dir_all(&c.modules.policies_dir).unwrap();
-        pathy.write_to(&c.modules.policies_dir);
-        c.zones.insert(
-            "untrusted".into(),
-            bulkhead::config::ZonePool {
-                workers: 1,
-                memory: Some(ByteSize::gib(2)),
-                ..Default::default()
-            },
-        );
-    })
-    .await;
+    let server = two_places_beside_a_ceiling(&pathy, ByteSize::gib(2)).await;
     let pid = workers(&server)[0];
-    let read = |file: &std::path::Path| -> u64 {
-        std::fs::read_to_string(file)
-            .unwrap()
-            .trim()
-            .parse()
-            .unwrap()
-    };
     let usage = memory_file(pid, "memory.usage_in_bytes", "memory.current");
     let peak = memory_file(pid, "memory.max_usage_in_bytes", "memory.peak");
-    let before = read(&usage);
+    let before = read_cgroup(&usage);
     if std::fs::write(&peak, "0").is_err() {
         eprintln!(
             "this kernel cannot reset {}: nothing to check",
@@ -874,7 +862,7 @@ async fn a_host_calls_copied_argument_is_within_what_its_job_is_counted_for() {
     for job in [a, b] {
         assert_eq!(job["report"]["failure"]["kind"], "trap", "{job}");
     }
-    let grown = read(&peak).saturating_sub(before);
+    let grown = read_cgroup(&peak).saturating_sub(before);
     assert!(
         grown < 2 * weight,
         "two jobs raised the worker's peak by {} MiB, counted {} MiB each",
