@@ -276,6 +276,10 @@ pub trait Runner: Send + Sync + std::fmt::Debug {
 
     /// Stops its workers, if any (at shutdown).
     fn close(&self) {}
+
+    /// Once the workers [`Runner::close`] stopped have wholly ended (their
+    /// directories and cgroups removed).
+    async fn ended(&self) {}
 }
 
 /// Jobs run in this process's sandbox.
@@ -520,6 +524,10 @@ impl Runner for Workers {
         for pool in self.pools.values() {
             pool.close();
         }
+    }
+
+    async fn ended(&self) {
+        futures_util::future::join_all(self.pools.values().map(|pool| pool.ended())).await;
     }
 }
 

@@ -723,6 +723,14 @@ impl Service {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clear();
+        // Their cgroups are removed as their processes go: a service that
+        // exited first would leave them behind, one per worker.
+        if tokio::time::timeout(WORKERS_ENDED_WITHIN, self.runner.ended())
+            .await
+            .is_err()
+        {
+            tracing::warn!("workers still ending at shutdown; their cgroups may be left behind");
+        }
         // With nothing running, the job directories (tmpfs by default) are
         // leftovers; a start would empty them anyway, so give the memory
         // back now (the lock file stays, held until this process ends).
@@ -834,6 +842,11 @@ fn scope_strings(policy: &Policy) -> Vec<String> {
         .map(ToString::to_string)
         .collect()
 }
+
+/// How long shutdown waits, after the grace, for its stopped workers'
+/// processes to be reaped and their directories and cgroups removed
+/// (milliseconds, unless the machine is very busy).
+const WORKERS_ENDED_WITHIN: Duration = Duration::from_secs(1);
 
 /// How long shutdown gives, after the grace, to give back the jobs it
 /// stopped (a store write each), and then to let their runs end.

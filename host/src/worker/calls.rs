@@ -107,11 +107,12 @@ pub enum CallUp {
         /// Why the request body failed, if it did.
         error: Option<EgressError>,
     },
-    /// The worker's guest read `bytes` more of the response body.
+    /// The worker's guest read more of the response body: `bytes` of
+    /// window, each frame's bytes and its [`FRAME_COST`].
     Credit {
         /// The call.
         call: u64,
-        /// Bytes read.
+        /// Window granted back.
         bytes: u64,
     },
 }
@@ -148,11 +149,12 @@ pub enum CallDown {
         /// Why.
         error: EgressError,
     },
-    /// The egress consumed `bytes` more of the request body.
+    /// The egress consumed more of the request body: `bytes` of window,
+    /// each frame's bytes and its [`FRAME_COST`].
     Credit {
         /// The call.
         call: u64,
-        /// Bytes consumed.
+        /// Window granted back.
         bytes: u64,
     },
 }
@@ -162,7 +164,8 @@ pub enum CallDown {
 /// [`Violation`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CallLimits {
-    /// Body bytes a sender may have unacknowledged per call (each way).
+    /// What a sender may have unacknowledged per call (each way): body
+    /// bytes, each frame charged [`FRAME_COST`] more.
     pub window: u32,
     /// Largest body chunk in one frame (at most `window`).
     pub max_chunk: u32,
@@ -195,12 +198,29 @@ impl Default for CallLimits {
     }
 }
 
+/// What each body frame takes of its call's window beside its bytes: what
+/// it takes to hold one waiting to be read (a frame of one byte took
+/// about 130 bytes of heap in the worker's queue), and more. A window is
+/// then a bound on the memory a call's unread frames hold, and on their
+/// number, whatever their sizes: counted in bytes alone, a service
+/// streaming one-byte frames to a guest that read none had each call
+/// hold 262,144 frames, 34 MB of its worker's heap for 256 KiB.
+pub const FRAME_COST: u64 = 1024;
+
+/// What a body frame of `len` bytes takes of its call's window.
+fn charge(len: usize) -> u64 {
+    len as u64 + FRAME_COST
+}
+
 impl CallLimits {
-    /// A window of at least one byte, chunks no larger than it (a sender
-    /// waits for a whole chunk's credit).
+    /// A window of at least one frame, chunks whose charge fits it (a
+    /// sender waits for a whole chunk's credit).
     fn normalized(mut self) -> Self {
-        self.window = self.window.max(1);
-        self.max_chunk = self.max_chunk.clamp(1, self.window);
+        let least = u32::try_from(FRAME_COST + 1).unwrap_or(u32::MAX);
+        self.window = self.window.max(least);
+        self.max_chunk = self
+            .max_chunk
+            .clamp(1, self.window - u32::try_from(FRAME_COST).unwrap_or(0));
         self
     }
 
@@ -705,7 +725,7 @@ async fn pump(inner: Arc<WorkerInner>, call: u64, mut body: EgressBody, window: 
                 Ok(mut data) => {
                     while !data.is_empty() {
                         let n = data.len().min(max);
-                        let Ok(permits) = window.acquire_many(n as u32).await else {
+                        let Ok(permits) = window.acquire_many(charge(n) as u32).await else {
                             return;
                         };
                         permits.forget();
@@ -775,7 +795,7 @@ impl Body for WorkerBody {
             if lock(&inner.state).calls.contains_key(&call) {
                 let _ = inner.up.send(CallUp::Credit {
                     call,
-                    bytes: data.len() as u64,
+                    bytes: charge(data.len()),
                 });
             }
         }
@@ -1041,7 +1061,7 @@ impl GatewayCalls {
                 bound("body chunk", chunk.len(), inner.limits.max_chunk as usize)?;
                 let last = state.last_call;
                 let entry = open_call(&mut state, call, last)?;
-                let n = chunk.len() as u64;
+                let n = charge(chunk.len());
                 let before = entry.buffered.fetch_add(n, Ordering::AcqRel);
                 if before + n > u64::from(inner.limits.window) {
                     entry.buffered.fetch_sub(n, Ordering::AcqRel);
@@ -1278,12 +1298,13 @@ async fn run_call(
                 Ok(mut data) => {
                     while !data.is_empty() {
                         let n = data.len().min(max);
-                        let Ok(permits) = window.acquire_many(n as u32).await else {
+                        let Ok(permits) = window.acquire_many(charge(n) as u32).await else {
                             return;
                         };
                         permits.forget();
                         let chunk = data.split_to(n);
-                        if !inner.send_down(call, CallDown::Body { call, chunk }, n as u64, false) {
+                        if !inner.send_down(call, CallDown::Body { call, chunk }, charge(n), false)
+                        {
                             return;
                         }
                     }
@@ -1339,7 +1360,7 @@ impl Body for GatewayBody {
         if let Poll::Ready(Some(Ok(frame))) = &polled
             && let Some(data) = frame.data_ref()
         {
-            self.consumed(data.len() as u64);
+            self.consumed(charge(data.len()));
         }
         polled
     }
@@ -1355,7 +1376,7 @@ impl Drop for GatewayBody {
             if let Ok(frame) = item
                 && let Some(data) = frame.data_ref()
             {
-                dropped += data.len() as u64;
+                dropped += charge(data.len());
             }
         }
         if dropped > 0 {
@@ -1423,6 +1444,8 @@ mod tests {
         violations: mpsc::UnboundedReceiver<Violation>,
         /// Response body bytes delivered to the worker so far.
         down_bytes: Arc<AtomicU64>,
+        /// Response body frames delivered to the worker so far.
+        down_frames: Arc<AtomicU64>,
     }
 
     fn wire() -> Wire {
@@ -1441,11 +1464,13 @@ mod tests {
         });
         let w = worker.clone();
         let down_bytes = Arc::new(AtomicU64::new(0));
-        let counted = Arc::clone(&down_bytes);
+        let down_frames = Arc::new(AtomicU64::new(0));
+        let (counted, framed) = (Arc::clone(&down_bytes), Arc::clone(&down_frames));
         tokio::spawn(async move {
             while let Some(down) = down_rx.recv().await {
                 if let CallDown::Body { chunk, .. } = &down {
                     counted.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+                    framed.fetch_add(1, Ordering::Relaxed);
                 }
                 w.deliver(roundtrip(down));
             }
@@ -1455,6 +1480,7 @@ mod tests {
             gateway,
             violations,
             down_bytes,
+            down_frames,
         }
     }
 
@@ -2090,10 +2116,13 @@ mod tests {
             other => panic!("expected the call refused, got {other:?}"),
         }
         assert_eq!(g.deliver(body(3, 10)), Ok(()));
-        assert!(matches!(
+        assert_eq!(
             down.try_recv(),
-            Ok(CallDown::Credit { call: 3, bytes: 10 })
-        ));
+            Ok(CallDown::Credit {
+                call: 3,
+                bytes: charge(10)
+            })
+        );
         assert_eq!(
             g.deliver(CallUp::End {
                 call: 3,
@@ -2151,6 +2180,74 @@ mod tests {
         })
         .unwrap();
         g.deliver(request(3, 5)).unwrap();
+    }
+
+    /// A window bounds a call's unread frames by their number as well as
+    /// their bytes: a response streamed in one-byte frames to a guest that
+    /// reads none stops after as many frames as their charges fit. (Counted
+    /// in bytes alone, a call had 262,144 such frames sent down, 34 MB of
+    /// its worker's heap for 256 KiB.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_response_of_tiny_frames_stops_at_its_window_by_their_number() {
+        let w = wire();
+        let echo = Arc::new(Echo::default());
+        w.gateway
+            .register(1, Arc::clone(&echo) as _, Duration::from_secs(60));
+        let egress = w.worker.egress(1);
+        egress.start(Instant::now());
+        let tiny: Vec<Result<Frame<Bytes>, EgressError>> = (0..20_000u32)
+            .map(|i| Ok(Frame::data(Bytes::from(vec![i as u8]))))
+            .collect();
+        let response = egress
+            .send(post(
+                "http://svc/",
+                StreamBody::new(stream::iter(tiny)).boxed_unsync(),
+            ))
+            .await
+            .unwrap();
+        // A frame waiting in the worker takes up to a kibibyte of its heap:
+        // the window's worth of them, no more.
+        let most = u64::from(CallLimits::default().window) / 1024;
+        eventually("the window is mostly filled", || {
+            w.down_frames.load(Ordering::SeqCst) >= most * 3 / 4
+        })
+        .await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let sent = w.down_frames.load(Ordering::SeqCst);
+        assert!(
+            sent <= most,
+            "{sent} frames sent down unread, beyond {most}"
+        );
+        // And a worker sending its request in one-byte frames is held to
+        // as few.
+        assert!(w.gateway.buffered() <= u64::from(CallLimits::default().window));
+        let got = response.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(got.len(), 20_000);
+    }
+
+    /// A worker sending one-byte frames is stopped after as many as their
+    /// charges fit in the window, not as many as its bytes.
+    #[tokio::test]
+    async fn a_worker_flooding_tiny_frames_is_stopped_at_its_window() {
+        let limits = CallLimits::default();
+        let (g, _down) = gateway(limits);
+        g.deliver(request(1, 0)).unwrap();
+        let mut frames = 0u64;
+        let caught = loop {
+            match g.deliver(body(0, 1)) {
+                Ok(()) => frames += 1,
+                Err(v) => break v,
+            }
+            assert!(frames <= u64::from(limits.window), "{frames} frames taken");
+        };
+        assert!(matches!(caught, Violation::BeyondWindow { .. }), "{caught}");
+        // A frame waiting in the gateway takes up to a kibibyte of its
+        // heap: the window's worth of them, no more.
+        assert!(
+            frames <= u64::from(limits.window) / 1024,
+            "{frames} frames taken"
+        );
+        assert_eq!(frames, u64::from(limits.window) / charge(1));
     }
 
     #[tokio::test]

@@ -188,13 +188,21 @@ impl MemoryCeiling {
         }
         let base = base().map_err(CgroupError::NotOffered)?;
         let dir = base.dir.join(name);
-        if let Err(e) = fs::create_dir(&dir)
-            && e.kind() != io::ErrorKind::AlreadyExists
-        {
-            return Err(CgroupError::Io {
-                path: dir,
-                source: e,
-            });
+        let io = |source| CgroupError::Io {
+            path: dir.clone(),
+            source,
+        };
+        // Never one left by another process under this name (a service
+        // stopped before it removed it, a pid used again): its counters
+        // (v1 keeps `oom_kill`) would name every fault of the new one a
+        // kill for memory, and its processes would share its ceiling. An
+        // empty one goes; one still in use is refused.
+        if let Err(e) = fs::create_dir(&dir) {
+            if e.kind() != io::ErrorKind::AlreadyExists {
+                return Err(io(e));
+            }
+            fs::remove_dir(&dir).map_err(io)?;
+            fs::create_dir(&dir).map_err(io)?;
         }
         let ceiling = Self {
             dir,
@@ -392,6 +400,46 @@ mod tests {
         assert!(!ok, "300 MiB fitted under a 64 MiB ceiling");
         assert!(ceiling.oom_killed(), "the kill is not seen");
         drop(ceiling);
+        assert!(!dir.exists(), "{} left behind", dir.display());
+    }
+
+    /// A cgroup left under a worker's name (a service stopped before it
+    /// removed it, the pid since used again) is not taken over with its
+    /// kill count: it is made anew; one still in use is refused.
+    #[test]
+    fn a_leftover_of_the_same_name_is_made_anew_never_taken_over() {
+        if let Err(why) = offered() {
+            eprintln!("no memory cgroup here ({why}): nothing to check");
+            return;
+        }
+        let name = format!("bulkhead-test-{}-again", std::process::id());
+        let first = MemoryCeiling::create(&name, 32 << 20).expect("ceiling");
+        let dir = first.path().to_owned();
+        assert!(!run_in(
+            &first,
+            "head -c 100M /dev/zero | tail -c 100M >/dev/null"
+        ));
+        assert!(first.oom_killed());
+        // Left behind: not removed on drop.
+        std::mem::forget(first);
+        let second = MemoryCeiling::create(&name, 32 << 20).expect("made anew");
+        assert_eq!(second.path(), dir);
+        assert!(!second.oom_killed(), "the leftover's kill is counted again");
+        // In use: refused, and left to its process.
+        let mut held = Command::new("sh")
+            .args(["-c", "read _"])
+            .stdin(Stdio::piped())
+            .spawn()
+            .expect("sh runs");
+        second.add(held.id()).expect("enters");
+        std::mem::forget(second);
+        assert!(matches!(
+            MemoryCeiling::create(&name, 32 << 20),
+            Err(CgroupError::Io { .. })
+        ));
+        drop(held.stdin.take());
+        held.wait().unwrap();
+        drop(MemoryCeiling::create(&name, 32 << 20).expect("made anew once empty"));
         assert!(!dir.exists(), "{} left behind", dir.display());
     }
 

@@ -71,8 +71,15 @@ pub fn weight(policy: &Policy, inputs: u64) -> u64 {
         0
     } else {
         // Every handle a headers resource or an outgoing request, each at
-        // its most.
-        (MAX_HANDLES_CALLING * HELD_PER_HANDLE) as u64
+        // its most; and every call in flight with its response's window
+        // sent down unread, each frame waiting taking at most its charge
+        // of the window (`FRAME_COST`), twice over for what reading it
+        // copies.
+        let limits = crate::worker::calls::CallLimits::default();
+        let windows = (limits.per_job as u64)
+            .saturating_mul(u64::from(limits.window))
+            .saturating_mul(2);
+        ((MAX_HANDLES_CALLING * HELD_PER_HANDLE) as u64).saturating_add(windows)
     };
     let captures = capture(l.stdout.as_u64()).saturating_add(capture(l.stderr.as_u64()));
     // Its report, built after the guest ends: the captures' text, and its

@@ -40,7 +40,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures_util::StreamExt;
-use tokio::sync::{Notify, mpsc, oneshot};
+use tokio::sync::{Notify, mpsc, oneshot, watch};
 
 use super::calls::GatewayCalls;
 use super::harden::{Applied, Layer, LayerState};
@@ -212,6 +212,8 @@ pub struct Pool {
     /// Each worker's directory is a [`super::scratch`]: found possible at
     /// the start.
     mounts: bool,
+    /// How many of its workers are not yet wholly ended ([`Live`]).
+    live: Arc<watch::Sender<usize>>,
 }
 
 /// The runtime every pool's channels and supervisor run on, threads of
@@ -341,6 +343,26 @@ struct Worker {
     channel: std::os::fd::OwnedFd,
     child: Mutex<Option<Child>>,
     ceiling: Option<super::cgroup::MemoryCeiling>,
+    /// Its place among its pool's workers not yet wholly ended.
+    live: Option<Live>,
+}
+
+/// A worker's place among its pool's workers not yet wholly ended
+/// ([`Pool::ended`]): left once its process is reaped and its directory
+/// and cgroup are removed, on the thread [`Worker::drop`] starts.
+struct Live(Arc<watch::Sender<usize>>);
+
+impl Live {
+    fn new(count: &Arc<watch::Sender<usize>>) -> Self {
+        count.send_modify(|n| *n += 1);
+        Self(Arc::clone(count))
+    }
+}
+
+impl Drop for Live {
+    fn drop(&mut self) {
+        self.0.send_modify(|n| *n = n.saturating_sub(1));
+    }
 }
 
 #[derive(Default)]
@@ -552,6 +574,7 @@ impl Pool {
             disk,
             memory,
             mounts,
+            live: Arc::new(watch::Sender::new(0)),
         });
         for _ in 0..pool.config.workers.max(1) {
             // On the channels' runtime: the worker's channel is that
@@ -624,6 +647,14 @@ impl Pool {
         for worker in workers {
             worker.kill();
         }
+    }
+
+    /// Once every worker it started has wholly ended: its process reaped,
+    /// its directory and its cgroup removed. After [`Pool::close`], what a
+    /// stopping service waits for (bounded), so that it leaves no cgroup
+    /// behind.
+    pub async fn ended(&self) {
+        let _ = self.live.subscribe().wait_for(|n| *n == 0).await;
     }
 
     fn next_id(&self) -> u64 {
@@ -1646,7 +1677,7 @@ impl Pool {
         let spawned = process::spawn(&c.program, WORKER_SUBCOMMAND, &args, &[&work_fd, &cache_fd])
             .map_err(|e| start_error(format!("{}: {e}", c.program.display())))?;
         let pid = spawned.child.id();
-        let ceiling = match c.memory {
+        let ceiling: Result<_, String> = match c.memory {
             Some(bytes) => {
                 // Named by the worker's own pid, unique among live
                 // processes: a pool's own count is not (two pools of one
@@ -1655,26 +1686,33 @@ impl Pool {
                 // and its kills).
                 let zone = &c.zone[..c.zone.floor_char_boundary(40)];
                 match super::cgroup::MemoryCeiling::create(&format!("{zone}-{pid}"), bytes) {
-                    Ok(ceiling) => match ceiling.add(pid) {
-                        Ok(()) => Some(ceiling),
-                        Err(e) => {
-                            tracing::warn!(error = %e, "cannot put a worker under its memory ceiling");
-                            None
-                        }
-                    },
-                    Err(e) => {
-                        tracing::debug!(error = %e, "no memory ceiling for workers");
-                        None
+                    Ok(ceiling) => ceiling
+                        .add(pid)
+                        .map(|()| Some(ceiling))
+                        .map_err(|e| format!("cannot put it under its memory ceiling: {e}")),
+                    Err(super::cgroup::CgroupError::NotOffered(why)) => {
+                        tracing::debug!(why, "no memory ceiling for workers");
+                        Ok(None)
                     }
+                    // Offered but not made: the worker does not run
+                    // without it.
+                    Err(e) => Err(format!("cannot make its memory ceiling: {e}")),
                 }
             }
-            None => None,
+            None => Ok(None),
         };
         let mut child = Some(spawned.child);
         let kill = |child: &mut Option<Child>| {
             if let Some(mut c) = child.take() {
                 let _ = c.kill();
                 let _ = c.wait();
+            }
+        };
+        let ceiling = match ceiling {
+            Ok(ceiling) => ceiling,
+            Err(e) => {
+                kill(&mut child);
+                return Err(start_error(e));
             }
         };
         let stream = spawned
@@ -1763,6 +1801,7 @@ impl Pool {
             channel,
             child: Mutex::new(child),
             ceiling,
+            live: Some(Live::new(&self.live)),
         });
         // Calls' frames join the worker's one bounded queue; once it has
         // overflowed they are dropped here, as fast as they come.
@@ -1898,6 +1937,9 @@ impl Drop for Worker {
         let mut child = lock(&self.child).take();
         let (zone_dir, name) = (self.zone_dir.clone(), self.name.take());
         let disk = self.disk.take();
+        // Its cgroup is removed once its process has left it, here and not
+        // on the dropping thread (a runtime's), which would wait for that.
+        let (ceiling, live) = (self.ceiling.take(), self.live.take());
         std::thread::spawn(move || {
             if let Some(child) = child.as_mut() {
                 let _ = child.kill();
@@ -1911,6 +1953,8 @@ impl Drop for Worker {
             {
                 tracing::warn!(dir = %zone_dir.path().join(&name).display(), error = %e, "cannot remove a worker's directory");
             }
+            drop(ceiling);
+            drop(live);
         });
     }
 }

@@ -35,7 +35,9 @@ use crate::job::JobSpec;
 /// 7: `Released` once a released job's directories are removed.
 /// 8: a file's identity carries its file handle's hash (`FileId::handle`).
 /// 9: `LoadError` has `ExceedsWorkerMemory` (the variants after it move).
-pub const VERSION: u32 = 9;
+/// 10: a call's window charges each body frame `calls::FRAME_COST` beside
+/// its bytes, and credits grant both back.
+pub const VERSION: u32 = 10;
 
 /// Largest frame a worker accepts: a module at the host's largest
 /// accepted size plus its policy, or a job's inputs, with room to spare.

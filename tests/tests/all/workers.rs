@@ -712,6 +712,87 @@ async fn what_an_ended_jobs_host_state_took_is_given_back_before_the_next() {
     }
 }
 
+/// An idle worker whose cgroup holds memory beyond its base, its jobs'
+/// weights, its modules' code and its files (what a job's host state left
+/// behind that no weight counted, or its allocator kept) is replaced, and
+/// the zone runs its next job in the new one. Each worker's cgroup is
+/// named by its pid, so no other worker (of this pool or another) shares
+/// its ceiling. The memory is put in from outside: a process moved into
+/// the worker's cgroup before it fills 192 MiB.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_idle_worker_holding_memory_beyond_its_base_is_replaced() {
+    use std::io::Write as _;
+    use std::os::unix::process::CommandExt as _;
+    if bulkhead::worker::cgroup::offered().is_err() {
+        eprintln!("no cgroup memory controller here: nothing to check");
+        return;
+    }
+    let server = service::start(|c| {
+        c.zones.insert(
+            "untrusted".into(),
+            bulkhead::config::ZonePool {
+                workers: 1,
+                memory: Some(ByteSize::gib(1)),
+                ..Default::default()
+            },
+        );
+    })
+    .await;
+    let token = server.token("acme", &["hello:run"]).await;
+    let job = submit(&server, &token, "hello", true).await;
+    assert_eq!(job["state"], "succeeded", "{job}");
+    let pid = workers(&server)[0];
+    let cgroup = memory_limit_file(pid).parent().unwrap().to_owned();
+    assert_eq!(
+        cgroup.file_name().unwrap().to_str().unwrap(),
+        format!("untrusted-{pid}"),
+        "a worker's cgroup is named by its zone and pid"
+    );
+    // Waits for a line on stdin (sent once it is in the cgroup), then
+    // holds 192 MiB: `dd` fills its buffer and blocks writing it to a
+    // reader that never reads.
+    let mut holder = std::process::Command::new("sh")
+        .args([
+            "-c",
+            "read _; dd if=/dev/zero bs=192M count=1 2>/dev/null | sleep 60",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .process_group(0)
+        .spawn()
+        .unwrap();
+    let holder_group = holder.id();
+    std::fs::write(cgroup.join("cgroup.procs"), holder_group.to_string()).unwrap();
+    holder.stdin.take().unwrap().write_all(b"go\n").unwrap();
+    let replaced = {
+        let mut replaced = false;
+        for _ in 0..400 {
+            if !workers(&server).contains(&pid) {
+                replaced = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        replaced
+    };
+    // SAFETY: kill(2) of the holder's own process group.
+    unsafe { libc::kill(-(holder_group as i32), libc::SIGKILL) };
+    let _ = holder.wait();
+    for _ in 0..100 {
+        if std::fs::remove_dir(&cgroup).is_ok() || !cgroup.exists() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        replaced,
+        "the idle worker {pid} kept its place with 192 MiB in its cgroup beyond its base"
+    );
+    until(|| workers(&server).len() == 1).await;
+    let job = submit(&server, &token, "hello", true).await;
+    assert_eq!(job["state"], "succeeded", "{job}");
+    assert!(!workers(&server).contains(&pid));
+}
+
 /// The memory cgroup file `name` beside process `pid`'s limit (v1's
 /// `memory.max_usage_in_bytes`, v2's `memory.peak`, ...).
 fn memory_file(pid: u32, v1: &str, v2: &str) -> std::path::PathBuf {
