@@ -39,7 +39,7 @@
 //! Where the gateway cannot mount a tmpfs (not root), the rooms are kept
 //! all the same, and honest jobs are held to them by their quotas alone.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -48,6 +48,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 
 use super::scratch::Scratch;
+use super::turns::Turns;
 use crate::policy::Policy;
 use crate::sandbox::{JobSpec, MAX_INPUTS};
 
@@ -139,11 +140,9 @@ pub struct ZoneDisk {
     /// ceiling, and it was killed with a co-tenant's job).
     pub per_worker: u64,
     given: Mutex<u64>,
-    /// The rooms jobs wait for, by their turn, and their tenants.
-    waiting: Mutex<BTreeMap<u64, (u64, Arc<str>)>>,
-    /// The rooms each tenant's jobs hold, until released.
-    held: Mutex<HashMap<Arc<str>, u64>>,
-    turns: AtomicU64,
+    /// The rooms jobs wait for, by their turn, and the rooms each
+    /// tenant's jobs hold, until released.
+    turns: Turns,
     /// Turns refused room at least once and still waiting: while there is
     /// one, no worker keeps a spare.
     refused: AtomicU64,
@@ -165,7 +164,7 @@ pub struct Turn<'a> {
 
 impl Drop for Turn<'_> {
     fn drop(&mut self) {
-        lock(&self.zone.waiting).remove(&self.turn);
+        self.zone.turns.leave(self.turn);
         if *self.refused.get_mut() {
             self.zone.refused.fetch_sub(1, Ordering::AcqRel);
         }
@@ -179,9 +178,7 @@ impl ZoneDisk {
             size,
             per_worker: size,
             given: Mutex::new(0),
-            waiting: Mutex::default(),
-            held: Mutex::default(),
-            turns: AtomicU64::new(0),
+            turns: Turns::default(),
             refused: AtomicU64::new(0),
             freed: Notify::new(),
         }
@@ -195,9 +192,7 @@ impl ZoneDisk {
     /// A turn for a job of `tenant` that needs `need` bytes, after every
     /// job already waiting.
     pub fn turn(&self, need: u64, tenant: &str) -> Turn<'_> {
-        let turn = self.turns.fetch_add(1, Ordering::Relaxed);
-        let tenant: Arc<str> = Arc::from(tenant);
-        lock(&self.waiting).insert(turn, (need, Arc::clone(&tenant)));
+        let (turn, tenant) = self.turns.enter(need, tenant);
         Turn {
             zone: self,
             turn,
@@ -212,11 +207,6 @@ impl ZoneDisk {
         self.refused.load(Ordering::Acquire) > 0
     }
 
-    /// The rooms `tenant`'s jobs hold now.
-    fn held_by(held: &HashMap<Arc<str>, u64>, tenant: &str) -> u64 {
-        held.get(tenant).copied().unwrap_or(0)
-    }
-
     /// Takes `bytes` for the job of `turn` (none: not a job's, a load's)
     /// if they fit with the rooms of the jobs waiting before it that hold
     /// it back: its own tenant's, and those of tenants holding no more of
@@ -224,15 +214,7 @@ impl ZoneDisk {
     fn take(&self, bytes: u64, turn: Option<&Turn<'_>>) -> bool {
         let mut given = lock(&self.given);
         let ahead = turn.map_or(0, |t| {
-            let held = lock(&self.held);
-            let mine = Self::held_by(&held, &t.tenant);
-            lock(&self.waiting)
-                .range(..t.turn)
-                .filter(|(_, (_, tenant))| {
-                    *tenant == t.tenant || Self::held_by(&held, tenant) <= mine
-                })
-                .map(|(_, (need, _))| *need)
-                .fold(0u64, u64::saturating_add)
+            self.turns.ahead(t.turn, &t.tenant, u64::saturating_add)
         });
         if given.saturating_add(bytes).saturating_add(ahead) > self.size {
             if let Some(t) = turn
@@ -248,17 +230,7 @@ impl ZoneDisk {
 
     /// `tenant`'s jobs hold `bytes` more (`more`) or fewer.
     fn hold(&self, tenant: &Arc<str>, bytes: u64, more: bool) {
-        let mut held = lock(&self.held);
-        let now = held.entry(Arc::clone(tenant)).or_default();
-        *now = if more {
-            now.saturating_add(bytes)
-        } else {
-            now.saturating_sub(bytes)
-        };
-        if *now == 0 {
-            held.remove(tenant);
-        }
-        drop(held);
+        self.turns.hold(tenant, bytes, more);
         if !more {
             // Waiting jobs it held back may go now.
             self.freed.notify_waiters();
@@ -960,6 +932,6 @@ mod tests {
         // What a tenant holds goes with its worker.
         drop(worker);
         assert_eq!(zone.given(), 0);
-        assert!(lock(&zone.held).is_empty());
+        assert!(zone.turns.nothing_held());
     }
 }

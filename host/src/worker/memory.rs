@@ -24,10 +24,9 @@
 //! rooms, so a large job is not passed for ever by smaller ones, and one
 //! tenant's large jobs do not hold back every other tenant's.
 
-use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
+use super::turns::Turns;
 use crate::policy::Policy;
 use crate::sandbox::{
     HELD_PER_HANDLE, HOSTCALL_FUEL, MAX_CAPTURE, MAX_HANDLES_CALLING, MAX_LISTED,
@@ -132,11 +131,9 @@ pub struct ZoneMemory {
     pub budget: u64,
     /// What a worker holds whatever it runs ([`ZoneMemory::base`]).
     pub base: u64,
-    /// The jobs waiting, by their turn: what each takes, and its tenant.
-    waiting: Mutex<BTreeMap<u64, (u64, Arc<str>)>>,
-    /// What each tenant's jobs hold in the zone's workers now.
-    held: Mutex<HashMap<Arc<str>, u64>>,
-    turns: AtomicU64,
+    /// The jobs waiting, by their turn, and what each tenant's jobs hold
+    /// in the zone's workers now.
+    turns: Turns,
 }
 
 /// A job's place among those waiting for a worker with memory for it.
@@ -149,7 +146,7 @@ pub struct MemoryTurn<'a> {
 
 impl Drop for MemoryTurn<'_> {
     fn drop(&mut self) {
-        lock(&self.zone.waiting).remove(&self.turn);
+        self.zone.turns.leave(self.turn);
     }
 }
 
@@ -163,9 +160,7 @@ impl ZoneMemory {
         Some(Self {
             budget,
             base,
-            waiting: Mutex::default(),
-            held: Mutex::default(),
-            turns: AtomicU64::new(0),
+            turns: Turns::default(),
         })
     }
 
@@ -178,9 +173,7 @@ impl ZoneMemory {
     /// A turn for a job of `tenant` taking `bytes`, after every job already
     /// waiting.
     pub fn turn(&self, bytes: u64, tenant: &str) -> MemoryTurn<'_> {
-        let turn = self.turns.fetch_add(1, Ordering::Relaxed);
-        let tenant: Arc<str> = Arc::from(tenant);
-        lock(&self.waiting).insert(turn, (bytes, Arc::clone(&tenant)));
+        let (turn, tenant) = self.turns.enter(bytes, tenant);
         MemoryTurn {
             zone: self,
             turn,
@@ -201,31 +194,12 @@ impl ZoneMemory {
         else {
             return false;
         };
-        let tenants = lock(&self.held);
-        let mine = tenants.get(&turn.tenant).copied().unwrap_or(0);
-        let ahead = lock(&self.waiting)
-            .range(..turn.turn)
-            .filter(|(_, (_, tenant))| {
-                *tenant == turn.tenant || tenants.get(tenant).copied().unwrap_or(0) <= mine
-            })
-            .map(|(_, (bytes, _))| *bytes)
-            .max()
-            .unwrap_or(0);
-        left >= ahead
+        left >= self.turns.ahead(turn.turn, &turn.tenant, u64::max)
     }
 
     /// `tenant`'s jobs hold `bytes` more (`more`) or fewer.
     pub fn hold(&self, tenant: &Arc<str>, bytes: u64, more: bool) {
-        let mut held = lock(&self.held);
-        let now = held.entry(Arc::clone(tenant)).or_default();
-        *now = if more {
-            now.saturating_add(bytes)
-        } else {
-            now.saturating_sub(bytes)
-        };
-        if *now == 0 {
-            held.remove(tenant);
-        }
+        self.turns.hold(tenant, bytes, more);
     }
 }
 
@@ -234,10 +208,6 @@ impl MemoryTurn<'_> {
     pub fn tenant(&self) -> &Arc<str> {
         &self.tenant
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 #[cfg(test)]

@@ -32,6 +32,7 @@ pub mod pool;
 pub mod process;
 pub mod proto;
 pub mod scratch;
+pub mod turns;
 pub mod uplink;
 
 use std::collections::BTreeSet;

@@ -415,6 +415,14 @@ impl WorkerState {
             .fold(0, |total, (bytes, _)| total.saturating_add(*bytes))
     }
 
+    /// What its worker is counted as holding beside its base: its jobs'
+    /// weights, its modules' code, and `files` (its files in memory).
+    fn counted(&self, files: u64) -> u64 {
+        self.weighed()
+            .saturating_add(self.code)
+            .saturating_add(files)
+    }
+
     fn running(&self) -> usize {
         self.jobs.len() + self.placed
     }
@@ -956,16 +964,10 @@ impl Pool {
                     if let (Some(w), Some(memory), Some(memory_turn)) =
                         (wants, &self.memory, &memory_turn)
                     {
-                        let files = match &worker.disk {
-                            Some(disk) if self.mounts => disk.kept(),
-                            _ => 0,
-                        };
+                        let files = self.files_in_memory(worker);
                         let held = {
                             let ws = lock(&worker.state);
-                            ws.weighed()
-                                .saturating_add(ws.residue)
-                                .saturating_add(ws.code)
-                                .saturating_add(files)
+                            ws.counted(files).saturating_add(ws.residue)
                         };
                         let takes = w.memory.saturating_add(room_in_memory(w));
                         if !memory.fits(held, takes, memory_turn) {
@@ -1292,16 +1294,9 @@ impl Pool {
         let Some(used) = ceiling.used() else {
             return false;
         };
-        let files = match &worker.disk {
-            Some(disk) if self.mounts => disk.kept(),
-            _ => 0,
-        };
+        let files = self.files_in_memory(worker);
         let mut ws = lock(&worker.state);
-        let allowed = memory
-            .base
-            .saturating_add(ws.weighed())
-            .saturating_add(ws.code)
-            .saturating_add(files);
+        let allowed = memory.base.saturating_add(ws.counted(files));
         ws.residue = used.saturating_sub(allowed);
         let idle = ws.idle() && ws.loads.is_empty() && !ws.retiring;
         if ws.residue == 0 || !idle {
@@ -1314,6 +1309,15 @@ impl Pool {
         self.retire(worker);
         self.weakened.notify_one();
         true
+    }
+
+    /// What `worker`'s files take of its memory: what its directory keeps
+    /// where it is a tmpfs.
+    fn files_in_memory(&self, worker: &Worker) -> u64 {
+        match &worker.disk {
+            Some(disk) if self.mounts => disk.kept(),
+            _ => 0,
+        }
     }
 
     /// Job `job` holds none of `ws`'s worker's memory any more.
