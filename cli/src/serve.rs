@@ -29,6 +29,13 @@ pub(crate) async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         started = bulkhead::service::Service::start(config, None) => started?,
         () = stop.notified() => {
             eprintln!("stopped while starting");
+            // The workers started so far go with the start: their cgroups
+            // are removed as their processes are reaped.
+            let _ = tokio::time::timeout(
+                std::time::Duration::from_secs(1),
+                bulkhead::worker::pool::all_ended(),
+            )
+            .await;
             return Ok(ExitCode::SUCCESS);
         }
     };

@@ -121,6 +121,10 @@ pub enum EgressError {
     /// The response body is larger than the service may send (bytes seen).
     #[error("response body size exceeds the limit{}", .0.map(|n| format!(": {n} bytes")).unwrap_or_default())]
     ResponseBodySize(Option<u64>),
+    /// The response's headers the guest would be given are larger than a
+    /// headers resource holds (their bytes).
+    #[error("response header section size exceeds the limit{}", .0.map(|n| format!(": {n} bytes")).unwrap_or_default())]
+    ResponseHeaderSize(Option<u32>),
     /// The guest's own request body failed, as the guest's runtime said.
     #[error("{0}")]
     Body(String),

@@ -32,6 +32,24 @@ pub const FORWARDED: [&str; 11] = [
 
 /// Response headers a guest receives: the body's type, length and
 /// freshness, and `location` (already rewritten to the service's name).
+/// The most the headers a guest is given of a response may take (names
+/// and values): what a headers resource of its own may hold
+/// ([`crate::sandbox::FIELD_SIZE_LIMIT`]). A response's head stays in the
+/// guest's host memory for as long as it keeps the response, which may be
+/// long after the call: a larger one is refused (found by an attacker: a
+/// service's 390 KB of `etag` values, kept in 752 responses by a job
+/// weighed 141 MiB, took its worker 290 MB, and a co-tenant's job was
+/// killed with it).
+pub const MAX_RETURNED_BYTES: usize = crate::sandbox::FIELD_SIZE_LIMIT;
+
+/// The size of `headers` as [`MAX_RETURNED_BYTES`] counts it.
+pub fn size(headers: &http::HeaderMap) -> usize {
+    headers
+        .iter()
+        .map(|(name, value)| name.as_str().len() + value.len())
+        .sum()
+}
+
 pub const RETURNED: [&str; 14] = [
     "accept-ranges",
     "age",

@@ -133,6 +133,7 @@ fn to_guest(e: EgressError) -> HttpError {
         EgressError::Protocol => HttpError::HttpProtocolError,
         EgressError::RequestBodySize(n) => HttpError::HttpRequestBodySize(n),
         EgressError::ResponseBodySize(n) => HttpError::HttpResponseBodySize(n),
+        EgressError::ResponseHeaderSize(n) => HttpError::HttpResponseHeaderSectionSize(n),
         EgressError::Body(message) => HttpError::InternalError(Some(message)),
     }
 }

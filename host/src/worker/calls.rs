@@ -15,11 +15,14 @@
 //! oversized heads, and request body bytes beyond the credit it granted. Its
 //! [`GatewayCalls::deliver`] never waits: each call may have at most
 //! [`CallLimits::window`] request bytes buffered in the gateway, granted
-//! back ([`CallDown::Credit`]) as the egress consumes them, so what a
-//! worker can make the gateway hold is bounded by the window times the
-//! calls in flight. Responses flow under the same kind of window, granted
-//! by the worker as its guest reads, so a large response does not pile up
-//! in the worker either.
+//! back ([`CallDown::Credit`]) as the egress consumes them, so the request
+//! bytes a worker can make the gateway buffer are bounded by the window
+//! times the calls in flight. Responses flow under the same kind of
+//! window, granted by the worker as its guest reads, so a large response
+//! does not pile up in the worker either; while it waits for credit, the
+//! gateway holds what the relay read last (at most its 64 KiB read
+//! buffer) and its scan's state. Each body frame is charged
+//! [`FRAME_COST`] of its window beside its bytes.
 //!
 //! Both halves are transport-agnostic: they take a sender for the frames
 //! they emit and are handed the frames that arrive; the channel code

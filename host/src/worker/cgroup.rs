@@ -57,6 +57,40 @@ pub fn offered() -> Result<(), String> {
     base().map(|_| ())
 }
 
+/// Removes the cgroups named `<prefix><pid>` beside this process's
+/// workers' whose process is gone: those a service ended before it
+/// removed them (killed, or stopped while it started) left, one per
+/// worker. One whose pid is alive is left alone (another service's, under
+/// the same parent), and so is one still in use (`rmdir` refuses it).
+/// How many it removed.
+pub fn remove_left(prefix: &str) -> usize {
+    let Ok(base) = base() else {
+        return 0;
+    };
+    let Ok(entries) = fs::read_dir(&base.dir) else {
+        return 0;
+    };
+    let mut removed = 0;
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix(prefix))
+            .and_then(|p| p.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        // SAFETY: kill(2) with signal 0 sends nothing: it asks whether
+        // the process exists.
+        let gone = unsafe { libc::kill(pid, 0) } != 0
+            && io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH);
+        if gone && fs::remove_dir(entry.path()).is_ok() {
+            removed += 1;
+        }
+    }
+    removed
+}
+
 fn base() -> Result<Base, String> {
     let mountinfo = fs::read_to_string("/proc/self/mountinfo")
         .map_err(|e| format!("/proc/self/mountinfo: {e}"))?;

@@ -350,11 +350,14 @@ struct Worker {
 /// A worker's place among its pool's workers not yet wholly ended
 /// ([`Pool::ended`]): left once its process is reaped and its directory
 /// and cgroup are removed, on the thread [`Worker::drop`] starts.
+/// Counted from its process's start, among this process's too
+/// ([`all_ended`]).
 struct Live(Arc<watch::Sender<usize>>);
 
 impl Live {
     fn new(count: &Arc<watch::Sender<usize>>) -> Self {
         count.send_modify(|n| *n += 1);
+        everywhere().send_modify(|n| *n += 1);
         Self(Arc::clone(count))
     }
 }
@@ -362,7 +365,23 @@ impl Live {
 impl Drop for Live {
     fn drop(&mut self) {
         self.0.send_modify(|n| *n = n.saturating_sub(1));
+        everywhere().send_modify(|n| *n = n.saturating_sub(1));
     }
+}
+
+/// How many workers of every pool of this process are not yet wholly
+/// ended.
+fn everywhere() -> &'static watch::Sender<usize> {
+    static LIVE: std::sync::OnceLock<watch::Sender<usize>> = std::sync::OnceLock::new();
+    LIVE.get_or_init(|| watch::Sender::new(0))
+}
+
+/// Once every worker this process started has wholly ended (its process
+/// reaped, its directory and cgroup removed): what a process stopped while
+/// its service was starting waits for (bounded) before it exits, its pools
+/// gone with the start.
+pub async fn all_ended() {
+    let _ = everywhere().subscribe().wait_for(|n| *n == 0).await;
 }
 
 #[derive(Default)]
@@ -497,6 +516,13 @@ impl Pool {
             zone: config.zone.clone(),
             reason: format!("work directory {}: {e}", config.work_dir.display()),
         })?;
+        if config.memory.is_some() {
+            let zone = &config.zone[..config.zone.floor_char_boundary(40)];
+            let removed = super::cgroup::remove_left(&format!("{zone}-"));
+            if removed > 0 {
+                tracing::info!(zone = %config.zone, removed, "removed memory cgroups earlier workers left behind");
+            }
+        }
         let memory = match config.memory {
             Some(ceiling) => Some(
                 super::memory::ZoneMemory::new(ceiling, config.max_concurrent_jobs).ok_or_else(
@@ -1681,6 +1707,9 @@ impl Pool {
         let spawned = process::spawn(&c.program, WORKER_SUBCOMMAND, &args, &[&work_fd, &cache_fd])
             .map_err(|e| start_error(format!("{}: {e}", c.program.display())))?;
         let pid = spawned.child.id();
+        // Counted from now: dropped after the ceiling below on every way
+        // out of this function, which removes it.
+        let live = Live::new(&self.live);
         let ceiling: Result<_, String> = match c.memory {
             Some(bytes) => {
                 // Named by the worker's own pid, unique among live
@@ -1805,7 +1834,7 @@ impl Pool {
             channel,
             child: Mutex::new(child),
             ceiling,
-            live: Some(Live::new(&self.live)),
+            live: Some(live),
         });
         // Calls' frames join the worker's one bounded queue; once it has
         // overflowed they are dropped here, as fast as they come.
