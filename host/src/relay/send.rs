@@ -985,6 +985,43 @@ mod tests {
         }
     }
 
+    /// A started grant of job `job` to the service `palette` at `addr`.
+    fn grant_to(addr: std::net::SocketAddr) -> Arc<CallGrant> {
+        let decl = ServiceDecl::example("palette", &format!("http://{addr}"));
+        let relay = Arc::new(
+            Relay::new(
+                vec![decl.clone()],
+                Arc::new(super::super::KeyRing::ephemeral()),
+                &super::super::TokenConfig::default(),
+            )
+            .unwrap(),
+        );
+        let grant = Arc::new(CallGrant::new(
+            relay,
+            vec![decl.name.clone()],
+            Ok(Caller {
+                tenant: "acme".into(),
+                subject: "alice".into(),
+                scopes: Vec::new(),
+            }),
+            "job",
+            "module",
+        ));
+        grant.start(Instant::now() + Duration::from_secs(30));
+        grant
+    }
+
+    /// A request without a body.
+    fn get(uri: &str) -> http::Request<GuestBody> {
+        http::Request::get(uri)
+            .body(
+                http_body_util::Empty::<Bytes>::new()
+                    .map_err(|never| match never {})
+                    .boxed_unsync(),
+            )
+            .unwrap()
+    }
+
     /// A service that answers with trailers whatever the request said (a
     /// hyper server would send them only to a request with `TE: trailers`,
     /// which the gate never forwards), and names a header the guest must
@@ -1015,35 +1052,11 @@ mod tests {
             socket.write_all(response.as_bytes()).await.unwrap();
             socket.flush().await.unwrap();
         });
-        let decl = ServiceDecl::example("palette", &format!("http://{addr}"));
-        let relay = Arc::new(
-            Relay::new(
-                vec![decl.clone()],
-                Arc::new(super::super::KeyRing::ephemeral()),
-                &super::super::TokenConfig::default(),
-            )
-            .unwrap(),
-        );
-        let grant = Arc::new(CallGrant::new(
-            relay,
-            vec![decl.name.clone()],
-            Ok(Caller {
-                tenant: "acme".into(),
-                subject: "alice".into(),
-                scopes: Vec::new(),
-            }),
-            "job",
-            "module",
-        ));
-        grant.start(Instant::now() + Duration::from_secs(30));
-        let request = http::Request::get("http://palette/v1/x")
-            .body(
-                http_body_util::Empty::<Bytes>::new()
-                    .map_err(|never| match never {})
-                    .boxed_unsync(),
-            )
+        let grant = grant_to(addr);
+        let response = Arc::clone(&grant)
+            .send(get("http://palette/v1/x"))
+            .await
             .unwrap();
-        let response = Arc::clone(&grant).send(request).await.unwrap();
         assert_eq!(response.status(), 200);
         let names: Vec<&str> = response.headers().keys().map(HeaderName::as_str).collect();
         assert!(!names.contains(&"x-secret-echo"), "{names:?}");
@@ -1088,42 +1101,16 @@ mod tests {
                 });
             }
         });
-        let decl = ServiceDecl::example("palette", &format!("http://{addr}"));
-        let relay = Arc::new(
-            Relay::new(
-                vec![decl.clone()],
-                Arc::new(super::super::KeyRing::ephemeral()),
-                &super::super::TokenConfig::default(),
-            )
-            .unwrap(),
-        );
-        let grant = Arc::new(CallGrant::new(
-            relay,
-            vec![decl.name.clone()],
-            Ok(Caller {
-                tenant: "acme".into(),
-                subject: "alice".into(),
-                scopes: Vec::new(),
-            }),
-            "job",
-            "module",
-        ));
-        grant.start(Instant::now() + Duration::from_secs(30));
-        let get = |path: &str| {
-            http::Request::get(format!("http://palette{path}"))
-                .body(
-                    http_body_util::Empty::<Bytes>::new()
-                        .map_err(|never| match never {})
-                        .boxed_unsync(),
-                )
-                .unwrap()
-        };
+        let grant = grant_to(addr);
         // Three values (12 KB) fit.
-        let response = Arc::clone(&grant).send(get("/v1/lean")).await.unwrap();
+        let response = Arc::clone(&grant)
+            .send(get("http://palette/v1/lean"))
+            .await
+            .unwrap();
         assert_eq!(response.headers().get_all("etag").iter().count(), 3);
         assert!(headers::size(response.headers()) <= headers::MAX_RETURNED_BYTES);
         // Ten (40 KB) do not.
-        match Arc::clone(&grant).send(get("/v1/fat")).await {
+        match Arc::clone(&grant).send(get("http://palette/v1/fat")).await {
             Err(EgressError::ResponseHeaderSize(Some(n))) => {
                 assert!(n as usize > headers::MAX_RETURNED_BYTES, "{n}");
             }
