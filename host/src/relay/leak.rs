@@ -253,21 +253,24 @@ fn build(patterns: &[Vec<u8>]) -> Option<AhoCorasick> {
 /// every token's needles is built and searches the rest.
 const COMBINE_AFTER: usize = 64 * 1024;
 
-/// The needles of a set of tokens: the call's own and the job's earlier
-/// ones that may still be valid. Short answers are searched with each
-/// token's own automaton (nothing to build); a long one with a single
-/// automaton of them all, shared with the job's other calls
-/// ([`Combined`]).
+/// The needles an answer is searched for: the call's own token's, and
+/// those of every token of its job that may be valid at the moment of
+/// each search ([`Combined::minted`]), minted before the call or since (a
+/// service stashing a later call's token into an earlier call's answer
+/// still being read: found by an attacker, when a call's tokens were
+/// fixed at its start). Short answers are searched with each token's own
+/// automaton (nothing to build); a long one with a single automaton of
+/// them all, shared with the job's other calls ([`Combined`]).
 #[derive(Debug, Default)]
 pub struct Needles {
     tokens: Vec<Arc<TokenNeedles>>,
     combined: Arc<Combined>,
 }
 
-/// One automaton of the needles of every token a job may still have valid,
-/// shared by its calls: each call's long answer is searched with the one
-/// built last if it holds every token of the call's, else with one built
-/// anew over the job's tokens then ([`Combined::minted`]) and the call's.
+/// The tokens a job may still have valid, and one automaton of all their
+/// needles shared by its calls: each call's long answer is searched with
+/// the one built last if it holds every token to search, else with one
+/// built anew.
 /// An automaton of 64 tokens takes about 3.5 MB; built per call, the calls
 /// a job's guest left unread each held one (found by an attacker: a
 /// tenant's 384 calls took the gateway to 1.08 GB). A call does not keep
@@ -339,22 +342,43 @@ impl Needles {
         )
     }
 
-    /// The needles of tokens whose automata are already built, alone.
+    /// The needles of `tokens`, alone.
     pub fn of(tokens: Vec<Arc<TokenNeedles>>) -> Self {
-        Self::shared(tokens, Arc::default())
+        let combined = Arc::new(Combined::default());
+        combined.minted(tokens.clone());
+        Self::shared(tokens, combined)
     }
 
-    /// The needles of tokens whose automata are already built, a long
-    /// answer searched with `combined`, the job's.
-    pub fn shared(tokens: Vec<Arc<TokenNeedles>>, combined: Arc<Combined>) -> Self {
-        Self { tokens, combined }
+    /// The needles of `own` (a call's token) and of the tokens `combined`
+    /// (its job's) holds at each search.
+    pub fn shared(own: Vec<Arc<TokenNeedles>>, combined: Arc<Combined>) -> Self {
+        Self {
+            tokens: own,
+            combined,
+        }
+    }
+
+    /// Every token to search for now: its own, and its job's.
+    fn now(&self) -> Vec<Arc<TokenNeedles>> {
+        let mut all = self
+            .combined
+            .minted
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        for t in &self.tokens {
+            if !all.iter().any(|h| Arc::ptr_eq(h, t)) {
+                all.push(Arc::clone(t));
+            }
+        }
+        all
     }
 
     /// Whether `haystack` (a header value, a redirect target) contains any
     /// form of any token, in either view. Compressed payloads are not
     /// looked into here; response bodies go through a [`Scanner`].
     pub fn found(&self, haystack: &[u8]) -> bool {
-        if self.tokens.is_empty() {
+        if self.now().is_empty() {
             return false;
         }
         self.is_match(&fold(haystack), 0) || UnescapedStream::default().feed(self, haystack, 0, 0)
@@ -363,12 +387,13 @@ impl Needles {
     /// Whether the folded `haystack` holds a needle, for a stream that has
     /// already had `scanned` bytes.
     fn is_match(&self, folded: &[u8], scanned: usize) -> bool {
-        if self.tokens.len() < 2 || scanned < COMBINE_AFTER {
-            return self.tokens.iter().any(|t| t.is_match(folded));
+        let tokens = self.now();
+        if tokens.len() < 2 || scanned < COMBINE_AFTER {
+            return tokens.iter().any(|t| t.is_match(folded));
         }
-        match &*self.combined.covering(&self.tokens) {
+        match &*self.combined.covering(&tokens) {
             Some(a) => a.is_match(folded),
-            None => self.tokens.iter().any(|t| t.is_match(folded)),
+            None => tokens.iter().any(|t| t.is_match(folded)),
         }
     }
 }
@@ -1128,6 +1153,29 @@ mod tests {
 
     fn sig() -> &'static str {
         TOKEN.rsplit('.').next().unwrap()
+    }
+
+    /// A token minted after a call started is searched for in that call's
+    /// answer too, short or long: a service may stash a later call's token
+    /// into an earlier call's answer still being read (found by an
+    /// attacker, when a call's tokens were fixed at its start).
+    #[test]
+    fn a_token_minted_after_a_call_started_is_searched_in_its_answer() {
+        let combined = Arc::new(Combined::default());
+        let first = Arc::new(TokenNeedles::new(TOKEN));
+        combined.minted(vec![Arc::clone(&first)]);
+        let call = Needles::shared(vec![first.clone()], Arc::clone(&combined));
+        let raw: Vec<u8> = (0..64u32).map(|j| ((j * 7919 + 13) % 251) as u8).collect();
+        let later = format!("h.p.{}", URL_SAFE_NO_PAD.encode(raw));
+        let signature = later.rsplit('.').next().unwrap().as_bytes().to_vec();
+        assert!(!call.is_match(&fold(&signature), 0));
+        combined.minted(vec![first, Arc::new(TokenNeedles::new(&later))]);
+        assert!(call.is_match(&fold(&signature), 0), "short answer");
+        assert!(
+            call.is_match(&fold(&signature), COMBINE_AFTER),
+            "long answer"
+        );
+        assert!(call.found(&signature));
     }
 
     /// A job's calls made at once, each with the tokens minted up to its

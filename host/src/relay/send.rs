@@ -372,12 +372,23 @@ impl CallGrant {
             let mut s = self.lock();
             s.minted.retain(|(expiry, _)| *expiry > now);
             let expiry = now + self.relay.lifetime + Duration::from_secs(2);
+            // Calls checked against the bound at once may each have
+            // minted: the one past it is refused, its token never sent,
+            // and no live token is dropped from the search.
+            if s.minted.len() >= super::leak::MAX_TOKENS {
+                drop(s);
+                let r = Refusal::Limit(format!(
+                    "at most {} live call tokens per job",
+                    super::leak::MAX_TOKENS
+                ));
+                return Err(self.refuse(&parts, Some(&service), &r));
+            }
             s.minted.push((expiry, Arc::clone(&own)));
-            let excess = s.minted.len().saturating_sub(super::leak::MAX_TOKENS);
-            s.minted.drain(..excess);
             let tokens: Vec<_> = s.minted.iter().map(|(_, n)| Arc::clone(n)).collect();
-            s.combined.minted(tokens.clone());
-            Arc::new(Needles::shared(tokens, Arc::clone(&s.combined)))
+            s.combined.minted(tokens);
+            // Every answer is searched for every token the job has then,
+            // its own call's and those minted before or since.
+            Arc::new(Needles::shared(vec![own], Arc::clone(&s.combined)))
         };
 
         let mut record = CallRecord {

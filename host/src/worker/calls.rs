@@ -172,9 +172,10 @@ pub struct CallLimits {
     pub window: u32,
     /// Largest body chunk in one frame (at most `window`).
     pub max_chunk: u32,
-    /// Calls in flight per job.
+    /// Calls in flight per job (in the worker: calls whose response its
+    /// guest still holds, ended or not).
     pub per_job: usize,
-    /// Calls in flight per worker.
+    /// Calls in flight per worker (likewise).
     pub per_worker: usize,
     /// Header (or trailer) fields in one list.
     pub max_fields: usize,
@@ -409,6 +410,14 @@ struct ChannelClosed;
 struct WorkerState {
     next_call: u64,
     calls: HashMap<u64, WorkerCall>,
+    /// Each job's calls whose response the guest still holds (a
+    /// [`CallGuard`] each), ended or not: what counts against
+    /// [`CallLimits::per_job`] and [`CallLimits::per_worker`]. A response
+    /// that has ended keeps what came down of it until the guest reads or
+    /// drops it (found by an attacker: a job kept 256 ended, unread
+    /// responses, 65 MB of its worker, while its calls in flight were
+    /// counted only until each ended).
+    held: HashMap<u64, usize>,
     closed: bool,
 }
 
@@ -416,7 +425,6 @@ struct WorkerState {
 /// or when the worker gives up on it).
 #[derive(Debug)]
 struct WorkerCall {
-    job: u64,
     head: Option<oneshot::Sender<Result<Head, EgressError>>>,
     body: mpsc::UnboundedSender<Queued>,
     /// Request body credit granted by the gateway.
@@ -645,9 +653,9 @@ impl Egress for WorkerEgress {
                 if state.closed {
                     return Err(gone());
                 }
-                if state.calls.len() >= inner.limits.per_worker
-                    || state.calls.values().filter(|c| c.job == self.job).count()
-                        >= inner.limits.per_job
+                let held = state.held.values().sum::<usize>();
+                if held >= inner.limits.per_worker
+                    || state.held.get(&self.job).copied().unwrap_or(0) >= inner.limits.per_job
                 {
                     return Err(EgressError::Internal(Some(
                         "too many outbound requests in flight".into(),
@@ -676,7 +684,6 @@ impl Egress for WorkerEgress {
                 state.calls.insert(
                     call,
                     WorkerCall {
-                        job: self.job,
                         head: Some(head_tx),
                         body: body_tx,
                         window,
@@ -684,9 +691,11 @@ impl Egress for WorkerEgress {
                         up_done: false,
                     },
                 );
+                *state.held.entry(self.job).or_default() += 1;
                 let guard = CallGuard {
                     inner: Arc::clone(inner),
                     call,
+                    job: self.job,
                 };
                 (head_rx, body_rx, guard)
             };
@@ -765,11 +774,19 @@ async fn pump(inner: Arc<WorkerInner>, call: u64, mut body: EgressBody, window: 
 struct CallGuard {
     inner: Arc<WorkerInner>,
     call: u64,
+    job: u64,
 }
 
 impl Drop for CallGuard {
     fn drop(&mut self) {
         self.inner.abandon(self.call);
+        let mut state = lock(&self.inner.state);
+        if let Some(n) = state.held.get_mut(&self.job) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                state.held.remove(&self.job);
+            }
+        }
     }
 }
 
@@ -2226,6 +2243,42 @@ mod tests {
         assert!(w.gateway.buffered() <= u64::from(CallLimits::default().window));
         let got = response.into_body().collect().await.unwrap().to_bytes();
         assert_eq!(got.len(), 20_000);
+    }
+
+    /// A response that has ended counts among its job's calls until the
+    /// guest reads or drops it: what came down of it stays in the worker
+    /// until then (counted only until it ended, a job kept 256 such
+    /// responses, 65 MB of its worker).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn responses_ended_but_kept_count_among_the_jobs_calls() {
+        let w = wire();
+        let echo = Arc::new(Echo::default());
+        w.gateway
+            .register(1, Arc::clone(&echo) as _, Duration::from_secs(60));
+        let egress = w.worker.egress(1);
+        egress.start(Instant::now());
+        let per_job = CallLimits::default().per_job;
+        let mut kept = Vec::new();
+        for _ in 0..per_job {
+            let response = Arc::clone(&egress)
+                .send(post("http://svc/", streamed(b"kept", None)))
+                .await
+                .unwrap();
+            kept.push(response);
+        }
+        eventually("every response has ended", || w.worker.in_flight() == 0).await;
+        let refused = Arc::clone(&egress).send(post("http://svc/", empty())).await;
+        assert!(
+            refused.is_err(),
+            "a call past {per_job} kept responses was made"
+        );
+        drop(kept.pop());
+        let response = Arc::clone(&egress)
+            .send(post("http://svc/", streamed(b"again", None)))
+            .await
+            .unwrap();
+        let got = response.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(&got[..], b"again");
     }
 
     /// A worker sending one-byte frames is stopped after as many as their

@@ -274,8 +274,11 @@ pub const NOT_PLACED: &str = "no room or place for the job by its deadline";
 /// by config) or answers something the worker sent (a credit, a call's
 /// response frames, bounded per call by its window); a worker that stops
 /// reading its channel while it keeps the gateway answering would
-/// otherwise grow the gateway's memory without end.
-pub const MAX_QUEUED_FRAMES: usize = 65_536;
+/// otherwise grow the gateway's memory without end. Twice what the calls a
+/// worker may have in flight can queue (each at most a head, an end, and
+/// as many body frames and credits as its windows hold: 512; 128 calls),
+/// so that calls alone never fault a worker whose reader keeps up.
+pub const MAX_QUEUED_FRAMES: usize = 131_072;
 
 /// The gateway's queue of frames to one worker, bounded by
 /// [`MAX_QUEUED_FRAMES`]: past it the frame is dropped and the queue marked
