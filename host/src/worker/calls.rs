@@ -217,6 +217,20 @@ fn charge(len: usize) -> u64 {
 }
 
 impl CallLimits {
+    /// The bounds for a worker running `places` jobs at once: every one of
+    /// them may have its [`CallLimits::per_job`] calls, so that no job's
+    /// calls (its responses held unread, say) leave another job on the same
+    /// worker none (found by an attacker: four jobs of one tenant, each
+    /// holding 32 answers, left every other tenant's job on their worker
+    /// unable to call).
+    pub fn for_places(places: u32) -> Self {
+        let limits = Self::default();
+        Self {
+            per_worker: limits.per_job.saturating_mul(places.max(1) as usize),
+            ..limits
+        }
+    }
+
     /// A window of at least one frame, chunks whose charge fits it (a
     /// sender waits for a whole chunk's credit).
     fn normalized(mut self) -> Self {
@@ -1469,10 +1483,15 @@ mod tests {
     }
 
     fn wire() -> Wire {
+        wire_with(CallLimits::default())
+    }
+
+    /// [`wire`], both halves within `limits`.
+    fn wire_with(limits: CallLimits) -> Wire {
         let (up_tx, mut up_rx) = mpsc::unbounded_channel();
         let (down_tx, mut down_rx) = mpsc::unbounded_channel();
-        let worker = WorkerCalls::new(up_tx);
-        let gateway = Arc::new(GatewayCalls::new(down_tx));
+        let worker = WorkerCalls::with_limits(up_tx, limits);
+        let gateway = Arc::new(GatewayCalls::with_limits(down_tx, limits));
         let (v_tx, violations) = mpsc::unbounded_channel();
         let g = Arc::clone(&gateway);
         tokio::spawn(async move {
@@ -2279,6 +2298,33 @@ mod tests {
             .unwrap();
         let got = response.into_body().collect().await.unwrap().to_bytes();
         assert_eq!(&got[..], b"again");
+    }
+
+    /// A worker's jobs may each have their calls, whatever the others
+    /// hold: four jobs holding 32 answers each left a fifth job on their
+    /// worker unable to call while the worker's bound was a fixed 128.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_jobs_held_answers_leave_the_other_jobs_of_its_worker_their_calls() {
+        let places = 5;
+        let w = wire_with(CallLimits::for_places(places));
+        let per_job = CallLimits::default().per_job;
+        let mut kept = Vec::new();
+        for job in 1..=u64::from(places) {
+            let echo = Arc::new(Echo::default());
+            w.gateway
+                .register(job, Arc::clone(&echo) as _, Duration::from_secs(60));
+            let egress = w.worker.egress(job);
+            egress.start(Instant::now());
+            let calls = if job == u64::from(places) { 1 } else { per_job };
+            for _ in 0..calls {
+                let response = Arc::clone(&egress)
+                    .send(post("http://svc/", streamed(b"held", None)))
+                    .await
+                    .unwrap_or_else(|e| panic!("job {job}: {e}"));
+                kept.push(response);
+            }
+        }
+        assert_eq!(kept.len(), (places as usize - 1) * per_job + 1);
     }
 
     /// A worker sending one-byte frames is stopped after as many as their

@@ -152,7 +152,16 @@ pub fn main(args: &OsStr) -> ExitCode {
             Ok(Down::Hello { version }) if version == proto::VERSION => {}
             _ => return ExitCode::from(3),
         }
-        serve(Arc::new(sandbox), guests, args.give_back, reader, writer).await;
+        let places = args.max_concurrent_jobs;
+        serve(
+            Arc::new(sandbox),
+            guests,
+            args.give_back,
+            places,
+            reader,
+            writer,
+        )
+        .await;
         ExitCode::SUCCESS
     })
 }
@@ -182,6 +191,7 @@ async fn serve(
     sandbox: Arc<Sandbox>,
     guests: tokio::runtime::Handle,
     give_back: bool,
+    places: u32,
     mut reader: proto::Reader,
     writer: proto::Writer,
 ) {
@@ -198,7 +208,7 @@ async fn serve(
             send(&calls_up, Up::Call(frame));
             true
         }),
-        CallLimits::default(),
+        CallLimits::for_places(places),
     );
     let draining = Arc::clone(&up);
     let pump = async move {

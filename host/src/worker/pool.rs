@@ -1831,7 +1831,10 @@ impl Pool {
             zone_dir: self.zone_dir.clone(),
             disk,
             down,
-            calls: GatewayCalls::new(call_tx),
+            calls: GatewayCalls::with_limits(
+                call_tx,
+                super::calls::CallLimits::for_places(self.config.max_concurrent_jobs),
+            ),
             state: Mutex::default(),
             last_heard: Mutex::new(Instant::now()),
             channel,
