@@ -1486,6 +1486,19 @@ mod tests {
         wire_with(CallLimits::default())
     }
 
+    impl Wire {
+        /// An [`Echo`] registered as job `job`'s egress, and the job's
+        /// egress in the worker, started.
+        fn echoing(&self, job: u64) -> (Arc<Echo>, Arc<dyn Egress>) {
+            let echo = Arc::new(Echo::default());
+            self.gateway
+                .register(job, Arc::clone(&echo) as _, Duration::from_secs(60));
+            let egress = self.worker.egress(job);
+            egress.start(Instant::now());
+            (echo, egress)
+        }
+    }
+
     /// [`wire`], both halves within `limits`.
     fn wire_with(limits: CallLimits) -> Wire {
         let (up_tx, mut up_rx) = mpsc::unbounded_channel();
@@ -1608,11 +1621,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_streamed_request_and_its_response_cross_whole_and_in_order() {
         let mut w = wire();
-        let echo = Arc::new(Echo::default());
-        w.gateway
-            .register(7, Arc::clone(&echo) as _, Duration::from_secs(60));
-        let egress = w.worker.egress(7);
-        egress.start(Instant::now());
+        let (echo, egress) = w.echoing(7);
         let data = pattern(0, 5 << 20);
         let clock = Instant::now();
         let mut trailers = http::HeaderMap::new();
@@ -1950,11 +1959,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_response_the_worker_does_not_read_stops_at_its_window() {
         let w = wire();
-        let echo = Arc::new(Echo::default());
-        w.gateway
-            .register(1, Arc::clone(&echo) as _, Duration::from_secs(60));
-        let egress = w.worker.egress(1);
-        egress.start(Instant::now());
+        let (_echo, egress) = w.echoing(1);
         let data = pattern(3, 4 << 20);
         let response = egress
             .send(post("http://svc/", streamed(&data, None)))
@@ -2229,11 +2234,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_response_of_tiny_frames_stops_at_its_window_by_their_number() {
         let w = wire();
-        let echo = Arc::new(Echo::default());
-        w.gateway
-            .register(1, Arc::clone(&echo) as _, Duration::from_secs(60));
-        let egress = w.worker.egress(1);
-        egress.start(Instant::now());
+        let (_echo, egress) = w.echoing(1);
         let tiny: Vec<Result<Frame<Bytes>, EgressError>> = (0..20_000u32)
             .map(|i| Ok(Frame::data(Bytes::from(vec![i as u8]))))
             .collect();
@@ -2271,11 +2272,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn responses_ended_but_kept_count_among_the_jobs_calls() {
         let w = wire();
-        let echo = Arc::new(Echo::default());
-        w.gateway
-            .register(1, Arc::clone(&echo) as _, Duration::from_secs(60));
-        let egress = w.worker.egress(1);
-        egress.start(Instant::now());
+        let (_echo, egress) = w.echoing(1);
         let per_job = CallLimits::default().per_job;
         let mut kept = Vec::new();
         for _ in 0..per_job {
@@ -2310,11 +2307,7 @@ mod tests {
         let per_job = CallLimits::default().per_job;
         let mut kept = Vec::new();
         for job in 1..=u64::from(places) {
-            let echo = Arc::new(Echo::default());
-            w.gateway
-                .register(job, Arc::clone(&echo) as _, Duration::from_secs(60));
-            let egress = w.worker.egress(job);
-            egress.start(Instant::now());
+            let (_echo, egress) = w.echoing(job);
             let calls = if job == u64::from(places) { 1 } else { per_job };
             for _ in 0..calls {
                 let response = Arc::clone(&egress)
