@@ -18,8 +18,8 @@ use std::time::{Duration, Instant};
 use tokio::sync::{oneshot, watch};
 
 use super::calls::{CallLimits, CallSink, WorkerCalls};
+use super::link::Link;
 use super::proto::{self, Down, MAX_DOWN_FRAME, MAX_UP_FRAME, Up};
-use super::uplink::Uplink;
 use super::{CHANNEL_FD, WorkerArgs, harden, process};
 use crate::policy::{Policy, Sha256Hex};
 use crate::sandbox::{JobDir, LoadError, LoadedModule, Sandbox, SandboxConfig};
@@ -120,7 +120,15 @@ pub fn main(args: &OsStr) -> ExitCode {
         if channel.set_nonblocking(true).is_err() {
             return ExitCode::from(2);
         }
-        let Ok(stream) = tokio::net::UnixStream::from_std(channel) else {
+        // Registered with the guests' runtime, whose threads read it: a
+        // job's `Run` is read by a guest thread, which then runs the job
+        // (`serve`), rather than by this thread, which would have to wake
+        // one.
+        let stream = {
+            let _guests = guests.enter();
+            tokio::net::UnixStream::from_std(channel)
+        };
+        let Ok(stream) = stream else {
             return ExitCode::from(2);
         };
         let (mut reader, mut writer) = proto::split(stream, MAX_DOWN_FRAME, MAX_UP_FRAME);
@@ -171,7 +179,7 @@ struct State {
     sandbox: Arc<Sandbox>,
     /// The runtime guests (and everything done for them) run on.
     guests: tokio::runtime::Handle,
-    up: Arc<Uplink>,
+    up: Arc<Link>,
     calls: WorkerCalls,
     modules: Mutex<HashMap<u64, Compiled>>,
     /// Running jobs' cancel triggers.
@@ -185,6 +193,8 @@ struct State {
     /// What a job's host allocations freed goes back to the system before
     /// its report ([`WorkerArgs::give_back`]).
     give_back: bool,
+    /// When the reader last took a frame off the channel ([`vouch`]).
+    last_read: Mutex<Instant>,
 }
 
 async fn serve(
@@ -198,7 +208,7 @@ async fn serve(
     // Frames go up from the thread that sends them (a report from its
     // guest's thread); what the socket does not take at once is written
     // by `drain`, on this thread.
-    let up = Arc::new(Uplink::new(writer.into_inner(), MAX_UP_FRAME));
+    let up = Arc::new(Link::new(writer.into_inner(), MAX_UP_FRAME));
     // A call's frames go up the same way as reports, in the order sent, so
     // none of them can arrive after the report of the job that made the
     // call.
@@ -210,9 +220,9 @@ async fn serve(
         }),
         CallLimits::for_places(places),
     );
-    let draining = Arc::clone(&up);
+    let draining = Arc::downgrade(&up);
     let pump = async move {
-        if draining.drain().await.is_err() {
+        if Link::drain(draining).await.is_err() {
             // The gateway is gone: nothing left to work for.
             std::process::exit(0);
         }
@@ -227,6 +237,7 @@ async fn serve(
         dirs: Mutex::default(),
         started: Mutex::default(),
         give_back,
+        last_read: Mutex::new(Instant::now()),
     });
     let ticking = Arc::clone(&state);
     let tick = async move {
@@ -235,8 +246,11 @@ async fn serve(
         loop {
             tick.tick().await;
             say_running(&ticking);
+            vouch(&ticking);
         }
     };
+    let reading = Arc::clone(&state);
+    let guests = state.guests.clone();
     let read = async move {
         loop {
             let message = match proto::recv::<Down>(&mut reader).await {
@@ -244,6 +258,7 @@ async fn serve(
                 // Closed or broken: the gateway let this worker go.
                 Err(_) => std::process::exit(0),
             };
+            *lock(&reading.last_read) = Instant::now();
             match message {
                 Down::Hello { .. } => std::process::exit(3),
                 Down::Load {
@@ -287,15 +302,25 @@ async fn serve(
             }
         }
     };
-    // The channel, both ways, stays on this thread and its own runtime,
-    // which runs no guest: pings are answered and reports written even
-    // while guests' host calls hold every thread of theirs.
+    // The channel is read on the guests' threads: a job's `Run` is read
+    // by the thread that then runs it (spawned from there, it goes first
+    // in that thread's queue). What the socket did not take at once is
+    // written, and `Running` said, on this thread and its own runtime,
+    // which runs no guest; so is the worker vouched for while guests' host
+    // calls hold every thread of theirs and frames wait unread (`vouch`).
+    let read = guests.spawn(read);
+    let read = async move {
+        // The reader panicked: nothing reads the channel any more.
+        if read.await.is_err() {
+            std::process::exit(3);
+        }
+    };
     futures_util::future::join3(pump, read, tick).await;
 }
 
 /// Sends `message` up (its [`stand_in`] if it is too large); exits when
 /// the gateway is gone, as there is nothing left to work for.
-fn send(up: &Uplink, message: Up) {
+fn send(up: &Link, message: Up) {
     if up.send(message, stand_in).is_err() {
         std::process::exit(0);
     }
@@ -408,6 +433,27 @@ fn say_running(state: &State) {
         send(&state.up, Up::Running { job });
         false
     });
+}
+
+/// How long frames may wait unread on the channel, with the reader taking
+/// none, before the channel's thread vouches for the worker.
+const VOUCH_AFTER: Duration = Duration::from_secs(1);
+
+/// Says the worker is there (`Pong { seq: 0 }`, which no ping carries)
+/// when frames have waited unread for [`VOUCH_AFTER`] with the reader
+/// taking none: guests' host calls hold every guest thread, so the
+/// gateway's pings wait with them. Called on the channel's thread, which
+/// no guest holds: one guest's long host calls do not make the gateway
+/// fault the worker, and every other job on it, as silent. A worker that
+/// hangs vouches for nothing.
+fn vouch(state: &State) {
+    let behind = lock(&state.last_read).elapsed() >= VOUCH_AFTER;
+    // SAFETY: CHANNEL_FD is the channel, open for the worker's life.
+    let channel = unsafe { std::os::fd::BorrowedFd::borrow_raw(CHANNEL_FD) };
+    if behind && rustix::io::ioctl_fionread(channel).is_ok_and(|n| n > 0) {
+        *lock(&state.last_read) = Instant::now();
+        send(&state.up, Up::Pong { seq: 0 });
+    }
 }
 
 /// A job's place in [`State::started`], left when the job ends however it

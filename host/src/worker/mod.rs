@@ -27,13 +27,13 @@ pub mod cgroup;
 pub mod child;
 pub mod disk;
 pub mod harden;
+pub mod link;
 pub mod memory;
 pub mod pool;
 pub mod process;
 pub mod proto;
 pub mod scratch;
 pub mod turns;
-pub mod uplink;
 
 use std::collections::BTreeSet;
 use std::os::fd::RawFd;

@@ -34,7 +34,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::Child;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
@@ -44,6 +44,7 @@ use tokio::sync::{Notify, mpsc, oneshot, watch};
 
 use super::calls::GatewayCalls;
 use super::harden::{Applied, Layer, LayerState};
+use super::link::Link;
 use super::proto::{self, Blob, Down, MAX_DOWN_FRAME, MAX_UP_FRAME, Up};
 use super::{WorkerArgs, process};
 use crate::job::egress::Egress;
@@ -63,8 +64,10 @@ const PING_EVERY: Duration = Duration::from_secs(2);
 /// A worker that has not answered for this long is a fault.
 const SILENT_FAULT: Duration = Duration::from_secs(15);
 /// A worker not heard from for this long while its frames wait unread in
-/// the gateway's end of the channel is not judged: the gateway's reader is
-/// behind (busy with another worker's frames), not the worker...
+/// the gateway's end of the channel, or while frames for it wait in the
+/// gateway's queue and the channel holds none it has not read, is not
+/// judged: the gateway's reader or writer is behind (its threads held, or
+/// busy with other workers' frames), not the worker...
 const UNREAD: Duration = Duration::from_secs(1);
 /// ...for at most this long: past it the worker is judged whatever waits.
 const UNREAD_AT_MOST: Duration = Duration::from_secs(60);
@@ -216,10 +219,11 @@ pub struct Pool {
     live: Arc<watch::Sender<usize>>,
 }
 
-/// The runtime every pool's channels and supervisor run on, threads of
-/// their own: nothing the gateway does on its threads (a large response
-/// built, a slow request) delays hearing a worker, writing to one or
-/// judging one, so the supervisor's clocks are plain wall clocks.
+/// The runtime every pool's supervisor runs on, and where workers start,
+/// threads of their own: nothing the gateway does on its threads (a large
+/// response built, a slow request) delays pinging a worker or judging one,
+/// so the supervisor's clocks are plain wall clocks. The workers' channels
+/// are read and written on the gateway's runtime ([`Pool::spawn_worker`]).
 fn channels() -> Result<&'static tokio::runtime::Handle, String> {
     static RUNTIME: std::sync::OnceLock<Result<tokio::runtime::Runtime, String>> =
         std::sync::OnceLock::new();
@@ -280,49 +284,21 @@ pub const NOT_PLACED: &str = "no room or place for the job by its deadline";
 /// so that calls alone never fault a worker whose reader keeps up.
 pub const MAX_QUEUED_FRAMES: usize = 131_072;
 
-/// The gateway's queue of frames to one worker, bounded by
-/// [`MAX_QUEUED_FRAMES`]: past it the frame is dropped and the queue marked
-/// overflowed; the supervisor then faults the worker.
-struct Outbox {
-    tx: mpsc::UnboundedSender<Down>,
-    queued: Arc<AtomicUsize>,
-    overflowed: AtomicBool,
-}
+/// The gateway's way down to one worker ([`Link`]): at most
+/// [`MAX_QUEUED_FRAMES`] frames wait unwritten; past it a frame is dropped
+/// and the link marked overflowed, and the supervisor faults the worker.
+struct Outbox(Arc<Link>);
 
 impl Outbox {
-    /// A queue, its receiving end and the count the pump lowers as it
-    /// takes frames off.
-    fn new() -> (Self, mpsc::UnboundedReceiver<Down>, Arc<AtomicUsize>) {
-        let (tx, rx) = mpsc::unbounded_channel();
-        let queued = Arc::new(AtomicUsize::new(0));
-        let outbox = Self {
-            tx,
-            queued: Arc::clone(&queued),
-            overflowed: AtomicBool::new(false),
-        };
-        (outbox, rx, queued)
-    }
-
-    /// Queues `frame`, unless the worker has stopped taking frames;
-    /// whether it was queued.
+    /// Sends `frame` (written by this thread if the socket takes it),
+    /// unless the worker has stopped taking frames; whether it went or
+    /// waits. A failed socket is the reader's to find.
     fn send(&self, frame: Down) -> bool {
-        if self.overflowed.load(Ordering::Acquire) {
-            return false;
-        }
-        if self.queued.fetch_add(1, Ordering::AcqRel) >= MAX_QUEUED_FRAMES {
-            self.queued.fetch_sub(1, Ordering::AcqRel);
-            self.overflowed.store(true, Ordering::Release);
-            return false;
-        }
-        if self.tx.send(frame).is_err() {
-            self.queued.fetch_sub(1, Ordering::AcqRel);
-            return false;
-        }
-        true
+        self.0.send(frame, |_| None).is_ok() && !self.0.overflowed()
     }
 
     fn overflowed(&self) -> bool {
-        self.overflowed.load(Ordering::Acquire)
+        self.0.overflowed()
     }
 }
 
@@ -484,6 +460,16 @@ pub fn records_dir(cache_dir: &Path) -> PathBuf {
 /// entry that was rewritten or removed.
 fn recordable(pristine: bool, compiled: bool, reported: Option<&Artifact>) -> Option<&Artifact> {
     reported.filter(|a| pristine && compiled && a.well_formed())
+}
+
+/// Bytes written to a socket that its peer has not read yet (`SIOCOUTQ`).
+fn unread_by_peer(socket: &std::os::fd::OwnedFd) -> Option<u64> {
+    use std::os::fd::AsRawFd;
+    let mut n: libc::c_int = 0;
+    // SAFETY: SIOCOUTQ (TIOCOUTQ's number) writes one c_int through the
+    // pointer, which points at `n`; the descriptor is open while borrowed.
+    let r = unsafe { libc::ioctl(socket.as_raw_fd(), libc::TIOCOUTQ, &mut n) };
+    (r == 0).then(|| u64::try_from(n).unwrap_or(0))
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -1464,11 +1450,12 @@ impl Pool {
     /// Keeps the pool at strength and its workers honest: pings them,
     /// faults the silent and those whose job overran, starts replacements.
     ///
-    /// It runs on the channels' own threads ([`channels`]), as do the
-    /// workers' readers and writers, so the gateway being slow delays none
-    /// of it and its clocks are wall clocks. A worker whose frames wait
-    /// unread is not judged until they are read ([`UNREAD`]), for a while
-    /// at most ([`UNREAD_AT_MOST`]).
+    /// It runs on threads of its own ([`channels`]), so the gateway being
+    /// slow delays none of it and its clocks are wall clocks. The workers'
+    /// channels are read and written on the gateway's threads: a worker
+    /// whose frames wait unread, or whose frames wait unwritten while it
+    /// has read all it was sent, is not judged until they are read or
+    /// written ([`UNREAD`]), for a while at most ([`UNREAD_AT_MOST`]).
     ///
     /// It holds the pool only for a round: a pool its owner dropped is
     /// closed ([`Drop`]) and the supervisor ends.
@@ -1531,7 +1518,7 @@ impl Pool {
             // blame the worker. Not while the reader keeps reading: a
             // worker that floods its channel is judged as ever.
             let silent = since(heard);
-            if silent > UNREAD && silent < UNREAD_AT_MOST && worker.unread() {
+            if silent > UNREAD && silent < UNREAD_AT_MOST && (worker.unread() || worker.unsent()) {
                 continue;
             }
             if silent > SILENT_FAULT {
@@ -1756,6 +1743,11 @@ impl Pool {
             .set_nonblocking(true)
             .and_then(|()| spawned.channel.try_clone())
             .and_then(|second| {
+                // Registered with the gateway's runtime, whose threads read
+                // and write it: a job's frame down is written, and its
+                // report read and handed to its waiting request, without
+                // waking a thread of another runtime on either way.
+                let _gateway = self.gateway.enter();
                 let stream = tokio::net::UnixStream::from_std(spawned.channel)?;
                 Ok((stream, std::os::fd::OwnedFd::from(second)))
             })
@@ -1822,7 +1814,12 @@ impl Pool {
             kill(&mut child);
             return Err(start_error("the channel closed after hello".into()));
         }
-        let (down, mut outbox, queued) = Outbox::new();
+        let down = Arc::new(Link::bounded(
+            writer.into_inner(),
+            MAX_DOWN_FRAME,
+            MAX_QUEUED_FRAMES,
+        ));
+        self.gateway.spawn(Link::drain(Arc::downgrade(&down)));
         let (call_tx, mut call_rx) = mpsc::unbounded_channel();
         let worker = Arc::new(Worker {
             pid,
@@ -1830,7 +1827,7 @@ impl Pool {
             name,
             zone_dir: self.zone_dir.clone(),
             disk,
-            down,
+            down: Outbox(down),
             calls: GatewayCalls::with_limits(
                 call_tx,
                 super::calls::CallLimits::for_places(self.config.max_concurrent_jobs),
@@ -1845,7 +1842,7 @@ impl Pool {
         // Calls' frames join the worker's one bounded queue; once it has
         // overflowed they are dropped here, as fast as they come.
         let forward = Arc::downgrade(&worker);
-        tokio::spawn(async move {
+        self.gateway.spawn(async move {
             while let Some(call) = call_rx.recv().await {
                 let Some(worker) = forward.upgrade() else {
                     return;
@@ -1853,15 +1850,9 @@ impl Pool {
                 let _ = worker.down.send(Down::Call(call));
             }
         });
-        tokio::spawn(async move {
-            let _ = proto::pump_counted(&mut writer, &mut outbox, || {
-                queued.fetch_sub(1, Ordering::AcqRel);
-            })
-            .await;
-        });
         let pool = Arc::downgrade(self);
         let reading = Arc::clone(&worker);
-        tokio::spawn(async move {
+        self.gateway.spawn(async move {
             let (class, reason) = Self::read(&pool, &reading, &mut reader).await;
             if let Some(pool) = pool.upgrade() {
                 pool.fault(&reading, class, reason);
@@ -2009,6 +2000,14 @@ impl Worker {
     /// channel, not yet read.
     fn unread(&self) -> bool {
         rustix::io::ioctl_fionread(&self.channel).is_ok_and(|n| n > 0)
+    }
+
+    /// Whether frames for the worker wait in the gateway's queue while its
+    /// end of the channel holds nothing the gateway wrote and it has not
+    /// read: the gateway's writer is behind, not the worker. (A worker that
+    /// stops reading leaves what was written in the channel: not this.)
+    fn unsent(&self) -> bool {
+        self.down.0.waiting() > 0 && unread_by_peer(&self.channel) == Some(0)
     }
 
     /// Job `job`'s files are gone or going: its room is released.
@@ -2528,25 +2527,49 @@ mod tests {
     }
 
     /// A worker that stops reading while the gateway keeps answering it
-    /// (credits for a refused call's body, say) fills its queue to the
-    /// bound, no further: the rest is dropped and the queue says so.
+    /// (credits for a refused call's body, say) fills its channel, then
+    /// the frames waiting unwritten to the bound, no further: the rest is
+    /// dropped and the link says so, and stays so as the worker reads.
     #[tokio::test]
     async fn a_worker_that_stops_reading_fills_its_queue_to_the_bound_only() {
-        let (outbox, mut rx, queued) = Outbox::new();
-        for seq in 0..MAX_QUEUED_FRAMES as u64 {
-            assert!(outbox.send(Down::Ping { seq }));
+        let (gateway, worker) = tokio::net::UnixStream::pair().unwrap();
+        let (_, write) = gateway.into_split();
+        let link = Arc::new(Link::bounded(write, MAX_DOWN_FRAME, MAX_QUEUED_FRAMES));
+        tokio::spawn(Link::drain(Arc::downgrade(&link)));
+        let outbox = Outbox(Arc::clone(&link));
+        let mut sent = 0u64;
+        while link.waiting() < MAX_QUEUED_FRAMES {
+            assert!(outbox.send(Down::Ping { seq: sent }));
+            sent += 1;
+            assert!(
+                sent < 2 * MAX_QUEUED_FRAMES as u64,
+                "the socket never filled"
+            );
         }
         assert!(!outbox.overflowed());
         assert!(!outbox.send(Down::Ping { seq: 0 }));
         assert!(outbox.overflowed());
-        assert_eq!(queued.load(Ordering::Acquire), MAX_QUEUED_FRAMES);
-        assert_eq!(rx.len(), MAX_QUEUED_FRAMES);
-        // Once overflowed it stays so, even as the pump drains it: the
-        // worker is faulted, not forgiven.
-        rx.recv().await.unwrap();
-        queued.fetch_sub(1, Ordering::AcqRel);
+        assert_eq!(link.waiting(), MAX_QUEUED_FRAMES);
+        // Once overflowed it stays so, even as the worker reads: it is
+        // faulted, not forgiven.
+        let (mut reader, _) = proto::split(worker, MAX_DOWN_FRAME, MAX_UP_FRAME);
+        for _ in 0..1_000 {
+            proto::recv::<Down>(&mut reader).await.unwrap();
+        }
+        until_fewer(&link).await;
         assert!(!outbox.send(Down::Ping { seq: 1 }));
-        assert_eq!(rx.len(), MAX_QUEUED_FRAMES - 1);
+        assert!(outbox.overflowed());
+    }
+
+    /// Until some of what waited is written.
+    async fn until_fewer(link: &Link) {
+        for _ in 0..1_000 {
+            if link.waiting() < MAX_QUEUED_FRAMES {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        panic!("nothing waiting was written");
     }
 
     fn artifact(byte: u8) -> Artifact {

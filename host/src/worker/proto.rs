@@ -212,66 +212,6 @@ pub async fn send<T: Serialize>(writer: &mut Writer, message: &T) -> Result<(), 
     Ok(())
 }
 
-/// Writes every message `outbox` yields until it closes: those already
-/// queued go out together, flushed once none is left, so a burst of frames
-/// costs one write rather than one each. A message whose frame would be
-/// over the writer's bound is not written (it would end the channel, and
-/// every job on it): see [`pump_fitted`].
-///
-/// # Errors
-/// [`ChannelError`] when one cannot be written.
-pub async fn pump<T: Serialize>(
-    writer: &mut Writer,
-    outbox: &mut tokio::sync::mpsc::UnboundedReceiver<T>,
-) -> Result<(), ChannelError> {
-    pump_fitted(writer, outbox, || {}, |_| None).await
-}
-
-/// [`pump`], calling `taken` for each message taken off the queue (the
-/// gateway counts what it has queued for a worker, see `pool::Outbox`).
-///
-/// # Errors
-/// As [`pump`].
-pub async fn pump_counted<T: Serialize>(
-    writer: &mut Writer,
-    outbox: &mut tokio::sync::mpsc::UnboundedReceiver<T>,
-    taken: impl FnMut(),
-) -> Result<(), ChannelError> {
-    pump_fitted(writer, outbox, taken, |_| None).await
-}
-
-/// [`pump_counted`], with `shrink` asked for a smaller stand-in for a
-/// message whose frame would be over the writer's bound (a job's report
-/// becomes that job's failure, say). A message with no stand-in that fits
-/// is dropped and logged: it concerns one job or module, whose own clock
-/// then ends it, while writing it would fail the channel for all.
-///
-/// # Errors
-/// As [`pump`].
-pub async fn pump_fitted<T: Serialize>(
-    writer: &mut Writer,
-    outbox: &mut tokio::sync::mpsc::UnboundedReceiver<T>,
-    mut taken: impl FnMut(),
-    shrink: impl Fn(T) -> Option<T>,
-) -> Result<(), ChannelError> {
-    let max = writer.encoder().max_frame_length();
-    let fitted = |message: T| fit(message, max, &shrink);
-    while let Some(first) = outbox.recv().await {
-        taken();
-        if let Some(frame) = fitted(first) {
-            writer.feed(frame).await?;
-        }
-        while let Ok(next) = outbox.try_recv() {
-            taken();
-            if let Some(frame) = fitted(next) {
-                writer.feed(frame).await?;
-            }
-        }
-        SinkExt::<Bytes>::flush(writer).await?;
-    }
-    Ok(())
-}
-
 /// `message` encoded as a frame's payload of at most `max` bytes: itself,
 /// or the stand-in `shrink` gives for it when it is larger (a job's report
 /// becomes that job's failure, say); `None` (logged) when neither fits or

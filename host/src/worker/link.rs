@@ -1,0 +1,291 @@
+//! One way of a channel: frames written by the thread that sends them.
+//!
+//! Handing each frame to a task that writes the socket would wake that
+//! task's thread for every frame, a context switch per job on top of the
+//! job's own. Instead [`Link::send`] writes the frame itself when nothing
+//! sent earlier is still waiting; what the socket does not take at once is
+//! kept, in order, for [`Link::drain`], and everything sent after it joins
+//! it there. Frames therefore leave in the order their `send`s took the
+//! lock: a job's call frames are never overtaken by its report, and no
+//! frame of the gateway's overtakes an earlier one.
+//!
+//! Both ends use one. Going up, a job's report is written from the guest
+//! thread that ran it, without waking the worker's channel thread. Going
+//! down, a job's `Run` is written by the gateway thread that placed it, and
+//! the supervisor's pings by the supervisor's own thread, whatever holds
+//! the gateway's other threads; the gateway's link is bounded
+//! ([`Link::bounded`]): a worker that stops reading is found out
+//! ([`Link::overflowed`]).
+
+use std::collections::VecDeque;
+use std::io::{self, IoSlice};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+
+use bytes::{Buf, BytesMut};
+use serde::Serialize;
+use tokio::net::unix::OwnedWriteHalf;
+use tokio::sync::Notify;
+
+use super::proto;
+
+/// What the queue of unwritten frames keeps of its allocation once it is
+/// empty.
+const KEEP: usize = 64 << 10;
+
+/// Frames going one way over a channel. Dropping the last of it shuts
+/// the socket's writing side: the other end reads its end.
+#[derive(Debug)]
+pub struct Link {
+    write: OwnedWriteHalf,
+    unwritten: Mutex<Unwritten>,
+    /// Set when `unwritten` gained bytes while it was empty, and when the
+    /// link goes (its drain then ends).
+    wake: Arc<Notify>,
+    /// Largest payload a frame may carry.
+    max: usize,
+    /// Frames that may wait unwritten; past it a frame is dropped and the
+    /// link marked overflowed.
+    bound: usize,
+    overflowed: AtomicBool,
+}
+
+/// What the socket has not taken yet.
+#[derive(Debug, Default)]
+struct Unwritten {
+    /// Bytes of whole frames, oldest first (the first may be partly
+    /// written already: only its rest is here).
+    bytes: BytesMut,
+    /// Each waiting frame's bytes in `bytes`, in order.
+    frames: VecDeque<usize>,
+}
+
+impl Unwritten {
+    fn push(&mut self, head: &[u8], payload: &[u8]) {
+        self.bytes.extend_from_slice(head);
+        self.bytes.extend_from_slice(payload);
+        self.frames.push_back(head.len() + payload.len());
+    }
+
+    /// `n` bytes were written.
+    fn advance(&mut self, mut n: usize) {
+        self.bytes.advance(n);
+        while n > 0 {
+            let Some(first) = self.frames.front_mut() else {
+                break;
+            };
+            if *first > n {
+                *first -= n;
+                break;
+            }
+            n -= *first;
+            self.frames.pop_front();
+        }
+    }
+}
+
+impl Link {
+    /// Writes frames of at most `max` payload bytes to `write`.
+    pub fn new(write: OwnedWriteHalf, max: usize) -> Self {
+        Self::bounded(write, max, usize::MAX)
+    }
+
+    /// As [`Link::new`], with at most `frames` frames waiting unwritten.
+    pub fn bounded(write: OwnedWriteHalf, max: usize, frames: usize) -> Self {
+        Self {
+            write,
+            unwritten: Mutex::default(),
+            wake: Arc::new(Notify::new()),
+            max,
+            bound: frames,
+            overflowed: AtomicBool::new(false),
+        }
+    }
+
+    /// Whether a frame was dropped for the bound: the other end has
+    /// stopped reading.
+    pub fn overflowed(&self) -> bool {
+        self.overflowed.load(Ordering::Acquire)
+    }
+
+    /// How many frames wait unwritten (the first perhaps partly written).
+    pub fn waiting(&self) -> usize {
+        lock(&self.unwritten).frames.len()
+    }
+
+    /// Sends `message`, or the stand-in `shrink` gives for it when its
+    /// frame would be over the bound (see [`proto::fit`]); nothing when
+    /// neither fits, or once the link has overflowed. Never waits: written
+    /// now if the socket takes it and nothing is waiting before it, else
+    /// kept for [`Link::drain`].
+    ///
+    /// # Errors
+    /// The socket's error (the gateway is gone).
+    pub fn send<T: Serialize>(
+        &self,
+        message: T,
+        shrink: impl Fn(T) -> Option<T>,
+    ) -> io::Result<()> {
+        if self.overflowed() {
+            return Ok(());
+        }
+        let Some(payload) = proto::fit(message, self.max, shrink) else {
+            return Ok(());
+        };
+        let head = u32::try_from(payload.len())
+            .map_err(io::Error::other)?
+            .to_be_bytes();
+        let mut unwritten = lock(&self.unwritten);
+        if !unwritten.frames.is_empty() {
+            if unwritten.frames.len() >= self.bound {
+                self.overflowed.store(true, Ordering::Release);
+                return Ok(());
+            }
+            unwritten.push(&head, &payload);
+            return Ok(());
+        }
+        let written = match self
+            .write
+            .try_write_vectored(&[IoSlice::new(&head), IoSlice::new(&payload)])
+        {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+            Err(e) => return Err(e),
+        };
+        if written == head.len() + payload.len() {
+            return Ok(());
+        }
+        if written < head.len() {
+            unwritten.push(&head[written..], &payload);
+        } else {
+            unwritten.push(&[], &payload[written - head.len()..]);
+        }
+        drop(unwritten);
+        self.wake.notify_one();
+        Ok(())
+    }
+
+    /// Writes what [`Link::send`] could not, as the socket takes it;
+    /// runs until the socket fails or the link is gone. It holds the link
+    /// only while it writes: an idle drain keeps no socket open.
+    ///
+    /// # Errors
+    /// The socket's error (the other end is gone).
+    pub async fn drain(link: Weak<Self>) -> io::Result<()> {
+        let Some(wake) = link.upgrade().map(|l| Arc::clone(&l.wake)) else {
+            return Ok(());
+        };
+        loop {
+            wake.notified().await;
+            let Some(link) = link.upgrade() else {
+                return Ok(());
+            };
+            link.write_out().await?;
+        }
+    }
+
+    /// Writes everything waiting, as the socket takes it.
+    async fn write_out(&self) -> io::Result<()> {
+        loop {
+            {
+                let mut unwritten = lock(&self.unwritten);
+                if unwritten.frames.is_empty() {
+                    // What frames queued together grew it to goes back
+                    // once they are written: the gateway counts a job's
+                    // memory free once its report is in (found by an
+                    // attacker: an idle worker kept 64 MiB here for its
+                    // life).
+                    if unwritten.bytes.capacity() > KEEP {
+                        unwritten.bytes = BytesMut::new();
+                    }
+                    return Ok(());
+                }
+                match self.write.try_write(&unwritten.bytes) {
+                    Ok(n) => {
+                        unwritten.advance(n);
+                        continue;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            self.write.writable().await?;
+        }
+    }
+}
+
+impl Drop for Link {
+    /// Its drain ends.
+    fn drop(&mut self) {
+        self.wake.notify_one();
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use futures_util::StreamExt;
+
+    use super::*;
+
+    fn pair() -> (proto::Reader, Arc<Link>) {
+        let (a, b) = tokio::net::UnixStream::pair().unwrap();
+        let (reader, _) = proto::split(a, 1 << 20, 1 << 20);
+        let (_, write) = b.into_split();
+        (reader, Arc::new(Link::new(write, 1 << 20)))
+    }
+
+    /// Far more than a socket buffer holds, sent from two threads while
+    /// the other end reads: the socket fills and empties over and over,
+    /// and every frame arrives whole, each thread's in the order it sent
+    /// them.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn frames_past_a_full_socket_arrive_whole_and_in_order() {
+        let (mut reader, up) = pair();
+        let drain = tokio::spawn(Link::drain(Arc::downgrade(&up)));
+        let senders: Vec<_> = (0..2u8)
+            .map(|t| {
+                let up = Arc::clone(&up);
+                std::thread::spawn(move || {
+                    for i in 0..2_000u32 {
+                        // Sizes that straddle the frame header too.
+                        let body = vec![t; (i as usize * 37) % 3_000 + 1];
+                        up.send((t, i, body), |_| None).unwrap();
+                    }
+                })
+            })
+            .collect();
+        let mut next = [0u32; 2];
+        for _ in 0..4_000 {
+            let frame = reader.next().await.unwrap().unwrap();
+            let (t, i, body): (u8, u32, Vec<u8>) = proto::decode(&frame).unwrap();
+            assert_eq!(i, next[t as usize], "thread {t}'s frames out of order");
+            assert_eq!(body.len(), (i as usize * 37) % 3_000 + 1);
+            assert!(body.iter().all(|&b| b == t));
+            next[t as usize] += 1;
+        }
+        for s in senders {
+            s.join().unwrap();
+        }
+        drain.abort();
+    }
+
+    #[tokio::test]
+    async fn a_frame_over_the_bound_goes_as_its_stand_in_or_not_at_all() {
+        let (mut reader, up) = pair();
+        let big = vec![7u8; 2 << 20];
+        up.send((1u8, big.clone()), |(n, _)| Some((n, vec![])))
+            .unwrap();
+        up.send((2u8, big), |_| None).unwrap();
+        up.send((3u8, vec![1u8]), |_| None).unwrap();
+        let first: (u8, Vec<u8>) = proto::decode(&reader.next().await.unwrap().unwrap()).unwrap();
+        let second: (u8, Vec<u8>) = proto::decode(&reader.next().await.unwrap().unwrap()).unwrap();
+        assert_eq!(first, (1, vec![]));
+        assert_eq!(second, (3, vec![1]));
+    }
+}
