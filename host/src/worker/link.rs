@@ -272,7 +272,28 @@ mod tests {
         for s in senders {
             s.join().unwrap();
         }
+        // Every frame that waited was counted out as it was written.
+        assert_eq!(up.waiting(), 0);
         drain.abort();
+    }
+
+    /// A link let go while its drain waits shuts its socket's writing
+    /// side: the other end reads the end of the channel (a worker let go
+    /// exits), the drain ends, and nothing it sent before is lost.
+    #[tokio::test]
+    async fn a_link_let_go_ends_its_channel_though_its_drain_waits() {
+        let (mut reader, up) = pair();
+        let drain = tokio::spawn(Link::drain(Arc::downgrade(&up)));
+        // The drain is waiting by now (this runtime has one thread).
+        tokio::task::yield_now().await;
+        up.send((1u8, vec![1u8]), |_| None).unwrap();
+        drop(up);
+        let first: (u8, Vec<u8>) = proto::decode(&reader.next().await.unwrap().unwrap()).unwrap();
+        assert_eq!(first, (1, vec![1]));
+        // Bounded only so that a channel left open fails rather than hangs.
+        let end = tokio::time::timeout(std::time::Duration::from_secs(30), reader.next()).await;
+        assert!(matches!(end, Ok(None)), "the channel stayed open");
+        drain.await.unwrap().unwrap();
     }
 
     #[tokio::test]
