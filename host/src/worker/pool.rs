@@ -64,11 +64,19 @@ const PING_EVERY: Duration = Duration::from_secs(2);
 /// A worker that has not answered for this long is a fault.
 const SILENT_FAULT: Duration = Duration::from_secs(15);
 /// A worker not heard from for this long while its frames wait unread in
-/// the gateway's end of the channel, or while frames for it wait in the
-/// gateway's queue and the channel holds none it has not read, is not
-/// judged: the gateway's reader or writer is behind (its threads held, or
-/// busy with other workers' frames), not the worker...
+/// the gateway's end of the channel, or frames for it wait in the
+/// gateway's queue, is not judged, as long as it has lately read all that
+/// was written to it ([`READ_LATELY`]): the gateway's reader or writer is
+/// behind (its threads held, or busy with other workers' frames), not the
+/// worker...
 const UNREAD: Duration = Duration::from_secs(1);
+/// ...where "lately" is this long: a worker that hangs leaves the
+/// supervisor's next ping (written by the supervisor's own thread, at most
+/// [`PING_EVERY`] later) unread in the channel from then on. What waits
+/// unread at the gateway may be what it said before it hung (found by an
+/// attacker: a worker stopped while the gateway's threads were held was
+/// excused by its own earlier answers until they were read, or for 60 s).
+const READ_LATELY: Duration = Duration::from_secs(5);
 /// ...for at most this long: past it the worker is judged whatever waits.
 const UNREAD_AT_MOST: Duration = Duration::from_secs(60);
 /// How far past its wall time a job's report may arrive before its worker
@@ -317,6 +325,9 @@ struct Worker {
     calls: GatewayCalls,
     state: Mutex<WorkerState>,
     last_heard: Mutex<Instant>,
+    /// When the supervisor last found that the worker had read all that
+    /// was written to it ([`READ_LATELY`]).
+    read_all: Mutex<Instant>,
     /// The gateway's end of the channel, a second descriptor of it: what
     /// waits in it unread ([`Worker::unread`]).
     channel: std::os::fd::OwnedFd,
@@ -1453,9 +1464,10 @@ impl Pool {
     /// It runs on threads of its own ([`channels`]), so the gateway being
     /// slow delays none of it and its clocks are wall clocks. The workers'
     /// channels are read and written on the gateway's threads: a worker
-    /// whose frames wait unread, or whose frames wait unwritten while it
-    /// has read all it was sent, is not judged until they are read or
-    /// written ([`UNREAD`]), for a while at most ([`UNREAD_AT_MOST`]).
+    /// whose frames wait unread, or frames for which wait unwritten, is not
+    /// judged until they are read or written ([`UNREAD`]) while it keeps
+    /// reading what it is sent ([`READ_LATELY`]), for a while at most
+    /// ([`UNREAD_AT_MOST`]).
     ///
     /// It holds the pool only for a round: a pool its owner dropped is
     /// closed ([`Drop`]) and the supervisor ends.
@@ -1513,12 +1525,22 @@ impl Pool {
                 continue;
             }
             let heard = *lock(&worker.last_heard);
-            // The worker spoke and the gateway has not read it for a
-            // while: its reader is behind, and to judge now would
-            // blame the worker. Not while the reader keeps reading: a
-            // worker that floods its channel is judged as ever.
+            if unread_by_peer(&worker.channel) == Some(0) {
+                *lock(&worker.read_all) = now;
+            }
+            // The worker reads what it is sent, and what it spoke (or what
+            // is to be written to it) has waited for a while: the gateway's
+            // reader (or writer) is behind, and to judge now would blame
+            // the worker. Not while the reader keeps reading: a worker
+            // that floods its channel is judged as ever. Nor once it has
+            // left what it was sent unread: it hung.
             let silent = since(heard);
-            if silent > UNREAD && silent < UNREAD_AT_MOST && (worker.unread() || worker.unsent()) {
+            let reads = since(*lock(&worker.read_all)) <= READ_LATELY;
+            if silent > UNREAD
+                && silent < UNREAD_AT_MOST
+                && reads
+                && (worker.unread() || worker.down.0.waiting() > 0)
+            {
                 continue;
             }
             if silent > SILENT_FAULT {
@@ -1834,6 +1856,7 @@ impl Pool {
             ),
             state: Mutex::default(),
             last_heard: Mutex::new(Instant::now()),
+            read_all: Mutex::new(Instant::now()),
             channel,
             child: Mutex::new(child),
             ceiling,
@@ -2000,14 +2023,6 @@ impl Worker {
     /// channel, not yet read.
     fn unread(&self) -> bool {
         rustix::io::ioctl_fionread(&self.channel).is_ok_and(|n| n > 0)
-    }
-
-    /// Whether frames for the worker wait in the gateway's queue while its
-    /// end of the channel holds nothing the gateway wrote and it has not
-    /// read: the gateway's writer is behind, not the worker. (A worker that
-    /// stops reading leaves what was written in the channel: not this.)
-    fn unsent(&self) -> bool {
-        self.down.0.waiting() > 0 && unread_by_peer(&self.channel) == Some(0)
     }
 
     /// Job `job`'s files are gone or going: its room is released.

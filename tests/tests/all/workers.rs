@@ -2216,11 +2216,11 @@ async fn a_gateway_whose_threads_were_held_blames_no_worker() {
 /// ...and do not shelter a worker that hung: one stopped while the
 /// gateway's threads are held (by a client reading a huge report again and
 /// again, say) is faulted as silent, and replaced, while they are still
-/// held. Both threads stay held until the fault is seen, or for 45 s at
-/// most: less than the 60 s a worker is excused while the gateway is
-/// behind with it, so the fault must come from the pings the supervisor
-/// wrote itself (the worker left them unread), not from the excuse
-/// running out.
+/// held, though answers it gave before it hung wait unread. Both threads
+/// stay held until the fault is seen, or for 45 s at most: less than the
+/// 60 s a worker is excused while the gateway is behind with it, so the
+/// fault must come from the pings the supervisor wrote itself (the worker
+/// left them unread), not from the excuse running out.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_that_hangs_while_the_gateway_is_held_is_faulted_meanwhile() {
     let tmp = tempfile::tempdir().unwrap();
@@ -2240,6 +2240,9 @@ async fn a_worker_that_hangs_while_the_gateway_is_held_is_faulted_meanwhile() {
             })
         })
         .collect();
+    // It answers a ping or two first: answers the held gateway leaves
+    // unread, which must not excuse it once it hangs.
+    std::thread::sleep(Duration::from_secs(3));
     // SAFETY: kill(2) with a pid and a signal number has no memory effects.
     assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGSTOP) }, 0);
     for h in held {
