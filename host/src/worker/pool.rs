@@ -611,8 +611,8 @@ impl Pool {
             live: Arc::new(watch::Sender::new(0)),
         });
         for _ in 0..pool.config.workers.max(1) {
-            // On the channels' runtime: the worker's channel is that
-            // runtime's to read and write.
+            // Started on the pools' runtime, as replacements are (its
+            // channel is the gateway's runtime's to read and write).
             let starting = Arc::clone(&pool);
             let worker = channels
                 .spawn(async move { starting.spawn_worker().await })
@@ -834,7 +834,7 @@ impl Pool {
     /// when the entry it was sent a record for did not match it, removes
     /// the artifact it handed over unless [`recordable`] takes it, and
     /// returns the taking (a copy into the cache, then the record) to be
-    /// run off the channels' threads before the load is answered.
+    /// run off the async threads before the load is answered.
     fn take_artifact(
         &self,
         worker: &Worker,
@@ -1923,7 +1923,7 @@ impl Pool {
                         }
                     };
                     match take {
-                        // Off the channels' threads (a copy of native code
+                        // Off the async threads (a copy of native code
                         // takes a while), and answered once the artifact is
                         // in the cache and recorded, for the next worker.
                         Some(take) => {
@@ -1964,8 +1964,8 @@ impl Pool {
                     }
                 }
                 Up::Call(call) => {
-                    // A call runs on the gateway's threads, not the
-                    // channels'.
+                    // A call runs on the gateway's runtime (where this
+                    // reader runs too).
                     let _gateway = pool.gateway.enter();
                     if let Err(v) = worker.calls.deliver(call) {
                         return ("protocol", format!("broke the calls protocol: {v}"));
