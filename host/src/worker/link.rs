@@ -19,7 +19,7 @@
 
 use std::collections::VecDeque;
 use std::io::{self, IoSlice};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
 use bytes::{Buf, BytesMut};
@@ -48,6 +48,8 @@ pub struct Link {
     /// link marked overflowed.
     bound: usize,
     overflowed: AtomicBool,
+    /// Bytes written to the socket so far, by any thread.
+    written: AtomicU64,
 }
 
 /// What the socket has not taken yet.
@@ -99,6 +101,7 @@ impl Link {
             max,
             bound: frames,
             overflowed: AtomicBool::new(false),
+            written: AtomicU64::new(0),
         }
     }
 
@@ -111,6 +114,42 @@ impl Link {
     /// How many frames wait unwritten (the first perhaps partly written).
     pub fn waiting(&self) -> usize {
         lock(&self.unwritten).frames.len()
+    }
+
+    /// Bytes written to the socket so far: less what its other end has not
+    /// read yet, what that end has read.
+    pub fn written(&self) -> u64 {
+        self.written.load(Ordering::Acquire)
+    }
+
+    /// Writes what waits, as far as the socket takes it now, through
+    /// `socket` (another descriptor of the same socket, non-blocking),
+    /// without the runtime whose threads drain the link: those may be held
+    /// while this thread is not. Whether any was written.
+    ///
+    /// # Errors
+    /// The socket's error.
+    pub fn push(&self, socket: std::os::fd::BorrowedFd<'_>) -> io::Result<bool> {
+        let mut unwritten = lock(&self.unwritten);
+        let mut any = false;
+        while !unwritten.frames.is_empty() {
+            match rustix::io::write(socket, &unwritten.bytes) {
+                Ok(0) => break,
+                Ok(n) => {
+                    unwritten.advance(n);
+                    self.wrote(n);
+                    any = true;
+                }
+                Err(rustix::io::Errno::AGAIN) => break,
+                Err(rustix::io::Errno::INTR) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(any)
+    }
+
+    fn wrote(&self, n: usize) {
+        self.written.fetch_add(n as u64, Ordering::AcqRel);
     }
 
     /// Sends `message`, or the stand-in `shrink` gives for it when its
@@ -152,6 +191,7 @@ impl Link {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
             Err(e) => return Err(e),
         };
+        self.wrote(written);
         if written == head.len() + payload.len() {
             return Ok(());
         }
@@ -203,6 +243,7 @@ impl Link {
                 match self.write.try_write(&unwritten.bytes) {
                     Ok(n) => {
                         unwritten.advance(n);
+                        self.wrote(n);
                         continue;
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}

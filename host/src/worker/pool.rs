@@ -70,12 +70,16 @@ const SILENT_FAULT: Duration = Duration::from_secs(15);
 /// behind (its threads held, or busy with other workers' frames), not the
 /// worker...
 const UNREAD: Duration = Duration::from_secs(1);
-/// ...where "lately" is this long: a worker that hangs leaves the
-/// supervisor's next ping (written by the supervisor's own thread, at most
-/// [`PING_EVERY`] later) unread in the channel from then on. What waits
-/// unread at the gateway may be what it said before it hung (found by an
-/// attacker: a worker stopped while the gateway's threads were held was
-/// excused by its own earlier answers until they were read, or for 60 s).
+/// ...where "lately" is this long: the worker has read some of what was
+/// written to it within it. The supervisor's own thread writes a ping at
+/// least every [`PING_EVERY`], and what waits for the link's drain
+/// ([`Link::push`]), so a worker that hangs stops reading what it is sent.
+/// What waits unread at the gateway may be what it said before it hung
+/// (found by an attacker: a worker stopped while the gateway's threads were
+/// held was excused by its own earlier answers until they were read, or
+/// for 60 s); and a channel it had read dry while the rest of a large
+/// frame waited for the held drain, pings behind it, stayed empty (found
+/// by the next, when "lately" was "its end of the channel found empty").
 const READ_LATELY: Duration = Duration::from_secs(5);
 /// ...for at most this long: past it the worker is judged whatever waits.
 const UNREAD_AT_MOST: Duration = Duration::from_secs(60);
@@ -325,9 +329,10 @@ struct Worker {
     calls: GatewayCalls,
     state: Mutex<WorkerState>,
     last_heard: Mutex<Instant>,
-    /// When the supervisor last found that the worker had read all that
-    /// was written to it ([`READ_LATELY`]).
-    read_all: Mutex<Instant>,
+    /// When the supervisor last found that the worker had read more of
+    /// what was written to it, and how much it had read then
+    /// ([`READ_LATELY`]).
+    read: Mutex<(Instant, u64)>,
     /// The gateway's end of the channel, a second descriptor of it: what
     /// waits in it unread ([`Worker::unread`]).
     channel: std::os::fd::OwnedFd,
@@ -1525,8 +1530,18 @@ impl Pool {
                 continue;
             }
             let heard = *lock(&worker.last_heard);
-            if unread_by_peer(&worker.channel) == Some(0) {
-                *lock(&worker.read_all) = now;
+            {
+                use std::os::fd::AsFd;
+                // What waits for the drain goes now, pings among it.
+                let _ = worker.down.0.push(worker.channel.as_fd());
+                let written = worker.down.0.written();
+                if let Some(unread) = unread_by_peer(&worker.channel) {
+                    let taken = written.saturating_sub(unread);
+                    let mut read = lock(&worker.read);
+                    if taken > read.1 {
+                        *read = (now, taken);
+                    }
+                }
             }
             // The worker reads what it is sent, and what it spoke (or what
             // is to be written to it) has waited for a while: the gateway's
@@ -1535,7 +1550,7 @@ impl Pool {
             // that floods its channel is judged as ever. Nor once it has
             // left what it was sent unread: it hung.
             let silent = since(heard);
-            let reads = since(*lock(&worker.read_all)) <= READ_LATELY;
+            let reads = since(lock(&worker.read).0) <= READ_LATELY;
             if silent > UNREAD
                 && silent < UNREAD_AT_MOST
                 && reads
@@ -1856,7 +1871,7 @@ impl Pool {
             ),
             state: Mutex::default(),
             last_heard: Mutex::new(Instant::now()),
-            read_all: Mutex::new(Instant::now()),
+            read: Mutex::new((Instant::now(), 0)),
             channel,
             child: Mutex::new(child),
             ceiling,
