@@ -337,6 +337,51 @@ mod tests {
         drain.await.unwrap().unwrap();
     }
 
+    /// What waits for the drain is written by [`Link::push`] through
+    /// another descriptor of the socket, no drain running (as when the
+    /// runtime that drains it is held): whole, in order, and counted.
+    #[tokio::test]
+    async fn what_waits_is_pushed_through_another_descriptor_without_the_drain() {
+        use std::os::fd::AsFd;
+        let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+        a.set_nonblocking(true).unwrap();
+        b.set_nonblocking(true).unwrap();
+        let second = std::os::fd::OwnedFd::from(b.try_clone().unwrap());
+        let (mut reader, _) = proto::split(
+            tokio::net::UnixStream::from_std(a).unwrap(),
+            1 << 20,
+            1 << 20,
+        );
+        let (_, write) = tokio::net::UnixStream::from_std(b).unwrap().into_split();
+        let link = Link::new(write, 1 << 20);
+        let frame = |i: u32| (i, vec![7u8; 4000]);
+        let mut sent = 0u32;
+        while link.waiting() < 3 {
+            link.send(frame(sent), |_| None).unwrap();
+            sent += 1;
+        }
+        let mut next = 0u32;
+        let mut rounds = 0;
+        while next < sent {
+            // Whatever the socket holds now, then more of what waits.
+            while let Ok(Some(got)) =
+                tokio::time::timeout(std::time::Duration::from_millis(50), reader.next()).await
+            {
+                let got: (u32, Vec<u8>) = proto::decode(&got.unwrap()).unwrap();
+                assert_eq!(got, frame(next));
+                next += 1;
+            }
+            link.push(second.as_fd()).unwrap();
+            rounds += 1;
+            assert!(rounds < 1_000, "what waited was never written");
+        }
+        assert_eq!(link.waiting(), 0);
+        let bytes: u64 = (0..sent)
+            .map(|i| 4 + proto::encode(&frame(i)).unwrap().len() as u64)
+            .sum();
+        assert_eq!(link.written(), bytes);
+    }
+
     #[tokio::test]
     async fn a_frame_over_the_bound_goes_as_its_stand_in_or_not_at_all() {
         let (mut reader, up) = pair();
