@@ -152,6 +152,23 @@ struct GrantState {
     combined: Arc<super::leak::Combined>,
 }
 
+impl GrantState {
+    /// Why a call past the job's live tokens is refused.
+    fn token_bound() -> Refusal {
+        Refusal::Limit(format!(
+            "at most {} live call tokens per job",
+            super::leak::MAX_TOKENS
+        ))
+    }
+
+    /// Drops the tokens no verifier accepts any more (at `now`); whether
+    /// the job holds [`super::leak::MAX_TOKENS`] live ones still.
+    fn full_of_tokens(&mut self, now: Instant) -> bool {
+        self.minted.retain(|(expiry, _)| *expiry > now);
+        self.minted.len() >= super::leak::MAX_TOKENS
+    }
+}
+
 impl std::fmt::Debug for CallGrant {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("CallGrant")
@@ -340,15 +357,9 @@ impl CallGrant {
             // Every live token of the job is searched for in every answer;
             // past that many, a call waits for one to expire instead of
             // minting a token no scan would look for.
-            let now = Instant::now();
-            s.minted.retain(|(expiry, _)| *expiry > now);
-            if s.minted.len() >= super::leak::MAX_TOKENS {
+            if s.full_of_tokens(Instant::now()) {
                 drop(s);
-                let r = Refusal::Limit(format!(
-                    "at most {} live call tokens per job",
-                    super::leak::MAX_TOKENS
-                ));
-                return Err(self.refuse(&parts, Some(&service), &r));
+                return Err(self.refuse(&parts, Some(&service), &GrantState::token_bound()));
             }
             let n = s.calls_per_service.entry(service.clone()).or_default();
             if *n >= decl.max_calls {
@@ -370,7 +381,6 @@ impl CallGrant {
         let needles = {
             let now = Instant::now();
             let mut s = self.lock();
-            s.minted.retain(|(expiry, _)| *expiry > now);
             // Searched for as long as any verifier may accept it: its
             // `exp` (rounded up to a second), plus the most leeway
             // `bulkhead-verify` allows (found by an attacker: dropped 2 s
@@ -381,13 +391,9 @@ impl CallGrant {
             // Calls checked against the bound at once may each have
             // minted: the one past it is refused, its token never sent,
             // and no live token is dropped from the search.
-            if s.minted.len() >= super::leak::MAX_TOKENS {
+            if s.full_of_tokens(now) {
                 drop(s);
-                let r = Refusal::Limit(format!(
-                    "at most {} live call tokens per job",
-                    super::leak::MAX_TOKENS
-                ));
-                return Err(self.refuse(&parts, Some(&service), &r));
+                return Err(self.refuse(&parts, Some(&service), &GrantState::token_bound()));
             }
             s.minted.push((expiry, Arc::clone(&own)));
             let tokens: Vec<_> = s.minted.iter().map(|(_, n)| Arc::clone(n)).collect();
@@ -948,6 +954,32 @@ fn redirect_target(decl: &ServiceDecl, request_path: &str, location: &str) -> Op
     Some(format!("http://{}{path}", decl.name))
 }
 
+/// A grant (not started) of job `job`, tenant `acme`, to the service
+/// `palette` at `addr`, with an ephemeral key (tests).
+#[cfg(test)]
+pub(crate) fn test_grant(addr: std::net::SocketAddr) -> Arc<CallGrant> {
+    let decl = ServiceDecl::example("palette", &format!("http://{addr}"));
+    let relay = Arc::new(
+        Relay::new(
+            vec![decl.clone()],
+            Arc::new(super::KeyRing::ephemeral()),
+            &super::TokenConfig::default(),
+        )
+        .unwrap(),
+    );
+    Arc::new(CallGrant::new(
+        relay,
+        vec![decl.name.clone()],
+        Ok(Caller {
+            tenant: "acme".into(),
+            subject: "alice".into(),
+            scopes: Vec::new(),
+        }),
+        "job",
+        "module",
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1004,26 +1036,7 @@ mod tests {
 
     /// A started grant of job `job` to the service `palette` at `addr`.
     fn grant_to(addr: std::net::SocketAddr) -> Arc<CallGrant> {
-        let decl = ServiceDecl::example("palette", &format!("http://{addr}"));
-        let relay = Arc::new(
-            Relay::new(
-                vec![decl.clone()],
-                Arc::new(super::super::KeyRing::ephemeral()),
-                &super::super::TokenConfig::default(),
-            )
-            .unwrap(),
-        );
-        let grant = Arc::new(CallGrant::new(
-            relay,
-            vec![decl.name.clone()],
-            Ok(Caller {
-                tenant: "acme".into(),
-                subject: "alice".into(),
-                scopes: Vec::new(),
-            }),
-            "job",
-            "module",
-        ));
+        let grant = test_grant(addr);
         grant.start(Instant::now() + Duration::from_secs(30));
         grant
     }

@@ -2378,8 +2378,6 @@ mod tests {
     async fn the_relay_grant_checks_strips_and_signs_in_the_gateway() {
         use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
-        use crate::relay::{CallGrant, Caller, KeyRing, Relay, ServiceDecl, TokenConfig};
-
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (heard_tx, heard_rx) = oneshot::channel();
@@ -2400,26 +2398,7 @@ mod tests {
                 .unwrap();
             socket.flush().await.unwrap();
         });
-        let decl = ServiceDecl::example("palette", &format!("http://{addr}"));
-        let relay = Arc::new(
-            Relay::new(
-                vec![decl.clone()],
-                Arc::new(KeyRing::ephemeral()),
-                &TokenConfig::default(),
-            )
-            .unwrap(),
-        );
-        let grant = Arc::new(CallGrant::new(
-            relay,
-            vec![decl.name.clone()],
-            Ok(Caller {
-                tenant: "acme".into(),
-                subject: "alice".into(),
-                scopes: Vec::new(),
-            }),
-            "job",
-            "module",
-        ));
+        let grant = crate::relay::send::test_grant(addr);
         let mut w = wire();
         w.gateway
             .register(1, Arc::clone(&grant) as _, Duration::from_secs(30));
