@@ -65,8 +65,8 @@ const PING_EVERY: Duration = Duration::from_secs(2);
 const SILENT_FAULT: Duration = Duration::from_secs(15);
 /// A worker not heard from for this long while its frames wait unread in
 /// the gateway's end of the channel, or frames for it wait in the
-/// gateway's queue, is not judged, as long as it has lately read all that
-/// was written to it ([`READ_LATELY`]): the gateway's reader or writer is
+/// gateway's queue, is not judged, as long as it has lately read more of
+/// what was written to it ([`READ_LATELY`]): the gateway's reader or writer is
 /// behind (its threads held, or busy with other workers' frames), not the
 /// worker...
 const UNREAD: Duration = Duration::from_secs(1);
