@@ -21,7 +21,9 @@
 //! `reflect-encoding` (gzip and deflate, asked for or not; it decodes what
 //! it gets), `reflect-trailers`, `reflect-headers` (a header, `Location`,
 //! the reason phrase, `Set-Cookie`), `reflect-stash` (one call's token
-//! returned to the next call), `reflect-compressed` (a gzip payload sent as
+//! returned to the next call), `reflect-stash-only` (the service keeps the
+//! call's token) and `reflect-recall` (it hands back the token it kept last,
+//! maybe another job's: plain, lowercased, JSON-escaped, UTF-16), `reflect-compressed` (a gzip payload sent as
 //! `application/gzip`, a zip entry, a gzip member after a prefix, zstd),
 //! `reflect-text` (UTF-16LE/BE, lowercased, quoted-printable),
 //! `reflect-escapes` (lowercase `%xx`, HTML hex and decimal entities, JSON
@@ -91,6 +93,13 @@ fn main() {
             ("cookie", &[]),
         ]),
         "reflect-stash" => reflect(&[("stash", &[]), ("recall", &[]), ("recall", &[])]),
+        "reflect-stash-only" => reflect(&[("stash", &[])]),
+        "reflect-recall" => reflect(&[
+            ("recall", &[]),
+            ("recall-lower", &[]),
+            ("recall-json-escapes", &[]),
+            ("recall-utf16", &[]),
+        ]),
         "reflect-compressed" => reflect(&[
             ("gzip-body", &[]),
             ("zip", &[]),

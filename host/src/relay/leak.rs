@@ -65,9 +65,15 @@
 //! could still start a form: the last `WINDOW - 1` bytes of each view (more
 //! raw bytes for an escaped view), an unfinished escape, and compressed bytes
 //! whose inflated output is not yet searched.
+//!
+//! Every answer is also searched for the signature text of every token the
+//! gateway issued to any other job, of any tenant, that a verifier may
+//! still accept ([`Issued`]): a service may hand one caller's token to
+//! another.
 
-use std::collections::VecDeque;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::collections::{HashSet, VecDeque};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::time::Instant;
 
 use aho_corasick::{AhoCorasick, AhoCorasickKind};
 use base64::Engine as _;
@@ -265,6 +271,8 @@ const COMBINE_AFTER: usize = 64 * 1024;
 pub struct Needles {
     tokens: Vec<Arc<TokenNeedles>>,
     combined: Arc<Combined>,
+    /// The gateway's other tokens, searched for too.
+    issued: Option<Arc<Issued>>,
 }
 
 /// The tokens a job may still have valid, and one automaton of all their
@@ -372,7 +380,15 @@ impl Needles {
         Self {
             tokens: own,
             combined,
+            issued: None,
         }
+    }
+
+    /// The same, and every token of `issued` (every job's) as well.
+    #[must_use]
+    pub fn and_issued(mut self, issued: Arc<Issued>) -> Self {
+        self.issued = Some(issued);
+        self
     }
 
     /// Every token to search for now: its own, and its job's.
@@ -395,7 +411,7 @@ impl Needles {
     /// form of any token, in either view. Compressed payloads are not
     /// looked into here; response bodies go through a [`Scanner`].
     pub fn found(&self, haystack: &[u8]) -> bool {
-        if self.now().is_empty() {
+        if self.now().is_empty() && self.issued.as_ref().is_none_or(|i| i.is_empty()) {
             return false;
         }
         self.is_match(&fold(haystack), 0) || UnescapedStream::default().feed(self, haystack, 0, 0)
@@ -404,6 +420,12 @@ impl Needles {
     /// Whether the folded `haystack` holds a needle, for a stream that has
     /// already had `scanned` bytes.
     fn is_match(&self, folded: &[u8], scanned: usize) -> bool {
+        self.is_own_match(folded, scanned)
+            || self.issued.as_ref().is_some_and(|i| i.is_match(folded))
+    }
+
+    /// Whether the folded `haystack` holds a needle of its own job's.
+    fn is_own_match(&self, folded: &[u8], scanned: usize) -> bool {
         let tokens = self.now();
         if tokens.len() < 2 || scanned < COMBINE_AFTER {
             return tokens.iter().any(|t| t.is_match(folded));
@@ -413,6 +435,170 @@ impl Needles {
             Some(a) => a.is_match(folded) || beside.iter().any(|t| t.is_match(folded)),
             None => tokens.iter().any(|t| t.is_match(folded)),
         }
+    }
+}
+
+/// Most tokens [`Issued`] holds: past it, the soonest to expire leave it
+/// first (about 1.4 KB each: at most about 46 MB).
+pub const MAX_ISSUED: usize = 32_768;
+
+/// Positions of a view at which [`Issued`] looks up a window: every
+/// `ALIGN`th. With every window of each signature held, any
+/// `WINDOW + ALIGN - 1` (23) consecutive characters of one hold a window
+/// looked up, however the stream is cut: each search starts `WINDOW - 1`
+/// bytes before the end of the last one.
+const ALIGN: usize = 8;
+
+/// The bytes of a folded signature text (base64url, folded).
+static SIGNATURE_TEXT: [bool; 256] = signature_text();
+
+const fn signature_text() -> [bool; 256] {
+    let mut t = [false; 256];
+    let mut i = 0;
+    while i < 256 {
+        #[allow(clippy::cast_possible_truncation)]
+        let b = i as u8;
+        t[i] = b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'+' || b == b'/';
+        i += 1;
+    }
+    t
+}
+
+/// Every call token the gateway issued, to any job of any tenant, that a
+/// verifier may still accept: each answer is searched for their signature
+/// text too, not only for its own job's tokens in every form
+/// ([`Needles`]). A service that keeps one caller's `Authorization` and
+/// hands it to another caller would otherwise give one job, or tenant,
+/// another's live token (found by an attacker with a stashing service).
+///
+/// Every window of each signature's folded text is held, in one hash set
+/// whatever the number of tokens; a view is looked up at every
+/// [`ALIGN`]th position whose window is all signature characters, so a
+/// search costs one lookup per 8 bytes of base64-like text and nothing
+/// for other bytes. Both views are searched, so the text is found in any
+/// letter case, escaped, or in UTF-16; not hex, base64 or raw bytes of
+/// another job's signature (its own job's answers are searched for those
+/// of its own tokens).
+#[derive(Debug, Default)]
+pub struct Issued {
+    state: RwLock<IssuedState>,
+}
+
+#[derive(Debug, Default)]
+struct IssuedState {
+    /// Every window of every held signature.
+    windows: HashSet<u128, std::hash::BuildHasherDefault<WindowHasher>>,
+    /// The held signatures (folded), in the order they expire.
+    tokens: VecDeque<(Instant, Box<[u8]>)>,
+    /// Tokens let go at [`MAX_ISSUED`] before they expired.
+    crowded_out: u64,
+}
+
+/// A window as a key.
+fn key(window: &[u8]) -> Option<u128> {
+    <[u8; WINDOW]>::try_from(window)
+        .ok()
+        .map(u128::from_le_bytes)
+}
+
+/// Hashes a window ([`key`]) with two multiplications: the windows held
+/// are of signatures, which no guest or service chooses, so no lookup can
+/// be made slow by crowding a bucket, and a keyed hash would only cost.
+#[derive(Debug, Default)]
+struct WindowHasher(u64);
+
+impl std::hash::Hasher for WindowHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0 ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+
+    #[allow(clippy::cast_possible_truncation)]
+    fn write_u128(&mut self, k: u128) {
+        let (lo, hi) = (k as u64, (k >> 64) as u64);
+        let x = (lo ^ hi.rotate_left(29)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        self.0 = x ^ (x >> 32);
+    }
+}
+
+impl IssuedState {
+    fn forget(&mut self) {
+        if let Some((_, signature)) = self.tokens.pop_front() {
+            for w in signature.windows(WINDOW).filter_map(key) {
+                self.windows.remove(&w);
+            }
+        }
+    }
+}
+
+impl Issued {
+    /// `token` was issued; searched for until `expiry` (tokens are told in
+    /// the order they expire).
+    pub fn add(&self, token: &str, expiry: Instant) {
+        let signature = fold(token.rsplit('.').next().unwrap_or(token).as_bytes());
+        let now = Instant::now();
+        let mut s = self.state.write().unwrap_or_else(|e| e.into_inner());
+        while s.tokens.front().is_some_and(|(at, _)| *at <= now) {
+            s.forget();
+        }
+        while s.tokens.len() >= MAX_ISSUED {
+            s.forget();
+            s.crowded_out += 1;
+            if s.crowded_out.is_power_of_two() {
+                tracing::warn!(
+                    crowded_out = s.crowded_out,
+                    max = MAX_ISSUED,
+                    "more call tokens live than answers are searched for across jobs; the soonest to expire are searched for only in their own job's answers"
+                );
+            }
+        }
+        for w in signature.windows(WINDOW).filter_map(key) {
+            s.windows.insert(w);
+        }
+        s.tokens.push_back((expiry, signature.into_boxed_slice()));
+    }
+
+    /// How many tokens it holds.
+    pub fn len(&self) -> usize {
+        self.state
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .tokens
+            .len()
+    }
+
+    /// Whether it holds none.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Whether the folded `view` holds a window of a held signature at a
+    /// position looked up ([`ALIGN`]).
+    fn is_match(&self, view: &[u8]) -> bool {
+        let s = self.state.read().unwrap_or_else(|e| e.into_inner());
+        if s.windows.is_empty() {
+            return false;
+        }
+        let mut at = 0;
+        while let Some(w) = view.get(at..at + WINDOW) {
+            // The last character not of a signature: no window looked up
+            // before it can be one.
+            match w.iter().rposition(|b| !SIGNATURE_TEXT[usize::from(*b)]) {
+                Some(bad) => at += (bad + 1).div_ceil(ALIGN) * ALIGN,
+                None => {
+                    if key(w).is_some_and(|w| s.windows.contains(&w)) {
+                        return true;
+                    }
+                    at += ALIGN;
+                }
+            }
+        }
+        false
     }
 }
 
@@ -1772,5 +1958,125 @@ mod tests {
         assert!(n.found(other.as_bytes()));
         assert!(n.found(&other.as_bytes()[other.len() - 40..]));
         assert!(n.found(TOKEN.as_bytes()));
+    }
+
+    /// Another job's token: a signature of the same shape, none of its
+    /// windows one of [`TOKEN`]'s.
+    const OTHER: &str = "eyJhbGciOiJFZERTQSJ9.eyJzdWIiOiJiIn0.\
+        Zm9vYmFyQmF6UXV4X19fLS0tenl4d3Z1dHNycXBvbm1sa2ppaGdmZWRjYmFaWVhXVlVUU1JRUE9OTU1MS0pJSEdGRUQ";
+
+    /// A job's scanner that also searches for every token `issued` holds.
+    fn scan_issued(issued: &Arc<Issued>, body: &[u8], chunk: usize) -> Option<Withheld> {
+        let own = Needles::new(TOKEN, []).and_issued(Arc::clone(issued));
+        let mut s = Scanner::new(Arc::new(own));
+        for part in body.chunks(chunk.max(1)) {
+            if let Err(e) = s.feed(part) {
+                return Some(e);
+            }
+        }
+        None
+    }
+
+    /// Another job's token, issued by the same gateway, is withheld from
+    /// a job's answer: its signature, or any 23 characters of it, plain,
+    /// in another letter case, escaped or in UTF-16, wherever it starts and
+    /// however the stream is cut (found by an attacker: a service that
+    /// stashed one tenant's `Authorization` handed it to another tenant's
+    /// guest).
+    #[test]
+    fn another_jobs_token_is_withheld_in_either_view_however_the_stream_is_cut() {
+        let issued = Arc::new(Issued::default());
+        let sig = OTHER.rsplit('.').next().unwrap();
+        assert!(
+            forms(TOKEN)
+                .iter()
+                .all(|f| !sig.as_bytes().windows(WINDOW).any(|w| fold(w) == *f)),
+            "the two signatures share no needle"
+        );
+        // Not issued yet: its answer passes.
+        assert_eq!(scan_issued(&issued, OTHER.as_bytes(), 4096), None);
+        issued.add(OTHER, Instant::now() + std::time::Duration::from_secs(60));
+        let part = &sig[31..31 + 23];
+        let forms: Vec<(&str, Vec<u8>)> = vec![
+            ("whole", OTHER.as_bytes().to_vec()),
+            ("signature", sig.as_bytes().to_vec()),
+            ("23 characters", part.as_bytes().to_vec()),
+            ("uppercased", part.to_ascii_uppercase().into_bytes()),
+            ("JSON escapes", each_byte(part, |b| format!("\\u{b:04x}"))),
+            ("percent", each_byte(part, |b| format!("%{b:02X}"))),
+            ("UTF-16", utf16(part, false)),
+        ];
+        for (name, form) in &forms {
+            assert!(
+                Needles::new(TOKEN, [])
+                    .and_issued(Arc::clone(&issued))
+                    .found(form),
+                "{name}"
+            );
+            for before in 0..ALIGN {
+                let body = [
+                    " ".repeat(before).as_bytes(),
+                    b"{\"earlier\":\"",
+                    form,
+                    b"\"}",
+                ]
+                .concat();
+                for chunk in [1, 2, 3, 7, 8, 9, 15, 16, 17, 23, 64, 4096] {
+                    assert_eq!(
+                        scan_issued(&issued, &body, chunk),
+                        Some(Withheld::Leak),
+                        "{name}, {before} bytes before it, in {chunk}-byte chunks"
+                    );
+                }
+            }
+        }
+    }
+
+    /// Answers without an issued token pass whole, among many issued: text
+    /// of signature characters only, cut anywhere.
+    #[test]
+    fn answers_without_an_issued_token_pass_among_many_issued() {
+        let issued = Arc::new(Issued::default());
+        let later = Instant::now() + std::time::Duration::from_secs(60);
+        for i in 0..1000u32 {
+            let token = format!("h.p.{}", URL_SAFE_NO_PAD.encode(i.to_be_bytes().repeat(16)));
+            issued.add(&token, later);
+        }
+        assert_eq!(issued.len(), 1000);
+        let text = URL_SAFE_NO_PAD.encode(
+            (0..48_000u32)
+                .flat_map(|i| (i * 7919).to_le_bytes())
+                .collect::<Vec<_>>(),
+        );
+        for chunk in [1, 5, 4096] {
+            assert_eq!(
+                scan_issued(&issued, text.as_bytes(), chunk),
+                None,
+                "{chunk}"
+            );
+        }
+    }
+
+    /// A token is searched for across jobs until its expiry, and no longer
+    /// held after it.
+    #[test]
+    fn an_issued_token_is_let_go_after_its_expiry() {
+        let issued = Arc::new(Issued::default());
+        let sig = OTHER.rsplit('.').next().unwrap();
+        issued.add(OTHER, Instant::now());
+        assert!(
+            Needles::new(TOKEN, [])
+                .and_issued(Arc::clone(&issued))
+                .found(sig.as_bytes())
+        );
+        issued.add(TOKEN, Instant::now() + std::time::Duration::from_secs(60));
+        assert_eq!(issued.len(), 1);
+        let alone = Needles::default().and_issued(Arc::clone(&issued));
+        assert!(!alone.found(sig.as_bytes()));
+        assert!(alone.found(sig_of(TOKEN).as_bytes()));
+    }
+
+    fn sig_of(token: &str) -> &str {
+        token.rsplit('.').next().unwrap()
     }
 }

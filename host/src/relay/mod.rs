@@ -419,6 +419,8 @@ pub struct Relay {
     issuer: String,
     lifetime: Duration,
     client: send::Client,
+    /// Every token it issued that a verifier may still accept.
+    issued: Arc<leak::Issued>,
 }
 
 impl std::fmt::Debug for Relay {
@@ -464,6 +466,7 @@ impl Relay {
             issuer: tokens.issuer.clone(),
             lifetime,
             client: send::client(),
+            issued: Arc::default(),
         })
     }
 

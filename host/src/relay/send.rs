@@ -398,9 +398,16 @@ impl CallGrant {
             s.minted.push((expiry, Arc::clone(&own)));
             let tokens: Vec<_> = s.minted.iter().map(|(_, n)| Arc::clone(n)).collect();
             s.combined.minted(tokens);
+            // Other jobs' answers are searched for it as well, from before
+            // it is sent.
+            self.relay.issued.add(&token, expiry);
             // Every answer is searched for every token the job has then,
-            // its own call's and those minted before or since.
-            Arc::new(Needles::shared(vec![own], Arc::clone(&s.combined)))
+            // its own call's and those minted before or since, and for
+            // every other job's.
+            Arc::new(
+                Needles::shared(vec![own], Arc::clone(&s.combined))
+                    .and_issued(Arc::clone(&self.relay.issued)),
+            )
         };
 
         let mut record = CallRecord {

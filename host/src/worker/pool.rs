@@ -83,6 +83,9 @@ const UNREAD: Duration = Duration::from_secs(1);
 const READ_LATELY: Duration = Duration::from_secs(5);
 /// ...for at most this long: past it the worker is judged whatever waits.
 const UNREAD_AT_MOST: Duration = Duration::from_secs(60);
+/// How long the supervisor's looks at a channel are kept: a frame that
+/// came before them all is older than any worker is excused for.
+const KEEP_LOOKS: Duration = Duration::from_secs(75);
 /// How far past its wall time a job's report may arrive before its worker
 /// is a fault.
 const OVERRUN_GRACE: Duration = Duration::from_secs(5);
@@ -328,7 +331,18 @@ struct Worker {
     down: Outbox,
     calls: GatewayCalls,
     state: Mutex<WorkerState>,
+    /// When it last spoke, as far as the gateway can tell: when what it
+    /// said last came ([`Worker::heard`]), not when it was read.
     last_heard: Mutex<Instant>,
+    /// How many bytes of its channel the gateway has taken.
+    taken: Arc<std::sync::atomic::AtomicU64>,
+    /// The supervisor's looks at its channel, the last [`KEEP_LOOKS`]:
+    /// when, and how many bytes it had sent by then (taken, or waiting in
+    /// the gateway's end).
+    looks: Mutex<std::collections::VecDeque<(Instant, u64)>>,
+    /// Whether the supervisor's last round excused it, the gateway being
+    /// behind with it.
+    excused: std::sync::atomic::AtomicBool,
     /// When the supervisor last found that the worker had read more of
     /// what was written to it, and how much it had read then
     /// ([`READ_LATELY`]).
@@ -1529,7 +1543,20 @@ impl Pool {
                 self.fault(worker, "disk", over.to_string());
                 continue;
             }
-            let heard = *lock(&worker.last_heard);
+            // What it has sent by now: what waits in the gateway's end,
+            // then what the gateway has taken, in that order (a read
+            // between the two counts its bytes twice: a frame is never
+            // found to have come later than it did).
+            let waiting = rustix::io::ioctl_fionread(&worker.channel).unwrap_or(0);
+            let sent =
+                waiting.saturating_add(worker.taken.load(std::sync::atomic::Ordering::Relaxed));
+            {
+                let mut looks = lock(&worker.looks);
+                looks.push_back((now, sent));
+                while looks.front().is_some_and(|(at, _)| since(*at) > KEEP_LOOKS) {
+                    looks.pop_front();
+                }
+            }
             {
                 use std::os::fd::AsFd;
                 // What waits for the drain goes now, pings among it.
@@ -1549,13 +1576,22 @@ impl Pool {
             // the worker. Not while the reader keeps reading: a worker
             // that floods its channel is judged as ever. Nor once it has
             // left what it was sent unread: it hung.
-            let silent = since(heard);
+            let silent = since(*lock(&worker.last_heard));
             let reads = since(lock(&worker.read).0) <= READ_LATELY;
-            if silent > UNREAD
-                && silent < UNREAD_AT_MOST
-                && reads
-                && (worker.unread() || worker.down.0.waiting() > 0)
-            {
+            let behind = waiting > 0 || worker.down.0.waiting() > 0;
+            let was_excused = worker
+                .excused
+                .swap(false, std::sync::atomic::Ordering::Relaxed);
+            if silent > UNREAD && silent < UNREAD_AT_MOST && reads && behind {
+                worker
+                    .excused
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
+                continue;
+            }
+            // The gateway has just caught up with a worker it was behind
+            // with: what the worker said since may still be on its way.
+            // Judged from the next round.
+            if was_excused && !behind {
                 continue;
             }
             if silent > SILENT_FAULT {
@@ -1796,7 +1832,8 @@ impl Pool {
                 return Err(e);
             }
         };
-        let (mut reader, mut writer) = proto::split(stream, MAX_UP_FRAME, MAX_DOWN_FRAME);
+        let (mut reader, mut writer) = proto::split_counted(stream, MAX_UP_FRAME, MAX_DOWN_FRAME);
+        let taken = Arc::clone(reader.get_ref().taken());
         let hello = tokio::time::timeout(HELLO_TIMEOUT, proto::recv::<Up>(&mut reader)).await;
         let applied = match hello {
             Ok(Ok(Up::Hello {
@@ -1871,6 +1908,9 @@ impl Pool {
             ),
             state: Mutex::default(),
             last_heard: Mutex::new(Instant::now()),
+            taken,
+            looks: Mutex::default(),
+            excused: std::sync::atomic::AtomicBool::new(false),
             read: Mutex::new((Instant::now(), 0)),
             channel,
             child: Mutex::new(child),
@@ -1905,7 +1945,7 @@ impl Pool {
     async fn read(
         pool: &Weak<Self>,
         worker: &Arc<Worker>,
-        reader: &mut proto::Reader,
+        reader: &mut proto::Reader<proto::Counted>,
     ) -> (&'static str, String) {
         loop {
             let frame = match reader.next().await {
@@ -1917,7 +1957,7 @@ impl Pool {
                 Some(Err(e)) => return ("protocol", format!("broke the channel: {e}")),
                 None => return worker.exit_reason(),
             };
-            *lock(&worker.last_heard) = Instant::now();
+            worker.heard(proto::decoded(reader));
             let Some(pool) = pool.upgrade() else {
                 return ("closed", "its pool was closed".into());
             };
@@ -2034,10 +2074,33 @@ impl Worker {
         crate::sandbox::beneath::fd_path(&self.dir_fd)
     }
 
-    /// Whether bytes the worker sent wait in the gateway's end of the
-    /// channel, not yet read.
-    fn unread(&self) -> bool {
-        rustix::io::ioctl_fionread(&self.channel).is_ok_and(|n| n > 0)
+    /// It spoke: the gateway has read a frame ending at byte `end` of
+    /// what it sent. It is heard as of the supervisor's last look at which
+    /// that frame had not all come (it came after it), not as of its
+    /// reading: what waited unread while the gateway was behind is as old
+    /// as it is (found by an attacker: a worker hung while the gateway's
+    /// threads were held, and the answer it gave before, read once they
+    /// were let go, bought it 15 s more). Before the first look, as of
+    /// now; a frame older than every look kept, not heard.
+    fn heard(&self, end: u64) {
+        let at = {
+            let looks = lock(&self.looks);
+            if looks.is_empty() {
+                Some(Instant::now())
+            } else {
+                looks
+                    .iter()
+                    .rev()
+                    .find(|(_, sent)| *sent < end)
+                    .map(|(at, _)| *at)
+            }
+        };
+        if let Some(at) = at {
+            let mut heard = lock(&self.last_heard);
+            if at > *heard {
+                *heard = at;
+            }
+        }
     }
 
     /// Job `job`'s files are gone or going: its room is released.

@@ -12,6 +12,9 @@
 //! frame: their serde shapes skip empty fields, which a non-self-describing
 //! format cannot.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use serde::{Deserialize, Serialize};
@@ -181,7 +184,7 @@ pub enum ChannelError {
 }
 
 /// The reading half of a framed channel.
-pub type Reader = FramedRead<OwnedReadHalf, LengthDelimitedCodec>;
+pub type Reader<R = OwnedReadHalf> = FramedRead<R, LengthDelimitedCodec>;
 /// The writing half of a framed channel.
 pub type Writer = FramedWrite<OwnedWriteHalf, LengthDelimitedCodec>;
 
@@ -201,6 +204,63 @@ pub fn split(stream: UnixStream, max_in: usize, max_out: usize) -> (Reader, Writ
         FramedRead::new(read, codec(max_in)),
         FramedWrite::new(write, codec(max_out)),
     )
+}
+
+/// A channel's reading half that counts the bytes taken from it.
+#[derive(Debug)]
+pub struct Counted {
+    inner: OwnedReadHalf,
+    taken: Arc<AtomicU64>,
+}
+
+impl Counted {
+    /// How many bytes have been taken from the channel, frames' headers
+    /// and bytes not yet decoded among them.
+    pub fn taken(&self) -> &Arc<AtomicU64> {
+        &self.taken
+    }
+}
+
+impl tokio::io::AsyncRead for Counted {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let polled = std::pin::Pin::new(&mut this.inner).poll_read(cx, buf);
+        this.taken
+            .fetch_add((buf.filled().len() - before) as u64, Ordering::Relaxed);
+        polled
+    }
+}
+
+/// [`split`], with a reader that counts what it takes ([`Counted`]).
+pub fn split_counted(
+    stream: UnixStream,
+    max_in: usize,
+    max_out: usize,
+) -> (Reader<Counted>, Writer) {
+    let (read, write) = stream.into_split();
+    let counted = Counted {
+        inner: read,
+        taken: Arc::default(),
+    };
+    (
+        FramedRead::new(counted, codec(max_in)),
+        FramedWrite::new(write, codec(max_out)),
+    )
+}
+
+/// How many bytes of the channel `reader` has decoded into frames: the
+/// end of the frame it gave last.
+pub fn decoded(reader: &Reader<Counted>) -> u64 {
+    reader
+        .get_ref()
+        .taken
+        .load(Ordering::Relaxed)
+        .saturating_sub(reader.read_buffer().len() as u64)
 }
 
 /// Sends one message.
@@ -245,7 +305,9 @@ pub fn fit<T: Serialize>(message: T, max: usize, shrink: impl Fn(T) -> Option<T>
 /// # Errors
 /// [`ChannelError`] when the channel closed, failed, or the frame does not
 /// decode.
-pub async fn recv<T: for<'de> Deserialize<'de>>(reader: &mut Reader) -> Result<T, ChannelError> {
+pub async fn recv<T: for<'de> Deserialize<'de>>(
+    reader: &mut Reader<impl tokio::io::AsyncRead + Unpin>,
+) -> Result<T, ChannelError> {
     let frame = reader.next().await.ok_or(ChannelError::Closed)??;
     decode(&frame)
 }

@@ -306,6 +306,12 @@ pub fn reflect(how: &str, auth: &str, stash: &Mutex<String>) -> Response {
             let kept = stash.lock().unwrap_or_else(|e| e.into_inner()).clone();
             ([json], format!("{{\"earlier\":\"{kept}\"}}")).into_response()
         }
+        // The stashed header in one of the forms of [`reflect_more`].
+        recall if recall.starts_with("recall-") => {
+            let kept = stash.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            reflect_more(&recall["recall-".len()..], &kept)
+                .unwrap_or_else(|| StatusCode::NOT_FOUND.into_response())
+        }
         _ => reflect_more(how, auth).unwrap_or_else(|| StatusCode::NOT_FOUND.into_response()),
     }
 }

@@ -847,6 +847,56 @@ async fn a_service_that_echoes_the_token_never_hands_it_to_the_guest() {
     );
 }
 
+/// A service that keeps one caller's `Authorization` and hands it to the
+/// next caller gives one tenant's job nothing of another tenant's live
+/// call token: the answers are withheld as leaks, and no 23 characters of
+/// the signature, in any letter case, reach the guest (found by an
+/// attacker: the other tenant's guest printed the token).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_service_handing_one_tenants_token_to_another_tenants_job_never_reaches_the_guest() {
+    let s = scenario(16).await;
+    let victim = s.server.token("acme", &["lateral:run"]).await;
+    let thief = s.server.token("intruder", &["lateral:run"]).await;
+    let before = s.reflected.lock().unwrap().len();
+    let job = s.lateral(&victim, "reflect-stash-only").await;
+    assert_eq!(job["state"], "succeeded", "{job:#}");
+    let kept = s.reflected.lock().unwrap()[before..].to_vec();
+    assert_eq!(kept.len(), 1, "{kept:?}");
+    let signature = kept[0].rsplit('.').next().unwrap().to_owned();
+
+    let job = s.lateral(&thief, "reflect-recall").await;
+    assert_eq!(job["state"], "succeeded", "{job:#}");
+    let id = job["id"].as_str().unwrap();
+    // Each answer is recorded at its head, and again when withheld.
+    let records = calls(&job)["records"].as_array().unwrap().clone();
+    for how in [
+        "recall",
+        "recall-lower",
+        "recall-json-escapes",
+        "recall-utf16",
+    ] {
+        let target = format!("http://palette/v1/reflect/{how}");
+        assert!(
+            records
+                .iter()
+                .any(|r| r["target"] == target.as_str() && r["class"] == "leak"),
+            "{how} was not withheld: {job:#}"
+        );
+    }
+    assert_eq!(calls(&job)["refused"], 4, "{job:#}");
+    let dump = s.server.output(&thief, id, "reflect.txt").await;
+    assert!(holds(&dump, b"== http://palette/v1/reflect/recall"));
+    let seen = guest_wrote(&job, &dump).to_ascii_lowercase();
+    let lower = signature.to_ascii_lowercase();
+    for part in lower.as_bytes().windows(23) {
+        assert!(
+            !holds(&seen, part),
+            "23 characters of another tenant's token reached the guest: {}",
+            String::from_utf8_lossy(part)
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn only_allow_listed_headers_and_no_trailers_reach_the_service() {
     let s = scenario(16).await;

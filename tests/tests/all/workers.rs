@@ -2259,3 +2259,62 @@ async fn a_worker_that_hangs_while_the_gateway_is_held_is_faulted_meanwhile() {
     until(|| process_state(pid).is_none_or(|s| s == 'Z') && pool.pids().len() == 1).await;
     assert_ne!(pool.pids(), vec![pid]);
 }
+
+/// ...nor once they are let go: what a worker said before it hung, read
+/// when the gateway's threads are let go, is as old as it is. The threads
+/// are held for 10 s, the worker stopped 3 s in, after answering a ping
+/// the held gateway leaves unread; they are let go for half a second (the
+/// old answer is read), then held again until the fault is seen, or until
+/// 21.5 s after the first hold began: the worker last spoke before it
+/// stopped, at most 3 s in, so it is silent for 15 s by 18.5 s in (and
+/// the supervisor's rounds are a quarter of a second). Heard as of the
+/// reading, it would be silent only at 25 s (found by an attacker: a hung
+/// worker lived 25 to 27 s, and a job sent to it meanwhile failed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_that_hung_is_not_heard_by_its_old_answers_read_late() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (runner, faults) = crate::common::workers_watched(tmp.path(), "w", 0, 2).await;
+    let pool = std::sync::Arc::clone(&runner.pools()["untrusted"]);
+    let pid = pool.pids()[0];
+    let began = std::time::Instant::now();
+    let hold = |until: std::time::Instant| {
+        let faults = std::sync::Arc::clone(&faults);
+        tokio::spawn(async move {
+            while faults.lock().unwrap().is_empty() && std::time::Instant::now() < until {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        })
+    };
+    let first: Vec<_> = (0..2)
+        .map(|_| hold(began + Duration::from_secs(10)))
+        .collect();
+    std::thread::sleep(Duration::from_secs(3));
+    // SAFETY: kill(2) with a pid and a signal number has no memory effects.
+    assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGSTOP) }, 0);
+    for h in first {
+        h.await.unwrap();
+    }
+    assert!(
+        faults.lock().unwrap().is_empty(),
+        "faulted before it was silent for 15 s: {:?}",
+        faults.lock().unwrap()
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let second: Vec<_> = (0..2)
+        .map(|_| hold(began + Duration::from_millis(21_500)))
+        .collect();
+    for h in second {
+        h.await.unwrap();
+    }
+    {
+        let faults = faults.lock().unwrap();
+        assert_eq!(
+            faults.len(),
+            1,
+            "the hung worker was not faulted 15 s after it last spoke: {faults:?}"
+        );
+        assert_eq!((faults[0].class, faults[0].pid), ("silent", pid));
+    }
+    until(|| process_state(pid).is_none_or(|s| s == 'Z') && pool.pids().len() == 1).await;
+    assert_ne!(pool.pids(), vec![pid]);
+}
