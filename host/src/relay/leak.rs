@@ -438,8 +438,8 @@ impl Needles {
     }
 }
 
-/// Most tokens [`Issued`] holds: past it, the soonest to expire leave it
-/// first (about 1.4 KB each: at most about 46 MB).
+/// Most tokens [`Issued`] holds (about 1.4 KB each: at most about 46 MB):
+/// past it, the oldest of the tenant that holds the most leave it first.
 pub const MAX_ISSUED: usize = 32_768;
 
 /// Positions of a view at which [`Issued`] looks up a window: every
@@ -484,12 +484,22 @@ pub struct Issued {
     state: RwLock<IssuedState>,
 }
 
+/// Folded signatures, each with when it stops being searched for, in that
+/// order.
+type Expiring = VecDeque<(Instant, Box<[u8]>)>;
+
+/// Every window held, as keys ([`key`]).
+type Windows = HashSet<u128, std::hash::BuildHasherDefault<WindowHasher>>;
+
 #[derive(Debug, Default)]
 struct IssuedState {
     /// Every window of every held signature.
-    windows: HashSet<u128, std::hash::BuildHasherDefault<WindowHasher>>,
-    /// The held signatures (folded), in the order they expire.
-    tokens: VecDeque<(Instant, Box<[u8]>)>,
+    windows: Windows,
+    /// The held signatures (folded) of each tenant, in the order they
+    /// expire.
+    tenants: std::collections::HashMap<String, Expiring>,
+    /// How many it holds.
+    held: usize,
     /// Tokens let go at [`MAX_ISSUED`] before they expired.
     crowded_out: u64,
 }
@@ -527,49 +537,87 @@ impl std::hash::Hasher for WindowHasher {
 }
 
 impl IssuedState {
-    fn forget(&mut self) {
-        if let Some((_, signature)) = self.tokens.pop_front() {
-            for w in signature.windows(WINDOW).filter_map(key) {
-                self.windows.remove(&w);
+    /// Lets go of `signature`'s windows.
+    fn forget(windows: &mut Windows, signature: &[u8]) {
+        for w in signature.windows(WINDOW).filter_map(key) {
+            windows.remove(&w);
+        }
+    }
+
+    /// Lets go of the tokens expired at `now`.
+    fn expire(&mut self, now: Instant) {
+        let Self {
+            windows,
+            tenants,
+            held,
+            ..
+        } = self;
+        tenants.retain(|_, tokens| {
+            while tokens.front().is_some_and(|(at, _)| *at <= now) {
+                if let Some((_, signature)) = tokens.pop_front() {
+                    Self::forget(windows, &signature);
+                    *held -= 1;
+                }
+            }
+            !tokens.is_empty()
+        });
+    }
+
+    /// Lets go of the oldest token of the tenant that holds the most.
+    fn crowd_out(&mut self) {
+        let Some(tenant) = self
+            .tenants
+            .iter()
+            .max_by_key(|(_, tokens)| tokens.len())
+            .map(|(tenant, _)| tenant.clone())
+        else {
+            return;
+        };
+        if let Some(tokens) = self.tenants.get_mut(&tenant) {
+            if let Some((_, signature)) = tokens.pop_front() {
+                Self::forget(&mut self.windows, &signature);
+                self.held -= 1;
+                self.crowded_out += 1;
+            }
+            if tokens.is_empty() {
+                self.tenants.remove(&tenant);
             }
         }
     }
 }
 
 impl Issued {
-    /// `token` was issued; searched for until `expiry` (tokens are told in
-    /// the order they expire).
-    pub fn add(&self, token: &str, expiry: Instant) {
+    /// `token` was issued to a job of `tenant`; searched for until
+    /// `expiry` (each tenant's tokens are told in the order they expire).
+    /// Past [`MAX_ISSUED`], the tenant that holds the most tokens loses its
+    /// oldest: one tenant's calls crowd out only its own.
+    pub fn add(&self, tenant: &str, token: &str, expiry: Instant) {
         let signature = fold(token.rsplit('.').next().unwrap_or(token).as_bytes());
-        let now = Instant::now();
         let mut s = self.state.write().unwrap_or_else(|e| e.into_inner());
-        while s.tokens.front().is_some_and(|(at, _)| *at <= now) {
-            s.forget();
-        }
-        while s.tokens.len() >= MAX_ISSUED {
-            s.forget();
-            s.crowded_out += 1;
+        s.expire(Instant::now());
+        while s.held >= MAX_ISSUED {
+            s.crowd_out();
             if s.crowded_out.is_power_of_two() {
                 tracing::warn!(
                     crowded_out = s.crowded_out,
                     max = MAX_ISSUED,
-                    "more call tokens live than answers are searched for across jobs; the soonest to expire are searched for only in their own job's answers"
+                    "more call tokens live than are searched for across jobs: the oldest of the tenant holding the most are searched for only in their own job's answers"
                 );
             }
         }
         for w in signature.windows(WINDOW).filter_map(key) {
             s.windows.insert(w);
         }
-        s.tokens.push_back((expiry, signature.into_boxed_slice()));
+        s.tenants
+            .entry(tenant.to_owned())
+            .or_default()
+            .push_back((expiry, signature.into_boxed_slice()));
+        s.held += 1;
     }
 
     /// How many tokens it holds.
     pub fn len(&self) -> usize {
-        self.state
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .tokens
-            .len()
+        self.state.read().unwrap_or_else(|e| e.into_inner()).held
     }
 
     /// Whether it holds none.
@@ -1995,7 +2043,11 @@ mod tests {
         );
         // Not issued yet: its answer passes.
         assert_eq!(scan_issued(&issued, OTHER.as_bytes(), 4096), None);
-        issued.add(OTHER, Instant::now() + std::time::Duration::from_secs(60));
+        issued.add(
+            "b",
+            OTHER,
+            Instant::now() + std::time::Duration::from_secs(60),
+        );
         let part = &sig[31..31 + 23];
         let forms: Vec<(&str, Vec<u8>)> = vec![
             ("whole", OTHER.as_bytes().to_vec()),
@@ -2040,7 +2092,7 @@ mod tests {
         let later = Instant::now() + std::time::Duration::from_secs(60);
         for i in 0..1000u32 {
             let token = format!("h.p.{}", URL_SAFE_NO_PAD.encode(i.to_be_bytes().repeat(16)));
-            issued.add(&token, later);
+            issued.add("b", &token, later);
         }
         assert_eq!(issued.len(), 1000);
         let text = URL_SAFE_NO_PAD.encode(
@@ -2063,17 +2115,50 @@ mod tests {
     fn an_issued_token_is_let_go_after_its_expiry() {
         let issued = Arc::new(Issued::default());
         let sig = OTHER.rsplit('.').next().unwrap();
-        issued.add(OTHER, Instant::now());
+        issued.add("b", OTHER, Instant::now());
         assert!(
             Needles::new(TOKEN, [])
                 .and_issued(Arc::clone(&issued))
                 .found(sig.as_bytes())
         );
-        issued.add(TOKEN, Instant::now() + std::time::Duration::from_secs(60));
+        issued.add(
+            "a",
+            TOKEN,
+            Instant::now() + std::time::Duration::from_secs(60),
+        );
         assert_eq!(issued.len(), 1);
         let alone = Needles::default().and_issued(Arc::clone(&issued));
         assert!(!alone.found(sig.as_bytes()));
         assert!(alone.found(sig_of(TOKEN).as_bytes()));
+    }
+
+    /// Past [`MAX_ISSUED`] live tokens, the tenant holding the most loses
+    /// its oldest: a tenant issuing tokens as fast as it can crowds out
+    /// its own, never another tenant's.
+    #[test]
+    fn a_tenant_issuing_past_the_bound_crowds_out_only_its_own_tokens() {
+        let issued = Arc::new(Issued::default());
+        let later = Instant::now() + std::time::Duration::from_secs(600);
+        issued.add("victim", OTHER, later);
+        let flood = |i: u32| {
+            format!(
+                "h.p.{}",
+                URL_SAFE_NO_PAD.encode([i.to_be_bytes(), i.to_le_bytes()].concat().repeat(8))
+            )
+        };
+        for i in 0..u32::try_from(MAX_ISSUED).unwrap() {
+            issued.add("flood", &flood(i), later);
+        }
+        assert_eq!(issued.len(), MAX_ISSUED);
+        let search = Needles::default().and_issued(Arc::clone(&issued));
+        assert!(
+            search.found(sig_of(OTHER).as_bytes()),
+            "the victim's token was crowded out"
+        );
+        assert!(!search.found(sig_of(&flood(0)).as_bytes()));
+        assert!(search.found(sig_of(&flood(1)).as_bytes()));
+        let last = flood(u32::try_from(MAX_ISSUED).unwrap() - 1);
+        assert!(search.found(sig_of(&last).as_bytes()));
     }
 
     fn sig_of(token: &str) -> &str {

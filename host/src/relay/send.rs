@@ -400,7 +400,7 @@ impl CallGrant {
             s.combined.minted(tokens);
             // Other jobs' answers are searched for it as well, from before
             // it is sent.
-            self.relay.issued.add(&token, expiry);
+            self.relay.issued.add(&caller.tenant, &token, expiry);
             // Every answer is searched for every token the job has then,
             // its own call's and those minted before or since, and for
             // every other job's.
