@@ -247,6 +247,7 @@ async fn serve(
             tick.tick().await;
             say_running(&ticking);
             vouch(&ticking);
+            push(&ticking);
         }
     };
     let reading = Arc::clone(&state);
@@ -453,6 +454,20 @@ fn vouch(state: &State) {
     if behind && rustix::io::ioctl_fionread(channel).is_ok_and(|n| n > 0) {
         *lock(&state.last_read) = Instant::now();
         send(&state.up, Up::Pong { seq: 0 });
+    }
+}
+
+/// Writes what waits for the drain, as far as the socket takes it, from
+/// the channel's thread: the drain learns that the socket takes more from
+/// the guests' runtime, with which the channel is registered, and guests'
+/// host calls may hold every thread of it; a vouch, or a report, waiting
+/// behind what the gateway had not read would wait with them.
+fn push(state: &State) {
+    // SAFETY: CHANNEL_FD is the channel, open for the worker's life.
+    let channel = unsafe { std::os::fd::BorrowedFd::borrow_raw(CHANNEL_FD) };
+    if state.up.push(channel).is_err() {
+        // The gateway is gone: nothing left to work for.
+        std::process::exit(0);
     }
 }
 
