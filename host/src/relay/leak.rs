@@ -34,10 +34,12 @@
 //!    that form), then one level of escapes decoded: `%41` and `%u0041`
 //!    (URL, IIS), `=41` and quoted-printable soft line breaks, `\x41`,
 //!    `\u0041` and `\/`-style escapes (JSON, C, JavaScript), HTML numeric
-//!    entities (`&#x41;`, `&#65;`, with or without `;`, up to 8 digits) and
-//!    a few named ones (`&sol;`, `&plus;`, `&lowbar;`, ...), in any mix and
-//!    any letter case; and the same decoding once more over that (two
-//!    levels of escaping: `%2541`, `&amp;#x41;`).
+//!    entities (`&#x41;`, `&#65;`, with or without `;`, up to 8 digits
+//!    after any number of leading zeros) and a few named ones (`&sol;`,
+//!    `&plus;`, `&lowbar;`, ...), in any mix and any letter case, runs of
+//!    up to three NULs they decode to dropped too (escaped UTF-16); and the
+//!    same decoding once more over that (two levels of escaping: `%2541`,
+//!    `&amp;#x41;`).
 //!
 //! Compressed payloads ([`Scanner`]): a gzip or zlib stream (any valid zlib
 //! header, any window size) at the start of the body, a gzip member or a zip entry anywhere in it (found by magic,
@@ -677,6 +679,9 @@ impl Withheld {
 #[derive(Debug, Default)]
 struct Unescaped {
     nul_run: usize,
+    /// NULs escapes stood for, in a row, dropped like those of the input
+    /// (an escaped UTF-16 text: `A%00B%00`).
+    decoded_nuls: usize,
     /// An escape being read, and where it started.
     escape: Vec<u8>,
     escape_at: u64,
@@ -714,9 +719,16 @@ impl Unescaped {
                 self.escape.push(b);
                 self.escape_at = at;
             } else {
+                self.decoded_nuls = 0;
                 out.push(FOLD[usize::from(b)]);
                 offsets.push(at);
             }
+            return;
+        }
+        // A numeric reference's leading zeros, as many as they are, read
+        // as one (found by an attacker: `&#x000000058;`, past the most
+        // digits read, passed as text, and HTML decoders read it).
+        if b == b'0' && leading_zeros(&self.escape) {
             return;
         }
         self.escape.push(b);
@@ -724,9 +736,14 @@ impl Unescaped {
             Parse::More => {}
             Parse::Done(value, used) => {
                 let start = self.escape_at;
-                if let Some(v) = value {
-                    out.push(FOLD[usize::from(v)]);
-                    offsets.push(start);
+                match value {
+                    Some(0) if self.decoded_nuls < MAX_NUL_RUN => self.decoded_nuls += 1,
+                    Some(v) => {
+                        self.decoded_nuls = 0;
+                        out.push(FOLD[usize::from(v)]);
+                        offsets.push(start);
+                    }
+                    None => {}
                 }
                 let rest = self.escape.split_off(used);
                 self.escape.clear();
@@ -737,6 +754,7 @@ impl Unescaped {
             Parse::Invalid => {
                 let start = self.escape_at;
                 let escape = std::mem::take(&mut self.escape);
+                self.decoded_nuls = 0;
                 out.push(FOLD[usize::from(escape[0])]);
                 offsets.push(start);
                 for r in &escape[1..] {
@@ -750,6 +768,12 @@ impl Unescaped {
     fn pending(&self) -> Option<u64> {
         (!self.escape.is_empty()).then_some(self.escape_at)
     }
+}
+
+/// Whether `escape` is a numeric character reference's start and a zero
+/// (`&#0`, `&#x0`): another zero adds nothing to it.
+fn leading_zeros(escape: &[u8]) -> bool {
+    matches!(escape, [b'&', b'#', b'0'] | [b'&', b'#', b'x' | b'X', b'0'])
 }
 
 fn parse(e: &[u8]) -> Parse {
@@ -1627,6 +1651,22 @@ mod tests {
                 each_byte(&bearer, |b| format!("&#x00{b:x};")),
             ),
             ("&#DD;".into(), each_byte(&bearer, |b| format!("&#{b};"))),
+            (
+                "&#x0000000hh;".into(),
+                each_byte(&bearer, |b| format!("&#x0000000{b:x};")),
+            ),
+            (
+                "&#00000000DD; (a thousand zeros)".into(),
+                each_byte(&bearer, |b| format!("&#{}{b};", "0".repeat(1000))),
+            ),
+            (
+                "UTF-16LE, percent-escaped".into(),
+                each_byte(&bearer, |b| format!("%{b:02X}%00")),
+            ),
+            (
+                "UTF-16BE, JSON-escaped".into(),
+                each_byte(&bearer, |b| format!("\\u0000\\u{b:04x}")),
+            ),
             ("&#DD".into(), each_byte(&bearer, |b| format!("&#{b}"))),
             (
                 "\\u00xx".into(),
@@ -2055,6 +2095,14 @@ mod tests {
             ("23 characters", part.as_bytes().to_vec()),
             ("uppercased", part.to_ascii_uppercase().into_bytes()),
             ("JSON escapes", each_byte(part, |b| format!("\\u{b:04x}"))),
+            (
+                "HTML references, zeros before",
+                each_byte(part, |b| format!("&#x000000{b:x};")),
+            ),
+            (
+                "UTF-16, escaped",
+                each_byte(part, |b| format!("%{b:02x}%00")),
+            ),
             ("percent", each_byte(part, |b| format!("%{b:02X}"))),
             ("UTF-16", utf16(part, false)),
         ];

@@ -63,6 +63,17 @@ struct Unwritten {
 }
 
 impl Unwritten {
+    /// Once every frame is written, what frames queued together grew it
+    /// to goes back, whoever wrote them (the drain, or [`Link::push`]):
+    /// the gateway counts a job's memory free once its report is in
+    /// (found by an attacker: an idle worker kept 64 MiB here for its
+    /// life).
+    fn give_back(&mut self) {
+        if self.frames.is_empty() && self.bytes.capacity() > KEEP {
+            self.bytes = BytesMut::new();
+        }
+    }
+
     fn push(&mut self, head: &[u8], payload: &[u8]) {
         self.bytes.extend_from_slice(head);
         self.bytes.extend_from_slice(payload);
@@ -145,6 +156,7 @@ impl Link {
                 Err(e) => return Err(e.into()),
             }
         }
+        unwritten.give_back();
         Ok(any)
     }
 
@@ -230,14 +242,7 @@ impl Link {
             {
                 let mut unwritten = lock(&self.unwritten);
                 if unwritten.frames.is_empty() {
-                    // What frames queued together grew it to goes back
-                    // once they are written: the gateway counts a job's
-                    // memory free once its report is in (found by an
-                    // attacker: an idle worker kept 64 MiB here for its
-                    // life).
-                    if unwritten.bytes.capacity() > KEEP {
-                        unwritten.bytes = BytesMut::new();
-                    }
+                    unwritten.give_back();
                     return Ok(());
                 }
                 match self.write.try_write(&unwritten.bytes) {

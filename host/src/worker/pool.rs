@@ -1543,15 +1543,33 @@ impl Pool {
                 self.fault(worker, "disk", over.to_string());
                 continue;
             }
-            // What it has sent by now: what waits in the gateway's end,
-            // then what the gateway has taken, in that order (a read
-            // between the two counts its bytes twice: a frame is never
-            // found to have come later than it did).
+            // What it has sent by now: what the gateway has taken, what
+            // waits in the gateway's end, and what the gateway has taken
+            // again. With the second count (a read between the two counts
+            // its bytes twice), a frame is never found to have come later
+            // than it did.
+            let taken = || worker.taken.load(std::sync::atomic::Ordering::Acquire);
+            let before = taken();
             let waiting = rustix::io::ioctl_fionread(&worker.channel).unwrap_or(0);
-            let sent =
-                waiting.saturating_add(worker.taken.load(std::sync::atomic::Ordering::Relaxed));
+            let after = taken();
+            let sent = waiting.saturating_add(after);
             {
                 let mut looks = lock(&worker.looks);
+                // More has come than at any look before, and no read ran
+                // across this one: the worker wrote since the last look
+                // (what a worker writes is in the gateway's end at once),
+                // so it was there after it, whether its frame is whole
+                // yet or not.
+                let most = looks.iter().map(|(_, sent)| *sent).max();
+                if let (Some(most), Some(&(last, _))) = (most, looks.back())
+                    && before == after
+                    && sent > most
+                {
+                    let mut heard = lock(&worker.last_heard);
+                    if last > *heard {
+                        *heard = last;
+                    }
+                }
                 looks.push_back((now, sent));
                 while looks.front().is_some_and(|(at, _)| since(*at) > KEEP_LOOKS) {
                     looks.pop_front();
