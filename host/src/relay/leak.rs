@@ -682,6 +682,10 @@ struct Unescaped {
     /// NULs escapes stood for, in a row, dropped like those of the input
     /// (an escaped UTF-16 text: `A%00B%00`).
     decoded_nuls: usize,
+    /// The last byte out was a numeric reference's that ended without its
+    /// `;`: an escaped `;` next is that `;` (`&#x55%3B`, found by an
+    /// attacker: the stray `;` after every character hid the token).
+    open_reference: bool,
     /// An escape being read, and where it started.
     escape: Vec<u8>,
     escape_at: u64,
@@ -720,6 +724,7 @@ impl Unescaped {
                 self.escape_at = at;
             } else {
                 self.decoded_nuls = 0;
+                self.open_reference = false;
                 out.push(FOLD[usize::from(b)]);
                 offsets.push(at);
             }
@@ -736,7 +741,9 @@ impl Unescaped {
             Parse::More => {}
             Parse::Done(value, used) => {
                 let start = self.escape_at;
+                let open = self.escape.starts_with(b"&#") && self.escape.last() != Some(&b';');
                 match value {
+                    Some(b';') if self.open_reference => {}
                     Some(0) if self.decoded_nuls < MAX_NUL_RUN => self.decoded_nuls += 1,
                     Some(v) => {
                         self.decoded_nuls = 0;
@@ -745,6 +752,7 @@ impl Unescaped {
                     }
                     None => {}
                 }
+                self.open_reference = open;
                 let rest = self.escape.split_off(used);
                 self.escape.clear();
                 for r in rest {
@@ -755,6 +763,7 @@ impl Unescaped {
                 let start = self.escape_at;
                 let escape = std::mem::take(&mut self.escape);
                 self.decoded_nuls = 0;
+                self.open_reference = false;
                 out.push(FOLD[usize::from(escape[0])]);
                 offsets.push(start);
                 for r in &escape[1..] {
@@ -834,6 +843,9 @@ const ENTITIES: [(&[u8], u8); 12] = [
     (b"period", b'.'),
 ];
 
+/// Named entities HTML decoders read without their `;`.
+const LEGACY: [(&[u8], u8); 2] = [(b"amp", b'&'), (b"quot", b'"')];
+
 /// Most digits or letters of an entity.
 const ENTITY_MAX: usize = 8;
 
@@ -876,6 +888,14 @@ fn entity(e: &[u8]) -> Parse {
         } else {
             Parse::More
         };
+    }
+    // `&amp` and `&quot` are read without their `;` too, as HTML
+    // decoders read them (found by an attacker: `&amp#x58;`).
+    if last != b';' && letters + 1 == name.len() {
+        return LEGACY
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(&name[..letters]))
+            .map_or(Parse::Invalid, |(_, v)| Parse::Done(Some(*v), e.len() - 1));
     }
     if last != b';' || letters + 1 != name.len() {
         return Parse::Invalid;
@@ -1652,6 +1672,18 @@ mod tests {
             ),
             ("&#DD;".into(), each_byte(&bearer, |b| format!("&#{b};"))),
             (
+                "&#xhh%3B".into(),
+                each_byte(&bearer, |b| format!("&#x{b:x}%3B")),
+            ),
+            (
+                "&#DD\\u003b".into(),
+                each_byte(&bearer, |b| format!("&#{b}\\u003b")),
+            ),
+            (
+                "&amp#xhh;".into(),
+                each_byte(&bearer, |b| format!("&amp#x{b:x};")),
+            ),
+            (
                 "&#x0000000hh;".into(),
                 each_byte(&bearer, |b| format!("&#x0000000{b:x};")),
             ),
@@ -2102,6 +2134,14 @@ mod tests {
             (
                 "UTF-16, escaped",
                 each_byte(part, |b| format!("%{b:02x}%00")),
+            ),
+            (
+                "references, `;` escaped",
+                each_byte(part, |b| format!("&#{b}%3b")),
+            ),
+            (
+                "`&amp` without `;`",
+                each_byte(part, |b| format!("&amp#{b};")),
             ),
             ("percent", each_byte(part, |b| format!("%{b:02X}"))),
             ("UTF-16", utf16(part, false)),
