@@ -124,14 +124,13 @@ pub fn main(args: &OsStr) -> ExitCode {
         // job's `Run` is read by a guest thread, which then runs the job
         // (`serve`), rather than by this thread, which would have to wake
         // one.
-        let stream = {
+        let framed = {
             let _guests = guests.enter();
-            tokio::net::UnixStream::from_std(channel)
+            proto::split(channel, MAX_DOWN_FRAME, MAX_UP_FRAME)
         };
-        let Ok(stream) = stream else {
+        let Ok((mut reader, mut writer)) = framed else {
             return ExitCode::from(2);
         };
-        let (mut reader, mut writer) = proto::split(stream, MAX_DOWN_FRAME, MAX_UP_FRAME);
         let started = applied.map_err(|e| e.to_string()).and_then(|applied| {
             let mut config = SandboxConfig::new(".");
             config.cache_dir = Some(args.cache_dir.clone());

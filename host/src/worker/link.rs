@@ -24,7 +24,6 @@ use std::sync::{Arc, Mutex, Weak};
 
 use bytes::{Buf, BytesMut};
 use serde::Serialize;
-use tokio::net::unix::OwnedWriteHalf;
 use tokio::sync::Notify;
 
 use super::proto;
@@ -37,7 +36,7 @@ const KEEP: usize = 64 << 10;
 /// the socket's writing side: the other end reads its end.
 #[derive(Debug)]
 pub struct Link {
-    write: OwnedWriteHalf,
+    write: proto::WriteHalf,
     unwritten: Mutex<Unwritten>,
     /// Set when `unwritten` gained bytes while it was empty, and when the
     /// link goes (its drain then ends).
@@ -99,12 +98,12 @@ impl Unwritten {
 
 impl Link {
     /// Writes frames of at most `max` payload bytes to `write`.
-    pub fn new(write: OwnedWriteHalf, max: usize) -> Self {
+    pub fn new(write: proto::WriteHalf, max: usize) -> Self {
         Self::bounded(write, max, usize::MAX)
     }
 
     /// As [`Link::new`], with at most `frames` frames waiting unwritten.
-    pub fn bounded(write: OwnedWriteHalf, max: usize, frames: usize) -> Self {
+    pub fn bounded(write: proto::WriteHalf, max: usize, frames: usize) -> Self {
         Self {
             write,
             unwritten: Mutex::default(),
@@ -280,9 +279,9 @@ mod tests {
     use super::*;
 
     fn pair() -> (proto::Reader, Arc<Link>) {
-        let (a, b) = tokio::net::UnixStream::pair().unwrap();
-        let (reader, _) = proto::split(a, 1 << 20, 1 << 20);
-        let (_, write) = b.into_split();
+        let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let (reader, _) = proto::split(a, 1 << 20, 1 << 20).unwrap();
+        let (_, write) = proto::halves(b).unwrap();
         (reader, Arc::new(Link::new(write, 1 << 20)))
     }
 
@@ -352,12 +351,8 @@ mod tests {
         a.set_nonblocking(true).unwrap();
         b.set_nonblocking(true).unwrap();
         let second = std::os::fd::OwnedFd::from(b.try_clone().unwrap());
-        let (mut reader, _) = proto::split(
-            tokio::net::UnixStream::from_std(a).unwrap(),
-            1 << 20,
-            1 << 20,
-        );
-        let (_, write) = tokio::net::UnixStream::from_std(b).unwrap().into_split();
+        let (mut reader, _) = proto::split(a, 1 << 20, 1 << 20).unwrap();
+        let (_, write) = proto::halves(b).unwrap();
         let link = Link::new(write, 1 << 20);
         let frame = |i: u32| (i, vec![7u8; 4000]);
         let mut sent = 0u32;

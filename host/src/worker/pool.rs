@@ -1839,18 +1839,17 @@ impl Pool {
                 // report read and handed to its waiting request, without
                 // waking a thread of another runtime on either way.
                 let _gateway = self.gateway.enter();
-                let stream = tokio::net::UnixStream::from_std(spawned.channel)?;
-                Ok((stream, std::os::fd::OwnedFd::from(second)))
+                let framed = proto::split_counted(spawned.channel, MAX_UP_FRAME, MAX_DOWN_FRAME)?;
+                Ok((framed, std::os::fd::OwnedFd::from(second)))
             })
             .map_err(|e| start_error(format!("channel: {e}")));
-        let (stream, channel) = match stream {
+        let ((mut reader, mut writer), channel) = match stream {
             Ok(s) => s,
             Err(e) => {
                 kill(&mut child);
                 return Err(e);
             }
         };
-        let (mut reader, mut writer) = proto::split_counted(stream, MAX_UP_FRAME, MAX_DOWN_FRAME);
         let taken = Arc::clone(reader.get_ref().taken());
         let hello = tokio::time::timeout(HELLO_TIMEOUT, proto::recv::<Up>(&mut reader)).await;
         let applied = match hello {
@@ -2643,8 +2642,8 @@ mod tests {
     /// dropped and the link says so, and stays so as the worker reads.
     #[tokio::test]
     async fn a_worker_that_stops_reading_fills_its_queue_to_the_bound_only() {
-        let (gateway, worker) = tokio::net::UnixStream::pair().unwrap();
-        let (_, write) = gateway.into_split();
+        let (gateway, worker) = std::os::unix::net::UnixStream::pair().unwrap();
+        let (_, write) = proto::halves(gateway).unwrap();
         let link = Arc::new(Link::bounded(write, MAX_DOWN_FRAME, MAX_QUEUED_FRAMES));
         tokio::spawn(Link::drain(Arc::downgrade(&link)));
         let outbox = Outbox(Arc::clone(&link));
@@ -2663,7 +2662,7 @@ mod tests {
         assert_eq!(link.waiting(), MAX_QUEUED_FRAMES);
         // Once overflowed it stays so, even as the worker reads: it is
         // faulted, not forgiven.
-        let (mut reader, _) = proto::split(worker, MAX_DOWN_FRAME, MAX_UP_FRAME);
+        let (mut reader, _) = proto::split(worker, MAX_DOWN_FRAME, MAX_UP_FRAME).unwrap();
         for _ in 0..1_000 {
             proto::recv::<Down>(&mut reader).await.unwrap();
         }

@@ -18,8 +18,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use serde::{Deserialize, Serialize};
-use tokio::net::UnixStream;
-use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+use std::io;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+use tokio::io::unix::AsyncFd;
+use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio_util::codec::{FramedRead, FramedWrite, LengthDelimitedCodec};
 
 use super::calls::{CallDown, CallUp};
@@ -184,9 +190,166 @@ pub enum ChannelError {
 }
 
 /// The reading half of a framed channel.
-pub type Reader<R = OwnedReadHalf> = FramedRead<R, LengthDelimitedCodec>;
+pub type Reader<R = ReadHalf> = FramedRead<R, LengthDelimitedCodec>;
 /// The writing half of a framed channel.
-pub type Writer = FramedWrite<OwnedWriteHalf, LengthDelimitedCodec>;
+pub type Writer = FramedWrite<WriteHalf, LengthDelimitedCodec>;
+
+/// A channel's reading half: the socket, registered with the runtime for
+/// reading only. Registered for writing too (as `tokio::net::UnixStream`
+/// is), each time the other end read what this end wrote would wake a
+/// thread parked on the runtime's driver, for nothing: 190 of 1,173 of a
+/// worker's `epoll_wait`s in a second, one for each report the gateway
+/// read.
+#[derive(Debug)]
+pub struct ReadHalf {
+    fd: AsyncFd<OwnedFd>,
+}
+
+/// A channel's writing half: another descriptor of the socket, registered
+/// for writing only while a write waits for room ([`WriteHalf::writable`]).
+/// Its drop shuts the socket for writing, so the other end reads its end.
+#[derive(Debug)]
+pub struct WriteHalf {
+    fd: OwnedFd,
+    /// The registration a write waiting for room polls
+    /// ([`AsyncWrite::poll_write`]), let go once it has written.
+    waiting: Option<AsyncFd<OwnedFd>>,
+}
+
+/// `stream`'s two halves, registered with the runtime entered (the
+/// reading half now; the writing half only while it waits for room).
+///
+/// # Errors
+/// When the socket cannot be made non-blocking, duplicated or
+/// registered.
+pub fn halves(stream: UnixStream) -> io::Result<(ReadHalf, WriteHalf)> {
+    stream.set_nonblocking(true)?;
+    let fd = OwnedFd::from(stream);
+    let write = fd.try_clone()?;
+    let read = register(fd, Interest::READABLE)?;
+    Ok((
+        ReadHalf { fd: read },
+        WriteHalf {
+            fd: write,
+            waiting: None,
+        },
+    ))
+}
+
+/// `fd`, registered with the runtime entered for `interest`.
+fn register(fd: OwnedFd, interest: Interest) -> io::Result<AsyncFd<OwnedFd>> {
+    // SAFETY: an `OwnedFd` is an open descriptor, the same one, until the
+    // `AsyncFd` that owns it drops it.
+    unsafe { AsyncFd::register_with_interest(fd, interest) }.map_err(|e| e.into_parts().1)
+}
+
+impl AsyncRead for ReadHalf {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        loop {
+            let mut guard = ready!(self.fd.poll_read_ready(cx))?;
+            let unfilled = buf.initialize_unfilled();
+            let room = unfilled.len();
+            match rustix::io::read(guard.get_inner(), unfilled) {
+                Ok(n) => {
+                    // Less than there was room for: the socket is read
+                    // dry (as tokio's own streams take it), and the next
+                    // read waits for more without a read that finds none.
+                    if n > 0 && n < room {
+                        guard.clear_ready();
+                    }
+                    buf.advance(n);
+                    return Poll::Ready(Ok(()));
+                }
+                Err(rustix::io::Errno::AGAIN) => guard.clear_ready(),
+                Err(rustix::io::Errno::INTR) => {}
+                Err(e) => return Poll::Ready(Err(e.into())),
+            }
+        }
+    }
+}
+
+impl WriteHalf {
+    /// Writes what the socket takes of `bufs` now.
+    ///
+    /// # Errors
+    /// [`io::ErrorKind::WouldBlock`] when it takes nothing; the socket's
+    /// error.
+    pub fn try_write_vectored(&self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
+        loop {
+            match rustix::io::writev(&self.fd, bufs) {
+                Err(rustix::io::Errno::INTR) => {}
+                r => return r.map_err(io::Error::from),
+            }
+        }
+    }
+
+    /// Writes what the socket takes of `buf` now.
+    ///
+    /// # Errors
+    /// As [`WriteHalf::try_write_vectored`].
+    pub fn try_write(&self, buf: &[u8]) -> io::Result<usize> {
+        self.try_write_vectored(&[io::IoSlice::new(buf)])
+    }
+
+    /// Waits until the socket takes more: registered for writing only
+    /// meanwhile.
+    ///
+    /// # Errors
+    /// When the registration fails.
+    pub async fn writable(&self) -> io::Result<()> {
+        let fd = register(self.fd.try_clone()?, Interest::WRITABLE)?;
+        let _ = fd.writable().await?;
+        Ok(())
+    }
+}
+
+impl AsyncWrite for WriteHalf {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        loop {
+            match self.try_write(buf) {
+                Ok(n) => {
+                    self.waiting = None;
+                    return Poll::Ready(Ok(n));
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+            if self.waiting.is_none() {
+                self.waiting = Some(register(self.fd.try_clone()?, Interest::WRITABLE)?);
+            }
+            if let Some(waiting) = &self.waiting {
+                let mut guard = ready!(waiting.poll_write_ready(cx))?;
+                guard.clear_ready();
+            }
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(
+            rustix::net::shutdown(&self.fd, rustix::net::Shutdown::Write).map_err(io::Error::from),
+        )
+    }
+}
+
+impl Drop for WriteHalf {
+    /// The other end reads the end of the channel, though this end's
+    /// reading half is still open.
+    fn drop(&mut self) {
+        let _ = rustix::net::shutdown(self.fd.as_fd(), rustix::net::Shutdown::Write);
+    }
+}
 
 fn codec(max: usize) -> LengthDelimitedCodec {
     LengthDelimitedCodec::builder()
@@ -197,19 +360,23 @@ fn codec(max: usize) -> LengthDelimitedCodec {
 
 /// Frames `stream` with this protocol's codec, reading frames of at most
 /// `max_in` bytes and writing frames of at most `max_out`
-/// ([`MAX_DOWN_FRAME`] and [`MAX_UP_FRAME`], one way or the other).
-pub fn split(stream: UnixStream, max_in: usize, max_out: usize) -> (Reader, Writer) {
-    let (read, write) = stream.into_split();
-    (
+/// ([`MAX_DOWN_FRAME`] and [`MAX_UP_FRAME`], one way or the other);
+/// registered with the runtime entered ([`halves`]).
+///
+/// # Errors
+/// As [`halves`].
+pub fn split(stream: UnixStream, max_in: usize, max_out: usize) -> io::Result<(Reader, Writer)> {
+    let (read, write) = halves(stream)?;
+    Ok((
         FramedRead::new(read, codec(max_in)),
         FramedWrite::new(write, codec(max_out)),
-    )
+    ))
 }
 
 /// A channel's reading half that counts the bytes taken from it.
 #[derive(Debug)]
 pub struct Counted {
-    inner: OwnedReadHalf,
+    inner: ReadHalf,
     taken: Arc<AtomicU64>,
 }
 
@@ -237,20 +404,23 @@ impl tokio::io::AsyncRead for Counted {
 }
 
 /// [`split`], with a reader that counts what it takes ([`Counted`]).
+///
+/// # Errors
+/// As [`halves`].
 pub fn split_counted(
     stream: UnixStream,
     max_in: usize,
     max_out: usize,
-) -> (Reader<Counted>, Writer) {
-    let (read, write) = stream.into_split();
+) -> io::Result<(Reader<Counted>, Writer)> {
+    let (read, write) = halves(stream)?;
     let counted = Counted {
         inner: read,
         taken: Arc::default(),
     };
-    (
+    Ok((
         FramedRead::new(counted, codec(max_in)),
         FramedWrite::new(write, codec(max_out)),
-    )
+    ))
 }
 
 /// How many bytes of the channel `reader` has decoded into frames: the
