@@ -13,6 +13,8 @@
 //!   it is applied, and what it reports of them.
 //! - [`calls`]: outbound requests over the channel, worker side and gateway
 //!   side.
+//! - [`heard`]: when a worker last spoke, dated by when what it said came
+//!   rather than when the gateway read it.
 //! - [`cgroup`]: a worker's memory ceiling, where the host offers cgroups.
 //! - [`scratch`]: a worker's directory, a tmpfs of its own mounted nowhere.
 //! - [`disk`]: the zone's disk, given out as room to each job before it is
@@ -27,6 +29,7 @@ pub mod cgroup;
 pub mod child;
 pub mod disk;
 pub mod harden;
+pub mod heard;
 pub mod link;
 pub mod memory;
 pub mod pool;

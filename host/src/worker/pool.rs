@@ -83,9 +83,6 @@ const UNREAD: Duration = Duration::from_secs(1);
 const READ_LATELY: Duration = Duration::from_secs(5);
 /// ...for at most this long: past it the worker is judged whatever waits.
 const UNREAD_AT_MOST: Duration = Duration::from_secs(60);
-/// How long the supervisor's looks at a channel are kept: a frame that
-/// came before them all is older than any worker is excused for.
-const KEEP_LOOKS: Duration = Duration::from_secs(75);
 /// How far past its wall time a job's report may arrive before its worker
 /// is a fault.
 const OVERRUN_GRACE: Duration = Duration::from_secs(5);
@@ -332,14 +329,10 @@ struct Worker {
     calls: GatewayCalls,
     state: Mutex<WorkerState>,
     /// When it last spoke, as far as the gateway can tell: when what it
-    /// said last came ([`Worker::heard`]), not when it was read.
-    last_heard: Mutex<Instant>,
+    /// said came, not when it was read.
+    hearing: Mutex<super::heard::Hearing>,
     /// How many bytes of its channel the gateway has taken.
     taken: Arc<std::sync::atomic::AtomicU64>,
-    /// The supervisor's looks at its channel, the last [`KEEP_LOOKS`]:
-    /// when, and how many bytes it had sent by then (taken, or waiting in
-    /// the gateway's end).
-    looks: Mutex<std::collections::VecDeque<(Instant, u64)>>,
     /// Whether the supervisor's last round excused it, the gateway being
     /// behind with it.
     excused: std::sync::atomic::AtomicBool,
@@ -1544,37 +1537,12 @@ impl Pool {
                 continue;
             }
             // What it has sent by now: what the gateway has taken, what
-            // waits in the gateway's end, and what the gateway has taken
-            // again. With the second count (a read between the two counts
-            // its bytes twice), a frame is never found to have come later
-            // than it did.
+            // waits in the gateway's end, and what it has taken again.
             let taken = || worker.taken.load(std::sync::atomic::Ordering::Acquire);
             let before = taken();
             let waiting = rustix::io::ioctl_fionread(&worker.channel).unwrap_or(0);
             let after = taken();
-            let sent = waiting.saturating_add(after);
-            {
-                let mut looks = lock(&worker.looks);
-                // More has come than at any look before, and no read ran
-                // across this one: the worker wrote since the last look
-                // (what a worker writes is in the gateway's end at once),
-                // so it was there after it, whether its frame is whole
-                // yet or not.
-                let most = looks.iter().map(|(_, sent)| *sent).max();
-                if let (Some(most), Some(&(last, _))) = (most, looks.back())
-                    && before == after
-                    && sent > most
-                {
-                    let mut heard = lock(&worker.last_heard);
-                    if last > *heard {
-                        *heard = last;
-                    }
-                }
-                looks.push_back((now, sent));
-                while looks.front().is_some_and(|(at, _)| since(*at) > KEEP_LOOKS) {
-                    looks.pop_front();
-                }
-            }
+            lock(&worker.hearing).look(now, before, waiting, after);
             {
                 use std::os::fd::AsFd;
                 // What waits for the drain goes now, pings among it.
@@ -1594,7 +1562,7 @@ impl Pool {
             // the worker. Not while the reader keeps reading: a worker
             // that floods its channel is judged as ever. Nor once it has
             // left what it was sent unread: it hung.
-            let silent = since(*lock(&worker.last_heard));
+            let silent = since(lock(&worker.hearing).last());
             let reads = since(lock(&worker.read).0) <= READ_LATELY;
             let behind = waiting > 0 || worker.down.0.waiting() > 0;
             let was_excused = worker
@@ -1924,9 +1892,8 @@ impl Pool {
                 super::calls::CallLimits::for_places(self.config.max_concurrent_jobs),
             ),
             state: Mutex::default(),
-            last_heard: Mutex::new(Instant::now()),
+            hearing: Mutex::new(super::heard::Hearing::new(Instant::now())),
             taken,
-            looks: Mutex::default(),
             excused: std::sync::atomic::AtomicBool::new(false),
             read: Mutex::new((Instant::now(), 0)),
             channel,
@@ -1974,7 +1941,7 @@ impl Pool {
                 Some(Err(e)) => return ("protocol", format!("broke the channel: {e}")),
                 None => return worker.exit_reason(),
             };
-            worker.heard(proto::decoded(reader));
+            lock(&worker.hearing).frame(proto::decoded(reader), Instant::now());
             let Some(pool) = pool.upgrade() else {
                 return ("closed", "its pool was closed".into());
             };
@@ -2089,35 +2056,6 @@ impl Worker {
     /// one, whatever is later put at its path in the zone's directory.
     fn dir(&self) -> PathBuf {
         crate::sandbox::beneath::fd_path(&self.dir_fd)
-    }
-
-    /// It spoke: the gateway has read a frame ending at byte `end` of
-    /// what it sent. It is heard as of the supervisor's last look at which
-    /// that frame had not all come (it came after it), not as of its
-    /// reading: what waited unread while the gateway was behind is as old
-    /// as it is (found by an attacker: a worker hung while the gateway's
-    /// threads were held, and the answer it gave before, read once they
-    /// were let go, bought it 15 s more). Before the first look, as of
-    /// now; a frame older than every look kept, not heard.
-    fn heard(&self, end: u64) {
-        let at = {
-            let looks = lock(&self.looks);
-            if looks.is_empty() {
-                Some(Instant::now())
-            } else {
-                looks
-                    .iter()
-                    .rev()
-                    .find(|(_, sent)| *sent < end)
-                    .map(|(at, _)| *at)
-            }
-        };
-        if let Some(at) = at {
-            let mut heard = lock(&self.last_heard);
-            if at > *heard {
-                *heard = at;
-            }
-        }
     }
 
     /// Job `job`'s files are gone or going: its room is released.

@@ -507,3 +507,86 @@ pub fn encode<T: Serialize>(message: &T) -> Result<Bytes, ChannelError> {
         .map(Bytes::from)
         .map_err(ChannelError::Encode)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+    use std::mem::MaybeUninit;
+
+    /// Found by an attacker: a reader that zeroed its room before each
+    /// read cost the gateway the whole room (the frame a header announced,
+    /// up to 16 MiB) for every byte a worker trickled.
+    #[tokio::test]
+    async fn a_read_writes_only_what_came_and_leaves_the_rest_of_the_room_alone() {
+        let (ours, mut theirs) = UnixStream::pair().unwrap();
+        let (mut read, _write) = halves(ours).unwrap();
+        theirs.write_all(b"hello").unwrap();
+        let mut room = vec![MaybeUninit::new(0xAAu8); 1 << 20];
+        {
+            let mut buf = ReadBuf::uninit(&mut room);
+            std::future::poll_fn(|cx| Pin::new(&mut read).poll_read(cx, &mut buf))
+                .await
+                .unwrap();
+            assert_eq!(buf.filled(), b"hello");
+            assert_eq!(
+                buf.initialized().len(),
+                5,
+                "the reader initialised room nothing was read into"
+            );
+        }
+        // SAFETY: every byte of `room` was initialised to 0xAA above.
+        let untouched = room[5..].iter().all(|b| unsafe { b.assume_init() } == 0xAA);
+        assert!(
+            untouched,
+            "the reader wrote into room nothing was read into"
+        );
+        // What comes later is read on from there, and an end is an end.
+        theirs.write_all(b", world").unwrap();
+        drop(theirs);
+        let mut got = Vec::new();
+        tokio::io::AsyncReadExt::read_to_end(&mut read, &mut got)
+            .await
+            .unwrap();
+        assert_eq!(got, b", world");
+    }
+
+    /// The writing half is registered only while a write waits for room:
+    /// a write the socket cannot take at once waits, and goes on, in
+    /// order, as the other end reads, however often that happens.
+    #[tokio::test]
+    async fn a_write_waits_for_room_and_goes_on_as_the_other_end_reads() {
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let (_read, mut write) = halves(ours).unwrap();
+        let sent: Vec<u8> = (0..8u32 << 20).map(|i| (i % 251) as u8).collect();
+        let reader = std::thread::spawn(move || {
+            let mut theirs = theirs;
+            let mut got = Vec::new();
+            let mut chunk = vec![0; 64 << 10];
+            loop {
+                // Read a little at a time, so the writer waits many times.
+                std::thread::sleep(std::time::Duration::from_millis(1));
+                match std::io::Read::read(&mut theirs, &mut chunk) {
+                    Ok(0) => return got,
+                    Ok(n) => got.extend_from_slice(&chunk[..n]),
+                    Err(e) => panic!("{e}"),
+                }
+            }
+        });
+        // Bounded only so that a lost wake-up fails rather than hangs.
+        let wrote = tokio::time::timeout(
+            std::time::Duration::from_secs(120),
+            tokio::io::AsyncWriteExt::write_all(&mut write, &sent),
+        )
+        .await;
+        assert!(
+            matches!(wrote, Ok(Ok(()))),
+            "the write did not go on: {wrote:?}"
+        );
+        assert!(write.waiting.is_none(), "still registered once written");
+        // Dropping it ends the channel, though the reading half is open.
+        drop(write);
+        let got = reader.join().unwrap();
+        assert!(got == sent, "{} bytes came of {}", got.len(), sent.len());
+    }
+}
