@@ -629,6 +629,15 @@ impl JobReport {
         // encoding the whole to find out held six times the captures, twice
         // over, in the worker).
         let texts = escaped_len(&self.stdout.text) + escaped_len(&self.stderr.text);
+        // Texts within half the bound: encoded whole first, and kept as it
+        // is when it fits (what the cut below would leave uncut), so most
+        // reports are encoded once, not twice.
+        if texts <= max / 2 {
+            let json = encode(&self)?;
+            if json.len() <= max {
+                return Ok(json);
+            }
+        }
         if texts > 0 {
             let rest = {
                 let stdout = std::mem::take(&mut self.stdout.text);
