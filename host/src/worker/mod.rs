@@ -11,6 +11,8 @@
 //!
 //! - [`harden`]: the layers a worker applies to itself, each checked after
 //!   it is applied, and what it reports of them.
+//! - [`asked`]: what a worker may send up: answers to what it was sent, at
+//!   a bounded pace.
 //! - [`calls`]: outbound requests over the channel, worker side and gateway
 //!   side.
 //! - [`heard`]: when a worker last spoke, dated by when what it said came
@@ -24,6 +26,7 @@
 //! - [`process`]: starting a worker, and a worker finding its channel.
 //! - [`WorkerArgs`]: what a worker is started with.
 
+pub mod asked;
 pub mod calls;
 pub mod cgroup;
 pub mod child;

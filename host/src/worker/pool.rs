@@ -299,13 +299,16 @@ pub const MAX_QUEUED_FRAMES: usize = 131_072;
 /// The gateway's way down to one worker ([`Link`]): at most
 /// [`MAX_QUEUED_FRAMES`] frames wait unwritten; past it a frame is dropped
 /// and the link marked overflowed, and the supervisor faults the worker.
-struct Outbox(Arc<Link>);
+/// What it sends that the worker answers is counted
+/// ([`super::asked::Asked`]).
+struct Outbox(Arc<Link>, super::asked::Asked);
 
 impl Outbox {
     /// Sends `frame` (written by this thread if the socket takes it),
     /// unless the worker has stopped taking frames; whether it went or
     /// waits. A failed socket is the reader's to find.
     fn send(&self, frame: Down) -> bool {
+        self.1.sending(&frame);
         self.0.send(frame, |_| None).is_ok() && !self.0.overflowed()
     }
 
@@ -1886,7 +1889,7 @@ impl Pool {
             name,
             zone_dir: self.zone_dir.clone(),
             disk,
-            down: Outbox(down),
+            down: Outbox(down, super::asked::Asked::default()),
             calls: GatewayCalls::with_limits(
                 call_tx,
                 super::calls::CallLimits::for_places(self.config.max_concurrent_jobs),
@@ -1931,7 +1934,12 @@ impl Pool {
         worker: &Arc<Worker>,
         reader: &mut proto::Reader<proto::Counted>,
     ) -> (&'static str, String) {
+        let mut answered = super::asked::Answered::new(Instant::now());
+        let mut pace = super::asked::Pace::new(Instant::now());
         loop {
+            if let Some(wait) = pace.take(Instant::now()) {
+                tokio::time::sleep(wait).await;
+            }
             let frame = match reader.next().await {
                 Some(Ok(frame)) => frame,
                 // A process killed with bytes unread resets its end.
@@ -1949,6 +1957,9 @@ impl Pool {
                 Ok(m) => m,
                 Err(e) => return ("protocol", e.to_string()),
             };
+            if let Err(e) = answered.count(&message, &worker.down.1, Instant::now()) {
+                return ("protocol", e);
+            }
             match message {
                 Up::Loaded { module, result } => {
                     let take = result
@@ -2066,6 +2077,14 @@ impl Worker {
     }
 
     fn kill(&self) {
+        // Its channel is shut both ways: a write waiting for room in it
+        // fails, so nothing of the gateway's (the drain, the frames it
+        // holds, the socket) waits on a process that is gone (found by an
+        // attacker: a worker that stopped reading, then sent the gateway a
+        // descriptor of its own end, kept its channel from ever draining,
+        // and the gateway's drain held two descriptors and a 40 MiB frame
+        // for each such worker until it exited).
+        let _ = rustix::net::shutdown(&self.channel, rustix::net::Shutdown::Both);
         if let Some(mut child) = lock(&self.child).take() {
             let _ = child.kill();
             // Reaped off the async threads.
@@ -2584,7 +2603,7 @@ mod tests {
         let (_, write) = proto::halves(gateway).unwrap();
         let link = Arc::new(Link::bounded(write, MAX_DOWN_FRAME, MAX_QUEUED_FRAMES));
         tokio::spawn(Link::drain(Arc::downgrade(&link)));
-        let outbox = Outbox(Arc::clone(&link));
+        let outbox = Outbox(Arc::clone(&link), crate::worker::asked::Asked::default());
         let mut sent = 0u64;
         while link.waiting() < MAX_QUEUED_FRAMES {
             assert!(outbox.send(Down::Ping { seq: sent }));

@@ -40,7 +40,7 @@ pub fn spawn(
     args: &WorkerArgs,
     dirs: &[&std::fs::File],
 ) -> io::Result<Spawned> {
-    let (ours, theirs) = UnixStream::pair()?;
+    let (ours, theirs) = channel()?;
     let theirs: OwnedFd = theirs.into();
     let json = serde_json::to_string(args).map_err(io::Error::other)?;
     let mut command = Command::new(program);
@@ -92,6 +92,48 @@ pub fn spawn(
     })
 }
 
+/// `SO_PASSRIGHTS` (Linux 6.16 and later): off, a socket refuses
+/// descriptors sent to it (`SCM_RIGHTS`), and the sender's `sendmsg` fails.
+const SO_PASSRIGHTS: libc::c_int = 83;
+
+/// A worker's channel: the gateway's end, then the worker's. The
+/// gateway's end refuses descriptors where the kernel can (a worker that
+/// sent one the gateway's reader never reached, its own end of the
+/// channel, say, kept that end, and the frames waiting to be written to
+/// it, alive after the worker was killed; found by an attacker). Where the
+/// kernel cannot, a worker that is let go has its channel shut both ways,
+/// which ends every write waiting on it.
+///
+/// # Errors
+/// If the socketpair cannot be created, or the option is refused for
+/// another reason than the kernel's not knowing it.
+pub fn channel() -> io::Result<(UnixStream, UnixStream)> {
+    let (ours, theirs) = UnixStream::pair()?;
+    let off: libc::c_int = 0;
+    // SAFETY: setsockopt reads `size_of::<c_int>()` bytes from `&off`, a
+    // live c_int, on a socket this function owns.
+    let set = unsafe {
+        libc::setsockopt(
+            ours.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_PASSRIGHTS,
+            std::ptr::from_ref(&off).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if set != 0 {
+        let error = io::Error::last_os_error();
+        if error.raw_os_error() != Some(libc::ENOPROTOOPT) {
+            return Err(error);
+        }
+        static ONCE: std::sync::Once = std::sync::Once::new();
+        ONCE.call_once(|| {
+            tracing::warn!("this kernel cannot make a worker's channel refuse descriptors (SO_PASSRIGHTS, Linux 6.16): a worker let go has its channel shut instead");
+        });
+    }
+    Ok((ours, theirs))
+}
+
 /// The channel of a worker started by [`spawn`], taken over from
 /// [`CHANNEL_FD`]; `None` when that descriptor is not a socket.
 pub fn inherited_channel() -> Option<UnixStream> {
@@ -110,4 +152,33 @@ pub fn inherited_channel() -> Option<UnixStream> {
     // SAFETY: the descriptor is open and a socket, and nothing else in
     // this process owns it (it was inherited for this purpose).
     Some(unsafe { UnixStream::from_raw_fd(CHANNEL_FD) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+    use std::mem::MaybeUninit;
+    use std::os::fd::AsFd;
+
+    #[test]
+    fn the_gateways_end_of_a_channel_refuses_descriptors() {
+        let (mut ours, mut theirs) = channel().unwrap();
+        let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+        let mut control = rustix::net::SendAncillaryBuffer::new(&mut space);
+        let fds = [theirs.as_fd()];
+        assert!(control.push(rustix::net::SendAncillaryMessage::ScmRights(&fds)));
+        let sent = rustix::net::sendmsg(
+            &theirs,
+            &[io::IoSlice::new(b"x")],
+            &mut control,
+            rustix::net::SendFlags::empty(),
+        );
+        assert_eq!(sent, Err(rustix::io::Errno::PERM), "a descriptor was taken");
+        // Bytes alone go as ever.
+        theirs.write_all(b"frame").unwrap();
+        let mut got = [0; 5];
+        ours.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"frame");
+    }
 }

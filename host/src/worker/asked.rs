@@ -1,0 +1,230 @@
+//! What a worker may say: every frame it sends up answers something the
+//! gateway sent it, and the gateway reads no more than a bounded number of
+//! frames a second from it, whatever they are.
+//!
+//! A compromised worker that floods its channel with small frames the
+//! gateway reads and lets pass (pongs, `Released`, `Running` of jobs it
+//! never had) would take the gateway's threads, which every tenant's jobs
+//! need, for a few bytes each (found by an attacker: one worker sending
+//! 6-byte frames took 9.1 s of the gateway's CPU in 10 s, and two held both
+//! of the machine's cores and made another zone's jobs four times slower).
+//! So the gateway counts what it asked ([`Asked`], as each frame goes
+//! down) and what was answered ([`Answered`]): a frame beyond what was
+//! asked is a fault of the worker. What the count cannot tell (call
+//! frames, whose protocol is checked by `calls`) is bounded by the
+//! reader's pace ([`Pace`]): past [`FRAMES_PER_SECOND`], the reader waits,
+//! so the worker's frames wait in its channel and only its own jobs slow.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use super::proto::{Down, Up};
+
+/// At most this many frames a second are read from one worker, on
+/// average; up to as many at once. A job's own frames are a `Report`, a
+/// `Released` and, for one that runs past 100 ms, a `Running`: a worker
+/// running 10,000 trivial jobs a second stays within it.
+pub const FRAMES_PER_SECOND: u32 = 32_768;
+
+/// How often a worker may vouch for itself unasked (`Pong { seq: 0 }`,
+/// sent when the gateway has left its frames unread for 1 s).
+const VOUCH_EVERY: Duration = Duration::from_secs(1);
+
+/// What the gateway has sent one worker that it answers: counted as each
+/// frame is queued, before the worker can read it.
+#[derive(Debug, Default)]
+pub struct Asked {
+    runs: AtomicU64,
+    loads: AtomicU64,
+    pings: AtomicU64,
+}
+
+impl Asked {
+    /// `frame` is going down.
+    pub fn sending(&self, frame: &Down) {
+        let count = match frame {
+            Down::Run { .. } => &self.runs,
+            Down::Load { .. } => &self.loads,
+            Down::Ping { .. } => &self.pings,
+            _ => return,
+        };
+        count.fetch_add(1, Ordering::AcqRel);
+    }
+}
+
+/// What one worker has answered, kept by its reader.
+#[derive(Debug)]
+pub struct Answered {
+    since: Instant,
+    running: u64,
+    reports: u64,
+    released: u64,
+    loaded: u64,
+    pongs: u64,
+}
+
+impl Answered {
+    /// A worker that said hello at `since`.
+    pub fn new(since: Instant) -> Self {
+        Self {
+            since,
+            running: 0,
+            reports: 0,
+            released: 0,
+            loaded: 0,
+            pongs: 0,
+        }
+    }
+
+    /// Counts `message`, read at `now`; why it is more than `asked` asked
+    /// for, if it is: each job sent is answered by at most one `Running`,
+    /// one `Report` and one `Released`, each load by one `Loaded`, each
+    /// ping by one `Pong`, and one more `Pong` a second may vouch.
+    ///
+    /// # Errors
+    /// What the worker said beyond what it was asked.
+    pub fn count(&mut self, message: &Up, asked: &Asked, now: Instant) -> Result<(), String> {
+        let get = |c: &AtomicU64| c.load(Ordering::Acquire);
+        let (said, allowed, what) = match message {
+            Up::Running { .. } => (&mut self.running, get(&asked.runs), "`Running`"),
+            Up::Report { .. } => (&mut self.reports, get(&asked.runs), "reports"),
+            Up::Released { .. } => (&mut self.released, get(&asked.runs), "`Released`"),
+            Up::Loaded { .. } => (&mut self.loaded, get(&asked.loads), "`Loaded`"),
+            Up::Pong { .. } => {
+                let vouches =
+                    now.saturating_duration_since(self.since).as_secs() / VOUCH_EVERY.as_secs() + 1;
+                (
+                    &mut self.pongs,
+                    get(&asked.pings).saturating_add(vouches),
+                    "pongs",
+                )
+            }
+            _ => return Ok(()),
+        };
+        *said += 1;
+        if *said > allowed {
+            return Err(format!(
+                "sent {said} {what}, more than it was asked for ({allowed})"
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The reader's pace: a bucket of [`FRAMES_PER_SECOND`] frames, refilled
+/// as time passes.
+#[derive(Debug)]
+pub struct Pace {
+    frames: f64,
+    at: Instant,
+}
+
+impl Pace {
+    /// A full bucket at `now`.
+    pub fn new(now: Instant) -> Self {
+        Self {
+            frames: f64::from(FRAMES_PER_SECOND),
+            at: now,
+        }
+    }
+
+    /// Takes one frame at `now`; how long to wait first, if the bucket is
+    /// empty.
+    pub fn take(&mut self, now: Instant) -> Option<Duration> {
+        let rate = f64::from(FRAMES_PER_SECOND);
+        let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
+        self.frames = (self.frames + elapsed * rate).min(rate);
+        self.at = now;
+        self.frames -= 1.0;
+        (self.frames < 0.0).then(|| Duration::from_secs_f64(-self.frames / rate))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(job: u64) -> Down {
+        Down::Run {
+            job,
+            module: 1,
+            spec: crate::job::JobSpec::default(),
+        }
+    }
+
+    #[test]
+    fn each_job_sent_is_answered_once_of_each_kind_and_no_more() {
+        let t0 = Instant::now();
+        let asked = Asked::default();
+        let mut answered = Answered::new(t0);
+        asked.sending(&run(1));
+        asked.sending(&run(2));
+        for message in [
+            Up::Running { job: 1 },
+            Up::Released { job: 1 },
+            Up::Running { job: 2 },
+            Up::Released { job: 2 },
+        ] {
+            answered.count(&message, &asked, t0).unwrap();
+        }
+        let third = answered.count(&Up::Released { job: 1 }, &asked, t0);
+        assert!(
+            third.as_ref().is_err_and(|e| e.contains("`Released`")),
+            "{third:?}"
+        );
+        let running = answered.count(&Up::Running { job: 9 }, &asked, t0);
+        assert!(running.is_err(), "{running:?}");
+        // A job sent since is answered again.
+        let mut answered = Answered::new(t0);
+        for message in [Up::Running { job: 1 }, Up::Running { job: 2 }] {
+            answered.count(&message, &asked, t0).unwrap();
+        }
+        assert!(answered.count(&Up::Running { job: 3 }, &asked, t0).is_err());
+        let mut answered = Answered::new(t0);
+        asked.sending(&run(3));
+        for job in 1..=3 {
+            answered.count(&Up::Running { job }, &asked, t0).unwrap();
+        }
+    }
+
+    #[test]
+    fn pongs_answer_pings_and_vouch_once_a_second() {
+        let t0 = Instant::now();
+        let asked = Asked::default();
+        let mut answered = Answered::new(t0);
+        // One vouch at the start.
+        answered.count(&Up::Pong { seq: 0 }, &asked, t0).unwrap();
+        assert!(answered.count(&Up::Pong { seq: 0 }, &asked, t0).is_err());
+        let mut answered = Answered::new(t0);
+        asked.sending(&Down::Ping { seq: 1 });
+        asked.sending(&Down::Ping { seq: 2 });
+        for _ in 0..3 {
+            answered.count(&Up::Pong { seq: 0 }, &asked, t0).unwrap();
+        }
+        assert!(answered.count(&Up::Pong { seq: 0 }, &asked, t0).is_err());
+        // A second later, one more may vouch.
+        let later = t0 + Duration::from_secs(1);
+        let mut answered = Answered::new(t0);
+        for _ in 0..4 {
+            answered.count(&Up::Pong { seq: 0 }, &asked, later).unwrap();
+        }
+        assert!(answered.count(&Up::Pong { seq: 0 }, &asked, later).is_err());
+    }
+
+    #[test]
+    fn the_reader_waits_once_its_frames_a_second_are_taken() {
+        let t0 = Instant::now();
+        let mut pace = Pace::new(t0);
+        for _ in 0..FRAMES_PER_SECOND {
+            assert_eq!(pace.take(t0), None);
+        }
+        let wait = pace.take(t0).expect("a frame past the bucket waits");
+        assert!(wait > Duration::ZERO && wait < Duration::from_millis(1));
+        // Refilled as time passes, never past a second's worth.
+        let later = t0 + Duration::from_secs(10);
+        for _ in 0..FRAMES_PER_SECOND {
+            assert_eq!(pace.take(later), None);
+        }
+        assert!(pace.take(later).is_some());
+    }
+}
