@@ -12,8 +12,9 @@
 //! down) and what was answered ([`Answered`]): a frame beyond what was
 //! asked is a fault of the worker. What the count cannot tell (call
 //! frames, whose protocol is checked by `calls`) is bounded by the
-//! reader's pace ([`Pace`]): past [`FRAMES_PER_SECOND`], the reader waits,
-//! so the worker's frames wait in its channel and only its own jobs slow.
+//! reader's pace ([`Pace`]): past [`FRAMES_PER_SECOND`] or
+//! [`BYTES_PER_SECOND`], the reader waits, so the worker's frames wait in
+//! its channel and only its own jobs slow.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -25,6 +26,13 @@ use super::proto::{Down, Up};
 /// `Released` and, for one that runs past 100 ms, a `Running`: a worker
 /// running 10,000 trivial jobs a second stays within it.
 pub const FRAMES_PER_SECOND: u32 = 32_768;
+
+/// ...and at most this many bytes a second, up to as many at once: four
+/// reports at the largest frame at once, or a guest's request bodies
+/// streamed up at 64 MiB/s (found by an attacker: a worker repeating
+/// 16 MiB frames the calls' protocol let pass made the gateway read
+/// 340 MB a second, half a core, at 20 frames a second).
+pub const BYTES_PER_SECOND: u64 = 64 << 20;
 
 /// How often a worker may vouch for itself unasked (`Pong { seq: 0 }`,
 /// sent when the gateway has left its frames unread for 1 s).
@@ -111,32 +119,35 @@ impl Answered {
     }
 }
 
-/// The reader's pace: a bucket of [`FRAMES_PER_SECOND`] frames, refilled
-/// as time passes.
+/// The reader's pace: buckets of [`FRAMES_PER_SECOND`] frames and
+/// [`BYTES_PER_SECOND`] bytes, refilled as time passes.
 #[derive(Debug)]
 pub struct Pace {
     frames: f64,
+    bytes: f64,
     at: Instant,
 }
 
 impl Pace {
-    /// A full bucket at `now`.
+    /// Full buckets at `now`.
     pub fn new(now: Instant) -> Self {
         Self {
             frames: f64::from(FRAMES_PER_SECOND),
+            bytes: BYTES_PER_SECOND as f64,
             at: now,
         }
     }
 
-    /// Takes one frame at `now`; how long to wait first, if the bucket is
-    /// empty.
-    pub fn take(&mut self, now: Instant) -> Option<Duration> {
-        let rate = f64::from(FRAMES_PER_SECOND);
+    /// Takes a frame of `bytes` read at `now`; how long to wait before
+    /// reading the next, if a bucket is past empty.
+    pub fn take(&mut self, now: Instant, bytes: usize) -> Option<Duration> {
+        let (frame_rate, byte_rate) = (f64::from(FRAMES_PER_SECOND), BYTES_PER_SECOND as f64);
         let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
-        self.frames = (self.frames + elapsed * rate).min(rate);
         self.at = now;
-        self.frames -= 1.0;
-        (self.frames < 0.0).then(|| Duration::from_secs_f64(-self.frames / rate))
+        self.frames = (self.frames + elapsed * frame_rate).min(frame_rate) - 1.0;
+        self.bytes = (self.bytes + elapsed * byte_rate).min(byte_rate) - bytes as f64;
+        let wait = (-self.frames / frame_rate).max(-self.bytes / byte_rate);
+        (wait > 0.0).then(|| Duration::from_secs_f64(wait))
     }
 }
 
@@ -216,15 +227,34 @@ mod tests {
         let t0 = Instant::now();
         let mut pace = Pace::new(t0);
         for _ in 0..FRAMES_PER_SECOND {
-            assert_eq!(pace.take(t0), None);
+            assert_eq!(pace.take(t0, 6), None);
         }
-        let wait = pace.take(t0).expect("a frame past the bucket waits");
+        let wait = pace.take(t0, 6).expect("a frame past the bucket waits");
         assert!(wait > Duration::ZERO && wait < Duration::from_millis(1));
         // Refilled as time passes, never past a second's worth.
         let later = t0 + Duration::from_secs(10);
         for _ in 0..FRAMES_PER_SECOND {
-            assert_eq!(pace.take(later), None);
+            assert_eq!(pace.take(later, 6), None);
         }
-        assert!(pace.take(later).is_some());
+        assert!(pace.take(later, 6).is_some());
+    }
+
+    #[test]
+    fn the_reader_waits_once_its_bytes_a_second_are_taken() {
+        let t0 = Instant::now();
+        let mut pace = Pace::new(t0);
+        let frame = 16 << 20;
+        for _ in 0..BYTES_PER_SECOND / frame {
+            assert_eq!(pace.take(t0, frame as usize), None);
+        }
+        // A quarter of a second's bytes more: a quarter of a second.
+        let wait = pace
+            .take(t0, frame as usize)
+            .expect("bytes past the bucket wait");
+        assert!((wait.as_secs_f64() - 0.25).abs() < 0.001, "{wait:?}");
+        // Half a second later the deficit is paid and a quarter more came.
+        let later = t0 + Duration::from_millis(500);
+        assert_eq!(pace.take(later, frame as usize), None);
+        assert!(pace.take(later, 1).is_some());
     }
 }

@@ -255,6 +255,29 @@ impl CallLimits {
     }
 }
 
+/// Longest text an `Abort`'s error carries: the worker cuts it there, and
+/// the gateway refuses a longer one (found by an attacker: a worker
+/// repeating 16 MiB aborts of a finished call, which the protocol lets
+/// cross, made the gateway read 340 MB a second).
+pub const MAX_ERROR_TEXT: usize = 1024;
+
+/// The text `error` carries of its own (a guest's body error, a host
+/// failure's detail).
+fn error_text(error: &EgressError) -> Option<&String> {
+    match error {
+        EgressError::Body(text) | EgressError::Internal(Some(text)) => Some(text),
+        _ => None,
+    }
+}
+
+/// `error`, its own text cut to [`MAX_ERROR_TEXT`].
+fn cut_error(mut error: EgressError) -> EgressError {
+    if let EgressError::Body(text) | EgressError::Internal(Some(text)) = &mut error {
+        text.truncate(text.floor_char_boundary(MAX_ERROR_TEXT));
+    }
+    error
+}
+
 fn bound(what: &'static str, len: usize, limit: usize) -> Result<(), Violation> {
     if len > limit {
         return Err(Violation::Oversized { what, len, limit });
@@ -614,7 +637,7 @@ impl WorkerInner {
         };
         let _ = self.up.send(CallUp::Abort {
             call,
-            error: Some(error.clone()),
+            error: Some(cut_error(error.clone())),
         });
         match entry.head.take() {
             Some(head) => {
@@ -1140,6 +1163,9 @@ impl GatewayCalls {
                 Ok(())
             }
             CallUp::Abort { call, error } => {
+                if let Some(text) = error.as_ref().and_then(error_text) {
+                    bound("abort error", text.len(), MAX_ERROR_TEXT)?;
+                }
                 if let Some(mut entry) = state.calls.remove(&call) {
                     if let Some(task) = entry.task.take() {
                         task.abort();
@@ -1458,6 +1484,10 @@ mod wire_bytes {
 
 #[cfg(test)]
 mod tests {
+
+    fn long_text(n: usize) -> String {
+        "x".repeat(n)
+    }
     use std::sync::atomic::AtomicBool;
 
     use futures_util::stream;
@@ -2090,6 +2120,24 @@ mod tests {
         .unwrap();
         g.deliver(CallUp::Credit { call: 5, bytes: 1 }).unwrap();
         assert_eq!(g.deliver(body(5, 1)), Err(V::AfterEnd(5)));
+        // ...but not with an error longer than a worker sends.
+        for error in [
+            EgressError::Body(long_text(MAX_ERROR_TEXT + 1)),
+            EgressError::Internal(Some(long_text(16 << 20))),
+        ] {
+            assert!(matches!(
+                g.deliver(CallUp::Abort {
+                    call: 5,
+                    error: Some(error),
+                }),
+                Err(V::Oversized { .. })
+            ));
+        }
+        g.deliver(CallUp::Abort {
+            call: 5,
+            error: Some(cut_error(EgressError::Body("é".repeat(8 << 20)))),
+        })
+        .unwrap();
         // Oversized or malformed heads.
         let long = |n| "x".repeat(n);
         let head = |method: String, uri: String, headers: Vec<Header>| CallUp::Request {

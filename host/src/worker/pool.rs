@@ -1937,9 +1937,6 @@ impl Pool {
         let mut answered = super::asked::Answered::new(Instant::now());
         let mut pace = super::asked::Pace::new(Instant::now());
         loop {
-            if let Some(wait) = pace.take(Instant::now()) {
-                tokio::time::sleep(wait).await;
-            }
             let frame = match reader.next().await {
                 Some(Ok(frame)) => frame,
                 // A process killed with bytes unread resets its end.
@@ -1950,6 +1947,9 @@ impl Pool {
                 None => return worker.exit_reason(),
             };
             lock(&worker.hearing).frame(proto::decoded(reader), Instant::now());
+            if let Some(wait) = pace.take(Instant::now(), frame.len()) {
+                tokio::time::sleep(wait).await;
+            }
             let Some(pool) = pool.upgrade() else {
                 return ("closed", "its pool was closed".into());
             };
