@@ -1934,8 +1934,9 @@ impl Pool {
         worker: &Arc<Worker>,
         reader: &mut proto::Reader<proto::Counted>,
     ) -> (&'static str, String) {
-        let mut answered = super::asked::Answered::new(Instant::now());
-        let mut pace = super::asked::Pace::new(Instant::now());
+        let started = Instant::now();
+        let mut answered = super::asked::Answered::new(started);
+        let mut pace = super::asked::Pace::new(started);
         loop {
             let frame = match reader.next().await {
                 Some(Ok(frame)) => frame,
@@ -1946,8 +1947,9 @@ impl Pool {
                 Some(Err(e)) => return ("protocol", format!("broke the channel: {e}")),
                 None => return worker.exit_reason(),
             };
-            lock(&worker.hearing).frame(proto::decoded(reader), Instant::now());
-            if let Some(wait) = pace.take(Instant::now(), frame.len()) {
+            let read_at = Instant::now();
+            lock(&worker.hearing).frame(proto::decoded(reader), read_at);
+            if let Some(wait) = pace.take(read_at, frame.len()) {
                 tokio::time::sleep(wait).await;
             }
             let Some(pool) = pool.upgrade() else {
@@ -1957,7 +1959,7 @@ impl Pool {
                 Ok(m) => m,
                 Err(e) => return ("protocol", e.to_string()),
             };
-            if let Err(e) = answered.count(&message, &worker.down.1, Instant::now()) {
+            if let Err(e) = answered.count(&message, &worker.down.1, read_at) {
                 return ("protocol", e);
             }
             match message {
