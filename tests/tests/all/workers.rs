@@ -664,7 +664,11 @@ async fn a_jobs_directory_listings_hold_a_bounded_share_of_its_workers_memory() 
 /// gateway counts it free: after jobs that each held 16 MiB of directory
 /// listings, the idle worker is resident within 10 MiB of where it
 /// started (found by an attacker: an idle worker kept 343 MiB its ended
-/// jobs had freed, and the next job took it past its ceiling).
+/// jobs had freed, and the next job took it past its ceiling). The worker
+/// has one place: the pool's slots are sharded by the thread that takes
+/// one, so with more places jobs run on either guest thread could each
+/// warm a slot of their own, and each slot keeps up to
+/// `kept_resident_per_place` resident.
 #[tokio::test(flavor = "multi_thread")]
 async fn what_an_ended_jobs_host_state_took_is_given_back_before_the_next() {
     use bulkhead::policy::HumanDuration;
@@ -681,6 +685,7 @@ async fn what_an_ended_jobs_host_state_took_is_given_back_before_the_next() {
     let server = service::start(|c| {
         std::fs::remove_dir_all(&c.modules.policies_dir).unwrap();
         lister.write_to(&c.modules.policies_dir);
+        c.queue.workers = 1;
         c.zones.insert(
             "untrusted".into(),
             bulkhead::config::ZonePool {
@@ -2317,4 +2322,179 @@ async fn a_worker_that_hung_is_not_heard_by_its_old_answers_read_late() {
     }
     until(|| process_state(pid).is_none_or(|s| s == 'Z') && pool.pids().len() == 1).await;
     assert_ne!(pool.pids(), vec![pid]);
+}
+
+/// The inode of the socket at the other end of the Unix socket `fd`, as
+/// the kernel's socket diagnostics (`NETLINK_SOCK_DIAG`, what `ss -x`
+/// reads) tell it.
+fn unix_peer_inode(fd: impl std::os::fd::AsFd) -> u64 {
+    use rustix::net::{AddressFamily, RecvFlags, SendFlags, SocketType, netlink};
+    const SOCK_DIAG_BY_FAMILY: u16 = 20;
+    const UDIAG_SHOW_PEER: u32 = 4;
+    const UNIX_DIAG_PEER: u16 = 2;
+    let ino = u32::try_from(rustix::fs::fstat(&fd).unwrap().st_ino).unwrap();
+    let diag = rustix::net::socket(
+        AddressFamily::NETLINK,
+        SocketType::DGRAM,
+        Some(netlink::SOCK_DIAG),
+    )
+    .unwrap();
+    // A `nlmsghdr`, then a `unix_diag_req` for that one socket (any
+    // state, no cookie).
+    let mut request = Vec::with_capacity(40);
+    request.extend(40u32.to_ne_bytes());
+    request.extend(SOCK_DIAG_BY_FAMILY.to_ne_bytes());
+    request.extend((libc::NLM_F_REQUEST as u16).to_ne_bytes());
+    request.extend(1u32.to_ne_bytes());
+    request.extend(0u32.to_ne_bytes());
+    request.extend([libc::AF_UNIX as u8, 0, 0, 0]);
+    request.extend(u32::MAX.to_ne_bytes());
+    request.extend(ino.to_ne_bytes());
+    request.extend(UDIAG_SHOW_PEER.to_ne_bytes());
+    request.extend(u32::MAX.to_ne_bytes());
+    request.extend(u32::MAX.to_ne_bytes());
+    rustix::net::send(&diag, &request, SendFlags::empty()).unwrap();
+    let mut answer = vec![0u8; 8192];
+    let (n, _) = rustix::net::recv(&diag, &mut answer[..], RecvFlags::empty()).unwrap();
+    let answer = &answer[..n];
+    let u16_at = |at: usize| u16::from_ne_bytes(answer[at..at + 2].try_into().unwrap());
+    let u32_at = |at: usize| u32::from_ne_bytes(answer[at..at + 4].try_into().unwrap());
+    assert_ne!(
+        i32::from(u16_at(4)),
+        libc::NLMSG_ERROR,
+        "no diagnostics for socket {ino}: error {}",
+        -(u32_at(16) as i32)
+    );
+    // The attributes follow the header (16 bytes) and the `unix_diag_msg`
+    // (16 bytes), each four-byte aligned.
+    let end = (u32_at(0) as usize).min(answer.len());
+    let mut at = 32;
+    while at + 4 <= end {
+        let (len, kind) = (usize::from(u16_at(at)), u16_at(at + 2));
+        if kind == UNIX_DIAG_PEER {
+            return u64::from(u32_at(at + 4));
+        }
+        at += len.max(4).next_multiple_of(4);
+    }
+    panic!("socket {ino} has no peer");
+}
+
+/// How many of this process's descriptors are open on socket `inode`.
+fn open_on_socket(inode: u64) -> usize {
+    let name = std::ffi::OsString::from(format!("socket:[{inode}]"));
+    std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .filter_map(Result::ok)
+        .filter_map(|e| std::fs::read_link(e.path()).ok())
+        .filter(|target| target.as_os_str() == name)
+        .count()
+}
+
+/// A worker let go has its channel shut both ways, so that nothing of the
+/// gateway's waits on it: not the drain writing a frame the worker never
+/// read, not that frame, not the gateway's descriptors of its end. Here a
+/// worker stops reading while a job's `Run` of 40 MiB of input waits for
+/// room in its channel, and its end of the channel is held elsewhere (by
+/// this test, taken from the process with `pidfd_getfd`; a worker that
+/// sent the gateway a descriptor of its own end held it so, found by an
+/// attacker, and the gateway's end refuses descriptors only on kernels
+/// that can), so the channel never drains of itself. The test then
+/// breaks the protocol through that end: the worker is faulted, its job
+/// fails by name, and every descriptor the gateway had of its end is
+/// closed, while the other end is still held and still unread.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_worker_let_go_with_its_end_held_elsewhere_keeps_nothing_of_the_gateways() {
+    use bulkhead::job::FailureKind;
+    use bulkhead::runner::Runner;
+
+    const INPUT: usize = 40 << 20;
+    let tmp = tempfile::tempdir().unwrap();
+    let (runner, faults) = crate::common::workers_watched(tmp.path(), "w", 0, 2).await;
+    let runner = std::sync::Arc::new(runner);
+    let module = crate::common::load_policy_in_workers(
+        &runner,
+        bulkhead_tests::HELLO,
+        crate::common::policy(bulkhead_tests::HELLO, "hello").limits(|l| {
+            l.input = ByteSize::mib(48);
+        }),
+    )
+    .await;
+    let pid = runner.pools()["untrusted"].pids()[0];
+    // The worker's end of its channel, held by this test from now on.
+    let pidfd = rustix::process::pidfd_open(
+        rustix::process::Pid::from_raw(pid as i32).unwrap(),
+        rustix::process::PidfdFlags::empty(),
+    )
+    .unwrap();
+    let held = rustix::process::pidfd_getfd(
+        &pidfd,
+        bulkhead::worker::CHANNEL_FD,
+        rustix::process::PidfdGetfdFlags::empty(),
+    )
+    .unwrap();
+    let gateways_end = unix_peer_inode(&held);
+    let open = open_on_socket(gateways_end);
+    assert!(
+        open > 0,
+        "the gateway holds no descriptor of the channel's other end"
+    );
+    // SAFETY: kill(2) with a pid and a signal number has no memory effects.
+    assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGSTOP) }, 0);
+    until(|| process_state(pid) == Some('T')).await;
+    let job = {
+        let runner = std::sync::Arc::clone(&runner);
+        let module = std::sync::Arc::clone(&module);
+        tokio::spawn(async move {
+            let spec = crate::common::spec(&[("input.bin", &vec![7u8; INPUT])], &[]);
+            runner.run(&module, &spec, None).await.unwrap().report
+        })
+    };
+    // The `Run` is on its way: the channel holds more than the pings the
+    // stopped worker left unread, and far less than the frame (the rest
+    // waits in the gateway, for its drain).
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let unread = loop {
+        let unread = rustix::io::ioctl_fionread(&held).unwrap();
+        if unread >= 64 << 10 {
+            break unread;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the job's frame was not sent in 60 s ({unread} bytes unread)"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(unread < INPUT as u64, "the whole frame was taken: {unread}");
+    // A frame longer than the gateway reads from a worker: a protocol
+    // fault.
+    assert_eq!(
+        rustix::io::write(&held, &u32::MAX.to_be_bytes()).unwrap(),
+        4
+    );
+    let report = tokio::time::timeout(Duration::from_secs(60), job)
+        .await
+        .expect("the job did not end in 60 s")
+        .unwrap();
+    let failure = report.failure.as_ref().expect("the job failed");
+    assert_eq!(failure.kind, FailureKind::Worker, "{report:?}");
+    assert!(failure.message.contains("broke the channel"), "{report:?}");
+    {
+        let faults = faults.lock().unwrap();
+        assert_eq!(faults.len(), 1, "{faults:?}");
+        assert_eq!((faults[0].class, faults[0].pid), ("protocol", pid));
+    }
+    // Every descriptor the gateway had of its end goes, with the drain
+    // and its frame, though the worker's end is still open and unread.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while open_on_socket(gateways_end) > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the gateway still holds {} of the {open} descriptors of its end of a let-go worker's channel after 60 s",
+            open_on_socket(gateways_end)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(rustix::io::ioctl_fionread(&held).unwrap() >= unread);
+    drop(held);
+    until(|| process_state(pid).is_none_or(|s| s == 'Z')).await;
 }
