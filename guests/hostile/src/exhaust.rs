@@ -551,6 +551,54 @@ pub fn fd_dirs(ctx: &Ctx) -> ExitCode {
     })
 }
 
+/// Builds as deep a tree in `/out` as it is let: a chain of directories
+/// made with short paths, each moved into the next (`c<i-1>` to `c<i>/d`),
+/// then a descent made through descriptors (make `e`, open it, make `e` in
+/// it, ...). `--levels=N` of each (default 40). Prints how far each got.
+pub fn deep_tree(ctx: &Ctx) -> ExitCode {
+    let levels: usize = ctx
+        .param("levels")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(40);
+    let Some(out) = preopen("/out") else {
+        return ExitCode::from(2);
+    };
+    let mut chained = 0;
+    let mut refused_moves = 0;
+    for i in 0..levels {
+        if out.create_directory_at(&format!("c{i}")).is_err() {
+            break;
+        }
+        if i > 0 {
+            match out.rename_at(&format!("c{}", i - 1), &out, &format!("c{i}/d")) {
+                Ok(()) => chained += 1,
+                Err(_) => refused_moves += 1,
+            }
+        }
+    }
+    let mut descended = 0;
+    let mut dir = out;
+    for _ in 0..levels {
+        if dir.create_directory_at("e").is_err() {
+            break;
+        }
+        match dir.open_at(
+            PathFlags::empty(),
+            "e",
+            OpenFlags::DIRECTORY,
+            DescriptorFlags::READ | DescriptorFlags::MUTATE_DIRECTORY,
+        ) {
+            Ok(next) => dir = next,
+            Err(_) => break,
+        }
+        descended += 1;
+    }
+    println!(
+        "attempt deep-tree: {chained} moves chained, {refused_moves} refused; {descended} levels descended"
+    );
+    ExitCode::SUCCESS
+}
+
 /// `listings-held`: makes `--entries=` files (default 60) with 200-byte
 /// names in `/out/d`, lists that directory `--passes=` times (default
 /// 4,000) keeping every listing, then sleeps: each listing is read in full

@@ -47,7 +47,7 @@ pub use engine::{
 pub use job::{JobDir, create_private_dir_all};
 pub use limits::WRITTEN_PER_OUTPUT;
 pub use pipe::MAX_CAPTURE;
-pub use quota::{DESCRIPTOR_REFUSALS, MAX_LISTED};
+pub use quota::{DESCRIPTOR_REFUSALS, MAX_DIR_DEPTH, MAX_LISTED};
 pub(crate) use remove::names as entry_names;
 pub use remove::{
     CACHE_LOCK, DIR_LOCK, held, held_within, held_within_but, remove_tree, remove_tree_but,

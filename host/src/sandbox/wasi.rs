@@ -171,7 +171,7 @@ pub fn job_state(
         quota.restrict_reads(dir.inputs());
     }
     let (input_fd, output_fd) = (dir.open_input()?, dir.open_output()?);
-    quota.own_entry(&output_fd);
+    quota.out_is(&output_fd);
     let (input, output) = (
         super::beneath::fd_path(&input_fd),
         super::beneath::fd_path(&output_fd),
