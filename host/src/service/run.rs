@@ -659,8 +659,13 @@ impl Service {
                 })
             });
         // The sandbox is done with it: the next job need not wait for the
-        // store.
+        // store. The job the slot goes to was woken onto this thread, where
+        // it would wait for this one's store write and answer; it goes
+        // first, so its guest starts (its `Run` is sent to its worker)
+        // while this one's result is stored, and the store's group commit
+        // takes both jobs' writes in one transaction when they meet.
         drop(slot);
+        tokio::task::yield_now().await;
         let report = match ran {
             Ok(report) => report,
             Err(e) => {
