@@ -515,11 +515,21 @@ impl Walk<'_> {
                     self.skip(prefix, &raw_name, "unreadable");
                     continue;
                 };
-                let sub_dest = match dest {
-                    Some(d) => Some(make_dir(d, name).map_err(|source| CollectError::Copy {
-                        name: rel.clone(),
-                        source,
-                    })?),
+                let sub_dest = match dest.map(|d| make_dir(d, name)) {
+                    Some(Ok(d)) => Some(d),
+                    // The copy is new and written by this walk alone: a
+                    // name already in it was listed twice (renamed while
+                    // walked), not the host's failure.
+                    Some(Err(e)) if e.kind() == io::ErrorKind::AlreadyExists => {
+                        self.skip(prefix, &raw_name, "duplicate");
+                        continue;
+                    }
+                    Some(Err(source)) => {
+                        return Err(CollectError::Copy {
+                            name: rel.clone(),
+                            source,
+                        });
+                    }
                     None => None,
                 };
                 self.dir(&sub, sub_entries, &rel, depth + 1, sub_dest.as_ref())?;
@@ -547,6 +557,9 @@ impl Walk<'_> {
                         )));
                     }
                     Ok(None) => self.skip(prefix, &raw_name, "not-regular"),
+                    Err(Failed::Copy(source)) if source.kind() == io::ErrorKind::AlreadyExists => {
+                        self.skip(prefix, &raw_name, "duplicate");
+                    }
                     Err(Failed::Copy(source)) => {
                         return Err(CollectError::Copy { name: rel, source });
                     }
@@ -718,6 +731,31 @@ pub(crate) fn copy_hashing(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A name met twice in one walk (a guest's or a worker's rename while
+    /// the walk lists `/out`) is skipped as a duplicate, not a failure of
+    /// the host's copy, which would re-run the job. The copy is made to
+    /// already hold both names here: what a second listing of them finds.
+    #[test]
+    fn a_name_met_twice_is_skipped_not_a_host_failure() {
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(tmp.path().join("out/d")).unwrap();
+        std::fs::write(tmp.path().join("out/a.txt"), b"a").unwrap();
+        std::fs::write(tmp.path().join("out/b.txt"), b"b").unwrap();
+        let dest = tmp.path().join("dest");
+        std::fs::create_dir_all(dest.join("d")).unwrap();
+        std::fs::write(dest.join("a.txt"), b"already").unwrap();
+        let got = collect(&tmp.path().join("out"), Some(&dest), Bounds::NONE, None).unwrap();
+        let names: Vec<_> = got.files.iter().map(|f| f.name.as_str()).collect();
+        assert_eq!(names, ["b.txt"]);
+        let mut skipped: Vec<_> = got
+            .skipped
+            .iter()
+            .map(|s| (s.name.as_str(), s.reason.as_str()))
+            .collect();
+        skipped.sort_unstable();
+        assert_eq!(skipped, [("a.txt", "duplicate"), ("d", "duplicate")]);
+    }
 
     /// Where the child of [`a_mount_in_out_is_not_collected`] finds its
     /// directories.
