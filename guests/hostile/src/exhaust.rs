@@ -599,6 +599,21 @@ pub fn deep_tree(ctx: &Ctx) -> ExitCode {
     ExitCode::SUCCESS
 }
 
+/// Makes `new` in `/out/c/c/.../c` (24 levels, which the host made
+/// before the job): below a directory deeper than the guest could have
+/// made. Prints what it was told.
+pub fn deep_mkdir() -> ExitCode {
+    let Some(out) = preopen("/out") else {
+        return ExitCode::from(2);
+    };
+    let path = format!("{}new", "c/".repeat(24));
+    match out.create_directory_at(&path) {
+        Ok(()) => println!("attempt deep-mkdir: made"),
+        Err(e) => println!("attempt deep-mkdir: refused {e:?}"),
+    }
+    ExitCode::SUCCESS
+}
+
 /// `listings-held`: makes `--entries=` files (default 60) with 200-byte
 /// names in `/out/d`, lists that directory `--passes=` times (default
 /// 4,000) keeping every listing, then sleeps: each listing is read in full

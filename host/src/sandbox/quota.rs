@@ -187,17 +187,23 @@ impl OutputQuota {
         self.own_entry(out);
     }
 
-    /// How many levels below `/out` the directory `dir` is, by walking up
-    /// its `..` (what it is, not the names a guest used to reach it):
-    /// `None` where `/out` is not met within one level more than
-    /// [`MAX_DIR_DEPTH`]. No directory in `/out` is deeper than that, so
-    /// `None` is a directory elsewhere.
-    fn depth_below_out(&self, dir: std::os::fd::BorrowedFd<'_>) -> Option<usize> {
+    /// How many levels below `/out` the directory `dir` is, found by
+    /// walking up its `..` (what it is, not the names a guest used to reach
+    /// it): `None` wherever that is not shown within `levels` (`/out` not
+    /// met, a step of the walk failing, a directory elsewhere), which
+    /// callers refuse (found by an attacker: a check that let through what
+    /// it failed to look at, and took "not met" for "elsewhere", was passed
+    /// once with a path whose lookup a storm of renames made fail, and
+    /// never looked again below the directory it had let too deep). `0`
+    /// where no `/out` was given, which nothing is counted from.
+    fn depth_below_out(&self, dir: std::os::fd::BorrowedFd<'_>, levels: usize) -> Option<usize> {
         use rustix::fs::{Mode, OFlags};
-        let out = *self.out.get()?;
+        let Some(&out) = self.out.get() else {
+            return Some(0);
+        };
         let up = OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC;
         let mut here = rustix::fs::openat(dir, ".", up, Mode::empty()).ok()?;
-        for depth in 0..=MAX_DIR_DEPTH + 1 {
+        for depth in 0..=levels {
             let st = rustix::fs::fstat(&here).ok()?;
             if (st.st_dev, st.st_ino) == out {
                 return Some(depth);
@@ -746,33 +752,36 @@ impl QuotaFs<'_> {
     /// every call of the guest's is. Something renamed over the name in
     /// between is counted instead, which lets the guest set its times and
     /// nothing more.
-    /// Whether the directory just made at `path` beneath `fd` is deeper
-    /// below `/out` than [`MAX_DIR_DEPTH`].
+    /// Whether the directory just made at `path` beneath `fd` is not shown
+    /// to be within [`MAX_DIR_DEPTH`] below `/out`: deeper, or not found
+    /// again (its path's lookup failed), which is refused alike.
     fn made_too_deep(&self, fd: &Resource<types::Descriptor>, path: &str) -> bool {
         use rustix::fs::OFlags;
         let borrowed: Resource<types::Descriptor> = Resource::new_borrow(fd.rep());
         let Ok(wasmtime_wasi::filesystem::Descriptor::Dir(parent)) =
             self.inner.table.get(&borrowed)
         else {
-            return false;
+            return true;
         };
         let Ok(made) = openat2_retrying(
             &parent.dir,
             path,
             OFlags::PATH | OFlags::NOFOLLOW | OFlags::DIRECTORY | OFlags::CLOEXEC,
         ) else {
-            return false;
+            return true;
         };
         self.quota
-            .depth_below_out(std::os::fd::AsFd::as_fd(&made))
-            .is_some_and(|depth| depth > MAX_DIR_DEPTH)
+            .depth_below_out(std::os::fd::AsFd::as_fd(&made), MAX_DIR_DEPTH)
+            .is_none()
     }
 
     /// Refuses (`not-permitted`) to move a directory where it, or a
-    /// directory beneath it, would be deeper below `/out` than
-    /// [`MAX_DIR_DEPTH`]; anything else it leaves to the rename. Paths are
-    /// resolved as the rename resolves them: beneath their descriptors,
-    /// the last component of the one moved not followed.
+    /// directory beneath it, would not be shown to be within
+    /// [`MAX_DIR_DEPTH`] below `/out`. Paths are resolved as the rename
+    /// resolves them: beneath their descriptors, the last component of the
+    /// one moved not followed. A lookup that fails refuses the rename with
+    /// its own error (what the rename would say of a name that is not
+    /// there), never lets it through unlooked at.
     fn rename_within_depth(
         &self,
         fd: &Resource<types::Descriptor>,
@@ -780,45 +789,52 @@ impl QuotaFs<'_> {
         new_fd: &Resource<types::Descriptor>,
         new_path: &str,
     ) -> FsResult<()> {
-        use rustix::fs::OFlags;
+        use rustix::fs::{FileType, Mode, OFlags};
         let dir_of = |fd: &Resource<types::Descriptor>| {
             let borrowed: Resource<types::Descriptor> = Resource::new_borrow(fd.rep());
             match self.inner.table.get(&borrowed) {
-                Ok(wasmtime_wasi::filesystem::Descriptor::Dir(d)) => Some(d.clone()),
-                _ => None,
+                Ok(wasmtime_wasi::filesystem::Descriptor::Dir(d)) => Ok(d.clone()),
+                Ok(_) => Err(ErrorCode::NotDirectory),
+                Err(_) => Err(ErrorCode::BadDescriptor),
             }
         };
-        let (Some(from), Some(to)) = (dir_of(fd), dir_of(new_fd)) else {
-            return Ok(());
-        };
-        // Only a directory deepens a tree.
-        let Ok(moved) = openat2_retrying(
+        let (from, to) = (dir_of(fd)?, dir_of(new_fd)?);
+        let moved = openat2_retrying(
             &from.dir,
             old_path,
-            OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::DIRECTORY | OFlags::CLOEXEC,
-        ) else {
+            OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        )?;
+        let st = rustix::fs::fstat(&moved).map_err(io_error)?;
+        // Only a directory deepens a tree.
+        if FileType::from_raw_mode(st.st_mode) != FileType::Directory {
             return Ok(());
-        };
+        }
+        let moved = rustix::fs::openat(
+            &moved,
+            ".",
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(io_error)?;
         let (parent, _) = split_last(new_path);
         let parent = if parent.is_empty() { "." } else { parent };
-        let Ok(parent) = openat2_retrying(
+        let parent = openat2_retrying(
             &to.dir,
             parent,
             OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
-        ) else {
-            return Ok(());
-        };
+        )?;
+        // The moved directory lands one level below its new parent, and
+        // the directories beneath it below that.
         let Some(depth) = self
             .quota
-            .depth_below_out(std::os::fd::AsFd::as_fd(&parent))
+            .depth_below_out(std::os::fd::AsFd::as_fd(&parent), MAX_DIR_DEPTH - 1)
         else {
-            return Ok(());
+            return Err(ErrorCode::NotPermitted.into());
         };
-        // The moved directory lands one level below its new parent.
-        let room = MAX_DIR_DEPTH.checked_sub(depth + 1);
-        match room {
-            Some(levels) if dirs_within(&moved, levels)? => Ok(()),
-            _ => Err(ErrorCode::NotPermitted.into()),
+        if dirs_within(&moved, MAX_DIR_DEPTH - depth - 1)? {
+            Ok(())
+        } else {
+            Err(ErrorCode::NotPermitted.into())
         }
     }
 

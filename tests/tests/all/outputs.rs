@@ -106,3 +106,26 @@ async fn a_guests_tree_in_out_is_no_deeper_than_the_bound() {
     assert!(!said.contains(", 0 refused"), "{said}");
     assert_eq!(deepest(&dir.output_dir()), MAX_DIR_DEPTH, "{said}");
 }
+
+/// Below a directory deeper than the bound (made here by the host, as a
+/// check passed once by a race would have left it), nothing more is made:
+/// a depth that is not shown to be within the bound is refused, not taken
+/// for a directory elsewhere (found by an attacker: one race won, every
+/// later `mkdir` below it went unchecked).
+#[tokio::test(flavor = "multi_thread")]
+async fn below_a_directory_too_deep_nothing_more_is_made() {
+    use crate::common::SANDBOX;
+    let module = hostile("deep-mkdir", |_| {});
+    let job = spec(&[], &[]);
+    let dir = bulkhead::sandbox::JobDir::create(&SANDBOX.config().work_dir, &job.id).unwrap();
+    let deep = dir.output_dir().join("c/".repeat(24));
+    std::fs::create_dir_all(&deep).unwrap();
+    let report = SANDBOX.run(&module, &job, &dir).await.unwrap();
+    assert!(report.succeeded(), "{report:#?}");
+    assert!(
+        report.stdout.text.contains("deep-mkdir: refused"),
+        "{}",
+        report.stdout.text
+    );
+    assert!(!deep.join("new").exists());
+}
