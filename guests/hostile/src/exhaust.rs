@@ -554,7 +554,8 @@ pub fn fd_dirs(ctx: &Ctx) -> ExitCode {
 /// Builds as deep a tree in `/out` as it is let: a chain of directories
 /// made with short paths, each moved into the next (`c<i-1>` to `c<i>/d`),
 /// then a descent made through descriptors (make `e`, open it, make `e` in
-/// it, ...). `--levels=N` of each (default 40). Prints how far each got.
+/// it, ...), then one by paths ending in `/` (`t/`, `t/t/`, ...).
+/// `--levels=N` of each (default 40). Prints how far each got.
 pub fn deep_tree(ctx: &Ctx) -> ExitCode {
     let levels: usize = ctx
         .param("levels")
@@ -593,8 +594,19 @@ pub fn deep_tree(ctx: &Ctx) -> ExitCode {
         }
         descended += 1;
     }
+    // By path, each ending in `/`: `t/`, `t/t/`, ...
+    let Some(out) = preopen("/out") else {
+        return ExitCode::from(2);
+    };
+    let mut slashed = 0;
+    for i in 1..=levels {
+        if out.create_directory_at(&"t/".repeat(i)).is_err() {
+            break;
+        }
+        slashed += 1;
+    }
     println!(
-        "attempt deep-tree: {chained} moves chained, {refused_moves} refused; {descended} levels descended"
+        "attempt deep-tree: {chained} moves chained, {refused_moves} refused; {descended} levels descended; {slashed} levels by paths ending in /"
     );
     ExitCode::SUCCESS
 }

@@ -755,6 +755,41 @@ impl QuotaFs<'_> {
     /// Whether the directory just made at `path` beneath `fd` is not shown
     /// to be within [`MAX_DIR_DEPTH`] below `/out`: deeper, or not found
     /// again (its path's lookup failed), which is refused alike.
+    /// Refuses to make a directory at `path` beneath `fd` whose parent is
+    /// not shown to be less than [`MAX_DIR_DEPTH`] below `/out`, before
+    /// anything is made: a lookup of the parent that fails refuses with its
+    /// own error, a depth not shown with `not-permitted`. The parent looked
+    /// at, held, and the new directory's name.
+    fn mkdir_within_depth<'p>(
+        &self,
+        fd: &Resource<types::Descriptor>,
+        path: &'p str,
+    ) -> FsResult<(std::os::fd::OwnedFd, &'p str)> {
+        use rustix::fs::OFlags;
+        let borrowed: Resource<types::Descriptor> = Resource::new_borrow(fd.rep());
+        let dir = match self.inner.table.get(&borrowed)? {
+            wasmtime_wasi::filesystem::Descriptor::Dir(d) => d.clone(),
+            wasmtime_wasi::filesystem::Descriptor::File(_) => {
+                return Err(ErrorCode::NotDirectory.into());
+            }
+        };
+        let (parent, name) = split_last(path);
+        let parent = if parent.is_empty() { "." } else { parent };
+        let parent = openat2_retrying(
+            &dir.dir,
+            parent,
+            OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        )?;
+        if self
+            .quota
+            .depth_below_out(std::os::fd::AsFd::as_fd(&parent), MAX_DIR_DEPTH - 1)
+            .is_none()
+        {
+            return Err(ErrorCode::NotPermitted.into());
+        }
+        Ok((parent, name))
+    }
+
     fn made_too_deep(&self, fd: &Resource<types::Descriptor>, path: &str) -> bool {
         use rustix::fs::OFlags;
         let borrowed: Resource<types::Descriptor> = Resource::new_borrow(fd.rep());
@@ -1141,14 +1176,17 @@ impl HostDescriptor for QuotaFs<'_> {
         path_ok(&path)?;
         self.quota.charge_metadata()?;
         self.quota.charge_entry()?;
+        let (parent, name) = self.mkdir_within_depth(&fd, &path)?;
         let borrowed = Resource::new_borrow(fd.rep());
         self.inner
             .create_directory_at(borrowed, path.clone())
             .await?;
         if self.made_too_deep(&fd, &path) {
-            // Made and taken back: the guest cannot act between the two.
-            let borrowed = Resource::new_borrow(fd.rep());
-            self.inner.remove_directory_at(borrowed, path).await?;
+            // Taken back through the parent looked at and the name alone
+            // (found by an attacker: taken back by the guest's path, a
+            // trailing `/` made it a removal of `.`, which failed, and the
+            // directory stayed). The guest cannot act between the two.
+            let _ = rustix::fs::unlinkat(&parent, name, rustix::fs::AtFlags::REMOVEDIR);
             return Err(ErrorCode::NotPermitted.into());
         }
         self.own_made(&fd, &path);

@@ -85,8 +85,9 @@ fn deepest(dir: &std::path::Path) -> usize {
 }
 
 /// A guest's tree in `/out` is at most `MAX_DIR_DEPTH` directories deep,
-/// however it is built: made level by level through descriptors, or
-/// chained with short paths by moving each directory into the next. Past
+/// however it is built: made level by level through descriptors or by
+/// paths ending in `/`, or chained with short paths by moving each
+/// directory into the next. Past
 /// it, the guest's `mkdir` or `rename` is refused and the job goes on.
 /// Checked on the host's own `/out` after the job (found by an attacker:
 /// a chain of 15,000 directories made in 0.3 s of a guest's CPU took its
@@ -101,6 +102,10 @@ async fn a_guests_tree_in_out_is_no_deeper_than_the_bound() {
     let said = &report.stdout.text;
     assert!(
         said.contains(&format!("{MAX_DIR_DEPTH} levels descended")),
+        "{said}"
+    );
+    assert!(
+        said.contains(&format!("{MAX_DIR_DEPTH} levels by paths ending in /")),
         "{said}"
     );
     assert!(!said.contains(", 0 refused"), "{said}");
