@@ -541,8 +541,11 @@ fn dirs_within(dir: &std::os::fd::OwnedFd, levels: usize) -> Result<bool, ErrorC
         }
         let is_dir = match entry.file_type() {
             FileType::Directory => true,
-            FileType::Unknown => rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW)
-                .is_ok_and(|st| FileType::from_raw_mode(st.st_mode) == FileType::Directory),
+            FileType::Unknown => {
+                let st =
+                    rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW).map_err(io_error)?;
+                FileType::from_raw_mode(st.st_mode) == FileType::Directory
+            }
             _ => false,
         };
         if !is_dir {
