@@ -682,11 +682,7 @@ impl QuotaFs<'_> {
         use rustix::fs::OFlags;
         use wasmtime_wasi::filesystem::{Descriptor, Dir, File};
 
-        let borrowed: Resource<types::Descriptor> = Resource::new_borrow(fd.rep());
-        let parent = match self.inner.table.get(&borrowed)? {
-            Descriptor::Dir(d) => d.clone(),
-            Descriptor::File(_) => return Err(ErrorCode::NotDirectory.into()),
-        };
+        let parent = self.dir_of(fd)?;
         if flags.intersects(
             types::DescriptorFlags::FILE_INTEGRITY_SYNC
                 | types::DescriptorFlags::DATA_INTEGRITY_SYNC
@@ -769,13 +765,7 @@ impl QuotaFs<'_> {
         path: &'p str,
     ) -> FsResult<(std::os::fd::OwnedFd, &'p str)> {
         use rustix::fs::OFlags;
-        let borrowed: Resource<types::Descriptor> = Resource::new_borrow(fd.rep());
-        let dir = match self.inner.table.get(&borrowed)? {
-            wasmtime_wasi::filesystem::Descriptor::Dir(d) => d.clone(),
-            wasmtime_wasi::filesystem::Descriptor::File(_) => {
-                return Err(ErrorCode::NotDirectory.into());
-            }
-        };
+        let dir = self.dir_of(fd)?;
         let (parent, name) = split_last(path);
         let parent = if parent.is_empty() { "." } else { parent };
         let parent = openat2_retrying(
@@ -795,10 +785,7 @@ impl QuotaFs<'_> {
 
     fn made_too_deep(&self, fd: &Resource<types::Descriptor>, path: &str) -> bool {
         use rustix::fs::OFlags;
-        let borrowed: Resource<types::Descriptor> = Resource::new_borrow(fd.rep());
-        let Ok(wasmtime_wasi::filesystem::Descriptor::Dir(parent)) =
-            self.inner.table.get(&borrowed)
-        else {
+        let Ok(parent) = self.dir_of(fd) else {
             return true;
         };
         let Ok(made) = openat2_retrying(
@@ -828,15 +815,7 @@ impl QuotaFs<'_> {
         new_path: &str,
     ) -> FsResult<()> {
         use rustix::fs::{FileType, Mode, OFlags};
-        let dir_of = |fd: &Resource<types::Descriptor>| {
-            let borrowed: Resource<types::Descriptor> = Resource::new_borrow(fd.rep());
-            match self.inner.table.get(&borrowed) {
-                Ok(wasmtime_wasi::filesystem::Descriptor::Dir(d)) => Ok(d.clone()),
-                Ok(_) => Err(ErrorCode::NotDirectory),
-                Err(_) => Err(ErrorCode::BadDescriptor),
-            }
-        };
-        let (from, to) = (dir_of(fd)?, dir_of(new_fd)?);
+        let (from, to) = (self.dir_of(fd)?, self.dir_of(new_fd)?);
         let moved = openat2_retrying(
             &from.dir,
             old_path,
@@ -876,6 +855,16 @@ impl QuotaFs<'_> {
         }
     }
 
+    /// The directory the guest's descriptor `fd` holds; `not-directory`
+    /// for a file.
+    fn dir_of(&self, fd: &Resource<types::Descriptor>) -> FsResult<wasmtime_wasi::filesystem::Dir> {
+        let borrowed: Resource<types::Descriptor> = Resource::new_borrow(fd.rep());
+        match self.inner.table.get(&borrowed)? {
+            wasmtime_wasi::filesystem::Descriptor::Dir(d) => Ok(d.clone()),
+            wasmtime_wasi::filesystem::Descriptor::File(_) => Err(ErrorCode::NotDirectory.into()),
+        }
+    }
+
     fn own_made(&self, fd: &Resource<types::Descriptor>, path: &str) {
         use rustix::fs::OFlags;
         let borrowed: Resource<types::Descriptor> = Resource::new_borrow(fd.rep());
@@ -910,13 +899,7 @@ impl QuotaFs<'_> {
     ) -> FsResult<()> {
         use rustix::fs::{AtFlags, FileType, OFlags, Timestamps};
 
-        let borrowed: Resource<types::Descriptor> = Resource::new_borrow(fd.rep());
-        let parent = match self.inner.table.get(&borrowed)? {
-            wasmtime_wasi::filesystem::Descriptor::Dir(d) => d.clone(),
-            wasmtime_wasi::filesystem::Descriptor::File(_) => {
-                return Err(ErrorCode::NotDirectory.into());
-            }
-        };
+        let parent = self.dir_of(fd)?;
         if parent.perms.write_not_permitted() {
             return Err(ErrorCode::NotPermitted.into());
         }
