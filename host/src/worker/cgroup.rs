@@ -209,8 +209,9 @@ pub struct MemoryCeiling {
 impl MemoryCeiling {
     /// Makes cgroup `name` (letters, digits, `-`, `_`) under the
     /// gateway's own, limited to `limit` bytes of memory (and no swap
-    /// beyond it). A leftover cgroup of the same name without processes
-    /// is reused.
+    /// beyond it). A leftover cgroup of the same name is removed and made
+    /// anew once its processes are gone (waiting up to a second for one
+    /// just killed); one still in use is refused.
     pub fn create(name: &str, limit: u64) -> Result<Self, CgroupError> {
         if name.is_empty()
             || name.len() > 64
@@ -235,7 +236,7 @@ impl MemoryCeiling {
             if e.kind() != io::ErrorKind::AlreadyExists {
                 return Err(io(e));
             }
-            fs::remove_dir(&dir).map_err(io)?;
+            remove_once_empty(&dir).map_err(io)?;
             fs::create_dir(&dir).map_err(io)?;
         }
         let ceiling = Self {
@@ -348,17 +349,30 @@ fn counter(text: &str, key: &str) -> Option<u64> {
     })
 }
 
+/// Removes cgroup `dir` (gone already counts), waiting up to a second
+/// while it is busy: a killed process leaves its cgroup a moment after
+/// it is reaped, longer on a loaded host. Still busy after that, it is
+/// in use, and the error says so.
+fn remove_once_empty(dir: &Path) -> io::Result<()> {
+    let mut tries = 0;
+    loop {
+        match fs::remove_dir(dir) {
+            Ok(()) => return Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) && tries < 40 => {
+                tries += 1;
+                std::thread::sleep(Duration::from_millis(25));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 impl Drop for MemoryCeiling {
     fn drop(&mut self) {
-        // A killed process leaves its cgroup a moment after it is reaped.
-        for _ in 0..40 {
-            match fs::remove_dir(&self.dir) {
-                Ok(()) => return,
-                Err(e) if e.kind() == io::ErrorKind::NotFound => return,
-                Err(_) => std::thread::sleep(Duration::from_millis(25)),
-            }
+        if let Err(e) = remove_once_empty(&self.dir) {
+            tracing::warn!(dir = %self.dir.display(), error = %e, "memory cgroup left behind");
         }
-        tracing::warn!(dir = %self.dir.display(), "memory cgroup left behind: still in use");
     }
 }
 
