@@ -229,6 +229,9 @@ pub struct Pool {
     mounts: bool,
     /// How many of its workers are not yet wholly ended ([`Live`]).
     live: Arc<watch::Sender<usize>>,
+    /// Turns to compile a module in a worker of its own
+    /// ([`Pool::compile_alone`]): as many at once as the zone has workers.
+    compiles: tokio::sync::Semaphore,
 }
 
 /// The runtime every pool's supervisor runs on, and where workers start,
@@ -275,8 +278,12 @@ struct State {
     modules: HashMap<u64, Arc<Source>>,
     /// Modules whose zone-cache entry a worker found gone or not the
     /// recorded one, and which only a worker that had run a guest compiled
-    /// since: handed over by the next worker that has run none.
+    /// since: compiled alone again at the supervisor's next round
+    /// ([`Pool::rebuild`]).
     rebuild: std::collections::HashSet<u64>,
+    /// Workers compiling a module alone ([`Pool::compile_alone`]), which
+    /// [`Pool::close`] ends with the others.
+    compilers: Vec<Arc<Worker>>,
     /// Workers being started.
     starting: u32,
 }
@@ -607,6 +614,7 @@ impl Pool {
             }
             Arc::new(disk)
         });
+        let compiles = tokio::sync::Semaphore::new(config.workers.max(1) as usize);
         let pool = Arc::new(Self {
             config,
             state: Mutex::default(),
@@ -624,6 +632,7 @@ impl Pool {
             memory,
             mounts,
             live: Arc::new(watch::Sender::new(0)),
+            compiles,
         });
         for _ in 0..pool.config.workers.max(1) {
             // Started on the pools' runtime, as replacements are (its
@@ -692,8 +701,14 @@ impl Pool {
     /// Stops every worker (at shutdown).
     pub fn close(&self) {
         self.closing.store(true, Ordering::SeqCst);
-        let workers = std::mem::take(&mut lock(&self.state).workers);
-        for worker in workers {
+        let (workers, compilers) = {
+            let mut st = lock(&self.state);
+            (
+                std::mem::take(&mut st.workers),
+                std::mem::take(&mut st.compilers),
+            )
+        };
+        for worker in workers.iter().chain(&compilers) {
             worker.kill();
         }
     }
@@ -711,12 +726,26 @@ impl Pool {
     }
 
     /// Registers a module (already checked against its policy by the
-    /// gateway: size, pin, kind, limits) and has one worker compile it,
-    /// which also fills the zone's cache for the others. Returns its id.
+    /// gateway: size, pin, kind, limits) and has it loaded once, which
+    /// also fills the zone's cache for every worker. Returns its id.
+    ///
+    /// A module the zone's cache has no recorded artifact for is compiled
+    /// by a worker started for that alone ([`Pool::compile_alone`]); one
+    /// whose artifact is recorded is loaded by a worker of the pool. A
+    /// module whose compiled code the cache could not take is refused:
+    /// every worker sent one of its jobs would compile it again beside
+    /// other jobs, in memory nothing weighs (found by an attacker: a
+    /// 1.4 MB module whose code was larger than its hand-over room took
+    /// 850 MiB to compile in a worker running another tenant's jobs, past
+    /// its ceiling, and they failed with it).
     ///
     /// # Errors
     /// The worker's [`LoadError`] (compile or link), or a fault.
-    pub async fn load(&self, policy: &Policy, wasm: Bytes) -> Result<(u64, LoadInfo), LoadError> {
+    pub async fn load(
+        self: &Arc<Self>,
+        policy: &Policy,
+        wasm: Bytes,
+    ) -> Result<(u64, LoadInfo), LoadError> {
         let module = self.next_id();
         let source = Arc::new(Source {
             digest: Sha256Hex::digest(&wasm),
@@ -727,10 +756,6 @@ impl Pool {
             policy_sha256: policy.source_sha256.as_ref().map(ToString::to_string),
             wasm,
         });
-        let fault = |message: String| LoadError::Compile {
-            module: policy.module.name.to_string(),
-            message,
-        };
         if let Some(disk) = &self.disk {
             let most = super::disk::most(policy);
             if most > disk.size {
@@ -742,38 +767,92 @@ impl Pool {
                 });
             }
         }
-        if let Some(memory) = &self.memory {
-            // With the compiled code of every module of the zone, this one
-            // among them: a worker may be sent all of them.
-            let code = {
-                let st = lock(&self.state);
-                st.modules
-                    .values()
-                    .map(|s| {
-                        super::memory::code(
-                            s.wasm.len() as u64,
-                            self.records.get(&s.digest).as_ref(),
-                        )
+        self.fits_in_memory(policy, &source, None)?;
+        lock(&self.state)
+            .modules
+            .insert(module, Arc::clone(&source));
+        let loaded = match self.records.get(&source.digest) {
+            Some(_) => self.load_in_pool(policy, module).await,
+            None => self
+                .compile_alone(module, &policy.module.name.to_string())
+                .await
+                .and_then(|info| {
+                    if self.records.get(&source.digest).is_some() {
+                        return Ok(info);
+                    }
+                    Err(LoadError::Compile {
+                        module: policy.module.name.to_string(),
+                        message: format!(
+                            "its compiled code could not be kept in zone `{}`'s cache (it may take at most {} bytes, eight times the module's size; or the zone's disk had no room for it: see the service's log), and a module is run only from code compiled apart from other jobs",
+                            self.config.zone,
+                            super::disk::hand_over_room(source.wasm.len() as u64)
+                        ),
                     })
-                    .fold(0u64, u64::saturating_add)
-            }
-            .saturating_add(super::memory::code(
-                source.wasm.len() as u64,
-                self.records.get(&source.digest).as_ref(),
-            ));
-            let need = super::memory::most(policy)
-                .saturating_add(self.room_in_memory(policy))
-                .saturating_add(code);
-            if need > memory.budget {
-                return Err(LoadError::ExceedsWorkerMemory {
-                    module: policy.module.name.to_string(),
-                    zone: self.config.zone.clone(),
-                    need,
-                    most: memory.budget,
-                });
+                }),
+        };
+        // With its compiled code's real size now recorded, it is weighed
+        // again.
+        let loaded = loaded.and_then(|info| {
+            self.fits_in_memory(policy, &source, Some(module))
+                .map(|()| info)
+        });
+        match loaded {
+            Ok(info) => Ok((module, info)),
+            Err(e) => {
+                lock(&self.state).modules.remove(&module);
+                Err(e)
             }
         }
-        lock(&self.state).modules.insert(module, source);
+    }
+
+    /// Whether, where the zone has a memory ceiling, a worker holds what a
+    /// job of `policy` may take beside the compiled code of every module of
+    /// the zone, `source`'s among them (already registered as `module`, or
+    /// not yet): a worker may be sent all of them.
+    fn fits_in_memory(
+        &self,
+        policy: &Policy,
+        source: &Source,
+        module: Option<u64>,
+    ) -> Result<(), LoadError> {
+        let Some(memory) = &self.memory else {
+            return Ok(());
+        };
+        let code = {
+            let st = lock(&self.state);
+            st.modules
+                .iter()
+                .filter(|(id, _)| Some(**id) != module)
+                .map(|(_, s)| {
+                    super::memory::code(s.wasm.len() as u64, self.records.get(&s.digest).as_ref())
+                })
+                .fold(0u64, u64::saturating_add)
+        }
+        .saturating_add(super::memory::code(
+            source.wasm.len() as u64,
+            self.records.get(&source.digest).as_ref(),
+        ));
+        let need = super::memory::most(policy)
+            .saturating_add(self.room_in_memory(policy))
+            .saturating_add(code);
+        if need > memory.budget {
+            return Err(LoadError::ExceedsWorkerMemory {
+                module: policy.module.name.to_string(),
+                zone: self.config.zone.clone(),
+                need,
+                most: memory.budget,
+            });
+        }
+        Ok(())
+    }
+
+    /// Loads registered `module`, whose artifact the zone's cache records,
+    /// in a worker of the pool.
+    async fn load_in_pool(&self, policy: &Policy, module: u64) -> Result<LoadInfo, LoadError> {
+        let fault = |message: String| LoadError::Compile {
+            module: policy.module.name.to_string(),
+            message,
+        };
         let worker = self
             .pick(None, crate::runner::Queued::ALONE)
             .await
@@ -784,15 +863,89 @@ impl Pool {
             st.loads.entry(module).or_default().push(tx);
         }
         self.send_load(&worker, module, true);
-        let info = match tokio::time::timeout(START_ALLOWANCE, rx).await {
-            Ok(answer) => answer.map_err(|_| fault(worker.fault_reason()))??,
+        match tokio::time::timeout(START_ALLOWANCE, rx).await {
+            Ok(answer) => answer.map_err(|_| fault(worker.fault_reason()))?,
             Err(_) => {
                 let reason = format!("did not compile in {}s", START_ALLOWANCE.as_secs());
                 self.fault(&worker, "overrun", reason.clone());
-                return Err(fault(format!("the worker {reason}")));
+                Err(fault(format!("the worker {reason}")))
+            }
+        }
+    }
+
+    /// Compiles registered `module` (named `name` in errors) in a worker
+    /// started for it and ended after it, which hands the artifact over
+    /// for the zone's cache. No job is ever placed on that worker: what
+    /// the compile takes, up to the worker's memory ceiling and
+    /// [`START_ALLOWANCE`], is no other job's to lose, and a compile past
+    /// the ceiling ends that worker alone (a fault with no jobs). As many
+    /// compile at once as the zone has workers; a turn is waited for
+    /// [`START_ALLOWANCE`] at most.
+    async fn compile_alone(
+        self: &Arc<Self>,
+        module: u64,
+        name: &str,
+    ) -> Result<LoadInfo, LoadError> {
+        let fail = |message: String| LoadError::Compile {
+            module: name.to_owned(),
+            message,
+        };
+        let _turn = match tokio::time::timeout(START_ALLOWANCE, self.compiles.acquire()).await {
+            Ok(Ok(turn)) => turn,
+            Ok(Err(_)) => return Err(fail("the service is shutting down".into())),
+            Err(_) => {
+                return Err(fail(format!(
+                    "zone `{}` had no turn to compile it for {}s: other modules were compiling",
+                    self.config.zone,
+                    START_ALLOWANCE.as_secs()
+                )));
             }
         };
-        Ok((module, info))
+        if self.closing.load(Ordering::SeqCst) {
+            return Err(fail("the service is shutting down".into()));
+        }
+        let worker = self
+            .spawn_worker()
+            .await
+            .map_err(|e| fail(format!("no worker could be started to compile it: {e}")))?;
+        {
+            let mut st = lock(&self.state);
+            if self.closing.load(Ordering::SeqCst) {
+                drop(st);
+                lock(&worker.state).fault = Some("the service is shutting down".into());
+                worker.kill();
+                return Err(fail("the service is shutting down".into()));
+            }
+            st.compilers.push(Arc::clone(&worker));
+        }
+        let (tx, rx) = oneshot::channel();
+        lock(&worker.state)
+            .loads
+            .entry(module)
+            .or_default()
+            .push(tx);
+        self.send_load(&worker, module, true);
+        let result = match tokio::time::timeout(START_ALLOWANCE, rx).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(fail(format!(
+                "the worker compiling it failed: {}",
+                worker.fault_reason()
+            ))),
+            Err(_) => {
+                let reason = format!("did not compile in {}s", START_ALLOWANCE.as_secs());
+                self.fault(&worker, "overrun", reason.clone());
+                Err(fail(format!("the worker {reason}")))
+            }
+        };
+        // Its work is done: it goes, and its end is no fault.
+        lock(&self.state)
+            .compilers
+            .retain(|w| !Arc::ptr_eq(w, &worker));
+        lock(&worker.state)
+            .fault
+            .get_or_insert_with(|| "compiled its module and ended".into());
+        worker.kill();
+        result
     }
 
     /// Sends `module` to `worker` unless it was sent before. With
@@ -1648,35 +1801,28 @@ impl Pool {
         }
     }
 
-    /// Has a worker that has run no guest compile each module whose zone
-    /// cache entry was found gone or rewritten, and hand it over, which
-    /// puts the entry back: until then every worker compiles the module
-    /// itself. One not yet sent to such a worker waits for the next (a
-    /// replacement).
-    fn rebuild(&self) {
-        let (modules, workers) = {
-            let st = lock(&self.state);
-            if st.rebuild.is_empty() {
-                return;
-            }
-            (
-                st.rebuild.iter().copied().collect::<Vec<_>>(),
-                st.workers.clone(),
-            )
+    /// Has each module whose zone cache entry was found gone or rewritten
+    /// compiled again, by a worker of its own ([`Pool::compile_alone`]),
+    /// which puts the entry back: until then the workers it is sent to
+    /// compile it themselves.
+    fn rebuild(self: &Arc<Self>) {
+        let modules: Vec<(u64, Arc<Source>)> = {
+            let mut st = lock(&self.state);
+            let modules = std::mem::take(&mut st.rebuild);
+            modules
+                .into_iter()
+                .filter_map(|m| st.modules.get(&m).map(|s| (m, Arc::clone(s))))
+                .collect()
         };
-        for module in modules {
-            let fresh = workers.iter().find(|w| {
-                let ws = lock(&w.state);
-                ws.fault.is_none()
-                    && !ws.retiring
-                    && ws.pristine()
-                    && !ws.loaded.contains_key(&module)
+        for (module, source) in modules {
+            let pool = Arc::clone(self);
+            tracing::info!(zone = %self.config.zone, module = %source.digest, "a worker of its own compiles a module whose zone-cache entry was gone or rewritten, for the cache");
+            self.gateway.spawn(async move {
+                let name = source.digest.to_string();
+                if let Err(e) = pool.compile_alone(module, &name).await {
+                    tracing::warn!(zone = %pool.config.zone, module = %source.digest, error = %e, "a module could not be compiled again for the zone's cache; workers compile it until it is");
+                }
             });
-            if let Some(worker) = fresh {
-                lock(&self.state).rebuild.remove(&module);
-                tracing::info!(zone = %self.config.zone, pid = worker.pid, module = %module, "a worker that has run no guest compiles a module whose zone-cache entry was gone or rewritten, for the cache");
-                self.send_load(worker, module, true);
-            }
         }
     }
 

@@ -15,7 +15,9 @@ use bulkhead::sandbox::{JobReport, JobSpec};
 use bulkhead::worker::pool::records_dir;
 use sha2::{Digest, Sha256};
 
-use crate::common::{load_in_workers as load, wasm, workers};
+use crate::common::{
+    load_in_workers as load, load_policy_in_workers, wasm, workers, workers_watched,
+};
 
 fn zone_cache(tmp: &Path) -> PathBuf {
     tmp.join("cache/zones/untrusted")
@@ -168,56 +170,63 @@ async fn an_entry_removed_from_a_zone_cache_is_put_back_while_the_zone_runs() {
     runner.close();
 }
 
-/// A worker that has been sent a job may be its guest's by now: what it
-/// says it compiled is not recorded, so a restart does not load it; a
-/// worker that has run nothing is taken at its word, and a restart after
-/// that loads the artifact without compiling.
+/// A module is compiled by a worker started for that alone, never by one
+/// of the zone's workers, which run jobs (found by an attacker: a module
+/// compiled beside another tenant's jobs took their worker past its memory
+/// ceiling, and they failed with it). Loaded while a job holds the zone's
+/// only place in its only worker, it loads without waiting for that
+/// place; what was compiled is recorded (the gateway records only what a
+/// worker that ran no guest compiled); the zone's worker is the same
+/// process; and a restart loads both modules from the cache.
 #[tokio::test(flavor = "multi_thread")]
-async fn what_a_worker_that_ran_a_guest_compiled_is_not_recorded() {
+async fn a_module_is_compiled_apart_from_the_zones_workers_and_their_jobs() {
+    use bulkhead::policy::HumanDuration;
+
     let tmp = tempfile::tempdir().unwrap();
     {
-        let first = workers(tmp.path(), "first", 0).await;
-        let hello = load(&first, bulkhead_tests::HELLO, "hello").await;
-        assert!(!hello.from_cache());
-        assert!(run(&first, &hello).await.succeeded());
-        // The same worker (the only one) compiles another module now.
-        let other = load(&first, bulkhead_tests::HOSTILE, "other").await;
-        assert!(!other.from_cache());
+        let (first, _) = workers_watched(tmp.path(), "first", 0, 1).await;
+        let sleeper = load_policy_in_workers(
+            &first,
+            bulkhead_tests::HOSTILE,
+            crate::common::policy(bulkhead_tests::HOSTILE, "sleeper")
+                .args(&["sleep"])
+                .times(HumanDuration::secs(60), HumanDuration::secs(60)),
+        )
+        .await;
+        assert!(record(tmp.path(), bulkhead_tests::HOSTILE).is_some());
+        let pool = &first.pools()["untrusted"];
+        let pids = pool.pids();
+        assert_eq!(pids.len(), 1);
+        let spec = JobSpec::new();
+        let held = first.run(&sleeper, &spec, None);
+        let load_beside = async {
+            while pool.jobs_started() == 0 {
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+            let hello = load(&first, bulkhead_tests::HELLO, "hello").await;
+            assert!(!hello.from_cache());
+            assert!(
+                record(tmp.path(), bulkhead_tests::HELLO).is_some(),
+                "what was compiled while the zone's worker ran a guest was not recorded"
+            );
+            assert_eq!(pool.pids(), pids, "the zone's worker was replaced");
+            assert_eq!(pool.jobs_started(), 1, "the job holding the place ended");
+        };
+        tokio::select! {
+            ended = held => panic!("the load waited for the job's place: {:?}", ended.map(|r| r.report.succeeded())),
+            () = load_beside => {}
+        }
         first.close();
     }
-    assert!(
-        record(tmp.path(), bulkhead_tests::HELLO).is_some(),
-        "what a pristine worker compiled was not recorded"
-    );
-    assert_eq!(
-        record(tmp.path(), bulkhead_tests::HOSTILE),
-        None,
-        "what a worker that ran a guest compiled was recorded"
-    );
-    // Nor taken into the cache: only hello's artifact is there, and the
-    // worker's handed-over file was removed with its directory.
-    let zone = zone_cache(tmp.path());
-    assert_eq!(
-        files(&zone),
-        vec![recorded_entry(tmp.path(), bulkhead_tests::HELLO)]
-    );
-
-    {
-        let second = workers(tmp.path(), "second", 0).await;
-        let hello = load(&second, bulkhead_tests::HELLO, "hello").await;
-        assert!(hello.from_cache(), "a restart compiled hello again");
-        let other = load(&second, bulkhead_tests::HOSTILE, "other").await;
-        assert!(
-            !other.from_cache(),
-            "a restart loaded what a worker that ran a guest wrote"
-        );
-        second.close();
+    let second = workers(tmp.path(), "second", 0).await;
+    for (guest, name) in [
+        (bulkhead_tests::HELLO, "hello"),
+        (bulkhead_tests::HOSTILE, "other"),
+    ] {
+        let module = load(&second, guest, name).await;
+        assert!(module.from_cache(), "a restart compiled {name} again");
     }
-    assert!(record(tmp.path(), bulkhead_tests::HOSTILE).is_some());
-    let third = workers(tmp.path(), "third", 0).await;
-    let other = load(&third, bulkhead_tests::HOSTILE, "other").await;
-    assert!(other.from_cache(), "a restart compiled it again");
-    third.close();
+    second.close();
 }
 
 /// What an earlier version's workers could leave in their zone's cache —
