@@ -272,6 +272,10 @@ impl Service {
         config: ServeConfig,
         store: Option<Arc<dyn JobStore>>,
     ) -> Result<Arc<Self>, StartError> {
+        // Installed before anything is counted: what the start itself
+        // counts (workers started, a zone cache's entry found rewritten
+        // while its modules load) went to no recorder before it was.
+        let metrics = metrics_handle();
         let data = &config.storage.data_dir;
         let storage = |e: &dyn std::fmt::Display| {
             StartError::Storage(format!("data directory {}: {e}", data.display()))
@@ -448,7 +452,7 @@ impl Service {
             work: Notify::new(),
             admin_token_hash,
             node: config.node.id(),
-            metrics: metrics_handle(),
+            metrics,
             denials: crate::serve::denials::TenantDenials::new(&config.audit),
             config,
         });

@@ -92,6 +92,14 @@ const OVERRUN_GRACE: Duration = Duration::from_secs(5);
 /// sooner sends none), before it is a fault: these clocks are the
 /// gateway's, not the worker's.
 const START_ALLOWANCE: Duration = Duration::from_secs(300);
+
+/// The memory ceiling of a worker compiling a module alone in a zone
+/// without one ([`Pool::compile_alone`]), where the host offers cgroups:
+/// a compile past it fails that module's load. Compiling takes memory in
+/// proportion to the size of a module's largest functions, not to the
+/// module's: an attacker's 600 KB module took a worker to 1.1 GB, and one
+/// of the same kind near the size bound would take more than a host has.
+pub const COMPILE_CEILING: u64 = 4 << 30;
 /// Longest failure message kept from a worker's report.
 const MAX_MESSAGE: usize = 1024;
 
@@ -904,8 +912,11 @@ impl Pool {
         if self.closing.load(Ordering::SeqCst) {
             return Err(fail("the service is shutting down".into()));
         }
+        // Under the zone's ceiling; in a zone without one, under
+        // `COMPILE_CEILING` all the same: a module of a few hundred KB can
+        // make Cranelift take gigabytes, which nothing else bounds.
         let worker = self
-            .spawn_worker()
+            .spawn_worker_within(Some(self.config.memory.unwrap_or(COMPILE_CEILING)))
             .await
             .map_err(|e| fail(format!("no worker could be started to compile it: {e}")))?;
         {
@@ -1843,8 +1854,18 @@ impl Pool {
         Ok(fd.into())
     }
 
-    /// Starts one worker and waits for its hello.
+    /// Starts one worker of the pool, under the zone's memory ceiling, and
+    /// waits for its hello.
     async fn spawn_worker(self: &Arc<Self>) -> Result<Arc<Worker>, PoolError> {
+        self.spawn_worker_within(self.config.memory).await
+    }
+
+    /// Starts one worker under memory ceiling `memory` (where the host
+    /// offers cgroups) and waits for its hello.
+    async fn spawn_worker_within(
+        self: &Arc<Self>,
+        memory: Option<u64>,
+    ) -> Result<Arc<Worker>, PoolError> {
         let c = &self.config;
         let start_error = |reason: String| PoolError::Start {
             zone: c.zone.clone(),
@@ -1908,7 +1929,7 @@ impl Pool {
         // Counted from now: dropped after the ceiling below on every way
         // out of this function, which removes it.
         let live = Live::new(&self.live);
-        let ceiling: Result<_, String> = match c.memory {
+        let ceiling: Result<_, String> = match memory {
             Some(bytes) => {
                 // Named by the worker's own pid, unique among live
                 // processes: a pool's own count is not (two pools of one

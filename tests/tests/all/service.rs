@@ -2081,3 +2081,90 @@ async fn fifo_race(op: &str) {
         s.service.shutdown().await;
     }
 }
+
+/// `bulkhead serve` counts what its own start does: the metrics recorder
+/// is there before the first worker starts, so the zone's workers (and the
+/// one that compiles its module) are in `bulkhead_worker_starts_total`
+/// from the first scrape (found by an attacker: a zone cache entry found
+/// rewritten while the modules loaded was logged, but never counted).
+#[tokio::test(flavor = "multi_thread")]
+async fn serve_counts_the_workers_its_start_started() {
+    let tmp = tempfile::tempdir().unwrap();
+    let port = |_| {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    };
+    let (api, admin) = (port(()), port(()));
+    let policies = tmp.path().join("policies");
+    std::fs::create_dir_all(&policies).unwrap();
+    let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    std::fs::copy(
+        repo.join("policies/hello.toml"),
+        policies.join("hello.toml"),
+    )
+    .unwrap();
+    let data = tmp.path().join("data");
+    let config = tmp.path().join("bulkhead.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:{api}\"\nadmin_listen = \"127.0.0.1:{admin}\"\n\
+             [storage]\ndata_dir = \"{}\"\n\
+             [modules]\npolicies_dir = \"{}\"\nmodules_dir = \"{}\"\n",
+            data.display(),
+            policies.display(),
+            bulkhead_tests::GUESTS_DIR
+        ),
+    )
+    .unwrap();
+    let mut serve = std::process::Command::new(env!("CARGO_BIN_EXE_bulkhead-under-test"))
+        .arg("serve")
+        .arg("--config")
+        .arg(&config)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let http = reqwest::Client::new();
+    let mut ready = false;
+    for _ in 0..1200 {
+        if let Ok(r) = http
+            .get(format!("http://127.0.0.1:{api}/readyz"))
+            .send()
+            .await
+            && r.status() == StatusCode::OK
+        {
+            ready = true;
+            break;
+        }
+        if let Ok(Some(status)) = serve.try_wait() {
+            panic!("serve exited: {status}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let metrics = async {
+        let token = std::fs::read_to_string(data.join("admin.token")).unwrap();
+        http.get(format!("http://127.0.0.1:{admin}/metrics"))
+            .bearer_auth(token.trim())
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    };
+    let text = if ready { metrics.await } else { String::new() };
+    let _ = serve.kill();
+    let _ = serve.wait();
+    assert!(ready, "serve was not ready");
+    let started: f64 = text
+        .lines()
+        .filter(|l| l.starts_with("bulkhead_worker_starts_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    // The zone's two workers and the one that compiled hello.
+    assert!(started >= 3.0, "{text}");
+}
