@@ -320,6 +320,21 @@ impl MemoryCeiling {
         Some(counter(&text, anon)?.saturating_add(counter(&text, "shmem").unwrap_or(0)))
     }
 
+    /// The most its processes have held together since it was made
+    /// (`memory.peak`; v1's `memory.max_usage_in_bytes`, page cache
+    /// included). `None` when the kernel does not say.
+    pub fn peak(&self) -> Option<u64> {
+        let file = match self.version {
+            Version::V2 => "memory.peak",
+            Version::V1 => "memory.max_usage_in_bytes",
+        };
+        fs::read_to_string(self.dir.join(file))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    }
+
     /// Whether the kernel killed a process of the ceiling for memory.
     pub fn oom_killed(&self) -> bool {
         let file = match self.version {
@@ -503,6 +518,10 @@ mod tests {
         let ok = run_in(&ceiling, "head -c 8M /dev/zero | tail -c 8M >/dev/null");
         assert!(ok, "8 MiB did not fit under a 64 MiB ceiling");
         assert!(!ceiling.oom_killed());
+        // Its peak outlives what was held: the 8 MiB `tail` kept.
+        if let Some(peak) = ceiling.peak() {
+            assert!(peak >= 8 << 20, "peak {peak}");
+        }
         let limit = match ceiling.version() {
             Version::V2 => "memory.max",
             Version::V1 => "memory.limit_in_bytes",

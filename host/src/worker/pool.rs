@@ -94,7 +94,7 @@ const OVERRUN_GRACE: Duration = Duration::from_secs(5);
 const START_ALLOWANCE: Duration = Duration::from_secs(300);
 
 /// The memory ceiling of a worker compiling a module alone in a zone
-/// without one ([`Pool::compile_alone`]), where the host offers cgroups:
+/// without one ([`Pool::load_alone`]), where the host offers cgroups:
 /// a compile past it fails that module's load. Compiling takes memory in
 /// proportion to the size of a module's largest functions, not to the
 /// module's: an attacker's 600 KB module took a worker to 1.1 GB, and one
@@ -238,7 +238,7 @@ pub struct Pool {
     /// How many of its workers are not yet wholly ended ([`Live`]).
     live: Arc<watch::Sender<usize>>,
     /// Turns to compile a module in a worker of its own
-    /// ([`Pool::compile_alone`]): as many at once as the zone has workers.
+    /// ([`Pool::load_alone`]): as many at once as the zone has workers.
     compiles: tokio::sync::Semaphore,
 }
 
@@ -289,9 +289,12 @@ struct State {
     /// since: compiled alone again at the supervisor's next round
     /// ([`Pool::rebuild`]).
     rebuild: std::collections::HashSet<u64>,
-    /// Workers compiling a module alone ([`Pool::compile_alone`]), which
+    /// Workers loading a module alone ([`Pool::load_alone`]), which
     /// [`Pool::close`] ends with the others.
     compilers: Vec<Arc<Worker>>,
+    /// What loading each module took the worker that loaded it alone, at
+    /// its peak ([`Pool::load_cost`]).
+    load_costs: HashMap<u64, u64>,
     /// Workers being started.
     starting: u32,
 }
@@ -365,6 +368,9 @@ struct Worker {
     ceiling: Option<super::cgroup::MemoryCeiling>,
     /// Its place among its pool's workers not yet wholly ended.
     live: Option<Live>,
+    /// Told once it has wholly ended (its process reaped, its directory
+    /// and its cgroup removed), where someone waits for that.
+    gone: Mutex<Option<oneshot::Sender<()>>>,
 }
 
 /// A worker's place among its pool's workers not yet wholly ended
@@ -523,6 +529,9 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 #[derive(Clone, Copy, Debug)]
 struct Wants {
     job: u64,
+    /// Its module: loading it on a worker that has not yet takes memory
+    /// too ([`Pool::load_cost`]).
+    module: u64,
     room: u64,
     memory: u64,
 }
@@ -738,7 +747,7 @@ impl Pool {
     /// also fills the zone's cache for every worker. Returns its id.
     ///
     /// A module the zone's cache has no recorded artifact for is compiled
-    /// by a worker started for that alone ([`Pool::compile_alone`]); one
+    /// by a worker started for that alone ([`Pool::load_alone`]); one
     /// whose artifact is recorded is loaded by a worker of the pool. A
     /// module whose compiled code the cache could not take is refused:
     /// every worker sent one of its jobs would compile it again beside
@@ -779,27 +788,35 @@ impl Pool {
         lock(&self.state)
             .modules
             .insert(module, Arc::clone(&source));
-        let loaded = match self.records.get(&source.digest) {
-            Some(_) => self.load_in_pool(policy, module).await,
-            None => self
-                .compile_alone(module, &policy.module.name.to_string())
+        let loaded = self
+            .load_alone(module, &policy.module.name.to_string())
+            .await
+            .and_then(|info| {
+                if self.records.get(&source.digest).is_some() {
+                    return Ok(info);
+                }
+                Err(LoadError::Compile {
+                    module: policy.module.name.to_string(),
+                    message: format!(
+                        "its compiled code could not be kept in zone `{}`'s cache: it is larger than the {} bytes a module of {} bytes may compile to, or the zone's disk had no room for it; a module is run only from code compiled apart from other jobs",
+                        self.config.zone,
+                        super::disk::hand_over_room(source.wasm.len() as u64),
+                        source.wasm.len()
+                    ),
+                })
+            });
+        // What a worker of the zone takes to load it is measured where it
+        // takes that, from the cache: a compile takes more, and only the
+        // worker that loaded it alone compiles.
+        let loaded = match loaded {
+            Ok(info) if !info.from_cache => self
+                .load_alone(module, &policy.module.name.to_string())
                 .await
-                .and_then(|info| {
-                    if self.records.get(&source.digest).is_some() {
-                        return Ok(info);
-                    }
-                    Err(LoadError::Compile {
-                        module: policy.module.name.to_string(),
-                        message: format!(
-                            "its compiled code could not be kept in zone `{}`'s cache (it may take at most {} bytes, eight times the module's size; or the zone's disk had no room for it: see the service's log), and a module is run only from code compiled apart from other jobs",
-                            self.config.zone,
-                            super::disk::hand_over_room(source.wasm.len() as u64)
-                        ),
-                    })
-                }),
+                .map(|_| info),
+            other => other,
         };
-        // With its compiled code's real size now recorded, it is weighed
-        // again.
+        // With its compiled code's real size and its load's cost now
+        // known, it is weighed again.
         let loaded = loaded.and_then(|info| {
             self.fits_in_memory(policy, &source, Some(module))
                 .map(|()| info)
@@ -811,6 +828,22 @@ impl Pool {
                 Err(e)
             }
         }
+    }
+
+    /// What loading `module` takes a worker of the zone, where it has a
+    /// memory ceiling: the peak of the worker that loaded it alone (the
+    /// wasm received, hashed, parsed, adapted, compiled or its artifact
+    /// read in; more than a worker that loads it from the cache takes),
+    /// else four times its bytes (found by an attacker: a 64 MiB module
+    /// of one custom section, 28 KB of code once compiled, took each
+    /// worker 180 MiB to load beside its jobs, counted as its code alone,
+    /// and ten of them killed a worker with another tenant's job).
+    fn load_cost(&self, st: &State, module: u64) -> u64 {
+        st.load_costs.get(&module).copied().unwrap_or_else(|| {
+            st.modules
+                .get(&module)
+                .map_or(0, |s| (s.wasm.len() as u64).saturating_mul(4))
+        })
     }
 
     /// Whether, where the zone has a memory ceiling, a worker holds what a
@@ -840,9 +873,13 @@ impl Pool {
             source.wasm.len() as u64,
             self.records.get(&source.digest).as_ref(),
         ));
+        // And, once it is loaded, what loading it takes a worker that has
+        // not yet, beside one of its jobs.
+        let load = module.map_or(0, |m| self.load_cost(&lock(&self.state), m));
         let need = super::memory::most(policy)
             .saturating_add(self.room_in_memory(policy))
-            .saturating_add(code);
+            .saturating_add(code)
+            .saturating_add(load);
         if need > memory.budget {
             return Err(LoadError::ExceedsWorkerMemory {
                 module: policy.module.name.to_string(),
@@ -854,46 +891,17 @@ impl Pool {
         Ok(())
     }
 
-    /// Loads registered `module`, whose artifact the zone's cache records,
-    /// in a worker of the pool.
-    async fn load_in_pool(&self, policy: &Policy, module: u64) -> Result<LoadInfo, LoadError> {
-        let fault = |message: String| LoadError::Compile {
-            module: policy.module.name.to_string(),
-            message,
-        };
-        let worker = self
-            .pick(None, crate::runner::Queued::ALONE)
-            .await
-            .map_err(fault)?;
-        let (tx, rx) = oneshot::channel();
-        {
-            let mut st = lock(&worker.state);
-            st.loads.entry(module).or_default().push(tx);
-        }
-        self.send_load(&worker, module, true);
-        match tokio::time::timeout(START_ALLOWANCE, rx).await {
-            Ok(answer) => answer.map_err(|_| fault(worker.fault_reason()))?,
-            Err(_) => {
-                let reason = format!("did not compile in {}s", START_ALLOWANCE.as_secs());
-                self.fault(&worker, "overrun", reason.clone());
-                Err(fault(format!("the worker {reason}")))
-            }
-        }
-    }
-
-    /// Compiles registered `module` (named `name` in errors) in a worker
-    /// started for it and ended after it, which hands the artifact over
-    /// for the zone's cache. No job is ever placed on that worker: what
-    /// the compile takes, up to the worker's memory ceiling and
-    /// [`START_ALLOWANCE`], is no other job's to lose, and a compile past
-    /// the ceiling ends that worker alone (a fault with no jobs). As many
-    /// compile at once as the zone has workers; a turn is waited for
-    /// [`START_ALLOWANCE`] at most.
-    async fn compile_alone(
-        self: &Arc<Self>,
-        module: u64,
-        name: &str,
-    ) -> Result<LoadInfo, LoadError> {
+    /// Loads registered `module` (named `name` in errors) in a worker
+    /// started for it and ended after it: it compiles the module and hands
+    /// the artifact over for the zone's cache, or loads the artifact the
+    /// cache records. No job is ever placed on that worker: what the load
+    /// takes, up to the worker's memory ceiling and [`START_ALLOWANCE`],
+    /// is no other job's to lose, and a load past the ceiling ends that
+    /// worker alone (a fault with no jobs). Its cgroup's peak is what the
+    /// module's load is then counted for in the zone's workers
+    /// ([`Pool::load_cost`]). As many load at once as the zone has
+    /// workers; a turn is waited for [`START_ALLOWANCE`] at most.
+    async fn load_alone(self: &Arc<Self>, module: u64, name: &str) -> Result<LoadInfo, LoadError> {
         let fail = |message: String| LoadError::Compile {
             module: name.to_owned(),
             message,
@@ -948,14 +956,27 @@ impl Pool {
                 Err(fail(format!("the worker {reason}")))
             }
         };
+        // What its cgroup took at most, its base among it: what loading
+        // the module takes a worker, at most.
+        let peak = worker.ceiling.as_ref().and_then(|c| c.peak());
         // Its work is done: it goes, and its end is no fault.
-        lock(&self.state)
-            .compilers
-            .retain(|w| !Arc::ptr_eq(w, &worker));
+        {
+            let mut st = lock(&self.state);
+            st.compilers.retain(|w| !Arc::ptr_eq(w, &worker));
+            if let (Ok(_), Some(peak)) = (&result, peak) {
+                st.load_costs.insert(module, peak);
+            }
+        }
         lock(&worker.state)
             .fault
-            .get_or_insert_with(|| "compiled its module and ended".into());
+            .get_or_insert_with(|| "loaded its module and ended".into());
+        let (gone, ended) = oneshot::channel();
+        *lock(&worker.gone) = Some(gone);
         worker.kill();
+        drop(worker);
+        // Wholly ended before the load is answered: nothing of it (its
+        // process, its directory, its cgroup) outlives the load.
+        let _ = tokio::time::timeout(HELLO_TIMEOUT, ended).await;
         result
     }
 
@@ -1166,15 +1187,25 @@ impl Pool {
                     .collect();
                 free.sort_by_key(|(running, _)| *running);
                 for (_, worker) in free {
+                    // What loading its module takes, beside the job, in a
+                    // worker that has not loaded it: weighed with the job,
+                    // and held as long as it runs.
+                    let mut load = 0;
                     if let (Some(w), Some(memory), Some(memory_turn)) =
                         (wants, &self.memory, &memory_turn)
                     {
                         let files = self.files_in_memory(worker);
                         let held = {
                             let ws = lock(&worker.state);
+                            if !ws.loaded.contains_key(&w.module) {
+                                load = self.load_cost(&st, w.module);
+                            }
                             ws.counted(files).saturating_add(ws.residue)
                         };
-                        let takes = w.memory.saturating_add(room_in_memory(w));
+                        let takes = w
+                            .memory
+                            .saturating_add(room_in_memory(w))
+                            .saturating_add(load);
                         if !memory.fits(held, takes, memory_turn) {
                             continue;
                         }
@@ -1211,8 +1242,9 @@ impl Pool {
                                     (&self.memory, &memory_turn)
                                 {
                                     let tenant = Arc::clone(memory_turn.tenant());
-                                    memory.hold(&tenant, w.memory, true);
-                                    ws.weighed.insert(w.job, (w.memory, tenant));
+                                    let weight = w.memory.saturating_add(load);
+                                    memory.hold(&tenant, weight, true);
+                                    ws.weighed.insert(w.job, (weight, tenant));
                                 }
                                 ws.placed += 1;
                                 ws.started += 1;
@@ -1365,6 +1397,7 @@ impl Pool {
             .map_or(0, |_| super::memory::weight(policy, inputs));
         let wants = Wants {
             job,
+            module,
             room: need,
             memory,
         };
@@ -1813,7 +1846,7 @@ impl Pool {
     }
 
     /// Has each module whose zone cache entry was found gone or rewritten
-    /// compiled again, by a worker of its own ([`Pool::compile_alone`]),
+    /// compiled again, by a worker of its own ([`Pool::load_alone`]),
     /// which puts the entry back: until then the workers it is sent to
     /// compile it themselves.
     fn rebuild(self: &Arc<Self>) {
@@ -1830,7 +1863,7 @@ impl Pool {
             tracing::info!(zone = %self.config.zone, module = %source.digest, "a worker of its own compiles a module whose zone-cache entry was gone or rewritten, for the cache");
             self.gateway.spawn(async move {
                 let name = source.digest.to_string();
-                if let Err(e) = pool.compile_alone(module, &name).await {
+                if let Err(e) = pool.load_alone(module, &name).await {
                     tracing::warn!(zone = %pool.config.zone, module = %source.digest, error = %e, "a module could not be compiled again for the zone's cache; workers compile it until it is");
                 }
             });
@@ -2070,6 +2103,7 @@ impl Pool {
             child: Mutex::new(child),
             ceiling,
             live: Some(live),
+            gone: Mutex::default(),
         });
         // Calls' frames join the worker's one bounded queue; once it has
         // overflowed they are dropped here, as fast as they come.
@@ -2212,6 +2246,7 @@ impl Drop for Worker {
         // Its cgroup is removed once its process has left it, here and not
         // on the dropping thread (a runtime's), which would wait for that.
         let (ceiling, live) = (self.ceiling.take(), self.live.take());
+        let gone = lock(&self.gone).take();
         std::thread::spawn(move || {
             if let Some(child) = child.as_mut() {
                 let _ = child.kill();
@@ -2227,6 +2262,9 @@ impl Drop for Worker {
             }
             drop(ceiling);
             drop(live);
+            if let Some(gone) = gone {
+                let _ = gone.send(());
+            }
         });
     }
 }

@@ -371,3 +371,105 @@ async fn a_link_in_place_of_the_zone_cache_is_never_followed() {
         }
     }
 }
+
+/// `guest` with a custom section of `bytes` bytes appended: as small once
+/// compiled, as large to receive, hash and adapt.
+fn padded(guest: &str, bytes: usize) -> Vec<u8> {
+    let mut wasm = wasm(guest);
+    // Section 0 (custom): its size, then its name's and its data.
+    wasm.push(0);
+    let mut size = 4 + bytes;
+    loop {
+        let low = (size & 0x7f) as u8;
+        size >>= 7;
+        if size == 0 {
+            wasm.push(low);
+            break;
+        }
+        wasm.push(low | 0x80);
+    }
+    wasm.extend_from_slice(&[3, b'p', b'a', b'd']);
+    wasm.resize(wasm.len() + bytes, 0);
+    wasm
+}
+
+/// What loading a module takes a worker is weighed with the first of its
+/// jobs a worker is sent, not only its compiled code (found by an
+/// attacker: 64 MiB modules of one custom section, 28 KB of code once
+/// compiled, each took a worker 180 MiB to receive, hash and adapt beside
+/// another tenant's job, and ten of them killed it). Four such modules,
+/// 24 MiB each, whose jobs fit the one worker's four places together by
+/// their weights but not with their loads beside them: one job of each at
+/// once never has all four running, none fails, and the worker is never
+/// killed.
+#[tokio::test(flavor = "multi_thread")]
+async fn what_loading_a_module_takes_a_worker_is_weighed_with_its_first_job() {
+    use bulkhead::policy::HumanDuration;
+    use bulkhead::runner::Runner as _;
+
+    if bulkhead::worker::cgroup::offered().is_err() {
+        eprintln!("no memory cgroup here: nothing to check");
+        return;
+    }
+    const PAD: usize = 24 << 20;
+    let policy = |name: &str, wasm: &[u8]| {
+        let mut p = crate::common::policy(bulkhead_tests::HOSTILE, name)
+            .args(&["sleep"])
+            .times(HumanDuration::secs(2), HumanDuration::secs(2))
+            .parse();
+        p.module.sha256 = Sha256Hex::digest(wasm);
+        p
+    };
+    // A budget that takes four jobs by their weights and 100 MiB more:
+    // less than the two frames alone (the wasm received, then decoded)
+    // that loading each of two of them takes.
+    let weight = bulkhead::worker::memory::weight(&policy("w", b""), 0);
+    let base = bulkhead::worker::memory::ZoneMemory::base(4);
+    let ceiling = base + 4 * weight + (100 << 20);
+    let tmp = tempfile::tempdir().unwrap();
+    let (runner, faults) =
+        crate::common::workers_within(tmp.path(), "loads", 0, 4, Some(ceiling)).await;
+    let mut modules = Vec::new();
+    for i in 0..4 {
+        let wasm = padded(bulkhead_tests::HOSTILE, PAD + i);
+        let module = runner
+            .load(policy(&format!("pad{i}"), &wasm), bytes::Bytes::from(wasm))
+            .await
+            .unwrap_or_else(|e| panic!("pad{i}: {e}"));
+        modules.push(module);
+    }
+    let pool = &runner.pools()["untrusted"];
+    let spec = JobSpec::new();
+    let jobs = futures::future::join_all(modules.iter().map(|m| runner.run(m, &spec, None)));
+    let most = std::sync::atomic::AtomicUsize::new(0);
+    let watch = async {
+        loop {
+            most.fetch_max(pool.jobs_started(), std::sync::atomic::Ordering::SeqCst);
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    };
+    let reports = tokio::select! {
+        reports = jobs => reports,
+        () = watch => unreachable!(),
+    };
+    for report in reports {
+        let report = report.expect("the job ran").report;
+        assert_eq!(
+            report.limit.map(|l| l.as_str()),
+            Some("wall_time"),
+            "{report:?}"
+        );
+    }
+    let most = most.into_inner();
+    assert!(most >= 1, "no job was seen running");
+    assert!(
+        most < 4,
+        "all four ran at once, each loading its module beside the others"
+    );
+    assert!(
+        faults.lock().unwrap().is_empty(),
+        "{:?}",
+        faults.lock().unwrap()
+    );
+    runner.close();
+}

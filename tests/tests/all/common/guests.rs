@@ -155,6 +155,17 @@ pub async fn workers_watched(
     jobs_per_worker: u32,
     max_concurrent_jobs: u32,
 ) -> (bulkhead::runner::Workers, Faults) {
+    workers_within(tmp, name, jobs_per_worker, max_concurrent_jobs, None).await
+}
+
+/// [`workers_watched`], its worker under memory ceiling `memory`.
+pub async fn workers_within(
+    tmp: &std::path::Path,
+    name: &str,
+    jobs_per_worker: u32,
+    max_concurrent_jobs: u32,
+    memory: Option<u64>,
+) -> (bulkhead::runner::Workers, Faults) {
     let work = tmp.join("work").join(name);
     let mut config = bulkhead::sandbox::SandboxConfig::new(&work);
     config.cache_dir = Some(tmp.join("cache"));
@@ -167,7 +178,7 @@ pub async fn workers_watched(
             workers: 1,
             jobs_per_worker,
             max_concurrent_jobs,
-            memory: None,
+            memory,
             disk: Some(bulkhead::config::ZonePool::default().disk.as_u64()),
             work_dir: work.join("zones/untrusted"),
             work_held: None,
