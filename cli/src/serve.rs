@@ -26,7 +26,21 @@ pub(crate) async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     // taken back by the next start), one arriving later drains it.
     let stop = stop_signals();
     let service = tokio::select! {
-        started = bulkhead::service::Service::start(config, None) => started?,
+        started = bulkhead::service::Service::start(config, None) => match started {
+            Ok(service) => service,
+            Err(e) => {
+                // A start refused (a module, the storage) took the workers
+                // it had started down with it: they are gone, and their
+                // cgroups removed, before the process is (found by an
+                // attacker: a start refused for a module left them).
+                let _ = tokio::time::timeout(
+                    std::time::Duration::from_secs(3),
+                    bulkhead::worker::pool::all_ended(),
+                )
+                .await;
+                return Err(e.into());
+            }
+        },
         () = stop.notified() => {
             eprintln!("stopped while starting");
             // The workers started so far go with the start: their cgroups
