@@ -433,6 +433,10 @@ struct WorkerState {
     /// What the compiled code of the modules sent to it takes of its
     /// memory ([`super::memory::code`]).
     code: u64,
+    /// Modules it was sent while idle, before any job of theirs
+    /// ([`Pool::warm`]), and what loading each takes
+    /// ([`Pool::load_cost`]), until their `Loaded`.
+    warming: HashMap<u64, u64>,
 }
 
 struct Pending {
@@ -466,6 +470,11 @@ impl WorkerState {
         self.weighed()
             .saturating_add(self.code)
             .saturating_add(files)
+            .saturating_add(
+                self.warming
+                    .values()
+                    .fold(0, |total, bytes| total.saturating_add(*bytes)),
+            )
     }
 
     fn running(&self) -> usize {
@@ -822,11 +831,49 @@ impl Pool {
                 .map(|()| info)
         });
         match loaded {
-            Ok(info) => Ok((module, info)),
+            Ok(info) => {
+                self.warm(module).await;
+                Ok((module, info))
+            }
             Err(e) => {
                 lock(&self.state).modules.remove(&module);
                 Err(e)
             }
+        }
+    }
+
+    /// Sends loaded `module` to each of the zone's workers that runs no
+    /// job, where it fits beside what that worker holds, and waits for
+    /// their loads: its jobs then find it loaded (as a service's first
+    /// jobs do, its modules loaded at its start) instead of waiting for
+    /// it. Until its `Loaded`, each such load is counted as held by its
+    /// worker ([`WorkerState::warming`]), so no job placed meanwhile takes
+    /// that memory.
+    async fn warm(&self, module: u64) {
+        let cost = self.load_cost(&lock(&self.state), module);
+        let workers = lock(&self.state).workers.clone();
+        let mut loads = Vec::new();
+        for worker in workers {
+            let (tx, rx) = oneshot::channel();
+            {
+                let mut ws = lock(&worker.state);
+                let fits = self.memory.as_ref().is_none_or(|memory| {
+                    ws.counted(0)
+                        .saturating_add(ws.residue)
+                        .saturating_add(cost)
+                        <= memory.budget
+                });
+                if !ws.idle() || ws.retiring || ws.loaded.contains_key(&module) || !fits {
+                    continue;
+                }
+                ws.warming.insert(module, cost);
+                ws.loads.entry(module).or_default().push(tx);
+            }
+            self.send_load(&worker, module, false);
+            loads.push(rx);
+        }
+        for load in loads {
+            let _ = tokio::time::timeout(START_ALLOWANCE, load).await;
         }
     }
 
@@ -2165,6 +2212,7 @@ impl Pool {
             }
             match message {
                 Up::Loaded { module, result } => {
+                    lock(&worker.state).warming.remove(&module);
                     let take = result
                         .as_ref()
                         .ok()

@@ -398,10 +398,10 @@ fn padded(guest: &str, bytes: usize) -> Vec<u8> {
 /// attacker: 64 MiB modules of one custom section, 28 KB of code once
 /// compiled, each took a worker 180 MiB to receive, hash and adapt beside
 /// another tenant's job, and ten of them killed it). Four such modules,
-/// 24 MiB each, whose jobs fit the one worker's four places together by
-/// their weights but not with their loads beside them: one job of each at
-/// once never has all four running, none fails, and the worker is never
-/// killed.
+/// 24 MiB each, loaded while the one worker runs another job (so none is
+/// loaded there ahead of its jobs), whose jobs fit beside that job by
+/// their weights but not with their loads: one job of each at once never
+/// has all four running, none fails, and the worker is never killed.
 #[tokio::test(flavor = "multi_thread")]
 async fn what_loading_a_module_takes_a_worker_is_weighed_with_its_first_job() {
     use bulkhead::policy::HumanDuration;
@@ -412,34 +412,53 @@ async fn what_loading_a_module_takes_a_worker_is_weighed_with_its_first_job() {
         return;
     }
     const PAD: usize = 24 << 20;
-    let policy = |name: &str, wasm: &[u8]| {
+    let policy = |name: &str, wasm: &[u8], wall: u64| {
         let mut p = crate::common::policy(bulkhead_tests::HOSTILE, name)
             .args(&["sleep"])
-            .times(HumanDuration::secs(2), HumanDuration::secs(2))
+            .times(HumanDuration::secs(wall), HumanDuration::secs(wall))
             .parse();
         p.module.sha256 = Sha256Hex::digest(wasm);
         p
     };
-    // A budget that takes four jobs by their weights and 100 MiB more:
+    // A budget that takes five jobs by their weights and 100 MiB more:
     // less than the two frames alone (the wasm received, then decoded)
     // that loading each of two of them takes.
-    let weight = bulkhead::worker::memory::weight(&policy("w", b""), 0);
-    let base = bulkhead::worker::memory::ZoneMemory::base(4);
-    let ceiling = base + 4 * weight + (100 << 20);
+    let weight = bulkhead::worker::memory::weight(&policy("w", b"", 2), 0);
+    let base = bulkhead::worker::memory::ZoneMemory::base(5);
+    let ceiling = base + 5 * weight + (100 << 20);
     let tmp = tempfile::tempdir().unwrap();
     let (runner, faults) =
-        crate::common::workers_within(tmp.path(), "loads", 0, 4, Some(ceiling)).await;
+        crate::common::workers_within(tmp.path(), "loads", 0, 5, Some(ceiling)).await;
+    let pool = &runner.pools()["untrusted"];
+    let hostile = wasm(bulkhead_tests::HOSTILE);
+    let sleeper = runner
+        .load(policy("sleeper", &hostile, 60), bytes::Bytes::from(hostile))
+        .await
+        .unwrap();
+    let spec = JobSpec::new();
+    let busy = runner.run(&sleeper, &spec, None);
+    tokio::pin!(busy);
+    let started = async {
+        while pool.jobs_started() == 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    };
+    tokio::select! {
+        _ = &mut busy => panic!("the sleeper ended"),
+        () = started => {}
+    }
     let mut modules = Vec::new();
     for i in 0..4 {
         let wasm = padded(bulkhead_tests::HOSTILE, PAD + i);
         let module = runner
-            .load(policy(&format!("pad{i}"), &wasm), bytes::Bytes::from(wasm))
+            .load(
+                policy(&format!("pad{i}"), &wasm, 2),
+                bytes::Bytes::from(wasm),
+            )
             .await
             .unwrap_or_else(|e| panic!("pad{i}: {e}"));
         modules.push(module);
     }
-    let pool = &runner.pools()["untrusted"];
-    let spec = JobSpec::new();
     let jobs = futures::future::join_all(modules.iter().map(|m| runner.run(m, &spec, None)));
     let most = std::sync::atomic::AtomicUsize::new(0);
     let watch = async {
@@ -451,6 +470,7 @@ async fn what_loading_a_module_takes_a_worker_is_weighed_with_its_first_job() {
     let reports = tokio::select! {
         reports = jobs => reports,
         () = watch => unreachable!(),
+        _ = &mut busy => panic!("the sleeper ended"),
     };
     for report in reports {
         let report = report.expect("the job ran").report;
@@ -461,10 +481,11 @@ async fn what_loading_a_module_takes_a_worker_is_weighed_with_its_first_job() {
         );
     }
     let most = most.into_inner();
-    assert!(most >= 1, "no job was seen running");
+    // The sleeper among them.
+    assert!(most >= 2, "no job was seen running beside the sleeper");
     assert!(
-        most < 4,
-        "all four ran at once, each loading its module beside the others"
+        most < 5,
+        "all four ran at once beside the sleeper, each loading its module beside the others"
     );
     assert!(
         faults.lock().unwrap().is_empty(),
