@@ -433,10 +433,11 @@ struct WorkerState {
     /// What the compiled code of the modules sent to it takes of its
     /// memory ([`super::memory::code`]).
     code: u64,
-    /// Modules it was sent while idle, before any job of theirs
-    /// ([`Pool::warm`]), and what loading each takes
-    /// ([`Pool::load_cost`]), until their `Loaded`.
-    warming: HashMap<u64, u64>,
+    /// Modules it is loading, or will load for a job placed on it, and
+    /// what loading each takes ([`Pool::load_cost`]), with how many placed
+    /// jobs that have not been sent yet count on it: held until the
+    /// module's `Loaded` (or until no job that would send it is left).
+    warming: HashMap<u64, (u64, usize)>,
 }
 
 struct Pending {
@@ -473,7 +474,7 @@ impl WorkerState {
             .saturating_add(
                 self.warming
                     .values()
-                    .fold(0, |total, bytes| total.saturating_add(*bytes)),
+                    .fold(0, |total, (bytes, _)| total.saturating_add(*bytes)),
             )
     }
 
@@ -866,7 +867,7 @@ impl Pool {
                 if !ws.idle() || ws.retiring || ws.loaded.contains_key(&module) || !fits {
                     continue;
                 }
-                ws.warming.insert(module, cost);
+                ws.warming.insert(module, (cost, 0));
                 ws.loads.entry(module).or_default().push(tx);
             }
             self.send_load(&worker, module, false);
@@ -1235,8 +1236,8 @@ impl Pool {
                 free.sort_by_key(|(running, _)| *running);
                 for (_, worker) in free {
                     // What loading its module takes, beside the job, in a
-                    // worker that has not loaded it: weighed with the job,
-                    // and held as long as it runs.
+                    // worker that has not been sent it: weighed with the
+                    // job, and held by the worker until the load is done.
                     let mut load = 0;
                     if let (Some(w), Some(memory), Some(memory_turn)) =
                         (wants, &self.memory, &memory_turn)
@@ -1289,9 +1290,17 @@ impl Pool {
                                     (&self.memory, &memory_turn)
                                 {
                                     let tenant = Arc::clone(memory_turn.tenant());
-                                    let weight = w.memory.saturating_add(load);
-                                    memory.hold(&tenant, weight, true);
-                                    ws.weighed.insert(w.job, (weight, tenant));
+                                    memory.hold(&tenant, w.memory, true);
+                                    ws.weighed.insert(w.job, (w.memory, tenant));
+                                    // Its module's load is the worker's
+                                    // until its `Loaded`, however soon the
+                                    // job ends (found by an attacker: held
+                                    // with the job, a cancelled job's load
+                                    // went on uncounted, and loads piled
+                                    // up past the ceiling).
+                                    if load > 0 {
+                                        ws.warming.entry(w.module).or_insert((load, 0)).1 += 1;
+                                    }
                                 }
                                 ws.placed += 1;
                                 ws.started += 1;
@@ -1457,6 +1466,7 @@ impl Pool {
             pool: self,
             worker: &worker,
             job,
+            module,
         };
         let spec = spec.await?;
         let spec: &JobSpec = &spec;
@@ -1487,6 +1497,11 @@ impl Pool {
             worker.calls.register(job, egress, wall_time);
         }
         self.send_load(&worker, module, false);
+        // Sent (by this job or one before it): the load it counted on is
+        // held until its `Loaded`, this job's end aside.
+        if let Some((_, jobs)) = lock(&worker.state).warming.get_mut(&module) {
+            *jobs = jobs.saturating_sub(1);
+        }
         let _ = worker.down.send(Down::Run {
             job,
             module,
@@ -2423,6 +2438,7 @@ struct Placed<'a> {
     pool: &'a Arc<Pool>,
     worker: &'a Arc<Worker>,
     job: u64,
+    module: u64,
 }
 
 impl Drop for Placed<'_> {
@@ -2431,6 +2447,16 @@ impl Drop for Placed<'_> {
             let mut ws = lock(&self.worker.state);
             ws.placed = ws.placed.saturating_sub(1);
             self.pool.unweigh(&mut ws, self.job);
+            // Never sent: the load counted for it will not happen, unless
+            // another job placed here sends it.
+            if !ws.loaded.contains_key(&self.module)
+                && let Some((_, jobs)) = ws.warming.get_mut(&self.module)
+            {
+                *jobs = jobs.saturating_sub(1);
+                if *jobs == 0 {
+                    ws.warming.remove(&self.module);
+                }
+            }
             ws.retiring && ws.idle()
         };
         self.worker.release(self.job);
