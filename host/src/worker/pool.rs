@@ -1078,6 +1078,27 @@ impl Pool {
         drop(ws);
     }
 
+    /// A load `worker` answered with a failure is no longer marked as
+    /// sent to it, nor its code counted: the next job of `module` placed
+    /// there sends it again, counted with what loading it takes (left
+    /// marked, the worker's later jobs of it failed without a load being
+    /// tried, and were counted as needing none).
+    fn forget_load(&self, worker: &Worker, module: u64) {
+        let bytes = lock(&self.state)
+            .modules
+            .get(&module)
+            .map(|source| source.wasm.len() as u64);
+        let mut ws = lock(&worker.state);
+        if let Some(sent) = ws.loaded.remove(&module) {
+            // The module left the pool: its code stays counted, which
+            // over-counts and never under-counts.
+            if let Some(bytes) = bytes {
+                let code = super::memory::code(bytes, sent.as_ref());
+                ws.code = ws.code.saturating_sub(code);
+            }
+        }
+    }
+
     /// Takes what a worker's `Loaded` says about the zone's cache: says so
     /// when the entry it was sent a record for did not match it, removes
     /// the artifact it handed over unless [`recordable`] takes it, and
@@ -1497,10 +1518,19 @@ impl Pool {
             worker.calls.register(job, egress, wall_time);
         }
         self.send_load(&worker, module, false);
-        // Sent (by this job or one before it): the load it counted on is
-        // held until its `Loaded`, this job's end aside.
-        if let Some((_, jobs)) = lock(&worker.state).warming.get_mut(&module) {
-            *jobs = jobs.saturating_sub(1);
+        {
+            // Sent (by this job or one before it): the load it counted on
+            // is held until its `Loaded`, this job's end aside. Not sent
+            // (its module is gone from the pool): no `Loaded` will come,
+            // and nothing is held for it once no placed job counts on it.
+            let mut ws = lock(&worker.state);
+            let sent = ws.loaded.contains_key(&module);
+            if let Some((_, jobs)) = ws.warming.get_mut(&module) {
+                *jobs = jobs.saturating_sub(1);
+                if *jobs == 0 && !sent {
+                    ws.warming.remove(&module);
+                }
+            }
         }
         let _ = worker.down.send(Down::Run {
             job,
@@ -2227,6 +2257,9 @@ impl Pool {
             }
             match message {
                 Up::Loaded { module, result } => {
+                    if result.is_err() {
+                        pool.forget_load(worker, module);
+                    }
                     lock(&worker.state).warming.remove(&module);
                     let take = result
                         .as_ref()
