@@ -67,6 +67,16 @@ pub fn build(config: &SandboxConfig) -> wasmtime::Result<Engine> {
         .max_wasm_stack(config.max_wasm_stack)
         .async_stack_size(config.max_wasm_stack + 1024 * 1024)
         .cranelift_opt_level(OptLevel::Speed)
+        // A module's data is copied into each job's memory as it starts,
+        // where the job's weight counts it, rather than kept in a
+        // copy-on-write image: wasmtime makes that image (a memfd, a second
+        // copy of every data segment, the artifact holding the first) the
+        // first time a module runs in a process, and keeps it as long as
+        // the module, outside any job (found by an attacker: 16 modules of
+        // a 48 MiB data segment each left 768 MiB of images in a worker,
+        // hidden behind a large job's weight, which then took the worker
+        // past its ceiling and another tenant's job with it).
+        .memory_init_cow(false)
         .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
     Engine::new(&c)
 }

@@ -295,6 +295,9 @@ struct State {
     /// What loading each module took the worker that loaded it alone, at
     /// its peak ([`Pool::load_cost`]).
     load_costs: HashMap<u64, u64>,
+    /// What each module, once loaded, kept of the memory of the worker
+    /// that loaded it alone from the cache ([`Pool::code`]).
+    load_kept: HashMap<u64, u64>,
     /// Workers being started.
     starting: u32,
 }
@@ -725,6 +728,23 @@ impl Pool {
             .sum()
     }
 
+    /// What the zone's workers are counted as holding for module loads
+    /// sent to them (or to be sent by a job placed there) and not yet
+    /// answered ([`WorkerState::warming`]).
+    pub fn loads_held(&self) -> u64 {
+        let workers = lock(&self.state).workers.clone();
+        workers
+            .iter()
+            .flat_map(|w| {
+                lock(&w.state)
+                    .warming
+                    .values()
+                    .map(|(bytes, _)| *bytes)
+                    .collect::<Vec<_>>()
+            })
+            .fold(0, u64::saturating_add)
+    }
+
     /// Stops every worker (at shutdown).
     pub fn close(&self) {
         self.closing.store(true, Ordering::SeqCst);
@@ -870,7 +890,7 @@ impl Pool {
                 ws.warming.insert(module, (cost, 0));
                 ws.loads.entry(module).or_default().push(tx);
             }
-            self.send_load(&worker, module, false);
+            self.send_load(&worker, module, false, false);
             loads.push(rx);
         }
         for load in loads {
@@ -894,6 +914,17 @@ impl Pool {
         })
     }
 
+    /// What `module` (`source`, sent with `artifact`) takes of a worker's
+    /// memory once loaded, for as long as the worker keeps it: its code
+    /// as [`super::memory::code`] counts it, or what it kept of the worker
+    /// that loaded it alone from the cache, where that is more (the
+    /// module's types, names and tables as the runtime holds them, which
+    /// its artifact's length need not bound).
+    fn code(st: &State, module: Option<u64>, source: &Source, artifact: Option<&Artifact>) -> u64 {
+        let kept = module.and_then(|m| st.load_kept.get(&m).copied());
+        super::memory::code(source.wasm.len() as u64, artifact).max(kept.unwrap_or(0))
+    }
+
     /// Whether, where the zone has a memory ceiling, a worker holds what a
     /// job of `policy` may take beside the compiled code of every module of
     /// the zone, `source`'s among them (already registered as `module`, or
@@ -912,15 +943,15 @@ impl Pool {
             st.modules
                 .iter()
                 .filter(|(id, _)| Some(**id) != module)
-                .map(|(_, s)| {
-                    super::memory::code(s.wasm.len() as u64, self.records.get(&s.digest).as_ref())
-                })
+                .map(|(id, s)| Self::code(&st, Some(*id), s, self.records.get(&s.digest).as_ref()))
                 .fold(0u64, u64::saturating_add)
-        }
-        .saturating_add(super::memory::code(
-            source.wasm.len() as u64,
-            self.records.get(&source.digest).as_ref(),
-        ));
+                .saturating_add(Self::code(
+                    &st,
+                    module,
+                    source,
+                    self.records.get(&source.digest).as_ref(),
+                ))
+        };
         // And, once it is loaded, what loading it takes a worker that has
         // not yet, beside one of its jobs.
         let load = module.map_or(0, |m| self.load_cost(&lock(&self.state), m));
@@ -991,7 +1022,10 @@ impl Pool {
             .entry(module)
             .or_default()
             .push(tx);
-        self.send_load(&worker, module, true);
+        // What it holds before the load, its base: what it holds once
+        // loaded, beyond that, is what the module keeps of a worker.
+        let before = worker.ceiling.as_ref().and_then(|c| c.used());
+        self.send_load(&worker, module, true, false);
         let result = match tokio::time::timeout(START_ALLOWANCE, rx).await {
             Ok(Ok(result)) => result,
             Ok(Err(_)) => Err(fail(format!(
@@ -1007,12 +1041,20 @@ impl Pool {
         // What its cgroup took at most, its base among it: what loading
         // the module takes a worker, at most.
         let peak = worker.ceiling.as_ref().and_then(|c| c.peak());
+        let kept = before
+            .zip(worker.ceiling.as_ref().and_then(|c| c.used()))
+            .map(|(before, after)| after.saturating_sub(before));
         // Its work is done: it goes, and its end is no fault.
         {
             let mut st = lock(&self.state);
             st.compilers.retain(|w| !Arc::ptr_eq(w, &worker));
-            if let (Ok(_), Some(peak)) = (&result, peak) {
-                st.load_costs.insert(module, peak);
+            if result.is_ok() {
+                if let Some(peak) = peak {
+                    st.load_costs.insert(module, peak);
+                }
+                if let Some(kept) = kept {
+                    st.load_kept.insert(module, kept);
+                }
             }
         }
         lock(&worker.state)
@@ -1034,27 +1076,50 @@ impl Pool {
     /// record, or the cache's entry not the recorded one), it hands the
     /// artifact over, in room the gateway gives it for that
     /// ([`super::disk::hand_over_room`]); otherwise it hands nothing over.
-    fn send_load(&self, worker: &Worker, module: u64, hand_over: bool) {
-        let source = lock(&self.state).modules.get(&module).cloned();
-        let Some(source) = source else { return };
-        if lock(&worker.state).loaded.contains_key(&module) {
-            return;
+    /// With `placed` (a job placed on `worker` is about to be sent), that
+    /// job no longer counts on the load ([`WorkerState::warming`]): sent,
+    /// by it or before, the load is held until its `Loaded`, however soon
+    /// the job ends; not sent (the module is gone from the pool), no
+    /// `Loaded` will come, and nothing is held for it once no placed job
+    /// counts on it.
+    fn send_load(&self, worker: &Worker, module: u64, hand_over: bool, placed: bool) {
+        let counted = |ws: &mut WorkerState, sent: bool| {
+            if !placed {
+                return;
+            }
+            if let Some((_, jobs)) = ws.warming.get_mut(&module) {
+                *jobs = jobs.saturating_sub(1);
+                if *jobs == 0 && !sent {
+                    ws.warming.remove(&module);
+                }
+            }
+        };
+        {
+            let mut ws = lock(&worker.state);
+            if ws.loaded.contains_key(&module) {
+                counted(&mut ws, true);
+                return;
+            }
         }
+        let source = lock(&self.state).modules.get(&module).cloned();
+        let Some(source) = source else {
+            counted(&mut lock(&worker.state), false);
+            return;
+        };
         let artifact = self.records.get(&source.digest);
+        let code = Self::code(&lock(&self.state), Some(module), &source, artifact.as_ref());
         // Marked sent and sent under one hold of the worker's state: a job
         // of the module sent by another task that finds it marked is sent
         // after it (found by an attacker: a run sent between the mark and
         // the load failed as "never loaded").
         let mut ws = lock(&worker.state);
+        counted(&mut ws, true);
         match ws.loaded.entry(module) {
             // Sent meanwhile.
             std::collections::hash_map::Entry::Occupied(_) => return,
             std::collections::hash_map::Entry::Vacant(place) => {
                 place.insert(artifact.clone());
-                ws.code = ws.code.saturating_add(super::memory::code(
-                    source.wasm.len() as u64,
-                    artifact.as_ref(),
-                ));
+                ws.code = ws.code.saturating_add(code);
             }
         }
         let hand_over = hand_over
@@ -1084,19 +1149,21 @@ impl Pool {
     /// marked, the worker's later jobs of it failed without a load being
     /// tried, and were counted as needing none).
     fn forget_load(&self, worker: &Worker, module: u64) {
-        let bytes = lock(&self.state)
-            .modules
-            .get(&module)
-            .map(|source| source.wasm.len() as u64);
-        let mut ws = lock(&worker.state);
-        if let Some(sent) = ws.loaded.remove(&module) {
+        let Some(sent) = lock(&worker.state).loaded.remove(&module) else {
+            return;
+        };
+        // Worked out apart from the worker's state: the pool's is never
+        // taken while a worker's is held.
+        let code = {
+            let st = lock(&self.state);
             // The module left the pool: its code stays counted, which
             // over-counts and never under-counts.
-            if let Some(bytes) = bytes {
-                let code = super::memory::code(bytes, sent.as_ref());
-                ws.code = ws.code.saturating_sub(code);
-            }
-        }
+            st.modules.get(&module).map_or(0, |source| {
+                Self::code(&st, Some(module), source, sent.as_ref())
+            })
+        };
+        let mut ws = lock(&worker.state);
+        ws.code = ws.code.saturating_sub(code);
     }
 
     /// Takes what a worker's `Loaded` says about the zone's cache: says so
@@ -1517,21 +1584,7 @@ impl Pool {
         if let Some(egress) = egress {
             worker.calls.register(job, egress, wall_time);
         }
-        self.send_load(&worker, module, false);
-        {
-            // Sent (by this job or one before it): the load it counted on
-            // is held until its `Loaded`, this job's end aside. Not sent
-            // (its module is gone from the pool): no `Loaded` will come,
-            // and nothing is held for it once no placed job counts on it.
-            let mut ws = lock(&worker.state);
-            let sent = ws.loaded.contains_key(&module);
-            if let Some((_, jobs)) = ws.warming.get_mut(&module) {
-                *jobs = jobs.saturating_sub(1);
-                if *jobs == 0 && !sent {
-                    ws.warming.remove(&module);
-                }
-            }
-        }
+        self.send_load(&worker, module, false, true);
         let _ = worker.down.send(Down::Run {
             job,
             module,

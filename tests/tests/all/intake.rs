@@ -145,48 +145,6 @@ fn the_pin_stays_on_the_uploaded_bytes_and_precheck_takes_a_core_header() {
     }
 }
 
-/// A core module of one function `_start` (or `_initialize`), a memory,
-/// and the given function imports (all `() -> ()`).
-fn core_module(start: &str, imports: &[(&str, &str)], tail: &[u8]) -> Vec<u8> {
-    use wasm_encoder::{
-        CodeSection, EntityType, ExportKind, ExportSection, Function, FunctionSection,
-        ImportSection, Instruction, MemorySection, MemoryType, Module, TypeSection,
-    };
-    let mut module = Module::new();
-    let mut types = TypeSection::new();
-    types.ty().function([], []);
-    module.section(&types);
-    let mut section = ImportSection::new();
-    for (m, n) in imports {
-        section.import(m, n, EntityType::Function(0));
-    }
-    module.section(&section);
-    let mut functions = FunctionSection::new();
-    functions.function(0);
-    module.section(&functions);
-    let mut memories = MemorySection::new();
-    memories.memory(MemoryType {
-        minimum: 1,
-        maximum: None,
-        memory64: false,
-        shared: false,
-        page_size_log2: None,
-    });
-    module.section(&memories);
-    let mut exports = ExportSection::new();
-    exports.export(start, ExportKind::Func, imports.len() as u32);
-    exports.export("memory", ExportKind::Memory, 0);
-    module.section(&exports);
-    let mut code = CodeSection::new();
-    let mut body = Function::new([]);
-    body.instruction(&Instruction::End);
-    code.function(&body);
-    module.section(&code);
-    let mut bytes = module.finish();
-    bytes.extend_from_slice(tail);
-    bytes
-}
-
 fn load_bytes(name: &str, wasm: &[u8]) -> Result<(), LoadError> {
     let mut policy = p1_policy(name).parse();
     policy.module.sha256 = bulkhead::policy::Sha256Hex::digest(wasm);
@@ -196,20 +154,21 @@ fn load_bytes(name: &str, wasm: &[u8]) -> Result<(), LoadError> {
 #[test]
 fn bad_wasip1_modules_get_a_clear_load_error() {
     // The smallest command loads: the shape below is right.
-    load_bytes("tiny", &core_module("_start", &[], &[])).unwrap();
+    load_bytes("tiny", &common::core_module("_start", &[], 1, &[])).unwrap();
 
-    match load_bytes("reactor", &core_module("_initialize", &[], &[])) {
+    match load_bytes("reactor", &common::core_module("_initialize", &[], 1, &[])) {
         Err(LoadError::Adapt { reason, .. }) => {
             assert!(reason.contains("_start"), "{reason}")
         }
         other => panic!("{other:?}"),
     }
-    let lacking = core_module(
+    let lacking = common::core_module(
         "_start",
         &[
             ("wasi_snapshot_preview1", "fd_write"),
             ("wasi_snapshot_preview1", "not_a_wasi_function"),
         ],
+        1,
         &[],
     );
     match load_bytes("lacking", &lacking) {
@@ -225,7 +184,7 @@ fn bad_wasip1_modules_get_a_clear_load_error() {
     }
     match load_bytes(
         "foreign",
-        &core_module("_start", &[("env", "host_secret")], &[]),
+        &common::core_module("_start", &[("env", "host_secret")], 1, &[]),
     ) {
         Err(e @ LoadError::DeniedImports { .. }) => {
             assert!(e.to_string().contains("env::host_secret"), "{e}")
@@ -233,7 +192,10 @@ fn bad_wasip1_modules_get_a_clear_load_error() {
         other => panic!("{other:?}"),
     }
     // Garbage after a valid module: an error, not a panic.
-    match load_bytes("trailing", &core_module("_start", &[], &[0xff, 0xff, 0xff])) {
+    match load_bytes(
+        "trailing",
+        &common::core_module("_start", &[], 1, &[0xff, 0xff, 0xff]),
+    ) {
         Err(LoadError::Adapt { .. }) => {}
         other => panic!("{other:?}"),
     }

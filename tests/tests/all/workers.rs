@@ -290,28 +290,6 @@ async fn a_module_whose_jobs_cannot_fit_a_workers_memory_is_refused() {
     }
 }
 
-/// The memory cgroup file that holds process `pid`'s memory limit:
-/// `memory.max` (v2) or `memory.limit_in_bytes` (v1).
-fn memory_limit_file(pid: u32) -> std::path::PathBuf {
-    let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
-    for line in cgroups.lines() {
-        let mut parts = line.splitn(3, ':');
-        let (_, controllers, path) = (parts.next(), parts.next().unwrap(), parts.next().unwrap());
-        if controllers.split(',').any(|c| c == "memory") {
-            return std::path::PathBuf::from(format!(
-                "/sys/fs/cgroup/memory{path}/memory.limit_in_bytes"
-            ));
-        }
-        if controllers.is_empty() {
-            let v2 = std::path::PathBuf::from(format!("/sys/fs/cgroup{path}/memory.max"));
-            if v2.exists() {
-                return v2;
-            }
-        }
-    }
-    panic!("no memory cgroup for {pid}: {cgroups}");
-}
-
 /// Jobs of one tenant, each within its limits, never take a worker past its
 /// memory ceiling together: five jobs that each hold 195 MiB of the
 /// 200 MiB of linear memory their policy allows, in a one-worker zone
@@ -747,7 +725,7 @@ async fn an_idle_worker_holding_memory_beyond_its_base_is_replaced() {
     let job = submit(&server, &token, "hello", true).await;
     assert_eq!(job["state"], "succeeded", "{job}");
     let pid = workers(&server)[0];
-    let cgroup = memory_limit_file(pid).parent().unwrap().to_owned();
+    let cgroup = common::memory_limit_file(pid).parent().unwrap().to_owned();
     assert_eq!(
         cgroup.file_name().unwrap().to_str().unwrap(),
         format!("untrusted-{pid}"),
@@ -796,14 +774,6 @@ async fn an_idle_worker_holding_memory_beyond_its_base_is_replaced() {
     let job = submit(&server, &token, "hello", true).await;
     assert_eq!(job["state"], "succeeded", "{job}");
     assert!(!workers(&server).contains(&pid));
-}
-
-/// The memory cgroup file `name` beside process `pid`'s limit (v1's
-/// `memory.max_usage_in_bytes`, v2's `memory.peak`, ...).
-fn memory_file(pid: u32, v1: &str, v2: &str) -> std::path::PathBuf {
-    let limit = memory_limit_file(pid);
-    let v1_layout = limit.ends_with("memory.limit_in_bytes");
-    limit.with_file_name(if v1_layout { v1 } else { v2 })
 }
 
 /// The service running only `policy`, two jobs at once, in a one-worker
@@ -859,8 +829,8 @@ async fn a_jobs_report_is_within_what_it_is_counted_for() {
     let weight = bulkhead::worker::memory::weight(&heavy.parse(), 0);
     let server = two_places_beside_a_ceiling(&heavy, ByteSize::gib(1)).await;
     let pid = workers(&server)[0];
-    let usage = memory_file(pid, "memory.usage_in_bytes", "memory.current");
-    let peak = memory_file(pid, "memory.max_usage_in_bytes", "memory.peak");
+    let usage = common::memory_file(pid, "memory.usage_in_bytes", "memory.current");
+    let peak = common::memory_file(pid, "memory.max_usage_in_bytes", "memory.peak");
     let token = server.token("acme", &["hostile:run"]).await;
     // Two first jobs warm the worker's two places (their stacks, their
     // kept pages) and its guest threads' allocator arenas.
@@ -930,8 +900,8 @@ async fn a_host_calls_copied_argument_is_within_what_its_job_is_counted_for() {
     let weight = bulkhead::worker::memory::weight(&pathy.parse(), 0);
     let server = two_places_beside_a_ceiling(&pathy, ByteSize::gib(2)).await;
     let pid = workers(&server)[0];
-    let usage = memory_file(pid, "memory.usage_in_bytes", "memory.current");
-    let peak = memory_file(pid, "memory.max_usage_in_bytes", "memory.peak");
+    let usage = common::memory_file(pid, "memory.usage_in_bytes", "memory.current");
+    let peak = common::memory_file(pid, "memory.max_usage_in_bytes", "memory.peak");
     let before = read_cgroup(&usage);
     if std::fs::write(&peak, "0").is_err() {
         eprintln!(
@@ -1780,7 +1750,7 @@ async fn a_worker_over_its_memory_ceiling_is_a_named_fault() {
         return;
     }
     let pid = workers(&server)[0];
-    std::fs::write(memory_limit_file(pid), (128u64 << 20).to_string()).unwrap();
+    std::fs::write(common::memory_limit_file(pid), (128u64 << 20).to_string()).unwrap();
     let token = server.token("acme", &["hostile:run", "hello:run"]).await;
     let job = submit(&server, &token, "hostile", true).await;
     let job = if job["state"] == "running" || job["state"] == "queued" {

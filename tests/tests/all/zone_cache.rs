@@ -374,6 +374,40 @@ async fn a_link_in_place_of_the_zone_cache_is_never_followed() {
 
 /// `guest` with a custom section of `bytes` bytes appended: as small once
 /// compiled, as large to receive, hash and adapt.
+/// A policy named `name` for `wasm`, run with `args`, with `wall` seconds
+/// of CPU and of wall time.
+fn policy_for(name: &str, wasm: &[u8], args: &[&str], wall: u64) -> bulkhead::policy::Policy {
+    use bulkhead::policy::HumanDuration;
+    let mut p = crate::common::policy(bulkhead_tests::HOSTILE, name)
+        .args(args)
+        .times(HumanDuration::secs(wall), HumanDuration::secs(wall))
+        .parse();
+    p.module.sha256 = Sha256Hex::digest(wasm);
+    p
+}
+
+/// `sleeper`'s job on the pool's one worker, once its guest has started:
+/// the worker is then busy, so no module is loaded there ahead of its jobs,
+/// and it is not replaced for what it holds while idle.
+async fn started<'a>(
+    runner: &'a Workers,
+    sleeper: &'a Module,
+    spec: &'a JobSpec,
+) -> std::pin::Pin<Box<impl std::future::Future<Output = impl std::fmt::Debug> + 'a>> {
+    let pool = &runner.pools()["untrusted"];
+    let mut busy = Box::pin(runner.run(sleeper, spec, None));
+    let started = async {
+        while pool.jobs_started() == 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    };
+    tokio::select! {
+        _ = &mut busy => panic!("the sleeper ended"),
+        () = started => {}
+    }
+    busy
+}
+
 fn padded(guest: &str, bytes: usize) -> Vec<u8> {
     let mut wasm = wasm(guest);
     // Section 0 (custom): its size, then its name's and its data.
@@ -404,7 +438,6 @@ fn padded(guest: &str, bytes: usize) -> Vec<u8> {
 /// has all four running, none fails, and the worker is never killed.
 #[tokio::test(flavor = "multi_thread")]
 async fn what_loading_a_module_takes_a_worker_is_weighed_with_its_first_job() {
-    use bulkhead::policy::HumanDuration;
     use bulkhead::runner::Runner as _;
 
     if bulkhead::worker::cgroup::offered().is_err() {
@@ -412,14 +445,7 @@ async fn what_loading_a_module_takes_a_worker_is_weighed_with_its_first_job() {
         return;
     }
     const PAD: usize = 24 << 20;
-    let policy = |name: &str, wasm: &[u8], wall: u64| {
-        let mut p = crate::common::policy(bulkhead_tests::HOSTILE, name)
-            .args(&["sleep"])
-            .times(HumanDuration::secs(wall), HumanDuration::secs(wall))
-            .parse();
-        p.module.sha256 = Sha256Hex::digest(wasm);
-        p
-    };
+    let policy = |name: &str, wasm: &[u8], wall: u64| policy_for(name, wasm, &["sleep"], wall);
     // A budget that takes five jobs by their weights and 100 MiB more:
     // less than the two frames alone (the wasm received, then decoded)
     // that loading each of two of them takes.
@@ -436,17 +462,7 @@ async fn what_loading_a_module_takes_a_worker_is_weighed_with_its_first_job() {
         .await
         .unwrap();
     let spec = JobSpec::new();
-    let busy = runner.run(&sleeper, &spec, None);
-    tokio::pin!(busy);
-    let started = async {
-        while pool.jobs_started() == 0 {
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        }
-    };
-    tokio::select! {
-        _ = &mut busy => panic!("the sleeper ended"),
-        () = started => {}
-    }
+    let mut busy = started(&runner, &sleeper, &spec).await;
     let mut modules = Vec::new();
     for i in 0..4 {
         let wasm = padded(bulkhead_tests::HOSTILE, PAD + i);
@@ -486,6 +502,189 @@ async fn what_loading_a_module_takes_a_worker_is_weighed_with_its_first_job() {
     assert!(
         most < 5,
         "all four ran at once beside the sleeper, each loading its module beside the others"
+    );
+    assert!(
+        faults.lock().unwrap().is_empty(),
+        "{:?}",
+        faults.lock().unwrap()
+    );
+    runner.close();
+}
+
+/// A job's module load is held by its worker until the worker's `Loaded`,
+/// however soon the job ends (found by an attacker: held with the job, a
+/// job cancelled during its module's load gave the load's weight back
+/// while the worker went on loading, and cancelled first-load jobs piled
+/// loads up past the ceiling and killed another tenant's job). A padded
+/// module's first job, on a worker busy with another job (so nothing is
+/// loaded there ahead of it), is cancelled once its load is sent: the load
+/// stays held, and goes once the worker has answered it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_load_is_held_by_its_worker_until_answered_when_its_job_is_cancelled() {
+    use std::time::{Duration, Instant};
+
+    if bulkhead::worker::cgroup::offered().is_err() {
+        eprintln!("no memory cgroup here: nothing to check");
+        return;
+    }
+    let policy = |name: &str, wasm: &[u8], wall: u64| policy_for(name, wasm, &["sleep"], wall);
+    let tmp = tempfile::tempdir().unwrap();
+    let (runner, faults) =
+        crate::common::workers_within(tmp.path(), "held", 0, 4, Some(2 << 30)).await;
+    let pool = &runner.pools()["untrusted"];
+    let hostile = wasm(bulkhead_tests::HOSTILE);
+    let sleeper = runner
+        .load(policy("sleeper", &hostile, 60), bytes::Bytes::from(hostile))
+        .await
+        .unwrap();
+    let spec = JobSpec::new();
+    let mut busy = started(&runner, &sleeper, &spec).await;
+    let wasm = padded(bulkhead_tests::HOSTILE, 40 << 20);
+    let module = runner
+        .load(policy("pad", &wasm, 2), bytes::Bytes::from(wasm))
+        .await
+        .unwrap();
+    assert_eq!(pool.loads_held(), 0, "a load held with no job of it placed");
+    // Polled here, so between two looks it waits for its report: its
+    // `Load` and `Run` are sent.
+    let mut job = Box::pin(runner.run(&module, &spec, None));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let held = loop {
+        tokio::select! {
+            _ = &mut job => panic!("the job ended before its load was seen held"),
+            _ = &mut busy => panic!("the sleeper ended"),
+            () = tokio::time::sleep(Duration::from_millis(1)) => {}
+        }
+        let held = pool.loads_held();
+        if held > 0 {
+            break held;
+        }
+        assert!(Instant::now() < deadline, "no load was ever held");
+    };
+    drop(job);
+    assert_eq!(
+        pool.loads_held(),
+        held,
+        "the load was given back with its cancelled job while the worker loaded it"
+    );
+    // And it is given back once the worker has answered it.
+    while pool.loads_held() > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the load is still held long after its worker answered"
+        );
+        tokio::select! {
+            _ = &mut busy => panic!("the sleeper ended"),
+            () = tokio::time::sleep(Duration::from_millis(20)) => {}
+        }
+    }
+    assert!(
+        faults.lock().unwrap().is_empty(),
+        "{:?}",
+        faults.lock().unwrap()
+    );
+    runner.close();
+}
+
+/// A core module (a WASIp1 command) whose `_start` returns at once, with a
+/// memory holding `data` bytes of `0x5A` from a data segment, made distinct
+/// by `variant` (a custom section).
+fn data_module(data: usize, variant: u32) -> Vec<u8> {
+    use wasm_encoder::{ConstExpr, CustomSection, DataSection, Section};
+    let mut segments = DataSection::new();
+    segments.active(0, &ConstExpr::i32_const(0), vec![0x5A; data]);
+    let variant = variant.to_le_bytes();
+    let custom = CustomSection {
+        name: "variant".into(),
+        data: variant.as_slice().into(),
+    };
+    let mut tail = Vec::new();
+    for section in [&segments as &dyn Section, &custom] {
+        tail.push(section.id());
+        section.encode(&mut tail);
+    }
+    crate::common::core_module("_start", &[], data.div_ceil(1 << 16) as u64, &tail)
+}
+
+/// What a module's data takes a worker is its jobs' alone: nothing of it
+/// stays in the worker once they end (found by an attacker: wasmtime kept
+/// a copy-on-write image of each module's data, made the first time the
+/// module ran in the worker, for as long as the worker kept the module,
+/// counted nowhere; 16 modules of a 48 MiB data segment left 768 MiB in a
+/// worker behind a large job's weight, which then took it past its
+/// ceiling and another tenant's job with it). Four such modules of 24 MiB
+/// are loaded into an idle worker, which then runs a sleeper (so it is
+/// not replaced for what it holds); one job of each runs after the other,
+/// and the worker's cgroup holds less than one module's data more than
+/// before them.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_modules_data_is_left_in_no_worker_once_its_jobs_end() {
+    use bulkhead::policy::ByteSize;
+
+    if bulkhead::worker::cgroup::offered().is_err() {
+        eprintln!("no memory cgroup here: nothing to check");
+        return;
+    }
+    const DATA: usize = 24 << 20;
+    let policy = |name: &str, wasm: &[u8], args: &[&str], wall: u64| {
+        let mut p = policy_for(name, wasm, args, wall);
+        p.limits.memory = ByteSize::mib(32);
+        p
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let (runner, faults) =
+        crate::common::workers_within(tmp.path(), "data", 0, 2, Some(2 << 30)).await;
+    let pool = &runner.pools()["untrusted"];
+    let mut modules = Vec::new();
+    for i in 0..4 {
+        let wasm = data_module(DATA, i);
+        let module = runner
+            .load(
+                policy(&format!("data{i}"), &wasm, &[], 30),
+                bytes::Bytes::from(wasm),
+            )
+            .await
+            .unwrap_or_else(|e| panic!("data{i}: {e}"));
+        modules.push(module);
+    }
+    let hostile = wasm(bulkhead_tests::HOSTILE);
+    let sleeper = runner
+        .load(
+            policy("sleeper", &hostile, &["sleep"], 60),
+            bytes::Bytes::from(hostile),
+        )
+        .await
+        .unwrap();
+    let spec = JobSpec::new();
+    let mut busy = started(&runner, &sleeper, &spec).await;
+    let pids = pool.pids();
+    assert_eq!(pids.len(), 1, "{pids:?}");
+    let usage = crate::common::memory_file(pids[0], "memory.usage_in_bytes", "memory.current");
+    let used = || -> u64 {
+        std::fs::read_to_string(&usage)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    let before = used();
+    for (i, module) in modules.iter().enumerate() {
+        let report = tokio::select! {
+            report = runner.run(module, &spec, None) => report,
+            _ = &mut busy => panic!("the sleeper ended"),
+        };
+        let report = report.unwrap_or_else(|e| panic!("data{i}: {e}")).report;
+        assert!(
+            matches!(report.outcome, bulkhead::job::Outcome::Succeeded),
+            "data{i}: {report:?}"
+        );
+    }
+    let after = used();
+    assert_eq!(pool.pids(), pids, "the worker was replaced");
+    assert!(
+        after < before + DATA as u64,
+        "the worker holds {} MiB more after the four jobs than before them",
+        (after.saturating_sub(before)) >> 20
     );
     assert!(
         faults.lock().unwrap().is_empty(),

@@ -223,3 +223,76 @@ pub async fn load_policy_in_workers(
         .await
         .unwrap_or_else(|e| panic!("{name}: {e}"))
 }
+
+/// The memory cgroup file that holds process `pid`'s memory limit:
+/// `memory.max` (v2) or `memory.limit_in_bytes` (v1).
+pub fn memory_limit_file(pid: u32) -> std::path::PathBuf {
+    let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    for line in cgroups.lines() {
+        let mut parts = line.splitn(3, ':');
+        let (_, controllers, path) = (parts.next(), parts.next().unwrap(), parts.next().unwrap());
+        if controllers.split(',').any(|c| c == "memory") {
+            return std::path::PathBuf::from(format!(
+                "/sys/fs/cgroup/memory{path}/memory.limit_in_bytes"
+            ));
+        }
+        if controllers.is_empty() {
+            let v2 = std::path::PathBuf::from(format!("/sys/fs/cgroup{path}/memory.max"));
+            if v2.exists() {
+                return v2;
+            }
+        }
+    }
+    panic!("no memory cgroup for {pid}: {cgroups}");
+}
+
+/// The memory cgroup file `name` beside process `pid`'s limit (v1's
+/// `memory.max_usage_in_bytes`, v2's `memory.peak`, ...).
+pub fn memory_file(pid: u32, v1: &str, v2: &str) -> std::path::PathBuf {
+    let limit = memory_limit_file(pid);
+    let v1_layout = limit.ends_with("memory.limit_in_bytes");
+    limit.with_file_name(if v1_layout { v1 } else { v2 })
+}
+
+/// A core module of one function `_start` (or `_initialize`), a memory of
+/// `pages` pages, and the given function imports (all `() -> ()`); `tail`
+/// (sections after the code) is appended.
+pub fn core_module(start: &str, imports: &[(&str, &str)], pages: u64, tail: &[u8]) -> Vec<u8> {
+    use wasm_encoder::{
+        CodeSection, EntityType, ExportKind, ExportSection, Function, FunctionSection,
+        ImportSection, Instruction, MemorySection, MemoryType, Module, TypeSection,
+    };
+    let mut module = Module::new();
+    let mut types = TypeSection::new();
+    types.ty().function([], []);
+    module.section(&types);
+    let mut section = ImportSection::new();
+    for (m, n) in imports {
+        section.import(m, n, EntityType::Function(0));
+    }
+    module.section(&section);
+    let mut functions = FunctionSection::new();
+    functions.function(0);
+    module.section(&functions);
+    let mut memories = MemorySection::new();
+    memories.memory(MemoryType {
+        minimum: pages,
+        maximum: None,
+        memory64: false,
+        shared: false,
+        page_size_log2: None,
+    });
+    module.section(&memories);
+    let mut exports = ExportSection::new();
+    exports.export(start, ExportKind::Func, imports.len() as u32);
+    exports.export("memory", ExportKind::Memory, 0);
+    module.section(&exports);
+    let mut code = CodeSection::new();
+    let mut body = Function::new([]);
+    body.instruction(&Instruction::End);
+    code.function(&body);
+    module.section(&code);
+    let mut bytes = module.finish();
+    bytes.extend_from_slice(tail);
+    bytes
+}
