@@ -53,12 +53,28 @@ pub(crate) async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::SUCCESS);
         }
     };
+    let bound = async {
+        let listeners = bulkhead::serve::Listeners::bind(public_addr, admin_addr).await?;
+        // Print the bound addresses: a config may ask for port 0.
+        let addrs = listeners.local_addrs()?;
+        anyhow::Ok((listeners, addrs))
+    };
+    let (listeners, (public_addr, admin_addr)) = match bound.await {
+        Ok(bound) => bound,
+        Err(e) => {
+            // A start refused for its listeners (an address taken) takes
+            // the workers it started down with it, as a refused module
+            // does: they are gone, and their cgroups removed, before the
+            // process is (found by an attacker: an admin port taken left
+            // both workers of the zone, their cgroups charged, until the
+            // next start).
+            service.shutdown().await;
+            return Err(e);
+        }
+    };
     // The data directory stays locked until the process is gone, past the
     // drain and the last audit entries: the kernel closes it at exit.
     std::mem::forget(service.take_locks());
-    let listeners = bulkhead::serve::Listeners::bind(public_addr, admin_addr).await?;
-    // Print the bound addresses: a config may ask for port 0.
-    let (public_addr, admin_addr) = listeners.local_addrs()?;
     println!(
         "bulkhead serving http://{public_addr} (admin http://{admin_addr}, data {})",
         data_dir.display()

@@ -2082,6 +2082,114 @@ async fn fifo_race(op: &str) {
     }
 }
 
+/// A port free on loopback a moment ago.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A config for the real `bulkhead serve` in `tmp`, on loopback ports
+/// `api` and `admin`, serving the repository's `hello`, with `more`
+/// appended: its path, and its data directory's.
+fn serve_config(
+    tmp: &std::path::Path,
+    api: u16,
+    admin: u16,
+    more: &str,
+) -> (std::path::PathBuf, std::path::PathBuf) {
+    let policies = tmp.join("policies");
+    std::fs::create_dir_all(&policies).unwrap();
+    let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    std::fs::copy(
+        repo.join("policies/hello.toml"),
+        policies.join("hello.toml"),
+    )
+    .unwrap();
+    let data = tmp.join("data");
+    let config = tmp.join("bulkhead.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:{api}\"\nadmin_listen = \"127.0.0.1:{admin}\"\n\
+             [storage]\ndata_dir = \"{}\"\n\
+             [modules]\npolicies_dir = \"{}\"\nmodules_dir = \"{}\"\n{more}",
+            data.display(),
+            policies.display(),
+            bulkhead_tests::GUESTS_DIR
+        ),
+    )
+    .unwrap();
+    (config, data)
+}
+
+/// A start refused for its listeners (the admin address taken) takes the
+/// workers it started down with it: once `bulkhead serve` has exited, none
+/// of the processes it started is left, not even unreaped, and none of
+/// their memory cgroups (found by an attacker: both workers of the zone
+/// were left as zombies, their cgroups still charged, until the next
+/// start).
+#[tokio::test(flavor = "multi_thread")]
+async fn serve_refused_for_a_taken_address_leaves_no_worker() {
+    let tmp = tempfile::tempdir().unwrap();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let admin = taken.local_addr().unwrap().port();
+    let cgroups = bulkhead::worker::cgroup::offered().is_ok();
+    let zone = if cgroups {
+        "[zones.untrusted]\nmemory = \"1 GiB\"\n"
+    } else {
+        ""
+    };
+    let (config, _) = serve_config(tmp.path(), free_port(), admin, zone);
+    let mut serve = std::process::Command::new(env!("CARGO_BIN_EXE_bulkhead-under-test"))
+        .arg("serve")
+        .arg("--config")
+        .arg(&config)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Its children, as seen while it starts.
+    let mut started = std::collections::BTreeSet::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(300);
+    let status = loop {
+        if let Some(status) = serve.try_wait().unwrap() {
+            break status;
+        }
+        assert!(std::time::Instant::now() < deadline, "serve never exited");
+        if let Ok(tasks) = std::fs::read_dir(format!("/proc/{}/task", serve.id())) {
+            for task in tasks.flatten() {
+                let children =
+                    std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
+                started.extend(children.split_whitespace().map(str::to_owned));
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    drop(taken);
+    assert!(!status.success(), "serve started with its admin address taken");
+    assert!(!started.is_empty(), "no worker was seen starting");
+    let own = cgroups.then(|| {
+        crate::common::memory_limit_file(std::process::id())
+            .parent()
+            .unwrap()
+            .to_owned()
+    });
+    for pid in &started {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        assert!(
+            stat.is_empty(),
+            "worker {pid} outlived its refused start: {stat}"
+        );
+        if let Some(own) = &own {
+            let cgroup = own.join(format!("untrusted-{pid}"));
+            assert!(!cgroup.exists(), "{} was left", cgroup.display());
+        }
+    }
+}
+
 /// `bulkhead serve` counts what its own start does: the metrics recorder
 /// is there before the first worker starts, so the zone's workers (and the
 /// one that compiles its module) are in `bulkhead_worker_starts_total`
@@ -2090,36 +2198,8 @@ async fn fifo_race(op: &str) {
 #[tokio::test(flavor = "multi_thread")]
 async fn serve_counts_the_workers_its_start_started() {
     let tmp = tempfile::tempdir().unwrap();
-    let port = |_| {
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port()
-    };
-    let (api, admin) = (port(()), port(()));
-    let policies = tmp.path().join("policies");
-    std::fs::create_dir_all(&policies).unwrap();
-    let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    std::fs::copy(
-        repo.join("policies/hello.toml"),
-        policies.join("hello.toml"),
-    )
-    .unwrap();
-    let data = tmp.path().join("data");
-    let config = tmp.path().join("bulkhead.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[server]\nlisten = \"127.0.0.1:{api}\"\nadmin_listen = \"127.0.0.1:{admin}\"\n\
-             [storage]\ndata_dir = \"{}\"\n\
-             [modules]\npolicies_dir = \"{}\"\nmodules_dir = \"{}\"\n",
-            data.display(),
-            policies.display(),
-            bulkhead_tests::GUESTS_DIR
-        ),
-    )
-    .unwrap();
+    let (api, admin) = (free_port(), free_port());
+    let (config, data) = serve_config(tmp.path(), api, admin, "");
     let mut serve = std::process::Command::new(env!("CARGO_BIN_EXE_bulkhead-under-test"))
         .arg("serve")
         .arg("--config")
