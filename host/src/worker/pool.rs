@@ -34,7 +34,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::Child;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
@@ -207,7 +207,10 @@ pub struct Pool {
     state: Mutex<State>,
     /// A worker took a job off, started, retired or failed: for jobs
     /// waiting for a place.
-    changed: Notify,
+    changed: Arc<Notify>,
+    /// Workers killed after running a job whose processes are not yet
+    /// reaped: each holds a place until it is ([`Pool::put_down`]).
+    dying: Arc<AtomicUsize>,
     /// The pool lost strength (a worker retiring or failed): for the
     /// supervisor, which a job's end alone does not wake.
     weakened: Arc<Notify>,
@@ -497,6 +500,10 @@ impl WorkerState {
     }
 }
 
+/// What a worker keeps of a module once the module has trapped there, in
+/// its code's size ([`Pool::code`]): measured at about one.
+const TRAPPED: u64 = 2;
+
 /// `<cache_dir>.records`: where the gateway keeps its record of a zone's
 /// good artifacts, beside the zone's cache (under the gateway's own
 /// directory) and outside every directory a worker is handed.
@@ -648,7 +655,8 @@ impl Pool {
         let pool = Arc::new(Self {
             config,
             state: Mutex::default(),
-            changed: Notify::new(),
+            changed: Arc::default(),
+            dying: Arc::default(),
             weakened: Arc::default(),
             ids: AtomicU64::new(1),
             closing: AtomicBool::new(false),
@@ -919,10 +927,17 @@ impl Pool {
     /// as [`super::memory::code`] counts it, or what it kept of the worker
     /// that loaded it alone from the cache, where that is more (the
     /// module's types, names and tables as the runtime holds them, which
-    /// its artifact's length need not bound).
+    /// its artifact's length need not bound); and twice its code again
+    /// for what a worker keeps of a module once it has trapped there,
+    /// which no load shows (found by an attacker: about the module's
+    /// compiled size, the first time each module trapped, kept for the
+    /// worker's life;
+    /// `zone_cache::a_modules_first_trap_is_within_what_its_code_is_counted_for`).
     fn code(st: &State, module: Option<u64>, source: &Source, artifact: Option<&Artifact>) -> u64 {
         let kept = module.and_then(|m| st.load_kept.get(&m).copied());
-        super::memory::code(source.wasm.len() as u64, artifact).max(kept.unwrap_or(0))
+        let code = super::memory::code(source.wasm.len() as u64, artifact);
+        code.max(kept.unwrap_or(0))
+            .saturating_add(code.saturating_mul(TRAPPED))
     }
 
     /// Whether, where the zone has a memory ceiling, a worker holds what a
@@ -1307,7 +1322,8 @@ impl Pool {
                         let ws = lock(&w.state);
                         if ws.fault.is_none() { ws.running() } else { 0 }
                     })
-                    .sum();
+                    .sum::<usize>()
+                    + self.dying.load(Ordering::SeqCst);
                 let places = self.places();
                 let mut free: Vec<(usize, &Arc<Worker>)> = st
                     .workers
@@ -1731,7 +1747,27 @@ impl Pool {
         // goes with the directory. Left to exit on its own, retired
         // workers lived on as fast as jobs retired them (found by an
         // attacker: 22–28 processes of a one-worker zone replaced per job).
-        worker.kill();
+        self.put_down(worker);
+    }
+
+    /// Kills `worker`, which has left the pool's list: one that ran a job
+    /// holds a place of the zone until its process is reaped. A killed
+    /// process takes a while to end (tens of milliseconds here, its
+    /// memory still charged, its job's directories still there), and
+    /// counted only until the kill, a zone replacing its workers per job
+    /// had more live workers with a job's guest in them than places
+    /// (found by an attacker: three in a two-place zone, under cancels).
+    fn put_down(&self, worker: &Worker) {
+        if lock(&worker.state).started == 0 {
+            worker.kill();
+            return;
+        }
+        self.dying.fetch_add(1, Ordering::SeqCst);
+        let (dying, changed) = (Arc::clone(&self.dying), Arc::clone(&self.changed));
+        worker.kill_then(move || {
+            dying.fetch_sub(1, Ordering::SeqCst);
+            changed.notify_waiters();
+        });
     }
 
     /// Kills `worker` for `reason`, fails its jobs, reports the fault.
@@ -1751,7 +1787,7 @@ impl Pool {
         lock(&self.state)
             .workers
             .retain(|w| !Arc::ptr_eq(w, worker));
-        worker.kill();
+        self.put_down(worker);
         if self.closing.load(Ordering::SeqCst) {
             // Stopped with the service, not a fault.
             return;
@@ -2433,6 +2469,12 @@ impl Worker {
     }
 
     fn kill(&self) {
+        self.kill_then(|| {});
+    }
+
+    /// [`Worker::kill`], then `reaped` once its process is reaped (at
+    /// once where it was already).
+    fn kill_then(&self, reaped: impl FnOnce() + Send + 'static) {
         // Its channel is shut both ways: a write waiting for room in it
         // fails, so nothing of the gateway's (the drain, the frames it
         // holds, the socket) waits on a process that is gone (found by an
@@ -2446,7 +2488,10 @@ impl Worker {
             // Reaped off the async threads.
             std::thread::spawn(move || {
                 let _ = child.wait();
+                reaped();
             });
+        } else {
+            reaped();
         }
     }
 

@@ -2169,7 +2169,10 @@ async fn serve_refused_for_a_taken_address_leaves_no_worker() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     };
     drop(taken);
-    assert!(!status.success(), "serve started with its admin address taken");
+    assert!(
+        !status.success(),
+        "serve started with its admin address taken"
+    );
     assert!(!started.is_empty(), "no worker was seen starting");
     let own = cgroups.then(|| {
         crate::common::memory_limit_file(std::process::id())

@@ -1672,6 +1672,83 @@ async fn workers_replaced_per_job_run_no_more_guests_than_the_zones_places() {
     );
 }
 
+/// A worker killed with a job's guest in it holds that job's place until
+/// its process is gone, not only until the kill: a killed process takes a
+/// while to end, its guest's memory and its job's directories still there
+/// (found by an attacker: under cancels, a two-place zone replacing its
+/// workers per job had three live workers with a job's guest in them).
+/// Two guests holding 256 MiB each fill a one-worker zone's two places
+/// (its workers replaced per job), a third job waits; one of the two is
+/// cancelled, five times over: never more than two live processes with a
+/// job's directories in them.
+#[tokio::test(flavor = "multi_thread")]
+async fn workers_killed_with_a_guest_hold_its_place_until_they_are_gone() {
+    use bulkhead::policy::{ByteSize, HumanDuration};
+    use bulkhead::runner::Runner;
+
+    let tmp = tempfile::tempdir().unwrap();
+    let runner = std::sync::Arc::new(crate::common::workers(tmp.path(), "w", 1).await);
+    let holder = std::sync::Arc::new(
+        crate::common::load_policy_in_workers(
+            &runner,
+            bulkhead_tests::HOSTILE,
+            crate::common::policy(bulkhead_tests::HOSTILE, "holder")
+                .times(HumanDuration::secs(30), HumanDuration::secs(30))
+                .limits(|l| l.memory = ByteSize::mib(320))
+                .args(&["memory-held", "--mib=256"]),
+        )
+        .await,
+    );
+    let start = || {
+        let (runner, holder) = (
+            std::sync::Arc::clone(&runner),
+            std::sync::Arc::clone(&holder),
+        );
+        tokio::spawn(async move {
+            let _ = runner
+                .run(&holder, &bulkhead::sandbox::JobSpec::new(), None)
+                .await;
+        })
+    };
+    // Live processes of the zone with a job's directories in them, as
+    // seen through their own directories.
+    let seen = std::sync::Mutex::new(std::collections::BTreeSet::new());
+    let guests = || {
+        let mut seen = seen.lock().unwrap();
+        seen.extend(runner.pools()["untrusted"].pids());
+        seen.iter()
+            .filter(|&&pid| process_state(pid).is_some_and(|s| s != 'Z'))
+            .filter(|&&pid| {
+                std::fs::read_dir(format!("/proc/{pid}/cwd"))
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                    .any(|e| e.file_name().to_string_lossy().starts_with('j'))
+            })
+            .count()
+    };
+    let mut jobs = std::collections::VecDeque::from([start(), start()]);
+    let mut most = 0;
+    for _ in 0..5 {
+        // Both places taken, their guests' memory held.
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        jobs.push_back(start());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        jobs.pop_front().unwrap().abort();
+        for _ in 0..300 {
+            most = most.max(guests());
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+    for job in jobs {
+        job.abort();
+    }
+    assert!(
+        most <= 2,
+        "{most} live workers with a job's guest in them for 2 places"
+    );
+}
+
 /// A job's place in a worker is its own from the moment it is given,
 /// while its inputs are still being read (`Runner::run_loaded`): with a
 /// fresh process per job, a second job picked meanwhile goes to another

@@ -619,13 +619,56 @@ fn data_module(data: usize, variant: u32) -> Vec<u8> {
 /// before them.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_modules_data_is_left_in_no_worker_once_its_jobs_end() {
+    const DATA: usize = 24 << 20;
+    let modules = (0..4).map(|i| (data_module(DATA, i), &[][..]));
+    let Some((grown, _)) = grown_by_one_job_each(modules.collect(), true).await else {
+        return;
+    };
+    assert!(
+        grown < DATA as u64,
+        "the worker holds {} MiB more after the four jobs than before them",
+        grown >> 20
+    );
+}
+
+/// What a worker keeps of a module once the module has trapped there is
+/// within what its code is counted for beyond the code itself (found by
+/// an attacker: about the module's compiled size, the first time each
+/// distinct module trapped, kept for the worker's life, counted nowhere):
+/// six distinct modules (the hostile guest, each with a custom section of
+/// its own) that each trap once, on a stack overflow, leave their worker
+/// holding less than twice their recorded artifacts.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_modules_first_trap_is_within_what_its_code_is_counted_for() {
+    let modules: Vec<_> = (0..6)
+        .map(|i| (padded(bulkhead_tests::HOSTILE, 16 + i), &["recursion"][..]))
+        .collect();
+    let Some((grown, code)) = grown_by_one_job_each(modules, false).await else {
+        return;
+    };
+    assert!(code > 0, "no artifact was recorded");
+    assert!(
+        grown < code * 2,
+        "six first traps left {grown} bytes in the worker; their artifacts take {code}"
+    );
+}
+
+/// How much more the cgroup of a one-worker zone's worker holds once one
+/// job of each of `modules` (wasm, and the args its jobs run with) has run
+/// after the other, beside a sleeper's job (so the worker is not replaced
+/// for what it holds): each succeeding, or failing where not `succeed`;
+/// and the length of the artifacts the zone recorded for them. None where
+/// no memory cgroup is offered.
+async fn grown_by_one_job_each(
+    modules: Vec<(Vec<u8>, &[&str])>,
+    succeed: bool,
+) -> Option<(u64, u64)> {
     use bulkhead::policy::ByteSize;
 
     if bulkhead::worker::cgroup::offered().is_err() {
         eprintln!("no memory cgroup here: nothing to check");
-        return;
+        return None;
     }
-    const DATA: usize = 24 << 20;
     let policy = |name: &str, wasm: &[u8], args: &[&str], wall: u64| {
         let mut p = policy_for(name, wasm, args, wall);
         p.limits.memory = ByteSize::mib(32);
@@ -633,19 +676,24 @@ async fn a_modules_data_is_left_in_no_worker_once_its_jobs_end() {
     };
     let tmp = tempfile::tempdir().unwrap();
     let (runner, faults) =
-        crate::common::workers_within(tmp.path(), "data", 0, 2, Some(2 << 30)).await;
+        crate::common::workers_within(tmp.path(), "grown", 0, 2, Some(2 << 30)).await;
     let pool = &runner.pools()["untrusted"];
-    let mut modules = Vec::new();
-    for i in 0..4 {
-        let wasm = data_module(DATA, i);
+    let mut loaded = Vec::new();
+    let mut code = 0;
+    for (i, (wasm, args)) in modules.into_iter().enumerate() {
+        let digest = Sha256Hex::digest(&wasm);
         let module = runner
             .load(
-                policy(&format!("data{i}"), &wasm, &[], 30),
+                policy(&format!("m{i}"), &wasm, args, 30),
                 bytes::Bytes::from(wasm),
             )
             .await
-            .unwrap_or_else(|e| panic!("data{i}: {e}"));
-        modules.push(module);
+            .unwrap_or_else(|e| panic!("m{i}: {e}"));
+        let record = records_dir(&zone_cache(tmp.path())).join(format!("{digest}.json"));
+        let record: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(record).unwrap()).unwrap();
+        code += record["len"].as_u64().unwrap();
+        loaded.push(module);
     }
     let hostile = wasm(bulkhead_tests::HOSTILE);
     let sleeper = runner
@@ -668,28 +716,25 @@ async fn a_modules_data_is_left_in_no_worker_once_its_jobs_end() {
             .unwrap()
     };
     let before = used();
-    for (i, module) in modules.iter().enumerate() {
+    for (i, module) in loaded.iter().enumerate() {
         let report = tokio::select! {
             report = runner.run(module, &spec, None) => report,
             _ = &mut busy => panic!("the sleeper ended"),
         };
-        let report = report.unwrap_or_else(|e| panic!("data{i}: {e}")).report;
-        assert!(
+        let report = report.unwrap_or_else(|e| panic!("m{i}: {e}")).report;
+        assert_eq!(
             matches!(report.outcome, bulkhead::job::Outcome::Succeeded),
-            "data{i}: {report:?}"
+            succeed,
+            "m{i}: {report:?}"
         );
     }
     let after = used();
     assert_eq!(pool.pids(), pids, "the worker was replaced");
-    assert!(
-        after < before + DATA as u64,
-        "the worker holds {} MiB more after the four jobs than before them",
-        (after.saturating_sub(before)) >> 20
-    );
     assert!(
         faults.lock().unwrap().is_empty(),
         "{:?}",
         faults.lock().unwrap()
     );
     runner.close();
+    Some((after.saturating_sub(before), code))
 }
