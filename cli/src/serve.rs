@@ -25,28 +25,35 @@ pub(crate) async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     // service starts ends the start (nothing runs yet: jobs it claimed are
     // taken back by the next start), one arriving later drains it.
     let stop = stop_signals();
-    let service = tokio::select! {
-        started = bulkhead::service::Service::start(config, None) => match started {
-            Ok(service) => service,
-            Err(e) => {
-                // A start refused (a module, the storage) took the workers
-                // it had started down with it: they are gone, and their
-                // cgroups removed, before the process is (found by an
-                // attacker: a start refused for a module left them).
-                let _ = tokio::time::timeout(
-                    std::time::Duration::from_secs(3),
-                    bulkhead::worker::pool::all_ended(),
-                )
-                .await;
-                return Err(e.into());
-            }
-        },
-        () = stop.notified() => {
+    // The start is dropped before anything is waited for: a select! keeps
+    // its futures until its arms have run, and a start kept alive while
+    // its workers were waited for kept them (found by an attacker: a stop
+    // while the first workers said hello left one unreaped, with its
+    // cgroup, 6 runs of 12).
+    let started = tokio::select! {
+        started = bulkhead::service::Service::start(config, None) => Some(started),
+        () = stop.notified() => None,
+    };
+    let service = match started {
+        Some(Ok(service)) => service,
+        Some(Err(e)) => {
+            // A start refused (a module, the storage) took the workers
+            // it had started down with it: they are gone, and their
+            // cgroups removed, before the process is (found by an
+            // attacker: a start refused for a module left them).
+            let _ = tokio::time::timeout(
+                std::time::Duration::from_secs(3),
+                bulkhead::worker::pool::all_ended(),
+            )
+            .await;
+            return Err(e.into());
+        }
+        None => {
             eprintln!("stopped while starting");
             // The workers started so far go with the start: their cgroups
             // are removed as their processes are reaped.
             let _ = tokio::time::timeout(
-                std::time::Duration::from_secs(1),
+                std::time::Duration::from_secs(3),
                 bulkhead::worker::pool::all_ended(),
             )
             .await;

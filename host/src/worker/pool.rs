@@ -500,10 +500,6 @@ impl WorkerState {
     }
 }
 
-/// What a worker keeps of a module once the module has trapped there, in
-/// its code's size ([`Pool::code`]): measured at about one.
-const TRAPPED: u64 = 2;
-
 /// `<cache_dir>.records`: where the gateway keeps its record of a zone's
 /// good artifacts, beside the zone's cache (under the gateway's own
 /// directory) and outside every directory a worker is handed.
@@ -675,15 +671,21 @@ impl Pool {
         for _ in 0..pool.config.workers.max(1) {
             // Started on the pools' runtime, as replacements are (its
             // channel is the gateway's runtime's to read and write).
+            // A worker started is the pool's at once, there, so that it
+            // goes with the pool however soon the start is given up; and
+            // a start given up ends the task (found by an attacker: a stop
+            // while the first workers said hello left one running and
+            // unreaped at exit, with its cgroup).
             let starting = Arc::clone(&pool);
-            let worker = channels
-                .spawn(async move { starting.spawn_worker().await })
-                .await
-                .map_err(|e| PoolError::Start {
-                    zone: pool.config.zone.clone(),
-                    reason: format!("starting a worker failed: {e}"),
-                })??;
-            lock(&pool.state).workers.push(worker);
+            let mut task = AbortOnDrop(channels.spawn(async move {
+                let worker = starting.spawn_worker().await?;
+                lock(&starting.state).workers.push(worker);
+                Ok::<(), PoolError>(())
+            }));
+            (&mut task.0).await.map_err(|e| PoolError::Start {
+                zone: pool.config.zone.clone(),
+                reason: format!("starting a worker failed: {e}"),
+            })??;
         }
         channels.spawn(Self::supervise(
             Arc::downgrade(&pool),
@@ -927,17 +929,10 @@ impl Pool {
     /// as [`super::memory::code`] counts it, or what it kept of the worker
     /// that loaded it alone from the cache, where that is more (the
     /// module's types, names and tables as the runtime holds them, which
-    /// its artifact's length need not bound); and twice its code again
-    /// for what a worker keeps of a module once it has trapped there,
-    /// which no load shows (found by an attacker: about the module's
-    /// compiled size, the first time each module trapped, kept for the
-    /// worker's life;
-    /// `zone_cache::a_modules_first_trap_is_within_what_its_code_is_counted_for`).
+    /// its artifact's length need not bound).
     fn code(st: &State, module: Option<u64>, source: &Source, artifact: Option<&Artifact>) -> u64 {
         let kept = module.and_then(|m| st.load_kept.get(&m).copied());
-        let code = super::memory::code(source.wasm.len() as u64, artifact);
-        code.max(kept.unwrap_or(0))
-            .saturating_add(code.saturating_mul(TRAPPED))
+        super::memory::code(source.wasm.len() as u64, artifact).max(kept.unwrap_or(0))
     }
 
     /// Whether, where the zone has a memory ceiling, a worker holds what a
@@ -2167,19 +2162,22 @@ impl Pool {
             }
             None => Ok(None),
         };
-        let mut child = Some(spawned.child);
-        let kill = |child: &mut Option<Child>| {
-            if let Some(mut c) = child.take() {
-                let _ = c.kill();
-                let _ = c.wait();
-            }
-        };
         let ceiling = match ceiling {
             Ok(ceiling) => ceiling,
             Err(e) => {
-                kill(&mut child);
+                let mut child = spawned.child;
+                let _ = child.kill();
+                let _ = child.wait();
                 return Err(start_error(e));
             }
+        };
+        // Given up on every way out below, this start being cancelled
+        // among them (found by an attacker: a stop while the pool's first
+        // workers said hello left one, unreaped, and its cgroup).
+        let mut starting = Starting {
+            child: Some(spawned.child),
+            ceiling,
+            live: Some(live),
         };
         let stream = spawned
             .channel
@@ -2197,10 +2195,7 @@ impl Pool {
             .map_err(|e| start_error(format!("channel: {e}")));
         let ((mut reader, mut writer), channel) = match stream {
             Ok(s) => s,
-            Err(e) => {
-                kill(&mut child);
-                return Err(e);
-            }
+            Err(e) => return Err(e),
         };
         let taken = Arc::clone(reader.get_ref().taken());
         let hello = tokio::time::timeout(HELLO_TIMEOUT, proto::recv::<Up>(&mut reader)).await;
@@ -2211,7 +2206,6 @@ impl Pool {
                 ..
             })) => applied,
             other => {
-                kill(&mut child);
                 let reason = match other {
                     Err(_) => "it did not say hello in time".to_owned(),
                     Ok(Ok(Up::StartFailed { error })) => error,
@@ -2238,7 +2232,6 @@ impl Pool {
             })
             .collect();
         if !missing.is_empty() {
-            kill(&mut child);
             return Err(PoolError::Missing {
                 zone: c.zone.clone(),
                 missing: missing.join(", "),
@@ -2254,7 +2247,6 @@ impl Pool {
         .await
         .is_err()
         {
-            kill(&mut child);
             return Err(start_error("the channel closed after hello".into()));
         }
         let down = Arc::new(Link::bounded(
@@ -2281,9 +2273,9 @@ impl Pool {
             excused: std::sync::atomic::AtomicBool::new(false),
             read: Mutex::new((Instant::now(), 0)),
             channel,
-            child: Mutex::new(child),
-            ceiling,
-            live: Some(live),
+            child: Mutex::new(starting.child.take()),
+            ceiling: starting.ceiling.take(),
+            live: starting.live.take(),
             gone: Mutex::default(),
         });
         // Calls' frames join the worker's one bounded queue; once it has
@@ -2415,6 +2407,42 @@ impl Pool {
                 }
             }
         }
+    }
+}
+
+/// A task aborted once its handle is dropped: one its awaiting caller gave
+/// up on.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// A worker being started, until it is the pool's: given up, it is killed
+/// and reaped, and then its cgroup removed and its count dropped, off the
+/// async threads.
+struct Starting {
+    child: Option<Child>,
+    ceiling: Option<super::cgroup::MemoryCeiling>,
+    live: Option<Live>,
+}
+
+impl Drop for Starting {
+    fn drop(&mut self) {
+        let (child, ceiling, live) = (self.child.take(), self.ceiling.take(), self.live.take());
+        if child.is_none() && ceiling.is_none() && live.is_none() {
+            return;
+        }
+        std::thread::spawn(move || {
+            if let Some(mut child) = child {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+            drop(ceiling);
+            drop(live);
+        });
     }
 }
 
