@@ -2075,6 +2075,10 @@ impl Pool {
         self: &Arc<Self>,
         memory: Option<u64>,
     ) -> Result<Arc<Worker>, PoolError> {
+        // Counted from before its process exists (a process stopping while
+        // this one forked exited without it; found by its test), and
+        // dropped after its cgroup on every way out.
+        let live = Live::new(&self.live);
         let c = &self.config;
         let start_error = |reason: String| PoolError::Start {
             zone: c.zone.clone(),
@@ -2135,9 +2139,6 @@ impl Pool {
         let spawned = process::spawn(&c.program, WORKER_SUBCOMMAND, &args, &[&work_fd, &cache_fd])
             .map_err(|e| start_error(format!("{}: {e}", c.program.display())))?;
         let pid = spawned.child.id();
-        // Counted from now: dropped after the ceiling below on every way
-        // out of this function, which removes it.
-        let live = Live::new(&self.live);
         let ceiling: Result<_, String> = match memory {
             Some(bytes) => {
                 // Named by the worker's own pid, unique among live
@@ -2513,9 +2514,16 @@ impl Worker {
         let _ = rustix::net::shutdown(&self.channel, rustix::net::Shutdown::Both);
         if let Some(mut child) = lock(&self.child).take() {
             let _ = child.kill();
+            // Counted as not yet ended until it is reaped, which the
+            // worker itself may not outlast (its own count goes with it):
+            // a process stopping waits for this too (found by its test: a
+            // pool closed at a stop let the process exit before the
+            // worker it had killed was reaped).
+            let reaping = self.live.as_ref().map(|live| Live::new(&live.0));
             // Reaped off the async threads.
             std::thread::spawn(move || {
                 let _ = child.wait();
+                drop(reaping);
                 reaped();
             });
         } else {
