@@ -2082,6 +2082,18 @@ async fn fifo_race(op: &str) {
     }
 }
 
+/// The real `bulkhead serve` with `config`, its output discarded.
+fn spawn_serve(config: &std::path::Path) -> std::process::Child {
+    std::process::Command::new(env!("CARGO_BIN_EXE_bulkhead-under-test"))
+        .arg("serve")
+        .arg("--config")
+        .arg(config)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
 /// A port free on loopback a moment ago.
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -2167,14 +2179,7 @@ async fn serve_leaves_no_worker(admin: u16, stop: bool) -> std::process::ExitSta
         ""
     };
     let (config, _) = serve_config(tmp.path(), free_port(), admin, zone);
-    let mut serve = std::process::Command::new(env!("CARGO_BIN_EXE_bulkhead-under-test"))
-        .arg("serve")
-        .arg("--config")
-        .arg(&config)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut serve = spawn_serve(&config);
     // Its children, as seen while it runs.
     let mut started = std::collections::BTreeSet::new();
     let mut stopped = !stop;
@@ -2230,14 +2235,7 @@ async fn serve_counts_the_workers_its_start_started() {
     let tmp = tempfile::tempdir().unwrap();
     let (api, admin) = (free_port(), free_port());
     let (config, data) = serve_config(tmp.path(), api, admin, "");
-    let mut serve = std::process::Command::new(env!("CARGO_BIN_EXE_bulkhead-under-test"))
-        .arg("serve")
-        .arg("--config")
-        .arg(&config)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut serve = spawn_serve(&config);
     let http = reqwest::Client::new();
     let mut ready = false;
     for _ in 0..1200 {
