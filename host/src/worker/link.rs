@@ -32,6 +32,10 @@ use super::proto;
 /// empty.
 const KEEP: usize = 64 << 10;
 
+/// What is left of a large queue once it moves to an allocation of its
+/// own ([`Unwritten::advance`]): more than a socket takes in one write.
+const MOVE: usize = 1 << 20;
+
 /// Frames going one way over a channel. Dropping the last of it shuts
 /// the socket's writing side: the other end reads its end.
 #[derive(Debug)]
@@ -59,6 +63,10 @@ struct Unwritten {
     bytes: BytesMut,
     /// Each waiting frame's bytes in `bytes`, in order.
     frames: VecDeque<usize>,
+    /// The allocation under `bytes`, as large as it has grown: what is
+    /// written is advanced past, not given back, so `bytes.capacity()`
+    /// tells only what is left after its end.
+    held: usize,
 }
 
 impl Unwritten {
@@ -68,8 +76,9 @@ impl Unwritten {
     /// (found by an attacker: an idle worker kept 64 MiB here for its
     /// life).
     fn give_back(&mut self) {
-        if self.frames.is_empty() && self.bytes.capacity() > KEEP {
+        if self.frames.is_empty() && self.held > KEEP {
             self.bytes = BytesMut::new();
+            self.held = 0;
         }
     }
 
@@ -77,11 +86,20 @@ impl Unwritten {
         self.bytes.extend_from_slice(head);
         self.bytes.extend_from_slice(payload);
         self.frames.push_back(head.len() + payload.len());
+        self.held = self.held.max(self.bytes.capacity());
     }
 
-    /// `n` bytes were written.
+    /// `n` bytes were written. When what is left is small beside what it
+    /// is held in, it moves to an allocation of its own and the large one
+    /// goes back before the last bytes of it are written: the other end
+    /// may act on a frame as soon as it has read it whole (the gateway
+    /// counts a job's memory free once its report is in).
     fn advance(&mut self, mut n: usize) {
         self.bytes.advance(n);
+        if self.bytes.len() <= MOVE && self.held > 2 * MOVE {
+            self.bytes = BytesMut::from(&self.bytes[..]);
+            self.held = self.bytes.capacity();
+        }
         while n > 0 {
             let Some(first) = self.frames.front_mut() else {
                 break;
@@ -192,6 +210,7 @@ impl Link {
                 return Ok(());
             }
             unwritten.push(&head, &payload);
+            drop(payload);
             return Ok(());
         }
         let written = match self
@@ -211,6 +230,9 @@ impl Link {
         } else {
             unwritten.push(&[], &payload[written - head.len()..]);
         }
+        // The frame is copied: it goes back before anything can write the
+        // rest of it.
+        drop(payload);
         drop(unwritten);
         self.wake.notify_one();
         Ok(())
@@ -319,6 +341,31 @@ mod tests {
         }
         // Every frame that waited was counted out as it was written.
         assert_eq!(up.waiting(), 0);
+        drain.abort();
+    }
+
+    /// A frame far larger than the socket takes at once waits in the
+    /// link's queue; by the time the other end has read it whole, the
+    /// queue's allocation has gone back (found in a worker: an emptied
+    /// queue kept the allocation of a 16 MiB report for the worker's life,
+    /// since what is written is advanced past, not freed).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_large_frame_leaves_nothing_held_once_it_is_read() {
+        let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let (mut reader, _) = proto::split(a, 16 << 20, 16 << 20).unwrap();
+        let (_, write) = proto::halves(b).unwrap();
+        let up = Arc::new(Link::new(write, 16 << 20));
+        let drain = tokio::spawn(Link::drain(Arc::downgrade(&up)));
+        // Sent before anything reads: all but what the socket takes waits.
+        up.send(vec![9u8; 8 << 20], |_| None).unwrap();
+        assert!(up.waiting() == 1, "the frame did not wait");
+        let frame = reader.next().await.unwrap().unwrap();
+        let body: Vec<u8> = proto::decode(&frame).unwrap();
+        assert_eq!(body.len(), 8 << 20);
+        // Whether the queue's buffer could take 2 MiB again without
+        // allocating: only while it still holds the frame's allocation.
+        let held = lock(&up.unwritten).bytes.try_reclaim(2 << 20);
+        assert!(!held, "the queue still holds the frame's allocation");
         drain.abort();
     }
 
