@@ -1924,7 +1924,10 @@ async fn a_job_that_leaves_nothing_leaves_no_directory_in_its_worker() {
 /// stopped from outside, so none of its clocks move) fails alone: the
 /// gateway's own clock ends it with the limit named, the worker takes no
 /// new job and goes once its other job has ended, by itself, and the
-/// overrun is reported once. Its co-tenant is not failed with it.
+/// overrun is reported once. Its co-tenant is not failed with it. (The
+/// short job's wall time leaves seconds for both to start before the
+/// worker is stopped: with one second, a start slowed by other tests could
+/// let it end by itself first.)
 #[tokio::test(flavor = "multi_thread")]
 async fn a_job_its_worker_lets_overrun_fails_alone_and_the_worker_is_retired() {
     use bulkhead::job::{FailureKind, LimitKind};
@@ -1942,13 +1945,13 @@ async fn a_job_its_worker_lets_overrun_fails_alone_and_the_worker_is_retired() {
     let short = crate::common::load_policy_in_workers(
         &runner,
         bulkhead_tests::HOSTILE,
-        sleeping("short", 1_000),
+        sleeping("short", 3_000),
     )
     .await;
     let long = crate::common::load_policy_in_workers(
         &runner,
         bulkhead_tests::HOSTILE,
-        sleeping("long", 10_000),
+        sleeping("long", 12_000),
     )
     .await;
     let pool = std::sync::Arc::clone(&runner.pools()["untrusted"]);
