@@ -33,7 +33,7 @@ use super::proto;
 const KEEP: usize = 64 << 10;
 
 /// What is left of a large queue once it moves to an allocation of its
-/// own ([`Unwritten::advance`]): more than a socket takes in one write.
+/// own ([`Unwritten::advance`]), and the most one write takes of it.
 const MOVE: usize = 1 << 20;
 
 /// Frames going one way over a channel. Dropping the last of it shuts
@@ -87,6 +87,13 @@ impl Unwritten {
         self.bytes.extend_from_slice(payload);
         self.frames.push_back(head.len() + payload.len());
         self.held = self.held.max(self.bytes.capacity());
+    }
+
+    /// What the next write takes from: at most [`MOVE`] bytes, so that
+    /// no one write takes the last of a large queue (a socket whose other
+    /// end reads as it is written takes more than its buffer in one).
+    fn next(&self) -> &[u8] {
+        &self.bytes[..self.bytes.len().min(MOVE)]
     }
 
     /// `n` bytes were written. When what is left is small beside what it
@@ -161,7 +168,7 @@ impl Link {
         let mut unwritten = lock(&self.unwritten);
         let mut any = false;
         while !unwritten.frames.is_empty() {
-            match rustix::io::write(socket, &unwritten.bytes) {
+            match rustix::io::write(socket, unwritten.next()) {
                 Ok(0) => break,
                 Ok(n) => {
                     unwritten.advance(n);
@@ -266,7 +273,7 @@ impl Link {
                     unwritten.give_back();
                     return Ok(());
                 }
-                match self.write.try_write(&unwritten.bytes) {
+                match self.write.try_write(unwritten.next()) {
                     Ok(n) => {
                         unwritten.advance(n);
                         self.wrote(n);
