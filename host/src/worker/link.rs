@@ -151,6 +151,11 @@ impl Link {
         lock(&self.unwritten).frames.len()
     }
 
+    /// Bytes of frames waiting unwritten.
+    pub fn queued(&self) -> u64 {
+        lock(&self.unwritten).bytes.len() as u64
+    }
+
     /// Bytes written to the socket so far: less what its other end has not
     /// read yet, what that end has read.
     pub fn written(&self) -> u64 {
@@ -201,24 +206,41 @@ impl Link {
         message: T,
         shrink: impl Fn(T) -> Option<T>,
     ) -> io::Result<()> {
+        self.send_ending(message, shrink).map(drop)
+    }
+
+    /// [`Link::send`], telling where in what the link writes the frame
+    /// ends: once [`Link::written`] is past it, the frame has left this
+    /// side (none when nothing was sent).
+    ///
+    /// # Errors
+    /// The socket's error (the gateway is gone).
+    pub fn send_ending<T: Serialize>(
+        &self,
+        message: T,
+        shrink: impl Fn(T) -> Option<T>,
+    ) -> io::Result<Option<u64>> {
         if self.overflowed() {
-            return Ok(());
+            return Ok(None);
         }
         let Some(payload) = proto::fit(message, self.max, shrink) else {
-            return Ok(());
+            return Ok(None);
         };
         let head = u32::try_from(payload.len())
             .map_err(io::Error::other)?
             .to_be_bytes();
         let mut unwritten = lock(&self.unwritten);
+        // Every byte is counted written under this lock: what is written
+        // and what waits is all that was sent before this frame.
+        let end = self.written() + (unwritten.bytes.len() + head.len() + payload.len()) as u64;
         if !unwritten.frames.is_empty() {
             if unwritten.frames.len() >= self.bound {
                 self.overflowed.store(true, Ordering::Release);
-                return Ok(());
+                return Ok(None);
             }
             unwritten.push(&head, &payload);
             drop(payload);
-            return Ok(());
+            return Ok(Some(end));
         }
         let written = match self
             .write
@@ -230,7 +252,7 @@ impl Link {
         };
         self.wrote(written);
         if written == head.len() + payload.len() {
-            return Ok(());
+            return Ok(Some(end));
         }
         if written < head.len() {
             unwritten.push(&head[written..], &payload);
@@ -242,7 +264,7 @@ impl Link {
         drop(payload);
         drop(unwritten);
         self.wake.notify_one();
-        Ok(())
+        Ok(Some(end))
     }
 
     /// Writes what [`Link::send`] could not, as the socket takes it;

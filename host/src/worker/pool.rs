@@ -332,8 +332,15 @@ impl Outbox {
     /// unless the worker has stopped taking frames; whether it went or
     /// waits. A failed socket is the reader's to find.
     fn send(&self, frame: Down) -> bool {
+        self.send_ending(frame).is_some()
+    }
+
+    /// [`Outbox::send`], telling where the frame ends in what is written
+    /// to the worker ([`Link::send_ending`]).
+    fn send_ending(&self, frame: Down) -> Option<u64> {
         self.1.sending(&frame);
-        self.0.send(frame, |_| None).is_ok() && !self.0.overflowed()
+        let end = self.0.send_ending(frame, |_| None).ok().flatten();
+        end.filter(|_| !self.0.overflowed())
     }
 
     fn overflowed(&self) -> bool {
@@ -367,6 +374,9 @@ struct Worker {
     /// what was written to it, and how much it had read then
     /// ([`READ_LATELY`]).
     read: Mutex<(Instant, u64)>,
+    /// Since when what was written to it (or waits to be) has waited with
+    /// none of it read ([`Pool::round`]): none while it owes nothing.
+    owing: Mutex<Option<Instant>>,
     /// The gateway's end of the channel, a second descriptor of it: what
     /// waits in it unread ([`Worker::unread`]).
     channel: std::os::fd::OwnedFd,
@@ -444,6 +454,11 @@ struct WorkerState {
     /// jobs that have not been sent yet count on it: held until the
     /// module's `Loaded` (or until no job that would send it is left).
     warming: HashMap<u64, (u64, usize)>,
+    /// Where in what is written to it each `Run` of an ended job ends
+    /// that had not left the gateway when the job ended (cancelled, or
+    /// reported by a worker that never read it): such a job keeps its
+    /// place until its `Run` is written ([`WorkerState::ended`]).
+    unsent: Vec<u64>,
 }
 
 struct Pending {
@@ -452,6 +467,8 @@ struct Pending {
     /// When the gateway sent it.
     sent: Instant,
     running_since: Option<Instant>,
+    /// Where its `Run` ends in what is written to the worker.
+    run_end: Option<u64>,
 }
 
 /// How a job sent to a worker ends, short of its worker failing.
@@ -485,7 +502,30 @@ impl WorkerState {
     }
 
     fn running(&self) -> usize {
-        self.jobs.len() + self.placed
+        self.jobs.len() + self.placed + self.unsent.len()
+    }
+
+    /// Job `job` ends here, `written` bytes having left the gateway for
+    /// the worker: where its `Run` has not, its place stays held until it
+    /// has. Cancelled or reported at once, a job gave its place back while
+    /// its `Run` (up to 64 MiB of inputs) still waited in the gateway's
+    /// queue, and the next job's queued behind it (found by an attacker: a
+    /// worker that stopped reading, its tenant submitting and cancelling,
+    /// took the gateway 60 MB a job to 2.3 GB).
+    fn ended(&mut self, job: u64, written: u64) -> Option<Pending> {
+        let pending = self.jobs.remove(&job)?;
+        if let Some(end) = pending.run_end.filter(|&end| end > written) {
+            self.unsent.push(end);
+        }
+        Some(pending)
+    }
+
+    /// Gives back the places of ended jobs whose `Run` has now left the
+    /// gateway, `written` bytes having; whether any was.
+    fn sent_by(&mut self, written: u64) -> bool {
+        let before = self.unsent.len();
+        self.unsent.retain(|&end| end > written);
+        self.unsent.len() < before
     }
 
     /// It runs no job, holds no place, and has not failed: a retiring
@@ -736,6 +776,13 @@ impl Pool {
                     .count()
             })
             .sum()
+    }
+
+    /// Bytes of frames the gateway holds for its workers that have not
+    /// left it yet.
+    pub fn queued_for_workers(&self) -> u64 {
+        let workers = lock(&self.state).workers.clone();
+        workers.iter().map(|w| w.down.0.queued()).sum()
     }
 
     /// What the zone's workers are counted as holding for module loads
@@ -1314,7 +1361,9 @@ impl Pool {
                     .workers
                     .iter()
                     .map(|w| {
-                        let ws = lock(&w.state);
+                        let written = w.down.0.written();
+                        let mut ws = lock(&w.state);
+                        ws.sent_by(written);
                         if ws.fault.is_none() { ws.running() } else { 0 }
                     })
                     .sum::<usize>()
@@ -1589,6 +1638,7 @@ impl Pool {
                     wall_time,
                     sent: Instant::now(),
                     running_since: None,
+                    run_end: None,
                 },
             );
         }
@@ -1596,11 +1646,16 @@ impl Pool {
             worker.calls.register(job, egress, wall_time);
         }
         self.send_load(&worker, module, false, true);
-        let _ = worker.down.send(Down::Run {
+        let run_end = worker.down.send_ending(Down::Run {
             job,
             module,
             spec: spec.clone(),
         });
+        if run_end.is_some()
+            && let Some(p) = lock(&worker.state).jobs.get_mut(&job)
+        {
+            p.run_end = run_end;
+        }
         let guard = JobGuard {
             pool: self,
             worker: &worker,
@@ -1662,9 +1717,10 @@ impl Pool {
 
     fn job_ended(&self, worker: &Arc<Worker>, job: u64) {
         worker.calls.unregister(job);
+        let written = worker.down.0.written();
         let retire = {
             let mut ws = lock(&worker.state);
-            ws.jobs.remove(&job);
+            ws.ended(job, written);
             self.unweigh(&mut ws, job);
             ws.retiring && ws.idle()
         };
@@ -1809,9 +1865,10 @@ impl Pool {
     /// that ran long: a guest whose host calls kept the worker busy would
     /// otherwise take every other tenant's job in it down with its own.
     fn stop(&self, worker: &Arc<Worker>, job: u64, reason: String) {
+        let written = worker.down.0.written();
         let (pending, idle) = {
             let mut ws = lock(&worker.state);
-            let pending = ws.jobs.remove(&job);
+            let pending = ws.ended(job, written);
             ws.retiring = true;
             (pending, ws.idle())
         };
@@ -1919,19 +1976,33 @@ impl Pool {
             let waiting = rustix::io::ioctl_fionread(&worker.channel).unwrap_or(0);
             let after = taken();
             lock(&worker.hearing).look(now, before, waiting, after);
-            {
+            let owing = {
                 use std::os::fd::AsFd;
                 // What waits for the drain goes now, pings among it.
                 let _ = worker.down.0.push(worker.channel.as_fd());
                 let written = worker.down.0.written();
-                if let Some(unread) = unread_by_peer(&worker.channel) {
+                if lock(&worker.state).sent_by(written) {
+                    self.changed.notify_waiters();
+                }
+                let unread = unread_by_peer(&worker.channel);
+                let mut progressed = false;
+                if let Some(unread) = unread {
                     let taken = written.saturating_sub(unread);
                     let mut read = lock(&worker.read);
                     if taken > read.1 {
                         *read = (now, taken);
+                        progressed = true;
                     }
                 }
-            }
+                let owes = unread.unwrap_or(0) > 0 || worker.down.0.waiting() > 0;
+                let mut owing = lock(&worker.owing);
+                match *owing {
+                    _ if !owes => *owing = None,
+                    Some(_) if !progressed => {}
+                    _ => *owing = Some(now),
+                }
+                owing.map(since)
+            };
             // The worker reads what it is sent, and what it spoke (or what
             // is to be written to it) has waited for a while: the gateway's
             // reader (or writer) is behind, and to judge now would blame
@@ -1961,6 +2032,21 @@ impl Pool {
                     worker,
                     "silent",
                     format!("stopped answering for {}s", silent.as_secs()),
+                );
+                continue;
+            }
+            // However much it says: what it says does not read what it is
+            // sent (found by an attacker: a worker that stopped reading
+            // and vouched for itself once a second was never judged, while
+            // the gateway queued for it).
+            if owing.is_some_and(|o| o > SILENT_FAULT) {
+                self.fault(
+                    worker,
+                    "protocol",
+                    format!(
+                        "stopped reading its channel: nothing it was sent read for {}s",
+                        SILENT_FAULT.as_secs()
+                    ),
                 );
                 continue;
             }
@@ -2273,6 +2359,7 @@ impl Pool {
             taken,
             excused: std::sync::atomic::AtomicBool::new(false),
             read: Mutex::new((Instant::now(), 0)),
+            owing: Mutex::new(None),
             channel,
             child: Mutex::new(starting.child.take()),
             ceiling: starting.ceiling.take(),
@@ -2389,7 +2476,8 @@ impl Pool {
                     result,
                     created,
                 } => {
-                    let pending = lock(&worker.state).jobs.remove(&job);
+                    let written = worker.down.0.written();
+                    let pending = lock(&worker.state).ended(job, written);
                     if let Some(p) = pending {
                         let _ = p.reply.send(Answer::Report(result, created));
                     }

@@ -1920,6 +1920,70 @@ async fn a_job_that_leaves_nothing_leaves_no_directory_in_its_worker() {
     until(|| job_dirs(&runner).is_empty()).await;
 }
 
+/// Jobs cancelled while their worker reads nothing keep their places
+/// until their `Run` has left the gateway: however many are submitted and
+/// cancelled, the gateway holds no more of them for the worker than its
+/// places, and lets go of them with the worker (found by an attacker: a
+/// worker that stopped reading, its tenant submitting and cancelling jobs
+/// of 60 MB of inputs, took the gateway 60 MB a job to 2.3 GB).
+#[tokio::test(flavor = "multi_thread")]
+async fn jobs_cancelled_before_their_worker_reads_them_keep_their_places() {
+    use bulkhead::runner::Runner;
+    const INPUT: u64 = 8 << 20;
+    let tmp = tempfile::tempdir().unwrap();
+    let (runner, faults) = crate::common::workers_watched(tmp.path(), "q", 0, 2).await;
+    let runner = std::sync::Arc::new(runner);
+    let module = crate::common::load_policy_in_workers(
+        &runner,
+        bulkhead_tests::HELLO,
+        crate::common::policy(bulkhead_tests::HELLO, "hello").limits(|l| {
+            l.input = ByteSize::mib(16);
+        }),
+    )
+    .await;
+    let pool = std::sync::Arc::clone(&runner.pools()["untrusted"]);
+    let pid = pool.pids()[0];
+    // From now on the worker reads nothing.
+    // SAFETY: kill(2) with a pid and a signal number has no memory effects.
+    assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGSTOP) }, 0);
+    let mut most = 0;
+    for _ in 0..6 {
+        let mut spec = bulkhead::sandbox::JobSpec::new();
+        spec.inputs.push(bulkhead::job::JobInput {
+            name: "in.bin".into(),
+            data: vec![7u8; INPUT as usize].into(),
+        });
+        let before = pool.queued_for_workers();
+        let job = {
+            let (runner, module) = (
+                std::sync::Arc::clone(&runner),
+                std::sync::Arc::clone(&module),
+            );
+            tokio::spawn(async move { runner.run(&module, &spec, None).await.map(drop) })
+        };
+        // Cancelled once its `Run` waits for the worker, or after a while
+        // (a job given no place waits for one).
+        for _ in 0..20 {
+            if pool.queued_for_workers() > before {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        job.abort();
+        let _ = job.await;
+        most = most.max(pool.queued_for_workers());
+    }
+    assert!(
+        most <= 2 * (INPUT + (64 << 10)),
+        "the gateway held {} MiB of jobs' frames for a worker of two places",
+        most >> 20
+    );
+    // The worker, silent, goes, and what was queued for it with it.
+    until(|| !faults.lock().unwrap().is_empty()).await;
+    assert_eq!(faults.lock().unwrap()[0].class, "silent");
+    until(|| pool.queued_for_workers() == 0).await;
+}
+
 /// A job its worker lets run past its wall time (here the worker is
 /// stopped from outside, so none of its clocks move) fails alone: the
 /// gateway's own clock ends it with the limit named, the worker takes no
