@@ -565,6 +565,21 @@ fn recordable(pristine: bool, compiled: bool, reported: Option<&Artifact>) -> Op
     reported.filter(|a| pristine && compiled && a.well_formed())
 }
 
+/// A worker's report of a job, as the gateway reads it: one that does not
+/// decode, or that gives a failure only the gateway gives (the host's, or
+/// the worker's own), is a breach of the protocol (found by an attacker: a
+/// worker's `host` failure was stored as the host's, for operators and
+/// the host's failure counts to see).
+fn gateways_to_read(json: &str) -> Result<JobReport, String> {
+    let report = JobReport::decode(json).map_err(|e| format!("sent an unreadable report: {e}"))?;
+    match report.failure.as_ref().map(|f| &f.kind) {
+        Some(kind @ (crate::job::FailureKind::Host | crate::job::FailureKind::Worker)) => Err(
+            format!("sent a report of a failure only the gateway gives ({kind:?})"),
+        ),
+        _ => Ok(report),
+    }
+}
+
 /// Bytes written to a socket that its peer has not read yet (`SIOCOUTQ`).
 fn unread_by_peer(socket: &std::os::fd::OwnedFd) -> Option<u64> {
     use std::os::fd::AsRawFd;
@@ -1671,7 +1686,7 @@ impl Pool {
         // where it has some, here where it has none.
         let released = || worker.release(job);
         match answer {
-            Ok(Answer::Report(Ok(json), created)) => match JobReport::decode(&json) {
+            Ok(Answer::Report(Ok(json), created)) => match gateways_to_read(&json) {
                 Ok(report) => Ok((
                     bounded(report, policy),
                     Some(WorkerOutputs {
@@ -1692,9 +1707,8 @@ impl Pool {
                         created: created.into_iter().collect(),
                     }),
                 )),
-                Err(e) => {
+                Err(reason) => {
                     released();
-                    let reason = format!("sent an unreadable report: {e}");
                     self.fault(&worker, "protocol", reason.clone());
                     Ok((fault_report(spec, policy, &reason), None))
                 }
@@ -3087,6 +3101,38 @@ fn prepare_dir(dir: &Path, owner: Option<(u32, u32)>, mode: u32) -> std::io::Res
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A report is read as the worker's own account of its guest: a
+    /// failure only the gateway gives (the host's, the worker's) is a
+    /// breach, whatever else the report says; the guest's own failures
+    /// are read as they come.
+    #[test]
+    fn a_report_of_a_failure_only_the_gateway_gives_is_a_breach() {
+        let with = |kind: FailureKind| {
+            let mut report = JobReport::not_run("j", "m", "why");
+            report.outcome = Outcome::Failed;
+            report.failure = Some(Failure {
+                kind,
+                message: "why".into(),
+            });
+            serde_json::to_string(&report).unwrap()
+        };
+        for kind in [FailureKind::Host, FailureKind::Worker] {
+            let read = gateways_to_read(&with(kind));
+            assert!(read.is_err(), "{kind:?} was taken from a worker");
+        }
+        for kind in [
+            FailureKind::Limit,
+            FailureKind::Trap,
+            FailureKind::Exit,
+            FailureKind::Instantiate,
+            FailureKind::Output,
+        ] {
+            let read = gateways_to_read(&with(kind)).unwrap();
+            assert_eq!(read.failure.unwrap().kind, kind);
+        }
+        assert!(gateways_to_read("{").is_err());
+    }
 
     /// A wait whose slot could not be set aside the first time it was told
     /// is told again at the next wake-up, and told its end only once it
