@@ -2849,8 +2849,16 @@ fn bounded(mut report: JobReport, policy: &Policy) -> JobReport {
             .unwrap_or(usize::MAX)
             .min(crate::sandbox::MAX_CAPTURE)
     };
-    report.stdout.cut_to(kept(policy.limits.stdout));
-    report.stderr.cut_to(kept(policy.limits.stderr));
+    for (captured, limit) in [
+        (&mut report.stdout, policy.limits.stdout),
+        (&mut report.stderr, policy.limits.stderr),
+    ] {
+        captured.cut_to(kept(limit));
+        // What it says the guest wrote is within the limit (an attacker's
+        // worker said 10^15 bytes), and text shorter than that is cut.
+        captured.bytes = captured.bytes.min(limit.as_u64());
+        captured.truncated |= (captured.text.len() as u64) < captured.bytes;
+    }
     if let Some(f) = &mut report.failure {
         truncate(&mut f.message, MAX_MESSAGE);
     }
@@ -3132,6 +3140,29 @@ mod tests {
             assert_eq!(read.failure.unwrap().kind, kind);
         }
         assert!(gateways_to_read("{").is_err());
+    }
+
+    /// What a report says its guest wrote is kept within the policy's
+    /// limits, its text marked cut where it is shorter (found by an
+    /// attacker: a worker said its guest wrote 10^15 bytes, and it was
+    /// stored so).
+    #[test]
+    fn a_reports_counts_of_what_its_guest_wrote_are_within_the_limits() {
+        let text = format!(
+            "version = 1\n[module]\nname = \"demo\"\nsha256 = \"{}\"\n[limits]\nstdout = \"1 KiB\"\n",
+            "0".repeat(64)
+        );
+        let policy = Policy::parse(&text, std::path::Path::new("demo.toml")).unwrap();
+        let mut report = JobReport::not_run("j", "demo", "why");
+        report.stdout.text = "hi".into();
+        report.stdout.bytes = 1_000_000_000_000_000;
+        report.stderr.text = "ok".into();
+        report.stderr.bytes = 2;
+        let report = bounded(report, &policy);
+        assert_eq!(report.stdout.bytes, 1024);
+        assert!(report.stdout.truncated);
+        assert_eq!(report.stderr.bytes, 2);
+        assert!(!report.stderr.truncated);
     }
 
     /// A wait whose slot could not be set aside the first time it was told
