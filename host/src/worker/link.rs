@@ -151,6 +151,13 @@ impl Link {
         lock(&self.unwritten).frames.len()
     }
 
+    /// Bytes of frames sent so far, written or waiting: where what is
+    /// sent next begins.
+    pub fn sent(&self) -> u64 {
+        let unwritten = lock(&self.unwritten);
+        self.written() + unwritten.bytes.len() as u64
+    }
+
     /// Bytes of frames waiting unwritten.
     pub fn queued(&self) -> u64 {
         lock(&self.unwritten).bytes.len() as u64

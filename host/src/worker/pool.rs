@@ -83,6 +83,11 @@ const UNREAD: Duration = Duration::from_secs(1);
 const READ_LATELY: Duration = Duration::from_secs(5);
 /// ...for at most this long: past it the worker is judged whatever waits.
 const UNREAD_AT_MOST: Duration = Duration::from_secs(60);
+/// How long what the gateway sends a worker may wait unread, in the
+/// gateway or in the channel, before the worker is a fault, however fast
+/// it reads the rest: an honest worker reads its channel after every
+/// guest poll, a frame of the largest inputs in milliseconds.
+const READ_WITHIN: Duration = Duration::from_secs(60);
 /// How far past its wall time a job's report may arrive before its worker
 /// is a fault.
 const OVERRUN_GRACE: Duration = Duration::from_secs(5);
@@ -377,6 +382,10 @@ struct Worker {
     /// Since when what was written to it (or waits to be) has waited with
     /// none of it read ([`Pool::round`]): none while it owes nothing.
     owing: Mutex<Option<Instant>>,
+    /// Where what had been sent to it ended at each round that found more
+    /// sent, and when, oldest first, until it has read that far
+    /// ([`READ_WITHIN`]).
+    marks: Mutex<std::collections::VecDeque<(u64, Instant)>>,
     /// The gateway's end of the channel, a second descriptor of it: what
     /// waits in it unread ([`Worker::unread`]).
     channel: std::os::fd::OwnedFd,
@@ -1998,6 +2007,7 @@ impl Pool {
                 if lock(&worker.state).sent_by(written) {
                     self.changed.notify_waiters();
                 }
+                let sent = worker.down.0.sent();
                 let unread = unread_by_peer(&worker.channel);
                 let mut progressed = false;
                 if let Some(unread) = unread {
@@ -2006,6 +2016,13 @@ impl Pool {
                     if taken > read.1 {
                         *read = (now, taken);
                         progressed = true;
+                    }
+                    let mut marks = lock(&worker.marks);
+                    if sent > marks.back().map_or(taken, |m| m.0) {
+                        marks.push_back((sent, now));
+                    }
+                    while marks.front().is_some_and(|m| m.0 <= taken) {
+                        marks.pop_front();
                     }
                 }
                 let owes = unread.unwrap_or(0) > 0 || worker.down.0.waiting() > 0;
@@ -2017,6 +2034,22 @@ impl Pool {
                 }
                 owing.map(since)
             };
+            // What it was sent is read in time, whatever else it does and
+            // however fast it reads the rest (found by an attacker: a
+            // worker reading 5 KB a second counted as reading, and held
+            // its zone's places with cancelled jobs' inputs for hours).
+            let oldest = lock(&worker.marks).front().map(|m| since(m.1));
+            if oldest.is_some_and(|o| o > READ_WITHIN) {
+                self.fault(
+                    worker,
+                    "protocol",
+                    format!(
+                        "left what it was sent unread for {}s",
+                        READ_WITHIN.as_secs()
+                    ),
+                );
+                continue;
+            }
             // The worker reads what it is sent, and what it spoke (or what
             // is to be written to it) has waited for a while: the gateway's
             // reader (or writer) is behind, and to judge now would blame
@@ -2374,6 +2407,7 @@ impl Pool {
             excused: std::sync::atomic::AtomicBool::new(false),
             read: Mutex::new((Instant::now(), 0)),
             owing: Mutex::new(None),
+            marks: Mutex::default(),
             channel,
             child: Mutex::new(starting.child.take()),
             ceiling: starting.ceiling.take(),
