@@ -1980,6 +1980,80 @@ async fn jobs_cancelled_before_their_worker_reads_them_keep_their_places() {
     until(|| pool.queued_for_workers() == 0).await;
 }
 
+/// A worker that vouches for itself once a second but reads nothing it
+/// is sent after a job's `Run` is a `protocol` fault once it has read
+/// none of what it owes for 15 s, however much it says (found by an
+/// attacker: such a worker was never judged while the gateway queued for
+/// it). Its job fails as the worker's, and the zone's next worker runs
+/// the next job.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_worker_that_reads_nothing_it_is_sent_is_a_fault_however_much_it_says() {
+    let fault = withheld("deaf").await;
+    assert!(
+        fault.reason.contains("nothing it was sent read"),
+        "{fault:?}"
+    );
+}
+
+/// A worker that vouches for itself and reads 40 KiB of what it is sent
+/// every ten seconds, a job's `Run` of 512 KiB first, is a `protocol`
+/// fault once what it was sent has waited a minute unread, however
+/// steadily it reads
+/// (found by an attacker: a worker reading 5 KB a second held its zone's
+/// places with cancelled jobs' inputs for hours).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_worker_that_never_catches_up_with_what_it_is_sent_is_a_fault() {
+    let fault = withheld("slow").await;
+    assert!(fault.reason.contains("unread for 60s"), "{fault:?}");
+}
+
+/// Runs a job in a one-worker zone whose first worker, `withholding-worker`
+/// linked as `…-{mode}`, keeps the job's `Run` from the real worker under
+/// it and then reads nothing more of its channel (`deaf`) or too little
+/// (`slow`); checks that the job fails as its worker's, that the worker is
+/// the one `protocol` fault, and that the next job runs on the worker that
+/// replaces it. The fault.
+async fn withheld(mode: &str) -> bulkhead::worker::pool::Fault {
+    use bulkhead::job::FailureKind;
+    use bulkhead::runner::Runner;
+    let tmp = tempfile::tempdir().unwrap();
+    let program = tmp.path().join(format!("worker-{mode}"));
+    std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_withholding-worker"), &program).unwrap();
+    let (runner, faults) =
+        crate::common::workers_from(tmp.path(), mode, program.clone(), 0, 2, None).await;
+    let module = crate::common::load_policy_in_workers(
+        &runner,
+        bulkhead_tests::HELLO,
+        crate::common::policy(bulkhead_tests::HELLO, "hello").limits(|l| {
+            l.input = ByteSize::mib(1);
+        }),
+    )
+    .await;
+    let pool = std::sync::Arc::clone(&runner.pools()["untrusted"]);
+    let first = pool.pids()[0];
+    let mut spec = bulkhead::sandbox::JobSpec::new();
+    spec.inputs.push(bulkhead::job::JobInput {
+        name: "in.bin".into(),
+        data: vec![7u8; 512 << 10].into(),
+    });
+    let withheld = runner.run(&module, &spec, None).await.unwrap().report;
+    let failure = withheld.failure.as_ref().expect("the job failed");
+    assert_eq!(failure.kind, FailureKind::Worker, "{withheld:?}");
+    let used = program.with_file_name(format!("worker-{mode}.used"));
+    assert!(used.exists(), "the worker withheld nothing");
+    until(|| !faults.lock().unwrap().is_empty()).await;
+    let fault = {
+        let faults = faults.lock().unwrap();
+        assert_eq!(faults.len(), 1, "{faults:?}");
+        faults[0].clone()
+    };
+    assert_eq!((fault.class, fault.pid), ("protocol", first), "{fault:?}");
+    let next = runner.run(&module, &spec, None).await.unwrap().report;
+    assert!(next.succeeded(), "{next:?}");
+    assert_ne!(pool.pids(), vec![first]);
+    fault
+}
+
 /// A job its worker lets run past its wall time (here the worker is
 /// stopped from outside, so none of its clocks move) fails alone: the
 /// gateway's own clock ends it with the limit named, the worker takes no

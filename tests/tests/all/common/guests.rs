@@ -166,6 +166,27 @@ pub async fn workers_within(
     max_concurrent_jobs: u32,
     memory: Option<u64>,
 ) -> (bulkhead::runner::Workers, Faults) {
+    let program = env!("CARGO_BIN_EXE_bulkhead-under-test").into();
+    workers_from(
+        tmp,
+        name,
+        program,
+        jobs_per_worker,
+        max_concurrent_jobs,
+        memory,
+    )
+    .await
+}
+
+/// [`workers_within`], its workers started from `program`.
+pub async fn workers_from(
+    tmp: &std::path::Path,
+    name: &str,
+    program: std::path::PathBuf,
+    jobs_per_worker: u32,
+    max_concurrent_jobs: u32,
+    memory: Option<u64>,
+) -> (bulkhead::runner::Workers, Faults) {
     let work = tmp.join("work").join(name);
     let mut config = bulkhead::sandbox::SandboxConfig::new(&work);
     config.cache_dir = Some(tmp.join("cache"));
@@ -174,7 +195,7 @@ pub async fn workers_within(
     let pool = bulkhead::worker::pool::Pool::start(
         bulkhead::worker::pool::PoolConfig {
             zone: "untrusted".into(),
-            program: env!("CARGO_BIN_EXE_bulkhead-under-test").into(),
+            program,
             workers: 1,
             jobs_per_worker,
             max_concurrent_jobs,

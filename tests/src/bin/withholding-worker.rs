@@ -1,0 +1,169 @@
+//! A compromised worker for the gateway's reading clocks: started by a pool
+//! in place of the worker binary (`PoolConfig::program`), it starts the
+//! real worker (`bulkhead-under-test`, beside it) on a channel of its own
+//! and relays frames both ways until the gateway sends it a job. It leaves
+//! that `Run` unread in its channel, vouches for itself once a second from
+//! then on (as a worker whose guests hold its threads may), and:
+//!
+//! - named `…-deaf`, reads nothing more;
+//! - named `…-slow`, reads 40 KiB every ten seconds: it reads all the
+//!   while (the kernel frees what was sent whole pieces at a time, of at
+//!   most 36 KiB), but a `Run` of hundreds of KiB waits minutes.
+//!
+//! Only the first one started from a path that is sent a job withholds
+//! (it leaves `<path>.used`); later ones relay everything, so the zone's
+//! next worker is honest. The name is that of the path the pool starts (a link to this
+//! binary): the pool passes the worker nothing else of its own.
+
+use std::io::{Read, Write};
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bulkhead::worker::proto::{self, Up};
+use bulkhead::worker::{CHANNEL_FD, WorkerArgs, process};
+
+#[derive(Clone, Copy, PartialEq)]
+enum Mode {
+    Honest,
+    Deaf,
+    Slow,
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let (Some(path), Some(subcommand), Some(json)) = (args.first(), args.get(1), args.get(2))
+    else {
+        std::process::exit(2);
+    };
+    let mode = mode(path);
+    let mut used = PathBuf::from(path).into_os_string();
+    used.push(".used");
+    let gateway = process::inherited_channel().expect("no channel inherited");
+    // The directories the pool handed over, in order, after the channel.
+    let dirs: Vec<std::fs::File> = (1..8)
+        .map(|i| CHANNEL_FD + i)
+        // SAFETY: fcntl(F_GETFD) on a descriptor number only reads its flags.
+        .take_while(|&fd| unsafe { libc::fcntl(fd, libc::F_GETFD) } >= 0)
+        // SAFETY: each is an open descriptor this process was handed and
+        // owns from here on.
+        .map(|fd| std::fs::File::from(unsafe { OwnedFd::from_raw_fd(fd) }))
+        .collect();
+    let worker_args: WorkerArgs = serde_json::from_str(json).expect("worker arguments");
+    let real = std::env::current_exe()
+        .expect("this binary's path")
+        .with_file_name("bulkhead-under-test");
+    let spawned = process::spawn(
+        &real,
+        subcommand,
+        &worker_args,
+        &dirs.iter().collect::<Vec<_>>(),
+    )
+    .expect("the real worker starts");
+    drop(dirs);
+    let child = spawned.channel;
+    let up = Arc::new(Mutex::new(gateway.try_clone().expect("channel")));
+
+    // Up: what the real worker says, whole frames at a time.
+    {
+        let up = Arc::clone(&up);
+        let mut from = child.try_clone().expect("channel");
+        std::thread::spawn(move || {
+            while let Some(frame) = read_frame(&mut from) {
+                if up.lock().unwrap().write_all(&frame).is_err() {
+                    break;
+                }
+            }
+            std::process::exit(0);
+        });
+    }
+
+    // Down: relayed until the first `Run`, which is left unread.
+    let mut from = gateway;
+    let mut to = child;
+    loop {
+        if mode != Mode::Honest && next_is_run(&from) && first(&used) {
+            break;
+        }
+        let Some(frame) = read_frame(&mut from) else {
+            std::process::exit(0);
+        };
+        if to.write_all(&frame).is_err() {
+            std::process::exit(0);
+        }
+    }
+    std::thread::spawn(move || {
+        let vouch = proto::encode(&Up::Pong { seq: 0 }).expect("a pong encodes");
+        let mut frame = u32::try_from(vouch.len()).unwrap().to_be_bytes().to_vec();
+        frame.extend_from_slice(&vouch);
+        loop {
+            std::thread::sleep(Duration::from_millis(1_100));
+            let _ = up.lock().unwrap().write_all(&frame);
+        }
+    });
+    let mut some = vec![0u8; 40 << 10];
+    loop {
+        std::thread::sleep(Duration::from_secs(10));
+        if mode == Mode::Slow && from.read_exact(&mut some).is_err() {
+            std::process::exit(0);
+        }
+    }
+}
+
+/// What the name of `path` asks for.
+fn mode(path: &str) -> Mode {
+    match path {
+        p if p.ends_with("-deaf") => Mode::Deaf,
+        p if p.ends_with("-slow") => Mode::Slow,
+        _ => Mode::Honest,
+    }
+}
+
+/// Whether this is the first worker started from the path to be sent a
+/// job: it leaves `used` for the next.
+fn first(used: &std::ffi::OsStr) -> bool {
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(used)
+        .is_ok()
+}
+
+/// Whether the next frame from the gateway is a `Run`, looked at without
+/// reading it: postcard writes a variant's index first, and `Down::Run` is
+/// the third. (Were it not, no `Run` would be withheld, and the tests
+/// that use this say so.)
+fn next_is_run(from: &UnixStream) -> bool {
+    use std::os::fd::AsRawFd;
+    const RUN: u8 = 2;
+    let mut head = [0u8; 5];
+    loop {
+        // SAFETY: recv(2) writes at most `head.len()` bytes into `head`.
+        let n = unsafe {
+            libc::recv(
+                from.as_raw_fd(),
+                head.as_mut_ptr().cast(),
+                head.len(),
+                libc::MSG_PEEK,
+            )
+        };
+        match n {
+            5 => return head[4] == RUN,
+            // Its end: the frame's read says so.
+            ..=0 => return false,
+            _ => std::thread::sleep(Duration::from_millis(1)),
+        }
+    }
+}
+
+/// One frame, its 4-byte length included; none at the channel's end.
+fn read_frame(from: &mut UnixStream) -> Option<Vec<u8>> {
+    let mut head = [0u8; 4];
+    from.read_exact(&mut head).ok()?;
+    let mut frame = head.to_vec();
+    frame.resize(4 + u32::from_be_bytes(head) as usize, 0);
+    from.read_exact(&mut frame[4..]).ok()?;
+    Some(frame)
+}
