@@ -152,6 +152,13 @@ pub struct RunnerState {
     /// given now: its running and unreleased jobs' rooms, and the spares
     /// busy workers keep.
     pub disk_given: BTreeMap<String, u64>,
+    /// Per zone: bytes of frames (jobs' `Run`s with their inputs, module
+    /// loads) the gateway holds for its workers that have not left it
+    /// yet, bounded by the workers' places.
+    pub queued: BTreeMap<String, u64>,
+    /// Per zone: the memory its workers are counted as holding for module
+    /// loads not yet answered.
+    pub loads_held: BTreeMap<String, u64>,
 }
 
 /// Told `true` when a job starts waiting for room in its zone's disk or
@@ -369,6 +376,8 @@ impl Runner for InProcess {
             workers: BTreeMap::new(),
             disk: BTreeMap::new(),
             disk_given: BTreeMap::new(),
+            queued: BTreeMap::new(),
+            loads_held: BTreeMap::new(),
         }
     }
 }
@@ -516,6 +525,16 @@ impl Runner for Workers {
                 .pools
                 .iter()
                 .map(|(zone, pool)| (zone.clone(), pool.disk_given()))
+                .collect(),
+            queued: self
+                .pools
+                .iter()
+                .map(|(zone, pool)| (zone.clone(), pool.queued_for_workers()))
+                .collect(),
+            loads_held: self
+                .pools
+                .iter()
+                .map(|(zone, pool)| (zone.clone(), pool.loads_held()))
                 .collect(),
         }
     }

@@ -577,6 +577,14 @@ impl Service {
             metrics::gauge!("bulkhead_zone_disk_given_bytes", "zone" => zone.clone())
                 .set(*given as f64);
         }
+        for (zone, queued) in &isolation.queued {
+            metrics::gauge!("bulkhead_worker_queued_bytes", "zone" => zone.clone())
+                .set(*queued as f64);
+        }
+        for (zone, held) in &isolation.loads_held {
+            metrics::gauge!("bulkhead_worker_loads_held_bytes", "zone" => zone.clone())
+                .set(*held as f64);
+        }
         for (zone, applied) in &isolation.zones {
             for (layer, state) in &applied.layers {
                 let active = matches!(state, crate::worker::harden::LayerState::Active);

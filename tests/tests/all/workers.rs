@@ -77,6 +77,14 @@ async fn guests_run_in_worker_processes_not_in_the_gateway() {
     let job = submit(&server, &token, "hello", true).await;
     assert_eq!(job["state"], "succeeded", "{job}");
     assert_eq!(job["report"]["stdout"]["text"], "hello from bulkhead\n");
+    let metrics = server.service.render_metrics();
+    for gauge in [
+        "bulkhead_workers{zone=\"untrusted\"} 2",
+        "bulkhead_worker_queued_bytes{zone=\"untrusted\"} 0",
+        "bulkhead_worker_loads_held_bytes{zone=\"untrusted\"} 0",
+    ] {
+        assert!(metrics.contains(gauge), "no {gauge} in {metrics}");
+    }
 }
 
 /// A hardened worker restores a finished job's memory from its own page
@@ -1974,10 +1982,15 @@ async fn jobs_cancelled_before_their_worker_reads_them_keep_their_places() {
         "the gateway held {} MiB of jobs' frames for a worker of two places",
         most >> 20
     );
+    // What the runner says of itself (`/admin/v1/isolation`, the
+    // `bulkhead_worker_queued_bytes` gauge) shows it.
+    let queued = runner.state().queued["untrusted"];
+    assert!(queued >= INPUT, "{queued}");
     // The worker, silent, goes, and what was queued for it with it.
     until(|| !faults.lock().unwrap().is_empty()).await;
     assert_eq!(faults.lock().unwrap()[0].class, "silent");
     until(|| pool.queued_for_workers() == 0).await;
+    assert_eq!(runner.state().queued["untrusted"], 0);
 }
 
 /// A worker that vouches for itself once a second but reads nothing it
