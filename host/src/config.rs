@@ -71,7 +71,7 @@
 //! # run_as = [65534, 65534]        # uid and gid of workers when the service runs as root
 //!
 //! [zones.untrusted]                # one worker pool per trust zone (a policy's `module.zone`)
-//! workers = 2                      # worker processes
+//! # workers = 1                    # worker processes (default: one for every two cores, at least one)
 //! jobs_per_worker = 1000           # jobs before a worker is replaced (1: a fresh process per job)
 //! # memory = "2 GiB"               # a worker's memory ceiling, where the host offers cgroups
 //! disk = "2 GiB"                   # what the zone's workers' directories hold at once, all together: each job
@@ -224,7 +224,8 @@ impl Default for Isolation {
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ZonePool {
-    /// Worker processes kept running.
+    /// Worker processes kept running (default:
+    /// [`ZonePool::default_workers`], one for every two cores).
     pub workers: u32,
     /// Jobs a worker runs before it is replaced; `1` is a fresh process
     /// per job, `0` no limit.
@@ -247,10 +248,23 @@ pub struct ZonePool {
     pub disk: ByteSize,
 }
 
+impl ZonePool {
+    /// Worker processes a zone keeps unless its config says: one for every
+    /// two cores this process may use (each worker runs its guests on two
+    /// threads), at least one. More workers than that cost each job more
+    /// (each wake-up of a worker serves fewer of its frames) and run no
+    /// more guests at once.
+    #[must_use]
+    pub fn default_workers() -> u32 {
+        let cores = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+        u32::try_from(cores / 2).unwrap_or(u32::MAX).max(1)
+    }
+}
+
 impl Default for ZonePool {
     fn default() -> Self {
         Self {
-            workers: 2,
+            workers: Self::default_workers(),
             jobs_per_worker: 1000,
             memory: None,
             disk: ByteSize::gib(2),

@@ -1630,8 +1630,15 @@ impl Pool {
             memory,
         };
         let worker = self.pick(Some(wants), queued).await?;
-        if lock(&worker.state).retiring {
-            // Its replacement starts now, while this job runs.
+        let (started, retiring) = {
+            let ws = lock(&worker.state);
+            (ws.started, ws.retiring)
+        };
+        if retiring
+            || (self.config.jobs_per_worker > 0
+                && started == self.config.jobs_per_worker - self.replaced_ahead())
+        {
+            // Its replacement starts now, while it runs its last jobs.
             self.weakened.notify_one();
         }
         let placed = Placed {
@@ -2128,11 +2135,19 @@ impl Pool {
             }
         }
         self.rebuild();
+        // A worker near the end of its allowance is not counted: its
+        // replacement starts before it retires, so that the zone never
+        // waits for a new worker to say hello.
         let live = {
             let st = lock(&self.state);
             st.workers
                 .iter()
-                .filter(|w| !lock(&w.state).retiring)
+                .filter(|w| {
+                    let ws = lock(&w.state);
+                    !ws.retiring
+                        && (self.config.jobs_per_worker == 0
+                            || ws.started < self.config.jobs_per_worker - self.replaced_ahead())
+                })
                 .count() as u32
                 + st.starting
         };
@@ -2152,6 +2167,17 @@ impl Pool {
                 pool.changed.notify_waiters();
             });
         }
+    }
+
+    /// How many jobs before the end of a worker's allowance
+    /// (`jobs_per_worker`) its replacement is started: a tenth of it, so
+    /// that a busy zone has the new worker ready by the time the old one
+    /// takes its last job (a worker takes tens of milliseconds to start,
+    /// in which a busy zone of one worker runs hundreds of jobs). None for
+    /// an allowance under ten: a worker replaced per job is replaced as it
+    /// takes its job.
+    fn replaced_ahead(&self) -> u32 {
+        self.config.jobs_per_worker / 10
     }
 
     /// Has each module whose zone cache entry was found gone or rewritten

@@ -57,7 +57,10 @@ async fn guests_run_in_worker_processes_not_in_the_gateway() {
     let state = server.service.isolation();
     assert_eq!(state.mode, "process");
     let pids = workers(&server);
-    assert_eq!(pids.len(), 2, "{state:?}");
+    // One worker for every two cores, by default.
+    let cores = std::thread::available_parallelism().unwrap().get();
+    let expected = (cores / 2).max(1);
+    assert_eq!(pids.len(), expected, "{state:?}");
     for pid in &pids {
         assert_ne!(*pid, std::process::id());
         // A child of this process, started from the binary under test.
@@ -79,11 +82,11 @@ async fn guests_run_in_worker_processes_not_in_the_gateway() {
     assert_eq!(job["report"]["stdout"]["text"], "hello from bulkhead\n");
     let metrics = server.service.render_metrics();
     for gauge in [
-        "bulkhead_workers{zone=\"untrusted\"} 2",
-        "bulkhead_worker_queued_bytes{zone=\"untrusted\"} 0",
-        "bulkhead_worker_loads_held_bytes{zone=\"untrusted\"} 0",
+        format!("bulkhead_workers{{zone=\"untrusted\"}} {expected}"),
+        "bulkhead_worker_queued_bytes{zone=\"untrusted\"} 0".to_owned(),
+        "bulkhead_worker_loads_held_bytes{zone=\"untrusted\"} 0".to_owned(),
     ] {
-        assert!(metrics.contains(gauge), "no {gauge} in {metrics}");
+        assert!(metrics.contains(&gauge), "no {gauge} in {metrics}");
     }
 }
 
@@ -1396,7 +1399,9 @@ async fn with_no_disk_size_a_workers_directory_is_a_plain_directory() {
         .map(|e| e.unwrap().file_name().into_string().unwrap())
         .collect();
     in_zone.sort();
-    assert_eq!(in_zone.len(), 2, "{in_zone:?}");
+    // A directory for each worker.
+    let expected = bulkhead::config::ZonePool::default_workers() as usize;
+    assert_eq!(in_zone.len(), expected, "{in_zone:?}");
     for pid in workers(&server) {
         let cwd = std::fs::canonicalize(format!("/proc/{pid}/cwd")).unwrap();
         assert!(
@@ -1518,6 +1523,42 @@ async fn a_killed_worker_fails_its_job_by_name_and_is_replaced() {
             .contains(&before[0].to_string()),
         "{fault}"
     );
+}
+
+/// A worker's replacement starts a tenth of its allowance before the
+/// worker takes its last job, so that a zone of one worker never waits
+/// for a new one to say hello: with 10 jobs a worker, a second process is
+/// there once the first has taken its ninth job, and two jobs later the
+/// first has gone, its replacement running the jobs after.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_workers_replacement_starts_before_it_takes_its_last_job() {
+    use bulkhead::runner::Runner;
+    let tmp = tempfile::tempdir().unwrap();
+    let (runner, faults) = crate::common::workers_watched(tmp.path(), "r", 10, 2).await;
+    let module = crate::common::load_in_workers(&runner, bulkhead_tests::HELLO, "hello").await;
+    let pool = std::sync::Arc::clone(&runner.pools()["untrusted"]);
+    let first = pool.pids();
+    assert_eq!(first.len(), 1);
+    let run = || async {
+        let finished = runner
+            .run(&module, &bulkhead::sandbox::JobSpec::new(), None)
+            .await
+            .unwrap();
+        assert!(finished.report.succeeded(), "{:?}", finished.report);
+    };
+    for _ in 0..8 {
+        run().await;
+    }
+    assert_eq!(pool.pids(), first, "replaced before its ninth job");
+    run().await;
+    until(|| pool.pids().len() == 2).await;
+    let both = pool.pids();
+    assert!(both.contains(&first[0]), "{both:?}");
+    run().await;
+    run().await;
+    until(|| pool.pids().len() == 1 && pool.pids() != first).await;
+    run().await;
+    assert!(faults.lock().unwrap().is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread")]
