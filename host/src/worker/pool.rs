@@ -97,6 +97,13 @@ const OVERRUN_GRACE: Duration = Duration::from_secs(5);
 /// sooner sends none), before it is a fault: these clocks are the
 /// gateway's, not the worker's.
 const START_ALLOWANCE: Duration = Duration::from_secs(300);
+/// How long a worker that has said it compiled a job's module may take to
+/// start the job (its `Running`, or its report): to read its `Run`, which
+/// it must within [`READ_WITHIN`] anyway, and write its inputs. A worker
+/// that reads what it is sent and starts nothing holds the jobs it is sent
+/// this long, not [`START_ALLOWANCE`] (found by a tester: a worker that
+/// read and dropped every `Run` held another tenant's job 300 s).
+const START_LOADED: Duration = READ_WITHIN.saturating_add(Duration::from_secs(15));
 
 /// The memory ceiling of a worker compiling a module alone in a zone
 /// without one ([`Pool::load_alone`]), where the host offers cgroups:
@@ -439,6 +446,9 @@ pub async fn all_ended() {
 struct WorkerState {
     /// Modules sent to it, with the artifact record each was sent with.
     loaded: HashMap<u64, Option<Artifact>>,
+    /// Modules of `loaded` it said it compiled (its `Loaded`): their jobs
+    /// have no compile to wait for ([`START_LOADED`]).
+    compiled: std::collections::HashSet<u64>,
     loads: HashMap<u64, Vec<oneshot::Sender<Result<LoadInfo, LoadError>>>>,
     jobs: HashMap<u64, Pending>,
     /// Places given to jobs whose specs are still being read
@@ -475,6 +485,10 @@ struct Pending {
     wall_time: Duration,
     /// When the gateway sent it.
     sent: Instant,
+    /// How long the worker may take to start it: its module was compiled
+    /// there when it was sent ([`START_LOADED`]), or not
+    /// ([`START_ALLOWANCE`]).
+    start_within: Duration,
     running_since: Option<Instant>,
     /// Where its `Run` ends in what is written to the worker.
     run_end: Option<u64>,
@@ -1230,7 +1244,12 @@ impl Pool {
     /// marked, the worker's later jobs of it failed without a load being
     /// tried, and were counted as needing none).
     fn forget_load(&self, worker: &Worker, module: u64) {
-        let Some(sent) = lock(&worker.state).loaded.remove(&module) else {
+        let sent = {
+            let mut ws = lock(&worker.state);
+            ws.compiled.remove(&module);
+            ws.loaded.remove(&module)
+        };
+        let Some(sent) = sent else {
             return;
         };
         // Worked out apart from the worker's state: the pool's is never
@@ -1662,12 +1681,18 @@ impl Pool {
             }
             ws.placed -= 1;
             std::mem::forget(placed);
+            let start_within = if ws.compiled.contains(&module) {
+                START_LOADED
+            } else {
+                START_ALLOWANCE
+            };
             ws.jobs.insert(
                 job,
                 Pending {
                     reply: tx,
                     wall_time,
                     sent: Instant::now(),
+                    start_within,
                     running_since: None,
                     run_end: None,
                 },
@@ -2118,11 +2143,11 @@ impl Pool {
                             p.wall_time,
                             OVERRUN_GRACE.as_secs()
                         ),
-                        None if since_sent > START_ALLOWANCE => format!(
+                        None if since_sent > p.start_within => format!(
                             "did not start job {job} within {}s",
-                            START_ALLOWANCE.as_secs()
+                            p.start_within.as_secs()
                         ),
-                        _ if since_sent > START_ALLOWANCE + p.wall_time + OVERRUN_GRACE => {
+                        _ if since_sent > p.start_within + p.wall_time + OVERRUN_GRACE => {
                             format!("did not finish job {job} in time")
                         }
                         _ => return None,
@@ -2502,6 +2527,11 @@ impl Pool {
                 Up::Loaded { module, result } => {
                     if result.is_err() {
                         pool.forget_load(worker, module);
+                    } else {
+                        let mut ws = lock(&worker.state);
+                        if ws.loaded.contains_key(&module) {
+                            ws.compiled.insert(module);
+                        }
                     }
                     lock(&worker.state).warming.remove(&module);
                     let take = result

@@ -10,6 +10,10 @@
 //!   while (the kernel frees what was sent whole pieces at a time, of at
 //!   most 36 KiB), but a `Run` of hundreds of KiB waits minutes.
 //!
+//! Named `…-discard`, it reads and relays everything instead, but drops
+//! every `Run` after the first: the real worker answers pings and never
+//! hears of those jobs.
+//!
 //! Only the first one started from a path that is sent a job withholds
 //! (it leaves `<path>.used`); later ones relay everything, so the zone's
 //! next worker is honest. The name is that of the path the pool starts (a link to this
@@ -30,6 +34,7 @@ enum Mode {
     Honest,
     Deaf,
     Slow,
+    Discard,
 }
 
 fn main() {
@@ -80,16 +85,27 @@ fn main() {
         });
     }
 
-    // Down: relayed until the first `Run`, which is left unread.
+    // Down: relayed until the first `Run`, which is left unread; or, for
+    // `…-discard`, all of it but the `Run`s after the first.
     let mut from = gateway;
     let mut to = child;
+    let mut runs = 0;
+    let mut dropping = false;
     loop {
-        if mode != Mode::Honest && next_is_run(&from) && first(&used) {
+        let run = next_is_run(&from);
+        if mode != Mode::Honest && mode != Mode::Discard && run && first(&used) {
             break;
         }
         let Some(frame) = read_frame(&mut from) else {
             std::process::exit(0);
         };
+        if mode == Mode::Discard && run {
+            runs += 1;
+            dropping = dropping || (runs > 1 && first(&used));
+            if dropping {
+                continue;
+            }
+        }
         if to.write_all(&frame).is_err() {
             std::process::exit(0);
         }
@@ -117,6 +133,7 @@ fn mode(path: &str) -> Mode {
     match path {
         p if p.ends_with("-deaf") => Mode::Deaf,
         p if p.ends_with("-slow") => Mode::Slow,
+        p if p.ends_with("-discard") => Mode::Discard,
         _ => Mode::Honest,
     }
 }

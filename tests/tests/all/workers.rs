@@ -2061,6 +2061,43 @@ async fn a_worker_that_never_catches_up_with_what_it_is_sent_is_a_fault() {
     assert!(fault.reason.contains("unread for 60s"), "{fault:?}");
 }
 
+/// A job sent to a worker that has compiled its module, and that reads
+/// all it is sent but never starts the job nor says it did, fails as its
+/// worker's once the worker could have read and started it (75 s), not
+/// after the 300 s a compile may take (found by a tester: a worker that
+/// read and dropped every `Run` held another tenant's job 300 s); the
+/// worker is retired, and the next job runs on its replacement.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_job_its_worker_never_starts_fails_once_it_could_have_started() {
+    use bulkhead::job::FailureKind;
+    use bulkhead::runner::Runner;
+    let tmp = tempfile::tempdir().unwrap();
+    let program = tmp.path().join("worker-discard");
+    std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_withholding-worker"), &program).unwrap();
+    let (runner, faults) =
+        crate::common::workers_from(tmp.path(), "discard", program.clone(), 0, 2, None).await;
+    let module = crate::common::load_in_workers(&runner, bulkhead_tests::HELLO, "hello").await;
+    let pool = std::sync::Arc::clone(&runner.pools()["untrusted"]);
+    let first = pool.pids()[0];
+    let spec = bulkhead::sandbox::JobSpec::new();
+    let ran = runner.run(&module, &spec, None).await.unwrap().report;
+    assert!(ran.succeeded(), "{ran:?}");
+    let dropped = runner.run(&module, &spec, None).await.unwrap().report;
+    let failure = dropped.failure.as_ref().expect("the job failed");
+    assert_eq!(failure.kind, FailureKind::Worker, "{dropped:?}");
+    assert!(
+        program.with_file_name("worker-discard.used").exists(),
+        "the worker dropped nothing"
+    );
+    until(|| !faults.lock().unwrap().is_empty()).await;
+    let fault = faults.lock().unwrap()[0].clone();
+    assert_eq!((fault.class, fault.pid), ("overrun", first), "{fault:?}");
+    assert!(fault.reason.contains("within 75s"), "{fault:?}");
+    let next = runner.run(&module, &spec, None).await.unwrap().report;
+    assert!(next.succeeded(), "{next:?}");
+    assert_ne!(pool.pids(), vec![first]);
+}
+
 /// Runs a job in a one-worker zone whose first worker, `withholding-worker`
 /// linked as `…-{mode}`, keeps the job's `Run` from the real worker under
 /// it and then reads nothing more of its channel (`deaf`) or too little
