@@ -986,10 +986,18 @@ impl Pool {
                 ws.loads.entry(module).or_default().push(tx);
             }
             self.send_load(&worker, module, false, false);
-            loads.push(rx);
+            loads.push((worker, rx));
         }
-        for load in loads {
-            let _ = tokio::time::timeout(START_ALLOWANCE, load).await;
+        // A worker that has not answered in the time a compile may take is
+        // an overrun, as one compiling alone is: left alone it kept the
+        // load counted as held for its life, and took no job it would not
+        // fit beside (a zone's only worker, the zone's).
+        let deadline = tokio::time::Instant::now() + START_ALLOWANCE;
+        for (worker, load) in loads {
+            if tokio::time::timeout_at(deadline, load).await.is_err() {
+                let reason = format!("did not compile a module in {}s", START_ALLOWANCE.as_secs());
+                self.fault(&worker, "overrun", reason);
+            }
         }
     }
 
@@ -1649,15 +1657,8 @@ impl Pool {
             memory,
         };
         let worker = self.pick(Some(wants), queued).await?;
-        let (started, retiring) = {
-            let ws = lock(&worker.state);
-            (ws.started, ws.retiring)
-        };
-        if retiring
-            || (self.config.jobs_per_worker > 0
-                && started == self.config.jobs_per_worker - self.replaced_ahead())
-        {
-            // Its replacement starts now, while it runs its last jobs.
+        if lock(&worker.state).retiring {
+            // Its replacement starts now, while this job runs.
             self.weakened.notify_one();
         }
         let placed = Placed {
@@ -1667,14 +1668,17 @@ impl Pool {
             module,
         };
         let spec = spec.await?;
-        let spec: &JobSpec = &spec;
+        // What is kept of the spec once its `Run` is built: its inputs go
+        // with the frame, not held beside it while the job runs (found by
+        // a tester: the gateway held each running job's inputs twice).
+        let id = spec.id.clone();
         let wall_time = policy.limits.wall_time.get();
         let (tx, rx) = oneshot::channel();
         {
             let mut ws = lock(&worker.state);
             if let Some(reason) = &ws.fault {
                 // It failed between being picked and now.
-                let report = fault_report(spec, policy, reason);
+                let report = fault_report(&id, policy, reason);
                 drop(ws);
                 drop(placed);
                 return Ok((report, None));
@@ -1705,7 +1709,7 @@ impl Pool {
         let run_end = worker.down.send_ending(Down::Run {
             job,
             module,
-            spec: spec.clone(),
+            spec: spec.into_owned(),
         });
         if run_end.is_some()
             && let Some(p) = lock(&worker.state).jobs.get_mut(&job)
@@ -1751,7 +1755,7 @@ impl Pool {
                 Err(reason) => {
                     released();
                     self.fault(&worker, "protocol", reason.clone());
-                    Ok((fault_report(spec, policy, &reason), None))
+                    Ok((fault_report(&id, policy, &reason), None))
                 }
             },
             Ok(Answer::Report(Err(mut message), _)) => {
@@ -1761,11 +1765,11 @@ impl Pool {
             }
             Ok(Answer::Stopped(reason)) => {
                 released();
-                Ok((stopped_report(spec, policy, &reason), None))
+                Ok((stopped_report(&id, policy, &reason), None))
             }
             Err(_) => {
                 released();
-                Ok((fault_report(spec, policy, &worker.fault_reason()), None))
+                Ok((fault_report(&id, policy, &worker.fault_reason()), None))
             }
         }
     }
@@ -2160,19 +2164,11 @@ impl Pool {
             }
         }
         self.rebuild();
-        // A worker near the end of its allowance is not counted: its
-        // replacement starts before it retires, so that the zone never
-        // waits for a new worker to say hello.
         let live = {
             let st = lock(&self.state);
             st.workers
                 .iter()
-                .filter(|w| {
-                    let ws = lock(&w.state);
-                    !ws.retiring
-                        && (self.config.jobs_per_worker == 0
-                            || ws.started < self.config.jobs_per_worker - self.replaced_ahead())
-                })
+                .filter(|w| !lock(&w.state).retiring)
                 .count() as u32
                 + st.starting
         };
@@ -2192,17 +2188,6 @@ impl Pool {
                 pool.changed.notify_waiters();
             });
         }
-    }
-
-    /// How many jobs before the end of a worker's allowance
-    /// (`jobs_per_worker`) its replacement is started: a tenth of it, so
-    /// that a busy zone has the new worker ready by the time the old one
-    /// takes its last job (a worker takes tens of milliseconds to start,
-    /// in which a busy zone of one worker runs hundreds of jobs). None for
-    /// an allowance under ten: a worker replaced per job is replaced as it
-    /// takes its job.
-    fn replaced_ahead(&self) -> u32 {
-        self.config.jobs_per_worker / 10
     }
 
     /// Has each module whose zone cache entry was found gone or rewritten
@@ -2984,15 +2969,15 @@ fn unprintable(c: char) -> bool {
 /// The report of a job whose worker failed under it.
 /// The report of a job the gateway stopped: its worker `reason` (ran it
 /// past its wall time, say); the `wall_time` limit is what ended it.
-fn stopped_report(spec: &JobSpec, policy: &Policy, reason: &str) -> JobReport {
-    let mut report = fault_report(spec, policy, reason);
+fn stopped_report(id: &str, policy: &Policy, reason: &str) -> JobReport {
+    let mut report = fault_report(id, policy, reason);
     report.limit = Some(crate::job::LimitKind::WallTime);
     report
 }
 
-fn fault_report(spec: &JobSpec, policy: &Policy, reason: &str) -> JobReport {
+fn fault_report(id: &str, policy: &Policy, reason: &str) -> JobReport {
     let mut report = JobReport::not_run(
-        &spec.id,
+        id,
         policy.module.name.as_str(),
         format!("the worker running it {reason}"),
     );

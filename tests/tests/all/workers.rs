@@ -1525,42 +1525,6 @@ async fn a_killed_worker_fails_its_job_by_name_and_is_replaced() {
     );
 }
 
-/// A worker's replacement starts a tenth of its allowance before the
-/// worker takes its last job, so that a zone of one worker never waits
-/// for a new one to say hello: with 10 jobs a worker, a second process is
-/// there once the first has taken its ninth job, and two jobs later the
-/// first has gone, its replacement running the jobs after.
-#[tokio::test(flavor = "multi_thread")]
-async fn a_workers_replacement_starts_before_it_takes_its_last_job() {
-    use bulkhead::runner::Runner;
-    let tmp = tempfile::tempdir().unwrap();
-    let (runner, faults) = crate::common::workers_watched(tmp.path(), "r", 10, 2).await;
-    let module = crate::common::load_in_workers(&runner, bulkhead_tests::HELLO, "hello").await;
-    let pool = std::sync::Arc::clone(&runner.pools()["untrusted"]);
-    let first = pool.pids();
-    assert_eq!(first.len(), 1);
-    let run = || async {
-        let finished = runner
-            .run(&module, &bulkhead::sandbox::JobSpec::new(), None)
-            .await
-            .unwrap();
-        assert!(finished.report.succeeded(), "{:?}", finished.report);
-    };
-    for _ in 0..8 {
-        run().await;
-    }
-    assert_eq!(pool.pids(), first, "replaced before its ninth job");
-    run().await;
-    until(|| pool.pids().len() == 2).await;
-    let both = pool.pids();
-    assert!(both.contains(&first[0]), "{both:?}");
-    run().await;
-    run().await;
-    until(|| pool.pids().len() == 1 && pool.pids() != first).await;
-    run().await;
-    assert!(faults.lock().unwrap().is_empty());
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn one_job_per_worker_gives_every_job_a_fresh_process() {
     let server = service::start(|c| {
