@@ -406,6 +406,14 @@ impl Workers {
     pub fn pools(&self) -> &BTreeMap<String, Arc<Pool>> {
         &self.pools
     }
+
+    /// What `of` says of each zone's pool, by zone.
+    fn per_zone<T>(&self, of: impl Fn(&Pool) -> T) -> BTreeMap<String, T> {
+        self.pools
+            .iter()
+            .map(|(zone, pool)| (zone.clone(), of(pool)))
+            .collect()
+    }
 }
 
 #[async_trait::async_trait]
@@ -506,36 +514,12 @@ impl Runner for Workers {
     fn state(&self) -> RunnerState {
         RunnerState {
             mode: "process",
-            zones: self
-                .pools
-                .iter()
-                .map(|(zone, pool)| (zone.clone(), pool.applied()))
-                .collect(),
-            workers: self
-                .pools
-                .iter()
-                .map(|(zone, pool)| (zone.clone(), pool.pids()))
-                .collect(),
-            disk: self
-                .pools
-                .iter()
-                .map(|(zone, pool)| (zone.clone(), pool.disk()))
-                .collect(),
-            disk_given: self
-                .pools
-                .iter()
-                .map(|(zone, pool)| (zone.clone(), pool.disk_given()))
-                .collect(),
-            queued: self
-                .pools
-                .iter()
-                .map(|(zone, pool)| (zone.clone(), pool.queued_for_workers()))
-                .collect(),
-            loads_held: self
-                .pools
-                .iter()
-                .map(|(zone, pool)| (zone.clone(), pool.loads_held()))
-                .collect(),
+            zones: self.per_zone(|pool| pool.applied()),
+            workers: self.per_zone(|pool| pool.pids()),
+            disk: self.per_zone(|pool| pool.disk()),
+            disk_given: self.per_zone(|pool| pool.disk_given()),
+            queued: self.per_zone(|pool| pool.queued_for_workers()),
+            loads_held: self.per_zone(|pool| pool.loads_held()),
         }
     }
 
