@@ -102,7 +102,9 @@ const START_ALLOWANCE: Duration = Duration::from_secs(300);
 /// it must within [`READ_WITHIN`] anyway, and write its inputs. A worker
 /// that reads what it is sent and starts nothing holds the jobs it is sent
 /// this long, not [`START_ALLOWANCE`] (found by a tester: a worker that
-/// read and dropped every `Run` held another tenant's job 300 s).
+/// read and dropped every `Run` held another tenant's job 300 s). A job
+/// sent before its worker's `Loaded` for its module has this long from
+/// that `Loaded` (found by a tester: such a job kept the 300 s).
 const START_LOADED: Duration = READ_WITHIN.saturating_add(Duration::from_secs(15));
 
 /// The memory ceiling of a worker compiling a module alone in a zone
@@ -485,10 +487,15 @@ struct Pending {
     wall_time: Duration,
     /// When the gateway sent it.
     sent: Instant,
-    /// How long the worker may take to start it: its module was compiled
-    /// there when it was sent ([`START_LOADED`]), or not
-    /// ([`START_ALLOWANCE`]).
+    /// Its module.
+    module: u64,
+    /// How long after `sent` the worker may take to start it: its module
+    /// was compiled there when it was sent ([`START_LOADED`]), or not
+    /// ([`START_ALLOWANCE`]), until the worker's `Loaded` for its module
+    /// cuts that to [`START_LOADED`] from then (`compiled_since`).
     start_within: Duration,
+    /// Whether `start_within` was cut so by a `Loaded` after it was sent.
+    compiled_since: bool,
     running_since: Option<Instant>,
     /// Where its `Run` ends in what is written to the worker.
     run_end: Option<u64>,
@@ -499,8 +506,9 @@ enum Answer {
     /// The worker's report (`Err`: it could not run the job), and the
     /// files its guest created in `/out`.
     Report(Result<String, String>, Vec<crate::sandbox::outputs::FileId>),
-    /// The gateway stopped it: its own clock for the job ran out.
-    Stopped(String),
+    /// The gateway stopped it: its own clock for the job ran out, the
+    /// job's wall time (`true`) or the worker's time to start it.
+    Stopped(String, bool),
 }
 
 impl WorkerState {
@@ -1696,7 +1704,9 @@ impl Pool {
                     reply: tx,
                     wall_time,
                     sent: Instant::now(),
+                    module,
                     start_within,
+                    compiled_since: false,
                     running_since: None,
                     run_end: None,
                 },
@@ -1763,9 +1773,9 @@ impl Pool {
                 truncate(&mut message, MAX_MESSAGE);
                 Err(message)
             }
-            Ok(Answer::Stopped(reason)) => {
+            Ok(Answer::Stopped(reason, wall_time)) => {
                 released();
-                Ok((stopped_report(&id, policy, &reason), None))
+                Ok((stopped_report(&id, policy, &reason, wall_time), None))
             }
             Err(_) => {
                 released();
@@ -1923,7 +1933,9 @@ impl Pool {
     /// held to its own clock). Its co-tenants are not failed for one job
     /// that ran long: a guest whose host calls kept the worker busy would
     /// otherwise take every other tenant's job in it down with its own.
-    fn stop(&self, worker: &Arc<Worker>, job: u64, reason: String) {
+    /// Stops `job`, which overran `worker`'s clock for it: the job's wall
+    /// time (`wall_time`), or the time it had to start.
+    fn stop(&self, worker: &Arc<Worker>, job: u64, reason: String, wall_time: bool) {
         let written = worker.down.0.written();
         let (pending, idle) = {
             let mut ws = lock(&worker.state);
@@ -1934,7 +1946,9 @@ impl Pool {
         let Some(pending) = pending else { return };
         worker.calls.unregister(job);
         let _ = worker.down.send(Down::Cancel { job });
-        let _ = pending.reply.send(Answer::Stopped(reason.clone()));
+        let _ = pending
+            .reply
+            .send(Answer::Stopped(reason.clone(), wall_time));
         if idle {
             self.retire(worker);
         }
@@ -2136,7 +2150,7 @@ impl Pool {
             // From the gateway's own clocks: a job the worker never
             // says it started is held to the start allowance, then to
             // its wall time from when it was sent.
-            let overran: Vec<(u64, String)> = lock(&worker.state)
+            let overran: Vec<(u64, String, bool)> = lock(&worker.state)
                 .jobs
                 .iter()
                 .filter_map(|(job, p)| {
@@ -2147,6 +2161,10 @@ impl Pool {
                             p.wall_time,
                             OVERRUN_GRACE.as_secs()
                         ),
+                        None if since_sent > p.start_within && p.compiled_since => format!(
+                            "did not start job {job} within {}s of saying it had compiled its module",
+                            START_LOADED.as_secs()
+                        ),
                         None if since_sent > p.start_within => format!(
                             "did not start job {job} within {}s",
                             p.start_within.as_secs()
@@ -2156,11 +2174,11 @@ impl Pool {
                         }
                         _ => return None,
                     };
-                    Some((*job, reason))
+                    Some((*job, reason, p.running_since.is_some()))
                 })
                 .collect();
-            for (job, reason) in overran {
-                self.stop(worker, job, reason);
+            for (job, reason, wall_time) in overran {
+                self.stop(worker, job, reason, wall_time);
             }
         }
         self.rebuild();
@@ -2516,6 +2534,18 @@ impl Pool {
                         let mut ws = lock(&worker.state);
                         if ws.loaded.contains_key(&module) {
                             ws.compiled.insert(module);
+                            // Its jobs sent before this have no compile
+                            // left to wait for either.
+                            for p in ws.jobs.values_mut() {
+                                let cut = p.sent.elapsed().saturating_add(START_LOADED);
+                                if p.module == module
+                                    && p.running_since.is_none()
+                                    && cut < p.start_within
+                                {
+                                    p.start_within = cut;
+                                    p.compiled_since = true;
+                                }
+                            }
                         }
                     }
                     lock(&worker.state).warming.remove(&module);
@@ -2969,9 +2999,11 @@ fn unprintable(c: char) -> bool {
 /// The report of a job whose worker failed under it.
 /// The report of a job the gateway stopped: its worker `reason` (ran it
 /// past its wall time, say); the `wall_time` limit is what ended it.
-fn stopped_report(id: &str, policy: &Policy, reason: &str) -> JobReport {
+/// The report of a job its worker overran: one that never started ran
+/// into no limit of its own.
+fn stopped_report(id: &str, policy: &Policy, reason: &str, wall_time: bool) -> JobReport {
     let mut report = fault_report(id, policy, reason);
-    report.limit = Some(crate::job::LimitKind::WallTime);
+    report.limit = wall_time.then_some(crate::job::LimitKind::WallTime);
     report
 }
 

@@ -14,7 +14,12 @@
 //! every `Run` after the first: the real worker answers pings and never
 //! hears of those jobs.
 //!
-//! Only the first one started from a path that is sent a job withholds
+//! Named `…-blind`, the first one started once `<path>.arm` exists (it
+//! takes that file away) relays everything but the `Run`s: its first job
+//! is sent before it has said it loaded the job's module (it had none
+//! loaded), and the real worker never hears of that job or the next.
+//!
+//! Otherwise only the first one started from a path that is sent a job withholds
 //! (it leaves `<path>.used`); later ones relay everything, so the zone's
 //! next worker is honest. The name is that of the path the pool starts (a link to this
 //! binary): the pool passes the worker nothing else of its own.
@@ -35,6 +40,7 @@ enum Mode {
     Deaf,
     Slow,
     Discard,
+    Blind,
 }
 
 fn main() {
@@ -43,9 +49,12 @@ fn main() {
     else {
         std::process::exit(2);
     };
-    let mode = mode(path);
+    let mut mode = mode(path);
     let mut used = PathBuf::from(path).into_os_string();
     used.push(".used");
+    if mode == Mode::Blind && std::fs::remove_file(format!("{path}.arm")).is_err() {
+        mode = Mode::Honest;
+    }
     let gateway = process::inherited_channel().expect("no channel inherited");
     // The directories the pool handed over, in order, after the channel.
     let dirs: Vec<std::fs::File> = (1..8)
@@ -93,12 +102,16 @@ fn main() {
     let mut dropping = false;
     loop {
         let run = next_is_run(&from);
-        if mode != Mode::Honest && mode != Mode::Discard && run && first(&used) {
+        if matches!(mode, Mode::Deaf | Mode::Slow) && run && first(&used) {
             break;
         }
         let Some(frame) = read_frame(&mut from) else {
             std::process::exit(0);
         };
+        if mode == Mode::Blind && run {
+            first(&used);
+            continue;
+        }
         if mode == Mode::Discard && run {
             runs += 1;
             dropping = dropping || (runs > 1 && first(&used));
@@ -134,6 +147,7 @@ fn mode(path: &str) -> Mode {
         p if p.ends_with("-deaf") => Mode::Deaf,
         p if p.ends_with("-slow") => Mode::Slow,
         p if p.ends_with("-discard") => Mode::Discard,
+        p if p.ends_with("-blind") => Mode::Blind,
         _ => Mode::Honest,
     }
 }

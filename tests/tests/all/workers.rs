@@ -2049,6 +2049,8 @@ async fn a_job_its_worker_never_starts_fails_once_it_could_have_started() {
     let dropped = runner.run(&module, &spec, None).await.unwrap().report;
     let failure = dropped.failure.as_ref().expect("the job failed");
     assert_eq!(failure.kind, FailureKind::Worker, "{dropped:?}");
+    // It never started: no limit of its own was reached.
+    assert_eq!(dropped.limit, None, "{dropped:?}");
     assert!(
         program.with_file_name("worker-discard.used").exists(),
         "the worker dropped nothing"
@@ -2060,6 +2062,53 @@ async fn a_job_its_worker_never_starts_fails_once_it_could_have_started() {
     let next = runner.run(&module, &spec, None).await.unwrap().report;
     assert!(next.succeeded(), "{next:?}");
     assert_ne!(pool.pids(), vec![first]);
+}
+
+/// A job sent to a worker before the worker said it loaded the job's
+/// module, and never started there, fails as its worker's 75 s after that
+/// `Loaded`, not after the 300 s a compile may take (found by a tester: a
+/// worker that dropped every `Run` held a job placed just before its
+/// `Loaded` 300 s). Each job gets a fresh worker; the one armed drops every
+/// `Run` it is sent, its first job's among them, sent with the module's
+/// load.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_job_sent_before_its_module_was_loaded_fails_once_it_could_have_started() {
+    use bulkhead::job::FailureKind;
+    use bulkhead::runner::Runner;
+    let tmp = tempfile::tempdir().unwrap();
+    let program = tmp.path().join("worker-blind");
+    std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_withholding-worker"), &program).unwrap();
+    let (runner, faults) =
+        crate::common::workers_from(tmp.path(), "blind", program.clone(), 1, 2, None).await;
+    let module = crate::common::load_in_workers(&runner, bulkhead_tests::HELLO, "hello").await;
+    let pool = std::sync::Arc::clone(&runner.pools()["untrusted"]);
+    let first = pool.pids()[0];
+    // The next worker started, the first one's replacement, drops its jobs.
+    std::fs::write(program.with_file_name("worker-blind.arm"), b"").unwrap();
+    let spec = bulkhead::sandbox::JobSpec::new();
+    let ran = runner.run(&module, &spec, None).await.unwrap().report;
+    assert!(ran.succeeded(), "{ran:?}");
+    let dropped = runner.run(&module, &spec, None).await.unwrap().report;
+    let failure = dropped.failure.as_ref().expect("the job failed");
+    assert_eq!(failure.kind, FailureKind::Worker, "{dropped:?}");
+    // It never started: no limit of its own was reached.
+    assert_eq!(dropped.limit, None, "{dropped:?}");
+    assert!(
+        program.with_file_name("worker-blind.used").exists(),
+        "the worker dropped nothing"
+    );
+    until(|| !faults.lock().unwrap().is_empty()).await;
+    let fault = faults.lock().unwrap()[0].clone();
+    assert_eq!(fault.class, "overrun", "{fault:?}");
+    assert_ne!(fault.pid, first, "{fault:?}");
+    assert!(
+        fault
+            .reason
+            .contains("within 75s of saying it had compiled its module"),
+        "{fault:?}"
+    );
+    let next = runner.run(&module, &spec, None).await.unwrap().report;
+    assert!(next.succeeded(), "{next:?}");
 }
 
 /// Runs a job in a one-worker zone whose first worker, `withholding-worker`
