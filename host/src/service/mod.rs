@@ -569,6 +569,10 @@ impl Service {
         for (zone, pids) in &isolation.workers {
             metrics::gauge!("bulkhead_workers", "zone" => zone.clone()).set(pids.len() as f64);
         }
+        for (zone, pids) in &isolation.spares {
+            metrics::gauge!("bulkhead_worker_spares", "zone" => zone.clone())
+                .set(pids.len() as f64);
+        }
         for (zone, disk) in &isolation.disk {
             metrics::gauge!("bulkhead_zone_disk_bytes", "zone" => zone.clone())
                 .set(disk.map_or(0.0, |d| d as f64));

@@ -317,6 +317,10 @@ struct State {
     load_kept: HashMap<u64, u64>,
     /// Workers being started.
     starting: u32,
+    /// Workers started ahead of a worker's retirement, sent the modules
+    /// the zone's workers hold, and given no job until one retires
+    /// ([`Pool::round`]): at most as many as the zone keeps.
+    spares: Vec<Arc<Worker>>,
 }
 
 /// What a job's run fails with when it had no room or place by its
@@ -807,6 +811,27 @@ impl Pool {
         lock(&self.state).workers.iter().map(|w| w.pid).collect()
     }
 
+    /// Spare workers' process ids: started ahead of a worker's retirement,
+    /// running no job until one retires.
+    pub fn spare_pids(&self) -> Vec<u32> {
+        lock(&self.state).spares.iter().map(|w| w.pid).collect()
+    }
+
+    /// How many modules the zone's worker (or spare) `pid` has said it
+    /// compiled, of those sent to it; `None` for no such worker.
+    pub fn compiled_in(&self, pid: u32) -> Option<usize> {
+        self.all_workers()
+            .iter()
+            .find(|w| w.pid == pid)
+            .map(|w| lock(&w.state).compiled.len())
+    }
+
+    /// The zone's workers, its spares among them.
+    fn all_workers(&self) -> Vec<Arc<Worker>> {
+        let st = lock(&self.state);
+        st.workers.iter().chain(&st.spares).cloned().collect()
+    }
+
     /// Jobs running on this pool's workers whose worker has said their
     /// guest started (its `Running`): the jobs the gateway's wall-time
     /// clock is running for.
@@ -827,7 +852,7 @@ impl Pool {
     /// Bytes of frames the gateway holds for its workers that have not
     /// left it yet.
     pub fn queued_for_workers(&self) -> u64 {
-        let workers = lock(&self.state).workers.clone();
+        let workers = self.all_workers();
         workers.iter().map(|w| w.down.0.queued()).sum()
     }
 
@@ -835,7 +860,7 @@ impl Pool {
     /// sent to them (or to be sent by a job placed there) and not yet
     /// answered ([`WorkerState::warming`]).
     pub fn loads_held(&self) -> u64 {
-        let workers = lock(&self.state).workers.clone();
+        let workers = self.all_workers();
         workers
             .iter()
             .flat_map(|w| {
@@ -851,14 +876,15 @@ impl Pool {
     /// Stops every worker (at shutdown).
     pub fn close(&self) {
         self.closing.store(true, Ordering::SeqCst);
-        let (workers, compilers) = {
+        let (workers, compilers, spares) = {
             let mut st = lock(&self.state);
             (
                 std::mem::take(&mut st.workers),
                 std::mem::take(&mut st.compilers),
+                std::mem::take(&mut st.spares),
             )
         };
-        for worker in workers.iter().chain(&compilers) {
+        for worker in workers.iter().chain(&compilers).chain(&spares) {
             worker.kill();
         }
     }
@@ -974,27 +1000,12 @@ impl Pool {
     /// worker ([`WorkerState::warming`]), so no job placed meanwhile takes
     /// that memory.
     async fn warm(&self, module: u64) {
-        let cost = self.load_cost(&lock(&self.state), module);
-        let workers = lock(&self.state).workers.clone();
+        let workers = self.all_workers();
         let mut loads = Vec::new();
         for worker in workers {
-            let (tx, rx) = oneshot::channel();
-            {
-                let mut ws = lock(&worker.state);
-                let fits = self.memory.as_ref().is_none_or(|memory| {
-                    ws.counted(0)
-                        .saturating_add(ws.residue)
-                        .saturating_add(cost)
-                        <= memory.budget
-                });
-                if !ws.idle() || ws.retiring || ws.loaded.contains_key(&module) || !fits {
-                    continue;
-                }
-                ws.warming.insert(module, (cost, 0));
-                ws.loads.entry(module).or_default().push(tx);
+            if let Some(rx) = self.send_warm(&worker, module) {
+                loads.push((worker, rx));
             }
-            self.send_load(&worker, module, false, false);
-            loads.push((worker, rx));
         }
         // A worker that has not answered in the time a compile may take is
         // an overrun, as one compiling alone is: left alone it kept the
@@ -1007,6 +1018,37 @@ impl Pool {
                 self.fault(&worker, "overrun", reason);
             }
         }
+    }
+
+    /// Sends `module` to `worker` where it runs no job, has not been sent
+    /// it, and it fits beside what the worker holds (counted as held until
+    /// its `Loaded`): the answer to wait for.
+    fn send_warm(
+        &self,
+        worker: &Worker,
+        module: u64,
+    ) -> Option<oneshot::Receiver<Result<LoadInfo, LoadError>>> {
+        let cost = self.load_cost(&lock(&self.state), module);
+        let (tx, rx) = oneshot::channel();
+        {
+            let mut ws = lock(&worker.state);
+            let fits = self.memory.as_ref().is_none_or(|memory| {
+                ws.counted(0)
+                    .saturating_add(ws.residue)
+                    .saturating_add(cost)
+                    <= memory.budget
+            });
+            if !ws.idle() || ws.retiring || ws.loaded.contains_key(&module) || !fits {
+                return None;
+            }
+            ws.warming.insert(module, (cost, 0));
+            ws.loads.entry(module).or_default().push(tx);
+        }
+        // A worker that has run no guest and finds the module's cache
+        // entry gone or rewritten compiles it for the cache (a spare
+        // warmed after an entry was removed put it back).
+        self.send_load(worker, module, true, false);
+        Some(rx)
     }
 
     /// What loading `module` takes a worker of the zone, where it has a
@@ -1516,6 +1558,13 @@ impl Pool {
                                 {
                                     ws.retiring = true;
                                 }
+                                if !ws.retiring
+                                    && self.config.jobs_per_worker.saturating_sub(ws.started)
+                                        == self.lead()
+                                {
+                                    // Its spare starts now.
+                                    self.weakened.notify_one();
+                                }
                             }
                             return Ok(Arc::clone(worker));
                         }
@@ -1904,9 +1953,11 @@ impl Pool {
             ws.jobs.clear();
             jobs
         };
-        lock(&self.state)
-            .workers
-            .retain(|w| !Arc::ptr_eq(w, worker));
+        {
+            let mut st = lock(&self.state);
+            st.workers.retain(|w| !Arc::ptr_eq(w, worker));
+            st.spares.retain(|w| !Arc::ptr_eq(w, worker));
+        }
         self.put_down(worker);
         if self.closing.load(Ordering::SeqCst) {
             // Stopped with the service, not a fault.
@@ -2016,7 +2067,7 @@ impl Pool {
     fn round(self: &Arc<Self>, ping: Option<u64>) {
         let now = Instant::now();
         let since = |t: Instant| now.saturating_duration_since(t);
-        let workers = lock(&self.state).workers.clone();
+        let workers = self.all_workers();
         for worker in &workers {
             if worker.down.overflowed() {
                 self.fault(
@@ -2182,29 +2233,139 @@ impl Pool {
             }
         }
         self.rebuild();
-        let live = {
-            let st = lock(&self.state);
-            st.workers
-                .iter()
-                .filter(|w| !lock(&w.state).retiring)
-                .count() as u32
-                + st.starting
-        };
-        for _ in live..self.config.workers.max(1) {
-            lock(&self.state).starting += 1;
+        self.replenish();
+    }
+
+    /// How many jobs before its last a worker's spare is started: a tenth
+    /// of its allowance, at least one (so that a worker replaced per job
+    /// has its successor ready as it starts).
+    fn lead(&self) -> u32 {
+        (self.config.jobs_per_worker / 10).max(1)
+    }
+
+    /// Whether a worker is within [`Pool::lead`] of its last job.
+    fn nearly_spent(&self, ws: &WorkerState) -> bool {
+        self.config.jobs_per_worker > 0
+            && self.config.jobs_per_worker.saturating_sub(ws.started) <= self.lead()
+    }
+
+    /// Keeps the zone's workers: a spare takes the place of each worker
+    /// retiring or gone, and workers are started for the rest; and a spare
+    /// is started for each worker near its last job, so that it is ready
+    /// (its hello said, the zone's modules loaded) by the time that worker
+    /// retires. A zone whose workers are replaced had no worker that could
+    /// take a job from each retirement until its replacement had started
+    /// and loaded its first job's module.
+    ///
+    /// Processes at once: the zone's `workers`, as many spares, retiring
+    /// workers (each with a job running, bounded by the zone's places),
+    /// and those starting (to keep the two counts). A spare is never
+    /// passed a job while its worker is not retiring, so each worker
+    /// reaches its last job as it would without one.
+    fn replenish(self: &Arc<Self>) {
+        let keep = self.config.workers.max(1) as usize;
+        let mut st = lock(&self.state);
+        let (mut live, near) = st.workers.iter().fold((0, 0), |(live, near), w| {
+            let ws = lock(&w.state);
+            if ws.retiring || ws.fault.is_some() {
+                (live, near)
+            } else {
+                (live + 1, near + usize::from(self.nearly_spent(&ws)))
+            }
+        });
+        let mut promoted = false;
+        while live < keep {
+            let Some(spare) = st.spares.pop() else { break };
+            st.workers.push(spare);
+            live += 1;
+            promoted = true;
+        }
+        let wanted = (keep - live) + near.min(keep);
+        let have = st.spares.len() + st.starting as usize;
+        for _ in have..wanted {
+            st.starting += 1;
             let pool = Arc::clone(self);
             tokio::spawn(async move {
                 let started = pool.spawn_worker().await;
+                let worker = match started {
+                    Ok(w) => w,
+                    Err(e) => {
+                        lock(&pool.state).starting -= 1;
+                        tracing::error!(error = %e, "cannot start a replacement worker");
+                        pool.changed.notify_waiters();
+                        return;
+                    }
+                };
+                // Taken at once where the zone is short of a worker;
+                // otherwise a spare, sent the zone's modules (and taken
+                // as it is, its loads still coming, if the zone is short
+                // of a worker before they are done).
                 let mut st = lock(&pool.state);
                 st.starting -= 1;
-                match started {
-                    Ok(w) if !pool.closing.load(Ordering::SeqCst) => st.workers.push(w),
-                    Ok(w) => w.kill(),
-                    Err(e) => tracing::error!(error = %e, "cannot start a replacement worker"),
+                if pool.closing.load(Ordering::SeqCst) || lock(&worker.state).fault.is_some() {
+                    drop(st);
+                    worker.kill();
+                } else if Self::live(&st) < keep {
+                    st.workers.push(worker);
+                } else if st.spares.len() < keep {
+                    st.spares.push(Arc::clone(&worker));
+                    drop(st);
+                    let warming = Arc::clone(&pool);
+                    tokio::spawn(async move { warming.warm_spare(&worker).await });
+                } else {
+                    drop(st);
+                    worker.kill();
                 }
-                drop(st);
                 pool.changed.notify_waiters();
+                // It may itself be near its last job (one job a worker).
+                pool.weakened.notify_one();
             });
+        }
+        drop(st);
+        if promoted {
+            self.changed.notify_waiters();
+            self.weakened.notify_one();
+        }
+    }
+
+    /// The zone's workers that can take a job: neither retiring nor
+    /// failed.
+    fn live(st: &State) -> usize {
+        st.workers
+            .iter()
+            .filter(|w| {
+                let ws = lock(&w.state);
+                !ws.retiring && ws.fault.is_none()
+            })
+            .count()
+    }
+
+    /// Sends `spare` the modules the zone's workers hold, where each fits
+    /// beside what it holds, and waits for its loads (faulting it as
+    /// [`Pool::warm`] does where it does not answer): its first jobs then
+    /// find their module loaded.
+    async fn warm_spare(&self, spare: &Arc<Worker>) {
+        let modules: std::collections::BTreeSet<u64> = {
+            let st = lock(&self.state);
+            st.workers
+                .iter()
+                .flat_map(|w| lock(&w.state).loaded.keys().copied().collect::<Vec<_>>())
+                .filter(|m| st.modules.contains_key(m))
+                .collect()
+        };
+        let mut loads = Vec::new();
+        for module in modules {
+            if let Some(load) = self.send_warm(spare, module) {
+                loads.push(load);
+            }
+        }
+        let deadline = tokio::time::Instant::now() + START_ALLOWANCE;
+        for load in loads {
+            if tokio::time::timeout_at(deadline, load).await.is_err() {
+                let reason = format!("did not compile a module in {}s", START_ALLOWANCE.as_secs());
+                self.fault(spare, "overrun", reason);
+                return;
+            }
         }
     }
 

@@ -15,9 +15,9 @@
 //! hears of those jobs.
 //!
 //! Named `…-blind`, the first one started once `<path>.arm` exists (it
-//! takes that file away) relays everything but the `Run`s: its first job
-//! is sent before it has said it loaded the job's module (it had none
-//! loaded), and the real worker never hears of that job or the next.
+//! takes that file away) relays everything but the `Run`s, and leaves
+//! `<path>.used` once it has dropped one: the real worker never hears of
+//! any job.
 //!
 //! Otherwise only the first one started from a path that is sent a job withholds
 //! (it leaves `<path>.used`); later ones relay everything, so the zone's

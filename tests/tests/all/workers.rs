@@ -85,6 +85,7 @@ async fn guests_run_in_worker_processes_not_in_the_gateway() {
         format!("bulkhead_workers{{zone=\"untrusted\"}} {expected}"),
         "bulkhead_worker_queued_bytes{zone=\"untrusted\"} 0".to_owned(),
         "bulkhead_worker_loads_held_bytes{zone=\"untrusted\"} 0".to_owned(),
+        "bulkhead_worker_spares{zone=\"untrusted\"} 0".to_owned(),
     ] {
         assert!(metrics.contains(&gauge), "no {gauge} in {metrics}");
     }
@@ -2064,13 +2065,50 @@ async fn a_job_its_worker_never_starts_fails_once_it_could_have_started() {
     assert_ne!(pool.pids(), vec![first]);
 }
 
+/// A worker near its last job has its replacement started ahead, and sent
+/// the zone's modules, but given no job while the worker has jobs left:
+/// the worker runs all of its allowance, and the spare takes its place,
+/// its module loaded, when it retires. A zone replacing its workers had no
+/// worker able to take a job from each retirement until the replacement
+/// had started and loaded its first job's module.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_workers_replacement_is_started_and_loaded_before_it_retires() {
+    use bulkhead::runner::Runner;
+    let tmp = tempfile::tempdir().unwrap();
+    // A tenth of ten: the spare starts once a worker has one job left.
+    let (runner, _faults) = crate::common::workers_watched(tmp.path(), "spare", 10, 2).await;
+    let module = crate::common::load_in_workers(&runner, bulkhead_tests::HELLO, "hello").await;
+    let pool = std::sync::Arc::clone(&runner.pools()["untrusted"]);
+    let first = pool.pids()[0];
+    let spec = bulkhead::sandbox::JobSpec::new();
+    for _ in 0..8 {
+        let ran = runner.run(&module, &spec, None).await.unwrap().report;
+        assert!(ran.succeeded(), "{ran:?}");
+    }
+    assert!(pool.spare_pids().is_empty(), "a spare two jobs early");
+    let ran = runner.run(&module, &spec, None).await.unwrap().report;
+    assert!(ran.succeeded(), "{ran:?}");
+    until(|| pool.spare_pids().len() == 1).await;
+    let spare = pool.spare_pids()[0];
+    until(|| pool.compiled_in(spare) == Some(1)).await;
+    // The worker, not its spare, takes its last job.
+    assert_eq!(pool.pids(), vec![first]);
+    let ran = runner.run(&module, &spec, None).await.unwrap().report;
+    assert!(ran.succeeded(), "{ran:?}");
+    until(|| pool.pids() == vec![spare]).await;
+    // The retired worker is gone, not kept beside its spare.
+    until(|| !std::path::Path::new(&format!("/proc/{first}")).exists()).await;
+    let ran = runner.run(&module, &spec, None).await.unwrap().report;
+    assert!(ran.succeeded(), "{ran:?}");
+    assert_eq!(pool.pids(), vec![spare]);
+}
+
 /// A job sent to a worker before the worker said it loaded the job's
 /// module, and never started there, fails as its worker's 75 s after that
 /// `Loaded`, not after the 300 s a compile may take (found by a tester: a
 /// worker that dropped every `Run` held a job placed just before its
-/// `Loaded` 300 s). Each job gets a fresh worker; the one armed drops every
-/// `Run` it is sent, its first job's among them, sent with the module's
-/// load.
+/// `Loaded` 300 s). The zone's worker drops every `Run`; a module loaded
+/// while it is busy with the first is sent to it only with its job's.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_job_sent_before_its_module_was_loaded_fails_once_it_could_have_started() {
     use bulkhead::job::FailureKind;
@@ -2078,36 +2116,47 @@ async fn a_job_sent_before_its_module_was_loaded_fails_once_it_could_have_starte
     let tmp = tempfile::tempdir().unwrap();
     let program = tmp.path().join("worker-blind");
     std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_withholding-worker"), &program).unwrap();
-    let (runner, faults) =
-        crate::common::workers_from(tmp.path(), "blind", program.clone(), 1, 2, None).await;
-    let module = crate::common::load_in_workers(&runner, bulkhead_tests::HELLO, "hello").await;
-    let pool = std::sync::Arc::clone(&runner.pools()["untrusted"]);
-    let first = pool.pids()[0];
-    // The next worker started, the first one's replacement, drops its jobs.
+    // The zone's first worker drops the jobs it is sent.
     std::fs::write(program.with_file_name("worker-blind.arm"), b"").unwrap();
+    let (runner, faults) =
+        crate::common::workers_from(tmp.path(), "blind", program.clone(), 0, 2, None).await;
+    let runner = std::sync::Arc::new(runner);
+    let first = crate::common::load_in_workers(&runner, bulkhead_tests::HELLO, "hello").await;
+    let pool = std::sync::Arc::clone(&runner.pools()["untrusted"]);
+    let blind = pool.pids()[0];
+    let busy = {
+        let runner = std::sync::Arc::clone(&runner);
+        tokio::spawn(async move {
+            let spec = bulkhead::sandbox::JobSpec::new();
+            runner.run(&first, &spec, None).await.unwrap().report
+        })
+    };
+    until(|| program.with_file_name("worker-blind.used").exists()).await;
+    // Not sent to the busy worker now: with its job.
+    let later = crate::common::load_in_workers(&runner, bulkhead_tests::HELLO, "again").await;
     let spec = bulkhead::sandbox::JobSpec::new();
-    let ran = runner.run(&module, &spec, None).await.unwrap().report;
-    assert!(ran.succeeded(), "{ran:?}");
-    let dropped = runner.run(&module, &spec, None).await.unwrap().report;
+    let dropped = runner.run(&later, &spec, None).await.unwrap().report;
     let failure = dropped.failure.as_ref().expect("the job failed");
     assert_eq!(failure.kind, FailureKind::Worker, "{dropped:?}");
     // It never started: no limit of its own was reached.
     assert_eq!(dropped.limit, None, "{dropped:?}");
+    let busy = busy.await.unwrap();
+    assert_eq!(busy.failure.map(|f| f.kind), Some(FailureKind::Worker));
+    until(|| faults.lock().unwrap().len() == 2).await;
+    let faults = faults.lock().unwrap().clone();
     assert!(
-        program.with_file_name("worker-blind.used").exists(),
-        "the worker dropped nothing"
+        faults
+            .iter()
+            .all(|f| (f.class, f.pid) == ("overrun", blind)),
+        "{faults:?}"
     );
-    until(|| !faults.lock().unwrap().is_empty()).await;
-    let fault = faults.lock().unwrap()[0].clone();
-    assert_eq!(fault.class, "overrun", "{fault:?}");
-    assert_ne!(fault.pid, first, "{fault:?}");
     assert!(
-        fault
+        faults.iter().any(|f| f
             .reason
-            .contains("within 75s of saying it had compiled its module"),
-        "{fault:?}"
+            .contains("within 75s of saying it had compiled its module")),
+        "{faults:?}"
     );
-    let next = runner.run(&module, &spec, None).await.unwrap().report;
+    let next = runner.run(&later, &spec, None).await.unwrap().report;
     assert!(next.succeeded(), "{next:?}");
 }
 
