@@ -30,10 +30,10 @@
 //! run a guest may be that guest's by now, and its word about native code
 //! is not taken. So no worker can fill, or plant anything in, the cache.
 
+use super::process::WorkerProcess;
 use std::collections::{BTreeSet, HashMap};
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::process::Child;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
@@ -402,7 +402,7 @@ struct Worker {
     /// The gateway's end of the channel, a second descriptor of it: what
     /// waits in it unread ([`Worker::unread`]).
     channel: std::os::fd::OwnedFd,
-    child: Mutex<Option<Child>>,
+    child: Mutex<Option<WorkerProcess>>,
     ceiling: Option<super::cgroup::MemoryCeiling>,
     /// Its place among its pool's workers not yet wholly ended.
     live: Option<Live>,
@@ -2793,7 +2793,7 @@ impl<T> Drop for AbortOnDrop<T> {
 /// and reaped, and then its cgroup removed and its count dropped, off the
 /// async threads.
 struct Starting {
-    child: Option<Child>,
+    child: Option<WorkerProcess>,
     ceiling: Option<super::cgroup::MemoryCeiling>,
     live: Option<Live>,
 }

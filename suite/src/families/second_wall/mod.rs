@@ -30,7 +30,6 @@ use std::net::{TcpListener, TcpStream, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::Child;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -38,6 +37,7 @@ use crate::model::{
     Attack, AttackResult, Check, DrillAttack, DrillLine, DrillOrder, SuiteOptions, ms,
 };
 use bulkhead::worker::harden::{Applied, Layer, LayerState};
+use bulkhead::worker::process::WorkerProcess;
 use bulkhead::worker::{WorkerArgs, process};
 use procfs::Snapshot;
 
@@ -406,7 +406,7 @@ fn next_line(
 
 /// Kills `child` and every process it started (descendants first, while
 /// their ids are still held by their unreaped parents).
-fn kill_tree(child: &mut Child) {
+fn kill_tree(child: &mut WorkerProcess) {
     let pid = child.id();
     for (p, _) in procfs::tree(pid).into_iter().rev() {
         if p != pid {
@@ -438,7 +438,7 @@ fn session(
     net: &Net,
     weaken: &BTreeSet<Layer>,
     secret: &[u8],
-) -> Result<(Seen, Option<Child>), String> {
+) -> Result<(Seen, Option<WorkerProcess>), String> {
     let args = area.worker_args(weaken);
     let planted = if kind == DrillAttack::Inherited {
         Some(
