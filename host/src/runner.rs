@@ -143,10 +143,10 @@ pub struct RunnerState {
     pub zones: BTreeMap<String, Applied>,
     /// Per zone: its live workers' process ids.
     pub workers: BTreeMap<String, Vec<u32>>,
-    /// Per zone: its spare workers' process ids: each started ahead of a
+    /// Per zone: its successor workers' process ids: each started ahead of a
     /// worker's retirement, sent the zone's modules, and given no job
     /// until a worker retires.
-    pub spares: BTreeMap<String, Vec<u32>>,
+    pub successors: BTreeMap<String, Vec<u32>>,
     /// Per zone: its disk, which its workers' directories (each a file
     /// system of its own, as large as its jobs' rooms) hold at most
     /// together; `null` where they are plain directories in the zone's
@@ -378,7 +378,7 @@ impl Runner for InProcess {
             mode: "in-process",
             zones: BTreeMap::new(),
             workers: BTreeMap::new(),
-            spares: BTreeMap::new(),
+            successors: BTreeMap::new(),
             disk: BTreeMap::new(),
             disk_given: BTreeMap::new(),
             queued: BTreeMap::new(),
@@ -521,7 +521,7 @@ impl Runner for Workers {
             mode: "process",
             zones: self.per_zone(|pool| pool.applied()),
             workers: self.per_zone(|pool| pool.pids()),
-            spares: self.per_zone(|pool| pool.spare_pids()),
+            successors: self.per_zone(|pool| pool.successor_pids()),
             disk: self.per_zone(|pool| pool.disk()),
             disk_given: self.per_zone(|pool| pool.disk_given()),
             queued: self.per_zone(|pool| pool.queued_for_workers()),

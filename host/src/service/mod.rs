@@ -569,8 +569,8 @@ impl Service {
         for (zone, pids) in &isolation.workers {
             metrics::gauge!("bulkhead_workers", "zone" => zone.clone()).set(pids.len() as f64);
         }
-        for (zone, pids) in &isolation.spares {
-            metrics::gauge!("bulkhead_worker_spares", "zone" => zone.clone())
+        for (zone, pids) in &isolation.successors {
+            metrics::gauge!("bulkhead_worker_successors", "zone" => zone.clone())
                 .set(pids.len() as f64);
         }
         for (zone, disk) in &isolation.disk {

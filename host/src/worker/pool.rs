@@ -320,7 +320,7 @@ struct State {
     /// Workers started ahead of a worker's retirement, sent the modules
     /// the zone's workers hold, and given no job until one retires
     /// ([`Pool::round`]): at most as many as the zone keeps.
-    spares: Vec<Arc<Worker>>,
+    successors: Vec<Arc<Worker>>,
 }
 
 /// What a job's run fails with when it had no room or place by its
@@ -811,13 +811,13 @@ impl Pool {
         lock(&self.state).workers.iter().map(|w| w.pid).collect()
     }
 
-    /// Spare workers' process ids: started ahead of a worker's retirement,
+    /// Successor workers' process ids: started ahead of a worker's retirement,
     /// running no job until one retires.
-    pub fn spare_pids(&self) -> Vec<u32> {
-        lock(&self.state).spares.iter().map(|w| w.pid).collect()
+    pub fn successor_pids(&self) -> Vec<u32> {
+        lock(&self.state).successors.iter().map(|w| w.pid).collect()
     }
 
-    /// How many modules the zone's worker (or spare) `pid` has said it
+    /// How many modules the zone's worker (or successor) `pid` has said it
     /// compiled, of those sent to it; `None` for no such worker.
     pub fn compiled_in(&self, pid: u32) -> Option<usize> {
         self.all_workers()
@@ -826,10 +826,10 @@ impl Pool {
             .map(|w| lock(&w.state).compiled.len())
     }
 
-    /// The zone's workers, its spares among them.
+    /// The zone's workers, its successors among them.
     fn all_workers(&self) -> Vec<Arc<Worker>> {
         let st = lock(&self.state);
-        st.workers.iter().chain(&st.spares).cloned().collect()
+        st.workers.iter().chain(&st.successors).cloned().collect()
     }
 
     /// Jobs running on this pool's workers whose worker has said their
@@ -876,15 +876,15 @@ impl Pool {
     /// Stops every worker (at shutdown).
     pub fn close(&self) {
         self.closing.store(true, Ordering::SeqCst);
-        let (workers, compilers, spares) = {
+        let (workers, compilers, successors) = {
             let mut st = lock(&self.state);
             (
                 std::mem::take(&mut st.workers),
                 std::mem::take(&mut st.compilers),
-                std::mem::take(&mut st.spares),
+                std::mem::take(&mut st.successors),
             )
         };
-        for worker in workers.iter().chain(&compilers).chain(&spares) {
+        for worker in workers.iter().chain(&compilers).chain(&successors) {
             worker.kill();
         }
     }
@@ -1045,7 +1045,7 @@ impl Pool {
             ws.loads.entry(module).or_default().push(tx);
         }
         // A worker that has run no guest and finds the module's cache
-        // entry gone or rewritten compiles it for the cache (a spare
+        // entry gone or rewritten compiles it for the cache (a successor
         // warmed after an entry was removed put it back).
         self.send_load(worker, module, true, false);
         Some(rx)
@@ -1562,7 +1562,7 @@ impl Pool {
                                     && self.config.jobs_per_worker.saturating_sub(ws.started)
                                         == self.lead()
                                 {
-                                    // Its spare starts now.
+                                    // Its successor starts now.
                                     self.weakened.notify_one();
                                 }
                             }
@@ -1956,7 +1956,7 @@ impl Pool {
         {
             let mut st = lock(&self.state);
             st.workers.retain(|w| !Arc::ptr_eq(w, worker));
-            st.spares.retain(|w| !Arc::ptr_eq(w, worker));
+            st.successors.retain(|w| !Arc::ptr_eq(w, worker));
         }
         self.put_down(worker);
         if self.closing.load(Ordering::SeqCst) {
@@ -2236,7 +2236,7 @@ impl Pool {
         self.replenish();
     }
 
-    /// How many jobs before its last a worker's spare is started: a tenth
+    /// How many jobs before its last a worker's successor is started: a tenth
     /// of its allowance, at least one (so that a worker replaced per job
     /// has its successor ready as it starts).
     fn lead(&self) -> u32 {
@@ -2249,17 +2249,17 @@ impl Pool {
             && self.config.jobs_per_worker.saturating_sub(ws.started) <= self.lead()
     }
 
-    /// Keeps the zone's workers: a spare takes the place of each worker
-    /// retiring or gone, and workers are started for the rest; and a spare
+    /// Keeps the zone's workers: a successor takes the place of each worker
+    /// retiring or gone, and workers are started for the rest; and a successor
     /// is started for each worker near its last job, so that it is ready
     /// (its hello said, the zone's modules loaded) by the time that worker
     /// retires. A zone whose workers are replaced had no worker that could
     /// take a job from each retirement until its replacement had started
     /// and loaded its first job's module.
     ///
-    /// Processes at once: the zone's `workers`, as many spares, retiring
+    /// Processes at once: the zone's `workers`, as many successors, retiring
     /// workers (each with a job running, bounded by the zone's places),
-    /// and those starting (to keep the two counts). A spare is never
+    /// and those starting (to keep the two counts). A successor is never
     /// passed a job while its worker is not retiring, so each worker
     /// reaches its last job as it would without one.
     fn replenish(self: &Arc<Self>) {
@@ -2275,13 +2275,15 @@ impl Pool {
         });
         let mut promoted = false;
         while live < keep {
-            let Some(spare) = st.spares.pop() else { break };
-            st.workers.push(spare);
+            let Some(successor) = st.successors.pop() else {
+                break;
+            };
+            st.workers.push(successor);
             live += 1;
             promoted = true;
         }
         let wanted = (keep - live) + near.min(keep);
-        let have = st.spares.len() + st.starting as usize;
+        let have = st.successors.len() + st.starting as usize;
         for _ in have..wanted {
             st.starting += 1;
             let pool = Arc::clone(self);
@@ -2297,7 +2299,7 @@ impl Pool {
                     }
                 };
                 // Taken at once where the zone is short of a worker;
-                // otherwise a spare, sent the zone's modules (and taken
+                // otherwise a successor, sent the zone's modules (and taken
                 // as it is, its loads still coming, if the zone is short
                 // of a worker before they are done).
                 let mut st = lock(&pool.state);
@@ -2307,11 +2309,11 @@ impl Pool {
                     worker.kill();
                 } else if Self::live(&st) < keep {
                     st.workers.push(worker);
-                } else if st.spares.len() < keep {
-                    st.spares.push(Arc::clone(&worker));
+                } else if st.successors.len() < keep {
+                    st.successors.push(Arc::clone(&worker));
                     drop(st);
                     let warming = Arc::clone(&pool);
-                    tokio::spawn(async move { warming.warm_spare(&worker).await });
+                    tokio::spawn(async move { warming.warm_successor(&worker).await });
                 } else {
                     drop(st);
                     worker.kill();
@@ -2340,11 +2342,11 @@ impl Pool {
             .count()
     }
 
-    /// Sends `spare` the modules the zone's workers hold, where each fits
+    /// Sends `successor` the modules the zone's workers hold, where each fits
     /// beside what it holds, and waits for its loads (faulting it as
     /// [`Pool::warm`] does where it does not answer): its first jobs then
     /// find their module loaded.
-    async fn warm_spare(&self, spare: &Arc<Worker>) {
+    async fn warm_successor(&self, successor: &Arc<Worker>) {
         let modules: std::collections::BTreeSet<u64> = {
             let st = lock(&self.state);
             st.workers
@@ -2355,7 +2357,7 @@ impl Pool {
         };
         let mut loads = Vec::new();
         for module in modules {
-            if let Some(load) = self.send_warm(spare, module) {
+            if let Some(load) = self.send_warm(successor, module) {
                 loads.push(load);
             }
         }
@@ -2363,7 +2365,7 @@ impl Pool {
         for load in loads {
             if tokio::time::timeout_at(deadline, load).await.is_err() {
                 let reason = format!("did not compile a module in {}s", START_ALLOWANCE.as_secs());
-                self.fault(spare, "overrun", reason);
+                self.fault(successor, "overrun", reason);
                 return;
             }
         }

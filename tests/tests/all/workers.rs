@@ -85,7 +85,7 @@ async fn guests_run_in_worker_processes_not_in_the_gateway() {
         format!("bulkhead_workers{{zone=\"untrusted\"}} {expected}"),
         "bulkhead_worker_queued_bytes{zone=\"untrusted\"} 0".to_owned(),
         "bulkhead_worker_loads_held_bytes{zone=\"untrusted\"} 0".to_owned(),
-        "bulkhead_worker_spares{zone=\"untrusted\"} 0".to_owned(),
+        "bulkhead_worker_successors{zone=\"untrusted\"} 0".to_owned(),
     ] {
         assert!(metrics.contains(&gauge), "no {gauge} in {metrics}");
     }
@@ -2067,7 +2067,7 @@ async fn a_job_its_worker_never_starts_fails_once_it_could_have_started() {
 
 /// A worker near its last job has its replacement started ahead, and sent
 /// the zone's modules, but given no job while the worker has jobs left:
-/// the worker runs all of its allowance, and the spare takes its place,
+/// the worker runs all of its allowance, and the successor takes its place,
 /// its module loaded, when it retires. A zone replacing its workers had no
 /// worker able to take a job from each retirement until the replacement
 /// had started and loaded its first job's module.
@@ -2075,8 +2075,8 @@ async fn a_job_its_worker_never_starts_fails_once_it_could_have_started() {
 async fn a_workers_replacement_is_started_and_loaded_before_it_retires() {
     use bulkhead::runner::Runner;
     let tmp = tempfile::tempdir().unwrap();
-    // A tenth of ten: the spare starts once a worker has one job left.
-    let (runner, _faults) = crate::common::workers_watched(tmp.path(), "spare", 10, 2).await;
+    // A tenth of ten: the successor starts once a worker has one job left.
+    let (runner, _faults) = crate::common::workers_watched(tmp.path(), "successor", 10, 2).await;
     let module = crate::common::load_in_workers(&runner, bulkhead_tests::HELLO, "hello").await;
     let pool = std::sync::Arc::clone(&runner.pools()["untrusted"]);
     let first = pool.pids()[0];
@@ -2085,22 +2085,25 @@ async fn a_workers_replacement_is_started_and_loaded_before_it_retires() {
         let ran = runner.run(&module, &spec, None).await.unwrap().report;
         assert!(ran.succeeded(), "{ran:?}");
     }
-    assert!(pool.spare_pids().is_empty(), "a spare two jobs early");
+    assert!(
+        pool.successor_pids().is_empty(),
+        "a successor two jobs early"
+    );
     let ran = runner.run(&module, &spec, None).await.unwrap().report;
     assert!(ran.succeeded(), "{ran:?}");
-    until(|| pool.spare_pids().len() == 1).await;
-    let spare = pool.spare_pids()[0];
-    until(|| pool.compiled_in(spare) == Some(1)).await;
-    // The worker, not its spare, takes its last job.
+    until(|| pool.successor_pids().len() == 1).await;
+    let successor = pool.successor_pids()[0];
+    until(|| pool.compiled_in(successor) == Some(1)).await;
+    // The worker, not its successor, takes its last job.
     assert_eq!(pool.pids(), vec![first]);
     let ran = runner.run(&module, &spec, None).await.unwrap().report;
     assert!(ran.succeeded(), "{ran:?}");
-    until(|| pool.pids() == vec![spare]).await;
-    // The retired worker is gone, not kept beside its spare.
+    until(|| pool.pids() == vec![successor]).await;
+    // The retired worker is gone, not kept beside its successor.
     until(|| !std::path::Path::new(&format!("/proc/{first}")).exists()).await;
     let ran = runner.run(&module, &spec, None).await.unwrap().report;
     assert!(ran.succeeded(), "{ran:?}");
-    assert_eq!(pool.pids(), vec![spare]);
+    assert_eq!(pool.pids(), vec![successor]);
 }
 
 /// A job sent to a worker before the worker said it loaded the job's

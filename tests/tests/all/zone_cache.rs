@@ -143,7 +143,7 @@ async fn an_artifact_planted_in_a_zone_cache_is_not_loaded_by_the_next_worker() 
 /// without a restart: a worker that finds it gone compiles the module
 /// itself; one that has been sent a job has what it compiles left (a
 /// worker that has run no guest compiles it for the cache, at the next
-/// round), and a spare, which has run none, hands it over itself.
+/// round), and a successor, which has run none, hands it over itself.
 #[tokio::test(flavor = "multi_thread")]
 async fn an_entry_removed_from_a_zone_cache_is_put_back_while_the_zone_runs() {
     let tmp = tempfile::tempdir().unwrap();
@@ -155,7 +155,7 @@ async fn an_entry_removed_from_a_zone_cache_is_put_back_while_the_zone_runs() {
     // The worker that loaded it runs a job and is replaced.
     assert!(run(&runner, &hello).await.succeeded());
     std::fs::remove_file(&entry).unwrap();
-    // Workers that had loaded hello before (a spare sent the zone's
+    // Workers that had loaded hello before (a successor sent the zone's
     // modules ahead) run its jobs without a look at the cache; the next
     // that loads it finds the entry gone.
     'jobs: for _ in 0..4 {
