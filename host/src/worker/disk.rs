@@ -277,6 +277,11 @@ struct Held {
     /// Rooms released within [`RELEASE_GRACE`] whose job's directories
     /// are gone: when, and how large.
     released: Vec<(Instant, u64)>,
+    /// Released jobs of `leaving` whose release (the frame that told the
+    /// worker) had not left the gateway when they were released: where it
+    /// ends in what is written to the worker. Their clock starts once it
+    /// has left ([`WorkerDisk::settle`]).
+    unsent: HashMap<u64, u64>,
 }
 
 impl Held {
@@ -417,13 +422,24 @@ impl WorkerDisk {
     /// Until then the room stays the directory's: files of the released
     /// job the worker has not removed yet are never taken into another
     /// job's room.
-    pub fn release(&self, job: u64) {
+    ///
+    /// `told_by`: where the frame that tells the worker ends in what is
+    /// written to it, if it has not left the gateway yet; the worker's
+    /// [`RELEASE_GRACE`] runs from when it has (found by a tester: a
+    /// release queued behind hundreds of megabytes of other jobs' `Run`s
+    /// had its grace run out before the worker could read it, and the
+    /// worker, honest but reading at 20 MB/s, was faulted with a
+    /// co-tenant's job).
+    pub fn release(&self, job: u64, told_by: Option<u64>) {
         let mut held = lock(&self.held);
         if let Some((room, tenant)) = held.rooms.remove(&job) {
             if let Some(tenant) = &tenant {
                 self.zone.hold(tenant, room, false);
             }
             held.leaving.insert(job, (Instant::now(), room));
+            if let Some(end) = told_by {
+                held.unsent.insert(job, end);
+            }
             self.shrink(&mut held, false);
         }
     }
@@ -465,15 +481,28 @@ impl WorkerDisk {
     /// [`RELEASE_GRACE`] after its release: what it keeps that no job was
     /// given. An honest worker removes a released job's directories at
     /// once.
-    pub fn settle(&self) -> Option<Overheld> {
+    ///
+    /// `written`: the bytes written to the worker so far; a release whose
+    /// frame they take in has its grace start now.
+    pub fn settle(&self, written: u64) -> Option<Overheld> {
         let mut held = lock(&self.held);
-        self.shrink(&mut held, false);
+        let held = &mut *held;
+        self.shrink(held, false);
+        held.unsent.retain(|job, end| {
+            if *end > written {
+                return true;
+            }
+            if let Some((at, _)) = held.leaving.get_mut(job) {
+                *at = Instant::now();
+            }
+            false
+        });
         held.released
             .retain(|(at, _)| at.elapsed() <= RELEASE_GRACE);
         if let Some(job) = held
             .leaving
             .iter()
-            .filter(|(_, (at, _))| at.elapsed() > RELEASE_GRACE)
+            .filter(|(job, (at, _))| at.elapsed() > RELEASE_GRACE && !held.unsent.contains_key(job))
             .map(|(job, _)| *job)
             .min()
         {
@@ -517,6 +546,7 @@ impl WorkerDisk {
             .filter(|job| job_files_gone(self.dir.as_ref(), *job))
             .collect();
         for job in gone {
+            held.unsent.remove(&job);
             if let Some(left) = held.leaving.remove(&job) {
                 held.released.push(left);
             }
@@ -634,13 +664,13 @@ mod tests {
         // Given once per key.
         assert!(a.reserve(1, 4 * PAGE, None).unwrap());
         assert_eq!(zone.given(), 8 * PAGE);
-        b.release(2);
+        b.release(2, None);
         assert_eq!(zone.given(), 4 * PAGE);
         assert!(a.reserve(3, 3 * PAGE, None).unwrap());
         assert_eq!(zone.given(), 7 * PAGE);
         // Released twice, given back once.
-        a.release(1);
-        a.release(1);
+        a.release(1, None);
+        a.release(1, None);
         assert_eq!(zone.given(), 3 * PAGE);
         drop(a);
         assert_eq!(zone.given(), 0);
@@ -692,23 +722,26 @@ mod tests {
         assert_eq!(size(&disk), FLOOR + (576 << 10));
         let file = crate::sandbox::beneath::fd_path(&disk.scratch().unwrap().dir).join("out");
         std::fs::write(&file, vec![1u8; 400 << 10]).unwrap();
-        disk.release(1);
+        disk.release(1, None);
         assert!(disk.overfilled());
-        assert!(disk.settle().is_none(), "job 1's files are excused a while");
+        assert!(
+            disk.settle(0).is_none(),
+            "job 1's files are excused a while"
+        );
         assert_eq!(zone.given(), 576 << 10);
         assert_eq!(size(&disk), FLOOR + (576 << 10));
         disk.age(RELEASE_GRACE - Duration::from_secs(2));
-        disk.release(2);
-        assert!(disk.settle().is_none());
+        disk.release(2, None);
+        assert!(disk.settle(0).is_none());
         disk.age(Duration::from_secs(3));
-        let kept = disk.settle().expect("job 1's grace ran out");
+        let kept = disk.settle(0).expect("job 1's grace ran out");
         // Job 2's room, released within the grace, still excuses its share.
         assert_eq!(kept, Overheld::Files((400 << 10) - FLOOR - (64 << 10)));
         // Not even a job refused room shrinks it below its files.
         assert_eq!(disk.reclaim(), 0);
         assert_eq!(size(&disk), FLOOR + (576 << 10));
         std::fs::remove_file(&file).unwrap();
-        assert!(disk.settle().is_none());
+        assert!(disk.settle(0).is_none());
         assert!(!disk.overfilled());
         disk.reclaim();
         assert_eq!(zone.given(), 0);
@@ -748,7 +781,7 @@ mod tests {
             }
         }
         assert!(!disk.overfilled());
-        assert_eq!(disk.settle(), None);
+        assert_eq!(disk.settle(0), None);
     }
 
     /// A worker's directory is given no more than the zone's bound per
@@ -767,7 +800,7 @@ mod tests {
         assert!(a.reserve(1, 6 * PAGE, None).unwrap());
         assert!(!a.reserve(2, 6 * PAGE, None).unwrap());
         assert!(b.reserve(2, 6 * PAGE, None).unwrap());
-        a.release(1);
+        a.release(1, None);
         assert!(a.reserve(3, 6 * PAGE, None).unwrap());
         assert_eq!(zone.given(), 12 * PAGE);
     }
@@ -784,13 +817,13 @@ mod tests {
         assert!(!worker.reserve(2, 8 * PAGE, Some(&large)).unwrap());
         let small = zone.turn(3 * PAGE, "a");
         assert!(!worker.reserve(3, 3 * PAGE, Some(&small)).unwrap());
-        worker.release(1);
+        worker.release(1, None);
         // It would fit, but leave the earlier job too little.
         assert!(!worker.reserve(3, 3 * PAGE, Some(&small)).unwrap());
         assert!(worker.reserve(2, 8 * PAGE, Some(&large)).unwrap());
         drop(large);
         assert!(!worker.reserve(3, 3 * PAGE, Some(&small)).unwrap());
-        worker.release(2);
+        worker.release(2, None);
         assert!(worker.reserve(3, 3 * PAGE, Some(&small)).unwrap());
         assert_eq!(zone.given(), 3 * PAGE);
     }
@@ -817,12 +850,12 @@ mod tests {
         assert!(disk.reserve(2, 1 << 20, None).unwrap());
         std::fs::create_dir(root.join("j1.out")).unwrap();
         std::fs::write(root.join("j1.out/left"), vec![1u8; 512 << 10]).unwrap();
-        disk.release(1);
+        disk.release(1, None);
         // Job 1's files would fit in job 2's room; job 2 keeps all of it.
         assert!(free(&disk) >= 1 << 20, "{} bytes free", free(&disk));
         assert_eq!(zone.given(), 2 << 20);
         assert!(!disk.overfilled());
-        assert_eq!(disk.settle(), None);
+        assert_eq!(disk.settle(0), None);
         // A later job's room is its own too.
         assert!(disk.reserve(3, 1 << 20, None).unwrap());
         assert_eq!(zone.given(), 3 << 20);
@@ -833,14 +866,41 @@ mod tests {
         assert_eq!(zone.given(), 2 << 20);
         // Kept past the grace.
         std::fs::create_dir(root.join("j2.in")).unwrap();
-        disk.release(2);
+        disk.release(2, None);
         assert_eq!(zone.given(), 2 << 20);
         disk.age(RELEASE_GRACE + Duration::from_secs(1));
-        assert_eq!(disk.settle(), Some(Overheld::Directory(2)));
+        assert_eq!(disk.settle(0), Some(Overheld::Directory(2)));
         std::fs::remove_dir(root.join("j2.in")).unwrap();
-        assert_eq!(disk.settle(), None);
+        assert_eq!(disk.settle(0), None);
         disk.reclaim();
         assert_eq!(zone.given(), 1 << 20);
+    }
+
+    /// A release told by a frame still queued for the worker has its
+    /// grace start once the frame has left the gateway: a worker cannot
+    /// remove what it has not been told to (found by a tester: a release
+    /// behind hundreds of megabytes of `Run`s faulted an honest worker).
+    #[test]
+    fn a_releases_grace_runs_from_when_the_worker_could_read_it() {
+        let Some(scratch) = scratch_or_skip() else {
+            return;
+        };
+        let root = crate::sandbox::beneath::fd_path(&scratch.dir);
+        let zone = Arc::new(ZoneDisk::new(4 << 20));
+        let dir = scratch.dir.try_clone().unwrap();
+        let disk = WorkerDisk::new(Arc::clone(&zone), Some(scratch), Some(dir));
+        assert!(disk.reserve(1, 1 << 20, None).unwrap());
+        std::fs::create_dir(root.join("j1.out")).unwrap();
+        // Told by a frame ending at byte 1,000 of what is written.
+        disk.release(1, Some(1_000));
+        disk.age(RELEASE_GRACE + Duration::from_secs(1));
+        assert_eq!(disk.settle(999), None, "judged before it was told");
+        // Written now: its grace starts.
+        assert_eq!(disk.settle(1_000), None);
+        disk.age(RELEASE_GRACE + Duration::from_secs(1));
+        assert_eq!(disk.settle(1_000), Some(Overheld::Directory(1)));
+        std::fs::remove_dir(root.join("j1.out")).unwrap();
+        assert_eq!(disk.settle(1_000), None);
     }
 
     /// What a released job's room grew the directory by stays, as its
@@ -864,12 +924,12 @@ mod tests {
         let a = WorkerDisk::new(Arc::clone(&zone), Some(scratch), Some(dir));
         let b = WorkerDisk::new(Arc::clone(&zone), None, None);
         assert!(a.reserve(1, 1 << 20, None).unwrap());
-        a.release(1);
+        a.release(1, None);
         assert_eq!((zone.given(), size(&a)), (1 << 20, FLOOR + (1 << 20)));
         assert!(!a.overfilled());
         assert!(a.reserve(2, 1 << 20, None).unwrap());
         assert_eq!((zone.given(), size(&a)), (1 << 20, FLOOR + (1 << 20)));
-        a.release(2);
+        a.release(2, None);
         // Filled by files no job was given room for, it is no room.
         std::fs::write(root.join("junk"), vec![1u8; 512 << 10]).unwrap();
         assert!(a.overfilled());
@@ -886,18 +946,18 @@ mod tests {
         let small = zone.turn(1 << 20, "c");
         assert!(!b.reserve(4, 1 << 20, Some(&small)).unwrap());
         assert!(a.reserve(5, 1 << 19, None).unwrap());
-        a.release(5);
+        a.release(5, None);
         assert_eq!(size(&a), FLOOR);
         drop(small);
         drop(large);
         assert!(!zone.wanted());
         // Kept while rooms are given in it; given back once idle.
         assert!(a.reserve(6, 1 << 19, None).unwrap());
-        a.release(6);
-        assert_eq!(a.settle(), None);
+        a.release(6, None);
+        assert_eq!(a.settle(0), None);
         assert_eq!(size(&a), FLOOR + (1 << 19));
         a.age(SPARE_IDLE);
-        assert_eq!(a.settle(), None);
+        assert_eq!(a.settle(0), None);
         assert_eq!(size(&a), FLOOR);
         assert_eq!(zone.given(), 7 << 19);
     }
@@ -921,7 +981,7 @@ mod tests {
         let a3 = zone.turn(PAGE, "a");
         assert!(!worker.reserve(4, PAGE, Some(&a3)).unwrap(), "a's own");
         drop(a3);
-        worker.release(1);
+        worker.release(1, None);
         let b2 = zone.turn(2 * PAGE, "b");
         assert!(
             !worker.reserve(5, 2 * PAGE, Some(&b2)).unwrap(),

@@ -1516,7 +1516,7 @@ impl Pool {
                         ) => {
                             if disk.overfilled() {
                                 // Its released files may be gone by now.
-                                let _ = disk.settle();
+                                let _ = disk.settle(worker.down.0.written());
                                 if disk.overfilled() {
                                     continue;
                                 }
@@ -2089,7 +2089,11 @@ impl Pool {
             // system's counts), whatever waits unread on its channel:
             // spares are given back and files past its rooms faulted even
             // while its reader is behind.
-            if let Some(over) = worker.disk.as_ref().and_then(|d| d.settle()) {
+            if let Some(over) = worker
+                .disk
+                .as_ref()
+                .and_then(|d| d.settle(worker.down.0.written()))
+            {
                 self.fault(worker, "disk", over.to_string());
                 continue;
             }
@@ -2862,8 +2866,15 @@ impl Worker {
 
     /// Job `job`'s files are gone or going: its room is released.
     fn release(&self, job: u64) {
+        self.release_told(job, None);
+    }
+
+    /// [`Worker::release`], the worker told to remove the job's files by a
+    /// frame ending at `told_by` in what is written to it
+    /// ([`super::disk::WorkerDisk::release`]).
+    fn release_told(&self, job: u64, told_by: Option<u64>) {
         if let Some(disk) = &self.disk {
-            disk.release(job);
+            disk.release(job, told_by);
         }
     }
 
@@ -3042,9 +3053,9 @@ struct JobGuard<'a> {
 impl Drop for JobGuard<'_> {
     fn drop(&mut self) {
         if !self.done {
-            let _ = self.worker.down.send(Down::Cancel { job: self.job });
+            let told_by = self.worker.down.send_ending(Down::Cancel { job: self.job });
             self.pool.job_ended(self.worker, self.job);
-            self.worker.release(self.job);
+            self.worker.release_told(self.job, told_by);
         }
     }
 }
@@ -3102,10 +3113,14 @@ impl WorkerOutputs {
 
 impl Drop for WorkerOutputs {
     fn drop(&mut self) {
-        if !self.removed {
-            let _ = self.worker.down.send(Down::Release { job: self.job });
-        }
-        self.worker.release(self.job);
+        let told_by = if self.removed {
+            None
+        } else {
+            self.worker
+                .down
+                .send_ending(Down::Release { job: self.job })
+        };
+        self.worker.release_told(self.job, told_by);
     }
 }
 
