@@ -1044,10 +1044,12 @@ impl Pool {
             ws.warming.insert(module, (cost, 0));
             ws.loads.entry(module).or_default().push(tx);
         }
-        // A worker that has run no guest and finds the module's cache
-        // entry gone or rewritten compiles it for the cache (a successor
-        // warmed after an entry was removed put it back).
-        self.send_load(worker, module, true, false);
+        // Nothing it compiles is taken into the zone's cache: a worker
+        // sent several modules may have been broken into by compiling an
+        // earlier one (only a worker started for one module compiles it
+        // for the cache, `Pool::load_alone`). One that finds an entry gone
+        // has it compiled again that way (`Pool::rebuild`).
+        self.send_load(worker, module, false, false);
         Some(rx)
     }
 
@@ -1361,9 +1363,11 @@ impl Pool {
             // an entry: worth counting where it is watched.
             metrics::counter!("bulkhead_zone_cache_mismatches_total", "zone" => self.config.zone.clone())
                 .increment(1);
-            if !pristine {
-                // What it compiled is not taken: the next worker that has
-                // run no guest compiles it for the cache ([`Pool::rebuild`]).
+            if !pristine || info.artifact.is_none() {
+                // What it compiled is not taken (it has been sent a job, or
+                // it was not asked to hand it over: a load to warm it): a
+                // worker of its own compiles it for the cache
+                // ([`Pool::rebuild`]).
                 lock(&self.state).rebuild.insert(module);
             }
         }

@@ -141,9 +141,9 @@ async fn an_artifact_planted_in_a_zone_cache_is_not_loaded_by_the_next_worker() 
 
 /// An entry removed from a zone's cache while the zone runs is put back
 /// without a restart: a worker that finds it gone compiles the module
-/// itself; one that has been sent a job has what it compiles left (a
-/// worker that has run no guest compiles it for the cache, at the next
-/// round), and a successor, which has run none, hands it over itself.
+/// itself, and what it compiles is not taken (it has been sent a job, or
+/// other modules: a successor warmed); a worker of its own compiles it
+/// for the cache, at the next round.
 #[tokio::test(flavor = "multi_thread")]
 async fn an_entry_removed_from_a_zone_cache_is_put_back_while_the_zone_runs() {
     let tmp = tempfile::tempdir().unwrap();
