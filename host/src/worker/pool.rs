@@ -455,6 +455,10 @@ struct WorkerState {
     /// Modules of `loaded` it said it compiled (its `Loaded`): their jobs
     /// have no compile to wait for ([`START_LOADED`]).
     compiled: std::collections::HashSet<u64>,
+    /// Modules it was asked to hand the compiled code of over (only a
+    /// worker started to load one module alone is, [`Pool::load_alone`]),
+    /// until its `Loaded`: the only artifacts taken from it.
+    asked_to_hand_over: std::collections::HashSet<u64>,
     loads: HashMap<u64, Vec<oneshot::Sender<Result<LoadInfo, LoadError>>>>,
     jobs: HashMap<u64, Pending>,
     /// Places given to jobs whose specs are still being read
@@ -511,8 +515,9 @@ enum Answer {
     /// files its guest created in `/out`.
     Report(Result<String, String>, Vec<crate::sandbox::outputs::FileId>),
     /// The gateway stopped it: its own clock for the job ran out, the
-    /// job's wall time (`true`) or the worker's time to start it.
-    Stopped(String, bool),
+    /// job's wall time (`true`) or the worker's time to start it; where
+    /// the `Cancel` that told the worker ends in what is written to it.
+    Stopped(String, bool, Option<u64>),
 }
 
 impl WorkerState {
@@ -591,7 +596,8 @@ pub fn records_dir(cache_dir: &Path) -> PathBuf {
 /// from a worker's `Loaded`: the one it `reported` handing over, when it
 /// `compiled` the module (rather than loading the recorded artifact, which
 /// leaves nothing to take), and only when the worker was `pristine` (sent
-/// no job yet) when the gateway read its answer. A worker that has run a
+/// no job yet, and asked to hand this module over: started to load it
+/// alone) when the gateway read its answer. A worker that has run a
 /// guest may be compromised, and could have written and reported native
 /// code of its own; its word is not taken (it keeps using what it
 /// compiled itself). Taking the very artifact recorded again mends an
@@ -1287,6 +1293,9 @@ impl Pool {
                 }
                 matches!(given, Ok(true))
             });
+        if hand_over {
+            ws.asked_to_hand_over.insert(module);
+        }
         let _ = worker.down.send(Down::Load {
             module,
             policy_json: source.policy_json.clone(),
@@ -1337,10 +1346,11 @@ impl Pool {
         module: u64,
         info: &LoadInfo,
     ) -> Option<impl FnOnce() + Send + 'static> {
-        let (pristine, sent) = {
-            let ws = lock(&worker.state);
+        let (pristine, sent, asked) = {
+            let mut ws = lock(&worker.state);
+            let asked = ws.asked_to_hand_over.remove(&module);
             match ws.loaded.get(&module) {
-                Some(sent) => (ws.pristine(), sent.clone()),
+                Some(sent) => (ws.pristine(), sent.clone(), asked),
                 // Never sent to it.
                 None => return None,
             }
@@ -1363,7 +1373,7 @@ impl Pool {
             // an entry: worth counting where it is watched.
             metrics::counter!("bulkhead_zone_cache_mismatches_total", "zone" => self.config.zone.clone())
                 .increment(1);
-            if !pristine || info.artifact.is_none() {
+            if !(pristine && asked) {
                 // What it compiled is not taken (it has been sent a job, or
                 // it was not asked to hand it over: a load to warm it): a
                 // worker of its own compiles it for the cache
@@ -1372,7 +1382,15 @@ impl Pool {
             }
         }
         let reported = info.artifact.as_ref().filter(|a| a.well_formed())?;
-        let Some(artifact) = recordable(pristine, !info.from_cache, Some(reported)).cloned() else {
+        // Only from a worker asked to hand it over: a worker sent several
+        // modules (warmed, a successor) may have been broken into by
+        // compiling one, and said it compiled another with code of its own
+        // (found by a tester: a successor's forged `Loaded` had another
+        // module's code recorded for a module, and another tenant's jobs
+        // ran it, across a restart).
+        let Some(artifact) =
+            recordable(pristine && asked, !info.from_cache, Some(reported)).cloned()
+        else {
             // Not taken: what it left in its directory goes.
             let _ = rustix::fs::unlinkat(
                 &worker.dir_fd,
@@ -1826,8 +1844,8 @@ impl Pool {
                 truncate(&mut message, MAX_MESSAGE);
                 Err(message)
             }
-            Ok(Answer::Stopped(reason, wall_time)) => {
-                released();
+            Ok(Answer::Stopped(reason, wall_time, told_by)) => {
+                worker.release_told(job, told_by);
                 Ok((stopped_report(&id, policy, &reason, wall_time), None))
             }
             Err(_) => {
@@ -2000,10 +2018,10 @@ impl Pool {
         };
         let Some(pending) = pending else { return };
         worker.calls.unregister(job);
-        let _ = worker.down.send(Down::Cancel { job });
+        let told_by = worker.down.send_ending(Down::Cancel { job });
         let _ = pending
             .reply
-            .send(Answer::Stopped(reason.clone(), wall_time));
+            .send(Answer::Stopped(reason.clone(), wall_time, told_by));
         if idle {
             self.retire(worker);
         }

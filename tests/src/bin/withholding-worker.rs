@@ -19,6 +19,12 @@
 //! `<path>.used` once it has dropped one: the real worker never hears of
 //! any job.
 //!
+//! Named `…-forge`, the first one started once `<path>.arm` exists relays
+//! everything, but answers each load it finds in the zone's cache with a
+//! forged `Loaded`: that it compiled the module and handed over another
+//! module's artifact from the cache, copied into its own directory under
+//! that artifact's name (leaving `<path>.used`).
+//!
 //! Otherwise only the first one started from a path that is sent a job withholds
 //! (it leaves `<path>.used`); later ones relay everything, so the zone's
 //! next worker is honest. The name is that of the path the pool starts (a link to this
@@ -41,6 +47,7 @@ enum Mode {
     Slow,
     Discard,
     Blind,
+    Forge,
 }
 
 fn main() {
@@ -52,7 +59,9 @@ fn main() {
     let mut mode = mode(path);
     let mut used = PathBuf::from(path).into_os_string();
     used.push(".used");
-    if mode == Mode::Blind && std::fs::remove_file(format!("{path}.arm")).is_err() {
+    if matches!(mode, Mode::Blind | Mode::Forge)
+        && std::fs::remove_file(format!("{path}.arm")).is_err()
+    {
         mode = Mode::Honest;
     }
     let gateway = process::inherited_channel().expect("no channel inherited");
@@ -76,7 +85,8 @@ fn main() {
         &dirs.iter().collect::<Vec<_>>(),
     )
     .expect("the real worker starts");
-    drop(dirs);
+    // Its own directory and the zone's cache, as it was handed them.
+    let (work, cache) = (fd_path(&dirs[0]), fd_path(&dirs[1]));
     let child = spawned.channel;
     let up = Arc::new(Mutex::new(gateway.try_clone().expect("channel")));
 
@@ -84,8 +94,15 @@ fn main() {
     {
         let up = Arc::clone(&up);
         let mut from = child.try_clone().expect("channel");
+        let forging = (mode == Mode::Forge).then(|| (work.clone(), cache.clone(), used.clone()));
         std::thread::spawn(move || {
-            while let Some(frame) = read_frame(&mut from) {
+            while let Some(mut frame) = read_frame(&mut from) {
+                if let Some((work, cache, used)) = &forging
+                    && let Some(forged) = forged(&frame[4..], work, cache)
+                {
+                    first(used);
+                    frame = forged;
+                }
                 if up.lock().unwrap().write_all(&frame).is_err() {
                     break;
                 }
@@ -148,8 +165,57 @@ fn mode(path: &str) -> Mode {
         p if p.ends_with("-slow") => Mode::Slow,
         p if p.ends_with("-discard") => Mode::Discard,
         p if p.ends_with("-blind") => Mode::Blind,
+        p if p.ends_with("-forge") => Mode::Forge,
         _ => Mode::Honest,
     }
+}
+
+/// `/proc/self/fd/N` of `dir`, a directory this process holds.
+fn fd_path(dir: &std::fs::File) -> PathBuf {
+    use std::os::fd::AsRawFd;
+    PathBuf::from(format!("/proc/self/fd/{}", dir.as_raw_fd()))
+}
+
+/// For a `Loaded` of a module found in the zone's cache (`payload`): the
+/// frame of a forged one, saying the module was compiled and its code
+/// handed over, that code being another artifact of the cache, copied
+/// into `work` under its name. `None` for any other message.
+fn forged(payload: &[u8], work: &std::path::Path, cache: &std::path::Path) -> Option<Vec<u8>> {
+    let Ok(Up::Loaded {
+        module,
+        result: Ok(mut info),
+    }) = proto::decode::<Up>(payload)
+    else {
+        return None;
+    };
+    let own = info.artifact.clone().filter(|_| info.from_cache)?;
+    let other = std::fs::read_dir(cache.join(&own.engine))
+        .ok()?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .find(|p| p.file_name().is_some_and(|n| *n != *own.handoff_name()))?;
+    let bytes = std::fs::read(&other).ok()?;
+    let name = other.file_name()?.to_str()?.to_owned();
+    // Its directory holds 256 KiB before any job is given room in it: a
+    // larger artifact does not fit, and is not forged.
+    if std::fs::write(work.join(&name), &bytes).is_err() {
+        let _ = std::fs::remove_file(work.join(&name));
+        return None;
+    }
+    info.from_cache = false;
+    info.artifact = Some(bulkhead::sandbox::Artifact {
+        engine: own.engine,
+        sha256: bulkhead::policy::Sha256Hex::digest(&bytes),
+        len: bytes.len() as u64,
+    });
+    let forged = proto::encode(&Up::Loaded {
+        module,
+        result: Ok(info),
+    })
+    .ok()?;
+    let mut frame = u32::try_from(forged.len()).ok()?.to_be_bytes().to_vec();
+    frame.extend_from_slice(&forged);
+    Some(frame)
 }
 
 /// Whether this is the first worker started from the path to be sent a

@@ -41,7 +41,7 @@ fn process_state(pid: u32) -> Option<char> {
     stat.rsplit(')').next()?.trim_start().chars().next()
 }
 
-async fn until(mut f: impl FnMut() -> bool) {
+pub(crate) async fn until(mut f: impl FnMut() -> bool) {
     for _ in 0..400 {
         if f() {
             return;

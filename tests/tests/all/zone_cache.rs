@@ -139,6 +139,53 @@ async fn an_artifact_planted_in_a_zone_cache_is_not_loaded_by_the_next_worker() 
     third.close();
 }
 
+/// Only a worker started to load one module alone hands its code over:
+/// a worker sent modules to warm it (a successor, sent the zone's modules
+/// ahead of a worker's retirement) that says it compiled one and handed
+/// over code, another module's, has nothing taken or recorded (found by a
+/// tester: such a forged `Loaded` had another module's code recorded, and
+/// another tenant's jobs ran it, across a restart).
+#[tokio::test(flavor = "multi_thread")]
+async fn code_a_warmed_worker_says_it_compiled_is_never_taken() {
+    let tmp = tempfile::tempdir().unwrap();
+    let program = tmp.path().join("worker-forge");
+    std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_withholding-worker"), &program).unwrap();
+    // A tenth of ten: the successor starts once a worker has one job left.
+    let (runner, _faults) =
+        crate::common::workers_from(tmp.path(), "forge", program.clone(), 10, 2, None).await;
+    let hello = load(&runner, bulkhead_tests::HELLO, "hello").await;
+    load(&runner, bulkhead_tests::HOSTILE, "hostile").await;
+    let recorded = record(tmp.path(), bulkhead_tests::HELLO).expect("hello's record");
+    let others = record(tmp.path(), bulkhead_tests::HOSTILE).expect("hostile's record");
+    assert_ne!(recorded["sha256"], others["sha256"]);
+    // The next worker started, the successor, forges its answers.
+    std::fs::write(program.with_file_name("worker-forge.arm"), b"").unwrap();
+    for _ in 0..9 {
+        assert!(run(&runner, &hello).await.succeeded());
+    }
+    let pool = std::sync::Arc::clone(&runner.pools()["untrusted"]);
+    crate::workers::until(|| pool.successor_pids().len() == 1).await;
+    let successor = pool.successor_pids()[0];
+    crate::workers::until(|| pool.compiled_in(successor) == Some(2)).await;
+    assert!(
+        program.with_file_name("worker-forge.used").exists(),
+        "the successor forged nothing"
+    );
+    // Its handover, had it been taken, would be recorded before its answer
+    // is; give a copy a moment anyway.
+    for _ in 0..20 {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(record(tmp.path(), bulkhead_tests::HELLO), Some(recorded));
+    assert_eq!(record(tmp.path(), bulkhead_tests::HOSTILE), Some(others));
+    // And the successor, in its worker's place, runs hello's own code.
+    assert!(run(&runner, &hello).await.succeeded());
+    let ran = run(&runner, &hello).await;
+    assert!(ran.succeeded(), "{ran:?}");
+    assert_eq!(ran.stdout.text, "hello from bulkhead\n");
+    runner.close();
+}
+
 /// An entry removed from a zone's cache while the zone runs is put back
 /// without a restart: a worker that finds it gone compiles the module
 /// itself, and what it compiles is not taken (it has been sent a job, or
