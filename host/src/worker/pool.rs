@@ -2717,6 +2717,23 @@ impl Pool {
             }
             match message {
                 Up::Loaded { module, result } => {
+                    // Code compiled and handed over that was not asked for
+                    // (an honest worker hands over only on a load that
+                    // asks it to, and reports what it found in the cache
+                    // as from the cache): a lie about what is in its
+                    // directory, never taken (found by a tester).
+                    if let Ok(info) = &result
+                        && !info.from_cache
+                        && info.artifact.is_some()
+                        && !lock(&worker.state).asked_to_hand_over.contains(&module)
+                    {
+                        return (
+                            "protocol",
+                            format!(
+                                "said it handed over the compiled code of module {module}, which it was not asked for"
+                            ),
+                        );
+                    }
                     if result.is_err() {
                         pool.forget_load(worker, module);
                     } else {
