@@ -12,6 +12,7 @@ use crate::common;
 use crate::common::http::json;
 use crate::common::policies::{TestPolicy, hello, sleeper};
 use crate::common::service::{self, Server};
+use crate::common::until;
 
 /// The zone's live worker pids, as the service reports them.
 fn workers(server: &Server) -> Vec<u32> {
@@ -39,16 +40,6 @@ async fn submit(server: &Server, token: &str, module: &str, wait: bool) -> Value
 fn process_state(pid: u32) -> Option<char> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     stat.rsplit(')').next()?.trim_start().chars().next()
-}
-
-pub(crate) async fn until(mut f: impl FnMut() -> bool) {
-    for _ in 0..400 {
-        if f() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("condition not reached in 20 s");
 }
 
 #[tokio::test(flavor = "multi_thread")]

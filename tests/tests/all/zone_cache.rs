@@ -164,7 +164,7 @@ async fn code_a_warmed_worker_says_it_compiled_is_never_taken() {
     for _ in 0..9 {
         assert!(run(&runner, &hello).await.succeeded());
     }
-    crate::workers::until(|| !faults.lock().unwrap().is_empty()).await;
+    crate::common::until(|| !faults.lock().unwrap().is_empty()).await;
     assert!(
         program.with_file_name("worker-forge.used").exists(),
         "the successor forged nothing"

@@ -317,3 +317,14 @@ pub fn core_module(start: &str, imports: &[(&str, &str)], pages: u64, tail: &[u8
     bytes.extend_from_slice(tail);
     bytes
 }
+
+/// Waits until `f` holds, looking every 50 ms; panics after 20 s.
+pub async fn until(mut f: impl FnMut() -> bool) {
+    for _ in 0..400 {
+        if f() {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    panic!("condition not reached in 20 s");
+}
