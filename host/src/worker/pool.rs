@@ -111,6 +111,13 @@ const START_LOADED: Duration = READ_WITHIN.saturating_add(Duration::from_secs(15
 /// ([`Pool::rebuild`]).
 const REBUILD_EVERY: Duration = Duration::from_secs(60);
 
+/// A successor is sent the modules the zone has placed a job of within
+/// this long ([`Pool::warm_successor`]); a module idle longer is loaded by
+/// its next job. Sent every module the zone's workers held, each worker
+/// loaded every module the zone had ever loaded, run or not, at each
+/// replacement.
+const WARM_WITHIN: Duration = Duration::from_secs(300);
+
 /// The memory ceiling of a worker compiling a module alone in a zone
 /// without one ([`Pool::load_alone`]), where the host offers cgroups:
 /// a compile past it fails that module's load. Compiling takes memory in
@@ -328,6 +335,9 @@ struct State {
     /// the zone's workers hold, and given no job until one retires
     /// ([`Pool::round`]): at most as many as the zone keeps.
     successors: Vec<Arc<Worker>>,
+    /// When a job of each module was last placed on a worker: a
+    /// successor is sent those placed within [`WARM_WITHIN`].
+    placed: HashMap<u64, Instant>,
 }
 
 /// What a job's run fails with when it had no room or place by its
@@ -837,6 +847,15 @@ impl Pool {
             .iter()
             .find(|w| w.pid == pid)
             .map(|w| lock(&w.state).compiled.len())
+    }
+
+    /// How many modules have been sent to the zone's worker (or
+    /// successor) `pid`; `None` for no such worker.
+    pub fn sent_to(&self, pid: u32) -> Option<usize> {
+        self.all_workers()
+            .iter()
+            .find(|w| w.pid == pid)
+            .map(|w| lock(&w.state).loaded.len())
     }
 
     /// The zone's workers, its successors among them.
@@ -1743,6 +1762,7 @@ impl Pool {
             memory,
         };
         let worker = self.pick(Some(wants), queued).await?;
+        lock(&self.state).placed.insert(module, Instant::now());
         if lock(&worker.state).retiring {
             // Its replacement starts now, while this job runs.
             self.weakened.notify_one();
@@ -2375,17 +2395,22 @@ impl Pool {
             .count()
     }
 
-    /// Sends `successor` the modules the zone's workers hold, where each fits
-    /// beside what it holds, and waits for its loads (faulting it as
+    /// Sends `successor` the modules the zone's workers hold and the zone
+    /// has placed a job of within [`WARM_WITHIN`], where each fits beside
+    /// what it holds, and waits for its loads (faulting it as
     /// [`Pool::warm`] does where it does not answer): its first jobs then
     /// find their module loaded.
     async fn warm_successor(&self, successor: &Arc<Worker>) {
         let modules: std::collections::BTreeSet<u64> = {
-            let st = lock(&self.state);
+            let mut st = lock(&self.state);
+            let st = &mut *st;
+            let modules = &st.modules;
+            st.placed
+                .retain(|m, at| modules.contains_key(m) && at.elapsed() < WARM_WITHIN);
             st.workers
                 .iter()
                 .flat_map(|w| lock(&w.state).loaded.keys().copied().collect::<Vec<_>>())
-                .filter(|m| st.modules.contains_key(m))
+                .filter(|m| st.placed.contains_key(m))
                 .collect()
         };
         let mut loads = Vec::new();
