@@ -268,6 +268,8 @@ pub struct Pool {
     /// Turns to compile a module in a worker of its own
     /// ([`Pool::load_alone`]): as many at once as the zone has workers.
     compiles: tokio::sync::Semaphore,
+    /// Modules compiled again for the zone's cache ([`Pool::rebuild`]).
+    rebuilds: AtomicU64,
 }
 
 /// The runtime every pool's supervisor runs on, and where workers start,
@@ -780,6 +782,7 @@ impl Pool {
             mounts,
             live: Arc::new(watch::Sender::new(0)),
             compiles,
+            rebuilds: AtomicU64::new(0),
         });
         for _ in 0..pool.config.workers.max(1) {
             // Started on the pools' runtime, as replacements are (its
@@ -847,6 +850,12 @@ impl Pool {
             .iter()
             .find(|w| w.pid == pid)
             .map(|w| lock(&w.state).compiled.len())
+    }
+
+    /// How many times a module has been compiled again for the zone's
+    /// cache ([`Pool::rebuild`]).
+    pub fn rebuilds(&self) -> u64 {
+        self.rebuilds.load(Ordering::SeqCst)
     }
 
     /// How many modules have been sent to the zone's worker (or
@@ -2462,6 +2471,9 @@ impl Pool {
         };
         for (module, source) in modules {
             let pool = Arc::clone(self);
+            self.rebuilds.fetch_add(1, Ordering::SeqCst);
+            metrics::counter!("bulkhead_zone_cache_rebuilds_total", "zone" => self.config.zone.clone())
+                .increment(1);
             tracing::info!(zone = %self.config.zone, module = %source.digest, "a worker of its own compiles a module whose zone-cache entry was gone or rewritten, for the cache");
             self.gateway.spawn(async move {
                 let name = source.digest.to_string();

@@ -25,6 +25,12 @@
 //! module's artifact from the cache, copied into its own directory under
 //! that artifact's name (leaving `<path>.used`).
 //!
+//! Named `…-claim`, every one started relays everything, but answers each
+//! load it found in the zone's cache with a `Loaded` saying it found the
+//! entry not the recorded one and compiled the module itself (handing
+//! nothing over): the word that has the gateway compile the module again
+//! for the cache.
+//!
 //! Otherwise only the first one started from a path that is sent a job withholds
 //! (it leaves `<path>.used`); later ones relay everything, so the zone's
 //! next worker is honest. The name is that of the path the pool starts (a link to this
@@ -48,6 +54,7 @@ enum Mode {
     Discard,
     Blind,
     Forge,
+    Claim,
 }
 
 fn main() {
@@ -102,6 +109,11 @@ fn main() {
                 {
                     first(used);
                     frame = forged;
+                }
+                if mode == Mode::Claim
+                    && let Some(claimed) = claimed(&frame[4..])
+                {
+                    frame = claimed;
                 }
                 if up.lock().unwrap().write_all(&frame).is_err() {
                     break;
@@ -166,6 +178,7 @@ fn mode(path: &str) -> Mode {
         p if p.ends_with("-discard") => Mode::Discard,
         p if p.ends_with("-blind") => Mode::Blind,
         p if p.ends_with("-forge") => Mode::Forge,
+        p if p.ends_with("-claim") => Mode::Claim,
         _ => Mode::Honest,
     }
 }
@@ -215,6 +228,32 @@ fn forged(payload: &[u8], work: &std::path::Path, cache: &std::path::Path) -> Op
     .ok()?;
     let mut frame = u32::try_from(forged.len()).ok()?.to_be_bytes().to_vec();
     frame.extend_from_slice(&forged);
+    Some(frame)
+}
+
+/// For a `Loaded` of a module found in the zone's cache (`payload`): the
+/// frame of one saying the module was compiled, nothing handed over.
+/// `None` for any other message.
+fn claimed(payload: &[u8]) -> Option<Vec<u8>> {
+    let Ok(Up::Loaded {
+        module,
+        result: Ok(mut info),
+    }) = proto::decode::<Up>(payload)
+    else {
+        return None;
+    };
+    if !info.from_cache {
+        return None;
+    }
+    info.from_cache = false;
+    info.artifact = None;
+    let claimed = proto::encode(&Up::Loaded {
+        module,
+        result: Ok(info),
+    })
+    .ok()?;
+    let mut frame = u32::try_from(claimed.len()).ok()?.to_be_bytes().to_vec();
+    frame.extend_from_slice(&claimed);
     Some(frame)
 }
 
