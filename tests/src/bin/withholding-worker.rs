@@ -153,9 +153,7 @@ fn main() {
         }
     }
     std::thread::spawn(move || {
-        let vouch = proto::encode(&Up::Pong { seq: 0 }).expect("a pong encodes");
-        let mut frame = u32::try_from(vouch.len()).unwrap().to_be_bytes().to_vec();
-        frame.extend_from_slice(&vouch);
+        let frame = frame_of(&Up::Pong { seq: 0 }).expect("a pong encodes");
         loop {
             std::thread::sleep(Duration::from_millis(1_100));
             let _ = up.lock().unwrap().write_all(&frame);
@@ -221,14 +219,10 @@ fn forged(payload: &[u8], work: &std::path::Path, cache: &std::path::Path) -> Op
         sha256: bulkhead::policy::Sha256Hex::digest(&bytes),
         len: bytes.len() as u64,
     });
-    let forged = proto::encode(&Up::Loaded {
+    frame_of(&Up::Loaded {
         module,
         result: Ok(info),
     })
-    .ok()?;
-    let mut frame = u32::try_from(forged.len()).ok()?.to_be_bytes().to_vec();
-    frame.extend_from_slice(&forged);
-    Some(frame)
 }
 
 /// For a `Loaded` of a module found in the zone's cache (`payload`): the
@@ -247,13 +241,17 @@ fn claimed(payload: &[u8]) -> Option<Vec<u8>> {
     }
     info.from_cache = false;
     info.artifact = None;
-    let claimed = proto::encode(&Up::Loaded {
+    frame_of(&Up::Loaded {
         module,
         result: Ok(info),
     })
-    .ok()?;
-    let mut frame = u32::try_from(claimed.len()).ok()?.to_be_bytes().to_vec();
-    frame.extend_from_slice(&claimed);
+}
+
+/// `message` as a frame: its 4-byte length, then it.
+fn frame_of(message: &Up) -> Option<Vec<u8>> {
+    let payload = proto::encode(message).ok()?;
+    let mut frame = u32::try_from(payload.len()).ok()?.to_be_bytes().to_vec();
+    frame.extend_from_slice(&payload);
     Some(frame)
 }
 

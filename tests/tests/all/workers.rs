@@ -2028,8 +2028,7 @@ async fn a_job_its_worker_never_starts_fails_once_it_could_have_started() {
     use bulkhead::job::FailureKind;
     use bulkhead::runner::Runner;
     let tmp = tempfile::tempdir().unwrap();
-    let program = tmp.path().join("worker-discard");
-    std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_withholding-worker"), &program).unwrap();
+    let program = crate::common::withholding(tmp.path(), "discard");
     let (runner, faults) =
         crate::common::workers_from(tmp.path(), "discard", program.clone(), 0, 2, None).await;
     let module = crate::common::load_in_workers(&runner, bulkhead_tests::HELLO, "hello").await;
@@ -2115,8 +2114,7 @@ async fn a_job_sent_before_its_module_was_loaded_fails_once_it_could_have_starte
     use bulkhead::job::FailureKind;
     use bulkhead::runner::Runner;
     let tmp = tempfile::tempdir().unwrap();
-    let program = tmp.path().join("worker-blind");
-    std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_withholding-worker"), &program).unwrap();
+    let program = crate::common::withholding(tmp.path(), "blind");
     // The zone's first worker drops the jobs it is sent.
     std::fs::write(program.with_file_name("worker-blind.arm"), b"").unwrap();
     let (runner, faults) =
@@ -2171,8 +2169,7 @@ async fn withheld(mode: &str) -> bulkhead::worker::pool::Fault {
     use bulkhead::job::FailureKind;
     use bulkhead::runner::Runner;
     let tmp = tempfile::tempdir().unwrap();
-    let program = tmp.path().join(format!("worker-{mode}"));
-    std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_withholding-worker"), &program).unwrap();
+    let program = crate::common::withholding(tmp.path(), mode);
     let (runner, faults) =
         crate::common::workers_from(tmp.path(), mode, program.clone(), 0, 2, None).await;
     let module = crate::common::load_policy_in_workers(

@@ -149,8 +149,7 @@ async fn an_artifact_planted_in_a_zone_cache_is_not_loaded_by_the_next_worker() 
 #[tokio::test(flavor = "multi_thread")]
 async fn code_a_warmed_worker_says_it_compiled_is_never_taken() {
     let tmp = tempfile::tempdir().unwrap();
-    let program = tmp.path().join("worker-forge");
-    std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_withholding-worker"), &program).unwrap();
+    let program = crate::common::withholding(tmp.path(), "forge");
     // A tenth of ten: the successor starts once a worker has one job left.
     let (runner, faults) =
         crate::common::workers_from(tmp.path(), "forge", program.clone(), 10, 2, None).await;
@@ -199,8 +198,7 @@ async fn code_a_warmed_worker_says_it_compiled_is_never_taken() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_workers_word_that_an_entry_was_rewritten_rebuilds_it_at_most_once_a_minute() {
     let tmp = tempfile::tempdir().unwrap();
-    let program = tmp.path().join("worker-claim");
-    std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_withholding-worker"), &program).unwrap();
+    let program = crate::common::withholding(tmp.path(), "claim");
     let (runner, _faults) =
         crate::common::workers_from(tmp.path(), "claim", program, 1, 2, None).await;
     let started = std::time::Instant::now();

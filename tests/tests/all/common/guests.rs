@@ -178,6 +178,16 @@ pub async fn workers_within(
     .await
 }
 
+/// A link to the `withholding-worker` test binary, `worker-<mode>` in
+/// `dir`: started as a zone's workers ([`workers_from`]), the compromised
+/// worker its name asks for (`-deaf`, `-slow`, `-discard`, `-blind`,
+/// `-forge`, `-claim`; see that binary).
+pub fn withholding(dir: &std::path::Path, mode: &str) -> std::path::PathBuf {
+    let program = dir.join(format!("worker-{mode}"));
+    std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_withholding-worker"), &program).unwrap();
+    program
+}
+
 /// [`workers_within`], its workers started from `program`.
 pub async fn workers_from(
     tmp: &std::path::Path,
