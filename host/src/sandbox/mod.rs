@@ -237,6 +237,7 @@ pub enum LoadError {
     #[error("module `{module}` imports what its policy does not grant: {}", denied_list(.imports))]
     DeniedImports {
         module: String,
+        #[serde(deserialize_with = "intake::at_most::<_, _, { intake::MAX_IMPORTS }>")]
         imports: Vec<ImportVerdict>,
     },
 }

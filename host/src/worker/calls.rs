@@ -44,6 +44,11 @@ use tokio::task::AbortHandle;
 
 use crate::job::egress::{CallsReport, Egress, EgressBody, EgressError, EgressFuture};
 
+/// Most header or trailer fields a worker's call frame is read with: far
+/// above any [`CallLimits::max_fields`] a worker is held to (a longer list
+/// is refused unread, see [`crate::sandbox::intake::at_most`]).
+pub const MAX_WIRE_FIELDS: usize = 4096;
+
 /// One header or trailer field as it crosses the channel.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Header {
@@ -84,6 +89,7 @@ pub enum CallUp {
         /// The URI as the guest wrote it.
         uri: String,
         /// Header fields.
+        #[serde(deserialize_with = "crate::sandbox::intake::at_most::<_, _, MAX_WIRE_FIELDS>")]
         headers: Vec<Header>,
     },
     /// A piece of the request body (non-empty, at most
@@ -100,6 +106,9 @@ pub enum CallUp {
         /// The call.
         call: u64,
         /// Trailer fields.
+        #[serde(
+            deserialize_with = "crate::sandbox::intake::at_most_if_any::<_, _, MAX_WIRE_FIELDS>"
+        )]
         trailers: Option<Vec<Header>>,
     },
     /// The worker gave up on the call: its guest dropped the request or

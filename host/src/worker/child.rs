@@ -337,7 +337,7 @@ fn stand_in(up: Up) -> Option<Up> {
         Up::Report { job, .. } => Some(Up::Report {
             job,
             result: Err(too_large("the job's report")),
-            created: Vec::new(),
+            created: proto::CreatedFiles::default(),
         }),
         Up::Loaded { module, .. } => Some(Up::Loaded {
             module,
@@ -552,7 +552,7 @@ async fn run(
         let json = report.to_json_within(REPORT_BUDGET)?;
         // What its guest created in `/out`: the gateway collects nothing
         // else (a file moved or linked in from outside this worker).
-        let created: Vec<_> = dir.created().into_iter().collect();
+        let created = proto::CreatedFiles::pack(dir.created());
         // A job without inputs that left `/out` empty has nothing to copy
         // or check: its directory goes now, before the report, and the
         // gateway sends no `Release`. Anything else stays until then —
@@ -581,7 +581,7 @@ async fn run(
                 Ok(Some((json, created))) => (Ok(json), created),
                 Err(e) => {
                     lock(&state.cancels).remove(&job);
-                    (Err(e), Vec::new())
+                    (Err(e), proto::CreatedFiles::default())
                 }
             };
             send(

@@ -532,7 +532,7 @@ struct Pending {
 enum Answer {
     /// The worker's report (`Err`: it could not run the job), and the
     /// files its guest created in `/out`.
-    Report(Result<String, String>, Vec<crate::sandbox::outputs::FileId>),
+    Report(Result<String, String>, super::proto::CreatedFiles),
     /// The gateway stopped it: its own clock for the job ran out, the
     /// job's wall time (`true`) or the worker's time to start it; where
     /// the `Cancel` that told the worker ends in what is written to it.
@@ -625,18 +625,58 @@ fn recordable(pristine: bool, compiled: bool, reported: Option<&Artifact>) -> Op
     reported.filter(|a| pristine && compiled && a.well_formed())
 }
 
-/// A worker's report of a job, as the gateway reads it: one that does not
-/// decode, or that gives a failure only the gateway gives (the host's, or
-/// the worker's own), is a breach of the protocol (found by an attacker: a
-/// worker's `host` failure was stored as the host's, for operators and
+/// The most a worker's report of a job of `policy` takes as JSON: its
+/// captures, each byte escaped at most six bytes long, and room for the
+/// rest (a backtrace is under 4 KiB).
+fn report_allowance(policy: &Policy) -> usize {
+    let captures = policy
+        .limits
+        .stdout
+        .as_u64()
+        .saturating_add(policy.limits.stderr.as_u64());
+    usize::try_from(captures.saturating_mul(6))
+        .unwrap_or(usize::MAX)
+        .saturating_add(64 << 10)
+}
+
+/// A worker's report of a job of `policy`, as the gateway reads it, and
+/// the files it says the job's guest created: one that names more files
+/// than the policy's `output_files`, or is longer than its captures
+/// allow ([`report_allowance`]), is a breach of the protocol, told
+/// before any of it is read (found by a tester: 2.3 million made-up
+/// files, in one frame, took the gateway 0.75 s of CPU for every job).
+/// So is one that does not decode, or that gives a failure only the
+/// gateway gives (the host's, or the worker's own; found by an attacker:
+/// a worker's `host` failure was stored as the host's, for operators and
 /// the host's failure counts to see).
-fn gateways_to_read(json: &str) -> Result<JobReport, String> {
+fn gateways_to_read(
+    json: &str,
+    created: &super::proto::CreatedFiles,
+    policy: &Policy,
+) -> Result<(JobReport, crate::sandbox::outputs::Created), String> {
+    let allowed = policy.limits.output_files as usize;
+    match created.count() {
+        None => return Err("sent a list of created files that is not whole records".into()),
+        Some(n) if n > allowed => {
+            return Err(format!(
+                "said its job created {n} files, more than the {allowed} entries its policy allows"
+            ));
+        }
+        Some(_) => {}
+    }
+    let most = report_allowance(policy);
+    if json.len() > most {
+        return Err(format!(
+            "sent a report of {} bytes, more than its job's captures allow ({most})",
+            json.len()
+        ));
+    }
     let report = JobReport::decode(json).map_err(|e| format!("sent an unreadable report: {e}"))?;
     match report.failure.as_ref().map(|f| &f.kind) {
         Some(kind @ (crate::job::FailureKind::Host | crate::job::FailureKind::Worker)) => Err(
             format!("sent a report of a failure only the gateway gives ({kind:?})"),
         ),
-        _ => Ok(report),
+        _ => Ok((report, created.unpack())),
     }
 }
 
@@ -1848,33 +1888,35 @@ impl Pool {
         // where it has some, here where it has none.
         let released = || worker.release(job);
         match answer {
-            Ok(Answer::Report(Ok(json), created)) => match gateways_to_read(&json) {
-                Ok(report) => Ok((
-                    bounded(report, policy),
-                    Some(WorkerOutputs {
-                        // The worker removes an empty `/out` before it
-                        // reports: nothing to copy, nothing to release.
-                        // Looked up from its directory's descriptor, not
-                        // through a path in `/proc`.
-                        removed: rustix::fs::statat(
-                            &worker.dir_fd,
-                            format!("j{job}.out").as_str(),
-                            rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
-                        )
-                        .is_err(),
-                        worker: Arc::clone(&worker),
-                        name: format!("j{job}.out"),
-                        job,
-                        bounds: crate::sandbox::outputs::Bounds::of(&policy.limits),
-                        created: created.into_iter().collect(),
-                    }),
-                )),
-                Err(reason) => {
-                    released();
-                    self.fault(&worker, "protocol", reason.clone());
-                    Ok((fault_report(&id, policy, &reason), None))
+            Ok(Answer::Report(Ok(json), created)) => {
+                match gateways_to_read(&json, &created, policy) {
+                    Ok((report, created)) => Ok((
+                        bounded(report, policy),
+                        Some(WorkerOutputs {
+                            // The worker removes an empty `/out` before it
+                            // reports: nothing to copy, nothing to release.
+                            // Looked up from its directory's descriptor, not
+                            // through a path in `/proc`.
+                            removed: rustix::fs::statat(
+                                &worker.dir_fd,
+                                format!("j{job}.out").as_str(),
+                                rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
+                            )
+                            .is_err(),
+                            worker: Arc::clone(&worker),
+                            name: format!("j{job}.out"),
+                            job,
+                            bounds: crate::sandbox::outputs::Bounds::of(&policy.limits),
+                            created,
+                        }),
+                    )),
+                    Err(reason) => {
+                        released();
+                        self.fault(&worker, "protocol", reason.clone());
+                        Ok((fault_report(&id, policy, &reason), None))
+                    }
                 }
-            },
+            }
             Ok(Answer::Report(Err(mut message), _)) => {
                 released();
                 truncate(&mut message, MAX_MESSAGE);
@@ -3511,8 +3553,10 @@ mod tests {
             });
             serde_json::to_string(&report).unwrap()
         };
+        let policy = demo_policy("");
+        let none = super::super::proto::CreatedFiles::default();
         for kind in [FailureKind::Host, FailureKind::Worker] {
-            let read = gateways_to_read(&with(kind));
+            let read = gateways_to_read(&with(kind), &none, &policy);
             assert!(read.is_err(), "{kind:?} was taken from a worker");
         }
         for kind in [
@@ -3522,10 +3566,71 @@ mod tests {
             FailureKind::Instantiate,
             FailureKind::Output,
         ] {
-            let read = gateways_to_read(&with(kind)).unwrap();
+            let (read, _) = gateways_to_read(&with(kind), &none, &policy).unwrap();
             assert_eq!(read.failure.unwrap().kind, kind);
         }
-        assert!(gateways_to_read("{").is_err());
+        assert!(gateways_to_read("{", &none, &policy).is_err());
+    }
+
+    /// `demo`'s policy, with `limits` (TOML lines) in its `[limits]`.
+    fn demo_policy(limits: &str) -> Policy {
+        let text = format!(
+            "version = 1\n[module]\nname = \"demo\"\nsha256 = \"{}\"\n[limits]\n{limits}",
+            "0".repeat(64)
+        );
+        Policy::parse(&text, std::path::Path::new("demo.toml")).unwrap()
+    }
+
+    /// A report naming more created files than its policy's
+    /// `output_files`, or longer than its captures allow, is refused
+    /// before any of it is read; one within both is read whole (found by
+    /// a tester: a report naming 2.3 million made-up files took the
+    /// gateway 0.75 s of CPU, every job).
+    #[test]
+    fn a_report_past_what_its_policy_allows_is_refused_unread() {
+        use super::super::proto::CreatedFiles;
+        use crate::sandbox::outputs::FileId;
+        let policy = demo_policy("output_files = 3\nstdout = \"1 KiB\"\nstderr = \"1 KiB\"\n");
+        let ran = || {
+            let mut report = JobReport::not_run("j", "demo", "why");
+            report.outcome = Outcome::Succeeded;
+            report.failure = None;
+            report
+        };
+        let json = serde_json::to_string(&ran()).unwrap();
+        let files = |n: u64| {
+            CreatedFiles::pack((0..n).map(|i| FileId {
+                dev: 1,
+                ino: i,
+                born: (-1, 2),
+                handle: u64::MAX - i,
+            }))
+        };
+        let (_, created) = gateways_to_read(&json, &files(3), &policy).unwrap();
+        assert_eq!(created, files(3).unpack());
+        assert!(created.contains(&FileId {
+            dev: 1,
+            ino: 2,
+            born: (-1, 2),
+            handle: u64::MAX - 2
+        }));
+        let over = gateways_to_read(&json, &files(4), &policy).unwrap_err();
+        assert!(over.contains("created 4 files"), "{over}");
+        // Not whole records.
+        let ragged: CreatedFiles = postcard::from_bytes(
+            &postcard::to_allocvec(&super::super::proto::Blob(vec![0u8; 37].into())).unwrap(),
+        )
+        .unwrap();
+        assert!(gateways_to_read(&json, &ragged, &policy).is_err());
+        // 12 KiB of captures and 64 KiB beside them.
+        let mut long = ran();
+        long.stdout.text = "x".repeat(80 << 10);
+        let long = serde_json::to_string(&long).unwrap();
+        let refused = gateways_to_read(&long, &files(0), &policy).unwrap_err();
+        assert!(
+            refused.contains("more than its job's captures allow"),
+            "{refused}"
+        );
     }
 
     /// What a report says its guest wrote is kept within the policy's
@@ -3534,11 +3639,7 @@ mod tests {
     /// stored so).
     #[test]
     fn a_reports_counts_of_what_its_guest_wrote_are_within_the_limits() {
-        let text = format!(
-            "version = 1\n[module]\nname = \"demo\"\nsha256 = \"{}\"\n[limits]\nstdout = \"1 KiB\"\n",
-            "0".repeat(64)
-        );
-        let policy = Policy::parse(&text, std::path::Path::new("demo.toml")).unwrap();
+        let policy = demo_policy("stdout = \"1 KiB\"\n");
         let mut report = JobReport::not_run("j", "demo", "why");
         report.stdout.text = "hi".into();
         report.stdout.bytes = 1_000_000_000_000_000;

@@ -31,6 +31,10 @@
 //! nothing over): the word that has the gateway compile the module again
 //! for the cache.
 //!
+//! Named `…-pad`, the first one started once `<path>.arm` exists relays
+//! everything, but adds 100,000 made-up files to the files each report
+//! says its job created (leaving `<path>.used`).
+//!
 //! Otherwise only the first one started from a path that is sent a job withholds
 //! (it leaves `<path>.used`); later ones relay everything, so the zone's
 //! next worker is honest. The name is that of the path the pool starts (a link to this
@@ -55,6 +59,7 @@ enum Mode {
     Blind,
     Forge,
     Claim,
+    Pad,
 }
 
 fn main() {
@@ -66,7 +71,7 @@ fn main() {
     let mut mode = mode(path);
     let mut used = PathBuf::from(path).into_os_string();
     used.push(".used");
-    if matches!(mode, Mode::Blind | Mode::Forge)
+    if matches!(mode, Mode::Blind | Mode::Forge | Mode::Pad)
         && std::fs::remove_file(format!("{path}.arm")).is_err()
     {
         mode = Mode::Honest;
@@ -102,6 +107,7 @@ fn main() {
         let up = Arc::clone(&up);
         let mut from = child.try_clone().expect("channel");
         let forging = (mode == Mode::Forge).then(|| (work.clone(), cache.clone(), used.clone()));
+        let used_up = used.clone();
         std::thread::spawn(move || {
             while let Some(mut frame) = read_frame(&mut from) {
                 if let Some((work, cache, used)) = &forging
@@ -114,6 +120,12 @@ fn main() {
                     && let Some(claimed) = claimed(&frame[4..])
                 {
                     frame = claimed;
+                }
+                if mode == Mode::Pad
+                    && let Some(padded) = padded(&frame[4..])
+                {
+                    first(&used_up);
+                    frame = padded;
                 }
                 if up.lock().unwrap().write_all(&frame).is_err() {
                     break;
@@ -177,6 +189,7 @@ fn mode(path: &str) -> Mode {
         p if p.ends_with("-blind") => Mode::Blind,
         p if p.ends_with("-forge") => Mode::Forge,
         p if p.ends_with("-claim") => Mode::Claim,
+        p if p.ends_with("-pad") => Mode::Pad,
         _ => Mode::Honest,
     }
 }
@@ -244,6 +257,30 @@ fn claimed(payload: &[u8]) -> Option<Vec<u8>> {
     frame_of(&Up::Loaded {
         module,
         result: Ok(info),
+    })
+}
+
+/// For a job's report (`payload`): the frame of one whose list of created
+/// files has 100,000 made-up ones added. `None` for any other message.
+fn padded(payload: &[u8]) -> Option<Vec<u8>> {
+    let Ok(Up::Report {
+        job,
+        result,
+        created,
+    }) = proto::decode::<Up>(payload)
+    else {
+        return None;
+    };
+    let made_up = (0..100_000).map(|ino| bulkhead::sandbox::outputs::FileId {
+        dev: 0,
+        ino,
+        born: (0, 0),
+        handle: ino,
+    });
+    frame_of(&Up::Report {
+        job,
+        result,
+        created: proto::CreatedFiles::pack(created.unpack().into_iter().chain(made_up)),
     })
 }
 
