@@ -153,6 +153,52 @@ where
     Ok(<Option<AtMost<T, N>> as serde::Deserialize>::deserialize(d)?.map(|list| list.0))
 }
 
+/// [`at_most`], of a map (its keys kept once, the last value of each).
+///
+/// # Errors
+/// As [`at_most`].
+pub fn at_most_map<'de, D, K, V, const N: usize>(
+    d: D,
+) -> Result<std::collections::BTreeMap<K, V>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    K: serde::Deserialize<'de> + Ord,
+    V: serde::Deserialize<'de>,
+{
+    struct Visit<K, V, const N: usize>(std::marker::PhantomData<(K, V)>);
+    impl<'de, K, V, const N: usize> serde::de::Visitor<'de> for Visit<K, V, N>
+    where
+        K: serde::Deserialize<'de> + Ord,
+        V: serde::Deserialize<'de>,
+    {
+        type Value = std::collections::BTreeMap<K, V>;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "a map of at most {N} entries")
+        }
+
+        fn visit_map<A: serde::de::MapAccess<'de>>(
+            self,
+            mut map: A,
+        ) -> Result<Self::Value, A::Error> {
+            if let Some(len) = map.size_hint().filter(|&len| len > N) {
+                return Err(serde::de::Error::invalid_length(len, &self));
+            }
+            let mut read = 0;
+            let mut out = std::collections::BTreeMap::new();
+            while let Some((k, v)) = map.next_entry()? {
+                read += 1;
+                if read > N {
+                    return Err(serde::de::Error::invalid_length(read, &self));
+                }
+                out.insert(k, v);
+            }
+            Ok(out)
+        }
+    }
+    d.deserialize_map(Visit::<K, V, N>(std::marker::PhantomData))
+}
+
 /// A list read by [`at_most`].
 struct AtMost<T, const N: usize>(Vec<T>);
 
@@ -543,6 +589,18 @@ mod tests {
         // In JSON, which says no length first, the element past it.
         let json = r#"{"list":["a","b","c","d"],"maybe":null}"#;
         assert!(serde_json::from_str::<Frame>(json).is_err());
+        #[derive(serde::Serialize, serde::Deserialize, Debug, PartialEq)]
+        struct Map {
+            #[serde(deserialize_with = "at_most_map::<_, _, _, 2>")]
+            map: std::collections::BTreeMap<u32, String>,
+        }
+        let map = |n: u32| Map {
+            map: (0..n).map(|i| (i, i.to_string())).collect(),
+        };
+        let read = |m: &Map| postcard::from_bytes::<Map>(&postcard::to_allocvec(m).unwrap());
+        assert_eq!(read(&map(2)).unwrap(), map(2));
+        assert!(read(&map(3)).is_err());
+        assert!(serde_json::from_str::<Map>(r#"{"map":{"1":"a","1":"b","1":"c"}}"#).is_err());
     }
 
     use super::*;

@@ -128,6 +128,11 @@ pub const COMPILE_CEILING: u64 = 4 << 30;
 /// Longest failure message kept from a worker's report.
 const MAX_MESSAGE: usize = 1024;
 
+/// Longest failure to start a job a worker may send (its own messages,
+/// a module's load error among them, are cut to 16 KiB): a longer one is
+/// a `protocol` fault.
+const MAX_WORKER_ERROR: usize = 64 << 10;
+
 /// One zone's pool settings.
 #[derive(Clone, Debug)]
 pub struct PoolConfig {
@@ -1917,6 +1922,15 @@ impl Pool {
                     }
                 }
             }
+            Ok(Answer::Report(Err(message), _)) if message.len() > MAX_WORKER_ERROR => {
+                released();
+                let reason = format!(
+                    "sent a failure to start a job of {} bytes, more than the {MAX_WORKER_ERROR} a worker's takes",
+                    message.len()
+                );
+                self.fault(&worker, "protocol", reason.clone());
+                Ok((fault_report(&id, policy, &reason), None))
+            }
             Ok(Answer::Report(Err(mut message), _)) => {
                 released();
                 truncate(&mut message, MAX_MESSAGE);
@@ -3295,21 +3309,33 @@ fn bounded(mut report: JobReport, policy: &Policy) -> JobReport {
 
 /// Cuts `text` to at most `max` bytes, at a character boundary, with
 /// control and bidirectional-formatting characters escaped (it is shown
-/// in terminals, logs and the audit).
+/// in terminals, logs and the audit). Only what is kept is looked at: it
+/// escaped the whole text first, a character at a time (found by a
+/// tester: a worker's 16 MiB failure message of control characters took
+/// the gateway half a second of CPU a job).
 fn truncate(text: &mut String, max: usize) {
-    if text.chars().any(unprintable) {
-        *text = text
-            .chars()
-            .map(|c| {
-                if unprintable(c) {
-                    c.escape_unicode().to_string()
-                } else {
-                    c.to_string()
-                }
-            })
-            .collect();
+    let head = &text[..text.floor_char_boundary(max)];
+    if !head.chars().any(unprintable) {
+        text.truncate(head.len());
+        return;
     }
-    text.truncate(text.floor_char_boundary(max));
+    let mut kept = String::with_capacity(max);
+    for c in head.chars() {
+        let width = if unprintable(c) {
+            c.escape_unicode().len()
+        } else {
+            c.len_utf8()
+        };
+        if kept.len() + width > max {
+            break;
+        }
+        if unprintable(c) {
+            kept.extend(c.escape_unicode());
+        } else {
+            kept.push(c);
+        }
+    }
+    *text = kept;
 }
 
 fn unprintable(c: char) -> bool {
@@ -3570,6 +3596,25 @@ mod tests {
             assert_eq!(read.failure.unwrap().kind, kind);
         }
         assert!(gateways_to_read("{", &none, &policy).is_err());
+    }
+
+    /// A worker's message is cut to its bound, control and bidirectional
+    /// characters escaped, and only what is kept is escaped.
+    #[test]
+    fn a_workers_message_is_cut_then_escaped() {
+        let mut shouted = "\u{1}".repeat(16 << 20);
+        truncate(&mut shouted, 1024);
+        assert_eq!(shouted, "\\u{1}".repeat(1024 / 5));
+        // The escape that would cross the bound is left out whole.
+        let mut mixed = format!("é{}a\u{202e}b", "x".repeat(1019));
+        truncate(&mut mixed, 1024);
+        assert_eq!(mixed, format!("é{}a", "x".repeat(1019)));
+        let mut plain = "é".repeat(600);
+        truncate(&mut plain, 1023);
+        assert_eq!(plain, "é".repeat(511));
+        let mut short = "ok\u{7}".to_owned();
+        truncate(&mut short, 1024);
+        assert_eq!(short, "ok\\u{7}");
     }
 
     /// `demo`'s policy, with `limits` (TOML lines) in its `[limits]`.

@@ -35,6 +35,10 @@
 //! everything, but adds 100,000 made-up files to the files each report
 //! says its job created (leaving `<path>.used`).
 //!
+//! Named `…-shout`, the first one started once `<path>.arm` exists relays
+//! everything, but turns each report into a failure to start its job of
+//! 100 KiB of control characters (leaving `<path>.used`).
+//!
 //! Otherwise only the first one started from a path that is sent a job withholds
 //! (it leaves `<path>.used`); later ones relay everything, so the zone's
 //! next worker is honest. The name is that of the path the pool starts (a link to this
@@ -60,6 +64,7 @@ enum Mode {
     Forge,
     Claim,
     Pad,
+    Shout,
 }
 
 fn main() {
@@ -71,7 +76,7 @@ fn main() {
     let mut mode = mode(path);
     let mut used = PathBuf::from(path).into_os_string();
     used.push(".used");
-    if matches!(mode, Mode::Blind | Mode::Forge | Mode::Pad)
+    if matches!(mode, Mode::Blind | Mode::Forge | Mode::Pad | Mode::Shout)
         && std::fs::remove_file(format!("{path}.arm")).is_err()
     {
         mode = Mode::Honest;
@@ -121,9 +126,12 @@ fn main() {
                 {
                     frame = claimed;
                 }
-                if mode == Mode::Pad
-                    && let Some(padded) = padded(&frame[4..])
-                {
+                let rewritten = match mode {
+                    Mode::Pad => padded(&frame[4..]),
+                    Mode::Shout => shouted(&frame[4..]),
+                    _ => None,
+                };
+                if let Some(padded) = rewritten {
                     first(&used_up);
                     frame = padded;
                 }
@@ -190,6 +198,7 @@ fn mode(path: &str) -> Mode {
         p if p.ends_with("-forge") => Mode::Forge,
         p if p.ends_with("-claim") => Mode::Claim,
         p if p.ends_with("-pad") => Mode::Pad,
+        p if p.ends_with("-shout") => Mode::Shout,
         _ => Mode::Honest,
     }
 }
@@ -281,6 +290,19 @@ fn padded(payload: &[u8]) -> Option<Vec<u8>> {
         job,
         result,
         created: proto::CreatedFiles::pack(created.unpack().into_iter().chain(made_up)),
+    })
+}
+
+/// For a job's report (`payload`): the frame of a failure to start that
+/// job, 100 KiB of control characters long. `None` for any other message.
+fn shouted(payload: &[u8]) -> Option<Vec<u8>> {
+    let Ok(Up::Report { job, created, .. }) = proto::decode::<Up>(payload) else {
+        return None;
+    };
+    frame_of(&Up::Report {
+        job,
+        result: Err("\u{1}".repeat(100 << 10)),
+        created,
     })
 }
 

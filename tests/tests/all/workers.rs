@@ -2111,21 +2111,48 @@ async fn a_workers_replacement_is_started_and_loaded_before_it_retires() {
 /// to 559 ms).
 #[tokio::test(flavor = "multi_thread")]
 async fn a_report_naming_more_files_than_its_policy_allows_is_a_fault() {
+    let fault = refused_report("pad").await;
+    assert!(
+        fault.reason.contains("said its job created 100000 files"),
+        "{fault:?}"
+    );
+}
+
+/// So is a failure to start a job longer than any a worker sends (found
+/// by a tester: 16 MiB of control characters a job took the gateway half
+/// a second of CPU each, and the job was shown as the host's failure).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failure_to_start_longer_than_a_workers_is_a_fault() {
+    let fault = refused_report("shout").await;
+    assert!(
+        fault
+            .reason
+            .contains("sent a failure to start a job of 102400 bytes"),
+        "{fault:?}"
+    );
+}
+
+/// The fault of the zone's first worker, started as `withholding-worker`'s
+/// `mode`, which rewrites its first job's report: the job failed as the
+/// worker's, and the next succeeds on another worker.
+async fn refused_report(mode: &str) -> bulkhead::worker::pool::Fault {
     use bulkhead::job::FailureKind;
     use bulkhead::runner::Runner;
     let tmp = tempfile::tempdir().unwrap();
-    let program = crate::common::withholding(tmp.path(), "pad");
-    std::fs::write(program.with_file_name("worker-pad.arm"), b"").unwrap();
+    let program = crate::common::withholding(tmp.path(), mode);
+    std::fs::write(program.with_file_name(format!("worker-{mode}.arm")), b"").unwrap();
     let (runner, faults) =
-        crate::common::workers_from(tmp.path(), "pad", program.clone(), 0, 2, None).await;
+        crate::common::workers_from(tmp.path(), mode, program.clone(), 0, 2, None).await;
     let module = crate::common::load_in_workers(&runner, bulkhead_tests::HELLO, "hello").await;
     let pool = std::sync::Arc::clone(&runner.pools()["untrusted"]);
-    let padding = pool.pids()[0];
+    let rewriting = pool.pids()[0];
     let spec = bulkhead::sandbox::JobSpec::new();
     let ran = runner.run(&module, &spec, None).await.unwrap().report;
     assert!(
-        program.with_file_name("worker-pad.used").exists(),
-        "nothing was padded"
+        program
+            .with_file_name(format!("worker-{mode}.used"))
+            .exists(),
+        "nothing was rewritten"
     );
     assert_eq!(
         ran.failure.as_ref().map(|f| f.kind),
@@ -2134,14 +2161,15 @@ async fn a_report_naming_more_files_than_its_policy_allows_is_a_fault() {
     );
     until(|| !faults.lock().unwrap().is_empty()).await;
     let fault = faults.lock().unwrap()[0].clone();
-    assert_eq!((fault.class, fault.pid), ("protocol", padding), "{fault:?}");
-    assert!(
-        fault.reason.contains("said its job created 100000 files"),
+    assert_eq!(
+        (fault.class, fault.pid),
+        ("protocol", rewriting),
         "{fault:?}"
     );
     let next = runner.run(&module, &spec, None).await.unwrap().report;
     assert!(next.succeeded(), "{next:?}");
-    assert_ne!(pool.pids(), vec![padding]);
+    assert_ne!(pool.pids(), vec![rewriting]);
+    fault
 }
 
 /// A job sent to a worker before the worker said it loaded the job's

@@ -118,9 +118,14 @@ pub enum LayerState {
 /// What [`apply`] did, layer by layer.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Applied {
-    /// Each layer's state.
+    /// Each layer's state (a worker's `Hello` is read with at most
+    /// [`MAX_LAYERS`] entries: found by a tester, one of 4 million).
+    #[serde(deserialize_with = "crate::sandbox::intake::at_most_map::<_, _, _, MAX_LAYERS>")]
     pub layers: BTreeMap<Layer, LayerState>,
 }
+
+/// Most layers an [`Applied`] is read with: far more than there are.
+pub const MAX_LAYERS: usize = 64;
 
 /// What to harden the current process into.
 #[derive(Clone, Debug, Default)]
