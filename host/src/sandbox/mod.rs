@@ -170,6 +170,40 @@ impl SandboxConfig {
 /// traps.
 pub const HOSTCALL_FUEL: usize = 4 << 20;
 
+/// `text` cut to at most `max` bytes, at a character boundary, with
+/// control and bidirectional-formatting characters escaped: what a worker
+/// says, as the gateway shows it in logs, the audit and answers. Only
+/// what is kept is looked at (found by a tester: escaping a worker's
+/// 16 MiB message whole, one character at a time, took half a second of
+/// CPU; and its newlines wrote lines of the gateway's log).
+pub fn shown_within(text: &str, max: usize) -> String {
+    let unprintable = |c: char| {
+        c.is_control()
+            || matches!(c, '\u{200b}'..='\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}' | '\u{feff}')
+    };
+    let head = &text[..text.floor_char_boundary(max)];
+    if !head.chars().any(unprintable) {
+        return head.to_owned();
+    }
+    let mut kept = String::with_capacity(max.min(head.len() * 2));
+    for c in head.chars() {
+        let width = if unprintable(c) {
+            c.escape_unicode().len()
+        } else {
+            c.len_utf8()
+        };
+        if kept.len() + width > max {
+            break;
+        }
+        if unprintable(c) {
+            kept.extend(c.escape_unicode());
+        } else {
+            kept.push(c);
+        }
+    }
+    kept
+}
+
 /// Why a module could not be loaded. Exit status 2 in the CLI.
 #[derive(Clone, Debug, thiserror::Error, serde::Serialize, serde::Deserialize)]
 pub enum LoadError {
@@ -240,6 +274,94 @@ pub enum LoadError {
         #[serde(deserialize_with = "intake::at_most::<_, _, { intake::MAX_IMPORTS }>")]
         imports: Vec<ImportVerdict>,
     },
+}
+
+impl LoadError {
+    /// A worker's load error as the gateway keeps it: each text cut to
+    /// what an honest worker's takes and escaped ([`shown_within`]).
+    #[must_use]
+    pub fn from_worker(self) -> Self {
+        const SHORT: usize = 1024;
+        const LONG: usize = 16 << 10;
+        let short = |t: String| shown_within(&t, SHORT);
+        let long = |t: String| shown_within(&t, LONG);
+        match self {
+            Self::TooLarge { module, size, max } => Self::TooLarge {
+                module: short(module),
+                size,
+                max,
+            },
+            Self::DigestMismatch {
+                module,
+                expected,
+                actual,
+            } => Self::DigestMismatch {
+                module: short(module),
+                expected: short(expected),
+                actual: short(actual),
+            },
+            Self::Unsupported { module, reason } => Self::Unsupported {
+                module: short(module),
+                reason: long(reason),
+            },
+            Self::PolicyExceedsHost {
+                module,
+                key,
+                value,
+                max,
+            } => Self::PolicyExceedsHost {
+                module: short(module),
+                key: short(key),
+                value: short(value),
+                max: short(max),
+            },
+            Self::ExceedsZoneDisk {
+                module,
+                zone,
+                need,
+                disk,
+            } => Self::ExceedsZoneDisk {
+                module: short(module),
+                zone: short(zone),
+                need,
+                disk,
+            },
+            Self::ExceedsWorkerMemory {
+                module,
+                zone,
+                need,
+                most,
+            } => Self::ExceedsWorkerMemory {
+                module: short(module),
+                zone: short(zone),
+                need,
+                most,
+            },
+            Self::Compile { module, message } => Self::Compile {
+                module: short(module),
+                message: long(message),
+            },
+            Self::Link { module, message } => Self::Link {
+                module: short(module),
+                message: long(message),
+            },
+            Self::Adapt { module, reason } => Self::Adapt {
+                module: short(module),
+                reason: long(reason),
+            },
+            Self::DeniedImports { module, imports } => Self::DeniedImports {
+                module: short(module),
+                imports: imports
+                    .into_iter()
+                    .map(|v| ImportVerdict {
+                        name: short(v.name),
+                        verdict: v.verdict,
+                        why: short(v.why),
+                    })
+                    .collect(),
+            },
+        }
+    }
 }
 
 /// The denied imports, for the message: at most 8, then how many more.
@@ -1019,6 +1141,45 @@ fn unsupported_kind(wasm: &[u8]) -> Option<String> {
 
 #[cfg(test)]
 mod tests {
+
+    /// What a worker says reaches logs and answers cut to its bound with
+    /// its control characters escaped: no line of its own in the log.
+    #[test]
+    fn a_workers_texts_are_cut_and_escaped() {
+        let forged = format!(
+            "no\n2026-01-01T00:00:00Z INFO forged\u{1b}[0m{}",
+            "x".repeat(16 << 20)
+        );
+        let shown = shown_within(&forged, 1024);
+        assert!(shown.len() <= 1024, "{}", shown.len());
+        assert!(shown.starts_with("no\\u{a}2026"), "{shown}");
+        assert!(!shown.chars().any(char::is_control), "{shown}");
+        let error = LoadError::Compile {
+            module: forged.clone(),
+            message: forged.clone(),
+        }
+        .from_worker();
+        let LoadError::Compile { module, message } = &error else {
+            panic!("{error:?}");
+        };
+        assert!(module.len() <= 1024 && message.len() <= 16 << 10);
+        assert!(!error.to_string().contains('\n'));
+        let denied = LoadError::DeniedImports {
+            module: "m".into(),
+            imports: vec![ImportVerdict {
+                name: forged.clone(),
+                verdict: intake::Verdict::Denied,
+                why: forged,
+            }],
+        }
+        .from_worker();
+        let LoadError::DeniedImports { imports, .. } = &denied else {
+            panic!("{denied:?}");
+        };
+        assert!(imports[0].name.len() <= 1024 && imports[0].why.len() <= 1024);
+        assert!(!denied.to_string().contains('\n'));
+    }
+
     use super::*;
 
     /// The service answers 413 for inputs over the module's limit and 400

@@ -2697,13 +2697,25 @@ impl Pool {
         let applied = match hello {
             Ok(Ok(Up::Hello {
                 version: proto::VERSION,
-                applied,
+                mut applied,
                 ..
-            })) => applied,
+            })) => {
+                for state in applied.layers.values_mut() {
+                    if let LayerState::Unavailable { reason } = state {
+                        *reason = crate::sandbox::shown_within(reason, MAX_MESSAGE);
+                    }
+                }
+                applied
+            }
             other => {
                 let reason = match other {
                     Err(_) => "it did not say hello in time".to_owned(),
-                    Ok(Ok(Up::StartFailed { error })) => error,
+                    // Worker text reaches the log: cut and escaped
+                    // (found by a tester: 16 MB failures with forged log
+                    // lines in them, 1.9 GB of log in a minute).
+                    Ok(Ok(Up::StartFailed { error })) => {
+                        crate::sandbox::shown_within(&error, MAX_MESSAGE)
+                    }
                     Ok(Ok(Up::Hello { version, .. })) => {
                         format!(
                             "it speaks protocol version {version}, not {}",
@@ -2835,6 +2847,16 @@ impl Pool {
             }
             match message {
                 Up::Loaded { module, result } => {
+                    // Its texts reach logs and answers: cut and escaped.
+                    let result = result
+                        .map(|mut info| {
+                            for v in &mut info.imports {
+                                v.name = crate::sandbox::shown_within(&v.name, MAX_MESSAGE);
+                                v.why = crate::sandbox::shown_within(&v.why, MAX_MESSAGE);
+                            }
+                            info
+                        })
+                        .map_err(crate::sandbox::LoadError::from_worker);
                     // Code compiled and handed over that was not asked for
                     // (an honest worker hands over only on a load that
                     // asks it to, and reports what it found in the cache
@@ -3307,40 +3329,10 @@ fn bounded(mut report: JobReport, policy: &Policy) -> JobReport {
     report
 }
 
-/// Cuts `text` to at most `max` bytes, at a character boundary, with
-/// control and bidirectional-formatting characters escaped (it is shown
-/// in terminals, logs and the audit). Only what is kept is looked at: it
-/// escaped the whole text first, a character at a time (found by a
-/// tester: a worker's 16 MiB failure message of control characters took
-/// the gateway half a second of CPU a job).
+/// `text` cut to at most `max` bytes with control and
+/// bidirectional-formatting characters escaped ([`crate::sandbox::shown_within`]).
 fn truncate(text: &mut String, max: usize) {
-    let head = &text[..text.floor_char_boundary(max)];
-    if !head.chars().any(unprintable) {
-        text.truncate(head.len());
-        return;
-    }
-    let mut kept = String::with_capacity(max);
-    for c in head.chars() {
-        let width = if unprintable(c) {
-            c.escape_unicode().len()
-        } else {
-            c.len_utf8()
-        };
-        if kept.len() + width > max {
-            break;
-        }
-        if unprintable(c) {
-            kept.extend(c.escape_unicode());
-        } else {
-            kept.push(c);
-        }
-    }
-    *text = kept;
-}
-
-fn unprintable(c: char) -> bool {
-    c.is_control()
-        || matches!(c, '\u{200b}'..='\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}' | '\u{feff}')
+    *text = crate::sandbox::shown_within(text, max);
 }
 
 /// The report of a job whose worker failed under it.
