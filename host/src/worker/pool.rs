@@ -125,6 +125,9 @@ const WARM_WITHIN: Duration = Duration::from_secs(300);
 /// module's: an attacker's 600 KB module took a worker to 1.1 GB, and one
 /// of the same kind near the size bound would take more than a host has.
 pub const COMPILE_CEILING: u64 = 4 << 30;
+/// What a worker's fault is while it is retired: it ran its allowance.
+const RETIRED: &str = "retired";
+
 /// Longest failure message kept from a worker's report.
 const MAX_MESSAGE: usize = 1024;
 
@@ -2025,7 +2028,7 @@ impl Pool {
         lock(&self.state)
             .workers
             .retain(|w| !Arc::ptr_eq(w, worker));
-        lock(&worker.state).fault = Some("retired".into());
+        lock(&worker.state).fault = Some(RETIRED.into());
         // At once: it runs nothing, and what it leaves in its directory
         // goes with the directory. Left to exit on its own, retired
         // workers lived on as fast as jobs retired them (found by an
@@ -2055,24 +2058,36 @@ impl Pool {
 
     /// Kills `worker` for `reason`, fails its jobs, reports the fault.
     fn fault(&self, worker: &Arc<Worker>, class: &'static str, reason: String) {
-        let jobs = {
+        let (jobs, retired) = {
             let mut ws = lock(&worker.state);
-            if ws.fault.is_some() {
-                return;
+            match ws.fault.as_deref() {
+                // Retired (and put down) as its last job ended, then found
+                // in breach in that job's answer: recorded all the same
+                // (found by a tester: in a zone replacing its workers per
+                // job, no breach was logged, audited or counted).
+                Some(RETIRED) => {
+                    ws.fault = Some(reason.clone());
+                    (0, true)
+                }
+                Some(_) => return,
+                None => {
+                    ws.fault = Some(reason.clone());
+                    ws.loads.clear();
+                    let jobs = ws.jobs.len();
+                    // Dropping the replies wakes every waiting job with the fault.
+                    ws.jobs.clear();
+                    (jobs, false)
+                }
             }
-            ws.fault = Some(reason.clone());
-            ws.loads.clear();
-            let jobs = ws.jobs.len();
-            // Dropping the replies wakes every waiting job with the fault.
-            ws.jobs.clear();
-            jobs
         };
-        {
-            let mut st = lock(&self.state);
-            st.workers.retain(|w| !Arc::ptr_eq(w, worker));
-            st.successors.retain(|w| !Arc::ptr_eq(w, worker));
+        if !retired {
+            {
+                let mut st = lock(&self.state);
+                st.workers.retain(|w| !Arc::ptr_eq(w, worker));
+                st.successors.retain(|w| !Arc::ptr_eq(w, worker));
+            }
+            self.put_down(worker);
         }
-        self.put_down(worker);
         if self.closing.load(Ordering::SeqCst) {
             // Stopped with the service, not a fault.
             return;
