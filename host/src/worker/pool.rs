@@ -1920,7 +1920,7 @@ impl Pool {
                     )),
                     Err(reason) => {
                         released();
-                        self.fault(&worker, "protocol", reason.clone());
+                        self.breach(&worker, reason.clone());
                         Ok((fault_report(&id, policy, &reason), None))
                     }
                 }
@@ -1931,7 +1931,7 @@ impl Pool {
                     "sent a failure to start a job of {} bytes, more than the {MAX_WORKER_ERROR} a worker's takes",
                     message.len()
                 );
-                self.fault(&worker, "protocol", reason.clone());
+                self.breach(&worker, reason.clone());
                 Ok((fault_report(&id, policy, &reason), None))
             }
             Ok(Answer::Report(Err(mut message), _)) => {
@@ -2058,36 +2058,49 @@ impl Pool {
 
     /// Kills `worker` for `reason`, fails its jobs, reports the fault.
     fn fault(&self, worker: &Arc<Worker>, class: &'static str, reason: String) {
-        let (jobs, retired) = {
+        let jobs = {
             let mut ws = lock(&worker.state);
-            match ws.fault.as_deref() {
-                // Retired (and put down) as its last job ended, then found
-                // in breach in that job's answer: recorded all the same
-                // (found by a tester: in a zone replacing its workers per
-                // job, no breach was logged, audited or counted).
-                Some(RETIRED) => {
-                    ws.fault = Some(reason.clone());
-                    (0, true)
-                }
-                Some(_) => return,
-                None => {
-                    ws.fault = Some(reason.clone());
-                    ws.loads.clear();
-                    let jobs = ws.jobs.len();
-                    // Dropping the replies wakes every waiting job with the fault.
-                    ws.jobs.clear();
-                    (jobs, false)
-                }
+            if ws.fault.is_some() {
+                return;
             }
+            ws.fault = Some(reason.clone());
+            ws.loads.clear();
+            let jobs = ws.jobs.len();
+            // Dropping the replies wakes every waiting job with the fault.
+            ws.jobs.clear();
+            jobs
         };
-        if !retired {
-            {
-                let mut st = lock(&self.state);
-                st.workers.retain(|w| !Arc::ptr_eq(w, worker));
-                st.successors.retain(|w| !Arc::ptr_eq(w, worker));
-            }
-            self.put_down(worker);
+        {
+            let mut st = lock(&self.state);
+            st.workers.retain(|w| !Arc::ptr_eq(w, worker));
+            st.successors.retain(|w| !Arc::ptr_eq(w, worker));
         }
+        self.put_down(worker);
+        self.record(worker, class, reason, jobs);
+    }
+
+    /// A breach of the protocol in `worker`'s answer to a job: a fault,
+    /// and recorded though the worker was retired (and put down) as that
+    /// job, its last, ended (found by a tester: in a zone replacing its
+    /// workers per job, no breach was logged, audited or counted).
+    fn breach(&self, worker: &Arc<Worker>, reason: String) {
+        let retired = {
+            let mut ws = lock(&worker.state);
+            let retired = ws.fault.as_deref() == Some(RETIRED);
+            if retired {
+                ws.fault = Some(reason.clone());
+            }
+            retired
+        };
+        if retired {
+            self.record(worker, "protocol", reason, 0);
+        } else {
+            self.fault(worker, "protocol", reason);
+        }
+    }
+
+    /// Logs, counts and tells `worker`'s fault, which failed `jobs` jobs.
+    fn record(&self, worker: &Worker, class: &'static str, reason: String, jobs: usize) {
         if self.closing.load(Ordering::SeqCst) {
             // Stopped with the service, not a fault.
             return;
