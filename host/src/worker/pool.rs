@@ -111,6 +111,27 @@ const START_LOADED: Duration = READ_WITHIN.saturating_add(Duration::from_secs(15
 /// ([`Pool::rebuild`]).
 const REBUILD_EVERY: Duration = Duration::from_secs(60);
 
+/// The wait before a zone starts a worker again after its first failed
+/// start in a row; each further failure doubles it, up to
+/// [`START_BACKOFF_MOST`]. A start that cannot succeed (the binary gone,
+/// a required layer missing, a full disk) is otherwise tried at every
+/// round of the supervisor, four times a second, each try a process and
+/// a line in the log (found by a tester: 784 MB of log in 13 s).
+const START_BACKOFF_FIRST: Duration = Duration::from_millis(250);
+
+/// The longest wait between a zone's failed starts of a worker.
+const START_BACKOFF_MOST: Duration = Duration::from_secs(8);
+
+/// The wait before the next start after `failed` starts in a row failed.
+fn start_backoff(failed: u32) -> Duration {
+    match failed {
+        0 => Duration::ZERO,
+        n => START_BACKOFF_FIRST
+            .saturating_mul(1 << (n - 1).min(16))
+            .min(START_BACKOFF_MOST),
+    }
+}
+
 /// A successor is sent the modules the zone has placed a job of within
 /// this long ([`Pool::warm_successor`]); a module idle longer is loaded by
 /// its next job. Sent every module the zone's workers held, each worker
@@ -278,6 +299,8 @@ pub struct Pool {
     compiles: tokio::sync::Semaphore,
     /// Modules compiled again for the zone's cache ([`Pool::rebuild`]).
     rebuilds: AtomicU64,
+    /// Starts of a worker that failed ([`Pool::replenish`]).
+    start_failures: AtomicU64,
 }
 
 /// The runtime every pool's supervisor runs on, and where workers start,
@@ -348,6 +371,10 @@ struct State {
     /// When a job of each module was last placed on a worker: a
     /// successor is sent those placed within [`WARM_WITHIN`].
     placed: HashMap<u64, Instant>,
+    /// Starts of a worker that failed in a row, and when the next may
+    /// begin ([`start_backoff`]).
+    failed_starts: u32,
+    start_after: Option<Instant>,
 }
 
 /// What a job's run fails with when it had no room or place by its
@@ -831,6 +858,7 @@ impl Pool {
             live: Arc::new(watch::Sender::new(0)),
             compiles,
             rebuilds: AtomicU64::new(0),
+            start_failures: AtomicU64::new(0),
         });
         for _ in 0..pool.config.workers.max(1) {
             // Started on the pools' runtime, as replacements are (its
@@ -904,6 +932,12 @@ impl Pool {
     /// cache ([`Pool::rebuild`]).
     pub fn rebuilds(&self) -> u64 {
         self.rebuilds.load(Ordering::SeqCst)
+    }
+
+    /// How many starts of a worker (to keep the zone's count, or a
+    /// successor) have failed.
+    pub fn start_failures(&self) -> u64 {
+        self.start_failures.load(Ordering::SeqCst)
     }
 
     /// How many modules have been sent to the zone's worker (or
@@ -2428,8 +2462,14 @@ impl Pool {
             live += 1;
             promoted = true;
         }
-        let wanted = (keep - live) + near.min(keep);
         let have = st.successors.len() + st.starting as usize;
+        // After a failed start, none until its wait is over (the
+        // supervisor's next rounds come back here).
+        let wanted = if st.start_after.is_some_and(|at| Instant::now() < at) {
+            have
+        } else {
+            (keep - live) + near.min(keep)
+        };
         for _ in have..wanted {
             st.starting += 1;
             let pool = Arc::clone(self);
@@ -2438,8 +2478,25 @@ impl Pool {
                 let worker = match started {
                     Ok(w) => w,
                     Err(e) => {
-                        lock(&pool.state).starting -= 1;
-                        tracing::error!(error = %e, "cannot start a replacement worker");
+                        let wait = {
+                            let mut st = lock(&pool.state);
+                            st.starting -= 1;
+                            st.failed_starts = st.failed_starts.saturating_add(1);
+                            let wait = start_backoff(st.failed_starts);
+                            st.start_after = Some(Instant::now() + wait);
+                            wait
+                        };
+                        pool.start_failures.fetch_add(1, Ordering::SeqCst);
+                        metrics::counter!(
+                            "bulkhead_worker_start_failures_total",
+                            "zone" => pool.config.zone.clone()
+                        )
+                        .increment(1);
+                        tracing::error!(
+                            error = %e,
+                            retry_in_ms = wait.as_millis(),
+                            "cannot start a replacement worker"
+                        );
                         pool.changed.notify_waiters();
                         return;
                     }
@@ -2450,6 +2507,8 @@ impl Pool {
                 // of a worker before they are done).
                 let mut st = lock(&pool.state);
                 st.starting -= 1;
+                st.failed_starts = 0;
+                st.start_after = None;
                 if pool.closing.load(Ordering::SeqCst) || lock(&worker.state).fault.is_some() {
                     drop(st);
                     worker.kill();
@@ -3583,6 +3642,18 @@ fn prepare_dir(dir: &Path, owner: Option<(u32, u32)>, mode: u32) -> std::io::Res
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// None before the first failure, a quarter of a second after it,
+    /// doubling with each failure in a row up to eight seconds.
+    #[test]
+    fn a_failed_start_waits_longer_each_time_in_a_row() {
+        let ms = |n| start_backoff(n).as_millis();
+        assert_eq!(
+            (0..8).map(ms).collect::<Vec<_>>(),
+            [0, 250, 500, 1000, 2000, 4000, 8000, 8000]
+        );
+        assert_eq!(ms(u32::MAX), 8000);
+    }
 
     /// A report is read as the worker's own account of its guest: a
     /// failure only the gateway gives (the host's, the worker's) is a

@@ -39,6 +39,9 @@
 //! everything, but turns each report into a failure to start its job of
 //! 100 KiB of control characters (leaving `<path>.used`).
 //!
+//! Named `…-refuse`, every one started while `<path>.arm` exists fails
+//! its start: its first frame says so (`StartFailed`), and it exits.
+//!
 //! Otherwise only the first one started from a path that is sent a job withholds
 //! (it leaves `<path>.used`); later ones relay everything, so the zone's
 //! next worker is honest. The name is that of the path the pool starts (a link to this
@@ -65,6 +68,7 @@ enum Mode {
     Claim,
     Pad,
     Shout,
+    Refuse,
 }
 
 fn main() {
@@ -82,6 +86,14 @@ fn main() {
         mode = Mode::Honest;
     }
     let gateway = process::inherited_channel().expect("no channel inherited");
+    if mode == Mode::Refuse && std::path::Path::new(&format!("{path}.arm")).exists() {
+        let refusal = frame_of(&Up::StartFailed {
+            error: "refused to start".into(),
+        })
+        .expect("a refusal frames");
+        let _ = (&gateway).write_all(&refusal);
+        std::process::exit(3);
+    }
     // The directories the pool handed over, in order, after the channel.
     let dirs: Vec<std::fs::File> = (1..8)
         .map(|i| CHANNEL_FD + i)
@@ -199,6 +211,7 @@ fn mode(path: &str) -> Mode {
         p if p.ends_with("-claim") => Mode::Claim,
         p if p.ends_with("-pad") => Mode::Pad,
         p if p.ends_with("-shout") => Mode::Shout,
+        p if p.ends_with("-refuse") => Mode::Refuse,
         _ => Mode::Honest,
     }
 }

@@ -2920,3 +2920,43 @@ async fn a_worker_let_go_with_its_end_held_elsewhere_keeps_nothing_of_the_gatewa
     drop(held);
     until(|| process_state(pid).is_none_or(|s| s == 'Z')).await;
 }
+
+/// A zone whose workers fail to start waits longer after each failure in
+/// a row (a quarter of a second after the first, doubling), and starts
+/// workers again once one succeeds (found by a tester: failed starts were
+/// tried four times a second, each a process and a line of log). Each
+/// start here fails while `worker-refuse.arm` exists.
+#[tokio::test(flavor = "multi_thread")]
+async fn failed_worker_starts_wait_longer_each_time_and_the_zone_recovers() {
+    use bulkhead::runner::Runner;
+    let tmp = tempfile::tempdir().unwrap();
+    let program = crate::common::withholding(tmp.path(), "refuse");
+    let arm = program.with_file_name("worker-refuse.arm");
+    let (runner, faults) =
+        crate::common::workers_from(tmp.path(), "refuse", program, 0, 2, None).await;
+    let module = crate::common::load_in_workers(&runner, bulkhead_tests::HELLO, "hello").await;
+    let pool = std::sync::Arc::clone(&runner.pools()["untrusted"]);
+    std::fs::write(&arm, b"").unwrap();
+    let pid = pool.pids()[0];
+    // SAFETY: kill(2) of the zone's worker, a child of this process.
+    assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGKILL) }, 0);
+    until(|| pool.start_failures() >= 1).await;
+    let first = std::time::Instant::now();
+    until(|| pool.start_failures() >= 4).await;
+    // Three waits at least lie between the first failure and the fourth:
+    // 0.25 + 0.5 + 1 s. Tried at every round of the supervisor, four would
+    // fail within about a second.
+    assert!(
+        first.elapsed() >= Duration::from_millis(1750),
+        "4 failed starts within {:?}",
+        first.elapsed()
+    );
+    assert!(pool.pids().is_empty(), "{:?}", pool.pids());
+    std::fs::remove_file(&arm).unwrap();
+    until(|| pool.pids().len() == 1).await;
+    let spec = bulkhead::sandbox::JobSpec::new();
+    let ran = runner.run(&module, &spec, None).await.unwrap().report;
+    assert!(ran.succeeded(), "{ran:?}");
+    assert_eq!(faults.lock().unwrap().len(), 1, "only the kill was a fault");
+    runner.close();
+}
