@@ -196,22 +196,6 @@ impl http_body::Body for FileBody {
     }
 }
 
-/// Characters that must not reach a file name shown to a person: controls
-/// (C0, DEL, C1 including U+0085) and the Unicode formatting characters that
-/// reorder or hide text (bidi embeddings, overrides and isolates, marks,
-/// line and paragraph separators, zero-width characters).
-fn is_deceptive(c: char) -> bool {
-    c.is_control()
-        || matches!(
-            c,
-            '\u{061C}'
-                | '\u{200B}'..='\u{200F}'
-                | '\u{2028}'..='\u{202E}'
-                | '\u{2060}'..='\u{2069}'
-                | '\u{FEFF}'
-        )
-}
-
 /// RFC 5987 `attr-char`: everything else is percent-encoded.
 const ATTR_CHAR: &AsciiSet = &NON_ALPHANUMERIC
     .remove(b'!')
@@ -244,7 +228,13 @@ pub fn content_disposition(name: &str) -> String {
     let base = name.rsplit('/').next().unwrap_or(name);
     let clean: String = base
         .chars()
-        .map(|c| if is_deceptive(c) { '_' } else { c })
+        .map(|c| {
+            if crate::sandbox::unprintable(c) {
+                '_'
+            } else {
+                c
+            }
+        })
         .collect();
     let clean = if clean.is_empty() {
         "output".to_owned()

@@ -269,21 +269,7 @@ impl Backtrace {
 /// `name` with control and bidirectional-formatting characters escaped,
 /// cut to [`MAX_FRAME_NAME`] bytes at a character boundary.
 fn printable_name(name: &str) -> String {
-    let mut out = String::new();
-    for c in name.chars() {
-        let piece = if c.is_control()
-            || matches!(c, '\u{200b}'..='\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}' | '\u{feff}')
-        {
-            c.escape_unicode().to_string()
-        } else {
-            c.to_string()
-        };
-        if out.len() + piece.len() > MAX_FRAME_NAME {
-            break;
-        }
-        out.push_str(&piece);
-    }
-    out
+    crate::sandbox::shown_within(name, MAX_FRAME_NAME)
 }
 
 /// The structured report of one job.

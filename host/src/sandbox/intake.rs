@@ -533,9 +533,7 @@ const MAX_NAME: usize = 256;
 fn shown(name: &str) -> String {
     let mut out = String::new();
     for c in name.chars() {
-        let unprintable = c.is_control()
-            || matches!(c, '\u{200b}'..='\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}' | '\u{feff}');
-        let piece = if unprintable {
+        let piece = if super::unprintable(c) {
             c.escape_unicode().to_string()
         } else {
             c.to_string()

@@ -170,17 +170,32 @@ impl SandboxConfig {
 /// traps.
 pub const HOSTCALL_FUEL: usize = 4 << 20;
 
+/// Characters that must not reach text shown to a person (a log line, an
+/// audit row, a report, a file name): controls (C0, DEL, C1 including
+/// U+0085) and the Unicode formatting characters that reorder, hide or
+/// break text (bidi marks, embeddings, overrides and isolates, line and
+/// paragraph separators, zero-width characters). One set for every place
+/// that escapes or replaces them.
+#[must_use]
+pub fn unprintable(c: char) -> bool {
+    c.is_control()
+        || matches!(
+            c,
+            '\u{061C}'
+                | '\u{200B}'..='\u{200F}'
+                | '\u{2028}'..='\u{202E}'
+                | '\u{2060}'..='\u{2069}'
+                | '\u{FEFF}'
+        )
+}
+
 /// `text` cut to at most `max` bytes, at a character boundary, with
-/// control and bidirectional-formatting characters escaped: what a worker
+/// the characters of [`unprintable`] escaped: what a worker
 /// says, as the gateway shows it in logs, the audit and answers. Only
 /// what is kept is looked at (found by a tester: escaping a worker's
 /// 16 MiB message whole, one character at a time, took half a second of
 /// CPU; and its newlines wrote lines of the gateway's log).
 pub fn shown_within(text: &str, max: usize) -> String {
-    let unprintable = |c: char| {
-        c.is_control()
-            || matches!(c, '\u{200b}'..='\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}' | '\u{feff}')
-    };
     let head = &text[..text.floor_char_boundary(max)];
     if !head.chars().any(unprintable) {
         return head.to_owned();
@@ -1154,6 +1169,16 @@ mod tests {
         assert!(shown.len() <= 1024, "{}", shown.len());
         assert!(shown.starts_with("no\\u{a}2026"), "{shown}");
         assert!(!shown.chars().any(char::is_control), "{shown}");
+        // What breaks or reorders a line without being a control is
+        // escaped too: line and paragraph separators, bidi and zero-width
+        // marks.
+        for c in [
+            '\u{2028}', '\u{2029}', '\u{061c}', '\u{200b}', '\u{202e}', '\u{2066}', '\u{2060}',
+            '\u{feff}',
+        ] {
+            let shown = shown_within(&format!("a{c}b"), 64);
+            assert_eq!(shown, format!("a{}b", c.escape_unicode()));
+        }
         let error = LoadError::Compile {
             module: forged.clone(),
             message: forged.clone(),
