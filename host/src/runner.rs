@@ -163,6 +163,10 @@ pub struct RunnerState {
     /// Per zone: the memory its workers are counted as holding for module
     /// loads not yet answered.
     pub loads_held: BTreeMap<String, u64>,
+    /// Per zone: its starts of a worker that failed in a row, none of
+    /// its workers live since (0: none failed, or a worker started
+    /// after). Such a zone runs no job until a start succeeds.
+    pub failed_starts: BTreeMap<String, u32>,
 }
 
 /// Told `true` when a job starts waiting for room in its zone's disk or
@@ -383,6 +387,7 @@ impl Runner for InProcess {
             disk_given: BTreeMap::new(),
             queued: BTreeMap::new(),
             loads_held: BTreeMap::new(),
+            failed_starts: BTreeMap::new(),
         }
     }
 }
@@ -526,6 +531,7 @@ impl Runner for Workers {
             disk_given: self.per_zone(|pool| pool.disk_given()),
             queued: self.per_zone(|pool| pool.queued_for_workers()),
             loads_held: self.per_zone(|pool| pool.loads_held()),
+            failed_starts: self.per_zone(|pool| pool.failing_starts()),
         }
     }
 

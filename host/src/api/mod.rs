@@ -75,6 +75,8 @@ pub enum ApiError {
     ReportTooLarge(String),
     /// 503: draining.
     Unavailable,
+    /// 503: not ready for another reason, said.
+    NotReady(String),
     /// 503 with `Retry-After`: the storage is full (`storage_full`) or
     /// failing (`storage_unavailable`); nothing was stored.
     Storage { full: bool },
@@ -111,7 +113,9 @@ impl ApiError {
             ApiError::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::ReportTooLarge(_) => StatusCode::INSUFFICIENT_STORAGE,
-            ApiError::Unavailable | ApiError::Storage { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Unavailable | ApiError::NotReady(_) | ApiError::Storage { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -130,7 +134,7 @@ impl ApiError {
             ApiError::Unprocessable(_) => "unprocessable",
             ApiError::TooManyRequests { .. } => "too_many_requests",
             ApiError::ReportTooLarge(_) => "report_too_large",
-            ApiError::Unavailable => "unavailable",
+            ApiError::Unavailable | ApiError::NotReady(_) => "unavailable",
             ApiError::Storage { full: true } => "storage_full",
             ApiError::Storage { full: false } => "storage_unavailable",
             ApiError::Internal(_) => "internal",
@@ -158,6 +162,10 @@ impl IntoResponse for ApiError {
             ApiError::Unavailable => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from(5u64));
                 "the service is shutting down".to_owned()
+            }
+            ApiError::NotReady(why) => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from(5u64));
+                why
             }
             ApiError::Storage { full } => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from(STORAGE_RETRY_AFTER));
@@ -366,18 +374,19 @@ async fn healthz() -> &'static str {
     "ok\n"
 }
 
-/// Readiness: not draining, and the storage can be written.
+/// Readiness: not draining, the storage can be written, and no zone is
+/// without a worker because its starts fail.
 #[utoipa::path(get, path = "/readyz",
     responses((status = 200, description = "ready", content_type = "text/plain", body = String),
-        (status = 503, description = "draining, or the storage is full or failing", body = ErrorBody,
+        (status = 503, description = "draining, the storage full or failing, or a zone's workers failing to start", body = ErrorBody,
             headers(("retry-after" = u64, description = "seconds")))))]
 async fn readyz(State(state): State<AppState>) -> Result<&'static str, ApiError> {
     if state.service.is_draining() {
         Err(ApiError::Unavailable)
     } else if !state.service.storage_ok() {
         Err(ApiError::Storage { full: false })
-    } else if !state.service.runner_ready() {
-        Err(ApiError::Unavailable)
+    } else if let Err(why) = state.service.runner_ready() {
+        Err(ApiError::NotReady(why))
     } else {
         Ok("ready\n")
     }

@@ -292,6 +292,32 @@ pub enum LoadError {
 }
 
 impl LoadError {
+    /// The module it names.
+    fn module_mut(&mut self) -> &mut String {
+        match self {
+            Self::TooLarge { module, .. }
+            | Self::DigestMismatch { module, .. }
+            | Self::Unsupported { module, .. }
+            | Self::PolicyExceedsHost { module, .. }
+            | Self::ExceedsZoneDisk { module, .. }
+            | Self::ExceedsWorkerMemory { module, .. }
+            | Self::Compile { module, .. }
+            | Self::Link { module, .. }
+            | Self::Adapt { module, .. }
+            | Self::DeniedImports { module, .. } => module,
+        }
+    }
+
+    /// The error naming `module`, whatever it named: a worker's names the
+    /// module the gateway asked it to load, not one the worker chose
+    /// (found by a tester: a worker's load error in one zone named another
+    /// zone's module in the gateway's log).
+    #[must_use]
+    pub fn naming(mut self, module: &str) -> Self {
+        module.clone_into(self.module_mut());
+        self
+    }
+
     /// A worker's load error as the gateway keeps it: each text cut to
     /// what an honest worker's takes and escaped ([`shown_within`]).
     #[must_use]
@@ -1159,6 +1185,18 @@ mod tests {
 
     /// What a worker says reaches logs and answers cut to its bound with
     /// its control characters escaped: no line of its own in the log.
+    #[test]
+    fn a_workers_load_error_names_the_module_it_was_asked_to_load() {
+        let said = LoadError::Compile {
+            module: "hello".into(),
+            message: "no".into(),
+        }
+        .from_worker()
+        .naming("spin");
+        assert!(matches!(&said, LoadError::Compile { module, .. } if module == "spin"));
+        assert!(said.to_string().contains("`spin`"), "{said}");
+    }
+
     #[test]
     fn a_workers_texts_are_cut_and_escaped() {
         let forged = format!(

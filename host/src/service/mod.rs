@@ -598,11 +598,21 @@ impl Service {
         }
     }
 
-    /// Whether guests can run: every zone has a live worker (in-process:
-    /// always).
-    pub fn runner_ready(&self) -> bool {
+    /// Whether guests can run: no zone is without a live worker because
+    /// its starts fail (in-process: always); the first such zone
+    /// otherwise. A zone between a worker's retirement and its
+    /// replacement's start is ready: its jobs wait a moment (found by a
+    /// tester: readiness failed for every such moment under load in a
+    /// zone replacing its workers per job, and said the service was
+    /// shutting down).
+    pub fn runner_ready(&self) -> Result<(), String> {
         let isolation = self.runner.state();
-        isolation.workers.values().all(|pids| !pids.is_empty())
+        match isolation.failed_starts.iter().find(|(_, n)| **n > 0) {
+            Some((zone, n)) => Err(format!(
+                "zone `{zone}` has no worker: its last {n} starts of one failed"
+            )),
+            None => Ok(()),
+        }
     }
 
     /// Records an audit entry; failures are logged, never surfaced.

@@ -248,6 +248,8 @@ type FaultSink = Arc<dyn Fn(Fault) + Send + Sync>;
 /// and bytes, sent to each worker before its first job of it.
 #[derive(Debug)]
 struct Source {
+    /// The module's name, as its policy gives it.
+    name: String,
     /// The sha256 of `wasm`: what the zone's artifact record is keyed by.
     digest: Sha256Hex,
     policy_json: String,
@@ -706,7 +708,12 @@ fn gateways_to_read(
             json.len()
         ));
     }
-    let report = JobReport::decode(json).map_err(|e| format!("sent an unreadable report: {e}"))?;
+    let report = JobReport::decode(json).map_err(|e| {
+        format!(
+            "sent an unreadable report: {}",
+            crate::sandbox::shown_within(&e.to_string(), MAX_MESSAGE)
+        )
+    })?;
     match report.failure.as_ref().map(|f| &f.kind) {
         Some(kind @ (crate::job::FailureKind::Host | crate::job::FailureKind::Worker)) => Err(
             format!("sent a report of a failure only the gateway gives ({kind:?})"),
@@ -934,6 +941,18 @@ impl Pool {
         self.rebuilds.load(Ordering::SeqCst)
     }
 
+    /// Starts of a worker that failed in a row while the zone has no live
+    /// worker: its jobs wait for a start that may never succeed (0 while
+    /// it has one, or its last start succeeded).
+    pub fn failing_starts(&self) -> u32 {
+        let st = lock(&self.state);
+        if Self::live(&st) > 0 {
+            0
+        } else {
+            st.failed_starts
+        }
+    }
+
     /// How many starts of a worker (to keep the zone's count, or a
     /// successor) have failed.
     pub fn start_failures(&self) -> u64 {
@@ -1047,6 +1066,7 @@ impl Pool {
     ) -> Result<(u64, LoadInfo), LoadError> {
         let module = self.next_id();
         let source = Arc::new(Source {
+            name: policy.module.name.to_string(),
             digest: Sha256Hex::digest(&wasm),
             policy_json: serde_json::to_string(policy).map_err(|e| LoadError::Compile {
                 module: policy.module.name.to_string(),
@@ -2091,7 +2111,12 @@ impl Pool {
     }
 
     /// Kills `worker` for `reason`, fails its jobs, reports the fault.
+    /// The reason is cut and escaped here, whatever made it: it may quote
+    /// what the worker sent (found by a tester: a report's unknown
+    /// `outcome` of 6 MB, quoted whole by the decoder, reached the log,
+    /// the audit, the stored job and its answer, with forged log lines).
     fn fault(&self, worker: &Arc<Worker>, class: &'static str, reason: String) {
+        let reason = crate::sandbox::shown_within(&reason, MAX_MESSAGE);
         let jobs = {
             let mut ws = lock(&worker.state);
             if ws.fault.is_some() {
@@ -2118,6 +2143,7 @@ impl Pool {
     /// job, its last, ended (found by a tester: in a zone replacing its
     /// workers per job, no breach was logged, audited or counted).
     fn breach(&self, worker: &Arc<Worker>, reason: String) {
+        let reason = crate::sandbox::shown_within(&reason, MAX_MESSAGE);
         let retired = {
             let mut ws = lock(&worker.state);
             let retired = ws.fault.as_deref() == Some(RETIRED);
@@ -2943,7 +2969,13 @@ impl Pool {
                             }
                             info
                         })
-                        .map_err(crate::sandbox::LoadError::from_worker);
+                        .map_err(|e| {
+                            let e = e.from_worker();
+                            match lock(&pool.state).modules.get(&module) {
+                                Some(source) => e.naming(&source.name),
+                                None => e,
+                            }
+                        });
                     // Code compiled and handed over that was not asked for
                     // (an honest worker hands over only on a load that
                     // asks it to, and reports what it found in the cache
@@ -3413,6 +3445,35 @@ fn bounded(mut report: JobReport, policy: &Policy) -> JobReport {
     }
     report.outputs.truncate(policy.limits.output_files as usize);
     report.skipped_outputs.truncate(64);
+    // Its numbers reach every module's metrics (`bulkhead_job_wall_seconds`):
+    // within what the job could have taken, never negative, infinite or
+    // NaN (found by a tester: a worker's wall time of -1e305 ms, and sums
+    // of its jobs' that read `inf`). No job outlives its wall time and the
+    // gateway's grace, nor holds more than its limits.
+    let most_ms = policy
+        .limits
+        .wall_time
+        .get()
+        .saturating_add(OVERRUN_GRACE)
+        .as_secs_f64()
+        * 1000.0;
+    let within = |ms: f64| {
+        if ms.is_finite() {
+            ms.clamp(0.0, most_ms)
+        } else {
+            0.0
+        }
+    };
+    let m = &mut report.measurements;
+    m.wall_time_ms = within(m.wall_time_ms);
+    m.cpu_time_ms = within(m.cpu_time_ms);
+    m.peak_memory_bytes = m.peak_memory_bytes.min(policy.limits.memory.as_u64());
+    m.output_bytes = m.output_bytes.min(policy.limits.output.as_u64());
+    // A limit is a failure of kind `limit`; one said beside anything else
+    // fired in no honest worker.
+    if report.failure.as_ref().map(|f| f.kind) != Some(FailureKind::Limit) {
+        report.limit = None;
+    }
     report
 }
 
@@ -3434,6 +3495,7 @@ fn stopped_report(id: &str, policy: &Policy, reason: &str, wall_time: bool) -> J
 }
 
 fn fault_report(id: &str, policy: &Policy, reason: &str) -> JobReport {
+    let reason = crate::sandbox::shown_within(reason, MAX_MESSAGE);
     let mut report = JobReport::not_run(
         id,
         policy.module.name.as_str(),
@@ -3715,6 +3777,63 @@ mod tests {
             "0".repeat(64)
         );
         Policy::parse(&text, std::path::Path::new("demo.toml")).unwrap()
+    }
+
+    /// A report's numbers are kept within what its job could have taken,
+    /// and a limit only beside a failure of kind `limit`.
+    #[test]
+    fn a_reports_numbers_are_kept_within_what_its_job_could_take() {
+        let policy = demo_policy("memory = \"64 MiB\"\nwall_time = \"10s\"\noutput = \"1 MiB\"\n");
+        let mut report = JobReport::not_run("j", "demo", "why");
+        report.failure = Some(Failure {
+            kind: FailureKind::Exit,
+            message: "exited 1".into(),
+        });
+        report.limit = Some(crate::job::LimitKind::Memory);
+        let m = &mut report.measurements;
+        m.wall_time_ms = -1e305;
+        m.cpu_time_ms = f64::NAN;
+        m.peak_memory_bytes = u64::MAX;
+        m.output_bytes = u64::MAX;
+        let kept = bounded(report.clone(), &policy);
+        let m = &kept.measurements;
+        assert_eq!((m.wall_time_ms, m.cpu_time_ms), (0.0, 0.0));
+        assert_eq!(m.peak_memory_bytes, 64 << 20);
+        assert_eq!(m.output_bytes, 1 << 20);
+        assert_eq!(kept.limit, None, "a limit said beside an exit");
+        report.measurements.wall_time_ms = f64::INFINITY;
+        report.measurements.cpu_time_ms = 1e300;
+        report.failure.as_mut().unwrap().kind = FailureKind::Limit;
+        let kept = bounded(report, &policy);
+        assert_eq!(kept.measurements.wall_time_ms, 0.0);
+        assert_eq!(
+            kept.measurements.cpu_time_ms, 15_000.0,
+            "10 s and the grace"
+        );
+        assert_eq!(kept.limit, Some(crate::job::LimitKind::Memory));
+    }
+
+    /// A report the gateway cannot read is a breach whose reason quotes
+    /// at most a little of it, escaped: the decoder's error quotes the
+    /// unknown value whole.
+    #[test]
+    fn an_unreadable_reports_quote_is_cut_and_escaped() {
+        let policy = demo_policy("stdout = \"1 MiB\"\n");
+        let mut report = serde_json::to_value(JobReport::not_run("j", "demo", "why")).unwrap();
+        report["outcome"] = format!(
+            "x\n2026-01-01 INFO forged\u{1b}[0m{}",
+            "y".repeat(100 << 10)
+        )
+        .into();
+        let json = serde_json::to_string(&report).unwrap();
+        let created = postcard::from_bytes(
+            &postcard::to_allocvec(&super::super::proto::Blob(Vec::new().into())).unwrap(),
+        )
+        .unwrap();
+        let reason = gateways_to_read(&json, &created, &policy).unwrap_err();
+        assert!(reason.starts_with("sent an unreadable report"), "{reason}");
+        assert!(reason.len() < 2 * MAX_MESSAGE, "{}", reason.len());
+        assert!(!reason.chars().any(char::is_control), "{reason}");
     }
 
     /// A report naming more created files than its policy's

@@ -2960,3 +2960,65 @@ async fn failed_worker_starts_wait_longer_each_time_and_the_zone_recovers() {
     assert_eq!(faults.lock().unwrap().len(), 1, "only the kill was a fault");
     runner.close();
 }
+
+/// `/readyz` fails, naming the zone, only while a zone has no worker
+/// because its starts fail, and passes again once one starts; a zone
+/// replacing its worker after every job stays ready meanwhile (found by
+/// a tester: readiness failed, saying the service was shutting down,
+/// whenever a zone had no live worker, which such a zone has for a moment
+/// after each job).
+#[tokio::test(flavor = "multi_thread")]
+async fn readiness_fails_only_while_a_zones_workers_cannot_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let program = crate::common::withholding(dir.path(), "refuse");
+    let arm = program.with_file_name("worker-refuse.arm");
+    let server = service::start(|c| {
+        c.isolation.program = Some(program.clone());
+        c.zones
+            .entry("untrusted".into())
+            .or_default()
+            .jobs_per_worker = 1;
+    })
+    .await;
+    let readyz = || async {
+        let r = server.http.get(server.url("/readyz")).send().await.unwrap();
+        (r.status(), r.text().await.unwrap())
+    };
+    let token = server.token("acme", &["hello:run"]).await;
+    for _ in 0..6 {
+        let resp = server
+            .post("/v1/modules/hello/jobs?wait=10s", &token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), reqwest::StatusCode::OK);
+        let (status, body) = readyz().await;
+        assert_eq!(status, reqwest::StatusCode::OK, "{body}");
+    }
+    std::fs::write(&arm, b"").unwrap();
+    // Every start from now fails; its workers go, those started ahead
+    // (and any whose start began before) too.
+    let failing = || server.service.isolation().failed_starts["untrusted"];
+    for _ in 0..200 {
+        if failing() > 0 {
+            break;
+        }
+        let state = server.service.isolation();
+        for pid in workers(&server)
+            .into_iter()
+            .chain(state.successors["untrusted"].clone())
+        {
+            // SAFETY: kill(2) of a worker, a child of this process.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(failing() > 0, "{:?}", server.service.isolation());
+    let (status, body) = readyz().await;
+    assert_eq!(status, reqwest::StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert!(body.contains("zone `untrusted` has no worker"), "{body}");
+    std::fs::remove_file(&arm).unwrap();
+    until(|| failing() == 0).await;
+    let (status, body) = readyz().await;
+    assert_eq!(status, reqwest::StatusCode::OK, "{body}");
+}
