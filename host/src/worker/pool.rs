@@ -34,7 +34,7 @@ use super::process::WorkerProcess;
 use std::collections::{BTreeSet, HashMap};
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
@@ -303,6 +303,10 @@ pub struct Pool {
     rebuilds: AtomicU64,
     /// Starts of a worker that failed ([`Pool::replenish`]).
     start_failures: AtomicU64,
+    /// Those since a worker last reported a job: a worker that says hello
+    /// and dies before its first job is a failed start too, and its
+    /// hello does not make the next start's wait short.
+    failed_in_a_row: AtomicU32,
 }
 
 /// The runtime every pool's supervisor runs on, and where workers start,
@@ -373,9 +377,8 @@ struct State {
     /// When a job of each module was last placed on a worker: a
     /// successor is sent those placed within [`WARM_WITHIN`].
     placed: HashMap<u64, Instant>,
-    /// Starts of a worker that failed in a row, and when the next may
-    /// begin ([`start_backoff`]).
-    failed_starts: u32,
+    /// When the next start of a worker may begin, after a failed one
+    /// ([`start_backoff`]).
     start_after: Option<Instant>,
 }
 
@@ -866,6 +869,7 @@ impl Pool {
             compiles,
             rebuilds: AtomicU64::new(0),
             start_failures: AtomicU64::new(0),
+            failed_in_a_row: AtomicU32::new(0),
         });
         for _ in 0..pool.config.workers.max(1) {
             // Started on the pools' runtime, as replacements are (its
@@ -945,11 +949,10 @@ impl Pool {
     /// worker: its jobs wait for a start that may never succeed (0 while
     /// it has one, or its last start succeeded).
     pub fn failing_starts(&self) -> u32 {
-        let st = lock(&self.state);
-        if Self::live(&st) > 0 {
+        if Self::live(&lock(&self.state)) > 0 {
             0
         } else {
-            st.failed_starts
+            self.failed_in_a_row.load(Ordering::SeqCst)
         }
     }
 
@@ -1951,6 +1954,10 @@ impl Pool {
         let released = || worker.release(job);
         match answer {
             Ok(Answer::Report(Ok(json), created)) => {
+                // A worker ran a job: starts work again.
+                if self.failed_in_a_row.load(Ordering::Relaxed) != 0 {
+                    self.failed_in_a_row.store(0, Ordering::SeqCst);
+                }
                 match gateways_to_read(&json, &created, policy) {
                     Ok((report, created)) => Ok((
                         bounded(report, policy),
@@ -2110,6 +2117,22 @@ impl Pool {
         });
     }
 
+    /// A start of a worker failed, or a worker failed before it was given
+    /// any job (which no guest could have caused: it had run none): the
+    /// next start waits ([`start_backoff`]); returns how long.
+    fn start_failed(&self) -> Duration {
+        let failed = self.failed_in_a_row.fetch_add(1, Ordering::SeqCst);
+        let wait = start_backoff(failed.saturating_add(1));
+        lock(&self.state).start_after = Some(Instant::now() + wait);
+        self.start_failures.fetch_add(1, Ordering::SeqCst);
+        metrics::counter!(
+            "bulkhead_worker_start_failures_total",
+            "zone" => self.config.zone.clone()
+        )
+        .increment(1);
+        wait
+    }
+
     /// Kills `worker` for `reason`, fails its jobs, reports the fault.
     /// The reason is cut and escaped here, whatever made it: it may quote
     /// what the worker sent (found by a tester: a report's unknown
@@ -2117,7 +2140,7 @@ impl Pool {
     /// the audit, the stored job and its answer, with forged log lines).
     fn fault(&self, worker: &Arc<Worker>, class: &'static str, reason: String) {
         let reason = crate::sandbox::shown_within(&reason, MAX_MESSAGE);
-        let jobs = {
+        let (jobs, given_none) = {
             let mut ws = lock(&worker.state);
             if ws.fault.is_some() {
                 return;
@@ -2127,7 +2150,7 @@ impl Pool {
             let jobs = ws.jobs.len();
             // Dropping the replies wakes every waiting job with the fault.
             ws.jobs.clear();
-            jobs
+            (jobs, ws.started == 0)
         };
         {
             let mut st = lock(&self.state);
@@ -2135,6 +2158,12 @@ impl Pool {
             st.successors.retain(|w| !Arc::ptr_eq(w, worker));
         }
         self.put_down(worker);
+        // One that failed before any job failed as a start does: its
+        // replacement waits (found by a tester: workers that said hello
+        // and died were replaced 5 to 11 times a second, the zone ready).
+        if given_none && !self.closing.load(Ordering::SeqCst) {
+            self.start_failed();
+        }
         self.record(worker, class, reason, jobs);
     }
 
@@ -2504,20 +2533,8 @@ impl Pool {
                 let worker = match started {
                     Ok(w) => w,
                     Err(e) => {
-                        let wait = {
-                            let mut st = lock(&pool.state);
-                            st.starting -= 1;
-                            st.failed_starts = st.failed_starts.saturating_add(1);
-                            let wait = start_backoff(st.failed_starts);
-                            st.start_after = Some(Instant::now() + wait);
-                            wait
-                        };
-                        pool.start_failures.fetch_add(1, Ordering::SeqCst);
-                        metrics::counter!(
-                            "bulkhead_worker_start_failures_total",
-                            "zone" => pool.config.zone.clone()
-                        )
-                        .increment(1);
+                        lock(&pool.state).starting -= 1;
+                        let wait = pool.start_failed();
                         tracing::error!(
                             error = %e,
                             retry_in_ms = wait.as_millis(),
@@ -2533,8 +2550,6 @@ impl Pool {
                 // of a worker before they are done).
                 let mut st = lock(&pool.state);
                 st.starting -= 1;
-                st.failed_starts = 0;
-                st.start_after = None;
                 if pool.closing.load(Ordering::SeqCst) || lock(&worker.state).fault.is_some() {
                     drop(st);
                     worker.kill();
@@ -3469,11 +3484,23 @@ fn bounded(mut report: JobReport, policy: &Policy) -> JobReport {
     m.cpu_time_ms = within(m.cpu_time_ms);
     m.peak_memory_bytes = m.peak_memory_bytes.min(policy.limits.memory.as_u64());
     m.output_bytes = m.output_bytes.min(policy.limits.output.as_u64());
-    // A limit is a failure of kind `limit`; one said beside anything else
-    // fired in no honest worker.
+    m.output_entries = m.output_entries.min(u64::from(policy.limits.output_files));
+    // Every refusal is a host call.
+    m.refused = m.refused.min(m.host_calls);
+    // As the sandbox builds a report: failed exactly when it gives a
+    // failure, a limit only beside a failure of kind `limit`, an exit
+    // code only as `wasi:cli/exit` carries one (found by a tester: a
+    // limit counted for a job stored as succeeded, an exit code of
+    // -2147483648).
+    report.outcome = if report.failure.is_some() {
+        Outcome::Failed
+    } else {
+        Outcome::Succeeded
+    };
     if report.failure.as_ref().map(|f| f.kind) != Some(FailureKind::Limit) {
         report.limit = None;
     }
+    report.exit_code = report.exit_code.filter(|code| (0..=255).contains(code));
     report
 }
 
@@ -3811,6 +3838,32 @@ mod tests {
             "10 s and the grace"
         );
         assert_eq!(kept.limit, Some(crate::job::LimitKind::Memory));
+        // Said to have succeeded beside a failure, with an exit code no
+        // guest can give, more entries than its policy allows and more
+        // refusals than calls.
+        let mut report = JobReport::not_run("j", "demo", "why");
+        report.outcome = Outcome::Succeeded;
+        report.exit_code = Some(i32::MIN);
+        report.measurements.output_entries = u64::MAX;
+        report.measurements.host_calls = 7;
+        report.measurements.refused = u64::MAX;
+        let kept = bounded(report, &policy);
+        assert_eq!(kept.outcome, Outcome::Failed);
+        assert_eq!(kept.exit_code, None);
+        assert_eq!(
+            kept.measurements.output_entries,
+            u64::from(policy.limits.output_files)
+        );
+        assert_eq!(kept.measurements.refused, 7);
+        let mut honest = JobReport::not_run("j", "demo", "why");
+        honest.outcome = Outcome::Succeeded;
+        honest.failure = None;
+        honest.exit_code = Some(0);
+        let kept = bounded(honest.clone(), &policy);
+        assert_eq!(
+            (kept.outcome, kept.exit_code),
+            (Outcome::Succeeded, Some(0))
+        );
     }
 
     /// A report the gateway cannot read is a breach whose reason quotes

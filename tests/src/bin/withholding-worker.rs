@@ -42,6 +42,10 @@
 //! Named `…-refuse`, every one started while `<path>.arm` exists fails
 //! its start: its first frame says so (`StartFailed`), and it exits.
 //!
+//! Named `…-vanish`, every one started while `<path>.arm` exists relays
+//! the real worker's hello, then exits 0.3 s later, before it is sent
+//! any job.
+//!
 //! Otherwise only the first one started from a path that is sent a job withholds
 //! (it leaves `<path>.used`); later ones relay everything, so the zone's
 //! next worker is honest. The name is that of the path the pool starts (a link to this
@@ -69,6 +73,7 @@ enum Mode {
     Pad,
     Shout,
     Refuse,
+    Vanish,
 }
 
 fn main() {
@@ -125,6 +130,7 @@ fn main() {
         let mut from = child.try_clone().expect("channel");
         let forging = (mode == Mode::Forge).then(|| (work.clone(), cache.clone(), used.clone()));
         let used_up = used.clone();
+        let vanish = mode == Mode::Vanish && std::path::Path::new(&format!("{path}.arm")).exists();
         std::thread::spawn(move || {
             while let Some(mut frame) = read_frame(&mut from) {
                 if let Some((work, cache, used)) = &forging
@@ -149,6 +155,12 @@ fn main() {
                 }
                 if up.lock().unwrap().write_all(&frame).is_err() {
                     break;
+                }
+                if vanish {
+                    // Once the gateway has taken it as one of the zone's
+                    // workers.
+                    std::thread::sleep(Duration::from_millis(300));
+                    std::process::exit(0);
                 }
             }
             std::process::exit(0);
@@ -212,6 +224,7 @@ fn mode(path: &str) -> Mode {
         p if p.ends_with("-pad") => Mode::Pad,
         p if p.ends_with("-shout") => Mode::Shout,
         p if p.ends_with("-refuse") => Mode::Refuse,
+        p if p.ends_with("-vanish") => Mode::Vanish,
         _ => Mode::Honest,
     }
 }

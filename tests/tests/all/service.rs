@@ -514,11 +514,16 @@ async fn a_job_running_when_shutdown_stops_its_worker_is_left_to_run_again() {
             .flat_map(|r| walk(r))
             .collect::<Vec<_>>()
     };
-    // Its worker has made the job's directories.
+    // Its worker has made the job's directories: its `/out`, then (the
+    // job has no inputs) the shared empty `/in` of the worker's first
+    // job, made just after it (an earlier version compared before that,
+    // and saw the worker's own `mkdir` as the second start's).
     let made = || {
-        entries()
+        let entries = entries();
+        entries
             .iter()
             .any(|p| p.extension().is_some_and(|e| e == "out"))
+            && entries.iter().any(|p| p.ends_with(".empty-in"))
     };
     for _ in 0..300 {
         if made() {
