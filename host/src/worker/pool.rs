@@ -1894,6 +1894,7 @@ impl Pool {
         let id = spec.id.clone();
         let wall_time = policy.limits.wall_time.get();
         let (tx, rx) = oneshot::channel();
+        let sent_at = Instant::now();
         {
             let mut ws = lock(&worker.state);
             if let Some(reason) = &ws.fault {
@@ -1915,7 +1916,7 @@ impl Pool {
                 Pending {
                     reply: tx,
                     wall_time,
-                    sent: Instant::now(),
+                    sent: sent_at,
                     module,
                     start_within,
                     compiled_since: false,
@@ -1960,7 +1961,7 @@ impl Pool {
                 }
                 match gateways_to_read(&json, &created, policy) {
                     Ok((report, created)) => Ok((
-                        bounded(report, policy),
+                        bounded(report, policy, sent_at.elapsed()),
                         Some(WorkerOutputs {
                             // The worker removes an empty `/out` before it
                             // reports: nothing to copy, nothing to release.
@@ -3439,7 +3440,7 @@ impl Drop for WorkerOutputs {
 
 /// A report from a worker, cut to what its policy allows: the worker may
 /// be compromised, and the report is stored and shown to clients.
-fn bounded(mut report: JobReport, policy: &Policy) -> JobReport {
+fn bounded(mut report: JobReport, policy: &Policy, took: Duration) -> JobReport {
     let kept = |limit: crate::policy::ByteSize| {
         usize::try_from(limit.as_u64())
             .unwrap_or(usize::MAX)
@@ -3464,12 +3465,16 @@ fn bounded(mut report: JobReport, policy: &Policy) -> JobReport {
     // within what the job could have taken, never negative, infinite or
     // NaN (found by a tester: a worker's wall time of -1e305 ms, and sums
     // of its jobs' that read `inf`). No job outlives its wall time and the
-    // gateway's grace, nor holds more than its limits.
+    // gateway's grace, nor holds more than its limits; nor does it take
+    // longer than the gateway's own clock saw, from its `Run` sent to its
+    // report read (`took`), so a worker cannot stretch its jobs' times to
+    // that bound either.
     let most_ms = policy
         .limits
         .wall_time
         .get()
         .saturating_add(OVERRUN_GRACE)
+        .min(took)
         .as_secs_f64()
         * 1000.0;
     let within = |ms: f64| {
@@ -3806,6 +3811,8 @@ mod tests {
         Policy::parse(&text, std::path::Path::new("demo.toml")).unwrap()
     }
 
+    const HOUR: Duration = Duration::from_secs(3600);
+
     /// A report's numbers are kept within what its job could have taken,
     /// and a limit only beside a failure of kind `limit`.
     #[test]
@@ -3822,7 +3829,7 @@ mod tests {
         m.cpu_time_ms = f64::NAN;
         m.peak_memory_bytes = u64::MAX;
         m.output_bytes = u64::MAX;
-        let kept = bounded(report.clone(), &policy);
+        let kept = bounded(report.clone(), &policy, HOUR);
         let m = &kept.measurements;
         assert_eq!((m.wall_time_ms, m.cpu_time_ms), (0.0, 0.0));
         assert_eq!(m.peak_memory_bytes, 64 << 20);
@@ -3831,7 +3838,7 @@ mod tests {
         report.measurements.wall_time_ms = f64::INFINITY;
         report.measurements.cpu_time_ms = 1e300;
         report.failure.as_mut().unwrap().kind = FailureKind::Limit;
-        let kept = bounded(report, &policy);
+        let kept = bounded(report, &policy, HOUR);
         assert_eq!(kept.measurements.wall_time_ms, 0.0);
         assert_eq!(
             kept.measurements.cpu_time_ms, 15_000.0,
@@ -3847,7 +3854,7 @@ mod tests {
         report.measurements.output_entries = u64::MAX;
         report.measurements.host_calls = 7;
         report.measurements.refused = u64::MAX;
-        let kept = bounded(report, &policy);
+        let kept = bounded(report, &policy, HOUR);
         assert_eq!(kept.outcome, Outcome::Failed);
         assert_eq!(kept.exit_code, None);
         assert_eq!(
@@ -3855,11 +3862,16 @@ mod tests {
             u64::from(policy.limits.output_files)
         );
         assert_eq!(kept.measurements.refused, 7);
+        // Nor longer than the gateway saw it take.
+        let mut slow = JobReport::not_run("j", "demo", "why");
+        slow.measurements.wall_time_ms = 9_000.0;
+        let kept = bounded(slow, &policy, Duration::from_secs(2));
+        assert_eq!(kept.measurements.wall_time_ms, 2_000.0);
         let mut honest = JobReport::not_run("j", "demo", "why");
         honest.outcome = Outcome::Succeeded;
         honest.failure = None;
         honest.exit_code = Some(0);
-        let kept = bounded(honest.clone(), &policy);
+        let kept = bounded(honest.clone(), &policy, HOUR);
         assert_eq!(
             (kept.outcome, kept.exit_code),
             (Outcome::Succeeded, Some(0))
@@ -3953,7 +3965,7 @@ mod tests {
         report.stdout.bytes = 1_000_000_000_000_000;
         report.stderr.text = "ok".into();
         report.stderr.bytes = 2;
-        let report = bounded(report, &policy);
+        let report = bounded(report, &policy, HOUR);
         assert_eq!(report.stdout.bytes, 1024);
         assert!(report.stdout.truncated);
         assert_eq!(report.stderr.bytes, 2);
