@@ -2153,16 +2153,24 @@ impl Pool {
             ws.jobs.clear();
             (jobs, ws.started == 0)
         };
-        {
+        let kept = {
             let mut st = lock(&self.state);
+            let kept = st
+                .workers
+                .iter()
+                .chain(&st.successors)
+                .any(|w| Arc::ptr_eq(w, worker));
             st.workers.retain(|w| !Arc::ptr_eq(w, worker));
             st.successors.retain(|w| !Arc::ptr_eq(w, worker));
-        }
+            kept
+        };
         self.put_down(worker);
-        // One that failed before any job failed as a start does: its
-        // replacement waits (found by a tester: workers that said hello
-        // and died were replaced 5 to 11 times a second, the zone ready).
-        if given_none && !self.closing.load(Ordering::SeqCst) {
+        // One of the zone's workers that failed before any job failed as a
+        // start does: its replacement waits (found by a tester: workers
+        // that said hello and died were replaced 5 to 11 times a second,
+        // the zone ready). Not a worker started to compile a module alone:
+        // a compile that fails fails that load, nothing else.
+        if given_none && kept && !self.closing.load(Ordering::SeqCst) {
             self.start_failed();
         }
         self.record(worker, class, reason, jobs);
