@@ -51,7 +51,7 @@ pub(crate) struct SuiteArgs {
 pub(crate) const DRILL_SUBCOMMAND: &str = bulkhead_suite::DRILL_SUBCOMMAND;
 
 /// The second-wall drill's process, started by the escape suite exactly as
-/// the gateway starts a worker (`bulkhead::worker::process::spawn`): parses
+/// the gateway starts a worker (`bulkhead::worker::process`): parses
 /// the [`WorkerArgs`](bulkhead::worker::WorkerArgs) it was given, hardens
 /// itself with the worker's own plan and function
 /// ([`WorkerArgs::plan`](bulkhead::worker::WorkerArgs::plan),

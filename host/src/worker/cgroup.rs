@@ -1,4 +1,5 @@
-//! A worker's memory ceiling, where the host offers cgroups.
+//! A worker's memory ceiling and its share of the CPU, where the host
+//! offers cgroups.
 //!
 //! [`MemoryCeiling::create`] makes a cgroup for one worker under the
 //! gateway's own (as `/proc/self/cgroup` names it), with a memory limit:
@@ -10,6 +11,15 @@
 //! code); [`MemoryCeiling::oom_killed`] says whether the kernel killed in
 //! it, so the gateway can name the fault. The directory is removed on
 //! drop, once the worker is gone.
+//!
+//! [`CpuShare::create`] makes a cgroup for one worker under the gateway's
+//! own in the CPU controller's hierarchy (v2's `cpu.weight`, v1's
+//! `cpu.shares`; on v2 the memory ceiling's own cgroup where the worker
+//! has one): under contention the worker weighs what its guest threads
+//! would as threads of the gateway, however many threads it runs. Without
+//! it, native code in a worker could start threads up to its thread limit
+//! and take that many times its share of every core from the gateway and
+//! the other zones' workers.
 
 use std::fs;
 use std::io;
@@ -44,7 +54,32 @@ pub enum Version {
     V1,
 }
 
-/// Where new memory cgroups can be made: the gateway's own cgroup.
+/// A controller workers get cgroups of.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Controller {
+    Memory,
+    Cpu,
+}
+
+impl Controller {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Memory => "memory",
+            Self::Cpu => "cpu",
+        }
+    }
+
+    /// A file every cgroup of its v1 hierarchy has.
+    fn v1_file(self) -> &'static str {
+        match self {
+            Self::Memory => "memory.limit_in_bytes",
+            Self::Cpu => "cpu.shares",
+        }
+    }
+}
+
+/// Where new cgroups of a controller can be made: the gateway's own
+/// cgroup.
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct Base {
     dir: PathBuf,
@@ -54,20 +89,33 @@ struct Base {
 /// Whether this host offers a memory cgroup under the gateway's own, and
 /// if not, why.
 pub fn offered() -> Result<(), String> {
-    base().map(|_| ())
+    base(Controller::Memory).map(|_| ())
 }
 
-/// Removes the cgroups named `<prefix><pid>` beside this process's
-/// workers' whose process is gone: those a service ended before it
+/// Whether this host offers a CPU cgroup under the gateway's own, and if
+/// not, why.
+pub fn cpu_offered() -> Result<(), String> {
+    base(Controller::Cpu).map(|_| ())
+}
+
+/// Removes the cgroups named `<prefix><pid>` (of either controller)
+/// beside this process's workers' whose process is gone: those a service ended before it
 /// removed them (killed, or stopped while it started) left, one per
 /// worker. One whose pid is alive is left alone (another service's, under
 /// the same parent), and so is one still in use (`rmdir` refuses it).
 /// How many it removed.
 pub fn remove_left(prefix: &str) -> usize {
-    let Ok(base) = base() else {
-        return 0;
-    };
-    let Ok(entries) = fs::read_dir(&base.dir) else {
+    let mut dirs: Vec<PathBuf> = [Controller::Memory, Controller::Cpu]
+        .into_iter()
+        .filter_map(|c| base(c).ok())
+        .map(|b| b.dir)
+        .collect();
+    dirs.dedup();
+    dirs.iter().map(|dir| remove_left_in(dir, prefix)).sum()
+}
+
+fn remove_left_in(dir: &Path, prefix: &str) -> usize {
+    let Ok(entries) = fs::read_dir(dir) else {
         return 0;
     };
     let mut removed = 0;
@@ -91,17 +139,17 @@ pub fn remove_left(prefix: &str) -> usize {
     removed
 }
 
-fn base() -> Result<Base, String> {
+fn base(controller: Controller) -> Result<Base, String> {
     let mountinfo = fs::read_to_string("/proc/self/mountinfo")
         .map_err(|e| format!("/proc/self/mountinfo: {e}"))?;
     let own =
         fs::read_to_string("/proc/self/cgroup").map_err(|e| format!("/proc/self/cgroup: {e}"))?;
     let mut why = Vec::new();
-    match base_v2(&mountinfo, &own) {
+    match base_v2(&mountinfo, &own, controller) {
         Ok(b) => return Ok(b),
         Err(e) => why.push(format!("v2: {e}")),
     }
-    match base_v1(&mountinfo, &own) {
+    match base_v1(&mountinfo, &own, controller) {
         Ok(b) => return Ok(b),
         Err(e) => why.push(format!("v1: {e}")),
     }
@@ -139,7 +187,7 @@ fn join(point: &str, root: &str, path: &str) -> Option<PathBuf> {
     Some(Path::new(point).join(rel))
 }
 
-fn base_v2(mountinfo: &str, own: &str) -> Result<Base, String> {
+fn base_v2(mountinfo: &str, own: &str, controller: Controller) -> Result<Base, String> {
     let (root, point, _, _) = mounts(mountinfo)
         .find(|m| m.2 == "cgroup2")
         .ok_or("not mounted")?;
@@ -150,15 +198,16 @@ fn base_v2(mountinfo: &str, own: &str) -> Result<Base, String> {
     let dir = join(point, root, path).ok_or("own cgroup outside the mount")?;
     let controllers = fs::read_to_string(dir.join("cgroup.controllers"))
         .map_err(|e| format!("{}: {e}", dir.display()))?;
-    if !controllers.split_whitespace().any(|c| c == "memory") {
-        return Err(format!("no memory controller in {}", dir.display()));
+    let name = controller.name();
+    if !controllers.split_whitespace().any(|c| c == name) {
+        return Err(format!("no {name} controller in {}", dir.display()));
     }
     let subtree = dir.join("cgroup.subtree_control");
-    let enabled = |s: &str| s.split_whitespace().any(|c| c == "memory");
+    let enabled = |s: &str| s.split_whitespace().any(|c| c == name);
     if !fs::read_to_string(&subtree).is_ok_and(|s| enabled(&s)) {
-        fs::write(&subtree, "+memory").map_err(|e| {
+        fs::write(&subtree, format!("+{name}")).map_err(|e| {
             format!(
-                "cannot enable memory for children of {}: {e}",
+                "cannot enable {name} for children of {}: {e}",
                 dir.display()
             )
         })?;
@@ -169,10 +218,11 @@ fn base_v2(mountinfo: &str, own: &str) -> Result<Base, String> {
     })
 }
 
-fn base_v1(mountinfo: &str, own: &str) -> Result<Base, String> {
+fn base_v1(mountinfo: &str, own: &str, controller: Controller) -> Result<Base, String> {
+    let name = controller.name();
     let (root, point, _, _) = mounts(mountinfo)
-        .find(|m| m.2 == "cgroup" && m.3.split(',').any(|o| o == "memory"))
-        .ok_or("no memory hierarchy mounted")?;
+        .find(|m| m.2 == "cgroup" && m.3.split(',').any(|o| o == name))
+        .ok_or_else(|| format!("no {name} hierarchy mounted"))?;
     let path = own
         .lines()
         .find_map(|l| {
@@ -180,16 +230,13 @@ fn base_v1(mountinfo: &str, own: &str) -> Result<Base, String> {
             let _id = parts.next()?;
             let controllers = parts.next()?;
             let path = parts.next()?;
-            controllers
-                .split(',')
-                .any(|c| c == "memory")
-                .then_some(path)
+            controllers.split(',').any(|c| c == name).then_some(path)
         })
-        .ok_or("this process is in no memory cgroup")?;
+        .ok_or_else(|| format!("this process is in no {name} cgroup"))?;
     let dir = join(point, root, path).ok_or("own cgroup outside the mount")?;
-    let limit = dir.join("memory.limit_in_bytes");
-    if !limit.exists() {
-        return Err(format!("{} is missing", limit.display()));
+    let probe = dir.join(controller.v1_file());
+    if !probe.exists() {
+        return Err(format!("{} is missing", probe.display()));
     }
     Ok(Base {
         dir,
@@ -213,32 +260,10 @@ impl MemoryCeiling {
     /// anew once its processes are gone (waiting up to a second for one
     /// just killed); one still in use is refused.
     pub fn create(name: &str, limit: u64) -> Result<Self, CgroupError> {
-        if name.is_empty()
-            || name.len() > 64
-            || !name
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-        {
-            return Err(CgroupError::Name(name.to_owned()));
-        }
-        let base = base().map_err(CgroupError::NotOffered)?;
+        check_name(name)?;
+        let base = base(Controller::Memory).map_err(CgroupError::NotOffered)?;
         let dir = base.dir.join(name);
-        let io = |source| CgroupError::Io {
-            path: dir.clone(),
-            source,
-        };
-        // Never one left by another process under this name (a service
-        // stopped before it removed it, a pid used again): its counters
-        // (v1 keeps `oom_kill`) would name every fault of the new one a
-        // kill for memory, and its processes would share its ceiling. An
-        // empty one goes; one still in use is refused.
-        if let Err(e) = fs::create_dir(&dir) {
-            if e.kind() != io::ErrorKind::AlreadyExists {
-                return Err(io(e));
-            }
-            remove_once_empty(&dir).map_err(io)?;
-            fs::create_dir(&dir).map_err(io)?;
-        }
+        make_anew(&dir)?;
         let ceiling = Self {
             dir,
             version: base.version,
@@ -364,6 +389,135 @@ fn counter(text: &str, key: &str) -> Option<u64> {
     })
 }
 
+fn check_name(name: &str) -> Result<(), CgroupError> {
+    if name.is_empty()
+        || name.len() > 64
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    {
+        return Err(CgroupError::Name(name.to_owned()));
+    }
+    Ok(())
+}
+
+/// Makes cgroup `dir`, never taking over one left by another process
+/// under its name (a service stopped before it removed it, a pid used
+/// again): its counters (v1 keeps `oom_kill`) would name every fault of
+/// the new one a kill for memory, and its processes would share its
+/// limits. An empty one goes; one still in use is refused.
+fn make_anew(dir: &Path) -> Result<(), CgroupError> {
+    let io = |source| CgroupError::Io {
+        path: dir.to_owned(),
+        source,
+    };
+    if let Err(e) = fs::create_dir(dir) {
+        if e.kind() != io::ErrorKind::AlreadyExists {
+            return Err(io(e));
+        }
+        remove_once_empty(dir).map_err(io)?;
+        fs::create_dir(dir).map_err(io)?;
+    }
+    Ok(())
+}
+
+/// One worker's share of the CPU: the weight of `threads` threads of the
+/// gateway's, whatever number of threads the worker runs. Removed on drop
+/// (retried briefly while its last process exits).
+#[derive(Debug)]
+pub struct CpuShare {
+    /// Its own cgroup; none where it is the memory ceiling's (v2), which
+    /// the ceiling removes.
+    dir: Option<PathBuf>,
+    version: Version,
+    /// `cpu.weight` (v2) or `cpu.shares` (v1).
+    weight: u64,
+}
+
+impl CpuShare {
+    /// v1's `cpu.shares` of one thread at nice 0, and v2's `cpu.weight`.
+    const THREAD: (u64, u64) = (1024, 100);
+
+    /// Makes cgroup `name` (letters, digits, `-`, `_`) under the
+    /// gateway's own in the CPU controller's hierarchy, weighing `threads`
+    /// threads; on v2, where the worker has a memory ceiling there,
+    /// `ceiling`'s cgroup is weighed instead (a process is in one cgroup
+    /// of v2). A leftover cgroup of the same name is removed and made
+    /// anew once its processes are gone; one still in use is refused.
+    pub fn create(
+        name: &str,
+        threads: u32,
+        ceiling: Option<&MemoryCeiling>,
+    ) -> Result<Self, CgroupError> {
+        check_name(name)?;
+        let base = base(Controller::Cpu).map_err(CgroupError::NotOffered)?;
+        let threads = u64::from(threads.max(1));
+        let weight = match base.version {
+            Version::V2 => (threads * Self::THREAD.1).min(10_000),
+            Version::V1 => threads * Self::THREAD.0,
+        };
+        let (dir, own) = match ceiling {
+            Some(c) if base.version == Version::V2 && c.version() == Version::V2 => {
+                (c.path().to_owned(), false)
+            }
+            _ => {
+                let dir = base.dir.join(name);
+                make_anew(&dir)?;
+                (dir, true)
+            }
+        };
+        let share = Self {
+            dir: own.then(|| dir.clone()),
+            version: base.version,
+            weight,
+        };
+        let file = match base.version {
+            Version::V2 => "cpu.weight",
+            Version::V1 => "cpu.shares",
+        };
+        let path = dir.join(file);
+        fs::write(&path, weight.to_string()).map_err(|source| CgroupError::Io { path, source })?;
+        Ok(share)
+    }
+
+    /// Puts process `pid`, all its threads, and those it starts from now
+    /// on under the share (nothing to do where it is the memory
+    /// ceiling's, which the process joins).
+    pub fn add(&self, pid: u32) -> Result<(), CgroupError> {
+        let Some(dir) = &self.dir else {
+            return Ok(());
+        };
+        let path = dir.join("cgroup.procs");
+        fs::write(&path, pid.to_string()).map_err(|source| CgroupError::Io { path, source })
+    }
+
+    /// Its own cgroup's directory; `None` where it is the memory
+    /// ceiling's.
+    pub fn path(&self) -> Option<&Path> {
+        self.dir.as_deref()
+    }
+
+    /// The version in use.
+    pub fn version(&self) -> Version {
+        self.version
+    }
+
+    /// Its weight (`cpu.weight` on v2, `cpu.shares` on v1).
+    pub fn weight(&self) -> u64 {
+        self.weight
+    }
+}
+
+impl Drop for CpuShare {
+    fn drop(&mut self) {
+        if let Some(dir) = &self.dir
+            && let Err(e) = remove_once_empty(dir)
+        {
+            tracing::warn!(dir = %dir.display(), error = %e, "CPU cgroup left behind");
+        }
+    }
+}
+
 /// Removes cgroup `dir` (gone already counts), waiting up to a second
 /// while it is busy: a killed process leaves its cgroup a moment after
 /// it is reaped, longer on a loaded host. Still busy after that, it is
@@ -394,6 +548,7 @@ impl Drop for MemoryCeiling {
 #[cfg(test)]
 mod tests {
     use std::io::Write as _;
+    use std::os::unix::process::CommandExt as _;
     use std::process::{Command, Stdio};
 
     use super::*;
@@ -404,10 +559,19 @@ mod tests {
             35 31 0:32 / /sys/fs/cgroup/memory rw,relatime - cgroup cgroup rw,memory\n\
             41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw\n";
         let own = "4:memory:/a/b\n1:cpu:/\n0::/\n";
-        let v1 = base_v1(mountinfo, own).map(|b| b.dir);
+        let v1 = base_v1(mountinfo, own, Controller::Memory).map(|b| b.dir);
         // The directory exists only on a host like the one described.
         if let Ok(dir) = v1 {
             assert_eq!(dir, Path::new("/sys/fs/cgroup/memory/a/b"));
+        }
+        // No CPU hierarchy mounted: none offered, and why.
+        let cpu = base_v1(mountinfo, own, Controller::Cpu).unwrap_err();
+        assert!(cpu.contains("no cpu hierarchy"), "{cpu}");
+        let with_cpu = format!(
+            "{mountinfo}32 31 0:29 / /sys/fs/cgroup/cpu rw,relatime - cgroup cgroup rw,cpu\n"
+        );
+        if let Ok(b) = base_v1(&with_cpu, own, Controller::Cpu) {
+            assert_eq!(b.dir, Path::new("/sys/fs/cgroup/cpu"));
         }
         assert_eq!(
             join("/sys/fs/cgroup/memory", "/", "/a/b").unwrap(),
@@ -531,6 +695,91 @@ mod tests {
             (64u64 << 20).to_string()
         );
         drop(ceiling);
+        assert!(!dir.exists(), "{} left behind", dir.display());
+    }
+
+    /// Field `i` of `/proc/<pid>/stat`, counted from the one after the
+    /// command's name (the state is 0, the process group 2).
+    fn stat_field(pid: u32, i: usize) -> Option<u64> {
+        let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        let (_, after) = stat.rsplit_once(')')?;
+        after.split_whitespace().nth(i)?.parse().ok()
+    }
+
+    /// CPU time (user and system, in clock ticks) of process `pid`.
+    fn cpu_ticks(pid: u32) -> u64 {
+        stat_field(pid, 11).unwrap_or(0) + stat_field(pid, 12).unwrap_or(0)
+    }
+
+    /// A process of many busy threads under a share of one thread gets no
+    /// more of the CPU than one busy process beside it in the gateway's own
+    /// cgroup; without the share it would get about eight times as much.
+    #[test]
+    fn a_share_weighs_as_its_threads_however_many_it_runs() {
+        if let Err(why) = cpu_offered() {
+            eprintln!("no CPU cgroup here ({why}): nothing to check");
+            return;
+        }
+        let name = format!("bulkhead-test-{}-share", std::process::id());
+        let share = CpuShare::create(&name, 1, None).expect("share");
+        let dir = share.path().expect("a cgroup of its own").to_owned();
+        let weight = match share.version() {
+            Version::V2 => ("cpu.weight", "100"),
+            Version::V1 => ("cpu.shares", "1024"),
+        };
+        assert_eq!(
+            fs::read_to_string(dir.join(weight.0)).unwrap().trim(),
+            weight.1
+        );
+        // Eight busy processes, all started once the first is in.
+        let mut burner = Command::new("sh")
+            .arg("-c")
+            .arg("read _ && for i in 1 2 3 4 5 6 7 8; do (while :; do :; done) & done; wait")
+            .stdin(Stdio::piped())
+            .process_group(0)
+            .spawn()
+            .expect("sh runs");
+        share.add(burner.id()).expect("enters the share");
+        let mut beside = Command::new("sh")
+            .args(["-c", "while :; do :; done"])
+            .spawn()
+            .expect("sh runs");
+        burner.stdin.take().unwrap().write_all(b"go\n").unwrap();
+        // The burners counted by their process group, not by what the
+        // cgroup lists: every process they started.
+        let group = burner.id();
+        let burned = || -> u64 {
+            fs::read_dir("/proc")
+                .into_iter()
+                .flatten()
+                .flatten()
+                .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+                .filter(|pid| stat_field(*pid, 2) == Some(u64::from(group)))
+                .map(cpu_ticks)
+                .sum()
+        };
+        // SAFETY: sysconf reads a constant of the system.
+        let tick = u64::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) }).unwrap_or(100);
+        // A window long enough for the scheduler's shares to show: until
+        // the burners together have had two seconds of CPU.
+        let start = (burned(), cpu_ticks(beside.id()));
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while burned() - start.0 < 2 * tick && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let (inside, outside) = (burned() - start.0, cpu_ticks(beside.id()) - start.1);
+        let group = i32::try_from(group).expect("a pid");
+        // SAFETY: kill(2) of the burner's own process group, which it
+        // leads (`process_group(0)`), and which holds only its shells.
+        unsafe { libc::kill(-group, libc::SIGKILL) };
+        let _ = beside.kill();
+        burner.wait().unwrap();
+        beside.wait().unwrap();
+        assert!(
+            outside * 3 >= inside,
+            "eight busy processes under a share of one thread took {inside} ticks, one beside them {outside}"
+        );
+        drop(share);
         assert!(!dir.exists(), "{} left behind", dir.display());
     }
 }

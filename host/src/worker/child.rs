@@ -100,7 +100,7 @@ pub fn main(args: &OsStr) -> ExitCode {
     // pings answered and reports written however busy the guests keep
     // theirs.
     let guest_runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+        .worker_threads(super::GUEST_THREADS as usize)
         .event_interval(1)
         .enable_all()
         .build()

@@ -17,7 +17,7 @@
 //!   side.
 //! - [`heard`]: when a worker last spoke, dated by when what it said came
 //!   rather than when the gateway read it.
-//! - [`cgroup`]: a worker's memory ceiling, where the host offers cgroups.
+//! - [`cgroup`]: a worker's memory ceiling and CPU share, where the host offers cgroups.
 //! - [`scratch`]: a worker's directory, a tmpfs of its own mounted nowhere.
 //! - [`disk`]: the zone's disk, given out as room to each job before it is
 //!   sent, which each worker's directory is sized to.
@@ -53,6 +53,10 @@ pub const WORKER_MAX_OPEN: u64 = 4096;
 /// Threads a worker may run (`RLIMIT_NPROC`): the async runtime's, the
 /// compiler's and the epoch ticker, with room.
 pub const WORKER_MAX_THREADS: u64 = 256;
+
+/// Threads a worker runs its guests on; its share of the CPU weighs as
+/// many of the gateway's threads ([`cgroup::CpuShare`]).
+pub const GUEST_THREADS: u32 = 2;
 
 /// The descriptor a worker finds its channel to the gateway on.
 pub const CHANNEL_FD: RawFd = 3;

@@ -463,6 +463,8 @@ struct Worker {
     channel: std::os::fd::OwnedFd,
     child: Mutex<Option<WorkerProcess>>,
     ceiling: Option<super::cgroup::MemoryCeiling>,
+    /// Its share of the CPU, where the host offers cgroups.
+    share: Option<super::cgroup::CpuShare>,
     /// Its place among its pool's workers not yet wholly ended.
     live: Option<Live>,
     /// Told once it has wholly ended (its process reaped, its directory
@@ -771,11 +773,11 @@ impl Pool {
             zone: config.zone.clone(),
             reason: format!("work directory {}: {e}", config.work_dir.display()),
         })?;
-        if config.memory.is_some() {
+        {
             let zone = &config.zone[..config.zone.floor_char_boundary(40)];
             let removed = super::cgroup::remove_left(&format!("{zone}-"));
             if removed > 0 {
-                tracing::info!(zone = %config.zone, removed, "removed memory cgroups earlier workers left behind");
+                tracing::info!(zone = %config.zone, removed, "removed cgroups earlier workers left behind");
             }
         }
         let memory = match config.memory {
@@ -2770,15 +2772,18 @@ impl Pool {
         let spawned = process::spawn(&c.program, WORKER_SUBCOMMAND, &args, &[&work_fd, &cache_fd])
             .map_err(|e| start_error(format!("{}: {e}", c.program.display())))?;
         let pid = spawned.child.id();
-        let ceiling: Result<_, String> = match memory {
-            Some(bytes) => {
-                // Named by the worker's own pid, unique among live
-                // processes: a pool's own count is not (two pools of one
-                // process, or two services under one cgroup, named their
-                // first workers alike and shared one cgroup, its ceiling
-                // and its kills).
-                let zone = &c.zone[..c.zone.floor_char_boundary(40)];
-                match super::cgroup::MemoryCeiling::create(&format!("{zone}-{pid}"), bytes) {
+        // Cgroup files are written off the async threads: moving a
+        // process between cgroups waits for the kernel's readers (RCU),
+        // milliseconds on a busy host.
+        let groups = crate::blocking(|| {
+            // Named by the worker's own pid, unique among live processes:
+            // a pool's own count is not (two pools of one process, or two
+            // services under one cgroup, named their first workers alike
+            // and shared one cgroup, its ceiling and its kills).
+            let zone = &c.zone[..c.zone.floor_char_boundary(40)];
+            let group = format!("{zone}-{pid}");
+            let ceiling = match memory {
+                Some(bytes) => match super::cgroup::MemoryCeiling::create(&group, bytes) {
                     Ok(ceiling) => ceiling
                         .add(pid)
                         .map(|()| Some(ceiling))
@@ -2790,12 +2795,32 @@ impl Pool {
                     // Offered but not made: the worker does not run
                     // without it.
                     Err(e) => Err(format!("cannot make its memory ceiling: {e}")),
+                },
+                None => Ok(None),
+            }?;
+            // Its share of the CPU: what its guest threads would weigh as
+            // the gateway's own, however many threads it runs (found by a
+            // tester: a compromised worker's busy threads slowed another
+            // zone's jobs twentyfold).
+            let share = match super::cgroup::CpuShare::create(
+                &group,
+                super::GUEST_THREADS,
+                ceiling.as_ref(),
+            ) {
+                Ok(share) => share
+                    .add(pid)
+                    .map(|()| Some(share))
+                    .map_err(|e| format!("cannot put it under its CPU share: {e}")),
+                Err(super::cgroup::CgroupError::NotOffered(why)) => {
+                    tracing::debug!(why, "no CPU share for workers");
+                    Ok(None)
                 }
-            }
-            None => Ok(None),
-        };
-        let ceiling = match ceiling {
-            Ok(ceiling) => ceiling,
+                Err(e) => Err(format!("cannot make its CPU share: {e}")),
+            }?;
+            Ok::<_, String>((ceiling, share))
+        });
+        let (ceiling, share) = match groups {
+            Ok(groups) => groups,
             Err(e) => {
                 let mut child = spawned.child;
                 let _ = child.kill();
@@ -2809,6 +2834,7 @@ impl Pool {
         let mut starting = Starting {
             child: Some(spawned.child),
             ceiling,
+            share,
             live: Some(live),
         };
         let stream = spawned
@@ -2921,6 +2947,7 @@ impl Pool {
             channel,
             child: Mutex::new(starting.child.take()),
             ceiling: starting.ceiling.take(),
+            share: starting.share.take(),
             live: starting.live.take(),
             gone: Mutex::default(),
         });
@@ -3123,13 +3150,15 @@ impl<T> Drop for AbortOnDrop<T> {
 struct Starting {
     child: Option<WorkerProcess>,
     ceiling: Option<super::cgroup::MemoryCeiling>,
+    share: Option<super::cgroup::CpuShare>,
     live: Option<Live>,
 }
 
 impl Drop for Starting {
     fn drop(&mut self) {
-        let (child, ceiling, live) = (self.child.take(), self.ceiling.take(), self.live.take());
-        if child.is_none() && ceiling.is_none() && live.is_none() {
+        let (child, live) = (self.child.take(), self.live.take());
+        let (ceiling, share) = (self.ceiling.take(), self.share.take());
+        if child.is_none() && ceiling.is_none() && share.is_none() && live.is_none() {
             return;
         }
         std::thread::spawn(move || {
@@ -3137,6 +3166,7 @@ impl Drop for Starting {
                 let _ = child.kill();
                 let _ = child.wait();
             }
+            drop(share);
             drop(ceiling);
             drop(live);
         });
@@ -3155,7 +3185,7 @@ impl Drop for Worker {
         let disk = self.disk.take();
         // Its cgroup is removed once its process has left it, here and not
         // on the dropping thread (a runtime's), which would wait for that.
-        let (ceiling, live) = (self.ceiling.take(), self.live.take());
+        let (ceiling, share, live) = (self.ceiling.take(), self.share.take(), self.live.take());
         let gone = lock(&self.gone).take();
         std::thread::spawn(move || {
             if let Some(child) = child.as_mut() {
@@ -3170,6 +3200,7 @@ impl Drop for Worker {
             {
                 tracing::warn!(dir = %zone_dir.path().join(&name).display(), error = %e, "cannot remove a worker's directory");
             }
+            drop(share);
             drop(ceiling);
             drop(live);
             if let Some(gone) = gone {

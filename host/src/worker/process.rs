@@ -147,16 +147,96 @@ pub fn spawn(
     args: &WorkerArgs,
     dirs: &[&std::fs::File],
 ) -> io::Result<Spawned> {
-    use std::os::fd::AsFd;
     if dirs.len() > 7 {
         return Err(io::Error::other(
             "at most 7 directories can be handed to a worker",
         ));
     }
+    let json = serde_json::to_string(args).map_err(io::Error::other)?;
+    let (program, subcommand) = (program.to_owned(), subcommand.to_owned());
+    let dirs = dirs
+        .iter()
+        .map(|d| d.try_clone())
+        .collect::<io::Result<Vec<_>>>()?;
+    on_spawner(move || {
+        let dirs: Vec<&std::fs::File> = dirs.iter().collect();
+        spawn_here(&program, &subcommand, &json, &dirs)
+    })?
+}
+
+/// Runs `f` on the one thread workers are started from, which lives as
+/// long as the process, and returns what it returned.
+///
+/// A worker dies with its parent (`PR_SET_PDEATHSIG`, the
+/// `dies_with_gateway` layer), and its parent, to the kernel, is the
+/// *thread* that started it, not the gateway's process: started from a
+/// runtime's thread, a worker was killed when that thread ended (found by
+/// a test: a thread of the pools' runtime that had once blocked in place
+/// was ended by the runtime ten seconds after it went idle, and the
+/// worker it had started was killed with it).
+fn on_spawner<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> io::Result<T> {
+    type Task = Box<dyn FnOnce() + Send>;
+    static SPAWNER: std::sync::OnceLock<Result<std::sync::mpsc::Sender<Task>, String>> =
+        std::sync::OnceLock::new();
+    let spawner = SPAWNER
+        .get_or_init(|| {
+            let (tx, rx) = std::sync::mpsc::channel::<Task>();
+            std::thread::Builder::new()
+                .name("bulkhead-spawner".into())
+                .spawn(move || {
+                    for task in rx {
+                        task();
+                    }
+                })
+                .map(|_| tx)
+                .map_err(|e| format!("cannot start the thread workers are started from: {e}"))
+        })
+        .as_ref()
+        .map_err(|e| io::Error::other(e.clone()))?;
+    let (done, result) = std::sync::mpsc::sync_channel(1);
+    spawner
+        .send(Box::new(move || {
+            let _ = done.send(f());
+        }))
+        .map_err(|_| io::Error::other("the thread workers are started from is gone"))?;
+    result
+        .recv()
+        .map_err(|_| io::Error::other("the thread workers are started from is gone"))
+}
+
+/// [`spawn`], with the calling thread as the worker's parent: a worker
+/// that has hardened itself dies when this thread ends. For the escape
+/// suite's drill, which plays the gateway's death by ending the thread
+/// that started it; the gateway starts its workers with [`spawn`].
+///
+/// # Errors
+/// As [`spawn`].
+pub fn spawn_on_this_thread(
+    program: &Path,
+    subcommand: &str,
+    args: &WorkerArgs,
+    dirs: &[&std::fs::File],
+) -> io::Result<Spawned> {
+    if dirs.len() > 7 {
+        return Err(io::Error::other(
+            "at most 7 directories can be handed to a worker",
+        ));
+    }
+    let json = serde_json::to_string(args).map_err(io::Error::other)?;
+    spawn_here(program, subcommand, &json, dirs)
+}
+
+/// [`spawn`], on the calling thread: the worker's parent.
+fn spawn_here(
+    program: &Path,
+    subcommand: &str,
+    json: &str,
+    dirs: &[&std::fs::File],
+) -> io::Result<Spawned> {
+    use std::os::fd::AsFd;
     let arg = |bytes: &[u8]| {
         CString::new(bytes).map_err(|_| io::Error::other("a worker's argument holds a NUL byte"))
     };
-    let json = serde_json::to_string(args).map_err(io::Error::other)?;
     let owned = [
         arg(program.as_os_str().as_bytes())?,
         arg(subcommand.as_bytes())?,
@@ -326,6 +406,71 @@ mod tests {
     use std::io::{Read, Write};
     use std::mem::MaybeUninit;
     use std::os::fd::AsFd;
+
+    /// A worker that dies with its parent (`PR_SET_PDEATHSIG`, set here by
+    /// `setpriv` as the worker's hardening sets it) outlives the thread
+    /// that asked for it: its parent is the thread workers are started
+    /// from, which lives as long as the process.
+    #[test]
+    fn a_worker_outlives_the_thread_that_asked_for_it() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let tmp = tempfile::tempdir().unwrap();
+        let ready = tmp.path().join("ready");
+        let program = tmp.path().join("worker");
+        std::fs::write(
+            &program,
+            format!(
+                "#!/bin/sh\nexec setpriv --pdeathsig KILL sh -c 'touch {}; exec sleep 60'\n",
+                ready.display()
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&program, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let args = WorkerArgs {
+            zone: "z".into(),
+            work_dir: "/".into(),
+            cache_dir: "/".into(),
+            run_as: None,
+            max_concurrent_jobs: 1,
+            max_open: 64,
+            max_threads: 64,
+            give_back: false,
+            weaken: std::collections::BTreeSet::new(),
+        };
+        let seen = ready.clone();
+        // Ends once the worker is past its prctl.
+        let asker = std::thread::spawn(move || {
+            let spawned = spawn(&program, "worker", &args, &[]).unwrap();
+            for _ in 0..2000 {
+                if seen.exists() {
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            // SAFETY: gettid has no arguments and cannot fail.
+            (spawned, unsafe { libc::gettid() })
+        });
+        let (mut spawned, tid) = asker.join().unwrap();
+        assert!(ready.exists(), "the worker never started");
+        // The asking thread wholly gone.
+        let task = format!("/proc/self/task/{tid}");
+        for _ in 0..2000 {
+            if !Path::new(&task).exists() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        assert!(!Path::new(&task).exists(), "the asking thread lives on");
+        // A parent-death signal would have come as the thread ended.
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        assert_eq!(
+            spawned.child.try_wait().unwrap(),
+            None,
+            "the worker died with the thread that asked for it"
+        );
+        spawned.child.kill().unwrap();
+        spawned.child.wait().unwrap();
+    }
 
     #[test]
     fn the_gateways_end_of_a_channel_refuses_descriptors() {

@@ -2174,7 +2174,8 @@ async fn serve_stopped_while_its_workers_start_leaves_no_worker() {
 /// zone with a memory ceiling (where cgroups are offered), sending it
 /// SIGTERM as its first child appears where `stop` says so, until it
 /// exits; then checks that none of the children seen while it ran is
-/// left, not even unreaped, nor its memory cgroup. Its exit status.
+/// left, not even unreaped, nor its memory or CPU cgroup. Its exit
+/// status.
 async fn serve_leaves_no_worker(admin: u16, stop: bool) -> std::process::ExitStatus {
     let tmp = tempfile::tempdir().unwrap();
     let cgroups = bulkhead::worker::cgroup::offered().is_ok();
@@ -2216,6 +2217,10 @@ async fn serve_leaves_no_worker(admin: u16, stop: bool) -> std::process::ExitSta
             .unwrap()
             .to_owned()
     });
+    let own_cpu = bulkhead::worker::cgroup::cpu_offered()
+        .is_ok()
+        .then(|| crate::common::cpu_cgroup(&std::process::id().to_string()))
+        .flatten();
     for pid in &started {
         let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
         assert!(
@@ -2223,6 +2228,10 @@ async fn serve_leaves_no_worker(admin: u16, stop: bool) -> std::process::ExitSta
             "worker {pid} outlived its service ({status}): {stat}"
         );
         if let Some(own) = &own {
+            let cgroup = own.join(format!("untrusted-{pid}"));
+            assert!(!cgroup.exists(), "{} was left", cgroup.display());
+        }
+        if let Some(own) = &own_cpu {
             let cgroup = own.join(format!("untrusted-{pid}"));
             assert!(!cgroup.exists(), "{} was left", cgroup.display());
         }

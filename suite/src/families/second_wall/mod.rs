@@ -5,8 +5,8 @@
 //! and config in a data directory; another job's and another zone's files;
 //! listeners and datagram sockets on loopback; a secret in its own memory;
 //! a signal counter), starts the drill with
-//! [`bulkhead::worker::process::spawn`], exactly as the gateway starts a
-//! worker, with [`WorkerArgs`] built as the gateway builds a zone's, and
+//! [`bulkhead::worker::process::spawn_on_this_thread`], as the gateway
+//! starts a worker but with the suite's thread as its parent, with [`WorkerArgs`] built as the gateway builds a zone's, and
 //! the drill hardens itself with the worker's own function (`bulkhead
 //! __second-wall-drill`, see [`inside`]). Then it attacks, and the suite
 //! judges from what it sees on the host: bait bytes in the channel or the
@@ -463,7 +463,10 @@ fn session(
     let (Ok(work), Ok(cache)) = dirs else {
         return Err("cannot open the drill's work and cache directories".into());
     };
-    let spawned = process::spawn(program, DRILL_SUBCOMMAND, &args, &[&work, &cache]);
+    // Started with this thread as its parent, so that the thread's end
+    // plays the gateway's death (the gateway starts its workers from a
+    // thread that lives as long as it does, `process::spawn`).
+    let spawned = process::spawn_on_this_thread(program, DRILL_SUBCOMMAND, &args, &[&work, &cache]);
     if let Some(p) = &planted {
         p.inheritable(false);
     }

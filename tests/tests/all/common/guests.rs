@@ -277,6 +277,29 @@ pub fn memory_limit_file(pid: u32) -> std::path::PathBuf {
     panic!("no memory cgroup for {pid}: {cgroups}");
 }
 
+/// The directory of the CPU cgroup that `/proc/<task>/cgroup` names
+/// (`task`: a pid, or `<pid>/task/<tid>`): v1's `cpu` hierarchy, or v2's
+/// one cgroup where it has `cpu.weight`. `None` when it names neither.
+pub fn cpu_cgroup(task: &str) -> Option<std::path::PathBuf> {
+    let cgroups = std::fs::read_to_string(format!("/proc/{task}/cgroup")).ok()?;
+    for line in cgroups.lines() {
+        let mut parts = line.splitn(3, ':');
+        let (_, controllers, path) = (parts.next(), parts.next()?, parts.next()?);
+        if controllers.split(',').any(|c| c == "cpu") {
+            return Some(std::path::PathBuf::from(format!(
+                "/sys/fs/cgroup/cpu{path}"
+            )));
+        }
+        if controllers.is_empty() {
+            let v2 = std::path::PathBuf::from(format!("/sys/fs/cgroup{path}"));
+            if v2.join("cpu.weight").exists() {
+                return Some(v2);
+            }
+        }
+    }
+    None
+}
+
 /// The memory cgroup file `name` beside process `pid`'s limit (v1's
 /// `memory.max_usage_in_bytes`, v2's `memory.peak`, ...).
 pub fn memory_file(pid: u32, v1: &str, v2: &str) -> std::path::PathBuf {
