@@ -3529,7 +3529,12 @@ fn bounded(mut report: JobReport, policy: &Policy, took: Duration) -> JobReport 
     m.peak_memory_bytes = m.peak_memory_bytes.min(policy.limits.memory.as_u64());
     m.output_bytes = m.output_bytes.min(policy.limits.output.as_u64());
     m.output_entries = m.output_entries.min(u64::from(policy.limits.output_files));
-    // Every refusal is a host call.
+    // No more host calls than its wall time holds at one every 10 ns (a
+    // call into the host takes the guest longer than that; found by a
+    // tester: 2^64 - 1 calls stored), and every refusal is a host call.
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+    let most_calls = (m.wall_time_ms * 100_000.0) as u64;
+    m.host_calls = m.host_calls.min(most_calls);
     m.refused = m.refused.min(m.host_calls);
     // As the sandbox builds a report: failed exactly when it gives a
     // failure, a limit only beside a failure of kind `limit`, an exit
@@ -3891,6 +3896,7 @@ mod tests {
         report.outcome = Outcome::Succeeded;
         report.exit_code = Some(i32::MIN);
         report.measurements.output_entries = u64::MAX;
+        report.measurements.wall_time_ms = 1.0;
         report.measurements.host_calls = 7;
         report.measurements.refused = u64::MAX;
         let kept = bounded(report, &policy, HOUR);
@@ -3901,6 +3907,14 @@ mod tests {
             u64::from(policy.limits.output_files)
         );
         assert_eq!(kept.measurements.refused, 7);
+        // No more host calls than its wall time holds.
+        let mut calls = JobReport::not_run("j", "demo", "why");
+        calls.measurements.wall_time_ms = 2.0;
+        calls.measurements.host_calls = u64::MAX;
+        calls.measurements.refused = u64::MAX;
+        let kept = bounded(calls, &policy, HOUR);
+        assert_eq!(kept.measurements.host_calls, 200_000);
+        assert_eq!(kept.measurements.refused, 200_000);
         // Nor longer than the gateway saw it take.
         let mut slow = JobReport::not_run("j", "demo", "why");
         slow.measurements.wall_time_ms = 9_000.0;
