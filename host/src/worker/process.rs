@@ -147,12 +147,7 @@ pub fn spawn(
     args: &WorkerArgs,
     dirs: &[&std::fs::File],
 ) -> io::Result<Spawned> {
-    if dirs.len() > 7 {
-        return Err(io::Error::other(
-            "at most 7 directories can be handed to a worker",
-        ));
-    }
-    let json = serde_json::to_string(args).map_err(io::Error::other)?;
+    let json = command_line(args, dirs)?;
     let (program, subcommand) = (program.to_owned(), subcommand.to_owned());
     let dirs = dirs
         .iter()
@@ -217,13 +212,19 @@ pub fn spawn_on_this_thread(
     args: &WorkerArgs,
     dirs: &[&std::fs::File],
 ) -> io::Result<Spawned> {
+    let json = command_line(args, dirs)?;
+    spawn_here(program, subcommand, &json, dirs)
+}
+
+/// A worker's arguments as its command line carries them, once its
+/// directories are known to fit the descriptors after its channel.
+fn command_line(args: &WorkerArgs, dirs: &[&std::fs::File]) -> io::Result<String> {
     if dirs.len() > 7 {
         return Err(io::Error::other(
             "at most 7 directories can be handed to a worker",
         ));
     }
-    let json = serde_json::to_string(args).map_err(io::Error::other)?;
-    spawn_here(program, subcommand, &json, dirs)
+    serde_json::to_string(args).map_err(io::Error::other)
 }
 
 /// [`spawn`], on the calling thread: the worker's parent.
