@@ -429,6 +429,8 @@ pub struct CpuShare {
     /// Its own cgroup; none where it is the memory ceiling's (v2), which
     /// the ceiling removes.
     dir: Option<PathBuf>,
+    /// The cgroup its processes are in: its own, or the ceiling's.
+    group: PathBuf,
     version: Version,
     /// `cpu.weight` (v2) or `cpu.shares` (v1).
     weight: u64,
@@ -468,6 +470,7 @@ impl CpuShare {
         };
         let share = Self {
             dir: own.then(|| dir.clone()),
+            group: dir.clone(),
             version: base.version,
             weight,
         };
@@ -489,6 +492,31 @@ impl CpuShare {
         };
         let path = dir.join("cgroup.procs");
         fs::write(&path, pid.to_string()).map_err(|source| CgroupError::Io { path, source })
+    }
+
+    /// The CPU time its processes have used since it was made, all their
+    /// threads together: v2's `cpu.stat` `usage_usec`; on v1, whose `cpu`
+    /// controller keeps no such count, the sum of what `/proc` says of
+    /// each process in it (`cgroup.procs`; [`super::process::cpu_time`]),
+    /// which a process cannot leave, nor start one outside. `None` when it
+    /// cannot be read.
+    pub fn used(&self) -> Option<Duration> {
+        match self.version {
+            Version::V2 => {
+                let text = fs::read_to_string(self.group.join("cpu.stat")).ok()?;
+                counter(&text, "usage_usec").map(Duration::from_micros)
+            }
+            Version::V1 => {
+                let procs = fs::read_to_string(self.group.join("cgroup.procs")).ok()?;
+                Some(
+                    procs
+                        .lines()
+                        .filter_map(|pid| pid.trim().parse().ok())
+                        .filter_map(super::process::cpu_time)
+                        .sum(),
+                )
+            }
+        }
     }
 
     /// Its own cgroup's directory; `None` where it is the memory
@@ -768,6 +796,10 @@ mod tests {
             std::thread::sleep(Duration::from_millis(100));
         }
         let (inside, outside) = (burned() - start.0, cpu_ticks(beside.id()) - start.1);
+        // What the share counts of its processes' CPU takes in every one
+        // of them, not only the one put in: at least what they had in the
+        // window.
+        let used = share.used().expect("the share's CPU time reads");
         let group = i32::try_from(group).expect("a pid");
         // SAFETY: kill(2) of the burner's own process group, which it
         // leads (`process_group(0)`), and which holds only its shells.
@@ -778,6 +810,10 @@ mod tests {
         assert!(
             outside * 3 >= inside,
             "eight busy processes under a share of one thread took {inside} ticks, one beside them {outside}"
+        );
+        assert!(
+            used >= Duration::from_millis(inside * 1000 / tick),
+            "the share counted {used:?} of its processes' CPU, they had {inside} ticks"
         );
         drop(share);
         assert!(!dir.exists(), "{} left behind", dir.display());

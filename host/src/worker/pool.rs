@@ -119,6 +119,26 @@ const REBUILD_EVERY: Duration = Duration::from_secs(60);
 /// a line in the log (found by a tester: 784 MB of log in 13 s).
 const START_BACKOFF_FIRST: Duration = Duration::from_millis(250);
 
+/// What a worker may use of the CPU for each second one of its jobs
+/// spends in it (from its `Run` to its report): a core while it runs, and
+/// as much again for what it leaves, which goes once it has ended (its
+/// directories, removed on the worker's blocking threads, took less to
+/// remove than to make) ([`Pool::burns_beyond_its_jobs`]).
+const JOB_CPU: f64 = 2.0;
+
+/// What a worker may use of the CPU at length beside its jobs' time: its
+/// ticks and pings take microseconds a second.
+const REST_CPU: f64 = 0.05;
+
+/// What a worker may use beyond what its jobs' time and its rest allow,
+/// at once, before it is faulted.
+const CPU_BEYOND_AT_MOST: Duration = Duration::from_secs(1);
+
+/// What a worker may keep of what its jobs' time allowed and it did not
+/// use: a worker whose jobs made many files removes them once they have
+/// ended, and a compromised one can save no more than this.
+const CPU_SAVED_AT_MOST: Duration = Duration::from_secs(10);
+
 /// The longest wait between a zone's failed starts of a worker.
 const START_BACKOFF_MOST: Duration = Duration::from_secs(8);
 
@@ -231,7 +251,9 @@ pub struct Fault {
     pub zone: String,
     /// The worker's process id.
     pub pid: u32,
-    /// The fault's class: `exited`, `killed`, `memory`, `silent`,
+    /// The fault's class: `exited`, `killed`, `memory`, `silent`, `disk`,
+    /// `cpu` (it used the CPU beyond what its jobs' time allows: killed
+    /// where it ran no job, retired otherwise),
     /// `protocol` (the worker was killed, its jobs failed), or `overrun`
     /// (one job ran past the gateway's clock for it: that job failed, and
     /// the worker was retired once its other jobs ended).
@@ -544,11 +566,37 @@ struct WorkerState {
     /// jobs that have not been sent yet count on it: held until the
     /// module's `Loaded` (or until no job that would send it is left).
     warming: HashMap<u64, (u64, usize)>,
+    /// What it may use of the CPU for its jobs' time, against what it
+    /// used ([`Pool::burns_beyond_its_jobs`]).
+    cpu: CpuLedger,
     /// Where in what is written to it each `Run` of an ended job ends
     /// that had not left the gateway when the job ended (cancelled, or
     /// reported by a worker that never read it): such a job keeps its
     /// place until its `Run` is written ([`WorkerState::ended`]).
     unsent: Vec<u64>,
+}
+
+/// A worker's CPU, against what its jobs' time allows
+/// ([`Pool::burns_beyond_its_jobs`]).
+#[derive(Default)]
+struct CpuLedger {
+    /// When the supervisor last looked, and its processes' CPU time then.
+    seen: Option<(Instant, Duration)>,
+    /// Time its jobs that ended since then spent in it since then.
+    ended: Duration,
+    /// What it may still use (in nanoseconds): what its jobs' time and
+    /// its rest allowed, less what it used, at most [`CPU_SAVED_AT_MOST`].
+    balance: i128,
+}
+
+impl CpuLedger {
+    /// A job sent at `sent` ends now.
+    fn ended(&mut self, sent: Instant) {
+        let from = self.seen.map_or(sent, |(at, _)| sent.max(at));
+        self.ended = self
+            .ended
+            .saturating_add(Instant::now().saturating_duration_since(from));
+    }
 }
 
 struct Pending {
@@ -615,6 +663,7 @@ impl WorkerState {
     /// took the gateway 60 MB a job to 2.3 GB).
     fn ended(&mut self, job: u64, written: u64) -> Option<Pending> {
         let pending = self.jobs.remove(&job)?;
+        self.cpu.ended(pending.sent);
         if let Some(end) = pending.run_end.filter(|&end| end > written) {
             self.unsent.push(end);
         }
@@ -2060,6 +2109,72 @@ impl Pool {
         true
     }
 
+    /// A worker uses the CPU for its jobs: at each round, what its
+    /// processes used since the last is taken from its ledger, and what
+    /// its jobs' time in it allows ([`JOB_CPU`]) and its rest
+    /// ([`REST_CPU`]) is added. One that has used [`CPU_BEYOND_AT_MOST`]
+    /// more than that is a `cpu` fault: killed at once where it runs no
+    /// job, retired otherwise (its jobs end as they would, no new one is
+    /// placed on it), so that no job of anyone's fails for it. Found by
+    /// testers: a compromised worker reported its jobs and kept its
+    /// threads busy between them until it was replaced, and, judged only
+    /// while nothing was sent to it, kept a core busy under one trivial
+    /// job every quarter of a second. Counted on its CPU cgroup where it
+    /// has one (every process in it), on its process otherwise. Not
+    /// judged: a worker that has run no guest (nothing could have
+    /// compromised it), one loading a module (compiling is not a job's),
+    /// and one already retiring (it goes when its jobs end). True when
+    /// it was faulted.
+    fn burns_beyond_its_jobs(self: &Arc<Self>, worker: &Arc<Worker>, now: Instant) -> bool {
+        let cpu = match &worker.share {
+            Some(share) => share.used(),
+            None => super::process::cpu_time(worker.pid),
+        };
+        let Some(cpu) = cpu else { return false };
+        let mut ws = lock(&worker.state);
+        let Some((at, before)) = ws.cpu.seen.replace((now, cpu)) else {
+            return false;
+        };
+        let ended = std::mem::take(&mut ws.cpu.ended);
+        if ws.pristine()
+            || !ws.loads.is_empty()
+            || !ws.warming.is_empty()
+            || ws.retiring
+            || ws.fault.is_some()
+        {
+            return false;
+        }
+        let running = ws.jobs.values().fold(Duration::ZERO, |total, job| {
+            total.saturating_add(now.saturating_duration_since(job.sent.max(at)))
+        });
+        let allowed = ended
+            .saturating_add(running)
+            .mul_f64(JOB_CPU)
+            .saturating_add(now.saturating_duration_since(at).mul_f64(REST_CPU));
+        let used = cpu.saturating_sub(before);
+        ws.cpu.balance = (ws.cpu.balance + allowed.as_nanos() as i128 - used.as_nanos() as i128)
+            .min(CPU_SAVED_AT_MOST.as_nanos() as i128);
+        if ws.cpu.balance >= -(CPU_BEYOND_AT_MOST.as_nanos() as i128) {
+            return false;
+        }
+        let beyond = Duration::from_nanos(u64::try_from(-ws.cpu.balance).unwrap_or(u64::MAX));
+        // No job is placed on it from here on.
+        ws.retiring = true;
+        let idle = ws.idle();
+        drop(ws);
+        let reason = format!(
+            "used {} ms of CPU beyond what its jobs' time allows",
+            beyond.as_millis()
+        );
+        if idle {
+            self.fault(worker, "cpu", reason);
+            return true;
+        }
+        tracing::warn!(zone = %self.config.zone, pid = worker.pid, "a worker used the CPU beyond its jobs' time; it is retired");
+        self.record(worker, "cpu", reason, 0);
+        false
+    }
+
     /// What `worker`'s files take of its memory: what its directory keeps
     /// where it is a tmpfs.
     fn files_in_memory(&self, worker: &Worker) -> u64 {
@@ -2324,7 +2439,7 @@ impl Pool {
             if let Some(seq) = ping {
                 let _ = worker.down.send(Down::Ping { seq });
             }
-            if self.weighed_by_its_cgroup(worker) {
+            if self.weighed_by_its_cgroup(worker) || self.burns_beyond_its_jobs(worker, now) {
                 continue;
             }
             // Its directory is judged from the gateway's side (its file

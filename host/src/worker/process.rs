@@ -401,12 +401,80 @@ pub fn inherited_channel() -> Option<UnixStream> {
     Some(unsafe { UnixStream::from_raw_fd(CHANNEL_FD) })
 }
 
+/// The CPU time process `pid` has used, all its threads together (those
+/// gone included), with that of the children it has waited for:
+/// `/proc/<pid>/stat`'s `utime`, `stime`, `cutime` and `cstime`. `None`
+/// when there is no such process or its line does not read.
+pub fn cpu_time(pid: u32) -> Option<std::time::Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name, in brackets, may hold spaces and brackets of its
+    // own: the fields are counted from after its last bracket, where the
+    // third (the state) is.
+    let (_, fields) = stat.rsplit_once(')')?;
+    let ticks = fields
+        .split_ascii_whitespace()
+        .skip(11)
+        .take(4)
+        .map(|f| f.parse::<u64>().ok())
+        .try_fold(0u64, |total, f| Some(total.saturating_add(f?)))?;
+    let per_second = rustix::param::clock_ticks_per_second().max(1);
+    Some(
+        std::time::Duration::from_secs(ticks / per_second)
+            + std::time::Duration::from_nanos((ticks % per_second) * 1_000_000_000 / per_second),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::io::{Read, Write};
     use std::mem::MaybeUninit;
     use std::os::fd::AsFd;
+
+    /// A process's CPU time counts every thread of it: what a busy thread
+    /// used shows in it as in `getrusage`'s count for the process.
+    #[test]
+    fn a_processs_cpu_time_counts_all_its_threads() {
+        let before = cpu_time(std::process::id()).expect("this process's CPU time reads");
+        std::thread::spawn(|| {
+            let start = rusage_self();
+            while rusage_self().saturating_sub(start) < std::time::Duration::from_millis(300) {
+                std::hint::spin_loop();
+            }
+        })
+        .join()
+        .unwrap();
+        let (after, rusage) = (cpu_time(std::process::id()).unwrap(), rusage_self());
+        assert!(
+            after.saturating_sub(before) >= std::time::Duration::from_millis(250),
+            "a thread's 300 ms of CPU counted as {:?}",
+            after - before
+        );
+        // Within a few of `/proc`'s ticks of the kernel's own count.
+        let apart = rusage.abs_diff(after);
+        assert!(
+            apart < std::time::Duration::from_millis(100),
+            "{after:?} against getrusage's {rusage:?}"
+        );
+    }
+
+    /// This process's CPU time by `getrusage`, user and system, with that
+    /// of the children it has waited for (other tests start some).
+    fn rusage_self() -> std::time::Duration {
+        let of = |who| {
+            let mut usage = MaybeUninit::<libc::rusage>::zeroed();
+            // SAFETY: getrusage(2) fills the `rusage` it is given.
+            assert_eq!(unsafe { libc::getrusage(who, usage.as_mut_ptr()) }, 0);
+            // SAFETY: it returned 0, so it filled `usage`.
+            let usage = unsafe { usage.assume_init() };
+            let time = |t: libc::timeval| {
+                std::time::Duration::from_secs(t.tv_sec.unsigned_abs())
+                    + std::time::Duration::from_micros(t.tv_usec.unsigned_abs())
+            };
+            time(usage.ru_utime) + time(usage.ru_stime)
+        };
+        of(libc::RUSAGE_SELF) + of(libc::RUSAGE_CHILDREN)
+    }
 
     /// A worker that dies with its parent (`PR_SET_PDEATHSIG`, set here by
     /// `setpriv` as the worker's hardening sets it) outlives the thread

@@ -46,6 +46,11 @@
 //! the real worker's hello, then exits 0.3 s later, before it is sent
 //! any job.
 //!
+//! Named `…-burn`, the first one started once `<path>.arm` exists relays
+//! everything; once it has relayed its first job's report, it keeps two
+//! threads of its own busy for ever (leaving `<path>.used`): a worker that
+//! reports its jobs and burns the CPU between them.
+//!
 //! Otherwise only the first one started from a path that is sent a job withholds
 //! (it leaves `<path>.used`); later ones relay everything, so the zone's
 //! next worker is honest. The name is that of the path the pool starts (a link to this
@@ -74,6 +79,7 @@ enum Mode {
     Shout,
     Refuse,
     Vanish,
+    Burn,
 }
 
 fn main() {
@@ -85,8 +91,10 @@ fn main() {
     let mut mode = mode(path);
     let mut used = PathBuf::from(path).into_os_string();
     used.push(".used");
-    if matches!(mode, Mode::Blind | Mode::Forge | Mode::Pad | Mode::Shout)
-        && std::fs::remove_file(format!("{path}.arm")).is_err()
+    if matches!(
+        mode,
+        Mode::Blind | Mode::Forge | Mode::Pad | Mode::Shout | Mode::Burn
+    ) && std::fs::remove_file(format!("{path}.arm")).is_err()
     {
         mode = Mode::Honest;
     }
@@ -152,6 +160,19 @@ fn main() {
                 if let Some(padded) = rewritten {
                     first(&used_up);
                     frame = padded;
+                }
+                // Burning before the report goes up: its job is done.
+                if mode == Mode::Burn
+                    && matches!(proto::decode::<Up>(&frame[4..]), Ok(Up::Report { .. }))
+                    && first(&used_up)
+                {
+                    for _ in 0..2 {
+                        std::thread::spawn(|| {
+                            loop {
+                                std::hint::spin_loop();
+                            }
+                        });
+                    }
                 }
                 if up.lock().unwrap().write_all(&frame).is_err() {
                     break;
@@ -225,6 +246,7 @@ fn mode(path: &str) -> Mode {
         p if p.ends_with("-shout") => Mode::Shout,
         p if p.ends_with("-refuse") => Mode::Refuse,
         p if p.ends_with("-vanish") => Mode::Vanish,
+        p if p.ends_with("-burn") => Mode::Burn,
         _ => Mode::Honest,
     }
 }

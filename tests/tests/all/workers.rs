@@ -2203,6 +2203,98 @@ async fn a_breach_in_a_retired_workers_last_answer_is_recorded() {
     assert_eq!(fault.jobs, 0, "{fault:?}");
 }
 
+/// A worker that reports its jobs and keeps two threads busy beyond them
+/// is faulted for its CPU and its process ended, though a trivial job is
+/// sent to it every tenth of a second (each a moment in which it runs
+/// one), and no job fails for it; the zone's next job runs on another
+/// worker.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_worker_burning_the_cpu_beyond_its_jobs_is_ended() {
+    use bulkhead::runner::Runner;
+    let tmp = tempfile::tempdir().unwrap();
+    let program = crate::common::withholding(tmp.path(), "burn");
+    std::fs::write(program.with_file_name("worker-burn.arm"), b"").unwrap();
+    let (runner, faults) =
+        crate::common::workers_from(tmp.path(), "burn", program.clone(), 0, 2, None).await;
+    let module = crate::common::load_in_workers(&runner, bulkhead_tests::HELLO, "hello").await;
+    let pool = std::sync::Arc::clone(&runner.pools()["untrusted"]);
+    let burning = pool.pids()[0];
+    let spec = bulkhead::sandbox::JobSpec::new();
+    let mut jobs = 0;
+    while faults.lock().unwrap().is_empty() && jobs < 300 {
+        let ran = runner.run(&module, &spec, None).await.unwrap().report;
+        assert!(ran.succeeded(), "job {jobs}: {ran:?}");
+        assert!(
+            program.with_file_name("worker-burn.used").exists(),
+            "the worker did not start burning"
+        );
+        jobs += 1;
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let fault = faults
+        .lock()
+        .unwrap()
+        .first()
+        .cloned()
+        .expect("no fault after 300 jobs");
+    assert_eq!(
+        (fault.class, fault.pid, fault.jobs),
+        ("cpu", burning, 0),
+        "{fault:?}"
+    );
+    assert!(
+        fault.reason.contains("beyond what its jobs' time allows"),
+        "{fault:?}"
+    );
+    // Host side: the burning process is gone, not merely set aside.
+    until(|| !std::path::Path::new(&format!("/proc/{burning}")).exists()).await;
+    let next = runner.run(&module, &spec, None).await.unwrap().report;
+    assert!(next.succeeded(), "{next:?}");
+    assert!(!pool.pids().contains(&burning));
+}
+
+/// An honest worker whose job made 250,000 files, which it removes once
+/// the job has ended (more than a second of CPU), is not taken for one
+/// that burns the CPU: two seconds (eight of the supervisor's rounds)
+/// after, it is the same process, and no fault was recorded (found by a
+/// tester: such a worker was faulted when only its time at rest was
+/// counted; so it is here when a job's time allows only the core it runs
+/// on).
+#[tokio::test(flavor = "multi_thread")]
+async fn an_honest_worker_removing_its_jobs_files_is_kept() {
+    use bulkhead::runner::Runner;
+    let tmp = tempfile::tempdir().unwrap();
+    let (runner, faults) = crate::common::workers_watched(tmp.path(), "rest", 0, 2).await;
+    let module = crate::common::load_policy_in_workers(
+        &runner,
+        bulkhead_tests::HOSTILE,
+        crate::common::policy(bulkhead_tests::HOSTILE, "many")
+            .limits(|l| {
+                l.output_files = 250_000;
+                l.wall_time = bulkhead::policy::HumanDuration::secs(120);
+                l.cpu_time = bulkhead::policy::HumanDuration::secs(120);
+            })
+            .args(&["disk-many"]),
+    )
+    .await;
+    let pool = std::sync::Arc::clone(&runner.pools()["untrusted"]);
+    let worker = pool.pids();
+    let spec = bulkhead::sandbox::JobSpec::new();
+    let ran = runner.run(&module, &spec, None).await.unwrap().report;
+    assert_eq!(
+        ran.limit,
+        Some(bulkhead::job::LimitKind::OutputFiles),
+        "{ran:?}"
+    );
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    assert!(
+        faults.lock().unwrap().is_empty(),
+        "{:?}",
+        faults.lock().unwrap()
+    );
+    assert_eq!(pool.pids(), worker);
+}
+
 /// The fault of the zone's first worker, started as `withholding-worker`'s
 /// `mode`, which rewrites its first job's report: the job failed as the
 /// worker's, and the next succeeds on another worker.
