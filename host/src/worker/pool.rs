@@ -2101,8 +2101,11 @@ impl Pool {
             return false;
         }
         let residue = ws.residue;
-        ws.retiring = true;
         drop(ws);
+        if !self.stop_placing(worker) {
+            // A job was placed on it meanwhile: it goes when its jobs end.
+            return false;
+        }
         tracing::warn!(zone = %self.config.zone, pid = worker.pid, bytes = residue, "an idle worker holds memory beyond its base; it is replaced");
         self.retire(worker);
         self.weakened.notify_one();
@@ -2158,10 +2161,8 @@ impl Pool {
             return false;
         }
         let beyond = Duration::from_nanos(u64::try_from(-ws.cpu.balance).unwrap_or(u64::MAX));
-        // No job is placed on it from here on.
-        ws.retiring = true;
-        let idle = ws.idle();
         drop(ws);
+        let idle = self.stop_placing(worker);
         let reason = format!(
             "used {} ms of CPU beyond what its jobs' time allows",
             beyond.as_millis()
@@ -2173,6 +2174,19 @@ impl Pool {
         tracing::warn!(zone = %self.config.zone, pid = worker.pid, "a worker used the CPU beyond its jobs' time; it is retired");
         self.record(worker, "cpu", reason, 0);
         false
+    }
+
+    /// No job is placed on `worker` from now on (it is retiring); whether
+    /// it runs none. A pick holds the pool's lock from finding a worker
+    /// free to placing its job there, so this takes it too: under it, no
+    /// job is on its way to the worker unseen (found by a tester, reading:
+    /// the worker's own lock alone left a moment in which a job could be
+    /// placed on a worker about to be killed as idle).
+    fn stop_placing(&self, worker: &Worker) -> bool {
+        let _placing = lock(&self.state);
+        let mut ws = lock(&worker.state);
+        ws.retiring = true;
+        ws.idle()
     }
 
     /// What `worker`'s files take of its memory: what its directory keeps
