@@ -51,6 +51,12 @@
 //! threads of its own busy for ever (leaving `<path>.used`): a worker that
 //! reports its jobs and burns the CPU between them.
 //!
+//! Named `…-hold`, the first one started once `<path>.arm` exists relays
+//! everything until it has relayed a job's report; from then on it passes
+//! on no `Loaded`, and once it has held one back it keeps two threads of
+//! its own busy for ever (leaving `<path>.used`): a worker that says it
+//! is still loading a module and burns the CPU meanwhile.
+//!
 //! Otherwise only the first one started from a path that is sent a job withholds
 //! (it leaves `<path>.used`); later ones relay everything, so the zone's
 //! next worker is honest. The name is that of the path the pool starts (a link to this
@@ -80,6 +86,7 @@ enum Mode {
     Refuse,
     Vanish,
     Burn,
+    Hold,
 }
 
 fn main() {
@@ -93,7 +100,7 @@ fn main() {
     used.push(".used");
     if matches!(
         mode,
-        Mode::Blind | Mode::Forge | Mode::Pad | Mode::Shout | Mode::Burn
+        Mode::Blind | Mode::Forge | Mode::Pad | Mode::Shout | Mode::Burn | Mode::Hold
     ) && std::fs::remove_file(format!("{path}.arm")).is_err()
     {
         mode = Mode::Honest;
@@ -140,6 +147,7 @@ fn main() {
         let used_up = used.clone();
         let vanish = mode == Mode::Vanish && std::path::Path::new(&format!("{path}.arm")).exists();
         std::thread::spawn(move || {
+            let mut reported = false;
             while let Some(mut frame) = read_frame(&mut from) {
                 if let Some((work, cache, used)) = &forging
                     && let Some(forged) = forged(&frame[4..], work, cache)
@@ -161,19 +169,22 @@ fn main() {
                     first(&used_up);
                     frame = padded;
                 }
+                let decoded = matches!(mode, Mode::Burn | Mode::Hold)
+                    .then(|| proto::decode::<Up>(&frame[4..]).ok())
+                    .flatten();
+                let report = matches!(decoded, Some(Up::Report { .. }));
+                let loaded = matches!(decoded, Some(Up::Loaded { .. }));
                 // Burning before the report goes up: its job is done.
-                if mode == Mode::Burn
-                    && matches!(proto::decode::<Up>(&frame[4..]), Ok(Up::Report { .. }))
-                    && first(&used_up)
-                {
-                    for _ in 0..2 {
-                        std::thread::spawn(|| {
-                            loop {
-                                std::hint::spin_loop();
-                            }
-                        });
-                    }
+                if mode == Mode::Burn && report && first(&used_up) {
+                    burn();
                 }
+                if mode == Mode::Hold && loaded && reported {
+                    if first(&used_up) {
+                        burn();
+                    }
+                    continue;
+                }
+                reported = reported || report;
                 if up.lock().unwrap().write_all(&frame).is_err() {
                     break;
                 }
@@ -247,7 +258,19 @@ fn mode(path: &str) -> Mode {
         p if p.ends_with("-refuse") => Mode::Refuse,
         p if p.ends_with("-vanish") => Mode::Vanish,
         p if p.ends_with("-burn") => Mode::Burn,
+        p if p.ends_with("-hold") => Mode::Hold,
         _ => Mode::Honest,
+    }
+}
+
+/// Keeps two threads of this process busy for ever.
+fn burn() {
+    for _ in 0..2 {
+        std::thread::spawn(|| {
+            loop {
+                std::hint::spin_loop();
+            }
+        });
     }
 }
 

@@ -2253,6 +2253,55 @@ async fn a_worker_burning_the_cpu_beyond_its_jobs_is_ended() {
     assert!(!pool.pids().contains(&burning));
 }
 
+/// A worker that has run a job, then holds back its `Loaded` for a module
+/// sent to it and burns the CPU meanwhile, is charged once its loading has
+/// counted as a job's time for 30 s: it is faulted for its CPU and its
+/// process ended (found by a tester: a load awaited was left unjudged for
+/// as long as it lasted).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_worker_burning_the_cpu_while_it_says_it_loads_is_ended() {
+    use bulkhead::runner::Runner;
+    let tmp = tempfile::tempdir().unwrap();
+    let program = crate::common::withholding(tmp.path(), "hold");
+    std::fs::write(program.with_file_name("worker-hold.arm"), b"").unwrap();
+    let (runner, faults) =
+        crate::common::workers_from(tmp.path(), "hold", program.clone(), 0, 2, None).await;
+    let runner = std::sync::Arc::new(runner);
+    let module = crate::common::load_in_workers(&runner, bulkhead_tests::HELLO, "hello").await;
+    let pool = std::sync::Arc::clone(&runner.pools()["untrusted"]);
+    let holding = pool.pids()[0];
+    let spec = bulkhead::sandbox::JobSpec::new();
+    let ran = runner.run(&module, &spec, None).await.unwrap().report;
+    assert!(ran.succeeded(), "{ran:?}");
+    // Sent to the zone's worker as it loads: its `Loaded` never comes.
+    let _load = {
+        let runner = std::sync::Arc::clone(&runner);
+        tokio::spawn(async move {
+            crate::common::load_in_workers(&runner, bulkhead_tests::HELLO, "again").await
+        })
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while faults.lock().unwrap().is_empty() && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    }
+    assert!(
+        program.with_file_name("worker-hold.used").exists(),
+        "no `Loaded` was held back"
+    );
+    let fault = faults
+        .lock()
+        .unwrap()
+        .first()
+        .cloned()
+        .expect("no fault in 120 s");
+    assert_eq!(
+        (fault.class, fault.pid, fault.jobs),
+        ("cpu", holding, 0),
+        "{fault:?}"
+    );
+    until(|| !std::path::Path::new(&format!("/proc/{holding}")).exists()).await;
+}
+
 /// An honest worker whose job made 250,000 files, which it removes once
 /// the job has ended (more than a second of CPU), is not taken for one
 /// that burns the CPU: two seconds (eight of the supervisor's rounds)
