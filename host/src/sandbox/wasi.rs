@@ -13,9 +13,10 @@ use std::sync::Arc;
 use wasmtime::StoreContextMut;
 use wasmtime::component::{Linker, Resource, ResourceTable, WasmList};
 use wasmtime::{Engine, ResourceLimiter};
-use wasmtime_wasi::filesystem::WasiFilesystemCtxView;
+use wasmtime_wasi::filesystem::{Descriptor, Dir, WasiFilesystemCtxView};
+use wasmtime_wasi::p2::bindings::filesystem::preopens;
 use wasmtime_wasi::p2::pipe::MemoryInputPipe;
-use wasmtime_wasi::{FsPerms, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
+use wasmtime_wasi::{FsPerms, OpenMode, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
 use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 use wasmtime_wasi_io::bindings::wasi::io::poll;
@@ -60,6 +61,9 @@ pub const BLOCKS_CURRENT_THREAD: bool = true;
 pub struct JobState {
     wasi: WasiCtx,
     table: ResourceTable,
+    /// `/in`, `/out` (and the escape suite's hole): the very descriptors
+    /// the sandbox opened, handed out by `get-directories` ([`Preopens`]).
+    preopens: Vec<(Dir, String)>,
     pub(crate) limiter: JobLimiter,
     pub(crate) quota: Arc<OutputQuota>,
     pub(crate) latch: LimitLatch,
@@ -163,8 +167,8 @@ pub fn job_state(
     );
     // `/in` and `/out` are the directories made for the job, opened from
     // the work directory without following a link or crossing a mount,
-    // and preopened through those descriptors: not what was put at their
-    // paths since.
+    // and preopened as those very descriptors (no path is opened again):
+    // not what was put at their paths since.
     // The guest reads only its inputs and what it creates; the escape
     // suite's deliberate hole is a hole for reading too.
     if extra_preopen.is_none() {
@@ -172,17 +176,13 @@ pub fn job_state(
     }
     let (input_fd, output_fd) = (dir.open_input()?, dir.open_output()?);
     quota.out_is(&output_fd);
-    let (input, output) = (
-        super::beneath::fd_path(&input_fd),
-        super::beneath::fd_path(&output_fd),
-    );
     // `[run] stdout`: the guest's stdout goes to a file in `/out`, under
     // the `/out` quota, instead of the capture.
     let stdout_file = policy
         .run
         .stdout
         .as_deref()
-        .map(|name| StdoutFile::create(&output, name, &quota))
+        .map(|name| StdoutFile::create(&super::beneath::fd_path(&output_fd), name, &quota))
         .transpose()?;
 
     let mut b = WasiCtxBuilder::new();
@@ -201,19 +201,22 @@ pub fn job_state(
         .allow_tcp(false)
         .allow_udp(false)
         .allow_ip_name_lookup(false)
-        .socket_addr_check(|_, _| Box::pin(async { false }))
-        .preopened_dir(&input, "/in", FsPerms::ReadOnly)
-        .map_err(to_io)?
-        .preopened_dir(&output, "/out", FsPerms::ReadWrite)
-        .map_err(to_io)?;
-    drop((input_fd, output_fd));
+        .socket_addr_check(|_, _| Box::pin(async { false }));
     match stdout_file {
         Some(file) => b.stdout(file),
         None => b.stdout(stdout.clone()),
     };
+    let mut preopens = vec![
+        (preopen(input_fd, FsPerms::ReadOnly), "/in".to_owned()),
+        (preopen(output_fd, FsPerms::ReadWrite), "/out".to_owned()),
+    ];
     if let Some((host, guest)) = extra_preopen {
-        b.preopened_dir(host, guest, FsPerms::ReadWrite)
-            .map_err(to_io)?;
+        let hole = rustix::fs::open(
+            host,
+            rustix::fs::OFlags::PATH | rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::CLOEXEC,
+            rustix::fs::Mode::empty(),
+        )?;
+        preopens.push((preopen(hole, FsPerms::ReadWrite), guest.clone()));
     }
 
     let mut table = ResourceTable::new();
@@ -227,6 +230,7 @@ pub fn job_state(
     let state = JobState {
         wasi: b.build(),
         table,
+        preopens,
         limiter: JobLimiter::new(
             limits.memory.as_usize(),
             limits.table_elements as usize,
@@ -251,8 +255,40 @@ pub fn job_state(
     Ok((state, Captures { stdout, stderr }))
 }
 
-fn to_io(e: wasmtime::Error) -> std::io::Error {
-    std::io::Error::other(e.to_string())
+/// A preopen of the directory `fd` holds, as wasmtime-wasi makes one of a
+/// path: `perms` and the matching open mode.
+fn preopen(fd: std::os::fd::OwnedFd, perms: FsPerms) -> Dir {
+    let mode = match perms {
+        FsPerms::ReadOnly => OpenMode::READ,
+        FsPerms::ReadWrite => OpenMode::READ | OpenMode::WRITE,
+    };
+    Dir::new(fd.into(), perms, mode, BLOCKS_CURRENT_THREAD)
+}
+
+/// `wasi:filesystem/preopens` over a job's own descriptors: wasmtime-wasi's
+/// builder takes a path and opens it again, and a path naming a held
+/// descriptor (`/proc/self/fd/N`) cost a walk of procfs for each preopen of
+/// each job (about 6 µs each, a tenth of a trivial job's time in a worker).
+pub struct Preopens<'a> {
+    dirs: &'a [(Dir, String)],
+    table: &'a mut ResourceTable,
+}
+
+/// [`Preopens`]' place in the linker.
+pub struct PreopensData;
+
+impl wasmtime::component::HasData for PreopensData {
+    type Data<'a> = Preopens<'a>;
+}
+
+impl preopens::Host for Preopens<'_> {
+    fn get_directories(&mut self) -> wasmtime::Result<Vec<(Resource<Descriptor>, String)>> {
+        // Clones share the descriptor: no new one is opened.
+        self.dirs
+            .iter()
+            .map(|(dir, name)| Ok((self.table.push(Descriptor::Dir(dir.clone()))?, name.clone())))
+            .collect()
+    }
 }
 
 /// The guest's argv: the module name, then the policy's `args` rendered
@@ -400,7 +436,8 @@ pub const HELD_PER_HANDLE: usize = {
 };
 
 /// The linker every job uses: wasmtime-wasi's WASIp2 command world, with
-/// `wasi:filesystem/types` replaced by the quota-enforcing [`QuotaFs`] and
+/// `wasi:filesystem/types` replaced by the quota-enforcing [`QuotaFs`],
+/// `wasi:filesystem/preopens` by [`Preopens`] (the job's own descriptors),
 /// `wasi:io/poll.poll` by one that refuses (traps on) a list longer than
 /// [`MAX_HANDLES`] before lifting it: each entry costs host memory and CPU,
 /// and a longer list can only repeat handles.
@@ -412,8 +449,9 @@ pub const HELD_PER_HANDLE: usize = {
 pub fn linker(engine: &Engine) -> wasmtime::Result<Linker<JobState>> {
     let mut linker = Linker::new(engine);
     wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
-    // Shadow wasmtime-wasi's filesystem types with the quota wrapper. Nothing
-    // else is replaced; shadowing is switched off again straight after.
+    // Shadow wasmtime-wasi's filesystem types with the quota wrapper, and
+    // its preopens with the job's descriptors. Nothing else is replaced;
+    // shadowing is switched off again straight after.
     linker.allow_shadowing(true);
     wasmtime_wasi::p2::bindings::filesystem::types::add_to_linker::<JobState, QuotaFsData>(
         &mut linker,
@@ -426,6 +464,10 @@ pub fn linker(engine: &Engine) -> wasmtime::Result<Linker<JobState>> {
             refusals: &s.refusals,
         },
     )?;
+    preopens::add_to_linker::<JobState, PreopensData>(&mut linker, |s| Preopens {
+        dirs: &s.preopens,
+        table: &mut s.table,
+    })?;
     refuse_sockets(&mut linker)?;
     // And `poll`, so that a list longer than any guest can hold distinct
     // handles is refused before it is lifted into host memory.

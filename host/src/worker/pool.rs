@@ -592,9 +592,11 @@ struct CpuLedger {
     ended: Duration,
     /// Since when (a round) it has been loading modules without a break.
     loading: Option<Instant>,
-    /// What it may still use (in nanoseconds): what its jobs' time and
-    /// its rest allowed, less what it used, at most [`CPU_SAVED_AT_MOST`].
-    balance: i128,
+    /// What it may still use: what its jobs' time and its rest allowed
+    /// and it did not use, at most [`CPU_SAVED_AT_MOST`].
+    saved: Duration,
+    /// What it used beyond that.
+    owed: Duration,
 }
 
 impl CpuLedger {
@@ -604,6 +606,34 @@ impl CpuLedger {
         self.ended = self
             .ended
             .saturating_add(Instant::now().saturating_duration_since(from));
+    }
+
+    /// What a round of `elapsed` allows a worker: [`JOB_CPU`] for each
+    /// second of its jobs' time in it (`jobs`: those that ended in the
+    /// round and those still in it, each from the round's start) and of
+    /// its `loading`, and [`REST_CPU`]. No more of its jobs' time counts
+    /// than its guest threads can run: jobs waiting for one run nothing
+    /// (found by a tester: each job credited for its whole time in the
+    /// worker, a compromised one under a stream of concurrent jobs was
+    /// allowed as many cores as jobs were waiting in it).
+    fn allowed(jobs: Duration, loading: Duration, elapsed: Duration) -> Duration {
+        jobs.min(elapsed.saturating_mul(super::GUEST_THREADS))
+            .saturating_add(loading)
+            .mul_f64(JOB_CPU)
+            .saturating_add(elapsed.mul_f64(REST_CPU))
+    }
+
+    /// Takes `used` from what it was `allowed` and had saved; what it now
+    /// owes.
+    fn charge(&mut self, allowed: Duration, used: Duration) -> Duration {
+        let has = self.saved.saturating_add(allowed);
+        let takes = self.owed.saturating_add(used);
+        (self.saved, self.owed) = if has >= takes {
+            ((has - takes).min(CPU_SAVED_AT_MOST), Duration::ZERO)
+        } else {
+            (Duration::ZERO, takes - has)
+        };
+        self.owed
     }
 }
 
@@ -2137,19 +2167,19 @@ impl Pool {
     /// compromised it), and one already retiring (it goes when its jobs
     /// end). True when it was faulted.
     fn burns_beyond_its_jobs(self: &Arc<Self>, worker: &Arc<Worker>, now: Instant) -> bool {
+        if lock(&worker.state).pristine() {
+            return false;
+        }
         let cpu = match &worker.share {
             Some(share) => share.used(),
             None => super::process::cpu_time(worker.pid),
         };
         let Some(cpu) = cpu else { return false };
         let mut ws = lock(&worker.state);
+        let ended = std::mem::take(&mut ws.cpu.ended);
         let Some((at, before)) = ws.cpu.seen.replace((now, cpu)) else {
             return false;
         };
-        let ended = std::mem::take(&mut ws.cpu.ended);
-        if ws.pristine() {
-            return false;
-        }
         // Loading counts as a job's time for a while, and no longer: a
         // worker that held its `Loaded` back was left unjudged for as long
         // as it liked (found by a tester: 134 s of CPU in 102 s, in a zone
@@ -2167,23 +2197,17 @@ impl Pool {
         let running = ws.jobs.values().fold(Duration::ZERO, |total, job| {
             total.saturating_add(now.saturating_duration_since(job.sent.max(at)))
         });
-        let allowed = ended
-            .saturating_add(running)
-            .saturating_add(loading)
-            .mul_f64(JOB_CPU)
-            .saturating_add(now.saturating_duration_since(at).mul_f64(REST_CPU));
-        let used = cpu.saturating_sub(before);
-        ws.cpu.balance = (ws.cpu.balance + allowed.as_nanos() as i128 - used.as_nanos() as i128)
-            .min(CPU_SAVED_AT_MOST.as_nanos() as i128);
+        let allowed = CpuLedger::allowed(
+            ended.saturating_add(running),
+            loading,
+            now.saturating_duration_since(at),
+        );
+        let beyond = ws.cpu.charge(allowed, cpu.saturating_sub(before));
         // Charged whatever it does, judged only while it takes jobs: one
         // retiring goes when its jobs end.
-        if ws.cpu.balance >= -(CPU_BEYOND_AT_MOST.as_nanos() as i128)
-            || ws.retiring
-            || ws.fault.is_some()
-        {
+        if beyond <= CPU_BEYOND_AT_MOST || ws.retiring || ws.fault.is_some() {
             return false;
         }
-        let beyond = Duration::from_nanos(u64::try_from(-ws.cpu.balance).unwrap_or(u64::MAX));
         drop(ws);
         let idle = self.stop_placing(worker);
         let reason = format!(
@@ -3943,6 +3967,48 @@ mod tests {
             [0, 250, 500, 1000, 2000, 4000, 8000, 8000]
         );
         assert_eq!(ms(u32::MAX), 8000);
+    }
+
+    /// A round allows two seconds of CPU for each second of its jobs'
+    /// time, no more of it than the worker's guest threads can run: sixteen
+    /// jobs in a worker for a second allow what two would, not eight times
+    /// as much.
+    #[test]
+    fn a_worker_is_allowed_its_jobs_time_only_as_far_as_its_threads_run_them() {
+        let second = Duration::from_secs(1);
+        let rest = second.mul_f64(REST_CPU);
+        assert_eq!(
+            CpuLedger::allowed(second, Duration::ZERO, second),
+            second * 2 + rest
+        );
+        assert_eq!(
+            CpuLedger::allowed(second * 16, Duration::ZERO, second),
+            second * 2 * super::super::GUEST_THREADS + rest
+        );
+        // Loading is counted beside its jobs.
+        assert_eq!(
+            CpuLedger::allowed(second * 16, second, second),
+            second * 2 * (super::super::GUEST_THREADS + 1) + rest
+        );
+        assert_eq!(
+            CpuLedger::allowed(Duration::ZERO, Duration::ZERO, second),
+            rest
+        );
+    }
+
+    /// What a worker does not use it keeps, up to ten seconds; what it
+    /// uses beyond that it owes until a later allowance pays it.
+    #[test]
+    fn a_ledger_keeps_ten_seconds_at_most_and_owes_the_rest() {
+        let s = Duration::from_secs;
+        let mut ledger = CpuLedger::default();
+        assert_eq!(ledger.charge(s(30), s(1)), Duration::ZERO);
+        assert_eq!(ledger.saved, CPU_SAVED_AT_MOST);
+        assert_eq!(ledger.charge(Duration::ZERO, s(12)), s(2));
+        assert_eq!(ledger.saved, Duration::ZERO);
+        assert_eq!(ledger.charge(s(1), s(1)), s(2));
+        assert_eq!(ledger.charge(s(3), Duration::ZERO), Duration::ZERO);
+        assert_eq!(ledger.saved, s(1));
     }
 
     /// A report is read as the worker's own account of its guest: a
