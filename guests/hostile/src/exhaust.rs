@@ -498,7 +498,7 @@ pub fn fd_streams(ctx: &Ctx) -> ExitCode {
 }
 
 /// The name of some file in `dir`.
-fn first_input(dir: &Descriptor) -> Option<String> {
+pub fn first_input(dir: &Descriptor) -> Option<String> {
     let entries = dir.read_directory().ok()?;
     while let Ok(Some(entry)) = entries.read_directory_entry() {
         if entry.name != "." && entry.name != ".." {

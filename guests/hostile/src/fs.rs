@@ -791,3 +791,248 @@ fn files_below(dir: &str, depth: u32) -> Vec<String> {
     }
     found
 }
+
+/// `every-call`: every `wasi:filesystem` call on every kind of descriptor a
+/// guest holds (`/in`, `/out`, a file and a directory it makes, an input
+/// file when it has one), with every advice, and the streams, clocks,
+/// randomness and terminal queries beside: each answered (an error is an
+/// answer), none ending the process that runs the guest. Prints each call
+/// and what it got.
+pub fn every_call(_ctx: &Ctx) -> ExitCode {
+    use wasip2::filesystem::types::{
+        Advice, Descriptor, DescriptorFlags, NewTimestamp, OpenFlags, PathFlags,
+    };
+    let (Some(input), Some(out)) = (
+        crate::exhaust::preopen("/in"),
+        crate::exhaust::preopen("/out"),
+    ) else {
+        return ExitCode::from(2);
+    };
+    let say = |what: &str, got: String| println!("every-call: {what}: {got}");
+    let file = out
+        .open_at(
+            PathFlags::empty(),
+            "f",
+            OpenFlags::CREATE,
+            DescriptorFlags::READ | DescriptorFlags::WRITE,
+        )
+        .expect("/out/f opens");
+    let _ = out.create_directory_at("d");
+    let dir = out
+        .open_at(
+            PathFlags::empty(),
+            "d",
+            OpenFlags::DIRECTORY,
+            DescriptorFlags::READ | DescriptorFlags::MUTATE_DIRECTORY,
+        )
+        .expect("/out/d opens");
+    let input_file = crate::exhaust::first_input(&input).and_then(|name| {
+        input
+            .open_at(
+                PathFlags::empty(),
+                &name,
+                OpenFlags::empty(),
+                DescriptorFlags::READ,
+            )
+            .ok()
+    });
+    let mut every: Vec<(&str, &Descriptor)> = vec![
+        ("/in", &input),
+        ("/out", &out),
+        ("/out/f", &file),
+        ("/out/d", &dir),
+    ];
+    if let Some(f) = &input_file {
+        every.push(("an input", f));
+    }
+    for (name, d) in &every {
+        for advice in [
+            Advice::Normal,
+            Advice::Sequential,
+            Advice::Random,
+            Advice::WillNeed,
+            Advice::DontNeed,
+            Advice::NoReuse,
+        ] {
+            say(
+                &format!("{name} advise {advice:?}"),
+                format!("{:?}", d.advise(0, 0, advice)),
+            );
+        }
+        say(&format!("{name} get-flags"), format!("{:?}", d.get_flags()));
+        say(&format!("{name} get-type"), format!("{:?}", d.get_type()));
+        say(
+            &format!("{name} stat"),
+            format!("{:?}", d.stat().map(|s| s.size)),
+        );
+        say(
+            &format!("{name} metadata-hash"),
+            format!("{:?}", d.metadata_hash()),
+        );
+        say(
+            &format!("{name} is-same-object"),
+            format!("{:?}", d.is_same_object(&out)),
+        );
+        say(&format!("{name} sync"), format!("{:?}", d.sync()));
+        say(&format!("{name} sync-data"), format!("{:?}", d.sync_data()));
+        say(
+            &format!("{name} set-times"),
+            format!(
+                "{:?}",
+                d.set_times(NewTimestamp::Now, NewTimestamp::NoChange)
+            ),
+        );
+        say(&format!("{name} write"), format!("{:?}", d.write(b"x", 0)));
+        say(
+            &format!("{name} read"),
+            format!("{:?}", d.read(16, 0).map(|(b, e)| (b.len(), e))),
+        );
+        say(&format!("{name} set-size"), format!("{:?}", d.set_size(1)));
+        say(
+            &format!("{name} read-directory"),
+            format!(
+                "{:?}",
+                d.read_directory()
+                    .map(|s| s.read_directory_entry().map(|e| e.is_some()))
+            ),
+        );
+        if let Ok(stream) = d.read_via_stream(0) {
+            say(
+                &format!("{name} stream read"),
+                format!("{:?}", stream.blocking_read(16).map(|b| b.len())),
+            );
+            say(
+                &format!("{name} stream skip"),
+                format!("{:?}", stream.skip(1)),
+            );
+        }
+        for (how, stream) in [
+            ("write", d.write_via_stream(0)),
+            ("append", d.append_via_stream()),
+        ] {
+            if let Ok(stream) = stream {
+                say(
+                    &format!("{name} stream {how}"),
+                    format!("{:?}", stream.blocking_write_and_flush(b"y")),
+                );
+                say(
+                    &format!("{name} stream {how} zeroes"),
+                    format!("{:?}", stream.blocking_write_zeroes_and_flush(2)),
+                );
+            }
+        }
+        say(
+            &format!("{name} create-directory-at"),
+            format!("{:?}", d.create_directory_at("x")),
+        );
+        say(
+            &format!("{name} stat-at"),
+            format!("{:?}", d.stat_at(PathFlags::empty(), "x").map(|s| s.type_)),
+        );
+        say(
+            &format!("{name} metadata-hash-at"),
+            format!("{:?}", d.metadata_hash_at(PathFlags::SYMLINK_FOLLOW, "x")),
+        );
+        say(
+            &format!("{name} set-times-at"),
+            format!(
+                "{:?}",
+                d.set_times_at(
+                    PathFlags::empty(),
+                    "x",
+                    NewTimestamp::NoChange,
+                    NewTimestamp::Now
+                )
+            ),
+        );
+        say(
+            &format!("{name} symlink-at"),
+            format!("{:?}", d.symlink_at("x", "s")),
+        );
+        say(
+            &format!("{name} readlink-at"),
+            format!("{:?}", d.readlink_at("s")),
+        );
+        say(
+            &format!("{name} link-at"),
+            format!("{:?}", d.link_at(PathFlags::empty(), "s", d, "l")),
+        );
+        say(
+            &format!("{name} rename-at"),
+            format!("{:?}", d.rename_at("l", d, "m")),
+        );
+        say(
+            &format!("{name} unlink-file-at"),
+            format!("{:?}", d.unlink_file_at("m")),
+        );
+        say(
+            &format!("{name} unlink-file-at s"),
+            format!("{:?}", d.unlink_file_at("s")),
+        );
+        say(
+            &format!("{name} remove-directory-at"),
+            format!("{:?}", d.remove_directory_at("x")),
+        );
+    }
+    say(
+        "wall clock",
+        format!("{:?}", wasip2::clocks::wall_clock::now().seconds > 0),
+    );
+    say(
+        "wall clock resolution",
+        format!("{:?}", wasip2::clocks::wall_clock::resolution()),
+    );
+    say(
+        "monotonic resolution",
+        format!("{:?}", wasip2::clocks::monotonic_clock::resolution()),
+    );
+    wasip2::clocks::monotonic_clock::subscribe_duration(1_000_000).block();
+    say(
+        "random",
+        format!("{:?}", wasip2::random::random::get_random_bytes(16).len()),
+    );
+    say(
+        "insecure random",
+        format!(
+            "{:?}",
+            wasip2::random::insecure::get_insecure_random_u64() > 0
+        ),
+    );
+    say(
+        "insecure seed",
+        format!("{:?}", wasip2::random::insecure_seed::insecure_seed().0 > 0),
+    );
+    say(
+        "stdin",
+        format!(
+            "{:?}",
+            wasip2::cli::stdin::get_stdin()
+                .blocking_read(16)
+                .map(|b| b.len())
+        ),
+    );
+    say(
+        "terminal stdin",
+        format!(
+            "{:?}",
+            wasip2::cli::terminal_stdin::get_terminal_stdin().is_some()
+        ),
+    );
+    say(
+        "terminal stdout",
+        format!(
+            "{:?}",
+            wasip2::cli::terminal_stdout::get_terminal_stdout().is_some()
+        ),
+    );
+    say(
+        "environment",
+        format!("{:?}", wasip2::cli::environment::get_environment().len()),
+    );
+    say(
+        "initial cwd",
+        format!("{:?}", wasip2::cli::environment::initial_cwd()),
+    );
+    println!("every-call: done");
+    ExitCode::SUCCESS
+}

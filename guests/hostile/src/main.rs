@@ -137,6 +137,7 @@ const MODES: &[&str] = &[
     "exit-code",
     "trap",
     "full-out",
+    "every-call",
     "memory-held",
     "report-heavy",
 ];
@@ -251,6 +252,7 @@ fn main() -> ExitCode {
         "exit-code" => authors::exit_code(&ctx),
         "trap" => authors::trap(),
         "full-out" => authors::full_out(),
+        "every-call" => fs::every_call(&ctx),
         _ => unreachable!("mode {mode} is in MODES but not dispatched"),
     }
 }

@@ -3238,3 +3238,71 @@ async fn readiness_fails_only_while_a_zones_workers_cannot_start() {
     let (status, body) = readyz().await;
     assert_eq!(status, reqwest::StatusCode::OK, "{body}");
 }
+
+/// Every call a plain guest can make of the WASI interfaces it is given
+/// (each `wasi:filesystem` call on `/in`, `/out`, a file and a directory it
+/// made and an input file, with every advice, and the streams, clocks,
+/// randomness and terminal queries) is answered inside its worker, which
+/// the hardening does not kill: the job succeeds, the worker that ran it is
+/// the one still there, no fault is recorded, and a job of another module
+/// in that worker at the same time ends as its own policy says (found by a
+/// tester: `advise` on a file made a system call off the seccomp list, and
+/// one call from any guest killed its worker and every job in it).
+#[tokio::test(flavor = "multi_thread")]
+async fn every_call_a_guest_can_make_is_answered_without_ending_its_worker() {
+    use bulkhead::policy::HumanDuration;
+    use bulkhead::runner::Runner;
+    let tmp = tempfile::tempdir().unwrap();
+    let (runner, faults) = crate::common::workers_watched(tmp.path(), "every", 0, 2).await;
+    let runner = std::sync::Arc::new(runner);
+    let every = crate::common::load_policy_in_workers(
+        &runner,
+        bulkhead_tests::HOSTILE,
+        crate::common::policy(bulkhead_tests::HOSTILE, "every").args(&["every-call"]),
+    )
+    .await;
+    let sleeper = crate::common::load_policy_in_workers(
+        &runner,
+        bulkhead_tests::HOSTILE,
+        crate::common::policy(bulkhead_tests::HOSTILE, "sleeper")
+            .times(HumanDuration::millis(2_000), HumanDuration::millis(2_000))
+            .args(&["sleep"]),
+    )
+    .await;
+    let pool = std::sync::Arc::clone(&runner.pools()["untrusted"]);
+    let worker = pool.pids();
+    let beside = {
+        let runner = std::sync::Arc::clone(&runner);
+        tokio::spawn(async move {
+            runner
+                .run(&sleeper, &bulkhead::sandbox::JobSpec::new(), None)
+                .await
+                .unwrap()
+                .report
+        })
+    };
+    let spec = crate::common::spec(&[("in.txt", b"every call\n")], &[]);
+    let ran = runner.run(&every, &spec, None).await.unwrap().report;
+    assert!(ran.succeeded(), "{ran:?}");
+    assert!(
+        ran.stdout.text.contains("every-call: an input advise")
+            && ran.stdout.text.ends_with("every-call: done\n"),
+        "{}",
+        ran.stdout.text
+    );
+    let beside = beside.await.unwrap();
+    assert_eq!(
+        beside.limit,
+        Some(bulkhead::job::LimitKind::WallTime),
+        "{beside:?}"
+    );
+    assert!(
+        faults.lock().unwrap().is_empty(),
+        "{:?}",
+        faults.lock().unwrap()
+    );
+    assert_eq!(pool.pids(), worker);
+    for pid in worker {
+        assert!(std::path::Path::new(&format!("/proc/{pid}")).exists());
+    }
+}
