@@ -555,6 +555,12 @@ pub fn bundled() -> Vec<Attack> {
                 .limit(&[L::Descriptors]),
         ),
         guest(
+            "exhaust.every-call",
+            Exhaustion,
+            "make every WASI call on every kind of descriptor, each advice among them: each answered, none ending the worker",
+            hostile("every-call").input().expect(Expect::Served),
+        ),
+        guest(
             "exhaust.cpu-huge-poll",
             Exhaustion,
             "make the host lift a 20,000-entry poll list into host memory, call after call",

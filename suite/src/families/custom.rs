@@ -13,7 +13,7 @@
 //! [limits]                      # optional: over the suite's (or --policy's) limits
 //! memory = "64 MiB"
 //! [held]                        # what "held" means
-//! outcome = "limit"             # contained (default), failed, limit, any
+//! outcome = "limit"             # contained (default), failed, limit, any, served
 //! limits = ["memory"]           # with outcome = "limit": which may fire
 //! forbidden = ["BEGIN PRIVATE KEY"]  # must not appear in stdout, stderr, outputs
 //! untouched = ["/etc/hostname"] # host files that must stay unchanged
@@ -128,6 +128,7 @@ fn load_one(wasm_path: &Path) -> Result<Attack, SuiteError> {
         "contained" => Expect::Any,
         "any" => Expect::Any,
         "failed" => Expect::Failed,
+        "served" => Expect::Served,
         "limit" => {
             if held.limits.is_empty() {
                 return Err(setup("held.outcome = \"limit\" needs held.limits".into()));
@@ -141,7 +142,7 @@ fn load_one(wasm_path: &Path) -> Result<Attack, SuiteError> {
         }
         other => {
             return Err(setup(format!(
-                "unknown held.outcome `{other}`: contained, failed, limit or any"
+                "unknown held.outcome `{other}`: contained, failed, limit, any or served"
             )));
         }
     };

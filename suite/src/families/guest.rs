@@ -109,6 +109,11 @@ fn outcome_check(expect: &Expect, report: &JobReport, checks: &mut Vec<Check>) -
             ended,
         )),
         Expect::Any => checks.push(Check::new("outcome", true, ended)),
+        Expect::Served => checks.push(Check::new(
+            "outcome",
+            report.outcome == Outcome::Succeeded,
+            ended,
+        )),
     }
     None
 }

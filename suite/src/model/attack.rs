@@ -174,6 +174,10 @@ pub enum Expect {
     Failed,
     /// Either; only the host-side checks count.
     Any,
+    /// It must succeed: every call its guest makes is answered, and none
+    /// ends the compartment that runs it (a worker killed for a system
+    /// call off its list fails the job, and every job beside it).
+    Served,
 }
 
 /// `source` of the attacks that ship with Bulkhead (a tester's own

@@ -254,6 +254,7 @@ async fn guest(
     let ok = match &run.expect {
         Expect::Limit(_) | Expect::Failed => report.outcome == Outcome::Failed,
         Expect::Contained | Expect::Any => true,
+        Expect::Served => report.outcome == Outcome::Succeeded,
     };
     checks.push(Check::new(
         "outcome",
